@@ -1,0 +1,166 @@
+"""`compile_model`: model source -> Relax -> optimized module -> `.edgert` artifact."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgert import __version__
+from edgert.compiler.layout import WEIGHT_DTYPES, apply_cpu_layout
+from edgert.compiler.package import check_output_path, write_artifact
+from edgert.compiler.recipes import Recipe, find_recipe
+from edgert.compiler.target import library_compiler, resolve
+from edgert.errors import EdgertError, ModelFileError
+from edgert.targets import load_target
+
+Progress = Callable[[str, float | None], None]
+
+
+@dataclass
+class CompileResult:
+    """What `compile_model` wrote and how long each stage took."""
+
+    path: Path
+    manifest: dict[str, Any]
+    seconds: dict[str, float]
+
+
+def _quiet(_stage: str, _fraction: float | None) -> None:
+    return None
+
+
+def _resolve_source(model: str) -> tuple[Path, Recipe | None]:
+    recipe = find_recipe(model)
+    if recipe is not None:
+        return recipe.source_path(), recipe
+    path = Path(model)
+    if path.suffix.lower() == ".gguf" or path.exists():
+        return path, None
+    from edgert.compiler.recipes import list_recipes
+
+    names = ", ".join(r.name for r in list_recipes())
+    raise ModelFileError(f"'{model}' is neither a model recipe ({names}) nor a model file")
+
+
+def compile_model(
+    model: str,
+    target: str = "host",
+    output: str | Path | None = None,
+    weight_dtype: str | None = None,
+    context_length: int | None = None,
+    prefill_chunk_size: int | None = None,
+    threads: int | None = None,
+    as_dir: bool = False,
+    progress: Progress = _quiet,
+) -> CompileResult:
+    """Compile a recipe name or a GGUF path for ``target`` into an artifact at ``output``."""
+    import tvm
+    from tvm import relax
+
+    from edgert.families import llama
+    from edgert.frontend import read_gguf
+    from edgert.frontend.gguf_tokenizer import build_tokenizer_json, tokenizer_config
+    from edgert.runtime.tensorfile import write_tensors
+
+    spec = load_target(target)
+    source, recipe = _resolve_source(model)
+    name = recipe.name if recipe else source.stem
+    out = check_output_path(Path(output) if output else Path(f"{name}.edgert"))
+    options = dict(recipe.compile) if recipe else {}
+    weight_dtype = weight_dtype or options.get("weight_dtype", "f16")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise EdgertError(f"weight dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}")
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+
+    progress("reading model", None)
+    gguf_model = read_gguf(source)
+    cfg = llama.LlamaConfig.from_gguf(gguf_model)
+    context = min(context_length or options.get("context_length", 2048), cfg.context_length)
+    chunk = min(prefill_chunk_size or options.get("prefill_chunk_size", 256), context)
+    tokenizer_json = build_tokenizer_json(gguf_model.metadata)
+    tvm_target, target_record = resolve(spec, threads)
+    fcompile = library_compiler(spec, target_record["arch"])
+    seconds["read"] = time.perf_counter() - t
+
+    progress("building Relax module", None)
+    t = time.perf_counter()
+    net = llama.LlamaForCausalLM(cfg)
+    repack = apply_cpu_layout(net, weight_dtype)
+    with tvm_target:
+        mod, named_params = net.export_tvm(spec=net.get_default_spec())
+    seconds["export"] = time.perf_counter() - t
+
+    progress("compiling with TVM", None)
+    t = time.perf_counter()
+    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
+    seconds["compile"] = time.perf_counter() - t
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:
+        stage = Path(stage_dir)
+        t = time.perf_counter()
+        executable.export_library(str(stage / "model.so"), fcompile=fcompile)
+        seconds["link"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        shapes = {n: tuple(int(d) for d in p.shape) for n, p in named_params}
+        dtypes = {n: p.dtype for n, p in named_params}
+        arrays = {}
+        sources = llama.gguf_weights(gguf_model, cfg)
+        for i, (pname, w) in enumerate(sources):
+            if pname not in shapes:
+                continue
+            arrays[pname] = repack[pname](w) if pname in repack else w.astype(dtypes[pname])
+            if arrays[pname].shape != shapes[pname]:
+                raise ModelFileError(f"{source}: weight '{pname}' has shape {w.shape}, expected {shapes[pname]}")
+            progress("converting weights", (i + 1) / (7 * cfg.num_layers + 3))
+        missing = [n for n in shapes if n not in arrays]
+        if missing:
+            raise ModelFileError(f"{source}: weights missing for {', '.join(missing[:5])}")
+        order = [n for n, _ in named_params]
+        with (stage / "weights.safetensors").open("wb") as fh:
+            write_tensors(fh, {n: arrays[n] for n in order}, {"format": "edgert"})
+        (stage / "tokenizer.json").write_text(tokenizer_json)
+        seconds["weights"] = time.perf_counter() - t
+
+        progress("writing artifact", None)
+        manifest = {
+            "name": name,
+            "family": "llama",
+            "created_by": f"edgert {__version__}",
+            "tvm_version": tvm.__version__,
+            "source": {"file": source.name, "tensor_types": sorted(set(gguf_model.tensor_types.values()))},
+            "target": target_record,
+            "model": cfg.to_dict(),
+            "entry_points": _entry_points(cfg),
+            "kv_cache": {
+                "kind": "paged", "page_size": 16, "context_length": context, "prefill_chunk_size": chunk,
+                "dtype": "float32", "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads,
+                "head_dim": cfg.head_dim,
+            },
+            "weights": {"file": "weights.safetensors", "dtype": WEIGHT_DTYPES[weight_dtype], "layout": "cpu-packed-columns", "order": order},
+            "library": "model.so",
+            "tokenizer": {"file": "tokenizer.json", **tokenizer_config(gguf_model.metadata)},
+            "defaults": dict(recipe.run) if recipe else {},
+            "compile_seconds": {k: round(v, 2) for k, v in seconds.items()},
+        }
+        staged = {"model.so": stage / "model.so", "weights.safetensors": stage / "weights.safetensors", "tokenizer.json": stage / "tokenizer.json"}
+        write_artifact(out, manifest, staged, as_dir=as_dir)
+    progress("done", 1.0)
+    return CompileResult(out, manifest, seconds)
+
+
+def _entry_points(cfg: Any) -> dict[str, Any]:
+    cache = {"name": "cache", "type": "PagedKVCache"}
+    ids = {"name": "input_ids", "dtype": "int32"}
+    logits = {"name": "logits", "dtype": "float32"}
+    return {
+        "prefill": {"inputs": [{**ids, "shape": [1, "seq_len"]}, cache], "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache]},
+        "verify": {"inputs": [{**ids, "shape": [1, "seq_len"]}, cache], "outputs": [{**logits, "shape": [1, "seq_len", cfg.vocab_size]}, cache]},
+        "decode": {"inputs": [{**ids, "shape": [1, 1]}, cache], "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache]},
+        "create_kv_cache": {"inputs": ["max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window"], "outputs": [cache]},
+    }

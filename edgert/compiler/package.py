@@ -1,0 +1,67 @@
+"""Write an artifact atomically: stage the members, hash them, then rename into place."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from edgert.errors import OutputPathError
+from edgert.runtime.artifact import FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_HASH, sha256_of
+
+
+def check_output_path(out: Path) -> Path:
+    """Refuse an output whose folder is missing or not writable, before any work is done."""
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputPathError(f"cannot write {out}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputPathError(f"cannot write {out}: the folder {parent} is not writable")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
+        raise OutputPathError(f"cannot write {out}: it is a folder that holds something else")
+    return out
+
+
+def write_artifact(out: Path, manifest: dict[str, Any], staged: dict[str, Path], as_dir: bool = False) -> Path:
+    """Hash the staged member files into ``manifest``, then write ``out`` (zip or folder) atomically."""
+    out = check_output_path(out)
+    files = {}
+    for name, path in staged.items():
+        with path.open("rb") as fh:
+            files[name] = {"sha256": sha256_of(fh), "size": path.stat().st_size}
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
+    body = json.dumps(manifest, indent=2, sort_keys=False).encode()
+    members = {MANIFEST: body, MANIFEST_HASH: hashlib.sha256(body).hexdigest().encode()}
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
+    try:
+        if as_dir:
+            for name, data in members.items():
+                (tmp / name).write_bytes(data)
+            for name, path in staged.items():
+                shutil.copyfile(path, tmp / name)
+            staged_out = tmp
+        else:
+            staged_out = tmp / "artifact.zip"
+            with zipfile.ZipFile(staged_out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+                for name, data in members.items():
+                    zf.writestr(name, data)
+                for name, path in staged.items():
+                    zf.write(path, name)
+            with staged_out.open("rb") as fh:
+                os.fsync(fh.fileno())
+        if out.is_dir():
+            old = out.with_name(f".{out.name}.old")
+            os.replace(out, old)
+            os.replace(staged_out, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staged_out, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

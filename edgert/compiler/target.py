@@ -1,0 +1,58 @@
+"""Turn a target description into a TVM target and the record an artifact carries."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+from typing import Any
+
+from edgert.errors import TargetError
+from edgert.targets import ARM_CHECKED_FLAGS, X86_CHECKED_FLAGS, TargetSpec, host_arch
+
+
+def resolve(spec: TargetSpec, threads: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """(tvm.target.Target, manifest record) for ``spec``; the host's CPU is detected here."""
+    import tvm
+    from tvm.target import codegen
+
+    if spec.is_host:
+        arch = host_arch()
+        triple = f"{arch}-linux-gnu" if platform.system() == "Linux" else f"{arch}-unknown-unknown"
+        cpu = codegen.llvm_get_system_cpu()  # TVM refuses -mcpu=native; name the CPU instead
+        mattr: list[str] = []
+    else:
+        arch, triple, cpu, mattr = spec.arch, spec.triple, spec.cpu, list(spec.features)
+    config: dict[str, Any] = {"kind": "llvm", "mtriple": triple, "mcpu": cpu, "num-cores": threads or spec.default_threads()}
+    if mattr:
+        config["mattr"] = mattr
+    try:
+        target = tvm.target.Target(config)
+        features = set(codegen.llvm_get_cpu_features(target))
+    except Exception as exc:  # LLVM rejects unknown CPUs and features with assorted errors
+        raise TargetError(f"target '{spec.name}': LLVM does not accept cpu '{cpu}' / {mattr}: {exc}") from exc
+    checked = X86_CHECKED_FLAGS if arch == "x86_64" else ARM_CHECKED_FLAGS
+    record = {
+        "name": spec.name,
+        "description": spec.description,
+        "arch": arch,
+        "triple": triple,
+        "cpu": cpu,
+        "cpu_flags": sorted(f for f in checked if f in features),
+        "threads": threads or spec.default_threads(),
+        "link": spec.link,
+    }
+    return target, record
+
+
+def library_compiler(spec: TargetSpec, arch: str) -> Any:
+    """The `fcompile` for `export_library`: None on the host, the cross toolchain otherwise."""
+    if arch == host_arch():
+        return None
+    if shutil.which(spec.cc) is None:
+        raise TargetError(
+            f"target '{spec.name}' needs the cross compiler '{spec.cc}', which is not installed "
+            "(on Debian: apt-get install g++-aarch64-linux-gnu)"
+        )
+    from tvm.support import cc
+
+    return cc.cross_compiler(spec.cc)

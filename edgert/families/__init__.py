@@ -1,0 +1,1 @@
+"""Model architectures written with `tvm.relax.frontend.nn`, one file per family."""

@@ -1,0 +1,100 @@
+"""Read a GGUF file with the `gguf` package: metadata, tensors, tokenizer fields.
+
+Quantized tensors are dequantized here (with `gguf.quants`) to float32; keeping them in
+block format belongs to the quantization work in `edgert.compiler`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgert.errors import ModelFileError, UnsupportedModelError
+
+# Tensor types whose dequantization `gguf.quants` implements and that edgert has tested.
+SUPPORTED_TENSOR_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
+)
+GGUF_MAGIC = b"GGUF"
+
+
+@dataclass
+class GGUFModel:
+    """A GGUF file opened for reading: its metadata and lazily dequantized tensors."""
+
+    path: Path
+    metadata: dict[str, Any]
+    tensor_types: dict[str, str]
+    _reader: Any = field(repr=False)
+
+    @property
+    def architecture(self) -> str:
+        """The `general.architecture` field, e.g. ``llama``."""
+        return str(self.metadata.get("general.architecture", ""))
+
+    def arch_field(self, name: str, default: Any = None) -> Any:
+        """Metadata field ``<architecture>.<name>``."""
+        return self.metadata.get(f"{self.architecture}.{name}", default)
+
+    def tensor_names(self) -> list[str]:
+        """Names of all tensors in file order."""
+        return list(self.tensor_types)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Tensor ``name`` dequantized to float32, in GGUF's row-major (numpy) shape."""
+        import gguf
+
+        for t in self._reader.tensors:
+            if t.name == name:
+                break
+        else:
+            raise ModelFileError(f"{self.path}: tensor '{name}' is missing")
+        kind = t.tensor_type.name
+        if kind not in SUPPORTED_TENSOR_TYPES:
+            raise UnsupportedModelError(
+                f"{self.path}: tensor '{name}' has type {kind}, which edgert does not support "
+                f"(supported: {', '.join(SUPPORTED_TENSOR_TYPES)})"
+            )
+        shape = tuple(int(d) for d in reversed(t.shape))
+        try:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as exc:  # the library raises many kinds on garbled data
+            raise ModelFileError(f"{self.path}: tensor '{name}' cannot be decoded: {exc}") from exc
+        return np.asarray(values, dtype=np.float32).reshape(shape)
+
+
+def _field_value(f: Any) -> Any:
+    try:
+        return f.contents()
+    except Exception:  # a field the library cannot decode: keep going, it is metadata
+        return None
+
+
+def read_gguf(path: str | Path) -> GGUFModel:
+    """Open a GGUF file, checking that it exists, is complete and is GGUF at all."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"model file not found: {path}")
+    with path.open("rb") as fh:
+        magic = fh.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelFileError(f"{path} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as exc:  # truncation and garbling surface as assorted library errors
+        raise ModelFileError(f"{path} is truncated or garbled: {exc}") from exc
+    size = path.stat().st_size
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > size:
+            raise ModelFileError(
+                f"{path} is truncated: tensor '{t.name}' ends at byte {end} but the file has {size}"
+            )
+    metadata = {k: _field_value(f) for k, f in reader.fields.items()}
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    return GGUFModel(path=path, metadata=metadata, tensor_types=types, _reader=reader)

@@ -1,0 +1,80 @@
+"""Build a Hugging Face `tokenizers` tokenizer from a GGUF file's own vocabulary and merges."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgert.errors import UnsupportedModelError
+
+# GPT-2's split rule; llama.cpp uses the same one for the pre-tokenizer names below.
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+# Pre-tokenizer names (tokenizer.ggml.pre) that split digits one by one before GPT-2's rule.
+_DIGIT_SPLIT_PRE = {"smollm", "starcoder", "refact", "codeshell", "minerva"}
+_PLAIN_GPT2_PRE = {"gpt2", "gpt-2", "default", "phi-2", "jina-es", "jina-de", "poro-chat"}
+# llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+_SPECIAL_TYPES = {3, 4}
+
+
+def build_tokenizer_json(metadata: dict[str, Any]) -> str:
+    """Return a `tokenizers` JSON document equivalent to the GGUF tokenizer fields."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    kind = metadata.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UnsupportedModelError(
+            f"tokenizer model '{kind}' is not supported yet (edgert reads byte-level BPE, 'gpt2')"
+        )
+    tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
+    types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    pre = str(metadata.get("tokenizer.ggml.pre", "default"))
+
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    gpt2_split = pre_tokenizers.Split(Regex(_GPT2_SPLIT), behavior="isolated")
+    if pre in _DIGIT_SPLIT_PRE:
+        steps = [pre_tokenizers.Digits(individual_digits=True), gpt2_split, byte_level]
+    elif pre in _PLAIN_GPT2_PRE:
+        steps = [gpt2_split, byte_level]
+    else:
+        raise UnsupportedModelError(f"GGUF pre-tokenizer '{pre}' is not supported yet")
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = [
+        AddedToken(tok, special=True, normalized=False)
+        for tok, kind_id in zip(tokens, types, strict=False)
+        if int(kind_id) in _SPECIAL_TYPES
+    ]
+    tokenizer.add_special_tokens(specials)
+    return tokenizer.to_str()
+
+
+def tokenizer_config(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Special token ids, BOS policy and chat template, for the artifact's manifest."""
+    tokens = list(metadata["tokenizer.ggml.tokens"])
+
+    def _id(key: str) -> int | None:
+        value = metadata.get(f"tokenizer.ggml.{key}")
+        return None if value is None else int(value)
+
+    eos = _id("eos_token_id")
+    stop_ids = {eos} if eos is not None else set()
+    eot = _id("eot_token_id")
+    if eot is not None:
+        stop_ids.add(eot)
+    template = metadata.get("tokenizer.chat_template")
+    # Chat models end a turn with an end-of-turn marker that the template emits.
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        if marker in tokens and template and marker in template:
+            stop_ids.add(tokens.index(marker))
+    bos = _id("bos_token_id")
+    return {
+        "bos_token_id": bos,
+        "bos_token": tokens[bos] if bos is not None else None,
+        "eos_token_id": eos,
+        "eos_token": tokens[eos] if eos is not None else None,
+        "add_bos_token": bool(metadata.get("tokenizer.ggml.add_bos_token", False)),
+        "stop_token_ids": sorted(stop_ids),
+        "chat_template": template,
+    }

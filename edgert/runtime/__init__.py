@@ -1,0 +1,26 @@
+"""The device runtime: loads an artifact and runs it.
+
+Imports only numpy, the TVM runtime (works with ``TVM_USE_RUNTIME_LIB=1``), `tokenizers` and
+`jinja2` for text; never `edgert.compiler`, `edgert.frontend` or `tvm.relax`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgert.errors import ArtifactError
+from edgert.runtime.artifact import Artifact, open_artifact
+from edgert.runtime.generator import ChatSession, GenerationStats, Generator, Token
+from edgert.runtime.sampling import SamplingParams
+
+__all__ = [
+    "Artifact", "ChatSession", "GenerationStats", "Generator", "SamplingParams", "Token", "load", "open_artifact",
+]
+
+
+def load(path: str | Path, threads: int | None = None, context_length: int | None = None) -> Generator:
+    """Open and verify an artifact and load it for running: ``edgert.load("s.edgert").generate(...)``."""
+    artifact = open_artifact(path)
+    if artifact.family == "llama":
+        return Generator(artifact, threads=threads, context_length=context_length)
+    raise ArtifactError(f"{path}: model family '{artifact.family}' has no runtime in this edgert")

@@ -1,0 +1,219 @@
+"""Text generation with a decoder-only LM: prefill, decode with a KV cache, sampling, chat.
+
+The loop is built on `Generator.step`, which appends tokens to the cache and returns logits;
+early-exit policies and speculative decoding plug in there (run fewer layers, then
+`PagedKVCache.rollback` what a verifier rejects).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgert.errors import ContextLengthError
+from edgert.runtime.artifact import Artifact
+from edgert.runtime.sampling import Sampler, SamplingParams
+from edgert.runtime.session import PagedKVCache, Session
+from edgert.runtime.tokenizer import TextTokenizer
+
+
+@dataclass
+class Token:
+    """One generated token and the text it completed (often the token's own text)."""
+
+    id: int
+    text: str
+
+
+@dataclass
+class GenerationStats:
+    """Counts and timings of the last generation."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    stop_reason: str = ""
+    decode_step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        """Prompt tokens processed per second (tokens served from the cache excluded)."""
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Generated tokens per second after the first (median step time)."""
+        steps = self.decode_step_seconds
+        return 1.0 / float(np.median(steps)) if steps else 0.0
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        """Plain dict for JSON output."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prefill_seconds": round(self.prefill_seconds, 4),
+            "decode_seconds": round(self.decode_seconds, 4),
+            "prefill_tokens_per_second": round(self.prefill_tokens_per_second, 2),
+            "decode_tokens_per_second": round(self.decode_tokens_per_second, 2),
+            "stop_reason": self.stop_reason,
+        }
+
+
+class Generator:
+    """A compiled language model: `generate` yields tokens, `chat` holds a conversation."""
+
+    def __init__(self, artifact: Artifact, threads: int | None = None, context_length: int | None = None):
+        manifest = artifact.manifest
+        self.artifact = artifact
+        self.session = Session(artifact, threads)
+        self.tokenizer = TextTokenizer(artifact.read_text(manifest["tokenizer"]["file"]), manifest["tokenizer"])
+        kv = manifest["kv_cache"]
+        limit = int(kv["context_length"])
+        if context_length is not None and not 0 < context_length <= limit:
+            raise ContextLengthError(f"context length {context_length} is outside 1..{limit}, the compiled maximum")
+        self.context_length = context_length or limit
+        self.prefill_chunk = int(kv["prefill_chunk_size"])
+        self.cache = PagedKVCache(self.session, self.context_length, self.prefill_chunk, int(kv["page_size"]))
+        self.cached_ids: list[int] = []
+        self.stats = GenerationStats()
+
+    # -- the step function -------------------------------------------------------------
+    def step(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Append ``ids`` to the cache; logits of the last token [vocab] (or of every one [n, vocab])."""
+        if self.cache.length + len(ids) > self.context_length:
+            raise ContextLengthError(
+                f"{self.cache.length + len(ids)} tokens do not fit the context of {self.context_length}"
+            )
+        if all_logits:
+            entry = "verify"
+        else:
+            entry = "decode" if len(ids) == 1 else "prefill"
+        self.cache.begin(len(ids))
+        logits, self.cache.obj = self.session(entry, self.session.tensor(np.asarray([ids], dtype=np.int32)), self.cache.obj)
+        self.cache.end(len(ids))
+        self.cached_ids.extend(ids)
+        out = logits.numpy()[0]
+        return out if all_logits else out[-1]
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        """Bring the cache to ``ids``, reusing the longest cached prefix; logits after the last."""
+        common = 0
+        for a, b in zip(self.cached_ids, ids, strict=False):
+            if a != b:
+                break
+            common += 1
+        if common == len(ids):  # everything cached: recompute the last token for its logits
+            common -= 1
+        self.cache.rollback(len(self.cached_ids) - common)
+        del self.cached_ids[common:]
+        logits = None
+        for start in range(common, len(ids), self.prefill_chunk):
+            logits = self.step(ids[start : start + self.prefill_chunk])
+        assert logits is not None
+        self.stats.cached_tokens = common
+        return logits
+
+    def reset(self) -> None:
+        """Empty the KV cache."""
+        self.cache.reset()
+        self.cached_ids.clear()
+
+    def score(self, ids: Sequence[int]) -> np.ndarray:
+        """Logits at every position of ``ids`` from an empty cache: [len(ids), vocab]."""
+        self.reset()
+        out = np.concatenate(
+            [self.step(ids[s : s + self.prefill_chunk], all_logits=True) for s in range(0, len(ids), self.prefill_chunk)]
+        )
+        return out
+
+    # -- generation ----------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | Sequence[int], chat: bool = False) -> list[int]:
+        """Token ids of a prompt; with ``chat`` the text is one user turn in the chat template."""
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if chat:
+            prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        return self.tokenizer.encode(prompt)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 256,
+        sampling: SamplingParams | None = None,
+        stop: Sequence[str] = (),
+        chat: bool = False,
+    ) -> Iterator[Token]:
+        """Yield generated tokens until a stop token, a stop string, ``max_tokens`` or a full context."""
+        ids = self.encode_prompt(prompt, chat)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.context_length:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.context_length} "
+                "(prompt and at least one new token)"
+            )
+        sampler = Sampler(sampling or SamplingParams())
+        stats = self.stats = GenerationStats(prompt_tokens=len(ids))
+        t0 = time.perf_counter()
+        logits = self.prefill(ids)
+        stats.prefill_seconds = time.perf_counter() - t0
+        decoder = self.tokenizer.stream()
+        history = list(ids)
+        text = ""
+        t_decode = time.perf_counter()
+        while True:
+            token = sampler(logits, history)
+            if token in self.tokenizer.stop_token_ids:
+                stats.stop_reason = "stop_token"
+                break
+            history.append(token)
+            stats.generated_tokens += 1
+            piece = decoder.push(token)
+            text += piece
+            yield Token(token, piece)
+            if any(s in text for s in stop):
+                stats.stop_reason = "stop_string"
+                break
+            if stats.generated_tokens >= max_tokens:
+                stats.stop_reason = "max_tokens"
+                break
+            if self.cache.length + 1 > self.context_length:
+                stats.stop_reason = "context_full"
+                break
+            t = time.perf_counter()
+            logits = self.step([token])
+            stats.decode_step_seconds.append(time.perf_counter() - t)
+        stats.decode_seconds = time.perf_counter() - t_decode
+
+    def chat(self, system: str | None = None) -> ChatSession:
+        """A conversation that keeps its KV cache between turns."""
+        return ChatSession(self, system)
+
+
+class ChatSession:
+    """Turns of a conversation; each turn prefills only what the cache does not hold yet."""
+
+    def __init__(self, model: Generator, system: str | None = None):
+        self.model = model
+        self.messages: list[dict[str, str]] = [] if system is None else [{"role": "system", "content": system}]
+
+    def send(self, text: str, max_tokens: int = 512, sampling: SamplingParams | None = None) -> Iterator[Token]:
+        """Add a user turn and yield the assistant's reply token by token."""
+        self.messages.append({"role": "user", "content": text})
+        prompt = self.model.tokenizer.encode(self.model.tokenizer.apply_chat_template(self.messages))
+        reply: list[str] = []
+        try:
+            for tok in self.model.generate(prompt, max_tokens=max_tokens, sampling=sampling):
+                reply.append(tok.text)
+                yield tok
+        except ContextLengthError:
+            self.messages.pop()
+            raise
+        self.messages.append({"role": "assistant", "content": "".join(reply)})

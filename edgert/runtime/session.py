@@ -1,0 +1,95 @@
+"""A compiled model loaded on a device: the Relax VM, its weights and its paged KV cache."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from edgert.runtime.artifact import Artifact
+
+
+def configure_threads(threads: int | None) -> int:
+    """Set TVM's thread pool to ``threads`` workers (big cores first); return the count used."""
+    import tvm
+
+    n = int(threads or os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+    # Affinity mode 1 asks TVM to place workers on the big cores of a big.LITTLE CPU.
+    tvm.get_global_func("runtime.config_threadpool")(1, n)
+    return n
+
+
+class Session:
+    """The artifact's library and weights, ready to call its entry points."""
+
+    def __init__(self, artifact: Artifact, threads: int | None = None):
+        import tvm
+        from tvm.runtime.vm import VirtualMachine
+
+        self.artifact = artifact
+        self.threads = configure_threads(threads)
+        self.device = tvm.cpu()
+        lib = tvm.runtime.load_module(str(artifact.library_file()))
+        self.vm = VirtualMachine(lib, self.device)
+        arrays = artifact.weights()
+        order = artifact.manifest["weights"]["order"]
+        self.params = [tvm.runtime.tensor(np.ascontiguousarray(arrays[name]), self.device) for name in order]
+        self._tvm = tvm
+
+    def tensor(self, array: np.ndarray) -> Any:
+        """A numpy array as a tensor on this session's device."""
+        return self._tvm.runtime.tensor(array, self.device)
+
+    def __call__(self, entry: str, *args: Any) -> Any:
+        """Call entry point ``entry`` with ``args`` and the weights."""
+        return self.vm[entry](*args, self.params)
+
+    def has_entry(self, entry: str) -> bool:
+        """True if the module exports ``entry``."""
+        return entry in self.artifact.manifest["entry_points"]
+
+
+class PagedKVCache:
+    """One sequence's paged KV cache (TVM's `PagedAttentionKVCache` object) and its bookkeeping."""
+
+    _SEQ = 0
+
+    def __init__(self, session: Session, max_length: int, prefill_chunk: int, page_size: int = 16):
+        from tvm.runtime import ShapeTuple
+
+        self._shape = ShapeTuple
+        get = session._tvm.get_global_func
+        self._begin = get("vm.builtin.kv_state_begin_forward")
+        self._end = get("vm.builtin.kv_state_end_forward")
+        self._popn = get("vm.builtin.kv_state_popn")
+        self._clear = get("vm.builtin.kv_state_clear")
+        self._add = get("vm.builtin.kv_state_add_sequence")
+        self.max_length = max_length
+        self.obj = session.vm["create_kv_cache"](
+            ShapeTuple([1]), ShapeTuple([max_length]), ShapeTuple([prefill_chunk]),
+            ShapeTuple([page_size]), ShapeTuple([0]),
+        )
+        self._add(self.obj, self._SEQ)
+        self.length = 0
+
+    def begin(self, num_tokens: int) -> None:
+        """Announce that the next forward pass appends ``num_tokens`` tokens."""
+        self._begin(self.obj, self._shape([self._SEQ]), self._shape([num_tokens]))
+
+    def end(self, num_tokens: int) -> None:
+        """Close the forward pass started by `begin`."""
+        self._end(self.obj)
+        self.length += num_tokens
+
+    def rollback(self, num_tokens: int) -> None:
+        """Forget the last ``num_tokens`` tokens (speculative decoding, chat edits)."""
+        if num_tokens > 0:
+            self._popn(self.obj, self._SEQ, num_tokens)
+            self.length -= num_tokens
+
+    def reset(self) -> None:
+        """Empty the cache."""
+        self._clear(self.obj)
+        self._add(self.obj, self._SEQ)
+        self.length = 0

@@ -1,0 +1,90 @@
+"""Device descriptions read from `targets/*.toml`, and what this host is.
+
+Shared by the compiler (which turns a description into a TVM target) and the runtime
+(which refuses artifacts built for another architecture or for CPU features it lacks).
+Only the standard library is used here, so the runtime stays light.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgert.errors import TargetError
+from edgert.paths import TARGETS_DIR
+
+# CPU flags that change which instructions compiled code may use; a runtime checks them.
+X86_CHECKED_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni")
+ARM_CHECKED_FLAGS = ("neon", "dotprod", "i8mm", "fullfp16", "sve")
+# Linux /proc/cpuinfo spells some flags differently from LLVM.
+_CPUINFO_ALIASES = {"avx512_vnni": "avx512vnni", "asimd": "neon", "asimddp": "dotprod", "fphp": "fullfp16"}
+
+
+@dataclass
+class TargetSpec:
+    """One device kind: its TVM/LLVM target, toolchain, cores and default link."""
+
+    name: str
+    description: str
+    arch: str
+    triple: str
+    cpu: str
+    features: list[str] = field(default_factory=list)
+    big_cores: int = 0
+    cores: int = 0
+    memory_gb: float = 0.0
+    cc: str = "g++"
+    link: str = "local"
+    path: Path | None = None
+
+    @property
+    def is_host(self) -> bool:
+        """True for the `host` description, whose CPU is detected when compiling."""
+        return self.cpu == "detect"
+
+    def default_threads(self) -> int:
+        """Big cores when the description names them, else every core of this machine."""
+        return self.big_cores or self.cores or os.cpu_count() or 1
+
+
+def list_targets() -> list[TargetSpec]:
+    """All target descriptions in `targets/`, by name."""
+    return [load_target(p.stem) for p in sorted(TARGETS_DIR.glob("*.toml"))]
+
+
+def load_target(name: str) -> TargetSpec:
+    """The description called ``name``, or a TargetError listing the known ones."""
+    path = TARGETS_DIR / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in TARGETS_DIR.glob("*.toml")))
+        raise TargetError(f"unknown target '{name}' (known targets: {known})")
+    with path.open("rb") as fh:
+        raw: dict[str, Any] = tomllib.load(fh)
+    raw.setdefault("name", name)
+    return TargetSpec(**raw, path=path)
+
+
+def host_arch() -> str:
+    """This machine's architecture as edgert names it (x86_64, aarch64)."""
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def host_cpu_flags() -> set[str]:
+    """CPU flags of this machine from /proc/cpuinfo, in LLVM's spelling."""
+    flags: set[str] = set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(_CPUINFO_ALIASES.get(f, f) for f in value.split())
+    if host_arch() == "aarch64":
+        flags.add("neon")
+    return flags
