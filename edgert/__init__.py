@@ -14,7 +14,7 @@ def load(path: Any, threads: int | None = None, context_length: int | None = Non
     return _load(path, threads=threads, context_length=context_length)
 
 
-def compile(model: str, target: str = "host", output: Any = None, **options: Any) -> Any:  # noqa: A001
+def compile(model: str, target: str = "host", output: Any = None, **options: Any) -> Any:
     """Compile a model recipe or GGUF file to an artifact (see `edgert.compiler.compile_model`)."""
     from edgert.compiler import compile_model
 

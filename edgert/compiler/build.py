@@ -69,7 +69,7 @@ def compile_model(
     spec = load_target(target)
     source, recipe = _resolve_source(model)
     name = recipe.name if recipe else source.stem
-    out = check_output_path(Path(output) if output else Path(f"{name}.edgert"))
+    out = check_output_path(Path(output) if output else Path(f"{name}.edgert"), as_dir)
     options = dict(recipe.compile) if recipe else {}
     weight_dtype = weight_dtype or options.get("weight_dtype", "f16")
     if weight_dtype not in WEIGHT_DTYPES:
@@ -80,6 +80,7 @@ def compile_model(
     progress("reading model", None)
     gguf_model = read_gguf(source)
     cfg = llama.LlamaConfig.from_gguf(gguf_model)
+    gguf_model.check_tensor_types()  # fail before the minutes of building, not after
     context = min(context_length or options.get("context_length", 2048), cfg.context_length)
     chunk = min(prefill_chunk_size or options.get("prefill_chunk_size", 256), context)
     tokenizer_json = build_tokenizer_json(gguf_model.metadata)
@@ -138,18 +139,32 @@ def compile_model(
             "model": cfg.to_dict(),
             "entry_points": _entry_points(cfg),
             "kv_cache": {
-                "kind": "paged", "page_size": 16, "context_length": context, "prefill_chunk_size": chunk,
-                "dtype": "float32", "num_layers": cfg.num_layers, "num_kv_heads": cfg.num_kv_heads,
+                "kind": "paged",
+                "page_size": 16,
+                "context_length": context,
+                "prefill_chunk_size": chunk,
+                "dtype": "float32",
+                "num_layers": cfg.num_layers,
+                "num_kv_heads": cfg.num_kv_heads,
                 "head_dim": cfg.head_dim,
             },
-            "weights": {"file": "weights.safetensors", "dtype": WEIGHT_DTYPES[weight_dtype], "layout": "cpu-packed-columns", "order": order},
+            "weights": {
+                "file": "weights.safetensors",
+                "dtype": WEIGHT_DTYPES[weight_dtype],
+                "layout": "cpu-packed-columns",
+                "order": order,
+            },
             "library": "model.so",
             "tokenizer": {"file": "tokenizer.json", **tokenizer_config(gguf_model.metadata)},
             "defaults": dict(recipe.run) if recipe else {},
             "compile_seconds": {k: round(v, 2) for k, v in seconds.items()},
         }
-        staged = {"model.so": stage / "model.so", "weights.safetensors": stage / "weights.safetensors", "tokenizer.json": stage / "tokenizer.json"}
-        write_artifact(out, manifest, staged, as_dir=as_dir)
+        staged = {
+            "model.so": stage / "model.so",
+            "weights.safetensors": stage / "weights.safetensors",
+            "tokenizer.json": stage / "tokenizer.json",
+        }
+        manifest = write_artifact(out, manifest, staged, as_dir=as_dir)
     progress("done", 1.0)
     return CompileResult(out, manifest, seconds)
 
@@ -159,8 +174,26 @@ def _entry_points(cfg: Any) -> dict[str, Any]:
     ids = {"name": "input_ids", "dtype": "int32"}
     logits = {"name": "logits", "dtype": "float32"}
     return {
-        "prefill": {"inputs": [{**ids, "shape": [1, "seq_len"]}, cache], "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache]},
-        "verify": {"inputs": [{**ids, "shape": [1, "seq_len"]}, cache], "outputs": [{**logits, "shape": [1, "seq_len", cfg.vocab_size]}, cache]},
-        "decode": {"inputs": [{**ids, "shape": [1, 1]}, cache], "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache]},
-        "create_kv_cache": {"inputs": ["max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window"], "outputs": [cache]},
+        "prefill": {
+            "inputs": [{**ids, "shape": [1, "seq_len"]}, cache],
+            "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
+        },
+        "verify": {
+            "inputs": [{**ids, "shape": [1, "seq_len"]}, cache],
+            "outputs": [{**logits, "shape": [1, "seq_len", cfg.vocab_size]}, cache],
+        },
+        "decode": {
+            "inputs": [{**ids, "shape": [1, 1]}, cache],
+            "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
+        },
+        "create_kv_cache": {
+            "inputs": [
+                "max_batch_size",
+                "max_total_seq_len",
+                "prefill_chunk_size",
+                "page_size",
+                "support_sliding_window",
+            ],
+            "outputs": [cache],
+        },
     }

@@ -31,7 +31,9 @@ class PackedLinear(nn.Module):
             rows = rows * d
         kernel = packed_matmul(k, self.out_features, self.block, self.weight.dtype)
         y = op.tensor_ir_op(
-            kernel, "packed_matmul", [op.reshape(x, (rows, k)), self.weight],
+            kernel,
+            "packed_matmul",
+            [op.reshape(x, (rows, k)), self.weight],
             Tensor.placeholder((rows, self.out_features), "float32"),
         )
         return op.reshape(y, (*lead, self.out_features))

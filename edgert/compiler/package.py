@@ -15,7 +15,7 @@ from edgert.errors import OutputPathError
 from edgert.runtime.artifact import FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_HASH, sha256_of
 
 
-def check_output_path(out: Path) -> Path:
+def check_output_path(out: Path, as_dir: bool = False) -> Path:
     """Refuse an output whose folder is missing or not writable, before any work is done."""
     out = Path(out)
     parent = out.parent if str(out.parent) else Path(".")
@@ -25,12 +25,16 @@ def check_output_path(out: Path) -> Path:
         raise OutputPathError(f"cannot write {out}: the folder {parent} is not writable")
     if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).exists():
         raise OutputPathError(f"cannot write {out}: it is a folder that holds something else")
+    if as_dir and out.exists() and not out.is_dir():
+        raise OutputPathError(f"cannot write a folder artifact at {out}: a file is there")
     return out
 
 
-def write_artifact(out: Path, manifest: dict[str, Any], staged: dict[str, Path], as_dir: bool = False) -> Path:
-    """Hash the staged member files into ``manifest``, then write ``out`` (zip or folder) atomically."""
-    out = check_output_path(out)
+def write_artifact(
+    out: Path, manifest: dict[str, Any], staged: dict[str, Path], as_dir: bool = False
+) -> dict[str, Any]:
+    """Hash the staged members into the manifest, write ``out`` (zip or folder) atomically; return the manifest."""
+    out = check_output_path(out, as_dir)
     files = {}
     for name, path in staged.items():
         with path.open("rb") as fh:
@@ -41,6 +45,7 @@ def write_artifact(out: Path, manifest: dict[str, Any], staged: dict[str, Path],
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
     try:
         if as_dir:
+            tmp.chmod(0o755)  # mkdtemp makes it private; an artifact folder is ordinary data
             for name, data in members.items():
                 (tmp / name).write_bytes(data)
             for name, path in staged.items():
@@ -56,12 +61,12 @@ def write_artifact(out: Path, manifest: dict[str, Any], staged: dict[str, Path],
             with staged_out.open("rb") as fh:
                 os.fsync(fh.fileno())
         if out.is_dir():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.replace(out, old / "artifact")
             os.replace(staged_out, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staged_out, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return manifest

@@ -22,7 +22,12 @@ def resolve(spec: TargetSpec, threads: int | None = None) -> tuple[Any, dict[str
         mattr: list[str] = []
     else:
         arch, triple, cpu, mattr = spec.arch, spec.triple, spec.cpu, list(spec.features)
-    config: dict[str, Any] = {"kind": "llvm", "mtriple": triple, "mcpu": cpu, "num-cores": threads or spec.default_threads()}
+    config: dict[str, Any] = {
+        "kind": "llvm",
+        "mtriple": triple,
+        "mcpu": cpu,
+        "num-cores": threads or spec.default_threads(),
+    }
     if mattr:
         config["mattr"] = mattr
     try:

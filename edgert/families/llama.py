@@ -23,7 +23,7 @@ from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
 
-from edgert.errors import UnsupportedModelError
+from edgert.errors import ModelFileError, UnsupportedModelError
 
 
 @dataclass
@@ -47,9 +47,18 @@ class LlamaConfig:
         """Read the config from a GGUF file's `llama.*` metadata."""
         if model.architecture != "llama":
             raise UnsupportedModelError(
-                f"{model.path}: architecture '{model.architecture}' is not supported "
-                "(edgert compiles: llama)"
+                f"{model.path}: architecture '{model.architecture}' is not supported (edgert compiles: llama)"
             )
+        required = (
+            "llama.block_count",
+            "llama.embedding_length",
+            "llama.feed_forward_length",
+            "llama.attention.head_count",
+            "tokenizer.ggml.tokens",
+        )
+        missing = [k for k in required if model.metadata.get(k) is None]
+        if missing:
+            raise ModelFileError(f"{model.path}: metadata field(s) missing or unreadable: {', '.join(missing)}")
         hidden = int(model.arch_field("embedding_length"))
         heads = int(model.arch_field("attention.head_count"))
         return cls(
@@ -152,8 +161,12 @@ class LlamaForCausalLM(nn.Module):
         return self._logits(self._stack(self.embed_tokens(input_ids), cache)), cache
 
     def create_kv_cache(
-        self, max_batch_size: tirx.Var, max_total_seq_len: tirx.Var, prefill_chunk_size: tirx.Var,
-        page_size: tirx.Var, support_sliding_window: tirx.Var,
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
     ) -> PagedKVCache:
         """The paged KV cache with RoPE applied inside attention (TVM's CPU/GPU TIR kernels)."""
         cfg = self.cfg
@@ -192,8 +205,11 @@ class LlamaForCausalLM(nn.Module):
             "verify": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
             "decode": {"input_ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "$": packed},
             "create_kv_cache": {
-                "max_batch_size": int, "max_total_seq_len": int, "prefill_chunk_size": int,
-                "page_size": int, "support_sliding_window": int,
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
                 "$": {"param_mode": "none", "effect_mode": "none"},
             },
         }
@@ -203,9 +219,7 @@ class LlamaForCausalLM(nn.Module):
 def _last_token(h: Tensor) -> Tensor:
     """h[:, -1:, :] for a symbolic sequence length."""
     return op.tensor_expr_op(
-        lambda x: te.compute(
-            (x.shape[0], 1, x.shape[2]), lambda i, _, k: x[i, x.shape[1] - 1, k], name="last_token"
-        ),
+        lambda x: te.compute((x.shape[0], 1, x.shape[2]), lambda i, _, k: x[i, x.shape[1] - 1, k], name="last_token"),
         "last_token",
         [h],
     )
@@ -238,8 +252,9 @@ def gguf_weights(model: Any, cfg: LlamaConfig) -> Iterator[tuple[str, np.ndarray
         v = model.tensor(b + "attn_v.weight")
         yield p + "attn.qkv_proj.weight", np.concatenate([q, k, v], axis=0)
         yield p + "attn.o_proj.weight", model.tensor(b + "attn_output.weight")
-        yield p + "mlp.gate_up_proj.weight", np.concatenate(
-            [model.tensor(b + "ffn_gate.weight"), model.tensor(b + "ffn_up.weight")], axis=0
+        yield (
+            p + "mlp.gate_up_proj.weight",
+            np.concatenate([model.tensor(b + "ffn_gate.weight"), model.tensor(b + "ffn_up.weight")], axis=0),
         )
         yield p + "mlp.down_proj.weight", model.tensor(b + "ffn_down.weight")
         yield p + "input_norm.weight", model.tensor(b + "attn_norm.weight")

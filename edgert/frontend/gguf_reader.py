@@ -16,7 +16,17 @@ from edgert.errors import ModelFileError, UnsupportedModelError
 
 # Tensor types whose dequantization `gguf.quants` implements and that edgert has tested.
 SUPPORTED_TENSOR_TYPES = (
-    "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K",
+    "F32",
+    "F16",
+    "BF16",
+    "Q8_0",
+    "Q4_0",
+    "Q4_1",
+    "Q5_0",
+    "Q5_1",
+    "Q4_K",
+    "Q5_K",
+    "Q6_K",
 )
 GGUF_MAGIC = b"GGUF"
 
@@ -42,6 +52,16 @@ class GGUFModel:
     def tensor_names(self) -> list[str]:
         """Names of all tensors in file order."""
         return list(self.tensor_types)
+
+    def check_tensor_types(self) -> None:
+        """Raise UnsupportedModelError naming every tensor whose type edgert cannot read."""
+        bad = {n: t for n, t in self.tensor_types.items() if t not in SUPPORTED_TENSOR_TYPES}
+        if bad:
+            kinds = ", ".join(sorted(set(bad.values())))
+            raise UnsupportedModelError(
+                f"{self.path}: {len(bad)} tensor(s) have type {kinds}, which edgert does not support "
+                f"(first: '{next(iter(bad))}'; supported: {', '.join(SUPPORTED_TENSOR_TYPES)})"
+            )
 
     def tensor(self, name: str) -> np.ndarray:
         """Tensor ``name`` dequantized to float32, in GGUF's row-major (numpy) shape."""
@@ -92,9 +112,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
     for t in reader.tensors:
         end = int(t.data_offset) + int(t.n_bytes)
         if end > size:
-            raise ModelFileError(
-                f"{path} is truncated: tensor '{t.name}' ends at byte {end} but the file has {size}"
-            )
+            raise ModelFileError(f"{path} is truncated: tensor '{t.name}' ends at byte {end} but the file has {size}")
     metadata = {k: _field_value(f) for k, f in reader.fields.items()}
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     return GGUFModel(path=path, metadata=metadata, tensor_types=types, _reader=reader)

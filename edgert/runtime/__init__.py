@@ -14,7 +14,14 @@ from edgert.runtime.generator import ChatSession, GenerationStats, Generator, To
 from edgert.runtime.sampling import SamplingParams
 
 __all__ = [
-    "Artifact", "ChatSession", "GenerationStats", "Generator", "SamplingParams", "Token", "load", "open_artifact",
+    "Artifact",
+    "ChatSession",
+    "GenerationStats",
+    "Generator",
+    "SamplingParams",
+    "Token",
+    "load",
+    "open_artifact",
 ]
 
 

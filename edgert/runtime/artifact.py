@@ -143,8 +143,8 @@ def check_target(target: dict[str, Any], where: Path) -> None:
     if target.get("arch") != arch:
         raise TargetError(
             f"{where} was compiled for target '{target.get('name')}' ({target.get('arch')}, "
-            f"{target.get('cpu')}); this machine is {arch}. Run it on such a device "
-            "(edgert run --device ...) or compile for --target host."
+            f"{target.get('cpu')}); this machine is {arch}. Run it on such a device, "
+            "or compile it here with --target host."
         )
     missing = sorted(set(target.get("cpu_flags", [])) - host_cpu_flags())
     if missing:

@@ -71,13 +71,13 @@ class Generator:
 
     def __init__(self, artifact: Artifact, threads: int | None = None, context_length: int | None = None):
         manifest = artifact.manifest
-        self.artifact = artifact
-        self.session = Session(artifact, threads)
-        self.tokenizer = TextTokenizer(artifact.read_text(manifest["tokenizer"]["file"]), manifest["tokenizer"])
         kv = manifest["kv_cache"]
         limit = int(kv["context_length"])
         if context_length is not None and not 0 < context_length <= limit:
             raise ContextLengthError(f"context length {context_length} is outside 1..{limit}, the compiled maximum")
+        self.artifact = artifact
+        self.session = Session(artifact, threads)
+        self.tokenizer = TextTokenizer(artifact.read_text(manifest["tokenizer"]["file"]), manifest["tokenizer"])
         self.context_length = context_length or limit
         self.prefill_chunk = int(kv["prefill_chunk_size"])
         self.cache = PagedKVCache(self.session, self.context_length, self.prefill_chunk, int(kv["page_size"]))
@@ -96,7 +96,9 @@ class Generator:
         else:
             entry = "decode" if len(ids) == 1 else "prefill"
         self.cache.begin(len(ids))
-        logits, self.cache.obj = self.session(entry, self.session.tensor(np.asarray([ids], dtype=np.int32)), self.cache.obj)
+        logits, self.cache.obj = self.session(
+            entry, self.session.tensor(np.asarray([ids], dtype=np.int32)), self.cache.obj
+        )
         self.cache.end(len(ids))
         self.cached_ids.extend(ids)
         out = logits.numpy()[0]
@@ -129,7 +131,10 @@ class Generator:
         """Logits at every position of ``ids`` from an empty cache: [len(ids), vocab]."""
         self.reset()
         out = np.concatenate(
-            [self.step(ids[s : s + self.prefill_chunk], all_logits=True) for s in range(0, len(ids), self.prefill_chunk)]
+            [
+                self.step(ids[s : s + self.prefill_chunk], all_logits=True)
+                for s in range(0, len(ids), self.prefill_chunk)
+            ]
         )
         return out
 
@@ -151,14 +156,14 @@ class Generator:
         chat: bool = False,
     ) -> Iterator[Token]:
         """Yield generated tokens until a stop token, a stop string, ``max_tokens`` or a full context."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         ids = self.encode_prompt(prompt, chat)
         if not ids:
             raise ValueError("the prompt is empty")
-        if len(ids) >= self.context_length:
-            raise ContextLengthError(
-                f"the prompt has {len(ids)} tokens but the context holds {self.context_length} "
-                "(prompt and at least one new token)"
-            )
+        if len(ids) > self.context_length:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {self.context_length}")
+        stop = [s for s in stop if s]
         sampler = Sampler(sampling or SamplingParams())
         stats = self.stats = GenerationStats(prompt_tokens=len(ids))
         t0 = time.perf_counter()
@@ -213,7 +218,7 @@ class ChatSession:
             for tok in self.model.generate(prompt, max_tokens=max_tokens, sampling=sampling):
                 reply.append(tok.text)
                 yield tok
-        except ContextLengthError:
-            self.messages.pop()
+        except (ContextLengthError, ValueError):
+            self.messages.pop()  # the turn did not happen; keep the conversation as it was
             raise
         self.messages.append({"role": "assistant", "content": "".join(reply)})

@@ -15,8 +15,13 @@ def configure_threads(threads: int | None) -> int:
     import tvm
 
     n = int(threads or os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
-    # Affinity mode 1 asks TVM to place workers on the big cores of a big.LITTLE CPU.
+    # Affinity mode 1 places TVM's workers on the big cores of a big.LITTLE CPU. TVM also pins
+    # the calling thread to one core, which would starve everything else the application runs
+    # on that thread (numpy, another engine's OpenMP pool), so its affinity is given back.
+    saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     tvm.get_global_func("runtime.config_threadpool")(1, n)
+    if saved is not None:
+        os.sched_setaffinity(0, saved)
     return n
 
 
@@ -67,8 +72,11 @@ class PagedKVCache:
         self._add = get("vm.builtin.kv_state_add_sequence")
         self.max_length = max_length
         self.obj = session.vm["create_kv_cache"](
-            ShapeTuple([1]), ShapeTuple([max_length]), ShapeTuple([prefill_chunk]),
-            ShapeTuple([page_size]), ShapeTuple([0]),
+            ShapeTuple([1]),
+            ShapeTuple([max_length]),
+            ShapeTuple([prefill_chunk]),
+            ShapeTuple([page_size]),
+            ShapeTuple([0]),
         )
         self._add(self.obj, self._SEQ)
         self.length = 0

@@ -1,0 +1,309 @@
+"""The `edgert` command: compile, run, chat, inspect, bench, and list targets and models."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Column, Table
+
+from edgert.errors import EdgertError
+
+app = typer.Typer(
+    help="Compile sequence models ahead of time with Apache TVM and run them on devices.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", "-t", help="Worker threads (default: the target's big cores).")
+]
+ContextOpt = Annotated[
+    int | None, typer.Option("--context", help="Context length in tokens (default: the compiled one).")
+]
+
+
+def _sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None) -> Any:
+    from edgert.runtime.sampling import SamplingParams
+
+    try:
+        return SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+    except ValueError as exc:
+        raise EdgertError(str(exc)) from exc
+
+
+@app.command()
+def compile(
+    model: Annotated[str, typer.Argument(help="A model recipe name (see `edgert models`) or a .gguf file.")],
+    target: Annotated[str, typer.Option("--target", help="Target device (see `edgert targets`).")] = "host",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Artifact to write (default: NAME.edgert).")
+    ] = None,
+    weight_dtype: Annotated[str | None, typer.Option("--weight-dtype", help="Weight storage: f16 or f32.")] = None,
+    context: ContextOpt = None,
+    threads: ThreadsOpt = None,
+    as_dir: Annotated[bool, typer.Option("--dir", help="Write the artifact as a folder instead of one file.")] = False,
+) -> None:
+    """Compile MODEL for TARGET into an .edgert artifact."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from edgert.compiler import compile_model
+
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err, transient=True
+    ) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def progress(stage: str, fraction: float | None) -> None:
+            bar.update(task, description=stage, total=None if fraction is None else 1.0, completed=fraction or 0)
+
+        result = compile_model(
+            model,
+            target=target,
+            output=output,
+            weight_dtype=weight_dtype,
+            context_length=context,
+            threads=threads,
+            as_dir=as_dir,
+            progress=progress,
+        )
+    size = sum(f["size"] for f in result.manifest["files"].values())
+    t = result.manifest["target"]
+    err.print(
+        f"[green]wrote[/] {result.path} ({size / 1e6:.1f} MB) for {t['name']} ({t['arch']}, {t['cpu']}) "
+        f"in {sum(result.seconds.values()):.1f} s"
+    )
+
+
+@app.command()
+def run(
+    artifact: Annotated[Path, typer.Argument(help="A compiled .edgert artifact.")],
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="The prompt (default: the model's demo prompt).")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 means greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0: all).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop when this text appears (repeatable).")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Send the prompt as is, without the chat template.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
+    threads: ThreadsOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Generate text from a prompt, streaming it, then print tokens/s."""
+    from edgert.runtime import load
+
+    sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)  # before the slow load
+    model = load(artifact, threads=threads, context_length=context)
+    text = prompt if prompt is not None else model.artifact.manifest.get("defaults", {}).get("prompt", "Hello!")
+    chat = not raw and model.tokenizer.has_chat_template
+    pieces, ids = [], []
+    for tok in model.generate(text, max_tokens=max_tokens, sampling=sampling, stop=stop or (), chat=chat):
+        ids.append(tok.id)
+        pieces.append(tok.text)
+        if not as_json:
+            sys.stdout.write(tok.text)
+            sys.stdout.flush()
+    stats = model.stats
+    if as_json:
+        print(json.dumps({"prompt": text, "text": "".join(pieces), "tokens": ids, "stats": stats.to_dict()}))
+        return
+    print()
+    err.print(
+        f"[dim]{stats.prompt_tokens} prompt tokens at {stats.prefill_tokens_per_second:.1f} tok/s, "
+        f"{stats.generated_tokens} generated at {stats.decode_tokens_per_second:.1f} tok/s "
+        f"({model.session.threads} threads, stop: {stats.stop_reason})[/]"
+    )
+
+
+@app.command()
+def chat(
+    artifact: Annotated[Path, typer.Argument(help="A compiled .edgert artifact.")],
+    system: Annotated[str | None, typer.Option(help="A system message.")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n")] = 512,
+    temperature: Annotated[float, typer.Option()] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty")] = 1.0,
+    seed: Annotated[int | None, typer.Option()] = None,
+    threads: ThreadsOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Talk with the model; the conversation's KV cache is kept between turns (/reset, /exit)."""
+    from edgert.errors import ContextLengthError
+    from edgert.runtime import load
+
+    sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)  # before the slow load
+    model = load(artifact, threads=threads, context_length=context)
+    session = model.chat(system)
+    err.print(f"[dim]{model.artifact.manifest['name']} — /reset starts over, /exit or Ctrl-D quits[/]")
+    while True:
+        try:
+            line = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            session = model.chat(system)
+            continue
+        if not line.strip():
+            continue
+        try:
+            for tok in session.send(line, max_tokens=max_tokens, sampling=sampling):
+                sys.stdout.write(tok.text)
+                sys.stdout.flush()
+        except ContextLengthError as exc:
+            err.print(f"[red]{exc}[/] — /reset to start a new conversation")
+            continue
+        s = model.stats
+        print()
+        err.print(
+            f"[dim]{s.prompt_tokens - s.cached_tokens} new prompt tokens ({s.cached_tokens} cached), "
+            f"{s.generated_tokens} generated at {s.decode_tokens_per_second:.1f} tok/s[/]"
+        )
+
+
+@app.command()
+def inspect(
+    artifact: Annotated[Path, typer.Argument(help="A compiled .edgert artifact.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole manifest as JSON.")] = False,
+) -> None:
+    """Verify an artifact and show its manifest (target, entry points, KV cache, files)."""
+    from edgert.runtime.artifact import open_artifact
+
+    art = open_artifact(artifact, check_host=False)
+    m = art.manifest
+    if as_json:
+        print(json.dumps(m, indent=2))
+        return
+    t, kv, model = m["target"], m["kv_cache"], m.get("model", {})
+    out.print(
+        f"[bold]{m['name']}[/] ({m['family']}), format version {m['format_version']}, "
+        f"{m['created_by']}, TVM {m['tvm_version']}"
+    )
+    out.print(f"target    {t['name']}: {t['arch']} {t['triple']} cpu={t['cpu']} flags={','.join(t['cpu_flags'])}")
+    out.print(
+        f"model     {model.get('num_layers')} layers, d={model.get('hidden_size')}, "
+        f"{model.get('num_heads')} heads / {model.get('num_kv_heads')} KV heads, vocab {model.get('vocab_size')}"
+    )
+    out.print(
+        f"kv cache  {kv['kind']}, context {kv['context_length']}, page {kv['page_size']}, "
+        f"prefill chunk {kv['prefill_chunk_size']}"
+    )
+    out.print(
+        f"weights   {m['weights']['dtype']}, layout {m['weights']['layout']}, {len(m['weights']['order'])} tensors"
+    )
+    table = Table("entry point", "inputs", "outputs")
+    for name, ep in m["entry_points"].items():
+        table.add_row(name, json.dumps(ep["inputs"]), json.dumps(ep["outputs"]))
+    out.print(table)
+    files = Table("member", "bytes", "sha256")
+    for name, f in m["files"].items():
+        files.add_row(name, f"{f['size']:,}", f["sha256"][:16] + "…")
+    out.print(files)
+    out.print("[green]all members match their sha256[/]")
+
+
+@app.command()
+def targets() -> None:
+    """List the target devices edgert compiles for."""
+    from edgert.targets import list_targets
+
+    table = Table(Column("target", no_wrap=True), "arch", "cpu", "features", "threads", "link", "description")
+    for t in list_targets():
+        table.add_row(t.name, t.arch, t.cpu, " ".join(t.features), str(t.default_threads()), t.link, t.description)
+    out.print(table)
+
+
+@app.command()
+def models() -> None:
+    """List the model recipes and whether their weights are installed."""
+    from edgert.compiler.recipes import list_recipes
+
+    table = Table("model", "family", "source", "installed", "description")
+    for r in list_recipes():
+        try:
+            r.source_path()
+            installed = "yes"
+        except EdgertError:
+            installed = f"no: {r.source.get('install', '')}"
+        table.add_row(r.name, r.family, r.source.get("file", ""), installed, r.description)
+    out.print(table)
+
+
+@app.command()
+def bench(
+    artifact: Annotated[Path, typer.Argument(help="A compiled .edgert artifact.")],
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prefill length.")] = 128,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", help="Decode steps per run.")] = 64,
+    repeats: Annotated[int, typer.Option("--repeats", "-r", help="Runs; medians are reported.")] = 5,
+    threads: ThreadsOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Measure load time, prefill and decode tokens/s (medians) and peak memory."""
+    from edgert.profile import bench_generator
+
+    result = bench_generator(artifact, prompt_tokens, gen_tokens, repeats, threads)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table("metric", "value")
+    for key in (
+        "target",
+        "threads",
+        "load_seconds",
+        "prefill_tokens_per_second",
+        "decode_tokens_per_second",
+        "peak_rss_mb",
+    ):
+        table.add_row(key, str(result[key]))
+    out.print(table)
+
+
+def main() -> None:
+    """Entry point: run the CLI, printing edgert's errors as one line without a traceback."""
+    try:
+        app(standalone_mode=False)
+    except (EdgertError, ValueError) as exc:  # ValueError: bad values the runtime rejects (empty prompt, ...)
+        # The message is text, not markup (paths may hold brackets), and stays on one line when piped.
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        # Usage errors: recent typer (0.29 here) raises its own copy of click's exceptions (click may not
+        # be installed at all); older typer raises click's.
+        usage: tuple[type, ...] = (getattr(typer, "TyperException", ()),)
+        leave: tuple[type, ...] = (typer.Exit,)
+        abort: tuple[type, ...] = (typer.Abort,)
+        try:
+            import click
+        except ImportError:
+            pass
+        else:
+            usage, leave, abort = (*usage, click.ClickException), (*leave, click.exceptions.Exit), (*abort, click.Abort)
+        if isinstance(exc, usage) and hasattr(exc, "show"):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, leave):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Benchmark a compiled LM: load time, prefill and decode tokens/s (medians), peak RSS."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# A neutral English passage; the prompt for a benchmark is cut from it (repeated as needed).
+BENCH_TEXT = (
+    "The river bends twice before it reaches the town, and in spring the water rises high "
+    "enough to cover the lower path. People who live near the bridge keep boats tied to their "
+    "fences, and children learn early which stones are safe to cross. In summer the current "
+    "slows, the fish return, and the old mill wheel turns only when the wind is from the west. "
+)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def bench_generator(
+    path: str | Path,
+    prompt_tokens: int = 128,
+    gen_tokens: int = 64,
+    repeats: int = 5,
+    threads: int | None = None,
+    on_repeat: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Time loading, a prefill of ``prompt_tokens`` and ``gen_tokens`` greedy decode steps."""
+    from edgert.errors import EdgertError
+    from edgert.runtime import load
+
+    if prompt_tokens < 1 or gen_tokens < 1 or repeats < 1:
+        raise EdgertError("bench needs --prompt-tokens, --gen-tokens and --repeats of at least 1")
+
+    t = time.perf_counter()
+    model = load(path, threads=threads)
+    load_s = time.perf_counter() - t
+    base = model.tokenizer.encode(BENCH_TEXT)
+    prompt = (base * (prompt_tokens // len(base) + 1))[:prompt_tokens]
+    if prompt_tokens + gen_tokens > model.context_length:
+        raise EdgertError(
+            f"{prompt_tokens} prompt + {gen_tokens} generated tokens exceed the context of {model.context_length}"
+        )
+    prefill_tps, decode_tps = [], []
+    model.score(prompt[:8])  # warm up: first calls page weights in and spin up threads
+    for i in range(repeats):
+        model.reset()
+        t = time.perf_counter()
+        logits = model.prefill(prompt)
+        prefill_tps.append(prompt_tokens / (time.perf_counter() - t))
+        steps = []
+        for _ in range(gen_tokens):
+            token = int(np.argmax(logits))
+            t = time.perf_counter()
+            logits = model.step([token])
+            steps.append(time.perf_counter() - t)
+        decode_tps.append(1.0 / statistics.median(steps))
+        if on_repeat:
+            on_repeat(i)
+    return {
+        "artifact": str(path),
+        "target": model.artifact.target["name"],
+        "threads": model.session.threads,
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "repeats": repeats,
+        "load_seconds": round(load_s, 3),
+        "prefill_tokens_per_second": round(statistics.median(prefill_tps), 2),
+        "decode_tokens_per_second": round(statistics.median(decode_tps), 2),
+        "prefill_tokens_per_second_runs": [round(x, 2) for x in prefill_tps],
+        "decode_tokens_per_second_runs": [round(x, 2) for x in decode_tps],
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }

