@@ -7,27 +7,16 @@ traceback). A failed compile must not create the output, nor touch a file alread
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import load_tool, run_cli
 
 import edgert
 from edgert.errors import EdgertError, ModelFileError, UnsupportedModelError
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load_tool():  # -> the tools/make_tiny_gguf.py module
-    spec = importlib.util.spec_from_file_location("make_tiny_gguf", ROOT / "tools" / "make_tiny_gguf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tiny = _load_tool()
+tiny = load_tool("make_tiny_gguf")
 
 
 def _write_without_hyperparameters(path: Path) -> Path:

@@ -263,3 +263,13 @@ def test_sampler_follows_the_distribution_and_its_seed() -> None:
     # Lower temperature sharpens the distribution.
     sharp = token_probabilities(logits, SamplingParams(temperature=0.5))
     assert sharp[0] > 0.6 and sharp[2] < 0.1
+
+
+@pytest.mark.slow
+def test_token_ids_outside_the_vocabulary_are_refused(smollm: Generator) -> None:
+    smollm.reset()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        list(smollm.generate([1, smollm.vocab_size + 5]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        smollm.score([-1, 2])
+    assert smollm.cache.length == 0  # nothing reached the cache

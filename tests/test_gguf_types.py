@@ -11,12 +11,12 @@ real 49152-token SmolLM2 vocabulary) are written in each weight type, compiled w
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 
 from edgert.errors import ModelFileError
 from edgert.frontend.gguf_reader import SUPPORTED_TENSOR_TYPES
@@ -59,14 +59,7 @@ MIN_ARGMAX_AGREEMENT = {"F32": 1.0, "F16": 0.95, "Q8_0": 0.85, "Q4_0": 0.85, "Q4
 REF_TOL = 1e-4  # edgert vs the float64 reference: measured 1.1e-5 for every type
 
 
-def _load_tool():  # -> the tools/make_tiny_gguf.py module
-    spec = importlib.util.spec_from_file_location("make_tiny_gguf", ROOT / "tools" / "make_tiny_gguf.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tiny = _load_tool()
+tiny = load_tool("make_tiny_gguf")
 
 
 def token_ids() -> list[int]:

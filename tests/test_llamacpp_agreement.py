@@ -29,13 +29,12 @@ far below any of these bounds.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import load_tool
 
-ROOT = Path(__file__).resolve().parent.parent
 CONTINUATION = 48
 FREE_PREFIX = 16
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
@@ -81,10 +80,9 @@ def llama_cpp():
 @pytest.fixture(scope="module")
 def exact_reference(llama_cpp, smollm_gguf: Path, smollm, tmp_path_factory) -> list[dict]:
     """llama.cpp in plain f32 on the dequantized copy of the GGUF."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from dequantize_gguf import dequantize_gguf
-
-    f32 = dequantize_gguf(smollm_gguf, tmp_path_factory.mktemp("gguf") / "smollm2.F32.gguf")
+    f32 = load_tool("dequantize_gguf").dequantize_gguf(
+        smollm_gguf, tmp_path_factory.mktemp("gguf") / "smollm2.F32.gguf"
+    )
     try:
         return _continuations(llama_cpp, f32, smollm, type_k=0, type_v=0)  # 0 = GGML_TYPE_F32
     finally:

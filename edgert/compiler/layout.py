@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
@@ -47,7 +48,9 @@ class CompactEmbedding(nn.Module):
         self.weight = nn.Parameter((num, dim), dtype)
 
     def forward(self, ids: Tensor) -> Tensor:
-        rows = op.take(self.weight, op.reshape(ids, (-1,)), axis=0)
+        # "clip" keeps a bad token id from reading outside the table (the runtime also checks).
+        flat = op.reshape(ids, (-1,))
+        rows = op.wrap_nested(relax.op.take(self.weight._expr, flat._expr, axis=0, mode="clip"), "embedding")
         return op.reshape(op.astype(rows, "float32"), (*ids.shape, self.dim))
 
 

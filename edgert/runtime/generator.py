@@ -82,11 +82,15 @@ class Generator:
         self.prefill_chunk = int(kv["prefill_chunk_size"])
         self.cache = PagedKVCache(self.session, self.context_length, self.prefill_chunk, int(kv["page_size"]))
         self.cached_ids: list[int] = []
+        self.vocab_size = int(manifest["model"]["vocab_size"])
         self.stats = GenerationStats()
 
     # -- the step function -------------------------------------------------------------
     def step(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Append ``ids`` to the cache; logits of the last token [vocab] (or of every one [n, vocab])."""
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
         if self.cache.length + len(ids) > self.context_length:
             raise ContextLengthError(
                 f"{self.cache.length + len(ids)} tokens do not fit the context of {self.context_length}"
