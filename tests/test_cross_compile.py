@@ -1,0 +1,50 @@
+"""Cross-compiling for the ARM targets: the artifact holds an aarch64 library, records its
+target, and this x86-64 host refuses to run it, saying why. (Running it on an emulated
+board is the ARM issue's work.)"""
+
+from __future__ import annotations
+
+import struct
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import load_tool, run_cli
+
+import edgert
+from edgert.errors import TargetError
+from edgert.runtime import open_artifact
+from edgert.targets import host_arch
+
+EM_AARCH64 = 183
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return load_tool("make_tiny_gguf").write_tiny_llama(tmp_path_factory.mktemp("gguf") / "tiny.gguf", "Q4_0")
+
+
+@pytest.mark.parametrize(
+    ("target", "cpu", "flags"), [("rpi4", "cortex-a72", {"neon"}), ("rpi5", "cortex-a76", {"neon", "dotprod"})]
+)
+def test_cross_compiled_artifact_is_aarch64_and_refused_here(
+    tiny_gguf: Path, tmp_path: Path, target: str, cpu: str, flags: set[str]
+) -> None:
+    out = tmp_path / f"tiny-{target}.edgert"
+    proc = run_cli("compile", str(tiny_gguf), "--target", target, "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    with zipfile.ZipFile(out) as zf:
+        elf = zf.read("model.so")
+    assert elf[:4] == b"\x7fELF"
+    assert struct.unpack("<H", elf[18:20])[0] == EM_AARCH64
+    record = open_artifact(out, check_host=False).manifest["target"]
+    assert (record["name"], record["arch"], record["cpu"]) == (target, "aarch64", cpu)
+    assert flags <= set(record["cpu_flags"])
+    if target == "rpi4":
+        assert "dotprod" not in record["cpu_flags"]  # Cortex-A72 has none: no SDOT code may be emitted
+    if host_arch() != "aarch64":
+        with pytest.raises(TargetError, match=rf"compiled for target '{target}' \(aarch64, {cpu}\)"):
+            edgert.load(out)
+        res = run_cli("run", str(out), "--prompt", "hi")
+        assert res.returncode == 2 and "this machine is x86_64" in res.stderr and "Traceback" not in res.stderr
