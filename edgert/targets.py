@@ -38,6 +38,7 @@ class TargetSpec:
     cores: int = 0
     memory_gb: float = 0.0
     cc: str = "g++"
+    cc_hint: str = ""
     link: str = "local"
     path: Path | None = None
 

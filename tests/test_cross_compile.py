@@ -48,3 +48,12 @@ def test_cross_compiled_artifact_is_aarch64_and_refused_here(
             edgert.load(out)
         res = run_cli("run", str(out), "--prompt", "hi")
         assert res.returncode == 2 and "this machine is x86_64" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_missing_cross_toolchain_is_named(tiny_gguf: Path, tmp_path: Path) -> None:
+    out = tmp_path / "phone.edgert"
+    # An empty PATH stands for a machine without the Android NDK.
+    res = run_cli("compile", str(tiny_gguf), "--target", "android-arm64", "-o", str(out), env={"PATH": str(tmp_path)})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "aarch64-linux-android24-clang++" in res.stderr and "Android NDK" in res.stderr
+    assert not out.exists()

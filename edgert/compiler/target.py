@@ -55,8 +55,8 @@ def library_compiler(spec: TargetSpec, arch: str) -> Any:
         return None
     if shutil.which(spec.cc) is None:
         raise TargetError(
-            f"target '{spec.name}' needs the cross compiler '{spec.cc}', which is not installed "
-            "(on Debian: apt-get install g++-aarch64-linux-gnu)"
+            f"target '{spec.name}' needs the cross compiler '{spec.cc}', which is not installed"
+            + (f" ({spec.cc_hint})" if spec.cc_hint else "")
         )
     from tvm.support import cc
 
