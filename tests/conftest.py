@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+START_AFFINITY = os.sched_getaffinity(0)  # before any TVM thread pool exists
 
 
 @pytest.fixture(scope="session")

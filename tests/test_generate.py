@@ -273,3 +273,16 @@ def test_token_ids_outside_the_vocabulary_are_refused(smollm: Generator) -> None
     with pytest.raises(ValueError, match="outside the vocabulary"):
         smollm.score([-1, 2])
     assert smollm.cache.length == 0  # nothing reached the cache
+
+
+@pytest.mark.slow
+def test_thread_pool_uses_the_threads_asked_for_and_leaves_the_caller_free(smollm: Generator) -> None:
+    import os
+
+    from conftest import START_AFFINITY
+
+    # TVM alone would size its pool to half the CPUs; the session sizes it explicitly.
+    assert smollm.session.threads >= 1
+    assert os.environ["TVM_NUM_THREADS"] == str(smollm.session.threads)
+    # TVM's affinity setting pins the calling thread; the session gives it back its CPUs.
+    assert os.sched_getaffinity(0) == START_AFFINITY

@@ -10,14 +10,22 @@ import numpy as np
 from edgert.runtime.artifact import Artifact
 
 
-def configure_threads(threads: int | None) -> int:
-    """Set TVM's thread pool to ``threads`` workers (big cores first); return the count used."""
+def configure_threads(threads: int | None, default: int | None = None) -> int:
+    """Set TVM's thread pool to ``threads`` workers (big cores first); return the count used.
+
+    Without ``threads``: ``TVM_NUM_THREADS``, else ``default`` (the target's big cores), else
+    every CPU of this machine.
+    """
     import tvm
 
-    n = int(threads or os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
-    # Affinity mode 1 places TVM's workers on the big cores of a big.LITTLE CPU. TVM also pins
-    # the calling thread to one core, which would starve everything else the application runs
-    # on that thread (numpy, another engine's OpenMP pool), so its affinity is given back.
+    n = int(threads or os.environ.get("TVM_NUM_THREADS") or default or os.cpu_count() or 1)
+    # TVM sizes its pool from TVM_NUM_THREADS, else from half the logical CPUs (it assumes
+    # two hyper-threads per core), which leaves one of two real cores idle; and
+    # config_threadpool cannot grow the pool past that. So the variable is set first.
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    # Affinity mode 1 places TVM's workers on the big cores of a big.LITTLE CPU. TVM may also
+    # pin the calling thread to one core, which would starve everything else the application
+    # runs on that thread (numpy, another engine's OpenMP pool), so its affinity is given back.
     saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     tvm.get_global_func("runtime.config_threadpool")(1, n)
     if saved is not None:
@@ -33,7 +41,7 @@ class Session:
         from tvm.runtime.vm import VirtualMachine
 
         self.artifact = artifact
-        self.threads = configure_threads(threads)
+        self.threads = configure_threads(threads, artifact.target.get("threads"))
         self.device = tvm.cpu()
         lib = tvm.runtime.load_module(str(artifact.library_file()))
         self.vm = VirtualMachine(lib, self.device)
