@@ -123,7 +123,8 @@ def run(
     err.print(
         f"[dim]{stats.prompt_tokens} prompt tokens at {stats.prefill_tokens_per_second:.1f} tok/s, "
         f"{stats.generated_tokens} generated at {stats.decode_tokens_per_second:.1f} tok/s "
-        f"({model.session.threads} threads, stop: {stats.stop_reason})[/]"
+        f"({model.session.threads} threads, stop: {stats.stop_reason})[/]",
+        soft_wrap=True,
     )
 
 

@@ -16,6 +16,9 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
 stamp=".venv/.edgert-installed$extras"
+# A test install includes everything the plain one has.
+[ -z "$extras" ] && [ -f ".venv/.edgert-installed[test]" ] && [ ! pyproject.toml -nt ".venv/.edgert-installed[test]" ] \
+  && stamp=".venv/.edgert-installed[test]"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "installing edgert$extras into .venv ..." >&2
   # llama.cpp (test reference) builds for a portable CPU so a cached wheel runs anywhere.
