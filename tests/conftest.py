@@ -50,6 +50,17 @@ def load_tool(name: str) -> types.ModuleType:
     return module
 
 
+def run_tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    """Run the project script ``tools/<name>.py`` in a fresh process and capture its output."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / f"{name}.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+
+
 def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run the `edgert` command in a fresh process and capture its output."""
     return subprocess.run(

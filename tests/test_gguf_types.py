@@ -16,12 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_tool
+from conftest import load_tool, run_tool
 
 from edgert.errors import ModelFileError
 from edgert.frontend.gguf_reader import SUPPORTED_TENSOR_TYPES
 
-ROOT = Path(__file__).resolve().parent.parent
 TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
 PREFILL_CHUNK = 32  # smaller than the scored sequence, so scoring crosses a chunk boundary
 N_TOKENS = 48
@@ -323,34 +322,18 @@ def test_tensor_dequantizes_like_gguf(tmp_path: Path, tensor_type: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tool_cli() -> Callable[..., object]:
-    import subprocess
-    import sys
-
-    def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, str(ROOT / "tools" / "make_tiny_gguf.py"), *args],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-
-    return run
-
-
-def test_make_tiny_gguf_cli(tool_cli: Callable, tmp_path: Path) -> None:
+def test_make_tiny_gguf_cli(tmp_path: Path) -> None:
     """The tool's command line writes a readable file, with output.weight only when asked."""
     from edgert.frontend import read_gguf
 
     for extra, has_head in (((), False), (("--untied",), True)):
         out = tmp_path / f"m{len(extra)}.gguf"
-        result = tool_cli(str(out), "--type", "Q8_0", "--layers", "1", *extra)
+        result = run_tool("make_tiny_gguf", str(out), "--type", "Q8_0", "--layers", "1", *extra)
         assert result.returncode == 0, result.stderr
         model = read_gguf(out)
         assert model.metadata["llama.block_count"] == 1
         assert ("output.weight" in model.tensor_types) is has_head
         assert model.tensor_types["blk.0.attn_q.weight"] == "Q8_0"
         assert model.tensor_types["blk.0.attn_norm.weight"] == "F32"
-    bad = tool_cli(str(tmp_path / "x.gguf"), "--type", "Q9_9")
+    bad = run_tool("make_tiny_gguf", str(tmp_path / "x.gguf"), "--type", "Q9_9")
     assert bad.returncode == 2 and "Q9_9" in bad.stderr and "Traceback" not in bad.stderr

@@ -2,31 +2,19 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, load_tool
+from conftest import load_tool, run_tool
 
 import edgert
-
-
-def _compile_script(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "compile.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
 
 
 @pytest.mark.slow
 def test_compile_script_writes_a_runnable_artifact(tmp_path: Path) -> None:
     gguf = load_tool("make_tiny_gguf").write_tiny_llama(tmp_path / "tiny.gguf", "Q8_0")
     out = tmp_path / "tiny.edgert"
-    proc = _compile_script(str(gguf), "--target", "host", "-o", str(out), "--context", "128")
+    proc = run_tool("compile", str(gguf), "--target", "host", "-o", str(out), "--context", "128")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out)
     assert "compiling with TVM" in proc.stderr  # progress is reported
@@ -36,7 +24,7 @@ def test_compile_script_writes_a_runnable_artifact(tmp_path: Path) -> None:
 
 
 def test_compile_script_reports_bad_input(tmp_path: Path) -> None:
-    proc = _compile_script(str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "x.edgert"))
+    proc = run_tool("compile", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "x.edgert"))
     assert proc.returncode == 2
     assert "not found" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.edgert").exists()
