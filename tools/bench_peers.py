@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Compare edgert with its peers (llama.cpp, onnxruntime, ...) in one run on the same models.
+
+    python tools/bench_peers.py                     # every section
+    python tools/bench_peers.py --only llm --threads 2 --json out.json
+
+Each section lives in ``tools/peers/<name>.py``. Prints one table (medians and ratios) and
+writes the rows as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import pkgutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peers import Row
+
+
+def sections() -> dict[str, object]:
+    """The section modules found in tools/peers/, by NAME."""
+    import peers
+
+    found = {}
+    for info in pkgutil.iter_modules(peers.__path__):
+        module = importlib.import_module(f"peers.{info.name}")
+        if hasattr(module, "NAME") and hasattr(module, "run"):
+            found[module.NAME] = module
+    return dict(sorted(found.items()))
+
+
+def print_table(rows: list[Row]) -> None:
+    """Print the rows as a table with ratios (edgert ahead when the ratio is above 1)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="edgert vs peers (medians; ratio > 1: edgert ahead)")
+    for name in ("section", "case", "metric", "edgert", "peer", "ratio", "note"):
+        table.add_column(name, justify="right" if name in ("edgert", "peer", "ratio") else "left")
+    for row in rows:
+        ratio = row.ratio
+        note = ", ".join(f"{k}={v}" for k, v in row.extra.items())
+        table.add_row(
+            row.section,
+            row.case,
+            f"{row.metric} [{row.unit}]",
+            "-" if row.edgert is None else f"{row.edgert:.4g}",
+            "-" if row.peer is None else f"{row.peer:.4g} ({row.peer_name})",
+            "-" if ratio is None else f"{ratio:.2f}x",
+            note,
+        )
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen sections and report."""
+    mods = sections()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", choices=sorted(mods), help="run only these sections")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every engine")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (medians)")
+    parser.add_argument("--json", type=Path, default=Path("bench_peers.json"), help="where to write the rows")
+    for module in mods.values():
+        group = parser.add_argument_group(f"{module.NAME}: {getattr(module, 'HELP', '')}")
+        if hasattr(module, "add_arguments"):
+            module.add_arguments(group)
+    args = parser.parse_args(argv)
+    rows: list[Row] = []
+    for name in args.only or list(mods):
+        print(f"== {name}", file=sys.stderr, flush=True)
+        rows.extend(mods[name].run(args))
+    print_table(rows)
+    args.json.write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
+    print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
