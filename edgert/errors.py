@@ -27,3 +27,7 @@ class ContextLengthError(EdgertError):
 
 class OutputPathError(EdgertError):
     """An output path cannot be written (missing folder, not writable)."""
+
+
+class DeviceError(EdgertError):
+    """A device cannot be reached, its link broke or garbled a frame, or its agent refused a request."""

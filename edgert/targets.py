@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import struct
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,10 @@ X86_CHECKED_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx51
 ARM_CHECKED_FLAGS = ("neon", "dotprod", "i8mm", "fullfp16", "sve")
 # Linux /proc/cpuinfo spells some flags differently from LLVM.
 _CPUINFO_ALIASES = {"avx512_vnni": "avx512vnni", "asimd": "neon", "asimddp": "dotprod", "fphp": "fullfp16"}
+# aarch64 features as the kernel hands them to every process (auxv AT_HWCAP=16 / AT_HWCAP2=26):
+# (auxv key, bit). Read there rather than from /proc/cpuinfo, which an emulator (qemu-user)
+# passes through from the host machine unchanged.
+_ARM_HWCAPS = {"neon": (16, 1), "fullfp16": (16, 9), "dotprod": (16, 20), "sve": (16, 22), "i8mm": (26, 13)}
 
 
 @dataclass
@@ -77,6 +82,8 @@ def host_arch() -> str:
 
 def host_cpu_flags() -> set[str]:
     """CPU flags of this machine from /proc/cpuinfo, in LLVM's spelling."""
+    if host_arch() == "aarch64" and (caps := _aarch64_hwcaps()) is not None:
+        return caps | {"neon"}
     flags: set[str] = set()
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -89,3 +96,13 @@ def host_cpu_flags() -> set[str]:
     if host_arch() == "aarch64":
         flags.add("neon")
     return flags
+
+
+def _aarch64_hwcaps() -> set[str] | None:
+    """aarch64 CPU features from this process's auxiliary vector, or None where it cannot be read."""
+    try:
+        data = Path("/proc/self/auxv").read_bytes()
+    except OSError:
+        return None
+    aux = dict(struct.iter_unpack("<QQ", data[: len(data) // 16 * 16]))
+    return {flag for flag, (key, bit) in _ARM_HWCAPS.items() if aux.get(key, 0) >> bit & 1}

@@ -72,3 +72,28 @@ def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = N
         env={**os.environ, **(env or {})},
         cwd=ROOT,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Llama (2 layers, d=64, SmolLM2's tokenizer) as a Q4_0 GGUF."""
+    return load_tool("make_tiny_gguf").write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", "Q4_0")
+
+
+def _compile_tiny(gguf: Path, target: str, folder: Path) -> Path:
+    out = folder / f"tiny-{target}.edgert"
+    proc = run_cli("compile", str(gguf), "--target", target, "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_host_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama compiled for this machine."""
+    return _compile_tiny(tiny_gguf_file, "host", tmp_path_factory.mktemp("tiny-host"))
+
+
+@pytest.fixture(scope="session")
+def tiny_rpi5_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama cross-compiled for a Raspberry Pi 5 (aarch64, Cortex-A76)."""
+    return _compile_tiny(tiny_gguf_file, "rpi5", tmp_path_factory.mktemp("tiny-rpi5"))

@@ -7,7 +7,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from edgert.errors import EdgertError
 from edgert.paths import cache_dir
 from edgert.runtime.artifact import open_artifact
 
@@ -33,11 +32,3 @@ class LocalDevice:
             if os.path.exists(tmp):
                 os.remove(tmp)
         return dest
-
-
-def parse_device(uri: str) -> LocalDevice:
-    """A device from its URI; only ``local`` exists so far."""
-    if uri in ("local", "local://"):
-        return LocalDevice()
-    scheme = uri.split("://", 1)[0]
-    raise EdgertError(f"device link '{scheme}' is not available in this edgert (available: local)")

@@ -1,0 +1,274 @@
+"""The host's side of a device link: a `Device` speaks to an agent through a `Channel`.
+
+A channel carries one request frame and brings back one reply frame; `Device` builds the
+requests (verified, chunked uploads; runs; profiles; fetches) on top of any of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgert.deploy.protocol import (
+    CHUNK,
+    FrameError,
+    PySerialPort,
+    SerialLink,
+    decode_frame,
+    encode_frame,
+    file_reader,
+    read_frame,
+    socket_reader,
+)
+from edgert.errors import ArtifactError, ContextLengthError, DeviceError, TargetError
+
+Progress = Callable[[int, int], None]
+_ERRORS: dict[str, type[Exception]] = {
+    "ArtifactError": ArtifactError,
+    "TargetError": TargetError,
+    "ContextLengthError": ContextLengthError,
+    "FrameError": FrameError,
+    "ValueError": ValueError,
+}
+
+
+class Channel:
+    """Carries frames to an agent and back."""
+
+    chunk = CHUNK
+
+    def exchange(self, header: dict[str, Any], payload: bytes, timeout: float | None) -> tuple[dict[str, Any], bytes]:
+        """Send one request; its reply."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the link."""
+
+
+class InProcessChannel(Channel):
+    """An agent in this process (the `local` device)."""
+
+    def __init__(self, agent: Any):
+        self.agent = agent
+
+    def exchange(self, header: dict[str, Any], payload: bytes, timeout: float | None) -> tuple[dict[str, Any], bytes]:
+        """Call the agent directly."""
+        return self.agent.handle(header, payload)
+
+
+class SocketChannel(Channel):
+    """One TCP connection to an agent (board://, adb:// after its port forward)."""
+
+    def __init__(self, host: str, port: int, where: str, connect_timeout: float = 10.0):
+        self.where = where
+        try:
+            self.sock = socket.create_connection((host, port), timeout=connect_timeout)
+        except ConnectionRefusedError as exc:
+            raise DeviceError(f"{where}: connection refused on {host}:{port} (is the agent running there?)") from exc
+        except TimeoutError as exc:
+            raise DeviceError(f"{where}: device unreachable ({host}:{port} did not answer)") from exc
+        except OSError as exc:
+            raise DeviceError(f"{where}: device unreachable ({exc.strerror or exc})") from exc
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._read = socket_reader(self.sock, where)
+
+    def exchange(self, header: dict[str, Any], payload: bytes, timeout: float | None) -> tuple[dict[str, Any], bytes]:
+        """Write the request, read the reply."""
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.sendall(encode_frame(header, payload))
+        except OSError as exc:
+            raise DeviceError(f"{self.where}: the link was cut ({exc})") from exc
+        return read_frame(self._read)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.sock.close()
+
+
+class ProcessChannel(Channel):
+    """An agent on the pipes of a child process (``ssh host python -m edgert.deploy.agent --stdio``)."""
+
+    def __init__(self, argv: list[str], where: str):
+        self.where, self.argv = where, argv
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except FileNotFoundError as exc:
+            raise DeviceError(f"{where}: '{argv[0]}' is not installed") from exc
+        assert self.proc.stdout is not None
+        self._read = file_reader(self.proc.stdout, where)
+
+    def exchange(self, header: dict[str, Any], payload: bytes, timeout: float | None) -> tuple[dict[str, Any], bytes]:
+        """Write the request to the child's stdin, read the reply from its stdout."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(encode_frame(header, payload))
+            self.proc.stdin.flush()
+            return read_frame(self._read)
+        except (OSError, DeviceError) as exc:
+            raise DeviceError(f"{self.where}: the link was cut ({self._stderr() or exc})") from exc
+
+    def _stderr(self) -> str:
+        if self.proc.poll() is None:
+            return ""
+        assert self.proc.stderr is not None
+        lines = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else f"exit status {self.proc.returncode}"
+
+    def close(self) -> None:
+        """End the child (closing its stdin ends the agent)."""
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class SerialChannel(Channel):
+    """A UART (pyserial): frames as acknowledged, CRC-checked packets."""
+
+    chunk = 1 << 18
+
+    def __init__(self, device: str, baud: int, where: str, retries: int = 12, ack_timeout: float = 2.0):
+        import serial  # pyserial
+
+        try:
+            self.port = serial.Serial(device, baud, timeout=1.0)
+        except (serial.SerialException, OSError) as exc:
+            raise DeviceError(f"{where}: cannot open {device} ({exc})") from exc
+        self.link = SerialLink(PySerialPort(self.port), name=where, retries=retries, ack_timeout=ack_timeout)
+
+    def exchange(self, header: dict[str, Any], payload: bytes, timeout: float | None) -> tuple[dict[str, Any], bytes]:
+        """Send the request as one message, wait for the reply message."""
+        self.link.send_message(encode_frame(header, payload))
+        return decode_frame(self.link.recv_message(timeout))
+
+    def close(self) -> None:
+        """Close the port."""
+        self.port.close()
+
+
+class RpcChannel(Channel):
+    """TVM RPC: each frame goes through the remote global function ``edgert.agent.request``."""
+
+    def __init__(self, host: str, port: int, where: str):
+        import tvm.rpc
+
+        self.where = where
+        try:
+            self.session = tvm.rpc.connect(host, port, key="edgert", session_timeout=0)
+            self.func = self.session.get_function("edgert.agent.request")
+        except Exception as exc:  # TVM reports refused or unreachable as a generic error
+            raise DeviceError(f"{where}: cannot open a TVM RPC session with {host}:{port} ({exc})") from exc
+
+    def exchange(self, header: dict[str, Any], payload: bytes, timeout: float | None) -> tuple[dict[str, Any], bytes]:
+        """Call the remote function with the request frame; it returns the reply frame."""
+        try:
+            reply = self.func(bytearray(encode_frame(header, payload)))
+        except Exception as exc:
+            raise DeviceError(f"{self.where}: the RPC call failed ({str(exc).strip().splitlines()[-1]})") from exc
+        return decode_frame(bytes(reply))
+
+
+class Device:
+    """A device reached through ``channel``: deploy, run, profile, fetch."""
+
+    def __init__(self, uri: str, link: str, channel: Channel, timeout: float = 3600.0):
+        self.uri, self.link, self.channel, self.timeout = uri, link, channel, timeout
+        self._hello: dict[str, Any] | None = None
+        self.root: Path | None = None  # the agent's folder, where it is on this machine
+
+    def request(self, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
+        """One request; the agent's refusal becomes the matching EdgertError."""
+        reply, data = self.channel.exchange(header, payload, self.timeout)
+        if not reply.get("ok"):
+            cls = _ERRORS.get(str(reply.get("kind")), DeviceError)
+            raise cls(f"{self.uri}: {reply.get('error')}")
+        return reply, data
+
+    def hello(self) -> dict[str, Any]:
+        """What the device is (arch, CPU features, free space, artifacts); asked once."""
+        if self._hello is None:
+            self._hello = self.request({"op": "hello"})[0]
+        return self._hello
+
+    @property
+    def name(self) -> str:
+        """The device's name as its agent reports it."""
+        return str(self.hello()["device"])
+
+    def check_artifact(self, artifact: Path) -> dict[str, Any]:
+        """Verify ``artifact`` here and refuse it early when the device cannot run it."""
+        from edgert.runtime.artifact import open_artifact
+
+        art = open_artifact(artifact, check_host=False)
+        t, hello = art.target, self.hello()
+        if t.get("arch") != hello["arch"]:
+            raise TargetError(
+                f"{artifact} was compiled for target '{t.get('name')}' ({t.get('arch')}, {t.get('cpu')}), "
+                f"but {self.uri} is {hello['arch']}: compile it with --target for that device"
+            )
+        missing = sorted(set(t.get("cpu_flags", [])) - set(hello["cpu_flags"]))
+        if missing:
+            raise TargetError(
+                f"{artifact} was compiled for CPU '{t.get('cpu')}' and needs CPU features "
+                f"{self.uri} lacks: {', '.join(missing)}"
+            )
+        return art.manifest
+
+    def deploy(self, artifact: str | Path, progress: Progress | None = None) -> dict[str, Any]:
+        """Upload ``artifact`` in chunks; the device checks its sha256 and renames it into place."""
+        artifact = Path(artifact)
+        if artifact.is_dir():
+            raise ArtifactError(f"{artifact} is a folder: deploy a single-file artifact (compile without --dir)")
+        self.check_artifact(artifact)
+        size = artifact.stat().st_size
+        with artifact.open("rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        begin, _ = self.request({"op": "put_begin", "name": artifact.name, "size": size, "sha256": digest})
+        sent = 0
+        with artifact.open("rb") as fh:
+            while block := fh.read(self.channel.chunk):
+                self.request({"op": "put_chunk", "upload": begin["upload"], "offset": sent}, block)
+                sent += len(block)
+                if progress:
+                    progress(sent, size)
+        reply, _ = self.request({"op": "put_end", "upload": begin["upload"]})
+        self._hello = None
+        return reply
+
+    def run(self, name: str, **options: Any) -> dict[str, Any]:
+        """Generate on the device with the options of `edgert run`; text, token ids and stats."""
+        return self.request({"op": "run", "name": name, **options})[0]
+
+    def profile(self, name: str, **options: Any) -> dict[str, Any]:
+        """Profile the deployed artifact ``name`` on the device; the measurements."""
+        reply, _ = self.request({"op": "profile", "name": name, **options})
+        result = dict(reply["result"])
+        result["saved_on_device"] = reply["saved"]
+        return result
+
+    def fetch(self, path: str) -> bytes:
+        """A file from the agent's folder (e.g. a saved profile under results/)."""
+        data = bytearray()
+        while True:
+            reply, block = self.request({"op": "fetch", "path": path, "offset": len(data), "length": CHUNK})
+            data += block
+            if not block or len(data) >= reply["size"]:
+                return bytes(data)
+
+    def close(self) -> None:
+        """Close the link."""
+        self.channel.close()
+
+    def __enter__(self) -> Device:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

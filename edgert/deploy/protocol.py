@@ -1,0 +1,303 @@
+"""The device agent's wire format, shared by the agent and every host-side link.
+
+A *frame* is one request or one reply::
+
+    b"EDGT"  header length (u32 BE)  payload length (u32 BE)  header (JSON)  payload  crc32 (u32 BE)
+
+The CRC covers everything before it, so a frame garbled on the way is refused, never acted on.
+Stream links (TCP, ssh's stdio, TVM RPC) carry frames as they are. A serial line also loses and
+garbles bytes, so `SerialLink` cuts a frame into packets, each a base64 line with its own CRC,
+sent stop-and-wait: a packet is sent again until the other end acknowledges it.
+
+Only the standard library is used: the agent runs on devices with the runtime's dependencies alone.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import json
+import os
+import select
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from edgert.errors import DeviceError
+
+MAGIC = b"EDGT"
+PROTOCOL_VERSION = 1
+_PREFIX = struct.Struct(">4sII")
+_CRC = struct.Struct(">I")
+MAX_HEADER = 1 << 20
+MAX_PAYLOAD = 1 << 26
+CHUNK = 1 << 20  # upload chunk on stream links
+
+
+class FrameError(DeviceError):
+    """A frame arrived garbled (bad magic, impossible length or CRC mismatch)."""
+
+
+def encode_frame(header: dict[str, Any], payload: bytes = b"") -> bytes:
+    """One frame holding ``header`` (JSON) and ``payload``."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    body = _PREFIX.pack(MAGIC, len(head), len(payload)) + head + payload
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def read_frame(read_exact: Callable[[int], bytes]) -> tuple[dict[str, Any], bytes]:
+    """Read one frame with ``read_exact(n)`` (n bytes, or raise); check its CRC; (header, payload)."""
+    prefix = read_exact(_PREFIX.size)
+    magic, hlen, plen = _PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise FrameError(f"garbled frame: bad magic {magic!r} (is this an edgert agent?)")
+    if hlen > MAX_HEADER or plen > MAX_PAYLOAD:
+        raise FrameError(f"garbled frame: impossible lengths (header {hlen}, payload {plen})")
+    rest = read_exact(hlen + plen + _CRC.size)
+    (crc,) = _CRC.unpack(rest[-_CRC.size :])
+    if crc != zlib.crc32(prefix + rest[: -_CRC.size]):
+        raise FrameError("garbled frame: CRC mismatch")
+    try:
+        header = json.loads(rest[:hlen])
+    except ValueError as exc:
+        raise FrameError(f"garbled frame: header is not JSON ({exc})") from exc
+    return header, rest[hlen : hlen + plen]
+
+
+def decode_frame(data: bytes) -> tuple[dict[str, Any], bytes]:
+    """(header, payload) of a frame held in memory."""
+    view = memoryview(data)
+    pos = 0
+
+    def take(n: int) -> bytes:
+        nonlocal pos
+        if pos + n > len(view):
+            raise FrameError(f"garbled frame: {len(view)} bytes, truncated")
+        pos += n
+        return bytes(view[pos - n : pos])
+
+    return read_frame(take)
+
+
+def socket_reader(sock: Any, what: str) -> Callable[[int], bytes]:
+    """``read_exact`` over a socket; a closed connection raises DeviceError naming ``what``."""
+
+    def read_exact(n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                block = sock.recv(min(n - len(buf), 1 << 20))
+            except TimeoutError as exc:
+                raise DeviceError(f"{what}: no answer (timed out)") from exc
+            except OSError as exc:
+                raise DeviceError(f"{what}: the link was cut ({exc})") from exc
+            if not block:
+                raise DeviceError(f"{what}: the link was cut (connection closed)")
+            buf += block
+        return bytes(buf)
+
+    return read_exact
+
+
+def file_reader(fh: Any, what: str) -> Callable[[int], bytes]:
+    """``read_exact`` over a binary file object (a pipe); end of file raises DeviceError."""
+
+    def read_exact(n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            block = fh.read(n - len(buf))
+            if not block:
+                raise DeviceError(f"{what}: the link was cut (end of stream)")
+            buf += block
+        return bytes(buf)
+
+    return read_exact
+
+
+# -- serial lines ------------------------------------------------------------------------------
+
+
+class Port(Protocol):
+    """The two calls `SerialLink` needs from a serial port."""
+
+    def read_some(self, timeout: float | None) -> bytes: ...
+
+    def write(self, data: bytes) -> None: ...
+
+
+class FdPort:
+    """A port over a file descriptor (the agent's end of a pseudo-terminal, or a tty it opened)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def read_some(self, timeout: float | None) -> bytes:
+        """Whatever bytes arrive within ``timeout`` seconds (b"" if none)."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return b""
+        try:
+            return os.read(self.fd, 1 << 16)
+        except OSError:  # a pty master reads EIO while no one holds the other end
+            time.sleep(0.05)
+            return b""
+
+    def write(self, data: bytes) -> None:
+        """Write all of ``data``."""
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+
+class PySerialPort:
+    """A port over a `serial.Serial` (pyserial) object."""
+
+    def __init__(self, serial_port: Any):
+        self.port = serial_port
+
+    def read_some(self, timeout: float | None) -> bytes:
+        """Whatever bytes arrive within ``timeout`` seconds (b"" if none)."""
+        self.port.timeout = timeout
+        first = self.port.read(1)
+        if not first:
+            return b""
+        return first + self.port.read(self.port.in_waiting)
+
+    def write(self, data: bytes) -> None:
+        """Write all of ``data``."""
+        self.port.write(data)
+        self.port.flush()
+
+
+_DATA, _ACK, _NAK = 1, 2, 3
+_PACKET = struct.Struct(">BIIB")  # kind, message id, packet index, last
+_MAX_LINE = 1 << 17
+
+
+class SerialLink:
+    """Whole messages over a line that garbles bytes: CRC'd base64 packets, acknowledged one by one.
+
+    Written here (not taken from a library) because the device side must run with the standard
+    library alone; the scheme is the classic stop-and-wait ARQ. Every packet carries its message
+    id and index, so a retransmitted packet is recognised and acknowledged again, never delivered twice.
+    """
+
+    def __init__(
+        self, port: Port, name: str = "serial", packet_size: int = 8192, ack_timeout: float = 2.0, retries: int = 12
+    ):
+        self.port, self.name = port, name
+        self.packet_size, self.ack_timeout, self.retries = packet_size, ack_timeout, retries
+        self._buf = b""
+        self._rx: list[Any] | None = None  # [message id, next index, chunks]
+        self._done: collections.deque[int] = collections.deque(maxlen=16)
+        self._complete: collections.deque[bytes] = collections.deque()
+        self.retransmissions = 0
+
+    # -- sending ---------------------------------------------------------------------------------
+    def send_message(self, data: bytes) -> None:
+        """Send ``data``, resending each packet until it is acknowledged."""
+        msg = int.from_bytes(os.urandom(4), "big") or 1
+        chunks = [data[i : i + self.packet_size] for i in range(0, len(data), self.packet_size)] or [b""]
+        for index, chunk in enumerate(chunks):
+            last = index == len(chunks) - 1
+            line = self._line(_DATA, msg, index, last, chunk)
+            for attempt in range(self.retries):
+                if attempt:
+                    self.retransmissions += 1
+                self.port.write(line)
+                if self._await_ack(msg, index, last):
+                    break
+            else:
+                raise DeviceError(
+                    f"{self.name}: packet {index + 1} of {len(chunks)} was not acknowledged after "
+                    f"{self.retries} tries (garbled frames on the line, or no agent at the other end)"
+                )
+
+    def _await_ack(self, msg: int, index: int, last: bool) -> bool:
+        deadline = time.monotonic() + self.ack_timeout
+        while True:
+            packet = self._next_packet(deadline)
+            if packet is None:
+                return False
+            if packet == "garbled":
+                return False  # perhaps our acknowledgement: send again at once
+            kind, m, i, _, _ = packet
+            if kind == _ACK and (m, i) == (msg, index):
+                return True
+            if kind == _NAK and m in (msg, 0):
+                return False
+            if kind == _DATA:
+                started = self._rx is None
+                self._on_data(packet)
+                if last and started and (self._rx is not None or self._complete):
+                    return True  # the other end is answering: it has our whole message
+
+    # -- receiving -------------------------------------------------------------------------------
+    def recv_message(self, timeout: float | None = None) -> bytes:
+        """The next whole message; DeviceError after ``timeout`` seconds without one (None: wait)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._complete:
+            packet = self._next_packet(deadline)
+            if packet is None:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise DeviceError(f"{self.name}: no answer within {timeout:.0f} s")
+                continue
+            if packet == "garbled":
+                rx = self._rx
+                self.port.write(self._line(_NAK, rx[0] if rx else 0, rx[1] if rx else 0, False, b""))
+            elif packet[0] == _DATA:
+                self._on_data(packet)
+        return self._complete.popleft()
+
+    def _on_data(self, packet: tuple[int, int, int, bool, bytes]) -> None:
+        _, msg, index, last, data = packet
+        if msg in self._done:
+            self.port.write(self._line(_ACK, msg, index, False, b""))  # our acknowledgement was lost
+            return
+        if self._rx is None or self._rx[0] != msg:
+            if index != 0:
+                self.port.write(self._line(_NAK, msg, 0, False, b""))
+                return
+            self._rx = [msg, 0, []]
+        rx = self._rx
+        if index == rx[1]:
+            rx[2].append(data)
+            rx[1] += 1
+            self.port.write(self._line(_ACK, msg, index, False, b""))
+            if last:
+                self._complete.append(b"".join(rx[2]))
+                self._done.append(msg)
+                self._rx = None
+        elif index < rx[1]:
+            self.port.write(self._line(_ACK, msg, index, False, b""))
+        else:
+            self.port.write(self._line(_NAK, msg, rx[1], False, b""))
+
+    # -- lines -----------------------------------------------------------------------------------
+    @staticmethod
+    def _line(kind: int, msg: int, index: int, last: bool, data: bytes) -> bytes:
+        body = _PACKET.pack(kind, msg, index, last) + data
+        return base64.b64encode(body + _CRC.pack(zlib.crc32(body))) + b"\n"
+
+    def _next_packet(self, deadline: float | None) -> tuple[int, int, int, bool, bytes] | str | None:
+        """The next packet, "garbled" for a line that fails its checks, None at the deadline."""
+        while b"\n" not in self._buf:
+            if len(self._buf) > _MAX_LINE:  # a lost newline: drop what cannot be a packet
+                self._buf = b""
+                return "garbled"
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            self._buf += self.port.read_some(left if left is not None else 1.0)
+        line, _, self._buf = self._buf.partition(b"\n")
+        try:
+            raw = base64.b64decode(line.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return "garbled"
+        if len(raw) < _PACKET.size + _CRC.size or _CRC.unpack(raw[-4:])[0] != zlib.crc32(raw[:-4]):
+            return "garbled"
+        kind, msg, index, last = _PACKET.unpack(raw[: _PACKET.size])
+        return kind, msg, index, bool(last), raw[_PACKET.size : -4]

@@ -1,0 +1,126 @@
+"""On-device measurements of a loaded language model: prefill, per-token decode, per-operator time.
+
+Runs where the model runs (the device agent calls it), so it imports only numpy and the
+runtime; the report with plots is drawn on the host (`edgert.profile.report`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+from edgert.profile.bench import peak_rss_mb
+
+
+def percentiles_ms(seconds: list[float]) -> dict[str, float]:
+    """p50/p90/p99, mean, min and max of durations in seconds, as milliseconds."""
+    if not seconds:
+        return {}
+    ms = np.asarray(seconds) * 1e3
+    return {
+        "p50": round(float(np.percentile(ms, 50)), 3),
+        "p90": round(float(np.percentile(ms, 90)), 3),
+        "p99": round(float(np.percentile(ms, 99)), 3),
+        "mean": round(float(ms.mean()), 3),
+        "min": round(float(ms.min()), 3),
+        "max": round(float(ms.max()), 3),
+    }
+
+
+def operator_times(model: Any, ids: list[int], steps: int = 3) -> list[dict[str, Any]]:
+    """Time every call the Relax VM makes during ``steps`` decode steps after prefilling ``ids``.
+
+    TVM 0.27's Relax VM reports each call instruction to an instrument function
+    (`VirtualMachine.set_instrument`), before and after it runs; the gap is the call's time.
+    The totals include the instrument's own small cost per call.
+    """
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    started: list[tuple[str, float]] = []
+    active = [False]
+
+    def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
+        if not active[0]:
+            return 0
+        if before:
+            started.append((symbol, time.perf_counter()))
+        elif started:
+            name, t0 = started.pop()
+            entry = totals[name]
+            entry[0] += time.perf_counter() - t0
+            entry[1] += 1
+        return 0
+
+    model.reset()
+    logits = model.prefill(ids)
+    model.session.vm.set_instrument(instrument)
+    active[0] = True
+    try:
+        for _ in range(steps):
+            logits = model.step([int(np.argmax(logits))])
+    finally:
+        active[0] = False
+    total = sum(v[0] for v in totals.values()) or 1.0
+    rows = [
+        {
+            "operator": name,
+            "calls_per_token": round(n / steps, 2),
+            "ms_per_token": round(s / steps * 1e3, 4),
+            "share": round(s / total, 4),
+        }
+        for name, (s, n) in totals.items()
+    ]
+    return sorted(rows, key=lambda r: -r["ms_per_token"])
+
+
+def profile_generator(
+    model: Any, prompt: str | None = None, runs: int = 3, max_tokens: int = 32, operators: bool = True
+) -> dict[str, Any]:
+    """Prefill ``prompt`` and decode ``max_tokens`` greedy tokens ``runs`` times; time every step."""
+    if runs < 1 or max_tokens < 1:
+        raise ValueError("profile needs at least 1 run and 1 token")
+    text = prompt if prompt is not None else model.artifact.manifest.get("defaults", {}).get("prompt", "Hello!")
+    ids = model.encode_prompt(text, chat=model.tokenizer.has_chat_template)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if len(ids) + max_tokens > model.context_length:
+        raise ValueError(f"{len(ids)} prompt + {max_tokens} tokens exceed the context of {model.context_length}")
+    prefill_s: list[float] = []
+    decode_runs: list[list[float]] = []
+    tokens: list[int] = []
+    for run in range(runs):
+        model.reset()
+        t = time.perf_counter()
+        logits = model.prefill(ids)
+        prefill_s.append(time.perf_counter() - t)
+        steps: list[float] = []
+        for _ in range(max_tokens):
+            token = int(np.argmax(logits))
+            if run == 0:
+                tokens.append(token)
+            t = time.perf_counter()
+            logits = model.step([token])
+            steps.append(time.perf_counter() - t)
+        decode_runs.append(steps)
+    per_token = [s for steps in decode_runs for s in steps]
+    result: dict[str, Any] = {
+        "artifact": model.artifact.path.name,
+        "model": model.artifact.manifest.get("name"),
+        "target": model.artifact.target,
+        "threads": model.session.threads,
+        "prompt": text,
+        "prompt_tokens": len(ids),
+        "runs": runs,
+        "max_tokens": max_tokens,
+        "tokens": tokens,
+        "prefill_ms": percentiles_ms(prefill_s),
+        "prefill_tokens_per_second": round(len(ids) / float(np.median(prefill_s)), 2),
+        "decode_ms": percentiles_ms(per_token),
+        "decode_tokens_per_second": round(1e3 / percentiles_ms(per_token)["p50"], 2),
+        "decode_step_ms": [[round(s * 1e3, 3) for s in steps] for steps in decode_runs],
+        "operators": operator_times(model, ids) if operators else [],
+    }
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return result
