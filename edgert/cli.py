@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +29,12 @@ ThreadsOpt = Annotated[
 ]
 ContextOpt = Annotated[
     int | None, typer.Option("--context", help="Context length in tokens (default: the compiled one).")
+]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device", "-d", help="Device URI: local, board://HOST:PORT, ssh://, adb://, rpc://, serial:// (see README)."
+    ),
 ]
 
 
@@ -100,11 +107,30 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
     threads: ThreadsOpt = None,
     context: ContextOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Generate text from a prompt, streaming it, then print tokens/s."""
     from edgert.runtime import load
 
     sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)  # before the slow load
+    if device is not None:
+        options = {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "sampling": {
+                "temperature": temperature,
+                "top_k": top_k,
+                "top_p": top_p,
+                "repetition_penalty": repetition_penalty,
+                "seed": seed,
+            },
+            "stop": stop or [],
+            "raw": raw,
+            "threads": threads,
+            "context": context,
+        }
+        _run_on_device(artifact, device, options, as_json)
+        return
     model = load(artifact, threads=threads, context_length=context)
     text = prompt if prompt is not None else model.artifact.manifest.get("defaults", {}).get("prompt", "Hello!")
     chat = not raw and model.tokenizer.has_chat_template
@@ -272,6 +298,148 @@ def bench(
     ):
         table.add_row(key, str(result[key]))
     out.print(table)
+
+
+# -- devices: deploy, run --device, profile, the emulated board --------------------------------------
+
+
+def _upload(dev: Any, artifact: Path) -> dict[str, Any]:
+    """Deploy ``artifact`` to ``dev`` with a progress bar of bytes sent."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err
+    ) as bar:
+        task = bar.add_task(f"deploy {artifact.name}", total=artifact.stat().st_size)
+        return dev.deploy(artifact, progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def _ensure_deployed(dev: Any, artifact: Path) -> None:
+    """Deploy ``artifact`` unless the device holds the same bytes under its name already."""
+    if not dev.holds(artifact):
+        _upload(dev, artifact)
+
+
+def _run_on_device(artifact: Path, uri: str, options: dict[str, Any], as_json: bool) -> None:
+    from edgert.deploy import parse_device
+
+    with parse_device(uri) as dev:
+        _ensure_deployed(dev, artifact)
+        result = dev.run(artifact.name, **options)
+    result.pop("ok", None)
+    result["device"] = {"uri": uri, "name": dev.name, "link": dev.link}
+    if as_json:
+        print(json.dumps(result))
+        return
+    print(result["text"])
+    st = result["stats"]
+    err.print(
+        f"[dim]{st['prompt_tokens']} prompt tokens at {st['prefill_tokens_per_second']:.1f} tok/s, "
+        f"{st['generated_tokens']} generated at {st['decode_tokens_per_second']:.1f} tok/s "
+        f"({result['threads']} threads on {dev.name} via {dev.link}, stop: {st['stop_reason']})[/]",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
+@app.command()
+def deploy(
+    artifact: Annotated[Path, typer.Argument(help="A compiled .edgert artifact (one file).")],
+    device: Annotated[str, typer.Option("--device", "-d", help="Device URI (see `edgert run --help`).")],
+) -> None:
+    """Upload ARTIFACT to a device: verified by sha256 there, renamed over the old copy only when whole."""
+    from edgert.deploy import parse_device
+
+    with parse_device(device) as dev:
+        reply = _upload(dev, artifact)
+        name = dev.name
+    err.print(
+        f"[green]deployed[/] {artifact.name} to {escape(name)} ({device}): {reply['size'] / 1e6:.1f} MB, "
+        f"sha256 {reply['sha256'][:16]}… verified",
+        highlight=False,
+    )
+
+
+@app.command()
+def profile(
+    artifact: Annotated[Path, typer.Argument(help="A compiled .edgert artifact.")],
+    device: Annotated[str, typer.Option("--device", "-d", help="Device URI (see `edgert run --help`).")] = "local",
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt (default: the model's).")] = None,
+    runs: Annotated[int, typer.Option("--runs", "-r", help="Prefill + decode runs.")] = 3,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Decode steps per run.")] = 32,
+    report: Annotated[Path, typer.Option("--report", help="HTML report to write (.json and .csv beside it).")] = Path(
+        "profile.html"
+    ),
+    threads: ThreadsOpt = None,
+) -> None:
+    """Measure on the device: load, prefill, per-token decode p50/p90/p99, per-operator time, peak memory."""
+    from edgert.profile.report import profile_on_device
+
+    options = {"prompt": prompt, "runs": runs, "max_tokens": max_tokens, "threads": threads}
+    paths = profile_on_device(artifact, device, report, **options)
+    result = json.loads(paths["json"].read_text())
+    d, pre = result["decode_ms"], result["prefill_ms"]
+    err.print(
+        f"{escape(result['title'])}: load {result['load_seconds']:.2f} s, prefill p50 {pre['p50']:.1f} ms, "
+        f"decode p50/p90/p99 {d['p50']:.2f}/{d['p90']:.2f}/{d['p99']:.2f} ms per token, "
+        f"peak {result['peak_rss_mb']:.0f} MB",
+        highlight=False,
+        soft_wrap=True,
+    )
+    err.print(f"[green]wrote[/] {paths['html']}, {paths['json'].name}, {paths['csv'].name}", highlight=False)
+
+
+board_app = typer.Typer(help="The emulated arm64 board (qemu-aarch64-static + a cached Debian rootfs).")
+app.add_typer(board_app, name="board")
+
+
+@board_app.command("start")
+def board_start(
+    target: Annotated[str, typer.Option("--target", help="Board to emulate (an aarch64 target).")] = "rpi5",
+    port: Annotated[int, typer.Option("--port", help="Agent's TCP port on 127.0.0.1 (0: any free one).")] = 0,
+) -> None:
+    """Build (first time, cached) and start the emulated board; print its device URIs."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from edgert.deploy import board
+
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err, transient=True
+    ) as bar:
+        task = bar.add_task("emulated board", total=None)
+
+        def progress(stage: str, fraction: float | None) -> None:
+            bar.update(task, description=stage, total=None if fraction is None else 1.0, completed=fraction or 0)
+
+        state = board.start(target, port, progress=progress)
+    err.print(f"[green]running[/] {escape(state['name'])}, pid {state['pid']}", highlight=False)
+    for uri in state["uris"].values():
+        print(uri)
+
+
+@board_app.command("status")
+def board_status(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Say whether the emulated board runs, and how to reach it."""
+    from edgert.deploy import board
+
+    state = board.status()
+    if as_json:
+        print(json.dumps(state))
+        return
+    if state is None:
+        print("no emulated board is running")
+        raise typer.Exit(1)
+    print(f"running: {state['name']}, pid {state['pid']}, up {time.time() - state['started']:.0f} s")
+    for uri in state["uris"].values():
+        print(uri)
+
+
+@board_app.command("stop")
+def board_stop() -> None:
+    """Stop the emulated board."""
+    from edgert.deploy import board
+
+    print("stopped" if board.stop() else "no emulated board was running")
 
 
 def main() -> None:

@@ -132,11 +132,13 @@ class Agent:
         }, b""
 
     def _list(self) -> list[dict[str, Any]]:
-        return [
-            {"name": p.name, "size": p.stat().st_size}
-            for p in sorted(self.root.iterdir())
-            if p.is_file() and p.name.endswith(ARTIFACT_SUFFIX)
-        ]
+        out = []
+        for p in sorted(self.root.iterdir()):
+            if p.is_file() and p.name.endswith(ARTIFACT_SUFFIX):
+                digest = self.root / f".{p.name}.sha256"  # written after a verified upload
+                sha = digest.read_text().strip() if digest.is_file() else None
+                out.append({"name": p.name, "size": p.stat().st_size, "sha256": sha})
+        return out
 
     def op_list(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         """The artifacts in the folder."""
@@ -205,7 +207,9 @@ class Agent:
             if digest != up["sha256"]:
                 raise DeviceError(f"upload of {dest.name} does not match its sha256 ({digest[:16]}… received)")
             open_artifact(tmp)  # members' hashes, format version, and that this device can run it
+            (self.root / f".{dest.name}.sha256").unlink(missing_ok=True)
             os.replace(tmp, dest)
+            (self.root / f".{dest.name}.sha256").write_text(digest)
         finally:
             tmp.unlink(missing_ok=True)
         if self._loaded is not None and self._loaded[0][0] == dest.name:
@@ -366,6 +370,7 @@ def rpc_server(agent: Agent, host: str, port: int) -> tuple[socket.socket, threa
     """
     import struct
 
+    import tvm  # loads the runtime library, which registers rpc.ServerLoop
     import tvm_ffi
 
     @tvm_ffi.register_global_func("edgert.agent.request", override=True)
@@ -373,7 +378,7 @@ def rpc_server(agent: Agent, host: str, port: int) -> tuple[socket.socket, threa
         header, payload = decode_frame(bytes(frame))
         return bytearray(encode_frame(*agent.handle(header, payload)))
 
-    loop = tvm_ffi.get_global_func("rpc.ServerLoop")
+    loop = tvm.get_global_func("rpc.ServerLoop")
     listener = socket.create_server((host, port))
 
     def session(conn: socket.socket) -> None:

@@ -243,6 +243,14 @@ class Device:
         self._hello = None
         return reply
 
+    def holds(self, artifact: Path) -> bool:
+        """True if the device has the same bytes as ``artifact`` under its name (no upload needed)."""
+        if not artifact.is_file():
+            return False
+        with artifact.open("rb") as fh:
+            digest = hashlib.file_digest(fh, "sha256").hexdigest()
+        return any(a["name"] == artifact.name and a.get("sha256") == digest for a in self.hello()["artifacts"])
+
     def run(self, name: str, **options: Any) -> dict[str, Any]:
         """Generate on the device with the options of `edgert run`; text, token ids and stats."""
         return self.request({"op": "run", "name": name, **options})[0]

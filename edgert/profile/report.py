@@ -1,0 +1,143 @@
+"""Profile an artifact on a device and write the report: JSON, CSV, and HTML with matplotlib plots.
+
+Host side only (matplotlib); the measuring itself runs on the device (`edgert.profile.measure`).
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+from edgert.errors import OutputPathError
+
+
+def profile_on_device(
+    artifact: str | Path, uri: str, report: str | Path, progress: Any = None, **options: Any
+) -> dict[str, Path]:
+    """Deploy ``artifact`` to device ``uri`` if needed, profile it there, write the report files."""
+    from edgert.deploy import parse_device
+
+    artifact, report = Path(artifact), Path(report)
+    if not report.parent.is_dir():
+        raise OutputPathError(f"cannot write the report {report}: folder {report.parent} does not exist")
+    with parse_device(uri) as dev:
+        if not dev.holds(artifact):
+            dev.deploy(artifact, progress=progress)
+        result = dev.profile(artifact.name, **{k: v for k, v in options.items() if v is not None})
+        result["link"] = {"uri": uri, "kind": dev.link}
+    return write_report(result, report)
+
+
+def report_title(result: dict[str, Any]) -> str:
+    """'edgert profile: MODEL on DEVICE', marked emulated where the device is the emulated board."""
+    device = result["device"]
+    title = f"edgert profile: {result['model']} on {device['name']}"
+    if device.get("emulated"):
+        title += " [emulated: qemu timings, not ARM hardware timings]"
+    return title
+
+
+def write_report(result: dict[str, Any], report: Path) -> dict[str, Path]:
+    """Write ``report`` (HTML) with its plots, and the JSON and CSV beside it; their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = {**result, "title": report_title(result)}
+    stem = report.with_suffix("")
+    paths = {
+        "html": report,
+        "json": stem.with_suffix(".json"),
+        "csv": stem.with_suffix(".csv"),
+        "timeline": Path(f"{stem}.timeline.png"),
+        "histogram": Path(f"{stem}.histogram.png"),
+        "operators": Path(f"{stem}.operators.png"),
+    }
+    paths["json"].write_text(json.dumps(result, indent=1))
+    with paths["csv"].open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["kind", "run", "step_or_operator", "ms", "calls_per_token"])
+        for run, steps in enumerate(result["decode_step_ms"]):
+            out.writerows(["decode_token", run, i, ms, ""] for i, ms in enumerate(steps))
+        for op in result["operators"]:
+            out.writerow(["operator", "", op["operator"], op["ms_per_token"], op["calls_per_token"]])
+
+    device = f"{result['device']['name']} via {result['link']['kind']}"
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for run, steps in enumerate(result["decode_step_ms"]):
+        ax.plot(range(1, len(steps) + 1), steps, marker=".", label=f"run {run + 1}")
+    ax.set(xlabel="generated token", ylabel="decode step (ms)", title=f"Per-token decode latency: {device}")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(paths["timeline"], dpi=90)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    every = [ms for steps in result["decode_step_ms"] for ms in steps]
+    ax.hist(every, bins=min(30, max(5, len(every) // 3)))
+    for key, style in (("p50", "-"), ("p90", "--"), ("p99", ":")):
+        ax.axvline(result["decode_ms"][key], color="k", linestyle=style, label=f"{key} {result['decode_ms'][key]} ms")
+    ax.set(xlabel="decode step (ms)", ylabel="tokens", title="Decode latency histogram")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(paths["histogram"], dpi=90)
+    plt.close(fig)
+
+    top = result["operators"][:15][::-1]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(top) + 1.2))
+    ax.barh([op["operator"][:48] for op in top], [op["ms_per_token"] for op in top])
+    ax.set(xlabel="ms per token (decode)", title="Top operators (Relax VM instrument)")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(paths["operators"], dpi=90)
+    plt.close(fig)
+
+    paths["html"].write_text(_html(result, paths))
+    return paths
+
+
+def _html(result: dict[str, Any], paths: dict[str, Path]) -> str:
+    e = html.escape
+    t, d, p = result["target"], result["decode_ms"], result["prefill_ms"]
+    emulated = "yes: timings come from qemu-user, not from ARM hardware" if result["device"]["emulated"] else "no"
+    counts = f"{result['prompt_tokens']} / {result['max_tokens']} / {result['runs']}"
+    rows = [
+        ("device", f"{result['device']['name']} ({result['device']['arch']}, {result['device']['cpus']} CPUs)"),
+        ("emulated", emulated),
+        ("target", f"{t['name']}: {t['arch']} {t.get('triple', '')} cpu={t['cpu']} flags={','.join(t['cpu_flags'])}"),
+        ("link", f"{result['link']['kind']} ({result['link']['uri']})"),
+        ("artifact", result["artifact"]),
+        ("threads", str(result["threads"])),
+        ("prompt tokens / decode steps / runs", counts),
+        ("load time", f"{result['load_seconds']:.3f} s"),
+        ("prefill", f"p50 {p['p50']} ms, p90 {p['p90']} ms ({result['prefill_tokens_per_second']} tokens/s)"),
+        ("decode per token", f"p50 {d['p50']} ms, p90 {d['p90']} ms, p99 {d['p99']} ms, mean {d['mean']} ms"),
+        ("decode tokens/s (p50)", str(result["decode_tokens_per_second"])),
+        ("peak memory (max RSS)", f"{result['peak_rss_mb']} MB"),
+    ]
+    table = "\n".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows)
+    ops = "\n".join(
+        f"<tr><td>{e(o['operator'])}</td><td>{o['ms_per_token']}</td><td>{o['calls_per_token']}</td>"
+        f"<td>{o['share'] * 100:.1f}%</td></tr>"
+        for o in result["operators"][:30]
+    )
+    data = " ".join(f'<a href="{e(paths[k].name)}">{e(paths[k].name)}</a>' for k in ("json", "csv"))
+    img = "\n".join(f'<p><img src="{e(paths[k].name)}" alt="{k}"></p>' for k in ("timeline", "histogram", "operators"))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{e(result["title"])}</title>
+<style>body{{font-family:sans-serif;margin:2em}} th{{text-align:left;padding-right:1em}} td{{padding-right:1em}}</style>
+</head><body>
+<h1>{e(result["title"])}</h1>
+<table>{table}</table>
+<h2>Plots</h2>
+{img}
+<h2>Operators (decode, per token)</h2>
+<table><tr><th>operator</th><th>ms/token</th><th>calls/token</th><th>share</th></tr>
+{ops}</table>
+<p>Data: {data}</p>
+</body></html>
+"""
