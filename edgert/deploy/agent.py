@@ -125,6 +125,7 @@ class Agent:
             "cpu_flags": sorted(host_cpu_flags() & CHECKED_FLAGS),
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
+            "runtime": str(Path(__file__).resolve().parent.parent),
             "root": str(self.root),
             "free_bytes": self._free_bytes(),
             "emulated": self.emulated,

@@ -86,8 +86,8 @@ def parse_device(uri: str, timeout: float = 3600.0) -> Device:
         if not parts.path:
             raise DeviceError(f"device '{uri}' needs a serial device path: serial:///dev/ttyUSB0?baud=115200")
         baud = int(query.get("baud", 115200))
-        retries = int(query.get("retries", 12))
-        return Device(uri, "serial", SerialChannel(parts.path, baud, uri, retries=retries), timeout)
+        retries, ack = int(query.get("retries", 12)), float(query.get("ack_timeout", 2.0))
+        return Device(uri, "serial", SerialChannel(parts.path, baud, uri, retries=retries, ack_timeout=ack), timeout)
     if scheme == "ssh":
         return Device(uri, "ssh", ssh_channel(uri, parts, query), timeout)
     return Device(uri, "adb", adb_channel(uri, parts, query), timeout)
