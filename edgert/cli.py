@@ -326,8 +326,8 @@ def _run_on_device(artifact: Path, uri: str, options: dict[str, Any], as_json: b
     with parse_device(uri) as dev:
         _ensure_deployed(dev, artifact)
         result = dev.run(artifact.name, **options)
+        result["device"] = {"uri": uri, "name": dev.name, "link": dev.link}
     result.pop("ok", None)
-    result["device"] = {"uri": uri, "name": dev.name, "link": dev.link}
     if as_json:
         print(json.dumps(result))
         return
@@ -336,7 +336,7 @@ def _run_on_device(artifact: Path, uri: str, options: dict[str, Any], as_json: b
     err.print(
         f"[dim]{st['prompt_tokens']} prompt tokens at {st['prefill_tokens_per_second']:.1f} tok/s, "
         f"{st['generated_tokens']} generated at {st['decode_tokens_per_second']:.1f} tok/s "
-        f"({result['threads']} threads on {dev.name} via {dev.link}, stop: {st['stop_reason']})[/]",
+        f"({result['threads']} threads on {result['device']['name']} via {dev.link}, stop: {st['stop_reason']})[/]",
         soft_wrap=True,
         highlight=False,
     )
@@ -352,7 +352,7 @@ def deploy(
 
     with parse_device(device) as dev:
         reply = _upload(dev, artifact)
-        name = dev.name
+        name = dev.name  # asked before the link closes
     err.print(
         f"[green]deployed[/] {artifact.name} to {escape(name)} ({device}): {reply['size'] / 1e6:.1f} MB, "
         f"sha256 {reply['sha256'][:16]}… verified",

@@ -34,3 +34,18 @@ if [ -n "$extras" ] && ! command -v aarch64-linux-gnu-g++ >/dev/null; then
     echo "warning: aarch64-linux-gnu-g++ is missing (apt-get install g++-aarch64-linux-gnu)" >&2
   fi
 fi
+# The device tests: an emulated arm64 board (qemu-user + debootstrap), an sshd on loopback, adb.
+if [ -n "$extras" ]; then
+  missing=""
+  for tool in qemu-aarch64-static:qemu-user-static debootstrap:debootstrap sshd:openssh-server ssh:openssh-client adb:adb; do
+    command -v "${tool%%:*}" >/dev/null || [ -x "/usr/sbin/${tool%%:*}" ] || missing="$missing ${tool##*:}"
+  done
+  if [ -n "$missing" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "installing$missing (emulated board and device links) ..." >&2
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+    else
+      echo "warning: missing$missing (apt-get install$missing)" >&2
+    fi
+  fi
+fi

@@ -383,20 +383,21 @@ def rpc_server(agent: Agent, host: str, port: int) -> tuple[socket.socket, threa
     listener = socket.create_server((host, port))
 
     def session(conn: socket.socket) -> None:
-        with conn:
-            try:
-                recv = socket_reader(conn, "rpc client")
-                if struct.unpack("<i", recv(4))[0] != RPC_MAGIC:
-                    return
-                key = recv(struct.unpack("<i", recv(4))[0]).decode().split()
-                if not key or key[0] != f"client:{RPC_KEY}":
-                    conn.sendall(struct.pack("<i", RPC_MAGIC + 2))  # RPC_CODE_MISMATCH
-                    return
-                server_key = f"server:{RPC_KEY}".encode()
-                conn.sendall(struct.pack("<ii", RPC_MAGIC, len(server_key)) + server_key)
-                loop(conn.fileno())
-            except Exception:  # one broken session must not stop the server
-                traceback.print_exc()
+        try:
+            recv = socket_reader(conn, "rpc client")
+            if struct.unpack("<i", recv(4))[0] != RPC_MAGIC:
+                conn.close()
+                return
+            key = recv(struct.unpack("<i", recv(4))[0]).decode().split()
+            if not key or key[0] != f"client:{RPC_KEY}":
+                conn.sendall(struct.pack("<i", RPC_MAGIC + 2))  # RPC_CODE_MISMATCH
+                conn.close()
+                return
+            server_key = f"server:{RPC_KEY}".encode()
+            conn.sendall(struct.pack("<ii", RPC_MAGIC, len(server_key)) + server_key)
+            loop(conn.detach())  # the loop owns the descriptor now and closes it
+        except Exception:  # one broken session must not stop the server
+            traceback.print_exc()
 
     def accept() -> None:
         while True:

@@ -231,7 +231,10 @@ def start(target: str = "rpi5", port: int = 0, progress: Progress | None = None)
     argv += ["--root", str(rootfs / AGENT_ROOT), "--host", "127.0.0.1", "--port", str(port), "--rpc-port", "0"]
     argv += ["--serial-pty", str(pty_file), "--name", name, "--emulated"]
     with log.open("wb") as fh:
-        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # cwd: `python -m` puts it first on sys.path; it must be the board's copy of edgert
+        proc = subprocess.Popen(
+            argv, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=rootfs / SRC, start_new_session=True
+        )
     deadline = time.monotonic() + START_TIMEOUT
     text = ""
     while "edgert-agent ready" not in text:

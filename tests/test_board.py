@@ -1,0 +1,135 @@
+"""The emulated arm64 board: built once into the user's cache (about 1.5 minutes on a fresh machine),
+started by `edgert board start`, reached over board://, rpc:// and serial://. An aarch64 build of
+the tiny Llama must give the host build's greedy tokens on it; SmolLM2-135M too (first 8 tokens);
+`edgert profile` must write a report that names the device and says "emulated"."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import run_cli, run_tool
+
+import edgert
+from edgert.deploy import board as board_mod
+from edgert.deploy import parse_device
+from edgert.errors import TargetError
+
+pytestmark = pytest.mark.slow
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture(scope="session")
+def board() -> Iterator[dict]:
+    """The running emulated rpi5 board (started here, and stopped at the end, unless one ran already)."""
+    was_running = board_mod.status()
+    if was_running is None:
+        proc = run_cli("board", "start", "--target", "rpi5")
+        assert proc.returncode == 0, proc.stderr
+        assert "board://127.0.0.1:" in proc.stdout and "rpc://" in proc.stdout and "serial:///dev/pts/" in proc.stdout
+    state = board_mod.status()
+    assert state is not None and state["target"] == "rpi5"
+    yield state
+    if was_running is None:
+        assert board_mod.stop()
+        assert board_mod.status() is None
+
+
+@pytest.fixture(scope="module")
+def host_tokens(tiny_host_artifact: Path) -> list[int]:
+    return [t.id for t in edgert.load(tiny_host_artifact).generate(PROMPT, max_tokens=8)]
+
+
+def test_board_status_and_identity(board: dict) -> None:
+    res = run_cli("board", "status", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["pid"] == board["pid"]
+    rootfs = Path(board["rootfs"])
+    assert (rootfs / ".edgert-rootfs.json").is_file() and (rootfs / "usr/bin/python3.11").is_file()
+    assert rootfs.is_relative_to(edgert.paths.cache_dir())
+    with parse_device(board["uris"]["board"]) as dev:
+        hello = dev.hello()
+    assert hello["runtime"] == str(rootfs / board_mod.SRC / "edgert")  # the board's copy, not this checkout
+    assert hello["arch"] == "aarch64" and hello["emulated"] is True
+    assert {"neon", "dotprod"} <= set(hello["cpu_flags"]) and "sve" not in hello["cpu_flags"]  # qemu's Cortex-A76
+    assert "rpi5" in hello["device"] and "emulated" in hello["device"]
+
+
+@pytest.mark.parametrize("link", ["board", "rpc", "serial"])
+def test_tiny_llama_on_the_board_gives_the_host_tokens(
+    board: dict, link: str, tiny_rpi5_artifact: Path, host_tokens: list[int], tmp_path: Path
+) -> None:
+    copy = tmp_path / f"tiny-via-{link}.edgert"  # a name of its own: each link uploads
+    shutil.copyfile(tiny_rpi5_artifact, copy)
+    with parse_device(board["uris"][link]) as dev:
+        reply = dev.deploy(copy)
+        out = dev.run(copy.name, prompt=PROMPT, max_tokens=8, raw=True)
+        assert dev.link == link
+    assert reply["size"] == copy.stat().st_size
+    assert out["tokens"] == host_tokens
+    assert (Path(board["rootfs"]) / board_mod.AGENT_ROOT / copy.name).read_bytes() == copy.read_bytes()
+
+
+def test_the_board_refuses_a_host_artifact(board: dict, tiny_host_artifact: Path) -> None:
+    with parse_device(board["uris"]["board"]) as dev:
+        with pytest.raises(TargetError, match=r"compiled for target 'host' \(x86_64.*is aarch64"):
+            dev.deploy(tiny_host_artifact)
+
+
+def test_cli_run_on_the_board_and_profile_report(
+    board: dict, tiny_rpi5_artifact: Path, host_tokens: list[int], tmp_path: Path
+) -> None:
+    uri = board["uris"]["board"]
+    res = run_cli("run", str(tiny_rpi5_artifact), "--device", uri, "--prompt", PROMPT, "-n", "8", "--raw", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["tokens"] == host_tokens and out["device"]["link"] == "board"
+
+    report = tmp_path / "board.html"
+    res = run_cli(
+        "profile", str(tiny_rpi5_artifact), "--device", uri, "--runs", "2", "-n", "6", "--report", str(report)
+    )
+    assert res.returncode == 0, res.stderr
+    data = json.loads(report.with_suffix(".json").read_text())
+    assert "emulated" in data["title"] and board["name"] in data["title"]
+    assert data["device"]["emulated"] and data["target"]["name"] == "rpi5" and data["link"]["kind"] == "board"
+    assert len(data["decode_step_ms"]) == 2 and all(len(r) == 6 for r in data["decode_step_ms"])
+    assert 0 < data["decode_ms"]["p50"] <= data["decode_ms"]["p90"] <= data["decode_ms"]["p99"]
+    assert data["load_seconds"] > 0 and data["peak_rss_mb"] > 0 and data["prefill_ms"]["p50"] > 0
+    assert any(op["operator"].startswith("packed_matmul") for op in data["operators"][:3])
+    html = report.read_text()
+    assert "<title>edgert profile: tiny on emulated rpi5" in html and "emulated" in html
+    assert f"p50 {data['decode_ms']['p50']} ms" in html and uri in html
+    for kind in ("timeline", "histogram", "operators"):
+        png = tmp_path / f"board.{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+        assert f'src="board.{kind}.png"' in html
+    rows = report.with_suffix(".csv").read_text().splitlines()
+    assert rows[0] == "kind,run,step_or_operator,ms,calls_per_token"
+    assert sum(r.startswith("decode_token,") for r in rows) == 12
+
+
+def test_profile_script_over_the_same_api(board: dict, tiny_rpi5_artifact: Path, tmp_path: Path) -> None:
+    report = tmp_path / "script.html"
+    args = [str(tiny_rpi5_artifact), "--device", board["uris"]["board"], "--runs", "1", "--max-tokens", "4"]
+    proc = run_tool("profile", *args, "--report", str(report))
+    assert proc.returncode == 0, proc.stderr
+    paths = json.loads(proc.stdout)
+    assert paths["html"] == str(report) and Path(paths["operators"]).is_file()
+    assert json.loads(report.with_suffix(".json").read_text())["runs"] == 1
+
+
+def test_smollm2_for_rpi5_on_the_board_matches_the_host_build(board: dict, smollm: object, tmp_path: Path) -> None:
+    # A short raw prompt: under qemu every SmolLM2 token costs seconds (f16 weights go through
+    # emulated conversions), so 6 prompt tokens and 8 generated ones keep this near a minute.
+    out = tmp_path / "smollm2-rpi5.edgert"
+    proc = run_cli("compile", "smollm2-135m", "--target", "rpi5", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    want = [t.id for t in smollm.generate(PROMPT, max_tokens=8)]  # type: ignore[attr-defined]
+    assert len(want) == 8
+    with parse_device(board["uris"]["board"]) as dev:
+        dev.deploy(out)
+        got = dev.run(out.name, prompt=PROMPT, max_tokens=8, raw=True)
+    assert got["tokens"] == want, got["text"]
