@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from test_runtime_only import FORBIDDEN_EDGERT, FORBIDDEN_TVM, ROOT, _forbidden, _imports, _module_file
 
 import edgert
@@ -212,3 +213,15 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
             dst.sendall(block)
     except OSError:
         pass
+
+
+def test_deploy_command_reports_the_verified_upload(tiny_host_artifact: Path, agent_port) -> None:
+    agent, port = agent_port
+    res = run_cli("deploy", str(tiny_host_artifact), "--device", f"board://127.0.0.1:{port}")
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stderr.split())
+    assert f"deployed {tiny_host_artifact.name} to test-device (board://127.0.0.1:{port}): 15.0 MB" in text
+    assert "verified" in text
+    assert (agent.root / tiny_host_artifact.name).read_bytes() == tiny_host_artifact.read_bytes()
+    res = run_cli("deploy", str(tiny_host_artifact), "--device", "board://127.0.0.1:1")
+    assert res.returncode == 2 and "connection refused on 127.0.0.1:1" in res.stderr and "Traceback" not in res.stderr
