@@ -139,7 +139,8 @@ def test_too_little_disk_is_refused_before_uploading(tiny_host_artifact: Path, t
             dev.deploy(tiny_host_artifact)
         assert dev.run(tiny_host_artifact.name, prompt=PROMPT, max_tokens=4, raw=True)["tokens"]
     server.shutdown()
-    assert [p.name for p in agent.root.iterdir()] == [tiny_host_artifact.name]
+    name = tiny_host_artifact.name
+    assert sorted(p.name for p in agent.root.iterdir()) == [f".{name}.sha256", name]  # its verified digest
 
 
 def test_paths_outside_the_agent_folder_are_refused(agent_port, tmp_path: Path) -> None:
