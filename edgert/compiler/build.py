@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgert import __version__
+from edgert.compiler.attention import use_fast_decode_attention
 from edgert.compiler.layout import apply_cpu_layout
 from edgert.compiler.package import check_output_path, write_artifact
 from edgert.compiler.quantize import QUANT_MODES, choose_storage, storage_kind
@@ -115,6 +116,7 @@ def compile_model(
     repack = apply_cpu_layout(net, storage, tied=llama.tied_weights(cfg))
     with tvm_target:
         mod, named_params = net.export_tvm(spec=net.get_default_spec())
+    mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
     seconds["export"] = time.perf_counter() - t
 
     progress("compiling with TVM", None)
