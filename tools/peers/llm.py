@@ -37,7 +37,7 @@ PEER = "llama.cpp"
 
 def add_arguments(group: Any) -> None:
     """Options of this section."""
-    group.add_argument("--llm-model", default="smollm2-135m", help="model recipe (models/*.toml)")
+    group.add_argument("--llm-model", default="smollm2-135m", help="model recipe (models/*.toml) or a .gguf file")
     group.add_argument("--llm-artifact", type=Path, help="an artifact compiled already (skips the compile)")
     group.add_argument("--llm-prompt-tokens", type=int, default=128, help="prefill length")
     group.add_argument("--llm-gen-tokens", type=int, default=128, help="decode steps per run")
@@ -218,10 +218,11 @@ def run(args: Any) -> list[Row]:
     from edgert.runtime import open_artifact
     from edgert.runtime.tokenizer import TextTokenizer
 
-    recipe = load_recipe(args.llm_model)
-    gguf = recipe.source_path()
+    is_file = args.llm_model.endswith(".gguf")
+    gguf = Path(args.llm_model) if is_file else load_recipe(args.llm_model).source_path()
     rows: list[Row] = []
-    case = f"{args.llm_model} ({gguf.suffix[1:].upper()} {gguf.stem.rsplit('.', 1)[-1]}, {args.threads} threads)"
+    label = gguf.stem if is_file else args.llm_model
+    case = f"{label} (GGUF {gguf.stem.rsplit('.', 1)[-1]}, {args.threads} threads)"
     with tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
         artifact = args.llm_artifact
         compile_s = None
