@@ -66,3 +66,23 @@ def test_decode_attention_matches_numpy(kernels, head_dim: int) -> None:
         ref_out, ref_lse = _reference(q[b], k, v, scale)
         np.testing.assert_allclose(out.numpy()[b], ref_out, atol=2e-5, err_msg=f"sequence {b} ({n} tokens)")
         np.testing.assert_allclose(lse.numpy()[b], ref_lse, atol=2e-4)
+
+
+def test_compiled_llama_uses_this_kernel() -> None:
+    """The exported Llama module's CPU decode kernel is replaced by edgert's."""
+    import tvm
+    from tvm.target import codegen
+
+    from edgert.compiler.attention import DECODE_KERNEL, use_fast_decode_attention
+    from edgert.families.llama import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(64, 32, 64, 1, 4, 2, 8, 1e-5, 1e4, 128, True)
+    net = LlamaForCausalLM(cfg)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    with target:
+        mod, _ = net.export_tvm(spec=net.get_default_spec())
+    stock = mod[DECODE_KERNEL]
+    swapped = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
+    assert "expects RoPE applied before the cache" in swapped[DECODE_KERNEL].script()
+    assert "expects RoPE applied before the cache" not in stock.script()
+    assert mod[DECODE_KERNEL].same_as(stock)  # the input module is left as it was

@@ -16,7 +16,7 @@ import math
 from tvm import IRModule, tirx
 from tvm.script import tirx as T
 
-DECODE_KERNEL = "tir_attention_decode_cpu"  # the name TIRPagedKVCache gives its CPU decode kernel
+DECODE_KERNEL = "batch_decode_paged_kv_cpu"  # the name of TIRPagedKVCache's CPU decode kernel in the module
 LANES = 16
 
 
