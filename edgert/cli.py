@@ -55,6 +55,14 @@ def compile(
         Path | None, typer.Option("--output", "-o", help="Artifact to write (default: NAME.edgert).")
     ] = None,
     weight_dtype: Annotated[str | None, typer.Option("--weight-dtype", help="Weight storage: f16 or f32.")] = None,
+    quant: Annotated[
+        str | None,
+        typer.Option(
+            "--quant",
+            help="Weights: source (keep the file's Q4_0/Q4_1/Q8_0 blocks; default), q4, q8 "
+            "(group-wise, 32 per group), f16 or f32.",
+        ),
+    ] = None,
     context: ContextOpt = None,
     threads: ThreadsOpt = None,
     as_dir: Annotated[bool, typer.Option("--dir", help="Write the artifact as a folder instead of one file.")] = False,
@@ -77,6 +85,7 @@ def compile(
             target=target,
             output=output,
             weight_dtype=weight_dtype,
+            quant=quant,
             context_length=context,
             threads=threads,
             as_dir=as_dir,

@@ -152,15 +152,15 @@ def tokenizer_fields() -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: dict) -> Callable:
-    """``tiny_model(type, tied=True) -> (gguf path, loaded Generator)``, compiled on first use."""
+    """``tiny_model(type, tied=True, quant="f32") -> (gguf path, loaded Generator)``, compiled on first use."""
     import edgert
 
-    cache: dict[tuple[str, bool], tuple[Path, object]] = {}
+    cache: dict[tuple[str, bool, str], tuple[Path, object]] = {}
 
-    def get(tensor_type: str, tied: bool = True) -> tuple[Path, object]:
-        key = (tensor_type, tied)
+    def get(tensor_type: str, tied: bool = True, quant: str = "f32") -> tuple[Path, object]:
+        key = (tensor_type, tied, quant)
         if key not in cache:
-            d = tmp_path_factory.mktemp(f"tiny-{tensor_type}-{'tied' if tied else 'untied'}")
+            d = tmp_path_factory.mktemp(f"tiny-{tensor_type}-{'tied' if tied else 'untied'}-{quant}")
             path = tiny.write_tiny_llama(
                 d / "model.gguf", tensor_type, seed=0, tie_embeddings=tied, tokenizer_fields=tokenizer_fields
             )
@@ -168,7 +168,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: dict)
                 str(path),
                 target="host",
                 output=d / "model.edgert",
-                weight_dtype="f32",
+                quant=quant,
                 prefill_chunk_size=PREFILL_CHUNK,
             ).path
             cache[key] = (path, edgert.load(out, threads=2))
@@ -213,6 +213,26 @@ def test_logits_match_float64_reference(tiny_model: Callable, tensor_type: str) 
     max_diff, _ = _diff(ours, ref)
     assert max_diff <= REF_TOL, f"{tensor_type}: edgert vs float64 reference differ by {max_diff:.3g}"
     assert (ours.argmax(-1) == ref.argmax(-1)).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("tensor_type", "tied"), [("Q8_0", True), ("Q4_0", True), ("Q4_1", True), ("Q4_1", False)])
+def test_kept_blocks_match_float64_reference(tiny_model: Callable, tensor_type: str, tied: bool) -> None:
+    """Compiled with the file's blocks kept (``quant="source"``): the quantized kernels, the
+    embedding gathered from the quantized table and the prefill/decode paths compute on
+    exactly the file's values, so the float64 reference bound is the float32 one."""
+    path, model = tiny_model(tensor_type, tied=tied, quant="source")
+    kind = "q8" if tensor_type == "Q8_0" else "q4"
+    storage = model.artifact.manifest["weights"]["storage"]
+    assert storage == {kind: 4 * 2 + 1 + (0 if tied else 1)}, storage  # 4 matrices per layer, head, embedding
+    ids = token_ids()
+    ref = reference_logits(path, ids)
+    ours = model.score(ids)
+    assert _diff(ours, ref)[0] <= REF_TOL
+    assert (ours.argmax(-1) == ref.argmax(-1)).all()
+    model.reset()
+    stepped = np.stack([model.prefill(ids[:N_PREFILL])] + [model.step([t]) for t in ids[N_PREFILL:]])
+    assert _diff(stepped, ref[N_PREFILL - 1 :])[0] <= REF_TOL
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="host", help="target name (targets/*.toml)")
     parser.add_argument("-o", "--output", help="artifact path (default: NAME.edgert)")
     parser.add_argument("--weight-dtype", choices=["f16", "f32"], help="weight storage dtype")
+    parser.add_argument("--quant", choices=["source", "q4", "q8", "f16", "f32"], help="weights (default: source)")
     parser.add_argument("--context", type=int, help="context length in tokens")
     parser.add_argument("--threads", type=int, help="threads the artifact defaults to")
     args = parser.parse_args(argv)
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             target=args.target,
             output=args.output,
             weight_dtype=args.weight_dtype,
+            quant=args.quant,
             context_length=args.context,
             threads=args.threads,
             progress=progress,

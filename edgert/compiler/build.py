@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from edgert import __version__
-from edgert.compiler.layout import WEIGHT_DTYPES, apply_cpu_layout
+from edgert.compiler.attention import use_fast_decode_attention
+from edgert.compiler.layout import apply_cpu_layout
 from edgert.compiler.package import check_output_path, write_artifact
+from edgert.compiler.quantize import QUANT_MODES, choose_storage, storage_kind
 from edgert.compiler.recipes import Recipe, find_recipe
 from edgert.compiler.target import library_compiler, resolve
 from edgert.errors import EdgertError, ModelFileError
@@ -51,19 +53,26 @@ def compile_model(
     target: str = "host",
     output: str | Path | None = None,
     weight_dtype: str | None = None,
+    quant: str | None = None,
     context_length: int | None = None,
     prefill_chunk_size: int | None = None,
     threads: int | None = None,
     as_dir: bool = False,
     progress: Progress = _quiet,
 ) -> CompileResult:
-    """Compile a recipe name or a GGUF path for ``target`` into an artifact at ``output``."""
+    """Compile a recipe name or a GGUF path for ``target`` into an artifact at ``output``.
+
+    ``quant`` (source, q4, q8, f16, f32; see `edgert.compiler.quantize`) chooses the weight
+    storage; ``weight_dtype`` (f16 or f32) is the older name for the float choices.
+    """
+    import numpy as np
     import tvm
     from tvm import relax
 
     from edgert.families import llama
     from edgert.frontend import read_gguf
     from edgert.frontend.gguf_tokenizer import build_tokenizer_json, tokenizer_config
+    from edgert.frontend.quantized import QuantizedRows
     from edgert.runtime.tensorfile import write_tensors
 
     spec = load_target(target)
@@ -71,9 +80,11 @@ def compile_model(
     name = recipe.name if recipe else source.stem
     out = check_output_path(Path(output) if output else Path(f"{name}.edgert"), as_dir)
     options = dict(recipe.compile) if recipe else {}
-    weight_dtype = weight_dtype or options.get("weight_dtype", "f16")
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise EdgertError(f"weight dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}")
+    if weight_dtype is not None and weight_dtype not in ("f16", "f32"):
+        raise EdgertError(f"weight dtype '{weight_dtype}' is not one of f16, f32")
+    quant = quant or weight_dtype or options.get("quant", "source")
+    if quant not in QUANT_MODES:
+        raise EdgertError(f"--quant '{quant}' is not one of {', '.join(QUANT_MODES)}")
     seconds: dict[str, float] = {}
     t = time.perf_counter()
 
@@ -88,12 +99,24 @@ def compile_model(
     fcompile = library_compiler(spec, target_record["arch"])
     seconds["read"] = time.perf_counter() - t
 
+    progress("reading weights", None)
+    t = time.perf_counter()
+    weights: dict[str, Any] = {}
+    keep_blocks = quant in ("source", "q4", "q8")
+    for i, (pname, w) in enumerate(llama.gguf_weights(gguf_model, cfg, keep_blocks=keep_blocks)):
+        matrix = isinstance(w, QuantizedRows) or w.ndim == 2
+        weights[pname] = choose_storage(w, quant) if matrix else w
+        progress("reading weights", (i + 1) / (6 * cfg.num_layers + 3))
+    storage = {n: storage_kind(w) for n, w in weights.items() if isinstance(w, QuantizedRows) or w.ndim == 2}
+    seconds["weights"] = time.perf_counter() - t
+
     progress("building Relax module", None)
     t = time.perf_counter()
     net = llama.LlamaForCausalLM(cfg)
-    repack = apply_cpu_layout(net, weight_dtype)
+    repack = apply_cpu_layout(net, storage, tied=llama.tied_weights(cfg))
     with tvm_target:
         mod, named_params = net.export_tvm(spec=net.get_default_spec())
+    mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
     seconds["export"] = time.perf_counter() - t
 
     progress("compiling with TVM", None)
@@ -110,15 +133,16 @@ def compile_model(
         t = time.perf_counter()
         shapes = {n: tuple(int(d) for d in p.shape) for n, p in named_params}
         dtypes = {n: p.dtype for n, p in named_params}
-        arrays = {}
-        sources = llama.gguf_weights(gguf_model, cfg)
-        for i, (pname, w) in enumerate(sources):
-            if pname not in shapes:
-                continue
-            arrays[pname] = repack[pname](w) if pname in repack else w.astype(dtypes[pname])
-            if arrays[pname].shape != shapes[pname]:
-                raise ModelFileError(f"{source}: weight '{pname}' has shape {w.shape}, expected {shapes[pname]}")
-            progress("converting weights", (i + 1) / (7 * cfg.num_layers + 3))
+        arrays: dict[str, np.ndarray] = {}
+        for pname, w in weights.items():
+            packed = repack[pname](w) if pname in repack else {pname: np.asarray(w, dtype=dtypes.get(pname))}
+            for n, a in packed.items():
+                if n not in shapes or a.shape != shapes[n] or str(a.dtype) != dtypes[n]:
+                    raise ModelFileError(
+                        f"{source}: weight '{n}' is {a.dtype}{list(a.shape)}, expected "
+                        f"{dtypes.get(n)}{list(shapes.get(n, ()))}"
+                    )
+                arrays[n] = a
         missing = [n for n in shapes if n not in arrays]
         if missing:
             raise ModelFileError(f"{source}: weights missing for {', '.join(missing[:5])}")
@@ -126,7 +150,7 @@ def compile_model(
         with (stage / "weights.safetensors").open("wb") as fh:
             write_tensors(fh, {n: arrays[n] for n in order}, {"format": "edgert"})
         (stage / "tokenizer.json").write_text(tokenizer_json)
-        seconds["weights"] = time.perf_counter() - t
+        seconds["pack"] = time.perf_counter() - t
 
         progress("writing artifact", None)
         manifest = {
@@ -150,7 +174,9 @@ def compile_model(
             },
             "weights": {
                 "file": "weights.safetensors",
-                "dtype": WEIGHT_DTYPES[weight_dtype],
+                "dtype": _main_dtype(arrays),
+                "quant": quant,
+                "storage": {kind: list(storage.values()).count(kind) for kind in sorted(set(storage.values()))},
                 "layout": "cpu-packed-columns",
                 "order": order,
             },
@@ -167,6 +193,14 @@ def compile_model(
         manifest = write_artifact(out, manifest, staged, as_dir=as_dir)
     progress("done", 1.0)
     return CompileResult(out, manifest, seconds)
+
+
+def _main_dtype(arrays: dict[str, Any]) -> str:
+    """The dtype that holds most of the weight bytes."""
+    totals: dict[str, int] = {}
+    for a in arrays.values():
+        totals[str(a.dtype)] = totals.get(str(a.dtype), 0) + a.nbytes
+    return max(totals, key=totals.__getitem__)
 
 
 def _entry_points(cfg: Any) -> dict[str, Any]:

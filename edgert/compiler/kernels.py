@@ -10,6 +10,8 @@ weight tile from cache.
 
 from __future__ import annotations
 
+import functools
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -24,6 +26,7 @@ def pick_block(n: int) -> int | None:
     return None
 
 
+@functools.cache  # parsing TVMScript takes a while; layers of one shape share the kernel
 def packed_matmul(k: int, n: int, block: int, weight_dtype: str) -> tirx.PrimFunc:
     """``y[m, n] = sum_k x[m, k] * w[n // block, k, n % block]`` with float32 x and y."""
     nb, mt = n // block, ROW_TILE
@@ -57,3 +60,149 @@ def packed_matmul(k: int, n: int, block: int, weight_dtype: str) -> tirx.PrimFun
                     y[m // mt * mt + i, jo * block + ji] = acc[0, ji]
 
     return matmul.with_attr("global_symbol", f"packed_matmul_k{k}_n{n}_b{block}_{weight_dtype}")
+
+
+# -- group-quantized weights ---------------------------------------------------------------
+# Layout (chosen at compile time, see layout.py): output columns in tiles of B; q4 codes are
+# packed eight to a uint32 along K, ``qweight[N/B, K/8, B]`` (nibble s of word kk is row
+# 8 kk + s), q8 codes are ``int8[N/B, K, B]``; ``scale``/``min`` are ``f16[N/B, K/G, B]``.
+# The last tile is zero-padded when B does not divide N.
+#
+# One token (decode): each thread takes tiles of B columns and streams their codes once,
+# dequantizing in registers: ``part = sum_k x[k] * code[k]`` over a group, then
+# ``acc += part * d + xsum * m`` (xsum = the group's sum of x), so the scale and min cost
+# one FMA per group instead of one per weight.
+# Several tokens (prefill): each thread dequantizes a [K, B] tile to float32 once and reuses
+# it for every row, register-blocked by ROW_TILE rows like `packed_matmul`.
+
+GROUP = 32
+
+
+def quant_block(n: int) -> int:
+    """Column tile of quantized weights: 32 columns (4 AVX2 / 2 AVX-512 / 8 NEON vectors) unless N is small."""
+    for block in (32, 16, 8):
+        if n >= block:
+            return block
+    return 8
+
+
+@functools.cache
+def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
+    """``y[m, n] = sum_k x[m, k] * W[n, k]`` with W group-quantized (``kind`` q4 or q8); float32 x, y."""
+    if k % GROUP:
+        raise ValueError(f"quantized weights need K divisible by {GROUP}, got {k}")
+    nb, full, ng, mt = -(-n // block), n // block, k // GROUP, ROW_TILE
+    q4 = kind == "q4"
+    per_g = GROUP // 8 if q4 else GROUP
+    kq = k // 8 if q4 else k
+    code_dtype = "uint32" if q4 else "int8"
+
+    def code(jo, kk, s, ji, qw):  # weight code of column tile jo, row 8 kk + s (q4) or kk (q8)
+        if q4:
+            return T.Cast("float32", T.Cast("int32", (qw[jo, kk, ji] >> T.uint32(4 * s)) & T.uint32(15)))
+        return T.Cast("float32", qw[jo, kk, ji])
+
+    def offset(jo, g, ji, mn, xsum):  # the group's min times the sum of x (q4 only)
+        return xsum * T.Cast("float32", mn[jo, g, ji]) if q4 else T.float32(0)
+
+    lanes = 8 if q4 else 1
+
+    @T.macro
+    def body(x, qw, sc, mn, y, m):
+        if m < mt:
+            xs = T.alloc_buffer((mt, ng), "float32")
+            for i, g in T.grid(m, ng):
+                xs[i, g] = T.float32(0)
+                for t in range(GROUP):
+                    xs[i, g] = xs[i, g] + x[i, g * GROUP + t]
+            for jo in T.parallel(nb):
+                acc = T.alloc_buffer((block,), "float32", scope="local")
+                part = T.alloc_buffer((block,), "float32", scope="local")
+                for i in range(m):
+                    for ji in T.vectorized(block):
+                        acc[ji] = T.float32(0)
+                    for g in range(ng):
+                        for ji in T.vectorized(block):
+                            part[ji] = T.float32(0)
+                        for kk in range(per_g):
+                            for s in T.unroll(lanes):
+                                for ji in T.vectorized(block):
+                                    part[ji] = part[ji] + x[i, (g * per_g + kk) * lanes + s] * code(
+                                        jo, g * per_g + kk, s, ji, qw
+                                    )
+                        for ji in T.vectorized(block):
+                            acc[ji] = (
+                                acc[ji] + part[ji] * T.Cast("float32", sc[jo, g, ji]) + offset(jo, g, ji, mn, xs[i, g])
+                            )
+                    if jo < full:
+                        for ji in T.vectorized(block):
+                            y[i, jo * block + ji] = acc[ji]
+                    else:
+                        for ji in range(block):
+                            if jo * block + ji < n:
+                                y[i, jo * block + ji] = acc[ji]
+        else:
+            for jo in T.parallel(nb):
+                w = T.alloc_buffer((k, block), "float32")
+                acc = T.alloc_buffer((mt, block), "float32", scope="local")
+                for kk in range(kq):
+                    for s in T.unroll(lanes):
+                        for ji in T.vectorized(block):
+                            w[kk * lanes + s, ji] = code(jo, kk, s, ji, qw) * T.Cast(
+                                "float32", sc[jo, kk * lanes // GROUP, ji]
+                            ) + (T.Cast("float32", mn[jo, kk * lanes // GROUP, ji]) if q4 else T.float32(0))
+                for io in range(m // mt):
+                    for ii in T.unroll(mt):
+                        for ji in T.vectorized(block):
+                            acc[ii, ji] = T.float32(0)
+                    for kk in range(k):
+                        for ii in T.unroll(mt):
+                            for ji in T.vectorized(block):
+                                acc[ii, ji] = acc[ii, ji] + x[io * mt + ii, kk] * w[kk, ji]
+                    for ii in T.unroll(mt):
+                        if jo < full:
+                            for ji in T.vectorized(block):
+                                y[io * mt + ii, jo * block + ji] = acc[ii, ji]
+                        else:
+                            for ji in range(block):
+                                if jo * block + ji < n:
+                                    y[io * mt + ii, jo * block + ji] = acc[ii, ji]
+                for i in range(m - m // mt * mt):
+                    for ji in T.vectorized(block):
+                        acc[0, ji] = T.float32(0)
+                    for kk in range(k):
+                        for ji in T.vectorized(block):
+                            acc[0, ji] = acc[0, ji] + x[m // mt * mt + i, kk] * w[kk, ji]
+                    for ji in range(block):
+                        if jo * block + ji < n:
+                            y[m // mt * mt + i, jo * block + ji] = acc[0, ji]
+
+    @T.prim_func
+    def matmul_q4(
+        x_h: T.handle,
+        qw: T.Buffer((nb, kq, block), code_dtype),
+        sc: T.Buffer((nb, ng, block), "float16"),
+        mn: T.Buffer((nb, ng, block), "float16"),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        body(x, qw, sc, mn, y, m)
+
+    @T.prim_func
+    def matmul_q8(
+        x_h: T.handle,
+        qw: T.Buffer((nb, kq, block), code_dtype),
+        sc: T.Buffer((nb, ng, block), "float16"),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        body(x, qw, sc, sc, y, m)
+
+    matmul = matmul_q4 if q4 else matmul_q8
+    return matmul.with_attr("global_symbol", f"quant_matmul_{kind}_k{k}_n{n}_b{block}")

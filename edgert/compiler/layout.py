@@ -1,19 +1,24 @@
 """Weight layouts chosen at compile time: module swaps on the nn model and the matching repack.
 
 Like MLC-LLM's quantization, a layout replaces `nn.Linear` modules by modules whose parameters
-have the packed shape, and provides the function that turns a source weight into that shape.
+have the packed shape, and provides the function that turns a source weight into those
+parameters. Float weights are packed ``[N/B, K, B]``; group-quantized ones (q4, q8) as
+`kernels.quant_matmul` reads them. A tied embedding reads its rows from the LM head's
+parameters, so the table is stored once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from tvm import relax
+from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from edgert.compiler.kernels import packed_matmul, pick_block
+from edgert.compiler.kernels import GROUP, packed_matmul, pick_block, quant_block, quant_matmul
+from edgert.frontend.quantized import QuantizedRows
 
 WEIGHT_DTYPES = {"f32": "float32", "f16": "float16"}
 
@@ -39,6 +44,20 @@ class PackedLinear(nn.Module):
         )
         return op.reshape(y, (*lead, self.out_features))
 
+    def gather(self, ids: Tensor) -> Tensor:
+        """Rows ``ids`` of the weight matrix in float32 (an embedding lookup)."""
+        block, k, n = self.block, self.in_features, self.out_features
+
+        def rows(flat: te.Tensor, w: te.Tensor) -> te.Tensor:
+            def value(i: Any, c: Any) -> Any:
+                r = tirx.max(tirx.min(flat[i].astype("int64"), n - 1), 0)
+                return w[r // block, c, r % block].astype("float32")
+
+            return te.compute((flat.shape[0], k), value, name="gather_rows")
+
+        flat = op.reshape(ids, (-1,))
+        return op.reshape(op.tensor_expr_op(rows, "embedding", [flat, self.weight]), (*ids.shape, k))
+
 
 class CompactEmbedding(nn.Module):
     """Embedding table stored in a smaller dtype, rows widened to float32 after the lookup."""
@@ -54,7 +73,71 @@ class CompactEmbedding(nn.Module):
         return op.reshape(op.astype(rows, "float32"), (*ids.shape, self.dim))
 
 
-Repack = Callable[[np.ndarray], np.ndarray]
+class QuantLinear(nn.Module):
+    """A bias-free linear layer with group-quantized weights (q4 or q8), dequantized in the kernel."""
+
+    def __init__(self, in_features: int, out_features: int, kind: str):
+        self.in_features, self.out_features, self.kind = in_features, out_features, kind
+        self.block = quant_block(out_features)
+        nb, ng = -(-out_features // self.block), in_features // GROUP
+        if kind == "q4":
+            self.qweight = nn.Parameter((nb, in_features // 8, self.block), "uint32")
+            self.scale = nn.Parameter((nb, ng, self.block), "float16")
+            self.min = nn.Parameter((nb, ng, self.block), "float16")
+        else:
+            self.qweight = nn.Parameter((nb, in_features, self.block), "int8")
+            self.scale = nn.Parameter((nb, ng, self.block), "float16")
+
+    def _params(self) -> list[Tensor]:
+        return [self.qweight, self.scale] + ([self.min] if self.kind == "q4" else [])
+
+    def forward(self, x: Tensor) -> Tensor:
+        *lead, k = x.shape
+        rows = 1
+        for d in lead:
+            rows = rows * d
+        kernel = quant_matmul(k, self.out_features, self.block, self.kind)
+        y = op.tensor_ir_op(
+            kernel,
+            "quant_matmul",
+            [op.reshape(x, (rows, k)), *self._params()],
+            Tensor.placeholder((rows, self.out_features), "float32"),
+        )
+        return op.reshape(y, (*lead, self.out_features))
+
+    def gather(self, ids: Tensor) -> Tensor:
+        """Rows ``ids`` of the weight matrix, dequantized to float32 (an embedding lookup)."""
+        block, k, n, q4 = self.block, self.in_features, self.out_features, self.kind == "q4"
+
+        def rows(flat: te.Tensor, qw: te.Tensor, sc: te.Tensor, *mn: te.Tensor) -> te.Tensor:
+            def value(i: Any, c: Any) -> Any:
+                # Out-of-range ids are clipped so a bad id cannot read outside the table (the runtime also checks).
+                r = tirx.max(tirx.min(flat[i].astype("int64"), n - 1), 0)
+                t, j, g = r // block, r % block, c // GROUP
+                if q4:
+                    word = qw[t, c // 8, j]
+                    code = ((word >> (4 * (c % 8)).astype("uint32")) & tirx.const(15, "uint32")).astype("float32")
+                    return code * sc[t, g, j].astype("float32") + mn[0][t, g, j].astype("float32")
+                return qw[t, c, j].astype("float32") * sc[t, g, j].astype("float32")
+
+            return te.compute((flat.shape[0], k), value, name="gather_rows")
+
+        flat = op.reshape(ids, (-1,))
+        out = op.tensor_expr_op(rows, "embedding", [flat, *self._params()])
+        return op.reshape(out, (*ids.shape, k))
+
+
+class TiedEmbedding(nn.Module):
+    """An embedding whose table is the LM head's weight: rows are gathered from the head's layout."""
+
+    def __init__(self, head: nn.Module):
+        self._head = (head,)  # in a tuple so that the head's parameters are not listed twice
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self._head[0].gather(ids)
+
+
+Repack = Callable[[Any], dict[str, np.ndarray]]
 
 
 def pack_columns(w: np.ndarray, block: int, dtype: str) -> np.ndarray:
@@ -63,22 +146,95 @@ def pack_columns(w: np.ndarray, block: int, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n // block, block, k).transpose(0, 2, 1)).astype(dtype)
 
 
-def apply_cpu_layout(model: nn.Module, weight_dtype: str) -> dict[str, Repack]:
-    """Swap linears and embeddings in place; return, per parameter name, its repack function."""
-    dtype = WEIGHT_DTYPES[weight_dtype]
+def pack_quantized(q: QuantizedRows, block: int) -> tuple[np.ndarray, ...]:
+    """Codes and scales ``[N, K]`` / ``[N, K/G]`` to the tiled layout of `kernels.quant_matmul`.
+
+    Returns (qweight, scale) for q8 and (qweight, scale, min) for q4; the last column tile is
+    zero-padded when ``block`` does not divide N.
+    """
+    n, k = q.shape
+    pad = -n % block
+
+    def tiles(a: np.ndarray) -> np.ndarray:  # [N, X] -> [N/B, X, B]
+        a = np.pad(a, ((0, pad), (0, 0)))
+        return np.ascontiguousarray(a.reshape(-1, block, a.shape[1]).transpose(0, 2, 1))
+
+    if q.kind == "q4":
+        nibbles = q.codes.reshape(n, k // 8, 8).astype(np.uint32)
+        words = np.zeros((n, k // 8), np.uint32)
+        for s in range(8):
+            words |= nibbles[:, :, s] << np.uint32(4 * s)
+        assert q.min is not None
+        return tiles(words), tiles(q.scale), tiles(q.min)
+    return tiles(q.codes.astype(np.int8)), tiles(q.scale)
+
+
+class GatherEmbedding(nn.Module):
+    """An embedding that gathers (and dequantizes) rows of a matrix stored in a linear layout.
+
+    A tied embedding reads the LM head's own parameters (kept in a tuple so they are not
+    listed twice); an untied one owns its table.
+    """
+
+    def __init__(self, table: nn.Module, tied: bool):
+        if tied:
+            self._tied = (table,)
+        else:
+            self.table = table
+
+    def forward(self, ids: Tensor) -> Tensor:
+        table = self._tied[0] if hasattr(self, "_tied") else self.table
+        return table.gather(ids)
+
+
+def _layout_for(name: str, in_features: int, out_features: int, kind: str) -> tuple[nn.Module, Repack]:
+    """The module for an ``[out, in]`` matrix stored as ``kind``, and its repack function."""
+    if kind in ("q4", "q8"):
+        module = QuantLinear(in_features, out_features, kind)
+        names = [f"{name}.{p}" for p in ("qweight", "scale", "min")[: 3 if kind == "q4" else 2]]
+        return module, lambda w, b=module.block: dict(zip(names, pack_quantized(w, b), strict=True))
+    dtype = WEIGHT_DTYPES[kind]
+    block = pick_block(out_features)
+    if block is None:
+        raise ValueError(f"{name}: {out_features} columns fit no float tile")
+    return PackedLinear(in_features, out_features, block, dtype), lambda w: {
+        f"{name}.weight": pack_columns(np.asarray(w), block, dtype)
+    }
+
+
+def apply_cpu_layout(
+    model: nn.Module, storage: dict[str, str], default: str = "f16", tied: tuple[str, str] | None = None
+) -> dict[str, Repack]:
+    """Swap linears and embeddings in place; return, per source weight name, its repack function.
+
+    ``storage`` names the kind (q4, q8, f16, f32) of each matrix by its weight name (``default``
+    for the others); ``tied`` = (embedding, head) makes the embedding read the head's table.
+    """
     repack: dict[str, Repack] = {}
+    modules: dict[str, nn.Module] = {}
 
     class _Swap(nn.Mutator):
         def visit_module(self, name: str, node: nn.Module) -> nn.Module:
+            kind = storage.get(f"{name}.weight", default)
             if isinstance(node, nn.Linear) and node.bias is None:
-                block = pick_block(node.out_features)
-                if block is not None:
-                    repack[f"{name}.weight"] = lambda w, b=block: pack_columns(w, b, dtype)
-                    return PackedLinear(node.in_features, node.out_features, block, dtype)
-            if isinstance(node, nn.Embedding):
-                repack[f"{name}.weight"] = lambda w: np.ascontiguousarray(w, dtype=dtype)
+                if kind in ("q4", "q8") or pick_block(node.out_features) is not None:
+                    module, repack[f"{name}.weight"] = _layout_for(name, node.in_features, node.out_features, kind)
+                    modules[name] = module
+                    return module
+            if isinstance(node, nn.Embedding) and (tied is None or name != tied[0]):
+                if kind in ("q4", "q8"):
+                    table, fn = _layout_for(f"{name}.table", node.dim, node.num, kind)
+                    repack[f"{name}.weight"] = fn
+                    return GatherEmbedding(table, tied=False)
+                dtype = WEIGHT_DTYPES[kind]
+                repack[f"{name}.weight"] = lambda w, n=name: {f"{n}.weight": np.ascontiguousarray(w, dtype=dtype)}
                 return CompactEmbedding(node.num, node.dim, dtype)
             return self.visit(name, node)
 
     _Swap().visit("", model)
+    if tied is not None:
+        embed, head = tied
+        if head not in modules:
+            raise ValueError(f"tied embedding: '{head}' has no packed layout")
+        setattr(model, embed, GatherEmbedding(modules[head], tied=True))
     return repack

@@ -1,7 +1,8 @@
 """Read a GGUF file with the `gguf` package: metadata, tensors, tokenizer fields.
 
-Quantized tensors are dequantized here (with `gguf.quants`) to float32; keeping them in
-block format belongs to the quantization work in `edgert.compiler`.
+`tensor` dequantizes any supported type to float32 (with `gguf.quants`); `blocks` returns
+Q4_0, Q4_1 and Q8_0 tensors undecoded, as codes and scales (`QuantizedRows`), so the
+compiler can keep them quantized.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgert.errors import ModelFileError, UnsupportedModelError
+from edgert.frontend.quantized import GGUF_KINDS, QuantizedRows, from_gguf_blocks
 
 # Tensor types whose dequantization `gguf.quants` implements and that edgert has tested.
 SUPPORTED_TENSOR_TYPES = (
@@ -63,15 +65,29 @@ class GGUFModel:
                 f"(first: '{next(iter(bad))}'; supported: {', '.join(SUPPORTED_TENSOR_TYPES)})"
             )
 
+    def _find(self, name: str) -> Any:
+        for t in self._reader.tensors:
+            if t.name == name:
+                return t
+        raise ModelFileError(f"{self.path}: tensor '{name}' is missing")
+
+    def blocks(self, name: str) -> QuantizedRows | None:
+        """Tensor ``name`` as codes and scales if it is a 2-D Q4_0/Q4_1/Q8_0 tensor, else None."""
+        t = self._find(name)
+        kind = t.tensor_type.name
+        if kind not in GGUF_KINDS or len(t.shape) != 2:
+            return None
+        shape = (int(t.shape[1]), int(t.shape[0]))
+        try:
+            return from_gguf_blocks(kind, np.asarray(t.data), shape)
+        except ValueError as exc:  # a byte count that does not match the shape
+            raise ModelFileError(f"{self.path}: tensor '{name}' cannot be decoded: {exc}") from exc
+
     def tensor(self, name: str) -> np.ndarray:
         """Tensor ``name`` dequantized to float32, in GGUF's row-major (numpy) shape."""
         import gguf
 
-        for t in self._reader.tensors:
-            if t.name == name:
-                break
-        else:
-            raise ModelFileError(f"{self.path}: tensor '{name}' is missing")
+        t = self._find(name)
         kind = t.tensor_type.name
         if kind not in SUPPORTED_TENSOR_TYPES:
             raise UnsupportedModelError(

@@ -17,7 +17,15 @@ import numpy as np
 
 from edgert.errors import ArtifactError
 
-_DTYPES = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "I64": np.int64}
+_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "I32": np.int32,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "I64": np.int64,
+    "U32": np.uint32,
+}
 _NAMES = {np.dtype(v).str: k for k, v in _DTYPES.items()}
 
 

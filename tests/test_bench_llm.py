@@ -1,0 +1,42 @@
+"""The peer benchmark's LM section runs both engines end to end (tiny model, few tokens).
+
+Speed is not asserted (the figures come from tools/bench_peers.py runs); the test checks that
+every row is measured for both engines and that the roofline bound is reported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import load_tool, run_tool
+
+pytestmark = [pytest.mark.slow, pytest.mark.reference]
+
+
+def test_llm_section_measures_both_engines(tmp_path: Path) -> None:
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency: tools/setup.sh --test")
+    gguf = load_tool("make_tiny_gguf").write_tiny_llama(tmp_path / "tiny.Q4_1.gguf", "Q4_1")
+    out = tmp_path / "rows.json"
+    args = ["--only", "llm", "--llm-model", str(gguf), "--threads", "1", "--repeats", "2"]
+    args += ["--llm-prompt-tokens", "12", "--llm-gen-tokens", "4", "--llm-context", "64", "--json", str(out)]
+    proc = run_tool("bench_peers", *args)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["metric"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {
+        "decode",
+        "prefill",
+        "load to first token",
+        "peak RSS",
+        "RSS while decoding",
+        "model size",
+        "compile",
+    }
+    for metric, row in rows.items():
+        assert row["edgert"] > 0, metric
+        if metric != "compile":
+            assert row["peer"] > 0 and row["peer_name"] == "llama.cpp" and row["ratio"] > 0, metric
+    assert len(rows["decode"]["extra"]["runs"]) == 2
+    assert "tok/s" in rows["decode"]["extra"]["roofline"] and "GB/s" in rows["decode"]["extra"]["roofline"]
+    assert rows["RSS while decoding"]["extra"]["weights_plus_kv_mib"] > 0

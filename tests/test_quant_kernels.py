@@ -1,0 +1,148 @@
+"""Group-quantized weights: GGUF block decoding, edgert's quantizer, and the q4/q8 matmul kernels.
+
+The kernels are checked against numpy (float64) on awkward shapes: N not a multiple of the
+column tile or of the vector width, one output tile smaller than the tile, one row (decode),
+fewer rows than the prefill row tile, and row counts with a remainder after it. K is always
+whole groups of 32, as GGUF blocks are.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgert.compiler.kernels import ROW_TILE, quant_block, quant_matmul
+from edgert.compiler.layout import pack_quantized
+from edgert.compiler.quantize import choose_storage, quantize_rows, storage_kind
+from edgert.frontend.quantized import QuantizedRows, concat_rows, from_gguf_blocks
+
+# (kind, N, K): N = 1000 and 37 are multiples of neither 8 nor 32; N = 20 is below one tile.
+SHAPES = [("q4", 1000, 96), ("q4", 37, 64), ("q4", 20, 32), ("q4", 64, 160), ("q8", 1000, 96), ("q8", 37, 64)]
+ROWS = (1, 3, ROW_TILE, 2 * ROW_TILE + 1)  # decode path below ROW_TILE, prefill path from it
+
+
+def _gguf_blocks(x: np.ndarray, kind: str) -> np.ndarray:
+    import gguf
+
+    return gguf.quants.quantize(x, gguf.GGMLQuantizationType[kind])
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_decode_exactly(kind: str) -> None:
+    """Codes and scales read from GGUF bytes reproduce gguf's own dequantization bit for bit."""
+    import gguf
+
+    x = np.random.default_rng(0).standard_normal((5, 96)).astype(np.float32) * 3
+    blocks = _gguf_blocks(x, kind)
+    q = from_gguf_blocks(kind, blocks, x.shape)
+    assert q.kind == ("q8" if kind == "Q8_0" else "q4") and q.shape == x.shape
+    expected = np.asarray(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[kind]), np.float32)
+    np.testing.assert_array_equal(q.dequantize(), expected)
+    assert 0 < np.abs(q.dequantize() - x).max() < 1.0  # really quantized, and near the input
+
+
+@pytest.mark.parametrize(("kind", "gguf_kind"), [("q4", "Q4_1"), ("q8", "Q8_0")])
+def test_own_quantizer_matches_ggml(kind: str, gguf_kind: str) -> None:
+    """edgert's quantizer gives the values ggml's reference quantizer gives for Q4_1 / Q8_0."""
+    import gguf
+
+    x = np.random.default_rng(1).standard_normal((7, 128)).astype(np.float32)
+    x[0, :32] = 0.25  # a constant group: scale 0
+    ours = quantize_rows(x, kind).dequantize()
+    theirs = gguf.quants.dequantize(_gguf_blocks(x, gguf_kind), gguf.GGMLQuantizationType[gguf_kind])
+    # Equal but for codes where x sits exactly between two levels (rounding of ties).
+    assert np.mean(ours == theirs) > 0.999
+    step = np.abs(np.diff(np.sort(np.unique(theirs)))).min()
+    assert np.abs(ours - theirs).max() <= max(step, 0.1)
+
+
+def test_row_operations_and_storage_choice() -> None:
+    x = np.random.default_rng(2).standard_normal((6, 64)).astype(np.float32)
+    q = quantize_rows(x, "q4")
+    order = np.array([5, 0, 3, 1, 4, 2])
+    np.testing.assert_array_equal(q.take_rows(order).dequantize(), q.dequantize()[order])
+    both = concat_rows([q, q.take_rows(order)])
+    assert isinstance(both, QuantizedRows) and both.shape == (12, 64)
+    mixed = concat_rows([q, x])  # different storages: float32
+    assert isinstance(mixed, np.ndarray) and mixed.dtype == np.float32
+    assert choose_storage(q, "source") is q and choose_storage(q, "q4") is q
+    assert storage_kind(choose_storage(q, "q8")) == "q8"
+    assert storage_kind(choose_storage(x, "source")) == "f16" and storage_kind(choose_storage(q, "f32")) == "f32"
+    assert storage_kind(choose_storage(x[:, :40], "q4")) == "f16"  # 40 columns: not whole groups
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """Every kernel of SHAPES compiled for the host in one module."""
+    import tvm
+    from tvm.target import codegen
+
+    funcs = {}
+    for kind, n, k in SHAPES:
+        name = f"{kind}_{n}_{k}"
+        funcs[name] = quant_matmul(k, n, quant_block(n), kind).with_attr("global_symbol", name)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 2})
+    return tvm.compile(tvm.IRModule(funcs), target=target)
+
+
+@pytest.mark.parametrize(("kind", "n", "k"), SHAPES)
+def test_quant_matmul_matches_numpy(kernels, kind: str, n: int, k: int) -> None:
+    import tvm
+
+    rng = np.random.default_rng(n + k)
+    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
+    weights = [tvm.runtime.tensor(a) for a in pack_quantized(q, quant_block(n))]
+    w64 = q.dequantize().astype(np.float64)
+    for m in ROWS:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        kernels[f"{kind}_{n}_{k}"](tvm.runtime.tensor(x), *weights, y)
+        expected = x.astype(np.float64) @ w64.T
+        np.testing.assert_allclose(y.numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max(), err_msg=f"m={m}")
+
+
+def test_pack_quantized_layout() -> None:
+    """Nibble s of word kk in column tile t holds the code of row 8 kk + s, column t * B + j."""
+    q = quantize_rows(np.random.default_rng(3).standard_normal((40, 64)).astype(np.float32), "q4")
+    qweight, scale, minimum = pack_quantized(q, 32)
+    assert qweight.shape == (2, 8, 32) and scale.shape == minimum.shape == (2, 2, 32)
+    col, row = 37, 45
+    t, j = divmod(col, 32)
+    assert (int(qweight[t, row // 8, j]) >> (4 * (row % 8))) & 15 == q.codes[col, row]
+    assert scale[t, row // 32, j] == q.scale[col, row // 32]
+    assert qweight[1, :, 8:].max() == 0 and scale[1, :, 8:].max() == 0  # zero padding past N = 40
+
+
+@pytest.mark.slow
+def test_quant_kernels_cross_compile_to_neon(tmp_path) -> None:
+    """The same kernels built for the Raspberry Pi 5 (aarch64, NEON + dotprod) with the cross
+    toolchain: an aarch64 library whose inner loops are NEON vector FMAs. (Running them needs
+    an aarch64 machine or the emulated board; here they are only compiled.)"""
+    import shutil
+    import struct
+    import subprocess
+
+    import tvm
+
+    from edgert.compiler.target import library_compiler, resolve
+    from edgert.targets import load_target
+
+    spec = load_target("rpi5")
+    if shutil.which(spec.cc) is None:
+        pytest.fail(f"{spec.cc} is missing: tools/setup.sh --test installs it")
+    target, record = resolve(spec)
+    funcs = {
+        f"{kind}_{n}_{k}": quant_matmul(k, n, quant_block(n), kind).with_attr("global_symbol", f"{kind}_{n}_{k}")
+        for kind, n, k in SHAPES
+    }
+    lib = tvm.compile(tvm.IRModule(funcs), target=target)
+    out = tmp_path / "kernels.so"
+    lib.export_library(str(out), fcompile=library_compiler(spec, record["arch"]))
+    elf = out.read_bytes()
+    assert elf[:4] == b"\x7fELF" and struct.unpack("<H", elf[18:20])[0] == 183  # EM_AARCH64
+    objdump = shutil.which("aarch64-linux-gnu-objdump")  # binutils, installed with the cross g++
+    assert objdump is not None
+    asm = subprocess.run([objdump, "-d", str(out)], capture_output=True, text=True, check=True).stdout
+    # 4-lane float FMAs, nibble shifts and int-to-float conversions on vector registers.
+    for op in ("fmla", "ushr", "ucvtf"):
+        assert f"{op}\tv" in asm and ".4s" in asm, f"no NEON '{op}' in the kernels"

@@ -1,0 +1,321 @@
+"""Language models: edgert vs llama.cpp (llama-cpp-python) on the same GGUF and thread count.
+
+Per engine, in a fresh subprocess each (so peak RSS is that engine's alone): load to first
+token (load, prefill of the prompt, first token), prefill tokens/s over the prompt and
+decode tokens/s over ``--llm-gen-tokens`` greedy steps, as medians of ``--repeats`` runs,
+and peak RSS. Both engines get the same token ids and the same context length. The
+compile time and artifact size of edgert stand beside the GGUF's size. The decode row
+carries the roofline bound: the weight bytes each token reads over the memory bandwidth
+measured here with the same threads (a parallel streaming sum, compiled with TVM).
+
+    python tools/bench_peers.py --only llm --threads 2
+    python tools/peers/llm.py worker edgert ARTIFACT ...   (internal: one engine's run)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+if __package__ in (None, ""):  # run as a script (a worker): make `peers` and `edgert` importable
+    sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
+
+from peers import Row  # noqa: E402 (after the path set-up above)
+
+NAME = "llm"
+HELP = "SmolLM2 (GGUF) decode/prefill vs llama.cpp"
+PEER = "llama.cpp"
+
+
+def add_arguments(group: Any) -> None:
+    """Options of this section."""
+    group.add_argument("--llm-model", default="smollm2-135m", help="model recipe (models/*.toml) or a .gguf file")
+    group.add_argument("--llm-artifact", type=Path, help="an artifact compiled already (skips the compile)")
+    group.add_argument("--llm-prompt-tokens", type=int, default=128, help="prefill length")
+    group.add_argument("--llm-gen-tokens", type=int, default=128, help="decode steps per run")
+    group.add_argument("--llm-context", type=int, default=512, help="context length given to both engines")
+    group.add_argument("--llm-rounds", type=int, default=1, help="alternate the two engines this many times")
+
+
+# -- workers: one engine, one process ----------------------------------------------------------
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_now_mb() -> float:
+    """Resident memory of this process now (VmRSS), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _rates(n: int, seconds: list[float]) -> list[float]:
+    return [round(n / s, 2) for s in seconds]
+
+
+def worker_edgert(artifact: str, ids: list[int], gen: int, repeats: int, threads: int, context: int) -> dict:
+    """Time edgert on ``ids``: load to first token, then prefill and greedy decode runs."""
+    import numpy as np
+
+    import edgert
+
+    rss_base = _peak_rss_mb()
+    t = time.perf_counter()
+    model = edgert.load(artifact, threads=threads, context_length=context)
+    logits = model.prefill(ids)
+    int(np.argmax(logits))
+    first = time.perf_counter() - t
+    prefill, decode = [], []
+    for _ in range(repeats):
+        model.reset()
+        t = time.perf_counter()
+        logits = model.prefill(ids)
+        prefill.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(gen):
+            logits = model.step([int(np.argmax(logits))])
+        decode.append(time.perf_counter() - t)
+    return {
+        "load_to_first_token_s": first,
+        "prefill_tps": _rates(len(ids), prefill),
+        "decode_tps": _rates(gen, decode),
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_decoding_mb": _rss_now_mb(),
+        "rss_before_load_mb": rss_base,
+    }
+
+
+def worker_llama_cpp(gguf: str, ids: list[int], gen: int, repeats: int, threads: int, context: int) -> dict:
+    """Time llama.cpp on ``ids`` the same way (its default f16 KV cache, batch = the prompt)."""
+    import llama_cpp
+    import numpy as np
+
+    rss_base = _peak_rss_mb()
+    t = time.perf_counter()
+    llm = llama_cpp.Llama(
+        gguf, n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=len(ids), verbose=False
+    )
+    vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:  # logits of the last evaluated token (llama.cpp keeps only those)
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+
+    llm.eval(ids)
+    int(np.argmax(last_logits()))
+    first = time.perf_counter() - t
+    prefill, decode = [], []
+    for _ in range(repeats):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(ids)
+        prefill.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for _ in range(gen):
+            llm.eval([int(np.argmax(last_logits()))])
+        decode.append(time.perf_counter() - t)
+    return {
+        "load_to_first_token_s": first,
+        "prefill_tps": _rates(len(ids), prefill),
+        "decode_tps": _rates(gen, decode),
+        "peak_rss_mb": _peak_rss_mb(),
+        "rss_decoding_mb": _rss_now_mb(),
+        "rss_before_load_mb": rss_base,
+    }
+
+
+# -- the section ----------------------------------------------------------------------------------
+def _run_worker(engine: str, path: Path, ids_file: Path, args: Any) -> dict:
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "worker",
+        engine,
+        str(path),
+        str(ids_file),
+        str(args.llm_gen_tokens),
+        str(args.repeats),
+        str(args.threads),
+        str(args.llm_context),
+    ]
+    # edgert runs as on a device: the TVM runtime library only, not the compiler.
+    env = {**os.environ, **({"TVM_USE_RUNTIME_LIB": "1"} if engine == "edgert" else {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{engine} worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def memory_bandwidth_gbs(threads: int, mbytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second streamed from memory by a parallel, vectorized sum over ``threads`` threads."""
+    import numpy as np
+    import tvm
+    from tvm.script import tirx as T
+    from tvm.target import codegen
+
+    n = mbytes * 1024 * 1024 // 4
+    chunks, lanes = 64 * threads, 16
+    per = n // chunks
+
+    @T.prim_func
+    def stream_sum(a: T.Buffer((n,), "float32"), out: T.Buffer((chunks, lanes), "float32")):
+        T.func_attr({"global_symbol": "stream_sum", "tirx.noalias": True})
+        for c in T.parallel(chunks):
+            for v in T.vectorized(lanes):
+                out[c, v] = T.float32(0)
+            for i in range(per // lanes):
+                for v in T.vectorized(lanes):
+                    out[c, v] = out[c, v] + a[c * per + i * lanes + v]
+
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": threads})
+    f = tvm.compile(tvm.IRModule({"stream_sum": stream_sum}), target=target)["stream_sum"]
+    a = tvm.runtime.tensor(np.ones(n, np.float32))
+    out = tvm.runtime.tensor(np.zeros((chunks, lanes), np.float32))
+    f(a, out)
+    best = min(_timed(lambda: f(a, out)) for _ in range(repeats))
+    return n * 4 / best / 1e9
+
+
+def _timed(fn: Any) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _weight_bytes_per_token(artifact: Path) -> tuple[int, int]:
+    """(bytes of weights read per token, bytes of all weights): all but an untied embedding table."""
+    from edgert.runtime import open_artifact
+
+    art = open_artifact(artifact)
+    arrays = art.weights()
+    total = sum(a.nbytes for a in arrays.values())
+    gathered = sum(a.nbytes for n, a in arrays.items() if n.startswith("embed_tokens."))
+    return total - gathered, total
+
+
+def _kv_bytes(artifact: Path, context: int) -> int:
+    from edgert.runtime import open_artifact
+
+    kv = open_artifact(artifact).manifest["kv_cache"]
+    return 2 * context * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * 4  # float32 K and V
+
+
+def run(args: Any) -> list[Row]:
+    """Compile (unless given an artifact), run both engines, and compare."""
+    from edgert.compiler.recipes import load_recipe
+    from edgert.profile.bench import BENCH_TEXT
+    from edgert.runtime import open_artifact
+    from edgert.runtime.tokenizer import TextTokenizer
+
+    is_file = args.llm_model.endswith(".gguf")
+    gguf = Path(args.llm_model) if is_file else load_recipe(args.llm_model).source_path()
+    rows: list[Row] = []
+    label = gguf.stem if is_file else args.llm_model
+    case = f"{label} (GGUF {gguf.stem.rsplit('.', 1)[-1]}, {args.threads} threads)"
+    with tempfile.TemporaryDirectory(prefix="bench-llm-") as tmp:
+        artifact = args.llm_artifact
+        compile_s = None
+        if artifact is None:
+            artifact = Path(tmp) / "model.edgert"
+            t = time.perf_counter()
+            proc = subprocess.run(
+                [sys.executable, "-m", "edgert.cli", "compile", args.llm_model, "-o", str(artifact)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+            )
+            compile_s = time.perf_counter() - t
+            if proc.returncode != 0:
+                raise RuntimeError(f"edgert compile failed: {proc.stderr[-2000:]}")
+        art = open_artifact(artifact)
+        tokenizer = TextTokenizer(art.read_text(art.manifest["tokenizer"]["file"]), art.manifest["tokenizer"])
+        base = tokenizer.encode(BENCH_TEXT)
+        ids = (base * (args.llm_prompt_tokens // len(base) + 1))[: args.llm_prompt_tokens]
+        ids_file = Path(tmp) / "ids.json"
+        ids_file.write_text(json.dumps(ids))
+
+        results: dict[str, list[dict]] = {"edgert": [], "llama_cpp": []}
+        for _ in range(args.llm_rounds):
+            print("   edgert ...", file=sys.stderr, flush=True)
+            results["edgert"].append(_run_worker("edgert", artifact, ids_file, args))
+            print("   llama.cpp ...", file=sys.stderr, flush=True)
+            results["llama_cpp"].append(_run_worker("llama_cpp", gguf, ids_file, args))
+        ours, theirs = _merge(results["edgert"]), _merge(results["llama_cpp"])
+
+        bandwidth = memory_bandwidth_gbs(args.threads)
+        per_token, total = _weight_bytes_per_token(artifact)
+        bound = bandwidth * 1e9 / per_token
+        kv = _kv_bytes(artifact, args.llm_context)
+        size = sum(f["size"] for f in art.manifest["files"].values())
+
+    def row(metric: str, unit: str, a: float | None, b: float | None, higher: bool = True, **extra: Any) -> None:
+        rows.append(Row(NAME, case, metric, unit, a, b, PEER, higher, extra))
+
+    row(
+        "decode",
+        "tok/s",
+        ours["decode"],
+        theirs["decode"],
+        roofline=f"{bound:.0f} tok/s ({per_token / 1e6:.1f} MB/token at {bandwidth:.1f} GB/s)",
+        runs=ours["decode_runs"],
+        peer_runs=theirs["decode_runs"],
+    )
+    row("prefill", "tok/s", ours["prefill"], theirs["prefill"], runs=ours["prefill_runs"])
+    row("load to first token", "s", ours["first"], theirs["first"], higher=False, prompt_tokens=len(ids))
+    row("peak RSS", "MiB", ours["rss"], theirs["rss"], higher=False)
+    row(
+        "RSS while decoding",
+        "MiB",
+        ours["rss_decoding"],
+        theirs["rss_decoding"],
+        higher=False,
+        weights_plus_kv_mib=round((total + kv) / 2**20, 1),
+        edgert_over_weights_plus_kv=round(ours["rss_decoding"] * 2**20 / (total + kv), 2),
+        edgert_before_load_mib=round(ours["rss_base"], 1),
+    )
+    row("model size", "MB", size / 1e6, gguf.stat().st_size / 1e6, higher=False, peer_file=gguf.name)
+    if compile_s is not None:
+        row("compile", "s", compile_s, None, higher=False)
+    return rows
+
+
+def _merge(runs: list[dict]) -> dict:
+    decode = [x for r in runs for x in r["decode_tps"]]
+    prefill = [x for r in runs for x in r["prefill_tps"]]
+    return {
+        "decode": statistics.median(decode),
+        "prefill": statistics.median(prefill),
+        "decode_runs": decode,
+        "prefill_runs": prefill,
+        "first": statistics.median(r["load_to_first_token_s"] for r in runs),
+        "rss": max(r["peak_rss_mb"] for r in runs),
+        "rss_decoding": max(r["rss_decoding_mb"] for r in runs),
+        "rss_base": max(r["rss_before_load_mb"] for r in runs),
+    }
+
+
+def _worker_main(argv: list[str]) -> int:
+    engine, path, ids_file, gen, repeats, threads, context = argv
+    ids = json.loads(Path(ids_file).read_text())
+    fn = worker_edgert if engine == "edgert" else worker_llama_cpp
+    result = fn(path, ids, int(gen), int(repeats), int(threads), int(context))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "worker":
+        sys.exit(_worker_main(sys.argv[2:]))
+    print(__doc__)
+    sys.exit(2)
