@@ -148,3 +148,31 @@ def test_silero_vad_streams_state_like_onnxruntime(tmp_path):
     assert max(want) - min(want) > 0.1  # the state actually carried something
     vad.reset()
     assert vad(audio[:CHUNK]) == pytest.approx(want[0], abs=1e-4)
+
+
+def test_outputs_never_alias_inputs_or_weights(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import edgert
+
+    w = np.arange(300, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"]), helper.make_node("Identity", ["W"], ["w"])],
+        "passthrough",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [3]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [300]),
+        ],
+        [numpy_helper.from_array(w, "W")],
+    )
+    model_proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model_proto.ir_version = 8
+    onnx.save(model_proto, str(tmp_path / "p.onnx"))
+    model = edgert.load(_compile(tmp_path / "p.onnx", tmp_path / "p.edgert"))
+    first = model(x=np.ones(3, np.float32))
+    second = model(x=np.zeros(3, np.float32))
+    assert first["y"].tolist() == [1, 1, 1] and second["y"].tolist() == [0, 0, 0]
+    first["w"][0] = 99.0
+    assert model(x=np.zeros(3, np.float32))["w"][0] == 0.0

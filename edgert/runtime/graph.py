@@ -26,6 +26,7 @@ class GraphModel:
         self.inputs: list[dict[str, Any]] = entry["inputs"]
         self.outputs: list[dict[str, Any]] = entry["outputs"]
         self._main = self.session.vm["main"]
+        self._buffers: dict[tuple[int, tuple[int, ...]], Any] = {}
 
     @property
     def input_names(self) -> list[str]:
@@ -62,7 +63,39 @@ class GraphModel:
         if missing:
             raise EdgertError(f"missing input(s) {', '.join(missing)}; the graph takes {', '.join(self.input_names)}")
         sizes: dict[str, int] = {}
-        args = [self.session.tensor(self._check(spec, given[spec["name"]], sizes)) for spec in self.inputs]
+        args = [self._input(i, self._check(spec, given[spec["name"]], sizes)) for i, spec in enumerate(self.inputs)]
         result = self._main(*args, *self.session.params)
         values = [result] if len(self.outputs) == 1 else list(result)
-        return {spec["name"]: v.numpy() for spec, v in zip(self.outputs, values, strict=True)}
+        out = {spec["name"]: _to_numpy(v) for spec, v in zip(self.outputs, values, strict=True)}
+        # An output that is an input or a weight (graphs may return them as they are) would alias
+        # memory this model reuses: those are copied.
+        owned = self._owned_pointers()
+        return {k: v.copy() if _pointer(v) in owned else v for k, v in out.items()}
+
+    def _owned_pointers(self) -> set[int]:
+        if not hasattr(self, "_params_ptrs"):
+            self._params_ptrs = {_pointer(_to_numpy(p)) for p in self.session.params}
+        return self._params_ptrs | {_pointer(_to_numpy(b)) for b in self._buffers.values()}
+
+    def _input(self, index: int, arr: np.ndarray) -> Any:
+        # Input tensors are kept per shape and refilled: for a streaming model called every
+        # 32 ms, allocating them each call cost more than its kernels.
+        key = (index, arr.shape)
+        buf = self._buffers.get(key)
+        if buf is None:
+            buf = self._buffers[key] = self.session.tensor(arr)
+        else:
+            buf.copyfrom(arr)
+        return buf
+
+
+def _pointer(arr: np.ndarray) -> int:
+    return int(arr.__array_interface__["data"][0])
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    """A VM output as numpy without a copy (the VM hands each call fresh output tensors)."""
+    try:
+        return np.from_dlpack(value)
+    except (TypeError, RuntimeError, BufferError):
+        return value.numpy()

@@ -100,10 +100,13 @@ class _PackDense(relax.PyExprMutator):
         super().__init__(mod)
         self.mod_, self.block, self.quant = mod, block, quant
         self.matmul = tvm_op("relax.matmul")
+        self.conv1d = tvm_op("relax.nn.conv1d")
         self.errors: list[tuple[np.ndarray, np.ndarray]] = []
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
+        if call.op == self.conv1d:
+            return self._conv1d(call)
         if call.op != self.matmul or len(call.args) != 2:
             return call
         x, w = call.args
@@ -112,7 +115,51 @@ class _PackDense(relax.PyExprMutator):
         x_ty = x.ty
         if not isinstance(x_ty, relax.TensorType) or x_ty.dtype != "float32" or x_ty.ndim < 2:
             return call
-        weight = w.value.numpy()
+        return self._dense(x, w.value.numpy())
+
+    def _conv1d(self, call: relax.Call) -> relax.Expr:
+        """conv1d by a constant weight as unfold (im2col) + packed matmul + transpose.
+
+        TVM's conv1d lowering has no CPU schedule that vectorizes well; as a matmul it takes the
+        `Matmul` rule (silero-vad's STFT convolution: 2.8 ms -> see tools/peers/graph.py).
+        """
+        x, w = call.args
+        a = call.attrs
+        x_ty = x.ty
+        if (
+            not isinstance(w, GenericConst)
+            or w.value.dtype != "float32"
+            or a.groups != 1
+            or a.data_layout != "NCW"
+            or a.kernel_layout != "OIW"
+            or a.out_layout != "NCW"
+            or not isinstance(x_ty, relax.TensorType)
+            or x_ty.ndim != 3
+            or x_ty.dtype != "float32"
+        ):
+            return call
+        weight = w.value.numpy()  # [Co, Ci, Kw]
+        co, ci, kw = weight.shape
+        stride, dilation = int(a.strides[0]), int(a.dilation[0])
+        pad_l, pad_r = int(a.padding[0]), int(a.padding[1])
+
+        def unfold(data: te.Tensor) -> te.Tensor:
+            n, _, length = data.shape
+            out_w = (length + pad_l + pad_r - dilation * (kw - 1) - 1) // stride + 1
+
+            def value(b: Any, p: Any, r: Any) -> Any:
+                c, tap = r // kw, r % kw
+                pos = p * stride + tap * dilation - pad_l
+                inside = tirx.all(pos >= 0, pos < length)
+                return tirx.if_then_else(inside, data[b, c, tirx.max(tirx.min(pos, length - 1), 0)], 0.0)
+
+            return te.compute([n, out_w, ci * kw], value, name="unfold")
+
+        cols = self.builder_.emit(self.builder_.call_te(unfold, x))
+        y = self.builder_.emit(self._dense(cols, np.ascontiguousarray(weight.reshape(co, ci * kw).T)))
+        return relax.op.permute_dims(y, [0, 2, 1])
+
+    def _dense(self, x: relax.Expr, weight: np.ndarray) -> relax.Expr:
         k, n = weight.shape
         packed = pack(weight, self.block)
         if self.quant == "f32":

@@ -34,6 +34,16 @@ from tvm.target.codegen import llvm_get_cpu_features
 ROWS = 4
 # Below this many iterations a parallel loop costs more in thread wake-ups than it saves.
 MIN_PARALLEL_WORK = 4096
+MIN_PARALLEL_MACS = 1 << 20
+
+
+def _work(sch: s_tir.Schedule, block: Any) -> int:
+    """Iterations of the loops around ``block`` (symbolic extents count as large)."""
+    total = 1
+    for loop in sch.get_loops(block):
+        ext = _extent(sch, loop)
+        total *= ext if ext is not None else 1 << 10
+    return total
 
 
 def _lanes(target: Target, bits: int = 32) -> int:
@@ -92,7 +102,7 @@ class Matmul(ScheduleRule):
             return None
         mm = reductions[0]
         kinds = mm.dom_kind()
-        if len(kinds) < 3 or not kinds.endswith("SSR") or "R" in kinds[:-1] or not _is_multiply_add(sch, mm.block_rv):
+        if len(kinds) < 2 or not kinds.endswith("SR") or "R" in kinds[:-1] or not _is_multiply_add(sch, mm.block_rv):
             return None
         pos = infos.index(mm)
         # Injective producers (transposes, reshapes, casts fused in front) are read in place.
@@ -109,7 +119,10 @@ class Matmul(ScheduleRule):
             except Exception:
                 pass
         lanes = _lanes(target)
-        *batch, i, j, k = sch.get_loops(mm.block_rv)
+        loops = sch.get_loops(mm.block_rv)
+        if len(loops) == 2:  # one output row (unit loops were normalized away): a GEMV
+            loops = [sch.add_unit_loop(mm.block_rv), *loops]
+        *batch, i, j, k = loops
         n = _extent(sch, j)
         # Two vectors of columns (the packed weight's tile; 3 was measured far slower), one if
         # that divides and two do not.
@@ -121,7 +134,8 @@ class Matmul(ScheduleRule):
         # Column tiles outside row tiles: one tile's weights (K x cols) stay in L1 across the rows.
         sch.reorder(*batch, jo, io, k, ii, ji)
         outer = sch.fuse(*batch, jo, io)
-        sch.parallel(outer)
+        if _work(sch, mm.block_rv) >= MIN_PARALLEL_MACS:
+            sch.parallel(outer)
         acc = sch.cache_write(mm.block_rv, 0, "local")
         sch.reverse_compute_at(acc, outer, preserve_unit_loops=True)
         last = epilogue[-1] if epilogue else None
@@ -187,7 +201,8 @@ class RowWise(ScheduleRule):
         last = infos[-1].block_rv
         loops = sch.get_loops(last)
         rows = sch.fuse(*loops[:leading]) if leading > 1 else loops[0]
-        sch.parallel(rows)
+        if _work(sch, last) >= MIN_PARALLEL_WORK:
+            sch.parallel(rows)
         _vectorize_inner(sch, last, lanes)
         remaining = [b.block_rv for b in infos[:-1] if _exists(sch, b.block_rv)]
         for block in reversed(remaining):
@@ -259,5 +274,6 @@ class Fallback(ScheduleRule):
             if n == 0 or len(loops) < len(kinds):
                 continue
             outer = sch.fuse(*loops[: max(1, min(n, len(kinds) - 1))]) if min(n, len(kinds) - 1) > 1 else loops[0]
-            sch.parallel(outer)
+            if _work(sch, b.block_rv) >= MIN_PARALLEL_MACS:
+                sch.parallel(outer)
         return sch
