@@ -176,3 +176,20 @@ def test_outputs_never_alias_inputs_or_weights(tmp_path):
     assert first["y"].tolist() == [1, 1, 1] and second["y"].tolist() == [0, 0, 0]
     first["w"][0] = 99.0
     assert model(x=np.zeros(3, np.float32))["w"][0] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("quant", "tol", "dtype"), [("f16", 2e-3, np.float16), ("q8", 2e-2, np.int8), ("q4", 0.2, np.uint8)]
+)
+def test_weight_quantization_error_is_bounded(graphs, tmp_path, quant, tol, dtype):
+    import edgert
+
+    art = _compile(graphs["dense"], tmp_path / f"{quant}.edgert", quant=quant)
+    model = edgert.load(art)
+    weights = model.artifact.manifest["weights"]
+    assert weights["quant"] == quant and 0 < weights["weight_rel_rms_error"] < tol
+    assert any(w.dtype == dtype for w in model.artifact.weights().values())
+    x = np.random.default_rng(3).standard_normal((2, 9, 37)).astype(np.float32)
+    got, want = model(x=x)["y"], _reference(graphs["dense"], {"x": x})["y"]
+    rel = np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2))
+    assert rel < tol

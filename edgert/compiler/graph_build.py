@@ -78,13 +78,13 @@ def optimize(mod: Any, tvm_target: Any, quant: str) -> tuple[Any, list, float | 
     return mod, arrays, weight_error
 
 
-def build(mod: Any, tvm_target: Any, tuning_db: Path | None = None) -> Any:
+def build(mod: Any, tvm_target: Any, tuning_db: Path | None = None, stats: dict[str, int] | None = None) -> Any:
     """Legalize, schedule (edgert's rules, or a tuning database when one is given) and compile."""
     import tvm
 
     from edgert.compiler.schedules import graph_pipeline
 
-    return tvm.compile(mod, target=tvm_target, relax_pipeline=graph_pipeline(tvm_target, tuning_db))
+    return tvm.compile(mod, target=tvm_target, relax_pipeline=graph_pipeline(tvm_target, tuning_db, stats))
 
 
 def compile_graph(
@@ -131,8 +131,9 @@ def compile_graph(
 
     progress("compiling with TVM", None)
     t = time.perf_counter()
+    tune_stats: dict[str, int] = {}
     try:
-        executable = build(mod, tvm_target, db)
+        executable = build(mod, tvm_target, db, tune_stats)
     except EdgertError:
         raise
     except Exception as exc:  # TVM reports shape and lowering failures as assorted errors
@@ -166,7 +167,7 @@ def compile_graph(
                 "order": order,
             },
             "library": "model.so",
-            "tuning": {"database": "/".join(db.parts[-3:]) if db else None},
+            "tuning": {"database": "/".join(db.parts[-3:]) if db else None, **tune_stats},
             "compile_seconds": {k: round(v, 2) for k, v in seconds.items()},
         }
         staged = {"model.so": stage / "model.so", "weights.safetensors": stage / "weights.safetensors"}

@@ -7,6 +7,7 @@ the same model file (by content hash), so a default compile never waits for tuni
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 from edgert.paths import TARGETS_DIR
@@ -23,7 +24,8 @@ def model_hash(path: str | Path) -> str:
 
 def database_dir(target: str, model: str | Path) -> Path:
     """The folder of the tuning database for ``model`` on ``target`` (may not exist)."""
-    return TARGETS_DIR / "tuning" / target / model_hash(model)
+    base = Path(os.environ.get("EDGERT_TUNING_DIR") or TARGETS_DIR / "tuning")
+    return base / target / model_hash(model)
 
 
 def database_for(target: str, model: str | Path) -> Path | None:

@@ -43,8 +43,12 @@ def schedule_rules() -> list[Any]:
     return [_Guarded(r) for r in (Matmul(), RowWise(), Elementwise(), Fallback())]
 
 
-def graph_pipeline(target: Any, tuning_db: Path | None = None) -> Any:
-    """The Relax pipeline for graphs: TVM's CPU passes, with edgert's rules (or a tuning database)."""
+def graph_pipeline(target: Any, tuning_db: Path | None = None, stats: dict[str, int] | None = None) -> Any:
+    """The Relax pipeline for graphs: TVM's CPU passes, with edgert's rules (or a tuning database).
+
+    ``stats`` (if given) receives ``kernels`` and ``tuned_kernels``: how many kernels the module
+    has and how many took their schedule from the tuning database.
+    """
     import tvm
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
@@ -65,6 +69,10 @@ def graph_pipeline(target: Any, tuning_db: Path | None = None) -> Any:
                     passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
                     mod = tvm.transform.Sequential(passes)(mod)
                 passes = []
+                if stats is not None:
+                    kernels = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+                    stats["kernels"] = len(kernels)
+                    stats["tuned_kernels"] = sum(bool(f.attrs and f.attrs.get("tirx.is_scheduled")) for f in kernels)
             passes.append(dlight.ApplyDefaultSchedule(*schedule_rules()))
             passes += cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
             return tvm.transform.Sequential(passes)(mod)
