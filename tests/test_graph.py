@@ -193,3 +193,29 @@ def test_weight_quantization_error_is_bounded(graphs, tmp_path, quant, tol, dtyp
     got, want = model(x=x)["y"], _reference(graphs["dense"], {"x": x})["y"]
     rel = np.sqrt(np.mean((got - want) ** 2) / np.mean(want**2))
     assert rel < tol
+
+
+def test_graph_runs_with_the_runtime_library_only(graphs, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    art = _compile(graphs["dense"], tmp_path / "rt.edgert")
+    x = np.random.default_rng(4).standard_normal((1, 2, 37)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import json, sys, numpy as np, edgert, tvm.base\n"
+        f"m = edgert.load({str(art)!r})\n"
+        f"y = m(x=np.load({str(tmp_path / 'x.npy')!r}))['y']\n"
+        "bad = [n for n in sys.modules if n.startswith(('edgert.compiler', 'edgert.frontend', 'tvm.relax'))]\n"
+        "print(json.dumps({'y': y.tolist(), 'bad': bad, 'runtime_only': tvm.base._RUNTIME_ONLY}))\n"
+    )
+    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["runtime_only"] is True and result["bad"] == []
+    np.testing.assert_allclose(np.array(result["y"]), _reference(graphs["dense"], {"x": x})["y"], rtol=1e-5, atol=1e-5)
