@@ -52,7 +52,7 @@ def tune(
     database = ms.database.JSONDatabase(
         str(out / "database_workload.json"), str(out / "database_tuning_record.json"), allow_missing=True
     )
-    with tempfile.TemporaryDirectory(prefix="edgert-tune-") as work:
+    with tempfile.TemporaryDirectory(prefix="edgert-tune-") as work:  # MetaSchedule's logs
         ms.relax_integration.tune_relax(
             mod,
             params={},
@@ -63,8 +63,10 @@ def tune(
             database=database,
             # One build worker and one measuring process: on a small board (and in CI) a worker per
             # core only competes with the measurements.
-            builder=ms.builder.LocalBuilder(max_workers=1),
-            runner=ms.runner.LocalRunner(),
+            # Generous time limits: a fresh worker first imports TVM's tensor intrinsics, which
+            # takes minutes on a loaded 2-core machine and made every candidate time out at 30 s.
+            builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=900),
+            runner=ms.runner.LocalRunner(timeout_sec=300),
             # xgboost is not a dependency: without a learned cost model, candidates are sampled
             # from the design space and every one is measured.
             cost_model="random",
