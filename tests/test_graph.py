@@ -219,3 +219,26 @@ def test_graph_runs_with_the_runtime_library_only(graphs, tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["runtime_only"] is True and result["bad"] == []
     np.testing.assert_allclose(np.array(result["y"]), _reference(graphs["dense"], {"x": x})["y"], rtol=1e-5, atol=1e-5)
+
+
+def test_gather_with_out_of_range_ids_stays_inside_the_table(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import edgert
+
+    table = np.arange(50 * 8, dtype=np.float32).reshape(50, 8)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)],
+        "gather",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, [3, 8])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    onnx.save(proto, str(tmp_path / "g.onnx"))
+    model = edgert.load(_compile(tmp_path / "g.onnx", tmp_path / "g.edgert"))
+    np.testing.assert_array_equal(model(ids=np.array([3, -1, 7]))["rows"], table[[3, 49, 7]])
+    # A bad id (ONNX leaves it undefined, onnxruntime refuses it) reads the nearest row, never past the table.
+    np.testing.assert_array_equal(model(ids=np.array([10**9, 0, 2]))["rows"], table[[49, 0, 2]])

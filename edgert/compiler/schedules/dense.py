@@ -101,10 +101,16 @@ class _PackDense(relax.PyExprMutator):
         self.mod_, self.block, self.quant = mod, block, quant
         self.matmul = tvm_op("relax.matmul")
         self.conv1d = tvm_op("relax.nn.conv1d")
+        self.take = tvm_op("relax.take")
         self.errors: list[tuple[np.ndarray, np.ndarray]] = []
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
+        if call.op == self.take and call.attrs.mode == "fast":
+            # Gathers index with the caller's data (token ids): "fast" reads out of bounds on a bad
+            # id; "clip" stays inside the table, as the LLM runtime's embedding does.
+            axis = None if call.attrs.axis is None else int(call.attrs.axis)
+            return relax.op.take(call.args[0], call.args[1], axis, mode="clip")
         if call.op == self.conv1d:
             return self._conv1d(call)
         if call.op != self.matmul or len(call.args) != 2:
