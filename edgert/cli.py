@@ -122,14 +122,15 @@ def run(
     ] = None,
 ) -> None:
     """Generate text from a prompt (LLM artifacts), or run a graph artifact on --inputs into -o."""
-    from edgert.runtime import load
-    from edgert.runtime.artifact import open_artifact
+    from edgert.runtime import GraphModel, load
 
-    if inputs is not None or outputs is not None or open_artifact(artifact, verify=False).family == "graph":
+    if inputs is not None or outputs is not None:
         _run_graph(artifact, inputs, outputs, threads)
         return
     sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)  # before the slow load
     model = load(artifact, threads=threads, context_length=context)
+    if isinstance(model, GraphModel):
+        raise EdgertError(f"{artifact} is a graph: run it with --inputs IN.npz --output OUT.npz")
     text = prompt if prompt is not None else model.artifact.manifest.get("defaults", {}).get("prompt", "Hello!")
     chat = not raw and model.tokenizer.has_chat_template
     pieces, ids = [], []

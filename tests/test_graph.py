@@ -104,6 +104,8 @@ def test_cli_compile_and_run_with_npz(graphs, tmp_path):
     np.savez(inputs, x=np.zeros((2, 3, 36), np.float32))
     proc = run_cli("run", str(art), "--inputs", str(inputs), "-o", str(outputs))
     assert proc.returncode == 2 and "input 'x' has shape [2, 3, 36]" in proc.stderr
+    proc = run_cli("run", str(art), "--prompt", "hi")
+    assert proc.returncode == 2 and "is a graph: run it with --inputs" in " ".join(proc.stderr.split())
     proc = run_cli("compile", str(graphs["dense"]), "-o", str(art), "--input-shape", "nope=1,2")
     assert proc.returncode == 2 and "'nope', which is not an input" in proc.stderr
 
