@@ -59,12 +59,27 @@ def compile_model(
     threads: int | None = None,
     as_dir: bool = False,
     progress: Progress = _quiet,
+    **graph_options: Any,
 ) -> CompileResult:
     """Compile a recipe name or a GGUF path for ``target`` into an artifact at ``output``.
 
     ``quant`` (source, q4, q8, f16, f32; see `edgert.compiler.quantize`) chooses the weight
     storage; ``weight_dtype`` (f16 or f32) is the older name for the float choices.
+    An .onnx or .tflite file goes to `compile_graph` (options ``quant``, ``input_shapes``).
     """
+    if Path(str(model)).suffix.lower() in (".onnx", ".tflite"):
+        from edgert.compiler.graph_build import compile_graph
+
+        return compile_graph(
+            model,
+            target=target,
+            output=output,
+            quant=quant,
+            threads=threads,
+            as_dir=as_dir,
+            progress=progress,
+            **graph_options,
+        )
     import numpy as np
     import tvm
     from tvm import relax
