@@ -68,6 +68,10 @@ def compile_model(
 
     spec = load_target(target)
     source, recipe = _resolve_source(model)
+    if _is_whisper(source, recipe):
+        from edgert.compiler.build_whisper import compile_whisper
+
+        return compile_whisper(source, recipe, spec, output, weight_dtype, threads, as_dir, progress)
     name = recipe.name if recipe else source.stem
     out = check_output_path(Path(output) if output else Path(f"{name}.edgert"), as_dir)
     options = dict(recipe.compile) if recipe else {}
@@ -167,6 +171,13 @@ def compile_model(
         manifest = write_artifact(out, manifest, staged, as_dir=as_dir)
     progress("done", 1.0)
     return CompileResult(out, manifest, seconds)
+
+
+def _is_whisper(source: Path, recipe: Recipe | None) -> bool:
+    """A Whisper recipe, or a CTranslate2 model (its folder or its model.bin)."""
+    if recipe is not None:
+        return recipe.family == "whisper"
+    return source.name == "model.bin" or (source.is_dir() and (source / "model.bin").is_file())
 
 
 def _entry_points(cfg: Any) -> dict[str, Any]:
