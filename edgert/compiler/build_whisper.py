@@ -11,6 +11,7 @@ from edgert import __version__
 from edgert.compiler.layout import WEIGHT_DTYPES, apply_cpu_layout
 from edgert.compiler.package import check_output_path, write_artifact
 from edgert.compiler.recipes import Recipe
+from edgert.compiler.seq2seq_kernels import apply_seq2seq_kernels
 from edgert.compiler.target import library_compiler, resolve
 from edgert.errors import EdgertError, ModelFileError
 from edgert.targets import TargetSpec
@@ -65,6 +66,7 @@ def compile_whisper(
     t = time.perf_counter()
     net = whisper.WhisperModel(cfg)
     repack = apply_cpu_layout(net, weight_dtype)
+    apply_seq2seq_kernels(net)
     with tvm_target:
         mod, named_params = net.export_tvm(spec=net.get_default_spec())
     seconds["export"] = time.perf_counter() - t
@@ -100,7 +102,7 @@ def compile_whisper(
         seconds["weights"] = time.perf_counter() - t
 
         progress("writing artifact", None)
-        cross = [2 * cfg.decoder_layers, cfg.num_heads, cfg.audio_ctx, cfg.head_dim]
+        cross = [2 * cfg.decoder_layers, cfg.num_heads, cfg.audio_ctx * cfg.head_dim]
         manifest = {
             "name": name,
             "family": "whisper",

@@ -141,10 +141,17 @@ def _heads_first(x: Tensor, rows: int, heads: int, head_dim: int) -> Tensor:
     return op.permute_dims(op.reshape(x, (rows, heads, head_dim)), [1, 0, 2])
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """softmax(q kᵀ · scale) v per head: q [h, n, d], k/v [h, m, d] -> [h, n, d]."""
-    scores = op.matmul(q, op.permute_dims(k, [0, 2, 1])) * scale
-    return op.matmul(op.softmax(scores, axis=-1), v)
+class Attend(nn.Module):
+    """softmax(q kᵀ · scale) v per head: q [h, n, d], keys transposed kt [h, d, m], v [h, m, d] -> [h, n, d].
+
+    Written with plain ops; the compiler swaps in a fused kernel (`apply_seq2seq_kernels`).
+    """
+
+    def __init__(self, heads: int, keys: int, head_dim: int):
+        self.heads, self.keys, self.head_dim, self.scale = heads, keys, head_dim, head_dim**-0.5
+
+    def forward(self, q: Tensor, kt: Tensor, v: Tensor) -> Tensor:
+        return op.matmul(op.softmax(op.matmul(q, kt) * self.scale, axis=-1), v)
 
 
 class EncoderLayer(nn.Module):
@@ -159,13 +166,14 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(d, eps=1e-5)
         self.fc1 = Projection(d, cfg.ffn_dim)
         self.fc2 = Projection(cfg.ffn_dim, d)
+        self.attend = Attend(cfg.num_heads, cfg.audio_ctx, cfg.head_dim)
 
     def forward(self, h: Tensor) -> Tensor:
         cfg = self.cfg
         t = h.shape[0]
         q, k, v = op.split(self.qkv(self.attn_norm(h)), 3, axis=-1)
         q, k, v = (_heads_first(x, t, cfg.num_heads, cfg.head_dim) for x in (q, k, v))
-        a = _attend(q, k, v, cfg.head_dim**-0.5)
+        a = self.attend(q, op.permute_dims(k, [0, 2, 1]), v)
         h = h + self.out(op.reshape(op.permute_dims(a, [1, 0, 2]), (t, cfg.d_model)))
         return h + self.fc2(op.gelu(self.fc1(self.ffn_norm(h))))
 
@@ -186,6 +194,7 @@ class DecoderLayer(nn.Module):
         self.ffn_norm = nn.LayerNorm(d, eps=1e-5)
         self.fc1 = Projection(d, cfg.ffn_dim)
         self.fc2 = Projection(cfg.ffn_dim, d)
+        self.attend = Attend(cfg.num_heads, cfg.audio_ctx, cfg.head_dim)
 
     def forward(self, x: Tensor, cross: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
         cfg = self.cfg
@@ -195,8 +204,9 @@ class DecoderLayer(nn.Module):
         x = x + self.self_out(op.reshape(a, (b, s, d)))
         # Cross-attention: every (sequence, position) row attends to the same window.
         q = _heads_first(self.cross_q(self.cross_norm(x)), b * s, cfg.num_heads, cfg.head_dim)
-        k, v = _cross_slice(cross, 2 * layer_id), _cross_slice(cross, 2 * layer_id + 1)
-        a = _attend(q, k, v, cfg.head_dim**-0.5)
+        kt = _cross_slice(cross, 2 * layer_id, (cfg.num_heads, cfg.head_dim, cfg.audio_ctx))
+        v = _cross_slice(cross, 2 * layer_id + 1, (cfg.num_heads, cfg.audio_ctx, cfg.head_dim))
+        a = self.attend(q, kt, v)
         x = x + self.cross_out(op.reshape(op.permute_dims(a, [1, 0, 2]), (b, s, d)))
         return x + self.fc2(op.gelu(self.fc1(self.ffn_norm(x))))
 
@@ -219,7 +229,8 @@ class WhisperModel(nn.Module):
         self.lm_head = nn.Linear(d, cfg.padded_vocab, bias=False)
 
     def encode(self, mel: Tensor) -> Tensor:
-        """Log-mel frames [1, n_mels, 3000] -> cross-attention K/V [layers * 2, heads, 1500, head_dim]."""
+        """Log-mel frames [1, n_mels, 3000] -> cross-attention K/V [layers * 2, heads, head_dim * 1500]:
+        per layer the keys transposed [heads, head_dim, frames], then the values [heads, frames, head_dim]."""
         cfg = self.cfg
         x = op.permute_dims(op.reshape(mel, (cfg.n_mels, N_FRAMES)), [1, 0])
         h = op.gelu(self.conv2(op.gelu(self.conv1(x))))
@@ -228,11 +239,13 @@ class WhisperModel(nn.Module):
             h = layer(h)
         e = self.encoder_norm(h)
         kv = []
+        flat = (1, cfg.num_heads, cfg.audio_ctx * cfg.head_dim)
         for layer in self.decoder_layers:
             k, v = op.split(layer.cross_kv(e), 2, axis=-1)
-            kv += [_heads_first(k, cfg.audio_ctx, cfg.num_heads, cfg.head_dim)]
-            kv += [_heads_first(v, cfg.audio_ctx, cfg.num_heads, cfg.head_dim)]
-        return op.concat([op.unsqueeze(t, 0) for t in kv], dim=0)
+            k = op.permute_dims(op.reshape(k, (cfg.audio_ctx, cfg.num_heads, cfg.head_dim)), [1, 2, 0])
+            k = op.reshape(k, flat)
+            kv += [k, op.reshape(_heads_first(v, cfg.audio_ctx, cfg.num_heads, cfg.head_dim), flat)]
+        return op.concat(kv, dim=0)
 
     def _decode(self, ids: Tensor, positions: Tensor, cross: Tensor, cache: PagedKVCache) -> Tensor:
         x = self.embed_tokens(ids) + self.embed_positions(positions)
@@ -303,7 +316,7 @@ class WhisperModel(nn.Module):
         cfg = self.cfg
         packed = {"param_mode": "packed", "effect_mode": "none"}
         cache = nn.spec.Object(object_type=PagedKVCache)
-        cross = nn.spec.Tensor([2 * cfg.decoder_layers, cfg.num_heads, cfg.audio_ctx, cfg.head_dim], "float32")
+        cross = nn.spec.Tensor([2 * cfg.decoder_layers, cfg.num_heads, cfg.audio_ctx * cfg.head_dim], "float32")
         spec = {
             "encode": {"mel": nn.spec.Tensor([1, cfg.n_mels, N_FRAMES], "float32"), "$": packed},
             "prefill": {
@@ -332,10 +345,11 @@ class WhisperModel(nn.Module):
         return nn.spec.ModuleSpec.from_raw(spec, self)
 
 
-def _cross_slice(cross: Tensor, index: int) -> Tensor:
-    """cross[index]: one layer's keys or values [heads, frames, head_dim]."""
+def _cross_slice(cross: Tensor, index: int, shape: tuple[int, int, int]) -> Tensor:
+    """cross[index] viewed as ``shape``: one layer's keys [heads, d, frames] or values [heads, frames, d]."""
+    _, inner = shape[1], shape[2]
     return op.tensor_expr_op(
-        lambda x: te.compute(tuple(x.shape[1:]), lambda h, t, d: x[index, h, t, d], name="cross_slice"),
+        lambda x: te.compute(shape, lambda h, a, b: x[index, h, a * inner + b], name="cross_slice"),
         "cross_slice",
         [cross],
     )
