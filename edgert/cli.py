@@ -274,6 +274,56 @@ def bench(
     out.print(table)
 
 
+@app.command()
+def transcribe(
+    artifact: Annotated[Path, typer.Argument(help="A compiled Whisper .edgert artifact.")],
+    audio: Annotated[Path, typer.Argument(help="A WAV file (any rate; mixed down to mono, resampled to 16 kHz).")],
+    beam: Annotated[
+        int | None, typer.Option("--beam", "-b", help="Beam size (1: greedy; default: the model's, 5).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (segments, text, stats).")] = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Transcribe speech in AUDIO with a Whisper artifact, printing timestamped segments."""
+    from edgert.runtime.transcriber import Transcriber, TranscriptionStats
+
+    beam_size = beam
+    transcriber = Transcriber(artifact, threads=threads)
+    if beam_size is None:
+        beam_size = int(transcriber.artifact.manifest.get("defaults", {}).get("beam_size", 1))
+    loaded = transcriber.load_audio(audio)
+    if loaded.resampled:
+        err.print(f"[dim]resampled {loaded.source_rate} Hz -> {loaded.sample_rate} Hz with soxr[/]")
+    if loaded.source_channels > 1:
+        err.print(f"[dim]mixed {loaded.source_channels} channels down to mono[/]")
+    stats = TranscriptionStats()
+    segments = []
+    for seg in transcriber.segments(loaded, beam_size=beam_size, stats=stats):
+        segments.append(seg)
+        if not as_json:
+            print(f"[{seg.start:7.2f} -> {seg.end:7.2f}] {seg.text.strip()}", flush=True)
+    text = "".join(s.text for s in segments).strip()
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "text": text,
+                    "segments": [s.to_dict() for s in segments],
+                    "beam_size": beam_size,
+                    "resampled_from": loaded.source_rate if loaded.resampled else None,
+                    "stats": stats.to_dict(),
+                }
+            )
+        )
+        return
+    err.print(
+        f"[dim]{stats.audio_seconds:.1f} s of audio in {stats.total_seconds:.2f} s "
+        f"(real-time factor {stats.real_time_factor:.3f}; encoder {stats.encode_seconds:.2f} s, "
+        f"decoder {stats.decode_seconds:.2f} s, beam {beam_size}, {transcriber.model.session.threads} threads)[/]",
+        soft_wrap=True,
+    )
+
+
 def main() -> None:
     """Entry point: run the CLI, printing edgert's errors as one line without a traceback."""
     try:

@@ -7,6 +7,7 @@ Imports only numpy, the TVM runtime (works with ``TVM_USE_RUNTIME_LIB=1``), `tok
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from edgert.errors import ArtifactError
 from edgert.runtime.artifact import Artifact, open_artifact
@@ -25,9 +26,16 @@ __all__ = [
 ]
 
 
-def load(path: str | Path, threads: int | None = None, context_length: int | None = None) -> Generator:
-    """Open and verify an artifact and load it for running: ``edgert.load("s.edgert").generate(...)``."""
+def load(path: str | Path, threads: int | None = None, context_length: int | None = None) -> Any:
+    """Open and verify an artifact and load it for running: ``edgert.load("s.edgert").generate(...)``.
+
+    A language model gives a `Generator`, a Whisper model a `Transcriber`.
+    """
     artifact = open_artifact(path)
     if artifact.family == "llama":
         return Generator(artifact, threads=threads, context_length=context_length)
+    if artifact.family == "whisper":
+        from edgert.runtime.transcriber import Transcriber
+
+        return Transcriber(artifact, threads=threads)
     raise ArtifactError(f"{path}: model family '{artifact.family}' has no runtime in this edgert")
