@@ -72,6 +72,10 @@ def compile_model(
         from edgert.compiler.build_whisper import compile_whisper
 
         return compile_whisper(source, recipe, spec, output, weight_dtype, threads, as_dir, progress)
+    from edgert.compiler.build_marian import compile_marian, is_marian_dir
+
+    if recipe is None and is_marian_dir(source):
+        return compile_marian(source, spec, output, weight_dtype, threads, as_dir)
     name = recipe.name if recipe else source.stem
     out = check_output_path(Path(output) if output else Path(f"{name}.edgert"), as_dir)
     options = dict(recipe.compile) if recipe else {}

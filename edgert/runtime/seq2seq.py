@@ -233,3 +233,57 @@ class Seq2Seq:
             logits = self.step(seqs, [int(words[j]) for j in chosen], cross).copy()
         done.sort(key=lambda h: -h.normalized)
         return done[0]
+
+    def beam_transformers(
+        self,
+        cross: Any,
+        prompt: Sequence[int],
+        eos: int,
+        max_new: int,
+        beam_size: int = 4,
+        length_penalty: float = 1.0,
+        processors: Sequence[LogitsProcessor] = (),
+    ) -> Hypothesis:
+        """Beam search as Hugging Face transformers runs it (`generate(num_beams=...)`, early_stopping=False).
+
+        Processors see log-probabilities (transformers applies them after the log-softmax);
+        2 x beam candidates per step; a candidate among the top ``beam`` that ends (end token
+        or length limit) joins the finished set with score / generated_length ** length_penalty;
+        the search stops when no running beam can beat the worst of ``beam`` finished ones.
+        The returned tokens include the end token when one was produced.
+        """
+        self.cache.reset()
+        root = self.cache.add()
+        logits = self.prefill(root, prompt, cross)[None]
+        seqs, alive, scores = [root], [[]], np.zeros(1, np.float32)
+        finished: list[tuple[float, list[int]]] = []
+        n_cand, open_heuristic = 2 * beam_size, True
+        for step in range(max_new):
+            logp = log_softmax(logits.astype(np.float32))
+            for proc in processors:
+                proc(step, logp, alive)
+            flat = (logp + scores[:, None]).reshape(-1)
+            top = np.argsort(-flat, kind="stable")[:n_cand]
+            origin, words, cand = top // logits.shape[1], top % logits.shape[1], flat[top]
+            hits = (words == eos) | (step + 1 >= max_new)
+            for j in range(beam_size):
+                if hits[j] and open_heuristic:
+                    toks = alive[origin[j]] + [int(words[j])]
+                    finished.append((float(cand[j]) / (step + 1) ** length_penalty, toks))
+            finished = sorted(finished, key=lambda f: -f[0])[:beam_size]
+            running = np.where(hits, cand - 1e9, cand)
+            keep = np.argsort(-running, kind="stable")[:beam_size]
+            scores = running[keep].astype(np.float32)
+            if len(finished) == beam_size:
+                best_possible = scores[0] / (step + 1) ** length_penalty
+                open_heuristic = open_heuristic and best_possible > finished[-1][0]
+            if not open_heuristic or bool(np.all(hits)):
+                break
+            new_seqs = [self.cache.fork(seqs[origin[j]]) for j in keep]
+            for s in seqs:
+                self.cache.remove(s)
+            alive = [alive[origin[j]] + [int(words[j])] for j in keep]
+            seqs = new_seqs
+            logits = self.step(seqs, [int(words[j]) for j in keep], cross)
+        score, tokens = finished[0]
+        return Hypothesis(tokens, score * len(tokens) ** length_penalty, score)
