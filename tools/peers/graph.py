@@ -1,0 +1,199 @@
+"""Plain ONNX graphs: edgert vs onnxruntime on the same ONNX file, inputs and thread count.
+
+Cases: the all-MiniLM-L6-v2 encoder (exported by tools/export_minilm_onnx.py) at one sequence
+length, silero-vad on one 512-sample chunk, and silero-vad streaming a whole recording with its
+state carried. Each engine runs in its own child process (so peak RSS is its own); latency is
+the median of ``--repeats`` timed calls after one warm-up.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peers import Row
+
+NAME = "graph"
+HELP = "ONNX graphs (MiniLM encoder, silero-vad) against onnxruntime"
+ROOT = Path(__file__).resolve().parents[2]
+VAD_ONNX = "silero_vad_openvino_16k.onnx"
+
+
+def add_arguments(parser: Any) -> None:
+    """This section's options."""
+    parser.add_argument("--graph-seq", type=int, default=128, help="MiniLM sequence length (tokens)")
+    parser.add_argument("--graph-audio-seconds", type=float, default=30.0, help="length of the streamed VAD recording")
+    parser.add_argument("--graph-quant", default="f32", help="edgert --quant for the graphs (f32, f16, q8, q4)")
+
+
+def _rss_mb() -> float:
+    """This process's peak resident set (VmHWM), in MB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _engine(kind: str, path: str, threads: int) -> Any:
+    """A callable feeds -> {name: array} for ``kind`` (edgert artifact or onnxruntime model)."""
+    if kind == "edgert":
+        sys.path.insert(0, str(ROOT))
+        import edgert
+
+        return edgert.load(path, threads=threads)
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    return lambda feeds: dict(zip(names, sess.run(None, feeds), strict=True))
+
+
+def _child(kind: str, path: str, threads: int, repeats: int, job: str, data: dict[str, Any], conn: Any) -> None:
+    try:
+        t = time.perf_counter()
+        run = _engine(kind, path, threads)
+        load_s = time.perf_counter() - t
+        if job == "once":
+            run(data)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                out = run(data)
+                times.append(time.perf_counter() - t)
+        else:  # stream: VAD chunks with state and context carried
+            audio = data["audio"]
+            times, out = [], {}
+            for _ in range(max(1, repeats // 2)):
+                state, context, probs = np.zeros((2, 1, 128), np.float32), np.zeros(64, np.float32), []
+                t = time.perf_counter()
+                for i in range(0, len(audio) - 511, 512):
+                    x = np.concatenate([context, audio[i : i + 512]])[None, :]
+                    res = run({"input": x, "state": state})
+                    state, context = res["stateN"], x[0, -64:]
+                    probs.append(res["output"][0, 0])
+                times.append(time.perf_counter() - t)
+            out = {"probs": np.array(probs)}
+        conn.send({"median_s": float(np.median(times)), "load_s": load_s, "rss_mb": _rss_mb(), "out": out})
+    except Exception as exc:  # reported as a row note by the parent
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def measure(kind: str, path: Path, threads: int, repeats: int, job: str, data: dict[str, Any]) -> dict[str, Any]:
+    """Run one engine in a fresh child process and return its timings, peak RSS and outputs."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(kind, str(path), threads, repeats, job, data, child))
+    proc.start()
+    result = parent.recv()
+    proc.join()
+    if "error" in result:
+        raise RuntimeError(f"{kind}: {result['error']}")
+    return result
+
+
+def _compile(onnx_path: Path, out: Path, threads: int, quant: str, shapes: dict[str, list[int]]) -> tuple[float, int]:
+    sys.path.insert(0, str(ROOT))
+    import edgert
+
+    t = time.perf_counter()
+    result = edgert.compile(str(onnx_path), output=out, threads=threads, quant=quant, input_shapes=shapes)
+    seconds = time.perf_counter() - t
+    return seconds, sum(f["size"] for f in result.manifest["files"].values())
+
+
+def _audio(seconds: float) -> np.ndarray:
+    """A real recording when `useful-moonshine-onnx` is installed, else a voiced synthetic signal."""
+    try:
+        from edgert.paths import package_file
+
+        wav = package_file("moonshine_onnx", "assets", "beckett.wav")
+        import wave
+
+        with wave.open(str(wav)) as fh:
+            raw = np.frombuffer(fh.readframes(fh.getnframes()), np.int16).astype(np.float32) / 32768
+            rate = fh.getframerate()
+        if rate == 16000:
+            reps = int(np.ceil(seconds * 16000 / len(raw)))
+            return np.tile(raw, reps)[: int(seconds * 16000)]
+    except Exception:  # no package, or another rate: the synthetic signal serves
+        pass
+    t = np.arange(int(16000 * seconds)) / 16000
+    pitch = 140 + 30 * np.sin(2 * np.pi * 0.7 * t)
+    voiced = sum(np.sin(2 * np.pi * k * np.cumsum(pitch) / 16000) / k for k in range(1, 8))
+    gate = (np.sin(2 * np.pi * 0.5 * t) > 0).astype(np.float32)
+    return (0.3 * gate * voiced + 0.01 * np.random.default_rng(0).standard_normal(t.shape)).astype(np.float32)
+
+
+def _rows(case: str, ours: dict, peer: dict, compile_s: float, size: int, agree: float, extra: dict) -> list[Row]:
+    note = {"max_abs_diff": f"{agree:.2e}", **extra}
+    return [
+        Row(NAME, case, "latency", "ms", ours["median_s"] * 1e3, peer["median_s"] * 1e3, "onnxruntime", False, note),
+        Row(NAME, case, "peak RSS", "MB", ours["rss_mb"], peer["rss_mb"], "onnxruntime", False),
+        Row(NAME, case, "load", "s", ours["load_s"], peer["load_s"], "onnxruntime", False),
+        Row(NAME, case, "compile", "s", compile_s, None, "-", False),
+        Row(NAME, case, "artifact", "MB", size / 1e6, None, "-", False),
+    ]
+
+
+def run(args: Any) -> list[Row]:
+    """Compile the graphs, run both engines, return the rows."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from export_minilm_onnx import export, tokenize
+
+    from edgert.paths import package_file
+
+    rows: list[Row] = []
+    threads, repeats = args.threads, max(5, args.repeats)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    with tempfile.TemporaryDirectory(prefix="edgert-peers-graph-") as tmp:
+        work = Path(tmp)
+        # MiniLM at a fixed sequence length (both engines read the same ONNX file).
+        onnx_path = export(work / "minilm.onnx")
+        seq = args.graph_seq
+        feeds = tokenize(["edgert compiles models ahead of time and runs them on small devices."], length=seq)
+        shapes = {k: list(v.shape) for k, v in feeds.items()}
+        compile_s, size = _compile(onnx_path, work / "minilm.edgert", threads, args.graph_quant, shapes)
+        ours = measure("edgert", work / "minilm.edgert", threads, repeats, "once", feeds)
+        peer = measure("onnxruntime", onnx_path, threads, repeats, "once", feeds)
+        diff = float(np.abs(ours["out"]["last_hidden_state"] - peer["out"]["last_hidden_state"]).max())
+        rows += _rows(f"minilm seq{seq}", ours, peer, compile_s, size, diff, {"threads": threads})
+
+        # silero-vad: one chunk, then a whole recording streamed chunk by chunk.
+        vad = package_file("silero_vad", "data", VAD_ONNX)
+        compile_s, size = _compile(vad, work / "vad.edgert", threads, "f32", {})
+        chunk = {"input": np.zeros((1, 576), np.float32), "state": np.zeros((2, 1, 128), np.float32)}
+        chunk["input"][0, 64:] = _audio(512 / 16000)[:512]
+        ours = measure("edgert", work / "vad.edgert", threads, repeats, "once", chunk)
+        peer = measure("onnxruntime", vad, threads, repeats, "once", chunk)
+        diff = float(np.abs(ours["out"]["output"] - peer["out"]["output"]).max())
+        rows += _rows("silero-vad 512 samples", ours, peer, compile_s, size, diff, {"threads": threads})
+        audio = {"audio": _audio(args.graph_audio_seconds)}
+        ours = measure("edgert", work / "vad.edgert", threads, repeats, "stream", audio)
+        peer = measure("onnxruntime", vad, threads, repeats, "stream", audio)
+        diff = float(np.abs(ours["out"]["probs"] - peer["out"]["probs"]).max())
+        case = f"silero-vad {args.graph_audio_seconds:g} s streamed"
+        rows.append(
+            Row(
+                NAME,
+                case,
+                "latency",
+                "ms",
+                ours["median_s"] * 1e3,
+                peer["median_s"] * 1e3,
+                "onnxruntime",
+                False,
+                {"max_abs_diff": f"{diff:.2e}", "chunks": len(ours["out"]["probs"])},
+            )
+        )
+    return rows
