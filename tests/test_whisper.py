@@ -7,6 +7,7 @@ their transcripts must be identical, token for token. Speech: `assets/beckett.wa
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import shutil
@@ -152,3 +153,48 @@ def test_cli_transcribe_refuses_bad_audio(whisper_artifact: Path, tmp_path: Path
         proc = run_cli("transcribe", str(whisper_artifact), str(path))
         assert proc.returncode == 2, proc.stderr
         assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def vad_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("silero_vad")
+    assert spec is not None and spec.origin is not None, "pip install --no-deps silero-vad"
+    onnx = Path(spec.origin).parent / "data" / "silero_vad_openvino_16k.onnx"
+    out = tmp_path_factory.mktemp("artifacts") / "vad.edgert"
+    proc = run_cli("compile", str(onnx), "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_streaming_commits_and_finals(transcriber, vad_artifact: Path) -> None:
+    """beckett.wav in 1 s chunks: VAD splits the pauses into utterances whose final texts give the words."""
+    import edgert
+    from edgert.runtime.streaming import StreamingTranscriber, stream_file
+    from edgert.runtime.vad import VoiceActivity
+
+    streamer = StreamingTranscriber(transcriber, VoiceActivity(edgert.load(vad_artifact)))
+    events = list(stream_file(streamer, read_wav(beckett_wav()).samples, chunk_seconds=1.0))
+    finals = [e for e in events if e.kind == "final"]
+    assert len(finals) >= 3  # the speaker pauses between the short sentences
+    spoken = " ".join(e.text for e in finals)
+    assert words(spoken) == words("Ever tried, ever failed. No matter, try again. Fail again. Fail better.")
+    assert all(e.latency is not None and e.latency > 0 for e in finals)
+    assert streamer.stats.latencies == [e.latency for e in finals]
+    assert streamer.stats.real_time_factor > 0 and streamer.stats.audio_seconds == pytest.approx(9.96, abs=0.01)
+    # Utterances are in order, inside the audio, and separated by the silences the VAD heard.
+    assert all(a.end <= b.start for a, b in itertools.pairwise(finals))
+    assert all(0 <= e.start < e.end <= 9.97 for e in finals)
+    # Committed words never change: every later partial of the utterance starts with them.
+    committed = ""
+    for e in events:
+        if e.kind == "commit":
+            committed += e.text
+        elif e.kind == "partial":
+            assert e.text.startswith(committed)
+        else:
+            committed = ""
+    assert any(e.kind == "partial" for e in events) and any(e.kind == "commit" for e in events)
+    with pytest.raises(ValueError, match="chunk length"):
+        list(stream_file(streamer, np.zeros(16000, np.float32), chunk_seconds=10.0))

@@ -3,9 +3,9 @@
 Chunks (0.5–1 s, as from a microphone) go through silero-vad (`VoiceActivity`). While speech
 lasts, the utterance so far is re-decoded after every chunk; the words two consecutive
 hypotheses agree on are committed (the local-agreement policy) and never change again. When
-the VAD hears ``min_silence`` of silence, or the utterance reaches the 30 s window, the
-utterance is decoded once more and its final text emitted, with the latency from the end of
-speech to that text.
+the VAD hears ``min_silence`` of silence, or the utterance reaches the 30 s window, the whole
+utterance is decoded once more (the final text may revise uncommitted and, rarely, committed
+words) and emitted with the latency from the end of speech to that text.
 """
 
 from __future__ import annotations
@@ -138,7 +138,9 @@ class StreamingTranscriber:
             self._committed = tokens[:agreed]
             events.append(Event("commit", self.tr.text_of(new), *self._span(self._vad_pos)))
         self._previous = tokens
-        events.append(Event("partial", self.tr.text_of(tokens), *self._span(self._vad_pos)))
+        # Committed tokens stay as they were; only the tail after them follows the new hypothesis.
+        shown = self._committed + tokens[len(self._committed) :]
+        events.append(Event("partial", self.tr.text_of(shown), *self._span(self._vad_pos)))
         return events
 
     def _span(self, end: int) -> tuple[float, float]:
