@@ -106,7 +106,12 @@ def compile_marian(
                 "num_layers": cfg.decoder_layers,
                 "cross": {"shape": [2 * cfg.decoder_layers, cfg.decoder_attention_heads, "src_len", cfg.head_dim]},
             },
-            "weights": {"file": "weights.safetensors", "dtype": WEIGHT_DTYPES[weight_dtype], "order": order},
+            "weights": {
+                "file": "weights.safetensors",
+                "dtype": WEIGHT_DTYPES[weight_dtype],
+                "layout": "cpu-packed-columns",
+                "order": order,
+            },
             "library": "model.so",
             "compile_seconds": {k: round(v, 2) for k, v in seconds.items()},
         }

@@ -78,8 +78,10 @@ class MarianConfig:
         return self.d_model // self.encoder_attention_heads
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict for the manifest."""
-        return asdict(self)
+        """Plain dict for the manifest (with the generic keys `edgert inspect` shows)."""
+        heads = self.decoder_attention_heads
+        generic = {"num_layers": self.decoder_layers, "hidden_size": self.d_model, "num_heads": heads}
+        return {**asdict(self), **generic, "num_kv_heads": heads}
 
 
 def _act(x: Tensor, name: str) -> Tensor:

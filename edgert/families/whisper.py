@@ -88,8 +88,9 @@ class WhisperConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict for the manifest."""
-        return asdict(self)
+        """Plain dict for the manifest (with the generic keys `edgert inspect` shows)."""
+        generic = {"num_layers": self.decoder_layers, "hidden_size": self.d_model, "num_kv_heads": self.num_heads}
+        return {**asdict(self), **generic}
 
 
 def _count_layers(model: Any, stack: str) -> int:
