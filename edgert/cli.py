@@ -97,6 +97,17 @@ def compile(
     )
 
 
+def _peek_family(artifact: Path) -> str | None:
+    """The artifact's family without hashing its members; None if the manifest is unreadable
+    (the verifying load that follows then names the damage, e.g. a sha256 mismatch)."""
+    from edgert.runtime.artifact import open_artifact
+
+    try:
+        return open_artifact(artifact, verify=False, check_host=False).family
+    except EdgertError:
+        return None
+
+
 @app.command()
 def run(
     artifact: Annotated[Path, typer.Argument(help="A compiled .edgert artifact.")],
@@ -123,9 +134,8 @@ def run(
 ) -> None:
     """Generate text from a prompt (LLM artifacts), or run a graph artifact on --inputs into -o."""
     from edgert.runtime import load
-    from edgert.runtime.artifact import open_artifact
 
-    if inputs is not None or outputs is not None or open_artifact(artifact, verify=False).family == "graph":
+    if inputs is not None or outputs is not None or _peek_family(artifact) == "graph":
         _run_graph(artifact, inputs, outputs, threads)
         return
     sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)  # before the slow load
