@@ -78,7 +78,13 @@ def _measure(kind: str, path: str, args: Any, seconds: float) -> dict[str, Any]:
     queue = ctx.Queue()
     proc = ctx.Process(target=_worker, args=(kind, path, args.threads, seconds, args.asr_beam, args.repeats, queue))
     proc.start()
-    result = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Exception as exc:  # queue.Empty: still working, unless the child died
+            if not proc.is_alive():
+                raise RuntimeError(f"{kind} worker exited with code {proc.exitcode}") from exc
     proc.join()
     return result
 
