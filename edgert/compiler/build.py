@@ -57,15 +57,19 @@ def compile_model(
     as_dir: bool = False,
     progress: Progress = _quiet,
 ) -> CompileResult:
-    """Compile a recipe name or a GGUF path for ``target`` into an artifact at ``output``."""
+    """Compile a recipe name, a GGUF path or a codec folder for ``target`` into an artifact at ``output``."""
     import tvm
     from tvm import relax
 
+    from edgert.compiler.codec_build import codec_source, compile_codec
     from edgert.families import llama
     from edgert.frontend import read_gguf
     from edgert.frontend.gguf_tokenizer import build_tokenizer_json, tokenizer_config
     from edgert.runtime.tensorfile import write_tensors
 
+    codec_folder, codec_recipe = codec_source(model)
+    if codec_folder is not None:
+        return compile_codec(codec_folder, target, output, weight_dtype, threads, as_dir, codec_recipe, progress)
     spec = load_target(target)
     source, recipe = _resolve_source(model)
     name = recipe.name if recipe else source.stem

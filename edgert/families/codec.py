@@ -550,7 +550,7 @@ def min_first_chunk(model: CodecModel) -> tuple[int, int]:
         return cfg.hop_length, 1
     enc = _longest_context(model.encoder, cfg)
     dec = _longest_context(model.decoder, cfg, decoder=True)
-    return int(math.ceil((enc + 1) / cfg.hop_length)) * cfg.hop_length, int(math.ceil((dec + 1) / cfg.hop_length))
+    return math.ceil((enc + 1) / cfg.hop_length) * cfg.hop_length, math.ceil((dec + 1) / cfg.hop_length)
 
 
 def _longest_context(net: SEANet, cfg: CodecConfig, decoder: bool = False) -> float:
