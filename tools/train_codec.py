@@ -126,7 +126,7 @@ def train(out: Path, minutes: float, threads: int, seed: int) -> None:
     nq, size, dim = config.num_quantizers, config.codebook_size, config.codebook_dim
     codebooks = torch.nn.Parameter(torch.zeros(nq, size, dim))
     opt = torch.optim.Adam([*model.encoder.parameters(), *model.decoder.parameters(), codebooks], lr=2e-3)
-    segment, batch = RATE // 2, 8
+    segment, batch = RATE // 4, 4
     resolutions = [(n, torch.hann_window(n), mel_filters(n, m)) for n, m in ((256, 40), (512, 64), (1024, 80))]
 
     def sample_batch() -> torch.Tensor:

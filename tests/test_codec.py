@@ -1,0 +1,218 @@
+"""Neural audio codecs: edgert against `transformers`' EncodecModel (seeded random weights), streaming,
+codes files, and the project's own trained speech codec through the command line."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, load_tool, run_cli
+
+torch = pytest.importorskip("torch", reason="the codec reference needs torch (test extras)")
+
+
+@pytest.fixture(scope="session")
+def tiny_encodec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny EnCodec-architecture reference (reflect padding, two LSTM layers), seeded."""
+    folder = tmp_path_factory.mktemp("codec") / "tiny-encodec"
+    ref = load_tool("make_codec_reference")
+    ref.save(ref.build("tiny", seed=0), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_codec(tiny_encodec: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny reference compiled for the host and loaded."""
+    from edgert.compiler import compile_model
+    from edgert.runtime.codec import load_codec
+
+    out = tmp_path_factory.mktemp("codec-art") / "tiny.edgert"
+    compile_model(str(tiny_encodec), target="host", output=out)
+    return load_codec(out)
+
+
+def _torch_model(folder: Path):
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import EncodecConfig, EncodecModel
+
+    model = EncodecModel(EncodecConfig(**json.loads((folder / "config.json").read_text()))).eval()
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model
+
+
+def _speechlike(n: int, rate: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / rate
+    voiced = 0.3 * np.sin(2 * np.pi * (140 + 40 * np.sin(2 * np.pi * 3 * t)) * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 5 * t))
+    return (voiced + 0.03 * rng.standard_normal(n)).astype(np.float32)
+
+
+def _reference(model, audio: np.ndarray, bandwidth: float) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        enc = model.encode(torch.from_numpy(audio).view(1, 1, -1), bandwidth=bandwidth)
+        audio_out = model.decode(enc.audio_codes, enc.audio_scales)[0][0, 0].numpy()
+    return enc.audio_codes[0, 0].numpy().T, audio_out
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("bandwidth", [3.6, 1.8])
+def test_whole_signal_matches_pytorch(tiny_encodec: Path, tiny_codec, bandwidth: float) -> None:
+    model = _torch_model(tiny_encodec)
+    audio = _speechlike(320 * 60, 24000)
+    want_codes, want_audio = _reference(model, audio, bandwidth)
+    books = tiny_codec.codebooks_for(bandwidth)
+    assert books == want_codes.shape[1]
+    codes = tiny_codec.encode(audio, books)
+    np.testing.assert_array_equal(codes, want_codes)
+    assert len(np.unique(codes[:, 0])) > 5  # the codes carry information, not one repeated value
+    out = tiny_codec.decode(codes)
+    assert out.shape == want_audio.shape
+    assert np.abs(out - want_audio).max() < 1e-4
+    assert np.abs(want_audio).max() > 1e-2
+
+
+@pytest.mark.reference
+def test_streamed_80ms_chunks_match_pytorch(tiny_encodec: Path, tiny_codec) -> None:
+    model = _torch_model(tiny_encodec)
+    audio = _speechlike(320 * 75, 24000, seed=1)
+    want_codes, want_audio = _reference(model, audio, 3.6)
+    enc, dec = tiny_codec.encoder(), tiny_codec.decoder()
+    step = 1920  # 80 ms at 24 kHz
+    codes, out = [], []
+    for start in range(0, len(audio), step):
+        last = start + step >= len(audio)
+        c = enc.push(audio[start : start + step], final=last)
+        codes.append(c)
+        out.append(dec.push(c, final=last))
+    out.append(dec.flush())
+    np.testing.assert_array_equal(np.concatenate(codes), want_codes)
+    assert np.abs(np.concatenate(out) - want_audio).max() < 1e-4
+    # A reflect-padded codec holds its first call until it has enough context, then goes frame by frame.
+    assert enc.stats.calls > 10 and dec.stats.calls > 10
+
+
+def test_codes_file_round_trip_and_refusals(tiny_codec, tmp_path: Path) -> None:
+    from edgert.runtime.codec import CodesFile, CodesFileError
+
+    codes = tiny_codec.encode(_speechlike(320 * 20, 24000), 3)
+    cf = CodesFile(tiny_codec.name, tiny_codec.codec_id, 24000, 320, 64, codes, 320 * 20 - 5)
+    path = tmp_path / "a.codes"
+    cf.save(path)
+    back = CodesFile.load(path)
+    np.testing.assert_array_equal(back.codes, codes)
+    assert (back.codec, back.frame_rate, back.num_samples) == (tiny_codec.name, 75.0, 320 * 20 - 5)
+    tiny_codec.check_codes(back, path)
+
+    other = CodesFile("other-codec", b"\0" * 8, 16000, 160, 256, codes, 100)
+    with pytest.raises(CodesFileError, match="written by codec 'other-codec'"):
+        tiny_codec.check_codes(other, "x.codes")
+    (tmp_path / "bad.codes").write_bytes(b"RIFF" + path.read_bytes()[4:])
+    with pytest.raises(CodesFileError, match="not an edgert codes file"):
+        CodesFile.load(tmp_path / "bad.codes")
+    (tmp_path / "short.codes").write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(CodesFileError, match="truncated"):
+        CodesFile.load(tmp_path / "short.codes")
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<H", data, 4, 9)
+    (tmp_path / "v9.codes").write_bytes(bytes(data))
+    with pytest.raises(CodesFileError, match="version 9"):
+        CodesFile.load(tmp_path / "v9.codes")
+
+
+def test_bandwidth_choice(tiny_codec) -> None:
+    from edgert.errors import EdgertError
+
+    assert tiny_codec.bandwidth_kbps(1) == pytest.approx(0.45)
+    assert tiny_codec.codebooks_for(1.8) == 4
+    assert tiny_codec.codebooks_for(100) == 8
+    with pytest.raises(EdgertError, match="below this codec's lowest bitrate"):
+        tiny_codec.codebooks_for(0.2)
+
+
+# ---- the project's own codec (weights in models/codec-speech16k) through the command line ----
+
+
+@pytest.fixture(scope="session")
+def speech_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("codec-speech") / "speech.edgert"
+    proc = run_cli("compile", "codec-speech16k", "--target", "host", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def sentence(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A held-out sentence spoken by espeak-ng (22.05 kHz: the CLI resamples it)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is missing: tools/setup.sh --test installs it")
+    import subprocess
+
+    path = tmp_path_factory.mktemp("speech") / "sentence.wav"
+    text = "Please call Stella and ask her to bring these things with her from the store."
+    subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), text], check=True)
+    return path
+
+
+def _quality(stderr: str) -> tuple[float, float]:
+    import re
+
+    m = re.search(r"SI-SNR (-?[\d.]+) dB, mel distance ([\d.]+)", " ".join(stderr.split()))
+    assert m, stderr
+    return float(m.group(1)), float(m.group(2))
+
+
+def test_cli_roundtrip_restores_speech(speech_artifact: Path, sentence: Path, tmp_path: Path) -> None:
+    from edgert.runtime.audio import read_wav
+
+    whole = run_cli("codec", "roundtrip", str(speech_artifact), str(sentence), "-o", str(tmp_path / "w.wav"))
+    assert whole.returncode == 0, whole.stderr
+    assert "resampling" in whole.stderr and "16000 Hz" in whole.stderr
+    snr, mel = _quality(whole.stderr)
+    streamed = run_cli(
+        "codec", "roundtrip", str(speech_artifact), str(sentence), "-o", str(tmp_path / "s.wav"), "--stream"
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    assert "real-time factor" in streamed.stderr and "algorithmic latency 160 samples" in " ".join(streamed.stderr.split())
+    a, rate = read_wav(tmp_path / "w.wav")
+    b, _ = read_wav(tmp_path / "s.wav")
+    assert rate == 16000 and len(a) == len(b)
+    assert np.abs(a - b).max() <= 2 / 32768  # the same signal, up to 16-bit rounding
+    assert _quality(streamed.stderr) == pytest.approx((snr, mel), abs=0.02)
+    # Quality floors well below what tools/train_codec.py measured (models/codec-speech16k/metrics.json).
+    assert snr > 2.0 and mel < 1.5
+    low = run_cli("codec", "roundtrip", str(speech_artifact), str(sentence), "-o", str(tmp_path / "l.wav"), "-b", "1.6")
+    assert low.returncode == 0, low.stderr
+    assert "2 codebooks = 1.6 kbit/s" in " ".join(low.stderr.split())
+    assert _quality(low.stderr)[1] > mel  # fewer bits, further from the input
+
+
+def test_cli_encode_decode_and_foreign_codes(speech_artifact: Path, sentence: Path, tmp_path: Path, tiny_codec) -> None:
+    codes = tmp_path / "s.codes"
+    enc = run_cli("codec", "encode", str(speech_artifact), str(sentence), "-o", str(codes), "--bandwidth", "3.2")
+    assert enc.returncode == 0, enc.stderr
+    assert codes.read_bytes()[:4] == b"EDGC"
+    dec = run_cli("codec", "decode", str(speech_artifact), str(codes), "-o", str(tmp_path / "d.wav"))
+    assert dec.returncode == 0, dec.stderr
+    from edgert.runtime.audio import read_wav
+
+    audio, rate = read_wav(tmp_path / "d.wav")
+    assert rate == 16000 and np.abs(audio).max() > 0.05
+    foreign = run_cli("codec", "decode", str(tiny_codec.artifact.path), str(codes), "-o", str(tmp_path / "x.wav"))
+    assert foreign.returncode == 2
+    assert "was written by codec 'codec-speech16k'" in " ".join(foreign.stderr.split())
+    assert not (tmp_path / "x.wav").exists()
+    missing = run_cli("codec", "encode", str(speech_artifact), str(tmp_path / "none.wav"), "-o", str(codes))
+    assert missing.returncode == 2 and "audio file not found" in missing.stderr
+
+
+def test_recipe_lists_the_codec() -> None:
+    proc = run_cli("models")
+    assert proc.returncode == 0
+    assert "codec-speech16k" in proc.stdout
+    assert (ROOT / "models" / "codec-speech16k" / "model.safetensors").stat().st_size < 5_000_000
