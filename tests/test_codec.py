@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, load_tool, run_cli
 
 torch = pytest.importorskip("torch", reason="the codec reference needs torch (test extras)")
@@ -49,7 +48,8 @@ def _torch_model(folder: Path):
 def _speechlike(n: int, rate: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.arange(n) / rate
-    voiced = 0.3 * np.sin(2 * np.pi * (140 + 40 * np.sin(2 * np.pi * 3 * t)) * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 5 * t))
+    pitch = 140 + 40 * np.sin(2 * np.pi * 3 * t)
+    voiced = 0.3 * np.sin(2 * np.pi * pitch * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 5 * t))
     return (voiced + 0.03 * rng.standard_normal(n)).astype(np.float32)
 
 
@@ -178,7 +178,8 @@ def test_cli_roundtrip_restores_speech(speech_artifact: Path, sentence: Path, tm
         "codec", "roundtrip", str(speech_artifact), str(sentence), "-o", str(tmp_path / "s.wav"), "--stream"
     )
     assert streamed.returncode == 0, streamed.stderr
-    assert "real-time factor" in streamed.stderr and "algorithmic latency 160 samples" in " ".join(streamed.stderr.split())
+    assert "real-time factor" in streamed.stderr
+    assert "algorithmic latency 160 samples" in " ".join(streamed.stderr.split())
     a, rate = read_wav(tmp_path / "w.wav")
     b, _ = read_wav(tmp_path / "s.wav")
     assert rate == 16000 and len(a) == len(b)

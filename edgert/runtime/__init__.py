@@ -11,6 +11,7 @@ from pathlib import Path
 from edgert.errors import ArtifactError
 from edgert.runtime.artifact import Artifact, open_artifact
 from edgert.runtime.generator import ChatSession, GenerationStats, Generator, Token
+from edgert.runtime.graph import GraphModel
 from edgert.runtime.sampling import SamplingParams
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "ChatSession",
     "GenerationStats",
     "Generator",
+    "GraphModel",
     "SamplingParams",
     "Token",
     "load",
@@ -25,9 +27,15 @@ __all__ = [
 ]
 
 
-def load(path: str | Path, threads: int | None = None, context_length: int | None = None) -> Generator:
-    """Open and verify an artifact and load it for running: ``edgert.load("s.edgert").generate(...)``."""
+def load(path: str | Path, threads: int | None = None, context_length: int | None = None) -> Generator | GraphModel:
+    """Open and verify an artifact and load it for running, by its model family.
+
+    ``llama``: a `Generator` (``.generate(prompt)``); ``graph``: a `GraphModel`, called with numpy
+    arrays by input name (``model(input=x)``) and returning the outputs by name.
+    """
     artifact = open_artifact(path)
     if artifact.family == "llama":
         return Generator(artifact, threads=threads, context_length=context_length)
+    if artifact.family == "graph":
+        return GraphModel(artifact, threads=threads)
     raise ArtifactError(f"{path}: model family '{artifact.family}' has no runtime in this edgert")
