@@ -217,3 +217,24 @@ def test_recipe_lists_the_codec() -> None:
     assert proc.returncode == 0
     assert "codec-speech16k" in proc.stdout
     assert (ROOT / "models" / "codec-speech16k" / "model.safetensors").stat().st_size < 5_000_000
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_onnx_export_compiles_and_matches(tiny_encodec: Path, tmp_path: Path) -> None:
+    """The reference exported to ONNX goes through edgert's ONNX frontend and agrees with onnxruntime."""
+    ort = pytest.importorskip("onnxruntime")
+    import edgert
+
+    onnx_path = load_tool("export_codec_onnx").export(tiny_encodec, tmp_path / "tiny.onnx", samples=320 * 20)
+    art = tmp_path / "tiny-onnx.edgert"
+    proc = run_cli("compile", str(onnx_path), "-o", str(art))
+    assert proc.returncode == 0, proc.stderr
+    audio = _speechlike(320 * 20, 24000, seed=2).reshape(1, 1, -1)
+    got = edgert.load(art)(audio=audio)
+    want_codes, want_audio = ort.InferenceSession(str(onnx_path)).run(None, {"audio": audio})
+    np.testing.assert_array_equal(got["codes"], want_codes)
+    assert np.abs(got["audio_out"] - want_audio).max() < 1e-4
+    # ... and the same codes as edgert's own codec family computes from the safetensors weights
+    torch_codes, _ = _reference(_torch_model(tiny_encodec), audio.reshape(-1), 3.6)
+    np.testing.assert_array_equal(want_codes[0].T, torch_codes)

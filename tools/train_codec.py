@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train edgert's own small speech codec (EnCodec architecture, 16 kHz) on CPU in a few minutes.
 
-    tools/train_codec.py [--out models/codec-speech16k] [--minutes 6] [--threads 2]
+    tools/train_codec.py [--out models/codec-speech16k] [--minutes 12] [--threads 1]
 
 Speech: sentences synthesized with espeak-ng (several voices, speeds and pitches) and the first
 6 s of the recording `beckett.wav` that the `useful-moonshine-onnx` package ships. Held out for
@@ -126,7 +126,7 @@ def train(out: Path, minutes: float, threads: int, seed: int) -> None:
     nq, size, dim = config.num_quantizers, config.codebook_size, config.codebook_dim
     codebooks = torch.nn.Parameter(torch.zeros(nq, size, dim))
     opt = torch.optim.Adam([*model.encoder.parameters(), *model.decoder.parameters(), codebooks], lr=2e-3)
-    segment, batch = RATE // 4, 4
+    segment, batch = 6000, 8
     resolutions = [(n, torch.hann_window(n), mel_filters(n, m)) for n, m in ((256, 40), (512, 64), (1024, 80))]
 
     def sample_batch() -> torch.Tensor:
@@ -251,7 +251,8 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).resolve().parent.parent / "models" / "codec-speech16k"
     )
     parser.add_argument("--minutes", type=float, default=6.0)
-    parser.add_argument("--threads", type=int, default=2)
+    # One thread: on a shared 2-core machine, two OpenMP threads spin-waited each step 50x slower.
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     train(args.out, args.minutes, args.threads, args.seed)
