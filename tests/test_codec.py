@@ -238,3 +238,60 @@ def test_onnx_export_compiles_and_matches(tiny_encodec: Path, tmp_path: Path) ->
     # ... and the same codes as edgert's own codec family computes from the safetensors weights
     torch_codes, _ = _reference(_torch_model(tiny_encodec), audio.reshape(-1), 3.6)
     np.testing.assert_array_equal(want_codes[0].T, torch_codes)
+
+
+@pytest.mark.reference
+def test_mimi_transformer_streams_with_its_kv_cache() -> None:
+    """Mimi's transformer stage, fed 1..7 frames at a time with its KV cache, equals `transformers` on
+    the whole sequence; 20 frames through a 6-frame sliding window, so the window's edge is exercised."""
+    import tvm
+    from transformers import MimiConfig
+    from transformers.models.mimi.modeling_mimi import MimiTransformerModel
+    from tvm import relax
+
+    from edgert.compiler.target import resolve
+    from edgert.families import codec
+    from edgert.targets import load_target
+
+    torch.manual_seed(0)
+    config = MimiConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=8,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        sliding_window=6,
+    )
+    config._attn_implementation = "eager"
+    ref = MimiTransformerModel(config).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():  # away from the 0.01 layer scales and unit norms of init
+            p.copy_(torch.rand_like(p) + 0.5 if "scale" in name else p + 0.2 * torch.randn_like(p))
+        x = torch.randn(1, 20, 32)
+        want = ref(x, use_cache=False).last_hidden_state[0].numpy()
+
+    cfg = codec.TransformerConfig.from_mimi(config.to_dict())
+    net = codec.StreamingTransformer(cfg)
+    target, _ = resolve(load_target("host"))
+    mod, params = net.export_tvm(spec=net.get_default_spec())
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    weights = codec.mimi_transformer_weights({k: v.numpy() for k, v in ref.state_dict().items()}, "", cfg)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(weights[n])) for n, _ in params]
+    frames = x[0].numpy()
+    for chunks in ([20], [1] * 20, [3, 5, 1, 7, 4]):
+        k = np.zeros((2, 4, 8, 6), np.float32)
+        v = np.zeros((2, 4, 6, 8), np.float32)
+        pos, out = 0, []
+        for n in chunks:
+            y, k, v = vm["forward"](
+                tvm.runtime.tensor(frames[pos : pos + n]),
+                tvm.runtime.tensor(k),
+                tvm.runtime.tensor(v),
+                tvm.runtime.tensor(np.array([pos], np.int32)),
+                args,
+            )
+            out.append(y.numpy())
+            k, v, pos = k.numpy(), v.numpy(), pos + n
+        assert np.abs(np.concatenate(out) - want).max() < 1e-4, chunks
+    assert np.abs(want).max() > 1.0
