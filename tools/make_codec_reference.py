@@ -4,7 +4,7 @@
 No pretrained codec weights ship in any package, so the reference is the architecture itself:
 `transformers`' EncodecModel from a small EncodecConfig, its convolution and LSTM weights from
 the library's own seeded initialisation, and codebooks drawn from the encoder's outputs on
-seeded noise and tones (so that every code is used and the nearest code is well separated).
+seeded noise (so that codes are used and the nearest code is well separated).
 
     tools/make_codec_reference.py OUT_DIR [--preset tiny|small] [--seed N]
 
@@ -48,13 +48,12 @@ def build(preset: str = "tiny", seed: int = 0, pad_mode: str = "reflect"):
     model = EncodecModel(config).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        t = torch.arange(config.sampling_rate) / config.sampling_rate
-        tones = sum(torch.sin(2 * torch.pi * f * t) for f in (110.0, 220.0, 440.0, 1000.0)) / 4
-        audio = torch.cat([0.3 * torch.randn(config.sampling_rate, generator=gen), 0.5 * tones])
+        # Noise only: periodic audio repeats frames, which would make near-duplicate codewords (ties).
+        audio = 0.3 * torch.randn(2 * config.sampling_rate, generator=gen)
         residual = model.encoder(audio.view(1, 1, -1))[0].T  # (frames, dim)
         for layer in model.quantizer.layers:
             pick = torch.randperm(residual.shape[0], generator=gen)[: config.codebook_size]
-            embed = residual[pick] + 0.01 * residual.std() * torch.randn(len(pick), residual.shape[1], generator=gen)
+            embed = residual[pick] + 0.1 * residual.std() * torch.randn(len(pick), residual.shape[1], generator=gen)
             layer.codebook.embed.copy_(embed)
             layer.codebook.embed_avg.copy_(embed)
             codes = layer.codebook.encode(residual[None])[0]

@@ -8,8 +8,8 @@ Speech: sentences synthesized with espeak-ng (several voices, speeds and pitches
 the report: five sentences never trained on (other voices too) and the last 4 s of the recording.
 
 The network is `transformers`' EncodecModel from a small EncodecConfig (causal, zero padding so
-that it streams from the first sample), trained with an L1 multi-resolution log-mel loss plus an
-L1 waveform loss; residual vector quantization with straight-through gradients, a commitment
+that it streams from the first sample), trained with an L1 multi-resolution log-mel loss, spectral
+convergence and an L1 waveform loss; residual vector quantization with straight-through gradients, a commitment
 loss, quantizer dropout (so every bitrate works) and dead-code restarts. It writes
 OUT/model.safetensors, OUT/config.json and OUT/metrics.json (bitrate, SI-SNR, mel distance).
 Needs torch and transformers (test extras) and espeak-ng (apt).
@@ -125,8 +125,8 @@ def train(out: Path, minutes: float, threads: int, seed: int) -> None:
     model = EncodecModel(config)
     nq, size, dim = config.num_quantizers, config.codebook_size, config.codebook_dim
     codebooks = torch.nn.Parameter(torch.zeros(nq, size, dim))
-    opt = torch.optim.Adam([*model.encoder.parameters(), *model.decoder.parameters(), codebooks], lr=2e-3)
-    segment, batch = 6000, 8
+    opt = torch.optim.Adam([*model.encoder.parameters(), *model.decoder.parameters(), codebooks], lr=3e-3)
+    segment, batch = 6000, 4
     resolutions = [(n, torch.hann_window(n), mel_filters(n, m)) for n, m in ((256, 40), (512, 64), (1024, 80))]
 
     def sample_batch() -> torch.Tensor:
@@ -143,9 +143,14 @@ def train(out: Path, minutes: float, threads: int, seed: int) -> None:
         return torch.log(spec.transpose(1, 2) @ fb + 1e-5)
 
     def spectral_loss(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # Log-mel for the envelope; spectral convergence (linear magnitude) for the level, which an
+        # L1 waveform loss alone pulls toward silence while the phase is still wrong.
         loss = torch.zeros(())
         for n, window, fb in resolutions:
             loss = loss + (logmel(y, n, window, fb) - logmel(x, n, window, fb)).abs().mean()
+            my = torch.stft(y[:, 0], n, n // 4, window=window, return_complex=True).abs()
+            mx = torch.stft(x[:, 0], n, n // 4, window=window, return_complex=True).abs()
+            loss = loss + torch.linalg.norm(my - mx) / (torch.linalg.norm(mx) + 1e-7)
         return loss / len(resolutions)
 
     def quantize(z: torch.Tensor, used: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -198,7 +203,7 @@ def train(out: Path, minutes: float, threads: int, seed: int) -> None:
                 restart_codes(z, usage)
                 usage.zero_()
         y = model.decoder(q)[..., : x.shape[-1]]
-        loss = spectral_loss(y, x) + 5.0 * (y - x).abs().mean() + commit
+        loss = spectral_loss(y, x) + 2.0 * (y - x).abs().mean() + commit
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
