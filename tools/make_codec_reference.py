@@ -49,7 +49,9 @@ def build(preset: str = "tiny", seed: int = 0, pad_mode: str = "reflect"):
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         # Noise only: periodic audio repeats frames, which would make near-duplicate codewords (ties).
-        audio = 0.3 * torch.randn(2 * config.sampling_rate, generator=gen)
+        # At least 2 s, and at least one frame per code (the codewords are distinct frames).
+        seconds = max(2, -(-2 * config.codebook_size * config.hop_length // config.sampling_rate))
+        audio = 0.3 * torch.randn(seconds * config.sampling_rate, generator=gen)
         residual = model.encoder(audio.view(1, 1, -1))[0].T  # (frames, dim)
         for layer in model.quantizer.layers:
             pick = torch.randperm(residual.shape[0], generator=gen)[: config.codebook_size]
