@@ -232,6 +232,12 @@ def test_cli_encode_decode_and_foreign_codes(speech_artifact: Path, sentence: Pa
     missing = run_cli("codec", "encode", str(speech_artifact), str(tmp_path / "none.wav"), "-o", str(codes))
     assert missing.returncode == 2 and "audio file not found" in missing.stderr
 
+    import edgert
+    from edgert.runtime.codec import Codec
+
+    loaded = edgert.load(speech_artifact)
+    assert isinstance(loaded, Codec) and (loaded.sample_rate, loaded.hop_length) == (16000, 160)
+
 
 def test_recipe_lists_the_codec() -> None:
     proc = run_cli("models")

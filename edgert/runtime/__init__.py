@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edgert.errors import ArtifactError
 from edgert.runtime.artifact import Artifact, open_artifact
+from edgert.runtime.codec import Codec
 from edgert.runtime.generator import ChatSession, GenerationStats, Generator, Token
 from edgert.runtime.graph import GraphModel
 from edgert.runtime.sampling import SamplingParams
@@ -17,6 +18,7 @@ from edgert.runtime.sampling import SamplingParams
 __all__ = [
     "Artifact",
     "ChatSession",
+    "Codec",
     "GenerationStats",
     "Generator",
     "GraphModel",
@@ -27,15 +29,20 @@ __all__ = [
 ]
 
 
-def load(path: str | Path, threads: int | None = None, context_length: int | None = None) -> Generator | GraphModel:
+def load(
+    path: str | Path, threads: int | None = None, context_length: int | None = None
+) -> Generator | GraphModel | Codec:
     """Open and verify an artifact and load it for running, by its model family.
 
     ``llama``: a `Generator` (``.generate(prompt)``); ``graph``: a `GraphModel`, called with numpy
-    arrays by input name (``model(input=x)``) and returning the outputs by name.
+    arrays by input name (``model(input=x)``) and returning the outputs by name; ``codec``: a
+    `Codec` (``.encode(audio)``, ``.decode(codes)``, ``.encoder()`` / ``.decoder()`` streams).
     """
     artifact = open_artifact(path)
     if artifact.family == "llama":
         return Generator(artifact, threads=threads, context_length=context_length)
     if artifact.family == "graph":
         return GraphModel(artifact, threads=threads)
+    if artifact.family == "codec":
+        return Codec(artifact, threads=threads)
     raise ArtifactError(f"{path}: model family '{artifact.family}' has no runtime in this edgert")
