@@ -123,9 +123,8 @@ def run(
 ) -> None:
     """Generate text from a prompt (LLM artifacts), or run a graph artifact on --inputs into -o."""
     from edgert.runtime import load
-    from edgert.runtime.artifact import open_artifact
 
-    if inputs is not None or outputs is not None or open_artifact(artifact, verify=False).family == "graph":
+    if inputs is not None or outputs is not None or _family_or_none(artifact) == "graph":
         _run_graph(artifact, inputs, outputs, threads)
         return
     sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)  # before the slow load
@@ -150,6 +149,16 @@ def run(
         f"({model.session.threads} threads, stop: {stats.stop_reason})[/]",
         soft_wrap=True,
     )
+
+
+def _family_or_none(artifact: Path) -> str | None:
+    """The artifact's family from an unverified read; None when that fails (`load` then says why)."""
+    from edgert.runtime.artifact import open_artifact
+
+    try:
+        return open_artifact(artifact, verify=False, check_host=False).family
+    except EdgertError:
+        return None
 
 
 def _run_graph(artifact: Path, inputs: Path | None, outputs: Path | None, threads: int | None) -> None:
