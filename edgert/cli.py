@@ -281,17 +281,20 @@ def inspect(
         f"{m['created_by']}, TVM {m['tvm_version']}"
     )
     out.print(f"target    {t['name']}: {t['arch']} {t['triple']} cpu={t['cpu']} flags={','.join(t['cpu_flags'])}")
-    if kv is None:
+    if m["family"] == "codec":  # no KV cache: the streaming facts instead
+        out.print(f"codec     {json.dumps(m['codec'])}", soft_wrap=True, highlight=False)
+    elif kv is None:
         _inspect_graph(art)
         return
-    out.print(
-        f"model     {model.get('num_layers')} layers, d={model.get('hidden_size')}, "
-        f"{model.get('num_heads')} heads / {model.get('num_kv_heads')} KV heads, vocab {model.get('vocab_size')}"
-    )
-    out.print(
-        f"kv cache  {kv['kind']}, context {kv['context_length']}, page {kv['page_size']}, "
-        f"prefill chunk {kv['prefill_chunk_size']}"
-    )
+    else:
+        out.print(
+            f"model     {model.get('num_layers')} layers, d={model.get('hidden_size')}, "
+            f"{model.get('num_heads')} heads / {model.get('num_kv_heads')} KV heads, vocab {model.get('vocab_size')}"
+        )
+        out.print(
+            f"kv cache  {kv['kind']}, context {kv['context_length']}, page {kv['page_size']}, "
+            f"prefill chunk {kv['prefill_chunk_size']}"
+        )
     out.print(
         f"weights   {m['weights']['dtype']}, layout {m['weights']['layout']}, {len(m['weights']['order'])} tensors"
     )
@@ -639,6 +642,123 @@ def _transcribe_stream(
         f"median latency end of speech -> final text {med:.2f} s, {s.decodes} decodes "
         f"({'real-time pace' if realtime else 'as fast as possible'}, {chunk:g} s chunks)[/]",
         soft_wrap=True,
+codec_app = typer.Typer(help="Neural audio codecs: encode speech to codes and back, streaming.", no_args_is_help=True)
+app.add_typer(codec_app, name="codec")
+BandwidthOpt = Annotated[
+    float | None, typer.Option("--bandwidth", "-b", help="Bitrate in kbit/s (default: all codebooks).")
+]
+
+
+def _load_audio(path: Path, codec: Any) -> Any:
+    from edgert.runtime.audio import load_wav, resample
+
+    audio, rate = load_wav(path)
+    if rate != codec.sample_rate:
+        err.print(f"[dim]resampling {path} from {rate} Hz to {codec.sample_rate} Hz (libsoxr)[/]", highlight=False)
+        audio = resample(audio, rate, codec.sample_rate)
+    return audio
+
+
+def _codec_report(codec: Any, stream: Any, books: int, samples: int, streamed: bool, what: str) -> None:
+    st = stream.stats
+    latency = codec.algorithmic_latency(streamed)
+    err.print(
+        f"[dim]{what}: {samples / codec.sample_rate:.2f} s of audio, {books} codebooks = "
+        f"{codec.bandwidth_kbps(books):g} kbit/s at {codec.frame_rate:g} frames/s; real-time factor "
+        f"{st.real_time_factor:.4f} ({st.calls} calls, {codec.session.threads} threads); algorithmic latency "
+        f"{latency} samples ({1000 * latency / codec.sample_rate:.1f} ms)[/]",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@codec_app.command("encode")
+def codec_encode(
+    artifact: Annotated[Path, typer.Argument(help="A compiled codec artifact.")],
+    audio: Annotated[Path, typer.Argument(help="A WAV file (resampled to the codec's rate if needed).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Codes file to write.")],
+    bandwidth: BandwidthOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Encode AUDIO into a codes file."""
+    from edgert.runtime.codec import CodesFile, load_codec
+
+    codec = load_codec(artifact, threads)
+    books = codec.codebooks_for(bandwidth)
+    signal = _load_audio(audio, codec)
+    enc = codec.encoder(books)
+    enc.chunk_min = 0
+    codes = enc.push(signal, final=True)
+    CodesFile(
+        codec.name, codec.codec_id, codec.sample_rate, codec.hop_length, codec.codebook_size, codes, len(signal)
+    ).save(output)
+    _codec_report(codec, enc, books, len(signal), False, "encoded")
+    err.print(f"[green]wrote[/] {output} ({len(codes)} frames x {books} codebooks)", highlight=False)
+
+
+@codec_app.command("decode")
+def codec_decode(
+    artifact: Annotated[Path, typer.Argument(help="A compiled codec artifact.")],
+    codes: Annotated[Path, typer.Argument(help="A codes file written by `edgert codec encode`.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="WAV file to write.")],
+    threads: ThreadsOpt = None,
+) -> None:
+    """Decode a codes file into a WAV file."""
+    from edgert.runtime.audio import write_wav
+    from edgert.runtime.codec import CodesFile, load_codec
+
+    data = CodesFile.load(codes)
+    codec = load_codec(artifact, threads)
+    codec.check_codes(data, codes)
+    dec = codec.decoder()
+    signal = dec.push(data.codes, final=True)[: data.num_samples]
+    write_wav(output, signal, codec.sample_rate)
+    _codec_report(codec, dec, data.codes.shape[1], len(signal), False, "decoded")
+    err.print(f"[green]wrote[/] {output}", highlight=False)
+
+
+@codec_app.command("roundtrip")
+def codec_roundtrip(
+    artifact: Annotated[Path, typer.Argument(help="A compiled codec artifact.")],
+    audio: Annotated[Path, typer.Argument(help="A WAV file (resampled to the codec's rate if needed).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="WAV file to write.")],
+    stream: Annotated[
+        bool, typer.Option("--stream", help="Encode and decode in chunks, as a live link would.")
+    ] = False,
+    chunk_ms: Annotated[float, typer.Option("--chunk-ms", help="Chunk length when streaming.")] = 80.0,
+    bandwidth: BandwidthOpt = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Encode and decode AUDIO (whole, or streamed in chunks); print bitrate, quality and speed."""
+    import numpy as np
+
+    from edgert.profile.audio_quality import mel_distance, si_snr
+    from edgert.runtime.audio import write_wav
+    from edgert.runtime.codec import load_codec
+
+    codec = load_codec(artifact, threads)
+    books = codec.codebooks_for(bandwidth)
+    signal = _load_audio(audio, codec)
+    enc, dec = codec.encoder(books), codec.decoder()
+    if stream:
+        step = max(1, int(chunk_ms * codec.sample_rate / 1000))
+        pieces = []
+        for start in range(0, len(signal), step):
+            last = start + step >= len(signal)
+            pieces.append(dec.push(enc.push(signal[start : start + step], final=last), final=last))
+        pieces.append(dec.flush())
+        result = np.concatenate(pieces)
+    else:
+        enc.chunk_min = 0
+        result = dec.push(enc.push(signal, final=True), final=True)
+    result = result[: len(signal)]
+    write_wav(output, result, codec.sample_rate)
+    _codec_report(codec, enc, books, len(signal), stream, "encode")
+    _codec_report(codec, dec, books, len(signal), stream, "decode")
+    err.print(
+        f"[green]wrote[/] {output}: SI-SNR {si_snr(result, signal):.2f} dB, "
+        f"mel distance {mel_distance(result, signal, codec.sample_rate):.3f} against the input",
+        highlight=False,
     )
 
 

@@ -61,7 +61,7 @@ def compile_model(
     progress: Progress = _quiet,
     **graph_options: Any,
 ) -> CompileResult:
-    """Compile a recipe name or a GGUF path for ``target`` into an artifact at ``output``.
+    """Compile a recipe name, a GGUF path or a codec folder for ``target`` into an artifact at ``output``.
 
     ``quant`` (source, q4, q8, f16, f32; see `edgert.compiler.quantize`) chooses the weight
     storage; ``weight_dtype`` (f16 or f32) is the older name for the float choices.
@@ -84,12 +84,16 @@ def compile_model(
     import tvm
     from tvm import relax
 
+    from edgert.compiler.codec_build import codec_source, compile_codec
     from edgert.families import llama
     from edgert.frontend import read_gguf
     from edgert.frontend.gguf_tokenizer import build_tokenizer_json, tokenizer_config
     from edgert.frontend.quantized import QuantizedRows
     from edgert.runtime.tensorfile import write_tensors
 
+    codec_folder, codec_recipe = codec_source(model)
+    if codec_folder is not None:
+        return compile_codec(codec_folder, target, output, weight_dtype, threads, as_dir, codec_recipe, progress)
     spec = load_target(target)
     source, recipe = _resolve_source(model)
     if _is_whisper(source, recipe):

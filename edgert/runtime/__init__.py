@@ -11,6 +11,7 @@ from typing import Any
 
 from edgert.errors import ArtifactError
 from edgert.runtime.artifact import Artifact, open_artifact
+from edgert.runtime.codec import Codec
 from edgert.runtime.generator import ChatSession, GenerationStats, Generator, Token
 from edgert.runtime.graph import GraphModel
 from edgert.runtime.sampling import SamplingParams
@@ -18,6 +19,7 @@ from edgert.runtime.sampling import SamplingParams
 __all__ = [
     "Artifact",
     "ChatSession",
+    "Codec",
     "GenerationStats",
     "Generator",
     "GraphModel",
@@ -33,7 +35,8 @@ def load(path: str | Path, threads: int | None = None, context_length: int | Non
 
     ``llama``: a `Generator` (``.generate(prompt)``); ``whisper``: a `Transcriber`; ``marian``: a
     `Translator`; ``graph``: a `GraphModel`, called with numpy arrays by input name
-    (``model(input=x)``) and returning the outputs by name.
+    (``model(input=x)``) and returning the outputs by name; ``codec``: a `Codec`
+    (``.encode(audio)``, ``.decode(codes)``, ``.encoder()`` / ``.decoder()`` streams).
     """
     artifact = open_artifact(path)
     if artifact.family == "llama":
@@ -48,4 +51,6 @@ def load(path: str | Path, threads: int | None = None, context_length: int | Non
         from edgert.runtime.translator import Translator
 
         return Translator(artifact, threads=threads)
+    if artifact.family == "codec":
+        return Codec(artifact, threads=threads)
     raise ArtifactError(f"{path}: model family '{artifact.family}' has no runtime in this edgert")

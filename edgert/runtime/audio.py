@@ -68,7 +68,23 @@ def _read_float_wav(path: Path) -> tuple[np.ndarray, int, int]:
 
 
 def read_wav(path: str | Path, sample_rate: int = 16000) -> Audio:
-    """Read a WAV file as mono float32 at ``sample_rate`` (mixing down, resampling as needed)."""
+    """Read a WAV file as mono float32 at ``sample_rate`` (mixing down, resampling as needed).
+
+    Empty, silent and non-finite audio is refused: there is nothing to recognize in it.
+    """
+    frames, rate = read_frames(path)
+    return prepare(frames, rate, sample_rate, str(path))
+
+
+def load_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """A WAV file as mono float32 at its own rate, and that rate, without further checks."""
+    frames, rate = read_frames(path)
+    mono = frames.mean(axis=1) if frames.shape[1] > 1 else frames[:, 0]
+    return np.ascontiguousarray(mono, dtype=np.float32), rate
+
+
+def read_frames(path: str | Path) -> tuple[np.ndarray, int]:
+    """The samples of a PCM or float WAV file as float32 [frames, channels], and the sample rate."""
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"audio file not found: {path}")
@@ -95,7 +111,7 @@ def read_wav(path: str | Path, sample_rate: int = 16000) -> Audio:
             raise AudioError(f"{path} is not a readable WAV file ({exc})") from exc
     except EOFError as exc:
         raise AudioError(f"{path} is not a readable WAV file (truncated header)") from exc
-    return prepare(frames, rate, sample_rate, str(path))
+    return frames, rate
 
 
 def prepare(frames: np.ndarray, rate: int, sample_rate: int = 16000, what: str = "audio") -> Audio:
@@ -112,9 +128,7 @@ def prepare(frames: np.ndarray, rate: int, sample_rate: int = 16000, what: str =
     if float(np.max(np.abs(mono))) < 1e-6:
         raise AudioError(f"{what} is silent (every sample is zero)")
     if rate != sample_rate:
-        import soxr  # only needed for other rates; kept out of the import path otherwise
-
-        mono = soxr.resample(mono, rate, sample_rate, quality="HQ").astype(np.float32)
+        mono = resample(mono, rate, sample_rate)
     return Audio(np.ascontiguousarray(mono, dtype=np.float32), sample_rate, rate, channels)
 
 
@@ -136,3 +150,30 @@ def log_mel(samples: np.ndarray, filters: np.ndarray, n_fft: int = 400, hop: int
     log_spec = np.log10(np.clip(mel, 1e-10, None))
     log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
     return ((log_spec + 4.0) / 4.0).astype(np.float32)
+
+
+def write_wav(path: str | Path, audio: np.ndarray, rate: int) -> None:
+    """Write mono float audio as 16-bit PCM (clipped to [-1, 1])."""
+    pcm = (np.clip(np.asarray(audio, np.float32), -1.0, 1.0) * 32767.0).round().astype("<i2")
+    try:
+        with wave.open(str(path), "wb") as wf:
+            wf.setnchannels(1)
+            wf.setsampwidth(2)
+            wf.setframerate(int(rate))
+            wf.writeframes(pcm.tobytes())
+    except OSError as exc:
+        raise AudioError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
+def resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """``audio`` from ``rate`` to ``target`` Hz with libsoxr (the `soxr` package), high quality."""
+    if rate == target:
+        return np.asarray(audio, np.float32)
+    try:
+        import soxr
+    except ImportError as exc:
+        raise AudioError(
+            f"the audio is at {rate} Hz and the model takes {target} Hz; resampling needs the `soxr` "
+            f"package (pip install soxr), or convert it first (sox in.wav -r {target} out.wav)"
+        ) from exc
+    return np.asarray(soxr.resample(np.asarray(audio, np.float32), rate, target, quality="HQ"), np.float32)

@@ -1,0 +1,195 @@
+"""`compile_codec`: an EnCodec-architecture codec (safetensors + config.json) -> `.edgert` artifact."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edgert import __version__
+from edgert.compiler.layout import WEIGHT_DTYPES, apply_cpu_layout
+from edgert.compiler.package import check_output_path, write_artifact
+from edgert.compiler.recipes import Recipe, find_recipe
+from edgert.compiler.target import library_compiler, resolve
+from edgert.errors import EdgertError, ModelFileError
+from edgert.paths import MODELS_DIR
+from edgert.targets import load_target
+
+CODEC_FILES = ("config.json", "model.safetensors")
+
+
+def codec_source(model: str) -> tuple[Path | None, Recipe | None]:
+    """(codec folder, recipe) when ``model`` names a codec recipe or a codec folder; (None, None) otherwise."""
+    recipe = find_recipe(model)
+    if recipe is not None:
+        if recipe.family != "codec":
+            return None, None
+        folder = Path(recipe.source["path"])
+        return (folder if folder.is_absolute() else MODELS_DIR / folder), recipe
+    path = Path(model)
+    return (path, None) if is_codec_dir(path) else (None, None)
+
+
+def is_codec_dir(path: Path) -> bool:
+    """True if ``path`` is a folder holding a codec's config.json and model.safetensors."""
+    return path.is_dir() and all((path / f).is_file() for f in CODEC_FILES)
+
+
+def read_codec(folder: Path) -> tuple[Any, dict[str, Any]]:
+    """(CodecConfig, state dict as numpy arrays) from a codec folder."""
+    from safetensors.numpy import load_file
+
+    from edgert.families.codec import CodecConfig
+
+    for f in CODEC_FILES:
+        if not (folder / f).is_file():
+            raise ModelFileError(f"{folder} is not a codec folder: {f} is missing")
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except ValueError as exc:
+        raise ModelFileError(f"{folder}/config.json is not valid JSON: {exc}") from exc
+    try:
+        tensors = load_file(str(folder / "model.safetensors"))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise ModelFileError(f"{folder}/model.safetensors cannot be read: {exc}") from exc
+    cfg = CodecConfig.from_dict(raw)
+    cfg.name = raw.get("name", folder.name)
+    return cfg, tensors
+
+
+def compile_codec(
+    folder: Path,
+    target: str = "host",
+    output: str | Path | None = None,
+    weight_dtype: str | None = None,
+    threads: int | None = None,
+    as_dir: bool = False,
+    recipe: Recipe | None = None,
+    progress: Any = None,
+) -> Any:
+    """Compile the codec in ``folder`` for ``target``; returns a `CompileResult`."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from edgert.compiler.build import CompileResult
+    from edgert.families import codec
+    from edgert.runtime.tensorfile import write_tensors
+
+    progress = progress or (lambda *_: None)
+    spec = load_target(target)
+    name = recipe.name if recipe else folder.name
+    out = check_output_path(Path(output) if output else Path(f"{name}.edgert"), as_dir)
+    options = dict(recipe.compile) if recipe else {}
+    weight_dtype = weight_dtype or options.get("weight_dtype", "f32")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise EdgertError(f"weight dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}")
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    progress("reading codec", None)
+    cfg, tensors = read_codec(folder)
+    net = codec.CodecModel(cfg)
+    weights = codec.encodec_weights(tensors, net)  # before the build: a bad file fails fast
+    tvm_target, target_record = resolve(spec, threads)
+    fcompile = library_compiler(spec, target_record["arch"])
+    seconds["read"] = time.perf_counter() - t
+
+    progress("building Relax module", None)
+    t = time.perf_counter()
+    repack = apply_cpu_layout(net, weight_dtype)
+    with tvm_target:
+        mod, named_params = net.export_tvm(spec=net.get_default_spec())
+    seconds["export"] = time.perf_counter() - t
+
+    progress("compiling with TVM", None)
+    t = time.perf_counter()
+    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
+    seconds["compile"] = time.perf_counter() - t
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:
+        stage = Path(stage_dir)
+        t = time.perf_counter()
+        executable.export_library(str(stage / "model.so"), fcompile=fcompile)
+        seconds["link"] = time.perf_counter() - t
+        arrays = {}
+        for pname, param in named_params:
+            if pname not in weights:
+                raise ModelFileError(f"{folder}: weight for '{pname}' is missing")
+            w = weights[pname]
+            arrays[pname] = repack[pname](w) if pname in repack else np.ascontiguousarray(w, dtype=param.dtype)
+            want = tuple(int(d) for d in param.shape)
+            if arrays[pname].shape != want:
+                raise ModelFileError(f"{folder}: weight '{pname}' has shape {arrays[pname].shape}, expected {want}")
+        order = [n for n, _ in named_params]
+        with (stage / "weights.safetensors").open("wb") as fh:
+            write_tensors(fh, {n: arrays[n] for n in order}, {"format": "edgert"})
+        first_samples, first_frames = codec.min_first_chunk(net)
+        manifest = {
+            "name": name,
+            "family": "codec",
+            "created_by": f"edgert {__version__}",
+            "tvm_version": tvm.__version__,
+            "source": {"file": folder.name, "architecture": "encodec"},
+            "target": target_record,
+            "model": cfg.to_dict(),
+            "entry_points": _entry_points(net),
+            "codec": {
+                "sample_rate": cfg.sampling_rate,
+                "hop_length": cfg.hop_length,
+                "frame_rate": cfg.frame_rate,
+                "num_codebooks": cfg.num_quantizers,
+                "codebook_size": cfg.codebook_size,
+                "bits_per_code": float(np.log2(cfg.codebook_size)),
+                "encoder_state": net.encoder_state_size,
+                "decoder_state": net.decoder_state_size,
+                "pad_mode": cfg.pad_mode,
+                "first_chunk_samples": first_samples,
+                "first_chunk_frames": first_frames,
+                "algorithmic_latency_samples": codec.algorithmic_latency(cfg),
+            },
+            "weights": {
+                "file": "weights.safetensors",
+                "dtype": WEIGHT_DTYPES[weight_dtype],
+                "layout": "cpu-packed-columns",
+                "order": order,
+            },
+            "library": "model.so",
+            "defaults": dict(recipe.run) if recipe else {},
+            "compile_seconds": {k: round(v, 2) for k, v in seconds.items()},
+        }
+        progress("writing artifact", None)
+        staged = {"model.so": stage / "model.so", "weights.safetensors": stage / "weights.safetensors"}
+        manifest = write_artifact(out, manifest, staged, as_dir=as_dir)
+    progress("done", 1.0)
+    return CompileResult(out, manifest, seconds)
+
+
+def _entry_points(net: Any) -> dict[str, Any]:
+    enc, dec = net.encoder_state_size, net.decoder_state_size
+    first = {"name": "first", "shape": [1], "dtype": "float32"}
+    return {
+        "encode": {
+            "inputs": [
+                {"name": "audio", "shape": ["n"], "dtype": "float32"},
+                {"name": "state", "shape": [enc], "dtype": "float32"},
+                first,
+            ],
+            "outputs": [
+                {"name": "codes", "shape": ["n / hop", net.cfg.num_quantizers], "dtype": "int32"},
+                {"name": "state", "shape": [enc], "dtype": "float32"},
+            ],
+        },
+        "decode": {
+            "inputs": [
+                {"name": "codes", "shape": ["t", "q"], "dtype": "int32"},
+                {"name": "state", "shape": [dec], "dtype": "float32"},
+                first,
+            ],
+            "outputs": [
+                {"name": "audio", "shape": ["t * hop"], "dtype": "float32"},
+                {"name": "state", "shape": [dec], "dtype": "float32"},
+            ],
+        },
+    }

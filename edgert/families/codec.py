@@ -1,0 +1,770 @@
+"""Neural audio codecs of the EnCodec (SEANet + RVQ) architecture, compiled for streaming.
+
+    encode:  z = Encoder(audio)                      causal convs, residual units, ELU, LSTM
+             codes[:, i] = argmin_c ||r_i - C_i[c]||   r_0 = z, r_{i+1} = r_i - C_i[codes[:, i]]
+    decode:  audio = Decoder(sum_i C_i[codes[:, i]])  causal transposed convs, residual units
+
+Tensors are time-major, ``(frames, channels)``, batch 1. Every layer that looks back in time
+keeps its look-back as state: a causal convolution the last ``(k - 1) * d + 1 - s`` input rows,
+a transposed convolution the ``k - s`` output rows that the next chunk still adds to, an LSTM
+its ``h`` and ``c``. Each entry point takes the whole state as one flat float32 vector and
+returns the next one, so a runtime streams chunk by chunk and the concatenated output equals
+the whole-signal output. Convolutions run as one matmul over their stacked taps, so the
+compiler's packed-GEMM layout (`edgert.compiler.layout`) applies to them as to linear layers.
+
+Reflect padding (EnCodec's ``pad_mode="reflect"``): at the start of a stream the left context
+is the mirror of the first samples, so the first chunk passes ``first = 1`` and must be longer
+than every layer's context; after that the carried state is used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from tvm import relax, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.script import tirx as T
+
+from edgert.errors import ModelFileError, UnsupportedModelError
+
+
+@dataclass
+class CodecConfig:
+    """Hyper-parameters of an EnCodec-architecture codec (names follow `transformers`' EncodecConfig)."""
+
+    name: str = "codec"
+    sampling_rate: int = 24000
+    audio_channels: int = 1
+    num_filters: int = 32
+    upsampling_ratios: list[int] = field(default_factory=lambda: [8, 5, 4, 2])
+    hidden_size: int = 128
+    kernel_size: int = 7
+    last_kernel_size: int = 7
+    residual_kernel_size: int = 3
+    dilation_growth_rate: int = 2
+    num_residual_layers: int = 1
+    compress: int = 2
+    num_lstm_layers: int = 2
+    use_conv_shortcut: bool = True
+    pad_mode: str = "reflect"
+    codebook_size: int = 1024
+    codebook_dim: int = 128
+    num_quantizers: int = 32
+
+    @property
+    def hop_length(self) -> int:
+        """Audio samples per code frame."""
+        return int(np.prod(self.upsampling_ratios))
+
+    @property
+    def frame_rate(self) -> float:
+        """Code frames per second."""
+        return self.sampling_rate / self.hop_length
+
+    def bandwidth_kbps(self, num_codebooks: int) -> float:
+        """Bitrate of ``num_codebooks`` codebooks, in kbit/s."""
+        return num_codebooks * math.log2(self.codebook_size) * self.frame_rate / 1000
+
+    def codebooks_for_bandwidth(self, kbps: float) -> int:
+        """Codebooks that fit in ``kbps`` (EnCodec's rule: floor, at least one)."""
+        per = math.log2(self.codebook_size) * self.frame_rate / 1000
+        return int(min(self.num_quantizers, max(1, math.floor(kbps / per + 1e-9))))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for the manifest."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> CodecConfig:
+        """Read a config written by `to_dict` or a `transformers` EncodecConfig JSON."""
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in raw.items() if k in known}
+        if raw.get("model_type", "encodec") != "encodec" and "model_type" in raw:
+            raise UnsupportedModelError(f"codec model type '{raw['model_type']}' is not supported (edgert: encodec)")
+        if raw.get("norm_type", "weight_norm") != "weight_norm":
+            raise UnsupportedModelError(f"norm_type '{raw['norm_type']}' is not supported (edgert: weight_norm)")
+        if not raw.get("use_causal_conv", True):
+            raise UnsupportedModelError("non-causal codecs cannot stream; edgert compiles causal ones")
+        if "target_bandwidths" in raw and "num_quantizers" not in raw:
+            # transformers' rule: frame rate rounded up, whole bits per code.
+            cfg = cls(**values)
+            per = math.ceil(math.log2(cfg.codebook_size)) * math.ceil(cfg.frame_rate)
+            values["num_quantizers"] = int(1000 * max(raw["target_bandwidths"]) // per)
+        if values.get("codebook_dim") is None:
+            values["codebook_dim"] = values.get("hidden_size", cls.hidden_size)
+        if values.get("pad_mode") not in ("reflect", "constant", None):
+            raise UnsupportedModelError(f"pad_mode '{values['pad_mode']}' is not supported (reflect, constant)")
+        return cls(**values)
+
+
+class _State:
+    """Slices a flat state vector into the layers' states in order and gathers the new ones."""
+
+    def __init__(self, flat: Tensor | None, first: Tensor):
+        self.flat, self.first, self.offset, self.new = flat, first, 0, []
+
+    def take(self, rows: int, cols: int) -> Tensor:
+        size = rows * cols
+        piece = _slice(self.flat, 0, self.offset, self.offset + size)
+        self.offset += size
+        return op.reshape(piece, (rows, cols))
+
+    def put(self, value: Tensor) -> None:
+        self.new.append(op.reshape(value, (-1,)))
+
+    def result(self) -> Tensor:
+        return op.concat(self.new, dim=0) if len(self.new) > 1 else self.new[0]
+
+
+def _slice(x: Tensor, axis: int, begin: Any, end: Any, stride: int = 1) -> Tensor:
+    return op.wrap_nested(
+        relax.op.strided_slice(x._expr, [axis], [begin], [end], [stride], assume_inbound=True), "slice"
+    )
+
+
+def elu(x: Tensor) -> Tensor:
+    """ELU with alpha 1: x where x > 0, exp(x) - 1 elsewhere."""
+    zero = Tensor.from_scalar(0.0, "float32")
+    return op.maximum(x, zero) + op.exp(op.minimum(x, zero)) - 1.0
+
+
+class ELU(nn.Module):
+    """ELU as a layer (it holds no weights; it keeps the layer indices of the source model)."""
+
+    state_rows = 0
+
+    def forward(self, x: Tensor, state: _State) -> Tensor:
+        return elu(x)
+
+
+class StreamConv(nn.Module):
+    """Causal conv1d, time-major: ``y[t] = b + W · [x[t*s - c + j*d] for j < k]`` (c = its context)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1, reflect: bool = False):
+        self.cin, self.cout, self.kernel, self.stride, self.dilation = cin, cout, kernel, stride, dilation
+        self.context = (kernel - 1) * dilation + 1 - stride
+        if self.context < 0 or (dilation > 1 and stride > 1) or (stride > 1 and kernel % stride):
+            raise UnsupportedModelError(f"conv kernel {kernel}, stride {stride}, dilation {dilation} cannot stream")
+        self.reflect = reflect
+        self.proj = nn.Linear(kernel * cin, cout, bias=False)  # columns: tap-major, then input channel
+        self.bias = nn.Parameter((cout,), "float32")
+
+    @property
+    def state_size(self) -> int:
+        return self.context * self.cin
+
+    def forward(self, x: Tensor, state: _State) -> Tensor:
+        length = x.shape[0]
+        if self.context:
+            prev = state.take(self.context, self.cin)
+            if self.reflect:
+                # Mirror of x[1..c], as torch's reflect pad gives at the start of the signal.
+                # "clip": a later, shorter chunk must not read past its end (its mirror is unused).
+                idx = Tensor.from_const(np.arange(self.context, 0, -1, dtype="int32"))
+                mirror = op.wrap_nested(relax.op.take(x._expr, idx._expr, axis=0, mode="clip"), "mirror")
+                prev = op.where(state.first > 0.0, mirror, prev)
+            xp = op.concat([prev, x], dim=0)
+            state.put(_slice(xp, 0, length, length + self.context))
+        else:
+            xp = x
+        s, k, d = self.stride, self.kernel, self.dilation
+        frames = length // s
+        if s == 1 and k == 1:
+            taps = xp
+        elif s == 1:
+            taps = op.concat([_slice(xp, 0, j * d, j * d + length) for j in range(k)], dim=1)
+        else:
+            # Rows of s samples; frame t covers rows t .. t + k/s - 1.
+            rows = op.reshape(xp, (frames + k // s - 1, s * self.cin))
+            taps = op.concat([_slice(rows, 0, b, b + frames) for b in range(k // s)], dim=1)
+        return self.proj(taps) + self.bias
+
+
+class StreamConvTranspose(nn.Module):
+    """Causal transposed conv1d trimmed on the right (EnCodec's ``trim_right_ratio = 1``).
+
+    Each input frame adds a k-row window at stride s; the last ``k - s`` rows of a chunk are
+    not final until the next chunk adds to them, so they are the state (without the bias).
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int):
+        if kernel % stride:
+            raise UnsupportedModelError(f"transposed conv kernel {kernel} is not a multiple of its stride {stride}")
+        self.cin, self.cout, self.kernel, self.stride = cin, cout, kernel, stride
+        self.proj = nn.Linear(cin, kernel * cout, bias=False)  # rows: tap-major, then output channel
+        self.bias = nn.Parameter((cout,), "float32")
+
+    @property
+    def state_size(self) -> int:
+        return (self.kernel - self.stride) * self.cout
+
+    def forward(self, x: Tensor, state: _State) -> Tensor:
+        frames = x.shape[0]
+        s, m, c = self.stride, self.kernel // self.stride, self.cout
+        z = self.proj(x)  # (T, k * cout): window row j of frame t lands on output row t*s + j
+        acc = None
+        for b in range(m):
+            part = _slice(z, 1, b * s * c, (b + 1) * s * c)
+            part = op.pad(part, [b, m - 1 - b, 0, 0])
+            acc = part if acc is None else acc + part
+        y = op.reshape(acc, ((frames + m - 1) * s, c))
+        tail = self.kernel - s
+        if tail:
+            prev = state.take(tail, c)
+            head = _slice(y, 0, 0, tail) + prev
+            y = op.concat([head, _slice(y, 0, tail, (frames + m - 1) * s)], dim=0)
+            state.put(_slice(y, 0, frames * s, frames * s + tail))
+        return _slice(y, 0, 0, frames * s) + self.bias
+
+
+def lstm_kernel(hidden: int) -> tirx.PrimFunc:
+    """One LSTM layer over a chunk: ``xw`` holds ``W_ih x_t + b`` for every step; h and c carry.
+
+    Written by hand because the recurrence is a serial loop that Relax has no operator for;
+    the gate GEMV is vectorized over the 4H gate rows (``w_t`` is ``W_hh`` transposed).
+    """
+    g4 = 4 * hidden
+    vec = 16 if g4 % 16 == 0 else 1
+
+    @T.prim_func
+    def lstm(
+        xw_h: T.handle,
+        w_t: T.Buffer((hidden, g4), "float32"),
+        h0: T.Buffer((hidden,), "float32"),
+        c0: T.Buffer((hidden,), "float32"),
+        y_h: T.handle,
+        h1: T.Buffer((hidden,), "float32"),
+        c1: T.Buffer((hidden,), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        steps = T.int64()
+        xw = T.match_buffer(xw_h, (steps, g4), "float32")
+        y = T.match_buffer(y_h, (steps, hidden), "float32")
+        g = T.alloc_buffer((g4,), "float32")
+        for i in range(hidden):
+            h1[i] = h0[i]
+            c1[i] = c0[i]
+        for t in range(steps):
+            for jo in range(g4 // vec):
+                for ji in T.vectorized(vec):
+                    g[jo * vec + ji] = xw[t, jo * vec + ji]
+            for kk in range(hidden):
+                for jo in range(g4 // vec):
+                    for ji in T.vectorized(vec):
+                        g[jo * vec + ji] = g[jo * vec + ji] + h1[kk] * w_t[kk, jo * vec + ji]
+            for i in range(hidden):
+                c1[i] = T.sigmoid(g[hidden + i]) * c1[i] + T.sigmoid(g[i]) * T.tanh(g[2 * hidden + i])
+                h1[i] = T.sigmoid(g[3 * hidden + i]) * T.tanh(c1[i])
+                y[t, i] = h1[i]
+
+    return lstm.with_attr("global_symbol", f"codec_lstm_h{hidden}")
+
+
+class LSTMLayer(nn.Module):
+    """One LSTM layer (PyTorch gate order i, f, g, o); state: h and c."""
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self.ih = nn.Linear(dim, 4 * dim, bias=False)
+        self.bias = nn.Parameter((4 * dim,), "float32")  # b_ih + b_hh
+        self.hh_t = nn.Parameter((dim, 4 * dim), "float32")  # W_hh transposed
+
+    def forward(self, x: Tensor, state: _State) -> Tensor:
+        hc = state.take(2, self.dim)
+        h0 = op.reshape(_slice(hc, 0, 0, 1), (self.dim,))
+        c0 = op.reshape(_slice(hc, 0, 1, 2), (self.dim,))
+        xw = self.ih(x) + self.bias
+        y, h1, c1 = op.tensor_ir_op(
+            lstm_kernel(self.dim),
+            "codec_lstm",
+            [xw, self.hh_t, h0, c0],
+            [
+                Tensor.placeholder((x.shape[0], self.dim), "float32"),
+                Tensor.placeholder((self.dim,), "float32"),
+                Tensor.placeholder((self.dim,), "float32"),
+            ],
+        )
+        state.put(op.concat([h1, c1], dim=0))
+        return y
+
+
+class SkipLSTM(nn.Module):
+    """EnCodec's LSTM block: stacked layers plus the input (``y = LSTM(x) + x``)."""
+
+    def __init__(self, dim: int, layers: int):
+        self.lstm = nn.ModuleList([LSTMLayer(dim) for _ in range(layers)])
+
+    def forward(self, x: Tensor, state: _State) -> Tensor:
+        y = x
+        for layer in self.lstm:
+            y = layer(y, state)
+        return y + x
+
+
+class ResidualUnit(nn.Module):
+    """SEANet residual unit: ``shortcut(x) + conv1(ELU(conv_k,d(ELU(x))))``."""
+
+    def __init__(self, cfg: CodecConfig, dim: int, dilation: int):
+        hidden = dim // cfg.compress
+        reflect = cfg.pad_mode == "reflect"
+        self.block = nn.ModuleList(
+            [
+                ELU(),
+                StreamConv(dim, hidden, cfg.residual_kernel_size, dilation=dilation, reflect=reflect),
+                ELU(),
+                StreamConv(hidden, dim, 1),
+            ]
+        )
+        self.shortcut = StreamConv(dim, dim, 1) if cfg.use_conv_shortcut else None
+
+    def forward(self, x: Tensor, state: _State) -> Tensor:
+        y = x
+        for layer in self.block:
+            y = layer(y, state)
+        return (self.shortcut(x, state) if self.shortcut is not None else x) + y
+
+
+def _encoder_layers(cfg: CodecConfig) -> list[nn.Module]:
+    reflect = cfg.pad_mode == "reflect"
+    layers: list[nn.Module] = [StreamConv(cfg.audio_channels, cfg.num_filters, cfg.kernel_size, reflect=reflect)]
+    scale = 1
+    for ratio in reversed(cfg.upsampling_ratios):
+        dim = scale * cfg.num_filters
+        layers += [ResidualUnit(cfg, dim, cfg.dilation_growth_rate**j) for j in range(cfg.num_residual_layers)]
+        layers += [ELU(), StreamConv(dim, 2 * dim, 2 * ratio, stride=ratio, reflect=reflect)]
+        scale *= 2
+    dim = scale * cfg.num_filters
+    if cfg.num_lstm_layers:
+        layers.append(SkipLSTM(dim, cfg.num_lstm_layers))
+    layers += [ELU(), StreamConv(dim, cfg.hidden_size, cfg.last_kernel_size, reflect=reflect)]
+    return layers
+
+
+def _decoder_layers(cfg: CodecConfig) -> list[nn.Module]:
+    reflect = cfg.pad_mode == "reflect"
+    scale = 2 ** len(cfg.upsampling_ratios)
+    dim = scale * cfg.num_filters
+    layers: list[nn.Module] = [StreamConv(cfg.hidden_size, dim, cfg.kernel_size, reflect=reflect)]
+    if cfg.num_lstm_layers:
+        layers.append(SkipLSTM(dim, cfg.num_lstm_layers))
+    for ratio in cfg.upsampling_ratios:
+        dim = scale * cfg.num_filters
+        layers += [ELU(), StreamConvTranspose(dim, dim // 2, 2 * ratio, ratio)]
+        layers += [ResidualUnit(cfg, dim // 2, cfg.dilation_growth_rate**j) for j in range(cfg.num_residual_layers)]
+        scale //= 2
+    layers += [ELU(), StreamConv(cfg.num_filters, cfg.audio_channels, cfg.last_kernel_size, reflect=reflect)]
+    return layers
+
+
+def _state_size(module: nn.Module) -> int:
+    """Floats of streaming state a layer stack carries (every StreamConv/ConvTranspose/LSTM)."""
+    total = 0
+    for _, sub in _walk(module):
+        if isinstance(sub, StreamConv | StreamConvTranspose):
+            total += sub.state_size
+        elif isinstance(sub, LSTMLayer):
+            total += 2 * sub.dim
+    return total
+
+
+def _walk(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    out = [(prefix, module)]
+    items = enumerate(module) if isinstance(module, nn.ModuleList) else vars(module).items()
+    for name, sub in items:
+        if isinstance(sub, nn.Module):
+            out += _walk(sub, f"{prefix}.{name}" if prefix else str(name))
+    return out
+
+
+class SEANet(nn.Module):
+    """A stack of streaming layers, called in order with one shared state."""
+
+    def __init__(self, layers: list[nn.Module]):
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Tensor, state: _State) -> Tensor:
+        for layer in self.layers:
+            x = layer(x, state)
+        return x
+
+
+class Codebook(nn.Module):
+    """One codebook of the residual vector quantizer (``embed``: codebook_size x dim)."""
+
+    def __init__(self, size: int, dim: int):
+        self.embed = nn.Parameter((size, dim), "float32")
+
+
+class Quantizer(nn.Module):
+    """Residual vector quantization with ``num_quantizers`` stages."""
+
+    def __init__(self, cfg: CodecConfig):
+        self.cfg = cfg
+        self.layers = nn.ModuleList([_VQ(cfg) for _ in range(cfg.num_quantizers)])
+
+    def encode(self, z: Tensor) -> Tensor:
+        """Codes ``(frames, num_quantizers)`` int32: each stage takes the nearest code to the residual."""
+        codes = []
+        residual = z
+        for layer in self.layers:
+            embed = layer.codebook.embed
+            # The same expression as EnCodec (|r|² - 2 r·e + |e|²), so ties break the same way.
+            dist = (
+                op.sum(op.square(residual), axis=1, keepdims=True)
+                - 2.0 * op.matmul(residual, op.permute_dims(embed))
+                + op.reshape(op.sum(op.square(embed), axis=1), (1, self.cfg.codebook_size))
+            )
+            idx = op.wrap_nested(relax.op.argmin(dist._expr, axis=1, keepdims=False), "argmin")
+            idx = op.astype(idx, "int32")
+            residual = residual - op.wrap_nested(relax.op.take(embed._expr, idx._expr, axis=0, mode="clip"), "codeword")
+            codes.append(op.reshape(idx, (-1, 1)))
+        return op.concat(codes, dim=1) if len(codes) > 1 else codes[0]
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Sum of the codewords of the first ``codes.shape[1]`` stages."""
+        frames, used = codes.shape
+        table = op.concat([op.reshape(layer.codebook.embed, (1, -1)) for layer in self.layers], dim=0)
+        table = op.reshape(table, (self.cfg.num_quantizers * self.cfg.codebook_size, self.cfg.codebook_dim))
+        base = op.astype(op.arange(0, used, dtype="int32"), "int32") * self.cfg.codebook_size
+        flat = op.reshape(codes + op.reshape(base, (1, used)), (-1,))
+        rows = op.wrap_nested(relax.op.take(table._expr, flat._expr, axis=0, mode="clip"), "codewords")
+        return op.sum(op.reshape(rows, (frames, used, self.cfg.codebook_dim)), axis=1)
+
+
+class _VQ(nn.Module):
+    def __init__(self, cfg: CodecConfig):
+        self.codebook = Codebook(cfg.codebook_size, cfg.codebook_dim)
+
+
+class CodecModel(nn.Module):
+    """EnCodec-architecture codec with streaming entry points ``encode`` and ``decode``."""
+
+    def __init__(self, cfg: CodecConfig):
+        if cfg.audio_channels != 1:
+            raise UnsupportedModelError(f"{cfg.audio_channels}-channel codecs are not supported (edgert: mono)")
+        if cfg.codebook_dim != cfg.hidden_size:
+            raise UnsupportedModelError("codebook_dim must equal hidden_size (EnCodec has no projection)")
+        self.cfg = cfg
+        self.encoder = SEANet(_encoder_layers(cfg))
+        self.quantizer = Quantizer(cfg)
+        self.decoder = SEANet(_decoder_layers(cfg))
+        self.encoder_state_size = _state_size(self.encoder)
+        self.decoder_state_size = _state_size(self.decoder)
+
+    def encode(self, audio: Tensor, state: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
+        """``audio`` (n,) with n a multiple of the hop -> (codes (n/hop, Q) int32, next state)."""
+        bag = _State(state, first)
+        z = self.encoder(op.reshape(audio, (audio.shape[0], 1)), bag)
+        return self.quantizer.encode(z), bag.result()
+
+    def decode(self, codes: Tensor, state: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
+        """``codes`` (frames, q <= Q) int32 -> (audio (frames * hop,), next state)."""
+        bag = _State(state, first)
+        y = self.decoder(self.quantizer.decode(codes), bag)
+        return op.reshape(y, (codes.shape[0] * self.cfg.hop_length,)), bag.result()
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        """Entry points with a symbolic chunk length (samples ``n``, frames ``t``, codebooks ``q``)."""
+        spec = {
+            "encode": {
+                "audio": nn.spec.Tensor(["n"], "float32"),
+                "state": nn.spec.Tensor([self.encoder_state_size], "float32"),
+                "first": nn.spec.Tensor([1], "float32"),
+                "$": {"param_mode": "packed", "effect_mode": "none"},
+            },
+            "decode": {
+                "codes": nn.spec.Tensor(["t", "q"], "int32"),
+                "state": nn.spec.Tensor([self.decoder_state_size], "float32"),
+                "first": nn.spec.Tensor([1], "float32"),
+                "$": {"param_mode": "packed", "effect_mode": "none"},
+            },
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: `transformers`' EncodecModel state dict -> this module's parameters.
+
+
+def _weight_norm(tensors: dict[str, np.ndarray], prefix: str) -> np.ndarray:
+    """A conv's weight: plain, or rebuilt from weight norm (``w = g · v / |v|``, norm over all but dim 0)."""
+    if f"{prefix}.weight" in tensors:
+        return tensors[f"{prefix}.weight"].astype(np.float32)
+    g = tensors.get(f"{prefix}.parametrizations.weight.original0")
+    v = tensors.get(f"{prefix}.parametrizations.weight.original1")
+    if g is None or v is None:
+        g, v = tensors.get(f"{prefix}.weight_g"), tensors.get(f"{prefix}.weight_v")
+    if g is None or v is None:
+        raise ModelFileError(f"weights for '{prefix}' are missing")
+    v64 = v.astype(np.float64)
+    norm = np.sqrt((v64**2).reshape(v.shape[0], -1).sum(axis=1)).reshape(-1, *([1] * (v.ndim - 1)))
+    return (g.astype(np.float64) * v64 / norm).astype(np.float32)
+
+
+def encodec_weights(tensors: dict[str, np.ndarray], model: CodecModel) -> dict[str, np.ndarray]:
+    """Map an EncodecModel state dict onto ``model``'s parameter names (nothing left unmapped)."""
+    out: dict[str, np.ndarray] = {}
+    for path, sub in _walk(model):
+        if isinstance(sub, StreamConv):
+            w = _weight_norm(tensors, f"{path}.conv")  # (out, in, k)
+            if w.shape != (sub.cout, sub.cin, sub.kernel):
+                raise ModelFileError(f"'{path}' has shape {w.shape}, expected {(sub.cout, sub.cin, sub.kernel)}")
+            out[f"{path}.proj.weight"] = np.ascontiguousarray(w.transpose(0, 2, 1).reshape(sub.cout, -1))
+            out[f"{path}.bias"] = _get(tensors, f"{path}.conv.bias")
+        elif isinstance(sub, StreamConvTranspose):
+            w = _weight_norm(tensors, f"{path}.conv")  # (in, out, k)
+            if w.shape != (sub.cin, sub.cout, sub.kernel):
+                raise ModelFileError(f"'{path}' has shape {w.shape}, expected {(sub.cin, sub.cout, sub.kernel)}")
+            out[f"{path}.proj.weight"] = np.ascontiguousarray(w.transpose(2, 1, 0).reshape(-1, sub.cin))
+            out[f"{path}.bias"] = _get(tensors, f"{path}.conv.bias")
+        elif isinstance(sub, SkipLSTM):
+            for i in range(len(sub.lstm)):
+                src, dst = f"{path}.lstm", f"{path}.lstm.{i}"
+                out[f"{dst}.ih.weight"] = _get(tensors, f"{src}.weight_ih_l{i}")
+                out[f"{dst}.bias"] = _get(tensors, f"{src}.bias_ih_l{i}") + _get(tensors, f"{src}.bias_hh_l{i}")
+                out[f"{dst}.hh_t"] = np.ascontiguousarray(_get(tensors, f"{src}.weight_hh_l{i}").T)
+        elif isinstance(sub, Codebook):
+            out[f"{path}.embed"] = _get(tensors, f"{path}.embed")
+    return out
+
+
+def _get(tensors: dict[str, np.ndarray], name: str) -> np.ndarray:
+    if name not in tensors:
+        raise ModelFileError(f"weight '{name}' is missing")
+    return np.asarray(tensors[name], dtype=np.float32)
+
+
+def algorithmic_latency(cfg: CodecConfig) -> int:
+    """Samples of look-ahead before the first output sample can be final: one hop (a frame's input)."""
+    return cfg.hop_length
+
+
+def min_first_chunk(model: CodecModel) -> tuple[int, int]:
+    """(samples, frames) the first encode / decode chunk needs under reflect padding (else one hop, one frame)."""
+    cfg = model.cfg
+    if cfg.pad_mode != "reflect":
+        return cfg.hop_length, 1
+    enc = _longest_context(model.encoder, cfg)
+    dec = _longest_context(model.decoder, cfg, decoder=True)
+    return math.ceil((enc + 1) / cfg.hop_length) * cfg.hop_length, math.ceil((dec + 1) / cfg.hop_length)
+
+
+def _longest_context(net: SEANet, cfg: CodecConfig, decoder: bool = False) -> float:
+    """The largest reflect context over the stack, in input samples (encoder) or output samples (decoder)."""
+    # Rate of each layer relative to audio: encoder layers run at audio rate / cumulative stride.
+    rate = cfg.hop_length if decoder else 1
+    worst = 0.0
+    for layer in net.layers:
+        for _, sub in _walk(layer):
+            if isinstance(sub, StreamConv) and sub.reflect:
+                worst = max(worst, sub.context * rate)
+        if isinstance(layer, StreamConv) and layer.stride > 1:
+            rate *= layer.stride
+        if isinstance(layer, StreamConvTranspose):
+            rate //= layer.stride
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------
+# Mimi's transformer stage: pre-norm layers with RoPE, sliding-window causal attention, LayerScale
+# and a GELU MLP, run over frames with an explicit KV cache (the last ``window`` keys and values
+# of every layer), so that it streams like the convolutions.
+
+
+@dataclass
+class TransformerConfig:
+    """Hyper-parameters of Mimi's transformer stage (names follow `transformers`' MimiConfig)."""
+
+    hidden_size: int = 512
+    num_attention_heads: int = 8
+    head_dim: int = 64
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 8
+    sliding_window: int = 250
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    @classmethod
+    def from_mimi(cls, raw: dict[str, Any]) -> TransformerConfig:
+        """From a MimiConfig dict; refuses grouped KV heads and attention biases (Mimi has neither)."""
+        if raw.get("num_key_value_heads", raw["num_attention_heads"]) != raw["num_attention_heads"]:
+            raise UnsupportedModelError("Mimi transformer with grouped KV heads is not supported")
+        if raw.get("attention_bias") or raw.get("hidden_act", "gelu") != "gelu":
+            raise UnsupportedModelError("Mimi transformer: only bias-free attention and GELU are supported")
+        rope = raw.get("rope_parameters") or {"rope_theta": raw.get("rope_theta", 10000.0)}
+        return cls(
+            hidden_size=raw["hidden_size"],
+            num_attention_heads=raw["num_attention_heads"],
+            head_dim=raw.get("head_dim") or raw["hidden_size"] // raw["num_attention_heads"],
+            intermediate_size=raw["intermediate_size"],
+            num_hidden_layers=raw["num_hidden_layers"],
+            sliding_window=raw["sliding_window"],
+            norm_eps=raw.get("norm_eps", 1e-5),
+            rope_theta=float(rope["rope_theta"]),
+        )
+
+
+class _Attention(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        inner = cfg.num_attention_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, inner, bias=False)
+        self.o_proj = nn.Linear(inner, cfg.hidden_size, bias=False)
+
+
+class _MLP(nn.Module):
+    def __init__(self, cfg: TransformerConfig):
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+
+class _Scale(nn.Module):
+    def __init__(self, dim: int):
+        self.scale = nn.Parameter((dim,), "float32")
+
+
+class TransformerLayer(nn.Module):
+    """``h += s1 ⊙ Attn(LN(h))``, ``h += s2 ⊙ MLP(LN(h))``."""
+
+    def __init__(self, cfg: TransformerConfig):
+        self.cfg = cfg
+        self.self_attn = _Attention(cfg)
+        self.mlp = _MLP(cfg)
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+        self.self_attn_layer_scale = _Scale(cfg.hidden_size)
+        self.mlp_layer_scale = _Scale(cfg.hidden_size)
+
+    def forward(
+        self, h: Tensor, past_k: Tensor, past_v: Tensor, cos: Tensor, sin: Tensor, mask: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        cfg = self.cfg
+        frames, heads, hd, window = h.shape[0], cfg.num_attention_heads, cfg.head_dim, cfg.sliding_window
+        x = self.input_layernorm(h)
+        att = self.self_attn
+
+        def split(t: Tensor) -> Tensor:
+            return op.permute_dims(op.reshape(t, (frames, heads, hd)), [1, 0, 2])  # (H, T, D)
+
+        q, v = split(att.q_proj(x)), split(att.v_proj(x))
+        q = _rope(q, cos, sin)
+        # Keys are kept time-last, (H, D, W): the time-major key transpose over a symbolic length
+        # trips TVM 0.27's RewriteDataflowReshape; rotating in (T, H, D) and transposing once does not.
+        k = op.reshape(att.k_proj(x), (frames, heads, hd))
+        k = op.permute_dims(_rope(k, op.reshape(cos, (frames, 1, hd)), op.reshape(sin, (frames, 1, hd)), 2), [1, 2, 0])
+        keys = op.concat([past_k, k], dim=2)  # (H, D, W + T): slot j holds position pos - W + j
+        values = op.concat([past_v, v], dim=1)  # (H, W + T, D)
+        scores = op.matmul(q, keys) * (1.0 / math.sqrt(hd)) + mask
+        ctx = op.matmul(op.softmax(scores, axis=-1), values)  # (H, T, D)
+        ctx = op.reshape(op.permute_dims(ctx, [1, 0, 2]), (frames, heads * hd))
+        h = h + att.o_proj(ctx) * self.self_attn_layer_scale.scale
+        y = self.mlp.fc2(op.gelu(self.mlp.fc1(self.post_attention_layernorm(h))))
+        h = h + y * self.mlp_layer_scale.scale
+        return h, _slice(keys, 2, frames, frames + window), _slice(values, 1, frames, frames + window)
+
+
+def _rope(x: Tensor, cos: Tensor, sin: Tensor, axis: int = 2) -> Tensor:
+    """Rotate-half RoPE (as `transformers`): ``x·cos + rotate_half(x)·sin`` over the last axis."""
+    half = x.shape[axis] // 2
+    rotated = op.concat([op.negative(_slice(x, axis, half, 2 * half)), _slice(x, axis, 0, half)], dim=axis)
+    return x * cos + rotated * sin
+
+
+class StreamingTransformer(nn.Module):
+    """Mimi's transformer over frames ``(T, d)``; KV cache: keys ``(layers, heads, head_dim, window)``,
+    values ``(layers, heads, window, head_dim)``.
+
+    ``position`` is the absolute index of the chunk's first frame; cache slot j holds position
+    ``position - window + j`` (slots before the stream's start are masked).
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        self.cfg = cfg
+        self.layers = nn.ModuleList([TransformerLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+
+    def forward(self, x: Tensor, k_cache: Tensor, v_cache: Tensor, position: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(frames out, next k cache, next v cache)."""
+        cfg = self.cfg
+        frames, window = x.shape[0], cfg.sliding_window
+        # Positions as float32: exact for integers below 2**24 frames (about 3.7 days at 12.5 Hz).
+        pos = op.astype(position, "float32")
+        steps = op.astype(op.arange(0, frames, dtype="int32"), "float32")
+        query_pos = op.reshape(steps, (frames, 1)) + pos  # (T, 1)
+        inv_freq = Tensor.from_const(
+            (1.0 / cfg.rope_theta ** (np.arange(0, cfg.head_dim, 2, dtype=np.float64) / cfg.head_dim)).astype("float32")
+        )
+        angles = query_pos * op.reshape(inv_freq, (1, cfg.head_dim // 2))
+        angles = op.concat([angles, angles], dim=1)  # (T, D)
+        cos, sin = _cos(angles), _sin(angles)
+        slots = op.astype(op.arange(0, window, dtype="int32"), "float32") - float(window)
+        key_pos = op.concat([op.reshape(slots, (1, window)) + pos, op.reshape(steps, (1, frames)) + pos], dim=1)
+        delta = query_pos - key_pos  # (T, W + T): how far back each key is
+        allowed = op.wrap_nested(
+            relax.op.logical_and(
+                relax.op.logical_and((delta >= 0.0)._expr, (delta < float(window))._expr), (key_pos >= 0.0)._expr
+            ),
+            "allowed",
+        )
+        mask = op.where(allowed, Tensor.from_scalar(0.0, "float32"), Tensor.from_scalar(-1e30, "float32"))
+        ks, vs = [], []
+        h = x
+        for i, layer in enumerate(self.layers):
+            past_k = op.reshape(_slice(k_cache, 0, i, i + 1), (cfg.num_attention_heads, cfg.head_dim, window))
+            past_v = op.reshape(_slice(v_cache, 0, i, i + 1), (cfg.num_attention_heads, window, cfg.head_dim))
+            h, nk, nv = layer(h, past_k, past_v, cos, sin, mask)
+            ks.append(op.reshape(nk, (1, cfg.num_attention_heads, cfg.head_dim, window)))
+            vs.append(op.reshape(nv, (1, cfg.num_attention_heads, window, cfg.head_dim)))
+        return h, op.concat(ks, dim=0), op.concat(vs, dim=0)
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        """One entry point ``forward`` with a symbolic number of frames."""
+        cfg = self.cfg
+        heads, window, hd = cfg.num_attention_heads, cfg.sliding_window, cfg.head_dim
+        spec = {
+            "forward": {
+                "x": nn.spec.Tensor(["t", cfg.hidden_size], "float32"),
+                "k_cache": nn.spec.Tensor([cfg.num_hidden_layers, heads, hd, window], "float32"),
+                "v_cache": nn.spec.Tensor([cfg.num_hidden_layers, heads, window, hd], "float32"),
+                "position": nn.spec.Tensor([1], "int32"),
+                "$": {"param_mode": "packed", "effect_mode": "none"},
+            }
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+def _cos(x: Tensor) -> Tensor:
+    return op.wrap_nested(relax.op.cos(x._expr), "cos")
+
+
+def _sin(x: Tensor) -> Tensor:
+    return op.wrap_nested(relax.op.sin(x._expr), "sin")
+
+
+def mimi_transformer_weights(
+    tensors: dict[str, np.ndarray], prefix: str, cfg: TransformerConfig
+) -> dict[str, np.ndarray]:
+    """A MimiModel's ``{prefix}.layers.*`` (e.g. ``encoder_transformer``) onto StreamingTransformer's names."""
+    out = {}
+    names = [
+        "self_attn.q_proj.weight",
+        "self_attn.k_proj.weight",
+        "self_attn.v_proj.weight",
+        "self_attn.o_proj.weight",
+        "mlp.fc1.weight",
+        "mlp.fc2.weight",
+        "input_layernorm.weight",
+        "input_layernorm.bias",
+        "post_attention_layernorm.weight",
+        "post_attention_layernorm.bias",
+        "self_attn_layer_scale.scale",
+        "mlp_layer_scale.scale",
+    ]
+    for i in range(cfg.num_hidden_layers):
+        for n in names:
+            out[f"layers.{i}.{n}"] = _get(tensors, f"{prefix}.layers.{i}.{n}" if prefix else f"layers.{i}.{n}")
+    return out

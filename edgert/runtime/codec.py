@@ -1,0 +1,296 @@
+"""A compiled neural audio codec on a device: whole-signal and streaming encode/decode, codes files.
+
+The artifact's ``encode`` and ``decode`` entry points take a chunk and the flat state vector the
+previous chunk returned; the streams here keep that state, cut the input into whole frames and
+time the calls, so a caller pushes audio (or codes) as it arrives and gets codes (or audio) back.
+
+Codes file (``.codes``), little-endian:
+
+    offset  size  field
+    0       4     magic b"EDGC"
+    4       2     format version (1)
+    6       2     n = length of the codec name
+    8       n     codec name, UTF-8
+    8+n     8     codec id: the first 8 bytes of the sha256 of the artifact's weights
+    16+n    4     sample rate (Hz)
+    20+n    4     hop length (samples per frame; frame rate = sample rate / hop)
+    24+n    4     codebook size
+    28+n    2     codebooks per frame in this file
+    30+n    8     frames
+    38+n    8     samples of the original audio (the decoded audio is cut to it)
+    46+n    ...   codes, frames x codebooks, uint16
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgert.errors import ArtifactError, EdgertError
+from edgert.runtime.artifact import Artifact, open_artifact
+from edgert.runtime.session import Session
+
+MAGIC = b"EDGC"
+CODES_VERSION = 1
+_FIXED = struct.Struct("<8sIIIHQQ")
+
+
+class CodesFileError(EdgertError):
+    """A codes file that is damaged or was written by another codec."""
+
+
+@dataclass
+class CodesFile:
+    """The codes of one signal and the codec facts its header records."""
+
+    codec: str
+    codec_id: bytes
+    sample_rate: int
+    hop_length: int
+    codebook_size: int
+    codes: np.ndarray  # (frames, codebooks) int32
+    num_samples: int
+
+    @property
+    def frame_rate(self) -> float:
+        """Frames per second."""
+        return self.sample_rate / self.hop_length
+
+    def save(self, path: str | Path) -> None:
+        """Write the header and the codes."""
+        name = self.codec.encode()
+        frames, books = self.codes.shape
+        head = struct.pack("<4sHH", MAGIC, CODES_VERSION, len(name)) + name
+        head += _FIXED.pack(
+            self.codec_id, self.sample_rate, self.hop_length, self.codebook_size, books, frames, self.num_samples
+        )
+        try:
+            Path(path).write_bytes(head + self.codes.astype("<u2").tobytes())
+        except OSError as exc:
+            raise CodesFileError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+    @classmethod
+    def load(cls, path: str | Path) -> CodesFile:
+        """Read a codes file, refusing a damaged or foreign one."""
+        path = Path(path)
+        if not path.is_file():
+            raise CodesFileError(f"codes file not found: {path}")
+        data = path.read_bytes()
+        if len(data) < 8 or data[:4] != MAGIC:
+            raise CodesFileError(f"{path} is not an edgert codes file (magic {data[:4]!r}, expected {MAGIC!r})")
+        version, n = struct.unpack_from("<HH", data, 4)
+        if version != CODES_VERSION:
+            raise CodesFileError(f"{path} has codes format version {version}; this edgert reads {CODES_VERSION}")
+        if len(data) < 8 + n + _FIXED.size:
+            raise CodesFileError(f"{path} is truncated (header incomplete)")
+        name = data[8 : 8 + n].decode("utf-8", errors="replace")
+        codec_id, rate, hop, size, books, frames, samples = _FIXED.unpack_from(data, 8 + n)
+        body = data[8 + n + _FIXED.size :]
+        if len(body) != 2 * frames * books:
+            raise CodesFileError(
+                f"{path} is truncated: {len(body)} bytes of codes, the header says {2 * frames * books}"
+            )
+        codes = np.frombuffer(body, "<u2").reshape(frames, books).astype(np.int32)
+        return cls(name, codec_id, rate, hop, size, codes, samples)
+
+
+@dataclass
+class StreamStats:
+    """Time spent in the compiled entry points against the audio duration they covered."""
+
+    calls: int = 0
+    seconds: float = 0.0
+    audio_seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)
+
+    @property
+    def real_time_factor(self) -> float:
+        """Compute time over audio time (below 1 is faster than real time)."""
+        return self.seconds / self.audio_seconds if self.audio_seconds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for reports."""
+        lat = sorted(self.latencies)
+        return {
+            "calls": self.calls,
+            "seconds": round(self.seconds, 4),
+            "audio_seconds": round(self.audio_seconds, 3),
+            "real_time_factor": round(self.real_time_factor, 4),
+            "median_call_ms": round(1000 * lat[len(lat) // 2], 3) if lat else None,
+        }
+
+
+class Codec:
+    """A compiled codec: its session, its facts (rate, hop, codebooks) and its streams."""
+
+    def __init__(self, artifact: Artifact | str | Path, threads: int | None = None):
+        art = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
+        if art.family != "codec":
+            raise ArtifactError(f"{art.path} holds a '{art.family}' model, not a codec")
+        self.artifact = art
+        self.session = Session(art, threads)
+        info = art.manifest["codec"]
+        self.name: str = art.manifest["name"]
+        self.codec_id = bytes.fromhex(art.manifest["files"][art.manifest["weights"]["file"]]["sha256"][:16])
+        self.sample_rate: int = info["sample_rate"]
+        self.hop_length: int = info["hop_length"]
+        self.num_codebooks: int = info["num_codebooks"]
+        self.codebook_size: int = info["codebook_size"]
+        self.first_chunk_samples: int = info["first_chunk_samples"]
+        self.first_chunk_frames: int = info["first_chunk_frames"]
+        self.encoder_state: int = info["encoder_state"]
+        self.decoder_state: int = info["decoder_state"]
+
+    @property
+    def frame_rate(self) -> float:
+        """Code frames per second."""
+        return self.sample_rate / self.hop_length
+
+    def bandwidth_kbps(self, codebooks: int) -> float:
+        """Bitrate of ``codebooks`` codebooks per frame, kbit/s."""
+        return codebooks * float(np.log2(self.codebook_size)) * self.frame_rate / 1000
+
+    def codebooks_for(self, bandwidth_kbps: float | None) -> int:
+        """Codebooks for a bitrate (the most that fit, at least one); all of them without one."""
+        if bandwidth_kbps is None:
+            return self.num_codebooks
+        if bandwidth_kbps <= 0:
+            raise EdgertError(f"bandwidth must be positive, got {bandwidth_kbps} kbit/s")
+        per = self.bandwidth_kbps(1)
+        books = int(bandwidth_kbps / per + 1e-9)
+        if books < 1:
+            raise EdgertError(
+                f"{bandwidth_kbps} kbit/s is below this codec's lowest bitrate, {per:g} kbit/s (one codebook)"
+            )
+        return min(books, self.num_codebooks)
+
+    def algorithmic_latency(self, stream: bool = True) -> int:
+        """Samples of input a streamed round trip waits for before its first output: one frame,
+        or the longer first chunk a reflect-padded codec needs."""
+        return max(self.hop_length, self.first_chunk_samples) if stream else self.hop_length
+
+    def encoder(self, codebooks: int | None = None) -> EncoderStream:
+        """A new encoding stream keeping ``codebooks`` codes per frame (default: all)."""
+        return EncoderStream(self, codebooks or self.num_codebooks)
+
+    def decoder(self) -> DecoderStream:
+        """A new decoding stream."""
+        return DecoderStream(self)
+
+    def encode(self, audio: np.ndarray, codebooks: int | None = None) -> np.ndarray:
+        """Codes ``(frames, codebooks)`` of a whole signal in one call (zero-padded to whole frames)."""
+        enc = self.encoder(codebooks)
+        enc.chunk_min = 0
+        return enc.push(audio, final=True)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Audio of whole-signal ``codes`` in one call."""
+        return self.decoder().push(codes, final=True)
+
+    def check_codes(self, codes: CodesFile, where: str | Path) -> None:
+        """Refuse codes written by another codec, or with more codebooks than this one has."""
+        mine = (self.name, self.sample_rate, self.hop_length, self.codebook_size)
+        theirs = (codes.codec, codes.sample_rate, codes.hop_length, codes.codebook_size)
+        if mine != theirs or codes.codec_id != self.codec_id:
+            raise CodesFileError(
+                f"{where} was written by codec '{codes.codec}' ({codes.sample_rate} Hz, hop {codes.hop_length}, "
+                f"{codes.codebook_size} codes, id {codes.codec_id.hex()}), but the artifact is '{self.name}' "
+                f"({self.sample_rate} Hz, hop {self.hop_length}, {self.codebook_size} codes, id {self.codec_id.hex()})"
+            )
+        if codes.codes.shape[1] > self.num_codebooks or codes.codes.shape[1] < 1:
+            raise CodesFileError(
+                f"{where} has {codes.codes.shape[1]} codebooks; this codec has 1..{self.num_codebooks}"
+            )
+        if codes.codes.size and int(codes.codes.max()) >= self.codebook_size:
+            raise CodesFileError(
+                f"{where} holds code {int(codes.codes.max())}, past the codebook ({self.codebook_size})"
+            )
+
+
+class EncoderStream:
+    """Audio in, codes out; state carried between pushes."""
+
+    def __init__(self, codec: Codec, codebooks: int):
+        if not 1 <= codebooks <= codec.num_codebooks:
+            raise EdgertError(f"codebooks must be 1..{codec.num_codebooks}, got {codebooks}")
+        self.codec, self.codebooks = codec, codebooks
+        self.state = np.zeros(codec.encoder_state, np.float32)
+        self.pending = np.zeros(0, np.float32)
+        self.first = True
+        self.chunk_min = codec.first_chunk_samples  # a reflect-padded codec's first call needs this much
+        self.stats = StreamStats()
+
+    def push(self, audio: np.ndarray, final: bool = False) -> np.ndarray:
+        """Codes for every whole frame now available (all of it, zero-padded, when ``final``)."""
+        hop = self.codec.hop_length
+        self.pending = np.concatenate([self.pending, np.asarray(audio, np.float32).reshape(-1)])
+        if final and len(self.pending) % hop:
+            self.pending = np.concatenate([self.pending, np.zeros(hop - len(self.pending) % hop, np.float32)])
+        usable = len(self.pending) // hop * hop
+        if usable == 0 or (self.first and usable < self.chunk_min and not final):
+            return np.zeros((0, self.codebooks), np.int32)
+        chunk, self.pending = self.pending[:usable], self.pending[usable:]
+        s = self.codec.session
+        t = time.perf_counter()
+        out = s("encode", s.tensor(chunk), s.tensor(self.state), s.tensor(np.array([float(self.first)], np.float32)))
+        codes = out[0].numpy()[:, : self.codebooks]
+        self.state = out[1].numpy()
+        self._account(time.perf_counter() - t, usable)
+        self.first = False
+        return codes
+
+    def _account(self, seconds: float, samples: int) -> None:
+        self.stats.calls += 1
+        self.stats.seconds += seconds
+        self.stats.latencies.append(seconds)
+        self.stats.audio_seconds += samples / self.codec.sample_rate
+
+
+class DecoderStream(EncoderStream):
+    """Codes in, audio out; state carried between pushes."""
+
+    def __init__(self, codec: Codec):
+        super().__init__(codec, codec.num_codebooks)
+        self.state = np.zeros(codec.decoder_state, np.float32)
+        self.pending_codes: np.ndarray | None = None
+
+    def push(self, codes: np.ndarray, final: bool = False) -> np.ndarray:  # type: ignore[override]
+        """Audio for the frames pushed so far (a reflect-padded codec holds back its first few)."""
+        codes = np.asarray(codes, np.int32)
+        if codes.ndim != 2 or not 1 <= codes.shape[1] <= self.codec.num_codebooks:
+            raise EdgertError(f"codes must be (frames, 1..{self.codec.num_codebooks}), got shape {codes.shape}")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.codec.codebook_size):
+            raise EdgertError(f"codes must lie in 0..{self.codec.codebook_size - 1}")
+        if self.pending_codes is not None:
+            codes = np.concatenate([self.pending_codes, codes])
+            self.pending_codes = None
+        if len(codes) == 0:
+            return np.zeros(0, np.float32)
+        if self.first and len(codes) < self.codec.first_chunk_frames and not final and self.chunk_min:
+            self.pending_codes = codes
+            return np.zeros(0, np.float32)
+        s = self.codec.session
+        t = time.perf_counter()
+        flag = np.array([float(self.first)], np.float32)
+        out = s("decode", s.tensor(np.ascontiguousarray(codes)), s.tensor(self.state), s.tensor(flag))
+        audio = out[0].numpy()
+        self.state = out[1].numpy()
+        self._account(time.perf_counter() - t, len(audio))
+        self.first = False
+        return audio
+
+    def flush(self) -> np.ndarray:
+        """Audio for frames still held back."""
+        if self.pending_codes is None:
+            return np.zeros(0, np.float32)
+        return self.push(np.zeros((0, self.pending_codes.shape[1]), np.int32), final=True)
+
+
+def load_codec(path: str | Path, threads: int | None = None) -> Codec:
+    """Open and verify a codec artifact and load it."""
+    return Codec(path, threads)

@@ -1,0 +1,324 @@
+"""Neural audio codecs: edgert against `transformers`' EncodecModel (seeded random weights), streaming,
+codes files, and the project's own trained speech codec through the command line."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT, load_tool, run_cli
+
+torch = pytest.importorskip("torch", reason="the codec reference needs torch (test extras)")
+
+
+@pytest.fixture(scope="session")
+def tiny_encodec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny EnCodec-architecture reference (reflect padding, two LSTM layers), seeded."""
+    folder = tmp_path_factory.mktemp("codec") / "tiny-encodec"
+    ref = load_tool("make_codec_reference")
+    ref.save(ref.build("tiny", seed=0), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_codec(tiny_encodec: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny reference compiled for the host and loaded."""
+    from edgert.compiler import compile_model
+    from edgert.runtime.codec import load_codec
+
+    out = tmp_path_factory.mktemp("codec-art") / "tiny.edgert"
+    compile_model(str(tiny_encodec), target="host", output=out)
+    return load_codec(out)
+
+
+def _torch_model(folder: Path):
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import EncodecConfig, EncodecModel
+
+    model = EncodecModel(EncodecConfig(**json.loads((folder / "config.json").read_text()))).eval()
+    model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    return model
+
+
+def _speechlike(n: int, rate: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / rate
+    pitch = 140 + 40 * np.sin(2 * np.pi * 3 * t)
+    voiced = 0.3 * np.sin(2 * np.pi * pitch * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 5 * t))
+    return (voiced + 0.03 * rng.standard_normal(n)).astype(np.float32)
+
+
+def _code_margin(model, audio: np.ndarray) -> float:
+    """Smallest relative gap, over frames and stages, between the nearest and second-nearest code.
+
+    Two engines can only be asked for identical codes where that gap exceeds float32 rounding
+    (about 1e-6 relative): a residual equidistant to two codes within rounding may go either way.
+    The test signals are seeds where the gap is at least 1e-4.
+    """
+    with torch.no_grad():
+        residual = model.encoder(torch.from_numpy(audio).view(1, 1, -1))[0].T.double()
+        margin = 1.0
+        for layer in model.quantizer.layers:
+            embed = layer.codebook.embed.double()
+            dist, _ = ((residual[:, None, :] - embed[None]) ** 2).sum(-1).sort(1)
+            margin = min(margin, ((dist[:, 1] - dist[:, 0]) / dist[:, 0].clamp(min=1e-12)).min().item())
+            residual = residual - embed[((residual[:, None, :] - embed[None]) ** 2).sum(-1).argmin(1)]
+    return margin
+
+
+def _reference(model, audio: np.ndarray, bandwidth: float) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        enc = model.encode(torch.from_numpy(audio).view(1, 1, -1), bandwidth=bandwidth)
+        audio_out = model.decode(enc.audio_codes, enc.audio_scales)[0][0, 0].numpy()
+    return enc.audio_codes[0, 0].numpy().T, audio_out
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("bandwidth", [3.6, 1.8])
+def test_whole_signal_matches_pytorch(tiny_encodec: Path, tiny_codec, bandwidth: float) -> None:
+    model = _torch_model(tiny_encodec)
+    audio = _speechlike(320 * 60, 24000, seed=13)
+    assert _code_margin(model, audio) > 1e-4
+    want_codes, want_audio = _reference(model, audio, bandwidth)
+    books = tiny_codec.codebooks_for(bandwidth)
+    assert books == want_codes.shape[1]
+    codes = tiny_codec.encode(audio, books)
+    np.testing.assert_array_equal(codes, want_codes)
+    assert len({tuple(row) for row in codes}) > 20  # the frames' codes differ: they carry information
+    out = tiny_codec.decode(codes)
+    assert out.shape == want_audio.shape
+    assert np.abs(out - want_audio).max() < 1e-4
+    assert np.abs(want_audio).max() > 1e-2
+
+
+@pytest.mark.reference
+def test_streamed_80ms_chunks_match_pytorch(tiny_encodec: Path, tiny_codec) -> None:
+    model = _torch_model(tiny_encodec)
+    audio = _speechlike(320 * 60, 24000, seed=20)
+    assert _code_margin(model, audio) > 1e-4
+    want_codes, want_audio = _reference(model, audio, 3.6)
+    enc, dec = tiny_codec.encoder(), tiny_codec.decoder()
+    step = 1920  # 80 ms at 24 kHz
+    codes, out = [], []
+    for start in range(0, len(audio), step):
+        last = start + step >= len(audio)
+        c = enc.push(audio[start : start + step], final=last)
+        codes.append(c)
+        out.append(dec.push(c, final=last))
+    out.append(dec.flush())
+    np.testing.assert_array_equal(np.concatenate(codes), want_codes)
+    assert np.abs(np.concatenate(out) - want_audio).max() < 1e-4
+    # A reflect-padded codec holds its first call until it has enough context, then goes frame by frame.
+    assert enc.stats.calls >= 8 and dec.stats.calls >= 8
+
+
+def test_codes_file_round_trip_and_refusals(tiny_codec, tmp_path: Path) -> None:
+    from edgert.runtime.codec import CodesFile, CodesFileError
+
+    codes = tiny_codec.encode(_speechlike(320 * 20, 24000), 3)
+    cf = CodesFile(tiny_codec.name, tiny_codec.codec_id, 24000, 320, 64, codes, 320 * 20 - 5)
+    path = tmp_path / "a.codes"
+    cf.save(path)
+    back = CodesFile.load(path)
+    np.testing.assert_array_equal(back.codes, codes)
+    assert (back.codec, back.frame_rate, back.num_samples) == (tiny_codec.name, 75.0, 320 * 20 - 5)
+    tiny_codec.check_codes(back, path)
+
+    other = CodesFile("other-codec", b"\0" * 8, 16000, 160, 256, codes, 100)
+    with pytest.raises(CodesFileError, match="written by codec 'other-codec'"):
+        tiny_codec.check_codes(other, "x.codes")
+    (tmp_path / "bad.codes").write_bytes(b"RIFF" + path.read_bytes()[4:])
+    with pytest.raises(CodesFileError, match="not an edgert codes file"):
+        CodesFile.load(tmp_path / "bad.codes")
+    (tmp_path / "short.codes").write_bytes(path.read_bytes()[:-3])
+    with pytest.raises(CodesFileError, match="truncated"):
+        CodesFile.load(tmp_path / "short.codes")
+    data = bytearray(path.read_bytes())
+    struct.pack_into("<H", data, 4, 9)
+    (tmp_path / "v9.codes").write_bytes(bytes(data))
+    with pytest.raises(CodesFileError, match="version 9"):
+        CodesFile.load(tmp_path / "v9.codes")
+
+
+def test_bandwidth_choice(tiny_codec) -> None:
+    from edgert.errors import EdgertError
+
+    assert tiny_codec.bandwidth_kbps(1) == pytest.approx(0.45)
+    assert tiny_codec.codebooks_for(1.8) == 4
+    assert tiny_codec.codebooks_for(100) == 8
+    with pytest.raises(EdgertError, match="below this codec's lowest bitrate"):
+        tiny_codec.codebooks_for(0.2)
+
+
+# ---- the project's own codec (weights in models/codec-speech16k) through the command line ----
+
+
+@pytest.fixture(scope="session")
+def speech_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("codec-speech") / "speech.edgert"
+    proc = run_cli("compile", "codec-speech16k", "--target", "host", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def sentence(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A held-out sentence spoken by espeak-ng (22.05 kHz: the CLI resamples it)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is missing: tools/setup.sh --test installs it")
+    import subprocess
+
+    path = tmp_path_factory.mktemp("speech") / "sentence.wav"
+    text = "Please call Stella and ask her to bring these things with her from the store."
+    subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), text], check=True)
+    return path
+
+
+def _quality(stderr: str) -> tuple[float, float]:
+    import re
+
+    m = re.search(r"SI-SNR (-?[\d.]+) dB, mel distance ([\d.]+)", " ".join(stderr.split()))
+    assert m, stderr
+    return float(m.group(1)), float(m.group(2))
+
+
+def test_cli_roundtrip_restores_speech(speech_artifact: Path, sentence: Path, tmp_path: Path) -> None:
+    from edgert.runtime.audio import load_wav
+
+    whole = run_cli("codec", "roundtrip", str(speech_artifact), str(sentence), "-o", str(tmp_path / "w.wav"))
+    assert whole.returncode == 0, whole.stderr
+    assert "resampling" in whole.stderr and "16000 Hz" in whole.stderr
+    snr, mel = _quality(whole.stderr)
+    streamed = run_cli(
+        "codec", "roundtrip", str(speech_artifact), str(sentence), "-o", str(tmp_path / "s.wav"), "--stream"
+    )
+    assert streamed.returncode == 0, streamed.stderr
+    assert "real-time factor" in streamed.stderr
+    assert "algorithmic latency 160 samples" in " ".join(streamed.stderr.split())
+    a, rate = load_wav(tmp_path / "w.wav")
+    b, _ = load_wav(tmp_path / "s.wav")
+    assert rate == 16000 and len(a) == len(b)
+    assert np.abs(a - b).max() <= 2 / 32768  # the same signal, up to 16-bit rounding
+    assert _quality(streamed.stderr) == pytest.approx((snr, mel), abs=0.02)
+    # The codec keeps the spectral envelope: log-mel distance well under white noise's at speech level
+    # (about 5) and silence's (about 9); models/codec-speech16k/metrics.json has the measured figures.
+    assert mel < 3.5
+    low = run_cli("codec", "roundtrip", str(speech_artifact), str(sentence), "-o", str(tmp_path / "l.wav"), "-b", "1.6")
+    assert low.returncode == 0, low.stderr
+    assert "2 codebooks = 1.6 kbit/s" in " ".join(low.stderr.split())
+    assert _quality(low.stderr)[1] < 3.5
+
+
+def test_cli_encode_decode_and_foreign_codes(speech_artifact: Path, sentence: Path, tmp_path: Path, tiny_codec) -> None:
+    codes = tmp_path / "s.codes"
+    enc = run_cli("codec", "encode", str(speech_artifact), str(sentence), "-o", str(codes), "--bandwidth", "3.2")
+    assert enc.returncode == 0, enc.stderr
+    assert codes.read_bytes()[:4] == b"EDGC"
+    dec = run_cli("codec", "decode", str(speech_artifact), str(codes), "-o", str(tmp_path / "d.wav"))
+    assert dec.returncode == 0, dec.stderr
+    from edgert.runtime.audio import load_wav
+
+    audio, rate = load_wav(tmp_path / "d.wav")
+    assert rate == 16000 and np.abs(audio).max() > 0.05
+    foreign = run_cli("codec", "decode", str(tiny_codec.artifact.path), str(codes), "-o", str(tmp_path / "x.wav"))
+    assert foreign.returncode == 2
+    assert "was written by codec 'codec-speech16k'" in " ".join(foreign.stderr.split())
+    assert not (tmp_path / "x.wav").exists()
+    missing = run_cli("codec", "encode", str(speech_artifact), str(tmp_path / "none.wav"), "-o", str(codes))
+    assert missing.returncode == 2 and "audio file not found" in missing.stderr
+
+    import edgert
+    from edgert.runtime.codec import Codec
+
+    loaded = edgert.load(speech_artifact)
+    assert isinstance(loaded, Codec) and (loaded.sample_rate, loaded.hop_length) == (16000, 160)
+
+
+def test_recipe_lists_the_codec() -> None:
+    proc = run_cli("models")
+    assert proc.returncode == 0
+    assert "codec-speech16k" in proc.stdout
+    assert (ROOT / "models" / "codec-speech16k" / "model.safetensors").stat().st_size < 5_000_000
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_onnx_export_compiles_and_matches(tiny_encodec: Path, tmp_path: Path) -> None:
+    """The reference exported to ONNX goes through edgert's ONNX frontend and agrees with onnxruntime."""
+    ort = pytest.importorskip("onnxruntime")
+    import edgert
+
+    onnx_path = load_tool("export_codec_onnx").export(tiny_encodec, tmp_path / "tiny.onnx", samples=320 * 20)
+    art = tmp_path / "tiny-onnx.edgert"
+    proc = run_cli("compile", str(onnx_path), "-o", str(art))
+    assert proc.returncode == 0, proc.stderr
+    audio = _speechlike(320 * 20, 24000, seed=1).reshape(1, 1, -1)
+    got = edgert.load(art)(audio=audio)
+    want_codes, want_audio = ort.InferenceSession(str(onnx_path)).run(None, {"audio": audio})
+    np.testing.assert_array_equal(got["codes"], want_codes)
+    assert np.abs(got["audio_out"] - want_audio).max() < 1e-4
+    # ... and the same codes as edgert's own codec family computes from the safetensors weights
+    torch_codes, _ = _reference(_torch_model(tiny_encodec), audio.reshape(-1), 3.6)
+    np.testing.assert_array_equal(want_codes[0].T, torch_codes)
+
+
+@pytest.mark.reference
+def test_mimi_transformer_streams_with_its_kv_cache() -> None:
+    """Mimi's transformer stage, fed 1..7 frames at a time with its KV cache, equals `transformers` on
+    the whole sequence; 20 frames through a 6-frame sliding window, so the window's edge is exercised."""
+    import tvm
+    from transformers import MimiConfig
+    from transformers.models.mimi.modeling_mimi import MimiTransformerModel
+    from tvm import relax
+
+    from edgert.compiler.target import resolve
+    from edgert.families import codec
+    from edgert.targets import load_target
+
+    torch.manual_seed(0)
+    config = MimiConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=8,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        sliding_window=6,
+    )
+    config._attn_implementation = "eager"
+    ref = MimiTransformerModel(config).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():  # away from the 0.01 layer scales and unit norms of init
+            p.copy_(torch.rand_like(p) + 0.5 if "scale" in name else p + 0.2 * torch.randn_like(p))
+        x = torch.randn(1, 20, 32)
+        want = ref(x, use_cache=False).last_hidden_state[0].numpy()
+
+    cfg = codec.TransformerConfig.from_mimi(config.to_dict())
+    net = codec.StreamingTransformer(cfg)
+    target, _ = resolve(load_target("host"))
+    mod, params = net.export_tvm(spec=net.get_default_spec())
+    vm = relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    weights = codec.mimi_transformer_weights({k: v.numpy() for k, v in ref.state_dict().items()}, "", cfg)
+    args = [tvm.runtime.tensor(np.ascontiguousarray(weights[n])) for n, _ in params]
+    frames = x[0].numpy()
+    for chunks in ([20], [1] * 20, [3, 5, 1, 7, 4]):
+        k = np.zeros((2, 4, 8, 6), np.float32)
+        v = np.zeros((2, 4, 6, 8), np.float32)
+        pos, out = 0, []
+        for n in chunks:
+            y, k, v = vm["forward"](
+                tvm.runtime.tensor(frames[pos : pos + n]),
+                tvm.runtime.tensor(k),
+                tvm.runtime.tensor(v),
+                tvm.runtime.tensor(np.array([pos], np.int32)),
+                args,
+            )
+            out.append(y.numpy())
+            k, v, pos = k.numpy(), v.numpy(), pos + n
+        assert np.abs(np.concatenate(out) - want).max() < 1e-4, chunks
+    assert np.abs(want).max() > 1.0

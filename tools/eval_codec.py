@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Quality of a compiled codec on held-out speech, at each bitrate, next to Opus at the same bitrate.
+
+    tools/eval_codec.py ARTIFACT [--json out.json]
+
+Held-out speech: tools/train_codec.py's five held-out espeak-ng sentences and the last 4 s of the
+`beckett.wav` recording (never trained on). For each bitrate the codec offers: SI-SNR (dB, higher
+is better) and log-mel distance (lower is better) of edgert's streamed round trip (80 ms chunks),
+and of libopus (the `opuslib-next-bundled` package, VoIP mode, 20 ms packets) asked for the same
+bitrate; the Opus bitrate reported is the one its packets really used. Each output is aligned to
+its input first (Opus delays the signal by its look-ahead; the codec does not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from edgert.profile.audio_quality import mel_distance, si_snr
+
+
+def align(out: np.ndarray, ref: np.ndarray, max_lag: int = 1000) -> np.ndarray:
+    """``out`` shifted left by the lag (0..max_lag) that best matches ``ref``."""
+    n = len(ref) - max_lag
+    scores = [float(np.dot(out[lag : lag + n], ref[:n])) for lag in range(max_lag)]
+    lag = int(np.argmax(scores))
+    return np.concatenate([out[lag:], np.zeros(lag, np.float32)])[: len(ref)]
+
+
+def opus_roundtrip(audio: np.ndarray, rate: int, kbps: float) -> tuple[np.ndarray, float] | None:
+    """libopus encode + decode at ``kbps`` (20 ms packets): (audio, bitrate really used); None without Opus."""
+    try:
+        import opuslib_next as opus
+    except ImportError:
+        return None
+    enc = opus.Encoder(rate, 1, opus.APPLICATION_VOIP)
+    enc.bitrate = int(kbps * 1000)
+    dec = opus.Decoder(rate, 1)
+    frame = rate // 50
+    pcm = (np.clip(audio, -1, 1) * 32767).astype("<i2")
+    pcm = np.concatenate([pcm, np.zeros(-len(pcm) % frame, "<i2")])
+    out, used = [], 0
+    for i in range(0, len(pcm), frame):
+        packet = enc.encode(pcm[i : i + frame].tobytes(), frame)
+        used += len(packet)
+        out.append(np.frombuffer(dec.decode(packet, frame), "<i2"))
+    decoded = np.concatenate(out).astype(np.float32) / 32768
+    return decoded, 8 * used / (len(pcm) / rate) / 1000
+
+
+def evaluate(artifact: Path) -> dict:
+    """Scores per bitrate: edgert's codec and Opus."""
+    from train_codec import held_out_speech
+
+    from edgert.runtime.codec import load_codec
+
+    codec = load_codec(artifact)
+    clips = held_out_speech()
+    step = int(0.08 * codec.sample_rate)
+    report: dict = {"artifact": str(artifact), "clips": sorted(clips), "rows": []}
+    for books in sorted({max(1, codec.num_codebooks // 4), codec.num_codebooks // 2, codec.num_codebooks}):
+        kbps = codec.bandwidth_kbps(books)
+        scores: dict[str, list[float]] = {"snr": [], "mel": [], "opus_snr": [], "opus_mel": [], "opus_kbps": []}
+        for audio in clips.values():
+            enc, dec = codec.encoder(books), codec.decoder()
+            pieces = []
+            for i in range(0, len(audio), step):
+                last = i + step >= len(audio)
+                pieces.append(dec.push(enc.push(audio[i : i + step], final=last), final=last))
+            out = align(np.concatenate(pieces)[: len(audio)], audio)
+            scores["snr"].append(si_snr(out, audio))
+            scores["mel"].append(mel_distance(out, audio, codec.sample_rate))
+            opus = opus_roundtrip(audio, codec.sample_rate, kbps)
+            if opus is not None:
+                o = align(opus[0][: len(audio)], audio)
+                scores["opus_snr"].append(si_snr(o, audio))
+                scores["opus_mel"].append(mel_distance(o, audio, codec.sample_rate))
+                scores["opus_kbps"].append(opus[1])
+        row = {"codebooks": books, "kbps": round(kbps, 3)}
+        row.update({k: round(float(np.mean(v)), 3) for k, v in scores.items() if v})
+        report["rows"].append(row)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    report = evaluate(args.artifact)
+    print(f"{'kbit/s':>7} {'SI-SNR dB':>10} {'mel dist':>9} | {'Opus kbit/s':>11} {'SI-SNR dB':>10} {'mel dist':>9}")
+    for r in report["rows"]:
+        opus = (
+            f"{r['opus_kbps']:>11.2f} {r['opus_snr']:>10.2f} {r['opus_mel']:>9.3f}"
+            if "opus_kbps" in r
+            else "  (no Opus)"
+        )
+        print(f"{r['kbps']:>7.2f} {r['snr']:>10.2f} {r['mel']:>9.3f} | {opus}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
