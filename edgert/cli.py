@@ -642,6 +642,9 @@ def _transcribe_stream(
         f"median latency end of speech -> final text {med:.2f} s, {s.decodes} decodes "
         f"({'real-time pace' if realtime else 'as fast as possible'}, {chunk:g} s chunks)[/]",
         soft_wrap=True,
+    )
+
+
 codec_app = typer.Typer(help="Neural audio codecs: encode speech to codes and back, streaming.", no_args_is_help=True)
 app.add_typer(codec_app, name="codec")
 BandwidthOpt = Annotated[
