@@ -70,7 +70,7 @@ def worker_edgert(artifact: str, ids: list[int], gen: int, repeats: int, threads
 
     import edgert
 
-    rss_base = _peak_rss_mb()
+    rss_base = _rss_now_mb()
     t = time.perf_counter()
     model = edgert.load(artifact, threads=threads, context_length=context)
     logits = model.prefill(ids)
@@ -101,7 +101,7 @@ def worker_llama_cpp(gguf: str, ids: list[int], gen: int, repeats: int, threads:
     import llama_cpp
     import numpy as np
 
-    rss_base = _peak_rss_mb()
+    rss_base = _rss_now_mb()
     t = time.perf_counter()
     llm = llama_cpp.Llama(
         gguf, n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=len(ids), verbose=False
