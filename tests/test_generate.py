@@ -281,8 +281,12 @@ def test_thread_pool_uses_the_threads_asked_for_and_leaves_the_caller_free(smoll
 
     from conftest import START_AFFINITY
 
-    # TVM alone would size its pool to half the CPUs; the session sizes it explicitly.
+    from edgert.runtime.session import configure_threads
+
+    # TVM alone would size its pool to half the CPUs; the session sizes it explicitly. (Other
+    # tests load models with other thread counts in this process, so the pool is set again here.)
     assert smollm.session.threads >= 1
+    assert configure_threads(smollm.session.threads) == smollm.session.threads
     assert os.environ["TVM_NUM_THREADS"] == str(smollm.session.threads)
     # TVM's affinity setting pins the calling thread; the session gives it back its CPUs.
     assert os.sched_getaffinity(0) == START_AFFINITY
