@@ -203,13 +203,16 @@ def _layout_for(name: str, in_features: int, out_features: int, kind: str) -> tu
 
 
 def apply_cpu_layout(
-    model: nn.Module, storage: dict[str, str], default: str = "f16", tied: tuple[str, str] | None = None
+    model: nn.Module, storage: dict[str, str] | str, default: str = "f16", tied: tuple[str, str] | None = None
 ) -> dict[str, Repack]:
     """Swap linears and embeddings in place; return, per source weight name, its repack function.
 
     ``storage`` names the kind (q4, q8, f16, f32) of each matrix by its weight name (``default``
-    for the others); ``tied`` = (embedding, head) makes the embedding read the head's table.
+    for the others), or is one kind for every matrix; ``tied`` = (embedding, head) makes the
+    embedding read the head's table.
     """
+    if isinstance(storage, str):
+        storage, default = {}, storage
     repack: dict[str, Repack] = {}
     modules: dict[str, nn.Module] = {}
 
