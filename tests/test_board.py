@@ -98,7 +98,7 @@ def test_cli_run_on_the_board_and_profile_report(
     assert len(data["decode_step_ms"]) == 2 and all(len(r) == 6 for r in data["decode_step_ms"])
     assert 0 < data["decode_ms"]["p50"] <= data["decode_ms"]["p90"] <= data["decode_ms"]["p99"]
     assert data["load_seconds"] > 0 and data["peak_rss_mb"] > 0 and data["prefill_ms"]["p50"] > 0
-    assert any(op["operator"].startswith("packed_matmul") for op in data["operators"][:3])
+    assert any(op["operator"].startswith(("packed_matmul", "quant_matmul")) for op in data["operators"][:3])
     html = report.read_text()
     assert "<title>edgert profile: tiny on emulated rpi5" in html and "emulated" in html
     assert f"p50 {data['decode_ms']['p50']} ms" in html and uri in html
