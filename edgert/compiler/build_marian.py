@@ -75,7 +75,7 @@ def compile_marian(
         dtypes = {n: p.dtype for n, p in named_params}
         arrays = {}
         for pname, w in marian.hf_weights(state, cfg):
-            arrays[pname] = repack[pname](w) if pname in repack else w.astype(dtypes[pname])
+            arrays[pname] = repack[pname](w)[pname] if pname in repack else w.astype(dtypes[pname])
             if arrays[pname].shape != shapes[pname]:
                 raise ModelFileError(f"{source}: weight '{pname}' has shape {w.shape}, expected {shapes[pname]}")
         order = [n for n, _ in named_params]

@@ -87,7 +87,7 @@ def compile_whisper(
         dtypes = {n: p.dtype for n, p in named_params}
         arrays = {}
         for pname, w in whisper.ct2_weights(ct2, cfg):
-            arrays[pname] = repack[pname](w) if pname in repack else w.astype(dtypes[pname])
+            arrays[pname] = repack[pname](w)[pname] if pname in repack else w.astype(dtypes[pname])
             if arrays[pname].shape != shapes[pname]:
                 raise ModelFileError(f"{source}: weight '{pname}' has shape {w.shape}, expected {shapes[pname]}")
         missing = [n for n in shapes if n not in arrays]

@@ -118,7 +118,7 @@ def compile_codec(
             if pname not in weights:
                 raise ModelFileError(f"{folder}: weight for '{pname}' is missing")
             w = weights[pname]
-            arrays[pname] = repack[pname](w) if pname in repack else np.ascontiguousarray(w, dtype=param.dtype)
+            arrays[pname] = repack[pname](w)[pname] if pname in repack else np.ascontiguousarray(w, dtype=param.dtype)
             want = tuple(int(d) for d in param.shape)
             if arrays[pname].shape != want:
                 raise ModelFileError(f"{folder}: weight '{pname}' has shape {arrays[pname].shape}, expected {want}")
