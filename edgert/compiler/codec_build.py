@@ -33,8 +33,17 @@ def codec_source(model: str) -> tuple[Path | None, Recipe | None]:
 
 
 def is_codec_dir(path: Path) -> bool:
-    """True if ``path`` is a folder holding a codec's config.json and model.safetensors."""
-    return path.is_dir() and all((path / f).is_file() for f in CODEC_FILES)
+    """True if ``path`` is a folder holding a codec's config.json and model.safetensors.
+
+    Translation models come in the same two files; their config's model_type tells them apart.
+    """
+    if not (path.is_dir() and all((path / f).is_file() for f in CODEC_FILES)):
+        return False
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return True  # read_codec names what is wrong with the file
+    return model_type != "marian"
 
 
 def read_codec(folder: Path) -> tuple[Any, dict[str, Any]]:
