@@ -18,7 +18,7 @@ from test_runtime_only import FORBIDDEN_EDGERT, FORBIDDEN_TVM, ROOT, _forbidden,
 import edgert
 from edgert.deploy import parse_device
 from edgert.deploy.agent import Agent, tcp_server
-from edgert.deploy.protocol import FrameError, decode_frame, encode_frame
+from edgert.deploy.protocol import FrameError, decode_frame, encode_frame, read_frame, socket_reader
 from edgert.errors import DeviceError, TargetError
 
 pytestmark = pytest.mark.slow
@@ -227,3 +227,33 @@ def test_deploy_command_reports_the_verified_upload(tiny_host_artifact: Path, ag
     assert (agent.root / tiny_host_artifact.name).read_bytes() == tiny_host_artifact.read_bytes()
     res = run_cli("deploy", str(tiny_host_artifact), "--device", "board://127.0.0.1:1")
     assert res.returncode == 2 and "connection refused on 127.0.0.1:1" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_stale_and_duplicate_replies_are_read_past(agent_port) -> None:
+    """A relay that delivers every reply twice: each request must still get its own answer."""
+    _, port = agent_port
+    relay = socket.create_server(("127.0.0.1", 0))
+
+    def twice() -> None:
+        client, _ = relay.accept()
+        upstream = socket.create_connection(("127.0.0.1", port))
+        from_client, from_agent = socket_reader(client, "client"), socket_reader(upstream, "agent")
+        with client, upstream:
+            while True:
+                try:
+                    upstream.sendall(encode_frame(*read_frame(from_client)))
+                except DeviceError:
+                    return
+                reply = encode_frame(*read_frame(from_agent))
+                client.sendall(reply + reply)
+
+    threading.Thread(target=twice, daemon=True).start()
+    with parse_device(f"board://127.0.0.1:{relay.getsockname()[1]}") as dev:
+        assert dev.hello()["device"] == "test-device"
+        listed = dev.request({"op": "list"})[0]
+        assert listed["artifacts"] == [] and "device" not in listed  # list's reply, not hello's delivered again
+        with pytest.raises(DeviceError, match=r"no file 'nothing\.json'"):
+            dev.fetch("nothing.json")
+        assert "device" not in dev.request({"op": "list"})[0]
+        assert dev.channel.discarded == 3
+    relay.close()

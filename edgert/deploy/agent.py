@@ -11,7 +11,8 @@ tokenizers): it never imports edgert's compiler. Requests and replies are frames
     python -m edgert.deploy.agent --root DIR --rpc-port P                     # TVM RPC, served in-process
 
 Operations (header ``op``): hello, put_begin/put_chunk/put_end (an upload, verified by sha256
-and renamed over the old artifact only when whole), list, run, profile, fetch. Every path a
+and renamed over the old artifact only when whole), list, run, profile, transcribe (Whisper),
+codec_roundtrip (a codec, whole or streamed), fetch. Every path a
 request names must lie inside the agent's folder. The TCP and RPC servers bind 127.0.0.1
 unless ``--host`` says otherwise.
 """
@@ -72,6 +73,12 @@ class Agent:
     # -- dispatch --------------------------------------------------------------------------------
     def handle(self, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
         """Answer one request; errors become ``{"ok": false, "error": ..., "kind": ...}``."""
+        reply, data = self._dispatch(header, payload)
+        if "id" in header:  # the host matches replies to requests by it
+            reply["id"] = header["id"]
+        return reply, data
+
+    def _dispatch(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         op = str(header.get("op", ""))
         method = getattr(self, f"op_{op}", None)
         if method is None:
@@ -287,6 +294,57 @@ class Agent:
         saved.write_text(json.dumps(result, indent=1))
         return {"result": result, "saved": str(saved.relative_to(self.root))}, b""
 
+    def op_transcribe(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+        """Transcribe the payload (mono float32 samples at ``sample_rate``) with a Whisper artifact."""
+        import numpy as np
+
+        from edgert.runtime.transcriber import Transcriber, TranscriptionStats
+
+        model = self._model(header)
+        if not isinstance(model, Transcriber):
+            raise DeviceError(f"'{header['name']}' holds a '{model.artifact.family}' model: transcribe needs Whisper")
+        audio = model.load_audio(np.frombuffer(payload, "<f4"), int(header.get("sample_rate", model.sample_rate)))
+        beam = header.get("beam_size") or model.artifact.manifest.get("defaults", {}).get("beam_size", 1)
+        stats = TranscriptionStats()
+        segments = [s.to_dict() for s in model.segments(audio, beam_size=int(beam), stats=stats)]
+        return {
+            "text": "".join(s["text"] for s in segments).strip(),
+            "segments": segments,
+            "beam_size": int(beam),
+            "stats": stats.to_dict(),
+            "threads": model.model.session.threads,
+            "load_seconds": round(self._load_seconds, 3),
+        }, b""
+
+    def op_codec_roundtrip(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+        """Encode and decode the payload (mono float32 at the codec's rate), whole or streamed in chunks;
+        the payload back holds the codes (int32, frames x codebooks) and then the audio (float32)."""
+        import numpy as np
+
+        from edgert.runtime.codec import Codec, roundtrip
+
+        model = self._model(header)
+        if not isinstance(model, Codec):
+            raise DeviceError(f"'{header['name']}' holds a '{model.artifact.family}' model, not a codec")
+        books = model.codebooks_for(header.get("bandwidth"))
+        chunk = max(1, int(float(header.get("chunk_ms", 80.0)) * model.sample_rate / 1000))
+        stream = bool(header.get("stream", False))
+        codes, audio, enc, dec = roundtrip(model, np.frombuffer(payload, "<f4"), books, stream, chunk)
+        codes_bytes = np.ascontiguousarray(codes, "<i4").tobytes()
+        return {
+            "codes_shape": list(codes.shape),
+            "codes_bytes": len(codes_bytes),
+            "codebooks": books,
+            "bandwidth_kbps": model.bandwidth_kbps(books),
+            "sample_rate": model.sample_rate,
+            "stream": stream,
+            "algorithmic_latency": model.algorithmic_latency(stream),
+            "encode": enc.stats.to_dict(),
+            "decode": dec.stats.to_dict(),
+            "threads": model.session.threads,
+            "load_seconds": round(self._load_seconds, 3),
+        }, codes_bytes + np.ascontiguousarray(audio, "<f4").tobytes()
+
     def op_fetch(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         """Bytes ``offset``..``offset+length`` of a file inside the folder (results, artifacts)."""
         path = self.inside(str(header["path"]))
@@ -338,15 +396,23 @@ def tcp_server(agent: Agent, host: str, port: int) -> socketserver.ThreadingTCPS
 
 
 def serve_serial(agent: Agent, link: SerialLink) -> None:
-    """Answer requests arriving as messages on a serial line, forever."""
+    """Answer requests arriving as messages on a serial line, forever.
+
+    A reply that cannot be delivered (the host went away, or sent a new request instead of taking
+    it) is dropped; the host has given up on it, and its link discards it should it arrive late.
+    """
     while True:
-        message = link.recv_message(None)
+        message = link.receive(None)
         try:
-            header, payload = decode_frame(message)
+            header, payload = decode_frame(message.data)
         except FrameError as exc:
-            link.send_message(encode_frame({"ok": False, "error": str(exc), "kind": "FrameError"}))
+            reply = encode_frame({"ok": False, "error": str(exc), "kind": "FrameError"})
+        else:
+            reply = encode_frame(*agent.handle(header, payload))
+        try:
+            link.send_message(reply, reply_to=message.id)
+        except DeviceError:
             continue
-        link.send_message(encode_frame(*agent.handle(header, payload)))
 
 
 def open_pty() -> tuple[int, str, int]:

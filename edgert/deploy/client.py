@@ -7,6 +7,8 @@ requests (verified, chunked uploads; runs; profiles; fetches) on top of any of t
 from __future__ import annotations
 
 import hashlib
+import itertools
+import os
 import socket
 import subprocess
 from collections.abc import Callable
@@ -25,9 +27,11 @@ from edgert.deploy.protocol import (
     socket_reader,
 )
 from edgert.errors import ArtifactError, ContextLengthError, DeviceError, TargetError
+from edgert.runtime.audio import AudioError
 
 Progress = Callable[[int, int], None]
 _ERRORS: dict[str, type[Exception]] = {
+    "AudioError": AudioError,
     "ArtifactError": ArtifactError,
     "TargetError": TargetError,
     "ContextLengthError": ContextLengthError,
@@ -40,10 +44,20 @@ class Channel:
     """Carries frames to an agent and back."""
 
     chunk = CHUNK
+    discarded = 0  # stale replies read past (answers to requests given up on)
 
     def exchange(self, header: dict[str, Any], payload: bytes, timeout: float | None) -> tuple[dict[str, Any], bytes]:
         """Send one request; its reply."""
         raise NotImplementedError
+
+    def _answer(self, header: dict[str, Any], read: Callable[[], tuple[dict[str, Any], bytes]]) -> tuple[dict, bytes]:
+        """The reply to ``header`` among the frames ``read`` returns: those with another request id are stale."""
+        while True:
+            reply, data = read()
+            # No id: a FrameError about a request the agent could not read, or an agent before protocol 2.
+            if "id" not in reply or reply["id"] == header.get("id"):
+                return reply, data
+            self.discarded += 1
 
     def close(self) -> None:
         """Release the link."""
@@ -57,7 +71,7 @@ class InProcessChannel(Channel):
 
     def exchange(self, header: dict[str, Any], payload: bytes, timeout: float | None) -> tuple[dict[str, Any], bytes]:
         """Call the agent directly."""
-        return self.agent.handle(header, payload)
+        return self.agent.handle(header, payload)  # a call: no reply can be stale
 
 
 class SocketChannel(Channel):
@@ -83,7 +97,7 @@ class SocketChannel(Channel):
             self.sock.sendall(encode_frame(header, payload))
         except OSError as exc:
             raise DeviceError(f"{self.where}: the link was cut ({exc})") from exc
-        return read_frame(self._read)
+        return self._answer(header, lambda: read_frame(self._read))
 
     def close(self) -> None:
         """Close the connection."""
@@ -108,7 +122,7 @@ class ProcessChannel(Channel):
         try:
             self.proc.stdin.write(encode_frame(header, payload))
             self.proc.stdin.flush()
-            return read_frame(self._read)
+            return self._answer(header, lambda: read_frame(self._read))
         except (OSError, DeviceError) as exc:
             raise DeviceError(f"{self.where}: the link was cut ({self._stderr() or exc})") from exc
 
@@ -145,9 +159,9 @@ class SerialChannel(Channel):
         self.link = SerialLink(PySerialPort(self.port), name=where, retries=retries, ack_timeout=ack_timeout)
 
     def exchange(self, header: dict[str, Any], payload: bytes, timeout: float | None) -> tuple[dict[str, Any], bytes]:
-        """Send the request as one message, wait for the reply message."""
-        self.link.send_message(encode_frame(header, payload))
-        return decode_frame(self.link.recv_message(timeout))
+        """Send the request as one message, wait for the message that answers it."""
+        msg = self.link.send_message(encode_frame(header, payload))
+        return self._answer(header, lambda: decode_frame(self.link.recv_message(timeout, reply_to=msg)))
 
     def close(self) -> None:
         """Close the port."""
@@ -173,7 +187,7 @@ class RpcChannel(Channel):
             reply = self.func(bytearray(encode_frame(header, payload)))
         except Exception as exc:
             raise DeviceError(f"{self.where}: the RPC call failed ({str(exc).strip().splitlines()[-1]})") from exc
-        return decode_frame(bytes(reply))
+        return decode_frame(bytes(reply))  # a call returns its own reply: none can be stale
 
 
 class Device:
@@ -181,11 +195,13 @@ class Device:
 
     def __init__(self, uri: str, link: str, channel: Channel, timeout: float = 3600.0):
         self.uri, self.link, self.channel, self.timeout = uri, link, channel, timeout
+        self._ids = itertools.count(int.from_bytes(os.urandom(3), "big") << 16)  # unlike an earlier link's
         self._hello: dict[str, Any] | None = None
         self.root: Path | None = None  # the agent's folder, where it is on this machine
 
     def request(self, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
         """One request; the agent's refusal becomes the matching EdgertError."""
+        header = {**header, "id": next(self._ids)}
         reply, data = self.channel.exchange(header, payload, self.timeout)
         if not reply.get("ok"):
             cls = _ERRORS.get(str(reply.get("kind")), DeviceError)
@@ -261,6 +277,26 @@ class Device:
         result = dict(reply["result"])
         result["saved_on_device"] = reply["saved"]
         return result
+
+    def transcribe(self, name: str, samples: Any, sample_rate: int = 16000, **options: Any) -> dict[str, Any]:
+        """Transcribe mono ``samples`` with the deployed Whisper artifact ``name`` on the device;
+        text, segments (with tokens and timestamps) and timings, as `edgert transcribe --json` prints."""
+        import numpy as np
+
+        data = np.ascontiguousarray(samples, "<f4").tobytes()
+        reply, _ = self.request({"op": "transcribe", "name": name, "sample_rate": sample_rate, **options}, data)
+        return reply
+
+    def codec_roundtrip(self, name: str, audio: Any, **options: Any) -> tuple[dict[str, Any], Any, Any]:
+        """Encode and decode ``audio`` (mono, at the codec's rate) with the deployed codec ``name`` on the
+        device (``stream=True``: in ``chunk_ms`` chunks); (facts and timings, codes, decoded audio)."""
+        import numpy as np
+
+        data = np.ascontiguousarray(audio, "<f4").tobytes()
+        reply, payload = self.request({"op": "codec_roundtrip", "name": name, **options}, data)
+        split = int(reply["codes_bytes"])
+        codes = np.frombuffer(payload[:split], "<i4").reshape(reply["codes_shape"])
+        return reply, codes, np.frombuffer(payload[split:], "<f4")
 
     def fetch(self, path: str) -> bytes:
         """A file from the agent's folder (e.g. a saved profile under results/)."""

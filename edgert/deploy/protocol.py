@@ -9,6 +9,10 @@ Stream links (TCP, ssh's stdio, TVM RPC) carry frames as they are. A serial line
 garbles bytes, so `SerialLink` cuts a frame into packets, each a base64 line with its own CRC,
 sent stop-and-wait: a packet is sent again until the other end acknowledges it.
 
+Every request header carries an ``id`` that its reply repeats. A host reads past replies with
+another id: answers to requests it gave up on (a timed-out TCP read, a serial line that garbled
+everything) may still arrive, and must never be taken for the answer awaited.
+
 Only the standard library is used: the agent runs on devices with the runtime's dependencies alone.
 """
 
@@ -24,12 +28,13 @@ import struct
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from edgert.errors import DeviceError
 
 MAGIC = b"EDGT"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: request ids in frames, serial replies name their request
 _PREFIX = struct.Struct(">4sII")
 _CRC = struct.Struct(">I")
 MAX_HEADER = 1 << 20
@@ -173,8 +178,21 @@ class PySerialPort:
 
 
 _DATA, _ACK, _NAK = 1, 2, 3
-_PACKET = struct.Struct(">BIIB")  # kind, message id, packet index, last
+_PACKET = struct.Struct(">BIIIB")  # kind, message id, id of the message it answers (0: none), packet index, last
 _MAX_LINE = 1 << 17
+
+
+class Superseded(DeviceError):
+    """The peer sent a new request while a reply to its previous one was still going out: it gave up on it."""
+
+
+@dataclass
+class Message:
+    """A whole message received on a serial line."""
+
+    id: int
+    reply_to: int  # the id of the message this one answers; 0 for a request
+    data: bytes
 
 
 class SerialLink:
@@ -182,7 +200,9 @@ class SerialLink:
 
     Written here (not taken from a library) because the device side must run with the standard
     library alone; the scheme is the classic stop-and-wait ARQ. Every packet carries its message
-    id and index, so a retransmitted packet is recognised and acknowledged again, never delivered twice.
+    id and index, so a retransmitted packet is recognised and acknowledged again, never delivered twice,
+    and a reply names the request it answers, so a stale reply (to a request an earlier connection gave
+    up on, still being resent by the other end) is told apart from the answer awaited, and dropped.
     """
 
     def __init__(
@@ -191,32 +211,36 @@ class SerialLink:
         self.port, self.name = port, name
         self.packet_size, self.ack_timeout, self.retries = packet_size, ack_timeout, retries
         self._buf = b""
-        self._rx: list[Any] | None = None  # [message id, next index, chunks]
+        self._rx: list[Any] | None = None  # [message id, reply_to, next index, chunks]
         self._done: collections.deque[int] = collections.deque(maxlen=16)
-        self._complete: collections.deque[bytes] = collections.deque()
+        self._complete: collections.deque[Message] = collections.deque()
         self.retransmissions = 0
+        self.discarded = 0  # whole messages dropped as stale replies
 
     # -- sending ---------------------------------------------------------------------------------
-    def send_message(self, data: bytes) -> None:
-        """Send ``data``, resending each packet until it is acknowledged."""
+    def send_message(self, data: bytes, reply_to: int = 0) -> int:
+        """Send ``data`` (answering message ``reply_to``, if not 0), resending each packet until it is
+        acknowledged; its message id. A reply the peer stops waiting for (it sends a new request)
+        raises `Superseded`."""
         msg = int.from_bytes(os.urandom(4), "big") or 1
         chunks = [data[i : i + self.packet_size] for i in range(0, len(data), self.packet_size)] or [b""]
         for index, chunk in enumerate(chunks):
             last = index == len(chunks) - 1
-            line = self._line(_DATA, msg, index, last, chunk)
+            line = self._line(_DATA, msg, reply_to, index, last, chunk)
             for attempt in range(self.retries):
                 if attempt:
                     self.retransmissions += 1
                 self.port.write(line)
-                if self._await_ack(msg, index, last):
+                if self._await_ack(msg, index, reply_to != 0):
                     break
             else:
                 raise DeviceError(
                     f"{self.name}: packet {index + 1} of {len(chunks)} was not acknowledged after "
                     f"{self.retries} tries (garbled frames on the line, or no agent at the other end)"
                 )
+        return msg
 
-    def _await_ack(self, msg: int, index: int, last: bool) -> bool:
+    def _await_ack(self, msg: int, index: int, replying: bool) -> bool:
         deadline = time.monotonic() + self.ack_timeout
         while True:
             packet = self._next_packet(deadline)
@@ -224,22 +248,29 @@ class SerialLink:
                 return False
             if packet == "garbled":
                 return False  # perhaps our acknowledgement: send again at once
-            kind, m, i, _, _ = packet
+            kind, m, reply_to, i, _, _ = packet
             if kind == _ACK and (m, i) == (msg, index):
                 return True
             if kind == _NAK and m in (msg, 0):
                 return False
             if kind == _DATA:
-                started = self._rx is None
                 self._on_data(packet)
-                if last and started and (self._rx is not None or self._complete):
-                    return True  # the other end is answering: it has our whole message
+                if reply_to == msg:
+                    return True  # the other end is answering this very message: it has all of it
+                if replying and any(done.reply_to == 0 for done in self._complete):
+                    raise Superseded(f"{self.name}: the other end sent a new request before taking this reply")
 
     # -- receiving -------------------------------------------------------------------------------
-    def recv_message(self, timeout: float | None = None) -> bytes:
-        """The next whole message; DeviceError after ``timeout`` seconds without one (None: wait)."""
+    def receive(self, timeout: float | None = None, reply_to: int | None = None) -> Message:
+        """The next whole message; with ``reply_to``, the next one answering that message (stale
+        replies to other messages are dropped). DeviceError after ``timeout`` seconds (None: wait)."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._complete:
+        while True:
+            while self._complete:
+                message = self._complete.popleft()
+                if reply_to is None or message.reply_to == reply_to:
+                    return message
+                self.discarded += 1
             packet = self._next_packet(deadline)
             if packet is None:
                 if deadline is not None and time.monotonic() >= deadline:
@@ -247,42 +278,45 @@ class SerialLink:
                 continue
             if packet == "garbled":
                 rx = self._rx
-                self.port.write(self._line(_NAK, rx[0] if rx else 0, rx[1] if rx else 0, False, b""))
+                self.port.write(self._line(_NAK, rx[0] if rx else 0, 0, rx[2] if rx else 0, False, b""))
             elif packet[0] == _DATA:
                 self._on_data(packet)
-        return self._complete.popleft()
 
-    def _on_data(self, packet: tuple[int, int, int, bool, bytes]) -> None:
-        _, msg, index, last, data = packet
+    def recv_message(self, timeout: float | None = None, reply_to: int | None = None) -> bytes:
+        """The data of `receive`'s message."""
+        return self.receive(timeout, reply_to).data
+
+    def _on_data(self, packet: tuple[int, int, int, int, bool, bytes]) -> None:
+        _, msg, reply_to, index, last, data = packet
         if msg in self._done:
-            self.port.write(self._line(_ACK, msg, index, False, b""))  # our acknowledgement was lost
+            self.port.write(self._line(_ACK, msg, 0, index, False, b""))  # our acknowledgement was lost
             return
         if self._rx is None or self._rx[0] != msg:
             if index != 0:
-                self.port.write(self._line(_NAK, msg, 0, False, b""))
+                self.port.write(self._line(_NAK, msg, 0, 0, False, b""))
                 return
-            self._rx = [msg, 0, []]
+            self._rx = [msg, reply_to, 0, []]
         rx = self._rx
-        if index == rx[1]:
-            rx[2].append(data)
-            rx[1] += 1
-            self.port.write(self._line(_ACK, msg, index, False, b""))
+        if index == rx[2]:
+            rx[3].append(data)
+            rx[2] += 1
+            self.port.write(self._line(_ACK, msg, 0, index, False, b""))
             if last:
-                self._complete.append(b"".join(rx[2]))
+                self._complete.append(Message(msg, rx[1], b"".join(rx[3])))
                 self._done.append(msg)
                 self._rx = None
-        elif index < rx[1]:
-            self.port.write(self._line(_ACK, msg, index, False, b""))
+        elif index < rx[2]:
+            self.port.write(self._line(_ACK, msg, 0, index, False, b""))
         else:
-            self.port.write(self._line(_NAK, msg, rx[1], False, b""))
+            self.port.write(self._line(_NAK, msg, 0, rx[2], False, b""))
 
     # -- lines -----------------------------------------------------------------------------------
     @staticmethod
-    def _line(kind: int, msg: int, index: int, last: bool, data: bytes) -> bytes:
-        body = _PACKET.pack(kind, msg, index, last) + data
+    def _line(kind: int, msg: int, reply_to: int, index: int, last: bool, data: bytes) -> bytes:
+        body = _PACKET.pack(kind, msg, reply_to, index, last) + data
         return base64.b64encode(body + _CRC.pack(zlib.crc32(body))) + b"\n"
 
-    def _next_packet(self, deadline: float | None) -> tuple[int, int, int, bool, bytes] | str | None:
+    def _next_packet(self, deadline: float | None) -> tuple[int, int, int, int, bool, bytes] | str | None:
         """The next packet, "garbled" for a line that fails its checks, None at the deadline."""
         while b"\n" not in self._buf:
             if len(self._buf) > _MAX_LINE:  # a lost newline: drop what cannot be a packet
@@ -299,5 +333,5 @@ class SerialLink:
             return "garbled"
         if len(raw) < _PACKET.size + _CRC.size or _CRC.unpack(raw[-4:])[0] != zlib.crc32(raw[:-4]):
             return "garbled"
-        kind, msg, index, last = _PACKET.unpack(raw[: _PACKET.size])
-        return kind, msg, index, bool(last), raw[_PACKET.size : -4]
+        kind, msg, reply_to, index, last = _PACKET.unpack(raw[: _PACKET.size])
+        return kind, msg, reply_to, index, bool(last), raw[_PACKET.size : -4]

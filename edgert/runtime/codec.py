@@ -294,3 +294,27 @@ class DecoderStream(EncoderStream):
 def load_codec(path: str | Path, threads: int | None = None) -> Codec:
     """Open and verify a codec artifact and load it."""
     return Codec(path, threads)
+
+
+def roundtrip(
+    codec: Codec, audio: np.ndarray, codebooks: int | None = None, stream: bool = False, chunk_samples: int = 0
+) -> tuple[np.ndarray, np.ndarray, EncoderStream, DecoderStream]:
+    """Encode and decode ``audio`` whole, or streamed in chunks of ``chunk_samples`` as a live link would;
+    (codes, audio cut to the input's length, the encoder and decoder streams with their timings)."""
+    audio = np.asarray(audio, np.float32).reshape(-1)
+    enc, dec = codec.encoder(codebooks), codec.decoder()
+    if stream:
+        if chunk_samples < 1:
+            raise EdgertError(f"a streamed round trip needs a chunk of at least one sample, got {chunk_samples}")
+        codes, pieces = [], []
+        for start in range(0, len(audio), chunk_samples):
+            last = start + chunk_samples >= len(audio)
+            codes.append(enc.push(audio[start : start + chunk_samples], final=last))
+            pieces.append(dec.push(codes[-1], final=last))
+        pieces.append(dec.flush())
+        all_codes, out = np.concatenate(codes), np.concatenate(pieces)
+    else:
+        enc.chunk_min = 0
+        all_codes = enc.push(audio, final=True)
+        out = dec.push(all_codes, final=True)
+    return all_codes, out[: len(audio)], enc, dec
