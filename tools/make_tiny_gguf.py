@@ -67,9 +67,9 @@ def smollm2_gguf() -> Path:
 
 def read_tokenizer_fields(source: str | Path | None = None) -> dict[str, Any]:
     """The tokenizer fields of a GGUF file (default: SmolLM2's), as Python values and their types."""
-    import gguf
+    from edgert.frontend.gguf_reader import open_gguf_reader
 
-    reader = gguf.GGUFReader(source or smollm2_gguf(), "r")
+    reader = open_gguf_reader(source or smollm2_gguf())
     fields = {}
     for key in _TOKENIZER_KEYS:
         f = reader.fields.get(key)

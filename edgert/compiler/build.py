@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -59,6 +60,7 @@ def compile_model(
     threads: int | None = None,
     as_dir: bool = False,
     progress: Progress = _quiet,
+    library_cache: str | Path | None = None,
     **graph_options: Any,
 ) -> CompileResult:
     """Compile a recipe name, a GGUF path or a codec folder for ``target`` into an artifact at ``output``.
@@ -66,6 +68,8 @@ def compile_model(
     ``quant`` (source, q4, q8, f16, f32; see `edgert.compiler.quantize`) chooses the weight
     storage; ``weight_dtype`` (f16 or f32) is the older name for the float choices.
     An .onnx or .tflite file goes to `compile_graph` (options ``quant``, ``input_shapes``).
+    ``library_cache`` (a folder; GGUF models only) reuses the compiled library of a structurally
+    identical module for the same target, e.g. the same architecture with other weights.
     """
     if Path(str(model)).suffix.lower() in (".onnx", ".tflite"):
         from edgert.compiler.graph_build import compile_graph
@@ -146,15 +150,22 @@ def compile_model(
     mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
     seconds["export"] = time.perf_counter() - t
 
-    progress("compiling with TVM", None)
-    t = time.perf_counter()
-    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
-    seconds["compile"] = time.perf_counter() - t
+    cached = _cached_library(library_cache, mod, tvm_target, spec.cc) if library_cache is not None else None
+    if cached is None or not cached.is_file():
+        progress("compiling with TVM", None)
+        t = time.perf_counter()
+        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
+        seconds["compile"] = time.perf_counter() - t
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:
         stage = Path(stage_dir)
         t = time.perf_counter()
-        executable.export_library(str(stage / "model.so"), fcompile=fcompile)
+        if cached is not None and cached.is_file():
+            shutil.copyfile(cached, stage / "model.so")
+        else:
+            executable.export_library(str(stage / "model.so"), fcompile=fcompile)
+            if cached is not None:
+                shutil.copyfile(stage / "model.so", cached)
         seconds["link"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -220,6 +231,22 @@ def compile_model(
         manifest = write_artifact(out, manifest, staged, as_dir=as_dir)
     progress("done", 1.0)
     return CompileResult(out, manifest, seconds)
+
+
+def _cached_library(folder: str | Path, mod: Any, target: Any, cc: str | None) -> Path:
+    """Where ``folder`` keeps the library of ``mod`` built for ``target`` (it may not exist yet).
+
+    The key is TVM's structural hash of the whole module (every Relax function and TIR kernel)
+    with the target, the cross compiler and the TVM version, so only an identical build is reused.
+    """
+    import hashlib
+
+    import tvm
+    from tvm_ffi import structural_hash
+
+    key = f"{structural_hash(mod)}|{target}|{cc}|{tvm.__version__}|{__version__}"
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.so"
 
 
 def _main_dtype(arrays: dict[str, Any]) -> str:

