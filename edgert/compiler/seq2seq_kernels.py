@@ -1,32 +1,212 @@
-"""Hand-scheduled CPU kernels for encoder-decoder models (Whisper, Marian), and the module swap.
+"""Hand-scheduled CPU kernels for Whisper's encoder (and its decoder's cross-attention), and the module swap.
 
 TVM's default lowering of the attention matmuls (batched [heads, n, 64] x [heads, 64, m]) is
-scalar and single-threaded: 11.7 of the 14.4 s of Whisper tiny's encoder on 2 cores. The
-kernel here is one pass per query row (rows in parallel): scores against keys stored
-transposed [heads, d, m] so each step is a vector multiply-add over ``VEC`` keys, a softmax in
-place, then the value sum vectorized over the head dimension.
+scalar and single-threaded: 11.7 of the 14.4 s of Whisper tiny's encoder on 2 cores; and the
+GEMV-shaped `packed_matmul` tile (4 rows x 64 columns = 32 vector registers on AVX2, which has 16)
+spills when it runs over the encoder's 1500 rows. The kernels here size their register tiles
+from the target's vector width:
+
+- `gemm_kernel`: y = act(x Wᵀ + b) over many rows, W in the packed ``[N/B, K, B]`` layout;
+  ``GEMM_ROWS`` rows x 2 vectors of columns stay in registers across K; the bias and GELU are
+  applied on the write-back (GELU's erf as a rational polynomial, so it vectorizes; libm's
+  ``erff`` is a scalar call per element).
+- `attention_kernel`: per head, ``ATTN_ROWS`` query rows at a time: scores against keys stored
+  transposed [heads, d, m] (each key vector loaded once for all rows), a softmax with a
+  vectorized polynomial exp, then the value sum in column slices that fit the registers.
 """
 
 from __future__ import annotations
+
+import functools
+import re
+from typing import Any
 
 from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
+from tvm.target import Target
+
+GEMM_ROWS = 6  # 6 rows x 2 vectors = 12 accumulators + 2 weight vectors + 1 broadcast: AVX2's 16 registers
+GEMM_CHUNK = 8  # row tiles per parallel work item (48 rows)
+ATTN_ROWS = 4  # query rows sharing each loaded key vector: 4 x 2 vectors = 8 accumulators
+
+# erf(x) ≈ x·P(x²)/Q(x²) on [-4, 4] (the float32 rational approximation Eigen and TVM's fast_erf use).
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)  # fmt: skip
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)  # fmt: skip
+# exp(x) = 2^n · e^f, n = round(x / ln 2), e^f by a degree-7 polynomial (Cephes' expf coefficients).
+_EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
 
 
-def _key_vector(m: int) -> int:
-    """Widest key tile (16..4) dividing ``m``; LLVM splits tiles wider than a register."""
-    for vec in (16, 20, 12, 8, 4):
-        if m % vec == 0:
-            return vec
-    return 1
+def vector_lanes(target: Target | None = None) -> int:
+    """float32 lanes of the target's vectors (8 for AVX2, 16 for AVX-512, 4 for NEON); 8 without a target."""
+    target = target or Target.current(allow_none=True)
+    if target is None or target.kind.name != "llvm":
+        return 8
+    from edgert.compiler.schedules.rules import _lanes
+
+    return _lanes(target)
 
 
-def attention_kernel(heads: int, m: int, d: int, scale: float) -> tirx.PrimFunc:
+def _f32(v: float) -> Any:
+    return tirx.const(v, "float32")
+
+
+def _horner(x: Any, coeffs: tuple[float, ...]) -> Any:
+    acc = _f32(coeffs[0])
+    for c in coeffs[1:]:
+        acc = acc * x + _f32(c)
+    return acc
+
+
+def fast_erf(v: Any) -> Any:
+    """erf as a rational polynomial in float32 (max error ~1e-7), vectorizable."""
+    x = tirx.max(tirx.min(v, _f32(4.0)), _f32(-4.0))
+    x2 = x * x
+    return x * _horner(x2, _ERF_P) / _horner(x2, _ERF_Q)
+
+
+def fast_exp(v: Any) -> Any:
+    """exp in float32 (relative error ~2e-7) from its exponent and a polynomial; vectorizable."""
+    x = tirx.max(tirx.min(v, _f32(88.3762626647950)), _f32(-88.3762626647949))
+    n = tirx.floor(x * _f32(1.44269504088896341) + _f32(0.5))
+    f = x - n * _f32(0.6931471805599453)
+    y = _horner(f, _EXP_P) * f * f + f + _f32(1.0)
+    scale = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", n + _f32(127.0)), tirx.const(23, "int32")))
+    return y * scale
+
+
+def _activate(v: Any, activation: str | None) -> Any:
+    if activation is None:
+        return v
+    if activation == "gelu":
+        return _f32(0.5) * v * (_f32(1.0) + fast_erf(v * _f32(0.7071067811865476)))
+    raise ValueError(f"unknown activation '{activation}'")
+
+
+@functools.cache
+def gemm_kernel(k: int, n: int, block: int, weight_dtype: str, lanes: int, activation: str | None) -> tirx.PrimFunc:
+    """``y[m, n] = act(sum_k x[m, k] * w[n // block, k, n % block] + b[n])`` for many rows m."""
+    cols = min(2 * lanes, block)
+    subs, nb, mt = block // cols, n // block, GEMM_ROWS
+    chunk = mt * GEMM_CHUNK
+
+    def act(v: Any) -> Any:
+        return _activate(v, activation)
+
+    @T.prim_func
+    def gemm(x_h: T.handle, w: T.Buffer((nb, k, block), weight_dtype), b: T.Buffer((n,), "float32"), y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        for p in T.parallel(nb * ((m + chunk - 1) // chunk)):
+            acc = T.alloc_buffer((mt, cols), "float32", scope="local")
+            jo = p % nb
+            r0 = p // nb * chunk
+            rows = T.min(m - r0, chunk)
+            for t in range(rows // mt):
+                for sub in range(subs):
+                    for ii in T.unroll(mt):
+                        for ji in T.vectorized(cols):
+                            acc[ii, ji] = T.float32(0)
+                    for kk in range(k):
+                        for ii in T.unroll(mt):
+                            for ji in T.vectorized(cols):
+                                acc[ii, ji] = acc[ii, ji] + x[r0 + t * mt + ii, kk] * T.Cast(
+                                    "float32", w[jo, kk, sub * cols + ji]
+                                )
+                    for ii in T.unroll(mt):
+                        for ji in T.vectorized(cols):
+                            y[r0 + t * mt + ii, jo * block + sub * cols + ji] = act(
+                                acc[ii, ji] + b[jo * block + sub * cols + ji]
+                            )
+            for i in range(rows % mt):
+                for sub in range(subs):
+                    for ji in T.vectorized(cols):
+                        acc[0, ji] = T.float32(0)
+                    for kk in range(k):
+                        for ji in T.vectorized(cols):
+                            acc[0, ji] = acc[0, ji] + x[r0 + rows // mt * mt + i, kk] * T.Cast(
+                                "float32", w[jo, kk, sub * cols + ji]
+                            )
+                    for ji in T.vectorized(cols):
+                        y[r0 + rows // mt * mt + i, jo * block + sub * cols + ji] = act(
+                            acc[0, ji] + b[jo * block + sub * cols + ji]
+                        )
+
+    name = f"gemm_k{k}_n{n}_b{block}_{weight_dtype}_l{lanes}" + (f"_{activation}" if activation else "")
+    return gemm.with_attr("global_symbol", name)
+
+
+@functools.cache
+def attention_kernel(heads: int, m: int, d: int, scale: float, lanes: int = 8, rows: int = 0) -> tirx.PrimFunc:
     """``o[h, i] = softmax(scale · q[h, i] · kt[h]) · v[h]`` for q [heads, n, d], kt [heads, d, m], v [heads, m, d]."""
-    vec = _key_vector(m)
-    scale_f = float(scale)
+    kv = 2 * lanes  # keys per score tile
+    dv = min(2 * lanes, d)  # value columns per slice
+    if d % dv:
+        raise ValueError(f"head width {d} is not a multiple of {dv}")
+    full, scale_f, tile_rows = m // kv * kv, float(scale), rows or ATTN_ROWS
+
+    @T.macro
+    def tile(q, kt, v, o, h, i0, rows):
+        s = T.alloc_buffer((rows, m), "float32", scope="local")
+        part = T.alloc_buffer((rows, kv), "float32", scope="local")
+        acc = T.alloc_buffer((rows, dv), "float32", scope="local")
+        red = T.alloc_buffer((rows, 2), "float32", scope="local")
+        for mo in range(m // kv):
+            for r in T.unroll(rows):
+                for mi in T.vectorized(kv):
+                    part[r, mi] = T.float32(0)
+            for dd in range(d):
+                for r in T.unroll(rows):
+                    for mi in T.vectorized(kv):
+                        part[r, mi] = part[r, mi] + q[h, i0 + r, dd] * kt[h, dd, mo * kv + mi]
+            for r in T.unroll(rows):
+                for mi in T.vectorized(kv):
+                    s[r, mo * kv + mi] = part[r, mi] * T.float32(scale_f)
+        for r in range(rows):
+            for j in range(m - full):
+                red[r, 0] = T.float32(0)
+                for dd in range(d):
+                    red[r, 0] = red[r, 0] + q[h, i0 + r, dd] * kt[h, dd, full + j]
+                s[r, full + j] = red[r, 0] * T.float32(scale_f)
+        for r in range(rows):
+            for mi in T.vectorized(kv):
+                part[r, mi] = T.float32(-3.4e38)
+            for mo in range(m // kv):
+                for mi in T.vectorized(kv):
+                    part[r, mi] = T.max(part[r, mi], s[r, mo * kv + mi])
+            red[r, 0] = T.float32(-3.4e38)
+            for mi in range(kv):
+                red[r, 0] = T.max(red[r, 0], part[r, mi])
+            for j in range(m - full):
+                red[r, 0] = T.max(red[r, 0], s[r, full + j])
+            for mi in T.vectorized(kv):
+                part[r, mi] = T.float32(0)
+            for mo in range(m // kv):
+                for mi in T.vectorized(kv):
+                    s[r, mo * kv + mi] = fast_exp(s[r, mo * kv + mi] - red[r, 0])
+                    part[r, mi] = part[r, mi] + s[r, mo * kv + mi]
+            red[r, 1] = T.float32(0)
+            for mi in range(kv):
+                red[r, 1] = red[r, 1] + part[r, mi]
+            for j in range(m - full):
+                s[r, full + j] = fast_exp(s[r, full + j] - red[r, 0])
+                red[r, 1] = red[r, 1] + s[r, full + j]
+        for dq in range(d // dv):
+            for r in T.unroll(rows):
+                for di in T.vectorized(dv):
+                    acc[r, di] = T.float32(0)
+            for j in range(m):
+                for r in T.unroll(rows):
+                    for di in T.vectorized(dv):
+                        acc[r, di] = acc[r, di] + s[r, j] * v[h, j, dq * dv + di]
+            for r in T.unroll(rows):
+                for di in T.vectorized(dv):
+                    o[h, i0 + r, dq * dv + di] = acc[r, di] / red[r, 1]
 
     @T.prim_func
     def attention(
@@ -39,36 +219,12 @@ def attention_kernel(heads: int, m: int, d: int, scale: float) -> tirx.PrimFunc:
         n = T.int64()
         q = T.match_buffer(q_h, (heads, n, d), "float32")
         o = T.match_buffer(o_h, (heads, n, d), "float32")
-        for h in T.parallel(heads):
-            for i in range(n):
-                s = T.alloc_buffer((m,), "float32", scope="local")
-                part = T.alloc_buffer((vec,), "float32", scope="local")
-                acc = T.alloc_buffer((d,), "float32", scope="local")
-                red = T.alloc_buffer((2,), "float32", scope="local")
-                for mo in range(m // vec):
-                    for mi in T.vectorized(vec):
-                        part[mi] = T.float32(0)
-                    for dd in range(d):
-                        for mi in T.vectorized(vec):
-                            part[mi] = part[mi] + q[h, i, dd] * kt[h, dd, mo * vec + mi]
-                    for mi in T.vectorized(vec):
-                        s[mo * vec + mi] = part[mi]
-                red[0] = T.float32(-3.4e38)
-                for j in range(m):
-                    red[0] = T.max(red[0], s[j])
-                red[1] = T.float32(0)
-                for j in range(m):
-                    s[j] = T.exp((s[j] - red[0]) * T.float32(scale_f))
-                    red[1] = red[1] + s[j]
-                for dd in T.vectorized(d):
-                    acc[dd] = T.float32(0)
-                for j in range(m):
-                    for dd in T.vectorized(d):
-                        acc[dd] = acc[dd] + s[j] * v[h, j, dd]
-                for dd in T.vectorized(d):
-                    o[h, i, dd] = acc[dd] / red[1]
+        for p in T.parallel(heads * (n // tile_rows)):
+            tile(q, kt, v, o, p % heads, p // heads * tile_rows, tile_rows)
+        for p in T.parallel(heads * (n % tile_rows)):
+            tile(q, kt, v, o, p % heads, n // tile_rows * tile_rows + p // heads, 1)
 
-    return attention.with_attr("global_symbol", f"attention_h{heads}_m{m}_d{d}")
+    return attention.with_attr("global_symbol", f"attention_h{heads}_m{m}_d{d}_l{lanes}")
 
 
 class KernelAttention(nn.Module):
@@ -78,19 +234,49 @@ class KernelAttention(nn.Module):
         self.heads, self.keys, self.head_dim, self.scale = heads, keys, head_dim, scale
 
     def forward(self, q: Tensor, kt: Tensor, v: Tensor) -> Tensor:
-        kernel = attention_kernel(self.heads, self.keys, self.head_dim, self.scale)
+        kernel = attention_kernel(self.heads, self.keys, self.head_dim, self.scale, vector_lanes())
         return op.tensor_ir_op(kernel, "attention", [q, kt, v], Tensor.placeholder(q.shape, "float32"))
 
 
-def apply_seq2seq_kernels(model: nn.Module) -> int:
-    """Swap every `Attend` module (any class named so, with heads/keys/head_dim/scale) in place; return how many."""
+class GemmProjection(nn.Module):
+    """Drop-in for a family's `Projection` (a packed bias-free linear plus a bias, and an optional
+    activation) over many rows, computed by `gemm_kernel`. Keeps the module's parameters (same names)."""
+
+    def __init__(self, proj: nn.Module, bias: nn.Parameter, activation: str | None):
+        self.proj, self.bias, self.activation = proj, bias, activation
+
+    def forward(self, x: Tensor) -> Tensor:
+        *lead, k = x.shape
+        rows = 1
+        for d in lead:
+            rows = rows * d
+        w = self.proj.weight
+        kernel = gemm_kernel(k, self.proj.out_features, self.proj.block, w.dtype, vector_lanes(), self.activation)
+        y = op.tensor_ir_op(
+            kernel,
+            "gemm",
+            [op.reshape(x, (rows, k)), w, self.bias],
+            Tensor.placeholder((rows, self.proj.out_features), "float32"),
+        )
+        return op.reshape(y, (*lead, self.proj.out_features))
+
+
+def apply_seq2seq_kernels(model: nn.Module, gemm: str | None = None) -> int:
+    """Swap every `Attend` module (any class named so, with heads/keys/head_dim/scale) in place, and
+    every `Projection` whose path matches the regular expression ``gemm`` (layers that run over many
+    rows) when its linear was packed by `apply_cpu_layout`; return how many modules were swapped."""
     swapped = [0]
+    pattern = re.compile(gemm) if gemm else None
 
     class _Swap(nn.Mutator):
         def visit_module(self, name: str, node: nn.Module) -> nn.Module:
             if type(node).__name__ == "Attend" and getattr(node, "keys", None):
                 swapped[0] += 1
                 return KernelAttention(node.heads, node.keys, node.head_dim, node.scale)
+            packed = type(getattr(node, "proj", None)).__name__ == "PackedLinear"
+            if pattern and type(node).__name__ == "Projection" and packed and pattern.fullmatch(name):
+                swapped[0] += 1
+                return GemmProjection(node.proj, node.bias, getattr(node, "activation", None))
             return self.visit(name, node)
 
     _Swap().visit("", model)

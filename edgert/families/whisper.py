@@ -98,14 +98,17 @@ def _count_layers(model: Any, stack: str) -> int:
 
 
 class Projection(nn.Module):
-    """y = x Wᵀ + b, with the bias kept apart so the compiler can pack the bias-free matmul."""
+    """y = act(x Wᵀ + b), with the bias kept apart so the compiler can pack the bias-free matmul
+    (and, for the encoder's many rows, fuse bias and activation into one kernel)."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, activation: str | None = None):
         self.proj = nn.Linear(in_features, out_features, bias=False)
         self.bias = nn.Parameter((out_features,), "float32")
+        self.activation = activation
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x) + self.bias
+        y = self.proj(x) + self.bias
+        return op.gelu(y) if self.activation == "gelu" else y
 
 
 class Conv1D(nn.Module):
@@ -115,9 +118,9 @@ class Conv1D(nn.Module):
     flattened to [out, in * 3].
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, activation: str | None = None):
         self.in_channels, self.stride = in_channels, stride
-        self.matmul = Projection(in_channels * 3, out_channels)
+        self.matmul = Projection(in_channels * 3, out_channels, activation)
 
     def forward(self, x: Tensor) -> Tensor:
         cols = op.tensor_expr_op(_im2col, "im2col", [x, self.stride])
@@ -165,7 +168,7 @@ class EncoderLayer(nn.Module):
         self.qkv = Projection(d, 3 * d)
         self.out = Projection(d, d)
         self.ffn_norm = nn.LayerNorm(d, eps=1e-5)
-        self.fc1 = Projection(d, cfg.ffn_dim)
+        self.fc1 = Projection(d, cfg.ffn_dim, activation="gelu")
         self.fc2 = Projection(cfg.ffn_dim, d)
         self.attend = Attend(cfg.num_heads, cfg.audio_ctx, cfg.head_dim)
 
@@ -176,7 +179,7 @@ class EncoderLayer(nn.Module):
         q, k, v = (_heads_first(x, t, cfg.num_heads, cfg.head_dim) for x in (q, k, v))
         a = self.attend(q, op.permute_dims(k, [0, 2, 1]), v)
         h = h + self.out(op.reshape(op.permute_dims(a, [1, 0, 2]), (t, cfg.d_model)))
-        return h + self.fc2(op.gelu(self.fc1(self.ffn_norm(h))))
+        return h + self.fc2(self.fc1(self.ffn_norm(h)))
 
 
 class DecoderLayer(nn.Module):
@@ -218,8 +221,8 @@ class WhisperModel(nn.Module):
     def __init__(self, cfg: WhisperConfig):
         self.cfg = cfg
         d = cfg.d_model
-        self.conv1 = Conv1D(cfg.n_mels, d, stride=1)
-        self.conv2 = Conv1D(d, d, stride=2)
+        self.conv1 = Conv1D(cfg.n_mels, d, stride=1, activation="gelu")
+        self.conv2 = Conv1D(d, d, stride=2, activation="gelu")
         self.encoder_positions = nn.Parameter((cfg.audio_ctx, d), "float32")
         self.encoder_layers = nn.ModuleList([EncoderLayer(cfg) for _ in range(cfg.encoder_layers)])
         self.encoder_norm = nn.LayerNorm(d, eps=1e-5)
@@ -234,7 +237,7 @@ class WhisperModel(nn.Module):
         per layer the keys transposed [heads, head_dim, frames], then the values [heads, frames, head_dim]."""
         cfg = self.cfg
         x = op.permute_dims(op.reshape(mel, (cfg.n_mels, N_FRAMES)), [1, 0])
-        h = op.gelu(self.conv2(op.gelu(self.conv1(x))))
+        h = self.conv2(self.conv1(x))
         h = h + self.encoder_positions
         for layer in self.encoder_layers:
             h = layer(h)
