@@ -69,6 +69,14 @@ def compile(
     input_shape: Annotated[
         list[str] | None, typer.Option("--input-shape", help="Fix a graph input's shape: NAME=1,128 (repeatable).")
     ] = None,
+    activations: Annotated[
+        str | None,
+        typer.Option(
+            "--activations",
+            help="GGUF models: f32 (default) or int8 (decode activations quantized to int8, integer dot "
+            "products with the q4/q8 weights; x86 AVX2 or aarch64 dotprod).",
+        ),
+    ] = None,
 ) -> None:
     """Compile MODEL (a recipe, .gguf, .onnx or .tflite file) for TARGET into an .edgert artifact."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -90,6 +98,8 @@ def compile(
             graph_options = {"input_shapes": parse_input_shapes(input_shape)}
         elif input_shape:
             raise EdgertError("--input-shape applies to .onnx and .tflite graphs")
+        if activations is not None:
+            graph_options["activations"] = activations
         result = compile_model(
             model,
             target=target,
