@@ -175,8 +175,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: dict)
     cache: dict[tuple[str, bool, str], tuple[Path, object]] = {}
     libraries = tmp_path_factory.mktemp("libraries")
 
-    def get(tensor_type: str, tied: bool = True, quant: str = "f32") -> tuple[Path, object]:
-        key = (tensor_type, tied, quant)
+    def get(tensor_type: str, tied: bool = True, quant: str = "f32", activations: str = "f32") -> tuple[Path, object]:
+        key = (tensor_type, tied, quant) if activations == "f32" else (tensor_type, tied, quant, activations)
         if (tensor_type, tied) not in files:
             d = tmp_path_factory.mktemp(f"tiny-{tensor_type}-{'tied' if tied else 'untied'}")
             files[tensor_type, tied] = tiny.write_tiny_llama(
@@ -187,8 +187,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: dict)
             result = edgert.compile(
                 str(path),
                 target="host",
-                output=path.parent / f"model-{quant}.edgert",
+                output=path.parent / f"model-{quant}-{activations}.edgert",
                 quant=quant,
+                activations=activations,
                 prefill_chunk_size=PREFILL_CHUNK,
                 library_cache=libraries,
             )
@@ -294,6 +295,23 @@ def test_logits_match_llama_cpp(tiny_model: Callable, tensor_type: str) -> None:
     path, model = tiny_model(tensor_type)
     ids = token_ids()
     _check_against_llama_cpp(tensor_type, model.score(ids), cached_llama_cpp_logits(path))
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_int8_activations_decode_like_llama_cpp(tiny_model: Callable) -> None:
+    """Q4_0 kept as blocks, decoded with the int8-activation kernels (``activations="int8"``):
+    llama.cpp rounds its activations to 8 bits too, so the llama.cpp bounds hold, and the model
+    stays within those bounds of the exact float64 result."""
+    path, model = tiny_model("Q4_0", quant="source", activations="int8")
+    assert model.artifact.manifest["weights"]["activations"] == "int8"
+    ids = token_ids()
+    model.reset()
+    stepped = np.stack([model.prefill(ids[:N_PREFILL])] + [model.step([t]) for t in ids[N_PREFILL:]])
+    _check_against_llama_cpp("Q4_0", stepped, cached_llama_cpp_logits(path)[N_PREFILL - 1 :])
+    exact = cached_reference_logits(path)[N_PREFILL - 1 :]
+    max_diff, rms_diff = _diff(stepped, exact)
+    assert REF_TOL < max_diff <= LLAMA_CPP_TOL["Q4_0"][0] and rms_diff <= LLAMA_CPP_TOL["Q4_0"][1]
 
 
 @pytest.mark.slow
