@@ -550,13 +550,15 @@ def transcribe(
     threads: ThreadsOpt = None,
 ) -> None:
     """Transcribe speech in AUDIO with a Whisper artifact, printing timestamped segments."""
+    from edgert.runtime.audio import read_wav
     from edgert.runtime.transcriber import Transcriber, TranscriptionStats
 
     beam_size = beam
+    audio_read = read_wav(audio)  # Whisper hears 16 kHz; bad audio fails here, before the model loads
     transcriber = Transcriber(artifact, threads=threads)
     if beam_size is None:
         beam_size = int(transcriber.artifact.manifest.get("defaults", {}).get("beam_size", 1))
-    loaded = transcriber.load_audio(audio)
+    loaded = transcriber.load_audio(audio_read)
     if loaded.resampled:
         err.print(f"[dim]resampled {loaded.source_rate} Hz -> {loaded.sample_rate} Hz with soxr[/]")
     if loaded.source_channels > 1:
@@ -639,7 +641,8 @@ def _transcribe_stream(
     med = sorted(s.latencies)[len(s.latencies) // 2] if s.latencies else 0.0
     err.print(
         f"[dim]{len(finals)} utterances, {s.audio_seconds:.1f} s of audio, real-time factor {s.real_time_factor:.3f}, "
-        f"median latency end of speech -> final text {med:.2f} s, {s.decodes} decodes "
+        f"latency end of speech -> final text median {med:.2f} s, max {max(s.latencies, default=0.0):.2f} s, "
+        f"{s.decodes} decodes ({s.reused_finals} finals without one) "
         f"({'real-time pace' if realtime else 'as fast as possible'}, {chunk:g} s chunks)[/]",
         soft_wrap=True,
     )

@@ -265,3 +265,53 @@ def _entry_points(cfg: Any) -> dict[str, Any]:
             "outputs": [cache],
         },
     }
+
+
+def stage_library_and_weights(
+    executable: Any,
+    named_params: list[tuple[str, Any]],
+    weights: Any,
+    repack: dict[str, Callable[[Any], dict[str, Any]]],
+    stage: Path,
+    fcompile: Any,
+    source: Path,
+    extra_tensors: dict[str, Any] | None = None,
+) -> tuple[list[str], dict[str, float]]:
+    """Write ``model.so`` and ``weights.safetensors`` into ``stage``; return the weights' order and timings.
+
+    ``weights`` yields (parameter name, source array); a name the layout packed goes through its
+    ``repack`` function (which may turn one source tensor into several parameters), any other is
+    cast to the parameter's dtype. Every parameter of the exported module must get an array of
+    its exact shape and dtype. ``extra_tensors`` (e.g. Whisper's mel filters) follow the
+    parameters, outside the order the entry points take them in.
+    """
+    import numpy as np
+
+    from edgert.runtime.tensorfile import write_tensors
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    executable.export_library(str(stage / "model.so"), fcompile=fcompile)
+    seconds["link"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    shapes = {n: tuple(int(d) for d in p.shape) for n, p in named_params}
+    dtypes = {n: p.dtype for n, p in named_params}
+    arrays: dict[str, Any] = {}
+    for pname, w in weights:
+        packed = repack[pname](w) if pname in repack else {pname: np.asarray(w, dtype=dtypes.get(pname))}
+        for n, a in packed.items():
+            if n not in shapes or a.shape != shapes[n] or str(a.dtype) != dtypes[n]:
+                raise ModelFileError(
+                    f"{source}: weight '{n}' is {a.dtype}{list(a.shape)}, expected "
+                    f"{dtypes.get(n)}{list(shapes.get(n, ()))}"
+                )
+            arrays[n] = a
+    missing = [n for n in shapes if n not in arrays]
+    if missing:
+        raise ModelFileError(f"{source}: weights missing for {', '.join(missing[:5])}")
+    order = [n for n, _ in named_params]
+    with (stage / "weights.safetensors").open("wb") as fh:
+        write_tensors(fh, {**{n: arrays[n] for n in order}, **(extra_tensors or {})}, {"format": "edgert"})
+    seconds["weights"] = time.perf_counter() - t
+    return order, seconds
