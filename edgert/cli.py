@@ -158,6 +158,8 @@ def run(
         _run_graph(artifact, inputs, outputs, threads)
         return
     sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)  # before the slow load
+    if speculative and exit_policy:
+        raise EdgertError("--speculative and --exit are separate modes; pick one")
     if device is not None and (speculative or exit_policy):
         raise EdgertError("--speculative and --exit run locally only (not over --device yet)")
     if device is not None:
@@ -207,8 +209,6 @@ def run(
 
 def _adaptive_runner(model: Any, speculative: str | None, exit_policy: str | None, threads: int | None) -> Any:
     """The model itself, or a speculative / early-exit decoder over it (`edgert run --speculative/--exit`)."""
-    if speculative and exit_policy:
-        raise EdgertError("--speculative and --exit are separate modes; pick one")
     if speculative:
         from edgert.runtime import load
         from edgert.runtime.speculative import SpeculativeDecoder, parse_speculative

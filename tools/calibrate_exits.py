@@ -227,13 +227,16 @@ def sweep(
 
 
 def choose_points(rows: list[dict[str, Any]], target: float) -> dict[str, dict[str, Any]]:
-    """Per policy: the fastest point whose agreement reaches ``target``, else the most agreeing one."""
+    """Per policy: the point with the fewest layers per token whose agreement reaches ``target``, else the most
+    agreeing one. Layers, not the measured speedup, decide: they do not depend on the machine's load."""
     chosen = {}
     for name in sorted({r["policy"] for r in rows}):
         mine = [r for r in rows if r["policy"] == name]
         ok = [r for r in mine if r["agreement"] >= target]
         pick = (
-            max(ok, key=lambda r: (r["speedup"], -r["mean_layers"])) if ok else max(mine, key=lambda r: r["agreement"])
+            min(ok, key=lambda r: (r["mean_layers"] + r["exit_heads_per_token"], -r["speedup"]))
+            if ok
+            else max(mine, key=lambda r: r["agreement"])
         )
         chosen[name] = {
             **{k: pick[k] for k in ("threshold", "agreement", "mean_layers", "speedup")},
