@@ -69,6 +69,14 @@ def compile(
     input_shape: Annotated[
         list[str] | None, typer.Option("--input-shape", help="Fix a graph input's shape: NAME=1,128 (repeatable).")
     ] = None,
+    activations: Annotated[
+        str | None,
+        typer.Option(
+            "--activations",
+            help="GGUF models: f32 (default) or int8 (decode activations quantized to int8, integer dot "
+            "products with the q4/q8 weights; x86 AVX2 or aarch64 dotprod).",
+        ),
+    ] = None,
 ) -> None:
     """Compile MODEL (a recipe, .gguf, .onnx or .tflite file) for TARGET into an .edgert artifact."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -90,6 +98,8 @@ def compile(
             graph_options = {"input_shapes": parse_input_shapes(input_shape)}
         elif input_shape:
             raise EdgertError("--input-shape applies to .onnx and .tflite graphs")
+        if activations is not None:
+            graph_options["activations"] = activations
         result = compile_model(
             model,
             target=target,
@@ -134,6 +144,22 @@ def run(
     outputs: Annotated[
         Path | None, typer.Option("--output", "-o", help="Graph artifacts: the .npz to write the outputs to.")
     ] = None,
+    speculative: Annotated[
+        str | None,
+        typer.Option(
+            "--speculative",
+            help="Lossless speculative decoding: self:k=4 (layer-skipping draft; ,skip=3-9 or ,exit=16) "
+            "or model:DRAFT.edgert:k=4 (a smaller build drafts).",
+        ),
+    ] = None,
+    exit_policy: Annotated[
+        str | None,
+        typer.Option(
+            "--exit",
+            help="Early exit: static:N, confidence[:P], entropy[:H], patience[:K], budget:N; join with + "
+            "(confidence:0.9+budget:24).",
+        ),
+    ] = None,
 ) -> None:
     """Generate text from a prompt (LLM artifacts), or run a graph artifact on --inputs into -o."""
     from edgert.runtime import GraphModel, load
@@ -142,6 +168,10 @@ def run(
         _run_graph(artifact, inputs, outputs, threads)
         return
     sampling = _sampling(temperature, top_k, top_p, repetition_penalty, seed)  # before the slow load
+    if speculative and exit_policy:
+        raise EdgertError("--speculative and --exit are separate modes; pick one")
+    if device is not None and (speculative or exit_policy):
+        raise EdgertError("--speculative and --exit run locally only (not over --device yet)")
     if device is not None:
         options = {
             "prompt": prompt,
@@ -166,13 +196,14 @@ def run(
     text = prompt if prompt is not None else model.artifact.manifest.get("defaults", {}).get("prompt", "Hello!")
     chat = not raw and model.tokenizer.has_chat_template
     pieces, ids = [], []
-    for tok in model.generate(text, max_tokens=max_tokens, sampling=sampling, stop=stop or (), chat=chat):
+    runner = _adaptive_runner(model, speculative, exit_policy, threads)
+    for tok in runner.generate(text, max_tokens=max_tokens, sampling=sampling, stop=stop or (), chat=chat):
         ids.append(tok.id)
         pieces.append(tok.text)
         if not as_json:
             sys.stdout.write(tok.text)
             sys.stdout.flush()
-    stats = model.stats
+    stats = runner.stats
     if as_json:
         print(json.dumps({"prompt": text, "text": "".join(pieces), "tokens": ids, "stats": stats.to_dict()}))
         return
@@ -183,6 +214,34 @@ def run(
         f"({model.session.threads} threads, stop: {stats.stop_reason})[/]",
         soft_wrap=True,
     )
+    _adaptive_report(stats)
+
+
+def _adaptive_runner(model: Any, speculative: str | None, exit_policy: str | None, threads: int | None) -> Any:
+    """The model itself, or a speculative / early-exit decoder over it (`edgert run --speculative/--exit`)."""
+    if speculative:
+        from edgert.runtime import load
+        from edgert.runtime.speculative import SpeculativeDecoder, parse_speculative
+
+        drafter, k = parse_speculative(speculative, model, lambda path: load(path, threads=threads))
+        return SpeculativeDecoder(model, drafter, k)
+    if exit_policy:
+        from edgert.runtime.exits import EarlyExitDecoder, parse_exit_policy
+
+        return EarlyExitDecoder(model, parse_exit_policy(exit_policy, model))
+    return model
+
+
+def _adaptive_report(stats: Any) -> None:
+    """The speculative or early-exit counts of a run, when it used one."""
+    extra = stats.to_dict()
+    if "acceptance_rate" in extra:
+        err.print(
+            f"[dim]speculative: {extra['drafted']} drafted, acceptance {extra['acceptance_rate']:.1%}, "
+            f"{extra['tokens_per_round']:.2f} tokens per verify pass[/]"
+        )
+    if "mean_layers" in extra:
+        err.print(f"[dim]early exit: {extra['mean_layers']:.2f} of {extra['num_layers']} layers per token (mean)[/]")
 
 
 def _run_graph(artifact: Path, inputs: Path | None, outputs: Path | None, threads: int | None) -> None:
@@ -550,13 +609,15 @@ def transcribe(
     threads: ThreadsOpt = None,
 ) -> None:
     """Transcribe speech in AUDIO with a Whisper artifact, printing timestamped segments."""
+    from edgert.runtime.audio import read_wav
     from edgert.runtime.transcriber import Transcriber, TranscriptionStats
 
     beam_size = beam
+    audio_read = read_wav(audio)  # Whisper hears 16 kHz; bad audio fails here, before the model loads
     transcriber = Transcriber(artifact, threads=threads)
     if beam_size is None:
         beam_size = int(transcriber.artifact.manifest.get("defaults", {}).get("beam_size", 1))
-    loaded = transcriber.load_audio(audio)
+    loaded = transcriber.load_audio(audio_read)
     if loaded.resampled:
         err.print(f"[dim]resampled {loaded.source_rate} Hz -> {loaded.sample_rate} Hz with soxr[/]")
     if loaded.source_channels > 1:
@@ -639,7 +700,8 @@ def _transcribe_stream(
     med = sorted(s.latencies)[len(s.latencies) // 2] if s.latencies else 0.0
     err.print(
         f"[dim]{len(finals)} utterances, {s.audio_seconds:.1f} s of audio, real-time factor {s.real_time_factor:.3f}, "
-        f"median latency end of speech -> final text {med:.2f} s, {s.decodes} decodes "
+        f"latency end of speech -> final text median {med:.2f} s, max {max(s.latencies, default=0.0):.2f} s, "
+        f"{s.decodes} decodes ({s.reused_finals} finals without one) "
         f"({'real-time pace' if realtime else 'as fast as possible'}, {chunk:g} s chunks)[/]",
         soft_wrap=True,
     )

@@ -175,8 +175,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: dict)
     cache: dict[tuple[str, bool, str], tuple[Path, object]] = {}
     libraries = tmp_path_factory.mktemp("libraries")
 
-    def get(tensor_type: str, tied: bool = True, quant: str = "f32") -> tuple[Path, object]:
-        key = (tensor_type, tied, quant)
+    def get(tensor_type: str, tied: bool = True, quant: str = "f32", activations: str = "f32") -> tuple[Path, object]:
+        key = (tensor_type, tied, quant) if activations == "f32" else (tensor_type, tied, quant, activations)
         if (tensor_type, tied) not in files:
             d = tmp_path_factory.mktemp(f"tiny-{tensor_type}-{'tied' if tied else 'untied'}")
             files[tensor_type, tied] = tiny.write_tiny_llama(
@@ -187,8 +187,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_fields: dict)
             result = edgert.compile(
                 str(path),
                 target="host",
-                output=path.parent / f"model-{quant}.edgert",
+                output=path.parent / f"model-{quant}-{activations}.edgert",
                 quant=quant,
+                activations=activations,
                 prefill_chunk_size=PREFILL_CHUNK,
                 library_cache=libraries,
             )
@@ -298,6 +299,23 @@ def test_logits_match_llama_cpp(tiny_model: Callable, tensor_type: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.reference
+def test_int8_activations_decode_like_llama_cpp(tiny_model: Callable) -> None:
+    """Q4_0 kept as blocks, decoded with the int8-activation kernels (``activations="int8"``):
+    llama.cpp rounds its activations to 8 bits too, so the llama.cpp bounds hold, and the model
+    stays within those bounds of the exact float64 result."""
+    path, model = tiny_model("Q4_0", quant="source", activations="int8")
+    assert model.artifact.manifest["weights"]["activations"] == "int8"
+    ids = token_ids()
+    model.reset()
+    stepped = np.stack([model.prefill(ids[:N_PREFILL])] + [model.step([t]) for t in ids[N_PREFILL:]])
+    _check_against_llama_cpp("Q4_0", stepped, cached_llama_cpp_logits(path)[N_PREFILL - 1 :])
+    exact = cached_reference_logits(path)[N_PREFILL - 1 :]
+    max_diff, rms_diff = _diff(stepped, exact)
+    assert REF_TOL < max_diff <= LLAMA_CPP_TOL["Q4_0"][0] and rms_diff <= LLAMA_CPP_TOL["Q4_0"][1]
+
+
+@pytest.mark.slow
+@pytest.mark.reference
 @pytest.mark.parametrize("tensor_type", ["F32", "Q4_0"])
 def test_prefill_then_decode_matches_llama_cpp(tiny_model: Callable, tensor_type: str) -> None:
     """The prefill and decode entry points (KV cache carried over) give the same logits as scoring."""
@@ -394,18 +412,26 @@ def test_tensor_dequantizes_like_gguf(tmp_path: Path, tensor_type: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def test_make_tiny_gguf_cli(tmp_path: Path) -> None:
-    """The tool's command line writes a readable file, with output.weight only when asked."""
+def test_make_tiny_gguf_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The tool's command line writes a readable file, with output.weight only when asked.
+
+    One run as a script; the others call its ``main`` with the same arguments (a fresh Python
+    that imports TVM costs more than the whole check)."""
     from edgert.frontend import read_gguf
 
     for extra, has_head in (((), False), (("--untied",), True)):
         out = tmp_path / f"m{len(extra)}.gguf"
-        result = run_tool("make_tiny_gguf", str(out), "--type", "Q8_0", "--layers", "1", *extra)
-        assert result.returncode == 0, result.stderr
+        argv = [str(out), "--type", "Q8_0", "--layers", "1", *extra]
+        if extra:
+            result = run_tool("make_tiny_gguf", *argv)
+            assert result.returncode == 0, result.stderr
+        else:
+            assert tiny.main(argv) == 0
         model = read_gguf(out)
         assert model.metadata["llama.block_count"] == 1
         assert ("output.weight" in model.tensor_types) is has_head
         assert model.tensor_types["blk.0.attn_q.weight"] == "Q8_0"
         assert model.tensor_types["blk.0.attn_norm.weight"] == "F32"
-    bad = run_tool("make_tiny_gguf", str(tmp_path / "x.gguf"), "--type", "Q9_9")
-    assert bad.returncode == 2 and "Q9_9" in bad.stderr and "Traceback" not in bad.stderr
+    capsys.readouterr()
+    assert tiny.main([str(tmp_path / "x.gguf"), "--type", "Q9_9"]) == 2
+    assert "Q9_9" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()

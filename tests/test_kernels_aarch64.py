@@ -2,7 +2,8 @@
 dotprod) and run under ``qemu-aarch64-static`` in the emulated board's root file system.
 
 One aarch64 library holds the quantized matmuls (q4 from GGUF Q4_0 and Q4_1 blocks, q8 from
-Q8_0, and the float16 packed matmul) and the paged decode attention; the project's tiny ONNX
+Q8_0, each also as the int8-activation ``sdot`` kernel, and the float16 packed matmul) and the
+paged decode attention; the project's tiny ONNX
 graphs (dense + GELU epilogue, attention with softmax, residual layer norm, conv1d) are compiled
 for the board with the graph schedule rules. All of it runs in ONE emulated process (starting
 Python and TVM under qemu is the slow part) and is compared here with numpy / onnxruntime on
@@ -23,10 +24,12 @@ import numpy as np
 import pytest
 from conftest import ROOT, load_tool
 from test_decode_attention import PAGE, _reference
+from test_quant_kernels import int8_activation_reference
 
 from edgert.compiler.attention import paged_decode_attention
 from edgert.compiler.kernels import ROW_TILE, packed_matmul, pick_block, quant_block, quant_matmul
-from edgert.compiler.layout import pack_columns, pack_quantized
+from edgert.compiler.kernels_int8 import int8_quant_matmul
+from edgert.compiler.layout import pack_columns, pack_quantized, pack_quantized_dot
 from edgert.frontend.quantized import from_gguf_blocks
 
 pytestmark = pytest.mark.slow
@@ -83,6 +86,10 @@ def board_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             block = quant_block(n)
             funcs[name] = quant_matmul(k, n, block, q.kind)
             weights, dense = list(pack_quantized(q, block)), q.dequantize().astype(np.float64)
+            # The int8-activation kernel (sdot) on the same weights and inputs, in its own layout.
+            funcs[f"{name}_sdot"] = int8_quant_matmul(k, n, block, q.kind, "dotprod")
+            for i, wt in enumerate(pack_quantized_dot(q, block)):
+                inputs[f"{name}_sdot/w{i}"] = wt
         for i, wt in enumerate(weights):
             inputs[f"{name}/w{i}"] = wt
         for m in ROWS:
@@ -92,6 +99,12 @@ def board_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             refs[f"{case}/0"] = x.astype(np.float64) @ dense.T
             args = [f"{case}/x", *(f"{name}/w{i}" for i in range(len(weights)))]
             kernels.append({"name": case, "func": name, "args": args, "outputs": [[[m, n], "float32"]]})
+            if f"{name}_sdot" in funcs:
+                sdot_args = [f"{case}/x", *(f"{name}_sdot/w{i}" for i in range(len(weights)))]
+                out = [[[m, n], "float32"]]
+                kernels.append({"name": f"{case}/sdot", "func": f"{name}_sdot", "args": sdot_args, "outputs": out})
+                rounded = int8_activation_reference(x, dense) if m < ROW_TILE else refs[f"{case}/0"]
+                refs[f"{case}/sdot/0"] = rounded
 
     for d in (64, 48):  # SmolLM2's head size, and one that is not a multiple of the 16-lane vector
         name = f"attention_d{d}"
@@ -174,8 +187,18 @@ def _disassemble(lib: Path) -> str:
 
 def test_it_ran_on_aarch64_with_neon(board_run: dict) -> None:
     assert str(board_run["outputs"]["machine"]) == "aarch64"
-    for op in ("fmla", "ucvtf"):  # vector FMAs and int-to-float conversions: NEON code really ran
+    # vector FMAs, int-to-float conversions and the int8 kernels' dot products: NEON/dotprod code really ran
+    for op in ("fmla", "ucvtf", "sdot"):
         assert f"{op}\tv" in board_run["asm"], f"no NEON '{op}' in the kernels"
+
+
+@pytest.mark.parametrize("name", [m[0] for m in MATMULS if not m[1].startswith("float")])
+def test_int8_activation_matmuls_match_numpy_on_aarch64(board_run: dict, name: str) -> None:
+    """The sdot kernels: int8-rounded activations below the prefill row tile, float from it on."""
+    for m in ROWS:
+        key = f"{name}/m{m}/sdot/0"
+        want, got = board_run["refs"][key], board_run["outputs"][key]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=key)
 
 
 @pytest.mark.parametrize("name", [m[0] for m in MATMULS])

@@ -146,3 +146,80 @@ def test_quant_kernels_cross_compile_to_neon(tmp_path) -> None:
     # 4-lane float FMAs, nibble shifts and int-to-float conversions on vector registers.
     for op in ("fmla", "ushr", "ucvtf"):
         assert f"{op}\tv" in asm and ".4s" in asm, f"no NEON '{op}' in the kernels"
+
+
+# -- int8-activation kernels (kernels_int8) ------------------------------------------------
+
+
+def int8_activation_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x @ w.T`` in float64 with x rounded as the int8 kernels round it: per group of 32, scale max|x|/127."""
+    m, k = x.shape
+    g = x.reshape(m, k // 32, 32).astype(np.float64)
+    amax = np.abs(g).max(-1, keepdims=True)
+    scale = np.where(amax > 0, 127 / np.where(amax > 0, amax, 1), 0)
+    rounded = np.round(g * scale) * (amax / 127)
+    return rounded.reshape(m, k) @ w.astype(np.float64).T
+
+
+@pytest.fixture(scope="module")
+def int8_kernels():
+    """The int8-activation kernels of SHAPES for this host's instruction set, in one module."""
+    import tvm
+    from tvm.target import codegen
+
+    from edgert.compiler.kernels_int8 import dot_isa, int8_quant_matmul
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 2})
+    isa = dot_isa(codegen.llvm_get_cpu_features(target))
+    if isa is None:
+        pytest.fail("this host has neither AVX2 nor dotprod: the int8 kernels need one")
+    funcs = {
+        f"{kind}_{n}_{k}": int8_quant_matmul(k, n, quant_block(n), kind, isa).with_attr(
+            "global_symbol", f"{kind}_{n}_{k}"
+        )
+        for kind, n, k in SHAPES
+    }
+    return tvm.compile(tvm.IRModule(funcs), target=target)
+
+
+@pytest.mark.parametrize(("kind", "n", "k"), SHAPES)
+def test_int8_activation_matmul_matches_numpy(int8_kernels, kind: str, n: int, k: int) -> None:
+    """Below ROW_TILE rows the result is exactly the product with int8-rounded activations
+    (to float32 rounding); from ROW_TILE rows on it is the float product, as `quant_matmul`'s."""
+    import tvm
+
+    from edgert.compiler.layout import pack_quantized_dot
+
+    rng = np.random.default_rng(n + k + 1)
+    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
+    weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
+    w = q.dequantize()
+    for m in ROWS:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        if k > 32:
+            x[0, :32] = 0  # an all-zero group: activation scale 0
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        int8_kernels[f"{kind}_{n}_{k}"](tvm.runtime.tensor(x), *weights, y)
+        exact = x.astype(np.float64) @ w.astype(np.float64).T
+        want = int8_activation_reference(x, w) if m < ROW_TILE else exact
+        np.testing.assert_allclose(y.numpy(), want, rtol=0, atol=1e-5 * np.abs(want).max(), err_msg=f"m={m}")
+        if m < ROW_TILE:  # really int8: off the float product by the activation rounding, but not far
+            rel = np.abs(y.numpy() - exact).max() / np.abs(exact).max()
+            assert 1e-4 < rel < 0.03, rel
+
+
+def test_pack_quantized_dot_layout() -> None:
+    """Byte t of column j's 4 bytes at row group kk holds rows 8 kk + t (low nibble) and 8 kk + 4 + t (high)."""
+    from edgert.compiler.layout import pack_quantized_dot
+
+    q = quantize_rows(np.random.default_rng(4).standard_normal((40, 64)).astype(np.float32), "q4")
+    qweight, scale, minimum = pack_quantized_dot(q, 32)
+    assert qweight.shape == (2, 8, 32, 4) and qweight.dtype == np.uint8 and scale.shape == (2, 2, 32)
+    col, row = 37, 45
+    t, j = divmod(col, 32)
+    byte = int(qweight[t, row // 8, j, row % 4])
+    assert (byte >> (4 * ((row % 8) // 4))) & 15 == q.codes[col, row]
+    assert qweight[1, :, 8:].max() == 0 and minimum[1, :, 8:].max() == 0  # zero padding past N = 40
+    q8 = quantize_rows(np.random.default_rng(5).standard_normal((20, 32)).astype(np.float32), "q8")
+    codes, _ = pack_quantized_dot(q8, 16)
+    assert codes.shape == (2, 8, 16, 4) and codes[1, 3, 2, 1] == q8.codes[18, 13]

@@ -196,5 +196,14 @@ def test_streaming_commits_and_finals(transcriber, vad_artifact: Path) -> None:
         else:
             committed = ""
     assert any(e.kind == "partial" for e in events) and any(e.kind == "commit" for e in events)
+    # The encoder runs at most once per chunk that brought speech, plus once per final that the
+    # last hypothesis had not already heard in full.
+    partials = sum(e.kind == "partial" for e in events)
+    assert streamer.stats.decodes == partials + len(finals) - streamer.stats.reused_finals
+    # Partial hypotheses every third chunk: fewer encoder runs, the same final words.
+    sparse = StreamingTranscriber(transcriber, VoiceActivity(edgert.load(vad_artifact)), partial_every=3)
+    sparse_finals = [e for e in stream_file(sparse, read_wav(beckett_wav()).samples, 1.0) if e.kind == "final"]
+    assert words(" ".join(e.text for e in sparse_finals)) == words(spoken)
+    assert sparse.stats.decodes < streamer.stats.decodes
     with pytest.raises(ValueError, match="chunk length"):
         list(stream_file(streamer, np.zeros(16000, np.float32), chunk_seconds=10.0))

@@ -2,10 +2,13 @@
 """The accuracy cost of weight quantization: each ``--quant`` build against the f32 build.
 
     python tools/quant_accuracy.py smollm2-135m --quants f32,source,q8,q4 --text README.md
+    python tools/quant_accuracy.py smollm2-135m --quants f32,source,source+int8,q8+int8
 
 Compiles the model once per storage choice, scores the same text (its first ``--tokens``
 tokens) with each, and prints perplexity and the share of positions whose greedy next token
 equals the f32 build's (teacher-forced), with the artifact sizes. Writes the rows as JSON.
+A choice with ``+int8`` is compiled with ``--activations int8``; since those kernels serve the
+decode path (one token at a time), such a build scores the text token by token through ``step``.
 """
 
 from __future__ import annotations
@@ -48,12 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="quant-acc-") as tmp:
             reference = None
-            for quant in quants:
-                print(f"compiling with --quant {quant} ...", file=sys.stderr, flush=True)
-                result = edgert.compile(args.model, output=Path(tmp) / f"{quant}.edgert", quant=quant)
+            for choice in quants:
+                quant, _, activations = choice.partition("+")
+                print(f"compiling with --quant {quant} --activations {activations or 'f32'} ...", file=sys.stderr)
+                result = edgert.compile(
+                    args.model, output=Path(tmp) / f"{choice}.edgert", quant=quant, activations=activations or None
+                )
                 model = edgert.load(result.path)
                 ids = model.tokenizer.encode(args.text.read_text())[: args.tokens]
-                logits = model.score(ids)
+                if activations == "int8":  # the int8 kernels run in decode: one token per step
+                    model.reset()
+                    logits = np.stack([model.prefill(ids[:1])] + [model.step([t]) for t in ids[1:]])
+                else:
+                    logits = model.score(ids)
                 logp = log_softmax(logits[:-1])
                 nll = -logp[np.arange(len(ids) - 1), ids[1:]]
                 greedy = logits.argmax(-1)
@@ -62,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                 size = sum(f["size"] for f in result.manifest["files"].values())
                 rows.append(
                     {
-                        "quant": quant,
+                        "quant": choice,
                         "storage": result.manifest["weights"]["storage"],
                         "artifact_mb": round(size / 1e6, 1),
                         "perplexity": round(float(np.exp(nll.mean())), 3),

@@ -32,17 +32,21 @@ def tune(
     strategy: str = "evolutionary",
 ) -> Path:
     """Tune ``model`` for ``target`` with ``trials`` measured candidates in all; return the database folder."""
+    import functools
+
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.s_tir import meta_schedule as ms
 
     from edgert.compiler.graph_build import import_graph, optimize
     from edgert.compiler.target import resolve
-    from edgert.compiler.tuning import database_dir
+    from edgert.compiler.tuning import database_dir, register_cpu_intrinsics_only
     from edgert.targets import load_target
 
     spec = load_target(target)
-    tvm_target, _ = resolve(spec)
+    tvm_target, record = resolve(spec)
+    cpu_intrinsics = functools.partial(register_cpu_intrinsics_only, record["arch"])
+    cpu_intrinsics()
     mod, _, _, _ = import_graph(model, input_shapes or {})
     mod, _, _ = optimize(mod, tvm_target, quant)
     with tvm_target:
@@ -65,7 +69,7 @@ def tune(
             # core only competes with the measurements.
             # Generous time limits: a fresh worker first imports TVM's tensor intrinsics, which
             # takes minutes on a loaded 2-core machine and made every candidate time out at 30 s.
-            builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=900),
+            builder=ms.builder.LocalBuilder(max_workers=1, timeout_sec=900, initializer=cpu_intrinsics),
             runner=ms.runner.LocalRunner(timeout_sec=300),
             # xgboost is not a dependency: without a learned cost model, candidates are sampled
             # from the design space and every one is measured.

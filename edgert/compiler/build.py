@@ -61,6 +61,7 @@ def compile_model(
     as_dir: bool = False,
     progress: Progress = _quiet,
     library_cache: str | Path | None = None,
+    activations: str | None = None,
     **graph_options: Any,
 ) -> CompileResult:
     """Compile a recipe name, a GGUF path or a codec folder for ``target`` into an artifact at ``output``.
@@ -70,9 +71,15 @@ def compile_model(
     An .onnx or .tflite file goes to `compile_graph` (options ``quant``, ``input_shapes``).
     ``library_cache`` (a folder; GGUF models only) reuses the compiled library of a structurally
     identical module for the same target, e.g. the same architecture with other weights.
+    ``activations`` (GGUF models): ``f32`` (default) multiplies float activations with the
+    dequantized q4/q8 weights; ``int8`` quantizes the decode activations to int8 and uses
+    integer dot products (`edgert.compiler.kernels_int8`; x86 AVX2 or aarch64 dotprod).
     """
     if Path(str(model)).suffix.lower() in (".onnx", ".tflite"):
         from edgert.compiler.graph_build import compile_graph
+
+        if activations not in (None, "f32"):
+            raise EdgertError(f"--activations {activations} applies to GGUF models, not to .onnx/.tflite graphs")
 
         return compile_graph(
             model,
@@ -128,6 +135,8 @@ def compile_model(
     tokenizer_json = build_tokenizer_json(gguf_model.metadata)
     tvm_target, target_record = resolve(spec, threads)
     fcompile = library_compiler(spec, target_record["arch"])
+    activations = activations or options.get("activations", "f32")
+    int8_isa = _int8_isa(activations, target_record)
     seconds["read"] = time.perf_counter() - t
 
     progress("reading weights", None)
@@ -144,7 +153,7 @@ def compile_model(
     progress("building Relax module", None)
     t = time.perf_counter()
     net = llama.LlamaForCausalLM(cfg)
-    repack = apply_cpu_layout(net, storage, tied=llama.tied_weights(cfg))
+    repack = apply_cpu_layout(net, storage, tied=llama.tied_weights(cfg), int8_isa=int8_isa)
     with tvm_target:
         mod, named_params = net.export_tvm(spec=net.get_default_spec())
     mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
@@ -214,6 +223,7 @@ def compile_model(
                 "file": "weights.safetensors",
                 "dtype": _main_dtype(arrays),
                 "quant": quant,
+                "activations": activations,
                 "storage": {kind: list(storage.values()).count(kind) for kind in sorted(set(storage.values()))},
                 "layout": "cpu-packed-columns",
                 "order": order,
@@ -231,6 +241,23 @@ def compile_model(
         manifest = write_artifact(out, manifest, staged, as_dir=as_dir)
     progress("done", 1.0)
     return CompileResult(out, manifest, seconds)
+
+
+def _int8_isa(activations: str, record: dict[str, Any]) -> str | None:
+    """The dot-product instruction set for ``activations`` int8 on the target (None for f32)."""
+    from edgert.compiler.kernels_int8 import dot_isa
+
+    if activations not in ("f32", "int8"):
+        raise EdgertError(f"--activations '{activations}' is not one of f32, int8")
+    if activations == "f32":
+        return None
+    isa = dot_isa(record["cpu_flags"])
+    if isa is None:
+        raise EdgertError(
+            f"--activations int8 needs integer dot products (x86 AVX2 or aarch64 dotprod); target "
+            f"'{record['name']}' ({record['cpu']}) has {', '.join(record['cpu_flags']) or 'neither'}"
+        )
+    return isa
 
 
 def _cached_library(folder: str | Path, mod: Any, target: Any, cc: str | None) -> Path:
@@ -281,6 +308,7 @@ def _entry_points(cfg: Any) -> dict[str, Any]:
             "inputs": [{**ids, "shape": [1, 1]}, cache],
             "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
         },
+        **_layer_entry_points(cfg),
         "create_kv_cache": {
             "inputs": [
                 "max_batch_size",
@@ -292,3 +320,69 @@ def _entry_points(cfg: Any) -> dict[str, Any]:
             "outputs": [cache],
         },
     }
+
+
+def stage_library_and_weights(
+    executable: Any,
+    named_params: list[tuple[str, Any]],
+    weights: Any,
+    repack: dict[str, Callable[[Any], dict[str, Any]]],
+    stage: Path,
+    fcompile: Any,
+    source: Path,
+    extra_tensors: dict[str, Any] | None = None,
+) -> tuple[list[str], dict[str, float]]:
+    """Write ``model.so`` and ``weights.safetensors`` into ``stage``; return the weights' order and timings.
+
+    ``weights`` yields (parameter name, source array); a name the layout packed goes through its
+    ``repack`` function (which may turn one source tensor into several parameters), any other is
+    cast to the parameter's dtype. Every parameter of the exported module must get an array of
+    its exact shape and dtype. ``extra_tensors`` (e.g. Whisper's mel filters) follow the
+    parameters, outside the order the entry points take them in.
+    """
+    import numpy as np
+
+    from edgert.runtime.tensorfile import write_tensors
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    executable.export_library(str(stage / "model.so"), fcompile=fcompile)
+    seconds["link"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    shapes = {n: tuple(int(d) for d in p.shape) for n, p in named_params}
+    dtypes = {n: p.dtype for n, p in named_params}
+    arrays: dict[str, Any] = {}
+    for pname, w in weights:
+        packed = repack[pname](w) if pname in repack else {pname: np.asarray(w, dtype=dtypes.get(pname))}
+        for n, a in packed.items():
+            if n not in shapes or a.shape != shapes[n] or str(a.dtype) != dtypes[n]:
+                raise ModelFileError(
+                    f"{source}: weight '{n}' is {a.dtype}{list(a.shape)}, expected "
+                    f"{dtypes.get(n)}{list(shapes.get(n, ()))}"
+                )
+            arrays[n] = a
+    missing = [n for n in shapes if n not in arrays]
+    if missing:
+        raise ModelFileError(f"{source}: weights missing for {', '.join(missing[:5])}")
+    order = [n for n, _ in named_params]
+    with (stage / "weights.safetensors").open("wb") as fh:
+        write_tensors(fh, {**{n: arrays[n] for n in order}, **(extra_tensors or {})}, {"format": "edgert"})
+    seconds["weights"] = time.perf_counter() - t
+    return order, seconds
+def _layer_entry_points(cfg: Any) -> dict[str, Any]:
+    """``embed``, ``layer_<i>``, ``kv_fill_<i>`` and ``head``: the stack in pieces (early exit, drafting)."""
+    cache = {"name": "cache", "type": "PagedKVCache"}
+    hidden = {"name": "h", "dtype": "float32", "shape": [1, "seq_len", cfg.hidden_size]}
+    attn = {"name": "attention", "dtype": "float32", "shape": [1, "seq_len", cfg.num_heads, cfg.head_dim]}
+    entries: dict[str, Any] = {
+        "embed": {"inputs": [{"name": "input_ids", "dtype": "int32", "shape": [1, "seq_len"]}], "outputs": [hidden]},
+        "head": {
+            "inputs": [hidden],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "seq_len", cfg.vocab_size]}],
+        },
+    }
+    for i in range(cfg.num_layers):
+        entries[f"layer_{i}"] = {"inputs": [hidden, cache], "outputs": [hidden, cache]}
+        entries[f"kv_fill_{i}"] = {"inputs": [hidden, cache], "outputs": [attn, cache]}
+    return entries

@@ -37,9 +37,9 @@ def compile_marian(
     import tvm
     from tvm import relax
 
-    from edgert.compiler.build import CompileResult
+    from edgert.compiler.build import CompileResult, stage_library_and_weights
     from edgert.families import marian
-    from edgert.runtime.tensorfile import read_tensors, write_tensors
+    from edgert.runtime.tensorfile import read_tensors
 
     out = check_output_path(Path(output) if output else Path(f"{source.name}.edgert"), as_dir)
     weight_dtype = weight_dtype or "f32"
@@ -70,17 +70,10 @@ def compile_marian(
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:
         stage = Path(stage_dir)
-        executable.export_library(str(stage / "model.so"), fcompile=fcompile)
-        shapes = {n: tuple(int(d) for d in p.shape) for n, p in named_params}
-        dtypes = {n: p.dtype for n, p in named_params}
-        arrays = {}
-        for pname, w in marian.hf_weights(state, cfg):
-            arrays[pname] = repack[pname](w)[pname] if pname in repack else w.astype(dtypes[pname])
-            if arrays[pname].shape != shapes[pname]:
-                raise ModelFileError(f"{source}: weight '{pname}' has shape {w.shape}, expected {shapes[pname]}")
-        order = [n for n, _ in named_params]
-        with (stage / "weights.safetensors").open("wb") as fh:
-            write_tensors(fh, {n: arrays[n] for n in order}, {"format": "edgert"})
+        order, staged_seconds = stage_library_and_weights(
+            executable, named_params, marian.hf_weights(state, cfg), repack, stage, fcompile, source
+        )
+        seconds.update(staged_seconds)
         staged = {n: stage / n for n in ("model.so", "weights.safetensors")}
         manifest = {
             "name": source.name,

@@ -36,11 +36,10 @@ def compile_whisper(
     import tvm
     from tvm import relax
 
-    from edgert.compiler.build import CompileResult
+    from edgert.compiler.build import CompileResult, stage_library_and_weights
     from edgert.families import whisper
     from edgert.frontend.ct2_reader import read_ct2
     from edgert.frontend.whisper_assets import decoding_config, mel_filters
-    from edgert.runtime.tensorfile import write_tensors
 
     model_dir = source if source.is_dir() else source.parent
     name = recipe.name if recipe else model_dir.name
@@ -80,28 +79,18 @@ def compile_whisper(
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:
         stage = Path(stage_dir)
-        t = time.perf_counter()
-        executable.export_library(str(stage / "model.so"), fcompile=fcompile)
-        seconds["link"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        shapes = {n: tuple(int(d) for d in p.shape) for n, p in named_params}
-        dtypes = {n: p.dtype for n, p in named_params}
-        arrays = {}
-        for pname, w in whisper.ct2_weights(ct2, cfg):
-            arrays[pname] = repack[pname](w)[pname] if pname in repack else w.astype(dtypes[pname])
-            if arrays[pname].shape != shapes[pname]:
-                raise ModelFileError(f"{source}: weight '{pname}' has shape {w.shape}, expected {shapes[pname]}")
-        missing = [n for n in shapes if n not in arrays]
-        if missing:
-            raise ModelFileError(f"{source}: weights missing for {', '.join(missing[:5])}")
-        order = [n for n, _ in named_params]
-        tensors = {n: arrays[n] for n in order}
-        tensors[MEL_FILTERS] = mel_filters(n_mels=cfg.n_mels)
-        with (stage / "weights.safetensors").open("wb") as fh:
-            write_tensors(fh, tensors, {"format": "edgert"})
+        order, staged_seconds = stage_library_and_weights(
+            executable,
+            named_params,
+            whisper.ct2_weights(ct2, cfg),
+            repack,
+            stage,
+            fcompile,
+            source,
+            extra_tensors={MEL_FILTERS: mel_filters(n_mels=cfg.n_mels)},
+        )
+        seconds.update(staged_seconds)
         (stage / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        seconds["weights"] = time.perf_counter() - t
 
         progress("writing artifact", None)
         cross = [2 * cfg.decoder_layers, cfg.num_heads, cfg.audio_ctx * cfg.head_dim]

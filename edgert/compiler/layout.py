@@ -18,6 +18,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from edgert.compiler.kernels import GROUP, packed_matmul, pick_block, quant_block, quant_matmul
+from edgert.compiler.kernels_int8 import int8_quant_matmul
 from edgert.frontend.quantized import QuantizedRows
 
 WEIGHT_DTYPES = {"f32": "float32", "f16": "float16"}
@@ -76,17 +77,21 @@ class CompactEmbedding(nn.Module):
 class QuantLinear(nn.Module):
     """A bias-free linear layer with group-quantized weights (q4 or q8), dequantized in the kernel."""
 
-    def __init__(self, in_features: int, out_features: int, kind: str):
-        self.in_features, self.out_features, self.kind = in_features, out_features, kind
+    def __init__(self, in_features: int, out_features: int, kind: str, isa: str | None = None):
+        # isa (avx2, dotprod): the int8-activation kernels of kernels_int8 and their weight layout.
+        self.in_features, self.out_features, self.kind, self.isa = in_features, out_features, kind, isa
         self.block = quant_block(out_features)
         nb, ng = -(-out_features // self.block), in_features // GROUP
-        if kind == "q4":
+        if isa is not None:
+            shape = (nb, in_features // (8 if kind == "q4" else 4), self.block, 4)
+            self.qweight = nn.Parameter(shape, "uint8" if kind == "q4" else "int8")
+        elif kind == "q4":
             self.qweight = nn.Parameter((nb, in_features // 8, self.block), "uint32")
-            self.scale = nn.Parameter((nb, ng, self.block), "float16")
-            self.min = nn.Parameter((nb, ng, self.block), "float16")
         else:
             self.qweight = nn.Parameter((nb, in_features, self.block), "int8")
-            self.scale = nn.Parameter((nb, ng, self.block), "float16")
+        self.scale = nn.Parameter((nb, ng, self.block), "float16")
+        if kind == "q4":
+            self.min = nn.Parameter((nb, ng, self.block), "float16")
 
     def _params(self) -> list[Tensor]:
         return [self.qweight, self.scale] + ([self.min] if self.kind == "q4" else [])
@@ -96,7 +101,10 @@ class QuantLinear(nn.Module):
         rows = 1
         for d in lead:
             rows = rows * d
-        kernel = quant_matmul(k, self.out_features, self.block, self.kind)
+        if self.isa is not None:
+            kernel = int8_quant_matmul(k, self.out_features, self.block, self.kind, self.isa)
+        else:
+            kernel = quant_matmul(k, self.out_features, self.block, self.kind)
         y = op.tensor_ir_op(
             kernel,
             "quant_matmul",
@@ -107,17 +115,24 @@ class QuantLinear(nn.Module):
 
     def gather(self, ids: Tensor) -> Tensor:
         """Rows ``ids`` of the weight matrix, dequantized to float32 (an embedding lookup)."""
-        block, k, n, q4 = self.block, self.in_features, self.out_features, self.kind == "q4"
+        block, k, n, q4, dot = self.block, self.in_features, self.out_features, self.kind == "q4", self.isa is not None
 
         def rows(flat: te.Tensor, qw: te.Tensor, sc: te.Tensor, *mn: te.Tensor) -> te.Tensor:
             def value(i: Any, c: Any) -> Any:
                 # Out-of-range ids are clipped so a bad id cannot read outside the table (the runtime also checks).
                 r = tirx.max(tirx.min(flat[i].astype("int64"), n - 1), 0)
                 t, j, g = r // block, r % block, c // GROUP
+                if q4 and dot:  # byte c % 4 of the column's 4 bytes; the high nibble holds rows 4..7 of 8
+                    byte = qw[t, c // 8, j, c % 4]
+                    shift = (4 * ((c % 8) // 4)).astype("uint8")
+                    code = ((byte >> shift) & tirx.const(15, "uint8")).astype("float32")
+                    return code * sc[t, g, j].astype("float32") + mn[0][t, g, j].astype("float32")
                 if q4:
                     word = qw[t, c // 8, j]
                     code = ((word >> (4 * (c % 8)).astype("uint32")) & tirx.const(15, "uint32")).astype("float32")
                     return code * sc[t, g, j].astype("float32") + mn[0][t, g, j].astype("float32")
+                if dot:
+                    return qw[t, c // 4, j, c % 4].astype("float32") * sc[t, g, j].astype("float32")
                 return qw[t, c, j].astype("float32") * sc[t, g, j].astype("float32")
 
             return te.compute((flat.shape[0], k), value, name="gather_rows")
@@ -187,12 +202,15 @@ class GatherEmbedding(nn.Module):
         return table.gather(ids)
 
 
-def _layout_for(name: str, in_features: int, out_features: int, kind: str) -> tuple[nn.Module, Repack]:
+def _layout_for(
+    name: str, in_features: int, out_features: int, kind: str, isa: str | None = None
+) -> tuple[nn.Module, Repack]:
     """The module for an ``[out, in]`` matrix stored as ``kind``, and its repack function."""
     if kind in ("q4", "q8"):
-        module = QuantLinear(in_features, out_features, kind)
+        module = QuantLinear(in_features, out_features, kind, isa)
         names = [f"{name}.{p}" for p in ("qweight", "scale", "min")[: 3 if kind == "q4" else 2]]
-        return module, lambda w, b=module.block: dict(zip(names, pack_quantized(w, b), strict=True))
+        pack = pack_quantized if isa is None else pack_quantized_dot
+        return module, lambda w, b=module.block: dict(zip(names, pack(w, b), strict=True))
     dtype = WEIGHT_DTYPES[kind]
     block = pick_block(out_features)
     if block is None:
@@ -203,13 +221,18 @@ def _layout_for(name: str, in_features: int, out_features: int, kind: str) -> tu
 
 
 def apply_cpu_layout(
-    model: nn.Module, storage: dict[str, str] | str, default: str = "f16", tied: tuple[str, str] | None = None
+    model: nn.Module,
+    storage: dict[str, str] | str,
+    default: str = "f16",
+    tied: tuple[str, str] | None = None,
+    int8_isa: str | None = None,
 ) -> dict[str, Repack]:
     """Swap linears and embeddings in place; return, per source weight name, its repack function.
 
     ``storage`` names the kind (q4, q8, f16, f32) of each matrix by its weight name (``default``
     for the others), or is one kind for every matrix; ``tied`` = (embedding, head) makes the
-    embedding read the head's table.
+    embedding read the head's table. ``int8_isa`` (avx2, dotprod) gives q4/q8 matrices the
+    int8-activation kernels of `kernels_int8` instead of the float ones.
     """
     if isinstance(storage, str):
         storage, default = {}, storage
@@ -221,12 +244,14 @@ def apply_cpu_layout(
             kind = storage.get(f"{name}.weight", default)
             if isinstance(node, nn.Linear) and node.bias is None:
                 if kind in ("q4", "q8") or pick_block(node.out_features) is not None:
-                    module, repack[f"{name}.weight"] = _layout_for(name, node.in_features, node.out_features, kind)
+                    module, repack[f"{name}.weight"] = _layout_for(
+                        name, node.in_features, node.out_features, kind, int8_isa
+                    )
                     modules[name] = module
                     return module
             if isinstance(node, nn.Embedding) and (tied is None or name != tied[0]):
                 if kind in ("q4", "q8"):
-                    table, fn = _layout_for(f"{name}.table", node.dim, node.num, kind)
+                    table, fn = _layout_for(f"{name}.table", node.dim, node.num, kind, int8_isa)
                     repack[f"{name}.weight"] = fn
                     return GatherEmbedding(table, tied=False)
                 dtype = WEIGHT_DTYPES[kind]
@@ -241,3 +266,24 @@ def apply_cpu_layout(
             raise ValueError(f"tied embedding: '{head}' has no packed layout")
         setattr(model, embed, GatherEmbedding(modules[head], tied=True))
     return repack
+
+
+def pack_quantized_dot(q: QuantizedRows, block: int) -> tuple[np.ndarray, ...]:
+    """Codes and scales to the layout of `kernels_int8.int8_quant_matmul` (4 rows of a column per 4 bytes).
+
+    Returns (qweight, scale) for q8 and (qweight, scale, min) for q4; the last column tile is
+    zero-padded when ``block`` does not divide N.
+    """
+    n, k = q.shape
+    pad = -n % block
+
+    def tiles(a: np.ndarray) -> np.ndarray:  # [N, X, ...] -> [N/B, X, B, ...]
+        a = np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        a = a.reshape(-1, block, *a.shape[1:])
+        return np.ascontiguousarray(np.moveaxis(a, 1, 2))
+
+    if q.kind == "q4":
+        c = q.codes.reshape(n, k // 8, 2, 4).astype(np.uint8)  # row 8 kk + 4 h + t
+        assert q.min is not None
+        return tiles(c[:, :, 0] | (c[:, :, 1] << 4)), tiles(q.scale), tiles(q.min)
+    return tiles(q.codes.astype(np.int8).reshape(n, k // 4, 4)), tiles(q.scale)

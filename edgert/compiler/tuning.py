@@ -32,3 +32,29 @@ def database_for(target: str, model: str | Path) -> Path | None:
     """The tuning database folder for ``model`` on ``target`` if one has been stored."""
     folder = database_dir(target, model)
     return folder if (folder / "database_workload.json").is_file() else None
+
+
+def register_cpu_intrinsics_only(arch: str = "x86_64") -> None:
+    """Make ``import tvm.s_tir.tensor_intrin`` register only the CPU tensor intrinsics of ``arch``.
+
+    MetaSchedule imports that package in every tuning context and every build worker; it parses
+    the TVMScript of every GPU intrinsic too (CUDA, ROCm: 1.5 CPU-minutes, far more on a loaded
+    2-core machine), none of which a CPU target can use. Here the package is entered in
+    ``sys.modules`` as an empty package and only ``x86`` or ``arm_cpu`` is imported into it.
+    Call it before the first MetaSchedule import of the process (tools/tune.py does, and passes
+    it as the builder workers' initializer); once the full package is loaded it does nothing.
+    """
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.submodule_search_locations is not None
+        package = types.ModuleType(name, "CPU tensor intrinsics only (see edgert.compiler.tuning)")
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__package__ = name
+        sys.modules[name] = package
+    importlib.import_module(f"{name}.{'arm_cpu' if arch == 'aarch64' else 'x86'}")

@@ -12,6 +12,7 @@ a range of layers, exit early or roll the cache back.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -90,10 +91,15 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+    def attn_out(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        """Attention before the output projection [b, s, heads, head_dim]; appends k and v to the cache."""
         b, s, _ = x.shape
         qkv = op.reshape(self.qkv_proj(x), (b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim))
-        out = cache.attention_with_fused_qkv(layer_id, qkv, self.num_heads, sm_scale=self.head_dim**-0.5)
+        return cache.attention_with_fused_qkv(layer_id, qkv, self.num_heads, sm_scale=self.head_dim**-0.5)
+
+    def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        b, s, _ = x.shape
+        out = self.attn_out(x, cache, layer_id)
         return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim)))
 
 
@@ -161,6 +167,32 @@ class LlamaForCausalLM(nn.Module):
         """One new token per step: logits [1, 1, vocab]."""
         return self._logits(self._stack(self.embed_tokens(input_ids), cache)), cache
 
+    # -- layer-range execution (early exit, self-speculative drafting) --------------------
+    # One Relax function per layer (``layer_<i>``) rather than one taking the layer index: the
+    # weights stay in the per-layer layout every other entry point uses, the KV cache's layer
+    # id stays a constant, and the fused kernels are shared, so compile time grows only by
+    # the Relax functions themselves. The sequence length is symbolic, so one form serves
+    # prefill, decode and verify (the cache picks its decode or prefill kernel at run time).
+
+    def layer(self, layer_id: int, h: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """Layer ``layer_id`` on hidden states [1, s, d], writing that layer's KV entries."""
+        return self.layers[layer_id](h, cache, layer_id), cache
+
+    def kv_fill(self, layer_id: int, h: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """Write layer ``layer_id``'s KV entries computed from ``h`` without running the rest of it.
+
+        This is CALM's copy-forward: a token that exits at layer e gives every skipped layer
+        i >= e the keys and values of its exit hidden state, so later tokens can attend to it.
+        Only the norm, the q/k/v projection and the cache append run (about a sixth of a
+        layer); the attention output comes back so that it is not optimized away.
+        """
+        block = self.layers[layer_id]
+        return block.attn.attn_out(block.input_norm(h), cache, layer_id), cache
+
+    def head(self, h: Tensor) -> Tensor:
+        """The exit head: final norm and LM head on hidden states [1, s, d] -> logits [1, s, vocab]."""
+        return self._logits(h)
+
     def create_kv_cache(
         self,
         max_batch_size: tirx.Var,
@@ -201,10 +233,21 @@ class LlamaForCausalLM(nn.Module):
         """Entry points and their shapes, as exported to Relax."""
         packed = {"param_mode": "packed", "effect_mode": "none"}
         cache = nn.spec.Object(object_type=PagedKVCache)
+        hidden = nn.spec.Tensor([1, "seq_len", self.cfg.hidden_size], "float32")
+        for i in range(self.cfg.num_layers):  # the exporter looks entry points up as attributes
+            object.__setattr__(self, f"layer_{i}", functools.partial(self.layer, i))
+            object.__setattr__(self, f"kv_fill_{i}", functools.partial(self.kv_fill, i))
         spec = {
             "prefill": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
             "verify": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
             "decode": {"input_ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "$": packed},
+            "embed": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "$": packed},
+            "head": {"h": hidden, "$": packed},
+            **{
+                f"{kind}_{i}": {"h": hidden, "cache": cache, "$": packed}
+                for i in range(self.cfg.num_layers)
+                for kind in ("layer", "kv_fill")
+            },
             "create_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,

@@ -23,13 +23,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from tvm import relax, te, tirx
+from tvm import relax, te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
-from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
-from tvm.target import Target
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
 from edgert.errors import ModelFileError, UnsupportedModelError
+from edgert.families.seq2seq import EncoderDecoder
 from edgert.families.whisper import Attend, Projection
 
 
@@ -162,7 +162,7 @@ def _layer(cross: Tensor, index: int) -> Tensor:
     )
 
 
-class MarianModel(nn.Module):
+class MarianModel(EncoderDecoder):
     """Encoder, decoder and tied head, with encode / prefill / decode entry points."""
 
     def __init__(self, cfg: MarianConfig):
@@ -203,94 +203,20 @@ class MarianModel(nn.Module):
             x = layer(x, cross, cache, layer_id)
         return self.lm_head(x) + self.final_logits_bias
 
-    def prefill(
-        self, input_ids: Tensor, positions: Tensor, cross_kv: Tensor, cache: PagedKVCache
-    ) -> tuple[Tensor, PagedKVCache]:
-        """The decoder prompt of one sequence [1, s]: logits of its last token [1, 1, vocab]."""
-        logits = self._decode(input_ids, positions, cross_kv, cache)
-        return op.tensor_expr_op(
-            lambda y: te.compute((1, 1, y.shape[2]), lambda i, _, k: y[i, y.shape[1] - 1, k], name="last"),
-            "last_token",
-            [logits],
-        ), cache
-
-    def decode(
-        self, input_ids: Tensor, positions: Tensor, cross_kv: Tensor, cache: PagedKVCache
-    ) -> tuple[Tensor, PagedKVCache]:
-        """One token for each of b sequences (beams) [b, 1]: logits [b, 1, vocab]."""
-        return self._decode(input_ids, positions, cross_kv, cache), cache
-
-    def create_kv_cache(
-        self,
-        max_batch_size: tirx.Var,
-        max_total_seq_len: tirx.Var,
-        prefill_chunk_size: tirx.Var,
-        page_size: tirx.Var,
-        support_sliding_window: tirx.Var,
-    ) -> PagedKVCache:
-        """The decoder's self-attention cache (TVM's paged cache, no RoPE)."""
-        cfg = self.cfg
-        target = Target.current()
-        if target is None:
-            raise RuntimeError("export the model inside `with target:` so the KV cache picks its kernels")
-        return TIRPagedKVCache(
-            attn_kind="mha",
-            max_batch_size=max_batch_size,
-            max_total_seq_len=max_total_seq_len,
-            prefill_chunk_size=prefill_chunk_size,
-            page_size=page_size,
-            support_sliding_window=support_sliding_window,
-            layer_partition=relax.ShapeExpr([0, cfg.decoder_layers]),
-            num_hidden_layers=cfg.decoder_layers,
-            num_attention_heads=cfg.decoder_attention_heads,
-            num_key_value_heads=cfg.decoder_attention_heads,
-            qk_head_dim=cfg.head_dim,
-            v_head_dim=cfg.head_dim,
-            mla_original_qk_head_dim=0,
-            mla_original_v_head_dim=0,
-            rope_mode=RopeMode.NONE,
-            rope_scale=1,
-            rope_theta=10000,
-            rope_scaling={},
-            rope_ext_factors=relax.prim_value(0),
-            rotary_dim=cfg.head_dim,
-            enable_disaggregation=False,
-            dtype="float32",
-            target=target,
-        )
+    def cache_shape(self) -> tuple[int, int, int]:
+        """(decoder layers, heads, head width) of the self-attention cache."""
+        return self.cfg.decoder_layers, self.cfg.decoder_attention_heads, self.cfg.head_dim
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         """Entry points and their shapes, as exported to Relax."""
         cfg = self.cfg
         packed = {"param_mode": "packed", "effect_mode": "none"}
-        cache = nn.spec.Object(object_type=PagedKVCache)
         cross = nn.spec.Tensor(
             [2 * cfg.decoder_layers, cfg.decoder_attention_heads, "src_len", cfg.head_dim], "float32"
         )
         spec = {
             "encode": {"input_ids": nn.spec.Tensor([1, "src_len"], "int32"), "$": packed},
-            "prefill": {
-                "input_ids": nn.spec.Tensor([1, "seq_len"], "int32"),
-                "positions": nn.spec.Tensor([1, "seq_len"], "int32"),
-                "cross_kv": cross,
-                "cache": cache,
-                "$": packed,
-            },
-            "decode": {
-                "input_ids": nn.spec.Tensor(["batch", 1], "int32"),
-                "positions": nn.spec.Tensor(["batch", 1], "int32"),
-                "cross_kv": cross,
-                "cache": cache,
-                "$": packed,
-            },
-            "create_kv_cache": {
-                "max_batch_size": int,
-                "max_total_seq_len": int,
-                "prefill_chunk_size": int,
-                "page_size": int,
-                "support_sliding_window": int,
-                "$": {"param_mode": "none", "effect_mode": "none"},
-            },
+            **self.decoder_spec(cross),
         }
         return nn.spec.ModuleSpec.from_raw(spec, self)
 

@@ -8,7 +8,7 @@ early-exit policies and speculative decoding plug in there (run fewer layers, th
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -126,6 +126,12 @@ class Generator:
         self.stats.cached_tokens = common
         return logits
 
+    def rollback(self, num_tokens: int) -> None:
+        """Forget the last ``num_tokens`` tokens of the cache (a verifier's rejected drafts)."""
+        if num_tokens > 0:
+            self.cache.rollback(num_tokens)
+            del self.cached_ids[-num_tokens:]
+
     def reset(self) -> None:
         """Empty the KV cache."""
         self.cache.reset()
@@ -158,8 +164,12 @@ class Generator:
         sampling: SamplingParams | None = None,
         stop: Sequence[str] = (),
         chat: bool = False,
+        decode_step: Callable[[int], np.ndarray] | None = None,
     ) -> Iterator[Token]:
-        """Yield generated tokens until a stop token, a stop string, ``max_tokens`` or a full context."""
+        """Yield generated tokens until a stop token, a stop string, ``max_tokens`` or a full context.
+
+        ``decode_step`` (token -> logits) replaces the full-model decode step (early exit).
+        """
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         ids = self.encode_prompt(prompt, chat)
@@ -197,7 +207,7 @@ class Generator:
                 stats.stop_reason = "context_full"
                 break
             t = time.perf_counter()
-            logits = self.step([token])
+            logits = self.step([token]) if decode_step is None else decode_step(token)
             stats.decode_step_seconds.append(time.perf_counter() - t)
         stats.decode_seconds = time.perf_counter() - t_decode
 

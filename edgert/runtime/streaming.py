@@ -1,11 +1,14 @@
 """Streaming speech recognition: audio in chunks, voice-activity gated, partial and final text.
 
 Chunks (0.5–1 s, as from a microphone) go through silero-vad (`VoiceActivity`). While speech
-lasts, the utterance so far is re-decoded after every chunk; the words two consecutive
-hypotheses agree on are committed (the local-agreement policy) and never change again. When
-the VAD hears ``min_silence`` of silence, or the utterance reaches the 30 s window, the whole
-utterance is decoded once more (the final text may revise uncommitted and, rarely, committed
-words) and emitted with the latency from the end of speech to that text.
+lasts, the utterance so far is re-decoded every ``partial_every`` chunks that brought new speech
+(a chunk of silence alone does not re-run the encoder); the words two consecutive hypotheses
+agree on are committed (the local-agreement policy) and never change again. When the VAD hears
+``min_silence`` of silence, or the utterance reaches the 30 s window, the utterance gets its
+final text: the last hypothesis when that one already heard all of the speech and its padding
+(no encoder run at all), else one more decode of the whole utterance (which may revise
+uncommitted and, rarely, committed words). Each final carries the latency from the end of
+speech to that text.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ class StreamStats:
 
     audio_seconds: float = 0.0
     compute_seconds: float = 0.0
-    decodes: int = 0
+    decodes: int = 0  # encoder + decoder runs
+    reused_finals: int = 0  # finals taken from the last hypothesis without decoding again
     latencies: list[float] = field(default_factory=list)
 
     @property
@@ -75,8 +79,12 @@ class StreamingTranscriber:
         min_silence: float = 0.5,
         speech_pad: float = 0.2,
         min_speech: float = 0.25,
+        partial_every: int = 1,
     ):
+        if partial_every < 1:
+            raise ValueError(f"partial_every must be at least 1 (got {partial_every})")
         self.tr, self.vad = transcriber, vad
+        self.partial_every = partial_every
         self.rate = transcriber.sample_rate
         self.threshold, self.neg_threshold = threshold, max(threshold - 0.15, 0.01)
         self.min_silence = int(min_silence * self.rate)
@@ -96,13 +104,18 @@ class StreamingTranscriber:
         self._last_speech_wall = 0.0  # when that chunk was fed (seconds, perf_counter)
         self._previous: list[int] = []
         self._committed: list[int] = []
+        self._chunks_since_partial = 0
+        self._last: tuple[int, int, list[int]] | None = None  # (start, end, tokens) of the last decode
 
     def _decode(self, start: int, end: int) -> list[int]:
+        if self._last is not None and self._last[:2] == (start, end):
+            return self._last[2]  # the audio has not grown: same hypothesis
         samples = self.audio[start:end]
         window = self.tr.features(samples)
         cross = self.tr.encode(window)
         hyp, _ = self.tr.decode_window(cross, (), beam_size=1, timestamps=False)
         self.stats.decodes += 1
+        self._last = (start, end, hyp.tokens)
         return hyp.tokens
 
     def feed(self, samples: np.ndarray) -> list[Event]:
@@ -125,11 +138,17 @@ class StreamingTranscriber:
                 self._last_speech_wall = started
                 events += self._finish(self._vad_pos)
         if self._speech_start is not None and self._vad_pos - self._speech_start >= self.min_speech:
-            events += self._partial()
+            self._chunks_since_partial += 1
+            heard = (
+                self._last is not None and self._last[0] == self._speech_start and self._last[1] >= self._last_speech
+            )
+            if not heard and self._chunks_since_partial >= self.partial_every:
+                events += self._partial()
         self.stats.compute_seconds += time.perf_counter() - started
         return events
 
     def _partial(self) -> list[Event]:
+        self._chunks_since_partial = 0
         tokens = self._decode(self._speech_start or 0, self._vad_pos)
         agreed = _agreed_prefix(self._previous, tokens)
         events = []
@@ -147,11 +166,18 @@ class StreamingTranscriber:
         return (self._speech_start or 0) / self.rate, end / self.rate
 
     def _finish(self, end: int) -> list[Event]:
-        tokens = self._decode(self._speech_start or 0, end)
+        start, last = self._speech_start or 0, self._last
+        if last is not None and last[0] == start and last[1] >= end:
+            # The last hypothesis heard the whole utterance (what followed `end` is silence).
+            tokens = last[2]
+            self.stats.reused_finals += 1
+        else:
+            tokens = self._decode(start, end)
         latency = time.perf_counter() - self._last_speech_wall
         self.stats.latencies.append(latency)
         event = Event("final", self.tr.text_of(tokens).strip(), *self._span(end), latency=latency)
-        self._speech_start, self._previous, self._committed = None, [], []
+        self._speech_start, self._previous, self._committed, self._last = None, [], [], None
+        self._chunks_since_partial = 0
         return [event]
 
     def flush(self) -> list[Event]:

@@ -1,0 +1,247 @@
+"""Quantized matmuls whose decode path multiplies int8 activations with the integer weight codes.
+
+`kernels.quant_matmul` widens every weight code to float32 and multiplies it with the float
+activation: one float FMA per weight, per output column. llama.cpp instead quantizes the
+activation row to int8 per group of 32 (one scale per group) and takes integer dot products
+of 4 (ARM ``sdot``) or 2 (x86 ``vpmaddubsw``) byte pairs per 32-bit lane; the float scales are
+applied once per group. This module does the same for one token (and up to ``ROW_TILE - 1``
+rows), with the dot products written as LLVM intrinsics because LLVM does not find them in
+scalar TIR:
+
+- x86 with AVX2: ``vpmaddubsw`` (unsigned x signed bytes to 16-bit pair sums), summed to int32
+  by ``vpmaddwd`` with ones; q8 codes are signed, so their sign moves onto the activation
+  (``vpsignb``) as llama.cpp does.
+- aarch64 with dotprod: ``sdot`` (four signed byte products per int32 lane).
+
+The weight layout puts 4 consecutive K values of one column next to each other, the operand
+shape of both instructions: q8 codes ``int8 [N/B, K/4, B, 4]``; q4 codes ``uint8
+[N/B, K/8, B, 4]`` with byte t of (kk, column) holding the code of row ``8 kk + t`` in its low
+nibble and of row ``8 kk + 4 + t`` in its high nibble. Scales (and q4 mins) stay
+``f16 [N/B, K/32, B]``. Several rows (prefill) dequantize each tile to float32 once, as
+`kernels.quant_matmul` does.
+
+The int8 activation costs accuracy (the same rounding llama.cpp applies); ``tools/quant_accuracy.py``
+reports it, and the float path stays selectable.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from tvm import tirx
+from tvm.script import tirx as T
+
+from edgert.compiler.kernels import GROUP, ROW_TILE
+
+ISAS = ("avx2", "dotprod")
+
+
+def dot_isa(features: set[str] | list[str]) -> str | None:
+    """The integer dot-product instruction set a CPU offers (``avx2``, ``dotprod``), or None."""
+    features = set(features)
+    if "dotprod" in features:
+        return "dotprod"
+    if "avx2" in features:
+        return "avx2"
+    return None
+
+
+@functools.cache
+def int8_quant_matmul(k: int, n: int, block: int, kind: str, isa: str) -> tirx.PrimFunc:
+    """``y[m, n] = sum_k x[m, k] * W[n, k]``, W in the dot layout above; int8 activations when m < ROW_TILE."""
+    if k % GROUP:
+        raise ValueError(f"quantized weights need K divisible by {GROUP}, got {k}")
+    if isa not in ISAS:
+        raise ValueError(f"unknown dot-product instruction set '{isa}' ({', '.join(ISAS)})")
+    if block % 8:
+        raise ValueError(f"the column tile must be a multiple of 8, got {block}")
+    nb, full, ng, mt = -(-n // block), n // block, k // GROUP, ROW_TILE
+    q4 = kind == "q4"
+    kq = k // 8 if q4 else k // 4  # rows of 4-byte column groups
+    code_dtype = "uint8" if q4 else "int8"
+    cols = 8 if isa == "avx2" else 4  # output columns per vector instruction (32 or 16 bytes)
+    chunks = block // cols
+    nbytes = cols * 4
+    per_g = GROUP // 8 if q4 else GROUP // 4  # 4-byte rows per group
+
+    def code(qw, jo, kk, ji):  # float code of row kk, column ji of tile jo
+        if q4:
+            byte = qw[jo, kk // 8, ji, kk % 4]
+            return T.Cast("float32", T.Cast("int32", (byte >> T.uint8(4 * ((kk % 8) // 4))) & T.uint8(15)))
+        return T.Cast("float32", qw[jo, kk // 4, ji, kk % 4])
+
+    def xbcast(xq, i, k0):  # 4 activation bytes broadcast to every 32-bit lane of one vector
+        word = T.reinterpret("int32", xq.vload([i, k0], "int8x4"))
+        return T.reinterpret(f"int8x{nbytes}", T.broadcast(word, cols))
+
+    def pair_sums(w, x):  # x86: int16 sums of adjacent unsigned-weight x signed-activation products
+        return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), w, x, dtype="int16x16")
+
+    def widen(p):  # x86: int16 pairs summed into int32 lanes
+        return T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), p, T.broadcast(T.int16(1), 16), dtype="int32x8"
+        )
+
+    def psign(a, b):  # x86: a negated where b < 0, zero where b == 0
+        sign = T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b")
+        return T.call_llvm_pure_intrin(sign, a, b, dtype=f"int8x{nbytes}")
+
+    def sdot(acc, w, x):
+        return T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), acc, w, x, dtype="int32x4"
+        )
+
+    @T.macro
+    def dot_group(qw, xq, isum, pair, i, jo, g):
+        """isum[0:block] = integer dot products of group g (32 rows) for every column of tile jo."""
+        for c in T.unroll(chunks):
+            lanes = T.ramp(c * cols, 1, cols)
+            isum[lanes] = T.broadcast(T.int32(0), cols)
+            if isa == "avx2" and q4:
+                pair[T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
+                for kk in T.unroll(per_g):  # 4 x 2 x (15 * 127 * 2) < 32767: no int16 overflow
+                    v = qw.vload([jo, g * per_g + kk, c * cols, 0], f"uint8x{nbytes}")
+                    pair[T.ramp(0, 1, 16)] = (
+                        pair[T.ramp(0, 1, 16)]
+                        + pair_sums(v & T.broadcast(T.uint8(15), nbytes), xbcast(xq, i, g * GROUP + kk * 8))
+                        + pair_sums(v >> T.broadcast(T.uint8(4), nbytes), xbcast(xq, i, g * GROUP + kk * 8 + 4))
+                    )
+                isum[lanes] = widen(pair[T.ramp(0, 1, 16)])
+            elif isa == "avx2":
+                for kk in T.unroll(per_g):  # int8 x int8: widen every pair sum (128 * 127 * 2 fits int16)
+                    w = qw.vload([jo, g * per_g + kk, c * cols, 0], f"int8x{nbytes}")
+                    x = xbcast(xq, i, g * GROUP + kk * 4)
+                    isum[lanes] = isum[lanes] + widen(pair_sums(psign(w, w), psign(x, w)))
+            elif q4:
+                for kk in T.unroll(per_g):
+                    v = qw.vload([jo, g * per_g + kk, c * cols, 0], f"uint8x{nbytes}")
+                    isum[lanes] = sdot(
+                        sdot(
+                            isum[lanes],
+                            T.reinterpret(f"int8x{nbytes}", v & T.broadcast(T.uint8(15), nbytes)),
+                            xbcast(xq, i, g * GROUP + kk * 8),
+                        ),
+                        T.reinterpret(f"int8x{nbytes}", v >> T.broadcast(T.uint8(4), nbytes)),
+                        xbcast(xq, i, g * GROUP + kk * 8 + 4),
+                    )
+            else:
+                for kk in T.unroll(per_g):
+                    isum[lanes] = sdot(
+                        isum[lanes],
+                        qw.vload([jo, g * per_g + kk, c * cols, 0], f"int8x{nbytes}"),
+                        xbcast(xq, i, g * GROUP + kk * 4),
+                    )
+
+    @T.macro
+    def body(x, qw, sc, mn, y, m):
+        if m < mt:
+            # Activations to int8, one scale per group of 32 (as llama.cpp's Q8 activation blocks).
+            # The q4 min term takes the sum of the *quantized* group (as llama.cpp's Q8_1 does), so
+            # every weight meets the same rounded activation: the error is sum(w * dx), not
+            # sum(d * code * dx) with codes 0..15, which measured twice as large.
+            xq = T.alloc_buffer((mt, k), "int8")
+            xd = T.alloc_buffer((mt, ng), "float32")
+            xs = T.alloc_buffer((mt, ng), "float32")
+            amax = T.alloc_buffer((1,), "float32", scope="local")
+            for i, g in T.grid(m, ng):
+                amax[0] = T.float32(0)
+                for t in range(GROUP):
+                    amax[0] = T.max(amax[0], T.fabs(x[i, g * GROUP + t]))
+                xd[i, g] = amax[0] / T.float32(127)
+                xs[i, g] = T.float32(0)
+                for t in range(GROUP):
+                    xq[i, g * GROUP + t] = T.Cast(
+                        "int8",
+                        T.round(
+                            x[i, g * GROUP + t]
+                            * T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+                        ),
+                    )
+                    xs[i, g] = xs[i, g] + T.Cast("float32", xq[i, g * GROUP + t])
+                xs[i, g] = xs[i, g] * xd[i, g]
+            for jo in T.parallel(nb):
+                acc = T.alloc_buffer((block,), "float32", scope="local")
+                isum = T.alloc_buffer((block,), "int32", scope="local")
+                pair = T.alloc_buffer((16,), "int16", scope="local")
+                for i in range(m):
+                    for ji in T.vectorized(block):
+                        acc[ji] = T.float32(0)
+                    for g in range(ng):
+                        dot_group(qw, xq, isum, pair, i, jo, g)
+                        for ji in T.vectorized(block):
+                            acc[ji] = acc[ji] + T.Cast("float32", isum[ji]) * (
+                                T.Cast("float32", sc[jo, g, ji]) * xd[i, g]
+                            )
+                            if q4:
+                                acc[ji] = acc[ji] + xs[i, g] * T.Cast("float32", mn[jo, g, ji])
+                    if jo < full:
+                        for ji in T.vectorized(block):
+                            y[i, jo * block + ji] = acc[ji]
+                    else:
+                        for ji in range(block):
+                            if jo * block + ji < n:
+                                y[i, jo * block + ji] = acc[ji]
+        else:
+            for jo in T.parallel(nb):
+                w = T.alloc_buffer((k, block), "float32")
+                acc = T.alloc_buffer((mt, block), "float32", scope="local")
+                for kk in range(k):
+                    for ji in T.vectorized(block):
+                        w[kk, ji] = code(qw, jo, kk, ji) * T.Cast("float32", sc[jo, kk // GROUP, ji]) + (
+                            T.Cast("float32", mn[jo, kk // GROUP, ji]) if q4 else T.float32(0)
+                        )
+                for io in range(m // mt):
+                    for ii in T.unroll(mt):
+                        for ji in T.vectorized(block):
+                            acc[ii, ji] = T.float32(0)
+                    for kk in range(k):
+                        for ii in T.unroll(mt):
+                            for ji in T.vectorized(block):
+                                acc[ii, ji] = acc[ii, ji] + x[io * mt + ii, kk] * w[kk, ji]
+                    for ii in T.unroll(mt):
+                        if jo < full:
+                            for ji in T.vectorized(block):
+                                y[io * mt + ii, jo * block + ji] = acc[ii, ji]
+                        else:
+                            for ji in range(block):
+                                if jo * block + ji < n:
+                                    y[io * mt + ii, jo * block + ji] = acc[ii, ji]
+                for i in range(m - m // mt * mt):
+                    for ji in T.vectorized(block):
+                        acc[0, ji] = T.float32(0)
+                    for kk in range(k):
+                        for ji in T.vectorized(block):
+                            acc[0, ji] = acc[0, ji] + x[m // mt * mt + i, kk] * w[kk, ji]
+                    for ji in range(block):
+                        if jo * block + ji < n:
+                            y[m // mt * mt + i, jo * block + ji] = acc[0, ji]
+
+    @T.prim_func
+    def matmul_q4(
+        x_h: T.handle,
+        qw: T.Buffer((nb, kq, block, 4), code_dtype),
+        sc: T.Buffer((nb, ng, block), "float16"),
+        mn: T.Buffer((nb, ng, block), "float16"),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        body(x, qw, sc, mn, y, m)
+
+    @T.prim_func
+    def matmul_q8(
+        x_h: T.handle,
+        qw: T.Buffer((nb, kq, block, 4), code_dtype),
+        sc: T.Buffer((nb, ng, block), "float16"),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        body(x, qw, sc, sc, y, m)
+
+    matmul = matmul_q4 if q4 else matmul_q8
+    return matmul.with_attr("global_symbol", f"int8_quant_matmul_{kind}_{isa}_k{k}_n{n}_b{block}")

@@ -1,0 +1,146 @@
+"""What the encoder-decoder families (Whisper, Marian) share: the decoder's entry points.
+
+An encoder-decoder model's decoder runs over two caches: its own keys and values in TVM's paged
+KV cache (one sequence per beam), and the cross-attention keys and values that ``encode``
+returns once per input and every ``prefill``/``decode`` call takes as a plain tensor. A family
+subclasses `EncoderDecoder` and writes ``encode``, ``_decode`` (token ids and positions ->
+logits) and ``cache_shape``; the rest is here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tvm import relax, te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+
+def paged_kv_cache(
+    *,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_batch_size: tirx.Var,
+    max_total_seq_len: tirx.Var,
+    prefill_chunk_size: tirx.Var,
+    page_size: tirx.Var,
+    support_sliding_window: tirx.Var,
+    rope_mode: RopeMode = RopeMode.NONE,
+    rope_theta: float = 10000.0,
+) -> PagedKVCache:
+    """TVM's paged KV cache with the TIR kernels of the current target (export inside ``with target:``)."""
+    target = Target.current()
+    if target is None:
+        raise RuntimeError("export the model inside `with target:` so the KV cache picks its kernels")
+    return TIRPagedKVCache(
+        attn_kind="mha",
+        max_batch_size=max_batch_size,
+        max_total_seq_len=max_total_seq_len,
+        prefill_chunk_size=prefill_chunk_size,
+        page_size=page_size,
+        support_sliding_window=support_sliding_window,
+        layer_partition=relax.ShapeExpr([0, num_layers]),
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        qk_head_dim=head_dim,
+        v_head_dim=head_dim,
+        mla_original_qk_head_dim=0,
+        mla_original_v_head_dim=0,
+        rope_mode=rope_mode,
+        rope_scale=1,
+        rope_theta=rope_theta,
+        rope_scaling={},
+        rope_ext_factors=relax.prim_value(0),
+        rotary_dim=head_dim,
+        enable_disaggregation=False,
+        dtype="float32",
+        target=target,
+    )
+
+
+def last_token(h: Tensor) -> Tensor:
+    """h[:, -1:, :] for a symbolic sequence length."""
+    return op.tensor_expr_op(
+        lambda x: te.compute((x.shape[0], 1, x.shape[2]), lambda i, _, k: x[i, x.shape[1] - 1, k], name="last_token"),
+        "last_token",
+        [h],
+    )
+
+
+class EncoderDecoder(nn.Module):
+    """Base of an encoder-decoder family: ``prefill``, ``decode``, ``create_kv_cache`` and their spec."""
+
+    def cache_shape(self) -> tuple[int, int, int]:
+        """(decoder layers, heads, head width) of the self-attention cache."""
+        raise NotImplementedError
+
+    def _decode(self, ids: Tensor, positions: Tensor, cross: Tensor, cache: PagedKVCache) -> Tensor:
+        raise NotImplementedError
+
+    def prefill(
+        self, input_ids: Tensor, positions: Tensor, cross_kv: Tensor, cache: PagedKVCache
+    ) -> tuple[Tensor, PagedKVCache]:
+        """The decoder prompt of one sequence [1, s]: logits of its last token [1, 1, vocab]."""
+        return last_token(self._decode(input_ids, positions, cross_kv, cache)), cache
+
+    def decode(
+        self, input_ids: Tensor, positions: Tensor, cross_kv: Tensor, cache: PagedKVCache
+    ) -> tuple[Tensor, PagedKVCache]:
+        """One token for each of b sequences (beams) [b, 1]: logits [b, 1, vocab]."""
+        return self._decode(input_ids, positions, cross_kv, cache), cache
+
+    def create_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        """The decoder's self-attention cache: TVM's paged cache with its CPU kernels, no RoPE."""
+        layers, heads, head_dim = self.cache_shape()
+        return paged_kv_cache(
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=head_dim,
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+        )
+
+    def decoder_spec(self, cross: nn.spec.Tensor) -> dict[str, Any]:
+        """Spec entries of ``prefill``, ``decode`` and ``create_kv_cache``; ``cross`` is the cross-attention K/V."""
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        cache = nn.spec.Object(object_type=PagedKVCache)
+        return {
+            "prefill": {
+                "input_ids": nn.spec.Tensor([1, "seq_len"], "int32"),
+                "positions": nn.spec.Tensor([1, "seq_len"], "int32"),
+                "cross_kv": cross,
+                "cache": cache,
+                "$": packed,
+            },
+            "decode": {
+                "input_ids": nn.spec.Tensor(["batch", 1], "int32"),
+                "positions": nn.spec.Tensor(["batch", 1], "int32"),
+                "cross_kv": cross,
+                "cache": cache,
+                "$": packed,
+            },
+            "create_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }

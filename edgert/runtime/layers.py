@@ -1,0 +1,87 @@
+"""Running a compiled Llama-family model a layer at a time over its paged KV cache.
+
+The artifact exports ``embed``, ``layer_<i>``, ``kv_fill_<i>`` and ``head`` beside the whole-model
+entry points. `LayerStack` calls them on a `Generator`'s session and cache, so early exit
+and self-speculative drafting run a subset of the layers with the same weights.
+
+KV fill for skipped layers (documented method): a token that leaves the stack after layer e
+writes, for every layer i >= e, the keys and values computed from its exit hidden state
+(CALM's copy-forward, `kv_fill_<i>`), so later tokens attend to it at every layer. A
+speculative draft writes nothing for the layers it skips: its positions are rolled back
+(`PagedKVCache.rollback`) before the full model verifies them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from edgert.errors import ArtifactError
+from edgert.runtime.session import PagedKVCache, Session
+
+ADAPTERS_FILE = "exits.safetensors"
+
+
+class LayerStack:
+    """The layer-range entry points of one session, called over one paged KV cache."""
+
+    def __init__(self, session: Session, cache: PagedKVCache, adapters: dict[int, tuple[np.ndarray, np.ndarray]]):
+        manifest = session.artifact.manifest
+        if "layer_0" not in manifest["entry_points"]:
+            raise ArtifactError(
+                f"{session.artifact.path}: the artifact has no layer entry points (compiled by an older "
+                "edgert); compile it again for early exit and self-speculative decoding"
+            )
+        import tvm_ffi
+
+        self.session, self.cache = session, cache
+        self.num_layers = int(manifest["model"]["num_layers"])
+        vm = session.vm
+        # One converted parameter list for every call: converting the Python list each time
+        # costs ~15 µs, and a layer-wise step makes dozens of calls.
+        self._params = tvm_ffi.convert(session.params)
+        self._embed, self._head = vm["embed"], vm["head"]
+        self._layers = [vm[f"layer_{i}"] for i in range(self.num_layers)]
+        self._fills = [vm[f"kv_fill_{i}"] for i in range(self.num_layers)]
+        self.adapters = adapters
+
+    def embed(self, ids: Sequence[int]) -> Any:
+        """Hidden states [1, n, d] (a device tensor) of token ids."""
+        return self._embed(self.session.tensor(np.asarray([ids], dtype=np.int32)), self._params)
+
+    def run(self, h: Any, layers: Iterable[int]) -> Any:
+        """Apply ``layers`` in order to ``h``, each writing its KV entries for the open forward pass."""
+        for i in layers:
+            h, self.cache.obj = self._layers[i](h, self.cache.obj, self._params)
+        return h
+
+    def fill(self, h: Any, layers: Iterable[int]) -> None:
+        """Copy-forward: write the KV entries of ``layers`` from the exit hidden state ``h``."""
+        for i in layers:
+            _, self.cache.obj = self._fills[i](h, self.cache.obj, self._params)
+
+    def logits(self, h: Any, depth: int | None = None) -> np.ndarray:
+        """Logits [n, vocab] of hidden states after ``depth`` layers (the full stack when None).
+
+        An exit before the last layer goes through that exit's adapter when the artifact has
+        one (a tuned lens: ``h + h·W + b`` maps the layer's state towards the final one).
+        """
+        if depth is not None and depth < self.num_layers and depth in self.adapters:
+            w, b = self.adapters[depth]
+            x = h.numpy()[0]
+            h = self.session.tensor(np.ascontiguousarray((x + x @ w + b)[None], dtype=np.float32))
+        return self._head(h, self._params).numpy()[0]
+
+
+def load_adapters(session: Session) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The exit adapters stored in the artifact by tools/calibrate_exits.py ({} without calibration)."""
+    exits = session.artifact.manifest.get("exits")
+    if not exits or not exits.get("adapters"):
+        return {}
+    from edgert.runtime.tensorfile import read_tensors
+
+    m = session.artifact._member(exits["adapters"])
+    arrays = read_tensors(m.path, m.offset, m.size)
+    return {int(e): (arrays[f"exit.{e}.weight"], arrays[f"exit.{e}.bias"]) for e in exits["layers"]}

@@ -1,0 +1,279 @@
+"""Lossless speculative decoding: draft k tokens cheaply, verify them in one full pass.
+
+A drafter proposes k tokens: `SelfDrafter` runs a subset of the model's own layers (a
+layer-skipping sub-model, or the first layers and an exit head) over the same KV cache;
+`ModelDrafter` runs a second, smaller build of the model (a Q4 build drafting for the f32
+one). The full model then scores the pending token and the k drafts in one ``verify`` pass;
+the agreeing prefix is kept and the rest rolled back (``popn``). Greedy output is the full
+model's token for token; with sampling the standard rule (accept draft d with probability
+min(1, p(d)/q(d)), else resample from max(0, p - q)) keeps the full model's distribution.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgert.errors import EdgertError
+from edgert.runtime.generator import GenerationStats, Generator, Token
+from edgert.runtime.layers import LayerStack, load_adapters
+from edgert.runtime.sampling import Sampler, SamplingParams, token_probabilities
+
+Pick = Callable[[np.ndarray, Sequence[int]], int]
+
+
+@dataclass
+class SpeculativeStats(GenerationStats):
+    """GenerationStats plus the drafting counts."""
+
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Fraction of drafted tokens the full model accepted."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens after the first per second of decoding (rounds emit several tokens at once)."""
+        n = self.generated_tokens - 1
+        return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        """Plain dict for JSON output."""
+        return {
+            **super().to_dict(),
+            "rounds": self.rounds,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "tokens_per_round": round(self.generated_tokens / self.rounds, 3) if self.rounds else 0.0,
+        }
+
+
+class SelfDrafter:
+    """Drafts with some of the model's own layers over the model's own KV cache.
+
+    ``layers`` run in order; the skipped ones write no KV entries, which is harmless because
+    every drafted position is rolled back before the full model verifies it. ``depth`` names
+    the exit whose adapter maps the last state to the head (an exit-head drafter).
+    """
+
+    def __init__(self, model: Generator, layers: Sequence[int], depth: int | None = None):
+        self.model = model
+        self.stack = LayerStack(model.session, model.cache, load_adapters(model.session))
+        bad = [i for i in layers if not 0 <= i < self.stack.num_layers]
+        if bad or not layers:
+            n = self.stack.num_layers
+            raise EdgertError(f"draft layers {list(layers)} are not a non-empty subset of 0..{n - 1}")
+        self.layers, self.depth = list(layers), depth
+
+    def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray]]:
+        """Draft ``k`` tokens after ``context`` (the cache holds all of it but the last token)."""
+        cache, history = self.model.cache, list(context)
+        drafts: list[int] = []
+        logits: list[np.ndarray] = []
+        for _ in range(k):
+            cache.begin(1)
+            h = self.stack.run(self.stack.embed([history[-1]]), self.layers)
+            lg = self.stack.logits(h, self.depth)[-1]
+            cache.end(1)
+            token = pick(lg, history)
+            drafts.append(token)
+            logits.append(lg)
+            history.append(token)
+        cache.rollback(k)
+        return drafts, logits
+
+
+class ModelDrafter:
+    """Drafts with a second build of the model (same tokenizer), which keeps its own cache."""
+
+    def __init__(self, draft: Generator, target: Generator):
+        if draft.vocab_size != target.vocab_size:
+            raise EdgertError(
+                f"the draft model's vocabulary ({draft.vocab_size}) is not the target's ({target.vocab_size})"
+            )
+        self.draft = draft
+
+    def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray]]:
+        """Draft ``k`` tokens after ``context``; the draft cache catches up by its longest common prefix."""
+        history = list(context)
+        lg = self.draft.prefill(history)
+        drafts: list[int] = []
+        logits: list[np.ndarray] = []
+        for j in range(k):
+            token = pick(lg, history)
+            drafts.append(token)
+            logits.append(lg)
+            history.append(token)
+            if j < k - 1:
+                lg = self.draft.step([token])
+        return drafts, logits
+
+
+def default_skip(num_layers: int) -> list[int]:
+    """Layers a draft skips without calibration: every other layer of the middle half."""
+    return list(range(num_layers // 4 + 1, num_layers - num_layers // 4, 2))
+
+
+def parse_speculative(spec: str, model: Generator, load_draft: Callable[[str], Generator]) -> tuple[object, int]:
+    """A drafter and k from ``self:k=4``, ``self:k=4,skip=3-9,12``, ``self:k=3,exit=16`` or ``model:PATH:k=4``.
+
+    Without ``skip`` or ``exit``, ``self`` uses the skip set stored by tools/calibrate_exits.py,
+    else `default_skip`.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "model":
+        path, _, rest = rest.rpartition(":") if ":k=" in ":" + rest else (rest, "", "")
+        if not path:
+            path, rest = rest, ""
+    elif kind != "self":
+        raise EdgertError(f"--speculative '{spec}': expected self:k=N[,skip=...|,exit=N] or model:PATH[:k=N]")
+    options: dict[str, str] = {}
+    for part in filter(None, rest.split(",")):
+        key, eq, value = part.partition("=")
+        if not eq:
+            if options:  # a continuation of a comma list: skip=3,5,7
+                options[list(options)[-1]] += "," + part
+                continue
+            raise EdgertError(f"--speculative '{spec}': '{part}' is not KEY=VALUE")
+        options[key.strip()] = value.strip()
+    unknown = set(options) - {"k", "skip", "exit"}
+    if unknown:
+        raise EdgertError(f"--speculative '{spec}': unknown option(s) {', '.join(sorted(unknown))}")
+    try:
+        k = int(options.get("k", 4))
+    except ValueError as exc:
+        raise EdgertError(f"--speculative '{spec}': k must be an integer") from exc
+    if not 1 <= k <= 16:
+        raise EdgertError(f"--speculative '{spec}': k must be in 1..16")
+    if kind == "model":
+        return ModelDrafter(load_draft(path), model), k
+    num_layers = int(model.artifact.manifest["model"]["num_layers"])
+    if "exit" in options:
+        depth = _int(options["exit"], spec)
+        if not 1 <= depth < num_layers:
+            raise EdgertError(f"--speculative '{spec}': exit must be in 1..{num_layers - 1}")
+        return SelfDrafter(model, range(depth), depth), k
+    if "skip" in options:
+        skip = parse_layer_set(options["skip"], spec)
+    else:
+        stored = model.artifact.manifest.get("exits", {}).get("draft_skip")
+        skip = list(stored) if stored else default_skip(num_layers)
+    return SelfDrafter(model, [i for i in range(num_layers) if i not in set(skip)]), k
+
+
+def parse_layer_set(text: str, spec: str = "") -> list[int]:
+    """``3-9,12`` -> [3, 4, ..., 9, 12]."""
+    out: list[int] = []
+    for part in filter(None, text.split(",")):
+        lo, dash, hi = part.partition("-")
+        out.extend(range(_int(lo, spec), _int(hi, spec) + 1) if dash else [_int(lo, spec)])
+    return out
+
+
+def _int(text: str, spec: str) -> int:
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise EdgertError(f"--speculative '{spec}': '{text}' is not an integer") from exc
+
+
+class SpeculativeDecoder:
+    """Generates with a drafter and the full model as verifier; same interface as `Generator.generate`."""
+
+    def __init__(self, model: Generator, drafter: SelfDrafter | ModelDrafter, k: int = 4):
+        self.model, self.drafter, self.k = model, drafter, k
+        self.stats = SpeculativeStats()
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 256,
+        sampling: SamplingParams | None = None,
+        stop: Sequence[str] = (),
+        chat: bool = False,
+    ) -> Iterator[Token]:
+        """Yield tokens as the full model would produce them (greedy: identical; sampling: same distribution)."""
+        m = self.model
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        ids = m.encode_prompt(prompt, chat)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        params = sampling or SamplingParams()
+        sampler = Sampler(params)
+        stop = [s for s in stop if s]
+        stats = self.stats = SpeculativeStats(prompt_tokens=len(ids))
+        t0 = time.perf_counter()
+        logits = m.prefill(ids)
+        stats.prefill_seconds = time.perf_counter() - t0
+        decoder = m.tokenizer.stream()
+        history = list(ids)
+        text = ""
+        pending = [sampler(logits, history)]
+        t_decode = time.perf_counter()
+        while True:
+            for token in pending:
+                if token in m.tokenizer.stop_token_ids:
+                    stats.stop_reason = "stop_token"
+                    break
+                history.append(token)
+                stats.generated_tokens += 1
+                piece = decoder.push(token)
+                text += piece
+                yield Token(token, piece)
+                if any(s in text for s in stop):
+                    stats.stop_reason = "stop_string"
+                    break
+                if stats.generated_tokens >= max_tokens:
+                    stats.stop_reason = "max_tokens"
+                    break
+            if stats.stop_reason:
+                break
+            # The cache holds history[:-1]; a round appends the pending token and k drafts.
+            room = m.context_length - m.cache.length - 1
+            if room < 0:
+                stats.stop_reason = "context_full"
+                break
+            k = min(self.k, room, max_tokens - stats.generated_tokens)
+            pending = self._round(history, k, sampler, params) if k else [sampler(m.step([history[-1]]), history)]
+        stats.decode_seconds = time.perf_counter() - t_decode
+
+    def _round(self, history: list[int], k: int, sampler: Sampler, params: SamplingParams) -> list[int]:
+        """Draft k tokens, verify them in one pass; the tokens to emit (accepted drafts + one from the full model)."""
+        m, stats = self.model, self.stats
+        drafts, draft_logits = self.drafter.propose(history, k, sampler)
+        full = m.step([history[-1], *drafts], all_logits=True)
+        stats.rounds += 1
+        stats.drafted += k
+        out: list[int] = []
+        for i, d in enumerate(drafts):
+            seen = history + drafts[:i]
+            if params.greedy:
+                target = sampler(full[i], seen)
+                if target != d:
+                    out.append(target)
+                    break
+            else:
+                p = token_probabilities(full[i], params, seen)
+                q = token_probabilities(draft_logits[i], params, seen)
+                if sampler.rng.random() >= min(1.0, p[d] / max(q[d], 1e-30)):
+                    residual = np.maximum(p - q, 0.0)
+                    total = residual.sum()
+                    residual = residual / total if total > 0 else p
+                    out.append(int(sampler.rng.choice(residual.size, p=residual)))
+                    break
+            out.append(d)
+        else:  # every draft agreed: the verify pass also gives the next token
+            out.append(sampler(full[k], history + drafts))
+        accepted = len(out) - 1
+        stats.accepted += accepted
+        m.rollback(k - accepted)  # the cache holds the pending token and k drafts; keep the accepted ones
+        return out

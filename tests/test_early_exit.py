@@ -1,0 +1,94 @@
+"""Early exit on SmolLM2: exit policies, tuned-lens adapters and their calibration stored in the artifact."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import load_tool
+
+from edgert.errors import EdgertError
+from edgert.runtime.exits import Budget, Confidence, EarlyExitDecoder, Patience, StaticDepth, parse_exit_policy
+
+HELD_OUT = ["Tell me about the moon.", "How do bees make honey?"]
+
+
+@pytest.fixture(scope="module")
+def calibrated(smollm_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
+    """A copy of the SmolLM2 artifact calibrated by tools/calibrate_exits.py (small settings)."""
+    folder = tmp_path_factory.mktemp("exits")
+    art = folder / "smollm2-exits.edgert"
+    shutil.copyfile(smollm_artifact, art)
+    tool = load_tool("calibrate_exits")
+    result = tool.calibrate(
+        art,
+        tokens=256,
+        target_agreement=0.8,
+        policies=("confidence",),
+        prompts=2,
+        steps=24,
+        skip_rounds=0,
+        out=folder / "plots",
+    )
+    return art, result, folder / "plots"
+
+
+def test_policies_decide_as_documented() -> None:
+    sure, unsure = np.array([10.0, 0.0, 0.0]), np.array([1.0, 1.0, 1.0])
+    assert Confidence(0.9).should_exit(10, sure) and not Confidence(0.9).should_exit(10, unsure)
+    assert StaticDepth(12).exits([15, 20], 30) == [12]
+    patience = Patience(2)
+    patience.start()
+    assert not patience.should_exit(15, sure) and patience.should_exit(20, sure)
+    patience.start()
+    assert not patience.should_exit(15, sure) and not patience.should_exit(20, np.array([0.0, 9.0, 0.0]))
+    budget = Budget(18, Confidence(0.99))
+    assert budget.exits([15, 20, 25], 30) == [15, 18] and budget.should_exit(18, unsure)
+
+
+def test_calibration_fits_adapters_that_help_and_stores_them(calibrated) -> None:
+    art, result, plots = calibrated
+    lens = result["calibration"]["held_out_agreement"]
+    assert len(lens) == len(result["layers"]) >= 2
+    # The tuned lens predicts the final layer's token better than the raw head at every exit.
+    assert all(v["tuned_agreement"] >= v["raw_agreement"] for v in lens.values())
+    assert sum(v["tuned_agreement"] - v["raw_agreement"] for v in lens.values()) > 0.1
+    assert (plots / "exit_sweep.png").stat().st_size > 1000
+    rows = (plots / "exit_sweep.csv").read_text().splitlines()
+    assert rows[0].startswith("policy,threshold,agreement,mean_layers") and len(rows) == 7
+    import edgert
+
+    manifest = edgert.load(art).artifact.manifest
+    assert manifest["exits"]["policies"]["confidence"]["threshold"] in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+    assert "exits.safetensors" in manifest["files"]
+
+
+def test_early_exit_uses_fewer_layers_at_the_calibrated_agreement(calibrated) -> None:
+    import edgert
+
+    art, result, _ = calibrated
+    model = edgert.load(art)
+    point = result["policies"]["confidence"]
+    decoder = EarlyExitDecoder(model, parse_exit_policy("confidence", model))  # the calibrated threshold
+    reference = [t.id for t in model.generate(HELD_OUT[0], max_tokens=32, chat=True)]
+    agreement = decoder.agreement(HELD_OUT[0], reference, chat=True)
+    assert decoder.stats.mean_layers < decoder.stats.num_layers
+    # The calibration states the agreement it measured on its prompts; held-out text reaches it within 0.15.
+    assert agreement >= point["agreement"] - 0.15, (agreement, point)
+    static = EarlyExitDecoder(model, parse_exit_policy("static:20+budget:25", model))
+    out = [t.id for t in static.generate(HELD_OUT[1], max_tokens=8, chat=True)]
+    assert len(out) >= 1 and static.stats.depths == [20] * len(static.stats.depths)
+
+
+def test_bad_exit_options_are_named(smollm) -> None:
+    for spec, words in [
+        ("fastest:1", "unknown policy"),
+        ("confidence:high", "not a number"),
+        ("confidence:0.9+entropy:1", "not two policies"),
+        ("patience:1", "at least 2"),
+        ("entropy", "needs a value"),
+    ]:
+        with pytest.raises(EdgertError, match=words):
+            parse_exit_policy(spec, smollm)

@@ -1,0 +1,167 @@
+"""Layer-range execution and lossless speculative decoding on SmolLM2 (the session artifact)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from edgert.errors import EdgertError
+from edgert.runtime.layers import LayerStack
+from edgert.runtime.sampling import Sampler, SamplingParams
+from edgert.runtime.speculative import ModelDrafter, SelfDrafter, SpeculativeDecoder, parse_speculative
+
+# Plain-text openings (no chat template), so every run decodes the full 64 tokens.
+PROMPTS = [
+    "Paris is a city that",
+    "Once upon a time, in a small village by the sea,",
+    "A neural network is",
+    "The water cycle begins when",
+    "To make pancakes, you need",
+    "The three primary colors are",
+    "The history of the bicycle",
+    "Photosynthesis is the process by which",
+    "def fibonacci(n):",
+    "The best way to learn a new language is",
+]
+
+
+@pytest.fixture(scope="module")
+def references(smollm) -> dict[str, list[int]]:
+    """The full model's greedy 64 tokens for each prompt."""
+    return {p: [t.id for t in smollm.generate(p, max_tokens=64)] for p in PROMPTS}
+
+
+def test_layer_by_layer_equals_the_whole_model(smollm) -> None:
+    ids = smollm.encode_prompt("The capital of France is")
+    smollm.prefill(ids)
+    whole = smollm.step([ids[-1]])
+    smollm.rollback(1)
+    stack = LayerStack(smollm.session, smollm.cache, {})
+    smollm.cache.begin(1)
+    h = stack.run(stack.embed([ids[-1]]), range(stack.num_layers))
+    pieces = stack.logits(h)
+    smollm.cache.end(1)
+    assert pieces.shape == (1, smollm.vocab_size)
+    np.testing.assert_array_equal(pieces[0], whole)
+    # The next step sees the same cache either way.
+    after = smollm.step([11])
+    smollm.rollback(2)
+    smollm.step([ids[-1]])
+    np.testing.assert_array_equal(after, smollm.step([11]))
+
+
+def test_rollback_leaves_the_cache_as_a_run_without_the_rejected_tokens(smollm) -> None:
+    ids = smollm.encode_prompt("Rolling back a cache")
+    smollm.reset()
+    smollm.prefill(ids)
+    clean = smollm.step([42])
+    smollm.reset()
+    smollm.prefill(ids)
+    smollm.step([7, 8, 9, 10], all_logits=True)  # a rejected draft, verified in one pass
+    smollm.rollback(4)
+    assert smollm.cache.length == len(ids) and smollm.cached_ids == ids
+    np.testing.assert_array_equal(smollm.step([42]), clean)
+    # A layer-skipping draft (skipped layers write nothing) rolled back leaves no trace either.
+    smollm.rollback(1)
+    SelfDrafter(smollm, [0, 1, 5, 29]).propose([*ids, 42], 3, lambda lg, _h: int(np.argmax(lg)))
+    assert smollm.cache.length == len(ids)
+    np.testing.assert_array_equal(smollm.step([42]), clean)
+
+
+def test_greedy_self_speculative_output_is_the_full_models(smollm, references) -> None:
+    n = int(smollm.artifact.manifest["model"]["num_layers"])
+    # Two layers that tools/calibrate_exits.py's search skips first: most drafts agree (fewer rounds, a
+    # quicker test) and some do not, so both paths run.
+    skip = {5, 26}
+    decoder = SpeculativeDecoder(smollm, SelfDrafter(smollm, [i for i in range(n) if i not in skip]), k=4)
+    drafted = accepted = 0
+    for prompt, ref in references.items():
+        out = [t.id for t in decoder.generate(prompt, max_tokens=64)]
+        assert out == ref, prompt
+        drafted, accepted = drafted + decoder.stats.drafted, accepted + decoder.stats.accepted
+    assert all(len(r) == 64 for r in references.values())
+    assert 0 < accepted < drafted  # both the accept and the reject paths ran
+
+
+def test_two_model_drafting_keeps_both_caches_in_step(smollm, smollm_artifact, references) -> None:
+    import edgert
+
+    draft = edgert.load(smollm_artifact)  # the same build drafting: every draft must be accepted
+    decoder = SpeculativeDecoder(smollm, ModelDrafter(draft, smollm), k=3)
+    for prompt in PROMPTS[:2]:
+        assert [t.id for t in decoder.generate(prompt, max_tokens=64)] == references[prompt]
+        assert decoder.stats.acceptance_rate == 1.0
+        assert decoder.stats.generated_tokens == 64 and decoder.stats.rounds == 16
+
+
+def test_sampled_speculation_is_seeded_and_counts_its_drafts(smollm) -> None:
+    n = int(smollm.artifact.manifest["model"]["num_layers"])
+    drafter = SelfDrafter(smollm, range(n // 2), depth=n // 2)  # an exit-head drafter
+    decoder = SpeculativeDecoder(smollm, drafter, k=2)
+    params = SamplingParams(temperature=0.8, top_k=40, seed=3)
+    first = [t.id for t in decoder.generate("The weather today", max_tokens=20, sampling=params)]
+    again = [t.id for t in decoder.generate("The weather today", max_tokens=20, sampling=params)]
+    assert first == again and len(first) == 20
+    stats = decoder.stats.to_dict()
+    assert 0.0 <= stats["acceptance_rate"] <= 1.0 and stats["drafted"] >= 2 * stats["rounds"] - 2
+
+
+def test_bad_speculative_options_are_named(smollm) -> None:
+    for spec, words in [
+        ("fast:k=4", "expected self"),
+        ("self:k=0", "k must be"),
+        ("self:k=4,skip=3-x", "not an integer"),
+        ("self:exit=99", "exit must be"),
+        ("self:k=2,depth=3", "unknown option"),
+    ]:
+        with pytest.raises(EdgertError, match=words):
+            parse_speculative(spec, smollm, lambda _p: smollm)
+    drafter, k = parse_speculative("self:k=3,skip=3-5,9", smollm, lambda _p: smollm)
+    assert k == 3 and not {3, 4, 5, 9} & set(drafter.layers) and 0 in drafter.layers
+
+
+def test_cli_runs_speculative_and_early_exit(smollm_artifact, references) -> None:
+    prompt = PROMPTS[1]
+    proc = run_cli(
+        "run", str(smollm_artifact), "-p", prompt, "--raw", "-n", "24", "--json", "--speculative", "self:k=3,skip=5"
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["tokens"] == references[prompt][:24]
+    assert result["stats"]["drafted"] > 0 and 0 <= result["stats"]["acceptance_rate"] <= 1
+    proc = run_cli("run", str(smollm_artifact), "-p", prompt, "--raw", "-n", "12", "--exit", "static:20")
+    assert proc.returncode == 0, proc.stderr
+    assert "20.00 of 30 layers per token" in " ".join(proc.stderr.split())
+    proc = run_cli("run", str(smollm_artifact), "-p", prompt, "--exit", "static:20", "--speculative", "self:k=2")
+    assert proc.returncode != 0 and "pick one" in proc.stderr
+
+
+def test_the_accept_resample_rule_keeps_the_full_models_distribution() -> None:
+    """With sampling, the first token of a round follows the full model's p, whatever the draft's q."""
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    q = np.array([0.1, 0.2, 0.3, 0.4])  # a poor draft
+
+    class Full:  # the verifier: the same distribution at every position
+        def step(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
+            return np.tile(np.log(p), (len(ids), 1))
+
+        def rollback(self, n: int) -> None:
+            pass
+
+    class Draft:
+        def propose(self, history, k, pick):
+            drafts = []
+            for _ in range(k):
+                drafts.append(pick(np.log(q), history + drafts))
+            return drafts, [np.log(q)] * k
+
+    decoder = SpeculativeDecoder(Full(), Draft(), k=1)  # type: ignore[arg-type]
+    params = SamplingParams(temperature=1.0, seed=0)
+    sampler = Sampler(params)
+    first = [decoder._round([0], 1, sampler, params)[0] for _ in range(8000)]
+    freq = np.bincount(first, minlength=4) / len(first)
+    np.testing.assert_allclose(freq, p, atol=0.02)
+    assert 0.4 < decoder.stats.acceptance_rate < 0.6  # sum(min(p, q)) = 0.45
