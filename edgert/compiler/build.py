@@ -237,36 +237,6 @@ def _is_whisper(source: Path, recipe: Recipe | None) -> bool:
     return source.name == "model.bin" or (source.is_dir() and (source / "model.bin").is_file())
 
 
-def _entry_points(cfg: Any) -> dict[str, Any]:
-    cache = {"name": "cache", "type": "PagedKVCache"}
-    ids = {"name": "input_ids", "dtype": "int32"}
-    logits = {"name": "logits", "dtype": "float32"}
-    return {
-        "prefill": {
-            "inputs": [{**ids, "shape": [1, "seq_len"]}, cache],
-            "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
-        },
-        "verify": {
-            "inputs": [{**ids, "shape": [1, "seq_len"]}, cache],
-            "outputs": [{**logits, "shape": [1, "seq_len", cfg.vocab_size]}, cache],
-        },
-        "decode": {
-            "inputs": [{**ids, "shape": [1, 1]}, cache],
-            "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
-        },
-        "create_kv_cache": {
-            "inputs": [
-                "max_batch_size",
-                "max_total_seq_len",
-                "prefill_chunk_size",
-                "page_size",
-                "support_sliding_window",
-            ],
-            "outputs": [cache],
-        },
-    }
-
-
 def stage_library_and_weights(
     executable: Any,
     named_params: list[tuple[str, Any]],
@@ -315,3 +285,33 @@ def stage_library_and_weights(
         write_tensors(fh, {**{n: arrays[n] for n in order}, **(extra_tensors or {})}, {"format": "edgert"})
     seconds["weights"] = time.perf_counter() - t
     return order, seconds
+
+
+def _entry_points(cfg: Any) -> dict[str, Any]:
+    cache = {"name": "cache", "type": "PagedKVCache"}
+    ids = {"name": "input_ids", "dtype": "int32"}
+    logits = {"name": "logits", "dtype": "float32"}
+    return {
+        "prefill": {
+            "inputs": [{**ids, "shape": [1, "seq_len"]}, cache],
+            "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
+        },
+        "verify": {
+            "inputs": [{**ids, "shape": [1, "seq_len"]}, cache],
+            "outputs": [{**logits, "shape": [1, "seq_len", cfg.vocab_size]}, cache],
+        },
+        "decode": {
+            "inputs": [{**ids, "shape": [1, 1]}, cache],
+            "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
+        },
+        "create_kv_cache": {
+            "inputs": [
+                "max_batch_size",
+                "max_total_seq_len",
+                "prefill_chunk_size",
+                "page_size",
+                "support_sliding_window",
+            ],
+            "outputs": [cache],
+        },
+    }
