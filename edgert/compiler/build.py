@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -60,8 +59,6 @@ def compile_model(
     threads: int | None = None,
     as_dir: bool = False,
     progress: Progress = _quiet,
-    library_cache: str | Path | None = None,
-    activations: str | None = None,
     **graph_options: Any,
 ) -> CompileResult:
     """Compile a recipe name, a GGUF path or a codec folder for ``target`` into an artifact at ``output``.
@@ -69,17 +66,9 @@ def compile_model(
     ``quant`` (source, q4, q8, f16, f32; see `edgert.compiler.quantize`) chooses the weight
     storage; ``weight_dtype`` (f16 or f32) is the older name for the float choices.
     An .onnx or .tflite file goes to `compile_graph` (options ``quant``, ``input_shapes``).
-    ``library_cache`` (a folder; GGUF models only) reuses the compiled library of a structurally
-    identical module for the same target, e.g. the same architecture with other weights.
-    ``activations`` (GGUF models): ``f32`` (default) multiplies float activations with the
-    dequantized q4/q8 weights; ``int8`` quantizes the decode activations to int8 and uses
-    integer dot products (`edgert.compiler.kernels_int8`; x86 AVX2 or aarch64 dotprod).
     """
     if Path(str(model)).suffix.lower() in (".onnx", ".tflite"):
         from edgert.compiler.graph_build import compile_graph
-
-        if activations not in (None, "f32"):
-            raise EdgertError(f"--activations {activations} applies to GGUF models, not to .onnx/.tflite graphs")
 
         return compile_graph(
             model,
@@ -135,8 +124,6 @@ def compile_model(
     tokenizer_json = build_tokenizer_json(gguf_model.metadata)
     tvm_target, target_record = resolve(spec, threads)
     fcompile = library_compiler(spec, target_record["arch"])
-    activations = activations or options.get("activations", "f32")
-    int8_isa = _int8_isa(activations, target_record)
     seconds["read"] = time.perf_counter() - t
 
     progress("reading weights", None)
@@ -153,28 +140,21 @@ def compile_model(
     progress("building Relax module", None)
     t = time.perf_counter()
     net = llama.LlamaForCausalLM(cfg)
-    repack = apply_cpu_layout(net, storage, tied=llama.tied_weights(cfg), int8_isa=int8_isa)
+    repack = apply_cpu_layout(net, storage, tied=llama.tied_weights(cfg))
     with tvm_target:
         mod, named_params = net.export_tvm(spec=net.get_default_spec())
     mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
     seconds["export"] = time.perf_counter() - t
 
-    cached = _cached_library(library_cache, mod, tvm_target, spec.cc) if library_cache is not None else None
-    if cached is None or not cached.is_file():
-        progress("compiling with TVM", None)
-        t = time.perf_counter()
-        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
-        seconds["compile"] = time.perf_counter() - t
+    progress("compiling with TVM", None)
+    t = time.perf_counter()
+    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
+    seconds["compile"] = time.perf_counter() - t
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:
         stage = Path(stage_dir)
         t = time.perf_counter()
-        if cached is not None and cached.is_file():
-            shutil.copyfile(cached, stage / "model.so")
-        else:
-            executable.export_library(str(stage / "model.so"), fcompile=fcompile)
-            if cached is not None:
-                shutil.copyfile(stage / "model.so", cached)
+        executable.export_library(str(stage / "model.so"), fcompile=fcompile)
         seconds["link"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -223,7 +203,6 @@ def compile_model(
                 "file": "weights.safetensors",
                 "dtype": _main_dtype(arrays),
                 "quant": quant,
-                "activations": activations,
                 "storage": {kind: list(storage.values()).count(kind) for kind in sorted(set(storage.values()))},
                 "layout": "cpu-packed-columns",
                 "order": order,
@@ -243,39 +222,6 @@ def compile_model(
     return CompileResult(out, manifest, seconds)
 
 
-def _int8_isa(activations: str, record: dict[str, Any]) -> str | None:
-    """The dot-product instruction set for ``activations`` int8 on the target (None for f32)."""
-    from edgert.compiler.kernels_int8 import dot_isa
-
-    if activations not in ("f32", "int8"):
-        raise EdgertError(f"--activations '{activations}' is not one of f32, int8")
-    if activations == "f32":
-        return None
-    isa = dot_isa(record["cpu_flags"])
-    if isa is None:
-        raise EdgertError(
-            f"--activations int8 needs integer dot products (x86 AVX2 or aarch64 dotprod); target "
-            f"'{record['name']}' ({record['cpu']}) has {', '.join(record['cpu_flags']) or 'neither'}"
-        )
-    return isa
-
-
-def _cached_library(folder: str | Path, mod: Any, target: Any, cc: str | None) -> Path:
-    """Where ``folder`` keeps the library of ``mod`` built for ``target`` (it may not exist yet).
-
-    The key is TVM's structural hash of the whole module (every Relax function and TIR kernel)
-    with the target, the cross compiler and the TVM version, so only an identical build is reused.
-    """
-    import hashlib
-
-    import tvm
-    from tvm_ffi import structural_hash
-
-    key = f"{structural_hash(mod)}|{target}|{cc}|{tvm.__version__}|{__version__}"
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    return Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.so"
-
-
 def _main_dtype(arrays: dict[str, Any]) -> str:
     """The dtype that holds most of the weight bytes."""
     totals: dict[str, int] = {}
@@ -289,37 +235,6 @@ def _is_whisper(source: Path, recipe: Recipe | None) -> bool:
     if recipe is not None:
         return recipe.family == "whisper"
     return source.name == "model.bin" or (source.is_dir() and (source / "model.bin").is_file())
-
-
-def _entry_points(cfg: Any) -> dict[str, Any]:
-    cache = {"name": "cache", "type": "PagedKVCache"}
-    ids = {"name": "input_ids", "dtype": "int32"}
-    logits = {"name": "logits", "dtype": "float32"}
-    return {
-        "prefill": {
-            "inputs": [{**ids, "shape": [1, "seq_len"]}, cache],
-            "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
-        },
-        "verify": {
-            "inputs": [{**ids, "shape": [1, "seq_len"]}, cache],
-            "outputs": [{**logits, "shape": [1, "seq_len", cfg.vocab_size]}, cache],
-        },
-        "decode": {
-            "inputs": [{**ids, "shape": [1, 1]}, cache],
-            "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
-        },
-        **_layer_entry_points(cfg),
-        "create_kv_cache": {
-            "inputs": [
-                "max_batch_size",
-                "max_total_seq_len",
-                "prefill_chunk_size",
-                "page_size",
-                "support_sliding_window",
-            ],
-            "outputs": [cache],
-        },
-    }
 
 
 def stage_library_and_weights(
@@ -370,19 +285,33 @@ def stage_library_and_weights(
         write_tensors(fh, {**{n: arrays[n] for n in order}, **(extra_tensors or {})}, {"format": "edgert"})
     seconds["weights"] = time.perf_counter() - t
     return order, seconds
-def _layer_entry_points(cfg: Any) -> dict[str, Any]:
-    """``embed``, ``layer_<i>``, ``kv_fill_<i>`` and ``head``: the stack in pieces (early exit, drafting)."""
+
+
+def _entry_points(cfg: Any) -> dict[str, Any]:
     cache = {"name": "cache", "type": "PagedKVCache"}
-    hidden = {"name": "h", "dtype": "float32", "shape": [1, "seq_len", cfg.hidden_size]}
-    attn = {"name": "attention", "dtype": "float32", "shape": [1, "seq_len", cfg.num_heads, cfg.head_dim]}
-    entries: dict[str, Any] = {
-        "embed": {"inputs": [{"name": "input_ids", "dtype": "int32", "shape": [1, "seq_len"]}], "outputs": [hidden]},
-        "head": {
-            "inputs": [hidden],
-            "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "seq_len", cfg.vocab_size]}],
+    ids = {"name": "input_ids", "dtype": "int32"}
+    logits = {"name": "logits", "dtype": "float32"}
+    return {
+        "prefill": {
+            "inputs": [{**ids, "shape": [1, "seq_len"]}, cache],
+            "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
+        },
+        "verify": {
+            "inputs": [{**ids, "shape": [1, "seq_len"]}, cache],
+            "outputs": [{**logits, "shape": [1, "seq_len", cfg.vocab_size]}, cache],
+        },
+        "decode": {
+            "inputs": [{**ids, "shape": [1, 1]}, cache],
+            "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
+        },
+        "create_kv_cache": {
+            "inputs": [
+                "max_batch_size",
+                "max_total_seq_len",
+                "prefill_chunk_size",
+                "page_size",
+                "support_sliding_window",
+            ],
+            "outputs": [cache],
         },
     }
-    for i in range(cfg.num_layers):
-        entries[f"layer_{i}"] = {"inputs": [hidden, cache], "outputs": [hidden, cache]}
-        entries[f"kv_fill_{i}"] = {"inputs": [hidden, cache], "outputs": [attn, cache]}
-    return entries
