@@ -304,6 +304,7 @@ def _entry_points(cfg: Any) -> dict[str, Any]:
             "inputs": [{**ids, "shape": [1, 1]}, cache],
             "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
         },
+        **_layer_entry_points(cfg),
         "create_kv_cache": {
             "inputs": [
                 "max_batch_size",
@@ -315,3 +316,21 @@ def _entry_points(cfg: Any) -> dict[str, Any]:
             "outputs": [cache],
         },
     }
+
+
+def _layer_entry_points(cfg: Any) -> dict[str, Any]:
+    """``embed``, ``layer_<i>``, ``kv_fill_<i>`` and ``head``: the stack in pieces (early exit, drafting)."""
+    cache = {"name": "cache", "type": "PagedKVCache"}
+    hidden = {"name": "h", "dtype": "float32", "shape": [1, "seq_len", cfg.hidden_size]}
+    attn = {"name": "attention", "dtype": "float32", "shape": [1, "seq_len", cfg.num_heads, cfg.head_dim]}
+    entries: dict[str, Any] = {
+        "embed": {"inputs": [{"name": "input_ids", "dtype": "int32", "shape": [1, "seq_len"]}], "outputs": [hidden]},
+        "head": {
+            "inputs": [hidden],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "seq_len", cfg.vocab_size]}],
+        },
+    }
+    for i in range(cfg.num_layers):
+        entries[f"layer_{i}"] = {"inputs": [hidden, cache], "outputs": [hidden, cache]}
+        entries[f"kv_fill_{i}"] = {"inputs": [hidden, cache], "outputs": [attn, cache]}
+    return entries
