@@ -55,3 +55,21 @@ def test_attention_matches_softmax(build, lanes: int) -> None:
     s = np.einsum("hnd,hdm->hnm", q, kt) * 0.125
     p = np.exp(s - s.max(-1, keepdims=True))
     np.testing.assert_allclose(o.numpy(), (p / p.sum(-1, keepdims=True)) @ v, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_reads_its_layer_in_place(build) -> None:
+    """The decoder's variant reads layer l's keys [heads, d, m] and values [heads, m, d] from the whole cache."""
+    rng = np.random.default_rng(0)
+    layers, heads, keys, d, rows = 3, 2, 100, 64, 5
+    cross = rng.standard_normal((2 * layers, heads, keys * d)).astype(np.float32)
+    q = rng.standard_normal((heads, rows, d)).astype(np.float32)
+    layer = 1
+    o = tvm.runtime.empty((heads, rows, d), "float32", tvm.cpu())
+    c = tvm.runtime.tensor(cross)
+    build(sk.attention_kernel(heads, keys, d, 0.125, 8, cross_layers=layers, layer=layer))(
+        tvm.runtime.tensor(q), c, c, o
+    )
+    kt, v = cross[2 * layer].reshape(heads, d, keys), cross[2 * layer + 1].reshape(heads, keys, d)
+    s = np.einsum("hnd,hdm->hnm", q, kt) * 0.125
+    p = np.exp(s - s.max(-1, keepdims=True))
+    np.testing.assert_allclose(o.numpy(), (p / p.sum(-1, keepdims=True)) @ v, rtol=1e-5, atol=1e-5)

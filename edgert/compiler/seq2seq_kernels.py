@@ -142,8 +142,32 @@ def gemm_kernel(k: int, n: int, block: int, weight_dtype: str, lanes: int, activ
 
 
 @functools.cache
-def attention_kernel(heads: int, m: int, d: int, scale: float, lanes: int = 8, rows: int = 0) -> tirx.PrimFunc:
-    """``o[h, i] = softmax(scale · q[h, i] · kt[h]) · v[h]`` for q [heads, n, d], kt [heads, d, m], v [heads, m, d]."""
+def attention_kernel(
+    heads: int, m: int, d: int, scale: float, lanes: int = 8, rows: int = 0, cross_layers: int = 0, layer: int = 0
+) -> tirx.PrimFunc:
+    """``o[h, i] = softmax(scale · q[h, i] · kt[h]) · v[h]`` for q [heads, n, d], kt [heads, d, m], v [heads, m, d].
+
+    With ``cross_layers``, kt and v are both a whole cross-attention cache [cross_layers * 2,
+    heads, m * d] and the kernel reads layer ``layer``'s keys and values from it in place
+    (slicing them out first would copy 2 x heads x m x d floats per layer and decoder step).
+    """
+    if cross_layers:
+        k_shape, v_shape = (2 * cross_layers, heads, m * d), (2 * cross_layers, heads, m * d)
+
+        def key(kb: Any, h: Any, dd: Any, j: Any) -> Any:
+            return kb[2 * layer, h, dd * m + j]
+
+        def val(vb: Any, h: Any, j: Any, dd: Any) -> Any:
+            return vb[2 * layer + 1, h, j * d + dd]
+    else:
+        k_shape, v_shape = (heads, d, m), (heads, m, d)
+
+        def key(kb: Any, h: Any, dd: Any, j: Any) -> Any:
+            return kb[h, dd, j]
+
+        def val(vb: Any, h: Any, j: Any, dd: Any) -> Any:
+            return vb[h, j, dd]
+
     kv = 2 * lanes  # keys per score tile
     dv = min(2 * lanes, d)  # value columns per slice
     if d % dv:
@@ -163,7 +187,7 @@ def attention_kernel(heads: int, m: int, d: int, scale: float, lanes: int = 8, r
             for dd in range(d):
                 for r in T.unroll(rows):
                     for mi in T.vectorized(kv):
-                        part[r, mi] = part[r, mi] + q[h, i0 + r, dd] * kt[h, dd, mo * kv + mi]
+                        part[r, mi] = part[r, mi] + q[h, i0 + r, dd] * key(kt, h, dd, mo * kv + mi)
             for r in T.unroll(rows):
                 for mi in T.vectorized(kv):
                     s[r, mo * kv + mi] = part[r, mi] * T.float32(scale_f)
@@ -171,7 +195,7 @@ def attention_kernel(heads: int, m: int, d: int, scale: float, lanes: int = 8, r
             for j in range(m - full):
                 red[r, 0] = T.float32(0)
                 for dd in range(d):
-                    red[r, 0] = red[r, 0] + q[h, i0 + r, dd] * kt[h, dd, full + j]
+                    red[r, 0] = red[r, 0] + q[h, i0 + r, dd] * key(kt, h, dd, full + j)
                 s[r, full + j] = red[r, 0] * T.float32(scale_f)
         for r in range(rows):
             for mi in T.vectorized(kv):
@@ -203,7 +227,7 @@ def attention_kernel(heads: int, m: int, d: int, scale: float, lanes: int = 8, r
             for j in range(m):
                 for r in T.unroll(rows):
                     for di in T.vectorized(dv):
-                        acc[r, di] = acc[r, di] + s[r, j] * v[h, j, dq * dv + di]
+                        acc[r, di] = acc[r, di] + s[r, j] * val(v, h, j, dq * dv + di)
             for r in T.unroll(rows):
                 for di in T.vectorized(dv):
                     o[h, i0 + r, dq * dv + di] = acc[r, di] / red[r, 1]
@@ -211,8 +235,8 @@ def attention_kernel(heads: int, m: int, d: int, scale: float, lanes: int = 8, r
     @T.prim_func
     def attention(
         q_h: T.handle,
-        kt: T.Buffer((heads, d, m), "float32"),
-        v: T.Buffer((heads, m, d), "float32"),
+        kt: T.Buffer(k_shape, "float32"),
+        v: T.Buffer(v_shape, "float32"),
         o_h: T.handle,
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -224,7 +248,8 @@ def attention_kernel(heads: int, m: int, d: int, scale: float, lanes: int = 8, r
         for p in T.parallel(heads * (n % tile_rows)):
             tile(q, kt, v, o, p % heads, n // tile_rows * tile_rows + p // heads, 1)
 
-    return attention.with_attr("global_symbol", f"attention_h{heads}_m{m}_d{d}_l{lanes}")
+    name = f"attention_h{heads}_m{m}_d{d}_l{lanes}" + (f"_cross{layer}of{cross_layers}" if cross_layers else "")
+    return attention.with_attr("global_symbol", name)
 
 
 class KernelAttention(nn.Module):
@@ -236,6 +261,14 @@ class KernelAttention(nn.Module):
     def forward(self, q: Tensor, kt: Tensor, v: Tensor) -> Tensor:
         kernel = attention_kernel(self.heads, self.keys, self.head_dim, self.scale, vector_lanes())
         return op.tensor_ir_op(kernel, "attention", [q, kt, v], Tensor.placeholder(q.shape, "float32"))
+
+    def cross(self, q: Tensor, cross: Tensor, layer: int) -> Tensor:
+        """Attend over layer ``layer`` of a cross-attention cache [layers * 2, heads, keys * head_dim] in place."""
+        layers = int(cross.shape[0]) // 2
+        kernel = attention_kernel(
+            self.heads, self.keys, self.head_dim, self.scale, vector_lanes(), cross_layers=layers, layer=layer
+        )
+        return op.tensor_ir_op(kernel, "attention", [q, cross, cross], Tensor.placeholder(q.shape, "float32"))
 
 
 class GemmProjection(nn.Module):

@@ -157,6 +157,12 @@ class Attend(nn.Module):
     def forward(self, q: Tensor, kt: Tensor, v: Tensor) -> Tensor:
         return op.matmul(op.softmax(op.matmul(q, kt) * self.scale, axis=-1), v)
 
+    def cross(self, q: Tensor, cross: Tensor, layer: int) -> Tensor:
+        """Attend over layer ``layer`` of the cross-attention cache [layers * 2, heads, keys * head_dim]."""
+        kt = _cross_slice(cross, 2 * layer, (self.heads, self.head_dim, self.keys))
+        v = _cross_slice(cross, 2 * layer + 1, (self.heads, self.keys, self.head_dim))
+        return self.forward(q, kt, v)
+
 
 class EncoderLayer(nn.Module):
     """Pre-norm self-attention and GELU feed-forward over all frames."""
@@ -208,9 +214,7 @@ class DecoderLayer(nn.Module):
         x = x + self.self_out(op.reshape(a, (b, s, d)))
         # Cross-attention: every (sequence, position) row attends to the same window.
         q = _heads_first(self.cross_q(self.cross_norm(x)), b * s, cfg.num_heads, cfg.head_dim)
-        kt = _cross_slice(cross, 2 * layer_id, (cfg.num_heads, cfg.head_dim, cfg.audio_ctx))
-        v = _cross_slice(cross, 2 * layer_id + 1, (cfg.num_heads, cfg.audio_ctx, cfg.head_dim))
-        a = self.attend(q, kt, v)
+        a = self.attend.cross(q, cross, layer_id)
         x = x + self.cross_out(op.reshape(op.permute_dims(a, [1, 0, 2]), (b, s, d)))
         return x + self.fc2(op.gelu(self.fc1(self.ffn_norm(x))))
 
