@@ -132,3 +132,12 @@ def smollm_rpi5_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = run_cli("compile", "smollm2-135m", "--target", "rpi5", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def speech_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's speech codec (models/codec-speech16k) compiled for the host through the CLI."""
+    out = tmp_path_factory.mktemp("codec-speech") / "speech.edgert"
+    proc = run_cli("compile", "codec-speech16k", "--target", "host", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
