@@ -607,11 +607,15 @@ def transcribe(
         typer.Option("--vad", help="With --stream: a compiled silero-vad artifact (default: compiled once, cached)."),
     ] = None,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Transcribe speech in AUDIO with a Whisper artifact, printing timestamped segments."""
     from edgert.runtime.audio import read_wav
     from edgert.runtime.transcriber import Transcriber, TranscriptionStats
 
+    if device is not None:
+        _transcribe_on_device(artifact, audio, device, beam, stream, as_json, threads)
+        return
     beam_size = beam
     audio_read = read_wav(audio)  # Whisper hears 16 kHz; bad audio fails here, before the model loads
     transcriber = Transcriber(artifact, threads=threads)
@@ -793,6 +797,7 @@ def codec_roundtrip(
     chunk_ms: Annotated[float, typer.Option("--chunk-ms", help="Chunk length when streaming.")] = 80.0,
     bandwidth: BandwidthOpt = None,
     threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Encode and decode AUDIO (whole, or streamed in chunks); print bitrate, quality and speed."""
     import numpy as np
@@ -801,6 +806,9 @@ def codec_roundtrip(
     from edgert.runtime.audio import write_wav
     from edgert.runtime.codec import load_codec
 
+    if device is not None:
+        _codec_roundtrip_on_device(artifact, audio, output, device, stream, chunk_ms, bandwidth, threads)
+        return
     codec = load_codec(artifact, threads)
     books = codec.codebooks_for(bandwidth)
     signal = _load_audio(audio, codec)
@@ -823,6 +831,87 @@ def codec_roundtrip(
     err.print(
         f"[green]wrote[/] {output}: SI-SNR {si_snr(result, signal):.2f} dB, "
         f"mel distance {mel_distance(result, signal, codec.sample_rate):.3f} against the input",
+        highlight=False,
+    )
+
+
+# -- speech and codecs on a device (--device) --------------------------------------------------------
+
+
+def _transcribe_on_device(
+    artifact: Path, audio: Path, uri: str, beam: int | None, stream: bool, as_json: bool, threads: int | None
+) -> None:
+    """`edgert transcribe --device`: the host reads and resamples the audio, the device does the rest."""
+    from edgert.deploy import parse_device
+    from edgert.runtime.audio import read_wav
+
+    if stream:
+        raise EdgertError("--stream runs on this machine only; drop --device, or transcribe the whole file on it")
+    loaded = read_wav(audio, 16000)
+    if loaded.resampled:
+        err.print(f"[dim]resampled {loaded.source_rate} Hz -> {loaded.sample_rate} Hz with soxr[/]")
+    options = {k: v for k, v in {"beam_size": beam, "threads": threads}.items() if v is not None}
+    with parse_device(uri) as dev:
+        _ensure_deployed(dev, artifact)
+        result = dev.transcribe(artifact.name, loaded.samples, loaded.sample_rate, **options)
+        result["device"] = {"uri": uri, "name": dev.name, "link": dev.link}
+    result.pop("ok", None)
+    result.pop("id", None)
+    if as_json:
+        print(json.dumps(result))
+        return
+    for seg in result["segments"]:
+        print(f"[{seg['start']:7.2f} -> {seg['end']:7.2f}] {seg['text'].strip()}", flush=True)
+    st = result["stats"]
+    err.print(
+        f"[dim]{st['audio_seconds']:.1f} s of audio in {st['total_seconds']:.2f} s on {result['device']['name']} "
+        f"via {dev.link} (real-time factor {st['real_time_factor']:.3f}; encoder {st['encode_seconds']:.2f} s, "
+        f"decoder {st['decode_seconds']:.2f} s, beam {result['beam_size']}, {result['threads']} threads)[/]",
+        soft_wrap=True,
+        highlight=False,
+    )
+
+
+def _codec_roundtrip_on_device(
+    artifact: Path,
+    audio: Path,
+    output: Path,
+    uri: str,
+    stream: bool,
+    chunk_ms: float,
+    bandwidth: float | None,
+    threads: int | None,
+) -> None:
+    """`edgert codec roundtrip --device`: the host reads the audio, the device encodes and decodes it."""
+    from edgert.deploy import parse_device
+    from edgert.profile.audio_quality import mel_distance, si_snr
+    from edgert.runtime.artifact import open_artifact
+    from edgert.runtime.audio import load_wav, resample, write_wav
+
+    rate = int(open_artifact(artifact, check_host=False).manifest["codec"]["sample_rate"])
+    signal, source_rate = load_wav(audio)
+    if source_rate != rate:
+        err.print(f"[dim]resampling {audio} from {source_rate} Hz to {rate} Hz (libsoxr)[/]", highlight=False)
+        signal = resample(signal, source_rate, rate)
+    options = {"stream": stream, "chunk_ms": chunk_ms, "bandwidth": bandwidth, "threads": threads}
+    with parse_device(uri) as dev:
+        _ensure_deployed(dev, artifact)
+        facts, codes, result = dev.codec_roundtrip(artifact.name, signal, **options)
+        name = dev.name
+    write_wav(output, result, rate)
+    for what in ("encode", "decode"):
+        st = facts[what]
+        err.print(
+            f"[dim]{what} on {escape(name)} via {dev.link}: {len(signal) / rate:.2f} s of audio, "
+            f"{facts['codebooks']} codebooks = {facts['bandwidth_kbps']:g} kbit/s; real-time factor "
+            f"{st['real_time_factor']:.4f} ({st['calls']} calls, {facts['threads']} threads); algorithmic latency "
+            f"{facts['algorithmic_latency']} samples ({1000 * facts['algorithmic_latency'] / rate:.1f} ms)[/]",
+            highlight=False,
+            soft_wrap=True,
+        )
+    err.print(
+        f"[green]wrote[/] {output}: {len(codes)} frames, SI-SNR {si_snr(result, signal):.2f} dB, "
+        f"mel distance {mel_distance(result, signal, rate):.3f} against the input",
         highlight=False,
     )
 

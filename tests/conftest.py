@@ -123,3 +123,21 @@ def tiny_host_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFa
 def tiny_rpi5_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama cross-compiled for a Raspberry Pi 5 (aarch64, Cortex-A76)."""
     return _compile_tiny(tiny_gguf_file, "rpi5", tmp_path_factory.mktemp("tiny-rpi5"))
+
+
+@pytest.fixture(scope="session")
+def smollm_rpi5_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M cross-compiled for a Raspberry Pi 5 through the CLI, once per session."""
+    out = tmp_path_factory.mktemp("smollm2-rpi5") / "smollm2-rpi5.edgert"
+    proc = run_cli("compile", "smollm2-135m", "--target", "rpi5", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def speech_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's speech codec (models/codec-speech16k) compiled for the host through the CLI."""
+    out = tmp_path_factory.mktemp("codec-speech") / "speech.edgert"
+    proc = run_cli("compile", "codec-speech16k", "--target", "host", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out

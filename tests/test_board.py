@@ -1,12 +1,16 @@
 """The emulated arm64 board: built once into the user's cache (about 1.5 minutes on a fresh machine),
 started by `edgert board start`, reached over board://, rpc:// and serial://. An aarch64 build of
 the tiny Llama must give the host build's greedy tokens on it; SmolLM2-135M too (first 8 tokens);
-`edgert profile` must write a report that names the device and says "emulated"."""
+`edgert profile` must write a report that names the device and says "emulated". The project's speech
+codec streams a round trip on it with the host build's codes; Whisper tiny.en transcribes on it as
+on the host (minutes under qemu: run only with EDGERT_LONG_BOARD_TESTS=1)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,15 +125,82 @@ def test_profile_script_over_the_same_api(board: dict, tiny_rpi5_artifact: Path,
     assert json.loads(report.with_suffix(".json").read_text())["runs"] == 1
 
 
-def test_smollm2_for_rpi5_on_the_board_matches_the_host_build(board: dict, smollm: object, tmp_path: Path) -> None:
-    # A short raw prompt: under qemu every SmolLM2 token costs seconds (f16 weights go through
-    # emulated conversions), so 6 prompt tokens and 8 generated ones keep this near a minute.
-    out = tmp_path / "smollm2-rpi5.edgert"
-    proc = run_cli("compile", "smollm2-135m", "--target", "rpi5", "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    want = [t.id for t in smollm.generate(PROMPT, max_tokens=8)]  # type: ignore[attr-defined]
+def test_smollm2_for_rpi5_on_the_board_matches_the_host_build(
+    board: dict, smollm: object, smollm_rpi5_artifact: Path
+) -> None:
+    # Under qemu every SmolLM2 token costs seconds (each prompt token as much as a generated one), so a
+    # two-token raw prompt; the 8 generated tokens are what the issue asks to match.
+    prompt = "Paris is"
+    want = [t.id for t in smollm.generate(prompt, max_tokens=8)]  # type: ignore[attr-defined]
     assert len(want) == 8
     with parse_device(board["uris"]["board"]) as dev:
-        dev.deploy(out)
-        got = dev.run(out.name, prompt=PROMPT, max_tokens=8, raw=True)
+        dev.deploy(smollm_rpi5_artifact)
+        got = dev.run(smollm_rpi5_artifact.name, prompt=prompt, max_tokens=8, raw=True)
+    assert got["stats"]["prompt_tokens"] == 2
     assert got["tokens"] == want, got["text"]
+
+
+# -- speech and codecs on the board (issues 6 and 7) -------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def codec_rpi5_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's speech codec (models/codec-speech16k) cross-compiled for rpi5."""
+    out = tmp_path_factory.mktemp("codec-rpi5") / "codec-rpi5.edgert"
+    proc = run_cli("compile", "codec-speech16k", "--target", "rpi5", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _espeak(text: str, path: Path) -> Path:
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is missing: tools/setup.sh --test installs it")
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "130", "-w", str(path), text], check=True, capture_output=True)
+    return path
+
+
+def test_codec_streams_on_the_board_as_on_the_host(
+    board: dict, speech_artifact: Path, codec_rpi5_artifact: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from edgert.runtime.audio import load_wav, resample
+    from edgert.runtime.codec import load_codec, roundtrip
+
+    host_art, rpi5_art = speech_artifact, codec_rpi5_artifact  # the host build is test_codec.py's too
+    wav = _espeak("Please call Stella.", tmp_path / "stella.wav")
+    audio, rate = load_wav(wav)
+    audio = resample(audio, rate, 16000)
+    host = load_codec(host_art)
+    books = host.codebooks_for(3.2)
+    want_codes, want_audio, _, _ = roundtrip(host, audio, books, stream=True, chunk_samples=1280)  # 80 ms chunks
+    with parse_device(board["uris"]["board"]) as dev:
+        dev.deploy(rpi5_art)
+        facts, codes, out = dev.codec_roundtrip(rpi5_art.name, audio, stream=True, chunk_ms=80, bandwidth=3.2)
+    assert facts["stream"] and facts["codebooks"] == books and facts["encode"]["calls"] >= 10
+    np.testing.assert_array_equal(codes, want_codes)
+    assert len(out) == len(want_audio) == len(audio)
+    assert np.abs(out - want_audio).max() < 1e-4 and np.abs(want_audio).max() > 0.05
+
+
+@pytest.mark.skipif(
+    not os.environ.get("EDGERT_LONG_BOARD_TESTS"),
+    reason="under qemu Whisper's 30 s encoder window took 13 minutes here (2 shared cores), far past the "
+    "suite's budget: set EDGERT_LONG_BOARD_TESTS=1 to run it",
+)
+def test_whisper_transcribes_on_the_board_as_on_the_host(board: dict, transcriber, tmp_path: Path) -> None:
+    from edgert.runtime.audio import read_wav
+
+    wav = _espeak("The quick brown fox jumps over the lazy dog.", tmp_path / "fox.wav")
+    want = transcriber.transcribe(read_wav(wav), beam_size=1)
+    art = tmp_path / "whisper-tiny.en-rpi5.edgert"
+    proc = run_cli("compile", "whisper-tiny.en", "--target", "rpi5", "-o", str(art))
+    assert proc.returncode == 0, proc.stderr
+    uri = board["uris"]["board"]
+    res = run_cli("transcribe", str(art), str(wav), "--beam", "1", "--json", "--device", uri)
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout)
+    assert "resampled 22050 Hz -> 16000 Hz" in res.stderr
+    assert got["device"]["link"] == "board" and "emulated" in got["device"]["name"]
+    assert [s["tokens"] for s in got["segments"]] == [s.tokens for s in want.segments]
+    assert got["text"] == want.text and "lazy" in got["text"]

@@ -159,14 +159,6 @@ def test_bandwidth_choice(tiny_codec) -> None:
 
 
 @pytest.fixture(scope="session")
-def speech_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("codec-speech") / "speech.edgert"
-    proc = run_cli("compile", "codec-speech16k", "--target", "host", "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    return out
-
-
-@pytest.fixture(scope="session")
 def sentence(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A held-out sentence spoken by espeak-ng (22.05 kHz: the CLI resamples it)."""
     if shutil.which("espeak-ng") is None:
