@@ -223,3 +223,18 @@ def test_pack_quantized_dot_layout() -> None:
     q8 = quantize_rows(np.random.default_rng(5).standard_normal((20, 32)).astype(np.float32), "q8")
     codes, _ = pack_quantized_dot(q8, 16)
     assert codes.shape == (2, 8, 16, 4) and codes[1, 3, 2, 1] == q8.codes[18, 13]
+
+
+def test_int8_activations_need_a_dot_product_instruction_set() -> None:
+    from edgert.compiler.build import _int8_isa
+    from edgert.errors import EdgertError
+
+    host = {"name": "host", "cpu": "znver3", "cpu_flags": ["avx", "avx2", "fma"]}
+    rpi4 = {"name": "rpi4", "cpu": "cortex-a72", "cpu_flags": ["neon"]}
+    rpi5 = {"name": "rpi5", "cpu": "cortex-a76", "cpu_flags": ["dotprod", "neon"]}
+    assert _int8_isa("f32", rpi4) is None
+    assert _int8_isa("int8", host) == "avx2" and _int8_isa("int8", rpi5) == "dotprod"
+    with pytest.raises(EdgertError, match=r"target 'rpi4' \(cortex-a72\) has neon"):
+        _int8_isa("int8", rpi4)
+    with pytest.raises(EdgertError, match="'int4' is not one of f32, int8"):
+        _int8_isa("int4", host)

@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Decode GEMV kernels side by side: float activations (`kernels.quant_matmul`) against int8
+activations (`kernels_int8.int8_quant_matmul`), on SmolLM2-135M's matrix shapes.
+
+    TVM_NUM_THREADS=1 python tools/bench_kernels.py [--rounds 15]
+
+Both kernels of a shape are timed in alternation (``rounds`` times, each a TVM time_evaluator
+of ``number`` calls), so a loaded machine slows both alike; prints the median and the minimum
+per kernel in microseconds and the ratio of the minimums (float / int8: above 1, int8 is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# (kind, N, K): q/o projections and MLP up/gate (576 -> 1536), MLP down (1536 -> 576), the LM head.
+SHAPES = [("q4", 1536, 576), ("q4", 576, 1536), ("q8", 1536, 576), ("q4", 49152, 576)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build both kernels per shape for this host and time them in alternation."""
+    import tvm
+    from tvm.target import codegen
+
+    from edgert.compiler.kernels import quant_block, quant_matmul
+    from edgert.compiler.kernels_int8 import dot_isa, int8_quant_matmul
+    from edgert.compiler.layout import pack_quantized, pack_quantized_dot
+    from edgert.compiler.quantize import quantize_rows
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args(argv)
+    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    isa = dot_isa(codegen.llvm_get_cpu_features(target))
+    if isa is None:
+        print("error: this CPU has neither AVX2 nor dotprod", file=sys.stderr)
+        return 2
+    funcs = {}
+    for kind, n, k in SHAPES:
+        funcs[f"float_{kind}_{n}_{k}"] = quant_matmul(k, n, quant_block(n), kind)
+        funcs[f"int8_{kind}_{n}_{k}"] = int8_quant_matmul(k, n, quant_block(n), kind, isa)
+    module = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    lib = tvm.compile(module, target=target).jit()
+    rng = np.random.default_rng(0)
+    print(f"instruction set {isa}; microseconds per call (median / min of {args.rounds} rounds)")
+    for kind, n, k in SHAPES:
+        q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
+        x = tvm.runtime.tensor(rng.standard_normal((1, k)).astype(np.float32))
+        y = tvm.runtime.tensor(np.zeros((1, n), np.float32))
+        weights = {
+            "float": [tvm.runtime.tensor(a) for a in pack_quantized(q, quant_block(n))],
+            "int8": [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))],
+        }
+        number = max(1, int(2e7 // (n * k)))
+        timers = {p: lib.time_evaluator(f"{p}_{kind}_{n}_{k}", tvm.cpu(), number=number, repeat=1) for p in weights}
+        times: dict[str, list[float]] = {p: [] for p in weights}
+        for _ in range(args.rounds):
+            for p in weights:
+                times[p].append(timers[p](x, *weights[p], y).mean * 1e6)
+        f, i = times["float"], times["int8"]
+        print(
+            f"{kind} N={n:>5} K={k:>4}: float {np.median(f):8.1f} / {min(f):8.1f}   "
+            f"int8 {np.median(i):8.1f} / {min(i):8.1f}   ratio {min(f) / min(i):.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
