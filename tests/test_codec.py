@@ -239,6 +239,15 @@ def test_cli_encode_decode_and_foreign_codes(speech_artifact: Path, sentence: Pa
     assert isinstance(loaded, Codec) and (loaded.sample_rate, loaded.hop_length) == (16000, 160)
 
 
+def test_word_error_rate() -> None:
+    """The WER that tools/eval_codec.py reports: word edit distance over the reference's words."""
+    from edgert.profile.audio_quality import word_error_rate
+
+    assert word_error_rate("Please call Stella.", "please, call stella") == 0.0
+    assert word_error_rate("the red cat sat", "the cat sat down") == pytest.approx(2 / 4)
+    assert word_error_rate("one two", "") == 1.0
+
+
 def test_recipe_lists_the_codec() -> None:
     proc = run_cli("models")
     assert proc.returncode == 0
