@@ -262,11 +262,11 @@ def test_onnx_export_compiles_and_matches(tiny_encodec: Path, tmp_path: Path) ->
     ort = pytest.importorskip("onnxruntime")
     import edgert
 
-    onnx_path = load_tool("export_codec_onnx").export(tiny_encodec, tmp_path / "tiny.onnx", samples=320 * 20)
+    onnx_path = load_tool("export_codec_onnx").export(tiny_encodec, tmp_path / "tiny.onnx", samples=320 * 8)
     art = tmp_path / "tiny-onnx.edgert"
     proc = run_cli("compile", str(onnx_path), "-o", str(art))
     assert proc.returncode == 0, proc.stderr
-    audio = _speechlike(320 * 20, 24000, seed=1).reshape(1, 1, -1)
+    audio = _speechlike(320 * 8, 24000, seed=1).reshape(1, 1, -1)
     got = edgert.load(art)(audio=audio)
     want_codes, want_audio = ort.InferenceSession(str(onnx_path)).run(None, {"audio": audio})
     np.testing.assert_array_equal(got["codes"], want_codes)
