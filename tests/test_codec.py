@@ -231,6 +231,15 @@ def test_cli_encode_decode_and_foreign_codes(speech_artifact: Path, sentence: Pa
     assert isinstance(loaded, Codec) and (loaded.sample_rate, loaded.hop_length) == (16000, 160)
 
 
+def test_word_error_rate() -> None:
+    """The WER that tools/eval_codec.py reports: word edit distance over the reference's words."""
+    from edgert.profile.audio_quality import word_error_rate
+
+    assert word_error_rate("Please call Stella.", "please, call stella") == 0.0
+    assert word_error_rate("the red cat sat", "the cat sat down") == pytest.approx(2 / 4)
+    assert word_error_rate("one two", "") == 1.0
+
+
 def test_recipe_lists_the_codec() -> None:
     proc = run_cli("models")
     assert proc.returncode == 0
@@ -245,11 +254,11 @@ def test_onnx_export_compiles_and_matches(tiny_encodec: Path, tmp_path: Path) ->
     ort = pytest.importorskip("onnxruntime")
     import edgert
 
-    onnx_path = load_tool("export_codec_onnx").export(tiny_encodec, tmp_path / "tiny.onnx", samples=320 * 20)
+    onnx_path = load_tool("export_codec_onnx").export(tiny_encodec, tmp_path / "tiny.onnx", samples=320 * 8)
     art = tmp_path / "tiny-onnx.edgert"
     proc = run_cli("compile", str(onnx_path), "-o", str(art))
     assert proc.returncode == 0, proc.stderr
-    audio = _speechlike(320 * 20, 24000, seed=1).reshape(1, 1, -1)
+    audio = _speechlike(320 * 8, 24000, seed=1).reshape(1, 1, -1)
     got = edgert.load(art)(audio=audio)
     want_codes, want_audio = ort.InferenceSession(str(onnx_path)).run(None, {"audio": audio})
     np.testing.assert_array_equal(got["codes"], want_codes)

@@ -47,3 +47,21 @@ def mel_distance(estimate: np.ndarray, reference: np.ndarray, rate: int) -> floa
     """Mean absolute difference of the log-mel spectrograms (nats; 0 is identical)."""
     n = min(len(estimate), len(reference))
     return float(np.mean(np.abs(log_mel(estimate[:n], rate) - log_mel(reference[:n], rate))))
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words of a transcript, punctuation dropped (hyphens split words)."""
+    import re
+
+    return re.sub(r"[^a-z0-9' ]", " ", text.lower().replace("-", " ")).split()
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    """Word-level edit distance over the reference's word count (0 is identical)."""
+    r, h = words(reference), words(hypothesis)
+    d = np.arange(len(h) + 1)
+    for i in range(1, len(r) + 1):
+        prev, d[0] = d.copy(), i
+        for j in range(1, len(h) + 1):
+            d[j] = min(prev[j] + 1, d[j - 1] + 1, prev[j - 1] + (r[i - 1] != h[j - 1]))
+    return float(d[len(h)]) / max(len(r), 1)
