@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -59,6 +60,8 @@ def compile_model(
     threads: int | None = None,
     as_dir: bool = False,
     progress: Progress = _quiet,
+    library_cache: str | Path | None = None,
+    activations: str | None = None,
     **graph_options: Any,
 ) -> CompileResult:
     """Compile a recipe name, a GGUF path or a codec folder for ``target`` into an artifact at ``output``.
@@ -66,9 +69,17 @@ def compile_model(
     ``quant`` (source, q4, q8, f16, f32; see `edgert.compiler.quantize`) chooses the weight
     storage; ``weight_dtype`` (f16 or f32) is the older name for the float choices.
     An .onnx or .tflite file goes to `compile_graph` (options ``quant``, ``input_shapes``).
+    ``library_cache`` (a folder; GGUF models only) reuses the compiled library of a structurally
+    identical module for the same target, e.g. the same architecture with other weights.
+    ``activations`` (GGUF models): ``f32`` (default) multiplies float activations with the
+    dequantized q4/q8 weights; ``int8`` quantizes the decode activations to int8 and uses
+    integer dot products (`edgert.compiler.kernels_int8`; x86 AVX2 or aarch64 dotprod).
     """
     if Path(str(model)).suffix.lower() in (".onnx", ".tflite"):
         from edgert.compiler.graph_build import compile_graph
+
+        if activations not in (None, "f32"):
+            raise EdgertError(f"--activations {activations} applies to GGUF models, not to .onnx/.tflite graphs")
 
         return compile_graph(
             model,
@@ -124,6 +135,8 @@ def compile_model(
     tokenizer_json = build_tokenizer_json(gguf_model.metadata)
     tvm_target, target_record = resolve(spec, threads)
     fcompile = library_compiler(spec, target_record["arch"])
+    activations = activations or options.get("activations", "f32")
+    int8_isa = _int8_isa(activations, target_record)
     seconds["read"] = time.perf_counter() - t
 
     progress("reading weights", None)
@@ -140,21 +153,28 @@ def compile_model(
     progress("building Relax module", None)
     t = time.perf_counter()
     net = llama.LlamaForCausalLM(cfg)
-    repack = apply_cpu_layout(net, storage, tied=llama.tied_weights(cfg))
+    repack = apply_cpu_layout(net, storage, tied=llama.tied_weights(cfg), int8_isa=int8_isa)
     with tvm_target:
         mod, named_params = net.export_tvm(spec=net.get_default_spec())
     mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
     seconds["export"] = time.perf_counter() - t
 
-    progress("compiling with TVM", None)
-    t = time.perf_counter()
-    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
-    seconds["compile"] = time.perf_counter() - t
+    cached = _cached_library(library_cache, mod, tvm_target, spec.cc) if library_cache is not None else None
+    if cached is None or not cached.is_file():
+        progress("compiling with TVM", None)
+        t = time.perf_counter()
+        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
+        seconds["compile"] = time.perf_counter() - t
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:
         stage = Path(stage_dir)
         t = time.perf_counter()
-        executable.export_library(str(stage / "model.so"), fcompile=fcompile)
+        if cached is not None and cached.is_file():
+            shutil.copyfile(cached, stage / "model.so")
+        else:
+            executable.export_library(str(stage / "model.so"), fcompile=fcompile)
+            if cached is not None:
+                shutil.copyfile(stage / "model.so", cached)
         seconds["link"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -203,6 +223,7 @@ def compile_model(
                 "file": "weights.safetensors",
                 "dtype": _main_dtype(arrays),
                 "quant": quant,
+                "activations": activations,
                 "storage": {kind: list(storage.values()).count(kind) for kind in sorted(set(storage.values()))},
                 "layout": "cpu-packed-columns",
                 "order": order,
@@ -220,6 +241,39 @@ def compile_model(
         manifest = write_artifact(out, manifest, staged, as_dir=as_dir)
     progress("done", 1.0)
     return CompileResult(out, manifest, seconds)
+
+
+def _int8_isa(activations: str, record: dict[str, Any]) -> str | None:
+    """The dot-product instruction set for ``activations`` int8 on the target (None for f32)."""
+    from edgert.compiler.kernels_int8 import dot_isa
+
+    if activations not in ("f32", "int8"):
+        raise EdgertError(f"--activations '{activations}' is not one of f32, int8")
+    if activations == "f32":
+        return None
+    isa = dot_isa(record["cpu_flags"])
+    if isa is None:
+        raise EdgertError(
+            f"--activations int8 needs integer dot products (x86 AVX2 or aarch64 dotprod); target "
+            f"'{record['name']}' ({record['cpu']}) has {', '.join(record['cpu_flags']) or 'neither'}"
+        )
+    return isa
+
+
+def _cached_library(folder: str | Path, mod: Any, target: Any, cc: str | None) -> Path:
+    """Where ``folder`` keeps the library of ``mod`` built for ``target`` (it may not exist yet).
+
+    The key is TVM's structural hash of the whole module (every Relax function and TIR kernel)
+    with the target, the cross compiler and the TVM version, so only an identical build is reused.
+    """
+    import hashlib
+
+    import tvm
+    from tvm_ffi import structural_hash
+
+    key = f"{structural_hash(mod)}|{target}|{cc}|{tvm.__version__}|{__version__}"
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.so"
 
 
 def _main_dtype(arrays: dict[str, Any]) -> str:
