@@ -607,6 +607,13 @@ def transcribe(
         typer.Option("--vad", help="With --stream: a compiled silero-vad artifact (default: compiled once, cached)."),
     ] = None,
     threads: ThreadsOpt = None,
+    speculative: Annotated[
+        str | None,
+        typer.Option(
+            "--speculative",
+            help="Greedy decoding drafted by the decoder's own layers: self:k=4, self:k=4,skip=2 or self:k=3,exit=2.",
+        ),
+    ] = None,
 ) -> None:
     """Transcribe speech in AUDIO with a Whisper artifact, printing timestamped segments."""
     from edgert.runtime.audio import read_wav
@@ -614,9 +621,9 @@ def transcribe(
 
     beam_size = beam
     audio_read = read_wav(audio)  # Whisper hears 16 kHz; bad audio fails here, before the model loads
-    transcriber = Transcriber(artifact, threads=threads)
+    transcriber = Transcriber(artifact, threads=threads, speculative=speculative)
     if beam_size is None:
-        beam_size = int(transcriber.artifact.manifest.get("defaults", {}).get("beam_size", 1))
+        beam_size = 1 if speculative else int(transcriber.artifact.manifest.get("defaults", {}).get("beam_size", 1))
     loaded = transcriber.load_audio(audio_read)
     if loaded.resampled:
         err.print(f"[dim]resampled {loaded.source_rate} Hz -> {loaded.sample_rate} Hz with soxr[/]")
@@ -641,10 +648,17 @@ def transcribe(
                     "beam_size": beam_size,
                     "resampled_from": loaded.source_rate if loaded.resampled else None,
                     "stats": stats.to_dict(),
+                    **({"speculative": transcriber.speculative.stats.to_dict()} if transcriber.speculative else {}),
                 }
             )
         )
         return
+    if transcriber.speculative is not None:
+        s = transcriber.speculative.stats
+        err.print(
+            f"[dim]speculative: {s.accepted}/{s.drafted} drafts accepted "
+            f"({s.acceptance_rate:.2f}), {s.rounds} rounds[/]"
+        )
     err.print(
         f"[dim]{stats.audio_seconds:.1f} s of audio in {stats.total_seconds:.2f} s "
         f"(real-time factor {stats.real_time_factor:.3f}; encoder {stats.encode_seconds:.2f} s, "

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from edgert.errors import EdgertError
 from edgert.runtime.artifact import Artifact, open_artifact
 from edgert.runtime.audio import Audio, AudioError, log_mel, prepare, read_wav
 from edgert.runtime.seq2seq import Hypothesis, Seq2Seq, log_softmax
@@ -132,7 +133,8 @@ class WhisperRules:
 class Transcriber:
     """A Whisper artifact loaded for transcription: ``Transcriber("w.edgert").transcribe("a.wav").text``."""
 
-    def __init__(self, artifact: str | Path | Artifact, threads: int | None = None):
+    def __init__(self, artifact: str | Path | Artifact, threads: int | None = None, speculative: str | None = None):
+        """``speculative``: ``self:k=4[,skip=...|,exit=N]`` drafts greedy decoding with the decoder's own layers."""
         art = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
         if art.family != "whisper":
             raise AudioError(f"{art.path}: a '{art.family}' model cannot transcribe speech (need a Whisper artifact)")
@@ -144,6 +146,11 @@ class Transcriber:
         self.n_frames = int(audio["frames"])
         self.sample_rate = int(self.config["sample_rate"])
         self.tokenizer = TextTokenizer(art.read_text(art.manifest["tokenizer"]["file"]), {})
+        self.speculative = None
+        if speculative:
+            from edgert.runtime.seq2seq_speculative import parse_seq2seq_speculative
+
+            self.speculative = parse_seq2seq_speculative(speculative, self.model)
 
     # -- pieces -------------------------------------------------------------------------
     def load_audio(self, audio: str | Path | np.ndarray | Audio, sample_rate: int | None = None) -> Audio:
@@ -189,10 +196,13 @@ class Transcriber:
             no_speech[0] = float(np.exp(log_softmax(logits)[c["no_speech"]]))
 
         rules = [WhisperRules(c, timestamps, max_initial_timestamp)]
+        if beam_size > 1 and self.speculative is not None:
+            raise EdgertError("speculative decoding is greedy: transcribe with beam size 1")
         if beam_size > 1:
             hyp = self.model.beam(cross, prompt, c["eot"], max_new, beam_size, processors=rules, on_first_logits=first)
         else:
-            hyp = self.model.greedy(cross, prompt, c["eot"], max_new, processors=rules, on_first_logits=first)
+            greedy = self.speculative.greedy if self.speculative is not None else self.model.greedy
+            hyp = greedy(cross, prompt, c["eot"], max_new, processors=rules, on_first_logits=first)
         return hyp, no_speech[0]
 
     def text_of(self, tokens: Sequence[int]) -> str:

@@ -1,0 +1,58 @@
+"""Self-speculative greedy decoding on Whisper tiny.en's decoder: identical to plain greedy decoding.
+
+The draft skips decoder layers (or exits after the first ones) and shares the window's
+cross-attention K/V with the verify pass; the transcript must match the plain greedy one token
+for token on the Whisper test audio (which itself matches faster-whisper, tests/test_whisper.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from test_whisper import beckett_wav
+
+from edgert.errors import EdgertError
+from edgert.runtime.audio import read_wav
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def beckett_plain(transcriber):
+    samples = read_wav(beckett_wav()).samples
+    return samples, transcriber.transcribe(samples, beam_size=1)
+
+
+@pytest.mark.parametrize("spec", ["self:k=4", "self:k=3,exit=2"])
+def test_speculative_transcript_identical(whisper_artifact: Path, beckett_plain, spec: str) -> None:
+    from edgert.runtime.transcriber import Transcriber
+
+    samples, plain = beckett_plain
+    fast = Transcriber(whisper_artifact, speculative=spec)
+    ours = fast.transcribe(samples, beam_size=1)
+    assert [s.tokens for s in ours.segments] == [s.tokens for s in plain.segments]
+    assert ours.text == plain.text and len(plain.text) > 40
+    assert [(s.start, s.end) for s in ours.segments] == [(s.start, s.end) for s in plain.segments]
+    for a, b in zip(ours.segments, plain.segments, strict=True):
+        assert a.avg_logprob == pytest.approx(b.avg_logprob, abs=1e-3)
+    stats = fast.speculative.stats
+    assert stats.drafted > 0 and 0 < stats.accepted <= stats.drafted
+    # each verify pass emits its accepted drafts plus one token: fewer full-decoder passes than tokens
+    full_passes = stats.rounds + fast.model.calls["decode"]
+    assert full_passes < sum(len(s.tokens) for s in plain.segments)
+    with pytest.raises(EdgertError, match="greedy"):
+        fast.decode_window(fast.encode(fast.features(samples[:16000])), beam_size=5)
+
+
+def test_speculative_cli_reports_acceptance(whisper_artifact: Path, beckett_plain) -> None:
+    _, plain = beckett_plain
+    proc = run_cli("transcribe", str(whisper_artifact), str(beckett_wav()), "--speculative", "self:k=4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["text"] == plain.text and out["beam_size"] == 1
+    assert 0 < out["speculative"]["acceptance_rate"] <= 1
+    bad = run_cli("transcribe", str(whisper_artifact), str(beckett_wav()), "--speculative", "self:k=4,skip=0-3")
+    assert bad.returncode != 0 and "draft layers" in bad.stderr
