@@ -54,5 +54,36 @@ def test_speculative_cli_reports_acceptance(whisper_artifact: Path, beckett_plai
     out = json.loads(proc.stdout)
     assert out["text"] == plain.text and out["beam_size"] == 1
     assert 0 < out["speculative"]["acceptance_rate"] <= 1
-    bad = run_cli("transcribe", str(whisper_artifact), str(beckett_wav()), "--speculative", "self:k=4,skip=0-3")
-    assert bad.returncode != 0 and "draft layers" in bad.stderr
+
+
+def test_early_exit_decoder(whisper_artifact: Path, beckett_plain) -> None:
+    """Confidence 0.9 (agreement 1.0 on espeak-ng speech, measured apart from this audio) skips layers
+    on some tokens and keeps the transcript; static depth runs exactly that many layers per token."""
+    from edgert.runtime.transcriber import Transcriber
+
+    samples, plain = beckett_plain
+    t = Transcriber(whisper_artifact, exit="confidence:0.9")
+    ours = t.transcribe(samples, beam_size=1)
+    assert ours.text == plain.text
+    assert 3.0 < t.early_exit.mean_layers < 4.0 and len(t.early_exit.depths) >= len(plain.segments)
+    proc = run_cli("transcribe", str(whisper_artifact), str(beckett_wav()), "--exit", "static:2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)["early_exit"]
+    assert stats["mean_layers"] == 2.0 and stats["tokens"] > 0 and stats["policy"] == "static:2"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("self:k=4,skip=0-3", "draft layers"),
+        ("self:k=0", "k must be"),
+        ("model:x.edgert", "drafts with itself"),
+        ("self:k=2,exit=4", "exit must be"),
+        ("self:k=2,depth=1", "unknown option"),
+    ],
+)
+def test_speculative_bad_spec(transcriber, spec: str, message: str) -> None:
+    from edgert.runtime.seq2seq_speculative import parse_seq2seq_speculative
+
+    with pytest.raises(EdgertError, match=message):
+        parse_seq2seq_speculative(spec, transcriber.model)

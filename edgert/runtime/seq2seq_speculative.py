@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from edgert.errors import ArtifactError, EdgertError
+from edgert.runtime.exits import ExitPolicy
 from edgert.runtime.seq2seq import Hypothesis, LogitsProcessor, Seq2Seq, log_softmax
 from edgert.runtime.speculative import default_skip, parse_layer_set
 
@@ -63,18 +64,38 @@ class DecoderLayers:
         self._params = tvm_ffi.convert(model.session.params)  # converted once, reused by every call
         self._embed, self._head = vm["embed"], vm["head"]
         self._layers = [vm[f"layer_{i}"] for i in range(self.num_layers)]
+        self._fills = [vm[f"kv_fill_{i}"] for i in range(self.num_layers)]
+
+    def embed(self, seq: int, tokens: Sequence[int]) -> Any:
+        """Hidden states [1, n, d] of ``tokens`` at ``seq``'s next positions (inside an open forward pass)."""
+        m = self.model
+        tensor = m.session.tensor
+        pos = np.array([[m.cache.lengths[seq] + i for i in range(len(tokens))]], np.int32)
+        return self._embed(tensor(np.array([list(tokens)], np.int32)), tensor(pos), self._params)
+
+    def run(self, h: Any, cross: Any, layers: Sequence[int]) -> Any:
+        """Apply decoder ``layers`` to ``h``, each writing its self-attention KV entries."""
+        m = self.model
+        for i in layers:
+            h, m.cache.obj = self._layers[i](h, cross, m.cache.obj, self._params)
+        return h
+
+    def fill(self, h: Any, layers: Sequence[int]) -> None:
+        """Copy-forward: write the self-attention KV of ``layers`` from the exit hidden state ``h``."""
+        m = self.model
+        for i in layers:
+            _, m.cache.obj = self._fills[i](h, m.cache.obj, self._params)
+
+    def head(self, h: Any) -> np.ndarray:
+        """Logits [n, vocab] of hidden states (final norm + tied head, after any layer)."""
+        return self._head(h, self._params).numpy()[0]
 
     def forward(self, seq: int, tokens: Sequence[int], cross: Any, layers: Sequence[int]) -> np.ndarray:
         """Append ``tokens`` to ``seq`` through ``layers`` only; logits [len(tokens), vocab]."""
         m = self.model
-        tensor = m.session.tensor
-        ids = np.array([list(tokens)], np.int32)
-        pos = m._positions([seq], len(tokens))
+        h = self.embed(seq, tokens)
         m.cache.begin([seq], [len(tokens)])
-        h = self._embed(tensor(ids), tensor(pos), self._params)
-        for i in layers:
-            h, m.cache.obj = self._layers[i](h, cross, m.cache.obj, self._params)
-        logits = self._head(h, self._params).numpy()[0]
+        logits = self.head(self.run(h, cross, layers))
         m.cache.end()
         return logits
 
@@ -193,3 +214,90 @@ def parse_seq2seq_speculative(spec: str, model: Seq2Seq) -> SelfSpeculativeDecod
         )
         layers = [i for i in range(n) if i not in skip]
     return SelfSpeculativeDecoder(model, layers, k[0])
+
+
+class EarlyExitSeq2Seq:
+    """Greedy decoding of a `Seq2Seq` where each decoded token runs the decoder layers an `ExitPolicy` picks.
+
+    The prompt runs the full decoder; a token that exits after layer e writes the KV of layers
+    e.. by copy-forward (``kv_fill_<i>``) so later tokens attend to it at every layer. The
+    policy sees the exit head's logits after Whisper's rules masked them.
+    """
+
+    def __init__(self, model: Seq2Seq, policy: ExitPolicy):
+        self.layers = DecoderLayers(model)
+        n = self.layers.num_layers
+        self.model, self.policy = model, policy
+        self.exit_points = policy.exits(list(range(1, n)), n)
+        self.depths: list[int] = []
+
+    @property
+    def mean_layers(self) -> float:
+        """Mean decoder layers per decoded token."""
+        return float(np.mean(self.depths)) if self.depths else float(self.layers.num_layers)
+
+    def stats(self) -> dict[str, float | int | str]:
+        """Policy, depth and mean layers per token (JSON output)."""
+        return {
+            "policy": self.policy.name,
+            "num_layers": self.layers.num_layers,
+            "tokens": len(self.depths),
+            "mean_layers": round(self.mean_layers, 3),
+        }
+
+    def _step(self, seq: int, token: int, cross: Any, step: int, tokens: list[int], processors: Sequence) -> np.ndarray:
+        m, n = self.model, self.layers.num_layers
+        self.policy.start()
+        h = self.layers.embed(seq, [token])
+        m.cache.begin([seq], [1])
+        depth, logits = 0, None
+        for e in self.exit_points:
+            h = self.layers.run(h, cross, range(depth, e))
+            depth = e
+            lg = self.layers.head(h)[-1]
+            masked = lg[None].copy()
+            for proc in processors:
+                proc(step, masked, [tokens])
+            if self.policy.should_exit(e, masked[0]):
+                self.layers.fill(h, range(e, n))
+                logits = lg
+                break
+        if logits is None:
+            logits = self.layers.head(self.layers.run(h, cross, range(depth, n)))[-1]
+            depth = n
+        m.cache.end()
+        self.depths.append(depth)
+        return logits
+
+    def greedy(
+        self,
+        cross: Any,
+        prompt: Sequence[int],
+        eos: int,
+        max_new: int,
+        processors: Sequence[LogitsProcessor] = (),
+        on_first_logits: Callable[[np.ndarray], None] | None = None,
+    ) -> Hypothesis:
+        """`Seq2Seq.greedy` with the policy choosing each decoded token's depth."""
+        m = self.model
+        m.cache.reset()
+        seq = m.cache.add()
+        logits = m.prefill(seq, prompt, cross)
+        if on_first_logits is not None:
+            on_first_logits(logits)
+        tokens: list[int] = []
+        score = 0.0
+        for step in range(max_new):
+            row = logits[None].copy()
+            for proc in processors:
+                proc(step, row, [tokens])
+            logp = log_softmax(row)[0]
+            tok = int(np.argmax(logp))
+            score += float(logp[tok])
+            if tok == eos:
+                break
+            tokens.append(tok)
+            if step == max_new - 1 or m.cache.lengths[seq] + 1 > m.max_length:
+                break
+            logits = self._step(seq, tok, cross, step + 1, tokens, processors)
+        return Hypothesis(tokens, score, score / max(len(tokens), 1))

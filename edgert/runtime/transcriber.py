@@ -133,8 +133,15 @@ class WhisperRules:
 class Transcriber:
     """A Whisper artifact loaded for transcription: ``Transcriber("w.edgert").transcribe("a.wav").text``."""
 
-    def __init__(self, artifact: str | Path | Artifact, threads: int | None = None, speculative: str | None = None):
-        """``speculative``: ``self:k=4[,skip=...|,exit=N]`` drafts greedy decoding with the decoder's own layers."""
+    def __init__(
+        self,
+        artifact: str | Path | Artifact,
+        threads: int | None = None,
+        speculative: str | None = None,
+        exit: str | None = None,
+    ):
+        """``speculative``: ``self:k=4[,skip=...|,exit=N]`` drafts greedy decoding with the decoder's own layers;
+        ``exit``: an early-exit policy (``confidence:0.9``, ``static:3``, ...) for the decoder's greedy steps."""
         art = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
         if art.family != "whisper":
             raise AudioError(f"{art.path}: a '{art.family}' model cannot transcribe speech (need a Whisper artifact)")
@@ -151,6 +158,14 @@ class Transcriber:
             from edgert.runtime.seq2seq_speculative import parse_seq2seq_speculative
 
             self.speculative = parse_seq2seq_speculative(speculative, self.model)
+        self.early_exit = None
+        if exit:
+            if speculative:
+                raise EdgertError("choose --speculative or --exit, not both")
+            from edgert.runtime.exits import parse_exit_policy
+            from edgert.runtime.seq2seq_speculative import EarlyExitSeq2Seq
+
+            self.early_exit = EarlyExitSeq2Seq(self.model, parse_exit_policy(exit, self.model))
 
     # -- pieces -------------------------------------------------------------------------
     def load_audio(self, audio: str | Path | np.ndarray | Audio, sample_rate: int | None = None) -> Audio:
@@ -196,12 +211,13 @@ class Transcriber:
             no_speech[0] = float(np.exp(log_softmax(logits)[c["no_speech"]]))
 
         rules = [WhisperRules(c, timestamps, max_initial_timestamp)]
-        if beam_size > 1 and self.speculative is not None:
-            raise EdgertError("speculative decoding is greedy: transcribe with beam size 1")
+        if beam_size > 1 and (self.speculative is not None or self.early_exit is not None):
+            raise EdgertError("speculative decoding and early exit are greedy: transcribe with beam size 1")
         if beam_size > 1:
             hyp = self.model.beam(cross, prompt, c["eot"], max_new, beam_size, processors=rules, on_first_logits=first)
         else:
             greedy = self.speculative.greedy if self.speculative is not None else self.model.greedy
+            greedy = self.early_exit.greedy if self.early_exit is not None else greedy
             hyp = greedy(cross, prompt, c["eot"], max_new, processors=rules, on_first_logits=first)
         return hyp, no_speech[0]
 
