@@ -608,19 +608,36 @@ def transcribe(
     ] = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
+    speculative: Annotated[
+        str | None,
+        typer.Option(
+            "--speculative",
+            help="Greedy decoding drafted by the decoder's own layers: self:k=4, self:k=4,skip=2 or self:k=3,exit=2.",
+        ),
+    ] = None,
+    exit_policy: Annotated[
+        str | None,
+        typer.Option("--exit", help="Early exit in the decoder's greedy steps: confidence:0.9, entropy:0.5, static:3."),
+    ] = None,
 ) -> None:
     """Transcribe speech in AUDIO with a Whisper artifact, printing timestamped segments."""
     from edgert.runtime.audio import read_wav
     from edgert.runtime.transcriber import Transcriber, TranscriptionStats
 
     if device is not None:
+        if speculative or exit_policy:
+            raise EdgertError("--speculative and --exit run on this machine only; drop --device to use them")
         _transcribe_on_device(artifact, audio, device, beam, stream, as_json, threads)
         return
     beam_size = beam
     audio_read = read_wav(audio)  # Whisper hears 16 kHz; bad audio fails here, before the model loads
-    transcriber = Transcriber(artifact, threads=threads)
+    transcriber = Transcriber(artifact, threads=threads, speculative=speculative, exit=exit_policy)
     if beam_size is None:
-        beam_size = int(transcriber.artifact.manifest.get("defaults", {}).get("beam_size", 1))
+        beam_size = (
+            1
+            if speculative or exit_policy
+            else int(transcriber.artifact.manifest.get("defaults", {}).get("beam_size", 1))
+        )
     loaded = transcriber.load_audio(audio_read)
     if loaded.resampled:
         err.print(f"[dim]resampled {loaded.source_rate} Hz -> {loaded.sample_rate} Hz with soxr[/]")
@@ -645,10 +662,23 @@ def transcribe(
                     "beam_size": beam_size,
                     "resampled_from": loaded.source_rate if loaded.resampled else None,
                     "stats": stats.to_dict(),
+                    **({"speculative": transcriber.speculative.stats.to_dict()} if transcriber.speculative else {}),
+                    **({"early_exit": transcriber.early_exit.stats()} if transcriber.early_exit else {}),
                 }
             )
         )
         return
+    if transcriber.speculative is not None:
+        s = transcriber.speculative.stats
+        err.print(
+            f"[dim]speculative: {s.accepted}/{s.drafted} drafts accepted "
+            f"({s.acceptance_rate:.2f}), {s.rounds} rounds[/]"
+        )
+    if transcriber.early_exit is not None:
+        e = transcriber.early_exit
+        err.print(
+            f"[dim]early exit {e.policy.name}: {e.mean_layers:.2f} of {e.layers.num_layers} decoder layers per token[/]"
+        )
     err.print(
         f"[dim]{stats.audio_seconds:.1f} s of audio in {stats.total_seconds:.2f} s "
         f"(real-time factor {stats.real_time_factor:.3f}; encoder {stats.encode_seconds:.2f} s, "

@@ -161,6 +161,7 @@ def _entry_points(cfg: Any, cross: list[int]) -> dict[str, Any]:
             ],
             "outputs": [{**logits, "shape": ["batch", 1, cfg.vocab_size]}, cache],
         },
+        **_layer_entry_points(cfg, kv, cache),
         "create_kv_cache": {
             "inputs": [
                 "max_batch_size",
@@ -172,3 +173,21 @@ def _entry_points(cfg: Any, cross: list[int]) -> dict[str, Any]:
             "outputs": [cache],
         },
     }
+
+
+def _layer_entry_points(cfg: Any, kv: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
+    """``embed``, ``layer_<i>``, ``kv_fill_<i>`` and ``head``: the decoder in pieces (drafting, early exit)."""
+    ids = {"dtype": "int32", "shape": [1, "seq_len"]}
+    hidden = {"name": "h", "dtype": "float32", "shape": [1, "seq_len", cfg.d_model]}
+    attn = {"name": "attention", "dtype": "float32", "shape": [1, "seq_len", cfg.num_heads, cfg.head_dim]}
+    entries: dict[str, Any] = {
+        "embed": {"inputs": [{"name": "input_ids", **ids}, {"name": "positions", **ids}], "outputs": [hidden]},
+        "head": {
+            "inputs": [hidden],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "seq_len", cfg.vocab_size]}],
+        },
+    }
+    for i in range(cfg.decoder_layers):
+        entries[f"layer_{i}"] = {"inputs": [hidden, kv, cache], "outputs": [hidden, cache]}
+        entries[f"kv_fill_{i}"] = {"inputs": [hidden, cache], "outputs": [attn, cache]}
+    return entries

@@ -22,6 +22,7 @@ per window. Weight names follow CTranslate2's `WhisperSpec` (the `model.bin` of 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -271,14 +272,57 @@ class WhisperModel(EncoderDecoder):
         """(decoder layers, heads, head width) of the self-attention cache."""
         return self.cfg.decoder_layers, self.cfg.num_heads, self.cfg.head_dim
 
+    # -- the decoder in pieces (self-speculative drafting, early exit) --------------------
+    # As for the Llama family: one Relax function per layer, the sequence length symbolic so
+    # one form serves a draft step (1 token) and a verify pass (k + 1 tokens).
+
+    def embed(self, input_ids: Tensor, positions: Tensor) -> Tensor:
+        """Token + position embeddings [1, s, d] of the decoder input."""
+        return self.embed_tokens(input_ids) + self.embed_positions(positions)
+
+    def layer(self, layer_id: int, h: Tensor, cross_kv: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """Decoder layer ``layer_id`` on hidden states [1, s, d], writing its self-attention KV entries."""
+        return self.decoder_layers[layer_id](h, cross_kv, cache, layer_id), cache
+
+    def kv_fill(self, layer_id: int, h: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """Copy-forward (CALM): write layer ``layer_id``'s self-attention KV from ``h`` without the rest of it."""
+        cfg = self.cfg
+        block = self.decoder_layers[layer_id]
+        b, s, _ = h.shape
+        qkv = op.reshape(block.self_qkv(block.self_norm(h)), (b, s, 3 * cfg.num_heads, cfg.head_dim))
+        return cache.attention_with_fused_qkv(layer_id, qkv, cfg.num_heads, sm_scale=cfg.head_dim**-0.5), cache
+
+    def head(self, h: Tensor) -> Tensor:
+        """Final norm and tied head on hidden states [1, s, d] -> logits [1, s, vocab]."""
+        logits = self.lm_head(self.decoder_norm(h))
+        vocab = self.cfg.vocab_size
+        return op.tensor_expr_op(
+            lambda y: te.compute((y.shape[0], y.shape[1], vocab), lambda i, j, k: y[i, j, k], name="vocab"),
+            "vocab",
+            [logits],
+        )
+
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         """Entry points and their shapes, as exported to Relax."""
         cfg = self.cfg
         packed = {"param_mode": "packed", "effect_mode": "none"}
         cross = nn.spec.Tensor([2 * cfg.decoder_layers, cfg.num_heads, cfg.audio_ctx * cfg.head_dim], "float32")
+        cache = nn.spec.Object(object_type=PagedKVCache)
+        hidden = nn.spec.Tensor([1, "seq_len", cfg.d_model], "float32")
+        ids = nn.spec.Tensor([1, "seq_len"], "int32")
+        for i in range(cfg.decoder_layers):  # the exporter looks entry points up as attributes
+            object.__setattr__(self, f"layer_{i}", functools.partial(self.layer, i))
+            object.__setattr__(self, f"kv_fill_{i}", functools.partial(self.kv_fill, i))
         spec = {
             "encode": {"mel": nn.spec.Tensor([1, cfg.n_mels, N_FRAMES], "float32"), "$": packed},
             **self.decoder_spec(cross),
+            "embed": {"input_ids": ids, "positions": ids, "$": packed},
+            "head": {"h": hidden, "$": packed},
+            **{
+                f"layer_{i}": {"h": hidden, "cross_kv": cross, "cache": cache, "$": packed}
+                for i in range(cfg.decoder_layers)
+            },
+            **{f"kv_fill_{i}": {"h": hidden, "cache": cache, "$": packed} for i in range(cfg.decoder_layers)},
         }
         return nn.spec.ModuleSpec.from_raw(spec, self)
 

@@ -43,6 +43,7 @@ class SequenceCache:
         self._fork = get("vm.builtin.kv_state_fork_sequence")
         self._remove = get("vm.builtin.kv_state_remove_sequence")
         self._clear = get("vm.builtin.kv_state_clear")
+        self._popn = get("vm.builtin.kv_state_popn")
         self.max_length = max_length
         # Forking keeps parents alive until their children exist: room for two generations.
         self.obj = session.vm["create_kv_cache"](
@@ -86,6 +87,12 @@ class SequenceCache:
         self._end(self.obj)
         for seq, n in self._pending:
             self.lengths[seq] += n
+
+    def popn(self, seq: int, n: int) -> None:
+        """Forget the last ``n`` tokens of ``seq`` (rejected speculative drafts)."""
+        if n > 0:
+            self._popn(self.obj, seq, n)
+            self.lengths[seq] -= n
 
     def reset(self) -> None:
         """Forget every sequence."""

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from edgert.errors import EdgertError
 from edgert.runtime.artifact import Artifact, open_artifact
 from edgert.runtime.audio import Audio, AudioError, log_mel, prepare, read_wav
 from edgert.runtime.seq2seq import Hypothesis, Seq2Seq, log_softmax
@@ -132,7 +133,15 @@ class WhisperRules:
 class Transcriber:
     """A Whisper artifact loaded for transcription: ``Transcriber("w.edgert").transcribe("a.wav").text``."""
 
-    def __init__(self, artifact: str | Path | Artifact, threads: int | None = None):
+    def __init__(
+        self,
+        artifact: str | Path | Artifact,
+        threads: int | None = None,
+        speculative: str | None = None,
+        exit: str | None = None,
+    ):
+        """``speculative``: ``self:k=4[,skip=...|,exit=N]`` drafts greedy decoding with the decoder's own layers;
+        ``exit``: an early-exit policy (``confidence:0.9``, ``static:3``, ...) for the decoder's greedy steps."""
         art = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
         if art.family != "whisper":
             raise AudioError(f"{art.path}: a '{art.family}' model cannot transcribe speech (need a Whisper artifact)")
@@ -144,6 +153,19 @@ class Transcriber:
         self.n_frames = int(audio["frames"])
         self.sample_rate = int(self.config["sample_rate"])
         self.tokenizer = TextTokenizer(art.read_text(art.manifest["tokenizer"]["file"]), {})
+        self.speculative = None
+        if speculative:
+            from edgert.runtime.seq2seq_speculative import parse_seq2seq_speculative
+
+            self.speculative = parse_seq2seq_speculative(speculative, self.model)
+        self.early_exit = None
+        if exit:
+            if speculative:
+                raise EdgertError("choose --speculative or --exit, not both")
+            from edgert.runtime.exits import parse_exit_policy
+            from edgert.runtime.seq2seq_speculative import EarlyExitSeq2Seq
+
+            self.early_exit = EarlyExitSeq2Seq(self.model, parse_exit_policy(exit, self.model))
 
     # -- pieces -------------------------------------------------------------------------
     def load_audio(self, audio: str | Path | np.ndarray | Audio, sample_rate: int | None = None) -> Audio:
@@ -189,10 +211,14 @@ class Transcriber:
             no_speech[0] = float(np.exp(log_softmax(logits)[c["no_speech"]]))
 
         rules = [WhisperRules(c, timestamps, max_initial_timestamp)]
+        if beam_size > 1 and (self.speculative is not None or self.early_exit is not None):
+            raise EdgertError("speculative decoding and early exit are greedy: transcribe with beam size 1")
         if beam_size > 1:
             hyp = self.model.beam(cross, prompt, c["eot"], max_new, beam_size, processors=rules, on_first_logits=first)
         else:
-            hyp = self.model.greedy(cross, prompt, c["eot"], max_new, processors=rules, on_first_logits=first)
+            greedy = self.speculative.greedy if self.speculative is not None else self.model.greedy
+            greedy = self.early_exit.greedy if self.early_exit is not None else greedy
+            hyp = greedy(cross, prompt, c["eot"], max_new, processors=rules, on_first_logits=first)
         return hyp, no_speech[0]
 
     def text_of(self, tokens: Sequence[int]) -> str:

@@ -1,0 +1,89 @@
+"""Self-speculative greedy decoding on Whisper tiny.en's decoder: identical to plain greedy decoding.
+
+The draft skips decoder layers (or exits after the first ones) and shares the window's
+cross-attention K/V with the verify pass; the transcript must match the plain greedy one token
+for token on the Whisper test audio (which itself matches faster-whisper, tests/test_whisper.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from test_whisper import beckett_wav
+
+from edgert.errors import EdgertError
+from edgert.runtime.audio import read_wav
+
+pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def beckett_plain(transcriber):
+    samples = read_wav(beckett_wav()).samples
+    return samples, transcriber.transcribe(samples, beam_size=1)
+
+
+@pytest.mark.parametrize("spec", ["self:k=4", "self:k=3,exit=2"])
+def test_speculative_transcript_identical(whisper_artifact: Path, beckett_plain, spec: str) -> None:
+    from edgert.runtime.transcriber import Transcriber
+
+    samples, plain = beckett_plain
+    fast = Transcriber(whisper_artifact, speculative=spec)
+    ours = fast.transcribe(samples, beam_size=1)
+    assert [s.tokens for s in ours.segments] == [s.tokens for s in plain.segments]
+    assert ours.text == plain.text and len(plain.text) > 40
+    assert [(s.start, s.end) for s in ours.segments] == [(s.start, s.end) for s in plain.segments]
+    for a, b in zip(ours.segments, plain.segments, strict=True):
+        assert a.avg_logprob == pytest.approx(b.avg_logprob, abs=1e-3)
+    stats = fast.speculative.stats
+    assert stats.drafted > 0 and 0 < stats.accepted <= stats.drafted
+    # each verify pass emits its accepted drafts plus one token: fewer full-decoder passes than tokens
+    full_passes = stats.rounds + fast.model.calls["decode"]
+    assert full_passes < sum(len(s.tokens) for s in plain.segments)
+    with pytest.raises(EdgertError, match="greedy"):
+        fast.decode_window(fast.encode(fast.features(samples[:16000])), beam_size=5)
+
+
+def test_speculative_cli_reports_acceptance(whisper_artifact: Path, beckett_plain) -> None:
+    _, plain = beckett_plain
+    proc = run_cli("transcribe", str(whisper_artifact), str(beckett_wav()), "--speculative", "self:k=4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["text"] == plain.text and out["beam_size"] == 1
+    assert 0 < out["speculative"]["acceptance_rate"] <= 1
+
+
+def test_early_exit_decoder(whisper_artifact: Path, beckett_plain) -> None:
+    """Confidence 0.9 (agreement 1.0 on espeak-ng speech, measured apart from this audio) skips layers
+    on some tokens and keeps the transcript; static depth runs exactly that many layers per token."""
+    from edgert.runtime.transcriber import Transcriber
+
+    samples, plain = beckett_plain
+    t = Transcriber(whisper_artifact, exit="confidence:0.9")
+    ours = t.transcribe(samples, beam_size=1)
+    assert ours.text == plain.text
+    assert 3.0 < t.early_exit.mean_layers < 4.0 and len(t.early_exit.depths) >= len(plain.segments)
+    proc = run_cli("transcribe", str(whisper_artifact), str(beckett_wav()), "--exit", "static:2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    stats = json.loads(proc.stdout)["early_exit"]
+    assert stats["mean_layers"] == 2.0 and stats["tokens"] > 0 and stats["policy"] == "static:2"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("self:k=4,skip=0-3", "draft layers"),
+        ("self:k=0", "k must be"),
+        ("model:x.edgert", "drafts with itself"),
+        ("self:k=2,exit=4", "exit must be"),
+        ("self:k=2,depth=1", "unknown option"),
+    ],
+)
+def test_speculative_bad_spec(transcriber, spec: str, message: str) -> None:
+    from edgert.runtime.seq2seq_speculative import parse_seq2seq_speculative
+
+    with pytest.raises(EdgertError, match=message):
+        parse_seq2seq_speculative(spec, transcriber.model)
