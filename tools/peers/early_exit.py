@@ -1,13 +1,15 @@
-"""Adaptive depth on SmolLM2: the full model vs early exit, self-speculative and two-model speculative decoding.
+"""Adaptive depth on SmolLM2 and Whisper tiny.en: the full model vs early exit and speculative decoding.
 
 No peer runtime ships these, so the "peer" column is the full model in edgert itself: the
 ratio is the speedup. Each case decodes the recipe's reference prompts (chat, greedy) and
 reports decode tokens/s (total decode time over tokens after the first, median over
 ``--repeats``) and agreement with the full model: teacher-forced top-1 agreement for early
-exit, identical output (yes/no) and acceptance rate for speculative decoding.
+exit, identical output (yes/no) and acceptance rate for speculative decoding. The Whisper
+rows (`peers.early_exit_whisper`) time the decoder on the same speech the tests use.
 
     python tools/bench_peers.py --early-exit --threads 2
-    python tools/bench_peers.py --early-exit --ee-artifact cal.edgert --ee-f32-artifact f32.edgert
+    python tools/bench_peers.py --early-exit --ee-artifact cal.edgert --ee-f32-artifact f32.edgert \
+        --ee-whisper-artifact whisper-tiny.en.edgert
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 if __package__ in (None, ""):
     sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
 
-from peers import Row  # noqa: E402
+from peers import Row, early_exit_whisper  # noqa: E402
 
 NAME = "early_exit"
-HELP = "SmolLM2: early-exit policies and speculative decoding vs the full model (--early-exit)"
+HELP = "SmolLM2, Whisper: early-exit policies and speculative decoding vs the full model (--early-exit)"
 BASE = "full model"
 
 
@@ -38,6 +40,7 @@ def add_arguments(group: Any) -> None:
     group.add_argument("--ee-prompts", type=int, default=4, help="reference prompts per case")
     group.add_argument("--ee-tokens", type=int, default=64, help="tokens per prompt")
     group.add_argument("--ee-k", type=int, default=4, help="draft length of speculative decoding")
+    early_exit_whisper.add_arguments(group)
 
 
 def _prepare(args: Any) -> Path:
@@ -140,6 +143,7 @@ def run(args: Any) -> list[Row]:
                 },
             )
         )
+    rows.extend(early_exit_whisper.whisper_rows(args))
     if args.ee_artifact is None:
         shutil.rmtree(Path(art).parent, ignore_errors=True)
     return rows
