@@ -59,6 +59,7 @@ def compile_model(
     threads: int | None = None,
     as_dir: bool = False,
     progress: Progress = _quiet,
+    audio_ctx: int | None = None,
     **graph_options: Any,
 ) -> CompileResult:
     """Compile a recipe name, a GGUF path or a codec folder for ``target`` into an artifact at ``output``.
@@ -66,10 +67,12 @@ def compile_model(
     ``quant`` (source, q4, q8, f16, f32; see `edgert.compiler.quantize`) chooses the weight
     storage; ``weight_dtype`` (f16 or f32) is the older name for the float choices.
     An .onnx or .tflite file goes to `compile_graph` (options ``quant``, ``input_shapes``).
+    ``audio_ctx`` (Whisper only) shortens the encoder's window to that many 20 ms positions.
     """
     if Path(str(model)).suffix.lower() in (".onnx", ".tflite"):
         from edgert.compiler.graph_build import compile_graph
 
+        _no_audio_ctx(audio_ctx, model)
         return compile_graph(
             model,
             target=target,
@@ -93,13 +96,15 @@ def compile_model(
 
     codec_folder, codec_recipe = codec_source(model)
     if codec_folder is not None:
+        _no_audio_ctx(audio_ctx, model)
         return compile_codec(codec_folder, target, output, weight_dtype, threads, as_dir, codec_recipe, progress)
     spec = load_target(target)
     source, recipe = _resolve_source(model)
     if _is_whisper(source, recipe):
         from edgert.compiler.build_whisper import compile_whisper
 
-        return compile_whisper(source, recipe, spec, output, weight_dtype, threads, as_dir, progress)
+        return compile_whisper(source, recipe, spec, output, weight_dtype, threads, as_dir, progress, audio_ctx)
+    _no_audio_ctx(audio_ctx, model)
     from edgert.compiler.build_marian import compile_marian, is_marian_dir
 
     if recipe is None and is_marian_dir(source):
@@ -228,6 +233,11 @@ def _main_dtype(arrays: dict[str, Any]) -> str:
     for a in arrays.values():
         totals[str(a.dtype)] = totals.get(str(a.dtype), 0) + a.nbytes
     return max(totals, key=totals.__getitem__)
+
+
+def _no_audio_ctx(audio_ctx: int | None, model: str) -> None:
+    if audio_ctx is not None:
+        raise EdgertError(f"--audio-ctx applies to Whisper models only, not to '{model}'")
 
 
 def _is_whisper(source: Path, recipe: Recipe | None) -> bool:
