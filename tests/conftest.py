@@ -60,6 +60,15 @@ def transcriber(whisper_artifact: Path):
 
 
 @pytest.fixture(scope="session")
+def whisper_short_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Whisper tiny.en for the host with a 6 s encoder window (`--audio-ctx 300`), as the board test builds it."""
+    out = tmp_path_factory.mktemp("artifacts") / "whisper-tiny.en-ctx300.edgert"
+    proc = run_cli("compile", "whisper-tiny.en", "--target", "host", "--audio-ctx", "300", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
 def whisper_model_dir() -> Path:
     """The CTranslate2 Whisper tiny.en folder (model.bin, config.json, tokenizer.json)."""
     from edgert.compiler.recipes import load_recipe

@@ -114,6 +114,43 @@ def test_long_audio_seeks_window_by_window(transcriber, reference, tmp_path: Pat
     assert wer(" ".join(SENTENCES * 2), ours.text) < 0.5
 
 
+def test_short_window_build_gives_the_full_builds_words(
+    whisper_short_artifact: Path, transcriber, tmp_path: Path
+) -> None:
+    """`--audio-ctx 300`: a 6 s encoder window recorded in the manifest; a 5.4 s sentence gets the full
+    30 s build's words, and longer audio is cut and sought by the 6 s window."""
+    from edgert.runtime.transcriber import Transcriber
+
+    short = Transcriber(whisper_short_artifact)
+    manifest = short.artifact.manifest
+    assert manifest["audio"]["audio_ctx"] == 300 and manifest["audio"]["trained_audio_ctx"] == 1500
+    assert manifest["audio"]["frames"] == 600 and short.window_seconds == 6.0
+    assert manifest["entry_points"]["encode"]["inputs"][0]["shape"] == [1, 80, 600]
+    assert manifest["kv_cache"]["cross"]["shape"][2] == 300 * 64
+    assert transcriber.artifact.manifest["audio"]["frames"] == 3000  # the default build keeps 30 s
+    samples = synthesize(SENTENCES[1], tmp_path / "stella.wav")
+    assert 4.0 < len(samples) / 16000 < 6.0
+    got, want = short.transcribe(samples), transcriber.transcribe(samples)
+    assert got.stats.windows == want.stats.windows == 1
+    assert words(got.text) == words(want.text) and "stella" in words(got.text)
+    beckett = short.transcribe(read_wav(beckett_wav()))  # 10 s: two 6 s windows
+    assert beckett.stats.windows == 2
+    assert [s.start >= 6.0 for s in beckett.segments] == sorted(s.start >= 6.0 for s in beckett.segments)
+    assert all(s.end <= 6.0 for s in beckett.segments if s.start < 6.0)  # no timestamp past the window
+    assert beckett.segments[-1].start >= 6.0 and "fail better" in " ".join(words(beckett.text))
+
+
+def test_audio_ctx_out_of_range_is_refused() -> None:
+    from edgert.errors import UnsupportedModelError
+    from edgert.families.whisper import WhisperConfig
+
+    full = WhisperConfig(80, 384, 4, 4, 6, 51864, audio_ctx=1500, text_ctx=448, ffn_dim=1536)  # tiny.en
+    assert full.with_window(None) is full and full.with_window(1500).mel_frames == 3000
+    for bad in (0, 1501):
+        with pytest.raises(UnsupportedModelError, match=f"audio context {bad} is outside 1..1500"):
+            full.with_window(bad)
+
+
 def test_cli_transcribe_text_and_json(whisper_artifact: Path, tmp_path: Path) -> None:
     proc = run_cli("transcribe", str(whisper_artifact), str(beckett_wav()), "--beam", "1")
     assert proc.returncode == 0, proc.stderr

@@ -62,6 +62,7 @@ def compile_model(
     progress: Progress = _quiet,
     library_cache: str | Path | None = None,
     activations: str | None = None,
+    audio_ctx: int | None = None,
     **graph_options: Any,
 ) -> CompileResult:
     """Compile a recipe name, a GGUF path or a codec folder for ``target`` into an artifact at ``output``.
@@ -74,6 +75,7 @@ def compile_model(
     ``activations`` (GGUF models): ``f32`` (default) multiplies float activations with the
     dequantized q4/q8 weights; ``int8`` quantizes the decode activations to int8 and uses
     integer dot products (`edgert.compiler.kernels_int8`; x86 AVX2 or aarch64 dotprod).
+    ``audio_ctx`` (Whisper only) shortens the encoder's window to that many 20 ms positions.
     """
     if Path(str(model)).suffix.lower() in (".onnx", ".tflite"):
         from edgert.compiler.graph_build import compile_graph
@@ -81,6 +83,7 @@ def compile_model(
         if activations not in (None, "f32"):
             raise EdgertError(f"--activations {activations} applies to GGUF models, not to .onnx/.tflite graphs")
 
+        _no_audio_ctx(audio_ctx, model)
         return compile_graph(
             model,
             target=target,
@@ -104,13 +107,15 @@ def compile_model(
 
     codec_folder, codec_recipe = codec_source(model)
     if codec_folder is not None:
+        _no_audio_ctx(audio_ctx, model)
         return compile_codec(codec_folder, target, output, weight_dtype, threads, as_dir, codec_recipe, progress)
     spec = load_target(target)
     source, recipe = _resolve_source(model)
     if _is_whisper(source, recipe):
         from edgert.compiler.build_whisper import compile_whisper
 
-        return compile_whisper(source, recipe, spec, output, weight_dtype, threads, as_dir, progress)
+        return compile_whisper(source, recipe, spec, output, weight_dtype, threads, as_dir, progress, audio_ctx)
+    _no_audio_ctx(audio_ctx, model)
     from edgert.compiler.build_marian import compile_marian, is_marian_dir
 
     if recipe is None and is_marian_dir(source):
@@ -282,6 +287,11 @@ def _main_dtype(arrays: dict[str, Any]) -> str:
     for a in arrays.values():
         totals[str(a.dtype)] = totals.get(str(a.dtype), 0) + a.nbytes
     return max(totals, key=totals.__getitem__)
+
+
+def _no_audio_ctx(audio_ctx: int | None, model: str) -> None:
+    if audio_ctx is not None:
+        raise EdgertError(f"--audio-ctx applies to Whisper models only, not to '{model}'")
 
 
 def _is_whisper(source: Path, recipe: Recipe | None) -> bool:

@@ -18,7 +18,8 @@ from edgert.targets import TargetSpec
 
 MEL_FILTERS = "audio.mel_filters"  # extra tensor in weights.safetensors, outside the entry points' order
 MAX_BEAMS = 8
-# Projections that run over the 1500 encoder frames: the many-row GEMM kernel (the decoder keeps GEMVs).
+# Projections that run over the encoder's frames (1500 in a full window): the many-row GEMM kernel
+# (the decoder keeps GEMVs).
 ENCODER_GEMMS = r"conv\d\.matmul|encoder_layers\.\d+\.\w+|decoder_layers\.\d+\.cross_kv"
 
 
@@ -31,8 +32,13 @@ def compile_whisper(
     threads: int | None,
     as_dir: bool,
     progress: Any,
+    audio_ctx: int | None = None,
 ) -> Any:
-    """Read ``source`` (a `model.bin` or its folder), build encode/prefill/decode, write the artifact."""
+    """Read ``source`` (a `model.bin` or its folder), build encode/prefill/decode, write the artifact.
+
+    ``audio_ctx`` (encoder positions, 20 ms each; default the model's 1500 = 30 s) shortens the
+    encoder's window: the runtime then pads or cuts audio to that length and seeks by it.
+    """
     import tvm
     from tvm import relax
 
@@ -53,7 +59,9 @@ def compile_whisper(
 
     progress("reading model", None)
     ct2 = read_ct2(source)
-    cfg = whisper.WhisperConfig.from_ct2(ct2)
+    full = whisper.WhisperConfig.from_ct2(ct2)
+    audio_ctx = audio_ctx if audio_ctx is not None else options.get("audio_ctx")
+    cfg = full.with_window(audio_ctx)
     tokenizer_path = model_dir / "tokenizer.json"
     if not tokenizer_path.is_file():
         raise ModelFileError(f"{model_dir}: tokenizer.json is missing (it ships next to model.bin)")
@@ -115,7 +123,13 @@ def compile_whisper(
                 "head_dim": cfg.head_dim,
                 "cross": {"shape": cross, "dtype": "float32", "filled_by": "encode"},
             },
-            "audio": {"mel_filters": MEL_FILTERS, "n_mels": cfg.n_mels, "frames": whisper.N_FRAMES},
+            "audio": {
+                "mel_filters": MEL_FILTERS,
+                "n_mels": cfg.n_mels,
+                "frames": cfg.mel_frames,  # one encoder window, in 10 ms mel frames
+                "audio_ctx": cfg.audio_ctx,
+                "trained_audio_ctx": full.audio_ctx,
+            },
             "whisper": decoding,
             "weights": {
                 "file": "weights.safetensors",
@@ -140,7 +154,7 @@ def _entry_points(cfg: Any, cross: list[int]) -> dict[str, Any]:
     logits = {"name": "logits", "dtype": "float32"}
     return {
         "encode": {
-            "inputs": [{"name": "mel", "dtype": "float32", "shape": [1, cfg.n_mels, 3000]}],
+            "inputs": [{"name": "mel", "dtype": "float32", "shape": [1, cfg.n_mels, cfg.mel_frames]}],
             "outputs": [kv],
         },
         "prefill": {

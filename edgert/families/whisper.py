@@ -1,8 +1,9 @@
 """Whisper (OpenAI's speech recognizer) as its equations.
 
-Encoder, once per 30 s window of log-mel frames m [n_mels, 3000]:
+Encoder, once per window of log-mel frames m [n_mels, 2 * audio_ctx] (30 s, 3000 frames, as trained;
+a build may take a shorter window, as whisper.cpp's ``--audio-ctx`` does, see `WhisperConfig.with_window`):
 
-    h = GELU(conv1d(GELU(conv1d(m, W1, stride 1)), W2, stride 2)) + P_sin      [1500, d]
+    h = GELU(conv1d(GELU(conv1d(m, W1, stride 1)), W2, stride 2)) + P_sin[:audio_ctx]   [audio_ctx, d]
     for each layer:  h = h + Wo · Attn(Wq · n, Wk · n, Wv · n),  n = LN(h)
                      h = h + W2 · GELU(W1 · n),                  n = LN(h)
     e = LN(h);  for each decoder layer l:  (K_l, V_l) = Wkv_l · e      (the cross-attention cache)
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -35,8 +36,6 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
 from edgert.errors import ModelFileError, UnsupportedModelError
 from edgert.families.seq2seq import EncoderDecoder
-
-N_FRAMES = 3000  # 30 s of 10 ms mel frames: one encoder window
 
 
 @dataclass
@@ -52,6 +51,25 @@ class WhisperConfig:
     audio_ctx: int  # encoder positions (frames after the stride-2 conv)
     text_ctx: int  # decoder positions
     ffn_dim: int
+
+    @property
+    def mel_frames(self) -> int:
+        """Log-mel frames (10 ms each) of one encoder window: two per encoder position."""
+        return 2 * self.audio_ctx
+
+    def with_window(self, audio_ctx: int | None) -> WhisperConfig:
+        """This config with an encoder window of ``audio_ctx`` positions (20 ms each; None keeps it).
+
+        A shorter window costs less to encode (the attention is quadratic in it) but the model was
+        trained on 30 s windows only, so accuracy can drop (whisper.cpp says the same of `--audio-ctx`).
+        """
+        if audio_ctx is None:
+            return self
+        if not 1 <= audio_ctx <= self.audio_ctx:
+            raise UnsupportedModelError(
+                f"audio context {audio_ctx} is outside 1..{self.audio_ctx} (the model's encoder positions)"
+            )
+        return replace(self, audio_ctx=int(audio_ctx))
 
     @property
     def head_dim(self) -> int:
@@ -238,10 +256,10 @@ class WhisperModel(EncoderDecoder):
         self.lm_head = nn.Linear(d, cfg.padded_vocab, bias=False)
 
     def encode(self, mel: Tensor) -> Tensor:
-        """Log-mel frames [1, n_mels, 3000] -> cross-attention K/V [layers * 2, heads, head_dim * 1500]:
+        """Log-mel frames [1, n_mels, 2 * audio_ctx] -> cross-attention K/V [layers * 2, heads, head_dim * audio_ctx]:
         per layer the keys transposed [heads, head_dim, frames], then the values [heads, frames, head_dim]."""
         cfg = self.cfg
-        x = op.permute_dims(op.reshape(mel, (cfg.n_mels, N_FRAMES)), [1, 0])
+        x = op.permute_dims(op.reshape(mel, (cfg.n_mels, cfg.mel_frames)), [1, 0])
         h = self.conv2(self.conv1(x))
         h = h + self.encoder_positions
         for layer in self.encoder_layers:
@@ -314,7 +332,7 @@ class WhisperModel(EncoderDecoder):
             object.__setattr__(self, f"layer_{i}", functools.partial(self.layer, i))
             object.__setattr__(self, f"kv_fill_{i}", functools.partial(self.kv_fill, i))
         spec = {
-            "encode": {"mel": nn.spec.Tensor([1, cfg.n_mels, N_FRAMES], "float32"), "$": packed},
+            "encode": {"mel": nn.spec.Tensor([1, cfg.n_mels, cfg.mel_frames], "float32"), "$": packed},
             **self.decoder_spec(cross),
             "embed": {"input_ids": ids, "positions": ids, "$": packed},
             "head": {"h": hidden, "$": packed},
@@ -352,7 +370,8 @@ def ct2_weights(model: Any, cfg: WhisperConfig) -> Iterator[tuple[str, np.ndarra
         w = model.tensor(f"encoder/conv{i}/weight")
         yield f"conv{i}.matmul.proj.weight", w.reshape(w.shape[0], -1)
         yield f"conv{i}.matmul.bias", model.tensor(f"encoder/conv{i}/bias")
-    yield "encoder_positions", model.tensor("encoder/position_encodings/encodings")
+    # A shorter window keeps the first positions of the sinusoidal table (whisper.cpp's --audio-ctx).
+    yield "encoder_positions", model.tensor("encoder/position_encodings/encodings")[: cfg.audio_ctx]
     for i in range(cfg.encoder_layers):
         p, s = f"encoder_layers.{i}.", f"encoder/layer_{i}/"
         yield from norm(p + "attn_norm", s + "self_attention/layer_norm")

@@ -4,9 +4,9 @@ Chunks (0.5–1 s, as from a microphone) go through silero-vad (`VoiceActivity`)
 lasts, the utterance so far is re-decoded every ``partial_every`` chunks that brought new speech
 (a chunk of silence alone does not re-run the encoder); the words two consecutive hypotheses
 agree on are committed (the local-agreement policy) and never change again. When the VAD hears
-``min_silence`` of silence, or the utterance reaches the 30 s window, the utterance gets its
-final text: the last hypothesis when that one already heard all of the speech and its padding
-(no encoder run at all), else one more decode of the whole utterance (which may revise
+``min_silence`` of silence, or the utterance fills the encoder window (30 s unless built with
+`--audio-ctx`), it gets its final text: the last hypothesis when that one already heard all of the
+speech and its padding (no encoder run at all), else one more decode of the whole utterance (which may revise
 uncommitted and, rarely, committed words). Each final carries the latency from the end of
 speech to that text.
 """

@@ -1,6 +1,7 @@
 """Speech to text with a compiled Whisper artifact: `Transcriber`.
 
-Long audio is cut into 30 s windows; after each window the next one starts at the last
+Long audio is cut into encoder windows (30 s, or what the build's ``--audio-ctx`` chose, read
+from the manifest); after each window the next one starts at the last
 timestamp the model emitted (Whisper's seek-by-timestamp), and the text so far conditions the
 next window (``<|startofprev|>`` prompt). Decoding applies Whisper's rules: suppressed
 non-speech tokens, no blank or end token first, timestamps in pairs and non-decreasing, the
@@ -83,12 +84,21 @@ class Transcript:
 class WhisperRules:
     """Whisper's logits rules for one window, in CTranslate2's order (a `LogitsProcessor`)."""
 
-    def __init__(self, config: dict[str, Any], timestamps: bool = True, max_initial_timestamp: float = 1.0):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        timestamps: bool = True,
+        max_initial_timestamp: float = 1.0,
+        window_seconds: float | None = None,
+    ):
         self.suppress = np.array(config["suppress_tokens"], np.int64)
         self.suppress_blank = np.array(config["suppress_blank"], np.int64)
         self.eot, self.no_timestamps = config["eot"], config["no_timestamps"]
         self.ts_begin = config["timestamp_begin"]
         self.max_initial = self.ts_begin + round(max_initial_timestamp / TIME_PRECISION)
+        # A shortened window (--audio-ctx) has no audio past its end: no timestamp may point there.
+        # For the full 30 s window this is the last timestamp token, so nothing changes.
+        self.max_timestamp = None if window_seconds is None else self.ts_begin + round(window_seconds / TIME_PRECISION)
         self.timestamps = timestamps
 
     def __call__(self, step: int, logits: np.ndarray, seqs: Sequence[Sequence[int]]) -> None:
@@ -98,6 +108,8 @@ class WhisperRules:
         if not self.timestamps:
             return
         tb = self.ts_begin
+        if self.max_timestamp is not None:
+            logits[:, self.max_timestamp + 1 :] = -np.inf
         check = []
         for row, seq in enumerate(seqs):
             logits[row, self.no_timestamps] = -np.inf
@@ -150,8 +162,9 @@ class Transcriber:
         self.config = art.manifest["whisper"]
         audio = art.manifest["audio"]
         self.filters = np.ascontiguousarray(art.weights()[audio["mel_filters"]], dtype=np.float32)
-        self.n_frames = int(audio["frames"])
+        self.n_frames = int(audio["frames"])  # one encoder window in mel frames (3000 = 30 s unless --audio-ctx)
         self.sample_rate = int(self.config["sample_rate"])
+        self.window_seconds = self.n_frames * self.config["hop_length"] / self.sample_rate
         self.tokenizer = TextTokenizer(art.read_text(art.manifest["tokenizer"]["file"]), {})
         self.speculative = None
         if speculative:
@@ -181,7 +194,7 @@ class Transcriber:
         return log_mel(samples, self.filters, self.config["n_fft"], self.config["hop_length"])
 
     def encode(self, window: np.ndarray) -> Any:
-        """Mel frames [n_mels, <= 3000] -> the window's cross-attention K/V (zero-padded to 30 s)."""
+        """Mel frames [n_mels, <= n_frames] -> the window's cross-attention K/V (zero-padded to the window)."""
         mel = np.zeros((1, window.shape[0], self.n_frames), np.float32)
         mel[0, :, : min(window.shape[1], self.n_frames)] = window[:, : self.n_frames]
         return self.model.encode(mel)
@@ -210,9 +223,9 @@ class Transcriber:
         def first(logits: np.ndarray) -> None:
             no_speech[0] = float(np.exp(log_softmax(logits)[c["no_speech"]]))
 
-        rules = [WhisperRules(c, timestamps, max_initial_timestamp)]
         if beam_size > 1 and (self.speculative is not None or self.early_exit is not None):
             raise EdgertError("speculative decoding and early exit are greedy: transcribe with beam size 1")
+        rules = [WhisperRules(c, timestamps, max_initial_timestamp, self.window_seconds)]
         if beam_size > 1:
             hyp = self.model.beam(cross, prompt, c["eot"], max_new, beam_size, processors=rules, on_first_logits=first)
         else:
