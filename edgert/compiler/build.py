@@ -94,7 +94,6 @@ def compile_model(
             progress=progress,
             **graph_options,
         )
-    import numpy as np
     import tvm
     from tvm import relax
 
@@ -103,7 +102,6 @@ def compile_model(
     from edgert.frontend import read_gguf
     from edgert.frontend.gguf_tokenizer import build_tokenizer_json, tokenizer_config
     from edgert.frontend.quantized import QuantizedRows
-    from edgert.runtime.tensorfile import write_tensors
 
     codec_folder, codec_recipe = codec_source(model)
     if codec_folder is not None:
@@ -183,24 +181,7 @@ def compile_model(
         seconds["link"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        shapes = {n: tuple(int(d) for d in p.shape) for n, p in named_params}
-        dtypes = {n: p.dtype for n, p in named_params}
-        arrays: dict[str, np.ndarray] = {}
-        for pname, w in weights.items():
-            packed = repack[pname](w) if pname in repack else {pname: np.asarray(w, dtype=dtypes.get(pname))}
-            for n, a in packed.items():
-                if n not in shapes or a.shape != shapes[n] or str(a.dtype) != dtypes[n]:
-                    raise ModelFileError(
-                        f"{source}: weight '{n}' is {a.dtype}{list(a.shape)}, expected "
-                        f"{dtypes.get(n)}{list(shapes.get(n, ()))}"
-                    )
-                arrays[n] = a
-        missing = [n for n in shapes if n not in arrays]
-        if missing:
-            raise ModelFileError(f"{source}: weights missing for {', '.join(missing[:5])}")
-        order = [n for n, _ in named_params]
-        with (stage / "weights.safetensors").open("wb") as fh:
-            write_tensors(fh, {n: arrays[n] for n in order}, {"format": "edgert"})
+        order, arrays = write_weights(named_params, weights.items(), repack, stage, source)
         (stage / "tokenizer.json").write_text(tokenizer_json)
         seconds["pack"] = time.perf_counter() - t
 
@@ -319,9 +300,6 @@ def stage_library_and_weights(
     its exact shape and dtype. ``extra_tensors`` (e.g. Whisper's mel filters) follow the
     parameters, outside the order the entry points take them in.
     """
-    import numpy as np
-
-    from edgert.runtime.tensorfile import write_tensors
 
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -329,6 +307,28 @@ def stage_library_and_weights(
     seconds["link"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    order, _ = write_weights(named_params, weights, repack, stage, source, extra_tensors)
+    seconds["weights"] = time.perf_counter() - t
+    return order, seconds
+
+
+def write_weights(
+    named_params: list[tuple[str, Any]],
+    weights: Any,
+    repack: dict[str, Callable[[Any], dict[str, Any]]],
+    stage: Path,
+    source: Path,
+    extra_tensors: dict[str, Any] | None = None,
+) -> tuple[list[str], dict[str, Any]]:
+    """Write ``stage/weights.safetensors`` in the parameters' order; return that order and the arrays by name.
+
+    ``weights`` yields (parameter name, source array); a packed name goes through ``repack``, any
+    other is cast to the parameter's dtype; each array must have its parameter's exact shape and dtype.
+    """
+    import numpy as np
+
+    from edgert.runtime.tensorfile import write_tensors
+
     shapes = {n: tuple(int(d) for d in p.shape) for n, p in named_params}
     dtypes = {n: p.dtype for n, p in named_params}
     arrays: dict[str, Any] = {}
@@ -347,8 +347,7 @@ def stage_library_and_weights(
     order = [n for n, _ in named_params]
     with (stage / "weights.safetensors").open("wb") as fh:
         write_tensors(fh, {**{n: arrays[n] for n in order}, **(extra_tensors or {})}, {"format": "edgert"})
-    seconds["weights"] = time.perf_counter() - t
-    return order, seconds
+    return order, arrays
 
 
 def _entry_points(cfg: Any) -> dict[str, Any]:
