@@ -6,13 +6,20 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from edgert.errors import OutputPathError
 from edgert.runtime.artifact import FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_HASH, sha256_of
+from edgert.runtime.tensorfile import ALIGNMENT
+
+# The zip extra field that Android's zipalign uses to pad a local header: the member's data
+# then starts on an aligned offset, so the runtime maps aligned tensors straight out of the zip.
+_ALIGN_EXTRA_ID = 0xD935
 
 
 def check_output_path(out: Path, as_dir: bool = False) -> Path:
@@ -55,9 +62,11 @@ def write_artifact(
             staged_out = tmp / "artifact.zip"
             with zipfile.ZipFile(staged_out, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
                 for name, data in members.items():
-                    zf.writestr(name, data)
+                    with zf.open(_aligned_info(zf, name, len(data)), "w") as dst:
+                        dst.write(data)
                 for name, path in staged.items():
-                    zf.write(path, name)
+                    with zf.open(_aligned_info(zf, name, path.stat().st_size), "w") as dst, path.open("rb") as src:
+                        shutil.copyfileobj(src, dst, 1 << 22)
             with staged_out.open("rb") as fh:
                 os.fsync(fh.fileno())
         if out.is_dir():
@@ -70,3 +79,20 @@ def write_artifact(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _aligned_info(zf: zipfile.ZipFile, name: str, size: int) -> zipfile.ZipInfo:
+    """A stored member whose data will start at a multiple of `ALIGNMENT` in the zip (zipalign's way).
+
+    The local header is 30 bytes, the name, then the extra field (with zipfile's own zip64
+    record appended for members near 4 GiB); the padding goes into an extra record of its own.
+    """
+    info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = size
+    info.external_attr = 0o644 << 16
+    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT  # the rule zipfile applies when it writes the header
+    fixed = 30 + len(name.encode("utf-8")) + 4 + 2 + (20 if zip64 else 0)
+    pad = -(zf.fp.tell() + fixed) % ALIGNMENT
+    info.extra = struct.pack("<HHH", _ALIGN_EXTRA_ID, 2 + pad, ALIGNMENT) + b"\0" * pad
+    return info

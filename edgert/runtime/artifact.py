@@ -8,7 +8,10 @@
     tokenizer.json       a Hugging Face `tokenizers` document
 
 Opening verifies all of it: a runtime refuses another format version, another target, or a
-member whose hash differs, and says which.
+member whose hash differs, and says which. Hashing the members costs about 1 s per GB, so a
+successful check is remembered in the cache folder under the file's identity (device, inode,
+size, modification and change times, like git's index): any later write to the file changes
+its change time, which no program can set back, and the next open hashes again.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import os
 import struct
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +39,9 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MANIFEST_HASH = "manifest.sha256"
 _CHUNK = 1 << 22
+# Files changed this recently are hashed on every open and never remembered: a write within
+# the same timestamp tick as the check would leave the stamp unchanged (git's "racy clean").
+_RACY_SECONDS = 2.0
 
 
 def sha256_of(fh: Any, size: int | None = None) -> str:
@@ -87,10 +94,10 @@ class Artifact:
         """A member decoded as UTF-8."""
         return self.read_bytes(name).decode("utf-8")
 
-    def weights(self) -> dict[str, np.ndarray]:
-        """The weights, memory-mapped from the artifact."""
+    def weights(self, copy_on_write: bool = False) -> dict[str, np.ndarray]:
+        """The weights, memory-mapped from the artifact (see `read_tensors` for ``copy_on_write``)."""
         m = self._member(self.manifest["weights"]["file"])
-        return read_tensors(m.path, m.offset, m.size)
+        return read_tensors(m.path, m.offset, m.size, copy_on_write=copy_on_write)
 
     def library_file(self) -> Path:
         """A path to the compiled library that the dynamic loader can open."""
@@ -154,8 +161,14 @@ def check_target(target: dict[str, Any], where: Path) -> None:
         )
 
 
-def open_artifact(path: str | Path, *, verify: bool = True, check_host: bool = True) -> Artifact:
-    """Open an artifact, checking its format version, member hashes and (optionally) target."""
+def open_artifact(
+    path: str | Path, *, verify: bool = True, check_host: bool = True, trust_stamp: bool = True
+) -> Artifact:
+    """Open an artifact, checking its format version, member hashes and (optionally) target.
+
+    With ``trust_stamp``, members whose files are unchanged since a successful check (same
+    device, inode, size, mtime and ctime) are not hashed again.
+    """
     path = Path(path)
     if not path.exists():
         raise ArtifactError(f"artifact not found: {path}")
@@ -186,10 +199,55 @@ def open_artifact(path: str | Path, *, verify: bool = True, check_host: bool = T
             m = art._member(name)
             if m.size != info["size"]:
                 raise ArtifactError(f"{path}: member '{name}' has {m.size} bytes, the manifest says {info['size']}")
-            with m.path.open("rb") as fh:
-                fh.seek(m.offset)
-                if sha256_of(fh, m.size) != info["sha256"]:
-                    raise ArtifactError(f"{path}: member '{name}' does not match its sha256 (the file is corrupt)")
+        stamp = _stamp(art, raw) if trust_stamp else None
+        if stamp is None or not _stamp_known(stamp):
+            for name, info in manifest["files"].items():
+                m = art._member(name)
+                with m.path.open("rb") as fh:
+                    fh.seek(m.offset)
+                    if sha256_of(fh, m.size) != info["sha256"]:
+                        raise ArtifactError(f"{path}: member '{name}' does not match its sha256 (the file is corrupt)")
+            if stamp is not None:
+                _remember_stamp(stamp)
     if check_host:
         check_target(manifest["target"], path)
     return art
+
+
+def _stamp(art: Artifact, manifest_bytes: bytes) -> dict[str, Any] | None:
+    """The identity of the artifact's files, or None while one was changed too recently to trust."""
+    files = sorted({m.path for m in art._members.values()})
+    now = time.time()
+    ids = []
+    for f in files:
+        st = f.stat()
+        if now - max(st.st_mtime, st.st_ctime) < _RACY_SECONDS:
+            return None
+        ids.append([str(f.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns])
+    return {"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(), "files": ids}
+
+
+def _stamp_file(stamp: dict[str, Any]) -> Path:
+    key = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()
+    return cache_dir() / "verified" / key
+
+
+def _stamp_known(stamp: dict[str, Any]) -> bool:
+    """True if these exact files passed the hash check before."""
+    try:
+        return json.loads(_stamp_file(stamp).read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def _remember_stamp(stamp: dict[str, Any]) -> None:
+    """Record a successful check (best effort: a read-only cache only costs the next open a hash)."""
+    dest = _stamp_file(stamp)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
+        with os.fdopen(fd, "w") as out:
+            json.dump(stamp, out)
+        os.replace(tmp, dest)
+    except OSError:
+        pass

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 
 from edgert.runtime.artifact import Artifact
+from edgert.runtime.tensorfile import ALIGNMENT
+from edgert.runtime.tvm_import import import_tvm
 
 
 def configure_threads(threads: int | None, default: int | None = None) -> int:
@@ -16,8 +18,7 @@ def configure_threads(threads: int | None, default: int | None = None) -> int:
     Without ``threads``: ``TVM_NUM_THREADS``, else ``default`` (the target's big cores), else
     every CPU of this machine.
     """
-    import tvm
-
+    tvm = import_tvm()
     n = int(threads or os.environ.get("TVM_NUM_THREADS") or default or os.cpu_count() or 1)
     # TVM sizes its pool from TVM_NUM_THREADS, else from half the logical CPUs (it assumes
     # two hyper-threads per core), which leaves one of two real cores idle; and
@@ -37,7 +38,7 @@ class Session:
     """The artifact's library and weights, ready to call its entry points."""
 
     def __init__(self, artifact: Artifact, threads: int | None = None):
-        import tvm
+        tvm = import_tvm()
         from tvm.runtime.vm import VirtualMachine
 
         self.artifact = artifact
@@ -45,10 +46,27 @@ class Session:
         self.device = tvm.cpu()
         lib = tvm.runtime.load_module(str(artifact.library_file()))
         self.vm = VirtualMachine(lib, self.device)
-        arrays = artifact.weights()
-        order = artifact.manifest["weights"]["order"]
-        self.params = [tvm.runtime.tensor(np.ascontiguousarray(arrays[name]), self.device) for name in order]
         self._tvm = tvm
+        # A private (copy-on-write) mapping: DLPack exports only writable arrays, and the
+        # kernels never write their weights, so the pages stay shared with the file cache.
+        arrays = artifact.weights(copy_on_write=True)
+        self.mapped_weights = 0  # how many weights TVM reads from the artifact's mapping (the rest are copies)
+        self.params = [self._weight(arrays[name]) for name in artifact.manifest["weights"]["order"]]
+
+    def _weight(self, array: np.ndarray) -> Any:
+        """A weight as a TVM tensor: the artifact's mapping itself where it is aligned, else a copy.
+
+        Artifacts written before tensors were aligned (and any odd tensor) get the copy.
+        """
+        if array.ctypes.data % ALIGNMENT == 0 and array.flags.c_contiguous and array.dtype.isnative:
+            try:
+                tensor = self._tvm.runtime.from_dlpack(array)
+            except (BufferError, ValueError, RuntimeError):
+                pass
+            else:
+                self.mapped_weights += 1
+                return tensor
+        return self._tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
 
     def tensor(self, array: np.ndarray) -> Any:
         """A numpy array as a tensor on this session's device."""

@@ -3,6 +3,12 @@
 The layout is the public safetensors format, so any safetensors reader opens the file. It is
 written and read here with numpy alone because the device runtime must stay that light; the
 reader maps the file instead of copying it.
+
+Every tensor starts on a 64-byte boundary of the file (`ALIGNMENT`): TVM's compiled kernels
+assume 64-byte aligned buffers (`tvm.runtime.from_dlpack` refuses less), so aligned tensors are
+handed to TVM straight from the mapping, without a copy. safetensors allows no holes between
+tensors, so the gaps are small uint8 tensors named ``__pad__.N`` that `read_tensors` skips;
+the header is padded with spaces, as the format permits.
 """
 
 from __future__ import annotations
@@ -27,28 +33,51 @@ _DTYPES = {
     "U32": np.uint32,
 }
 _NAMES = {np.dtype(v).str: k for k, v in _DTYPES.items()}
+ALIGNMENT = 64
+PAD_PREFIX = "__pad__."
 
 
 def write_tensors(fh: BinaryIO, tensors: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """Write ``tensors`` (in the given order) in safetensors layout to an open binary file."""
+    """Write ``tensors`` (in the given order) in safetensors layout to an open binary file.
+
+    Tensor data starts at multiples of `ALIGNMENT` counted from the start of the safetensors
+    data, which is itself aligned when ``fh`` is positioned on a multiple of `ALIGNMENT`.
+    """
     header: dict[str, object] = {"__metadata__": metadata or {}}
+    layout: list[tuple[int, np.ndarray | None]] = []  # (padding bytes before, tensor)
     offset = 0
     for name, arr in tensors.items():
         dtype = _NAMES.get(np.dtype(arr.dtype).newbyteorder("<").str)
         if dtype is None:
             raise ValueError(f"tensor '{name}': dtype {arr.dtype} cannot be stored")
+        if name.startswith(PAD_PREFIX):
+            raise ValueError(f"tensor '{name}': names starting with '{PAD_PREFIX}' are reserved for padding")
+        gap = -offset % ALIGNMENT
+        if gap:
+            pad = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+            header[f"{PAD_PREFIX}{len(layout)}"] = pad
+            offset += gap
         header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        layout.append((gap, arr))
         offset += arr.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+    start = fh.tell() if fh.seekable() else 0
+    blob += b" " * (-(start + 8 + len(blob)) % ALIGNMENT)
     fh.write(struct.pack("<Q", len(blob)))
     fh.write(blob)
-    for arr in tensors.values():
+    for gap, arr in layout:
+        fh.write(b"\0" * gap)
         fh.write(np.ascontiguousarray(arr).astype(np.dtype(arr.dtype).newbyteorder("<"), copy=False).tobytes())
 
 
-def read_tensors(path: str | Path, offset: int = 0, size: int | None = None) -> dict[str, np.ndarray]:
-    """Map the tensors of a safetensors file (or of a stored member at ``offset`` in a zip)."""
+def read_tensors(
+    path: str | Path, offset: int = 0, size: int | None = None, copy_on_write: bool = False
+) -> dict[str, np.ndarray]:
+    """Map the tensors of a safetensors file (or of a stored member at ``offset`` in a zip).
+
+    The arrays are read-only views of the file; with ``copy_on_write`` they are writable views
+    of a private mapping (writes stay in this process), which DLPack can export to TVM.
+    """
     path = Path(path)
     total = (path.stat().st_size - offset) if size is None else size
     with path.open("rb") as fh:
@@ -64,10 +93,10 @@ def read_tensors(path: str | Path, offset: int = 0, size: int | None = None) -> 
         except ValueError as exc:
             raise ArtifactError(f"{path}: weights header is not valid JSON: {exc}") from exc
     base = offset + 8 + length
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=base, shape=(total - 8 - length,))
+    data = np.memmap(path, dtype=np.uint8, mode="c" if copy_on_write else "r", offset=base, shape=(total - 8 - length,))
     out: dict[str, np.ndarray] = {}
     for name, info in header.items():
-        if name == "__metadata__":
+        if name == "__metadata__" or name.startswith(PAD_PREFIX):
             continue
         start, end = info["data_offsets"]
         if end > data.shape[0]:
