@@ -27,9 +27,13 @@ def test_llm_section_measures_both_engines(tmp_path: Path) -> None:
     assert set(rows) == {
         "decode",
         "prefill",
-        "load to first token",
+        "load to first token (total)",
+        "load: import of the runtime",
+        "load: model load",
+        "load: first prefill and token",
         "peak RSS",
-        "RSS while decoding",
+        "RSS while decoding (total)",
+        "RSS while decoding (growth over the runtime's baseline)",
         "model size",
         "compile",
     }
@@ -39,4 +43,11 @@ def test_llm_section_measures_both_engines(tmp_path: Path) -> None:
             assert row["peer"] > 0 and row["peer_name"] == "llama.cpp" and row["ratio"] > 0, metric
     assert len(rows["decode"]["extra"]["runs"]) == 2
     assert "tok/s" in rows["decode"]["extra"]["roofline"] and "GB/s" in rows["decode"]["extra"]["roofline"]
-    assert rows["RSS while decoding"]["extra"]["weights_plus_kv_mib"] > 0
+    assert rows["RSS while decoding (total)"]["extra"]["weights_plus_kv_mib"] > 0
+    growth = rows["RSS while decoding (growth over the runtime's baseline)"]
+    assert 0 < growth["edgert"] < rows["RSS while decoding (total)"]["edgert"]
+    assert growth["extra"]["edgert_baseline_mib"] > 0 and growth["extra"]["edgert_growth_over_weights_plus_kv"] > 0
+    parts = sum(
+        rows[f"load: {p}"]["edgert"] for p in ("import of the runtime", "model load", "first prefill and token")
+    )
+    assert parts == pytest.approx(rows["load to first token (total)"]["edgert"], rel=1e-6)

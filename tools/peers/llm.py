@@ -1,10 +1,14 @@
 """Language models: edgert vs llama.cpp (llama-cpp-python) on the same GGUF and thread count.
 
 Per engine, in a fresh subprocess each (so peak RSS is that engine's alone): load to first
-token (load, prefill of the prompt, first token), prefill tokens/s over the prompt and
-decode tokens/s over ``--llm-gen-tokens`` greedy steps, as medians of ``--repeats`` runs,
-and peak RSS. Both engines get the same token ids and the same context length. The
-compile time and artifact size of edgert stand beside the GGUF's size. The decode row
+token, in total and in its three parts (import of the runtime: numpy and TVM, or libllama;
+the model load; the first prefill of the prompt and its token), prefill tokens/s over the
+prompt and decode tokens/s over ``--llm-gen-tokens`` greedy steps, as medians of
+``--repeats`` runs, and peak RSS. The RSS while decoding is given twice against the weights
+plus the KV cache: as the process total, and as the growth over the runtime's own baseline
+(the process with the runtime imported, before the model loads). Both engines get the same
+token ids and the same context length. The compile time and artifact size of edgert stand
+beside the GGUF's size. The decode row
 carries the roofline bound: the weight bytes each token reads over the memory bandwidth
 measured here with the same threads (a parallel streaming sum, compiled with TVM).
 
@@ -64,18 +68,27 @@ def _rates(n: int, seconds: list[float]) -> list[float]:
     return [round(n / s, 2) for s in seconds]
 
 
+def _timings(t0: float, t1: float, t2: float, t3: float) -> dict:
+    """Seconds of the import of the runtime, the model load, the first prefill, and all of it."""
+    return {"import_s": t1 - t0, "load_s": t2 - t1, "first_prefill_s": t3 - t2, "load_to_first_token_s": t3 - t0}
+
+
 def worker_edgert(artifact: str, ids: list[int], gen: int, repeats: int, threads: int, context: int) -> dict:
-    """Time edgert on ``ids``: load to first token, then prefill and greedy decode runs."""
+    """Time edgert on ``ids``: import, load, first token, then prefill and greedy decode runs."""
+    t0 = time.perf_counter()
     import numpy as np
 
-    import edgert
+    import edgert.runtime
+    from edgert.runtime.tvm_import import import_tvm
 
-    rss_base = _rss_now_mb()
-    t = time.perf_counter()
-    model = edgert.load(artifact, threads=threads, context_length=context)
+    import_tvm()  # the TVM runtime, as `edgert.load` imports it
+    t1 = time.perf_counter()
+    rss_base = _rss_now_mb()  # python + numpy + the TVM runtime: the process before any model
+    model = edgert.runtime.load(artifact, threads=threads, context_length=context)
+    t2 = time.perf_counter()
     logits = model.prefill(ids)
     int(np.argmax(logits))
-    first = time.perf_counter() - t
+    t3 = time.perf_counter()
     prefill, decode = [], []
     for _ in range(repeats):
         model.reset()
@@ -87,7 +100,7 @@ def worker_edgert(artifact: str, ids: list[int], gen: int, repeats: int, threads
             logits = model.step([int(np.argmax(logits))])
         decode.append(time.perf_counter() - t)
     return {
-        "load_to_first_token_s": first,
+        **_timings(t0, t1, t2, t3),
         "prefill_tps": _rates(len(ids), prefill),
         "decode_tps": _rates(gen, decode),
         "peak_rss_mb": _peak_rss_mb(),
@@ -98,14 +111,16 @@ def worker_edgert(artifact: str, ids: list[int], gen: int, repeats: int, threads
 
 def worker_llama_cpp(gguf: str, ids: list[int], gen: int, repeats: int, threads: int, context: int) -> dict:
     """Time llama.cpp on ``ids`` the same way (its default f16 KV cache, batch = the prompt)."""
+    t0 = time.perf_counter()
     import llama_cpp
     import numpy as np
 
-    rss_base = _rss_now_mb()
-    t = time.perf_counter()
+    t1 = time.perf_counter()
+    rss_base = _rss_now_mb()  # python + numpy + libllama: the process before any model
     llm = llama_cpp.Llama(
         gguf, n_ctx=context, n_threads=threads, n_threads_batch=threads, n_batch=len(ids), verbose=False
     )
+    t2 = time.perf_counter()
     vocab = llm.n_vocab()
 
     def last_logits() -> np.ndarray:  # logits of the last evaluated token (llama.cpp keeps only those)
@@ -113,7 +128,7 @@ def worker_llama_cpp(gguf: str, ids: list[int], gen: int, repeats: int, threads:
 
     llm.eval(ids)
     int(np.argmax(last_logits()))
-    first = time.perf_counter() - t
+    t3 = time.perf_counter()
     prefill, decode = [], []
     for _ in range(repeats):
         llm.reset()
@@ -125,7 +140,7 @@ def worker_llama_cpp(gguf: str, ids: list[int], gen: int, repeats: int, threads:
             llm.eval([int(np.argmax(last_logits()))])
         decode.append(time.perf_counter() - t)
     return {
-        "load_to_first_token_s": first,
+        **_timings(t0, t1, t2, t3),
         "prefill_tps": _rates(len(ids), prefill),
         "decode_tps": _rates(gen, decode),
         "peak_rss_mb": _peak_rss_mb(),
@@ -272,17 +287,47 @@ def run(args: Any) -> list[Row]:
         peer_runs=theirs["decode_runs"],
     )
     row("prefill", "tok/s", ours["prefill"], theirs["prefill"], runs=ours["prefill_runs"])
-    row("load to first token", "s", ours["first"], theirs["first"], higher=False, prompt_tokens=len(ids))
+    wkv = total + kv
+    row(
+        "load to first token (total)",
+        "s",
+        ours["first"],
+        theirs["first"],
+        higher=False,
+        prompt_tokens=len(ids),
+        what="import of the runtime + model load + first prefill and token",
+    )
+    row("load: import of the runtime", "s", ours["import"], theirs["import"], higher=False, what="edgert: numpy + TVM")
+    row("load: model load", "s", ours["load"], theirs["load"], higher=False, what="open, verify, map weights, KV cache")
+    row(
+        "load: first prefill and token",
+        "s",
+        ours["first_prefill"],
+        theirs["first_prefill"],
+        higher=False,
+        prompt_tokens=len(ids),
+    )
     row("peak RSS", "MiB", ours["rss"], theirs["rss"], higher=False)
     row(
-        "RSS while decoding",
+        "RSS while decoding (total)",
         "MiB",
         ours["rss_decoding"],
         theirs["rss_decoding"],
         higher=False,
-        weights_plus_kv_mib=round((total + kv) / 2**20, 1),
-        edgert_over_weights_plus_kv=round(ours["rss_decoding"] * 2**20 / (total + kv), 2),
-        edgert_before_load_mib=round(ours["rss_base"], 1),
+        weights_plus_kv_mib=round(wkv / 2**20, 1),
+        edgert_over_weights_plus_kv=round(ours["rss_decoding"] * 2**20 / wkv, 2),
+    )
+    growth, peer_growth = ours["rss_decoding"] - ours["rss_base"], theirs["rss_decoding"] - theirs["rss_base"]
+    row(
+        "RSS while decoding (growth over the runtime's baseline)",
+        "MiB",
+        growth,
+        peer_growth,
+        higher=False,
+        edgert_baseline_mib=round(ours["rss_base"], 1),
+        peer_baseline_mib=round(theirs["rss_base"], 1),
+        edgert_growth_over_weights_plus_kv=round(growth * 2**20 / wkv, 2),
+        peer_growth_over_weights_plus_kv=round(peer_growth * 2**20 / wkv, 2),
     )
     row("model size", "MB", size / 1e6, gguf.stat().st_size / 1e6, higher=False, peer_file=gguf.name)
     if compile_s is not None:
@@ -299,9 +344,12 @@ def _merge(runs: list[dict]) -> dict:
         "decode_runs": decode,
         "prefill_runs": prefill,
         "first": statistics.median(r["load_to_first_token_s"] for r in runs),
+        "import": statistics.median(r["import_s"] for r in runs),
+        "load": statistics.median(r["load_s"] for r in runs),
+        "first_prefill": statistics.median(r["first_prefill_s"] for r in runs),
         "rss": max(r["peak_rss_mb"] for r in runs),
         "rss_decoding": max(r["rss_decoding_mb"] for r in runs),
-        "rss_base": max(r["rss_before_load_mb"] for r in runs),
+        "rss_base": statistics.median(r["rss_before_load_mb"] for r in runs),
     }
 
 
