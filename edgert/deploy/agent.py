@@ -437,8 +437,10 @@ def rpc_server(agent: Agent, host: str, port: int) -> tuple[socket.socket, threa
     """
     import struct
 
-    import tvm  # loads the runtime library, which registers rpc.ServerLoop
-    import tvm_ffi
+    from edgert.runtime.tvm_import import import_tvm
+
+    tvm = import_tvm()  # loads the runtime library, which registers rpc.ServerLoop (and keeps torch out)
+    import tvm_ffi  # already imported by tvm, so without torch
 
     @tvm_ffi.register_global_func("edgert.agent.request", override=True)
     def _request(frame: Any) -> Any:

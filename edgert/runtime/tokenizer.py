@@ -8,6 +8,21 @@ from typing import Any
 from edgert.errors import EdgertError
 
 
+def _give_back_free_heap() -> None:
+    """Return freed heap pages to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Parsing a tokenizer document of a few MB leaves about 30 MB of freed but still resident
+    heap in glibc's arenas (measured on SmolLM2's 49k-token vocabulary): a tenth of the
+    process while it decodes, for nothing.
+    """
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # the symbols already loaded in this process: libc's own
+    except (OSError, AttributeError, TypeError):
+        pass  # not glibc (musl, macOS): nothing to give back this way
+
+
 class TextTokenizer:
     """Encodes prompts, renders chat conversations and decodes token ids."""
 
@@ -15,6 +30,7 @@ class TextTokenizer:
         from tokenizers import Tokenizer
 
         self._tok = Tokenizer.from_str(tokenizer_json)
+        _give_back_free_heap()
         self.config = config
         self.stop_token_ids: set[int] = set(config.get("stop_token_ids") or [])
         self.bos_token_id: int | None = config.get("bos_token_id")

@@ -51,9 +51,15 @@ def add_arguments(group: Any) -> None:
 
 # -- workers: one engine, one process ----------------------------------------------------------
 def _peak_rss_mb() -> float:
-    import resource
+    """Peak resident memory of this process (VmHWM), in MiB.
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Not getrusage's ru_maxrss: Linux carries that across fork and exec, so a worker would
+    report its parent's peak whenever the parent was larger.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _rss_now_mb() -> float:
