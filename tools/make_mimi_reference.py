@@ -3,9 +3,9 @@
 
 No Mimi weights ship in any package, so the reference is the architecture itself: `transformers`'
 MimiModel from a small MimiConfig, its convolution and transformer weights from the library's own
-seeded initialisation (layer scales raised from 0.01 so the transformers matter), and codebooks
-drawn from the quantizers' projected latents of seeded noise (so that codes are used and the
-nearest code is well separated).
+seeded initialisation (layer scales raised from 0.01 so the transformers matter, the last conv
+scaled so that the output peaks near 0.5), and codebooks drawn from the quantizers' projected
+latents of seeded noise (so that codes are used and the nearest code is well separated).
 
     tools/make_mimi_reference.py OUT_DIR [--preset tiny|small] [--seed N]
 
@@ -80,7 +80,10 @@ def build(preset: str = "tiny", seed: int = 0):
         frames = max(32, 2 * config.codebook_size)
         audio = 0.3 * torch.randn(frames * config.frame_size, generator=gen)
         latents = model.encoder(audio.view(1, 1, -1)).latents  # (1, hidden, frames)
-        for rvq in (model.quantizer.semantic_residual_vector_quantizer, model.quantizer.acoustic_residual_vector_quantizer):
+        for rvq in (
+            model.quantizer.semantic_residual_vector_quantizer,
+            model.quantizer.acoustic_residual_vector_quantizer,
+        ):
             residual = (rvq.input_proj(latents) if rvq.input_proj is not None else latents)[0].T  # (frames, dim)
             for layer in rvq.layers:
                 pick = torch.randperm(residual.shape[0], generator=gen)[: config.codebook_size]
@@ -92,6 +95,11 @@ def build(preset: str = "tiny", seed: int = 0):
                 layer.codebook._embed = None
                 codes = layer.codebook.encode(residual[None])[0]
                 residual = residual - layer.codebook.embed[codes]
+        # Random weights make loud output (peaks of tens); scale the last conv so it peaks near 0.5, as audio.
+        peak = model.decode(model.encode(audio.view(1, 1, -1)).audio_codes).audio_values.abs().max()
+        last = model.decoder.decoder_seanet.layers[-1].conv
+        last.weight.mul_(0.5 / peak)
+        last.bias.mul_(0.5 / peak)
     return model
 
 

@@ -37,7 +37,6 @@ from edgert.families.codec import (
     _decoder_layers,
     _encoder_layers,
     _get,
-    _slice,
     _State,
     _state_size,
     _walk,
@@ -370,7 +369,9 @@ def mimi_weights(tensors: dict[str, np.ndarray], model: MimiCodec) -> dict[str, 
     if model.upsample is not None:
         w = _get(src, "upsample.conv.weight")
         if w.shape != (d, d // cfg.upsample_groups, 2 * cfg.latent_stride):
-            raise ModelFileError(f"'upsample' has shape {w.shape}, expected {(d, d // cfg.upsample_groups, 2 * cfg.latent_stride)}")
+            raise ModelFileError(
+                f"'upsample' has shape {w.shape}, expected {(d, d // cfg.upsample_groups, 2 * cfg.latent_stride)}"
+            )
         src["upsample.conv.weight"] = _dense_groups(w, cfg.upsample_groups)
         src["upsample.conv.bias"] = np.zeros(d, np.float32)
     out = encodec_weights(src, model)  # type: ignore[arg-type]  # the convs and transposed convs
