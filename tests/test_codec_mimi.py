@@ -158,3 +158,35 @@ def test_cli_roundtrip_and_refusals(tiny_mimi: Path, mimi_codec, tmp_path: Path)
         (bad / "config.json").write_text(json.dumps({**raw, **change}))
         with pytest.raises(UnsupportedModelError, match=message):
             compile_model(str(bad), target="host", output=tmp_path / "x.edgert")
+
+
+def test_flat_checkpoint_layout_maps_the_same(tiny_mimi: Path) -> None:
+    """Checkpoints saved before transformers split Mimi into encoder and decoder halves (``encoder.layers.*``,
+    ``encoder_transformer.*``, ``upsample.*``) map onto the same parameters; a missing weight is named."""
+    from edgert.compiler.codec_build import read_codec
+    from edgert.errors import ModelFileError
+    from edgert.families.codec_mimi import MimiCodec, mimi_weights
+
+    cfg, tensors = read_codec(tiny_mimi)
+    net = MimiCodec(cfg)
+    split = mimi_weights(tensors, net)
+    renames = {
+        "encoder.encoder_seanet.": "encoder.",
+        "encoder.encoder_transformer.": "encoder_transformer.",
+        "encoder.downsample.": "downsample.",
+        "decoder.upsample.": "upsample.",
+        "decoder.decoder_transformer.": "decoder_transformer.",
+        "decoder.decoder_seanet.": "decoder.",
+    }
+    flat = {}
+    for key, value in tensors.items():
+        for old, new in renames.items():
+            key = key.replace(old, new) if key.startswith(old) else key
+        flat[key] = value
+    assert flat.keys() != tensors.keys()
+    mapped = mimi_weights(flat, net)
+    assert mapped.keys() == split.keys() == {name for name, _ in net.named_parameters()}
+    assert all(np.array_equal(mapped[k], split[k]) for k in split)
+    del flat["decoder_transformer.layers.1.mlp.fc2.weight"]
+    with pytest.raises(ModelFileError, match=r"'decoder_transformer\.layers\.1\.mlp\.fc2\.weight' is missing"):
+        mimi_weights(flat, net)

@@ -76,8 +76,8 @@ def build(preset: str = "tiny", seed: int = 0):
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         # Noise only: periodic audio repeats frames, which would make near-duplicate codewords (ties).
-        # At least one frame per code, twice over (the codewords are distinct frames).
-        frames = max(32, 2 * config.codebook_size)
+        # At least one frame per code (the codewords are distinct frames).
+        frames = max(32, config.codebook_size)
         audio = 0.3 * torch.randn(frames * config.frame_size, generator=gen)
         latents = model.encoder(audio.view(1, 1, -1)).latents  # (1, hidden, frames)
         for rvq in (
@@ -96,7 +96,8 @@ def build(preset: str = "tiny", seed: int = 0):
                 codes = layer.codebook.encode(residual[None])[0]
                 residual = residual - layer.codebook.embed[codes]
         # Random weights make loud output (peaks of tens); scale the last conv so it peaks near 0.5, as audio.
-        peak = model.decode(model.encode(audio.view(1, 1, -1)).audio_codes).audio_values.abs().max()
+        head = audio[: 32 * config.frame_size].view(1, 1, -1)
+        peak = model.decode(model.encode(head).audio_codes).audio_values.abs().max()
         last = model.decoder.decoder_seanet.layers[-1].conv
         last.weight.mul_(0.5 / peak)
         last.bias.mul_(0.5 / peak)
