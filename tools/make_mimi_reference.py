@@ -76,8 +76,8 @@ def build(preset: str = "tiny", seed: int = 0):
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         # Noise only: periodic audio repeats frames, which would make near-duplicate codewords (ties).
-        # At least one frame per code (the codewords are distinct frames).
-        frames = max(32, config.codebook_size)
+        # At least one frame per code, twice over (the codewords are distinct frames).
+        frames = max(32, 2 * config.codebook_size)
         audio = 0.3 * torch.randn(frames * config.frame_size, generator=gen)
         latents = model.encoder(audio.view(1, 1, -1)).latents  # (1, hidden, frames)
         for rvq in (
