@@ -194,3 +194,6 @@ def test_flat_checkpoint_layout_maps_the_same(tiny_mimi: Path) -> None:
     del flat["decoder_transformer.layers.1.mlp.fc2.weight"]
     with pytest.raises(ModelFileError, match=r"'decoder_transformer\.layers\.1\.mlp\.fc2\.weight' is missing"):
         mimi_weights(flat, net)
+    del tensors["decoder.upsample.conv.weight"]
+    with pytest.raises(ModelFileError, match=r"'decoder\.upsample\.conv\.weight' is missing"):
+        mimi_weights(tensors, net)

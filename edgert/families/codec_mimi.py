@@ -332,12 +332,17 @@ _SOURCES = {
 }
 
 
+def _layout(tensors: dict[str, np.ndarray]) -> int:
+    """0: the split layout of transformers 5, 1: the flat one of earlier checkpoints."""
+    return 0 if any(k.startswith("encoder.encoder_seanet.") for k in tensors) else 1
+
+
 def _renamed(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The state dict under this module's names (either source layout)."""
-    split = any(k.startswith("encoder.encoder_seanet.") for k in tensors)
+    layout = _layout(tensors)
     out = {}
     for mine, sources in _SOURCES.items():
-        prefix = sources[0 if split else 1] + "."
+        prefix = sources[layout] + "."
         for key, value in tensors.items():
             if key.startswith(prefix):
                 out[f"{mine}.{key[len(prefix) :]}"] = value
@@ -360,6 +365,16 @@ def _dense_groups(weight: np.ndarray, groups: int) -> np.ndarray:
 
 def mimi_weights(tensors: dict[str, np.ndarray], model: MimiCodec) -> dict[str, np.ndarray]:
     """Map a MimiModel state dict onto ``model``'s parameter names (nothing left unmapped)."""
+    try:
+        return _mimi_weights(tensors, model)
+    except ModelFileError as exc:  # name the weight as the checkpoint does
+        message, layout = str(exc), _layout(tensors)
+        for mine, sources in _SOURCES.items():
+            message = message.replace(f"'{mine}.", f"'{sources[layout]}.")
+        raise ModelFileError(message) from exc
+
+
+def _mimi_weights(tensors: dict[str, np.ndarray], model: MimiCodec) -> dict[str, np.ndarray]:
     cfg = model.cfg
     src = _renamed(tensors)
     d = cfg.hidden_size
