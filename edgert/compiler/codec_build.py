@@ -51,6 +51,7 @@ def read_codec(folder: Path) -> tuple[Any, dict[str, Any]]:
     from safetensors.numpy import load_file
 
     from edgert.families.codec import CodecConfig
+    from edgert.families.codec_mimi import MimiCodecConfig
 
     for f in CODEC_FILES:
         if not (folder / f).is_file():
@@ -63,7 +64,7 @@ def read_codec(folder: Path) -> tuple[Any, dict[str, Any]]:
         tensors = load_file(str(folder / "model.safetensors"))
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise ModelFileError(f"{folder}/model.safetensors cannot be read: {exc}") from exc
-    cfg = CodecConfig.from_dict(raw)
+    cfg = MimiCodecConfig.from_dict(raw) if raw.get("model_type") == "mimi" else CodecConfig.from_dict(raw)
     cfg.name = raw.get("name", folder.name)
     return cfg, tensors
 
@@ -99,8 +100,7 @@ def compile_codec(
     t = time.perf_counter()
     progress("reading codec", None)
     cfg, tensors = read_codec(folder)
-    net = codec.CodecModel(cfg)
-    weights = codec.encodec_weights(tensors, net)  # before the build: a bad file fails fast
+    net, weights, architecture, (first_samples, first_frames) = _network(cfg, tensors)  # a bad file fails fast
     tvm_target, target_record = resolve(spec, threads)
     fcompile = library_compiler(spec, target_record["arch"])
     seconds["read"] = time.perf_counter() - t
@@ -134,13 +134,12 @@ def compile_codec(
         order = [n for n, _ in named_params]
         with (stage / "weights.safetensors").open("wb") as fh:
             write_tensors(fh, {n: arrays[n] for n in order}, {"format": "edgert"})
-        first_samples, first_frames = codec.min_first_chunk(net)
         manifest = {
             "name": name,
             "family": "codec",
             "created_by": f"edgert {__version__}",
             "tvm_version": tvm.__version__,
-            "source": {"file": folder.name, "architecture": "encodec"},
+            "source": {"file": folder.name, "architecture": architecture},
             "target": target_record,
             "model": cfg.to_dict(),
             "entry_points": _entry_points(net),
@@ -157,6 +156,7 @@ def compile_codec(
                 "first_chunk_samples": first_samples,
                 "first_chunk_frames": first_frames,
                 "algorithmic_latency_samples": codec.algorithmic_latency(cfg),
+                "min_codebooks": getattr(cfg, "num_semantic_quantizers", 1),
             },
             "weights": {
                 "file": "weights.safetensors",
@@ -173,6 +173,17 @@ def compile_codec(
         manifest = write_artifact(out, manifest, staged, as_dir=as_dir)
     progress("done", 1.0)
     return CompileResult(out, manifest, seconds)
+
+
+def _network(cfg: Any, tensors: dict[str, Any]) -> tuple[Any, dict[str, Any], str, tuple[int, int]]:
+    """(module, its weights, architecture name, first chunk (samples, frames)) for an EnCodec or Mimi config."""
+    from edgert.families import codec, codec_mimi
+
+    if isinstance(cfg, codec_mimi.MimiCodecConfig):
+        net = codec_mimi.MimiCodec(cfg)
+        return net, codec_mimi.mimi_weights(tensors, net), "mimi", codec_mimi.first_chunk(cfg)
+    net = codec.CodecModel(cfg)
+    return net, codec.encodec_weights(tensors, net), "encodec", codec.min_first_chunk(net)
 
 
 def _entry_points(net: Any) -> dict[str, Any]:

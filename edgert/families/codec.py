@@ -157,14 +157,22 @@ class StreamConv(nn.Module):
     def state_size(self) -> int:
         return self.context * self.cin
 
+    def start_rows(self) -> np.ndarray | None:
+        """Rows of the first chunk that form the left context at the start of a signal (None: zeros).
+
+        Reflect padding: the mirror of x[1..c], as torch's reflect pad gives.
+        """
+        return np.arange(self.context, 0, -1, dtype="int32") if self.reflect else None
+
     def forward(self, x: Tensor, state: _State) -> Tensor:
         length = x.shape[0]
         if self.context:
             prev = state.take(self.context, self.cin)
-            if self.reflect:
-                # Mirror of x[1..c], as torch's reflect pad gives at the start of the signal.
-                # "clip": a later, shorter chunk must not read past its end (its mirror is unused).
-                idx = Tensor.from_const(np.arange(self.context, 0, -1, dtype="int32"))
+            rows = self.start_rows()
+            if rows is not None:
+                # At the start of the signal the left context is made of the chunk's own rows;
+                # "clip": a later, shorter chunk must not read past its end (those rows are unused then).
+                idx = Tensor.from_const(rows)
                 mirror = op.wrap_nested(relax.op.take(x._expr, idx._expr, axis=0, mode="clip"), "mirror")
                 prev = op.where(state.first > 0.0, mirror, prev)
             xp = op.concat([prev, x], dim=0)

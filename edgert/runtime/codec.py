@@ -140,6 +140,7 @@ class Codec:
         self.sample_rate: int = info["sample_rate"]
         self.hop_length: int = info["hop_length"]
         self.num_codebooks: int = info["num_codebooks"]
+        self.min_codebooks: int = info.get("min_codebooks", 1)  # Mimi: its semantic codebooks
         self.codebook_size: int = info["codebook_size"]
         self.first_chunk_samples: int = info["first_chunk_samples"]
         self.first_chunk_frames: int = info["first_chunk_frames"]
@@ -167,7 +168,7 @@ class Codec:
             raise EdgertError(
                 f"{bandwidth_kbps} kbit/s is below this codec's lowest bitrate, {per:g} kbit/s (one codebook)"
             )
-        return min(books, self.num_codebooks)
+        return max(self.min_codebooks, min(books, self.num_codebooks))
 
     def algorithmic_latency(self, stream: bool = True) -> int:
         """Samples of input a streamed round trip waits for before its first output: one frame,
@@ -202,9 +203,10 @@ class Codec:
                 f"{codes.codebook_size} codes, id {codes.codec_id.hex()}), but the artifact is '{self.name}' "
                 f"({self.sample_rate} Hz, hop {self.hop_length}, {self.codebook_size} codes, id {self.codec_id.hex()})"
             )
-        if codes.codes.shape[1] > self.num_codebooks or codes.codes.shape[1] < 1:
+        if not self.min_codebooks <= codes.codes.shape[1] <= self.num_codebooks:
             raise CodesFileError(
-                f"{where} has {codes.codes.shape[1]} codebooks; this codec has 1..{self.num_codebooks}"
+                f"{where} has {codes.codes.shape[1]} codebooks; "
+                f"this codec takes {self.min_codebooks}..{self.num_codebooks}"
             )
         if codes.codes.size and int(codes.codes.max()) >= self.codebook_size:
             raise CodesFileError(
@@ -216,8 +218,8 @@ class EncoderStream:
     """Audio in, codes out; state carried between pushes."""
 
     def __init__(self, codec: Codec, codebooks: int):
-        if not 1 <= codebooks <= codec.num_codebooks:
-            raise EdgertError(f"codebooks must be 1..{codec.num_codebooks}, got {codebooks}")
+        if not codec.min_codebooks <= codebooks <= codec.num_codebooks:
+            raise EdgertError(f"codebooks must be {codec.min_codebooks}..{codec.num_codebooks}, got {codebooks}")
         self.codec, self.codebooks = codec, codebooks
         self.state = np.zeros(codec.encoder_state, np.float32)
         self.pending = np.zeros(0, np.float32)
@@ -262,8 +264,9 @@ class DecoderStream(EncoderStream):
     def push(self, codes: np.ndarray, final: bool = False) -> np.ndarray:  # type: ignore[override]
         """Audio for the frames pushed so far (a reflect-padded codec holds back its first few)."""
         codes = np.asarray(codes, np.int32)
-        if codes.ndim != 2 or not 1 <= codes.shape[1] <= self.codec.num_codebooks:
-            raise EdgertError(f"codes must be (frames, 1..{self.codec.num_codebooks}), got shape {codes.shape}")
+        books = f"{self.codec.min_codebooks}..{self.codec.num_codebooks}"
+        if codes.ndim != 2 or not self.codec.min_codebooks <= codes.shape[1] <= self.codec.num_codebooks:
+            raise EdgertError(f"codes must be (frames, {books}), got shape {codes.shape}")
         if codes.size and (codes.min() < 0 or codes.max() >= self.codec.codebook_size):
             raise EdgertError(f"codes must lie in 0..{self.codec.codebook_size - 1}")
         if self.pending_codes is not None:
