@@ -29,6 +29,18 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
         return z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
 
 
+def best_token(logits: np.ndarray) -> tuple[int, float]:
+    """The most likely token of one row of logits and its log-probability.
+
+    Greedy decoding needs one log-probability, not all of them: log p(t) = x_t - max - log sum exp(x - max),
+    with a single temporary array instead of `log_softmax`'s three (this runs once per decoded token).
+    """
+    tok = int(np.argmax(logits))
+    # exp(x - x_tok) is 1 at the token itself, so the sum is at least 1.
+    total = float(np.sum(np.exp(logits - logits[tok])))
+    return tok, -float(np.log(total))
+
+
 class SequenceCache:
     """Several sequences in one paged KV cache: add, fork (for beams), remove, run forward passes."""
 
@@ -162,11 +174,21 @@ class Seq2Seq:
         max_new: int,
         processors: Sequence[LogitsProcessor] = (),
         on_first_logits: Callable[[np.ndarray], None] | None = None,
+        advance: Callable[[int, int, int, list[int]], np.ndarray] | None = None,
     ) -> Hypothesis:
-        """Most likely token at each step until ``eos`` or ``max_new`` tokens."""
+        """Most likely token at each step until ``eos`` or ``max_new`` tokens.
+
+        ``advance(seq, token, step, tokens)`` feeds ``token`` and returns the logits [1, vocab] for
+        ``step`` (default: one full decoder `step`); early-exit decoding passes its own.
+        """
         self.cache.reset()
         seq = self.cache.add()
-        logits = self.prefill(seq, prompt, cross)[None].copy()
+        logits = self.prefill(seq, prompt, cross)[None]
+        if advance is None:
+
+            def advance(seq: int, token: int, step: int, tokens: list[int]) -> np.ndarray:
+                return self.step([seq], [token], cross)
+
         tokens: list[int] = []
         score = 0.0
         for step in range(max_new):
@@ -174,15 +196,14 @@ class Seq2Seq:
                 on_first_logits(logits[0])
             for proc in processors:
                 proc(step, logits, [tokens])
-            logp = log_softmax(logits)[0]
-            tok = int(np.argmax(logp))
-            score += float(logp[tok])
+            tok, logp = best_token(logits[0])
+            score += logp
             if tok == eos:
                 break
             tokens.append(tok)
             if step == max_new - 1 or self.cache.lengths[seq] + 1 > self.max_length:
                 break
-            logits = self.step([seq], [tok], cross).copy()
+            logits = advance(seq, tok, step + 1, tokens)
         return Hypothesis(tokens, score, score / max(len(tokens), 1))
 
     def beam(

@@ -279,25 +279,8 @@ class EarlyExitSeq2Seq:
         on_first_logits: Callable[[np.ndarray], None] | None = None,
     ) -> Hypothesis:
         """`Seq2Seq.greedy` with the policy choosing each decoded token's depth."""
-        m = self.model
-        m.cache.reset()
-        seq = m.cache.add()
-        logits = m.prefill(seq, prompt, cross)
-        if on_first_logits is not None:
-            on_first_logits(logits)
-        tokens: list[int] = []
-        score = 0.0
-        for step in range(max_new):
-            row = logits[None].copy()
-            for proc in processors:
-                proc(step, row, [tokens])
-            logp = log_softmax(row)[0]
-            tok = int(np.argmax(logp))
-            score += float(logp[tok])
-            if tok == eos:
-                break
-            tokens.append(tok)
-            if step == max_new - 1 or m.cache.lengths[seq] + 1 > m.max_length:
-                break
-            logits = self._step(seq, tok, cross, step + 1, tokens, processors)
-        return Hypothesis(tokens, score, score / max(len(tokens), 1))
+
+        def advance(seq: int, token: int, step: int, tokens: list[int]) -> np.ndarray:
+            return self._step(seq, token, cross, step, tokens, processors)[None]
+
+        return self.model.greedy(cross, prompt, eos, max_new, processors, on_first_logits, advance)
