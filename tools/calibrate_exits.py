@@ -3,6 +3,7 @@
 
     python tools/calibrate_exits.py smollm2.edgert --out exits/          # fit, search, sweep, store
     python tools/calibrate_exits.py smollm2.edgert --policies confidence --skip-search 0
+    python tools/calibrate_exits.py w.edgert --sentences 12              # a Whisper decoder: adapters only
 
 1. Runs the model layer by layer over a calibration text the project ships
    (tools/data/calibration.txt) and keeps every layer's hidden states.
@@ -17,6 +18,11 @@
 5. Stores the adapters (``exits.safetensors``), the exits, the draft skip set and each policy's
    calibrated point (the fastest threshold whose agreement reaches ``--target-agreement``) in the
    artifact's manifest.
+
+A Whisper artifact gets stages 1, 2 and 5 (`calibrate_whisper`): sentences of the calibration
+text spoken by espeak-ng, each transcribed greedily, then its decoder tokens run layer by layer
+(teacher-forced) for the hidden states; adapters are fitted on the first half of the sentences
+and their agreement measured on the rest. `edgert transcribe --exit ...` then applies them.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ import argparse
 import csv
 import itertools
 import json
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -374,9 +383,124 @@ def calibrate(
     return result
 
 
+def calibration_sentences(text: Path, count: int) -> list[str]:
+    """The first ``count`` sentences of 6 to 30 words of the calibration text."""
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.read_text().split()))
+    return [x for x in sentences if 6 <= len(x.split()) <= 30][:count]
+
+
+def speak(sentence: str, path: Path) -> Path:
+    """``sentence`` spoken by espeak-ng (American English, 130 words a minute) into a WAV file."""
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        raise SystemExit("espeak-ng is missing: apt-get install espeak-ng (tools/setup.sh --test does)")
+    subprocess.run([espeak, "-v", "en-us", "-s", "130", "-w", str(path), sentence], check=True, capture_output=True)
+    return path
+
+
+def whisper_hidden_states(transcriber: Any, layers: Any, wav: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy transcript of ``wav``, then every decoder layer's output over its tokens (teacher-forced):
+    states [L+1, T, d] and the full decoder's top tokens [T] (raw logits, before Whisper's rules)."""
+    audio = transcriber.load_audio(wav)
+    cross = transcriber.encode(transcriber.features(audio.samples))
+    hyp, _ = transcriber.decode_window(cross)
+    tokens = [transcriber.config["sot"], *hyp.tokens]
+    model = transcriber.model
+    model.cache.reset()
+    seq = model.cache.add()
+    h = layers.embed(seq, tokens)
+    model.cache.begin([seq], [len(tokens)])
+    per_layer = [h.numpy()[0]]
+    for i in range(layers.num_layers):
+        h = layers.run(h, cross, [i])
+        per_layer.append(h.numpy()[0])
+    top = np.argmax(layers.head(h), axis=-1)
+    model.cache.end()
+    model.cache.reset()
+    return np.stack(per_layer), top
+
+
+def whisper_exit_tops(layers: Any, h: np.ndarray, adapter: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """Top tokens of the decoder's exit head on hidden states [T, d] (through ``adapter`` when given)."""
+    if adapter is not None:
+        h = h + h @ adapter[0] + adapter[1]
+    tensor = layers.model.session.tensor
+    out = [np.argmax(layers.head(tensor(np.ascontiguousarray(h[None, s : s + 64], np.float32))), axis=-1)
+           for s in range(0, len(h), 64)]  # fmt: skip
+    return np.concatenate(out)
+
+
+def calibrate_whisper(
+    artifact: Path,
+    text: Path = CALIBRATION_TEXT,
+    sentences: int = 12,
+    exits: Sequence[int] | None = None,
+    ridge: float = 1e-2,
+    out: Path | None = None,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Fit tuned-lens adapters for a Whisper decoder's exits and store them in ``artifact``; return the ``exits`` entry.
+
+    The held-out agreement is the top-1 agreement of each exit head with the full decoder on the
+    tokens of the sentences not used for fitting (the second half).
+    """
+    from edgert.runtime.seq2seq_speculative import DecoderLayers
+    from edgert.runtime.transcriber import Transcriber
+
+    transcriber = Transcriber(artifact, threads=threads)
+    layers = DecoderLayers(transcriber.model)
+    layers.adapters = {}  # calibrate the plain exit heads, whatever an earlier calibration stored
+    n = layers.num_layers
+    exits = sorted(set(exits or range(1, n)))
+    if any(not 0 < e < n for e in exits):
+        raise SystemExit(f"exits must lie in 1..{n - 1} for this {n}-layer decoder")
+    texts = calibration_sentences(text, sentences)
+    if len(texts) < 2:
+        raise SystemExit(f"{text}: fewer than 2 usable sentences")
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, sentence in enumerate(texts):
+            runs.append(whisper_hidden_states(transcriber, layers, speak(sentence, Path(tmp) / f"{i}.wav")))
+    half = len(runs) // 2
+    fit_states = np.concatenate([r[0] for r in runs[:half]], axis=1)
+    test_states = np.concatenate([r[0] for r in runs[half:]], axis=1)
+    test_top = np.concatenate([r[1] for r in runs[half:]])
+    print(f"calibration audio: {len(texts)} espeak-ng sentences, {fit_states.shape[1]} tokens to fit, "
+          f"{test_states.shape[1]} held out; exits {exits}", flush=True)  # fmt: skip
+    adapters: dict[str, np.ndarray] = {}
+    lens = {}
+    for e in exits:
+        w, b = fit_adapter(fit_states[e], fit_states[n], ridge)
+        adapters[f"exit.{e}.weight"], adapters[f"exit.{e}.bias"] = w, b
+        raw = float(np.mean(whisper_exit_tops(layers, test_states[e], None) == test_top))
+        tuned = float(np.mean(whisper_exit_tops(layers, test_states[e], (w, b)) == test_top))
+        lens[str(e)] = {"raw_agreement": round(raw, 4), "tuned_agreement": round(tuned, 4)}
+        print(f"  exit {e}: agreement with the full decoder {raw:.3f} raw, {tuned:.3f} with the adapter", flush=True)
+    result: dict[str, Any] = {
+        "layers": exits,
+        "adapters": ADAPTERS_FILE,
+        "calibration": {
+            "audio": "espeak-ng en-us",
+            "text": text.name,
+            "sentences": len(texts),
+            "fit_tokens": int(fit_states.shape[1]),
+            "held_out_tokens": int(test_states.shape[1]),
+            "ridge": ridge,
+            "held_out_agreement": lens,
+        },
+        "policies": {},
+    }
+    del transcriber, layers  # the artifact is rewritten below
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "exits.json").write_text(json.dumps(result, indent=2))
+    store(Path(artifact), result, adapters)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("artifact", type=Path, help="a compiled Llama-family .edgert artifact (rewritten in place)")
+    parser.add_argument("artifact", type=Path, help="a Llama-family or Whisper .edgert (rewritten in place)")
     parser.add_argument("--text", type=Path, default=CALIBRATION_TEXT, help="calibration text")
     parser.add_argument("--tokens", type=int, default=512, help="calibration tokens to use")
     parser.add_argument("--exits", type=lambda s: [int(x) for x in s.split(",")], help="exit layers, e.g. 15,20,25")
@@ -391,7 +515,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", type=int, default=4, help="draft length the skip search optimizes for")
     parser.add_argument("--out", type=Path, help="folder for exit_sweep.csv, exit_sweep.png and exits.json")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--sentences", type=int, default=12, help="Whisper: calibration sentences spoken by espeak-ng")
     args = parser.parse_args(argv)
+    from edgert.runtime.artifact import open_artifact
+
+    if open_artifact(args.artifact, check_host=False).family == "whisper":
+        result = calibrate_whisper(
+            args.artifact, args.text, args.sentences, args.exits, args.ridge, args.out, args.threads
+        )
+        print(json.dumps(result["calibration"]["held_out_agreement"], indent=2))
+        return 0
     result = calibrate(
         args.artifact,
         args.text,

@@ -19,6 +19,7 @@ import numpy as np
 
 from edgert.errors import ArtifactError, EdgertError
 from edgert.runtime.exits import ExitPolicy
+from edgert.runtime.layers import load_adapters
 from edgert.runtime.seq2seq import Hypothesis, LogitsProcessor, Seq2Seq, log_softmax
 from edgert.runtime.speculative import default_skip, parse_layer_set
 
@@ -65,6 +66,7 @@ class DecoderLayers:
         self._embed, self._head = vm["embed"], vm["head"]
         self._layers = [vm[f"layer_{i}"] for i in range(self.num_layers)]
         self._fills = [vm[f"kv_fill_{i}"] for i in range(self.num_layers)]
+        self.adapters = load_adapters(model.session)
 
     def embed(self, seq: int, tokens: Sequence[int]) -> Any:
         """Hidden states [1, n, d] of ``tokens`` at ``seq``'s next positions (inside an open forward pass)."""
@@ -86,8 +88,16 @@ class DecoderLayers:
         for i in layers:
             _, m.cache.obj = self._fills[i](h, m.cache.obj, self._params)
 
-    def head(self, h: Any) -> np.ndarray:
-        """Logits [n, vocab] of hidden states (final norm + tied head, after any layer)."""
+    def head(self, h: Any, depth: int | None = None) -> np.ndarray:
+        """Logits [n, vocab] of hidden states (final norm + tied head, after any layer).
+
+        An exit after ``depth`` < all layers goes through that exit's tuned-lens adapter
+        (``h + h·W + b``) when tools/calibrate_exits.py stored one in the artifact.
+        """
+        if depth is not None and depth < self.num_layers and depth in self.adapters:
+            w, b = self.adapters[depth]
+            x = h.numpy()[0]
+            h = self.model.session.tensor(np.ascontiguousarray((x + x @ w + b)[None], dtype=np.float32))
         return self._head(h, self._params).numpy()[0]
 
     def forward(self, seq: int, tokens: Sequence[int], cross: Any, layers: Sequence[int]) -> np.ndarray:
@@ -228,7 +238,8 @@ class EarlyExitSeq2Seq:
         self.layers = DecoderLayers(model)
         n = self.layers.num_layers
         self.model, self.policy = model, policy
-        self.exit_points = policy.exits(list(range(1, n)), n)
+        stored = model.artifact.manifest.get("exits", {}).get("layers")
+        self.exit_points = policy.exits(stored or list(range(1, n)), n)
         self.depths: list[int] = []
 
     @property
@@ -254,7 +265,7 @@ class EarlyExitSeq2Seq:
         for e in self.exit_points:
             h = self.layers.run(h, cross, range(depth, e))
             depth = e
-            lg = self.layers.head(h)[-1]
+            lg = self.layers.head(h, e)[-1]
             masked = lg[None].copy()
             for proc in processors:
                 proc(step, masked, [tokens])
