@@ -133,6 +133,13 @@ class Seq2Seq:
         self.cache = SequenceCache(self.session, int(kv.get("max_sequences", 16)), self.max_length, kv["page_size"])
         self.vocab_size = int(artifact.manifest["model"]["vocab_size"])
         self.calls = {"encode": 0, "prefill": 0, "decode": 0}
+        import tvm_ffi
+
+        # Per decode step (~5 ms on tiny.en) these save ~0.1 ms: the entry point looked up once, the
+        # weight list converted once (140 tensors), the token and position tensors reused per batch size.
+        self._decode = self.session.vm["decode"]
+        self._params = tvm_ffi.convert(self.session.params)
+        self._step_inputs: dict[int, tuple[Any, Any]] = {}
 
     def encode(self, *inputs: np.ndarray) -> Any:
         """Run the encoder; the result (cross-attention K/V) stays a device tensor."""
@@ -158,10 +165,15 @@ class Seq2Seq:
     def step(self, seqs: Sequence[int], tokens: Sequence[int], cross: Any) -> np.ndarray:
         """One token for each sequence; logits [len(seqs), vocab]."""
         ids = np.array([[t] for t in tokens], np.int32)
-        pos = self._positions(seqs, 1)
+        pos = np.array([[self.cache.lengths[s]] for s in seqs], np.int32)
+        inputs = self._step_inputs.get(len(seqs))
+        if inputs is None:
+            inputs = self._step_inputs[len(seqs)] = (self.session.tensor(ids), self.session.tensor(pos))
+        else:
+            inputs[0].copyfrom(ids)
+            inputs[1].copyfrom(pos)
         self.cache.begin(seqs, [1] * len(seqs))
-        tensor = self.session.tensor
-        logits, self.cache.obj = self.session("decode", tensor(ids), tensor(pos), cross, self.cache.obj)
+        logits, self.cache.obj = self._decode(*inputs, cross, self.cache.obj, self._params)
         self.cache.end()
         self.calls["decode"] += 1
         return logits.numpy()[:, 0]
