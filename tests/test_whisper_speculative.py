@@ -105,9 +105,11 @@ def test_exit_calibration_states_the_agreement_the_runtime_gives(whisper_artifac
     art = tmp_path / "w.edgert"
     shutil.copyfile(whisper_artifact, art)
     tool = load_tool("calibrate_exits")
-    result = tool.calibrate_whisper(art, sentences=4)
+    result = tool.calibrate_whisper(art, sentences=4, policies=("static",))
     stored = open_artifact(art).manifest["exits"]
     assert stored["layers"] == [1, 2, 3] and stored["calibration"] == result["calibration"]
+    point = stored["policies"]["static"]  # the sweep decoded the held-out sentences at depths 1, 2, 3
+    assert point["threshold"] in (1, 2, 3) and 0 <= point["agreement"] <= 1 and point["mean_layers"] <= 3
     stated = result["calibration"]["held_out_agreement"]
 
     t = Transcriber(art)

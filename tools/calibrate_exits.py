@@ -438,11 +438,14 @@ def calibrate_whisper(
     ridge: float = 1e-2,
     out: Path | None = None,
     threads: int | None = None,
+    policies: Sequence[str] = ("confidence", "entropy", "static"),
+    target_agreement: float = 0.9,
 ) -> dict[str, Any]:
     """Fit tuned-lens adapters for a Whisper decoder's exits and store them in ``artifact``; return the ``exits`` entry.
 
     The held-out agreement is the top-1 agreement of each exit head with the full decoder on the
-    tokens of the sentences not used for fitting (the second half).
+    tokens of the sentences not used for fitting (the second half). With ``policies``, each one's
+    grid is swept by real early-exit decoding of those sentences and its calibrated point stored.
     """
     from edgert.runtime.seq2seq_speculative import DecoderLayers
     from edgert.runtime.transcriber import Transcriber
@@ -457,10 +460,11 @@ def calibrate_whisper(
     texts = calibration_sentences(text, sentences)
     if len(texts) < 2:
         raise SystemExit(f"{text}: fewer than 2 usable sentences")
-    runs = []
+    runs, wavs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, sentence in enumerate(texts):
-            runs.append(whisper_hidden_states(transcriber, layers, speak(sentence, Path(tmp) / f"{i}.wav")))
+            wavs.append(transcriber.load_audio(speak(sentence, Path(tmp) / f"{i}.wav")))
+            runs.append(whisper_hidden_states(transcriber, layers, wavs[-1]))
     half = len(runs) // 2
     fit_states = np.concatenate([r[0] for r in runs[:half]], axis=1)
     test_states = np.concatenate([r[0] for r in runs[half:]], axis=1)
@@ -491,11 +495,70 @@ def calibrate_whisper(
         "policies": {},
     }
     del transcriber, layers  # the artifact is rewritten below
+    store(Path(artifact), result, adapters)  # the sweep decodes through the stored adapters
+    if policies:
+        grids = {p: (list(exits) if p == "static" else GRIDS[p]) for p in policies}
+        print(f"sweep over the {len(wavs) - half} held-out sentences", flush=True)
+        rows = whisper_sweep(artifact, wavs[half:], grids, threads)
+        result["policies"] = choose_points(rows, target_agreement)
+        result["target_agreement"] = target_agreement
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            with (out / "exit_sweep.csv").open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            write_plot(rows, out / "exit_sweep.png")
+        store(Path(artifact), result, adapters)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "exits.json").write_text(json.dumps(result, indent=2))
-    store(Path(artifact), result, adapters)
     return result
+
+
+def whisper_sweep(artifact: Path, audios: Sequence[Any], grids: dict[str, list[float]], threads: int | None) -> list:
+    """Each policy point's greedy transcripts against the full decoder's: agreement (tokens equal position by
+    position, over the full transcript's length), mean layers per token, and decoder speedup (time per token)."""
+    from edgert.runtime.exits import parse_exit_policy
+    from edgert.runtime.seq2seq_speculative import EarlyExitSeq2Seq
+    from edgert.runtime.transcriber import Transcriber
+
+    transcriber = Transcriber(artifact, threads=threads)
+    windows = [transcriber.encode(transcriber.features(a.samples)) for a in audios]
+
+    def decode(decoder: Any) -> tuple[list[list[int]], float]:
+        started = time.perf_counter()
+        transcriber.early_exit = decoder
+        tokens = [transcriber.decode_window(cross)[0].tokens for cross in windows]
+        transcriber.early_exit = None
+        return tokens, time.perf_counter() - started
+
+    reference, full_time = decode(None)
+    per_token = full_time / max(sum(len(t) + 1 for t in reference), 1)
+    rows = []
+    for name, grid in grids.items():
+        for value in grid:
+            decoder = EarlyExitSeq2Seq(transcriber.model, parse_exit_policy(f"{name}:{value:g}", transcriber.model))
+            tokens, seconds = decode(decoder)
+            pairs = zip(reference, tokens, strict=True)
+            hits = sum(a == b for ref, got in pairs for a, b in zip(ref, got, strict=False))
+            total = sum(len(ref) for ref in reference)
+            row = {
+                "policy": name,
+                "threshold": value,
+                "agreement": round(hits / max(total, 1), 4),
+                "mean_layers": round(decoder.mean_layers, 3),
+                # an exit head runs at every exit point up to the depth the token left at
+                "exit_heads_per_token": round(
+                    float(np.mean([sum(e <= d for e in decoder.exit_points) for d in decoder.depths] or [0])), 3
+                ),
+                "speedup": round(per_token / (seconds / max(len(decoder.depths), 1)), 3),
+                "tokens": total,
+            }
+            print(f"  {name}:{value:g}  agreement {row['agreement']:.3f}  layers {row['mean_layers']:.2f}  "
+                  f"speedup {row['speedup']:.2f}x", flush=True)  # fmt: skip
+            rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -520,10 +583,12 @@ def main(argv: list[str] | None = None) -> int:
     from edgert.runtime.artifact import open_artifact
 
     if open_artifact(args.artifact, check_host=False).family == "whisper":
+        policies = [p for p in args.policies if p != "patience"]  # 4 layers: patience cannot save any
         result = calibrate_whisper(
-            args.artifact, args.text, args.sentences, args.exits, args.ridge, args.out, args.threads
-        )
-        print(json.dumps(result["calibration"]["held_out_agreement"], indent=2))
+            args.artifact, args.text, args.sentences, args.exits, args.ridge, args.out, args.threads, policies,
+            args.target_agreement,
+        )  # fmt: skip
+        print(json.dumps({**result["calibration"]["held_out_agreement"], **result["policies"]}, indent=2))
         return 0
     result = calibrate(
         args.artifact,
