@@ -20,7 +20,7 @@ import numpy as np
 from edgert.errors import ArtifactError, EdgertError
 from edgert.runtime.exits import ExitPolicy
 from edgert.runtime.layers import load_adapters
-from edgert.runtime.seq2seq import Hypothesis, LogitsProcessor, Seq2Seq, log_softmax
+from edgert.runtime.seq2seq import Hypothesis, LogitsProcessor, Seq2Seq, best_token
 from edgert.runtime.speculative import default_skip, parse_layer_set
 
 
@@ -127,9 +127,7 @@ class SelfSpeculativeDecoder:
         row = logits[None].copy()
         for proc in processors:
             proc(step, row, [tokens])
-        logp = log_softmax(row)[0]
-        tok = int(np.argmax(logp))
-        return tok, float(logp[tok])
+        return best_token(row[0])  # the token and score `Seq2Seq.greedy` would take
 
     def greedy(
         self,
