@@ -87,3 +87,45 @@ def test_speculative_bad_spec(transcriber, spec: str, message: str) -> None:
 
     with pytest.raises(EdgertError, match=message):
         parse_seq2seq_speculative(spec, transcriber.model)
+
+
+def test_exit_calibration_states_the_agreement_the_runtime_gives(whisper_artifact: Path, tmp_path: Path) -> None:
+    """tools/calibrate_exits.py on Whisper (4 espeak-ng sentences, the last 2 held out) stores one adapter per
+    decoder exit; through the runtime's exit head (which loads them from the artifact) the held-out
+    sentences give exactly the agreement the calibration stated, and --exit decodes with them."""
+    import shutil
+
+    import numpy as np
+    from conftest import load_tool
+
+    from edgert.runtime.artifact import open_artifact
+    from edgert.runtime.seq2seq_speculative import DecoderLayers
+    from edgert.runtime.transcriber import Transcriber
+
+    art = tmp_path / "w.edgert"
+    shutil.copyfile(whisper_artifact, art)
+    tool = load_tool("calibrate_exits")
+    result = tool.calibrate_whisper(art, sentences=4, policies=("static",))
+    stored = open_artifact(art).manifest["exits"]
+    assert stored["layers"] == [1, 2, 3] and stored["calibration"] == result["calibration"]
+    point = stored["policies"]["static"]  # the sweep decoded the held-out sentences at depths 1, 2, 3
+    assert point["threshold"] in (1, 2, 3) and 0 <= point["agreement"] <= 1 and point["mean_layers"] <= 3
+    stated = result["calibration"]["held_out_agreement"]
+
+    t = Transcriber(art)
+    layers = DecoderLayers(t.model)
+    assert sorted(layers.adapters) == [1, 2, 3]
+    held_out = tool.calibration_sentences(tool.CALIBRATION_TEXT, 4)[2:]
+    runs = [tool.whisper_hidden_states(t, layers, tool.speak(s, tmp_path / f"{i}.wav")) for i, s in enumerate(held_out)]
+    states = np.concatenate([r[0] for r in runs], axis=1)
+    top = np.concatenate([r[1] for r in runs])
+    assert len(top) == result["calibration"]["held_out_tokens"]
+    for e in (1, 2, 3):
+        tops = np.argmax(layers.head(t.model.session.tensor(np.ascontiguousarray(states[e][None])), e), axis=-1)
+        assert round(float(np.mean(tops == top)), 4) == stated[str(e)]["tuned_agreement"]
+        plain = np.argmax(layers.head(t.model.session.tensor(np.ascontiguousarray(states[e][None]))), axis=-1)
+        assert round(float(np.mean(plain == top)), 4) == stated[str(e)]["raw_agreement"]
+    fast = Transcriber(art, exit="static:3")
+    assert sorted(fast.early_exit.layers.adapters) == [1, 2, 3]
+    fast.transcribe(tmp_path / "0.wav")
+    assert fast.early_exit.mean_layers == 3.0 and len(fast.early_exit.depths) > 0

@@ -3,6 +3,7 @@
 
     python tools/calibrate_exits.py smollm2.edgert --out exits/          # fit, search, sweep, store
     python tools/calibrate_exits.py smollm2.edgert --policies confidence --skip-search 0
+    python tools/calibrate_exits.py w.edgert --sentences 12              # a Whisper decoder: adapters only
 
 1. Runs the model layer by layer over a calibration text the project ships
    (tools/data/calibration.txt) and keeps every layer's hidden states.
@@ -17,6 +18,11 @@
 5. Stores the adapters (``exits.safetensors``), the exits, the draft skip set and each policy's
    calibrated point (the fastest threshold whose agreement reaches ``--target-agreement``) in the
    artifact's manifest.
+
+A Whisper artifact gets stages 1, 2 and 5 (`calibrate_whisper`): sentences of the calibration
+text spoken by espeak-ng, each transcribed greedily, then its decoder tokens run layer by layer
+(teacher-forced) for the hidden states; adapters are fitted on the first half of the sentences
+and their agreement measured on the rest. `edgert transcribe --exit ...` then applies them.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ import argparse
 import csv
 import itertools
 import json
+import re
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -374,9 +383,187 @@ def calibrate(
     return result
 
 
+def calibration_sentences(text: Path, count: int) -> list[str]:
+    """The first ``count`` sentences of 6 to 30 words of the calibration text."""
+    sentences = re.split(r"(?<=[.!?])\s+", " ".join(text.read_text().split()))
+    return [x for x in sentences if 6 <= len(x.split()) <= 30][:count]
+
+
+def speak(sentence: str, path: Path) -> Path:
+    """``sentence`` spoken by espeak-ng (American English, 130 words a minute) into a WAV file."""
+    espeak = shutil.which("espeak-ng")
+    if espeak is None:
+        raise SystemExit("espeak-ng is missing: apt-get install espeak-ng (tools/setup.sh --test does)")
+    subprocess.run([espeak, "-v", "en-us", "-s", "130", "-w", str(path), sentence], check=True, capture_output=True)
+    return path
+
+
+def whisper_hidden_states(transcriber: Any, layers: Any, wav: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy transcript of ``wav``, then every decoder layer's output over its tokens (teacher-forced):
+    states [L+1, T, d] and the full decoder's top tokens [T] (raw logits, before Whisper's rules)."""
+    audio = transcriber.load_audio(wav)
+    cross = transcriber.encode(transcriber.features(audio.samples))
+    hyp, _ = transcriber.decode_window(cross)
+    tokens = [transcriber.config["sot"], *hyp.tokens]
+    model = transcriber.model
+    model.cache.reset()
+    seq = model.cache.add()
+    h = layers.embed(seq, tokens)
+    model.cache.begin([seq], [len(tokens)])
+    per_layer = [h.numpy()[0]]
+    for i in range(layers.num_layers):
+        h = layers.run(h, cross, [i])
+        per_layer.append(h.numpy()[0])
+    top = np.argmax(layers.head(h), axis=-1)
+    model.cache.end()
+    model.cache.reset()
+    return np.stack(per_layer), top
+
+
+def whisper_exit_tops(layers: Any, h: np.ndarray, adapter: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """Top tokens of the decoder's exit head on hidden states [T, d] (through ``adapter`` when given)."""
+    if adapter is not None:
+        h = h + h @ adapter[0] + adapter[1]
+    tensor = layers.model.session.tensor
+    out = [np.argmax(layers.head(tensor(np.ascontiguousarray(h[None, s : s + 64], np.float32))), axis=-1)
+           for s in range(0, len(h), 64)]  # fmt: skip
+    return np.concatenate(out)
+
+
+def calibrate_whisper(
+    artifact: Path,
+    text: Path = CALIBRATION_TEXT,
+    sentences: int = 12,
+    exits: Sequence[int] | None = None,
+    ridge: float = 1e-2,
+    out: Path | None = None,
+    threads: int | None = None,
+    policies: Sequence[str] = ("confidence", "entropy", "static"),
+    target_agreement: float = 0.9,
+) -> dict[str, Any]:
+    """Fit tuned-lens adapters for a Whisper decoder's exits and store them in ``artifact``; return the ``exits`` entry.
+
+    The held-out agreement is the top-1 agreement of each exit head with the full decoder on the
+    tokens of the sentences not used for fitting (the second half). With ``policies``, each one's
+    grid is swept by real early-exit decoding of those sentences and its calibrated point stored.
+    """
+    from edgert.runtime.seq2seq_speculative import DecoderLayers
+    from edgert.runtime.transcriber import Transcriber
+
+    transcriber = Transcriber(artifact, threads=threads)
+    layers = DecoderLayers(transcriber.model)
+    layers.adapters = {}  # calibrate the plain exit heads, whatever an earlier calibration stored
+    n = layers.num_layers
+    exits = sorted(set(exits or range(1, n)))
+    if any(not 0 < e < n for e in exits):
+        raise SystemExit(f"exits must lie in 1..{n - 1} for this {n}-layer decoder")
+    texts = calibration_sentences(text, sentences)
+    if len(texts) < 2:
+        raise SystemExit(f"{text}: fewer than 2 usable sentences")
+    runs, wavs = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, sentence in enumerate(texts):
+            wavs.append(transcriber.load_audio(speak(sentence, Path(tmp) / f"{i}.wav")))
+            runs.append(whisper_hidden_states(transcriber, layers, wavs[-1]))
+    half = len(runs) // 2
+    fit_states = np.concatenate([r[0] for r in runs[:half]], axis=1)
+    test_states = np.concatenate([r[0] for r in runs[half:]], axis=1)
+    test_top = np.concatenate([r[1] for r in runs[half:]])
+    print(f"calibration audio: {len(texts)} espeak-ng sentences, {fit_states.shape[1]} tokens to fit, "
+          f"{test_states.shape[1]} held out; exits {exits}", flush=True)  # fmt: skip
+    adapters: dict[str, np.ndarray] = {}
+    lens = {}
+    for e in exits:
+        w, b = fit_adapter(fit_states[e], fit_states[n], ridge)
+        adapters[f"exit.{e}.weight"], adapters[f"exit.{e}.bias"] = w, b
+        raw = float(np.mean(whisper_exit_tops(layers, test_states[e], None) == test_top))
+        tuned = float(np.mean(whisper_exit_tops(layers, test_states[e], (w, b)) == test_top))
+        lens[str(e)] = {"raw_agreement": round(raw, 4), "tuned_agreement": round(tuned, 4)}
+        print(f"  exit {e}: agreement with the full decoder {raw:.3f} raw, {tuned:.3f} with the adapter", flush=True)
+    result: dict[str, Any] = {
+        "layers": exits,
+        "adapters": ADAPTERS_FILE,
+        "calibration": {
+            "audio": "espeak-ng en-us",
+            "text": text.name,
+            "sentences": len(texts),
+            "fit_tokens": int(fit_states.shape[1]),
+            "held_out_tokens": int(test_states.shape[1]),
+            "ridge": ridge,
+            "held_out_agreement": lens,
+        },
+        "policies": {},
+    }
+    del transcriber, layers  # the artifact is rewritten below
+    store(Path(artifact), result, adapters)  # the sweep decodes through the stored adapters
+    if policies:
+        grids = {p: (list(exits) if p == "static" else GRIDS[p]) for p in policies}
+        print(f"sweep over the {len(wavs) - half} held-out sentences", flush=True)
+        rows = whisper_sweep(artifact, wavs[half:], grids, threads)
+        result["policies"] = choose_points(rows, target_agreement)
+        result["target_agreement"] = target_agreement
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            with (out / "exit_sweep.csv").open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            write_plot(rows, out / "exit_sweep.png")
+        store(Path(artifact), result, adapters)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "exits.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def whisper_sweep(artifact: Path, audios: Sequence[Any], grids: dict[str, list[float]], threads: int | None) -> list:
+    """Each policy point's greedy transcripts against the full decoder's: agreement (tokens equal position by
+    position, over the full transcript's length), mean layers per token, and decoder speedup (time per token)."""
+    from edgert.runtime.exits import parse_exit_policy
+    from edgert.runtime.seq2seq_speculative import EarlyExitSeq2Seq
+    from edgert.runtime.transcriber import Transcriber
+
+    transcriber = Transcriber(artifact, threads=threads)
+    windows = [transcriber.encode(transcriber.features(a.samples)) for a in audios]
+
+    def decode(decoder: Any) -> tuple[list[list[int]], float]:
+        started = time.perf_counter()
+        transcriber.early_exit = decoder
+        tokens = [transcriber.decode_window(cross)[0].tokens for cross in windows]
+        transcriber.early_exit = None
+        return tokens, time.perf_counter() - started
+
+    reference, full_time = decode(None)
+    per_token = full_time / max(sum(len(t) + 1 for t in reference), 1)
+    rows = []
+    for name, grid in grids.items():
+        for value in grid:
+            decoder = EarlyExitSeq2Seq(transcriber.model, parse_exit_policy(f"{name}:{value:g}", transcriber.model))
+            tokens, seconds = decode(decoder)
+            pairs = zip(reference, tokens, strict=True)
+            hits = sum(a == b for ref, got in pairs for a, b in zip(ref, got, strict=False))
+            total = sum(len(ref) for ref in reference)
+            row = {
+                "policy": name,
+                "threshold": value,
+                "agreement": round(hits / max(total, 1), 4),
+                "mean_layers": round(decoder.mean_layers, 3),
+                # an exit head runs at every exit point up to the depth the token left at
+                "exit_heads_per_token": round(
+                    float(np.mean([sum(e <= d for e in decoder.exit_points) for d in decoder.depths] or [0])), 3
+                ),
+                "speedup": round(per_token / (seconds / max(len(decoder.depths), 1)), 3),
+                "tokens": total,
+            }
+            print(f"  {name}:{value:g}  agreement {row['agreement']:.3f}  layers {row['mean_layers']:.2f}  "
+                  f"speedup {row['speedup']:.2f}x", flush=True)  # fmt: skip
+            rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("artifact", type=Path, help="a compiled Llama-family .edgert artifact (rewritten in place)")
+    parser.add_argument("artifact", type=Path, help="a Llama-family or Whisper .edgert (rewritten in place)")
     parser.add_argument("--text", type=Path, default=CALIBRATION_TEXT, help="calibration text")
     parser.add_argument("--tokens", type=int, default=512, help="calibration tokens to use")
     parser.add_argument("--exits", type=lambda s: [int(x) for x in s.split(",")], help="exit layers, e.g. 15,20,25")
@@ -391,7 +578,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-k", type=int, default=4, help="draft length the skip search optimizes for")
     parser.add_argument("--out", type=Path, help="folder for exit_sweep.csv, exit_sweep.png and exits.json")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--sentences", type=int, default=12, help="Whisper: calibration sentences spoken by espeak-ng")
     args = parser.parse_args(argv)
+    from edgert.runtime.artifact import open_artifact
+
+    if open_artifact(args.artifact, check_host=False).family == "whisper":
+        policies = [p for p in args.policies if p != "patience"]  # 4 layers: patience cannot save any
+        result = calibrate_whisper(
+            args.artifact, args.text, args.sentences, args.exits, args.ridge, args.out, args.threads, policies,
+            args.target_agreement,
+        )  # fmt: skip
+        print(json.dumps({**result["calibration"]["held_out_agreement"], **result["policies"]}, indent=2))
+        return 0
     result = calibrate(
         args.artifact,
         args.text,

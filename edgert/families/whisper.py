@@ -225,12 +225,17 @@ class DecoderLayer(nn.Module):
         self.fc2 = Projection(cfg.ffn_dim, d)
         self.attend = Attend(cfg.num_heads, cfg.audio_ctx, cfg.head_dim)
 
+    def self_attention(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        """Masked self-attention over the paged cache (which gets this input's K/V) -> [b, s, heads, head_dim]."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        qkv = op.reshape(self.self_qkv(self.self_norm(x)), (b, s, 3 * cfg.num_heads, cfg.head_dim))
+        return cache.attention_with_fused_qkv(layer_id, qkv, cfg.num_heads, sm_scale=cfg.head_dim**-0.5)
+
     def forward(self, x: Tensor, cross: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
         cfg = self.cfg
         b, s, d = x.shape
-        qkv = op.reshape(self.self_qkv(self.self_norm(x)), (b, s, 3 * cfg.num_heads, cfg.head_dim))
-        a = cache.attention_with_fused_qkv(layer_id, qkv, cfg.num_heads, sm_scale=cfg.head_dim**-0.5)
-        x = x + self.self_out(op.reshape(a, (b, s, d)))
+        x = x + self.self_out(op.reshape(self.self_attention(x, cache, layer_id), (b, s, d)))
         # Cross-attention: every (sequence, position) row attends to the same window.
         q = _heads_first(self.cross_q(self.cross_norm(x)), b * s, cfg.num_heads, cfg.head_dim)
         a = self.attend.cross(q, cross, layer_id)
@@ -275,16 +280,10 @@ class WhisperModel(EncoderDecoder):
         return op.concat(kv, dim=0)
 
     def _decode(self, ids: Tensor, positions: Tensor, cross: Tensor, cache: PagedKVCache) -> Tensor:
-        x = self.embed_tokens(ids) + self.embed_positions(positions)
+        x = self.embed(ids, positions)
         for layer_id, layer in enumerate(self.decoder_layers):
             x = layer(x, cross, cache, layer_id)
-        logits = self.lm_head(self.decoder_norm(x))
-        vocab = self.cfg.vocab_size
-        return op.tensor_expr_op(
-            lambda y: te.compute((y.shape[0], y.shape[1], vocab), lambda i, j, k: y[i, j, k], name="vocab"),
-            "vocab",
-            [logits],
-        )
+        return self.head(x)
 
     def cache_shape(self) -> tuple[int, int, int]:
         """(decoder layers, heads, head width) of the self-attention cache."""
@@ -304,14 +303,10 @@ class WhisperModel(EncoderDecoder):
 
     def kv_fill(self, layer_id: int, h: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         """Copy-forward (CALM): write layer ``layer_id``'s self-attention KV from ``h`` without the rest of it."""
-        cfg = self.cfg
-        block = self.decoder_layers[layer_id]
-        b, s, _ = h.shape
-        qkv = op.reshape(block.self_qkv(block.self_norm(h)), (b, s, 3 * cfg.num_heads, cfg.head_dim))
-        return cache.attention_with_fused_qkv(layer_id, qkv, cfg.num_heads, sm_scale=cfg.head_dim**-0.5), cache
+        return self.decoder_layers[layer_id].self_attention(h, cache, layer_id), cache
 
     def head(self, h: Tensor) -> Tensor:
-        """Final norm and tied head on hidden states [1, s, d] -> logits [1, s, vocab]."""
+        """Final norm and tied head on hidden states [b, s, d] -> logits [b, s, vocab] (the padded rows cut off)."""
         logits = self.lm_head(self.decoder_norm(h))
         vocab = self.cfg.vocab_size
         return op.tensor_expr_op(

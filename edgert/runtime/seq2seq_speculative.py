@@ -19,7 +19,8 @@ import numpy as np
 
 from edgert.errors import ArtifactError, EdgertError
 from edgert.runtime.exits import ExitPolicy
-from edgert.runtime.seq2seq import Hypothesis, LogitsProcessor, Seq2Seq, log_softmax
+from edgert.runtime.layers import load_adapters
+from edgert.runtime.seq2seq import Hypothesis, LogitsProcessor, Seq2Seq, best_token
 from edgert.runtime.speculative import default_skip, parse_layer_set
 
 
@@ -65,6 +66,7 @@ class DecoderLayers:
         self._embed, self._head = vm["embed"], vm["head"]
         self._layers = [vm[f"layer_{i}"] for i in range(self.num_layers)]
         self._fills = [vm[f"kv_fill_{i}"] for i in range(self.num_layers)]
+        self.adapters = load_adapters(model.session)
 
     def embed(self, seq: int, tokens: Sequence[int]) -> Any:
         """Hidden states [1, n, d] of ``tokens`` at ``seq``'s next positions (inside an open forward pass)."""
@@ -86,8 +88,16 @@ class DecoderLayers:
         for i in layers:
             _, m.cache.obj = self._fills[i](h, m.cache.obj, self._params)
 
-    def head(self, h: Any) -> np.ndarray:
-        """Logits [n, vocab] of hidden states (final norm + tied head, after any layer)."""
+    def head(self, h: Any, depth: int | None = None) -> np.ndarray:
+        """Logits [n, vocab] of hidden states (final norm + tied head, after any layer).
+
+        An exit after ``depth`` < all layers goes through that exit's tuned-lens adapter
+        (``h + h·W + b``) when tools/calibrate_exits.py stored one in the artifact.
+        """
+        if depth is not None and depth < self.num_layers and depth in self.adapters:
+            w, b = self.adapters[depth]
+            x = h.numpy()[0]
+            h = self.model.session.tensor(np.ascontiguousarray((x + x @ w + b)[None], dtype=np.float32))
         return self._head(h, self._params).numpy()[0]
 
     def forward(self, seq: int, tokens: Sequence[int], cross: Any, layers: Sequence[int]) -> np.ndarray:
@@ -117,9 +127,7 @@ class SelfSpeculativeDecoder:
         row = logits[None].copy()
         for proc in processors:
             proc(step, row, [tokens])
-        logp = log_softmax(row)[0]
-        tok = int(np.argmax(logp))
-        return tok, float(logp[tok])
+        return best_token(row[0])  # the token and score `Seq2Seq.greedy` would take
 
     def greedy(
         self,
@@ -228,7 +236,8 @@ class EarlyExitSeq2Seq:
         self.layers = DecoderLayers(model)
         n = self.layers.num_layers
         self.model, self.policy = model, policy
-        self.exit_points = policy.exits(list(range(1, n)), n)
+        stored = model.artifact.manifest.get("exits", {}).get("layers")
+        self.exit_points = policy.exits(stored or list(range(1, n)), n)
         self.depths: list[int] = []
 
     @property
@@ -254,7 +263,7 @@ class EarlyExitSeq2Seq:
         for e in self.exit_points:
             h = self.layers.run(h, cross, range(depth, e))
             depth = e
-            lg = self.layers.head(h)[-1]
+            lg = self.layers.head(h, e)[-1]
             masked = lg[None].copy()
             for proc in processors:
                 proc(step, masked, [tokens])
@@ -279,25 +288,8 @@ class EarlyExitSeq2Seq:
         on_first_logits: Callable[[np.ndarray], None] | None = None,
     ) -> Hypothesis:
         """`Seq2Seq.greedy` with the policy choosing each decoded token's depth."""
-        m = self.model
-        m.cache.reset()
-        seq = m.cache.add()
-        logits = m.prefill(seq, prompt, cross)
-        if on_first_logits is not None:
-            on_first_logits(logits)
-        tokens: list[int] = []
-        score = 0.0
-        for step in range(max_new):
-            row = logits[None].copy()
-            for proc in processors:
-                proc(step, row, [tokens])
-            logp = log_softmax(row)[0]
-            tok = int(np.argmax(logp))
-            score += float(logp[tok])
-            if tok == eos:
-                break
-            tokens.append(tok)
-            if step == max_new - 1 or m.cache.lengths[seq] + 1 > m.max_length:
-                break
-            logits = self._step(seq, tok, cross, step + 1, tokens, processors)
-        return Hypothesis(tokens, score, score / max(len(tokens), 1))
+
+        def advance(seq: int, token: int, step: int, tokens: list[int]) -> np.ndarray:
+            return self._step(seq, token, cross, step, tokens, processors)[None]
+
+        return self.model.greedy(cross, prompt, eos, max_new, processors, on_first_logits, advance)

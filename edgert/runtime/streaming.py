@@ -142,7 +142,11 @@ class StreamingTranscriber:
             heard = (
                 self._last is not None and self._last[0] == self._speech_start and self._last[1] >= self._last_speech
             )
-            if not heard and self._chunks_since_partial >= self.partial_every:
+            # A chunk ending in less silence than the pad may be the end of the utterance: a partial now
+            # could not serve as its final (that needs the pad heard), so it would cost one decode more
+            # between the end of speech and the final text.
+            ending = 0 < self._vad_pos - self._last_speech < self.pad
+            if not heard and not ending and self._chunks_since_partial >= self.partial_every:
                 events += self._partial()
         self.stats.compute_seconds += time.perf_counter() - started
         return events

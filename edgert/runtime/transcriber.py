@@ -133,9 +133,11 @@ class WhisperRules:
                         logits[row, tb : t + 1] = -np.inf
                         break
         for row in check:
-            logp = log_softmax(logits[row])
-            text_max = np.max(logp[:tb])
-            ts = logp[tb:]
+            # Whisper compares log-probabilities, log sum p(timestamps) > max log p(text); both share
+            # the softmax's normalizer, so the raw logits give the same answer without a log-softmax
+            # over the whole vocabulary (the decoder computes that once per step, after the rules).
+            text_max = np.max(logits[row, :tb])
+            ts = logits[row, tb:]
             ts_max = np.max(ts)
             ts_total = ts_max + np.log(np.sum(np.exp(ts - ts_max))) if np.isfinite(ts_max) else -np.inf
             if ts_total > text_max:
