@@ -54,6 +54,14 @@ class CodecConfig:
     codebook_size: int = 1024
     codebook_dim: int = 128
     num_quantizers: int = 32
+    # "none": every ELU is the identity, so the codec is a linear filterbank plus RVQ (the
+    # project's own closed-form speech codec, tools/fit_codec.py).
+    activation: str = "elu"
+    # A bare filterbank: the encoder is the strided conv (audio -> 2 * num_filters channels, one
+    # stride) and the last conv, the decoder the first conv and a transposed conv that writes the
+    # audio; no ELU, residual unit or LSTM. Without it a linear codec would carry num_filters copies
+    # of the audio through its strided conv (num_filters times the arithmetic).
+    filterbank: bool = False
 
     @property
     def hop_length(self) -> int:
@@ -96,6 +104,17 @@ class CodecConfig:
             values["num_quantizers"] = int(1000 * max(raw["target_bandwidths"]) // per)
         if values.get("codebook_dim") is None:
             values["codebook_dim"] = values.get("hidden_size", cls.hidden_size)
+        if values.get("activation", "elu") not in ("elu", "none"):
+            raise UnsupportedModelError(f"activation '{values['activation']}' is not supported (elu, none)")
+        if values.get("filterbank") and (
+            len(values.get("upsampling_ratios", [])) != 1
+            or values.get("num_residual_layers", 1)
+            or values.get("num_lstm_layers", 1)
+            or values.get("activation") != "none"
+        ):
+            raise UnsupportedModelError(
+                "a filterbank codec has one upsampling ratio, no residual units, no LSTM and activation 'none'"
+            )
         if values.get("pad_mode") not in ("reflect", "constant", None):
             raise UnsupportedModelError(f"pad_mode '{values['pad_mode']}' is not supported (reflect, constant)")
         return cls(**values)
@@ -133,12 +152,18 @@ def elu(x: Tensor) -> Tensor:
 
 
 class ELU(nn.Module):
-    """ELU as a layer (it holds no weights; it keeps the layer indices of the source model)."""
+    """ELU as a layer (it holds no weights; it keeps the layer indices of the source model).
+
+    With ``linear`` (a config's ``activation = "none"``) it passes its input through.
+    """
 
     state_rows = 0
 
+    def __init__(self, linear: bool = False):
+        self.linear = linear
+
     def forward(self, x: Tensor, state: _State) -> Tensor:
-        return elu(x)
+        return x if self.linear else elu(x)
 
 
 class StreamConv(nn.Module):
@@ -311,11 +336,12 @@ class ResidualUnit(nn.Module):
     def __init__(self, cfg: CodecConfig, dim: int, dilation: int):
         hidden = dim // cfg.compress
         reflect = cfg.pad_mode == "reflect"
+        linear = cfg.activation == "none"
         self.block = nn.ModuleList(
             [
-                ELU(),
+                ELU(linear),
                 StreamConv(dim, hidden, cfg.residual_kernel_size, dilation=dilation, reflect=reflect),
-                ELU(),
+                ELU(linear),
                 StreamConv(hidden, dim, 1),
             ]
         )
@@ -329,23 +355,35 @@ class ResidualUnit(nn.Module):
 
 
 def _encoder_layers(cfg: CodecConfig) -> list[nn.Module]:
-    reflect = cfg.pad_mode == "reflect"
+    reflect, linear = cfg.pad_mode == "reflect", cfg.activation == "none"
+    if cfg.filterbank:
+        ratio, width = cfg.upsampling_ratios[0], 2 * cfg.num_filters
+        return [
+            StreamConv(cfg.audio_channels, width, 2 * ratio, stride=ratio, reflect=reflect),
+            StreamConv(width, cfg.hidden_size, cfg.last_kernel_size, reflect=reflect),
+        ]
     layers: list[nn.Module] = [StreamConv(cfg.audio_channels, cfg.num_filters, cfg.kernel_size, reflect=reflect)]
     scale = 1
     for ratio in reversed(cfg.upsampling_ratios):
         dim = scale * cfg.num_filters
         layers += [ResidualUnit(cfg, dim, cfg.dilation_growth_rate**j) for j in range(cfg.num_residual_layers)]
-        layers += [ELU(), StreamConv(dim, 2 * dim, 2 * ratio, stride=ratio, reflect=reflect)]
+        layers += [ELU(linear), StreamConv(dim, 2 * dim, 2 * ratio, stride=ratio, reflect=reflect)]
         scale *= 2
     dim = scale * cfg.num_filters
     if cfg.num_lstm_layers:
         layers.append(SkipLSTM(dim, cfg.num_lstm_layers))
-    layers += [ELU(), StreamConv(dim, cfg.hidden_size, cfg.last_kernel_size, reflect=reflect)]
+    layers += [ELU(linear), StreamConv(dim, cfg.hidden_size, cfg.last_kernel_size, reflect=reflect)]
     return layers
 
 
 def _decoder_layers(cfg: CodecConfig) -> list[nn.Module]:
-    reflect = cfg.pad_mode == "reflect"
+    reflect, linear = cfg.pad_mode == "reflect", cfg.activation == "none"
+    if cfg.filterbank:
+        ratio, width = cfg.upsampling_ratios[0], 2 * cfg.num_filters
+        return [
+            StreamConv(cfg.hidden_size, width, cfg.kernel_size, reflect=reflect),
+            StreamConvTranspose(width, cfg.audio_channels, 2 * ratio, ratio),
+        ]
     scale = 2 ** len(cfg.upsampling_ratios)
     dim = scale * cfg.num_filters
     layers: list[nn.Module] = [StreamConv(cfg.hidden_size, dim, cfg.kernel_size, reflect=reflect)]
@@ -353,10 +391,10 @@ def _decoder_layers(cfg: CodecConfig) -> list[nn.Module]:
         layers.append(SkipLSTM(dim, cfg.num_lstm_layers))
     for ratio in cfg.upsampling_ratios:
         dim = scale * cfg.num_filters
-        layers += [ELU(), StreamConvTranspose(dim, dim // 2, 2 * ratio, ratio)]
+        layers += [ELU(linear), StreamConvTranspose(dim, dim // 2, 2 * ratio, ratio)]
         layers += [ResidualUnit(cfg, dim // 2, cfg.dilation_growth_rate**j) for j in range(cfg.num_residual_layers)]
         scale //= 2
-    layers += [ELU(), StreamConv(cfg.num_filters, cfg.audio_channels, cfg.last_kernel_size, reflect=reflect)]
+    layers += [ELU(linear), StreamConv(cfg.num_filters, cfg.audio_channels, cfg.last_kernel_size, reflect=reflect)]
     return layers
 
 
