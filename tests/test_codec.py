@@ -200,9 +200,9 @@ def test_cli_roundtrip_restores_speech(speech_artifact: Path, sentence: Path, tm
     # The codec keeps the spectral envelope: log-mel distance well under white noise's at speech level
     # (about 5) and silence's (about 9); models/codec-speech16k/metrics.json has the measured figures.
     assert mel < 3.5
-    low = run_cli("codec", "roundtrip", str(speech_artifact), str(sentence), "-o", str(tmp_path / "l.wav"), "-b", "1.6")
+    low = run_cli("codec", "roundtrip", str(speech_artifact), str(sentence), "-o", str(tmp_path / "l.wav"), "-b", "4")
     assert low.returncode == 0, low.stderr
-    assert "2 codebooks = 1.6 kbit/s" in " ".join(low.stderr.split())
+    assert "4 codebooks = 4 kbit/s" in " ".join(low.stderr.split())
     assert _quality(low.stderr)[1] < 3.5
 
 
@@ -270,6 +270,7 @@ def test_cli_encode_decode_and_foreign_codes(speech_artifact: Path, sentence: Pa
 
     loaded = edgert.load(speech_artifact)
     assert isinstance(loaded, Codec) and (loaded.sample_rate, loaded.hop_length) == (16000, 160)
+    assert loaded.artifact.manifest["model"]["filterbank"] is True
 
 
 def test_word_error_rate() -> None:

@@ -160,7 +160,8 @@ def save(out: Path, encoder, decoder, books, hop: int, target_kbps: list[float])
         "decoder.layers.1.conv.bias": np.zeros(1, f32),
     }
     for i, book in enumerate(books):
-        tensors[f"quantizer.layers.{i}.codebook.embed"] = book.astype(f32)
+        # float16 on disk halves the shipped file; the compiler widens it to float32 (as `load` does).
+        tensors[f"quantizer.layers.{i}.codebook.embed"] = book.astype(np.float16)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"))
     config = {

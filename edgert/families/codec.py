@@ -431,10 +431,16 @@ class SEANet(nn.Module):
 
 
 class Codebook(nn.Module):
-    """One codebook of the residual vector quantizer (``embed``: codebook_size x dim)."""
+    """One codebook of the residual vector quantizer (``embed``: codebook_size x dim).
+
+    ``score`` holds the same table as a linear layer, so that the encoder's ``r · e`` products run
+    as the compiler's packed GEMM (a plain matmul against the table was untuned TVM code and
+    took most of the encoder's time); ``embed`` stays row-major for the decoder's gather.
+    """
 
     def __init__(self, size: int, dim: int):
         self.embed = nn.Parameter((size, dim), "float32")
+        self.score = nn.Linear(dim, size, bias=False)
 
 
 class Quantizer(nn.Module):
@@ -453,7 +459,7 @@ class Quantizer(nn.Module):
             # The same expression as EnCodec (|r|² - 2 r·e + |e|²), so ties break the same way.
             dist = (
                 op.sum(op.square(residual), axis=1, keepdims=True)
-                - 2.0 * op.matmul(residual, op.permute_dims(embed))
+                - 2.0 * layer.codebook.score(residual)
                 + op.reshape(op.sum(op.square(embed), axis=1), (1, self.cfg.codebook_size))
             )
             idx = op.wrap_nested(relax.op.argmin(dist._expr, axis=1, keepdims=False), "argmin")
@@ -567,6 +573,7 @@ def encodec_weights(tensors: dict[str, np.ndarray], model: CodecModel) -> dict[s
                 out[f"{dst}.hh_t"] = np.ascontiguousarray(_get(tensors, f"{src}.weight_hh_l{i}").T)
         elif isinstance(sub, Codebook):
             out[f"{path}.embed"] = _get(tensors, f"{path}.embed")
+            out[f"{path}.score.weight"] = out[f"{path}.embed"]
     return out
 
 
