@@ -431,48 +431,52 @@ class SEANet(nn.Module):
 
 
 class Codebook(nn.Module):
-    """One codebook of the residual vector quantizer (``embed``: codebook_size x dim).
-
-    ``score`` holds the same table as a linear layer, so that the encoder's ``r · e`` products run
-    as the compiler's packed GEMM (a plain matmul against the table was untuned TVM code and
-    took most of the encoder's time); ``embed`` stays row-major for the decoder's gather.
-    """
+    """One codebook's scores: its table (codebook_size x dim) as a linear layer, so that the encoder's
+    ``r · e`` products run as the compiler's packed GEMM (a plain matmul against the table was
+    untuned TVM code and took most of the encoder's time)."""
 
     def __init__(self, size: int, dim: int):
-        self.embed = nn.Parameter((size, dim), "float32")
         self.score = nn.Linear(dim, size, bias=False)
 
 
 class Quantizer(nn.Module):
-    """Residual vector quantization with ``num_quantizers`` stages."""
+    """Residual vector quantization with ``num_quantizers`` stages.
+
+    ``table`` holds every stage's codewords, stage after stage, row-major, for the gathers, and
+    ``norms`` their squared lengths; both are computed when the weights are written, because
+    concatenating (or slicing) the stages' tables and summing their squares inside the entry
+    points copied all of them on every call (most of a streamed chunk's time).
+    """
 
     def __init__(self, cfg: CodecConfig):
         self.cfg = cfg
         self.layers = nn.ModuleList([_VQ(cfg) for _ in range(cfg.num_quantizers)])
+        self.table = nn.Parameter((cfg.num_quantizers * cfg.codebook_size, cfg.codebook_dim), "float32")
+        self.norms = nn.Parameter((cfg.num_quantizers, cfg.codebook_size), "float32")  # |e|² per codeword
 
     def encode(self, z: Tensor) -> Tensor:
         """Codes ``(frames, num_quantizers)`` int32: each stage takes the nearest code to the residual."""
         codes = []
         residual = z
-        for layer in self.layers:
-            embed = layer.codebook.embed
+        size = self.cfg.codebook_size
+        for i, layer in enumerate(self.layers):
             # The same expression as EnCodec (|r|² - 2 r·e + |e|²), so ties break the same way.
             dist = (
                 op.sum(op.square(residual), axis=1, keepdims=True)
                 - 2.0 * layer.codebook.score(residual)
-                + op.reshape(op.sum(op.square(embed), axis=1), (1, self.cfg.codebook_size))
+                + _slice(self.norms, 0, i, i + 1)
             )
             idx = op.wrap_nested(relax.op.argmin(dist._expr, axis=1, keepdims=False), "argmin")
             idx = op.astype(idx, "int32")
-            residual = residual - op.wrap_nested(relax.op.take(embed._expr, idx._expr, axis=0, mode="clip"), "codeword")
+            rows = (idx + i * size)._expr
+            residual = residual - op.wrap_nested(relax.op.take(self.table._expr, rows, axis=0, mode="clip"), "codeword")
             codes.append(op.reshape(idx, (-1, 1)))
         return op.concat(codes, dim=1) if len(codes) > 1 else codes[0]
 
     def decode(self, codes: Tensor) -> Tensor:
         """Sum of the codewords of the first ``codes.shape[1]`` stages."""
         frames, used = codes.shape
-        table = op.concat([op.reshape(layer.codebook.embed, (1, -1)) for layer in self.layers], dim=0)
-        table = op.reshape(table, (self.cfg.num_quantizers * self.cfg.codebook_size, self.cfg.codebook_dim))
+        table = self.table
         base = op.astype(op.arange(0, used, dtype="int32"), "int32") * self.cfg.codebook_size
         flat = op.reshape(codes + op.reshape(base, (1, used)), (-1,))
         rows = op.wrap_nested(relax.op.take(table._expr, flat._expr, axis=0, mode="clip"), "codewords")
@@ -572,8 +576,11 @@ def encodec_weights(tensors: dict[str, np.ndarray], model: CodecModel) -> dict[s
                 out[f"{dst}.bias"] = _get(tensors, f"{src}.bias_ih_l{i}") + _get(tensors, f"{src}.bias_hh_l{i}")
                 out[f"{dst}.hh_t"] = np.ascontiguousarray(_get(tensors, f"{src}.weight_hh_l{i}").T)
         elif isinstance(sub, Codebook):
-            out[f"{path}.embed"] = _get(tensors, f"{path}.embed")
-            out[f"{path}.score.weight"] = out[f"{path}.embed"]
+            out[f"{path}.score.weight"] = _get(tensors, f"{path}.embed")
+        elif isinstance(sub, Quantizer):
+            stages = [f"{path}.layers.{i}.codebook.embed" for i in range(sub.cfg.num_quantizers)]
+            out[f"{path}.table"] = np.concatenate([_get(tensors, name) for name in stages])
+            out[f"{path}.norms"] = np.square(out[f"{path}.table"]).sum(axis=1).reshape(len(stages), -1)
     return out
 
 
