@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Quality of a compiled codec on held-out speech, at each bitrate, next to Opus at the same bitrate.
 
-    tools/eval_codec.py ARTIFACT [--json out.json]
+    tools/eval_codec.py ARTIFACT [--whisper WHISPER.edgert] [--json out.json] [--wavs DIR]
 
-Held-out speech: tools/train_codec.py's five held-out espeak-ng sentences and the last 4 s of the
+Held-out speech: the five held-out espeak-ng sentences of tools/train_codec.py and the last 4 s of the
 `beckett.wav` recording (never trained on). For each bitrate the codec offers: SI-SNR (dB, higher
 is better) and log-mel distance (lower is better) of edgert's streamed round trip (80 ms chunks),
 and of libopus (the `opuslib-next-bundled` package, VoIP mode, 20 ms packets) asked for the same
@@ -59,11 +59,15 @@ def opus_roundtrip(audio: np.ndarray, rate: int, kbps: float) -> tuple[np.ndarra
     return decoded, 8 * used / (len(pcm) / rate) / 1000
 
 
-def evaluate(artifact: Path, whisper: Path | None = None) -> dict:
-    """Scores per bitrate: edgert's codec and Opus (and word error rates with a Whisper artifact)."""
+def evaluate(artifact: Path, whisper: Path | None = None, wav_dir: Path | None = None) -> dict:
+    """Scores per bitrate: edgert's codec and Opus (and word error rates with a Whisper artifact).
+
+    With ``wav_dir``, every original and output is written there as a wav, to listen to.
+    """
     from train_codec import held_out_speech, held_out_texts
 
     from edgert.profile.audio_quality import word_error_rate
+    from edgert.runtime.audio import write_wav
     from edgert.runtime.codec import load_codec
 
     codec = load_codec(artifact)
@@ -96,6 +100,10 @@ def evaluate(artifact: Path, whisper: Path | None = None) -> dict:
                 last = i + step >= len(audio)
                 pieces.append(dec.push(enc.push(audio[i : i + step], final=last), final=last))
             out = align(np.concatenate(pieces)[: len(audio)], audio)
+            if wav_dir is not None:
+                wav_dir.mkdir(parents=True, exist_ok=True)
+                write_wav(wav_dir / f"{name}.wav", audio, codec.sample_rate)
+                write_wav(wav_dir / f"{name}-edgert-{kbps:g}kbps.wav", out, codec.sample_rate)
             scores["snr"].append(si_snr(out, audio))
             scores["mel"].append(mel_distance(out, audio, codec.sample_rate))
             if transcriber is not None:
@@ -103,6 +111,8 @@ def evaluate(artifact: Path, whisper: Path | None = None) -> dict:
             opus = opus_roundtrip(audio, codec.sample_rate, kbps)
             if opus is not None:
                 o = align(opus[0][: len(audio)], audio)
+                if wav_dir is not None:
+                    write_wav(wav_dir / f"{name}-opus-{kbps:g}kbps.wav", o, codec.sample_rate)
                 scores["opus_snr"].append(si_snr(o, audio))
                 scores["opus_mel"].append(mel_distance(o, audio, codec.sample_rate))
                 scores["opus_kbps"].append(opus[1])
@@ -119,8 +129,9 @@ def main() -> None:
     parser.add_argument("artifact", type=Path)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--whisper", type=Path, default=None, help="a Whisper artifact: also report word error rates")
+    parser.add_argument("--wavs", type=Path, default=None, help="write every original and output here as wav files")
     args = parser.parse_args()
-    report = evaluate(args.artifact, args.whisper)
+    report = evaluate(args.artifact, args.whisper, args.wavs)
     if "original_wer" in report:
         print(f"Whisper's WER on the original clips: {report['original_wer']:.3f}")
     print(

@@ -84,9 +84,8 @@ def compile_codec(
     import tvm
     from tvm import relax
 
-    from edgert.compiler.build import CompileResult
+    from edgert.compiler.build import CompileResult, stage_library_and_weights
     from edgert.families import codec
-    from edgert.runtime.tensorfile import write_tensors
 
     progress = progress or (lambda *_: None)
     spec = load_target(target)
@@ -119,21 +118,10 @@ def compile_codec(
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:
         stage = Path(stage_dir)
-        t = time.perf_counter()
-        executable.export_library(str(stage / "model.so"), fcompile=fcompile)
-        seconds["link"] = time.perf_counter() - t
-        arrays = {}
-        for pname, param in named_params:
-            if pname not in weights:
-                raise ModelFileError(f"{folder}: weight for '{pname}' is missing")
-            w = weights[pname]
-            arrays[pname] = repack[pname](w)[pname] if pname in repack else np.ascontiguousarray(w, dtype=param.dtype)
-            want = tuple(int(d) for d in param.shape)
-            if arrays[pname].shape != want:
-                raise ModelFileError(f"{folder}: weight '{pname}' has shape {arrays[pname].shape}, expected {want}")
-        order = [n for n, _ in named_params]
-        with (stage / "weights.safetensors").open("wb") as fh:
-            write_tensors(fh, {n: arrays[n] for n in order}, {"format": "edgert"})
+        order, staged_seconds = stage_library_and_weights(
+            executable, named_params, weights.items(), repack, stage, fcompile, folder
+        )
+        seconds.update(staged_seconds)
         manifest = {
             "name": name,
             "family": "codec",

@@ -54,6 +54,14 @@ class CodecConfig:
     codebook_size: int = 1024
     codebook_dim: int = 128
     num_quantizers: int = 32
+    # "none": every ELU is the identity, so the codec is a linear filterbank plus RVQ (the
+    # project's own closed-form speech codec, tools/fit_codec.py).
+    activation: str = "elu"
+    # A bare filterbank: the encoder is the strided conv (audio -> 2 * num_filters channels, one
+    # stride) and the last conv, the decoder the first conv and a transposed conv that writes the
+    # audio; no ELU, residual unit or LSTM. Without it a linear codec would carry num_filters copies
+    # of the audio through its strided conv (num_filters times the arithmetic).
+    filterbank: bool = False
 
     @property
     def hop_length(self) -> int:
@@ -96,6 +104,17 @@ class CodecConfig:
             values["num_quantizers"] = int(1000 * max(raw["target_bandwidths"]) // per)
         if values.get("codebook_dim") is None:
             values["codebook_dim"] = values.get("hidden_size", cls.hidden_size)
+        if values.get("activation", "elu") not in ("elu", "none"):
+            raise UnsupportedModelError(f"activation '{values['activation']}' is not supported (elu, none)")
+        if values.get("filterbank") and (
+            len(values.get("upsampling_ratios", [])) != 1
+            or values.get("num_residual_layers", 1)
+            or values.get("num_lstm_layers", 1)
+            or values.get("activation") != "none"
+        ):
+            raise UnsupportedModelError(
+                "a filterbank codec has one upsampling ratio, no residual units, no LSTM and activation 'none'"
+            )
         if values.get("pad_mode") not in ("reflect", "constant", None):
             raise UnsupportedModelError(f"pad_mode '{values['pad_mode']}' is not supported (reflect, constant)")
         return cls(**values)
@@ -133,12 +152,18 @@ def elu(x: Tensor) -> Tensor:
 
 
 class ELU(nn.Module):
-    """ELU as a layer (it holds no weights; it keeps the layer indices of the source model)."""
+    """ELU as a layer (it holds no weights; it keeps the layer indices of the source model).
+
+    With ``linear`` (a config's ``activation = "none"``) it passes its input through.
+    """
 
     state_rows = 0
 
+    def __init__(self, linear: bool = False):
+        self.linear = linear
+
     def forward(self, x: Tensor, state: _State) -> Tensor:
-        return elu(x)
+        return x if self.linear else elu(x)
 
 
 class StreamConv(nn.Module):
@@ -319,11 +344,12 @@ class ResidualUnit(nn.Module):
     def __init__(self, cfg: CodecConfig, dim: int, dilation: int):
         hidden = dim // cfg.compress
         reflect = cfg.pad_mode == "reflect"
+        linear = cfg.activation == "none"
         self.block = nn.ModuleList(
             [
-                ELU(),
+                ELU(linear),
                 StreamConv(dim, hidden, cfg.residual_kernel_size, dilation=dilation, reflect=reflect),
-                ELU(),
+                ELU(linear),
                 StreamConv(hidden, dim, 1),
             ]
         )
@@ -337,23 +363,35 @@ class ResidualUnit(nn.Module):
 
 
 def _encoder_layers(cfg: CodecConfig) -> list[nn.Module]:
-    reflect = cfg.pad_mode == "reflect"
+    reflect, linear = cfg.pad_mode == "reflect", cfg.activation == "none"
+    if cfg.filterbank:
+        ratio, width = cfg.upsampling_ratios[0], 2 * cfg.num_filters
+        return [
+            StreamConv(cfg.audio_channels, width, 2 * ratio, stride=ratio, reflect=reflect),
+            StreamConv(width, cfg.hidden_size, cfg.last_kernel_size, reflect=reflect),
+        ]
     layers: list[nn.Module] = [StreamConv(cfg.audio_channels, cfg.num_filters, cfg.kernel_size, reflect=reflect)]
     scale = 1
     for ratio in reversed(cfg.upsampling_ratios):
         dim = scale * cfg.num_filters
         layers += [ResidualUnit(cfg, dim, cfg.dilation_growth_rate**j) for j in range(cfg.num_residual_layers)]
-        layers += [ELU(), StreamConv(dim, 2 * dim, 2 * ratio, stride=ratio, reflect=reflect)]
+        layers += [ELU(linear), StreamConv(dim, 2 * dim, 2 * ratio, stride=ratio, reflect=reflect)]
         scale *= 2
     dim = scale * cfg.num_filters
     if cfg.num_lstm_layers:
         layers.append(SkipLSTM(dim, cfg.num_lstm_layers))
-    layers += [ELU(), StreamConv(dim, cfg.hidden_size, cfg.last_kernel_size, reflect=reflect)]
+    layers += [ELU(linear), StreamConv(dim, cfg.hidden_size, cfg.last_kernel_size, reflect=reflect)]
     return layers
 
 
 def _decoder_layers(cfg: CodecConfig) -> list[nn.Module]:
-    reflect = cfg.pad_mode == "reflect"
+    reflect, linear = cfg.pad_mode == "reflect", cfg.activation == "none"
+    if cfg.filterbank:
+        ratio, width = cfg.upsampling_ratios[0], 2 * cfg.num_filters
+        return [
+            StreamConv(cfg.hidden_size, width, cfg.kernel_size, reflect=reflect),
+            StreamConvTranspose(width, cfg.audio_channels, 2 * ratio, ratio),
+        ]
     scale = 2 ** len(cfg.upsampling_ratios)
     dim = scale * cfg.num_filters
     layers: list[nn.Module] = [StreamConv(cfg.hidden_size, dim, cfg.kernel_size, reflect=reflect)]
@@ -361,10 +399,10 @@ def _decoder_layers(cfg: CodecConfig) -> list[nn.Module]:
         layers.append(SkipLSTM(dim, cfg.num_lstm_layers))
     for ratio in cfg.upsampling_ratios:
         dim = scale * cfg.num_filters
-        layers += [ELU(), StreamConvTranspose(dim, dim // 2, 2 * ratio, ratio)]
+        layers += [ELU(linear), StreamConvTranspose(dim, dim // 2, 2 * ratio, ratio)]
         layers += [ResidualUnit(cfg, dim // 2, cfg.dilation_growth_rate**j) for j in range(cfg.num_residual_layers)]
         scale //= 2
-    layers += [ELU(), StreamConv(cfg.num_filters, cfg.audio_channels, cfg.last_kernel_size, reflect=reflect)]
+    layers += [ELU(linear), StreamConv(cfg.num_filters, cfg.audio_channels, cfg.last_kernel_size, reflect=reflect)]
     return layers
 
 
@@ -401,42 +439,52 @@ class SEANet(nn.Module):
 
 
 class Codebook(nn.Module):
-    """One codebook of the residual vector quantizer (``embed``: codebook_size x dim)."""
+    """One codebook's scores: its table (codebook_size x dim) as a linear layer, so that the encoder's
+    ``r · e`` products run as the compiler's packed GEMM (a plain matmul against the table was
+    untuned TVM code and took most of the encoder's time)."""
 
     def __init__(self, size: int, dim: int):
-        self.embed = nn.Parameter((size, dim), "float32")
+        self.score = nn.Linear(dim, size, bias=False)
 
 
 class Quantizer(nn.Module):
-    """Residual vector quantization with ``num_quantizers`` stages."""
+    """Residual vector quantization with ``num_quantizers`` stages.
+
+    ``table`` holds every stage's codewords, stage after stage, row-major, for the gathers, and
+    ``norms`` their squared lengths; both are computed when the weights are written, because
+    concatenating (or slicing) the stages' tables and summing their squares inside the entry
+    points copied all of them on every call (most of a streamed chunk's time).
+    """
 
     def __init__(self, cfg: CodecConfig):
         self.cfg = cfg
         self.layers = nn.ModuleList([_VQ(cfg) for _ in range(cfg.num_quantizers)])
+        self.table = nn.Parameter((cfg.num_quantizers * cfg.codebook_size, cfg.codebook_dim), "float32")
+        self.norms = nn.Parameter((cfg.num_quantizers, cfg.codebook_size), "float32")  # |e|² per codeword
 
     def encode(self, z: Tensor) -> Tensor:
         """Codes ``(frames, num_quantizers)`` int32: each stage takes the nearest code to the residual."""
         codes = []
         residual = z
-        for layer in self.layers:
-            embed = layer.codebook.embed
+        size = self.cfg.codebook_size
+        for i, layer in enumerate(self.layers):
             # The same expression as EnCodec (|r|² - 2 r·e + |e|²), so ties break the same way.
             dist = (
                 op.sum(op.square(residual), axis=1, keepdims=True)
-                - 2.0 * op.matmul(residual, op.permute_dims(embed))
-                + op.reshape(op.sum(op.square(embed), axis=1), (1, self.cfg.codebook_size))
+                - 2.0 * layer.codebook.score(residual)
+                + _slice(self.norms, 0, i, i + 1)
             )
             idx = op.wrap_nested(relax.op.argmin(dist._expr, axis=1, keepdims=False), "argmin")
             idx = op.astype(idx, "int32")
-            residual = residual - op.wrap_nested(relax.op.take(embed._expr, idx._expr, axis=0, mode="clip"), "codeword")
+            rows = (idx + i * size)._expr
+            residual = residual - op.wrap_nested(relax.op.take(self.table._expr, rows, axis=0, mode="clip"), "codeword")
             codes.append(op.reshape(idx, (-1, 1)))
         return op.concat(codes, dim=1) if len(codes) > 1 else codes[0]
 
     def decode(self, codes: Tensor) -> Tensor:
         """Sum of the codewords of the first ``codes.shape[1]`` stages."""
         frames, used = codes.shape
-        table = op.concat([op.reshape(layer.codebook.embed, (1, -1)) for layer in self.layers], dim=0)
-        table = op.reshape(table, (self.cfg.num_quantizers * self.cfg.codebook_size, self.cfg.codebook_dim))
+        table = self.table
         base = op.astype(op.arange(0, used, dtype="int32"), "int32") * self.cfg.codebook_size
         flat = op.reshape(codes + op.reshape(base, (1, used)), (-1,))
         rows = op.wrap_nested(relax.op.take(table._expr, flat._expr, axis=0, mode="clip"), "codewords")
@@ -536,7 +584,11 @@ def encodec_weights(tensors: dict[str, np.ndarray], model: CodecModel) -> dict[s
                 out[f"{dst}.bias"] = _get(tensors, f"{src}.bias_ih_l{i}") + _get(tensors, f"{src}.bias_hh_l{i}")
                 out[f"{dst}.hh_t"] = np.ascontiguousarray(_get(tensors, f"{src}.weight_hh_l{i}").T)
         elif isinstance(sub, Codebook):
-            out[f"{path}.embed"] = _get(tensors, f"{path}.embed")
+            out[f"{path}.score.weight"] = _get(tensors, f"{path}.embed")
+        elif isinstance(sub, Quantizer):
+            stages = [f"{path}.layers.{i}.codebook.embed" for i in range(sub.cfg.num_quantizers)]
+            out[f"{path}.table"] = np.concatenate([_get(tensors, name) for name in stages])
+            out[f"{path}.norms"] = np.square(out[f"{path}.table"]).sum(axis=1).reshape(len(stages), -1)
     return out
 
 
