@@ -72,6 +72,8 @@ class MimiCodecConfig:
     latent_stride: int = 2
     transformer: dict[str, Any] = field(default_factory=dict)
     num_lstm_layers: int = 0  # SEANet without LSTM (the shared layer builders read it)
+    activation: str = "elu"  # the shared SEANet builders read these two; Mimi is always ELU SEANet
+    filterbank: bool = False
 
     @property
     def seanet_hop(self) -> int:
