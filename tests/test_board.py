@@ -118,7 +118,7 @@ def test_cli_run_on_the_board_and_profile_report(
 def test_profile_script_over_the_same_api(board: dict, tiny_rpi5_artifact: Path, tmp_path: Path) -> None:
     report = tmp_path / "script.html"
     args = [str(tiny_rpi5_artifact), "--device", board["uris"]["board"], "--runs", "1", "--max-tokens", "4"]
-    proc = run_tool("profile", *args, "--report", str(report))
+    proc = run_tool("profile_device", *args, "--report", str(report))
     assert proc.returncode == 0, proc.stderr
     paths = json.loads(proc.stdout)
     assert paths["html"] == str(report) and Path(paths["operators"]).is_file()

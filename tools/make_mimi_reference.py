@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 _COMMON = dict(
@@ -125,7 +124,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    # Run as a script, tools/ comes first on sys.path and tools/profile.py would shadow the standard
-    # library's profile module, which torch imports through transformers.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     main()

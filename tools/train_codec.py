@@ -35,12 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-# tools/profile.py would shadow the standard library's `profile` (which torch imports): drop this folder.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from edgert.profile.audio_quality import mel_distance, si_snr  # noqa: E402 (after the path fix)
-from edgert.runtime.audio import load_wav, resample  # noqa: E402
+from edgert.profile.audio_quality import mel_distance, si_snr
+from edgert.runtime.audio import load_wav, resample
 
 RATE = 16000
 CONFIG = dict(

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Profile an artifact on a device and write the report (thin script over the API of `edgert profile`).
 
-python tools/profile.py tiny-rpi5.edgert --device board:// --runs 3 --report out.html
+python tools/profile_device.py tiny-rpi5.edgert --device board:// --runs 3 --report out.html
 """
 
 from __future__ import annotations
