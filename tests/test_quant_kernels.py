@@ -18,9 +18,9 @@ from edgert.frontend.quantized import QuantizedRows, concat_rows, from_gguf_bloc
 
 # (kind, N, K): N = 1000 and 37 are multiples of neither 8 nor 32; N = 20 is below one tile.
 SHAPES = [("q4", 1000, 96), ("q4", 37, 64), ("q4", 20, 32), ("q4", 64, 160), ("q8", 1000, 96), ("q8", 37, 64)]
-# Decode (1), the shared-code path in exact row tiles (2, 3, 5) and in the SMALL_M tile with a
-# repeated last row (7), the prefill path past SMALL_M with a remainder after ROW_TILE (9).
-ROWS = (1, 2, 3, 5, 7, SMALL_M + 1)
+# Decode (1), the shared-code path in exact row tiles (2, 3, 5) and in padded ones whose last row
+# repeats (4, 7), the prefill path past SMALL_M with a remainder after ROW_TILE (9).
+ROWS = (1, 2, 3, 4, 5, 7, SMALL_M + 1)
 
 
 def _gguf_blocks(x: np.ndarray, kind: str) -> np.ndarray:

@@ -77,8 +77,9 @@ def packed_matmul(k: int, n: int, block: int, weight_dtype: str) -> tirx.PrimFun
 # A few tokens (2..SMALL_M: speculative verify, short prompts): each code word is loaded and
 # dequantized once (``w = code * d + m``, one FMA shared by all rows) and FMA'd into every row's
 # accumulator (the decode trick above would need a second register per accumulator). Rows live
-# in a static tile (m itself for 2..6, SMALL_M for 7 and 8) so the accumulators stay in
-# registers; rows past m repeat the last row and are not written. Columns go 8 or 16 at a time
+# in a static tile (2, 3, 5 = verify of 4 drafts, or SMALL_M) so the accumulators stay in
+# registers; rows past m repeat the last row and are not written (each tile costs ~0.3 s of
+# LLVM time per kernel shape, so not every m gets its own). Columns go 8 or 16 at a time
 # so that the accumulators plus the weight and scale registers fit the 16 AVX2 / 32 NEON
 # registers; the tile's codes (<= 24 KiB for K = 1536) stay in L1 between the column chunks.
 # Many tokens (prefill): each thread dequantizes a [K, B] tile to float32 once and reuses
@@ -163,13 +164,9 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
             shared_codes(x, qw, sc, mn, y, m, 2, width(2))
         elif m == 3:
             shared_codes(x, qw, sc, mn, y, m, 3, width(3))
-        elif m == 4:
-            shared_codes(x, qw, sc, mn, y, m, 4, width(4))
-        elif m == 5:
+        elif m > 3 and m <= 5:
             shared_codes(x, qw, sc, mn, y, m, 5, width(5))
-        elif m == 6:
-            shared_codes(x, qw, sc, mn, y, m, 6, width(6))
-        elif m > 6 and m <= SMALL_M:
+        elif m > 5 and m <= SMALL_M:
             shared_codes(x, qw, sc, mn, y, m, SMALL_M, width(SMALL_M))
         elif m < mt:
             xs = T.alloc_buffer((mt, ng), "float32")
