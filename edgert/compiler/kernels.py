@@ -74,7 +74,7 @@ def packed_matmul(k: int, n: int, block: int, weight_dtype: str) -> tirx.PrimFun
 # dequantizing in registers: ``part = sum_k x[k] * code[k]`` over a group, then
 # ``acc += part * d + xsum * m`` (xsum = the group's sum of x), so the scale and min cost
 # one FMA per group instead of one per weight.
-# A few tokens (2..SMALL_M: speculative verify, short prompts): each code word is loaded and
+# A few tokens (2..SMALL_M, q8 2..5: speculative verify, short prompts): each code word is loaded and
 # dequantized once (``w = code * d + m``, one FMA shared by all rows) and FMA'd into every row's
 # accumulator (the decode trick above would need a second register per accumulator). Rows live
 # in a static tile (2, 3, 5 = verify of 4 drafts, or SMALL_M) so the accumulators stay in
@@ -158,6 +158,9 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
                                 if jo * block + jc * vw + v < n:
                                     y[ii, jo * block + jc * vw + v] = acc[ii, v]
 
+    # q8 at 6..8 rows: the dequantize-tile path measured faster (tools/bench_kernels.py --rows 8).
+    shared_max = SMALL_M if q4 else 5
+
     @T.macro
     def body(x, qw, sc, mn, y, m):
         if m == 2:
@@ -166,7 +169,7 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
             shared_codes(x, qw, sc, mn, y, m, 3, width(3))
         elif m > 3 and m <= 5:
             shared_codes(x, qw, sc, mn, y, m, 5, width(5))
-        elif m > 5 and m <= SMALL_M:
+        elif m > 5 and m <= shared_max:
             shared_codes(x, qw, sc, mn, y, m, SMALL_M, width(SMALL_M))
         elif m < mt:
             xs = T.alloc_buffer((mt, ng), "float32")
