@@ -81,7 +81,7 @@ def packed_matmul(k: int, n: int, block: int, weight_dtype: str) -> tirx.PrimFun
 # registers; rows past m repeat the last row and are not written (each tile costs ~0.3 s of
 # LLVM time per kernel shape, so not every m gets its own). Columns go 8 or 16 at a time
 # so that the accumulators plus the weight and scale registers fit the 16 AVX2 / 32 NEON
-# registers; the tile's codes (<= 24 KiB for K = 1536) stay in L1 between the column chunks.
+# registers; the chunks of one group reuse its codes from L1.
 # Many tokens (prefill): each thread dequantizes a [K, B] tile to float32 once and reuses
 # it for every row, register-blocked by ROW_TILE rows like `packed_matmul`.
 
@@ -126,18 +126,24 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
     @T.macro
     def shared_codes(x, qw, sc, mn, y, m, rows: T.int32, vw: T.int32):
         for jo in T.parallel(nb):
+            total = T.alloc_buffer((rows, block), "float32", scope="local")
             acc = T.alloc_buffer((rows, vw), "float32", scope="local")
             wv = T.alloc_buffer((vw,), "float32", scope="local")
             d = T.alloc_buffer((vw,), "float32", scope="local")
             lo = T.alloc_buffer((vw,), "float32", scope="local")
-            for jc in range(block // vw):
-                for ii in T.unroll(rows):
-                    for v in T.vectorized(vw):
-                        acc[ii, v] = T.float32(0)
-                for g in range(ng):
+            for ii in T.unroll(rows):
+                for j in T.vectorized(block):
+                    total[ii, j] = T.float32(0)
+            # Column chunks inside the group: the group's codes (4 contiguous rows of the tile)
+            # come from memory once and stay in L1 for the next chunk.
+            for g in range(ng):
+                for jc in range(block // vw):
                     for v in T.vectorized(vw):
                         d[v] = T.Cast("float32", sc[jo, g, jc * vw + v])
                         lo[v] = T.Cast("float32", mn[jo, g, jc * vw + v]) if q4 else T.float32(0)
+                    for ii in T.unroll(rows):
+                        for v in T.vectorized(vw):
+                            acc[ii, v] = total[ii, jc * vw + v]
                     for kk in range(per_g):
                         for s in T.unroll(lanes):
                             for v in T.vectorized(vw):
@@ -148,15 +154,18 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
                                         acc[ii, v]
                                         + x[T.min(T.Cast("int64", ii), m - 1), (g * per_g + kk) * lanes + s] * wv[v]
                                     )
-                for ii in range(rows):
-                    if T.Cast("int64", ii) < m:
-                        if jo < full:
-                            for v in T.vectorized(vw):
-                                y[ii, jo * block + jc * vw + v] = acc[ii, v]
-                        else:
-                            for v in range(vw):
-                                if jo * block + jc * vw + v < n:
-                                    y[ii, jo * block + jc * vw + v] = acc[ii, v]
+                    for ii in T.unroll(rows):
+                        for v in T.vectorized(vw):
+                            total[ii, jc * vw + v] = acc[ii, v]
+            for ii in range(rows):
+                if T.Cast("int64", ii) < m:
+                    if jo < full:
+                        for j in T.vectorized(block):
+                            y[ii, jo * block + j] = total[ii, j]
+                    else:
+                        for j in range(block):
+                            if jo * block + j < n:
+                                y[ii, jo * block + j] = total[ii, j]
 
     # q8 at 6..8 rows: the dequantize-tile path measured faster (tools/bench_kernels.py --rows 8).
     shared_max = SMALL_M if q4 else 5
