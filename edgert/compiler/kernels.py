@@ -128,9 +128,6 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
         for jo in T.parallel(nb):
             total = T.alloc_buffer((rows, block), "float32", scope="local")
             acc = T.alloc_buffer((rows, vw), "float32", scope="local")
-            wv = T.alloc_buffer((vw,), "float32", scope="local")
-            d = T.alloc_buffer((vw,), "float32", scope="local")
-            lo = T.alloc_buffer((vw,), "float32", scope="local")
             for ii in T.unroll(rows):
                 for j in T.vectorized(block):
                     total[ii, j] = T.float32(0)
@@ -138,21 +135,22 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
             # come from memory once and stay in L1 for the next chunk.
             for g in range(ng):
                 for jc in range(block // vw):
-                    for v in T.vectorized(vw):
-                        d[v] = T.Cast("float32", sc[jo, g, jc * vw + v])
-                        lo[v] = T.Cast("float32", mn[jo, g, jc * vw + v]) if q4 else T.float32(0)
                     for ii in T.unroll(rows):
                         for v in T.vectorized(vw):
                             acc[ii, v] = total[ii, jc * vw + v]
                     for kk in range(per_g):
                         for s in T.unroll(lanes):
-                            for v in T.vectorized(vw):
-                                wv[v] = code(jo, g * per_g + kk, s, jc * vw + v, qw) * d[v] + lo[v]
+                            # The dequantized weight is written inline in every row's FMA (LLVM
+                            # computes it once): a local buffer for it would be a workspace the
+                            # Relax build cannot keep in registers, with a store and load per FMA.
                             for ii in T.unroll(rows):
                                 for v in T.vectorized(vw):
-                                    acc[ii, v] = (
-                                        acc[ii, v]
-                                        + x[T.min(T.Cast("int64", ii), m - 1), (g * per_g + kk) * lanes + s] * wv[v]
+                                    acc[ii, v] = acc[ii, v] + x[
+                                        T.min(T.Cast("int64", ii), m - 1), (g * per_g + kk) * lanes + s
+                                    ] * (
+                                        code(jo, g * per_g + kk, s, jc * vw + v, qw)
+                                        * T.Cast("float32", sc[jo, g, jc * vw + v])
+                                        + offset(jo, g, jc * vw + v, mn, T.float32(1))
                                     )
                     for ii in T.unroll(rows):
                         for v in T.vectorized(vw):
