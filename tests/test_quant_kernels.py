@@ -2,7 +2,7 @@
 
 The kernels are checked against numpy (float64) on awkward shapes: N not a multiple of the
 column tile or of the vector width, one output tile smaller than the tile, one row (decode),
-a few rows (speculative verify), and row counts past them with a remainder after the row tile. K is always
+a few rows (speculative verify), and row counts past the row tile with a remainder. K is always
 whole groups of 32, as GGUF blocks are.
 """
 
@@ -11,16 +11,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgert.compiler.kernels import ROW_TILE, SMALL_M, quant_block, quant_matmul
+from edgert.compiler.kernels import ROW_TILE, quant_block, quant_matmul
 from edgert.compiler.layout import pack_quantized
 from edgert.compiler.quantize import choose_storage, quantize_rows, storage_kind
 from edgert.frontend.quantized import QuantizedRows, concat_rows, from_gguf_blocks
 
 # (kind, N, K): N = 1000 and 37 are multiples of neither 8 nor 32; N = 20 is below one tile.
 SHAPES = [("q4", 1000, 96), ("q4", 37, 64), ("q4", 20, 32), ("q4", 64, 160), ("q8", 1000, 96), ("q8", 37, 64)]
-# Decode (1), the shared-code path in exact row tiles (2, 3, 5) and in padded ones whose last row
-# repeats (4, 7), the prefill path past SMALL_M with a remainder after ROW_TILE (9).
-ROWS = (1, 2, 3, 4, 5, 7, SMALL_M + 1)
+# Decode (1), below the prefill row tile (2, 3: speculative verify of 1-2 drafts), the prefill
+# path at its row tile (4), with a remainder (5 = verify of 4 drafts, 7) and past two tiles (9).
+ROWS = (1, 2, 3, ROW_TILE, ROW_TILE + 1, 7, 2 * ROW_TILE + 1)
 
 
 def _gguf_blocks(x: np.ndarray, kind: str) -> np.ndarray:
