@@ -42,7 +42,7 @@ MATMULS = [
     ("q8_0_37x96", "Q8_0", 37, 96),
     ("f16_40x24", "float16", 40, 24),
 ]
-ROWS = (1, 3, 2 * ROW_TILE + 1)  # decode, below the prefill row tile, past it with a remainder
+ROWS = (1, 3, 5, 7, 2 * ROW_TILE + 1)  # decode, below the prefill row tile, past it with remainders
 ATTENTION_LENGTHS = [1, 16, 17, 45]  # one token, a full page, a page boundary, scattered pages
 GRAPHS = ["dense", "attention", "layernorm", "conv1d"]
 

@@ -2,7 +2,7 @@
 
 The kernels are checked against numpy (float64) on awkward shapes: N not a multiple of the
 column tile or of the vector width, one output tile smaller than the tile, one row (decode),
-fewer rows than the prefill row tile, and row counts with a remainder after it. K is always
+a few rows (speculative verify), and row counts past the row tile with a remainder. K is always
 whole groups of 32, as GGUF blocks are.
 """
 
@@ -18,7 +18,9 @@ from edgert.frontend.quantized import QuantizedRows, concat_rows, from_gguf_bloc
 
 # (kind, N, K): N = 1000 and 37 are multiples of neither 8 nor 32; N = 20 is below one tile.
 SHAPES = [("q4", 1000, 96), ("q4", 37, 64), ("q4", 20, 32), ("q4", 64, 160), ("q8", 1000, 96), ("q8", 37, 64)]
-ROWS = (1, 3, ROW_TILE, 2 * ROW_TILE + 1)  # decode path below ROW_TILE, prefill path from it
+# Decode (1), below the prefill row tile (2, 3: speculative verify of 1-2 drafts), the prefill
+# path at its row tile (4), with a remainder (5 = verify of 4 drafts, 7) and past two tiles (9).
+ROWS = (1, 2, 3, ROW_TILE, ROW_TILE + 1, 7, 2 * ROW_TILE + 1)
 
 
 def _gguf_blocks(x: np.ndarray, kind: str) -> np.ndarray:

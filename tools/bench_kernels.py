@@ -2,7 +2,9 @@
 """Decode GEMV kernels side by side: float activations (`kernels.quant_matmul`) against int8
 activations (`kernels_int8.int8_quant_matmul`), on SmolLM2-135M's matrix shapes.
 
-    TVM_NUM_THREADS=1 python tools/bench_kernels.py [--rounds 15]
+    TVM_NUM_THREADS=1 python tools/bench_kernels.py [--rounds 15] [--rows 1]
+
+``--rows m`` times m rows at once (m = k + 1 is the verify pass of k speculative drafts).
 
 Both kernels of a shape are timed in alternation (``rounds`` times, each a TVM time_evaluator
 of ``number`` calls), so a loaded machine slows both alike; prints the median and the minimum
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rows", type=int, default=1, help="rows of x per call (1: decode)")
     args = parser.parse_args(argv)
     target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
     isa = dot_isa(codegen.llvm_get_cpu_features(target))
@@ -48,11 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     module = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     lib = tvm.compile(module, target=target).jit()
     rng = np.random.default_rng(0)
-    print(f"instruction set {isa}; microseconds per call (median / min of {args.rounds} rounds)")
+    print(f"instruction set {isa}; {args.rows} row(s); microseconds per call (median / min of {args.rounds} rounds)")
     for kind, n, k in SHAPES:
         q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
-        x = tvm.runtime.tensor(rng.standard_normal((1, k)).astype(np.float32))
-        y = tvm.runtime.tensor(np.zeros((1, n), np.float32))
+        x = tvm.runtime.tensor(rng.standard_normal((args.rows, k)).astype(np.float32))
+        y = tvm.runtime.tensor(np.zeros((args.rows, n), np.float32))
         weights = {
             "float": [tvm.runtime.tensor(a) for a in pack_quantized(q, quant_block(n))],
             "int8": [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))],
