@@ -202,18 +202,20 @@ def test_write_artifact_failing_midway_keeps_the_old_one(tmp_path: Path, monkeyp
     before = out.read_bytes()
 
     calls = []
-    original_write = zipfile.ZipFile.write
+    original_open = zipfile.ZipFile.open
 
-    def failing_write(self: zipfile.ZipFile, filename: str, arcname: str | None = None, *args: object) -> None:
-        calls.append(arcname)
-        if len(calls) == 2:  # the manifest and the library are in, then the disk fills up
-            raise OSError(28, "No space left on device")
-        original_write(self, filename, arcname, *args)
+    def failing_open(self: zipfile.ZipFile, name: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        arcname = getattr(name, "filename", name)
+        if mode == "w":
+            calls.append(arcname)
+            if arcname == "weights.safetensors":  # the manifest and the library are in, then the disk fills up
+                raise OSError(28, "No space left on device")
+        return original_open(self, name, mode, *args, **kwargs)
 
-    monkeypatch.setattr(zipfile.ZipFile, "write", failing_write)
+    monkeypatch.setattr(zipfile.ZipFile, "open", failing_open)
     with pytest.raises(OSError, match="No space left"):
         write_artifact(out, MANIFEST, _stage(tmp_path / "b", b"second"))
-    assert len(calls) == 2
+    assert "model.so" in calls and calls[-1] == "weights.safetensors"
     assert out.read_bytes() == before
     assert open_artifact(out, check_host=False).read_bytes("model.so") == b"first" * 3
     assert [p.name for p in out_dir.iterdir()] == ["tiny.edgert"]
