@@ -254,6 +254,16 @@ def choose_points(rows: list[dict[str, Any]], target: float) -> dict[str, dict[s
     return chosen
 
 
+def write_sweep(rows: list[dict], out: Path) -> None:
+    """The sweep's rows as ``exit_sweep.csv`` and its picture as ``exit_sweep.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "exit_sweep.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_plot(rows, out / "exit_sweep.png")
+
+
 def write_plot(rows: list[dict[str, Any]], out: Path) -> None:
     """Speedup against agreement, one line per policy, thresholds annotated (PNG)."""
     import matplotlib
@@ -372,12 +382,7 @@ def calibrate(
         "full_step_ms": round(full_step * 1e3, 3),
     }
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "exit_sweep.csv").open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        write_plot(rows, out / "exit_sweep.png")
+        write_sweep(rows, out)
         (out / "exits.json").write_text(json.dumps(result, indent=2))
     store(Path(artifact), result, adapters)
     return result
@@ -503,12 +508,7 @@ def calibrate_whisper(
         result["policies"] = choose_points(rows, target_agreement)
         result["target_agreement"] = target_agreement
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            with (out / "exit_sweep.csv").open("w", newline="") as fh:
-                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
-            write_plot(rows, out / "exit_sweep.png")
+            write_sweep(rows, out)
         store(Path(artifact), result, adapters)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -16,8 +16,11 @@ writes OUT_DIR/model.safetensors (the state dict as transformers names it) and O
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_codec_reference import save  # the same safetensors + config.json writer
 
 _COMMON = dict(
     sampling_rate=24000,
@@ -101,16 +104,6 @@ def build(preset: str = "tiny", seed: int = 0):
         last.weight.mul_(0.5 / peak)
         last.bias.mul_(0.5 / peak)
     return model
-
-
-def save(model, out: Path) -> None:
-    """The state dict as safetensors and the config as JSON, in ``out``."""
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
 
 
 def main() -> None:

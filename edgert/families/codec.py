@@ -525,21 +525,29 @@ class CodecModel(nn.Module):
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         """Entry points with a symbolic chunk length (samples ``n``, frames ``t``, codebooks ``q``)."""
-        spec = {
-            "encode": {
-                "audio": nn.spec.Tensor(["n"], "float32"),
-                "state": nn.spec.Tensor([self.encoder_state_size], "float32"),
-                "first": nn.spec.Tensor([1], "float32"),
-                "$": {"param_mode": "packed", "effect_mode": "none"},
-            },
-            "decode": {
-                "codes": nn.spec.Tensor(["t", "q"], "int32"),
-                "state": nn.spec.Tensor([self.decoder_state_size], "float32"),
-                "first": nn.spec.Tensor([1], "float32"),
-                "$": {"param_mode": "packed", "effect_mode": "none"},
-            },
-        }
-        return nn.spec.ModuleSpec.from_raw(spec, self)
+        return streaming_spec(self)
+
+
+def streaming_spec(net: Any) -> nn.spec.ModuleSpec:
+    """A streaming codec's ``encode``/``decode`` entry points: a chunk of symbolic length.
+
+    Samples ``n``, frames ``t``, codebooks ``q``; then the flat state vector and the first-chunk flag.
+    """
+    spec = {
+        "encode": {
+            "audio": nn.spec.Tensor(["n"], "float32"),
+            "state": nn.spec.Tensor([net.encoder_state_size], "float32"),
+            "first": nn.spec.Tensor([1], "float32"),
+            "$": {"param_mode": "packed", "effect_mode": "none"},
+        },
+        "decode": {
+            "codes": nn.spec.Tensor(["t", "q"], "int32"),
+            "state": nn.spec.Tensor([net.decoder_state_size], "float32"),
+            "first": nn.spec.Tensor([1], "float32"),
+            "$": {"param_mode": "packed", "effect_mode": "none"},
+        },
+    }
+    return nn.spec.ModuleSpec.from_raw(spec, net)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from edgert.families.codec import (
     _walk,
     encodec_weights,
     mimi_transformer_weights,
+    streaming_spec,
 )
 
 
@@ -300,22 +301,8 @@ class MimiCodec(nn.Module):
         return op.reshape(y, (codes.shape[0] * self.cfg.hop_length,)), bag.result()
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
-        """Entry points with a symbolic chunk length (samples ``n``, frames ``t``, codebooks ``q``)."""
-        spec = {
-            "encode": {
-                "audio": nn.spec.Tensor(["n"], "float32"),
-                "state": nn.spec.Tensor([self.encoder_state_size], "float32"),
-                "first": nn.spec.Tensor([1], "float32"),
-                "$": {"param_mode": "packed", "effect_mode": "none"},
-            },
-            "decode": {
-                "codes": nn.spec.Tensor(["t", "q"], "int32"),
-                "state": nn.spec.Tensor([self.decoder_state_size], "float32"),
-                "first": nn.spec.Tensor([1], "float32"),
-                "$": {"param_mode": "packed", "effect_mode": "none"},
-            },
-        }
-        return nn.spec.ModuleSpec.from_raw(spec, self)
+        """The same streaming entry points as the EnCodec family's."""
+        return streaming_spec(self)
 
 
 # ---------------------------------------------------------------------------------------------
