@@ -165,7 +165,7 @@ class Seq2Seq:
     def step(self, seqs: Sequence[int], tokens: Sequence[int], cross: Any) -> np.ndarray:
         """One token for each sequence; logits [len(seqs), vocab]."""
         ids = np.array([[t] for t in tokens], np.int32)
-        pos = np.array([[self.cache.lengths[s]] for s in seqs], np.int32)
+        pos = self._positions(seqs, 1)
         inputs = self._step_inputs.get(len(seqs))
         if inputs is None:
             inputs = self._step_inputs[len(seqs)] = (self.session.tensor(ids), self.session.tensor(pos))
