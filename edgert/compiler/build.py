@@ -14,6 +14,7 @@ from edgert import __version__
 from edgert.compiler.attention import use_fast_decode_attention
 from edgert.compiler.layout import apply_cpu_layout
 from edgert.compiler.package import check_output_path, write_artifact
+from edgert.compiler.pipeline import relax_pipeline
 from edgert.compiler.quantize import QUANT_MODES, choose_storage, storage_kind
 from edgert.compiler.recipes import Recipe, find_recipe
 from edgert.compiler.target import library_compiler, resolve
@@ -95,7 +96,6 @@ def compile_model(
             **graph_options,
         )
     import tvm
-    from tvm import relax
 
     from edgert.compiler.codec_build import codec_source, compile_codec
     from edgert.families import llama
@@ -166,7 +166,7 @@ def compile_model(
     if cached is None or not cached.is_file():
         progress("compiling with TVM", None)
         t = time.perf_counter()
-        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
+        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
         seconds["compile"] = time.perf_counter() - t
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:

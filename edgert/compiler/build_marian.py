@@ -11,6 +11,7 @@ from typing import Any
 from edgert import __version__
 from edgert.compiler.layout import WEIGHT_DTYPES, apply_cpu_layout
 from edgert.compiler.package import check_output_path, write_artifact
+from edgert.compiler.pipeline import relax_pipeline
 from edgert.compiler.target import library_compiler, resolve
 from edgert.errors import EdgertError, ModelFileError
 from edgert.targets import TargetSpec
@@ -35,7 +36,6 @@ def compile_marian(
 ) -> Any:
     """Read the folder ``source``, build encode/prefill/decode, write the artifact."""
     import tvm
-    from tvm import relax
 
     from edgert.compiler.build import CompileResult, stage_library_and_weights
     from edgert.families import marian
@@ -65,7 +65,7 @@ def compile_marian(
     repack = apply_cpu_layout(net, weight_dtype)
     with tvm_target:
         mod, named_params = net.export_tvm(spec=net.get_default_spec())
-    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
+    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
     seconds["compile"] = time.perf_counter() - t
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:

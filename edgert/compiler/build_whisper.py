@@ -10,6 +10,7 @@ from typing import Any
 from edgert import __version__
 from edgert.compiler.layout import WEIGHT_DTYPES, apply_cpu_layout
 from edgert.compiler.package import check_output_path, write_artifact
+from edgert.compiler.pipeline import relax_pipeline
 from edgert.compiler.recipes import Recipe
 from edgert.compiler.seq2seq_kernels import apply_seq2seq_kernels
 from edgert.compiler.target import library_compiler, resolve
@@ -40,7 +41,6 @@ def compile_whisper(
     encoder's window: the runtime then pads or cuts audio to that length and seeks by it.
     """
     import tvm
-    from tvm import relax
 
     from edgert.compiler.build import CompileResult, stage_library_and_weights
     from edgert.families import whisper
@@ -82,7 +82,7 @@ def compile_whisper(
 
     progress("compiling with TVM", None)
     t = time.perf_counter()
-    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax.get_default_pipeline(tvm_target))
+    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
     seconds["compile"] = time.perf_counter() - t
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:

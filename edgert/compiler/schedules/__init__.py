@@ -54,6 +54,8 @@ def graph_pipeline(target: Any, tuning_db: Path | None = None, stats: dict[str, 
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.s_tir import dlight
 
+    from edgert.compiler.pipeline import restrict_kernels
+
     @tvm.transform.module_pass(opt_level=0)
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
@@ -75,6 +77,7 @@ def graph_pipeline(target: Any, tuning_db: Path | None = None, stats: dict[str, 
                     stats["tuned_kernels"] = sum(bool(f.attrs and f.attrs.get("tirx.is_scheduled")) for f in kernels)
             passes.append(dlight.ApplyDefaultSchedule(*schedule_rules()))
             passes += cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
+            passes.append(restrict_kernels())
             return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
