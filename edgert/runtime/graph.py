@@ -26,7 +26,10 @@ class GraphModel:
         self.inputs: list[dict[str, Any]] = entry["inputs"]
         self.outputs: list[dict[str, Any]] = entry["outputs"]
         self._main = self.session.vm["main"]
-        self._buffers: dict[tuple[int, tuple[int, ...]], Any] = {}
+        # Input tensors per (input, shape): the device tensor, a numpy view of its memory, its address.
+        self._buffers: dict[tuple[int, tuple[int, ...]], tuple[Any, np.ndarray, int]] = {}
+        self._params_ptrs = {_pointer(_to_numpy(p)) for p in self.session.params}
+        self._buffer_ptrs: set[int] = set()
 
     @property
     def input_names(self) -> list[str]:
@@ -69,24 +72,28 @@ class GraphModel:
         out = {spec["name"]: _to_numpy(v) for spec, v in zip(self.outputs, values, strict=True)}
         # An output that is an input or a weight (graphs may return them as they are) would alias
         # memory this model reuses: those are copied.
-        owned = self._owned_pointers()
-        return {k: v.copy() if _pointer(v) in owned else v for k, v in out.items()}
+        return {k: v.copy() if self._owned(v) else v for k, v in out.items()}
 
-    def _owned_pointers(self) -> set[int]:
-        if not hasattr(self, "_params_ptrs"):
-            self._params_ptrs = {_pointer(_to_numpy(p)) for p in self.session.params}
-        return self._params_ptrs | {_pointer(_to_numpy(b)) for b in self._buffers.values()}
+    def _owned(self, arr: np.ndarray) -> bool:
+        ptr = _pointer(arr)
+        return ptr in self._params_ptrs or ptr in self._buffer_ptrs
 
     def _input(self, index: int, arr: np.ndarray) -> Any:
-        # Input tensors are kept per shape and refilled: for a streaming model called every
-        # 32 ms, allocating them each call cost more than its kernels.
+        # Input tensors are kept per shape and refilled through a numpy view of their memory: for
+        # a streaming model called every 32 ms, allocating them (or `Tensor.copyfrom`, ~30 us
+        # of Python each) cost more than its kernels.
         key = (index, arr.shape)
-        buf = self._buffers.get(key)
-        if buf is None:
-            buf = self._buffers[key] = self.session.tensor(arr)
+        entry = self._buffers.get(key)
+        if entry is None:
+            tensor = self.session.tensor(arr)
+            view = _to_numpy(tensor)
+            entry = self._buffers[key] = (tensor, view, _pointer(view))
+            self._buffer_ptrs.add(entry[2])
+        elif entry[1].flags.writeable:
+            np.copyto(entry[1], arr)
         else:
-            buf.copyfrom(arr)
-        return buf
+            entry[0].copyfrom(arr)
+        return entry[0]
 
 
 def _pointer(arr: np.ndarray) -> int:

@@ -190,9 +190,11 @@ class RowWise(ScheduleRule):
             leading = len(infos[-1].dom_kind()) - 1
             if leading < 1:
                 return None
-        # Producers that are plain maps (a residual add before a norm) are read in place.
+        # Producers that are plain maps read by one block (a residual add before a norm) are read
+        # in place; one read by several (softmax's exp, read by the sum and the normalization)
+        # is computed once per row instead: inlined, it ran twice, once in a scalar reduction loop.
         for b in infos[:-1]:
-            if b.is_injective():
+            if b.is_injective() and len(sch.get_consumers(b.block_rv)) == 1:
                 try:
                     sch.compute_inline(b.block_rv)
                 except Exception:
