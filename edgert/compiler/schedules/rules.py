@@ -206,13 +206,52 @@ class RowWise(ScheduleRule):
         if _work(sch, last) >= MIN_PARALLEL_WORK:
             sch.parallel(rows)
         _vectorize_inner(sch, last, lanes)
-        remaining = [b.block_rv for b in infos[:-1] if _exists(sch, b.block_rv)]
+        remaining = []
+        for b in infos[:-1]:
+            if not _exists(sch, b.block_rv):
+                continue
+            if not b.is_injective():
+                partial = _partial_reduction(sch, b.block_rv, lanes)
+                if partial is not None:
+                    remaining.append(partial)
+            remaining.append(b.block_rv)
         for block in reversed(remaining):
             sch.compute_at(block, rows, preserve_unit_loops=True)
         for block in remaining:
             if all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars):
                 _vectorize_inner(sch, block, lanes)
+            elif _is_partial(sch, block):
+                # compute_at put the partial results' axis (the rfactor block's first iterator)
+                # right under the row loop; it goes innermost, over contiguous elements.
+                lane_loop, *others = sch.get_loops(block)[1:]
+                sch.reorder(*others, lane_loop)
+                sch.vectorize(lane_loop)
         return sch
+
+
+def _partial_reduction(sch: s_tir.Schedule, block: Any, lanes: int) -> Any:
+    """Split a row reduction into ``lanes`` partial results (a block to vectorize), or None.
+
+    LLVM keeps a float sum or max over a row serial (reassociating it would change rounding),
+    so a row reduction ran one element per instruction; ``rfactor`` makes the reassociation
+    explicit: a vector of ``lanes`` partial results, then one reduction of those.
+    """
+    loops = sch.get_loops(block)
+    ext = _extent(sch, loops[-1]) if loops else None
+    if ext is None or ext % lanes or ext < 2 * lanes:
+        return None
+    try:
+        probe = sch.copy()
+        _, inner = probe.split(probe.get_loops(block)[-1], factors=[None, lanes])
+        probe.rfactor(inner, factor_axis=len(probe.get(block).writes[0].region))
+    except Exception:  # a reduction rfactor does not recognize keeps its serial loop
+        return None
+    _, inner = sch.split(loops[-1], factors=[None, lanes])
+    return sch.rfactor(inner, factor_axis=len(sch.get(block).writes[0].region))
+
+
+def _is_partial(sch: s_tir.Schedule, block: Any) -> bool:
+    return sch.get(block).name_hint.endswith("_rf")
 
 
 def _exists(sch: s_tir.Schedule, block: Any) -> bool:
