@@ -1,8 +1,9 @@
-"""Plain ONNX graphs: edgert vs onnxruntime on the same ONNX file, inputs and thread count.
+"""Plain graphs: edgert vs onnxruntime (ONNX) and LiteRT (TFLite) on the same file, inputs and threads.
 
 Cases: the all-MiniLM-L6-v2 encoder (exported by tools/export_minilm_onnx.py) at one sequence
-length, silero-vad on one 512-sample chunk, and silero-vad streaming a whole recording with its
-state carried. Each engine runs in its own child process (so peak RSS is its own); latency is
+length, a transformer-sized feed-forward block as TFLite (written by tools/make_tiny_tflite.py),
+silero-vad on one 512-sample chunk, and silero-vad streaming a whole recording with its state
+carried. Each engine runs in its own child process (so peak RSS is its own); latency is
 the median of ``--repeats`` timed calls after one warm-up.
 """
 
@@ -21,7 +22,7 @@ import numpy as np
 from peers import Row
 
 NAME = "graph"
-HELP = "ONNX graphs (MiniLM encoder, silero-vad) against onnxruntime"
+HELP = "ONNX graphs (MiniLM encoder, silero-vad) against onnxruntime, a TFLite graph against LiteRT"
 ROOT = Path(__file__).resolve().parents[2]
 VAD_ONNX = "silero_vad_openvino_16k.onnx"
 
@@ -51,6 +52,21 @@ def _engine(kind: str, path: str, threads: int) -> Any:
         import edgert
 
         return edgert.load(path, threads=threads)
+    if kind == "litert":
+        from ai_edge_litert.interpreter import Interpreter
+
+        interp = Interpreter(model_path=path, num_threads=threads)
+        interp.allocate_tensors()
+        ins = {d["name"]: d["index"] for d in interp.get_input_details()}
+        outs = {d["name"]: d["index"] for d in interp.get_output_details()}
+
+        def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            for name, value in feeds.items():
+                interp.set_tensor(ins[name], value)
+            interp.invoke()
+            return {name: interp.get_tensor(index) for name, index in outs.items()}
+
+        return run
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -137,12 +153,21 @@ def _audio(seconds: float) -> np.ndarray:
     return (0.3 * gate * voiced + 0.01 * np.random.default_rng(0).standard_normal(t.shape)).astype(np.float32)
 
 
-def _rows(case: str, ours: dict, peer: dict, compile_s: float, size: int, agree: float, extra: dict) -> list[Row]:
+def _rows(
+    case: str,
+    ours: dict,
+    peer: dict,
+    compile_s: float,
+    size: int,
+    agree: float,
+    extra: dict,
+    peer_name: str = "onnxruntime",
+) -> list[Row]:
     note = {"max_abs_diff": f"{agree:.2e}", **extra}
     return [
-        Row(NAME, case, "latency", "ms", ours["median_s"] * 1e3, peer["median_s"] * 1e3, "onnxruntime", False, note),
-        Row(NAME, case, "peak RSS", "MB", ours["rss_mb"], peer["rss_mb"], "onnxruntime", False),
-        Row(NAME, case, "load", "s", ours["load_s"], peer["load_s"], "onnxruntime", False),
+        Row(NAME, case, "latency", "ms", ours["median_s"] * 1e3, peer["median_s"] * 1e3, peer_name, False, note),
+        Row(NAME, case, "peak RSS", "MB", ours["rss_mb"], peer["rss_mb"], peer_name, False),
+        Row(NAME, case, "load", "s", ours["load_s"], peer["load_s"], peer_name, False),
         Row(NAME, case, "compile", "s", compile_s, None, "-", False),
         Row(NAME, case, "artifact", "MB", size / 1e6, None, "-", False),
     ]
@@ -170,6 +195,19 @@ def run(args: Any) -> list[Row]:
         peer = measure("onnxruntime", onnx_path, threads, repeats, "once", feeds)
         diff = float(np.abs(ours["out"]["last_hidden_state"] - peer["out"]["last_hidden_state"]).max())
         rows += _rows(f"minilm seq{seq}", ours, peer, compile_s, size, diff, {"threads": threads})
+
+        # A TFLite graph against LiteRT: a transformer-sized feed-forward block (64 tokens,
+        # 384 -> 1536 -> 384, ReLU, softmax) written by the project's flatbuffer script.
+        from make_tiny_tflite import build as build_tflite
+
+        tfl = work / "ffn.tflite"
+        tfl.write_bytes(build_tflite(rows=64, k=384, hidden=1536, n=384))
+        compile_s, size = _compile(tfl, work / "ffn.edgert", threads, args.graph_quant, {})
+        x = {"x": np.random.default_rng(0).standard_normal((64, 384)).astype(np.float32)}
+        ours = measure("edgert", work / "ffn.edgert", threads, repeats, "once", x)
+        peer = measure("litert", tfl, threads, repeats, "once", x)
+        diff = float(np.abs(ours["out"]["probs"] - peer["out"]["probs"]).max())
+        rows += _rows("tflite ffn 64x384x1536", ours, peer, compile_s, size, diff, {"threads": threads}, "LiteRT")
 
         # silero-vad: one chunk, then a whole recording streamed chunk by chunk.
         vad = package_file("silero_vad", "data", VAD_ONNX)
