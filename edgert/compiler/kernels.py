@@ -16,6 +16,8 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 ROW_TILE = 4
+SMALL_M = 8  # quant_matmul's shared-code path serves 2..SMALL_M rows (speculative verify, short prompts)
+VECTOR = 8  # columns per register in the shared-code path: one AVX2 register, two NEON registers
 
 
 def pick_block(n: int) -> int | None:
@@ -72,7 +74,15 @@ def packed_matmul(k: int, n: int, block: int, weight_dtype: str) -> tirx.PrimFun
 # dequantizing in registers: ``part = sum_k x[k] * code[k]`` over a group, then
 # ``acc += part * d + xsum * m`` (xsum = the group's sum of x), so the scale and min cost
 # one FMA per group instead of one per weight.
-# Several tokens (prefill): each thread dequantizes a [K, B] tile to float32 once and reuses
+# A few tokens (2..SMALL_M, q8 2..5: speculative verify, short prompts): each code word is loaded and
+# dequantized once (``w = code * d + m``, one FMA shared by all rows) and FMA'd into every row's
+# accumulator (the decode trick above would need a second register per accumulator). Rows live
+# in a static tile (2, 3, 5 = verify of 4 drafts, or SMALL_M) so the accumulators stay in
+# registers; rows past m repeat the last row and are not written (each tile costs ~0.3 s of
+# LLVM time per kernel shape, so not every m gets its own). Columns go 8 or 16 at a time
+# so that the accumulators plus the weight and scale registers fit the 16 AVX2 / 32 NEON
+# registers; the tile's codes (<= 24 KiB for K = 1536) stay in L1 between the column chunks.
+# Many tokens (prefill): each thread dequantizes a [K, B] tile to float32 once and reuses
 # it for every row, register-blocked by ROW_TILE rows like `packed_matmul`.
 
 GROUP = 32
@@ -107,9 +117,61 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
 
     lanes = 8 if q4 else 1
 
+    def width(rows: int) -> int:
+        # Two registers per row give >= 4 independent FMA chains (latency 4) without spilling the
+        # 16 AVX2 registers (2 rows x 32 columns spilled and ran 15 % slower than 2 x 16); from
+        # 6 rows on, one register per row already gives 6+ chains.
+        return 2 * VECTOR if rows <= 5 and block >= 2 * VECTOR else VECTOR
+
+    @T.macro
+    def shared_codes(x, qw, sc, mn, y, m, rows: T.int32, vw: T.int32):
+        for jo in T.parallel(nb):
+            acc = T.alloc_buffer((rows, vw), "float32", scope="local")
+            wv = T.alloc_buffer((vw,), "float32", scope="local")
+            d = T.alloc_buffer((vw,), "float32", scope="local")
+            lo = T.alloc_buffer((vw,), "float32", scope="local")
+            for jc in range(block // vw):
+                for ii in T.unroll(rows):
+                    for v in T.vectorized(vw):
+                        acc[ii, v] = T.float32(0)
+                for g in range(ng):
+                    for v in T.vectorized(vw):
+                        d[v] = T.Cast("float32", sc[jo, g, jc * vw + v])
+                        lo[v] = T.Cast("float32", mn[jo, g, jc * vw + v]) if q4 else T.float32(0)
+                    for kk in range(per_g):
+                        for s in T.unroll(lanes):
+                            for v in T.vectorized(vw):
+                                wv[v] = code(jo, g * per_g + kk, s, jc * vw + v, qw) * d[v] + lo[v]
+                            for ii in T.unroll(rows):
+                                for v in T.vectorized(vw):
+                                    acc[ii, v] = (
+                                        acc[ii, v]
+                                        + x[T.min(T.Cast("int64", ii), m - 1), (g * per_g + kk) * lanes + s] * wv[v]
+                                    )
+                for ii in range(rows):
+                    if T.Cast("int64", ii) < m:
+                        if jo < full:
+                            for v in T.vectorized(vw):
+                                y[ii, jo * block + jc * vw + v] = acc[ii, v]
+                        else:
+                            for v in range(vw):
+                                if jo * block + jc * vw + v < n:
+                                    y[ii, jo * block + jc * vw + v] = acc[ii, v]
+
+    # q8 at 6..8 rows: the dequantize-tile path measured faster (tools/bench_kernels.py --rows 8).
+    shared_max = SMALL_M if q4 else 5
+
     @T.macro
     def body(x, qw, sc, mn, y, m):
-        if m < mt:
+        if m == 2:
+            shared_codes(x, qw, sc, mn, y, m, 2, width(2))
+        elif m == 3:
+            shared_codes(x, qw, sc, mn, y, m, 3, width(3))
+        elif m > 3 and m <= 5:
+            shared_codes(x, qw, sc, mn, y, m, 5, width(5))
+        elif m > 5 and m <= shared_max:
+            shared_codes(x, qw, sc, mn, y, m, SMALL_M, width(SMALL_M))
+        elif m < mt:
             xs = T.alloc_buffer((mt, ng), "float32")
             for i, g in T.grid(m, ng):
                 xs[i, g] = T.float32(0)
