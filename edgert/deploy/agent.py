@@ -402,7 +402,10 @@ def serve_serial(agent: Agent, link: SerialLink) -> None:
     it) is dropped; the host has given up on it, and its link discards it should it arrive late.
     """
     while True:
-        message = link.receive(None)
+        try:
+            message = link.receive(None)
+        except DeviceError:  # a run of garbled lines: the host will ask again
+            continue
         try:
             header, payload = decode_frame(message.data)
         except FrameError as exc:

@@ -265,6 +265,7 @@ class SerialLink:
         """The next whole message; with ``reply_to``, the next one answering that message (stale
         replies to other messages are dropped). DeviceError after ``timeout`` seconds (None: wait)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        garbled = 0  # lines in a row that failed their checks
         while True:
             while self._complete:
                 message = self._complete.popleft()
@@ -277,9 +278,20 @@ class SerialLink:
                     raise DeviceError(f"{self.name}: no answer within {timeout:.0f} s")
                 continue
             if packet == "garbled":
+                # The sender resends a packet `retries` times, then drops the message: past that many
+                # garbled lines in a row nothing whole will come, and waiting on would hang.
+                garbled += 1
+                if garbled > self.retries:
+                    self._rx = None
+                    raise DeviceError(
+                        f"{self.name}: the answer was still garbled after {self.retries} tries "
+                        "(garbled frames on the line, or a wrong baud rate)"
+                    )
                 rx = self._rx
                 self.port.write(self._line(_NAK, rx[0] if rx else 0, 0, rx[2] if rx else 0, False, b""))
-            elif packet[0] == _DATA:
+                continue
+            garbled = 0
+            if packet[0] == _DATA:
                 self._on_data(packet)
 
     def recv_message(self, timeout: float | None = None, reply_to: int | None = None) -> bytes:
