@@ -29,7 +29,8 @@ from tvm.target import Target
 
 GEMM_ROWS = 6  # 6 rows x 2 vectors = 12 accumulators + 2 weight vectors + 1 broadcast: AVX2's 16 registers
 GEMM_CHUNK = 8  # row tiles per parallel work item (48 rows)
-ATTN_ROWS = 4  # query rows sharing each loaded key vector: 4 x 2 vectors = 8 accumulators
+ATTN_ROWS = 6  # query rows sharing each loaded key vector: 6 x 2 vectors = 12 accumulators
+ATTN_BLOCK = 4  # groups of ATTN_ROWS rows sharing one pass over a head's keys and values (1.4x at 1500 keys)
 
 # erf(x) ≈ x·P(x²)/Q(x²) on [-4, 4] (the float32 rational approximation Eigen and TVM's fast_erf use).
 _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
@@ -143,7 +144,15 @@ def gemm_kernel(k: int, n: int, block: int, weight_dtype: str, lanes: int, activ
 
 @functools.cache
 def attention_kernel(
-    heads: int, m: int, d: int, scale: float, lanes: int = 8, rows: int = 0, cross_layers: int = 0, layer: int = 0
+    heads: int,
+    m: int,
+    d: int,
+    scale: float,
+    lanes: int = 8,
+    rows: int = 0,
+    cross_layers: int = 0,
+    layer: int = 0,
+    block: int = 0,
 ) -> tirx.PrimFunc:
     """``o[h, i] = softmax(scale · q[h, i] · kt[h]) · v[h]`` for q [heads, n, d], kt [heads, d, m], v [heads, m, d].
 
@@ -172,25 +181,30 @@ def attention_kernel(
     dv = min(2 * lanes, d)  # value columns per slice
     if d % dv:
         raise ValueError(f"head width {d} is not a multiple of {dv}")
-    full, scale_f, tile_rows = m // kv * kv, float(scale), rows or ATTN_ROWS
+    full, scale_f = m // kv * kv, float(scale)
+    sub_rows = rows or ATTN_ROWS
+    tile_rows = sub_rows * (block or ATTN_BLOCK)
 
     @T.macro
-    def tile(q, kt, v, o, h, i0, rows):
+    def tile(q, kt, v, o, h, i0, rows, sub):
+        # `rows` query rows share one pass over the head's keys and values (read from memory once
+        # per tile instead of once per `sub` rows); `sub` rows at a time stay in registers.
         s = T.alloc_buffer((rows, m), "float32", scope="local")
-        part = T.alloc_buffer((rows, kv), "float32", scope="local")
-        acc = T.alloc_buffer((rows, dv), "float32", scope="local")
+        part = T.alloc_buffer((sub, kv), "float32", scope="local")
+        acc = T.alloc_buffer((sub, dv), "float32", scope="local")
         red = T.alloc_buffer((rows, 2), "float32", scope="local")
         for mo in range(m // kv):
-            for r in T.unroll(rows):
-                for mi in T.vectorized(kv):
-                    part[r, mi] = T.float32(0)
-            for dd in range(d):
-                for r in T.unroll(rows):
+            for sb in range(rows // sub):
+                for r in T.unroll(sub):
                     for mi in T.vectorized(kv):
-                        part[r, mi] = part[r, mi] + q[h, i0 + r, dd] * key(kt, h, dd, mo * kv + mi)
-            for r in T.unroll(rows):
-                for mi in T.vectorized(kv):
-                    s[r, mo * kv + mi] = part[r, mi] * T.float32(scale_f)
+                        part[r, mi] = T.float32(0)
+                for dd in range(d):
+                    for r in T.unroll(sub):
+                        for mi in T.vectorized(kv):
+                            part[r, mi] = part[r, mi] + q[h, i0 + sb * sub + r, dd] * key(kt, h, dd, mo * kv + mi)
+                for r in T.unroll(sub):
+                    for mi in T.vectorized(kv):
+                        s[sb * sub + r, mo * kv + mi] = part[r, mi] * T.float32(scale_f)
         for r in range(rows):
             for j in range(m - full):
                 red[r, 0] = T.float32(0)
@@ -221,16 +235,17 @@ def attention_kernel(
                 s[r, full + j] = fast_exp(s[r, full + j] - red[r, 0])
                 red[r, 1] = red[r, 1] + s[r, full + j]
         for dq in range(d // dv):
-            for r in T.unroll(rows):
-                for di in T.vectorized(dv):
-                    acc[r, di] = T.float32(0)
-            for j in range(m):
-                for r in T.unroll(rows):
+            for sb in range(rows // sub):
+                for r in T.unroll(sub):
                     for di in T.vectorized(dv):
-                        acc[r, di] = acc[r, di] + s[r, j] * val(v, h, j, dq * dv + di)
-            for r in T.unroll(rows):
-                for di in T.vectorized(dv):
-                    o[h, i0 + r, dq * dv + di] = acc[r, di] / red[r, 1]
+                        acc[r, di] = T.float32(0)
+                for j in range(m):
+                    for r in T.unroll(sub):
+                        for di in T.vectorized(dv):
+                            acc[r, di] = acc[r, di] + s[sb * sub + r, j] * val(v, h, j, dq * dv + di)
+                for r in T.unroll(sub):
+                    for di in T.vectorized(dv):
+                        o[h, i0 + sb * sub + r, dq * dv + di] = acc[r, di] / red[sb * sub + r, 1]
 
     @T.prim_func
     def attention(
@@ -244,9 +259,11 @@ def attention_kernel(
         q = T.match_buffer(q_h, (heads, n, d), "float32")
         o = T.match_buffer(o_h, (heads, n, d), "float32")
         for p in T.parallel(heads * (n // tile_rows)):
-            tile(q, kt, v, o, p % heads, p // heads * tile_rows, tile_rows)
-        for p in T.parallel(heads * (n % tile_rows)):
-            tile(q, kt, v, o, p % heads, n // tile_rows * tile_rows + p // heads, 1)
+            tile(q, kt, v, o, p % heads, p // heads * tile_rows, tile_rows, sub_rows)
+        for p in T.parallel(heads * (n % tile_rows // sub_rows)):
+            tile(q, kt, v, o, p % heads, n // tile_rows * tile_rows + p // heads * sub_rows, sub_rows, sub_rows)
+        for p in T.parallel(heads * (n % sub_rows)):
+            tile(q, kt, v, o, p % heads, n // sub_rows * sub_rows + p // heads, 1, 1)
 
     name = f"attention_h{heads}_m{m}_d{d}_l{lanes}" + (f"_cross{layer}of{cross_layers}" if cross_layers else "")
     return attention.with_attr("global_symbol", name)
