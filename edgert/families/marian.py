@@ -197,11 +197,14 @@ class MarianModel(EncoderDecoder):
                 kv.append(op.unsqueeze(_heads_first(proj(h), n, cfg.decoder_attention_heads, cfg.head_dim), 0))
         return op.concat(kv, dim=0)
 
-    def _decode(self, ids: Tensor, positions: Tensor, cross: Tensor, cache: PagedKVCache) -> Tensor:
+    def _hidden(self, ids: Tensor, positions: Tensor, cross: Tensor, cache: PagedKVCache) -> Tensor:
         x = self._embed(ids, positions)
         for layer_id, layer in enumerate(self.decoder_layers):
             x = layer(x, cross, cache, layer_id)
-        return self.lm_head(x) + self.final_logits_bias
+        return x
+
+    def _logits(self, h: Tensor) -> Tensor:
+        return self.lm_head(h) + self.final_logits_bias
 
     def cache_shape(self) -> tuple[int, int, int]:
         """(decoder layers, heads, head width) of the self-attention cache."""

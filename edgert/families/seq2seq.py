@@ -79,20 +79,28 @@ class EncoderDecoder(nn.Module):
         """(decoder layers, heads, head width) of the self-attention cache."""
         raise NotImplementedError
 
-    def _decode(self, ids: Tensor, positions: Tensor, cross: Tensor, cache: PagedKVCache) -> Tensor:
+    def _hidden(self, ids: Tensor, positions: Tensor, cross: Tensor, cache: PagedKVCache) -> Tensor:
+        """The decoder's last hidden states [b, s, d] (its layers write their self-attention KV)."""
+        raise NotImplementedError
+
+    def _logits(self, h: Tensor) -> Tensor:
+        """Hidden states [b, s, d] -> logits [b, s, vocab]."""
         raise NotImplementedError
 
     def prefill(
         self, input_ids: Tensor, positions: Tensor, cross_kv: Tensor, cache: PagedKVCache
     ) -> tuple[Tensor, PagedKVCache]:
-        """The decoder prompt of one sequence [1, s]: logits of its last token [1, 1, vocab]."""
-        return last_token(self._decode(input_ids, positions, cross_kv, cache)), cache
+        """The decoder prompt of one sequence [1, s]: logits of its last token [1, 1, vocab].
+
+        The head runs on the last position only: over a whole prompt it was most of the prefill
+        (Whisper's 51,864-word head on every token of the previous window's text)."""
+        return self._logits(last_token(self._hidden(input_ids, positions, cross_kv, cache))), cache
 
     def decode(
         self, input_ids: Tensor, positions: Tensor, cross_kv: Tensor, cache: PagedKVCache
     ) -> tuple[Tensor, PagedKVCache]:
         """One token for each of b sequences (beams) [b, 1]: logits [b, 1, vocab]."""
-        return self._decode(input_ids, positions, cross_kv, cache), cache
+        return self._logits(self._hidden(input_ids, positions, cross_kv, cache)), cache
 
     def create_kv_cache(
         self,

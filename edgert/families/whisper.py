@@ -279,11 +279,14 @@ class WhisperModel(EncoderDecoder):
             kv += [k, op.reshape(_heads_first(v, cfg.audio_ctx, cfg.num_heads, cfg.head_dim), flat)]
         return op.concat(kv, dim=0)
 
-    def _decode(self, ids: Tensor, positions: Tensor, cross: Tensor, cache: PagedKVCache) -> Tensor:
+    def _hidden(self, ids: Tensor, positions: Tensor, cross: Tensor, cache: PagedKVCache) -> Tensor:
         x = self.embed(ids, positions)
         for layer_id, layer in enumerate(self.decoder_layers):
             x = layer(x, cross, cache, layer_id)
-        return self.head(x)
+        return x
+
+    def _logits(self, h: Tensor) -> Tensor:
+        return self.head(h)
 
     def cache_shape(self) -> tuple[int, int, int]:
         """(decoder layers, heads, head width) of the self-attention cache."""
