@@ -58,3 +58,27 @@ def test_edgert_pipeline_restricts_every_kernel() -> None:
     # The kernel's compute scope is emitted as its own function with noalias pointer arguments.
     compute = re.findall(r"define internal [^\n]*quant_matmul[^\n]*_compute_\(([^)]*)\)", _kernel_ir(executable))
     assert compute and "noalias" in compute[0]
+
+
+class _Norm(nn.Module):
+    def __init__(self) -> None:
+        self.norm = nn.LayerNorm(384)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return self.norm(x)
+
+
+@pytest.mark.parametrize(("rows", "threaded"), [(1500, True), ("n", False), (2, False)])
+def test_only_big_fixed_shape_kernels_are_spread_over_threads(rows, threaded: bool) -> None:
+    """A layer norm over 1500 frames runs on the thread pool; over a symbolic or a tiny row count, serially."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    from edgert.compiler.pipeline import schedule_static_kernels
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    mod, _ = _Norm().export_tvm(spec={"forward": {"x": nn.spec.Tensor([rows, 384], "float32")}})
+    with target:
+        mod = tvm.transform.Sequential([*cpu.legalize_passes(target), schedule_static_kernels()])(mod)
+    kernels = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    assert kernels
+    assert any("T.parallel" in f.script() for f in kernels) is threaded

@@ -73,3 +73,71 @@ def test_cross_attention_reads_its_layer_in_place(build) -> None:
     s = np.einsum("hnd,hdm->hnm", q, kt) * 0.125
     p = np.exp(s - s.max(-1, keepdims=True))
     np.testing.assert_allclose(o.numpy(), (p / p.sum(-1, keepdims=True)) @ v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lanes", [4, 8, 16])
+def test_gemm_writes_the_heads_layout(build, lanes: int) -> None:
+    """q, k, v split into heads as the GEMM writes them back: keys [head_dim, rows], the rest [rows, head_dim]."""
+    rng = np.random.default_rng(lanes)
+    m, k, heads, d, block = 13, 32, 2, 32, 32
+    n = 3 * heads * d
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = (rng.standard_normal((n, k)) * 0.1).astype(np.float16)
+    b = rng.standard_normal(n).astype(np.float32)
+    packed = w.reshape(n // block, block, k).transpose(0, 2, 1).copy()
+    y = (x @ w.astype(np.float32).T + b).reshape(m, 3, heads, d)
+    expect = np.concatenate(
+        [y[:, 0].transpose(1, 0, 2).reshape(heads, -1), y[:, 1].transpose(1, 2, 0).reshape(heads, -1),
+         y[:, 2].transpose(1, 0, 2).reshape(heads, -1)]
+    )  # fmt: skip
+    out = tvm.runtime.empty((3 * heads, m * d), "float32", tvm.cpu())
+    kernel = build(sk.gemm_kernel(k, n, block, "float16", lanes, None, heads=(heads, d, 1)))
+    kernel(tvm.runtime.tensor(x), tvm.runtime.tensor(packed), tvm.runtime.tensor(b), out)
+    np.testing.assert_allclose(out.numpy(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_over_all_frames_from_the_heads_layout(build) -> None:
+    """The encoder's variant: q, k, v in one heads-layout tensor, output [frames, heads * d]."""
+    rng = np.random.default_rng(1)
+    heads, frames, d = 2, 37, 64
+    q, k, v = (rng.standard_normal((heads, frames, d)).astype(np.float32) for _ in range(3))
+    qkv = np.concatenate([q.reshape(heads, -1), k.transpose(0, 2, 1).reshape(heads, -1), v.reshape(heads, -1)])
+    o = tvm.runtime.empty((frames, heads * d), "float32", tvm.cpu())
+    t = tvm.runtime.tensor(qkv)
+    build(sk.attention_kernel(heads, frames, d, 0.125, 8, frames=True))(t, t, t, o)
+    s = np.einsum("hnd,hmd->hnm", q, k) * 0.125
+    p = np.exp(s - s.max(-1, keepdims=True))
+    expect = ((p / p.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(frames, heads * d)
+    np.testing.assert_allclose(o.numpy(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_heads_projection_and_frame_attention_match_numpy() -> None:
+    """The family's plain-op definitions the kernels above stand in for (used where nothing is swapped)."""
+    from tvm.relax.frontend import nn
+
+    from edgert.families.whisper import Attend, HeadsProjection
+
+    heads, frames, d, width = 2, 11, 8, 16
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            self.qkv = HeadsProjection(width, heads, d, parts=3, transposed=1)
+            self.attend = Attend(heads, frames, d)
+
+        def forward(self, x: nn.Tensor) -> nn.Tensor:
+            return self.attend.frames(self.qkv(x))
+
+    spec = {"forward": {"x": nn.spec.Tensor((frames, width), "float32")}}
+    mod, params = Block().export_tvm(spec=spec)
+    target, _ = resolve(load_target("host"), 2)
+    vm = tvm.relax.VirtualMachine(tvm.compile(mod, target=target), tvm.cpu())
+    rng = np.random.default_rng(2)
+    values = {name: rng.standard_normal(tuple(int(s) for s in p.shape)).astype(np.float32) for name, p in params}
+    x = rng.standard_normal((frames, width)).astype(np.float32)
+    out = vm["forward"](tvm.runtime.tensor(x), *(tvm.runtime.tensor(values[name]) for name, _ in params)).numpy()
+    y = (x @ values["qkv.proj.weight"].T + values["qkv.bias"]).reshape(frames, 3, heads, d)
+    q, k, v = (y[:, i].transpose(1, 0, 2) for i in range(3))
+    s = np.einsum("hnd,hmd->hnm", q, k) * d**-0.5
+    p = np.exp(s - s.max(-1, keepdims=True))
+    expect = ((p / p.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(frames, heads * d)
+    np.testing.assert_allclose(out, expect, rtol=1e-4, atol=1e-4)

@@ -36,11 +36,78 @@ def restrict_kernels() -> Any:
 
 
 def relax_pipeline(target: Any) -> Any:
-    """TVM's default Relax pipeline for ``target`` followed by :func:`restrict_kernels`."""
+    """TVM's default Relax pipeline for ``target``, with :func:`schedule_static_kernels` on CPUs,
+    followed by :func:`restrict_kernels`."""
     import tvm
     from tvm import relax
 
-    return tvm.transform.Sequential([relax.get_default_pipeline(target), restrict_kernels()])
+    if target.kind.name != "llvm":
+        return tvm.transform.Sequential([relax.get_default_pipeline(target), restrict_kernels()])
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    @tvm.transform.module_pass(opt_level=0, name="edgert.RelaxPipeline")
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            passes = [
+                *cpu.library_dispatch_passes(target),
+                *cpu.legalize_passes(target),
+                schedule_static_kernels(),
+                *cpu.dataflow_lower_passes(target),
+                *cpu.finalize_passes(target),
+                restrict_kernels(),
+            ]
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+STATIC_MIN_ELEMENTS = 1 << 16  # below this a kernel costs less than waking the thread pool
+
+
+def schedule_static_kernels() -> Any:
+    """The graph rules (`edgert.compiler.schedules`) for the big fixed-shape kernels nobody scheduled.
+
+    Why: TVM's CPU pipeline leaves every kernel a family does not hand-write (norms, layout copies,
+    im2col, residual adds) a serial scalar loop; over Whisper's 1500 encoder frames that is 1-3 ms
+    each. Kernels with a symbolic dimension (the decoder's, the LLM's) are left alone: most run over
+    one token, where spreading them over threads costs more than it saves.
+    """
+    from tvm.s_tir import dlight
+
+    from edgert.compiler.schedules import _Guarded
+    from edgert.compiler.schedules.rules import Elementwise, Fallback, RowWise
+
+    class _StaticOnly(_Guarded):
+        def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+            return super().apply(func, target, tunable) if _big_and_static(func) else None
+
+    return dlight.ApplyDefaultSchedule(*(_StaticOnly(r) for r in (RowWise(), Elementwise(), Fallback())))
+
+
+def _big_and_static(func: Any) -> bool:
+    """Whether every loop of a TIR function has a fixed extent and some block runs many iterations."""
+    import tvm
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    most = 0
+    for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []:
+        total = 1
+        for loop in sch.get_loops(block):
+            extent = sch.get(loop).extent
+            if not isinstance(extent, tvm.tirx.IntImm):
+                return False
+            total *= int(extent)
+        most = max(most, total)
+    return most >= STATIC_MIN_ELEMENTS
+
+
+def _has_root(sch: Any) -> bool:
+    try:
+        sch.get_sblock("root")
+        return True
+    except Exception:  # a kernel written without blocks (hand-scheduled): nothing to do
+        return False
 
 
 def unrestricted_kernels(mod: Any) -> list[str]:

@@ -9,10 +9,13 @@ from the target's vector width:
 - `gemm_kernel`: y = act(x Wᵀ + b) over many rows, W in the packed ``[N/B, K, B]`` layout;
   ``GEMM_ROWS`` rows x 2 vectors of columns stay in registers across K; the bias and GELU are
   applied on the write-back (GELU's erf as a rational polynomial, so it vectorizes; libm's
-  ``erff`` is a scalar call per element).
+  ``erff`` is a scalar call per element). For a `HeadsProjection` (q, k, v or k, v) the write-back
+  also lays the output out per head, keys transposed, so no copy kernel runs between the matmul
+  and the attention (those copies were ~35 ms of a 10 s transcription).
 - `attention_kernel`: per head, ``ATTN_ROWS`` query rows at a time: scores against keys stored
   transposed [heads, d, m] (each key vector loaded once for all rows), a softmax with a
-  vectorized polynomial exp, then the value sum in column slices that fit the registers.
+  vectorized polynomial exp, then the value sum in column slices that fit the registers. The
+  encoder's variant reads q, k and v from the heads layout and writes [frames, heads * head_dim].
 """
 
 from __future__ import annotations
@@ -88,21 +91,53 @@ def _activate(v: Any, activation: str | None) -> Any:
 
 
 @functools.cache
-def gemm_kernel(k: int, n: int, block: int, weight_dtype: str, lanes: int, activation: str | None) -> tirx.PrimFunc:
-    """``y[m, n] = act(sum_k x[m, k] * w[n // block, k, n % block] + b[n])`` for many rows m."""
+def gemm_kernel(
+    k: int,
+    n: int,
+    block: int,
+    weight_dtype: str,
+    lanes: int,
+    activation: str | None,
+    heads: tuple[int, int, int] | None = None,
+) -> tirx.PrimFunc:
+    """``y[m, n] = act(sum_k x[m, k] * w[n // block, k, n % block] + b[n])`` for many rows m.
+
+    With ``heads = (heads, head_dim, transposed)``, y is written in `HeadsProjection`'s layout
+    instead, [parts * heads, m * head_dim] with part ``transposed`` stored [head_dim, m] per head:
+    the split into heads and the keys' transpose cost nothing beyond the stores.
+    """
     cols = min(2 * lanes, block)
     subs, nb, mt = block // cols, n // block, GEMM_ROWS
     chunk = mt * GEMM_CHUNK
+    nh, hd, tpart = heads or (1, n, -1)
+    if heads and (n % (nh * hd) or hd % cols):
+        raise ValueError(f"{n} columns do not split into heads of {hd} in vectors of {cols}")
+    laid_out = heads is not None  # TVMScript branches on Python bools only
+    y_rows = n // hd
 
     def act(v: Any) -> Any:
         return _activate(v, activation)
+
+    @T.macro
+    def store(y, m, row, c0, acc, r, b):
+        # One vector of `cols` outputs of one row; c0 is a multiple of `cols` (one head's slice).
+        if laid_out:
+            if c0 // (nh * hd) == tpart:
+                for ji in range(cols):
+                    y[c0 // hd, (c0 % hd + ji) * m + row] = act(acc[r, ji] + b[c0 + ji])
+            else:
+                for ji in T.vectorized(cols):
+                    y[c0 // hd, row * hd + c0 % hd + ji] = act(acc[r, ji] + b[c0 + ji])
+        else:
+            for ji in T.vectorized(cols):
+                y[row, c0 + ji] = act(acc[r, ji] + b[c0 + ji])
 
     @T.prim_func
     def gemm(x_h: T.handle, w: T.Buffer((nb, k, block), weight_dtype), b: T.Buffer((n,), "float32"), y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), "float32")
-        y = T.match_buffer(y_h, (m, n), "float32")
+        y = T.match_buffer(y_h, (y_rows, m * hd) if laid_out else (m, n), "float32")
         for p in T.parallel(nb * ((m + chunk - 1) // chunk)):
             acc = T.alloc_buffer((mt, cols), "float32", scope="local")
             jo = p % nb
@@ -120,10 +155,7 @@ def gemm_kernel(k: int, n: int, block: int, weight_dtype: str, lanes: int, activ
                                     "float32", w[jo, kk, sub * cols + ji]
                                 )
                     for ii in T.unroll(mt):
-                        for ji in T.vectorized(cols):
-                            y[r0 + t * mt + ii, jo * block + sub * cols + ji] = act(
-                                acc[ii, ji] + b[jo * block + sub * cols + ji]
-                            )
+                        store(y, m, r0 + t * mt + ii, jo * block + sub * cols, acc, ii, b)
             for i in range(rows % mt):
                 for sub in range(subs):
                     for ji in T.vectorized(cols):
@@ -133,12 +165,10 @@ def gemm_kernel(k: int, n: int, block: int, weight_dtype: str, lanes: int, activ
                             acc[0, ji] = acc[0, ji] + x[r0 + rows // mt * mt + i, kk] * T.Cast(
                                 "float32", w[jo, kk, sub * cols + ji]
                             )
-                    for ji in T.vectorized(cols):
-                        y[r0 + rows // mt * mt + i, jo * block + sub * cols + ji] = act(
-                            acc[0, ji] + b[jo * block + sub * cols + ji]
-                        )
+                    store(y, m, r0 + rows // mt * mt + i, jo * block + sub * cols, acc, 0, b)
 
     name = f"gemm_k{k}_n{n}_b{block}_{weight_dtype}_l{lanes}" + (f"_{activation}" if activation else "")
+    name += f"_heads{nh}x{hd}t{tpart}" if heads else ""
     return gemm.with_attr("global_symbol", name)
 
 
@@ -153,14 +183,29 @@ def attention_kernel(
     cross_layers: int = 0,
     layer: int = 0,
     block: int = 0,
+    frames: bool = False,
 ) -> tirx.PrimFunc:
     """``o[h, i] = softmax(scale · q[h, i] · kt[h]) · v[h]`` for q [heads, n, d], kt [heads, d, m], v [heads, m, d].
 
     With ``cross_layers``, kt and v are both a whole cross-attention cache [cross_layers * 2,
     heads, m * d] and the kernel reads layer ``layer``'s keys and values from it in place
     (slicing them out first would copy 2 x heads x m x d floats per layer and decoder step).
+    With ``frames``, q, kt and v are one `HeadsProjection` output [3 * heads, m * d] (self-attention
+    of all m frames) and o is written [m, heads * d], ready for the output projection.
     """
-    if cross_layers:
+
+    def query(qb: Any, h: Any, i: Any, dd: Any) -> Any:
+        return qb[h, i * d + dd] if frames else qb[h, i, dd]
+
+    if frames:
+        k_shape = v_shape = (3 * heads, m * d)
+
+        def key(kb: Any, h: Any, dd: Any, j: Any) -> Any:
+            return kb[heads + h, dd * m + j]
+
+        def val(vb: Any, h: Any, j: Any, dd: Any) -> Any:
+            return vb[2 * heads + h, j * d + dd]
+    elif cross_layers:
         k_shape, v_shape = (2 * cross_layers, heads, m * d), (2 * cross_layers, heads, m * d)
 
         def key(kb: Any, h: Any, dd: Any, j: Any) -> Any:
@@ -201,7 +246,8 @@ def attention_kernel(
                 for dd in range(d):
                     for r in T.unroll(sub):
                         for mi in T.vectorized(kv):
-                            part[r, mi] = part[r, mi] + q[h, i0 + sb * sub + r, dd] * key(kt, h, dd, mo * kv + mi)
+                            qi = query(q, h, i0 + sb * sub + r, dd)
+                            part[r, mi] = part[r, mi] + qi * key(kt, h, dd, mo * kv + mi)
                 for r in T.unroll(sub):
                     for mi in T.vectorized(kv):
                         s[sb * sub + r, mo * kv + mi] = part[r, mi] * T.float32(scale_f)
@@ -209,7 +255,7 @@ def attention_kernel(
             for j in range(m - full):
                 red[r, 0] = T.float32(0)
                 for dd in range(d):
-                    red[r, 0] = red[r, 0] + q[h, i0 + r, dd] * key(kt, h, dd, full + j)
+                    red[r, 0] = red[r, 0] + query(q, h, i0 + r, dd) * key(kt, h, dd, full + j)
                 s[r, full + j] = red[r, 0] * T.float32(scale_f)
         for r in range(rows):
             for mi in T.vectorized(kv):
@@ -245,7 +291,10 @@ def attention_kernel(
                             acc[r, di] = acc[r, di] + s[sb * sub + r, j] * val(v, h, j, dq * dv + di)
                 for r in T.unroll(sub):
                     for di in T.vectorized(dv):
-                        o[h, i0 + sb * sub + r, dq * dv + di] = acc[r, di] / red[sb * sub + r, 1]
+                        if frames:
+                            o[i0 + sb * sub + r, h * d + dq * dv + di] = acc[r, di] / red[sb * sub + r, 1]
+                        else:
+                            o[h, i0 + sb * sub + r, dq * dv + di] = acc[r, di] / red[sb * sub + r, 1]
 
     @T.prim_func
     def attention(
@@ -256,8 +305,8 @@ def attention_kernel(
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         n = T.int64()
-        q = T.match_buffer(q_h, (heads, n, d), "float32")
-        o = T.match_buffer(o_h, (heads, n, d), "float32")
+        q = T.match_buffer(q_h, (3 * heads, n * d) if frames else (heads, n, d), "float32")
+        o = T.match_buffer(o_h, (n, heads * d) if frames else (heads, n, d), "float32")
         for p in T.parallel(heads * (n // tile_rows)):
             tile(q, kt, v, o, p % heads, p // heads * tile_rows, tile_rows, sub_rows)
         for p in T.parallel(heads * (n % tile_rows // sub_rows)):
@@ -266,6 +315,7 @@ def attention_kernel(
             tile(q, kt, v, o, p % heads, n // sub_rows * sub_rows + p // heads, 1, 1)
 
     name = f"attention_h{heads}_m{m}_d{d}_l{lanes}" + (f"_cross{layer}of{cross_layers}" if cross_layers else "")
+    name += "_frames" if frames else ""
     return attention.with_attr("global_symbol", name)
 
 
@@ -287,13 +337,21 @@ class KernelAttention(nn.Module):
         )
         return op.tensor_ir_op(kernel, "attention", [q, cross, cross], Tensor.placeholder(q.shape, "float32"))
 
+    def frames(self, qkv: Tensor) -> Tensor:
+        """Self-attention over all frames from a `HeadsProjection` of q, k, v -> [frames, heads * head_dim]."""
+        kernel = attention_kernel(self.heads, self.keys, self.head_dim, self.scale, vector_lanes(), frames=True)
+        out = Tensor.placeholder((self.keys, self.heads * self.head_dim), "float32")
+        return op.tensor_ir_op(kernel, "attention", [qkv, qkv, qkv], out)
+
 
 class GemmProjection(nn.Module):
     """Drop-in for a family's `Projection` (a packed bias-free linear plus a bias, and an optional
     activation) over many rows, computed by `gemm_kernel`. Keeps the module's parameters (same names)."""
 
-    def __init__(self, proj: nn.Module, bias: nn.Parameter, activation: str | None):
-        self.proj, self.bias, self.activation = proj, bias, activation
+    def __init__(
+        self, proj: nn.Module, bias: nn.Parameter, activation: str | None, heads: tuple[int, int, int] | None = None
+    ):
+        self.proj, self.bias, self.activation, self.heads = proj, bias, activation, heads
 
     def forward(self, x: Tensor) -> Tensor:
         *lead, k = x.shape
@@ -301,14 +359,18 @@ class GemmProjection(nn.Module):
         for d in lead:
             rows = rows * d
         w = self.proj.weight
-        kernel = gemm_kernel(k, self.proj.out_features, self.proj.block, w.dtype, vector_lanes(), self.activation)
-        y = op.tensor_ir_op(
-            kernel,
-            "gemm",
-            [op.reshape(x, (rows, k)), w, self.bias],
-            Tensor.placeholder((rows, self.proj.out_features), "float32"),
-        )
-        return op.reshape(y, (*lead, self.proj.out_features))
+        n = self.proj.out_features
+        kernel = gemm_kernel(k, n, self.proj.block, w.dtype, vector_lanes(), self.activation, self.heads)
+        if self.heads:  # `HeadsProjection`'s layout, over [rows, k] inputs
+            _, head_dim, _ = self.heads
+            out = Tensor.placeholder((n // head_dim, rows * head_dim), "float32")
+            return op.tensor_ir_op(kernel, "gemm", [x, w, self.bias], out)
+        # Reshapes only where there are other than two dimensions: back-to-back reshapes of the
+        # same shape (one layer's output, the next one's input) fuse into a copy kernel.
+        flat = len(lead) == 1
+        rows2d = x if flat else op.reshape(x, (rows, k))
+        y = op.tensor_ir_op(kernel, "gemm", [rows2d, w, self.bias], Tensor.placeholder((rows, n), "float32"))
+        return y if flat else op.reshape(y, (*lead, n))
 
 
 def apply_seq2seq_kernels(model: nn.Module, gemm: str | None = None) -> int:
@@ -324,9 +386,11 @@ def apply_seq2seq_kernels(model: nn.Module, gemm: str | None = None) -> int:
                 swapped[0] += 1
                 return KernelAttention(node.heads, node.keys, node.head_dim, node.scale)
             packed = type(getattr(node, "proj", None)).__name__ == "PackedLinear"
-            if pattern and type(node).__name__ == "Projection" and packed and pattern.fullmatch(name):
+            kind = type(node).__name__
+            if pattern and kind in ("Projection", "HeadsProjection") and packed and pattern.fullmatch(name):
                 swapped[0] += 1
-                return GemmProjection(node.proj, node.bias, getattr(node, "activation", None))
+                heads = (node.heads, node.head_dim, node.transposed) if kind == "HeadsProjection" else None
+                return GemmProjection(node.proj, node.bias, getattr(node, "activation", None), heads)
             return self.visit(name, node)
 
     _Swap().visit("", model)

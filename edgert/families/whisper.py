@@ -130,6 +130,29 @@ class Projection(nn.Module):
         return op.gelu(y) if self.activation == "gelu" else y
 
 
+class HeadsProjection(Projection):
+    """A projection whose output splits into ``parts`` per-head tensors (q, k, v or k, v), laid out
+    for `Attend`: [parts * heads, rows * head_dim], each head's block row-major [rows, head_dim],
+    except the part ``transposed`` (the keys), stored [head_dim, rows]. The compiler fuses the layout
+    into the matmul's write-back."""
+
+    def __init__(self, in_features: int, heads: int, head_dim: int, parts: int, transposed: int):
+        super().__init__(in_features, parts * heads * head_dim)
+        self.heads, self.head_dim, self.parts, self.transposed = heads, head_dim, parts, transposed
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.shape[0]
+        parts = op.split(super().forward(x), self.parts, axis=-1)
+        by_head = [op.reshape(y, (rows, self.heads, self.head_dim)) for y in parts]
+        blocks = [op.permute_dims(y, _order(i == self.transposed)) for i, y in enumerate(by_head)]
+        return op.concat([op.reshape(b, (self.heads, rows * self.head_dim)) for b in blocks], dim=0)
+
+
+def _order(transposed: bool) -> list[int]:
+    """Axes from [rows, heads, head_dim] to keys [heads, head_dim, rows] or else [heads, rows, head_dim]."""
+    return [1, 2, 0] if transposed else [1, 0, 2]
+
+
 class Conv1D(nn.Module):
     """Kernel-3, padding-1 convolution as im2col + matmul (a packed GEMM instead of a direct conv).
 
@@ -182,6 +205,14 @@ class Attend(nn.Module):
         v = _cross_slice(cross, 2 * layer + 1, (self.heads, self.keys, self.head_dim))
         return self.forward(q, kt, v)
 
+    def frames(self, qkv: Tensor) -> Tensor:
+        """Self-attention of every frame over all of them, from a `HeadsProjection` of q, k, v
+        [3 * heads, frames * head_dim] -> [frames, heads * head_dim] (heads side by side)."""
+        h, d, m = self.heads, self.head_dim, self.keys
+        parts = op.reshape(qkv, (3, h, m * d))
+        q, kt, v = (_cross_slice(parts, i, shape) for i, shape in enumerate([(h, m, d), (h, d, m), (h, m, d)]))
+        return op.reshape(op.permute_dims(self.forward(q, kt, v), [1, 0, 2]), (m, h * d))
+
 
 class EncoderLayer(nn.Module):
     """Pre-norm self-attention and GELU feed-forward over all frames."""
@@ -190,7 +221,7 @@ class EncoderLayer(nn.Module):
         self.cfg = cfg
         d = cfg.d_model
         self.attn_norm = nn.LayerNorm(d, eps=1e-5)
-        self.qkv = Projection(d, 3 * d)
+        self.qkv = HeadsProjection(d, cfg.num_heads, cfg.head_dim, parts=3, transposed=1)
         self.out = Projection(d, d)
         self.ffn_norm = nn.LayerNorm(d, eps=1e-5)
         self.fc1 = Projection(d, cfg.ffn_dim, activation="gelu")
@@ -198,12 +229,7 @@ class EncoderLayer(nn.Module):
         self.attend = Attend(cfg.num_heads, cfg.audio_ctx, cfg.head_dim)
 
     def forward(self, h: Tensor) -> Tensor:
-        cfg = self.cfg
-        t = h.shape[0]
-        q, k, v = op.split(self.qkv(self.attn_norm(h)), 3, axis=-1)
-        q, k, v = (_heads_first(x, t, cfg.num_heads, cfg.head_dim) for x in (q, k, v))
-        a = self.attend(q, op.permute_dims(k, [0, 2, 1]), v)
-        h = h + self.out(op.reshape(op.permute_dims(a, [1, 0, 2]), (t, cfg.d_model)))
+        h = h + self.out(self.attend.frames(self.qkv(self.attn_norm(h))))
         return h + self.fc2(self.fc1(self.ffn_norm(h)))
 
 
@@ -218,7 +244,8 @@ class DecoderLayer(nn.Module):
         self.self_out = Projection(d, d)
         self.cross_norm = nn.LayerNorm(d, eps=1e-5)
         self.cross_q = Projection(d, d)
-        self.cross_kv = Projection(d, 2 * d)  # used by `encode`, on the encoder's output
+        # Used by `encode`, on the encoder's output: keys [heads, head_dim, frames], values [heads, frames, head_dim].
+        self.cross_kv = HeadsProjection(d, cfg.num_heads, cfg.head_dim, parts=2, transposed=0)
         self.cross_out = Projection(d, d)
         self.ffn_norm = nn.LayerNorm(d, eps=1e-5)
         self.fc1 = Projection(d, cfg.ffn_dim)
@@ -270,14 +297,8 @@ class WhisperModel(EncoderDecoder):
         for layer in self.encoder_layers:
             h = layer(h)
         e = self.encoder_norm(h)
-        kv = []
-        flat = (1, cfg.num_heads, cfg.audio_ctx * cfg.head_dim)
-        for layer in self.decoder_layers:
-            k, v = op.split(layer.cross_kv(e), 2, axis=-1)
-            k = op.permute_dims(op.reshape(k, (cfg.audio_ctx, cfg.num_heads, cfg.head_dim)), [1, 2, 0])
-            k = op.reshape(k, flat)
-            kv += [k, op.reshape(_heads_first(v, cfg.audio_ctx, cfg.num_heads, cfg.head_dim), flat)]
-        return op.concat(kv, dim=0)
+        kv = [layer.cross_kv(e) for layer in self.decoder_layers]
+        return op.reshape(op.concat(kv, dim=0), (2 * cfg.decoder_layers, cfg.num_heads, cfg.audio_ctx * cfg.head_dim))
 
     def _hidden(self, ids: Tensor, positions: Tensor, cross: Tensor, cache: PagedKVCache) -> Tensor:
         x = self.embed(ids, positions)
