@@ -174,10 +174,10 @@ def test_remembered_check_still_refuses_a_changed_artifact(
 def test_runtime_does_not_import_torch() -> None:
     pytest.importorskip("torch")
     code = (
-        "import sys; from edgert.runtime.tvm_import import import_tvm; import_tvm(); "
+        "import sys; from edgert.runtime import tvm_runtime; tvm_runtime.ffi(); "
         "assert 'tvm_ffi' in sys.modules; "
         "assert 'torch' not in sys.modules, 'torch was imported, or is still blocked'"
     )
-    env = {**os.environ, "TVM_USE_RUNTIME_LIB": "1"}
+    env = dict(os.environ)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr

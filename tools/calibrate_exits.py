@@ -56,6 +56,7 @@ from edgert.runtime.exits import (  # noqa: E402
     default_exits,
 )
 from edgert.runtime.layers import ADAPTERS_FILE, LayerStack  # noqa: E402
+from edgert.runtime.tvm_runtime import to_numpy  # noqa: E402
 
 CALIBRATION_TEXT = ROOT / "tools" / "data" / "calibration.txt"
 GRIDS: dict[str, list[float]] = {
@@ -84,10 +85,10 @@ def hidden_states(model: Any, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarra
         chunk = list(ids[s : s + model.prefill_chunk])
         model.cache.begin(len(chunk))
         h = stack.embed(chunk)
-        per_layer = [h.numpy()[0]]
+        per_layer = [to_numpy(h)[0]]
         for i in range(stack.num_layers):
             h = stack.run(h, [i])
-            per_layer.append(h.numpy()[0])
+            per_layer.append(to_numpy(h)[0])
         top.append(np.argmax(stack.logits(h), axis=-1))
         model.cache.end(len(chunk))
         states.append(np.stack(per_layer))
@@ -415,10 +416,10 @@ def whisper_hidden_states(transcriber: Any, layers: Any, wav: Path) -> tuple[np.
     seq = model.cache.add()
     h = layers.embed(seq, tokens)
     model.cache.begin([seq], [len(tokens)])
-    per_layer = [h.numpy()[0]]
+    per_layer = [to_numpy(h)[0]]
     for i in range(layers.num_layers):
         h = layers.run(h, cross, [i])
-        per_layer.append(h.numpy()[0])
+        per_layer.append(to_numpy(h)[0])
     top = np.argmax(layers.head(h), axis=-1)
     model.cache.end()
     model.cache.reset()

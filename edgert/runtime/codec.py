@@ -34,6 +34,7 @@ import numpy as np
 from edgert.errors import ArtifactError, EdgertError
 from edgert.runtime.artifact import Artifact, open_artifact
 from edgert.runtime.session import Session
+from edgert.runtime.tvm_runtime import to_numpy
 
 MAGIC = b"EDGC"
 CODES_VERSION = 1
@@ -240,8 +241,8 @@ class EncoderStream:
         s = self.codec.session
         t = time.perf_counter()
         out = s("encode", s.tensor(chunk), s.tensor(self.state), s.tensor(np.array([float(self.first)], np.float32)))
-        codes = out[0].numpy()[:, : self.codebooks]
-        self.state = out[1].numpy()
+        codes = to_numpy(out[0])[:, : self.codebooks]
+        self.state = to_numpy(out[1])
         self._account(time.perf_counter() - t, usable)
         self.first = False
         return codes
@@ -281,8 +282,8 @@ class DecoderStream(EncoderStream):
         t = time.perf_counter()
         flag = np.array([float(self.first)], np.float32)
         out = s("decode", s.tensor(np.ascontiguousarray(codes)), s.tensor(self.state), s.tensor(flag))
-        audio = out[0].numpy()
-        self.state = out[1].numpy()
+        audio = to_numpy(out[0])
+        self.state = to_numpy(out[1])
         self._account(time.perf_counter() - t, len(audio))
         self.first = False
         return audio

@@ -18,6 +18,7 @@ from edgert.runtime.artifact import Artifact
 from edgert.runtime.sampling import Sampler, SamplingParams
 from edgert.runtime.session import PagedKVCache, Session
 from edgert.runtime.tokenizer import TextTokenizer
+from edgert.runtime.tvm_runtime import to_numpy
 
 
 @dataclass
@@ -105,7 +106,7 @@ class Generator:
         )
         self.cache.end(len(ids))
         self.cached_ids.extend(ids)
-        out = logits.numpy()[0]
+        out = to_numpy(logits)[0]
         return out if all_logits else out[-1]
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:

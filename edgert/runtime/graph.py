@@ -14,6 +14,7 @@ import numpy as np
 from edgert.errors import EdgertError
 from edgert.runtime.artifact import Artifact
 from edgert.runtime.session import Session
+from edgert.runtime.tvm_runtime import to_numpy
 
 
 class GraphModel:
@@ -105,4 +106,4 @@ def _to_numpy(value: Any) -> np.ndarray:
     try:
         return np.from_dlpack(value)
     except (TypeError, RuntimeError, BufferError):
-        return value.numpy()
+        return to_numpy(value)

@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 
 from edgert.errors import ArtifactError
+from edgert.runtime import tvm_runtime
 from edgert.runtime.session import PagedKVCache, Session
+from edgert.runtime.tvm_runtime import to_numpy
 
 ADAPTERS_FILE = "exits.safetensors"
 
@@ -34,14 +36,12 @@ class LayerStack:
                 f"{session.artifact.path}: the artifact has no layer entry points (compiled by an older "
                 "edgert); compile it again for early exit and self-speculative decoding"
             )
-        import tvm_ffi
-
         self.session, self.cache = session, cache
         self.num_layers = int(manifest["model"]["num_layers"])
         vm = session.vm
         # One converted parameter list for every call: converting the Python list each time
         # costs ~15 µs, and a layer-wise step makes dozens of calls.
-        self._params = tvm_ffi.convert(session.params)
+        self._params = tvm_runtime.ffi().convert(session.params)
         self._embed, self._head = vm["embed"], vm["head"]
         self._layers = [vm[f"layer_{i}"] for i in range(self.num_layers)]
         self._fills = [vm[f"kv_fill_{i}"] for i in range(self.num_layers)]
@@ -70,9 +70,9 @@ class LayerStack:
         """
         if depth is not None and depth < self.num_layers and depth in self.adapters:
             w, b = self.adapters[depth]
-            x = h.numpy()[0]
+            x = to_numpy(h)[0]
             h = self.session.tensor(np.ascontiguousarray((x + x @ w + b)[None], dtype=np.float32))
-        return self._head(h, self._params).numpy()[0]
+        return to_numpy(self._head(h, self._params))[0]
 
 
 def load_adapters(session: Session) -> dict[int, tuple[np.ndarray, np.ndarray]]:

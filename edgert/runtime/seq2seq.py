@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from edgert.runtime import tvm_runtime
 from edgert.runtime.artifact import Artifact
 from edgert.runtime.session import Session
+from edgert.runtime.tvm_runtime import to_numpy
 
 # (step, logits [rows, vocab] to edit in place, the tokens each row generated so far)
 LogitsProcessor = Callable[[int, np.ndarray, Sequence[Sequence[int]]], None]
@@ -45,10 +47,8 @@ class SequenceCache:
     """Several sequences in one paged KV cache: add, fork (for beams), remove, run forward passes."""
 
     def __init__(self, session: Session, max_sequences: int, max_length: int, page_size: int = 16):
-        from tvm.runtime import ShapeTuple
-
-        get = session._tvm.get_global_func
-        self._shape = ShapeTuple
+        get = tvm_runtime.global_func
+        self._shape = shape = tvm_runtime.shape
         self._begin = get("vm.builtin.kv_state_begin_forward")
         self._end = get("vm.builtin.kv_state_end_forward")
         self._add = get("vm.builtin.kv_state_add_sequence")
@@ -59,11 +59,11 @@ class SequenceCache:
         self.max_length = max_length
         # Forking keeps parents alive until their children exist: room for two generations.
         self.obj = session.vm["create_kv_cache"](
-            ShapeTuple([max_sequences]),
-            ShapeTuple([max_length * max_sequences]),
-            ShapeTuple([max_length]),
-            ShapeTuple([page_size]),
-            ShapeTuple([0]),
+            shape([max_sequences]),
+            shape([max_length * max_sequences]),
+            shape([max_length]),
+            shape([page_size]),
+            shape([0]),
         )
         self.lengths: dict[int, int] = {}
         self._next = 0
@@ -133,12 +133,10 @@ class Seq2Seq:
         self.cache = SequenceCache(self.session, int(kv.get("max_sequences", 16)), self.max_length, kv["page_size"])
         self.vocab_size = int(artifact.manifest["model"]["vocab_size"])
         self.calls = {"encode": 0, "prefill": 0, "decode": 0}
-        import tvm_ffi
-
         # Per decode step (~5 ms on tiny.en) these save ~0.1 ms: the entry point looked up once, the
         # weight list converted once (140 tensors), the token and position tensors reused per batch size.
         self._decode = self.session.vm["decode"]
-        self._params = tvm_ffi.convert(self.session.params)
+        self._params = tvm_runtime.ffi().convert(self.session.params)
         self._step_inputs: dict[int, tuple[Any, Any]] = {}
 
     def encode(self, *inputs: np.ndarray) -> Any:
@@ -160,7 +158,7 @@ class Seq2Seq:
         logits, self.cache.obj = self.session("prefill", tensor(ids), tensor(pos), cross, self.cache.obj)
         self.cache.end()
         self.calls["prefill"] += 1
-        return logits.numpy()[0, -1]
+        return to_numpy(logits)[0, -1]
 
     def step(self, seqs: Sequence[int], tokens: Sequence[int], cross: Any) -> np.ndarray:
         """One token for each sequence; logits [len(seqs), vocab]."""
@@ -176,7 +174,7 @@ class Seq2Seq:
         logits, self.cache.obj = self._decode(*inputs, cross, self.cache.obj, self._params)
         self.cache.end()
         self.calls["decode"] += 1
-        return logits.numpy()[:, 0]
+        return to_numpy(logits)[:, 0]
 
     def greedy(
         self,

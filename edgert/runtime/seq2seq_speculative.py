@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 
 from edgert.errors import ArtifactError, EdgertError
+from edgert.runtime import tvm_runtime
 from edgert.runtime.exits import ExitPolicy
 from edgert.runtime.layers import load_adapters
 from edgert.runtime.seq2seq import Hypothesis, LogitsProcessor, Seq2Seq, best_token
 from edgert.runtime.speculative import default_skip, parse_layer_set
+from edgert.runtime.tvm_runtime import to_numpy
 
 
 @dataclass
@@ -57,12 +59,10 @@ class DecoderLayers:
                 f"{model.artifact.path}: the artifact has no decoder layer entry points (compiled by an older "
                 "edgert); compile it again for self-speculative decoding"
             )
-        import tvm_ffi
-
         self.model = model
         self.num_layers = int(manifest["model"]["num_layers"])
         vm = model.session.vm
-        self._params = tvm_ffi.convert(model.session.params)  # converted once, reused by every call
+        self._params = tvm_runtime.ffi().convert(model.session.params)  # converted once, reused by every call
         self._embed, self._head = vm["embed"], vm["head"]
         self._layers = [vm[f"layer_{i}"] for i in range(self.num_layers)]
         self._fills = [vm[f"kv_fill_{i}"] for i in range(self.num_layers)]
@@ -96,9 +96,9 @@ class DecoderLayers:
         """
         if depth is not None and depth < self.num_layers and depth in self.adapters:
             w, b = self.adapters[depth]
-            x = h.numpy()[0]
+            x = to_numpy(h)[0]
             h = self.model.session.tensor(np.ascontiguousarray((x + x @ w + b)[None], dtype=np.float32))
-        return self._head(h, self._params).numpy()[0]
+        return to_numpy(self._head(h, self._params))[0]
 
     def forward(self, seq: int, tokens: Sequence[int], cross: Any, layers: Sequence[int]) -> np.ndarray:
         """Append ``tokens`` to ``seq`` through ``layers`` only; logits [len(tokens), vocab]."""

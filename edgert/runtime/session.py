@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from edgert.runtime import tvm_runtime
 from edgert.runtime.artifact import Artifact
 from edgert.runtime.tensorfile import ALIGNMENT
-from edgert.runtime.tvm_import import import_tvm
 
 
 def configure_threads(threads: int | None, default: int | None = None) -> int:
@@ -18,7 +18,6 @@ def configure_threads(threads: int | None, default: int | None = None) -> int:
     Without ``threads``: ``TVM_NUM_THREADS``, else ``default`` (the target's big cores), else
     every CPU of this machine.
     """
-    tvm = import_tvm()
     n = int(threads or os.environ.get("TVM_NUM_THREADS") or default or os.cpu_count() or 1)
     # TVM sizes its pool from TVM_NUM_THREADS, else from half the logical CPUs (it assumes
     # two hyper-threads per core), which leaves one of two real cores idle; and
@@ -28,7 +27,7 @@ def configure_threads(threads: int | None, default: int | None = None) -> int:
     # pin the calling thread to one core, which would starve everything else the application
     # runs on that thread (numpy, another engine's OpenMP pool), so its affinity is given back.
     saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    tvm.get_global_func("runtime.config_threadpool")(1, n)
+    tvm_runtime.global_func("runtime.config_threadpool")(1, n)
     if saved is not None:
         os.sched_setaffinity(0, saved)
     return n
@@ -38,15 +37,10 @@ class Session:
     """The artifact's library and weights, ready to call its entry points."""
 
     def __init__(self, artifact: Artifact, threads: int | None = None):
-        tvm = import_tvm()
-        from tvm.runtime.vm import VirtualMachine
-
         self.artifact = artifact
         self.threads = configure_threads(threads, artifact.target.get("threads"))
-        self.device = tvm.cpu()
-        lib = tvm.runtime.load_module(str(artifact.library_file()))
-        self.vm = VirtualMachine(lib, self.device)
-        self._tvm = tvm
+        self.device = tvm_runtime.cpu()
+        self.vm = tvm_runtime.VirtualMachine(artifact.library_file())
         # A private (copy-on-write) mapping: DLPack exports only writable arrays, and the
         # kernels never write their weights, so the pages stay shared with the file cache.
         arrays = artifact.weights(copy_on_write=True)
@@ -60,17 +54,17 @@ class Session:
         """
         if array.ctypes.data % ALIGNMENT == 0 and array.flags.c_contiguous and array.dtype.isnative:
             try:
-                tensor = self._tvm.runtime.from_dlpack(array)
+                tensor = tvm_runtime.wrap(array)
             except (BufferError, ValueError, RuntimeError):
                 pass
             else:
                 self.mapped_weights += 1
                 return tensor
-        return self._tvm.runtime.tensor(np.ascontiguousarray(array), self.device)
+        return tvm_runtime.tensor(array)
 
     def tensor(self, array: np.ndarray) -> Any:
         """A numpy array as a tensor on this session's device."""
-        return self._tvm.runtime.tensor(array, self.device)
+        return tvm_runtime.tensor(array)
 
     def __call__(self, entry: str, *args: Any) -> Any:
         """Call entry point ``entry`` with ``args`` and the weights."""
@@ -87,10 +81,8 @@ class PagedKVCache:
     _SEQ = 0
 
     def __init__(self, session: Session, max_length: int, prefill_chunk: int, page_size: int = 16):
-        from tvm.runtime import ShapeTuple
-
-        self._shape = ShapeTuple
-        get = session._tvm.get_global_func
+        self._shape = shape = tvm_runtime.shape
+        get = tvm_runtime.global_func
         self._begin = get("vm.builtin.kv_state_begin_forward")
         self._end = get("vm.builtin.kv_state_end_forward")
         self._popn = get("vm.builtin.kv_state_popn")
@@ -98,11 +90,11 @@ class PagedKVCache:
         self._add = get("vm.builtin.kv_state_add_sequence")
         self.max_length = max_length
         self.obj = session.vm["create_kv_cache"](
-            ShapeTuple([1]),
-            ShapeTuple([max_length]),
-            ShapeTuple([prefill_chunk]),
-            ShapeTuple([page_size]),
-            ShapeTuple([0]),
+            shape([1]),
+            shape([max_length]),
+            shape([prefill_chunk]),
+            shape([page_size]),
+            shape([0]),
         )
         self._add(self.obj, self._SEQ)
         self.length = 0

@@ -85,9 +85,9 @@ def worker_edgert(artifact: str, ids: list[int], gen: int, repeats: int, threads
     import numpy as np
 
     import edgert.runtime
-    from edgert.runtime.tvm_import import import_tvm
+    from edgert.runtime import tvm_runtime
 
-    import_tvm()  # the TVM runtime, as `edgert.load` imports it
+    tvm_runtime.ffi()  # the TVM runtime library, as `edgert.load` loads it
     t1 = time.perf_counter()
     rss_base = _rss_now_mb()  # python + numpy + the TVM runtime: the process before any model
     model = edgert.runtime.load(artifact, threads=threads, context_length=context)

@@ -1,0 +1,114 @@
+"""The TVM runtime as edgert runs models: `tvm_ffi` and ``libtvm_runtime.so``, without the `tvm` package.
+
+Why not ``import tvm``: even with ``TVM_USE_RUNTIME_LIB=1`` it imports 127 Python modules and
+registers about 150 object types (0.45 s and 80 MiB peak RSS here, before any model), while
+running an artifact needs only the runtime library's global functions: load a module, start its
+VM, make tensors, call. `tvm_ffi` (the package TVM's objects and functions are made of) gives
+exactly that: 0.1 s and 45 MiB. A process that has imported `tvm` already keeps it; the calls
+here then go through the same library.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from edgert.errors import EdgertError
+
+POOLED_ALLOCATOR = 2  # tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
+CPU = 1  # kDLCPU
+
+
+@functools.cache
+def ffi() -> ModuleType:
+    """`tvm_ffi` with ``libtvm_runtime.so`` loaded, so its global functions are registered."""
+    module = _import_ffi()
+    if "tvm" not in sys.modules:
+        # RTLD_GLOBAL as TVM itself loads it: modules loaded later resolve its symbols.
+        ctypes.CDLL(str(_runtime_library()), ctypes.RTLD_GLOBAL)
+    return module
+
+
+def _import_ffi() -> ModuleType:
+    # tvm_ffi imports torch whenever it is installed (4-7 s, 300 MiB) for interop a model never
+    # uses; a process that has not imported torch imports tvm_ffi with torch hidden.
+    if "tvm_ffi" in sys.modules or "torch" in sys.modules:
+        import tvm_ffi
+
+        return tvm_ffi
+    sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
+    try:
+        import tvm_ffi
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return tvm_ffi
+
+
+def _runtime_library() -> Path:
+    """``libtvm_runtime.so``: from ``TVM_LIBRARY_PATH``, else the installed `tvm` package's lib/."""
+    name = "libtvm_runtime.dylib" if sys.platform == "darwin" else "libtvm_runtime.so"
+    folders = [Path(p) for p in os.environ.get("TVM_LIBRARY_PATH", "").split(os.pathsep) if p]
+    spec = importlib.util.find_spec("tvm")
+    if spec is not None and spec.origin:
+        folders += [Path(spec.origin).parent / "lib", Path(spec.origin).parent]
+    for folder in folders:
+        if (folder / name).is_file():
+            return folder / name
+    raise EdgertError(f"the TVM runtime library {name} was not found (looked in {', '.join(map(str, folders))})")
+
+
+def global_func(name: str) -> Any:
+    """A function the TVM runtime library registered under ``name``."""
+    return ffi().get_global_func(name)
+
+
+def cpu() -> Any:
+    """The host CPU as a TVM device."""
+    return ffi().device("cpu", 0)
+
+
+def shape(dims: list[int]) -> Any:
+    """A TVM shape tuple."""
+    return ffi().Shape(dims)
+
+
+def tensor(array: np.ndarray) -> Any:
+    """A TVM-allocated copy of ``array`` (aligned as the kernels assume)."""
+    array = np.ascontiguousarray(array)
+    out = global_func("runtime.TVMTensorAllocWithScope")(shape(list(array.shape)), str(array.dtype), cpu(), None)
+    global_func("runtime.TVMTensorCopyFromBytes")(out, array.ctypes.data_as(ctypes.c_void_p), array.nbytes)
+    return out
+
+
+def wrap(array: np.ndarray) -> Any:
+    """``array`` itself as a TVM tensor (no copy); it must be aligned, contiguous and writable."""
+    return ffi().from_dlpack(array)
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A numpy copy of a TVM tensor (the VM reuses its output buffers on the next call)."""
+    return np.array(np.from_dlpack(value), copy=True)
+
+
+class VirtualMachine:
+    """The Relax VM of a compiled module, on the CPU with pooled memory (the calls `tvm.runtime.vm` makes)."""
+
+    def __init__(self, library: str | Path):
+        self.module = ffi().load_module(str(library))["vm_load_executable"]()
+        self.module["vm_initialization"](CPU, 0, POOLED_ALLOCATOR)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.module[name]
+
+    def set_instrument(self, instrument: Any) -> None:
+        """Call ``instrument(func, name, before_run, ret_value, *args)`` around every VM call (0: go on)."""
+        self.module["set_instrument"](ffi().convert(instrument))
