@@ -14,7 +14,7 @@ import numpy as np
 from edgert.errors import EdgertError
 from edgert.runtime.artifact import Artifact
 from edgert.runtime.session import Session
-from edgert.runtime.tvm_runtime import to_numpy
+from edgert.runtime.tvm_runtime import copy_into, to_numpy
 
 
 class GraphModel:
@@ -93,7 +93,7 @@ class GraphModel:
         elif entry[1].flags.writeable:
             np.copyto(entry[1], arr)
         else:
-            entry[0].copyfrom(arr)
+            copy_into(entry[0], arr)
         return entry[0]
 
 

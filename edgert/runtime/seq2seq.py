@@ -168,8 +168,8 @@ class Seq2Seq:
         if inputs is None:
             inputs = self._step_inputs[len(seqs)] = (self.session.tensor(ids), self.session.tensor(pos))
         else:
-            inputs[0].copyfrom(ids)
-            inputs[1].copyfrom(pos)
+            tvm_runtime.copy_into(inputs[0], ids)
+            tvm_runtime.copy_into(inputs[1], pos)
         self.cache.begin(seqs, [1] * len(seqs))
         logits, self.cache.obj = self._decode(*inputs, cross, self.cache.obj, self._params)
         self.cache.end()

@@ -85,8 +85,14 @@ def tensor(array: np.ndarray) -> Any:
     """A TVM-allocated copy of ``array`` (aligned as the kernels assume)."""
     array = np.ascontiguousarray(array)
     out = global_func("runtime.TVMTensorAllocWithScope")(shape(list(array.shape)), str(array.dtype), cpu(), None)
-    global_func("runtime.TVMTensorCopyFromBytes")(out, array.ctypes.data_as(ctypes.c_void_p), array.nbytes)
+    copy_into(out, array)
     return out
+
+
+def copy_into(out: Any, array: np.ndarray) -> None:
+    """Overwrite TVM tensor ``out`` with ``array`` (same shape and dtype)."""
+    array = np.ascontiguousarray(array)
+    global_func("runtime.TVMTensorCopyFromBytes")(out, array.ctypes.data_as(ctypes.c_void_p), array.nbytes)
 
 
 def wrap(array: np.ndarray) -> Any:
