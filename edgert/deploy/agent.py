@@ -440,7 +440,7 @@ def rpc_server(agent: Agent, host: str, port: int) -> tuple[socket.socket, threa
     """
     import struct
 
-    from edgert.runtime.tvm_import import import_tvm
+    from edgert.runtime.tvm_runtime import import_tvm
 
     tvm = import_tvm()  # loads the runtime library, which registers rpc.ServerLoop (and keeps torch out)
     import tvm_ffi  # already imported by tvm, so without torch

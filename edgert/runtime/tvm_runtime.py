@@ -38,19 +38,29 @@ def ffi() -> ModuleType:
 
 
 def _import_ffi() -> ModuleType:
-    # tvm_ffi imports torch whenever it is installed (4-7 s, 300 MiB) for interop a model never
-    # uses; a process that has not imported torch imports tvm_ffi with torch hidden.
-    if "tvm_ffi" in sys.modules or "torch" in sys.modules:
-        import tvm_ffi
+    return import_without_torch("tvm_ffi")
 
-        return tvm_ffi
+
+def import_tvm() -> ModuleType:
+    """The whole `tvm` package (the device agent's RPC server needs it), imported without torch."""
+    return import_without_torch("tvm")
+
+
+def import_without_torch(name: str) -> ModuleType:
+    """``import name`` with torch kept out of the process, unless it is loaded already.
+
+    Why: `tvm_ffi` (imported by `tvm` too) imports torch whenever it is installed (4-7 s and
+    300 MiB) for interop a model never uses. The block is lifted afterwards: the program can still
+    import torch itself later; only tvm_ffi's optional torch fast paths stay off in this process.
+    """
+    if name in sys.modules or "torch" in sys.modules:
+        return importlib.import_module(name)
     sys.modules["torch"] = None  # type: ignore[assignment]  # makes `import torch` raise ImportError
     try:
-        import tvm_ffi
+        return importlib.import_module(name)
     finally:
         if sys.modules.get("torch", 0) is None:
             del sys.modules["torch"]
-    return tvm_ffi
 
 
 def _runtime_library() -> Path:
