@@ -106,8 +106,9 @@ def copy_into(out: Any, array: np.ndarray) -> None:
 
 
 def wrap(array: np.ndarray) -> Any:
-    """``array`` itself as a TVM tensor (no copy); it must be aligned, contiguous and writable."""
-    return ffi().from_dlpack(array)
+    """``array`` itself as a TVM tensor (no copy); refused unless 64-byte aligned, contiguous and writable."""
+    # The compiled kernels assume 64-byte aligned buffers (TVM's data alignment).
+    return ffi().from_dlpack(array, require_alignment=64, require_contiguous=True)
 
 
 def to_numpy(value: Any) -> np.ndarray:
