@@ -106,3 +106,23 @@ def test_runtime_sources_import_nothing_from_the_compiler_side() -> None:
     assert bad == []
     # The walk reached the shared modules the runtime relies on.
     assert {ROOT / "edgert" / "targets.py", ROOT / "edgert" / "errors.py"} <= seen
+
+
+def test_tensors_round_trip_through_the_runtime_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tvm_runtime` copies numpy in and out, also where numpy's DLPack import refuses a tensor."""
+    import numpy as np
+
+    from edgert.runtime import tvm_runtime
+
+    a = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    t = tvm_runtime.tensor(a)
+    np.testing.assert_array_equal(tvm_runtime.to_numpy(t), a)
+    tvm_runtime.copy_into(t, a * 2)
+
+    def refuse(_value: object) -> None:
+        raise BufferError("no DLPack")
+
+    monkeypatch.setattr(np, "from_dlpack", refuse)
+    out = tvm_runtime.to_numpy(t)
+    assert out.dtype == np.float32
+    np.testing.assert_array_equal(out, a * 2)

@@ -43,15 +43,22 @@ def relax_pipeline(target: Any) -> Any:
 
     if target.kind.name != "llvm":
         return tvm.transform.Sequential([relax.get_default_pipeline(target), restrict_kernels()])
+    return cpu_pipeline(target, [schedule_static_kernels()])
+
+
+def cpu_pipeline(target: Any, scheduling: list[Any]) -> Any:
+    """TVM's CPU Relax pipeline with the ``scheduling`` passes between legalization and lowering,
+    followed by :func:`restrict_kernels`."""
+    import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    @tvm.transform.module_pass(opt_level=0, name="edgert.RelaxPipeline")
+    @tvm.transform.module_pass(opt_level=0, name="edgert.CpuPipeline")
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
             passes = [
                 *cpu.library_dispatch_passes(target),
                 *cpu.legalize_passes(target),
-                schedule_static_kernels(),
+                *scheduling,
                 *cpu.dataflow_lower_passes(target),
                 *cpu.finalize_passes(target),
                 restrict_kernels(),
@@ -90,8 +97,12 @@ def _big_and_static(func: Any) -> bool:
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
+    try:
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+    except Exception:  # a kernel written without blocks (hand-scheduled): nothing to do
+        return False
     most = 0
-    for block in sch.get_child_blocks(sch.get_sblock("root")) if _has_root(sch) else []:
+    for block in blocks:
         total = 1
         for loop in sch.get_loops(block):
             extent = sch.get(loop).extent
@@ -100,14 +111,6 @@ def _big_and_static(func: Any) -> bool:
             total *= int(extent)
         most = max(most, total)
     return most >= STATIC_MIN_ELEMENTS
-
-
-def _has_root(sch: Any) -> bool:
-    try:
-        sch.get_sblock("root")
-        return True
-    except Exception:  # a kernel written without blocks (hand-scheduled): nothing to do
-        return False
 
 
 def unrestricted_kernels(mod: Any) -> list[str]:

@@ -39,7 +39,6 @@ class Session:
     def __init__(self, artifact: Artifact, threads: int | None = None):
         self.artifact = artifact
         self.threads = configure_threads(threads, artifact.target.get("threads"))
-        self.device = tvm_runtime.cpu()
         self.vm = tvm_runtime.VirtualMachine(artifact.library_file())
         # A private (copy-on-write) mapping: DLPack exports only writable arrays, and the
         # kernels never write their weights, so the pages stay shared with the file cache.

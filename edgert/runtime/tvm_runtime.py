@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from edgert.errors import EdgertError
+from edgert.runtime.tensorfile import ALIGNMENT
 
 POOLED_ALLOCATOR = 2  # tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
 CPU = 1  # kDLCPU
@@ -76,11 +77,14 @@ def _runtime_library() -> Path:
     raise EdgertError(f"the TVM runtime library {name} was not found (looked in {', '.join(map(str, folders))})")
 
 
+@functools.cache
 def global_func(name: str) -> Any:
-    """A function the TVM runtime library registered under ``name``."""
+    """A function the TVM runtime library registered under ``name`` (looked up once: tensors are
+    made and refilled on every decode step)."""
     return ffi().get_global_func(name)
 
 
+@functools.cache
 def cpu() -> Any:
     """The host CPU as a TVM device."""
     return ffi().device("cpu", 0)
@@ -107,13 +111,17 @@ def copy_into(out: Any, array: np.ndarray) -> None:
 
 def wrap(array: np.ndarray) -> Any:
     """``array`` itself as a TVM tensor (no copy); refused unless 64-byte aligned, contiguous and writable."""
-    # The compiled kernels assume 64-byte aligned buffers (TVM's data alignment).
-    return ffi().from_dlpack(array, require_alignment=64, require_contiguous=True)
+    return ffi().from_dlpack(array, require_alignment=ALIGNMENT, require_contiguous=True)
 
 
 def to_numpy(value: Any) -> np.ndarray:
     """A numpy copy of a TVM tensor (the VM reuses its output buffers on the next call)."""
-    return np.array(np.from_dlpack(value), copy=True)
+    try:
+        return np.array(np.from_dlpack(value), copy=True)
+    except (TypeError, RuntimeError, BufferError):  # a dtype numpy's DLPack import does not take
+        out = np.empty(tuple(int(d) for d in value.shape), dtype=str(value.dtype))
+        global_func("runtime.TVMTensorCopyToBytes")(value, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
+        return out
 
 
 class VirtualMachine:

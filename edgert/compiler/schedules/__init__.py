@@ -49,35 +49,33 @@ def graph_pipeline(target: Any, tuning_db: Path | None = None, stats: dict[str, 
     ``stats`` (if given) receives ``kernels`` and ``tuned_kernels``: how many kernels the module
     has and how many took their schedule from the tuning database.
     """
-    import tvm
-    from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.s_tir import dlight
 
-    from edgert.compiler.pipeline import restrict_kernels
+    from edgert.compiler.pipeline import cpu_pipeline
 
-    @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod: Any, _ctx: Any) -> Any:
-        with target:
-            passes = [*cpu.library_dispatch_passes(target), *cpu.legalize_passes(target)]
-            if tuning_db is not None:
-                from tvm.s_tir import meta_schedule as ms
+    # Tuned kernels first; the rules then schedule only what tuning did not cover.
+    scheduling = [] if tuning_db is None else [_apply_tuning(tuning_db, stats)]
+    scheduling.append(dlight.ApplyDefaultSchedule(*schedule_rules()))
+    return cpu_pipeline(target, scheduling)
 
-                db = ms.database.JSONDatabase(
-                    str(tuning_db / "database_workload.json"), str(tuning_db / "database_tuning_record.json")
-                )
-                # Tuned kernels first; the rules below then schedule only what tuning did not cover.
-                with db:
-                    passes.append(relax.transform.MetaScheduleApplyDatabase(enable_warning=False))
-                    mod = tvm.transform.Sequential(passes)(mod)
-                passes = []
-                if stats is not None:
-                    kernels = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
-                    stats["kernels"] = len(kernels)
-                    stats["tuned_kernels"] = sum(bool(f.attrs and f.attrs.get("tirx.is_scheduled")) for f in kernels)
-            passes.append(dlight.ApplyDefaultSchedule(*schedule_rules()))
-            passes += cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
-            passes.append(restrict_kernels())
-            return tvm.transform.Sequential(passes)(mod)
 
-    return _pipeline
+def _apply_tuning(tuning_db: Path, stats: dict[str, int] | None) -> Any:
+    """A pass giving kernels their schedules from a MetaSchedule database (and counting them)."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    @tvm.transform.module_pass(opt_level=0, name="edgert.ApplyTuning")
+    def _apply(mod: Any, _ctx: Any) -> Any:
+        db = ms.database.JSONDatabase(
+            str(tuning_db / "database_workload.json"), str(tuning_db / "database_tuning_record.json")
+        )
+        with db:
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        if stats is not None:
+            kernels = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+            stats["kernels"] = len(kernels)
+            stats["tuned_kernels"] = sum(bool(f.attrs and f.attrs.get("tirx.is_scheduled")) for f in kernels)
+        return mod
+
+    return _apply
