@@ -85,6 +85,14 @@ def compile(
             "e.g. 300 = 6 s encodes about 7x faster on short clips, accuracy can drop.",
         ),
     ] = None,
+    chunk_ms: Annotated[
+        float | None,
+        typer.Option(
+            "--chunk-ms",
+            help="Codecs: the streaming chunk compiled with fixed shapes (default 80 ms); chunks of "
+            "this length stream fastest, others run through the general entry points.",
+        ),
+    ] = None,
 ) -> None:
     """Compile MODEL (a recipe, .gguf, .onnx or .tflite file) for TARGET into an .edgert artifact."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -110,6 +118,8 @@ def compile(
             graph_options["activations"] = activations
         if audio_ctx is not None:
             graph_options["audio_ctx"] = audio_ctx
+        if chunk_ms is not None:
+            graph_options["chunk_ms"] = chunk_ms
         result = compile_model(
             model,
             target=target,

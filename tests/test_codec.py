@@ -97,13 +97,13 @@ def test_whole_signal_matches_pytorch(tiny_encodec: Path, tiny_codec, bandwidth:
 
 
 @pytest.mark.reference
-def test_streamed_80ms_chunks_match_pytorch(tiny_encodec: Path, tiny_codec) -> None:
+@pytest.mark.parametrize("step", [1920, 4000])  # 80 ms at 24 kHz (the fixed-shape chunk); 12.5 frames
+def test_streamed_chunks_match_pytorch(tiny_encodec: Path, tiny_codec, step: int) -> None:
     model = _torch_model(tiny_encodec)
     audio = _speechlike(320 * 60, 24000, seed=20)
     assert _code_margin(model, audio) > 1e-4
     want_codes, want_audio = _reference(model, audio, 3.6)
     enc, dec = tiny_codec.encoder(), tiny_codec.decoder()
-    step = 1920  # 80 ms at 24 kHz
     codes, out = [], []
     for start in range(0, len(audio), step):
         last = start + step >= len(audio)
@@ -115,6 +115,14 @@ def test_streamed_80ms_chunks_match_pytorch(tiny_encodec: Path, tiny_codec) -> N
     assert np.abs(np.concatenate(out) - want_audio).max() < 1e-4
     # A reflect-padded codec holds its first call until it has enough context, then goes frame by frame.
     assert enc.stats.calls >= 8 and dec.stats.calls >= 8
+    # After that, whole 80 ms chunks run through the fixed-shape entry points, the rest (a first call
+    # that needs more context, a 4000-sample push's half frame) through the symbolic ones.
+    assert tiny_codec.chunk_frames == 6
+    symbolic = (enc.stats.calls - enc.stats.chunk_calls, dec.stats.calls - dec.stats.chunk_calls)
+    if step == 1920:
+        assert symbolic == (1, 1)  # only the first call
+    else:
+        assert 0 < enc.stats.chunk_calls < enc.stats.calls and 0 < dec.stats.chunk_calls < dec.stats.calls
 
 
 def test_codes_file_round_trip_and_refusals(tiny_codec, tmp_path: Path) -> None:

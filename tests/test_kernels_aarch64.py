@@ -3,7 +3,7 @@ dotprod) and run under ``qemu-aarch64-static`` in the emulated board's root file
 
 One aarch64 library holds the quantized matmuls (q4 from GGUF Q4_0 and Q4_1 blocks, q8 from
 Q8_0, each also as the int8-activation ``sdot`` kernel, and the float16 packed matmul) and the
-paged decode attention; the project's tiny ONNX
+paged decode attention, the codec family's LSTM and one-channel convolution; the project's tiny ONNX
 graphs (dense + GELU epilogue, attention with softmax, residual layer norm, conv1d) are compiled
 for the board with the graph schedule rules. All of it runs in ONE emulated process (starting
 Python and TVM under qemu is the slow part) and is compared here with numpy / onnxruntime on
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, load_tool
+from test_codec_kernels import CODEC_KERNELS, codec_kernel_cases
 from test_decode_attention import PAGE, _reference
 from test_quant_kernels import int8_activation_reference
 
@@ -140,6 +141,13 @@ def board_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
             lses.append(lse)
         refs[f"{name}/0"], refs[f"{name}/1"] = np.stack(outs), np.stack(lses)
 
+    for name, (func, case_inputs, case_refs) in codec_kernel_cases(rng).items():
+        funcs[name] = func
+        inputs.update({f"{name}/{key}": value for key, value in case_inputs.items()})
+        refs.update({f"{name}/{i}": ref for i, ref in enumerate(case_refs)})
+        out = [[list(ref.shape), "float32"] for ref in case_refs]
+        kernels.append({"name": name, "func": name, "args": [f"{name}/{key}" for key in case_inputs], "outputs": out})
+
     target, record = resolve(spec, threads=2)
     lib = tvm.compile(tvm.IRModule({n: f.with_attr("global_symbol", n) for n, f in funcs.items()}), target=target)
     lib.export_library(str(folder / "kernels.so"), fcompile=library_compiler(spec, record["arch"]))
@@ -220,6 +228,14 @@ def test_decode_attention_matches_numpy_on_aarch64(board_run: dict, head_dim: in
 @pytest.mark.parametrize("graph", GRAPHS)
 def test_graph_rules_match_onnxruntime_on_aarch64(board_run: dict, graph: str) -> None:
     keys = [k for k in board_run["refs"] if k.startswith(f"{graph}/")]
+    assert keys
+    for key in keys:
+        np.testing.assert_allclose(board_run["outputs"][key], board_run["refs"][key], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CODEC_KERNELS)
+def test_codec_kernels_match_numpy_on_aarch64(board_run: dict, name: str) -> None:
+    keys = [k for k in board_run["refs"] if k.startswith(f"{name}/")]
     assert keys
     for key in keys:
         np.testing.assert_allclose(board_run["outputs"][key], board_run["refs"][key], rtol=1e-5, atol=1e-5)

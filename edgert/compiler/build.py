@@ -64,6 +64,7 @@ def compile_model(
     library_cache: str | Path | None = None,
     activations: str | None = None,
     audio_ctx: int | None = None,
+    chunk_ms: float | None = None,
     **graph_options: Any,
 ) -> CompileResult:
     """Compile a recipe name, a GGUF path or a codec folder for ``target`` into an artifact at ``output``.
@@ -77,6 +78,7 @@ def compile_model(
     dequantized q4/q8 weights; ``int8`` quantizes the decode activations to int8 and uses
     integer dot products (`edgert.compiler.kernels_int8`; x86 AVX2 or aarch64 dotprod).
     ``audio_ctx`` (Whisper only) shortens the encoder's window to that many 20 ms positions.
+    ``chunk_ms`` (codecs only): the streaming chunk that gets fixed-shape entry points (default 80 ms).
     """
     if Path(str(model)).suffix.lower() in (".onnx", ".tflite"):
         from edgert.compiler.graph_build import compile_graph
@@ -85,6 +87,8 @@ def compile_model(
             raise EdgertError(f"--activations {activations} applies to GGUF models, not to .onnx/.tflite graphs")
 
         _no_audio_ctx(audio_ctx, model)
+        if chunk_ms is not None:
+            raise EdgertError(f"--chunk-ms applies to codecs only, not to '{model}'")
         return compile_graph(
             model,
             target=target,
@@ -106,7 +110,11 @@ def compile_model(
     codec_folder, codec_recipe = codec_source(model)
     if codec_folder is not None:
         _no_audio_ctx(audio_ctx, model)
-        return compile_codec(codec_folder, target, output, weight_dtype, threads, as_dir, codec_recipe, progress)
+        return compile_codec(
+            codec_folder, target, output, weight_dtype, threads, as_dir, codec_recipe, progress, chunk_ms
+        )
+    if chunk_ms is not None:
+        raise EdgertError(f"--chunk-ms applies to codecs only, not to '{model}'")
     spec = load_target(target)
     source, recipe = _resolve_source(model)
     if _is_whisper(source, recipe):

@@ -19,6 +19,7 @@ from edgert.paths import MODELS_DIR
 from edgert.targets import load_target
 
 CODEC_FILES = ("config.json", "model.safetensors")
+DEFAULT_CHUNK_MS = 80.0  # a live link's usual frame (the benchmark's, and `roundtrip --stream`'s)
 
 
 def codec_source(model: str) -> tuple[Path | None, Recipe | None]:
@@ -79,8 +80,13 @@ def compile_codec(
     as_dir: bool = False,
     recipe: Recipe | None = None,
     progress: Any = None,
+    chunk_ms: float | None = None,
 ) -> Any:
-    """Compile the codec in ``folder`` for ``target``; returns a `CompileResult`."""
+    """Compile the codec in ``folder`` for ``target``; returns a `CompileResult`.
+
+    ``chunk_ms``: the streaming chunk that gets fixed-shape entry points (rounded to whole frames;
+    default: the recipe's, else 80 ms).
+    """
     import numpy as np
     import tvm
 
@@ -107,13 +113,19 @@ def compile_codec(
     progress("building Relax module", None)
     t = time.perf_counter()
     repack = apply_cpu_layout(net, weight_dtype)
+    chunk_ms = float(chunk_ms or options.get("chunk_ms", DEFAULT_CHUNK_MS))
+    if not 0 < chunk_ms <= 10_000:
+        raise EdgertError(f"--chunk-ms must lie in (0, 10000] ms, got {chunk_ms:g}")
+    chunk_frames = codec.chunk_frames_for(cfg.frame_rate, chunk_ms)
     with tvm_target:
-        mod, named_params = net.export_tvm(spec=net.get_default_spec())
+        mod, named_params = net.export_tvm(spec=codec.streaming_spec(net, chunk_frames))
     seconds["export"] = time.perf_counter() - t
 
     progress("compiling with TVM", None)
     t = time.perf_counter()
-    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
+    # Every fixed-shape kernel gets edgert's rules, however small: a codec's chunk kernels are all small.
+    pipeline = relax_pipeline(tvm_target, static_min_elements=1)
+    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline)
     seconds["compile"] = time.perf_counter() - t
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:
@@ -130,7 +142,7 @@ def compile_codec(
             "source": {"file": folder.name, "architecture": architecture},
             "target": target_record,
             "model": cfg.to_dict(),
-            "entry_points": _entry_points(net),
+            "entry_points": _entry_points(net, chunk_frames),
             "codec": {
                 "sample_rate": cfg.sampling_rate,
                 "hop_length": cfg.hop_length,
@@ -145,6 +157,7 @@ def compile_codec(
                 "first_chunk_frames": first_frames,
                 "algorithmic_latency_samples": codec.algorithmic_latency(cfg),
                 "min_codebooks": getattr(cfg, "num_semantic_quantizers", 1),
+                "chunk_frames": chunk_frames,
             },
             "weights": {
                 "file": "weights.safetensors",
@@ -174,30 +187,35 @@ def _network(cfg: Any, tensors: dict[str, Any]) -> tuple[Any, dict[str, Any], st
     return net, codec.encodec_weights(tensors, net), "encodec", codec.min_first_chunk(net)
 
 
-def _entry_points(net: Any) -> dict[str, Any]:
+def _entry_points(net: Any, chunk_frames: int) -> dict[str, Any]:
     enc, dec = net.encoder_state_size, net.decoder_state_size
     first = {"name": "first", "shape": [1], "dtype": "float32"}
+
+    def entry(data: dict[str, Any], out: dict[str, Any], state: int) -> dict[str, Any]:
+        vector = {"name": "state", "shape": [state], "dtype": "float32"}
+        return {"inputs": [data, vector, first], "outputs": [out, vector]}
+
+    hop, books = net.cfg.hop_length, net.cfg.num_quantizers
+    samples, fixed = chunk_frames * hop, chunk_frames
     return {
-        "encode": {
-            "inputs": [
-                {"name": "audio", "shape": ["n"], "dtype": "float32"},
-                {"name": "state", "shape": [enc], "dtype": "float32"},
-                first,
-            ],
-            "outputs": [
-                {"name": "codes", "shape": ["n / hop", net.cfg.num_quantizers], "dtype": "int32"},
-                {"name": "state", "shape": [enc], "dtype": "float32"},
-            ],
-        },
-        "decode": {
-            "inputs": [
-                {"name": "codes", "shape": ["t", "q"], "dtype": "int32"},
-                {"name": "state", "shape": [dec], "dtype": "float32"},
-                first,
-            ],
-            "outputs": [
-                {"name": "audio", "shape": ["t * hop"], "dtype": "float32"},
-                {"name": "state", "shape": [dec], "dtype": "float32"},
-            ],
-        },
+        "encode": entry(
+            {"name": "audio", "shape": ["n"], "dtype": "float32"},
+            {"name": "codes", "shape": ["n / hop", books], "dtype": "int32"},
+            enc,
+        ),
+        "decode": entry(
+            {"name": "codes", "shape": ["t", "q"], "dtype": "int32"},
+            {"name": "audio", "shape": ["t * hop"], "dtype": "float32"},
+            dec,
+        ),
+        "encode_chunk": entry(
+            {"name": "audio", "shape": [samples], "dtype": "float32"},
+            {"name": "codes", "shape": [fixed, books], "dtype": "int32"},
+            enc,
+        ),
+        "decode_chunk": entry(
+            {"name": "codes", "shape": [fixed, "q"], "dtype": "int32"},
+            {"name": "audio", "shape": [samples], "dtype": "float32"},
+            dec,
+        ),
     }

@@ -35,7 +35,7 @@ def restrict_kernels() -> Any:
     return _pass
 
 
-def relax_pipeline(target: Any) -> Any:
+def relax_pipeline(target: Any, static_min_elements: int | None = None) -> Any:
     """TVM's default Relax pipeline for ``target``, with :func:`schedule_static_kernels` on CPUs,
     followed by :func:`restrict_kernels`."""
     import tvm
@@ -43,7 +43,7 @@ def relax_pipeline(target: Any) -> Any:
 
     if target.kind.name != "llvm":
         return tvm.transform.Sequential([relax.get_default_pipeline(target), restrict_kernels()])
-    return cpu_pipeline(target, [schedule_static_kernels()])
+    return cpu_pipeline(target, [schedule_static_kernels(static_min_elements or STATIC_MIN_ELEMENTS)])
 
 
 def cpu_pipeline(target: Any, scheduling: list[Any]) -> Any:
@@ -71,8 +71,10 @@ def cpu_pipeline(target: Any, scheduling: list[Any]) -> Any:
 STATIC_MIN_ELEMENTS = 1 << 16  # below this a kernel costs less than waking the thread pool
 
 
-def schedule_static_kernels() -> Any:
+def schedule_static_kernels(min_elements: int = STATIC_MIN_ELEMENTS) -> Any:
     """The graph rules (`edgert.compiler.schedules`) for the big fixed-shape kernels nobody scheduled.
+
+    Big: some block runs ``min_elements`` iterations or more.
 
     Why: TVM's CPU pipeline leaves every kernel a family does not hand-write (norms, layout copies,
     im2col, residual adds) a serial scalar loop; over Whisper's 1500 encoder frames that is 1-3 ms
@@ -86,13 +88,13 @@ def schedule_static_kernels() -> Any:
 
     class _StaticOnly(_Guarded):
         def apply(self, func: Any, target: Any, tunable: bool) -> Any:
-            return super().apply(func, target, tunable) if _big_and_static(func) else None
+            return super().apply(func, target, tunable) if _big_and_static(func, min_elements) else None
 
     return dlight.ApplyDefaultSchedule(*(_StaticOnly(r) for r in (RowWise(), Elementwise(), Fallback())))
 
 
-def _big_and_static(func: Any) -> bool:
-    """Whether every loop of a TIR function has a fixed extent and some block runs many iterations."""
+def _big_and_static(func: Any, min_elements: int = STATIC_MIN_ELEMENTS) -> bool:
+    """Whether every loop of a TIR function has a fixed extent and some block runs ``min_elements`` or more."""
     import tvm
     from tvm import s_tir
 
@@ -110,7 +112,7 @@ def _big_and_static(func: Any) -> bool:
                 return False
             total *= int(extent)
         most = max(most, total)
-    return most >= STATIC_MIN_ELEMENTS
+    return most >= min_elements
 
 
 def unrestricted_kernels(mod: Any) -> list[str]:

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from tvm import relax, tirx
+from tvm import relax, tirx, topi
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.script import tirx as T
@@ -146,9 +146,15 @@ def _slice(x: Tensor, axis: int, begin: Any, end: Any, stride: int = 1) -> Tenso
 
 
 def elu(x: Tensor) -> Tensor:
-    """ELU with alpha 1: x where x > 0, exp(x) - 1 elsewhere."""
+    """ELU with alpha 1: x where x > 0, exp(x) - 1 elsewhere.
+
+    The exponential is TOPI's ``fast_exp`` (a polynomial with exponent scaling, within a few
+    float32 ulps): LLVM leaves ``exp`` a scalar libm call per element, and at the audio rate the
+    ELUs were the codec's slowest kernels.
+    """
     zero = Tensor.from_scalar(0.0, "float32")
-    return op.maximum(x, zero) + op.exp(op.minimum(x, zero)) - 1.0
+    neg = op.tensor_expr_op(topi.fast_exp, "fast_exp", [op.minimum(x, zero)])
+    return op.maximum(x, zero) + neg - 1.0
 
 
 class ELU(nn.Module):
@@ -214,6 +220,12 @@ class StreamConv(nn.Module):
             # Rows of s samples; frame t covers rows t .. t + k/s - 1.
             rows = op.reshape(xp, (frames + k // s - 1, s * self.cin))
             taps = op.concat([_slice(rows, 0, b, b + frames) for b in range(k // s)], dim=1)
+        if self.cout == 1 and isinstance(self.proj, nn.Linear):
+            # One output channel (the audio): a dot product per row (`row_dot_kernel`).
+            k = self.kernel * self.cin
+            weight = op.reshape(self.proj.weight, (k,))
+            out = Tensor.placeholder((taps.shape[0], 1), "float32")
+            return op.tensor_ir_op(row_dot_kernel(k), "codec_row_dot", [taps, weight, self.bias], [out])
         return self.proj(taps) + self.bias
 
 
@@ -254,19 +266,32 @@ class StreamConvTranspose(nn.Module):
         return _slice(y, 0, 0, frames * s) + self.bias
 
 
+def lstm_block(hidden: int) -> int:
+    """Gate columns per register tile of the LSTM kernel: 64 (8 AVX2 vectors) or the widest that divides 4H."""
+    return next(b for b in (64, 32, 16, 8, 4) if (4 * hidden) % b == 0)
+
+
+def pack_recurrent(w_hh: np.ndarray) -> np.ndarray:
+    """``W_hh`` (4H x H) in the LSTM kernel's layout ``[4H / B, H, B]``: each tile's B gate columns contiguous."""
+    g4, hidden = w_hh.shape
+    block = lstm_block(hidden)
+    return np.ascontiguousarray(w_hh.T.reshape(hidden, g4 // block, block).transpose(1, 0, 2), dtype=np.float32)
+
+
 def lstm_kernel(hidden: int) -> tirx.PrimFunc:
     """One LSTM layer over a chunk: ``xw`` holds ``W_ih x_t + b`` for every step; h and c carry.
 
-    Written by hand because the recurrence is a serial loop that Relax has no operator for;
-    the gate GEMV is vectorized over the 4H gate rows (``w_t`` is ``W_hh`` transposed).
+    Written by hand because the recurrence is a serial loop that Relax has no operator for. The
+    gate GEMV keeps a tile of B gate columns in registers over all of ``h`` (``w`` packed by
+    `pack_recurrent`), so each step streams the weights once and never reloads the gates.
     """
-    g4 = 4 * hidden
-    vec = 16 if g4 % 16 == 0 else 1
+    g4, block = 4 * hidden, lstm_block(hidden)
+    tiles = g4 // block
 
     @T.prim_func
     def lstm(
         xw_h: T.handle,
-        w_t: T.Buffer((hidden, g4), "float32"),
+        w: T.Buffer((tiles, hidden, block), "float32"),
         h0: T.Buffer((hidden,), "float32"),
         c0: T.Buffer((hidden,), "float32"),
         y_h: T.handle,
@@ -282,19 +307,51 @@ def lstm_kernel(hidden: int) -> tirx.PrimFunc:
             h1[i] = h0[i]
             c1[i] = c0[i]
         for t in range(steps):
-            for jo in range(g4 // vec):
-                for ji in T.vectorized(vec):
-                    g[jo * vec + ji] = xw[t, jo * vec + ji]
-            for kk in range(hidden):
-                for jo in range(g4 // vec):
-                    for ji in T.vectorized(vec):
-                        g[jo * vec + ji] = g[jo * vec + ji] + h1[kk] * w_t[kk, jo * vec + ji]
+            for jo in T.parallel(tiles):
+                acc = T.alloc_buffer((block,), "float32", scope="local")
+                for ji in T.vectorized(block):
+                    acc[ji] = xw[t, jo * block + ji]
+                for kk in range(hidden):
+                    for ji in T.vectorized(block):
+                        acc[ji] = acc[ji] + h1[kk] * w[jo, kk, ji]
+                for ji in T.vectorized(block):
+                    g[jo * block + ji] = acc[ji]
             for i in range(hidden):
                 c1[i] = T.sigmoid(g[hidden + i]) * c1[i] + T.sigmoid(g[i]) * T.tanh(g[2 * hidden + i])
                 h1[i] = T.sigmoid(g[3 * hidden + i]) * T.tanh(c1[i])
                 y[t, i] = h1[i]
 
     return lstm.with_attr("global_symbol", f"codec_lstm_h{hidden}")
+
+
+def row_dot_kernel(k: int, lanes: int = 8) -> tirx.PrimFunc:
+    """``y[i, 0] = b + x[i, :] · w``: a convolution with one output channel (the audio).
+
+    Written by hand: as a matmul it has no column tile to pack, and TVM left it a serial loop.
+    Rows go over threads; each row is ``lanes`` partial sums, added up at the end.
+    """
+    body = k // lanes * lanes
+
+    @T.prim_func
+    def dot(x_h: T.handle, w: T.Buffer((k,), "float32"), b: T.Buffer((1,), "float32"), y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, 1), "float32")
+        for i in T.parallel(m):
+            acc = T.alloc_buffer((lanes,), "float32", scope="local")
+            for li in T.vectorized(lanes):
+                acc[li] = T.float32(0)
+            for ko in range(body // lanes):
+                for li in T.vectorized(lanes):
+                    acc[li] = acc[li] + x[i, ko * lanes + li] * w[ko * lanes + li]
+            for kt in range(k - body):
+                acc[0] = acc[0] + x[i, body + kt] * w[body + kt]
+            y[i, 0] = b[0]
+            for li in range(lanes):
+                y[i, 0] = y[i, 0] + acc[li]
+
+    return dot.with_attr("global_symbol", f"codec_row_dot_k{k}")
 
 
 class LSTMLayer(nn.Module):
@@ -304,7 +361,8 @@ class LSTMLayer(nn.Module):
         self.dim = dim
         self.ih = nn.Linear(dim, 4 * dim, bias=False)
         self.bias = nn.Parameter((4 * dim,), "float32")  # b_ih + b_hh
-        self.hh_t = nn.Parameter((dim, 4 * dim), "float32")  # W_hh transposed
+        block = lstm_block(dim)
+        self.hh_t = nn.Parameter((4 * dim // block, dim, block), "float32")  # W_hh, `pack_recurrent`
 
     def forward(self, x: Tensor, state: _State) -> Tensor:
         hc = state.take(2, self.dim)
@@ -496,7 +554,30 @@ class _VQ(nn.Module):
         self.codebook = Codebook(cfg.codebook_size, cfg.codebook_dim)
 
 
-class CodecModel(nn.Module):
+class ChunkEntries:
+    """``encode_chunk`` / ``decode_chunk``: ``encode`` / ``decode`` compiled for one fixed chunk length.
+
+    Why: with every shape known, TVM plans the chunk's memory ahead and drops the per-call shape
+    arithmetic and allocations (about 1,200 VM builtin calls per 80 ms chunk of the small EnCodec),
+    and edgert's kernel rules can vectorize the audio-rate kernels. The runtime streams through them
+    whenever a chunk has that length and through the symbolic entry points otherwise.
+    """
+
+    def encode_chunk(self, audio: Tensor, state: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
+        """`encode` of exactly ``chunk_frames`` frames."""
+        return self.encode(audio, state, first)  # type: ignore[attr-defined]
+
+    def decode_chunk(self, codes: Tensor, state: Tensor, first: Tensor) -> tuple[Tensor, Tensor]:
+        """`decode` of exactly ``chunk_frames`` frames."""
+        return self.decode(codes, state, first)  # type: ignore[attr-defined]
+
+
+def chunk_frames_for(frame_rate: float, chunk_ms: float) -> int:
+    """Code frames in a streaming chunk of ``chunk_ms`` (at least one)."""
+    return max(1, round(chunk_ms * frame_rate / 1000))
+
+
+class CodecModel(ChunkEntries, nn.Module):
     """EnCodec-architecture codec with streaming entry points ``encode`` and ``decode``."""
 
     def __init__(self, cfg: CodecConfig):
@@ -528,12 +609,14 @@ class CodecModel(nn.Module):
         return streaming_spec(self)
 
 
-def streaming_spec(net: Any) -> nn.spec.ModuleSpec:
+def streaming_spec(net: Any, chunk_frames: int | None = None) -> nn.spec.ModuleSpec:
     """A streaming codec's ``encode``/``decode`` entry points: a chunk of symbolic length.
 
     Samples ``n``, frames ``t``, codebooks ``q``; then the flat state vector and the first-chunk flag.
+    With ``chunk_frames``, also ``encode_chunk``/``decode_chunk`` for chunks of exactly that many
+    frames (see `ChunkEntries`).
     """
-    spec = {
+    spec: dict[str, Any] = {
         "encode": {
             "audio": nn.spec.Tensor(["n"], "float32"),
             "state": nn.spec.Tensor([net.encoder_state_size], "float32"),
@@ -547,6 +630,10 @@ def streaming_spec(net: Any) -> nn.spec.ModuleSpec:
             "$": {"param_mode": "packed", "effect_mode": "none"},
         },
     }
+    if chunk_frames:
+        samples = chunk_frames * net.cfg.hop_length
+        spec["encode_chunk"] = {**spec["encode"], "audio": nn.spec.Tensor([samples], "float32")}
+        spec["decode_chunk"] = {**spec["decode"], "codes": nn.spec.Tensor([chunk_frames, "q"], "int32")}
     return nn.spec.ModuleSpec.from_raw(spec, net)
 
 
@@ -590,7 +677,7 @@ def encodec_weights(tensors: dict[str, np.ndarray], model: CodecModel) -> dict[s
                 src, dst = f"{path}.lstm", f"{path}.lstm.{i}"
                 out[f"{dst}.ih.weight"] = _get(tensors, f"{src}.weight_ih_l{i}")
                 out[f"{dst}.bias"] = _get(tensors, f"{src}.bias_ih_l{i}") + _get(tensors, f"{src}.bias_hh_l{i}")
-                out[f"{dst}.hh_t"] = np.ascontiguousarray(_get(tensors, f"{src}.weight_hh_l{i}").T)
+                out[f"{dst}.hh_t"] = pack_recurrent(_get(tensors, f"{src}.weight_hh_l{i}"))
         elif isinstance(sub, Codebook):
             out[f"{path}.score.weight"] = _get(tensors, f"{path}.embed")
         elif isinstance(sub, Quantizer):

@@ -29,6 +29,7 @@ from tvm.relax.frontend.nn import Tensor, op
 
 from edgert.errors import ModelFileError, UnsupportedModelError
 from edgert.families.codec import (
+    ChunkEntries,
     SEANet,
     StreamConv,
     StreamConvTranspose,
@@ -254,7 +255,7 @@ def _transformer_state_size(cfg: TransformerConfig) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * cfg.sliding_window + 1
 
 
-class MimiCodec(nn.Module):
+class MimiCodec(ChunkEntries, nn.Module):
     """Mimi-architecture codec with streaming entry points ``encode`` and ``decode`` (as `CodecModel`)."""
 
     def __init__(self, cfg: MimiCodecConfig):

@@ -105,6 +105,7 @@ class StreamStats:
     """Time spent in the compiled entry points against the audio duration they covered."""
 
     calls: int = 0
+    chunk_calls: int = 0  # of them, calls of the fixed-shape entry point
     seconds: float = 0.0
     audio_seconds: float = 0.0
     latencies: list[float] = field(default_factory=list)
@@ -119,6 +120,7 @@ class StreamStats:
         lat = sorted(self.latencies)
         return {
             "calls": self.calls,
+            "chunk_calls": self.chunk_calls,
             "seconds": round(self.seconds, 4),
             "audio_seconds": round(self.audio_seconds, 3),
             "real_time_factor": round(self.real_time_factor, 4),
@@ -147,6 +149,8 @@ class Codec:
         self.first_chunk_frames: int = info["first_chunk_frames"]
         self.encoder_state: int = info["encoder_state"]
         self.decoder_state: int = info["decoder_state"]
+        # Frames per call of the fixed-shape entry points (0: an artifact built without them).
+        self.chunk_frames: int = info.get("chunk_frames", 0) if self.session.has_entry("encode_chunk") else 0
 
     @property
     def frame_rate(self) -> float:
@@ -187,12 +191,14 @@ class Codec:
     def encode(self, audio: np.ndarray, codebooks: int | None = None) -> np.ndarray:
         """Codes ``(frames, codebooks)`` of a whole signal in one call (zero-padded to whole frames)."""
         enc = self.encoder(codebooks)
-        enc.chunk_min = 0
+        enc.chunk_min, enc.chunk = 0, 0
         return enc.push(audio, final=True)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """Audio of whole-signal ``codes`` in one call."""
-        return self.decoder().push(codes, final=True)
+        dec = self.decoder()
+        dec.chunk = 0
+        return dec.push(codes, final=True)
 
     def check_codes(self, codes: CodesFile, where: str | Path) -> None:
         """Refuse codes written by another codec, or with more codebooks than this one has."""
@@ -226,6 +232,7 @@ class EncoderStream:
         self.pending = np.zeros(0, np.float32)
         self.first = True
         self.chunk_min = codec.first_chunk_samples  # a reflect-padded codec's first call needs this much
+        self.chunk = codec.chunk_frames * codec.hop_length  # samples per call of "encode_chunk" (0: none)
         self.stats = StreamStats()
 
     def push(self, audio: np.ndarray, final: bool = False) -> np.ndarray:
@@ -238,17 +245,40 @@ class EncoderStream:
         if usable == 0 or (self.first and usable < self.chunk_min and not final):
             return np.zeros((0, self.codebooks), np.int32)
         chunk, self.pending = self.pending[:usable], self.pending[usable:]
-        s = self.codec.session
         t = time.perf_counter()
-        out = s("encode", s.tensor(chunk), s.tensor(self.state), s.tensor(np.array([float(self.first)], np.float32)))
-        codes = to_numpy(out[0])[:, : self.codebooks]
-        self.state = to_numpy(out[1])
+        codes = np.concatenate([self._call("encode", piece)[:, : self.codebooks] for piece in self._split(chunk)])
         self._account(time.perf_counter() - t, usable)
-        self.first = False
         return codes
 
-    def _account(self, seconds: float, samples: int) -> None:
+    def _split(self, data: np.ndarray) -> list[np.ndarray]:
+        """Whole chunks for the fixed-shape entry point, then the rest for the symbolic one.
+
+        A first call that needs more than one chunk (reflect padding) goes whole to the symbolic one.
+        """
+        size = self.chunk
+        if not size or (self.first and size < self.first_rows):
+            return [data]
+        whole = len(data) // size * size
+        return [data[i : i + size] for i in range(0, whole, size)] + ([data[whole:]] if whole < len(data) else [])
+
+    @property
+    def first_rows(self) -> int:
+        """Samples the first call must cover (the codec's need, whatever ``chunk_min`` holds back)."""
+        return self.codec.first_chunk_samples
+
+    def _call(self, entry: str, data: np.ndarray) -> np.ndarray:
+        """One call of ``entry`` (of its ``_chunk`` twin when ``data`` is one whole chunk); carries the state."""
+        s = self.codec.session
+        name = f"{entry}_chunk" if self.chunk and len(data) == self.chunk else entry
+        flag = np.array([float(self.first)], np.float32)
+        out = s(name, s.tensor(np.ascontiguousarray(data)), s.tensor(self.state), s.tensor(flag))
+        self.state = to_numpy(out[1])
+        self.first = False
         self.stats.calls += 1
+        self.stats.chunk_calls += name != entry
+        return to_numpy(out[0])
+
+    def _account(self, seconds: float, samples: int) -> None:
         self.stats.seconds += seconds
         self.stats.latencies.append(seconds)
         self.stats.audio_seconds += samples / self.codec.sample_rate
@@ -260,6 +290,7 @@ class DecoderStream(EncoderStream):
     def __init__(self, codec: Codec):
         super().__init__(codec, codec.num_codebooks)
         self.state = np.zeros(codec.decoder_state, np.float32)
+        self.chunk = codec.chunk_frames  # frames per call of "decode_chunk"
         self.pending_codes: np.ndarray | None = None
 
     def push(self, codes: np.ndarray, final: bool = False) -> np.ndarray:  # type: ignore[override]
@@ -278,15 +309,15 @@ class DecoderStream(EncoderStream):
         if self.first and len(codes) < self.codec.first_chunk_frames and not final and self.chunk_min:
             self.pending_codes = codes
             return np.zeros(0, np.float32)
-        s = self.codec.session
         t = time.perf_counter()
-        flag = np.array([float(self.first)], np.float32)
-        out = s("decode", s.tensor(np.ascontiguousarray(codes)), s.tensor(self.state), s.tensor(flag))
-        audio = to_numpy(out[0])
-        self.state = to_numpy(out[1])
+        audio = np.concatenate([self._call("decode", piece) for piece in self._split(codes)])
         self._account(time.perf_counter() - t, len(audio))
-        self.first = False
         return audio
+
+    @property
+    def first_rows(self) -> int:
+        """Frames the first call must cover."""
+        return self.codec.first_chunk_frames
 
     def flush(self) -> np.ndarray:
         """Audio for frames still held back."""
