@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """Fit edgert's own speech codec (16 kHz) in closed form: MDCT filterbank, PCA, residual k-means.
 
-    tools/fit_codec.py [--out models/codec-speech16k] [--hop 160] [--dim 48] [--stages 16] [--clips 300]
+    tools/fit_codec.py [--out models/codec-speech16k] [--hop 160] [--dim 120] [--stages 16] [--clips 300]
 
 The codec is linear up to its quantizer, so every part has a closed-form fit instead of training:
 
     encode  z = P^T W A x      A: MDCT analysis over 2*hop samples (sine window), W: a diagonal
                                perceptual weight per MDCT bin, P: the top ``dim`` principal axes
                                of the weighted coefficients of the training speech
-    RVQ     stage i's codebook = k-means of the residual left by stages < i (Lloyd, seeded)
+    gain    code 0 = the nearest of evenly spaced levels to log |z| (gain-shape; --plain-rvq: none)
+    RVQ     stage i's codebook = k-means of the residual left by stages < i (Lloyd, seeded), on
+            z / gain: every frame, loud or quiet, gets the same relative precision
     decode  x = A^T W^-1 P z   overlap-added (time-domain aliasing cancellation: exact without
                                quantization and with every principal axis kept; checked here)
 
@@ -27,6 +29,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_codec import RATE, held_out_speech, training_speech
 
 from edgert.profile.audio_quality import mel_distance, si_snr
+
+GAIN_FLOOR = 1e-9  # added to a frame's norm before its log; the same as the compiled codec's
 
 
 def mdct_matrix(hop: int) -> np.ndarray:
@@ -87,8 +92,63 @@ def nearest(data: np.ndarray, centers: np.ndarray) -> np.ndarray:
     return dist.argmin(1)
 
 
-def fit(clips: list[np.ndarray], hop: int, dim: int, stages: int, size: int, tilt: float, seed: int, iters: int):
-    """(encoder matrix dim x 2hop, decoder matrix 2hop x dim, codebooks stages x size x dim)."""
+@dataclass
+class FittedCodec:
+    """The codec's matrices and codebooks (float64), as `fit` makes them and `save`/`load` store them."""
+
+    encoder: np.ndarray  # dim x 2hop
+    decoder: np.ndarray  # 2hop x dim
+    books: np.ndarray  # stages x size x dim (gain-shape: stage 0 all zero)
+    hop: int
+    gains: np.ndarray | None = None  # gain-shape: stage 0's log-norm levels (size,)
+
+    def encode(self, audio: np.ndarray, used: int | None = None) -> np.ndarray:
+        """Codes ``(frames, used)`` of ``audio`` (see `codes_of`)."""
+        return codes_of(frames_of(audio, self.hop) @ self.encoder.T, self.books, self.gains, used)
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Audio of ``codes``, delayed by one hop."""
+        return overlap_add(latents_of(codes, self.books, self.gains) @ self.decoder.T, self.hop)
+
+    def roundtrip(self, audio: np.ndarray, used: int | None = None) -> np.ndarray:
+        """The codec in numpy (the reference the compiled one is tested against); output delayed by hop."""
+        return self.decode(self.encode(audio, used))
+
+
+def codes_of(z: np.ndarray, books: np.ndarray, gains: np.ndarray | None, used: int | None = None) -> np.ndarray:
+    """RVQ codes of latents ``z``: with ``gains``, code 0 is the nearest log-norm level and the later
+    stages quantize ``z`` divided by that gain; each stage takes the nearest codeword to the residual."""
+    used = used or len(books)
+    codes = np.zeros((len(z), used), np.int64)
+    residual, start = z.copy(), 0
+    if gains is not None:
+        level = np.log(np.linalg.norm(z, axis=1) + GAIN_FLOOR)
+        codes[:, 0] = np.abs(level[:, None] - gains[None, :]).argmin(1)
+        residual, start = z / np.exp(gains[codes[:, 0]])[:, None], 1
+    for i in range(start, used):
+        codes[:, i] = nearest(residual, books[i])
+        residual = residual - books[i][codes[:, i]]
+    return codes
+
+
+def latents_of(codes: np.ndarray, books: np.ndarray, gains: np.ndarray | None) -> np.ndarray:
+    """Sum of the codewords of ``codes`` (times the gain of code 0 for a gain-shape codec)."""
+    z = books[np.arange(codes.shape[1])[None, :], codes].sum(1)
+    return z if gains is None else z * np.exp(gains[codes[:, 0]])[:, None]
+
+
+def fit(
+    clips: list[np.ndarray],
+    hop: int,
+    dim: int,
+    stages: int,
+    size: int,
+    tilt: float,
+    seed: int,
+    iters: int,
+    gain_shape: bool = True,
+) -> FittedCodec:
+    """Fit the filterbank, the principal axes and the codebooks on ``clips``."""
     analysis = mdct_matrix(hop)
     # Time-domain aliasing cancellation: analysis then its transpose, overlap-added, is the identity.
     probe = np.random.default_rng(seed).standard_normal(20 * hop)
@@ -106,8 +166,16 @@ def fit(clips: list[np.ndarray], hop: int, dim: int, stages: int, size: int, til
     axes = vectors[:, ::-1][:, :dim]  # hop x dim, largest variance first
     z = weighted @ axes
     rng = np.random.default_rng(seed)
-    books, residual = [], z.copy()
-    for i in range(stages):
+    books, gains = [], None
+    if gain_shape:
+        # Log-norm levels evenly spaced over the training frames' range (with a margin); the shape
+        # stages then see every frame at unit norm.
+        level = np.log(np.linalg.norm(z, axis=1) + GAIN_FLOOR)
+        gains = np.linspace(np.percentile(level, 0.1) - 1, np.percentile(level, 99.9) + 1, size)
+        z = z / np.linalg.norm(z, axis=1, keepdims=True)
+        books.append(np.zeros((size, dim)))
+    residual = z.copy()
+    for i in range(len(books), stages):
         t = time.perf_counter()
         sample = residual[rng.choice(len(residual), min(len(residual), 40 * size), replace=False)]
         book = kmeans(sample.astype(np.float32), size, rng, iters).astype(np.float64)
@@ -116,21 +184,11 @@ def fit(clips: list[np.ndarray], hop: int, dim: int, stages: int, size: int, til
         print(f"stage {i + 1}: residual energy {np.mean(residual**2):.3e} ({time.perf_counter() - t:.1f} s)")
     encoder = axes.T @ (weight[:, None] * analysis)  # dim x 2hop
     decoder = analysis.T @ (axes / weight[:, None])  # 2hop x dim
-    return encoder, decoder, np.stack(books)
+    return FittedCodec(encoder, decoder, np.stack(books), hop, gains)
 
 
-def roundtrip(audio: np.ndarray, encoder, decoder, books, used: int, hop: int) -> np.ndarray:
-    """The codec in numpy (the reference the compiled one is tested against); output delayed by hop."""
-    z = frames_of(audio, hop) @ encoder.T
-    q = np.zeros_like(z)
-    for book in books[:used]:
-        code = book[nearest(z - q, book)]
-        q += code
-    return overlap_add(q @ decoder.T, hop)
-
-
-def load(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(encoder, decoder, codebooks, hop) back from a folder that `save` wrote."""
+def load(folder: Path) -> FittedCodec:
+    """The codec back from a folder that `save` wrote."""
     from safetensors.numpy import load_file
 
     config = json.loads((folder / "config.json").read_text())
@@ -139,13 +197,15 @@ def load(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     encoder = tensors["encoder.layers.0.conv.weight"][:, 0, :].astype(np.float64)
     decoder = tensors["decoder.layers.1.conv.weight"][:, 0, :].T.astype(np.float64)
     books = np.stack([tensors[f"quantizer.layers.{i}.codebook.embed"] for i in range(config["num_quantizers"])])
-    return encoder, decoder, books.astype(np.float64), hop
+    gains = tensors["quantizer.gains"].astype(np.float64) if config.get("gain_shape") else None
+    return FittedCodec(encoder, decoder, books.astype(np.float64), hop, gains)
 
 
-def save(out: Path, encoder, decoder, books, hop: int, target_kbps: list[float]) -> dict:
+def save(out: Path, codec: FittedCodec, target_kbps: list[float]) -> dict:
     """Write the EnCodec-architecture folder (config.json, model.safetensors)."""
     from safetensors.numpy import save_file
 
+    encoder, decoder, books, hop = codec.encoder, codec.decoder, codec.books, codec.hop
     dim, stages, size = encoder.shape[0], books.shape[0], books.shape[1]
     f32 = np.float32
     eye = np.eye(dim, dtype=f32)[:, :, None]
@@ -162,8 +222,11 @@ def save(out: Path, encoder, decoder, books, hop: int, target_kbps: list[float])
     for i, book in enumerate(books):
         # float16 on disk halves the shipped file; the compiler widens it to float32 (as `load` does).
         tensors[f"quantizer.layers.{i}.codebook.embed"] = book.astype(np.float16)
+    if codec.gains is not None:
+        tensors["quantizer.gains"] = codec.gains.astype(f32)  # float32: a level step is ~0.02
     out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"))
+    # C order: safetensors writes an array's buffer as it lies in memory (a transposed view would be garbled).
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(out / "model.safetensors"))
     config = {
         "model_type": "encodec",
         "name": out.name,
@@ -171,6 +234,7 @@ def save(out: Path, encoder, decoder, books, hop: int, target_kbps: list[float])
         "audio_channels": 1,
         "num_filters": dim // 2,
         "filterbank": True,
+        "gain_shape": codec.gains is not None,
         "upsampling_ratios": [hop],
         "hidden_size": dim,
         "codebook_dim": dim,
@@ -198,24 +262,25 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=120, help="principal axes kept (even)")
     parser.add_argument("--stages", type=int, default=16, help="RVQ stages")
     parser.add_argument("--size", type=int, default=1024, help="codewords per stage")
-    parser.add_argument("--tilt", type=float, default=0.6, help="perceptual weight exponent (0: plain MSE)")
+    parser.add_argument("--tilt", type=float, default=0.8, help="perceptual weight exponent (0: plain MSE)")
     parser.add_argument("--clips", type=int, default=300, help="espeak-ng clips to synthesize")
     parser.add_argument("--iters", type=int, default=8, help="k-means iterations per stage")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plain-rvq", action="store_true", help="no gain-shape split (codebook 0 codes the gain)")
     args = parser.parse_args()
     t = time.perf_counter()
     clips = training_speech(args.clips, args.seed)
     print(f"{len(clips)} clips, {sum(map(len, clips)) / RATE:.0f} s of speech ({time.perf_counter() - t:.0f} s)")
-    encoder, decoder, books = fit(clips, args.hop, args.dim, args.stages, args.size, args.tilt, args.seed, args.iters)
+    codec = fit(clips, args.hop, args.dim, args.stages, args.size, args.tilt, args.seed, args.iters, not args.plain_rvq)
     per_stage = np.log2(args.size) * RATE / args.hop / 1000
     used = [args.stages // 4, args.stages // 2, args.stages]
-    config = save(args.out, encoder, decoder, books, args.hop, [u * per_stage for u in used])
+    config = save(args.out, codec, [u * per_stage for u in used])
     metrics: dict = {"frame_rate": RATE / args.hop, "kbps_per_stage": per_stage, "held_out": {}}
     held = held_out_speech()
     for u in used:
         snr, mel = [], []
         for clip in held.values():
-            y = roundtrip(clip, encoder, decoder, books, u, args.hop)[args.hop :]
+            y = codec.roundtrip(clip, u)[args.hop :]
             x = clip[: len(y)]
             snr.append(si_snr(y.astype(np.float32), x))
             mel.append(mel_distance(y.astype(np.float32), x, RATE))

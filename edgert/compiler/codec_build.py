@@ -156,7 +156,7 @@ def compile_codec(
                 "first_chunk_samples": first_samples,
                 "first_chunk_frames": first_frames,
                 "algorithmic_latency_samples": codec.algorithmic_latency(cfg),
-                "min_codebooks": getattr(cfg, "num_semantic_quantizers", 1),
+                "min_codebooks": getattr(cfg, "num_semantic_quantizers", None) or cfg.min_codebooks,
                 "chunk_frames": chunk_frames,
             },
             "weights": {

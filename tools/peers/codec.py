@@ -68,7 +68,7 @@ def _own_codec(args: argparse.Namespace) -> list[Row]:
     from edgert.compiler import compile_model
 
     folder = TOOLS.parent / "models" / "codec-speech16k"
-    encoder, decoder, books, hop = fit_codec.load(folder)
+    reference = fit_codec.load(folder)
     rate = 16000
     audio = _signal(args.codec_seconds, rate)
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +82,7 @@ def _own_codec(args: argparse.Namespace) -> list[Row]:
     times = []
     for _ in range(args.repeats):
         t = time.perf_counter()
-        fit_codec.roundtrip(audio, encoder, decoder, books, len(books), hop)
+        reference.roundtrip(audio)
         times.append(time.perf_counter() - t)
     case = f"codec-speech16k, {args.codec_seconds:g} s at 16 kHz, {args.codec_frame_ms:g} ms frames, all codebooks"
     row = Row(
