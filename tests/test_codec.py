@@ -208,6 +208,8 @@ def test_cli_roundtrip_restores_speech(speech_artifact: Path, sentence: Path, tm
     # The codec keeps the spectral envelope: log-mel distance well under white noise's at speech level
     # (about 5) and silence's (about 9); models/codec-speech16k/metrics.json has the measured figures.
     assert mel < 3.5
+    # ... and the waveform, once its one-hop delay (the MDCT's) is taken out: measured 10.6 dB.
+    assert snr > 6 and "output 160 samples behind it" in " ".join(whole.stderr.split())
     low = run_cli("codec", "roundtrip", str(speech_artifact), str(sentence), "-o", str(tmp_path / "l.wav"), "-b", "4")
     assert low.returncode == 0, low.stderr
     assert "4 codebooks = 4 kbit/s" in " ".join(low.stderr.split())
@@ -248,7 +250,7 @@ def test_own_codec_is_intelligible(speech_artifact: Path, sentence: Path, transc
     audio, rate = load_wav(tmp_path / "r.wav")
     assert rate == 16000
     heard = transcriber.transcribe(audio).text
-    # Measured: WER_MEASURED on this sentence (tools/eval_codec.py has all held-out clips and Opus).
+    # Measured: 0.47 on this sentence, the original 0.40 (tools/eval_codec.py has all held-out clips and Opus).
     assert word_error_rate(text, heard) <= 0.5, heard
 
 

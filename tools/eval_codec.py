@@ -27,15 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from edgert.profile.audio_quality import mel_distance, si_snr
-
-
-def align(out: np.ndarray, ref: np.ndarray, max_lag: int = 1000) -> np.ndarray:
-    """``out`` shifted left by the lag (0..max_lag) that best matches ``ref``."""
-    n = len(ref) - max_lag
-    scores = [float(np.dot(out[lag : lag + n], ref[:n])) for lag in range(max_lag)]
-    lag = int(np.argmax(scores))
-    return np.concatenate([out[lag:], np.zeros(lag, np.float32)])[: len(ref)]
+from edgert.profile.audio_quality import align, mel_distance, si_snr
 
 
 def opus_roundtrip(audio: np.ndarray, rate: int, kbps: float) -> tuple[np.ndarray, float] | None:
@@ -99,7 +91,7 @@ def evaluate(artifact: Path, whisper: Path | None = None, wav_dir: Path | None =
             for i in range(0, len(audio), step):
                 last = i + step >= len(audio)
                 pieces.append(dec.push(enc.push(audio[i : i + step], final=last), final=last))
-            out = align(np.concatenate(pieces)[: len(audio)], audio)
+            out = align(np.concatenate(pieces)[: len(audio)], audio, 1000)
             if wav_dir is not None:
                 wav_dir.mkdir(parents=True, exist_ok=True)
                 write_wav(wav_dir / f"{name}.wav", audio, codec.sample_rate)
@@ -110,7 +102,7 @@ def evaluate(artifact: Path, whisper: Path | None = None, wav_dir: Path | None =
                 scores["wer"].append(word_error_rate(texts[name], heard(out)))
             opus = opus_roundtrip(audio, codec.sample_rate, kbps)
             if opus is not None:
-                o = align(opus[0][: len(audio)], audio)
+                o = align(opus[0][: len(audio)], audio, 1000)  # Opus delays by its look-ahead
                 if wav_dir is not None:
                     write_wav(wav_dir / f"{name}-opus-{kbps:g}kbps.wav", o, codec.sample_rate)
                 scores["opus_snr"].append(si_snr(o, audio))

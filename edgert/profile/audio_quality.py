@@ -15,6 +15,22 @@ def si_snr(estimate: np.ndarray, reference: np.ndarray) -> float:
     return float(10 * np.log10(max(np.dot(target, target), 1e-12) / max(np.dot(noise, noise), 1e-12)))
 
 
+def delay_of(estimate: np.ndarray, reference: np.ndarray, max_lag: int) -> int:
+    """The lag (0..max_lag samples) by which ``estimate`` best follows ``reference`` (a codec's delay)."""
+    n = min(len(estimate) - max_lag, len(reference) - max_lag)
+    if n <= 0:
+        return 0
+    est, ref = np.asarray(estimate, np.float64), np.asarray(reference[:n], np.float64)
+    return int(np.argmax([np.dot(est[lag : lag + n], ref) for lag in range(max_lag + 1)]))
+
+
+def align(estimate: np.ndarray, reference: np.ndarray, max_lag: int) -> np.ndarray:
+    """``estimate`` moved earlier by its delay (`delay_of`), zero-padded back to ``reference``'s length."""
+    lag = delay_of(estimate, reference, max_lag)
+    out = np.concatenate([np.asarray(estimate[lag:], np.float32), np.zeros(lag, np.float32)])
+    return out[: len(reference)]
+
+
 def mel_filterbank(n_fft: int, n_mels: int, rate: int) -> np.ndarray:
     """Triangular filters on the HTK mel scale, ``(n_fft // 2 + 1, n_mels)`` float32.
 
