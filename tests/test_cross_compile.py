@@ -60,3 +60,19 @@ def test_missing_cross_toolchain_is_named(tiny_gguf: Path, tmp_path: Path) -> No
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "aarch64-linux-android24-clang++" in res.stderr and "Android NDK" in res.stderr
     assert not out.exists()
+
+
+@pytest.mark.skipif(host_arch() != "x86_64", reason="an x86-64 target runs on x86-64 hosts only")
+def test_x86_64_v3_target_uses_avx2_only_and_runs_here(tiny_gguf: Path, tmp_path: Path) -> None:
+    """x86-64-v3: an AVX2 build (no AVX-512 code whatever the compiling CPU) that gives the host build's tokens."""
+    out = {}
+    for target in ("x86-64-v3", "host"):
+        out[target] = tmp_path / f"tiny-{target}.edgert"
+        proc = run_cli("compile", str(tiny_gguf), "--target", target, "-o", str(out[target]))
+        assert proc.returncode == 0, proc.stderr
+    record = open_artifact(out["x86-64-v3"]).manifest["target"]
+    assert (record["cpu"], record["arch"]) == ("x86-64-v3", "x86_64")
+    assert {"avx2", "fma", "f16c"} <= set(record["cpu_flags"])
+    assert not any(flag.startswith("avx512") for flag in record["cpu_flags"])
+    tokens = {t: [tok.id for tok in edgert.load(path).generate([1, 2, 3], max_tokens=8)] for t, path in out.items()}
+    assert tokens["x86-64-v3"] == tokens["host"] and tokens["host"]

@@ -47,6 +47,13 @@ def add_arguments(group: Any) -> None:
     group.add_argument("--llm-gen-tokens", type=int, default=128, help="decode steps per run")
     group.add_argument("--llm-context", type=int, default=512, help="context length given to both engines")
     group.add_argument("--llm-rounds", type=int, default=1, help="alternate the two engines this many times")
+    group.add_argument(
+        "--llama-cpp-path",
+        type=Path,
+        help="a folder holding another build of llama-cpp-python, put first on the llama.cpp worker's path "
+        "(tools/setup.sh builds a portable one, AVX2 at most; for the CPU's own: CMAKE_ARGS=-DGGML_NATIVE=ON "
+        "pip install --no-cache-dir --no-deps --target DIR llama-cpp-python)",
+    )
 
 
 # -- workers: one engine, one process ----------------------------------------------------------
@@ -145,6 +152,7 @@ def worker_llama_cpp(gguf: str, ids: list[int], gen: int, repeats: int, threads:
         for _ in range(gen):
             llm.eval([int(np.argmax(last_logits()))])
         decode.append(time.perf_counter() - t)
+    features = llama_cpp.llama_print_system_info().decode()
     return {
         **_timings(t0, t1, t2, t3),
         "prefill_tps": _rates(len(ids), prefill),
@@ -152,6 +160,9 @@ def worker_llama_cpp(gguf: str, ids: list[int], gen: int, repeats: int, threads:
         "peak_rss_mb": _peak_rss_mb(),
         "rss_decoding_mb": _rss_now_mb(),
         "rss_before_load_mb": rss_base,
+        # What the build uses ("AVX2 = 1 | AVX512 = 1 ..."): a portable build leaves AVX-512 unused.
+        "isa": " ".join(part.split("=")[0].strip() for part in features.split("|") if part.strip().endswith("= 1")),
+        "module": llama_cpp.__file__,
     }
 
 
@@ -171,6 +182,8 @@ def _run_worker(engine: str, path: Path, ids_file: Path, args: Any) -> dict:
     ]
     # edgert runs as on a device: the TVM runtime library only, not the compiler.
     env = {**os.environ, **({"TVM_USE_RUNTIME_LIB": "1"} if engine == "edgert" else {})}
+    if engine == "llama_cpp" and args.llama_cpp_path is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(args.llama_cpp_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{engine} worker failed:\n{proc.stderr[-3000:]}")
@@ -291,6 +304,8 @@ def run(args: Any) -> list[Row]:
         roofline=f"{bound:.0f} tok/s ({per_token / 1e6:.1f} MB/token at {bandwidth:.1f} GB/s)",
         runs=ours["decode_runs"],
         peer_runs=theirs["decode_runs"],
+        edgert_isa=" ".join(art.manifest["target"].get("cpu_flags", [])) or art.manifest["target"]["cpu"],
+        peer_isa=results["llama_cpp"][0].get("isa", "?"),
     )
     row("prefill", "tok/s", ours["prefill"], theirs["prefill"], runs=ours["prefill_runs"])
     wkv = total + kv
