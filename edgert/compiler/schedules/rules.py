@@ -141,6 +141,10 @@ class Matmul(ScheduleRule):
         last = epilogue[-1] if epilogue else None
         if last is not None:
             try:
+                # Inlined, the epilogue writes wherever the matmul does; an epilogue that keeps only
+                # some columns (a slice of zero-padded ones) must run per tile instead, in its bounds.
+                if _written_shape(sch, last) != _written_shape(sch, mm.block_rv):
+                    raise ValueError("the epilogue's output is not the matmul's shape")
                 sch.reverse_compute_inline(last)
             except Exception:
                 try:
@@ -153,6 +157,12 @@ class Matmul(ScheduleRule):
         _vectorize_inner(sch, acc, lanes)
         sch.decompose_reduction(mm.block_rv, k)
         return sch
+
+
+def _written_shape(sch: s_tir.Schedule, block: Any) -> list[int | None]:
+    """Shape of the buffer ``block`` writes (None for a symbolic dimension)."""
+    shape = sch.get(block).writes[0].buffer.shape
+    return [int(d) if isinstance(d, tirx.IntImm) else None for d in shape]
 
 
 def _is_multiply_add(sch: s_tir.Schedule, block: Any) -> bool:
