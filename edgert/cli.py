@@ -74,7 +74,7 @@ def compile(
         typer.Option(
             "--activations",
             help="GGUF models: f32 (default) or int8 (decode activations quantized to int8, integer dot "
-            "products with the q4/q8 weights; x86 AVX2 or aarch64 dotprod).",
+            "products with the q4/q8 weights; x86 AVX2, aarch64 dotprod or i8mm).",
         ),
     ] = None,
     audio_ctx: Annotated[

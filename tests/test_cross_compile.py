@@ -76,3 +76,21 @@ def test_x86_64_v3_target_uses_avx2_only_and_runs_here(tiny_gguf: Path, tmp_path
     assert not any(flag.startswith("avx512") for flag in record["cpu_flags"])
     tokens = {t: [tok.id for tok in edgert.load(path).generate([1, 2, 3], max_tokens=8)] for t, path in out.items()}
     assert tokens["x86-64-v3"] == tokens["host"] and tokens["host"]
+
+
+def test_int8_build_for_an_i8mm_target_uses_smmla(tiny_gguf: Path, tmp_path: Path) -> None:
+    """graviton3 (i8mm): `--activations int8` picks the smmla kernels (their arithmetic: test_kernels_i8mm.py)."""
+    import shutil
+    import subprocess
+
+    out = tmp_path / "tiny-graviton3.edgert"
+    proc = run_cli("compile", str(tiny_gguf), "--target", "graviton3", "--activations", "int8", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "i8mm" in open_artifact(out, check_host=False).manifest["target"]["cpu_flags"]
+    lib = tmp_path / "model.so"
+    with zipfile.ZipFile(out) as zf:
+        lib.write_bytes(zf.read("model.so"))
+    objdump = shutil.which("aarch64-linux-gnu-objdump")
+    assert objdump is not None
+    asm = subprocess.run([objdump, "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+    assert "smmla\tv" in asm

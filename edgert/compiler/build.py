@@ -248,7 +248,7 @@ def _int8_isa(activations: str, record: dict[str, Any]) -> str | None:
     isa = dot_isa(record["cpu_flags"])
     if isa is None:
         raise EdgertError(
-            f"--activations int8 needs integer dot products (x86 AVX2 or aarch64 dotprod); target "
+            f"--activations int8 needs integer dot products (x86 AVX2, aarch64 dotprod or i8mm); target "
             f"'{record['name']}' ({record['cpu']}) has {', '.join(record['cpu_flags']) or 'neither'}"
         )
     return isa

@@ -37,8 +37,13 @@ ISAS = ("avx2", "dotprod")
 
 
 def dot_isa(features: set[str] | list[str]) -> str | None:
-    """The integer dot-product instruction set a CPU offers (``avx2``, ``dotprod``), or None."""
+    """The integer dot-product instruction set a CPU offers (``avx2``, ``dotprod``, ``i8mm``), or None.
+
+    ``i8mm`` (aarch64 ``smmla``, `i8mm_quant_matmul`) is preferred where present.
+    """
     features = set(features)
+    if "i8mm" in features:
+        return "i8mm"
     if "dotprod" in features:
         return "dotprod"
     if "avx2" in features:
@@ -245,3 +250,132 @@ def int8_quant_matmul(k: int, n: int, block: int, kind: str, isa: str) -> tirx.P
 
     matmul = matmul_q4 if q4 else matmul_q8
     return matmul.with_attr("global_symbol", f"int8_quant_matmul_{kind}_{isa}_k{k}_n{n}_b{block}")
+
+
+# -- aarch64 i8mm: two rows by two columns per instruction -----------------------------------
+# ``smmla`` multiplies a 2 x 8 int8 block of activations by an 8 x 2 int8 block of weights into
+# the four int32 sums of a 2 x 2 output block. Rows go in pairs, weight columns in pairs whose
+# 8 consecutive K codes lie next to each other: q8 codes ``int8 [N/B, K/8, B, 8]``; q4 codes
+# ``uint8 [N/B, K/16, B, 8]`` with byte t of (kk, column) holding row ``16 kk + t`` in its low
+# nibble and row ``16 kk + 8 + t`` in its high one (`layout.pack_quantized_mmla`). Every row,
+# one token or a prompt, takes the int8 activation path: the instruction pays off from two rows on.
+
+
+@functools.cache
+def i8mm_quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
+    """``y[m, n] = sum_k x[m, k] * W[n, k]`` with int8 activations and ``smmla`` (W in the i8mm layout)."""
+    if k % GROUP:
+        raise ValueError(f"quantized weights need K divisible by {GROUP}, got {k}")
+    if block % 2:
+        raise ValueError(f"the column tile must be even, got {block}")
+    nb, full, ng = -(-n // block), n // block, k // GROUP
+    q4 = kind == "q4"
+    kq = k // 16 if q4 else k // 8
+    code_dtype = "uint8" if q4 else "int8"
+    per_g = GROUP // 16 if q4 else GROUP // 8  # code rows of the layout per group
+
+    def smmla(acc, a, b):
+        return T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.smmla.v4i32.v16i8"), acc, a, b, dtype="int32x4"
+        )
+
+    @T.macro
+    def body(x, qw, sc, mn, y, m):
+        # Activations to int8 per group of 32 (as `int8_quant_matmul`), laid out for smmla's first
+        # operand: row pair p, K chunk c -> 16 bytes (row 2p: 8 codes, row 2p + 1: 8 codes).
+        xq = T.alloc_buffer(((m + 1) // 2, k // 8, 16), "int8")
+        xd = T.alloc_buffer(((m + 1) // 2 * 2, ng), "float32")
+        xs = T.alloc_buffer(((m + 1) // 2 * 2, ng), "float32")
+        amax = T.alloc_buffer((1,), "float32", scope="local")
+        for i, g in T.grid((m + 1) // 2 * 2, ng):
+            amax[0] = T.float32(0)
+            if i < m:
+                for t in range(GROUP):
+                    amax[0] = T.max(amax[0], T.fabs(x[i, g * GROUP + t]))
+            xd[i, g] = amax[0] / T.float32(127)
+            xs[i, g] = T.float32(0)
+            for t in range(GROUP):
+                xq[i // 2, (g * GROUP + t) // 8, i % 2 * 8 + t % 8] = T.Cast(
+                    "int8",
+                    T.round(
+                        T.if_then_else(i < m, x[T.min(i, m - 1), g * GROUP + t], T.float32(0))
+                        * T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+                    ),
+                )
+                xs[i, g] = xs[i, g] + T.Cast("float32", xq[i // 2, (g * GROUP + t) // 8, i % 2 * 8 + t % 8])
+            xs[i, g] = xs[i, g] * xd[i, g]
+        for jo in T.parallel(nb):
+            acc = T.alloc_buffer((2, block), "float32", scope="local")
+            isum = T.alloc_buffer((4,), "int32", scope="local")
+            for p in range((m + 1) // 2):
+                for r, ji in T.grid(2, block):
+                    acc[r, ji] = T.float32(0)
+                for g in range(ng):
+                    for cp in range(block // 2):
+                        isum[T.ramp(0, 1, 4)] = T.broadcast(T.int32(0), 4)
+                        for kk in T.unroll(per_g):
+                            if q4:
+                                v = qw.vload([jo, g * per_g + kk, cp * 2, 0], "uint8x16")
+                                c0 = (g * per_g + kk) * 2  # the low nibbles' 8-row chunk; high: c0 + 1
+                                isum[T.ramp(0, 1, 4)] = smmla(
+                                    smmla(
+                                        isum[T.ramp(0, 1, 4)],
+                                        xq.vload([p, c0, 0], "int8x16"),
+                                        T.reinterpret("int8x16", v & T.broadcast(T.uint8(15), 16)),
+                                    ),
+                                    xq.vload([p, c0 + 1, 0], "int8x16"),
+                                    T.reinterpret("int8x16", v >> T.broadcast(T.uint8(4), 16)),
+                                )
+                            else:
+                                isum[T.ramp(0, 1, 4)] = smmla(
+                                    isum[T.ramp(0, 1, 4)],
+                                    xq.vload([p, g * per_g + kk, 0], "int8x16"),
+                                    qw.vload([jo, g * per_g + kk, cp * 2, 0], "int8x16"),
+                                )
+                        for r, c in T.grid(2, 2):
+                            acc[r, cp * 2 + c] = acc[r, cp * 2 + c] + T.Cast("float32", isum[r * 2 + c]) * (
+                                T.Cast("float32", sc[jo, g, cp * 2 + c]) * xd[p * 2 + r, g]
+                            )
+                            if q4:
+                                acc[r, cp * 2 + c] = acc[r, cp * 2 + c] + xs[p * 2 + r, g] * T.Cast(
+                                    "float32", mn[jo, g, cp * 2 + c]
+                                )
+                for r in range(2):
+                    if p * 2 + r < m:
+                        if jo < full:
+                            for ji in T.vectorized(block):
+                                y[p * 2 + r, jo * block + ji] = acc[r, ji]
+                        else:
+                            for ji in range(block):
+                                if jo * block + ji < n:
+                                    y[p * 2 + r, jo * block + ji] = acc[r, ji]
+
+    @T.prim_func
+    def matmul_q4(
+        x_h: T.handle,
+        qw: T.Buffer((nb, kq, block, 8), code_dtype),
+        sc: T.Buffer((nb, ng, block), "float16"),
+        mn: T.Buffer((nb, ng, block), "float16"),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        body(x, qw, sc, mn, y, m)
+
+    @T.prim_func
+    def matmul_q8(
+        x_h: T.handle,
+        qw: T.Buffer((nb, kq, block, 8), code_dtype),
+        sc: T.Buffer((nb, ng, block), "float16"),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        body(x, qw, sc, sc, y, m)
+
+    matmul = matmul_q4 if q4 else matmul_q8
+    return matmul.with_attr("global_symbol", f"i8mm_quant_matmul_{kind}_k{k}_n{n}_b{block}")

@@ -18,7 +18,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from edgert.compiler.kernels import GROUP, packed_matmul, pick_block, quant_block, quant_matmul
-from edgert.compiler.kernels_int8 import int8_quant_matmul
+from edgert.compiler.kernels_int8 import i8mm_quant_matmul, int8_quant_matmul
 from edgert.frontend.quantized import QuantizedRows
 
 WEIGHT_DTYPES = {"f32": "float32", "f16": "float16"}
@@ -78,11 +78,14 @@ class QuantLinear(nn.Module):
     """A bias-free linear layer with group-quantized weights (q4 or q8), dequantized in the kernel."""
 
     def __init__(self, in_features: int, out_features: int, kind: str, isa: str | None = None):
-        # isa (avx2, dotprod): the int8-activation kernels of kernels_int8 and their weight layout.
+        # isa (avx2, dotprod, i8mm): the int8-activation kernels of kernels_int8 and their weight layout.
         self.in_features, self.out_features, self.kind, self.isa = in_features, out_features, kind, isa
         self.block = quant_block(out_features)
         nb, ng = -(-out_features // self.block), in_features // GROUP
-        if isa is not None:
+        if isa == "i8mm":
+            shape = (nb, in_features // (16 if kind == "q4" else 8), self.block, 8)
+            self.qweight = nn.Parameter(shape, "uint8" if kind == "q4" else "int8")
+        elif isa is not None:
             shape = (nb, in_features // (8 if kind == "q4" else 4), self.block, 4)
             self.qweight = nn.Parameter(shape, "uint8" if kind == "q4" else "int8")
         elif kind == "q4":
@@ -101,7 +104,9 @@ class QuantLinear(nn.Module):
         rows = 1
         for d in lead:
             rows = rows * d
-        if self.isa is not None:
+        if self.isa == "i8mm":
+            kernel = i8mm_quant_matmul(k, self.out_features, self.block, self.kind)
+        elif self.isa is not None:
             kernel = int8_quant_matmul(k, self.out_features, self.block, self.kind, self.isa)
         else:
             kernel = quant_matmul(k, self.out_features, self.block, self.kind)
@@ -115,13 +120,21 @@ class QuantLinear(nn.Module):
 
     def gather(self, ids: Tensor) -> Tensor:
         """Rows ``ids`` of the weight matrix, dequantized to float32 (an embedding lookup)."""
-        block, k, n, q4, dot = self.block, self.in_features, self.out_features, self.kind == "q4", self.isa is not None
+        block, k, n, q4 = self.block, self.in_features, self.out_features, self.kind == "q4"
+        dot, mmla = self.isa not in (None, "i8mm"), self.isa == "i8mm"
 
         def rows(flat: te.Tensor, qw: te.Tensor, sc: te.Tensor, *mn: te.Tensor) -> te.Tensor:
             def value(i: Any, c: Any) -> Any:
                 # Out-of-range ids are clipped so a bad id cannot read outside the table (the runtime also checks).
                 r = tirx.max(tirx.min(flat[i].astype("int64"), n - 1), 0)
                 t, j, g = r // block, r % block, c // GROUP
+                if q4 and mmla:  # byte c % 8 of the column's 8 bytes; the high nibble holds rows 8..15 of 16
+                    byte = qw[t, c // 16, j, c % 8]
+                    shift = (4 * ((c % 16) // 8)).astype("uint8")
+                    code = ((byte >> shift) & tirx.const(15, "uint8")).astype("float32")
+                    return code * sc[t, g, j].astype("float32") + mn[0][t, g, j].astype("float32")
+                if mmla:
+                    return qw[t, c // 8, j, c % 8].astype("float32") * sc[t, g, j].astype("float32")
                 if q4 and dot:  # byte c % 4 of the column's 4 bytes; the high nibble holds rows 4..7 of 8
                     byte = qw[t, c // 8, j, c % 4]
                     shift = (4 * ((c % 8) // 4)).astype("uint8")
@@ -209,7 +222,7 @@ def _layout_for(
     if kind in ("q4", "q8"):
         module = QuantLinear(in_features, out_features, kind, isa)
         names = [f"{name}.{p}" for p in ("qweight", "scale", "min")[: 3 if kind == "q4" else 2]]
-        pack = pack_quantized if isa is None else pack_quantized_dot
+        pack = {None: pack_quantized, "i8mm": pack_quantized_mmla}.get(isa, pack_quantized_dot)
         return module, lambda w, b=module.block: dict(zip(names, pack(w, b), strict=True))
     dtype = WEIGHT_DTYPES[kind]
     block = pick_block(out_features)
@@ -278,6 +291,27 @@ def apply_cpu_layout(
             raise ValueError(f"tied embedding: '{head}' has no packed layout")
         setattr(model, embed, GatherEmbedding(modules[head], tied=True))
     return repack
+
+
+def pack_quantized_mmla(q: QuantizedRows, block: int) -> tuple[np.ndarray, ...]:
+    """Codes and scales to the layout of `kernels_int8.i8mm_quant_matmul` (8 rows of a column per 8 bytes).
+
+    Returns (qweight, scale) for q8 and (qweight, scale, min) for q4; the last column tile is
+    zero-padded when ``block`` does not divide N.
+    """
+    n, k = q.shape
+    pad = -n % block
+
+    def tiles(a: np.ndarray) -> np.ndarray:  # [N, X, ...] -> [N/B, X, B, ...]
+        a = np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
+        a = a.reshape(-1, block, *a.shape[1:])
+        return np.ascontiguousarray(np.moveaxis(a, 1, 2))
+
+    if q.kind == "q4":
+        c = q.codes.reshape(n, k // 16, 2, 8).astype(np.uint8)  # row 16 kk + 8 h + t
+        assert q.min is not None
+        return tiles(c[:, :, 0] | (c[:, :, 1] << 4)), tiles(q.scale), tiles(q.min)
+    return tiles(q.codes.astype(np.int8).reshape(n, k // 8, 8)), tiles(q.scale)
 
 
 def pack_quantized_dot(q: QuantizedRows, block: int) -> tuple[np.ndarray, ...]:
