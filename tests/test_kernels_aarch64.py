@@ -169,22 +169,29 @@ def board_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
     np.savez(folder / "inputs.npz", **inputs)
     (folder / "plan.json").write_text(json.dumps({"library": "kernels.so", "kernels": kernels, "graphs": graphs}))
-    site = rootfs / board.SITE
+    outputs = run_plan(folder, rootfs, spec.cpu)
+    return {"outputs": outputs, "refs": refs, "asm": _disassemble(folder / "kernels.so")}
+
+
+def run_plan(folder: Path, rootfs: Path, cpu: str) -> dict[str, np.ndarray]:
+    """Run ``folder``'s plan.json with tests/board_kernel_runner.py under qemu-aarch64 (``-cpu cpu``)
+    in the board's root file system, with this checkout's runtime; its outputs by name."""
+    from edgert.deploy import board
+
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "PYTHONPATH": f"{ROOT}:{site}",  # this checkout's runtime, the board's aarch64 wheels
+        "PYTHONPATH": f"{ROOT}:{rootfs / board.SITE}",  # this checkout's runtime, the board's aarch64 wheels
         "TVM_USE_RUNTIME_LIB": "1",
         "TVM_NUM_THREADS": "2",
         "HOME": str(folder),
         "EDGERT_CACHE": str(folder / "cache"),
     }
-    argv = ["qemu-aarch64-static", "-L", str(rootfs), "-cpu", spec.cpu, str(rootfs / board.PYTHON)]
+    argv = ["qemu-aarch64-static", "-L", str(rootfs), "-cpu", cpu, str(rootfs / board.PYTHON)]
     argv += [str(ROOT / "tests" / "board_kernel_runner.py"), str(folder)]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, cwd=folder)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with np.load(folder / "outputs.npz") as f:
-        outputs = {key: f[key] for key in f.files}
-    return {"outputs": outputs, "refs": refs, "asm": _disassemble(folder / "kernels.so")}
+        return {key: f[key] for key in f.files}
 
 
 def _disassemble(lib: Path) -> str:
@@ -225,17 +232,10 @@ def test_decode_attention_matches_numpy_on_aarch64(board_run: dict, head_dim: in
     np.testing.assert_allclose(board_run["outputs"][f"{name}/1"], board_run["refs"][f"{name}/1"], atol=2e-4)
 
 
-@pytest.mark.parametrize("graph", GRAPHS)
-def test_graph_rules_match_onnxruntime_on_aarch64(board_run: dict, graph: str) -> None:
-    keys = [k for k in board_run["refs"] if k.startswith(f"{graph}/")]
-    assert keys
-    for key in keys:
-        np.testing.assert_allclose(board_run["outputs"][key], board_run["refs"][key], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", CODEC_KERNELS)
-def test_codec_kernels_match_numpy_on_aarch64(board_run: dict, name: str) -> None:
-    keys = [k for k in board_run["refs"] if k.startswith(f"{name}/")]
+@pytest.mark.parametrize("case", GRAPHS + CODEC_KERNELS)
+def test_graph_rules_and_codec_kernels_match_on_aarch64(board_run: dict, case: str) -> None:
+    """The graphs against onnxruntime, the codec family's kernels against numpy."""
+    keys = [k for k in board_run["refs"] if k.startswith(f"{case}/")]
     assert keys
     for key in keys:
         np.testing.assert_allclose(board_run["outputs"][key], board_run["refs"][key], rtol=1e-5, atol=1e-5)

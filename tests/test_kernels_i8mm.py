@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
 
 import numpy as np
 import pytest
-from conftest import ROOT
-from test_kernels_aarch64 import _disassemble, _quantized
+from test_kernels_aarch64 import _disassemble, _quantized, run_plan
 from test_quant_kernels import int8_activation_reference
 
 from edgert.compiler.kernels import quant_block
@@ -65,19 +62,7 @@ def i8mm_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     lib.export_library(str(folder / "kernels.so"), fcompile=library_compiler(spec, "aarch64"))
     np.savez(folder / "inputs.npz", **inputs)
     (folder / "plan.json").write_text(json.dumps({"library": "kernels.so", "kernels": kernels, "graphs": []}))
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "PYTHONPATH": f"{ROOT}:{rootfs / board.SITE}",
-        "TVM_USE_RUNTIME_LIB": "1",
-        "TVM_NUM_THREADS": "2",
-        "HOME": str(folder),
-    }
-    argv = ["qemu-aarch64-static", "-L", str(rootfs), "-cpu", "max", str(rootfs / board.PYTHON)]
-    argv += [str(ROOT / "tests" / "board_kernel_runner.py"), str(folder)]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, cwd=folder)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    with np.load(folder / "outputs.npz") as f:
-        outputs = {key: f[key] for key in f.files}
+    outputs = run_plan(folder, rootfs, "max")  # qemu's "max" core emulates i8mm
     return {"outputs": outputs, "refs": refs, "asm": _disassemble(folder / "kernels.so")}
 
 

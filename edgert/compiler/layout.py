@@ -121,31 +121,25 @@ class QuantLinear(nn.Module):
     def gather(self, ids: Tensor) -> Tensor:
         """Rows ``ids`` of the weight matrix, dequantized to float32 (an embedding lookup)."""
         block, k, n, q4 = self.block, self.in_features, self.out_features, self.kind == "q4"
-        dot, mmla = self.isa not in (None, "i8mm"), self.isa == "i8mm"
+        # Byte layouts (`_pack_runs`): runs of 4 (avx2, dotprod) or 8 (i8mm) rows of a column.
+        run = 0 if self.isa is None else 8 if self.isa == "i8mm" else 4
 
         def rows(flat: te.Tensor, qw: te.Tensor, sc: te.Tensor, *mn: te.Tensor) -> te.Tensor:
             def value(i: Any, c: Any) -> Any:
                 # Out-of-range ids are clipped so a bad id cannot read outside the table (the runtime also checks).
                 r = tirx.max(tirx.min(flat[i].astype("int64"), n - 1), 0)
                 t, j, g = r // block, r % block, c // GROUP
-                if q4 and mmla:  # byte c % 8 of the column's 8 bytes; the high nibble holds rows 8..15 of 16
-                    byte = qw[t, c // 16, j, c % 8]
-                    shift = (4 * ((c % 16) // 8)).astype("uint8")
-                    code = ((byte >> shift) & tirx.const(15, "uint8")).astype("float32")
-                    return code * sc[t, g, j].astype("float32") + mn[0][t, g, j].astype("float32")
-                if mmla:
-                    return qw[t, c // 8, j, c % 8].astype("float32") * sc[t, g, j].astype("float32")
-                if q4 and dot:  # byte c % 4 of the column's 4 bytes; the high nibble holds rows 4..7 of 8
-                    byte = qw[t, c // 8, j, c % 4]
-                    shift = (4 * ((c % 8) // 4)).astype("uint8")
+                if q4 and run:  # byte c % run of the column's run bytes; the high nibble holds the next run
+                    byte = qw[t, c // (2 * run), j, c % run]
+                    shift = (4 * ((c % (2 * run)) // run)).astype("uint8")
                     code = ((byte >> shift) & tirx.const(15, "uint8")).astype("float32")
                     return code * sc[t, g, j].astype("float32") + mn[0][t, g, j].astype("float32")
                 if q4:
                     word = qw[t, c // 8, j]
                     code = ((word >> (4 * (c % 8)).astype("uint32")) & tirx.const(15, "uint32")).astype("float32")
                     return code * sc[t, g, j].astype("float32") + mn[0][t, g, j].astype("float32")
-                if dot:
-                    return qw[t, c // 4, j, c % 4].astype("float32") * sc[t, g, j].astype("float32")
+                if run:
+                    return qw[t, c // run, j, c % run].astype("float32") * sc[t, g, j].astype("float32")
                 return qw[t, c, j].astype("float32") * sc[t, g, j].astype("float32")
 
             return te.compute((flat.shape[0], k), value, name="gather_rows")
@@ -293,43 +287,34 @@ def apply_cpu_layout(
     return repack
 
 
+def _column_tiles(a: np.ndarray, block: int) -> np.ndarray:
+    """[N, X, ...] -> [N/B, X, B, ...], the last tile zero-padded."""
+    a = np.pad(a, [(0, -a.shape[0] % block)] + [(0, 0)] * (a.ndim - 1))
+    a = a.reshape(-1, block, *a.shape[1:])
+    return np.ascontiguousarray(np.moveaxis(a, 1, 2))
+
+
 def pack_quantized_mmla(q: QuantizedRows, block: int) -> tuple[np.ndarray, ...]:
-    """Codes and scales to the layout of `kernels_int8.i8mm_quant_matmul` (8 rows of a column per 8 bytes).
-
-    Returns (qweight, scale) for q8 and (qweight, scale, min) for q4; the last column tile is
-    zero-padded when ``block`` does not divide N.
-    """
-    n, k = q.shape
-    pad = -n % block
-
-    def tiles(a: np.ndarray) -> np.ndarray:  # [N, X, ...] -> [N/B, X, B, ...]
-        a = np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-        a = a.reshape(-1, block, *a.shape[1:])
-        return np.ascontiguousarray(np.moveaxis(a, 1, 2))
-
-    if q.kind == "q4":
-        c = q.codes.reshape(n, k // 16, 2, 8).astype(np.uint8)  # row 16 kk + 8 h + t
-        assert q.min is not None
-        return tiles(c[:, :, 0] | (c[:, :, 1] << 4)), tiles(q.scale), tiles(q.min)
-    return tiles(q.codes.astype(np.int8).reshape(n, k // 8, 8)), tiles(q.scale)
+    """Codes and scales to the layout of `kernels_int8.i8mm_quant_matmul` (8 rows of a column per 8 bytes)."""
+    return _pack_runs(q, block, 8)
 
 
 def pack_quantized_dot(q: QuantizedRows, block: int) -> tuple[np.ndarray, ...]:
-    """Codes and scales to the layout of `kernels_int8.int8_quant_matmul` (4 rows of a column per 4 bytes).
+    """Codes and scales to the layout of `kernels_int8.int8_quant_matmul` (4 rows of a column per 4 bytes)."""
+    return _pack_runs(q, block, 4)
 
-    Returns (qweight, scale) for q8 and (qweight, scale, min) for q4; the last column tile is
-    zero-padded when ``block`` does not divide N.
+
+def _pack_runs(q: QuantizedRows, block: int, run: int) -> tuple[np.ndarray, ...]:
+    """``run`` consecutive rows of a column in ``run`` adjacent bytes, columns in tiles of ``block``.
+
+    q4 packs two runs per byte: rows ``2 run kk + t`` in the low nibble, ``2 run kk + run + t`` in the
+    high one. Returns (qweight, scale) for q8 and (qweight, scale, min) for q4; the last column
+    tile is zero-padded when ``block`` does not divide N.
     """
     n, k = q.shape
-    pad = -n % block
-
-    def tiles(a: np.ndarray) -> np.ndarray:  # [N, X, ...] -> [N/B, X, B, ...]
-        a = np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1))
-        a = a.reshape(-1, block, *a.shape[1:])
-        return np.ascontiguousarray(np.moveaxis(a, 1, 2))
-
     if q.kind == "q4":
-        c = q.codes.reshape(n, k // 8, 2, 4).astype(np.uint8)  # row 8 kk + 4 h + t
+        c = q.codes.reshape(n, k // (2 * run), 2, run).astype(np.uint8)
         assert q.min is not None
-        return tiles(c[:, :, 0] | (c[:, :, 1] << 4)), tiles(q.scale), tiles(q.min)
-    return tiles(q.codes.astype(np.int8).reshape(n, k // 4, 4)), tiles(q.scale)
+        codes = c[:, :, 0] | (c[:, :, 1] << 4)
+        return _column_tiles(codes, block), _column_tiles(q.scale, block), _column_tiles(q.min, block)
+    return _column_tiles(q.codes.astype(np.int8).reshape(n, k // run, run), block), _column_tiles(q.scale, block)
