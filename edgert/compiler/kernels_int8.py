@@ -28,6 +28,7 @@ reports it, and the float path stays selectable.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 from tvm import tirx
 from tvm.script import tirx as T
@@ -179,35 +180,8 @@ def int8_quant_matmul(k: int, n: int, block: int, kind: str, isa: str) -> tirx.P
                         if jo * block + ji < n:
                             y[i, jo * block + ji] = acc[ji]
 
-    @T.prim_func
-    def matmul_q4(
-        x_h: T.handle,
-        qw: T.Buffer((nb, kq, block, 4), code_dtype),
-        sc: T.Buffer((nb, ng, block), "float16"),
-        mn: T.Buffer((nb, ng, block), "float16"),
-        y_h: T.handle,
-    ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        m = T.int64()
-        x = T.match_buffer(x_h, (m, k), "float32")
-        y = T.match_buffer(y_h, (m, n), "float32")
-        body(x, qw, sc, mn, y, m)
-
-    @T.prim_func
-    def matmul_q8(
-        x_h: T.handle,
-        qw: T.Buffer((nb, kq, block, 4), code_dtype),
-        sc: T.Buffer((nb, ng, block), "float16"),
-        y_h: T.handle,
-    ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        m = T.int64()
-        x = T.match_buffer(x_h, (m, k), "float32")
-        y = T.match_buffer(y_h, (m, n), "float32")
-        body(x, qw, sc, sc, y, m)
-
-    matmul = matmul_q4 if q4 else matmul_q8
-    return matmul.with_attr("global_symbol", f"int8_quant_matmul_{kind}_{isa}_k{k}_n{n}_b{block}")
+    symbol = f"int8_quant_matmul_{kind}_{isa}_k{k}_n{n}_b{block}"
+    return _entry(body, k, n, (nb, kq, block, 4), code_dtype, (nb, ng, block), q4, symbol)
 
 
 # -- aarch64 i8mm: two rows by two columns per instruction -----------------------------------
@@ -308,12 +282,22 @@ def i8mm_quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
                                 if jo * block + ji < n:
                                     y[p * 2 + r, jo * block + ji] = acc[r, ji]
 
+    symbol = f"i8mm_quant_matmul_{kind}_k{k}_n{n}_b{block}"
+    return _entry(body, k, n, (nb, kq, block, 8), code_dtype, (nb, ng, block), q4, symbol)
+
+
+def _entry(
+    body: Any, k: int, n: int, codes: tuple, code_dtype: str, scales: tuple, q4: bool, symbol: str
+) -> tirx.PrimFunc:
+    """The kernel function around a ``body(x, qw, sc, mn, y, m)`` macro: x ``[m, k]`` and y ``[m, n]``
+    float32 with m free, the codes, the f16 scales and (q4) the f16 mins."""
+
     @T.prim_func
     def matmul_q4(
         x_h: T.handle,
-        qw: T.Buffer((nb, kq, block, 8), code_dtype),
-        sc: T.Buffer((nb, ng, block), "float16"),
-        mn: T.Buffer((nb, ng, block), "float16"),
+        qw: T.Buffer(codes, code_dtype),
+        sc: T.Buffer(scales, "float16"),
+        mn: T.Buffer(scales, "float16"),
         y_h: T.handle,
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -323,17 +307,11 @@ def i8mm_quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
         body(x, qw, sc, mn, y, m)
 
     @T.prim_func
-    def matmul_q8(
-        x_h: T.handle,
-        qw: T.Buffer((nb, kq, block, 8), code_dtype),
-        sc: T.Buffer((nb, ng, block), "float16"),
-        y_h: T.handle,
-    ):
+    def matmul_q8(x_h: T.handle, qw: T.Buffer(codes, code_dtype), sc: T.Buffer(scales, "float16"), y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), "float32")
         y = T.match_buffer(y_h, (m, n), "float32")
         body(x, qw, sc, sc, y, m)
 
-    matmul = matmul_q4 if q4 else matmul_q8
-    return matmul.with_attr("global_symbol", f"i8mm_quant_matmul_{kind}_k{k}_n{n}_b{block}")
+    return (matmul_q4 if q4 else matmul_q8).with_attr("global_symbol", symbol)
