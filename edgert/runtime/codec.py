@@ -175,6 +175,15 @@ class Codec:
             )
         return max(self.min_codebooks, min(books, self.num_codebooks))
 
+    def takes_codebooks(self, count: int) -> bool:
+        """Whether a frame may carry ``count`` codebooks (`min_codebooks`..`num_codebooks`)."""
+        return self.min_codebooks <= count <= self.num_codebooks
+
+    @property
+    def codebook_range(self) -> str:
+        """The codebook counts a frame may carry, as ``min..max``."""
+        return f"{self.min_codebooks}..{self.num_codebooks}"
+
     def algorithmic_latency(self, stream: bool = True) -> int:
         """Samples of input a streamed round trip waits for before its first output: one frame,
         or the longer first chunk a reflect-padded codec needs."""
@@ -210,10 +219,9 @@ class Codec:
                 f"{codes.codebook_size} codes, id {codes.codec_id.hex()}), but the artifact is '{self.name}' "
                 f"({self.sample_rate} Hz, hop {self.hop_length}, {self.codebook_size} codes, id {self.codec_id.hex()})"
             )
-        if not self.min_codebooks <= codes.codes.shape[1] <= self.num_codebooks:
+        if not self.takes_codebooks(codes.codes.shape[1]):
             raise CodesFileError(
-                f"{where} has {codes.codes.shape[1]} codebooks; "
-                f"this codec takes {self.min_codebooks}..{self.num_codebooks}"
+                f"{where} has {codes.codes.shape[1]} codebooks; this codec takes {self.codebook_range}"
             )
         if codes.codes.size and int(codes.codes.max()) >= self.codebook_size:
             raise CodesFileError(
@@ -225,8 +233,8 @@ class EncoderStream:
     """Audio in, codes out; state carried between pushes."""
 
     def __init__(self, codec: Codec, codebooks: int):
-        if not codec.min_codebooks <= codebooks <= codec.num_codebooks:
-            raise EdgertError(f"codebooks must be {codec.min_codebooks}..{codec.num_codebooks}, got {codebooks}")
+        if not codec.takes_codebooks(codebooks):
+            raise EdgertError(f"codebooks must be {codec.codebook_range}, got {codebooks}")
         self.codec, self.codebooks = codec, codebooks
         self.state = np.zeros(codec.encoder_state, np.float32)
         self.pending = np.zeros(0, np.float32)
@@ -296,9 +304,8 @@ class DecoderStream(EncoderStream):
     def push(self, codes: np.ndarray, final: bool = False) -> np.ndarray:  # type: ignore[override]
         """Audio for the frames pushed so far (a reflect-padded codec holds back its first few)."""
         codes = np.asarray(codes, np.int32)
-        books = f"{self.codec.min_codebooks}..{self.codec.num_codebooks}"
-        if codes.ndim != 2 or not self.codec.min_codebooks <= codes.shape[1] <= self.codec.num_codebooks:
-            raise EdgertError(f"codes must be (frames, {books}), got shape {codes.shape}")
+        if codes.ndim != 2 or not self.codec.takes_codebooks(codes.shape[1]):
+            raise EdgertError(f"codes must be (frames, {self.codec.codebook_range}), got shape {codes.shape}")
         if codes.size and (codes.min() < 0 or codes.max() >= self.codec.codebook_size):
             raise EdgertError(f"codes must lie in 0..{self.codec.codebook_size - 1}")
         if self.pending_codes is not None:
