@@ -113,7 +113,7 @@ def compile_codec(
     progress("building Relax module", None)
     t = time.perf_counter()
     repack = apply_cpu_layout(net, weight_dtype)
-    chunk_ms = float(chunk_ms or options.get("chunk_ms", DEFAULT_CHUNK_MS))
+    chunk_ms = float(chunk_ms if chunk_ms is not None else options.get("chunk_ms", DEFAULT_CHUNK_MS))
     if not 0 < chunk_ms <= 10_000:
         raise EdgertError(f"--chunk-ms must lie in (0, 10000] ms, got {chunk_ms:g}")
     chunk_frames = codec.chunk_frames_for(cfg.frame_rate, chunk_ms)
@@ -156,7 +156,7 @@ def compile_codec(
                 "first_chunk_samples": first_samples,
                 "first_chunk_frames": first_frames,
                 "algorithmic_latency_samples": codec.algorithmic_latency(cfg),
-                "min_codebooks": getattr(cfg, "num_semantic_quantizers", None) or cfg.min_codebooks,
+                "min_codebooks": cfg.min_codebooks,
                 "chunk_frames": chunk_frames,
             },
             "weights": {

@@ -553,9 +553,7 @@ class Quantizer(nn.Module):
             residual = z / self._gain(idx)
             codes.append(op.reshape(idx, (-1, 1)))
             start = 1
-        for i, layer in enumerate(self.layers):
-            if i < start:
-                continue
+        for i, layer in list(enumerate(self.layers))[start:]:  # a gain-shape codec's stage 0 is the gain
             # The same expression as EnCodec (|r|² - 2 r·e + |e|²), so ties break the same way.
             dist = (
                 op.sum(op.square(residual), axis=1, keepdims=True)

@@ -78,6 +78,11 @@ class MimiCodecConfig:
     filterbank: bool = False
 
     @property
+    def min_codebooks(self) -> int:
+        """Fewest codebooks a frame may carry: the semantic ones."""
+        return self.num_semantic_quantizers
+
+    @property
     def seanet_hop(self) -> int:
         """Audio samples per SEANet frame (the transformers' rate)."""
         return int(np.prod(self.upsampling_ratios))

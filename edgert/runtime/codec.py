@@ -266,8 +266,7 @@ class EncoderStream:
         size = self.chunk
         if not size or (self.first and size < self.first_rows):
             return [data]
-        whole = len(data) // size * size
-        return [data[i : i + size] for i in range(0, whole, size)] + ([data[whole:]] if whole < len(data) else [])
+        return [data[i : i + size] for i in range(0, len(data), size)]  # the last may be short
 
     @property
     def first_rows(self) -> int:
