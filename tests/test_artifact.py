@@ -26,9 +26,9 @@ import pytest
 from conftest import run_cli
 
 import edgert
+from edgert.artifact.tensorfile import PAD_PREFIX, read_tensors, write_tensors
 from edgert.errors import ArtifactError, EdgertError, TargetError
 from edgert.runtime import Generator, open_artifact
-from edgert.runtime.tensorfile import PAD_PREFIX, read_tensors, write_tensors
 from edgert.targets import host_arch, host_cpu_flags
 
 MANIFEST, MANIFEST_HASH = "manifest.json", "manifest.sha256"

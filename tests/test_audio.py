@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgert.frontend.whisper_assets import mel_filters
+from edgert.families.whisper.assets import mel_filters
 from edgert.runtime.audio import AudioError, log_mel, read_wav
 
 

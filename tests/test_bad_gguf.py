@@ -95,7 +95,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_good_tiny_model_is_accepted(bad_models: dict[str, Path]) -> None:
     """Control: the file the bad ones are cut from reads fine (no compile needed)."""
-    from edgert.families.llama import LlamaConfig
+    from edgert.families.llama.model import LlamaConfig
     from edgert.frontend import read_gguf
 
     model = read_gguf(bad_models["missing"].with_name("good.gguf"))

@@ -164,8 +164,8 @@ def test_codec_streams_on_the_board_as_on_the_host(
 ) -> None:
     import numpy as np
 
+    from edgert.families.codec.stream import load_codec, roundtrip
     from edgert.runtime.audio import load_wav, resample
-    from edgert.runtime.codec import load_codec, roundtrip
 
     host_art, rpi5_art = speech_artifact, codec_rpi5_artifact  # the host build is test_codec.py's too
     wav = _espeak("Please call Stella.", tmp_path / "stella.wav")
@@ -186,8 +186,8 @@ def test_codec_streams_on_the_board_as_on_the_host(
 def test_whisper_transcribes_on_the_board_as_on_the_host(
     board: dict, whisper_short_artifact: Path, tmp_path: Path
 ) -> None:
+    from edgert.families.whisper.transcriber import Transcriber
     from edgert.runtime.audio import read_wav
-    from edgert.runtime.transcriber import Transcriber
 
     wav = _espeak("Please call Stella and ask her to bring these things with her from the store.", tmp_path / "s.wav")
     want = Transcriber(whisper_short_artifact).transcribe(read_wav(wav), beam_size=1)  # 5.4 s: one 6 s window

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from edgert.compiler.package import check_output_path, write_artifact
+from edgert.artifact.writer import check_output_path, write_artifact
 from edgert.deploy import parse_device
 from edgert.errors import EdgertError, OutputPathError
 from edgert.runtime import open_artifact

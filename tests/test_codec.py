@@ -26,8 +26,8 @@ def tiny_encodec(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_codec(tiny_encodec: Path, tmp_path_factory: pytest.TempPathFactory):
     """The tiny reference compiled for the host and loaded."""
-    from edgert.compiler import compile_model
-    from edgert.runtime.codec import load_codec
+    from edgert.families.codec.stream import load_codec
+    from edgert.families.compile import compile_model
 
     out = tmp_path_factory.mktemp("codec-art") / "tiny.edgert"
     compile_model(str(tiny_encodec), target="host", output=out)
@@ -126,7 +126,7 @@ def test_streamed_chunks_match_pytorch(tiny_encodec: Path, tiny_codec, step: int
 
 
 def test_codes_file_round_trip_and_refusals(tiny_codec, tmp_path: Path) -> None:
-    from edgert.runtime.codec import CodesFile, CodesFileError
+    from edgert.families.codec.stream import CodesFile, CodesFileError
 
     codes = tiny_codec.encode(_speechlike(320 * 20, 24000), 3)
     cf = CodesFile(tiny_codec.name, tiny_codec.codec_id, 24000, 320, 64, codes, 320 * 20 - 5)
@@ -218,8 +218,8 @@ def test_cli_roundtrip_restores_speech(speech_artifact: Path, sentence: Path, tm
 
 def test_own_codec_matches_its_numpy_reference(speech_artifact: Path, sentence: Path) -> None:
     """The compiled codec against tools/fit_codec.py's numpy codec (MDCT, PCA, RVQ) on the same weights."""
+    from edgert.families.codec.stream import load_codec
     from edgert.runtime.audio import load_wav, resample
-    from edgert.runtime.codec import load_codec
 
     reference = load_tool("fit_codec").load(ROOT / "models" / "codec-speech16k")
     codec = load_codec(speech_artifact)
@@ -273,7 +273,7 @@ def test_cli_encode_decode_and_foreign_codes(speech_artifact: Path, sentence: Pa
     assert missing.returncode == 2 and "audio file not found" in missing.stderr
 
     import edgert
-    from edgert.runtime.codec import Codec
+    from edgert.families.codec.stream import Codec
 
     loaded = edgert.load(speech_artifact)
     assert isinstance(loaded, Codec) and (loaded.sample_rate, loaded.hop_length) == (16000, 160)

@@ -28,7 +28,7 @@ def tiny_mimi(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def mimi_codec(tiny_mimi: Path, tmp_path_factory: pytest.TempPathFactory):
     """The tiny reference compiled for the host by `edgert compile`, and loaded."""
-    from edgert.runtime.codec import load_codec
+    from edgert.families.codec.stream import load_codec
 
     out = tmp_path_factory.mktemp("mimi-art") / "tiny-mimi.edgert"
     proc = run_cli("compile", str(tiny_mimi), "--target", "host", "-o", str(out))
@@ -131,10 +131,10 @@ def test_streamed_chunks_match_transformers(tiny_mimi: Path, mimi_codec) -> None
 def test_cli_roundtrip_and_refusals(tiny_mimi: Path, mimi_codec, tmp_path: Path) -> None:
     """`edgert codec roundtrip --stream` on the compiled Mimi equals the API's whole-signal round trip (up to
     16-bit rounding); unsupported configs are refused by name."""
-    from edgert.compiler import compile_model
     from edgert.errors import UnsupportedModelError
+    from edgert.families.codec.stream import roundtrip
+    from edgert.families.compile import compile_model
     from edgert.runtime.audio import load_wav, write_wav
-    from edgert.runtime.codec import roundtrip
 
     signal = _speechlike(FRAME * 10 + 700, seed=3)  # not a whole number of frames
     wav = tmp_path / "in.wav"
@@ -167,9 +167,9 @@ def test_cli_roundtrip_and_refusals(tiny_mimi: Path, mimi_codec, tmp_path: Path)
 def test_flat_checkpoint_layout_maps_the_same(tiny_mimi: Path) -> None:
     """Checkpoints saved before transformers split Mimi into encoder and decoder halves (``encoder.layers.*``,
     ``encoder_transformer.*``, ``upsample.*``) map onto the same parameters; a missing weight is named."""
-    from edgert.compiler.codec_build import read_codec
     from edgert.errors import ModelFileError
-    from edgert.families.codec_mimi import MimiCodec, mimi_weights
+    from edgert.families.codec.build import read_codec
+    from edgert.families.codec.mimi import MimiCodec, mimi_weights
 
     cfg, tensors = read_codec(tiny_mimi)
     net = MimiCodec(cfg)

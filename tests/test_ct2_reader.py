@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgert.errors import ModelFileError, UnsupportedModelError
-from edgert.frontend.ct2_reader import read_ct2, require_spec
+from edgert.families.whisper.ct2 import read_ct2, require_spec
 
 
 def test_reads_whisper_tiny_en(whisper_model_dir: Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgert.compiler.attention import paged_decode_attention
+from edgert.compiler.passes.attention import paged_decode_attention
 
 PAGE = 16
 
@@ -73,8 +73,8 @@ def test_compiled_llama_uses_this_kernel() -> None:
     import tvm
     from tvm.target import codegen
 
-    from edgert.compiler.attention import DECODE_KERNEL, use_fast_decode_attention
-    from edgert.families.llama import LlamaConfig, LlamaForCausalLM
+    from edgert.compiler.passes.attention import DECODE_KERNEL, use_fast_decode_attention
+    from edgert.families.llama.model import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(64, 32, 64, 1, 4, 2, 8, 1e-5, 1e4, 128, True)
     net = LlamaForCausalLM(cfg)

@@ -27,10 +27,10 @@ from test_codec_kernels import CODEC_KERNELS, codec_kernel_cases
 from test_decode_attention import PAGE, _reference
 from test_quant_kernels import int8_activation_reference
 
-from edgert.compiler.attention import paged_decode_attention
-from edgert.compiler.kernels import ROW_TILE, packed_matmul, pick_block, quant_block, quant_matmul
-from edgert.compiler.kernels_int8 import int8_quant_matmul
+from edgert.compiler.kernels.int8 import int8_quant_matmul
+from edgert.compiler.kernels.quant import ROW_TILE, packed_matmul, pick_block, quant_block, quant_matmul
 from edgert.compiler.layout import pack_columns, pack_quantized, pack_quantized_dot
+from edgert.compiler.passes.attention import paged_decode_attention
 from edgert.frontend.quantized import from_gguf_blocks
 
 pytestmark = pytest.mark.slow

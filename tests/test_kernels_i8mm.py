@@ -15,8 +15,8 @@ import pytest
 from test_kernels_aarch64 import _disassemble, _quantized, run_plan
 from test_quant_kernels import int8_activation_reference
 
-from edgert.compiler.kernels import quant_block
-from edgert.compiler.kernels_int8 import dot_isa, i8mm_quant_matmul
+from edgert.compiler.kernels.int8 import dot_isa, i8mm_quant_matmul
+from edgert.compiler.kernels.quant import quant_block
 from edgert.compiler.layout import pack_quantized_mmla
 
 pytestmark = pytest.mark.slow

@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.reference]
 
 
 def _prompts() -> list[str]:
-    from edgert.compiler.recipes import load_recipe
+    from edgert.recipes import load_recipe
 
     return list(load_recipe("smollm2-135m").run["reference_prompts"])
 

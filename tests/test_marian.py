@@ -24,7 +24,7 @@ def marian_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def translator(marian_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    from edgert.runtime.translator import Translator
+    from edgert.families.marian.translator import Translator
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny-marian.edgert"
     proc = run_cli("compile", str(marian_dir), "-o", str(out))

@@ -12,7 +12,7 @@ from tvm import relax  # noqa: E402
 from tvm.relax.frontend import nn  # noqa: E402
 
 from edgert.compiler.layout import QuantLinear  # noqa: E402
-from edgert.compiler.pipeline import relax_pipeline, unrestricted_kernels  # noqa: E402
+from edgert.compiler.passes.pipeline import relax_pipeline, unrestricted_kernels  # noqa: E402
 
 
 class _Linear(nn.Module):
@@ -73,7 +73,7 @@ def test_only_big_fixed_shape_kernels_are_spread_over_threads(rows, threaded: bo
     """A layer norm over 1500 frames runs on the thread pool; over a symbolic or a tiny row count, serially."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    from edgert.compiler.pipeline import schedule_static_kernels
+    from edgert.compiler.passes.pipeline import schedule_static_kernels
 
     target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
     mod, _ = _Norm().export_tvm(spec={"forward": {"x": nn.spec.Tensor([rows, 384], "float32")}})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgert.compiler.kernels import ROW_TILE, quant_block, quant_matmul
+from edgert.compiler.kernels.quant import ROW_TILE, quant_block, quant_matmul
 from edgert.compiler.layout import pack_quantized
 from edgert.compiler.quantize import choose_storage, quantize_rows, storage_kind
 from edgert.frontend.quantized import QuantizedRows, concat_rows, from_gguf_blocks
@@ -169,7 +169,7 @@ def int8_kernels():
     import tvm
     from tvm.target import codegen
 
-    from edgert.compiler.kernels_int8 import dot_isa, int8_quant_matmul
+    from edgert.compiler.kernels.int8 import dot_isa, int8_quant_matmul
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 2})
     isa = dot_isa(codegen.llvm_get_cpu_features(target))
@@ -227,8 +227,8 @@ def test_pack_quantized_dot_layout() -> None:
 
 
 def test_int8_activations_need_a_dot_product_instruction_set() -> None:
-    from edgert.compiler.build import _int8_isa
     from edgert.errors import EdgertError
+    from edgert.families.llama.build import _int8_isa
 
     host = {"name": "host", "cpu": "znver3", "cpu_flags": ["avx", "avx2", "fma"]}
     rpi4 = {"name": "rpi4", "cpu": "cortex-a72", "cpu_flags": ["neon"]}

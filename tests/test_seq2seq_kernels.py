@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tvm
 
-from edgert.compiler import seq2seq_kernels as sk
+from edgert.compiler.kernels import seq2seq as sk
 from edgert.compiler.target import resolve
 from edgert.targets import load_target
 
@@ -115,7 +115,7 @@ def test_plain_heads_projection_and_frame_attention_match_numpy() -> None:
     """The family's plain-op definitions the kernels above stand in for (used where nothing is swapped)."""
     from tvm.relax.frontend import nn
 
-    from edgert.families.whisper import Attend, HeadsProjection
+    from edgert.families.shared.seq2seq import Attend, HeadsProjection
 
     heads, frames, d, width = 2, 11, 8, 16
 

@@ -119,7 +119,7 @@ def test_short_window_build_gives_the_full_builds_words(
 ) -> None:
     """`--audio-ctx 300`: a 6 s encoder window recorded in the manifest; a 5.4 s sentence gets the full
     30 s build's words, and longer audio is cut and sought by the 6 s window."""
-    from edgert.runtime.transcriber import Transcriber
+    from edgert.families.whisper.transcriber import Transcriber
 
     short = Transcriber(whisper_short_artifact)
     manifest = short.artifact.manifest
@@ -142,7 +142,7 @@ def test_short_window_build_gives_the_full_builds_words(
 
 def test_audio_ctx_out_of_range_is_refused() -> None:
     from edgert.errors import UnsupportedModelError
-    from edgert.families.whisper import WhisperConfig
+    from edgert.families.whisper.model import WhisperConfig
 
     full = WhisperConfig(80, 384, 4, 4, 6, 51864, audio_ctx=1500, text_ctx=448, ffn_dim=1536)  # tiny.en
     assert full.with_window(None) is full and full.with_window(1500).mel_frames == 3000
@@ -208,7 +208,7 @@ def vad_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_streaming_commits_and_finals(transcriber, vad_artifact: Path) -> None:
     """beckett.wav in 1 s chunks: VAD splits the pauses into utterances whose final texts give the words."""
     import edgert
-    from edgert.runtime.streaming import StreamingTranscriber, stream_file
+    from edgert.families.whisper.streaming import StreamingTranscriber, stream_file
     from edgert.runtime.vad import VoiceActivity
 
     streamer = StreamingTranscriber(transcriber, VoiceActivity(edgert.load(vad_artifact)))

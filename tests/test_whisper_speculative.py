@@ -28,7 +28,7 @@ def beckett_plain(transcriber):
 
 @pytest.mark.parametrize("spec", ["self:k=4", "self:k=3,exit=2"])
 def test_speculative_transcript_identical(whisper_artifact: Path, beckett_plain, spec: str) -> None:
-    from edgert.runtime.transcriber import Transcriber
+    from edgert.families.whisper.transcriber import Transcriber
 
     samples, plain = beckett_plain
     fast = Transcriber(whisper_artifact, speculative=spec)
@@ -59,7 +59,7 @@ def test_speculative_cli_reports_acceptance(whisper_artifact: Path, beckett_plai
 def test_early_exit_decoder(whisper_artifact: Path, beckett_plain) -> None:
     """Confidence 0.9 (agreement 1.0 on espeak-ng speech, measured apart from this audio) skips layers
     on some tokens and keeps the transcript; static depth runs exactly that many layers per token."""
-    from edgert.runtime.transcriber import Transcriber
+    from edgert.families.whisper.transcriber import Transcriber
 
     samples, plain = beckett_plain
     t = Transcriber(whisper_artifact, exit="confidence:0.9")
@@ -98,9 +98,9 @@ def test_exit_calibration_states_the_agreement_the_runtime_gives(whisper_artifac
     import numpy as np
     from conftest import load_tool
 
-    from edgert.runtime.artifact import open_artifact
+    from edgert.artifact.reader import open_artifact
+    from edgert.families.whisper.transcriber import Transcriber
     from edgert.runtime.seq2seq_speculative import DecoderLayers
-    from edgert.runtime.transcriber import Transcriber
 
     art = tmp_path / "w.edgert"
     shutil.copyfile(whisper_artifact, art)

@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 import edgert
+from edgert.artifact import reader as artifact_module
+from edgert.artifact.reader import MANIFEST, MANIFEST_HASH, _zip_members, open_artifact
+from edgert.artifact.tensorfile import ALIGNMENT, PAD_PREFIX, read_tensors, write_tensors
 from edgert.errors import ArtifactError
-from edgert.runtime import artifact as artifact_module
-from edgert.runtime.artifact import MANIFEST, MANIFEST_HASH, _zip_members, open_artifact
-from edgert.runtime.tensorfile import ALIGNMENT, PAD_PREFIX, read_tensors, write_tensors
 
 PROMPT_IDS = [1, 2, 3, 4, 5, 6, 7, 8]
 

@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     import tvm
     from tvm.target import codegen
 
-    from edgert.compiler.kernels import quant_block, quant_matmul
-    from edgert.compiler.kernels_int8 import dot_isa, int8_quant_matmul
+    from edgert.compiler.kernels.int8 import dot_isa, int8_quant_matmul
+    from edgert.compiler.kernels.quant import quant_block, quant_matmul
     from edgert.compiler.layout import pack_quantized, pack_quantized_dot
     from edgert.compiler.quantize import quantize_rows
 

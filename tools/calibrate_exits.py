@@ -296,9 +296,9 @@ def write_plot(rows: list[dict[str, Any]], out: Path) -> None:
 
 def store(artifact_path: Path, exits: dict[str, Any], adapters: dict[str, np.ndarray]) -> None:
     """Rewrite the artifact with the adapters member and the ``exits`` manifest entry (atomically)."""
-    from edgert.compiler.package import write_artifact
-    from edgert.runtime.artifact import open_artifact
-    from edgert.runtime.tensorfile import write_tensors
+    from edgert.artifact.reader import open_artifact
+    from edgert.artifact.tensorfile import write_tensors
+    from edgert.artifact.writer import write_artifact
 
     art = open_artifact(artifact_path, check_host=False)
     manifest = {k: v for k, v in art.manifest.items() if k not in ("format", "format_version", "files")}
@@ -333,7 +333,7 @@ def calibrate(
 ) -> dict[str, Any]:
     """Run every calibration stage on ``artifact`` and store the result in it; return the ``exits`` entry."""
     import edgert
-    from edgert.compiler.recipes import find_recipe
+    from edgert.recipes import find_recipe
 
     model = edgert.load(artifact, threads=threads)
     n = int(model.artifact.manifest["model"]["num_layers"])
@@ -453,8 +453,8 @@ def calibrate_whisper(
     tokens of the sentences not used for fitting (the second half). With ``policies``, each one's
     grid is swept by real early-exit decoding of those sentences and its calibrated point stored.
     """
+    from edgert.families.whisper.transcriber import Transcriber
     from edgert.runtime.seq2seq_speculative import DecoderLayers
-    from edgert.runtime.transcriber import Transcriber
 
     transcriber = Transcriber(artifact, threads=threads)
     layers = DecoderLayers(transcriber.model)
@@ -520,9 +520,9 @@ def calibrate_whisper(
 def whisper_sweep(artifact: Path, audios: Sequence[Any], grids: dict[str, list[float]], threads: int | None) -> list:
     """Each policy point's greedy transcripts against the full decoder's: agreement (tokens equal position by
     position, over the full transcript's length), mean layers per token, and decoder speedup (time per token)."""
+    from edgert.families.whisper.transcriber import Transcriber
     from edgert.runtime.exits import parse_exit_policy
     from edgert.runtime.seq2seq_speculative import EarlyExitSeq2Seq
-    from edgert.runtime.transcriber import Transcriber
 
     transcriber = Transcriber(artifact, threads=threads)
     windows = [transcriber.encode(transcriber.features(a.samples)) for a in audios]
@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int)
     parser.add_argument("--sentences", type=int, default=12, help="Whisper: calibration sentences spoken by espeak-ng")
     args = parser.parse_args(argv)
-    from edgert.runtime.artifact import open_artifact
+    from edgert.artifact.reader import open_artifact
 
     if open_artifact(args.artifact, check_host=False).family == "whisper":
         policies = [p for p in args.policies if p != "patience"]  # 4 layers: patience cannot save any

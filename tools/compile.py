@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from edgert.compiler import compile_model
 from edgert.errors import EdgertError
+from edgert.families.compile import compile_model
 
 
 def main(argv: list[str] | None = None) -> int:

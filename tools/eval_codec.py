@@ -58,9 +58,9 @@ def evaluate(artifact: Path, whisper: Path | None = None, wav_dir: Path | None =
     """
     from train_codec import held_out_speech, held_out_texts
 
+    from edgert.families.codec.stream import load_codec
     from edgert.profile.audio_quality import word_error_rate
     from edgert.runtime.audio import write_wav
-    from edgert.runtime.codec import load_codec
 
     codec = load_codec(artifact)
     clips = held_out_speech()
@@ -69,7 +69,7 @@ def evaluate(artifact: Path, whisper: Path | None = None, wav_dir: Path | None =
     texts: dict[str, str] = {}
     transcriber = None
     if whisper is not None:
-        from edgert.runtime.transcriber import Transcriber
+        from edgert.families.whisper.transcriber import Transcriber
 
         transcriber = Transcriber(whisper)
 

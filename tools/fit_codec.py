@@ -15,7 +15,7 @@ The codec is linear up to its quantizer, so every part has a closed-form fit ins
                                quantization and with every principal axis kept; checked here)
 
 It is stored as an EnCodec-architecture codec with ``filterbank = true`` and ``activation = "none"``
-(no ELU, residual unit or LSTM), so the compiler's codec family (`edgert.families.codec`) builds and
+(no ELU, residual unit or LSTM), so the compiler's codec family (`edgert.families.codec.model`) builds and
 streams it: encoder = conv 1->dim (k=2*hop, stride hop) then an identity 1x1 conv, decoder = an
 identity 1x1 conv then a transposed conv dim->1 (k=2*hop, stride hop). Speech: `training_speech`
 (espeak-ng, tools/train_codec.py's recipe); held out: its five held-out sentences and the tail of a

@@ -10,8 +10,8 @@ import argparse
 import json
 import sys
 
+from edgert.deploy.profiling import profile_on_device
 from edgert.errors import EdgertError
-from edgert.profile.report import profile_on_device
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,9 +38,9 @@ def tune(
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.s_tir import meta_schedule as ms
 
-    from edgert.compiler.graph_build import import_graph, optimize
     from edgert.compiler.target import resolve
     from edgert.compiler.tuning import database_dir, register_cpu_intrinsics_only
+    from edgert.families.graph.build import import_graph, optimize
     from edgert.targets import load_target
 
     spec = load_target(target)
@@ -85,7 +85,7 @@ def tune(
 
 def main() -> int:
     """Command line."""
-    from edgert.compiler.graph_build import parse_input_shapes
+    from edgert.families.graph.build import parse_input_shapes
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="an .onnx or .tflite file")

@@ -1,5 +1,4 @@
-"""The ahead-of-time compiler: layouts, kernels, the TVM build and packaging."""
-
-from edgert.compiler.build import CompileResult, compile_model
-
-__all__ = ["CompileResult", "compile_model"]
+"""The ahead-of-time compiler's shared parts: kernels, layouts and quantization, passes and the
+pipeline, schedule rules, target resolution, tuning, and what every family build shares
+(`compile`). Choosing a family is the registry's job (`edgert.families.registry.compile_model`).
+"""

@@ -17,8 +17,8 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from edgert.compiler.kernels import GROUP, packed_matmul, pick_block, quant_block, quant_matmul
-from edgert.compiler.kernels_int8 import i8mm_quant_matmul, int8_quant_matmul
+from edgert.compiler.kernels.int8 import i8mm_quant_matmul, int8_quant_matmul
+from edgert.compiler.kernels.quant import GROUP, packed_matmul, pick_block, quant_block, quant_matmul
 from edgert.frontend.quantized import QuantizedRows
 
 WEIGHT_DTYPES = {"f32": "float32", "f16": "float16"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 from edgert.paths import TARGETS_DIR
 
@@ -58,3 +59,25 @@ def register_cpu_intrinsics_only(arch: str = "x86_64") -> None:
         package.__package__ = name
         sys.modules[name] = package
     importlib.import_module(f"{name}.{'arm_cpu' if arch == 'aarch64' else 'x86'}")
+
+
+def apply_tuning(tuning_db: Path, stats: dict[str, int] | None) -> Any:
+    """A pass giving kernels their schedules from a MetaSchedule database (and counting them)."""
+    import tvm
+    from tvm import relax
+    from tvm.s_tir import meta_schedule as ms
+
+    @tvm.transform.module_pass(opt_level=0, name="edgert.ApplyTuning")
+    def _apply(mod: Any, _ctx: Any) -> Any:
+        db = ms.database.JSONDatabase(
+            str(tuning_db / "database_workload.json"), str(tuning_db / "database_tuning_record.json")
+        )
+        with db:
+            mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        if stats is not None:
+            kernels = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+            stats["kernels"] = len(kernels)
+            stats["tuned_kernels"] = sum(bool(f.attrs and f.attrs.get("tirx.is_scheduled")) for f in kernels)
+        return mod
+
+    return _apply

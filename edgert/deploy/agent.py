@@ -82,6 +82,8 @@ class Agent:
         op = str(header.get("op", ""))
         method = getattr(self, f"op_{op}", None)
         if method is None:
+            method = self._family_op(op)
+        if method is None:
             return {"ok": False, "error": f"unknown operation '{op}'", "kind": "DeviceError"}, b""
         try:
             with self._lock:
@@ -201,7 +203,7 @@ class Agent:
 
     def op_put_end(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         """Check the upload's size, sha256 and artifact; only then rename it over the old one."""
-        from edgert.runtime.artifact import open_artifact
+        from edgert.artifact.reader import open_artifact
 
         token = str(header.get("upload"))
         up = self._upload(header)
@@ -224,9 +226,29 @@ class Agent:
             self._loaded = None
         return {"path": str(dest), "sha256": up["sha256"], "size": up["size"]}, b""
 
+    def _family_op(self, op: str) -> Any:
+        """An operation a model family serves (`Family.device_ops`), bound to this agent, or None."""
+        from edgert.families import registry
+
+        found = registry.device_op(op)
+        if found is None:
+            return None
+        family, function = found
+
+        def method(header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
+            model = self._model(header)
+            if model.artifact.family != family.name:
+                raise DeviceError(
+                    f"'{header['name']}' holds a '{model.artifact.family}' model: {op} needs a {family.name} model"
+                )
+            reply, data = function(model, header, payload)
+            return {**reply, "load_seconds": round(self._load_seconds, 3)}, data
+
+        return method
+
     def _model(self, header: dict[str, Any]) -> Any:
         """The artifact named in the request, loaded (kept loaded between requests)."""
-        from edgert.runtime import load
+        from edgert.families.registry import load
 
         path = self._artifact_path(str(header["name"]))
         if not path.is_file():
@@ -240,37 +262,6 @@ class Agent:
             self._load_seconds = time.perf_counter() - t
             self._loaded = (key, model)
         return self._loaded[1]
-
-    def op_run(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
-        """Generate from a prompt with the options of `edgert run`; the text, token ids and stats."""
-        from edgert.runtime.sampling import SamplingParams
-
-        s = header.get("sampling", {})
-        sampling = SamplingParams(
-            float(s.get("temperature", 0.0)),
-            int(s.get("top_k", 0)),
-            float(s.get("top_p", 1.0)),
-            float(s.get("repetition_penalty", 1.0)),
-            s.get("seed"),
-        )
-        model = self._model(header)
-        model.reset()
-        prompt = header.get("prompt")
-        text = prompt if prompt is not None else model.artifact.manifest.get("defaults", {}).get("prompt", "Hello!")
-        chat = not header.get("raw", False) and model.tokenizer.has_chat_template
-        pieces, ids = [], []
-        max_tokens, stop = int(header.get("max_tokens", 256)), header.get("stop") or ()
-        for tok in model.generate(text, max_tokens=max_tokens, sampling=sampling, stop=stop, chat=chat):
-            ids.append(tok.id)
-            pieces.append(tok.text)
-        return {
-            "prompt": text,
-            "text": "".join(pieces),
-            "tokens": ids,
-            "stats": model.stats.to_dict(),
-            "threads": model.session.threads,
-            "load_seconds": round(self._load_seconds, 3),
-        }, b""
 
     def op_profile(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         """Measure load, prefill, per-token decode, per-operator times and peak memory; keep a copy."""
@@ -293,57 +284,6 @@ class Agent:
         saved.parent.mkdir(exist_ok=True)
         saved.write_text(json.dumps(result, indent=1))
         return {"result": result, "saved": str(saved.relative_to(self.root))}, b""
-
-    def op_transcribe(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
-        """Transcribe the payload (mono float32 samples at ``sample_rate``) with a Whisper artifact."""
-        import numpy as np
-
-        from edgert.runtime.transcriber import Transcriber, TranscriptionStats
-
-        model = self._model(header)
-        if not isinstance(model, Transcriber):
-            raise DeviceError(f"'{header['name']}' holds a '{model.artifact.family}' model: transcribe needs Whisper")
-        audio = model.load_audio(np.frombuffer(payload, "<f4"), int(header.get("sample_rate", model.sample_rate)))
-        beam = header.get("beam_size") or model.artifact.manifest.get("defaults", {}).get("beam_size", 1)
-        stats = TranscriptionStats()
-        segments = [s.to_dict() for s in model.segments(audio, beam_size=int(beam), stats=stats)]
-        return {
-            "text": "".join(s["text"] for s in segments).strip(),
-            "segments": segments,
-            "beam_size": int(beam),
-            "stats": stats.to_dict(),
-            "threads": model.model.session.threads,
-            "load_seconds": round(self._load_seconds, 3),
-        }, b""
-
-    def op_codec_roundtrip(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
-        """Encode and decode the payload (mono float32 at the codec's rate), whole or streamed in chunks;
-        the payload back holds the codes (int32, frames x codebooks) and then the audio (float32)."""
-        import numpy as np
-
-        from edgert.runtime.codec import Codec, roundtrip
-
-        model = self._model(header)
-        if not isinstance(model, Codec):
-            raise DeviceError(f"'{header['name']}' holds a '{model.artifact.family}' model, not a codec")
-        books = model.codebooks_for(header.get("bandwidth"))
-        chunk = max(1, int(float(header.get("chunk_ms", 80.0)) * model.sample_rate / 1000))
-        stream = bool(header.get("stream", False))
-        codes, audio, enc, dec = roundtrip(model, np.frombuffer(payload, "<f4"), books, stream, chunk)
-        codes_bytes = np.ascontiguousarray(codes, "<i4").tobytes()
-        return {
-            "codes_shape": list(codes.shape),
-            "codes_bytes": len(codes_bytes),
-            "codebooks": books,
-            "bandwidth_kbps": model.bandwidth_kbps(books),
-            "sample_rate": model.sample_rate,
-            "stream": stream,
-            "algorithmic_latency": model.algorithmic_latency(stream),
-            "encode": enc.stats.to_dict(),
-            "decode": dec.stats.to_dict(),
-            "threads": model.session.threads,
-            "load_seconds": round(self._load_seconds, 3),
-        }, codes_bytes + np.ascontiguousarray(audio, "<f4").tobytes()
 
     def op_fetch(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         """Bytes ``offset``..``offset+length`` of a file inside the folder (results, artifacts)."""

@@ -157,7 +157,7 @@ def download_wheels(folder: Path) -> None:
 
 def install_runtime(rootfs: Path) -> None:
     """Copy edgert's runtime and agent (fresh, every start) into the board."""
-    from edgert.deploy.links import runtime_tar
+    from edgert.deploy.bundle import runtime_tar
 
     src = rootfs / SRC
     shutil.rmtree(src, ignore_errors=True)

@@ -221,7 +221,7 @@ class Device:
 
     def check_artifact(self, artifact: Path) -> dict[str, Any]:
         """Verify ``artifact`` here and refuse it early when the device cannot run it."""
-        from edgert.runtime.artifact import open_artifact
+        from edgert.artifact.reader import open_artifact
 
         art = open_artifact(artifact, check_host=False)
         t, hello = art.target, self.hello()

@@ -11,38 +11,20 @@ serial:///dev/ttyX?baud=115200     a UART: CRC'd packets with retransmission (&r
 
 from __future__ import annotations
 
-import io
 import shlex
 import subprocess
-import tarfile
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from edgert.deploy.bundle import runtime_tar
 from edgert.deploy.client import Device, InProcessChannel, ProcessChannel, RpcChannel, SerialChannel, SocketChannel
 from edgert.errors import DeviceError
-from edgert.paths import ROOT, cache_dir
+from edgert.paths import cache_dir
 
 LINKS = ("local", "board", "ssh", "adb", "rpc", "serial")
 # What a device needs of edgert: the runtime, the agent and the on-device measurements.
-RUNTIME_PARTS = ("__init__.py", "errors.py", "paths.py", "targets.py", "runtime", "deploy", "profile")
 AGENT_PORT = 7709
-
-
-def runtime_tar() -> bytes:
-    """edgert's runtime and agent (no compiler, frontend or model families) as an uncompressed tar."""
-    buf = io.BytesIO()
-    package = Path(__file__).resolve().parent.parent
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for part in RUNTIME_PARTS:
-            path = package / part
-            files = [path] if path.is_file() else sorted(p for p in path.rglob("*.py"))
-            for f in files:
-                tar.add(f, arcname=str(Path("edgert") / f.relative_to(package)))
-        for f in sorted((ROOT / "targets").glob("*.toml")):
-            tar.add(f, arcname=f"targets/{f.name}")
-    return buf.getvalue()
 
 
 def _host_port(parts: Any, uri: str, default_port: int | None = None) -> tuple[str, int]:

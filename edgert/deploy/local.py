@@ -7,8 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from edgert.artifact.reader import open_artifact
 from edgert.paths import cache_dir
-from edgert.runtime.artifact import open_artifact
 
 
 class LocalDevice:

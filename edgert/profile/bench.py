@@ -35,7 +35,7 @@ def bench_generator(
 ) -> dict[str, Any]:
     """Time loading, a prefill of ``prompt_tokens`` and ``gen_tokens`` greedy decode steps."""
     from edgert.errors import EdgertError
-    from edgert.runtime import load
+    from edgert.families.registry import load
 
     if prompt_tokens < 1 or gen_tokens < 1 or repeats < 1:
         raise EdgertError("bench needs --prompt-tokens, --gen-tokens and --repeats of at least 1")

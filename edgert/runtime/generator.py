@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgert.artifact.reader import Artifact
 from edgert.errors import ContextLengthError
-from edgert.runtime.artifact import Artifact
 from edgert.runtime.sampling import Sampler, SamplingParams
 from edgert.runtime.session import PagedKVCache, Session
 from edgert.runtime.tokenizer import TextTokenizer

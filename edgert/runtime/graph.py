@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from edgert.artifact.reader import Artifact
 from edgert.errors import EdgertError
-from edgert.runtime.artifact import Artifact
 from edgert.runtime.session import Session
 from edgert.runtime.tvm_runtime import copy_into, to_numpy
 

@@ -80,7 +80,7 @@ def load_adapters(session: Session) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     exits = session.artifact.manifest.get("exits")
     if not exits or not exits.get("adapters"):
         return {}
-    from edgert.runtime.tensorfile import read_tensors
+    from edgert.artifact.tensorfile import read_tensors
 
     m = session.artifact._member(exits["adapters"])
     arrays = read_tensors(m.path, m.offset, m.size)

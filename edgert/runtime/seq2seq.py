@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from edgert.artifact.reader import Artifact
 from edgert.runtime import tvm_runtime
-from edgert.runtime.artifact import Artifact
 from edgert.runtime.session import Session
 from edgert.runtime.tvm_runtime import to_numpy
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from edgert.artifact.reader import Artifact
+from edgert.artifact.tensorfile import ALIGNMENT
 from edgert.runtime import tvm_runtime
-from edgert.runtime.artifact import Artifact
-from edgert.runtime.tensorfile import ALIGNMENT
 
 
 def configure_threads(threads: int | None, default: int | None = None) -> int:

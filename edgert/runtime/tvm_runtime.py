@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from edgert.artifact.tensorfile import ALIGNMENT
 from edgert.errors import EdgertError
-from edgert.runtime.tensorfile import ALIGNMENT
 
 POOLED_ALLOCATOR = 2  # tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
 CPU = 1  # kDLCPU

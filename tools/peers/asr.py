@@ -49,7 +49,7 @@ def _worker(kind: str, path: str, threads: int, seconds: float, beam: int, repea
     sys.path.insert(0, str(ROOT))
     samples = _audio(seconds)
     if kind == "edgert":
-        from edgert.runtime.transcriber import Transcriber
+        from edgert.families.whisper.transcriber import Transcriber
 
         tr = Transcriber(path, threads=threads)
 
@@ -92,8 +92,8 @@ def _measure(kind: str, path: str, args: Any, seconds: float) -> dict[str, Any]:
 def run(args: Any) -> list[Row]:
     """Median end-to-end transcription latency of both engines for each audio length."""
     sys.path.insert(0, str(ROOT))
-    from edgert.compiler import compile_model
-    from edgert.compiler.recipes import load_recipe
+    from edgert.families.compile import compile_model
+    from edgert.recipes import load_recipe
 
     model_dir = load_recipe("whisper-tiny.en").source_path().parent
     with tempfile.TemporaryDirectory() as tmp:

@@ -45,7 +45,7 @@ def _signal(seconds: float, rate: int) -> np.ndarray:
 
 
 def _edgert_stream(artifact: Path, audio: np.ndarray, frame: int, threads: int) -> tuple[list[float], float]:
-    from edgert.runtime.codec import load_codec
+    from edgert.families.codec.stream import load_codec
 
     codec = load_codec(artifact, threads)
     enc, dec = codec.encoder(), codec.decoder()
@@ -65,7 +65,7 @@ def _own_codec(args: argparse.Namespace) -> list[Row]:
     """models/codec-speech16k (16 kHz, closed-form MDCT + PCA + RVQ) streamed, vs its numpy reference."""
     import fit_codec
 
-    from edgert.compiler import compile_model
+    from edgert.families.compile import compile_model
 
     folder = TOOLS.parent / "models" / "codec-speech16k"
     reference = fit_codec.load(folder)
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     import make_codec_reference
     import torch
 
-    from edgert.compiler import compile_model
+    from edgert.families.compile import compile_model
 
     torch.set_num_threads(args.threads)
     rate = 24000

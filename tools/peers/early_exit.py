@@ -47,7 +47,7 @@ def _prepare(args: Any) -> Path:
     """A calibrated artifact: the one given, else SmolLM2 compiled and calibrated here (minutes)."""
     if args.ee_artifact is not None:
         return args.ee_artifact
-    from edgert.compiler import compile_model
+    from edgert.families.compile import compile_model
 
     folder = Path(tempfile.mkdtemp(prefix="edgert-ee-"))
     art = compile_model("smollm2-135m", output=folder / "smollm2.edgert", threads=args.threads).path
@@ -72,7 +72,7 @@ def _decode(runner: Any, prompts: list[str], tokens: int) -> tuple[list[list[int
 def run(args: Any) -> list[Row]:
     """Measure every case; rows with the full model as the baseline."""
     import edgert
-    from edgert.compiler.recipes import load_recipe
+    from edgert.recipes import load_recipe
     from edgert.runtime.exits import EarlyExitDecoder, parse_exit_policy
     from edgert.runtime.speculative import ModelDrafter, SpeculativeDecoder, parse_speculative
 

@@ -72,14 +72,14 @@ def _agreement(outputs: list[list[int]], reference: list[list[int]]) -> float:
 
 def whisper_rows(args: Any) -> list[Row]:
     """Full greedy decoder, self-speculative ``self:k=<ee-k>`` and early exit at `EXIT_POINT` on Whisper tiny.en."""
+    from edgert.families.whisper.transcriber import Transcriber
     from edgert.runtime.audio import read_wav
-    from edgert.runtime.transcriber import Transcriber
 
     folder = Path(tempfile.mkdtemp(prefix="edgert-ee-whisper-"))
     try:
         art = args.ee_whisper_artifact
         if art is None:
-            from edgert.compiler import compile_model
+            from edgert.families.compile import compile_model
 
             print("compiling whisper-tiny.en (minutes)", file=sys.stderr, flush=True)
             art = compile_model("whisper-tiny.en", output=folder / "whisper.edgert", threads=args.threads).path

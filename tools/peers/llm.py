@@ -247,8 +247,8 @@ def _kv_bytes(artifact: Path, context: int) -> int:
 
 def run(args: Any) -> list[Row]:
     """Compile (unless given an artifact), run both engines, and compare."""
-    from edgert.compiler.recipes import load_recipe
     from edgert.profile.bench import BENCH_TEXT
+    from edgert.recipes import load_recipe
     from edgert.runtime import open_artifact
     from edgert.runtime.tokenizer import TextTokenizer
 

@@ -1,0 +1,1 @@
+"""Relax passes and the pipeline every build uses (`pipeline`), decode attention (`attention`)."""

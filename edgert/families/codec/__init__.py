@@ -1,0 +1,1 @@
+"""Neural audio codecs (edgert's own, EnCodec, Mimi): `model`, `mimi`, `build`, `stream` (runtime), `device`."""

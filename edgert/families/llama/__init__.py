@@ -1,0 +1,1 @@
+"""Llama-architecture language models: `model` (config + nn.Module), `loader` (GGUF weights), `build`, `device`."""

@@ -1,0 +1,273 @@
+"""The Llama architecture (SmolLM2, Llama 2/3, TinyLlama, ...) as its equations.
+
+    h = embed(tokens)
+    for each layer:  h = h + Wo · Attn(RoPE(Wq · n), RoPE(Wk · n), Wv · n),  n = RMSNorm(h)
+                     h = h + Wdown · (SiLU(Wgate · n) ⊙ Wup · n),            n = RMSNorm(h)
+    logits = Whead · RMSNorm(h)          (Whead = embed when the embeddings are tied)
+
+Attention is grouped-query attention over a paged KV cache (`TIRPagedKVCache`), which also
+applies RoPE to q and k. Every entry point is a slice of this stack, so a runtime can run
+a range of layers, exit early or roll the cache back.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tvm import relax, te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
+from tvm.target import Target
+
+from edgert.errors import ModelFileError, UnsupportedModelError
+
+
+@dataclass
+class LlamaConfig:
+    """Hyper-parameters of a Llama-architecture model."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    context_length: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_gguf(cls, model: Any) -> LlamaConfig:
+        """Read the config from a GGUF file's `llama.*` metadata."""
+        if model.architecture != "llama":
+            raise UnsupportedModelError(
+                f"{model.path}: architecture '{model.architecture}' is not supported (edgert compiles: llama)"
+            )
+        required = (
+            "llama.block_count",
+            "llama.embedding_length",
+            "llama.feed_forward_length",
+            "llama.attention.head_count",
+            "tokenizer.ggml.tokens",
+        )
+        missing = [k for k in required if model.metadata.get(k) is None]
+        if missing:
+            raise ModelFileError(f"{model.path}: metadata field(s) missing or unreadable: {', '.join(missing)}")
+        hidden = int(model.arch_field("embedding_length"))
+        heads = int(model.arch_field("attention.head_count"))
+        return cls(
+            vocab_size=len(model.metadata["tokenizer.ggml.tokens"]),
+            hidden_size=hidden,
+            intermediate_size=int(model.arch_field("feed_forward_length")),
+            num_layers=int(model.arch_field("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(model.arch_field("attention.head_count_kv", heads)),
+            head_dim=int(model.arch_field("rope.dimension_count", hidden // heads)),
+            rms_norm_eps=float(model.arch_field("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(model.arch_field("rope.freq_base", 10000.0)),
+            context_length=int(model.arch_field("context_length", 2048)),
+            tie_word_embeddings="output.weight" not in model.tensor_types,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for the manifest."""
+        return asdict(self)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention; q, k and v come from one fused projection."""
+
+    def __init__(self, cfg: LlamaConfig):
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+
+    def attn_out(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        """Attention before the output projection [b, s, heads, head_dim]; appends k and v to the cache."""
+        b, s, _ = x.shape
+        qkv = op.reshape(self.qkv_proj(x), (b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim))
+        return cache.attention_with_fused_qkv(layer_id, qkv, self.num_heads, sm_scale=self.head_dim**-0.5)
+
+    def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        b, s, _ = x.shape
+        out = self.attn_out(x, cache, layer_id)
+        return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim)))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)); gate and up are one projection."""
+
+    def __init__(self, cfg: LlamaConfig):
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.silu(gate) * up)
+
+
+class LlamaLayer(nn.Module):
+    """One pre-norm transformer block."""
+
+    def __init__(self, cfg: LlamaConfig):
+        self.input_norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.attn = LlamaAttention(cfg)
+        self.post_attention_norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, h: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        h = h + self.attn(self.input_norm(h), cache, layer_id)
+        return h + self.mlp(self.post_attention_norm(h))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token embedding, the layer stack, final norm and the (tied) LM head."""
+
+    def __init__(self, cfg: LlamaConfig):
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([LlamaLayer(cfg) for _ in range(cfg.num_layers)])
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        # Tied models still get their own head module: the compiler may give it a layout of
+        # its own, and the loader fills it from the embedding table.
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def _stack(self, h: Tensor, cache: PagedKVCache, start: int = 0, end: int | None = None) -> Tensor:
+        for layer_id in range(start, self.cfg.num_layers if end is None else end):
+            h = self.layers[layer_id](h, cache, layer_id)
+        return h
+
+    def _logits(self, h: Tensor) -> Tensor:
+        logits = self.lm_head(self.norm(h))
+        return logits if logits.dtype == "float32" else logits.astype("float32")
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token ids [1, s] to hidden states [1, s, d]."""
+        return self.embed_tokens(input_ids)
+
+    def prefill(self, input_ids: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """Run a chunk of the prompt; return the logits of its last token [1, 1, vocab]."""
+        h = self._stack(self.embed_tokens(input_ids), cache)
+        return self._logits(_last_token(h)), cache
+
+    def verify(self, input_ids: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """Like prefill, but the logits of every token [1, s, vocab] (scoring, speculation)."""
+        return self._logits(self._stack(self.embed_tokens(input_ids), cache)), cache
+
+    def decode(self, input_ids: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """One new token per step: logits [1, 1, vocab]."""
+        return self._logits(self._stack(self.embed_tokens(input_ids), cache)), cache
+
+    # -- layer-range execution (early exit, self-speculative drafting) --------------------
+    # One Relax function per layer (``layer_<i>``) rather than one taking the layer index: the
+    # weights stay in the per-layer layout every other entry point uses, the KV cache's layer
+    # id stays a constant, and the fused kernels are shared, so compile time grows only by
+    # the Relax functions themselves. The sequence length is symbolic, so one form serves
+    # prefill, decode and verify (the cache picks its decode or prefill kernel at run time).
+
+    def layer(self, layer_id: int, h: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """Layer ``layer_id`` on hidden states [1, s, d], writing that layer's KV entries."""
+        return self.layers[layer_id](h, cache, layer_id), cache
+
+    def kv_fill(self, layer_id: int, h: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """Write layer ``layer_id``'s KV entries computed from ``h`` without running the rest of it.
+
+        This is CALM's copy-forward: a token that exits at layer e gives every skipped layer
+        i >= e the keys and values of its exit hidden state, so later tokens can attend to it.
+        Only the norm, the q/k/v projection and the cache append run (about a sixth of a
+        layer); the attention output comes back so that it is not optimized away.
+        """
+        block = self.layers[layer_id]
+        return block.attn.attn_out(block.input_norm(h), cache, layer_id), cache
+
+    def head(self, h: Tensor) -> Tensor:
+        """The exit head: final norm and LM head on hidden states [1, s, d] -> logits [1, s, vocab]."""
+        return self._logits(h)
+
+    def create_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        """The paged KV cache with RoPE applied inside attention (TVM's CPU/GPU TIR kernels)."""
+        cfg = self.cfg
+        return TIRPagedKVCache(
+            attn_kind="mha",
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, cfg.num_layers]),
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            qk_head_dim=cfg.head_dim,
+            v_head_dim=cfg.head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
+            rope_mode=RopeMode.NORMAL,
+            rope_scale=1,
+            rope_theta=cfg.rope_theta,
+            rope_scaling={},
+            rope_ext_factors=relax.prim_value(0),
+            rotary_dim=cfg.head_dim,
+            enable_disaggregation=False,
+            dtype="float32",
+            target=_current_target(),
+        )
+
+    def get_default_spec(self) -> nn.spec.ModuleSpec:
+        """Entry points and their shapes, as exported to Relax."""
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        cache = nn.spec.Object(object_type=PagedKVCache)
+        hidden = nn.spec.Tensor([1, "seq_len", self.cfg.hidden_size], "float32")
+        for i in range(self.cfg.num_layers):  # the exporter looks entry points up as attributes
+            object.__setattr__(self, f"layer_{i}", functools.partial(self.layer, i))
+            object.__setattr__(self, f"kv_fill_{i}", functools.partial(self.kv_fill, i))
+        spec = {
+            "prefill": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
+            "verify": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
+            "decode": {"input_ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "$": packed},
+            "embed": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "$": packed},
+            "head": {"h": hidden, "$": packed},
+            **{
+                f"{kind}_{i}": {"h": hidden, "cache": cache, "$": packed}
+                for i in range(self.cfg.num_layers)
+                for kind in ("layer", "kv_fill")
+            },
+            "create_kv_cache": {
+                "max_batch_size": int,
+                "max_total_seq_len": int,
+                "prefill_chunk_size": int,
+                "page_size": int,
+                "support_sliding_window": int,
+                "$": {"param_mode": "none", "effect_mode": "none"},
+            },
+        }
+        return nn.spec.ModuleSpec.from_raw(spec, self)
+
+
+def _last_token(h: Tensor) -> Tensor:
+    """h[:, -1:, :] for a symbolic sequence length."""
+    return op.tensor_expr_op(
+        lambda x: te.compute((x.shape[0], 1, x.shape[2]), lambda i, _, k: x[i, x.shape[1] - 1, k], name="last_token"),
+        "last_token",
+        [h],
+    )
+
+
+def _current_target() -> Target:
+    target = Target.current()
+    if target is None:
+        raise RuntimeError("export the model inside `with target:` so the KV cache picks its kernels")
+    return target

@@ -1,0 +1,1 @@
+"""Marian translation: `model`, `build`, `translator` (runtime, on the shared seq2seq decoding)."""

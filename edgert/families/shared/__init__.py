@@ -1,0 +1,1 @@
+"""Blocks several families share: the encoder-decoder stack and its paged cross/self attention."""

@@ -1,0 +1,222 @@
+"""Compile a Whisper model (CTranslate2 `model.bin`) into an `.edgert` artifact."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edgert.artifact.writer import check_output_path, write_artifact
+from edgert.compiler.compile import BuildRequest, CompileResult, stage_library_and_weights
+from edgert.compiler.kernels.seq2seq import apply_seq2seq_kernels
+from edgert.compiler.layout import WEIGHT_DTYPES, apply_cpu_layout
+from edgert.compiler.passes.pipeline import relax_pipeline
+from edgert.compiler.target import library_compiler, resolve
+from edgert.errors import EdgertError, ModelFileError
+from edgert.recipes import Recipe
+from edgert.targets import TargetSpec, load_target
+from edgert.version import __version__
+
+MEL_FILTERS = "audio.mel_filters"  # extra tensor in weights.safetensors, outside the entry points' order
+MAX_BEAMS = 8
+# Projections that run over the encoder's frames (1500 in a full window): the many-row GEMM kernel
+# (the decoder keeps GEMVs).
+ENCODER_GEMMS = r"conv\d\.matmul|encoder_layers\.\d+\.\w+|decoder_layers\.\d+\.cross_kv"
+
+
+def compile_whisper(
+    source: Path,
+    recipe: Recipe | None,
+    spec: TargetSpec,
+    output: Path | None,
+    weight_dtype: str | None,
+    threads: int | None,
+    as_dir: bool,
+    progress: Any,
+    audio_ctx: int | None = None,
+) -> Any:
+    """Read ``source`` (a `model.bin` or its folder), build encode/prefill/decode, write the artifact.
+
+    ``audio_ctx`` (encoder positions, 20 ms each; default the model's 1500 = 30 s) shortens the
+    encoder's window: the runtime then pads or cuts audio to that length and seeks by it.
+    """
+    import tvm
+
+    from edgert.families.whisper import model as whisper
+    from edgert.families.whisper.assets import decoding_config, mel_filters
+    from edgert.families.whisper.ct2 import read_ct2
+
+    model_dir = source if source.is_dir() else source.parent
+    name = recipe.name if recipe else model_dir.name
+    out = check_output_path(Path(output) if output else Path(f"{name}.edgert"), as_dir)
+    options = dict(recipe.compile) if recipe else {}
+    weight_dtype = weight_dtype or options.get("weight_dtype", "f16")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise EdgertError(f"weight dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}")
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+
+    progress("reading model", None)
+    ct2 = read_ct2(source)
+    full = whisper.WhisperConfig.from_ct2(ct2)
+    audio_ctx = audio_ctx if audio_ctx is not None else options.get("audio_ctx")
+    cfg = full.with_window(audio_ctx)
+    tokenizer_path = model_dir / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise ModelFileError(f"{model_dir}: tokenizer.json is missing (it ships next to model.bin)")
+    tokenizer_json = tokenizer_path.read_text(encoding="utf-8")
+    decoding = decoding_config(tokenizer_json, ct2.config, cfg.vocab_size)
+    tvm_target, target_record = resolve(spec, threads)
+    fcompile = library_compiler(spec, target_record["arch"])
+    seconds["read"] = time.perf_counter() - t
+
+    progress("building Relax module", None)
+    t = time.perf_counter()
+    net = whisper.WhisperModel(cfg)
+    repack = apply_cpu_layout(net, weight_dtype)
+    apply_seq2seq_kernels(net, gemm=ENCODER_GEMMS)
+    with tvm_target:
+        mod, named_params = net.export_tvm(spec=net.get_default_spec())
+    seconds["export"] = time.perf_counter() - t
+
+    progress("compiling with TVM", None)
+    t = time.perf_counter()
+    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
+    seconds["compile"] = time.perf_counter() - t
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:
+        stage = Path(stage_dir)
+        order, staged_seconds = stage_library_and_weights(
+            executable,
+            named_params,
+            whisper.ct2_weights(ct2, cfg),
+            repack,
+            stage,
+            fcompile,
+            source,
+            extra_tensors={MEL_FILTERS: mel_filters(n_mels=cfg.n_mels)},
+        )
+        seconds.update(staged_seconds)
+        (stage / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+
+        progress("writing artifact", None)
+        cross = [2 * cfg.decoder_layers, cfg.num_heads, cfg.audio_ctx * cfg.head_dim]
+        manifest = {
+            "name": name,
+            "family": "whisper",
+            "created_by": f"edgert {__version__}",
+            "tvm_version": tvm.__version__,
+            "source": {"file": source.name, "format": "ctranslate2", "spec": ct2.spec, "revision": ct2.revision},
+            "target": target_record,
+            "model": cfg.to_dict(),
+            "entry_points": _entry_points(cfg, cross),
+            "kv_cache": {
+                "kind": "paged",
+                "page_size": 16,
+                "context_length": cfg.text_ctx,
+                "prefill_chunk_size": cfg.text_ctx,
+                "max_sequences": 2 * MAX_BEAMS,
+                "dtype": "float32",
+                "num_layers": cfg.decoder_layers,
+                "num_kv_heads": cfg.num_heads,
+                "head_dim": cfg.head_dim,
+                "cross": {"shape": cross, "dtype": "float32", "filled_by": "encode"},
+            },
+            "audio": {
+                "mel_filters": MEL_FILTERS,
+                "n_mels": cfg.n_mels,
+                "frames": cfg.mel_frames,  # one encoder window, in 10 ms mel frames
+                "audio_ctx": cfg.audio_ctx,
+                "trained_audio_ctx": full.audio_ctx,
+            },
+            "whisper": decoding,
+            "weights": {
+                "file": "weights.safetensors",
+                "dtype": WEIGHT_DTYPES[weight_dtype],
+                "layout": "cpu-packed-columns",
+                "order": order,
+            },
+            "library": "model.so",
+            "tokenizer": {"file": "tokenizer.json"},
+            "defaults": dict(recipe.run) if recipe else {},
+            "compile_seconds": {k: round(v, 2) for k, v in seconds.items()},
+        }
+        staged = {n: stage / n for n in ("model.so", "weights.safetensors", "tokenizer.json")}
+        manifest = write_artifact(out, manifest, staged, as_dir=as_dir)
+    progress("done", 1.0)
+    return CompileResult(out, manifest, seconds)
+
+
+def _entry_points(cfg: Any, cross: list[int]) -> dict[str, Any]:
+    cache = {"name": "cache", "type": "PagedKVCache"}
+    kv = {"name": "cross_kv", "dtype": "float32", "shape": cross}
+    logits = {"name": "logits", "dtype": "float32"}
+    return {
+        "encode": {
+            "inputs": [{"name": "mel", "dtype": "float32", "shape": [1, cfg.n_mels, cfg.mel_frames]}],
+            "outputs": [kv],
+        },
+        "prefill": {
+            "inputs": [
+                {"name": "input_ids", "dtype": "int32", "shape": [1, "seq_len"]},
+                {"name": "positions", "dtype": "int32", "shape": [1, "seq_len"]},
+                kv,
+                cache,
+            ],
+            "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
+        },
+        "decode": {
+            "inputs": [
+                {"name": "input_ids", "dtype": "int32", "shape": ["batch", 1]},
+                {"name": "positions", "dtype": "int32", "shape": ["batch", 1]},
+                kv,
+                cache,
+            ],
+            "outputs": [{**logits, "shape": ["batch", 1, cfg.vocab_size]}, cache],
+        },
+        **_layer_entry_points(cfg, kv, cache),
+        "create_kv_cache": {
+            "inputs": [
+                "max_batch_size",
+                "max_total_seq_len",
+                "prefill_chunk_size",
+                "page_size",
+                "support_sliding_window",
+            ],
+            "outputs": [cache],
+        },
+    }
+
+
+def _layer_entry_points(cfg: Any, kv: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
+    """``embed``, ``layer_<i>``, ``kv_fill_<i>`` and ``head``: the decoder in pieces (drafting, early exit)."""
+    ids = {"dtype": "int32", "shape": [1, "seq_len"]}
+    hidden = {"name": "h", "dtype": "float32", "shape": [1, "seq_len", cfg.d_model]}
+    attn = {"name": "attention", "dtype": "float32", "shape": [1, "seq_len", cfg.num_heads, cfg.head_dim]}
+    entries: dict[str, Any] = {
+        "embed": {"inputs": [{"name": "input_ids", **ids}, {"name": "positions", **ids}], "outputs": [hidden]},
+        "head": {
+            "inputs": [hidden],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "seq_len", cfg.vocab_size]}],
+        },
+    }
+    for i in range(cfg.decoder_layers):
+        entries[f"layer_{i}"] = {"inputs": [hidden, kv, cache], "outputs": [hidden, cache]}
+        entries[f"kv_fill_{i}"] = {"inputs": [hidden, cache], "outputs": [attn, cache]}
+    return entries
+
+
+def build(req: BuildRequest) -> Any:
+    """The registry's entry: `compile_whisper` with the request's options."""
+    return compile_whisper(
+        req.source,
+        req.recipe,
+        load_target(req.target),
+        req.output,
+        req.option("weight_dtype"),
+        req.options.get("threads"),
+        req.as_dir,
+        req.progress,
+        req.options.get("audio_ctx"),
+    )
