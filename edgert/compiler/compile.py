@@ -7,8 +7,10 @@ compiled library and the weights are written into an artifact's staging folder.
 
 from __future__ import annotations
 
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,18 +72,82 @@ class BuildRequest:
         return Path(self.output) if self.output else Path(f"{self.name}.edgert")
 
 
-def base_manifest(name: str, family: str, target_record: dict[str, Any], **sections: Any) -> dict[str, Any]:
-    """The fields every family's manifest starts with; ``sections`` follow in the given order."""
-    import tvm
+@dataclass
+class Build:
+    """One build's target, output and bookkeeping, as every family's build starts and ends it.
 
-    return {
-        "name": name,
-        "family": family,
-        "created_by": f"edgert {__version__}",
-        "tvm_version": tvm.__version__,
-        "target": target_record,
-        **sections,
-    }
+    `start` resolves the target (TVM target, the record the manifest keeps, the library's
+    compiler) and checks the output path before any work; `compile` lowers with the pipeline
+    every build uses and records which kernels stayed on TVM's default schedule; `finish`
+    writes the manifest's common fields, the family's sections and the timings, and the artifact.
+    """
+
+    name: str
+    family: str
+    out: Path
+    as_dir: bool
+    spec: Any
+    tvm_target: Any
+    record: dict[str, Any]
+    fcompile: Any
+    seconds: dict[str, float] = field(default_factory=dict)
+    kernels: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def start(
+        cls, name: str, family: str, target: Any, threads: int | None, output: Path | None, as_dir: bool
+    ) -> Build:
+        """Resolve ``target`` (a name or a `TargetSpec`) and check the output (default ``NAME.edgert``)."""
+        from edgert.artifact.writer import check_output_path
+        from edgert.compiler.target import library_compiler, resolve
+        from edgert.targets import load_target
+
+        out = check_output_path(Path(output) if output else Path(f"{name}.edgert"), as_dir)
+        spec = load_target(target) if isinstance(target, str) else target
+        tvm_target, record = resolve(spec, threads)
+        return cls(name, family, out, as_dir, spec, tvm_target, record, library_compiler(spec, record["arch"]))
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        """Add the time the block takes to ``seconds[stage]``."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
+
+    def compile(self, mod: Any, static_min_elements: int | None = None) -> Any:
+        """`tvm.compile` with `relax_pipeline`, timed as ``compile``; fills `kernels`."""
+        import tvm
+
+        from edgert.compiler.passes.pipeline import relax_pipeline
+
+        pipeline = relax_pipeline(self.tvm_target, static_min_elements, self.kernels)
+        with self.timed("compile"):
+            return tvm.compile(mod, target=self.tvm_target, relax_pipeline=pipeline)
+
+    def staging(self) -> Any:
+        """A temporary folder beside the output for the members (a context manager giving its path)."""
+        return tempfile.TemporaryDirectory(dir=self.out.parent, prefix=f".{self.out.name}.stage.")
+
+    def finish(self, staged: dict[str, Path], **sections: Any) -> CompileResult:
+        """Write the artifact from the ``staged`` members; ``sections`` are the family's manifest fields."""
+        import tvm
+
+        from edgert.artifact.writer import write_artifact
+
+        manifest = {
+            "name": self.name,
+            "family": self.family,
+            "created_by": f"edgert {__version__}",
+            "tvm_version": tvm.__version__,
+            "target": self.record,
+            **sections,
+            "kernels": self.kernels,
+            "compile_seconds": {k: round(v, 2) for k, v in self.seconds.items()},
+        }
+        manifest = write_artifact(self.out, manifest, staged, as_dir=self.as_dir)
+        return CompileResult(self.out, manifest, self.seconds)
 
 
 def cached_library(folder: str | Path, mod: Any, target: Any, cc: str | None) -> Path:

@@ -91,13 +91,15 @@ def worker_edgert(artifact: str, ids: list[int], gen: int, repeats: int, threads
     t0 = time.perf_counter()
     import numpy as np
 
+    import edgert
+    import edgert.families.registry
     import edgert.runtime
     from edgert.runtime import tvm_runtime
 
     tvm_runtime.ffi()  # the TVM runtime library, as `edgert.load` loads it
     t1 = time.perf_counter()
     rss_base = _rss_now_mb()  # python + numpy + the TVM runtime: the process before any model
-    model = edgert.runtime.load(artifact, threads=threads, context_length=context)
+    model = edgert.load(artifact, threads=threads, context_length=context)
     t2 = time.perf_counter()
     logits = model.prefill(ids)
     int(np.argmax(logits))

@@ -36,20 +36,22 @@ def restrict_kernels() -> Any:
     return _pass
 
 
-def relax_pipeline(target: Any, static_min_elements: int | None = None) -> Any:
+def relax_pipeline(
+    target: Any, static_min_elements: int | None = None, report: dict[str, Any] | None = None
+) -> Any:
     """TVM's default Relax pipeline for ``target``, with :func:`schedule_static_kernels` on CPUs,
-    followed by :func:`restrict_kernels`."""
+    followed by :func:`restrict_kernels`; ``report`` receives :func:`record_kernels`' findings."""
     import tvm
     from tvm import relax
 
     if target.kind.name != "llvm":
         return tvm.transform.Sequential([relax.get_default_pipeline(target), restrict_kernels()])
-    return cpu_pipeline(target, [schedule_static_kernels(static_min_elements or STATIC_MIN_ELEMENTS)])
+    return cpu_pipeline(target, [schedule_static_kernels(static_min_elements or STATIC_MIN_ELEMENTS)], report)
 
 
-def cpu_pipeline(target: Any, scheduling: list[Any]) -> Any:
+def cpu_pipeline(target: Any, scheduling: list[Any], report: dict[str, Any] | None = None) -> Any:
     """TVM's CPU Relax pipeline with the ``scheduling`` passes between legalization and lowering,
-    followed by :func:`restrict_kernels`."""
+    then :func:`record_kernels` (into ``report``, when given) and :func:`restrict_kernels`."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
@@ -60,6 +62,7 @@ def cpu_pipeline(target: Any, scheduling: list[Any]) -> Any:
                 *cpu.library_dispatch_passes(target),
                 *cpu.legalize_passes(target),
                 *scheduling,
+                *([record_kernels(report)] if report is not None else []),
                 *cpu.dataflow_lower_passes(target),
                 *cpu.finalize_passes(target),
                 restrict_kernels(),
@@ -69,11 +72,17 @@ def cpu_pipeline(target: Any, scheduling: list[Any]) -> Any:
     return _pipeline
 
 
-def graph_pipeline(target: Any, tuning_db: Path | None = None, stats: dict[str, int] | None = None) -> Any:
+def graph_pipeline(
+    target: Any,
+    tuning_db: Path | None = None,
+    stats: dict[str, int] | None = None,
+    report: dict[str, Any] | None = None,
+) -> Any:
     """The Relax pipeline for graphs: TVM's CPU passes, with edgert's rules (or a tuning database).
 
     ``stats`` (if given) receives ``kernels`` and ``tuned_kernels``: how many kernels the module
-    has and how many took their schedule from the tuning database.
+    has and how many took their schedule from the tuning database; ``report`` receives
+    :func:`record_kernels`' findings.
     """
     from tvm.s_tir import dlight
 
@@ -83,7 +92,32 @@ def graph_pipeline(target: Any, tuning_db: Path | None = None, stats: dict[str, 
     # Tuned kernels first; the rules then schedule only what tuning did not cover.
     scheduling = [] if tuning_db is None else [apply_tuning(tuning_db, stats)]
     scheduling.append(dlight.ApplyDefaultSchedule(*schedule_rules()))
-    return cpu_pipeline(target, scheduling)
+    return cpu_pipeline(target, scheduling, report)
+
+
+def record_kernels(report: dict[str, Any]) -> Any:
+    """A module pass that writes into ``report`` how many kernels the module has (``total``) and the
+    names of those left on TVM's default lowering (``fallback``): not marked scheduled and without
+    one parallel, vectorized or unrolled loop. The build stores it; `edgert inspect` lists it."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name="edgert.RecordKernels")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        kernels = {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+        report["total"] = len(kernels)
+        report["fallback"] = sorted(name for name, f in kernels.items() if _on_default_schedule(f))
+        return mod
+
+    return _pass
+
+
+def _on_default_schedule(func: Any) -> bool:
+    """True if ``func`` is as TVM's default lowering leaves it: every loop serial, never marked scheduled."""
+    if func.attrs and func.attrs.get("tirx.is_scheduled"):
+        return False
+    # TVM 0.27 has no Python visitor for TIR statements; the printed TVMScript names each loop kind.
+    text = func.script()
+    return not any(kind in text for kind in ("T.parallel(", "T.vectorized(", "T.unroll(", "T.thread_binding("))
 
 
 STATIC_MIN_ELEMENTS = 1 << 16  # below this a kernel costs less than waking the thread pool
@@ -119,7 +153,7 @@ def _big_and_static(func: Any, min_elements: int = STATIC_MIN_ELEMENTS) -> bool:
     sch = s_tir.Schedule(func)
     try:
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
-    except Exception:  # a kernel written without blocks (hand-scheduled): nothing to do
+    except s_tir.ScheduleError:  # a kernel written without blocks (hand-scheduled): nothing to do
         return False
     most = 0
     for block in blocks:

@@ -21,16 +21,21 @@ def rewrite_graph(mod: Any, target: Any, quant: str = "f32") -> tuple[Any, float
 
 
 class _Guarded:
-    """A schedule rule whose failures leave the kernel to the next rule instead of failing the build."""
+    """A schedule rule whose `ScheduleError` (a shape it did not foresee: TVM refuses a primitive)
+    leaves the kernel to the next rule instead of failing the build; the kernel then shows in the
+    build's list of kernels on TVM's default schedule. Any other error is a bug and propagates."""
 
     def __init__(self, rule: Any):
         self.rule = rule
 
     def apply(self, func: Any, target: Any, tunable: bool) -> Any:
+        from tvm import s_tir
+
         try:
             return self.rule.apply(func, target, tunable)
-        except Exception as exc:  # tirx.ScheduleError and friends: a shape the rule did not foresee
-            log.debug("%s did not apply: %s", type(self.rule).__name__, exc)
+        except s_tir.ScheduleError as exc:
+            name = func.attrs.get("global_symbol", "?") if func.attrs else "?"
+            log.warning("%s did not apply to %s: %s", type(self.rule).__name__, name, str(exc).splitlines()[0])
             return None
 
     def is_target_available(self, target: Any) -> bool:

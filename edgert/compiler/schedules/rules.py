@@ -109,14 +109,14 @@ class Matmul(ScheduleRule):
         for b in infos[:pos]:
             try:
                 sch.compute_inline(b.block_rv)
-            except Exception:  # a producer that cannot be inlined stays a separate loop nest
+            except s_tir.ScheduleError:  # a producer that cannot be inlined stays a separate loop nest
                 pass
         # Epilogue chains (bias, GELU, scale, mask) are folded into one block reading the matmul.
         epilogue = [b.block_rv for b in infos[pos + 1 :]]
         for b in epilogue[:-1]:
             try:
                 sch.compute_inline(b)
-            except Exception:
+            except s_tir.ScheduleError:
                 pass
         lanes = _lanes(target)
         loops = sch.get_loops(mm.block_rv)
@@ -140,17 +140,20 @@ class Matmul(ScheduleRule):
         sch.reverse_compute_at(acc, outer, preserve_unit_loops=True)
         last = epilogue[-1] if epilogue else None
         if last is not None:
-            try:
-                # Inlined, the epilogue writes wherever the matmul does; an epilogue that keeps only
-                # some columns (a slice of zero-padded ones) must run per tile instead, in its bounds.
-                if _written_shape(sch, last) != _written_shape(sch, mm.block_rv):
-                    raise ValueError("the epilogue's output is not the matmul's shape")
-                sch.reverse_compute_inline(last)
-            except Exception:
+            # Inlined, the epilogue writes wherever the matmul does; an epilogue that keeps only
+            # some columns (a slice of zero-padded ones) must run per tile instead, in its bounds.
+            inlined = False
+            if _written_shape(sch, last) == _written_shape(sch, mm.block_rv):
+                try:
+                    sch.reverse_compute_inline(last)
+                    inlined = True
+                except s_tir.ScheduleError:
+                    pass
+            if not inlined:
                 try:
                     sch.reverse_compute_at(last, outer, preserve_unit_loops=True)
                     _vectorize_inner(sch, last, lanes)
-                except Exception:
+                except s_tir.ScheduleError:
                     pass
         sch.unroll(ii)
         sch.vectorize(ji)
@@ -161,7 +164,7 @@ class Matmul(ScheduleRule):
 
 def _written_shape(sch: s_tir.Schedule, block: Any) -> list[int | None]:
     """Shape of the buffer ``block`` writes (None for a symbolic dimension)."""
-    shape = sch.get(block).writes[0].buffer.shape
+    shape = sch.get(block).writes[0].source.shape
     return [int(d) if isinstance(d, tirx.IntImm) else None for d in shape]
 
 
@@ -207,7 +210,7 @@ class RowWise(ScheduleRule):
             if b.is_injective() and len(sch.get_consumers(b.block_rv)) == 1:
                 try:
                     sch.compute_inline(b.block_rv)
-                except Exception:
+                except s_tir.ScheduleError:
                     pass
         lanes = _lanes(target)
         last = infos[-1].block_rv
@@ -254,7 +257,7 @@ def _partial_reduction(sch: s_tir.Schedule, block: Any, lanes: int) -> Any:
         probe = sch.copy()
         _, inner = probe.split(probe.get_loops(block)[-1], factors=[None, lanes])
         probe.rfactor(inner, factor_axis=len(probe.get(block).writes[0].region))
-    except Exception:  # a reduction rfactor does not recognize keeps its serial loop
+    except s_tir.ScheduleError:  # a reduction rfactor does not recognize keeps its serial loop
         return None
     _, inner = sch.split(loops[-1], factors=[None, lanes])
     return sch.rfactor(inner, factor_axis=len(sch.get(block).writes[0].region))
@@ -268,7 +271,7 @@ def _exists(sch: s_tir.Schedule, block: Any) -> bool:
     try:
         sch.get(block)
         return True
-    except Exception:  # inlined blocks are gone from the schedule
+    except ValueError:  # inlined blocks are gone from the schedule ("The block no longer exists")
         return False
 
 
@@ -286,7 +289,7 @@ class Elementwise(ScheduleRule):
         for b in infos[:-1]:
             try:
                 sch.compute_inline(b.block_rv)
-            except Exception:
+            except s_tir.ScheduleError:
                 pass
         lanes = _lanes(target)
         for b in infos:

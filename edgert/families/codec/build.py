@@ -3,50 +3,16 @@
 from __future__ import annotations
 
 import json
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from edgert.artifact.writer import check_output_path, write_artifact
-from edgert.compiler.compile import BuildRequest, CompileResult, stage_library_and_weights
+from edgert.compiler.compile import Build, BuildRequest, stage_library_and_weights
 from edgert.compiler.layout import WEIGHT_DTYPES, apply_cpu_layout
-from edgert.compiler.passes.pipeline import relax_pipeline
-from edgert.compiler.target import library_compiler, resolve
 from edgert.errors import ArtifactError, EdgertError, ModelFileError
-from edgert.paths import MODELS_DIR
-from edgert.recipes import Recipe, find_recipe
-from edgert.targets import load_target
-from edgert.version import __version__
+from edgert.recipes import Recipe
 
 CODEC_FILES = ("config.json", "model.safetensors")
 DEFAULT_CHUNK_MS = 80.0  # a live link's usual frame (the benchmark's, and `roundtrip --stream`'s)
-
-
-def codec_source(model: str) -> tuple[Path | None, Recipe | None]:
-    """(codec folder, recipe) when ``model`` names a codec recipe or a codec folder; (None, None) otherwise."""
-    recipe = find_recipe(model)
-    if recipe is not None:
-        if recipe.family != "codec":
-            return None, None
-        folder = Path(recipe.source["path"])
-        return (folder if folder.is_absolute() else MODELS_DIR / folder), recipe
-    path = Path(model)
-    return (path, None) if is_codec_dir(path) else (None, None)
-
-
-def is_codec_dir(path: Path) -> bool:
-    """True if ``path`` is a folder holding a codec's config.json and model.safetensors.
-
-    Translation models come in the same two files; their config's model_type tells them apart.
-    """
-    if not (path.is_dir() and all((path / f).is_file() for f in CODEC_FILES)):
-        return False
-    try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return True  # read_codec names what is wrong with the file
-    return model_type != "marian"
 
 
 def read_codec(folder: Path) -> tuple[Any, dict[str, Any]]:
@@ -91,61 +57,47 @@ def compile_codec(
     default: the recipe's, else 80 ms).
     """
     import numpy as np
-    import tvm
 
     from edgert.families.codec import model as codec
 
     progress = progress or (lambda *_: None)
-    spec = load_target(target)
-    name = recipe.name if recipe else folder.name
-    out = check_output_path(Path(output) if output else Path(f"{name}.edgert"), as_dir)
     options = dict(recipe.compile) if recipe else {}
     weight_dtype = weight_dtype or options.get("weight_dtype", "f32")
     if weight_dtype not in WEIGHT_DTYPES:
         raise EdgertError(f"weight dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}")
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
+    job = Build.start(recipe.name if recipe else folder.name, "codec", target, threads, output, as_dir)
     progress("reading codec", None)
-    cfg, tensors = read_codec(folder)
-    net, weights, architecture, (first_samples, first_frames) = _network(cfg, tensors)  # a bad file fails fast
-    tvm_target, target_record = resolve(spec, threads)
-    fcompile = library_compiler(spec, target_record["arch"])
-    seconds["read"] = time.perf_counter() - t
+    with job.timed("read"):
+        cfg, tensors = read_codec(folder)
+        net, weights, architecture, (first_samples, first_frames) = _network(cfg, tensors)  # a bad file fails fast
 
     progress("building Relax module", None)
-    t = time.perf_counter()
-    repack = apply_cpu_layout(net, weight_dtype)
-    chunk_ms = float(chunk_ms if chunk_ms is not None else options.get("chunk_ms", DEFAULT_CHUNK_MS))
-    if not 0 < chunk_ms <= 10_000:
-        raise EdgertError(f"--chunk-ms must lie in (0, 10000] ms, got {chunk_ms:g}")
-    chunk_frames = codec.chunk_frames_for(cfg.frame_rate, chunk_ms)
-    with tvm_target:
-        mod, named_params = net.export_tvm(spec=codec.streaming_spec(net, chunk_frames))
-    seconds["export"] = time.perf_counter() - t
+    with job.timed("export"):
+        repack = apply_cpu_layout(net, weight_dtype)
+        chunk_ms = float(chunk_ms if chunk_ms is not None else options.get("chunk_ms", DEFAULT_CHUNK_MS))
+        if not 0 < chunk_ms <= 10_000:
+            raise EdgertError(f"--chunk-ms must lie in (0, 10000] ms, got {chunk_ms:g}")
+        chunk_frames = codec.chunk_frames_for(cfg.frame_rate, chunk_ms)
+        with job.tvm_target:
+            mod, named_params = net.export_tvm(spec=codec.streaming_spec(net, chunk_frames))
 
     progress("compiling with TVM", None)
-    t = time.perf_counter()
     # Every fixed-shape kernel gets edgert's rules, however small: a codec's chunk kernels are all small.
-    pipeline = relax_pipeline(tvm_target, static_min_elements=1)
-    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline)
-    seconds["compile"] = time.perf_counter() - t
+    executable = job.compile(mod, static_min_elements=1)
 
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:
+    with job.staging() as stage_dir:
         stage = Path(stage_dir)
         order, staged_seconds = stage_library_and_weights(
-            executable, named_params, weights.items(), repack, stage, fcompile, folder
+            executable, named_params, weights.items(), repack, stage, job.fcompile, folder
         )
-        seconds.update(staged_seconds)
-        manifest = {
-            "name": name,
-            "family": "codec",
-            "created_by": f"edgert {__version__}",
-            "tvm_version": tvm.__version__,
-            "source": {"file": folder.name, "architecture": architecture},
-            "target": target_record,
-            "model": cfg.to_dict(),
-            "entry_points": _entry_points(net, chunk_frames),
-            "codec": {
+        job.seconds.update(staged_seconds)
+        progress("writing artifact", None)
+        result = job.finish(
+            {"model.so": stage / "model.so", "weights.safetensors": stage / "weights.safetensors"},
+            source={"file": folder.name, "architecture": architecture},
+            model=cfg.to_dict(),
+            entry_points=_entry_points(net, chunk_frames),
+            codec={
                 "sample_rate": cfg.sampling_rate,
                 "hop_length": cfg.hop_length,
                 "frame_rate": cfg.frame_rate,
@@ -161,21 +113,17 @@ def compile_codec(
                 "min_codebooks": cfg.min_codebooks,
                 "chunk_frames": chunk_frames,
             },
-            "weights": {
+            weights={
                 "file": "weights.safetensors",
                 "dtype": WEIGHT_DTYPES[weight_dtype],
                 "layout": "cpu-packed-columns",
                 "order": order,
             },
-            "library": "model.so",
-            "defaults": dict(recipe.run) if recipe else {},
-            "compile_seconds": {k: round(v, 2) for k, v in seconds.items()},
-        }
-        progress("writing artifact", None)
-        staged = {"model.so": stage / "model.so", "weights.safetensors": stage / "weights.safetensors"}
-        manifest = write_artifact(out, manifest, staged, as_dir=as_dir)
+            library="model.so",
+            defaults=dict(recipe.run) if recipe else {},
+        )
     progress("done", 1.0)
-    return CompileResult(out, manifest, seconds)
+    return result
 
 
 def _network(cfg: Any, tensors: dict[str, Any]) -> tuple[Any, dict[str, Any], str, tuple[int, int]]:

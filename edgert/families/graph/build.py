@@ -6,17 +6,11 @@ weights (in the manifest's order) and returning the graph's outputs.
 
 from __future__ import annotations
 
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from edgert.artifact.writer import check_output_path, write_artifact
-from edgert.compiler.compile import BuildRequest, CompileResult
-from edgert.compiler.target import library_compiler, resolve
+from edgert.compiler.compile import Build, BuildRequest
 from edgert.errors import EdgertError, ModelFileError
-from edgert.targets import load_target
-from edgert.version import __version__
 
 GRAPH_SUFFIXES = (".onnx", ".tflite")
 QUANT_MODES = ("f32", "f16", "q8", "q4")
@@ -79,13 +73,20 @@ def optimize(mod: Any, tvm_target: Any, quant: str) -> tuple[Any, list, float | 
     return mod, arrays, weight_error
 
 
-def build_module(mod: Any, tvm_target: Any, tuning_db: Path | None = None, stats: dict[str, int] | None = None) -> Any:
+def build_module(
+    mod: Any,
+    tvm_target: Any,
+    tuning_db: Path | None = None,
+    stats: dict[str, int] | None = None,
+    report: dict[str, Any] | None = None,
+) -> Any:
     """Legalize, schedule (edgert's rules, or a tuning database when one is given) and compile."""
     import tvm
 
     from edgert.compiler.passes.pipeline import graph_pipeline
 
-    return tvm.compile(mod, target=tvm_target, relax_pipeline=graph_pipeline(tvm_target, tuning_db, stats))
+    pipeline = graph_pipeline(tvm_target, tuning_db, stats, report)
+    return tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline)
 
 
 def compile_graph(
@@ -100,8 +101,6 @@ def compile_graph(
     progress: Any = None,
 ) -> Any:
     """Compile an ONNX/TFLite graph for ``target`` into an artifact; return a `CompileResult`."""
-    import tvm
-
     from edgert.artifact.tensorfile import write_tensors
     from edgert.compiler.tuning import database_for
 
@@ -110,55 +109,44 @@ def compile_graph(
     quant = quant or "f32"
     if quant not in QUANT_MODES:
         raise EdgertError(f"--quant '{quant}' is not one of {', '.join(QUANT_MODES)}")
-    spec = load_target(target)
-    out = check_output_path(Path(output) if output else Path(f"{source.stem}.edgert"), as_dir)
+    job = Build.start(source.stem, "graph", target, threads, output, as_dir)
     if not source.is_file():
         raise ModelFileError(f"model file not found: {source}")
-    tvm_target, target_record = resolve(spec, threads)
-    fcompile = library_compiler(spec, target_record["arch"])
-    seconds: dict[str, float] = {}
 
     progress("importing graph", None)
-    t = time.perf_counter()
-    mod, inputs, outputs, fmt = import_graph(source, input_shapes or {})
-    seconds["import"] = time.perf_counter() - t
+    with job.timed("import"):
+        mod, inputs, outputs, fmt = import_graph(source, input_shapes or {})
 
     progress("optimizing", None)
-    t = time.perf_counter()
-    mod, arrays, weight_error = optimize(mod, tvm_target, quant)
-    db = database_for(spec.name, source) if tuning else None
-    seconds["optimize"] = time.perf_counter() - t
+    with job.timed("optimize"):
+        mod, arrays, weight_error = optimize(mod, job.tvm_target, quant)
+        db = database_for(job.spec.name, source) if tuning else None
 
     progress("compiling with TVM", None)
-    t = time.perf_counter()
     tune_stats: dict[str, int] = {}
-    try:
-        executable = build_module(mod, tvm_target, db, tune_stats)
-    except EdgertError:
-        raise
-    except Exception as exc:  # TVM reports shape and lowering failures as assorted errors
-        raise EdgertError(f"{source}: TVM could not compile the graph: {str(exc).splitlines()[-1]}") from exc
-    seconds["compile"] = time.perf_counter() - t
+    with job.timed("compile"):
+        try:
+            executable = build_module(mod, job.tvm_target, db, tune_stats, job.kernels)
+        except EdgertError:
+            raise
+        except Exception as exc:  # TVM reports shape and lowering failures as assorted errors
+            raise EdgertError(f"{source}: TVM could not compile the graph: {str(exc).splitlines()[-1]}") from exc
 
     order = [f"w{i}" for i in range(len(arrays))]  # the names `lift_constants` gave the parameters
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:
+    with job.staging() as stage_dir:
         stage = Path(stage_dir)
-        t = time.perf_counter()
-        executable.export_library(str(stage / "model.so"), fcompile=fcompile)
-        seconds["link"] = time.perf_counter() - t
+        with job.timed("link"):
+            executable.export_library(str(stage / "model.so"), fcompile=job.fcompile)
         with (stage / "weights.safetensors").open("wb") as fh:
             write_tensors(fh, dict(zip(order, arrays, strict=True)), {"format": "edgert"})
-        manifest = {
-            "name": source.stem,
-            "family": "graph",
-            "created_by": f"edgert {__version__}",
-            "tvm_version": tvm.__version__,
-            "source": {"file": source.name, "format": fmt},
-            "target": target_record,
-            "entry_points": {
+        progress("writing artifact", None)
+        result = job.finish(
+            {"model.so": stage / "model.so", "weights.safetensors": stage / "weights.safetensors"},
+            source={"file": source.name, "format": fmt},
+            entry_points={
                 "main": {"inputs": [i.to_dict() for i in inputs], "outputs": [o.to_dict() for o in outputs]}
             },
-            "weights": {
+            weights={
                 "file": "weights.safetensors",
                 "quant": quant,
                 "group_size": 32 if quant in ("q8", "q4") else None,
@@ -166,15 +154,11 @@ def compile_graph(
                 "layout": "matmul weights packed [N/B, K, B]",
                 "order": order,
             },
-            "library": "model.so",
-            "tuning": {"database": "/".join(db.parts[-3:]) if db else None, **tune_stats},
-            "compile_seconds": {k: round(v, 2) for k, v in seconds.items()},
-        }
-        staged = {"model.so": stage / "model.so", "weights.safetensors": stage / "weights.safetensors"}
-        progress("writing artifact", None)
-        manifest = write_artifact(out, manifest, staged, as_dir=as_dir)
+            library="model.so",
+            tuning={"database": "/".join(db.parts[-3:]) if db else None, **tune_stats},
+        )
     progress("done", 1.0)
-    return CompileResult(out, manifest, seconds)
+    return result
 
 
 def build(req: BuildRequest) -> Any:

@@ -4,27 +4,14 @@ entry points (prefill, verify, decode, per-layer pieces, the paged KV cache), on
 from __future__ import annotations
 
 import shutil
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from edgert.artifact.writer import check_output_path, write_artifact
-from edgert.compiler.compile import (
-    BuildRequest,
-    CompileResult,
-    base_manifest,
-    cached_library,
-    main_dtype,
-    write_weights,
-)
+from edgert.compiler.compile import Build, BuildRequest, CompileResult, cached_library, main_dtype, write_weights
 from edgert.compiler.layout import apply_cpu_layout
 from edgert.compiler.passes.attention import use_fast_decode_attention
-from edgert.compiler.passes.pipeline import relax_pipeline
 from edgert.compiler.quantize import QUANT_MODES, choose_storage, storage_kind
-from edgert.compiler.target import library_compiler, resolve
 from edgert.errors import EdgertError
-from edgert.targets import load_target
 
 
 def build(req: BuildRequest) -> CompileResult:
@@ -36,8 +23,6 @@ def build(req: BuildRequest) -> CompileResult:
     activations and integer dot products, `edgert.compiler.kernels.int8`), ``library_cache`` (a
     folder reusing the library of a structurally identical module for the same target).
     """
-    import tvm
-
     from edgert.families.llama import loader
     from edgert.families.llama.model import LlamaConfig, LlamaForCausalLM
     from edgert.frontend import read_gguf
@@ -45,114 +30,93 @@ def build(req: BuildRequest) -> CompileResult:
     from edgert.frontend.quantized import QuantizedRows
 
     progress, source = req.progress, req.source
-    spec = load_target(req.target)
-    out = check_output_path(req.default_output(), req.as_dir)
     weight_dtype = req.options.get("weight_dtype")
     if weight_dtype is not None and weight_dtype not in ("f16", "f32"):
         raise EdgertError(f"weight dtype '{weight_dtype}' is not one of f16, f32")
     quant = req.options.get("quant") or weight_dtype or req.option("quant", "source")
     if quant not in QUANT_MODES:
         raise EdgertError(f"--quant '{quant}' is not one of {', '.join(QUANT_MODES)}")
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
+    job = Build.start(req.name, "llama", req.target, req.options.get("threads"), req.output, req.as_dir)
 
     progress("reading model", None)
-    gguf_model = read_gguf(source)
-    cfg = LlamaConfig.from_gguf(gguf_model)
-    gguf_model.check_tensor_types()  # fail before the minutes of building, not after
-    context = min(req.option("context_length", 2048), cfg.context_length)
-    chunk = min(req.option("prefill_chunk_size", 256), context)
-    tokenizer_json = build_tokenizer_json(gguf_model.metadata)
-    tvm_target, target_record = resolve(spec, req.options.get("threads"))
-    fcompile = library_compiler(spec, target_record["arch"])
-    activations = req.option("activations", "f32")
-    int8_isa = _int8_isa(activations, target_record)
-    seconds["read"] = time.perf_counter() - t
+    with job.timed("read"):
+        gguf_model = read_gguf(source)
+        cfg = LlamaConfig.from_gguf(gguf_model)
+        gguf_model.check_tensor_types()  # fail before the minutes of building, not after
+        context = min(req.option("context_length", 2048), cfg.context_length)
+        chunk = min(req.option("prefill_chunk_size", 256), context)
+        tokenizer_json = build_tokenizer_json(gguf_model.metadata)
+        activations = req.option("activations", "f32")
+        int8_isa = _int8_isa(activations, job.record)
 
     progress("reading weights", None)
-    t = time.perf_counter()
-    weights: dict[str, Any] = {}
-    keep_blocks = quant in ("source", "q4", "q8")
-    for i, (pname, w) in enumerate(loader.gguf_weights(gguf_model, cfg, keep_blocks=keep_blocks)):
-        matrix = isinstance(w, QuantizedRows) or w.ndim == 2
-        weights[pname] = choose_storage(w, quant) if matrix else w
-        progress("reading weights", (i + 1) / (6 * cfg.num_layers + 3))
-    storage = {n: storage_kind(w) for n, w in weights.items() if isinstance(w, QuantizedRows) or w.ndim == 2}
-    seconds["weights"] = time.perf_counter() - t
+    with job.timed("weights"):
+        weights: dict[str, Any] = {}
+        keep_blocks = quant in ("source", "q4", "q8")
+        for i, (pname, w) in enumerate(loader.gguf_weights(gguf_model, cfg, keep_blocks=keep_blocks)):
+            matrix = isinstance(w, QuantizedRows) or w.ndim == 2
+            weights[pname] = choose_storage(w, quant) if matrix else w
+            progress("reading weights", (i + 1) / (6 * cfg.num_layers + 3))
+        storage = {n: storage_kind(w) for n, w in weights.items() if isinstance(w, QuantizedRows) or w.ndim == 2}
 
     progress("building Relax module", None)
-    t = time.perf_counter()
-    net = LlamaForCausalLM(cfg)
-    repack = apply_cpu_layout(net, storage, tied=loader.tied_weights(cfg), int8_isa=int8_isa)
-    with tvm_target:
-        mod, named_params = net.export_tvm(spec=net.get_default_spec())
-    mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
-    seconds["export"] = time.perf_counter() - t
+    with job.timed("export"):
+        net = LlamaForCausalLM(cfg)
+        repack = apply_cpu_layout(net, storage, tied=loader.tied_weights(cfg), int8_isa=int8_isa)
+        with job.tvm_target:
+            mod, named_params = net.export_tvm(spec=net.get_default_spec())
+        mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
 
     library_cache = req.options.get("library_cache")
-    cached = cached_library(library_cache, mod, tvm_target, spec.cc) if library_cache is not None else None
+    cached = cached_library(library_cache, mod, job.tvm_target, job.spec.cc) if library_cache else None
     if cached is None or not cached.is_file():
         progress("compiling with TVM", None)
-        t = time.perf_counter()
-        executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
-        seconds["compile"] = time.perf_counter() - t
+        executable = job.compile(mod)
 
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:
+    with job.staging() as stage_dir:
         stage = Path(stage_dir)
-        t = time.perf_counter()
-        if cached is not None and cached.is_file():
-            shutil.copyfile(cached, stage / "model.so")
-        else:
-            executable.export_library(str(stage / "model.so"), fcompile=fcompile)
-            if cached is not None:
-                shutil.copyfile(stage / "model.so", cached)
-        seconds["link"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        order, arrays = write_weights(named_params, weights.items(), repack, stage, source)
-        (stage / "tokenizer.json").write_text(tokenizer_json)
-        seconds["pack"] = time.perf_counter() - t
+        with job.timed("link"):
+            if cached is not None and cached.is_file():
+                shutil.copyfile(cached, stage / "model.so")
+            else:
+                executable.export_library(str(stage / "model.so"), fcompile=job.fcompile)
+                if cached is not None:
+                    shutil.copyfile(stage / "model.so", cached)
+        with job.timed("pack"):
+            order, arrays = write_weights(named_params, weights.items(), repack, stage, source)
+            (stage / "tokenizer.json").write_text(tokenizer_json)
 
         progress("writing artifact", None)
-        manifest = base_manifest(
-            req.name,
-            "llama",
-            target_record,
+        result = job.finish(
+            {name: stage / name for name in ("model.so", "weights.safetensors", "tokenizer.json")},
             source={"file": source.name, "tensor_types": sorted(set(gguf_model.tensor_types.values()))},
+            model=cfg.to_dict(),
+            entry_points=entry_points(cfg),
+            kv_cache={
+                "kind": "paged",
+                "page_size": 16,
+                "context_length": context,
+                "prefill_chunk_size": chunk,
+                "dtype": "float32",
+                "num_layers": cfg.num_layers,
+                "num_kv_heads": cfg.num_kv_heads,
+                "head_dim": cfg.head_dim,
+            },
+            weights={
+                "file": "weights.safetensors",
+                "dtype": main_dtype(arrays),
+                "quant": quant,
+                "activations": activations,
+                "storage": {kind: list(storage.values()).count(kind) for kind in sorted(set(storage.values()))},
+                "layout": "cpu-packed-columns",
+                "order": order,
+            },
+            library="model.so",
+            tokenizer={"file": "tokenizer.json", **tokenizer_config(gguf_model.metadata)},
+            defaults=dict(req.recipe.run) if req.recipe else {},
         )
-        manifest.update(
-            {
-                "model": cfg.to_dict(),
-                "entry_points": entry_points(cfg),
-                "kv_cache": {
-                    "kind": "paged",
-                    "page_size": 16,
-                    "context_length": context,
-                    "prefill_chunk_size": chunk,
-                    "dtype": "float32",
-                    "num_layers": cfg.num_layers,
-                    "num_kv_heads": cfg.num_kv_heads,
-                    "head_dim": cfg.head_dim,
-                },
-                "weights": {
-                    "file": "weights.safetensors",
-                    "dtype": main_dtype(arrays),
-                    "quant": quant,
-                    "activations": activations,
-                    "storage": {kind: list(storage.values()).count(kind) for kind in sorted(set(storage.values()))},
-                    "layout": "cpu-packed-columns",
-                    "order": order,
-                },
-                "library": "model.so",
-                "tokenizer": {"file": "tokenizer.json", **tokenizer_config(gguf_model.metadata)},
-                "defaults": dict(req.recipe.run) if req.recipe else {},
-                "compile_seconds": {k: round(v, 2) for k, v in seconds.items()},
-            }
-        )
-        staged = {name: stage / name for name in ("model.so", "weights.safetensors", "tokenizer.json")}
-        manifest = write_artifact(out, manifest, staged, as_dir=req.as_dir)
     progress("done", 1.0)
-    return CompileResult(out, manifest, seconds)
+    return result
 
 
 def _int8_isa(activations: str, record: dict[str, Any]) -> str | None:

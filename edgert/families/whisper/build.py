@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from edgert.artifact.writer import check_output_path, write_artifact
-from edgert.compiler.compile import BuildRequest, CompileResult, stage_library_and_weights
+from edgert.compiler.compile import Build, BuildRequest, stage_library_and_weights
 from edgert.compiler.kernels.seq2seq import apply_seq2seq_kernels
 from edgert.compiler.layout import WEIGHT_DTYPES, apply_cpu_layout
-from edgert.compiler.passes.pipeline import relax_pipeline
-from edgert.compiler.target import library_compiler, resolve
 from edgert.errors import EdgertError, ModelFileError
 from edgert.recipes import Recipe
 from edgert.targets import TargetSpec, load_target
-from edgert.version import __version__
 
 MEL_FILTERS = "audio.mel_filters"  # extra tensor in weights.safetensors, outside the entry points' order
 MAX_BEAMS = 8
@@ -41,51 +35,41 @@ def compile_whisper(
     ``audio_ctx`` (encoder positions, 20 ms each; default the model's 1500 = 30 s) shortens the
     encoder's window: the runtime then pads or cuts audio to that length and seeks by it.
     """
-    import tvm
-
     from edgert.families.whisper import model as whisper
     from edgert.families.whisper.assets import decoding_config, mel_filters
     from edgert.families.whisper.ct2 import read_ct2
 
     model_dir = source if source.is_dir() else source.parent
-    name = recipe.name if recipe else model_dir.name
-    out = check_output_path(Path(output) if output else Path(f"{name}.edgert"), as_dir)
     options = dict(recipe.compile) if recipe else {}
     weight_dtype = weight_dtype or options.get("weight_dtype", "f16")
     if weight_dtype not in WEIGHT_DTYPES:
         raise EdgertError(f"weight dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}")
-    seconds: dict[str, float] = {}
-    t = time.perf_counter()
+    job = Build.start(recipe.name if recipe else model_dir.name, "whisper", spec, threads, output, as_dir)
 
     progress("reading model", None)
-    ct2 = read_ct2(source)
-    full = whisper.WhisperConfig.from_ct2(ct2)
-    audio_ctx = audio_ctx if audio_ctx is not None else options.get("audio_ctx")
-    cfg = full.with_window(audio_ctx)
-    tokenizer_path = model_dir / "tokenizer.json"
-    if not tokenizer_path.is_file():
-        raise ModelFileError(f"{model_dir}: tokenizer.json is missing (it ships next to model.bin)")
-    tokenizer_json = tokenizer_path.read_text(encoding="utf-8")
-    decoding = decoding_config(tokenizer_json, ct2.config, cfg.vocab_size)
-    tvm_target, target_record = resolve(spec, threads)
-    fcompile = library_compiler(spec, target_record["arch"])
-    seconds["read"] = time.perf_counter() - t
+    with job.timed("read"):
+        ct2 = read_ct2(source)
+        full = whisper.WhisperConfig.from_ct2(ct2)
+        audio_ctx = audio_ctx if audio_ctx is not None else options.get("audio_ctx")
+        cfg = full.with_window(audio_ctx)
+        tokenizer_path = model_dir / "tokenizer.json"
+        if not tokenizer_path.is_file():
+            raise ModelFileError(f"{model_dir}: tokenizer.json is missing (it ships next to model.bin)")
+        tokenizer_json = tokenizer_path.read_text(encoding="utf-8")
+        decoding = decoding_config(tokenizer_json, ct2.config, cfg.vocab_size)
 
     progress("building Relax module", None)
-    t = time.perf_counter()
-    net = whisper.WhisperModel(cfg)
-    repack = apply_cpu_layout(net, weight_dtype)
-    apply_seq2seq_kernels(net, gemm=ENCODER_GEMMS)
-    with tvm_target:
-        mod, named_params = net.export_tvm(spec=net.get_default_spec())
-    seconds["export"] = time.perf_counter() - t
+    with job.timed("export"):
+        net = whisper.WhisperModel(cfg)
+        repack = apply_cpu_layout(net, weight_dtype)
+        apply_seq2seq_kernels(net, gemm=ENCODER_GEMMS)
+        with job.tvm_target:
+            mod, named_params = net.export_tvm(spec=net.get_default_spec())
 
     progress("compiling with TVM", None)
-    t = time.perf_counter()
-    executable = tvm.compile(mod, target=tvm_target, relax_pipeline=relax_pipeline(tvm_target))
-    seconds["compile"] = time.perf_counter() - t
+    executable = job.compile(mod)
 
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.stage.") as stage_dir:
+    with job.staging() as stage_dir:
         stage = Path(stage_dir)
         order, staged_seconds = stage_library_and_weights(
             executable,
@@ -93,25 +77,21 @@ def compile_whisper(
             whisper.ct2_weights(ct2, cfg),
             repack,
             stage,
-            fcompile,
+            job.fcompile,
             source,
             extra_tensors={MEL_FILTERS: mel_filters(n_mels=cfg.n_mels)},
         )
-        seconds.update(staged_seconds)
+        job.seconds.update(staged_seconds)
         (stage / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
 
         progress("writing artifact", None)
         cross = [2 * cfg.decoder_layers, cfg.num_heads, cfg.audio_ctx * cfg.head_dim]
-        manifest = {
-            "name": name,
-            "family": "whisper",
-            "created_by": f"edgert {__version__}",
-            "tvm_version": tvm.__version__,
-            "source": {"file": source.name, "format": "ctranslate2", "spec": ct2.spec, "revision": ct2.revision},
-            "target": target_record,
-            "model": cfg.to_dict(),
-            "entry_points": _entry_points(cfg, cross),
-            "kv_cache": {
+        result = job.finish(
+            {n: stage / n for n in ("model.so", "weights.safetensors", "tokenizer.json")},
+            source={"file": source.name, "format": "ctranslate2", "spec": ct2.spec, "revision": ct2.revision},
+            model=cfg.to_dict(),
+            entry_points=_entry_points(cfg, cross),
+            kv_cache={
                 "kind": "paged",
                 "page_size": 16,
                 "context_length": cfg.text_ctx,
@@ -123,29 +103,26 @@ def compile_whisper(
                 "head_dim": cfg.head_dim,
                 "cross": {"shape": cross, "dtype": "float32", "filled_by": "encode"},
             },
-            "audio": {
+            audio={
                 "mel_filters": MEL_FILTERS,
                 "n_mels": cfg.n_mels,
                 "frames": cfg.mel_frames,  # one encoder window, in 10 ms mel frames
                 "audio_ctx": cfg.audio_ctx,
                 "trained_audio_ctx": full.audio_ctx,
             },
-            "whisper": decoding,
-            "weights": {
+            whisper=decoding,
+            weights={
                 "file": "weights.safetensors",
                 "dtype": WEIGHT_DTYPES[weight_dtype],
                 "layout": "cpu-packed-columns",
                 "order": order,
             },
-            "library": "model.so",
-            "tokenizer": {"file": "tokenizer.json"},
-            "defaults": dict(recipe.run) if recipe else {},
-            "compile_seconds": {k: round(v, 2) for k, v in seconds.items()},
-        }
-        staged = {n: stage / n for n in ("model.so", "weights.safetensors", "tokenizer.json")}
-        manifest = write_artifact(out, manifest, staged, as_dir=as_dir)
+            library="model.so",
+            tokenizer={"file": "tokenizer.json"},
+            defaults=dict(recipe.run) if recipe else {},
+        )
     progress("done", 1.0)
-    return CompileResult(out, manifest, seconds)
+    return result
 
 
 def _entry_points(cfg: Any, cross: list[int]) -> dict[str, Any]:
