@@ -13,6 +13,47 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 START_AFFINITY = os.sched_getaffinity(0)  # before any TVM thread pool exists
+GUARD = Path(__file__).resolve().parent / "guard"
+# Session fixtures that compile a real model: a test using one must be marked slow.
+REAL_MODEL_FIXTURES = {
+    "smollm_artifact",
+    "whisper_artifact",
+    "whisper_short_artifact",
+    "smollm_rpi5_artifact",
+    "speech_artifact",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that uses a real-model fixture without the ``slow`` marker fails at once, saying so."""
+    for item in items:
+        used = REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
+        if used and item.get_closest_marker("slow") is None:
+            message = f"{item.nodeid} uses {', '.join(sorted(used))} (a real model compile) but is not marked slow"
+            item.add_marker(pytest.mark.usefixtures("_fail_unmarked"))
+            item.user_properties.append(("unmarked_compile", message))
+
+
+@pytest.fixture
+def _fail_unmarked(request: pytest.FixtureRequest) -> None:
+    pytest.fail(dict(request.node.user_properties)["unmarked_compile"], pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _guard_real_model_compiles(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the ``slow`` marker, compiling a real model fails, here and in every process the test starts."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    monkeypatch.setenv("EDGERT_TEST_UNMARKED", request.node.nodeid)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(GUARD), os.environ.get("PYTHONPATH")])))
+    if str(GUARD) not in sys.path:
+        sys.path.insert(0, str(GUARD))
+    import real_model_guard
+
+    from edgert.families import compile as compile_module
+
+    monkeypatch.setattr(compile_module, "compile_model", compile_module.compile_model)  # restored after the test
+    real_model_guard.install(request.node.nodeid)
 
 
 @pytest.fixture(scope="session")

