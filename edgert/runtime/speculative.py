@@ -125,7 +125,7 @@ def default_skip(num_layers: int) -> list[int]:
 def parse_speculative(spec: str, model: Generator, load_draft: Callable[[str], Generator]) -> tuple[object, int]:
     """A drafter and k from ``self:k=4``, ``self:k=4,skip=3-9,12``, ``self:k=3,exit=16`` or ``model:PATH:k=4``.
 
-    Without ``skip`` or ``exit``, ``self`` uses the skip set stored by tools/calibrate_exits.py,
+    Without ``skip`` or ``exit``, ``self`` uses the skip set stored by `edgert calibrate`,
     else `default_skip`.
     """
     kind, _, rest = spec.partition(":")
