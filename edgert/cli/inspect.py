@@ -64,8 +64,10 @@ def facts(value: Any) -> str:
     return _compact(value)
 
 
-def _compact(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, separators=(", ", ": "))
+def _compact(value: Any, width: int = 80) -> str:
+    """One value on one line, cut at ``width`` characters (a chat template, a long token list)."""
+    text = " ".join(value.split()) if isinstance(value, str) else json.dumps(value, separators=(", ", ": "))
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def tensors(items: Any) -> str:
