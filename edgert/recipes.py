@@ -41,6 +41,14 @@ class Recipe:
             raise ModelFileError(f"model '{self.name}': {path} is missing from package '{package}'")
         return path
 
+    def missing(self) -> str | None:
+        """None when the model's weights are installed, else how to install them (`edgert models`)."""
+        try:
+            self.source_path()
+        except ModelFileError:
+            return self.source.get("install", "")
+        return None
+
 
 def list_recipes() -> list[Recipe]:
     """All recipes in `models/`."""

@@ -229,3 +229,51 @@ def test_check_output_path(tmp_path: Path) -> None:
     (tmp_path / "stuff" / "a.txt").write_text("a")
     with pytest.raises(OutputPathError, match="holds something else"):
         check_output_path(tmp_path / "stuff")
+
+
+# -- inspect and calibrate on a hand-made artifact (no compile) ------------------------------------
+def _tiny_with_sections(tmp_path: Path, **sections: object) -> Path:
+    manifest = {
+        **MANIFEST,
+        "target": {"name": "host", "arch": "none", "triple": "none", "cpu": "generic", "cpu_flags": []},
+        "entry_points": {"main": {"inputs": [{"name": "x", "dtype": "float32", "shape": [1, 4]}], "outputs": []}},
+        "weights": {"dtype": "float32", "order": ["a", "b"]},
+        "created_by": "edgert test",
+        "tvm_version": "none",
+        **sections,
+    }
+    out = tmp_path / "tiny.edgert"
+    write_artifact(out, manifest, _stage(tmp_path / "staged", b"x"))
+    return out
+
+
+def test_inspect_prints_every_section_and_the_fallback_kernels(tmp_path: Path) -> None:
+    art = _tiny_with_sections(
+        tmp_path,
+        kv_cache={"kind": "paged", "context_length": 64, "page_size": 16, "prefill_chunk_size": 32},
+        codec={"sample_rate": 16000},
+        kernels={"fallback": ["add", "fused_gelu"], "total": 7},
+        exits={"layers": [1, 2], "policies": {"confidence": {"threshold": 0.9}}},
+    )
+    res = run_cli("inspect", str(art))
+    assert res.returncode == 0, res.stderr
+    text = " ".join(res.stdout.split())
+    for fragment in (
+        "kv cache paged, context 64, page 16, prefill chunk 32",
+        "codec sample_rate 16000",
+        "kernels 7, 2 on TVM's default schedule: add, fused_gelu",
+        "exits layers 1, 2; calibrated confidence:0.9",
+        "weights dtype float32, 2 tensors",
+        "x float32[1, 4]",
+        "all members match their sha256",
+    ):
+        assert fragment in text, (fragment, res.stdout)
+
+
+def test_calibrate_refuses_what_the_family_cannot_take(tmp_path: Path) -> None:
+    art = _tiny_with_sections(tmp_path)  # a 'llama' manifest: its calibration does not speak
+    assert_clean_error(run_cli("calibrate", str(art), "--sentences", "4"), "--sentences applies to calibrating whisper")
+    codec = tmp_path / "codec"
+    codec.mkdir()
+    other = _tiny_with_sections(codec, family="codec")
+    assert_clean_error(run_cli("calibrate", str(other)), "codec models have no early-exit calibration")

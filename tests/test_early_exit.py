@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_tool
 
 from edgert.errors import EdgertError
+from edgert.profile.calibrate import calibrate
 from edgert.runtime.exits import Budget, Confidence, EarlyExitDecoder, Patience, StaticDepth, parse_exit_policy
 
 HELD_OUT = ["Tell me about the moon.", "How do bees make honey?"]
@@ -17,12 +17,11 @@ HELD_OUT = ["Tell me about the moon.", "How do bees make honey?"]
 
 @pytest.fixture(scope="module")
 def calibrated(smollm_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
-    """A copy of the SmolLM2 artifact calibrated by tools/calibrate_exits.py (small settings)."""
+    """A copy of the SmolLM2 artifact calibrated by `edgert calibrate`'s library function (small settings)."""
     folder = tmp_path_factory.mktemp("exits")
     art = folder / "smollm2-exits.edgert"
     shutil.copyfile(smollm_artifact, art)
-    tool = load_tool("calibrate_exits")
-    result = tool.calibrate(
+    result = calibrate(
         art,
         tokens=256,
         target_agreement=0.8,

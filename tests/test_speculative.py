@@ -73,7 +73,7 @@ def test_rollback_leaves_the_cache_as_a_run_without_the_rejected_tokens(smollm) 
 
 def test_greedy_self_speculative_output_is_the_full_models(smollm, references) -> None:
     n = int(smollm.artifact.manifest["model"]["num_layers"])
-    # Two layers that tools/calibrate_exits.py's search skips first: most drafts agree (fewer rounds, a
+    # Two layers that `edgert calibrate`'s search skips first: most drafts agree (fewer rounds, a
     # quicker test) and some do not, so both paths run.
     skip = {5, 26}
     decoder = SpeculativeDecoder(smollm, SelfDrafter(smollm, [i for i in range(n) if i not in skip]), k=4)

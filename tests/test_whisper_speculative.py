@@ -90,22 +90,23 @@ def test_speculative_bad_spec(transcriber, spec: str, message: str) -> None:
 
 
 def test_exit_calibration_states_the_agreement_the_runtime_gives(whisper_artifact: Path, tmp_path: Path) -> None:
-    """tools/calibrate_exits.py on Whisper (4 espeak-ng sentences, the last 2 held out) stores one adapter per
+    """`edgert calibrate` on Whisper (4 espeak-ng sentences, the last 2 held out) stores one adapter per
     decoder exit; through the runtime's exit head (which loads them from the artifact) the held-out
     sentences give exactly the agreement the calibration stated, and --exit decodes with them."""
     import shutil
 
     import numpy as np
-    from conftest import load_tool
 
     from edgert.artifact.reader import open_artifact
+    from edgert.families.shared.calibration import CALIBRATION_TEXT, calibration_sentences
+    from edgert.families.whisper.calibrate import hidden_states, speak
     from edgert.families.whisper.transcriber import Transcriber
+    from edgert.profile.calibrate import calibrate
     from edgert.runtime.seq2seq_speculative import DecoderLayers
 
     art = tmp_path / "w.edgert"
     shutil.copyfile(whisper_artifact, art)
-    tool = load_tool("calibrate_exits")
-    result = tool.calibrate_whisper(art, sentences=4, policies=("static",))
+    result = calibrate(art, sentences=4, policies=("static",))
     stored = open_artifact(art).manifest["exits"]
     assert stored["layers"] == [1, 2, 3] and stored["calibration"] == result["calibration"]
     point = stored["policies"]["static"]  # the sweep decoded the held-out sentences at depths 1, 2, 3
@@ -115,8 +116,8 @@ def test_exit_calibration_states_the_agreement_the_runtime_gives(whisper_artifac
     t = Transcriber(art)
     layers = DecoderLayers(t.model)
     assert sorted(layers.adapters) == [1, 2, 3]
-    held_out = tool.calibration_sentences(tool.CALIBRATION_TEXT, 4)[2:]
-    runs = [tool.whisper_hidden_states(t, layers, tool.speak(s, tmp_path / f"{i}.wav")) for i, s in enumerate(held_out)]
+    held_out = calibration_sentences(CALIBRATION_TEXT, 4)[2:]
+    runs = [hidden_states(t, layers, speak(s, tmp_path / f"{i}.wav")) for i, s in enumerate(held_out)]
     states = np.concatenate([r[0] for r in runs], axis=1)
     top = np.concatenate([r[1] for r in runs])
     assert len(top) == result["calibration"]["held_out_tokens"]

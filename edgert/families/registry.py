@@ -30,6 +30,7 @@ class Family:
     gguf_architectures: tuple[str, ...] = ()
     takes_context: bool = False  # the task takes ``context_length``
     device_ops: dict[str, str] = field(default_factory=dict)  # agent op name -> "module:function"
+    calibrate: str | None = None  # "module:function" fitting early exits (`edgert calibrate`), if any
 
     def build_function(self) -> Any:
         """The build function (imports the compiler)."""
@@ -38,6 +39,10 @@ class Family:
     def task_class(self) -> Any:
         """The runtime class that serves this family's artifacts (imports the runtime only)."""
         return _resolve(self.task)
+
+    def calibrate_function(self) -> Any:
+        """The early-exit calibration (host side), or None when the family has none."""
+        return _resolve(self.calibrate) if self.calibrate else None
 
 
 _LLM_OPTIONS = {"quant", "weight_dtype", "context_length", "prefill_chunk_size", "threads"}
@@ -53,6 +58,7 @@ FAMILIES: tuple[Family, ...] = (
         gguf_architectures=("llama",),
         takes_context=True,
         device_ops={"run": "edgert.families.llama.device:run"},
+        calibrate="edgert.families.llama.calibrate:calibrate",
     ),
     Family(
         "whisper",
@@ -62,6 +68,7 @@ FAMILIES: tuple[Family, ...] = (
         formats=("ctranslate2",),
         options=frozenset({"weight_dtype", "threads", "audio_ctx"}),
         device_ops={"transcribe": "edgert.families.whisper.device:transcribe"},
+        calibrate="edgert.families.whisper.calibrate:calibrate",
     ),
     Family(
         "marian",

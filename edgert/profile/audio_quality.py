@@ -81,3 +81,11 @@ def word_error_rate(reference: str, hypothesis: str) -> float:
         for j in range(1, len(h) + 1):
             d[j] = min(prev[j] + 1, d[j - 1] + 1, prev[j - 1] + (r[i - 1] != h[j - 1]))
     return float(d[len(h)]) / max(len(r), 1)
+
+
+def against_input(result: np.ndarray, signal: np.ndarray, rate: int) -> dict[str, float | int]:
+    """SI-SNR (dB) and mel distance of a codec round trip against its input, after the codec's delay (found
+    up to 20 ms; ``lag`` in samples)."""
+    lag = delay_of(result, signal, rate // 50)
+    out, ref = result[lag:], signal[: len(signal) - lag]
+    return {"si_snr": si_snr(out, ref), "mel_distance": mel_distance(out, ref, rate), "lag": lag}

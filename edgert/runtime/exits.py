@@ -1,6 +1,6 @@
 """Early exit: each decoded token runs only as many layers as a policy asks for.
 
-A decode step runs the layers up to each exit point (the exits tools/calibrate_exits.py fitted
+A decode step runs the layers up to each exit point (the exits `edgert calibrate` fitted
 adapters for, else a few evenly spaced ones), applies the exit head there, and asks the
 `ExitPolicy` whether to stop. A token that stops at layer e gives layers e.. their KV entries
 by copy-forward (see `edgert.runtime.layers`). The prompt always runs the full model.
@@ -137,7 +137,7 @@ def parse_exit_policy(spec: str, model: Generator) -> ExitPolicy:
             if name not in calibrated:
                 raise EdgertError(
                     f"--exit '{spec}': '{name}' needs a value (the artifact has no calibrated point for it; "
-                    "run tools/calibrate_exits.py)"
+                    "run edgert calibrate)"
                 )
             value = str(calibrated[name]["threshold"])
         try:

@@ -76,7 +76,7 @@ class LayerStack:
 
 
 def load_adapters(session: Session) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """The exit adapters stored in the artifact by tools/calibrate_exits.py ({} without calibration)."""
+    """The exit adapters stored in the artifact by `edgert calibrate` ({} without calibration)."""
     exits = session.artifact.manifest.get("exits")
     if not exits or not exits.get("adapters"):
         return {}

@@ -92,7 +92,7 @@ class DecoderLayers:
         """Logits [n, vocab] of hidden states (final norm + tied head, after any layer).
 
         An exit after ``depth`` < all layers goes through that exit's tuned-lens adapter
-        (``h + h·W + b``) when tools/calibrate_exits.py stored one in the artifact.
+        (``h + h·W + b``) when `edgert calibrate` stored one in the artifact.
         """
         if depth is not None and depth < self.num_layers and depth in self.adapters:
             w, b = self.adapters[depth]

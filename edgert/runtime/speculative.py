@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -125,7 +126,7 @@ def default_skip(num_layers: int) -> list[int]:
 def parse_speculative(spec: str, model: Generator, load_draft: Callable[[str], Generator]) -> tuple[object, int]:
     """A drafter and k from ``self:k=4``, ``self:k=4,skip=3-9,12``, ``self:k=3,exit=16`` or ``model:PATH:k=4``.
 
-    Without ``skip`` or ``exit``, ``self`` uses the skip set stored by tools/calibrate_exits.py,
+    Without ``skip`` or ``exit``, ``self`` uses the skip set stored by `edgert calibrate`,
     else `default_skip`.
     """
     kind, _, rest = spec.partition(":")
@@ -277,3 +278,25 @@ class SpeculativeDecoder:
         stats.accepted += accepted
         m.rollback(k - accepted)  # the cache holds the pending token and k drafts; keep the accepted ones
         return out
+
+
+def adaptive_decoder(
+    model: Generator,
+    speculative: str | None = None,
+    exit_policy: str | None = None,
+    load_draft: Callable[[str], Generator] | None = None,
+) -> Any:
+    """What decodes for `edgert run`: ``model`` itself, a `SpeculativeDecoder` for a ``speculative`` spec
+    (``load_draft`` opens a draft model's artifact), or an `EarlyExitDecoder` for an ``exit_policy``."""
+    if speculative and exit_policy:
+        raise EdgertError("--speculative and --exit are separate modes; pick one")
+    if speculative:
+        if load_draft is None:
+            raise EdgertError(f"--speculative '{speculative}': no way to load a draft model was given")
+        drafter, k = parse_speculative(speculative, model, load_draft)
+        return SpeculativeDecoder(model, drafter, k)
+    if exit_policy:
+        from edgert.runtime.exits import EarlyExitDecoder, parse_exit_policy
+
+        return EarlyExitDecoder(model, parse_exit_policy(exit_policy, model))
+    return model

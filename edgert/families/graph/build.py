@@ -164,6 +164,8 @@ def compile_graph(
 def build(req: BuildRequest) -> Any:
     """The registry's entry: `compile_graph` with the request's options."""
     extra = {k: req.options[k] for k in ("input_shapes", "tuning") if k in req.options}
+    if isinstance(extra.get("input_shapes"), list | tuple):  # as given on the command line: ["NAME=1,128", ...]
+        extra["input_shapes"] = parse_input_shapes(list(extra["input_shapes"]))
     return compile_graph(
         req.source,
         target=req.target,

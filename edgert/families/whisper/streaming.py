@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -209,3 +210,25 @@ def stream_file(
                 time.sleep(wait)
         yield from streamer.feed(samples[i : i + step])
     yield from streamer.flush()
+
+
+def silero_vad_artifact(log: Any = None) -> Path:
+    """silero-vad (from the `silero-vad` package) compiled for this host once, into edgert's cache; the
+    VAD `edgert transcribe --stream` uses unless given one. ``log`` hears when it compiles."""
+    import importlib.util
+
+    from edgert.errors import EdgertError
+    from edgert.families.compile import compile_model
+    from edgert.paths import cache_dir
+
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or spec.origin is None:
+        raise EdgertError("--stream needs silero-vad: pip install --no-deps silero-vad, or pass --vad ARTIFACT")
+    onnx = Path(spec.origin).parent / "data" / "silero_vad_openvino_16k.onnx"
+    out = cache_dir() / "vad" / "silero_vad_openvino_16k.edgert"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if log is not None:
+            log("compiling silero-vad for this host (once) ...")
+        compile_model(str(onnx), target="host", output=out)
+    return out

@@ -182,6 +182,13 @@ class Transcriber:
 
             self.early_exit = EarlyExitSeq2Seq(self.model, parse_exit_policy(exit, self.model))
 
+    @property
+    def default_beam_size(self) -> int:
+        """1 with speculative decoding or early exit (both greedy), else the model's default (5 for Whisper)."""
+        if self.speculative is not None or self.early_exit is not None:
+            return 1
+        return int(self.artifact.manifest.get("defaults", {}).get("beam_size", 1))
+
     # -- pieces -------------------------------------------------------------------------
     def load_audio(self, audio: str | Path | np.ndarray | Audio, sample_rate: int | None = None) -> Audio:
         """A path, an `Audio`, or samples (at ``sample_rate``, default 16 kHz) -> checked 16 kHz mono."""

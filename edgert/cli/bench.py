@@ -1,0 +1,33 @@
+"""`edgert bench`: load time, prefill and decode speed, peak memory (`edgert.profile.bench_generator`)."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from edgert.cli.common import ArtifactArg, JsonOpt, ThreadsOpt, out
+
+
+def bench(
+    artifact: ArtifactArg,
+    prompt_tokens: Annotated[int, typer.Option("--prompt-tokens", help="Prefill length.")] = 128,
+    gen_tokens: Annotated[int, typer.Option("--gen-tokens", help="Decode steps per run.")] = 64,
+    repeats: Annotated[int, typer.Option("--repeats", "-r", help="Runs; medians are reported.")] = 5,
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure load time, prefill and decode tokens/s (medians) and peak memory."""
+    from edgert.profile import bench_generator
+
+    result = bench_generator(artifact, prompt_tokens, gen_tokens, repeats, threads)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table("metric", "value")
+    for key in ("target", "threads", "load_seconds", "prefill_tokens_per_second", "decode_tokens_per_second",
+                "peak_rss_mb"):  # fmt: skip
+        table.add_row(key, str(result[key]))
+    out.print(table)

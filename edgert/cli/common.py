@@ -1,0 +1,75 @@
+"""What the command modules share: the consoles, common options, the progress bar, deploying with one."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from edgert.errors import EdgertError
+
+out = Console()
+err = Console(stderr=True)
+
+ArtifactArg = Annotated[Path, typer.Argument(help="A compiled .edgert artifact.")]
+ThreadsOpt = Annotated[
+    int | None, typer.Option("--threads", "-t", help="Worker threads (default: the target's big cores).")
+]
+ContextOpt = Annotated[
+    int | None, typer.Option("--context", help="Context length in tokens (default: the compiled one).")
+]
+DeviceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device", "-d", help="Device URI: local, board://HOST:PORT, ssh://, adb://, rpc://, serial:// (see README)."
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None) -> Any:
+    """The sampling parameters of `run` and `chat`, a bad value refused as an edgert error."""
+    from edgert.runtime.sampling import SamplingParams
+
+    try:
+        return SamplingParams(temperature, top_k, top_p, repetition_penalty, seed)
+    except ValueError as exc:
+        raise EdgertError(str(exc)) from exc
+
+
+@contextmanager
+def stages(first: str) -> Iterator[Callable[[str, float | None], None]]:
+    """A transient progress bar on stderr; yields the ``progress(stage, fraction)`` callback the library takes."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err, transient=True
+    ) as bar:
+        task = bar.add_task(first, total=None)
+
+        def progress(stage: str, fraction: float | None) -> None:
+            bar.update(task, description=stage, total=None if fraction is None else 1.0, completed=fraction or 0)
+
+        yield progress
+
+
+def upload(dev: Any, artifact: Path) -> dict[str, Any]:
+    """Deploy ``artifact`` to ``dev`` with a progress bar of bytes sent."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=err
+    ) as bar:
+        task = bar.add_task(f"deploy {artifact.name}", total=artifact.stat().st_size)
+        return dev.deploy(artifact, progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+
+def note(message: str) -> None:
+    """A dim line of progress on stderr (plain text, not markup)."""
+    from rich.markup import escape
+
+    err.print(f"[dim]{escape(message)}[/]", highlight=False, soft_wrap=True)

@@ -1,0 +1,57 @@
+"""`edgert deploy` and `edgert profile`: put an artifact on a device, measure it there."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from edgert.cli.common import ArtifactArg, ThreadsOpt, err, upload
+
+
+def deploy(
+    artifact: Annotated[Path, typer.Argument(help="A compiled .edgert artifact (one file).")],
+    device: Annotated[str, typer.Option("--device", "-d", help="Device URI (see `edgert run --help`).")],
+) -> None:
+    """Upload ARTIFACT to a device: verified by sha256 there, renamed over the old copy only when whole."""
+    from edgert.deploy import parse_device
+
+    with parse_device(device) as dev:
+        reply = upload(dev, artifact)
+        name = dev.name  # asked before the link closes
+    err.print(
+        f"[green]deployed[/] {artifact.name} to {escape(name)} ({device}): {reply['size'] / 1e6:.1f} MB, "
+        f"sha256 {reply['sha256'][:16]}… verified",
+        highlight=False,
+    )
+
+
+def profile(
+    artifact: ArtifactArg,
+    device: Annotated[str, typer.Option("--device", "-d", help="Device URI (see `edgert run --help`).")] = "local",
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt (default: the model's).")] = None,
+    runs: Annotated[int, typer.Option("--runs", "-r", help="Prefill + decode runs.")] = 3,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Decode steps per run.")] = 32,
+    report: Annotated[Path, typer.Option("--report", help="HTML report to write (.json and .csv beside it).")] = Path(
+        "profile.html"
+    ),
+    threads: ThreadsOpt = None,
+) -> None:
+    """Measure on the device: load, prefill, per-token decode p50/p90/p99, per-operator time, peak memory."""
+    from edgert.deploy.profiling import profile_on_device
+
+    options = {"prompt": prompt, "runs": runs, "max_tokens": max_tokens, "threads": threads}
+    paths = profile_on_device(artifact, device, report, **options)
+    result = json.loads(paths["json"].read_text())
+    d, pre = result["decode_ms"], result["prefill_ms"]
+    err.print(
+        f"{escape(result['title'])}: load {result['load_seconds']:.2f} s, prefill p50 {pre['p50']:.1f} ms, "
+        f"decode p50/p90/p99 {d['p50']:.2f}/{d['p90']:.2f}/{d['p99']:.2f} ms per token, "
+        f"peak {result['peak_rss_mb']:.0f} MB",
+        highlight=False,
+        soft_wrap=True,
+    )
+    err.print(f"[green]wrote[/] {paths['html']}, {paths['json'].name}, {paths['csv'].name}", highlight=False)
