@@ -21,6 +21,8 @@ from edgert.runtime.tvm_runtime import to_numpy
 
 # (step, logits [rows, vocab] to edit in place, the tokens each row generated so far)
 LogitsProcessor = Callable[[int, np.ndarray, Sequence[Sequence[int]]], None]
+# (sequence, token to feed, step, the tokens so far) -> logits [n, vocab] of the next n steps (`Seq2Seq.greedy`)
+Advance = Callable[[int, int, int, list[int]], np.ndarray]
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -193,7 +195,7 @@ class Seq2Seq:
         max_new: int,
         processors: Sequence[LogitsProcessor] = (),
         on_first_logits: Callable[[np.ndarray], None] | None = None,
-        advance: Callable[[int, int, int, list[int]], np.ndarray] | None = None,
+        advance: Advance | None = None,
     ) -> Hypothesis:
         """Most likely token at each step until ``eos`` or ``max_new`` tokens.
 

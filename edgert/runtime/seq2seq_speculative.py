@@ -19,7 +19,7 @@ import numpy as np
 from edgert.errors import EdgertError
 from edgert.runtime.exits import ExitPolicy, exit_pass
 from edgert.runtime.layers import LayerEntries, load_adapters
-from edgert.runtime.seq2seq import Hypothesis, LogitsProcessor, Seq2Seq, apply_processors, best_token
+from edgert.runtime.seq2seq import Advance, Hypothesis, LogitsProcessor, Seq2Seq, apply_processors, best_token
 from edgert.runtime.speculative import DraftStats, default_skip, parse_draft_options, parse_layer_set
 
 
@@ -59,8 +59,31 @@ class DecoderLayers(LayerEntries):
         return logits
 
 
-class SelfSpeculativeDecoder:
-    """Greedy decoding of a `Seq2Seq` with drafts from its own decoder layers (``draft_layers``)."""
+class GreedyVariant:
+    """Greedy decoding of a `Seq2Seq` through `Seq2Seq.greedy`, with the decoder steps a subclass provides."""
+
+    model: Seq2Seq
+
+    def _advance(self, cross: Any, max_new: int, processors: Sequence[LogitsProcessor]) -> Advance:
+        raise NotImplementedError
+
+    def greedy(
+        self,
+        cross: Any,
+        prompt: Sequence[int],
+        eos: int,
+        max_new: int,
+        processors: Sequence[LogitsProcessor] = (),
+        on_first_logits: Callable[[np.ndarray], None] | None = None,
+    ) -> Hypothesis:
+        """`Seq2Seq.greedy`'s loop and result (same arguments), each step taken by this decoder."""
+        advance = self._advance(cross, max_new, processors)
+        return self.model.greedy(cross, prompt, eos, max_new, processors, on_first_logits, advance)
+
+
+class SelfSpeculativeDecoder(GreedyVariant):
+    """Greedy decoding of a `Seq2Seq` with drafts from its own decoder layers (``draft_layers``);
+    the output is `Seq2Seq.greedy`'s, decoded k drafted tokens per full-decoder pass."""
 
     def __init__(self, model: Seq2Seq, draft_layers: Sequence[int], k: int = 4):
         self.layers = DecoderLayers(model)
@@ -77,16 +100,8 @@ class SelfSpeculativeDecoder:
     ) -> tuple[int, float]:
         return best_token(apply_processors(processors, step, logits.copy(), tokens))  # as `Seq2Seq.greedy` takes it
 
-    def greedy(
-        self,
-        cross: Any,
-        prompt: Sequence[int],
-        eos: int,
-        max_new: int,
-        processors: Sequence[LogitsProcessor] = (),
-        on_first_logits: Callable[[np.ndarray], None] | None = None,
-    ) -> Hypothesis:
-        """`Seq2Seq.greedy`'s result, decoded k drafted tokens per full-decoder pass."""
+    def _advance(self, cross: Any, max_new: int, processors: Sequence[LogitsProcessor]) -> Advance:
+        """Rounds for `Seq2Seq.greedy`: draft k tokens, verify them in one full-decoder pass."""
         m, all_layers = self.model, list(range(self.layers.num_layers))
 
         def advance(seq: int, token: int, step: int, tokens: list[int]) -> np.ndarray:
@@ -109,7 +124,7 @@ class SelfSpeculativeDecoder:
             m.cache.popn(seq, k - accepted)
             return full[: accepted + 1]  # the full decoder's logits of the accepted drafts and the next token
 
-        return m.greedy(cross, prompt, eos, max_new, processors, on_first_logits, advance)
+        return advance
 
 
 # Measured skip sets by decoder depth (acceptance with k=4 on espeak-ng speech, 3 sentences, not
@@ -144,7 +159,7 @@ def parse_seq2seq_speculative(spec: str, model: Seq2Seq) -> SelfSpeculativeDecod
     return SelfSpeculativeDecoder(model, layers, k[0])
 
 
-class EarlyExitSeq2Seq:
+class EarlyExitSeq2Seq(GreedyVariant):
     """Greedy decoding of a `Seq2Seq` where each decoded token runs the decoder layers an `ExitPolicy` picks.
 
     The prompt runs the full decoder; a token that exits after layer e writes the KV of layers
@@ -189,18 +204,10 @@ class EarlyExitSeq2Seq:
         self.depths.append(depth)
         return logits
 
-    def greedy(
-        self,
-        cross: Any,
-        prompt: Sequence[int],
-        eos: int,
-        max_new: int,
-        processors: Sequence[LogitsProcessor] = (),
-        on_first_logits: Callable[[np.ndarray], None] | None = None,
-    ) -> Hypothesis:
-        """`Seq2Seq.greedy` with the policy choosing each decoded token's depth."""
+    def _advance(self, cross: Any, max_new: int, processors: Sequence[LogitsProcessor]) -> Advance:
+        """Steps for `Seq2Seq.greedy`: the policy chooses each decoded token's depth."""
 
         def advance(seq: int, token: int, step: int, tokens: list[int]) -> np.ndarray:
             return self._step(seq, token, cross, step, tokens, processors)[None]
 
-        return self.model.greedy(cross, prompt, eos, max_new, processors, on_first_logits, advance)
+        return advance
