@@ -10,6 +10,7 @@ import pytest
 import edgert
 from edgert.errors import ContextLengthError
 from edgert.runtime import Generator
+from edgert.runtime.generator import GenerationStats, TokenEmitter
 from edgert.runtime.sampling import Sampler, SamplingParams, apply_repetition_penalty, token_probabilities
 
 QUESTION = "What is the capital of France?"
@@ -154,6 +155,37 @@ def test_chat_reuses_the_cache_and_matches_a_fresh_run(smollm: Generator) -> Non
     fresh = [t.id for t in smollm.generate(conversation, max_tokens=32)]
     assert smollm.stats.cached_tokens == 0
     assert fresh == second
+
+
+# -- token emission (no model) ----------------------------------------------------------------
+class _Letters:
+    """A tokenizer stand-in: token i is the letter chr(97 + i); 25 ('z') is the stop token."""
+
+    stop_token_ids = frozenset({25})
+
+    def stream(self) -> _Letters:
+        return self
+
+    def push(self, token: int) -> str:
+        return chr(97 + token)
+
+
+@pytest.mark.parametrize(
+    ("ids", "max_tokens", "stop", "text", "reason"),
+    [
+        ([0, 1, 25, 2], 10, (), "ab", "stop_token"),
+        ([0, 1, 2, 3], 10, ("bc",), "abc", "stop_string"),
+        ([0, 1, 2, 3], 2, ("",), "ab", "max_tokens"),
+        ([0, 1], 10, (), "ab", ""),
+    ],
+)
+def test_token_emitter_ends_as_generate_does(ids: list[int], max_tokens: int, stop: tuple, text: str, reason: str):
+    """The emission every decoder shares: the stopping token is not emitted, a stop string's is."""
+    stats = GenerationStats(prompt_tokens=1)
+    out = TokenEmitter(_Letters(), [7], stats, max_tokens, stop)  # type: ignore[arg-type]
+    tokens = list(out.emit(ids))
+    assert "".join(t.text for t in tokens) == text and stats.stop_reason == reason and out.done == bool(reason)
+    assert stats.generated_tokens == len(tokens) and out.history == [7, *(t.id for t in tokens)]
 
 
 # -- sampling rules (no model) ----------------------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 from conftest import load_tool, run_tool
 
 from edgert.errors import ModelFileError
-from edgert.frontend.gguf_reader import SUPPORTED_TENSOR_TYPES
+from edgert.frontend.gguf_reader import SUPPORTED_TENSOR_TYPES, open_gguf_reader
 
 TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
 PREFILL_CHUNK = 32  # smaller than the scored sequence, so scoring crosses a chunk boundary
@@ -77,21 +77,13 @@ def token_ids() -> list[int]:
 def reference_logits(path: Path, ids: list[int]) -> np.ndarray:
     """Logits [len(ids), vocab] in float64 from the dequantized GGUF weights.
 
-    Independent of edgert: reads with `gguf` directly and applies RoPE to adjacent pairs of
-    q/k (llama.cpp's convention for GGUF files, where edgert un-permutes the rows instead).
+    Independent of edgert's loaders: reads with `gguf`'s reader and dequantizer and applies RoPE
+    to adjacent pairs of q/k (llama.cpp's convention for GGUF files, where edgert un-permutes
+    the rows instead).
     """
     import gguf
 
-    class PlainViewReader(gguf.GGUFReader):  # the file's bytes as a plain ndarray: 2.5x faster parsing
-        @property
-        def data(self) -> np.ndarray:
-            return self._plain
-
-        @data.setter
-        def data(self, value: np.ndarray) -> None:
-            self._plain = value.view(np.ndarray)
-
-    reader = PlainViewReader(path, "r")
+    reader = open_gguf_reader(path)  # gguf's own reader; edgert only hands it the bytes as a plain view
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
     w = {
         t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float64).reshape(

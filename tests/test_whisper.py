@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import shutil
 import subprocess
 import wave
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
+from edgert.profile.audio_quality import word_error_rate, words
 from edgert.runtime.audio import read_wav
 
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
@@ -45,21 +45,6 @@ def synthesize(text: str, path: Path) -> np.ndarray:
     assert espeak, "apt-get install espeak-ng (tools/setup.sh --test does)"
     subprocess.run([espeak, "-v", "en-us", "-s", "130", "-w", str(path), text], check=True, capture_output=True)
     return read_wav(path).samples
-
-
-def words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]", " ", text.lower().replace("-", " ")).split()
-
-
-def wer(ref: str, hyp: str) -> float:
-    """Word error rate: word-level edit distance over the reference length."""
-    r, h = words(ref), words(hyp)
-    d = np.arange(len(h) + 1)
-    for i in range(1, len(r) + 1):
-        prev, d[0] = d.copy(), i
-        for j in range(1, len(h) + 1):
-            d[j] = min(prev[j] + 1, d[j - 1] + 1, prev[j - 1] + (r[i - 1] != h[j - 1]))
-    return float(d[len(h)]) / max(len(r), 1)
 
 
 @pytest.fixture(scope="module")
@@ -91,11 +76,11 @@ def test_espeak_sentences_identical_to_faster_whisper(transcriber, reference, tm
         ours = transcriber.transcribe(samples, beam_size=1)
         ref = reference_segments(reference, samples, 1)
         ref_text = "".join(s.text for s in ref).strip()
-        ours_wer, ref_wer = wer(sentence, ours.text), wer(sentence, ref_text)
+        ours_wer, ref_wer = word_error_rate(sentence, ours.text), word_error_rate(sentence, ref_text)
         print(f"  WER edgert {ours_wer:.3f}  faster-whisper {ref_wer:.3f}  | {ours.text}")
         assert [s.tokens for s in ours.segments] == [s.tokens for s in ref]
-        total_ours.append(wer(sentence, ours.text))
-        total_ref.append(wer(sentence, ref_text))
+        total_ours.append(ours_wer)
+        total_ref.append(ref_wer)
     print(f"  mean WER edgert {np.mean(total_ours):.3f}, faster-whisper {np.mean(total_ref):.3f}")
     assert np.mean(total_ours) == np.mean(total_ref) < 0.5  # robotic voice: tiny.en gets most words
 
@@ -111,7 +96,7 @@ def test_long_audio_seeks_window_by_window(transcriber, reference, tmp_path: Pat
     assert ours.stats.windows >= 2
     assert [s.tokens for s in ours.segments] == [s.tokens for s in ref]
     assert [(s.start, s.end) for s in ours.segments] == [(round(s.start, 3), round(s.end, 3)) for s in ref]
-    assert wer(" ".join(SENTENCES * 2), ours.text) < 0.5
+    assert word_error_rate(" ".join(SENTENCES * 2), ours.text) < 0.5
 
 
 def test_short_window_build_gives_the_full_builds_words(

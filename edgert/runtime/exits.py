@@ -12,14 +12,15 @@ so every check is expensive: policies that look at fewer exits are the ones that
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
-from edgert.errors import EdgertError
+from edgert.errors import ContextLengthError, EdgertError
 from edgert.runtime.generator import GenerationStats, Generator, Token
-from edgert.runtime.layers import LayerStack, load_adapters
+from edgert.runtime.layers import LayerEntries, LayerStack, load_adapters
 from edgert.runtime.sampling import SamplingParams
 
 
@@ -168,6 +169,34 @@ def default_exits(num_layers: int) -> list[int]:
     return [e for e in range(step, num_layers, step) if e >= num_layers // 2]
 
 
+def exit_pass(
+    stack: LayerEntries,
+    policy: ExitPolicy,
+    exit_points: Sequence[int],
+    h: Any,
+    run: Callable[[Any, range], Any],
+    judge: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, int, int]:
+    """One token's pass (inside an open forward pass) with ``policy`` choosing where it leaves the stack.
+
+    ``run(h, layers)`` applies layers; at each exit point the exit head's logits (``judge`` may
+    mask a copy first) go to the policy. A token that exits after layer e fills the KV of layers
+    e.. by copy-forward. Returns the logits of the last position, the depth used and how many
+    exit heads ran.
+    """
+    n = stack.num_layers
+    policy.start()
+    depth = 0
+    for looked, e in enumerate(exit_points, 1):
+        h = run(h, range(depth, e))
+        depth = e
+        logits = stack.logits(h, e)[-1]
+        if policy.should_exit(e, logits if judge is None else judge(logits)):
+            stack.fill(h, range(e, n))
+            return logits, e, looked
+    return stack.logits(run(h, range(depth, n)))[-1], n, len(exit_points)
+
+
 @dataclass
 class EarlyExitStats(GenerationStats):
     """GenerationStats plus the depth each decoded token used."""
@@ -205,31 +234,16 @@ class EarlyExitDecoder:
 
     def step(self, token: int) -> np.ndarray:
         """Decode one token with the policy; logits [vocab]. Records the depth used."""
-        m, stack, n = self.model, self.stack, self.stack.num_layers
+        m = self.model
         if m.cache.length + 1 > m.context_length:
-            from edgert.errors import ContextLengthError
-
             raise ContextLengthError(f"{m.cache.length + 1} tokens do not fit the context of {m.context_length}")
-        self.policy.start()
         m.cache.begin(1)
-        h = stack.embed([token])
-        depth = 0
-        logits = None
-        for e in self.exit_points:
-            h = stack.run(h, range(depth, e))
-            depth = e
-            lg = stack.logits(h, e)[-1]
-            self.stats.head_calls += 1
-            if self.policy.should_exit(e, lg):
-                stack.fill(h, range(e, n))
-                logits = lg
-                break
-        if logits is None:
-            h = stack.run(h, range(depth, n))
-            depth = n
-            logits = stack.logits(h)[-1]
+        logits, depth, looked = exit_pass(
+            self.stack, self.policy, self.exit_points, self.stack.embed([token]), self.stack.run
+        )
         m.cache.end(1)
         m.cached_ids.append(token)
+        self.stats.head_calls += looked
         self.stats.depths.append(depth)
         return logits
 
@@ -244,12 +258,8 @@ class EarlyExitDecoder:
         """Yield tokens; each decoded token runs the layers the policy chose."""
         self.stats = EarlyExitStats(num_layers=self.stack.num_layers)
         yield from self.model.generate(prompt, max_tokens, sampling, stop, chat, decode_step=self.step)
-        base = self.model.stats.to_dict()
-        for key in ("prompt_tokens", "cached_tokens", "generated_tokens", "stop_reason"):
-            setattr(self.stats, key, base[key])
-        self.stats.prefill_seconds = self.model.stats.prefill_seconds
-        self.stats.decode_seconds = self.model.stats.decode_seconds
-        self.stats.decode_step_seconds = self.model.stats.decode_step_seconds
+        for f in fields(GenerationStats):  # the run's counts and timings, kept by the model's generate
+            setattr(self.stats, f.name, getattr(self.model.stats, f.name))
 
     def agreement(self, prompt: str | Sequence[int], reference: Sequence[int], chat: bool = False) -> float:
         """Fraction of ``reference`` tokens (the full model's greedy output) this policy predicts when fed them.

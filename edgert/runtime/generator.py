@@ -8,7 +8,7 @@ early-exit policies and speculative decoding plug in there (run fewer layers, th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +65,55 @@ class GenerationStats:
             "decode_tokens_per_second": round(self.decode_tokens_per_second, 2),
             "stop_reason": self.stop_reason,
         }
+
+
+class TokenEmitter:
+    """Turns the token ids a decoder accepted into `Token`s, and says when generation ends.
+
+    One place for what every decoder does with its tokens: stop at a stop token, detokenize
+    incrementally, stop once the text holds a stop string or ``max_tokens`` are out, and count
+    them into ``stats`` (``generated_tokens``, ``stop_reason``). ``history`` is the prompt and the
+    emitted tokens (what samplers see).
+    """
+
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        prompt: Sequence[int],
+        stats: GenerationStats,
+        max_tokens: int,
+        stop: Sequence[str],
+    ):
+        self.stop_token_ids = tokenizer.stop_token_ids
+        self.decoder = tokenizer.stream()
+        self.history = list(prompt)
+        self.stats, self.max_tokens = stats, max_tokens
+        self.stop = [s for s in stop if s]
+        self.text = ""
+
+    @property
+    def done(self) -> bool:
+        """True once a stop reason is set."""
+        return bool(self.stats.stop_reason)
+
+    def emit(self, ids: Iterable[int]) -> Iterator[Token]:
+        """Yield ``ids`` as tokens until one of them ends the generation (then `done` is true)."""
+        stats = self.stats
+        for token in ids:
+            if token in self.stop_token_ids:
+                stats.stop_reason = "stop_token"
+                return
+            self.history.append(token)
+            stats.generated_tokens += 1
+            piece = self.decoder.push(token)
+            self.text += piece
+            yield Token(token, piece)
+            if any(s in self.text for s in self.stop):
+                stats.stop_reason = "stop_string"
+                return
+            if stats.generated_tokens >= self.max_tokens:
+                stats.stop_reason = "max_tokens"
+                return
 
 
 class Generator:
@@ -158,6 +207,26 @@ class Generator:
             prompt = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         return self.tokenizer.encode(prompt)
 
+    def checked_prompt(self, prompt: str | Sequence[int], max_tokens: int, chat: bool = False) -> list[int]:
+        """Token ids of a prompt to generate after, refused when empty, too long or ``max_tokens`` < 1."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        ids = self.encode_prompt(prompt, chat)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) > self.context_length:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {self.context_length}")
+        return ids
+
+    def begin_generation(
+        self, ids: list[int], stats: GenerationStats, max_tokens: int, stop: Sequence[str]
+    ) -> tuple[np.ndarray, TokenEmitter]:
+        """Prefill ``ids`` (timed into ``stats``); the logits after them and the emitter of what follows."""
+        t0 = time.perf_counter()
+        logits = self.prefill(ids)
+        stats.prefill_seconds = time.perf_counter() - t0
+        return logits, TokenEmitter(self.tokenizer, ids, stats, max_tokens, stop)
+
     def generate(
         self,
         prompt: str | Sequence[int],
@@ -171,38 +240,15 @@ class Generator:
 
         ``decode_step`` (token -> logits) replaces the full-model decode step (early exit).
         """
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-        ids = self.encode_prompt(prompt, chat)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) > self.context_length:
-            raise ContextLengthError(f"the prompt has {len(ids)} tokens but the context holds {self.context_length}")
-        stop = [s for s in stop if s]
+        ids = self.checked_prompt(prompt, max_tokens, chat)
         sampler = Sampler(sampling or SamplingParams())
         stats = self.stats = GenerationStats(prompt_tokens=len(ids))
-        t0 = time.perf_counter()
-        logits = self.prefill(ids)
-        stats.prefill_seconds = time.perf_counter() - t0
-        decoder = self.tokenizer.stream()
-        history = list(ids)
-        text = ""
+        logits, out = self.begin_generation(ids, stats, max_tokens, stop)
         t_decode = time.perf_counter()
         while True:
-            token = sampler(logits, history)
-            if token in self.tokenizer.stop_token_ids:
-                stats.stop_reason = "stop_token"
-                break
-            history.append(token)
-            stats.generated_tokens += 1
-            piece = decoder.push(token)
-            text += piece
-            yield Token(token, piece)
-            if any(s in text for s in stop):
-                stats.stop_reason = "stop_string"
-                break
-            if stats.generated_tokens >= max_tokens:
-                stats.stop_reason = "max_tokens"
+            token = sampler(logits, out.history)
+            yield from out.emit([token])
+            if out.done:
                 break
             if self.cache.length + 1 > self.context_length:
                 stats.stop_reason = "context_full"

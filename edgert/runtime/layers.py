@@ -26,15 +26,27 @@ from edgert.runtime.tvm_runtime import to_numpy
 ADAPTERS_FILE = "exits.safetensors"
 
 
-class LayerStack:
-    """The layer-range entry points of one session, called over one paged KV cache."""
+class LayerEntries:
+    """The layer entry points of one session (``embed``, ``layer_<i>``, ``kv_fill_<i>``, ``head``) over one
+    KV cache (anything with the cache object as ``obj``), and the exit adapters applied before the head.
 
-    def __init__(self, session: Session, cache: PagedKVCache, adapters: dict[int, tuple[np.ndarray, np.ndarray]]):
+    `LayerStack` runs a decoder-only model's layers, `edgert.runtime.seq2seq_speculative.DecoderLayers`
+    an encoder-decoder's decoder layers.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        cache: Any,
+        adapters: dict[int, tuple[np.ndarray, np.ndarray]],
+        what: str = "layer",
+        uses: str = "early exit and self-speculative decoding",
+    ):
         manifest = session.artifact.manifest
         if "layer_0" not in manifest["entry_points"]:
             raise ArtifactError(
-                f"{session.artifact.path}: the artifact has no layer entry points (compiled by an older "
-                "edgert); compile it again for early exit and self-speculative decoding"
+                f"{session.artifact.path}: the artifact has no {what} entry points (compiled by an older "
+                f"edgert); compile it again for {uses}"
             )
         self.session, self.cache = session, cache
         self.num_layers = int(manifest["model"]["num_layers"])
@@ -46,16 +58,6 @@ class LayerStack:
         self._layers = [vm[f"layer_{i}"] for i in range(self.num_layers)]
         self._fills = [vm[f"kv_fill_{i}"] for i in range(self.num_layers)]
         self.adapters = adapters
-
-    def embed(self, ids: Sequence[int]) -> Any:
-        """Hidden states [1, n, d] (a device tensor) of token ids."""
-        return self._embed(self.session.tensor(np.asarray([ids], dtype=np.int32)), self._params)
-
-    def run(self, h: Any, layers: Iterable[int]) -> Any:
-        """Apply ``layers`` in order to ``h``, each writing its KV entries for the open forward pass."""
-        for i in layers:
-            h, self.cache.obj = self._layers[i](h, self.cache.obj, self._params)
-        return h
 
     def fill(self, h: Any, layers: Iterable[int]) -> None:
         """Copy-forward: write the KV entries of ``layers`` from the exit hidden state ``h``."""
@@ -73,6 +75,23 @@ class LayerStack:
             x = to_numpy(h)[0]
             h = self.session.tensor(np.ascontiguousarray((x + x @ w + b)[None], dtype=np.float32))
         return to_numpy(self._head(h, self._params))[0]
+
+
+class LayerStack(LayerEntries):
+    """The layer-range entry points of one session, called over one paged KV cache."""
+
+    def __init__(self, session: Session, cache: PagedKVCache, adapters: dict[int, tuple[np.ndarray, np.ndarray]]):
+        super().__init__(session, cache, adapters)
+
+    def embed(self, ids: Sequence[int]) -> Any:
+        """Hidden states [1, n, d] (a device tensor) of token ids."""
+        return self._embed(self.session.tensor(np.asarray([ids], dtype=np.int32)), self._params)
+
+    def run(self, h: Any, layers: Iterable[int]) -> Any:
+        """Apply ``layers`` in order to ``h``, each writing its KV entries for the open forward pass."""
+        for i in layers:
+            h, self.cache.obj = self._layers[i](h, self.cache.obj, self._params)
+        return h
 
 
 def load_adapters(session: Session) -> dict[int, tuple[np.ndarray, np.ndarray]]:

@@ -21,6 +21,8 @@ from edgert.runtime.tvm_runtime import to_numpy
 
 # (step, logits [rows, vocab] to edit in place, the tokens each row generated so far)
 LogitsProcessor = Callable[[int, np.ndarray, Sequence[Sequence[int]]], None]
+# (sequence, token to feed, step, the tokens so far) -> logits [n, vocab] of the next n steps (`Seq2Seq.greedy`)
+Advance = Callable[[int, int, int, list[int]], np.ndarray]
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -41,6 +43,15 @@ def best_token(logits: np.ndarray) -> tuple[int, float]:
     # exp(x - x_tok) is 1 at the token itself, so the sum is at least 1.
     total = float(np.sum(np.exp(logits - logits[tok])))
     return tok, -float(np.log(total))
+
+
+def apply_processors(
+    processors: Sequence[LogitsProcessor], step: int, logits: np.ndarray, tokens: Sequence[int]
+) -> np.ndarray:
+    """Let ``processors`` edit one sequence's logits [vocab] in place at ``step``; returns them."""
+    for proc in processors:
+        proc(step, logits[None], [tokens])
+    return logits
 
 
 class SequenceCache:
@@ -184,16 +195,23 @@ class Seq2Seq:
         max_new: int,
         processors: Sequence[LogitsProcessor] = (),
         on_first_logits: Callable[[np.ndarray], None] | None = None,
-        advance: Callable[[int, int, int, list[int]], np.ndarray] | None = None,
+        advance: Advance | None = None,
     ) -> Hypothesis:
         """Most likely token at each step until ``eos`` or ``max_new`` tokens.
 
-        ``advance(seq, token, step, tokens)`` feeds ``token`` and returns the logits [1, vocab] for
-        ``step`` (default: one full decoder `step`); early-exit decoding passes its own.
+        ``advance(seq, token, step, tokens)`` feeds ``token``, the last of ``tokens``, and returns the
+        logits [n, vocab] of steps ``step``..``step + n - 1`` (default: one full decoder `step`, n = 1).
+        Early exit passes one that runs fewer layers; self-speculative decoding one that drafts and
+        verifies, returning a row for each accepted draft and one more (their tokens may already
+        be in the cache, so the length limit counts from the prompt).
         """
         self.cache.reset()
         seq = self.cache.add()
-        logits = self.prefill(seq, prompt, cross)[None]
+        rows = self.prefill(seq, prompt, cross)[None]
+        if max_new < 1:
+            return Hypothesis([], 0.0, 0.0)
+        if on_first_logits is not None:
+            on_first_logits(rows[0])
         if advance is None:
 
             def advance(seq: int, token: int, step: int, tokens: list[int]) -> np.ndarray:
@@ -201,20 +219,17 @@ class Seq2Seq:
 
         tokens: list[int] = []
         score = 0.0
-        for step in range(max_new):
-            if step == 0 and on_first_logits is not None:
-                on_first_logits(logits[0])
-            for proc in processors:
-                proc(step, logits, [tokens])
-            tok, logp = best_token(logits[0])
-            score += logp
-            if tok == eos:
-                break
-            tokens.append(tok)
-            if step == max_new - 1 or self.cache.lengths[seq] + 1 > self.max_length:
-                break
-            logits = advance(seq, tok, step + 1, tokens)
-        return Hypothesis(tokens, score, score / max(len(tokens), 1))
+        while True:
+            for logits in rows:
+                step = len(tokens)
+                tok, logp = best_token(apply_processors(processors, step, logits, tokens))
+                score += logp
+                if tok == eos:
+                    return Hypothesis(tokens, score, score / max(len(tokens), 1))
+                tokens.append(tok)
+                if step == max_new - 1 or len(prompt) + step + 1 > self.max_length:
+                    return Hypothesis(tokens, score, score / max(len(tokens), 1))
+            rows = advance(seq, tokens[-1], len(tokens), tokens)
 
     def beam(
         self,

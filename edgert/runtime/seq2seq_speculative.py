@@ -11,62 +11,26 @@ draft skips need no KV fill. Greedy output is the full decoder's, token for toke
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
-from edgert.errors import ArtifactError, EdgertError
-from edgert.runtime import tvm_runtime
-from edgert.runtime.exits import ExitPolicy
-from edgert.runtime.layers import load_adapters
-from edgert.runtime.seq2seq import Hypothesis, LogitsProcessor, Seq2Seq, best_token
-from edgert.runtime.speculative import default_skip, parse_layer_set
-from edgert.runtime.tvm_runtime import to_numpy
+from edgert.errors import EdgertError
+from edgert.runtime.exits import ExitPolicy, exit_pass
+from edgert.runtime.layers import LayerEntries, load_adapters
+from edgert.runtime.seq2seq import Advance, Hypothesis, LogitsProcessor, Seq2Seq, apply_processors, best_token
+from edgert.runtime.speculative import DraftStats, default_skip, parse_draft_options, parse_layer_set
 
 
-@dataclass
-class DraftStats:
-    """Drafting counts over a transcription."""
-
-    rounds: int = 0
-    drafted: int = 0
-    accepted: int = 0
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Fraction of drafted tokens the full decoder accepted."""
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    def to_dict(self) -> dict[str, float | int]:
-        """Plain dict for JSON output."""
-        return {
-            "rounds": self.rounds,
-            "drafted": self.drafted,
-            "accepted": self.accepted,
-            "acceptance_rate": round(self.acceptance_rate, 4),
-        }
-
-
-class DecoderLayers:
+class DecoderLayers(LayerEntries):
     """The decoder's layer entry points of one `Seq2Seq`, called over its sequence cache."""
 
     def __init__(self, model: Seq2Seq):
-        manifest = model.artifact.manifest
-        if "layer_0" not in manifest["entry_points"]:
-            raise ArtifactError(
-                f"{model.artifact.path}: the artifact has no decoder layer entry points (compiled by an older "
-                "edgert); compile it again for self-speculative decoding"
-            )
+        super().__init__(
+            model.session, model.cache, load_adapters(model.session), "decoder layer", "self-speculative decoding"
+        )
         self.model = model
-        self.num_layers = int(manifest["model"]["num_layers"])
-        vm = model.session.vm
-        self._params = tvm_runtime.ffi().convert(model.session.params)  # converted once, reused by every call
-        self._embed, self._head = vm["embed"], vm["head"]
-        self._layers = [vm[f"layer_{i}"] for i in range(self.num_layers)]
-        self._fills = [vm[f"kv_fill_{i}"] for i in range(self.num_layers)]
-        self.adapters = load_adapters(model.session)
 
     def embed(self, seq: int, tokens: Sequence[int]) -> Any:
         """Hidden states [1, n, d] of ``tokens`` at ``seq``'s next positions (inside an open forward pass)."""
@@ -75,30 +39,15 @@ class DecoderLayers:
         pos = np.array([[m.cache.lengths[seq] + i for i in range(len(tokens))]], np.int32)
         return self._embed(tensor(np.array([list(tokens)], np.int32)), tensor(pos), self._params)
 
-    def run(self, h: Any, cross: Any, layers: Sequence[int]) -> Any:
+    def run(self, h: Any, cross: Any, layers: Iterable[int]) -> Any:
         """Apply decoder ``layers`` to ``h``, each writing its self-attention KV entries."""
-        m = self.model
         for i in layers:
-            h, m.cache.obj = self._layers[i](h, cross, m.cache.obj, self._params)
+            h, self.cache.obj = self._layers[i](h, cross, self.cache.obj, self._params)
         return h
 
-    def fill(self, h: Any, layers: Sequence[int]) -> None:
-        """Copy-forward: write the self-attention KV of ``layers`` from the exit hidden state ``h``."""
-        m = self.model
-        for i in layers:
-            _, m.cache.obj = self._fills[i](h, m.cache.obj, self._params)
-
     def head(self, h: Any, depth: int | None = None) -> np.ndarray:
-        """Logits [n, vocab] of hidden states (final norm + tied head, after any layer).
-
-        An exit after ``depth`` < all layers goes through that exit's tuned-lens adapter
-        (``h + h·W + b``) when `edgert calibrate` stored one in the artifact.
-        """
-        if depth is not None and depth < self.num_layers and depth in self.adapters:
-            w, b = self.adapters[depth]
-            x = to_numpy(h)[0]
-            h = self.model.session.tensor(np.ascontiguousarray((x + x @ w + b)[None], dtype=np.float32))
-        return to_numpy(self._head(h, self._params))[0]
+        """Logits [n, vocab] of hidden states (final norm + tied head, after any layer; see `LayerEntries.logits`)."""
+        return self.logits(h, depth)
 
     def forward(self, seq: int, tokens: Sequence[int], cross: Any, layers: Sequence[int]) -> np.ndarray:
         """Append ``tokens`` to ``seq`` through ``layers`` only; logits [len(tokens), vocab]."""
@@ -110,8 +59,31 @@ class DecoderLayers:
         return logits
 
 
-class SelfSpeculativeDecoder:
-    """Greedy decoding of a `Seq2Seq` with drafts from its own decoder layers (``draft_layers``)."""
+class GreedyVariant:
+    """Greedy decoding of a `Seq2Seq` through `Seq2Seq.greedy`, with the decoder steps a subclass provides."""
+
+    model: Seq2Seq
+
+    def _advance(self, cross: Any, max_new: int, processors: Sequence[LogitsProcessor]) -> Advance:
+        raise NotImplementedError
+
+    def greedy(
+        self,
+        cross: Any,
+        prompt: Sequence[int],
+        eos: int,
+        max_new: int,
+        processors: Sequence[LogitsProcessor] = (),
+        on_first_logits: Callable[[np.ndarray], None] | None = None,
+    ) -> Hypothesis:
+        """`Seq2Seq.greedy`'s loop and result (same arguments), each step taken by this decoder."""
+        advance = self._advance(cross, max_new, processors)
+        return self.model.greedy(cross, prompt, eos, max_new, processors, on_first_logits, advance)
+
+
+class SelfSpeculativeDecoder(GreedyVariant):
+    """Greedy decoding of a `Seq2Seq` with drafts from its own decoder layers (``draft_layers``);
+    the output is `Seq2Seq.greedy`'s, decoded k drafted tokens per full-decoder pass."""
 
     def __init__(self, model: Seq2Seq, draft_layers: Sequence[int], k: int = 4):
         self.layers = DecoderLayers(model)
@@ -123,62 +95,36 @@ class SelfSpeculativeDecoder:
         self.model, self.draft_layers, self.k = model, list(draft_layers), k
         self.stats = DraftStats()
 
-    def _pick(self, logits: np.ndarray, step: int, tokens: list[int], processors: Sequence[LogitsProcessor]) -> tuple:
-        row = logits[None].copy()
-        for proc in processors:
-            proc(step, row, [tokens])
-        return best_token(row[0])  # the token and score `Seq2Seq.greedy` would take
+    def _pick(
+        self, logits: np.ndarray, step: int, tokens: list[int], processors: Sequence[LogitsProcessor]
+    ) -> tuple[int, float]:
+        return best_token(apply_processors(processors, step, logits.copy(), tokens))  # as `Seq2Seq.greedy` takes it
 
-    def greedy(
-        self,
-        cross: Any,
-        prompt: Sequence[int],
-        eos: int,
-        max_new: int,
-        processors: Sequence[LogitsProcessor] = (),
-        on_first_logits: Callable[[np.ndarray], None] | None = None,
-    ) -> Hypothesis:
-        """`Seq2Seq.greedy`'s result, decoded k drafted tokens per full-decoder pass."""
-        # The stop checks count positions from the prompt: the cache may already hold accepted drafts.
+    def _advance(self, cross: Any, max_new: int, processors: Sequence[LogitsProcessor]) -> Advance:
+        """Rounds for `Seq2Seq.greedy`: draft k tokens, verify them in one full-decoder pass."""
         m, all_layers = self.model, list(range(self.layers.num_layers))
-        m.cache.reset()
-        seq = m.cache.add()
-        first = m.prefill(seq, prompt, cross)
-        if on_first_logits is not None:
-            on_first_logits(first)
-        rows, tokens, score = [first], [], 0.0  # rows: full-decoder logits of the tokens still to emit
-        while True:
-            # Emit what the full decoder decided; stop exactly where `Seq2Seq.greedy` would.
-            for logits in rows:
-                step = len(tokens)
-                tok, logp = self._pick(logits, step, tokens, processors)
-                score += logp
-                if tok == eos:
-                    return Hypothesis(tokens, score, score / max(len(tokens), 1))
-                tokens.append(tok)
-                if step == max_new - 1 or len(prompt) + step + 1 > m.max_length:
-                    return Hypothesis(tokens, score, score / max(len(tokens), 1))
-            # The cache holds everything but the last token; a round appends it and k drafts.
-            k = min(self.k, m.max_length - m.cache.lengths[seq] - 1, max_new - 1 - len(tokens))
+
+        def advance(seq: int, token: int, step: int, tokens: list[int]) -> np.ndarray:
+            # The cache holds everything but ``token``; a round appends it and k drafts.
+            k = min(self.k, m.max_length - m.cache.lengths[seq] - 1, max_new - 1 - step)
             if k < 1:
-                rows = [m.step([seq], [tokens[-1]], cross)[0]]
-                continue
+                return m.step([seq], [token], cross)
             drafts: list[int] = []
             for _ in range(k):
                 lg = self.layers.forward(seq, [(tokens + drafts)[-1]], cross, self.draft_layers)[0]
-                drafts.append(self._pick(lg, len(tokens) + len(drafts), tokens + drafts, processors)[0])
+                drafts.append(self._pick(lg, step + len(drafts), tokens + drafts, processors)[0])
             m.cache.popn(seq, k)
-            full = self.layers.forward(seq, [tokens[-1], *drafts], cross, all_layers)
+            full = self.layers.forward(seq, [token, *drafts], cross, all_layers)
             accepted = 0
             for i, d in enumerate(drafts):
-                if self._pick(full[i], len(tokens) + i, tokens + drafts[:i], processors)[0] != d:
+                if self._pick(full[i], step + i, tokens + drafts[:i], processors)[0] != d:
                     break
                 accepted += 1
-            self.stats.rounds += 1
-            self.stats.drafted += k
-            self.stats.accepted += accepted
+            self.stats.count_round(k, accepted)
             m.cache.popn(seq, k - accepted)
-            rows = list(full[: accepted + 1])
+            return full[: accepted + 1]  # the full decoder's logits of the accepted drafts and the next token
+
+        return advance
 
 
 # Measured skip sets by decoder depth (acceptance with k=4 on espeak-ng speech, 3 sentences, not
@@ -195,18 +141,7 @@ def parse_seq2seq_speculative(spec: str, model: Seq2Seq) -> SelfSpeculativeDecod
     kind, _, rest = spec.partition(":")
     if kind != "self":
         raise EdgertError(f"--speculative '{spec}': an encoder-decoder drafts with itself: self:k=N[,skip=...|,exit=N]")
-    options: dict[str, str] = {}
-    for part in filter(None, rest.split(",")):
-        key, eq, value = part.partition("=")
-        if not eq:
-            if options:  # a continuation of a comma list: skip=1,2
-                options[list(options)[-1]] += "," + part
-                continue
-            raise EdgertError(f"--speculative '{spec}': '{part}' is not KEY=VALUE")
-        options[key.strip()] = value.strip()
-    unknown = set(options) - {"k", "skip", "exit"}
-    if unknown:
-        raise EdgertError(f"--speculative '{spec}': unknown option(s) {', '.join(sorted(unknown))}")
+    options = parse_draft_options(rest, spec)
     n = int(model.artifact.manifest["model"]["num_layers"])
     k = parse_layer_set(options.get("k", "4"), spec)
     if len(k) != 1:
@@ -224,7 +159,7 @@ def parse_seq2seq_speculative(spec: str, model: Seq2Seq) -> SelfSpeculativeDecod
     return SelfSpeculativeDecoder(model, layers, k[0])
 
 
-class EarlyExitSeq2Seq:
+class EarlyExitSeq2Seq(GreedyVariant):
     """Greedy decoding of a `Seq2Seq` where each decoded token runs the decoder layers an `ExitPolicy` picks.
 
     The prompt runs the full decoder; a token that exits after layer e writes the KV of layers
@@ -255,41 +190,24 @@ class EarlyExitSeq2Seq:
         }
 
     def _step(self, seq: int, token: int, cross: Any, step: int, tokens: list[int], processors: Sequence) -> np.ndarray:
-        m, n = self.model, self.layers.num_layers
-        self.policy.start()
-        h = self.layers.embed(seq, [token])
+        m, layers = self.model, self.layers
+
+        def masked(logits: np.ndarray) -> np.ndarray:  # the policy sees the logits Whisper's rules leave
+            return apply_processors(processors, step, logits.copy(), tokens)
+
+        h = layers.embed(seq, [token])
         m.cache.begin([seq], [1])
-        depth, logits = 0, None
-        for e in self.exit_points:
-            h = self.layers.run(h, cross, range(depth, e))
-            depth = e
-            lg = self.layers.head(h, e)[-1]
-            masked = lg[None].copy()
-            for proc in processors:
-                proc(step, masked, [tokens])
-            if self.policy.should_exit(e, masked[0]):
-                self.layers.fill(h, range(e, n))
-                logits = lg
-                break
-        if logits is None:
-            logits = self.layers.head(self.layers.run(h, cross, range(depth, n)))[-1]
-            depth = n
+        logits, depth, _ = exit_pass(
+            layers, self.policy, self.exit_points, h, lambda h, r: layers.run(h, cross, r), masked
+        )
         m.cache.end()
         self.depths.append(depth)
         return logits
 
-    def greedy(
-        self,
-        cross: Any,
-        prompt: Sequence[int],
-        eos: int,
-        max_new: int,
-        processors: Sequence[LogitsProcessor] = (),
-        on_first_logits: Callable[[np.ndarray], None] | None = None,
-    ) -> Hypothesis:
-        """`Seq2Seq.greedy` with the policy choosing each decoded token's depth."""
+    def _advance(self, cross: Any, max_new: int, processors: Sequence[LogitsProcessor]) -> Advance:
+        """Steps for `Seq2Seq.greedy`: the policy chooses each decoded token's depth."""
 
         def advance(seq: int, token: int, step: int, tokens: list[int]) -> np.ndarray:
             return self._step(seq, token, cross, step, tokens, processors)[None]
 
-        return self.model.greedy(cross, prompt, eos, max_new, processors, on_first_logits, advance)
+        return advance

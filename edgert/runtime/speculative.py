@@ -27,8 +27,8 @@ Pick = Callable[[np.ndarray, Sequence[int]], int]
 
 
 @dataclass
-class SpeculativeStats(GenerationStats):
-    """GenerationStats plus the drafting counts."""
+class DraftStats:
+    """Drafting counts: rounds of draft-and-verify, tokens drafted, drafts the verifier accepted."""
 
     rounds: int = 0
     drafted: int = 0
@@ -39,6 +39,26 @@ class SpeculativeStats(GenerationStats):
         """Fraction of drafted tokens the full model accepted."""
         return self.accepted / self.drafted if self.drafted else 0.0
 
+    def count_round(self, drafted: int, accepted: int) -> None:
+        """Record one round: ``drafted`` tokens proposed, the first ``accepted`` of them kept."""
+        self.rounds += 1
+        self.drafted += drafted
+        self.accepted += accepted
+
+    def to_dict(self) -> dict[str, float | int]:
+        """Plain dict for JSON output."""
+        return {
+            "rounds": self.rounds,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+        }
+
+
+@dataclass
+class SpeculativeStats(DraftStats, GenerationStats):
+    """GenerationStats plus the drafting counts."""
+
     @property
     def decode_tokens_per_second(self) -> float:
         """Tokens after the first per second of decoding (rounds emit several tokens at once)."""
@@ -48,11 +68,8 @@ class SpeculativeStats(GenerationStats):
     def to_dict(self) -> dict[str, float | int | str]:
         """Plain dict for JSON output."""
         return {
-            **super().to_dict(),
-            "rounds": self.rounds,
-            "drafted": self.drafted,
-            "accepted": self.accepted,
-            "acceptance_rate": round(self.acceptance_rate, 4),
+            **GenerationStats.to_dict(self),
+            **DraftStats.to_dict(self),
             "tokens_per_round": round(self.generated_tokens / self.rounds, 3) if self.rounds else 0.0,
         }
 
@@ -136,18 +153,7 @@ def parse_speculative(spec: str, model: Generator, load_draft: Callable[[str], G
             path, rest = rest, ""
     elif kind != "self":
         raise EdgertError(f"--speculative '{spec}': expected self:k=N[,skip=...|,exit=N] or model:PATH[:k=N]")
-    options: dict[str, str] = {}
-    for part in filter(None, rest.split(",")):
-        key, eq, value = part.partition("=")
-        if not eq:
-            if options:  # a continuation of a comma list: skip=3,5,7
-                options[list(options)[-1]] += "," + part
-                continue
-            raise EdgertError(f"--speculative '{spec}': '{part}' is not KEY=VALUE")
-        options[key.strip()] = value.strip()
-    unknown = set(options) - {"k", "skip", "exit"}
-    if unknown:
-        raise EdgertError(f"--speculative '{spec}': unknown option(s) {', '.join(sorted(unknown))}")
+    options = parse_draft_options(rest, spec)
     try:
         k = int(options.get("k", 4))
     except ValueError as exc:
@@ -168,6 +174,23 @@ def parse_speculative(spec: str, model: Generator, load_draft: Callable[[str], G
         stored = model.artifact.manifest.get("exits", {}).get("draft_skip")
         skip = list(stored) if stored else default_skip(num_layers)
     return SelfDrafter(model, [i for i in range(num_layers) if i not in set(skip)]), k
+
+
+def parse_draft_options(text: str, spec: str) -> dict[str, str]:
+    """``k=4,skip=3,5,7`` -> {"k": "4", "skip": "3,5,7"}; only ``k``, ``skip`` and ``exit`` are known."""
+    options: dict[str, str] = {}
+    for part in filter(None, text.split(",")):
+        key, eq, value = part.partition("=")
+        if not eq:
+            if options:  # a continuation of a comma list: skip=3,5,7
+                options[list(options)[-1]] += "," + part
+                continue
+            raise EdgertError(f"--speculative '{spec}': '{part}' is not KEY=VALUE")
+        options[key.strip()] = value.strip()
+    unknown = set(options) - {"k", "skip", "exit"}
+    if unknown:
+        raise EdgertError(f"--speculative '{spec}': unknown option(s) {', '.join(sorted(unknown))}")
+    return options
 
 
 def parse_layer_set(text: str, spec: str = "") -> list[int]:
@@ -203,40 +226,16 @@ class SpeculativeDecoder:
     ) -> Iterator[Token]:
         """Yield tokens as the full model would produce them (greedy: identical; sampling: same distribution)."""
         m = self.model
-        if max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-        ids = m.encode_prompt(prompt, chat)
-        if not ids:
-            raise ValueError("the prompt is empty")
+        ids = m.checked_prompt(prompt, max_tokens, chat)
         params = sampling or SamplingParams()
         sampler = Sampler(params)
-        stop = [s for s in stop if s]
         stats = self.stats = SpeculativeStats(prompt_tokens=len(ids))
-        t0 = time.perf_counter()
-        logits = m.prefill(ids)
-        stats.prefill_seconds = time.perf_counter() - t0
-        decoder = m.tokenizer.stream()
-        history = list(ids)
-        text = ""
-        pending = [sampler(logits, history)]
+        logits, out = m.begin_generation(ids, stats, max_tokens, stop)
+        pending = [sampler(logits, out.history)]
         t_decode = time.perf_counter()
         while True:
-            for token in pending:
-                if token in m.tokenizer.stop_token_ids:
-                    stats.stop_reason = "stop_token"
-                    break
-                history.append(token)
-                stats.generated_tokens += 1
-                piece = decoder.push(token)
-                text += piece
-                yield Token(token, piece)
-                if any(s in text for s in stop):
-                    stats.stop_reason = "stop_string"
-                    break
-                if stats.generated_tokens >= max_tokens:
-                    stats.stop_reason = "max_tokens"
-                    break
-            if stats.stop_reason:
+            yield from out.emit(pending)
+            if out.done:
                 break
             # The cache holds history[:-1]; a round appends the pending token and k drafts.
             room = m.context_length - m.cache.length - 1
@@ -244,6 +243,7 @@ class SpeculativeDecoder:
                 stats.stop_reason = "context_full"
                 break
             k = min(self.k, room, max_tokens - stats.generated_tokens)
+            history = out.history
             pending = self._round(history, k, sampler, params) if k else [sampler(m.step([history[-1]]), history)]
         stats.decode_seconds = time.perf_counter() - t_decode
 
@@ -252,8 +252,6 @@ class SpeculativeDecoder:
         m, stats = self.model, self.stats
         drafts, draft_logits = self.drafter.propose(history, k, sampler)
         full = m.step([history[-1], *drafts], all_logits=True)
-        stats.rounds += 1
-        stats.drafted += k
         out: list[int] = []
         for i, d in enumerate(drafts):
             seen = history + drafts[:i]
@@ -275,7 +273,7 @@ class SpeculativeDecoder:
         else:  # every draft agreed: the verify pass also gives the next token
             out.append(sampler(full[k], history + drafts))
         accepted = len(out) - 1
-        stats.accepted += accepted
+        stats.count_round(k, accepted)
         m.rollback(k - accepted)  # the cache holds the pending token and k drafts; keep the accepted ones
         return out
 

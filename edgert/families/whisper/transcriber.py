@@ -238,9 +238,8 @@ class Transcriber:
         if beam_size > 1:
             hyp = self.model.beam(cross, prompt, c["eot"], max_new, beam_size, processors=rules, on_first_logits=first)
         else:
-            greedy = self.speculative.greedy if self.speculative is not None else self.model.greedy
-            greedy = self.early_exit.greedy if self.early_exit is not None else greedy
-            hyp = greedy(cross, prompt, c["eot"], max_new, processors=rules, on_first_logits=first)
+            decoder = self.speculative or self.early_exit or self.model  # one greedy loop, its steps chosen here
+            hyp = decoder.greedy(cross, prompt, c["eot"], max_new, processors=rules, on_first_logits=first)
         return hyp, no_speech[0]
 
     def text_of(self, tokens: Sequence[int]) -> str:
