@@ -28,7 +28,7 @@ def gpu_target(spec: TargetSpec, threads: int | None = None) -> tuple[Any, dict[
 
     if spec.kind != "gpu" or spec.gpu not in GPUS:
         raise TargetError(f"target '{spec.name}' is not an OpenCL GPU target (kind = \"gpu\", gpu = one of {GPUS})")
-    host, record = resolve(spec, threads)
+    host, record = resolve(spec, threads, host_code=True)
     config: dict[str, Any] = {"kind": "opencl"}
     if spec.gpu != "generic":
         config["device"] = spec.gpu
