@@ -278,3 +278,55 @@ def test_android_adreno_needs_the_ndk_but_writes_the_kernels(tmp_path: Path) -> 
             "android-adreno", Model(), {"forward": {"x": nn.spec.Tensor((4, 32), "float32")}}, tmp_path / "a.so"
         )
     assert "__kernel void" in (tmp_path / "a.cl").read_text()
+
+
+@pytest.mark.slow
+def test_tiny_llama_with_paged_kv_cache_matches_the_cpu(device: object, tmp_path: Path) -> None:
+    """TVM's paged KV cache picks its GPU kernels for an OpenCL target; prefill and decode on the
+    OpenCL device give the CPU build's logits (random weights, 2 layers, grouped-query heads)."""
+    import tvm
+
+    from edgert.compiler import gpu
+    from edgert.compiler.pipeline import relax_pipeline
+    from edgert.compiler.target import resolve
+    from edgert.families import llama
+
+    cfg = llama.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0, context_length=128, tie_word_embeddings=False,
+    )  # fmt: skip
+
+    def build(target: object, pipeline: object, path: Path) -> list:
+        net = llama.LlamaForCausalLM(cfg)
+        with target:
+            mod, params = net.export_tvm(spec=net.get_default_spec())
+        tvm.compile(mod, target=target, relax_pipeline=pipeline).export_library(str(path))
+        return params
+
+    cpu_target, _ = resolve(load_target("host"))
+    params = build(cpu_target, relax_pipeline(cpu_target), tmp_path / "cpu.so")
+    gpu_target, _ = gpu.gpu_target(load_target("host-opencl"))
+    build(gpu_target, gpu.gpu_pipeline(gpu_target), tmp_path / "gpu.so")
+    rng = np.random.default_rng(0)
+    weights = [(rng.standard_normal([int(d) for d in p.shape]) * 0.1).astype("float32") for _, p in params]
+
+    def generate(path: Path, dev_type: int) -> list[np.ndarray]:
+        vm = tvm_runtime.VirtualMachine(path, dev_type)
+        dev = tvm_runtime.ffi().device("opencl" if dev_type == tvm_runtime.OPENCL else "cpu", 0)
+        on_device = [tvm_runtime.tensor(w, dev) for w in weights]
+        get, shape = tvm_runtime.global_func, tvm_runtime.shape
+        cache = vm["create_kv_cache"](shape([1]), shape([64]), shape([16]), shape([16]), shape([0]))
+        get("vm.builtin.kv_state_add_sequence")(cache, 0)
+        tokens, logits = np.array([[5, 17, 3, 99, 42, 7]], "int32"), []
+        for entry in ("prefill", "decode", "decode", "decode"):
+            get("vm.builtin.kv_state_begin_forward")(cache, shape([0]), shape([tokens.shape[1]]))
+            out, _ = vm[entry](tvm_runtime.tensor(tokens, dev), cache, on_device)
+            get("vm.builtin.kv_state_end_forward")(cache)
+            logits.append(tvm_runtime.to_numpy(out))
+            tokens = np.array([[int(logits[-1].argmax())]], "int32")
+        return logits
+
+    want = generate(tmp_path / "cpu.so", tvm_runtime.CPU)
+    got = generate(tmp_path / "gpu.so", tvm_runtime.OPENCL)
+    for w, g in zip(want, got, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-5)
