@@ -29,5 +29,9 @@ class OutputPathError(EdgertError):
     """An output path cannot be written (missing folder, not writable)."""
 
 
+class NoDeviceError(EdgertError):
+    """An accelerator a model needs (an OpenCL GPU) is not present on this machine."""
+
+
 class DeviceError(EdgertError):
     """A device cannot be reached, its link broke or garbled a frame, or its agent refused a request."""

@@ -45,6 +45,8 @@ class TargetSpec:
     cc: str = "g++"
     cc_hint: str = ""
     link: str = "local"
+    kind: str = "cpu"  # "gpu": kernels run on an OpenCL device, the CPU runs the host code
+    gpu: str = ""  # for kind "gpu": "mali", "adreno" or "generic" (TVM's opencl target device)
     path: Path | None = None
 
     @property

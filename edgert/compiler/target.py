@@ -10,9 +10,19 @@ from edgert.errors import TargetError
 from edgert.targets import ARM_CHECKED_FLAGS, X86_CHECKED_FLAGS, TargetSpec, host_arch
 
 
-def resolve(spec: TargetSpec, threads: int | None = None) -> tuple[Any, dict[str, Any]]:
-    """(tvm.target.Target, manifest record) for ``spec``; the host's CPU is detected here."""
+def resolve(spec: TargetSpec, threads: int | None = None, host_code: bool = False) -> tuple[Any, dict[str, Any]]:
+    """(tvm.target.Target, manifest record) for ``spec``; the host's CPU is detected here.
+
+    A GPU target is refused unless ``host_code`` asks for its CPU part (`edgert.compiler.gpu`):
+    model builds do not place kernels on the GPU yet, and must not silently build for the CPU.
+    """
     import tvm
+
+    if spec.kind != "cpu" and not host_code:
+        raise TargetError(
+            f"target '{spec.name}' runs kernels on an OpenCL GPU ({spec.gpu}); model builds for GPU targets "
+            "are not supported yet"
+        )
     from tvm.target import codegen
 
     if spec.is_host:

@@ -26,6 +26,7 @@ from edgert.errors import EdgertError
 
 POOLED_ALLOCATOR = 2  # tvm.runtime.vm.VirtualMachine.POOLED_ALLOCATOR
 CPU = 1  # kDLCPU
+OPENCL = 4  # kDLOpenCL
 
 
 @functools.cache
@@ -101,10 +102,12 @@ def shape(dims: list[int]) -> Any:
     return ffi().Shape(dims)
 
 
-def tensor(array: np.ndarray) -> Any:
-    """A TVM-allocated copy of ``array`` (aligned as the kernels assume)."""
+def tensor(array: np.ndarray, device: Any = None) -> Any:
+    """A TVM-allocated copy of ``array`` (aligned as the kernels assume), on ``device`` (the CPU)."""
     array = np.ascontiguousarray(array)
-    out = global_func("runtime.TVMTensorAllocWithScope")(shape(list(array.shape)), str(array.dtype), cpu(), None)
+    out = global_func("runtime.TVMTensorAllocWithScope")(
+        shape(list(array.shape)), str(array.dtype), cpu() if device is None else device, None
+    )
     copy_into(out, array)
     return out
 
@@ -131,11 +134,19 @@ def to_numpy(value: Any) -> np.ndarray:
 
 
 class VirtualMachine:
-    """The Relax VM of a compiled module, on the CPU with pooled memory (the calls `tvm.runtime.vm` makes)."""
+    """The Relax VM of a compiled module, with pooled memory (the calls `tvm.runtime.vm` makes).
 
-    def __init__(self, library: str | Path):
+    ``device_type`` (DLPack's number; 4: OpenCL) is where kernels run; the CPU is always the host.
+    """
+
+    def __init__(self, library: str | Path, device_type: int = CPU):
+        if device_type == OPENCL:  # the module's OpenCL kernels load only with edgert's OpenCL runtime
+            from edgert.runtime import opencl
+
+            opencl.find_device()
         self.module = ffi().load_module(str(library))["vm_load_executable"]()
-        self.module["vm_initialization"](CPU, 0, POOLED_ALLOCATOR)
+        host = (CPU, 0, POOLED_ALLOCATOR)
+        self.module["vm_initialization"](*(host if device_type == CPU else (device_type, 0, POOLED_ALLOCATOR, *host)))
 
     def __getitem__(self, name: str) -> Any:
         return self.module[name]

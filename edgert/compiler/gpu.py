@@ -1,0 +1,104 @@
+"""Kernels for mobile GPUs through OpenCL: the TVM target, the Relax pipeline, the export.
+
+The device kernels are OpenCL C that the driver compiles when a kernel first runs; the host
+code (the Relax VM's shape and launch code) is compiled by LLVM for the target's CPU, as for CPU
+targets. Running needs edgert's OpenCL runtime library (`edgert.runtime.opencl`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgert.compiler.pipeline import restrict_kernels
+from edgert.compiler.target import library_compiler, resolve
+from edgert.errors import TargetError
+from edgert.targets import TargetSpec, host_arch
+
+GPUS = ("mali", "adreno", "generic")
+
+
+def gpu_target(spec: TargetSpec, threads: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """(tvm.target.Target for OpenCL with the spec's CPU as host, manifest record) for a GPU target.
+
+    ``gpu = "mali"`` or ``"adreno"`` selects TVM's tuned defaults for that GPU (work-group size,
+    local memory); ``"generic"`` is plain OpenCL.
+    """
+    import tvm
+
+    if spec.kind != "gpu" or spec.gpu not in GPUS:
+        raise TargetError(f"target '{spec.name}' is not an OpenCL GPU target (kind = \"gpu\", gpu = one of {GPUS})")
+    host, record = resolve(spec, threads, host_code=True)
+    config: dict[str, Any] = {"kind": "opencl"}
+    if spec.gpu != "generic":
+        config["device"] = spec.gpu
+    target = tvm.target.Target(config, host=host)
+    return target, {**record, "kind": "gpu", "gpu": spec.gpu, "device": "opencl"}
+
+
+def gpu_rules() -> list[Any]:
+    """dlight's GPU schedule rules in the order TVM and MLC-LLM apply them: the first that
+    applies to a kernel schedules it; Fallback binds whatever is left to threads."""
+    from tvm.s_tir import dlight as dl
+
+    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+
+def gpu_pipeline(target: Any, rules: list[Any] | None = None) -> Any:
+    """TVM's generic GPU Relax pipeline with ``rules`` (default :func:`gpu_rules`) applied after
+    legalization and fusion, then TVM's lowering, then `restrict_kernels` (host code is LLVM).
+
+    Why not ``relax.get_default_pipeline``: for ``device = "adreno"`` it switches to TVM's
+    texture-memory pipeline, which edgert's OpenCL runtime does not run (buffers only).
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend import gpu_generic as gpu
+    from tvm.s_tir import dlight as dl
+
+    @tvm.transform.module_pass(opt_level=0, name="edgert.GpuPipeline")
+    def _pipeline(mod: Any, _ctx: Any) -> Any:
+        with target:
+            passes = [
+                *gpu.library_dispatch_passes(target),
+                relax.transform.LegalizeOps(),
+                relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(),
+                relax.transform.FuseOps(),
+                relax.transform.FuseTIR(),
+                dl.ApplyDefaultSchedule(*(rules or gpu_rules())),
+                *gpu.dataflow_lower_passes(target),
+                *gpu.finalize_passes(target),
+                restrict_kernels(),
+            ]
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+def opencl_source(executable: Any) -> str:
+    """The OpenCL C of every kernel in a compiled executable (for reading, or a driver's offline compiler)."""
+    found: list[str] = []
+
+    def walk(module: Any) -> None:
+        if module.kind == "opencl":
+            found.append(module.inspect_source())
+        for sub in module.imports:
+            walk(sub)
+
+    walk(executable.mod)
+    return "\n".join(found)
+
+
+def export(executable: Any, path: str | Path, spec: TargetSpec) -> Path:
+    """Write ``path`` (the shared library) and, first, ``path`` with suffix ``.cl`` (the kernels).
+
+    The kernels are written even when the host code cannot be linked (a missing cross compiler or
+    Android NDK ends in a TargetError naming it), since they need no toolchain here.
+    """
+    path = Path(path)
+    path.with_suffix(".cl").write_text(opencl_source(executable))
+    arch = host_arch() if spec.is_host else spec.arch
+    fcompile = library_compiler(spec, arch)
+    executable.export_library(str(path), fcompile=fcompile)
+    return path
