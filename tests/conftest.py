@@ -50,9 +50,12 @@ def _guard_real_model_compiles(request: pytest.FixtureRequest, monkeypatch: pyte
         sys.path.insert(0, str(GUARD))
     import real_model_guard
 
+    from edgert.compiler.compile import Build
     from edgert.families import compile as compile_module
 
-    monkeypatch.setattr(compile_module, "compile_model", compile_module.compile_model)  # restored after the test
+    # Restored after the test:
+    monkeypatch.setattr(compile_module, "compile_model", compile_module.compile_model)
+    monkeypatch.setattr(Build, "compile", Build.compile)
     real_model_guard.install(request.node.nodeid)
 
 

@@ -121,7 +121,7 @@ def test_matmul_softmax_reduction(device: object, tmp_path: Path) -> None:
     spec = {"forward": {"x": nn.spec.Tensor((24, 64), "float32"), "w": nn.spec.Tensor((64, 48), "float32")}}
     lib = compile_for("host-opencl", Model(), spec, tmp_path / "m.so")
     assert "__kernel" in (tmp_path / "m.cl").read_text()
-    vm = tvm_runtime.VirtualMachine(lib, tvm_runtime.OPENCL)
+    vm = opencl.virtual_machine(lib)
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((24, 64)) * 0.3).astype("float32")
     w = (rng.standard_normal((64, 48)) * 0.3).astype("float32")
@@ -147,7 +147,7 @@ def test_mlp_with_symbolic_batch(device: object, tmp_path: Path) -> None:
     spec = {"forward": {"x": nn.spec.Tensor(("batch", 32), "float32"), "$": {"param_mode": "plain"}}}
     _, params = model.export_tvm(spec)
     lib = compile_for("host-opencl", model, spec, tmp_path / "mlp.so")
-    vm = tvm_runtime.VirtualMachine(lib, tvm_runtime.OPENCL)
+    vm = opencl.virtual_machine(lib)
     rng = np.random.default_rng(1)
     weights = [(rng.standard_normal([int(d) for d in p.shape]) * 0.2).astype("float32") for _, p in params]
     names = [n for n, _ in params]
@@ -174,7 +174,7 @@ def test_runtime_path_does_not_import_tvm(device: object, tmp_path: Path) -> Non
     code = (
         "import json, sys, numpy as np\n"
         "from edgert.runtime import tvm_runtime as rt\n"
-        f"vm = rt.VirtualMachine({str(lib)!r}, rt.OPENCL)\n"
+        f"from edgert.runtime import opencl; vm = opencl.virtual_machine({str(lib)!r})\n"
         "x = np.arange(48, dtype='float32').reshape(3, 16) / 10\n"
         "y = rt.to_numpy(vm['forward'](rt.tensor(x, rt.ffi().device('opencl', 0))))\n"
         "e = np.exp(2 * x - (2 * x).max(-1, keepdims=True)); ref = e / e.sum(-1, keepdims=True)\n"
@@ -287,7 +287,7 @@ def test_tiny_llama_with_paged_kv_cache_matches_the_cpu(device: object, tmp_path
     import tvm
 
     from edgert.compiler import gpu
-    from edgert.compiler.pipeline import relax_pipeline
+    from edgert.compiler.passes.pipeline import relax_pipeline
     from edgert.compiler.target import resolve
     from edgert.families import llama
 
@@ -311,7 +311,7 @@ def test_tiny_llama_with_paged_kv_cache_matches_the_cpu(device: object, tmp_path
     weights = [(rng.standard_normal([int(d) for d in p.shape]) * 0.1).astype("float32") for _, p in params]
 
     def generate(path: Path, dev_type: int) -> list[np.ndarray]:
-        vm = tvm_runtime.VirtualMachine(path, dev_type)
+        vm = opencl.virtual_machine(path) if dev_type == tvm_runtime.OPENCL else tvm_runtime.VirtualMachine(path)
         dev = tvm_runtime.ffi().device("opencl" if dev_type == tvm_runtime.OPENCL else "cpu", 0)
         on_device = [tvm_runtime.tensor(w, dev) for w in weights]
         get, shape = tvm_runtime.global_func, tvm_runtime.shape

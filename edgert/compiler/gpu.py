@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgert.compiler.pipeline import restrict_kernels
+from edgert.compiler.passes.pipeline import restrict_kernels
 from edgert.compiler.target import library_compiler, resolve
 from edgert.errors import TargetError
 from edgert.targets import TargetSpec, host_arch

@@ -137,13 +137,10 @@ class VirtualMachine:
     """The Relax VM of a compiled module, with pooled memory (the calls `tvm.runtime.vm` makes).
 
     ``device_type`` (DLPack's number; 4: OpenCL) is where kernels run; the CPU is always the host.
+    An OpenCL module loads only after edgert's OpenCL runtime: use `edgert.runtime.opencl.virtual_machine`.
     """
 
     def __init__(self, library: str | Path, device_type: int = CPU):
-        if device_type == OPENCL:  # the module's OpenCL kernels load only with edgert's OpenCL runtime
-            from edgert.runtime import opencl
-
-            opencl.find_device()
         self.module = ffi().load_module(str(library))["vm_load_executable"]()
         host = (CPU, 0, POOLED_ALLOCATOR)
         self.module["vm_initialization"](*(host if device_type == CPU else (device_type, 0, POOLED_ALLOCATOR, *host)))

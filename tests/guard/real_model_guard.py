@@ -20,19 +20,32 @@ def is_real_model(model: Any) -> bool:
 
 
 def install(test: str) -> None:
-    """Wrap `edgert.families.compile.compile_model` so that a real model fails, naming ``test``."""
+    """Wrap `edgert.families.compile.compile_model` so that a real model fails when it reaches TVM's
+    compile (errors found before that, such as a bad target or output path, still surface), naming ``test``."""
+    from edgert.compiler import compile as build_module
     from edgert.families import compile as compile_module
 
     original = compile_module.compile_model
     if getattr(original, "_guarded", False):
         return
+    real: list[str] = []
 
     def guarded(model: Any, *args: Any, **kwargs: Any) -> Any:
         if is_real_model(model):
-            message = f"{test} compiles the real model '{model}' but is not marked @pytest.mark.slow"
+            real.append(str(model))
+        try:
+            return original(model, *args, **kwargs)
+        finally:
+            real.clear()
+
+    def compile_guarded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if real:
+            message = f"{test} compiles the real model '{real[0]}' but is not marked @pytest.mark.slow"
             print(message, file=sys.stderr)
             raise AssertionError(message)
-        return original(model, *args, **kwargs)
+        return compile_original(self, *args, **kwargs)
 
+    compile_original = build_module.Build.compile
     guarded._guarded = True  # type: ignore[attr-defined]
     compile_module.compile_model = guarded
+    build_module.Build.compile = compile_guarded

@@ -122,3 +122,9 @@ def attribute(name: str, index: int = 0) -> object:
     work-group the device takes), or None where the device does not tell."""
     ensure_loaded()
     return tvm_runtime.global_func("runtime.GetDeviceAttr")(4, index, ATTRIBUTES[name])
+
+
+def virtual_machine(library: str | Path) -> tvm_runtime.VirtualMachine:
+    """The Relax VM of a module whose kernels are OpenCL, on the first OpenCL device (the CPU as host)."""
+    find_device()
+    return tvm_runtime.VirtualMachine(library, tvm_runtime.OPENCL)
