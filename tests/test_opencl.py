@@ -289,7 +289,7 @@ def test_tiny_llama_with_paged_kv_cache_matches_the_cpu(device: object, tmp_path
     from edgert.compiler import gpu
     from edgert.compiler.passes.pipeline import relax_pipeline
     from edgert.compiler.target import resolve
-    from edgert.families import llama
+    from edgert.families.llama import model as llama
 
     cfg = llama.LlamaConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
