@@ -24,19 +24,11 @@ REAL_MODEL_FIXTURES = {
 }
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A test that uses a real-model fixture without the ``slow`` marker fails at once, saying so."""
-    for item in items:
-        used = REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
-        if used and item.get_closest_marker("slow") is None:
-            message = f"{item.nodeid} uses {', '.join(sorted(used))} (a real model compile) but is not marked slow"
-            item.add_marker(pytest.mark.usefixtures("_fail_unmarked"))
-            item.user_properties.append(("unmarked_compile", message))
-
-
-@pytest.fixture
-def _fail_unmarked(request: pytest.FixtureRequest) -> None:
-    pytest.fail(dict(request.node.user_properties)["unmarked_compile"], pytrace=False)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test that uses a real-model fixture without the ``slow`` marker fails before the compile, saying so."""
+    used = REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
+    if used and item.get_closest_marker("slow") is None:
+        pytest.fail(f"{item.nodeid} uses {', '.join(sorted(used))} (a real model compile) but is not marked slow")
 
 
 @pytest.fixture(autouse=True)

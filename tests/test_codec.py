@@ -78,6 +78,7 @@ def _reference(model, audio: np.ndarray, bandwidth: float) -> tuple[np.ndarray, 
     return enc.audio_codes[0, 0].numpy().T, audio_out
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("bandwidth", [3.6, 1.8])
 def test_whole_signal_matches_pytorch(tiny_encodec: Path, tiny_codec, bandwidth: float) -> None:
@@ -96,6 +97,7 @@ def test_whole_signal_matches_pytorch(tiny_encodec: Path, tiny_codec, bandwidth:
     assert np.abs(want_audio).max() > 1e-2
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("step", [1920, 4000])  # 80 ms at 24 kHz (the fixed-shape chunk); 12.5 frames
 def test_streamed_chunks_match_pytorch(tiny_encodec: Path, tiny_codec, step: int) -> None:
@@ -187,6 +189,7 @@ def _quality(stderr: str) -> tuple[float, float]:
     return float(m.group(1)), float(m.group(2))
 
 
+@pytest.mark.slow
 def test_cli_roundtrip_restores_speech(speech_artifact: Path, sentence: Path, tmp_path: Path) -> None:
     from edgert.runtime.audio import load_wav
 
@@ -216,6 +219,7 @@ def test_cli_roundtrip_restores_speech(speech_artifact: Path, sentence: Path, tm
     assert _quality(low.stderr)[1] < 3.5
 
 
+@pytest.mark.slow
 def test_own_codec_matches_its_numpy_reference(speech_artifact: Path, sentence: Path) -> None:
     """The compiled codec against tools/fit_codec.py's numpy codec (MDCT, PCA, RVQ) on the same weights."""
     from edgert.families.codec.stream import load_codec
@@ -239,6 +243,7 @@ def test_own_codec_matches_its_numpy_reference(speech_artifact: Path, sentence: 
     assert np.abs(out - expected).max() < 1e-4 * max(1.0, np.abs(expected).max())
 
 
+@pytest.mark.slow
 def test_own_codec_is_intelligible(speech_artifact: Path, sentence: Path, transcriber, tmp_path: Path) -> None:
     """Whisper (edgert's build of tiny.en) hears the held-out sentence after a round trip at the stated bitrate."""
     from edgert.profile.audio_quality import word_error_rate
@@ -254,6 +259,7 @@ def test_own_codec_is_intelligible(speech_artifact: Path, sentence: Path, transc
     assert word_error_rate(text, heard) <= 0.5, heard
 
 
+@pytest.mark.slow
 def test_cli_encode_decode_and_foreign_codes(speech_artifact: Path, sentence: Path, tmp_path: Path, tiny_codec) -> None:
     codes = tmp_path / "s.codes"
     enc = run_cli("codec", "encode", str(speech_artifact), str(sentence), "-o", str(codes), "--bandwidth", "3.2")

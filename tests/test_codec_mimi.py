@@ -81,6 +81,7 @@ def _reference(model, audio: np.ndarray, books: int) -> tuple[np.ndarray, np.nda
     return codes[0].numpy().T, out
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_whole_signal_matches_transformers(tiny_mimi: Path, mimi_codec) -> None:
     """30 frames (2.4 s, 60 transformer steps through an 8-step window), all 8 codebooks and 3 of them:
@@ -99,6 +100,7 @@ def test_whole_signal_matches_transformers(tiny_mimi: Path, mimi_codec) -> None:
         assert np.abs(want_audio).max() > 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_streamed_chunks_match_transformers(tiny_mimi: Path, mimi_codec) -> None:
     """Pushes of 700 to 9,000 samples (frames straddle them; a call gets 1, 2 or 5 frames, so the transformers

@@ -47,6 +47,7 @@ def test_policies_decide_as_documented() -> None:
     assert budget.exits([15, 20, 25], 30) == [15, 18] and budget.should_exit(18, unsure)
 
 
+@pytest.mark.slow
 def test_calibration_fits_adapters_that_help_and_stores_them(calibrated) -> None:
     art, result, plots = calibrated
     lens = result["calibration"]["held_out_agreement"]
@@ -64,6 +65,7 @@ def test_calibration_fits_adapters_that_help_and_stores_them(calibrated) -> None
     assert "exits.safetensors" in manifest["files"]
 
 
+@pytest.mark.slow
 def test_early_exit_uses_fewer_layers_at_the_calibrated_agreement(calibrated) -> None:
     import edgert
 
@@ -81,6 +83,7 @@ def test_early_exit_uses_fewer_layers_at_the_calibrated_agreement(calibrated) ->
     assert len(out) >= 1 and static.stats.depths == [20] * len(static.stats.depths)
 
 
+@pytest.mark.slow
 def test_bad_exit_options_are_named(smollm) -> None:
     for spec, words in [
         ("fastest:1", "unknown policy"),

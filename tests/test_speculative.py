@@ -34,6 +34,7 @@ def references(smollm) -> dict[str, list[int]]:
     return {p: [t.id for t in smollm.generate(p, max_tokens=64)] for p in PROMPTS}
 
 
+@pytest.mark.slow
 def test_layer_by_layer_equals_the_whole_model(smollm) -> None:
     ids = smollm.encode_prompt("The capital of France is")
     smollm.prefill(ids)
@@ -53,6 +54,7 @@ def test_layer_by_layer_equals_the_whole_model(smollm) -> None:
     np.testing.assert_array_equal(after, smollm.step([11]))
 
 
+@pytest.mark.slow
 def test_rollback_leaves_the_cache_as_a_run_without_the_rejected_tokens(smollm) -> None:
     ids = smollm.encode_prompt("Rolling back a cache")
     smollm.reset()
@@ -71,6 +73,7 @@ def test_rollback_leaves_the_cache_as_a_run_without_the_rejected_tokens(smollm) 
     np.testing.assert_array_equal(smollm.step([42]), clean)
 
 
+@pytest.mark.slow
 def test_greedy_self_speculative_output_is_the_full_models(smollm, references) -> None:
     n = int(smollm.artifact.manifest["model"]["num_layers"])
     # Two layers that `edgert calibrate`'s search skips first: most drafts agree (fewer rounds, a
@@ -86,6 +89,7 @@ def test_greedy_self_speculative_output_is_the_full_models(smollm, references) -
     assert 0 < accepted < drafted  # both the accept and the reject paths ran
 
 
+@pytest.mark.slow
 def test_two_model_drafting_keeps_both_caches_in_step(smollm, smollm_artifact, references) -> None:
     import edgert
 
@@ -97,6 +101,7 @@ def test_two_model_drafting_keeps_both_caches_in_step(smollm, smollm_artifact, r
         assert decoder.stats.generated_tokens == 64 and decoder.stats.rounds == 16
 
 
+@pytest.mark.slow
 def test_sampled_speculation_is_seeded_and_counts_its_drafts(smollm) -> None:
     n = int(smollm.artifact.manifest["model"]["num_layers"])
     drafter = SelfDrafter(smollm, range(n // 2), depth=n // 2)  # an exit-head drafter
@@ -109,6 +114,7 @@ def test_sampled_speculation_is_seeded_and_counts_its_drafts(smollm) -> None:
     assert 0.0 <= stats["acceptance_rate"] <= 1.0 and stats["drafted"] >= 2 * stats["rounds"] - 2
 
 
+@pytest.mark.slow
 def test_bad_speculative_options_are_named(smollm) -> None:
     for spec, words in [
         ("fast:k=4", "expected self"),
@@ -123,6 +129,7 @@ def test_bad_speculative_options_are_named(smollm) -> None:
     assert k == 3 and not {3, 4, 5, 9} & set(drafter.layers) and 0 in drafter.layers
 
 
+@pytest.mark.slow
 def test_cli_runs_speculative_and_early_exit(smollm_artifact, references) -> None:
     prompt = PROMPTS[1]
     proc = run_cli(

@@ -113,6 +113,7 @@ def test_vocabulary_and_special_tokens(tok: TextTokenizer, metadata: dict) -> No
     assert tok.encode("Hi", add_bos=True)[0] == 1 and tok.encode("Hi")[0] != 1
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("text", TEXTS)
 def test_tokenizes_like_llama_cpp(tok: TextTokenizer, llama_vocab, text: str) -> None:
@@ -123,6 +124,7 @@ def test_tokenizes_like_llama_cpp(tok: TextTokenizer, llama_vocab, text: str) ->
     assert llama_vocab.detokenize(ids, special=True) == text.encode()
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_tokenizes_like_llama_cpp_fuzz(tok: TextTokenizer, llama_vocab) -> None:
     texts = fuzz_texts()
@@ -205,6 +207,7 @@ def test_chat_template_conversation(tok: TextTokenizer) -> None:
     assert ids.count(1) == 5 and ids.count(2) == 4  # <|im_start|> and <|im_end|> are single tokens
 
 
+@pytest.mark.slow
 @pytest.mark.reference
 def test_chat_template_matches_llama_cpp_python(tok: TextTokenizer, metadata: dict) -> None:
     """llama-cpp-python's own Jinja formatter renders the GGUF's template the same way."""
