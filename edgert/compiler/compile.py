@@ -150,6 +150,12 @@ class Build:
         return CompileResult(self.out, manifest, self.seconds)
 
 
+def create_kv_cache_entry(cache: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's entry for ``create_kv_cache``: TVM's paged KV cache, made by the runtime."""
+    inputs = ["max_batch_size", "max_total_seq_len", "prefill_chunk_size", "page_size", "support_sliding_window"]
+    return {"inputs": inputs, "outputs": [cache]}
+
+
 def cached_library(folder: str | Path, mod: Any, target: Any, cc: str | None) -> Path:
     """Where ``folder`` keeps the library of ``mod`` built for ``target`` (it may not exist yet).
 

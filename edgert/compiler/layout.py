@@ -24,6 +24,25 @@ from edgert.frontend.quantized import QuantizedRows
 WEIGHT_DTYPES = {"f32": "float32", "f16": "float16"}
 
 
+def float_weights(weight_dtype: str) -> str:
+    """``weight_dtype`` (f32 or f16) checked; a one-line error names the choices."""
+    if weight_dtype not in WEIGHT_DTYPES:
+        from edgert.errors import EdgertError
+
+        raise EdgertError(f"weight dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}")
+    return weight_dtype
+
+
+def packed_weights(weight_dtype: str, order: list[str]) -> dict[str, object]:
+    """The manifest's ``weights`` section of a float build in the CPU-packed layout."""
+    return {
+        "file": "weights.safetensors",
+        "dtype": WEIGHT_DTYPES[weight_dtype],
+        "layout": "cpu-packed-columns",
+        "order": order,
+    }
+
+
 class PackedLinear(nn.Module):
     """A bias-free linear layer whose weight is stored as ``[N/B, K, B]`` (see kernels.py)."""
 

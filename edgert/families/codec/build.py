@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgert.compiler.compile import Build, BuildRequest, stage_library_and_weights
-from edgert.compiler.layout import WEIGHT_DTYPES, apply_cpu_layout
+from edgert.compiler.layout import apply_cpu_layout, float_weights, packed_weights
 from edgert.errors import ArtifactError, EdgertError, ModelFileError
 from edgert.recipes import Recipe
 
@@ -62,9 +62,7 @@ def compile_codec(
 
     progress = progress or (lambda *_: None)
     options = dict(recipe.compile) if recipe else {}
-    weight_dtype = weight_dtype or options.get("weight_dtype", "f32")
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise EdgertError(f"weight dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}")
+    weight_dtype = float_weights(weight_dtype or options.get("weight_dtype", "f32"))
     job = Build.start(recipe.name if recipe else folder.name, "codec", target, threads, output, as_dir)
     progress("reading codec", None)
     with job.timed("read"):
@@ -113,12 +111,7 @@ def compile_codec(
                 "min_codebooks": cfg.min_codebooks,
                 "chunk_frames": chunk_frames,
             },
-            weights={
-                "file": "weights.safetensors",
-                "dtype": WEIGHT_DTYPES[weight_dtype],
-                "layout": "cpu-packed-columns",
-                "order": order,
-            },
+            weights=packed_weights(weight_dtype, order),
             library="model.so",
             defaults=dict(recipe.run) if recipe else {},
         )

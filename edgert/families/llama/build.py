@@ -7,7 +7,15 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from edgert.compiler.compile import Build, BuildRequest, CompileResult, cached_library, main_dtype, write_weights
+from edgert.compiler.compile import (
+    Build,
+    BuildRequest,
+    CompileResult,
+    cached_library,
+    create_kv_cache_entry,
+    main_dtype,
+    write_weights,
+)
 from edgert.compiler.layout import apply_cpu_layout
 from edgert.compiler.passes.attention import use_fast_decode_attention
 from edgert.compiler.quantize import QUANT_MODES, choose_storage, storage_kind
@@ -154,16 +162,7 @@ def entry_points(cfg: Any) -> dict[str, Any]:
             "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
         },
         **_layer_entry_points(cfg),
-        "create_kv_cache": {
-            "inputs": [
-                "max_batch_size",
-                "max_total_seq_len",
-                "prefill_chunk_size",
-                "page_size",
-                "support_sliding_window",
-            ],
-            "outputs": [cache],
-        },
+        "create_kv_cache": create_kv_cache_entry(cache),
     }
 
 

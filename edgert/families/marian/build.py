@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from edgert.compiler.compile import Build, BuildRequest, stage_library_and_weights
-from edgert.compiler.layout import WEIGHT_DTYPES, apply_cpu_layout
-from edgert.errors import EdgertError, ModelFileError
+from edgert.compiler.layout import apply_cpu_layout, float_weights, packed_weights
+from edgert.errors import ModelFileError
 from edgert.targets import TargetSpec, load_target
 
 MAX_BEAMS = 8
@@ -33,9 +33,7 @@ def compile_marian(
     from edgert.artifact.tensorfile import read_tensors
     from edgert.families.marian import model as marian
 
-    weight_dtype = weight_dtype or "f32"
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise EdgertError(f"weight dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}")
+    weight_dtype = float_weights(weight_dtype or "f32")
     job = Build.start(source.name, "marian", spec, threads, output, as_dir)
     with job.timed("read"):
         try:
@@ -80,12 +78,7 @@ def compile_marian(
                 "num_layers": cfg.decoder_layers,
                 "cross": {"shape": [2 * cfg.decoder_layers, cfg.decoder_attention_heads, "src_len", cfg.head_dim]},
             },
-            weights={
-                "file": "weights.safetensors",
-                "dtype": WEIGHT_DTYPES[weight_dtype],
-                "layout": "cpu-packed-columns",
-                "order": order,
-            },
+            weights=packed_weights(weight_dtype, order),
             library="model.so",
         )
 

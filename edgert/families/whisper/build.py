@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgert.compiler.compile import Build, BuildRequest, stage_library_and_weights
+from edgert.compiler.compile import Build, BuildRequest, create_kv_cache_entry, stage_library_and_weights
 from edgert.compiler.kernels.seq2seq import apply_seq2seq_kernels
-from edgert.compiler.layout import WEIGHT_DTYPES, apply_cpu_layout
-from edgert.errors import EdgertError, ModelFileError
+from edgert.compiler.layout import apply_cpu_layout, float_weights, packed_weights
+from edgert.errors import ModelFileError
 from edgert.recipes import Recipe
 from edgert.targets import TargetSpec, load_target
 
@@ -41,9 +41,7 @@ def compile_whisper(
 
     model_dir = source if source.is_dir() else source.parent
     options = dict(recipe.compile) if recipe else {}
-    weight_dtype = weight_dtype or options.get("weight_dtype", "f16")
-    if weight_dtype not in WEIGHT_DTYPES:
-        raise EdgertError(f"weight dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}")
+    weight_dtype = float_weights(weight_dtype or options.get("weight_dtype", "f16"))
     job = Build.start(recipe.name if recipe else model_dir.name, "whisper", spec, threads, output, as_dir)
 
     progress("reading model", None)
@@ -111,12 +109,7 @@ def compile_whisper(
                 "trained_audio_ctx": full.audio_ctx,
             },
             whisper=decoding,
-            weights={
-                "file": "weights.safetensors",
-                "dtype": WEIGHT_DTYPES[weight_dtype],
-                "layout": "cpu-packed-columns",
-                "order": order,
-            },
+            weights=packed_weights(weight_dtype, order),
             library="model.so",
             tokenizer={"file": "tokenizer.json"},
             defaults=dict(recipe.run) if recipe else {},
@@ -153,16 +146,7 @@ def _entry_points(cfg: Any, cross: list[int]) -> dict[str, Any]:
             "outputs": [{**logits, "shape": ["batch", 1, cfg.vocab_size]}, cache],
         },
         **_layer_entry_points(cfg, kv, cache),
-        "create_kv_cache": {
-            "inputs": [
-                "max_batch_size",
-                "max_total_seq_len",
-                "prefill_chunk_size",
-                "page_size",
-                "support_sliding_window",
-            ],
-            "outputs": [cache],
-        },
+        "create_kv_cache": create_kv_cache_entry(cache),
     }
 
 
