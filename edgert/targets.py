@@ -45,6 +45,10 @@ class TargetSpec:
     cc: str = "g++"
     cc_hint: str = ""
     link: str = "local"
+    # "cpu", or "npu" for a device whose int8 partitions run on an accelerator; its `[npu]` table
+    # (accelerator config for Vela, clock, system config, memory mode, or a TFLite delegate).
+    kind: str = "cpu"
+    npu: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
     @property
