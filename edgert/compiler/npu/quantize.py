@@ -1,0 +1,183 @@
+"""Post-training int8 quantization of a lowered partition (TFLite's int8 scheme).
+
+- weights: symmetric int8 per output channel (zero point 0), scale = max|w| / 127;
+- activations: asymmetric int8 per tensor, the range from calibration data (min/max, or a
+  percentile), widened to contain 0 so that zero is exact (TFLite's convention);
+- biases: int32 with scale = input scale * weight scale (per channel), zero point 0;
+- SOFTMAX / LOGISTIC outputs are fixed at scale 1/256, zero point -128; TANH at 1/128, 0;
+  data-movement ops (RESHAPE, TRANSPOSE, PAD, pooling) keep their input's quantization, and a
+  CONCATENATION's inputs share its output's.
+
+Calibration data is a ``.npz`` (or a dict) with one array per model input, named as the input;
+axis 0 indexes samples and each sample is fed as a batch of one. Values at or beyond ±1e30
+(``float32`` min used as -inf in attention masks) are left out of ranges: they saturate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from edgert.compiler.npu.ir import Graph, QParams
+from edgert.errors import EdgertError
+
+SENTINEL = 1e30  # |x| at or above this is a -inf/+inf marker, not a value to fit the range to
+SENTINEL_FLOOR = 1e4  # a tensor holding -inf markers reaches at least this far, so they stay very negative
+PASS_THROUGH = ("RESHAPE", "TRANSPOSE", "PAD", "MAX_POOL_2D", "AVERAGE_POOL_2D")
+
+
+class CalibrationError(EdgertError):
+    """Calibration data that does not fit the model (names, shapes, types)."""
+
+
+@dataclass
+class RangeStats:
+    """Running min/max (and a sample of values for percentiles) of one tensor."""
+
+    lo: float = np.inf
+    hi: float = -np.inf
+    neg_inf: bool = False
+    samples: list[np.ndarray] = field(default_factory=list)
+
+    def update(self, x: np.ndarray, keep: int = 0, rng: np.random.Generator | None = None) -> None:
+        x = np.asarray(x, np.float32).ravel()
+        self.neg_inf |= bool((x <= -SENTINEL).any())
+        x = x[np.abs(x) < SENTINEL]
+        if x.size == 0:
+            return
+        self.lo = min(self.lo, float(x.min()))
+        self.hi = max(self.hi, float(x.max()))
+        if keep:
+            self.samples.append(x if x.size <= keep else rng.choice(x, keep, replace=False))
+
+    def range(self, percentile: float | None = None) -> tuple[float, float]:
+        lo, hi = (self.lo, self.hi) if np.isfinite(self.lo) else (0.0, 0.0)
+        if percentile is not None and self.samples:
+            v = np.concatenate(self.samples)
+            lo, hi = float(np.percentile(v, 100 - percentile)), float(np.percentile(v, percentile))
+        if self.neg_inf:
+            lo = min(lo, -SENTINEL_FLOOR)
+        return lo, hi
+
+
+def load_calibration(calibration, inputs: dict[str, tuple[tuple, np.dtype]]) -> dict[str, np.ndarray]:
+    """Calibration arrays checked against the model's inputs {name: (shape with None for free dims, dtype)}."""
+    if isinstance(calibration, str | Path):
+        path = Path(calibration)
+        if not path.is_file():
+            raise CalibrationError(f"calibration file {path} does not exist")
+        with np.load(path) as z:
+            data = {k: z[k] for k in z.files}
+    else:
+        data = dict(calibration)
+    for name, (shape, dtype) in inputs.items():
+        if name not in data:
+            raise CalibrationError(
+                f"calibration data has no array for the model input '{name}' (it has: {', '.join(sorted(data))})"
+            )
+        a = np.asarray(data[name])
+        want = tuple(1 if d is None else d for d in shape)
+        got = (1, *a.shape[1:])
+        if len(got) != len(want) or any(d is not None and g != d for g, d in zip(got, shape, strict=False)):
+            raise CalibrationError(
+                f"calibration input '{name}' has samples of shape {tuple(a.shape[1:])} (axis 0 = samples), "
+                f"the model's input '{name}' is {tuple('?' if d is None else d for d in shape)} "
+                f"(one sample = {want})"
+            )
+        if np.dtype(dtype).kind != a.dtype.kind:
+            raise CalibrationError(f"calibration input '{name}' is {a.dtype}, the model's input is {np.dtype(dtype)}")
+    extra = sorted(set(data) - set(inputs))
+    if extra:
+        raise CalibrationError(f"calibration data names inputs the model does not have: {', '.join(extra)}")
+    counts = {len(np.asarray(v)) for v in data.values()}
+    if len(counts) != 1:
+        raise CalibrationError("calibration arrays differ in their number of samples (axis 0)")
+    return data
+
+
+def activation_qparams(lo: float, hi: float) -> QParams:
+    """TFLite's asymmetric int8 parameters for the real range [lo, hi] (0 made exact)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if hi - lo < 1e-8:
+        hi = lo + 1e-8
+    scale = (hi - lo) / 255.0
+    zp = int(np.clip(np.round(-128 - lo / scale), -128, 127))
+    return QParams.of(np.float32(scale), zp)
+
+
+def weight_qparams(w: np.ndarray, axis: int) -> tuple[np.ndarray, QParams]:
+    """Symmetric per-channel int8 weights along ``axis``."""
+    red = tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.abs(w).max(axis=red) if red else np.abs(w)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
+    return q, QParams.of(scale, 0, axis)
+
+
+def quantize_graph(g: Graph, ranges: dict[str, tuple[float, float]]) -> Graph:
+    """The int8 version of a float partition ``g`` with activation ``ranges`` by IR tensor name.
+
+    ``g``'s activation tensors are float32 without data; constants hold float data. Weight
+    inputs (FULLY_CONNECTED, CONV_2D, DEPTHWISE_CONV_2D input 1) become per-channel int8,
+    their biases int32; other float constants per-tensor int8.
+    """
+    q: dict[str, QParams] = {}
+    # fixed-output ops and ranges first; pass-through and concat ties after, in op order
+    for name, t in g.tensors.items():
+        if t.data is None and t.dtype == "float32" and name in ranges:
+            q[name] = activation_qparams(*ranges[name])
+    for op in g.ops:
+        y = op.outputs[0]
+        if op.kind in ("SOFTMAX", "LOGISTIC"):
+            q[y] = QParams.of(1 / 256, -128)
+        elif op.kind == "TANH":
+            q[y] = QParams.of(1 / 128, 0)
+        elif op.kind in PASS_THROUGH:
+            q[y] = q[op.inputs[0]]
+        elif op.kind == "CONCATENATION":
+            for i in op.inputs:
+                q[i] = q[y]
+    for op in g.ops:  # a second sweep: pass-through chains after concat ties
+        if op.kind in PASS_THROUGH:
+            q[op.outputs[0]] = q[op.inputs[0]]
+    out = Graph(inputs=list(g.inputs), outputs=list(g.outputs), ops=list(g.ops))
+    weight_of = {}
+    for op in g.ops:
+        if op.kind in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D"):
+            weight_of[op.inputs[1]] = (op, 3 if op.kind == "DEPTHWISE_CONV_2D" else 0)
+    bias_of = {op.inputs[2]: op for op in g.ops
+               if op.kind in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D") and len(op.inputs) > 2 and op.inputs[2]}
+    for name, t in g.tensors.items():
+        t2 = type(t)(t.name, t.shape, t.dtype, t.q, t.data)
+        if t.data is None and t.dtype == "float32":
+            if name not in q:
+                raise ValueError(f"no calibration range for the tensor '{name}'")
+            t2.dtype, t2.q = "int8", q[name]
+        elif t.data is not None and t.data.dtype.kind == "f":
+            if name in weight_of:
+                t2.data, t2.q = weight_qparams(t.data, weight_of[name][1])
+                t2.dtype = "int8"
+            elif name in bias_of:
+                t2.dtype = "int32"
+            else:
+                qp = activation_qparams(float(np.min(t.data, initial=0)), float(np.max(t.data, initial=0)))
+                lo_floor = t.data <= -SENTINEL
+                if lo_floor.any():
+                    clean = np.where(np.abs(t.data) < SENTINEL, t.data, 0)
+                    qp = activation_qparams(min(float(clean.min()), -SENTINEL_FLOOR), float(clean.max()))
+                s, z = qp.per_tensor
+                t2.data = np.clip(np.round(t.data / s) + z, -128, 127).astype(np.int8)
+                t2.dtype, t2.q = "int8", qp
+        out.tensors[name] = t2
+    for bname, op in bias_of.items():
+        in_scale = out.tensors[op.inputs[0]].q.per_tensor[0]
+        w_scale = out.tensors[op.inputs[1]].q.scale.astype(np.float64)
+        bscale = (np.float32(in_scale) * w_scale.astype(np.float32)).astype(np.float32)
+        b = g.tensors[bname].data.astype(np.float64)
+        out.tensors[bname].data = np.clip(np.round(b / bscale), -(2**31), 2**31 - 1).astype(np.int32)
+        out.tensors[bname].q = QParams.of(bscale, 0, 0)
+    return out
