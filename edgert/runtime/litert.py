@@ -108,7 +108,7 @@ def _to_dtype(a: np.ndarray, detail: dict) -> np.ndarray:
         return a
     scale, zp = detail["quantization"]
     if dtype == np.int8 and a.dtype.kind == "f" and scale:
-        q = np.asarray(a, np.float32) / np.float32(scale)
-        q = np.sign(q) * np.floor(np.abs(q) + np.float32(0.5))
+        q = np.nan_to_num(np.asarray(a, np.float32) / np.float32(scale), nan=0.0)
+        q = np.clip(np.sign(q) * np.floor(np.abs(q) + np.float32(0.5)), -(2.0**31), 2.0**31)
         return np.clip(q.astype(np.int64) + zp, -128, 127).astype(np.int8)
     return a.astype(dtype)

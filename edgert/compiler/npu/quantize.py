@@ -10,7 +10,9 @@
 
 Calibration data is a ``.npz`` (or a dict) with one array per model input, named as the input;
 axis 0 indexes samples and each sample is fed as a batch of one. Values at or beyond ±1e30
-(``float32`` min used as -inf in attention masks) are left out of ranges: they saturate.
+(``float32`` min used as -inf in attention masks) are left out of ranges: they saturate to the
+range's end. A tensor that holds such markers and no negative value (a mask of 0 and -inf) gets
+the range [-1e4, 0], so that its markers stay far below what they are added to.
 """
 
 from __future__ import annotations
@@ -57,8 +59,8 @@ class RangeStats:
         if percentile is not None and self.samples:
             v = np.concatenate(self.samples)
             lo, hi = float(np.percentile(v, 100 - percentile)), float(np.percentile(v, percentile))
-        if self.neg_inf:
-            lo = min(lo, -SENTINEL_FLOOR)
+        if self.neg_inf and lo >= 0:  # a pure mask (0 or -inf): make -inf very negative
+            lo = -SENTINEL_FLOOR
         return lo, hi
 
 
@@ -168,7 +170,8 @@ def quantize_graph(g: Graph, ranges: dict[str, tuple[float, float]]) -> Graph:
                 lo_floor = t.data <= -SENTINEL
                 if lo_floor.any():
                     clean = np.where(np.abs(t.data) < SENTINEL, t.data, 0)
-                    qp = activation_qparams(min(float(clean.min()), -SENTINEL_FLOOR), float(clean.max()))
+                    lo = float(clean.min())
+                    qp = activation_qparams(-SENTINEL_FLOOR if lo >= 0 else lo, float(clean.max()))
                 s, z = qp.per_tensor
                 t2.data = np.clip(np.round(t.data / s) + z, -128, 127).astype(np.int8)
                 t2.dtype, t2.q = "int8", qp
