@@ -94,6 +94,8 @@ def compile_npu_graph(
     calibration,
     percentile: float | None = None,
     show: bool = False,
+    balance: float | None = 4.0,
+    smooth: bool = True,
 ):
     """Partition, quantize and compile an ONNX graph for an NPU target.
 
@@ -106,7 +108,7 @@ def compile_npu_graph(
     import onnx
 
     from edgert.compiler.npu.lower import lower_partition
-    from edgert.compiler.npu.quantize import quantize_graph
+    from edgert.compiler.npu.quantize import balance_outputs, quantize_graph, smooth_inputs
     from edgert.compiler.npu.tflite_writer import write_tflite
     from edgert.errors import TargetError
     from edgert.targets import load_target
@@ -127,6 +129,16 @@ def compile_npu_graph(
             continue
         g, stat_of = lower_partition(info, p)
         ranges = {ir: cal.stats[src].range(percentile) for ir, src in stat_of.items() if src in cal.stats}
+        if balance:
+            chans = {ir: (cal.stats[src].ch_lo, cal.stats[src].ch_hi) for ir, src in stat_of.items()
+                     if src in cal.stats and cal.stats[src].ch_lo is not None and not ir.endswith("/nhwc")}
+            ins, outs = balance_outputs(g, ranges, chans, balance)
+            ins.update(smooth_inputs(g, ranges, chans) if smooth else {})
+            if ins or outs:
+                pd["boundary_scales"] = {
+                    "inputs": {n: {"source": s, "divide_by": k.tolist()} for n, (s, k) in ins.items()},
+                    "outputs": {n: {"multiply_by": k.tolist()} for n, k in outs.items()},
+                }
         q = quantize_graph(g, ranges)
         tflites.append(write_tflite(q, description=f"edgert npu partition {p.index}"))
         pd["tflite"] = len(tflites) - 1
@@ -203,8 +215,14 @@ def run_plan(onnx_model, the_plan: dict, tflites: list[bytes], feeds: dict[str, 
     for p in the_plan["partitions"]:
         if p["device"] == "npu":
             part = LiteRTPartition(tflites[p["tflite"]])
+            scales = p.get("boundary_scales", {"inputs": {}, "outputs": {}})
+            for name, s in scales["inputs"].items():
+                env[name] = env[s["source"]] / np.asarray(s["divide_by"], np.float32)
             outs = part(*(env[n].astype(np.float32) for n in part.input_names))
-            env.update(zip(part.output_names, outs, strict=True))
+            for name, y in zip(part.output_names, outs, strict=True):
+                if name in scales["outputs"]:
+                    y = y * np.asarray(scales["outputs"][name]["multiply_by"], np.float32)
+                env[name] = y
             continue
         nodes = [by_name[n] for n in p["nodes"]]
         needed = [n for n in p["inputs"] if n not in consts]

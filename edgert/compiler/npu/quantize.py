@@ -42,9 +42,18 @@ class RangeStats:
     hi: float = -np.inf
     neg_inf: bool = False
     samples: list[np.ndarray] = field(default_factory=list)
+    ch_lo: np.ndarray | None = None  # per channel of the last axis
+    ch_hi: np.ndarray | None = None
 
     def update(self, x: np.ndarray, keep: int = 0, rng: np.random.Generator | None = None) -> None:
-        x = np.asarray(x, np.float32).ravel()
+        x = np.asarray(x, np.float32)
+        if x.ndim >= 2 and x.shape[-1] <= 4096:
+            finite = np.abs(x) < SENTINEL
+            lo = np.where(finite, x, np.inf).reshape(-1, x.shape[-1]).min(axis=0)
+            hi = np.where(finite, x, -np.inf).reshape(-1, x.shape[-1]).max(axis=0)
+            self.ch_lo = lo if self.ch_lo is None else np.minimum(self.ch_lo, lo)
+            self.ch_hi = hi if self.ch_hi is None else np.maximum(self.ch_hi, hi)
+        x = x.ravel()
         self.neg_inf |= bool((x <= -SENTINEL).any())
         x = x[np.abs(x) < SENTINEL]
         if x.size == 0:
@@ -183,4 +192,117 @@ def quantize_graph(g: Graph, ranges: dict[str, tuple[float, float]]) -> Graph:
         b = g.tensors[bname].data.astype(np.float64)
         out.tensors[bname].data = np.clip(np.round(b / bscale), -(2**31), 2**31 - 1).astype(np.int32)
         out.tensors[bname].q = QParams.of(bscale, 0, 0)
+    return out
+
+
+def balance_outputs(
+    g: Graph, ranges: dict[str, tuple[float, float]], channel_ranges: dict, ratio: float = 4.0, target: float = 1.0
+):
+    """Per-channel scaling at a partition's edges for outputs with outlier channels.
+
+    Transformer residual streams carry a few channels far larger than the rest (MiniLM's FFN
+    output reaches 195 where most channels stay within ±5): one int8 scale per tensor then
+    erases the small channels. For an output ``T = ADD(a, b)`` whose operands are a
+    FULLY_CONNECTED of the partition or a partition input, and whose channel ranges (last axis)
+    differ by more than ``ratio``, the partition computes ``T / k`` instead (k per channel, >= 1):
+    the FULLY_CONNECTED's weight rows and bias are divided by k, the host feeds the input
+    divided by k (a new input ``name/balanced``), and multiplies the output by k. The host's side
+    is float work on the CPU, so the NPU does not pay for it.
+
+    Returns ``(inputs, outputs)``: {new input: (source tensor, k)} and {output: k}.
+    ``channel_ranges`` maps IR tensor names to per-channel (lo, hi) arrays.
+    """
+    producer = {op.outputs[0]: op for op in g.ops}
+    readers: dict[str, list] = {}
+    for op in g.ops:
+        for i in op.inputs:
+            readers.setdefault(i, []).append(op)
+    new_inputs: dict[str, tuple[str, np.ndarray]] = {}
+    scaled_outputs: dict[str, np.ndarray] = {}
+    for out in list(g.outputs):
+        op = producer.get(out)
+        if op is None or op.kind != "ADD" or readers.get(out) or out not in channel_ranges:
+            continue
+        lo, hi = channel_ranges[out]
+        amax = np.maximum(np.abs(lo), np.abs(hi))
+        typical = float(np.median(amax))
+        if typical <= 0 or amax.max() < ratio * typical:
+            continue
+        k = np.maximum(amax / (target * typical), 1.0).astype(np.float32)
+        plan = []
+        for i in op.inputs:
+            src = producer.get(i)
+            if i in g.inputs and i in channel_ranges:
+                plan.append(("input", i))
+            elif (src is not None and src.kind == "FULLY_CONNECTED" and not src.options.get("fused_activation")
+                  and len(readers.get(i, [])) == 1 and i in channel_ranges):
+                plan.append(("fc", i))
+            else:
+                plan = []
+                break
+        if len(plan) != 2:
+            continue
+        for how, i in plan:
+            clo, chi = channel_ranges[i]
+            if how == "fc":
+                fc = producer[i]
+                w, b = g.tensors[fc.inputs[1]], g.tensors[fc.inputs[2]]
+                w.data = (w.data / k[:, None]).astype(np.float32)
+                b.data = (b.data / k).astype(np.float32)
+                ranges[i] = (float((clo / k).min()), float((chi / k).max()))
+            else:
+                t = g.tensors[i]
+                name = f"{i}/balanced"
+                g.add(type(t)(name, t.shape, t.dtype))
+                g.inputs.append(name)
+                op.inputs[op.inputs.index(i)] = name
+                ranges[name] = (float((clo / k).min()), float((chi / k).max()))
+                new_inputs[name] = (i, k)
+                if all(r is op for r in readers.get(i, [])):
+                    g.inputs.remove(i)
+                    del g.tensors[i]
+        ranges[out] = (float((lo / k).min()), float((hi / k).max()))
+        scaled_outputs[out] = k
+    return new_inputs, scaled_outputs
+
+
+def smooth_inputs(
+    g: Graph, ranges: dict[str, tuple[float, float]], channel_ranges: dict, ratio: float = 4.0, alpha: float = 0.5
+) -> dict[str, tuple[str, np.ndarray]]:
+    """SmoothQuant at a partition's inputs: move outlier channels of an input into the weights.
+
+    A partition input read only by FULLY_CONNECTED ops (a LayerNorm output from the CPU, say)
+    whose channel ranges differ by more than ``ratio`` is fed divided by ``k = (amax /
+    median)**alpha`` per channel (a new input ``name/smoothed``, divided on the host), and the
+    weight columns are multiplied by k: the product is unchanged, the activation's int8 steps
+    shrink, the per-row weight scales grow by at most ``k``.
+
+    Returns {new input: (source tensor, k)}.
+    """
+    readers: dict[str, list] = {}
+    for op in g.ops:
+        for pos, i in enumerate(op.inputs):
+            readers.setdefault(i, []).append((op, pos))
+    out = {}
+    for x in list(g.inputs):
+        users = readers.get(x, [])
+        if not users or x not in channel_ranges or any(op.kind != "FULLY_CONNECTED" or pos != 0 for op, pos in users):
+            continue
+        lo, hi = channel_ranges[x]
+        amax = np.maximum(np.abs(lo), np.abs(hi))
+        typical = float(np.median(amax))
+        if typical <= 0 or amax.max() < ratio * typical:
+            continue
+        k = np.maximum((amax / typical) ** alpha, 1.0).astype(np.float32)
+        t = g.tensors[x]
+        name = f"{x}/smoothed"
+        g.add(type(t)(name, t.shape, t.dtype))
+        g.inputs[g.inputs.index(x)] = name
+        del g.tensors[x]
+        for op, _ in users:
+            op.inputs[0] = name
+            w = g.tensors[op.inputs[1]]
+            w.data = (w.data * k[None, :]).astype(np.float32)
+        ranges[name] = (float((lo / k).min()), float((hi / k).max()))
+        out[name] = (x, k)
     return out
