@@ -34,8 +34,14 @@ def _w(rng, *shape, fan_in: int) -> np.ndarray:
 
 def mlp(seed: int = 0, with_cpu_op: bool = True) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
-    w = {"W1": _w(rng, 64, 32, fan_in=32), "b1": _w(rng, 64, fan_in=8), "W2": _w(rng, 64, 48, fan_in=64),
-         "b2": _w(rng, 48, fan_in=8), "W3": _w(rng, 48, 10, fan_in=48), "b3": _w(rng, 10, fan_in=8)}
+    w = {
+        "W1": _w(rng, 64, 32, fan_in=32),
+        "b1": _w(rng, 64, fan_in=8),
+        "W2": _w(rng, 64, 48, fan_in=64),
+        "b2": _w(rng, 48, fan_in=8),
+        "W3": _w(rng, 48, 10, fan_in=48),
+        "b3": _w(rng, 10, fan_in=8),
+    }
     nodes = [
         helper.make_node("Gemm", ["x", "W1", "b1"], ["h1"], transB=1, name="fc1"),
         helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
@@ -52,22 +58,42 @@ def mlp(seed: int = 0, with_cpu_op: bool = True) -> onnx.ModelProto:
         helper.make_node("Add", ["m3", "b3"], ["logits"], name="fc3_bias"),
         helper.make_node("Softmax", ["logits"], ["probs"], axis=-1, name="softmax"),
     ]
-    return _model(nodes, [helper.make_tensor_value_info("x", F32, ["batch", 32])],
-                  [helper.make_tensor_value_info("probs", F32, ["batch", 10])], w, "mlp")
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F32, ["batch", 32])],
+        [helper.make_tensor_value_info("probs", F32, ["batch", 10])],
+        w,
+        "mlp",
+    )
 
 
 def convnet(seed: int = 0) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
-    w = {"C1": _w(rng, 8, 3, 3, 3, fan_in=27), "c1": _w(rng, 8, fan_in=8),
-         "D2": _w(rng, 8, 1, 3, 3, fan_in=9), "d2": _w(rng, 8, fan_in=8),
-         "C3": _w(rng, 16, 8, 1, 1, fan_in=8), "c3": _w(rng, 16, fan_in=8),
-         "G": _w(rng, 10, 16, fan_in=16), "g": _w(rng, 10, fan_in=8),
-         "zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32)}
+    w = {
+        "C1": _w(rng, 8, 3, 3, 3, fan_in=27),
+        "c1": _w(rng, 8, fan_in=8),
+        "D2": _w(rng, 8, 1, 3, 3, fan_in=9),
+        "d2": _w(rng, 8, fan_in=8),
+        "C3": _w(rng, 16, 8, 1, 1, fan_in=8),
+        "c3": _w(rng, 16, fan_in=8),
+        "G": _w(rng, 10, 16, fan_in=16),
+        "g": _w(rng, 10, fan_in=8),
+        "zero": np.array(0.0, np.float32),
+        "six": np.array(6.0, np.float32),
+    }
     nodes = [
         helper.make_node("Conv", ["x", "C1", "c1"], ["h1"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], name="conv1"),
         helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
-        helper.make_node("Conv", ["a1", "D2", "d2"], ["h2"], kernel_shape=[3, 3], strides=[2, 2], group=8,
-                         auto_pad="SAME_UPPER", name="dw2"),
+        helper.make_node(
+            "Conv",
+            ["a1", "D2", "d2"],
+            ["h2"],
+            kernel_shape=[3, 3],
+            strides=[2, 2],
+            group=8,
+            auto_pad="SAME_UPPER",
+            name="dw2",
+        ),
         helper.make_node("Clip", ["h2", "zero", "six"], ["a2"], name="relu6"),
         helper.make_node("Conv", ["a2", "C3", "c3"], ["h3"], kernel_shape=[1, 1], name="pw3"),
         helper.make_node("MaxPool", ["h3"], ["p3"], kernel_shape=[2, 2], strides=[2, 2], name="pool3"),
@@ -78,8 +104,13 @@ def convnet(seed: int = 0) -> onnx.ModelProto:
         helper.make_node("Gemm", ["flat", "G", "g"], ["logits"], transB=1, name="fc"),
         helper.make_node("Softmax", ["logits"], ["probs"], axis=-1, name="softmax"),
     ]
-    return _model(nodes, [helper.make_tensor_value_info("x", F32, ["batch", 3, 16, 16])],
-                  [helper.make_tensor_value_info("probs", F32, ["batch", 10])], w, "convnet")
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", F32, ["batch", 3, 16, 16])],
+        [helper.make_tensor_value_info("probs", F32, ["batch", 10])],
+        w,
+        "convnet",
+    )
 
 
 def inputs(model: onnx.ModelProto, samples: int, seed: int = 1) -> dict[str, np.ndarray]:

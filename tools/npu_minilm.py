@@ -69,8 +69,9 @@ HELD_OUT = [
 
 
 def main() -> None:
-    from edgert.compiler.npu import _session, compile_npu_graph, run_plan
     from export_minilm_onnx import export, tokenize
+
+    from edgert.compiler.npu import _session, compile_npu_graph, run_plan
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="ethos-u55-128")
@@ -82,7 +83,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="edgert-minilm-"))
     path = args.onnx or export(tmp / "minilm.onnx")
     cal = tokenize(CALIBRATION, args.length)
-    tflites, velas, plan, report = compile_npu_graph(path, args.target, cal, args.percentile, show=True)
+    tflites, _velas, plan, report = compile_npu_graph(path, args.target, cal, args.percentile, show=True)
     held = tokenize(HELD_OUT, args.length)
     sess = _session(__import__("onnx").load(str(path)))
     cos = []
@@ -91,8 +92,10 @@ def main() -> None:
         ref = sess.run(["sentence_embedding"], feed)[0][0]
         got = run_plan(path, plan, tflites, feed)["sentence_embedding"][0]
         cos.append(float(np.dot(ref, got) / (np.linalg.norm(ref) * np.linalg.norm(got))))
-    print(f"int8 vs float sentence embeddings on {len(cos)} held-out sentences: cosine min {min(cos):.4f}, "
-          f"mean {np.mean(cos):.4f}")
+    print(
+        f"int8 vs float sentence embeddings on {len(cos)} held-out sentences: cosine min {min(cos):.4f}, "
+        f"mean {np.mean(cos):.4f}"
+    )
     if args.json:
         args.json.write_text(json.dumps({"plan": plan, "vela": report, "cosine": cos}, indent=1, default=str))
 

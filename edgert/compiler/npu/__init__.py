@@ -20,7 +20,7 @@ import numpy as np
 from edgert.compiler.npu.partition import GraphInfo, plan, plan_dict, print_plan
 from edgert.compiler.npu.quantize import CalibrationError, RangeStats, load_calibration
 
-__all__ = ["CalibrationError", "Calibrated", "calibrate", "compile_npu_graph", "run_plan"]
+__all__ = ["Calibrated", "CalibrationError", "calibrate", "compile_npu_graph", "run_plan"]
 
 
 @dataclass
@@ -130,8 +130,11 @@ def compile_npu_graph(
         g, stat_of = lower_partition(info, p)
         ranges = {ir: cal.stats[src].range(percentile) for ir, src in stat_of.items() if src in cal.stats}
         if balance:
-            chans = {ir: (cal.stats[src].ch_lo, cal.stats[src].ch_hi) for ir, src in stat_of.items()
-                     if src in cal.stats and cal.stats[src].ch_lo is not None and not ir.endswith("/nhwc")}
+            chans = {
+                ir: (cal.stats[src].ch_lo, cal.stats[src].ch_hi)
+                for ir, src in stat_of.items()
+                if src in cal.stats and cal.stats[src].ch_lo is not None and not ir.endswith("/nhwc")
+            }
             ins, outs = balance_outputs(g, ranges, chans, balance)
             ins.update(smooth_inputs(g, ranges, chans) if smooth else {})
             if ins or outs:
@@ -227,9 +230,12 @@ def run_plan(onnx_model, the_plan: dict, tflites: list[bytes], feeds: dict[str, 
         nodes = [by_name[n] for n in p["nodes"]]
         needed = [n for n in p["inputs"] if n not in consts]
         sub = onnx.helper.make_graph(
-            [*(n for n in model.graph.node if n.output[0] in consts), *nodes], "cpu",
-            [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(env[n].dtype), env[n].shape)
-             for n in needed],
+            [*(n for n in model.graph.node if n.output[0] in consts), *nodes],
+            "cpu",
+            [
+                onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(env[n].dtype), env[n].shape)
+                for n in needed
+            ],
             [onnx.ValueInfoProto(name=o) for o in p["outputs"]],
             [i for i in model.graph.initializer],
         )

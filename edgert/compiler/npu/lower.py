@@ -90,8 +90,13 @@ class Lowerer:
             raise Unlowerable("weight and input sizes differ")
         b = np.zeros(w.shape[0], np.float32) if b is None else np.broadcast_to(b, (w.shape[0],))
         y = self.define(out, "nchw")
-        self.g.op("FULLY_CONNECTED", [self.get(x), self.const(w, "w"), self.const(b, "b")], [y], origin=origin,
-                  keep_num_dims=len(xs) > 2)
+        self.g.op(
+            "FULLY_CONNECTED",
+            [self.get(x), self.const(w, "w"), self.const(b, "b")],
+            [y],
+            origin=origin,
+            keep_num_dims=len(xs) > 2,
+        )
 
     def _linear(self, u, n, info):
         add = u.nodes[1]
@@ -139,8 +144,10 @@ class Lowerer:
         pairs = [(pads[0], pads[2]), (pads[1], pads[3])]
         if all(p == (0, 0) for p in pairs):
             return "VALID", None
-        same = [conv_padding(s, k, st, d, "SAME")[1:] for s, k, st, d in zip(shape_hw, kernel, strides, dilations,
-                                                                              strict=True)]
+        same = [
+            conv_padding(s, k, st, d, "SAME")[1:]
+            for s, k, st, d in zip(shape_hw, kernel, strides, dilations, strict=True)
+        ]
         if same == pairs:
             return "SAME", None
         return "VALID", pairs
@@ -161,8 +168,9 @@ class Lowerer:
         if pads is not None:
             self.n += 1
             shp = self.g.tensors[x].shape
-            padded = self.act(f"{x}/pad{self.n}", (shp[0], shp[1] + sum(pads[0]), shp[2] + sum(pads[1]), shp[3]),
-                              n.input[0])
+            padded = self.act(
+                f"{x}/pad{self.n}", (shp[0], shp[1] + sum(pads[0]), shp[2] + sum(pads[1]), shp[3]), n.input[0]
+            )
             self.g.op("PAD", [x, self.i32([[0, 0], list(pads[0]), list(pads[1]), [0, 0]])], [padded], origin=u.name)
             x = padded
         y = self.define(n.output[0], "nhwc")
@@ -172,8 +180,14 @@ class Lowerer:
             self.g.op("CONV_2D", [x, self.const(wt, "w"), self.const(b, "b")], [y], origin=u.name, **opts)
         elif group == xs[1] and w.shape[1] == 1 and w.shape[0] % group == 0:
             wt = np.ascontiguousarray(w.transpose(1, 2, 3, 0))  # [1, kh, kw, C*mult]
-            self.g.op("DEPTHWISE_CONV_2D", [x, self.const(wt, "w"), self.const(b, "b")], [y], origin=u.name,
-                      depth_multiplier=w.shape[0] // group, **opts)
+            self.g.op(
+                "DEPTHWISE_CONV_2D",
+                [x, self.const(wt, "w"), self.const(b, "b")],
+                [y],
+                origin=u.name,
+                depth_multiplier=w.shape[0] // group,
+                **opts,
+            )
         else:
             raise Unlowerable("grouped convolution other than depthwise")
 
@@ -261,8 +275,13 @@ class Lowerer:
         perm = tuple(attr(n, "perm", None) or range(len(info.shapes[n.input[0]]))[::-1])
         if perm == TO_NHWC and self.has(n.input[0], "nhwc"):  # already there: an alias
             y = self.define(n.output[0], "nchw")
-            self.g.op("RESHAPE", [self.get(n.input[0], "nhwc"), self.i32(info.shapes[n.output[0]])], [y],
-                      origin=u.name, new_shape=info.shapes[n.output[0]])
+            self.g.op(
+                "RESHAPE",
+                [self.get(n.input[0], "nhwc"), self.i32(info.shapes[n.output[0]])],
+                [y],
+                origin=u.name,
+                new_shape=info.shapes[n.output[0]],
+            )
             return
         y = self.define(n.output[0], "nchw")
         self.g.op("TRANSPOSE", [self.get(n.input[0]), self.i32(perm)], [y], origin=u.name)
@@ -319,9 +338,13 @@ def fuse_activations(g: Graph) -> Graph:
     fused = []
     for op in g.ops:
         src = producer.get(op.inputs[0]) if op.kind in ("RELU", "RELU6") else None
-        if (src is not None and src.kind in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "SUB", "MUL")
-                and not src.options.get("fused_activation") and readers.get(op.inputs[0], 0) == 1
-                and op.inputs[0] not in g.outputs):
+        if (
+            src is not None
+            and src.kind in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D", "ADD", "SUB", "MUL")
+            and not src.options.get("fused_activation")
+            and readers.get(op.inputs[0], 0) == 1
+            and op.inputs[0] not in g.outputs
+        ):
             dead = src.outputs[0]
             src.outputs = [op.outputs[0]]
             src.options["fused_activation"] = op.kind

@@ -25,9 +25,28 @@ from onnx import numpy_helper
 
 # ONNX op types (or fused units) edgert lowers to TFLite int8 ops, per accelerator family.
 _COMMON = {
-    "MatMul", "Linear", "Gemm", "Conv", "Add", "Sub", "Mul", "Div", "Relu", "Clip", "Sigmoid", "Tanh",
-    "Softmax", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "MaxPool",
-    "AveragePool", "GlobalAveragePool",
+    "MatMul",
+    "Linear",
+    "Gemm",
+    "Conv",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Relu",
+    "Clip",
+    "Sigmoid",
+    "Tanh",
+    "Softmax",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Transpose",
+    "Concat",
+    "MaxPool",
+    "AveragePool",
+    "GlobalAveragePool",
 }
 SUPPORTED = {
     # Vela 5.2 SUPPORTED_OPS.md (TFLite, Ethos-U55/U65/U85): FULLY_CONNECTED, BATCH_MATMUL, CONV_2D,
@@ -83,8 +102,7 @@ class GraphInfo:
         self.nodes = []
         for n in g.node:
             if n.op_type == "Constant":
-                self.consts[n.output[0]] = numpy_helper.to_array(
-                    next(a for a in n.attribute if a.name == "value").t)
+                self.consts[n.output[0]] = numpy_helper.to_array(next(a for a in n.attribute if a.name == "value").t)
             else:
                 self.nodes.append(n)
         self.shapes, self.dtypes = shapes, dtypes
@@ -157,9 +175,12 @@ def build_units(info: GraphInfo) -> list[Unit]:
         used.update(id(m) for m in nodes)
         produced = {o for m in nodes for o in m.output}
         ins = [i for m in nodes for i in m.input if i and i not in produced and i not in info.consts]
-        outs = [o for m in nodes for o in m.output
-                if o in info.graph_outputs or any(id(c) not in {id(x) for x in nodes}
-                                                  for c in info.consumers.get(o, []))]
+        outs = [
+            o
+            for m in nodes
+            for o in m.output
+            if o in info.graph_outputs or any(id(c) not in {id(x) for x in nodes} for c in info.consumers.get(o, []))
+        ]
         units.append(Unit(kind, nodes, list(dict.fromkeys(ins)), outs))
     return units
 
@@ -247,8 +268,12 @@ def plan(info: GraphInfo, ops: str = "ethos-u") -> list[Partition]:
         produced = {o for u in run for o in u.outputs}
         inside = {id(n) for u in run for n in u.nodes}
         ins = [t for u in run for t in u.inputs if t not in produced]
-        outs = [o for u in run for o in u.outputs
-                if o in info.graph_outputs or any(id(c) not in inside for c in info.consumers.get(o, []))]
+        outs = [
+            o
+            for u in run
+            for o in u.outputs
+            if o in info.graph_outputs or any(id(c) not in inside for c in info.consumers.get(o, []))
+        ]
         parts.append(Partition(i, run[0].device, run, list(dict.fromkeys(ins)), outs))
     return parts
 
@@ -280,7 +305,10 @@ def plan_dict(parts: list[Partition], target: str, ops: str) -> dict:
         "npu_mac_share": devices["npu"]["macs"] / total if total else 0.0,
         "cpu_ops": [
             {"node": n.name or n.output[0], "op": n.op_type, "reason": u.reason}
-            for p in parts if p.device == "cpu" for u in p.units for n in u.nodes
+            for p in parts
+            if p.device == "cpu"
+            for u in p.units
+            for n in u.nodes
         ],
     }
 
@@ -291,14 +319,29 @@ def print_plan(plan: dict, console=None) -> None:
     from rich.table import Table
 
     console = console or Console(stderr=True)
-    table = Table("#", "device", "ops", "op types", "MACs", "inputs → outputs",
-                  title=f"partition plan for {plan['target']} ({plan['ops']})")
+    table = Table(
+        "#",
+        "device",
+        "ops",
+        "op types",
+        "MACs",
+        "inputs → outputs",
+        title=f"partition plan for {plan['target']} ({plan['ops']})",
+    )
     for p in plan["partitions"]:
         kinds = ", ".join(f"{k}×{v}" if v > 1 else k for k, v in p["op_types"].items())
-        table.add_row(str(p["index"]), p["device"], str(len(p["nodes"])), kinds, f"{p['macs']:,}",
-                      f"{len(p['inputs'])} → {len(p['outputs'])}")
+        table.add_row(
+            str(p["index"]),
+            p["device"],
+            str(len(p["nodes"])),
+            kinds,
+            f"{p['macs']:,}",
+            f"{len(p['inputs'])} → {len(p['outputs'])}",
+        )
     console.print(table)
     d = plan["devices"]
-    console.print(f"NPU: {d['npu']['ops']} ops, {d['npu']['macs']:,} MACs in {d['npu']['partitions']} partitions; "
-                  f"CPU: {d['cpu']['ops']} ops, {d['cpu']['macs']:,} MACs; "
-                  f"NPU share of MACs {plan['npu_mac_share']:.1%}")
+    console.print(
+        f"NPU: {d['npu']['ops']} ops, {d['npu']['macs']:,} MACs in {d['npu']['partitions']} partitions; "
+        f"CPU: {d['cpu']['ops']} ops, {d['cpu']['macs']:,} MACs; "
+        f"NPU share of MACs {plan['npu_mac_share']:.1%}"
+    )

@@ -157,11 +157,11 @@ def quantize_graph(g: Graph, ranges: dict[str, tuple[float, float]]) -> Graph:
             q[op.outputs[0]] = q[op.inputs[0]]
     out = Graph(inputs=list(g.inputs), outputs=list(g.outputs), ops=list(g.ops))
     weight_of = {}
+    weight_kinds = ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D")
     for op in g.ops:
         if op.kind in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D"):
             weight_of[op.inputs[1]] = (op, 3 if op.kind == "DEPTHWISE_CONV_2D" else 0)
-    bias_of = {op.inputs[2]: op for op in g.ops
-               if op.kind in ("FULLY_CONNECTED", "CONV_2D", "DEPTHWISE_CONV_2D") and len(op.inputs) > 2 and op.inputs[2]}
+    bias_of = {op.inputs[2]: op for op in g.ops if op.kind in weight_kinds and len(op.inputs) > 2 and op.inputs[2]}
     for name, t in g.tensors.items():
         t2 = type(t)(t.name, t.shape, t.dtype, t.q, t.data)
         if t.data is None and t.dtype == "float32":
@@ -234,8 +234,13 @@ def balance_outputs(
             src = producer.get(i)
             if i in g.inputs and i in channel_ranges:
                 plan.append(("input", i))
-            elif (src is not None and src.kind == "FULLY_CONNECTED" and not src.options.get("fused_activation")
-                  and len(readers.get(i, [])) == 1 and i in channel_ranges):
+            elif (
+                src is not None
+                and src.kind == "FULLY_CONNECTED"
+                and not src.options.get("fused_activation")
+                and len(readers.get(i, [])) == 1
+                and i in channel_ranges
+            ):
                 plan.append(("fc", i))
             else:
                 plan = []

@@ -3,10 +3,15 @@ partition must produce, and LiteRT's reference kernels (``BUILTIN_REF``) are che
 bit for bit (tests/test_npu.py).
 
 Integer ops follow TFLite's reference kernels: int32 accumulation, requantization by
-``MultiplyByQuantizedMultiplier`` (a Q31 multiplier and a power-of-two shift, the double-rounding
-variant: ``SaturatingRoundingDoublingHighMul`` then ``RoundingDivideByPOT``), saturation to
-int8. Element-wise nonlinearities (LOGISTIC, TANH, GELU) are 256-entry tables computed in float32
-as LiteRT's ``PopulateLookupTable`` does; SOFTMAX is LiteRT's float32 exp table.
+``MultiplyByQuantizedMultiplier`` (a Q31 multiplier and a power-of-two shift), saturation to
+int8. Rounding differs between kernels in LiteRT 2.3, as measured against it (tests/test_npu.py):
+FULLY_CONNECTED rounds the 64-bit product once; CONV_2D, DEPTHWISE_CONV_2D, BATCH_MATMUL, ADD,
+SUB, MUL and RELU round twice (gemmlowp's SaturatingRoundingDoublingHighMul, then
+RoundingDivideByPOT), and near-ties come out one apart between the two. Multipliers are computed
+from the float32 scales as each kernel does (double products for convolutions and
+FULLY_CONNECTED, float32 for MUL). Element-wise nonlinearities (LOGISTIC, TANH, GELU) are
+256-entry tables computed in float32 as LiteRT's ``PopulateLookupTable`` does; SOFTMAX is
+LiteRT's float32 exp table.
 """
 
 from __future__ import annotations
@@ -66,7 +71,20 @@ def _rdbpot(x: np.ndarray, exponent: np.ndarray | int) -> np.ndarray:
 
 
 def mbqm(x: np.ndarray, multiplier, shift) -> np.ndarray:
-    """MultiplyByQuantizedMultiplier (double rounding), broadcasting per-channel parameters."""
+    """MultiplyByQuantizedMultiplier as most of LiteRT 2.3's int8 kernels round (twice)."""
+    return mbqm_double_rounding(x, multiplier, shift)
+
+
+def mbqm_single_rounding(x: np.ndarray, multiplier, shift) -> np.ndarray:
+    """One rounding of the 64-bit product, ``(x * q + 2**(30 - shift)) >> (31 - shift)``: what
+    LiteRT 2.3's FULLY_CONNECTED does (per-channel parameters broadcast)."""
+    total = 31 - np.asarray(shift, np.int64)
+    x = np.asarray(x, np.int64) * np.asarray(multiplier, np.int64) + (np.int64(1) << (total - 1))
+    return x >> total
+
+
+def mbqm_double_rounding(x: np.ndarray, multiplier, shift) -> np.ndarray:
+    """gemmlowp's two roundings: SaturatingRoundingDoublingHighMul, then RoundingDivideByPOT."""
     shift = np.asarray(shift, np.int64)
     left = np.maximum(shift, 0)
     right = np.maximum(-shift, 0)
@@ -84,6 +102,7 @@ def _sat8(x: np.ndarray, lo: int = QMIN, hi: int = QMAX) -> np.ndarray:
 
 def activation_range(act: str | None, scale: float, zp: int) -> tuple[int, int]:
     """CalculateActivationRangeQuantized for int8 outputs (float division, std::round)."""
+
     def q(f: float) -> int:
         return zp + int(_round_away(np.float32(f) / np.float32(scale)))
 
@@ -99,16 +118,21 @@ def _qp(g: Graph, name: str) -> tuple[float, int]:
     return g.tensors[name].q.per_tensor
 
 
-def _requant_per_channel(acc: np.ndarray, in_scale: float, w_scales: np.ndarray, out_scale: float) -> np.ndarray:
+def _requant_per_channel(
+    acc: np.ndarray, in_scale: float, w_scales: np.ndarray, out_scale: float, single: bool = False
+) -> np.ndarray:
     mult, shift = zip(
-        *(quantize_multiplier(float(np.float32(in_scale) * np.float32(ws)) / float(np.float32(out_scale)))
-          for ws in w_scales), strict=True
+        *(
+            quantize_multiplier(float(np.float32(in_scale)) * float(np.float32(ws)) / float(np.float32(out_scale)))
+            for ws in w_scales
+        ),
+        strict=True,
     )
     m = np.asarray(mult, np.int64)
     s = np.asarray(shift, np.int64)
     if m.size == 1:
         m, s = m[0], s[0]
-    return mbqm(acc, m, s)
+    return mbqm_single_rounding(acc, m, s) if single else mbqm(acc, m, s)
 
 
 def _fully_connected(g: Graph, op: Op, x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
@@ -120,7 +144,7 @@ def _fully_connected(g: Graph, op: Op, x: np.ndarray, w: np.ndarray, b: np.ndarr
     acc = x2 @ w.astype(np.int64).T
     if b is not None:
         acc = acc + b.astype(np.int64)
-    y = _requant_per_channel(acc, s_in, wq.scale, s_out) + z_out
+    y = _requant_per_channel(acc, s_in, wq.scale, s_out, single=True) + z_out
     lo, hi = activation_range(op.options.get("fused_activation"), s_out, z_out)
     return _sat8(y, lo, hi).reshape(g.tensors[op.outputs[0]].shape)
 
@@ -229,7 +253,8 @@ def _mul(g: Graph, op: Op, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     sa, za = _qp(g, op.inputs[0])
     sb, zb = _qp(g, op.inputs[1])
     so, zo = _qp(g, op.outputs[0])
-    m, s = quantize_multiplier(float(np.float32(sa)) * float(np.float32(sb)) / float(np.float32(so)))
+    # mul.cc: float * float / float, in float32
+    m, s = quantize_multiplier(float(np.float32(np.float32(sa) * np.float32(sb)) / np.float32(so)))
     y = mbqm((a.astype(np.int64) - za) * (b.astype(np.int64) - zb), m, s) + zo
     lo, hi = activation_range(op.options.get("fused_activation"), so, zo)
     return _sat8(y, lo, hi)

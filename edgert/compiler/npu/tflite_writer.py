@@ -19,10 +19,29 @@ from edgert.compiler.npu.ir import Graph, Op, QParams, Tensor
 
 # Operator versions written (the lowest version that covers int8 for each).
 OP_VERSIONS = {
-    "FULLY_CONNECTED": 4, "BATCH_MATMUL": 2, "CONV_2D": 3, "DEPTHWISE_CONV_2D": 3, "ADD": 2, "SUB": 2,
-    "MUL": 2, "SOFTMAX": 2, "LOGISTIC": 2, "TANH": 2, "RELU": 2, "RELU6": 2, "GELU": 2, "MEAN": 2,
-    "RESHAPE": 1, "TRANSPOSE": 2, "AVERAGE_POOL_2D": 2, "MAX_POOL_2D": 2, "CONCATENATION": 2,
-    "QUANTIZE": 2, "DEQUANTIZE": 2, "PAD": 2, "RSQRT": 2,
+    "FULLY_CONNECTED": 4,
+    "BATCH_MATMUL": 2,
+    "CONV_2D": 3,
+    "DEPTHWISE_CONV_2D": 3,
+    "ADD": 2,
+    "SUB": 2,
+    "MUL": 2,
+    "SOFTMAX": 2,
+    "LOGISTIC": 2,
+    "TANH": 2,
+    "RELU": 2,
+    "RELU6": 2,
+    "GELU": 2,
+    "MEAN": 2,
+    "RESHAPE": 1,
+    "TRANSPOSE": 2,
+    "AVERAGE_POOL_2D": 2,
+    "MAX_POOL_2D": 2,
+    "CONCATENATION": 2,
+    "QUANTIZE": 2,
+    "DEQUANTIZE": 2,
+    "PAD": 2,
+    "RSQRT": 2,
 }
 SUPPORTED_OPS = tuple(OP_VERSIONS)
 _ACT = {None: 0, "": 0, "RELU": 1, "RELU6": 3}

@@ -21,9 +21,19 @@ from pathlib import Path
 from edgert.errors import EdgertError
 
 INSTALL = "pip install ethos-u-vela"
-ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256", "ethos-u65-256",
-                "ethos-u65-512", "ethos-u85-128", "ethos-u85-256", "ethos-u85-512", "ethos-u85-1024",
-                "ethos-u85-2048")
+ACCELERATORS = (
+    "ethos-u55-32",
+    "ethos-u55-64",
+    "ethos-u55-128",
+    "ethos-u55-256",
+    "ethos-u65-256",
+    "ethos-u65-512",
+    "ethos-u85-128",
+    "ethos-u85-256",
+    "ethos-u85-512",
+    "ethos-u85-1024",
+    "ethos-u85-2048",
+)
 
 
 class VelaError(EdgertError):
@@ -114,9 +124,22 @@ def compile_for_ethos_u(
         src.write_bytes(model)
         cfg, sys_name = _config_file(folder, system_config, clock_hz)
         out = folder / "out"
-        argv = [*cmd, str(src), "--accelerator-config", accelerator, *cfg, "--system-config", sys_name,
-                "--memory-mode", memory_mode, "--output-dir", str(out), "--verbose-performance",
-                "--show-cpu-operations", *extra_args]
+        argv = [
+            *cmd,
+            str(src),
+            "--accelerator-config",
+            accelerator,
+            *cfg,
+            "--system-config",
+            sys_name,
+            "--memory-mode",
+            memory_mode,
+            "--output-dir",
+            str(out),
+            "--verbose-performance",
+            "--show-cpu-operations",
+            *extra_args,
+        ]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
         text = proc.stdout + proc.stderr
         compiled = out / f"{name}_vela.tflite"
@@ -144,13 +167,23 @@ def parse_reports(
     if per_layer.is_file():
         for row in csv.DictReader(per_layer.open()):
             cycles = int(float(row.get("Op Cycles", 0) or 0))
-            layers.append(VelaLayer(row.get("Original Operator", ""), row.get("NNG Operator", ""),
-                                    row.get("Target", ""), row.get("Name", ""), cycles,
-                                    int(float(row.get("MAC Count", 0) or 0)),
-                                    cycles / clock * 1e6 if clock else 0.0))
+            layers.append(
+                VelaLayer(
+                    row.get("Original Operator", ""),
+                    row.get("NNG Operator", ""),
+                    row.get("Target", ""),
+                    row.get("Name", ""),
+                    cycles,
+                    int(float(row.get("MAC Count", 0) or 0)),
+                    cycles / clock * 1e6 if clock else 0.0,
+                )
+            )
     counts = {k: int(v) for k, v in re.findall(r"^(CPU|NPU) operators = (\d+)", text, re.M)}
-    reasons = [ln.strip() for ln in text.splitlines()
-               if re.search(r"placing on cpu|cpu only|is not supported|Unsupported", ln, re.I)]
+    reasons = [
+        ln.strip()
+        for ln in text.splitlines()
+        if re.search(r"placing on cpu|cpu only|is not supported|Unsupported", ln, re.I)
+    ]
     kib = 1024.0
     cycles_total = int(float(summary.get("cycles_total", 0) or 0))
     return VelaReport(
@@ -162,8 +195,11 @@ def parse_reports(
         cpu_ops=counts.get("CPU", 0),
         cpu_op_reasons=reasons,
         sram_bytes=float(summary.get("sram_memory_used", 0) or 0) * kib,
-        flash_bytes=(float(summary.get("off_chip_flash_memory_used", 0) or 0)
-                     + float(summary.get("on_chip_flash_memory_used", 0) or 0)) * kib,
+        flash_bytes=(
+            float(summary.get("off_chip_flash_memory_used", 0) or 0)
+            + float(summary.get("on_chip_flash_memory_used", 0) or 0)
+        )
+        * kib,
         dram_bytes=float(summary.get("dram_memory_used", 0) or 0) * kib,
         cycles_total=cycles_total,
         latency_ms=cycles_total / clock * 1e3 if clock else 0.0,
@@ -177,6 +213,11 @@ def compile_for_target(model: bytes, target, name: str = "partition") -> tuple[b
     npu = target.npu
     if not npu.get("accelerator"):
         raise VelaError(f"target '{target.name}' names no Ethos-U accelerator (its [npu] table has no 'accelerator')")
-    return compile_for_ethos_u(model, npu["accelerator"], npu.get("clock_hz"),
-                               npu.get("system_config", "Ethos_U55_High_End_Embedded"),
-                               npu.get("memory_mode", "Shared_Sram"), name)
+    return compile_for_ethos_u(
+        model,
+        npu["accelerator"],
+        npu.get("clock_hz"),
+        npu.get("system_config", "Ethos_U55_High_End_Embedded"),
+        npu.get("memory_mode", "Shared_Sram"),
+        name,
+    )
