@@ -66,17 +66,20 @@ def _session(model, outputs: list[str] | None = None):
 
 
 def calibrate(model, data: dict[str, np.ndarray], percentile: float | None = None, seed: int = 0) -> Calibrated:
-    """Run ``model`` sample by sample (batch of one) and record the range of every tensor."""
+    """Run ``model`` sample by sample and record the range of every tensor.
+
+    ``data``: ``[samples, *input shape]`` per input, as `load_calibration` returns it.
+    """
     names = list(dict.fromkeys(o for n in model.graph.node for o in n.output if o))
     sess = _session(model, names)
     out_names = [o.name for o in sess.get_outputs()]
     stats: dict[str, RangeStats] = {}
-    shapes: dict[str, tuple[int, ...]] = {k: (1, *np.asarray(v).shape[1:]) for k, v in data.items()}
+    shapes: dict[str, tuple[int, ...]] = {k: tuple(np.asarray(v).shape[1:]) for k, v in data.items()}
     dtypes: dict[str, np.dtype] = {k: np.asarray(v).dtype for k, v in data.items()}
     rng = np.random.default_rng(seed)
     count = len(next(iter(data.values())))
     for s in range(count):
-        feeds = {k: np.asarray(v)[s : s + 1] for k, v in data.items()}
+        feeds = {k: np.asarray(v)[s] for k, v in data.items()}
         values = dict(zip(out_names, sess.run(out_names, feeds), strict=True))
         values.update(feeds)
         for name, v in values.items():
@@ -195,6 +198,9 @@ def print_vela(report: dict, console=None) -> None:
     from rich.console import Console
 
     console = console or Console(stderr=True)
+    if not report["partitions"]:
+        console.print("Vela: no NPU partition to compile")
+        return
     console.print(
         f"{report['accelerator']} @ {report['clock_hz'] / 1e6:.0f} MHz ({report['source']}): "
         f"{report['npu_ops']} NPU ops, {report['cpu_ops_in_partitions']} left on the CPU inside partitions; "

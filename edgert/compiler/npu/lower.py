@@ -152,11 +152,71 @@ class Lowerer:
             return "SAME", None
         return "VALID", pairs
 
+    def _conv1d(self, u, n, info):
+        """A 1-D Conv [N, C, L] as a 2-D one of height 1: NLC rows reshaped to NHWC, and back."""
+        w = info.const(n.input[1])
+        xs, ys = info.shapes[n.input[0]], info.shapes[n.output[0]]
+        group = attr(n, "group", 1)
+        if group != 1:
+            raise Unlowerable("grouped 1-D convolution")
+        stride, dil = attr(n, "strides", [1])[0], attr(n, "dilations", [1])[0]
+        auto = attr(n, "auto_pad", b"NOTSET")
+        if (auto.decode() if isinstance(auto, bytes) else auto) != "NOTSET":
+            raise Unlowerable("1-D Conv with auto_pad")
+        pads = list(attr(n, "pads", [0, 0]))
+        b = info.const(n.input[2]) if len(n.input) > 2 and n.input[2] else np.zeros(w.shape[0], np.float32)
+        if b is None:
+            raise Unlowerable("Conv with a non-constant bias")
+        self.n += 1
+        tag = f"{n.output[0]}/conv1d{self.n}"
+        nlc = self.act(f"{tag}/nlc", (xs[0], xs[2], xs[1]), n.input[0])
+        self.g.op("TRANSPOSE", [self.get(n.input[0]), self.i32((0, 2, 1))], [nlc], origin=u.name)
+        x4 = self.act(f"{tag}/nhwc_in", (xs[0], 1, xs[2], xs[1]), n.input[0])
+        self.g.op(
+            "RESHAPE",
+            [nlc, self.i32(self.g.tensors[x4].shape)],
+            [x4],
+            origin=u.name,
+            new_shape=self.g.tensors[x4].shape,
+        )
+        padding, pairs = "VALID", None
+        if any(pads):
+            same = conv_padding(xs[2], w.shape[2], stride, dil, "SAME")[1:]
+            padding, pairs = ("SAME", None) if tuple(pads) == same else ("VALID", [(0, 0), tuple(pads)])
+        if pairs is not None:
+            shp = self.g.tensors[x4].shape
+            padded = self.act(f"{tag}/pad", (shp[0], 1, shp[2] + sum(pairs[1]), shp[3]), n.input[0])
+            self.g.op("PAD", [x4, self.i32([[0, 0], [0, 0], list(pairs[1]), [0, 0]])], [padded], origin=u.name)
+            x4 = padded
+        y4 = self.act(f"{tag}/nhwc_out", (ys[0], 1, ys[2], ys[1]), n.output[0])
+        wt = np.ascontiguousarray(w.transpose(0, 2, 1)[:, None])  # [O, 1, k, I]
+        self.g.op(
+            "CONV_2D",
+            [x4, self.const(wt, "w"), self.const(b, "b")],
+            [y4],
+            origin=u.name,
+            padding=padding,
+            stride=(1, stride),
+            dilation=(1, dil),
+        )
+        ylc = self.act(f"{tag}/nlc_out", (ys[0], ys[2], ys[1]), n.output[0])
+        self.g.op(
+            "RESHAPE",
+            [y4, self.i32(self.g.tensors[ylc].shape)],
+            [ylc],
+            origin=u.name,
+            new_shape=self.g.tensors[ylc].shape,
+        )
+        y = self.define(n.output[0], "nchw")
+        self.g.op("TRANSPOSE", [ylc, self.i32((0, 2, 1))], [y], origin=u.name)
+
     def _conv(self, u, n, info):
         w = info.const(n.input[1])
         xs = info.shapes[n.input[0]]
+        if w is not None and w.ndim == 3 and len(xs) == 3:
+            return self._conv1d(u, n, info)
         if w is None or w.ndim != 4 or len(xs) != 4:
-            raise Unlowerable("Conv other than 2-D with constant weights")
+            raise Unlowerable("Conv other than 1-D or 2-D with constant weights")
         group = attr(n, "group", 1)
         strides = tuple(attr(n, "strides", [1, 1]))
         dil = tuple(attr(n, "dilations", [1, 1]))

@@ -188,6 +188,11 @@ def build_units(info: GraphInfo) -> list[Unit]:
 def unit_macs(info: GraphInfo, u: Unit) -> int:
     """Multiply-accumulates of a unit (matrix products and convolutions; 0 for the rest)."""
     n = u.nodes[0]
+    if n.op_type in ("LSTM", "GRU"):
+        x, w, r = info.shapes.get(n.input[0]), info.const(n.input[1]), info.const(n.input[2])
+        if x is None or w is None or r is None:
+            return 0
+        return int(x[0] * x[1]) * int(w.shape[0] * w.shape[1]) * int(w.shape[2] + r.shape[2])
     out = info.shapes.get(n.output[0])
     if out is None:
         return 0

@@ -9,7 +9,8 @@
   CONCATENATION's inputs share its output's.
 
 Calibration data is a ``.npz`` (or a dict) with one array per model input, named as the input;
-axis 0 indexes samples and each sample is fed as a batch of one. Values at or beyond ±1e30
+axis 0 indexes samples: ``[samples, *input shape]``, or ``[samples, *rest]`` for an input whose
+first (batch) dimension is 1 or symbolic, each sample then fed as a batch of one. Values at or beyond ±1e30
 (``float32`` min used as -inf in attention masks) are left out of ranges: they saturate to the
 range's end. A tensor that holds such markers and no negative value (a mask of 0 and -inf) gets
 the range [-1e4, 0], so that its markers stay far below what they are added to.
@@ -74,7 +75,10 @@ class RangeStats:
 
 
 def load_calibration(calibration, inputs: dict[str, tuple[tuple, np.dtype]]) -> dict[str, np.ndarray]:
-    """Calibration arrays checked against the model's inputs {name: (shape with None for free dims, dtype)}."""
+    """Calibration arrays checked against the model's inputs {name: (shape with None for free dims, dtype)}.
+
+    Returned as ``[samples, *input shape]`` per input (one run per sample).
+    """
     if isinstance(calibration, str | Path):
         path = Path(calibration)
         if not path.is_file():
@@ -90,8 +94,15 @@ def load_calibration(calibration, inputs: dict[str, tuple[tuple, np.dtype]]) -> 
             )
         a = np.asarray(data[name])
         want = tuple(1 if d is None else d for d in shape)
-        got = (1, *a.shape[1:])
-        if len(got) != len(want) or any(d is not None and g != d for g, d in zip(got, shape, strict=False)):
+
+        def fits(sample: tuple, shape=shape) -> bool:
+            return len(sample) == len(shape) and all(d is None or g == d for g, d in zip(sample, shape, strict=True))
+
+        if fits(tuple(a.shape[1:])):  # samples stacked whole: [samples, *input shape]
+            data[name] = a
+        elif fits((1, *a.shape[1:])):  # samples as a batch: [samples, *input shape without its batch of 1]
+            data[name] = a[:, None]
+        else:
             raise CalibrationError(
                 f"calibration input '{name}' has samples of shape {tuple(a.shape[1:])} (axis 0 = samples), "
                 f"the model's input '{name}' is {tuple('?' if d is None else d for d in shape)} "
@@ -149,10 +160,19 @@ def quantize_graph(g: Graph, ranges: dict[str, tuple[float, float]]) -> Graph:
             q[y] = QParams.of(1 / 128, 0)
         elif op.kind in PASS_THROUGH:
             q[y] = q[op.inputs[0]]
-        elif op.kind == "CONCATENATION":
-            for i in op.inputs:
-                q[i] = q[y]
-    for op in g.ops:  # a second sweep: pass-through chains after concat ties
+    producer = {op.outputs[0]: op for op in g.ops}
+    for op in reversed(g.ops):  # a CONCATENATION's inputs take its output's parameters, up through
+        if op.kind == "CONCATENATION":  # data movement and concatenations before it
+            todo = list(op.inputs)
+            while todo:
+                i = todo.pop()
+                q[i] = q[op.outputs[0]]
+                src = producer.get(i)
+                if src is not None and src.kind in PASS_THROUGH:
+                    todo.append(src.inputs[0])
+                elif src is not None and src.kind == "CONCATENATION":
+                    todo.extend(src.inputs)
+    for op in g.ops:  # then forward again, so that every pass-through output equals its input
         if op.kind in PASS_THROUGH:
             q[op.outputs[0]] = q[op.inputs[0]]
     out = Graph(inputs=list(g.inputs), outputs=list(g.outputs), ops=list(g.ops))
