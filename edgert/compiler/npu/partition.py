@@ -188,11 +188,11 @@ def build_units(info: GraphInfo) -> list[Unit]:
 def unit_macs(info: GraphInfo, u: Unit) -> int:
     """Multiply-accumulates of a unit (matrix products and convolutions; 0 for the rest)."""
     n = u.nodes[0]
-    if n.op_type in ("LSTM", "GRU"):
-        x, w, r = info.shapes.get(n.input[0]), info.const(n.input[1]), info.const(n.input[2])
+    if n.op_type in ("LSTM", "GRU"):  # weights may be computed (Unsqueeze of constants): use shapes
+        x, w, r = (info.shapes.get(i) or getattr(info.const(i), "shape", None) for i in n.input[:3])
         if x is None or w is None or r is None:
             return 0
-        return int(x[0] * x[1]) * int(w.shape[0] * w.shape[1]) * int(w.shape[2] + r.shape[2])
+        return int(x[0] * x[1]) * int(w[0] * w[1]) * int(w[2] + r[2])
     out = info.shapes.get(n.output[0])
     if out is None:
         return 0
