@@ -79,12 +79,19 @@ class Artifact:
 
     def weights(self, copy_on_write: bool = False) -> dict[str, np.ndarray]:
         """The weights, memory-mapped from the artifact (see `read_tensors` for ``copy_on_write``)."""
-        m = self._member(self.manifest["weights"]["file"])
+        return self.tensors(self.manifest["weights"]["file"], copy_on_write)
+
+    def tensors(self, name: str, copy_on_write: bool = False) -> dict[str, np.ndarray]:
+        """The tensors of the safetensors member ``name``, memory-mapped from the artifact."""
+        m = self._member(name)
         return read_tensors(m.path, m.offset, m.size, copy_on_write=copy_on_write)
 
     def library_file(self) -> Path:
         """A path to the compiled library that the dynamic loader can open."""
-        name = self.manifest["library"]
+        return self.member_file(self.manifest["library"])
+
+    def member_file(self, name: str) -> Path:
+        """A path to member ``name`` as a file of its own (a zip's members are copied to the cache once)."""
         m = self._member(name)
         if self.path.is_dir():
             return m.path

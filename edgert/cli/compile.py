@@ -55,6 +55,14 @@ def compile(
             "this length stream fastest, others run through the general entry points.",
         ),
     ] = None,
+    calibrate: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibrate",
+            help="NPU targets: an .npz of calibration inputs by name (axis 0 = samples) to fit the int8 "
+            "partitions' ranges.",
+        ),
+    ] = None,
 ) -> None:
     """Compile MODEL (a recipe, .gguf, .onnx or .tflite file) for TARGET into an .edgert artifact."""
     from edgert.families.compile import compile_model
@@ -74,6 +82,7 @@ def compile(
             activations=activations,
             audio_ctx=audio_ctx,
             chunk_ms=chunk_ms,
+            calibrate=calibrate,
         )
     size = sum(f["size"] for f in result.manifest["files"].values())
     t = result.manifest["target"]

@@ -23,6 +23,7 @@ _FLAGS = {
     "chunk_ms": "--chunk-ms",
     "input_shapes": "--input-shape",
     "tuning": "--no-tuning",
+    "calibrate": "--calibrate",
 }
 
 

@@ -93,7 +93,7 @@ FAMILIES: tuple[Family, ...] = (
         build="edgert.families.graph.build:build",
         task="edgert.runtime.graph:GraphModel",
         formats=("onnx", "tflite"),
-        options=frozenset({"quant", "threads", "input_shapes", "tuning"}),
+        options=frozenset({"quant", "threads", "input_shapes", "tuning", "calibrate"}),
     ),
 )
 

@@ -18,7 +18,18 @@ from edgert.runtime.tvm_runtime import copy_into, to_numpy
 
 
 class GraphModel:
-    """The artifact's ``main`` entry point as a Python callable over numpy arrays."""
+    """The artifact's ``main`` entry point as a Python callable over numpy arrays.
+
+    An artifact built for an NPU target (a manifest with an ``npu`` section) opens as a
+    `edgert.runtime.partitioned.PartitionedGraph`, which has the same interface.
+    """
+
+    def __new__(cls, artifact: Artifact, *args: Any, **kwargs: Any) -> GraphModel:
+        if cls is GraphModel and "npu" in artifact.manifest:
+            from edgert.runtime.partitioned import PartitionedGraph
+
+            return super().__new__(PartitionedGraph)
+        return super().__new__(cls)
 
     def __init__(self, artifact: Artifact, threads: int | None = None):
         self.artifact = artifact

@@ -143,9 +143,7 @@ def compile_graph(
         result = job.finish(
             {"model.so": stage / "model.so", "weights.safetensors": stage / "weights.safetensors"},
             source={"file": source.name, "format": fmt},
-            entry_points={
-                "main": {"inputs": [i.to_dict() for i in inputs], "outputs": [o.to_dict() for o in outputs]}
-            },
+            entry_points={"main": {"inputs": [i.to_dict() for i in inputs], "outputs": [o.to_dict() for o in outputs]}},
             weights={
                 "file": "weights.safetensors",
                 "quant": quant,
@@ -162,7 +160,29 @@ def compile_graph(
 
 
 def build(req: BuildRequest) -> Any:
-    """The registry's entry: `compile_graph` with the request's options."""
+    """The registry's entry: `compile_graph` with the request's options; for an NPU target, an NPU
+    artifact (`edgert.families.graph.npu.compile_npu_artifact`) calibrated on ``calibrate``."""
+    from edgert.targets import load_target
+
+    spec = load_target(req.target)
+    if spec.kind == "npu":
+        from edgert.families.graph.npu import compile_npu_artifact
+
+        for key in ("quant", "input_shapes"):
+            if key in req.options:
+                flag = {"quant": "--quant", "input_shapes": "--input-shape"}[key]
+                raise EdgertError(f"{flag} does not apply to NPU targets (int8 partitions, shapes from --calibrate)")
+        return compile_npu_artifact(
+            req.source,
+            spec,
+            req.options.get("calibrate"),
+            output=req.output,
+            threads=req.options.get("threads"),
+            as_dir=req.as_dir,
+            progress=req.progress,
+        )
+    if "calibrate" in req.options:
+        raise EdgertError(f"--calibrate applies to NPU targets; '{spec.name}' is a {spec.kind} target")
     extra = {k: req.options[k] for k in ("input_shapes", "tuning") if k in req.options}
     if isinstance(extra.get("input_shapes"), list | tuple):  # as given on the command line: ["NAME=1,128", ...]
         extra["input_shapes"] = parse_input_shapes(list(extra["input_shapes"]))
