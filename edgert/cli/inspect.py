@@ -36,11 +36,14 @@ def inspect(
     )
     out.print(f"target    {t['name']}: {t['arch']} {t['triple']} cpu={t['cpu']} flags={','.join(t['cpu_flags'])}")
     for key, value in m.items():
-        if key not in COMMON:
+        if key == "npu":
+            npu_section(value)
+        elif key not in COMMON:
             line(key, SECTIONS.get(key, facts)(value))
     w = m.get("weights", {})
-    line("weights", ", ".join(filter(None, [facts({k: v for k, v in w.items() if k != "order"}),
-                                            f"{len(w.get('order', []))} tensors"])))  # fmt: skip
+    if w:
+        line("weights", ", ".join(filter(None, [facts({k: v for k, v in w.items() if k != "order"}),
+                                                f"{len(w.get('order', []))} tensors"])))  # fmt: skip
     table = Table("entry point", "inputs", "outputs")
     for name, ep in m["entry_points"].items():
         table.add_row(name, tensors(ep.get("inputs")), tensors(ep.get("outputs")))
@@ -107,3 +110,57 @@ def kv_cache(value: Any) -> str:
 
 
 SECTIONS = {"kernels": kernels, "exits": exits, "kv_cache": kv_cache}
+
+
+def npu_section(npu: dict[str, Any]) -> None:
+    """An NPU artifact: the partition plan (device, operators, MACs per partition), the share of
+    MACs on the NPU, and Vela's estimate (cycles, latency at the target's clock, SRAM, flash, the
+    10 layers with the most cycles)."""
+    t, plan = npu.get("target", {}), npu["plan"]
+    line("npu", f"{t.get('name')}: {t.get('description', '')}; calibrated on {npu.get('calibration_samples')} samples")
+    table = Table("#", "device", "ops", "op types", "MACs", "inputs → outputs", title="partition plan")
+    for p in plan["partitions"]:
+        kinds = ", ".join(f"{k}×{v}" if v > 1 else k for k, v in p["op_types"].items())
+        ios = f"{len(p['inputs'])} → {len(p['outputs'])}"
+        table.add_row(str(p["index"]), p["device"], str(len(p["nodes"])), escape(kinds), f"{p['macs']:,}", ios)
+    out.print(table)
+    d = plan["devices"]
+    line(
+        "devices",
+        f"NPU {d['npu']['ops']} ops, {d['npu']['macs']:,} MACs in {d['npu']['partitions']} partitions; "
+        f"CPU {d['cpu']['ops']} ops, {d['cpu']['macs']:,} MACs in {d['cpu']['partitions']} partitions; "
+        f"NPU share of MACs {plan['npu_mac_share']:.1%}",
+    )
+    reasons: dict[str, str] = {}
+    for c in plan.get("cpu_ops", []):
+        reasons.setdefault(c["op"], c["reason"])
+    if reasons:
+        line("cpu ops", "; ".join(f"{op}: {why}" for op, why in reasons.items()))
+    vela = npu.get("vela")
+    if not vela:
+        line("vela", "none (the target's NPU compiles the int8 TFLite partitions itself, e.g. through a delegate)")
+        return
+    clock = vela.get("clock_hz") or 0
+    out.print(
+        f"[bold]Vela's estimate[/] (not a measurement) for {escape(str(vela.get('accelerator')))} @ "
+        f"{clock / 1e6:.0f} MHz, {escape(str(vela.get('system_config')))}, {escape(str(vela.get('memory_mode')))}",
+        highlight=False,
+    )
+    line(
+        "estimate",
+        f"{vela['cycles_total']:,} cycles = {vela['latency_ms']:.3f} ms at {clock / 1e6:.0f} MHz; "
+        f"SRAM peak {vela['sram_bytes_peak'] / 1024:.1f} KiB, flash {vela['flash_bytes'] / 1024:.1f} KiB; "
+        f"{vela['npu_ops']} NPU ops, {vela['cpu_ops_in_partitions']} left on the CPU inside partitions; "
+        f"NPU share of MACs {vela['npu_mac_share']:.1%}",
+    )
+    layers = [(i, layer) for i, part in enumerate(vela.get("partitions", [])) for layer in part.get("layers", [])]
+    layers.sort(key=lambda item: -item[1]["cycles"])
+    top = Table(
+        "partition", "layer", "op", "on", "cycles", "MACs", "µs", title="Vela's estimate: top 10 layers by cycles"
+    )
+    for i, layer in layers[:10]:
+        top.add_row(
+            f"npu_{i}", escape(str(layer["name"])), escape(str(layer["op"])), str(layer["target"]),
+            f"{layer['cycles']:,}", f"{layer['macs']:,}", f"{layer['latency_us']:.1f}",
+        )  # fmt: skip
+    out.print(top)
