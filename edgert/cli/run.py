@@ -56,7 +56,7 @@ def run(
 ) -> None:
     """Generate text from a prompt (LLM artifacts), or run a graph artifact on --inputs into -o."""
     from edgert.families.registry import load
-    from edgert.runtime import GraphModel
+    from edgert.runtime.graph_io import GraphInterface
     from edgert.runtime.speculative import adaptive_decoder
 
     if inputs is not None or outputs is not None:
@@ -88,7 +88,7 @@ def run(
         )
         return
     model = load(artifact, threads=threads, context_length=context)
-    if isinstance(model, GraphModel):
+    if isinstance(model, GraphInterface):
         raise EdgertError(f"{artifact} is a graph: run it with --inputs IN.npz --output OUT.npz")
     text = prompt if prompt is not None else model.artifact.manifest.get("defaults", {}).get("prompt", "Hello!")
     chat = not raw and model.tokenizer.has_chat_template

@@ -13,22 +13,23 @@ import numpy as np
 
 from edgert.artifact.reader import Artifact
 from edgert.errors import EdgertError
+from edgert.runtime.graph_io import GraphInterface, to_numpy_view
 from edgert.runtime.session import Session
-from edgert.runtime.tvm_runtime import copy_into, to_numpy
+from edgert.runtime.tvm_runtime import copy_into
 
 
-class GraphModel:
+class GraphModel(GraphInterface):
     """The artifact's ``main`` entry point as a Python callable over numpy arrays.
 
     An artifact built for an NPU target (a manifest with an ``npu`` section) opens as a
     `edgert.runtime.partitioned.PartitionedGraph`, which has the same interface.
     """
 
-    def __new__(cls, artifact: Artifact, *args: Any, **kwargs: Any) -> GraphModel:
+    def __new__(cls, artifact: Artifact, *args: Any, **kwargs: Any) -> Any:
         if cls is GraphModel and "npu" in artifact.manifest:
             from edgert.runtime.partitioned import PartitionedGraph
 
-            return super().__new__(PartitionedGraph)
+            return PartitionedGraph(artifact, *args, **kwargs)  # not a GraphModel: __init__ is not called again
         return super().__new__(cls)
 
     def __init__(self, artifact: Artifact, threads: int | None = None):
@@ -40,48 +41,17 @@ class GraphModel:
         self._main = self.session.vm["main"]
         # Input tensors per (input, shape): the device tensor, a numpy view of its memory, its address.
         self._buffers: dict[tuple[int, tuple[int, ...]], tuple[Any, np.ndarray, int]] = {}
-        self._params_ptrs = {_pointer(_to_numpy(p)) for p in self.session.params}
+        self._params_ptrs = {_pointer(to_numpy_view(p)) for p in self.session.params}
         self._buffer_ptrs: set[int] = set()
-
-    @property
-    def input_names(self) -> list[str]:
-        """Names of the graph inputs, in order."""
-        return [i["name"] for i in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        """Names of the graph outputs, in order."""
-        return [o["name"] for o in self.outputs]
-
-    def _check(self, spec: dict[str, Any], value: Any, sizes: dict[str, int]) -> np.ndarray:
-        name, want = spec["name"], spec["shape"]
-        arr = np.ascontiguousarray(np.asarray(value, dtype=spec["dtype"]))
-        if arr.ndim != len(want):
-            raise EdgertError(f"input '{name}' has shape {list(arr.shape)}; the graph takes rank {len(want)} {want}")
-        for axis, (got, dim) in enumerate(zip(arr.shape, want, strict=True)):
-            if isinstance(dim, int):
-                if got != dim:
-                    raise EdgertError(f"input '{name}' has shape {list(arr.shape)}; the graph takes {want}")
-            elif sizes.setdefault(dim, got) != got:
-                raise EdgertError(
-                    f"input '{name}' axis {axis} ('{dim}') is {got}, but another input set '{dim}' to {sizes[dim]}"
-                )
-        return arr
 
     def __call__(self, inputs: Mapping[str, Any] | None = None, /, **named: Any) -> dict[str, np.ndarray]:
         """Run the graph on numpy arrays given by input name; return the outputs by name."""
-        given = {**(inputs or {}), **named}
-        unknown = sorted(set(given) - set(self.input_names))
-        if unknown:
-            raise EdgertError(f"unknown input(s) {', '.join(unknown)}; the graph takes {', '.join(self.input_names)}")
-        missing = [n for n in self.input_names if n not in given]
-        if missing:
-            raise EdgertError(f"missing input(s) {', '.join(missing)}; the graph takes {', '.join(self.input_names)}")
+        given = self._given(inputs, named)
         sizes: dict[str, int] = {}
         args = [self._input(i, self._check(spec, given[spec["name"]], sizes)) for i, spec in enumerate(self.inputs)]
         result = self._main(*args, *self.session.params)
         values = [result] if len(self.outputs) == 1 else list(result)
-        out = {spec["name"]: _to_numpy(v) for spec, v in zip(self.outputs, values, strict=True)}
+        out = {spec["name"]: to_numpy_view(v) for spec, v in zip(self.outputs, values, strict=True)}
         # An output that is an input or a weight (graphs may return them as they are) would alias
         # memory this model reuses: those are copied.
         return {k: v.copy() if self._owned(v) else v for k, v in out.items()}
@@ -98,7 +68,7 @@ class GraphModel:
         entry = self._buffers.get(key)
         if entry is None:
             tensor = self.session.tensor(arr)
-            view = _to_numpy(tensor)
+            view = to_numpy_view(tensor)
             entry = self._buffers[key] = (tensor, view, _pointer(view))
             self._buffer_ptrs.add(entry[2])
         elif entry[1].flags.writeable:
@@ -110,14 +80,6 @@ class GraphModel:
 
 def _pointer(arr: np.ndarray) -> int:
     return int(arr.__array_interface__["data"][0])
-
-
-def _to_numpy(value: Any) -> np.ndarray:
-    """A VM output as numpy without a copy (the VM hands each call fresh output tensors)."""
-    try:
-        return np.from_dlpack(value)
-    except (TypeError, RuntimeError, BufferError):
-        return to_numpy(value)
 
 
 def run_npz(path: Any, inputs: Any, outputs: Any, threads: int | None = None) -> dict[str, np.ndarray]:

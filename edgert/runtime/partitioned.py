@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 
 from edgert.artifact.reader import Artifact
-from edgert.errors import EdgertError
 from edgert.runtime import tvm_runtime
-from edgert.runtime.graph import GraphModel, _to_numpy
+from edgert.runtime.graph_io import GraphInterface, to_numpy_view
 from edgert.runtime.session import configure_threads
 
 
@@ -40,7 +39,7 @@ class _CpuPart:
         ]
         result = self._main(*args, *self.params)
         values = [result] if len(self.outputs) == 1 else list(result)
-        return {s["name"]: np.array(_to_numpy(v)) for s, v in zip(self.outputs, values, strict=True)}
+        return {s["name"]: np.array(to_numpy_view(v)) for s, v in zip(self.outputs, values, strict=True)}
 
 
 class _NpuPart:
@@ -67,7 +66,7 @@ class _NpuPart:
         return result
 
 
-class PartitionedGraph(GraphModel):
+class PartitionedGraph(GraphInterface):
     """An NPU artifact's plan as a Python callable over numpy arrays (the interface of `GraphModel`)."""
 
     def __init__(self, artifact: Artifact, threads: int | None = None, delegate: str | None = None):
@@ -96,13 +95,7 @@ class PartitionedGraph(GraphModel):
 
     def __call__(self, inputs: Mapping[str, Any] | None = None, /, **named: Any) -> dict[str, np.ndarray]:
         """Run the plan on numpy arrays given by input name; return the outputs by name."""
-        given = {**(inputs or {}), **named}
-        unknown = sorted(set(given) - set(self.input_names))
-        if unknown:
-            raise EdgertError(f"unknown input(s) {', '.join(unknown)}; the graph takes {', '.join(self.input_names)}")
-        missing = [n for n in self.input_names if n not in given]
-        if missing:
-            raise EdgertError(f"missing input(s) {', '.join(missing)}; the graph takes {', '.join(self.input_names)}")
+        given = self._given(inputs, named)
         sizes: dict[str, int] = {}
         feeds = {spec["name"]: self._check(spec, given[spec["name"]], sizes) for spec in self.inputs}
         env = self.run_parts(feeds)

@@ -103,7 +103,7 @@ def compile_npu_artifact(
     from edgert.compiler.npu.partition import print_plan
     from edgert.compiler.npu.quantize import load_calibration
     from edgert.errors import EdgertError, ModelFileError
-    from edgert.families.graph.build import build_module, import_graph, optimize
+    from edgert.families.graph.lower import build_module, import_graph, optimize
     from edgert.targets import load_target
 
     progress = progress or (lambda _s, _f: None)

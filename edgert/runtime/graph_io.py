@@ -1,0 +1,63 @@
+"""What both graph runners share (`GraphModel`, and `PartitionedGraph` for NPU artifacts): the
+inputs and outputs of the manifest's ``main`` entry, and the checks of the arrays given to them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from edgert.errors import EdgertError
+from edgert.runtime.tvm_runtime import to_numpy
+
+
+class GraphInterface:
+    """Input and output specs (``inputs``, ``outputs``: name, dtype, shape) and their checks."""
+
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+
+    @property
+    def input_names(self) -> list[str]:
+        """Names of the graph inputs, in order."""
+        return [i["name"] for i in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        """Names of the graph outputs, in order."""
+        return [o["name"] for o in self.outputs]
+
+    def _check(self, spec: dict[str, Any], value: Any, sizes: dict[str, int]) -> np.ndarray:
+        name, want = spec["name"], spec["shape"]
+        arr = np.ascontiguousarray(np.asarray(value, dtype=spec["dtype"]))
+        if arr.ndim != len(want):
+            raise EdgertError(f"input '{name}' has shape {list(arr.shape)}; the graph takes rank {len(want)} {want}")
+        for axis, (got, dim) in enumerate(zip(arr.shape, want, strict=True)):
+            if isinstance(dim, int):
+                if got != dim:
+                    raise EdgertError(f"input '{name}' has shape {list(arr.shape)}; the graph takes {want}")
+            elif sizes.setdefault(dim, got) != got:
+                raise EdgertError(
+                    f"input '{name}' axis {axis} ('{dim}') is {got}, but another input set '{dim}' to {sizes[dim]}"
+                )
+        return arr
+
+    def _given(self, inputs: Mapping[str, Any] | None, named: dict[str, Any]) -> dict[str, Any]:
+        """The arrays by name, refusing unknown and missing inputs."""
+        given = {**(inputs or {}), **named}
+        unknown = sorted(set(given) - set(self.input_names))
+        if unknown:
+            raise EdgertError(f"unknown input(s) {', '.join(unknown)}; the graph takes {', '.join(self.input_names)}")
+        missing = [n for n in self.input_names if n not in given]
+        if missing:
+            raise EdgertError(f"missing input(s) {', '.join(missing)}; the graph takes {', '.join(self.input_names)}")
+        return given
+
+
+def to_numpy_view(value: Any) -> np.ndarray:
+    """A VM output as numpy without a copy (the VM hands each call fresh output tensors)."""
+    try:
+        return np.from_dlpack(value)
+    except (TypeError, RuntimeError, BufferError):
+        return to_numpy(value)
