@@ -33,7 +33,9 @@ def gpu_target(spec: TargetSpec, threads: int | None = None) -> tuple[Any, dict[
     if spec.gpu != "generic":
         config["device"] = spec.gpu
     target = tvm.target.Target(config, host=host)
-    return target, {**record, "kind": "gpu", "gpu": spec.gpu, "device": "opencl"}
+    # float16 in kernels needs cl_khr_fp16: Mali and Adreno have it; a generic OpenCL device may not.
+    fp16 = spec.gpu != "generic"
+    return target, {**record, "kind": "gpu", "gpu": spec.gpu, "device": "opencl", "fp16": fp16}
 
 
 def gpu_rules() -> list[Any]:

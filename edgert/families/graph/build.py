@@ -46,10 +46,12 @@ def import_graph(source: Path, input_shapes: dict[str, list[int]]) -> tuple[Any,
     raise ModelFileError(f"{source}: a graph must be an .onnx or .tflite file")
 
 
-def optimize(mod: Any, tvm_target: Any, quant: str) -> tuple[Any, list, float | None]:
+def optimize(mod: Any, tvm_target: Any, quant: str, gpu: bool = False) -> tuple[Any, list, float | None]:
     """Graph-level rewrites (weight layouts, quantization), then lift the weights to parameters.
 
-    Returns (module, weights, relative RMS error of the quantized matmul weights or None).
+    For a GPU target (``gpu``) the CPU's packed dense layouts are skipped: dlight's GPU rules
+    schedule the plain Relax ops. Returns (module, weights, relative RMS error of the quantized
+    matmul weights or None).
     """
     import tvm
     from tvm import relax
@@ -65,7 +67,10 @@ def optimize(mod: Any, tvm_target: Any, quant: str) -> tuple[Any, list, float | 
     )
     with tvm_target:
         mod = seq(mod)
-        mod, weight_error = rewrite_graph(mod, tvm_target, quant=quant)
+        if gpu:
+            weight_error = None
+        else:
+            mod, weight_error = rewrite_graph(mod, tvm_target, quant=quant)
         # exp/erf/tanh/softmax as TOPI's polynomial forms: they vectorize, where libm calls do not
         # (GELU's erf took 3x its matmul's time). Relative error ~1e-7 (tests compare at 1e-5).
         mod = relax.transform.FastMathTransform()(mod)
@@ -85,6 +90,10 @@ def build_module(
 
     from edgert.compiler.passes.pipeline import graph_pipeline
 
+    if tvm_target.kind.name == "opencl":
+        from edgert.compiler.gpu import gpu_pipeline
+
+        return tvm.compile(mod, target=tvm_target, relax_pipeline=gpu_pipeline(tvm_target))
     pipeline = graph_pipeline(tvm_target, tuning_db, stats, report)
     return tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline)
 
@@ -109,9 +118,11 @@ def compile_graph(
     quant = quant or "f32"
     if quant not in QUANT_MODES:
         raise EdgertError(f"--quant '{quant}' is not one of {', '.join(QUANT_MODES)}")
-    job = Build.start(source.stem, "graph", target, threads, output, as_dir)
+    job = Build.start(source.stem, "graph", target, threads, output, as_dir, gpu=True)
     if not source.is_file():
         raise ModelFileError(f"model file not found: {source}")
+    if job.on_gpu and quant != "f32":
+        raise EdgertError(f"--quant {quant}: graph builds for a GPU target take f32 weights only")
 
     progress("importing graph", None)
     with job.timed("import"):
@@ -119,8 +130,8 @@ def compile_graph(
 
     progress("optimizing", None)
     with job.timed("optimize"):
-        mod, arrays, weight_error = optimize(mod, job.tvm_target, quant)
-        db = database_for(job.spec.name, source) if tuning else None
+        mod, arrays, weight_error = optimize(mod, job.tvm_target, quant, gpu=job.on_gpu)
+        db = database_for(job.spec.name, source) if tuning and not job.on_gpu else None
 
     progress("compiling with TVM", None)
     tune_stats: dict[str, int] = {}
@@ -143,15 +154,13 @@ def compile_graph(
         result = job.finish(
             {"model.so": stage / "model.so", "weights.safetensors": stage / "weights.safetensors"},
             source={"file": source.name, "format": fmt},
-            entry_points={
-                "main": {"inputs": [i.to_dict() for i in inputs], "outputs": [o.to_dict() for o in outputs]}
-            },
+            entry_points={"main": {"inputs": [i.to_dict() for i in inputs], "outputs": [o.to_dict() for o in outputs]}},
             weights={
                 "file": "weights.safetensors",
                 "quant": quant,
                 "group_size": 32 if quant in ("q8", "q4") else None,
                 "weight_rel_rms_error": None if weight_error is None else round(weight_error, 6),
-                "layout": "matmul weights packed [N/B, K, B]",
+                "layout": "as the graph has them" if job.on_gpu else "matmul weights packed [N/B, K, B]",
                 "order": order,
             },
             library="model.so",

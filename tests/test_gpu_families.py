@@ -1,0 +1,174 @@
+"""Model families compiled for an OpenCL GPU target and run end to end on the OpenCL device.
+
+The device here is PoCL's CPU emulation (pocl-opencl-icd); timings from it say nothing about a
+phone's GPU, so these tests compare results with the host CPU build, never speeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import load_tool, run_cli
+
+from edgert.errors import EdgertError, NoDeviceError, TargetError
+from edgert.runtime import opencl
+
+
+@pytest.fixture(scope="module")
+def opencl_device() -> str:
+    """The OpenCL device's name, or a skip saying why there is none (library not built, no device)."""
+    try:
+        return opencl.find_device()
+    except (NoDeviceError, EdgertError) as exc:
+        pytest.skip(str(exc))
+
+
+def _compile(model: Path | str, target: str, out: Path, *extra: str) -> Path:
+    proc = run_cli("compile", str(model), "--target", target, "-o", str(out), *extra)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_gpu_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory, opencl_device: str) -> Path:
+    return _compile(tiny_gguf_file, "host-opencl", tmp_path_factory.mktemp("tiny-gpu") / "tiny-gpu.edgert")
+
+
+@pytest.fixture(scope="module")
+def tiny_cpu_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _compile(tiny_gguf_file, "host", tmp_path_factory.mktemp("tiny-cpu") / "tiny-cpu.edgert")
+
+
+def test_tiny_llama_on_opencl_matches_the_cpu_build(tiny_gpu_artifact: Path, tiny_cpu_artifact: Path) -> None:
+    import edgert
+    from edgert.artifact import open_artifact
+
+    manifest = open_artifact(tiny_gpu_artifact).manifest
+    assert manifest["target"]["kind"] == "gpu" and manifest["target"]["device"] == "opencl"
+    assert manifest["weights"]["layout"] == "gpu-rows-uint32"
+    gpu, cpu = edgert.load(tiny_gpu_artifact), edgert.load(tiny_cpu_artifact)
+    assert gpu.session.on_gpu and not cpu.session.on_gpu
+    ids = gpu.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    # Every position's logits (prefill kernels), then the decode kernels step by step.
+    np.testing.assert_allclose(gpu.score(ids), cpu.score(ids), atol=1e-4, rtol=1e-4)
+    for prompt in ("Hello there", "Once upon a time"):
+        want = [t.id for t in cpu.generate(prompt, max_tokens=12)]
+        got = [t.id for t in gpu.generate(prompt, max_tokens=12)]
+        assert got == want
+    gpu.reset()
+    cpu.reset()
+    for token in ids[:6]:
+        np.testing.assert_allclose(gpu.step([token]), cpu.step([token]), atol=1e-4, rtol=1e-4)
+    # Tokens appended after cached ones (a second prompt chunk, a chat turn reusing its prefix).
+    for model in (gpu, cpu):
+        model.reset()
+        model.prefill(ids[:5])
+    np.testing.assert_allclose(gpu.step(ids[5:]), cpu.step(ids[5:]), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(gpu.prefill([*ids[:3], 7, 8]), cpu.prefill([*ids[:3], 7, 8]), atol=1e-4, rtol=1e-4)
+    with pytest.raises(EdgertError, match="does not run on the GPU yet"):
+        gpu.step([1, 2], all_logits=True)
+
+
+def test_run_command_answers_on_opencl_and_device_kind_is_checked(
+    tiny_gpu_artifact: Path, tiny_cpu_artifact: Path, opencl_device: str
+) -> None:
+    proc = run_cli("run", str(tiny_gpu_artifact), "--prompt", "Hello", "-n", "4", "--raw")
+    assert proc.returncode == 0, proc.stderr
+    assert "OpenCL" in proc.stderr and opencl_device.split(" | ")[0] in proc.stderr
+    proc = run_cli("run", str(tiny_gpu_artifact), "--prompt", "Hello", "-n", "4", "--raw", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["tokens"]) == 4
+    proc = run_cli("run", str(tiny_gpu_artifact), "--device-kind", "cpu", "--prompt", "Hello", "-n", "4")
+    assert proc.returncode != 0 and "runs its kernels on the GPU" in proc.stderr and "--target host" in proc.stderr
+    proc = run_cli("run", str(tiny_cpu_artifact), "--device-kind", "gpu", "--prompt", "Hello", "-n", "4")
+    assert proc.returncode != 0 and "--target host-opencl" in proc.stderr
+
+
+def test_gpu_artifact_without_an_opencl_device_is_refused(tiny_gpu_artifact: Path, tmp_path: Path) -> None:
+    """No OpenCL driver (an empty ICD folder): one clear line, no traceback."""
+    vendors = tmp_path / "vendors"
+    vendors.mkdir()
+    env = {"OCL_ICD_VENDORS": str(vendors), "OPENCL_VENDOR_PATH": str(vendors)}
+    proc = run_cli("run", str(tiny_gpu_artifact), "--prompt", "Hello", "-n", "2", env=env)
+    assert proc.returncode != 0
+    assert "no OpenCL device found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def onnx_graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    pytest.importorskip("onnx")
+    return load_tool("make_tiny_onnx").write(tmp_path_factory.mktemp("onnx"))
+
+
+@pytest.mark.parametrize("name", ["dense", "attention", "layernorm", "conv1d"])
+def test_onnx_graphs_on_opencl_match_the_cpu_build(
+    onnx_graphs: dict[str, Path], tmp_path: Path, name: str, opencl_device: str
+) -> None:
+    import edgert
+
+    gpu = edgert.load(edgert.compile(str(onnx_graphs[name]), target="host-opencl", output=tmp_path / "g.edgert").path)
+    cpu = edgert.load(edgert.compile(str(onnx_graphs[name]), target="host", output=tmp_path / "c.edgert").path)
+    assert gpu.session.on_gpu and gpu.artifact.target["kind"] == "gpu"
+    rng = np.random.default_rng(1)
+    for rows in (1, 5):  # symbolic dims: one row, then several; the second call refills the input buffers
+        feeds = {}
+        for spec in cpu.inputs:
+            shape = [d if isinstance(d, int) else rows for d in spec["shape"]]
+            feeds[spec["name"]] = rng.standard_normal(shape).astype(np.float32)
+        got, want = gpu(feeds), cpu(feeds)
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_allclose(got[key], want[key], atol=1e-4, rtol=1e-4)
+
+
+def test_graph_run_command_on_opencl(onnx_graphs: dict[str, Path], tmp_path: Path, opencl_device: str) -> None:
+    art = _compile(onnx_graphs["dense"], "host-opencl", tmp_path / "dense.edgert")
+    x = np.random.default_rng(0).standard_normal((2, 3, 37)).astype(np.float32)
+    np.savez(tmp_path / "in.npz", x=x)
+    proc = run_cli("run", str(art), "--inputs", str(tmp_path / "in.npz"), "-o", str(tmp_path / "out.npz"))
+    assert proc.returncode == 0, proc.stderr
+    import edgert
+
+    cpu = edgert.load(_compile(onnx_graphs["dense"], "host", tmp_path / "dense-cpu.edgert"))
+    with np.load(tmp_path / "out.npz") as out:
+        np.testing.assert_allclose(out["y"], cpu(x=x)["y"], atol=1e-4, rtol=1e-4)
+    proc = run_cli(
+        "compile",
+        str(onnx_graphs["dense"]),
+        "--target",
+        "host-opencl",
+        "--quant",
+        "q8",
+        "-o",
+        str(tmp_path / "q.edgert"),
+    )
+    assert proc.returncode != 0 and "GPU target take f32 weights only" in proc.stderr
+
+
+def test_families_without_a_gpu_build_refuse_gpu_targets(tmp_path: Path) -> None:
+    from edgert.compiler.compile import Build
+
+    for family in ("whisper", "marian"):
+        with pytest.raises(TargetError, match=f"--target host-opencl: the {family} family has no GPU build yet"):
+            Build.start("m", family, "host-opencl", None, tmp_path / "m.edgert", False)
+    with pytest.raises(TargetError, match="rk3588-mali: the whisper family has no GPU build yet"):
+        Build.start("m", "whisper", "rk3588-mali", None, tmp_path / "m.edgert", False)
+
+
+@pytest.mark.slow
+def test_smollm2_on_opencl_gives_the_host_builds_tokens(
+    smollm_artifact: Path, tmp_path_factory: pytest.TempPathFactory, opencl_device: str
+) -> None:
+    import edgert
+
+    out = _compile("smollm2-135m", "host-opencl", tmp_path_factory.mktemp("smol-gpu") / "smollm2-gpu.edgert")
+    gpu, cpu = edgert.load(out), edgert.load(smollm_artifact)
+    prompt = "What is the capital of France?"
+    want = [t.id for t in cpu.generate(prompt, max_tokens=16, chat=True)]
+    got = [t.id for t in gpu.generate(prompt, max_tokens=16, chat=True)]
+    assert got == want
+    assert os.environ.get("EDGERT_TEST_UNMARKED") is None
