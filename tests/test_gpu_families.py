@@ -149,6 +149,39 @@ def test_graph_run_command_on_opencl(onnx_graphs: dict[str, Path], tmp_path: Pat
     assert proc.returncode != 0 and "GPU target take f32 weights only" in proc.stderr
 
 
+def test_emulated_board_refuses_gpu_artifacts_and_targets(tiny_gpu_artifact: Path, tmp_path: Path) -> None:
+    import threading
+
+    from edgert.deploy import board, parse_device
+    from edgert.deploy.agent import Agent, tcp_server
+
+    with pytest.raises(board.BoardError, match=r"the emulated board has no GPU .*'rk3588-mali' runs kernels on OpenCL"):
+        board.start("rk3588-mali")
+    agent = Agent(tmp_path / "device", name="emulated-test", emulated=True)
+    server = tcp_server(agent, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with parse_device(f"board://127.0.0.1:{server.server_address[1]}") as dev:
+            with pytest.raises(EdgertError, match=r"emulated board has no GPU: 'tiny-gpu\.edgert' runs"):
+                dev.deploy(tiny_gpu_artifact)
+        assert not (agent.root / tiny_gpu_artifact.name).exists()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_kernel_table_of_the_decode_step(tiny_gguf_file: Path, tiny_gpu_artifact: Path) -> None:
+    """tools/gpu_kernel_table.py: every decode kernel with its work-group and bytes read; weights dominate."""
+    result = load_tool("gpu_kernel_table").table(str(tiny_gguf_file), tiny_gpu_artifact, 20, "host-opencl", None)
+    kernels = {k["kernel"]: k for k in result["kernels"]}
+    head = max(
+        (k for k in kernels.values() if k["kernel"].startswith("dequantize_NT_matmul")), key=lambda k: k["weights"]
+    )
+    assert head["calls"] == 1 and head["work_group"].split("x")[0].isdigit()
+    assert kernels["batch_decode_paged_kv_kernel"]["calls"] == 2 and kernels["batch_decode_paged_kv_kernel"]["kv"] > 0
+    assert 0.9 < result["weight_share_of_bytes_read"] < 1
+
+
 def test_families_without_a_gpu_build_refuse_gpu_targets(tmp_path: Path) -> None:
     from edgert.compiler.compile import Build
 

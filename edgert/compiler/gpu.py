@@ -54,21 +54,13 @@ def gpu_pipeline(target: Any, rules: list[Any] | None = None) -> Any:
     texture-memory pipeline, which edgert's OpenCL runtime does not run (buffers only).
     """
     import tvm
-    from tvm import relax
     from tvm.relax.backend import gpu_generic as gpu
-    from tvm.s_tir import dlight as dl
 
     @tvm.transform.module_pass(opt_level=0, name="edgert.GpuPipeline")
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
             passes = [
-                *gpu.library_dispatch_passes(target),
-                relax.transform.LegalizeOps(),
-                relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FoldConstant(),
-                relax.transform.FuseOps(),
-                relax.transform.FuseTIR(),
-                dl.ApplyDefaultSchedule(*(rules or gpu_rules())),
+                *_schedule_passes(target, rules),
                 *gpu.dataflow_lower_passes(target),
                 *gpu.finalize_passes(target),
                 restrict_kernels(),
@@ -76,6 +68,56 @@ def gpu_pipeline(target: Any, rules: list[Any] | None = None) -> Any:
             return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
+
+
+def _schedule_passes(target: Any, rules: list[Any] | None) -> list[Any]:
+    from tvm import relax
+    from tvm.relax.backend import gpu_generic as gpu
+    from tvm.s_tir import dlight as dl
+
+    return [
+        *gpu.library_dispatch_passes(target),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        dl.ApplyDefaultSchedule(*(rules or gpu_rules())),
+    ]
+
+
+def scheduled(mod: Any, target: Any, rules: list[Any] | None = None) -> Any:
+    """``mod`` as `gpu_pipeline` has it after fusion and dlight's rules, before lowering: its TIR
+    kernels carry their thread bindings (work-group and grid extents), for reading."""
+    import tvm
+
+    with target:
+        return tvm.transform.Sequential(_schedule_passes(target, rules))(mod)
+
+
+def work_groups(mod: Any) -> dict[str, dict[str, Any]]:
+    """Per TIR kernel of a `scheduled` module: its thread bindings (``threadIdx.x``: extent, ...,
+    ``blockIdx.x``: extent; symbolic extents as text). The OpenCL kernel is ``NAME_kernel``, its
+    work-group the ``threadIdx`` extents and its grid of groups the ``blockIdx`` extents."""
+    import re
+
+    from tvm import tirx
+
+    # Read from the TVMScript text: this TVM exposes no TIR statement visitor to Python.
+    loop = re.compile(r'T\.thread_binding\((?:0, )?([^,()]+(?:\([^()]*\))?), thread="(\w+\.\w)"')
+    launch = re.compile(r'T\.launch_thread\("(\w+\.\w)", ([^)]+)\)')
+    found: dict[str, dict[str, Any]] = {}
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        text = func.script()
+        binds: dict[str, Any] = {}
+        pairs = [(tag, ext) for ext, tag in loop.findall(text)] + launch.findall(text)
+        for tag, ext in pairs:
+            ext = ext.strip()
+            binds[tag] = int(ext) if ext.isdigit() else ext
+        found[gvar.name_hint] = binds
+    return found
 
 
 def opencl_source(executable: Any) -> str:
