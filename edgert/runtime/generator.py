@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgert.artifact.reader import Artifact
-from edgert.errors import ContextLengthError, EdgertError
+from edgert.errors import ContextLengthError
 from edgert.runtime.sampling import Sampler, SamplingParams
 from edgert.runtime.session import PagedKVCache, Session
 from edgert.runtime.tokenizer import TextTokenizer
@@ -145,18 +145,6 @@ class Generator:
             raise ContextLengthError(
                 f"{self.cache.length + len(ids)} tokens do not fit the context of {self.context_length}"
             )
-        if self.session.on_gpu and self.cache.length > 0 and len(ids) > 1:
-            # TVM's GPU prefill over a non-empty cache (its paged + ragged attention, merged) gives
-            # wrong attention on the OpenCL device here; decode steps over the cache are exact.
-            if all_logits:
-                raise EdgertError(
-                    "scoring several tokens after cached ones (verify: speculative decoding, early exit) "
-                    "does not run on the GPU yet; use a CPU build"
-                )
-            logits = None
-            for token in ids:
-                logits = self.step([token])
-            return logits
         if all_logits:
             entry = "verify"
         else:
@@ -179,8 +167,6 @@ class Generator:
             common += 1
         if common == len(ids):  # everything cached: recompute the last token for its logits
             common -= 1
-        if self.session.on_gpu and 0 < common and len(ids) <= self.prefill_chunk:
-            common = 0  # on the GPU one prefill from empty beats token steps after the prefix (see `step`)
         self.cache.rollback(len(self.cached_ids) - common)
         del self.cached_ids[common:]
         logits = None

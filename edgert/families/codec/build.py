@@ -65,7 +65,9 @@ def compile_codec(
     weight_dtype = weight_dtype or options.get("weight_dtype", "f32")
     if weight_dtype not in WEIGHT_DTYPES:
         raise EdgertError(f"weight dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}")
-    job = Build.start(recipe.name if recipe else folder.name, "codec", target, threads, output, as_dir)
+    job = Build.start(recipe.name if recipe else folder.name, "codec", target, threads, output, as_dir, gpu=True)
+    if job.on_gpu and weight_dtype != "f32":
+        raise EdgertError(f"--weight-dtype {weight_dtype}: codec builds for a GPU target take f32 weights only")
     progress("reading codec", None)
     with job.timed("read"):
         cfg, tensors = read_codec(folder)
@@ -73,7 +75,11 @@ def compile_codec(
 
     progress("building Relax module", None)
     with job.timed("export"):
-        repack = apply_cpu_layout(net, weight_dtype)
+        if job.on_gpu:  # plain Relax ops for dlight's GPU rules; the GPU forms of the hand-written kernels
+            repack = {}
+            _use_gpu_kernels(net)
+        else:
+            repack = apply_cpu_layout(net, weight_dtype)
         chunk_ms = float(chunk_ms if chunk_ms is not None else options.get("chunk_ms", DEFAULT_CHUNK_MS))
         if not 0 < chunk_ms <= 10_000:
             raise EdgertError(f"--chunk-ms must lie in (0, 10000] ms, got {chunk_ms:g}")
@@ -116,7 +122,7 @@ def compile_codec(
             weights={
                 "file": "weights.safetensors",
                 "dtype": WEIGHT_DTYPES[weight_dtype],
-                "layout": "cpu-packed-columns",
+                "layout": "rows as the model has them" if job.on_gpu else "cpu-packed-columns",
                 "order": order,
             },
             library="model.so",
@@ -170,6 +176,18 @@ def _entry_points(net: Any, chunk_frames: int) -> dict[str, Any]:
             dec,
         ),
     }
+
+
+def _use_gpu_kernels(net: Any) -> None:
+    """Mark every module of ``net`` to build its GPU form (no CPU-only hand-written kernels)."""
+    from tvm.relax.frontend import nn
+
+    class _Mark(nn.Mutator):
+        def visit_module(self, name: str, node: nn.Module) -> nn.Module:
+            node.on_gpu = True
+            return self.visit(name, node)
+
+    _Mark().visit("", net)
 
 
 def build(req: BuildRequest) -> Any:

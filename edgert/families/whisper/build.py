@@ -44,7 +44,9 @@ def compile_whisper(
     weight_dtype = weight_dtype or options.get("weight_dtype", "f16")
     if weight_dtype not in WEIGHT_DTYPES:
         raise EdgertError(f"weight dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}")
-    job = Build.start(recipe.name if recipe else model_dir.name, "whisper", spec, threads, output, as_dir)
+    job = Build.start(recipe.name if recipe else model_dir.name, "whisper", spec, threads, output, as_dir, gpu=True)
+    if job.on_gpu:  # plain float32 matrices for dlight's GPU rules (the f16 packing is the CPU's layout)
+        weight_dtype = "f32"
 
     progress("reading model", None)
     with job.timed("read"):
@@ -61,8 +63,11 @@ def compile_whisper(
     progress("building Relax module", None)
     with job.timed("export"):
         net = whisper.WhisperModel(cfg)
-        repack = apply_cpu_layout(net, weight_dtype)
-        apply_seq2seq_kernels(net, gemm=ENCODER_GEMMS)
+        if job.on_gpu:  # Relax's own ops, scheduled by dlight: no CPU layouts or hand-written CPU kernels
+            repack = {}
+        else:
+            repack = apply_cpu_layout(net, weight_dtype)
+            apply_seq2seq_kernels(net, gemm=ENCODER_GEMMS)
         with job.tvm_target:
             mod, named_params = net.export_tvm(spec=net.get_default_spec())
 
@@ -114,7 +119,7 @@ def compile_whisper(
             weights={
                 "file": "weights.safetensors",
                 "dtype": WEIGHT_DTYPES[weight_dtype],
-                "layout": "cpu-packed-columns",
+                "layout": "rows as the model has them" if job.on_gpu else "cpu-packed-columns",
                 "order": order,
             },
             library="model.so",
