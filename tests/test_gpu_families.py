@@ -127,6 +127,21 @@ def test_onnx_graphs_on_opencl_match_the_cpu_build(
             np.testing.assert_allclose(got[key], want[key], atol=1e-4, rtol=1e-4)
 
 
+def test_tflite_graph_on_opencl_matches_the_cpu_build(tmp_path: Path, opencl_device: str) -> None:
+    import edgert
+
+    pytest.importorskip("flatbuffers")
+    path = tmp_path / "tiny.tflite"
+    path.write_bytes(load_tool("make_tiny_tflite").build())
+    gpu = edgert.load(edgert.compile(str(path), target="host-opencl", output=tmp_path / "g.edgert").path)
+    cpu = edgert.load(edgert.compile(str(path), target="host", output=tmp_path / "c.edgert").path)
+    rng = np.random.default_rng(0)
+    feeds = {i["name"]: rng.standard_normal(i["shape"]).astype(i["dtype"]) for i in cpu.inputs}
+    got, want = gpu(feeds), cpu(feeds)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], atol=1e-4, rtol=1e-4)
+
+
 def test_graph_run_command_on_opencl(onnx_graphs: dict[str, Path], tmp_path: Path, opencl_device: str) -> None:
     art = _compile(onnx_graphs["dense"], "host-opencl", tmp_path / "dense.edgert")
     x = np.random.default_rng(0).standard_normal((2, 3, 37)).astype(np.float32)

@@ -129,7 +129,9 @@ def _where(session: Any) -> str:
     if getattr(session, "on_gpu", False):
         from edgert.runtime import opencl
 
-        return f"OpenCL: {opencl.find_device()}; host code on {session.threads} threads"
+        name = opencl.find_device()
+        note = "; PoCL emulates OpenCL on the CPU: its speed says nothing about a GPU's" if "PoCL" in name else ""
+        return f"OpenCL: {name}; host code on {session.threads} threads{note}"
     return f"{session.threads} threads"
 
 
