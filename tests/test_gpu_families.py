@@ -75,6 +75,25 @@ def test_tiny_llama_on_opencl_matches_the_cpu_build(tiny_gpu_artifact: Path, tin
     )
 
 
+def test_mali_build_keeps_float16_scales_and_cross_compiles(tiny_gguf_file: Path, tmp_path: Path) -> None:
+    """Mali and Adreno have cl_khr_fp16: scales stay float16 there (PoCL's generic device gets float32)."""
+    import shutil
+    import zipfile
+
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ is not installed (apt-get install g++-aarch64-linux-gnu)")
+    from edgert.artifact.tensorfile import read_tensors
+
+    art = _compile(tiny_gguf_file, "rk3588-mali", tmp_path / "mali.edgert")
+    with zipfile.ZipFile(art) as z:
+        manifest = json.loads(z.read("manifest.json"))
+        assert z.read("model.so")[:4] == b"\x7fELF"
+        (tmp_path / "w.safetensors").write_bytes(z.read("weights.safetensors"))
+    assert manifest["target"] | {"kind": "gpu", "gpu": "mali", "fp16": True} == manifest["target"]
+    tensors = read_tensors(tmp_path / "w.safetensors")
+    assert str(tensors["lm_head.scale"].dtype) == "float16" and str(tensors["lm_head.qweight"].dtype) == "uint32"
+
+
 def test_run_command_answers_on_opencl_and_device_kind_is_checked(
     tiny_gpu_artifact: Path, tiny_cpu_artifact: Path, opencl_device: str
 ) -> None:
@@ -278,16 +297,33 @@ def test_whisper_on_opencl_gives_the_host_builds_transcript(
         assert [s.tokens for s in got.segments] == [s.tokens for s in want.segments]
 
 
-def test_families_without_a_gpu_build_refuse_gpu_targets(tmp_path: Path) -> None:
-    """Never a silent CPU build: a family whose build does not take GPU targets names itself."""
-    from edgert.compiler.compile import Build, BuildRequest
-    from edgert.families import registry
+def test_builds_refuse_what_they_cannot_put_on_the_gpu(tiny_gguf_file: Path, tmp_path: Path) -> None:
+    """Never a silent CPU build: a build that does not opt in names its family; options with no GPU
+    form are refused, naming the option."""
+    from edgert.compiler.compile import Build
 
-    with pytest.raises(TargetError, match="--target host-opencl: the marian family has no GPU build yet"):
-        Build.start("m", "marian", "host-opencl", None, tmp_path / "m.edgert", False)
-    with pytest.raises(TargetError, match="--target rk3588-mali: the marian family has no GPU build yet"):
-        request = BuildRequest("m", tmp_path, None, "rk3588-mali", tmp_path / "m.edgert")
-        registry.get("marian").build_function()(request)
+    with pytest.raises(TargetError, match="--target host-opencl: the example family has no GPU build yet"):
+        Build.start("m", "example", "host-opencl", None, tmp_path / "m.edgert", False)
+    with pytest.raises(TargetError, match="--target rk3588-mali: the example family has no GPU build yet"):
+        Build.start("m", "example", "rk3588-mali", None, tmp_path / "m.edgert", False)
+    proc = run_cli(
+        "compile", str(tiny_gguf_file), "--target", "host-opencl", "--activations", "int8", "-o", str(tmp_path / "x")
+    )
+    assert proc.returncode != 0 and "GPU builds take f32 activations only" in proc.stderr
+
+
+def test_tiny_marian_on_opencl_matches_the_cpu_build(tmp_path: Path, opencl_device: str) -> None:
+    from edgert.families.marian.translator import Translator
+
+    folder = load_tool("make_tiny_marian").make(tmp_path / "tiny-marian", seed=0, eos_bias=1.5)
+    gpu = Translator(_compile(folder, "host-opencl", tmp_path / "g.edgert"))
+    cpu = Translator(_compile(folder, "host", tmp_path / "c.edgert"))
+    rng = np.random.default_rng(1)
+    for beams in (1, 4):
+        for _ in range(3):
+            src = [int(t) for t in rng.integers(1, 95, size=int(rng.integers(2, 16)))] + [0]
+            want = cpu.translate_ids(src, beam_size=beams, max_new_tokens=24)
+            assert gpu.translate_ids(src, beam_size=beams, max_new_tokens=24) == want, src
 
 
 @pytest.mark.slow

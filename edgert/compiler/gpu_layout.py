@@ -192,3 +192,22 @@ def apply_gpu_layout(
         embed, head = tied
         setattr(model, embed, GpuEmbedding(modules[head], tied=True))
     return repack
+
+
+def clip_embeddings(model: nn.Module) -> int:
+    """Swap every plain `nn.Embedding` for one whose lookup clips bad ids (``take`` mode "clip", as the
+    CPU layout's `CompactEmbedding`): TVM's default "fast" mode reads out of bounds on a bad id.
+    Same parameter, same name: no repack. Returns how many were swapped."""
+    from edgert.compiler.layout import CompactEmbedding
+
+    swapped = [0]
+
+    class _Swap(nn.Mutator):
+        def visit_module(self, name: str, node: nn.Module) -> nn.Module:
+            if isinstance(node, nn.Embedding):
+                swapped[0] += 1
+                return CompactEmbedding(node.num, node.dim, str(node.weight.dtype))
+            return self.visit(name, node)
+
+    _Swap().visit("", model)
+    return swapped[0]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgert.compiler.compile import Build, BuildRequest, stage_library_and_weights
+from edgert.compiler.gpu_layout import clip_embeddings
 from edgert.compiler.layout import WEIGHT_DTYPES, apply_cpu_layout
 from edgert.errors import EdgertError, ModelFileError
 from edgert.targets import TargetSpec, load_target
@@ -36,7 +37,9 @@ def compile_marian(
     weight_dtype = weight_dtype or "f32"
     if weight_dtype not in WEIGHT_DTYPES:
         raise EdgertError(f"weight dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}")
-    job = Build.start(source.name, "marian", spec, threads, output, as_dir)
+    job = Build.start(source.name, "marian", spec, threads, output, as_dir, gpu=True)
+    if job.on_gpu and weight_dtype != "f32":
+        raise EdgertError(f"--weight-dtype {weight_dtype}: Marian builds for a GPU target take f32 weights only")
     with job.timed("read"):
         try:
             raw = json.loads((source / "config.json").read_text())
@@ -49,7 +52,10 @@ def compile_marian(
         state = read_tensors(weights_path)
 
     net = marian.MarianModel(cfg)
-    repack = apply_cpu_layout(net, weight_dtype)
+    # On a GPU: Relax's own ops, scheduled by dlight (the packed columns are the CPU's layout).
+    repack = {} if job.on_gpu else apply_cpu_layout(net, weight_dtype)
+    if job.on_gpu:
+        clip_embeddings(net)
     with job.tvm_target:
         mod, named_params = net.export_tvm(spec=net.get_default_spec())
     executable = job.compile(mod)
@@ -83,7 +89,7 @@ def compile_marian(
             weights={
                 "file": "weights.safetensors",
                 "dtype": WEIGHT_DTYPES[weight_dtype],
-                "layout": "cpu-packed-columns",
+                "layout": "rows as the model has them" if job.on_gpu else "cpu-packed-columns",
                 "order": order,
             },
             library="model.so",

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from edgert.compiler.compile import Build, BuildRequest, stage_library_and_weights
+from edgert.compiler.gpu_layout import clip_embeddings
 from edgert.compiler.kernels.seq2seq import apply_seq2seq_kernels
 from edgert.compiler.layout import WEIGHT_DTYPES, apply_cpu_layout
 from edgert.errors import EdgertError, ModelFileError
@@ -65,6 +66,7 @@ def compile_whisper(
         net = whisper.WhisperModel(cfg)
         if job.on_gpu:  # Relax's own ops, scheduled by dlight: no CPU layouts or hand-written CPU kernels
             repack = {}
+            clip_embeddings(net)
         else:
             repack = apply_cpu_layout(net, weight_dtype)
             apply_seq2seq_kernels(net, gemm=ENCODER_GEMMS)
