@@ -312,6 +312,16 @@ def test_builds_refuse_what_they_cannot_put_on_the_gpu(tiny_gguf_file: Path, tmp
     assert proc.returncode != 0 and "GPU builds take f32 activations only" in proc.stderr
 
 
+def test_mimi_codec_refuses_gpu_targets(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    ref = load_tool("make_mimi_reference")
+    folder = tmp_path / "tiny-mimi"
+    ref.save(ref.build("tiny", seed=0), folder)
+    proc = run_cli("compile", str(folder), "--target", "host-opencl", "-o", str(tmp_path / "m.edgert"))
+    assert proc.returncode != 0
+    assert "--target host-opencl: the codec family has no GPU build for Mimi models yet" in proc.stderr
+
+
 def test_tiny_marian_on_opencl_matches_the_cpu_build(tmp_path: Path, opencl_device: str) -> None:
     from edgert.families.marian.translator import Translator
 

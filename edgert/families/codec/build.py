@@ -8,7 +8,7 @@ from typing import Any
 
 from edgert.compiler.compile import Build, BuildRequest, stage_library_and_weights
 from edgert.compiler.layout import WEIGHT_DTYPES, apply_cpu_layout
-from edgert.errors import ArtifactError, EdgertError, ModelFileError
+from edgert.errors import ArtifactError, EdgertError, ModelFileError, TargetError
 from edgert.recipes import Recipe
 
 CODEC_FILES = ("config.json", "model.safetensors")
@@ -72,6 +72,11 @@ def compile_codec(
     with job.timed("read"):
         cfg, tensors = read_codec(folder)
         net, weights, architecture, (first_samples, first_frames) = _network(cfg, tensors)  # a bad file fails fast
+        if job.on_gpu and architecture == "mimi":
+            raise TargetError(
+                f"--target {job.spec.name}: the codec family has no GPU build for Mimi models yet "
+                "(dlight's GPU rules fail on some of its kernels); use a CPU target"
+            )
 
     progress("building Relax module", None)
     with job.timed("export"):
