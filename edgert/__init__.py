@@ -12,11 +12,13 @@ from edgert.version import __version__
 __all__ = ["__version__", "compile", "load"]
 
 
-def load(path: Any, threads: int | None = None, context_length: int | None = None) -> Any:
+def load(
+    path: Any, threads: int | None = None, context_length: int | None = None, device_kind: str | None = None
+) -> Any:
     """Load a compiled artifact with its family's runtime (see `edgert.families.registry.load`)."""
     from edgert.families.registry import load as _load
 
-    return _load(path, threads=threads, context_length=context_length)
+    return _load(path, threads=threads, context_length=context_length, device_kind=device_kind)
 
 
 def compile(model: str, target: str = "host", output: Any = None, **options: Any) -> Any:

@@ -28,6 +28,14 @@ DeviceOpt = Annotated[
         "--device", "-d", help="Device URI: local, board://HOST:PORT, ssh://, adb://, rpc://, serial:// (see README)."
     ),
 ]
+DeviceKindOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-kind",
+        help="cpu or gpu: run the kernels there (a GPU artifact runs on the first OpenCL device); "
+        "an artifact built for the other kind is refused.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 

@@ -10,7 +10,16 @@ from typing import Annotated, Any
 
 import typer
 
-from edgert.cli.common import ArtifactArg, ContextOpt, DeviceOpt, ThreadsOpt, err, sampling, upload
+from edgert.cli.common import (
+    ArtifactArg,
+    ContextOpt,
+    DeviceKindOpt,
+    DeviceOpt,
+    ThreadsOpt,
+    err,
+    sampling,
+    upload,
+)
 from edgert.errors import EdgertError
 
 
@@ -31,6 +40,7 @@ def run(
     threads: ThreadsOpt = None,
     context: ContextOpt = None,
     device: DeviceOpt = None,
+    device_kind: DeviceKindOpt = None,
     inputs: Annotated[
         Path | None, typer.Option("--inputs", help="Graph artifacts: an .npz of the inputs by name.")
     ] = None,
@@ -60,7 +70,7 @@ def run(
     from edgert.runtime.speculative import adaptive_decoder
 
     if inputs is not None or outputs is not None:
-        _run_graph(artifact, inputs, outputs, threads)
+        _run_graph(artifact, inputs, outputs, threads, device_kind)
         return
     params = sampling(temperature, top_k, top_p, repetition_penalty, seed)  # before the slow load
     if speculative and exit_policy:
@@ -87,7 +97,7 @@ def run(
             context=context,
         )
         return
-    model = load(artifact, threads=threads, context_length=context)
+    model = load(artifact, threads=threads, context_length=context, device_kind=device_kind)
     if isinstance(model, GraphInterface):
         raise EdgertError(f"{artifact} is a graph: run it with --inputs IN.npz --output OUT.npz")
     text = prompt if prompt is not None else model.artifact.manifest.get("defaults", {}).get("prompt", "Hello!")
@@ -108,10 +118,21 @@ def run(
     err.print(
         f"[dim]{stats.prompt_tokens} prompt tokens at {stats.prefill_tokens_per_second:.1f} tok/s, "
         f"{stats.generated_tokens} generated at {stats.decode_tokens_per_second:.1f} tok/s "
-        f"({model.session.threads} threads, stop: {stats.stop_reason})[/]",
+        f"({_where(model.session)}, stop: {stats.stop_reason})[/]",
         soft_wrap=True,
     )
     _adaptive_report(stats)
+
+
+def _where(session: Any) -> str:
+    """Where the kernels ran, for the run's summary line."""
+    if getattr(session, "on_gpu", False):
+        from edgert.runtime import opencl
+
+        name = opencl.find_device()
+        note = "; PoCL emulates OpenCL on the CPU: its speed says nothing about a GPU's" if "PoCL" in name else ""
+        return f"OpenCL: {name}; host code on {session.threads} threads{note}"
+    return f"{session.threads} threads"
 
 
 def _adaptive_report(stats: Any) -> None:
@@ -126,12 +147,14 @@ def _adaptive_report(stats: Any) -> None:
         err.print(f"[dim]early exit: {extra['mean_layers']:.2f} of {extra['num_layers']} layers per token (mean)[/]")
 
 
-def _run_graph(artifact: Path, inputs: Path | None, outputs: Path | None, threads: int | None) -> None:
+def _run_graph(
+    artifact: Path, inputs: Path | None, outputs: Path | None, threads: int | None, device_kind: str | None = None
+) -> None:
     from edgert.runtime.graph import run_npz
 
     if inputs is None or outputs is None:
         raise EdgertError("a graph artifact runs with --inputs IN.npz and --output OUT.npz")
-    result = run_npz(artifact, inputs, outputs, threads)
+    result = run_npz(artifact, inputs, outputs, threads, device_kind=device_kind)
     for name, value in result.items():
         err.print(f"{name}: {value.dtype} {list(value.shape)}")
     err.print(f"[green]wrote[/] {outputs}")

@@ -95,17 +95,42 @@ class Build:
 
     @classmethod
     def start(
-        cls, name: str, family: str, target: Any, threads: int | None, output: Path | None, as_dir: bool
+        cls,
+        name: str,
+        family: str,
+        target: Any,
+        threads: int | None,
+        output: Path | None,
+        as_dir: bool,
+        gpu: bool = False,
     ) -> Build:
-        """Resolve ``target`` (a name or a `TargetSpec`) and check the output (default ``NAME.edgert``)."""
+        """Resolve ``target`` (a name or a `TargetSpec`) and check the output (default ``NAME.edgert``).
+
+        A GPU target (``kind = "gpu"``) is taken only by a family whose build passes ``gpu=True``
+        (kernels in OpenCL, host code for the target's CPU); any other family's build is refused,
+        naming the family, rather than silently built for the CPU.
+        """
         from edgert.artifact.writer import check_output_path
         from edgert.compiler.target import library_compiler, resolve
+        from edgert.errors import TargetError
         from edgert.targets import load_target
 
-        out = check_output_path(Path(output) if output else Path(f"{name}.edgert"), as_dir)
         spec = load_target(target) if isinstance(target, str) else target
-        tvm_target, record = resolve(spec, threads)
+        if spec.kind == "gpu" and not gpu:
+            raise TargetError(f"--target {spec.name}: the {family} family has no GPU build yet")
+        out = check_output_path(Path(output) if output else Path(f"{name}.edgert"), as_dir)
+        if spec.kind == "gpu":
+            from edgert.compiler.gpu import gpu_target
+
+            tvm_target, record = gpu_target(spec, threads)
+        else:
+            tvm_target, record = resolve(spec, threads)
         return cls(name, family, out, as_dir, spec, tvm_target, record, library_compiler(spec, record["arch"]))
+
+    @property
+    def on_gpu(self) -> bool:
+        """True when the kernels run on a GPU (OpenCL) and the host code on the target's CPU."""
+        return self.record.get("kind") == "gpu"
 
     @contextmanager
     def timed(self, stage: str) -> Iterator[None]:
@@ -122,7 +147,12 @@ class Build:
 
         from edgert.compiler.passes.pipeline import relax_pipeline
 
-        pipeline = relax_pipeline(self.tvm_target, static_min_elements, self.kernels)
+        if self.on_gpu:
+            from edgert.compiler.gpu import gpu_pipeline
+
+            pipeline = gpu_pipeline(self.tvm_target)
+        else:
+            pipeline = relax_pipeline(self.tvm_target, static_min_elements, self.kernels)
         with self.timed("compile"):
             return tvm.compile(mod, target=self.tvm_target, relax_pipeline=pipeline)
 

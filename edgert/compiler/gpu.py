@@ -33,7 +33,9 @@ def gpu_target(spec: TargetSpec, threads: int | None = None) -> tuple[Any, dict[
     if spec.gpu != "generic":
         config["device"] = spec.gpu
     target = tvm.target.Target(config, host=host)
-    return target, {**record, "kind": "gpu", "gpu": spec.gpu, "device": "opencl"}
+    # float16 in kernels needs cl_khr_fp16: Mali and Adreno have it; a generic OpenCL device may not.
+    fp16 = spec.gpu != "generic"
+    return target, {**record, "kind": "gpu", "gpu": spec.gpu, "device": "opencl", "fp16": fp16}
 
 
 def gpu_rules() -> list[Any]:
@@ -52,21 +54,13 @@ def gpu_pipeline(target: Any, rules: list[Any] | None = None) -> Any:
     texture-memory pipeline, which edgert's OpenCL runtime does not run (buffers only).
     """
     import tvm
-    from tvm import relax
     from tvm.relax.backend import gpu_generic as gpu
-    from tvm.s_tir import dlight as dl
 
     @tvm.transform.module_pass(opt_level=0, name="edgert.GpuPipeline")
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
             passes = [
-                *gpu.library_dispatch_passes(target),
-                relax.transform.LegalizeOps(),
-                relax.transform.AnnotateTIROpPattern(),
-                relax.transform.FoldConstant(),
-                relax.transform.FuseOps(),
-                relax.transform.FuseTIR(),
-                dl.ApplyDefaultSchedule(*(rules or gpu_rules())),
+                *_schedule_passes(target, rules),
                 *gpu.dataflow_lower_passes(target),
                 *gpu.finalize_passes(target),
                 restrict_kernels(),
@@ -74,6 +68,153 @@ def gpu_pipeline(target: Any, rules: list[Any] | None = None) -> Any:
             return tvm.transform.Sequential(passes)(mod)
 
     return _pipeline
+
+
+def _schedule_passes(target: Any, rules: list[Any] | None) -> list[Any]:
+    from tvm import relax
+    from tvm.relax.backend import gpu_generic as gpu
+    from tvm.s_tir import dlight as dl
+
+    return [
+        race_free_merge_state(),
+        *gpu.library_dispatch_passes(target),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        short_kernel_names(),
+        dl.ApplyDefaultSchedule(*(rules or gpu_rules())),
+    ]
+
+
+KERNEL_NAME_LIMIT = 64
+MERGE_STATE = ("tir_attention_merge_state", "tir_attention_merge_state_mla")
+
+
+def merge_state_kernel(dtype: str = "float32", threads: int = 32) -> Any:
+    """The paged KV cache's attention-state merge ``V, S <- merge(V, S, V', S')`` without a data race.
+
+    TVM's kernel (`_merge_state_inplace`) has every work item of a head read ``S`` and then write it
+    in place: on a GPU whose work items of a group run in lock-step (a CUDA warp) the reads all come
+    first, but OpenCL promises no such order, and on PoCL a work item wrote ``S`` before the next one
+    read it, so attention over cached tokens plus new ones (a second prompt chunk, beams sharing a
+    prefix) came out wrong. Here each work-group holds one (token, head): its items read ``S`` into
+    registers, meet at a barrier, and only then does item 0 write it.
+    """
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def merge_state_inplace(v: T.handle, s: T.handle, v_other: T.handle, s_other: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n = T.int32()
+        h = T.int32()
+        d = T.int32()
+        V = T.match_buffer(v, (n, h, d), dtype)
+        S = T.match_buffer(s, (n, h), "float32")
+        V_other = T.match_buffer(v_other, (n, h, d), dtype)
+        S_other = T.match_buffer(s_other, (n, h), "float32")
+        for bx in T.thread_binding(n, thread="blockIdx.x"):
+            for by in T.thread_binding(h, thread="blockIdx.y"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                    st = T.alloc_buffer((3,), "float32", scope="local")
+                    st[0] = S[bx, by]
+                    st[1] = S_other[bx, by]
+                    st[2] = T.max(st[0], st[1])
+                    st[0] = T.exp2(st[0] - st[2])
+                    st[1] = T.exp2(st[1] - st[2])
+                    for k in range(T.ceildiv(d, threads)):
+                        if k * threads + tx < d:
+                            V[bx, by, k * threads + tx] = T.Cast(
+                                dtype,
+                                (
+                                    T.Cast("float32", V[bx, by, k * threads + tx]) * st[0]
+                                    + T.Cast("float32", V_other[bx, by, k * threads + tx]) * st[1]
+                                )
+                                / (st[0] + st[1]),
+                            )
+                    T.tvm_storage_sync("shared")  # every item has read S before item 0 overwrites it
+                    if tx == 0:
+                        S[bx, by] = T.log2(st[0] + st[1]) + st[2]
+
+    return merge_state_inplace
+
+
+def race_free_merge_state() -> Any:
+    """Swap the paged KV cache's merge-state kernels for `merge_state_kernel` (same arguments)."""
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="edgert.RaceFreeMergeState")
+    def _swap(mod: Any, _ctx: Any) -> Any:
+        for gvar, func in list(mod.functions.items()):
+            if isinstance(func, tirx.PrimFunc) and gvar.name_hint in MERGE_STATE:
+                dtype = str(getattr(func.params[0], "dtype", "float32"))  # V's buffer (0.27: params are buffers)
+                dtype = dtype if dtype.startswith(("float", "bfloat")) else "float32"
+                mod.update_func(gvar, merge_state_kernel(dtype).with_attr("global_symbol", gvar.name_hint))
+        return mod
+
+    return _swap
+
+
+def short_kernel_names(limit: int = KERNEL_NAME_LIMIT) -> Any:
+    """Rename fused kernels whose names run past ``limit`` characters to their head and a hash.
+
+    Fusion names a kernel after every op it holds (a codec's concatenated slices made 400
+    characters); OpenCL drivers write files named after kernels, and PoCL failed to link one past
+    the file system's 255-character limit.
+    """
+    import hashlib
+
+    import tvm
+    from tvm import relax, tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="edgert.ShortKernelNames")
+    def _rename(mod: Any, _ctx: Any) -> Any:
+        changed = False
+        for gvar, func in list(mod.functions.items()):
+            name = gvar.name_hint
+            if isinstance(func, tirx.PrimFunc) and len(name) > limit:
+                short = f"{name[: limit - 9]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+                mod.update_func(gvar, func.with_attr("global_symbol", short))
+                changed = True
+        return relax.transform.NormalizeGlobalVar()(mod) if changed else mod
+
+    return _rename
+
+
+def scheduled(mod: Any, target: Any, rules: list[Any] | None = None) -> Any:
+    """``mod`` as `gpu_pipeline` has it after fusion and dlight's rules, before lowering: its TIR
+    kernels carry their thread bindings (work-group and grid extents), for reading."""
+    import tvm
+
+    with target:
+        return tvm.transform.Sequential(_schedule_passes(target, rules))(mod)
+
+
+def work_groups(mod: Any) -> dict[str, dict[str, Any]]:
+    """Per TIR kernel of a `scheduled` module: its thread bindings (``threadIdx.x``: extent, ...,
+    ``blockIdx.x``: extent; symbolic extents as text). The OpenCL kernel is ``NAME_kernel``, its
+    work-group the ``threadIdx`` extents and its grid of groups the ``blockIdx`` extents."""
+    import re
+
+    from tvm import tirx
+
+    # Read from the TVMScript text: this TVM exposes no TIR statement visitor to Python.
+    loop = re.compile(r'T\.thread_binding\((?:0, )?([^,()]+(?:\([^()]*\))?), thread="(\w+\.\w)"')
+    launch = re.compile(r'T\.launch_thread\("(\w+\.\w)", ([^)]+)\)')
+    found: dict[str, dict[str, Any]] = {}
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        text = func.script()
+        binds: dict[str, Any] = {}
+        pairs = [(tag, ext) for ext, tag in loop.findall(text)] + launch.findall(text)
+        for tag, ext in pairs:
+            ext = ext.strip()
+            binds[tag] = int(ext) if ext.isdigit() else ext
+        found[gvar.name_hint] = binds
+    return found
 
 
 def opencl_source(executable: Any) -> str:

@@ -24,21 +24,25 @@ from edgert.frontend.quantized import QuantizedRows
 WEIGHT_DTYPES = {"f32": "float32", "f16": "float16"}
 
 
-def float_weights(weight_dtype: str) -> str:
-    """``weight_dtype`` (f32 or f16) checked; a one-line error names the choices."""
-    if weight_dtype not in WEIGHT_DTYPES:
-        from edgert.errors import EdgertError
+def float_weights(weight_dtype: str, family: str = "", on_gpu: bool = False) -> str:
+    """``weight_dtype`` (f32 or f16) checked; a one-line error names the choices. GPU builds of the
+    float families take f32 only (their kernels are dlight's, on float32 weights)."""
+    from edgert.errors import EdgertError
 
+    if weight_dtype not in WEIGHT_DTYPES:
         raise EdgertError(f"weight dtype '{weight_dtype}' is not one of {', '.join(WEIGHT_DTYPES)}")
+    if on_gpu and weight_dtype != "f32":
+        raise EdgertError(f"--weight-dtype {weight_dtype}: {family} builds for a GPU target take f32 weights only")
     return weight_dtype
 
 
-def packed_weights(weight_dtype: str, order: list[str]) -> dict[str, object]:
-    """The manifest's ``weights`` section of a float build in the CPU-packed layout."""
+def packed_weights(weight_dtype: str, order: list[str], on_gpu: bool = False) -> dict[str, object]:
+    """The manifest's ``weights`` section of a float build: CPU-packed columns, or rows as the model
+    has them on a GPU."""
     return {
         "file": "weights.safetensors",
         "dtype": WEIGHT_DTYPES[weight_dtype],
-        "layout": "cpu-packed-columns",
+        "layout": "rows as the model has them" if on_gpu else "cpu-packed-columns",
         "order": order,
     }
 

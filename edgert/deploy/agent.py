@@ -216,7 +216,7 @@ class Agent:
             digest = up["hash"].hexdigest()
             if digest != up["sha256"]:
                 raise DeviceError(f"upload of {dest.name} does not match its sha256 ({digest[:16]}… received)")
-            open_artifact(tmp)  # members' hashes, format version, and that this device can run it
+            self._check_device_kind(open_artifact(tmp), dest.name)  # hashes, version, and that this device runs it
             (self.root / f".{dest.name}.sha256").unlink(missing_ok=True)
             os.replace(tmp, dest)
             (self.root / f".{dest.name}.sha256").write_text(digest)
@@ -225,6 +225,14 @@ class Agent:
         if self._loaded is not None and self._loaded[0][0] == dest.name:
             self._loaded = None
         return {"path": str(dest), "sha256": up["sha256"], "size": up["size"]}, b""
+
+    def _check_device_kind(self, artifact: Any, name: str) -> None:
+        """Refuse a GPU artifact on the emulated board: qemu emulates the CPU only, there is no OpenCL GPU."""
+        if self.emulated and artifact.target.get("kind") == "gpu":
+            raise DeviceError(
+                f"the emulated board has no GPU: '{name}' runs its kernels on OpenCL (target "
+                f"'{artifact.target.get('name')}'); compile it for a CPU target (rpi5) to run it here"
+            )
 
     def _family_op(self, op: str) -> Any:
         """An operation a model family serves (`Family.device_ops`), bound to this agent, or None."""
@@ -257,6 +265,10 @@ class Agent:
         key = (path.name, stat.st_mtime_ns, stat.st_size, header.get("threads"), header.get("context"))
         if self._loaded is None or self._loaded[0] != key:
             self._loaded = None
+            if self.emulated:
+                from edgert.artifact.reader import open_artifact
+
+                self._check_device_kind(open_artifact(path), path.name)
             t = time.perf_counter()
             model = load(path, threads=header.get("threads"), context_length=header.get("context"))
             self._load_seconds = time.perf_counter() - t

@@ -234,6 +234,11 @@ def start(target: str = "rpi5", port: int = 0, progress: Progress | None = None)
     spec = load_target(target)
     if spec.arch != "aarch64":
         raise BoardError(f"the emulated board is arm64; target '{target}' is {spec.arch}")
+    if spec.kind == "gpu":
+        raise BoardError(
+            f"the emulated board has no GPU (qemu emulates the CPU only); target '{target}' runs kernels on "
+            "OpenCL: start it with a CPU target such as rpi5"
+        )
     running = status()
     if running is not None:
         if running["target"] == target and port in (0, running["port"]):

@@ -97,6 +97,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
 )
 
+
 def _resolve(ref: str) -> Any:
     module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr)
@@ -124,16 +125,23 @@ def for_gguf_architecture(arch: str, where: Path | str) -> Family:
     raise UnsupportedModelError(f"{where}: architecture '{arch}' is not supported (edgert compiles: {known})")
 
 
-def load(path: str | Path, threads: int | None = None, context_length: int | None = None) -> Any:
+def load(
+    path: str | Path, threads: int | None = None, context_length: int | None = None, device_kind: str | None = None
+) -> Any:
     """Open and verify an artifact and load it with its family's runtime task.
 
     ``llama``: a `Generator` (``.generate(prompt)``); ``whisper``: a `Transcriber`; ``marian``: a
     `Translator`; ``graph``: a `GraphModel`, called with numpy arrays by input name; ``codec``: a
     `Codec` (``.encode``, ``.decode``, ``.encoder()`` / ``.decoder()`` streams).
+
+    A GPU artifact runs on the first OpenCL device, a CPU one on the CPU; ``device_kind`` (cpu, gpu)
+    refuses an artifact built for the other kind, saying how to build one.
     """
     from edgert.artifact import open_artifact
+    from edgert.runtime.session import check_device_kind
 
     artifact = open_artifact(path)
+    check_device_kind(artifact, device_kind)
     try:
         family = get(artifact.family)
     except UnsupportedModelError:

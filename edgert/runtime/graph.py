@@ -41,7 +41,8 @@ class GraphModel(GraphInterface):
         self._main = self.session.vm["main"]
         # Input tensors per (input, shape): the device tensor, a numpy view of its memory, its address.
         self._buffers: dict[tuple[int, tuple[int, ...]], tuple[Any, np.ndarray, int]] = {}
-        self._params_ptrs = {_pointer(to_numpy_view(p)) for p in self.session.params}
+        # On a GPU the weights and inputs are device buffers: nothing the outputs could alias.
+        self._params_ptrs = set() if self.session.on_gpu else {_pointer(to_numpy_view(p)) for p in self.session.params}
         self._buffer_ptrs: set[int] = set()
 
     def __call__(self, inputs: Mapping[str, Any] | None = None, /, **named: Any) -> dict[str, np.ndarray]:
@@ -66,11 +67,15 @@ class GraphModel(GraphInterface):
         # of Python each) cost more than its kernels.
         key = (index, arr.shape)
         entry = self._buffers.get(key)
-        if entry is None:
+        if entry is None and self.session.on_gpu:  # a device buffer, refilled by a copy
+            entry = self._buffers[key] = (self.session.tensor(arr), np.empty(0), 0)
+        elif entry is None:
             tensor = self.session.tensor(arr)
             view = to_numpy_view(tensor)
             entry = self._buffers[key] = (tensor, view, _pointer(view))
             self._buffer_ptrs.add(entry[2])
+        elif self.session.on_gpu:
+            copy_into(entry[0], arr)
         elif entry[1].flags.writeable:
             np.copyto(entry[1], arr)
         else:
@@ -82,7 +87,9 @@ def _pointer(arr: np.ndarray) -> int:
     return int(arr.__array_interface__["data"][0])
 
 
-def run_npz(path: Any, inputs: Any, outputs: Any, threads: int | None = None) -> dict[str, np.ndarray]:
+def run_npz(
+    path: Any, inputs: Any, outputs: Any, threads: int | None = None, device_kind: str | None = None
+) -> dict[str, np.ndarray]:
     """Run the graph artifact at ``path`` on the arrays of the .npz ``inputs`` (by input name) and write its
     outputs to the .npz ``outputs`` (`edgert run GRAPH --inputs IN.npz -o OUT.npz`); the outputs by name."""
     from pathlib import Path
@@ -91,9 +98,12 @@ def run_npz(path: Any, inputs: Any, outputs: Any, threads: int | None = None) ->
     from edgert.errors import OutputPathError
 
     inputs, outputs = Path(inputs), Path(outputs)
+    from edgert.runtime.session import check_device_kind
+
     art = open_artifact(path)
     if art.family != "graph":
         raise EdgertError(f"{path} is a '{art.family}' model; --inputs/--output run graph artifacts")
+    check_device_kind(art, device_kind)
     try:
         with np.load(inputs, allow_pickle=False) as data:
             feeds = {name: data[name] for name in data.files}

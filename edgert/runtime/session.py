@@ -9,6 +9,7 @@ import numpy as np
 
 from edgert.artifact.reader import Artifact
 from edgert.artifact.tensorfile import ALIGNMENT
+from edgert.errors import EdgertError
 from edgert.runtime import tvm_runtime
 
 
@@ -33,24 +34,67 @@ def configure_threads(threads: int | None, default: int | None = None) -> int:
     return n
 
 
-class Session:
-    """The artifact's library and weights, ready to call its entry points."""
+DEVICE_KINDS = ("cpu", "gpu")
 
-    def __init__(self, artifact: Artifact, threads: int | None = None):
+
+def device_kind(artifact: Artifact) -> str:
+    """Where an artifact's kernels run: ``gpu`` (an OpenCL device) or ``cpu``."""
+    return "gpu" if artifact.target.get("kind") == "gpu" else "cpu"
+
+
+def check_device_kind(artifact: Artifact, wanted: str | None) -> str:
+    """The artifact's device kind, refused with a one-line error when it is not ``wanted`` (None: any)."""
+    kind = device_kind(artifact)
+    if wanted is not None and wanted not in DEVICE_KINDS:
+        raise EdgertError(f"--device-kind '{wanted}' is not one of {', '.join(DEVICE_KINDS)}")
+    if wanted is not None and wanted != kind:
+        other = "host-opencl (or a GPU target)" if wanted == "gpu" else "host (or a CPU target)"
+        raise EdgertError(
+            f"{artifact.path} runs its kernels on the {kind.upper()} (target '{artifact.target.get('name')}'); "
+            f"for the {wanted.upper()} compile it with --target {other}"
+        )
+    return kind
+
+
+class Session:
+    """The artifact's library and weights, ready to call its entry points.
+
+    A GPU artifact (``target.kind = "gpu"``) runs its kernels on the first OpenCL device: the
+    weights are copied there once at load, the KV cache lives there, inputs go there and outputs
+    come back (`tvm_runtime.to_numpy`). Without an OpenCL device it is refused, saying why.
+    """
+
+    def __init__(self, artifact: Artifact, threads: int | None = None, device_kind: str | None = None):
         self.artifact = artifact
+        self.device_kind = check_device_kind(artifact, device_kind)
         self.threads = configure_threads(threads, artifact.target.get("threads"))
-        self.vm = tvm_runtime.VirtualMachine(artifact.library_file())
+        if self.device_kind == "gpu":
+            from edgert.runtime import opencl
+
+            self.vm = opencl.virtual_machine(artifact.library_file())
+            self.device = tvm_runtime.ffi().device("opencl", 0)
+        else:
+            self.vm = tvm_runtime.VirtualMachine(artifact.library_file())
+            self.device = tvm_runtime.cpu()
         # A private (copy-on-write) mapping: DLPack exports only writable arrays, and the
         # kernels never write their weights, so the pages stay shared with the file cache.
         arrays = artifact.weights(copy_on_write=True)
         self.mapped_weights = 0  # how many weights TVM reads from the artifact's mapping (the rest are copies)
         self.params = [self._weight(arrays[name]) for name in artifact.manifest["weights"]["order"]]
 
+    @property
+    def on_gpu(self) -> bool:
+        """True when the kernels (and weights, KV cache) are on an OpenCL device."""
+        return self.device_kind == "gpu"
+
     def _weight(self, array: np.ndarray) -> Any:
-        """A weight as a TVM tensor: the artifact's mapping itself where it is aligned, else a copy.
+        """A weight as a TVM tensor: the artifact's mapping itself where it is aligned, else a copy
+        (on a GPU: always a copy in the device's memory).
 
         Artifacts written before tensors were aligned (and any odd tensor) get the copy.
         """
+        if self.on_gpu:
+            return tvm_runtime.tensor(array, self.device)
         if array.ctypes.data % ALIGNMENT == 0 and array.flags.c_contiguous and array.dtype.isnative:
             try:
                 tensor = tvm_runtime.wrap(array)
@@ -63,7 +107,7 @@ class Session:
 
     def tensor(self, array: np.ndarray) -> Any:
         """A numpy array as a tensor on this session's device."""
-        return tvm_runtime.tensor(array)
+        return tvm_runtime.tensor(array, self.device)
 
     def __call__(self, entry: str, *args: Any) -> Any:
         """Call entry point ``entry`` with ``args`` and the weights."""

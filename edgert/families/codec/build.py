@@ -8,7 +8,7 @@ from typing import Any
 
 from edgert.compiler.compile import Build, BuildRequest, stage_library_and_weights
 from edgert.compiler.layout import apply_cpu_layout, float_weights, packed_weights
-from edgert.errors import ArtifactError, EdgertError, ModelFileError
+from edgert.errors import ArtifactError, EdgertError, ModelFileError, TargetError
 from edgert.recipes import Recipe
 
 CODEC_FILES = ("config.json", "model.safetensors")
@@ -62,16 +62,25 @@ def compile_codec(
 
     progress = progress or (lambda *_: None)
     options = dict(recipe.compile) if recipe else {}
-    weight_dtype = float_weights(weight_dtype or options.get("weight_dtype", "f32"))
-    job = Build.start(recipe.name if recipe else folder.name, "codec", target, threads, output, as_dir)
+    job = Build.start(recipe.name if recipe else folder.name, "codec", target, threads, output, as_dir, gpu=True)
+    weight_dtype = float_weights(weight_dtype or options.get("weight_dtype", "f32"), "codec", job.on_gpu)
     progress("reading codec", None)
     with job.timed("read"):
         cfg, tensors = read_codec(folder)
         net, weights, architecture, (first_samples, first_frames) = _network(cfg, tensors)  # a bad file fails fast
+        if job.on_gpu and architecture == "mimi":
+            raise TargetError(
+                f"--target {job.spec.name}: the codec family has no GPU build for Mimi models yet "
+                "(dlight's GPU rules fail on some of its kernels); use a CPU target"
+            )
 
     progress("building Relax module", None)
     with job.timed("export"):
-        repack = apply_cpu_layout(net, weight_dtype)
+        if job.on_gpu:  # plain Relax ops for dlight's GPU rules; the GPU forms of the hand-written kernels
+            repack = {}
+            _use_gpu_kernels(net)
+        else:
+            repack = apply_cpu_layout(net, weight_dtype)
         chunk_ms = float(chunk_ms if chunk_ms is not None else options.get("chunk_ms", DEFAULT_CHUNK_MS))
         if not 0 < chunk_ms <= 10_000:
             raise EdgertError(f"--chunk-ms must lie in (0, 10000] ms, got {chunk_ms:g}")
@@ -111,7 +120,7 @@ def compile_codec(
                 "min_codebooks": cfg.min_codebooks,
                 "chunk_frames": chunk_frames,
             },
-            weights=packed_weights(weight_dtype, order),
+            weights=packed_weights(weight_dtype, order, job.on_gpu),
             library="model.so",
             defaults=dict(recipe.run) if recipe else {},
         )
@@ -163,6 +172,18 @@ def _entry_points(net: Any, chunk_frames: int) -> dict[str, Any]:
             dec,
         ),
     }
+
+
+def _use_gpu_kernels(net: Any) -> None:
+    """Mark every module of ``net`` to build its GPU form (no CPU-only hand-written kernels)."""
+    from tvm.relax.frontend import nn
+
+    class _Mark(nn.Mutator):
+        def visit_module(self, name: str, node: nn.Module) -> nn.Module:
+            node.on_gpu = True
+            return self.visit(name, node)
+
+    _Mark().visit("", net)
 
 
 def build(req: BuildRequest) -> Any:

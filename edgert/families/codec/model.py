@@ -230,7 +230,7 @@ class StreamConv(nn.Module):
             # Rows of s samples; frame t covers rows t .. t + k/s - 1.
             rows = op.reshape(xp, (frames + k // s - 1, s * self.cin))
             taps = op.concat([_slice(rows, 0, b, b + frames) for b in range(k // s)], dim=1)
-        if self.cout == 1 and isinstance(self.proj, nn.Linear):
+        if self.cout == 1 and isinstance(self.proj, nn.Linear) and not getattr(self, "on_gpu", False):
             # One output channel (the audio): a dot product per row (`row_dot_kernel`).
             k = self.kernel * self.cin
             weight = op.reshape(self.proj.weight, (k,))
@@ -334,6 +334,54 @@ def lstm_kernel(hidden: int) -> tirx.PrimFunc:
     return lstm.with_attr("global_symbol", f"codec_lstm_h{hidden}")
 
 
+def lstm_gpu_kernel(hidden: int) -> tirx.PrimFunc:
+    """`lstm_kernel` for a GPU: one work-group of ``hidden`` work items, item j computing unit j's four
+    gates over ``h`` (kept in local memory, a barrier around each step's update); the steps stay serial.
+
+    The same packed ``w`` as the CPU kernel (`pack_recurrent`). One group: the recurrence leaves no
+    parallelism across steps, and a chunk has a few frames.
+    """
+    g4, block = 4 * hidden, lstm_block(hidden)
+    tiles = g4 // block
+
+    @T.prim_func
+    def lstm(
+        xw_h: T.handle,
+        w: T.Buffer((tiles, hidden, block), "float32"),
+        h0: T.Buffer((hidden,), "float32"),
+        c0: T.Buffer((hidden,), "float32"),
+        y_h: T.handle,
+        h1: T.Buffer((hidden,), "float32"),
+        c1: T.Buffer((hidden,), "float32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        steps = T.int64()
+        xw = T.match_buffer(xw_h, (steps, g4), "float32")
+        y = T.match_buffer(y_h, (steps, hidden), "float32")
+        hs = T.alloc_buffer((hidden,), "float32", scope="shared")
+        for _bx in T.thread_binding(1, thread="blockIdx.x"):
+            for j in T.thread_binding(hidden, thread="threadIdx.x"):
+                c = T.alloc_buffer((1,), "float32", scope="local")
+                g = T.alloc_buffer((4,), "float32", scope="local")
+                hs[j] = h0[j]
+                c[0] = c0[j]
+                for t in range(steps):
+                    T.tvm_storage_sync("shared")
+                    for q in range(4):
+                        g[q] = xw[t, q * hidden + j]
+                    for k in range(hidden):
+                        for q in range(4):
+                            g[q] = g[q] + hs[k] * w[(q * hidden + j) // block, k, (q * hidden + j) % block]
+                    T.tvm_storage_sync("shared")
+                    c[0] = T.sigmoid(g[1]) * c[0] + T.sigmoid(g[0]) * T.tanh(g[2])
+                    hs[j] = T.sigmoid(g[3]) * T.tanh(c[0])
+                    y[t, j] = hs[j]
+                h1[j] = hs[j]
+                c1[j] = c[0]
+
+    return lstm.with_attr("global_symbol", f"codec_lstm_gpu_h{hidden}")
+
+
 def row_dot_kernel(k: int, lanes: int = 8) -> tirx.PrimFunc:
     """``y[i, 0] = b + x[i, :] · w``: a convolution with one output channel (the audio).
 
@@ -379,8 +427,9 @@ class LSTMLayer(nn.Module):
         h0 = op.reshape(_slice(hc, 0, 0, 1), (self.dim,))
         c0 = op.reshape(_slice(hc, 0, 1, 2), (self.dim,))
         xw = self.ih(x) + self.bias
+        kernel = lstm_gpu_kernel(self.dim) if getattr(self, "on_gpu", False) else lstm_kernel(self.dim)
         y, h1, c1 = op.tensor_ir_op(
-            lstm_kernel(self.dim),
+            kernel,
             "codec_lstm",
             [xw, self.hh_t, h0, c0],
             [

@@ -51,9 +51,11 @@ def compile_graph(
     quant = quant or "f32"
     if quant not in QUANT_MODES:
         raise EdgertError(f"--quant '{quant}' is not one of {', '.join(QUANT_MODES)}")
-    job = Build.start(source.stem, "graph", target, threads, output, as_dir)
+    job = Build.start(source.stem, "graph", target, threads, output, as_dir, gpu=True)
     if not source.is_file():
         raise ModelFileError(f"model file not found: {source}")
+    if job.on_gpu and quant != "f32":
+        raise EdgertError(f"--quant {quant}: graph builds for a GPU target take f32 weights only")
 
     progress("importing graph", None)
     with job.timed("import"):
@@ -61,8 +63,8 @@ def compile_graph(
 
     progress("optimizing", None)
     with job.timed("optimize"):
-        mod, arrays, weight_error = optimize(mod, job.tvm_target, quant)
-        db = database_for(job.spec.name, source) if tuning else None
+        mod, arrays, weight_error = optimize(mod, job.tvm_target, quant, gpu=job.on_gpu)
+        db = database_for(job.spec.name, source) if tuning and not job.on_gpu else None
 
     progress("compiling with TVM", None)
     tune_stats: dict[str, int] = {}
@@ -91,7 +93,7 @@ def compile_graph(
                 "quant": quant,
                 "group_size": 32 if quant in ("q8", "q4") else None,
                 "weight_rel_rms_error": None if weight_error is None else round(weight_error, 6),
-                "layout": "matmul weights packed [N/B, K, B]",
+                "layout": "as the graph has them" if job.on_gpu else "matmul weights packed [N/B, K, B]",
                 "order": order,
             },
             library="model.so",

@@ -28,10 +28,12 @@ def import_graph(source: Path, input_shapes: dict[str, list[int]]) -> tuple[Any,
     raise ModelFileError(f"{source}: a graph must be an .onnx or .tflite file")
 
 
-def optimize(mod: Any, tvm_target: Any, quant: str) -> tuple[Any, list, float | None]:
+def optimize(mod: Any, tvm_target: Any, quant: str, gpu: bool = False) -> tuple[Any, list, float | None]:
     """Graph-level rewrites (weight layouts, quantization), then lift the weights to parameters.
 
-    Returns (module, weights, relative RMS error of the quantized matmul weights or None).
+    For a GPU target (``gpu``) the CPU's packed dense layouts are skipped: dlight's GPU rules
+    schedule the plain Relax ops. Returns (module, weights, relative RMS error of the quantized
+    matmul weights or None).
     """
     import tvm
     from tvm import relax
@@ -47,7 +49,9 @@ def optimize(mod: Any, tvm_target: Any, quant: str) -> tuple[Any, list, float | 
     )
     with tvm_target:
         mod = seq(mod)
-        mod, weight_error = rewrite_graph(mod, tvm_target, quant=quant)
+        weight_error = None
+        if not gpu:
+            mod, weight_error = rewrite_graph(mod, tvm_target, quant=quant)
         # exp/erf/tanh/softmax as TOPI's polynomial forms: they vectorize, where libm calls do not
         # (GELU's erf took 3x its matmul's time). Relative error ~1e-7 (tests compare at 1e-5).
         mod = relax.transform.FastMathTransform()(mod)
@@ -67,5 +71,9 @@ def build_module(
 
     from edgert.compiler.passes.pipeline import graph_pipeline
 
+    if tvm_target.kind.name == "opencl":
+        from edgert.compiler.gpu import gpu_pipeline
+
+        return tvm.compile(mod, target=tvm_target, relax_pipeline=gpu_pipeline(tvm_target))
     pipeline = graph_pipeline(tvm_target, tuning_db, stats, report)
     return tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline)

@@ -16,6 +16,7 @@ from edgert.compiler.compile import (
     main_dtype,
     write_weights,
 )
+from edgert.compiler.gpu_layout import apply_gpu_layout
 from edgert.compiler.layout import apply_cpu_layout
 from edgert.compiler.passes.attention import use_fast_decode_attention
 from edgert.compiler.quantize import QUANT_MODES, choose_storage, storage_kind
@@ -44,7 +45,7 @@ def build(req: BuildRequest) -> CompileResult:
     quant = req.options.get("quant") or weight_dtype or req.option("quant", "source")
     if quant not in QUANT_MODES:
         raise EdgertError(f"--quant '{quant}' is not one of {', '.join(QUANT_MODES)}")
-    job = Build.start(req.name, "llama", req.target, req.options.get("threads"), req.output, req.as_dir)
+    job = Build.start(req.name, "llama", req.target, req.options.get("threads"), req.output, req.as_dir, gpu=True)
 
     progress("reading model", None)
     with job.timed("read"):
@@ -55,7 +56,9 @@ def build(req: BuildRequest) -> CompileResult:
         chunk = min(req.option("prefill_chunk_size", 256), context)
         tokenizer_json = build_tokenizer_json(gguf_model.metadata)
         activations = req.option("activations", "f32")
-        int8_isa = _int8_isa(activations, job.record)
+        if job.on_gpu and activations != "f32":
+            raise EdgertError(f"--activations {activations}: GPU builds take f32 activations only")
+        int8_isa = None if job.on_gpu else _int8_isa(activations, job.record)
 
     progress("reading weights", None)
     with job.timed("weights"):
@@ -70,10 +73,14 @@ def build(req: BuildRequest) -> CompileResult:
     progress("building Relax module", None)
     with job.timed("export"):
         net = LlamaForCausalLM(cfg)
-        repack = apply_cpu_layout(net, storage, tied=loader.tied_weights(cfg), int8_isa=int8_isa)
+        if job.on_gpu:  # rows of uint32 codes + f16 scales, dequantized inside dlight's GEMV/Matmul
+            repack = apply_gpu_layout(net, storage, tied=loader.tied_weights(cfg), half=job.record["fp16"])
+        else:
+            repack = apply_cpu_layout(net, storage, tied=loader.tied_weights(cfg), int8_isa=int8_isa)
         with job.tvm_target:
             mod, named_params = net.export_tvm(spec=net.get_default_spec())
-        mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
+        if not job.on_gpu:  # a CPU kernel; the GPU keeps the paged cache's own decode kernels
+            mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
 
     library_cache = req.options.get("library_cache")
     cached = cached_library(library_cache, mod, job.tvm_target, job.spec.cc) if library_cache else None
@@ -116,7 +123,7 @@ def build(req: BuildRequest) -> CompileResult:
                 "quant": quant,
                 "activations": activations,
                 "storage": {kind: list(storage.values()).count(kind) for kind in sorted(set(storage.values()))},
-                "layout": "cpu-packed-columns",
+                "layout": "gpu-rows-uint32" if job.on_gpu else "cpu-packed-columns",
                 "order": order,
             },
             library="model.so",

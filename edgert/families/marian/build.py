@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgert.compiler.compile import Build, BuildRequest, stage_library_and_weights
+from edgert.compiler.gpu_layout import clip_embeddings
 from edgert.compiler.layout import apply_cpu_layout, float_weights, packed_weights
 from edgert.errors import ModelFileError
 from edgert.targets import TargetSpec, load_target
@@ -33,8 +34,8 @@ def compile_marian(
     from edgert.artifact.tensorfile import read_tensors
     from edgert.families.marian import model as marian
 
-    weight_dtype = float_weights(weight_dtype or "f32")
-    job = Build.start(source.name, "marian", spec, threads, output, as_dir)
+    job = Build.start(source.name, "marian", spec, threads, output, as_dir, gpu=True)
+    weight_dtype = float_weights(weight_dtype or "f32", "Marian", job.on_gpu)
     with job.timed("read"):
         try:
             raw = json.loads((source / "config.json").read_text())
@@ -47,7 +48,10 @@ def compile_marian(
         state = read_tensors(weights_path)
 
     net = marian.MarianModel(cfg)
-    repack = apply_cpu_layout(net, weight_dtype)
+    # On a GPU: Relax's own ops, scheduled by dlight (the packed columns are the CPU's layout).
+    repack = {} if job.on_gpu else apply_cpu_layout(net, weight_dtype)
+    if job.on_gpu:
+        clip_embeddings(net)
     with job.tvm_target:
         mod, named_params = net.export_tvm(spec=net.get_default_spec())
     executable = job.compile(mod)
@@ -78,7 +82,7 @@ def compile_marian(
                 "num_layers": cfg.decoder_layers,
                 "cross": {"shape": [2 * cfg.decoder_layers, cfg.decoder_attention_heads, "src_len", cfg.head_dim]},
             },
-            weights=packed_weights(weight_dtype, order),
+            weights=packed_weights(weight_dtype, order, job.on_gpu),
             library="model.so",
         )
 

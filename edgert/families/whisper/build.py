@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from edgert.compiler.compile import Build, BuildRequest, create_kv_cache_entry, stage_library_and_weights
+from edgert.compiler.gpu_layout import clip_embeddings
 from edgert.compiler.kernels.seq2seq import apply_seq2seq_kernels
 from edgert.compiler.layout import apply_cpu_layout, float_weights, packed_weights
 from edgert.errors import ModelFileError
@@ -41,8 +42,9 @@ def compile_whisper(
 
     model_dir = source if source.is_dir() else source.parent
     options = dict(recipe.compile) if recipe else {}
-    weight_dtype = float_weights(weight_dtype or options.get("weight_dtype", "f16"))
-    job = Build.start(recipe.name if recipe else model_dir.name, "whisper", spec, threads, output, as_dir)
+    job = Build.start(recipe.name if recipe else model_dir.name, "whisper", spec, threads, output, as_dir, gpu=True)
+    # On a GPU: plain float32 matrices for dlight's GPU rules (the f16 packing is the CPU's layout).
+    weight_dtype = "f32" if job.on_gpu else float_weights(weight_dtype or options.get("weight_dtype", "f16"))
 
     progress("reading model", None)
     with job.timed("read"):
@@ -59,8 +61,12 @@ def compile_whisper(
     progress("building Relax module", None)
     with job.timed("export"):
         net = whisper.WhisperModel(cfg)
-        repack = apply_cpu_layout(net, weight_dtype)
-        apply_seq2seq_kernels(net, gemm=ENCODER_GEMMS)
+        if job.on_gpu:  # Relax's own ops, scheduled by dlight: no CPU layouts or hand-written CPU kernels
+            repack = {}
+            clip_embeddings(net)
+        else:
+            repack = apply_cpu_layout(net, weight_dtype)
+            apply_seq2seq_kernels(net, gemm=ENCODER_GEMMS)
         with job.tvm_target:
             mod, named_params = net.export_tvm(spec=net.get_default_spec())
 
@@ -109,7 +115,7 @@ def compile_whisper(
                 "trained_audio_ctx": full.audio_ctx,
             },
             whisper=decoding,
-            weights=packed_weights(weight_dtype, order),
+            weights=packed_weights(weight_dtype, order, job.on_gpu),
             library="model.so",
             tokenizer={"file": "tokenizer.json"},
             defaults=dict(recipe.run) if recipe else {},
