@@ -130,6 +130,7 @@ def test_streamed_chunks_match_transformers(tiny_mimi: Path, mimi_codec) -> None
     assert (mimi_codec.frame_rate, mimi_codec.algorithmic_latency()) == (12.5, FRAME)
 
 
+@pytest.mark.slow
 def test_cli_roundtrip_and_refusals(tiny_mimi: Path, mimi_codec, tmp_path: Path) -> None:
     """`edgert codec roundtrip --stream` on the compiled Mimi equals the API's whole-signal round trip (up to
     16-bit rounding); unsupported configs are refused by name."""

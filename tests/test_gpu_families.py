@@ -75,6 +75,7 @@ def test_tiny_llama_on_opencl_matches_the_cpu_build(tiny_gpu_artifact: Path, tin
     )
 
 
+@pytest.mark.slow
 def test_mali_build_keeps_float16_scales_and_cross_compiles(tiny_gguf_file: Path, tmp_path: Path) -> None:
     """Mali and Adreno have cl_khr_fp16: scales stay float16 there (PoCL's generic device gets float32)."""
     import shutil
@@ -322,6 +323,7 @@ def test_mimi_codec_refuses_gpu_targets(tmp_path: Path) -> None:
     assert "--target host-opencl: the codec family has no GPU build for Mimi models yet" in proc.stderr
 
 
+@pytest.mark.slow
 def test_tiny_marian_on_opencl_matches_the_cpu_build(tmp_path: Path, opencl_device: str) -> None:
     from edgert.families.marian.translator import Translator
 
