@@ -35,6 +35,9 @@ def test_targets_lists_the_devices() -> None:
         assert re.search(rf"\b{re.escape(name)}\b", res.stdout), (name, res.stdout)
     for word in ("aarch64", "detect", "ssh", "adb", "local"):
         assert word in res.stdout, word
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in res.stdout.splitlines() if "│" in line}
+    assert rows["rpi5"] == "cpu" and rows["host-opencl"].startswith("gpu") and rows["rk3588-mali"].startswith("gpu")
+    assert rows["ethos-u55-128"].startswith("npu") and rows["android-nnapi"].startswith("npu")
 
 
 def test_models_lists_smollm() -> None:

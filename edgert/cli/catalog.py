@@ -11,9 +11,17 @@ def targets() -> None:
     """List the target devices edgert compiles for."""
     from edgert.targets import list_targets
 
-    table = Table(Column("target", no_wrap=True), "arch", "cpu", "features", "threads", "link", "description")
-    for t in list_targets():
-        table.add_row(t.name, t.arch, t.cpu, " ".join(t.features), str(t.default_threads()), t.link, t.description)
+    found = list_targets()
+    table = Table(
+        Column("target", no_wrap=True, min_width=max(len(t.name) for t in found)), Column("kind", no_wrap=True),
+        Column("arch", no_wrap=True), "cpu", "link", "description",
+    )  # fmt: skip
+    for t in found:
+        # What runs the kernels beside the host CPU: the GPU's OpenCL flavour, the NPU or its delegate.
+        accelerator = {"gpu": t.gpu or "opencl", "npu": t.npu.get("accelerator") or t.npu.get("delegate", "")}
+        extra = [f"{t.kind}: {accelerator[t.kind]}"] if accelerator.get(t.kind) else []
+        extra += [" ".join(t.features) or "CPU features detected", f"{t.default_threads()} threads"]
+        table.add_row(t.name, t.kind, t.arch, t.cpu, t.link, f"{t.description} ({'; '.join(extra)})")
     out.print(table)
 
 
