@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgert.compiler.passes.pipeline import restrict_kernels
+from edgert.compiler.passes.pipeline import restrict_kernels, within_target
 from edgert.compiler.target import library_compiler, resolve
 from edgert.errors import TargetError
 from edgert.targets import TargetSpec, host_arch
@@ -53,21 +53,18 @@ def gpu_pipeline(target: Any, rules: list[Any] | None = None) -> Any:
     Why not ``relax.get_default_pipeline``: for ``device = "adreno"`` it switches to TVM's
     texture-memory pipeline, which edgert's OpenCL runtime does not run (buffers only).
     """
-    import tvm
     from tvm.relax.backend import gpu_generic as gpu
 
-    @tvm.transform.module_pass(opt_level=0, name="edgert.GpuPipeline")
-    def _pipeline(mod: Any, _ctx: Any) -> Any:
-        with target:
-            passes = [
-                *_schedule_passes(target, rules),
-                *gpu.dataflow_lower_passes(target),
-                *gpu.finalize_passes(target),
-                restrict_kernels(),
-            ]
-            return tvm.transform.Sequential(passes)(mod)
-
-    return _pipeline
+    return within_target(
+        target,
+        "edgert.GpuPipeline",
+        lambda: [
+            *_schedule_passes(target, rules),
+            *gpu.dataflow_lower_passes(target),
+            *gpu.finalize_passes(target),
+            restrict_kernels(),
+        ],
+    )
 
 
 def _schedule_passes(target: Any, rules: list[Any] | None) -> list[Any]:

@@ -52,22 +52,32 @@ def relax_pipeline(
 def cpu_pipeline(target: Any, scheduling: list[Any], report: dict[str, Any] | None = None) -> Any:
     """TVM's CPU Relax pipeline with the ``scheduling`` passes between legalization and lowering,
     then :func:`record_kernels` (into ``report``, when given) and :func:`restrict_kernels`."""
-    import tvm
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
-    @tvm.transform.module_pass(opt_level=0, name="edgert.CpuPipeline")
+    return within_target(
+        target,
+        "edgert.CpuPipeline",
+        lambda: [
+            *cpu.library_dispatch_passes(target),
+            *cpu.legalize_passes(target),
+            *scheduling,
+            *([record_kernels(report)] if report is not None else []),
+            *cpu.dataflow_lower_passes(target),
+            *cpu.finalize_passes(target),
+            restrict_kernels(),
+        ],
+    )
+
+
+def within_target(target: Any, name: str, passes: Any) -> Any:
+    """A module pass running the passes ``passes()`` makes, in order, inside ``with target``
+    (TVM's backend passes read the current target when they are made and when they run)."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def _pipeline(mod: Any, _ctx: Any) -> Any:
         with target:
-            passes = [
-                *cpu.library_dispatch_passes(target),
-                *cpu.legalize_passes(target),
-                *scheduling,
-                *([record_kernels(report)] if report is not None else []),
-                *cpu.dataflow_lower_passes(target),
-                *cpu.finalize_passes(target),
-                restrict_kernels(),
-            ]
-            return tvm.transform.Sequential(passes)(mod)
+            return tvm.transform.Sequential(passes())(mod)
 
     return _pipeline
 
