@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgert.families.codec.model import lstm_kernel, pack_recurrent, row_dot_kernel
+from edgert.families.codec.kernels import lstm_kernel, pack_recurrent, row_dot_kernel
 
 CODEC_KERNELS = ["lstm_h6", "lstm_h16_one_step", "row_dot_k21_m1", "row_dot_k21_m37", "row_dot_k112_m9"]
 

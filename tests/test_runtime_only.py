@@ -31,7 +31,10 @@ FORBIDDEN_EDGERT = (
     *(
         f"edgert.families.{family}.{part}"
         for family in ("llama", "whisper", "marian", "codec", "graph")
-        for part in ("build", "model", "loader", "mimi", "ct2", "assets")
+        for part in (
+            *("build", "model", "loader", "mimi", "ct2", "assets"),
+            *("kernels", "transformer", "lower", "npu", "calibrate"),
+        )
     ),
 )
 FORBIDDEN_TVM = ("tvm.relax", "tvm.s_tir", "tvm.te", "tvm.topi")

@@ -22,7 +22,10 @@ RUNTIME_PARTS = (
     "deploy",
     "profile",
 )
-RUNTIME_EXCLUDE = ("build.py", "model.py", "loader.py", "mimi.py", "ct2.py", "assets.py", "seq2seq.py")
+RUNTIME_EXCLUDE = (
+    "build.py", "model.py", "loader.py", "mimi.py", "ct2.py", "assets.py", "seq2seq.py", "kernels.py", "transformer.py",
+    "lower.py", "npu.py", "calibrate.py", "calibration.py",
+)  # fmt: skip
 
 
 def runtime_tar() -> bytes:

@@ -33,8 +33,6 @@ from edgert.families.codec.model import (
     SEANet,
     StreamConv,
     StreamConvTranspose,
-    StreamingTransformer,
-    TransformerConfig,
     _decoder_layers,
     _encoder_layers,
     _get,
@@ -42,9 +40,9 @@ from edgert.families.codec.model import (
     _state_size,
     _walk,
     encodec_weights,
-    mimi_transformer_weights,
     streaming_spec,
 )
+from edgert.families.codec.transformer import StreamingTransformer, TransformerConfig, mimi_transformer_weights
 
 
 @dataclass
