@@ -24,7 +24,7 @@ RUNTIME_PARTS = (
 )
 RUNTIME_EXCLUDE = (
     "build.py", "model.py", "loader.py", "mimi.py", "ct2.py", "assets.py", "seq2seq.py", "kernels.py", "transformer.py",
-    "lower.py", "npu.py", "calibrate.py", "calibration.py",
+    "lower.py", "npu.py", "calibrate.py", "calibration.py", "kv_cache.py",
 )  # fmt: skip
 
 

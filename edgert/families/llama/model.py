@@ -16,13 +16,13 @@ import functools
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tvm import relax, te, tirx
+from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
-from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
-from tvm.target import Target
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 
 from edgert.errors import ModelFileError, UnsupportedModelError
+from edgert.families.shared.kv_cache import paged_kv_cache
 
 
 @dataclass
@@ -200,30 +200,18 @@ class LlamaForCausalLM(nn.Module):
     ) -> PagedKVCache:
         """The paged KV cache with RoPE applied inside attention (TVM's CPU/GPU TIR kernels)."""
         cfg = self.cfg
-        return TIRPagedKVCache(
-            attn_kind="mha",
+        return paged_kv_cache(
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size,
             page_size=page_size,
             support_sliding_window=support_sliding_window,
-            layer_partition=relax.ShapeExpr([0, cfg.num_layers]),
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_kv_heads,
-            qk_head_dim=cfg.head_dim,
-            v_head_dim=cfg.head_dim,
-            mla_original_qk_head_dim=0,
-            mla_original_v_head_dim=0,
             rope_mode=RopeMode.NORMAL,
-            rope_scale=1,
             rope_theta=cfg.rope_theta,
-            rope_scaling={},
-            rope_ext_factors=relax.prim_value(0),
-            rotary_dim=cfg.head_dim,
-            enable_disaggregation=False,
-            dtype="float32",
-            target=_current_target(),
         )
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
@@ -264,10 +252,3 @@ def _last_token(h: Tensor) -> Tensor:
         "last_token",
         [h],
     )
-
-
-def _current_target() -> Target:
-    target = Target.current()
-    if target is None:
-        raise RuntimeError("export the model inside `with target:` so the KV cache picks its kernels")
-    return target

@@ -11,56 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tvm import relax, te, tirx
+from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
-from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
-from tvm.target import Target
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache
 
-
-def paged_kv_cache(
-    *,
-    num_layers: int,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    max_batch_size: tirx.Var,
-    max_total_seq_len: tirx.Var,
-    prefill_chunk_size: tirx.Var,
-    page_size: tirx.Var,
-    support_sliding_window: tirx.Var,
-    rope_mode: RopeMode = RopeMode.NONE,
-    rope_theta: float = 10000.0,
-) -> PagedKVCache:
-    """TVM's paged KV cache with the TIR kernels of the current target (export inside ``with target:``)."""
-    target = Target.current()
-    if target is None:
-        raise RuntimeError("export the model inside `with target:` so the KV cache picks its kernels")
-    return TIRPagedKVCache(
-        attn_kind="mha",
-        max_batch_size=max_batch_size,
-        max_total_seq_len=max_total_seq_len,
-        prefill_chunk_size=prefill_chunk_size,
-        page_size=page_size,
-        support_sliding_window=support_sliding_window,
-        layer_partition=relax.ShapeExpr([0, num_layers]),
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        qk_head_dim=head_dim,
-        v_head_dim=head_dim,
-        mla_original_qk_head_dim=0,
-        mla_original_v_head_dim=0,
-        rope_mode=rope_mode,
-        rope_scale=1,
-        rope_theta=rope_theta,
-        rope_scaling={},
-        rope_ext_factors=relax.prim_value(0),
-        rotary_dim=head_dim,
-        enable_disaggregation=False,
-        dtype="float32",
-        target=target,
-    )
+from edgert.families.shared.kv_cache import paged_kv_cache
 
 
 def last_token(h: Tensor) -> Tensor:
