@@ -52,6 +52,7 @@ class BuildRequest:
     as_dir: bool = False
     progress: Progress = quiet
     options: dict[str, Any] = field(default_factory=dict)
+    parsed: Any = None  # the source as already parsed while choosing the family (a GGUF), or None
 
     @property
     def name(self) -> str:

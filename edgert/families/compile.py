@@ -48,16 +48,18 @@ def source_format(path: Path) -> str | None:
     return None
 
 
-def family_for_source(source: Path) -> Family:
-    """The family that reads ``source`` (for GGUF: by the file's architecture)."""
+def family_for_source(source: Path) -> tuple[Family, Any]:
+    """The family that reads ``source`` (for GGUF: by the file's architecture), and the source as
+    parsed to find it (the GGUF; None for other formats), so that the build does not read it again."""
     fmt = source_format(source)
     if fmt == "gguf":
         from edgert.frontend import read_gguf
 
-        return for_gguf_architecture(read_gguf(source).architecture, source)
+        parsed = read_gguf(source)
+        return for_gguf_architecture(parsed.architecture, source), parsed
     for family in FAMILIES:
         if fmt in family.formats:
-            return family
+            return family, None
     if not source.exists():
         raise ModelFileError(f"model file not found: {source}")
     raise ModelFileError(
@@ -83,6 +85,7 @@ def compile_model(
     from edgert.recipes import find_recipe, list_recipes
 
     recipe = find_recipe(str(model))
+    parsed = None
     if recipe is not None:
         family, source = get(recipe.family), recipe.source_path()
     else:
@@ -90,7 +93,7 @@ def compile_model(
         if not source.exists() and source_format(source) is None:
             listed = ", ".join(r.name for r in list_recipes())
             raise ModelFileError(f"'{model}' is neither a model recipe ({listed}) nor a model file")
-        family = family_for_source(source)
+        family, parsed = family_for_source(source)
     given = {k: v for k, v in options.items() if v is not None}
     for key in given:
         if key not in family.options:
@@ -108,5 +111,6 @@ def compile_model(
         as_dir=as_dir,
         progress=progress or quiet,
         options=given,
+        parsed=parsed,
     )
     return family.build_function()(request)

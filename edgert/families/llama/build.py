@@ -49,7 +49,7 @@ def build(req: BuildRequest) -> CompileResult:
 
     progress("reading model", None)
     with job.timed("read"):
-        gguf_model = read_gguf(source)
+        gguf_model = req.parsed if req.parsed is not None else read_gguf(source)
         cfg = LlamaConfig.from_gguf(gguf_model)
         gguf_model.check_tensor_types()  # fail before the minutes of building, not after
         context = min(req.option("context_length", 2048), cfg.context_length)

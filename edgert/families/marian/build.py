@@ -16,17 +16,6 @@ MAX_BEAMS = 8
 MAX_TARGET_LENGTH = 256
 
 
-def is_marian_dir(path: Path) -> bool:
-    """A folder holding a transformers config.json of model_type "marian"."""
-    config = path / "config.json"
-    if not (path.is_dir() and config.is_file()):
-        return False
-    try:
-        return json.loads(config.read_text()).get("model_type") == "marian"
-    except ValueError:
-        return False
-
-
 def compile_marian(
     source: Path, spec: TargetSpec, output: Path | None, weight_dtype: str | None, threads: int | None, as_dir: bool
 ) -> Any:
