@@ -24,7 +24,7 @@ class Family:
     name: str
     description: str
     build: str  # "module:function" taking a `BuildRequest`
-    task: str  # "module:class" constructed as cls(artifact, threads=..., [context_length=...])
+    task: str  # "module:callable" (a class or factory) called as f(artifact, threads=..., [context_length=...])
     formats: tuple[str, ...]  # source formats it reads (see `source_format`)
     options: frozenset[str]  # compile options its build takes
     gguf_architectures: tuple[str, ...] = ()
@@ -91,7 +91,7 @@ FAMILIES: tuple[Family, ...] = (
         "graph",
         "plain ONNX and TFLite graphs",
         build="edgert.families.graph.build:build",
-        task="edgert.runtime.graph:GraphModel",
+        task="edgert.runtime.graph:open_graph",
         formats=("onnx", "tflite"),
         options=frozenset({"quant", "threads", "input_shapes", "tuning", "calibrate"}),
     ),
@@ -131,8 +131,9 @@ def load(
     """Open and verify an artifact and load it with its family's runtime task.
 
     ``llama``: a `Generator` (``.generate(prompt)``); ``whisper``: a `Transcriber`; ``marian``: a
-    `Translator`; ``graph``: a `GraphModel`, called with numpy arrays by input name; ``codec``: a
-    `Codec` (``.encode``, ``.decode``, ``.encoder()`` / ``.decoder()`` streams).
+    `Translator`; ``graph``: a `GraphModel` (for NPU artifacts a `PartitionedGraph`), called with
+    numpy arrays by input name; ``codec``: a `Codec` (``.encode``, ``.decode``, ``.encoder()`` /
+    ``.decoder()`` streams).
 
     A GPU artifact runs on the first OpenCL device, a CPU one on the CPU; ``device_kind`` (cpu, gpu)
     refuses an artifact built for the other kind, saying how to build one.

@@ -18,19 +18,19 @@ from edgert.runtime.session import Session
 from edgert.runtime.tvm_runtime import copy_into
 
 
+def open_graph(artifact: Artifact, threads: int | None = None) -> GraphInterface:
+    """The graph family's runtime task: a `GraphModel`, or for an artifact built for an NPU target
+    (a manifest with an ``npu`` section) a `edgert.runtime.partitioned.PartitionedGraph`, which
+    has the same interface."""
+    if "npu" in artifact.manifest:
+        from edgert.runtime.partitioned import PartitionedGraph
+
+        return PartitionedGraph(artifact, threads=threads)
+    return GraphModel(artifact, threads=threads)
+
+
 class GraphModel(GraphInterface):
-    """The artifact's ``main`` entry point as a Python callable over numpy arrays.
-
-    An artifact built for an NPU target (a manifest with an ``npu`` section) opens as a
-    `edgert.runtime.partitioned.PartitionedGraph`, which has the same interface.
-    """
-
-    def __new__(cls, artifact: Artifact, *args: Any, **kwargs: Any) -> Any:
-        if cls is GraphModel and "npu" in artifact.manifest:
-            from edgert.runtime.partitioned import PartitionedGraph
-
-            return PartitionedGraph(artifact, *args, **kwargs)  # not a GraphModel: __init__ is not called again
-        return super().__new__(cls)
+    """The artifact's ``main`` entry point as a Python callable over numpy arrays."""
 
     def __init__(self, artifact: Artifact, threads: int | None = None):
         self.artifact = artifact
@@ -96,10 +96,9 @@ def run_npz(
 
     from edgert.artifact.reader import open_artifact
     from edgert.errors import OutputPathError
-
-    inputs, outputs = Path(inputs), Path(outputs)
     from edgert.runtime.session import check_device_kind
 
+    inputs, outputs = Path(inputs), Path(outputs)
     art = open_artifact(path)
     if art.family != "graph":
         raise EdgertError(f"{path} is a '{art.family}' model; --inputs/--output run graph artifacts")
@@ -109,7 +108,7 @@ def run_npz(
             feeds = {name: data[name] for name in data.files}
     except (OSError, ValueError) as exc:
         raise EdgertError(f"cannot read inputs {inputs}: not an .npz file of arrays ({exc})") from exc
-    result = GraphModel(art, threads=threads)(feeds)
+    result = open_graph(art, threads=threads)(feeds)
     if not outputs.absolute().parent.is_dir():
         raise OutputPathError(f"cannot write {outputs}: the folder {outputs.parent} does not exist")
     with outputs.open("wb") as fh:  # a file object keeps numpy from appending .npz to the name

@@ -1,7 +1,7 @@
 """A graph artifact compiled for an NPU target (manifest section ``npu``): the plan run in order,
 CPU partitions on TVM's runtime, NPU partitions as int8 TFLite models in LiteRT.
 
-    model = edgert.load("minilm-u55.edgert")      # a PartitionedGraph (GraphModel dispatches here)
+    model = edgert.load("minilm-u55.edgert")      # a PartitionedGraph (`open_graph` chooses it)
     out = model(input_ids=ids, attention_mask=mask)
 
 On a host the NPU partitions run on LiteRT's reference kernels, which edgert's integer model of
