@@ -61,6 +61,12 @@ class LiteRTPartition:
         else:
             kwargs["model_path"] = str(model)
         if delegate:
+            import ctypes
+
+            try:  # LiteRT's Delegate prints a traceback when it dies half-made: find the library first
+                ctypes.CDLL(delegate)
+            except OSError as e:
+                raise LiteRTError(f"the delegate '{delegate}' could not be loaded: {e}") from e
             try:
                 kwargs["experimental_delegates"] = [mod.load_delegate(delegate, delegate_options or {})]
             except (ValueError, OSError) as e:
