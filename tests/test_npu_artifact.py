@@ -180,7 +180,7 @@ def test_nnapi_target_builds_plain_int8_tflite_without_vela(models: Path, tmp_pa
     npu_parts = [run.model for p, run in model.parts if p["device"] == "npu"]
     assert len(npu_parts) == 2 and all(m.delegate is None and delegate in m.fallback for m in npu_parts)
     err = capsys.readouterr().err
-    assert err.count(delegate) == 1 and "reference CPU kernels" in err, err  # once, for both partitions
+    assert err.count(delegate) == 1 and "LiteRT's CPU kernels" in err, err  # once, for both partitions
     assert PartitionedGraph(model.artifact, delegate="libvendor_npu.so").delegate == "libvendor_npu.so"
     res = run_cli("run", str(out), "--inputs", str(models / "mlp_test.npz"), "-o", str(tmp_path / "o.npz"))
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr

@@ -133,10 +133,9 @@ def open_partition(model: bytes, delegate: str | None = None, reference_kernels:
             reason = str(e)
             if delegate not in _FALLBACKS_SAID:
                 _FALLBACKS_SAID.add(delegate)
-                kernels = "reference" if reference_kernels else "built-in"
                 print(
                     f"edgert: the NPU delegate '{delegate}' is not available here; the int8 partitions run on "
-                    f"LiteRT's {kernels} CPU kernels instead",
+                    "LiteRT's CPU kernels instead",
                     file=sys.stderr,
                 )
     else:
