@@ -151,9 +151,13 @@ def test_calibrate_on_a_cpu_target_is_refused(models: Path, tmp_path: Path) -> N
         compile_model(models / "mlp.onnx", "host", tmp_path / "m.edgert", calibrate=models / "mlp_cal.npz")
 
 
-def test_nnapi_target_builds_plain_int8_tflite_without_vela(models: Path, tmp_path: Path) -> None:
+def test_nnapi_target_builds_plain_int8_tflite_without_vela(models: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Plain int8 TFLite for NNAPI; the delegate the target names flows to the manifest and the runtime,
+    which, without that library here, runs the reference CPU kernels and says so once."""
     from edgert.families.compile import compile_model
     from edgert.families.registry import load
+    from edgert.runtime import litert
+    from edgert.runtime.partitioned import PartitionedGraph
 
     out = tmp_path / "mlp_nnapi.edgert"
     result = compile_model(models / "mlp.onnx", "android-nnapi", out, calibrate=models / "mlp_cal.npz")
@@ -167,6 +171,21 @@ def test_nnapi_target_builds_plain_int8_tflite_without_vela(models: Path, tmp_pa
     )
     res = run_cli("inspect", str(out))
     assert res.returncode == 0 and "partition plan" in res.stdout and "Vela" not in res.stdout.replace("vela ", "")
+    delegate = "libnnapi_delegate.so"  # targets/android-nnapi.toml
+    assert result.manifest["npu"]["target"]["delegate"] == delegate
+    monkeypatch.setattr(litert, "_FALLBACKS_SAID", set())
+    capsys.readouterr()
+    model = load(out)
+    assert model.delegate == delegate
+    npu_parts = [run.model for p, run in model.parts if p["device"] == "npu"]
+    assert len(npu_parts) == 2 and all(m.delegate is None and delegate in m.fallback for m in npu_parts)
+    err = capsys.readouterr().err
+    assert err.count(delegate) == 1 and "LiteRT's CPU kernels" in err, err  # once, for both partitions
+    assert PartitionedGraph(model.artifact, delegate="libvendor_npu.so").delegate == "libvendor_npu.so"
+    res = run_cli("run", str(out), "--inputs", str(models / "mlp_test.npz"), "-o", str(tmp_path / "o.npz"))
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.count(f"the NPU delegate '{delegate}' is not available here") == 1, res.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "o.npz")["probs"], model(feeds)["probs"])
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ FAMILIES: tuple[Family, ...] = (
         build="edgert.families.whisper.build:build",
         task="edgert.families.whisper.transcriber:Transcriber",
         formats=("ctranslate2",),
-        options=frozenset({"weight_dtype", "threads", "audio_ctx"}),
+        options=frozenset({"weight_dtype", "threads", "audio_ctx", "calibrate"}),
         device_ops={"transcribe": "edgert.families.whisper.device:transcribe"},
         calibrate="edgert.families.whisper.calibrate:calibrate",
     ),

@@ -13,6 +13,7 @@ dequantized unless ``raw=True``.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -60,17 +61,27 @@ class LiteRTPartition:
         else:
             kwargs["model_path"] = str(model)
         if delegate:
+            import ctypes
+
+            try:  # LiteRT's Delegate prints a traceback when it dies half-made: find the library first
+                ctypes.CDLL(delegate)
+            except OSError as e:
+                raise LiteRTError(f"the delegate '{delegate}' could not be loaded: {e}") from e
             try:
                 kwargs["experimental_delegates"] = [mod.load_delegate(delegate, delegate_options or {})]
             except (ValueError, OSError) as e:
                 raise LiteRTError(f"the delegate '{delegate}' could not be loaded: {e}") from e
-        elif reference_kernels and hasattr(mod, "OpResolverType"):
-            kwargs["experimental_op_resolver_type"] = mod.OpResolverType.BUILTIN_REF
+        elif hasattr(mod, "OpResolverType"):
+            # Without the reference kernels: the optimized ones, without XNNPACK (deterministic int8).
+            kind = "BUILTIN_REF" if reference_kernels else "BUILTIN_WITHOUT_DEFAULT_DELEGATES"
+            kwargs["experimental_op_resolver_type"] = getattr(mod.OpResolverType, kind)
         try:
             self.interpreter = mod.Interpreter(**kwargs)
             self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as e:
             raise LiteRTError(f"LiteRT refused the model: {e}") from e
+        self.delegate: str | None = delegate
+        self.fallback: str | None = None
         self.inputs = self.interpreter.get_input_details()
         self.outputs = self.interpreter.get_output_details()
 
@@ -100,6 +111,38 @@ class LiteRTPartition:
                 y = (np.float64(np.float32(scale)) * (y.astype(np.float64) - zp)).astype(np.float32)
             outs.append(y)
         return outs
+
+
+_FALLBACKS_SAID: set[str] = set()
+
+
+def open_partition(model: bytes, delegate: str | None = None, reference_kernels: bool = True) -> LiteRTPartition:
+    """A partition on ``delegate`` when the device has it, else on LiteRT's CPU kernels.
+
+    A delegate that does not load (no such library here: a host, or a phone without that vendor's
+    NPU) is not an error: the plain int8 model runs on the CPU, and the first time per delegate
+    name a one-line message on stderr says so. ``partition.delegate`` is the delegate in use (None
+    on the CPU kernels) and ``partition.fallback`` why it is not the one asked for.
+    """
+    if delegate:
+        try:
+            part = LiteRTPartition(model, delegate=delegate)
+            part.delegate, part.fallback = delegate, None
+            return part
+        except LiteRTError as e:
+            reason = str(e)
+            if delegate not in _FALLBACKS_SAID:
+                _FALLBACKS_SAID.add(delegate)
+                print(
+                    f"edgert: the NPU delegate '{delegate}' is not available here; the int8 partitions run on "
+                    "LiteRT's CPU kernels instead",
+                    file=sys.stderr,
+                )
+    else:
+        reason = None
+    part = LiteRTPartition(model, reference_kernels=reference_kernels)
+    part.delegate, part.fallback = None, reason
+    return part
 
 
 def _to_dtype(a: np.ndarray, detail: dict) -> np.ndarray:

@@ -46,9 +46,12 @@ class _NpuPart:
     """One NPU partition: its int8 TFLite model in LiteRT, with the boundary scales of its edges."""
 
     def __init__(self, artifact: Artifact, part: dict[str, Any], delegate: str | None = None):
-        from edgert.runtime.litert import LiteRTPartition
+        from edgert.runtime.litert import open_partition
 
-        self.model = LiteRTPartition(artifact.read_bytes(part["tflite"]), delegate=delegate)
+        # The reference kernels (bit-exact with edgert's integer model) unless the plan says they
+        # cannot run this partition (`host_kernels`, with its reason).
+        reference = part.get("host_kernels", "reference") == "reference"
+        self.model = open_partition(artifact.read_bytes(part["tflite"]), delegate, reference)
         scales = part.get("boundary_scales") or {}
         self.in_scales = {
             n: (s["source"], np.asarray(s["divide_by"], np.float32)) for n, s in scales.get("inputs", {}).items()
@@ -69,13 +72,24 @@ class _NpuPart:
 class PartitionedGraph(GraphInterface):
     """An NPU artifact's plan as a Python callable over numpy arrays (the interface of `GraphModel`)."""
 
-    def __init__(self, artifact: Artifact, threads: int | None = None, delegate: str | None = None):
+    def __init__(
+        self,
+        artifact: Artifact,
+        threads: int | None = None,
+        delegate: str | None = None,
+        entry: dict[str, Any] | None = None,
+    ):
+        """``delegate``: a TFLite delegate library for the NPU partitions; by default the one the
+        target's ``[npu]`` table names (in the manifest), loaded when the device has it, else the
+        partitions run on LiteRT's CPU kernels (said once on stderr). ``entry``: the plan's inputs
+        and outputs when they are not the ``main`` entry point (a Whisper encoder's)."""
         self.artifact = artifact
-        entry = artifact.manifest["entry_points"]["main"]
+        entry = entry or artifact.manifest["entry_points"]["main"]
         self.inputs: list[dict[str, Any]] = entry["inputs"]
         self.outputs: list[dict[str, Any]] = entry["outputs"]
         self.npu = artifact.manifest["npu"]
         self.plan = self.npu["plan"]
+        self.delegate = delegate or self.npu.get("target", {}).get("delegate")
         parts = self.plan["partitions"]
         self.threads = (
             configure_threads(threads, artifact.target.get("threads"))
@@ -83,7 +97,7 @@ class PartitionedGraph(GraphInterface):
             else None
         )
         self.parts: list[tuple[dict[str, Any], Any]] = [
-            (p, _NpuPart(artifact, p, delegate) if p["device"] == "npu" else _CpuPart(artifact, p)) for p in parts
+            (p, _NpuPart(artifact, p, self.delegate) if p["device"] == "npu" else _CpuPart(artifact, p)) for p in parts
         ]
 
     def run_parts(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

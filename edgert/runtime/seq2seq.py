@@ -149,10 +149,24 @@ class Seq2Seq:
         self._decode = self.session.vm["decode"]
         self._params = tvm_runtime.ffi().convert(self.session.params)
         self._step_inputs: dict[int, tuple[Any, Any]] = {}
+        # An NPU build: the encoder is a plan of int8 partitions (LiteRT) and CPU parts, and the
+        # library's `cross_kv` turns its output into the cross-attention K/V.
+        self.npu_encoder = None
+        npu = artifact.manifest.get("npu")
+        if npu is not None and "encoder" in npu:
+            from edgert.runtime.partitioned import PartitionedGraph
+
+            self.npu_encoder = PartitionedGraph(artifact, threads, entry=npu["encoder"])
+            self._after_encoder = npu["encoder"]["then"]
 
     def encode(self, *inputs: np.ndarray) -> Any:
         """Run the encoder; the result (cross-attention K/V) stays a device tensor."""
         self.calls["encode"] += 1
+        if self.npu_encoder is not None:
+            names = [s["name"] for s in self.npu_encoder.inputs]
+            out = self.npu_encoder(dict(zip(names, inputs, strict=True)))
+            (encoded,) = out.values()
+            return self.session(self._after_encoder, self.session.tensor(np.ascontiguousarray(encoded)))
         return self.session("encode", *(self.session.tensor(np.ascontiguousarray(x)) for x in inputs))
 
     def _positions(self, seqs: Sequence[int], n: int) -> np.ndarray:

@@ -3,8 +3,10 @@
 Each graph is compiled by ``edgert compile --target ethos-u55-128 --calibrate`` (int8 partitions
 for the NPU through Vela, the rest for the CPU): the all-MiniLM-L6-v2 encoder at 32 tokens,
 silero-vad on one 512-sample chunk (state carried through a synthetic recording for calibration),
-and the EnCodec-architecture reference codec (tools/make_codec_reference.py ``tiny``, exported
-by tools/export_codec_onnx.py) when torch and transformers are installed. The numbers are Vela's
+the EnCodec-architecture reference codec (tools/make_codec_reference.py ``tiny``, exported
+by tools/export_codec_onnx.py) when torch and transformers are installed, and Whisper tiny.en
+(`edgert compile whisper-tiny.en --target ethos-u55-128`: the encoder int8 on the NPU, the decoder
+on the CPU; its transcript of beckett.wav against the float host build's). The numbers are Vela's
 estimates at the target's clock, not measurements; the int8 accuracy is the artifact run here
 (LiteRT's reference kernels for the NPU parts, TVM for the CPU parts) against onnxruntime float.
 There is no peer: ExecuTorch's Arm backend needs Arm's FVP simulators to run.
@@ -102,6 +104,45 @@ def _vad_chunks(onnx_path: Path, seconds: float = 4.0) -> list[dict]:
     return chunks
 
 
+def _whisper(target: str, work: Path) -> list[Row]:
+    """Whisper tiny.en with its encoder as int8 NPU partitions (calibrated on the recipe's default: espeak-ng
+    sentences) against the float host build: the transcript of the Whisper tests' audio (beckett.wav)."""
+    import importlib.util
+    import time
+
+    from edgert.families.compile import compile_model
+    from edgert.families.whisper.transcriber import Transcriber
+    from edgert.profile.audio_quality import word_error_rate
+
+    spec = importlib.util.find_spec("moonshine_onnx")
+    if spec is None or spec.origin is None:
+        print("npu: whisper skipped (pip install --no-deps useful-moonshine-onnx for beckett.wav)", file=sys.stderr)
+        return []
+    wav = Path(spec.origin).parent / "assets" / "beckett.wav"
+    t = time.perf_counter()
+    result = compile_model("whisper-tiny.en", target, work / "whisper-npu.edgert")
+    compile_s = time.perf_counter() - t
+    compile_model("whisper-tiny.en", "host", work / "whisper-host.edgert")
+    got = Transcriber(result.path).transcribe(wav).text
+    want = Transcriber(work / "whisper-host.edgert").transcribe(wav).text
+    npu, size = result.manifest["npu"], sum(f["size"] for f in result.manifest["files"].values())
+    vela, plan = npu["vela"] or {}, npu["plan"]
+    case = "whisper tiny.en encoder, 30 s window (decoder on the CPU)"
+    share = vela.get("npu_mac_share", plan["npu_mac_share"])
+    extra = {"target": target, "macs": plan["devices"], "source": vela.get("source"), "int8": got, "float": want}
+    return [
+        Row(NAME, case, "MACs on the NPU (Vela)", "%", 100 * share, None, "-", True, extra),
+        Row(NAME, case, "latency, Vela's estimate", "ms", vela.get("latency_ms"), None, "-", False,
+            {"cycles": vela.get("cycles_total"), "clock_hz": vela.get("clock_hz")}),
+        Row(NAME, case, "SRAM peak, Vela's estimate", "KiB", vela.get("sram_bytes_peak", 0) / 1024, None, "-", False),
+        Row(NAME, case, "flash, Vela's estimate", "KiB", vela.get("flash_bytes", 0) / 1024, None, "-", False),
+        Row(NAME, case, "WER of the transcript to the float build's", "", word_error_rate(want, got), None,
+            "edgert float (host)", True, extra),
+        Row(NAME, case, "compile", "s", compile_s, None, "-", False),
+        Row(NAME, case, "artifact", "MB", size / 1e6, None, "-", False),
+    ]  # fmt: skip
+
+
 def run(args: Any) -> list[Row]:
     """Compile each graph for the NPU target and report Vela's estimates and int8 accuracy."""
     sys.path.insert(0, str(ROOT / "tools"))
@@ -136,4 +177,5 @@ def run(args: Any) -> list[Row]:
             tests = [{"audio": audio[i]} for i in range(20, 24)]
             rows += _case("codec tiny 8000 samples (encode+RVQ+decode)", codec, {"audio": audio[:20]}, tests,
                           target, work, _max_abs("audio_out"))  # fmt: skip
+        rows += _whisper(target, work)
     return rows

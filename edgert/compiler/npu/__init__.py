@@ -150,6 +150,7 @@ def compile_npu_graph(
         pd["tflite"] = len(tflites) - 1
         pd["tflite_ops"] = [op.kind for op in q.ops]
         pd["quantization"] = {n: q.tensors[n].q.to_dict() for n in [*q.inputs, *q.outputs]}
+        host_kernels(q, pd)
     if show:
         print_plan(the_plan)
     if not target.npu.get("accelerator"):
@@ -208,3 +209,13 @@ def print_vela(report: dict, console=None) -> None:
         f"{report['latency_ms']:.3f} ms; SRAM peak {report['sram_bytes_peak'] / 1024:.1f} KiB, "
         f"flash {report['flash_bytes'] / 1024:.1f} KiB"
     )
+
+
+def host_kernels(q, pd: dict) -> None:
+    """Record in a partition's plan entry which LiteRT kernels run it on a host: the reference ones
+    (bit-exact with `reference`), unless they cannot run it (then ``builtin``, with the reason)."""
+    from edgert.compiler.npu.reference import litert_reference_problem
+
+    problem = litert_reference_problem(q)
+    if problem:
+        pd["host_kernels"], pd["host_kernels_reason"] = "builtin", problem

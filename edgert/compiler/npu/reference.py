@@ -376,3 +376,22 @@ def eval_op(g: Graph, op: Op, ins: list) -> np.ndarray:
     if k == "DEQUANTIZE":
         return dequantize(ins[0], *_qp(g, op.inputs[0]))
     raise NotImplementedError(f"no int8 reference for {k}")
+
+
+# LiteRT 2.3's reference int8 SOFTMAX aborts the process (a failed check in its fixed-point
+# reciprocal) when a row's sum of exponentials reaches 512, i.e. for near-uniform rows of 512 or
+# more entries (Whisper's attention over 1500 frames, padding included); measured, rows of 511 run.
+REF_SOFTMAX_MAX_ROW = 511
+
+
+def litert_reference_problem(g: Graph) -> str | None:
+    """Why LiteRT's reference kernels (``BUILTIN_REF``) cannot run ``g`` safely, or None."""
+    for op in g.ops:
+        if op.kind == "SOFTMAX":
+            row = g.tensors[op.inputs[0]].shape[-1]
+            if row > REF_SOFTMAX_MAX_ROW:
+                return (
+                    f"SOFTMAX over {row} entries: LiteRT's reference kernel aborts on rows of more than "
+                    f"{REF_SOFTMAX_MAX_ROW} (its optimized kernel runs them)"
+                )
+    return None

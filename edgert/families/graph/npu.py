@@ -92,18 +92,15 @@ def compile_npu_artifact(
     """An NPU artifact for an ONNX graph: the int8 TFLite partitions (and Vela's for Ethos-U), the CPU
     partitions compiled with TVM (for this host: the NPU target's own CPU cannot load a TVM library
     yet), the plan and Vela's estimates in the manifest's ``npu`` section."""
-    import tempfile
 
     import onnx
     from rich.console import Console
 
-    from edgert.artifact.tensorfile import write_tensors
     from edgert.compiler.compile import Build
     from edgert.compiler.npu import calibrate, compile_npu_graph, model_inputs, print_vela
     from edgert.compiler.npu.partition import print_plan
     from edgert.compiler.npu.quantize import load_calibration
     from edgert.errors import EdgertError, ModelFileError
-    from edgert.families.graph.lower import build_module, import_graph, optimize
     from edgert.targets import load_target
 
     progress = progress or (lambda _s, _f: None)
@@ -147,45 +144,7 @@ def compile_npu_artifact(
             if velas is not None:
                 (stage / f"npu_{i}.vela.tflite").write_bytes(velas[i])
                 staged[f"npu_{i}.vela.tflite"] = stage / f"npu_{i}.vela.tflite"
-        cpu_index = 0
-        for p in plan["partitions"]:
-            if p["device"] == "npu":
-                p["tflite"] = f"npu_{p['tflite']}.tflite"
-                if velas is not None:
-                    p["vela"] = p["tflite"].replace(".tflite", ".vela.tflite")
-                continue
-            progress(f"compiling CPU partition {p['index']} with TVM", None)
-            sub, needed = cpu_subgraph(model, p, one.shapes, one.dtypes)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / f"cpu_{cpu_index}.onnx"
-                onnx.save(sub, str(path))
-                with job.timed("import"):
-                    mod, _ins, _outs, _fmt = import_graph(path, {})
-            with job.timed("optimize"):
-                mod, arrays, _err = optimize(mod, job.tvm_target, "f32")
-            with job.timed("compile"):
-                try:
-                    executable = build_module(mod, job.tvm_target, None, None, job.kernels)
-                except EdgertError:
-                    raise
-                except Exception as exc:  # TVM reports lowering failures as assorted errors
-                    raise EdgertError(
-                        f"{source}: TVM could not compile CPU partition {p['index']}: {str(exc).splitlines()[-1]}"
-                    ) from exc
-            lib, weights = f"cpu_{cpu_index}.so", f"cpu_{cpu_index}.safetensors"
-            with job.timed("link"):
-                executable.export_library(str(stage / lib), fcompile=job.fcompile)
-            order = [f"w{k}" for k in range(len(arrays))]
-            with (stage / weights).open("wb") as fh:
-                write_tensors(fh, dict(zip(order, arrays, strict=True)), {"format": "edgert"})
-            staged[lib], staged[weights] = stage / lib, stage / weights
-            p.update(
-                library=lib,
-                weights=weights,
-                order=order,
-                entry={"inputs": [spec_of(n) for n in needed], "outputs": [spec_of(n) for n in p["outputs"]]},
-            )
-            cpu_index += 1
+        staged.update(stage_cpu_partitions(job, model, plan, one, stage, source, progress))
         progress("writing artifact", None)
         result = job.finish(
             staged,
@@ -202,3 +161,68 @@ def compile_npu_artifact(
         )
     progress("done", 1.0)
     return result
+
+
+def stage_cpu_partitions(job, model, plan: dict, one, stage: Path, source: Path, progress=None) -> dict[str, Path]:
+    """Compile each CPU partition of ``plan`` with TVM into ``stage`` (``cpu_<i>.so`` and its weights) and
+    name the NPU partitions' TFLite members in the plan; returns the staged files by member name.
+
+    ``one`` is a calibration run of one sample (`edgert.compiler.npu.calibrate`): the shapes and
+    dtypes of every tensor. The plan's partitions get ``tflite``/``vela`` member names (NPU) or
+    ``library``, ``weights``, ``order`` and ``entry`` (CPU), which `PartitionedGraph` reads.
+    """
+    import tempfile
+
+    import onnx
+
+    from edgert.artifact.tensorfile import write_tensors
+    from edgert.errors import EdgertError
+    from edgert.families.graph.lower import build_module, import_graph, optimize
+
+    progress = progress or (lambda _s, _f: None)
+    staged: dict[str, Path] = {}
+
+    def spec_of(name: str) -> dict:
+        return {"name": name, "dtype": str(one.dtypes[name]), "shape": [int(d) for d in one.shapes[name]]}
+
+    has_vela = (stage / "npu_0.vela.tflite").is_file()
+    cpu_index = 0
+    for p in plan["partitions"]:
+        if p["device"] == "npu":
+            p["tflite"] = f"npu_{p['tflite']}.tflite"
+            if has_vela:
+                p["vela"] = p["tflite"].replace(".tflite", ".vela.tflite")
+            continue
+        progress(f"compiling CPU partition {p['index']} with TVM", None)
+        sub, needed = cpu_subgraph(model, p, one.shapes, one.dtypes)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"cpu_{cpu_index}.onnx"
+            onnx.save(sub, str(path))
+            with job.timed("import"):
+                mod, _ins, _outs, _fmt = import_graph(path, {})
+        with job.timed("optimize"):
+            mod, arrays, _err = optimize(mod, job.tvm_target, "f32")
+        with job.timed("compile"):
+            try:
+                executable = build_module(mod, job.tvm_target, None, None, job.kernels)
+            except EdgertError:
+                raise
+            except Exception as exc:  # TVM reports lowering failures as assorted errors
+                raise EdgertError(
+                    f"{source}: TVM could not compile CPU partition {p['index']}: {str(exc).splitlines()[-1]}"
+                ) from exc
+        lib, weights = f"cpu_{cpu_index}.so", f"cpu_{cpu_index}.safetensors"
+        with job.timed("link"):
+            executable.export_library(str(stage / lib), fcompile=job.fcompile)
+        order = [f"w{k}" for k in range(len(arrays))]
+        with (stage / weights).open("wb") as fh:
+            write_tensors(fh, dict(zip(order, arrays, strict=True)), {"format": "edgert"})
+        staged[lib], staged[weights] = stage / lib, stage / weights
+        p.update(
+            library=lib,
+            weights=weights,
+            order=order,
+            entry={"inputs": [spec_of(n) for n in needed], "outputs": [spec_of(n) for n in p["outputs"]]},
+        )
+        cpu_index += 1
+    return staged

@@ -30,11 +30,14 @@ def compile_whisper(
     as_dir: bool,
     progress: Any,
     audio_ctx: int | None = None,
+    calibration: Any = None,
 ) -> Any:
     """Read ``source`` (a `model.bin` or its folder), build encode/prefill/decode, write the artifact.
 
     ``audio_ctx`` (encoder positions, 20 ms each; default the model's 1500 = 30 s) shortens the
     encoder's window: the runtime then pads or cuts audio to that length and seeks by it.
+    For an NPU target the encoder becomes int8 partitions calibrated on ``calibration`` (see
+    `edgert.families.whisper.npu`); the decoder and the NPU plan's CPU parts are built for this host.
     """
     from edgert.families.whisper import model as whisper
     from edgert.families.whisper.assets import decoding_config, mel_filters
@@ -42,6 +45,9 @@ def compile_whisper(
 
     model_dir = source if source.is_dir() else source.parent
     options = dict(recipe.compile) if recipe else {}
+    npu_spec = spec if spec.kind == "npu" else None
+    if npu_spec is not None:  # the NPU target's own CPU is not a TVM target yet (as for graph NPU builds)
+        spec = load_target("host")
     job = Build.start(recipe.name if recipe else model_dir.name, "whisper", spec, threads, output, as_dir, gpu=True)
     # On a GPU: plain float32 matrices for dlight's GPU rules (the f16 packing is the CPU's layout).
     weight_dtype = "f32" if job.on_gpu else float_weights(weight_dtype or options.get("weight_dtype", "f16"))
@@ -68,7 +74,7 @@ def compile_whisper(
             repack = apply_cpu_layout(net, weight_dtype)
             apply_seq2seq_kernels(net, gemm=ENCODER_GEMMS)
         with job.tvm_target:
-            mod, named_params = net.export_tvm(spec=net.get_default_spec())
+            mod, named_params = net.export_tvm(spec=net.get_default_spec(npu_encoder=npu_spec is not None))
 
     progress("compiling with TVM", None)
     executable = job.compile(mod)
@@ -87,14 +93,33 @@ def compile_whisper(
         )
         job.seconds.update(staged_seconds)
         (stage / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+        staged = {n: stage / n for n in ("model.so", "weights.safetensors", "tokenizer.json")}
+        cross = [2 * cfg.decoder_layers, cfg.num_heads, cfg.audio_ctx * cfg.head_dim]
+        entry_points = _entry_points(cfg, cross)
+        sections: dict[str, Any] = {}
+        if npu_spec is not None:
+            from edgert.families.whisper.npu import build_encoder_partitions
+
+            job.record.update(
+                name=npu_spec.name,
+                description=npu_spec.description,
+                cpu_parts="built for this host: LiteRT and TVM run the artifact here "
+                "(the NPU's CPU is not a TVM target yet)",
+            )
+            sections["npu"], more = build_encoder_partitions(job, ct2, cfg, npu_spec, calibration, stage, progress)
+            staged.update(more)
+            encode = entry_points.pop("encode")
+            entry_points = {
+                "cross_kv": {"inputs": [sections["npu"]["encoder"]["outputs"][0]], "outputs": encode["outputs"]},
+                **entry_points,
+            }
 
         progress("writing artifact", None)
-        cross = [2 * cfg.decoder_layers, cfg.num_heads, cfg.audio_ctx * cfg.head_dim]
         result = job.finish(
-            {n: stage / n for n in ("model.so", "weights.safetensors", "tokenizer.json")},
+            staged,
             source={"file": source.name, "format": "ctranslate2", "spec": ct2.spec, "revision": ct2.revision},
             model=cfg.to_dict(),
-            entry_points=_entry_points(cfg, cross),
+            entry_points=entry_points,
             kv_cache={
                 "kind": "paged",
                 "page_size": 16,
@@ -119,6 +144,7 @@ def compile_whisper(
             library="model.so",
             tokenizer={"file": "tokenizer.json"},
             defaults=dict(recipe.run) if recipe else {},
+            **sections,
         )
     progress("done", 1.0)
     return result
@@ -186,4 +212,5 @@ def build(req: BuildRequest) -> Any:
         req.as_dir,
         req.progress,
         req.options.get("audio_ctx"),
+        req.options.get("calibrate"),
     )

@@ -232,9 +232,17 @@ class WhisperModel(EncoderDecoder):
         h = h + self.encoder_positions
         for layer in self.encoder_layers:
             h = layer(h)
-        e = self.encoder_norm(h)
+        return self._cross_kv(self.encoder_norm(h))
+
+    def _cross_kv(self, e: Tensor) -> Tensor:
+        cfg = self.cfg
         kv = [layer.cross_kv(e) for layer in self.decoder_layers]
         return op.reshape(op.concat(kv, dim=0), (2 * cfg.decoder_layers, cfg.num_heads, cfg.audio_ctx * cfg.head_dim))
+
+    def cross_kv(self, encoder_out: Tensor) -> Tensor:
+        """The encoder's output [1, audio_ctx, d] (computed elsewhere: an NPU build's int8 partitions)
+        -> the cross-attention K/V, as `encode` returns them."""
+        return self._cross_kv(op.reshape(encoder_out, (self.cfg.audio_ctx, self.cfg.d_model)))
 
     def _hidden(self, ids: Tensor, positions: Tensor, cross: Tensor, cache: PagedKVCache) -> Tensor:
         x = self.embed(ids, positions)
@@ -275,8 +283,9 @@ class WhisperModel(EncoderDecoder):
             [logits],
         )
 
-    def get_default_spec(self) -> nn.spec.ModuleSpec:
-        """Entry points and their shapes, as exported to Relax."""
+    def get_default_spec(self, npu_encoder: bool = False) -> nn.spec.ModuleSpec:
+        """Entry points and their shapes, as exported to Relax; with ``npu_encoder`` the encoder runs
+        elsewhere and ``cross_kv`` (from its output) replaces ``encode``."""
         cfg = self.cfg
         packed = {"param_mode": "packed", "effect_mode": "none"}
         cross = nn.spec.Tensor([2 * cfg.decoder_layers, cfg.num_heads, cfg.audio_ctx * cfg.head_dim], "float32")
@@ -286,8 +295,13 @@ class WhisperModel(EncoderDecoder):
         for i in range(cfg.decoder_layers):  # the exporter looks entry points up as attributes
             object.__setattr__(self, f"layer_{i}", functools.partial(self.layer, i))
             object.__setattr__(self, f"kv_fill_{i}", functools.partial(self.kv_fill, i))
+        if npu_encoder:
+            encoded = nn.spec.Tensor([1, cfg.audio_ctx, cfg.d_model], "float32")
+            first = {"cross_kv": {"encoder_out": encoded, "$": packed}}
+        else:
+            first = {"encode": {"mel": nn.spec.Tensor([1, cfg.n_mels, cfg.mel_frames], "float32"), "$": packed}}
         spec = {
-            "encode": {"mel": nn.spec.Tensor([1, cfg.n_mels, cfg.mel_frames], "float32"), "$": packed},
+            **first,
             **self.decoder_spec(cross),
             "embed": {"input_ids": ids, "positions": ids, "$": packed},
             "head": {"h": hidden, "$": packed},
