@@ -1,7 +1,7 @@
 """Deploys interrupted at random points: the device must keep a runnable artifact, and a retry must succeed.
 
-A real agent runs as a child process on its pipes (as over ssh). Between the host and it sits a
-byte stream that fails once, at a seeded random byte offset of what a clean deploy sends and
+A real agent (a child process on its pipes, as over ssh, when it is to be killed; else on a thread)
+sits behind a byte stream that fails once, at a seeded random byte offset of what a clean deploy sends and
 receives, in one of three ways: the connection is dropped (both pipes closed), the agent is
 killed (SIGKILL), or one bit of a frame is flipped. Each case deploys artifact B over artifact A
 (then A over B), then checks that the device holds exactly A or exactly B, that it opens and
@@ -17,9 +17,11 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,28 +30,46 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from edgert.deploy.client import Channel, Device  # noqa: E402
-from edgert.deploy.protocol import encode_frame, file_reader, read_frame  # noqa: E402
+from edgert.deploy.protocol import encode_frame, file_reader, read_frame, socket_reader  # noqa: E402
 from edgert.errors import EdgertError  # noqa: E402
 
 KINDS = ("drop", "kill", "corrupt")
 CHUNK = 1 << 16  # several chunks per upload, so faults land between and inside them
 
 
-class FaultyStdioChannel(Channel):
-    """An agent on a child's pipes, reached through a stream that fails once at byte ``fault_at``
-    (counted over requests and replies together); ``fault_at`` None: a clean link."""
+class FaultyChannel(Channel):
+    """An agent reached through a stream that fails once at byte ``fault_at`` (counted over requests
+    and replies together); ``fault_at`` None: a clean link.
+
+    To be killed, the agent runs as a child process on its pipes (as over ssh); otherwise it runs on
+    a thread of this process over a socket pair (the same `serve_stream`, and much quicker to start).
+    """
 
     chunk = CHUNK
 
     def __init__(self, root: Path, fault_at: int | None = None, kind: str = "drop", rng: random.Random | None = None):
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        argv = [sys.executable, "-m", "edgert.deploy.agent", "--root", str(root), "--stdio", "--name", "faulty"]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         self.fault_at, self.kind, self.rng = fault_at, kind, rng or random.Random(0)
         self.position = 0  # bytes carried so far
-        self.fired = False
-        assert self.proc.stdout is not None
-        self._read = file_reader(self.proc.stdout, "faulty link")
+        self.fired = self._closed = False
+        self.proc: subprocess.Popen | None = None
+        self.thread: threading.Thread | None = None
+        if kind == "kill" and fault_at is not None:
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+            argv = [sys.executable, "-m", "edgert.deploy.agent", "--root", str(root), "--stdio", "--name", "faulty"]
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            self._out, self._in = self.proc.stdin, self.proc.stdout
+        else:
+            from edgert.deploy.agent import Agent, serve_stream
+
+            ours, theirs = socket.socketpair()
+            agent = Agent(root, name="faulty")
+            args = (agent, socket_reader(theirs, "host"), theirs.sendall)
+            self.thread = threading.Thread(target=_serve_then_close, args=(serve_stream, args, theirs), daemon=True)
+            self.thread.start()
+            self._sock = ours
+            self._out, self._in = ours.makefile("wb"), ours.makefile("rb")
+        self._read = file_reader(self._in, "faulty link")
 
     def _hit(self, length: int) -> int | None:
         """The offset inside the next ``length`` bytes where the fault fires, if it does."""
@@ -65,22 +85,19 @@ class FaultyStdioChannel(Channel):
             bad = bytearray(data)
             bad[at] ^= 1 << self.rng.randrange(8)
             return bytes(bad)
+        if towards_agent and at:  # what was sent before the fault arrives
+            self._send(data[:at])
         if self.kind == "kill":
-            if towards_agent and at:
-                self._send(data[:at])
+            assert self.proc is not None
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
-        else:  # drop: what was sent before the cut arrives, then both directions close
-            if towards_agent and at:
-                self._send(data[:at])
-            self._close_pipes()
+        self._close_stream()
         raise EdgertError(f"fault injected: {self.kind} at byte {self.fault_at}")
 
     def _send(self, data: bytes) -> None:
-        assert self.proc.stdin is not None
         try:
-            self.proc.stdin.write(data)
-            self.proc.stdin.flush()
+            self._out.write(data)
+            self._out.flush()
         except OSError as exc:
             raise EdgertError(f"the link was cut ({exc})") from exc
 
@@ -98,22 +115,39 @@ class FaultyStdioChannel(Channel):
             reply = self._fail(reply, at, towards_agent=False)
         return self._answer(header, lambda: read_frame(iter_reader(reply)))
 
-    def _close_pipes(self) -> None:
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                try:
-                    pipe.close()
-                except OSError:
-                    pass
+    def _close_stream(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for stream in (self._out, self._in):
+            try:
+                stream.close()
+            except OSError:
+                pass
+        if self.thread is not None:
+            self._sock.shutdown(socket.SHUT_RDWR)  # the agent's next read ends
+            self._sock.close()
 
     def close(self) -> None:
-        """End the agent (closing its stdin ends it; a stuck one is killed)."""
-        self._close_pipes()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        """End the agent (the end of its stream ends it) and wait for it."""
+        self._close_stream()
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.thread is not None:
+            self.thread.join(timeout=20)
+
+
+def _serve_then_close(serve: Any, args: tuple, sock: socket.socket) -> None:
+    try:
+        serve(*args)
+    except OSError:  # the host closed while a reply was going out
+        pass
+    finally:
+        sock.close()
 
 
 def iter_reader(data: bytes) -> Any:
@@ -151,7 +185,7 @@ def make_artifacts(folder: Path, size: int = 200_000) -> tuple[Path, Path]:
 
 def deploy(root: Path, artifact: Path, fault_at: int | None = None, kind: str = "drop", seed: int = 0) -> int:
     """Deploy ``artifact`` to the agent folder ``root`` over a (faulty) link; the bytes the link carried."""
-    channel = FaultyStdioChannel(root, fault_at, kind, random.Random(seed))
+    channel = FaultyChannel(root, fault_at, kind, random.Random(seed))
     try:
         with Device("faulty", "stdio", channel, timeout=60) as dev:
             dev.deploy(artifact)
