@@ -123,8 +123,7 @@ def test_artifacts_are_signed_and_every_tampering_is_named(
     assert theirs.signature().state == "untrusted"
     with pytest.raises(ArtifactError, match=r"does not trust.*--allow-unsigned"):
         theirs.library_file()
-    res = run_cli("keys", "trust", (other / "edgert" / signing.PUBLIC_KEY).read_text().strip())
-    assert res.returncode == 0, res.stderr
+    signing.trust(signing.parse_public_key((other / "edgert" / signing.PUBLIC_KEY).read_text()))  # `edgert keys trust`
     assert open_artifact(tmp_path / "theirs.edgert").signature().trusted
 
     # The manifest changed and re-hashed (a swapped model.so with consistent hashes): the signature breaks.
@@ -403,3 +402,19 @@ def test_interrupted_deploys_keep_a_whole_artifact_and_retries_succeed(tmp_path:
     assert summary["failures"] == []
     assert summary["old_or_new_kept"] == 15 and summary["retry_succeeded"] == 15
     assert all(n == 5 for n in summary["by_kind"].values())
+
+
+def test_rpc_sessions_authenticate_inside_the_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgert.deploy.agent import rpc_server
+
+    secret = new_secret()
+    listener, _ = rpc_server(Agent(tmp_path / "d", name="rpc-device", secret=secret), "127.0.0.1", 0)
+    uri = f"rpc://127.0.0.1:{listener.getsockname()[1]}"
+    with pytest.raises(AuthError, match="not authenticated: 'hello' refused"), parse_device(uri) as dev:
+        dev.hello()
+    monkeypatch.setenv("EDGERT_DEVICE_SECRET", new_secret().hex())
+    with pytest.raises(AuthError, match="could not prove it holds this device's secret"):
+        parse_device(uri)
+    monkeypatch.setenv("EDGERT_DEVICE_SECRET", secret.hex())
+    with parse_device(uri) as dev:
+        assert dev.hello()["device"] == "rpc-device"

@@ -578,6 +578,7 @@ def rpc_server(agent: Agent, host: str, port: int) -> tuple[socket.socket, threa
             server_key = f"server:{RPC_KEY}".encode()
             conn.sendall(struct.pack("<ii", RPC_MAGIC, len(server_key)) + server_key)
             sessions.gate = Gate(agent.secret)
+            conn.settimeout(None)  # blocking again: TVM's loop reads the descriptor itself
             loop(conn.detach())  # the loop owns the descriptor now and closes it
         except Exception:  # one broken session must not stop the server
             traceback.print_exc()
