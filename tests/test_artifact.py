@@ -31,7 +31,7 @@ from edgert.errors import ArtifactError, EdgertError, TargetError
 from edgert.runtime import Generator, open_artifact
 from edgert.targets import host_arch, host_cpu_flags
 
-MANIFEST, MANIFEST_HASH = "manifest.json", "manifest.sha256"
+MANIFEST, MANIFEST_HASH, SIGNATURE = "manifest.json", "manifest.sha256", "manifest.sig"
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -123,13 +123,13 @@ def folder_artifact(smollm_artifact: Path, tmp_path_factory: pytest.TempPathFact
 def test_artifact_is_a_stored_zip_with_hashed_members(smollm_artifact: Path) -> None:
     with zipfile.ZipFile(smollm_artifact) as zf:
         infos = {i.filename: i for i in zf.infolist()}
-        assert {MANIFEST, MANIFEST_HASH, "model.so", "weights.safetensors", "tokenizer.json"} <= set(infos)
+        assert {MANIFEST, MANIFEST_HASH, SIGNATURE, "model.so", "weights.safetensors", "tokenizer.json"} <= set(infos)
         assert all(i.compress_type == zipfile.ZIP_STORED for i in infos.values())
         body = zf.read(MANIFEST)
         assert zf.read(MANIFEST_HASH).decode().strip() == hashlib.sha256(body).hexdigest()
         manifest = json.loads(body)
         assert manifest["format"] == "edgert-artifact" and manifest["format_version"] == 1
-        assert set(manifest["files"]) == set(infos) - {MANIFEST, MANIFEST_HASH}
+        assert set(manifest["files"]) == set(infos) - {MANIFEST, MANIFEST_HASH, SIGNATURE}
         for name, rec in manifest["files"].items():
             assert rec["size"] == infos[name].file_size
             assert rec["sha256"] == sha256_member(zf, name)
@@ -234,7 +234,7 @@ def test_inspect_json_is_the_manifest(smollm_artifact: Path) -> None:
     printed = json.loads(res.stdout)
     with zipfile.ZipFile(smollm_artifact) as zf:
         assert printed == json.loads(zf.read(MANIFEST))
-        members = set(zf.namelist()) - {MANIFEST, MANIFEST_HASH}
+        members = set(zf.namelist()) - {MANIFEST, MANIFEST_HASH, SIGNATURE}
         assert set(printed["files"]) == members
         for name in members:
             assert printed["files"][name]["sha256"] == sha256_member(zf, name)

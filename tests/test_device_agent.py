@@ -266,3 +266,23 @@ def test_stale_and_duplicate_replies_are_read_past(agent_port) -> None:
         assert "device" not in dev.request({"op": "list"})[0]
         assert dev.channel.discarded == 3
     relay.close()
+
+
+def test_an_unsigned_artifact_runs_only_with_allow_unsigned(tiny_host_artifact: Path, tmp_path: Path) -> None:
+    import zipfile
+
+    folder = tmp_path / "unsigned.edgert"
+    with zipfile.ZipFile(tiny_host_artifact) as zf:
+        zf.extractall(folder, [n for n in zf.namelist() if n != "manifest.sig"])
+    args = ("run", str(folder), "--prompt", PROMPT, "--max-tokens", "2", "--raw")
+    res = run_cli(*args)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "is unsigned: its native code is not loaded (pass --allow-unsigned" in " ".join(res.stderr.split())
+    from edgert.artifact import signing
+
+    signing.allow_unsigned(True)  # what --allow-unsigned sets
+    try:
+        tokens = [t.id for t in edgert.load(folder).generate(PROMPT, max_tokens=8)]
+    finally:
+        signing.allow_unsigned(False)
+    assert tokens == host_tokens(tiny_host_artifact)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from edgert.artifact.format import FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_HASH, Manifest, sha256_of
+from edgert.artifact.signing import SIGNATURE, SignatureStatus, check_signature, require_trusted
 from edgert.artifact.tensorfile import read_tensors
 from edgert.errors import ArtifactError, TargetError
 from edgert.paths import cache_dir
@@ -55,6 +56,15 @@ class Artifact:
     def __init__(self, path: Path, manifest: dict[str, Any], members: dict[str, Member]):
         self.path, self.manifest, self._members = path, manifest, members
         self.info: Manifest | None = None  # the typed manifest, set by `open_artifact`
+        self._manifest_bytes = b""
+        self._signature: SignatureStatus | None = None
+
+    def signature(self) -> SignatureStatus:
+        """What ``manifest.sig`` says of the manifest: trusted, untrusted, unsigned or invalid (checked once)."""
+        if self._signature is None:
+            sig = self.read_bytes(SIGNATURE) if SIGNATURE in self._members else None
+            self._signature = check_signature(self._manifest_bytes, sig)
+        return self._signature
 
     @property
     def family(self) -> str:
@@ -91,17 +101,30 @@ class Artifact:
         return self.member_file(self.manifest["library"])
 
     def member_file(self, name: str) -> Path:
-        """A path to member ``name`` as a file of its own (a zip's members are copied to the cache once)."""
+        """A path to member ``name`` as a file of its own, to be loaded as native code.
+
+        Refused unless the manifest is signed by a trusted key (or ``--allow-unsigned`` was given).
+        A zip's members are copied to the cache once, under their sha256; a cached copy is hashed
+        again before every use, and one that no longer matches (swapped, damaged) is written anew.
+        """
+        require_trusted(self.signature(), self.path)
         m = self._member(name)
-        if self.path.is_dir():
-            return m.path
+        if name not in self.manifest["files"]:
+            raise ArtifactError(f"{self.path}: member '{name}' is not listed in the manifest")
         digest = self.manifest["files"][name]["sha256"]
+        if self.path.is_dir():
+            if not _file_matches(m.path, digest):  # changed since it was opened
+                raise ArtifactError(f"{self.path}: member '{name}' does not match its sha256 (the file is corrupt)")
+            return m.path
         dest = cache_dir() / "libs" / f"{digest}{Path(name).suffix}"
-        if not dest.exists():
+        if not _file_matches(dest, digest):
+            data = self.read_bytes(name)
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise ArtifactError(f"{self.path}: member '{name}' does not match its sha256 (the file is corrupt)")
             dest.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=dest.parent, suffix=".part")
             with os.fdopen(fd, "wb") as out:
-                out.write(self.read_bytes(name))
+                out.write(data)
             os.replace(tmp, dest)
         return dest
 
@@ -109,6 +132,15 @@ class Artifact:
         if name not in self._members:
             raise ArtifactError(f"{self.path}: member '{name}' is missing")
         return self._members[name]
+
+
+def _file_matches(path: Path, digest: str) -> bool:
+    """True if ``path`` exists and its sha256 is ``digest``."""
+    try:
+        with path.open("rb") as fh:
+            return sha256_of(fh) == digest
+    except OSError:
+        return False
 
 
 def _zip_members(path: Path) -> dict[str, Member]:
@@ -185,6 +217,7 @@ def open_artifact(
         )
     art.info = Manifest.from_dict(manifest, str(path))
     art.manifest = manifest
+    art._manifest_bytes = raw
     if verify:
         for name, info in manifest["files"].items():
             m = art._member(name)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgert.artifact.format import FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_HASH, sha256_of
+from edgert.artifact.signing import SIGNATURE, sign_manifest
 from edgert.artifact.tensorfile import ALIGNMENT
 from edgert.errors import OutputPathError
 
@@ -38,9 +39,10 @@ def check_output_path(out: Path, as_dir: bool = False) -> Path:
 
 
 def write_artifact(
-    out: Path, manifest: dict[str, Any], staged: dict[str, Path], as_dir: bool = False
+    out: Path, manifest: dict[str, Any], staged: dict[str, Path], as_dir: bool = False, sign: bool = True
 ) -> dict[str, Any]:
-    """Hash the staged members into the manifest, write ``out`` (zip or folder) atomically; return the manifest."""
+    """Hash the staged members into the manifest, sign it with the user's key (`edgert.artifact.signing`;
+    created on first use) unless ``sign`` is False, write ``out`` (zip or folder) atomically; return the manifest."""
     out = check_output_path(out, as_dir)
     files = {}
     for name, path in staged.items():
@@ -49,6 +51,8 @@ def write_artifact(
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}
     body = json.dumps(manifest, indent=2, sort_keys=False).encode()
     members = {MANIFEST: body, MANIFEST_HASH: hashlib.sha256(body).hexdigest().encode()}
+    if sign:
+        members[SIGNATURE] = sign_manifest(body)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part"))
     try:
         if as_dir:

@@ -1,7 +1,7 @@
 """The `edgert` command: one thin module per command or group, each over a function of the Python API.
 
 compile (`compile`), run and chat (`run`), inspect (`inspect`), targets and models (`catalog`),
-bench (`bench`), deploy and profile (`deploy`), board (`board`), transcribe (`audio`), codec
+bench (`bench`), deploy and profile (`deploy`), board (`board`), keys (`keys`), transcribe (`audio`), codec
 (`codec`), calibrate (`calibrate`); shared consoles and options in `common`.
 """
 
@@ -12,7 +12,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from edgert.cli import audio, bench, board, calibrate, catalog, codec, deploy, inspect, run
+from edgert.cli import audio, bench, board, calibrate, catalog, codec, deploy, inspect, keys, run
 from edgert.cli import compile as compile_command
 from edgert.cli.common import err
 from edgert.errors import EdgertError
@@ -39,6 +39,7 @@ for command in (
     app.command()(command)
 app.add_typer(board.app, name="board")
 app.add_typer(codec.app, name="codec")
+app.add_typer(keys.app, name="keys")
 
 
 def main() -> None:

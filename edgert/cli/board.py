@@ -25,6 +25,10 @@ def start(
     with stages("emulated board") as progress:
         state = board.start(target, port, progress=progress)
     err.print(f"[green]running[/] {escape(state['name'])}, pid {state['pid']}", highlight=False)
+    if "secret_created" in state:  # shown once: the host keeps it in its config folder
+        from edgert.deploy.device_secrets import secret_path
+
+        err.print(f"device secret {state['secret_created']} (kept in {secret_path('board')}, 0600)", highlight=False)
     for uri in state["uris"].values():
         print(uri)
 

@@ -37,6 +37,21 @@ DeviceKindOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+AllowUnsignedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unsigned",
+        help="Load native code from an artifact that is unsigned or signed by a key this machine does not trust.",
+    ),
+]
+
+
+def allow_unsigned(allow: bool) -> None:
+    """Apply ``--allow-unsigned`` to this process (see `edgert.artifact.signing`)."""
+    if allow:
+        from edgert.artifact.signing import allow_unsigned as allow_in_process
+
+        allow_in_process(True)
 
 
 def sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None) -> Any:

@@ -25,7 +25,8 @@ def inspect(
     """Verify an artifact and show its manifest (target, entry points, KV cache, files)."""
     from edgert.artifact.reader import open_artifact
 
-    m = open_artifact(artifact, check_host=False, trust_stamp=False).manifest  # always hash every member here
+    art = open_artifact(artifact, check_host=False, trust_stamp=False)  # always hash every member here
+    m, signature = art.manifest, art.signature()
     if as_json:
         print(json.dumps(m, indent=2))
         return
@@ -53,6 +54,8 @@ def inspect(
         files.add_row(name, f"{f['size']:,}", f["sha256"][:16] + "…")
     out.print(files)
     out.print("[green]all members match their sha256[/]")
+    colour = "green" if signature.trusted else "red"
+    out.print(f"[{colour}]signature: {escape(signature.describe())}[/]", highlight=False)
 
 
 def line(label: str, text: str) -> None:

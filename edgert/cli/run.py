@@ -11,11 +11,13 @@ from typing import Annotated, Any
 import typer
 
 from edgert.cli.common import (
+    AllowUnsignedOpt,
     ArtifactArg,
     ContextOpt,
     DeviceKindOpt,
     DeviceOpt,
     ThreadsOpt,
+    allow_unsigned,
     err,
     sampling,
     upload,
@@ -63,8 +65,10 @@ def run(
             "(confidence:0.9+budget:24).",
         ),
     ] = None,
+    unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Generate text from a prompt (LLM artifacts), or run a graph artifact on --inputs into -o."""
+    allow_unsigned(unsigned)
     from edgert.families.registry import load
     from edgert.runtime.graph_io import GraphInterface
     from edgert.runtime.speculative import adaptive_decoder
@@ -190,8 +194,10 @@ def chat(
     seed: Annotated[int | None, typer.Option()] = None,
     threads: ThreadsOpt = None,
     context: ContextOpt = None,
+    unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Talk with the model; the conversation's KV cache is kept between turns (/reset, /exit)."""
+    allow_unsigned(unsigned)
     from edgert.errors import ContextLengthError
     from edgert.families.registry import load
 

@@ -15,14 +15,25 @@ and renamed over the old artifact only when whole), list, run, profile, transcri
 codec_roundtrip (a codec, whole or streamed), fetch. Every path a
 request names must lie inside the agent's folder. The TCP and RPC servers bind 127.0.0.1
 unless ``--host`` says otherwise.
+
+Security: with ``--secret-file`` every connection must first pass the HMAC challenge-response
+of `edgert.deploy.protocol` (one refusal, then the connection is closed); without a secret the
+agent binds only a loopback address. Artifacts must be signed by a key the device trusts
+(`edgert.artifact.signing`) unless it runs with ``--allow-unsigned``. Resources are bounded:
+artifact names ``[A-Za-z0-9._-]+`` without a leading dot, idle connections dropped after
+``--idle-timeout`` seconds, at most ``--max-connections`` at once, `MAX_UPLOADS_PER_CONNECTION`
+open uploads per connection (`MAX_UPLOADS` in all), offsets and lengths checked.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import ipaddress
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -37,12 +48,15 @@ from typing import Any
 
 from edgert.deploy.protocol import (
     PROTOCOL_VERSION,
+    AuthError,
     FdPort,
     FrameError,
+    Gate,
     SerialLink,
     decode_frame,
     encode_frame,
     file_reader,
+    parse_secret,
     read_frame,
     socket_reader,
 )
@@ -52,17 +66,50 @@ from edgert.targets import ARM_CHECKED_FLAGS, X86_CHECKED_FLAGS, host_arch, host
 ARTIFACT_SUFFIX = ".edgert"
 RESULTS = "results"
 CHECKED_FLAGS = set(X86_CHECKED_FLAGS) | set(ARM_CHECKED_FLAGS)
+NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")  # no leading dot: the agent's own files are hidden
+MAX_UPLOADS_PER_CONNECTION = 4
+MAX_UPLOADS = 16
+MAX_CONNECTIONS = 8
+IDLE_TIMEOUT = 300.0  # seconds a connection may stay silent, also in the middle of a frame
+MAX_FETCH = 1 << 24
+MAX_ARTIFACT = 1 << 40
+
+
+def _int(header: dict[str, Any], key: str, low: int, high: int, default: int | None = None) -> int:
+    """The integer ``header[key]`` within [low, high]; DeviceError naming it otherwise."""
+    value = header.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise DeviceError(f"'{key}' must be an integer from {low} to {high}, not {value!r}")
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    """True if ``host`` is a loopback address (or localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Agent:
     """The operations of the agent on its folder ``root``; thread-safe (one request at a time)."""
 
-    def __init__(self, root: Path, name: str | None = None, quota_bytes: int | None = None, emulated: bool = False):
+    def __init__(
+        self,
+        root: Path,
+        name: str | None = None,
+        quota_bytes: int | None = None,
+        emulated: bool = False,
+        secret: bytes | None = None,
+    ):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.name = name or platform.node()
         self.quota_bytes = quota_bytes
         self.emulated = emulated
+        self.secret = secret  # None: no authentication (loopback only)
         self._lock = threading.Lock()
         self._uploads: dict[str, dict[str, Any]] = {}
         self._loaded: tuple[tuple[Any, ...], Any] | None = None
@@ -95,6 +142,10 @@ class Agent:
             return {"ok": False, "error": f"agent failed: {type(exc).__name__}: {exc}", "kind": "DeviceError"}, b""
         return {"ok": True, **reply}, data
 
+    def upload_open(self, token: str) -> bool:
+        """True while upload ``token`` is under way."""
+        return token in self._uploads
+
     def abort_uploads(self, tokens: list[str]) -> None:
         """Forget unfinished uploads (their link was cut) and delete their partial files."""
         with self._lock:
@@ -115,6 +166,11 @@ class Agent:
     def _artifact_path(self, name: str) -> Path:
         if not name or "/" in name or "\\" in name or name in (".", ".."):
             raise DeviceError(f"path '{name}' is outside the agent's folder {self.root} (give an artifact name)")
+        if not NAME.fullmatch(name):
+            raise DeviceError(
+                f"artifact name '{name[:80]}' is refused: use letters, digits, '.', '_' and '-' "
+                "(200 at most), not starting with a dot"
+            )
         return self.inside(name)
 
     def _free_bytes(self) -> int:
@@ -157,7 +213,10 @@ class Agent:
     def op_put_begin(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         """Start an upload of ``size`` bytes with digest ``sha256`` to ``name``."""
         dest = self._artifact_path(str(header["name"]))
-        size = int(header["size"])
+        size = _int(header, "size", 0, MAX_ARTIFACT)
+        digest = str(header.get("sha256", ""))
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise DeviceError("'sha256' must be 64 lowercase hex digits")
         free = self._free_bytes()
         if size > free:
             raise DeviceError(
@@ -169,6 +228,8 @@ class Agent:
                 up["file"].close()
                 Path(up["tmp"]).unlink(missing_ok=True)
                 del self._uploads[token]
+        if len(self._uploads) >= MAX_UPLOADS:
+            raise DeviceError(f"too many uploads open on the device ({MAX_UPLOADS}): finish or close some first")
         token = uuid.uuid4().hex
         tmp = self.root / f".{dest.name}.{token[:8]}.part"
         self._uploads[token] = {
@@ -176,7 +237,7 @@ class Agent:
             "tmp": tmp,
             "file": tmp.open("wb"),
             "size": size,
-            "sha256": str(header["sha256"]),
+            "sha256": digest,
             "hash": hashlib.sha256(),
             "received": 0,
         }
@@ -191,7 +252,7 @@ class Agent:
     def op_put_chunk(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         """Append a chunk; ``offset`` must be where the file ends (a resent chunk is ignored)."""
         up = self._upload(header)
-        offset = int(header["offset"])
+        offset = _int(header, "offset", 0, up["size"])
         if offset + len(payload) <= up["received"]:
             return {"received": up["received"]}, b""  # a retransmission of a chunk already written
         if offset != up["received"] or up["received"] + len(payload) > up["size"]:
@@ -204,6 +265,7 @@ class Agent:
     def op_put_end(self, header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
         """Check the upload's size, sha256 and artifact; only then rename it over the old one."""
         from edgert.artifact.reader import open_artifact
+        from edgert.artifact.signing import require_trusted
 
         token = str(header.get("upload"))
         up = self._upload(header)
@@ -216,7 +278,9 @@ class Agent:
             digest = up["hash"].hexdigest()
             if digest != up["sha256"]:
                 raise DeviceError(f"upload of {dest.name} does not match its sha256 ({digest[:16]}… received)")
-            self._check_device_kind(open_artifact(tmp), dest.name)  # hashes, version, and that this device runs it
+            artifact = open_artifact(tmp, trust_stamp=False)  # hashes, version, and that this device runs it
+            self._check_device_kind(artifact, dest.name)
+            require_trusted(artifact.signature(), dest.name)  # no native code is taken unsigned
             (self.root / f".{dest.name}.sha256").unlink(missing_ok=True)
             os.replace(tmp, dest)
             (self.root / f".{dest.name}.sha256").write_text(digest)
@@ -303,28 +367,66 @@ class Agent:
         if not path.is_file():
             raise DeviceError(f"no file '{header['path']}' in the agent's folder")
         size = path.stat().st_size
-        offset, length = int(header.get("offset", 0)), int(header.get("length", 1 << 20))
+        offset = _int(header, "offset", 0, size, 0)
+        length = _int(header, "length", 0, MAX_FETCH, 1 << 20)
         with path.open("rb") as fh:
             fh.seek(offset)
-            data = fh.read(min(length, 1 << 24))
+            data = fh.read(length)
         return {"size": size, "offset": offset}, data
 
 
 # -- servers -------------------------------------------------------------------------------------
 
 
+def gated(gate: Gate, header: dict[str, Any]) -> dict[str, Any] | None:
+    """The reply to an authentication step (None: an ordinary request on an open connection).
+
+    Raises AuthError for a request on a connection that has not authenticated: refuse and close.
+    """
+    if gate.open and header.get("op") not in ("auth", "auth_proof"):
+        return None
+    reply = gate.step(header) if not gate.open else {"ok": True, "auth": "none" if gate.secret is None else "done"}
+    if "id" in header:
+        reply["id"] = header["id"]
+    return reply
+
+
+def _refusal(header: dict[str, Any] | None, exc: Exception) -> bytes:
+    reply = {"ok": False, "error": str(exc), "kind": type(exc).__name__}
+    if header is not None and "id" in header:
+        reply["id"] = header["id"]
+    return encode_frame(reply)
+
+
 def serve_stream(agent: Agent, read_exact: Any, write: Any) -> None:
-    """Answer frames on one connection until it closes; unfinished uploads on it are dropped."""
+    """Answer frames on one connection until it closes; unfinished uploads on it are dropped.
+
+    Nothing but the authentication is answered before it succeeds (when the agent has a secret).
+    """
     tokens: list[str] = []
+    gate = Gate(agent.secret)
     try:
         while True:
             try:
                 header, payload = read_frame(read_exact)
             except FrameError as exc:
-                write(encode_frame({"ok": False, "error": str(exc), "kind": "FrameError"}))
+                write(_refusal(None, exc))
                 return  # the stream lost its framing: the peer must reconnect
             except DeviceError:
-                return  # closed or cut
+                return  # closed, cut, or idle past the timeout
+            try:
+                step = gated(gate, header)
+            except AuthError as exc:
+                write(_refusal(header, exc))
+                return  # one refusal, then the connection is closed
+            if step is not None:
+                write(encode_frame(step))
+                continue
+            tokens = [t for t in tokens if agent.upload_open(t)]
+            if header.get("op") == "put_begin" and len(tokens) >= MAX_UPLOADS_PER_CONNECTION:
+                error = DeviceError(f"too many uploads open on this connection ({MAX_UPLOADS_PER_CONNECTION})")
+                write(_refusal(header, error))
+                continue
             reply, data = agent.handle(header, payload)
             if header.get("op") == "put_begin" and reply.get("ok"):
                 tokens.append(reply["upload"])
@@ -333,18 +435,43 @@ def serve_stream(agent: Agent, read_exact: Any, write: Any) -> None:
         agent.abort_uploads(tokens)
 
 
-def tcp_server(agent: Agent, host: str, port: int) -> socketserver.ThreadingTCPServer:
-    """A TCP server for ``agent`` on ``host:port`` (0: any free port); call serve_forever."""
+def tcp_server(
+    agent: Agent,
+    host: str,
+    port: int,
+    idle_timeout: float = IDLE_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+) -> socketserver.ThreadingTCPServer:
+    """A TCP server for ``agent`` on ``host:port`` (0: any free port); call serve_forever.
+
+    A connection silent for ``idle_timeout`` seconds (also in the middle of a frame) is closed;
+    past ``max_connections`` open at once, a new one gets a refusal and is closed.
+    """
+    slots = threading.BoundedSemaphore(max_connections)
 
     class Handler(socketserver.BaseRequestHandler):
         def handle(self) -> None:
-            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            serve_stream(agent, socket_reader(self.request, "client"), self.request.sendall)
+            if not slots.acquire(blocking=False):
+                error = DeviceError(f"the agent serves {max_connections} connections at most; try again later")
+                with contextlib.suppress(OSError):
+                    self.request.sendall(_refusal(None, error))
+                return
+            try:
+                self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.request.settimeout(idle_timeout)
+                serve_stream(agent, socket_reader(self.request, "client"), self.request.sendall)
+            except OSError:  # the peer went away while a reply was being sent
+                pass
+            finally:
+                slots.release()
 
-    socketserver.ThreadingTCPServer.allow_reuse_address = True
-    server = socketserver.ThreadingTCPServer((host, port), Handler)
-    server.daemon_threads = True
-    return server
+    class Server(socketserver.ThreadingTCPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+
+    if agent.secret is None and not is_loopback(host):
+        raise AuthError(f"refusing to serve {host} without a device secret (--secret-file): anyone could use it")
+    return Server((host, port), Handler)
 
 
 def serve_serial(agent: Agent, link: SerialLink) -> None:
@@ -352,7 +479,10 @@ def serve_serial(agent: Agent, link: SerialLink) -> None:
 
     A reply that cannot be delivered (the host went away, or sent a new request instead of taking
     it) is dropped; the host has given up on it, and its link discards it should it arrive late.
+    A line has no connections: a host authenticates once it opens the port, and a failed or new
+    ``auth`` closes the line's session again until the next success.
     """
+    gate = Gate(agent.secret)
     while True:
         try:
             message = link.receive(None)
@@ -363,7 +493,15 @@ def serve_serial(agent: Agent, link: SerialLink) -> None:
         except FrameError as exc:
             reply = encode_frame({"ok": False, "error": str(exc), "kind": "FrameError"})
         else:
-            reply = encode_frame(*agent.handle(header, payload))
+            if header.get("op") == "auth" and agent.secret is not None:
+                gate = Gate(agent.secret)  # a host opening the line starts a new session
+            try:
+                step = gated(gate, header)
+            except AuthError as exc:
+                gate = Gate(agent.secret)
+                reply = _refusal(header, exc)
+            else:
+                reply = encode_frame(step) if step is not None else encode_frame(*agent.handle(header, payload))
         try:
             link.send_message(reply, reply_to=message.id)
         except DeviceError:
@@ -380,6 +518,8 @@ def open_pty() -> tuple[int, str, int]:
 
 
 RPC_MAGIC = 0xFF271  # TVM RPC handshake (tvm/rpc/base.py); repeated here to keep `tvm.rpc` off the device
+# The key only names what a TVM RPC tracker would match a client to; it proves nothing (TVM's
+# handshake sends it in the clear). Clients authenticate inside the session, with the frames' HMAC.
 RPC_KEY = "edgert"
 
 
@@ -397,12 +537,26 @@ def rpc_server(agent: Agent, host: str, port: int) -> tuple[socket.socket, threa
     tvm = import_tvm()  # loads the runtime library, which registers rpc.ServerLoop (and keeps torch out)
     import tvm_ffi  # already imported by tvm, so without torch
 
+    sessions = threading.local()  # each RPC session is served on a thread of its own
+
     @tvm_ffi.register_global_func("edgert.agent.request", override=True)
     def _request(frame: Any) -> Any:
         header, payload = decode_frame(bytes(frame))
+        gate = getattr(sessions, "gate", None)
+        if gate is None:  # not an edgert session thread: never open
+            gate = Gate(agent.secret or b"\0" * 32)
+        try:
+            step = gated(gate, header)
+        except AuthError as exc:
+            sessions.gate = Gate(b"\0" * 32)  # this session stays refused (the secret cannot be all zeros)
+            return bytearray(_refusal(header, exc))
+        if step is not None:
+            return bytearray(encode_frame(step))
         return bytearray(encode_frame(*agent.handle(header, payload)))
 
     loop = tvm.get_global_func("rpc.ServerLoop")
+    if agent.secret is None and not is_loopback(host):
+        raise AuthError(f"refusing to serve TVM RPC on {host} without a device secret (--secret-file)")
     listener = socket.create_server((host, port))
 
     def session(conn: socket.socket) -> None:
@@ -411,13 +565,20 @@ def rpc_server(agent: Agent, host: str, port: int) -> tuple[socket.socket, threa
             if struct.unpack("<i", recv(4))[0] != RPC_MAGIC:
                 conn.close()
                 return
-            key = recv(struct.unpack("<i", recv(4))[0]).decode().split()
+            conn.settimeout(IDLE_TIMEOUT)  # the handshake; the session loop has its own
+            length = struct.unpack("<i", recv(4))[0]
+            if not 0 < length <= 4096:
+                conn.close()
+                return
+            key = recv(length).decode(errors="replace").split()
             if not key or key[0] != f"client:{RPC_KEY}":
                 conn.sendall(struct.pack("<i", RPC_MAGIC + 2))  # RPC_CODE_MISMATCH
                 conn.close()
                 return
             server_key = f"server:{RPC_KEY}".encode()
             conn.sendall(struct.pack("<ii", RPC_MAGIC, len(server_key)) + server_key)
+            sessions.gate = Gate(agent.secret)
+            conn.settimeout(None)  # blocking again: TVM's loop reads the descriptor itself
             loop(conn.detach())  # the loop owns the descriptor now and closes it
         except Exception:  # one broken session must not stop the server
             traceback.print_exc()
@@ -446,8 +607,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", default=None, help="device name reported to clients")
     ap.add_argument("--quota", type=int, default=None, help="most bytes the agent's folder may hold")
     ap.add_argument("--emulated", action="store_true", help="report the device as emulated")
+    ap.add_argument("--secret-file", type=Path, default=None, help="the device secret (hex) every client must prove")
+    ap.add_argument("--allow-unsigned", action="store_true", help="run artifacts that no trusted key signed")
+    ap.add_argument("--trusted-keys", type=Path, action="append", default=[], help="a folder of trusted *.pub keys")
+    ap.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, help="seconds before a silent link is closed")
+    ap.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, help="TCP connections served at once")
     args = ap.parse_args(argv)
-    agent = Agent(args.root, name=args.name, quota_bytes=args.quota, emulated=args.emulated)
+    from edgert.artifact import signing
+
+    secret = None
+    if args.secret_file is not None:
+        try:
+            secret = parse_secret(args.secret_file.read_text(), str(args.secret_file))
+        except OSError as exc:
+            ap.error(f"cannot read the device secret: {exc}")
+        except AuthError as exc:
+            ap.error(str(exc))
+    if secret is None and not is_loopback(args.host) and (args.port is not None or args.rpc_port is not None):
+        ap.error(f"refusing to bind {args.host} without --secret-file: anyone who reaches it could run code here")
+    if args.allow_unsigned:
+        signing.allow_unsigned(True)
+    for folder in args.trusted_keys:
+        signing.trust_folder(folder)
+    agent = Agent(args.root, name=args.name, quota_bytes=args.quota, emulated=args.emulated, secret=secret)
 
     if args.stdio:
         stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -465,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
 
     threads: list[threading.Thread] = []
     if args.port is not None:
-        server = tcp_server(agent, args.host, args.port)
+        server = tcp_server(agent, args.host, args.port, args.idle_timeout, args.max_connections)
         threads.append(threading.Thread(target=server.serve_forever, daemon=True))
         threads[-1].start()
         announce(f"listening on {server.server_address[0]}:{server.server_address[1]}")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from edgert.errors import DeviceError
-from edgert.paths import cache_dir
+from edgert.paths import build_once, cache_dir
 from edgert.targets import load_target
 
 SUITE = "bookworm"  # Python 3.11, as the wheels below
@@ -82,13 +82,22 @@ def rootfs_path() -> Path:
     return board_dir() / "rootfs-arm64"
 
 
+ROOTFS_STAMP = ".edgert-rootfs.json"
+
+
 def build_rootfs(progress: Progress | None = None) -> Path:
-    """Build the arm64 root file system once; later calls return the cached one at once."""
+    """Build the arm64 root file system once; later calls return the cached one at once.
+
+    Built under a lock into a temporary folder and renamed into place with its stamp
+    (`edgert.paths.build_once`): two first starts at once build it once, and a half-built one
+    (a killed build) is rebuilt.
+    """
+    return build_once(rootfs_path(), lambda part: _build_rootfs(part, progress), ROOTFS_STAMP, json.dumps(_recipe()))
+
+
+def _build_rootfs(part: Path, progress: Progress | None) -> None:
+    """Debootstrap, unpack and add the wheels into the empty folder ``part``."""
     say = progress or (lambda stage, fraction: None)
-    rootfs = rootfs_path()
-    stamp = rootfs / ".edgert-rootfs.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == _recipe():
-        return rootfs
     debootstrap = _need("debootstrap", "debootstrap")
     _need("qemu-aarch64-static", "qemu-user-static")
     if os.geteuid() != 0:
@@ -96,8 +105,6 @@ def build_rootfs(progress: Progress | None = None) -> Path:
     debs, wheels = board_dir() / "debs", board_dir() / "wheels"
     debs.mkdir(exist_ok=True)
     wheels.mkdir(exist_ok=True)
-    part = board_dir() / "rootfs-arm64.part"
-    shutil.rmtree(part, ignore_errors=True)
 
     say("debootstrap (first stage): downloading arm64 packages", None)
     argv = [debootstrap, "--arch=arm64", "--foreign", "--variant=minbase", f"--cache-dir={debs}"]
@@ -131,11 +138,7 @@ def build_rootfs(progress: Progress | None = None) -> Path:
         say(f"unzip {wheel.name.split('-')[0]}", i / len(names))
         with zipfile.ZipFile(wheel) as zf:
             zf.extractall(site)
-    (part / ".edgert-rootfs.json").write_text(json.dumps(_recipe()))
-    shutil.rmtree(rootfs, ignore_errors=True)
-    part.rename(rootfs)
     say("root file system ready", 1.0)
-    return rootfs
 
 
 def download_wheels(folder: Path) -> None:
@@ -230,7 +233,20 @@ def running_board() -> dict[str, Any]:
 
 
 def start(target: str = "rpi5", port: int = 0, progress: Progress | None = None) -> dict[str, Any]:
-    """Build (once) and start the emulated board for ``target``; its state. Agent bound to 127.0.0.1."""
+    """Build (once) and start the emulated board for ``target``; its state. Agent bound to 127.0.0.1.
+
+    Serialised by a lock: a second start at the same time waits, then finds this board running.
+    The board's agent requires the device secret "board" (created on the first start, when the
+    state's ``secret_created`` holds it, to be printed once).
+    """
+    import fcntl
+
+    with open(board_dir() / ".start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _start(target, port, progress)
+
+
+def _start(target: str, port: int, progress: Progress | None) -> dict[str, Any]:
     spec = load_target(target)
     if spec.arch != "aarch64":
         raise BoardError(f"the emulated board is arm64; target '{target}' is {spec.arch}")
@@ -253,6 +269,10 @@ def start(target: str = "rpi5", port: int = 0, progress: Progress | None = None)
     folder = board_dir()
     pty_file, log = folder / "serial-pty", folder / "agent.log"
     pty_file.unlink(missing_ok=True)
+    from edgert.deploy.device_secrets import ensure_secret, write_agent_copy
+
+    secret, created = ensure_secret("board")
+    secret_file = write_agent_copy(secret, folder / "agent.secret")
     qemu = _need("qemu-aarch64-static", "qemu-user-static")
     threads = max(1, min(spec.default_threads(), os.cpu_count() or 1))  # emulated cores share the host's
     env = {
@@ -267,7 +287,7 @@ def start(target: str = "rpi5", port: int = 0, progress: Progress | None = None)
     name = f"emulated {target} ({spec.cpu}, qemu-aarch64)"
     argv = [qemu, "-L", str(rootfs), "-cpu", spec.cpu, str(rootfs / PYTHON), "-m", "edgert.deploy.agent"]
     argv += ["--root", str(rootfs / AGENT_ROOT), "--host", "127.0.0.1", "--port", str(port), "--rpc-port", "0"]
-    argv += ["--serial-pty", str(pty_file), "--name", name, "--emulated"]
+    argv += ["--serial-pty", str(pty_file), "--name", name, "--emulated", "--secret-file", str(secret_file)]
     with log.open("wb") as fh:
         # cwd: `python -m` puts it first on sys.path; it must be the board's copy of edgert
         proc = subprocess.Popen(
@@ -305,7 +325,7 @@ def start(target: str = "rpi5", port: int = 0, progress: Progress | None = None)
         "started": time.time(),
     }
     _state_file().write_text(json.dumps(state, indent=1))
-    return state
+    return {**state, "secret_created": secret.hex()} if created else state
 
 
 def stop() -> bool:

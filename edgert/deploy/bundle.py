@@ -1,4 +1,5 @@
-"""What is shipped to a device: edgert's runtime side, the agent and the target files, as one tar."""
+"""What is shipped to a device: edgert's runtime side, the agent, the target files and the public keys
+this host trusts (the device then trusts the artifacts they signed), as one tar."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import io
 import tarfile
 from pathlib import Path
 
+from edgert.artifact.signing import SHIPPED, trusted_keys
 from edgert.paths import TARGETS_DIR
 
 # The device side: no compiler, frontend or CLI; the families' runtime tasks are there, their
@@ -41,4 +43,9 @@ def runtime_tar() -> bytes:
                 tar.add(f, arcname=str(Path("edgert") / f.relative_to(package)))
         for f in sorted(TARGETS_DIR.glob("*.toml")):
             tar.add(f, arcname=f"targets/{f.name}")
+        for fp, public in trusted_keys().items():
+            data = public.hex().encode() + b"\n"
+            info = tarfile.TarInfo(f"{SHIPPED}/{fp}.pub")
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
     return buf.getvalue()

@@ -17,9 +17,11 @@ from typing import Any
 
 from edgert.deploy.protocol import (
     CHUNK,
+    AuthError,
     FrameError,
     PySerialPort,
     SerialLink,
+    authenticate,
     decode_frame,
     encode_frame,
     file_reader,
@@ -36,6 +38,8 @@ _ERRORS: dict[str, type[Exception]] = {
     "TargetError": TargetError,
     "ContextLengthError": ContextLengthError,
     "FrameError": FrameError,
+    "AuthError": AuthError,
+    "SignatureError": ArtifactError,
     "ValueError": ValueError,
 }
 
@@ -207,6 +211,14 @@ class Device:
             cls = _ERRORS.get(str(reply.get("kind")), DeviceError)
             raise cls(f"{self.uri}: {reply.get('error')}")
         return reply, data
+
+    def authenticate(self, secret: bytes) -> None:
+        """Prove to the agent that this host holds the device's secret (after the agent proved it does)."""
+
+        def exchange(header: dict[str, Any]) -> dict[str, Any]:
+            return self.channel.exchange({**header, "id": next(self._ids)}, b"", self.timeout)[0]
+
+        authenticate(exchange, secret, self.uri)
 
     def hello(self) -> dict[str, Any]:
         """What the device is (arch, CPU features, free space, artifacts); asked once."""

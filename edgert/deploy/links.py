@@ -7,6 +7,11 @@ ssh://user@host[:port]             copies the runtime and agent over ssh, runs t
 adb://SERIAL                       pushes the runtime, starts the agent, forwards a port (?python=...)
 rpc://HOST:PORT                    TVM RPC to an agent serving RPC in-process
 serial:///dev/ttyX?baud=115200     a UART: CRC'd packets with retransmission (&retries=N)
+
+Every link but local and ssh (whose pipes ssh itself authenticates) proves the device's secret to
+its agent first (`edgert.deploy.protocol`): the secret named by ``?secret=NAME`` (kept in
+``<config>/devices/NAME.secret``), else ``$EDGERT_DEVICE_SECRET``, else the running board's
+("board") for its URIs, else the phone's ("adb-SERIAL") for adb://.
 """
 
 from __future__ import annotations
@@ -38,7 +43,51 @@ def _host_port(parts: Any, uri: str, default_port: int | None = None) -> tuple[s
 
 
 def parse_device(uri: str, timeout: float = 3600.0) -> Device:
-    """Open the device that ``uri`` names (see the module's docstring for the forms)."""
+    """Open the device that ``uri`` names (see the module's docstring for the forms), authenticated."""
+    device = _open(uri, timeout)
+    if device.link in ("local", "ssh"):
+        return device
+    try:
+        secret = _secret_for(device.link, urlsplit(uri))
+        if secret is not None:
+            device.authenticate(secret)
+    except BaseException:
+        device.close()
+        raise
+    return device
+
+
+def _secret_for(link: str, parts: Any) -> bytes | None:
+    """The secret to prove on a link to ``parts`` (see the module's docstring), or None."""
+    from edgert.deploy import device_secrets
+
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    if "secret" in query:
+        name = query["secret"]
+        secret = device_secrets.load_secret(name)
+        if secret is None:
+            raise DeviceError(f"no device secret named '{name}' here ({device_secrets.secret_path(name)})")
+        return secret
+    secret = device_secrets.from_environment()
+    if secret is not None:
+        return secret
+    if link == "adb":
+        return device_secrets.load_secret(f"adb-{parts.netloc}")
+    if link in ("board", "rpc", "serial"):
+        from edgert.deploy.board import status
+
+        state = status()
+        if state is None:
+            return None
+        ours = {("board", "127.0.0.1", state["port"]), ("rpc", "127.0.0.1", state["rpc_port"])}
+        if (link == "board" and not parts.netloc) or (link, parts.hostname, parts.port) in ours:
+            return device_secrets.load_secret("board")
+        if link == "serial" and parts.path == state.get("serial"):
+            return device_secrets.load_secret("board")
+    return None
+
+
+def _open(uri: str, timeout: float) -> Device:
     if uri in ("local", "local://"):
         from edgert.deploy.agent import Agent
 
@@ -126,13 +175,15 @@ def adb_commands(serial: str, python: str, device_port: int, local_port: int) ->
     adb = ["adb", "-s", serial]
     q = shlex.quote
     start = (
-        f"cd {ADB_DIR} && EDGERT_HOME=. PYTHONPATH=. nohup {q(python)} -m edgert.deploy.agent --root artifacts "
-        f"--port {device_port} --name {q(serial)} > agent.log 2>&1 &"
+        f"cd {ADB_DIR} && chmod 600 agent.secret && EDGERT_HOME=. PYTHONPATH=. nohup {q(python)} "
+        f"-m edgert.deploy.agent --root artifacts --port {device_port} --name {q(serial)} "
+        "--secret-file agent.secret > agent.log 2>&1 &"
     )
     return {
         "state": [*adb, "get-state"],
         "push": [*adb, "push", "{tar}", f"{ADB_DIR}.tar"],
         "unpack": [*adb, "shell", f"mkdir -p {ADB_DIR} && tar -xf {ADB_DIR}.tar -C {ADB_DIR}"],
+        "secret": [*adb, "push", "{secret}", f"{ADB_DIR}/agent.secret"],
         "start": [*adb, "shell", start],
         "forward": [*adb, "forward", f"tcp:{local_port}", f"tcp:{device_port}"],
     }
@@ -168,6 +219,7 @@ def adb_channel(uri: str, parts: Any, query: dict[str, str]) -> SocketChannel:
     tar.write_bytes(runtime_tar())
     _adb([a.replace("{tar}", str(tar)) for a in cmds["push"]], uri, "pushing the runtime")
     _adb(cmds["unpack"], uri, "unpacking the runtime")
+    push_secret(serial, cmds["secret"], uri)
     _adb(cmds["start"], uri, "starting the agent")
     local_port = int(_adb(cmds["forward"], uri, "forwarding the agent's port") or 0)
     deadline = time.monotonic() + 60
@@ -178,6 +230,22 @@ def adb_channel(uri: str, parts: Any, query: dict[str, str]) -> SocketChannel:
             if time.monotonic() > deadline:
                 raise
             time.sleep(1.0)
+
+
+def push_secret(serial: str, argv: list[str], uri: str) -> None:
+    """Create the phone's device secret here (printed once) and push the agent's copy (0600 there)."""
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from edgert.deploy.device_secrets import ensure_secret, secret_path, write_agent_copy
+
+    secret, created = ensure_secret(f"adb-{serial}")
+    if created:
+        print(f"device secret for {uri}: {secret.hex()} (kept in {secret_path(f'adb-{serial}')})", file=sys.stderr)
+    with tempfile.TemporaryDirectory() as folder:
+        copy = write_agent_copy(secret, Path(folder) / "agent.secret")
+        _adb([a.replace("{secret}", str(copy)) for a in argv], uri, "pushing the device secret")
 
 
 def _has_adb(uri: str) -> bool:

@@ -13,6 +13,14 @@ Every request header carries an ``id`` that its reply repeats. A host reads past
 another id: answers to requests it gave up on (a timed-out TCP read, a serial line that garbled
 everything) may still arrive, and must never be taken for the answer awaited.
 
+Authentication: an agent that holds a secret (32 random bytes made when it is installed) answers
+nothing on a connection until the host proves it knows that secret, and proves its own knowledge
+first: the host sends ``auth`` with a nonce, the agent answers with its nonce and
+HMAC-SHA256(secret, "edgert-agent" | host nonce | agent nonce), the host checks it and sends
+``auth_proof`` with HMAC-SHA256(secret, "edgert-host" | agent nonce | host nonce). The labels
+keep either side's proof from serving as the other's; fresh nonces from both make replays useless.
+Any other first request, or a wrong proof, gets one refusal and the connection is closed.
+
 Only the standard library is used: the agent runs on devices with the runtime's dependencies alone.
 """
 
@@ -21,8 +29,10 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import hmac
 import json
 import os
+import secrets
 import select
 import struct
 import time
@@ -44,6 +54,91 @@ CHUNK = 1 << 20  # upload chunk on stream links
 
 class FrameError(DeviceError):
     """A frame arrived garbled (bad magic, impossible length or CRC mismatch)."""
+
+
+class AuthError(DeviceError):
+    """A connection did not prove knowledge of the device's secret (or the agent did not prove its own)."""
+
+
+SECRET_BYTES = 32
+_NONCE_BYTES = 32
+
+
+def new_secret() -> bytes:
+    """A fresh device secret."""
+    return secrets.token_bytes(SECRET_BYTES)
+
+
+def parse_secret(text: str, where: str = "secret") -> bytes:
+    """A secret written as hex (how it is stored and printed)."""
+    try:
+        secret = bytes.fromhex(text.strip())
+    except ValueError as exc:
+        raise AuthError(f"{where}: not a hex device secret") from exc
+    if len(secret) < 16:
+        raise AuthError(f"{where}: a device secret has at least 16 bytes")
+    return secret
+
+
+def _proof(secret: bytes, label: bytes, first: bytes, second: bytes) -> str:
+    return hmac.new(secret, label + b"|" + first + b"|" + second, "sha256").hexdigest()
+
+
+def _nonce(header: dict[str, Any], key: str) -> bytes:
+    value = header.get(key)
+    try:
+        nonce = bytes.fromhex(value) if isinstance(value, str) else b""
+    except ValueError:
+        nonce = b""
+    if len(nonce) != _NONCE_BYTES:
+        raise AuthError(f"authentication: '{key}' is not a {_NONCE_BYTES}-byte hex nonce")
+    return nonce
+
+
+class Gate:
+    """The agent's side of the challenge-response on one connection."""
+
+    def __init__(self, secret: bytes | None):
+        self.secret = secret
+        self.open = secret is None  # an agent without a secret (loopback only) asks for nothing
+        self._nonces: tuple[bytes, bytes] | None = None
+
+    def step(self, header: dict[str, Any]) -> dict[str, Any]:
+        """The reply to a request on a connection not yet open; raises AuthError to refuse and close."""
+        op = header.get("op")
+        if self.secret is None:
+            return {"ok": True, "auth": "none"}
+        if op == "auth" and self._nonces is None:
+            host, mine = _nonce(header, "nonce"), secrets.token_bytes(_NONCE_BYTES)
+            self._nonces = (host, mine)
+            return {"ok": True, "nonce": mine.hex(), "proof": _proof(self.secret, b"edgert-agent", host, mine)}
+        if op == "auth_proof" and self._nonces is not None:
+            host, mine = self._nonces
+            want = _proof(self.secret, b"edgert-host", mine, host)
+            if hmac.compare_digest(want, str(header.get("proof", ""))):
+                self.open = True
+                return {"ok": True}
+            raise AuthError("authentication failed: wrong device secret")
+        raise AuthError(f"not authenticated: '{op}' refused (this agent needs its device secret)")
+
+
+def authenticate(exchange: Callable[[dict[str, Any]], dict[str, Any]], secret: bytes, where: str) -> None:
+    """The host's side: prove knowledge of ``secret`` to the agent, after it proved its own.
+
+    ``exchange(header)`` sends one request and returns the reply header.
+    """
+    host = secrets.token_bytes(_NONCE_BYTES)
+    reply = exchange({"op": "auth", "nonce": host.hex()})
+    if not reply.get("ok"):
+        raise AuthError(f"{where}: the agent refused authentication ({reply.get('error')})")
+    if reply.get("auth") == "none":
+        raise AuthError(f"{where}: the agent holds no device secret; refusing to trust it with the secret's proof")
+    agent = _nonce(reply, "nonce")
+    if not hmac.compare_digest(_proof(secret, b"edgert-agent", host, agent), str(reply.get("proof", ""))):
+        raise AuthError(f"{where}: the agent could not prove it holds this device's secret (another device?)")
+    reply = exchange({"op": "auth_proof", "proof": _proof(secret, b"edgert-host", agent, host)})
+    if not reply.get("ok"):
+        raise AuthError(f"{where}: {reply.get('error')}")
 
 
 def encode_frame(header: dict[str, Any], payload: bytes = b"") -> bytes:

@@ -139,9 +139,11 @@ def load(
     refuses an artifact built for the other kind, saying how to build one.
     """
     from edgert.artifact import open_artifact
+    from edgert.artifact.signing import require_trusted
     from edgert.runtime.session import check_device_kind
 
     artifact = open_artifact(path)
+    require_trusted(artifact.signature(), path)  # before anything of it is loaded (the library loads check again)
     check_device_kind(artifact, device_kind)
     try:
         family = get(artifact.family)

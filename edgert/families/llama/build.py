@@ -3,6 +3,7 @@ entry points (prefill, verify, decode, per-layer pieces, the paged KV cache), on
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,10 @@ def build(req: BuildRequest) -> CompileResult:
                 shutil.copyfile(cached, stage / "model.so")
             else:
                 executable.export_library(str(stage / "model.so"), fcompile=job.fcompile)
-                if cached is not None:
-                    shutil.copyfile(stage / "model.so", cached)
+                if cached is not None:  # copied beside it, then renamed: a reader never sees half a library
+                    part = cached.with_name(f".{cached.name}.{os.getpid()}.part")
+                    shutil.copyfile(stage / "model.so", part)
+                    os.replace(part, cached)
         with job.timed("pack"):
             order, arrays = write_weights(named_params, weights.items(), repack, stage, source)
             (stage / "tokenizer.json").write_text(tokenizer_json)
