@@ -142,3 +142,22 @@ def test_calibration_for_the_encoder_is_checked(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(EdgertError, match=r"no \.wav files"):
         calibration_mels(tmp_path / "empty", 80, 100)
+
+
+@pytest.mark.slow
+def test_ethos_u55_artifact_transcribes_like_the_float_build(transcriber, tmp_path: Path) -> None:
+    """The whole path a user takes: compile for the U55 (int8 encoder through Vela, decoder on the
+    CPU), then transcribe beckett.wav with the encoder in LiteRT: the float build's words, beam 5."""
+    from conftest import run_cli
+
+    from edgert.families.whisper.transcriber import Transcriber
+    from edgert.runtime.audio import read_wav
+
+    out = tmp_path / "whisper-u55.edgert"
+    proc = run_cli("compile", "whisper-tiny.en", "--target", "ethos-u55-128", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    npu = Transcriber(out)
+    assert npu.artifact.manifest["npu"]["encoder"], "the encoder is not an NPU partition"
+    samples = read_wav(_beckett()).samples
+    got, want = npu.transcribe(samples, beam_size=5), transcriber.transcribe(samples, beam_size=5)
+    assert got.text == want.text

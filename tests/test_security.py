@@ -86,25 +86,6 @@ def small_artifact(folder: Path, library: Path | None = None, sign: bool = True,
 # -- signatures ----------------------------------------------------------------------------------
 
 
-def test_pure_python_ed25519_agrees_with_cryptography() -> None:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    from edgert.artifact import ed25519
-
-    rng = random.Random(5)
-    for i in range(8):
-        key = Ed25519PrivateKey.generate()
-        public = key.public_key().public_bytes_raw()
-        message = rng.randbytes(i * 13)
-        signature = key.sign(message)
-        assert ed25519.verify(public, message, signature)
-        bad = bytearray(signature)
-        bad[rng.randrange(64)] ^= 1 << rng.randrange(8)
-        assert not ed25519.verify(public, message, bytes(bad))
-        assert not ed25519.verify(public, message + b"!", signature)
-        assert not ed25519.verify(Ed25519PrivateKey.generate().public_key().public_bytes_raw(), message, signature)
-
-
 def test_artifacts_are_signed_and_every_tampering_is_named(
     tmp_path: Path, config: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

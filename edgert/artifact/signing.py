@@ -11,8 +11,8 @@ user's private key, 0600, created on first compile) and ``signing-key.pub``; ``t
 (other keys this machine trusts, `edgert keys trust`). A device also trusts the keys shipped with
 its runtime (``<EDGERT_HOME>/trusted-keys/*.pub``, written by `edgert deploy`'s bundle).
 
-Signing needs the `cryptography` package (host side); verifying uses it when present, else the
-pure-Python verifier in `edgert.artifact.ed25519` (devices with the runtime's dependencies only).
+Signing and verifying use the `cryptography` package, on the host and on devices (the emulated
+board's root file system carries its aarch64 wheel).
 """
 
 from __future__ import annotations
@@ -169,10 +169,10 @@ def _verify(public: bytes, message: bytes, signature: bytes) -> bool:
     try:
         from cryptography.exceptions import InvalidSignature
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    except ImportError:
-        from edgert.artifact import ed25519
-
-        return ed25519.verify(public, message, signature)
+    except ImportError as err:
+        raise SignatureError(
+            "verifying an artifact's signature needs the 'cryptography' package: pip install cryptography"
+        ) from err
     try:
         Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
     except (InvalidSignature, ValueError):

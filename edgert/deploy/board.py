@@ -44,6 +44,9 @@ WHEELS = (
     "jinja2==3.1.6",
     "markupsafe==3.0.4",
     "pyserial==3.5",
+    "cryptography==50.0.2",  # verifies artifact signatures (abi3 wheel, OpenSSL inside)
+    "cffi==2.1.1",
+    "pycparser==3.12",
 )
 WHEEL_PLATFORMS = ("manylinux2014_aarch64", "manylinux_2_17_aarch64", "manylinux_2_28_aarch64")
 PYTHON = "usr/bin/python3.11"
