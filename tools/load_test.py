@@ -23,6 +23,7 @@ import random
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -232,7 +233,7 @@ def wait_ready(port: int, proc: subprocess.Popen, seconds: float = 300.0) -> Non
     deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"error: the server exited with {proc.returncode} before it answered")
+            raise SystemExit(f"error: the server exited with {proc.returncode} before it answered (log: {proc.log})")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
             conn.request("GET", "/v1/models")
@@ -248,9 +249,18 @@ def start_edgert(artifact: Path, threads: int | None) -> tuple[subprocess.Popen,
     cmd = [sys.executable, "-m", "edgert.cli", "serve", str(artifact), "--port", str(port)]
     if threads:
         cmd += ["--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = spawn(cmd, "edgert")
     wait_ready(port, proc)
     return proc, port
+
+
+def spawn(cmd: list[str], name: str) -> subprocess.Popen:
+    """Start a server with its output in a log file (a pipe nobody reads would block it once full)."""
+    log = Path(tempfile.mkdtemp(prefix="load_test-")) / f"{name}.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
 
 
 def start_llama_cpp(gguf: Path, threads: int | None, model: str, context: int) -> tuple[subprocess.Popen, int]:
@@ -276,7 +286,7 @@ def start_llama_cpp(gguf: Path, threads: int | None, model: str, context: int) -
     ]
     if threads:
         cmd += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = spawn(cmd, "llama-cpp")
     wait_ready(port, proc)
     return proc, port
 
