@@ -246,3 +246,28 @@ def test_pages_in_use_return_to_zero_after_a_short_load_test(server: Server) -> 
     assert summary["active_sequences"] == 0
     engine.clear_prefix_cache()
     assert engine.snapshot()["kv_pages_in_use"] == 0
+
+
+@pytest.mark.slow
+def test_transcriptions_answer_the_openai_client_and_refuse_bad_audio(whisper_short_artifact: Path) -> None:
+    from test_whisper import beckett_wav
+
+    from edgert.families.whisper.transcriber import Transcriber
+    from edgert.serve.models import load_models
+
+    named = whisper_short_artifact.with_name("whisper.edgert")
+    if not named.exists():
+        named.symlink_to(whisper_short_artifact.name)
+    srv = Server(load_models([named]))
+    try:
+        client = srv.client()
+        with beckett_wav().open("rb") as fh:
+            got = client.audio.transcriptions.create(model="whisper", file=fh)
+        direct = Transcriber(whisper_short_artifact)
+        assert got.text == direct.transcribe(beckett_wav(), beam_size=direct.default_beam_size).text and got.text
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.audio.transcriptions.create(model="whisper", file=("x.wav", b"not a wav file"))
+        assert bad.value.status_code == 400 and bad.value.body["code"] == "invalid_audio"
+        assert "uploaded file" in bad.value.body["message"]
+    finally:
+        srv.stop()

@@ -42,12 +42,15 @@ class Transcription(OneThread):
 
         self.model = self.pool.submit(Transcriber, path, threads).result()
 
-    def transcribe(self, data: bytes, language: str | None = None) -> dict[str, Any]:
+    def transcribe(self, data: bytes) -> dict[str, Any]:
         """Text and segments of an uploaded WAV file (the bytes of the multipart part)."""
         with tempfile.NamedTemporaryFile(suffix=".wav") as fh:
             fh.write(data)
             fh.flush()
-            result = self.model.transcribe(fh.name, beam_size=self.model.default_beam_size)
+            try:
+                result = self.model.transcribe(fh.name, beam_size=self.model.default_beam_size)
+            except EdgertError as exc:  # name the upload, not the temporary file
+                raise type(exc)(str(exc).replace(fh.name, "the uploaded file")) from None
         return {
             "text": result.text,
             "duration": round(float(getattr(result.stats, "audio_seconds", 0.0) or 0.0), 3),
