@@ -125,6 +125,7 @@ ALLOWED = {
     "edgert.families": BASE | {"edgert.families", "edgert.compiler", "edgert.frontend", "edgert.runtime"},
     "edgert.profile": BASE | {"edgert.profile", "edgert.runtime", "edgert.families"},
     "edgert.deploy": BASE | {"edgert.deploy", "edgert.runtime", "edgert.families", "edgert.profile"},
+    "edgert.serve": BASE | {"edgert.serve", "edgert.runtime", "edgert.families"},
 }
 
 

@@ -2,7 +2,7 @@
 
 compile (`compile`), run and chat (`run`), inspect (`inspect`), targets and models (`catalog`),
 bench (`bench`), deploy and profile (`deploy`), board (`board`), keys (`keys`), transcribe (`audio`), codec
-(`codec`), calibrate (`calibrate`); shared consoles and options in `common`.
+(`codec`), calibrate (`calibrate`), serve (`serve`); shared consoles and options in `common`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from edgert.cli import audio, bench, board, calibrate, catalog, codec, deploy, inspect, keys, run
+from edgert.cli import audio, bench, board, calibrate, catalog, codec, deploy, inspect, keys, run, serve
 from edgert.cli import compile as compile_command
 from edgert.cli.common import err
 from edgert.errors import EdgertError
@@ -35,6 +35,7 @@ for command in (
     deploy.profile,
     audio.transcribe,
     calibrate.calibrate,
+    serve.serve,
 ):
     app.command()(command)
 app.add_typer(board.app, name="board")

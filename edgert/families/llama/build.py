@@ -171,6 +171,10 @@ def entry_points(cfg: Any) -> dict[str, Any]:
             "inputs": [{**ids, "shape": [1, 1]}, cache],
             "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
         },
+        "batch_decode": {
+            "inputs": [{**ids, "shape": ["batch_size", 1]}, cache],
+            "outputs": [{**logits, "shape": ["batch_size", 1, cfg.vocab_size]}, cache],
+        },
         **_layer_entry_points(cfg),
         "create_kv_cache": create_kv_cache_entry(cache),
     }

@@ -164,6 +164,15 @@ class LlamaForCausalLM(nn.Module):
         """One new token per step: logits [1, 1, vocab]."""
         return self._logits(self._stack(self.embed_tokens(input_ids), cache)), cache
 
+    def batch_decode(self, input_ids: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """One new token for each of ``batch`` sequences in one pass: ids [batch, 1] -> logits [batch, 1, vocab].
+
+        Row i belongs to the i-th sequence id given to the cache's ``begin_forward`` (a server's
+        concurrent requests); the projections see ``batch`` rows at once, so the weights are read
+        once per step instead of once per sequence.
+        """
+        return self._logits(self._stack(self.embed_tokens(input_ids), cache)), cache
+
     # -- layer-range execution (early exit, self-speculative drafting) --------------------
     # One Relax function per layer (``layer_<i>``) rather than one taking the layer index: the
     # weights stay in the per-layer layout every other entry point uses, the KV cache's layer
@@ -226,6 +235,7 @@ class LlamaForCausalLM(nn.Module):
             "prefill": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
             "verify": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
             "decode": {"input_ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "$": packed},
+            "batch_decode": {"input_ids": nn.spec.Tensor(["batch_size", 1], "int32"), "cache": cache, "$": packed},
             "embed": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "$": packed},
             "head": {"h": hidden, "$": packed},
             **{

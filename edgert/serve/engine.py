@@ -1,0 +1,488 @@
+"""Continuous batching of a compiled language model: one scheduler thread, one paged KV cache.
+
+Requests enter a bounded queue (`QueueFullError` when it is full: the server answers 429). The
+scheduler thread owns the model: it admits queued requests while the batch has room and the KV
+cache has pages for them, prefills each (forking the longest cached prefix, see `PrefixCache`),
+then runs every active sequence's next token in ONE ``batch_decode`` pass per step. A cancelled
+request (a client that went away) loses its sequence and pages before the next step.
+
+Events go to each request's ``sink`` from the scheduler thread: ``("text", str)`` pieces, then
+``("done", finish_reason)`` or ``("error", message)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from edgert.artifact.reader import Artifact
+from edgert.errors import ContextLengthError, EdgertError
+from edgert.runtime.generator import GenerationStats, TokenEmitter
+from edgert.runtime.sampling import Sampler, SamplingParams
+from edgert.runtime.session import Session
+from edgert.runtime.tokenizer import TextTokenizer
+from edgert.runtime.tvm_runtime import global_func, shape, to_numpy
+from edgert.serve.prefix_cache import PrefixCache
+
+Sink = Callable[[tuple[str, Any]], None]
+FINISH_REASONS = {"stop_token": "stop", "stop_string": "stop", "max_tokens": "length", "context_full": "length"}
+
+
+class QueueFullError(EdgertError):
+    """The request queue is full: try again later."""
+
+
+@dataclass
+class Request:
+    """One generation: its prompt, limits and where its events go; the rest is the scheduler's."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stop: list[str]
+    sink: Sink
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    seq_id: int = -1
+    kv_tokens: list[int] = field(default_factory=list)  # the tokens whose KV the sequence holds
+    next_token: int = -1  # sampled, not yet in the cache
+    reserved_pages: int = 0
+    first_token_at: float | None = None
+    sent: int = 0  # characters of the emitter's text sent so far
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    emitter: TokenEmitter | None = None
+    sampler: Sampler | None = None
+
+
+class BatchKVCache:
+    """TVM's paged KV cache holding many sequences, by sequence id."""
+
+    def __init__(self, session: Session, max_batch: int, max_tokens: int, prefill_chunk: int, page_size: int):
+        self._begin = global_func("vm.builtin.kv_state_begin_forward")
+        self._end = global_func("vm.builtin.kv_state_end_forward")
+        self._add = global_func("vm.builtin.kv_state_add_sequence")
+        self._fork = global_func("vm.builtin.kv_state_fork_sequence")
+        self._remove = global_func("vm.builtin.kv_state_remove_sequence")
+        self._popn = global_func("vm.builtin.kv_state_popn")
+        self._available = global_func("vm.builtin.attention_kv_cache_get_num_available_pages")
+        self.obj = session.vm["create_kv_cache"](
+            shape([max_batch]), shape([max_tokens]), shape([prefill_chunk]), shape([page_size]), shape([0])
+        )
+        self.total_pages = int(self._available(self.obj))
+
+    def begin(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
+        self._begin(self.obj, shape(list(seq_ids)), shape(list(lengths)))
+
+    def end(self) -> None:
+        self._end(self.obj)
+
+    def add(self, seq_id: int) -> None:
+        self._add(self.obj, seq_id)
+
+    def fork(self, parent: int, child: int, length: int) -> None:
+        """``child`` starts as the first ``length`` tokens of ``parent``, sharing its pages."""
+        self._fork(self.obj, parent, child, length)
+
+    def remove(self, seq_id: int) -> None:
+        self._remove(self.obj, seq_id)
+
+    def popn(self, seq_id: int, n: int) -> None:
+        if n > 0:
+            self._popn(self.obj, seq_id, n)
+
+    @property
+    def pages_in_use(self) -> int:
+        return self.total_pages - int(self._available(self.obj))
+
+
+@dataclass
+class Counters:
+    """What /metrics reports (monotonic counts and the TTFT histogram)."""
+
+    requests: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    prompt_tokens: int = 0
+    prefill_tokens: int = 0  # prompt tokens actually run (the rest came from the prefix cache)
+    prefix_hit_tokens: int = 0
+    generated_tokens: int = 0
+    decode_steps: int = 0
+    decode_rows: int = 0  # sum of batch sizes over decode steps
+    ttft_sum: float = 0.0
+    ttft_count: int = 0
+    ttft_buckets: dict[float, int] = field(
+        default_factory=lambda: dict.fromkeys((0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0), 0)
+    )
+
+
+class LLMEngine:
+    """A llama-family artifact served with continuous batching and prefix caching.
+
+    ``max_batch``: sequences decoded together; ``max_queue``: requests waiting beyond those;
+    ``kv_tokens``: the KV cache's size in tokens over all sequences (default: a full context
+    for each batch row); ``prefix_cache_tokens``: tokens of finished prompts kept for reuse
+    (0: none). ``paused`` loads the model but admits nothing until `resume`.
+    """
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        threads: int | None = None,
+        max_batch: int = 4,
+        max_queue: int = 16,
+        kv_tokens: int | None = None,
+        prefix_cache_tokens: int | None = None,
+        paused: bool = False,
+    ):
+        manifest = artifact.manifest
+        kv = manifest["kv_cache"]
+        self.artifact = artifact
+        self.context_length = int(kv["context_length"])
+        self.prefill_chunk = int(kv["prefill_chunk_size"])
+        self.page_size = int(kv["page_size"])
+        self.vocab_size = int(manifest["model"]["vocab_size"])
+        if max_batch < 1 or max_queue < 1:
+            raise EdgertError(f"--max-batch and --max-queue must be at least 1 (got {max_batch}, {max_queue})")
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.kv_tokens = kv_tokens or self.context_length * max_batch
+        if self.kv_tokens < self.context_length:
+            raise EdgertError(f"--kv-tokens {self.kv_tokens} is less than one context ({self.context_length} tokens)")
+        cache_tokens = self.context_length if prefix_cache_tokens is None else prefix_cache_tokens
+        self.prefix_cache = PrefixCache(self.page_size, max(cache_tokens, 0))
+        self.tokenizer = TextTokenizer(artifact.read_text(manifest["tokenizer"]["file"]), manifest["tokenizer"])
+        self.batched = "batch_decode" in manifest["entry_points"]  # artifacts built before it decode row by row
+        self.counters = Counters()
+        self._rate: deque[tuple[float, int]] = deque()  # (time, tokens) of recent decode steps
+        self._pending: deque[Request] = deque()
+        self._active: list[Request] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._paused = paused
+        self._ids = itertools.count(1)
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self.session: Session | None = None
+        self.cache: BatchKVCache | None = None
+        self._threads = threads
+        # The model is loaded on the scheduler thread: TVM's thread pool belongs to the thread
+        # that configures it, and every call runs there.
+        self._thread = threading.Thread(target=self._run, name="edgert-scheduler", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
+
+    # -- the API the server calls ------------------------------------------------------
+    def encode(
+        self, prompt: str | Sequence[int] | None = None, messages: list[dict[str, str]] | None = None
+    ) -> list[int]:
+        """Token ids of a completion prompt (text or ids) or of chat ``messages`` in the chat template."""
+        if messages is not None:
+            return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages))
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        ids = [int(t) for t in prompt or []]
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
+        return ids
+
+    def submit(
+        self,
+        prompt: list[int],
+        sink: Sink,
+        max_tokens: int = 256,
+        sampling: SamplingParams | None = None,
+        stop: Sequence[str] = (),
+    ) -> Request:
+        """Queue a generation; `QueueFullError` when the queue is full, ValueError/ContextLengthError for bad input."""
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= self.context_length:
+            raise ContextLengthError(
+                f"the prompt has {len(prompt)} tokens but the context holds {self.context_length} "
+                "(with room for at least one generated token)"
+            )
+        req = Request(list(prompt), max_tokens, sampling or SamplingParams(), [s for s in stop if s], sink)
+        req.reserved_pages = self._pages_for(min(len(prompt) + max_tokens, self.context_length))
+        with self._cond:
+            if len(self._pending) >= self.max_queue:
+                raise QueueFullError(f"the queue holds {self.max_queue} requests already; try again shortly")
+            self._pending.append(req)
+            self.counters.requests += 1
+            self._cond.notify()
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Drop a request (its client went away): its sequence and pages are freed before the next step."""
+        with self._cond:
+            req.cancelled = True
+            self._cond.notify()
+
+    def resume(self) -> None:
+        """Start admitting requests (after ``paused=True``)."""
+        with self._cond:
+            self._paused = False
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Stop the scheduler thread; queued and running requests get an error event."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def clear_prefix_cache(self) -> None:
+        """Forget every cached prefix (their pages go back to the cache); waits for the scheduler."""
+        done = threading.Event()
+        with self._cond:
+            self._clear_request = done
+            self._cond.notify()
+        done.wait(timeout=30)
+
+    _clear_request: threading.Event | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The gauges of /metrics: queue, active sequences, pages, cached prefixes, recent tokens/s."""
+        with self._cond:
+            now = time.perf_counter()
+            while self._rate and now - self._rate[0][0] > 10.0:
+                self._rate.popleft()
+            recent = sum(n for _, n in self._rate)
+            span = max(now - self._rate[0][0], 1e-3) if self._rate else 1.0
+            return {
+                "queue_length": len(self._pending),
+                "active_sequences": len(self._active),
+                "kv_pages_total": self.cache.total_pages if self.cache else 0,
+                "kv_pages_in_use": self.cache.pages_in_use if self.cache else 0,
+                "prefix_cache_entries": len(self.prefix_cache),
+                "prefix_cache_tokens": self.prefix_cache.tokens,
+                "tokens_per_second": recent / span if self._rate else 0.0,
+            }
+
+    # -- the scheduler thread --------------------------------------------------------------
+    def _pages_for(self, tokens: int) -> int:
+        return -(-tokens // self.page_size) + 1
+
+    def _run(self) -> None:
+        try:
+            self.session = Session(self.artifact, self._threads)
+            self.cache = BatchKVCache(self.session, self.max_batch, self.kv_tokens, self.prefill_chunk, self.page_size)
+        except BaseException as exc:
+            self._load_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while True:
+            with self._cond:
+                while not self._stopping and self._clear_request is None and not self._work_ready():
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                clear, self._clear_request = self._clear_request, None
+                self._reap_cancelled()
+                admitted = self._admit()
+            if clear is not None:
+                while self._evict_one():
+                    pass
+                clear.set()
+            for req in admitted:
+                self._guarded(self._start, req)
+            if self._active:
+                self._decode_step()
+        for req in [*self._pending, *self._active]:
+            req.sink(("error", "the server is shutting down"))
+
+    def _work_ready(self) -> bool:
+        if any(r.cancelled for r in self._active) or any(r.cancelled for r in self._pending):
+            return True
+        return bool(self._active) or (bool(self._pending) and not self._paused)
+
+    def _reap_cancelled(self) -> None:
+        for req in [r for r in self._pending if r.cancelled]:
+            self._pending.remove(req)
+            self.counters.cancelled += 1
+        for req in [r for r in self._active if r.cancelled]:
+            self._release(req, keep_prefix=False)
+            self.counters.cancelled += 1
+
+    def _admit(self) -> list[Request]:
+        """Queued requests that fit the batch and the KV pages (evicting cached prefixes for room), FIFO."""
+        admitted: list[Request] = []
+        if self._paused:
+            return admitted
+        assert self.cache is not None
+        while self._pending and len(self._active) + len(admitted) < self.max_batch:
+            req = self._pending[0]
+            reserved = sum(r.reserved_pages for r in (*self._active, *admitted))
+            while reserved + req.reserved_pages + self.prefix_cache.pages() > self.cache.total_pages:
+                if not self._evict_one():
+                    break
+            if reserved + req.reserved_pages + self.prefix_cache.pages() > self.cache.total_pages:
+                if self._active or admitted:
+                    break  # wait for running requests to give pages back
+                self._pending.popleft()
+                req.sink(
+                    (
+                        "error",
+                        f"the request needs {req.reserved_pages} KV pages; the server has {self.cache.total_pages}",
+                    )
+                )
+                continue
+            admitted.append(self._pending.popleft())
+        self._active.extend(admitted)
+        return admitted
+
+    def _evict_one(self) -> bool:
+        entry = self.prefix_cache.pop_oldest()
+        if entry is None:
+            return False
+        assert self.cache is not None
+        self.cache.remove(entry.seq_id)
+        return True
+
+    def _guarded(self, fn: Callable[[Request], None], req: Request) -> None:
+        try:
+            fn(req)
+        except Exception as exc:  # one request's failure must not take the scheduler down
+            self._fail(req, f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, req: Request, message: str) -> None:
+        if req in self._active:
+            self._release(req, keep_prefix=False)
+        req.sink(("error", message))
+
+    def _forward(self, entry: str, seq_ids: list[int], ids: np.ndarray) -> np.ndarray:
+        """One pass of ``entry`` over ``ids`` [rows, n] appended to ``seq_ids``; logits as numpy."""
+        assert self.session is not None and self.cache is not None
+        self.cache.begin(seq_ids, [ids.shape[1]] * len(seq_ids))
+        logits, self.cache.obj = self.session(entry, self.session.tensor(ids), self.cache.obj)
+        self.cache.end()
+        return to_numpy(logits)
+
+    def _start(self, req: Request) -> None:
+        """Prefill a new request (from its longest cached prefix) and emit its first token."""
+        assert self.cache is not None
+        req.seq_id = next(self._ids)
+        entry, matched = self.prefix_cache.lookup(req.prompt) if self.prefix_cache.max_tokens else (None, 0)
+        if entry is not None:
+            self.cache.fork(entry.seq_id, req.seq_id, matched)
+        else:
+            self.cache.add(req.seq_id)
+        req.kv_tokens = list(req.prompt[:matched])
+        req.stats = GenerationStats(prompt_tokens=len(req.prompt), cached_tokens=matched)
+        t0 = time.perf_counter()
+        logits = None
+        for s in range(matched, len(req.prompt), self.prefill_chunk):
+            chunk = req.prompt[s : s + self.prefill_chunk]
+            logits = self._forward("prefill", [req.seq_id], np.asarray([chunk], dtype=np.int32))[0, -1]
+            req.kv_tokens.extend(chunk)
+        assert logits is not None
+        req.stats.prefill_seconds = time.perf_counter() - t0
+        c = self.counters
+        c.prompt_tokens += len(req.prompt)
+        c.prefill_tokens += len(req.prompt) - matched
+        c.prefix_hit_tokens += matched
+        req.sampler = Sampler(req.sampling)
+        req.emitter = TokenEmitter(self.tokenizer, req.prompt, req.stats, req.max_tokens, req.stop)
+        self._accept(req, logits)
+
+    def _decode_step(self) -> None:
+        """Every active sequence's pending token in one batched pass (or row by row without ``batch_decode``)."""
+        rows = list(self._active)
+        t0 = time.perf_counter()
+        try:
+            ids = np.asarray([[r.next_token] for r in rows], dtype=np.int32)
+            if self.batched:
+                logits = self._forward("batch_decode", [r.seq_id for r in rows], ids)[:, 0]
+            else:
+                logits = np.stack(
+                    [self._forward("decode", [r.seq_id], ids[i : i + 1])[0, 0] for i, r in enumerate(rows)]
+                )
+        except Exception as exc:
+            for r in rows:
+                self._fail(r, f"decode failed: {type(exc).__name__}: {exc}")
+            return
+        now = time.perf_counter()
+        with self._cond:
+            self._rate.append((now, len(rows)))
+        self.counters.decode_steps += 1
+        self.counters.decode_rows += len(rows)
+        for r, row in zip(rows, logits, strict=True):
+            r.kv_tokens.append(r.next_token)
+            r.stats.decode_step_seconds.append(now - t0)
+            self._guarded(lambda q, x=row: self._accept(q, x), r)
+
+    def _accept(self, req: Request, logits: np.ndarray) -> None:
+        """Sample the next token from ``logits``, send its text, and finish the request when it ends."""
+        assert req.sampler is not None and req.emitter is not None
+        token = req.sampler(logits, req.emitter.history)
+        for _ in req.emitter.emit([token]):
+            self.counters.generated_tokens += 1
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+            self._observe_ttft(req.first_token_at - req.submitted)
+        if not req.emitter.done and len(req.kv_tokens) + 1 > self.context_length:
+            req.stats.stop_reason = "context_full"
+        self._send_text(req)
+        if req.emitter.done:
+            self._finish(req)
+        else:
+            req.next_token = token
+
+    def _send_text(self, req: Request) -> None:
+        """Send new text, cut at a stop string; a tail that may begin a stop string waits."""
+        assert req.emitter is not None
+        text = req.emitter.text
+        end = len(text)
+        if req.stats.stop_reason == "stop_string":
+            end = min(i for i in (text.find(s) for s in req.stop) if i >= 0)
+        elif not req.emitter.done:
+            for s in req.stop:
+                for k in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:k]):
+                        end = min(end, len(text) - k)
+                        break
+        if end > req.sent:
+            req.sink(("text", text[req.sent : end]))
+            req.sent = end
+
+    def _observe_ttft(self, seconds: float) -> None:
+        c = self.counters
+        c.ttft_sum += seconds
+        c.ttft_count += 1
+        for bound in c.ttft_buckets:
+            if seconds <= bound:
+                c.ttft_buckets[bound] += 1
+
+    def _finish(self, req: Request) -> None:
+        self._release(req, keep_prefix=True)
+        self.counters.finished += 1
+        req.sink(("done", FINISH_REASONS.get(req.stats.stop_reason, "stop")))
+
+    def _release(self, req: Request, keep_prefix: bool) -> None:
+        """Take ``req`` out of the batch; its sequence becomes a cached prefix (whole pages) or is removed."""
+        assert self.cache is not None
+        if req in self._active:
+            self._active.remove(req)
+        if req.seq_id < 0:
+            return
+        keep = len(req.kv_tokens) // self.page_size * self.page_size
+        cache = self.prefix_cache
+        if keep_prefix and cache.max_tokens >= keep > 0 and not cache.covered(req.kv_tokens[:keep]):
+            self.cache.popn(req.seq_id, len(req.kv_tokens) - keep)
+            cache.add(req.seq_id, req.kv_tokens[:keep])
+            while cache.over_bound() and self._evict_one():
+                pass
+        else:
+            self.cache.remove(req.seq_id)
+        req.seq_id = -1

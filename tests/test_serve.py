@@ -1,0 +1,273 @@
+"""`edgert serve` on the tiny Llama: the `openai` client, errors, the queue, batching, prefix caching."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from conftest import load_tool, run_cli
+
+
+class Server:
+    """A uvicorn server on a free loopback port, in a thread of this process."""
+
+    def __init__(self, models: dict[str, Any], api_key: str | None = None):
+        from edgert.serve.app import create_app
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.models = models
+        config = uvicorn.Config(create_app(models, api_key), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 20
+        while not self.server.started:
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, key: str = "none") -> Any:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0)
+
+    def post(self, path: str, body: bytes | str, headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("POST", path, body, {"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        data = resp.read()
+        conn.close()
+        return resp.status, resp.msg, json.loads(data) if data else None
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        for m in self.models.values():
+            m.runtime.close()
+
+
+def _served(artifact: Path, **options: Any) -> dict[str, Any]:
+    from edgert.serve.models import load_models
+
+    named = artifact.with_name("tiny.edgert")
+    if not named.exists():
+        named.symlink_to(artifact.name)
+    return load_models([named], **options)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_host_artifact: Path) -> Iterator[Server]:
+    srv = Server(_served(tiny_host_artifact, max_batch=4, max_queue=8))
+    yield srv
+    srv.stop()
+
+
+def engine_of(srv: Server) -> Any:
+    return srv.models["tiny"].runtime
+
+
+def wait_idle(engine: Any, seconds: float = 10.0) -> dict[str, Any]:
+    deadline = time.time() + seconds
+    while True:
+        snap = engine.snapshot()
+        if (snap["active_sequences"] == 0 and snap["queue_length"] == 0) or time.time() > deadline:
+            return snap
+        time.sleep(0.02)
+
+
+def test_openai_client_chat_completions_and_models(server: Server, tiny_host_artifact: Path) -> None:
+    import edgert
+
+    client = server.client()
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    messages = [{"role": "user", "content": "Say something about boards."}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    streamed = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=12, temperature=0, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+    assert whole.choices[0].message.content == text and text
+    assert whole.usage.completion_tokens == 12 and whole.choices[0].finish_reason == "length"
+    # The server's greedy completion is the single-sequence Generator's.
+    done = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=10, temperature=0)
+    gen = edgert.load(tiny_host_artifact)
+    want = "".join(t.text for t in gen.generate("Once upon a time", max_tokens=10))
+    assert done.choices[0].text == want
+    assert done.usage.prompt_tokens == len(gen.tokenizer.encode("Once upon a time"))
+
+
+def test_api_key_is_required_and_open_hosts_need_one(tiny_host_artifact: Path, server: Server) -> None:
+    from starlette.testclient import TestClient
+
+    from edgert.serve.app import create_app
+
+    app = TestClient(create_app(server.models, api_key="sesame"))
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        resp = app.get("/v1/models", headers=headers)
+        assert resp.status_code == 401
+        assert resp.json()["error"]["code"] == "invalid_api_key"
+    assert app.get("/v1/models", headers={"Authorization": "Bearer sesame"}).status_code == 200
+    proc = run_cli("serve", str(tiny_host_artifact), "--host", "0.0.0.0")
+    assert proc.returncode == 2
+    assert "--api-key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bad_requests_get_openai_error_shapes(server: Server) -> None:
+    cases = [
+        (b"{not json", "/v1/chat/completions", 400, "invalid_json"),
+        (json.dumps({"model": "nope", "prompt": "hi"}), "/v1/completions", 404, "model_not_found"),
+        (json.dumps({"model": "tiny"}), "/v1/chat/completions", 400, "missing_field"),
+        (json.dumps({"prompt": "hi"}), "/v1/completions", 400, "missing_field"),
+        (json.dumps({"model": "tiny", "prompt": [5] * 300}), "/v1/completions", 400, "context_length_exceeded"),
+        (json.dumps({"model": "tiny", "input": "hi"}), "/v1/embeddings", 400, "wrong_model_kind"),
+    ]
+    for body, path, status, code in cases:
+        got, _, data = server.post(path, body)
+        assert got == status, (path, body, data)
+        assert set(data["error"]) == {"message", "type", "param", "code"} and data["error"]["code"] == code
+        assert data["error"]["message"] and "\n" not in data["error"]["message"]
+
+
+def test_a_full_queue_answers_429_with_retry_after(tiny_host_artifact: Path) -> None:
+    srv = Server(_served(tiny_host_artifact, max_batch=1, max_queue=1, paused=True))
+    try:
+        body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 3, "temperature": 0})
+        first: list[Any] = []
+        waiting = threading.Thread(target=lambda: first.append(srv.post("/v1/completions", body)))
+        waiting.start()
+        deadline = time.time() + 10
+        while engine_of(srv).snapshot()["queue_length"] < 1:
+            assert time.time() < deadline
+            time.sleep(0.01)
+        status, headers, data = srv.post("/v1/completions", body)
+        assert status == 429 and int(headers["Retry-After"]) >= 1
+        assert data["error"]["type"] == "rate_limit_error"
+        engine_of(srv).resume()
+        waiting.join(timeout=20)
+        assert first and first[0][0] == 200 and first[0][2]["usage"]["completion_tokens"] >= 1
+    finally:
+        srv.stop()
+
+
+def test_a_client_that_disconnects_frees_its_sequence_and_pages(server: Server) -> None:
+    engine = engine_of(server)
+    before = wait_idle(engine)["kv_pages_in_use"]
+    cancelled = engine.counters.cancelled
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    body = {"model": "tiny", "prompt": "tell a long story", "max_tokens": 240, "temperature": 0, "stream": True}
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.readline().startswith(b"data: ")
+    assert engine.snapshot()["active_sequences"] == 1
+    conn.sock.shutdown(socket.SHUT_RDWR)
+    conn.close()
+    snap = wait_idle(engine, 5.0)
+    assert snap["active_sequences"] == 0 and snap["kv_pages_in_use"] == before
+    assert engine.counters.cancelled == cancelled + 1
+
+
+def test_batched_decode_logits_equal_single_sequence_ones(tiny_host_artifact: Path) -> None:
+    import edgert
+    from edgert.serve.engine import BatchKVCache
+
+    gen = edgert.load(tiny_host_artifact)
+    cache = BatchKVCache(gen.session, 4, 1024, 64, 16)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (3, 17, 40)]
+    for i, p in enumerate(prompts):
+        cache.add(i)
+        cache.begin([i], [len(p)])
+        _, cache.obj = gen.session("prefill", gen.session.tensor(np.asarray([p], np.int32)), cache.obj)
+        cache.end()
+    nxt = [7, 123, 4000]
+    cache.begin([0, 1, 2], [1, 1, 1])
+    logits, cache.obj = gen.session(
+        "batch_decode", gen.session.tensor(np.asarray([[t] for t in nxt], np.int32)), cache.obj
+    )
+    cache.end()
+    batched = edgert.runtime.tvm_runtime.to_numpy(logits)[:, 0]
+    for p, t, row in zip(prompts, nxt, batched, strict=True):
+        gen.reset()
+        gen.prefill(p)
+        single = gen.step([t])
+        np.testing.assert_allclose(row, single, atol=1e-4, rtol=1e-4)
+        assert int(np.argmax(row)) == int(np.argmax(single))
+
+
+def test_a_repeated_prefix_is_not_prefilled_again(server: Server) -> None:
+    engine = engine_of(server)
+    prompt = list(range(2000, 2070))  # 70 tokens nobody sent before: 4 whole pages can come back
+    body = json.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+    status, _, first = server.post("/v1/completions", body)
+    assert status == 200 and first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    prefilled, hits = engine.counters.prefill_tokens, engine.counters.prefix_hit_tokens
+    status, _, second = server.post("/v1/completions", body)
+    assert status == 200 and second["choices"][0]["text"] == first["choices"][0]["text"]
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 64
+    assert engine.counters.prefill_tokens - prefilled == 70 - 64
+    assert engine.counters.prefix_hit_tokens - hits == 64
+
+
+def test_prefix_cache_evicts_least_recently_used_under_its_bound() -> None:
+    from edgert.serve.prefix_cache import PrefixCache
+
+    cache = PrefixCache(page_size=4, max_tokens=8)
+    cache.add(1, [1, 2, 3, 4, 5, 6, 7, 8])
+    cache.add(2, [1, 2, 3, 4, 9, 9, 9, 9])
+    entry, n = cache.lookup([1, 2, 3, 4, 5, 6, 7, 8, 0])
+    assert entry is not None and entry.seq_id == 1 and n == 8
+    assert cache.lookup([1, 2, 3, 4, 5, 6, 7, 8])[1] == 4  # one token is always left to prefill
+    assert cache.over_bound()
+    assert cache.pop_oldest().seq_id == 2  # 1 was used last
+    assert not cache.over_bound() and cache.lookup([1, 2, 3, 4, 9, 9, 9, 9, 0])[0].seq_id == 1
+
+
+def test_pages_in_use_return_to_zero_after_a_short_load_test(server: Server) -> None:
+    engine = engine_of(server)
+    report = load_tool("load_test").run_load(server.url, "tiny", clients=4, requests=12, max_seconds=60)
+    summary = report.summary()
+    assert summary["requests"] == 12 and summary["errors"] == 0, report.errors
+    assert summary["generated_tokens"] > 0 and summary["ttft_p50_ms"] is not None
+    assert engine.counters.decode_rows > engine.counters.decode_steps  # some steps decoded several sequences
+    assert summary["active_sequences"] == 0
+    engine.clear_prefix_cache()
+    assert engine.snapshot()["kv_pages_in_use"] == 0
+
+
+@pytest.mark.slow
+def test_transcriptions_answer_the_openai_client_and_refuse_bad_audio(whisper_short_artifact: Path) -> None:
+    from test_whisper import beckett_wav
+
+    from edgert.families.whisper.transcriber import Transcriber
+    from edgert.serve.models import load_models
+
+    named = whisper_short_artifact.with_name("whisper.edgert")
+    if not named.exists():
+        named.symlink_to(whisper_short_artifact.name)
+    srv = Server(load_models([named]))
+    try:
+        client = srv.client()
+        with beckett_wav().open("rb") as fh:
+            got = client.audio.transcriptions.create(model="whisper", file=fh)
+        direct = Transcriber(whisper_short_artifact)
+        assert got.text == direct.transcribe(beckett_wav(), beam_size=direct.default_beam_size).text and got.text
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.audio.transcriptions.create(model="whisper", file=("x.wav", b"not a wav file"))
+        assert bad.value.status_code == 400 and bad.value.body["code"] == "invalid_audio"
+        assert "uploaded file" in bad.value.body["message"]
+    finally:
+        srv.stop()

@@ -1,0 +1,364 @@
+"""Load test of an OpenAI-compatible server on this machine (loopback only, bounded in requests and time).
+
+N concurrent clients send a mix of streamed chat, streamed completions and whole completions with
+prompts and replies of mixed lengths; the table gives throughput, time to first token (p50, p99,
+streamed requests) and errors, and for an edgert server the KV pages still in use afterwards.
+
+  python tools/load_test.py --serve smollm2.edgert --clients 4 --requests 40
+  python tools/load_test.py --url http://127.0.0.1:8080 --model smollm2
+  python tools/load_test.py --serve smollm2.edgert --peer llama-cpp --gguf SmolLM2.gguf --threads 2
+
+``--peer llama-cpp`` runs llama.cpp's server (``python -m llama_cpp.server``, from
+``pip install 'llama-cpp-python[server]'``) on the GGUF with the same threads and the same load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import ipaddress
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+WORDS = "the a model runs on small boards and phones with paged caches batching tokens quickly".split()
+
+
+@dataclass
+class Result:
+    """One request's outcome."""
+
+    kind: str
+    status: int
+    tokens: int = 0
+    ttft: float | None = None
+    seconds: float = 0.0
+    error: str = ""
+
+
+@dataclass
+class Report:
+    """What a run measured."""
+
+    results: list[Result] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    after: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[Result]:
+        return [r for r in self.results if r.status != 200 or r.error]
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.results)
+
+    def ttft_percentile(self, q: float) -> float | None:
+        values = sorted(r.ttft for r in self.results if r.ttft is not None)
+        if not values:
+            return None
+        return values[min(len(values) - 1, round(q / 100 * (len(values) - 1)))]
+
+    def summary(self) -> dict[str, Any]:
+        p50, p99 = self.ttft_percentile(50), self.ttft_percentile(99)
+        status: dict[str, int] = {}
+        for r in self.errors:
+            status[str(r.status)] = status.get(str(r.status), 0) + 1
+        return {
+            "requests": len(self.results),
+            "errors": len(self.errors),
+            "errors_by_status": status,
+            "server_errors_5xx": sum(1 for r in self.results if r.status >= 500),
+            "generated_tokens": self.tokens,
+            "wall_seconds": round(self.wall_seconds, 2),
+            "tokens_per_second": round(self.tokens / self.wall_seconds, 2) if self.wall_seconds else 0.0,
+            "ttft_p50_ms": None if p50 is None else round(p50 * 1000, 1),
+            "ttft_p99_ms": None if p99 is None else round(p99 * 1000, 1),
+            **self.after,
+        }
+
+
+def check_loopback(url: str) -> urllib.parse.SplitResult:
+    """The URL split, refused unless its host is this machine (the tool never loads another host)."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        loop = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loop = False
+    if not loop:
+        raise SystemExit(f"error: {url} is not a loopback address; this tool loads servers on this machine only")
+    return parts
+
+
+def _prompt(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def one_request(
+    base: urllib.parse.SplitResult, model: str, kind: str, rng: random.Random, api_key: str | None, timeout: float
+) -> Result:
+    """Send one request of ``kind`` (chat-stream, completion-stream, completion) and time it."""
+    words = rng.choice((8, 40, 120))
+    max_tokens = rng.choice((16, 48))
+    body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "temperature": 0}
+    if kind == "chat-stream":
+        path = "/v1/chat/completions"
+        body["messages"] = [{"role": "user", "content": _prompt(rng, words)}]
+    else:
+        path = "/v1/completions"
+        body["prompt"] = _prompt(rng, words)
+    stream = kind.endswith("stream")
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    conn = http.client.HTTPConnection(base.hostname, base.port, timeout=timeout)
+    t0 = time.perf_counter()
+    try:
+        conn.request("POST", path, json.dumps(body), headers)
+        resp = conn.getresponse()
+        if resp.status != 200:
+            text = resp.read().decode(errors="replace")
+            return Result(kind, resp.status, seconds=time.perf_counter() - t0, error=text[:200])
+        if not stream:
+            data = json.loads(resp.read())
+            tokens = int((data.get("usage") or {}).get("completion_tokens", 0))
+            return Result(kind, 200, tokens, None, time.perf_counter() - t0)
+        ttft, chunks, usage_tokens = None, 0, None
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == "[DONE]":
+                break
+            obj = json.loads(payload)
+            if "error" in obj:
+                return Result(kind, 200, chunks, ttft, time.perf_counter() - t0, error=str(obj["error"])[:200])
+            if obj.get("usage"):
+                usage_tokens = int(obj["usage"].get("completion_tokens", 0))
+            for c in obj.get("choices") or []:
+                piece = (c.get("delta") or {}).get("content") if "delta" in c else c.get("text")
+                if piece:
+                    chunks += 1
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+        return Result(kind, 200, usage_tokens if usage_tokens is not None else chunks, ttft, time.perf_counter() - t0)
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        return Result(kind, 0, seconds=time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        conn.close()
+
+
+def run_load(
+    url: str,
+    model: str,
+    clients: int = 4,
+    requests: int = 40,
+    max_seconds: float = 120.0,
+    api_key: str | None = None,
+    seed: int = 0,
+    timeout: float = 120.0,
+) -> Report:
+    """``clients`` threads send ``requests`` requests in all (fewer if ``max_seconds`` runs out)."""
+    base = check_loopback(url)
+    kinds = ("chat-stream", "completion-stream", "completion")
+    report = Report()
+    lock = threading.Lock()
+    issued = [0]
+    deadline = time.perf_counter() + max_seconds
+
+    def client(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        while True:
+            with lock:
+                if issued[0] >= requests or time.perf_counter() > deadline:
+                    return
+                n = issued[0]
+                issued[0] += 1
+            result = one_request(base, model, kinds[n % len(kinds)], rng, api_key, timeout)
+            with lock:
+                report.results.append(result)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    report.wall_seconds = time.perf_counter() - t0
+    report.after = server_gauges(base, api_key)
+    return report
+
+
+def server_gauges(base: urllib.parse.SplitResult, api_key: str | None) -> dict[str, float]:
+    """An edgert server's KV pages in use, active sequences and cached prefix tokens (empty for others)."""
+    conn = http.client.HTTPConnection(base.hostname, base.port, timeout=10)
+    try:
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        resp = conn.getresponse()
+        text = resp.read().decode(errors="replace") if resp.status == 200 else ""
+    except OSError:
+        return {}
+    finally:
+        conn.close()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        for name in ("edgert_kv_pages_in_use", "edgert_active_sequences", "edgert_prefix_cache_tokens"):
+            if line.startswith(name + "{"):
+                out[name.removeprefix("edgert_")] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(port: int, proc: subprocess.Popen, seconds: float = 300.0) -> None:
+    """Wait until the server on ``port`` answers /v1/models (or its process dies)."""
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"error: the server exited with {proc.returncode} before it answered (log: {proc.log})")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/v1/models")
+            if conn.getresponse().status in (200, 401):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit(f"error: no answer on port {port} within {seconds:.0f} s")
+
+
+def start_edgert(artifact: Path, threads: int | None) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "edgert.cli", "serve", str(artifact), "--port", str(port)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    proc = spawn(cmd, "edgert")
+    wait_ready(port, proc)
+    return proc, port
+
+
+def spawn(cmd: list[str], name: str) -> subprocess.Popen:
+    """Start a server with its output in a log file (a pipe nobody reads would block it once full)."""
+    log = Path(tempfile.mkdtemp(prefix="load_test-")) / f"{name}.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
+
+
+def start_llama_cpp(gguf: Path, threads: int | None, model: str, context: int) -> tuple[subprocess.Popen, int]:
+    try:
+        import llama_cpp.server.app  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"error: llama.cpp's server needs pip install 'llama-cpp-python[server]' ({exc})") from None
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--model_alias",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(context),
+    ]
+    if threads:
+        cmd += ["--n_threads", str(threads), "--n_threads_batch", str(threads)]
+    proc = spawn(cmd, "llama-cpp")
+    wait_ready(port, proc)
+    return proc, port
+
+
+def print_table(rows: dict[str, dict[str, Any]]) -> None:
+    keys = [
+        "requests",
+        "errors",
+        "server_errors_5xx",
+        "generated_tokens",
+        "wall_seconds",
+        "tokens_per_second",
+        "ttft_p50_ms",
+        "ttft_p99_ms",
+        "kv_pages_in_use",
+        "active_sequences",
+    ]
+    print(f"{'server':<12}" + "".join(f"{k:>19}" for k in keys))
+    for name, s in rows.items():
+        print(f"{name:<12}" + "".join(f"{s.get(k, '-')!s:>19}" for k in keys))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="a running server (loopback only), e.g. http://127.0.0.1:8080")
+    where.add_argument("--serve", type=Path, help="start `edgert serve ARTIFACT` on a free port for the run")
+    parser.add_argument("--model", help="model name (default: the artifact's stem with --serve)")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=40, help="requests in all (at most 2000)")
+    parser.add_argument("--max-seconds", type=float, default=120.0, help="stop sending after this (at most 1800)")
+    parser.add_argument("--api-key", default=os.environ.get("EDGERT_API_KEY"))
+    parser.add_argument("--threads", type=int, help="server threads (both servers)")
+    parser.add_argument("--peer", choices=["llama-cpp"], help="also load llama.cpp's server the same way")
+    parser.add_argument("--gguf", type=Path, help="the GGUF for --peer llama-cpp")
+    parser.add_argument("--context", type=int, default=2048, help="context for --peer llama-cpp")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    requests, max_seconds = min(args.requests, 2000), min(args.max_seconds, 1800.0)
+    model = args.model or (args.serve.name.removesuffix(".edgert") if args.serve else None)
+    if not model:
+        parser.error("--model is needed with --url")
+    if args.peer and not args.gguf:
+        parser.error("--peer llama-cpp needs --gguf")
+    rows: dict[str, dict[str, Any]] = {}
+    procs: list[subprocess.Popen] = []
+    try:
+        if args.serve:
+            proc, port = start_edgert(args.serve, args.threads)
+            procs.append(proc)
+            url = f"http://127.0.0.1:{port}"
+        else:
+            url = args.url
+        rows["edgert"] = run_load(url, model, args.clients, requests, max_seconds, args.api_key).summary()
+        if args.peer:
+            proc, port = start_llama_cpp(args.gguf, args.threads, model, args.context)
+            procs.append(proc)
+            rows["llama.cpp"] = run_load(
+                f"http://127.0.0.1:{port}", model, args.clients, requests, max_seconds
+            ).summary()
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
