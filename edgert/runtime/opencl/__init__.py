@@ -124,6 +124,63 @@ def attribute(name: str, index: int = 0) -> object:
     return tvm_runtime.global_func("runtime.GetDeviceAttr")(4, index, ATTRIBUTES[name])
 
 
+def device_info(index: int = 0) -> dict[str, object]:
+    """Device ``index``: name, OpenCL version, platform, type (GPU, CPU, ...) and whether it is a CPU
+    emulation of OpenCL (PoCL, or any CPU device), whose times say nothing about a GPU's."""
+    find_device()
+    name, cl_version, platform, kind = (str(v) for v in tvm_runtime.global_func("edgert.opencl.device_info")(index))
+    emulated = kind == "CPU" or "Portable Computing Language" in platform or "PoCL" in cl_version
+    return {"name": name, "version": cl_version, "platform": platform, "type": kind, "cpu_emulation": emulated}
+
+
+def emulation_note(info: dict[str, object]) -> str:
+    """The caveat a profile made on a CPU device carries ("" on a GPU)."""
+    if not info.get("cpu_emulation"):
+        return ""
+    return (
+        f"the OpenCL device is {info['name']} ({info['platform']}, type {info['type']}): a CPU emulation of "
+        "OpenCL, so these kernel times say nothing about a phone's or board's GPU"
+    )
+
+
+def start_profiling() -> None:
+    """Forget earlier kernel records and the memory peak, then time every kernel launch (a profiling queue)."""
+    find_device()
+    get = tvm_runtime.global_func
+    get("edgert.opencl.profile_clear")()
+    get("edgert.opencl.memory_reset_peak")()
+    get("edgert.opencl.profiling")(True)
+
+
+def stop_profiling() -> list[dict[str, object]]:
+    """Stop timing launches; per kernel and work sizes: count, total/min/max device ns, global/local sizes."""
+    get = tvm_runtime.global_func
+    get("edgert.opencl.profiling")(False)
+    rows = []
+    for r in get("edgert.opencl.profile_records")():
+        name, count, total, low, high, *sizes = (str(r[0]), *(int(v) for v in list(r)[1:]))
+        rows.append(
+            {
+                "kernel": name,
+                "count": count,
+                "total_ns": total,
+                "min_ns": low,
+                "max_ns": high,
+                "global": sizes[0:3],
+                "local": sizes[3:6],
+                "work_dims": sizes[6],
+            }
+        )
+    return rows
+
+
+def memory() -> dict[str, int]:
+    """Bytes the OpenCL device API holds now, its peak (since load or `start_profiling`), allocations made."""
+    ensure_loaded()
+    now, peak, allocations = (int(v) for v in tvm_runtime.global_func("edgert.opencl.memory")())
+    return {"allocated_bytes": now, "peak_bytes": peak, "allocations": allocations}
+
+
 def virtual_machine(library: str | Path) -> tvm_runtime.VirtualMachine:
     """The Relax VM of a module whose kernels are OpenCL, on the first OpenCL device (the CPU as host)."""
     find_device()
