@@ -195,6 +195,64 @@ def test_ssh_link_copies_the_runtime_and_runs(
     assert (remote / "artifacts" / tiny_host_artifact.name).read_bytes() == tiny_host_artifact.read_bytes()
 
 
+def test_ssh_deploy_of_a_gpu_artifact_ships_the_opencl_runtime(
+    tiny_opencl_artifact: Path, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The "device" is this machine over ssh, its OpenCL device PoCL: the library goes with the artifact,
+    the agent loads the copy it received (after checking its sha256), and answers as a local run does."""
+    from conftest import run_cli
+
+    from edgert.deploy import gpu_runtime
+    from edgert.runtime import opencl
+    from edgert.targets import host_arch
+
+    # The library the set-up built (the cache moves below, for ssh's known hosts); rebuilt if stale.
+    monkeypatch.setenv("EDGERT_OPENCL_RUNTIME", str(opencl.library_path()))
+    monkeypatch.setenv("EDGERT_CACHE", str(tmp_path / "cache"))
+    library = gpu_runtime.host_library(host_arch())
+    art = tiny_opencl_artifact
+    want = [t.id for t in edgert.load(art).generate(PROMPT, max_tokens=6)]
+    port, key = sshd
+    remote = tmp_path / "remote"
+    uri = f"ssh://root@127.0.0.1:{port}?identity={key}&python={sys.executable}&dir={remote}"
+    shipped = remote / "artifacts" / ".opencl" / library.name
+    with parse_device(uri) as dev:
+        dev.deploy(art)
+        out = dev.run(art.name, prompt=PROMPT, max_tokens=6, raw=True)
+        info = dev.request({"op": "opencl_info", "load": True})[0]
+        with pytest.raises(DeviceError, match=r"OpenCL runtime library arrived damaged"):
+            dev.request({"op": "opencl_put", "sha256": "0" * 64, "manifest": {"sha256": "0" * 64}}, b"junk")
+    assert out["tokens"] == want
+    assert shipped.read_bytes() == library.read_bytes() and info["library"] == str(shipped)
+    assert info["device"]["platform"] == "Portable Computing Language"
+
+    with shipped.open("r+b") as fh:  # changed on the device: a new agent refuses to load it, in one line
+        fh.seek(4096)
+        byte = fh.read(1)
+        fh.seek(4096)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with parse_device(uri) as dev:
+        with pytest.raises(DeviceError, match=r"refusing to load .*libedgert_opencl\.so: its sha256 differs") as exc:
+            dev.run(art.name, prompt=PROMPT, max_tokens=2)
+        assert "\n" not in str(exc.value)
+        dev.deploy(art)  # sends the library again
+        assert dev.run(art.name, prompt=PROMPT, max_tokens=6, raw=True)["tokens"] == want
+
+    # A device without an OpenCL driver (an empty ICD folder for its Python): named before the upload.
+    empty = tmp_path / "no-icd"
+    empty.mkdir()
+    python = tmp_path / "python-without-opencl"
+    python.write_text(f'#!/bin/sh\nOCL_ICD_VENDORS={empty} OPENCL_VENDOR_PATH={empty} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    bare = tmp_path / "bare"
+    proc = run_cli(
+        "deploy", str(art), "--device", f"ssh://root@127.0.0.1:{port}?identity={key}&python={python}&dir={bare}"
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "no OpenCL device found" in proc.stderr and "OpenCL" in proc.stderr.strip().splitlines()[-1]
+    assert not (bare / "artifacts" / art.name).exists()
+
+
 def test_ssh_refused_port_is_named(sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGERT_CACHE", str(tmp_path))
     _, key = sshd

@@ -35,8 +35,8 @@ def _compile(model: Path | str, target: str, out: Path, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_gpu_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory, opencl_device: str) -> Path:
-    return _compile(tiny_gguf_file, "host-opencl", tmp_path_factory.mktemp("tiny-gpu") / "tiny-gpu.edgert")
+def tiny_gpu_artifact(tiny_opencl_artifact: Path, opencl_device: str) -> Path:
+    return tiny_opencl_artifact
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +297,24 @@ def test_kernel_counts_match_the_calls_the_vm_makes(tiny_gpu_artifact: Path, ope
     memory = opencl.memory()
     weights = sum(int(np.prod(p.shape)) * np.dtype(str(p.dtype)).itemsize for p in model.session.params)
     assert memory["peak_bytes"] >= memory["allocated_bytes"] >= weights
+
+
+def test_gpu_deploy_builds_the_library_for_the_targets_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `edgert deploy` ships with a GPU artifact: the library built for the target's device (the
+    NDK's build for Android, whose absence is named)."""
+    import shutil
+
+    from edgert.deploy import gpu_runtime
+    from edgert.errors import DeviceError
+    from edgert.targets import load_target
+
+    arch = {name: gpu_runtime.library_arch(vars(load_target(name))) for name in ("rk3588-mali", "android-adreno")}
+    assert arch == {"rk3588-mali": "aarch64", "android-adreno": "android-arm64"}
+    if shutil.which(load_target("android-adreno").cc):
+        pytest.skip("the Android NDK is installed here; the missing-NDK error cannot be checked")
+    monkeypatch.setenv("EDGERT_CACHE", str(tmp_path))
+    with pytest.raises(DeviceError, match=r"cannot build edgert's OpenCL runtime for android-arm64: .*Android NDK"):
+        gpu_runtime.host_library("android-arm64")
 
 
 def _stream(codec, audio: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:
