@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -220,11 +222,17 @@ def test_ssh_deploy_of_a_gpu_artifact_ships_the_opencl_runtime(
         dev.deploy(art)
         out = dev.run(art.name, prompt=PROMPT, max_tokens=6, raw=True)
         info = dev.request({"op": "opencl_info", "load": True})[0]
+        profile = dev.profile(art.name, runs=1, max_tokens=2, operators=False)
         with pytest.raises(DeviceError, match=r"OpenCL runtime library arrived damaged"):
             dev.request({"op": "opencl_put", "sha256": "0" * 64, "manifest": {"sha256": "0" * 64}}, b"junk")
+        digest = hashlib.sha256(b"elf").hexdigest()
+        with pytest.raises(DeviceError, match=rf"library sent is built for aarch64, not {host_arch()}"):
+            meta = {"sha256": digest, "arch": "aarch64"}
+            dev.request({"op": "opencl_put", "sha256": digest, "manifest": meta}, b"elf")
     assert out["tokens"] == want
     assert shipped.read_bytes() == library.read_bytes() and info["library"] == str(shipped)
     assert info["device"]["platform"] == "Portable Computing Language"
+    assert profile["gpu"]["device"]["cpu_emulation"] and profile["gpu"]["kernels"][0]["count"] > 0
 
     with shipped.open("r+b") as fh:  # changed on the device: a new agent refuses to load it, in one line
         fh.seek(4096)
@@ -235,8 +243,10 @@ def test_ssh_deploy_of_a_gpu_artifact_ships_the_opencl_runtime(
         with pytest.raises(DeviceError, match=r"refusing to load .*libedgert_opencl\.so: its sha256 differs") as exc:
             dev.run(art.name, prompt=PROMPT, max_tokens=2)
         assert "\n" not in str(exc.value)
-        dev.deploy(art)  # sends the library again
-        assert dev.run(art.name, prompt=PROMPT, max_tokens=6, raw=True)["tokens"] == want
+    # `edgert run --device` on the artifact the device holds: the library is sent again, then it runs.
+    proc = run_cli("run", str(art), "--device", uri, "--prompt", PROMPT, "-n", "6", "--raw", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tokens"] == want and shipped.read_bytes() == library.read_bytes()
 
     # A device without an OpenCL driver (an empty ICD folder for its Python): named before the upload.
     empty = tmp_path / "no-icd"

@@ -310,9 +310,14 @@ def test_gpu_deploy_builds_the_library_for_the_targets_device(tmp_path: Path, mo
 
     arch = {name: gpu_runtime.library_arch(vars(load_target(name))) for name in ("rk3588-mali", "android-adreno")}
     assert arch == {"rk3588-mali": "aarch64", "android-adreno": "android-arm64"}
+    monkeypatch.setenv("EDGERT_CACHE", str(tmp_path))
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.fail("aarch64-linux-gnu-g++ is not installed (tools/setup.sh --test installs g++-aarch64-linux-gnu)")
+    board = gpu_runtime.host_library("aarch64")  # built into the (empty) cache, then verified
+    assert board.parent == tmp_path / "opencl" / "aarch64" and board.read_bytes()[18:20] == b"\xb7\x00"  # EM_AARCH64
+    assert json.loads(board.with_suffix(".json").read_text())["arch"] == "aarch64"
     if shutil.which(load_target("android-adreno").cc):
         pytest.skip("the Android NDK is installed here; the missing-NDK error cannot be checked")
-    monkeypatch.setenv("EDGERT_CACHE", str(tmp_path))
     with pytest.raises(DeviceError, match=r"cannot build edgert's OpenCL runtime for android-arm64: .*Android NDK"):
         gpu_runtime.host_library("android-arm64")
 
