@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,19 +65,13 @@ def host_library(arch: str) -> Path:
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, "PYTHON": os.environ.get("PYTHON", _python())},
+        env={**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable)},  # the wheels' headers
     )
     if proc.returncode != 0:
         why = (proc.stderr or proc.stdout).strip().splitlines()
         raise DeviceError(f"cannot build edgert's OpenCL runtime for {arch}: {why[-1] if why else proc.returncode}")
     opencl.verify(path)
     return path
-
-
-def _python() -> str:
-    import sys
-
-    return sys.executable
 
 
 def ship(dev: Any, manifest: dict[str, Any]) -> dict[str, Any] | None:
