@@ -166,6 +166,15 @@ def tiny_host_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="session")
+def tiny_opencl_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama compiled for this machine's OpenCL device (host-opencl: PoCL here)."""
+    out = tmp_path_factory.mktemp("tiny-gpu") / "tiny-gpu.edgert"
+    proc = run_cli("compile", str(tiny_gguf_file), "--target", "host-opencl", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_rpi5_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama cross-compiled for a Raspberry Pi 5 (aarch64, Cortex-A76)."""
     return _compile_tiny(tiny_gguf_file, "rpi5", tmp_path_factory.mktemp("tiny-rpi5"))

@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import random
 import shutil
@@ -193,6 +195,72 @@ def test_ssh_link_copies_the_runtime_and_runs(
     assert (remote / "edgert" / "runtime" / "generator.py").is_file()
     assert not (remote / "edgert" / "compiler").exists() and not (remote / "edgert" / "frontend").exists()
     assert (remote / "artifacts" / tiny_host_artifact.name).read_bytes() == tiny_host_artifact.read_bytes()
+
+
+def test_ssh_deploy_of_a_gpu_artifact_ships_the_opencl_runtime(
+    tiny_opencl_artifact: Path, sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The "device" is this machine over ssh, its OpenCL device PoCL: the library goes with the artifact,
+    the agent loads the copy it received (after checking its sha256), and answers as a local run does."""
+    from conftest import run_cli
+
+    from edgert.deploy import gpu_runtime
+    from edgert.runtime import opencl
+    from edgert.targets import host_arch
+
+    # The library the set-up built (the cache moves below, for ssh's known hosts); rebuilt if stale.
+    monkeypatch.setenv("EDGERT_OPENCL_RUNTIME", str(opencl.library_path()))
+    monkeypatch.setenv("EDGERT_CACHE", str(tmp_path / "cache"))
+    library = gpu_runtime.host_library(host_arch())
+    art = tiny_opencl_artifact
+    want = [t.id for t in edgert.load(art).generate(PROMPT, max_tokens=6)]
+    port, key = sshd
+    remote = tmp_path / "remote"
+    uri = f"ssh://root@127.0.0.1:{port}?identity={key}&python={sys.executable}&dir={remote}"
+    shipped = remote / "artifacts" / ".opencl" / library.name
+    with parse_device(uri) as dev:
+        dev.deploy(art)
+        out = dev.run(art.name, prompt=PROMPT, max_tokens=6, raw=True)
+        info = dev.request({"op": "opencl_info", "load": True})[0]
+        profile = dev.profile(art.name, runs=1, max_tokens=2, operators=False)
+        with pytest.raises(DeviceError, match=r"OpenCL runtime library arrived damaged"):
+            dev.request({"op": "opencl_put", "sha256": "0" * 64, "manifest": {"sha256": "0" * 64}}, b"junk")
+        digest = hashlib.sha256(b"elf").hexdigest()
+        with pytest.raises(DeviceError, match=rf"library sent is built for aarch64, not {host_arch()}"):
+            meta = {"sha256": digest, "arch": "aarch64"}
+            dev.request({"op": "opencl_put", "sha256": digest, "manifest": meta}, b"elf")
+    assert out["tokens"] == want
+    assert shipped.read_bytes() == library.read_bytes() and info["library"] == str(shipped)
+    assert info["device"]["platform"] == "Portable Computing Language"
+    assert profile["gpu"]["device"]["cpu_emulation"] and profile["gpu"]["kernels"][0]["count"] > 0
+
+    with shipped.open("r+b") as fh:  # changed on the device: a new agent refuses to load it, in one line
+        fh.seek(4096)
+        byte = fh.read(1)
+        fh.seek(4096)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    with parse_device(uri) as dev:
+        with pytest.raises(DeviceError, match=r"refusing to load .*libedgert_opencl\.so: its sha256 differs") as exc:
+            dev.run(art.name, prompt=PROMPT, max_tokens=2)
+        assert "\n" not in str(exc.value)
+    # `edgert run --device` on the artifact the device holds: the library is sent again, then it runs.
+    proc = run_cli("run", str(art), "--device", uri, "--prompt", PROMPT, "-n", "6", "--raw", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tokens"] == want and shipped.read_bytes() == library.read_bytes()
+
+    # A device without an OpenCL driver (an empty ICD folder for its Python): named before the upload.
+    empty = tmp_path / "no-icd"
+    empty.mkdir()
+    python = tmp_path / "python-without-opencl"
+    python.write_text(f'#!/bin/sh\nOCL_ICD_VENDORS={empty} OPENCL_VENDOR_PATH={empty} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    bare = tmp_path / "bare"
+    proc = run_cli(
+        "deploy", str(art), "--device", f"ssh://root@127.0.0.1:{port}?identity={key}&python={python}&dir={bare}"
+    )
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "no OpenCL device found" in proc.stderr and "OpenCL" in proc.stderr.strip().splitlines()[-1]
+    assert not (bare / "artifacts" / art.name).exists()
 
 
 def test_ssh_refused_port_is_named(sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

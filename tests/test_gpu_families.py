@@ -35,8 +35,8 @@ def _compile(model: Path | str, target: str, out: Path, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_gpu_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory, opencl_device: str) -> Path:
-    return _compile(tiny_gguf_file, "host-opencl", tmp_path_factory.mktemp("tiny-gpu") / "tiny-gpu.edgert")
+def tiny_gpu_artifact(tiny_opencl_artifact: Path, opencl_device: str) -> Path:
+    return tiny_opencl_artifact
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +218,108 @@ def test_kernel_table_of_the_decode_step(tiny_gguf_file: Path, tiny_gpu_artifact
     assert head["calls"] == 1 and head["work_group"].split("x")[0].isdigit()
     assert kernels["batch_decode_paged_kv_kernel"]["calls"] == 2 and kernels["batch_decode_paged_kv_kernel"]["kv"] > 0
     assert 0.9 < result["weight_share_of_bytes_read"] < 1
+
+
+def _module_kernels(artifact: Path) -> set[str]:
+    """The OpenCL kernels in a GPU artifact's library, read from the OpenCL C source it embeds."""
+    import re
+    import zipfile
+
+    with zipfile.ZipFile(artifact) as z:
+        return {k.decode() for k in re.findall(rb"__kernel void (\w+)\(", z.read("model.so"))}
+
+
+def test_profile_on_opencl_lists_kernels_device_memory_and_the_pocl_caveat(
+    tiny_gpu_artifact: Path, tmp_path: Path, opencl_device: str
+) -> None:
+    """`edgert profile` on a GPU artifact: per-kernel device times from OpenCL events, sorted, with their
+    share; the device memory; and, on PoCL, that the device is a CPU emulation."""
+    from edgert.artifact import open_artifact
+
+    report = tmp_path / "p.html"
+    proc = run_cli("profile", str(tiny_gpu_artifact), "--runs", "1", "-n", "3", "--report", str(report))
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stderr.split())
+    assert "a CPU emulation of OpenCL" in text and "say nothing about a phone's or board's GPU" in text
+    gpu = json.loads(report.with_suffix(".json").read_text())["gpu"]
+    assert gpu["device"]["cpu_emulation"] and gpu["device"]["platform"] == "Portable Computing Language"
+    kernels = gpu["kernels"]
+    names = [k["kernel"] for k in kernels]
+    assert names and set(names) <= _module_kernels(tiny_gpu_artifact) and len(set(names)) == len(names)
+    assert all(k["count"] > 0 and k["total_ms"] >= 0 for k in kernels)
+    assert [k["total_ms"] for k in kernels] == sorted((k["total_ms"] for k in kernels), reverse=True)
+    assert sum(k["share"] for k in kernels) == pytest.approx(1, abs=0.01)
+    assert 0 < gpu["kernel_ms"] <= gpu["wall_ms"]
+    weights = sum(a.nbytes for a in open_artifact(tiny_gpu_artifact).weights().values())
+    assert gpu["memory"]["weights_bytes"] == weights
+    assert gpu["memory"]["peak_bytes"] >= gpu["memory"]["resident_bytes"] >= weights
+    assert f"{names[0]} " in text and f"{kernels[0]['share'] * 100:.1f}%" in text  # the text report's top row
+    assert "CPU emulation of OpenCL" in report.read_text() and names[0] in report.read_text()
+    assert report.with_suffix(".gpu_kernels.png").stat().st_size > 0
+    assert f"gpu_kernel,,{names[0]}," in report.with_suffix(".csv").read_text()
+
+
+def test_kernel_counts_match_the_calls_the_vm_makes(tiny_gpu_artifact: Path, opencl_device: str) -> None:
+    """Each kernel the VM calls during decode steps is counted once per call; the paged KV cache's own
+    kernels (out of the VM's sight) once per layer and step; device memory holds at least the weights."""
+    import edgert
+    from edgert.runtime import opencl
+
+    model = edgert.load(tiny_gpu_artifact)
+    module = _module_kernels(tiny_gpu_artifact)
+    logits = model.prefill(model.tokenizer.encode("Hello there"))
+    model.step([int(np.argmax(logits))])  # every kernel built before timing
+    calls: dict[str, int] = {}
+
+    def count(func: object, name: str, before: bool, *rest: object) -> int:
+        if before and f"{name}_kernel" in module:
+            calls[f"{name}_kernel"] = calls.get(f"{name}_kernel", 0) + 1
+        return 0
+
+    steps = 3
+    model.session.vm.set_instrument(count)
+    opencl.start_profiling()
+    try:
+        for _ in range(steps):
+            logits = model.step([int(np.argmax(logits))])
+    finally:
+        records = opencl.stop_profiling()
+        model.session.vm.set_instrument(lambda *a: 0)
+    counted: dict[str, int] = {}
+    for r in records:
+        counted[r["kernel"]] = counted.get(r["kernel"], 0) + r["count"]
+        assert r["total_ns"] > 0 and r["min_ns"] <= r["max_ns"] and all(v >= 1 for v in r["local"])
+    layers = model.artifact.manifest["model"]["num_layers"]
+    assert calls and {k: counted.get(k) for k in calls} == calls
+    assert counted["batch_decode_paged_kv_kernel"] == counted["fused_rope_kernel"] == layers * steps
+    cache_kernels = {"batch_decode_paged_kv_kernel", "fused_rope_kernel", "tir_kv_cache_transpose_append_kernel"}
+    assert set(counted) - set(calls) <= cache_kernels
+    memory = opencl.memory()
+    weights = sum(int(np.prod(p.shape)) * np.dtype(str(p.dtype)).itemsize for p in model.session.params)
+    assert memory["peak_bytes"] >= memory["allocated_bytes"] >= weights
+
+
+def test_gpu_deploy_builds_the_library_for_the_targets_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `edgert deploy` ships with a GPU artifact: the library built for the target's device (the
+    NDK's build for Android, whose absence is named)."""
+    import shutil
+
+    from edgert.deploy import gpu_runtime
+    from edgert.errors import DeviceError
+    from edgert.targets import load_target
+
+    arch = {name: gpu_runtime.library_arch(vars(load_target(name))) for name in ("rk3588-mali", "android-adreno")}
+    assert arch == {"rk3588-mali": "aarch64", "android-adreno": "android-arm64"}
+    monkeypatch.setenv("EDGERT_CACHE", str(tmp_path))
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.fail("aarch64-linux-gnu-g++ is not installed (tools/setup.sh --test installs g++-aarch64-linux-gnu)")
+    board = gpu_runtime.host_library("aarch64")  # built into the (empty) cache, then verified
+    assert board.parent == tmp_path / "opencl" / "aarch64" and board.read_bytes()[18:20] == b"\xb7\x00"  # EM_AARCH64
+    assert json.loads(board.with_suffix(".json").read_text())["arch"] == "aarch64"
+    if shutil.which(load_target("android-adreno").cc):
+        pytest.skip("the Android NDK is installed here; the missing-NDK error cannot be checked")
+    with pytest.raises(DeviceError, match=r"cannot build edgert's OpenCL runtime for android-arm64: .*Android NDK"):
+        gpu_runtime.host_library("android-arm64")
 
 
 def _stream(codec, audio: np.ndarray, step: int) -> tuple[np.ndarray, np.ndarray]:

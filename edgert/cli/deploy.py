@@ -40,7 +40,8 @@ def profile(
     ),
     threads: ThreadsOpt = None,
 ) -> None:
-    """Measure on the device: load, prefill, per-token decode p50/p90/p99, per-operator time, peak memory."""
+    """Measure on the device: load, prefill, per-token decode p50/p90/p99, per-operator time, peak memory;
+    for a GPU artifact also each OpenCL kernel's device time (OpenCL events) and the device memory."""
     from edgert.deploy.profiling import profile_on_device
 
     options = {"prompt": prompt, "runs": runs, "max_tokens": max_tokens, "threads": threads}
@@ -54,4 +55,9 @@ def profile(
         highlight=False,
         soft_wrap=True,
     )
+    if result.get("gpu"):
+        from edgert.profile.report import gpu_summary
+
+        for line in gpu_summary(result["gpu"]):
+            err.print(escape(line), highlight=False, soft_wrap=True)
     err.print(f"[green]wrote[/] {paths['html']}, {paths['json'].name}, {paths['csv'].name}", highlight=False)

@@ -12,7 +12,8 @@ tokenizers): it never imports edgert's compiler. Requests and replies are frames
 
 Operations (header ``op``): hello, put_begin/put_chunk/put_end (an upload, verified by sha256
 and renamed over the old artifact only when whole), list, run, profile, transcribe (Whisper),
-codec_roundtrip (a codec, whole or streamed), fetch. Every path a
+codec_roundtrip (a codec, whole or streamed), fetch; opencl_info and opencl_put (the OpenCL runtime
+library sent with GPU artifacts, `edgert.deploy.gpu_runtime`). Every path a
 request names must lie inside the agent's folder. The TCP and RPC servers bind 127.0.0.1
 unless ``--host`` says otherwise.
 
@@ -46,6 +47,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from edgert.deploy.gpu_runtime import adopt_shipped, agent_op
 from edgert.deploy.protocol import (
     PROTOCOL_VERSION,
     AuthError,
@@ -116,6 +118,7 @@ class Agent:
         self._load_seconds = 0.0
         for stale in self.root.glob(".*.part"):  # uploads cut by a crash or power loss
             stale.unlink()
+        adopt_shipped(self.root)  # GPU artifacts run with the OpenCL library the host sent
 
     # -- dispatch --------------------------------------------------------------------------------
     def handle(self, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
@@ -129,7 +132,7 @@ class Agent:
         op = str(header.get("op", ""))
         method = getattr(self, f"op_{op}", None)
         if method is None:
-            method = self._family_op(op)
+            method = self._family_op(op) or agent_op(self, op)
         if method is None:
             return {"ok": False, "error": f"unknown operation '{op}'", "kind": "DeviceError"}, b""
         try:

@@ -255,7 +255,11 @@ class Device:
         artifact = Path(artifact)
         if artifact.is_dir():
             raise ArtifactError(f"{artifact} is a folder: deploy a single-file artifact (compile without --dir)")
-        self.check_artifact(artifact)
+        manifest = self.check_artifact(artifact)
+        if manifest["target"].get("kind") == "gpu":  # the OpenCL runtime goes first, and the device is checked
+            from edgert.deploy.gpu_runtime import ship
+
+            ship(self, manifest)
         size = artifact.stat().st_size
         with artifact.open("rb") as fh:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()

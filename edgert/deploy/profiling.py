@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgert.deploy.remote import ship_gpu_runtime
 from edgert.errors import OutputPathError
 from edgert.profile.report import write_report
 
@@ -21,6 +22,8 @@ def profile_on_device(
     with parse_device(uri) as dev:
         if not dev.holds(artifact):
             dev.deploy(artifact, progress=progress)
+        else:
+            ship_gpu_runtime(dev, artifact)
         result = dev.profile(artifact.name, **{k: v for k, v in options.items() if v is not None})
         result["link"] = {"uri": uri, "kind": dev.link}
     return write_report(result, report)

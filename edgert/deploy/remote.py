@@ -29,7 +29,18 @@ def holding(uri: str, artifact: Path, deploy: Deploy | None = None) -> Iterator[
     with parse_device(uri) as dev:
         if not dev.holds(artifact):
             (deploy or _deploy)(dev, artifact)
+        else:
+            ship_gpu_runtime(dev, artifact)
         yield dev
+
+
+def ship_gpu_runtime(dev: Any, artifact: Path) -> None:
+    """For a GPU artifact the device holds already: the OpenCL runtime library it needs, unless it has it."""
+    from edgert.artifact.reader import open_artifact
+    from edgert.deploy.gpu_runtime import ship
+
+    # Its manifest only (no member hashes): the device holds these bytes, checked when they came.
+    ship(dev, open_artifact(artifact, verify=False, check_host=False).manifest)
 
 
 def _finish(result: dict[str, Any], uri: str, dev: Any) -> dict[str, Any]:

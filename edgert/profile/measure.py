@@ -75,6 +75,85 @@ def operator_times(model: Any, ids: list[int], steps: int = 3) -> list[dict[str,
     return sorted(rows, key=lambda r: -r["ms_per_token"])
 
 
+def _dims(sizes: list[int], dims: int) -> str:
+    return "x".join(str(v) for v in sizes[: max(1, dims)])
+
+
+def gpu_kernels(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """OpenCL kernel records (per kernel and work sizes) merged per kernel, longest total first, with
+    their share of all kernel time and each work size (global / local) they ran with."""
+    merged: dict[str, dict[str, Any]] = {}
+    for r in records:
+        m = merged.setdefault(r["kernel"], {"kernel": r["kernel"], "count": 0, "total_ns": 0, "work_sizes": []})
+        m["count"] += r["count"]
+        m["total_ns"] += r["total_ns"]
+        dims = r["work_dims"]
+        m["work_sizes"].append(
+            {"global": _dims(r["global"], dims), "local": _dims(r["local"], dims), "count": r["count"]}
+        )
+    total = sum(m["total_ns"] for m in merged.values()) or 1
+    rows = []
+    for m in merged.values():
+        sizes = sorted(m["work_sizes"], key=lambda w: -w["count"])
+        rows.append(
+            {
+                "kernel": m["kernel"],
+                "count": m["count"],
+                "total_ms": round(m["total_ns"] / 1e6, 4),
+                "mean_us": round(m["total_ns"] / m["count"] / 1e3, 3),
+                "share": round(m["total_ns"] / total, 4),
+                "global": sizes[0]["global"],
+                "local": sizes[0]["local"],
+                "work_sizes": sizes,
+            }
+        )
+    return sorted(rows, key=lambda r: -r["total_ms"])
+
+
+def gpu_profile(model: Any, ids: list[int], steps: int = 3) -> dict[str, Any]:
+    """Device times of every OpenCL kernel over one prefill of ``ids`` and ``steps`` decode steps, from
+    OpenCL events (a profiling queue), and the device memory the runtime allocated.
+
+    A separate pass from the latency runs: a profiling queue timestamps every command. The wall time
+    covers the same pass (it ends with the logits read back, so every kernel has finished); on an
+    in-order queue the kernels' device times add up to at most that.
+    """
+    from edgert.runtime import opencl
+
+    info = opencl.device_info()
+    params = model.session.params
+    weights = sum(int(np.prod([int(d) for d in p.shape])) * np.dtype(str(p.dtype)).itemsize for p in params)
+    model.reset()
+    resident = opencl.memory()["allocated_bytes"]
+    opencl.start_profiling()
+    try:
+        t = time.perf_counter()
+        logits = model.prefill(ids)
+        for _ in range(steps):
+            logits = model.step([int(np.argmax(logits))])
+        wall = time.perf_counter() - t
+    finally:
+        records = opencl.stop_profiling()
+    mem = opencl.memory()
+    kernels = gpu_kernels(records)
+    return {
+        "device": info,
+        "note": opencl.emulation_note(info),
+        "window": f"1 prefill of {len(ids)} tokens + {steps} decode steps",
+        "wall_ms": round(wall * 1e3, 3),
+        "kernel_ms": round(sum(k["total_ms"] for k in kernels), 3),
+        "launches": sum(k["count"] for k in kernels),
+        "kernels": kernels,
+        "memory": {
+            "weights_bytes": weights,
+            "resident_bytes": resident,
+            "peak_bytes": mem["peak_bytes"],
+            "allocated_bytes": mem["allocated_bytes"],
+            "allocations": mem["allocations"],
+        },
+    }
+
+
 def profile_generator(
     model: Any, prompt: str | None = None, runs: int = 3, max_tokens: int = 32, operators: bool = True
 ) -> dict[str, Any]:
@@ -122,5 +201,7 @@ def profile_generator(
         "decode_step_ms": [[round(s * 1e3, 3) for s in steps] for steps in decode_runs],
         "operators": operator_times(model, ids) if operators else [],
     }
+    if getattr(model.session, "on_gpu", False):
+        result["gpu"] = gpu_profile(model, ids)
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return result

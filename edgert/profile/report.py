@@ -18,7 +18,37 @@ def report_title(result: dict[str, Any]) -> str:
     title = f"edgert profile: {result['model']} on {device['name']}"
     if device.get("emulated"):
         title += " [emulated: qemu timings, not ARM hardware timings]"
+    gpu = result.get("gpu")
+    if gpu is not None:
+        title += f" (OpenCL: {gpu['device']['name']})"
+        if gpu["device"].get("cpu_emulation"):
+            title += " [CPU emulation of OpenCL: not a GPU's timings]"
     return title
+
+
+def gpu_summary(gpu: dict[str, Any], top: int = 10) -> list[str]:
+    """The GPU part of a profile as text lines: the caveat, kernels by device time with their share, memory."""
+    mem = gpu["memory"]
+    mb = 1 / 2**20
+    lines = [f"note: {gpu['note']}"] if gpu.get("note") else []
+    lines.append(
+        f"OpenCL kernels over {gpu['window']}: {gpu['launches']} launches, {gpu['kernel_ms']:.3f} ms of device time "
+        f"in {gpu['wall_ms']:.3f} ms wall time ({gpu['device']['name']}, {gpu['device']['type']})"
+    )
+    lines.append(f"{'kernel':52} {'count':>6} {'total ms':>10} {'mean us':>10} {'share':>7}  global / local")
+    for k in gpu["kernels"][:top]:
+        lines.append(
+            f"{k['kernel'][:52]:52} {k['count']:6d} {k['total_ms']:10.3f} {k['mean_us']:10.2f} "
+            f"{k['share'] * 100:6.1f}%  {k['global']} / {k['local']}"
+        )
+    if len(gpu["kernels"]) > top:
+        rest = gpu["kernels"][top:]
+        lines.append(f"... {len(rest)} more kernels, {sum(k['share'] for k in rest) * 100:.1f}% of the time")
+    lines.append(
+        f"device memory: peak {mem['peak_bytes'] * mb:.2f} MiB, resident {mem['resident_bytes'] * mb:.2f} MiB "
+        f"(weights {mem['weights_bytes'] * mb:.2f} MiB), {mem['allocations']} allocations"
+    )
+    return lines
 
 
 def write_report(result: dict[str, Any], report: Path) -> dict[str, Path]:
@@ -38,6 +68,8 @@ def write_report(result: dict[str, Any], report: Path) -> dict[str, Path]:
         "histogram": Path(f"{stem}.histogram.png"),
         "operators": Path(f"{stem}.operators.png"),
     }
+    if result.get("gpu"):
+        paths["gpu_kernels"] = Path(f"{stem}.gpu_kernels.png")
     paths["json"].write_text(json.dumps(result, indent=1))
     with paths["csv"].open("w", newline="") as fh:
         out = csv.writer(fh)
@@ -46,6 +78,8 @@ def write_report(result: dict[str, Any], report: Path) -> dict[str, Path]:
             out.writerows(["decode_token", run, i, ms, ""] for i, ms in enumerate(steps))
         for op in result["operators"]:
             out.writerow(["operator", "", op["operator"], op["ms_per_token"], op["calls_per_token"]])
+        for k in (result.get("gpu") or {}).get("kernels", []):  # device ms over the whole window, launches
+            out.writerow(["gpu_kernel", "", k["kernel"], k["total_ms"], k["count"]])
 
     device = f"{result['device']['name']} via {result['link']['kind']}"
     fig, ax = plt.subplots(figsize=(8, 3.5))
@@ -77,6 +111,20 @@ def write_report(result: dict[str, Any], report: Path) -> dict[str, Path]:
     fig.savefig(paths["operators"], dpi=90)
     plt.close(fig)
 
+    if "gpu_kernels" in paths:
+        gpu = result["gpu"]
+        top = gpu["kernels"][:15][::-1]
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(top) + 1.4))
+        ax.barh([k["kernel"][:48] for k in top], [k["total_ms"] for k in top])
+        title = f"OpenCL kernels, device time over {gpu['window']}"
+        if gpu["device"].get("cpu_emulation"):
+            title += "\n(CPU emulation of OpenCL: not a GPU's timings)"
+        ax.set(xlabel="device time (ms, OpenCL events)", title=title)
+        ax.tick_params(axis="y", labelsize=7)
+        fig.tight_layout()
+        fig.savefig(paths["gpu_kernels"], dpi=90)
+        plt.close(fig)
+
     paths["html"].write_text(_html(result, paths))
     return paths
 
@@ -107,7 +155,8 @@ def _html(result: dict[str, Any], paths: dict[str, Path]) -> str:
         for o in result["operators"][:30]
     )
     data = " ".join(f'<a href="{e(paths[k].name)}">{e(paths[k].name)}</a>' for k in ("json", "csv"))
-    img = "\n".join(f'<p><img src="{e(paths[k].name)}" alt="{k}"></p>' for k in ("timeline", "histogram", "operators"))
+    plots = ("timeline", "histogram", "operators", "gpu_kernels")
+    img = "\n".join(f'<p><img src="{e(paths[k].name)}" alt="{k}"></p>' for k in plots if k in paths)
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{e(result["title"])}</title>
 <style>body{{font-family:sans-serif;margin:2em}} th{{text-align:left;padding-right:1em}} td{{padding-right:1em}}</style>
@@ -119,6 +168,31 @@ def _html(result: dict[str, Any], paths: dict[str, Path]) -> str:
 <h2>Operators (decode, per token)</h2>
 <table><tr><th>operator</th><th>ms/token</th><th>calls/token</th><th>share</th></tr>
 {ops}</table>
+{_gpu_html(result.get("gpu"))}
 <p>Data: {data}</p>
 </body></html>
+"""
+
+
+def _gpu_html(gpu: dict[str, Any] | None) -> str:
+    """The OpenCL section: device, caveat, kernels by device time, device memory."""
+    if not gpu:
+        return ""
+    e = html.escape
+    d, mem, mib = gpu["device"], gpu["memory"], 1 / 2**20
+    note = f"<p><strong>Note:</strong> {e(gpu['note'])}</p>" if gpu.get("note") else ""
+    rows = "\n".join(
+        f"<tr><td>{e(k['kernel'])}</td><td>{k['count']}</td><td>{k['total_ms']}</td><td>{k['mean_us']}</td>"
+        f"<td>{k['share'] * 100:.1f}%</td><td>{e(k['global'])}</td><td>{e(k['local'])}</td></tr>"
+        for k in gpu["kernels"]
+    )
+    return f"""<h2>OpenCL kernels (device time from OpenCL events)</h2>
+<p>{e(d["name"])} ({e(d["platform"])}, {e(d["type"])}, {e(d["version"])}); {e(gpu["window"])}: {gpu["launches"]}
+launches, {gpu["kernel_ms"]} ms of kernel time in {gpu["wall_ms"]} ms wall time.</p>
+{note}
+<p>Device memory: peak {mem["peak_bytes"] * mib:.2f} MiB, resident {mem["resident_bytes"] * mib:.2f} MiB
+(weights {mem["weights_bytes"] * mib:.2f} MiB), {mem["allocations"]} allocations.</p>
+<table><tr><th>kernel</th><th>count</th><th>total ms</th><th>mean µs</th><th>share</th><th>global</th>
+<th>local</th></tr>
+{rows}</table>
 """

@@ -14,11 +14,11 @@ writable by anyone but their owner (this user or root).
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import json
 import os
 import stat
+import threading
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -53,7 +53,7 @@ def verify(path: Path) -> dict:
         if st.st_uid not in (os.getuid(), 0) or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
             raise EdgertError(f"refusing to load {path}: {p} is writable by others or owned by another user")
     manifest = json.loads(manifest_path.read_text())
-    if hashlib.sha256(path.read_bytes()).hexdigest() != manifest.get("sha256"):
+    if _sha256(path) != manifest.get("sha256"):
         raise EdgertError(f"refusing to load {path}: its sha256 differs from its manifest ({BUILD_HINT})")
     if SOURCE.is_file() and hashlib.sha256(SOURCE.read_bytes()).hexdigest() != manifest.get("source_sha256"):
         raise EdgertError(f"{path} was built from another version of {SOURCE.name} ({BUILD_HINT})")
@@ -69,15 +69,41 @@ def verify(path: Path) -> dict:
     return manifest
 
 
-@functools.cache
+_lock = threading.Lock()
+_chosen: Path | None = None  # set by use_library: the device agent's shipped library
+_loaded: Path | None = None
+
+
+def use_library(path: Path) -> None:
+    """Load the runtime from ``path`` rather than `library_path()` (on a device: the library the host
+    shipped with a GPU artifact). A process loads one such library: another one's bytes are refused."""
+    global _chosen
+    path = Path(path)
+    with _lock:
+        if _loaded is not None and _loaded != path:
+            if not path.is_file() or _sha256(path) != _sha256(_loaded):
+                raise EdgertError(
+                    f"this process runs the OpenCL runtime library {_loaded} already; restart it to load {path}"
+                )
+        _chosen = path
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def ensure_loaded() -> Path:
     """Load the OpenCL runtime into this process (once), after the TVM runtime library."""
-    path = library_path()
-    verify(path)
-    tvm_runtime.ffi()  # libtvm_runtime.so first: the library resolves TVM's symbols from it
-    # RTLD_LOCAL: nothing links against it; loading runs its registrations.
-    ctypes.CDLL(str(path), ctypes.RTLD_LOCAL)
-    return path
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            path = _chosen or library_path()
+            verify(path)
+            tvm_runtime.ffi()  # libtvm_runtime.so first: the library resolves TVM's symbols from it
+            # RTLD_LOCAL: nothing links against it; loading runs its registrations.
+            ctypes.CDLL(str(path), ctypes.RTLD_LOCAL)
+            _loaded = path
+        return _loaded
 
 
 def devices() -> list[str]:
@@ -122,6 +148,63 @@ def attribute(name: str, index: int = 0) -> object:
     work-group the device takes), or None where the device does not tell."""
     ensure_loaded()
     return tvm_runtime.global_func("runtime.GetDeviceAttr")(4, index, ATTRIBUTES[name])
+
+
+def device_info(index: int = 0) -> dict[str, object]:
+    """Device ``index``: name, OpenCL version, platform, type (GPU, CPU, ...) and whether it is a CPU
+    emulation of OpenCL (PoCL, or any CPU device), whose times say nothing about a GPU's."""
+    find_device()
+    name, cl_version, platform, kind = (str(v) for v in tvm_runtime.global_func("edgert.opencl.device_info")(index))
+    emulated = kind == "CPU" or "Portable Computing Language" in platform or "PoCL" in cl_version
+    return {"name": name, "version": cl_version, "platform": platform, "type": kind, "cpu_emulation": emulated}
+
+
+def emulation_note(info: dict[str, object]) -> str:
+    """The caveat a profile made on a CPU device carries ("" on a GPU)."""
+    if not info.get("cpu_emulation"):
+        return ""
+    return (
+        f"the OpenCL device is {info['name']} ({info['platform']}, type {info['type']}): a CPU emulation of "
+        "OpenCL, so these kernel times say nothing about a phone's or board's GPU"
+    )
+
+
+def start_profiling() -> None:
+    """Forget earlier kernel records and the memory peak, then time every kernel launch (a profiling queue)."""
+    find_device()
+    get = tvm_runtime.global_func
+    get("edgert.opencl.profile_clear")()
+    get("edgert.opencl.memory_reset_peak")()
+    get("edgert.opencl.profiling")(True)
+
+
+def stop_profiling() -> list[dict[str, object]]:
+    """Stop timing launches; per kernel and work sizes: count, total/min/max device ns, global/local sizes."""
+    get = tvm_runtime.global_func
+    get("edgert.opencl.profiling")(False)
+    rows = []
+    for r in get("edgert.opencl.profile_records")():
+        name, count, total, low, high, *sizes = (str(r[0]), *(int(v) for v in list(r)[1:]))
+        rows.append(
+            {
+                "kernel": name,
+                "count": count,
+                "total_ns": total,
+                "min_ns": low,
+                "max_ns": high,
+                "global": sizes[0:3],
+                "local": sizes[3:6],
+                "work_dims": sizes[6],
+            }
+        )
+    return rows
+
+
+def memory() -> dict[str, int]:
+    """Bytes the OpenCL device API holds now, its peak (since load or `start_profiling`), allocations made."""
+    ensure_loaded()
+    now, peak, allocations = (int(v) for v in tvm_runtime.global_func("edgert.opencl.memory")())
+    return {"allocated_bytes": now, "peak_bytes": peak, "allocations": allocations}
 
 
 def virtual_machine(library: str | Path) -> tvm_runtime.VirtualMachine:

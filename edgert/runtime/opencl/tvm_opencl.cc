@@ -10,8 +10,14 @@
 // linker's path (/vendor/lib64 on Android, libmali on RK3588), and a library that fails to load
 // because libOpenCL is missing cannot say so; here "no OpenCL" is an answer, not a load error.
 //
+// Profiling (`edgert profile` on a GPU artifact): "edgert.opencl.profiling"(true) switches every
+// device to a queue created with CL_QUEUE_PROFILING_ENABLE and records each kernel launch's event;
+// "edgert.opencl.profile_records" returns per kernel and work sizes the count and device time
+// (CL_PROFILING_COMMAND_START..END). Off by default: a profiling queue costs a timestamp per command.
+// The device API counts the bytes it allocated (now, peak, allocations): "edgert.opencl.memory".
+//
 // Deliberately left out (TVM's own runtime has them): textures/image2d memory scopes,
-// precompiled program binaries, profiling queues, sub-buffers, several devices per context.
+// precompiled program binaries, sub-buffers, several devices per context.
 #define CL_TARGET_OPENCL_VERSION 120
 #define CL_USE_DEPRECATED_OPENCL_1_2_APIS
 #include <CL/cl.h>
@@ -24,6 +30,10 @@
 #include <tvm/ffi/reflection/registry.h>
 #include <tvm/runtime/device_api.h>
 
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -31,6 +41,7 @@
 #include <mutex>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace edgert_opencl {
@@ -45,7 +56,8 @@ using tvm::runtime::DeviceAttrKind;
   X(clEnqueueWriteBuffer) X(clEnqueueReadBuffer) X(clEnqueueCopyBuffer) X(clFinish)            \
   X(clCreateProgramWithSource) X(clBuildProgram) X(clGetProgramBuildInfo) X(clReleaseProgram)  \
   X(clCreateKernel) X(clReleaseKernel) X(clSetKernelArg) X(clGetKernelWorkGroupInfo)           \
-  X(clEnqueueNDRangeKernel)
+  X(clEnqueueNDRangeKernel) X(clWaitForEvents) X(clGetEventProfilingInfo) X(clReleaseEvent)  \
+  X(clReleaseCommandQueue)
 
 struct CLApi {
 #define EDGERT_DECLARE(name) decltype(&::name) name = nullptr;
@@ -89,8 +101,12 @@ struct Device {
   cl_device_id id;
   cl_context context;
   cl_command_queue queue;
+  cl_command_queue plain_queue = nullptr;      // the queue without profiling
+  cl_command_queue profiling_queue = nullptr;  // made on the first "edgert.opencl.profiling"(true)
   std::string name;
-  std::string version;  // "OpenCL 3.0 PoCL ..." as the driver reports it
+  std::string version;   // "OpenCL 3.0 PoCL ..." as the driver reports it
+  std::string platform;  // CL_PLATFORM_NAME: "Portable Computing Language" for PoCL
+  std::string type;      // CL_DEVICE_TYPE: "GPU", "CPU", "ACCELERATOR" or "OTHER"
   size_t max_work_group_size = 0;
   size_t max_work_item_sizes[3] = {0, 0, 0};
   cl_ulong max_alloc = 0;
@@ -173,6 +189,15 @@ class Workspace {
     return s;
   }
 
+  std::string PlatformName(cl_platform_id p) {
+    size_t n = 0;
+    cl.clGetPlatformInfo(p, CL_PLATFORM_NAME, 0, nullptr, &n);
+    std::string s(n, '\0');
+    cl.clGetPlatformInfo(p, CL_PLATFORM_NAME, n, s.data(), nullptr);
+    while (!s.empty() && s.back() == '\0') s.pop_back();
+    return s;
+  }
+
   void AddDevices(cl_platform_id platform, cl_device_type type) {
     cl_uint n = 0;
     if (cl.clGetDeviceIDs(platform, type, 0, nullptr, &n) != CL_SUCCESS || n == 0) return;
@@ -186,8 +211,16 @@ class Workspace {
       if (err != CL_SUCCESS) continue;
       d.queue = cl.clCreateCommandQueue(d.context, id, 0, &err);
       if (err != CL_SUCCESS) continue;
+      d.plain_queue = d.queue;
       d.name = Info(id, CL_DEVICE_NAME);
       d.version = Info(id, CL_DEVICE_VERSION);
+      d.platform = PlatformName(platform);
+      cl_device_type dtype = 0;
+      cl.clGetDeviceInfo(id, CL_DEVICE_TYPE, sizeof(dtype), &dtype, nullptr);
+      d.type = dtype & CL_DEVICE_TYPE_GPU           ? "GPU"
+               : dtype & CL_DEVICE_TYPE_CPU         ? "CPU"
+               : dtype & CL_DEVICE_TYPE_ACCELERATOR ? "ACCELERATOR"
+                                                    : "OTHER";
       cl.clGetDeviceInfo(id, CL_DEVICE_MAX_WORK_GROUP_SIZE, sizeof(size_t),
                          &d.max_work_group_size, nullptr);
       cl.clGetDeviceInfo(id, CL_DEVICE_MAX_WORK_ITEM_SIZES, sizeof(d.max_work_item_sizes),
@@ -201,6 +234,147 @@ class Workspace {
 
 // The device the current thread works on; TVM's host code sets it through __tvm_set_device.
 thread_local int current_device = 0;
+
+// ---------------------------------------------------------------- profiling and memory accounting
+// Kernel launches while profiling is on: each keeps its event until its times are read (after a
+// clFinish, or when many are pending), then adds to the record of its kernel and work sizes.
+class Profiler {
+ public:
+  struct Record {
+    uint64_t count = 0;
+    uint64_t total_ns = 0;
+    uint64_t min_ns = UINT64_MAX;
+    uint64_t max_ns = 0;
+  };
+  using Key = std::tuple<std::string, std::array<size_t, 3>, std::array<size_t, 3>, int>;
+
+  static Profiler* Global() {
+    static Profiler* p = new Profiler();
+    return p;
+  }
+  std::atomic<bool> enabled{false};
+
+  void Add(const std::string& name, const size_t* global, const size_t* local, int dim,
+           cl_event event) {
+    std::lock_guard<std::mutex> lock(mu_);
+    pending_.push_back({Key{name, {global[0], global[1], global[2]}, {local[0], local[1], local[2]},
+                            dim},
+                        event});
+    if (pending_.size() >= 4096) DrainLocked(true);  // bounded: a long profile waits now and then
+  }
+
+  // Read the times of the finished launches (all of them if ``wait``).
+  void Drain(bool wait) {
+    std::lock_guard<std::mutex> lock(mu_);
+    DrainLocked(wait);
+  }
+
+  ffi::Array<ffi::Array<ffi::Any>> Records() {
+    std::lock_guard<std::mutex> lock(mu_);
+    ffi::Array<ffi::Array<ffi::Any>> out;
+    for (const auto& kv : records_) {
+      const auto& [name, global, local, dim] = kv.first;
+      ffi::Array<ffi::Any> row;
+      row.push_back(ffi::String(name));
+      row.push_back(static_cast<int64_t>(kv.second.count));
+      row.push_back(static_cast<int64_t>(kv.second.total_ns));
+      row.push_back(static_cast<int64_t>(kv.second.min_ns));
+      row.push_back(static_cast<int64_t>(kv.second.max_ns));
+      for (int i = 0; i < 3; ++i) row.push_back(static_cast<int64_t>(global[i]));
+      for (int i = 0; i < 3; ++i) row.push_back(static_cast<int64_t>(local[i]));
+      row.push_back(static_cast<int64_t>(dim));
+      out.push_back(row);
+    }
+    return out;
+  }
+
+  void Clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    DrainLocked(true);
+    records_.clear();
+  }
+
+ private:
+  void DrainLocked(bool wait);
+  std::mutex mu_;
+  std::vector<std::pair<Key, cl_event>> pending_;
+  std::map<Key, Record> records_;
+};
+
+// Bytes the device API holds on each device's behalf (TVM's pools included: what the device gave).
+struct MemoryStats {
+  std::mutex mu;
+  std::map<void*, size_t> sizes;
+  int64_t current = 0, peak = 0, allocations = 0;
+
+  static MemoryStats* Global() {
+    static MemoryStats* m = new MemoryStats();
+    return m;
+  }
+  void Alloc(void* ptr, size_t nbytes) {
+    std::lock_guard<std::mutex> lock(mu);
+    sizes[ptr] = nbytes;
+    current += static_cast<int64_t>(nbytes);
+    peak = std::max(peak, current);
+    ++allocations;
+  }
+  void Free(void* ptr) {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = sizes.find(ptr);
+    if (it == sizes.end()) return;
+    current -= static_cast<int64_t>(it->second);
+    sizes.erase(it);
+  }
+};
+
+void Profiler::DrainLocked(bool wait) {
+  CLApi& cl = Workspace::Global()->cl;
+  std::vector<std::pair<Key, cl_event>> still;
+  for (auto& [key, event] : pending_) {
+    if (wait) cl.clWaitForEvents(1, &event);
+    cl_ulong start = 0, end = 0;
+    cl_int a = cl.clGetEventProfilingInfo(event, CL_PROFILING_COMMAND_START, sizeof(start), &start,
+                                          nullptr);
+    cl_int b = cl.clGetEventProfilingInfo(event, CL_PROFILING_COMMAND_END, sizeof(end), &end, nullptr);
+    if ((a == CL_PROFILING_INFO_NOT_AVAILABLE || b == CL_PROFILING_INFO_NOT_AVAILABLE) && !wait) {
+      still.emplace_back(key, event);  // not finished yet
+      continue;
+    }
+    if (a == CL_SUCCESS && b == CL_SUCCESS && end >= start) {
+      Record& r = records_[key];
+      uint64_t ns = end - start;
+      r.count += 1;
+      r.total_ns += ns;
+      r.min_ns = std::min(r.min_ns, ns);
+      r.max_ns = std::max(r.max_ns, ns);
+    }
+    cl.clReleaseEvent(event);
+  }
+  pending_.swap(still);
+}
+
+// Switch every device to a profiling queue (made once) or back; the old queue is drained first so
+// that commands stay in order.
+void SetProfiling(bool on) {
+  Workspace* w = Workspace::Global();
+  Profiler* p = Profiler::Global();
+  for (Device& d : w->devices) {
+    EDGERT_CL_CHECK(w->cl.clFinish(d.queue));
+    if (on && d.profiling_queue == nullptr) {
+      cl_int err;
+      d.profiling_queue =
+          w->cl.clCreateCommandQueue(d.context, d.id, CL_QUEUE_PROFILING_ENABLE, &err);
+      if (err != CL_SUCCESS) {
+        d.profiling_queue = nullptr;
+        TVM_FFI_THROW(RuntimeError) << "OpenCL device " << d.name
+                                    << " cannot make a profiling queue: " << ErrorName(err);
+      }
+    }
+    d.queue = on ? d.profiling_queue : d.plain_queue;
+  }
+  p->Drain(true);
+  p->enabled = on;
+}
 
 // ---------------------------------------------------------------- device API (kDLOpenCL)
 // A tensor's data pointer is the cl_mem itself: host code only passes it on to kernels, and
@@ -281,16 +455,20 @@ class DeviceAPI final : public tvm::runtime::DeviceAPI {
       TVM_FFI_THROW(RuntimeError) << "OpenCL out of memory: cannot allocate " << nbytes
                                   << " bytes on " << d.name << ": " << ErrorName(err);
     }
+    MemoryStats::Global()->Alloc(mem, nbytes);
     return mem;
   }
 
   void FreeDataSpace(DLDevice, void* ptr) final {
-    if (ptr != nullptr) Workspace::Global()->cl.clReleaseMemObject(static_cast<cl_mem>(ptr));
+    if (ptr == nullptr) return;
+    MemoryStats::Global()->Free(ptr);
+    Workspace::Global()->cl.clReleaseMemObject(static_cast<cl_mem>(ptr));
   }
 
   void StreamSync(DLDevice dev, TVMStreamHandle) final {
     Workspace* w = Workspace::Global();
     EDGERT_CL_CHECK(w->cl.clFinish(w->Get(dev.device_id).queue));
+    if (Profiler::Global()->enabled) Profiler::Global()->Drain(false);
   }
 
  protected:
@@ -563,8 +741,14 @@ class Module : public ffi::ModuleObj {
       global[i] = work[i] * work[3 + i];
       local[i] = work[3 + i];
     }
+    Profiler* profiler = Profiler::Global();
+    cl_event event = nullptr;
+    bool profiling = profiler->enabled.load();
     cl_int err = w->cl.clEnqueueNDRangeKernel(d.queue, kernel, work_dim, nullptr, global, local, 0,
-                                              nullptr, nullptr);
+                                              nullptr, profiling ? &event : nullptr);
+    if (err == CL_SUCCESS && profiling && event != nullptr) {
+      profiler->Add(k->name, global, local, work_dim, event);
+    }
     if (err != CL_SUCCESS) {
       TVM_FFI_THROW(RuntimeError) << "OpenCL kernel '" << k->name << "' failed to launch on "
                                   << d.name << ": " << ErrorName(err) << " (global " << global[0]
@@ -597,7 +781,35 @@ TVM_FFI_STATIC_INIT_BLOCK() {
              for (const auto& d : Workspace::Global()->devices) out.push_back(d.name + " | " + d.version);
              return out;
            })
-      .def("edgert.opencl.why_none", []() { return ffi::String(Workspace::Global()->why_none); });
+      .def("edgert.opencl.why_none", []() { return ffi::String(Workspace::Global()->why_none); })
+      // [name, OpenCL version, platform name, device type] of device ``index``.
+      .def("edgert.opencl.device_info",
+           [](int index) {
+             Device& d = Workspace::Global()->Get(index);
+             return ffi::Array<ffi::String>{d.name, d.version, d.platform, d.type};
+           })
+      // Profiling on (a profiling queue, each launch's event kept) or off; records kept either way.
+      .def("edgert.opencl.profiling", [](bool on) { SetProfiling(on); })
+      // Per kernel and work sizes: [name, count, total ns, min ns, max ns, global x y z, local x y z,
+      // work dims], after waiting for the launches still running.
+      .def("edgert.opencl.profile_records",
+           []() {
+             Profiler::Global()->Drain(true);
+             return Profiler::Global()->Records();
+           })
+      .def("edgert.opencl.profile_clear", []() { Profiler::Global()->Clear(); })
+      // [bytes allocated now, peak bytes, allocations made]; reset_peak: peak = now.
+      .def("edgert.opencl.memory",
+           []() {
+             MemoryStats* m = MemoryStats::Global();
+             std::lock_guard<std::mutex> lock(m->mu);
+             return ffi::Array<int64_t>{m->current, m->peak, m->allocations};
+           })
+      .def("edgert.opencl.memory_reset_peak", []() {
+        MemoryStats* m = MemoryStats::Global();
+        std::lock_guard<std::mutex> lock(m->mu);
+        m->peak = m->current;
+      });
 }
 
 }  // namespace edgert_opencl
