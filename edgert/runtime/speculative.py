@@ -340,6 +340,8 @@ class SpeculativeDecoder:
         self.model, self.drafter, self.k = model, drafter, k
         self.stats = SpeculativeStats()
         self.gate = isinstance(drafter, LookupDrafter | RecycleDrafter) if gate is None else gate
+        # One gate for every generation: what it learnt about rounds and plain steps carries over.
+        self._gate = DraftGate() if self.gate else None
         self._observe = getattr(drafter, "observe", None)
         self._drafted = False  # whether the last step drafted (for the gate)
 
@@ -357,7 +359,7 @@ class SpeculativeDecoder:
         params = sampling or SamplingParams()
         sampler = Sampler(params)
         stats = self.stats = SpeculativeStats(prompt_tokens=len(ids))
-        gate = DraftGate() if self.gate else None
+        gate = self._gate
         logits, out = m.begin_generation(ids, stats, max_tokens, stop)
         if self._observe is not None:
             self._observe(ids[-1:], logits)
