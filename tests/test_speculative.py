@@ -11,7 +11,15 @@ from conftest import run_cli
 from edgert.errors import EdgertError
 from edgert.runtime.layers import LayerStack
 from edgert.runtime.sampling import Sampler, SamplingParams
-from edgert.runtime.speculative import ModelDrafter, SelfDrafter, SpeculativeDecoder, parse_speculative
+from edgert.runtime.speculative import (
+    DraftGate,
+    LookupDrafter,
+    ModelDrafter,
+    RecycleDrafter,
+    SelfDrafter,
+    SpeculativeDecoder,
+    parse_speculative,
+)
 
 # Plain-text openings (no chat template), so every run decodes the full 64 tokens.
 PROMPTS = [
@@ -172,3 +180,130 @@ def test_the_accept_resample_rule_keeps_the_full_models_distribution() -> None:
     freq = np.bincount(first, minlength=4) / len(first)
     np.testing.assert_allclose(freq, p, atol=0.02)
     assert 0.4 < decoder.stats.acceptance_rate < 0.6  # sum(min(p, q)) = 0.45
+
+
+# -- drafts that cost nothing: prompt lookup and Token Recycling ----------------------------------
+@pytest.fixture(scope="module")
+def tiny(tiny_host_artifact):
+    """The tiny random Llama (fast; its greedy text repeats itself, so drafts are both kept and refused)."""
+    import edgert
+
+    return edgert.load(tiny_host_artifact)
+
+
+def test_lookup_drafts_what_followed_the_latest_match_of_the_last_ngram() -> None:
+    pick = lambda lg, h: 0  # noqa: E731 (never called: lookup drafts from the context alone)
+    drafter = LookupDrafter(ngram=3)
+    ctx = [5, 6, 7, 1, 2, 9, 5, 6, 7, 3, 4, 8, 8, 5, 6, 7]
+    assert drafter.propose(ctx, 3, pick) == ([3, 4, 8], [None] * 3)  # the latest 3-gram match
+    assert drafter.propose([1, 2, 3, 9, 2, 3], 4, pick)[0] == [9, 2, 3]  # a 2-gram, its continuation cut short
+    assert drafter.propose([1, 2, 3, 4], 4, pick) == ([], [])  # no earlier occurrence: no draft
+    assert drafter.propose([4, 4, 4, 4, 4], 2, pick)[0] == [4, 4]  # a run: the match with a full continuation
+
+
+def test_recycle_follows_the_models_first_choice_after_each_token() -> None:
+    drafter = RecycleDrafter(vocab_size=6)
+    assert drafter.propose([3], 4, None)[0] == []  # nothing seen yet
+    logits = np.full((3, 6), -1.0)
+    logits[0, 4], logits[1, 5], logits[2, 1] = 2.0, 3.0, 1.0  # after 3 comes 4, after 4 comes 5, after 5 comes 1
+    drafter.observe([3, 4, 5], logits)
+    assert drafter.propose([0, 3], 5, None) == ([4, 5, 1], [None] * 3)  # stops where the table has nothing
+    drafter.observe([5], np.eye(6)[3])  # newer logits replace the old choice: after 5 comes 3
+    assert drafter.propose([3], 4, None)[0] == [4, 5, 3, 4]
+
+
+def test_greedy_lookup_and_recycle_output_is_plain_decoding(tiny) -> None:
+    references = {p: [t.id for t in tiny.generate(p, max_tokens=24)] for p in PROMPTS}
+    for spec in ("lookup:k=5", "recycle:k=4", "lookup:k=3,ngram=1"):
+        drafter, k = parse_speculative(spec, tiny, lambda _p: tiny)
+        # Without the gate every chance to draft is taken, so both the accept and reject paths run.
+        decoder = SpeculativeDecoder(tiny, drafter, k, gate=False)
+        drafted = accepted = 0
+        for prompt, ref in references.items():
+            assert [t.id for t in decoder.generate(prompt, max_tokens=24)] == ref, (spec, prompt)
+            drafted, accepted = drafted + decoder.stats.drafted, accepted + decoder.stats.accepted
+        assert 0 < accepted < drafted, spec
+        gated = SpeculativeDecoder(tiny, drafter, k)  # the default: the gate changes the speed only
+        assert gated.gate and [t.id for t in gated.generate(PROMPTS[2], max_tokens=24)] == references[PROMPTS[2]]
+
+
+def test_a_deterministic_draft_keeps_the_full_models_distribution() -> None:
+    """Lookup and recycle drafts have q = 1 on their token: kept with probability p(d), else resampled without d."""
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+
+    class Full:
+        def step(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
+            return np.tile(np.log(p), (len(ids), 1))
+
+        def rollback(self, n: int) -> None:
+            pass
+
+    class Fixed:  # always drafts token 1, as a lookup would
+        def propose(self, history, k, pick):
+            return [1] * k, [None] * k
+
+    decoder = SpeculativeDecoder(Full(), Fixed(), k=1)  # type: ignore[arg-type]
+    params = SamplingParams(temperature=1.0, seed=1)
+    sampler = Sampler(params)
+    first = [decoder._round([0], 1, sampler, params)[0] for _ in range(8000)]
+    np.testing.assert_allclose(np.bincount(first, minlength=4) / len(first), p, atol=0.02)
+    assert abs(decoder.stats.acceptance_rate - p[1]) < 0.03
+
+
+def test_the_gate_pauses_drafting_while_rounds_are_slower_than_plain_steps() -> None:
+    gate = DraftGate(pause=2, probe=5)
+    assert not gate.draft_now()  # no plain step timed yet
+    gate.record(False, 0.010, 1)
+    assert gate.draft_now()
+    gate.record(True, 0.030, 2)  # 15 ms a token against 10: pause 2 steps, then 4
+    assert [gate.draft_now() for _ in range(3)] == [False, False, True]
+    gate.record(True, 0.030, 1)
+    assert [gate.draft_now() for _ in range(5)] == [False] * 4 + [True]
+    for _ in range(5):  # rounds that pay: drafting goes on, with a plain step timed every 5 rounds
+        gate.record(True, 0.012, 3)
+    assert not gate.draft_now()
+    gate.record(False, 0.010, 1)
+    assert gate.draft_now() and gate.pause == 2
+
+
+def test_lookup_and_recycle_options_are_checked(tiny) -> None:
+    drafter, k = parse_speculative("lookup", tiny, lambda _p: tiny)
+    assert isinstance(drafter, LookupDrafter) and k == 6 and drafter.ngram == 3
+    drafter, k = parse_speculative("recycle:k=3", tiny, lambda _p: tiny)
+    assert isinstance(drafter, RecycleDrafter) and k == 3 and "tree" in drafter.note
+    for spec, words in [("lookup:ngram=0", "ngram must be"), ("recycle:skip=3", "unknown option"), ("look", "lookup")]:
+        with pytest.raises(EdgertError, match=words):
+            parse_speculative(spec, tiny, lambda _p: tiny)
+
+
+def test_cli_runs_lookup_decoding(tiny_host_artifact, tiny) -> None:
+    prompt = PROMPTS[0]
+    proc = run_cli(
+        "run", str(tiny_host_artifact), "-p", prompt, "--raw", "-n", "16", "--json", "--speculative", "lookup"
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["tokens"] == [t.id for t in tiny.generate(prompt, max_tokens=16)]
+    assert result["stats"]["drafted"] + result["stats"]["plain_steps"] > 0
+    proc = run_cli("run", str(tiny_host_artifact), "-p", prompt, "--raw", "-n", "8", "--speculative", "recycle")
+    assert proc.returncode == 0 and "best chain" in " ".join(proc.stderr.split()), proc.stderr
+
+
+@pytest.mark.slow
+def test_lookup_and_recycle_on_smollm2_grounded_prompts(smollm) -> None:
+    """SmolLM2 on three of the project's input-grounded prompts: plain decoding's tokens, drafts mostly kept."""
+    from conftest import ROOT
+
+    suite = [json.loads(line)["prompt"] for line in (ROOT / "models/prompts/grounded.jsonl").read_text().splitlines()]
+    prompts = [suite[1], suite[6], suite[8]]  # a grammar fix and two code edits: answers that copy the input
+    references = [[t.id for t in smollm.generate(p, max_tokens=48, chat=True)] for p in prompts]
+    for spec in ("lookup", "recycle"):
+        drafter, k = parse_speculative(spec, smollm, lambda _p: smollm)
+        decoder = SpeculativeDecoder(smollm, drafter, k, gate=False)
+        drafted = accepted = 0
+        for prompt, ref in zip(prompts, references, strict=True):
+            assert [t.id for t in decoder.generate(prompt, max_tokens=48, chat=True)] == ref, (spec, prompt)
+            drafted, accepted = drafted + decoder.stats.drafted, accepted + decoder.stats.accepted
+        assert 0 < accepted < drafted, spec
+        if spec == "lookup":
+            assert accepted / drafted > 0.1  # copies of the input: far above chance (1 in 49,152)

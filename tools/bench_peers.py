@@ -4,6 +4,8 @@
     python tools/bench_peers.py                     # every section
     python tools/bench_peers.py --only llm --threads 2 --json out.json
     python tools/bench_peers.py --early-exit --threads 2   # early exit and speculative decoding
+    python tools/bench_peers.py --speculative --threads 2  # lookup/recycle drafts vs plain decoding
+    python tools/bench_peers.py --only llm --background 1  # also with 1 busy process beside each engine
 
 Each section lives in ``tools/peers/<name>.py``. Prints one table (medians and ratios) and
 writes the rows as JSON.
@@ -66,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=sorted(mods), help="run only these sections")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every engine")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (medians)")
+    parser.add_argument(
+        "--background",
+        type=int,
+        default=0,
+        help="busy processes beside each engine for contended rows next to the quiet ones (llm section)",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench_peers.json"), help="where to write the rows")
     for module in mods.values():
         group = parser.add_argument_group(f"{module.NAME}: {getattr(module, 'HELP', '')}")
@@ -75,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     if getattr(args, "early_exit", False):  # --early-exit: that section alone
         args.only = ["early_exit"]
-    # The early-exit section calibrates for minutes; it runs when asked for by name.
-    for name in args.only or [m for m in mods if m != "early_exit"]:
+    if getattr(args, "speculative", False):  # --speculative: that section alone
+        args.only = ["speculative"]
+    # The early-exit section calibrates for minutes, the speculative one decodes two suites per mode;
+    # they run when asked for by name.
+    for name in args.only or [m for m in mods if m not in ("early_exit", "speculative")]:
         print(f"== {name}", file=sys.stderr, flush=True)
         rows.extend(mods[name].run(args))
     print_table(rows)

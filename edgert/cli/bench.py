@@ -17,12 +17,18 @@ def bench(
     gen_tokens: Annotated[int, typer.Option("--gen-tokens", help="Decode steps per run.")] = 64,
     repeats: Annotated[int, typer.Option("--repeats", "-r", help="Runs; medians are reported.")] = 5,
     threads: ThreadsOpt = None,
+    background: Annotated[
+        int,
+        typer.Option(
+            "--background", help="Busy processes spinning beside the run (a phone's other work); ended after it."
+        ),
+    ] = 0,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure load time, prefill and decode tokens/s (medians) and peak memory."""
     from edgert.profile import bench_generator
 
-    result = bench_generator(artifact, prompt_tokens, gen_tokens, repeats, threads)
+    result = bench_generator(artifact, prompt_tokens, gen_tokens, repeats, threads, background)
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -30,4 +36,7 @@ def bench(
     for key in ("target", "threads", "load_seconds", "prefill_tokens_per_second", "decode_tokens_per_second",
                 "peak_rss_mb"):  # fmt: skip
         table.add_row(key, str(result[key]))
+    if "background" in result:
+        bg = result["background"]
+        table.add_row("background", f"{bg['processes']} busy processes ({bg['cpu_seconds']} CPU s)")
     out.print(table)

@@ -53,8 +53,9 @@ def run(
         str | None,
         typer.Option(
             "--speculative",
-            help="Lossless speculative decoding: self:k=4 (layer-skipping draft; ,skip=3-9 or ,exit=16) "
-            "or model:DRAFT.edgert:k=4 (a smaller build drafts).",
+            help="Lossless speculative decoding: lookup[:k=6,ngram=3] (copies n-gram continuations from the "
+            "context), recycle[:k=4] (the model's own earlier top choices), self:k=4 (layer-skipping draft; "
+            ",skip=3-9 or ,exit=16) or model:DRAFT.edgert:k=4 (a smaller build drafts). Off by default.",
         ),
     ] = None,
     exit_policy: Annotated[
@@ -126,6 +127,9 @@ def run(
         soft_wrap=True,
     )
     _adaptive_report(stats)
+    note = getattr(getattr(runner, "drafter", None), "note", "")
+    if note:
+        err.print(f"[dim]{note}[/]")
 
 
 def _where(session: Any) -> str:
@@ -145,7 +149,7 @@ def _adaptive_report(stats: Any) -> None:
     if "acceptance_rate" in extra:
         err.print(
             f"[dim]speculative: {extra['drafted']} drafted, acceptance {extra['acceptance_rate']:.1%}, "
-            f"{extra['tokens_per_round']:.2f} tokens per verify pass[/]"
+            f"{extra['tokens_per_round']:.2f} tokens per verify pass, {extra['plain_steps']} plain steps[/]"
         )
     if "mean_layers" in extra:
         err.print(f"[dim]early exit: {extra['mean_layers']:.2f} of {extra['num_layers']} layers per token (mean)[/]")

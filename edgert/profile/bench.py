@@ -32,13 +32,27 @@ def bench_generator(
     gen_tokens: int = 64,
     repeats: int = 5,
     threads: int | None = None,
+    background: int = 0,
 ) -> dict[str, Any]:
-    """Time loading, a prefill of ``prompt_tokens`` and ``gen_tokens`` greedy decode steps."""
+    """Time loading, a prefill of ``prompt_tokens`` and ``gen_tokens`` greedy decode steps.
+
+    ``background`` busy processes spin beside the whole run, the load included (`busy_processes`).
+    """
     from edgert.errors import EdgertError
-    from edgert.families.registry import load
+    from edgert.profile.background import busy_processes
 
     if prompt_tokens < 1 or gen_tokens < 1 or repeats < 1:
         raise EdgertError("bench needs --prompt-tokens, --gen-tokens and --repeats of at least 1")
+    with busy_processes(background) as busy:
+        result = _bench(path, prompt_tokens, gen_tokens, repeats, threads)
+    if background:
+        result["background"] = busy.to_dict()
+    return result
+
+
+def _bench(path: str | Path, prompt_tokens: int, gen_tokens: int, repeats: int, threads: int | None) -> dict[str, Any]:
+    from edgert.errors import EdgertError
+    from edgert.families.registry import load
 
     t = time.perf_counter()
     model = load(path, threads=threads)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -11,27 +10,16 @@ from edgert.artifact.reader import Artifact
 from edgert.artifact.tensorfile import ALIGNMENT
 from edgert.errors import EdgertError
 from edgert.runtime import tvm_runtime
+from edgert.runtime.threads import AdaptiveThreads
 
 
 def configure_threads(threads: int | None, default: int | None = None) -> int:
-    """Set TVM's thread pool to ``threads`` workers (big cores first); return the count used.
+    """Set up TVM's thread pool (`edgert.runtime.threads`); return the worker count now in use.
 
-    Without ``threads``: ``TVM_NUM_THREADS``, else ``default`` (the target's big cores), else
-    every CPU of this machine.
+    ``threads`` (or ``TVM_NUM_THREADS``) fixes the count; else it follows the cores other
+    processes leave free, up to ``default`` (the target's big cores) or every CPU allowed.
     """
-    n = int(threads or os.environ.get("TVM_NUM_THREADS") or default or os.cpu_count() or 1)
-    # TVM sizes its pool from TVM_NUM_THREADS, else from half the logical CPUs (it assumes
-    # two hyper-threads per core), which leaves one of two real cores idle; and
-    # config_threadpool cannot grow the pool past that. So the variable is set first.
-    os.environ["TVM_NUM_THREADS"] = str(n)
-    # Affinity mode 1 places TVM's workers on the big cores of a big.LITTLE CPU. TVM may also
-    # pin the calling thread to one core, which would starve everything else the application
-    # runs on that thread (numpy, another engine's OpenMP pool), so its affinity is given back.
-    saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    tvm_runtime.global_func("runtime.config_threadpool")(1, n)
-    if saved is not None:
-        os.sched_setaffinity(0, saved)
-    return n
+    return AdaptiveThreads(threads, default).threads
 
 
 DEVICE_KINDS = ("cpu", "gpu")
@@ -67,7 +55,7 @@ class Session:
     def __init__(self, artifact: Artifact, threads: int | None = None, device_kind: str | None = None):
         self.artifact = artifact
         self.device_kind = check_device_kind(artifact, device_kind)
-        self.threads = configure_threads(threads, artifact.target.get("threads"))
+        self.pool = AdaptiveThreads(threads, artifact.target.get("threads"))
         if self.device_kind == "gpu":
             from edgert.runtime import opencl
 
@@ -81,6 +69,11 @@ class Session:
         arrays = artifact.weights(copy_on_write=True)
         self.mapped_weights = 0  # how many weights TVM reads from the artifact's mapping (the rest are copies)
         self.params = [self._weight(arrays[name]) for name in artifact.manifest["weights"]["order"]]
+
+    @property
+    def threads(self) -> int:
+        """CPU worker threads in use now (they follow the free cores unless the count was forced)."""
+        return self.pool.threads
 
     @property
     def on_gpu(self) -> bool:
@@ -111,6 +104,7 @@ class Session:
 
     def __call__(self, entry: str, *args: Any) -> Any:
         """Call entry point ``entry`` with ``args`` and the weights."""
+        self.pool.refresh()
         return self.vm[entry](*args, self.params)
 
     def has_entry(self, entry: str) -> bool:

@@ -3,10 +3,17 @@
 A drafter proposes k tokens: `SelfDrafter` runs a subset of the model's own layers (a
 layer-skipping sub-model, or the first layers and an exit head) over the same KV cache;
 `ModelDrafter` runs a second, smaller build of the model (a Q4 build drafting for the f32
-one). The full model then scores the pending token and the k drafts in one ``verify`` pass;
+one); `LookupDrafter` copies what followed the last n-gram's earlier occurrence in the context
+(prompt lookup) and `RecycleDrafter` follows an adjacency table of the tokens the model itself
+ranked first after each token in earlier steps (Token Recycling): those two cost nothing to
+draft, and `SpeculativeDecoder` stops drafting with them for a while whenever its rounds yield
+fewer tokens per second than plain steps, so they are not slower than plain decoding by more
+than the probing costs. The full model then scores the pending token and the k drafts in one ``verify`` pass;
 the agreeing prefix is kept and the rest rolled back (``popn``). Greedy output is the full
 model's token for token; with sampling the standard rule (accept draft d with probability
-min(1, p(d)/q(d)), else resample from max(0, p - q)) keeps the full model's distribution.
+min(1, p(d)/q(d)), else resample from max(0, p - q)) keeps the full model's distribution; a
+deterministic draft (lookup, recycle) has q = 1 on its token, so it is kept with probability p(d)
+and a rejection resamples from p without d.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ class DraftStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    plain_steps: int = 0  # decode steps without a draft (nothing to propose, or drafting paused)
 
     @property
     def acceptance_rate(self) -> float:
@@ -52,6 +60,7 @@ class DraftStats:
             "drafted": self.drafted,
             "accepted": self.accepted,
             "acceptance_rate": round(self.acceptance_rate, 4),
+            "plain_steps": self.plain_steps,
         }
 
 
@@ -70,7 +79,7 @@ class SpeculativeStats(DraftStats, GenerationStats):
         return {
             **GenerationStats.to_dict(self),
             **DraftStats.to_dict(self),
-            "tokens_per_round": round(self.generated_tokens / self.rounds, 3) if self.rounds else 0.0,
+            "tokens_per_round": round((self.accepted + self.rounds) / self.rounds, 3) if self.rounds else 0.0,
         }
 
 
@@ -135,13 +144,75 @@ class ModelDrafter:
         return drafts, logits
 
 
+class LookupDrafter:
+    """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's last
+    n-gram (``ngram`` tokens, else shorter, down to one). Drafts nothing where nothing matches."""
+
+    note = ""
+
+    def __init__(self, ngram: int = 3):
+        self.ngram = ngram
+
+    def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray | None]]:
+        """Up to ``k`` tokens copied from the context (deterministic drafts: no logits)."""
+        ctx = np.asarray(context, dtype=np.int64)
+        size = len(ctx)
+        for n in range(min(self.ngram, size - 1), 0, -1):
+            # Windows of n tokens that start before the tail does, compared with the tail.
+            windows = np.lib.stride_tricks.sliding_window_view(ctx[: size - 1], n)
+            starts = np.flatnonzero((windows == ctx[size - n :]).all(axis=1))
+            if starts.size:
+                # The latest match whose continuation has k tokens, else the latest of all.
+                full = starts[starts + n + k <= size]
+                start = int(full[-1] if full.size else starts[-1]) + n
+                drafts = [int(t) for t in ctx[start : start + k]]
+                return drafts, [None] * len(drafts)
+        return [], []
+
+
+class RecycleDrafter:
+    """Token Recycling: a table of the token the full model ranked first after each token, filled
+    from the logits of every step and verify pass (kept across generations), drafts a chain.
+
+    The method drafts a tree of each token's top candidates and verifies it with a tree
+    attention mask; the builds have a chain ``verify`` only (no tree-verify entry), so the best
+    chain is drafted (the table keeps the first candidate), and `note` says so.
+    """
+
+    note = "recycle: the build has no tree-verify entry, so the best chain is drafted"
+
+    def __init__(self, vocab_size: int):
+        self.table = np.full(vocab_size, -1, dtype=np.int64)
+
+    def observe(self, tokens: Sequence[int], logits: np.ndarray) -> None:
+        """Record the full model's first choice after each of ``tokens`` (``logits``: [len, vocab])."""
+        self.table[np.asarray(tokens)] = np.argmax(logits.reshape(len(tokens), -1), axis=-1)
+
+    def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray | None]]:
+        """Follow the table from the last token for up to ``k`` tokens (deterministic drafts)."""
+        drafts: list[int] = []
+        token = int(context[-1])
+        for _ in range(k):
+            token = int(self.table[token])
+            if token < 0:
+                break
+            drafts.append(token)
+        return drafts, [None] * len(drafts)
+
+
 def default_skip(num_layers: int) -> list[int]:
     """Layers a draft skips without calibration: every other layer of the middle half."""
     return list(range(num_layers // 4 + 1, num_layers - num_layers // 4, 2))
 
 
+DEFAULT_K = {"self": 4, "model": 4, "lookup": 6, "recycle": 4}
+OPTIONS = {"self": {"k", "skip", "exit"}, "model": {"k"}, "lookup": {"k", "ngram"}, "recycle": {"k"}}
+SPEC_FORMS = "self:k=N[,skip=...|,exit=N], model:PATH[:k=N], lookup[:k=N,ngram=N] or recycle[:k=N]"
+
+
 def parse_speculative(spec: str, model: Generator, load_draft: Callable[[str], Generator]) -> tuple[object, int]:
-    """A drafter and k from ``self:k=4``, ``self:k=4,skip=3-9,12``, ``self:k=3,exit=16`` or ``model:PATH:k=4``.
+    """A drafter and k from ``self:k=4``, ``self:k=4,skip=3-9,12``, ``self:k=3,exit=16``,
+    ``model:PATH:k=4``, ``lookup:k=6,ngram=3`` or ``recycle:k=4``.
 
     Without ``skip`` or ``exit``, ``self`` uses the skip set stored by `edgert calibrate`,
     else `default_skip`.
@@ -151,17 +222,24 @@ def parse_speculative(spec: str, model: Generator, load_draft: Callable[[str], G
         path, _, rest = rest.rpartition(":") if ":k=" in ":" + rest else (rest, "", "")
         if not path:
             path, rest = rest, ""
-    elif kind != "self":
-        raise EdgertError(f"--speculative '{spec}': expected self:k=N[,skip=...|,exit=N] or model:PATH[:k=N]")
-    options = parse_draft_options(rest, spec)
+    elif kind not in OPTIONS:
+        raise EdgertError(f"--speculative '{spec}': expected {SPEC_FORMS}")
+    options = parse_draft_options(rest, spec, OPTIONS[kind])
     try:
-        k = int(options.get("k", 4))
+        k = int(options.get("k", DEFAULT_K[kind]))
     except ValueError as exc:
         raise EdgertError(f"--speculative '{spec}': k must be an integer") from exc
     if not 1 <= k <= 16:
         raise EdgertError(f"--speculative '{spec}': k must be in 1..16")
     if kind == "model":
         return ModelDrafter(load_draft(path), model), k
+    if kind == "lookup":
+        ngram = _int(options.get("ngram", "3"), spec)
+        if not 1 <= ngram <= 8:
+            raise EdgertError(f"--speculative '{spec}': ngram must be in 1..8")
+        return LookupDrafter(ngram), k
+    if kind == "recycle":
+        return RecycleDrafter(model.vocab_size), k
     num_layers = int(model.artifact.manifest["model"]["num_layers"])
     if "exit" in options:
         depth = _int(options["exit"], spec)
@@ -176,8 +254,8 @@ def parse_speculative(spec: str, model: Generator, load_draft: Callable[[str], G
     return SelfDrafter(model, [i for i in range(num_layers) if i not in set(skip)]), k
 
 
-def parse_draft_options(text: str, spec: str) -> dict[str, str]:
-    """``k=4,skip=3,5,7`` -> {"k": "4", "skip": "3,5,7"}; only ``k``, ``skip`` and ``exit`` are known."""
+def parse_draft_options(text: str, spec: str, known: set[str] | None = None) -> dict[str, str]:
+    """``k=4,skip=3,5,7`` -> {"k": "4", "skip": "3,5,7"}; only the ``known`` keys (default: ``self``'s)."""
     options: dict[str, str] = {}
     for part in filter(None, text.split(",")):
         key, eq, value = part.partition("=")
@@ -187,7 +265,7 @@ def parse_draft_options(text: str, spec: str) -> dict[str, str]:
                 continue
             raise EdgertError(f"--speculative '{spec}': '{part}' is not KEY=VALUE")
         options[key.strip()] = value.strip()
-    unknown = set(options) - {"k", "skip", "exit"}
+    unknown = set(options) - (known if known is not None else OPTIONS["self"])
     if unknown:
         raise EdgertError(f"--speculative '{spec}': unknown option(s) {', '.join(sorted(unknown))}")
     return options
@@ -209,12 +287,63 @@ def _int(text: str, spec: str) -> int:
         raise EdgertError(f"--speculative '{spec}': '{text}' is not an integer") from exc
 
 
-class SpeculativeDecoder:
-    """Generates with a drafter and the full model as verifier; same interface as `Generator.generate`."""
+class DraftGate:
+    """Pauses cheap drafting while it does not pay: never much slower than plain decoding.
 
-    def __init__(self, model: Generator, drafter: SelfDrafter | ModelDrafter, k: int = 4):
+    Keeps the seconds per emitted token of plain steps and of draft rounds (moving averages);
+    when rounds fall behind, drafting pauses for ``pause`` steps, doubling while it keeps
+    losing (up to 64). A plain step is timed now and then (every ``probe`` rounds) so the
+    comparison follows a machine whose load changes.
+    """
+
+    def __init__(self, pause: int = 4, probe: int = 32, weight: float = 0.3):
+        self.plain: float | None = None
+        self.round: float | None = None
+        self.base_pause, self.pause, self.probe, self.weight = pause, pause, probe, weight
+        self.wait = 0
+        self.since_plain = 0
+
+    def draft_now(self) -> bool:
+        """True when the next step should draft."""
+        if self.wait > 0:
+            self.wait -= 1
+            return False
+        return self.plain is not None and self.since_plain < self.probe
+
+    def record(self, drafted: bool, seconds: float, tokens: int) -> None:
+        """Count a step: a draft round (else a plain step) that took ``seconds`` and emitted ``tokens``."""
+        per = seconds / max(tokens, 1)
+        w = self.weight
+        if not drafted:
+            self.plain = per if self.plain is None else (1 - w) * self.plain + w * per
+            self.since_plain = 0
+            return
+        self.since_plain += 1
+        self.round = per if self.round is None else (1 - w) * self.round + w * per
+        if self.plain is None:
+            return
+        if self.round > self.plain:
+            self.wait, self.pause = self.pause, min(2 * self.pause, 64)
+            self.round = None  # judged afresh after the pause
+        else:
+            self.pause = self.base_pause
+
+
+class SpeculativeDecoder:
+    """Generates with a drafter and the full model as verifier; same interface as `Generator.generate`.
+
+    ``gate`` (default: on for the drafters that cost nothing, lookup and recycle) pauses drafting
+    while rounds are slower than plain steps (`DraftGate`); it changes the speed, never the tokens.
+    """
+
+    def __init__(self, model: Generator, drafter: Any, k: int = 4, gate: bool | None = None):
         self.model, self.drafter, self.k = model, drafter, k
         self.stats = SpeculativeStats()
+        self.gate = isinstance(drafter, LookupDrafter | RecycleDrafter) if gate is None else gate
+        # One gate for every generation: what it learnt about rounds and plain steps carries over.
+        self._gate = DraftGate() if self.gate else None
+        self._observe = getattr(drafter, "observe", None)
+        self._drafted = False  # whether the last step drafted (for the gate)
 
     def generate(
         self,
@@ -230,7 +359,10 @@ class SpeculativeDecoder:
         params = sampling or SamplingParams()
         sampler = Sampler(params)
         stats = self.stats = SpeculativeStats(prompt_tokens=len(ids))
+        gate = self._gate
         logits, out = m.begin_generation(ids, stats, max_tokens, stop)
+        if self._observe is not None:
+            self._observe(ids[-1:], logits)
         pending = [sampler(logits, out.history)]
         t_decode = time.perf_counter()
         while True:
@@ -244,14 +376,36 @@ class SpeculativeDecoder:
                 break
             k = min(self.k, room, max_tokens - stats.generated_tokens)
             history = out.history
-            pending = self._round(history, k, sampler, params) if k else [sampler(m.step([history[-1]]), history)]
+            t = time.perf_counter()
+            self._drafted = False
+            if k and (gate is None or gate.draft_now()):
+                pending = self._round(history, k, sampler, params)
+            else:
+                pending = [self._plain(history, sampler)]
+            if gate is not None:
+                gate.record(self._drafted, time.perf_counter() - t, len(pending))
         stats.decode_seconds = time.perf_counter() - t_decode
+
+    def _plain(self, history: list[int], sampler: Sampler) -> int:
+        """One decode step of the full model, no draft."""
+        logits = self.model.step([history[-1]])
+        if self._observe is not None:
+            self._observe(history[-1:], logits)
+        self.stats.plain_steps += 1
+        return sampler(logits, history)
 
     def _round(self, history: list[int], k: int, sampler: Sampler, params: SamplingParams) -> list[int]:
         """Draft k tokens, verify them in one pass; the tokens to emit (accepted drafts + one from the full model)."""
         m, stats = self.model, self.stats
         drafts, draft_logits = self.drafter.propose(history, k, sampler)
+        drafts, draft_logits = drafts[:k], draft_logits[:k]
+        if not drafts:  # nothing to propose: a plain step
+            return [self._plain(history, sampler)]
+        self._drafted = True
+        k = len(drafts)
         full = m.step([history[-1], *drafts], all_logits=True)
+        if self._observe is not None:
+            self._observe([history[-1], *drafts], full)
         out: list[int] = []
         for i, d in enumerate(drafts):
             seen = history + drafts[:i]
@@ -262,7 +416,11 @@ class SpeculativeDecoder:
                     break
             else:
                 p = token_probabilities(full[i], params, seen)
-                q = token_probabilities(draft_logits[i], params, seen)
+                if draft_logits[i] is None:  # a deterministic draft: q is 1 at d
+                    q = np.zeros_like(p)
+                    q[d] = 1.0
+                else:
+                    q = token_probabilities(draft_logits[i], params, seen)
                 if sampler.rng.random() >= min(1.0, p[d] / max(q[d], 1e-30)):
                     residual = np.maximum(p - q, 0.0)
                     total = residual.sum()

@@ -12,7 +12,12 @@ beside the GGUF's size. The decode row
 carries the roofline bound: the weight bytes each token reads over the memory bandwidth
 measured here with the same threads (a parallel streaming sum, compiled with TVM).
 
+With ``--background N``, both engines run again beside N busy processes (`edgert.profile.background`)
+and the contended decode row stands beside the quiet one: edgert with its default threads (they
+follow the free cores), llama.cpp with ``--threads``, as each is used out of the box.
+
     python tools/bench_peers.py --only llm --threads 2
+    python tools/bench_peers.py --only llm --threads 2 --background 1
     python tools/peers/llm.py worker edgert ARTIFACT ...   (internal: one engine's run)
 """
 
@@ -99,7 +104,7 @@ def worker_edgert(artifact: str, ids: list[int], gen: int, repeats: int, threads
     tvm_runtime.ffi()  # the TVM runtime library, as `edgert.load` loads it
     t1 = time.perf_counter()
     rss_base = _rss_now_mb()  # python + numpy + the TVM runtime: the process before any model
-    model = edgert.load(artifact, threads=threads, context_length=context)
+    model = edgert.load(artifact, threads=threads or None, context_length=context)  # 0: the default
     t2 = time.perf_counter()
     logits = model.prefill(ids)
     int(np.argmax(logits))
@@ -121,6 +126,7 @@ def worker_edgert(artifact: str, ids: list[int], gen: int, repeats: int, threads
         "peak_rss_mb": _peak_rss_mb(),
         "rss_decoding_mb": _rss_now_mb(),
         "rss_before_load_mb": rss_base,
+        "threads": model.session.threads,
     }
 
 
@@ -169,7 +175,7 @@ def worker_llama_cpp(gguf: str, ids: list[int], gen: int, repeats: int, threads:
 
 
 # -- the section ----------------------------------------------------------------------------------
-def _run_worker(engine: str, path: Path, ids_file: Path, args: Any) -> dict:
+def _run_worker(engine: str, path: Path, ids_file: Path, args: Any, threads: int | None = None) -> dict:
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -179,7 +185,7 @@ def _run_worker(engine: str, path: Path, ids_file: Path, args: Any) -> dict:
         str(ids_file),
         str(args.llm_gen_tokens),
         str(args.repeats),
-        str(args.threads),
+        str(args.threads if threads is None else threads),
         str(args.llm_context),
     ]
     # edgert runs as on a device: the TVM runtime library only, not the compiler.
@@ -288,6 +294,15 @@ def run(args: Any) -> list[Row]:
             print("   llama.cpp ...", file=sys.stderr, flush=True)
             results["llama_cpp"].append(_run_worker("llama_cpp", gguf, ids_file, args))
         ours, theirs = _merge(results["edgert"]), _merge(results["llama_cpp"])
+        busy: dict[str, dict] = {}
+        if getattr(args, "background", 0):
+            from edgert.profile.background import busy_processes
+
+            for engine, path, threads in (("edgert", artifact, 0), ("llama_cpp", gguf, args.threads)):
+                print(f"   {engine} beside {args.background} busy processes ...", file=sys.stderr, flush=True)
+                with busy_processes(args.background) as bg:
+                    busy[engine] = _run_worker(engine, path, ids_file, args, threads)
+                busy[engine]["background_cpu_s"] = bg.cpu_seconds
 
         bandwidth = memory_bandwidth_gbs(args.threads)
         per_token, total = _weight_bytes_per_token(artifact)
@@ -309,6 +324,20 @@ def run(args: Any) -> list[Row]:
         edgert_isa=" ".join(art.manifest["target"].get("cpu_flags", [])) or art.manifest["target"]["cpu"],
         peer_isa=results["llama_cpp"][0].get("isa", "?"),
     )
+    if busy:
+        a, b = (statistics.median(busy[e]["decode_tps"]) for e in ("edgert", "llama_cpp"))
+        row(
+            f"decode beside {args.background} busy processes",
+            "tok/s",
+            a,
+            b,
+            edgert_threads=f"{busy['edgert']['threads']} (default: the free cores)",
+            peer_threads=args.threads,
+            edgert_vs_quiet=round(a / ours["decode"], 2),
+            peer_vs_quiet=round(b / theirs["decode"], 2),
+            runs=busy["edgert"]["decode_tps"],
+            peer_runs=busy["llama_cpp"]["decode_tps"],
+        )
     row("prefill", "tok/s", ours["prefill"], theirs["prefill"], runs=ours["prefill_runs"])
     wkv = total + kv
     row(

@@ -1,0 +1,183 @@
+"""TVM's CPU thread pool set up to survive a busy device: no pinning, bounded spinning, and a
+thread count that follows the cores other processes leave free.
+
+A phone always runs other work. TVM's defaults assume a quiet machine: each worker is pinned
+to one core and spins (300,000 yields) at every barrier, and each parallel kernel splits its
+work evenly over the workers, so one worker waiting for a core that another process holds
+stalls every kernel of the step (measured on 2 cores with one busy process: 137.6 -> 1.7
+tokens/s). Here, unless the user says otherwise:
+
+- workers are not pinned (``TVM_BIND_THREADS=0``); on a big.LITTLE CPU they may move among
+  the big cores (TVM's "share all cores" mode over the fastest CPUs) instead of one each;
+- a worker spins ``SPIN_COUNT`` yields before it sleeps (TVM reads the variable once, when
+  its first worker starts, so it is set before the first pool exists);
+- the count is the CPUs this process may use minus what other processes keep busy, sampled
+  from ``/proc/stat`` at load and again about once a second while the model runs
+  (`AdaptiveThreads.refresh`), never more than the pool was sized for.
+
+``--threads N`` (or ``TVM_NUM_THREADS``) fixes the count; ``TVM_BIND_THREADS`` and
+``TVM_THREAD_POOL_SPIN_COUNT`` set by the user are left as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgert.runtime import tvm_runtime
+
+# Yields a worker spins before it sleeps: a few hundred microseconds on a quiet core, which keeps
+# workers awake between the kernels of one step, and gives a busy core back soon.
+SPIN_COUNT = 2000
+REFRESH_SECONDS = 1.0  # how often the free-core count is sampled again while running
+SAMPLE_SECONDS = 0.05  # the first sample, at load
+# TVM's affinity modes (threading_backend.h).
+MODE_BIG = 1
+MODE_SHARE_ALL = -3
+
+_written: dict[str, str] = {}  # the variables edgert set itself (told apart from the user's)
+
+
+def _user_env(name: str) -> str | None:
+    """The variable's value when the user (not edgert) set it."""
+    value = os.environ.get(name)
+    return None if value is None or _written.get(name) == value else value
+
+
+def _set_env(name: str, value: str) -> None:
+    os.environ[name] = value
+    _written[name] = value
+
+
+def allowed_cpus() -> list[int]:
+    """The CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def big_cpus(cpus: list[int], root: Path = Path("/sys/devices/system/cpu")) -> list[int]:
+    """The fastest of ``cpus`` by their maximum clock (all of them when the clocks are equal or unknown)."""
+    freq: dict[int, int] = {}
+    for cpu in cpus:
+        try:
+            freq[cpu] = int((root / f"cpu{cpu}" / "cpufreq" / "cpuinfo_max_freq").read_text())
+        except (OSError, ValueError):
+            return list(cpus)
+    top = max(freq.values(), default=0)
+    return [c for c in cpus if freq[c] == top]
+
+
+@dataclass
+class CpuSample:
+    """Busy and total clock ticks of some CPUs, and this process's own CPU ticks, at one moment."""
+
+    busy: int
+    total: int
+    own: int
+
+
+def sample(
+    cpus: list[int], stat: Path = Path("/proc/stat"), self_stat: Path = Path("/proc/self/stat")
+) -> CpuSample | None:
+    """Read the counters (None where /proc is not there)."""
+    try:
+        lines = stat.read_text().splitlines()
+        own_fields = self_stat.read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    wanted = {f"cpu{c}" for c in cpus}
+    busy = total = 0
+    for line in lines:
+        parts = line.split()
+        if parts and parts[0] in wanted:
+            ticks = [int(x) for x in parts[1:9]]  # user nice system idle iowait irq softirq steal
+            total += sum(ticks)
+            busy += sum(ticks) - ticks[3] - ticks[4]
+    # utime and stime are fields 14 and 15 of /proc/PID/stat, 12 and 13 after the command name.
+    return CpuSample(busy, total, int(own_fields[11]) + int(own_fields[12]))
+
+
+def free_cpus(before: CpuSample, after: CpuSample, num_cpus: int) -> float:
+    """CPUs left free by other processes between two samples (this process's use counts as free)."""
+    total = after.total - before.total
+    if total <= 0:
+        return float(num_cpus)
+    wall = total / num_cpus  # ticks per CPU in the interval
+    others = (after.busy - before.busy - (after.own - before.own)) / wall
+    return max(0.0, num_cpus - others)
+
+
+def threads_for(free: float, limit: int) -> int:
+    """Workers for ``free`` CPUs: a CPU counts when more than about 60% of it is free."""
+    return max(1, min(limit, int(free + 0.4)))
+
+
+class AdaptiveThreads:
+    """The thread pool's configuration: fixed when forced, else following the free cores."""
+
+    def __init__(self, threads: int | None = None, default: int | None = None):
+        user = _user_env("TVM_NUM_THREADS")
+        self.forced = bool(threads or user)
+        self.cpus = allowed_cpus()
+        self.limit = max(1, int(threads or user or default or len(self.cpus)))
+        # TVM sizes its pool from TVM_NUM_THREADS, else from half the logical CPUs (it assumes
+        # two hyper-threads per core), which leaves one of two real cores idle; and
+        # config_threadpool cannot grow the pool past that. So the variable is set first.
+        _set_env("TVM_NUM_THREADS", str(self.limit))
+        if _user_env("TVM_THREAD_POOL_SPIN_COUNT") is None:
+            _set_env("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
+        big = big_cpus(self.cpus)
+        self.bind = _user_env("TVM_BIND_THREADS")
+        if self.bind is None:
+            # On a big.LITTLE CPU the workers share the big cores (not one each); elsewhere TVM's
+            # binding is off (the "share all" mode sets affinities, so it needs binding on).
+            self.share = big if len(big) < len(self.cpus) and self.limit <= len(big) else []
+            _set_env("TVM_BIND_THREADS", "1" if self.share else "0")
+        else:
+            self.share = []
+        self.threads = self.limit
+        self._last: CpuSample | None = None
+        self._at = 0.0
+        self._thread: int | None = None
+        if not self.forced:
+            first = sample(self.cpus)
+            if first is not None:
+                time.sleep(SAMPLE_SECONDS)
+                self._update(first)
+        self.apply()
+
+    def _update(self, before: CpuSample) -> None:
+        after = sample(self.cpus)
+        if after is not None:
+            self.threads = threads_for(free_cpus(before, after, len(self.cpus)), self.limit)
+            self._last, self._at = after, time.monotonic()
+
+    def apply(self) -> None:
+        """Configure the calling thread's pool (TVM keeps one per calling thread)."""
+        configure = tvm_runtime.global_func("runtime.config_threadpool")
+        # TVM may pin the calling thread to one core, which would starve everything else the
+        # application runs on that thread (numpy, another engine's OpenMP pool), so its
+        # affinity is given back.
+        saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        if self.share:
+            configure(MODE_SHARE_ALL, self.threads, [str(c) for c in self.share])
+        else:
+            configure(MODE_BIG, self.threads)
+        if saved is not None:
+            os.sched_setaffinity(0, saved)
+        self._thread = threading.get_ident()
+
+    def refresh(self) -> None:
+        """Before a call: follow the free cores (about once a second) and configure a new calling thread."""
+        if self._thread != threading.get_ident():
+            self.apply()
+        if self.forced or self._last is None or time.monotonic() - self._at < REFRESH_SECONDS:
+            return
+        old = self.threads
+        self._update(self._last)
+        if self.threads != old:
+            self.apply()

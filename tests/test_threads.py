@@ -1,0 +1,101 @@
+"""The thread pool on a busy device: counting free cores, no pinning, bounded spinning, `--background`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, run_cli
+
+from edgert.runtime import threads as th
+
+STAT = """cpu  100 0 100 800 0 0 0 0 0 0
+cpu0 {a} 0 0 {ia} 0 0 0 0 0 0
+cpu1 {b} 0 0 {ib} 0 0 0 0 0 0
+cpu2 {c} 0 0 {ic} 0 0 0 0 0 0
+intr 1 2 3
+"""
+
+
+def _write(tmp: Path, busy: tuple[int, int, int], idle: tuple[int, int, int], own: int) -> th.CpuSample | None:
+    (tmp / "stat").write_text(STAT.format(a=busy[0], b=busy[1], c=busy[2], ia=idle[0], ib=idle[1], ic=idle[2]))
+    # The command name may hold spaces and parentheses: fields are counted after the last ')'.
+    fields = ["S"] + ["0"] * 10 + [str(own), "0"] + ["0"] * 30
+    (tmp / "self").write_text("1234 (python (x) y) " + " ".join(fields))
+    return th.sample([0, 1], tmp / "stat", tmp / "self")
+
+
+def test_free_cores_leave_out_other_processes_and_count_this_one_as_free(tmp_path: Path) -> None:
+    before = _write(tmp_path, (0, 0, 0), (0, 0, 0), own=0)
+    # 100 ticks per CPU: cpu0 fully busy (60 of them ours), cpu1 busy 90 (others), cpu2 not ours.
+    after = _write(tmp_path, (100, 90, 100), (0, 10, 0), own=60)
+    assert before is not None and after is not None
+    assert after.total == 200 and after.busy == 190 and after.own == 60
+    free = th.free_cpus(before, after, 2)
+    assert free == pytest.approx(2 - 1.3)
+    assert th.threads_for(free, 8) == 1  # never fewer than one
+    assert th.threads_for(2 - 0.1, 8) == 2 and th.threads_for(2 - 0.5, 8) == 1 and th.threads_for(3.0, 2) == 2
+    assert th.free_cpus(after, after, 2) == 2.0  # no time passed: nothing known to be busy
+    assert th.sample([0], tmp_path / "missing", tmp_path / "self") is None
+
+
+def test_big_cores_are_the_fastest_by_maximum_clock(tmp_path: Path) -> None:
+    for cpu, khz in enumerate([1800000, 1800000, 2400000, 2400000]):
+        (tmp_path / f"cpu{cpu}" / "cpufreq").mkdir(parents=True)
+        (tmp_path / f"cpu{cpu}" / "cpufreq" / "cpuinfo_max_freq").write_text(f"{khz}\n")
+    assert th.big_cpus([0, 1, 2, 3], tmp_path) == [2, 3]
+    assert th.big_cpus([0, 1], tmp_path) == [0, 1]  # one kind of core: all of them
+    assert th.big_cpus([0, 7], tmp_path) == [0, 7]  # a clock unknown: all of them
+
+
+def _pool_env(tiny_host_artifact: Path, env: dict[str, str], threads: str = "None") -> dict:
+    """Load the tiny model in a fresh process (a fresh TVM pool) and report what it set."""
+    code = (
+        "import json, os, edgert\n"
+        f"m = edgert.load({str(tiny_host_artifact)!r}, threads={threads})\n"
+        "m.score([1, 2, 3])\n"
+        "keys = ('TVM_NUM_THREADS', 'TVM_BIND_THREADS', 'TVM_THREAD_POOL_SPIN_COUNT')\n"
+        "print(json.dumps({'threads': m.session.threads, 'forced': m.session.pool.forced,\n"
+        "                  **{k: os.environ.get(k) for k in keys}}))\n"
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TVM_") or k == "TVM_USE_RUNTIME_LIB"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env}, cwd=ROOT, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_default_pool_is_unpinned_with_bounded_spinning_and_the_users_settings_win(tiny_host_artifact) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    got = _pool_env(tiny_host_artifact, {})
+    assert got["TVM_THREAD_POOL_SPIN_COUNT"] == str(th.SPIN_COUNT) and not got["forced"]
+    assert got["TVM_BIND_THREADS"] in ("0", "1")  # 1 only on a big.LITTLE CPU (sharing the big cores)
+    if th.big_cpus(sorted(os.sched_getaffinity(0))) == sorted(os.sched_getaffinity(0)):
+        assert got["TVM_BIND_THREADS"] == "0"
+    assert 1 <= got["threads"] <= int(got["TVM_NUM_THREADS"]) == cpus
+    mine = _pool_env(tiny_host_artifact, {"TVM_BIND_THREADS": "1", "TVM_THREAD_POOL_SPIN_COUNT": "7"}, threads="1")
+    assert (mine["TVM_BIND_THREADS"], mine["TVM_THREAD_POOL_SPIN_COUNT"]) == ("1", "7")
+    assert mine["threads"] == 1 and mine["forced"]
+    assert _pool_env(tiny_host_artifact, {"TVM_NUM_THREADS": "1"})["forced"]
+
+
+def test_bench_background_runs_busy_processes_and_ends_them(tiny_host_artifact) -> None:
+    proc = run_cli(
+        "bench", str(tiny_host_artifact), "--prompt-tokens", "8", "--gen-tokens", "4", "-r", "1",
+        "--background", "1", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    bg = result["background"]
+    assert bg["processes"] == 1 and bg["cpu_seconds"] > 0.05  # it did spin
+    time.sleep(0.2)
+    for pid in bg["pids"]:
+        assert not Path(f"/proc/{pid}").exists()
+    proc = run_cli("bench", str(tiny_host_artifact), "--background", "-1")
+    assert proc.returncode != 0 and "--background" in proc.stderr and "Traceback" not in proc.stderr
