@@ -88,6 +88,20 @@ def _max_abs(output: str):
     return metric
 
 
+def _vad_agreement(onnx_path: Path):
+    """Share of beckett.wav's chunks (then silence, noise, hum) whose speech decision equals float's."""
+
+    def metric(model, ref, tests):
+        import npu_vad
+
+        audio = npu_vad.test_audio()
+        want, _ = npu_vad.stream(npu_vad.float_runner(onnx_path), audio)
+        got, _ = npu_vad.stream(model, audio)
+        return f"decisions equal to float, {len(want)} chunks (%)", 100 * npu_vad.agreement(got, want)
+
+    return metric
+
+
 def _vad_chunks(onnx_path: Path, seconds: float = 4.0) -> list[dict]:
     """Chunks of a synthetic recording (a gated tone in noise) with the state silero-vad carries."""
     run = _float(onnx_path)
@@ -149,8 +163,6 @@ def run(args: Any) -> list[Row]:
     from export_minilm_onnx import export, tokenize
     from npu_minilm import CALIBRATION, HELD_OUT
 
-    from edgert.paths import package_file
-
     target, rows = args.npu_target, []
     with tempfile.TemporaryDirectory(prefix="edgert-peers-npu-") as tmp:
         work = Path(tmp)
@@ -159,10 +171,26 @@ def run(args: Any) -> list[Row]:
         tests = [{k: v[i : i + 1] for k, v in held.items()} for i in range(len(HELD_OUT))]
         rows += _case("MiniLM-L6 32 tokens", minilm, tokenize(CALIBRATION, 32), tests, target, work,
                       _cosine("sentence_embedding"))  # fmt: skip
-        vad = package_file("silero_vad", "data", "silero_vad_openvino_16k.onnx")
-        chunks = _vad_chunks(vad)
-        cal = {k: np.stack([c[k] for c in chunks[::2]]) for k in chunks[0]}
-        rows += _case("silero-vad 512 samples", vad, cal, chunks[1::8], target, work, _max_abs("output"))
+        import npu_vad
+        from npu_codec import build as build_codec
+        from npu_codec import calibration as codec_calibration
+        from npu_codec import si_snr_figures, speech_windows
+
+        vad = npu_vad.onnx_path()
+        rows += _case("silero-vad 512 samples", vad, npu_vad.calibration(vad), [], target, work, _vad_agreement(vad))
+        try:
+            codec_model, encoder = build_codec(work / "codec-encoder", "tiny", 8000)
+        except Exception as exc:  # torch/transformers missing: the table says so
+            print(f"npu: codec encoder skipped ({type(exc).__name__}: {exc})", file=sys.stderr)
+        else:
+            windows = speech_windows(codec_model.config.sampling_rate, 8000)
+
+            def latents_snr(model, ref, tests):
+                fig = si_snr_figures(codec_model, encoder, model, windows)
+                return "SI-SNR int8 vs float latents (dB)", fig["latents_si_snr_db"]
+
+            rows += _case("codec tiny encoder 8000 samples", encoder, codec_calibration(8000), [], target, work,
+                          latents_snr)  # fmt: skip
         try:
             import make_codec_reference
             from export_codec_onnx import export as export_codec

@@ -70,6 +70,10 @@ def calibrate(model, data: dict[str, np.ndarray], percentile: float | None = Non
 
     ``data``: ``[samples, *input shape]`` per input, as `load_calibration` returns it.
     """
+    from onnx import numpy_helper
+
+    from edgert.compiler.npu.lstm import internals
+
     names = list(dict.fromkeys(o for n in model.graph.node for o in n.output if o))
     sess = _session(model, names)
     out_names = [o.name for o in sess.get_outputs()]
@@ -77,6 +81,9 @@ def calibrate(model, data: dict[str, np.ndarray], percentile: float | None = Non
     shapes: dict[str, tuple[int, ...]] = {k: tuple(np.asarray(v).shape[1:]) for k, v in data.items()}
     dtypes: dict[str, np.dtype] = {k: np.asarray(v).dtype for k, v in data.items()}
     rng = np.random.default_rng(seed)
+    lstms = [n for n in model.graph.node if n.op_type == "LSTM"]
+    inits = {i.name: i for i in model.graph.initializer}
+    lstm_consts = {name: numpy_helper.to_array(inits[name]) for n in lstms for name in n.input if name in inits}
     count = len(next(iter(data.values())))
     for s in range(count):
         feeds = {k: np.asarray(v)[s] for k, v in data.items()}
@@ -87,6 +94,9 @@ def calibrate(model, data: dict[str, np.ndarray], percentile: float | None = Non
             if s == 0:
                 shapes[name], dtypes[name] = tuple(v.shape), v.dtype
             if v.dtype.kind == "f":
+                stats.setdefault(name, RangeStats()).update(v, 4096 if percentile else 0, rng)
+        for n in lstms:  # the unrolled cell's own tensors (see lstm.py)
+            for name, v in internals(n, {**lstm_consts, **values}).items():
                 stats.setdefault(name, RangeStats()).update(v, 4096 if percentile else 0, rng)
     return Calibrated(model, stats, shapes, dtypes)
 
@@ -124,6 +134,7 @@ def compile_npu_graph(
     data = load_calibration(calibration, model_inputs(model))
     cal = calibrate(model, data, percentile)
     info = GraphInfo(model, cal.shapes, cal.dtypes)
+    info.ranges = {name: s.range(percentile) for name, s in cal.stats.items()}
     parts = plan(info, ops)
     the_plan = plan_dict(parts, target_name, ops)
     tflites = []

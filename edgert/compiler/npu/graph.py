@@ -58,6 +58,8 @@ class GraphInfo:
             else:
                 self.nodes.append(n)
         self.shapes, self.dtypes = shapes, dtypes
+        # calibrated (lo, hi) per tensor, where the planner has them: some lowerings depend on them
+        self.ranges: dict[str, tuple[float, float]] = {}
         self.graph_inputs = [i.name for i in g.input if i.name not in self.consts]
         self.graph_outputs = [o.name for o in g.output]
         self.consumers: dict[str, list] = {}

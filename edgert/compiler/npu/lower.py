@@ -16,6 +16,10 @@ from edgert.compiler.npu.ir import Graph, Tensor
 from edgert.compiler.npu.reference import conv_padding
 
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
+# A Concat whose inputs' calibrated ranges differ more than this stays on the CPU: int8
+# CONCATENATION requantizes nothing, so the narrow inputs would lose most of their resolution
+# (silero-vad's state packs the LSTM's h, within ±1, with its cell state c, within ±47).
+CONCAT_SPREAD = 4.0
 
 
 class Unlowerable(Exception):
@@ -331,6 +335,92 @@ class Lowerer:
 
     _flatten = _squeeze = _unsqueeze = _reshape
 
+    def _cast(self, u, n, info):
+        """A float-to-float Cast (exporters leave them around dtype-generic code) is a no-op."""
+        if info.dtypes.get(n.input[0]) != info.dtypes.get(n.output[0]):
+            raise Unlowerable("Cast between types")
+        self._reshape(u, n, info)
+
+    def _pad(self, u, n, info):
+        """Constant pads: none (an alias), zeros (PAD) or reflection of a 3-D [N, C, L] tensor's last
+        axis (MIRROR_PAD on a [N, C, L, 1] view: Vela mirrors only height and width)."""
+        pads = info.const(n.input[1]) if len(n.input) > 1 and n.input[1] else attr(n, "pads", None)
+        if pads is None:
+            raise Unlowerable("Pad with computed pads")
+        if len(n.input) > 3 and n.input[3]:
+            raise Unlowerable("Pad with axes")
+        pads = [int(p) for p in np.asarray(pads).ravel()]
+        mode = attr(n, "mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        xs, ys = info.shapes[n.input[0]], info.shapes[n.output[0]]
+        rank = len(xs)
+        pairs = [(pads[i], pads[i + rank]) for i in range(rank)]
+        if any(p < 0 for pair in pairs for p in pair):
+            raise Unlowerable("Pad with negative pads")
+        if not any(pads):
+            return self._reshape(u, n, info)
+        if mode == "constant":
+            value = info.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
+            if value is not None and float(np.asarray(value).ravel()[0]) != 0.0:
+                raise Unlowerable("Pad with a non-zero constant")
+            y = self.define(n.output[0], "nchw")
+            self.g.op("PAD", [self.get(n.input[0]), self.i32(pairs)], [y], origin=u.name)
+            return
+        if mode != "reflect" or rank != 3 or any(p for pair in pairs[:2] for p in pair):
+            raise Unlowerable(f"Pad mode {mode} other than reflecting the last axis of a 3-D tensor")
+        self.n += 1
+        tag = f"{n.output[0]}/mirror{self.n}"
+        x4 = self.act(f"{tag}/in", (*xs, 1), n.input[0])
+        self.g.op("RESHAPE", [self.get(n.input[0]), self.i32((*xs, 1))], [x4], origin=u.name, new_shape=(*xs, 1))
+        y4 = self.act(f"{tag}/out", (*ys, 1), n.output[0])
+        self.g.op("MIRROR_PAD", [x4, self.i32([*pairs, (0, 0)])], [y4], origin=u.name, mode="REFLECT")
+        y = self.define(n.output[0], "nchw")
+        self.g.op("RESHAPE", [y4, self.i32(ys)], [y], origin=u.name, new_shape=ys)
+
+    def _slice(self, u, n, info):
+        """A Slice with constant starts, ends and axes, steps of 1: SLICE (an alias when it keeps all)."""
+        xs, ys = info.shapes[n.input[0]], info.shapes[n.output[0]]
+        args = [info.const(i) if i else None for i in list(n.input[1:]) + [""] * (5 - len(n.input))]
+        starts, ends, axes, steps = args[:4]
+        if starts is None or ends is None or (len(n.input) > 3 and n.input[3] and axes is None):
+            raise Unlowerable("Slice with computed bounds")
+        if steps is not None and np.any(np.asarray(steps) != 1):
+            raise Unlowerable("Slice with steps other than 1")
+        axes = range(len(starts)) if axes is None else [int(a) % len(xs) for a in np.asarray(axes).ravel()]
+        begin = [0] * len(xs)
+        for a, st in zip(axes, np.asarray(starts).ravel(), strict=True):
+            begin[a] = int(np.clip(st + xs[a] if st < 0 else st, 0, xs[a]))
+        if tuple(ys) == tuple(xs):
+            return self._reshape(u, n, info)
+        y = self.define(n.output[0], "nchw")
+        self.g.op("SLICE", [self.get(n.input[0]), self.i32(begin), self.i32(ys)], [y], origin=u.name)
+
+    def _elu(self, u, n, info):
+        """ELU(x) = RELU(x) + (EXP(x) - 1), EXP's int8 output saturating at 1 (Vela has no ELU; its
+        EXP is a lookup table): for x > 0 the second term is 0, for x <= 0 the first."""
+        if float(attr(n, "alpha", 1.0)) != 1.0:
+            raise Unlowerable("ELU with alpha other than 1")
+        x, out = n.input[0], n.output[0]
+        layout = "nhwc" if self.has(x, "nhwc") else "nchw"
+        xi = self.get(x, layout)
+        shape = self.g.tensors[xi].shape
+        self.n += 1
+        tag = f"{out}/elu{self.n}"
+        r = self.act(f"{tag}/relu", shape, out)
+        self.g.op("RELU", [xi], [r], origin=u.name)
+        e = self.act(f"{tag}/exp", shape, out)
+        self.g.op("EXP", [xi], [e], origin=u.name, out_range=(0.0, 1.0))
+        em1 = self.act(f"{tag}/exp_minus_1", shape, out)
+        self.g.op("ADD", [e, self.const(np.full((1,) * len(shape), -1.0, np.float32))], [em1], origin=u.name,
+                  out_range=(-1.0, 0.0))  # fmt: skip
+        y = self.define(out, layout)
+        self.g.op("ADD", [r, em1], [y], origin=u.name)
+
+    def _lstm(self, u, n, info):
+        from edgert.compiler.npu.lstm import lower_lstm
+
+        lower_lstm(self, u)
+
     def _transpose(self, u, n, info):
         perm = tuple(attr(n, "perm", None) or range(len(info.shapes[n.input[0]]))[::-1])
         if perm == TO_NHWC and self.has(n.input[0], "nhwc"):  # already there: an alias
@@ -351,6 +441,12 @@ class Lowerer:
         axis = attr(n, "axis", 0) % rank
         if any(info.const(i) is not None for i in n.input):
             raise Unlowerable("Concat of a constant")
+        spans = [max(abs(v) for v in info.ranges[i]) for i in n.input if i in info.ranges]
+        if spans and min(spans) > 0 and max(spans) > CONCAT_SPREAD * min(spans):
+            raise Unlowerable(
+                f"Concat of inputs whose ranges differ {max(spans) / min(spans):.0f}-fold "
+                "(int8 CONCATENATION gives all inputs one scale)"
+            )
         nhwc = rank == 4 and all(self.has(i, "nhwc") for i in n.input)
         if nhwc:
             axis = TO_NHWC.index(axis)

@@ -46,6 +46,11 @@ _COMMON = {
     "MaxPool",
     "AveragePool",
     "GlobalAveragePool",
+    "Cast",
+    "LSTM",
+    "Pad",
+    "Slice",
+    "Elu",
 }
 SUPPORTED = {
     # Vela 5.2 SUPPORTED_OPS.md (TFLite, Ethos-U55/U65/U85): FULLY_CONNECTED, BATCH_MATMUL, CONV_2D,
@@ -86,15 +91,31 @@ def _match_gelu(info: GraphInfo, div) -> list | None:
     return [div, erf, add, mul, half]
 
 
+def _lstm_chains(info: GraphInfo) -> dict[int, list]:
+    """{id of an LSTM node: the constant-only nodes computing its weights, which its unit takes along}."""
+    from edgert.compiler.npu.lstm import weight_chain
+
+    chains = {}
+    for n in info.nodes:
+        if n.op_type == "LSTM" and (chain := weight_chain(info, n)) is not None:
+            chains[id(n)] = chain
+    return chains
+
+
 def build_units(info: GraphInfo) -> list[Unit]:
     """Nodes grouped into units, in graph order."""
     used: set[int] = set()
+    chains = _lstm_chains(info)
+    for chain in chains.values():
+        used.update(id(m) for m in chain)
     units = []
     for n in info.nodes:
         if id(n) in used:
             continue
         nodes, kind = [n], n.op_type
-        if (gelu := _match_gelu(info, n)) is not None:
+        if id(n) in chains:
+            nodes = [*chains[id(n)], n]
+        elif (gelu := _match_gelu(info, n)) is not None:
             nodes, kind = gelu, "Gelu"
         elif n.op_type == "MatMul" and info.const(n.input[1]) is not None and info.const(n.input[1]).ndim == 2:
             add = info.only_consumer(n.output[0])
@@ -116,7 +137,7 @@ def build_units(info: GraphInfo) -> list[Unit]:
 
 def unit_macs(info: GraphInfo, u: Unit) -> int:
     """Multiply-accumulates of a unit (matrix products and convolutions; 0 for the rest)."""
-    n = u.nodes[0]
+    n = u.nodes[-1] if u.kind == "LSTM" else u.nodes[0]
     if n.op_type in ("LSTM", "GRU"):  # weights may be computed (Unsqueeze of constants): use shapes
         x, w, r = (info.shapes.get(i) or getattr(info.const(i), "shape", None) for i in n.input[:3])
         if x is None or w is None or r is None:

@@ -28,7 +28,7 @@ from edgert.errors import EdgertError
 
 SENTINEL = 1e30  # |x| at or above this is a -inf/+inf marker, not a value to fit the range to
 SENTINEL_FLOOR = 1e4  # a tensor holding -inf markers reaches at least this far, so they stay very negative
-PASS_THROUGH = ("RESHAPE", "TRANSPOSE", "PAD", "MAX_POOL_2D", "AVERAGE_POOL_2D")
+PASS_THROUGH = ("RESHAPE", "TRANSPOSE", "PAD", "MAX_POOL_2D", "AVERAGE_POOL_2D", "SLICE", "MIRROR_PAD")
 
 
 class CalibrationError(EdgertError):
@@ -160,6 +160,8 @@ def quantize_graph(g: Graph, ranges: dict[str, tuple[float, float]]) -> Graph:
             q[y] = QParams.of(1 / 128, 0)
         elif op.kind in PASS_THROUGH:
             q[y] = q[op.inputs[0]]
+        if "out_range" in op.options:  # a range the lowering knows better than calibration
+            q[y] = activation_qparams(*op.options["out_range"])
     producer = {op.outputs[0]: op for op in g.ops}
     for op in reversed(g.ops):  # a CONCATENATION's inputs take its output's parameters, up through
         if op.kind == "CONCATENATION":  # data movement and concatenations before it

@@ -286,6 +286,7 @@ LUT_FUNCTIONS = {
     "LOGISTIC": lambda v: np.float32(1.0) / (np.float32(1.0) + np.exp(-v)),
     "TANH": np.tanh,
     "GELU": _gelu,
+    "EXP": np.exp,
 }
 
 
@@ -371,6 +372,17 @@ def eval_op(g: Graph, op: Op, ins: list) -> np.ndarray:
     if k == "PAD":
         _, zp = _qp(g, op.inputs[0])
         return np.pad(ins[0], [tuple(p) for p in ins[1]], constant_values=zp)
+    if k == "SLICE":
+        begin, size = (tuple(int(v) for v in a) for a in ins[1:3])
+        return ins[0][
+            tuple(
+                slice(b, b + (s if s >= 0 else ins[0].shape[d] - b))
+                for d, (b, s) in enumerate(zip(begin, size, strict=True))
+            )
+        ]
+    if k == "MIRROR_PAD":
+        mode = "reflect" if op.options.get("mode", "REFLECT") == "REFLECT" else "symmetric"
+        return np.pad(ins[0], [tuple(p) for p in ins[1]], mode=mode)
     if k == "QUANTIZE":
         return quantize(ins[0], *_qp(g, op.outputs[0]))
     if k == "DEQUANTIZE":

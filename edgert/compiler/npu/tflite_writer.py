@@ -42,6 +42,9 @@ OP_VERSIONS = {
     "DEQUANTIZE": 2,
     "PAD": 2,
     "RSQRT": 2,
+    "SLICE": 2,
+    "MIRROR_PAD": 2,
+    "EXP": 2,
 }
 SUPPORTED_OPS = tuple(OP_VERSIONS)
 _ACT = {None: 0, "": 0, "RELU": 1, "RELU6": 3}
@@ -112,6 +115,14 @@ def _options(s, op: Op):
         return B.ConcatenationOptions, x
     if kind == "PAD":
         return B.PadOptions, s.PadOptionsT()
+    if kind == "SLICE":
+        return B.SliceOptions, s.SliceOptionsT()
+    if kind == "MIRROR_PAD":
+        x = s.MirrorPadOptionsT()
+        x.mode = 0 if o.get("mode", "REFLECT") == "REFLECT" else 1
+        return B.MirrorPadOptions, x
+    if kind == "EXP":
+        return B.ExpOptions, s.ExpOptionsT()
     return B.NONE, None
 
 

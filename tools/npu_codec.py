@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""The reference codec's encoder on an NPU target: partition plan, Vela's estimate, SI-SNR.
+
+    python tools/npu_codec.py [--target ethos-u55-128] [--preset tiny] [--samples 8000]
+
+Builds the EnCodec-architecture reference codec (tools/make_codec_reference.py), exports its
+encoder alone to ONNX (tools/export_codec_onnx.py ``--part encoder``), calibrates it on seeded
+noise and compiles it for the target. On the project's speech recording (moonshine's
+beckett.wav at the codec's rate, in windows of ``samples``) the codec's float decoder then
+decodes the latents of the int8 encoder (NPU partitions on LiteRT's reference kernels) and of the
+float encoder (onnxruntime); the SI-SNR of each reconstruction against the input, and of the
+int8 one (and of the int8 latents) against the float one, measure what int8 costs. The codec's
+weights are seeded, not trained: its reconstruction is not the input (SI-SNR far below 0 dB for
+both builds), so the int8-against-float figures are the informative ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def build(work: Path, preset: str = "tiny", samples: int = 8000):
+    """(torch model, encoder ONNX path) of the reference codec, exported into ``work``."""
+    import make_codec_reference
+    from export_codec_onnx import export
+
+    model = make_codec_reference.build(preset)
+    make_codec_reference.save(model, work / "codec")
+    return model, export(work / "codec", work / "encoder.onnx", samples=samples, part="encoder")
+
+
+def calibration(samples: int, count: int = 12) -> dict[str, np.ndarray]:
+    """Seeded noise at several levels, with tone bursts (not the test audio)."""
+    rng = np.random.default_rng(1)
+    t = np.arange(samples) / 24000
+    out = []
+    for i in range(count):
+        level = 0.3 / (1 + i % 4)
+        x = level * rng.standard_normal(samples) + 0.2 * np.sin(2 * np.pi * (110 + 60 * i) * t)
+        out.append(x[None, None])
+    return {"audio": np.stack(out).astype(np.float32)}
+
+
+def speech_windows(rate: int, samples: int) -> list[np.ndarray]:
+    """beckett.wav at ``rate``, cut into windows of ``samples`` (the last partial one dropped)."""
+    import importlib.util
+
+    from edgert.runtime.audio import read_wav
+
+    spec = importlib.util.find_spec("moonshine_onnx")
+    assert spec is not None and spec.origin is not None, "pip install --no-deps useful-moonshine-onnx"
+    audio = read_wav(Path(spec.origin).parent / "assets" / "beckett.wav", sample_rate=rate).samples
+    return [audio[i : i + samples][None, None].astype(np.float32) for i in range(0, len(audio) - samples + 1, samples)]
+
+
+def si_snr_figures(model, encoder_onnx: Path, run_int8, windows: list[np.ndarray]) -> dict[str, float]:
+    """SI-SNR (dB) over the concatenated windows: float codec vs input, int8 encoder vs input,
+    and int8 vs float reconstruction."""
+    import onnxruntime as ort
+    import torch
+
+    from edgert.profile.audio_quality import si_snr
+
+    sess = ort.InferenceSession(str(encoder_onnx), providers=["CPUExecutionProvider"])
+    ref, got, lat_ref, lat_got = [], [], [], []
+    with torch.no_grad():
+        for x in windows:
+            lat_f = sess.run(None, {"audio": x})[0]
+            lat_q = run_int8({"audio": x})["latents"]
+            lat_ref.append(lat_f.ravel())
+            lat_got.append(np.asarray(lat_q, np.float32).ravel())
+            ref.append(model.decoder(torch.from_numpy(lat_f)).numpy().ravel()[: x.size])
+            got.append(model.decoder(torch.from_numpy(np.asarray(lat_q, np.float32))).numpy().ravel()[: x.size])
+    signal = np.concatenate([x.ravel() for x in windows])
+    ref_a, got_a = np.concatenate(ref), np.concatenate(got)
+    float_snr, int8_snr = si_snr(ref_a, signal), si_snr(got_a, signal)
+    return {
+        "float_si_snr_db": float_snr,
+        "int8_si_snr_db": int8_snr,
+        "loss_db": float_snr - int8_snr,
+        "int8_vs_float_si_snr_db": si_snr(got_a, ref_a),
+        "latents_si_snr_db": si_snr(np.concatenate(lat_got), np.concatenate(lat_ref)),
+        "seconds": signal.size / model.config.sampling_rate,
+    }
+
+
+def main() -> None:
+    import tempfile
+
+    from edgert.compiler.npu import compile_npu_graph
+    from edgert.families.graph.npu import PlanRunner
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", default="ethos-u55-128")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--samples", type=int, default=8000)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="edgert-codec-npu-"))
+    model, path = build(work, args.preset, args.samples)
+    tflites, _velas, plan, report = compile_npu_graph(path, args.target, calibration(args.samples), show=True)
+    figures = si_snr_figures(model, path, PlanRunner(path, plan, tflites), speech_windows(model.config.sampling_rate,
+                                                                                            args.samples))  # fmt: skip
+    share = report["npu_mac_share"] if report else plan["npu_mac_share"]
+    print(
+        f"NPU share of MACs {share:.1%}; SI-SNR vs input over {figures['seconds']:.1f} s: float "
+        f"{figures['float_si_snr_db']:.2f} dB, int8 encoder {figures['int8_si_snr_db']:.2f} dB "
+        f"(loss {figures['loss_db']:.2f} dB); int8 vs float reconstruction "
+        f"{figures['int8_vs_float_si_snr_db']:.2f} dB, "
+        f"latents {figures['latents_si_snr_db']:.2f} dB"
+    )
+
+
+if __name__ == "__main__":
+    main()
