@@ -551,7 +551,8 @@ def test_trained_codec_encoder_on_the_u55_keeps_si_snr_within_1_db(tmp_path) -> 
     ref = fit_codec.load(npu_codec.TRAINED)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     audio = clips["espeak-0"]
-    z = np.concatenate([sess.run(None, {"audio": w})[0][0].T for w in encoder_windows(audio, ref.hop, npu_codec.FRAMES)])
+    windows = encoder_windows(audio, ref.hop, npu_codec.FRAMES)
+    z = np.concatenate([sess.run(None, {"audio": w})[0][0].T for w in windows])
     want = fit_codec.frames_of(audio, ref.hop) @ ref.encoder.T
     assert np.abs(z[: len(want)] - want).max() < 1e-4
     tflites, _velas, plan, report = compile_npu_graph(path, "ethos-u55-128", npu_codec.trained_calibration())

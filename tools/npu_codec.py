@@ -11,7 +11,8 @@ go through the codec's float gain-shape RVQ (all 16 stages, 16 kbit/s) and float
 (tools/fit_codec.py's numpy reference); each reconstruction's SI-SNR against the input is
 measured on beckett.wav and two held-out espeak-ng sentences, and the codes are compared.
 
-``reference`` (``--preset tiny --samples 8000``): builds the EnCodec-architecture reference codec (tools/make_codec_reference.py), exports its
+``reference`` (``--preset tiny --samples 8000``): builds the EnCodec-architecture reference codec
+(tools/make_codec_reference.py), exports its
 encoder alone to ONNX (tools/export_codec_onnx.py ``--part encoder``), calibrates it on seeded
 noise and compiles it for the target. On the project's speech recording (moonshine's
 beckett.wav at the codec's rate, in windows of ``samples``) the codec's float decoder then

@@ -5,7 +5,8 @@ for the NPU through Vela, the rest for the CPU): the all-MiniLM-L6-v2 encoder at
 silero-vad on one 512-sample chunk (state carried through a synthetic recording for calibration),
 the trained codec's encoder (codec-speech16k, written as ONNX from its weights; 1 s per call;
 its int8 latents through the float RVQ and decoder: the SI-SNR lost against the float encoder's on
-beckett.wav and two held-out espeak-ng sentences, worst clip), the EnCodec-architecture reference codec (tools/make_codec_reference.py ``tiny``, exported
+beckett.wav and two held-out espeak-ng sentences, worst clip), the EnCodec-architecture reference
+codec (tools/make_codec_reference.py ``tiny``, exported
 by tools/export_codec_onnx.py) when torch and transformers are installed, and Whisper tiny.en
 (`edgert compile whisper-tiny.en --target ethos-u55-128`: the encoder int8 on the NPU, the decoder
 on the CPU; its transcript of beckett.wav against the float host build's). The numbers are Vela's

@@ -37,8 +37,9 @@ def encoder_weights(folder: Path) -> tuple[np.ndarray, np.ndarray, int]:
 
     folder = Path(folder)
     cfg = CodecConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    if not cfg.filterbank or cfg.activation != "none" or len(cfg.upsampling_ratios) != 1 or cfg.audio_channels != 1 or cfg.pad_mode != "constant":
-        raise ModelFileError(f"{folder.name}: not a mono, zero-padded linear filterbank codec (its encoder is not one conv)")
+    linear = cfg.filterbank and cfg.activation == "none" and len(cfg.upsampling_ratios) == 1
+    if not linear or cfg.audio_channels != 1 or cfg.pad_mode != "constant":
+        raise ModelFileError(f"{folder.name}: not a mono zero-padded filterbank codec (its encoder is not one conv)")
     tensors = load_file(str(folder / "model.safetensors"))
     w0 = _weight_norm(tensors, "encoder.layers.0.conv").astype(np.float64)  # [width, 1, 2*hop]
     w1 = _weight_norm(tensors, "encoder.layers.1.conv").astype(np.float64)  # [dim, width, k]
@@ -68,8 +69,13 @@ def encoder_onnx(folder: Path, frames: int) -> Any:
     nodes = [
         helper.make_node("Reshape", [ENCODER_INPUT, "blocks.shape"], ["blocks"], name="blocks"),
         helper.make_node("Transpose", ["blocks"], ["blocks.t"], name="blocks.t", perm=[0, 2, 1]),
-        helper.make_node("Conv", ["blocks.t", "analysis.weight", "analysis.bias"], [ENCODER_OUTPUT],
-                         name="analysis", kernel_shape=[2], strides=[1], pads=[0, 0]),  # fmt: skip
+        helper.make_node(
+            "Conv",
+            ["blocks.t", "analysis.weight", "analysis.bias"],
+            [ENCODER_OUTPUT],
+            name="analysis",
+            kernel_shape=[2],
+        ),
     ]
     graph = helper.make_graph(
         nodes,
