@@ -524,10 +524,9 @@ def test_silero_vad_streams_int8_decisions_close_to_float(silero_vad_u55) -> Non
     ref, _ = npu_vad.stream(npu_vad.float_runner(path), audio)
     got, _ = npu_vad.stream(PlanRunner(path, plan, tflites), audio)
     assert len(ref) == 405 and 0.2 < np.mean(ref > 0.5) < 0.6  # speech and non-speech both present
-    # measured 97.8% (396 of 405; the artifact through TVM and LiteRT too), one chunk short of the
-    # issue's 98%: int8 audio and STFT lose quiet chunks, and the LSTM state carries errors onward
-    # (without speech in the calibration set: 65%)
-    assert npu_vad.agreement(got, ref) >= 0.95
+    # measured 98.0% (397 of 405) with the cell state rescaled per channel (lstm.cell_scale); 97.8%
+    # with one int8 scale for it (step 0.27); without speech in the calibration set: 65%
+    assert npu_vad.agreement(got, ref) >= 0.98
 
 
 # -- the trained codec's encoder (codec-speech16k) ---------------------------------------------------
