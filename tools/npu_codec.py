@@ -1,9 +1,18 @@
 #!/usr/bin/env python
-"""The reference codec's encoder on an NPU target: partition plan, Vela's estimate, SI-SNR.
+"""A codec's encoder on an NPU target: partition plan, Vela's estimate, SI-SNR.
 
-    python tools/npu_codec.py [--target ethos-u55-128] [--preset tiny] [--samples 8000]
+    python tools/npu_codec.py [--target ethos-u55-128] [--codec speech16k | reference]
 
-Builds the EnCodec-architecture reference codec (tools/make_codec_reference.py), exports its
+``speech16k`` (the default): the project's trained codec (models/codec-speech16k), its encoder
+written as ONNX from its weights (`edgert.families.codec.npu`), calibrated on espeak-ng training
+sentences (train_codec's texts and voices) and compiled for the target. The int8 encoder's
+latents (NPU partitions on LiteRT's reference kernels) and the float encoder's (onnxruntime) both
+go through the codec's float gain-shape RVQ (all 16 stages, 16 kbit/s) and float decoder
+(tools/fit_codec.py's numpy reference); each reconstruction's SI-SNR against the input is
+measured on beckett.wav and two held-out espeak-ng sentences, and the codes are compared.
+
+``reference`` (``--preset tiny --samples 8000``): builds the EnCodec-architecture reference codec
+(tools/make_codec_reference.py), exports its
 encoder alone to ONNX (tools/export_codec_onnx.py ``--part encoder``), calibrates it on seeded
 noise and compiles it for the target. On the project's speech recording (moonshine's
 beckett.wav at the codec's rate, in windows of ``samples``) the codec's float decoder then
@@ -91,6 +100,102 @@ def si_snr_figures(model, encoder_onnx: Path, run_int8, windows: list[np.ndarray
     }
 
 
+TRAINED = Path(__file__).resolve().parent.parent / "models" / "codec-speech16k"
+FRAMES = 100  # frames per encoder call: 1 s at 100 frames/s
+
+
+def trained_encoder(work: Path, folder: Path = TRAINED, frames: int = FRAMES) -> Path:
+    """The trained codec's encoder as ONNX (``frames`` frames per call), written into ``work``."""
+    import onnx
+
+    from edgert.families.codec.npu import encoder_onnx
+
+    path = work / "codec-speech16k-encoder.onnx"
+    onnx.save(encoder_onnx(folder, frames), str(path))
+    return path
+
+
+def trained_calibration(frames: int = FRAMES, hop: int = 160, count: int = 6) -> dict[str, np.ndarray]:
+    """Encoder windows of ``count`` espeak-ng training sentences (train_codec's texts and voices;
+    neither the recording nor the held-out sentences)."""
+    from train_codec import SENTENCES, TRAIN_VOICES, speak
+
+    from edgert.families.codec.npu import encoder_windows
+
+    windows = []
+    for i in range(count):
+        audio = speak(SENTENCES[i % len(SENTENCES)], TRAIN_VOICES[i % len(TRAIN_VOICES)])
+        windows += encoder_windows(audio, hop, frames)
+    return {"audio": np.stack(windows).astype(np.float32)}
+
+
+def trained_test_clips() -> dict[str, np.ndarray]:
+    """beckett.wav (10 s) and two held-out espeak-ng sentences (tools/train_codec.py's HELD_OUT)."""
+    from train_codec import HELD_OUT, beckett, speak
+
+    clips = {"beckett": beckett()}
+    for i, (voice, text) in enumerate(HELD_OUT[:2]):
+        clips[f"espeak-{i}"] = speak(text, voice)
+    return clips
+
+
+def trained_figures(run_int8, encoder: Path, clips: dict[str, np.ndarray], folder: Path = TRAINED,
+                    frames: int = FRAMES) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Per clip: SI-SNR (dB) against the input of [float encoder -> float RVQ + decoder] and of
+    [int8 encoder -> the same], their difference, and the share of RVQ codes the two agree on
+    (all stages), and the mean distance between their gain levels (stage 0)."""
+    import fit_codec
+    import onnxruntime as ort
+
+    from edgert.families.codec.npu import ENCODER_INPUT, ENCODER_OUTPUT, encoder_windows
+    from edgert.profile.audio_quality import si_snr
+
+    codec = fit_codec.load(folder)
+    hop = codec.hop
+    sess = ort.InferenceSession(str(encoder), providers=["CPUExecutionProvider"])
+    out = {}
+    for name, audio in clips.items():
+        z_f, z_q = [], []
+        for w in encoder_windows(audio, hop, frames):
+            z_f.append(sess.run([ENCODER_OUTPUT], {ENCODER_INPUT: w})[0][0].T)
+            z_q.append(np.asarray(run_int8({ENCODER_INPUT: w})[ENCODER_OUTPUT], np.float32)[0].T)
+        count = len(audio) // hop
+        figures = {}
+        codes = {}
+        for kind, z in (("float", z_f), ("int8", z_q)):
+            z = np.concatenate(z)[:count].astype(np.float64)
+            codes[kind] = fit_codec.codes_of(z, codec.books, codec.gains)
+            y = codec.decode(codes[kind])[hop:].astype(np.float32)
+            figures[f"{kind}_si_snr_db"] = si_snr(y, audio[: len(y)])
+        figures["loss_db"] = figures["float_si_snr_db"] - figures["int8_si_snr_db"]
+        figures["codes_equal"] = float(np.mean(codes["float"] == codes["int8"]))
+        # The gain's 1024 log-norm levels are ~0.01 apart: int8 noise moves most frames by a level or two.
+        figures["gain_level_diff"] = float(np.mean(np.abs(codes["float"][:, 0] - codes["int8"][:, 0])))
+        figures["seconds"] = len(audio) / 16000
+        out[name] = figures
+    return out
+
+
+def main_trained(target: str) -> None:
+    import tempfile
+
+    from edgert.compiler.npu import compile_npu_graph
+    from edgert.families.graph.npu import PlanRunner
+
+    work = Path(tempfile.mkdtemp(prefix="edgert-codec-npu-"))
+    path = trained_encoder(work)
+    tflites, _velas, plan, report = compile_npu_graph(path, target, trained_calibration(), show=True)
+    figures = trained_figures(PlanRunner(path, plan, tflites), path, trained_test_clips())
+    share = report["npu_mac_share"] if report else plan["npu_mac_share"]
+    print(f"codec-speech16k encoder: NPU share of MACs {share:.1%}")
+    for name, f in figures.items():
+        print(
+            f"  {name} ({f['seconds']:.1f} s): SI-SNR vs input float {f['float_si_snr_db']:.2f} dB, int8 encoder "
+            f"{f['int8_si_snr_db']:.2f} dB (loss {f['loss_db']:.2f} dB); codes equal {f['codes_equal']:.1%} "
+            f"(gain levels {f['gain_level_diff']:.1f} apart on average)"
+        )
+
+
 def main() -> None:
     import tempfile
 
@@ -99,9 +204,13 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="ethos-u55-128")
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--samples", type=int, default=8000)
+    parser.add_argument("--codec", choices=["speech16k", "reference"], default="speech16k")
+    parser.add_argument("--preset", default="tiny", help="the reference codec's preset")
+    parser.add_argument("--samples", type=int, default=8000, help="the reference codec's window")
     args = parser.parse_args()
+    if args.codec == "speech16k":
+        main_trained(args.target)
+        return
     work = Path(tempfile.mkdtemp(prefix="edgert-codec-npu-"))
     model, path = build(work, args.preset, args.samples)
     tflites, _velas, plan, report = compile_npu_graph(path, args.target, calibration(args.samples), show=True)

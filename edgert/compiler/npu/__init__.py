@@ -135,6 +135,7 @@ def compile_npu_graph(
     cal = calibrate(model, data, percentile)
     info = GraphInfo(model, cal.shapes, cal.dtypes)
     info.ranges = {name: s.range(percentile) for name, s in cal.stats.items()}
+    info.channels = {name: (s.ch_lo, s.ch_hi) for name, s in cal.stats.items() if s.ch_lo is not None}
     parts = plan(info, ops)
     the_plan = plan_dict(parts, target_name, ops)
     tflites = []
@@ -143,19 +144,26 @@ def compile_npu_graph(
             continue
         g, stat_of = lower_partition(info, p)
         ranges = {ir: cal.stats[src].range(percentile) for ir, src in stat_of.items() if src in cal.stats}
+        ranges.update(g.ranges)
+        ins, outs = dict(g.scaled_inputs), dict(g.scaled_outputs)
         if balance:
             chans = {
                 ir: (cal.stats[src].ch_lo, cal.stats[src].ch_hi)
                 for ir, src in stat_of.items()
-                if src in cal.stats and cal.stats[src].ch_lo is not None and not ir.endswith("/nhwc")
+                if src in cal.stats
+                and cal.stats[src].ch_lo is not None
+                and not ir.endswith("/nhwc")
+                and ir not in g.ranges
             }
-            ins, outs = balance_outputs(g, ranges, chans, balance)
+            more_ins, more_outs = balance_outputs(g, ranges, chans, balance)
+            ins.update(more_ins)
+            outs.update(more_outs)
             ins.update(smooth_inputs(g, ranges, chans) if smooth else {})
-            if ins or outs:
-                pd["boundary_scales"] = {
-                    "inputs": {n: {"source": s, "divide_by": k.tolist()} for n, (s, k) in ins.items()},
-                    "outputs": {n: {"multiply_by": k.tolist()} for n, k in outs.items()},
-                }
+        if ins or outs:
+            pd["boundary_scales"] = {
+                "inputs": {n: {"source": s, "divide_by": k.tolist()} for n, (s, k) in ins.items()},
+                "outputs": {n: {"multiply_by": k.tolist()} for n, k in outs.items()},
+            }
         q = quantize_graph(g, ranges)
         tflites.append(write_tflite(q, description=f"edgert npu partition {p.index}"))
         pd["tflite"] = len(tflites) - 1

@@ -9,6 +9,7 @@ the schema's field names in snake case (``fused_activation``, ``stride_h``, ``pa
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -73,6 +74,11 @@ class Graph:
     ops: list[Op] = field(default_factory=list)
     inputs: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    # Set by lowerings that rescale tensors per channel (lstm.py's cell state): calibrated ranges
+    # of the rescaled tensors, {new input: (source, k)} the host divides by k, {output: k} it multiplies.
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    scaled_inputs: dict[str, tuple[str, Any]] = field(default_factory=dict)
+    scaled_outputs: dict[str, Any] = field(default_factory=dict)
 
     def add(self, t: Tensor) -> str:
         if t.name in self.tensors:

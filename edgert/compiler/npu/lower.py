@@ -511,6 +511,25 @@ def fuse_activations(g: Graph) -> Graph:
     return g
 
 
+def follow_scaled_outputs(g: Graph) -> None:
+    """Carry a rescaled tensor's factors (``g.scaled_outputs``, per channel of the last axis)
+    through the RESHAPEs that keep that axis, to the partition outputs the host multiplies back."""
+    pending, final = dict(g.scaled_outputs), {}
+    while pending:
+        t, k = pending.popitem()
+        if t in g.outputs:
+            final[t] = k
+        for op in g.ops:
+            if t not in op.inputs:
+                continue
+            y = op.outputs[0]
+            if op.kind != "RESHAPE" or g.tensors[y].shape[-1] != len(k):
+                raise ValueError(f"rescaled tensor '{t}' is read by {op.kind}, which does not keep its channels")
+            g.ranges[y] = g.ranges[t]
+            pending[y] = k
+    g.scaled_outputs = final
+
+
 def lower_partition(info: GraphInfo, part: Partition) -> tuple[Graph, dict[str, str]]:
     """The float op graph of an NPU partition and the calibration source of each activation."""
     L = Lowerer(info)
@@ -520,7 +539,11 @@ def lower_partition(info: GraphInfo, part: Partition) -> tuple[Graph, dict[str, 
         L.unit(u)
     L.g.outputs = [L.get(t, "nchw") for t in part.outputs]
     g = fuse_activations(L.g)
-    used = {i for op in g.ops for i in op.inputs} | set(g.outputs) | set(g.inputs)
+    read = {i for op in g.ops for i in op.inputs}
+    replaced = {src for src, _k in g.scaled_inputs.values()}
+    g.inputs = [i for i in g.inputs if i in read or i not in replaced]  # fed rescaled instead
+    follow_scaled_outputs(g)
+    used = read | set(g.outputs) | set(g.inputs)
     g.tensors = {k: v for k, v in g.tensors.items() if k in used or any(k in op.outputs for op in g.ops)}
     return g, L.stat_of
 

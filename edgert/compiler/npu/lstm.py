@@ -136,6 +136,30 @@ def internals(node, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+TANH_SPAN = 4.5  # tanh(4.5) = 0.9998
+CELL_RATIO = 4.0  # rescale the cell state when its largest channel exceeds this many times the median
+
+
+def cell_scale(info: GraphInfo, node) -> np.ndarray | None:
+    """Per-channel divisors k >= 1 of the cell state, or None when its channels are alike.
+
+    silero-vad's cell state holds a few integrators reaching ±47 while the median channel stays
+    within ±2: one int8 scale for all (step 0.27) erases the small channels, and the error, carried
+    from chunk to chunk, flips speech decisions. The cell then runs on c / k (the largest channels
+    brought to the median's range): ``c' = f * c' + (i * g) / k``, tanh reads ``c' * k``; the
+    state crosses the partition's edge as c / k (the host divides and multiplies back)."""
+    channels = getattr(info, "channels", {})
+    key = stat_key(node)
+    found = [channels[n] for n in (f"{key}#c", node.input[6] if len(node.input) > 6 else "") if n in channels]
+    if not found:
+        return None
+    amax = np.max([np.maximum(np.abs(lo), np.abs(hi)) for lo, hi in found], axis=0)
+    typical = float(np.median(amax))
+    if typical <= 0 or amax.max() < CELL_RATIO * typical:
+        return None
+    return np.maximum(amax / typical, 1.0).astype(np.float32)
+
+
 def lower_lstm(L, u: Unit) -> None:
     """Write the unrolled cell of the unit's LSTM into the lowerer ``L``'s graph."""
     from edgert.compiler.npu.lower import Unlowerable
@@ -177,7 +201,45 @@ def lower_lstm(L, u: Unit) -> None:
         L.g.op("RESHAPE", [L.get(name), L.i32((batch, h_size))], [y], origin=u.name, new_shape=(batch, h_size))
         return y
 
-    h, c = state(5), state(6)
+    c_input = node.input[6] if len(node.input) > 6 else ""
+    # Only a state fed from outside is rescaled: its error is what builds up from call to call.
+    ck = cell_scale(info, node) if c_input and c_input in L.g.inputs else None
+
+    def rescale(x: str, vec: np.ndarray, name: str, stat: str, rng: tuple[float, float]) -> str:
+        """``x * vec`` per channel as a 1x1 DEPTHWISE_CONV_2D: per-channel int8 weights hold each
+        factor exactly (a MUL by a constant vector would round them all to one int8 scale)."""
+        x4 = act(f"{name}/in4d", (1, 1, batch, h_size), stat)
+        L.g.op("RESHAPE", [x, L.i32((1, 1, batch, h_size))], [x4], origin=u.name, new_shape=(1, 1, batch, h_size))
+        y4 = act(f"{name}/4d", (1, 1, batch, h_size), stat)
+        w, b = L.const(vec.reshape(1, 1, 1, h_size), "w"), L.const(np.zeros(h_size, np.float32), "b")
+        L.g.op("DEPTHWISE_CONV_2D", [x4, w, b], [y4], origin=u.name, depth_multiplier=1, padding="VALID",
+               stride=(1, 1), dilation=(1, 1))  # fmt: skip
+        y = act(name, (batch, h_size), stat)
+        L.g.op("RESHAPE", [y4, L.i32((batch, h_size))], [y], origin=u.name, new_shape=(batch, h_size))
+        L.g.ranges[x4] = L.g.ranges.get(x, rng_of(x))
+        L.g.ranges[y4] = L.g.ranges[y] = rng
+        return y
+
+    def rng_of(x: str) -> tuple[float, float]:
+        return L.g.ranges.get(x) or info.ranges.get(L.stat_of[x], (0.0, 0.0))
+
+    def scaled_range(stat: str) -> tuple[float, float]:
+        lo, hi = info.channels[stat]
+        return float(min((lo / ck).min(), 0.0)), float(max((hi / ck).max(), 0.0))
+
+    h = state(5)
+    if ck is None:
+        c = state(6)
+    else:  # the partition reads c / k: a new input that the host divides
+        src = c_input
+        fed = L.g.add(type(L.g.tensors[src])(f"{src}/cell_scaled", L.g.tensors[src].shape, "float32"))
+        L.stat_of[fed] = src
+        L.g.inputs.append(fed)
+        L.g.scaled_inputs[fed] = (src, ck)
+        L.g.ranges[fed] = scaled_range(src)
+        c = act("cell_scaled/2d", (batch, h_size), "c")
+        L.g.op("RESHAPE", [fed, L.i32((batch, h_size))], [c], origin=u.name, new_shape=(batch, h_size))
+        L.g.ranges[c] = L.g.ranges[fed]
     x2 = L.act(f"{tag}/x2d", (steps * batch, wk.shape[2]), node.input[0])
     L.g.op("RESHAPE", [L.get(node.input[0]), L.i32(x2_shape := L.g.tensors[x2].shape)], [x2], origin=u.name,
            new_shape=x2_shape)  # fmt: skip
@@ -211,16 +273,25 @@ def lower_lstm(L, u: Unit) -> None:
         gi, go, gf, gg = gates
         ig = act(f"t{t}/ig", (batch, h_size), "ig" if c is not None else "c")
         L.g.op("MUL", [gi, gg], [ig], origin=u.name)
+        if ck is not None:
+            ig = rescale(ig, 1 / ck, f"{tag}/t{t}/ig_scaled", "ig" if c is not None else "c",
+                         scaled_range(f"{key}#ig" if c is not None else f"{key}#c"))  # fmt: skip
         if c is not None:
             fc = act(f"t{t}/fc", (batch, h_size), "fc")
             L.g.op("MUL", [gf, c], [fc], origin=u.name)
             c_new = act(f"t{t}/c", (batch, h_size), "c")
             L.g.op("ADD", [fc, ig], [c_new], origin=u.name)
+            if ck is not None:
+                L.g.ranges[fc], L.g.ranges[c_new] = scaled_range(f"{key}#fc"), scaled_range(f"{key}#c")
             c = c_new
         else:
             c = ig
+        tanh_in = c
+        if ck is not None:  # tanh is flat beyond ±TANH_SPAN: that range keeps the input's int8 steps fine
+            lo, hi = info.ranges.get(f"{key}#c", (-TANH_SPAN, TANH_SPAN))
+            tanh_in = rescale(c, ck, f"{tag}/t{t}/c_unscaled", "c", (max(lo, -TANH_SPAN), min(hi, TANH_SPAN)))
         tc = act(f"t{t}/tanh_c", (batch, h_size), "c")
-        L.g.op("TANH", [c], [tc], origin=u.name)
+        L.g.op("TANH", [tanh_in], [tc], origin=u.name)
         h = act(f"t{t}/h", (batch, h_size), "h")
         L.g.op("MUL", [go, tc], [h], origin=u.name)
         hs.append(h)
@@ -235,4 +306,8 @@ def lower_lstm(L, u: Unit) -> None:
     for name, src in ((outs["y_h"], hs[-1]), (outs["y_c"], c)):
         if name and name in u.outputs:
             shape = info.shapes[name]
-            L.g.op("RESHAPE", [src, L.i32(shape)], [L.define(name, "nchw")], origin=u.name, new_shape=shape)
+            y = L.define(name, "nchw")
+            L.g.op("RESHAPE", [src, L.i32(shape)], [y], origin=u.name, new_shape=shape)
+            if ck is not None and src is c:  # the partition gives c / k: the host multiplies it back
+                L.g.scaled_outputs[y] = ck
+                L.g.ranges[y] = L.g.ranges[c]
