@@ -80,3 +80,7 @@ def attr(node, name: str, default=None):
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
     return default
+
+
+class Unlowerable(Exception):
+    """A unit edgert cannot express in TFLite int8 ops (the message says why)."""

@@ -22,10 +22,6 @@ TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
 CONCAT_SPREAD = 4.0
 
 
-class Unlowerable(Exception):
-    """A unit edgert cannot express in TFLite int8 ops (the message says why)."""
-
-
 class Lowerer:
     def __init__(self, info: GraphInfo) -> None:
         self.info = info

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgert.compiler.npu.graph import GraphInfo, Unit, attr
+from edgert.compiler.npu.graph import GraphInfo, Unit, Unlowerable, attr
 
 GATES = ("i", "o", "f", "c")  # ONNX's order of the four gate blocks in W, R and B
 
@@ -162,7 +162,6 @@ def cell_scale(info: GraphInfo, node) -> np.ndarray | None:
 
 def lower_lstm(L, u: Unit) -> None:
     """Write the unrolled cell of the unit's LSTM into the lowerer ``L``'s graph."""
-    from edgert.compiler.npu.lower import Unlowerable
 
     info = L.info
     node = u.nodes[-1]
