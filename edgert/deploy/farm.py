@@ -86,7 +86,17 @@ def start_tracker(host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> dict[str
         except OSError as exc:
             raise DeviceError(f"cannot start the tracker on {host}:{port} ({exc.strerror or exc})") from exc
     log = farm_dir() / "tracker.log"
-    argv = [sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", host, "--port", str(port), "--port-end", str(port + 1)]
+    argv = [
+        sys.executable,
+        "-m",
+        "tvm.exec.rpc_tracker",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--port-end",
+        str(port + 1),
+    ]
     with log.open("wb") as fh:
         proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 60
@@ -94,12 +104,13 @@ def start_tracker(host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> dict[str
         try:
             socket.create_connection((host, port), timeout=1).close()
             break
-        except OSError:
+        except OSError as exc:
             if proc.poll() is not None or time.monotonic() > deadline:
                 lines = log.read_text(errors="replace").strip().splitlines()
                 if proc.poll() is None:
                     proc.kill()
-                raise DeviceError(f"the tracker did not start: {lines[-1] if lines else 'no output'} (see {log})")
+                why = lines[-1] if lines else "no output"
+                raise DeviceError(f"the tracker did not start: {why} (see {log})") from exc
             time.sleep(0.2)
     state = {"pid": proc.pid, "host": host, "port": port, "log": str(log), "started": time.time()}
     (farm_dir() / "tracker.json").write_text(json.dumps(state))
@@ -130,6 +141,10 @@ def _tracker(tracker: str) -> Any:
     import tvm.rpc
 
     host, port = address(tracker)
+    try:  # TVM's client retries an unreachable tracker for a minute, logging each try
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as exc:
+        raise DeviceError(f"cannot reach the RPC tracker at {tracker} ({exc.strerror or exc}; `edgert farm start`?)") from exc
     try:
         return tvm.rpc.connect_tracker(host, port)
     except Exception as exc:  # TVM raises RuntimeError or its own error for an unreachable tracker
@@ -173,7 +188,8 @@ class LeasedChannel(RpcChannel):
 
 
 def _secret(key: str, name: str | None) -> bytes | None:
-    """The secret for devices of ``key``: ``name``'s, else $EDGERT_DEVICE_SECRET, else ``farm-KEY``'s, else the board's."""
+    """The secret for devices of ``key``: ``name``'s, else $EDGERT_DEVICE_SECRET, else ``farm-KEY``'s,
+    else the board's."""
     from edgert.deploy import device_secrets
 
     if name is not None:
@@ -269,7 +285,7 @@ def fleet_profile(
             results[i] = _profile_one(dev, artifact, options)
             if log:
                 log(f"{names[i]}: done")
-        except Exception as exc:  # noqa: BLE001 - any failure of one device is reported, the rest go on
+        except Exception as exc:
             if not isinstance(exc, DeviceError):
                 traceback.print_exc()
             why = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
@@ -287,7 +303,7 @@ def fleet_profile(
         for dev in leased:
             try:
                 dev.close()
-            except Exception:  # noqa: BLE001 - a dropped device's session cannot be closed cleanly
+            except Exception:
                 pass
     done = [r for r in results if r is not None]
     return write_fleet_report(done, failures, report, {"tracker": tracker, "key": key, "artifact": artifact.name})

@@ -255,7 +255,9 @@ def write_fleet_report(
     paths = {"html": report, "json": stem.with_suffix(".json"), "csv": stem.with_suffix(".csv")}
     emulated = any(r["device"].get("emulated") for r in results)
     model = results[0]["model"] if results else about["artifact"]
-    title = f"edgert fleet profile: {model} on {len(results)} of {len(results) + len(failures)} '{about['key']}' devices"
+    title = (
+        f"edgert fleet profile: {model} on {len(results)} of {len(results) + len(failures)} '{about['key']}' devices"
+    )
     if emulated:
         title += " [emulated: qemu timings, not ARM hardware timings]"
     doc = {"title": title, **about, "summary": summary, "failures": failures, "devices": results}
@@ -313,7 +315,8 @@ def _fleet_html(doc: dict[str, Any], paths: dict[str, Path]) -> str:
             f"<tr><td>{e(f['device'])}</td><td>{e(f['lease'])}</td><td>{e(f['kind'])}</td><td>{e(f['error'])}</td></tr>"
             for f in doc["failures"]
         )
-        failed = f"<h2>Failed devices</h2>\n<table><tr><th>device</th><th>lease</th><th>kind</th><th>reason</th></tr>\n{fails}</table>"
+        head = "<tr><th>device</th><th>lease</th><th>kind</th><th>reason</th></tr>"
+        failed = f"<h2>Failed devices</h2>\n<table>{head}\n{fails}</table>"
     else:
         failed = "<h2>Failed devices</h2>\n<p>none</p>"
     data = " ".join(f'<a href="{e(paths[k].name)}">{e(paths[k].name)}</a>' for k in ("json", "csv"))
