@@ -68,7 +68,8 @@ def test_two_boards_one_tracker_one_fleet_report(fleet, tiny_rpi5_artifact: Path
     assert listed["free"] == 2 and len(listed["devices"]) == 2
 
     report = tmp_path / "fleet.html"
-    args = ["--tracker", tracker, "--key", "rpi5", "--devices", "all", "--runs", "1", "-n", "4", "--report", str(report)]
+    args = ["--tracker", tracker, "--key", "rpi5", "--devices", "all", "--runs", "1", "-n", "4"]
+    args += ["--report", str(report)]
     proc = run_cli("profile", str(tiny_rpi5_artifact), *args)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(report.with_suffix(".json").read_text())
