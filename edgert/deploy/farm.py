@@ -144,7 +144,8 @@ def _tracker(tracker: str) -> Any:
     try:  # TVM's client retries an unreachable tracker for a minute, logging each try
         socket.create_connection((host, port), timeout=5).close()
     except OSError as exc:
-        raise DeviceError(f"cannot reach the RPC tracker at {tracker} ({exc.strerror or exc}; `edgert farm start`?)") from exc
+        why = exc.strerror or exc
+        raise DeviceError(f"cannot reach the RPC tracker at {tracker} ({why}; is `edgert farm start` on?)") from exc
     try:
         return tvm.rpc.connect_tracker(host, port)
     except Exception as exc:  # TVM raises RuntimeError or its own error for an unreachable tracker
