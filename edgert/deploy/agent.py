@@ -569,7 +569,10 @@ def rpc_server(
     if tracker is not None:
         from edgert.deploy.tracker_link import start_registration
 
-        serve_tvm_rpc_env(agent.root / ".rpc")
+        # TVM's functions load native code without edgert's secret: served on loopback only (tuning
+        # on a networked device needs an authenticated loader first, not built yet).
+        if is_loopback(host):
+            serve_tvm_rpc_env(agent.root / ".rpc")
         registration = start_registration(tracker, key or RPC_KEY, listener.getsockname()[1])
 
     def session(conn: socket.socket) -> None:
