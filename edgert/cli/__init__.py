@@ -1,8 +1,8 @@
 """The `edgert` command: one thin module per command or group, each over a function of the Python API.
 
 compile (`compile`), run and chat (`run`), inspect (`inspect`), targets and models (`catalog`),
-bench (`bench`), deploy and profile (`deploy`), board (`board`), keys (`keys`), transcribe (`audio`), codec
-(`codec`), calibrate (`calibrate`), serve (`serve`); shared consoles and options in `common`.
+bench (`bench`), deploy and profile (`deploy`), board (`board`), farm (`farm`), keys (`keys`), transcribe
+(`audio`), codec (`codec`), calibrate (`calibrate`), serve (`serve`); shared consoles and options in `common`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import typer
 from rich.markup import escape
 
-from edgert.cli import audio, bench, board, calibrate, catalog, codec, deploy, inspect, keys, run, serve
+from edgert.cli import audio, bench, board, calibrate, catalog, codec, deploy, farm, inspect, keys, run, serve
 from edgert.cli import compile as compile_command
 from edgert.cli.common import err
 from edgert.errors import EdgertError
@@ -41,6 +41,7 @@ for command in (
 app.add_typer(board.app, name="board")
 app.add_typer(codec.app, name="codec")
 app.add_typer(keys.app, name="keys")
+app.add_typer(farm.app, name="farm")
 
 
 def main() -> None:

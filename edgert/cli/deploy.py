@@ -39,12 +39,24 @@ def profile(
         "profile.html"
     ),
     threads: ThreadsOpt = None,
+    tracker: Annotated[
+        str | None, typer.Option("--tracker", help="HOST:PORT of a TVM RPC tracker: profile a fleet of devices.")
+    ] = None,
+    key: Annotated[str | None, typer.Option("--key", help="With --tracker: the devices' key (target name).")] = None,
+    devices: Annotated[str, typer.Option("--devices", help="With --tracker: how many devices, or 'all' free.")] = "all",
+    secret: Annotated[
+        str | None, typer.Option("--secret", help="With --tracker: the devices' secret name (default farm-KEY).")
+    ] = None,
 ) -> None:
     """Measure on the device: load, prefill, per-token decode p50/p90/p99, per-operator time, peak memory;
-    for a GPU artifact also each OpenCL kernel's device time (OpenCL events) and the device memory."""
+    for a GPU artifact also each OpenCL kernel's device time (OpenCL events) and the device memory.
+    With --tracker and --key: lease the devices, profile them in parallel and write one fleet report."""
     from edgert.deploy.profiling import profile_on_device
 
     options = {"prompt": prompt, "runs": runs, "max_tokens": max_tokens, "threads": threads}
+    if tracker is not None or key is not None:
+        _fleet(artifact, tracker, key, devices, secret, report, options)
+        return
     paths = profile_on_device(artifact, device, report, **options)
     result = json.loads(paths["json"].read_text())
     d, pre = result["decode_ms"], result["prefill_ms"]
@@ -60,4 +72,37 @@ def profile(
 
         for line in gpu_summary(result["gpu"]):
             err.print(escape(line), highlight=False, soft_wrap=True)
+    err.print(f"[green]wrote[/] {paths['html']}, {paths['json'].name}, {paths['csv'].name}", highlight=False)
+
+
+def _fleet(
+    artifact: Path, tracker: str | None, key: str | None, devices: str, secret: str | None, report: Path, options: dict
+) -> None:
+    from edgert.deploy.farm import fleet_profile
+    from edgert.errors import DeviceError
+
+    if tracker is None or not key:
+        raise DeviceError("a fleet profile needs both --tracker HOST:PORT and --key KEY")
+    if devices != "all" and not (devices.isdigit() and int(devices) > 0):
+        raise DeviceError(f"--devices must be a positive number or 'all', not '{devices}'")
+    count: int | str = devices if devices == "all" else int(devices)
+
+    def log(line: str) -> None:
+        err.print(escape(line), highlight=False)
+
+    paths = fleet_profile(artifact, tracker, key, report, devices=count, secret=secret, log=log, **options)
+    doc = json.loads(paths["json"].read_text())
+    for row in doc["summary"]["decode_ms"]["devices"]:
+        err.print(
+            f"{escape(row['device'])}: decode p50 {row['median']:.2f} ms, p90 {row['p90']:.2f} ms per token",
+            highlight=False,
+        )
+    spread = doc["summary"]["decode_ms"]["spread"]
+    if spread["max_over_min"] is not None:
+        err.print(
+            f"spread of decode medians across devices: max/min {spread['max_over_min']}, cv {spread['cv']}",
+            highlight=False,
+        )
+    for failure in doc["failures"]:
+        err.print(f"[red]failed[/] {escape(failure['device'])}: {escape(failure['error'])}", highlight=False)
     err.print(f"[green]wrote[/] {paths['html']}, {paths['json'].name}, {paths['csv'].name}", highlight=False)

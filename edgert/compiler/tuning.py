@@ -81,3 +81,28 @@ def apply_tuning(tuning_db: Path, stats: dict[str, int] | None) -> Any:
         return mod
 
     return _apply
+
+
+CROSS_EXPORT = "edgert.tuning.cross_export"
+
+
+def tuning_worker_init(arch: str, cc: str | None = None) -> None:
+    """A MetaSchedule build worker's set-up: the CPU intrinsics of ``arch`` and, with ``cc``, the export
+    function ``edgert.tuning.cross_export`` that links each candidate into a shared library with that
+    cross compiler (a device measured over RPC loads a .so; it has no compiler to link TVM's tar)."""
+    register_cpu_intrinsics_only(arch)
+    if cc is None:
+        return
+    import tempfile
+
+    import tvm_ffi
+    from tvm.support import cc as tvm_cc
+
+    fcompile = tvm_cc.cross_compiler(cc)
+
+    def export(mod: Any) -> str:
+        path = os.path.join(tempfile.mkdtemp(prefix="edgert-tune-"), "tvm_tmp_mod.so")
+        mod.export_library(path, fcompile=fcompile)
+        return path
+
+    tvm_ffi.register_global_func(CROSS_EXPORT, export, override=True)

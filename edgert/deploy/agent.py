@@ -526,12 +526,16 @@ RPC_MAGIC = 0xFF271  # TVM RPC handshake (tvm/rpc/base.py); repeated here to kee
 RPC_KEY = "edgert"
 
 
-def rpc_server(agent: Agent, host: str, port: int) -> tuple[socket.socket, threading.Thread]:
+def rpc_server(
+    agent: Agent, host: str, port: int, tracker: tuple[str, int] | None = None, key: str | None = None
+) -> tuple[socket.socket, threading.Thread]:
     """A TVM RPC server run in this process (a process under qemu-user cannot start another).
 
     TVM's own `tvm.rpc.Server` serves each session in a child process; here each session runs
     TVM's `rpc.ServerLoop` on a thread, after the same handshake. Requests reach the agent
-    through the global function ``edgert.agent.request(frame) -> frame``.
+    through the global function ``edgert.agent.request(frame) -> frame``. With ``tracker`` the
+    server registers with that TVM RPC tracker under ``key`` (`edgert.deploy.tracker_link`) and
+    also serves TVM's own RPC functions (upload, load_module: MetaSchedule measures over them).
     """
     import struct
 
@@ -561,8 +565,18 @@ def rpc_server(agent: Agent, host: str, port: int) -> tuple[socket.socket, threa
     if agent.secret is None and not is_loopback(host):
         raise AuthError(f"refusing to serve TVM RPC on {host} without a device secret (--secret-file)")
     listener = socket.create_server((host, port))
+    registration = None
+    if tracker is not None:
+        from edgert.deploy.tracker_link import start_registration
+
+        # TVM's functions load native code without edgert's secret: served on loopback only (tuning
+        # on a networked device needs an authenticated loader first, not built yet).
+        if is_loopback(host):
+            serve_tvm_rpc_env(agent.root / ".rpc")
+        registration = start_registration(tracker, key or RPC_KEY, listener.getsockname()[1])
 
     def session(conn: socket.socket) -> None:
+        leased = False
         try:
             recv = socket_reader(conn, "rpc client")
             if struct.unpack("<i", recv(4))[0] != RPC_MAGIC:
@@ -574,7 +588,8 @@ def rpc_server(agent: Agent, host: str, port: int) -> tuple[socket.socket, threa
                 conn.close()
                 return
             key = recv(length).decode(errors="replace").split()
-            if not key or key[0] != f"client:{RPC_KEY}":
+            leased = bool(key) and registration is not None and registration.accepts(key[0])
+            if not key or (key[0] != f"client:{RPC_KEY}" and not leased):
                 conn.sendall(struct.pack("<i", RPC_MAGIC + 2))  # RPC_CODE_MISMATCH
                 conn.close()
                 return
@@ -585,6 +600,9 @@ def rpc_server(agent: Agent, host: str, port: int) -> tuple[socket.socket, threa
             loop(conn.detach())  # the loop owns the descriptor now and closes it
         except Exception:  # one broken session must not stop the server
             traceback.print_exc()
+        finally:
+            if leased and registration is not None:
+                registration.session_ended()
 
     def accept() -> None:
         while True:
@@ -594,6 +612,33 @@ def rpc_server(agent: Agent, host: str, port: int) -> tuple[socket.socket, threa
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
     return listener, thread
+
+
+def serve_tvm_rpc_env(folder: Path) -> None:
+    """TVM's RPC server functions (as `tvm.rpc.server._server_env`): files go to ``folder``.
+
+    Only the host's RPC runner (MetaSchedule tuning on a leased device) uses them: it uploads a
+    kernel library, loads it and times it. A leased session must prove the device's secret first
+    for edgert's requests; TVM's functions are reachable by whoever holds a lease, which is why a
+    farm binds loopback unless the tracker's network is trusted (README).
+    """
+    import tvm_ffi
+
+    from edgert.runtime.tvm_runtime import import_tvm
+
+    tvm = import_tvm()
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def inside(name: str) -> str:
+        path = (folder / name).resolve()
+        if folder.resolve() not in path.parents:
+            raise ValueError(f"path '{name}' is outside the RPC work folder")
+        return str(path)
+
+    tvm_ffi.register_global_func("tvm.rpc.server.workpath", inside, override=True)
+    tvm_ffi.register_global_func(
+        "tvm.rpc.server.load_module", lambda name: tvm.runtime.load_module(inside(name)), override=True
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -611,6 +656,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quota", type=int, default=None, help="most bytes the agent's folder may hold")
     ap.add_argument("--emulated", action="store_true", help="report the device as emulated")
     ap.add_argument("--secret-file", type=Path, default=None, help="the device secret (hex) every client must prove")
+    ap.add_argument("--tracker", default=None, help="HOST:PORT of a TVM RPC tracker to register the RPC server with")
+    ap.add_argument("--key", default=None, help="the device's key at the tracker (its target name, e.g. rpi5)")
     ap.add_argument("--allow-unsigned", action="store_true", help="run artifacts that no trusted key signed")
     ap.add_argument("--trusted-keys", type=Path, action="append", default=[], help="a folder of trusted *.pub keys")
     ap.add_argument("--idle-timeout", type=float, default=IDLE_TIMEOUT, help="seconds before a silent link is closed")
@@ -628,6 +675,16 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(str(exc))
     if secret is None and not is_loopback(args.host) and (args.port is not None or args.rpc_port is not None):
         ap.error(f"refusing to bind {args.host} without --secret-file: anyone who reaches it could run code here")
+    tracker = None
+    if args.tracker is not None:
+        from edgert.deploy.tracker_link import parse_address
+
+        try:
+            tracker = parse_address(args.tracker)
+        except ValueError as exc:
+            ap.error(str(exc))
+        if args.rpc_port is None or not args.key:
+            ap.error("--tracker needs --rpc-port and --key (the server registered is the TVM RPC one)")
     if args.allow_unsigned:
         signing.allow_unsigned(True)
     for folder in args.trusted_keys:
@@ -655,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
         threads[-1].start()
         announce(f"listening on {server.server_address[0]}:{server.server_address[1]}")
     if args.rpc_port is not None:
-        listener, thread = rpc_server(agent, args.host, args.rpc_port)
+        listener, thread = rpc_server(agent, args.host, args.rpc_port, tracker, args.key)
         threads.append(thread)
         announce(f"rpc on {listener.getsockname()[0]}:{listener.getsockname()[1]}")
     if args.serial is not None or args.serial_pty is not None:

@@ -196,3 +196,139 @@ launches, {gpu["kernel_ms"]} ms of kernel time in {gpu["wall_ms"]} ms wall time.
 <th>local</th></tr>
 {rows}</table>
 """
+
+
+# -- fleet ----------------------------------------------------------------------------------------
+
+# (metric, label, unit, how to read its median and p90 from one device's profile)
+FLEET_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("decode_ms", "decode per token", "ms"),
+    ("prefill_ms", "prefill", "ms"),
+    ("load_seconds", "load", "s"),
+    ("peak_rss_mb", "peak memory (max RSS)", "MB"),
+)
+
+
+def _median_p90(result: dict[str, Any], metric: str) -> tuple[float, float | None]:
+    value = result[metric]
+    if isinstance(value, dict):
+        return float(value["p50"]), float(value["p90"])
+    return float(value), None  # one figure per device: its median is itself, it has no p90
+
+
+def fleet_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per metric: each device's median and p90, and the spread of the medians across devices
+    (min, max, max/min and the coefficient of variation)."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for metric, label, unit in FLEET_METRICS:
+        rows = []
+        for r in results:
+            median, p90 = _median_p90(r, metric)
+            rows.append({"device": r["device"]["name"], "lease": r["link"]["uri"], "median": median, "p90": p90})
+        medians = np.array([row["median"] for row in rows], dtype=float)
+        spread: dict[str, float | None] = {"min": None, "max": None, "max_over_min": None, "cv": None}
+        if len(medians):
+            spread = {
+                "min": round(float(medians.min()), 3),
+                "max": round(float(medians.max()), 3),
+                "max_over_min": round(float(medians.max() / medians.min()), 3) if medians.min() > 0 else None,
+                "cv": round(float(medians.std() / medians.mean()), 4) if medians.mean() > 0 else None,
+            }
+        out[metric] = {"label": label, "unit": unit, "devices": rows, "spread": spread}
+    return out
+
+
+def write_fleet_report(
+    results: list[dict[str, Any]], failures: list[dict[str, Any]], report: Path, about: dict[str, Any]
+) -> dict[str, Path]:
+    """One report for a fleet: per-device medians and p90s, the spread, a plot per metric with a row per
+    device, and the devices that failed with the reason; JSON and CSV beside the HTML."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = fleet_summary(results)
+    stem = report.with_suffix("")
+    paths = {"html": report, "json": stem.with_suffix(".json"), "csv": stem.with_suffix(".csv")}
+    emulated = any(r["device"].get("emulated") for r in results)
+    model = results[0]["model"] if results else about["artifact"]
+    title = (
+        f"edgert fleet profile: {model} on {len(results)} of {len(results) + len(failures)} '{about['key']}' devices"
+    )
+    if emulated:
+        title += " [emulated: qemu timings, not ARM hardware timings]"
+    doc = {"title": title, **about, "summary": summary, "failures": failures, "devices": results}
+    paths["json"].write_text(json.dumps(doc, indent=1))
+    with paths["csv"].open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["metric", "unit", "device", "lease", "median", "p90"])
+        for metric, m in summary.items():
+            out.writerows([metric, m["unit"], d["device"], d["lease"], d["median"], d["p90"]] for d in m["devices"])
+        out.writerows(["failed", "", f["device"], f["lease"], "", f["error"]] for f in failures)
+
+    for metric, m in summary.items():
+        if not m["devices"]:
+            continue
+        paths[metric] = Path(f"{stem}.{metric}.png")
+        rows = m["devices"]
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.3))
+        labels = [f"{d['device'][:40]} ({d['lease'].split(' ')[0]})" for d in rows]
+        ax.barh(labels, [d["median"] for d in rows], color="tab:blue", label="median")
+        p90 = [(i, d["p90"]) for i, d in enumerate(rows) if d["p90"] is not None]
+        if p90:
+            ax.plot([v for _, v in p90], [i for i, _ in p90], "k|", markersize=14, label="p90")
+        ax.invert_yaxis()
+        ax.set(xlabel=f"{m['label']} ({m['unit']})", title=f"{m['label']}: one row per device")
+        ax.tick_params(axis="y", labelsize=7)
+        ax.legend(fontsize="small")
+        fig.tight_layout()
+        fig.savefig(paths[metric], dpi=90)
+        plt.close(fig)
+    paths["html"].write_text(_fleet_html(doc, paths))
+    return paths
+
+
+def _fleet_html(doc: dict[str, Any], paths: dict[str, Path]) -> str:
+    e = html.escape
+
+    def num(v: float | None) -> str:
+        return "" if v is None else f"{v:g}"
+
+    sections = []
+    for metric, m in doc["summary"].items():
+        s = m["spread"]
+        rows = "\n".join(
+            f"<tr><td>{e(d['device'])}</td><td>{e(d['lease'])}</td><td>{num(d['median'])}</td><td>{num(d['p90'])}</td></tr>"
+            for d in m["devices"]
+        )
+        img = f'<p><img src="{e(paths[metric].name)}" alt="{e(metric)}"></p>' if metric in paths else ""
+        sections.append(
+            f"<h2>{e(m['label'])} ({e(m['unit'])})</h2>\n<p>spread of the medians across devices: min {num(s['min'])}, "
+            f"max {num(s['max'])}, max/min {num(s['max_over_min'])}, coefficient of variation {num(s['cv'])}</p>\n"
+            f"<table><tr><th>device</th><th>lease</th><th>median</th><th>p90</th></tr>\n{rows}</table>\n{img}"
+        )
+    if doc["failures"]:
+        fails = "\n".join(
+            f"<tr><td>{e(f['device'])}</td><td>{e(f['lease'])}</td><td>{e(f['kind'])}</td><td>{e(f['error'])}</td></tr>"
+            for f in doc["failures"]
+        )
+        head = "<tr><th>device</th><th>lease</th><th>kind</th><th>reason</th></tr>"
+        failed = f"<h2>Failed devices</h2>\n<table>{head}\n{fails}</table>"
+    else:
+        failed = "<h2>Failed devices</h2>\n<p>none</p>"
+    data = " ".join(f'<a href="{e(paths[k].name)}">{e(paths[k].name)}</a>' for k in ("json", "csv"))
+    body = "\n".join(sections)
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{e(doc["title"])}</title>
+<style>body{{font-family:sans-serif;margin:2em}} th{{text-align:left;padding-right:1em}} td{{padding-right:1em}}</style>
+</head><body>
+<h1>{e(doc["title"])}</h1>
+<p>tracker {e(doc["tracker"])}, key {e(doc["key"])}, artifact {e(doc["artifact"])}</p>
+{failed}
+{body}
+<p>Data: {data}</p>
+</body></html>
+"""
