@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgert.compiler.npu.graph import GraphInfo, Partition, Unit, attr
+from edgert.compiler.npu.graph import GraphInfo, Partition, Unit, Unlowerable, attr
 from edgert.compiler.npu.ir import Graph, Tensor
 from edgert.compiler.npu.reference import conv_padding
 
