@@ -196,3 +196,24 @@ def speech_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = run_cli("compile", "codec-speech16k", "--target", "host", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_mimi(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Mimi-architecture reference (split RVQ, 2-layer transformers with an 8-frame window), seeded."""
+    pytest.importorskip("transformers", reason="the Mimi reference needs transformers and torch (test extras)")
+    folder = tmp_path_factory.mktemp("mimi") / "tiny-mimi"
+    ref = load_tool("make_mimi_reference")
+    ref.save(ref.build("tiny", seed=0), folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mimi_codec(tiny_mimi: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny reference compiled for the host by `edgert compile`, and loaded."""
+    from edgert.families.codec.stream import load_codec
+
+    out = tmp_path_factory.mktemp("mimi-art") / "tiny-mimi.edgert"
+    proc = run_cli("compile", str(tiny_mimi), "--target", "host", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return load_codec(out)

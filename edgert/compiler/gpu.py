@@ -7,6 +7,7 @@ targets. Running needs edgert's OpenCL runtime library (`edgert.runtime.opencl`)
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from edgert.errors import TargetError
 from edgert.targets import TargetSpec, host_arch
 
 GPUS = ("mali", "adreno", "generic")
+log = logging.getLogger(__name__)
 
 
 def gpu_target(spec: TargetSpec, threads: int | None = None) -> tuple[Any, dict[str, Any]]:
@@ -40,10 +42,106 @@ def gpu_target(spec: TargetSpec, threads: int | None = None) -> tuple[Any, dict[
 
 def gpu_rules() -> list[Any]:
     """dlight's GPU schedule rules in the order TVM and MLC-LLM apply them: the first that
-    applies to a kernel schedules it; Fallback binds whatever is left to threads."""
+    applies to a kernel schedules it; Fallback binds whatever is left to threads, and
+    `GridFallback` what Fallback cannot bind (`apply_gpu_rules` passes a kernel a rule fails on
+    to the next rule)."""
     from tvm.s_tir import dlight as dl
 
-    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback())
+    return [*rules, GridFallback()]
+
+
+def apply_gpu_rules(rules: list[Any]) -> Any:
+    """dlight's ``ApplyDefaultSchedule`` (the first of ``rules`` that applies schedules a kernel)
+    where a rule failing on a kernel leaves it to the next rule.
+
+    dlight's rules fail, rather than decline, on some forms they did not foresee: Reduction asserts
+    on a reduction that reads no buffer (`detect_dominant_read`), and Fallback's fusing of loops
+    whose extent is symbolic plus a constant (a KV cache of ``window + t`` frames) fails TVM's
+    iter-map check. Only those errors are caught (a schedule primitive refused, an assertion,
+    TVM's internal check), and logged with the kernel's name; any other is a bug and propagates.
+    The GPU tests compare the kernels the later rules schedule with the CPU build's.
+    """
+    import tvm
+    from tvm import s_tir, tirx
+    from tvm.target import Target
+
+    caught = (s_tir.ScheduleError, AssertionError, tvm.error.InternalError)
+
+    def first(name: str, func: Any, target: Any) -> Any:
+        for rule in rules:
+            try:
+                space = rule.apply(func, target, False)
+            except caught as exc:
+                text = (str(exc).strip().splitlines() or [""])[0][:160]
+                log.info(
+                    "%s: dlight rule %s failed (%s %s), next rule", name, type(rule).__name__, type(exc).__name__, text
+                )
+                continue
+            if space is not None:
+                return space if isinstance(space, s_tir.Schedule) else space[0]
+        return None
+
+    @tvm.transform.module_pass(opt_level=0, name="edgert.ApplyGpuRules")
+    def _apply(mod: Any, _ctx: Any) -> Any:
+        updated = {}
+        for gvar, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or int(func.attrs.get("tirx.is_scheduled", 0) if func.attrs else 0):
+                continue
+            target = (func.attrs.get("target") if func.attrs else None) or Target.current(allow_none=False)
+            sch = first(gvar.name_hint, func, target)
+            if sch is not None:
+                updated[gvar] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+        for gvar, func in updated.items():
+            mod[gvar] = func
+        return mod
+
+    return _apply
+
+
+class GridFallback:
+    """dlight's Fallback with each block's leading spatial loop on the grid's second axis.
+
+    Fallback fuses all of a block's spatial loops into one before splitting it into work-groups;
+    when a middle loop's extent is symbolic plus a constant (``(H, W + t, D)``), TVM 0.27 cannot
+    prove the fused extent divisible by it and fails. Here ``blockIdx.y`` runs the first loop and
+    only the remaining ones are fused (``(W + t) * D``: a constant divisor).
+    """
+
+    def apply(self, func: Any, target: Any, _tunable: bool) -> Any:
+        from tvm import s_tir, tirx
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+        from tvm.s_tir.dlight.base import max_threads_per_block, try_inline
+
+        if not isinstance(func, tirx.PrimFunc) or "gpu" not in target.keys:
+            return None
+        threads = max_threads_per_block(target)
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return None
+        reductions = []
+        for info in try_inline(sch, infos):
+            block = info.block_rv
+            loops = sch.get_loops(block)
+            if not loops or any(sch.get(loop).thread_binding is not None for loop in loops):
+                return None  # kernels binding their own threads are Fallback's (it applied if it could)
+            kinds: dict[str, list[Any]] = {"S": [], "R": [], "O": []}
+            for loop, kind in zip(loops, info.dom_kind(), strict=True):
+                kinds[kind].append(loop)
+            spatial, reduce, other = kinds["S"], kinds["R"], kinds["O"]
+            if len(spatial) < 2:
+                return None  # nothing to take off a fused loop: Fallback's form, which failed
+            sch.reorder(*spatial, *reduce, *other)
+            sch.bind(spatial[0], "blockIdx.y")
+            bx, tx = sch.split(sch.fuse(*spatial[1:]), factors=[None, threads])
+            sch.bind(bx, "blockIdx.x")
+            sch.bind(tx, "threadIdx.x")
+            if reduce:
+                reductions.append((block, reduce[0]))
+        for block, loop in reductions:
+            sch.decompose_reduction(block, loop)
+        return sch
 
 
 def gpu_pipeline(target: Any, rules: list[Any] | None = None) -> Any:
@@ -70,7 +168,6 @@ def gpu_pipeline(target: Any, rules: list[Any] | None = None) -> Any:
 def _schedule_passes(target: Any, rules: list[Any] | None) -> list[Any]:
     from tvm import relax
     from tvm.relax.backend import gpu_generic as gpu
-    from tvm.s_tir import dlight as dl
 
     return [
         race_free_merge_state(),
@@ -81,7 +178,7 @@ def _schedule_passes(target: Any, rules: list[Any] | None) -> list[Any]:
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
         short_kernel_names(),
-        dl.ApplyDefaultSchedule(*(rules or gpu_rules())),
+        apply_gpu_rules(rules or gpu_rules()),
     ]
 
 

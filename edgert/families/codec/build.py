@@ -8,7 +8,7 @@ from typing import Any
 
 from edgert.compiler.compile import Build, BuildRequest, stage_library_and_weights
 from edgert.compiler.layout import apply_cpu_layout, float_weights, packed_weights
-from edgert.errors import ArtifactError, EdgertError, ModelFileError, TargetError
+from edgert.errors import ArtifactError, EdgertError, ModelFileError
 from edgert.recipes import Recipe
 
 CODEC_FILES = ("config.json", "model.safetensors")
@@ -68,11 +68,6 @@ def compile_codec(
     with job.timed("read"):
         cfg, tensors = read_codec(folder)
         net, weights, architecture, (first_samples, first_frames) = _network(cfg, tensors)  # a bad file fails fast
-        if job.on_gpu and architecture == "mimi":
-            raise TargetError(
-                f"--target {job.spec.name}: the codec family has no GPU build for Mimi models yet "
-                "(dlight's GPU rules fail on some of its kernels); use a CPU target"
-            )
 
     progress("building Relax module", None)
     with job.timed("export"):

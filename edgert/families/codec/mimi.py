@@ -250,7 +250,10 @@ def _transformer_step(net: StreamingTransformer, x: Tensor, state: _State) -> Te
     y, k_next, v_next = net(x, k_cache, v_cache, position)
     state.put(k_next)
     state.put(v_next)
-    state.put(position + op.reshape(op.sum(op.ones((x.shape[0],), "float32")), (1,)))  # frames, exactly
+    # The chunk's frame count as a one-element arange (exact as float32 below 2**24): a sum of ones
+    # is a reduction that reads no buffer, on which dlight's GPU Reduction rule asserts.
+    frames = op.astype(op.arange(x.shape[0], x.shape[0] + 1, dtype="int32"), "float32")
+    state.put(position + frames)
     return y
 
 
