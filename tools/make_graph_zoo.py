@@ -10,7 +10,8 @@ a 1-D convolutional audio front end (strided, grouped, dilated and transposed co
 ELU, GELU and tanh), a small 2-D conv-net classifier, a MobileNet-style depthwise-separable net,
 a conformer block, and BERT-shaped encoders of two widths. Each is written as ``NAME.onnx``
 (float), ``NAME.qdq.onnx`` (onnxruntime's ``quantize_static``, QDQ form, calibrated on seeded
-random inputs), ``NAME.qop.onnx`` (the same in operator form: QLinearConv, QLinearMatMul) and ``NAME.dyn.onnx`` (``quantize_dynamic``) where the quantizer applies.
+random inputs), ``NAME.qop.onnx`` (the same in operator form: QLinearConv, QGemm) and
+``NAME.dyn.onnx`` (``quantize_dynamic``) where the quantizer applies.
 ``zoo.json`` lists every file with its input shapes and dtypes.
 """
 

@@ -38,7 +38,9 @@ def add_arguments(parser: Any) -> None:
         default=None,
         help="a folder written by tools/make_graph_zoo.py: run every model in it at 1 and 2 threads instead",
     )
-    parser.add_argument("--zoo-only", action="append", default=None, help="with --zoo: only these entries (NAME[.FORM])")
+    parser.add_argument(
+        "--zoo-only", action="append", default=None, help="with --zoo: only these entries (NAME[.FORM])"
+    )
 
 
 def _rss_mb() -> float:
@@ -216,7 +218,9 @@ def run_zoo(args: Any) -> list[Row]:
                 try:
                     ours = measure("edgert", art, threads, repeats, "once", feeds)
                 except RuntimeError as exc:
-                    rows.append(Row(NAME, name, f"latency t{threads}", "ms", None, None, "-", False, {"error": str(exc)[:120]}))
+                    rows.append(
+                        Row(NAME, name, f"latency t{threads}", "ms", None, None, "-", False, {"error": str(exc)[:120]})
+                    )
                     continue
                 peer = measure("onnxruntime", src, threads, repeats, "once", feeds)
                 got, want = ours["out"]["output"], peer["out"]["output"]
@@ -230,10 +234,24 @@ def run_zoo(args: Any) -> list[Row]:
     for (kind, threads), pairs in sorted(ratios.items()):
         e = float(np.exp(np.mean(np.log([a for a, _ in pairs]))))
         p = float(np.exp(np.mean(np.log([b for _, b in pairs]))))
-        rows.append(Row(NAME, f"geomean {kind} ({len(pairs)})", f"latency t{threads}", "ms", e, p, "onnxruntime", False))
+        rows.append(
+            Row(NAME, f"geomean {kind} ({len(pairs)})", f"latency t{threads}", "ms", e, p, "onnxruntime", False)
+        )
     try:
         load = os.getloadavg()
-        rows.append(Row(NAME, "load average", "1/5/15 min", "-", None, None, "-", False, {"load": f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}"}))
+        rows.append(
+            Row(
+                NAME,
+                "load average",
+                "1/5/15 min",
+                "-",
+                None,
+                None,
+                "-",
+                False,
+                {"load": f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}"},
+            )
+        )
     except OSError:
         pass
     return rows

@@ -57,7 +57,9 @@ def _upsample_input(bb: Any, x: relax.Expr, strides: list[int], pads: list[tuple
 
     def upsample(data: te.Tensor) -> te.Tensor:
         shape = list(data.shape)
-        out = shape[:2] + [(shape[2 + i] - 1) * s + 1 + a + b for i, (s, (a, b)) in enumerate(zip(strides, pads, strict=True))]
+        out = shape[:2] + [
+            (shape[2 + i] - 1) * s + 1 + a + b for i, (s, (a, b)) in enumerate(zip(strides, pads, strict=True))
+        ]
 
         def value(*idx: Any) -> Any:
             src, conds = list(idx[:2]), []
@@ -93,7 +95,7 @@ def _direct(
                 ),
                 name="conv_direct",
             )
-        kh, kw = taps
+        kw = taps[1]
 
         def value(b: Any, oh: Any, o: Any, ow: Any) -> Any:
             tap = r % ntaps
