@@ -42,10 +42,27 @@ def expand_quantized(model: Any) -> Any:
     from onnx import helper, numpy_helper
 
     graph = model.graph
+    # ConvInteger outputs read only by casts to float (what quantize_dynamic writes) stay float:
+    # TVM lowers a float -> int32 cast with finite and range tests that took LLVM ~10 s a kernel.
+    readers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    outputs = {o.name for o in graph.output}
+    float_only = {
+        n.output[0]
+        for n in graph.node
+        if _key(n) == ("", "ConvInteger")
+        and n.output[0] not in outputs
+        and all(r.op_type == "Cast" and _cast_to(r) == 1 for r in readers.get(n.output[0], []))
+    }
     nodes: list[Any] = []
     inits: list[Any] = []
     for i, node in enumerate(graph.node):
         key = _key(node)
+        if node.op_type == "Cast" and node.input and node.input[0] in float_only:
+            nodes.append(helper.make_node("Identity", [node.input[0] + "__f32"], list(node.output)))
+            continue
         if key not in HANDLED:
             nodes.append(node)
             continue
@@ -107,9 +124,12 @@ def expand_quantized(model: Any) -> Any:
             nodes += int_operand(w, wz_name, p + "w")
             nodes += [
                 helper.make_node("Conv", [p + "x", p + "w"], [p + "y"], **conv_attrs),
-                helper.make_node("Round", [p + "y"], [p + "yr"]),  # sums past 2^24 round to the nearest float
-                helper.make_node("Cast", [p + "yr"], [node.output[0]], to=6),
+                # No Round: a sum of integer products is an integer in f32 (exact below 2^24; every f32
+                # above is an integer), and Round's lowering made the fused kernel take 13 s in LLVM.
+                helper.make_node("Cast", [p + "y"], [node.output[0]], to=6),
             ]
+            if node.output[0] in float_only:  # the int32 round trip is the identity: skip its casts
+                nodes[-1] = helper.make_node("Identity", [p + "y"], [node.output[0] + "__f32"])
         elif key == (_MS, "DynamicQuantizeMatMul"):
             a, b, bs, bz, bias = ins[:5]
             axis = 1 if _numel(model, bs) > 1 else None
@@ -157,6 +177,13 @@ def expand_quantized(model: Any) -> Any:
     graph.initializer.extend(inits)
     # The contrib domain may now be unused; onnx's checker does not mind an extra opset import.
     return model
+
+
+def _cast_to(node: Any) -> int | None:
+    for a in node.attribute:
+        if a.name == "to":
+            return int(a.i)
+    return None
 
 
 def _initializer(model: Any, name: str) -> np.ndarray | None:
