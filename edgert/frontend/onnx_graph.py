@@ -338,6 +338,10 @@ def import_onnx(path: str | Path, input_shapes: dict[str, list[int]] | None = No
     model = fold_constants(model)
     if any(n.op_type == "LSTM" for n in model.graph.node):
         model = fold_constants(expand_lstm(model))
+    from edgert.frontend.onnx_quant import expand_quantized, needs_expansion
+
+    if needs_expansion(model):
+        model = fold_constants(expand_quantized(model))
     check_supported(model, str(path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # renamed inputs and unknown dims: reported by edgert itself

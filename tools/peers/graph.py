@@ -32,6 +32,15 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--graph-seq", type=int, default=128, help="MiniLM sequence length (tokens)")
     parser.add_argument("--graph-audio-seconds", type=float, default=30.0, help="length of the streamed VAD recording")
     parser.add_argument("--graph-quant", default="f32", help="edgert --quant for the graphs (f32, f16, q8, q4)")
+    parser.add_argument(
+        "--zoo",
+        type=Path,
+        default=None,
+        help="a folder written by tools/make_graph_zoo.py: run every model in it at 1 and 2 threads instead",
+    )
+    parser.add_argument(
+        "--zoo-only", action="append", default=None, help="with --zoo: only these entries (NAME[.FORM])"
+    )
 
 
 def _rss_mb() -> float:
@@ -173,8 +182,85 @@ def _rows(
     ]
 
 
+def _zoo_feeds(entry: dict[str, Any]) -> dict[str, np.ndarray]:
+    sys.path.insert(0, str(ROOT / "tools"))
+    from make_graph_zoo import sample_inputs
+
+    return sample_inputs({k: (v["shape"], v["dtype"]) for k, v in entry["inputs"].items()}, 7)
+
+
+def run_zoo(args: Any) -> list[Row]:
+    """Every model of a zoo folder (tools/make_graph_zoo.py) at 1 and 2 threads, and the geometric means.
+
+    Outputs are compared with onnxruntime's on the same file: ``max_abs_diff`` and, relative to the
+    largest output value, ``rel``. A model edgert refuses or fails on gets a row saying why.
+    """
+    import json
+
+    index = json.loads((args.zoo / "zoo.json").read_text())
+    repeats = max(5, args.repeats)
+    rows: list[Row] = []
+    ratios: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="edgert-peers-zoo-") as tmp:
+        for name, entry in index.items():
+            if args.zoo_only and name not in args.zoo_only:
+                continue
+            src = args.zoo / entry["file"]
+            feeds = _zoo_feeds(entry)
+            art = Path(tmp) / f"{name}.edgert"
+            try:
+                compile_s, size = _compile(src, art, 2, "f32", {})
+            except Exception as exc:  # reported in the table: the zoo is meant to find what fails
+                rows.append(Row(NAME, name, "compile", "s", None, None, "-", False, {"error": str(exc)[:120]}))
+                continue
+            rows.append(Row(NAME, name, "compile", "s", compile_s, None, "-", False, {"MB": f"{size / 1e6:.2f}"}))
+            for threads in (1, 2):
+                try:
+                    ours = measure("edgert", art, threads, repeats, "once", feeds)
+                except RuntimeError as exc:
+                    rows.append(
+                        Row(NAME, name, f"latency t{threads}", "ms", None, None, "-", False, {"error": str(exc)[:120]})
+                    )
+                    continue
+                peer = measure("onnxruntime", src, threads, repeats, "once", feeds)
+                got, want = ours["out"]["output"], peer["out"]["output"]
+                diff = float(np.abs(got.astype(np.float64) - want).max())
+                rel = diff / max(float(np.abs(want).max()), 1e-30)
+                note = {"max_abs_diff": f"{diff:.2e}", "rel": f"{rel:.1e}"}
+                e_ms, p_ms = ours["median_s"] * 1e3, peer["median_s"] * 1e3
+                rows.append(Row(NAME, name, f"latency t{threads}", "ms", e_ms, p_ms, "onnxruntime", False, note))
+                kind = "int8" if "." in name else "float"
+                ratios.setdefault((kind, threads), []).append((e_ms, p_ms))
+    for (kind, threads), pairs in sorted(ratios.items()):
+        e = float(np.exp(np.mean(np.log([a for a, _ in pairs]))))
+        p = float(np.exp(np.mean(np.log([b for _, b in pairs]))))
+        rows.append(
+            Row(NAME, f"geomean {kind} ({len(pairs)})", f"latency t{threads}", "ms", e, p, "onnxruntime", False)
+        )
+    try:
+        load = os.getloadavg()
+        rows.append(
+            Row(
+                NAME,
+                "load average",
+                "1/5/15 min",
+                "-",
+                None,
+                None,
+                "-",
+                False,
+                {"load": f"{load[0]:.2f}/{load[1]:.2f}/{load[2]:.2f}"},
+            )
+        )
+    except OSError:
+        pass
+    return rows
+
+
 def run(args: Any) -> list[Row]:
     """Compile the graphs, run both engines, return the rows."""
+    if getattr(args, "zoo", None) is not None:
+        return run_zoo(args)
     sys.path.insert(0, str(ROOT / "tools"))
     from export_minilm_onnx import export, tokenize
 

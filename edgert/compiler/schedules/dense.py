@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import tvm
 from tvm import relax, te, tirx
 from tvm.ir import GenericConst
 
@@ -111,6 +112,13 @@ class _PackDense(relax.PyExprMutator):
             # id; "clip" stays inside the table, as the LLM runtime's embedding does.
             axis = None if call.attrs.axis is None else int(call.attrs.axis)
             return relax.op.take(call.args[0], call.args[1], axis, mode="clip")
+        if isinstance(call.op, tvm.ir.Op) and call.op.name.startswith("relax.nn.conv"):
+            from edgert.compiler.schedules.conv import rewrite_conv
+
+            # Direct kernels where output rows are long enough for whole vectors; im2col otherwise.
+            direct = rewrite_conv(self.builder_, call, self.block // 2)
+            if direct is not None:
+                return direct
         if call.op == self.conv1d:
             return self._conv1d(call)
         if call.op != self.matmul or len(call.args) != 2:

@@ -1,0 +1,173 @@
+"""Convolutions by constant weights as matmul-shaped kernels the `Matmul` rule schedules.
+
+TVM's conv lowering on CPU is one scalar loop nest (a 1-D audio front end ran 10x slower than
+onnxruntime). Here every 1-D/2-D convolution (strided, dilated, grouped, depthwise) becomes
+
+    y[n, (oh,) co, ow] = sum_r W[co, r] * xp[n, g(co) * cig + r // taps, (oh*sh + kh*dh,) ow*sw + kw*dw]
+
+with ``r`` running over one group's input channels times the kernel taps: one reduction axis,
+output positions ``ow`` as the vectorized columns, output channels as the register-tiled rows
+(the weight is the broadcast operand, read once per tap for a tile of ``ROWS`` channels), and
+the input read in place (no im2col buffer; ``xp`` is the input zero-padded by a separate copy so
+the inner loop has no bounds test). The bias and activation that follow fuse into the tile's
+write-back as any matmul epilogue. 2-D outputs come out as [n, oh, co, ow] and are permuted back.
+
+Transposed convolutions (groups 1) are the same kernel over the input with ``stride - 1`` zeros
+inserted between samples and the weight flipped; where few output positions make columns too
+short for vectors (silero-vad's STFT: 4 frames), im2col + the packed dense wins and is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tvm import relax, te, tirx
+from tvm.ir import GenericConst
+
+
+def _ints(values: Any) -> list[int]:
+    return [int(v) for v in values]
+
+
+def _pad_input(bb: Any, x: relax.Expr, pads: list[tuple[int, int]]) -> relax.Expr:
+    """``x`` [n, c, *spatial] zero-padded by (before, after) per spatial axis, as its own kernel."""
+    if not any(a or b for a, b in pads):
+        return x
+
+    def pad(data: te.Tensor) -> te.Tensor:
+        shape = list(data.shape)
+        out = shape[:2] + [shape[2 + i] + a + b for i, (a, b) in enumerate(pads)]
+
+        def value(*idx: Any) -> Any:
+            src, conds = list(idx[:2]), []
+            for i, (a, _) in enumerate(pads):
+                pos = idx[2 + i] - a
+                conds += [pos >= 0, pos < shape[2 + i]]
+                src.append(tirx.max(tirx.min(pos, shape[2 + i] - 1), 0))
+            return tirx.if_then_else(tirx.all(*conds), data[tuple(src)], tirx.const(0.0, "float32"))
+
+        return te.compute(out, value, name="conv_pad")
+
+    return bb.emit(bb.call_te(pad, x))
+
+
+def _upsample_input(bb: Any, x: relax.Expr, strides: list[int], pads: list[tuple[int, int]]) -> relax.Expr:
+    """``x`` with ``stride - 1`` zeros between samples, then zero-padded (a transposed conv's input)."""
+
+    def upsample(data: te.Tensor) -> te.Tensor:
+        shape = list(data.shape)
+        out = shape[:2] + [
+            (shape[2 + i] - 1) * s + 1 + a + b for i, (s, (a, b)) in enumerate(zip(strides, pads, strict=True))
+        ]
+
+        def value(*idx: Any) -> Any:
+            src, conds = list(idx[:2]), []
+            for i, (s, (a, _)) in enumerate(zip(strides, pads, strict=True)):
+                pos = idx[2 + i] - a
+                conds += [pos >= 0, pos % s == 0, pos // s < shape[2 + i]]
+                src.append(tirx.max(tirx.min(pos // s, shape[2 + i] - 1), 0))
+            return tirx.if_then_else(tirx.all(*conds), data[tuple(src)], tirx.const(0.0, "float32"))
+
+        return te.compute(out, value, name="conv_upsample")
+
+    return bb.emit(bb.call_te(upsample, x))
+
+
+def _direct(
+    bb: Any, xp: relax.Expr, weight: np.ndarray, strides: list[int], dilation: list[int], groups: int, out_sp: list[int]
+) -> relax.Expr:
+    """The conv kernel over the padded input ``xp``: [n, co, ow] (1-D) or [n, oh, co, ow] (2-D)."""
+    co, cig, *taps = weight.shape
+    cog = co // groups
+    ntaps = int(np.prod(taps))
+    w2 = relax.const(np.ascontiguousarray(weight.reshape(co, cig * ntaps)))
+
+    def conv(data: te.Tensor, w: te.Tensor) -> te.Tensor:
+        n = data.shape[0]
+        r = te.reduce_axis((0, cig * ntaps), "r")
+        c = r // ntaps
+        if len(taps) == 1:
+            return te.compute(
+                [n, co, out_sp[0]],
+                lambda b, o, p: te.sum(
+                    w[o, r] * data[b, o // cog * cig + c, p * strides[0] + r % ntaps * dilation[0]], axis=r
+                ),
+                name="conv_direct",
+            )
+        kw = taps[1]
+
+        def value(b: Any, oh: Any, o: Any, ow: Any) -> Any:
+            tap = r % ntaps
+            ih = oh * strides[0] + tap // kw * dilation[0]
+            iw = ow * strides[1] + tap % kw * dilation[1]
+            return te.sum(w[o, r] * data[b, o // cog * cig + c, ih, iw], axis=r)
+
+        return te.compute([n, out_sp[0], co, out_sp[1]], value, name="conv_direct")
+
+    y = bb.call_te(conv, xp, w2)
+    if len(taps) == 1:
+        return y
+    return relax.op.permute_dims(bb.emit(y), [0, 2, 1, 3])
+
+
+def rewrite_conv(bb: Any, call: relax.Call, min_columns: int) -> relax.Expr | None:
+    """The direct kernel for a conv1d/conv2d/conv1d_transpose/conv2d_transpose ``call`` by a constant
+    f32 weight in NC(H)W layout; None where it does not apply or where the output has fewer than
+    ``min_columns`` positions along its last axis (then the caller's im2col path, or TVM's)."""
+    name = call.op.name
+    if name not in ("relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv1d_transpose", "relax.nn.conv2d_transpose"):
+        return None
+    x, w = call.args
+    a = call.attrs
+    x_ty = x.ty
+    rank = 3 if "1d" in name else 4
+    if (
+        not isinstance(w, GenericConst)
+        or w.value.dtype != "float32"
+        or not isinstance(x_ty, relax.TensorType)
+        or x_ty.dtype != "float32"
+        or x_ty.ndim != rank
+        or a.data_layout not in ("NCW", "NCHW")
+        or a.out_layout not in ("NCW", "NCHW")
+        or (a.out_dtype and str(a.out_dtype) not in ("float32", ""))
+    ):
+        return None
+    shape = x_ty.shape
+    if shape is None or not all(isinstance(d, tirx.IntImm) for d in shape.values):
+        return None
+    spatial = [int(d) for d in shape.values[2:]]
+    weight = w.value.numpy()
+    strides, dilation, groups = _ints(a.strides), _ints(a.dilation), int(a.groups)
+    nsp = rank - 2
+    padding = _ints(a.padding)
+    before, after = padding[:nsp], padding[nsp:] if len(padding) == 2 * nsp else padding[:nsp]
+    if "transpose" in name:
+        if groups != 1 or a.kernel_layout not in ("IOW", "IOHW"):
+            return None
+        out_pad = _ints(a.output_padding)
+        taps = list(weight.shape[2:])
+        # conv_transpose(x) == conv(x upsampled by the stride, padded by d*(k-1) - pad, W flipped, I<->O)
+        pads = []
+        for i in range(nsp):
+            edge = dilation[i] * (taps[i] - 1)
+            pads.append((edge - before[i], edge - after[i] + out_pad[i]))
+        if any(p < 0 for pair in pads for p in pair):
+            return None
+        flipped = np.ascontiguousarray(np.flip(weight, axis=tuple(range(2, rank))).transpose(1, 0, *range(2, rank)))
+        sizes = [(spatial[i] - 1) * strides[i] + 1 + sum(pads[i]) for i in range(nsp)]
+        out_sp = [sizes[i] - dilation[i] * (taps[i] - 1) for i in range(nsp)]
+        if out_sp[-1] < min_columns:
+            return None
+        xp = _upsample_input(bb, x, strides, pads)
+        return _direct(bb, xp, flipped, [1] * nsp, dilation, 1, out_sp)
+    if a.kernel_layout not in ("OIW", "OIHW"):
+        return None
+    taps = list(weight.shape[2:])
+    out_sp = [
+        (spatial[i] + before[i] + after[i] - dilation[i] * (taps[i] - 1) - 1) // strides[i] + 1 for i in range(nsp)
+    ]
+    if out_sp[-1] < min_columns:
+        return None
+    xp = _pad_input(bb, x, list(zip(before, after, strict=True)))
+    return _direct(bb, xp, weight, strides, dilation, groups, out_sp)

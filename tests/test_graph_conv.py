@@ -1,0 +1,184 @@
+"""Convolution kernels (1-D, 2-D, strided, dilated, grouped, depthwise, transposed, fused epilogues)
+and the zoo's small models, checked against onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import load_tool
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+F32 = TensorProto.FLOAT
+
+
+def _reference(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True))
+
+
+def _conv_graph(
+    rank: int, cases: list[tuple[str, dict, tuple[int, ...], str]], cin: int, size: list[int]
+) -> onnx.ModelProto:
+    """One input, one output per case: op(x, W, b) then an activation."""
+    rng = np.random.default_rng(rank)
+    nodes, inits, outputs = [], [], []
+    for i, (op, attrs, wshape, act) in enumerate(cases):
+        w, b = f"w{i}", f"b{i}"
+        inits.append(numpy_helper.from_array((rng.standard_normal(wshape) * 0.3).astype(np.float32), w))
+        cout = wshape[1] * attrs.get("group", 1) if op == "ConvTranspose" else wshape[0]
+        inits.append(numpy_helper.from_array((rng.standard_normal(cout) * 0.3).astype(np.float32), b))
+        nodes.append(helper.make_node(op, ["x", w, b], [f"c{i}"], kernel_shape=list(wshape[2:]), **attrs))
+        nodes.append(helper.make_node(act, [f"c{i}"], [f"y{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", F32, None))
+    x = helper.make_tensor_value_info("x", F32, [1, cin, *size])
+    graph = helper.make_graph(nodes, f"conv{rank}", [x], outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model)
+
+
+CONV1D = [
+    ("Conv", {"strides": [3], "pads": [2, 1]}, (12, 8, 5), "Relu"),  # strided, uneven pads
+    ("Conv", {"dilations": [2], "pads": [2, 2]}, (9, 8, 3), "Tanh"),  # dilated
+    ("Conv", {"group": 4, "strides": [2], "pads": [1, 1]}, (12, 2, 3), "Elu"),  # grouped
+    ("Conv", {"group": 8, "pads": [3, 3]}, (8, 1, 7), "Sigmoid"),  # depthwise
+    ("Conv", {}, (5, 8, 1), "Relu"),  # pointwise
+    ("ConvTranspose", {"strides": [2], "pads": [1, 1]}, (8, 6, 4), "Tanh"),  # transposed
+    ("ConvTranspose", {"strides": [3], "pads": [0, 1], "output_padding": [1]}, (8, 3, 5), "Relu"),
+]
+CONV2D = [
+    ("Conv", {"strides": [2, 2], "pads": [1, 1, 1, 1]}, (10, 6, 3, 3), "Relu"),
+    ("Conv", {"dilations": [2, 2], "pads": [2, 2, 2, 2]}, (7, 6, 3, 3), "Tanh"),
+    ("Conv", {"group": 6, "pads": [1, 1, 1, 1]}, (6, 1, 3, 3), "Relu"),  # depthwise
+    ("Conv", {"group": 2, "strides": [1, 2], "pads": [0, 1, 0, 1]}, (8, 3, 3, 2), "Sigmoid"),  # grouped
+    ("ConvTranspose", {"strides": [2, 2], "pads": [1, 1, 1, 1]}, (6, 4, 4, 4), "Relu"),
+]
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_conv_kernels_match_onnxruntime(tmp_path, rank):
+    import edgert
+
+    cases, cin, size = (CONV1D, 8, [67]) if rank == 1 else (CONV2D, 6, [19, 37])
+    path = tmp_path / f"conv{rank}.onnx"
+    onnx.save(_conv_graph(rank, cases, cin, size), str(path))
+    result = edgert.compile(str(path), output=tmp_path / "c.edgert")
+    # Every conv took the direct kernel: none is left on TVM's default lowering.
+    assert not [k for k in result.manifest.get("kernels", {}).get("fallback", []) if "conv" in k]
+    x = np.random.default_rng(5).standard_normal((1, cin, *size)).astype(np.float32)
+    got = edgert.load(tmp_path / "c.edgert")(x=x)
+    for key, want in _reference(path, {"x": x}).items():
+        np.testing.assert_allclose(got[key], want, rtol=1e-4, atol=1e-4, err_msg=key)
+
+
+def _int8_graph() -> onnx.ModelProto:
+    """QLinearConv, QLinearMatMul, ConvInteger, MatMulInteger, DynamicQuantizeLinear and
+    com.microsoft.DynamicQuantizeMatMul on one float input."""
+    rng = np.random.default_rng(11)
+
+    def init(name: str, value: np.ndarray) -> onnx.TensorProto:
+        return numpy_helper.from_array(value, name)
+
+    u8 = lambda v: np.array(v, np.uint8)  # noqa: E731
+    f32 = lambda v: np.array(v, np.float32)  # noqa: E731
+    inits = [
+        init("xs", f32(0.02)),
+        init("xz", u8(128)),
+        init("w", rng.integers(-127, 128, (6, 4, 3)).astype(np.int8)),
+        init("ws", (rng.random(6) * 0.01 + 0.005).astype(np.float32)),
+        init("wz", np.zeros(6, np.int8)),
+        init("bias", rng.integers(-500, 500, 6).astype(np.int32)),
+        init("ys", f32(0.05)),
+        init("yz", u8(120)),
+        init("m", rng.integers(-127, 128, (19, 7)).astype(np.int8)),
+        init("ms", f32(0.01)),
+        init("mz", np.array(0, np.int8)),
+        init("wi", rng.integers(0, 255, (5, 4, 3)).astype(np.uint8)),
+        init("wiz", u8(3)),
+        init("mf", rng.standard_normal((19, 7)).astype(np.float32)),
+        init("mfs", (rng.random(7) * 0.01 + 0.005).astype(np.float32)),
+        init("mfq", rng.integers(-127, 128, (19, 7)).astype(np.int8)),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+        helper.make_node(
+            "QLinearConv", ["xq", "xs", "xz", "w", "ws", "wz", "ys", "yz", "bias"], ["qconv"], pads=[1, 1], strides=[2]
+        ),
+        helper.make_node("QLinearMatMul", ["xq", "xs", "xz", "m", "ms", "mz", "ys", "yz"], ["qmm"]),
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["dq", "dqs", "dqz"]),
+        helper.make_node("ConvInteger", ["dq", "wi", "dqz", "wiz"], ["iconv"], pads=[0, 2]),
+        helper.make_node("MatMulInteger", ["dq", "m", "dqz"], ["imm"]),
+        helper.make_node("DynamicQuantizeMatMul", ["x", "mfq", "mfs"], ["dqmm"], domain="com.microsoft"),
+    ]
+    shape = [1, 4, 19]
+    outs = {"qconv": TensorProto.UINT8, "qmm": TensorProto.UINT8, "iconv": TensorProto.INT32}
+    outs |= {"imm": TensorProto.INT32, "dqmm": F32}
+    graph = helper.make_graph(
+        nodes,
+        "int8",
+        [helper.make_tensor_value_info("x", F32, shape)],
+        [helper.make_tensor_value_info(k, v, None) for k, v in outs.items()],
+        inits,
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    return model
+
+
+def test_int8_operators_match_onnxruntime(tmp_path):
+    import edgert
+
+    path = tmp_path / "int8.onnx"
+    onnx.save(_int8_graph(), str(path))
+    edgert.compile(str(path), output=tmp_path / "q.edgert")
+    x = np.random.default_rng(2).standard_normal((1, 4, 19)).astype(np.float32)
+    got = edgert.load(tmp_path / "q.edgert")(x=x)
+    want = _reference(path, {"x": x})
+    # Integer accumulators (ConvInteger, MatMulInteger) are exact.
+    for key in ("iconv", "imm"):
+        assert got[key].dtype == want[key].dtype
+        np.testing.assert_array_equal(got[key], want[key])
+    # Requantized outputs: at most one step off (a half-step tie rounded the other way; see onnx_quant).
+    for key in ("qconv", "qmm"):
+        assert got[key].dtype == np.uint8 and got[key].shape == want[key].shape
+        assert np.abs(got[key].astype(int) - want[key].astype(int)).max() <= 1
+        assert np.mean(got[key] == want[key]) > 0.95
+    np.testing.assert_allclose(got["dqmm"], want["dqmm"], rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_contrib_operator_is_named(tmp_path):
+    from edgert.errors import UnsupportedModelError
+    from edgert.frontend.onnx_graph import import_onnx
+
+    node = helper.make_node("DynamicQuantizeLSTM", ["x"], ["y"], name="lstm0", domain="com.microsoft")
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", F32, [1, 2])], [helper.make_tensor_value_info("y", F32, None)]
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    onnx.save(model, str(tmp_path / "lstm.onnx"))
+    with pytest.raises(UnsupportedModelError, match=r"com\.microsoft\.DynamicQuantizeLSTM \(nodes: lstm0\)"):
+        import_onnx(tmp_path / "lstm.onnx")
+
+
+@pytest.mark.parametrize("entry", ["audio_cnn", "convnet.qop"])
+def test_zoo_models_match_onnxruntime(tmp_path, entry):
+    """Small configs of the zoo: a float conv audio front end, an int8 operator-form conv-net."""
+    import edgert
+
+    zoo = load_tool("make_graph_zoo")
+    name = entry.split(".")[0]
+    index = zoo.write(tmp_path, only=[name], small=True, int8="." in entry)
+    path = tmp_path / index[entry]["file"]
+    feeds = zoo.sample_inputs({k: (v["shape"], v["dtype"]) for k, v in index[entry]["inputs"].items()}, 3)
+    edgert.compile(str(path), output=tmp_path / "z.edgert")
+    got = edgert.load(tmp_path / "z.edgert")(feeds)["output"]
+    want = _reference(path, feeds)["output"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
