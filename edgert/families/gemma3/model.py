@@ -235,4 +235,6 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
             support_sliding_window=support_sliding_window,
             rope_mode=RopeMode.NONE,
             rope_theta=cfg.rope_theta,
+            attn_kind=["mha_sliding" if cfg.is_local(i) else "mha" for i in range(cfg.num_layers)],
+            sliding_window=cfg.sliding_window,
         )
