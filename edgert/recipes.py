@@ -36,10 +36,25 @@ class Recipe:
                 f"model '{self.name}' comes from the Python package '{package}', which is not "
                 f"installed: {self.source.get('install', f'pip install {package}')}"
             )
+        if self.source.get("assemble"):
+            return self._assembled(package)
         path = Path(spec.origin).parent / self.source["file"]
         if not path.is_file():
             raise ModelFileError(f"model '{self.name}': {path} is missing from package '{package}'")
         return path
+
+    def _assembled(self, package: str) -> Path:
+        """The file a package assembles from its chunk packages (its function named by ``assemble``),
+        which checks the whole file's hash: a mismatched chunk is refused before any compile."""
+        import importlib
+
+        try:
+            return Path(getattr(importlib.import_module(package), self.source["assemble"])())
+        except (ImportError, OSError, ValueError) as exc:  # a missing chunk package or file, a bad hash
+            raise ModelFileError(
+                f"model '{self.name}': package '{package}' could not assemble {self.source.get('file')}: {exc} "
+                f"({self.source.get('install', '')})"
+            ) from None
 
     def missing(self) -> str | None:
         """None when the model's weights are installed, else how to install them (`edgert models`)."""

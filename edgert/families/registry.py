@@ -61,6 +61,17 @@ FAMILIES: tuple[Family, ...] = (
         calibrate="edgert.families.llama.calibrate:calibrate",
     ),
     Family(
+        "gemma3",
+        "Gemma 3 decoder-only language models (sliding-window and global attention layers)",
+        build="edgert.families.gemma3.build:build",
+        task="edgert.runtime.generator:Generator",
+        formats=("gguf",),
+        options=frozenset(_LLM_OPTIONS | {"library_cache", "activations"}),
+        gguf_architectures=("gemma3",),
+        takes_context=True,
+        device_ops={"run": "edgert.families.llama.device:run"},
+    ),
+    Family(
         "whisper",
         "Whisper speech recognition (CTranslate2 model.bin)",
         build="edgert.families.whisper.build:build",

@@ -20,9 +20,12 @@ def build_tokenizer_json(metadata: dict[str, Any]) -> str:
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
     kind = metadata.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _sentencepiece_json(metadata)
     if kind != "gpt2":
         raise UnsupportedModelError(
-            f"tokenizer model '{kind}' is not supported yet (edgert reads byte-level BPE, 'gpt2')"
+            f"tokenizer model '{kind}' is not supported yet (edgert reads byte-level BPE 'gpt2' and "
+            "SentencePiece BPE 'llama')"
         )
     tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
@@ -47,6 +50,58 @@ def build_tokenizer_json(metadata: dict[str, Any]) -> str:
         if int(kind_id) in _SPECIAL_TYPES
     ]
     tokenizer.add_special_tokens(specials)
+    return tokenizer.to_str()
+
+
+def _sentencepiece_json(metadata: dict[str, Any]) -> str:
+    """A SentencePiece BPE vocabulary (GGUF ``llama`` tokenizer: pieces with ``▁`` and scores, byte
+    fallback ``<0xNN>``) as a `tokenizers` BPE.
+
+    llama.cpp's SPM tokenizer repeatedly merges the adjacent pair whose merged piece has the
+    highest score; BPE with merges ranked by that score does the same, so the merges are derived
+    from the vocabulary (as `transformers`' GGUF converters do): every split of a piece into two
+    pieces of the vocabulary, ranked by the piece's score.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+    tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
+    scores = list(metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+    types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    ranked = []
+    for piece, i in vocab.items():
+        if int(types[i]) != 1 or len(piece) < 2:  # only normal pieces are built by merges
+            continue
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-float(scores[i]), i, vocab[left], vocab[right], left, right))
+    ranked.sort()
+    merges = [(r[4], r[5]) for r in ranked]
+    unk = metadata.get("tokenizer.ggml.unknown_token_id")
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            fuse_unk=True,
+            byte_fallback=True,
+            unk_token=tokens[int(unk)] if unk is not None else None,
+        )
+    )
+    steps = [normalizers.Replace(" ", "\u2581")]
+    if metadata.get("tokenizer.ggml.add_space_prefix", True):
+        steps.insert(0, normalizers.Prepend("\u2581"))
+    tokenizer.normalizer = normalizers.Sequence(steps)
+    tokenizer.pre_tokenizer = None
+    tokenizer.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + ([decoders.Strip(" ", 1, 0)] if metadata.get("tokenizer.ggml.add_space_prefix", True) else [])
+    )
+    # Control pieces are special (skipped when decoding); user-defined ones (Gemma's runs of
+    # newlines and spaces) are whole-text matches that stay in the decoded text.
+    pieces = list(zip(tokens, types, strict=False))
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in pieces if int(k) == 3])
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in pieces if int(k) == 4])
     return tokenizer.to_str()
 
 

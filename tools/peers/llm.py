@@ -40,13 +40,17 @@ if __package__ in (None, ""):  # run as a script (a worker): make `peers` and `e
 from peers import Row  # noqa: E402 (after the path set-up above)
 
 NAME = "llm"
-HELP = "SmolLM2 (GGUF) decode/prefill vs llama.cpp"
+HELP = "SmolLM2 and Gemma 3 270M (GGUF) decode/prefill vs llama.cpp"
 PEER = "llama.cpp"
 
 
 def add_arguments(group: Any) -> None:
     """Options of this section."""
-    group.add_argument("--llm-model", default="smollm2-135m", help="model recipe (models/*.toml) or a .gguf file")
+    group.add_argument(
+        "--llm-model",
+        default="smollm2-135m,gemma3-270m",
+        help="model recipes (models/*.toml) or .gguf files, comma-separated: one set of rows each",
+    )
     group.add_argument("--llm-artifact", type=Path, help="an artifact compiled already (skips the compile)")
     group.add_argument("--llm-prompt-tokens", type=int, default=128, help="prefill length")
     group.add_argument("--llm-gen-tokens", type=int, default=128, help="decode steps per run")
@@ -254,6 +258,16 @@ def _kv_bytes(artifact: Path, context: int) -> int:
 
 
 def run(args: Any) -> list[Row]:
+    """Each model of ``--llm-model`` in turn (``--llm-artifact`` belongs to a single model)."""
+    import argparse
+
+    models = [m.strip() for m in args.llm_model.split(",") if m.strip()]
+    if args.llm_artifact is not None and len(models) != 1:
+        raise SystemExit("--llm-artifact needs a single --llm-model")
+    return [row for m in models for row in _run_model(argparse.Namespace(**{**vars(args), "llm_model": m}))]
+
+
+def _run_model(args: Any) -> list[Row]:
     """Compile (unless given an artifact), run both engines, and compare."""
     from edgert.profile.bench import BENCH_TEXT
     from edgert.recipes import load_recipe

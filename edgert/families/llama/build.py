@@ -35,6 +35,13 @@ def build(req: BuildRequest) -> CompileResult:
     """
     from edgert.families.llama import loader
     from edgert.families.llama.model import LlamaConfig, LlamaForCausalLM
+
+    return build_decoder(req, "llama", LlamaConfig, LlamaForCausalLM, loader)
+
+
+def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: Any, loader: Any) -> CompileResult:
+    """The build of a decoder-only GGUF family: its config class (``from_gguf``), its nn model
+    (the entry points of `LlamaForCausalLM`) and its loader (``gguf_weights``, ``tied_weights``)."""
     from edgert.frontend import read_gguf
     from edgert.frontend.gguf_tokenizer import build_tokenizer_json, tokenizer_config
     from edgert.frontend.quantized import QuantizedRows
@@ -46,16 +53,18 @@ def build(req: BuildRequest) -> CompileResult:
     quant = req.options.get("quant") or weight_dtype or req.option("quant", "source")
     if quant not in QUANT_MODES:
         raise EdgertError(f"--quant '{quant}' is not one of {', '.join(QUANT_MODES)}")
-    job = Build.start(req.name, "llama", req.target, req.options.get("threads"), req.output, req.as_dir, gpu=True)
+    job = Build.start(req.name, family, req.target, req.options.get("threads"), req.output, req.as_dir, gpu=True)
 
     progress("reading model", None)
     with job.timed("read"):
         gguf_model = req.parsed if req.parsed is not None else read_gguf(source)
-        cfg = LlamaConfig.from_gguf(gguf_model)
+        cfg = config_cls.from_gguf(gguf_model)
         gguf_model.check_tensor_types()  # fail before the minutes of building, not after
         context = min(req.option("context_length", 2048), cfg.context_length)
         chunk = min(req.option("prefill_chunk_size", 256), context)
-        tokenizer_json = build_tokenizer_json(gguf_model.metadata)
+        # A family may complete the file's tokenizer fields (a chat template the file lacks).
+        metadata = getattr(loader, "tokenizer_metadata", lambda m: m)(gguf_model.metadata)
+        tokenizer_json = build_tokenizer_json(metadata)
         activations = req.option("activations", "f32")
         if job.on_gpu and activations != "f32":
             raise EdgertError(f"--activations {activations}: GPU builds take f32 activations only")
@@ -73,7 +82,7 @@ def build(req: BuildRequest) -> CompileResult:
 
     progress("building Relax module", None)
     with job.timed("export"):
-        net = LlamaForCausalLM(cfg)
+        net = model_cls(cfg)
         if job.on_gpu:  # rows of uint32 codes + f16 scales, dequantized inside dlight's GEMV/Matmul
             repack = apply_gpu_layout(net, storage, tied=loader.tied_weights(cfg), half=job.record["fp16"])
         else:
@@ -130,7 +139,7 @@ def build(req: BuildRequest) -> CompileResult:
                 "order": order,
             },
             library="model.so",
-            tokenizer={"file": "tokenizer.json", **tokenizer_config(gguf_model.metadata)},
+            tokenizer={"file": "tokenizer.json", **tokenizer_config(metadata)},
             defaults=dict(req.recipe.run) if req.recipe else {},
         )
     progress("done", 1.0)

@@ -149,20 +149,23 @@ class LlamaForCausalLM(nn.Module):
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """Token ids [1, s] to hidden states [1, s, d]."""
+        return self._embed(input_ids)
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
         return self.embed_tokens(input_ids)
 
     def prefill(self, input_ids: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         """Run a chunk of the prompt; return the logits of its last token [1, 1, vocab]."""
-        h = self._stack(self.embed_tokens(input_ids), cache)
+        h = self._stack(self._embed(input_ids), cache)
         return self._logits(_last_token(h)), cache
 
     def verify(self, input_ids: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         """Like prefill, but the logits of every token [1, s, vocab] (scoring, speculation)."""
-        return self._logits(self._stack(self.embed_tokens(input_ids), cache)), cache
+        return self._logits(self._stack(self._embed(input_ids), cache)), cache
 
     def decode(self, input_ids: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         """One new token per step: logits [1, 1, vocab]."""
-        return self._logits(self._stack(self.embed_tokens(input_ids), cache)), cache
+        return self._logits(self._stack(self._embed(input_ids), cache)), cache
 
     def batch_decode(self, input_ids: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         """One new token for each of ``batch`` sequences in one pass: ids [batch, 1] -> logits [batch, 1, vocab].
@@ -171,7 +174,7 @@ class LlamaForCausalLM(nn.Module):
         concurrent requests); the projections see ``batch`` rows at once, so the weights are read
         once per step instead of once per sequence.
         """
-        return self._logits(self._stack(self.embed_tokens(input_ids), cache)), cache
+        return self._logits(self._stack(self._embed(input_ids), cache)), cache
 
     # -- layer-range execution (early exit, self-speculative drafting) --------------------
     # One Relax function per layer (``layer_<i>``) rather than one taking the layer index: the

@@ -21,13 +21,19 @@ def paged_kv_cache(
     support_sliding_window: tirx.Var,
     rope_mode: RopeMode = RopeMode.NONE,
     rope_theta: float = 10000.0,
+    attn_kind: str | list[str] = "mha",
+    sliding_window: int = 1024,
 ) -> PagedKVCache:
-    """TVM's paged KV cache with the TIR kernels of the current target (export inside ``with target:``)."""
+    """TVM's paged KV cache with the TIR kernels of the current target (export inside ``with target:``).
+
+    ``attn_kind`` may name each layer's kind: ``mha_sliding`` layers attend to the last
+    ``sliding_window`` positions only (TVM's per-layer sliding-window kernels).
+    """
     target = Target.current()
     if target is None:
         raise RuntimeError("export the model inside `with target:` so the KV cache picks its kernels")
     return TIRPagedKVCache(
-        attn_kind="mha",
+        attn_kind=attn_kind,  # type: ignore[arg-type]
         max_batch_size=max_batch_size,
         max_total_seq_len=max_total_seq_len,
         prefill_chunk_size=prefill_chunk_size,
@@ -50,4 +56,5 @@ def paged_kv_cache(
         enable_disaggregation=False,
         dtype="float32",
         target=target,
+        layer_sliding_window_size=sliding_window,
     )

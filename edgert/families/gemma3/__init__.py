@@ -1,0 +1,1 @@
+"""Gemma 3 (Google): decoder-only LMs with sliding-window and global attention layers."""

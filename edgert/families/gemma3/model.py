@@ -1,0 +1,240 @@
+"""The Gemma 3 architecture as its equations (as llama.cpp's ``gemma3`` graph computes it).
+
+    h = embed(tokens) * sqrt(d)
+    for each layer:  h = h + PostNorm(Wo · Attn(RoPE_l(QNorm(Wq · n)), RoPE_l(KNorm(Wk · n)), Wv · n)),  n = RMSNorm(h)
+                     h = h + PostNorm(Wdown · (GELU_tanh(Wgate · n) ⊙ Wup · n)),                       n = RMSNorm(h)
+    logits = softcap(Whead · RMSNorm(h))        (Whead = embed, tied; softcap only when the file asks)
+
+Layers are local (attention over the last ``sliding_window`` positions, RoPE base
+``rope_local_base``) or global (whole context, the file's ``rope.freq_base``) in the pattern of
+`GEMMA3_DEFAULTS`. RMSNorm weights are used as stored: Gemma's ``x * (1 + w)`` convention is
+already folded into GGUF files (llama.cpp's converter adds the 1), so the norm is the plain one.
+RoPE is applied here, per layer with its own base, because TVM's paged cache has one base for
+all layers; the cache then stores rotated keys (``RopeMode.NONE``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import Tensor, op
+from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
+
+from edgert.errors import ModelFileError, UnsupportedModelError
+from edgert.families.llama.model import LlamaForCausalLM
+from edgert.families.shared.kv_cache import paged_kv_cache
+
+# What a Gemma 3 GGUF does not state, with Gemma 3's published values (as llama.cpp fills them in
+# `llama_model::load_hparams` for LLM_ARCH_GEMMA3): every 6th layer is global, the others slide
+# over the file's window with RoPE base 10,000; queries are scaled by 1/sqrt(head_dim).
+GEMMA3_DEFAULTS: dict[str, Any] = {
+    "sliding_window_pattern": 6,
+    "rope_local_base": 10000.0,
+    "rope_global_base": 1000000.0,
+    "sliding_window": 512,
+    "rms_norm_eps": 1e-6,
+    "context_length": 32768,
+}
+
+
+@dataclass
+class Gemma3Config:
+    """Hyper-parameters of a Gemma 3 model."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float  # the global layers' base
+    rope_local_theta: float
+    sliding_window: int
+    sliding_window_pattern: int
+    query_scale: float
+    final_logit_softcapping: float | None
+    context_length: int
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_gguf(cls, model: Any) -> Gemma3Config:
+        """Read the config from a GGUF file's ``gemma3.*`` metadata (the rest from `GEMMA3_DEFAULTS`)."""
+        if model.architecture != "gemma3":
+            raise UnsupportedModelError(f"{model.path}: architecture '{model.architecture}' is not gemma3")
+        required = (
+            "gemma3.block_count",
+            "gemma3.embedding_length",
+            "gemma3.feed_forward_length",
+            "gemma3.attention.head_count",
+            "tokenizer.ggml.tokens",
+        )
+        missing = [k for k in required if model.metadata.get(k) is None]
+        if missing:
+            raise ModelFileError(f"{model.path}: metadata field(s) missing or unreadable: {', '.join(missing)}")
+        if model.arch_field("attn_logit_softcapping") is not None:
+            # Gemma 2 caps attention scores; TVM's paged-attention kernels have no such step.
+            raise UnsupportedModelError(f"{model.path}: attention logit soft-capping is not supported")
+        hidden = int(model.arch_field("embedding_length"))
+        heads = int(model.arch_field("attention.head_count"))
+        head_dim = int(model.arch_field("attention.key_length", hidden // heads))
+        if int(model.arch_field("attention.value_length", head_dim)) != head_dim:
+            raise UnsupportedModelError(f"{model.path}: key and value head sizes differ")
+        softcap = model.arch_field("final_logit_softcapping")
+        d = GEMMA3_DEFAULTS
+        return cls(
+            vocab_size=len(model.metadata["tokenizer.ggml.tokens"]),
+            hidden_size=hidden,
+            intermediate_size=int(model.arch_field("feed_forward_length")),
+            num_layers=int(model.arch_field("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(model.arch_field("attention.head_count_kv", heads)),
+            head_dim=head_dim,
+            rms_norm_eps=float(model.arch_field("attention.layer_norm_rms_epsilon", d["rms_norm_eps"])),
+            rope_theta=float(model.arch_field("rope.freq_base", d["rope_global_base"])),
+            rope_local_theta=float(d["rope_local_base"]),
+            sliding_window=int(model.arch_field("attention.sliding_window", d["sliding_window"])),
+            sliding_window_pattern=int(d["sliding_window_pattern"]),
+            query_scale=head_dim**-0.5,
+            final_logit_softcapping=None if softcap is None else float(softcap),
+            context_length=int(model.arch_field("context_length", d["context_length"])),
+            tie_word_embeddings="output.weight" not in model.tensor_types,
+        )
+
+    def is_local(self, layer_id: int) -> bool:
+        """True for a sliding-window layer (all but every ``sliding_window_pattern``-th)."""
+        return (layer_id + 1) % self.sliding_window_pattern != 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for the manifest."""
+        return asdict(self)
+
+
+def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Rotate the halves of each head of x [b, s, h, d] (GPT-NeoX / Hugging Face layout) at ``positions`` [b*s]."""
+
+    def compute(x: te.Tensor, pos: te.Tensor) -> te.Tensor:
+        b, s, h, d = x.shape
+        half = d // 2
+
+        def value(i: Any, j: Any, k: Any, c: Any) -> Any:
+            p = pos[i * s + j].astype("float32")
+            inv = tirx.exp(tirx.const(-2.0 * math.log(theta) / int(d), "float32") * (c % half).astype("float32"))
+            angle = p * inv
+            other = tirx.if_then_else(c < half, -x[i, j, k, c + half], x[i, j, k, c - half])
+            return x[i, j, k, c] * tirx.cos(angle) + other * tirx.sin(angle)
+
+        return te.compute((b, s, h, d), value, name="rope")
+
+    return op.tensor_expr_op(compute, "rope", [x, positions])
+
+
+class Gemma3Attention(nn.Module):
+    """Grouped-query attention with q/k RMSNorm and the layer's own RoPE base; q, k, v fused."""
+
+    def __init__(self, cfg: Gemma3Config, layer_id: int):
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.theta = cfg.rope_local_theta if cfg.is_local(layer_id) else cfg.rope_theta
+        self.scale = cfg.query_scale
+        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, -1, cfg.rms_norm_eps, bias=False)
+        self.k_norm = nn.RMSNorm(cfg.head_dim, -1, cfg.rms_norm_eps, bias=False)
+
+    def attn_out(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        """Attention before the output projection [b, s, heads, head_dim]; appends k and v to the cache."""
+        b, s, _ = x.shape
+        h, kv = self.num_heads, self.num_kv_heads
+        qkv = op.reshape(self.qkv_proj(x), (b, s, h + 2 * kv, self.head_dim))
+        q, k, v = op.split(qkv, [h, h + kv], axis=2)
+        positions = cache.get_query_positions(b * s)
+        q = rope(self.q_norm(q), positions, self.theta)
+        k = rope(self.k_norm(k), positions, self.theta)
+        fused = op.concat([q, k, v], dim=2)
+        return cache.attention_with_fused_qkv(layer_id, fused, h, sm_scale=self.scale)
+
+    def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        b, s, _ = x.shape
+        out = self.attn_out(x, cache, layer_id)
+        return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim)))
+
+
+class Gemma3MLP(nn.Module):
+    """GeGLU feed-forward: down(gelu_tanh(gate(x)) * up(x)); gate and up are one projection."""
+
+    def __init__(self, cfg: Gemma3Config):
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        return self.down_proj(op.gelu(gate, approximate="tanh") * up)
+
+
+class Gemma3Layer(nn.Module):
+    """One block with norms before and after attention and the MLP (the "sandwich")."""
+
+    def __init__(self, cfg: Gemma3Config, layer_id: int):
+        eps = cfg.rms_norm_eps
+        self.input_norm = nn.RMSNorm(cfg.hidden_size, -1, eps, bias=False)
+        self.attn = Gemma3Attention(cfg, layer_id)
+        self.post_attention_norm = nn.RMSNorm(cfg.hidden_size, -1, eps, bias=False)
+        self.pre_ffw_norm = nn.RMSNorm(cfg.hidden_size, -1, eps, bias=False)
+        self.mlp = Gemma3MLP(cfg)
+        self.post_ffw_norm = nn.RMSNorm(cfg.hidden_size, -1, eps, bias=False)
+
+    def forward(self, h: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+        h = h + self.post_attention_norm(self.attn(self.input_norm(h), cache, layer_id))
+        return h + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(h)))
+
+
+class Gemma3ForCausalLM(LlamaForCausalLM):
+    """The Llama model's entry points (prefill, decode, verify, per-layer pieces) over Gemma 3 blocks."""
+
+    def __init__(self, cfg: Gemma3Config):  # not super().__init__: that builds Llama blocks
+        self.cfg = cfg  # type: ignore[assignment]
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([Gemma3Layer(cfg, i) for i in range(cfg.num_layers)])
+        self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def _embed(self, input_ids: Tensor) -> Tensor:
+        # llama.cpp scales by sqrtf(d) in f32 (Hugging Face rounds it to the weights' dtype first).
+        return self.embed_tokens(input_ids) * math.sqrt(self.cfg.hidden_size)
+
+    def _logits(self, h: Tensor) -> Tensor:
+        logits = super()._logits(h)
+        cap = self.cfg.final_logit_softcapping
+        return logits if not cap else op.tanh(logits / cap) * cap
+
+    def create_kv_cache(
+        self,
+        max_batch_size: tirx.Var,
+        max_total_seq_len: tirx.Var,
+        prefill_chunk_size: tirx.Var,
+        page_size: tirx.Var,
+        support_sliding_window: tirx.Var,
+    ) -> PagedKVCache:
+        """The paged KV cache; keys arrive rotated (RoPE is per layer, see the module docstring)."""
+        cfg = self.cfg
+        return paged_kv_cache(
+            num_layers=cfg.num_layers,
+            num_heads=cfg.num_heads,
+            num_kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            rope_mode=RopeMode.NONE,
+            rope_theta=cfg.rope_theta,
+            attn_kind=["mha_sliding" if cfg.is_local(i) else "mha" for i in range(cfg.num_layers)],
+            sliding_window=cfg.sliding_window,
+        )

@@ -1,0 +1,204 @@
+"""Gemma 3: the family's pieces on the shipped Q4_K_M GGUF, and agreement with llama.cpp.
+
+Fast tests check the config read from ``gemma3.*`` metadata, the tokenizer against llama.cpp's,
+and that the Q5_0 and Q4_K tensors kept as q8/q4 blocks hold the file's values (numpy, against
+`gguf`'s dequantization). The slow ones compile the model and compare it with llama.cpp
+(llama-cpp-python), greedy, 10 prompts, 48-token continuations, with the method of
+test_llamacpp_agreement.py: teacher-forced argmax agreement on the positions llama.cpp's own
+batched evaluation reproduces, and the first 16 tokens of free generation, against llama.cpp on
+the Q4_K_M file and in plain f32 on a dequantized copy (the issue's goals: >= 98% on the file's
+decided positions, first 16 tokens equal on >= 8 of 10 prompts against the f32 copy).
+Measured 2026-12-05: on the file 476/480 positions, 476/479 decided (99.4%); its free generation
+matched the first 16 tokens on 7/10 prompts (near-ties that llama.cpp's 8-bit activation rounding
+decides; not asserted); against the f32 copy 480/480 positions and 10/10 prompts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import load_tool
+
+CONTINUATION = 48
+FREE_PREFIX = 16
+
+
+@pytest.fixture(scope="module")
+def gemma_model(gemma_gguf: Path):
+    from edgert.frontend import read_gguf
+
+    return read_gguf(gemma_gguf)
+
+
+def test_config_from_metadata_and_published_defaults(gemma_model) -> None:
+    from edgert.families.gemma3.model import GEMMA3_DEFAULTS, Gemma3Config
+
+    cfg = Gemma3Config.from_gguf(gemma_model)
+    assert (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.sliding_window) == (256, 4, 1, 512)
+    assert cfg.rope_theta == 1e6 and cfg.rope_local_theta == GEMMA3_DEFAULTS["rope_local_base"]
+    assert cfg.vocab_size == 262144 and cfg.tie_word_embeddings and cfg.final_logit_softcapping is None
+    assert [i for i in range(cfg.num_layers) if not cfg.is_local(i)] == [5, 11, 17]
+
+
+def test_kquant_blocks_hold_the_files_values(gemma_model) -> None:
+    from edgert.families.gemma3.loader import kquant_rows
+
+    q5 = kquant_rows(gemma_model, "blk.0.attn_q.weight")  # Q5_0: exact as q8
+    assert gemma_model.tensor_types["blk.0.attn_q.weight"] == "Q5_0" and q5.kind == "q8"
+    assert np.array_equal(q5.dequantize(), gemma_model.tensor("blk.0.attn_q.weight"))
+    q4 = kquant_rows(gemma_model, "blk.0.attn_output.weight")  # Q4_K: codes exact, f16 sub-block scales
+    assert gemma_model.tensor_types["blk.0.attn_output.weight"] == "Q4_K" and q4.kind == "q4"
+    ref = gemma_model.tensor("blk.0.attn_output.weight")
+    err = np.abs(q4.dequantize() - ref).max()
+    assert err <= 2e-3 * np.abs(ref).max(), err
+    assert kquant_rows(gemma_model, "blk.0.ffn_down.weight") is None  # Q6_K: used as floats
+
+
+def test_tokenizer_matches_llama_cpp(gemma_model, gemma_gguf: Path) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
+    from tokenizers import Tokenizer
+
+    from edgert.families.gemma3.loader import tokenizer_metadata
+    from edgert.frontend.gguf_tokenizer import build_tokenizer_json, tokenizer_config
+
+    tok = Tokenizer.from_str(build_tokenizer_json(gemma_model.metadata))
+    ref = llama_cpp.Llama(str(gemma_gguf), vocab_only=True, verbose=False)
+    for text in (
+        "<start_of_turn>user\nWrite a haiku about the sea.<end_of_turn>\n<start_of_turn>model\n",
+        "  two  spaces\n\n\ttab émoji 🙂 数字 12345 don't—stop",
+    ):
+        ids = tok.encode(text, add_special_tokens=False).ids
+        assert ids == ref.tokenize(text.encode(), add_bos=False, special=True)
+        assert tok.decode(ids, skip_special_tokens=False) == text
+    config = tokenizer_config(tokenizer_metadata(gemma_model.metadata))  # the file has no template
+    assert "<start_of_turn>" in config["chat_template"]
+    assert 106 in config["stop_token_ids"]  # <end_of_turn>
+
+
+# -- agreement with llama.cpp (compiles the real model) ---------------------------------------
+
+
+def _prompts() -> list[str]:
+    from edgert.recipes import load_recipe
+
+    return list(load_recipe("gemma3-270m").run["reference_prompts"])
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_artifact: Path):
+    import edgert
+
+    return edgert.load(gemma_artifact)
+
+
+def _continuations(llama_cpp, gguf: Path, model, **kwargs) -> list[dict]:
+    generator = llama_cpp.Llama(str(gguf), n_ctx=512, n_threads=2, verbose=False, **kwargs)
+    batched = llama_cpp.Llama(str(gguf), n_ctx=512, n_threads=2, verbose=False, logits_all=True, **kwargs)
+    out = []
+    for prompt in _prompts():
+        ids = model.encode_prompt(prompt, chat=True)
+        text = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        assert generator.tokenize(text.encode(), add_bos=False, special=True) == ids
+        generator.reset()
+        cont: list[int] = []
+        for token in generator.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
+            cont.append(int(token))
+            if len(cont) == CONTINUATION:
+                break
+        batched.reset()
+        batched.eval(ids + cont[:-1])
+        scores = np.asarray(batched.scores[len(ids) - 1 : len(ids) - 1 + CONTINUATION])
+        out.append({"ids": ids, "cont": cont, "decided": np.argmax(scores, axis=-1) == np.asarray(cont)})
+    del generator, batched
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency: tools/setup.sh --test")
+
+
+@pytest.fixture(scope="module")
+def file_reference(llama_cpp, gemma_gguf: Path, gemma) -> list[dict]:
+    """llama.cpp with its default settings on the Q4_K_M file itself."""
+    return _continuations(llama_cpp, gemma_gguf, gemma)
+
+
+@pytest.fixture(scope="module")
+def exact_reference(llama_cpp, gemma_gguf: Path, gemma, tmp_path_factory) -> list[dict]:
+    """llama.cpp in plain f32 (f32 KV cache) on a dequantized copy of the file."""
+    f32 = load_tool("dequantize_gguf").dequantize_gguf(gemma_gguf, tmp_path_factory.mktemp("gguf") / "gemma.F32.gguf")
+    try:
+        return _continuations(llama_cpp, f32, gemma, type_k=0, type_v=0)
+    finally:
+        f32.unlink()
+
+
+def _agreement(model, reference: list[dict]) -> tuple[int, int, int, int]:
+    agree = agree_decided = decided = total = 0
+    for ref in reference:
+        ids, cont = ref["ids"], np.asarray(ref["cont"])
+        logits = model.score(ids + ref["cont"][:-1])
+        ours = np.argmax(logits[len(ids) - 1 :], axis=-1) == cont
+        assert ours.shape == (CONTINUATION,)
+        agree += int(ours.sum())
+        agree_decided += int((ours & ref["decided"]).sum())
+        decided += int(ref["decided"].sum())
+        total += CONTINUATION
+    return agree, total, agree_decided, decided
+
+
+def _free_matches(model, reference: list[dict]) -> list[bool]:
+    result = []
+    for ref in reference:
+        model.reset()
+        ours = [t.id for t in model.generate(ref["ids"], max_tokens=FREE_PREFIX)]
+        expected = ref["cont"][:FREE_PREFIX]
+        stop = next((i for i, t in enumerate(expected) if t in model.tokenizer.stop_token_ids), None)
+        result.append(ours == (expected if stop is None else expected[:stop]))
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_file_teacher_forced_agreement(gemma, file_reference) -> None:
+    agree, total, agree_decided, decided = _agreement(gemma, file_reference)
+    print(f"gemma3 vs llama.cpp (Q4_K_M): {agree}/{total} all, {agree_decided}/{decided} decided")
+    assert decided >= 0.95 * total, f"llama.cpp undecided at {total - decided}/{total} positions"
+    assert agree_decided / decided >= 0.98, f"agreement on decided positions {agree_decided}/{decided}"
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_exact_arithmetic_agreement(gemma, exact_reference) -> None:
+    agree, total, agree_decided, decided = _agreement(gemma, exact_reference)
+    matches = _free_matches(gemma, exact_reference)
+    print(
+        f"gemma3 vs llama.cpp (f32 copy): {agree}/{total} all, {agree_decided}/{decided} decided, "
+        f"free {sum(matches)}/{len(matches)}"
+    )
+    assert agree_decided / decided >= 0.98, f"agreement on decided positions {agree_decided}/{decided}"
+    assert sum(matches) >= 8, f"free generation matched on {sum(matches)}/{len(matches)} prompts"
+
+
+@pytest.mark.slow
+@pytest.mark.reference
+def test_local_layers_attend_to_their_window_only(gemma, llama_cpp, gemma_gguf: Path) -> None:
+    """Past 512 tokens the local layers must drop the oldest positions, as llama.cpp's SWA mask does
+    (measured: 99.4% argmax agreement past the window; 57% when every layer sees the whole context)."""
+    text = " ".join(
+        f"Item {i}: the {['red', 'blue', 'green', 'old', 'new'][i % 5]} {['cat', 'house', 'river', 'tree'][i % 4]} "
+        f"number {i * 7 % 13}."
+        for i in range(70)
+    )
+    ids = gemma.encode_prompt(text, chat=False)
+    assert len(ids) > 800
+    ref = llama_cpp.Llama(str(gemma_gguf), n_ctx=1024, n_threads=2, verbose=False, logits_all=True)
+    ref.eval(ids)
+    expected = np.argmax(np.asarray(ref.scores[: len(ids)]), axis=-1)
+    gemma.reset()
+    agree = np.argmax(gemma.score(ids), axis=-1) == expected
+    print(f"gemma3 past the window: {int(agree[512:].sum())}/{len(agree) - 512}")
+    assert agree[512:].mean() >= 0.97
