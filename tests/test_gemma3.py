@@ -15,14 +15,20 @@ decides; not asserted); against the f32 copy 480/480 positions and 10/10 prompts
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import load_tool
 
-CONTINUATION = 48
 FREE_PREFIX = 16
+# What the suite can afford (llama.cpp's 262k-word head makes every reference token costly): the
+# file's agreement on the first 5 prompts over 32 tokens, the f32 copy's on all 10 over the 16
+# tokens the free-generation goal reads. `GEMMA_FULL=1` runs the measured 10 x 48 of the docstring.
+FULL = bool(os.environ.get("GEMMA_FULL"))
+FILE_PROMPTS, FILE_TOKENS = (10, 48) if FULL else (5, 32)
+EXACT_TOKENS = 48 if FULL else FREE_PREFIX
 
 
 @pytest.fixture(scope="module")
@@ -93,11 +99,11 @@ def gemma(gemma_artifact: Path):
     return edgert.load(gemma_artifact)
 
 
-def _continuations(llama_cpp, gguf: Path, model, **kwargs) -> list[dict]:
+def _continuations(llama_cpp, gguf: Path, model, prompts: int, length: int, **kwargs) -> list[dict]:
     generator = llama_cpp.Llama(str(gguf), n_ctx=512, n_threads=2, verbose=False, **kwargs)
     batched = llama_cpp.Llama(str(gguf), n_ctx=512, n_threads=2, verbose=False, logits_all=True, **kwargs)
     out = []
-    for prompt in _prompts():
+    for prompt in _prompts()[:prompts]:
         ids = model.encode_prompt(prompt, chat=True)
         text = model.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
         assert generator.tokenize(text.encode(), add_bos=False, special=True) == ids
@@ -105,11 +111,11 @@ def _continuations(llama_cpp, gguf: Path, model, **kwargs) -> list[dict]:
         cont: list[int] = []
         for token in generator.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0):
             cont.append(int(token))
-            if len(cont) == CONTINUATION:
+            if len(cont) == length:
                 break
         batched.reset()
         batched.eval(ids + cont[:-1])
-        scores = np.asarray(batched.scores[len(ids) - 1 : len(ids) - 1 + CONTINUATION])
+        scores = np.asarray(batched.scores[len(ids) - 1 : len(ids) - 1 + length])
         out.append({"ids": ids, "cont": cont, "decided": np.argmax(scores, axis=-1) == np.asarray(cont)})
     del generator, batched
     return out
@@ -123,7 +129,7 @@ def llama_cpp():
 @pytest.fixture(scope="module")
 def file_reference(llama_cpp, gemma_gguf: Path, gemma) -> list[dict]:
     """llama.cpp with its default settings on the Q4_K_M file itself."""
-    return _continuations(llama_cpp, gemma_gguf, gemma)
+    return _continuations(llama_cpp, gemma_gguf, gemma, FILE_PROMPTS, FILE_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +137,7 @@ def exact_reference(llama_cpp, gemma_gguf: Path, gemma, tmp_path_factory) -> lis
     """llama.cpp in plain f32 (f32 KV cache) on a dequantized copy of the file."""
     f32 = load_tool("dequantize_gguf").dequantize_gguf(gemma_gguf, tmp_path_factory.mktemp("gguf") / "gemma.F32.gguf")
     try:
-        return _continuations(llama_cpp, f32, gemma, type_k=0, type_v=0)
+        return _continuations(llama_cpp, f32, gemma, 10, EXACT_TOKENS, type_k=0, type_v=0)
     finally:
         f32.unlink()
 
@@ -142,11 +148,11 @@ def _agreement(model, reference: list[dict]) -> tuple[int, int, int, int]:
         ids, cont = ref["ids"], np.asarray(ref["cont"])
         logits = model.score(ids + ref["cont"][:-1])
         ours = np.argmax(logits[len(ids) - 1 :], axis=-1) == cont
-        assert ours.shape == (CONTINUATION,)
+        assert ours.shape == cont.shape
         agree += int(ours.sum())
         agree_decided += int((ours & ref["decided"]).sum())
         decided += int(ref["decided"].sum())
-        total += CONTINUATION
+        total += len(cont)
     return agree, total, agree_decided, decided
 
 
