@@ -638,9 +638,19 @@ def serve_tvm_rpc_env(folder: Path) -> None:
         return str(path)
 
     tvm_ffi.register_global_func("tvm.rpc.server.workpath", inside, override=True)
-    tvm_ffi.register_global_func(
-        "tvm.rpc.server.load_module", lambda name: tvm.runtime.load_module(inside(name)), override=True
-    )
+    def load_module(name: str) -> Any:
+        # MetaSchedule uploads every candidate under the same name, and dlopen hands back the library
+        # already loaded from a path: each is loaded from a fresh name (TVM's server has a fresh
+        # folder per session for this), which can go once it is loaded.
+        path = Path(inside(name))
+        fresh = path.with_name(f"{uuid.uuid4().hex}-{path.name}")
+        os.link(path, fresh)
+        try:
+            return tvm.runtime.load_module(str(fresh))
+        finally:
+            fresh.unlink(missing_ok=True)
+
+    tvm_ffi.register_global_func("tvm.rpc.server.load_module", load_module, override=True)
     if tvm_ffi.get_global_func(RANDOM_FILL, allow_missing=True) is None:
         # The device's runtime-only TVM is built without USE_RANDOM; MetaSchedule's RPC runner fills
         # every kernel argument with it before timing, so without it every candidate failed.
