@@ -162,9 +162,10 @@ def compare(
 
         for i, task in enumerate(tasks):
             kernel = task.dispatched[0]
+            # Looked up first: edgert's rules rewrite the kernel they are given in place.
+            sch = database.query_schedule(kernel, tvm_target, workload_name="main")
             with tvm_target:
                 untuned = dlight.ApplyDefaultSchedule(*schedule_rules())(kernel)
-            sch = database.query_schedule(kernel, tvm_target, workload_name="main")
             rows.append(
                 {
                     "kernel": task.task_name,

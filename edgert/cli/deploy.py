@@ -48,7 +48,7 @@ def profile(
         str | None, typer.Option("--secret", help="With --tracker: the devices' secret name (default farm-KEY).")
     ] = None,
     call_timeout: Annotated[
-        float, typer.Option("--call-timeout", help="With --tracker: seconds one call may take before a device counts as hung.")
+        float, typer.Option("--call-timeout", help="With --tracker: seconds a call may take before the device is hung.")
     ] = 900.0,
 ) -> None:
     """Measure on the device: load, prefill, per-token decode p50/p90/p99, per-operator time, peak memory;
