@@ -114,6 +114,7 @@ def compare(
     key: str | None = None,
     quant: str = "f32",
     input_shapes: dict | None = None,
+    rounds: int = 3,
 ) -> list[dict[str, Any]]:
     """Time each kernel of ``model`` on a device of the tracker, untuned (edgert's rules) and tuned
     (the stored database); a row per kernel with both median times in ms (None: no tuned schedule)."""
@@ -151,14 +152,22 @@ def compare(
     rows = []
     with tempfile.TemporaryDirectory(prefix="edgert-compare-") as work:
 
-        def time_ms(kernel: Any, tag: str) -> float:
+        def build(kernel: Any, tag: str) -> Any:
             path = str(Path(work) / f"{tag}.so")
             tvm.compile(kernel, target=tvm_target).export_library(path, fcompile=fcompile)
-            args = ms.arg_info.ArgInfo.from_prim_func(kernel["main"])
-            result = runner.run([ms.runner.RunnerInput(path, "cpu", args)])[0].result()
-            if result.error_msg:
-                raise EdgertError(f"timing {tag} on the device failed: {result.error_msg.strip().splitlines()[-1]}")
-            return statistics.median(float(t) for t in result.run_secs) * 1e3
+            return ms.runner.RunnerInput(path, "cpu", ms.arg_info.ArgInfo.from_prim_func(kernel["main"]))
+
+        def time_ms(*inputs: Any) -> list[float]:
+            # Alternated rounds, the median of each: a shared (emulating) host drifts between runs.
+            samples: list[list[float]] = [[] for _ in inputs]
+            for _ in range(rounds):
+                for i, one in enumerate(inputs):
+                    result = runner.run([one])[0].result()
+                    if result.error_msg:
+                        why = result.error_msg.strip().splitlines()[-1]
+                        raise EdgertError(f"timing {one.artifact_path} on the device failed: {why}")
+                    samples[i] += [float(t) * 1e3 for t in result.run_secs]
+            return [statistics.median(s) for s in samples]
 
         for i, task in enumerate(tasks):
             kernel = task.dispatched[0]
@@ -166,13 +175,9 @@ def compare(
             sch = database.query_schedule(kernel, tvm_target, workload_name="main")
             with tvm_target:
                 untuned = dlight.ApplyDefaultSchedule(*schedule_rules())(kernel)
-            rows.append(
-                {
-                    "kernel": task.task_name,
-                    "untuned_ms": time_ms(untuned, f"untuned{i}"),
-                    "tuned_ms": None if sch is None else time_ms(sch.mod, f"tuned{i}"),
-                }
-            )
+            inputs = [build(untuned, f"untuned{i}")] + ([] if sch is None else [build(sch.mod, f"tuned{i}")])
+            times = time_ms(*inputs)
+            rows.append({"kernel": task.task_name, "untuned_ms": times[0], "tuned_ms": times[1] if sch else None})
     return rows
 
 

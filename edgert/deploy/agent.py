@@ -638,6 +638,7 @@ def serve_tvm_rpc_env(folder: Path) -> None:
         return str(path)
 
     tvm_ffi.register_global_func("tvm.rpc.server.workpath", inside, override=True)
+
     def load_module(name: str) -> Any:
         # MetaSchedule uploads every candidate under the same name, and dlopen hands back the library
         # already loaded from a path: each is loaded from a fresh name (TVM's server has a fresh
