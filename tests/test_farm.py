@@ -1,25 +1,31 @@
-"""A device farm on TVM's RPC tracker: two emulated rpi5 boards register with one tracker
-(`edgert board start --count 2 --tracker`), `edgert farm status` lists them by key, and
-`edgert profile --tracker --key rpi5` profiles the tiny Llama on both in one report; a board
-killed in the middle of a second fleet profile is named in that report and the other finishes."""
+"""A device farm on TVM's RPC tracker.
+
+Slow: two emulated rpi5 boards register with one tracker (`edgert board start --count 2 --tracker`),
+`edgert farm status` lists them by key, and `edgert profile --tracker --key rpi5` profiles the tiny
+Llama on both in one report. Quick: three light agents on this host register with a tracker; in a
+fleet profile one is killed and one hangs (stopped, its connection kept): both are named in the
+report, the third finishes.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 from edgert.deploy import board_fleet, farm
-
-pytestmark = pytest.mark.slow
+from edgert.deploy.device_secrets import ENV, write_agent_copy
+from edgert.deploy.protocol import new_secret
 
 
 def _free_port() -> int:
@@ -38,79 +44,97 @@ def _wait_for(tracker: str, key: str, free: int, leased: int = 0, timeout: float
         time.sleep(0.3)
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, list[dict]]]:
-    """A tracker (in a folder of its own) with two emulated rpi5 boards registered."""
-    folder = tmp_path_factory.mktemp("farm")
-    mp = pytest.MonkeyPatch()
-    mp.setattr(farm, "farm_dir", lambda: folder)
-    assert not board_fleet.fleet_status(), "emulated fleet boards already run here"
+@pytest.fixture
+def tracker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """TVM's tracker, started with its state in a folder of its own."""
+    monkeypatch.setattr(farm, "farm_dir", lambda: tmp_path)
     state = farm.start_tracker("127.0.0.1", _free_port())
-    tracker = f"{state['host']}:{state['port']}"
+    try:
+        yield f"{state['host']}:{state['port']}"
+    finally:
+        assert farm.stop_tracker()
+
+
+@pytest.mark.slow
+def test_two_boards_one_tracker_one_fleet_report(tracker: str, tiny_rpi5_artifact: Path, tmp_path: Path) -> None:
+    assert not board_fleet.fleet_status(), "emulated fleet boards already run here"
     try:
         proc = run_cli("board", "start", "--target", "rpi5", "--count", "2", "--tracker", tracker)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.count("registered with") == 2
-        yield tracker, board_fleet.fleet_status()
+        boards = board_fleet.fleet_status()
+        assert len(boards) == 2
+        _wait_for(tracker, "rpi5", free=2)
+        status = run_cli("farm", "status", "--tracker", tracker, "--json")
+        assert status.returncode == 0, status.stderr
+        listed = json.loads(status.stdout)["keys"]["rpi5"]
+        assert listed["free"] == 2 and len(listed["devices"]) == 2
+
+        report = tmp_path / "fleet.html"
+        args = ["--tracker", tracker, "--key", "rpi5", "--devices", "all", "--runs", "1", "-n", "4"]
+        proc = run_cli("profile", str(tiny_rpi5_artifact), *args, "--report", str(report))
+        assert proc.returncode == 0, proc.stderr
+        doc = json.loads(report.with_suffix(".json").read_text())
+        assert doc["failures"] == []
+        names = {d["device"]["name"] for d in doc["devices"]}
+        assert names == {b["name"] for b in boards}
+        decode = doc["summary"]["decode_ms"]
+        assert len(decode["devices"]) == 2
+        for row in decode["devices"]:
+            assert 0 < row["median"] <= row["p90"]
+        medians = [row["median"] for row in decode["devices"]]
+        assert decode["spread"]["max_over_min"] == pytest.approx(max(medians) / min(medians), rel=1e-2)
+        html = report.read_text()
+        assert "emulated" in html and all(n in html for n in names)
+        for metric in ("decode_ms", "prefill_ms", "load_seconds", "peak_rss_mb"):
+            assert Path(f"{report.with_suffix('')}.{metric}.png").stat().st_size > 1000
+        _wait_for(tracker, "rpi5", free=2)  # the leases ended: both boards are back in the queue
     finally:
         board_fleet.stop_fleet()
-        assert farm.stop_tracker()
-        mp.undo()
 
 
-def test_two_boards_one_tracker_one_fleet_report(fleet, tiny_rpi5_artifact: Path, tmp_path: Path) -> None:
-    tracker, boards = fleet
-    assert len(boards) == 2
-    _wait_for(tracker, "rpi5", free=2)
-    status = run_cli("farm", "status", "--tracker", tracker, "--json")
-    assert status.returncode == 0, status.stderr
-    listed = json.loads(status.stdout)["keys"]["rpi5"]
-    assert listed["free"] == 2 and len(listed["devices"]) == 2
-
-    report = tmp_path / "fleet.html"
-    args = ["--tracker", tracker, "--key", "rpi5", "--devices", "all", "--runs", "1", "-n", "4"]
-    args += ["--report", str(report)]
-    proc = run_cli("profile", str(tiny_rpi5_artifact), *args)
-    assert proc.returncode == 0, proc.stderr
-    doc = json.loads(report.with_suffix(".json").read_text())
-    assert doc["failures"] == []
-    names = {d["device"]["name"] for d in doc["devices"]}
-    assert names == {b["name"] for b in boards}
-    decode = doc["summary"]["decode_ms"]
-    assert len(decode["devices"]) == 2
-    for row in decode["devices"]:
-        assert 0 < row["median"] <= row["p90"]
-    medians = [row["median"] for row in decode["devices"]]
-    assert decode["spread"]["max_over_min"] == pytest.approx(max(medians) / min(medians), rel=1e-2)
-    html = report.read_text()
-    assert "emulated" in html and all(n in html for n in names)
-    for metric in ("decode_ms", "prefill_ms", "load_seconds", "peak_rss_mb"):
-        assert Path(f"{report.with_suffix('')}.{metric}.png").stat().st_size > 1000
-    _wait_for(tracker, "rpi5", free=2)  # the leases ended: both boards are back in the queue
-
-
-def test_a_board_killed_mid_run_is_named_and_the_other_finishes(
-    fleet, tiny_rpi5_artifact: Path, tmp_path: Path
+def test_a_killed_and_a_hung_device_are_named_and_the_third_finishes(
+    tracker: str, tiny_host_artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tracker, boards = fleet
-    _wait_for(tracker, "rpi5", free=2)
-    victim = boards[0]
-    report = tmp_path / "fleet.html"
-    result: dict = {}
+    secret = new_secret()
+    monkeypatch.setenv(ENV, secret.hex())
+    key = "farmtest"
+    agents: dict[str, subprocess.Popen] = {}
+    try:
+        for who in ("killed", "hung", "healthy"):
+            folder = tmp_path / who
+            argv = [sys.executable, "-m", "edgert.deploy.agent", "--root", str(folder / "agent"), "--host", "127.0.0.1"]
+            argv += ["--rpc-port", "0", "--tracker", tracker, "--key", key, "--name", f"local {who}"]
+            argv += ["--secret-file", str(write_agent_copy(secret, folder / "agent.secret"))]
+            log = (folder / "agent.log").open("wb")
+            agents[f"local {who}"] = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+            )
+        _wait_for(tracker, key, free=3)
 
-    def profile() -> None:
-        options = {"runs": 2, "max_tokens": 16}
-        result["paths"] = farm.fleet_profile(tiny_rpi5_artifact, tracker, "rpi5", report, devices=2, **options)
+        real = farm._profile_one
 
-    worker = threading.Thread(target=profile)
-    worker.start()
-    _wait_for(tracker, "rpi5", free=0, leased=2)  # both leased: deploying or profiling now
-    time.sleep(1.5)
-    os.kill(victim["pid"], signal.SIGKILL)
-    worker.join(timeout=120)
-    assert not worker.is_alive()
-    doc = json.loads(result["paths"]["json"].read_text())
-    assert [d["device"]["name"] for d in doc["devices"]] == [boards[1]["name"]]
-    assert len(doc["failures"]) == 1 and doc["failures"][0]["device"] == victim["name"]
-    assert doc["failures"][0]["error"]
-    assert victim["name"] in report.read_text() and "Failed devices" in report.read_text()
+        def misbehave(dev, artifact, options):  # after the lease and the hello: mid-run
+            proc = agents[dev.name]
+            if dev.name == "local killed":
+                os.kill(proc.pid, signal.SIGKILL)
+            elif dev.name == "local hung":
+                os.kill(proc.pid, signal.SIGSTOP)  # alive, its connection open, never answering
+            return real(dev, artifact, options)
+
+        monkeypatch.setattr(farm, "_profile_one", misbehave)
+        report = tmp_path / "fleet.html"
+        paths = farm.fleet_profile(
+            tiny_host_artifact, tracker, key, report, devices=3, call_timeout=6, runs=1, max_tokens=4
+        )
+        doc = json.loads(paths["json"].read_text())
+        assert [d["device"]["name"] for d in doc["devices"]] == ["local healthy"]
+        failed = {f["device"]: f["error"] for f in doc["failures"]}
+        assert set(failed) == {"local killed", "local hung"}
+        assert re.search(r"no answer within 6 s", failed["local hung"]), failed
+        assert "no answer" not in failed["local killed"], failed
+        assert "local killed" in report.read_text() and "Failed devices" in report.read_text()
+    finally:
+        for proc in agents.values():
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()

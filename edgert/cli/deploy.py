@@ -47,6 +47,9 @@ def profile(
     secret: Annotated[
         str | None, typer.Option("--secret", help="With --tracker: the devices' secret name (default farm-KEY).")
     ] = None,
+    call_timeout: Annotated[
+        float, typer.Option("--call-timeout", help="With --tracker: seconds a call may take before the device is hung.")
+    ] = 900.0,
 ) -> None:
     """Measure on the device: load, prefill, per-token decode p50/p90/p99, per-operator time, peak memory;
     for a GPU artifact also each OpenCL kernel's device time (OpenCL events) and the device memory.
@@ -55,7 +58,7 @@ def profile(
 
     options = {"prompt": prompt, "runs": runs, "max_tokens": max_tokens, "threads": threads}
     if tracker is not None or key is not None:
-        _fleet(artifact, tracker, key, devices, secret, report, options)
+        _fleet(artifact, tracker, key, devices, secret, report, {**options, "call_timeout": call_timeout})
         return
     paths = profile_on_device(artifact, device, report, **options)
     result = json.loads(paths["json"].read_text())

@@ -627,18 +627,55 @@ def serve_tvm_rpc_env(folder: Path) -> None:
     from edgert.runtime.tvm_runtime import import_tvm
 
     tvm = import_tvm()
-    folder.mkdir(parents=True, exist_ok=True)
 
     def inside(name: str) -> str:
+        # MetaSchedule's cleanup removes the folder itself (``remove("")``): an empty folder goes,
+        # so it is made again for the next upload, as TVM's server makes a fresh one per session.
+        folder.mkdir(parents=True, exist_ok=True)
         path = (folder / name).resolve()
-        if folder.resolve() not in path.parents:
+        if path != folder.resolve() and folder.resolve() not in path.parents:
             raise ValueError(f"path '{name}' is outside the RPC work folder")
         return str(path)
 
     tvm_ffi.register_global_func("tvm.rpc.server.workpath", inside, override=True)
-    tvm_ffi.register_global_func(
-        "tvm.rpc.server.load_module", lambda name: tvm.runtime.load_module(inside(name)), override=True
-    )
+
+    def load_module(name: str) -> Any:
+        # MetaSchedule uploads every candidate under the same name, and dlopen hands back the library
+        # already loaded from a path: each is loaded from a fresh name (TVM's server has a fresh
+        # folder per session for this), which can go once it is loaded.
+        path = Path(inside(name))
+        fresh = path.with_name(f"{uuid.uuid4().hex}-{path.name}")
+        os.link(path, fresh)
+        try:
+            return tvm.runtime.load_module(str(fresh))
+        finally:
+            fresh.unlink(missing_ok=True)
+
+    tvm_ffi.register_global_func("tvm.rpc.server.load_module", load_module, override=True)
+    if tvm_ffi.get_global_func(RANDOM_FILL, allow_missing=True) is None:
+        # The device's runtime-only TVM is built without USE_RANDOM; MetaSchedule's RPC runner fills
+        # every kernel argument with it before timing, so without it every candidate failed.
+        tvm_ffi.register_global_func(RANDOM_FILL, random_fill_for_measure, override=True)
+
+
+RANDOM_FILL = "tvm.contrib.random.random_fill_for_measure"
+
+
+def random_fill_for_measure(tensor: Any) -> None:
+    """Fill a kernel argument with random values for timing (TVM's ``random_fill_for_measure``).
+
+    Floats are uniform in [-1, 1); integers 0 or 1, so that index arguments (gather, take) stay in range.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng()
+    dtype = np.dtype(str(tensor.dtype))
+    shape = tuple(int(d) for d in tensor.shape)
+    if dtype.kind == "f":
+        values = rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
+    else:
+        values = rng.integers(0, 2, size=shape).astype(dtype)
+    tensor.copyfrom(values)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import itertools
 import os
 import socket
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -185,13 +186,43 @@ class RpcChannel(Channel):
         except Exception as exc:  # TVM reports refused or unreachable as a generic error
             raise DeviceError(f"{where}: cannot open a TVM RPC session with {host}:{port} ({exc})") from exc
 
+    hung = False  # a call outlived its timeout: the session is given up
+
     def exchange(self, header: dict[str, Any], payload: bytes, timeout: float | None) -> tuple[dict[str, Any], bytes]:
-        """Call the remote function with the request frame; it returns the reply frame."""
+        """Call the remote function with the request frame; it returns the reply frame.
+
+        TVM's RPC call has no timeout of its own and a device that hangs without closing its
+        connection blocks it forever: with ``timeout`` the call runs on a helper thread, and one
+        that outlives it is abandoned (the session with it) and reported as a DeviceError.
+        """
+        if self.hung or self.func is None:
+            raise DeviceError(f"{self.where}: the session was given up (a call did not return)")
+        frame = bytearray(encode_frame(header, payload))
+        if timeout is None:
+            return decode_frame(bytes(self._call(frame)))
+        box: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                box["reply"] = self._call(frame)
+            except BaseException as exc:  # handed to the caller's thread
+                box["error"] = exc
+
+        helper = threading.Thread(target=call, daemon=True, name="rpc-call")
+        helper.start()
+        helper.join(timeout)
+        if helper.is_alive():
+            self.hung = True
+            raise DeviceError(f"{self.where}: no answer within {timeout:g} s (the device hangs)")
+        if "error" in box:
+            raise box["error"]
+        return decode_frame(bytes(box["reply"]))  # a call returns its own reply: none can be stale
+
+    def _call(self, frame: bytearray) -> Any:
         try:
-            reply = self.func(bytearray(encode_frame(header, payload)))
+            return self.func(frame)
         except Exception as exc:
             raise DeviceError(f"{self.where}: the RPC call failed ({str(exc).strip().splitlines()[-1]})") from exc
-        return decode_frame(bytes(reply))  # a call returns its own reply: none can be stale
 
 
 class Device:

@@ -234,6 +234,9 @@ def lease(tracker: str, key: str, count: int | str = "all", secret: str | None =
 
 
 Progress = Callable[[str], None]
+# Per call to a leased device: an upload chunk or a whole profile (SmolLM2 on an emulated board
+# takes minutes), so generous; a device past it is reported as hung.
+CALL_TIMEOUT = 900.0
 
 
 def _profile_one(dev: Device, artifact: Path, options: dict[str, Any]) -> dict[str, Any]:
@@ -258,11 +261,13 @@ def fleet_profile(
     devices: int | str = "all",
     secret: str | None = None,
     log: Progress | None = None,
+    call_timeout: float = CALL_TIMEOUT,
     **options: Any,
 ) -> dict[str, Path]:
     """Lease devices of ``key``, deploy and profile ``artifact`` on each in parallel, write one fleet report.
 
-    A device that fails (refuses the artifact, drops mid-run) is named with its reason in the report;
+    A device that fails (refuses the artifact, drops mid-run, or leaves one call unanswered for
+    ``call_timeout`` seconds while keeping its connection) is named with its reason in the report;
     the others finish.
     """
     from edgert.errors import OutputPathError
@@ -272,6 +277,8 @@ def fleet_profile(
     if not report.parent.is_dir():
         raise OutputPathError(f"cannot write the report {report}: folder {report.parent} does not exist")
     leased = lease(tracker, key, devices, secret)
+    for dev in leased:
+        dev.timeout = call_timeout
     results: list[dict[str, Any] | None] = [None] * len(leased)
     failures: list[dict[str, Any]] = []
     names = []
