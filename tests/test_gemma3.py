@@ -1,8 +1,8 @@
 """Gemma 3: the family's pieces on the shipped Q4_K_M GGUF, and agreement with llama.cpp.
 
 Fast tests check the config read from ``gemma3.*`` metadata, the tokenizer against llama.cpp's,
-and that the Q5_0 and Q4_K tensors kept as q8/q4 blocks hold the file's values (numpy, against
-`gguf`'s dequantization). The slow ones compile the model and compare it with llama.cpp
+and that the Q5_0, Q8_0, Q4_K and Q6_K tensors kept as codes and scales hold exactly the file's
+values (numpy, bit for bit against `gguf`'s dequantization). The slow ones compile the model and compare it with llama.cpp
 (llama-cpp-python), greedy, 10 prompts, 48-token continuations, with the method of
 test_llamacpp_agreement.py: teacher-forced argmax agreement on the positions llama.cpp's own
 batched evaluation reproduces, and the first 16 tokens of free generation, against llama.cpp on
@@ -49,17 +49,19 @@ def test_config_from_metadata_and_published_defaults(gemma_model) -> None:
 
 
 def test_kquant_blocks_hold_the_files_values(gemma_model) -> None:
+    """Every quantized type of the file is kept as codes and scales that reproduce gguf's values bit for bit."""
     from edgert.families.gemma3.loader import kquant_rows
 
-    q5 = kquant_rows(gemma_model, "blk.0.attn_q.weight")  # Q5_0: exact as q8
-    assert gemma_model.tensor_types["blk.0.attn_q.weight"] == "Q5_0" and q5.kind == "q8"
-    assert np.array_equal(q5.dequantize(), gemma_model.tensor("blk.0.attn_q.weight"))
-    q4 = kquant_rows(gemma_model, "blk.0.attn_output.weight")  # Q4_K: codes exact, f16 sub-block scales
-    assert gemma_model.tensor_types["blk.0.attn_output.weight"] == "Q4_K" and q4.kind == "q4"
-    ref = gemma_model.tensor("blk.0.attn_output.weight")
-    err = np.abs(q4.dequantize() - ref).max()
-    assert err <= 2e-3 * np.abs(ref).max(), err
-    assert kquant_rows(gemma_model, "blk.0.ffn_down.weight") is None  # Q6_K: used as floats
+    cases = {  # tensor: (its type in the file, the storage edgert keeps it in)
+        "blk.0.attn_q.weight": ("Q5_0", "q8"),
+        "blk.0.attn_v.weight": ("Q8_0", "q8"),
+        "blk.0.attn_output.weight": ("Q4_K", "q4s32"),
+        "blk.0.ffn_down.weight": ("Q6_K", "q8g16s32"),
+    }
+    for name, (kind, key) in cases.items():
+        q = kquant_rows(gemma_model, name)
+        assert gemma_model.tensor_types[name] == kind and q.fmt.key == key, name
+        np.testing.assert_array_equal(q.dequantize().view(np.uint32), gemma_model.tensor(name).view(np.uint32), name)
 
 
 def test_tokenizer_matches_llama_cpp(gemma_model, gemma_gguf: Path) -> None:
