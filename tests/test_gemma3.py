@@ -2,7 +2,8 @@
 
 Fast tests check the config read from ``gemma3.*`` metadata, the tokenizer against llama.cpp's,
 and that the Q5_0, Q8_0, Q4_K and Q6_K tensors kept as codes and scales hold exactly the file's
-values (numpy, bit for bit against `gguf`'s dequantization). The slow ones compile the model and compare it with llama.cpp
+values (numpy, bit for bit against `gguf`'s dequantization). The slow ones compile the model and
+compare it with llama.cpp
 (llama-cpp-python), greedy, 10 prompts, 48-token continuations, with the method of
 test_llamacpp_agreement.py: teacher-forced argmax agreement on the positions llama.cpp's own
 batched evaluation reproduces, and the first 16 tokens of free generation, against llama.cpp on

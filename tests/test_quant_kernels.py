@@ -49,7 +49,12 @@ def test_gguf_blocks_decode_exactly(kind: str) -> None:
 
 
 # Bytes per block and where its f16 super-block scale(s) sit.
-KQUANT_BLOCKS = {"Q5_0": (22, 32, (0,)), "Q4_K": (144, 256, (0, 2)), "Q5_K": (176, 256, (0, 2)), "Q6_K": (210, 256, (208,))}
+KQUANT_BLOCKS = {
+    "Q5_0": (22, 32, (0,)),
+    "Q4_K": (144, 256, (0, 2)),
+    "Q5_K": (176, 256, (0, 2)),
+    "Q6_K": (210, 256, (208,)),
+}
 # (GGUF type, N, K) for the kernels of the K-quant formats: N off the tile and vector widths.
 KQUANT_SHAPES = [("Q4_K", 37, 256), ("Q5_K", 20, 256), ("Q6_K", 1000, 512)]
 
