@@ -211,3 +211,32 @@ def test_local_layers_attend_to_their_window_only(gemma, llama_cpp, gemma_gguf: 
     agree = np.argmax(gemma.score(ids), axis=-1) == expected
     print(f"gemma3 past the window: {int(agree[512:].sum())}/{len(agree) - 512}")
     assert agree[512:].mean() >= 0.97
+
+
+@pytest.mark.slow
+def test_chat_over_stdin_holds_two_turns(gemma, gemma_artifact: Path) -> None:
+    """`edgert chat` with two piped turns: the second prefills only the new turn (the cache holds the
+    first), and each reply is the greedy reply of a fresh run on the whole conversation so far.
+    (llama.cpp is not the reference here: its 262k-word head costs ~20 s a turn, and the agreement
+    tests above already compare the model with it.)"""
+    import re
+
+    from conftest import run_cli
+
+    turns, length = ["Write a haiku about the sea.", "Now write one about the mountains."], 24
+    res = run_cli("chat", str(gemma_artifact), "--max-tokens", str(length), input="\n".join([*turns, "/exit"]) + "\n")
+    assert res.returncode == 0, res.stderr
+    cached = [int(n) for n in re.findall(r"\((\d+) cached\)", res.stderr)]
+    assert len(cached) == 2 and cached[0] == 0 and cached[1] > 0, res.stderr
+    messages: list[dict[str, str]] = []
+    replies = []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        ids = gemma.tokenizer.encode(gemma.tokenizer.apply_chat_template(messages))
+        reply = "".join(t.text for t in gemma.generate(ids, max_tokens=length))
+        messages.append({"role": "assistant", "content": reply})
+        replies.append(reply)
+    assert replies[0].strip() and replies[0] != replies[1]
+    pos = 0
+    for reply in replies:  # each in the transcript, in order
+        pos = res.stdout.index(reply.strip(), pos) + 1
