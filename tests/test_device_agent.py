@@ -65,6 +65,17 @@ def test_frames_round_trip_and_refuse_garbling() -> None:
         decode_frame(frame[:-3])
 
 
+def test_family_ops_are_served_by_the_models_own_family() -> None:
+    """`run` is served by llama and gemma3 alike: the agent binds it to the artifact's family."""
+    from edgert.families import registry
+
+    assert registry.families_serving("run") == ["llama", "gemma3"]
+    for name in ("llama", "gemma3"):
+        family, function = registry.device_op("run", name)
+        assert family.name == name and callable(function)
+    assert registry.device_op("run", "whisper") is None and registry.device_op("transcribe", "whisper") is not None
+
+
 def test_agent_imports_nothing_from_the_compiler_side() -> None:
     # The agent, and what it reaches through the registry (each family's runtime task and device ops).
     todo, seen, bad = [ROOT / "edgert" / "deploy" / "agent.py", *device_side_files()], set(), []

@@ -1,8 +1,9 @@
 """Gemma 3: the family's pieces on the shipped Q4_K_M GGUF, and agreement with llama.cpp.
 
 Fast tests check the config read from ``gemma3.*`` metadata, the tokenizer against llama.cpp's,
-and that the Q5_0 and Q4_K tensors kept as q8/q4 blocks hold the file's values (numpy, against
-`gguf`'s dequantization). The slow ones compile the model and compare it with llama.cpp
+and that the Q5_0, Q8_0, Q4_K and Q6_K tensors kept as codes and scales hold exactly the file's
+values (numpy, bit for bit against `gguf`'s dequantization). The slow ones compile the model and
+compare it with llama.cpp
 (llama-cpp-python), greedy, 10 prompts, 48-token continuations, with the method of
 test_llamacpp_agreement.py: teacher-forced argmax agreement on the positions llama.cpp's own
 batched evaluation reproduces, and the first 16 tokens of free generation, against llama.cpp on
@@ -49,17 +50,19 @@ def test_config_from_metadata_and_published_defaults(gemma_model) -> None:
 
 
 def test_kquant_blocks_hold_the_files_values(gemma_model) -> None:
+    """Every quantized type of the file is kept as codes and scales that reproduce gguf's values bit for bit."""
     from edgert.families.gemma3.loader import kquant_rows
 
-    q5 = kquant_rows(gemma_model, "blk.0.attn_q.weight")  # Q5_0: exact as q8
-    assert gemma_model.tensor_types["blk.0.attn_q.weight"] == "Q5_0" and q5.kind == "q8"
-    assert np.array_equal(q5.dequantize(), gemma_model.tensor("blk.0.attn_q.weight"))
-    q4 = kquant_rows(gemma_model, "blk.0.attn_output.weight")  # Q4_K: codes exact, f16 sub-block scales
-    assert gemma_model.tensor_types["blk.0.attn_output.weight"] == "Q4_K" and q4.kind == "q4"
-    ref = gemma_model.tensor("blk.0.attn_output.weight")
-    err = np.abs(q4.dequantize() - ref).max()
-    assert err <= 2e-3 * np.abs(ref).max(), err
-    assert kquant_rows(gemma_model, "blk.0.ffn_down.weight") is None  # Q6_K: used as floats
+    cases = {  # tensor: (its type in the file, the storage edgert keeps it in)
+        "blk.0.attn_q.weight": ("Q5_0", "q8"),
+        "blk.0.attn_v.weight": ("Q8_0", "q8"),
+        "blk.0.attn_output.weight": ("Q4_K", "q4s32"),
+        "blk.0.ffn_down.weight": ("Q6_K", "q8g16s32"),
+    }
+    for name, (kind, key) in cases.items():
+        q = kquant_rows(gemma_model, name)
+        assert gemma_model.tensor_types[name] == kind and q.fmt.key == key, name
+        np.testing.assert_array_equal(q.dequantize().view(np.uint32), gemma_model.tensor(name).view(np.uint32), name)
 
 
 def test_tokenizer_matches_llama_cpp(gemma_model, gemma_gguf: Path) -> None:
@@ -208,3 +211,32 @@ def test_local_layers_attend_to_their_window_only(gemma, llama_cpp, gemma_gguf: 
     agree = np.argmax(gemma.score(ids), axis=-1) == expected
     print(f"gemma3 past the window: {int(agree[512:].sum())}/{len(agree) - 512}")
     assert agree[512:].mean() >= 0.97
+
+
+@pytest.mark.slow
+def test_chat_over_stdin_holds_two_turns(gemma, gemma_artifact: Path) -> None:
+    """`edgert chat` with two piped turns: the second prefills only the new turn (the cache holds the
+    first), and each reply is the greedy reply of a fresh run on the whole conversation so far.
+    (llama.cpp is not the reference here: its 262k-word head costs ~20 s a turn, and the agreement
+    tests above already compare the model with it.)"""
+    import re
+
+    from conftest import run_cli
+
+    turns, length = ["Write a haiku about the sea.", "Now write one about the mountains."], 24
+    res = run_cli("chat", str(gemma_artifact), "--max-tokens", str(length), input="\n".join([*turns, "/exit"]) + "\n")
+    assert res.returncode == 0, res.stderr
+    cached = [int(n) for n in re.findall(r"\((\d+) cached\)", res.stderr)]
+    assert len(cached) == 2 and cached[0] == 0 and cached[1] > 0, res.stderr
+    messages: list[dict[str, str]] = []
+    replies = []
+    for turn in turns:
+        messages.append({"role": "user", "content": turn})
+        ids = gemma.tokenizer.encode(gemma.tokenizer.apply_chat_template(messages))
+        reply = "".join(t.text for t in gemma.generate(ids, max_tokens=length))
+        messages.append({"role": "assistant", "content": reply})
+        replies.append(reply)
+    assert replies[0].strip() and replies[0] != replies[1]
+    pos = 0
+    for reply in replies:  # each in the transcript, in order
+        pos = res.stdout.index(reply.strip(), pos) + 1

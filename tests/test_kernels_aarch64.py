@@ -2,7 +2,8 @@
 dotprod) and run under ``qemu-aarch64-static`` in the emulated board's root file system.
 
 One aarch64 library holds the quantized matmuls (q4 from GGUF Q4_0 and Q4_1 blocks, q8 from
-Q8_0, each also as the int8-activation ``sdot`` kernel, and the float16 packed matmul) and the
+Q8_0, each also as the int8-activation ``sdot`` kernel; the K-quant formats of Q4_K, Q5_K and
+Q6_K blocks; and the float16 packed matmul) and the
 paged decode attention, the codec family's LSTM and one-channel convolution; the project's tiny ONNX
 graphs (dense + GELU epilogue, attention with softmax, residual layer norm, conv1d) are compiled
 for the board with the graph schedule rules. All of it runs in ONE emulated process (starting
@@ -25,7 +26,7 @@ import pytest
 from conftest import ROOT, load_tool
 from test_codec_kernels import CODEC_KERNELS, codec_kernel_cases
 from test_decode_attention import PAGE, _reference
-from test_quant_kernels import int8_activation_reference
+from test_quant_kernels import KQUANT_BLOCKS, int8_activation_reference, kquant_blocks
 
 from edgert.compiler.kernels.int8 import int8_quant_matmul
 from edgert.compiler.kernels.quant import ROW_TILE, packed_matmul, pick_block, quant_block, quant_matmul
@@ -41,6 +42,9 @@ MATMULS = [
     ("q4_1_1000x96", "Q4_1", 1000, 96),
     ("q4_1_20x32", "Q4_1", 20, 32),
     ("q8_0_37x96", "Q8_0", 37, 96),
+    ("q4_k_37x256", "Q4_K", 37, 256),  # the K-quant formats: f32 sub-block scales (and mins)
+    ("q5_k_20x256", "Q5_K", 20, 256),
+    ("q6_k_40x512", "Q6_K", 40, 512),  # groups of 16
     ("f16_40x24", "float16", 40, 24),
 ]
 ROWS = (1, 3, 5, 7, 2 * ROW_TILE + 1)  # decode, below the prefill row tile, past it with remainders
@@ -51,6 +55,8 @@ GRAPHS = ["dense", "attention", "layernorm", "conv1d"]
 def _quantized(kind: str, n: int, k: int, rng: np.random.Generator):
     import gguf
 
+    if kind in KQUANT_BLOCKS:  # gguf does not quantize these: random blocks
+        return from_gguf_blocks(kind, kquant_blocks(kind, n, k, rng), (n, k))
     x = rng.standard_normal((n, k)).astype(np.float32)
     return from_gguf_blocks(kind, gguf.quants.quantize(x, gguf.GGMLQuantizationType[kind]), (n, k))
 
@@ -85,12 +91,12 @@ def board_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         else:
             q = _quantized(kind, n, k, rng)
             block = quant_block(n)
-            funcs[name] = quant_matmul(k, n, block, q.kind)
+            funcs[name] = quant_matmul(k, n, block, q.fmt.key)
             weights, dense = list(pack_quantized(q, block)), q.dequantize().astype(np.float64)
-            # The int8-activation kernel (sdot) on the same weights and inputs, in its own layout.
-            funcs[f"{name}_sdot"] = int8_quant_matmul(k, n, block, q.kind, "dotprod")
-            for i, wt in enumerate(pack_quantized_dot(q, block)):
-                inputs[f"{name}_sdot/w{i}"] = wt
+            if q.fmt.plain:  # The int8-activation kernel (sdot) on the same weights and inputs, in its own layout.
+                funcs[f"{name}_sdot"] = int8_quant_matmul(k, n, block, q.kind, "dotprod")
+                for i, wt in enumerate(pack_quantized_dot(q, block)):
+                    inputs[f"{name}_sdot/w{i}"] = wt
         for i, wt in enumerate(weights):
             inputs[f"{name}/w{i}"] = wt
         for m in ROWS:
@@ -206,7 +212,7 @@ def test_it_ran_on_aarch64_with_neon(board_run: dict) -> None:
         assert f"{op}\tv" in board_run["asm"], f"no NEON '{op}' in the kernels"
 
 
-@pytest.mark.parametrize("name", [m[0] for m in MATMULS if not m[1].startswith("float")])
+@pytest.mark.parametrize("name", [m[0] for m in MATMULS if m[1] in ("Q4_0", "Q4_1", "Q8_0")])
 def test_int8_activation_matmuls_match_numpy_on_aarch64(board_run: dict, name: str) -> None:
     """The sdot kernels: int8-rounded activations for every row count."""
     for m in ROWS:

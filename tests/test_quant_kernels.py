@@ -1,5 +1,10 @@
 """Group-quantized weights: GGUF block decoding, edgert's quantizer, and the q4/q8 matmul kernels.
 
+K-quant blocks (Q4_K, Q5_K, Q6_K) and Q5_0 are random bytes with sane f16 super-block scales (gguf
+only dequantizes them): their codes and scales must reproduce gguf's dequantization bit for bit,
+and the kernels of their formats (f32 scales, Q6_K's groups of 16, Q5_K's q8 with a min) must
+match numpy on awkward shapes.
+
 The kernels are checked against numpy (float64) on awkward shapes: N not a multiple of the
 column tile or of the vector width, one output tile smaller than the tile, one row (decode),
 a few rows (speculative verify), and row counts past the row tile with a remainder. K is always
@@ -41,6 +46,74 @@ def test_gguf_blocks_decode_exactly(kind: str) -> None:
     expected = np.asarray(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[kind]), np.float32)
     np.testing.assert_array_equal(q.dequantize(), expected)
     assert 0 < np.abs(q.dequantize() - x).max() < 1.0  # really quantized, and near the input
+
+
+# Bytes per block and where its f16 super-block scale(s) sit.
+KQUANT_BLOCKS = {
+    "Q5_0": (22, 32, (0,)),
+    "Q4_K": (144, 256, (0, 2)),
+    "Q5_K": (176, 256, (0, 2)),
+    "Q6_K": (210, 256, (208,)),
+}
+# (GGUF type, N, K) for the kernels of the K-quant formats: N off the tile and vector widths.
+KQUANT_SHAPES = [("Q4_K", 37, 256), ("Q5_K", 20, 256), ("Q6_K", 1000, 512)]
+
+
+def kquant_blocks(kind: str, n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Random GGUF bytes of type ``kind`` for an [n, k] matrix, with f16 scales of a trained model's size."""
+    size, per, offsets = KQUANT_BLOCKS[kind]
+    b = rng.integers(0, 256, (n * k // per, size), dtype=np.uint8)
+    for off in offsets:
+        scale = (rng.uniform(0.5, 2.0, len(b)) * 1e-3).astype(np.float16)
+        b[:, off : off + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return b.reshape(n, -1)
+
+
+@pytest.mark.parametrize("kind", list(KQUANT_BLOCKS))
+def test_kquant_blocks_decode_exactly(kind: str) -> None:
+    """Codes and per-sub-block scales of Q5_0 and K-quant bytes reproduce gguf's dequantization bit for bit."""
+    import gguf
+
+    blocks = kquant_blocks(kind, 6, 512, np.random.default_rng(7))
+    q = from_gguf_blocks(kind, blocks, (6, 512))
+    expected = np.asarray(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[kind]), np.float32)
+    np.testing.assert_array_equal(q.dequantize().view(np.uint32), expected.reshape(6, 512).view(np.uint32))
+    assert q.fmt.key == {"Q5_0": "q8", "Q4_K": "q4s32", "Q5_K": "q8s32m", "Q6_K": "q8g16s32"}[kind]
+    order = np.array([3, 1, 5])
+    np.testing.assert_array_equal(q.take_rows(order).dequantize(), q.dequantize()[order])
+
+
+@pytest.fixture(scope="module")
+def kquant_kernels():
+    """The kernels of KQUANT_SHAPES compiled for the host in one module, with their matrices."""
+    import tvm
+    from tvm.target import codegen
+
+    rng = np.random.default_rng(11)
+    funcs, mats = {}, {}
+    for kind, n, k in KQUANT_SHAPES:
+        q = from_gguf_blocks(kind, kquant_blocks(kind, n, k, rng), (n, k))
+        funcs[kind] = quant_matmul(k, n, quant_block(n), q.fmt.key).with_attr("global_symbol", kind)
+        mats[kind] = q
+    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 2})
+    return tvm.compile(tvm.IRModule(funcs), target=target), mats
+
+
+@pytest.mark.parametrize(("kind", "n", "k"), KQUANT_SHAPES)
+def test_kquant_matmul_matches_numpy(kquant_kernels, kind: str, n: int, k: int) -> None:
+    import tvm
+
+    lib, mats = kquant_kernels
+    q = mats[kind]
+    weights = [tvm.runtime.tensor(a) for a in pack_quantized(q, quant_block(n))]
+    w64 = q.dequantize().astype(np.float64)
+    rng = np.random.default_rng(n)
+    for m in ROWS:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        lib[kind](tvm.runtime.tensor(x), *weights, y)
+        expected = x.astype(np.float64) @ w64.T
+        np.testing.assert_allclose(y.numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max(), err_msg=f"m={m}")
 
 
 @pytest.mark.parametrize(("kind", "gguf_kind"), [("q4", "Q4_1"), ("q8", "Q8_0")])

@@ -151,6 +151,8 @@ def pack_rows(w: np.ndarray | QuantizedRows, kind: str, scale_dtype: str = "floa
 
 
 def _linear(name: str, in_features: int, out_features: int, kind: str, half: bool) -> tuple[GpuLinear, Repack]:
+    if kind.startswith("q") and kind not in CODES_PER_WORD:
+        kind = "f16"  # K-quant variants (groups of 16, f32 scales): dequantized; the GPU kernels take q4/q8
     if kind == "f16" and not half:
         kind = "f32"
     scale_dtype = "float16" if half else "float32"

@@ -18,8 +18,8 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
 from edgert.compiler.kernels.int8 import i8mm_quant_matmul, int8_quant_matmul
-from edgert.compiler.kernels.quant import GROUP, packed_matmul, pick_block, quant_block, quant_matmul
-from edgert.frontend.quantized import QuantizedRows
+from edgert.compiler.kernels.quant import packed_matmul, pick_block, quant_block, quant_matmul
+from edgert.frontend.quantized import QuantizedRows, is_quantized, parse_kind
 
 WEIGHT_DTYPES = {"f32": "float32", "f16": "float16"}
 
@@ -98,13 +98,18 @@ class CompactEmbedding(nn.Module):
 
 
 class QuantLinear(nn.Module):
-    """A bias-free linear layer with group-quantized weights (q4 or q8), dequantized in the kernel."""
+    """A bias-free linear layer with group-quantized weights (q4 or q8 and the K-quant variants of
+    `parse_kind`), dequantized in the kernel."""
 
-    def __init__(self, in_features: int, out_features: int, kind: str, isa: str | None = None):
-        # isa (avx2, dotprod, i8mm): the int8-activation kernels of kernels_int8 and their weight layout.
+    def __init__(self, in_features: int, out_features: int, storage: str, isa: str | None = None):
+        # isa (avx2, dotprod, i8mm): the int8-activation kernels of kernels_int8 and their weight layout
+        # (plain q4/q8 only).
+        self.fmt = parse_kind(storage)
+        kind = self.fmt.base
+        self.storage, self.group = storage, self.fmt.group
         self.in_features, self.out_features, self.kind, self.isa = in_features, out_features, kind, isa
         self.block = quant_block(out_features)
-        nb, ng = -(-out_features // self.block), in_features // GROUP
+        nb, ng = -(-out_features // self.block), in_features // self.group
         if isa == "i8mm":
             shape = (nb, in_features // (16 if kind == "q4" else 8), self.block, 8)
             self.qweight = nn.Parameter(shape, "uint8" if kind == "q4" else "int8")
@@ -115,12 +120,12 @@ class QuantLinear(nn.Module):
             self.qweight = nn.Parameter((nb, in_features // 8, self.block), "uint32")
         else:
             self.qweight = nn.Parameter((nb, in_features, self.block), "int8")
-        self.scale = nn.Parameter((nb, ng, self.block), "float16")
-        if kind == "q4":
-            self.min = nn.Parameter((nb, ng, self.block), "float16")
+        self.scale = nn.Parameter((nb, ng, self.block), self.fmt.scale_dtype)
+        if self.fmt.has_min:
+            self.min = nn.Parameter((nb, ng, self.block), self.fmt.scale_dtype)
 
     def _params(self) -> list[Tensor]:
-        return [self.qweight, self.scale] + ([self.min] if self.kind == "q4" else [])
+        return [self.qweight, self.scale] + ([self.min] if self.fmt.has_min else [])
 
     def forward(self, x: Tensor) -> Tensor:
         *lead, k = x.shape
@@ -132,7 +137,7 @@ class QuantLinear(nn.Module):
         elif self.isa is not None:
             kernel = int8_quant_matmul(k, self.out_features, self.block, self.kind, self.isa)
         else:
-            kernel = quant_matmul(k, self.out_features, self.block, self.kind)
+            kernel = quant_matmul(k, self.out_features, self.block, self.storage)
         y = op.tensor_ir_op(
             kernel,
             "quant_matmul",
@@ -143,7 +148,7 @@ class QuantLinear(nn.Module):
 
     def gather(self, ids: Tensor) -> Tensor:
         """Rows ``ids`` of the weight matrix, dequantized to float32 (an embedding lookup)."""
-        block, k, n, q4 = self.block, self.in_features, self.out_features, self.kind == "q4"
+        block, k, n, q4, group = self.block, self.in_features, self.out_features, self.kind == "q4", self.group
         # Byte layouts (`_pack_runs`): runs of 4 (avx2, dotprod) or 8 (i8mm) rows of a column.
         run = 0 if self.isa is None else 8 if self.isa == "i8mm" else 4
 
@@ -151,7 +156,7 @@ class QuantLinear(nn.Module):
             def value(i: Any, c: Any) -> Any:
                 # Out-of-range ids are clipped so a bad id cannot read outside the table (the runtime also checks).
                 r = tirx.max(tirx.min(flat[i].astype("int64"), n - 1), 0)
-                t, j, g = r // block, r % block, c // GROUP
+                t, j, g = r // block, r % block, c // group
                 if q4 and run:  # byte c % run of the column's run bytes; the high nibble holds the next run
                     byte = qw[t, c // (2 * run), j, c % run]
                     shift = (4 * ((c % (2 * run)) // run)).astype("uint8")
@@ -163,7 +168,8 @@ class QuantLinear(nn.Module):
                     return code * sc[t, g, j].astype("float32") + mn[0][t, g, j].astype("float32")
                 if run:
                     return qw[t, c // run, j, c % run].astype("float32") * sc[t, g, j].astype("float32")
-                return qw[t, c, j].astype("float32") * sc[t, g, j].astype("float32")
+                value = qw[t, c, j].astype("float32") * sc[t, g, j].astype("float32")
+                return value + mn[0][t, g, j].astype("float32") if mn else value
 
             return te.compute((flat.shape[0], k), value, name="gather_rows")
 
@@ -194,8 +200,8 @@ def pack_columns(w: np.ndarray, block: int, dtype: str) -> np.ndarray:
 def pack_quantized(q: QuantizedRows, block: int) -> tuple[np.ndarray, ...]:
     """Codes and scales ``[N, K]`` / ``[N, K/G]`` to the tiled layout of `kernels.quant_matmul`.
 
-    Returns (qweight, scale) for q8 and (qweight, scale, min) for q4; the last column tile is
-    zero-padded when ``block`` does not divide N.
+    Returns (qweight, scale) and the min where the format has one (q4, Q5_K's q8); the last column
+    tile is zero-padded when ``block`` does not divide N.
     """
     n, k = q.shape
     pad = -n % block
@@ -211,7 +217,8 @@ def pack_quantized(q: QuantizedRows, block: int) -> tuple[np.ndarray, ...]:
             words |= nibbles[:, :, s] << np.uint32(4 * s)
         assert q.min is not None
         return tiles(words), tiles(q.scale), tiles(q.min)
-    return tiles(q.codes.astype(np.int8)), tiles(q.scale)
+    mins = () if q.min is None else (tiles(q.min),)
+    return (tiles(q.codes.astype(np.int8)), tiles(q.scale), *mins)
 
 
 class GatherEmbedding(nn.Module):
@@ -236,9 +243,9 @@ def _layout_for(
     name: str, in_features: int, out_features: int, kind: str, isa: str | None = None
 ) -> tuple[nn.Module, Repack]:
     """The module for an ``[out, in]`` matrix stored as ``kind``, and its repack function."""
-    if kind in ("q4", "q8"):
+    if is_quantized(kind):
         module = QuantLinear(in_features, out_features, kind, isa)
-        names = [f"{name}.{p}" for p in ("qweight", "scale", "min")[: 3 if kind == "q4" else 2]]
+        names = [f"{name}.{p}" for p in ("qweight", "scale", "min")[: 3 if module.fmt.has_min else 2]]
         pack = {None: pack_quantized, "i8mm": pack_quantized_mmla}.get(isa, pack_quantized_dot)
         return module, lambda w, b=module.block: dict(zip(names, pack(w, b), strict=True))
     dtype = WEIGHT_DTYPES[kind]
@@ -259,6 +266,8 @@ def _int8_for(kind: str, isa: str | None) -> str | None:
     """
     if isa == "avx2" and kind != "q4":
         return None
+    if is_quantized(kind) and not parse_kind(kind).plain:
+        return None  # K-quant variants (groups of 16, f32 scales, q8 min): the float-activation kernels
     return isa
 
 
@@ -285,14 +294,14 @@ def apply_cpu_layout(
         def visit_module(self, name: str, node: nn.Module) -> nn.Module:
             kind = storage.get(f"{name}.weight", default)
             if isinstance(node, nn.Linear) and node.bias is None:
-                if kind in ("q4", "q8") or pick_block(node.out_features) is not None:
+                if is_quantized(kind) or pick_block(node.out_features) is not None:
                     module, repack[f"{name}.weight"] = _layout_for(
                         name, node.in_features, node.out_features, kind, _int8_for(kind, int8_isa)
                     )
                     modules[name] = module
                     return module
             if isinstance(node, nn.Embedding) and (tied is None or name != tied[0]):
-                if kind in ("q4", "q8"):
+                if is_quantized(kind):
                     table, fn = _layout_for(f"{name}.table", node.dim, node.num, kind, _int8_for(kind, int8_isa))
                     repack[f"{name}.weight"] = fn
                     return GatherEmbedding(table, tied=False)

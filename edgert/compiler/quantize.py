@@ -2,8 +2,9 @@
 
 ``--quant`` picks how the linear layers (and the tied embedding) are stored:
 
-- ``source`` (default): GGUF Q4_0/Q4_1/Q8_0 tensors stay exactly as the file has them (as q4/q8
-  codes and scales); every other tensor is stored f16.
+- ``source`` (default): GGUF Q4_0/Q4_1/Q8_0, Q5_0 and K-quant (Q4_K, Q5_K, Q6_K) tensors stay
+  exactly as the file has them (as q4/q8 codes and scales, see `edgert.frontend.quantized`); every
+  other tensor is stored f16.
 - ``q4`` / ``q8``: every matrix is q4 (Q4_1 style: per group of 32 a scale and a min) or q8
   (Q8_0 style: a scale per group of 32). Weights already in that form are kept as they are;
   others are quantized here from their float values.
@@ -55,7 +56,7 @@ def choose_storage(w: np.ndarray | QuantizedRows, mode: str) -> np.ndarray | Qua
     if mode in FLOAT_DTYPES:
         dense = w.dequantize() if isinstance(w, QuantizedRows) else w
         return np.asarray(dense, dtype=FLOAT_DTYPES[mode])
-    if isinstance(w, QuantizedRows) and w.kind == mode:
+    if isinstance(w, QuantizedRows) and w.fmt.key == mode:
         return w
     dense = w.dequantize() if isinstance(w, QuantizedRows) else np.asarray(w, dtype=np.float32)
     if dense.shape[1] % GROUP:
@@ -64,7 +65,7 @@ def choose_storage(w: np.ndarray | QuantizedRows, mode: str) -> np.ndarray | Qua
 
 
 def storage_kind(w: np.ndarray | QuantizedRows) -> str:
-    """``q4``, ``q8``, ``f16`` or ``f32``: how a chosen weight is stored."""
+    """``q4``, ``q8`` (or a K-quant variant, `QuantFormat.key`), ``f16`` or ``f32``: how a chosen weight is stored."""
     if isinstance(w, QuantizedRows):
-        return w.kind
+        return w.fmt.key
     return "f32" if w.dtype == np.float32 else "f16"

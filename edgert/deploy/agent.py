@@ -305,18 +305,18 @@ class Agent:
         """An operation a model family serves (`Family.device_ops`), bound to this agent, or None."""
         from edgert.families import registry
 
-        found = registry.device_op(op)
-        if found is None:
+        if registry.device_op(op) is None:
             return None
-        family, function = found
 
         def method(header: dict[str, Any], payload: bytes) -> tuple[dict[str, Any], bytes]:
             model = self._model(header)
-            if model.artifact.family != family.name:
+            found = registry.device_op(op, model.artifact.family)  # the model's own family serves it
+            if found is None:
+                serving = " or ".join(registry.families_serving(op))
                 raise DeviceError(
-                    f"'{header['name']}' holds a '{model.artifact.family}' model: {op} needs a {family.name} model"
+                    f"'{header['name']}' holds a '{model.artifact.family}' model: {op} needs a {serving} model"
                 )
-            reply, data = function(model, header, payload)
+            reply, data = found[1](model, header, payload)
             return {**reply, "load_seconds": round(self._load_seconds, 3)}, data
 
         return method

@@ -166,9 +166,15 @@ def load(
     return family.task_class()(artifact, **kwargs)
 
 
-def device_op(op: str) -> tuple[Family, Any] | None:
-    """(family, function) serving the device agent's ``op``, or None when no family serves it."""
+def device_op(op: str, family_name: str | None = None) -> tuple[Family, Any] | None:
+    """(family, function) serving the device agent's ``op`` (for ``family_name``'s models when given:
+    several families serve ``run``), or None when no such family serves it."""
     for family in FAMILIES:
-        if op in family.device_ops:
+        if op in family.device_ops and family_name in (None, family.name):
             return family, _resolve(family.device_ops[op])
     return None
+
+
+def families_serving(op: str) -> list[str]:
+    """Names of the families whose models serve the device agent's ``op``."""
+    return [f.name for f in FAMILIES if op in f.device_ops]

@@ -15,6 +15,8 @@ import functools
 from tvm import tirx
 from tvm.script import tirx as T
 
+from edgert.frontend.quantized import parse_kind
+
 ROW_TILE = 4
 SMALL_M = 8  # quant_matmul's shared-code path serves 2..SMALL_M rows (speculative verify, short prompts)
 VECTOR = 8  # columns per register in the shared-code path: one AVX2 register, two NEON registers
@@ -67,7 +69,8 @@ def packed_matmul(k: int, n: int, block: int, weight_dtype: str) -> tirx.PrimFun
 # -- group-quantized weights ---------------------------------------------------------------
 # Layout (chosen at compile time, see layout.py): output columns in tiles of B; q4 codes are
 # packed eight to a uint32 along K, ``qweight[N/B, K/8, B]`` (nibble s of word kk is row
-# 8 kk + s), q8 codes are ``int8[N/B, K, B]``; ``scale``/``min`` are ``f16[N/B, K/G, B]``.
+# 8 kk + s), q8 codes are ``int8[N/B, K, B]``; ``scale``/``min`` are ``f16[N/B, K/G, B]`` (f32 for
+# K-quants whose sub-block scales are not f16 values; G = 16 for Q6_K; q8 has a min for Q5_K).
 # The last tile is zero-padded when B does not divide N.
 #
 # One token (decode): each thread takes tiles of B columns and streams their codes once,
@@ -98,12 +101,18 @@ def quant_block(n: int) -> int:
 
 @functools.cache
 def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
-    """``y[m, n] = sum_k x[m, k] * W[n, k]`` with W group-quantized (``kind`` q4 or q8); float32 x, y."""
-    if k % GROUP:
-        raise ValueError(f"quantized weights need K divisible by {GROUP}, got {k}")
-    nb, full, ng, mt = -(-n // block), n // block, k // GROUP, ROW_TILE
-    q4 = kind == "q4"
-    per_g = GROUP // 8 if q4 else GROUP
+    """``y[m, n] = sum_k x[m, k] * W[n, k]`` with W group-quantized; float32 x, y.
+
+    ``kind`` is a storage name of `edgert.frontend.quantized.parse_kind`: q4 or q8, with optional
+    group 16, f32 scales and (q8) a min.
+    """
+    fmt = parse_kind(kind)
+    group, sdt, has_min = fmt.group, fmt.scale_dtype, fmt.has_min
+    if k % group:
+        raise ValueError(f"quantized weights need K divisible by {group}, got {k}")
+    nb, full, ng, mt = -(-n // block), n // block, k // group, ROW_TILE
+    q4 = fmt.base == "q4"
+    per_g = group // 8 if q4 else group
     kq = k // 8 if q4 else k
     code_dtype = "uint32" if q4 else "int8"
 
@@ -112,8 +121,8 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
             return T.Cast("float32", T.Cast("int32", (qw[jo, kk, ji] >> T.uint32(4 * s)) & T.uint32(15)))
         return T.Cast("float32", qw[jo, kk, ji])
 
-    def offset(jo, g, ji, mn, xsum):  # the group's min times the sum of x (q4 only)
-        return xsum * T.Cast("float32", mn[jo, g, ji]) if q4 else T.float32(0)
+    def offset(jo, g, ji, mn, xsum):  # the group's min times the sum of x (formats with a min)
+        return xsum * T.Cast("float32", mn[jo, g, ji]) if has_min else T.float32(0)
 
     lanes = 8 if q4 else 1
 
@@ -137,7 +146,7 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
                 for g in range(ng):
                     for v in T.vectorized(vw):
                         d[v] = T.Cast("float32", sc[jo, g, jc * vw + v])
-                        lo[v] = T.Cast("float32", mn[jo, g, jc * vw + v]) if q4 else T.float32(0)
+                        lo[v] = T.Cast("float32", mn[jo, g, jc * vw + v]) if has_min else T.float32(0)
                     for kk in range(per_g):
                         for s in T.unroll(lanes):
                             for v in T.vectorized(vw):
@@ -175,8 +184,8 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
             xs = T.alloc_buffer((mt, ng), "float32")
             for i, g in T.grid(m, ng):
                 xs[i, g] = T.float32(0)
-                for t in range(GROUP):
-                    xs[i, g] = xs[i, g] + x[i, g * GROUP + t]
+                for t in range(group):
+                    xs[i, g] = xs[i, g] + x[i, g * group + t]
             for jo in T.parallel(nb):
                 acc = T.alloc_buffer((block,), "float32", scope="local")
                 part = T.alloc_buffer((block,), "float32", scope="local")
@@ -211,8 +220,8 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
                     for s in T.unroll(lanes):
                         for ji in T.vectorized(block):
                             w[kk * lanes + s, ji] = code(jo, kk, s, ji, qw) * T.Cast(
-                                "float32", sc[jo, kk * lanes // GROUP, ji]
-                            ) + (T.Cast("float32", mn[jo, kk * lanes // GROUP, ji]) if q4 else T.float32(0))
+                                "float32", sc[jo, kk * lanes // group, ji]
+                            ) + (T.Cast("float32", mn[jo, kk * lanes // group, ji]) if has_min else T.float32(0))
                 for io in range(m // mt):
                     for ii in T.unroll(mt):
                         for ji in T.vectorized(block):
@@ -243,8 +252,8 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
     def matmul_q4(
         x_h: T.handle,
         qw: T.Buffer((nb, kq, block), code_dtype),
-        sc: T.Buffer((nb, ng, block), "float16"),
-        mn: T.Buffer((nb, ng, block), "float16"),
+        sc: T.Buffer((nb, ng, block), sdt),
+        mn: T.Buffer((nb, ng, block), sdt),
         y_h: T.handle,
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -257,7 +266,7 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
     def matmul_q8(
         x_h: T.handle,
         qw: T.Buffer((nb, kq, block), code_dtype),
-        sc: T.Buffer((nb, ng, block), "float16"),
+        sc: T.Buffer((nb, ng, block), sdt),
         y_h: T.handle,
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
@@ -266,5 +275,5 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
         y = T.match_buffer(y_h, (m, n), "float32")
         body(x, qw, sc, sc, y, m)
 
-    matmul = matmul_q4 if q4 else matmul_q8
+    matmul = matmul_q4 if has_min else matmul_q8  # with or without a min buffer
     return matmul.with_attr("global_symbol", f"quant_matmul_{kind}_k{k}_n{n}_b{block}")

@@ -1,7 +1,7 @@
 """Gemma 3 weights from a GGUF file, in the names and order of `Gemma3ForCausalLM`'s parameters.
 
-Quantized matrices are kept as codes and scales where edgert's q4/q8 kernels take them exactly
-or nearly (see `kquant_rows`); the rest come dequantized to float32.
+Quantized matrices are kept as the file's codes and scales, exactly (see `kquant_rows`); the rest
+come dequantized to float32.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from edgert.families.gemma3.model import Gemma3Config
-from edgert.frontend.quantized import GROUP, QuantizedRows, concat_rows
+from edgert.frontend.quantized import QuantizedRows, concat_rows
 
 # Gemma's chat format, for files that carry no `tokenizer.chat_template` (the shipped Q4_K_M does
 # not): Gemma 3's published template, a system message folded into the first user turn.
@@ -37,60 +37,10 @@ def tokenizer_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     return {**metadata, "tokenizer.chat_template": GEMMA_CHAT_TEMPLATE}
 
 
-def _raw_blocks(model: Any, name: str, block_bytes: int) -> np.ndarray:
-    t = model._find(name)
-    return np.ascontiguousarray(np.asarray(t.data), dtype=np.uint8).reshape(-1, block_bytes)
-
-
-def _codes(w: np.ndarray, scale: np.ndarray, offset: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
-    """Integer codes of w [N, K] given per-group f32 scale (and offset) [N, K/32]: exact where the
-    file's values are ``scale * code + offset``."""
-    n, k = w.shape
-    g = w.reshape(n, k // GROUP, GROUP)
-    if offset is not None:
-        g = g - offset[..., None]
-    safe = np.where(scale == 0, 1, scale)[..., None]
-    return np.clip(np.rint(g / safe), lo, hi).reshape(n, k)
-
-
 def kquant_rows(model: Any, name: str) -> QuantizedRows | None:
-    """A 2-D tensor as q4/q8 codes and scales, or None (then it is used as float32).
-
-    - Q4_0, Q4_1, Q8_0: the file's blocks as they are.
-    - Q5_0 (``d * (q - 16)``, q in 0..31): q8 with the same scale and codes -16..15, exact.
-    - Q4_K (super-blocks of 256 with 6-bit sub-block scales and mins): q4 with scale ``d * sc`` and
-      min ``-dmin * m`` per group of 32; exact codes, the two products rounded to f16 (relative
-      error <= 2^-11 of a group's scale).
-    Q5_K and Q6_K (5-/6-bit codes, Q6_K's groups of 16) fit neither and come as floats.
-    """
-    kind = model.tensor_types[name]
-    blocks = model.blocks(name)
-    if blocks is not None or kind not in ("Q5_0", "Q4_K"):
-        return blocks
-    w = model.tensor(name)
-    if w.ndim != 2:
-        return None
-    n, k = w.shape
-    if kind == "Q5_0":
-        d = _raw_blocks(model, name, 22)[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float32).reshape(n, -1)
-        codes = _codes(w, d, None, -16, 15).astype(np.int8)
-        return QuantizedRows("q8", codes, d.astype(np.float16))
-    raw = _raw_blocks(model, name, 144)
-    d = raw[:, 0:2].copy().view(np.float16)[:, 0].astype(np.float32)
-    dmin = raw[:, 2:4].copy().view(np.float16)[:, 0].astype(np.float32)
-    q = raw[:, 4:16].astype(np.uint8)
-    sc = np.empty((raw.shape[0], 8), np.float32)
-    mn = np.empty((raw.shape[0], 8), np.float32)
-    for j in range(8):  # ggml's get_scale_min_k4
-        if j < 4:
-            sc[:, j], mn[:, j] = q[:, j] & 63, q[:, j + 4] & 63
-        else:
-            sc[:, j] = (q[:, j + 4] & 0xF) | ((q[:, j - 4] >> 6) << 4)
-            mn[:, j] = (q[:, j + 4] >> 4) | ((q[:, j] >> 6) << 4)
-    scale = (d[:, None] * sc).reshape(n, k // GROUP)
-    offset = (-dmin[:, None] * mn).reshape(n, k // GROUP)
-    codes = _codes(w, scale, offset, 0, 15).astype(np.uint8)
-    return QuantizedRows("q4", codes, scale.astype(np.float16), offset.astype(np.float16))
+    """A 2-D tensor as the file's codes and scales (`GGUFModel.blocks`: Q4_0, Q4_1, Q8_0, Q5_0, Q4_K,
+    Q5_K, Q6_K, all exact), or None (then it is used as float32)."""
+    return model.blocks(name)
 
 
 def gguf_weights(
