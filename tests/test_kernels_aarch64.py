@@ -182,6 +182,7 @@ def run_plan(folder: Path, rootfs: Path, cpu: str) -> dict[str, np.ndarray]:
     """Run ``folder``'s plan.json with tests/board_kernel_runner.py under qemu-aarch64 (``-cpu cpu``)
     in the board's root file system, with this checkout's runtime; its outputs by name."""
     from edgert.deploy import board
+    from edgert.paths import config_dir
 
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -190,6 +191,8 @@ def run_plan(folder: Path, rootfs: Path, cpu: str) -> dict[str, np.ndarray]:
         "TVM_NUM_THREADS": "2",
         "HOME": str(folder),
         "EDGERT_CACHE": str(folder / "cache"),
+        # The artifacts here are signed with this user's key: the emulated process trusts the same keys.
+        "XDG_CONFIG_HOME": str(config_dir().parent),
     }
     argv = ["qemu-aarch64-static", "-L", str(rootfs), "-cpu", cpu, str(rootfs / board.PYTHON)]
     argv += [str(ROOT / "tests" / "board_kernel_runner.py"), str(folder)]
