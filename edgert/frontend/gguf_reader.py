@@ -87,6 +87,19 @@ class GGUFModel:
                 f"(first: '{next(iter(bad))}'; supported: {', '.join(SUPPORTED_TENSOR_TYPES)})"
             )
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Tensor ``name``'s shape in numpy order (GGUF lists dimensions innermost first)."""
+        return tuple(int(d) for d in reversed(self._find(name).shape))
+
+    def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Refuse a file whose tensors are missing or do not have the shapes its metadata implies."""
+        for name, want in expected.items():
+            got = self.shape(name)
+            if got != tuple(want):
+                raise ModelFileError(
+                    f"{self.path}: tensor '{name}' has shape {list(got)}, but the metadata implies {list(want)}"
+                )
+
     def _find(self, name: str) -> Any:
         for t in self._reader.tensors:
             if t.name == name:
@@ -102,7 +115,7 @@ class GGUFModel:
         shape = (int(t.shape[1]), int(t.shape[0]))
         try:
             return from_gguf_blocks(kind, np.asarray(t.data), shape)
-        except ValueError as exc:  # a byte count that does not match the shape
+        except (ValueError, TypeError, IndexError) as exc:  # a byte count that does not match the shape
             raise ModelFileError(f"{self.path}: tensor '{name}' cannot be decoded: {exc}") from exc
 
     def tensor(self, name: str) -> np.ndarray:
@@ -119,9 +132,9 @@ class GGUFModel:
         shape = tuple(int(d) for d in reversed(t.shape))
         try:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
-        except Exception as exc:  # the library raises many kinds on garbled data
+            return np.asarray(values, dtype=np.float32).reshape(shape)
+        except Exception as exc:
             raise ModelFileError(f"{self.path}: tensor '{name}' cannot be decoded: {exc}") from exc
-        return np.asarray(values, dtype=np.float32).reshape(shape)
 
 
 def _field_value(f: Any) -> Any:
@@ -146,10 +159,17 @@ def read_gguf(path: str | Path) -> GGUFModel:
     except Exception as exc:  # truncation and garbling surface as assorted library errors
         raise ModelFileError(f"{path} is truncated or garbled: {exc}") from exc
     size = path.stat().st_size
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise ModelFileError(f"{path} is truncated: tensor '{t.name}' ends at byte {end} but the file has {size}")
-    metadata = {k: _field_value(f) for k, f in reader.fields.items()}
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    try:
+        for t in reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size:
+                raise ModelFileError(
+                    f"{path} is truncated: tensor '{t.name}' ends at byte {end} but the file has {size}"
+                )
+        metadata = {k: _field_value(f) for k, f in reader.fields.items()}
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+    except ModelFileError:
+        raise
+    except Exception as exc:
+        raise ModelFileError(f"{path} is garbled: {exc}") from exc
     return GGUFModel(path=path, metadata=metadata, tensor_types=types, _reader=reader)

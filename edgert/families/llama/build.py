@@ -23,6 +23,27 @@ from edgert.compiler.quantize import QUANT_MODES, choose_storage, storage_kind
 from edgert.errors import EdgertError
 
 
+def read_source(source: Any, parsed: Any = None) -> tuple[Any, Any, str, dict[str, Any]]:
+    """Everything a build takes from the GGUF file before TVM runs, each part checked: the parsed
+    file, the config, the tokenizer document and the manifest's tokenizer section (its chat template
+    rendered once in the sandbox). Bad input fails here, before the minutes of building."""
+    from edgert.families.llama.model import LlamaConfig
+    from edgert.frontend import read_gguf
+    from edgert.frontend.gguf_tokenizer import build_tokenizer_json, tokenizer_config
+    from edgert.runtime.chat_template import check_template
+
+    gguf_model = parsed if parsed is not None else read_gguf(source)
+    cfg = LlamaConfig.from_gguf(gguf_model)
+    gguf_model.check_tensor_types()
+    gguf_model.check_shapes(cfg.tensor_shapes())
+    where = str(gguf_model.path)
+    tokenizer_json = build_tokenizer_json(gguf_model.metadata, where)
+    fields = tokenizer_config(gguf_model.metadata, where)
+    if fields["chat_template"]:
+        check_template(fields["chat_template"], where, fields["bos_token"] or "", fields["eos_token"] or "")
+    return gguf_model, cfg, tokenizer_json, fields
+
+
 def build(req: BuildRequest) -> CompileResult:
     """Compile the GGUF file ``req.source`` for ``req.target``.
 
@@ -33,9 +54,7 @@ def build(req: BuildRequest) -> CompileResult:
     folder reusing the library of a structurally identical module for the same target).
     """
     from edgert.families.llama import loader
-    from edgert.families.llama.model import LlamaConfig, LlamaForCausalLM
-    from edgert.frontend import read_gguf
-    from edgert.frontend.gguf_tokenizer import build_tokenizer_json, tokenizer_config
+    from edgert.families.llama.model import LlamaForCausalLM
     from edgert.frontend.quantized import QuantizedRows
 
     progress, source = req.progress, req.source
@@ -49,12 +68,9 @@ def build(req: BuildRequest) -> CompileResult:
 
     progress("reading model", None)
     with job.timed("read"):
-        gguf_model = req.parsed if req.parsed is not None else read_gguf(source)
-        cfg = LlamaConfig.from_gguf(gguf_model)
-        gguf_model.check_tensor_types()  # fail before the minutes of building, not after
+        gguf_model, cfg, tokenizer_json, tokenizer_fields = read_source(source, req.parsed)
         context = min(req.option("context_length", 2048), cfg.context_length)
         chunk = min(req.option("prefill_chunk_size", 256), context)
-        tokenizer_json = build_tokenizer_json(gguf_model.metadata)
         activations = req.option("activations", "f32")
         if job.on_gpu and activations != "f32":
             raise EdgertError(f"--activations {activations}: GPU builds take f32 activations only")
@@ -127,7 +143,7 @@ def build(req: BuildRequest) -> CompileResult:
                 "order": order,
             },
             library="model.so",
-            tokenizer={"file": "tokenizer.json", **tokenizer_config(gguf_model.metadata)},
+            tokenizer={"file": "tokenizer.json", **tokenizer_fields},
             defaults=dict(req.recipe.run) if req.recipe else {},
         )
     progress("done", 1.0)

@@ -58,21 +58,62 @@ class LlamaConfig:
         missing = [k for k in required if model.metadata.get(k) is None]
         if missing:
             raise ModelFileError(f"{model.path}: metadata field(s) missing or unreadable: {', '.join(missing)}")
-        hidden = int(model.arch_field("embedding_length"))
-        heads = int(model.arch_field("attention.head_count"))
+        tokens = model.metadata["tokenizer.ggml.tokens"]
+        if not isinstance(tokens, list):
+            raise ModelFileError(f"{model.path}: tokenizer.ggml.tokens is not a list")
+
+        def number(name: str, default: Any, kind: type, low: float, high: float) -> Any:
+            value = model.arch_field(name, default)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+                raise ModelFileError(f"{model.path}: llama.{name} is {value!r}, not a number in {low}..{high}")
+            if kind is int and value != int(value):
+                raise ModelFileError(f"{model.path}: llama.{name} is {value!r}, not a whole number")
+            return kind(value)
+
+        hidden = number("embedding_length", None, int, 1, 1 << 16)
+        heads = number("attention.head_count", None, int, 1, 1024)
+        kv_heads = number("attention.head_count_kv", heads, int, 1, heads)
+        head_dim = number("rope.dimension_count", hidden // heads, int, 2, 1 << 12)
+        if heads % kv_heads or head_dim % 2:
+            raise ModelFileError(
+                f"{model.path}: {heads} attention heads cannot share {kv_heads} KV heads, or the head size "
+                f"{head_dim} is odd"
+            )
         return cls(
-            vocab_size=len(model.metadata["tokenizer.ggml.tokens"]),
+            vocab_size=len(tokens),
             hidden_size=hidden,
-            intermediate_size=int(model.arch_field("feed_forward_length")),
-            num_layers=int(model.arch_field("block_count")),
+            intermediate_size=number("feed_forward_length", None, int, 1, 1 << 18),
+            num_layers=number("block_count", None, int, 1, 1024),
             num_heads=heads,
-            num_kv_heads=int(model.arch_field("attention.head_count_kv", heads)),
-            head_dim=int(model.arch_field("rope.dimension_count", hidden // heads)),
-            rms_norm_eps=float(model.arch_field("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(model.arch_field("rope.freq_base", 10000.0)),
-            context_length=int(model.arch_field("context_length", 2048)),
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=number("attention.layer_norm_rms_epsilon", 1e-5, float, 1e-12, 1.0),
+            rope_theta=number("rope.freq_base", 10000.0, float, 1.0, 1e12),
+            context_length=number("context_length", 2048, int, 1, 1 << 24),
             tie_word_embeddings="output.weight" not in model.tensor_types,
         )
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The GGUF tensors this config reads and their (numpy-order) shapes."""
+        h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (v, h), "output_norm.weight": (h,)}
+        if not self.tie_word_embeddings:
+            shapes["output.weight"] = (v, h)
+        for i in range(self.num_layers):
+            b = f"blk.{i}."
+            shapes |= {
+                b + "attn_norm.weight": (h,),
+                b + "attn_q.weight": (q, h),
+                b + "attn_k.weight": (kv, h),
+                b + "attn_v.weight": (kv, h),
+                b + "attn_output.weight": (h, q),
+                b + "ffn_norm.weight": (h,),
+                b + "ffn_gate.weight": (f, h),
+                b + "ffn_up.weight": (f, h),
+                b + "ffn_down.weight": (h, f),
+            }
+        return shapes
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for the manifest."""
