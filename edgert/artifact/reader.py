@@ -79,7 +79,10 @@ class Artifact:
 
     def weights(self, copy_on_write: bool = False) -> dict[str, np.ndarray]:
         """The weights, memory-mapped from the artifact (see `read_tensors` for ``copy_on_write``)."""
-        return self.tensors(self.manifest["weights"]["file"], copy_on_write)
+        weights = self.manifest.get("weights")
+        if not isinstance(weights, dict) or not isinstance(weights.get("file"), str):
+            raise ArtifactError(f"{self.path}: the manifest names no weights file")
+        return self.tensors(weights["file"], copy_on_write)
 
     def tensors(self, name: str, copy_on_write: bool = False) -> dict[str, np.ndarray]:
         """The tensors of the safetensors member ``name``, memory-mapped from the artifact."""
@@ -125,8 +128,11 @@ def _zip_members(path: Path) -> dict[str, Member]:
                 name_len, extra_len = struct.unpack("<HH", local[26:30])
                 start = info.header_offset + 30 + name_len + extra_len
                 members[info.filename] = Member(path, start, info.file_size)
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError) as exc:
         raise ArtifactError(f"{path} is not a valid artifact (damaged zip: {exc})") from exc
+    except (OSError, ValueError, struct.error, EOFError, OverflowError) as exc:
+        # offsets in a damaged directory that point before the file's start or past its end
+        raise ArtifactError(f"{path} is not a valid artifact (damaged zip: {exc})") from None
     return members
 
 

@@ -7,6 +7,7 @@ unsupported model fails with each operator and the operators' positions and outp
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +68,22 @@ def check_supported(model: Any, source: str) -> None:
         raise UnsupportedModelError(f"{source}: operators not supported by the TFLite importer: {'; '.join(parts)}")
 
 
+# What the flatbuffers accessors raise on a damaged file: they read lazily, so damage surfaces
+# wherever a field is first read, not when the file is opened.
+DAMAGE = (struct.error, IndexError, TypeError, ValueError, AttributeError, KeyError, UnicodeDecodeError, RecursionError)
+
+
 def import_tflite(path: str | Path, input_shapes: dict[str, list[int]] | None = None) -> tuple[Any, list, list]:
     """.tflite file -> (Relax IRModule with weights as constants, inputs, outputs)."""
+    try:
+        return _import_tflite(path, input_shapes)
+    except NotImplementedError as exc:  # an operator code past the schema the importer knows
+        raise UnsupportedModelError(f"{path}: {exc}") from None
+    except DAMAGE as exc:
+        raise ModelFileError(f"{path} is a damaged TFLite model ({type(exc).__name__}: {str(exc)[:150]})") from None
+
+
+def _import_tflite(path: str | Path, input_shapes: dict[str, list[int]] | None = None) -> tuple[Any, list, list]:
     from tvm import relax
     from tvm.relax.frontend.tflite import from_tflite
 
