@@ -180,27 +180,43 @@ class Target:
 # GGUF ------------------------------------------------------------------------------------------------
 
 
-def small_tokenizer_fields(size: int = 400) -> dict[str, Any]:
-    """SmolLM2's tokenizer cut to its first ``size`` tokens and the merges among them (fast to parse)."""
-    tool = _load_tool("make_tiny_gguf")
-    fields = tool.read_tokenizer_fields()
-    tokens, types = fields["tokenizer.ggml.tokens"]
-    tokens = list(tokens)[:size]
-    keep = set(tokens)
-    out = dict(fields)
-    out["tokenizer.ggml.tokens"] = (tokens, types)
-    token_type, tt = fields["tokenizer.ggml.token_type"]
-    out["tokenizer.ggml.token_type"] = (list(token_type)[:size], tt)
-    merges, mt = fields["tokenizer.ggml.merges"]
-    out["tokenizer.ggml.merges"] = (
-        [m for m in merges if len(m.split(" ")) == 2 and set(m.split(" ")) <= keep and m.replace(" ", "") in keep],
-        mt,
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def small_tokenizer_fields() -> dict[str, Any]:
+    """GGUF tokenizer fields of a small byte-level BPE vocabulary with ChatML specials (fast to
+    parse, unlike a real 49k vocabulary), as (value, GGUF types) pairs for `write_tiny_llama`."""
+    import gguf
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    byte_chars = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s"]
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *byte_chars]
+    tokens += [m.replace(" ", "") for m in merges]
+    types = [3, 3, 3] + [1] * (len(tokens) - 3)
+    arr, u32, s, b = (
+        (gguf.GGUFValueType.ARRAY,),
+        (gguf.GGUFValueType.UINT32,),
+        (gguf.GGUFValueType.STRING,),
+        (gguf.GGUFValueType.BOOL,),
     )
-    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id"):
-        k = f"tokenizer.ggml.{key}"
-        if k in out and int(out[k][0]) >= size:
-            out[k] = (0, out[k][1])
-    return out
+    return {
+        "tokenizer.ggml.model": ("gpt2", s),
+        "tokenizer.ggml.pre": ("smollm", s),
+        "tokenizer.ggml.tokens": (tokens, arr),
+        "tokenizer.ggml.token_type": (types, arr),
+        "tokenizer.ggml.merges": (merges, arr),
+        "tokenizer.ggml.bos_token_id": (1, u32),
+        "tokenizer.ggml.eos_token_id": (2, u32),
+        "tokenizer.ggml.add_bos_token": (False, b),
+        "tokenizer.chat_template": (CHATML, s),
+    }
 
 
 def gguf_fields(path: Path) -> list[Field]:
@@ -255,11 +271,11 @@ class GGUFTarget(Target):
     def prepare(self) -> None:
         import tokenizers  # noqa: F401
 
-        from edgert.families.llama import build  # noqa: F401
+        from edgert.families.llama import config, loader  # noqa: F401
 
     def parse(self, path: Path) -> Any:
         from edgert.families.llama import loader
-        from edgert.families.llama.build import read_source
+        from edgert.families.llama.config import read_source
 
         model, cfg, _, _ = read_source(path)
         return [w for _, w in loader.gguf_weights(model, cfg, keep_blocks=True)]
@@ -735,8 +751,7 @@ class TemplateTarget(Target):
     name, suffix = "template", ".jinja"
 
     def seeds(self, work: Path) -> list[Seed]:
-        fields = small_tokenizer_fields(50)
-        smollm = str(fields["tokenizer.chat_template"][0])
+        smollm = CHATML
         plain = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
         plain += "{% if add_generation_prompt %}<|assistant|>{% endif %}"
         return [Seed(smollm.encode(), [], "smollm2"), Seed(plain.encode(), [], "plain")]

@@ -109,6 +109,10 @@ def read_tensors(
     return out
 
 
+def _sizes(xs: object) -> bool:
+    return isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+
+
 def _entry(path: Path, name: str, info: object, avail: int) -> tuple[np.dtype, list[int], int, int]:
     """One tensor record of the header, checked: known dtype, shape, offsets inside the data."""
     where = f"{path}: weights tensor '{name}'"
@@ -117,10 +121,7 @@ def _entry(path: Path, name: str, info: object, avail: int) -> tuple[np.dtype, l
     kind, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
     if not isinstance(kind, str) or kind not in _DTYPES:
         raise ArtifactError(f"{where} has dtype {kind!r}, which edgert does not read ({', '.join(_DTYPES)})")
-    ints = lambda xs: (
-        isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
-    )
-    if not ints(shape) or not ints(offsets) or len(offsets) != 2:
+    if not _sizes(shape) or not _sizes(offsets) or len(offsets) != 2:
         raise ArtifactError(f"{where} has a malformed shape or data_offsets")
     start, end = offsets
     dtype = np.dtype(_DTYPES[kind]).newbyteorder("<")

@@ -17,9 +17,19 @@ def configure_threads(threads: int | None, default: int | None = None) -> int:
     """Set TVM's thread pool to ``threads`` workers (big cores first); return the count used.
 
     Without ``threads``: ``TVM_NUM_THREADS``, else ``default`` (the target's big cores), else
-    every CPU of this machine.
+    every CPU of this machine. An explicit count outside 1..CPUs is refused (a pool of 100000
+    threads never finishes starting); the defaults are capped at the CPU count.
     """
-    n = int(threads or os.environ.get("TVM_NUM_THREADS") or default or os.cpu_count() or 1)
+    cpus = os.cpu_count() or 1
+    if threads is not None:
+        check_threads(threads, cpus)
+        n = int(threads)
+    else:
+        try:
+            n = int(os.environ.get("TVM_NUM_THREADS") or default or cpus)
+        except ValueError:
+            raise EdgertError(f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']!r} is not a whole number") from None
+        n = max(1, min(n, cpus))
     # TVM sizes its pool from TVM_NUM_THREADS, else from half the logical CPUs (it assumes
     # two hyper-threads per core), which leaves one of two real cores idle; and
     # config_threadpool cannot grow the pool past that. So the variable is set first.
@@ -32,6 +42,13 @@ def configure_threads(threads: int | None, default: int | None = None) -> int:
     if saved is not None:
         os.sched_setaffinity(0, saved)
     return n
+
+
+def check_threads(threads: int, cpus: int | None = None) -> None:
+    """Refuse a thread count outside 1..the CPUs of this machine, with a one-line error."""
+    cpus = cpus or os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+        raise EdgertError(f"--threads {threads}: give a number from 1 to {cpus} (the CPUs of this machine)")
 
 
 DEVICE_KINDS = ("cpu", "gpu")

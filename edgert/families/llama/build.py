@@ -23,27 +23,6 @@ from edgert.compiler.quantize import QUANT_MODES, choose_storage, storage_kind
 from edgert.errors import EdgertError
 
 
-def read_source(source: Any, parsed: Any = None) -> tuple[Any, Any, str, dict[str, Any]]:
-    """Everything a build takes from the GGUF file before TVM runs, each part checked: the parsed
-    file, the config, the tokenizer document and the manifest's tokenizer section (its chat template
-    rendered once in the sandbox). Bad input fails here, before the minutes of building."""
-    from edgert.families.llama.model import LlamaConfig
-    from edgert.frontend import read_gguf
-    from edgert.frontend.gguf_tokenizer import build_tokenizer_json, tokenizer_config
-    from edgert.runtime.chat_template import check_template
-
-    gguf_model = parsed if parsed is not None else read_gguf(source)
-    cfg = LlamaConfig.from_gguf(gguf_model)
-    gguf_model.check_tensor_types()
-    gguf_model.check_shapes(cfg.tensor_shapes())
-    where = str(gguf_model.path)
-    tokenizer_json = build_tokenizer_json(gguf_model.metadata, where)
-    fields = tokenizer_config(gguf_model.metadata, where)
-    if fields["chat_template"]:
-        check_template(fields["chat_template"], where, fields["bos_token"] or "", fields["eos_token"] or "")
-    return gguf_model, cfg, tokenizer_json, fields
-
-
 def build(req: BuildRequest) -> CompileResult:
     """Compile the GGUF file ``req.source`` for ``req.target``.
 
@@ -54,6 +33,7 @@ def build(req: BuildRequest) -> CompileResult:
     folder reusing the library of a structurally identical module for the same target).
     """
     from edgert.families.llama import loader
+    from edgert.families.llama.config import read_source
     from edgert.families.llama.model import LlamaForCausalLM
     from edgert.frontend.quantized import QuantizedRows
 
