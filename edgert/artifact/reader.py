@@ -179,8 +179,10 @@ def open_artifact(
             raise ArtifactError(f"{path}: {MANIFEST} does not match its recorded sha256 (the file is corrupt)")
     try:
         manifest = json.loads(raw)
-    except ValueError as exc:
-        raise ArtifactError(f"{path}: {MANIFEST} is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{path}: {MANIFEST} is not valid JSON: {str(exc)[:100]}") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: {MANIFEST} is a JSON {type(manifest).__name__}, not an object")
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not an edgert artifact (format '{manifest.get('format')}')")
     version = manifest.get("format_version")
