@@ -133,7 +133,8 @@ def test_gguf_with_shapes_its_metadata_contradicts(tmp_path: Path) -> None:
     reader = gguf.GGUFReader(path, "r+")
     reader.fields["llama.embedding_length"].parts[-1][0] = 32  # the tensors stay 16 wide
     del reader
-    with pytest.raises(ModelFileError, match=r"token_embd.weight. has shape \[267, 16\], but the metadata implies \[267, 32\]"):
+    implied = r"token_embd.weight. has shape \[267, 16\], but the metadata implies \[267, 32\]"
+    with pytest.raises(ModelFileError, match=implied):
         read_source(path)
 
 

@@ -894,6 +894,20 @@ def run_case(target: Target, data: bytes, work: Path, timeout: float, memory: in
     return report
 
 
+def warm_up(target: Target, seeds: list[Seed], work: Path) -> None:
+    """Parse every seed once in the worker: lazy imports and caches (TVM's importers take seconds
+    on first use) are then paid once, not in every forked child."""
+    from edgert.errors import EdgertError
+
+    for s in seeds:
+        path = work / f"warm{target.suffix}"
+        path.write_bytes(s.data)
+        try:
+            target.parse(path)
+        except EdgertError:
+            pass
+
+
 @dataclass
 class Campaign:
     """The outcome of one target's cases."""
@@ -939,6 +953,7 @@ def run_campaign(
         work = Path(tmp)
         seeds = target.seeds(work)
         target.prepare()
+        warm_up(target, seeds, work)
         result = Campaign(name, cases, seed)
         for index in range(start, start + cases):
             data = make_case(target, seeds, seed, index)
@@ -987,8 +1002,15 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.buffer.write(make_case(target, target.seeds(Path(tmp)), args.seed, args.show))
         return 0
     results = []
+
+    def progress(index: int, report: dict[str, Any]) -> None:
+        if report["seconds"] > 2:
+            print(f"  case {index}: {report['outcome']} after {report['seconds']:.1f} s", file=sys.stderr)
+        if (index + 1) % 500 == 0:
+            print(f"  {index + 1} cases", file=sys.stderr, flush=True)
+
     for name in names:
-        r = run_campaign(name, args.cases, args.seed, args.timeout, args.memory_mb, args.start)
+        r = run_campaign(name, args.cases, args.seed, args.timeout, args.memory_mb, args.start, on_case=progress)
         results.append(r)
         for f in r.failures[:5]:
             print(f"{name} case {f['index']}: {f['outcome']} {f.get('message', f.get('signal', ''))}", file=sys.stderr)
