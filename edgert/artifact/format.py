@@ -89,9 +89,6 @@ class Manifest:
             good = isinstance(info, dict) and isinstance(info.get("sha256"), str) and isinstance(info.get("size"), int)
             if not good:
                 raise ArtifactError(f"{where}: {MANIFEST} entry for member '{member}' lacks a sha256 and a size")
-        weights = raw.get("weights") or {}
-        if weights and not isinstance(weights.get("file"), str):
-            raise ArtifactError(f"{where}: {MANIFEST} field 'weights' names no 'file'")
         for key in ("name", "family"):
             if not raw[key]:
                 raise ArtifactError(f"{where}: {MANIFEST} field '{key}' is empty")
