@@ -31,7 +31,7 @@ import numpy as np
 
 from edgert.artifact.format import FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_HASH, Manifest, sha256_of
 from edgert.artifact.tensorfile import read_tensors
-from edgert.errors import ArtifactError, TargetError
+from edgert.errors import ArtifactError, TargetError, brief
 from edgert.paths import cache_dir
 from edgert.targets import host_arch, host_cpu_flags
 
@@ -129,10 +129,10 @@ def _zip_members(path: Path) -> dict[str, Member]:
                 start = info.header_offset + 30 + name_len + extra_len
                 members[info.filename] = Member(path, start, info.file_size)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError) as exc:
-        raise ArtifactError(f"{path} is not a valid artifact (damaged zip: {exc})") from exc
+        raise ArtifactError(f"{path} is not a valid artifact (damaged zip: {brief(exc)})") from exc
     except (OSError, ValueError, struct.error, EOFError, OverflowError) as exc:
         # offsets in a damaged directory that point before the file's start or past its end
-        raise ArtifactError(f"{path} is not a valid artifact (damaged zip: {exc})") from None
+        raise ArtifactError(f"{path} is not a valid artifact (damaged zip: {brief(exc)})") from None
     return members
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edgert.errors import ModelFileError, UnsupportedModelError
+from edgert.errors import ModelFileError, UnsupportedModelError, brief
 from edgert.frontend.quantized import GGUF_KINDS, QuantizedRows, from_gguf_blocks
 
 # Tensor types whose dequantization `gguf.quants` implements and that edgert has tested.
@@ -116,7 +116,7 @@ class GGUFModel:
         try:
             return from_gguf_blocks(kind, np.asarray(t.data), shape)
         except (ValueError, TypeError, IndexError) as exc:  # a byte count that does not match the shape
-            raise ModelFileError(f"{self.path}: tensor '{name}' cannot be decoded: {exc}") from exc
+            raise ModelFileError(f"{self.path}: tensor '{name}' cannot be decoded: {brief(exc)}") from exc
 
     def tensor(self, name: str) -> np.ndarray:
         """Tensor ``name`` dequantized to float32, in GGUF's row-major (numpy) shape."""
@@ -134,7 +134,7 @@ class GGUFModel:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
             return np.asarray(values, dtype=np.float32).reshape(shape)
         except Exception as exc:
-            raise ModelFileError(f"{self.path}: tensor '{name}' cannot be decoded: {exc}") from exc
+            raise ModelFileError(f"{self.path}: tensor '{name}' cannot be decoded: {brief(exc)}") from exc
 
 
 def _field_value(f: Any) -> Any:
@@ -157,7 +157,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
     try:
         reader = open_gguf_reader(path)
     except Exception as exc:  # truncation and garbling surface as assorted library errors
-        raise ModelFileError(f"{path} is truncated or garbled: {exc}") from exc
+        raise ModelFileError(f"{path} is truncated or garbled: {brief(exc)}") from exc
     size = path.stat().st_size
     try:
         for t in reader.tensors:
@@ -171,5 +171,5 @@ def read_gguf(path: str | Path) -> GGUFModel:
     except ModelFileError:
         raise
     except Exception as exc:
-        raise ModelFileError(f"{path} is garbled: {exc}") from exc
+        raise ModelFileError(f"{path} is garbled: {brief(exc)}") from exc
     return GGUFModel(path=path, metadata=metadata, tensor_types=types, _reader=reader)

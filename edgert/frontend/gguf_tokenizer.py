@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgert.errors import ModelFileError, UnsupportedModelError
+from edgert.errors import ModelFileError, UnsupportedModelError, brief
 
 # GPT-2's split rule; llama.cpp uses the same one for the pre-tokenizer names below.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -45,7 +45,7 @@ def build_tokenizer_json(metadata: dict[str, Any], where: str = "GGUF file") -> 
     except UnsupportedModelError:
         raise
     except Exception as exc:
-        raise ModelFileError(f"{where}: the tokenizer fields do not make a tokenizer ({exc})") from None
+        raise ModelFileError(f"{where}: the tokenizer fields do not make a tokenizer ({brief(exc)})") from None
 
 
 def _assemble(tokens: list[str], merges: list[tuple[str, ...]], types: list[int], pre: str, lib: tuple) -> str:

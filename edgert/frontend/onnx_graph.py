@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgert.errors import ModelFileError, UnsupportedModelError
+from edgert.errors import ModelFileError, UnsupportedModelError, brief
 
 # Nodes the importer handles itself rather than through its converter table.
 _DIRECT = {"If", "Constant"}
@@ -44,7 +44,7 @@ def read_onnx(path: str | Path) -> Any:
     try:
         return onnx.load(str(path))
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ... for garbage
-        raise ModelFileError(f"{path} is not a readable ONNX model: {exc}") from exc
+        raise ModelFileError(f"{path} is not a readable ONNX model: {brief(exc)}") from exc
 
 
 def _supported_ops() -> set[str]:
@@ -368,7 +368,7 @@ def import_onnx(path: str | Path, input_shapes: dict[str, list[int]] | None = No
     try:
         return _import_onnx(path, input_shapes)
     except DAMAGE as exc:
-        raise ModelFileError(f"{path} is a damaged ONNX model ({type(exc).__name__}: {str(exc)[:150]})") from None
+        raise ModelFileError(f"{path} is a damaged ONNX model ({type(exc).__name__}: {brief(exc, 150)})") from None
 
 
 def _import_onnx(path: str | Path, input_shapes: dict[str, list[int]] | None = None) -> tuple[Any, list, list]:
@@ -389,6 +389,6 @@ def _import_onnx(path: str | Path, input_shapes: dict[str, list[int]] | None = N
         try:
             mod = from_onnx(model, keep_params_in_input=False, sanitize_input_names=True)
         except Exception as exc:
-            raise UnsupportedModelError(f"{path}: the ONNX importer failed: {exc}") from exc
+            raise UnsupportedModelError(f"{path}: the ONNX importer failed: {brief(exc)}") from exc
     inputs, outputs = graph_io(model, mod["main"].ret_ty)
     return mod, inputs, outputs

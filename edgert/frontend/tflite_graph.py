@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edgert.errors import ModelFileError, UnsupportedModelError
+from edgert.errors import ModelFileError, UnsupportedModelError, brief
 from edgert.frontend.onnx_graph import GraphIO
 
 _TYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 6: "bool", 7: "int16", 9: "int8"}
@@ -37,7 +37,7 @@ def read_tflite(path: str | Path) -> Any:
     except ModelFileError:
         raise
     except Exception as exc:  # flatbuffers raises struct/index errors on damaged files
-        raise ModelFileError(f"{path} is not a readable TFLite model: {exc}") from exc
+        raise ModelFileError(f"{path} is not a readable TFLite model: {brief(exc)}") from exc
 
 
 def _tensor_io(subgraph: Any, index: int) -> GraphIO:
@@ -78,9 +78,9 @@ def import_tflite(path: str | Path, input_shapes: dict[str, list[int]] | None = 
     try:
         return _import_tflite(path, input_shapes)
     except NotImplementedError as exc:  # an operator code past the schema the importer knows
-        raise UnsupportedModelError(f"{path}: {exc}") from None
+        raise UnsupportedModelError(f"{path}: {brief(exc)}") from None
     except DAMAGE as exc:
-        raise ModelFileError(f"{path} is a damaged TFLite model ({type(exc).__name__}: {str(exc)[:150]})") from None
+        raise ModelFileError(f"{path} is a damaged TFLite model ({type(exc).__name__}: {brief(exc, 150)})") from None
 
 
 def _import_tflite(path: str | Path, input_shapes: dict[str, list[int]] | None = None) -> tuple[Any, list, list]:
@@ -101,7 +101,7 @@ def _import_tflite(path: str | Path, input_shapes: dict[str, list[int]] | None =
     try:
         mod = from_tflite(model, shape_dict={i.name: tuple(i.shape) for i in inputs})
     except Exception as exc:
-        raise UnsupportedModelError(f"{path}: the TFLite importer failed: {exc}") from exc
+        raise UnsupportedModelError(f"{path}: the TFLite importer failed: {brief(exc)}") from exc
     func = mod["main"].without_attr("params")
     mod["main"] = func
     ret = func.ret_ty

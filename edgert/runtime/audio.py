@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgert.errors import EdgertError
+from edgert.errors import EdgertError, brief
 
 
 class AudioError(EdgertError):
@@ -131,7 +131,7 @@ def read_frames(path: str | Path) -> tuple[np.ndarray, int]:
         if "unknown format: 3" in str(exc) or "unknown format: 65534" in str(exc):
             frames, rate, channels = _read_float_wav(path)
         else:
-            raise AudioError(f"{path} is not a readable WAV file ({exc})") from exc
+            raise AudioError(f"{path} is not a readable WAV file ({brief(exc)})") from exc
     except EOFError as exc:
         raise AudioError(f"{path} is not a readable WAV file (truncated header)") from exc
     except (RuntimeError, struct.error, ValueError, OverflowError) as exc:

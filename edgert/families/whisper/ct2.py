@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from edgert.errors import ModelFileError, UnsupportedModelError
+from edgert.errors import ModelFileError, UnsupportedModelError, brief
 
 # Order of CTranslate2's DataType enum (include/ctranslate2/types.h). bfloat16 has no numpy
 # dtype: its raw 16-bit words are kept and widened by `tensor()`.
@@ -188,8 +188,10 @@ def read_ct2(path: str | Path) -> CT2Model:
     if config_path.is_file():
         try:
             config = json.loads(config_path.read_text())
-        except ValueError as exc:
-            raise ModelFileError(f"{config_path} is not valid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:
+            raise ModelFileError(f"{config_path} is not valid JSON: {brief(exc)}") from exc
+        if not isinstance(config, dict):
+            raise ModelFileError(f"{config_path} is a JSON {type(config).__name__}, not an object")
     return CT2Model(path, version, spec, revision, variables, dtypes, aliases, config)
 
 
