@@ -32,6 +32,7 @@ def campaign(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     return {r["target"]: r for r in json.loads(out.read_text())["results"]}
 
 
+@pytest.mark.slow  # about 30 s for the eight kinds together
 @pytest.mark.parametrize("target", list(fuzz.TARGETS))
 def test_fuzz_subset_has_no_traceback_hang_crash_or_blowup(campaign: dict[str, dict], target: str) -> None:
     result = campaign[target]
