@@ -172,13 +172,21 @@ def test_artifact_damage_is_an_artifact_error(tmp_path: Path) -> None:
 
 
 def test_fuzz_regressions_by_case_id(tmp_path: Path) -> None:
-    """Cases the fuzzer found (a flipped TFLite offset: struct.error; an ONNX Concat of an unnamed
-    input: a segfault in TVM), replayed from their seed and index in a forked child."""
-    for name, index in (("tflite", 0), ("onnx", 72)):
+    """Cases the fuzzer found, replayed from their seed and index in a forked child: a flipped
+    TFLite offset (struct.error), an ONNX Concat of an unnamed input (a segfault in TVM), a CT2
+    variable of rank 65 (numpy's ValueError), a manifest.sha256 of invalid UTF-8, and a
+    tokenizer.json whose merges make `tokenizers` panic (a BaseException)."""
+    for name, seed, index in (
+        ("tflite", 0, 0),
+        ("onnx", 0, 72),
+        ("ct2", 1, 2692),
+        ("manifest", 1, 8),
+        ("manifest", 1, 578),
+    ):
         target = fuzz.TARGETS[name]()
         seeds = target.seeds(tmp_path)
         target.prepare()
-        report = fuzz.run_case(target, fuzz.make_case(target, seeds, 0, index), tmp_path, 30.0, 1 << 30)
+        report = fuzz.run_case(target, fuzz.make_case(target, seeds, seed, index), tmp_path, 30.0, 1 << 30)
         assert report["outcome"] == "error", (name, index, report)
 
 

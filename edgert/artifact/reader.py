@@ -75,7 +75,10 @@ class Artifact:
 
     def read_text(self, name: str) -> str:
         """A member decoded as UTF-8."""
-        return self.read_bytes(name).decode("utf-8")
+        try:
+            return self.read_bytes(name).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ArtifactError(f"{self.path}: member '{name}' is not valid UTF-8 (byte {exc.start})") from None
 
     def weights(self, copy_on_write: bool = False) -> dict[str, np.ndarray]:
         """The weights, memory-mapped from the artifact (see `read_tensors` for ``copy_on_write``)."""

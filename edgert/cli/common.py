@@ -16,6 +16,8 @@ out = Console()
 err = Console(stderr=True)
 
 ArtifactArg = Annotated[Path, typer.Argument(help="A compiled .edgert artifact.")]
+
+
 def _positive_threads(value: int | None) -> int | None:
     """--threads below 1 is refused before anything loads (the upper bound, the CPU count, is
     checked where the model runs: here, or on the device)."""

@@ -42,9 +42,9 @@ def build_tokenizer_json(metadata: dict[str, Any], where: str = "GGUF file") -> 
     pre = str(metadata.get("tokenizer.ggml.pre", "default"))
     try:
         return _assemble(tokens, merges, types, pre, (AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers))
-    except UnsupportedModelError:
+    except (UnsupportedModelError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as exc:
+    except BaseException as exc:  # bare Exceptions and Rust panics from `tokenizers`
         raise ModelFileError(f"{where}: the tokenizer fields do not make a tokenizer ({brief(exc)})") from None
 
 

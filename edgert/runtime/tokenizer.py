@@ -32,9 +32,10 @@ class TextTokenizer:
         if not isinstance(config, dict):
             raise ArtifactError(f"{where}: the tokenizer settings are a {type(config).__name__}, not an object")
         try:
-            # The library raises a bare Exception for a damaged document.
             self._tok = Tokenizer.from_str(tokenizer_json)
-        except Exception as exc:
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a bare Exception, or a Rust panic (a BaseException)
             raise ArtifactError(f"{where}: not a readable tokenizer document ({_first_line(exc)})") from None
         _give_back_free_heap()
         self.config = config

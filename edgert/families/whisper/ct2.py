@@ -39,6 +39,7 @@ _DTYPES: tuple[tuple[str, np.dtype], ...] = (
     ("bfloat16", np.dtype("<u2")),
 )
 MAX_BINARY_VERSION = 6
+MAX_RANK = 8  # CTranslate2's tensors have at most 4 dimensions; numpy stops at 64
 
 
 @dataclass
@@ -153,6 +154,10 @@ def read_ct2(path: str | Path) -> CT2Model:
     for i in range(count):
         name = cur.string(f"name of variable {i}")
         rank = cur.u8(f"rank of '{name}'")
+        if rank > MAX_RANK:
+            raise ModelFileError(
+                f"{path}: variable '{name}' has rank {rank}, more than {MAX_RANK} (the file is corrupt)"
+            )
         shape = cur.unpack(f"<{rank}I", f"shape of '{name}'") if rank else ()
         if version >= 4:
             type_id = cur.u8(f"dtype of '{name}'")
