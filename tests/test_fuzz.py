@@ -175,7 +175,8 @@ def test_fuzz_regressions_by_case_id(tmp_path: Path) -> None:
     """Cases the fuzzer found, replayed from their seed and index in a forked child: a flipped
     TFLite offset (struct.error), an ONNX Concat of an unnamed input (a segfault in TVM), a CT2
     variable of rank 65 (numpy's ValueError), a manifest.sha256 of invalid UTF-8, and a
-    tokenizer.json whose merges make `tokenizers` panic (a BaseException)."""
+    tokenizer.json whose merges make `tokenizers` panic (a BaseException), and a GGUF array whose
+    count the file cannot hold (the gguf reader looped over empty slices: a hang)."""
     for name, seed, index in (
         ("tflite", 0, 0),
         ("onnx", 0, 72),

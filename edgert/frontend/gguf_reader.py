@@ -52,6 +52,14 @@ def open_gguf_reader(path: str | Path) -> Any:
         def data(self, value: np.ndarray) -> None:
             self._plain = value.view(np.ndarray)
 
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+            # The stock reader slices past the end without complaint, so an array whose count
+            # says 2**40 strings loops 2**40 times over empty slices: refuse any read past the end.
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if int(count) < 0 or end > self._plain.shape[0]:
+                raise ValueError(f"a field at byte {offset} runs past the end of the file")
+            return super()._get(offset, dtype, count, override_order)
+
     return _PlainViewReader(path, "r")
 
 
