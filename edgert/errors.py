@@ -1,6 +1,13 @@
 """Errors edgert raises for bad input; the CLI prints their message without a traceback."""
 
 
+def brief(exc: BaseException, limit: int = 200) -> str:
+    """The first line of a library's exception message, shortened: for wrapping it into a one-line error."""
+    lines = str(exc).strip().splitlines()
+    text = next((line.strip() for line in lines if line.strip()), type(exc).__name__)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class EdgertError(Exception):
     """Base class of every error caused by the user's input rather than by a bug."""
 

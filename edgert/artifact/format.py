@@ -89,6 +89,9 @@ class Manifest:
             good = isinstance(info, dict) and isinstance(info.get("sha256"), str) and isinstance(info.get("size"), int)
             if not good:
                 raise ArtifactError(f"{where}: {MANIFEST} entry for member '{member}' lacks a sha256 and a size")
+        for key in ("name", "family"):
+            if not raw[key]:
+                raise ArtifactError(f"{where}: {MANIFEST} field '{key}' is empty")
         return cls(
             **{k: raw[k] for k in known if k in raw},
             sections={k: v for k, v in raw.items() if k not in known},

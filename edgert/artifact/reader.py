@@ -32,7 +32,7 @@ import numpy as np
 from edgert.artifact.format import FORMAT, FORMAT_VERSION, MANIFEST, MANIFEST_HASH, Manifest, sha256_of
 from edgert.artifact.signing import SIGNATURE, SignatureStatus, check_signature, require_trusted
 from edgert.artifact.tensorfile import read_tensors
-from edgert.errors import ArtifactError, TargetError
+from edgert.errors import ArtifactError, TargetError, brief
 from edgert.paths import cache_dir
 from edgert.targets import host_arch, host_cpu_flags
 
@@ -85,11 +85,17 @@ class Artifact:
 
     def read_text(self, name: str) -> str:
         """A member decoded as UTF-8."""
-        return self.read_bytes(name).decode("utf-8")
+        try:
+            return self.read_bytes(name).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ArtifactError(f"{self.path}: member '{name}' is not valid UTF-8 (byte {exc.start})") from None
 
     def weights(self, copy_on_write: bool = False) -> dict[str, np.ndarray]:
         """The weights, memory-mapped from the artifact (see `read_tensors` for ``copy_on_write``)."""
-        return self.tensors(self.manifest["weights"]["file"], copy_on_write)
+        weights = self.manifest.get("weights")
+        if not isinstance(weights, dict) or not isinstance(weights.get("file"), str):
+            raise ArtifactError(f"{self.path}: the manifest names no weights file")
+        return self.tensors(weights["file"], copy_on_write)
 
     def tensors(self, name: str, copy_on_write: bool = False) -> dict[str, np.ndarray]:
         """The tensors of the safetensors member ``name``, memory-mapped from the artifact."""
@@ -157,8 +163,11 @@ def _zip_members(path: Path) -> dict[str, Member]:
                 name_len, extra_len = struct.unpack("<HH", local[26:30])
                 start = info.header_offset + 30 + name_len + extra_len
                 members[info.filename] = Member(path, start, info.file_size)
-    except zipfile.BadZipFile as exc:
-        raise ArtifactError(f"{path} is not a valid artifact (damaged zip: {exc})") from exc
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError) as exc:
+        raise ArtifactError(f"{path} is not a valid artifact (damaged zip: {brief(exc)})") from exc
+    except (OSError, ValueError, struct.error, EOFError, OverflowError) as exc:
+        # offsets in a damaged directory that point before the file's start or past its end
+        raise ArtifactError(f"{path} is not a valid artifact (damaged zip: {brief(exc)})") from None
     return members
 
 
@@ -205,8 +214,10 @@ def open_artifact(
             raise ArtifactError(f"{path}: {MANIFEST} does not match its recorded sha256 (the file is corrupt)")
     try:
         manifest = json.loads(raw)
-    except ValueError as exc:
-        raise ArtifactError(f"{path}: {MANIFEST} is not valid JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise ArtifactError(f"{path}: {MANIFEST} is not valid JSON: {str(exc)[:100]}") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: {MANIFEST} is a JSON {type(manifest).__name__}, not an object")
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path} is not an edgert artifact (format '{manifest.get('format')}')")
     version = manifest.get("format_version")

@@ -90,17 +90,48 @@ def read_tensors(
             raise ArtifactError(f"{path}: weights header claims {length} bytes, more than the file holds")
         try:
             header = json.loads(fh.read(length))
-        except ValueError as exc:
-            raise ArtifactError(f"{path}: weights header is not valid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:
+            raise ArtifactError(f"{path}: weights header is not valid JSON: {str(exc)[:100]}") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{path}: weights header is a JSON {type(header).__name__}, not an object")
     base = offset + 8 + length
-    data = np.memmap(path, dtype=np.uint8, mode="c" if copy_on_write else "r", offset=base, shape=(total - 8 - length,))
+    avail = total - 8 - length
+    entries = {name: _entry(path, name, info, avail) for name, info in header.items() if name != "__metadata__"}
+    if avail == 0:  # numpy cannot map zero bytes; only empty tensors fit
+        data = np.zeros(0, np.uint8)
+    else:
+        data = np.memmap(path, dtype=np.uint8, mode="c" if copy_on_write else "r", offset=base, shape=(avail,))
     out: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        if name == "__metadata__" or name.startswith(PAD_PREFIX):
+    for name, (dtype, shape, start, end) in entries.items():
+        if name.startswith(PAD_PREFIX):
             continue
-        start, end = info["data_offsets"]
-        if end > data.shape[0]:
-            raise ArtifactError(f"{path}: tensor '{name}' runs past the end of the weights")
-        dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
-        out[name] = data[start:end].view(dtype).reshape(info["shape"])
+        out[name] = data[start:end].view(dtype).reshape(shape)
     return out
+
+
+def _sizes(xs: object) -> bool:
+    return isinstance(xs, list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)
+
+
+def _entry(path: Path, name: str, info: object, avail: int) -> tuple[np.dtype, list[int], int, int]:
+    """One tensor record of the header, checked: known dtype, shape, offsets inside the data."""
+    where = f"{path}: weights tensor '{name}'"
+    if not isinstance(info, dict):
+        raise ArtifactError(f"{where} is described by a {type(info).__name__}, not an object")
+    kind, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(kind, str) or kind not in _DTYPES:
+        raise ArtifactError(f"{where} has dtype {kind!r}, which edgert does not read ({', '.join(_DTYPES)})")
+    if not _sizes(shape) or not _sizes(offsets) or len(offsets) != 2:
+        raise ArtifactError(f"{where} has a malformed shape or data_offsets")
+    start, end = offsets
+    dtype = np.dtype(_DTYPES[kind]).newbyteorder("<")
+    if not start <= end <= avail:
+        raise ArtifactError(f"{where} runs past the end of the weights")
+    count = 1
+    for d in shape:
+        count *= d
+    if count * dtype.itemsize != end - start:
+        raise ArtifactError(
+            f"{where} holds {end - start} bytes, but shape {shape} of {kind} needs {count * dtype.itemsize}"
+        )
+    return dtype, shape, start, end

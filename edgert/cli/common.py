@@ -16,8 +16,21 @@ out = Console()
 err = Console(stderr=True)
 
 ArtifactArg = Annotated[Path, typer.Argument(help="A compiled .edgert artifact.")]
+
+
+def _positive_threads(value: int | None) -> int | None:
+    """--threads below 1 is refused before anything loads (the upper bound, the CPU count, is
+    checked where the model runs: here, or on the device)."""
+    if value is not None and value < 1:
+        raise EdgertError(f"--threads {value}: give a number from 1 to the CPUs of the machine")
+    return value
+
+
 ThreadsOpt = Annotated[
-    int | None, typer.Option("--threads", "-t", help="Worker threads (default: the target's big cores).")
+    int | None,
+    typer.Option(
+        "--threads", "-t", help="Worker threads (default: the target's big cores).", callback=_positive_threads
+    ),
 ]
 ContextOpt = Annotated[
     int | None, typer.Option("--context", help="Context length in tokens (default: the compiled one).")

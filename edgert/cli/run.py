@@ -78,6 +78,10 @@ def run(
         _run_graph(artifact, inputs, outputs, threads, device_kind)
         return
     params = sampling(temperature, top_k, top_p, repetition_penalty, seed)  # before the slow load
+    if threads is not None and device is None:
+        from edgert.runtime.session import check_threads
+
+        check_threads(threads)
     if speculative and exit_policy:
         raise EdgertError("--speculative and --exit are separate modes; pick one")
     if device is not None and (speculative or exit_policy):
@@ -206,6 +210,10 @@ def chat(
     from edgert.families.registry import load
 
     params = sampling(temperature, top_k, top_p, repetition_penalty, seed)  # before the slow load
+    if threads is not None:
+        from edgert.runtime.session import check_threads
+
+        check_threads(threads)
     model = load(artifact, threads=threads, context_length=context)
     session = model.chat(system)
     err.print(f"[dim]{model.artifact.manifest['name']} — /reset starts over, /exit or Ctrl-D quits[/]")

@@ -162,8 +162,10 @@ def read_frame(read_exact: Callable[[int], bytes]) -> tuple[dict[str, Any], byte
         raise FrameError("garbled frame: CRC mismatch")
     try:
         header = json.loads(rest[:hlen])
-    except ValueError as exc:
-        raise FrameError(f"garbled frame: header is not JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # ValueError covers bad UTF-8 too
+        raise FrameError(f"garbled frame: header is not JSON ({str(exc)[:100]})") from None
+    if not isinstance(header, dict):
+        raise FrameError(f"garbled frame: header is a JSON {type(header).__name__}, not an object")
     return header, rest[hlen : hlen + plen]
 
 

@@ -27,7 +27,6 @@ _FLAGS = {
 }
 
 
-
 def source_format(path: Path) -> str | None:
     """The format of a model file or folder, from its name and (for folders) its config; None if unknown."""
     suffix = path.suffix.lower()

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from edgert.errors import ModelFileError, UnsupportedModelError
+from edgert.errors import ModelFileError, UnsupportedModelError, brief
 from edgert.frontend.quantized import GGUF_KINDS, QuantizedRows, from_gguf_blocks
 
 # Tensor types whose dequantization `gguf.quants` implements and that edgert has tested.
@@ -52,6 +52,14 @@ def open_gguf_reader(path: str | Path) -> Any:
         def data(self, value: np.ndarray) -> None:
             self._plain = value.view(np.ndarray)
 
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+            # The stock reader slices past the end without complaint, so an array whose count
+            # says 2**40 strings loops 2**40 times over empty slices: refuse any read past the end.
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if int(count) < 0 or end > self._plain.shape[0]:
+                raise ValueError(f"a field at byte {offset} runs past the end of the file")
+            return super()._get(offset, dtype, count, override_order)
+
     return _PlainViewReader(path, "r")
 
 
@@ -87,6 +95,19 @@ class GGUFModel:
                 f"(first: '{next(iter(bad))}'; supported: {', '.join(SUPPORTED_TENSOR_TYPES)})"
             )
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """Tensor ``name``'s shape in numpy order (GGUF lists dimensions innermost first)."""
+        return tuple(int(d) for d in reversed(self._find(name).shape))
+
+    def check_shapes(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Refuse a file whose tensors are missing or do not have the shapes its metadata implies."""
+        for name, want in expected.items():
+            got = self.shape(name)
+            if got != tuple(want):
+                raise ModelFileError(
+                    f"{self.path}: tensor '{name}' has shape {list(got)}, but the metadata implies {list(want)}"
+                )
+
     def _find(self, name: str) -> Any:
         for t in self._reader.tensors:
             if t.name == name:
@@ -102,8 +123,8 @@ class GGUFModel:
         shape = (int(t.shape[1]), int(t.shape[0]))
         try:
             return from_gguf_blocks(kind, np.asarray(t.data), shape)
-        except ValueError as exc:  # a byte count that does not match the shape
-            raise ModelFileError(f"{self.path}: tensor '{name}' cannot be decoded: {exc}") from exc
+        except (ValueError, TypeError, IndexError) as exc:  # a byte count that does not match the shape
+            raise ModelFileError(f"{self.path}: tensor '{name}' cannot be decoded: {brief(exc)}") from exc
 
     def tensor(self, name: str) -> np.ndarray:
         """Tensor ``name`` dequantized to float32, in GGUF's row-major (numpy) shape."""
@@ -119,9 +140,9 @@ class GGUFModel:
         shape = tuple(int(d) for d in reversed(t.shape))
         try:
             values = gguf.quants.dequantize(t.data, t.tensor_type)
-        except Exception as exc:  # the library raises many kinds on garbled data
-            raise ModelFileError(f"{self.path}: tensor '{name}' cannot be decoded: {exc}") from exc
-        return np.asarray(values, dtype=np.float32).reshape(shape)
+            return np.asarray(values, dtype=np.float32).reshape(shape)
+        except Exception as exc:
+            raise ModelFileError(f"{self.path}: tensor '{name}' cannot be decoded: {brief(exc)}") from exc
 
 
 def _field_value(f: Any) -> Any:
@@ -144,12 +165,19 @@ def read_gguf(path: str | Path) -> GGUFModel:
     try:
         reader = open_gguf_reader(path)
     except Exception as exc:  # truncation and garbling surface as assorted library errors
-        raise ModelFileError(f"{path} is truncated or garbled: {exc}") from exc
+        raise ModelFileError(f"{path} is truncated or garbled: {brief(exc)}") from exc
     size = path.stat().st_size
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size:
-            raise ModelFileError(f"{path} is truncated: tensor '{t.name}' ends at byte {end} but the file has {size}")
-    metadata = {k: _field_value(f) for k, f in reader.fields.items()}
-    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    try:
+        for t in reader.tensors:
+            end = int(t.data_offset) + int(t.n_bytes)
+            if end > size:
+                raise ModelFileError(
+                    f"{path} is truncated: tensor '{t.name}' ends at byte {end} but the file has {size}"
+                )
+        metadata = {k: _field_value(f) for k, f in reader.fields.items()}
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+    except ModelFileError:
+        raise
+    except Exception as exc:
+        raise ModelFileError(f"{path} is garbled: {brief(exc)}") from exc
     return GGUFModel(path=path, metadata=metadata, tensor_types=types, _reader=reader)

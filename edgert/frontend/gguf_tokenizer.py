@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgert.errors import UnsupportedModelError
+from edgert.errors import ModelFileError, UnsupportedModelError, brief
 
 # GPT-2's split rule; llama.cpp uses the same one for the pre-tokenizer names below.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
@@ -15,7 +15,14 @@ _PLAIN_GPT2_PRE = {"gpt2", "gpt-2", "default", "phi-2", "jina-es", "jina-de", "p
 _SPECIAL_TYPES = {3, 4}
 
 
-def build_tokenizer_json(metadata: dict[str, Any]) -> str:
+def _tokens(metadata: dict[str, Any], where: str) -> list[str]:
+    tokens = metadata.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ModelFileError(f"{where}: tokenizer.ggml.tokens is missing or not a list of strings")
+    return tokens
+
+
+def build_tokenizer_json(metadata: dict[str, Any], where: str = "GGUF file") -> str:
     """Return a `tokenizers` JSON document equivalent to the GGUF tokenizer fields."""
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
@@ -27,10 +34,25 @@ def build_tokenizer_json(metadata: dict[str, Any]) -> str:
             f"tokenizer model '{kind}' is not supported yet (edgert reads byte-level BPE 'gpt2' and "
             "SentencePiece BPE 'llama')"
         )
-    tokens: list[str] = list(metadata["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in metadata.get("tokenizer.ggml.merges") or []]
-    types = list(metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    tokens = _tokens(metadata, where)
+    raw_merges = metadata.get("tokenizer.ggml.merges") or []
+    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if not isinstance(raw_merges, list) or not all(isinstance(m, str) and " " in m for m in raw_merges):
+        raise ModelFileError(f"{where}: tokenizer.ggml.merges is not a list of 'a b' pairs")
+    if not isinstance(types, list) or not all(isinstance(t, int) for t in types):
+        raise ModelFileError(f"{where}: tokenizer.ggml.token_type is not a list of integers")
+    merges = [tuple(m.split(" ", 1)) for m in raw_merges]
     pre = str(metadata.get("tokenizer.ggml.pre", "default"))
+    try:
+        return _assemble(tokens, merges, types, pre, (AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers))
+    except (UnsupportedModelError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # bare Exceptions and Rust panics from `tokenizers`
+        raise ModelFileError(f"{where}: the tokenizer fields do not make a tokenizer ({brief(exc)})") from None
+
+
+def _assemble(tokens: list[str], merges: list[tuple[str, ...]], types: list[int], pre: str, lib: tuple) -> str:
+    AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers = lib
 
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
@@ -105,13 +127,23 @@ def _sentencepiece_json(metadata: dict[str, Any]) -> str:
     return tokenizer.to_str()
 
 
-def tokenizer_config(metadata: dict[str, Any]) -> dict[str, Any]:
-    """Special token ids, BOS policy and chat template, for the artifact's manifest."""
-    tokens = list(metadata["tokenizer.ggml.tokens"])
+def tokenizer_config(metadata: dict[str, Any], where: str = "GGUF file") -> dict[str, Any]:
+    """Special token ids, BOS policy and chat template, for the artifact's manifest.
+
+    A special token id outside the vocabulary is refused (a model that could never stop, or
+    that starts every prompt with a token it has no embedding for).
+    """
+    tokens = _tokens(metadata, where)
 
     def _id(key: str) -> int | None:
         value = metadata.get(f"tokenizer.ggml.{key}")
-        return None if value is None else int(value)
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < len(tokens):
+            raise ModelFileError(
+                f"{where}: tokenizer.ggml.{key} is {value!r}, outside the vocabulary of {len(tokens)} tokens"
+            )
+        return value
 
     eos = _id("eos_token_id")
     stop_ids = {eos} if eos is not None else set()
@@ -119,6 +151,8 @@ def tokenizer_config(metadata: dict[str, Any]) -> dict[str, Any]:
     if eot is not None:
         stop_ids.add(eot)
     template = metadata.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise ModelFileError(f"{where}: tokenizer.chat_template is not text")
     # Chat models end a turn with an end-of-turn marker that the template emits.
     for marker in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
         if marker in tokens and template and marker in template:

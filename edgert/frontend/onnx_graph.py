@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgert.errors import ModelFileError, UnsupportedModelError
+from edgert.errors import ModelFileError, UnsupportedModelError, brief
 
 # Nodes the importer handles itself rather than through its converter table.
 _DIRECT = {"If", "Constant"}
@@ -44,7 +44,7 @@ def read_onnx(path: str | Path) -> Any:
     try:
         return onnx.load(str(path))
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ... for garbage
-        raise ModelFileError(f"{path} is not a readable ONNX model: {exc}") from exc
+        raise ModelFileError(f"{path} is not a readable ONNX model: {brief(exc)}") from exc
 
 
 def _supported_ops() -> set[str]:
@@ -82,6 +82,29 @@ def check_supported(model: Any, source: str = "model") -> None:
             f"{op} (nodes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" for op, names in missing.items()
         ]
         raise UnsupportedModelError(f"{source}: operators not supported by the ONNX importer: {'; '.join(parts)}")
+
+
+_VARIADIC = {"Concat", "Sum", "Max", "Min", "Mean"}
+
+
+def check_graph(model: Any, source: str = "model") -> None:
+    """Refuse a graph whose nodes read values nothing defines (TVM's importer crashes on some:
+    a Concat of a missing input ends in a segmentation fault, not an exception)."""
+    graph = model.graph
+    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    for i, node in enumerate(graph.node):
+        where = node.name or f"#{i} ({node.op_type})"
+        for name in node.input:
+            if name and name not in defined:
+                raise ModelFileError(
+                    f"{source}: node {where} reads '{name}', which no input, weight or earlier node defines"
+                )
+            if not name and node.op_type in _VARIADIC:
+                raise ModelFileError(f"{source}: node {where} has an empty input name")
+        defined.update(o for o in node.output if o)
+    for out in graph.output:
+        if out.name not in defined:
+            raise ModelFileError(f"{source}: graph output '{out.name}' is not computed by any node")
 
 
 def expand_lstm(model: Any) -> Any:
@@ -326,8 +349,29 @@ def graph_io(model: Any, outputs_sinfo: Any) -> tuple[list[GraphIO], list[GraphI
     return inputs, outputs
 
 
+# What onnx's helpers raise on a damaged model (a tensor whose bytes do not fit its dims, an
+# unknown data type, an attribute of the wrong kind): they surface wherever a field is first used.
+DAMAGE = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    UnicodeDecodeError,
+    RecursionError,
+    OverflowError,
+)
+
+
 def import_onnx(path: str | Path, input_shapes: dict[str, list[int]] | None = None) -> tuple[Any, list, list]:
     """ONNX file -> (Relax IRModule with weights as constants, inputs, outputs)."""
+    try:
+        return _import_onnx(path, input_shapes)
+    except DAMAGE as exc:
+        raise ModelFileError(f"{path} is a damaged ONNX model ({type(exc).__name__}: {brief(exc, 150)})") from None
+
+
+def _import_onnx(path: str | Path, input_shapes: dict[str, list[int]] | None = None) -> tuple[Any, list, list]:
     import warnings
 
     from tvm.relax.frontend.onnx import from_onnx
@@ -343,11 +387,12 @@ def import_onnx(path: str | Path, input_shapes: dict[str, list[int]] | None = No
     if needs_expansion(model):
         model = fold_constants(expand_quantized(model))
     check_supported(model, str(path))
+    check_graph(model, str(path))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # renamed inputs and unknown dims: reported by edgert itself
         try:
             mod = from_onnx(model, keep_params_in_input=False, sanitize_input_names=True)
         except Exception as exc:
-            raise UnsupportedModelError(f"{path}: the ONNX importer failed: {exc}") from exc
+            raise UnsupportedModelError(f"{path}: the ONNX importer failed: {brief(exc)}") from exc
     inputs, outputs = graph_io(model, mod["main"].ret_ty)
     return mod, inputs, outputs

@@ -7,12 +7,13 @@ unsupported model fails with each operator and the operators' positions and outp
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgert.errors import ModelFileError, UnsupportedModelError
+from edgert.errors import ModelFileError, UnsupportedModelError, brief
 from edgert.frontend.onnx_graph import GraphIO
 
 _TYPES = {0: "float32", 1: "float16", 2: "int32", 3: "uint8", 4: "int64", 6: "bool", 7: "int16", 9: "int8"}
@@ -36,7 +37,7 @@ def read_tflite(path: str | Path) -> Any:
     except ModelFileError:
         raise
     except Exception as exc:  # flatbuffers raises struct/index errors on damaged files
-        raise ModelFileError(f"{path} is not a readable TFLite model: {exc}") from exc
+        raise ModelFileError(f"{path} is not a readable TFLite model: {brief(exc)}") from exc
 
 
 def _tensor_io(subgraph: Any, index: int) -> GraphIO:
@@ -67,8 +68,22 @@ def check_supported(model: Any, source: str) -> None:
         raise UnsupportedModelError(f"{source}: operators not supported by the TFLite importer: {'; '.join(parts)}")
 
 
+# What the flatbuffers accessors raise on a damaged file: they read lazily, so damage surfaces
+# wherever a field is first read, not when the file is opened.
+DAMAGE = (struct.error, IndexError, TypeError, ValueError, AttributeError, KeyError, UnicodeDecodeError, RecursionError)
+
+
 def import_tflite(path: str | Path, input_shapes: dict[str, list[int]] | None = None) -> tuple[Any, list, list]:
     """.tflite file -> (Relax IRModule with weights as constants, inputs, outputs)."""
+    try:
+        return _import_tflite(path, input_shapes)
+    except NotImplementedError as exc:  # an operator code past the schema the importer knows
+        raise UnsupportedModelError(f"{path}: {brief(exc)}") from None
+    except DAMAGE as exc:
+        raise ModelFileError(f"{path} is a damaged TFLite model ({type(exc).__name__}: {brief(exc, 150)})") from None
+
+
+def _import_tflite(path: str | Path, input_shapes: dict[str, list[int]] | None = None) -> tuple[Any, list, list]:
     from tvm import relax
     from tvm.relax.frontend.tflite import from_tflite
 
@@ -86,7 +101,7 @@ def import_tflite(path: str | Path, input_shapes: dict[str, list[int]] | None = 
     try:
         mod = from_tflite(model, shape_dict={i.name: tuple(i.shape) for i in inputs})
     except Exception as exc:
-        raise UnsupportedModelError(f"{path}: the TFLite importer failed: {exc}") from exc
+        raise UnsupportedModelError(f"{path}: the TFLite importer failed: {brief(exc)}") from exc
     func = mod["main"].without_attr("params")
     mod["main"] = func
     ret = func.ret_ty

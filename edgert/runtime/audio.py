@@ -14,11 +14,26 @@ from pathlib import Path
 
 import numpy as np
 
-from edgert.errors import EdgertError
+from edgert.errors import EdgertError, brief
 
 
 class AudioError(EdgertError):
     """An audio input is missing, unreadable, empty, silent or not finite."""
+
+
+# Rates real recordings use; outside them a header is garbled or hostile (a 32 KB file declaring
+# 1 Hz would resample into gigabytes).
+MIN_RATE, MAX_RATE = 1_000, 384_000
+MAX_SECONDS = 2 * 3600  # of decoded audio: 460 MB of float32 at Whisper's 16 kHz
+MAX_CHANNELS = 64
+
+
+def check_rate(rate: int, frames: int, what: str) -> None:
+    """Refuse a sample rate outside `MIN_RATE`..`MAX_RATE` and audio longer than `MAX_SECONDS`."""
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise AudioError(f"{what} declares a sample rate of {rate} Hz, outside {MIN_RATE}..{MAX_RATE} Hz")
+    if frames / rate > MAX_SECONDS:
+        raise AudioError(f"{what} lasts {frames / rate:.0f} s, more than the {MAX_SECONDS} s edgert decodes")
 
 
 @dataclass
@@ -60,10 +75,11 @@ def _read_float_wav(path: Path) -> tuple[np.ndarray, int, int]:
     tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", fmt[:16])
     if tag == 0xFFFE and len(fmt) >= 26:
         tag = struct.unpack("<H", fmt[24:26])[0]
-    if tag != 3 or bits not in (32, 64) or channels == 0:
-        raise AudioError(f"{path}: unsupported WAV encoding (format tag {tag}, {bits} bits)")
+    if tag != 3 or bits not in (32, 64) or not 1 <= channels <= MAX_CHANNELS:
+        raise AudioError(f"{path}: unsupported WAV encoding (format tag {tag}, {bits} bits, {channels} channels)")
     dtype = "<f4" if bits == 32 else "<f8"
     usable = len(body) - len(body) % (channels * bits // 8)
+    check_rate(rate, usable // (channels * bits // 8), str(path))
     return np.frombuffer(body[:usable], dtype=dtype).reshape(-1, channels).astype(np.float32), rate, channels
 
 
@@ -91,7 +107,14 @@ def read_frames(path: str | Path) -> tuple[np.ndarray, int]:
     try:
         with wave.open(str(path), "rb") as w:
             channels, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-            raw = w.readframes(n)
+            if not 1 <= channels <= MAX_CHANNELS:
+                raise AudioError(f"{path}: a WAV file of {channels} channels")
+            if not 1 <= width <= 4:
+                raise AudioError(f"{path}: unsupported sample width {width} bytes")
+            check_rate(rate, 0, str(path))
+            raw = w.readframes(min(n, MAX_SECONDS * rate + 1))
+        raw = raw[: len(raw) - len(raw) % (width * channels)]  # a last frame cut short
+        check_rate(rate, len(raw) // (width * channels), str(path))
         if width == 1:
             frames = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
         elif width == 2:
@@ -108,9 +131,13 @@ def read_frames(path: str | Path) -> tuple[np.ndarray, int]:
         if "unknown format: 3" in str(exc) or "unknown format: 65534" in str(exc):
             frames, rate, channels = _read_float_wav(path)
         else:
-            raise AudioError(f"{path} is not a readable WAV file ({exc})") from exc
+            raise AudioError(f"{path} is not a readable WAV file ({brief(exc)})") from exc
     except EOFError as exc:
         raise AudioError(f"{path} is not a readable WAV file (truncated header)") from exc
+    except (RuntimeError, struct.error, ValueError, OverflowError) as exc:
+        # `wave` raises a bare RuntimeError for a chunk size past the end of the file.
+        detail = str(exc) or "a chunk runs past the end of the file"
+        raise AudioError(f"{path} is not a readable WAV file ({detail})") from None
     return frames, rate
 
 
@@ -123,8 +150,7 @@ def prepare(frames: np.ndarray, rate: int, sample_rate: int = 16000, what: str =
         raise AudioError(f"{what} holds no samples")
     if not np.all(np.isfinite(mono)):
         raise AudioError(f"{what} holds NaN or infinite samples")
-    if rate <= 0:
-        raise AudioError(f"{what} has an invalid sample rate {rate}")
+    check_rate(rate, len(mono), what)
     if float(np.max(np.abs(mono))) < 1e-6:
         raise AudioError(f"{what} is silent (every sample is zero)")
     if rate != sample_rate:

@@ -17,7 +17,7 @@ from edgert.artifact.reader import Artifact
 from edgert.errors import ContextLengthError
 from edgert.runtime.sampling import Sampler, SamplingParams
 from edgert.runtime.session import PagedKVCache, Session
-from edgert.runtime.tokenizer import TextTokenizer
+from edgert.runtime.tokenizer import TextTokenizer, tokenizer_from_artifact
 from edgert.runtime.tvm_runtime import to_numpy
 
 
@@ -127,7 +127,7 @@ class Generator:
             raise ContextLengthError(f"context length {context_length} is outside 1..{limit}, the compiled maximum")
         self.artifact = artifact
         self.session = Session(artifact, threads)
-        self.tokenizer = TextTokenizer(artifact.read_text(manifest["tokenizer"]["file"]), manifest["tokenizer"])
+        self.tokenizer = tokenizer_from_artifact(artifact)
         self.context_length = context_length or limit
         self.prefill_chunk = int(kv["prefill_chunk_size"])
         self.cache = PagedKVCache(self.session, self.context_length, self.prefill_chunk, int(kv["page_size"]))

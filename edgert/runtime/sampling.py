@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +20,10 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be finite and >= 0 (0: greedy), got {self.temperature}")
+        if not math.isfinite(self.repetition_penalty):
+            raise ValueError(f"repetition_penalty must be finite, got {self.repetition_penalty}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:

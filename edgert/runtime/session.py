@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -17,9 +18,19 @@ def configure_threads(threads: int | None, default: int | None = None) -> int:
     """Set up TVM's thread pool (`edgert.runtime.threads`); return the worker count now in use.
 
     ``threads`` (or ``TVM_NUM_THREADS``) fixes the count; else it follows the cores other
-    processes leave free, up to ``default`` (the target's big cores) or every CPU allowed.
+    processes leave free, up to ``default`` (the target's big cores) or every CPU allowed. An
+    explicit count outside 1..CPUs is refused (a pool of 100000 threads never finishes starting).
     """
+    if threads is not None:
+        check_threads(threads)
     return AdaptiveThreads(threads, default).threads
+
+
+def check_threads(threads: int, cpus: int | None = None) -> None:
+    """Refuse a thread count outside 1..the CPUs of this machine, with a one-line error."""
+    cpus = cpus or os.cpu_count() or 1
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= cpus:
+        raise EdgertError(f"--threads {threads}: give a number from 1 to {cpus} (the CPUs of this machine)")
 
 
 DEVICE_KINDS = ("cpu", "gpu")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from edgert.errors import EdgertError
+from edgert.errors import ArtifactError, EdgertError
 
 
 def _give_back_free_heap() -> None:
@@ -26,14 +26,30 @@ def _give_back_free_heap() -> None:
 class TextTokenizer:
     """Encodes prompts, renders chat conversations and decodes token ids."""
 
-    def __init__(self, tokenizer_json: str, config: dict[str, Any]):
+    def __init__(self, tokenizer_json: str, config: dict[str, Any], where: str = "tokenizer.json"):
         from tokenizers import Tokenizer
 
-        self._tok = Tokenizer.from_str(tokenizer_json)
+        if not isinstance(config, dict):
+            raise ArtifactError(f"{where}: the tokenizer settings are a {type(config).__name__}, not an object")
+        try:
+            self._tok = Tokenizer.from_str(tokenizer_json)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # a bare Exception, or a Rust panic (a BaseException)
+            raise ArtifactError(f"{where}: not a readable tokenizer document ({_first_line(exc)})") from None
         _give_back_free_heap()
         self.config = config
-        self.stop_token_ids: set[int] = set(config.get("stop_token_ids") or [])
-        self.bos_token_id: int | None = config.get("bos_token_id")
+        self.where = where
+        stops = config.get("stop_token_ids") or []
+        bos = config.get("bos_token_id")
+        if not isinstance(stops, list) or not all(_is_id(t) for t in stops) or not (bos is None or _is_id(bos)):
+            raise ArtifactError(f"{where}: the token ids of the tokenizer settings are not integers")
+        size = self.vocab_size
+        bad = [t for t in [*stops, bos] if t is not None and not 0 <= t < size]
+        if bad:
+            raise ArtifactError(f"{where}: special token id {bad[0]} is outside the vocabulary (0..{size - 1})")
+        self.stop_token_ids: set[int] = set(stops)
+        self.bos_token_id: int | None = bos
         self._template: Any = None
 
     @property
@@ -42,7 +58,11 @@ class TextTokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of ``text``; special tokens written in the text are recognised."""
+        """Token ids of ``text``; special tokens written in the text are recognised.
+
+        Bytes are decoded as UTF-8; invalid UTF-8 is refused, not guessed at.
+        """
+        text = prompt_text(text)
         ids = self._tok.encode(text, add_special_tokens=False).ids
         if add_bos is None:
             add_bos = bool(self.config.get("add_bos_token"))
@@ -64,17 +84,12 @@ class TextTokenizer:
         if not self.has_chat_template:
             raise EdgertError("this model has no chat template: use a plain prompt (--raw)")
         if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            from edgert.runtime.chat_template import ChatTemplate
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-            def raise_exception(message: str) -> None:
-                raise EdgertError(f"chat template: {message}")
-
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.config["chat_template"])
+            self._template = ChatTemplate(self.config["chat_template"], self.where)
+        messages = [{**m, "content": prompt_text(m.get("content", ""))} for m in messages]
         return self._template.render(
-            messages=list(messages),
+            messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.config.get("bos_token") or "",
             eos_token=self.config.get("eos_token") or "",
@@ -83,6 +98,44 @@ class TextTokenizer:
     def stream(self) -> StreamDecoder:
         """A decoder that turns token ids into text pieces as they arrive."""
         return StreamDecoder(self)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def prompt_text(text: str | bytes) -> str:
+    """A prompt as text: bytes must be UTF-8, and a str must hold no lone surrogates (which
+    is what Python makes of invalid UTF-8 in command-line arguments)."""
+    if isinstance(text, bytes | bytearray):
+        try:
+            return bytes(text).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise EdgertError(f"the prompt is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
+    if not isinstance(text, str):
+        raise EdgertError(f"the prompt is a {type(text).__name__}, not text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EdgertError(f"the prompt is not valid UTF-8 (character {exc.start} is not text)") from None
+    return text
+
+
+def tokenizer_from_artifact(artifact: Any) -> TextTokenizer:
+    """The tokenizer of a language-model artifact, its manifest section checked."""
+    section = artifact.manifest.get("tokenizer")
+    if not isinstance(section, dict) or not isinstance(section.get("file"), str):
+        raise ArtifactError(f"{artifact.path}: the manifest's 'tokenizer' section lacks its 'file'")
+    where = f"{artifact.path}: {section['file']}"
+    try:
+        text = artifact.read_text(section["file"])
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{where} is not valid UTF-8") from None
+    return TextTokenizer(text, section, where)
 
 
 class StreamDecoder:

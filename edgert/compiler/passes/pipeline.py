@@ -36,9 +36,7 @@ def restrict_kernels() -> Any:
     return _pass
 
 
-def relax_pipeline(
-    target: Any, static_min_elements: int | None = None, report: dict[str, Any] | None = None
-) -> Any:
+def relax_pipeline(target: Any, static_min_elements: int | None = None, report: dict[str, Any] | None = None) -> Any:
     """TVM's default Relax pipeline for ``target``, with :func:`schedule_static_kernels` on CPUs,
     followed by :func:`restrict_kernels`; ``report`` receives :func:`record_kernels`' findings."""
     import tvm

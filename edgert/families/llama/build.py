@@ -42,8 +42,7 @@ def build(req: BuildRequest) -> CompileResult:
 def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: Any, loader: Any) -> CompileResult:
     """The build of a decoder-only GGUF family: its config class (``from_gguf``), its nn model
     (the entry points of `LlamaForCausalLM`) and its loader (``gguf_weights``, ``tied_weights``)."""
-    from edgert.frontend import read_gguf
-    from edgert.frontend.gguf_tokenizer import build_tokenizer_json, tokenizer_config
+    from edgert.families.llama.config import read_source
     from edgert.frontend.quantized import QuantizedRows
 
     progress, source = req.progress, req.source
@@ -57,14 +56,9 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
 
     progress("reading model", None)
     with job.timed("read"):
-        gguf_model = req.parsed if req.parsed is not None else read_gguf(source)
-        cfg = config_cls.from_gguf(gguf_model)
-        gguf_model.check_tensor_types()  # fail before the minutes of building, not after
+        gguf_model, cfg, tokenizer_json, tokenizer_fields = read_source(source, req.parsed, config_cls, loader)
         context = min(req.option("context_length", 2048), cfg.context_length)
         chunk = min(req.option("prefill_chunk_size", 256), context)
-        # A family may complete the file's tokenizer fields (a chat template the file lacks).
-        metadata = getattr(loader, "tokenizer_metadata", lambda m: m)(gguf_model.metadata)
-        tokenizer_json = build_tokenizer_json(metadata)
         activations = req.option("activations", "f32")
         if job.on_gpu and activations != "f32":
             raise EdgertError(f"--activations {activations}: GPU builds take f32 activations only")
@@ -139,7 +133,7 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
                 "order": order,
             },
             library="model.so",
-            tokenizer={"file": "tokenizer.json", **tokenizer_config(metadata)},
+            tokenizer={"file": "tokenizer.json", **tokenizer_fields},
             defaults=dict(req.recipe.run) if req.recipe else {},
         )
     progress("done", 1.0)

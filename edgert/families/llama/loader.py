@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from edgert.families.llama.model import LlamaConfig
+from edgert.families.llama.config import LlamaConfig
 from edgert.frontend.quantized import QuantizedRows, concat_rows
 
 

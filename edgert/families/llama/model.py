@@ -13,70 +13,16 @@ a range of layers, exit early or roll the cache back.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass
-from typing import Any
 
 from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 
-from edgert.errors import ModelFileError, UnsupportedModelError
+from edgert.families.llama.config import LlamaConfig
 from edgert.families.shared.kv_cache import paged_kv_cache
 
-
-@dataclass
-class LlamaConfig:
-    """Hyper-parameters of a Llama-architecture model."""
-
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    context_length: int
-    tie_word_embeddings: bool
-
-    @classmethod
-    def from_gguf(cls, model: Any) -> LlamaConfig:
-        """Read the config from a GGUF file's `llama.*` metadata."""
-        if model.architecture != "llama":
-            raise UnsupportedModelError(
-                f"{model.path}: architecture '{model.architecture}' is not supported (edgert compiles: llama)"
-            )
-        required = (
-            "llama.block_count",
-            "llama.embedding_length",
-            "llama.feed_forward_length",
-            "llama.attention.head_count",
-            "tokenizer.ggml.tokens",
-        )
-        missing = [k for k in required if model.metadata.get(k) is None]
-        if missing:
-            raise ModelFileError(f"{model.path}: metadata field(s) missing or unreadable: {', '.join(missing)}")
-        hidden = int(model.arch_field("embedding_length"))
-        heads = int(model.arch_field("attention.head_count"))
-        return cls(
-            vocab_size=len(model.metadata["tokenizer.ggml.tokens"]),
-            hidden_size=hidden,
-            intermediate_size=int(model.arch_field("feed_forward_length")),
-            num_layers=int(model.arch_field("block_count")),
-            num_heads=heads,
-            num_kv_heads=int(model.arch_field("attention.head_count_kv", heads)),
-            head_dim=int(model.arch_field("rope.dimension_count", hidden // heads)),
-            rms_norm_eps=float(model.arch_field("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(model.arch_field("rope.freq_base", 10000.0)),
-            context_length=int(model.arch_field("context_length", 2048)),
-            tie_word_embeddings="output.weight" not in model.tensor_types,
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for the manifest."""
-        return asdict(self)
+__all__ = ["LlamaConfig", "LlamaForCausalLM"]
 
 
 class LlamaAttention(nn.Module):

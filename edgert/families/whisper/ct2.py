@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from edgert.errors import ModelFileError, UnsupportedModelError
+from edgert.errors import ModelFileError, UnsupportedModelError, brief
 
 # Order of CTranslate2's DataType enum (include/ctranslate2/types.h). bfloat16 has no numpy
 # dtype: its raw 16-bit words are kept and widened by `tensor()`.
@@ -39,6 +39,7 @@ _DTYPES: tuple[tuple[str, np.dtype], ...] = (
     ("bfloat16", np.dtype("<u2")),
 )
 MAX_BINARY_VERSION = 6
+MAX_RANK = 8  # CTranslate2's tensors have at most 4 dimensions; numpy stops at 64
 
 
 @dataclass
@@ -153,6 +154,10 @@ def read_ct2(path: str | Path) -> CT2Model:
     for i in range(count):
         name = cur.string(f"name of variable {i}")
         rank = cur.u8(f"rank of '{name}'")
+        if rank > MAX_RANK:
+            raise ModelFileError(
+                f"{path}: variable '{name}' has rank {rank}, more than {MAX_RANK} (the file is corrupt)"
+            )
         shape = cur.unpack(f"<{rank}I", f"shape of '{name}'") if rank else ()
         if version >= 4:
             type_id = cur.u8(f"dtype of '{name}'")
@@ -188,8 +193,10 @@ def read_ct2(path: str | Path) -> CT2Model:
     if config_path.is_file():
         try:
             config = json.loads(config_path.read_text())
-        except ValueError as exc:
-            raise ModelFileError(f"{config_path} is not valid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:
+            raise ModelFileError(f"{config_path} is not valid JSON: {brief(exc)}") from exc
+        if not isinstance(config, dict):
+            raise ModelFileError(f"{config_path} is a JSON {type(config).__name__}, not an object")
     return CT2Model(path, version, spec, revision, variables, dtypes, aliases, config)
 
 
