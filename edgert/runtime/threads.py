@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgert.errors import EdgertError
 from edgert.runtime import tvm_runtime
 
 # Yields a worker spins before it sleeps: a few hundred microseconds on a quiet core, which keeps
@@ -123,7 +124,12 @@ class AdaptiveThreads:
         user = _user_env("TVM_NUM_THREADS")
         self.forced = bool(threads or user)
         self.cpus = allowed_cpus()
-        self.limit = max(1, int(threads or user or default or len(self.cpus)))
+        try:
+            wanted = int(threads or user or default or len(self.cpus))
+        except ValueError:
+            raise EdgertError(f"TVM_NUM_THREADS={user!r} is not a whole number") from None
+        # More workers than CPUs only wait on each other (and 100000 never finish starting).
+        self.limit = max(1, min(wanted, os.cpu_count() or 1))
         # TVM sizes its pool from TVM_NUM_THREADS, else from half the logical CPUs (it assumes
         # two hyper-threads per core), which leaves one of two real cores idle; and
         # config_threadpool cannot grow the pool past that. So the variable is set first.
