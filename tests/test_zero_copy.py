@@ -48,7 +48,9 @@ def _old_layout(path: Path, tensors: dict[str, np.ndarray]) -> None:
 
 
 def _rehash(folder: Path) -> None:
-    """Record the members' new hashes in the manifest, as the packager would."""
+    """Record the members' new hashes in the manifest and sign it, as the packager would."""
+    from edgert.artifact.signing import SIGNATURE, sign_manifest
+
     manifest = json.loads((folder / MANIFEST).read_text())
     for name in manifest["files"]:
         data = (folder / name).read_bytes()
@@ -56,6 +58,7 @@ def _rehash(folder: Path) -> None:
     body = json.dumps(manifest, indent=2).encode()
     (folder / MANIFEST).write_bytes(body)
     (folder / MANIFEST_HASH).write_bytes(hashlib.sha256(body).hexdigest().encode())
+    (folder / SIGNATURE).write_bytes(sign_manifest(body))
 
 
 RACY = 0.2  # the tests shorten the window in which a freshly written file is hashed on every open
