@@ -216,6 +216,8 @@ def test_minilm_artifact_on_the_u55_keeps_float_quality(tmp_path: Path) -> None:
     assert res.returncode == 0 and "Vela's estimate" in res.stdout, res.stderr
     vela = open_artifact(u55).manifest["npu"]["vela"]
     assert vela["npu_mac_share"] >= 0.9, vela["npu_mac_share"]
+    plan = open_artifact(u55).manifest["npu"]["plan"]
+    assert {c["op"] for c in plan["cpu_ops"]} >= {"LayerNormalization", "Gather"}  # listed, not dropped
     int8, fp = load(u55), load(host)
     cos = []
     for i in range(len(HELD_OUT)):
