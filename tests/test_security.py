@@ -433,6 +433,19 @@ def test_interrupted_deploys_keep_a_whole_artifact_and_retries_succeed(tmp_path:
     assert summary["failures"] == []
     assert summary["old_or_new_kept"] == 15 and summary["retry_succeeded"] == 15
     assert all(n == 5 for n in summary["by_kind"].values())
+    assert summary["interrupted"] >= 10  # drops and kills always cut a deploy short
+
+
+@pytest.mark.slow  # an agent process per kill, an sshd: about 10 s for both links
+@pytest.mark.parametrize("link", ["serial", "ssh"])
+def test_interrupted_deploys_over_serial_and_ssh(tmp_path: Path, link: str) -> None:
+    """The same faults over a pseudo-terminal line to an agent process, and over ssh to a local sshd."""
+    faults = load_tool("deploy_faults")
+    summary = faults.run(cases=3, seed=3, folder=tmp_path, link=link)
+    assert summary["failures"] == [] and summary["link"] == link
+    assert summary["old_or_new_kept"] == 3 and summary["retry_succeeded"] == 3
+    assert summary["by_kind"] == {"drop": 1, "kill": 1, "corrupt": 1}
+    assert summary["interrupted"] >= 2
 
 
 def test_rpc_sessions_authenticate_inside_the_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
