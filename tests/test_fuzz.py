@@ -42,6 +42,9 @@ def test_fuzz_subset_has_no_traceback_hang_crash_or_blowup(campaign: dict[str, d
     assert not bad, f"{target}: {bad}; first failures: {result['failures'][:3]}"
     assert counts["error"] > 0  # the mutations do reach the checks
     assert result["multi_line_errors"] == 0
+    mem = result["memory"]  # measured: a case's peak RSS growth, within 2 x input + the model's allowance
+    assert mem["allowance_bytes"] >= fuzz.SLACK
+    assert mem["max_growth_bytes"] <= fuzz.memory_bound(mem["max_growth_case_input_bytes"], mem["allowance_bytes"])
 
 
 # -- regressions: the smallest cases of each class found ------------------------------------------------
@@ -189,6 +192,27 @@ def test_fuzz_regressions_by_case_id(tmp_path: Path) -> None:
         target.prepare()
         report = fuzz.run_case(target, fuzz.make_case(target, seeds, seed, index), tmp_path, 30.0, 1 << 30)
         assert report["outcome"] == "error", (name, index, report)
+
+
+class _Greedy(fuzz.Target):
+    """A parser that keeps 4 KiB per input byte, touched: what a declared count trusted too far does."""
+
+    name, suffix = "greedy", ".bin"
+
+    def parse(self, path: Path) -> object:
+        held = np.ones(path.stat().st_size * 512, dtype=np.float64)
+        return float(held.sum())
+
+
+def test_peak_memory_past_the_bound_is_a_memory_outcome(tmp_path: Path) -> None:
+    target = _Greedy()
+    allow = fuzz.allowance(target, [fuzz.Seed(b"x" * 100)], tmp_path, 30.0, 1 << 30)  # 100 bytes: 400 KiB
+    assert fuzz.SLACK <= allow < fuzz.SLACK + (8 << 20)
+    small = fuzz.run_case(target, b"x" * 200, tmp_path, 30.0, 1 << 30, allow)  # 800 KiB: under the bound
+    assert small["outcome"] == "accepted" and 0 < small["growth"] < allow
+    big = fuzz.run_case(target, b"x" * 20_000, tmp_path, 30.0, 1 << 30, allow)  # 80 MiB from 20 KB
+    assert big["outcome"] == "memory" and big["growth"] > 70 << 20
+    assert "over the bound" in big["message"] and "was accepted" in big["message"]
 
 
 def test_protocol_header_of_the_wrong_shape() -> None:

@@ -180,6 +180,56 @@ def test_two_processes_creating_the_key_at_once_agree(config: Path) -> None:
     assert keys == {signing.own_public_key().hex()}  # type: ignore[union-attr]
 
 
+def _cli_command(path: str):  # type: ignore[no-untyped-def]
+    import typer
+
+    from edgert.cli import app
+
+    cmd = typer.main.get_command(app)
+    for part in path.split():
+        cmd = cmd.commands[part]  # type: ignore[attr-defined]
+    return cmd
+
+
+def test_every_command_that_loads_an_artifact_takes_allow_unsigned() -> None:
+    """The one shared option applies itself while the arguments are parsed, before anything loads;
+    and a command taking an artifact is either in the list or known not to load native code here."""
+    from edgert.cli.common import LOADING_COMMANDS
+
+    for path in LOADING_COMMANDS:
+        cmd = _cli_command(path)
+        required = []
+        for p in cmd.params:
+            if p.required:
+                required += ["x"] if p.param_type_name == "argument" else [p.opts[0], "x"]
+        for flag, allowed in (([], False), (["--allow-unsigned"], True)):
+            signing.allow_unsigned(False)
+            cmd.make_context(path, [*required, *flag])
+            assert signing.unsigned_allowed() is allowed, (path, flag)
+    # inspect only hashes; deploy uploads (the device's agent decides); compile writes; keys, farm, board: no artifact
+    not_loading = {"compile", "inspect", "deploy"}
+    takes_artifact = {
+        name
+        for name, cmd in _cli_command("").commands.items()
+        if any(p.name in ("artifact", "artifacts") for p in getattr(cmd, "params", []))
+    }
+    takes_artifact |= {f"codec {n}" for n in _cli_command("codec").commands}
+    assert takes_artifact - not_loading == set(LOADING_COMMANDS), takes_artifact ^ set(LOADING_COMMANDS)
+
+
+def test_allow_unsigned_on_bench_end_to_end(tiny_host_artifact: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "unsigned.edgert"
+    with zipfile.ZipFile(tiny_host_artifact) as zf:
+        zf.extractall(folder, [n for n in zf.namelist() if n != "manifest.sig"])
+    args = ("bench", str(folder), "--repeats", "1", "--prompt-tokens", "4", "--gen-tokens", "2", "--json")
+    res = run_cli(*args)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "is unsigned: its native code is not loaded" in " ".join(res.stderr.split())
+    res = run_cli(*args, "--allow-unsigned")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["decode_tokens_per_second"] > 0
+
+
 # -- caches built once -----------------------------------------------------------------------------
 
 BUILD = """
@@ -383,6 +433,19 @@ def test_interrupted_deploys_keep_a_whole_artifact_and_retries_succeed(tmp_path:
     assert summary["failures"] == []
     assert summary["old_or_new_kept"] == 15 and summary["retry_succeeded"] == 15
     assert all(n == 5 for n in summary["by_kind"].values())
+    assert summary["interrupted"] >= 10  # drops and kills always cut a deploy short
+
+
+@pytest.mark.slow  # an agent process per kill, an sshd: about 10 s for both links
+@pytest.mark.parametrize("link", ["serial", "ssh"])
+def test_interrupted_deploys_over_serial_and_ssh(tmp_path: Path, link: str) -> None:
+    """The same faults over a pseudo-terminal line to an agent process, and over ssh to a local sshd."""
+    faults = load_tool("deploy_faults")
+    summary = faults.run(cases=3, seed=3, folder=tmp_path, link=link)
+    assert summary["failures"] == [] and summary["link"] == link
+    assert summary["old_or_new_kept"] == 3 and summary["retry_succeeded"] == 3
+    assert summary["by_kind"] == {"drop": 1, "kill": 1, "corrupt": 1}
+    assert summary["interrupted"] >= 2
 
 
 def test_rpc_sessions_authenticate_inside_the_session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,15 @@ Each case runs in a child forked from a worker that imported edgert (and TVM) on
 sets an address-space and CPU limit, parses, and reports through a pipe; the parent kills it
 after ``--timeout`` seconds. Outcomes: ``error`` (a clean EdgertError), ``accepted``,
 ``traceback`` (any other exception), ``hang``, ``crash`` (killed by a signal) and ``memory``
-(MemoryError under the limit).
+(MemoryError under the limit, or a peak memory growth over the bound below).
+
+Peak memory: a case's growth is the child's peak RSS (``ru_maxrss`` from `os.wait4`) minus its
+RSS when it began (sent first on the pipe; not the worker's: a forked child does not map the
+worker's resident file pages, the shared libraries, until it touches them, so it starts lower).
+The goal bounds it by twice the input's honest size (its bytes) plus the parsed model; the
+model's share is stated per target as twice the largest growth of its unmutated seeds plus
+16 MiB of allocator slack (`allowance`). A case growing past
+``2 x len(input) + allowance`` counts as ``memory`` even when it stayed under the RLIMIT_AS cap.
 """
 
 from __future__ import annotations
@@ -815,10 +823,25 @@ def _vm_size() -> int:
         return int(fh.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _rss() -> int:
+    """This process's resident set now, in bytes."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+SLACK = 16 << 20  # allocator arenas, a parse's scratch buffers: noise beside the model's own share
+
+
+def memory_bound(size: int, allowance: int) -> int:
+    """The most a case of ``size`` input bytes may grow: twice its honest size plus the model's share."""
+    return 2 * size + allowance
+
+
 def _child(target: Target, path: Path, memory: int, timeout: float, wfd: int) -> None:
     """Runs in the forked child: limits, parse, report, exit without cleanup."""
     code = 0
     try:
+        os.write(wfd, struct.pack("<Q", _rss()))  # the baseline of the growth `run_case` reports
         limit = _vm_size() + memory
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         cpu = int(timeout) + 2
@@ -846,8 +869,12 @@ def _child(target: Target, path: Path, memory: int, timeout: float, wfd: int) ->
         os._exit(code)
 
 
-def run_case(target: Target, data: bytes, work: Path, timeout: float, memory: int) -> dict[str, Any]:
-    """Fork, parse ``data`` in the child under limits, and classify what happened."""
+def run_case(
+    target: Target, data: bytes, work: Path, timeout: float, memory: int, allowance: int | None = None
+) -> dict[str, Any]:
+    """Fork, parse ``data`` in the child under limits, and classify what happened; ``growth`` is the
+    child's peak RSS over the worker's at the fork. With ``allowance``, a growth past
+    `memory_bound` is a ``memory`` outcome."""
     path = work / f"case{target.suffix}"
     path.write_bytes(data)
     rfd, wfd = os.pipe()
@@ -874,24 +901,43 @@ def run_case(target: Target, data: bytes, work: Path, timeout: float, memory: in
         chunks.append(block)
     if hung:
         os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
+    _, status, usage = os.wait4(pid, 0)
     os.close(rfd)
     seconds = time.monotonic() - start
+    body = b"".join(chunks)
+    base, body = (struct.unpack("<Q", body[:8])[0], body[8:]) if len(body) >= 8 else (usage.ru_maxrss * 1024, b"")
+    growth = max(0, usage.ru_maxrss * 1024 - base)  # ru_maxrss: KiB on Linux
     if hung:
-        return {"outcome": "hang", "seconds": seconds}
+        return {"outcome": "hang", "seconds": seconds, "growth": growth}
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         outcome = "hang" if sig == signal.SIGXCPU else "crash"
-        return {"outcome": outcome, "signal": signal.Signals(sig).name, "seconds": seconds}
+        return {"outcome": outcome, "signal": signal.Signals(sig).name, "seconds": seconds, "growth": growth}
     try:
-        report = json.loads(b"".join(chunks))
+        report = json.loads(body)
     except ValueError:
         report = {
             "outcome": "memory" if os.WEXITSTATUS(status) == 3 else "crash",
             "message": f"no report (exit {os.WEXITSTATUS(status)})",
         }
-    report["seconds"] = seconds
+    report["seconds"], report["growth"] = seconds, growth
+    if allowance is not None and report["outcome"] in ("error", "accepted"):
+        bound = memory_bound(len(data), allowance)
+        if growth > bound:
+            report = {
+                **report,
+                "outcome": "memory",
+                "message": f"peak RSS grew {growth >> 20} MiB, over the bound of {bound >> 20} MiB "
+                f"(2 x {len(data)} input bytes + {allowance >> 20} MiB for the model); was {report['outcome']}",
+            }
     return report
+
+
+def allowance(target: Target, seeds: list[Seed], work: Path, timeout: float, memory: int) -> int:
+    """The parsed model's share of a case's memory bound: twice the largest growth of an
+    unmutated seed, plus `SLACK`."""
+    grown = [run_case(target, s.data, work, timeout, memory)["growth"] for s in seeds]
+    return 2 * max(grown, default=0) + SLACK
 
 
 def warm_up(target: Target, seeds: list[Seed], work: Path) -> None:
@@ -920,6 +966,10 @@ class Campaign:
     unnamed: int = 0  # clean errors spread over several lines
     seconds: float = 0.0
     slowest: float = 0.0
+    allowance: int = 0  # the model's share of the memory bound (bytes)
+    max_growth: int = 0  # the largest peak RSS growth of a case (bytes)
+    max_growth_case: int = -1
+    max_growth_size: int = 0  # that case's input bytes
 
     def bad(self) -> int:
         return sum(self.counts[o] for o in BAD)
@@ -933,6 +983,13 @@ class Campaign:
             "multi_line_errors": self.unnamed,
             "seconds": round(self.seconds, 2),
             "slowest_case_seconds": round(self.slowest, 3),
+            "memory": {
+                "bound": "2 x input bytes + allowance",
+                "allowance_bytes": self.allowance,
+                "max_growth_bytes": self.max_growth,
+                "max_growth_case": self.max_growth_case,
+                "max_growth_case_input_bytes": self.max_growth_size,
+            },
             "failures": self.failures[:50],
         }
 
@@ -948,6 +1005,9 @@ def run_campaign(
 ) -> Campaign:
     """Run cases ``start`` .. ``start + cases - 1`` of target ``name``; return the counts and failures."""
     target = TARGETS[name]()
+    # A Rust panic in `tokenizers` is refused as a clean error; with RUST_BACKTRACE=1 (set in some shells)
+    # the panic hook also symbolizes a backtrace, ~50 MiB of debug tables whatever the input: not the input's.
+    os.environ["RUST_BACKTRACE"] = "0"
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"fuzz-{name}-") as tmp:
         work = Path(tmp)
@@ -955,11 +1015,14 @@ def run_campaign(
         target.prepare()
         warm_up(target, seeds, work)
         result = Campaign(name, cases, seed)
+        result.allowance = allowance(target, seeds, work, timeout, memory_mb << 20)
         for index in range(start, start + cases):
             data = make_case(target, seeds, seed, index)
-            report = run_case(target, data, work, timeout, memory_mb << 20)
+            report = run_case(target, data, work, timeout, memory_mb << 20, result.allowance)
             result.counts[report["outcome"]] += 1
             result.slowest = max(result.slowest, report["seconds"])
+            if report["growth"] > result.max_growth:
+                result.max_growth, result.max_growth_case, result.max_growth_size = report["growth"], index, len(data)
             if report["outcome"] == "error" and not report.get("one_line", True):
                 result.unnamed += 1
             if report["outcome"] in BAD:
@@ -972,13 +1035,14 @@ def run_campaign(
 
 def table(results: list[Campaign]) -> str:
     """The summary: one row per target."""
-    head = f"{'target':<10}{'cases':>7}" + "".join(f"{o:>11}" for o in OUTCOMES) + f"{'seconds':>9}"
+    head = f"{'target':<10}{'cases':>7}" + "".join(f"{o:>11}" for o in OUTCOMES)
+    head += f"{'max MiB':>9}{'allow MiB':>10}{'seconds':>9}"
     rows = [head, "-" * len(head)]
     for r in results:
         rows.append(
             f"{r.target:<10}{r.cases:>7}"
             + "".join(f"{r.counts.get(o, 0):>11}" for o in OUTCOMES)
-            + f"{r.seconds:>9.1f}"
+            + f"{r.max_growth / (1 << 20):>9.1f}{r.allowance / (1 << 20):>10.1f}{r.seconds:>9.1f}"
         )
     return "\n".join(rows)
 

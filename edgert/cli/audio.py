@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from edgert.cli.common import DeviceOpt, ThreadsOpt, err, note, upload
+from edgert.cli.common import AllowUnsignedOpt, DeviceOpt, ThreadsOpt, err, note, upload
 from edgert.errors import EdgertError
 
 
@@ -45,6 +45,7 @@ def transcribe(
         str | None,
         typer.Option("--exit", help="Early exit in the decoder's greedy steps: confidence:0.9, entropy:0.5, static:3."),
     ] = None,
+    unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Transcribe speech in AUDIO with a Whisper artifact, printing timestamped segments."""
     from edgert.families.whisper.transcriber import Transcriber, TranscriptionStats

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from edgert.cli.common import ArtifactArg, JsonOpt, ThreadsOpt, out
+from edgert.cli.common import AllowUnsignedOpt, ArtifactArg, JsonOpt, ThreadsOpt, out
 
 
 def bench(
@@ -24,6 +24,7 @@ def bench(
         ),
     ] = 0,
     as_json: JsonOpt = False,
+    unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Measure load time, prefill and decode tokens/s (medians) and peak memory."""
     from edgert.profile import bench_generator

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from edgert.cli.common import ArtifactArg, ThreadsOpt, note
+from edgert.cli.common import AllowUnsignedOpt, ArtifactArg, ThreadsOpt, note
 
 
 def _ints(text: str) -> list[int]:
@@ -48,6 +48,7 @@ def calibrate(
     ] = None,
     k: Annotated[int | None, typer.Option("-k", help="LLMs: draft length the skip search optimizes for (4).")] = None,
     threads: ThreadsOpt = None,
+    unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Calibrate early exit for ARTIFACT (rewritten in place): exit adapters, draft skip set, policy thresholds."""
     from edgert.profile.calibrate import calibrate as run_calibration

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from edgert.cli.common import DeviceOpt, ThreadsOpt, err, upload
+from edgert.cli.common import AllowUnsignedOpt, DeviceOpt, ThreadsOpt, err, upload
 
 app = typer.Typer(help="Neural audio codecs: encode speech to codes and back, streaming.", no_args_is_help=True)
 CodecArg = Annotated[Path, typer.Argument(help="A compiled codec artifact.")]
@@ -60,6 +60,7 @@ def encode(
     output: Annotated[Path, typer.Option("--output", "-o", help="Codes file to write.")],
     bandwidth: BandwidthOpt = None,
     threads: ThreadsOpt = None,
+    unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Encode AUDIO into a codes file."""
     from edgert.families.codec.stream import CodesFile, load_codec
@@ -83,6 +84,7 @@ def decode(
     codes: Annotated[Path, typer.Argument(help="A codes file written by `edgert codec encode`.")],
     output: WavOut,
     threads: ThreadsOpt = None,
+    unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Decode a codes file into a WAV file."""
     from edgert.families.codec.stream import CodesFile, load_codec
@@ -110,6 +112,7 @@ def roundtrip(
     bandwidth: BandwidthOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
+    unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Encode and decode AUDIO (whole, or streamed in chunks); print bitrate, quality and speed."""
     from edgert.families.codec.stream import load_codec

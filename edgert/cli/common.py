@@ -50,21 +50,30 @@ DeviceKindOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def allow_unsigned(allow: bool) -> bool:
+    """Apply ``--allow-unsigned`` to this process (see `edgert.artifact.signing`); the option's callback,
+    so that every command declaring `AllowUnsignedOpt` honours it before it loads anything."""
+    if allow:
+        from edgert.artifact.signing import allow_unsigned as allow_in_process
+
+        allow_in_process(True)
+    return allow
+
+
 AllowUnsignedOpt = Annotated[
     bool,
     typer.Option(
         "--allow-unsigned",
         help="Load native code from an artifact that is unsigned or signed by a key this machine does not trust.",
+        callback=allow_unsigned,
     ),
 ]
-
-
-def allow_unsigned(allow: bool) -> None:
-    """Apply ``--allow-unsigned`` to this process (see `edgert.artifact.signing`)."""
-    if allow:
-        from edgert.artifact.signing import allow_unsigned as allow_in_process
-
-        allow_in_process(True)
+# The commands that load an artifact's native code in this process (with --device: the device's agent
+# decides, by its own --allow-unsigned); tests/test_security.py checks each one declares the option.
+LOADING_COMMANDS = ("run", "chat", "bench", "profile", "transcribe", "serve", "calibrate", "codec encode",
+                    "codec decode", "codec roundtrip")  # fmt: skip
 
 
 def sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float, seed: int | None) -> Any:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from edgert.cli.common import ArtifactArg, ThreadsOpt, err, upload
+from edgert.cli.common import AllowUnsignedOpt, ArtifactArg, ThreadsOpt, err, upload
 
 
 def deploy(
@@ -50,6 +50,7 @@ def profile(
     call_timeout: Annotated[
         float, typer.Option("--call-timeout", help="With --tracker: seconds a call may take before the device is hung.")
     ] = 900.0,
+    unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Measure on the device: load, prefill, per-token decode p50/p90/p99, per-operator time, peak memory;
     for a GPU artifact also each OpenCL kernel's device time (OpenCL events) and the device memory.

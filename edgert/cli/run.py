@@ -17,7 +17,6 @@ from edgert.cli.common import (
     DeviceKindOpt,
     DeviceOpt,
     ThreadsOpt,
-    allow_unsigned,
     err,
     sampling,
     upload,
@@ -69,7 +68,6 @@ def run(
     unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Generate text from a prompt (LLM artifacts), or run a graph artifact on --inputs into -o."""
-    allow_unsigned(unsigned)
     from edgert.families.registry import load
     from edgert.runtime.graph_io import GraphInterface
     from edgert.runtime.speculative import adaptive_decoder
@@ -205,7 +203,6 @@ def chat(
     unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Talk with the model; the conversation's KV cache is kept between turns (/reset, /exit)."""
-    allow_unsigned(unsigned)
     from edgert.errors import ContextLengthError
     from edgert.families.registry import load
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from edgert.cli.common import ThreadsOpt, note
+from edgert.cli.common import AllowUnsignedOpt, ThreadsOpt, note
 from edgert.errors import EdgertError
 
 
@@ -46,6 +46,7 @@ def serve(
         typer.Option("--prefix-cache", help="Tokens of earlier prompts kept for reuse (default: one context; 0: off)."),
     ] = None,
     threads: ThreadsOpt = None,
+    unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Serve ARTIFACTS over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
     /v1/embeddings, /v1/audio/transcriptions, /health, /metrics)."""
