@@ -326,3 +326,14 @@ def test_thread_pool_uses_the_threads_asked_for_and_leaves_the_caller_free(smoll
     assert os.environ["TVM_NUM_THREADS"] == str(smollm.session.threads)
     # TVM's affinity setting pins the calling thread; the session gives it back its CPUs.
     assert os.sched_getaffinity(0) == START_AFFINITY
+
+
+def test_a_manifest_without_kv_cache_is_a_one_line_error() -> None:
+    from types import SimpleNamespace
+
+    from edgert.errors import ArtifactError
+    from edgert.runtime.generator import _language_model_sections
+
+    for manifest in ({"model": {"vocab_size": 10}}, {"kv_cache": {"context_length": "x"}, "model": {}}):
+        with pytest.raises(ArtifactError, match="not a language model build"):
+            _language_model_sections(SimpleNamespace(path="thin.edgert", manifest=manifest))

@@ -134,6 +134,9 @@ def ssh_command(parts: Any, query: dict[str, str]) -> list[str]:
     known = cache_dir() / "ssh_known_hosts"
     argv = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "StrictHostKeyChecking=accept-new"]
     argv += ["-o", f"UserKnownHostsFile={known}"]
+    # A link that goes silent without closing (a dropped Wi-Fi, a board that froze) ends the
+    # session after about a minute instead of hanging the host's read forever.
+    argv += ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
     if parts.port:
         argv += ["-p", str(parts.port)]
     if "identity" in query:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgert.artifact.reader import Artifact
-from edgert.errors import ContextLengthError
+from edgert.errors import ArtifactError, ContextLengthError
 from edgert.runtime.sampling import Sampler, SamplingParams
 from edgert.runtime.session import PagedKVCache, Session
 from edgert.runtime.tokenizer import TextTokenizer, tokenizer_from_artifact
@@ -116,13 +116,31 @@ class TokenEmitter:
                 return
 
 
+def _language_model_sections(artifact: Artifact) -> tuple[dict, int]:
+    """The manifest's ``kv_cache`` section and context length, checked (a hand-made or damaged
+    manifest gets a one-line error instead of a KeyError deep in the loader)."""
+    manifest = artifact.manifest
+    kv, model = manifest.get("kv_cache"), manifest.get("model")
+    try:
+        for key in ("context_length", "prefill_chunk_size", "page_size"):
+            if int(kv[key]) < 1:
+                raise ValueError(key)
+        if int(model["vocab_size"]) < 1:
+            raise ValueError("vocab_size")
+        return kv, int(kv["context_length"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(
+            f"{artifact.path}: the manifest's kv_cache/model sections are missing or wrong ({exc}): "
+            "not a language model build"
+        ) from None
+
+
 class Generator:
     """A compiled language model: `generate` yields tokens, `chat` holds a conversation."""
 
     def __init__(self, artifact: Artifact, threads: int | None = None, context_length: int | None = None):
         manifest = artifact.manifest
-        kv = manifest["kv_cache"]
-        limit = int(kv["context_length"])
+        kv, limit = _language_model_sections(artifact)
         if context_length is not None and not 0 < context_length <= limit:
             raise ContextLengthError(f"context length {context_length} is outside 1..{limit}, the compiled maximum")
         self.artifact = artifact
