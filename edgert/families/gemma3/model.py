@@ -26,7 +26,6 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 
 from edgert.errors import ModelFileError, UnsupportedModelError
 from edgert.families.llama.model import LlamaForCausalLM
-from edgert.families.shared.kv_cache import paged_kv_cache
 
 # What a Gemma 3 GGUF does not state, with Gemma 3's published values (as llama.cpp fills them in
 # `llama_model::load_hparams` for LLM_ARCH_GEMMA3): every 6th layer is global, the others slide
@@ -213,28 +212,11 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         cap = self.cfg.final_logit_softcapping
         return logits if not cap else op.tanh(logits / cap) * cap
 
-    def create_kv_cache(
-        self,
-        max_batch_size: tirx.Var,
-        max_total_seq_len: tirx.Var,
-        prefill_chunk_size: tirx.Var,
-        page_size: tirx.Var,
-        support_sliding_window: tirx.Var,
-    ) -> PagedKVCache:
-        """The paged KV cache; keys arrive rotated (RoPE is per layer, see the module docstring)."""
+    def _kv_cache_options(self) -> dict:
+        """Keys arrive rotated (RoPE is per layer, see the module docstring); local layers slide."""
         cfg = self.cfg
-        return paged_kv_cache(
-            num_layers=cfg.num_layers,
-            num_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim,
-            max_batch_size=max_batch_size,
-            max_total_seq_len=max_total_seq_len,
-            prefill_chunk_size=prefill_chunk_size,
-            page_size=page_size,
-            support_sliding_window=support_sliding_window,
-            rope_mode=RopeMode.NONE,
-            rope_theta=cfg.rope_theta,
-            attn_kind=["mha_sliding" if cfg.is_local(i) else "mha" for i in range(cfg.num_layers)],
-            sliding_window=cfg.sliding_window,
-        )
+        return {
+            "rope_mode": RopeMode.NONE,
+            "attn_kind": ["mha_sliding" if cfg.is_local(i) else "mha" for i in range(cfg.num_layers)],
+            "sliding_window": cfg.sliding_window,
+        }

@@ -156,7 +156,7 @@ class LlamaForCausalLM(nn.Module):
         page_size: tirx.Var,
         support_sliding_window: tirx.Var,
     ) -> PagedKVCache:
-        """The paged KV cache with RoPE applied inside attention (TVM's CPU/GPU TIR kernels)."""
+        """The paged KV cache (TVM's CPU/GPU TIR kernels); `_kv_cache_options` says how attention runs."""
         cfg = self.cfg
         return paged_kv_cache(
             num_layers=cfg.num_layers,
@@ -168,9 +168,13 @@ class LlamaForCausalLM(nn.Module):
             prefill_chunk_size=prefill_chunk_size,
             page_size=page_size,
             support_sliding_window=support_sliding_window,
-            rope_mode=RopeMode.NORMAL,
             rope_theta=cfg.rope_theta,
+            **self._kv_cache_options(),
         )
+
+    def _kv_cache_options(self) -> dict:
+        """What a family changes in the cache: here RoPE applied inside attention."""
+        return {"rope_mode": RopeMode.NORMAL}
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         """Entry points and their shapes, as exported to Relax."""
