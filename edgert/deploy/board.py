@@ -336,13 +336,16 @@ def stop() -> bool:
     state = status()
     if state is None:
         return False
-    pid = int(state["pid"])
+    terminate(int(state["pid"]))
+    _state_file().unlink(missing_ok=True)
+    return True
+
+
+def terminate(pid: int) -> None:
+    """Stop a board's agent process: SIGTERM, then SIGKILL if it is still there after 10 s."""
     os.kill(pid, signal.SIGTERM)
     for _ in range(100):
         if not _alive(pid):
-            break
+            return
         time.sleep(0.1)
-    else:
-        os.kill(pid, signal.SIGKILL)
-    _state_file().unlink(missing_ok=True)
-    return True
+    os.kill(pid, signal.SIGKILL)

@@ -30,6 +30,7 @@ from edgert.deploy.board import (
     build_rootfs,
     precompile,
     precompile_rootfs,
+    terminate,
 )
 from edgert.targets import load_target
 
@@ -157,14 +158,7 @@ def stop_fleet(index: int | None = None) -> int:
     for state in fleet_status():
         if index is not None and state["index"] != index:
             continue
-        pid = int(state["pid"])
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            if not _alive(pid):
-                break
-            time.sleep(0.1)
-        else:
-            os.kill(pid, signal.SIGKILL)
+        terminate(int(state["pid"]))
         (Path(state["folder"]) / "state.json").unlink(missing_ok=True)
         stopped += 1
     return stopped
