@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 import edgert
 from edgert.deploy import parse_device
@@ -151,30 +152,10 @@ def test_missing_serial_device_is_named() -> None:
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path]]:
-    """An sshd on 127.0.0.1 (a free port) that admits root with a key generated here."""
-    if shutil.which("sshd", path="/usr/sbin:/usr/bin") is None:
-        pytest.fail("sshd is missing: tools/setup.sh --test installs openssh-server")
-    d = tmp_path_factory.mktemp("sshd")
-    for name in ("host_key", "user_key"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    shutil.copy(d / "user_key.pub", d / "authorized_keys")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
-        f"PidFile {d / 'sshd.pid'}\nStrictModes no\nUsePAM no\nPasswordAuthentication no\n"
-        "PermitRootLogin prohibit-password\n"
-    )
-    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation folder
-    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")], stderr=subprocess.PIPE)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    yield port, d / "user_key"
+    """An sshd on 127.0.0.1 (a free port) that admits root with a key generated here
+    (`tools/deploy_faults.py` starts the same one for its ssh faults)."""
+    proc, port, key = load_tool("deploy_faults").start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield port, key
     proc.terminate()
     proc.wait(timeout=10)
 
