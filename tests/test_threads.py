@@ -44,6 +44,35 @@ def test_free_cores_leave_out_other_processes_and_count_this_one_as_free(tmp_pat
     assert th.sample([0], tmp_path / "missing", tmp_path / "self") is None
 
 
+def test_a_neighbour_that_wants_a_core_counts_as_busy_even_when_it_got_less(tmp_path: Path) -> None:
+    # This process runs one thread (R) and sleeps another; the system has 3 runnable: 2 are others'.
+    for tid, state in ((1, "R"), (2, "S")):
+        (tmp_path / "task" / str(tid)).mkdir(parents=True)
+        (tmp_path / "task" / str(tid) / "stat").write_text(f"{tid} (py (w) x) {state} 1 2 3")
+    stat = STAT.format(a=0, b=0, c=0, ia=0, ib=0, ic=0) + "procs_running 3\n"
+    (tmp_path / "stat").write_text(stat)
+    (tmp_path / "self").write_text("1234 (python) " + " ".join(["S"] + ["0"] * 40))
+    before = th.sample([0, 1], tmp_path / "stat", tmp_path / "self", tmp_path / "task")
+    assert before is not None and before.others_running == 2
+    # Over the interval the others took only 0.5 CPU (this process held the cores), but two of their
+    # threads were runnable at both samples: no CPU is free.
+    after = th.CpuSample(busy=before.busy + 100, total=before.total + 200, own=before.own + 50, others_running=1)
+    assert th.free_cpus(before, after, 2) == pytest.approx(1.0)  # min over the samples: one wanted a core throughout
+    assert th.threads_for(th.free_cpus(before, after, 2), 2) == 1
+    quiet = th.CpuSample(busy=after.busy + 10, total=after.total + 200, own=after.own + 10, others_running=0)
+    assert th.free_cpus(after, quiet, 2) == pytest.approx(2.0)  # a neighbour seen once is a flicker
+
+
+def test_a_real_busy_process_is_seen_as_wanting_a_core() -> None:
+    from edgert.profile.background import busy_processes
+
+    cpus = th.allowed_cpus()
+    with busy_processes(1):
+        time.sleep(0.3)
+        seen = [s.others_running for s in (th.sample(cpus) for _ in range(5)) if s is not None]
+    assert seen and max(seen) >= 1
+
+
 def test_big_cores_are_the_fastest_by_maximum_clock(tmp_path: Path) -> None:
     for cpu, khz in enumerate([1800000, 1800000, 2400000, 2400000]):
         (tmp_path / f"cpu{cpu}" / "cpufreq").mkdir(parents=True)

@@ -74,15 +74,36 @@ def big_cpus(cpus: list[int], root: Path = Path("/sys/devices/system/cpu")) -> l
 
 @dataclass
 class CpuSample:
-    """Busy and total clock ticks of some CPUs, and this process's own CPU ticks, at one moment."""
+    """Busy and total clock ticks of some CPUs, this process's own CPU ticks, and how many other
+    processes' threads wanted a CPU, at one moment."""
 
     busy: int
     total: int
     own: int
+    others_running: int = 0
+
+
+def _own_running(tasks: Path) -> int:
+    """This process's threads that are running or runnable now (state R)."""
+    running = 0
+    try:
+        entries = list(tasks.iterdir())
+    except OSError:
+        return 0
+    for task in entries:
+        try:
+            if (task / "stat").read_text().rpartition(")")[2].split()[0] == "R":
+                running += 1
+        except (OSError, IndexError):
+            continue  # the thread ended meanwhile
+    return running
 
 
 def sample(
-    cpus: list[int], stat: Path = Path("/proc/stat"), self_stat: Path = Path("/proc/self/stat")
+    cpus: list[int],
+    stat: Path = Path("/proc/stat"),
+    self_stat: Path = Path("/proc/self/stat"),
+    tasks: Path = Path("/proc/self/task"),
 ) -> CpuSample | None:
     """Read the counters (None where /proc is not there)."""
     try:
@@ -91,25 +112,36 @@ def sample(
     except OSError:
         return None
     wanted = {f"cpu{c}" for c in cpus}
-    busy = total = 0
+    busy = total = running = 0
     for line in lines:
         parts = line.split()
         if parts and parts[0] in wanted:
             ticks = [int(x) for x in parts[1:9]]  # user nice system idle iowait irq softirq steal
             total += sum(ticks)
             busy += sum(ticks) - ticks[3] - ticks[4]
+        elif parts and parts[0] == "procs_running":
+            running = int(parts[1])
+    others = max(0, running - _own_running(tasks)) if running else 0
     # utime and stime are fields 14 and 15 of /proc/PID/stat, 12 and 13 after the command name.
-    return CpuSample(busy, total, int(own_fields[11]) + int(own_fields[12]))
+    return CpuSample(busy, total, int(own_fields[11]) + int(own_fields[12]), others)
 
 
 def free_cpus(before: CpuSample, after: CpuSample, num_cpus: int) -> float:
-    """CPUs left free by other processes between two samples (this process's use counts as free)."""
+    """CPUs left free by other processes between two samples (this process's use counts as free).
+
+    Other processes count by the CPU time they took or by how many of their threads wanted a CPU
+    at both samples, whichever is more. Time alone is bistable: while this process runs a worker
+    per core, a busy neighbour gets only part of a core, looks half idle, and the count stays
+    too high (measured: Gemma 3 decode at 2 threads beside one busy process, 0.19x its quiet
+    speed). A thread that is runnable at both samples wants a core whatever it got.
+    """
     total = after.total - before.total
     if total <= 0:
         return float(num_cpus)
     wall = total / num_cpus  # ticks per CPU in the interval
-    others = (after.busy - before.busy - (after.own - before.own)) / wall
-    return max(0.0, num_cpus - others)
+    used = (after.busy - before.busy - (after.own - before.own)) / wall
+    wanting = min(before.others_running, after.others_running)
+    return max(0.0, num_cpus - max(used, float(wanting)))
 
 
 def threads_for(free: float, limit: int) -> int:
