@@ -10,7 +10,17 @@ import pytest
 
 from edgert.errors import EdgertError
 from edgert.profile.calibrate import calibrate
-from edgert.runtime.exits import Budget, Confidence, EarlyExitDecoder, Patience, StaticDepth, parse_exit_policy
+from edgert.runtime.exits import (
+    Budget,
+    Confidence,
+    EarlyExitDecoder,
+    Patience,
+    StaticDepth,
+    default_exits,
+    parse_exit_policy,
+    range_spans,
+)
+from edgert.runtime.layers import LayerStack
 
 HELD_OUT = ["Tell me about the moon.", "How do bees make honey?"]
 
@@ -94,3 +104,48 @@ def test_bad_exit_options_are_named(smollm) -> None:
     ]:
         with pytest.raises(EdgertError, match=words):
             parse_exit_policy(spec, smollm)
+
+
+@pytest.mark.slow
+def test_layer_span_entries_match_per_layer_calls(smollm) -> None:
+    """``layers_<a>_<b>`` and ``kv_fill_<a>_<b>`` give what the per-layer entries give, one call per span."""
+    n = int(smollm.artifact.manifest["model"]["num_layers"])
+    layer_spans, fill_spans = range_spans(n)
+    assert layer_spans[0] == (0, default_exits(n)[0]) and fill_spans
+    names = smollm.artifact.manifest["entry_points"]
+    assert all(f"layers_{a}_{b}" in names for a, b in layer_spans)
+    assert all(f"kv_fill_{a}_{b}" in names for a, b in fill_spans)
+    ids = smollm.tokenizer.encode("The river runs to the sea, and the sea")
+    exit_at = fill_spans[0][0]
+
+    def logits(spans: bool) -> np.ndarray:
+        """Prompt through the whole stack, one token exiting at the first exit (copy-forward), one more token."""
+        stack = LayerStack(smollm.session, smollm.cache, {}, spans=spans)
+        calls = []
+        for name in ("_layers", "_fills"):  # count the VM calls
+            setattr(stack, name, [_counted(f, calls) for f in getattr(stack, name)])
+        smollm.reset()
+        for chunk, depth in ((ids, n), ([ids[-1]], exit_at)):
+            smollm.cache.begin(len(chunk))
+            h = stack.run(stack.embed(chunk), range(depth))
+            stack.fill(h, range(depth, n))
+            smollm.cache.end(len(chunk))
+        smollm.cache.begin(1)
+        out = stack.logits(stack.run(stack.embed([ids[0]]), range(n)))[-1]
+        smollm.cache.end(1)
+        smollm.reset()
+        return out, len(calls)
+
+    spanned, spanned_calls = logits(True)
+    single, single_calls = logits(False)
+    np.testing.assert_allclose(spanned, single, rtol=1e-4, atol=1e-3)
+    assert int(np.argmax(spanned)) == int(np.argmax(single))
+    assert single_calls == 3 * n and spanned_calls == 0  # every span ran as its own entry point
+
+
+def _counted(fn, calls: list) -> object:
+    def wrapped(*args):
+        calls.append(1)
+        return fn(*args)
+
+    return wrapped

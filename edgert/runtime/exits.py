@@ -169,6 +169,20 @@ def default_exits(num_layers: int) -> list[int]:
     return [e for e in range(step, num_layers, step) if e >= num_layers // 2]
 
 
+def range_spans(num_layers: int) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """The layer ranges an artifact compiles as single entry points (``layers_<a>_<b>``, ``kv_fill_<a>_<b>``).
+
+    The stack is cut at the default exit points: the spans between them (a decode step that
+    exits there, or runs on, makes one call per span instead of one per layer) and, for each
+    exit, the copy-forward fill of every layer after it. Spans of one layer are left to
+    ``layer_<i>`` and ``kv_fill_<i>``.
+    """
+    cuts = [0, *default_exits(num_layers), num_layers]
+    layers = [(a, b) for a, b in itertools.pairwise(cuts) if b - a >= 2]
+    fills = [(e, num_layers) for e in default_exits(num_layers) if num_layers - e >= 2]
+    return layers, fills
+
+
 def exit_pass(
     stack: LayerEntries,
     policy: ExitPolicy,

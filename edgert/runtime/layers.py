@@ -13,6 +13,7 @@ speculative draft writes nothing for the layers it skips: its positions are roll
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -78,10 +79,31 @@ class LayerEntries:
 
 
 class LayerStack(LayerEntries):
-    """The layer-range entry points of one session, called over one paged KV cache."""
+    """The layer-range entry points of one session, called over one paged KV cache.
 
-    def __init__(self, session: Session, cache: PagedKVCache, adapters: dict[int, tuple[np.ndarray, np.ndarray]]):
+    Where the artifact compiled a span of layers as one entry point (``layers_<a>_<b>``,
+    ``kv_fill_<a>_<b>``: the spans between the default exit points), a call that covers the
+    span makes one VM call for it instead of one per layer.
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        cache: PagedKVCache,
+        adapters: dict[int, tuple[np.ndarray, np.ndarray]],
+        spans: bool = True,
+    ):
         super().__init__(session, cache, adapters)
+        self._layer_spans = _spans(session, "layers") if spans else {}
+        self._fill_spans = _spans(session, "kv_fill") if spans else {}
+
+    def fill(self, h: Any, layers: Iterable[int]) -> None:
+        """Copy-forward: write the KV entries of ``layers`` from the exit hidden state ``h``."""
+        order, i = list(layers), 0
+        while i < len(order):
+            fn, width = _widest(self._fill_spans, order, i, self._fills)
+            _, self.cache.obj = fn(h, self.cache.obj, self._params)
+            i += width
 
     def embed(self, ids: Sequence[int]) -> Any:
         """Hidden states [1, n, d] (a device tensor) of token ids."""
@@ -89,9 +111,34 @@ class LayerStack(LayerEntries):
 
     def run(self, h: Any, layers: Iterable[int]) -> Any:
         """Apply ``layers`` in order to ``h``, each writing its KV entries for the open forward pass."""
-        for i in layers:
-            h, self.cache.obj = self._layers[i](h, self.cache.obj, self._params)
+        order, i = list(layers), 0
+        while i < len(order):
+            fn, width = _widest(self._layer_spans, order, i, self._layers)
+            h, self.cache.obj = fn(h, self.cache.obj, self._params)
+            i += width
         return h
+
+
+_SPAN = re.compile(r"(layers|kv_fill)_(\d+)_(\d+)")
+
+
+def _spans(session: Session, kind: str) -> dict[int, list[tuple[int, Any]]]:
+    """The artifact's ``<kind>_<a>_<b>`` entry points by first layer: [(end, function)], the widest first."""
+    found: dict[int, list[tuple[int, Any]]] = {}
+    for name in session.artifact.manifest["entry_points"]:
+        m = _SPAN.fullmatch(name)
+        if m and m.group(1) == kind:
+            found.setdefault(int(m.group(2)), []).append((int(m.group(3)), session.vm[name]))
+    return {a: sorted(ends, key=lambda x: -x[0]) for a, ends in found.items()}
+
+
+def _widest(spans: dict[int, list[tuple[int, Any]]], order: list[int], i: int, single: list[Any]) -> tuple[Any, int]:
+    """The entry point covering the most of ``order`` from position ``i`` (a span, else one layer) and its width."""
+    a = order[i]
+    for end, fn in spans.get(a, ()):
+        if order[i : i + end - a] == list(range(a, end)):
+            return fn, end - a
+    return single[a], 1
 
 
 def load_adapters(session: Session) -> dict[int, tuple[np.ndarray, np.ndarray]]:

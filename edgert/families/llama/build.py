@@ -22,6 +22,7 @@ from edgert.compiler.layout import apply_cpu_layout
 from edgert.compiler.passes.attention import use_fast_decode_attention
 from edgert.compiler.quantize import QUANT_MODES, choose_storage, storage_kind
 from edgert.errors import EdgertError
+from edgert.runtime.exits import range_spans
 
 
 def build(req: BuildRequest) -> CompileResult:
@@ -184,7 +185,8 @@ def entry_points(cfg: Any) -> dict[str, Any]:
 
 
 def _layer_entry_points(cfg: Any) -> dict[str, Any]:
-    """``embed``, ``layer_<i>``, ``kv_fill_<i>`` and ``head``: the stack in pieces (early exit, drafting)."""
+    """``embed``, ``layer_<i>``, ``kv_fill_<i>``, ``head`` and the exit spans ``layers_<a>_<b>``, ``kv_fill_<a>_<b>``:
+    the stack in pieces (early exit, drafting)."""
     cache = {"name": "cache", "type": "PagedKVCache"}
     hidden = {"name": "h", "dtype": "float32", "shape": [1, "seq_len", cfg.hidden_size]}
     attn = {"name": "attention", "dtype": "float32", "shape": [1, "seq_len", cfg.num_heads, cfg.head_dim]}
@@ -198,4 +200,9 @@ def _layer_entry_points(cfg: Any) -> dict[str, Any]:
     for i in range(cfg.num_layers):
         entries[f"layer_{i}"] = {"inputs": [hidden, cache], "outputs": [hidden, cache]}
         entries[f"kv_fill_{i}"] = {"inputs": [hidden, cache], "outputs": [attn, cache]}
+    layer_spans, fill_spans = range_spans(cfg.num_layers)
+    for a, b in layer_spans:
+        entries[f"layers_{a}_{b}"] = {"inputs": [hidden, cache], "outputs": [hidden, cache]}
+    for a, b in fill_spans:  # the attention outputs of the span, summed
+        entries[f"kv_fill_{a}_{b}"] = {"inputs": [hidden, cache], "outputs": [attn, cache]}
     return entries

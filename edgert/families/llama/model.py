@@ -21,6 +21,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 
 from edgert.families.llama.config import LlamaConfig
 from edgert.families.shared.kv_cache import paged_kv_cache
+from edgert.runtime.exits import range_spans
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM"]
 
@@ -128,6 +129,8 @@ class LlamaForCausalLM(nn.Module):
     # id stays a constant, and the fused kernels are shared, so compile time grows only by
     # the Relax functions themselves. The sequence length is symbolic, so one form serves
     # prefill, decode and verify (the cache picks its decode or prefill kernel at run time).
+    # Beside them, the spans between the default exit points (`range_spans`) as one function
+    # each: a layer-wise step then makes a handful of VM calls instead of one per layer.
 
     def layer(self, layer_id: int, h: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         """Layer ``layer_id`` on hidden states [1, s, d], writing that layer's KV entries."""
@@ -143,6 +146,21 @@ class LlamaForCausalLM(nn.Module):
         """
         block = self.layers[layer_id]
         return block.attn.attn_out(block.input_norm(h), cache, layer_id), cache
+
+    def layer_range(self, start: int, end: int, h: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """Layers ``start``..``end - 1`` in one call (one VM call per span between exit points)."""
+        return self._stack(h, cache, start, end), cache
+
+    def kv_fill_range(self, start: int, end: int, h: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """`kv_fill` of layers ``start``..``end - 1`` from the same ``h`` in one call.
+
+        The attention outputs are summed into the one result, so that none of the appends is
+        optimized away (the sum costs a few hundred additions per token).
+        """
+        out = self.kv_fill(start, h, cache)[0]
+        for layer_id in range(start + 1, end):
+            out = out + self.kv_fill(layer_id, h, cache)[0]
+        return out, cache
 
     def head(self, h: Tensor) -> Tensor:
         """The exit head: final norm and LM head on hidden states [1, s, d] -> logits [1, s, vocab]."""
@@ -184,6 +202,12 @@ class LlamaForCausalLM(nn.Module):
         for i in range(self.cfg.num_layers):  # the exporter looks entry points up as attributes
             object.__setattr__(self, f"layer_{i}", functools.partial(self.layer, i))
             object.__setattr__(self, f"kv_fill_{i}", functools.partial(self.kv_fill, i))
+        layer_spans, fill_spans = range_spans(self.cfg.num_layers)
+        ranges = [f"layers_{a}_{b}" for a, b in layer_spans] + [f"kv_fill_{a}_{b}" for a, b in fill_spans]
+        for a, b in layer_spans:
+            object.__setattr__(self, f"layers_{a}_{b}", functools.partial(self.layer_range, a, b))
+        for a, b in fill_spans:
+            object.__setattr__(self, f"kv_fill_{a}_{b}", functools.partial(self.kv_fill_range, a, b))
         spec = {
             "prefill": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
             "verify": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
@@ -196,6 +220,7 @@ class LlamaForCausalLM(nn.Module):
                 for i in range(self.cfg.num_layers)
                 for kind in ("layer", "kv_fill")
             },
+            **{name: {"h": hidden, "cache": cache, "$": packed} for name in ranges},
             "create_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,
