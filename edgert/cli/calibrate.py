@@ -39,7 +39,9 @@ def calibrate(
     ] = None,
     policies: Annotated[
         str | None,
-        typer.Option("--policies", help="Exit policies to sweep: confidence,entropy,patience,static (the default)."),
+        typer.Option(
+            "--policies", help="Exit policies to sweep: confidence,entropy,patience,state,static (the default)."
+        ),
     ] = None,
     prompts: Annotated[int | None, typer.Option("--prompts", help="LLMs: reference prompts in the sweep (4).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="LLMs: tokens per prompt in the sweep (48).")] = None,

@@ -61,8 +61,9 @@ def run(
         str | None,
         typer.Option(
             "--exit",
-            help="Early exit: static:N, confidence[:P], entropy[:H], patience[:K], budget:N; join with + "
-            "(confidence:0.9+budget:24).",
+            help="Early exit: static:N, confidence[:P], entropy[:H], patience[:K], state[:P] (the calibrated "
+            "state probe), budget:N; join with + (confidence:0.9+budget:24). A name alone takes the calibrated "
+            "point, stored only where it is faster than the full model.",
         ),
     ] = None,
     unsigned: AllowUnsignedOpt = False,

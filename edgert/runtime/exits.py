@@ -5,8 +5,9 @@ adapters for, else a few evenly spaced ones), applies the exit head there, and a
 `ExitPolicy` whether to stop. A token that stops at layer e gives layers e.. their KV entries
 by copy-forward (see `edgert.runtime.layers`). The prompt always runs the full model.
 
-The exit head costs as much as the LM head (on SmolLM2 about eight layers' worth of weights),
-so every check is expensive: policies that look at fewer exits are the ones that save time.
+The exit head costs as much as the LM head (on SmolLM2 about seven layers' worth of time), so
+every check that reads it is expensive. `StateProbe` decides from the hidden state with a
+logistic-regression probe instead (a dot product), and the head runs once, where the token leaves.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import numpy as np
 
 from edgert.errors import ContextLengthError, EdgertError
 from edgert.runtime.generator import GenerationStats, Generator, Token
-from edgert.runtime.layers import LayerEntries, LayerStack, load_adapters
+from edgert.runtime.layers import LayerEntries, LayerStack, load_adapters, load_probes
 from edgert.runtime.sampling import SamplingParams
+from edgert.runtime.tvm_runtime import to_numpy
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -32,9 +34,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class ExitPolicy:
-    """Decides, at each exit point of a token's pass, whether to stop there."""
+    """Decides, at each exit point of a token's pass, whether to stop there.
+
+    A policy that ``reads_head`` sees the exit head's logits at every exit it looks at; one that
+    does not (`StateProbe`) decides from the hidden state alone, and the head runs once, where
+    the token leaves.
+    """
 
     name = "full"
+    reads_head = True
 
     def exits(self, available: Sequence[int], num_layers: int) -> list[int]:
         """The exit points (depths < num_layers) this policy looks at, in order."""
@@ -45,6 +53,10 @@ class ExitPolicy:
 
     def should_exit(self, depth: int, logits: np.ndarray) -> bool:
         """True to stop after ``depth`` layers with these exit-head logits."""
+        return False
+
+    def should_exit_state(self, depth: int, h: np.ndarray) -> bool:
+        """True to stop after ``depth`` layers with this hidden state [d] (policies that do not read the head)."""
         return False
 
 
@@ -120,12 +132,47 @@ class Budget(ExitPolicy):
         return depth >= self.layers or bool(self.inner and self.inner.should_exit(depth, logits))
 
 
-POLICIES = ("static", "confidence", "entropy", "patience", "budget")
+def probe_features(h: np.ndarray) -> np.ndarray:
+    """What a state probe reads from hidden states [..., d]: the RMS-normalized state and its log RMS [..., d+1]."""
+    h = np.asarray(h, dtype=np.float64)
+    rms = np.sqrt(np.mean(h * h, axis=-1, keepdims=True)) + 1e-6
+    return np.concatenate([h / rms, np.log(rms)], axis=-1)
+
+
+class StateProbe(ExitPolicy):
+    """Exit at the first exit whose state probe gives at least ``threshold`` (CALM's "state" confidence).
+
+    A probe is a logistic regression on the exit's hidden state (`probe_features`), fitted by
+    `edgert calibrate` to predict whether the exit head's top token is the full model's. A check
+    costs one dot product; the exit head runs only where the token leaves.
+    """
+
+    reads_head = False
+
+    def __init__(self, threshold: float, probes: dict[int, tuple[np.ndarray, np.ndarray]]):
+        self.threshold, self.probes, self.name = threshold, probes, f"state:{threshold:g}"
+
+    def exits(self, available: Sequence[int], num_layers: int) -> list[int]:
+        return [e for e in sorted(self.probes) if 0 < e < num_layers]
+
+    def probability(self, depth: int, h: np.ndarray) -> float:
+        """The probe's probability that the exit head at ``depth`` gives the full model's top token."""
+        w, b = self.probes[depth]
+        z = float(probe_features(h) @ w + b[0])
+        return 1.0 / (1.0 + np.exp(-z)) if z > -500 else 0.0
+
+    def should_exit_state(self, depth: int, h: np.ndarray) -> bool:
+        return self.probability(depth, h) >= self.threshold
+
+
+POLICIES = ("static", "confidence", "entropy", "patience", "state", "budget")
+GIVE_A_VALUE = {"confidence": 0.9, "entropy": 0.5, "patience": 3, "state": 0.9, "static": 20}  # examples in errors
 
 
 def parse_exit_policy(spec: str, model: Generator) -> ExitPolicy:
-    """An `ExitPolicy` from ``static:N``, ``confidence[:P]``, ``entropy[:H]``, ``patience[:K]``, ``budget:N``
-    or one of them ``+budget:N``. A name without a value takes the calibrated point stored in the artifact.
+    """An `ExitPolicy` from ``static:N``, ``confidence[:P]``, ``entropy[:H]``, ``patience[:K]``, ``state[:P]``,
+    ``budget:N`` or one of them ``+budget:N``. A name without a value takes the calibrated point stored in the
+    artifact (calibration stores only points faster than the full model).
     """
     calibrated = model.artifact.manifest.get("exits", {}).get("policies", {})
     policy: ExitPolicy | None = None
@@ -135,6 +182,11 @@ def parse_exit_policy(spec: str, model: Generator) -> ExitPolicy:
         if name not in POLICIES:
             raise EdgertError(f"--exit '{spec}': unknown policy '{name}' (one of {', '.join(POLICIES)})")
         if not value:
+            if name in model.artifact.manifest.get("exits", {}).get("refused", []):
+                raise EdgertError(
+                    f"--exit '{spec}': calibration found no point of '{name}' faster than the full model, so none "
+                    f"is stored (give a value, e.g. {name}:{GIVE_A_VALUE.get(name, 1)}, to run a slower one anyway)"
+                )
             if name not in calibrated:
                 raise EdgertError(
                     f"--exit '{spec}': '{name}' needs a value (the artifact has no calibrated point for it; "
@@ -155,6 +207,11 @@ def parse_exit_policy(spec: str, model: Generator) -> ExitPolicy:
             policy = Confidence(number)
         elif name == "entropy":
             policy = Entropy(number)
+        elif name == "state":
+            probes = load_probes(model.session)
+            if not probes:
+                raise EdgertError(f"--exit '{spec}': the artifact has no state probes (run edgert calibrate)")
+            policy = StateProbe(number, probes)
         else:
             policy = Patience(int(number))
     if budget is not None:
@@ -194,21 +251,29 @@ def exit_pass(
     """One token's pass (inside an open forward pass) with ``policy`` choosing where it leaves the stack.
 
     ``run(h, layers)`` applies layers; at each exit point the exit head's logits (``judge`` may
-    mask a copy first) go to the policy. A token that exits after layer e fills the KV of layers
+    mask a copy first) go to the policy, or, for a policy that does not read the head, the
+    hidden state of the last position. A token that exits after layer e fills the KV of layers
     e.. by copy-forward. Returns the logits of the last position, the depth used and how many
     exit heads ran.
     """
     n = stack.num_layers
     policy.start()
-    depth = 0
-    for looked, e in enumerate(exit_points, 1):
+    depth = heads = 0
+    for e in exit_points:
         h = run(h, range(depth, e))
         depth = e
-        logits = stack.logits(h, e)[-1]
-        if policy.should_exit(e, logits if judge is None else judge(logits)):
+        if policy.reads_head:
+            logits = stack.logits(h, e)[-1]
+            heads += 1
+            leave = policy.should_exit(e, logits if judge is None else judge(logits))
+        elif policy.should_exit_state(e, to_numpy(h)[0, -1]):
+            logits, heads, leave = stack.logits(h, e)[-1], heads + 1, True
+        else:
+            leave = False
+        if leave:
             stack.fill(h, range(e, n))
-            return logits, e, looked
-    return stack.logits(run(h, range(depth, n)))[-1], n, len(exit_points)
+            return logits, e, heads
+    return stack.logits(run(h, range(depth, n)))[-1], n, heads
 
 
 @dataclass

@@ -141,13 +141,28 @@ def _widest(spans: dict[int, list[tuple[int, Any]]], order: list[int], i: int, s
     return single[a], 1
 
 
-def load_adapters(session: Session) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """The exit adapters stored in the artifact by `edgert calibrate` ({} without calibration)."""
+def _exit_tensors(session: Session) -> dict[str, np.ndarray]:
+    """The tensors `edgert calibrate` stored in the artifact (safetensors; {} without calibration)."""
     exits = session.artifact.manifest.get("exits")
     if not exits or not exits.get("adapters"):
         return {}
     from edgert.artifact.tensorfile import read_tensors
 
     m = session.artifact._member(exits["adapters"])
-    arrays = read_tensors(m.path, m.offset, m.size)
-    return {int(e): (arrays[f"exit.{e}.weight"], arrays[f"exit.{e}.bias"]) for e in exits["layers"]}
+    return read_tensors(m.path, m.offset, m.size)
+
+
+def load_adapters(session: Session) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The exit adapters stored in the artifact by `edgert calibrate` ({} without calibration)."""
+    arrays = _exit_tensors(session)
+    if not arrays:
+        return {}
+    layers = session.artifact.manifest["exits"]["layers"]
+    return {int(e): (arrays[f"exit.{e}.weight"], arrays[f"exit.{e}.bias"]) for e in layers}
+
+
+def load_probes(session: Session) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """The state probes (weight [d+1], bias [1] per exit) stored by `edgert calibrate` ({} without them)."""
+    arrays = _exit_tensors(session)
+    probes = session.artifact.manifest.get("exits", {}).get("probes", {})
+    return {int(e): (arrays[f"probe.{e}.weight"], arrays[f"probe.{e}.bias"]) for e in probes.get("layers", [])}

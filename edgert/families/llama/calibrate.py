@@ -6,12 +6,18 @@
    head with the full model on the second half, with and without the adapter.
 3. Searches greedily for the layers a speculative draft skips (teacher-forced agreement of the
    layer-skipping sub-model, scored by the expected tokens per unit of work).
-4. Sweeps each exit policy's threshold with real early-exit decoding (copy-forward KV) along the
+4. Fits a state probe per exit (logistic regression on the exit's hidden state: does the exit
+   head's top token equal the full model's?) on the calibration text and on the full model's
+   replies to the reference prompts the sweep leaves out.
+5. Sweeps each exit policy's threshold with real early-exit decoding (copy-forward KV) along the
    full model's greedy continuations of the recipe's reference prompts: agreement with the full
-   model, mean layers per token, measured speedup (median step time). Writes CSV and a PNG plot.
-5. Stores the adapters (``exits.safetensors``), the exits, the draft skip set and each policy's
-   calibrated point (the fastest threshold whose agreement reaches ``target_agreement``) in the
-   artifact's manifest.
+   model, mean layers per token, measured speedup (median step time, each policy step beside a
+   full step on the same token) and the speedup a cost model of the step's pieces expects.
+   Writes CSV and a PNG plot.
+6. Stores the adapters and probes (``exits.safetensors``), the exits, the draft skip set and each
+   policy's calibrated point (the fastest threshold whose agreement reaches ``target_agreement``)
+   in the artifact's manifest. Only points faster than the full model (measured and expected)
+   are candidates: a policy without one is not stored, and the log says so.
 """
 
 from __future__ import annotations
@@ -30,14 +36,15 @@ from edgert.families.shared.calibration import (
     Log,
     choose_points,
     fit_adapter,
+    fit_probe,
     grids_for,
     make_policy,
     say,
     store,
     write_sweep,
 )
-from edgert.runtime.exits import EarlyExitDecoder, default_exits
-from edgert.runtime.layers import ADAPTERS_FILE, LayerStack
+from edgert.runtime.exits import EarlyExitDecoder, default_exits, probe_features
+from edgert.runtime.layers import ADAPTERS_FILE, LayerStack, load_probes
 from edgert.runtime.tvm_runtime import to_numpy
 
 
@@ -149,52 +156,140 @@ def head_cost_in_layers(model: Any) -> float:
     return head / layer if layer else 0.0
 
 
+def measure_costs(model: Any, repeats: int = 15) -> dict[str, float]:
+    """Median seconds of a full decode step and of the pieces of a layer-wise one (per layer, per filled
+    layer, the exit head, the embedding), timed in turn so that a busy machine slows them alike."""
+    stack = LayerStack(model.session, model.cache, {})
+    n = stack.num_layers
+    first = default_exits(n)[0] if default_exits(n) else n // 2
+    model.reset()
+    model.prefill(model.tokenizer.encode("Measuring the cost of the pieces of a decode step."))
+
+    def full() -> None:
+        model.step([42])
+        model.rollback(1)
+
+    def pieces(layers: range, fills: range, head: bool) -> None:
+        model.cache.begin(1)
+        h = stack.embed([42])
+        h = stack.run(h, layers)
+        stack.fill(h, fills)
+        if head:
+            stack.logits(h)
+        model.cache.end(1)
+        model.cache.rollback(1)
+
+    cases = {
+        "full": full,
+        "embed": lambda: pieces(range(0), range(0), False),
+        "layers": lambda: pieces(range(n), range(0), False),
+        "fills": lambda: pieces(range(0), range(first, n), False),
+        "head": lambda: pieces(range(0), range(0), True),
+    }
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(repeats):
+        for key, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    model.reset()
+    return {
+        "full": med["full"],
+        "embed": med["embed"],
+        "layer": max(med["layers"] - med["embed"], 0.0) / n,
+        "fill": max(med["fills"] - med["embed"], 0.0) / max(n - first, 1),
+        "head": max(med["head"] - med["embed"], 0.0),
+    }
+
+
+def expected_speedup_of(costs: dict[str, float], num_layers: int, depths: Sequence[int], exit_heads: int) -> float:
+    """The full step's time over the cost model's time of a policy's step: layers run, layers filled by
+    copy-forward, exit heads (plus the final head of the tokens that ran the whole stack)."""
+    if not depths:
+        return 0.0
+    d = np.asarray(depths, dtype=np.float64)
+    heads = exit_heads + int(np.sum(d >= num_layers))
+    total = (
+        len(d) * costs["embed"]
+        + d.sum() * costs["layer"]
+        + (num_layers - d).sum() * costs["fill"]
+        + heads * costs["head"]
+    )
+    return costs["full"] * len(d) / total if total > 0 else 0.0
+
+
 def sweep(
-    model: Any, prompts: Sequence[str], steps: int, policies: dict[str, list[float]], log: Log = say
+    model: Any,
+    prompts: Sequence[str],
+    steps: int,
+    policies: dict[str, list[float]],
+    log: Log = say,
+    costs: dict[str, float] | None = None,
+    probes: dict[int, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> tuple[list[dict[str, Any]], float]:
-    """Agreement, mean layers and measured speedup of each policy point; and the full model's step time."""
-    references, full_times = [], []
+    """Agreement, mean layers, expected (``costs``) and measured speedup of each policy point; and the full
+    model's step time. Each policy step is timed right after a full step on the same token (rolled back), so
+    a busy machine slows both alike."""
+    references = []
     for p in prompts:
         ref = [t.id for t in model.generate(p, max_tokens=steps, chat=True)]
         if len(ref) >= 2:
             references.append((p, ref))
-    for p, ref in references:  # the full model's step time along the same tokens
-        model.prefill(model.encode_prompt(p, chat=True))
-        for t in ref[:-1]:
-            start = time.perf_counter()
-            model.step([t])
-            full_times.append(time.perf_counter() - start)
-    full = float(np.median(full_times))
-    rows = []
+    rows, all_full = [], []
+    n = int(model.artifact.manifest["model"]["num_layers"])
     for name, grid in policies.items():
         for value in grid:
-            decoder = EarlyExitDecoder(model, make_policy(name, value))
+            decoder = EarlyExitDecoder(model, make_policy(name, value, probes))
             hits = total = 0
             times: list[float] = []
+            full_times: list[float] = []
             for p, ref in references:
                 model.prefill(model.encode_prompt(p, chat=True))
                 for t, nxt in itertools.pairwise(ref):
+                    start = time.perf_counter()
+                    model.step([t])
+                    full_times.append(time.perf_counter() - start)
+                    model.rollback(1)
                     start = time.perf_counter()
                     top = int(np.argmax(decoder.step(t)))
                     times.append(time.perf_counter() - start)
                     hits += top == nxt
                     total += 1
             stats = decoder.stats
+            all_full += full_times
             row = {
                 "policy": name,
                 "threshold": value,
                 "agreement": round(hits / max(total, 1), 4),
                 "mean_layers": round(stats.mean_layers, 3),
                 "exit_heads_per_token": round(stats.head_calls / max(len(stats.depths), 1), 3),
-                "speedup": round(full / float(np.median(times)), 3),
+                "speedup": round(float(np.median(full_times)) / float(np.median(times)), 3) if times else 0.0,
+                "expected_speedup": round(expected_speedup_of(costs, n, stats.depths, stats.head_calls), 3)
+                if costs
+                else 0.0,
                 "tokens": total,
             }
             log(
                 f"  {name}:{value:g}  agreement {row['agreement']:.3f}  layers {row['mean_layers']:.2f}  "
-                f"speedup {row['speedup']:.2f}x"
+                f"speedup {row['speedup']:.2f}x measured, {row['expected_speedup']:.2f}x expected"
             )
             rows.append(row)
-    return rows, full
+    return rows, float(np.median(all_full)) if all_full else 0.0
+
+
+def probe_data(
+    model: Any, text_ids: Sequence[int], prompts: Sequence[str], steps: int
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Every layer's states and the full model's top tokens over the calibration text and over the chat
+    ``prompts`` with the full model's greedy replies (what a state probe learns from); the token count."""
+    runs = [hidden_states(model, text_ids)]
+    for p in prompts:
+        reply = [t.id for t in model.generate(p, max_tokens=steps, chat=True)]
+        runs.append(hidden_states(model, model.encode_prompt(p, chat=True) + reply))
+    states = np.concatenate([r[0] for r in runs], axis=1)
+    top = np.concatenate([r[1] for r in runs])
+    return states, top, len(top)
 
 
 def calibrate(
@@ -204,7 +299,7 @@ def calibrate(
     exits: Sequence[int] | None = None,
     ridge: float = 1e-2,
     target_agreement: float = 0.9,
-    policies: Sequence[str] = ("confidence", "entropy", "patience", "static"),
+    policies: Sequence[str] = ("confidence", "entropy", "patience", "state", "static"),
     prompts: int = 4,
     steps: int = 48,
     skip_rounds: int = 10,
@@ -251,18 +346,44 @@ def calibrate(
             "head_layers": round(head, 2),
             "trace": trace,
         }
-    store(artifact, {**result, "policies": {}}, adapters)  # the sweep below reads the adapters
-    model = load(artifact, threads=threads)
     recipe = find_recipe(model.artifact.manifest.get("name", ""))
     reference = list((recipe.run if recipe else {}).get("reference_prompts", [])) or ["Tell me about rivers."]
+    if "state" in policies:
+        # The probes learn from the text and from replies to the prompts the sweep does not decode.
+        states, top, count = probe_data(model, ids, reference[prompts:], steps)
+        held = {}
+        for e in exits:
+            w, b = adapters[f"exit.{e}.weight"], adapters[f"exit.{e}.bias"]
+            labels = exit_tops(model, states[e], (w, b)) == top
+            pw, pb, info = fit_probe(probe_features(states[e]), labels)
+            adapters[f"probe.{e}.weight"], adapters[f"probe.{e}.bias"] = pw, pb
+            held[str(e)] = info
+            log(
+                f"  state probe at exit {e}: {info['base_rate']:.3f} of {count} tokens agree; held-out accuracy "
+                f"{info.get('held_out_accuracy', float('nan')):.3f}"
+            )
+        result["probes"] = {"layers": exits, "tokens": count, "held_out": held}
+        del states
+    store(artifact, {**result, "policies": {}}, adapters)  # the sweep below reads the adapters and probes
+    model = load(artifact, threads=threads)
+    costs = measure_costs(model)
+    log(
+        "step costs (ms): full {full:.3f}, layer {layer:.3f}, filled layer {fill:.3f}, head {head:.3f}".format(
+            **{k: v * 1e3 for k, v in costs.items()}
+        )
+    )
     log(f"sweep over {min(prompts, len(reference))} prompts x {steps} tokens")
-    rows, full_step = sweep(model, reference[:prompts], steps, grids_for(policies, exits), log)
-    result["policies"] = choose_points(rows, target_agreement)
+    rows, full_step = sweep(
+        model, reference[:prompts], steps, grids_for(policies, exits), log, costs, load_probes(model.session)
+    )
+    result["policies"] = choose_points(rows, target_agreement, refuse_slower=True, log=log)
+    result["refused"] = sorted({r["policy"] for r in rows} - set(result["policies"]))
     result["target_agreement"] = target_agreement
     result["sweep"] = {
         "prompts": min(prompts, len(reference)),
         "tokens": steps,
         "full_step_ms": round(full_step * 1e3, 3),
+        "costs_ms": {k: round(v * 1e3, 4) for k, v in costs.items()},
     }
     if out is not None:
         out = Path(out)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgert.runtime.exits import Confidence, Entropy, ExitPolicy, Patience, StaticDepth
+from edgert.runtime.exits import Confidence, Entropy, ExitPolicy, Patience, StateProbe, StaticDepth
 from edgert.runtime.layers import ADAPTERS_FILE
 
 Log = Callable[[str], None]
@@ -28,8 +28,10 @@ GRIDS: dict[str, list[float]] = {
     "confidence": [0.5, 0.7, 0.8, 0.9, 0.95, 0.99],
     "entropy": [2.0, 1.0, 0.5, 0.25, 0.1],
     "patience": [2, 3],
+    "state": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
     "static": [],  # filled with the exits
 }
+PROBE_L2 = (0.3, 3.0, 30.0, 300.0)  # the L2 strengths a probe's held-out log loss chooses from
 
 
 def say(message: str) -> None:
@@ -42,13 +44,74 @@ def grids_for(policies: Any, exits: list[int]) -> dict[str, list[float]]:
     return {p: (list(exits) if p == "static" else GRIDS[p]) for p in policies}
 
 
-def make_policy(name: str, value: float) -> ExitPolicy:
-    """The policy ``name`` at threshold ``value``."""
+def make_policy(name: str, value: float, probes: dict[int, tuple[np.ndarray, np.ndarray]] | None = None) -> ExitPolicy:
+    """The policy ``name`` at threshold ``value`` (``state`` reads ``probes``)."""
+    if name == "state":
+        return StateProbe(value, probes or {})
     return (
         {"confidence": Confidence, "entropy": Entropy}[name](value)
         if name in ("confidence", "entropy")
         else (Patience(int(value)) if name == "patience" else StaticDepth(int(value)))
     )
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def _logistic(z: np.ndarray, y: np.ndarray, l2: float, iterations: int = 50) -> np.ndarray:
+    """Coefficients (the last one the bias, not penalized) of L2-regularized logistic regression by Newton steps."""
+    x = np.hstack([z, np.ones((len(z), 1))])
+    penalty = np.full(x.shape[1], l2)
+    penalty[-1] = 1e-6
+    beta = np.zeros(x.shape[1])
+    for _ in range(iterations):
+        p = _sigmoid(x @ beta)
+        grad = x.T @ (p - y) + penalty * beta
+        hess = (x * (p * (1 - p))[:, None]).T @ x + np.diag(penalty)
+        step = np.linalg.solve(hess, grad)
+        beta -= step
+        if np.abs(step).max() < 1e-7:
+            break
+    return beta
+
+
+def _log_loss(p: np.ndarray, y: np.ndarray) -> float:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def fit_probe(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """A state probe: logistic regression of ``labels`` (0/1: the exit's top token is the full model's) on
+    ``features`` [n, f] (`edgert.runtime.exits.probe_features`). The L2 strength is the one with the lowest
+    log loss on a held-out quarter; the probe is then refitted on everything. Returns weight [f], bias [1]
+    (the standardization folded in) and the held-out figures."""
+    y = labels.astype(np.float64)
+    base = (y.sum() + 1) / (len(y) + 2)
+    if y.min() == y.max():  # nothing to separate: the (smoothed) base rate everywhere
+        bias = np.array([np.log(base / (1 - base))], dtype=np.float32)
+        return np.zeros(features.shape[1], np.float32), bias, {"base_rate": round(float(y.mean()), 4)}
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    z = (features - mean) / std
+    order = np.random.default_rng(seed).permutation(len(y))
+    held, train = order[: len(y) // 4], order[len(y) // 4 :]
+    scored = []
+    for l2 in PROBE_L2:
+        beta = _logistic(z[train], y[train], l2)
+        p = _sigmoid(np.hstack([z[held], np.ones((len(held), 1))]) @ beta)
+        scored.append((_log_loss(p, y[held]), l2, p))
+    loss, l2, p = min(scored, key=lambda t: t[0])
+    beta = _logistic(z, y, l2)
+    weight = beta[:-1] / std
+    bias = beta[-1] - mean @ weight
+    info = {
+        "base_rate": round(float(y.mean()), 4),
+        "l2": l2,
+        "held_out_log_loss": round(loss, 4),
+        "held_out_base_log_loss": round(_log_loss(np.full(len(held), y[train].mean()), y[held]), 4),
+        "held_out_accuracy": round(float(np.mean((p >= 0.5) == (y[held] > 0.5))), 4),
+    }
+    return weight.astype(np.float32), np.array([bias], dtype=np.float32), info
 
 
 def fit_adapter(x: np.ndarray, y: np.ndarray, ridge: float) -> tuple[np.ndarray, np.ndarray]:
@@ -61,22 +124,43 @@ def fit_adapter(x: np.ndarray, y: np.ndarray, ridge: float) -> tuple[np.ndarray,
     return w.astype(np.float32), b.astype(np.float32)
 
 
-def choose_points(rows: list[dict[str, Any]], target: float) -> dict[str, dict[str, Any]]:
+def faster(row: dict[str, Any]) -> bool:
+    """Whether a sweep row beats the full model: measured, and by the cost model where the row has one."""
+    return row["speedup"] >= 1.0 and row.get("expected_speedup", 1.0) >= 1.0
+
+
+def choose_points(
+    rows: list[dict[str, Any]], target: float, refuse_slower: bool = False, log: Log | None = None
+) -> dict[str, dict[str, Any]]:
     """Per policy: the point with the fewest layers per token whose agreement reaches ``target``, else the most
-    agreeing one. Layers, not the measured speedup, decide: they do not depend on the machine's load."""
+    agreeing one. Layers, not the measured speedup, decide: they do not depend on the machine's load.
+
+    With ``refuse_slower`` only points faster than the full model (`faster`) are candidates, and a
+    policy without one is left out (``log`` says so): nothing then defaults to a slower policy.
+    """
     chosen = {}
     for name in sorted({r["policy"] for r in rows}):
         mine = [r for r in rows if r["policy"] == name]
+        if refuse_slower:
+            fast = [r for r in mine if faster(r)]
+            if not fast:
+                best = max(mine, key=lambda r: r["speedup"])
+                if log is not None:
+                    log(
+                        f"  {name}: no point is faster than the full model (best {name}:{best['threshold']:g} "
+                        f"measured {best['speedup']:.2f}x, expected {best.get('expected_speedup', 0):.2f}x); "
+                        "not stored"
+                    )
+                continue
+            mine = fast
         ok = [r for r in mine if r["agreement"] >= target]
         pick = (
             min(ok, key=lambda r: (r["mean_layers"] + r["exit_heads_per_token"], -r["speedup"]))
             if ok
             else max(mine, key=lambda r: r["agreement"])
         )
-        chosen[name] = {
-            **{k: pick[k] for k in ("threshold", "agreement", "mean_layers", "speedup")},
-            "meets_target": bool(ok),
-        }
+        keys = ("threshold", "agreement", "mean_layers", "speedup", "expected_speedup")
+        chosen[name] = {**{k: pick[k] for k in keys if k in pick}, "meets_target": bool(ok)}
     return chosen
 
 
