@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def calibrated(smollm_artifact: Path, tmp_path_factory: pytest.TempPathFactory) 
         art,
         tokens=256,
         target_agreement=0.8,
-        policies=("confidence",),
+        policies=("state",),
         prompts=2,
         steps=24,
         skip_rounds=0,
@@ -71,7 +72,13 @@ def test_calibration_fits_adapters_that_help_and_stores_them(calibrated) -> None
     import edgert
 
     manifest = edgert.load(art).artifact.manifest
-    assert manifest["exits"]["policies"]["confidence"]["threshold"] in (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
+    exits = manifest["exits"]
+    # The state policy is stored (at a point faster than the full model, measured and expected) or refused.
+    assert set(exits["policies"]) ^ set(exits["refused"]) == {"state"}
+    for point in exits["policies"].values():
+        assert point["threshold"] in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+        assert point["speedup"] >= 1.0 and point["expected_speedup"] >= 1.0
+    assert exits["probes"]["layers"] == exits["layers"]
     assert "exits.safetensors" in manifest["files"]
 
 
@@ -79,10 +86,24 @@ def test_calibration_fits_adapters_that_help_and_stores_them(calibrated) -> None
 def test_early_exit_uses_fewer_layers_at_the_calibrated_agreement(calibrated) -> None:
     import edgert
 
-    art, result, _ = calibrated
+    art, result, plots = calibrated
     model = edgert.load(art)
-    point = result["policies"]["confidence"]
-    decoder = EarlyExitDecoder(model, parse_exit_policy("confidence", model))  # the calibrated threshold
+    if "state" in result["policies"]:
+        point = result["policies"]["state"]
+        policy = parse_exit_policy("state", model)  # the calibrated threshold
+    else:  # refused as slower here: a bare name says so, and the sweep's best early point runs by value
+        with pytest.raises(EdgertError, match="faster than the full model"):
+            parse_exit_policy("state", model)
+        with (plots / "exit_sweep.csv").open() as fh:
+            rows = [
+                r
+                for r in csv.DictReader(fh)
+                if float(r["mean_layers"]) < model.artifact.manifest["model"]["num_layers"] - 1
+            ]
+        point = {k: float(v) for k, v in max(rows, key=lambda r: float(r["agreement"])).items() if k != "policy"}
+        policy = parse_exit_policy(f"state:{point['threshold']:g}", model)
+    assert policy.name == f"state:{point['threshold']:g}"
+    decoder = EarlyExitDecoder(model, policy)
     reference = [t.id for t in model.generate(HELD_OUT[0], max_tokens=32, chat=True)]
     agreement = decoder.agreement(HELD_OUT[0], reference, chat=True)
     assert decoder.stats.mean_layers < decoder.stats.num_layers

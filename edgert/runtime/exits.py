@@ -80,7 +80,9 @@ class Confidence(ExitPolicy):
         self.threshold, self.name = threshold, f"confidence:{threshold:g}"
 
     def should_exit(self, depth: int, logits: np.ndarray) -> bool:
-        return float(softmax(logits).max()) >= self.threshold
+        # The top probability is 1 / sum(exp(z - max)): one float32 pass over the vocabulary.
+        z = np.asarray(logits, dtype=np.float32)
+        return 1.0 / float(np.exp(z - z.max()).sum(dtype=np.float64)) >= self.threshold
 
 
 class Entropy(ExitPolicy):
@@ -90,8 +92,13 @@ class Entropy(ExitPolicy):
         self.threshold, self.name = threshold, f"entropy:{threshold:g}"
 
     def should_exit(self, depth: int, logits: np.ndarray) -> bool:
-        p = softmax(logits)
-        return float(-(p * np.log(np.maximum(p, 1e-30))).sum()) <= self.threshold
+        # H = log Z - sum(e·z)/Z over z - max, in float32 (a float64 softmax of the vocabulary costs
+        # a sizeable share of a decode step).
+        z = np.asarray(logits, dtype=np.float32)
+        z = z - z.max()
+        e = np.exp(z)
+        total = float(e.sum(dtype=np.float64))
+        return float(np.log(total) - float(np.dot(e, z)) / total) <= self.threshold
 
 
 class Patience(ExitPolicy):

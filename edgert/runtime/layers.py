@@ -165,4 +165,8 @@ def load_probes(session: Session) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """The state probes (weight [d+1], bias [1] per exit) stored by `edgert calibrate` ({} without them)."""
     arrays = _exit_tensors(session)
     probes = session.artifact.manifest.get("exits", {}).get("probes", {})
-    return {int(e): (arrays[f"probe.{e}.weight"], arrays[f"probe.{e}.bias"]) for e in probes.get("layers", [])}
+    # Plain in-memory arrays: a check is a dot product, and a memory map's subclass costs more than it.
+    return {
+        int(e): (np.array(arrays[f"probe.{e}.weight"]), np.array(arrays[f"probe.{e}.bias"]))
+        for e in probes.get("layers", [])
+    }

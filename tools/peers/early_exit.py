@@ -10,6 +10,11 @@ rows (`peers.early_exit_whisper`) time the decoder on the same speech the tests 
     python tools/bench_peers.py --early-exit --threads 2
     python tools/bench_peers.py --early-exit --ee-artifact cal.edgert --ee-f32-artifact f32.edgert \
         --ee-whisper-artifact whisper-tiny.en.edgert
+    python tools/bench_peers.py --early-exit --ee-artifact cal.edgert --ee-cases exit \
+        --ee-policies static:15,static:20,state:0.7      # exit policies only, stored and given
+
+Each exit policy's decode is timed alternately with the full model's (``--repeats`` pairs), so a
+busy machine slows both alike.
 """
 
 from __future__ import annotations
@@ -40,6 +45,18 @@ def add_arguments(group: Any) -> None:
     group.add_argument("--ee-prompts", type=int, default=4, help="reference prompts per case")
     group.add_argument("--ee-tokens", type=int, default=64, help="tokens per prompt")
     group.add_argument("--ee-k", type=int, default=4, help="draft length of speculative decoding")
+    group.add_argument(
+        "--ee-cases",
+        type=lambda v: set(v.split(",")),
+        default={"exit", "speculative", "whisper"},
+        help="which cases to run: exit,speculative,whisper (all by default)",
+    )
+    group.add_argument(
+        "--ee-policies",
+        type=lambda v: [p for p in v.split(",") if p],
+        default=[],
+        help="exit policies to measure besides the stored ones, e.g. static:15,state:0.8 (the frontier)",
+    )
     early_exit_whisper.add_arguments(group)
 
 
@@ -80,15 +97,19 @@ def run(args: Any) -> list[Row]:
     model = edgert.load(art, threads=args.threads)
     prompts = list(load_recipe("smollm2-135m").run["reference_prompts"])[: args.ee_prompts]
     n = args.ee_tokens
+    cases = args.ee_cases
     full_runs = [_decode(model, prompts, n) for _ in range(args.repeats)]
     reference = full_runs[0][0]
     full = statistics.median(r[1] for r in full_runs)
     rows = []
     calibrated = model.artifact.manifest.get("exits", {}).get("policies", {})
-    for name, point in sorted(calibrated.items()):
-        spec = f"{name}:{point['threshold']:g}"
+    stored = [f"{name}:{point['threshold']:g}" for name, point in sorted(calibrated.items())]
+    for spec in stored + [p for p in args.ee_policies if p not in stored] if "exit" in cases else []:
         decoder = EarlyExitDecoder(model, parse_exit_policy(spec, model))
-        speed = statistics.median(_decode(decoder, prompts, n)[1] for _ in range(args.repeats))
+        fulls, speeds = [], []
+        for _ in range(args.repeats):  # alternated: a busy machine slows both alike
+            fulls.append(_decode(model, prompts, n)[1])
+            speeds.append(_decode(decoder, prompts, n)[1])
         layers = decoder.stats.mean_layers
         agreement = statistics.mean(
             decoder.agreement(p, r, chat=True) for p, r in zip(prompts, reference, strict=True) if len(r) > 1
@@ -96,17 +117,18 @@ def run(args: Any) -> list[Row]:
         rows.append(
             Row(
                 NAME,
-                f"exit {spec}",
+                f"exit {spec}" + ("" if spec in stored else " (not stored)"),
                 "decode",
                 "tok/s",
-                speed,
-                full,
+                statistics.median(speeds),
+                statistics.median(fulls),
                 BASE,
                 extra={"agreement": round(agreement, 3), "mean_layers": round(layers, 2)},
             )
         )
     last_exit = model.artifact.manifest["exits"]["layers"][-1]
-    for spec in (f"self:k={args.ee_k}", f"self:k={args.ee_k},exit={last_exit}"):
+    specs = (f"self:k={args.ee_k}", f"self:k={args.ee_k},exit={last_exit}")
+    for spec in specs if "speculative" in cases else ():
         drafter, k = parse_speculative(spec, model, lambda p: edgert.load(p, threads=args.threads))
         decoder = SpeculativeDecoder(model, drafter, k)
         runs = [_decode(decoder, prompts, n) for _ in range(args.repeats)]
@@ -123,7 +145,7 @@ def run(args: Any) -> list[Row]:
                 extra={"identical": runs[0][0] == reference, "acceptance": round(stats.acceptance_rate, 3)},
             )
         )
-    if args.ee_f32_artifact is not None:
+    if args.ee_f32_artifact is not None and "speculative" in cases:
         target = edgert.load(args.ee_f32_artifact, threads=args.threads)
         f32_runs = [_decode(target, prompts, n) for _ in range(args.repeats)]
         decoder = SpeculativeDecoder(target, ModelDrafter(model, target), args.ee_k)
@@ -143,7 +165,8 @@ def run(args: Any) -> list[Row]:
                 },
             )
         )
-    rows.extend(early_exit_whisper.whisper_rows(args))
+    if "whisper" in cases:
+        rows.extend(early_exit_whisper.whisper_rows(args))
     if args.ee_artifact is None:
         shutil.rmtree(Path(art).parent, ignore_errors=True)
     return rows

@@ -44,7 +44,7 @@ from edgert.families.shared.calibration import (
     write_sweep,
 )
 from edgert.runtime.exits import EarlyExitDecoder, default_exits, probe_features
-from edgert.runtime.layers import ADAPTERS_FILE, LayerStack, load_probes
+from edgert.runtime.layers import ADAPTERS_FILE, LayerStack, load_adapters, load_probes
 from edgert.runtime.tvm_runtime import to_numpy
 
 
@@ -159,7 +159,7 @@ def head_cost_in_layers(model: Any) -> float:
 def measure_costs(model: Any, repeats: int = 15) -> dict[str, float]:
     """Median seconds of a full decode step and of the pieces of a layer-wise one (per layer, per filled
     layer, the exit head, the embedding), timed in turn so that a busy machine slows them alike."""
-    stack = LayerStack(model.session, model.cache, {})
+    stack = LayerStack(model.session, model.cache, load_adapters(model.session))
     n = stack.num_layers
     first = default_exits(n)[0] if default_exits(n) else n // 2
     model.reset()
@@ -169,22 +169,24 @@ def measure_costs(model: Any, repeats: int = 15) -> dict[str, float]:
         model.step([42])
         model.rollback(1)
 
-    def pieces(layers: range, fills: range, head: bool) -> None:
+    def pieces(layers: range, fills: range, head: int | None = None) -> None:
         model.cache.begin(1)
         h = stack.embed([42])
         h = stack.run(h, layers)
         stack.fill(h, fills)
-        if head:
-            stack.logits(h)
+        if head is not None:
+            stack.logits(h, head)
         model.cache.end(1)
         model.cache.rollback(1)
 
     cases = {
         "full": full,
-        "embed": lambda: pieces(range(0), range(0), False),
-        "layers": lambda: pieces(range(n), range(0), False),
-        "fills": lambda: pieces(range(0), range(first, n), False),
-        "head": lambda: pieces(range(0), range(0), True),
+        "embed": lambda: pieces(range(0), range(0)),
+        "layers": lambda: pieces(range(n), range(0)),
+        "fills": lambda: pieces(range(0), range(first, n)),
+        "head": lambda: pieces(range(0), range(0), n),
+        "exit_head": lambda: pieces(range(0), range(0), first),  # through the exit's adapter, if any
+        "layerwise": lambda: pieces(range(n), range(0), n),  # the whole model in pieces: as long as a step
     }
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(repeats):
@@ -200,23 +202,33 @@ def measure_costs(model: Any, repeats: int = 15) -> dict[str, float]:
         "layer": max(med["layers"] - med["embed"], 0.0) / n,
         "fill": max(med["fills"] - med["embed"], 0.0) / max(n - first, 1),
         "head": max(med["head"] - med["embed"], 0.0),
+        "exit_head": max(med["exit_head"] - med["embed"], 0.0),
+        "layerwise": med["layerwise"],
     }
 
 
 def expected_speedup_of(costs: dict[str, float], num_layers: int, depths: Sequence[int], exit_heads: int) -> float:
     """The full step's time over the cost model's time of a policy's step: layers run, layers filled by
-    copy-forward, exit heads (plus the final head of the tokens that ran the whole stack)."""
+    copy-forward, exit heads (plus the final head of the tokens that ran the whole stack). Host work of a
+    policy's check (a softmax, a probe's dot product) is not in it: the measured speedup has it.
+
+    The pieces give the shares; the scale comes from the whole model run in pieces against a decode
+    step, two calls of the same length (on a busy machine a long call is preempted more often than a
+    short one, so sums of short pieces come out too small)."""
     if not depths:
         return 0.0
     d = np.asarray(depths, dtype=np.float64)
-    heads = exit_heads + int(np.sum(d >= num_layers))
-    total = (
+    policy = (
         len(d) * costs["embed"]
         + d.sum() * costs["layer"]
         + (num_layers - d).sum() * costs["fill"]
-        + heads * costs["head"]
+        + exit_heads * costs["exit_head"]
+        + int(np.sum(d >= num_layers)) * costs["head"]
     )
-    return costs["full"] * len(d) / total if total > 0 else 0.0
+    whole = len(d) * (costs["embed"] + num_layers * costs["layer"] + costs["head"])
+    if policy <= 0 or costs["layerwise"] <= 0:
+        return 0.0
+    return costs["full"] / costs["layerwise"] * whole / policy
 
 
 def sweep(
@@ -368,9 +380,8 @@ def calibrate(
     model = load(artifact, threads=threads)
     costs = measure_costs(model)
     log(
-        "step costs (ms): full {full:.3f}, layer {layer:.3f}, filled layer {fill:.3f}, head {head:.3f}".format(
-            **{k: v * 1e3 for k, v in costs.items()}
-        )
+        "step costs (ms): full {full:.3f}, in pieces {layerwise:.3f}; layer {layer:.3f}, filled layer {fill:.3f}, "
+        "head {head:.3f}, exit head {exit_head:.3f}".format(**{k: v * 1e3 for k, v in costs.items()})
     )
     log(f"sweep over {min(prompts, len(reference))} prompts x {steps} tokens")
     rows, full_step = sweep(
