@@ -74,7 +74,10 @@ class LayerEntries:
         if depth is not None and depth < self.num_layers and depth in self.adapters:
             w, b = self.adapters[depth]
             x = to_numpy(h)[0]
-            h = self.session.tensor(np.ascontiguousarray((x + x @ w + b)[None], dtype=np.float32))
+            # einsum's own loop, not BLAS: a BLAS matmul wakes its worker threads, which on a busy
+            # machine wait for a core (measured: 1.2 ms for this 576 x 576 product beside 0.05 ms).
+            y = x + np.einsum("ni,ij->nj", x, w, optimize=False) + b
+            h = self.session.tensor(np.ascontiguousarray(y[None], dtype=np.float32))
         return to_numpy(self._head(h, self._params))[0]
 
 
