@@ -106,11 +106,14 @@ def test_exit_calibration_states_the_agreement_the_runtime_gives(whisper_artifac
 
     art = tmp_path / "w.edgert"
     shutil.copyfile(whisper_artifact, art)
-    result = calibrate(art, sentences=4, policies=("static",))
+    result = calibrate(art, sentences=4, policies=("static", "state"))
     stored = open_artifact(art).manifest["exits"]
     assert stored["layers"] == [1, 2, 3] and stored["calibration"] == result["calibration"]
-    point = stored["policies"]["static"]  # the sweep decoded the held-out sentences at depths 1, 2, 3
-    assert point["threshold"] in (1, 2, 3) and 0 <= point["agreement"] <= 1 and point["mean_layers"] <= 3
+    # The sweep decoded the held-out sentences at depths 1, 2, 3; a point is stored only where it was faster.
+    assert set(stored["policies"]) ^ set(stored["refused"]) == {"static", "state"}
+    for point in stored["policies"].values():
+        assert 0 <= point["agreement"] <= 1 and point["mean_layers"] <= 3 and point["speedup"] >= 1.0
+    assert stored["probes"]["layers"] == [1, 2, 3]
     stated = result["calibration"]["held_out_agreement"]
 
     t = Transcriber(art)
@@ -130,3 +133,7 @@ def test_exit_calibration_states_the_agreement_the_runtime_gives(whisper_artifac
     assert sorted(fast.early_exit.layers.adapters) == [1, 2, 3]
     fast.transcribe(tmp_path / "0.wav")
     assert fast.early_exit.mean_layers == 3.0 and len(fast.early_exit.depths) > 0
+    never = Transcriber(art, exit="state:1.01")  # the probe cannot reach it: every token runs the whole decoder
+    plain = Transcriber(art)
+    assert never.transcribe(tmp_path / "0.wav").text == plain.transcribe(tmp_path / "0.wav").text
+    assert set(never.early_exit.depths) == {4}

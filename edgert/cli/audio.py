@@ -43,7 +43,9 @@ def transcribe(
     ] = None,
     exit_policy: Annotated[
         str | None,
-        typer.Option("--exit", help="Early exit in the decoder's greedy steps: confidence:0.9, entropy:0.5, static:3."),
+        typer.Option(
+            "--exit", help="Early exit in the decoder's greedy steps: confidence:0.9, entropy:0.5, static:3, state:0.9."
+        ),
     ] = None,
     unsigned: AllowUnsignedOpt = False,
 ) -> None:

@@ -98,6 +98,10 @@ def exits(value: Any) -> str:
     points = value.get("policies") or {}
     if points:
         parts.append("calibrated " + ", ".join(f"{name}:{p['threshold']:g}" for name, p in points.items()))
+    if value.get("refused"):
+        parts.append("not faster than the full model: " + ", ".join(value["refused"]))
+    if value.get("probes"):
+        parts.append(f"state probes at {', '.join(map(str, value['probes'].get('layers', [])))}")
     if "draft_skip" in value:
         parts.append(f"draft skips {value['draft_skip']}")
     return "; ".join(parts)

@@ -3,8 +3,9 @@
 Sentences of the calibration text spoken by espeak-ng, each transcribed greedily, then its decoder
 tokens run layer by layer (teacher-forced) for the hidden states; tuned-lens adapters are fitted on
 the first half of the sentences and their agreement measured on the rest. Each policy's grid is
-then swept by real early-exit decoding of the held-out sentences and its calibrated point stored.
-`edgert transcribe --exit ...` applies them.
+then swept by real early-exit decoding of the held-out sentences and its calibrated point stored,
+where one is faster than the full decoder. State probes (`--exit state`) are fitted on the first
+half too. `edgert transcribe --exit ...` applies them.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from edgert.families.shared.calibration import (
     calibration_sentences,
     choose_points,
     fit_adapter,
+    fit_probe,
     grids_for,
     say,
     store,
     write_sweep,
 )
+from edgert.runtime.exits import probe_features
 from edgert.runtime.layers import ADAPTERS_FILE
 from edgert.runtime.tvm_runtime import to_numpy
 
@@ -85,7 +88,7 @@ def calibrate(
     ridge: float = 1e-2,
     out: Path | None = None,
     threads: int | None = None,
-    policies: Sequence[str] = ("confidence", "entropy", "static"),
+    policies: Sequence[str] = ("confidence", "entropy", "state", "static"),
     target_agreement: float = 0.9,
     log: Log = say,
 ) -> dict[str, Any]:
@@ -145,12 +148,27 @@ def calibrate(
         },
         "policies": {},
     }
+    if "state" in policies:  # a state probe per exit, fitted on the first half, checked on the rest
+        fit_top = np.concatenate([r[1] for r in runs[:half]])
+        held = {}
+        for e in exits:
+            adapter = adapters[f"exit.{e}.weight"], adapters[f"exit.{e}.bias"]
+            labels = exit_tops(layers, fit_states[e], adapter) == fit_top
+            pw, pb, info = fit_probe(probe_features(fit_states[e]), labels)
+            adapters[f"probe.{e}.weight"], adapters[f"probe.{e}.bias"] = pw, pb
+            truth = exit_tops(layers, test_states[e], adapter) == test_top
+            fires = probe_features(test_states[e]) @ pw + pb[0] >= 0
+            info["held_out_sentences_accuracy"] = round(float(np.mean(fires == truth)), 4)
+            held[str(e)] = info
+            log(f"  state probe at exit {e}: held-out accuracy {info['held_out_sentences_accuracy']:.3f}")
+        result["probes"] = {"layers": exits, "tokens": len(fit_top), "held_out": held}
     del transcriber, layers  # the artifact is rewritten below
     store(artifact, result, adapters)  # the sweep decodes through the stored adapters
     if policies:
         log(f"sweep over the {len(wavs) - half} held-out sentences")
         rows = sweep(artifact, wavs[half:], grids_for(policies, exits), threads, log)
-        result["policies"] = choose_points(rows, target_agreement)
+        result["policies"] = choose_points(rows, target_agreement, refuse_slower=True, log=log)
+        result["refused"] = sorted({r["policy"] for r in rows} - set(result["policies"]))
         result["target_agreement"] = target_agreement
         if out is not None:
             write_sweep(rows, Path(out))
