@@ -156,7 +156,7 @@ def head_cost_in_layers(model: Any) -> float:
     return head / layer if layer else 0.0
 
 
-def measure_costs(model: Any, repeats: int = 15) -> dict[str, float]:
+def measure_costs(model: Any, repeats: int = 10) -> dict[str, float]:
     """Median seconds of a full decode step and of the pieces of a layer-wise one (per layer, per filled
     layer, the exit head, the embedding), timed in turn so that a busy machine slows them alike."""
     stack = LayerStack(model.session, model.cache, load_adapters(model.session))
@@ -291,11 +291,11 @@ def sweep(
 
 
 def probe_data(
-    model: Any, text_ids: Sequence[int], prompts: Sequence[str], steps: int
+    model: Any, text_states: tuple[np.ndarray, np.ndarray], prompts: Sequence[str], steps: int
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Every layer's states and the full model's top tokens over the calibration text and over the chat
-    ``prompts`` with the full model's greedy replies (what a state probe learns from); the token count."""
-    runs = [hidden_states(model, text_ids)]
+    """Every layer's states and the full model's top tokens over the calibration text (``text_states``) and
+    over the chat ``prompts`` with the full model's greedy replies (what a state probe learns from)."""
+    runs = [text_states]
     for p in prompts:
         reply = [t.id for t in model.generate(p, max_tokens=steps, chat=True)]
         runs.append(hidden_states(model, model.encode_prompt(p, chat=True) + reply))
@@ -362,7 +362,7 @@ def calibrate(
     reference = list((recipe.run if recipe else {}).get("reference_prompts", [])) or ["Tell me about rivers."]
     if "state" in policies:
         # The probes learn from the text and from replies to the prompts the sweep does not decode.
-        states, top, count = probe_data(model, ids, reference[prompts:], steps)
+        states, top, count = probe_data(model, (states, full_top), reference[prompts : prompts + 4], steps)
         held = {}
         for e in exits:
             w, b = adapters[f"exit.{e}.weight"], adapters[f"exit.{e}.bias"]
