@@ -76,7 +76,7 @@ def test_calibration_fits_adapters_that_help_and_stores_them(calibrated) -> None
     # The state policy is stored (at a point faster than the full model, measured and expected) or refused.
     assert set(exits["policies"]) ^ set(exits["refused"]) == {"state"}
     for point in exits["policies"].values():
-        assert point["threshold"] in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+        assert point["threshold"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
         assert point["speedup"] >= 1.0 and point["expected_speedup"] >= 1.0
     assert exits["probes"]["layers"] == exits["layers"]
     assert "exits.safetensors" in manifest["files"]
@@ -91,16 +91,12 @@ def test_early_exit_uses_fewer_layers_at_the_calibrated_agreement(calibrated) ->
     if "state" in result["policies"]:
         point = result["policies"]["state"]
         policy = parse_exit_policy("state", model)  # the calibrated threshold
-    else:  # refused as slower here: a bare name says so, and the sweep's best early point runs by value
+    else:  # refused as slower here: a bare name says so, and the sweep's earliest-leaving point runs by value
         with pytest.raises(EdgertError, match="faster than the full model"):
             parse_exit_policy("state", model)
         with (plots / "exit_sweep.csv").open() as fh:
-            rows = [
-                r
-                for r in csv.DictReader(fh)
-                if float(r["mean_layers"]) < model.artifact.manifest["model"]["num_layers"] - 1
-            ]
-        point = {k: float(v) for k, v in max(rows, key=lambda r: float(r["agreement"])).items() if k != "policy"}
+            row = min(csv.DictReader(fh), key=lambda r: float(r["mean_layers"]))
+        point = {k: float(v) for k, v in row.items() if k != "policy"}
         policy = parse_exit_policy(f"state:{point['threshold']:g}", model)
     assert policy.name == f"state:{point['threshold']:g}"
     decoder = EarlyExitDecoder(model, policy)

@@ -28,7 +28,7 @@ GRIDS: dict[str, list[float]] = {
     "confidence": [0.5, 0.7, 0.8, 0.9, 0.95, 0.99],
     "entropy": [2.0, 1.0, 0.5, 0.25, 0.1],
     "patience": [2, 3],
-    "state": [0.5, 0.6, 0.7, 0.8, 0.9, 0.95],
+    "state": [0.3, 0.4, 0.5, 0.6, 0.7, 0.8],
     "static": [],  # filled with the exits
 }
 PROBE_L2 = (0.3, 3.0, 30.0, 300.0)  # the L2 strengths a probe's held-out log loss chooses from
