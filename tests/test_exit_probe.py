@@ -12,7 +12,7 @@ import pytest
 
 from edgert.errors import EdgertError
 from edgert.families.shared.calibration import choose_points, fit_probe
-from edgert.runtime.exits import EarlyExitDecoder, StateProbe, parse_exit_policy, probe_features
+from edgert.runtime.exits import Budget, Confidence, EarlyExitDecoder, StateProbe, parse_exit_policy, probe_features
 from edgert.runtime.layers import LayerStack, load_probes
 from edgert.runtime.tvm_runtime import to_numpy
 
@@ -37,6 +37,19 @@ def test_probe_fit_separates_what_a_linear_rule_separates() -> None:
     assert info["held_out_log_loss"] < info["held_out_base_log_loss"]
     w, b, _ = fit_probe(x, np.ones(400, bool))  # one class only: the smoothed base rate
     assert not w.any() and 1 / (1 + np.exp(-b[0])) > 0.99
+
+
+def test_a_budget_around_a_state_probe_decides_from_the_state() -> None:
+    d = 8
+    weight = np.zeros(d + 1, np.float32)
+    weight[0] = 4.0  # fires when the first normalized feature is large
+    policy = Budget(18, StateProbe(0.5, {15: (weight, np.zeros(1, np.float32)), 20: (weight, np.zeros(1, np.float32))}))
+    assert not policy.reads_head and policy.exits([15, 20, 25], 30) == [15, 18]
+    up, down = np.eye(d)[0], -np.eye(d)[0]
+    assert policy.should_exit_state(15, up) and not policy.should_exit_state(15, down)
+    assert policy.should_exit_state(18, down)  # the cap
+    assert Budget(18).exits([15], 30) == [18] and not Budget(18).reads_head
+    assert Budget(18, Confidence(0.9)).reads_head
 
 
 def test_choose_points_never_stores_a_slower_point() -> None:

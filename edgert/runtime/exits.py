@@ -131,12 +131,20 @@ class Budget(ExitPolicy):
         cap = [self.layers] if 0 < self.layers < num_layers else []
         return sorted({e for e in inner if e < self.layers} | set(cap))
 
+    @property
+    def reads_head(self) -> bool:  # type: ignore[override]
+        """As the inner policy; the cap alone needs no head until the token leaves."""
+        return bool(self.inner and self.inner.reads_head)
+
     def start(self) -> None:
         if self.inner:
             self.inner.start()
 
     def should_exit(self, depth: int, logits: np.ndarray) -> bool:
         return depth >= self.layers or bool(self.inner and self.inner.should_exit(depth, logits))
+
+    def should_exit_state(self, depth: int, h: np.ndarray) -> bool:
+        return depth >= self.layers or bool(self.inner and self.inner.should_exit_state(depth, h))
 
 
 def probe_features(h: np.ndarray) -> np.ndarray:
