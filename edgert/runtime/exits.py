@@ -181,7 +181,7 @@ class StateProbe(ExitPolicy):
 
 
 POLICIES = ("static", "confidence", "entropy", "patience", "state", "budget")
-GIVE_A_VALUE = {"confidence": 0.9, "entropy": 0.5, "patience": 3, "state": 0.9, "static": 20}  # examples in errors
+GIVE_A_VALUE = {"confidence": 0.9, "entropy": 0.5, "patience": 3, "state": 0.5, "static": 20}  # examples in errors
 
 
 def parse_exit_policy(spec: str, model: Generator) -> ExitPolicy:
