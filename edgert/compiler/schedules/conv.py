@@ -30,21 +30,24 @@ def _ints(values: Any) -> list[int]:
     return [int(v) for v in values]
 
 
-def _pad_input(bb: Any, x: relax.Expr, pads: list[tuple[int, int]]) -> relax.Expr:
-    """``x`` [n, c, *spatial] zero-padded by (before, after) per spatial axis, as its own kernel."""
+def _pad_input(bb: Any, x: relax.Expr, pads: list[tuple[int, int]], first: int = 2) -> relax.Expr:
+    """``x`` zero-padded by (before, after) on the spatial axes from ``first`` on, as its own kernel
+    (``first`` 2 for NC(H)W, 1 for channels-last)."""
     if not any(a or b for a, b in pads):
         return x
 
     def pad(data: te.Tensor) -> te.Tensor:
         shape = list(data.shape)
-        out = shape[:2] + [shape[2 + i] + a + b for i, (a, b) in enumerate(pads)]
+        out = list(shape)
+        for i, (a, b) in enumerate(pads):
+            out[first + i] = shape[first + i] + a + b
 
         def value(*idx: Any) -> Any:
-            src, conds = list(idx[:2]), []
+            src, conds = list(idx), []
             for i, (a, _) in enumerate(pads):
-                pos = idx[2 + i] - a
-                conds += [pos >= 0, pos < shape[2 + i]]
-                src.append(tirx.max(tirx.min(pos, shape[2 + i] - 1), 0))
+                pos = idx[first + i] - a
+                conds += [pos >= 0, pos < shape[first + i]]
+                src[first + i] = tirx.max(tirx.min(pos, shape[first + i] - 1), 0)
             return tirx.if_then_else(tirx.all(*conds), data[tuple(src)], tirx.const(0.0, "float32"))
 
         return te.compute(out, value, name="conv_pad")
@@ -111,15 +114,169 @@ def _direct(
     return relax.op.permute_dims(bb.emit(y), [0, 2, 1, 3])
 
 
+def _direct_channels_last(
+    bb: Any,
+    xp: relax.Expr,
+    weight: np.ndarray,
+    strides: list[int],
+    dilation: list[int],
+    out_sp: list[int],
+    block: int,
+    depthwise: bool,
+) -> relax.Expr:
+    """The conv kernel over the padded channels-last input ``xp``: [n, *out_sp, co].
+
+    Groups 1: ``y[n, p, j] = sum_r xp[n, pos(p, r // cig), r % cig] * Wp[j // B, r, j % B]``, a GEMM
+    whose B operand is the weight packed as a dense one (`dense.pack`) and whose A operand is
+    the input read in place (input channels innermost in ``r``: contiguous reads along the
+    reduction). Depthwise: ``y[n, p, c] = sum_t xp[n, pos(p, t), c] * W[t, c]``, vectorized over
+    channels. The `Matmul` rule tiles both (positions as rows, channels as vector columns).
+    """
+    from edgert.compiler.schedules.dense import pack
+
+    co, *taps, cig = weight.shape
+    ntaps = int(np.prod(taps))
+    nsp = len(taps)
+
+    def position(idx: list[Any], tap: Any) -> list[Any]:
+        """Input coordinates of output position ``idx`` for kernel tap ``tap`` (flattened, row-major)."""
+        coords, rest = [], tap
+        for i in reversed(range(nsp)):
+            coords.append(idx[i] * strides[i] + rest % taps[i] * dilation[i])
+            rest = rest // taps[i]
+        return coords[::-1]
+
+    if depthwise:
+        wt = relax.const(np.ascontiguousarray(weight.reshape(co, ntaps).T))
+
+        def conv_dw(data: te.Tensor, w: te.Tensor) -> te.Tensor:
+            r = te.reduce_axis((0, ntaps), "r")
+            return te.compute(
+                [data.shape[0], *out_sp, co],
+                lambda b, *rest: te.sum(data[(b, *position(list(rest[:-1]), r), rest[-1])] * w[r, rest[-1]], axis=r),
+                name="conv_cl_depthwise",
+            )
+
+        return bb.call_te(conv_dw, xp, wt)
+    k_len = ntaps * cig
+    packed = pack(np.ascontiguousarray(weight.reshape(co, k_len).T), block)
+    width = packed.shape[0] * block
+
+    def conv_cl(data: te.Tensor, w: te.Tensor) -> te.Tensor:
+        r = te.reduce_axis((0, k_len), "r")
+        return te.compute(
+            [data.shape[0], *out_sp, width],
+            lambda b, *rest: te.sum(
+                data[(b, *position(list(rest[:-1]), r // cig), r % cig)] * w[rest[-1] // block, r, rest[-1] % block],
+                axis=r,
+            ),
+            name="conv_cl",
+        )
+
+    y = bb.call_te(conv_cl, xp, relax.const(packed))
+    if width == co:
+        return y
+    # Zero-padded columns keep every column tile whole (as for dense weights); the slice fuses
+    # into the consumer.
+    y = bb.emit(y)
+    return relax.op.strided_slice(y, axes=[nsp + 1], begin=[0], end=[co], assume_inbound=True)
+
+
+def _is_depthwise(weight: np.ndarray) -> bool:
+    """A channels-last weight [co, *taps, 1] of a conv with ``groups == co``."""
+    return weight.shape[-1] == 1 and weight.shape[0] > 1
+
+
+def _conv_block(co: int, lanes: int) -> int:
+    """Columns per packed weight tile: two vectors, one where only that divides ``co``."""
+    return lanes if co % (2 * lanes) and co % lanes == 0 else 2 * lanes
+
+
+def _channels_last(bb: Any, call: relax.Call, lanes: int) -> relax.Expr | None:
+    """The channels-last kernel for a NWC/NHWC conv1d/conv2d ``call`` (groups 1 or depthwise);
+    any other conv in that layout runs channels-first between two transposes."""
+    x, w = call.args
+    a = call.attrs
+    name = call.op.name
+    rank = 3 if "1d" in name else 4
+    x_ty = x.ty
+    if (
+        not isinstance(w, GenericConst)
+        or w.value.dtype != "float32"
+        or not isinstance(x_ty, relax.TensorType)
+        or x_ty.dtype != "float32"
+        or x_ty.ndim != rank
+        or a.out_layout != a.data_layout
+        or (a.out_dtype and str(a.out_dtype) not in ("float32", ""))
+        or x_ty.shape is None
+        or not all(isinstance(d, tirx.IntImm) for d in x_ty.shape.values)
+    ):
+        return None
+    weight = w.value.numpy()
+    groups, nsp = int(a.groups), rank - 2
+    plain = groups == 1 or (groups == weight.shape[0] and _is_depthwise(weight))
+    if "transpose" in name or a.kernel_layout not in ("OWI", "OHWI") or not plain:
+        return _via_channels_first(bb, call, lanes)
+    spatial = [int(d) for d in x_ty.shape.values[1:-1]]
+    strides, dilation = _ints(a.strides), _ints(a.dilation)
+    padding = _ints(a.padding)
+    before, after = padding[:nsp], padding[nsp:] if len(padding) == 2 * nsp else padding[:nsp]
+    taps = list(weight.shape[1:-1])
+    out_sp = [
+        (spatial[i] + before[i] + after[i] - dilation[i] * (taps[i] - 1) - 1) // strides[i] + 1 for i in range(nsp)
+    ]
+    xp = _pad_input(bb, x, list(zip(before, after, strict=True)), first=1)
+    block = _conv_block(weight.shape[0], lanes)
+    return _direct_channels_last(bb, xp, weight, strides, dilation, out_sp, block, groups > 1)
+
+
+def _via_channels_first(bb: Any, call: relax.Call, lanes: int) -> relax.Expr | None:
+    """A channels-last conv the channels-last kernel does not cover (grouped, transposed) as the
+    channels-first kernel between two transposes; None for a weight layout it does not know."""
+    x, w = call.args
+    a = call.attrs
+    name = call.op.name
+    rank = 3 if "1d" in name else 4
+    nsp = rank - 2
+    to_first, to_last = [0, rank - 1, *range(1, rank - 1)], [0, *range(2, rank), 1]
+    weight = w.value.numpy()
+    layout = str(a.kernel_layout)
+    if layout in ("OWI", "OHWI"):
+        weight, layout = np.ascontiguousarray(weight.transpose(to_first)), "OIW" if nsp == 1 else "OIHW"
+    elif layout not in ("OIW", "OIHW", "IOW", "IOHW"):
+        return None
+    data = "NCW" if nsp == 1 else "NCHW"
+    xf = bb.emit(relax.op.permute_dims(x, to_first))
+    kw = {
+        "strides": _ints(a.strides),
+        "padding": _ints(a.padding),
+        "dilation": _ints(a.dilation),
+        "groups": int(a.groups),
+        "data_layout": data,
+        "kernel_layout": layout,
+        "out_layout": data,
+    }
+    op = getattr(relax.op.nn, name.split(".")[-1])
+    if "transpose" in name:
+        kw["output_padding"] = _ints(a.output_padding)
+    first = op(xf, relax.const(weight), **kw)
+    y = rewrite_conv(bb, first, lanes)
+    return relax.op.permute_dims(bb.emit(first if y is None else y), to_last)
+
+
 def rewrite_conv(bb: Any, call: relax.Call, min_columns: int) -> relax.Expr | None:
     """The direct kernel for a conv1d/conv2d/conv1d_transpose/conv2d_transpose ``call`` by a constant
-    f32 weight in NC(H)W layout; None where it does not apply or where the output has fewer than
-    ``min_columns`` positions along its last axis (then the caller's im2col path, or TVM's)."""
+    f32 weight; None where it does not apply. Channels-last convs (`layout.channels_last`) take the
+    channels-last kernel (``min_columns`` is then the target's f32 lanes). In NC(H)W, None also
+    where the output has fewer than ``min_columns`` positions along its last axis (then the
+    caller's im2col path, or TVM's)."""
     name = call.op.name
     if name not in ("relax.nn.conv1d", "relax.nn.conv2d", "relax.nn.conv1d_transpose", "relax.nn.conv2d_transpose"):
         return None
     x, w = call.args
     a = call.attrs
+    if a.data_layout in ("NWC", "NHWC"):
+        return _channels_last(bb, call, min_columns)
     x_ty = x.ty
     rank = 3 if "1d" in name else 4
     if (

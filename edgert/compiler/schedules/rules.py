@@ -123,6 +123,11 @@ class Matmul(ScheduleRule):
         if len(loops) == 2:  # one output row (unit loops were normalized away): a GEMV
             loops = [sch.add_unit_loop(mm.block_rv), *loops]
         *batch, i, j, k = loops
+        if len(batch) > 1 and sch.get(mm.block_rv).name_hint.startswith("conv_cl"):
+            # A channels-last 2-D conv: its output positions (oh, ow) are one row axis, so a
+            # small feature map (6x6) still fills whole row tiles.
+            i = sch.fuse(*batch[1:], i)
+            batch = batch[:1]
         n = _extent(sch, j)
         # Two vectors of columns (the packed weight's tile; 3 was measured far slower), one if
         # that divides and two do not.
