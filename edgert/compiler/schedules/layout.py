@@ -11,11 +11,14 @@ the only transposes left are at the graph's edges (and around ops it does not kn
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import tvm
 from tvm import relax
 from tvm.ir import GenericConst
+
+log = logging.getLogger(__name__)
 
 DESIRED = {"relax.nn.conv2d": ["NHWC", "OHWI"], "relax.nn.conv1d": ["NWC", "OWI"]}
 
@@ -105,25 +108,41 @@ class _FoldPermutes(relax.PyExprMutator):
         return self.builder_.get()
 
 
-def _has_conv(mod: Any) -> bool:
-    found = [False]
+def _static_convs(mod: Any) -> bool:
+    """True if ``mod`` has convolutions and every one has a fully known input shape."""
+    found, static = [False], [True]
 
     def visit(expr: Any) -> None:
         if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name in DESIRED:
             found[0] = True
+            ty = expr.args[0].ty
+            shape = ty.shape if isinstance(ty, relax.TensorType) else None
+            if not isinstance(shape, relax.ShapeExpr) or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+                static[0] = False
 
     for _, func in mod.functions_items():
         if isinstance(func, relax.Function):
             relax.analysis.post_order_visit(func, visit)
-    return found[0]
+    return found[0] and static[0]
 
 
 def channels_last(mod: Any) -> Any:
-    """``mod`` with its 1-D/2-D convolutions (and what lies between them) in channels-last layout."""
-    if not _has_conv(mod):
+    """``mod`` with its 1-D/2-D convolutions (and what lies between them) in channels-last layout.
+
+    Only where every conv's input shape is known: on a symbolic length (silero-vad's audio chunk)
+    TVM's ConvertLayout ran out of memory, and those convs keep their NC(H)W kernels.
+    """
+    if not _static_convs(mod):
         return mod
     mod = _ScalarClamps(mod).transform()
-    mod = relax.transform.ConvertLayout(DESIRED)(mod)
+    try:
+        converted = relax.transform.ConvertLayout(DESIRED)(mod)
+    except tvm.error.InternalError as exc:
+        # TVM's layout inference fails on some graphs (silero-vad: std::bad_alloc); their convs
+        # keep the NC(H)W kernels.
+        log.info("convolutions stay channels-first: ConvertLayout failed (%s)", str(exc).splitlines()[0])
+        return mod
+    mod = converted
     # The transposed weights are constants again, as the conv rewrite expects.
     mod = relax.transform.FoldConstant()(mod)
     mod = _FoldPermutes(mod).transform()

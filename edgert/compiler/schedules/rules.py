@@ -129,9 +129,7 @@ class Matmul(ScheduleRule):
             i = sch.fuse(*batch[1:], i)
             batch = batch[:1]
         n = _extent(sch, j)
-        # Two vectors of columns (the packed weight's tile; 3 was measured far slower), one if
-        # that divides and two do not.
-        cols = lanes if n is not None and n % (2 * lanes) and n % lanes == 0 else 2 * lanes
+        cols = _column_tile(n, lanes)
         m = _extent(sch, i)
         rows = ROWS if m is None or m >= ROWS else max(m, 1)
         io, ii = sch.split(i, factors=[None, rows])
@@ -165,6 +163,25 @@ class Matmul(ScheduleRule):
         _vectorize_inner(sch, acc, lanes)
         sch.decompose_reduction(mm.block_rv, k)
         return sch
+
+
+def _column_tile(n: int | None, lanes: int) -> int:
+    """Columns per register tile: two vectors (the packed weight's tile; 3 was measured far
+    slower), one if that divides ``n`` and two do not.
+
+    Otherwise (attention's 100 keys or 36 head dims) a tile that divides ``n``: a split that
+    does not divide leaves a predicate on the vector loop, and TVM then emits it scalar (4x
+    slower than the whole matmul should be). A tile of 20 or 36 is one LLVM vector that the
+    backend splits into whole and half registers.
+    """
+    if n is None or n % (2 * lanes) == 0:
+        return 2 * lanes
+    if n % lanes == 0:
+        return lanes
+    if n <= 3 * lanes:
+        return n
+    fits = [d for d in range(3 * lanes, 3, -1) if n % d == 0]
+    return next((d for d in fits if d % 4 == 0), fits[0] if fits else 2 * lanes)
 
 
 def _written_shape(sch: s_tir.Schedule, block: Any) -> list[int | None]:
