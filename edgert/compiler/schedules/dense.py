@@ -116,7 +116,7 @@ class _PackDense(relax.PyExprMutator):
             from edgert.compiler.schedules.conv import rewrite_conv
 
             # Direct kernels where output rows are long enough for whole vectors; im2col otherwise.
-            direct = rewrite_conv(self.builder_, call, self.block // 2)
+            direct = rewrite_conv(self.builder_, call, self.block // 2, self.lookup_binding)
             if direct is not None:
                 return direct
         if call.op == self.conv1d:
@@ -217,7 +217,8 @@ def pack_dense_weights(mod: Any, target: Any, quant: str = "f32") -> tuple[Any, 
     the rewritten weights (the weight-side accuracy cost).
     """
     rewriter = _PackDense(mod, block_for(target), quant)
-    mod = rewriter.transform()
+    # Transposes a conv now reads through are left unused.
+    mod = relax.transform.DeadCodeElimination()(rewriter.transform())
     if not rewriter.errors:
         return mod, None
     rel = [float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(a**2)) or 1.0)) for a, b in rewriter.errors]
