@@ -11,15 +11,16 @@ log = logging.getLogger(__name__)
 
 
 def rewrite_graph(mod: Any, target: Any, quant: str = "f32") -> tuple[Any, float | None]:
-    """Graph-level rewrites before legalization: convolutions channels-last, matmul weights packed
-    (and quantized per ``quant``).
+    """Graph-level rewrites before legalization: convolutions channels-last, sigmoids through tanh
+    (for its fast form), matmul weights packed (and quantized per ``quant``).
 
     Returns the module and the relative RMS error the quantization put on the weights (None for f32).
     """
     from edgert.compiler.schedules.dense import pack_dense_weights
+    from edgert.compiler.schedules.fastmath import sigmoid_as_tanh
     from edgert.compiler.schedules.layout import channels_last
 
-    return pack_dense_weights(channels_last(mod), target, quant)
+    return pack_dense_weights(sigmoid_as_tanh(channels_last(mod)), target, quant)
 
 
 class _Guarded:

@@ -175,7 +175,9 @@ class _PackDense(relax.PyExprMutator):
 
     def _dense(self, x: relax.Expr, weight: np.ndarray) -> relax.Expr:
         k, n = weight.shape
-        packed = pack(weight, self.block)
+        # One vector per tile where only that divides N (144 columns: 160 padded took 11% more).
+        block = self.block // 2 if n % self.block and n % (self.block // 2) == 0 else self.block
+        packed = pack(weight, block)
         if self.quant == "f32":
             consts = [relax.const(packed)]
         elif self.quant == "f16":
@@ -186,8 +188,8 @@ class _PackDense(relax.PyExprMutator):
             codes, scale = quantize(packed, bits)
             consts = [relax.const(codes), relax.const(scale)]
             self.errors.append((packed, dequantize(codes, scale, k, bits)))
-        width = packed.shape[0] * self.block
-        y = self.builder_.call_te(_packed_te(width, self.block, self.quant, k), x, *consts)
+        width = packed.shape[0] * block
+        y = self.builder_.call_te(_packed_te(width, block, self.quant, k), x, *consts)
         if width == n:
             return y
         # Columns past N are the packing's zero padding. Computing them keeps every column tile whole,
