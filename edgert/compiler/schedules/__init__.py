@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from edgert.compiler.schedules.rules import Elementwise, Fallback, Matmul, RowWise
+from edgert.compiler.schedules.rules import Elementwise, Fallback, Matmul, Pool, RowWise
 
 log = logging.getLogger(__name__)
 
@@ -47,4 +47,4 @@ class _Guarded:
 
 def schedule_rules() -> list[Any]:
     """edgert's rules in the order they are tried."""
-    return [_Guarded(r) for r in (Matmul(), RowWise(), Elementwise(), Fallback())]
+    return [_Guarded(r) for r in (Matmul(), RowWise(), Elementwise(), Pool(), Fallback())]

@@ -133,9 +133,9 @@ def _direct_channels_last(
     the input read in place (input channels innermost in ``r``: contiguous reads along the
     reduction). Depthwise: ``y[n, p, c] = sum_t xp[n, pos(p, t), c] * W[t, c]``, vectorized over
     channels. The `Matmul` rule tiles both (positions as rows, channels as vector columns).
-    ``first_input``: ``xp`` is the unpadded channels-first tensor (a graph input with a few
-    channels, read in place, zero outside ``pads``, rather than transposed and padded by kernels
-    of their own).
+    ``first_input``: ``xp`` is channels-first (a graph input with a few channels, read in place
+    rather than transposed by a kernel of its own). With ``pads``, ``xp`` is unpadded and read as
+    zero outside.
     """
     from edgert.compiler.schedules.dense import pack
 
@@ -152,19 +152,20 @@ def _direct_channels_last(
         return coords[::-1]
 
     def read(data: te.Tensor, b: Any, coords: list[Any], c: Any) -> Any:
-        if not first_input:
-            return data[(b, *coords, c)]
-        # Unpadded channels-first input: the border test is on the scalar input read, outside
-        # the vector of output channels it multiplies.
-        sizes = list(data.shape[2:])
+        def at(where: list[Any]) -> Any:
+            return data[(b, c, *where)] if first_input else data[(b, *where, c)]
+
+        if pads is None or not any(a or z for a, z in pads):
+            return at(coords)
+        # Unpadded input: the border test is on the read, per position and tap, outside the
+        # vector of channels (a scalar read for a dense conv, a whole vector for a depthwise one).
+        sizes = list(data.shape[2:] if first_input else data.shape[1:-1])
         conds, src = [], []
         for i, pos in enumerate(coords):
             pos = pos - pads[i][0]
             conds += [pos >= 0, pos < sizes[i]]
             src.append(tirx.max(tirx.min(pos, sizes[i] - 1), 0))
-        if not any(a or z for a, z in pads):
-            return data[(b, c, *coords)]
-        return tirx.if_then_else(tirx.all(*conds), data[(b, c, *src)], tirx.const(0.0, "float32"))
+        return tirx.if_then_else(tirx.all(*conds), at(src), tirx.const(0.0, "float32"))
 
     if depthwise:
         wt = relax.const(np.ascontiguousarray(weight.reshape(co, ntaps).T))
@@ -250,8 +251,12 @@ def _channels_last(bb: Any, call: relax.Call, lanes: int, lookup: Any = None) ->
     block = _conv_block(weight.shape[0], lanes)
     if source is not None and weight.shape[-1] <= FIRST_INPUT_CHANNELS:
         return _direct_channels_last(bb, source, weight, strides, dilation, out_sp, block, groups > 1, True, pads)
+    if groups > 1:
+        # A depthwise conv does a few multiply-adds per input read: a padding kernel of its own
+        # (and its call and buffer) cost more than the border test.
+        return _direct_channels_last(bb, x, weight, strides, dilation, out_sp, block, True, False, pads)
     xp = _pad_input(bb, x, pads, first=1)
-    return _direct_channels_last(bb, xp, weight, strides, dilation, out_sp, block, groups > 1)
+    return _direct_channels_last(bb, xp, weight, strides, dilation, out_sp, block, False)
 
 
 # Up to this many input channels a conv reads a channels-first tensor in place (an image's 3)

@@ -181,15 +181,25 @@ def _column_tile(n: int | None, lanes: int) -> int:
 
 
 def _row_tile(m: int | None, cols: int, lanes: int) -> int:
-    """Rows per register tile: ``ROWS``, or up to 10 where the tile is one vector wide (8-10
-    accumulators keep both FMA units busy: 73 -> 104 GFLOP/s on the attention matmul above)."""
+    """Rows per register tile: the first of a few counts that divides ``m`` (a split that does
+    not divide costs a predicate per row: 1024 rows in tiles of 5 ran at half speed), else ``ROWS``.
+
+    One vector wide, 8-10 rows keep both FMA units busy (attention's 4x100x100 @ 100x36: 73 ->
+    104 GFLOP/s). Two vectors wide with AVX-512's 32 registers, 8 rows (16 accumulators) beat
+    4 (960x288 @ 288x64, one thread, loaded: 203 -> 250 GFLOP/s); with 16 registers (AVX2) the
+    tile stays at ``ROWS``.
+    """
     if m is None:
         return ROWS
     if m < ROWS:
         return max(m, 1)
-    if cols > lanes:
-        return ROWS
-    return next((r for r in (8, 10, 6, 5) if m % r == 0), ROWS)
+    if cols <= lanes:
+        counts: tuple[int, ...] = (8, 10, 6, 5)
+    elif lanes >= 16:
+        counts = (8, 6, 5)
+    else:
+        counts = ()
+    return next((r for r in counts if m % r == 0), ROWS)
 
 
 def _written_shape(sch: s_tir.Schedule, block: Any) -> list[int | None]:
@@ -338,6 +348,61 @@ class Elementwise(ScheduleRule):
             if total is None or total >= MIN_PARALLEL_WORK:
                 sch.parallel(outer)
         return sch
+
+
+class Pool(ScheduleRule):
+    """A reduction over a window or a whole axis, not along the output's last axis (max / average
+    pooling in channels-last layout): reduction loops moved outside the last output axis, which
+    is vectorized (channels), the other output axes over threads."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        """Schedule ``func`` if it is one such reduction with injective producers (a padding)."""
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or infos[-1].is_injective() or any(not b.is_injective() for b in infos[:-1]):
+            return None
+        block = infos[-1]
+        kinds = block.dom_kind()
+        spatial = len(kinds) - len(kinds.lstrip("S"))
+        if spatial < 2 or kinds[spatial:] != "R" * (len(kinds) - spatial) or spatial == len(kinds):
+            return None
+        if _is_multiply_add(sch, block.block_rv) or not _reads_along(sch, block.block_rv, spatial - 1):
+            return None
+        for b in infos[:-1]:
+            sch.compute_inline(b.block_rv)
+        lanes = _lanes(target)
+        loops = sch.get_loops(block.block_rv)
+        if len(loops) != len(kinds):
+            return None
+        *outer, inner = loops[:spatial]
+        sch.reorder(*outer, *loops[spatial:], inner)
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        if _work(sch, block.block_rv) >= MIN_PARALLEL_WORK:
+            sch.parallel(fused)
+        _vectorize_inner(sch, block.block_rv, lanes)
+        init = sch.decompose_reduction(block.block_rv, sch.get_loops(block.block_rv)[1])
+        _vectorize_inner(sch, init, lanes)
+        return sch
+
+
+def _reads_along(sch: s_tir.Schedule, block: Any, axis: int) -> bool:
+    """True if every buffer ``block`` reads is indexed along its last axis by iterator ``axis`` alone
+    (so vectorizing that iterator reads contiguous elements)."""
+    stmt = sch.get(block)
+    var = stmt.iter_vars[axis].var
+    for region in stmt.reads:
+        if not region.region:
+            continue
+        last = region.region[-1]
+        if not (isinstance(last.min, tirx.Var) and last.min.same_as(var)) or not _is_one(last.extent):
+            return False
+    return True
+
+
+def _is_one(value: Any) -> bool:
+    return isinstance(value, tirx.IntImm) and int(value) == 1
 
 
 class Fallback(ScheduleRule):
