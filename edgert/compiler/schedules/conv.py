@@ -55,21 +55,24 @@ def _pad_input(bb: Any, x: relax.Expr, pads: list[tuple[int, int]], first: int =
     return bb.emit(bb.call_te(pad, x))
 
 
-def _upsample_input(bb: Any, x: relax.Expr, strides: list[int], pads: list[tuple[int, int]]) -> relax.Expr:
-    """``x`` with ``stride - 1`` zeros between samples, then zero-padded (a transposed conv's input)."""
+def _upsample_input(
+    bb: Any, x: relax.Expr, strides: list[int], pads: list[tuple[int, int]], first: int = 2
+) -> relax.Expr:
+    """``x`` with ``stride - 1`` zeros between samples, then zero-padded (a transposed conv's input),
+    on the spatial axes from ``first`` on."""
 
     def upsample(data: te.Tensor) -> te.Tensor:
         shape = list(data.shape)
-        out = shape[:2] + [
-            (shape[2 + i] - 1) * s + 1 + a + b for i, (s, (a, b)) in enumerate(zip(strides, pads, strict=True))
-        ]
+        out = list(shape)
+        for i, (s, (a, b)) in enumerate(zip(strides, pads, strict=True)):
+            out[first + i] = (shape[first + i] - 1) * s + 1 + a + b
 
         def value(*idx: Any) -> Any:
-            src, conds = list(idx[:2]), []
+            src, conds = list(idx), []
             for i, (s, (a, _)) in enumerate(zip(strides, pads, strict=True)):
-                pos = idx[2 + i] - a
-                conds += [pos >= 0, pos % s == 0, pos // s < shape[2 + i]]
-                src.append(tirx.max(tirx.min(pos // s, shape[2 + i] - 1), 0))
+                pos = idx[first + i] - a
+                conds += [pos >= 0, pos % s == 0, pos // s < shape[first + i]]
+                src[first + i] = tirx.max(tirx.min(pos // s, shape[first + i] - 1), 0)
             return tirx.if_then_else(tirx.all(*conds), data[tuple(src)], tirx.const(0.0, "float32"))
 
         return te.compute(out, value, name="conv_upsample")
@@ -121,18 +124,21 @@ def _direct_channels_last(
     strides: list[int],
     dilation: list[int],
     out_sp: list[int],
-    block: int,
-    depthwise: bool,
+    groups: int,
+    lanes: int,
     first_input: bool = False,
     pads: list[tuple[int, int]] | None = None,
 ) -> relax.Expr:
-    """The conv kernel over the padded channels-last input ``xp``: [n, *out_sp, co].
+    """The conv kernel over the channels-last input ``xp``: [n, *out_sp, co].
 
     Groups 1: ``y[n, p, j] = sum_r xp[n, pos(p, r // cig), r % cig] * Wp[j // B, r, j % B]``, a GEMM
     whose B operand is the weight packed as a dense one (`dense.pack`) and whose A operand is
     the input read in place (input channels innermost in ``r``: contiguous reads along the
-    reduction). Depthwise: ``y[n, p, c] = sum_t xp[n, pos(p, t), c] * W[t, c]``, vectorized over
-    channels. The `Matmul` rule tiles both (positions as rows, channels as vector columns).
+    reduction). Grouped: the same with input channel ``g(j) * cig + r % cig``, in column tiles
+    that never straddle two groups (the group is then one per tile, a scalar read); the tile
+    width is in the kernel's name for the `Matmul` rule (``conv_cl_colsN``). Depthwise:
+    ``y[n, p, c] = sum_t xp[n, pos(p, t), c] * W[t, c]``, vectorized over channels. The
+    `Matmul` rule tiles them all (positions as rows, channels as vector columns).
     ``first_input``: ``xp`` is channels-first (a graph input with a few channels, read in place
     rather than transposed by a kernel of its own). With ``pads``, ``xp`` is unpadded and read as
     zero outside.
@@ -140,6 +146,7 @@ def _direct_channels_last(
     from edgert.compiler.schedules.dense import pack
 
     co, *taps, cig = weight.shape
+    cog = co // groups
     ntaps = int(np.prod(taps))
     nsp = len(taps)
 
@@ -167,7 +174,7 @@ def _direct_channels_last(
             src.append(tirx.max(tirx.min(pos, sizes[i] - 1), 0))
         return tirx.if_then_else(tirx.all(*conds), at(src), tirx.const(0.0, "float32"))
 
-    if depthwise:
+    if groups > 1 and cig == 1 and cog == 1:
         wt = relax.const(np.ascontiguousarray(weight.reshape(co, ntaps).T))
 
         def conv_dw(data: te.Tensor, w: te.Tensor) -> te.Tensor:
@@ -179,19 +186,31 @@ def _direct_channels_last(
             )
 
         return bb.call_te(conv_dw, xp, wt)
+    if groups == 1:
+        block, name = _conv_block(co, lanes), "conv_cl"
+    else:
+        from edgert.compiler.schedules.rules import _column_tile
+
+        block = _column_tile(cog, lanes)
+        block = block if cog % block == 0 else cog
+        name = f"conv_cl_cols{block}"
     k_len = ntaps * cig
     packed = pack(np.ascontiguousarray(weight.reshape(co, k_len).T), block)
     width = packed.shape[0] * block
+
+    def channel(j: Any, r: Any) -> Any:
+        return r % cig if groups == 1 else j // cog * cig + r % cig
 
     def conv_cl(data: te.Tensor, w: te.Tensor) -> te.Tensor:
         r = te.reduce_axis((0, k_len), "r")
         return te.compute(
             [data.shape[0], *out_sp, width],
             lambda b, *rest: te.sum(
-                read(data, b, position(list(rest[:-1]), r // cig), r % cig) * w[rest[-1] // block, r, rest[-1] % block],
+                read(data, b, position(list(rest[:-1]), r // cig), channel(rest[-1], r))
+                * w[rest[-1] // block, r, rest[-1] % block],
                 axis=r,
             ),
-            name="conv_cl",
+            name=name,
         )
 
     y = bb.call_te(conv_cl, xp, relax.const(packed))
@@ -203,19 +222,13 @@ def _direct_channels_last(
     return relax.op.strided_slice(y, axes=[nsp + 1], begin=[0], end=[co], assume_inbound=True)
 
 
-def _is_depthwise(weight: np.ndarray) -> bool:
-    """A channels-last weight [co, *taps, 1] of a conv with ``groups == co``."""
-    return weight.shape[-1] == 1 and weight.shape[0] > 1
-
-
 def _conv_block(co: int, lanes: int) -> int:
     """Columns per packed weight tile: two vectors, one where only that divides ``co``."""
     return lanes if co % (2 * lanes) and co % lanes == 0 else 2 * lanes
 
 
 def _channels_last(bb: Any, call: relax.Call, lanes: int, lookup: Any = None) -> relax.Expr | None:
-    """The channels-last kernel for a NWC/NHWC conv1d/conv2d ``call`` (groups 1 or depthwise);
-    any other conv in that layout runs channels-first between two transposes."""
+    """The channels-last kernel for a NWC/NHWC conv1d/conv2d/conv1d_transpose/conv2d_transpose ``call``."""
     x, w = call.args
     a = call.attrs
     name = call.op.name
@@ -235,28 +248,43 @@ def _channels_last(bb: Any, call: relax.Call, lanes: int, lookup: Any = None) ->
         return None
     weight = w.value.numpy()
     groups, nsp = int(a.groups), rank - 2
-    plain = groups == 1 or (groups == weight.shape[0] and _is_depthwise(weight))
-    if "transpose" in name or a.kernel_layout not in ("OWI", "OHWI") or not plain:
-        return _via_channels_first(bb, call, lanes)
     spatial = [int(d) for d in x_ty.shape.values[1:-1]]
     strides, dilation = _ints(a.strides), _ints(a.dilation)
     padding = _ints(a.padding)
     before, after = padding[:nsp], padding[nsp:] if len(padding) == 2 * nsp else padding[:nsp]
+    if "transpose" in name:
+        if groups != 1 or a.kernel_layout not in ("IOW", "IOHW"):
+            return _via_channels_first(bb, call, lanes)
+        # conv_transpose(x) == conv(x upsampled by the stride, padded by d*(k-1) - pad, W flipped, I<->O)
+        taps = list(weight.shape[2:])
+        out_pad = _ints(a.output_padding)
+        pads = []
+        for i in range(nsp):
+            edge = dilation[i] * (taps[i] - 1)
+            pads.append((edge - before[i], edge - after[i] + out_pad[i]))
+        if any(p < 0 for pair in pads for p in pair):
+            return _via_channels_first(bb, call, lanes)
+        flipped = np.flip(weight, axis=tuple(range(2, rank))).transpose(1, *range(2, rank), 0)  # [co, *taps, ci]
+        sizes = [(spatial[i] - 1) * strides[i] + 1 + sum(pads[i]) for i in range(nsp)]
+        out_sp = [sizes[i] - dilation[i] * (taps[i] - 1) for i in range(nsp)]
+        xp = _upsample_input(bb, x, strides, pads, first=1)
+        return _direct_channels_last(bb, xp, np.ascontiguousarray(flipped), [1] * nsp, dilation, out_sp, 1, lanes)
+    if a.kernel_layout not in ("OWI", "OHWI"):
+        return _via_channels_first(bb, call, lanes)
     taps = list(weight.shape[1:-1])
     out_sp = [
         (spatial[i] + before[i] + after[i] - dilation[i] * (taps[i] - 1) - 1) // strides[i] + 1 for i in range(nsp)
     ]
     source = _transposed_from(x, lookup, rank)
     pads = list(zip(before, after, strict=True))
-    block = _conv_block(weight.shape[0], lanes)
-    if source is not None and weight.shape[-1] <= FIRST_INPUT_CHANNELS:
-        return _direct_channels_last(bb, source, weight, strides, dilation, out_sp, block, groups > 1, True, pads)
-    if groups > 1:
+    if source is not None and weight.shape[-1] * groups <= FIRST_INPUT_CHANNELS:
+        return _direct_channels_last(bb, source, weight, strides, dilation, out_sp, groups, lanes, True, pads)
+    if groups > 1 and weight.shape[-1] == 1 and groups == weight.shape[0]:
         # A depthwise conv does a few multiply-adds per input read: a padding kernel of its own
         # (and its call and buffer) cost more than the border test.
-        return _direct_channels_last(bb, x, weight, strides, dilation, out_sp, block, True, False, pads)
+        return _direct_channels_last(bb, x, weight, strides, dilation, out_sp, groups, lanes, False, pads)
     xp = _pad_input(bb, x, pads, first=1)
-    return _direct_channels_last(bb, xp, weight, strides, dilation, out_sp, block, False)
+    return _direct_channels_last(bb, xp, weight, strides, dilation, out_sp, groups, lanes)
 
 
 # Up to this many input channels a conv reads a channels-first tensor in place (an image's 3)

@@ -21,6 +21,7 @@ TVM's default lowering (correct, slower), so no graph fails to build for a sched
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from tvm import s_tir, tirx
@@ -123,13 +124,16 @@ class Matmul(ScheduleRule):
         if len(loops) == 2:  # one output row (unit loops were normalized away): a GEMV
             loops = [sch.add_unit_loop(mm.block_rv), *loops]
         *batch, i, j, k = loops
-        if len(batch) > 1 and sch.get(mm.block_rv).name_hint.startswith("conv_cl"):
+        name = sch.get(mm.block_rv).name_hint
+        if len(batch) > 1 and name.startswith("conv_cl"):
             # A channels-last 2-D conv: its output positions (oh, ow) are one row axis, so a
             # small feature map (6x6) still fills whole row tiles.
             i = sch.fuse(*batch[1:], i)
             batch = batch[:1]
         n = _extent(sch, j)
-        cols = _column_tile(n, lanes)
+        # A grouped conv names the tile width that keeps each tile inside one group.
+        fixed = re.fullmatch(r"conv_cl_cols(\d+)", name)
+        cols = int(fixed.group(1)) if fixed else _column_tile(n, lanes)
         rows = _row_tile(_extent(sch, i), cols, lanes)
         io, ii = sch.split(i, factors=[None, rows])
         jo, ji = sch.split(j, factors=[None, cols])
