@@ -150,13 +150,18 @@ def _direct_channels_last(
     ntaps = int(np.prod(taps))
     nsp = len(taps)
 
-    def position(idx: list[Any], tap: Any) -> list[Any]:
-        """Input coordinates of output position ``idx`` for kernel tap ``tap`` (flattened, row-major)."""
-        coords, rest = [], tap
-        for i in reversed(range(nsp)):
-            coords.append(idx[i] * strides[i] + rest % taps[i] * dilation[i])
-            rest = rest // taps[i]
-        return coords[::-1]
+    def position(idx: list[Any], tap: list[Any]) -> list[Any]:
+        """Input coordinates of output position ``idx`` for kernel tap ``tap``."""
+        return [idx[i] * strides[i] + tap[i] * dilation[i] for i in range(nsp)]
+
+    def flat(tap: list[Any]) -> Any:
+        index = tap[0]
+        for i in range(1, nsp):
+            index = index * taps[i] + tap[i]
+        return index
+
+    # One reduction loop per tap axis and one over channels (the `Matmul` rule keeps them as
+    # loops: flattened, every step divided its index back into tap and channel).
 
     def read(data: te.Tensor, b: Any, coords: list[Any], c: Any) -> Any:
         def at(where: list[Any]) -> Any:
@@ -178,10 +183,12 @@ def _direct_channels_last(
         wt = relax.const(np.ascontiguousarray(weight.reshape(co, ntaps).T))
 
         def conv_dw(data: te.Tensor, w: te.Tensor) -> te.Tensor:
-            r = te.reduce_axis((0, ntaps), "r")
+            tap = [te.reduce_axis((0, t), f"k{i}") for i, t in enumerate(taps)]
             return te.compute(
                 [data.shape[0], *out_sp, co],
-                lambda b, *rest: te.sum(read(data, b, position(list(rest[:-1]), r), rest[-1]) * w[r, rest[-1]], axis=r),
+                lambda b, *rest: te.sum(
+                    read(data, b, position(list(rest[:-1]), tap), rest[-1]) * w[flat(tap), rest[-1]], axis=tap
+                ),
                 name="conv_cl_depthwise",
             )
 
@@ -198,17 +205,18 @@ def _direct_channels_last(
     packed = pack(np.ascontiguousarray(weight.reshape(co, k_len).T), block)
     width = packed.shape[0] * block
 
-    def channel(j: Any, r: Any) -> Any:
-        return r % cig if groups == 1 else j // cog * cig + r % cig
+    def channel(j: Any, c: Any) -> Any:
+        return c if groups == 1 else j // cog * cig + c
 
     def conv_cl(data: te.Tensor, w: te.Tensor) -> te.Tensor:
-        r = te.reduce_axis((0, k_len), "r")
+        tap = [te.reduce_axis((0, t), f"k{i}") for i, t in enumerate(taps)]
+        c = te.reduce_axis((0, cig), "c")
         return te.compute(
             [data.shape[0], *out_sp, width],
             lambda b, *rest: te.sum(
-                read(data, b, position(list(rest[:-1]), r // cig), channel(rest[-1], r))
-                * w[rest[-1] // block, r, rest[-1] % block],
-                axis=r,
+                read(data, b, position(list(rest[:-1]), tap), channel(rest[-1], c))
+                * w[rest[-1] // block, flat(tap) * cig + c, rest[-1] % block],
+                axis=[*tap, c],
             ),
             name=name,
         )

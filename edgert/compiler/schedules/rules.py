@@ -103,7 +103,17 @@ class Matmul(ScheduleRule):
             return None
         mm = reductions[0]
         kinds = mm.dom_kind()
-        if len(kinds) < 2 or not kinds.endswith("SR") or "R" in kinds[:-1] or not _is_multiply_add(sch, mm.block_rv):
+        spatial = kinds.rstrip("R")
+        # Several reduction axes only for convs (taps and channels as loops of their own: no
+        # division per step to recover them from one flattened axis).
+        nred = len(kinds) - len(spatial)
+        if (
+            not spatial.endswith("S")
+            or "R" in spatial
+            or nred == 0
+            or (nred > 1 and not sch.get(mm.block_rv).name_hint.startswith("conv_cl"))
+            or not _is_multiply_add(sch, mm.block_rv)
+        ):
             return None
         pos = infos.index(mm)
         # Injective producers (transposes, reshapes, casts fused in front) are read in place.
@@ -121,9 +131,10 @@ class Matmul(ScheduleRule):
                 pass
         lanes = _lanes(target)
         loops = sch.get_loops(mm.block_rv)
-        if len(loops) == 2:  # one output row (unit loops were normalized away): a GEMV
+        if len(loops) == 1 + nred:  # one output row (unit loops were normalized away): a GEMV
             loops = [sch.add_unit_loop(mm.block_rv), *loops]
-        *batch, i, j, k = loops
+        *batch, i, j = loops[: len(loops) - nred]
+        ks = loops[len(loops) - nred :]
         name = sch.get(mm.block_rv).name_hint
         if len(batch) > 1 and name.startswith("conv_cl"):
             # A channels-last 2-D conv: its output positions (oh, ow) are one row axis, so a
@@ -138,7 +149,7 @@ class Matmul(ScheduleRule):
         io, ii = sch.split(i, factors=[None, rows])
         jo, ji = sch.split(j, factors=[None, cols])
         # Column tiles outside row tiles: one tile's weights (K x cols) stay in L1 across the rows.
-        sch.reorder(*batch, jo, io, k, ii, ji)
+        sch.reorder(*batch, jo, io, *ks, ii, ji)
         outer = sch.fuse(*batch, jo, io)
         if _work(sch, mm.block_rv) >= MIN_PARALLEL_MACS:
             sch.parallel(outer)
@@ -164,7 +175,7 @@ class Matmul(ScheduleRule):
         sch.unroll(ii)
         sch.vectorize(ji)
         _vectorize_inner(sch, acc, lanes)
-        sch.decompose_reduction(mm.block_rv, k)
+        sch.decompose_reduction(mm.block_rv, ks[0])
         return sch
 
 
