@@ -147,4 +147,3 @@ def channels_last(mod: Any) -> Any:
     mod = relax.transform.FoldConstant()(mod)
     mod = _FoldPermutes(mod).transform()
     return relax.transform.DeadCodeElimination()(mod)
-

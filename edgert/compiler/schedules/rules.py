@@ -368,24 +368,32 @@ class Elementwise(ScheduleRule):
 class Pool(ScheduleRule):
     """A reduction over a window or a whole axis, not along the output's last axis (max / average
     pooling in channels-last layout): reduction loops moved outside the last output axis, which
-    is vectorized (channels), the other output axes over threads."""
+    is vectorized (channels), the other output axes over threads; a map after it (an average's
+    division) runs per output position, in cache."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        """Schedule ``func`` if it is one such reduction with injective producers (a padding)."""
+        """Schedule ``func`` if it is one such reduction with injective producers (a padding) and
+        consumers (a division)."""
         if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
             return None
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
-        if not infos or infos[-1].is_injective() or any(not b.is_injective() for b in infos[:-1]):
+        reductions = [b for b in infos or [] if not b.is_injective()]
+        if len(reductions) != 1:
             return None
-        block = infos[-1]
+        block = reductions[0]
+        pos = infos.index(block)
         kinds = block.dom_kind()
         spatial = len(kinds) - len(kinds.lstrip("S"))
-        if spatial < 2 or kinds[spatial:] != "R" * (len(kinds) - spatial) or spatial == len(kinds):
+        if spatial < 2 or spatial == len(kinds) or kinds[spatial:] != "R" * (len(kinds) - spatial):
             return None
         if _is_multiply_add(sch, block.block_rv) or not _reads_along(sch, block.block_rv, spatial - 1):
             return None
-        for b in infos[:-1]:
+        if any(_written_shape(sch, b.block_rv) != _written_shape(sch, block.block_rv) for b in infos[pos + 1 :]):
+            return None
+        for b in infos[:pos]:
+            sch.compute_inline(b.block_rv)
+        for b in infos[pos + 1 : -1]:
             sch.compute_inline(b.block_rv)
         lanes = _lanes(target)
         loops = sch.get_loops(block.block_rv)
@@ -396,10 +404,28 @@ class Pool(ScheduleRule):
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
         if _work(sch, block.block_rv) >= MIN_PARALLEL_WORK:
             sch.parallel(fused)
-        _vectorize_inner(sch, block.block_rv, lanes)
+        _vectorize_channels(sch, block.block_rv, lanes)
         init = sch.decompose_reduction(block.block_rv, sch.get_loops(block.block_rv)[1])
-        _vectorize_inner(sch, init, lanes)
+        _vectorize_channels(sch, init, lanes)
+        if pos + 1 < len(infos):
+            last = infos[-1].block_rv
+            sch.reverse_compute_at(last, fused, preserve_unit_loops=True)
+            _vectorize_channels(sch, last, lanes)
         return sch
+
+
+def _vectorize_channels(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
+    """Vectorize ``block``'s innermost loop in tiles that divide it (40 channels: tiles of 10)."""
+    inner = sch.get_loops(block)[-1]
+    ext = _extent(sch, inner)
+    if ext is None or ext < 2:
+        return
+    tile = _column_tile(ext, lanes)
+    if ext % tile:
+        return
+    if tile < ext:
+        inner = sch.split(inner, factors=[None, tile])[1]
+    sch.vectorize(inner)
 
 
 def _reads_along(sch: s_tir.Schedule, block: Any, axis: int) -> bool:
