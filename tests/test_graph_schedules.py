@@ -145,3 +145,18 @@ def test_channels_last_leaves_transposes_only_at_the_edges():
     text = channels_last(mod)["main"].script()
     assert text.count("R.permute_dims(") == 2
     assert text.count('data_layout="NHWC"') == 3 and 'data_layout="NCHW"' not in text
+
+
+def test_elementwise_rule_vectorizes_odd_rows_of_a_transpose():
+    """Attention's head split, [100, 4, 36] -> [4, 100, 36]: vectors within rows of 36 (reads
+    contiguous), not across the flattened output."""
+    from edgert.compiler.schedules.rules import Elementwise
+
+    x = np.random.default_rng(3).standard_normal((100, 4, 36)).astype(np.float32)
+    func = _kernel(lambda v: relax.op.permute_dims(v, [1, 0, 2]), x.shape)
+    target = _host()
+    sch = Elementwise(rows=True).apply(func, target, False)
+    script = _loops(sch)
+    assert "T.vectorized(T.int64(12))" in script or "T.vectorized(T.int64(36))" in script
+    want = x.transpose(1, 0, 2)
+    np.testing.assert_array_equal(_run(sch, target, [x], want.shape), want)

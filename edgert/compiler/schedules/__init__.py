@@ -47,4 +47,4 @@ class _Guarded:
 
 def schedule_rules() -> list[Any]:
     """edgert's rules in the order they are tried."""
-    return [_Guarded(r) for r in (Matmul(), Pool(), RowWise(), Elementwise(), Fallback())]
+    return [_Guarded(r) for r in (Matmul(), Pool(), RowWise(), Elementwise(rows=True), Fallback())]

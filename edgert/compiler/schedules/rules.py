@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from tvm import s_tir, tirx
+from tvm import s_tir, sym, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
@@ -331,7 +331,14 @@ def _exists(sch: s_tir.Schedule, block: Any) -> bool:
 
 
 class Elementwise(ScheduleRule):
-    """Injective kernels: producers inlined, loops flattened, vectorized and spread over threads."""
+    """Injective kernels: producers inlined, loops flattened, vectorized and spread over threads.
+
+    ``rows``: a kernel that reads a buffer of another shape (transpose, slice) along its last
+    axis, with rows that are no multiple of a vector, is vectorized within rows instead.
+    """
+
+    def __init__(self, rows: bool = False):
+        self.rows = rows
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         """Schedule ``func`` if every block is injective."""
@@ -352,6 +359,15 @@ class Elementwise(ScheduleRule):
                 continue
             loops = sch.get_loops(b.block_rv)
             if not loops:
+                continue
+            if self.rows and _odd_rows(sch, b.block_rv, loops, lanes):
+                # A transpose or slice with rows that are no multiple of a vector (attention's
+                # 36-wide heads): flattened, each vector straddled two rows and was gathered;
+                # vectors within a row read contiguous elements.
+                outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+                _vectorize_channels(sch, b.block_rv, lanes)
+                if _work(sch, b.block_rv) >= MIN_PARALLEL_WORK:
+                    sch.parallel(outer)
                 continue
             fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
             total = _extent(sch, fused)
@@ -444,6 +460,30 @@ def _reads_along(sch: s_tir.Schedule, block: Any, axis: int) -> bool:
 
 def _is_one(value: Any) -> bool:
     return isinstance(value, tirx.IntImm) and int(value) == 1
+
+
+def _odd_rows(sch: s_tir.Schedule, block: Any, loops: list[Any], lanes: int) -> bool:
+    """True if ``block``'s innermost loop (rows no multiple of ``lanes``) reads every buffer along
+    its last axis, and some read buffer has another shape than the one written (flattening
+    would not be contiguous)."""
+    ext = _extent(sch, loops[-1])
+    if len(loops) < 2 or ext is None or ext % lanes == 0 or ext < 4:
+        return False
+    stmt = sch.get(block)
+    if not stmt.iter_vars:
+        return False
+    var = stmt.iter_vars[-1].var
+    for region in stmt.reads:
+        if not region.region:
+            continue
+        last = region.region[-1]
+        linear = sym.detect_linear_equation(last.min, [var])
+        if not _is_one(last.extent) or len(linear) != 2 or not isinstance(linear[0], tirx.IntImm):
+            return False
+        if int(linear[0]) not in (0, 1):  # contiguous along the row, or one value broadcast
+            return False
+    written = _written_shape(sch, block)
+    return any([int(d) if isinstance(d, tirx.IntImm) else None for d in r.source.shape] != written for r in stmt.reads)
 
 
 class Fallback(ScheduleRule):
