@@ -132,7 +132,7 @@ def _direct_channels_last(
     """The conv kernel over the channels-last input ``xp``: [n, *out_sp, co].
 
     Groups 1: ``y[n, p, j] = sum_r xp[n, pos(p, r // cig), r % cig] * Wp[j // B, r, j % B]``, a GEMM
-    whose B operand is the weight packed as a dense one (`dense.pack`) and whose A operand is
+    whose B operand is the weight packed as a dense one (`packing.pack`) and whose A operand is
     the input read in place (input channels innermost in ``r``: contiguous reads along the
     reduction). Grouped: the same with input channel ``g(j) * cig + r % cig``, in column tiles
     that never straddle two groups (the group is then one per tile, a scalar read); the tile
@@ -143,7 +143,7 @@ def _direct_channels_last(
     rather than transposed by a kernel of its own). With ``pads``, ``xp`` is unpadded and read as
     zero outside.
     """
-    from edgert.compiler.schedules.dense import pack
+    from edgert.compiler.schedules.packing import pack
 
     co, *taps, cig = weight.shape
     cog = co // groups

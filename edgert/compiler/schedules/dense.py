@@ -19,6 +19,8 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.ir import GenericConst
 
+from edgert.compiler.schedules.packing import pack
+
 GROUP = 32
 
 
@@ -27,14 +29,6 @@ def block_for(target: Any) -> int:
     from edgert.compiler.schedules.rules import _lanes
 
     return 2 * _lanes(target)
-
-
-def pack(w: np.ndarray, block: int) -> np.ndarray:
-    """[K, N] -> [ceil(N/B), K, B], zero-padded columns."""
-    k, n = w.shape
-    pad = -n % block
-    w = np.pad(w, ((0, 0), (0, pad))) if pad else w
-    return np.ascontiguousarray(w.reshape(k, -1, block).transpose(1, 0, 2))
 
 
 def quantize(wp: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
