@@ -15,6 +15,10 @@ write-back as any matmul epilogue. 2-D outputs come out as [n, oh, co, ow] and a
 Transposed convolutions (groups 1) are the same kernel over the input with ``stride - 1`` zeros
 inserted between samples and the weight flipped; where few output positions make columns too
 short for vectors (silero-vad's STFT: 4 frames), im2col + the packed dense wins and is kept.
+
+That NC(H)W path is now the fallback: graphs whose convs `layout.channels_last` converted take
+the channels-last kernels below (positions as rows, output channels as vector columns), which
+need no minimum output width and no permute after the conv.
 """
 
 from __future__ import annotations
