@@ -168,9 +168,10 @@ def test_unsupported_contrib_operator_is_named(tmp_path):
         import_onnx(tmp_path / "lstm.onnx")
 
 
-@pytest.mark.parametrize("entry", ["audio_cnn", "convnet.qop"])
+@pytest.mark.parametrize("entry", ["audio_cnn", "convnet.qop", "convnet", "mobilenet", "conformer"])
 def test_zoo_models_match_onnxruntime(tmp_path, entry):
-    """Small configs of the zoo: a float conv audio front end, an int8 operator-form conv-net."""
+    """Small configs of the zoo: the float models (channels-last convs, pools, depthwise convs, a
+    conformer block) and an int8 operator-form conv-net."""
     import edgert
 
     zoo = load_tool("make_graph_zoo")

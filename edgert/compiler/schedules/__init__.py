@@ -5,19 +5,22 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from edgert.compiler.schedules.rules import Elementwise, Fallback, Matmul, RowWise
+from edgert.compiler.schedules.rules import Elementwise, Fallback, Matmul, Pool, RowWise
 
 log = logging.getLogger(__name__)
 
 
 def rewrite_graph(mod: Any, target: Any, quant: str = "f32") -> tuple[Any, float | None]:
-    """Graph-level rewrites before legalization: matmul weights packed (and quantized per ``quant``).
+    """Graph-level rewrites before legalization: convolutions channels-last, sigmoids through tanh
+    (for its fast form), matmul weights packed (and quantized per ``quant``).
 
     Returns the module and the relative RMS error the quantization put on the weights (None for f32).
     """
     from edgert.compiler.schedules.dense import pack_dense_weights
+    from edgert.compiler.schedules.fastmath import sigmoid_as_tanh
+    from edgert.compiler.schedules.layout import channels_last
 
-    return pack_dense_weights(mod, target, quant)
+    return pack_dense_weights(sigmoid_as_tanh(channels_last(mod)), target, quant)
 
 
 class _Guarded:
@@ -44,4 +47,4 @@ class _Guarded:
 
 def schedule_rules() -> list[Any]:
     """edgert's rules in the order they are tried."""
-    return [_Guarded(r) for r in (Matmul(), RowWise(), Elementwise(), Fallback())]
+    return [_Guarded(r) for r in (Matmul(), Pool(), RowWise(), Elementwise(rows=True), Fallback())]

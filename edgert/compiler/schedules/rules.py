@@ -21,9 +21,10 @@ TVM's default lowering (correct, slower), so no graph fails to build for a sched
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from tvm import s_tir, tirx
+from tvm import s_tir, sym, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import ScheduleRule
 from tvm.target import Target
@@ -102,7 +103,17 @@ class Matmul(ScheduleRule):
             return None
         mm = reductions[0]
         kinds = mm.dom_kind()
-        if len(kinds) < 2 or not kinds.endswith("SR") or "R" in kinds[:-1] or not _is_multiply_add(sch, mm.block_rv):
+        spatial = kinds.rstrip("R")
+        # Several reduction axes only for convs (taps and channels as loops of their own: no
+        # division per step to recover them from one flattened axis).
+        nred = len(kinds) - len(spatial)
+        if (
+            not spatial.endswith("S")
+            or "R" in spatial
+            or nred == 0
+            or (nred > 1 and not sch.get(mm.block_rv).name_hint.startswith("conv_cl"))
+            or not _is_multiply_add(sch, mm.block_rv)
+        ):
             return None
         pos = infos.index(mm)
         # Injective producers (transposes, reshapes, casts fused in front) are read in place.
@@ -120,19 +131,25 @@ class Matmul(ScheduleRule):
                 pass
         lanes = _lanes(target)
         loops = sch.get_loops(mm.block_rv)
-        if len(loops) == 2:  # one output row (unit loops were normalized away): a GEMV
+        if len(loops) == 1 + nred:  # one output row (unit loops were normalized away): a GEMV
             loops = [sch.add_unit_loop(mm.block_rv), *loops]
-        *batch, i, j, k = loops
+        *batch, i, j = loops[: len(loops) - nred]
+        ks = loops[len(loops) - nred :]
+        name = sch.get(mm.block_rv).name_hint
+        if len(batch) > 1 and name.startswith("conv_cl"):
+            # A channels-last 2-D conv: its output positions (oh, ow) are one row axis, so a
+            # small feature map (6x6) still fills whole row tiles.
+            i = sch.fuse(*batch[1:], i)
+            batch = batch[:1]
         n = _extent(sch, j)
-        # Two vectors of columns (the packed weight's tile; 3 was measured far slower), one if
-        # that divides and two do not.
-        cols = lanes if n is not None and n % (2 * lanes) and n % lanes == 0 else 2 * lanes
-        m = _extent(sch, i)
-        rows = ROWS if m is None or m >= ROWS else max(m, 1)
+        # A grouped conv names the tile width that keeps each tile inside one group.
+        fixed = re.fullmatch(r"conv_cl_cols(\d+)", name)
+        cols = int(fixed.group(1)) if fixed else _column_tile(n, lanes)
+        rows = _row_tile(_extent(sch, i), cols, lanes)
         io, ii = sch.split(i, factors=[None, rows])
         jo, ji = sch.split(j, factors=[None, cols])
         # Column tiles outside row tiles: one tile's weights (K x cols) stay in L1 across the rows.
-        sch.reorder(*batch, jo, io, k, ii, ji)
+        sch.reorder(*batch, jo, io, *ks, ii, ji)
         outer = sch.fuse(*batch, jo, io)
         if _work(sch, mm.block_rv) >= MIN_PARALLEL_MACS:
             sch.parallel(outer)
@@ -158,8 +175,46 @@ class Matmul(ScheduleRule):
         sch.unroll(ii)
         sch.vectorize(ji)
         _vectorize_inner(sch, acc, lanes)
-        sch.decompose_reduction(mm.block_rv, k)
+        sch.decompose_reduction(mm.block_rv, ks[0])
         return sch
+
+
+def _column_tile(n: int | None, lanes: int) -> int:
+    """Columns per register tile: two vectors (the packed weight's tile; 3 was measured far
+    slower), one if that divides ``n`` and two do not.
+
+    Otherwise (attention's 100 keys or 36 head dims) the largest divisor of ``n`` that fits one
+    vector: a split that does not divide leaves a predicate on the vector loop, which TVM emits
+    scalar, and LLVM vectors longer than a register but not a multiple of it (36, 20) were as
+    slow (4x100x100 @ 100x36, one thread: 18 GFLOP/s with tiles of 36, 73 with tiles of 12).
+    """
+    if n is None or n % (2 * lanes) == 0:
+        return 2 * lanes
+    if n % lanes == 0:
+        return lanes
+    return next((d for d in range(lanes, 1, -1) if n % d == 0 and d > 2), 2 * lanes)
+
+
+def _row_tile(m: int | None, cols: int, lanes: int) -> int:
+    """Rows per register tile: the first of a few counts that divides ``m`` (a split that does
+    not divide costs a predicate per row: 1024 rows in tiles of 5 ran at half speed), else ``ROWS``.
+
+    One vector wide, 8-10 rows keep both FMA units busy (attention's 4x100x100 @ 100x36: 73 ->
+    104 GFLOP/s). Two vectors wide with AVX-512's 32 registers, 8 rows (16 accumulators) beat
+    4 (960x288 @ 288x64, one thread, loaded: 203 -> 250 GFLOP/s); with 16 registers (AVX2) the
+    tile stays at ``ROWS``.
+    """
+    if m is None:
+        return ROWS
+    if m < ROWS:
+        return max(m, 1)
+    if cols <= lanes:
+        counts: tuple[int, ...] = (8, 10, 6, 5)
+    elif lanes >= 16:
+        counts = (8, 6, 5)
+    else:
+        counts = ()
+    return next((r for r in counts if m % r == 0), ROWS)
 
 
 def _written_shape(sch: s_tir.Schedule, block: Any) -> list[int | None]:
@@ -276,7 +331,14 @@ def _exists(sch: s_tir.Schedule, block: Any) -> bool:
 
 
 class Elementwise(ScheduleRule):
-    """Injective kernels: producers inlined, loops flattened, vectorized and spread over threads."""
+    """Injective kernels: producers inlined, loops flattened, vectorized and spread over threads.
+
+    ``rows``: a kernel that reads a buffer of another shape (transpose, slice) along its last
+    axis, with rows that are no multiple of a vector, is vectorized within rows instead.
+    """
+
+    def __init__(self, rows: bool = False):
+        self.rows = rows
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         """Schedule ``func`` if every block is injective."""
@@ -298,6 +360,15 @@ class Elementwise(ScheduleRule):
             loops = sch.get_loops(b.block_rv)
             if not loops:
                 continue
+            if self.rows and _odd_rows(sch, b.block_rv, loops, lanes):
+                # A transpose or slice with rows that are no multiple of a vector (attention's
+                # 36-wide heads): flattened, each vector straddled two rows and was gathered;
+                # vectors within a row read contiguous elements.
+                outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+                _vectorize_channels(sch, b.block_rv, lanes)
+                if _work(sch, b.block_rv) >= MIN_PARALLEL_WORK:
+                    sch.parallel(outer)
+                continue
             fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
             total = _extent(sch, fused)
             if total is not None and total % lanes == 0 and total >= 2 * lanes:
@@ -308,6 +379,111 @@ class Elementwise(ScheduleRule):
             if total is None or total >= MIN_PARALLEL_WORK:
                 sch.parallel(outer)
         return sch
+
+
+class Pool(ScheduleRule):
+    """A reduction over a window or a whole axis, not along the output's last axis (max / average
+    pooling in channels-last layout): reduction loops moved outside the last output axis, which
+    is vectorized (channels), the other output axes over threads; a map after it (an average's
+    division) runs per output position, in cache."""
+
+    def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
+        """Schedule ``func`` if it is one such reduction with injective producers (a padding) and
+        consumers (a division)."""
+        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        reductions = [b for b in infos or [] if not b.is_injective()]
+        if len(reductions) != 1:
+            return None
+        block = reductions[0]
+        pos = infos.index(block)
+        kinds = block.dom_kind()
+        spatial = len(kinds) - len(kinds.lstrip("S"))
+        if spatial < 2 or spatial == len(kinds) or kinds[spatial:] != "R" * (len(kinds) - spatial):
+            return None
+        if _is_multiply_add(sch, block.block_rv) or not _reads_along(sch, block.block_rv, spatial - 1):
+            return None
+        if any(_written_shape(sch, b.block_rv) != _written_shape(sch, block.block_rv) for b in infos[pos + 1 :]):
+            return None
+        for b in infos[:pos]:
+            sch.compute_inline(b.block_rv)
+        for b in infos[pos + 1 : -1]:
+            sch.compute_inline(b.block_rv)
+        lanes = _lanes(target)
+        loops = sch.get_loops(block.block_rv)
+        if len(loops) != len(kinds):
+            return None
+        *outer, inner = loops[:spatial]
+        sch.reorder(*outer, *loops[spatial:], inner)
+        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
+        if _work(sch, block.block_rv) >= MIN_PARALLEL_WORK:
+            sch.parallel(fused)
+        _vectorize_channels(sch, block.block_rv, lanes)
+        init = sch.decompose_reduction(block.block_rv, sch.get_loops(block.block_rv)[1])
+        _vectorize_channels(sch, init, lanes)
+        if pos + 1 < len(infos):
+            last = infos[-1].block_rv
+            sch.reverse_compute_at(last, fused, preserve_unit_loops=True)
+            _vectorize_channels(sch, last, lanes)
+        return sch
+
+
+def _vectorize_channels(sch: s_tir.Schedule, block: Any, lanes: int) -> None:
+    """Vectorize ``block``'s innermost loop in tiles that divide it (40 channels: tiles of 10)."""
+    inner = sch.get_loops(block)[-1]
+    ext = _extent(sch, inner)
+    if ext is None or ext < 2:
+        return
+    tile = _column_tile(ext, lanes)
+    if ext % tile:
+        return
+    if tile < ext:
+        inner = sch.split(inner, factors=[None, tile])[1]
+    sch.vectorize(inner)
+
+
+def _reads_along(sch: s_tir.Schedule, block: Any, axis: int) -> bool:
+    """True if every buffer ``block`` reads is indexed along its last axis by iterator ``axis`` alone
+    (so vectorizing that iterator reads contiguous elements)."""
+    stmt = sch.get(block)
+    var = stmt.iter_vars[axis].var
+    for region in stmt.reads:
+        if not region.region:
+            continue
+        last = region.region[-1]
+        if not (isinstance(last.min, tirx.Var) and last.min.same_as(var)) or not _is_one(last.extent):
+            return False
+    return True
+
+
+def _is_one(value: Any) -> bool:
+    return isinstance(value, tirx.IntImm) and int(value) == 1
+
+
+def _odd_rows(sch: s_tir.Schedule, block: Any, loops: list[Any], lanes: int) -> bool:
+    """True if ``block``'s innermost loop (rows no multiple of ``lanes``) reads every buffer along
+    its last axis, and some read buffer has another shape than the one written (flattening
+    would not be contiguous)."""
+    ext = _extent(sch, loops[-1])
+    if len(loops) < 2 or ext is None or ext % lanes == 0 or ext < 4:
+        return False
+    stmt = sch.get(block)
+    if not stmt.iter_vars:
+        return False
+    var = stmt.iter_vars[-1].var
+    for region in stmt.reads:
+        if not region.region:
+            continue
+        last = region.region[-1]
+        linear = sym.detect_linear_equation(last.min, [var])
+        if not _is_one(last.extent) or len(linear) != 2 or not isinstance(linear[0], tirx.IntImm):
+            return False
+        if int(linear[0]) not in (0, 1):  # contiguous along the row, or one value broadcast
+            return False
+    written = _written_shape(sch, block)
+    return any([int(d) if isinstance(d, tirx.IntImm) else None for d in r.source.shape] != written for r in stmt.reads)
 
 
 class Fallback(ScheduleRule):

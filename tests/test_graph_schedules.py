@@ -1,0 +1,162 @@
+"""edgert's own schedule rules and layout rewrite for plain graphs, checked kernel by kernel:
+the `Pool` rule (window and axis reductions vectorized over channels), the `Matmul` rule's tiles
+on widths that are no multiple of a vector, and the channels-last rewrite around convolutions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+
+
+def _host() -> object:
+    from edgert.compiler.target import resolve
+    from edgert.targets import load_target
+
+    return resolve(load_target("host"), threads=1)[0]
+
+
+def _kernel(build: object, *shapes: tuple[int, ...]) -> object:
+    """The one PrimFunc Relax legalizes ``build(*vars)`` to."""
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"x{i}", relax.TensorType(s, "float32")) for i, s in enumerate(shapes)]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(build(*params))
+        bb.emit_func_output(out)
+    mod = relax.transform.LegalizeOps()(bb.get())
+    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    return func.with_attr("global_symbol", "main")
+
+
+def _run(sch: object, target: object, inputs: list[np.ndarray], out_shape: tuple[int, ...]) -> np.ndarray:
+    lib = tvm.compile(sch.mod, target=target)
+    args = [tvm.runtime.tensor(a) for a in inputs] + [tvm.runtime.tensor(np.zeros(out_shape, np.float32))]
+    lib(*args)
+    return args[-1].numpy()
+
+
+def _loops(sch: object) -> str:
+    return sch.mod["main"].script()
+
+
+@pytest.mark.parametrize("kind, shape", [("max", (1, 9, 11, 32)), ("avg", (1, 8, 8, 48)), ("mean", (2, 6, 6, 40))])
+def test_pool_rule_vectorizes_channels_and_matches_numpy(kind, shape):
+    from edgert.compiler.schedules.rules import Pool
+
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    if kind == "max":
+        func = _kernel(lambda v: relax.op.nn.max_pool2d(v, (3, 3), (2, 2), (1, 1, 1, 1), layout="NHWC"), shape)
+        padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+        oh, ow = (shape[1] - 1) // 2 + 1, (shape[2] - 1) // 2 + 1
+        want = np.stack(
+            [
+                np.stack([padded[:, 2 * i : 2 * i + 3, 2 * j : 2 * j + 3].max(axis=(1, 2)) for j in range(ow)], 1)
+                for i in range(oh)
+            ],
+            1,
+        )
+    elif kind == "avg":
+        func = _kernel(lambda v: relax.op.nn.avg_pool2d(v, (2, 2), (2, 2), layout="NHWC"), shape)
+        want = x.reshape(1, 4, 2, 4, 2, 48).mean(axis=(2, 4))
+    else:
+        func = _kernel(lambda v: relax.op.sum(v, axis=[1, 2], keepdims=True), shape)
+        want = x.sum(axis=(1, 2), keepdims=True)
+    target = _host()
+    sch = Pool().apply(func, target, False)
+    if kind == "avg" and sch is None:
+        pytest.fail("the Pool rule did not take an NHWC average pool")
+    assert sch is not None
+    assert "T.vectorized(" in _loops(sch)
+    got = _run(sch, target, [x], want.shape)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pool_rule_leaves_last_axis_reductions():
+    """A reduction along the last axis (a row sum) is not a pool: vectorizing the output's last
+    axis would read across rows."""
+    from edgert.compiler.schedules.rules import Pool
+
+    func = _kernel(lambda v: relax.op.sum(v, axis=[2]), (2, 8, 64))
+    assert Pool().apply(func, _host(), False) is None
+
+
+@pytest.mark.parametrize("m, k, n", [(100, 100, 36), (100, 36, 100), (30, 20, 37), (64, 16, 48)])
+def test_matmul_rule_tiles_any_width_without_predicated_vectors(m, k, n):
+    from edgert.compiler.schedules.rules import Matmul, _lanes
+
+    rng = np.random.default_rng(m + n)
+    a = rng.standard_normal((2, m, k)).astype(np.float32)
+    b = rng.standard_normal((2, k, n)).astype(np.float32)
+    target = _host()
+    sch = Matmul().apply(_kernel(relax.op.matmul, a.shape, b.shape), target, False)
+    assert sch is not None
+    script = _loops(sch)
+    lanes = _lanes(target)
+    # Widths with a divisor of at least 3 within a vector get whole tiles: no T.where on the vector loop.
+    if any(n % d == 0 for d in range(3, lanes + 1)) or n % lanes == 0:
+        assert "T.where" not in script
+    np.testing.assert_allclose(_run(sch, target, [a, b], (2, m, n)), a @ b, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_leaves_transposes_only_at_the_edges():
+    """conv -> ReLU6 (ONNX Clip, imported as call_tir) -> depthwise conv -> max pool -> conv: one
+    transpose in, one out, and every conv channels-last."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgert.compiler.schedules.layout import channels_last
+    from edgert.frontend.onnx_graph import import_onnx
+
+    rng = np.random.default_rng(0)
+    w = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = [
+        numpy_helper.from_array(w(8, 3, 3, 3), "w0"),
+        numpy_helper.from_array(w(8, 1, 3, 3), "w1"),
+        numpy_helper.from_array(w(4, 8, 1, 1), "w2"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "lo"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "hi"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["a", "lo", "hi"], ["b"]),
+        helper.make_node("Conv", ["b", "w1"], ["c"], pads=[1, 1, 1, 1], group=8),
+        helper.make_node("MaxPool", ["c"], ["d"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["d", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx.save(model, str(Path(tmp) / "g.onnx"))
+        mod, _, _ = import_onnx(Path(tmp) / "g.onnx", {})
+    mod = relax.transform.FoldConstant()(mod)
+    text = channels_last(mod)["main"].script()
+    assert text.count("R.permute_dims(") == 2
+    assert text.count('data_layout="NHWC"') == 3 and 'data_layout="NCHW"' not in text
+
+
+def test_elementwise_rule_vectorizes_odd_rows_of_a_transpose():
+    """Attention's head split, [100, 4, 36] -> [4, 100, 36]: vectors within rows of 36 (reads
+    contiguous), not across the flattened output."""
+    from edgert.compiler.schedules.rules import Elementwise
+
+    x = np.random.default_rng(3).standard_normal((100, 4, 36)).astype(np.float32)
+    func = _kernel(lambda v: relax.op.permute_dims(v, [1, 0, 2]), x.shape)
+    target = _host()
+    sch = Elementwise(rows=True).apply(func, target, False)
+    script = _loops(sch)
+    assert "T.vectorized(T.int64(12))" in script or "T.vectorized(T.int64(36))" in script
+    want = x.transpose(1, 0, 2)
+    np.testing.assert_array_equal(_run(sch, target, [x], want.shape), want)
