@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from edgert.artifact.tensorfile import write_tensors
 from edgert.compiler.compile import (
     Build,
     BuildRequest,
@@ -22,6 +23,9 @@ from edgert.compiler.layout import apply_cpu_layout
 from edgert.compiler.passes.attention import use_fast_decode_attention
 from edgert.compiler.quantize import QUANT_MODES, choose_storage, storage_kind
 from edgert.errors import EdgertError
+from edgert.runtime.piece_bpe import compact_tables
+
+TOKENIZER_TABLES = "tokenizer.tables.safetensors"
 
 
 def build(req: BuildRequest) -> CompileResult:
@@ -106,10 +110,18 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
         with job.timed("pack"):
             order, arrays = write_weights(named_params, weights.items(), repack, stage, source)
             (stage / "tokenizer.json").write_text(tokenizer_json)
+            tables = compact_tables(tokenizer_json)  # SentencePiece-style vocabularies: mapped at load
+            if tables is not None:
+                with (stage / TOKENIZER_TABLES).open("wb") as fh:
+                    write_tensors(fh, tables)
 
         progress("writing artifact", None)
         result = job.finish(
-            {name: stage / name for name in ("model.so", "weights.safetensors", "tokenizer.json")},
+            {
+                name: stage / name
+                for name in ("model.so", "weights.safetensors", "tokenizer.json", TOKENIZER_TABLES)
+                if name != TOKENIZER_TABLES or tables is not None
+            },
             source={"file": source.name, "tensor_types": sorted(set(gguf_model.tensor_types.values()))},
             model=cfg.to_dict(),
             entry_points=entry_points(cfg),
@@ -133,7 +145,11 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
                 "order": order,
             },
             library="model.so",
-            tokenizer={"file": "tokenizer.json", **tokenizer_fields},
+            tokenizer={
+                "file": "tokenizer.json",
+                **({"tables": TOKENIZER_TABLES} if tables is not None else {}),
+                **tokenizer_fields,
+            },
             defaults=dict(req.recipe.run) if req.recipe else {},
         )
     progress("done", 1.0)
