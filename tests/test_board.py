@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import run_cli, run_tool
+from conftest import load_tool, run_cli, run_tool
 
 import edgert
 from edgert.deploy import board as board_mod
@@ -137,6 +137,30 @@ def test_smollm2_for_rpi5_on_the_board_matches_the_host_build(
         dev.deploy(smollm_rpi5_artifact)
         got = dev.run(smollm_rpi5_artifact.name, prompt=prompt, max_tokens=8, raw=True)
     assert got["stats"]["prompt_tokens"] == 2
+    assert got["tokens"] == want, got["text"]
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Gemma 3 (five sliding-window layers of window 4 and one global; Q8_0)."""
+    return load_tool("make_tiny_gguf").write_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma") / "tiny-gemma3.gguf")
+
+
+def test_tiny_gemma3_for_rpi5_on_the_board_gives_the_host_tokens(board: dict, tiny_gemma_gguf: Path) -> None:
+    # Gemma's own blocks on aarch64 (q/k norms, per-layer RoPE bases, GeGLU, the sliding-window
+    # kernels): a 5-token prompt and 8 tokens reach past the window of 4.
+    builds = {}
+    for target in ("host", "rpi5"):
+        builds[target] = tiny_gemma_gguf.with_name(f"tiny-gemma3-{target}.edgert")
+        proc = run_cli("compile", str(tiny_gemma_gguf), "--target", target, "-o", str(builds[target]))
+        assert proc.returncode == 0, proc.stderr
+    prompt = "Paris is a city of"
+    host = edgert.load(builds["host"])
+    want = [t.id for t in host.generate(prompt, max_tokens=8)]
+    assert host.stats.prompt_tokens == 5 and len(want) == 8
+    with parse_device(board["uris"]["board"]) as dev:
+        dev.deploy(builds["rpi5"])
+        got = dev.run(builds["rpi5"].name, prompt=prompt, max_tokens=8, raw=True)
     assert got["tokens"] == want, got["text"]
 
 
