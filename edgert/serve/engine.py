@@ -148,6 +148,11 @@ class LLMEngine:
         self.prefill_chunk = int(kv["prefill_chunk_size"])
         self.page_size = int(kv["page_size"])
         self.vocab_size = int(manifest["model"]["vocab_size"])
+        if manifest["kv_cache"].get("local"):
+            raise EdgertError(
+                f"{artifact.path}: this model keeps its sliding-window layers in a second KV cache, which "
+                "the server does not batch yet; use `edgert run` or `edgert chat`"
+            )
         if max_batch < 1 or max_queue < 1:
             raise EdgertError(f"--max-batch and --max-queue must be at least 1 (got {max_batch}, {max_queue})")
         self.max_batch, self.max_queue = max_batch, max_queue

@@ -124,7 +124,7 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
             },
             source={"file": source.name, "tensor_types": sorted(set(gguf_model.tensor_types.values()))},
             model=cfg.to_dict(),
-            entry_points=entry_points(cfg),
+            entry_points=net.manifest_entry_points() if hasattr(net, "manifest_entry_points") else entry_points(cfg),
             kv_cache={
                 "kind": "paged",
                 "page_size": 16,
@@ -134,6 +134,7 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
                 "num_layers": cfg.num_layers,
                 "num_kv_heads": cfg.num_kv_heads,
                 "head_dim": cfg.head_dim,
+                **(net.manifest_kv_cache() if hasattr(net, "manifest_kv_cache") else {}),
             },
             weights={
                 "file": "weights.safetensors",
