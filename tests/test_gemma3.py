@@ -130,6 +130,15 @@ def test_compact_tokenizer_tables_tokenize_like_tokenizers(
     assert ours.vocab_size == ref.get_vocab_size(with_added_tokens=True)
 
 
+def test_free_window_is_refused_without_sliding_window_layers(tiny_host_artifact: Path) -> None:
+    from edgert.errors import EdgertError
+    from edgert.runtime import open_artifact
+    from edgert.runtime.generator import Generator
+
+    with pytest.raises(EdgertError, match="no window to free"):
+        Generator(open_artifact(tiny_host_artifact), free_window=True)
+
+
 # -- agreement with llama.cpp (compiles the real model) ---------------------------------------
 
 
@@ -252,9 +261,21 @@ def test_local_layers_attend_to_their_window_only(gemma, llama_cpp, gemma_gguf: 
     ref.eval(ids)
     expected = np.argmax(np.asarray(ref.scores[: len(ids)]), axis=-1)
     gemma.reset()
-    agree = np.argmax(gemma.score(ids), axis=-1) == expected
+    scores = gemma.score(ids)
+    agree = np.argmax(scores, axis=-1) == expected
     print(f"gemma3 past the window: {int(agree[512:].sum())}/{len(agree) - 512}")
     assert agree[512:].mean() >= 0.97
+    # With free_window the local layers' cache keeps only its window (pages outside it freed):
+    # the same logits, and a local cache of at most the window's pages (of 16 positions).
+    from edgert.runtime import open_artifact
+    from edgert.runtime.generator import Generator
+
+    freed = Generator(open_artifact(gemma.artifact.path), free_window=True)
+    freed_scores = freed.score(ids)
+    np.testing.assert_allclose(freed_scores, scores, atol=2e-3, rtol=0)
+    assert (np.argmax(freed_scores, axis=-1) == np.argmax(scores, axis=-1)).all()
+    global_pages, local_pages = freed.cache.pages_in_use()
+    assert global_pages == -(-len(ids) // 16) and local_pages <= 511 // 16 + 2 < gemma.cache.pages_in_use()[1]
 
 
 @pytest.mark.slow

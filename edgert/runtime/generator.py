@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgert.artifact.reader import Artifact
-from edgert.errors import ArtifactError, ContextLengthError
+from edgert.errors import ArtifactError, ContextLengthError, EdgertError
 from edgert.runtime.sampling import Sampler, SamplingParams
 from edgert.runtime.session import PagedKVCache, Session
 from edgert.runtime.tokenizer import TextTokenizer, tokenizer_from_artifact
@@ -158,11 +158,27 @@ class Generator:
         self.context_length = context_length or limit
         self.prefill_chunk = int(kv["prefill_chunk_size"])
         self.cache = PagedKVCache(
-            self.session, self.context_length, self.prefill_chunk, int(kv["page_size"]), kv.get("local"), free_window
+            self.session, self.context_length, self.prefill_chunk, int(kv["page_size"]), kv.get("local")
         )
         self.cached_ids: list[int] = []
         self.vocab_size = int(manifest["model"]["vocab_size"])
         self.stats = GenerationStats()
+        if free_window:
+            self.use_free_window()
+
+    def use_free_window(self) -> None:
+        """Free the sliding-window layers' keys and values outside their window from now on (an
+        empty cache; see ``free_window``); refused for a model without such layers."""
+        kv = self.artifact.manifest["kv_cache"]
+        if not kv.get("local"):
+            raise EdgertError(
+                f"{self.artifact.path}: the model keeps no sliding-window layers in a cache of their own "
+                "(only Gemma 3 builds do), so there is no window to free"
+            )
+        self.cache = PagedKVCache(
+            self.session, self.context_length, self.prefill_chunk, int(kv["page_size"]), kv["local"], True
+        )
+        self.cached_ids.clear()
 
     # -- the step function -------------------------------------------------------------
     def step(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
