@@ -233,14 +233,19 @@ def write_tiny_gemma3(
         w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(std)
         writer.add_tensor(name, _store(w, qtype, rng), raw_dtype=qtype)
 
-    def norm(name: str, size: int = hidden) -> None:
-        writer.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(size)).astype(np.float32))
+    def norm(name: str, size: int = hidden, scale: float = 1.0) -> None:
+        writer.add_tensor(name, (scale * (1.0 + 0.1 * rng.standard_normal(size))).astype(np.float32))
 
+    # The embeddings enter times sqrt(hidden) (about 4 per entry here) and every block's output is
+    # normalized, so the post-norms scale the blocks up to outweigh the input: otherwise the tied
+    # head gives back the input token and greedy decoding repeats it.
     matrix("token_embd.weight", vocab, hidden, 0.5)  # logits of a standard deviation of about 4
     for i in range(n_layers):
         b = f"blk.{i}."
-        for n in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"):
-            norm(b + n + ".weight")
+        norm(b + "attn_norm.weight")
+        norm(b + "ffn_norm.weight")
+        norm(b + "post_attention_norm.weight", scale=4.0)
+        norm(b + "post_ffw_norm.weight", scale=4.0)
         norm(b + "attn_q_norm.weight", head_dim)
         norm(b + "attn_k_norm.weight", head_dim)
         matrix(b + "attn_q.weight", heads * head_dim, hidden, hidden**-0.5)
