@@ -191,9 +191,12 @@ class Generator:
                 f"{self.cache.length + len(ids)} tokens do not fit the context of {self.context_length}"
             )
         limit = self.cache.chunk_limit()
-        if limit is not None and len(ids) > limit:  # a sliding cache: what fits, then one token at a time
-            parts = [self.step(ids[:limit], all_logits)]
-            parts += [self.step([t], all_logits) for t in ids[limit:]]
+        if limit is not None and len(ids) > limit:  # a local cache's chunks (`PagedKVCache.chunk_limit`)
+            parts, rest = [], list(ids)
+            while rest:
+                n = self.cache.chunk_limit() or len(rest)
+                parts.append(self.step(rest[:n], all_logits))
+                rest = rest[n:]
             return np.concatenate(parts) if all_logits else parts[-1]
         if all_logits:
             entry = "verify"

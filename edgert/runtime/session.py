@@ -165,8 +165,9 @@ class PagedKVCache:
         self.keep = max_length
         if local is not None:
             self.freed = free_window
+            self.window = int(local["window"])
             if free_window:
-                self.keep = int(local["window"]) - 1
+                self.keep = self.window - 1
                 self.local = session.vm[local["create_freed"]](
                     shape([1]),
                     shape([min(self.keep, max_length) + prefill_chunk]),  # what it keeps, and a chunk
@@ -225,10 +226,16 @@ class PagedKVCache:
         self.length = 0
 
     def chunk_limit(self) -> int | None:
-        """The most tokens the next step may append (None: any), with a sliding local cache:
-        a chunk must end before the kept positions are full, then steps are one token."""
-        if not self.freed:
+        """The most tokens the next step may append (None: any), with a local cache.
+
+        TVM's masking kernels give a chunk's queries their window only while the chunk is shorter
+        than the window (a longer one reads past it: NaN or wrong values); a sliding cache keeps
+        window - 1 positions, and a chunk must end before they are full, then steps are one token.
+        """
+        if self.local is None:
             return None
+        if not self.freed:
+            return self.window - 1
         return max(self.keep - self.length, 1)
 
     def pages_in_use(self) -> list[int]:
