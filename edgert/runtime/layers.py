@@ -43,6 +43,11 @@ class LayerEntries:
         uses: str = "early exit and self-speculative decoding",
     ):
         manifest = session.artifact.manifest
+        if getattr(cache, "freed", False):
+            raise ArtifactError(
+                f"{session.artifact.path}: {uses} run the layers in chunks, which a sliding-window cache "
+                "that frees its window (free_window) does not take"
+            )
         if "layer_0" not in manifest["entry_points"]:
             raise ArtifactError(
                 f"{session.artifact.path}: the artifact has no {what} entry points (compiled by an older "
@@ -62,7 +67,7 @@ class LayerEntries:
     def fill(self, h: Any, layers: Iterable[int]) -> None:
         """Copy-forward: write the KV entries of ``layers`` from the exit hidden state ``h``."""
         for i in layers:
-            _, self.cache.obj = self._fills[i](h, self.cache.obj, self._params)
+            self._fills[i](h, *self.cache.objs, self._params)  # the caches come back as they went in
 
     def logits(self, h: Any, depth: int | None = None) -> np.ndarray:
         """Logits [n, vocab] of hidden states after ``depth`` layers (the full stack when None).
@@ -90,7 +95,7 @@ class LayerStack(LayerEntries):
     def run(self, h: Any, layers: Iterable[int]) -> Any:
         """Apply ``layers`` in order to ``h``, each writing its KV entries for the open forward pass."""
         for i in layers:
-            h, self.cache.obj = self._layers[i](h, self.cache.obj, self._params)
+            h = self._layers[i](h, *self.cache.objs, self._params)[0]
         return h
 
 

@@ -17,6 +17,7 @@ window are freed (see `Gemma3ForCausalLM`).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,6 +29,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 
 from edgert.compiler.compile import create_kv_cache_entry
 from edgert.errors import ModelFileError, UnsupportedModelError
+from edgert.families.llama.build import _layer_entry_points
 from edgert.families.llama.model import LlamaForCausalLM, _last_token
 from edgert.families.shared.kv_cache import paged_kv_cache
 
@@ -267,6 +269,27 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         """One new token: logits [1, 1, vocab]."""
         return self._logits(self._two_cache_stack(self._embed(input_ids), cache, local_cache)), cache, local_cache
 
+    # Layer-range entry points (early exit, self-speculative drafting), over both caches.
+    def layer(  # type: ignore[override]
+        self, layer_id: int, h: Tensor, cache: PagedKVCache, local_cache: PagedKVCache
+    ) -> tuple[Tensor, PagedKVCache, PagedKVCache]:
+        """Layer ``layer_id`` on hidden states [1, s, d], writing its KV entries in its cache."""
+        b, s, _ = h.shape
+        local, index = self._cache_of(layer_id)
+        positions = cache.get_query_positions(b * s)
+        return self.layers[layer_id](h, local_cache if local else cache, index, positions), cache, local_cache
+
+    def kv_fill(  # type: ignore[override]
+        self, layer_id: int, h: Tensor, cache: PagedKVCache, local_cache: PagedKVCache
+    ) -> tuple[Tensor, PagedKVCache, PagedKVCache]:
+        """Write layer ``layer_id``'s KV entries computed from ``h`` (CALM's copy-forward, as Llama's)."""
+        b, s, _ = h.shape
+        local, index = self._cache_of(layer_id)
+        positions = cache.get_query_positions(b * s)
+        block = self.layers[layer_id]
+        out = block.attn.attn_out(block.input_norm(h), local_cache if local else cache, index, positions)
+        return out, cache, local_cache
+
     @property
     def num_local_layers(self) -> int:
         return sum(self.cfg.is_local(i) for i in range(self.cfg.num_layers))
@@ -354,10 +377,21 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
             "support_sliding_window": int,
             "$": {"param_mode": "none", "effect_mode": "none"},
         }
+        hidden = nn.spec.Tensor([1, "seq_len", self.cfg.hidden_size], "float32")
+        for i in range(self.cfg.num_layers):  # the exporter looks entry points up as attributes
+            object.__setattr__(self, f"layer_{i}", functools.partial(self.layer, i))
+            object.__setattr__(self, f"kv_fill_{i}", functools.partial(self.kv_fill, i))
         spec = {
             "prefill": {"input_ids": ids, "cache": cache, "local_cache": cache, "$": packed},
             "verify": {"input_ids": ids, "cache": cache, "local_cache": cache, "$": packed},
             "decode": {"input_ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "local_cache": cache, "$": packed},
+            "embed": {"input_ids": ids, "$": packed},
+            "head": {"h": hidden, "$": packed},
+            **{
+                f"{kind}_{i}": {"h": hidden, "cache": cache, "local_cache": cache, "$": packed}
+                for i in range(self.cfg.num_layers)
+                for kind in ("layer", "kv_fill")
+            },
             "create_kv_cache": create,
             "create_local_kv_cache": dict(create),
             "create_local_kv_cache_freed": dict(create),
@@ -365,12 +399,18 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         return nn.spec.ModuleSpec.from_raw(spec, self)
 
     def manifest_entry_points(self) -> dict[str, Any]:
-        """The manifest's entry points (no batch_decode or per-layer pieces: they take one cache)."""
+        """The manifest's entry points (no batch_decode: a server's batch takes one cache)."""
         cache = {"name": "cache", "type": "PagedKVCache"}
         local = {"name": "local_cache", "type": "PagedKVCache"}
         ids = {"name": "input_ids", "dtype": "int32"}
         logits = {"name": "logits", "dtype": "float32"}
         vocab = self.cfg.vocab_size
+        layers = _layer_entry_points(self.cfg)
+        for i in range(self.cfg.num_layers):  # both caches in and out
+            for kind in ("layer", "kv_fill"):
+                entry = layers[f"{kind}_{i}"]
+                entry["inputs"].append(local)
+                entry["outputs"].append(local)
         return {
             "prefill": {
                 "inputs": [{**ids, "shape": [1, "seq_len"]}, cache, local],
@@ -384,6 +424,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
                 "inputs": [{**ids, "shape": [1, 1]}, cache, local],
                 "outputs": [{**logits, "shape": [1, 1, vocab]}, cache, local],
             },
+            **layers,
             "create_kv_cache": create_kv_cache_entry(cache),
             "create_local_kv_cache": create_kv_cache_entry(local),
             "create_local_kv_cache_freed": create_kv_cache_entry(local),
