@@ -226,7 +226,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
     # cache of their own (every position) and the local layers a second one, made in one of two
     # ways (the runtime picks, `edgert.runtime.session.PagedKVCache`):
     # - ``create_local_kv_cache``: ``mha_sliding`` layers, whose kernels mask each query to its
-    #   window, in chunks of any size; every position stays in the cache. (One plain layer that
+    #   window in chunks shorter than the window; every position stays in the cache. (One plain layer that
     #   no block uses is appended: TVM 0.27 allocates its query/key/value staging buffers only
     #   when a cache has one.)
     # - ``create_local_kv_cache_freed``: plain layers in a cache whose sequence slides
