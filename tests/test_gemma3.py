@@ -65,25 +65,78 @@ def test_kquant_blocks_hold_the_files_values(gemma_model) -> None:
         np.testing.assert_array_equal(q.dequantize().view(np.uint32), gemma_model.tensor(name).view(np.uint32), name)
 
 
-def test_tokenizer_matches_llama_cpp(gemma_model, gemma_gguf: Path) -> None:
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
+@pytest.fixture(scope="module")
+def tokenizer_document(gemma_model) -> str:
+    from edgert.frontend.gguf_tokenizer import build_tokenizer_json
+
+    return build_tokenizer_json(gemma_model.metadata)
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer(tokenizer_document: str):
     from tokenizers import Tokenizer
 
-    from edgert.families.gemma3.loader import tokenizer_metadata
-    from edgert.frontend.gguf_tokenizer import build_tokenizer_json, tokenizer_config
+    return Tokenizer.from_str(tokenizer_document)
 
-    tok = Tokenizer.from_str(build_tokenizer_json(gemma_model.metadata))
+
+TOKENIZER_TEXTS = (
+    "<start_of_turn>user\nWrite a haiku about the sea.<end_of_turn>\n<start_of_turn>model\n",
+    "  two  spaces\n\n\ttab émoji 🙂 数字 12345 don't—stop",
+)
+
+
+def test_tokenizer_matches_llama_cpp(gemma_model, gemma_gguf: Path, hf_tokenizer) -> None:
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a test dependency")
+    from edgert.families.gemma3.loader import tokenizer_metadata
+    from edgert.frontend.gguf_tokenizer import tokenizer_config
+
+    tok = hf_tokenizer
     ref = llama_cpp.Llama(str(gemma_gguf), vocab_only=True, verbose=False)
-    for text in (
-        "<start_of_turn>user\nWrite a haiku about the sea.<end_of_turn>\n<start_of_turn>model\n",
-        "  two  spaces\n\n\ttab émoji 🙂 数字 12345 don't—stop",
-    ):
+    for text in TOKENIZER_TEXTS:
         ids = tok.encode(text, add_special_tokens=False).ids
         assert ids == ref.tokenize(text.encode(), add_bos=False, special=True)
         assert tok.decode(ids, skip_special_tokens=False) == text
     config = tokenizer_config(tokenizer_metadata(gemma_model.metadata))  # the file has no template
     assert "<start_of_turn>" in config["chat_template"]
     assert 106 in config["stop_token_ids"]  # <end_of_turn>
+
+
+def test_compact_tokenizer_tables_tokenize_like_tokenizers(
+    tokenizer_document: str, hf_tokenizer, tmp_path: Path
+) -> None:
+    """The artifact's mapped tables (`piece_bpe`) give `tokenizers`' ids and text on the same document."""
+    import random
+
+    from edgert.artifact.tensorfile import read_tensors, write_tensors
+    from edgert.runtime.piece_bpe import compact_tables
+    from edgert.runtime.tokenizer import TextTokenizer
+
+    tables = compact_tables(tokenizer_document)
+    assert tables is not None
+    with (tmp_path / "t.safetensors").open("wb") as fh:
+        write_tensors(fh, tables)
+    ours = TextTokenizer(None, {}, tables=read_tensors(tmp_path / "t.safetensors"))
+    ref = hf_tokenizer
+    rnd = random.Random(7)
+    alphabet = [*"abcdefgh ijk\n\t<>_▁é中🤖́", "<start_of_turn>", "<bos>", "  ", "\n\n", "<unused3>"]
+    texts = [*TOKENIZER_TEXTS, *("".join(rnd.choices(alphabet, k=rnd.randint(1, 60))) for _ in range(150))]
+    for text in texts:
+        ids = ref.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text, add_bos=False) == ids, text
+        for skip in (True, False):
+            assert ours.decode(ids, skip_special=skip) == ref.decode(ids, skip_special_tokens=skip), text
+    ids = [rnd.randrange(ours.vocab_size) for _ in range(2000)]  # byte pieces, specials, unused ones
+    assert ours.decode(ids) == ref.decode(ids, skip_special_tokens=True)
+    assert ours.vocab_size == ref.get_vocab_size(with_added_tokens=True)
+
+
+def test_free_window_is_refused_without_sliding_window_layers(tiny_host_artifact: Path) -> None:
+    from edgert.errors import EdgertError
+    from edgert.runtime import open_artifact
+    from edgert.runtime.generator import Generator
+
+    with pytest.raises(EdgertError, match="no window to free"):
+        Generator(open_artifact(tiny_host_artifact), free_window=True)
 
 
 # -- agreement with llama.cpp (compiles the real model) ---------------------------------------
@@ -208,9 +261,21 @@ def test_local_layers_attend_to_their_window_only(gemma, llama_cpp, gemma_gguf: 
     ref.eval(ids)
     expected = np.argmax(np.asarray(ref.scores[: len(ids)]), axis=-1)
     gemma.reset()
-    agree = np.argmax(gemma.score(ids), axis=-1) == expected
+    scores = gemma.score(ids)
+    agree = np.argmax(scores, axis=-1) == expected
     print(f"gemma3 past the window: {int(agree[512:].sum())}/{len(agree) - 512}")
     assert agree[512:].mean() >= 0.97
+    # With free_window the local layers' cache keeps only its window (pages outside it freed):
+    # the same logits, and a local cache of at most the window's pages (of 16 positions).
+    from edgert.runtime import open_artifact
+    from edgert.runtime.generator import Generator
+
+    freed = Generator(open_artifact(gemma.artifact.path), free_window=True)
+    freed_scores = freed.score(ids)
+    np.testing.assert_allclose(freed_scores, scores, atol=2e-3, rtol=0)
+    assert (np.argmax(freed_scores, axis=-1) == np.argmax(scores, axis=-1)).all()
+    global_pages, local_pages = freed.cache.pages_in_use()
+    assert global_pages == -(-len(ids) // 16) and local_pages <= 511 // 16 + 2 < gemma.cache.pages_in_use()[1]
 
 
 @pytest.mark.slow

@@ -113,6 +113,13 @@ def test_vocabulary_and_special_tokens(tok: TextTokenizer, metadata: dict) -> No
     assert tok.encode("Hi", add_bos=True)[0] == 1 and tok.encode("Hi")[0] != 1
 
 
+def test_byte_level_vocabulary_keeps_tokenizers(metadata: dict) -> None:
+    """Compact tables are for SentencePiece-style documents only: SmolLM2's byte-level BPE keeps `tokenizers`."""
+    from edgert.runtime.piece_bpe import compact_tables
+
+    assert compact_tables(build_tokenizer_json(metadata)) is None
+
+
 @pytest.mark.slow
 @pytest.mark.reference
 @pytest.mark.parametrize("text", TEXTS)

@@ -182,6 +182,87 @@ def write_tiny_llama(
     return path
 
 
+def write_tiny_gemma3(
+    path: str | Path,
+    tensor_type: str = "Q8_0",
+    seed: int = 0,
+    n_layers: int = 6,
+    hidden: int = 64,
+    heads: int = 2,
+    head_dim: int = 32,
+    ffn: int = 128,
+    sliding_window: int = 4,
+    *,
+    tokenizer_fields: dict[str, Any] | None = None,
+) -> Path:
+    """Write a random Gemma 3 GGUF (``gemma3.*`` metadata, one KV head, q/k norms, the four
+    sandwich norms, a tied head) to ``path``; return the path.
+
+    Six layers make Gemma 3's pattern of five sliding-window layers and one global one; the small
+    ``sliding_window`` lets a short prompt reach past it. The vocabulary is SmolLM2's.
+    """
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[tensor_type.upper()]
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    fields = tokenizer_fields if tokenizer_fields is not None else read_tokenizer_fields()
+    vocab = len(fields["tokenizer.ggml.tokens"][0])
+    writer = gguf.GGUFWriter(path, "gemma3")
+    writer.add_name(f"tiny-gemma3-{tensor_type.upper()}")
+    writer.add_block_count(n_layers)
+    writer.add_context_length(CONTEXT_LENGTH)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(1)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(1e6)
+    writer.add_layer_norm_rms_eps(RMS_EPS)
+    writer.add_sliding_window(sliding_window)
+    writer.add_vocab_size(vocab)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, (value, types) in fields.items():
+        if types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, value)
+        else:
+            writer.add_key_value(key, value, types[0])
+
+    def matrix(name: str, rows: int, cols: int, std: float) -> None:
+        w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(std)
+        writer.add_tensor(name, _store(w, qtype, rng), raw_dtype=qtype)
+
+    def norm(name: str, size: int = hidden, scale: float = 1.0) -> None:
+        writer.add_tensor(name, (scale * (1.0 + 0.1 * rng.standard_normal(size))).astype(np.float32))
+
+    # The embeddings enter times sqrt(hidden) (about 4 per entry here) and every block's output is
+    # normalized, so the post-norms scale the blocks up to outweigh the input: otherwise the tied
+    # head gives back the input token and greedy decoding repeats it.
+    matrix("token_embd.weight", vocab, hidden, 0.5)  # logits of a standard deviation of about 4
+    for i in range(n_layers):
+        b = f"blk.{i}."
+        norm(b + "attn_norm.weight")
+        norm(b + "ffn_norm.weight")
+        norm(b + "post_attention_norm.weight", scale=4.0)
+        norm(b + "post_ffw_norm.weight", scale=4.0)
+        norm(b + "attn_q_norm.weight", head_dim)
+        norm(b + "attn_k_norm.weight", head_dim)
+        matrix(b + "attn_q.weight", heads * head_dim, hidden, hidden**-0.5)
+        matrix(b + "attn_k.weight", head_dim, hidden, hidden**-0.5)
+        matrix(b + "attn_v.weight", head_dim, hidden, hidden**-0.5)
+        matrix(b + "attn_output.weight", hidden, heads * head_dim, 0.5 * (heads * head_dim) ** -0.5)
+        matrix(b + "ffn_gate.weight", ffn, hidden, hidden**-0.5)
+        matrix(b + "ffn_up.weight", ffn, hidden, hidden**-0.5)
+        matrix(b + "ffn_down.weight", hidden, ffn, 0.5 * ffn**-0.5)
+    norm("output_norm.weight")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``make_tiny_gguf.py OUT.gguf --type Q4_0``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -201,6 +201,14 @@ def chat(
     seed: Annotated[int | None, typer.Option()] = None,
     threads: ThreadsOpt = None,
     context: ContextOpt = None,
+    free_window: Annotated[
+        bool,
+        typer.Option(
+            "--free-window-kv",
+            help="Gemma 3: keep only the window of the sliding-window layers' KV (less memory in long "
+            "chats; prompt tokens past the first window run one at a time).",
+        ),
+    ] = False,
     unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Talk with the model; the conversation's KV cache is kept between turns (/reset, /exit)."""
@@ -213,6 +221,10 @@ def chat(
 
         check_threads(threads)
     model = load(artifact, threads=threads, context_length=context)
+    if free_window:
+        if not hasattr(model, "use_free_window"):
+            raise typer.BadParameter("--free-window-kv is for language models", param_hint="--free-window-kv")
+        model.use_free_window()
     session = model.chat(system)
     err.print(f"[dim]{model.artifact.manifest['name']} — /reset starts over, /exit or Ctrl-D quits[/]")
     while True:

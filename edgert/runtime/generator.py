@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgert.artifact.reader import Artifact
-from edgert.errors import ArtifactError, ContextLengthError
+from edgert.errors import ArtifactError, ContextLengthError, EdgertError
 from edgert.runtime.sampling import Sampler, SamplingParams
 from edgert.runtime.session import PagedKVCache, Session
 from edgert.runtime.tokenizer import TextTokenizer, tokenizer_from_artifact
@@ -138,7 +138,16 @@ def _language_model_sections(artifact: Artifact) -> tuple[dict, int]:
 class Generator:
     """A compiled language model: `generate` yields tokens, `chat` holds a conversation."""
 
-    def __init__(self, artifact: Artifact, threads: int | None = None, context_length: int | None = None):
+    def __init__(
+        self,
+        artifact: Artifact,
+        threads: int | None = None,
+        context_length: int | None = None,
+        free_window: bool = False,
+    ):
+        """``free_window``: a model with sliding-window layers (Gemma 3) frees their keys and
+        values outside the window, so its KV memory grows only in the global layers; prompt
+        tokens past the first window then run one at a time (`PagedKVCache`)."""
         manifest = artifact.manifest
         kv, limit = _language_model_sections(artifact)
         if context_length is not None and not 0 < context_length <= limit:
@@ -148,10 +157,28 @@ class Generator:
         self.tokenizer = tokenizer_from_artifact(artifact)
         self.context_length = context_length or limit
         self.prefill_chunk = int(kv["prefill_chunk_size"])
-        self.cache = PagedKVCache(self.session, self.context_length, self.prefill_chunk, int(kv["page_size"]))
+        self.cache = PagedKVCache(
+            self.session, self.context_length, self.prefill_chunk, int(kv["page_size"]), kv.get("local")
+        )
         self.cached_ids: list[int] = []
         self.vocab_size = int(manifest["model"]["vocab_size"])
         self.stats = GenerationStats()
+        if free_window:
+            self.use_free_window()
+
+    def use_free_window(self) -> None:
+        """Free the sliding-window layers' keys and values outside their window from now on (an
+        empty cache; see ``free_window``); refused for a model without such layers."""
+        kv = self.artifact.manifest["kv_cache"]
+        if not kv.get("local"):
+            raise EdgertError(
+                f"{self.artifact.path}: the model keeps no sliding-window layers in a cache of their own "
+                "(only Gemma 3 builds do), so there is no window to free"
+            )
+        self.cache = PagedKVCache(
+            self.session, self.context_length, self.prefill_chunk, int(kv["page_size"]), kv["local"], True
+        )
+        self.cached_ids.clear()
 
     # -- the step function -------------------------------------------------------------
     def step(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
@@ -163,14 +190,24 @@ class Generator:
             raise ContextLengthError(
                 f"{self.cache.length + len(ids)} tokens do not fit the context of {self.context_length}"
             )
+        limit = self.cache.chunk_limit()
+        if limit is not None and len(ids) > limit:  # a local cache's chunks (`PagedKVCache.chunk_limit`)
+            parts, rest = [], list(ids)
+            while rest:
+                n = self.cache.chunk_limit() or len(rest)
+                parts.append(self.step(rest[:n], all_logits))
+                rest = rest[n:]
+            return np.concatenate(parts) if all_logits else parts[-1]
         if all_logits:
             entry = "verify"
         else:
             entry = "decode" if len(ids) == 1 else "prefill"
         self.cache.begin(len(ids))
-        logits, self.cache.obj = self.session(
-            entry, self.session.tensor(np.asarray([ids], dtype=np.int32)), self.cache.obj
-        )
+        tokens = self.session.tensor(np.asarray([ids], dtype=np.int32))
+        if self.cache.local is None:
+            logits, self.cache.obj = self.session(entry, tokens, self.cache.obj)
+        else:  # a second cache for the sliding-window layers
+            logits = self.session(entry, tokens, *self.cache.objs)[0]
         self.cache.end(len(ids))
         self.cached_ids.extend(ids)
         out = to_numpy(logits)[0]
@@ -185,7 +222,8 @@ class Generator:
             common += 1
         if common == len(ids):  # everything cached: recompute the last token for its logits
             common -= 1
-        self.cache.rollback(len(self.cached_ids) - common)
+        if not self.cache.rollback(len(self.cached_ids) - common):
+            common = 0  # the sliding cache could not go back that far: it was emptied
         del self.cached_ids[common:]
         logits = None
         for start in range(common, len(ids), self.prefill_chunk):
@@ -197,8 +235,13 @@ class Generator:
     def rollback(self, num_tokens: int) -> None:
         """Forget the last ``num_tokens`` tokens of the cache (a verifier's rejected drafts)."""
         if num_tokens > 0:
-            self.cache.rollback(num_tokens)
-            del self.cached_ids[-num_tokens:]
+            keep = self.cached_ids[:-num_tokens]
+            if self.cache.rollback(num_tokens):
+                del self.cached_ids[-num_tokens:]
+            else:  # emptied (a sliding cache cannot go back that far): compute the rest again
+                self.cached_ids.clear()
+                if keep:
+                    self.prefill(keep)
 
     def reset(self) -> None:
         """Empty the KV cache."""

@@ -44,6 +44,11 @@ class LayerEntries:
         uses: str = "early exit and self-speculative decoding",
     ):
         manifest = session.artifact.manifest
+        if getattr(cache, "freed", False):
+            raise ArtifactError(
+                f"{session.artifact.path}: {uses} run the layers in chunks, which a sliding-window cache "
+                "that frees its window (free_window) does not take"
+            )
         if "layer_0" not in manifest["entry_points"]:
             raise ArtifactError(
                 f"{session.artifact.path}: the artifact has no {what} entry points (compiled by an older "
@@ -63,7 +68,7 @@ class LayerEntries:
     def fill(self, h: Any, layers: Iterable[int]) -> None:
         """Copy-forward: write the KV entries of ``layers`` from the exit hidden state ``h``."""
         for i in layers:
-            _, self.cache.obj = self._fills[i](h, self.cache.obj, self._params)
+            self._fills[i](h, *self.cache.objs, self._params)  # the caches come back as they went in
 
     def logits(self, h: Any, depth: int | None = None) -> np.ndarray:
         """Logits [n, vocab] of hidden states after ``depth`` layers (the full stack when None).
@@ -105,7 +110,7 @@ class LayerStack(LayerEntries):
         order, i = list(layers), 0
         while i < len(order):
             fn, width = _widest(self._fill_spans, order, i, self._fills)
-            _, self.cache.obj = fn(h, self.cache.obj, self._params)
+            fn(h, *self.cache.objs, self._params)
             i += width
 
     def embed(self, ids: Sequence[int]) -> Any:
@@ -117,7 +122,7 @@ class LayerStack(LayerEntries):
         order, i = list(layers), 0
         while i < len(order):
             fn, width = _widest(self._layer_spans, order, i, self._layers)
-            h, self.cache.obj = fn(h, self.cache.obj, self._params)
+            h = fn(h, *self.cache.objs, self._params)[0]  # the caches come back as they went in
             i += width
         return h
 

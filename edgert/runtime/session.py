@@ -124,11 +124,26 @@ class Session:
 
 
 class PagedKVCache:
-    """One sequence's paged KV cache (TVM's `PagedAttentionKVCache` object) and its bookkeeping."""
+    """One sequence's paged KV cache (TVM's `PagedAttentionKVCache` object) and its bookkeeping.
+
+    A manifest's ``local`` section (Gemma 3) adds a second cache for the sliding-window layers
+    (entry points then take both, `objs`). Its kernels mask each query to its window and it
+    keeps every position; with ``free_window`` its sequence slides instead: it keeps the last
+    window - 1 positions and frees the pages that slide out, and a step that goes past them must
+    be one token (`chunk_limit`).
+    """
 
     _SEQ = 0
 
-    def __init__(self, session: Session, max_length: int, prefill_chunk: int, page_size: int = 16):
+    def __init__(
+        self,
+        session: Session,
+        max_length: int,
+        prefill_chunk: int,
+        page_size: int = 16,
+        local: dict[str, Any] | None = None,
+        free_window: bool = False,
+    ):
         self._shape = shape = tvm_runtime.shape
         get = tvm_runtime.global_func
         self._begin = get("vm.builtin.kv_state_begin_forward")
@@ -136,6 +151,7 @@ class PagedKVCache:
         self._popn = get("vm.builtin.kv_state_popn")
         self._clear = get("vm.builtin.kv_state_clear")
         self._add = get("vm.builtin.kv_state_add_sequence")
+        self._available = get("vm.builtin.attention_kv_cache_get_num_available_pages")
         self.max_length = max_length
         self.obj = session.vm["create_kv_cache"](
             shape([1]),
@@ -144,26 +160,84 @@ class PagedKVCache:
             shape([page_size]),
             shape([0]),
         )
-        self._add(self.obj, self._SEQ)
+        self.local: Any = None
+        self.freed = False
+        self.keep = max_length
+        if local is not None:
+            self.freed = free_window
+            self.window = int(local["window"])
+            if free_window:
+                self.keep = self.window - 1
+                self.local = session.vm[local["create_freed"]](
+                    shape([1]),
+                    shape([min(self.keep, max_length) + prefill_chunk]),  # what it keeps, and a chunk
+                    shape([prefill_chunk]),
+                    shape([page_size]),
+                    shape([1]),  # its sequence slides
+                )
+                self._slide = get("vm.builtin.attention_kv_cache_enable_sliding_window_for_seq")
+            else:
+                self.local = session.vm[local["create"]](
+                    shape([1]), shape([max_length]), shape([prefill_chunk]), shape([page_size]), shape([0])
+                )
+        self.objs: tuple[Any, ...] = (self.obj,) if self.local is None else (self.obj, self.local)
+        self._free_pages = [int(self._available(o)) for o in self.objs]
+        self._add_sequence()
         self.length = 0
+
+    def _add_sequence(self) -> None:
+        for obj in self.objs:
+            self._add(obj, self._SEQ)
+        if self.freed:
+            self._slide(self.local, self._SEQ, self.keep, 0)  # no attention sink
 
     def begin(self, num_tokens: int) -> None:
         """Announce that the next forward pass appends ``num_tokens`` tokens."""
-        self._begin(self.obj, self._shape([self._SEQ]), self._shape([num_tokens]))
+        for obj in self.objs:
+            self._begin(obj, self._shape([self._SEQ]), self._shape([num_tokens]))
 
     def end(self, num_tokens: int) -> None:
         """Close the forward pass started by `begin`."""
-        self._end(self.obj)
+        for obj in self.objs:
+            self._end(obj)
         self.length += num_tokens
 
-    def rollback(self, num_tokens: int) -> None:
-        """Forget the last ``num_tokens`` tokens (speculative decoding, chat edits)."""
-        if num_tokens > 0:
-            self._popn(self.obj, self._SEQ, num_tokens)
-            self.length -= num_tokens
+    def rollback(self, num_tokens: int) -> bool:
+        """Forget the last ``num_tokens`` tokens (speculative decoding, chat edits).
+
+        False once a sliding local cache has freed positions that the remaining tokens attend
+        to: the cache is then empty (`reset`) and the caller prefills again.
+        """
+        if num_tokens <= 0:
+            return True
+        if self.freed and self.length > self.keep:
+            self.reset()
+            return False
+        for obj in self.objs:
+            self._popn(obj, self._SEQ, num_tokens)
+        self.length -= num_tokens
+        return True
 
     def reset(self) -> None:
         """Empty the cache."""
-        self._clear(self.obj)
-        self._add(self.obj, self._SEQ)
+        for obj in self.objs:
+            self._clear(obj)
+        self._add_sequence()
         self.length = 0
+
+    def chunk_limit(self) -> int | None:
+        """The most tokens the next step may append (None: any), with a local cache.
+
+        TVM's masking kernels give a chunk's queries their window only while the chunk is shorter
+        than the window (a longer one reads past it: NaN or wrong values); a sliding cache keeps
+        window - 1 positions, and a chunk must end before they are full, then steps are one token.
+        """
+        if self.local is None:
+            return None
+        if not self.freed:
+            return self.window - 1
+        return max(self.keep - self.length, 1)
+
+    def pages_in_use(self) -> list[int]:
+        """Pages holding keys and values now, per cache (the global one, then a local one)."""
+        return [free - int(self._available(o)) for free, o in zip(self._free_pages, self.objs, strict=True)]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from edgert.errors import ArtifactError, EdgertError
 
@@ -26,18 +29,34 @@ def _give_back_free_heap() -> None:
 class TextTokenizer:
     """Encodes prompts, renders chat conversations and decodes token ids."""
 
-    def __init__(self, tokenizer_json: str, config: dict[str, Any], where: str = "tokenizer.json"):
-        from tokenizers import Tokenizer
-
+    def __init__(
+        self,
+        tokenizer_json: str | None,
+        config: dict[str, Any],
+        where: str = "tokenizer.json",
+        tables: Mapping[str, np.ndarray] | None = None,
+    ):
+        """From a `tokenizers` document, or from `piece_bpe` ``tables`` (then the document is not read)."""
         if not isinstance(config, dict):
             raise ArtifactError(f"{where}: the tokenizer settings are a {type(config).__name__}, not an object")
-        try:
-            self._tok = Tokenizer.from_str(tokenizer_json)
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # a bare Exception, or a Rust panic (a BaseException)
-            raise ArtifactError(f"{where}: not a readable tokenizer document ({_first_line(exc)})") from None
-        _give_back_free_heap()
+        self._tok: Any
+        if tables is not None:
+            from edgert.runtime.piece_bpe import PieceBPE
+
+            self._tok = PieceBPE(tables, where)
+            self._encode_ids = self._tok.encode_ids
+        else:
+            from tokenizers import Tokenizer
+
+            try:
+                self._tok = Tokenizer.from_str(tokenizer_json)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # a bare Exception, or a Rust panic (a BaseException)
+                raise ArtifactError(f"{where}: not a readable tokenizer document ({_first_line(exc)})") from None
+            _give_back_free_heap()
+            hf = self._tok
+            self._encode_ids = lambda text: hf.encode(text, add_special_tokens=False).ids
         self.config = config
         self.where = where
         stops = config.get("stop_token_ids") or []
@@ -63,7 +82,7 @@ class TextTokenizer:
         Bytes are decoded as UTF-8; invalid UTF-8 is refused, not guessed at.
         """
         text = prompt_text(text)
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        ids = self._encode_ids(text)
         if add_bos is None:
             add_bos = bool(self.config.get("add_bos_token"))
         if add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
@@ -131,6 +150,11 @@ def tokenizer_from_artifact(artifact: Any) -> TextTokenizer:
     if not isinstance(section, dict) or not isinstance(section.get("file"), str):
         raise ArtifactError(f"{artifact.path}: the manifest's 'tokenizer' section lacks its 'file'")
     where = f"{artifact.path}: {section['file']}"
+    tables = section.get("tables")
+    if tables is not None:  # compact tables beside the document (`piece_bpe`): mapped, not parsed
+        if not isinstance(tables, str):
+            raise ArtifactError(f"{artifact.path}: the manifest's tokenizer 'tables' is not a member name")
+        return TextTokenizer(None, section, f"{artifact.path}: {tables}", tables=artifact.tensors(tables))
     try:
         text = artifact.read_text(section["file"])
     except UnicodeDecodeError:

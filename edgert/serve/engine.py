@@ -27,7 +27,7 @@ from edgert.errors import ContextLengthError, EdgertError
 from edgert.runtime.generator import GenerationStats, TokenEmitter
 from edgert.runtime.sampling import Sampler, SamplingParams
 from edgert.runtime.session import Session
-from edgert.runtime.tokenizer import TextTokenizer
+from edgert.runtime.tokenizer import tokenizer_from_artifact
 from edgert.runtime.tvm_runtime import global_func, shape, to_numpy
 from edgert.serve.prefix_cache import PrefixCache
 
@@ -148,6 +148,11 @@ class LLMEngine:
         self.prefill_chunk = int(kv["prefill_chunk_size"])
         self.page_size = int(kv["page_size"])
         self.vocab_size = int(manifest["model"]["vocab_size"])
+        if manifest["kv_cache"].get("local"):
+            raise EdgertError(
+                f"{artifact.path}: this model keeps its sliding-window layers in a second KV cache, which "
+                "the server does not batch yet; use `edgert run` or `edgert chat`"
+            )
         if max_batch < 1 or max_queue < 1:
             raise EdgertError(f"--max-batch and --max-queue must be at least 1 (got {max_batch}, {max_queue})")
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -156,7 +161,7 @@ class LLMEngine:
             raise EdgertError(f"--kv-tokens {self.kv_tokens} is less than one context ({self.context_length} tokens)")
         cache_tokens = self.context_length if prefix_cache_tokens is None else prefix_cache_tokens
         self.prefix_cache = PrefixCache(self.page_size, max(cache_tokens, 0))
-        self.tokenizer = TextTokenizer(artifact.read_text(manifest["tokenizer"]["file"]), manifest["tokenizer"])
+        self.tokenizer = tokenizer_from_artifact(artifact)
         self.batched = "batch_decode" in manifest["entry_points"]  # artifacts built before it decode row by row
         self.counters = Counters()
         self._rate: deque[tuple[float, int]] = deque()  # (time, tokens) of recent decode steps

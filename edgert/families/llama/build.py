@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from edgert.artifact.tensorfile import write_tensors
 from edgert.compiler.compile import (
     Build,
     BuildRequest,
@@ -23,6 +24,9 @@ from edgert.compiler.passes.attention import use_fast_decode_attention
 from edgert.compiler.quantize import QUANT_MODES, choose_storage, storage_kind
 from edgert.errors import EdgertError
 from edgert.runtime.exits import range_spans
+from edgert.runtime.piece_bpe import compact_tables
+
+TOKENIZER_TABLES = "tokenizer.tables.safetensors"
 
 
 def build(req: BuildRequest) -> CompileResult:
@@ -107,13 +111,21 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
         with job.timed("pack"):
             order, arrays = write_weights(named_params, weights.items(), repack, stage, source)
             (stage / "tokenizer.json").write_text(tokenizer_json)
+            tables = compact_tables(tokenizer_json)  # SentencePiece-style vocabularies: mapped at load
+            if tables is not None:
+                with (stage / TOKENIZER_TABLES).open("wb") as fh:
+                    write_tensors(fh, tables)
 
         progress("writing artifact", None)
         result = job.finish(
-            {name: stage / name for name in ("model.so", "weights.safetensors", "tokenizer.json")},
+            {
+                name: stage / name
+                for name in ("model.so", "weights.safetensors", "tokenizer.json", TOKENIZER_TABLES)
+                if name != TOKENIZER_TABLES or tables is not None
+            },
             source={"file": source.name, "tensor_types": sorted(set(gguf_model.tensor_types.values()))},
             model=cfg.to_dict(),
-            entry_points=entry_points(cfg),
+            entry_points=net.manifest_entry_points() if hasattr(net, "manifest_entry_points") else entry_points(cfg),
             kv_cache={
                 "kind": "paged",
                 "page_size": 16,
@@ -123,6 +135,7 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
                 "num_layers": cfg.num_layers,
                 "num_kv_heads": cfg.num_kv_heads,
                 "head_dim": cfg.head_dim,
+                **(net.manifest_kv_cache() if hasattr(net, "manifest_kv_cache") else {}),
             },
             weights={
                 "file": "weights.safetensors",
@@ -134,7 +147,11 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
                 "order": order,
             },
             library="model.so",
-            tokenizer={"file": "tokenizer.json", **tokenizer_fields},
+            tokenizer={
+                "file": "tokenizer.json",
+                **({"tables": TOKENIZER_TABLES} if tables is not None else {}),
+                **tokenizer_fields,
+            },
             defaults=dict(req.recipe.run) if req.recipe else {},
         )
     progress("done", 1.0)

@@ -3,6 +3,10 @@ encoder-decoder families (its TIR kernels are picked for the current target)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 from tvm import relax, tirx
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode, TIRPagedKVCache
 from tvm.target import Target
@@ -23,15 +27,78 @@ def paged_kv_cache(
     rope_theta: float = 10000.0,
     attn_kind: str | list[str] = "mha",
     sliding_window: int = 1024,
+    symbol_suffix: str = "",
 ) -> PagedKVCache:
     """TVM's paged KV cache with the TIR kernels of the current target (export inside ``with target:``).
 
     ``attn_kind`` may name each layer's kind: ``mha_sliding`` layers attend to the last
-    ``sliding_window`` positions only (TVM's per-layer sliding-window kernels).
+    ``sliding_window`` positions only (TVM's per-layer sliding-window kernels); it is also the
+    window that TVM's prefill kernels mask each query to in a cache whose sequence slides. A
+    Further caches of the same module (another layer count, another kind of attention) need a
+    ``symbol_suffix`` for their kernels' names.
     """
     target = Target.current()
     if target is None:
         raise RuntimeError("export the model inside `with target:` so the KV cache picks its kernels")
+    with _kernel_symbols(symbol_suffix) if symbol_suffix else contextlib.nullcontext():
+        return _tir_paged_kv_cache(
+            target,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            max_batch_size=max_batch_size,
+            max_total_seq_len=max_total_seq_len,
+            prefill_chunk_size=prefill_chunk_size,
+            page_size=page_size,
+            support_sliding_window=support_sliding_window,
+            rope_mode=rope_mode,
+            rope_theta=rope_theta,
+            attn_kind=attn_kind,
+            sliding_window=sliding_window,
+        )
+
+
+@contextlib.contextmanager
+def _kernel_symbols(suffix: str) -> Iterator[None]:
+    """The kernels TIRPagedKVCache adds to the module, under global symbols of their own.
+
+    It names its kernels with fixed global symbols, and another cache's kernels (another layer
+    count, another kind of attention) are not all merged with the first one's, so the module
+    would hold a symbol twice; the builder's ``add_func`` adds ``suffix`` during the call.
+    """
+    bb = relax.BlockBuilder.current()
+    add_func = bb.add_func
+
+    def add_renamed(func: Any, name: str) -> Any:
+        if isinstance(func, tirx.PrimFunc) and func.attrs is not None and "global_symbol" in func.attrs:
+            func = func.with_attr("global_symbol", f"{func.attrs['global_symbol']}{suffix}")
+        return add_func(func, f"{name}{suffix}")
+
+    bb.add_func = add_renamed  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del bb.add_func
+
+
+def _tir_paged_kv_cache(
+    target: Target,
+    *,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    max_batch_size: tirx.Var,
+    max_total_seq_len: tirx.Var,
+    prefill_chunk_size: tirx.Var,
+    page_size: tirx.Var,
+    support_sliding_window: tirx.Var,
+    rope_mode: RopeMode,
+    rope_theta: float,
+    attn_kind: str | list[str],
+    sliding_window: int,
+) -> PagedKVCache:
     return TIRPagedKVCache(
         attn_kind=attn_kind,  # type: ignore[arg-type]
         max_batch_size=max_batch_size,
