@@ -86,7 +86,13 @@ def tova_keep(queries: np.ndarray, keys: np.ndarray, keep: int, per_head: bool =
 
 
 class SequenceKV:
-    """Read and rewrite one sequence of a paged KV cache (its checkpoint builtins)."""
+    """Read and rewrite one sequence of a paged KV cache (its checkpoint builtins).
+
+    TVM's checkpoints export and import sequence id 0 only: a sequence passes through id 0 by
+    forking (pages shared, nothing copied), so id 0 must stay free for this (`SCRATCH`).
+    """
+
+    SCRATCH = 0
 
     def __init__(self) -> None:
         self._meta = global_func("vm.builtin.attention_kv_cache_get_checkpoint_metadata")
@@ -95,20 +101,28 @@ class SequenceKV:
         self._import = global_func("vm.builtin.attention_kv_cache_import_page_group")
         self._finish = global_func("vm.builtin.attention_kv_cache_finish_import")
         self._remove = global_func("vm.builtin.kv_state_remove_sequence")
+        self._fork = global_func("vm.builtin.kv_state_fork_sequence")
 
     def read(self, cache: Any, seq_id: int) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
         """The sequence's metadata and its keys and values [layers, T, kv_heads, dim]."""
-        meta = json.loads(self._meta(cache, seq_id))
-        length = int(meta["seq_length"])
-        ks, vs = [], []
-        for group in meta["groups"]:
-            buf = tensor(np.zeros(group["shape"], dtype=group["dtype"]))
-            self._export(cache, seq_id, group["group_index"], buf)
-            g = to_numpy(buf)  # [layers, pages, 2, kv_heads, page, dim]
-            for layer in g:
-                kv = layer.transpose(1, 2, 0, 3, 4).reshape(2, layer.shape[2], -1, layer.shape[-1])[:, :, :length]
-                ks.append(kv[0].transpose(1, 0, 2))
-                vs.append(kv[1].transpose(1, 0, 2))
+        scratch = self.SCRATCH
+        if seq_id != scratch:
+            self._fork(cache, seq_id, scratch, -1)
+        try:
+            meta = json.loads(self._meta(cache, scratch))
+            length = int(meta["seq_length"])
+            ks, vs = [], []
+            for group in meta["groups"]:
+                buf = tensor(np.zeros(group["shape"], dtype=group["dtype"]))
+                self._export(cache, scratch, group["group_index"], buf)
+                g = to_numpy(buf)  # [layers, pages, 2, kv_heads, page, dim]
+                for layer in g:
+                    kv = layer.transpose(1, 2, 0, 3, 4).reshape(2, layer.shape[2], -1, layer.shape[-1])[:, :, :length]
+                    ks.append(kv[0].transpose(1, 0, 2))
+                    vs.append(kv[1].transpose(1, 0, 2))
+        finally:
+            if seq_id != scratch:
+                self._remove(cache, scratch)
         return meta, np.stack(ks), np.stack(vs)
 
     def write(self, cache: Any, seq_id: int, meta: dict[str, Any], keys: np.ndarray, values: np.ndarray) -> None:
@@ -134,11 +148,16 @@ class SequenceKV:
             groups.append({**group, "num_logical_pages": pages, "shape": list(arr.shape), "nbytes": arr.nbytes})
             data.append(arr)
         new["groups"] = groups
+        scratch = self.SCRATCH
+        new["seq_id"] = scratch
         self._remove(cache, seq_id)
-        self._prepare(cache, seq_id, json.dumps(new))
+        self._prepare(cache, scratch, json.dumps(new))
         for group, arr in zip(groups, data, strict=True):
-            self._import(cache, seq_id, group["group_index"], tensor(arr))
-        self._finish(cache, seq_id)
+            self._import(cache, scratch, group["group_index"], tensor(arr))
+        self._finish(cache, scratch)
+        if seq_id != scratch:
+            self._fork(cache, scratch, seq_id, -1)
+            self._remove(cache, scratch)
 
     def evict(self, cache: Any, seq_id: int, queries: np.ndarray, budget: KVBudget) -> int:
         """Keep the ``budget.keep`` entries ``queries`` [layers, heads, dim] attend to most; entries dropped."""

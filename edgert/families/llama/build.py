@@ -170,7 +170,11 @@ def entry_points(cfg: Any, evictable: bool = False) -> dict[str, Any]:
     queries = {"name": "queries", "dtype": "float32"}
     budget = {
         "prefill_at": {
-            "inputs": [{**ids, "shape": [1, "seq_len"]}, {"name": "positions", "dtype": "int32", "shape": ["seq_len"]}, cache],
+            "inputs": [
+                {**ids, "shape": [1, "seq_len"]},
+                {"name": "positions", "dtype": "int32", "shape": ["seq_len"]},
+                cache,
+            ],
             "outputs": [
                 {**logits, "shape": [1, 1, cfg.vocab_size]},
                 {**queries, "shape": [cfg.num_layers, 1, cfg.num_heads, cfg.head_dim]},
