@@ -57,8 +57,7 @@ def check_evictable(manifest: dict[str, Any]) -> None:
     missing = [e for e in ("prefill_at", "batch_decode_at") if e not in manifest.get("entry_points", {})]
     if not kv.get("evictable") or missing:
         raise EdgertError(
-            "--kv-budget needs an artifact compiled with --evictable-kv (RoPE before the KV cache); "
-            "this one was not"
+            "--kv-budget needs an artifact compiled with --evictable-kv (RoPE before the KV cache); this one was not"
         )
 
 
