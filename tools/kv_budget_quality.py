@@ -11,6 +11,8 @@ KV entries per layer and KV head, as ``edgert serve --kv-budget`` does, and the 
   free    its own greedy tokens equal to the reference, position by position;
   prefix  how many of its first greedy tokens equal the reference before the first difference.
 
+``--window`` adds the plain baseline that keeps the most recent entries (same budget, same steps).
+
 ``--engine`` also runs each budget through `edgert.serve.engine.LLMEngine` and checks that the
 server's greedy tokens are the ones this tool's loop produced.
 
@@ -57,11 +59,11 @@ def build_chat(tokenizer: TextTokenizer, target: int) -> list[int]:
     """Chat-template token ids of turns taken from the project's text, about ``target`` tokens long."""
     messages: list[dict[str, str]] = [{"role": "system", "content": "You are a helpful assistant for edgert users."}]
     question = {"role": "user", "content": "In one paragraph, what did we say about running models on small boards?"}
-    for i, para in enumerate(project_paragraphs()):
-        turn = {"role": "user" if i % 2 == 0 else "assistant", "content": para}
+    for para in project_paragraphs():
+        turn = {"role": "user" if len(messages) % 2 == 1 else "assistant", "content": para}
         trial = tokenizer.encode(tokenizer.apply_chat_template([*messages, turn, question]))
         if len(trial) > target:
-            break
+            continue  # a shorter paragraph further on may still fit
         messages.append(turn)
     if messages[-1]["role"] == "user":
         messages.pop()
@@ -71,7 +73,7 @@ def build_chat(tokenizer: TextTokenizer, target: int) -> list[int]:
 class Runner:
     """One sequence of the artifact's paged KV cache fed as the server feeds it (under a budget or not)."""
 
-    def __init__(self, session: Session, manifest: dict[str, Any], budget: KVBudget | None):
+    def __init__(self, session: Session, manifest: dict[str, Any], budget: KVBudget | None, window: bool = False):
         from edgert.serve.engine import BatchKVCache
 
         kv = manifest["kv_cache"]
@@ -82,6 +84,7 @@ class Runner:
         self.kv = SequenceKV()
         self.position = self.held = self.evictions = 0
         self.queries: np.ndarray | None = None
+        self.window = window
 
     def _run(self, entry: str, ids: list[int]) -> np.ndarray:
         positions = np.arange(self.position, self.position + len(ids), dtype=np.int32)
@@ -101,7 +104,13 @@ class Runner:
     def _room(self, adding: int) -> None:
         if self.budget is not None and self.held + adding > self.budget.tokens:
             assert self.queries is not None
-            self.held -= self.kv.evict(self.cache.obj, 1, self.queries, self.budget)
+            if self.window:  # the baseline: keep the most recent entries
+                meta, k, v = self.kv.read(self.cache.obj, 1)
+                keep = self.budget.keep
+                self.kv.write(self.cache.obj, 1, meta, k[:, -keep:], v[:, -keep:])
+                self.held = keep
+            else:
+                self.held -= self.kv.evict(self.cache.obj, 1, self.queries, self.budget)
             self.evictions += 1
 
     def prefill(self, prompt: list[int]) -> np.ndarray:
@@ -126,12 +135,18 @@ class Runner:
 
 
 def run_budget(
-    session: Session, manifest: dict[str, Any], prompt: list[int], n: int, budget: KVBudget | None, forced: list[int]
+    session: Session,
+    manifest: dict[str, Any],
+    prompt: list[int],
+    n: int,
+    budget: KVBudget | None,
+    forced: list[int],
+    window: bool = False,
 ) -> dict[str, Any]:
     """Greedy tokens (free) and top-1 agreement with ``forced`` fed back (forced; empty: skip)."""
     out: dict[str, Any] = {}
     for mode in ("free", "forced") if forced else ("free",):
-        r = Runner(session, manifest, budget)
+        r = Runner(session, manifest, budget, window)
         t0 = time.perf_counter()
         logits = r.prefill(prompt)
         tokens: list[int] = []
@@ -171,6 +186,7 @@ def main() -> None:
     parser.add_argument("--next", type=int, default=64, help="tokens compared after the chat")
     parser.add_argument("--per-layer", action="store_true", help="also TOVA's one choice per layer (heads averaged)")
     parser.add_argument("--engine", action="store_true", help="also check the server engine's greedy tokens")
+    parser.add_argument("--window", action="store_true", help="also the baseline keeping the most recent entries")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -186,15 +202,17 @@ def main() -> None:
     full = run_budget(session, art.manifest, prompt, args.next, None, [])
     reference = full["free"]
     rows = [{"budget": "full", "tokens": len(prompt), "forced": 1.0, "free": 1.0, "prefix": args.next}]
-    variants = [True, False] if args.per_layer else [True]
+    variants = [("", True, False)]
+    variants += [(" per layer", False, False)] if args.per_layer else []
+    variants += [(" window", True, True)] if args.window else []
     for f in (int(x) for x in args.fractions.split(",")):
-        for per_head in variants:
+        for label, per_head, window in variants:
             budget = KVBudget(len(prompt) // f, per_head=per_head)
-            got = run_budget(session, art.manifest, prompt, args.next, budget, reference)
+            got = run_budget(session, art.manifest, prompt, args.next, budget, reference, window)
             free = got["free"]
             prefix = next((i for i, (a, b) in enumerate(zip(free, reference, strict=True)) if a != b), args.next)
             row = {
-                "budget": f"1/{f}" + ("" if per_head else " per layer"),
+                "budget": f"1/{f}{label}",
                 "tokens": budget.tokens,
                 "forced": round(float(np.mean(np.asarray(got["forced"]) == np.asarray(reference))), 3),
                 "free": round(float(np.mean(np.asarray(free) == np.asarray(reference))), 3),
@@ -202,7 +220,7 @@ def main() -> None:
                 "evictions": got["evictions"],
                 "seconds": got["free_seconds"],
             }
-            if args.engine and per_head:
+            if args.engine and not label:
                 served = engine_tokens(args.artifact, prompt, args.next, budget.tokens, args.threads)
                 row["engine_same"] = served == free[: len(served)] and len(served) > 0
             rows.append(row)

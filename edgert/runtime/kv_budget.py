@@ -150,13 +150,19 @@ class SequenceKV:
         scratch = self.SCRATCH
         new["seq_id"] = scratch
         self._remove(cache, seq_id)
-        self._prepare(cache, scratch, json.dumps(new))
-        for group, arr in zip(groups, data, strict=True):
-            self._import(cache, scratch, group["group_index"], tensor(arr))
-        self._finish(cache, scratch)
-        if seq_id != scratch:
-            self._fork(cache, scratch, seq_id, -1)
-            self._remove(cache, scratch)
+        try:
+            self._prepare(cache, scratch, json.dumps(new))
+            for group, arr in zip(groups, data, strict=True):
+                self._import(cache, scratch, group["group_index"], tensor(arr))
+            self._finish(cache, scratch)
+            if seq_id != scratch:
+                self._fork(cache, scratch, seq_id, -1)
+        finally:
+            if seq_id != scratch:  # a failed import must not hold the scratch id (or its pages)
+                try:
+                    self._remove(cache, scratch)
+                except Exception:  # prepare failed before the scratch sequence existed
+                    pass
 
     def evict(self, cache: Any, seq_id: int, queries: np.ndarray, budget: KVBudget) -> int:
         """Keep the ``budget.keep`` entries ``queries`` [layers, heads, dim] attend to most; entries dropped."""
