@@ -41,6 +41,19 @@ Sink = Callable[[tuple[str, Any]], None]
 FINISH_REASONS = {"stop_token": "stop", "stop_string": "stop", "max_tokens": "length", "context_full": "length"}
 
 
+def piece(n: int, chunk: int) -> int:
+    """How many of ``n`` tokens to prefill next: a whole ``chunk``, else the largest power of two.
+
+    TVM's pooled allocator keeps the buffers of every shape it has run, per size: prefilling
+    prompts of every length would grow a server's memory with each new length it meets (about
+    3 MiB per request on SmolLM2). Whole chunks and powers of two bound the shapes to a handful
+    (log2(chunk) + 2); splitting a prefill is exact, it only costs a few more calls.
+    """
+    if n <= 0:
+        return 0
+    return chunk if n >= chunk else 1 << (n.bit_length() - 1)
+
+
 class QueueFullError(EdgertError):
     """The request queue is full: try again later."""
 
@@ -422,9 +435,9 @@ class LLMEngine:
         s = start
         while s < len(req.prompt):
             remaining = len(req.prompt) - s
-            n = min(self.prefill_chunk, remaining, self.budget.tokens - (req.position - req.evicted))
+            n = piece(min(remaining, self.budget.tokens - (req.position - req.evicted)), self.prefill_chunk)
             if n < min(self.budget.step, remaining):  # full: evict, then a step-sized piece
-                n = min(self.budget.step, remaining)
+                n = piece(min(self.budget.step, remaining), self.prefill_chunk)
                 self._make_room(req, n)
             chunk = req.prompt[s : s + n]
             positions = list(range(req.position, req.position + len(chunk)))
@@ -455,11 +468,13 @@ class LLMEngine:
         logits = None
         if self.budget is not None:
             logits = self._prefill_budget(req, matched)
-        for s in range(matched, len(req.prompt) if self.budget is None else 0, self.prefill_chunk):
-            chunk = req.prompt[s : s + self.prefill_chunk]
+        s = matched if self.budget is None else len(req.prompt)
+        while s < len(req.prompt):
+            chunk = req.prompt[s : s + piece(len(req.prompt) - s, self.prefill_chunk)]
             logits = self._forward("prefill", [req.seq_id], np.asarray([chunk], dtype=np.int32))[0, -1]
             req.kv_tokens.extend(chunk)
             req.position += len(chunk)
+            s += len(chunk)
         assert logits is not None
         req.stats.prefill_seconds = time.perf_counter() - t0
         c = self.counters
