@@ -187,6 +187,7 @@ def main() -> None:
     parser.add_argument("--per-layer", action="store_true", help="also TOVA's one choice per layer (heads averaged)")
     parser.add_argument("--engine", action="store_true", help="also check the server engine's greedy tokens")
     parser.add_argument("--window", action="store_true", help="also the baseline keeping the most recent entries")
+    parser.add_argument("--step", type=int, default=16, help="entries dropped per eviction (the server's: 16)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -207,7 +208,7 @@ def main() -> None:
     variants += [(" window", True, True)] if args.window else []
     for f in (int(x) for x in args.fractions.split(",")):
         for label, per_head, window in variants:
-            budget = KVBudget(len(prompt) // f, per_head=per_head)
+            budget = KVBudget(len(prompt) // f, step=args.step, per_head=per_head)
             got = run_budget(session, art.manifest, prompt, args.next, budget, reference, window)
             free = got["free"]
             prefix = next((i for i, (a, b) in enumerate(zip(free, reference, strict=True)) if a != b), args.next)
@@ -220,7 +221,7 @@ def main() -> None:
                 "evictions": got["evictions"],
                 "seconds": got["free_seconds"],
             }
-            if args.engine and not label:
+            if args.engine and not label and args.step == 16:  # the engine evicts 16 at a time
                 served = engine_tokens(args.artifact, prompt, args.next, budget.tokens, args.threads)
                 row["engine_same"] = served == free[: len(served)] and len(served) > 0
             rows.append(row)
