@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import socket
 import threading
 import time
@@ -238,7 +239,10 @@ def test_prefix_cache_evicts_least_recently_used_under_its_bound() -> None:
 
 def test_pages_in_use_return_to_zero_after_a_short_load_test(server: Server) -> None:
     engine = engine_of(server)
-    report = load_tool("load_test").run_load(server.url, "tiny", clients=4, requests=12, max_seconds=60)
+    tool = load_tool("load_test")
+    tool.run_load(server.url, "tiny", clients=4, requests=6, max_seconds=60, seed=99)  # warm-up
+    warm = tool.rss_mib(os.getpid())  # the server runs in this process
+    report = tool.run_load(server.url, "tiny", clients=4, requests=12, max_seconds=60)
     summary = report.summary()
     assert summary["requests"] == 12 and summary["errors"] == 0, report.errors
     assert summary["generated_tokens"] > 0 and summary["ttft_p50_ms"] is not None
@@ -246,6 +250,7 @@ def test_pages_in_use_return_to_zero_after_a_short_load_test(server: Server) -> 
     assert summary["active_sequences"] == 0
     engine.clear_prefix_cache()
     assert engine.snapshot()["kv_pages_in_use"] == 0
+    assert tool.rss_mib(os.getpid()) <= 1.05 * warm
 
 
 @pytest.mark.slow

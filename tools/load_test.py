@@ -3,6 +3,9 @@
 N concurrent clients send a mix of streamed chat, streamed completions and whole completions with
 prompts and replies of mixed lengths; the table gives throughput, time to first token (p50, p99,
 streamed requests) and errors, and for an edgert server the KV pages still in use afterwards.
+A server this tool starts (``--serve``, ``--peer``) first gets a warm-up round (``--warmup``
+requests); its resident memory (VmRSS of /proc/PID/status) after the warm-up and after the run
+is in the table, with the growth in percent.
 
   python tools/load_test.py --serve smollm2.edgert --clients 4 --requests 40
   python tools/load_test.py --url http://127.0.0.1:8080 --model smollm2
@@ -222,6 +225,29 @@ def server_gauges(base: urllib.parse.SplitResult, api_key: str | None) -> dict[s
     return out
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of process ``pid`` in MiB (VmRSS of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise ValueError(f"no VmRSS for process {pid}")
+
+
+def measured_run(
+    url: str, model: str, pid: int, warmup: int, clients: int, requests: int, max_seconds: float, **kw: Any
+) -> dict[str, Any]:
+    """`run_load` after a warm-up round, with process ``pid``'s RSS after each (the run's summary)."""
+    if warmup:
+        run_load(url, model, clients, warmup, max_seconds, seed=99, **kw)
+    warm = rss_mib(pid)
+    summary = run_load(url, model, clients, requests, max_seconds, **kw).summary()
+    after = rss_mib(pid)
+    summary.update(
+        rss_warm_mib=round(warm, 1), rss_after_mib=round(after, 1), rss_growth_pct=round(100 * (after / warm - 1), 2)
+    )
+    return summary
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -303,6 +329,9 @@ def print_table(rows: dict[str, dict[str, Any]]) -> None:
         "ttft_p99_ms",
         "kv_pages_in_use",
         "active_sequences",
+        "rss_warm_mib",
+        "rss_after_mib",
+        "rss_growth_pct",
     ]
     print(f"{'server':<12}" + "".join(f"{k:>19}" for k in keys))
     for name, s in rows.items():
@@ -323,6 +352,7 @@ def main() -> None:
     parser.add_argument("--peer", choices=["llama-cpp"], help="also load llama.cpp's server the same way")
     parser.add_argument("--gguf", type=Path, help="the GGUF for --peer llama-cpp")
     parser.add_argument("--context", type=int, default=2048, help="context for --peer llama-cpp")
+    parser.add_argument("--warmup", type=int, default=8, help="warm-up requests before a started server's run")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     requests, max_seconds = min(args.requests, 2000), min(args.max_seconds, 1800.0)
@@ -338,15 +368,14 @@ def main() -> None:
             proc, port = start_edgert(args.serve, args.threads)
             procs.append(proc)
             url = f"http://127.0.0.1:{port}"
+            rows["edgert"] = measured_run(url, model, proc.pid, args.warmup, args.clients, requests, max_seconds)
         else:
-            url = args.url
-        rows["edgert"] = run_load(url, model, args.clients, requests, max_seconds, args.api_key).summary()
+            rows["edgert"] = run_load(args.url, model, args.clients, requests, max_seconds, args.api_key).summary()
         if args.peer:
             proc, port = start_llama_cpp(args.gguf, args.threads, model, args.context)
             procs.append(proc)
-            rows["llama.cpp"] = run_load(
-                f"http://127.0.0.1:{port}", model, args.clients, requests, max_seconds
-            ).summary()
+            peer = f"http://127.0.0.1:{port}"
+            rows["llama.cpp"] = measured_run(peer, model, proc.pid, args.warmup, args.clients, requests, max_seconds)
     finally:
         for proc in procs:
             proc.terminate()

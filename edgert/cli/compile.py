@@ -55,6 +55,14 @@ def compile(
             "this length stream fastest, others run through the general entry points.",
         ),
     ] = None,
+    evictable_kv: Annotated[
+        bool,
+        typer.Option(
+            "--evictable-kv",
+            help="Llama GGUF models: RoPE before the KV cache and the entry points that evict from it "
+            "(needed by `edgert serve --kv-budget`).",
+        ),
+    ] = False,
     calibrate: Annotated[
         Path | None,
         typer.Option(
@@ -83,6 +91,7 @@ def compile(
             audio_ctx=audio_ctx,
             chunk_ms=chunk_ms,
             calibrate=calibrate,
+            evictable_kv=evictable_kv or None,
         )
     size = sum(f["size"] for f in result.manifest["files"].values())
     t = result.manifest["target"]

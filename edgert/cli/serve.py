@@ -45,6 +45,14 @@ def serve(
         int | None,
         typer.Option("--prefix-cache", help="Tokens of earlier prompts kept for reuse (default: one context; 0: off)."),
     ] = None,
+    kv_budget: Annotated[
+        int | None,
+        typer.Option(
+            "--kv-budget",
+            help="Keep at most N tokens of KV per sequence, evicting the least-attended entries (TOVA) "
+            "instead of refusing long prompts; needs an artifact compiled with --evictable-kv.",
+        ),
+    ] = None,
     threads: ThreadsOpt = None,
     unsigned: AllowUnsignedOpt = False,
 ) -> None:
@@ -67,6 +75,7 @@ def serve(
         max_queue=max_queue,
         kv_tokens=kv_tokens,
         prefix_cache_tokens=prefix_cache,
+        kv_budget=kv_budget,
     )
     note(f"serving {', '.join(f'{m.name} ({m.kind})' for m in models.values())} on http://{host}:{port}/v1")
     uvicorn.run(create_app(models, api_key), host=host, port=port, log_level="warning")

@@ -24,6 +24,7 @@ _FLAGS = {
     "input_shapes": "--input-shape",
     "tuning": "--no-tuning",
     "calibrate": "--calibrate",
+    "evictable_kv": "--evictable-kv",
 }
 
 

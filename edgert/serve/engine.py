@@ -6,6 +6,11 @@ cache has pages for them, prefills each (forking the longest cached prefix, see 
 then runs every active sequence's next token in ONE ``batch_decode`` pass per step. A cancelled
 request (a client that went away) loses its sequence and pages before the next step.
 
+With a KV budget (``kv_budget``, an artifact built ``--evictable-kv``) no sequence holds more than
+N cached tokens: prompts of any length are taken, and a sequence about to exceed N first drops
+its least-attended entries (TOVA, `edgert.runtime.kv_budget`); it then runs the ``*_at`` entry
+points at its true positions.
+
 Events go to each request's ``sink`` from the scheduler thread: ``("text", str)`` pieces, then
 ``("done", finish_reason)`` or ``("error", message)``.
 """
@@ -25,6 +30,7 @@ import numpy as np
 from edgert.artifact.reader import Artifact
 from edgert.errors import ContextLengthError, EdgertError
 from edgert.runtime.generator import GenerationStats, TokenEmitter
+from edgert.runtime.kv_budget import KVBudget, SequenceKV, check_evictable
 from edgert.runtime.sampling import Sampler, SamplingParams
 from edgert.runtime.session import Session
 from edgert.runtime.tokenizer import tokenizer_from_artifact
@@ -33,6 +39,19 @@ from edgert.serve.prefix_cache import PrefixCache
 
 Sink = Callable[[tuple[str, Any]], None]
 FINISH_REASONS = {"stop_token": "stop", "stop_string": "stop", "max_tokens": "length", "context_full": "length"}
+
+
+def piece(n: int, chunk: int) -> int:
+    """How many of ``n`` tokens to prefill next: a whole ``chunk``, else the largest power of two.
+
+    TVM's pooled allocator keeps the buffers of every shape it has run, per size: prefilling
+    prompts of every length would grow a server's memory with each new length it meets (about
+    3 MiB per request on SmolLM2). Whole chunks and powers of two bound the shapes to a handful
+    (log2(chunk) + 2); splitting a prefill is exact, it only costs a few more calls.
+    """
+    if n <= 0:
+        return 0
+    return chunk if n >= chunk else 1 << (n.bit_length() - 1)
 
 
 class QueueFullError(EdgertError):
@@ -59,6 +78,9 @@ class Request:
     stats: GenerationStats = field(default_factory=GenerationStats)
     emitter: TokenEmitter | None = None
     sampler: Sampler | None = None
+    position: int = 0  # tokens fed so far: the next token's true position
+    queries: np.ndarray | None = None  # the last token's rotated queries [layers, heads, dim] (KV budget)
+    evicted: int = 0  # entries dropped by the KV budget (its kv_tokens then no longer match the cache)
 
 
 class BatchKVCache:
@@ -110,6 +132,8 @@ class Counters:
     finished: int = 0
     cancelled: int = 0
     prompt_tokens: int = 0
+    evicted_tokens: int = 0  # KV entries dropped by the budget
+    evictions: int = 0
     prefill_tokens: int = 0  # prompt tokens actually run (the rest came from the prefix cache)
     prefix_hit_tokens: int = 0
     generated_tokens: int = 0
@@ -128,7 +152,8 @@ class LLMEngine:
     ``max_batch``: sequences decoded together; ``max_queue``: requests waiting beyond those;
     ``kv_tokens``: the KV cache's size in tokens over all sequences (default: a full context
     for each batch row); ``prefix_cache_tokens``: tokens of finished prompts kept for reuse
-    (0: none). ``paused`` loads the model but admits nothing until `resume`.
+    (0: none). ``paused`` loads the model but admits nothing until `resume`. ``kv_budget``: at most
+    this many cached tokens per sequence (TOVA eviction; needs an ``--evictable-kv`` artifact).
     """
 
     def __init__(
@@ -140,6 +165,7 @@ class LLMEngine:
         kv_tokens: int | None = None,
         prefix_cache_tokens: int | None = None,
         paused: bool = False,
+        kv_budget: int | None = None,
     ):
         manifest = artifact.manifest
         kv = manifest["kv_cache"]
@@ -156,6 +182,13 @@ class LLMEngine:
         if max_batch < 1 or max_queue < 1:
             raise EdgertError(f"--max-batch and --max-queue must be at least 1 (got {max_batch}, {max_queue})")
         self.max_batch, self.max_queue = max_batch, max_queue
+        self.budget: KVBudget | None = None
+        if kv_budget is not None:
+            check_evictable(manifest)
+            if kv_budget > self.context_length:
+                raise EdgertError(f"--kv-budget {kv_budget} exceeds the context ({self.context_length} tokens)")
+            self.budget = KVBudget(kv_budget)
+        self._kv = SequenceKV() if self.budget else None
         self.kv_tokens = kv_tokens or self.context_length * max_batch
         if self.kv_tokens < self.context_length:
             raise EdgertError(f"--kv-tokens {self.kv_tokens} is less than one context ({self.context_length} tokens)")
@@ -212,13 +245,14 @@ class LLMEngine:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         if not prompt:
             raise ValueError("the prompt is empty")
-        if len(prompt) >= self.context_length:
+        if self.budget is None and len(prompt) >= self.context_length:
             raise ContextLengthError(
                 f"the prompt has {len(prompt)} tokens but the context holds {self.context_length} "
                 "(with room for at least one generated token)"
             )
         req = Request(list(prompt), max_tokens, sampling or SamplingParams(), [s for s in stop if s], sink)
-        req.reserved_pages = self._pages_for(min(len(prompt) + max_tokens, self.context_length))
+        held = self.context_length if self.budget is None else self.budget.tokens
+        req.reserved_pages = self._pages_for(min(len(prompt) + max_tokens, held))
         with self._cond:
             if len(self._pending) >= self.max_queue:
                 raise QueueFullError(f"the queue holds {self.max_queue} requests already; try again shortly")
@@ -374,23 +408,78 @@ class LLMEngine:
         self.cache.end()
         return to_numpy(logits)
 
+    def _forward_at(self, entry: str, seq_ids: list[int], ids: np.ndarray, positions: list[int]) -> np.ndarray:
+        """``_forward`` through a ``*_at`` entry at true ``positions`` (one per id); keeps each row's queries."""
+        assert self.session is not None and self.cache is not None
+        self.cache.begin(seq_ids, [ids.shape[1]] * len(seq_ids))
+        pos = self.session.tensor(np.asarray(positions, dtype=np.int32))
+        logits, queries, self.cache.obj = self.session(entry, self.session.tensor(ids), pos, self.cache.obj)
+        self.cache.end()
+        self._queries = to_numpy(queries)  # [layers, rows, heads, dim]
+        return to_numpy(logits)
+
+    _queries: np.ndarray | None = None
+
+    def _make_room(self, req: Request, adding: int) -> None:
+        """Evict ``req``'s least-attended entries (TOVA) if ``adding`` more would exceed the budget."""
+        assert self.budget is not None and self._kv is not None and self.cache is not None
+        held = req.position - req.evicted
+        if held + adding <= self.budget.tokens:
+            return
+        assert req.queries is not None, "a sequence over its budget has run a token before"
+        dropped = self._kv.evict(self.cache.obj, req.seq_id, req.queries, self.budget)
+        req.evicted += dropped
+        self.counters.evicted_tokens += dropped
+        self.counters.evictions += 1
+
+    def _prefill_budget(self, req: Request, start: int) -> np.ndarray:
+        """Prefill from ``start`` under the budget: whole chunks while it fits, then ``step``-sized
+        pieces, each after an eviction scored by the previous piece's last queries."""
+        assert self.budget is not None
+        logits = None
+        s = start
+        while s < len(req.prompt):
+            remaining = len(req.prompt) - s
+            n = piece(min(remaining, self.budget.tokens - (req.position - req.evicted)), self.prefill_chunk)
+            if n < min(self.budget.step, remaining):  # full: evict, then a step-sized piece
+                n = piece(min(self.budget.step, remaining), self.prefill_chunk)
+                self._make_room(req, n)
+            chunk = req.prompt[s : s + n]
+            positions = list(range(req.position, req.position + len(chunk)))
+            logits = self._forward_at("prefill_at", [req.seq_id], np.asarray([chunk], dtype=np.int32), positions)
+            assert self._queries is not None
+            req.queries = self._queries[:, 0]
+            req.position += len(chunk)
+            req.kv_tokens.extend(chunk)
+            s += len(chunk)
+        assert logits is not None
+        return logits[0, -1]
+
     def _start(self, req: Request) -> None:
         """Prefill a new request (from its longest cached prefix) and emit its first token."""
         assert self.cache is not None
         req.seq_id = next(self._ids)
         entry, matched = self.prefix_cache.lookup(req.prompt) if self.prefix_cache.max_tokens else (None, 0)
+        if self.budget is not None and matched > self.budget.keep:  # no queries yet to evict by
+            entry, matched = None, 0
         if entry is not None:
             self.cache.fork(entry.seq_id, req.seq_id, matched)
         else:
             self.cache.add(req.seq_id)
         req.kv_tokens = list(req.prompt[:matched])
+        req.position = matched
         req.stats = GenerationStats(prompt_tokens=len(req.prompt), cached_tokens=matched)
         t0 = time.perf_counter()
         logits = None
-        for s in range(matched, len(req.prompt), self.prefill_chunk):
-            chunk = req.prompt[s : s + self.prefill_chunk]
+        if self.budget is not None:
+            logits = self._prefill_budget(req, matched)
+        s = matched if self.budget is None else len(req.prompt)
+        while s < len(req.prompt):
+            chunk = req.prompt[s : s + piece(len(req.prompt) - s, self.prefill_chunk)]
             logits = self._forward("prefill", [req.seq_id], np.asarray([chunk], dtype=np.int32))[0, -1]
             req.kv_tokens.extend(chunk)
+            req.position += len(chunk)
+            s += len(chunk)
         assert logits is not None
         req.stats.prefill_seconds = time.perf_counter() - t0
         c = self.counters
@@ -407,7 +496,15 @@ class LLMEngine:
         t0 = time.perf_counter()
         try:
             ids = np.asarray([[r.next_token] for r in rows], dtype=np.int32)
-            if self.batched:
+            if self.budget is not None:
+                for r in rows:
+                    self._make_room(r, 1)
+                positions = [r.position for r in rows]
+                logits = self._forward_at("batch_decode_at", [r.seq_id for r in rows], ids, positions)[:, 0]
+                assert self._queries is not None
+                for i, r in enumerate(rows):
+                    r.queries = self._queries[:, i]
+            elif self.batched:
                 logits = self._forward("batch_decode", [r.seq_id for r in rows], ids)[:, 0]
             else:
                 logits = np.stack(
@@ -424,6 +521,7 @@ class LLMEngine:
         self.counters.decode_rows += len(rows)
         for r, row in zip(rows, logits, strict=True):
             r.kv_tokens.append(r.next_token)
+            r.position += 1
             r.stats.decode_step_seconds.append(now - t0)
             self._guarded(lambda q, x=row: self._accept(q, x), r)
 
@@ -436,7 +534,7 @@ class LLMEngine:
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
             self._observe_ttft(req.first_token_at - req.submitted)
-        if not req.emitter.done and len(req.kv_tokens) + 1 > self.context_length:
+        if not req.emitter.done and self.budget is None and len(req.kv_tokens) + 1 > self.context_length:
             req.stats.stop_reason = "context_full"
         self._send_text(req)
         if req.emitter.done:
@@ -483,7 +581,9 @@ class LLMEngine:
             return
         keep = len(req.kv_tokens) // self.page_size * self.page_size
         cache = self.prefix_cache
-        if keep_prefix and cache.max_tokens >= keep > 0 and not cache.covered(req.kv_tokens[:keep]):
+        # A sequence that lost entries to the budget no longer holds the KV of its tokens' prefix.
+        cacheable = keep_prefix and req.evicted == 0 and cache.max_tokens >= keep > 0
+        if cacheable and not cache.covered(req.kv_tokens[:keep]):
             self.cache.popn(req.seq_id, len(req.kv_tokens) - keep)
             cache.add(req.seq_id, req.kv_tokens[:keep])
             while cache.over_bound() and self._evict_one():

@@ -47,6 +47,8 @@ def render_metrics(models: dict[str, Any], counts: Counter) -> str:
         ("decode_rows", "Sequences decoded, summed over passes (over decode_steps: the mean batch)."),
         ("finished", "Requests that ran to their end."),
         ("cancelled", "Requests dropped because their client went away."),
+        ("evicted_tokens", "KV entries dropped by the --kv-budget (TOVA)."),
+        ("evictions", "Sequences rebuilt with fewer entries by the --kv-budget."),
     ):
         family(f"edgert_{key}_total", "counter", help_)
         for name, e in engines.items():

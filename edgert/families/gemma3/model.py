@@ -22,7 +22,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tvm import te, tirx
+from tvm import tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
@@ -32,6 +32,7 @@ from edgert.errors import ModelFileError, UnsupportedModelError
 from edgert.families.llama.build import _layer_entry_points
 from edgert.families.llama.model import LlamaForCausalLM, _last_token
 from edgert.families.shared.kv_cache import paged_kv_cache
+from edgert.families.shared.rope import rope
 
 # What a Gemma 3 GGUF does not state, with Gemma 3's published values (as llama.cpp fills them in
 # `llama_model::load_hparams` for LLM_ARCH_GEMMA3): every 6th layer is global, the others slide
@@ -118,25 +119,6 @@ class Gemma3Config:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for the manifest."""
         return asdict(self)
-
-
-def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Rotate the halves of each head of x [b, s, h, d] (GPT-NeoX / Hugging Face layout) at ``positions`` [b*s]."""
-
-    def compute(x: te.Tensor, pos: te.Tensor) -> te.Tensor:
-        b, s, h, d = x.shape
-        half = d // 2
-
-        def value(i: Any, j: Any, k: Any, c: Any) -> Any:
-            p = pos[i * s + j].astype("float32")
-            inv = tirx.exp(tirx.const(-2.0 * math.log(theta) / int(d), "float32") * (c % half).astype("float32"))
-            angle = p * inv
-            other = tirx.if_then_else(c < half, -x[i, j, k, c + half], x[i, j, k, c - half])
-            return x[i, j, k, c] * tirx.cos(angle) + other * tirx.sin(angle)
-
-        return te.compute((b, s, h, d), value, name="rope")
-
-    return op.tensor_expr_op(compute, "rope", [x, positions])
 
 
 class Gemma3Attention(nn.Module):

@@ -36,7 +36,9 @@ def build(req: BuildRequest) -> CompileResult:
     f16/f32 is its older name), ``context_length``, ``prefill_chunk_size``, ``threads``,
     ``activations`` (``f32``: float activations times dequantized q4/q8 weights; ``int8``: int8
     activations and integer dot products, `edgert.compiler.kernels.int8`), ``library_cache`` (a
-    folder reusing the library of a structurally identical module for the same target).
+    folder reusing the library of a structurally identical module for the same target),
+    ``evictable_kv`` (True: RoPE before the cache and the ``prefill_at``/``batch_decode_at`` entry
+    points that `edgert serve --kv-budget` evicts through; see `edgert.runtime.kv_budget`).
     """
     from edgert.families.llama import loader
     from edgert.families.llama.model import LlamaConfig, LlamaForCausalLM
@@ -81,7 +83,8 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
 
     progress("building Relax module", None)
     with job.timed("export"):
-        net = model_cls(cfg)
+        evictable = bool(req.option("evictable_kv", False))
+        net = model_cls(cfg, evictable=True) if evictable else model_cls(cfg)
         if job.on_gpu:  # rows of uint32 codes + f16 scales, dequantized inside dlight's GEMV/Matmul
             repack = apply_gpu_layout(net, storage, tied=loader.tied_weights(cfg), half=job.record["fp16"])
         else:
@@ -125,7 +128,9 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
             },
             source={"file": source.name, "tensor_types": sorted(set(gguf_model.tensor_types.values()))},
             model=cfg.to_dict(),
-            entry_points=net.manifest_entry_points() if hasattr(net, "manifest_entry_points") else entry_points(cfg),
+            entry_points=(
+                net.manifest_entry_points() if hasattr(net, "manifest_entry_points") else entry_points(cfg, evictable)
+            ),
             kv_cache={
                 "kind": "paged",
                 "page_size": 16,
@@ -135,6 +140,9 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
                 "num_layers": cfg.num_layers,
                 "num_kv_heads": cfg.num_kv_heads,
                 "head_dim": cfg.head_dim,
+                "num_heads": cfg.num_heads,
+                "rope": "before-cache" if evictable else "in-cache",
+                "evictable": evictable,
                 **(net.manifest_kv_cache() if hasattr(net, "manifest_kv_cache") else {}),
             },
             weights={
@@ -175,11 +183,39 @@ def _int8_isa(activations: str, record: dict[str, Any]) -> str | None:
     return isa
 
 
-def entry_points(cfg: Any) -> dict[str, Any]:
+def entry_points(cfg: Any, evictable: bool = False) -> dict[str, Any]:
     cache = {"name": "cache", "type": "PagedKVCache"}
     ids = {"name": "input_ids", "dtype": "int32"}
     logits = {"name": "logits", "dtype": "float32"}
+    queries = {"name": "queries", "dtype": "float32"}
+    budget = {
+        "prefill_at": {
+            "inputs": [
+                {**ids, "shape": [1, "seq_len"]},
+                {"name": "positions", "dtype": "int32", "shape": ["seq_len"]},
+                cache,
+            ],
+            "outputs": [
+                {**logits, "shape": [1, 1, cfg.vocab_size]},
+                {**queries, "shape": [cfg.num_layers, 1, cfg.num_heads, cfg.head_dim]},
+                cache,
+            ],
+        },
+        "batch_decode_at": {
+            "inputs": [
+                {**ids, "shape": ["batch_size", 1]},
+                {"name": "positions", "dtype": "int32", "shape": ["batch_size"]},
+                cache,
+            ],
+            "outputs": [
+                {**logits, "shape": ["batch_size", 1, cfg.vocab_size]},
+                {**queries, "shape": [cfg.num_layers, "batch_size", cfg.num_heads, cfg.head_dim]},
+                cache,
+            ],
+        },
+    }
     return {
+        **(budget if evictable else {}),
         "prefill": {
             "inputs": [{**ids, "shape": [1, "seq_len"]}, cache],
             "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],

@@ -8,6 +8,12 @@
 Attention is grouped-query attention over a paged KV cache (`TIRPagedKVCache`), which also
 applies RoPE to q and k. Every entry point is a slice of this stack, so a runtime can run
 a range of layers, exit early or roll the cache back.
+
+Built for a KV budget (``evictable``), RoPE is applied here instead, before the cache, so a
+stored key carries the position it was written at; the ``*_at`` entry points take each token's
+true position (tokens seen, not the cache's length, which shrinks when entries are evicted)
+and also return the rotated queries that score the cached entries (TOVA,
+`edgert.runtime.kv_budget`).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 
 from edgert.families.llama.config import LlamaConfig
 from edgert.families.shared.kv_cache import paged_kv_cache
+from edgert.families.shared.rope import rope
 from edgert.runtime.exits import range_spans
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM"]
@@ -29,22 +36,44 @@ __all__ = ["LlamaConfig", "LlamaForCausalLM"]
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention; q, k and v come from one fused projection."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, rope_outside: bool = False):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.rope_outside, self.theta = rope_outside, cfg.rope_theta
         qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
 
     def attn_out(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
         """Attention before the output projection [b, s, heads, head_dim]; appends k and v to the cache."""
-        b, s, _ = x.shape
-        qkv = op.reshape(self.qkv_proj(x), (b, s, self.num_heads + 2 * self.num_kv_heads, self.head_dim))
-        return cache.attention_with_fused_qkv(layer_id, qkv, self.num_heads, sm_scale=self.head_dim**-0.5)
+        return self.attn_out_q(x, cache, layer_id)[0]
 
-    def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
+    def attn_out_q(
+        self, x: Tensor, cache: PagedKVCache, layer_id: int, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Attention output and, with RoPE outside the cache, the rotated queries [b, s, heads, head_dim].
+
+        ``positions`` [b*s]: each token's position (default: the cache's, its sequence length).
+        """
         b, s, _ = x.shape
-        out = self.attn_out(x, cache, layer_id)
-        return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim)))
+        h, kv = self.num_heads, self.num_kv_heads
+        qkv = op.reshape(self.qkv_proj(x), (b, s, h + 2 * kv, self.head_dim))
+        q = None
+        if self.rope_outside:
+            q, k, v = op.split(qkv, [h, h + kv], axis=2)
+            pos = cache.get_query_positions(b * s) if positions is None else positions
+            q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
+            qkv = op.concat([q, k, v], dim=2)
+        return cache.attention_with_fused_qkv(layer_id, qkv, h, sm_scale=self.head_dim**-0.5), q
+
+    def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int, positions: Tensor | None = None) -> Tensor:
+        return self.forward_q(x, cache, layer_id, positions)[0]
+
+    def forward_q(
+        self, x: Tensor, cache: PagedKVCache, layer_id: int, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        b, s, _ = x.shape
+        out, q = self.attn_out_q(x, cache, layer_id, positions)
+        return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim))), q
 
 
 class LlamaMLP(nn.Module):
@@ -62,24 +91,34 @@ class LlamaMLP(nn.Module):
 class LlamaLayer(nn.Module):
     """One pre-norm transformer block."""
 
-    def __init__(self, cfg: LlamaConfig):
+    def __init__(self, cfg: LlamaConfig, rope_outside: bool = False):
         self.input_norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
-        self.attn = LlamaAttention(cfg)
+        self.attn = LlamaAttention(cfg, rope_outside)
         self.post_attention_norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
         self.mlp = LlamaMLP(cfg)
 
     def forward(self, h: Tensor, cache: PagedKVCache, layer_id: int) -> Tensor:
-        h = h + self.attn(self.input_norm(h), cache, layer_id)
-        return h + self.mlp(self.post_attention_norm(h))
+        return self.forward_q(h, cache, layer_id)[0]
+
+    def forward_q(
+        self, h: Tensor, cache: PagedKVCache, layer_id: int, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """The block, and its rotated queries when RoPE is outside the cache (else None)."""
+        attn, q = self.attn.forward_q(self.input_norm(h), cache, layer_id, positions)
+        h = h + attn
+        return h + self.mlp(self.post_attention_norm(h)), q
 
 
 class LlamaForCausalLM(nn.Module):
     """Token embedding, the layer stack, final norm and the (tied) LM head."""
 
-    def __init__(self, cfg: LlamaConfig):
+    evictable = False  # subclasses that build their own blocks (Gemma 3) keep the plain entry points
+
+    def __init__(self, cfg: LlamaConfig, evictable: bool = False):
         self.cfg = cfg
+        self.evictable = evictable  # RoPE before the cache and the ``*_at`` entry points (KV budget)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([LlamaLayer(cfg) for _ in range(cfg.num_layers)])
+        self.layers = nn.ModuleList([LlamaLayer(cfg, evictable) for _ in range(cfg.num_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
         # Tied models still get their own head module: the compiler may give it a layout of
         # its own, and the loader fills it from the embedding table.
@@ -122,6 +161,34 @@ class LlamaForCausalLM(nn.Module):
         once per step instead of once per sequence.
         """
         return self._logits(self._stack(self._embed(input_ids), cache)), cache
+
+    # -- a KV budget: true positions in, rotated queries out ---------------------------------
+    def _stack_at(self, h: Tensor, cache: PagedKVCache, positions: Tensor, last: bool) -> tuple[Tensor, Tensor]:
+        """The stack at explicit ``positions``; also each layer's queries [layers, rows, heads, head_dim]
+        (of the last token when ``last``, else of every row's single token)."""
+        qs = []
+        for layer_id in range(self.cfg.num_layers):
+            h, q = self.layers[layer_id].forward_q(h, cache, layer_id, positions)
+            assert q is not None
+            heads, dim = self.cfg.num_heads, self.cfg.head_dim
+            if last:  # [1, s, heads, head_dim] -> [1, 1, heads * head_dim]
+                q = _last_token(op.reshape(q, (q.shape[0], q.shape[1], heads * dim)))
+            qs.append(op.reshape(q, (1, q.shape[0], heads, dim)))
+        return h, op.concat(qs, dim=0)
+
+    def prefill_at(
+        self, input_ids: Tensor, positions: Tensor, cache: PagedKVCache
+    ) -> tuple[Tensor, Tensor, PagedKVCache]:
+        """Prefill at true ``positions`` [s]: the last token's logits and its queries [layers, 1, heads, head_dim]."""
+        h, q = self._stack_at(self._embed(input_ids), cache, positions, last=True)
+        return self._logits(_last_token(h)), q, cache
+
+    def batch_decode_at(
+        self, input_ids: Tensor, positions: Tensor, cache: PagedKVCache
+    ) -> tuple[Tensor, Tensor, PagedKVCache]:
+        """`batch_decode` at true ``positions`` [batch]: logits and queries [layers, batch, heads, head_dim]."""
+        h, q = self._stack_at(self._embed(input_ids), cache, positions, last=False)
+        return self._logits(h), q, cache
 
     # -- layer-range execution (early exit, self-speculative drafting) --------------------
     # One Relax function per layer (``layer_<i>``) rather than one taking the layer index: the
@@ -191,8 +258,8 @@ class LlamaForCausalLM(nn.Module):
         )
 
     def _kv_cache_options(self) -> dict:
-        """What a family changes in the cache: here RoPE applied inside attention."""
-        return {"rope_mode": RopeMode.NORMAL}
+        """What a family changes in the cache: here RoPE applied by the cache (before us when evictable)."""
+        return {"rope_mode": RopeMode.NONE if self.evictable else RopeMode.NORMAL}
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         """Entry points and their shapes, as exported to Relax."""
@@ -221,6 +288,7 @@ class LlamaForCausalLM(nn.Module):
                 for kind in ("layer", "kv_fill")
             },
             **{name: {"h": hidden, "cache": cache, "$": packed} for name in ranges},
+            **(self._budget_spec(cache) if self.evictable else {}),
             "create_kv_cache": {
                 "max_batch_size": int,
                 "max_total_seq_len": int,
@@ -231,6 +299,23 @@ class LlamaForCausalLM(nn.Module):
             },
         }
         return nn.spec.ModuleSpec.from_raw(spec, self)
+
+    def _budget_spec(self, cache: nn.spec.Object) -> dict:
+        packed = {"param_mode": "packed", "effect_mode": "none"}
+        return {
+            "prefill_at": {
+                "input_ids": nn.spec.Tensor([1, "seq_len"], "int32"),
+                "positions": nn.spec.Tensor(["seq_len"], "int32"),
+                "cache": cache,
+                "$": packed,
+            },
+            "batch_decode_at": {
+                "input_ids": nn.spec.Tensor(["batch_size", 1], "int32"),
+                "positions": nn.spec.Tensor(["batch_size"], "int32"),
+                "cache": cache,
+                "$": packed,
+            },
+        }
 
 
 def _last_token(h: Tensor) -> Tensor:
