@@ -248,6 +248,8 @@ def int8_kernels():
     isa = dot_isa(codegen.llvm_get_cpu_features(target))
     if isa is None:
         pytest.fail("this host has neither AVX2 nor dotprod: the int8 kernels need one")
+    if isa == "avx512vnni":  # the row-at-a-time AVX2 kernel here; the VNNI one has its own tests below
+        isa = "avx2"
     funcs = {
         f"{kind}_{n}_{k}": int8_quant_matmul(k, n, quant_block(n), kind, isa).with_attr(
             "global_symbol", f"{kind}_{n}_{k}"
@@ -308,7 +310,67 @@ def test_int8_activations_need_a_dot_product_instruction_set() -> None:
     rpi5 = {"name": "rpi5", "cpu": "cortex-a76", "cpu_flags": ["dotprod", "neon"]}
     assert _int8_isa("f32", rpi4) is None
     assert _int8_isa("int8", host) == "avx2" and _int8_isa("int8", rpi5) == "dotprod"
+    znver5 = {"name": "host", "cpu": "znver5", "cpu_flags": ["avx", "avx2", "avx512bw", "avx512f", "avx512vnni", "fma"]}
+    assert _int8_isa("int8", znver5) == "avx512vnni"
     with pytest.raises(EdgertError, match=r"target 'rpi4' \(cortex-a72\) has neon"):
         _int8_isa("int8", rpi4)
     with pytest.raises(EdgertError, match="'int4' is not one of f32, int8"):
         _int8_isa("int4", host)
+
+
+# -- the multi-row AVX-512 VNNI kernel (kernels.int8.multirow_quant_matmul) -------------------------
+# (kind, N, K): N = 1000 and 37 not multiples of the 32-column tile nor of a 16-lane register,
+# N = 20 one tile of 16 columns, K = 96 three groups (not a multiple of the 64-byte register), K = 32 one.
+VNNI_SHAPES = [("q4", 1000, 96), ("q4", 20, 32), ("q8", 37, 64)]
+# Every static row tile (1, 2, 3, 5, 8, 16) below, at and past its size, and two passes of 16.
+VNNI_ROWS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 33)
+
+
+@pytest.fixture(scope="module")
+def vnni_kernels():
+    """The VNNI kernels of VNNI_SHAPES for an AVX-512 VNNI CPU (znver4), and whether this host runs them."""
+    import tvm
+    from tvm.target import codegen
+
+    from edgert.compiler.kernels.int8 import dot_isa, int8_quant_matmul
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "num-cores": 2})
+    assert dot_isa(codegen.llvm_get_cpu_features(target)) == "avx512vnni"
+    funcs = {
+        f"{kind}_{n}_{k}": int8_quant_matmul(k, n, quant_block(n), kind, "avx512vnni").with_attr(
+            "global_symbol", f"{kind}_{n}_{k}"
+        )
+        for kind, n, k in VNNI_SHAPES
+    }
+    lib = tvm.compile(tvm.IRModule(funcs), target=target)
+    host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    return lib, "avx512vnni" in codegen.llvm_get_cpu_features(host)
+
+
+@pytest.mark.parametrize(("kind", "n", "k"), VNNI_SHAPES)
+def test_vnni_multirow_matmul_matches_numpy(vnni_kernels, kind: str, n: int, k: int) -> None:
+    """Every row count gives the product with int8-rounded activations to float32 rounding: rows of
+    one static tile share each unpacked code register, rows past m are not written."""
+    import tvm
+
+    from edgert.compiler.layout import pack_quantized_dot
+
+    lib, runs_here = vnni_kernels
+    if not runs_here:  # the code is still checked: VNNI instructions in the compiled kernels
+        asm = lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
+        assert "vpdpbusd\t%zmm" in asm
+        pytest.skip("this host has no AVX-512 VNNI to run the kernels on (compiled and checked only)")
+    rng = np.random.default_rng(n + k + 2)
+    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
+    weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
+    w = q.dequantize()
+    for m in VNNI_ROWS:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        x[-1] *= 100  # one row far larger: a row's result must not leak into another's
+        if k > 32:
+            x[0, :32] = 0  # an all-zero group: activation scale 0
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        lib[f"{kind}_{n}_{k}"](tvm.runtime.tensor(x), *weights, y)
+        want = int8_activation_reference(x, w)
+        err = np.abs(y.numpy() - want) / np.abs(want).max(axis=1, keepdims=True)  # per row's own scale
+        assert err.max() < 1e-5, f"m={m}: {err.max()}"
