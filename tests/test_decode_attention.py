@@ -1,9 +1,10 @@
-"""edgert's paged decode attention against numpy, on caches of awkward lengths.
+"""edgert's paged decode and prefill attention against numpy, on caches of awkward lengths.
 
 Pages hold 16 tokens; sequences of 1, 16, 17 and 45 tokens (one partial page, one full page,
 a page boundary, scattered pages) with grouped-query heads, and a head size that is not a
 multiple of the vector width (48) besides SmolLM2's 64. The pages of a sequence are placed
-out of order in the pool, as the cache allocates them.
+out of order in the pool, as the cache allocates them. The prefill kernel (a verify pass: a few
+new tokens over the cached ones) is checked causal and not, with new-token counts from 1 to 5.
 """
 
 from __future__ import annotations
@@ -11,9 +12,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgert.compiler.passes.attention import paged_decode_attention
+from edgert.compiler.passes.attention import paged_decode_attention, paged_prefill_attention
 
 PAGE = 16
+
+
+def _pages(rng: np.random.Generator, lengths: list[int], head_dim: int) -> tuple[np.ndarray, ...]:
+    """A pool holding sequences of ``lengths`` tokens on scattered pages: pages, indptr, page ids, last page lengths."""
+    n_pages = [-(-n // PAGE) for n in lengths]
+    pool = 2 + sum(n_pages)
+    pages = rng.standard_normal((pool, 2, 2, PAGE, head_dim)).astype(np.float32)
+    order = rng.permutation(pool)[: sum(n_pages)].astype(np.int32)
+    indptr = np.concatenate([[0], np.cumsum(n_pages)]).astype(np.int32)
+    last = np.array([n - (p - 1) * PAGE for n, p in zip(lengths, n_pages, strict=True)], np.int32)
+    return pages, indptr, order, last
 
 
 def _reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, sm_scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +49,7 @@ def kernels():
     funcs = {
         f"attn_{d}": paged_decode_attention(2, 6, d, PAGE).with_attr("global_symbol", f"attn_{d}") for d in (64, 48)
     }
+    funcs["prefill_64"] = paged_prefill_attention(2, 6, 64, PAGE).with_attr("global_symbol", "prefill_64")
     return tvm.compile(tvm.IRModule(funcs), target=target)
 
 
@@ -73,7 +86,7 @@ def test_compiled_llama_uses_this_kernel() -> None:
     import tvm
     from tvm.target import codegen
 
-    from edgert.compiler.passes.attention import DECODE_KERNEL, use_fast_decode_attention
+    from edgert.compiler.passes.attention import DECODE_KERNEL, PREFILL_KERNEL, use_fast_decode_attention
     from edgert.families.llama.model import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(64, 32, 64, 1, 4, 2, 8, 1e-5, 1e4, 128, True)
@@ -85,4 +98,34 @@ def test_compiled_llama_uses_this_kernel() -> None:
     swapped = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
     assert "expects RoPE applied before the cache" in swapped[DECODE_KERNEL].script()
     assert "expects RoPE applied before the cache" not in stock.script()
+    assert "edgert's prefill attention expects" in swapped[PREFILL_KERNEL].script()
     assert mod[DECODE_KERNEL].same_as(stock)  # the input module is left as it was
+
+
+@pytest.mark.parametrize("causal", [1, 0])
+def test_prefill_attention_matches_numpy(kernels, causal: int) -> None:
+    """New tokens (1, 5, 3, 2) over sequences of 1, 17, 21 and 45 cached tokens (the new ones
+    among them, as the cache stores them before attending): token t of n sees all but the last
+    n - 1 - t tokens when causal, all of them when not."""
+    import tvm
+
+    rng = np.random.default_rng(7 + causal)
+    lengths, new = [1, 17, 21, 45], [1, 5, 3, 2]
+    pages, indptr, order, last = _pages(rng, lengths, 64)
+    q_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    q = rng.standard_normal((sum(new), 6, 64)).astype(np.float32)
+    out = tvm.runtime.tensor(np.full(q.shape, np.nan, np.float32))
+    lse = tvm.runtime.tensor(np.full(q.shape[:2], np.nan, np.float32))
+    zeros = np.zeros(len(lengths), np.int32)
+    args = [q, q_indptr, pages, indptr, order, last, zeros, np.zeros(sum(new), np.int32)]
+    kernels["prefill_64"](*[tvm.runtime.tensor(a) for a in args], out, lse, causal, 0, 1.0, 1e4, 0.125)
+    for b, n in enumerate(lengths):
+        slots = [(order[indptr[b] + r // PAGE], r % PAGE) for r in range(n)]
+        k = np.stack([pages[p, 0, :, s] for p, s in slots])
+        v = np.stack([pages[p, 1, :, s] for p, s in slots])
+        for t in range(new[b]):
+            seen = n - (new[b] - 1 - t) if causal else n
+            ref_out, ref_lse = _reference(q[q_indptr[b] + t], k[:seen], v[:seen], 0.125)
+            row = q_indptr[b] + t
+            np.testing.assert_allclose(out.numpy()[row], ref_out, atol=2e-5, err_msg=f"sequence {b}, new token {t}")
+            np.testing.assert_allclose(lse.numpy()[row], ref_lse, atol=2e-4)

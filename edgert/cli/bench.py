@@ -46,6 +46,11 @@ def bench(
             f"verify of {verify_rows} tokens {result['verify_ms_min']} ms, decode step {result['decode_ms_min']} ms "
             f"(minimums of {result['rounds']} rounds): {result['verify_over_decode']} decode steps "
             f"(medians: {result['verify_over_decode_median']})"
+            + (
+                f"; in CPU time (medians): {result['cpu_verify_over_decode']}"
+                if "cpu_verify_over_decode" in result
+                else ""
+            )
         )
         return
     result = bench_generator(artifact, prompt_tokens, gen_tokens, repeats, threads, background)

@@ -101,6 +101,8 @@ def bench_verify(
     After a prefill of ``prompt_tokens``, each round times one `decode` step and one `verify`
     pass over ``rows`` tokens at the same cache position (both rolled back), in alternation, so
     a loaded machine slows both alike; the ratio is that of the minimums (the medians beside it).
+    With one thread the CPU time of the process is timed too (``cpu_*``): it leaves out the time
+    another process held the core, so on a busy machine it is the steadier figure.
     """
     from edgert.errors import EdgertError
     from edgert.families.registry import load
@@ -119,17 +121,26 @@ def bench_verify(
     model.reset()
     model.prefill(prompt[:prompt_tokens])
     drafts = prompt[prompt_tokens:]
-    decode, verify = [], []
+    decode, verify, cpu_decode, cpu_verify = [], [], [], []
     for _ in range(rounds + 2):  # two warm-up rounds, dropped
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         model.step(drafts[:1])
         decode.append(time.perf_counter() - t)
+        cpu_decode.append(time.process_time() - c)
         model.rollback(1)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         model.step(drafts, all_logits=True)
         verify.append(time.perf_counter() - t)
+        cpu_verify.append(time.process_time() - c)
         model.rollback(rows)
-    decode, verify = decode[2:], verify[2:]
+    decode, verify, cpu_decode, cpu_verify = decode[2:], verify[2:], cpu_decode[2:], cpu_verify[2:]
+    cpu = {}
+    if model.session.threads == 1:
+        cpu = {
+            "cpu_decode_ms_median": round(statistics.median(cpu_decode) * 1e3, 3),
+            "cpu_verify_ms_median": round(statistics.median(cpu_verify) * 1e3, 3),
+            "cpu_verify_over_decode": round(statistics.median(cpu_verify) / statistics.median(cpu_decode), 3),
+        }
     return {
         "artifact": str(path),
         "threads": model.session.threads,
@@ -141,4 +152,5 @@ def bench_verify(
         "verify_ms_median": round(statistics.median(verify) * 1e3, 3),
         "verify_over_decode": round(min(verify) / min(decode), 3),
         "verify_over_decode_median": round(statistics.median(verify) / statistics.median(decode), 3),
+        **cpu,
     }
