@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgert.compiler.passes.attention import paged_decode_attention, paged_prefill_attention
+from edgert.compiler.passes.attention import paged_decode_attention, paged_prefill_attention, ragged_prefill_attention
 
 PAGE = 16
 
@@ -50,6 +50,7 @@ def kernels():
         f"attn_{d}": paged_decode_attention(2, 6, d, PAGE).with_attr("global_symbol", f"attn_{d}") for d in (64, 48)
     }
     funcs["prefill_64"] = paged_prefill_attention(2, 6, 64, PAGE).with_attr("global_symbol", "prefill_64")
+    funcs["ragged_48"] = ragged_prefill_attention(2, 6, 48).with_attr("global_symbol", "ragged_48")
     return tvm.compile(tvm.IRModule(funcs), target=target)
 
 
@@ -86,7 +87,7 @@ def test_compiled_llama_uses_this_kernel() -> None:
     import tvm
     from tvm.target import codegen
 
-    from edgert.compiler.passes.attention import DECODE_KERNEL, PREFILL_KERNEL, use_fast_decode_attention
+    from edgert.compiler.passes.attention import DECODE_KERNEL, PREFILL_KERNEL, RAGGED_KERNEL, use_fast_decode_attention
     from edgert.families.llama.model import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(64, 32, 64, 1, 4, 2, 8, 1e-5, 1e4, 128, True)
@@ -99,6 +100,7 @@ def test_compiled_llama_uses_this_kernel() -> None:
     assert "expects RoPE applied before the cache" in swapped[DECODE_KERNEL].script()
     assert "expects RoPE applied before the cache" not in stock.script()
     assert "edgert's prefill attention expects" in swapped[PREFILL_KERNEL].script()
+    assert "edgert's ragged attention expects" in swapped[RAGGED_KERNEL].script()
     assert mod[DECODE_KERNEL].same_as(stock)  # the input module is left as it was
 
 
@@ -126,6 +128,33 @@ def test_prefill_attention_matches_numpy(kernels, causal: int) -> None:
         for t in range(new[b]):
             seen = n - (new[b] - 1 - t) if causal else n
             ref_out, ref_lse = _reference(q[q_indptr[b] + t], k[:seen], v[:seen], 0.125)
+            row = q_indptr[b] + t
+            np.testing.assert_allclose(out.numpy()[row], ref_out, atol=2e-5, err_msg=f"sequence {b}, new token {t}")
+            np.testing.assert_allclose(lse.numpy()[row], ref_lse, atol=2e-4)
+
+
+@pytest.mark.parametrize("causal", [1, 0])
+def test_ragged_attention_matches_numpy(kernels, causal: int) -> None:
+    """New tokens (1, 5, 3) among new keys (1, 5, 4: one more than its queries for the last sequence),
+    head size 48: token t of n sees the first kv_len - n + 1 + t keys when causal."""
+    import tvm
+
+    rng = np.random.default_rng(11 + causal)
+    new, keys = [1, 5, 3], [1, 5, 4]
+    q_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    kv_indptr = np.concatenate([[0], np.cumsum(keys)]).astype(np.int32)
+    q = rng.standard_normal((sum(new), 6, 48)).astype(np.float32)
+    k = rng.standard_normal((sum(keys), 2, 48)).astype(np.float32)
+    v = rng.standard_normal((sum(keys), 2, 48)).astype(np.float32)
+    out = tvm.runtime.tensor(np.full(q.shape, np.nan, np.float32))
+    lse = tvm.runtime.tensor(np.full(q.shape[:2], np.nan, np.float32))
+    args = [q, q_indptr, k, v, kv_indptr, np.zeros(sum(new), np.int32), np.zeros(len(new), np.int32)]
+    kernels["ragged_48"](*[tvm.runtime.tensor(a) for a in args], out, lse, causal, 0, 1.0, 1e4, 48**-0.5)
+    for b in range(len(new)):
+        ks, vs = k[kv_indptr[b] : kv_indptr[b + 1]], v[kv_indptr[b] : kv_indptr[b + 1]]
+        for t in range(new[b]):
+            seen = keys[b] - new[b] + 1 + t if causal else keys[b]
+            ref_out, ref_lse = _reference(q[q_indptr[b] + t], ks[:seen], vs[:seen], 48**-0.5)
             row = q_indptr[b] + t
             np.testing.assert_allclose(out.numpy()[row], ref_out, atol=2e-5, err_msg=f"sequence {b}, new token {t}")
             np.testing.assert_allclose(lse.numpy()[row], ref_lse, atol=2e-4)

@@ -11,8 +11,9 @@ for every token. `use_fast_decode_attention` swaps it into an exported module.
 The same holds for a few new tokens over a cached prefix (a speculative verify pass, a batch of
 drafts): TVM's ``batch_prefill_paged_kv_cpu`` walks heads and tokens serially with scalar loops
 and an online softmax, 16 of a SmolLM2 verify pass's 46 ms over 5 tokens at 64 tokens of context
-(loaded machine). `paged_prefill_attention` computes it as the decode kernel does, one (token,
-head) pair per task, with the causal mask cutting each token's row of scores.
+(loaded machine), and ``batch_prefill_ragged_kv`` (the new tokens among themselves) likewise.
+`paged_prefill_attention` and `ragged_prefill_attention` compute them as the decode kernel does,
+one (token, head) pair per task, with the causal mask cutting each token's row of scores.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tvm.script import tirx as T
 
 DECODE_KERNEL = "batch_decode_paged_kv_cpu"  # the name of TIRPagedKVCache's CPU decode kernel in the module
 PREFILL_KERNEL = "batch_prefill_paged_kv_cpu"  # its CPU prefill kernel over the pages (no sliding window)
+RAGGED_KERNEL = "batch_prefill_ragged_kv"  # its CPU prefill kernel of new tokens among themselves
 LANES = 16
 
 
@@ -214,9 +216,101 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
     return prefill.with_attr("global_symbol", "edgert_paged_prefill_attention")
 
 
+def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int) -> tirx.PrimFunc:
+    """``output[t, h] = softmax(q·K^T * sm_scale) V`` of new tokens over new keys and values (not yet in
+    pages), causal when ``causal``; also the log2-sum-exp. The signature of TIRPagedKVCache's
+    CPU ``batch_prefill_ragged_kv``, whose scalar loops cost as much as the paged part."""
+    h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
+    group = h_qo // h_kv
+    lanes = LANES if d % LANES == 0 else 1
+    log2e = math.log2(math.e)
+
+    @T.prim_func
+    def ragged(
+        q_handle: T.handle,
+        q_indptr_handle: T.handle,
+        k_handle: T.handle,
+        v_handle: T.handle,
+        kv_indptr_handle: T.handle,
+        q_rope_position_handle: T.handle,
+        k_rope_pos_offset_handle: T.handle,
+        output_handle: T.handle,
+        lse_handle: T.handle,
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch = T.int32()
+        qo_total = T.int32()
+        kv_total = T.int32()
+        q_indptr_offset = T.int32()
+        kv_indptr_offset = T.int32()
+        q_rope_offset = T.int32()
+        k_rope_offset = T.int32()
+        q = T.match_buffer(q_handle, (qo_total, h_qo, d), "float32")
+        q_indptr = T.match_buffer(q_indptr_handle, (batch + 1,), "int32", elem_offset=q_indptr_offset)
+        k = T.match_buffer(k_handle, (kv_total, h_kv, d), "float32")
+        v = T.match_buffer(v_handle, (kv_total, h_kv, d), "float32")
+        kv_indptr = T.match_buffer(kv_indptr_handle, (batch + 1,), "int32", elem_offset=kv_indptr_offset)
+        T.match_buffer(q_rope_position_handle, (qo_total,), "int32", elem_offset=q_rope_offset)
+        T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
+        output = T.match_buffer(output_handle, (qo_total, h_qo, d), "float32")
+        lse = T.match_buffer(lse_handle, (qo_total, h_qo), "float32")
+        assert rotary_mode == 0, "edgert's ragged attention expects RoPE applied before the cache"
+        for b in range(batch):
+            q0: T.let[T.int32] = q_indptr[b]
+            qo_len: T.let[T.int32] = q_indptr[b + 1] - q0
+            k0: T.let[T.int32] = kv_indptr[b]
+            kv_len: T.let[T.int32] = kv_indptr[b + 1] - k0
+            for th in T.parallel(qo_len * h_qo):
+                t: T.let[T.int32] = th // h_qo
+                h: T.let[T.int32] = th % h_qo
+                length: T.let[T.int32] = T.if_then_else(
+                    causal > 0, T.max(T.min(kv_len - qo_len + t + 1, kv_len), 0), kv_len
+                )
+                scores = T.alloc_buffer((kv_len,), "float32")
+                qs = T.alloc_buffer((d,), "float32", scope="local")
+                part = T.alloc_buffer((lanes,), "float32", scope="local")
+                out = T.alloc_buffer((d,), "float32", scope="local")
+                stat = T.alloc_buffer((2,), "float32", scope="local")  # max, sum of exps
+                kv = h // group
+                for i in T.vectorized(d):
+                    qs[i] = q[q0 + t, h, i] * sm_scale * T.float32(log2e)
+                stat[0] = T.float32(-3.0e38)
+                for r in range(length):
+                    for x in T.vectorized(lanes):
+                        part[x] = T.float32(0)
+                    for c in range(d // lanes):
+                        for x in T.vectorized(lanes):
+                            part[x] = part[x] + qs[c * lanes + x] * k[k0 + r, kv, c * lanes + x]
+                    scores[r] = T.float32(0)
+                    for x in range(lanes):
+                        scores[r] = scores[r] + part[x]
+                    stat[0] = T.max(stat[0], scores[r])
+                stat[1] = T.float32(0)
+                for i in T.vectorized(d):
+                    out[i] = T.float32(0)
+                for r in range(length):
+                    p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
+                    stat[1] = stat[1] + p
+                    for i in T.vectorized(d):
+                        out[i] = out[i] + p * v[k0 + r, kv, i]
+                for i in T.vectorized(d):
+                    output[q0 + t, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
+                lse[q0 + t, h] = T.if_then_else(
+                    length > 0, stat[0] + T.log2(T.max(stat[1], T.float32(1e-30))), T.float32(-5e4)
+                )
+
+    return ragged.with_attr("global_symbol", "edgert_ragged_prefill_attention")
+
+
 def use_fast_decode_attention(mod: IRModule, num_kv_heads: int, num_qo_heads: int, head_dim: int) -> IRModule:
     """``mod`` with TIRPagedKVCache's scalar CPU decode and prefill kernels (over the pages, without a
-    sliding window) replaced by `paged_decode_attention` and `paged_prefill_attention`."""
+    sliding window, and among the new tokens) replaced by `paged_decode_attention`,
+    `paged_prefill_attention` and `ragged_prefill_attention`."""
     names = {gv.name_hint: gv for gv in mod.get_global_vars()}
     if DECODE_KERNEL not in names:
         return mod  # no CPU paged cache in this module (another target or cache kind)
@@ -227,5 +321,9 @@ def use_fast_decode_attention(mod: IRModule, num_kv_heads: int, num_qo_heads: in
     if PREFILL_KERNEL in names:
         mod[names[PREFILL_KERNEL]] = paged_prefill_attention(num_kv_heads, num_qo_heads, head_dim).with_attr(
             "global_symbol", PREFILL_KERNEL
+        )
+    if RAGGED_KERNEL in names:
+        mod[names[RAGGED_KERNEL]] = ragged_prefill_attention(num_kv_heads, num_qo_heads, head_dim).with_attr(
+            "global_symbol", RAGGED_KERNEL
         )
     return mod
