@@ -172,9 +172,7 @@ def tiny_gguf_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _compile_tiny(gguf: Path, target: str, folder: Path) -> Path:
     out = folder / f"tiny-{target}.edgert"
-    # Float activations on every CPU (the default takes int8 on AVX-512 VNNI): the OpenCL build, whose
-    # activations are f32, is compared with the host build to 1e-4.
-    proc = run_cli("compile", str(gguf), "--target", target, "--activations", "f32", "-o", str(out))
+    proc = run_cli("compile", str(gguf), "--target", target, "-o", str(out))
     assert proc.returncode == 0, proc.stderr
     return out
 

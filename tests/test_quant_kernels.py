@@ -191,8 +191,9 @@ def test_pack_quantized_layout() -> None:
 @pytest.mark.slow
 def test_quant_kernels_cross_compile_to_neon(tmp_path) -> None:
     """The same kernels built for the Raspberry Pi 5 (aarch64, NEON + dotprod) with the cross
-    toolchain: an aarch64 library whose inner loops are NEON vector FMAs. (Running them needs
-    an aarch64 machine or the emulated board; here they are only compiled.)"""
+    toolchain: an aarch64 library whose inner loops are NEON vector FMAs, with the multi-row int8
+    kernel's ``sdot`` form. (Running them needs an aarch64 machine or the emulated board; here
+    they are only compiled.)"""
     import shutil
     import struct
     import subprocess
@@ -206,10 +207,14 @@ def test_quant_kernels_cross_compile_to_neon(tmp_path) -> None:
     if shutil.which(spec.cc) is None:
         pytest.fail(f"{spec.cc} is missing: tools/setup.sh --test installs it")
     target, record = resolve(spec)
+    from edgert.compiler.kernels.int8 import multirow_quant_matmul
+
     funcs = {
         f"{kind}_{n}_{k}": quant_matmul(k, n, quant_block(n), kind).with_attr("global_symbol", f"{kind}_{n}_{k}")
         for kind, n, k in SHAPES
     }
+    # The multi-row int8 kernel's sdot form (not yet the aarch64 default: untimed on a board).
+    funcs["multirow_sdot"] = multirow_quant_matmul(64, 37, 32, "q4", "dotprod").with_attr("global_symbol", "mr")
     lib = tvm.compile(tvm.IRModule(funcs), target=target)
     out = tmp_path / "kernels.so"
     lib.export_library(str(out), fcompile=library_compiler(spec, record["arch"]))
@@ -221,6 +226,7 @@ def test_quant_kernels_cross_compile_to_neon(tmp_path) -> None:
     # 4-lane float FMAs, nibble shifts and int-to-float conversions on vector registers.
     for op in ("fmla", "ushr", "ucvtf"):
         assert f"{op}\tv" in asm and ".4s" in asm, f"no NEON '{op}' in the kernels"
+    assert "sdot\tv" in asm
 
 
 # -- int8-activation kernels (kernels_int8) ------------------------------------------------
