@@ -87,7 +87,13 @@ def test_compiled_llama_uses_this_kernel() -> None:
     import tvm
     from tvm.target import codegen
 
-    from edgert.compiler.passes.attention import DECODE_KERNEL, PREFILL_KERNEL, RAGGED_KERNEL, use_fast_decode_attention
+    from edgert.compiler.passes.attention import (
+        DECODE_KERNEL,
+        PREFILL_KERNEL,
+        RAGGED_KERNEL,
+        ROPE_KERNEL,
+        use_fast_decode_attention,
+    )
     from edgert.families.llama.model import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(64, 32, 64, 1, 4, 2, 8, 1e-5, 1e4, 128, True)
@@ -96,11 +102,12 @@ def test_compiled_llama_uses_this_kernel() -> None:
     with target:
         mod, _ = net.export_tvm(spec=net.get_default_spec())
     stock = mod[DECODE_KERNEL]
-    swapped = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
+    swapped = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, cfg.rope_theta)
     assert "expects RoPE applied before the cache" in swapped[DECODE_KERNEL].script()
     assert "expects RoPE applied before the cache" not in stock.script()
     assert "edgert's prefill attention expects" in swapped[PREFILL_KERNEL].script()
     assert "edgert's ragged attention expects" in swapped[RAGGED_KERNEL].script()
+    assert "T.parallel" in swapped[ROPE_KERNEL].script() and "T.parallel" not in mod[ROPE_KERNEL].script()
     assert mod[DECODE_KERNEL].same_as(stock)  # the input module is left as it was
 
 
@@ -158,3 +165,36 @@ def test_ragged_attention_matches_numpy(kernels, causal: int) -> None:
             row = q_indptr[b] + t
             np.testing.assert_allclose(out.numpy()[row], ref_out, atol=2e-5, err_msg=f"sequence {b}, new token {t}")
             np.testing.assert_allclose(lse.numpy()[row], ref_lse, atol=2e-4)
+
+
+@pytest.mark.parametrize("apply_rope", [1, 0])
+def test_fused_rope_equals_tvms_kernel(apply_rope: int) -> None:
+    """edgert's q/k/v split with RoPE gives TVM's ``llama_rope_with_position_map`` results (6 query heads,
+    2 kv heads, head size 64, positions out of order and past 1000); without RoPE a plain split."""
+    import tvm
+    from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
+    from tvm.target import codegen
+
+    from edgert.compiler.passes.attention import fused_rope
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    funcs = {
+        "ours": fused_rope(1e4, 64, 6, 2).with_attr("global_symbol", "ours"),
+        "tvm": llama_rope_with_position_map(1e4, 1.0, 64, 6, 2, "float32", {}).with_attr("global_symbol", "tvm"),
+    }
+    lib = tvm.compile(tvm.IRModule(funcs), target=target)
+    rng = np.random.default_rng(3)
+    qkv = rng.standard_normal((5, 10, 64)).astype(np.float32)
+    positions = np.array([1, 0, 7, 1500, 33], np.int32)
+    outs = {}
+    for name in funcs:
+        bufs = [tvm.runtime.tensor(np.full((5, n, 64), np.nan, np.float32)) for n in (6, 2, 2)]
+        lib[name](tvm.runtime.tensor(qkv), tvm.runtime.tensor(positions), *bufs, apply_rope)
+        outs[name] = [b.numpy() for b in bufs]
+    for ours, theirs in zip(outs["ours"], outs["tvm"], strict=True):
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-6)
+    if apply_rope:
+        assert np.abs(outs["ours"][0] - qkv[:, :6]).max() > 0.1  # really rotated
+    else:
+        np.testing.assert_array_equal(outs["ours"][0], qkv[:, :6])
+    np.testing.assert_array_equal(outs["ours"][2], qkv[:, 8:])

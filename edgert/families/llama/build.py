@@ -89,7 +89,8 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
         with job.tvm_target:
             mod, named_params = net.export_tvm(spec=net.get_default_spec())
         if not job.on_gpu:  # a CPU kernel; the GPU keeps the paged cache's own decode kernels
-            mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
+            theta = cfg.rope_theta if family == "llama" else None  # Gemma applies RoPE outside the cache
+            mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, theta)
 
     library_cache = req.options.get("library_cache")
     cached = cached_library(library_cache, mod, job.tvm_target, job.spec.cc) if library_cache else None
