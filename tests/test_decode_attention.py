@@ -1,9 +1,10 @@
-"""edgert's paged decode attention against numpy, on caches of awkward lengths.
+"""edgert's paged decode and prefill attention against numpy, on caches of awkward lengths.
 
 Pages hold 16 tokens; sequences of 1, 16, 17 and 45 tokens (one partial page, one full page,
 a page boundary, scattered pages) with grouped-query heads, and a head size that is not a
 multiple of the vector width (48) besides SmolLM2's 64. The pages of a sequence are placed
-out of order in the pool, as the cache allocates them.
+out of order in the pool, as the cache allocates them. The prefill kernel (a verify pass: a few
+new tokens over the cached ones) is checked causal and not, with new-token counts from 1 to 5.
 """
 
 from __future__ import annotations
@@ -11,9 +12,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgert.compiler.passes.attention import paged_decode_attention
+from edgert.compiler.passes.attention import paged_decode_attention, paged_prefill_attention, ragged_prefill_attention
 
 PAGE = 16
+
+
+def _pages(rng: np.random.Generator, lengths: list[int], head_dim: int) -> tuple[np.ndarray, ...]:
+    """A pool holding sequences of ``lengths`` tokens on scattered pages: pages, indptr, page ids, last page lengths."""
+    n_pages = [-(-n // PAGE) for n in lengths]
+    pool = 2 + sum(n_pages)
+    pages = rng.standard_normal((pool, 2, 2, PAGE, head_dim)).astype(np.float32)
+    order = rng.permutation(pool)[: sum(n_pages)].astype(np.int32)
+    indptr = np.concatenate([[0], np.cumsum(n_pages)]).astype(np.int32)
+    last = np.array([n - (p - 1) * PAGE for n, p in zip(lengths, n_pages, strict=True)], np.int32)
+    return pages, indptr, order, last
 
 
 def _reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, sm_scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -37,6 +49,8 @@ def kernels():
     funcs = {
         f"attn_{d}": paged_decode_attention(2, 6, d, PAGE).with_attr("global_symbol", f"attn_{d}") for d in (64, 48)
     }
+    funcs["prefill_64"] = paged_prefill_attention(2, 6, 64, PAGE).with_attr("global_symbol", "prefill_64")
+    funcs["ragged_48"] = ragged_prefill_attention(2, 6, 48).with_attr("global_symbol", "ragged_48")
     return tvm.compile(tvm.IRModule(funcs), target=target)
 
 
@@ -73,7 +87,13 @@ def test_compiled_llama_uses_this_kernel() -> None:
     import tvm
     from tvm.target import codegen
 
-    from edgert.compiler.passes.attention import DECODE_KERNEL, use_fast_decode_attention
+    from edgert.compiler.passes.attention import (
+        DECODE_KERNEL,
+        PREFILL_KERNEL,
+        RAGGED_KERNEL,
+        ROPE_KERNEL,
+        use_fast_decode_attention,
+    )
     from edgert.families.llama.model import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(64, 32, 64, 1, 4, 2, 8, 1e-5, 1e4, 128, True)
@@ -82,7 +102,99 @@ def test_compiled_llama_uses_this_kernel() -> None:
     with target:
         mod, _ = net.export_tvm(spec=net.get_default_spec())
     stock = mod[DECODE_KERNEL]
-    swapped = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
+    swapped = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, cfg.rope_theta)
     assert "expects RoPE applied before the cache" in swapped[DECODE_KERNEL].script()
     assert "expects RoPE applied before the cache" not in stock.script()
+    assert "edgert's prefill attention expects" in swapped[PREFILL_KERNEL].script()
+    assert "edgert's ragged attention expects" in swapped[RAGGED_KERNEL].script()
+    assert "T.parallel" in swapped[ROPE_KERNEL].script() and "T.parallel" not in mod[ROPE_KERNEL].script()
     assert mod[DECODE_KERNEL].same_as(stock)  # the input module is left as it was
+
+
+@pytest.mark.parametrize("causal", [1, 0])
+def test_prefill_attention_matches_numpy(kernels, causal: int) -> None:
+    """New tokens (1, 5, 3, 2) over sequences of 1, 17, 21 and 45 cached tokens (the new ones
+    among them, as the cache stores them before attending): token t of n sees all but the last
+    n - 1 - t tokens when causal, all of them when not."""
+    import tvm
+
+    rng = np.random.default_rng(7 + causal)
+    lengths, new = [1, 17, 21, 45], [1, 5, 3, 2]
+    pages, indptr, order, last = _pages(rng, lengths, 64)
+    q_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    q = rng.standard_normal((sum(new), 6, 64)).astype(np.float32)
+    out = tvm.runtime.tensor(np.full(q.shape, np.nan, np.float32))
+    lse = tvm.runtime.tensor(np.full(q.shape[:2], np.nan, np.float32))
+    zeros = np.zeros(len(lengths), np.int32)
+    args = [q, q_indptr, pages, indptr, order, last, zeros, np.zeros(sum(new), np.int32)]
+    kernels["prefill_64"](*[tvm.runtime.tensor(a) for a in args], out, lse, causal, 0, 1.0, 1e4, 0.125)
+    for b, n in enumerate(lengths):
+        slots = [(order[indptr[b] + r // PAGE], r % PAGE) for r in range(n)]
+        k = np.stack([pages[p, 0, :, s] for p, s in slots])
+        v = np.stack([pages[p, 1, :, s] for p, s in slots])
+        for t in range(new[b]):
+            seen = n - (new[b] - 1 - t) if causal else n
+            ref_out, ref_lse = _reference(q[q_indptr[b] + t], k[:seen], v[:seen], 0.125)
+            row = q_indptr[b] + t
+            np.testing.assert_allclose(out.numpy()[row], ref_out, atol=2e-5, err_msg=f"sequence {b}, new token {t}")
+            np.testing.assert_allclose(lse.numpy()[row], ref_lse, atol=2e-4)
+
+
+@pytest.mark.parametrize("causal", [1, 0])
+def test_ragged_attention_matches_numpy(kernels, causal: int) -> None:
+    """New tokens (1, 5, 3) among new keys (1, 5, 4: one more than its queries for the last sequence),
+    head size 48: token t of n sees the first kv_len - n + 1 + t keys when causal."""
+    import tvm
+
+    rng = np.random.default_rng(11 + causal)
+    new, keys = [1, 5, 3], [1, 5, 4]
+    q_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    kv_indptr = np.concatenate([[0], np.cumsum(keys)]).astype(np.int32)
+    q = rng.standard_normal((sum(new), 6, 48)).astype(np.float32)
+    k = rng.standard_normal((sum(keys), 2, 48)).astype(np.float32)
+    v = rng.standard_normal((sum(keys), 2, 48)).astype(np.float32)
+    out = tvm.runtime.tensor(np.full(q.shape, np.nan, np.float32))
+    lse = tvm.runtime.tensor(np.full(q.shape[:2], np.nan, np.float32))
+    args = [q, q_indptr, k, v, kv_indptr, np.zeros(sum(new), np.int32), np.zeros(len(new), np.int32)]
+    kernels["ragged_48"](*[tvm.runtime.tensor(a) for a in args], out, lse, causal, 0, 1.0, 1e4, 48**-0.5)
+    for b in range(len(new)):
+        ks, vs = k[kv_indptr[b] : kv_indptr[b + 1]], v[kv_indptr[b] : kv_indptr[b + 1]]
+        for t in range(new[b]):
+            seen = keys[b] - new[b] + 1 + t if causal else keys[b]
+            ref_out, ref_lse = _reference(q[q_indptr[b] + t], ks[:seen], vs[:seen], 48**-0.5)
+            row = q_indptr[b] + t
+            np.testing.assert_allclose(out.numpy()[row], ref_out, atol=2e-5, err_msg=f"sequence {b}, new token {t}")
+            np.testing.assert_allclose(lse.numpy()[row], ref_lse, atol=2e-4)
+
+
+def test_fused_rope_equals_tvms_kernel() -> None:
+    """edgert's q/k/v split with RoPE gives TVM's ``llama_rope_with_position_map`` results (6 query heads,
+    2 kv heads, head size 64, positions out of order and past 1000); without RoPE a plain split."""
+    import tvm
+    from tvm.relax.frontend.nn.llm.position_embedding import llama_rope_with_position_map
+    from tvm.target import codegen
+
+    from edgert.compiler.passes.attention import fused_rope
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    funcs = {
+        "ours": fused_rope(1e4, 64, 6, 2).with_attr("global_symbol", "ours"),
+        "tvm": llama_rope_with_position_map(1e4, 1.0, 64, 6, 2, "float32", {}).with_attr("global_symbol", "tvm"),
+    }
+    lib = tvm.compile(tvm.IRModule(funcs), target=target)
+    rng = np.random.default_rng(3)
+    qkv = rng.standard_normal((5, 10, 64)).astype(np.float32)
+    positions = np.array([1, 0, 7, 1500, 33], np.int32)
+    for apply_rope in (1, 0):
+        outs = {}
+        for name in funcs:
+            bufs = [tvm.runtime.tensor(np.full((5, n, 64), np.nan, np.float32)) for n in (6, 2, 2)]
+            lib[name](tvm.runtime.tensor(qkv), tvm.runtime.tensor(positions), *bufs, apply_rope)
+            outs[name] = [b.numpy() for b in bufs]
+        for ours, theirs in zip(outs["ours"], outs["tvm"], strict=True):
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=2e-6)
+        if apply_rope:
+            assert np.abs(outs["ours"][0] - qkv[:, :6]).max() > 0.1  # really rotated
+        else:
+            np.testing.assert_array_equal(outs["ours"][0], qkv[:, :6])
+        np.testing.assert_array_equal(outs["ours"][2], qkv[:, 8:])

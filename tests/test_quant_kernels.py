@@ -191,8 +191,9 @@ def test_pack_quantized_layout() -> None:
 @pytest.mark.slow
 def test_quant_kernels_cross_compile_to_neon(tmp_path) -> None:
     """The same kernels built for the Raspberry Pi 5 (aarch64, NEON + dotprod) with the cross
-    toolchain: an aarch64 library whose inner loops are NEON vector FMAs. (Running them needs
-    an aarch64 machine or the emulated board; here they are only compiled.)"""
+    toolchain: an aarch64 library whose inner loops are NEON vector FMAs, with the multi-row int8
+    kernel's ``sdot`` form. (Running them needs an aarch64 machine or the emulated board; here
+    they are only compiled.)"""
     import shutil
     import struct
     import subprocess
@@ -206,10 +207,14 @@ def test_quant_kernels_cross_compile_to_neon(tmp_path) -> None:
     if shutil.which(spec.cc) is None:
         pytest.fail(f"{spec.cc} is missing: tools/setup.sh --test installs it")
     target, record = resolve(spec)
+    from edgert.compiler.kernels.int8 import multirow_quant_matmul
+
     funcs = {
         f"{kind}_{n}_{k}": quant_matmul(k, n, quant_block(n), kind).with_attr("global_symbol", f"{kind}_{n}_{k}")
         for kind, n, k in SHAPES
     }
+    # The multi-row int8 kernel's sdot form (not yet the aarch64 default: untimed on a board).
+    funcs["multirow_sdot"] = multirow_quant_matmul(64, 37, 32, "q4", "dotprod").with_attr("global_symbol", "mr")
     lib = tvm.compile(tvm.IRModule(funcs), target=target)
     out = tmp_path / "kernels.so"
     lib.export_library(str(out), fcompile=library_compiler(spec, record["arch"]))
@@ -221,6 +226,7 @@ def test_quant_kernels_cross_compile_to_neon(tmp_path) -> None:
     # 4-lane float FMAs, nibble shifts and int-to-float conversions on vector registers.
     for op in ("fmla", "ushr", "ucvtf"):
         assert f"{op}\tv" in asm and ".4s" in asm, f"no NEON '{op}' in the kernels"
+    assert "sdot\tv" in asm
 
 
 # -- int8-activation kernels (kernels_int8) ------------------------------------------------
@@ -236,6 +242,20 @@ def int8_activation_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
     return rounded.reshape(m, k) @ w.astype(np.float64).T
 
 
+def int8x2_activation_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """``x @ w.T`` with x in two int8 parts per group of 32, as the VNNI kernel takes q8 weights: the
+    rounding of `int8_activation_reference`, plus its remainder rounded the same way on its own scale."""
+    m, k = x.shape
+
+    def rounded(a: np.ndarray) -> np.ndarray:
+        amax = np.abs(a).max(-1, keepdims=True)
+        return np.round(a * np.where(amax > 0, 127 / np.where(amax > 0, amax, 1), 0)) * (amax / 127)
+
+    g = x.reshape(m, k // 32, 32).astype(np.float64)
+    first = rounded(g)
+    return (first + rounded(g - first)).reshape(m, k) @ w.astype(np.float64).T
+
+
 @pytest.fixture(scope="module")
 def int8_kernels():
     """The int8-activation kernels of SHAPES for this host's instruction set, in one module."""
@@ -248,6 +268,8 @@ def int8_kernels():
     isa = dot_isa(codegen.llvm_get_cpu_features(target))
     if isa is None:
         pytest.fail("this host has neither AVX2 nor dotprod: the int8 kernels need one")
+    if isa == "avx512vnni":  # the row-at-a-time AVX2 kernel here; the VNNI one has its own tests below
+        isa = "avx2"
     funcs = {
         f"{kind}_{n}_{k}": int8_quant_matmul(k, n, quant_block(n), kind, isa).with_attr(
             "global_symbol", f"{kind}_{n}_{k}"
@@ -308,7 +330,76 @@ def test_int8_activations_need_a_dot_product_instruction_set() -> None:
     rpi5 = {"name": "rpi5", "cpu": "cortex-a76", "cpu_flags": ["dotprod", "neon"]}
     assert _int8_isa("f32", rpi4) is None
     assert _int8_isa("int8", host) == "avx2" and _int8_isa("int8", rpi5) == "dotprod"
+    znver5 = {"name": "host", "cpu": "znver5", "cpu_flags": ["avx", "avx2", "avx512bw", "avx512f", "avx512vnni", "fma"]}
+    assert _int8_isa("int8", znver5) == "avx512vnni"
+    # auto: int8 on VNNI only (AVX2's float q8 head was faster; other CPUs not measured)
+    assert _int8_isa("auto", znver5) == "avx512vnni" and _int8_isa("auto", host) is None
+    assert _int8_isa("auto", rpi4) is None and _int8_isa("auto", rpi5) is None
     with pytest.raises(EdgertError, match=r"target 'rpi4' \(cortex-a72\) has neon"):
         _int8_isa("int8", rpi4)
-    with pytest.raises(EdgertError, match="'int4' is not one of f32, int8"):
+    with pytest.raises(EdgertError, match="'int4' is not one of f32, int8, auto"):
         _int8_isa("int4", host)
+
+
+# -- the multi-row AVX-512 VNNI kernel (kernels.int8.multirow_quant_matmul) -------------------------
+# (kind, N, K): N = 1000 and 37 not multiples of the 32-column tile nor of a 16-lane register,
+# N = 20 one tile of 16 columns, K = 96 three groups (not a multiple of the 64-byte register), K = 32 one.
+VNNI_SHAPES = [("q4", 1000, 96), ("q4", 20, 32), ("q8", 37, 64)]
+# Every static row tile (1, 2, 3, 5, 8, 16) below, at and past its size, and two passes of 16.
+VNNI_ROWS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 33)
+
+
+@pytest.fixture(scope="module")
+def vnni_kernels():
+    """The VNNI kernels of VNNI_SHAPES for an AVX-512 VNNI CPU (znver4), and whether this host runs them."""
+    import tvm
+    from tvm.target import codegen
+
+    from edgert.compiler.kernels.int8 import dot_isa, int8_quant_matmul
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "num-cores": 2})
+    assert dot_isa(codegen.llvm_get_cpu_features(target)) == "avx512vnni"
+    funcs = {
+        f"{kind}_{n}_{k}": int8_quant_matmul(k, n, quant_block(n), kind, "avx512vnni").with_attr(
+            "global_symbol", f"{kind}_{n}_{k}"
+        )
+        for kind, n, k in VNNI_SHAPES
+    }
+    lib = tvm.compile(tvm.IRModule(funcs), target=target)
+    host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    return lib, "avx512vnni" in codegen.llvm_get_cpu_features(host)
+
+
+@pytest.mark.parametrize(("kind", "n", "k"), VNNI_SHAPES)
+def test_vnni_multirow_matmul_matches_numpy(vnni_kernels, kind: str, n: int, k: int) -> None:
+    """Every row count gives the product with int8-rounded activations (q8: in two int8 parts) to
+    float32 rounding: rows of one static tile share each unpacked code register, rows past m are
+    not written."""
+    import tvm
+
+    from edgert.compiler.layout import pack_quantized_dot
+
+    lib, runs_here = vnni_kernels
+    if not runs_here:  # the code is still checked: VNNI instructions in the compiled kernels
+        asm = lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
+        assert "vpdpbusd\t%zmm" in asm
+        pytest.skip("this host has no AVX-512 VNNI to run the kernels on (compiled and checked only)")
+    rng = np.random.default_rng(n + k + 2)
+    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
+    weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
+    w = q.dequantize()
+    for m in VNNI_ROWS:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        x[-1] *= 100  # one row far larger: a row's result must not leak into another's
+        if k > 32:
+            x[0, :32] = 0  # an all-zero group: activation scale 0
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        lib[f"{kind}_{n}_{k}"](tvm.runtime.tensor(x), *weights, y)
+        want = (int8_activation_reference if kind == "q4" else int8x2_activation_reference)(x, w)
+        err = np.abs(y.numpy() - want) / np.abs(want).max(axis=1, keepdims=True)  # per row's own scale
+        # q8: the kernel forms the remainder in float32, so now and then one of its codes rounds the other way
+        assert err.max() < (1e-5 if kind == "q4" else 3e-5), f"m={m}: {err.max()}"
+        if kind == "q8":  # two parts: far closer to the float product than one int8 rounding
+            exact = x.astype(np.float64) @ w.astype(np.float64).T
+            one_part = int8_activation_reference(x, w)
+            assert np.abs(want - exact).max() < 0.02 * np.abs(one_part - exact).max()

@@ -290,6 +290,20 @@ def test_cli_runs_lookup_decoding(tiny_host_artifact, tiny) -> None:
 
 
 @pytest.mark.slow
+def test_bench_times_a_verify_pass_in_decode_steps(tiny_host_artifact) -> None:
+    """`edgert bench --verify-rows`: both entries timed at the same cache position, the ratio of the
+    minimums reported (and the CPU-time one with one thread); a model without verify is refused."""
+    proc = run_cli("bench", str(tiny_host_artifact), "--verify-rows", "3", "-r", "3", "-t", "1", "--json")
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(proc.stdout)
+    assert r["rows"] == 3 and r["rounds"] == 3 and r["threads"] == 1
+    assert r["verify_over_decode"] == pytest.approx(r["verify_ms_min"] / r["decode_ms_min"], rel=0.01)
+    assert r["cpu_verify_over_decode"] > 0 and r["decode_ms_min"] > 0
+    proc = run_cli("bench", str(tiny_host_artifact), "--verify-rows", "3", "--prompt-tokens", "0")
+    assert proc.returncode != 0 and "need at least 1" in proc.stderr
+
+
+@pytest.mark.slow
 def test_lookup_and_recycle_on_smollm2_grounded_prompts(smollm) -> None:
     """SmolLM2 on three of the project's input-grounded prompts: plain decoding's tokens, drafts mostly kept."""
     from conftest import ROOT

@@ -1,13 +1,16 @@
 #!/usr/bin/env python
-"""Decode GEMV kernels side by side: float activations (`kernels.quant_matmul`) against int8
-activations (`kernels_int8.int8_quant_matmul`), on SmolLM2-135M's matrix shapes.
+"""Quantized matmul kernels side by side: float activations (`kernels.quant_matmul`) against int8
+activations (`kernels.int8.int8_quant_matmul` for this CPU's instruction set), on SmolLM2-135M's
+matrix shapes.
 
-    TVM_NUM_THREADS=1 python tools/bench_kernels.py [--rounds 15] [--rows 1]
+    TVM_NUM_THREADS=1 python tools/bench_kernels.py [--rounds 15] [--rows 1 2 5 8]
 
-``--rows m`` times m rows at once (m = k + 1 is the verify pass of k speculative drafts).
+``--rows m ...`` times m rows at once (m = k + 1 is the verify pass of k speculative drafts), each
+row count in turn. On an AVX-512 VNNI CPU a third kernel is timed: the AVX2 one-row-at-a-time
+int8 kernel (``avx2``), what ``--activations int8`` built there before the multi-row VNNI kernel.
 
-Both kernels of a shape are timed in alternation (``rounds`` times, each a TVM time_evaluator
-of ``number`` calls), so a loaded machine slows both alike; prints the median and the minimum
+The kernels of a shape are timed in alternation (``rounds`` times, each a TVM time_evaluator
+of ``number`` calls), so a loaded machine slows them alike; prints the median and the minimum
 per kernel in microseconds and the ratio of the minimums (float / int8: above 1, int8 is faster).
 """
 
@@ -37,40 +40,43 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--rows", type=int, default=1, help="rows of x per call (1: decode)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1], help="rows of x per call (1: decode)")
     args = parser.parse_args(argv)
     target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
     isa = dot_isa(codegen.llvm_get_cpu_features(target))
     if isa is None:
         print("error: this CPU has neither AVX2 nor dotprod", file=sys.stderr)
         return 2
+    variants = {"float": None, "int8": isa, **({"avx2": "avx2"} if isa == "avx512vnni" else {})}
     funcs = {}
     for kind, n, k in SHAPES:
-        funcs[f"float_{kind}_{n}_{k}"] = quant_matmul(k, n, quant_block(n), kind)
-        funcs[f"int8_{kind}_{n}_{k}"] = int8_quant_matmul(k, n, quant_block(n), kind, isa)
+        b = quant_block(n)
+        for p, v in variants.items():
+            funcs[f"{p}_{kind}_{n}_{k}"] = int8_quant_matmul(k, n, b, kind, v) if v else quant_matmul(k, n, b, kind)
     module = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     lib = tvm.compile(module, target=target).jit()
     rng = np.random.default_rng(0)
-    print(f"instruction set {isa}; {args.rows} row(s); microseconds per call (median / min of {args.rounds} rounds)")
-    for kind, n, k in SHAPES:
-        q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
-        x = tvm.runtime.tensor(rng.standard_normal((args.rows, k)).astype(np.float32))
-        y = tvm.runtime.tensor(np.zeros((args.rows, n), np.float32))
-        weights = {
-            "float": [tvm.runtime.tensor(a) for a in pack_quantized(q, quant_block(n))],
-            "int8": [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))],
-        }
-        number = max(1, int(2e7 // (n * k)))
-        timers = {p: lib.time_evaluator(f"{p}_{kind}_{n}_{k}", tvm.cpu(), number=number, repeat=1) for p in weights}
-        times: dict[str, list[float]] = {p: [] for p in weights}
-        for _ in range(args.rounds):
-            for p in weights:
-                times[p].append(timers[p](x, *weights[p], y).mean * 1e6)
-        f, i = times["float"], times["int8"]
-        print(
-            f"{kind} N={n:>5} K={k:>4}: float {np.median(f):8.1f} / {min(f):8.1f}   "
-            f"int8 {np.median(i):8.1f} / {min(i):8.1f}   ratio {min(f) / min(i):.2f}"
-        )
+    print(f"instruction set {isa}; microseconds per call (median / min of {args.rounds} rounds)")
+    for rows in args.rows:
+        print(f"-- {rows} row(s)")
+        for kind, n, k in SHAPES:
+            q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
+            x = tvm.runtime.tensor(rng.standard_normal((rows, k)).astype(np.float32))
+            y = tvm.runtime.tensor(np.zeros((rows, n), np.float32))
+            packed = {
+                "float": [tvm.runtime.tensor(a) for a in pack_quantized(q, quant_block(n))],
+                "dot": [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))],
+            }
+            number = max(1, int(2e7 // (n * k * rows)))
+            timers = {
+                p: lib.time_evaluator(f"{p}_{kind}_{n}_{k}", tvm.cpu(), number=number, repeat=1) for p in variants
+            }
+            times: dict[str, list[float]] = {p: [] for p in variants}
+            for _ in range(args.rounds):
+                for p in variants:
+                    times[p].append(timers[p](x, *packed["float" if p == "float" else "dot"], y).mean * 1e6)
+            cells = "   ".join(f"{p} {np.median(t):8.1f} / {min(t):8.1f}" for p, t in times.items())
+            print(f"{kind} N={n:>5} K={k:>4}: {cells}   ratio {min(times['float']) / min(times['int8']):.2f}")
     return 0
 
 

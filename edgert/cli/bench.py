@@ -23,12 +23,36 @@ def bench(
             "--background", help="Busy processes spinning beside the run (a phone's other work); ended after it."
         ),
     ] = 0,
+    verify_rows: Annotated[
+        int,
+        typer.Option(
+            "--verify-rows",
+            help="Instead: time a verify pass over N tokens against one decode step (--repeats rounds, "
+            "default 30) and print the ratio, what a speculative round of N - 1 drafts costs in steps.",
+        ),
+    ] = 0,
     as_json: JsonOpt = False,
     unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Measure load time, prefill and decode tokens/s (medians) and peak memory."""
-    from edgert.profile import bench_generator
+    from edgert.profile import bench_generator, bench_verify
 
+    if verify_rows:
+        result = bench_verify(artifact, verify_rows, repeats if repeats != 5 else 30, threads, prompt_tokens)
+        if as_json:
+            print(json.dumps(result, indent=2))
+            return
+        out.print(
+            f"verify of {verify_rows} tokens {result['verify_ms_min']} ms, decode step {result['decode_ms_min']} ms "
+            f"(minimums of {result['rounds']} rounds): {result['verify_over_decode']} decode steps "
+            f"(medians: {result['verify_over_decode_median']})"
+            + (
+                f"; in CPU time (medians): {result['cpu_verify_over_decode']}"
+                if "cpu_verify_over_decode" in result
+                else ""
+            )
+        )
+        return
     result = bench_generator(artifact, prompt_tokens, gen_tokens, repeats, threads, background)
     if as_json:
         print(json.dumps(result, indent=2))

@@ -102,7 +102,7 @@ class QuantLinear(nn.Module):
     `parse_kind`), dequantized in the kernel."""
 
     def __init__(self, in_features: int, out_features: int, storage: str, isa: str | None = None):
-        # isa (avx2, dotprod, i8mm): the int8-activation kernels of kernels_int8 and their weight layout
+        # isa (avx2, avx512vnni, dotprod, i8mm): the int8-activation kernels of kernels_int8 and their weight layout
         # (plain q4/q8 only).
         self.fmt = parse_kind(storage)
         kind = self.fmt.base
@@ -263,6 +263,8 @@ def _int8_for(kind: str, isa: str | None) -> str | None:
     On AVX2 only q4 gains: `vpmaddubsw` multiplies unsigned by signed bytes, so q8's signed codes
     need sign fixes, and SmolLM2's q8 head ran 2.01 ms per token against 1.50 ms with floats
     (q4 matrices: 5.38 against 6.46 ms; `edgert.profile.measure.operator_times`, 40 steps).
+    AVX-512 VNNI takes q8 too (the +128 offset of `multirow_quant_matmul` costs one xor per
+    register of codes, shared by every row).
     """
     if isa == "avx2" and kind != "q4":
         return None
@@ -282,7 +284,7 @@ def apply_cpu_layout(
 
     ``storage`` names the kind (q4, q8, f16, f32) of each matrix by its weight name (``default``
     for the others), or is one kind for every matrix; ``tied`` = (embedding, head) makes the
-    embedding read the head's table. ``int8_isa`` (avx2, dotprod) gives q4/q8 matrices the
+    embedding read the head's table. ``int8_isa`` (avx2, avx512vnni, dotprod, i8mm) gives q4/q8 matrices the
     int8-activation kernels of `kernels_int8` instead of the float ones (on AVX2 q4 only).
     """
     if isinstance(storage, str):

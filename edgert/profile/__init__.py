@@ -1,5 +1,5 @@
 """Latency measurement: repeated runs, medians, peak memory, reports."""
 
-from edgert.profile.bench import bench_generator, peak_rss_mb
+from edgert.profile.bench import bench_generator, bench_verify, peak_rss_mb
 
-__all__ = ["bench_generator", "peak_rss_mb"]
+__all__ = ["bench_generator", "bench_verify", "peak_rss_mb"]

@@ -91,3 +91,66 @@ def _bench(path: str | Path, prompt_tokens: int, gen_tokens: int, repeats: int, 
         "decode_tokens_per_second_runs": [round(x, 2) for x in decode_tps],
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
+
+
+def bench_verify(
+    path: str | Path, rows: int = 5, rounds: int = 30, threads: int | None = None, prompt_tokens: int = 64
+) -> dict[str, Any]:
+    """What a verify pass over ``rows`` tokens costs in decode steps (issue 20's goal: <= 1.5 for 5).
+
+    After a prefill of ``prompt_tokens``, each round times one `decode` step and one `verify`
+    pass over ``rows`` tokens at the same cache position (both rolled back), in alternation, so
+    a loaded machine slows both alike; the ratio is that of the minimums (the medians beside it).
+    With one thread the CPU time of the process is timed too (``cpu_*``): it leaves out the time
+    another process held the core, so on a busy machine it is the steadier figure.
+    """
+    from edgert.errors import EdgertError
+    from edgert.families.registry import load
+
+    if rows < 1 or rounds < 1 or prompt_tokens < 1:
+        raise EdgertError("bench --verify-rows, --repeats and --prompt-tokens need at least 1")
+    model = load(path, threads=threads)
+    if not hasattr(model, "rollback") or "verify" not in model.artifact.manifest.get("entry_points", {}):
+        raise EdgertError(f"{path}: --verify-rows needs a language model with a verify entry")
+    base = model.tokenizer.encode(BENCH_TEXT)
+    prompt = (base * ((prompt_tokens + rows) // len(base) + 1))[: prompt_tokens + rows]
+    if prompt_tokens + rows > model.context_length:
+        raise EdgertError(
+            f"{prompt_tokens} prompt + {rows} verified tokens exceed the context of {model.context_length}"
+        )
+    model.reset()
+    model.prefill(prompt[:prompt_tokens])
+    drafts = prompt[prompt_tokens:]
+    decode, verify, cpu_decode, cpu_verify = [], [], [], []
+    for _ in range(rounds + 2):  # two warm-up rounds, dropped
+        t, c = time.perf_counter(), time.process_time()
+        model.step(drafts[:1])
+        decode.append(time.perf_counter() - t)
+        cpu_decode.append(time.process_time() - c)
+        model.rollback(1)
+        t, c = time.perf_counter(), time.process_time()
+        model.step(drafts, all_logits=True)
+        verify.append(time.perf_counter() - t)
+        cpu_verify.append(time.process_time() - c)
+        model.rollback(rows)
+    decode, verify, cpu_decode, cpu_verify = decode[2:], verify[2:], cpu_decode[2:], cpu_verify[2:]
+    cpu = {}
+    if model.session.threads == 1:
+        cpu = {
+            "cpu_decode_ms_median": round(statistics.median(cpu_decode) * 1e3, 3),
+            "cpu_verify_ms_median": round(statistics.median(cpu_verify) * 1e3, 3),
+            "cpu_verify_over_decode": round(statistics.median(cpu_verify) / statistics.median(cpu_decode), 3),
+        }
+    return {
+        "artifact": str(path),
+        "threads": model.session.threads,
+        "rows": rows,
+        "rounds": rounds,
+        "decode_ms_min": round(min(decode) * 1e3, 3),
+        "decode_ms_median": round(statistics.median(decode) * 1e3, 3),
+        "verify_ms_min": round(min(verify) * 1e3, 3),
+        "verify_ms_median": round(statistics.median(verify) * 1e3, 3),
+        "verify_over_decode": round(min(verify) / min(decode), 3),
+        "verify_over_decode_median": round(statistics.median(verify) / statistics.median(decode), 3),
+        **cpu,
+    }

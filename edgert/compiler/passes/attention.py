@@ -7,6 +7,13 @@ same signature and results for the case edgert builds (RoPE applied before the c
 sliding window): heads go to threads, q·k and p·v run as vectors over the head dimension,
 and the softmax is computed in two passes over a score row instead of rescaling the output
 for every token. `use_fast_decode_attention` swaps it into an exported module.
+
+The same holds for a few new tokens over a cached prefix (a speculative verify pass, a batch of
+drafts): TVM's ``batch_prefill_paged_kv_cpu`` walks heads and tokens serially with scalar loops
+and an online softmax, 16 of a SmolLM2 verify pass's 46 ms over 5 tokens at 64 tokens of context
+(loaded machine), and ``batch_prefill_ragged_kv`` (the new tokens among themselves) likewise.
+`paged_prefill_attention` and `ragged_prefill_attention` compute them as the decode kernel does,
+one (token, head) pair per task, with the causal mask cutting each token's row of scores.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ from tvm import IRModule, tirx
 from tvm.script import tirx as T
 
 DECODE_KERNEL = "batch_decode_paged_kv_cpu"  # the name of TIRPagedKVCache's CPU decode kernel in the module
+PREFILL_KERNEL = "batch_prefill_paged_kv_cpu"  # its CPU prefill kernel over the pages (no sliding window)
+RAGGED_KERNEL = "batch_prefill_ragged_kv"  # its CPU prefill kernel of new tokens among themselves
+ROPE_KERNEL = "fused_rope"  # its split of the fused q/k/v projection, with RoPE on q and k
 LANES = 16
 
 
@@ -106,8 +116,262 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
     return decode.with_attr("global_symbol", "edgert_paged_decode_attention")
 
 
-def use_fast_decode_attention(mod: IRModule, num_kv_heads: int, num_qo_heads: int, head_dim: int) -> IRModule:
-    """``mod`` with TIRPagedKVCache's scalar CPU decode kernel replaced by `paged_decode_attention`."""
+def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, page_size: int = 16) -> tirx.PrimFunc:
+    """``output[t, h] = softmax(q·K^T * sm_scale) V`` for every new token t of a sequence over its pages,
+    causal (token t of n new ones sees all but the last n - 1 - t cached tokens) when ``causal``;
+    also the log2-sum-exp. The signature of TIRPagedKVCache's ``batch_prefill_paged_kv_cpu``."""
+    h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
+    group = h_qo // h_kv
+    lanes = LANES if d % LANES == 0 else 1
+    log2e = math.log2(math.e)
+
+    @T.prim_func
+    def prefill(
+        q_handle: T.handle,
+        q_indptr_handle: T.handle,
+        pages_handle: T.handle,
+        page_indptr_handle: T.handle,
+        page_values_handle: T.handle,
+        length_info_handle: T.handle,
+        k_rope_pos_offset_handle: T.handle,
+        q_rope_position_handle: T.handle,
+        output_handle: T.handle,
+        lse_handle: T.handle,
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q_indptr_offset = T.int32()
+        indptr_offset = T.int32()
+        values_offset = T.int32()
+        k_rope_offset = T.int32()
+        q_rope_offset = T.int32()
+        length_offset = T.int32()
+        q = T.match_buffer(q_handle, (total_len, h_qo, d), "float32")
+        q_indptr = T.match_buffer(q_indptr_handle, (batch + 1,), "int32", elem_offset=q_indptr_offset)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d), "float32")
+        page_indptr = T.match_buffer(page_indptr_handle, (batch + 1,), "int32", elem_offset=indptr_offset)
+        page_values = T.match_buffer(page_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
+        last_page_len = T.match_buffer(length_info_handle, (batch,), "int32", elem_offset=length_offset)
+        T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
+        T.match_buffer(q_rope_position_handle, (total_len,), "int32", elem_offset=q_rope_offset)
+        output = T.match_buffer(output_handle, (total_len, h_qo, d), "float32")
+        lse = T.match_buffer(lse_handle, (total_len, h_qo), "float32")
+        assert rotary_mode == 0, "edgert's prefill attention expects RoPE applied before the cache"
+        for b in range(batch):
+            first: T.let[T.int32] = page_indptr[b]
+            n_pages: T.let[T.int32] = page_indptr[b + 1] - first
+            kv_len: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+            q0: T.let[T.int32] = q_indptr[b]
+            qo_len: T.let[T.int32] = q_indptr[b + 1] - q0
+            for th in T.parallel(qo_len * h_qo):
+                t: T.let[T.int32] = th // h_qo
+                h: T.let[T.int32] = th % h_qo
+                length: T.let[T.int32] = T.if_then_else(
+                    causal > 0, T.max(T.min(kv_len - qo_len + t + 1, kv_len), 0), kv_len
+                )
+                scores = T.alloc_buffer((kv_len,), "float32")
+                qs = T.alloc_buffer((d,), "float32", scope="local")
+                part = T.alloc_buffer((lanes,), "float32", scope="local")
+                out = T.alloc_buffer((d,), "float32", scope="local")
+                stat = T.alloc_buffer((2,), "float32", scope="local")  # max, sum of exps
+                kv = h // group
+                for i in T.vectorized(d):
+                    qs[i] = q[q0 + t, h, i] * sm_scale * T.float32(log2e)
+                stat[0] = T.float32(-3.0e38)
+                for r in range(length):
+                    page = page_values[first + r // page_size]
+                    slot = r % page_size
+                    for v in T.vectorized(lanes):
+                        part[v] = T.float32(0)
+                    for c in range(d // lanes):
+                        for v in T.vectorized(lanes):
+                            part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
+                    scores[r] = T.float32(0)
+                    for v in range(lanes):
+                        scores[r] = scores[r] + part[v]
+                    stat[0] = T.max(stat[0], scores[r])
+                stat[1] = T.float32(0)
+                for i in T.vectorized(d):
+                    out[i] = T.float32(0)
+                for r in range(length):
+                    page = page_values[first + r // page_size]
+                    slot = r % page_size
+                    p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
+                    stat[1] = stat[1] + p
+                    for i in T.vectorized(d):
+                        out[i] = out[i] + p * pages[page, 1, kv, slot, i]
+                for i in T.vectorized(d):  # no visible token: zeros, and a log-sum-exp merging to nothing
+                    output[q0 + t, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
+                lse[q0 + t, h] = T.if_then_else(
+                    length > 0, stat[0] + T.log2(T.max(stat[1], T.float32(1e-30))), T.float32(-5e4)
+                )
+
+    return prefill.with_attr("global_symbol", "edgert_paged_prefill_attention")
+
+
+def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int) -> tirx.PrimFunc:
+    """``output[t, h] = softmax(q·K^T * sm_scale) V`` of new tokens over new keys and values (not yet in
+    pages), causal when ``causal``; also the log2-sum-exp. The signature of TIRPagedKVCache's
+    CPU ``batch_prefill_ragged_kv``, whose scalar loops cost as much as the paged part."""
+    h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
+    group = h_qo // h_kv
+    lanes = LANES if d % LANES == 0 else 1
+    log2e = math.log2(math.e)
+
+    @T.prim_func
+    def ragged(
+        q_handle: T.handle,
+        q_indptr_handle: T.handle,
+        k_handle: T.handle,
+        v_handle: T.handle,
+        kv_indptr_handle: T.handle,
+        q_rope_position_handle: T.handle,
+        k_rope_pos_offset_handle: T.handle,
+        output_handle: T.handle,
+        lse_handle: T.handle,
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch = T.int32()
+        qo_total = T.int32()
+        kv_total = T.int32()
+        q_indptr_offset = T.int32()
+        kv_indptr_offset = T.int32()
+        q_rope_offset = T.int32()
+        k_rope_offset = T.int32()
+        q = T.match_buffer(q_handle, (qo_total, h_qo, d), "float32")
+        q_indptr = T.match_buffer(q_indptr_handle, (batch + 1,), "int32", elem_offset=q_indptr_offset)
+        k = T.match_buffer(k_handle, (kv_total, h_kv, d), "float32")
+        v = T.match_buffer(v_handle, (kv_total, h_kv, d), "float32")
+        kv_indptr = T.match_buffer(kv_indptr_handle, (batch + 1,), "int32", elem_offset=kv_indptr_offset)
+        T.match_buffer(q_rope_position_handle, (qo_total,), "int32", elem_offset=q_rope_offset)
+        T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
+        output = T.match_buffer(output_handle, (qo_total, h_qo, d), "float32")
+        lse = T.match_buffer(lse_handle, (qo_total, h_qo), "float32")
+        assert rotary_mode == 0, "edgert's ragged attention expects RoPE applied before the cache"
+        for b in range(batch):
+            q0: T.let[T.int32] = q_indptr[b]
+            qo_len: T.let[T.int32] = q_indptr[b + 1] - q0
+            k0: T.let[T.int32] = kv_indptr[b]
+            kv_len: T.let[T.int32] = kv_indptr[b + 1] - k0
+            for th in T.parallel(qo_len * h_qo):
+                t: T.let[T.int32] = th // h_qo
+                h: T.let[T.int32] = th % h_qo
+                length: T.let[T.int32] = T.if_then_else(
+                    causal > 0, T.max(T.min(kv_len - qo_len + t + 1, kv_len), 0), kv_len
+                )
+                scores = T.alloc_buffer((kv_len,), "float32")
+                qs = T.alloc_buffer((d,), "float32", scope="local")
+                part = T.alloc_buffer((lanes,), "float32", scope="local")
+                out = T.alloc_buffer((d,), "float32", scope="local")
+                stat = T.alloc_buffer((2,), "float32", scope="local")  # max, sum of exps
+                kv = h // group
+                for i in T.vectorized(d):
+                    qs[i] = q[q0 + t, h, i] * sm_scale * T.float32(log2e)
+                stat[0] = T.float32(-3.0e38)
+                for r in range(length):
+                    for x in T.vectorized(lanes):
+                        part[x] = T.float32(0)
+                    for c in range(d // lanes):
+                        for x in T.vectorized(lanes):
+                            part[x] = part[x] + qs[c * lanes + x] * k[k0 + r, kv, c * lanes + x]
+                    scores[r] = T.float32(0)
+                    for x in range(lanes):
+                        scores[r] = scores[r] + part[x]
+                    stat[0] = T.max(stat[0], scores[r])
+                stat[1] = T.float32(0)
+                for i in T.vectorized(d):
+                    out[i] = T.float32(0)
+                for r in range(length):
+                    p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
+                    stat[1] = stat[1] + p
+                    for i in T.vectorized(d):
+                        out[i] = out[i] + p * v[k0 + r, kv, i]
+                for i in T.vectorized(d):
+                    output[q0 + t, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
+                lse[q0 + t, h] = T.if_then_else(
+                    length > 0, stat[0] + T.log2(T.max(stat[1], T.float32(1e-30))), T.float32(-5e4)
+                )
+
+    return ragged.with_attr("global_symbol", "edgert_ragged_prefill_attention")
+
+
+def fused_rope(theta: float, head_dim: int, num_q_heads: int, num_kv_heads: int) -> tirx.PrimFunc:
+    """Split ``qkv[s, heads, d]`` into q, k, v with Llama's RoPE (rotate-half, no scaling) on q and k.
+
+    TVM's ``fused_rope`` (``llama_rope_with_position_map``) computes ``theta ** (2i / d)``, a cosine and a
+    sine for every element of every head, serially: about 1.2 ms of a 6.5 ms SmolLM2 decode step
+    (2-core znver5, `perf`). Here each token's ``d / 2`` angles are computed once, with the same
+    expression, and shared by all heads; tokens go to threads.
+    """
+    fused, half, d = num_q_heads + 2 * num_kv_heads, head_dim // 2, head_dim
+
+    @T.prim_func
+    def rope(
+        qkv_handle: T.handle,
+        position_map_handle: T.handle,
+        q_handle: T.handle,
+        k_handle: T.handle,
+        v_handle: T.handle,
+        apply_rope: T.int64,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        seq_len = T.int32()
+        position_offset = T.int32()
+        qkv = T.match_buffer(qkv_handle, (seq_len, fused, d), "float32")
+        position_map = T.match_buffer(position_map_handle, (seq_len,), "int32", elem_offset=position_offset)
+        q = T.match_buffer(q_handle, (seq_len, num_q_heads, d), "float32")
+        k = T.match_buffer(k_handle, (seq_len, num_kv_heads, d), "float32")
+        v = T.match_buffer(v_handle, (seq_len, num_kv_heads, d), "float32")
+        for s in T.parallel(seq_len):
+            cs = T.alloc_buffer((half,), "float32", scope="local")
+            sn = T.alloc_buffer((half,), "float32", scope="local")
+            for i in range(half):
+                if apply_rope > 0:  # TVM's angle: position / theta ** ((2 i % d) / d)
+                    cs[i] = T.cos(
+                        T.Cast("float32", position_map[s])
+                        / T.pow(T.float32(theta), T.Cast("float32", i * 2) / T.float32(d))
+                    )
+                    sn[i] = T.sin(
+                        T.Cast("float32", position_map[s])
+                        / T.pow(T.float32(theta), T.Cast("float32", i * 2) / T.float32(d))
+                    )
+                else:
+                    cs[i] = T.float32(1)
+                    sn[i] = T.float32(0)
+            for h in range(num_q_heads + num_kv_heads):
+                for j in T.vectorized(half):
+                    if h < num_q_heads:
+                        q[s, h, j] = cs[j] * qkv[s, h, j] - sn[j] * qkv[s, h, j + half]
+                        q[s, h, j + half] = cs[j] * qkv[s, h, j + half] + sn[j] * qkv[s, h, j]
+                    else:
+                        k[s, h - num_q_heads, j] = cs[j] * qkv[s, h, j] - sn[j] * qkv[s, h, j + half]
+                        k[s, h - num_q_heads, j + half] = cs[j] * qkv[s, h, j + half] + sn[j] * qkv[s, h, j]
+            for h, j in T.grid(num_kv_heads, d):
+                v[s, h, j] = qkv[s, num_q_heads + num_kv_heads + h, j]
+
+    return rope.with_attr("global_symbol", "edgert_fused_rope")
+
+
+def use_fast_decode_attention(
+    mod: IRModule, num_kv_heads: int, num_qo_heads: int, head_dim: int, rope_theta: float | None = None
+) -> IRModule:
+    """``mod`` with TIRPagedKVCache's scalar CPU decode and prefill kernels (over the pages, without a
+    sliding window, and among the new tokens) replaced by `paged_decode_attention`,
+    `paged_prefill_attention` and `ragged_prefill_attention`; with ``rope_theta`` (the cache applies
+    Llama's RoPE, unscaled) also its q/k/v split, by `fused_rope`."""
     names = {gv.name_hint: gv for gv in mod.get_global_vars()}
     if DECODE_KERNEL not in names:
         return mod  # no CPU paged cache in this module (another target or cache kind)
@@ -115,4 +379,16 @@ def use_fast_decode_attention(mod: IRModule, num_kv_heads: int, num_qo_heads: in
     mod[names[DECODE_KERNEL]] = paged_decode_attention(num_kv_heads, num_qo_heads, head_dim).with_attr(
         "global_symbol", DECODE_KERNEL
     )
+    if PREFILL_KERNEL in names:
+        mod[names[PREFILL_KERNEL]] = paged_prefill_attention(num_kv_heads, num_qo_heads, head_dim).with_attr(
+            "global_symbol", PREFILL_KERNEL
+        )
+    if RAGGED_KERNEL in names:
+        mod[names[RAGGED_KERNEL]] = ragged_prefill_attention(num_kv_heads, num_qo_heads, head_dim).with_attr(
+            "global_symbol", RAGGED_KERNEL
+        )
+    if rope_theta is not None and ROPE_KERNEL in names and head_dim % 2 == 0:
+        mod[names[ROPE_KERNEL]] = fused_rope(rope_theta, head_dim, num_qo_heads, num_kv_heads).with_attr(
+            "global_symbol", ROPE_KERNEL
+        )
     return mod

@@ -35,10 +35,11 @@ def build(req: BuildRequest) -> CompileResult:
     Options: ``quant`` (source, q4, q8, f16, f32; see `edgert.compiler.quantize`; ``weight_dtype``
     f16/f32 is its older name), ``context_length``, ``prefill_chunk_size``, ``threads``,
     ``activations`` (``f32``: float activations times dequantized q4/q8 weights; ``int8``: int8
-    activations and integer dot products, `edgert.compiler.kernels.int8`), ``library_cache`` (a
-    folder reusing the library of a structurally identical module for the same target),
-    ``evictable_kv`` (True: RoPE before the cache and the ``prefill_at``/``batch_decode_at`` entry
-    points that `edgert serve --kv-budget` evicts through; see `edgert.runtime.kv_budget`).
+    activations and integer dot products, `edgert.compiler.kernels.int8`; ``auto``: int8 where
+    the CPU has AVX-512 VNNI, f32 elsewhere), ``library_cache`` (a folder reusing the library of a
+    structurally identical module for the same target), ``evictable_kv`` (True: RoPE before the
+    cache and the ``prefill_at``/``batch_decode_at`` entry points that `edgert serve --kv-budget`
+    evicts through; see `edgert.runtime.kv_budget`).
     """
     from edgert.families.llama import loader
     from edgert.families.llama.model import LlamaConfig, LlamaForCausalLM
@@ -66,10 +67,14 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
         gguf_model, cfg, tokenizer_json, tokenizer_fields = read_source(source, req.parsed, config_cls, loader)
         context = min(req.option("context_length", 2048), cfg.context_length)
         chunk = min(req.option("prefill_chunk_size", 256), context)
+        # f32 by default: with int8 activations the verify pass's tiny float differences from decode
+        # (its attention merges two softmax parts) flip int8 roundings, and greedy speculative
+        # output left plain decoding's at a near-tie (tests/test_speculative.py, 1 of 10 prompts).
         activations = req.option("activations", "f32")
-        if job.on_gpu and activations != "f32":
+        if job.on_gpu and activations not in ("f32", "auto"):
             raise EdgertError(f"--activations {activations}: GPU builds take f32 activations only")
         int8_isa = None if job.on_gpu else _int8_isa(activations, job.record)
+        activations = "int8" if int8_isa else "f32"
 
     progress("reading weights", None)
     with job.timed("weights"):
@@ -92,7 +97,8 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
         with job.tvm_target:
             mod, named_params = net.export_tvm(spec=net.get_default_spec())
         if not job.on_gpu:  # a CPU kernel; the GPU keeps the paged cache's own decode kernels
-            mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim)
+            theta = cfg.rope_theta if family == "llama" else None  # Gemma applies RoPE outside the cache
+            mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, theta)
 
     library_cache = req.options.get("library_cache")
     cached = cached_library(library_cache, mod, job.tvm_target, job.spec.cc) if library_cache else None
@@ -167,14 +173,20 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
 
 
 def _int8_isa(activations: str, record: dict[str, Any]) -> str | None:
-    """The dot-product instruction set for ``activations`` int8 on the target (None for f32)."""
+    """The dot-product instruction set for ``activations`` int8 on the target (None for f32).
+
+    ``auto`` takes int8 on AVX-512 VNNI only: there the multi-row kernel makes one token 1.7x and
+    five tokens (a verify pass) 2.8x faster than the float kernels (`tools/bench_kernels.py`).
+    """
     from edgert.compiler.kernels.int8 import dot_isa
 
-    if activations not in ("f32", "int8"):
-        raise EdgertError(f"--activations '{activations}' is not one of f32, int8")
+    if activations not in ("f32", "int8", "auto"):
+        raise EdgertError(f"--activations '{activations}' is not one of f32, int8, auto")
     if activations == "f32":
         return None
     isa = dot_isa(record["cpu_flags"])
+    if activations == "auto":
+        return isa if isa == "avx512vnni" else None
     if isa is None:
         raise EdgertError(
             f"--activations int8 needs integer dot products (x86 AVX2, aarch64 dotprod or i8mm); target "
