@@ -128,7 +128,8 @@ def smollm_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     def build(folder: Path) -> None:
         out = folder / "smollm2.edgert"
-        proc = run_cli("compile", "smollm2-135m", "--target", "host", "-o", str(out))
+        # Wide enough that the long shared path is printed on one line, as the check below reads it.
+        proc = run_cli("compile", "smollm2-135m", "--target", "host", "-o", str(out), env={"COLUMNS": "1000"})
         assert proc.returncode == 0, proc.stderr
         assert f"wrote {out}" in " ".join(proc.stderr.split())
 
@@ -168,7 +169,8 @@ def whisper_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     def build(folder: Path) -> None:
         out = folder / "whisper-tiny.en.edgert"
-        proc = run_cli("compile", "whisper-tiny.en", "--target", "host", "-o", str(out))
+        # Wide enough that the long shared path is printed on one line, as the check below reads it.
+        proc = run_cli("compile", "whisper-tiny.en", "--target", "host", "-o", str(out), env={"COLUMNS": "1000"})
         assert proc.returncode == 0, proc.stderr
         assert f"wrote {out}" in " ".join(proc.stderr.split())
 
