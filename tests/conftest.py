@@ -250,12 +250,14 @@ def tiny_gguf_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared_build(tmp_path_factory, "tiny-gguf", build) / "tiny.gguf"
 
 
-def _compile_tiny(gguf: Path, target: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _compile_tiny(gguf: Path, target: str, tmp_path_factory: pytest.TempPathFactory, name: str = "") -> Path:
+    name = name or f"tiny-{target}.edgert"
+
     def build(folder: Path) -> None:
-        proc = run_cli("compile", str(gguf), "--target", target, "-o", str(folder / f"tiny-{target}.edgert"))
+        proc = run_cli("compile", str(gguf), "--target", target, "-o", str(folder / name))
         assert proc.returncode == 0, proc.stderr
 
-    return shared_build(tmp_path_factory, f"tiny-{target}", build) / f"tiny-{target}.edgert"
+    return shared_build(tmp_path_factory, f"tiny-{target}", build) / name
 
 
 @pytest.fixture(scope="session")
@@ -267,7 +269,7 @@ def tiny_host_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFa
 @pytest.fixture(scope="session")
 def tiny_opencl_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama compiled for this machine's OpenCL device (host-opencl: PoCL here)."""
-    return _compile_tiny(tiny_gguf_file, "host-opencl", tmp_path_factory)
+    return _compile_tiny(tiny_gguf_file, "host-opencl", tmp_path_factory, "tiny-gpu.edgert")  # named in messages
 
 
 @pytest.fixture(scope="session")
