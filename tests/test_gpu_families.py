@@ -40,8 +40,8 @@ def tiny_gpu_artifact(tiny_opencl_artifact: Path, opencl_device: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_cpu_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _compile(tiny_gguf_file, "host", tmp_path_factory.mktemp("tiny-cpu") / "tiny-cpu.edgert")
+def tiny_cpu_artifact(tiny_host_artifact: Path) -> Path:
+    return tiny_host_artifact  # the same CLI build of the same GGUF: compiled once per run (conftest)
 
 
 def test_tiny_llama_on_opencl_matches_the_cpu_build(tiny_gpu_artifact: Path, tiny_cpu_artifact: Path) -> None:
