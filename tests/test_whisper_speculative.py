@@ -111,8 +111,8 @@ def test_exit_calibration_states_the_agreement_the_runtime_gives(whisper_artifac
     assert stored["layers"] == [1, 2, 3] and stored["calibration"] == result["calibration"]
     # The sweep decoded the held-out sentences at depths 1, 2, 3; a point is stored only where it was faster.
     assert set(stored["policies"]) ^ set(stored["refused"]) == {"static", "state"}
-    for point in stored["policies"].values():
-        assert 0 <= point["agreement"] <= 1 and point["mean_layers"] <= 3 and point["speedup"] >= 1.0
+    for point in stored["policies"].values():  # a state point may run all 4 layers for some tokens
+        assert 0 <= point["agreement"] <= 1 and 1 <= point["mean_layers"] <= 4 and point["speedup"] >= 1.0
     assert stored["probes"]["layers"] == [1, 2, 3]
     stated = result["calibration"]["held_out_agreement"]
 

@@ -79,6 +79,11 @@ class SequenceCache:
         self.lengths: dict[int, int] = {}
         self._next = 0
 
+    @property
+    def objs(self) -> tuple[Any, ...]:
+        """The cache objects an entry point takes (one: the layer entries pass ``*objs``)."""
+        return (self.obj,)
+
     def add(self) -> int:
         """A new empty sequence; returns its id."""
         seq = self._next
