@@ -106,11 +106,16 @@ def sample(
     tasks: Path = Path("/proc/self/task"),
 ) -> CpuSample | None:
     """Read the counters (None where /proc is not there)."""
+    # This process's runnable threads are counted before and after the system's count is read,
+    # and the smaller count is taken: a worker that wakes between the reads would otherwise be
+    # subtracted without having been counted, hiding a busy neighbour.
+    own_before = _own_running(tasks)
     try:
         lines = stat.read_text().splitlines()
         own_fields = self_stat.read_text().rpartition(")")[2].split()
     except OSError:
         return None
+    own_running = min(own_before, _own_running(tasks))
     wanted = {f"cpu{c}" for c in cpus}
     busy = total = running = 0
     for line in lines:
@@ -121,7 +126,7 @@ def sample(
             busy += sum(ticks) - ticks[3] - ticks[4]
         elif parts and parts[0] == "procs_running":
             running = int(parts[1])
-    others = max(0, running - _own_running(tasks)) if running else 0
+    others = max(0, running - own_running) if running else 0
     # utime and stime are fields 14 and 15 of /proc/PID/stat, 12 and 13 after the command name.
     return CpuSample(busy, total, int(own_fields[11]) + int(own_fields[12]), others)
 
