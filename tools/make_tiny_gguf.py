@@ -91,6 +91,17 @@ def _store(w: np.ndarray, qtype: Any, rng: np.random.Generator) -> np.ndarray:
     return rng.integers(0, 256, size=(rows, cols // block * type_size), dtype=np.uint8)
 
 
+def _add_fields(writer: Any, fields: dict[str, Any]) -> None:
+    """Write the tokenizer's fields (`read_tokenizer_fields`) into ``writer``."""
+    import gguf
+
+    for key, (value, types) in fields.items():
+        if types[0] == gguf.GGUFValueType.ARRAY:
+            writer.add_array(key, value)
+        else:
+            writer.add_key_value(key, value, types[0])
+
+
 def write_tiny_llama(
     path: str | Path,
     tensor_type: str,
@@ -142,11 +153,7 @@ def write_tiny_llama(
     if tensor_type.upper() in _FILE_TYPES:
         writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[tensor_type.upper()]])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for key, (value, types) in fields.items():
-        if types[0] == gguf.GGUFValueType.ARRAY:
-            writer.add_array(key, value)
-        else:
-            writer.add_key_value(key, value, types[0])
+    _add_fields(writer, fields)
 
     def matrix(name: str, rows: int, cols: int, std: float) -> None:
         w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(std)
@@ -223,11 +230,7 @@ def write_tiny_gemma3(
     writer.add_sliding_window(sliding_window)
     writer.add_vocab_size(vocab)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for key, (value, types) in fields.items():
-        if types[0] == gguf.GGUFValueType.ARRAY:
-            writer.add_array(key, value)
-        else:
-            writer.add_key_value(key, value, types[0])
+    _add_fields(writer, fields)
 
     def matrix(name: str, rows: int, cols: int, std: float) -> None:
         w = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(std)

@@ -239,6 +239,18 @@ def _conv_block(co: int, lanes: int) -> int:
     return lanes if co % (2 * lanes) and co % lanes == 0 else 2 * lanes
 
 
+def _f32_conv(x_ty: Any, w: Any, a: Any, rank: int) -> bool:
+    """Whether a conv of ``rank`` takes a float32 input by a constant float32 weight into float32."""
+    return (
+        isinstance(w, GenericConst)
+        and w.value.dtype == "float32"
+        and isinstance(x_ty, relax.TensorType)
+        and x_ty.dtype == "float32"
+        and x_ty.ndim == rank
+        and not (a.out_dtype and str(a.out_dtype) not in ("float32", ""))
+    )
+
+
 def _channels_last(bb: Any, call: relax.Call, lanes: int, lookup: Any = None) -> relax.Expr | None:
     """The channels-last kernel for a NWC/NHWC conv1d/conv2d/conv1d_transpose/conv2d_transpose ``call``."""
     x, w = call.args
@@ -247,13 +259,8 @@ def _channels_last(bb: Any, call: relax.Call, lanes: int, lookup: Any = None) ->
     rank = 3 if "1d" in name else 4
     x_ty = x.ty
     if (
-        not isinstance(w, GenericConst)
-        or w.value.dtype != "float32"
-        or not isinstance(x_ty, relax.TensorType)
-        or x_ty.dtype != "float32"
-        or x_ty.ndim != rank
+        not _f32_conv(x_ty, w, a, rank)
         or a.out_layout != a.data_layout
-        or (a.out_dtype and str(a.out_dtype) not in ("float32", ""))
         or x_ty.shape is None
         or not all(isinstance(d, tirx.IntImm) for d in x_ty.shape.values)
     ):
@@ -367,16 +374,7 @@ def rewrite_conv(bb: Any, call: relax.Call, min_columns: int, lookup: Any = None
         return _channels_last(bb, call, min_columns, lookup)
     x_ty = x.ty
     rank = 3 if "1d" in name else 4
-    if (
-        not isinstance(w, GenericConst)
-        or w.value.dtype != "float32"
-        or not isinstance(x_ty, relax.TensorType)
-        or x_ty.dtype != "float32"
-        or x_ty.ndim != rank
-        or a.data_layout not in ("NCW", "NCHW")
-        or a.out_layout not in ("NCW", "NCHW")
-        or (a.out_dtype and str(a.out_dtype) not in ("float32", ""))
-    ):
+    if not _f32_conv(x_ty, w, a, rank) or a.data_layout not in ("NCW", "NCHW") or a.out_layout not in ("NCW", "NCHW"):
         return None
     shape = x_ty.shape
     if shape is None or not all(isinstance(d, tirx.IntImm) for d in shape.values):
