@@ -33,7 +33,7 @@ def paged_kv_cache(
 
     ``attn_kind`` may name each layer's kind: ``mha_sliding`` layers attend to the last
     ``sliding_window`` positions only (TVM's per-layer sliding-window kernels); it is also the
-    window that TVM's prefill kernels mask each query to in a cache whose sequence slides. A
+    window that TVM's prefill kernels mask each query to in a cache whose sequence slides.
     Further caches of the same module (another layer count, another kind of attention) need a
     ``symbol_suffix`` for their kernels' names.
     """
@@ -41,21 +41,31 @@ def paged_kv_cache(
     if target is None:
         raise RuntimeError("export the model inside `with target:` so the KV cache picks its kernels")
     with _kernel_symbols(symbol_suffix) if symbol_suffix else contextlib.nullcontext():
-        return _tir_paged_kv_cache(
-            target,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
+        return TIRPagedKVCache(
+            attn_kind=attn_kind,  # type: ignore[arg-type]
             max_batch_size=max_batch_size,
             max_total_seq_len=max_total_seq_len,
             prefill_chunk_size=prefill_chunk_size,
             page_size=page_size,
             support_sliding_window=support_sliding_window,
+            layer_partition=relax.ShapeExpr([0, num_layers]),
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            qk_head_dim=head_dim,
+            v_head_dim=head_dim,
+            mla_original_qk_head_dim=0,
+            mla_original_v_head_dim=0,
             rope_mode=rope_mode,
+            rope_scale=1,
             rope_theta=rope_theta,
-            attn_kind=attn_kind,
-            sliding_window=sliding_window,
+            rope_scaling={},
+            rope_ext_factors=relax.prim_value(0),
+            rotary_dim=head_dim,
+            enable_disaggregation=False,
+            dtype="float32",
+            target=target,
+            layer_sliding_window_size=sliding_window,
         )
 
 
@@ -80,48 +90,3 @@ def _kernel_symbols(suffix: str) -> Iterator[None]:
         yield
     finally:
         del bb.add_func
-
-
-def _tir_paged_kv_cache(
-    target: Target,
-    *,
-    num_layers: int,
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    max_batch_size: tirx.Var,
-    max_total_seq_len: tirx.Var,
-    prefill_chunk_size: tirx.Var,
-    page_size: tirx.Var,
-    support_sliding_window: tirx.Var,
-    rope_mode: RopeMode,
-    rope_theta: float,
-    attn_kind: str | list[str],
-    sliding_window: int,
-) -> PagedKVCache:
-    return TIRPagedKVCache(
-        attn_kind=attn_kind,  # type: ignore[arg-type]
-        max_batch_size=max_batch_size,
-        max_total_seq_len=max_total_seq_len,
-        prefill_chunk_size=prefill_chunk_size,
-        page_size=page_size,
-        support_sliding_window=support_sliding_window,
-        layer_partition=relax.ShapeExpr([0, num_layers]),
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        qk_head_dim=head_dim,
-        v_head_dim=head_dim,
-        mla_original_qk_head_dim=0,
-        mla_original_v_head_dim=0,
-        rope_mode=rope_mode,
-        rope_scale=1,
-        rope_theta=rope_theta,
-        rope_scaling={},
-        rope_ext_factors=relax.prim_value(0),
-        rotary_dim=head_dim,
-        enable_disaggregation=False,
-        dtype="float32",
-        target=target,
-        layer_sliding_window_size=sliding_window,
-    )
