@@ -91,9 +91,9 @@ def _packed_te(n: int, block: int, quant: str, k_len: int) -> Any:
 
 @relax.expr_functor.mutator
 class _PackDense(relax.PyExprMutator):
-    def __init__(self, mod: Any, block: int, quant: str):
+    def __init__(self, mod: Any, block: int, quant: str, vnni: bool = False):
         super().__init__(mod)
-        self.mod_, self.block, self.quant = mod, block, quant
+        self.mod_, self.block, self.quant, self.vnni = mod, block, quant, vnni
         self.matmul = tvm_op("relax.matmul")
         self.conv1d = tvm_op("relax.nn.conv1d")
         self.take = tvm_op("relax.take")
@@ -117,6 +117,13 @@ class _PackDense(relax.PyExprMutator):
             return self._conv1d(call)
         if call.op != self.matmul or len(call.args) != 2:
             return call
+        if self.vnni and str(call.attrs.out_dtype) == "int32":
+            from edgert.compiler.schedules.int8_graph import rewrite_int_matmul
+
+            # MatMulInteger by an int8 weight (onnxruntime's dynamic quantizer): integer dot products.
+            integer = rewrite_int_matmul(self.builder_, call, self.lookup_binding)
+            if integer is not None:
+                return integer
         x, w = call.args
         if not isinstance(w, GenericConst) or len(w.value.shape) != 2 or w.value.dtype != "float32":
             return call
@@ -212,7 +219,9 @@ def pack_dense_weights(mod: Any, target: Any, quant: str = "f32") -> tuple[Any, 
     Returns the module and, when weights were rounded, the largest relative RMS error over
     the rewritten weights (the weight-side accuracy cost).
     """
-    rewriter = _PackDense(mod, block_for(target), quant)
+    from edgert.compiler.schedules.int8_graph import has_vnni
+
+    rewriter = _PackDense(mod, block_for(target), quant, has_vnni(target))
     # Transposes a conv now reads through are left unused.
     mod = relax.transform.DeadCodeElimination()(rewriter.transform())
     if not rewriter.errors:

@@ -1,0 +1,204 @@
+"""Integer matmuls of int8 ONNX graphs on AVX-512 VNNI: ``u8 x s8 -> int32`` with ``vpdpbusd``.
+
+onnxruntime's dynamic quantizer writes each linear layer as ``DynamicQuantizeLinear`` (uint8
+activations, a zero point) + ``MatMulInteger`` by an int8 weight + a float rescale. TVM's importer
+widens both operands to int32 and multiplies them (``vpmulld``: 16 products per instruction at a
+latency of 10 cycles), 2-3x slower than onnxruntime's integer kernels. Here such a matmul by a
+constant weight becomes one kernel:
+
+    y[m, n] = sum_k xq[m, k] * W[k, n] - zp * sum_k W[k, n]
+
+``vpdpbusd`` adds four unsigned x signed byte products into each of 16 int32 lanes (64 products
+per instruction); the lanes are 16 output columns, the four bytes four consecutive k, so the
+weight is packed ``int8 [N/B, K/4, B, 4]`` at compile time (the layout of
+`edgert.compiler.kernels.int8`) and four activation bytes are broadcast to every lane. The zero
+point comes out through the weight's column sums (``- zp * colsum``), so the activation is read
+as it is. Integer arithmetic throughout, without saturation: the result equals onnxruntime's
+MatMulInteger exactly (|sum| < 2^31 for any K below 2^16).
+
+A tile is ``rows`` output rows x ``B`` columns of accumulators in registers (at most 24 of the
+32 zmm), one weight load serving every row; threads take (column tile, row tile) pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import numpy as np
+from tvm import relax, tirx
+from tvm.ir import GenericConst
+from tvm.script import tirx as T
+
+LANES = 16  # int32 lanes of one zmm register
+
+
+def has_vnni(target: Any) -> bool:
+    """Whether ``target`` (an LLVM CPU target) has AVX-512 VNNI."""
+    from tvm.target.codegen import llvm_get_cpu_features
+
+    if target.kind.name != "llvm":
+        return False
+    return {"avx512vnni", "avx512bw", "avx512f"} <= set(llvm_get_cpu_features(target))
+
+
+def row_tile(m: int) -> int:
+    """Rows per register tile: all of them up to 12, else the tile of 6..12 rows wasting the fewest."""
+    if m <= 12:
+        return m
+    return min(range(12, 5, -1), key=lambda r: -(-m // r) * r - m)
+
+
+def pack_weight(w: np.ndarray, block: int) -> np.ndarray:
+    """int8 [K, N] -> [ceil(N/B), K/4, B, 4]: four consecutive k of one column side by side."""
+    k, n = w.shape
+    pad = -n % block
+    w = np.pad(w, ((0, 0), (0, pad))) if pad else w
+    return np.ascontiguousarray(w.reshape(k // 4, 4, -1, block).transpose(2, 0, 3, 1).astype(np.int8))
+
+
+@functools.cache
+def u8s8_gemm(m: int, k: int, n: int, block: int) -> tirx.PrimFunc:
+    """``y[m, n] = sum_k x[m, k] * W[k, n] - zp[0] * colsum[n]``: x uint8, W int8 packed by
+    `pack_weight`, y int32."""
+    from tvm.target import codegen
+
+    if k % 4 or block % LANES:
+        raise ValueError(f"u8s8_gemm needs K divisible by 4 and a block of whole vectors, got K={k}, B={block}")
+    nb, full, cw = -(-n // block), n // block, block // LANES
+    rows = row_tile(m)
+    nt = -(-m // rows)
+    nbytes = LANES * 4
+    byte_args = codegen.llvm_version_major() >= 22  # LLVM 22 types the byte operands <64 x i8>
+
+    def dot(acc: Any, x: Any, w: Any) -> Any:
+        if not byte_args:
+            x, w = T.reinterpret(f"int32x{LANES}", x), T.reinterpret(f"int32x{LANES}", w)
+        name = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
+        return T.call_llvm_pure_intrin(name, acc, x, w, dtype=f"int32x{LANES}")
+
+    @T.prim_func
+    def gemm(
+        x: T.Buffer((m, k), "uint8"),
+        wp: T.Buffer((nb, k // 4, block, 4), "int8"),
+        colsum: T.Buffer((nb * block,), "int32"),
+        zp: T.Buffer((1,), "int32"),
+        y: T.Buffer((m, n), "int32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for t in T.parallel(nb * nt):
+            jo = t // nt
+            it = t % nt
+            acc = T.alloc_buffer((rows, cw, LANES), "int32", scope="local")
+            wv = T.alloc_buffer((cw, nbytes), "int8", scope="local")
+            for r, ci in T.grid(rows, cw):
+                acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+            for kk in range(k // 4):
+                for ci in T.unroll(cw):
+                    wv[ci, T.ramp(0, 1, nbytes)] = wp.vload([jo, kk, ci * LANES, 0], f"int8x{nbytes}")
+                for r in T.unroll(rows):
+                    row = T.min(it * rows + r, m - 1)  # rows past m repeat the last one, unwritten
+                    word = T.reinterpret("int32", x.vload([row, kk * 4], "uint8x4"))
+                    xb = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
+                    for ci in T.unroll(cw):
+                        acc[r, ci, T.ramp(0, 1, LANES)] = dot(
+                            acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)]
+                        )
+            for r, ci in T.grid(rows, cw):
+                if it * rows + r < m:
+                    if jo < full:
+                        for v in T.vectorized(LANES):
+                            y[it * rows + r, jo * block + ci * LANES + v] = (
+                                acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                            )
+                    else:
+                        for v in range(LANES):
+                            if jo * block + ci * LANES + v < n:
+                                y[it * rows + r, jo * block + ci * LANES + v] = (
+                                    acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                                )
+
+    return gemm.with_attr("global_symbol", f"u8s8_gemm_m{m}_k{k}_n{n}_b{block}")
+
+
+def _static_shape(expr: Any) -> list[int] | None:
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None:
+        return None
+    try:
+        return [int(d) for d in ty.shape.values]
+    except (TypeError, AttributeError):
+        return None
+
+
+def _dtype(expr: Any) -> str | None:
+    ty = expr.ty
+    return str(ty.dtype) if isinstance(ty, relax.TensorType) else None
+
+
+def _constant(expr: Any, lookup: Any, depth: int = 4) -> np.ndarray | None:
+    """The value of ``expr`` if it is a constant, or casts and differences of constants (the
+    importer's ``astype(W) - astype(zp)``, which FoldConstant leaves for integer dtypes)."""
+    from edgert.compiler.schedules.dense import tvm_op
+
+    if isinstance(expr, relax.Var):
+        expr = lookup(expr)
+    if isinstance(expr, GenericConst):
+        return expr.value.numpy()
+    if depth == 0 or not isinstance(expr, relax.Call):
+        return None
+    if expr.op == tvm_op("relax.astype"):
+        value = _constant(expr.args[0], lookup, depth - 1)
+        return None if value is None else value.astype(str(expr.attrs.dtype))
+    if expr.op == tvm_op("relax.subtract"):
+        a, b = (_constant(e, lookup, depth - 1) for e in expr.args)
+        return None if a is None or b is None else np.subtract(a, b, dtype=np.result_type(a, b))
+    return None
+
+
+def rewrite_int_matmul(bb: Any, call: relax.Call, lookup: Any) -> relax.Expr | None:
+    """``matmul(astype(xq, int32) [- zp], W, out_dtype=int32)`` with xq uint8, W an int32 constant
+    of int8 values and zp a scalar: the VNNI kernel above, or None where the pattern does not hold
+    (the caller keeps the call)."""
+    from edgert.compiler.schedules.dense import tvm_op
+
+    if len(call.args) != 2 or str(call.attrs.out_dtype) != "int32":
+        return None
+    a, w = call.args
+    weight = _constant(w, lookup)
+    if weight is None or weight.ndim != 2 or weight.dtype != np.int32 or weight.shape[0] % 4:
+        return None
+    if weight.min() < -128 or weight.max() > 127:  # a uint8 weight less its zero point: not int8
+        return None
+    zp: relax.Expr = relax.const(np.zeros(1, np.int32))
+    bound = lookup(a) if isinstance(a, relax.Var) else a
+    if isinstance(bound, relax.Call) and bound.op == tvm_op("relax.subtract"):
+        lhs, zp_expr = bound.args
+        if _static_shape(zp_expr) not in ([], [1]) or _dtype(zp_expr) != "int32":
+            return None
+        zp = relax.op.reshape(zp_expr, [1])
+        bound = lookup(lhs) if isinstance(lhs, relax.Var) else lhs
+    if not (isinstance(bound, relax.Call) and bound.op == tvm_op("relax.astype")):
+        return None
+    xq = bound.args[0]
+    shape = _static_shape(xq)
+    if _dtype(xq) != "uint8" or shape is None or len(shape) < 2:
+        return None
+    k, n = weight.shape
+    m = int(np.prod(shape[:-1]))
+    if shape[-1] != k or m == 0:
+        return None
+    block = 2 * LANES if n % (2 * LANES) == 0 or n > 2 * LANES else LANES
+    packed = pack_weight(weight.astype(np.int8), block)
+    colsum = np.zeros(packed.shape[0] * block, np.int32)
+    colsum[:n] = weight.sum(axis=0, dtype=np.int64).astype(np.int32)
+    gv = bb.add_func(u8s8_gemm(m, k, n, block), f"u8s8_gemm_m{m}_k{k}_n{n}")
+    x2 = xq if len(shape) == 2 else bb.emit(relax.op.reshape(xq, [m, k]))
+    y = relax.call_tir(
+        gv,
+        [x2, relax.const(packed), relax.const(colsum), bb.emit(zp)],
+        out_ty=relax.TensorType([m, n], "int32"),
+    )
+    if len(shape) == 2:
+        return y
+    return relax.op.reshape(bb.emit(y), [*shape[:-1], n])
