@@ -88,39 +88,55 @@ def expand_quantized(model: Any) -> Any:
             ]
             return made
 
+        def per_channel(w: str, v: str, out: str, on_weight: bool, made: list[Any] = nodes) -> str:
+            """``v`` with per-output-channel values ([Co]) reshaped to broadcast over the conv weight
+            ``w``'s [Co, Ci, ...] (``on_weight``) or the conv's output [N, Co, ...]; a scalar as it is."""
+            if not v or _numel(model, v) <= 1:
+                return v
+            shape = np.array([-1] + [1] * (_rank_of(model, w) - (1 if on_weight else 2)), np.int64)
+            inits.append(numpy_helper.from_array(shape, out + "s"))
+            made.append(helper.make_node("Reshape", [v, out + "s"], [out]))
+            return out
+
+        def requantize(acc: str, as_: str, bs: str, ys: str, yz: str, out: str, p: str = p) -> list[Any]:
+            """``saturate(round(acc * (as * bs / ys)) + yz)``: QuantizeLinear by scale 1."""
+            one = p + "one"
+            inits.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
+            return [
+                helper.make_node("Mul", [as_, bs], [p + "m0"]),
+                helper.make_node("Div", [p + "m0", ys], [p + "m"]),
+                helper.make_node("Mul", [acc, p + "m"], [p + "yf"]),
+                q(p + "yf", one, yz, out),
+            ]
+
         conv_attrs = {
             k: v for k, v in attrs.items() if k in ("auto_pad", "dilations", "group", "kernel_shape", "pads", "strides")
         }
         if key == ("", "QLinearConv"):
+            # onnxruntime's QLinearConv: an int32 accumulator (bias included), then
+            # float(acc) * (xs * ws / ys) rounded half to even, plus the zero point, saturated.
+            # The accumulator is computed in f32 on integer values (exact below 2^24), the
+            # multiplier by the same f32 operations: the same output bytes.
             x, xs, xz, w, ws, wz, ys, yz, b = ins[:9]
-            nodes += [dq(x, xs, xz, p + "x"), dq(w, ws, wz, p + "w", axis=0)]
+            nodes += int_operand(x, xz, p + "x")
+            nodes += int_operand(w, per_channel(w, wz, p + "wz", True), p + "w")
             conv_in = [p + "x", p + "w"]
-            if b:  # int32 bias at scale xs * ws
-                nodes += [
-                    helper.make_node("Mul", [xs, ws], [p + "bs"]),
-                    helper.make_node("Cast", [b], [p + "bf"], to=1),
-                    helper.make_node("Mul", [p + "bf", p + "bs"], [p + "b"]),
-                ]
+            if b:
+                nodes.append(helper.make_node("Cast", [b], [p + "b"], to=1))
                 conv_in.append(p + "b")
-            nodes += [helper.make_node("Conv", conv_in, [p + "y"], **conv_attrs), q(p + "y", ys, yz, node.output[0])]
+            nodes.append(helper.make_node("Conv", conv_in, [p + "acc"], **conv_attrs))
+            nodes += requantize(p + "acc", xs, per_channel(w, ws, p + "ws", False), ys, yz, node.output[0])
         elif key == ("", "QLinearMatMul"):
+            # As QLinearConv: MatMulInteger's exact int32 accumulator, requantized as onnxruntime does.
             a, as_, az, b, bs, bz, ys, yz = ins[:8]
-            axis = 1 if _rank_of(model, bs) == 1 and _numel(model, bs) > 1 else None
-            nodes += [
-                dq(a, as_, az, p + "a"),
-                dq(b, bs, bz, p + "b", axis=axis),
-                helper.make_node("MatMul", [p + "a", p + "b"], [p + "y"]),
-                q(p + "y", ys, yz, node.output[0]),
-            ]
+            mm_in = [a, b, az, bz] if bz else [a, b, az] if az else [a, b]
+            nodes.append(helper.make_node("MatMulInteger", mm_in, [p + "acc"]))
+            nodes.append(helper.make_node("Cast", [p + "acc"], [p + "accf"], to=1))
+            nodes += requantize(p + "accf", as_, bs, ys, yz, node.output[0])
         elif key == ("", "ConvInteger"):
             x, w, xz, wz = ins[:4]
             nodes += int_operand(x, xz, p + "x")
-            wz_name = wz
-            if wz and _numel(model, wz) > 1:  # per-output-channel zero points: [Co] -> [Co, 1, 1(, 1)]
-                shape = np.array([-1] + [1] * (_rank_of(model, w) - 1), np.int64)
-                inits.append(numpy_helper.from_array(shape, p + "zs"))
-                nodes.append(helper.make_node("Reshape", [wz, p + "zs"], [p + "wzr"]))
-                wz_name = p + "wzr"
+            wz_name = per_channel(w, wz, p + "wzr", True)
             nodes += int_operand(w, wz_name, p + "w")
             nodes += [
                 helper.make_node("Conv", [p + "x", p + "w"], [p + "y"], **conv_attrs),
