@@ -379,11 +379,12 @@ def _import_onnx(path: str | Path, input_shapes: dict[str, list[int]] | None = N
     model = read_onnx(path)
     if input_shapes:
         fix_input_shapes(model, input_shapes)
-    model = fold_constants(model)
+    from edgert.frontend.onnx_quant import expand_quantized, integer_qdq, needs_expansion
+
+    # Before folding: folding would turn the int8 weights' DequantizeLinear into float weights.
+    model = fold_constants(integer_qdq(model))
     if any(n.op_type == "LSTM" for n in model.graph.node):
         model = fold_constants(expand_lstm(model))
-    from edgert.frontend.onnx_quant import expand_quantized, needs_expansion
-
     if needs_expansion(model):
         model = fold_constants(expand_quantized(model))
     check_supported(model, str(path))

@@ -220,3 +220,149 @@ def _numel(model: Any, name: str) -> int:
 def _rank_of(model: Any, name: str) -> int:
     arr = _initializer(model, name)
     return 0 if arr is None else arr.ndim
+
+
+def _scalar_init(model: Any, name: str) -> bool:
+    arr = _initializer(model, name) if name else None
+    return arr is not None and arr.size == 1
+
+
+def integer_qdq(model: Any) -> Any:
+    """QDQ-form layers by a constant int8 weight (onnxruntime's ``quantize_static``) as integer ops
+    (in place; returns ``model``).
+
+    ``DequantizeLinear(xq) . DequantizeLinear(W int8) -> MatMul | Gemm`` becomes MatMulInteger
+    (the VNNI kernel where the target has it) then ``float(acc) * (xs * ws)``, the float form of
+    onnxruntime's MatMulIntegerToFloat; where a QuantizeLinear alone reads the result, the pair
+    requantizes as QLinearMatMul does. ``... -> Conv -> QuantizeLinear`` becomes QLinearConv,
+    as onnxruntime's own QDQ fusion makes it. Everything else stays as it is.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list[Any]] = {}
+    for n in graph.node:
+        for name in n.input:
+            readers.setdefault(name, []).append(n)
+    outputs = {o.name for o in graph.output}
+
+    def dq_of(name: str) -> Any:
+        n = producer.get(name)
+        return n if n is not None and _key(n) == ("", "DequantizeLinear") else None
+
+    def activation(name: str) -> Any:  # DequantizeLinear of a uint8 tensor, per-tensor scale
+        n = dq_of(name)
+        if n is None or len(n.input) < 3 or not _scalar_init(model, n.input[1]):
+            return None
+        zp = _initializer(model, n.input[2])
+        return n if zp is not None and zp.size == 1 and zp.dtype == np.uint8 else None
+
+    def weight(name: str) -> tuple[Any, np.ndarray] | None:  # DequantizeLinear of a constant int8, zero point 0
+        n = dq_of(name)
+        if n is None or _initializer(model, n.input[1]) is None:
+            return None
+        w = _initializer(model, n.input[0])
+        zp = _initializer(model, n.input[2]) if len(n.input) > 2 and n.input[2] else None
+        if w is None or w.dtype != np.int8 or (zp is not None and np.any(zp)):
+            return None
+        return n, w
+
+    def only_quantize(name: str) -> Any:  # the QuantizeLinear that alone reads ``name``, per-tensor
+        rs = readers.get(name, [])
+        if name in outputs or len(rs) != 1 or _key(rs[0]) != ("", "QuantizeLinear"):
+            return None
+        qn = rs[0]
+        ok = len(qn.input) > 2 and _scalar_init(model, qn.input[1]) and _scalar_init(model, qn.input[2])
+        return qn if ok else None
+
+    replaced: dict[int, list[Any]] = {}
+    dropped: set[str] = set()  # outputs of the QuantizeLinear nodes a replacement took over
+    inits: list[Any] = []
+    for i, node in enumerate(graph.node):
+        key, p = _key(node), f"{node.name or node.output[0]}__i{i}_"
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if key not in (("", "MatMul"), ("", "Gemm"), ("", "Conv")) or len(node.input) < 2:
+            continue
+        a, wt = activation(node.input[0]), weight(node.input[1])
+        if a is None or wt is None:
+            continue
+        wn, w = wt
+        bias = node.input[2] if len(node.input) > 2 else ""
+        qn = only_quantize(node.output[0])
+        if key == ("", "Conv"):
+            bn = dq_of(bias) if bias else None
+            b_int = _initializer(model, bn.input[0]) if bn is not None else None
+            if qn is None or (bias and (b_int is None or b_int.dtype != np.int32)):
+                continue
+            made = helper.make_node(
+                "QLinearConv",
+                [*a.input[:3], *wn.input[:2], wn.input[2] if len(wn.input) > 2 else "", *qn.input[1:3]]
+                + ([bn.input[0]] if bias else []),
+                [qn.output[0]],
+                name=p + "qconv",
+                **attrs,
+            )
+            if not made.input[5]:  # QLinearConv needs the weight's zero point: zeros
+                zname = p + "wz"
+                inits.append(numpy_helper.from_array(np.zeros(w.shape[0], np.int8), zname))
+                made.input[5] = zname
+            replaced[i] = [made]
+            dropped.add(qn.output[0])
+            continue
+        if w.ndim != 2:
+            continue
+        if key == ("", "Gemm"):
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+                continue
+            if attrs.get("transB", 0):
+                w = np.ascontiguousarray(w.T)
+        made, wname = [], p + "w"
+        inits.append(numpy_helper.from_array(w, wname))
+        made.append(helper.make_node("MatMulInteger", [a.input[0], wname, a.input[2]], [p + "acc"]))
+        made.append(helper.make_node("Cast", [p + "acc"], [p + "accf"], to=1))
+        scale = [a.input[1], wn.input[1]]
+        made.append(helper.make_node("Mul", scale, [p + "s"]))
+        acc = p + "accf"
+        bn = dq_of(bias) if bias else None
+        b_int = _initializer(model, bn.input[0]) if bn is not None else None
+        if bias and b_int is not None and b_int.dtype == np.int32:  # int32 bias at scale xs * ws: exact
+            inits.append(numpy_helper.from_array(b_int.astype(np.float32), p + "b"))
+            made.append(helper.make_node("Add", [acc, p + "b"], [p + "accb"]))
+            acc, bias = p + "accb", ""
+        if qn is not None and not bias:  # QLinearMatMul's requantization: float(acc) * (xs * ws / ys)
+            one = p + "one"
+            inits.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
+            made += [
+                helper.make_node("Div", [p + "s", qn.input[1]], [p + "m"]),
+                helper.make_node("Mul", [acc, p + "m"], [p + "yf"]),
+                helper.make_node("QuantizeLinear", [p + "yf", one, qn.input[2]], [qn.output[0]]),
+            ]
+            dropped.add(qn.output[0])
+        else:
+            out = p + "y" if bias else node.output[0]
+            made.append(helper.make_node("Mul", [acc, p + "s"], [out]))
+            if bias:
+                made.append(helper.make_node("Add", [out, bias], [node.output[0]]))
+        replaced[i] = made
+    if not replaced:
+        return model
+    nodes = []
+    for i, node in enumerate(graph.node):
+        if _key(node) == ("", "QuantizeLinear") and node.output[0] in dropped:
+            continue
+        nodes.extend(replaced.get(i, [node]))
+    del graph.node[:]
+    graph.node.extend(_live(nodes, outputs))
+    graph.initializer.extend(inits)
+    return model
+
+
+def _live(nodes: list[Any], outputs: set[str]) -> list[Any]:
+    """``nodes`` less those whose outputs nothing reads (the weights' DequantizeLinear left behind)."""
+    while True:
+        read = {name for n in nodes for name in n.input} | outputs
+        kept = [n for n in nodes if any(o in read for o in n.output)]
+        if len(kept) == len(nodes):
+            return kept
+        nodes = kept
