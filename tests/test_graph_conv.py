@@ -4,6 +4,7 @@ and the zoo's small models, checked against onnxruntime."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -150,6 +151,99 @@ def test_int8_operators_match_onnxruntime(tmp_path):
         assert got[key].dtype == np.uint8
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     np.testing.assert_allclose(got["dqmm"], want["dqmm"], rtol=1e-5, atol=1e-5)
+
+
+def _integer_layers_graph() -> onnx.ModelProto:
+    """The integer layers of onnxruntime's quantizers on float inputs [1, 13, 20] and [13, 20]: dynamic
+    (DynamicQuantizeLinear + MatMulInteger, 40 columns: a partial column tile), QDQ MatMul
+    (per-column weight scales, then QuantizeLinear), QDQ Gemm (transposed weight, int32 bias) and
+    QDQ Conv with an int32 bias, then QuantizeLinear."""
+    rng = np.random.default_rng(23)
+
+    def init(name: str, value: Any) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    i8 = lambda *shape: rng.integers(-128, 128, shape).astype(np.int8)  # noqa: E731
+    cs = (rng.random(8) * 0.004 + 0.001).astype(np.float32)
+    inits = [
+        init("w", i8(20, 40)),
+        init("xs", np.float32(0.013)),
+        init("xz", np.uint8(131)),
+        init("ws", (rng.random(24) * 0.004 + 0.001).astype(np.float32)),
+        init("wz", np.zeros(24, np.int8)),
+        init("wm", i8(20, 24)),
+        init("ys", np.float32(0.02)),
+        init("yz", np.uint8(125)),
+        init("wg", i8(12, 20)),
+        init("gs", np.float32(0.003)),
+        init("bg", rng.integers(-3000, 3000, 12).astype(np.int32)),
+        init("bgs", np.float32(0.013 * 0.003)),
+        init("wc", i8(8, 13, 3)),
+        init("cs", cs),
+        init("cz", np.zeros(8, np.int8)),
+        init("bc", rng.integers(-3000, 3000, 8).astype(np.int32)),
+        init("bcs", np.float32(0.013) * cs),  # a bias at the accumulator's scale, as quantizers write it
+    ]
+    node = helper.make_node
+    nodes = [
+        node("DynamicQuantizeLinear", ["x"], ["dq", "dqs", "dqz"]),
+        node("MatMulInteger", ["dq", "w", "dqz"], ["imm"]),
+        node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]),
+        node("DequantizeLinear", ["xq", "xs", "xz"], ["xd"]),
+        node("DequantizeLinear", ["wm", "ws", "wz"], ["wmd"], axis=1),
+        node("MatMul", ["xd", "wmd"], ["mm"]),
+        node("QuantizeLinear", ["mm", "ys", "yz"], ["qmm"]),
+        node("DequantizeLinear", ["wg", "gs"], ["wgd"]),
+        node("DequantizeLinear", ["bg", "bgs"], ["bgd"]),
+        node("QuantizeLinear", ["x2", "xs", "xz"], ["x2q"]),
+        node("DequantizeLinear", ["x2q", "xs", "xz"], ["x2d"]),
+        node("Gemm", ["x2d", "wgd", "bgd"], ["gemm"], transB=1),
+        node("QuantizeLinear", ["gemm", "ys", "yz"], ["qgemm"]),
+        node("DequantizeLinear", ["wc", "cs", "cz"], ["wcd"], axis=0),
+        node("DequantizeLinear", ["bc", "bcs"], ["bcd"], axis=0),
+        node("Conv", ["xd", "wcd", "bcd"], ["conv"], pads=[1, 1], kernel_shape=[3]),
+        node("QuantizeLinear", ["conv", "ys", "yz"], ["qconv"]),
+    ]
+    outs = {"imm": TensorProto.INT32, "qmm": TensorProto.UINT8, "qgemm": TensorProto.UINT8}
+    outs["qconv"] = TensorProto.UINT8
+    graph = helper.make_graph(
+        nodes,
+        "integer_layers",
+        [helper.make_tensor_value_info("x", F32, [1, 13, 20]), helper.make_tensor_value_info("x2", F32, [13, 20])],
+        [helper.make_tensor_value_info(k, v, None) for k, v in outs.items()],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_integer_layers_match_onnxruntime_exactly(tmp_path):
+    """MatMulInteger on the VNNI kernel and the QDQ layers as integer ops: onnxruntime's bytes."""
+    import edgert
+    from edgert.compiler.schedules.int8_graph import has_vnni
+    from edgert.compiler.target import resolve
+    from edgert.families.graph.lower import optimize
+    from edgert.frontend.onnx_graph import import_onnx
+    from edgert.targets import load_target
+
+    path = tmp_path / "layers.onnx"
+    onnx.save(_integer_layers_graph(), str(path))
+    target, _ = resolve(load_target("host"), threads=2)
+    mod, _, _ = optimize(import_onnx(path)[0], target, "f32")
+    kernels = [gv.name_hint for gv in mod.get_global_vars() if "u8s8_gemm" in gv.name_hint]
+    # Two integer matmuls by a constant weight (dynamic and QDQ MatMul) and the Gemm; the conv stays a conv.
+    assert len(kernels) == (3 if has_vnni(target) else 0)
+    edgert.compile(str(path), output=tmp_path / "l.edgert")
+    rng = np.random.default_rng(4)
+    feeds = {
+        "x": rng.standard_normal((1, 13, 20)).astype(np.float32),
+        "x2": rng.standard_normal((13, 20)).astype(np.float32),
+    }
+    got = edgert.load(tmp_path / "l.edgert")(feeds)
+    for key, want in _reference(path, feeds).items():
+        assert got[key].dtype == want.dtype, key
+        np.testing.assert_array_equal(got[key], want, err_msg=key)
 
 
 def test_unsupported_contrib_operator_is_named(tmp_path):

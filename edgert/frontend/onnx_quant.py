@@ -276,6 +276,15 @@ def integer_qdq(model: Any) -> Any:
         ok = len(qn.input) > 2 and _scalar_init(model, qn.input[1]) and _scalar_init(model, qn.input[2])
         return qn if ok else None
 
+    def int_bias(name: str, xs: str, ws: str) -> np.ndarray | None:  # an int32 bias at scale xs * ws
+        bn = dq_of(name)
+        b = _initializer(model, bn.input[0]) if bn is not None else None
+        if b is None or b.dtype != np.int32:
+            return None
+        scale = np.asarray(_initializer(model, bn.input[1]), np.float32)
+        acc_scale = np.float32(_initializer(model, xs)) * np.asarray(_initializer(model, ws), np.float32)
+        return b if np.allclose(scale, acc_scale, rtol=1e-6, atol=0) else None
+
     replaced: dict[int, list[Any]] = {}
     dropped: set[str] = set()  # outputs of the QuantizeLinear nodes a replacement took over
     inits: list[Any] = []
@@ -291,10 +300,9 @@ def integer_qdq(model: Any) -> Any:
         bias = node.input[2] if len(node.input) > 2 else ""
         qn = only_quantize(node.output[0])
         if key == ("", "Conv"):
-            bn = dq_of(bias) if bias else None
-            b_int = _initializer(model, bn.input[0]) if bn is not None else None
-            if qn is None or (bias and (b_int is None or b_int.dtype != np.int32)):
+            if qn is None or (bias and int_bias(bias, a.input[1], wn.input[1]) is None):
                 continue
+            bn = dq_of(bias) if bias else None
             made = helper.make_node(
                 "QLinearConv",
                 [*a.input[:3], *wn.input[:2], wn.input[2] if len(wn.input) > 2 else "", *qn.input[1:3]]
@@ -324,9 +332,8 @@ def integer_qdq(model: Any) -> Any:
         scale = [a.input[1], wn.input[1]]
         made.append(helper.make_node("Mul", scale, [p + "s"]))
         acc = p + "accf"
-        bn = dq_of(bias) if bias else None
-        b_int = _initializer(model, bn.input[0]) if bn is not None else None
-        if bias and b_int is not None and b_int.dtype == np.int32:  # int32 bias at scale xs * ws: exact
+        b_int = int_bias(bias, a.input[1], wn.input[1]) if bias else None
+        if b_int is not None:  # exact in the accumulator
             inits.append(numpy_helper.from_array(b_int.astype(np.float32), p + "b"))
             made.append(helper.make_node("Add", [acc, p + "b"], [p + "accb"]))
             acc, bias = p + "accb", ""
