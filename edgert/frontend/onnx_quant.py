@@ -93,7 +93,10 @@ def expand_quantized(model: Any) -> Any:
             ``w``'s [Co, Ci, ...] (``on_weight``) or the conv's output [N, Co, ...]; a scalar as it is."""
             if not v or _numel(model, v) <= 1:
                 return v
-            shape = np.array([-1] + [1] * (_rank_of(model, w) - (1 if on_weight else 2)), np.int64)
+            # The output's full rank [1, Co, 1...]: TVM's layout conversion passes a binary op only
+            # where both operands have the same rank.
+            rank = _rank_of(model, w)
+            shape = np.array([-1] + [1] * (rank - 1) if on_weight else [1, -1] + [1] * (rank - 2), np.int64)
             inits.append(numpy_helper.from_array(shape, out + "s"))
             made.append(helper.make_node("Reshape", [v, out + "s"], [out]))
             return out
