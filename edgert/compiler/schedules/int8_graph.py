@@ -26,6 +26,7 @@ import functools
 from typing import Any
 
 import numpy as np
+import tvm
 from tvm import relax, tirx
 from tvm.ir import GenericConst
 from tvm.script import tirx as T
@@ -121,6 +122,11 @@ def u8s8_gemm(m: int, k: int, n: int, block: int) -> tirx.PrimFunc:
     return gemm.with_attr("global_symbol", f"u8s8_gemm_m{m}_k{k}_n{n}_b{block}")
 
 
+def tvm_op(name: str) -> Any:
+    """The Relax operator registered as ``name``."""
+    return tvm.ir.Op.get(name)
+
+
 def _static_shape(expr: Any) -> list[int] | None:
     ty = expr.ty
     if not isinstance(ty, relax.TensorType) or ty.shape is None:
@@ -139,8 +145,6 @@ def _dtype(expr: Any) -> str | None:
 def _constant(expr: Any, lookup: Any, depth: int = 4) -> np.ndarray | None:
     """The value of ``expr`` if it is a constant, or casts and differences of constants (the
     importer's ``astype(W) - astype(zp)``, which FoldConstant leaves for integer dtypes)."""
-    from edgert.compiler.schedules.dense import tvm_op
-
     if isinstance(expr, relax.Var):
         expr = lookup(expr)
     if isinstance(expr, GenericConst):
@@ -160,8 +164,6 @@ def rewrite_int_matmul(bb: Any, call: relax.Call, lookup: Any) -> relax.Expr | N
     """``matmul(astype(xq, int32) [- zp], W, out_dtype=int32)`` with xq uint8, W an int32 constant
     of int8 values and zp a scalar: the VNNI kernel above, or None where the pattern does not hold
     (the caller keeps the call)."""
-    from edgert.compiler.schedules.dense import tvm_op
-
     if len(call.args) != 2 or str(call.attrs.out_dtype) != "int32":
         return None
     a, w = call.args
