@@ -109,6 +109,14 @@ class _PackDense(relax.PyExprMutator):
         if isinstance(call.op, tvm.ir.Op) and call.op.name.startswith("relax.nn.conv"):
             from edgert.compiler.schedules.conv import rewrite_conv
 
+            if self.vnni:
+                from edgert.compiler.schedules.int8_graph import rewrite_int_conv
+
+                # A conv of int8 values (QLinearConv, QDQ Conv) by int8 weights: integer dot products.
+                integer = rewrite_int_conv(self.builder_, call, self.lookup_binding)
+                if integer is not None:
+                    return integer
+
             # Direct kernels where output rows are long enough for whole vectors; im2col otherwise.
             direct = rewrite_conv(self.builder_, call, self.block // 2, self.lookup_binding)
             if direct is not None:

@@ -204,3 +204,218 @@ def rewrite_int_matmul(bb: Any, call: relax.Call, lookup: Any) -> relax.Expr | N
     if len(shape) == 2:
         return y
     return relax.op.reshape(bb.emit(y), [*shape[:-1], n])
+
+
+@functools.cache
+def u8s8_conv(
+    inp: tuple[int, ...],
+    out: tuple[int, ...],
+    taps: tuple[int, ...],
+    strides: tuple[int, ...],
+    dilation: tuple[int, ...],
+    cp: int,
+    n: int,
+    block: int,
+) -> tirx.PrimFunc:
+    """A channels-last conv (groups 1) as `u8s8_gemm` over output positions: ``y[p, co] = sum over
+    taps and channels of xp[pos(p, tap), c] * W[tap, c, co] - zp * colsum[co]``, ``xp`` the uint8
+    input already padded (with the zero point) and its channels padded to ``cp`` (a multiple of 4).
+    1-D convs take a unit height."""
+    from tvm.target import codegen
+
+    (hp, wp), (oh, ow), (kh, kw), (sh, sw), (dh, dw) = inp, out, taps, strides, dilation
+    m, c4 = oh * ow, cp // 4
+    k4 = kh * kw * c4
+    nb, full, cw = -(-n // block), n // block, block // LANES
+    rows = row_tile(m)
+    nt = -(-m // rows)
+    nbytes = LANES * 4
+    byte_args = codegen.llvm_version_major() >= 22
+
+    def dot(acc: Any, x: Any, w: Any) -> Any:
+        if not byte_args:
+            x, w = T.reinterpret(f"int32x{LANES}", x), T.reinterpret(f"int32x{LANES}", w)
+        name = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
+        return T.call_llvm_pure_intrin(name, acc, x, w, dtype=f"int32x{LANES}")
+
+    @T.prim_func
+    def conv(
+        x: T.Buffer((1, hp, wp, cp), "uint8"),
+        wpk: T.Buffer((nb, k4, block, 4), "int8"),
+        colsum: T.Buffer((nb * block,), "int32"),
+        zp: T.Buffer((1,), "int32"),
+        y: T.Buffer((1, oh, ow, n), "int32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for t in T.parallel(nb * nt):
+            jo = t // nt
+            it = t % nt
+            acc = T.alloc_buffer((rows, cw, LANES), "int32", scope="local")
+            wv = T.alloc_buffer((cw, nbytes), "int8", scope="local")
+            for r, ci in T.grid(rows, cw):
+                acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+            for ty, tx, cc in T.grid(kh, kw, c4):
+                for ci in T.unroll(cw):
+                    wv[ci, T.ramp(0, 1, nbytes)] = wpk.vload(
+                        [jo, (ty * kw + tx) * c4 + cc, ci * LANES, 0], f"int8x{nbytes}"
+                    )
+                for r in T.unroll(rows):
+                    p = T.min(it * rows + r, m - 1)  # positions past m repeat the last one, unwritten
+                    word = T.reinterpret(
+                        "int32", x.vload([0, p // ow * sh + ty * dh, p % ow * sw + tx * dw, cc * 4], "uint8x4")
+                    )
+                    xb = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
+                    for ci in T.unroll(cw):
+                        acc[r, ci, T.ramp(0, 1, LANES)] = dot(
+                            acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)]
+                        )
+            for r, ci in T.grid(rows, cw):
+                if it * rows + r < m:
+                    if jo < full:
+                        for v in T.vectorized(LANES):
+                            y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v] = (
+                                acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                            )
+                    else:
+                        for v in range(LANES):
+                            if jo * block + ci * LANES + v < n:
+                                y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v] = (
+                                    acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                                )
+
+    name = f"u8s8_conv_{hp}x{wp}x{cp}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_n{n}"
+    return conv.with_attr("global_symbol", name)
+
+
+# The integer conv's int32 result leaves the requantization to a separate elementwise kernel (TVM
+# fuses no epilogue into a call_tir) that reads the per-channel parameters by gathers; a float
+# conv of the same integers fuses it. With few products per output the float conv wins (MobileNet's
+# 1x1 convs, 16-64 input channels: 0.075 -> 0.16 ms for the model); 3x3 convs over 32-64 channels
+# (288-576 products) won (convnet.qdq 0.31 -> 0.19 ms). Loaded measurements, one thread.
+MIN_CONV_REDUCTION = 128
+
+
+def _quantized_source(x: relax.Expr, lookup: Any) -> tuple[relax.Expr, int] | None:
+    """For a conv input ``x = q - zp`` with ``q`` integral in [0, 255] (a uint8 tensor cast to float,
+    or a quantize's rounded and clamped float): (q as a uint8 expression, zp)."""
+    bound = lookup(x) if isinstance(x, relax.Var) else None
+    if not (isinstance(bound, relax.Call) and bound.op == tvm_op("relax.subtract")):
+        return None
+    q, zp = bound.args
+    if not isinstance(zp, GenericConst) or zp.value.numpy().size != 1:
+        return None
+    zp_value = float(zp.value.numpy().reshape(()))
+    if zp_value != int(zp_value) or not 0 <= zp_value <= 255:
+        return None
+    inner = lookup(q) if isinstance(q, relax.Var) else None
+    if not isinstance(inner, relax.Call):
+        return None
+    if inner.op == tvm_op("relax.astype") and _dtype(inner.args[0]) == "uint8":
+        return inner.args[0], int(zp_value)
+    if inner.op == tvm_op("relax.astype") and _dtype(inner.args[0]) == "float32":  # layout's identity cast
+        q = inner.args[0]
+        inner = lookup(q) if isinstance(q, relax.Var) else None
+        if not isinstance(inner, relax.Call):
+            return None
+    # maximum(minimum(round(..) + c, 255), 0): layout._ScalarQDQ's quantize to uint8
+    if inner.op != tvm_op("relax.maximum") or not _is_value(inner.args[1], 0.0):
+        return None
+    low = lookup(inner.args[0]) if isinstance(inner.args[0], relax.Var) else inner.args[0]
+    if not (isinstance(low, relax.Call) and low.op == tvm_op("relax.minimum") and _is_value(low.args[1], 255.0)):
+        return None
+    added = lookup(low.args[0]) if isinstance(low.args[0], relax.Var) else low.args[0]
+    if not (isinstance(added, relax.Call) and added.op == tvm_op("relax.add")):
+        return None
+    rounded = lookup(added.args[0]) if isinstance(added.args[0], relax.Var) else added.args[0]
+    c = added.args[1]
+    if not (isinstance(rounded, relax.Call) and rounded.op == tvm_op("relax.round")) or not isinstance(c, GenericConst):
+        return None
+    cv = float(c.value.numpy().reshape(()))
+    if cv != int(cv):
+        return None
+    return relax.op.astype(q, "uint8"), int(zp_value)
+
+
+def _is_value(expr: Any, value: float) -> bool:
+    return isinstance(expr, GenericConst) and expr.value.numpy().size == 1 and float(expr.value.numpy()) == value
+
+
+def rewrite_int_conv(bb: Any, call: relax.Call, lookup: Any) -> relax.Expr | None:
+    """A channels-last conv (groups 1, static shapes) of ``q - zp`` (``q`` uint8 values) by a
+    constant weight of int8 values: `u8s8_conv` over the input padded with the zero point, the
+    int32 result cast to float32 (exact below 2^24, as the float conv it replaces); None where
+    the pattern does not hold."""
+    name = call.op.name
+    if name not in ("relax.nn.conv1d", "relax.nn.conv2d"):
+        return None
+    a = call.attrs
+    if a.data_layout not in ("NWC", "NHWC") or a.kernel_layout not in ("OWI", "OHWI") or int(a.groups) != 1:
+        return None
+    x, w = call.args
+    if not isinstance(w, GenericConst) or str(w.value.dtype) != "float32":
+        return None
+    weight = w.value.numpy()
+    if np.any(weight != np.round(weight)) or weight.min() < -128 or weight.max() > 127:
+        return None
+    shape = _static_shape(x)
+    found = _quantized_source(x, lookup)
+    if shape is None or found is None or shape[0] != 1:
+        return None
+    q, zp = found
+    nsp = len(shape) - 2
+    padding = [int(p) for p in a.padding]
+    before, after = padding[:nsp], padding[nsp:] if len(padding) == 2 * nsp else padding[:nsp]
+    strides, dilation = [int(s) for s in a.strides], [int(d) for d in a.dilation]
+    co, *taps, ci = weight.shape
+    spatial = shape[1:-1]
+    out_sp = [
+        (spatial[i] + before[i] + after[i] - dilation[i] * (taps[i] - 1) - 1) // strides[i] + 1 for i in range(nsp)
+    ]
+    if nsp == 1:  # a unit height
+        spatial, out_sp, taps, strides, dilation = (
+            [1, *spatial],
+            [1, *out_sp],
+            [1, *taps],
+            [1, *strides],
+            [1, *dilation],
+        )
+        before, after = [0, *before], [0, *after]
+    weight = weight.reshape(co, *taps, ci)
+    if int(np.prod(taps)) * ci < MIN_CONV_REDUCTION:
+        return None
+    cp = -(-ci // 4) * 4
+    w4 = np.zeros((co, *taps, cp), np.int8)
+    w4[..., :ci] = weight.astype(np.int8)
+    wk = w4.reshape(co, -1).T  # [taps x cp, co]
+    block = 2 * LANES if co % (2 * LANES) == 0 or co > 2 * LANES else LANES
+    packed = pack_weight(wk, block)
+    colsum = np.zeros(packed.shape[0] * block, np.int32)
+    colsum[:co] = wk.astype(np.int64).sum(axis=0).astype(np.int32)
+    hp, wp_ = spatial[0] + before[0] + after[0], spatial[1] + before[1] + after[1]
+
+    def pad(data: Any) -> Any:
+        from tvm import te
+
+        def value(b: Any, i: Any, j: Any, c: Any) -> Any:
+            ii, jj = i - before[0], j - before[1]
+            inside = tirx.all(ii >= 0, ii < spatial[0], jj >= 0, jj < spatial[1], c < ci)
+            src = (b, tirx.max(tirx.min(jj, spatial[1] - 1), 0), tirx.max(tirx.min(c, ci - 1), 0))
+            if nsp == 2:
+                src = (b, tirx.max(tirx.min(ii, spatial[0] - 1), 0), *src[1:])
+            # Channels past ci meet zero weights; the border takes the zero point (a real zero).
+            return tirx.if_then_else(inside, data[src], tirx.const(zp, "uint8"))
+
+        return te.compute([1, hp, wp_, cp], value, name="conv_pad_u8")
+
+    xp = bb.emit(bb.call_te(pad, bb.emit(q)))
+    func = u8s8_conv((hp, wp_), tuple(out_sp), tuple(taps), tuple(strides), tuple(dilation), cp, co, block)
+    gv = bb.add_func(func, func.attrs["global_symbol"])
+    y = relax.call_tir(
+        gv,
+        [xp, relax.const(packed), relax.const(colsum), relax.const(np.array([zp], np.int32))],
+        out_ty=relax.TensorType([1, *out_sp, co], "int32"),
+    )
+    y = bb.emit(y)
+    if nsp == 1:
+        y = bb.emit(relax.op.reshape(y, [1, out_sp[1], co]))
+    return relax.op.astype(y, "float32")

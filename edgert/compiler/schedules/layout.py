@@ -69,6 +69,21 @@ def _scalar(expr: Any) -> np.ndarray | None:
     return value.reshape(()) if value.size == 1 else None
 
 
+_MAGIC = np.float32(1.5 * 2**23)  # x + M - M rounds x to an integer, half to even, for |x| < 2^22
+
+
+def _round_even(x: relax.Expr) -> relax.Expr:
+    """``round(x)`` half to even, as onnxruntime's requantization (MLAS) computes it: ``x + M - M``.
+
+    TVM lowers ``round`` to a libm ``nearbyintf`` call per element (not vectorized): the
+    requantization epilogue of each int8 conv took 3x the conv. Values beyond 2^22 are clamped
+    first; a quantized result saturates long before.
+    """
+    big = relax.const(np.float32(2**22))
+    clamped = relax.op.minimum(relax.op.maximum(x, relax.op.negative(big)), big)
+    return relax.op.subtract(relax.op.add(clamped, relax.const(_MAGIC)), relax.const(_MAGIC))
+
+
 @relax.expr_functor.mutator
 class _ScalarQDQ(relax.PyExprMutator):
     """``quantize``/``dequantize`` by a constant scalar scale and zero point as the elementwise ops
@@ -102,7 +117,9 @@ class _ScalarQDQ(relax.PyExprMutator):
         if call.op == self.astype and str(call.attrs.dtype) == "float32":
             # The quantized value back in float32 (the next layer's input): no int8 round trip.
             clamped = self._integral(call.args[0])
-            return call if clamped is None else clamped
+            # An identity cast, not the variable itself: ConvertLayout sends a variable bound to
+            # another variable back to the initial layout (a transpose pair around it).
+            return call if clamped is None else relax.op.astype(clamped, "float32")
         if call.op not in (self.quantize, self.dequantize):
             return call
         scale, zp = _scalar(call.args[1]), _scalar(call.args[2])
@@ -116,7 +133,9 @@ class _ScalarQDQ(relax.PyExprMutator):
             if ty.dtype != "float32" or out not in ("uint8", "int8") or x in self.params:
                 return call
             info = np.iinfo(out)
-            v = relax.op.add(relax.op.round(relax.op.divide(x, relax.const(scale))), relax.const(zp.astype(np.float32)))
+            # x / 1 is x (the requantization's QuantizeLinear by 1): no division per element.
+            scaled = x if scale == 1.0 else relax.op.divide(x, relax.const(scale))
+            v = relax.op.add(relax.op.round(scaled), relax.const(zp.astype(np.float32)))
             v = relax.op.minimum(v, relax.const(np.float32(info.max)))
             clamped = self.builder_.emit(relax.op.maximum(v, relax.const(np.float32(info.min))))
             self.clamped.add(clamped)
