@@ -157,7 +157,7 @@ def _integer_layers_graph() -> onnx.ModelProto:
     """The integer layers of onnxruntime's quantizers on float inputs [1, 13, 20] and [13, 20]: dynamic
     (DynamicQuantizeLinear + MatMulInteger, 40 columns: a partial column tile), QDQ MatMul
     (per-column weight scales, then QuantizeLinear), QDQ Gemm (transposed weight, int32 bias) and
-    QDQ Conv with an int32 bias, then QuantizeLinear."""
+    QDQ Convs with an int32 bias (3 and 11 taps), then QuantizeLinear."""
     rng = np.random.default_rng(23)
 
     def init(name: str, value: Any) -> onnx.TensorProto:
@@ -182,6 +182,7 @@ def _integer_layers_graph() -> onnx.ModelProto:
         init("cs", cs),
         init("cz", np.zeros(8, np.int8)),
         init("bc", rng.integers(-3000, 3000, 8).astype(np.int32)),
+        init("wc2", i8(8, 13, 11)),
         init("bcs", np.float32(0.013) * cs),  # a bias at the accumulator's scale, as quantizers write it
     ]
     node = helper.make_node
@@ -203,9 +204,13 @@ def _integer_layers_graph() -> onnx.ModelProto:
         node("DequantizeLinear", ["bc", "bcs"], ["bcd"], axis=0),
         node("Conv", ["xd", "wcd", "bcd"], ["conv"], pads=[1, 1], kernel_shape=[3]),
         node("QuantizeLinear", ["conv", "ys", "yz"], ["qconv"]),
+        # 11 taps x 13 channels: the integer conv kernel (channels padded to 16, zero-point border)
+        node("DequantizeLinear", ["wc2", "cs"], ["wc2d"], axis=0),
+        node("Conv", ["xd", "wc2d", "bcd"], ["conv2"], pads=[5, 4], strides=[2], kernel_shape=[11]),
+        node("QuantizeLinear", ["conv2", "ys", "yz"], ["qconv2"]),
     ]
     outs = {"imm": TensorProto.INT32, "qmm": TensorProto.UINT8, "qgemm": TensorProto.UINT8}
-    outs["qconv"] = TensorProto.UINT8
+    outs["qconv"] = outs["qconv2"] = TensorProto.UINT8
     graph = helper.make_graph(
         nodes,
         "integer_layers",
@@ -231,9 +236,12 @@ def test_integer_layers_match_onnxruntime_exactly(tmp_path):
     onnx.save(_integer_layers_graph(), str(path))
     target, _ = resolve(load_target("host"), threads=2)
     mod, _, _ = optimize(import_onnx(path)[0], target, "f32")
-    kernels = [gv.name_hint for gv in mod.get_global_vars() if "u8s8_gemm" in gv.name_hint]
-    # Two integer matmuls by a constant weight (dynamic and QDQ MatMul) and the Gemm; the conv stays a conv.
-    assert len(kernels) == (3 if has_vnni(target) else 0)
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    vnni = has_vnni(target)
+    # Integer matmuls by a constant weight: the dynamic one, the QDQ MatMul and the Gemm; the
+    # 11-tap conv on the integer conv kernel, the 3-tap one (39 products) on the float conv.
+    assert len([n for n in names if "u8s8_gemm" in n]) == (3 if vnni else 0)
+    assert len([n for n in names if "u8s8_conv" in n]) == (1 if vnni else 0)
     edgert.compile(str(path), output=tmp_path / "l.edgert")
     rng = np.random.default_rng(4)
     feeds = {

@@ -359,6 +359,16 @@ def rewrite_int_conv(bb: Any, call: relax.Call, lookup: Any) -> relax.Expr | Non
         return None
     shape = _static_shape(x)
     found = _quantized_source(x, lookup)
+    moved = lookup(x) if found is None and isinstance(x, relax.Var) else None
+    last = [0, *range(2, len(shape or [])), 1]
+    if (
+        isinstance(moved, relax.Call)
+        and moved.op == tvm_op("relax.permute_dims")
+        and [int(v) for v in moved.attrs.axes or []] == last
+    ):
+        # The channels-first side of the graph's edge (its input quantized): transpose the uint8 values.
+        inner = _quantized_source(moved.args[0], lookup)
+        found = None if inner is None else (relax.op.permute_dims(bb.emit(inner[0]), last), inner[1])
     if shape is None or found is None or shape[0] != 1:
         return None
     q, zp = found
