@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Two builds of the zoo against each other and onnxruntime, interleaved in one process.
+
+    python tools/graph_ab.py ZOO BEFORE_DIR AFTER_DIR --threads 1 --repeats 40 [NAME ...]
+
+BEFORE_DIR and AFTER_DIR hold ``NAME.edgert`` for the zoo's entries (built by two checkouts with
+``edgert compile``). Each engine runs once in turn, ``--repeats`` times; the minimum and median
+of each are printed and written as JSON. On a shared machine the minimum is the steadier figure:
+a neighbour's burst lands on one engine's run, not on one engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peers.graph import _engine, _zoo_feeds
+
+
+def main() -> None:
+    """Command line: time and print."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("zoo", type=Path)
+    parser.add_argument("before", type=Path)
+    parser.add_argument("after", type=Path)
+    parser.add_argument("names", nargs="*", help="zoo entries (default: all)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--json", type=Path, default=Path("graph_ab.json"))
+    args = parser.parse_args()
+    index = json.loads((args.zoo / "zoo.json").read_text())
+    results = {}
+    for name in args.names or list(index):
+        feeds = _zoo_feeds(index[name])
+        engines = {
+            "before": _engine("edgert", str(args.before / f"{name}.edgert"), args.threads),
+            "after": _engine("edgert", str(args.after / f"{name}.edgert"), args.threads),
+            "onnxruntime": _engine("onnxruntime", str(args.zoo / index[name]["file"]), args.threads),
+        }
+        times: dict[str, list[float]] = {k: [] for k in engines}
+        for run in engines.values():  # warm-up
+            run(feeds)
+        for _ in range(args.repeats):
+            for key, run in engines.items():
+                t = time.perf_counter()
+                run(feeds)
+                times[key].append(time.perf_counter() - t)
+        row = {k: {"min_ms": min(v) * 1e3, "median_ms": float(np.median(v)) * 1e3} for k, v in times.items()}
+        results[name] = row
+        cells = "  ".join(f"{k} {r['min_ms']:.4g} ({r['median_ms']:.4g})" for k, r in row.items())
+        print(f"{name} t{args.threads}: min (median) ms  {cells}", flush=True)
+    args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
