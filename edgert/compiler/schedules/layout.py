@@ -222,6 +222,11 @@ def _static_convs(mod: Any) -> bool:
     return found[0] and static[0]
 
 
+def scalar_qdq(mod: Any) -> Any:
+    """``mod`` with its scalar-parameter quantize/dequantize as elementwise ops (`_ScalarQDQ`)."""
+    return _ScalarQDQ(mod).transform()
+
+
 def channels_last(mod: Any) -> Any:
     """``mod`` with its 1-D/2-D convolutions (and what lies between them) in channels-last layout.
 
@@ -229,8 +234,8 @@ def channels_last(mod: Any) -> Any:
     TVM's ConvertLayout ran out of memory, and those convs keep their NC(H)W kernels.
     """
     if not _static_convs(mod):
-        return mod
-    mod = _ScalarQDQ(_ScalarClamps(mod).transform()).transform()
+        return scalar_qdq(mod)
+    mod = scalar_qdq(_ScalarClamps(mod).transform())
     try:
         converted = relax.transform.ConvertLayout(DESIRED)(mod)
     except tvm.error.InternalError as exc:
