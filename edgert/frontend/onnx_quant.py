@@ -1,13 +1,13 @@
 """int8 ONNX operators TVM's importer lacks, rewritten into ones it has (with `onnx.helper`).
 
-QLinearConv, QLinearMatMul, ConvInteger and onnxruntime's contrib DynamicQuantizeMatMul, QGemm
-and QLinearGlobalAveragePool become DequantizeLinear -> the float op -> QuantizeLinear (or a cast
-to int32 for the *Integer ops). Weight dequantization folds to constants at import. Why this is
-within one quantization step of onnxruntime's integer kernels: the products of the dequantized
-int8/uint8 values are exact in f32 and their sums are exact while below 2^24 (one rounding of
-~6e-8 relative beyond), so the only difference is the final rounding to the output's integer
-grid, which can fall on the other side of a half step: at most one step. The *Integer ops'
-int32 outputs are exact under the same bound. Other contrib operators stay refused by name.
+QLinearConv and QLinearMatMul become an integer accumulator (a float conv of integer values, or
+MatMulInteger) and onnxruntime's requantization, ``saturate(round(float(acc) * (xs * ws / ys)) +
+yz)`` by the same f32 operations: the same output bytes, as long as the conv's sums stay below
+2^24 (exact in f32). ConvInteger becomes a float conv of integer values (exact under the same
+bound); onnxruntime's contrib DynamicQuantizeMatMul, QGemm and QLinearGlobalAveragePool become
+DequantizeLinear -> the float op (-> QuantizeLinear), within one quantization step (a final
+rounding on the other side of a half step). `integer_qdq` rewrites QDQ-form layers by constant
+int8 weights into these operators first. Other contrib operators stay refused by name.
 """
 
 from __future__ import annotations
