@@ -327,6 +327,11 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         sizes = [max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window]
         return self._local_cache(sizes, ["mha"] * self.num_local_layers, "_freed")
 
+    def cache_windows(self) -> dict[str, int]:
+        """The window of each local cache's kernels, by their name suffix (see `_local_cache`): edgert's
+        CPU attention replaces them (`compiler.passes.attention.use_fast_cache_attention`)."""
+        return {"_local": self.cfg.sliding_window, "_freed": self.cfg.sliding_window}
+
     def _local_cache(self, sizes: list[tirx.Var], kinds: list[str], suffix: str) -> PagedKVCache:
         cfg = self.cfg
         batch, total, chunk, page, sliding = sizes
