@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_tool, run_cli, run_tool
+from conftest import run_cli, run_tool
 
 import edgert
 from edgert.deploy import board as board_mod
@@ -142,16 +142,13 @@ def test_smollm2_for_rpi5_on_the_board_matches_the_host_build(
 
 
 @pytest.fixture(scope="module")
-def tiny_gemma_builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def tiny_gemma_builds(tiny_gemma_gguf: Path, tiny_gemma_host_artifact: Path, tmp_path_factory) -> dict[str, Path]:
     """A tiny random Gemma 3 (five sliding-window layers of window 4 and a global one; Q8_0),
-    compiled for this machine and for rpi5."""
-    gguf = load_tool("make_tiny_gguf").write_tiny_gemma3(tmp_path_factory.mktemp("tiny-gemma") / "tiny-gemma3.gguf")
-    builds = {}
-    for target in ("host", "rpi5"):
-        builds[target] = gguf.with_name(f"tiny-gemma3-{target}.edgert")
-        proc = run_cli("compile", str(gguf), "--target", target, "-o", str(builds[target]))
-        assert proc.returncode == 0, proc.stderr
-    return builds
+    compiled for this machine (shared with the GPU tests) and for rpi5."""
+    rpi5 = tmp_path_factory.mktemp("tiny-gemma") / "tiny-gemma3-rpi5.edgert"
+    proc = run_cli("compile", str(tiny_gemma_gguf), "--target", "rpi5", "-o", str(rpi5))
+    assert proc.returncode == 0, proc.stderr
+    return {"host": tiny_gemma_host_artifact, "rpi5": rpi5}
 
 
 def test_tiny_gemma3_window_freed_or_masked_gives_the_same_logits(tiny_gemma_builds: dict[str, Path]) -> None:
