@@ -273,6 +273,32 @@ def tiny_opencl_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPath
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Gemma 3 (five sliding-window layers of window 4 and a global one, head size 32; Q8_0)."""
+
+    def build(folder: Path) -> None:
+        load_tool("make_tiny_gguf").write_tiny_gemma3(folder / "tiny-gemma3.gguf")
+
+    return shared_build(tmp_path_factory, "tiny-gemma-gguf", build) / "tiny-gemma3.gguf"
+
+
+def _compile_tiny_gemma(gguf: Path, target: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    name = f"tiny-gemma3-{target}.edgert"
+
+    def build(folder: Path) -> None:
+        proc = run_cli("compile", str(gguf), "--target", target, "-o", str(folder / name))
+        assert proc.returncode == 0, proc.stderr
+
+    return shared_build(tmp_path_factory, f"tiny-gemma-{target}", build) / name
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_host_artifact(tiny_gemma_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Gemma 3 compiled for this machine."""
+    return _compile_tiny_gemma(tiny_gemma_gguf, "host", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def tiny_rpi5_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama cross-compiled for a Raspberry Pi 5 (aarch64, Cortex-A76)."""
     return _compile_tiny(tiny_gguf_file, "rpi5", tmp_path_factory)

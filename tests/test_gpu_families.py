@@ -76,6 +76,27 @@ def test_tiny_llama_on_opencl_matches_the_cpu_build(tiny_gpu_artifact: Path, tin
     )
 
 
+def test_tiny_gemma3_on_opencl_matches_the_cpu_build(
+    tiny_gemma_gguf: Path, tiny_gemma_host_artifact: Path, opencl_device: str, tmp_path: Path
+) -> None:
+    # Steps of several tokens: TVM's tiled prefill kernels wrote zeros at head size 32 (the config
+    # in `families.shared.kv_cache._prefill_tiles`), and the local cache's merge kernel, named
+    # with its cache's suffix, kept TVM's racy one (`compiler.gpu.race_free_merge_state`).
+    import edgert
+
+    gpu = edgert.load(_compile(tiny_gemma_gguf, "host-opencl", tmp_path / "tiny-gemma3-gpu.edgert"))
+    cpu = edgert.load(tiny_gemma_host_artifact)
+    ids = gpu.tokenizer.encode("Paris is a city of light and of the river Seine which runs")
+    assert len(ids) > 3 * 4  # chunks of window - 1 = 3 over cached pages, past the window of 4
+    np.testing.assert_allclose(gpu.score(ids), cpu.score(ids), atol=1e-4, rtol=1e-4)
+    for model in (gpu, cpu):
+        model.reset()
+    steps = [gpu.step([t]) for t in ids[:6]]
+    np.testing.assert_allclose(steps, [cpu.step([t]) for t in ids[:6]], atol=1e-4, rtol=1e-4)
+    want = [t.id for t in cpu.generate("Paris is", max_tokens=8)]
+    assert [t.id for t in gpu.generate("Paris is", max_tokens=8)] == want
+
+
 @pytest.mark.slow
 def test_mali_build_keeps_float16_scales_and_cross_compiles(tiny_gguf_file: Path, tmp_path: Path) -> None:
     """Mali and Adreno have cl_khr_fp16: scales stay float16 there (PoCL's generic device gets float32)."""

@@ -235,14 +235,17 @@ def merge_state_kernel(dtype: str = "float32", threads: int = 32) -> Any:
 
 
 def race_free_merge_state() -> Any:
-    """Swap the paged KV cache's merge-state kernels for `merge_state_kernel` (same arguments)."""
+    """Swap the paged KV cache's merge-state kernels for `merge_state_kernel` (same arguments), also
+    those of caches whose kernels carry a suffix (`families.shared.kv_cache`)."""
     import tvm
     from tvm import tirx
 
     @tvm.transform.module_pass(opt_level=0, name="edgert.RaceFreeMergeState")
     def _swap(mod: Any, _ctx: Any) -> Any:
         for gvar, func in list(mod.functions.items()):
-            if isinstance(func, tirx.PrimFunc) and gvar.name_hint in MERGE_STATE:
+            # a module's further caches (Gemma 3's local layers) name theirs with a suffix
+            merge = any(gvar.name_hint == m or gvar.name_hint.startswith(f"{m}_") for m in MERGE_STATE)
+            if isinstance(func, tirx.PrimFunc) and merge:
                 dtype = str(getattr(func.params[0], "dtype", "float32"))  # V's buffer (0.27: params are buffers)
                 dtype = dtype if dtype.startswith(("float", "bfloat")) else "float32"
                 mod.update_func(gvar, merge_state_kernel(dtype).with_attr("global_symbol", gvar.name_hint))

@@ -19,6 +19,7 @@ one (token, head) pair per task, with the causal mask cutting each token's row o
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from tvm import IRModule, tirx
 from tvm.script import tirx as T
@@ -391,4 +392,253 @@ def use_fast_decode_attention(
         mod[names[ROPE_KERNEL]] = fused_rope(rope_theta, head_dim, num_qo_heads, num_kv_heads).with_attr(
             "global_symbol", ROPE_KERNEL
         )
+    return mod
+
+
+# -- caches with a window (Gemma 3's local layers) and further caches of one module -----------------
+#
+# TVM's paged cache has `_sliding_window` kernels for a cache whose layers attend to a window
+# (``mha_sliding``) or whose sequence slides: their length info is ``[3, batch]`` (last page's
+# length, the window's start in the first page, the attention-sink length), row r of a sequence
+# lives at position ``r`` if ``r < sink`` else ``r - sink + start``, and the prefill kernel masks
+# query t of a chunk (causal) to the last ``window - t - 1`` rows: with the chunk's own t + 1
+# tokens (the ragged kernel) that is ``window`` positions. A module with several caches names
+# their kernels with a suffix (`families.shared.kv_cache`); the kernels below replace them all.
+
+SLIDING = "_sliding_window"  # TIRPagedKVCache's suffix for these kernels
+
+
+def _window_rows(length_info: Any, b: Any, page_size: int, n_pages: Any) -> Any:
+    """Rows of sequence ``b`` in a sliding cache (TVM's ``_get_kv_chunk_len``)."""
+    return T.if_then_else(
+        n_pages > 0, (n_pages - 1) * page_size + length_info[0, b] - length_info[1, b] + length_info[2, b], 0
+    )
+
+
+def paged_prefill_window_attention(
+    num_kv_heads: int, num_qo_heads: int, head_dim: int, window: int, page_size: int = 16
+) -> tirx.PrimFunc:
+    """`paged_prefill_attention` for TVM's ``batch_prefill_paged_kv_cpu_sliding_window``: its ``[3, b]``
+    length info and row positions, and, when ``causal``, each query t of a chunk of n seeing the last
+    ``max(window - t - 1, 0)`` rows (TVM's ``_causal_or_sliding_cross_mask``; ``window`` 0: plain causal)."""
+    h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
+    group = h_qo // h_kv
+    lanes = LANES if d % LANES == 0 else 1
+    log2e = math.log2(math.e)
+    slides = 1 if window > 0 else 0
+
+    @T.prim_func
+    def prefill(
+        q_handle: T.handle,
+        q_indptr_handle: T.handle,
+        pages_handle: T.handle,
+        page_indptr_handle: T.handle,
+        page_values_handle: T.handle,
+        length_info_handle: T.handle,
+        k_rope_pos_offset_handle: T.handle,
+        q_rope_position_handle: T.handle,
+        output_handle: T.handle,
+        lse_handle: T.handle,
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q_indptr_offset = T.int32()
+        indptr_offset = T.int32()
+        values_offset = T.int32()
+        k_rope_offset = T.int32()
+        q_rope_offset = T.int32()
+        length_offset = T.int32()
+        q = T.match_buffer(q_handle, (total_len, h_qo, d), "float32")
+        q_indptr = T.match_buffer(q_indptr_handle, (batch + 1,), "int32", elem_offset=q_indptr_offset)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d), "float32")
+        page_indptr = T.match_buffer(page_indptr_handle, (batch + 1,), "int32", elem_offset=indptr_offset)
+        page_values = T.match_buffer(page_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
+        length_info = T.match_buffer(length_info_handle, (3, batch), "int32", elem_offset=length_offset)
+        T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
+        T.match_buffer(q_rope_position_handle, (total_len,), "int32", elem_offset=q_rope_offset)
+        output = T.match_buffer(output_handle, (total_len, h_qo, d), "float32")
+        lse = T.match_buffer(lse_handle, (total_len, h_qo), "float32")
+        assert rotary_mode == 0, "edgert's window prefill attention expects RoPE applied before the cache"
+        for b in range(batch):
+            first: T.let[T.int32] = page_indptr[b]
+            kv_len: T.let[T.int32] = _window_rows(length_info, b, page_size, page_indptr[b + 1] - first)
+            sink: T.let[T.int32] = length_info[2, b]
+            start: T.let[T.int32] = length_info[1, b]
+            q0: T.let[T.int32] = q_indptr[b]
+            qo_len: T.let[T.int32] = q_indptr[b + 1] - q0
+            for th in T.parallel(qo_len * h_qo):
+                t: T.let[T.int32] = th // h_qo
+                h: T.let[T.int32] = th % h_qo
+                lo: T.let[T.int32] = T.if_then_else(causal * slides > 0, T.max(kv_len - T.max(window - t - 1, 0), 0), 0)
+                hi: T.let[T.int32] = T.if_then_else(
+                    causal * (1 - slides) > 0, T.max(T.min(kv_len - qo_len + t + 1, kv_len), 0), kv_len
+                )
+                scores = T.alloc_buffer((kv_len,), "float32")
+                qs = T.alloc_buffer((d,), "float32", scope="local")
+                part = T.alloc_buffer((lanes,), "float32", scope="local")
+                out = T.alloc_buffer((d,), "float32", scope="local")
+                stat = T.alloc_buffer((2,), "float32", scope="local")  # max, sum of exps
+                kv = h // group
+                for i in T.vectorized(d):
+                    qs[i] = q[q0 + t, h, i] * sm_scale * T.float32(log2e)
+                stat[0] = T.float32(-3.0e38)
+                for r in range(lo, hi):
+                    pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
+                    page = page_values[first + pos // page_size]
+                    slot = pos % page_size
+                    for v in T.vectorized(lanes):
+                        part[v] = T.float32(0)
+                    for c in range(d // lanes):
+                        for v in T.vectorized(lanes):
+                            part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
+                    scores[r] = T.float32(0)
+                    for v in range(lanes):
+                        scores[r] = scores[r] + part[v]
+                    stat[0] = T.max(stat[0], scores[r])
+                stat[1] = T.float32(0)
+                for i in T.vectorized(d):
+                    out[i] = T.float32(0)
+                for r in range(lo, hi):
+                    pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
+                    page = page_values[first + pos // page_size]
+                    slot = pos % page_size
+                    p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
+                    stat[1] = stat[1] + p
+                    for i in T.vectorized(d):
+                        out[i] = out[i] + p * pages[page, 1, kv, slot, i]
+                for i in T.vectorized(d):  # no visible row: zeros, and a log-sum-exp merging to nothing
+                    output[q0 + t, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
+                lse[q0 + t, h] = T.if_then_else(
+                    hi > lo, stat[0] + T.log2(T.max(stat[1], T.float32(1e-30))), T.float32(-5e4)
+                )
+
+    return prefill.with_attr("global_symbol", "edgert_paged_prefill_window_attention")
+
+
+def paged_decode_window_attention(
+    num_kv_heads: int, num_qo_heads: int, head_dim: int, page_size: int = 16
+) -> tirx.PrimFunc:
+    """`paged_decode_attention` for TVM's ``batch_decode_paged_kv_cpu_sliding_window``: its ``[3, b]``
+    length info and row positions (every row it is given: the cache hands it the window's pages)."""
+    h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
+    group = h_qo // h_kv
+    lanes = LANES if d % LANES == 0 else 1
+    log2e = math.log2(math.e)
+
+    @T.prim_func
+    def decode(
+        q_handle: T.handle,
+        pages_handle: T.handle,
+        page_indptr_handle: T.handle,
+        page_values_handle: T.handle,
+        length_info_handle: T.handle,
+        k_rope_pos_offset_handle: T.handle,
+        q_rope_position_handle: T.handle,
+        output_handle: T.handle,
+        lse_handle: T.handle,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        indptr_offset = T.int32()
+        values_offset = T.int32()
+        k_rope_offset = T.int32()
+        q_rope_offset = T.int32()
+        length_offset = T.int32()
+        q = T.match_buffer(q_handle, (batch, h_qo, d), "float32")
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d), "float32")
+        page_indptr = T.match_buffer(page_indptr_handle, (batch + 1,), "int32", elem_offset=indptr_offset)
+        page_values = T.match_buffer(page_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
+        length_info = T.match_buffer(length_info_handle, (3, batch), "int32", elem_offset=length_offset)
+        T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
+        T.match_buffer(q_rope_position_handle, (batch,), "int32", elem_offset=q_rope_offset)
+        output = T.match_buffer(output_handle, (batch, h_qo, d), "float32")
+        lse = T.match_buffer(lse_handle, (batch, h_qo), "float32")
+        assert rotary_mode == 0, "edgert's window decode attention expects RoPE applied before the cache"
+        for b in range(batch):
+            first: T.let[T.int32] = page_indptr[b]
+            length: T.let[T.int32] = _window_rows(length_info, b, page_size, page_indptr[b + 1] - first)
+            sink: T.let[T.int32] = length_info[2, b]
+            start: T.let[T.int32] = length_info[1, b]
+            for h in T.parallel(h_qo):
+                scores = T.alloc_buffer((length,), "float32")
+                qs = T.alloc_buffer((d,), "float32", scope="local")
+                part = T.alloc_buffer((lanes,), "float32", scope="local")
+                out = T.alloc_buffer((d,), "float32", scope="local")
+                stat = T.alloc_buffer((2,), "float32", scope="local")  # running max, sum of exps
+                kv = h // group
+                for i in T.vectorized(d):
+                    qs[i] = q[b, h, i] * sm_scale * T.float32(log2e)
+                stat[0] = T.float32(-3.0e38)
+                for r in range(length):
+                    pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
+                    page = page_values[first + pos // page_size]
+                    slot = pos % page_size
+                    for v in T.vectorized(lanes):
+                        part[v] = T.float32(0)
+                    for c in range(d // lanes):
+                        for v in T.vectorized(lanes):
+                            part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
+                    scores[r] = T.float32(0)
+                    for v in range(lanes):
+                        scores[r] = scores[r] + part[v]
+                    stat[0] = T.max(stat[0], scores[r])
+                stat[1] = T.float32(0)
+                for i in T.vectorized(d):
+                    out[i] = T.float32(0)
+                for r in range(length):
+                    pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
+                    page = page_values[first + pos // page_size]
+                    slot = pos % page_size
+                    p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
+                    stat[1] = stat[1] + p
+                    for i in T.vectorized(d):
+                        out[i] = out[i] + p * pages[page, 1, kv, slot, i]
+                for i in T.vectorized(d):  # an empty sequence gives zeros, as TVM's kernel does
+                    output[b, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
+                lse[b, h] = stat[0] + T.log2(T.max(stat[1], T.float32(1e-30)))
+
+    return decode.with_attr("global_symbol", "edgert_paged_decode_window_attention")
+
+
+def use_fast_cache_attention(
+    mod: IRModule, num_kv_heads: int, num_qo_heads: int, head_dim: int, windows: dict[str, int]
+) -> IRModule:
+    """``mod`` with the CPU attention kernels of every cache whose kernel-name suffix is in ``windows``
+    (``""``: the unsuffixed cache) replaced by edgert's: decode, prefill and ragged as in
+    `use_fast_decode_attention`, and their ``_sliding_window`` variants by `paged_decode_window_attention`
+    and `paged_prefill_window_attention` (with that cache's window) (the ``sliding_window`` its
+    kernels were made with; 0 for a cache without ``mha_sliding`` layers)."""
+    names = {gv.name_hint: gv for gv in mod.get_global_vars()}
+    kernels = {
+        DECODE_KERNEL: lambda w: paged_decode_attention(num_kv_heads, num_qo_heads, head_dim),
+        PREFILL_KERNEL: lambda w: paged_prefill_attention(num_kv_heads, num_qo_heads, head_dim),
+        RAGGED_KERNEL: lambda w: ragged_prefill_attention(num_kv_heads, num_qo_heads, head_dim),
+        DECODE_KERNEL + SLIDING: lambda w: paged_decode_window_attention(num_kv_heads, num_qo_heads, head_dim),
+        PREFILL_KERNEL + SLIDING: lambda w: paged_prefill_window_attention(num_kv_heads, num_qo_heads, head_dim, w),
+    }
+    swaps = {
+        base + suffix: make(window)
+        for suffix, window in windows.items()
+        for base, make in kernels.items()
+        if base + suffix in names
+    }
+    if not swaps:
+        return mod
+    mod = IRModule(dict(mod.functions), attrs=mod.attrs)  # a copy; the caller's module stays as it was
+    for name, func in swaps.items():
+        mod[names[name]] = func.with_attr("global_symbol", name)
     return mod

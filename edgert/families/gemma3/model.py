@@ -276,28 +276,10 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
     def num_local_layers(self) -> int:
         return sum(self.cfg.is_local(i) for i in range(self.cfg.num_layers))
 
-    def create_kv_cache(
-        self,
-        max_batch_size: tirx.Var,
-        max_total_seq_len: tirx.Var,
-        prefill_chunk_size: tirx.Var,
-        page_size: tirx.Var,
-        support_sliding_window: tirx.Var,
-    ) -> PagedKVCache:
-        """The global layers' cache (keys arrive rotated: RoPE is per layer, see the module docstring)."""
-        cfg = self.cfg
-        return paged_kv_cache(
-            num_layers=cfg.num_layers - self.num_local_layers,
-            num_heads=cfg.num_heads,
-            num_kv_heads=cfg.num_kv_heads,
-            head_dim=cfg.head_dim,
-            max_batch_size=max_batch_size,
-            max_total_seq_len=max_total_seq_len,
-            prefill_chunk_size=prefill_chunk_size,
-            page_size=page_size,
-            support_sliding_window=support_sliding_window,
-            rope_mode=RopeMode.NONE,
-        )
+    def _kv_cache_options(self) -> dict:
+        """The global layers' cache (Llama's `create_kv_cache`): keys arrive rotated (RoPE is per layer,
+        see the module docstring)."""
+        return {"num_layers": self.cfg.num_layers - self.num_local_layers, "rope_mode": RopeMode.NONE}
 
     def create_local_kv_cache(
         self,
@@ -326,6 +308,11 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         """The local layers' cache whose sequence slides (see the notes above)."""
         sizes = [max_batch_size, max_total_seq_len, prefill_chunk_size, page_size, support_sliding_window]
         return self._local_cache(sizes, ["mha"] * self.num_local_layers, "_freed")
+
+    def cache_windows(self) -> dict[str, int]:
+        """The window of each local cache's kernels, by their name suffix (see `_local_cache`): edgert's
+        CPU attention replaces them (`compiler.passes.attention.use_fast_cache_attention`)."""
+        return {"_local": self.cfg.sliding_window, "_freed": self.cfg.sliding_window}
 
     def _local_cache(self, sizes: list[tirx.Var], kinds: list[str], suffix: str) -> PagedKVCache:
         cfg = self.cfg

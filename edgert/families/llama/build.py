@@ -20,7 +20,7 @@ from edgert.compiler.compile import (
 )
 from edgert.compiler.gpu_layout import apply_gpu_layout
 from edgert.compiler.layout import apply_cpu_layout
-from edgert.compiler.passes.attention import use_fast_decode_attention
+from edgert.compiler.passes.attention import use_fast_cache_attention, use_fast_decode_attention
 from edgert.compiler.quantize import QUANT_MODES, choose_storage, storage_kind
 from edgert.errors import EdgertError
 from edgert.runtime.exits import range_spans
@@ -99,6 +99,8 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
         if not job.on_gpu:  # a CPU kernel; the GPU keeps the paged cache's own decode kernels
             theta = cfg.rope_theta if family == "llama" else None  # Gemma applies RoPE outside the cache
             mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, theta)
+            if hasattr(net, "cache_windows"):  # further caches (Gemma's local layers) and their windows
+                mod = use_fast_cache_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, net.cache_windows())
 
     library_cache = req.options.get("library_cache")
     cached = cached_library(library_cache, mod, job.tvm_target, job.spec.cc) if library_cache else None

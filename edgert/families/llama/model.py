@@ -243,8 +243,8 @@ class LlamaForCausalLM(nn.Module):
     ) -> PagedKVCache:
         """The paged KV cache (TVM's CPU/GPU TIR kernels); `_kv_cache_options` says how attention runs."""
         cfg = self.cfg
+        options = {"num_layers": cfg.num_layers, "rope_theta": cfg.rope_theta, **self._kv_cache_options()}
         return paged_kv_cache(
-            num_layers=cfg.num_layers,
             num_heads=cfg.num_heads,
             num_kv_heads=cfg.num_kv_heads,
             head_dim=cfg.head_dim,
@@ -253,12 +253,12 @@ class LlamaForCausalLM(nn.Module):
             prefill_chunk_size=prefill_chunk_size,
             page_size=page_size,
             support_sliding_window=support_sliding_window,
-            rope_theta=cfg.rope_theta,
-            **self._kv_cache_options(),
+            **options,
         )
 
     def _kv_cache_options(self) -> dict:
-        """What a family changes in the cache: here RoPE applied by the cache (before us when evictable)."""
+        """What a family changes in the cache (`paged_kv_cache`'s options: the layers it holds, RoPE):
+        here RoPE applied by the cache (before us when evictable)."""
         return {"rope_mode": RopeMode.NONE if self.evictable else RopeMode.NORMAL}
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:

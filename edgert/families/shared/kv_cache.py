@@ -40,7 +40,10 @@ def paged_kv_cache(
     target = Target.current()
     if target is None:
         raise RuntimeError("export the model inside `with target:` so the KV cache picks its kernels")
-    with _kernel_symbols(symbol_suffix) if symbol_suffix else contextlib.nullcontext():
+    with (
+        _kernel_symbols(symbol_suffix) if symbol_suffix else contextlib.nullcontext(),
+        _prefill_tiles() if target.kind.name != "llvm" else contextlib.nullcontext(),
+    ):
         return TIRPagedKVCache(
             attn_kind=attn_kind,  # type: ignore[arg-type]
             max_batch_size=max_batch_size,
@@ -90,3 +93,38 @@ def _kernel_symbols(suffix: str) -> Iterator[None]:
         yield
     finally:
         del bb.add_func
+
+
+PREFILL_KERNEL_MODULES = (
+    "tvm.relax.frontend.nn.llm._prefill_kernels",
+    "tvm.relax.frontend.nn.llm.tree_attn",
+)
+
+
+@contextlib.contextmanager
+def _prefill_tiles() -> Iterator[None]:
+    """TVM's GPU prefill kernels with 2 rather than 4 groups of 32 work items at head size 32.
+
+    With its default (32 x 4 work items, 16 x 32 tiles) TVM 0.27's tiled prefill kernels write
+    zeros as their output at head size 32 (PoCL, any work-group method; the log-sum-exp is right):
+    a Gemma 3 or Llama with 32-wide heads got wrong logits for every step of more than one
+    token. 16, 64, 128 and 256 are right with the default; 32 x 2 and 32 x 8 are right at 32.
+    """
+    import importlib
+
+    modules = [importlib.import_module(name) for name in PREFILL_KERNEL_MODULES]
+    original = modules[0]._get_prefill_kernel_config
+
+    def config(h_kv: int, h_q: int, d: int, *args: Any, **kwargs: Any) -> tuple[int, ...]:
+        blocks, vec, group, bdx, warps, tile_x, tile_y, tile_z = original(h_kv, h_q, d, *args, **kwargs)
+        if d == 32 and bdx * warps == 128 and (tile_x * tile_z) % (bdx * 2) == 0:
+            warps = 2
+        return blocks, vec, group, bdx, warps, tile_x, tile_y, tile_z
+
+    for module in modules:
+        module._get_prefill_kernel_config = config  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for module in modules:
+            module._get_prefill_kernel_config = original  # type: ignore[attr-defined]
