@@ -1,7 +1,8 @@
-"""Self-speculative greedy decoding on Whisper tiny.en's decoder: identical to plain greedy decoding.
+"""Speculative greedy decoding on Whisper tiny.en's decoder: identical to plain greedy decoding.
 
-The draft skips decoder layers (or exits after the first ones) and shares the window's
-cross-attention K/V with the verify pass; the transcript must match the plain greedy one token
+The self draft skips decoder layers (or exits after the first ones) and shares the window's
+cross-attention K/V with the verify pass; the lookup draft copies the previous window's text or
+an earlier hypothesis of the same audio. The transcript must match the plain greedy one token
 for token on the Whisper test audio (which itself matches faster-whisper, tests/test_whisper.py).
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_whisper import beckett_wav
+from test_whisper import SENTENCES, beckett_wav, synthesize
 
 from edgert.errors import EdgertError
 from edgert.runtime.audio import read_wav
@@ -72,12 +73,70 @@ def test_early_exit_decoder(whisper_artifact: Path, beckett_plain) -> None:
     assert stats["mean_layers"] == 2.0 and stats["tokens"] > 0 and stats["policy"] == "static:2"
 
 
+@pytest.fixture(scope="module")
+def long_speech(transcriber, tmp_path_factory: pytest.TempPathFactory):
+    """The tests' espeak-ng sentences twice over (40 s: two windows) as a WAV file, and its plain greedy transcript."""
+    import wave
+
+    import numpy as np
+
+    folder = tmp_path_factory.mktemp("long")
+    pause = np.zeros(8000, np.float32)
+    parts = [np.concatenate([synthesize(s, folder / f"{i}.wav"), pause]) for i, s in enumerate(SENTENCES)]
+    path = folder / "long.wav"
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(np.concatenate(parts * 2), -1, 1) * 32767).astype("<i2").tobytes())
+    return path, transcriber.transcribe(path, beam_size=1)
+
+
+def test_lookup_transcript_identical(whisper_artifact: Path, transcriber, long_speech) -> None:
+    """Long-form: the second window drafts from the first's text (prompt and cut-off tail); streaming-style:
+    a longer piece of the same audio drafts from the shorter piece's hypothesis. Plain greedy tokens."""
+    from edgert.families.whisper.transcriber import Transcriber
+
+    path, plain = long_speech
+    fast = Transcriber(whisper_artifact, speculative="lookup")
+    fast.speculative.gate = None  # draft whenever there is a draft: the counts below do not hang on timing
+    ours = fast.transcribe(path, beam_size=1)
+    assert plain.stats.windows == 2 and len(plain.text) > 200
+    assert [s.tokens for s in ours.segments] == [s.tokens for s in plain.segments]
+    assert [(s.start, s.end) for s in ours.segments] == [(s.start, s.end) for s in plain.segments]
+    stats = fast.speculative.stats
+    assert 0 < stats.accepted < stats.drafted and stats.plain_steps > 0
+    # Each verify pass emits its accepted drafts plus one token: fewer decoder passes than tokens.
+    assert stats.rounds + fast.model.calls["decode"] < sum(len(s.tokens) for s in plain.segments)
+
+    samples = read_wav(beckett_wav()).samples
+    earlier, _ = fast.decode_window(fast.encode(fast.features(samples[:80000])), timestamps=False)
+    cross = fast.encode(fast.features(samples[:128000]))
+    want, _ = transcriber.decode_window(cross, timestamps=False)
+    accepted = stats.accepted
+    got, _ = fast.decode_window(cross, timestamps=False, reference=earlier.tokens)
+    assert got.tokens == want.tokens and len(want.tokens) > len(earlier.tokens) > 5
+    assert stats.accepted - accepted >= len(earlier.tokens) // 2  # the shorter piece's words were drafted
+
+
+def test_lookup_cli(whisper_artifact: Path, transcriber, long_speech) -> None:
+    path, plain = long_speech
+    proc = run_cli("transcribe", str(whisper_artifact), str(path), "--speculative", "lookup:k=4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["text"] == plain.text and out["beam_size"] == 1
+    assert out["speculative"]["drafted"] > 0 and 0 <= out["speculative"]["acceptance_rate"] <= 1
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
+        ("lookup:k=0", "k must be"),
+        ("lookup:ngram=9", "ngram must be"),
+        ("lookup:skip=2", "unknown option"),
         ("self:k=4,skip=0-3", "draft layers"),
         ("self:k=0", "k must be"),
-        ("model:x.edgert", "drafts with itself"),
+        ("model:x.edgert", "drafts by itself or by lookup"),
         ("self:k=2,exit=4", "exit must be"),
         ("self:k=2,depth=1", "unknown option"),
     ],

@@ -38,7 +38,8 @@ def transcribe(
         str | None,
         typer.Option(
             "--speculative",
-            help="Greedy decoding drafted by the decoder's own layers: self:k=4, self:k=4,skip=2 or self:k=3,exit=2.",
+            help="Greedy decoding with drafts, same transcript: lookup[:k=6,ngram=3] (the previous window's text and "
+            "the tokens so far), or the decoder's own layers: self:k=4, self:k=4,skip=2 or self:k=3,exit=2.",
         ),
     ] = None,
     exit_policy: Annotated[
