@@ -77,7 +77,7 @@ def run(args: Any) -> list[Row]:
 
 
 def llm_rows(args: Any) -> list[Row]:
-    """Plain decoding, then each mode, on each suite; rows with plain decoding as the baseline."""
+    """Plain decoding and each mode, runs interleaved, on each suite; rows with plain decoding as the baseline."""
     import edgert
     from edgert.runtime.speculative import SpeculativeDecoder, parse_speculative
 
@@ -92,12 +92,19 @@ def llm_rows(args: Any) -> list[Row]:
     rows = []
     for suite, path in SUITES.items():
         prompts = load_suite(path)[: args.spec_prompts or None]
-        plain = [decode_suite(model, prompts, args.spec_tokens) for _ in range(args.repeats)]
-        reference, base = plain[0][0], statistics.median(r[1] for r in plain)
-        for spec in filter(None, args.spec_modes.split(",")):
+        specs = list(filter(None, args.spec_modes.split(",")))
+        decoders = {}
+        for spec in specs:
             drafter, k = parse_speculative(spec, model, lambda p: edgert.load(p, threads=args.threads))
-            decoder = SpeculativeDecoder(model, drafter, k)
-            runs = [decode_suite(decoder, prompts, args.spec_tokens) for _ in range(args.repeats)]
+            decoders[spec] = SpeculativeDecoder(model, drafter, k)
+        plain, by_spec = [], {spec: [] for spec in specs}
+        for _ in range(args.repeats):  # interleaved: a change in the machine's load meets every mode alike
+            plain.append(decode_suite(model, prompts, args.spec_tokens))
+            for spec, decoder in decoders.items():
+                by_spec[spec].append(decode_suite(decoder, prompts, args.spec_tokens))
+        reference, base = plain[0][0], statistics.median(r[1] for r in plain)
+        for spec, decoder in decoders.items():
+            runs, k = by_spec[spec], decoder.k
             counts = runs[0][2]
             acceptance = counts["accepted"] / counts["drafted"] if counts["drafted"] else 0.0
             rows.append(
