@@ -41,7 +41,7 @@ class DecoderLayers(LayerEntries):
 
     def __init__(self, model: Seq2Seq):
         super().__init__(
-            model.session, model.cache, load_adapters(model.session), "decoder layer", "self-speculative decoding"
+            model.session, model.cache, load_adapters(model.session), "decoder layer", "speculative decoding"
         )
         self.model = model
 
