@@ -1,7 +1,8 @@
-"""Self-speculative greedy decoding on Whisper tiny.en's decoder: identical to plain greedy decoding.
+"""Speculative greedy decoding on Whisper tiny.en's decoder: identical to plain greedy decoding.
 
-The draft skips decoder layers (or exits after the first ones) and shares the window's
-cross-attention K/V with the verify pass; the transcript must match the plain greedy one token
+The self draft skips decoder layers (or exits after the first ones) and shares the window's
+cross-attention K/V with the verify pass; the lookup draft copies the previous window's text or
+an earlier hypothesis of the same audio. The transcript must match the plain greedy one token
 for token on the Whisper test audio (which itself matches faster-whisper, tests/test_whisper.py).
 """
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
-from test_whisper import beckett_wav
+from test_whisper import SENTENCES, beckett_wav, synthesize
 
 from edgert.errors import EdgertError
 from edgert.runtime.audio import read_wav
@@ -47,13 +48,17 @@ def test_speculative_transcript_identical(whisper_artifact: Path, beckett_plain,
         fast.decode_window(fast.encode(fast.features(samples[:16000])), beam_size=5)
 
 
-def test_speculative_cli_reports_acceptance(whisper_artifact: Path, beckett_plain) -> None:
+@pytest.mark.parametrize("spec", ["self:k=4", "lookup:k=4"])
+def test_speculative_cli_reports_acceptance(whisper_artifact: Path, beckett_plain, spec: str) -> None:
     _, plain = beckett_plain
-    proc = run_cli("transcribe", str(whisper_artifact), str(beckett_wav()), "--speculative", "self:k=4", "--json")
+    proc = run_cli("transcribe", str(whisper_artifact), str(beckett_wav()), "--speculative", spec, "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["text"] == plain.text and out["beam_size"] == 1
-    assert 0 < out["speculative"]["acceptance_rate"] <= 1
+    drafts = out["speculative"]
+    assert 0 <= drafts["accepted"] <= drafts["drafted"] and 0 <= drafts["acceptance_rate"] <= 1
+    if spec.startswith("self"):  # one window, no earlier text: lookup may find nothing to draft
+        assert drafts["acceptance_rate"] > 0
 
 
 def test_early_exit_decoder(whisper_artifact: Path, beckett_plain) -> None:
@@ -72,12 +77,48 @@ def test_early_exit_decoder(whisper_artifact: Path, beckett_plain) -> None:
     assert stats["mean_layers"] == 2.0 and stats["tokens"] > 0 and stats["policy"] == "static:2"
 
 
+def test_lookup_transcript_identical(whisper_artifact: Path, transcriber, tmp_path: Path) -> None:
+    """Long-form: 40 s of espeak-ng speech (two windows), the second drafting from the first's text
+    (prompt and cut-off tail); streaming-style: a longer piece of the same audio drafting from the
+    shorter piece's hypothesis. The tokens are plain greedy decoding's."""
+    import numpy as np
+
+    from edgert.families.whisper.transcriber import Transcriber
+
+    pause = np.zeros(8000, np.float32)
+    parts = [np.concatenate([synthesize(s, tmp_path / f"{i}.wav"), pause]) for i, s in enumerate(SENTENCES)]
+    samples = np.concatenate(parts * 2)
+    plain = transcriber.transcribe(samples, beam_size=1)
+    fast = Transcriber(whisper_artifact, speculative="lookup")
+    fast.speculative.gate = None  # draft whenever there is a draft: the counts below do not hang on timing
+    ours = fast.transcribe(samples, beam_size=1)
+    assert plain.stats.windows == 2 and len(plain.text) > 200
+    assert [s.tokens for s in ours.segments] == [s.tokens for s in plain.segments]
+    assert [(s.start, s.end) for s in ours.segments] == [(s.start, s.end) for s in plain.segments]
+    stats = fast.speculative.stats
+    assert 0 < stats.accepted < stats.drafted and stats.plain_steps > 0
+    # Each verify pass emits its accepted drafts plus one token: fewer decoder passes than tokens.
+    assert stats.rounds + fast.model.calls["decode"] < sum(len(s.tokens) for s in plain.segments)
+
+    beckett = read_wav(beckett_wav()).samples
+    earlier, _ = fast.decode_window(fast.encode(fast.features(beckett[:80000])), timestamps=False)
+    cross = fast.encode(fast.features(beckett[:128000]))
+    want, _ = transcriber.decode_window(cross, timestamps=False)
+    accepted = stats.accepted
+    got, _ = fast.decode_window(cross, timestamps=False, reference=earlier.tokens)
+    assert got.tokens == want.tokens and len(want.tokens) > len(earlier.tokens) > 5
+    assert stats.accepted - accepted >= len(earlier.tokens) // 2  # the shorter piece's words were drafted
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
+        ("lookup:k=0", "k must be"),
+        ("lookup:ngram=9", "ngram must be"),
+        ("lookup:skip=2", "unknown option"),
         ("self:k=4,skip=0-3", "draft layers"),
         ("self:k=0", "k must be"),
-        ("model:x.edgert", "drafts with itself"),
+        ("model:x.edgert", "drafts by itself or by lookup"),
         ("self:k=2,exit=4", "exit must be"),
         ("self:k=2,depth=1", "unknown option"),
     ],

@@ -4,7 +4,7 @@
     python tools/bench_peers.py                     # every section
     python tools/bench_peers.py --only llm --threads 2 --json out.json
     python tools/bench_peers.py --early-exit --threads 2   # early exit and speculative decoding
-    python tools/bench_peers.py --speculative --threads 2  # lookup/recycle drafts vs plain decoding
+    python tools/bench_peers.py --speculative --threads 2  # lookup/recycle drafts vs plain decoding (LLM, Whisper)
     python tools/bench_peers.py --only llm --background 1  # also with 1 busy process beside each engine
 
 Each section lives in ``tools/peers/<name>.py``. Prints one table (medians and ratios) and
@@ -93,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     args.json.write_text(json.dumps([r.to_json() for r in rows], indent=2) + "\n")
     print(f"wrote {args.json}", file=sys.stderr)
-    return 0
+    # The speculative section's modes are lossless: output that differs from plain decoding is a bug, not a
+    # figure. (The early-exit section's exit policies may differ by design; it reports agreement.)
+    differ = [r.case for r in rows if r.section == "speculative" and r.extra.get("identical") is False]
+    for case in differ:
+        print(f"error: output not identical to plain decoding: {case}", file=sys.stderr)
+    return 1 if differ else 0
 
 
 if __name__ == "__main__":

@@ -38,7 +38,8 @@ def transcribe(
         str | None,
         typer.Option(
             "--speculative",
-            help="Greedy decoding drafted by the decoder's own layers: self:k=4, self:k=4,skip=2 or self:k=3,exit=2.",
+            help="Greedy decoding with drafts, same transcript: lookup[:k=6,ngram=3] (the previous window's text and "
+            "the tokens so far), or the decoder's own layers: self:k=4, self:k=4,skip=2 or self:k=3,exit=2.",
         ),
     ] = None,
     exit_policy: Annotated[
@@ -93,12 +94,7 @@ def transcribe(
             )
         )
         return
-    if transcriber.speculative is not None:
-        s = transcriber.speculative.stats
-        err.print(
-            f"[dim]speculative: {s.accepted}/{s.drafted} drafts accepted "
-            f"({s.acceptance_rate:.2f}), {s.rounds} rounds[/]"
-        )
+    _speculative_note(transcriber)
     if transcriber.early_exit is not None:
         e = transcriber.early_exit
         err.print(
@@ -110,6 +106,16 @@ def transcribe(
         f"decoder {stats.decode_seconds:.2f} s, beam {beam_size}, {transcriber.model.session.threads} threads)[/]",
         soft_wrap=True,
     )
+
+
+def _speculative_note(transcriber: Any) -> None:
+    """The drafts' acceptance, where ``--speculative`` drafted."""
+    if transcriber.speculative is not None:
+        s = transcriber.speculative.stats
+        err.print(
+            f"[dim]speculative: {s.accepted}/{s.drafted} drafts accepted "
+            f"({s.acceptance_rate:.2f}), {s.rounds} rounds[/]"
+        )
 
 
 def _transcribe_stream(
@@ -132,9 +138,11 @@ def _transcribe_stream(
         else:
             err.print(f"[dim]~ {escape(event.text.strip())}[/]", highlight=False)
     s = streamer.stats
+    spec = transcriber.speculative
     if as_json:
-        print(json.dumps({"kind": "stats", **s.to_dict()}))
+        print(json.dumps({"kind": "stats", **s.to_dict(), **({"speculative": spec.stats.to_dict()} if spec else {})}))
         return
+    _speculative_note(transcriber)
     med = sorted(s.latencies)[len(s.latencies) // 2] if s.latencies else 0.0
     err.print(
         f"[dim]{len(finals)} utterances, {s.audio_seconds:.1f} s of audio, real-time factor {s.real_time_factor:.3f}, "

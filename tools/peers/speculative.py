@@ -1,14 +1,17 @@
-"""Drafts that cost nothing on SmolLM2: speculative decoding (lookup, recycle, self) vs plain decoding.
+"""Drafts that cost nothing on SmolLM2 and Whisper tiny.en: speculative decoding (lookup, recycle, self)
+vs plain decoding.
 
 No peer runtime ships these, so the "peer" column is plain decoding in edgert itself: the ratio
 is the speedup. Two suites the project ships: input-grounded prompts (models/prompts/grounded.jsonl:
 rewrite, summarize, extract, code edit, where the answer copies from the input) and open-ended
 ones (models/prompts/open.jsonl). Per mode and suite: decode tokens/s (decode time over tokens
 after the first, summed over the suite, median over ``--repeats``), whether every output is
-plain greedy decoding's token for token, and the acceptance rate of the drafts.
+plain greedy decoding's token for token, and the acceptance rate of the drafts. The Whisper rows
+(`peers.speculative_whisper`): ``--speculative lookup`` on long-form and streaming transcription.
 
     python tools/bench_peers.py --speculative --threads 2
     python tools/bench_peers.py --speculative --spec-artifact smollm2.edgert --spec-modes lookup,recycle
+    python tools/bench_peers.py --speculative --spec-cases whisper --spec-whisper-artifact whisper.edgert
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ ROOT = Path(__file__).resolve().parents[2]
 if __package__ in (None, ""):
     sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
 
-from peers import Row  # noqa: E402
+from peers import Row, speculative_whisper  # noqa: E402
 
 NAME = "speculative"
-HELP = "SmolLM2: lookup and recycle drafting vs plain decoding on grounded and open prompts (--speculative)"
+HELP = "SmolLM2 and Whisper: lookup and recycle drafting vs plain decoding (--speculative)"
 BASE = "plain decoding"
 SUITES = {
     "grounded": ROOT / "models" / "prompts" / "grounded.jsonl",
@@ -43,6 +46,8 @@ def add_arguments(group: Any) -> None:
     group.add_argument("--spec-modes", default="lookup,recycle", help="comma-separated --speculative specs")
     group.add_argument("--spec-tokens", type=int, default=64, help="tokens per prompt")
     group.add_argument("--spec-prompts", type=int, default=0, help="prompts per suite (0: all)")
+    group.add_argument("--spec-cases", default="llm,whisper", help="which cases to run: llm,whisper (both by default)")
+    speculative_whisper.add_arguments(group)
 
 
 def load_suite(path: Path) -> list[str]:
@@ -64,7 +69,15 @@ def decode_suite(runner: Any, prompts: list[str], tokens: int) -> tuple[list[lis
 
 
 def run(args: Any) -> list[Row]:
-    """Plain decoding, then each mode, on each suite; rows with plain decoding as the baseline."""
+    """The SmolLM2 suites (`llm_rows`) and the Whisper rows, as ``--spec-cases`` asks."""
+    cases = set(args.spec_cases.split(","))
+    return (llm_rows(args) if "llm" in cases else []) + (
+        speculative_whisper.whisper_rows(args) if "whisper" in cases else []
+    )
+
+
+def llm_rows(args: Any) -> list[Row]:
+    """Plain decoding and each mode, runs interleaved, on each suite; rows with plain decoding as the baseline."""
     import edgert
     from edgert.runtime.speculative import SpeculativeDecoder, parse_speculative
 
@@ -79,12 +92,19 @@ def run(args: Any) -> list[Row]:
     rows = []
     for suite, path in SUITES.items():
         prompts = load_suite(path)[: args.spec_prompts or None]
-        plain = [decode_suite(model, prompts, args.spec_tokens) for _ in range(args.repeats)]
-        reference, base = plain[0][0], statistics.median(r[1] for r in plain)
-        for spec in filter(None, args.spec_modes.split(",")):
+        specs = list(filter(None, args.spec_modes.split(",")))
+        decoders = {}
+        for spec in specs:
             drafter, k = parse_speculative(spec, model, lambda p: edgert.load(p, threads=args.threads))
-            decoder = SpeculativeDecoder(model, drafter, k)
-            runs = [decode_suite(decoder, prompts, args.spec_tokens) for _ in range(args.repeats)]
+            decoders[spec] = SpeculativeDecoder(model, drafter, k)
+        plain, by_spec = [], {spec: [] for spec in specs}
+        for _ in range(args.repeats):  # interleaved: a change in the machine's load meets every mode alike
+            plain.append(decode_suite(model, prompts, args.spec_tokens))
+            for spec, decoder in decoders.items():
+                by_spec[spec].append(decode_suite(decoder, prompts, args.spec_tokens))
+        reference, base = plain[0][0], statistics.median(r[1] for r in plain)
+        for spec, decoder in decoders.items():
+            runs, k = by_spec[spec], decoder.k
             counts = runs[0][2]
             acceptance = counts["accepted"] / counts["drafted"] if counts["drafted"] else 0.0
             rows.append(

@@ -114,7 +114,9 @@ class StreamingTranscriber:
         samples = self.audio[start:end]
         window = self.tr.features(samples)
         cross = self.tr.encode(window)
-        hyp, _ = self.tr.decode_window(cross, (), beam_size=1, timestamps=False)
+        # The last hypothesis of this utterance heard most of this audio: drafts for --speculative lookup.
+        earlier = self._last[2] if self._last is not None and self._last[0] == start else ()
+        hyp, _ = self.tr.decode_window(cross, (), beam_size=1, timestamps=False, reference=earlier)
         self.stats.decodes += 1
         self._last = (start, end, hyp.tokens)
         return hyp.tokens

@@ -23,6 +23,7 @@ from edgert.artifact.reader import Artifact, open_artifact
 from edgert.errors import EdgertError
 from edgert.runtime.audio import Audio, AudioError, log_mel, prepare, read_wav
 from edgert.runtime.seq2seq import Hypothesis, Seq2Seq, log_softmax
+from edgert.runtime.seq2seq_speculative import LookupSeq2Seq
 from edgert.runtime.tokenizer import TextTokenizer
 
 TIME_PRECISION = 0.02  # seconds per timestamp token
@@ -154,7 +155,8 @@ class Transcriber:
         speculative: str | None = None,
         exit: str | None = None,
     ):
-        """``speculative``: ``self:k=4[,skip=...|,exit=N]`` drafts greedy decoding with the decoder's own layers;
+        """``speculative``: ``self:k=4[,skip=...|,exit=N]`` drafts greedy decoding with the decoder's own layers,
+        ``lookup[:k=6,ngram=3]`` with the previous window's text and the tokens so far (`LookupSeq2Seq`);
         ``exit``: an early-exit policy (``confidence:0.9``, ``static:3``, ...) for the decoder's greedy steps."""
         art = artifact if isinstance(artifact, Artifact) else open_artifact(artifact)
         if art.family != "whisper":
@@ -172,7 +174,8 @@ class Transcriber:
         if speculative:
             from edgert.runtime.seq2seq_speculative import parse_seq2seq_speculative
 
-            self.speculative = parse_seq2seq_speculative(speculative, self.model)
+            c = self.config
+            self.speculative = parse_seq2seq_speculative(speculative, self.model, c["timestamp_begin"], c["eot"])
         self.early_exit = None
         if exit:
             if speculative:
@@ -215,8 +218,13 @@ class Transcriber:
         beam_size: int = 1,
         timestamps: bool = True,
         max_initial_timestamp: float = 1.0,
+        reference: Sequence[int] = (),
     ) -> tuple[Hypothesis, float]:
-        """Decode one encoded window; returns the hypothesis and the no-speech probability."""
+        """Decode one encoded window; returns the hypothesis and the no-speech probability.
+
+        ``reference``: tokens the window probably says again (the previous window's, or an earlier
+        hypothesis of the same audio), drafts for ``--speculative lookup``; the output never depends on it.
+        """
         c = self.config
         prompt: list[int] = []
         if previous:
@@ -239,7 +247,8 @@ class Transcriber:
             hyp = self.model.beam(cross, prompt, c["eot"], max_new, beam_size, processors=rules, on_first_logits=first)
         else:
             decoder = self.speculative or self.early_exit or self.model  # one greedy loop, its steps chosen here
-            hyp = decoder.greedy(cross, prompt, c["eot"], max_new, processors=rules, on_first_logits=first)
+            more = {"reference": reference} if isinstance(decoder, LookupSeq2Seq) else {}
+            hyp = decoder.greedy(cross, prompt, c["eot"], max_new, processors=rules, on_first_logits=first, **more)
         return hyp, no_speech[0]
 
     def text_of(self, tokens: Sequence[int]) -> str:
@@ -267,7 +276,7 @@ class Transcriber:
         features = self.features(audio.samples)
         stats.features_seconds += time.perf_counter() - t
         content = features.shape[1] - 1
-        seek, all_tokens = 0, []
+        seek, all_tokens, last_window = 0, [], []
         while seek < content:
             offset = seek * self.config["hop_length"] / self.sample_rate
             size = min(self.n_frames, content - seek)
@@ -276,7 +285,9 @@ class Transcriber:
             stats.encode_seconds += time.perf_counter() - t
             t = time.perf_counter()
             previous = all_tokens if condition_on_previous_text else []
-            hyp, no_speech = self.decode_window(cross, previous, beam_size)
+            # The previous window's tokens, its cut-off tail included (this window hears that speech again).
+            hyp, no_speech = self.decode_window(cross, previous, beam_size, reference=last_window)
+            last_window = hyp.tokens
             stats.decode_seconds += time.perf_counter() - t
             stats.windows += 1
             stats.decoder_steps += len(hyp.tokens) + 1
