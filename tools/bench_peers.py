@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "--background",
         type=int,
         default=0,
-        help="busy processes beside each engine for contended rows next to the quiet ones (llm section)",
+        help="busy processes beside each engine for contended rows next to the quiet ones (llm, asr, codec)",
     )
     parser.add_argument("--json", type=Path, default=Path("bench_peers.json"), help="where to write the rows")
     for module in mods.values():

@@ -5,6 +5,9 @@ to 10 s and 30 s), greedy by default, temperature 0, no VAD filter, same thread 
 its own child process. The figure is the median end-to-end latency (features, encoder, decoder)
 of ``--repeats`` runs after one warm-up; the ratio is faster-whisper's latency over edgert's
 (above 1: edgert faster; the goal is edgert <= 0.8x faster-whisper's latency, a ratio >= 1.25).
+
+With ``--background N`` both engines transcribe again beside N busy processes: edgert with its
+default thread count (the cores it finds free), faster-whisper with ``--threads`` as before.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def _worker(kind: str, path: str, threads: int, seconds: float, beam: int, repea
     if kind == "edgert":
         from edgert.families.whisper.transcriber import Transcriber
 
-        tr = Transcriber(path, threads=threads)
+        tr = Transcriber(path, threads=threads or None)  # 0: the runtime's default, the free cores
 
         def run() -> str:
             return tr.transcribe(samples, beam_size=beam).text
@@ -73,10 +76,11 @@ def _worker(kind: str, path: str, threads: int, seconds: float, beam: int, repea
     out.put({"median": statistics.median(times), "text": text})
 
 
-def _measure(kind: str, path: str, args: Any, seconds: float) -> dict[str, Any]:
+def _measure(kind: str, path: str, args: Any, seconds: float, threads: int | None = None) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(kind, path, args.threads, seconds, args.asr_beam, args.repeats, queue))
+    threads = args.threads if threads is None else threads
+    proc = ctx.Process(target=_worker, args=(kind, path, threads, seconds, args.asr_beam, args.repeats, queue))
     proc.start()
     while True:
         try:
@@ -118,4 +122,33 @@ def run(args: Any) -> list[Row]:
                     extra={"same_text": ours["text"] == ref["text"], "threads": args.threads},
                 )
             )
+            if getattr(args, "background", 0):
+                rows.append(_contended(args, str(artifact), str(model_dir), seconds, ours, ref))
     return rows
+
+
+def _contended(args: Any, artifact: str, model_dir: str, seconds: float, ours: dict, ref: dict) -> Row:
+    """Both engines again beside ``--background`` busy processes (a phone is never idle)."""
+    from edgert.profile.background import busy_processes
+
+    with busy_processes(args.background):
+        ours_b = _measure("edgert", artifact, args, seconds, threads=0)
+    with busy_processes(args.background):
+        ref_b = _measure("faster-whisper", model_dir, args, seconds)
+    return Row(
+        section=NAME,
+        case=f"tiny.en {seconds:g} s, beam {args.asr_beam}",
+        metric=f"end-to-end latency beside {args.background} busy processes",
+        unit="s",
+        edgert=ours_b["median"],
+        peer=ref_b["median"],
+        peer_name="faster-whisper",
+        higher_is_better=False,
+        extra={
+            "edgert_threads": "default (the free cores)",
+            "peer_threads": args.threads,
+            "edgert_vs_quiet": round(ours["median"] / ours_b["median"], 2),  # speed, as the llm rows give it
+            "peer_vs_quiet": round(ref["median"] / ref_b["median"], 2),
+            "same_text": ours_b["text"] == ours["text"],
+        },
+    )

@@ -9,6 +9,9 @@ width, seeded weights). The audio is 10 s of 24 kHz speech-like signal, fed in 8
   encode + decode of one 80 ms frame on its own (the same arithmetic a streamer would do per
   frame, without the state bookkeeping), and its real-time factor is one whole-signal call.
 - onnxruntime runs the ONNX export (tools/export_codec_onnx.py) of one 80 ms frame.
+
+With ``--background N``, edgert's stream (at its default thread count: the free cores) and
+onnxruntime's frame (at ``--threads``) run again beside N busy processes.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def _signal(seconds: float, rate: int) -> np.ndarray:
     return (voiced + 0.03 * np.random.default_rng(0).standard_normal(len(t))).astype(np.float32)
 
 
-def _edgert_stream(artifact: Path, audio: np.ndarray, frame: int, threads: int) -> tuple[list[float], float]:
+def _edgert_stream(artifact: Path, audio: np.ndarray, frame: int, threads: int | None) -> tuple[list[float], float]:
     from edgert.families.codec.stream import load_codec
 
     codec = load_codec(artifact, threads)
@@ -97,6 +100,12 @@ def _own_codec(args: argparse.Namespace) -> list[Row]:
     )
     row.extra["edgert"] = "streamed"
     return [row]
+
+
+def _timed(fn: Any, feed: dict) -> float:
+    t = time.perf_counter()
+    fn(None, feed)
+    return time.perf_counter() - t
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -159,6 +168,33 @@ def run(args: argparse.Namespace) -> list[Row]:
             session.run(None, feed)
             times.append(time.perf_counter() - t)
         o_lat = statistics.median(times)
+        if getattr(args, "background", 0):
+            from edgert.profile.background import busy_processes
+
+            with busy_processes(args.background):
+                busy_runs = [_edgert_stream(artifact, audio, frame, None) for _ in range(args.repeats)]
+            with busy_processes(args.background):
+                busy_times = [_timed(session.run, feed) for _ in range(max(20, args.repeats))]
+            b_lat = statistics.median(statistics.median(lat[1:]) for lat, _ in busy_runs)
+            rows.append(
+                Row(
+                    NAME,
+                    case,
+                    f"frame latency beside {args.background} busy processes",
+                    "ms",
+                    1000 * b_lat,
+                    1000 * statistics.median(busy_times),
+                    "onnxruntime",
+                    False,
+                    {
+                        "edgert_threads": "default (the free cores)",
+                        "peer_threads": args.threads,
+                        "edgert_vs_quiet": round(e_lat / b_lat, 2),  # speed, as the llm rows give it
+                        "peer_vs_quiet": round(o_lat / statistics.median(busy_times), 2),
+                        "edgert_rtf": round(statistics.median(rtf for _, rtf in busy_runs), 4),
+                    },
+                )
+            )
         rows.append(Row(NAME, case, "frame latency (enc+dec)", "ms", 1000 * e_lat, 1000 * o_lat, "onnxruntime", False))
         rows.append(
             Row(
