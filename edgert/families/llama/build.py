@@ -126,6 +126,10 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
                     write_tensors(fh, tables)
 
         progress("writing artifact", None)
+        entries = net.manifest_entry_points() if hasattr(net, "manifest_entry_points") else entry_points(cfg, evictable)
+        # The CPU kernels run a verify pass of up to a page of tokens as decode rows of one sequence
+        # (`PagedKVCache.begin_rows`): each row's logits are a decode step's, bit for bit.
+        verify_rows = {} if job.on_gpu or "batch_decode" not in entries else {"verify_rows": 16}
         result = job.finish(
             {
                 name: stage / name
@@ -134,9 +138,7 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
             },
             source={"file": source.name, "tensor_types": sorted(set(gguf_model.tensor_types.values()))},
             model=cfg.to_dict(),
-            entry_points=(
-                net.manifest_entry_points() if hasattr(net, "manifest_entry_points") else entry_points(cfg, evictable)
-            ),
+            entry_points=entries,
             kv_cache={
                 "kind": "paged",
                 "page_size": 16,
@@ -149,6 +151,7 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
                 "num_heads": cfg.num_heads,
                 "rope": "before-cache" if evictable else "in-cache",
                 "evictable": evictable,
+                **verify_rows,
                 **(net.manifest_kv_cache() if hasattr(net, "manifest_kv_cache") else {}),
             },
             weights={
