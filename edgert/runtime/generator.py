@@ -204,8 +204,8 @@ class Generator:
                 rest = rest[n:]
             return np.concatenate(parts) if all_logits else parts[-1]
         rows = all_logits and 1 < len(ids) <= self.cache.rows  # a verify pass as decode rows: decode's logits
-        if rows:
-            entry = "batch_decode"
+        if rows:  # 5 rows (4 drafts) have an entry with static shapes where the artifact has one
+            entry = "verify_rows_5" if len(ids) == 5 and self.session.has_entry("verify_rows_5") else "batch_decode"
             self.cache.begin_rows(len(ids))
         else:
             entry = "verify" if all_logits else "decode" if len(ids) == 1 else "prefill"
@@ -220,8 +220,13 @@ class Generator:
         out = to_numpy(logits)[:, 0] if rows else to_numpy(logits)[0]
         return out if all_logits else out[-1]
 
-    def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        """Bring the cache to ``ids``, reusing the longest cached prefix; logits after the last."""
+    def prefill(self, ids: Sequence[int], like_decode: bool = False) -> np.ndarray:
+        """Bring the cache to ``ids``, reusing the longest cached prefix; logits after the last.
+
+        ``like_decode``: a few missing tokens (up to `PagedKVCache.rows`) go in as decode rows, so
+        the cache holds what decode steps would have written (a drafting model catching up with
+        the tokens its target accepted: `speculative.ModelDrafter`).
+        """
         common = 0
         for a, b in zip(self.cached_ids, ids, strict=False):
             if a != b:
@@ -232,6 +237,10 @@ class Generator:
         if not self.cache.rollback(len(self.cached_ids) - common):
             common = 0  # the sliding cache could not go back that far: it was emptied
         del self.cached_ids[common:]
+        if like_decode and 1 < len(ids) - common <= self.cache.rows:
+            logits = self.step(ids[common:], all_logits=True)[-1]
+            self.stats.cached_tokens = common
+            return logits
         logits = None
         for start in range(common, len(ids), self.prefill_chunk):
             logits = self.step(ids[start : start + self.prefill_chunk])
