@@ -91,48 +91,49 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
                         ] = pages[
                             page_values[first + n_pages - 1], kv_part, j, (full - 1) % page_size - back + page_size, i
                         ]
-        for b in range(batch):
+        for bh in T.parallel(batch * h_qo):  # (row, head) pairs: a verify pass's rows share the threads
+            b: T.let[T.int32] = bh // h_qo
+            h: T.let[T.int32] = bh % h_qo
             first: T.let[T.int32] = page_indptr[b]
             n_pages: T.let[T.int32] = page_indptr[b + 1] - first
             full: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
             # A query sees the positions up to its own: all of them in a decode step; in a verify pass
             # run as rows of one sequence (`rows_append`), each row the prefix and the rows before it.
             length: T.let[T.int32] = T.max(T.min(full, q_rope_position[b] - k_rope_pos_offset[b] + 1), 0)
-            for h in T.parallel(h_qo):
-                scores = T.alloc_buffer((length,), "float32")
-                qs = T.alloc_buffer((d,), "float32", scope="local")
-                part = T.alloc_buffer((lanes,), "float32", scope="local")
-                out = T.alloc_buffer((d,), "float32", scope="local")
-                stat = T.alloc_buffer((2,), "float32", scope="local")  # running max, sum of exps
-                kv = h // group
-                for i in T.vectorized(d):
-                    qs[i] = q[b, h, i] * sm_scale * T.float32(log2e)
-                stat[0] = T.float32(-3.0e38)
-                for r in range(length):
-                    page = page_values[first + r // page_size]
-                    slot = r % page_size
+            scores = T.alloc_buffer((nnz_pages * page_size,), "float32")  # a bound known outside the loop
+            qs = T.alloc_buffer((d,), "float32", scope="local")
+            part = T.alloc_buffer((lanes,), "float32", scope="local")
+            out = T.alloc_buffer((d,), "float32", scope="local")
+            stat = T.alloc_buffer((2,), "float32", scope="local")  # running max, sum of exps
+            kv = h // group
+            for i in T.vectorized(d):
+                qs[i] = q[b, h, i] * sm_scale * T.float32(log2e)
+            stat[0] = T.float32(-3.0e38)
+            for r in range(length):
+                page = page_values[first + r // page_size]
+                slot = r % page_size
+                for v in T.vectorized(lanes):
+                    part[v] = T.float32(0)
+                for c in range(d // lanes):
                     for v in T.vectorized(lanes):
-                        part[v] = T.float32(0)
-                    for c in range(d // lanes):
-                        for v in T.vectorized(lanes):
-                            part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
-                    scores[r] = T.float32(0)
-                    for v in range(lanes):
-                        scores[r] = scores[r] + part[v]
-                    stat[0] = T.max(stat[0], scores[r])
-                stat[1] = T.float32(0)
+                        part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
+                scores[r] = T.float32(0)
+                for v in range(lanes):
+                    scores[r] = scores[r] + part[v]
+                stat[0] = T.max(stat[0], scores[r])
+            stat[1] = T.float32(0)
+            for i in T.vectorized(d):
+                out[i] = T.float32(0)
+            for r in range(length):
+                page = page_values[first + r // page_size]
+                slot = r % page_size
+                p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
+                stat[1] = stat[1] + p
                 for i in T.vectorized(d):
-                    out[i] = T.float32(0)
-                for r in range(length):
-                    page = page_values[first + r // page_size]
-                    slot = r % page_size
-                    p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
-                    stat[1] = stat[1] + p
-                    for i in T.vectorized(d):
-                        out[i] = out[i] + p * pages[page, 1, kv, slot, i]
-                for i in T.vectorized(d):  # an empty sequence gives zeros, as TVM's kernel does
-                    output[b, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
-                lse[b, h] = stat[0] + T.log2(T.max(stat[1], T.float32(1e-30)))
+                    out[i] = out[i] + p * pages[page, 1, kv, slot, i]
+            for i in T.vectorized(d):  # an empty sequence gives zeros, as TVM's kernel does
+                output[b, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
+            lse[b, h] = stat[0] + T.log2(T.max(stat[1], T.float32(1e-30)))
 
     return decode.with_attr("global_symbol", "edgert_paged_decode_attention")
 
