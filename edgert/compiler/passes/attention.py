@@ -14,6 +14,11 @@ and an online softmax, 16 of a SmolLM2 verify pass's 46 ms over 5 tokens at 64 t
 (loaded machine), and ``batch_prefill_ragged_kv`` (the new tokens among themselves) likewise.
 `paged_prefill_attention` and `ragged_prefill_attention` compute them as the decode kernel does,
 one (token, head) pair per task, with the causal mask cutting each token's row of scores.
+
+A verify pass of up to a page of tokens no longer takes that path on the host: it runs as decode
+rows of one sequence (`rows_append`, then `paged_decode_attention` with each row masked to its
+position), so that each row's logits are a decode step's bit for bit; the prefill kernels serve
+prompts, scoring and longer chunks.
 """
 
 from __future__ import annotations
