@@ -23,6 +23,7 @@ GUARD = Path(__file__).resolve().parent / "guard"
 # Session fixtures that compile a real model: a test using one must be marked slow.
 REAL_MODEL_FIXTURES = {
     "smollm_artifact",
+    "smollm_default_artifact",
     "whisper_artifact",
     "whisper_short_artifact",
     "smollm_rpi5_artifact",
@@ -124,16 +125,31 @@ def smollm_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M compiled for the host with the default options, through the CLI."""
+    """SmolLM2-135M compiled for the host through the CLI, with float activations: the reference for
+    llama.cpp's exact arithmetic and for the other targets' builds (the default takes int8 on VNNI)."""
 
     def build(folder: Path) -> None:
         out = folder / "smollm2.edgert"
         # Wide enough that the long shared path is printed on one line, as the check below reads it.
-        proc = run_cli("compile", "smollm2-135m", "--target", "host", "-o", str(out), env={"COLUMNS": "1000"})
+        proc = run_cli(
+            "compile", "smollm2-135m", "--target", "host", "--activations", "f32", "-o", str(out),
+            env={"COLUMNS": "1000"},
+        )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         assert f"wrote {out}" in " ".join(proc.stderr.split())
 
     return shared_build(tmp_path_factory, "smollm2", build) / "smollm2.edgert"
+
+
+@pytest.fixture(scope="session")
+def smollm_default_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M compiled for the host with the default options (int8 activations on AVX-512 VNNI)."""
+
+    def build(folder: Path) -> None:
+        proc = run_cli("compile", "smollm2-135m", "--target", "host", "-o", str(folder / "smollm2.edgert"))
+        assert proc.returncode == 0, proc.stderr
+
+    return shared_build(tmp_path_factory, "smollm2-default", build) / "smollm2.edgert"
 
 
 @pytest.fixture(scope="session")
@@ -250,20 +266,29 @@ def tiny_gguf_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared_build(tmp_path_factory, "tiny-gguf", build) / "tiny.gguf"
 
 
-def _compile_tiny(gguf: Path, target: str, tmp_path_factory: pytest.TempPathFactory, name: str = "") -> Path:
+def _compile_tiny(
+    gguf: Path, target: str, tmp_path_factory: pytest.TempPathFactory, name: str = "", activations: str = "f32"
+) -> Path:
+    """The tiny Llama for ``target``; float activations unless said (the builds compare with each other)."""
     name = name or f"tiny-{target}.edgert"
 
     def build(folder: Path) -> None:
-        proc = run_cli("compile", str(gguf), "--target", target, "-o", str(folder / name))
+        proc = run_cli("compile", str(gguf), "--target", target, "--activations", activations, "-o", str(folder / name))
         assert proc.returncode == 0, proc.stderr
 
-    return shared_build(tmp_path_factory, f"tiny-{target}", build) / name
+    return shared_build(tmp_path_factory, f"tiny-{target}-{activations}", build) / name
 
 
 @pytest.fixture(scope="session")
 def tiny_host_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Llama compiled for this machine."""
     return _compile_tiny(tiny_gguf_file, "host", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_host_default_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama compiled for this machine with the default activations (int8 on AVX-512 VNNI)."""
+    return _compile_tiny(tiny_gguf_file, "host", tmp_path_factory, "tiny-host-default.edgert", "auto")
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,8 @@ a page boundary, scattered pages) with grouped-query heads, and a head size that
 multiple of the vector width (48) besides SmolLM2's 64. The pages of a sequence are placed
 out of order in the pool, as the cache allocates them. The prefill kernel (a verify pass: a few
 new tokens over the cached ones) is checked causal and not, with new-token counts from 1 to 5.
+A verify pass run as decode rows of one sequence (`rows_append`, then the decode kernel) must give
+each row exactly what a decode step of that token gives.
 """
 
 from __future__ import annotations
@@ -12,7 +14,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgert.compiler.passes.attention import paged_decode_attention, paged_prefill_attention, ragged_prefill_attention
+from edgert.compiler.passes.attention import (
+    paged_decode_attention,
+    paged_prefill_attention,
+    ragged_prefill_attention,
+    rows_append,
+)
 
 PAGE = 16
 
@@ -50,6 +57,7 @@ def kernels():
         f"attn_{d}": paged_decode_attention(2, 6, d, PAGE).with_attr("global_symbol", f"attn_{d}") for d in (64, 48)
     }
     funcs["prefill_64"] = paged_prefill_attention(2, 6, 64, PAGE).with_attr("global_symbol", "prefill_64")
+    funcs["append_64"] = rows_append(2, 64, PAGE).with_attr("global_symbol", "append_64")
     funcs["ragged_48"] = ragged_prefill_attention(2, 6, 48).with_attr("global_symbol", "ragged_48")
     return tvm.compile(tvm.IRModule(funcs), target=target)
 
@@ -70,8 +78,9 @@ def test_decode_attention_matches_numpy(kernels, head_dim: int) -> None:
     out = tvm.runtime.tensor(np.full(q.shape, np.nan, np.float32))
     lse = tvm.runtime.tensor(np.full(q.shape[:2], np.nan, np.float32))
     zeros = np.zeros(len(lengths), np.int32)
+    own = np.array(lengths, np.int32) - 1  # each query's position: the last cached token, as in a decode step
     scale = head_dim**-0.5
-    args = [q, pages, indptr, order, last, zeros, zeros]
+    args = [q, pages, indptr, order, last, zeros, own]
     kernels[f"attn_{head_dim}"](*[tvm.runtime.tensor(a) for a in args], out, lse, 0, 1.0, 1e4, scale)
     for b, n in enumerate(lengths):
         slots = [(order[indptr[b] + r // PAGE], r % PAGE) for r in range(n)]
@@ -80,6 +89,73 @@ def test_decode_attention_matches_numpy(kernels, head_dim: int) -> None:
         ref_out, ref_lse = _reference(q[b], k, v, scale)
         np.testing.assert_allclose(out.numpy()[b], ref_out, atol=2e-5, err_msg=f"sequence {b} ({n} tokens)")
         np.testing.assert_allclose(lse.numpy()[b], ref_lse, atol=2e-4)
+
+
+@pytest.mark.parametrize(("prefix", "rows"), [(3, 5), (13, 5), (30, 9), (16, 16)])
+def test_rows_equal_decode_steps(kernels, prefix: int, rows: int) -> None:
+    """``rows`` tokens after ``prefix`` cached ones, appended as rows of one decode step (every row
+    given the last row's slot, as TVM's cache does) and attended to, equal ``rows`` decode steps
+    bit for bit, outputs and the pages the sequence holds afterwards; rows that cross a page
+    boundary included. Also the numpy reference's values."""
+    import tvm
+
+    rng = np.random.default_rng(prefix * 100 + rows)
+    total = prefix + rows
+    n_pages = -(-total // PAGE)
+    pool = n_pages + 3
+    start = rng.standard_normal((pool, 2, 2, PAGE, 64)).astype(np.float32)
+    order = rng.permutation(pool)[:n_pages].astype(np.int32)
+    q = rng.standard_normal((rows, 6, 64)).astype(np.float32)
+    k_new, v_new = (rng.standard_normal((rows, 2, 64)).astype(np.float32) for _ in range(2))
+
+    def slot(pos: int) -> int:
+        return int(order[pos // PAGE]) * PAGE + pos % PAGE
+
+    def decode(pages, q_rows, lengths, positions):
+        """The decode kernel over ``len(lengths)`` entries of this sequence."""
+        b = len(lengths)
+        used = [-(-n // PAGE) for n in lengths]
+        indptr = np.concatenate([[0], np.cumsum(used)]).astype(np.int32)
+        values = np.concatenate([order[:u] for u in used]).astype(np.int32)
+        last = np.array([n - (u - 1) * PAGE for n, u in zip(lengths, used, strict=True)], np.int32)
+        out = tvm.runtime.tensor(np.full((b, 6, 64), np.nan, np.float32))
+        lse = tvm.runtime.tensor(np.full((b, 6), np.nan, np.float32))
+        aux = [indptr, values, last, np.zeros(b, np.int32), np.array(positions, np.int32)]
+        aux_t = [tvm.runtime.tensor(a) for a in aux]
+        kernels["attn_64"](tvm.runtime.tensor(q_rows), pages, *aux_t, out, lse, 0, 1.0, 1e4, 0.125)
+        return out.numpy()
+
+    # Decode steps: append one token at its slot, attend over the sequence so far.
+    steps_pages = tvm.runtime.tensor(start)
+    steps = []
+    for i in range(rows):
+        pos = prefix + i
+        kernels["append_64"](
+            steps_pages,
+            tvm.runtime.tensor(k_new[i : i + 1]),
+            tvm.runtime.tensor(v_new[i : i + 1]),
+            tvm.runtime.tensor(np.array([slot(pos)], np.int32)),
+        )
+        steps.append(decode(steps_pages, q[i : i + 1], [pos + 1], [pos])[0])
+    # One step of rows: every row given the last row's slot; each entry sees the whole sequence's pages.
+    rows_pages = tvm.runtime.tensor(start)
+    kernels["append_64"](
+        rows_pages,
+        tvm.runtime.tensor(k_new),
+        tvm.runtime.tensor(v_new),
+        tvm.runtime.tensor(np.full(rows, slot(total - 1), np.int32)),
+    )
+    together = decode(rows_pages, q, [total] * rows, [prefix + i for i in range(rows)])
+    np.testing.assert_array_equal(together, np.stack(steps))
+    held = [(slot(p) // PAGE, slot(p) % PAGE) for p in range(total)]
+    a, b = rows_pages.numpy(), steps_pages.numpy()
+    np.testing.assert_array_equal(
+        np.stack([a[p, :, :, s] for p, s in held]), np.stack([b[p, :, :, s] for p, s in held])
+    )
+    for i in range(rows):
+        k = np.stack([b[p, 0, :, s] for p, s in held[: prefix + i + 1]])
+        v = np.stack([b[p, 1, :, s] for p, s in held[: prefix + i + 1]])
+        np.testing.assert_allclose(together[i], _reference(q[i], k, v, 0.125)[0], atol=2e-5)
 
 
 def test_compiled_llama_uses_this_kernel() -> None:

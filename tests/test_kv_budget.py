@@ -15,11 +15,12 @@ from edgert.runtime.tvm_runtime import global_func, to_numpy
 
 @pytest.fixture(scope="module")
 def tiny_evictable(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Llama with RoPE before the cache and the *_at entry points."""
+    """The tiny Llama with RoPE before the cache and the *_at entry points (float activations, as the
+    host build it is compared with)."""
     from edgert.families.compile import compile_model
 
     out = tmp_path_factory.mktemp("tiny-ev") / "tiny-ev.edgert"
-    compile_model(str(tiny_gguf_file), target="host", output=out, evictable_kv=True)
+    compile_model(str(tiny_gguf_file), target="host", output=out, evictable_kv=True, activations="f32")
     return out
 
 

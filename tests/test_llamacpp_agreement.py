@@ -25,6 +25,14 @@ Two references, because llama.cpp does not do plain arithmetic on a Q4_1 file.
        check is the exact-arithmetic one above.
 A real bug (a wrong RoPE layout, a misread tensor, a cache slot off by one) drops agreement
 far below any of these bounds.
+
+The bounds above hold for f32 activations (the suite's `smollm` build). The default build takes
+int8 activations on an AVX-512 VNNI CPU (rounded per group of 32, like llama.cpp's Q8_1): that is
+no longer plain arithmetic, so against the exact reference it agrees less and against the Q4_1 file
+more. Measured (2026-12-05, the same figures for main's `--activations int8` build before the
+default changed): exact reference 370 of 384 positions (96.4%), first 16 free tokens on 4 of 8
+prompts; Q4_1 file 366 of its 375 decided positions (97.6%), 372 of 384 (96.9%), free on 6 of 8.
+Both builds are checked (``build``); int8 ones are held to ``BOUNDS["int8"]``.
 """
 
 from __future__ import annotations
@@ -37,6 +45,14 @@ from conftest import load_tool
 
 CONTINUATION = 48
 FREE_PREFIX = 16
+# (exact teacher-forced share, exact free-generation prompts, Q4_1 decided share) by activations.
+BOUNDS = {"f32": (0.98, 8, 0.98), "int8": (0.95, 4, 0.97)}
+
+
+def _bounds(smollm) -> tuple[float, int, float]:
+    return BOUNDS[smollm.artifact.manifest["weights"]["activations"]]
+
+
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
 
 
@@ -95,6 +111,16 @@ def q4_reference(llama_cpp, smollm_gguf: Path, smollm) -> list[dict]:
     return _continuations(llama_cpp, smollm_gguf, smollm)
 
 
+@pytest.fixture(scope="module", params=["f32", "default"])
+def build(request: pytest.FixtureRequest, smollm):
+    """The suite's f32 SmolLM2 build, then the default one (int8 activations on VNNI)."""
+    if request.param == "f32":
+        return smollm
+    import edgert
+
+    return edgert.load(request.getfixturevalue("smollm_default_artifact"))
+
+
 def _agreement(smollm, reference: list[dict]) -> tuple[int, int, int, int]:
     """(agree, total, agree on decided, decided) of edgert's teacher-forced argmax."""
     agree = agree_decided = decided = total = 0
@@ -124,22 +150,23 @@ def _free_matches(smollm, reference: list[dict]) -> list[bool]:
     return result
 
 
-def test_exact_arithmetic_teacher_forced(smollm, exact_reference) -> None:
-    agree, total, _, _ = _agreement(smollm, exact_reference)
-    assert agree / total >= 0.98, f"agreement {agree}/{total}"
+def test_exact_arithmetic_teacher_forced(build, exact_reference) -> None:
+    agree, total, _, _ = _agreement(build, exact_reference)
+    assert agree / total >= _bounds(build)[0], f"agreement {agree}/{total}"
 
 
-def test_exact_arithmetic_free_generation(smollm, exact_reference) -> None:
-    assert all(_free_matches(smollm, exact_reference))
+def test_exact_arithmetic_free_generation(build, exact_reference) -> None:
+    matches = _free_matches(build, exact_reference)
+    assert sum(matches) >= _bounds(build)[1], f"free generation matched on {sum(matches)}/8 prompts"
 
 
-def test_q4_file_teacher_forced(smollm, q4_reference) -> None:
-    agree, total, agree_decided, decided = _agreement(smollm, q4_reference)
+def test_q4_file_teacher_forced(build, q4_reference) -> None:
+    agree, total, agree_decided, decided = _agreement(build, q4_reference)
     assert decided >= 0.95 * total, f"llama.cpp undecided at {total - decided}/{total} positions"
-    assert agree_decided / decided >= 0.98, f"agreement on decided positions {agree_decided}/{decided}"
+    assert agree_decided / decided >= _bounds(build)[2], f"agreement on decided positions {agree_decided}/{decided}"
     assert agree / total >= 0.96, f"agreement on all positions {agree}/{total}"
 
 
-def test_q4_file_free_generation(smollm, q4_reference) -> None:
-    matches = _free_matches(smollm, q4_reference)
+def test_q4_file_free_generation(build, q4_reference) -> None:
+    matches = _free_matches(build, q4_reference)
     assert sum(matches) >= 4, f"free generation matched on {sum(matches)}/8 prompts"

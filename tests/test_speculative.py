@@ -293,12 +293,19 @@ def test_cli_runs_lookup_decoding(tiny_host_artifact, tiny) -> None:
 def test_bench_times_a_verify_pass_in_decode_steps(tiny_host_artifact) -> None:
     """`edgert bench --verify-rows`: both entries timed at the same cache position, the ratio of the
     minimums reported (and the CPU-time one with one thread); a model without verify is refused."""
-    proc = run_cli("bench", str(tiny_host_artifact), "--verify-rows", "3", "-r", "3", "-t", "1", "--json")
+    proc = run_cli(
+        "bench", str(tiny_host_artifact), "--verify-rows", "3", "-r", "3", "-t", "1", "--operators", "--json"
+    )
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     assert r["rows"] == 3 and r["rounds"] == 3 and r["threads"] == 1
     assert r["verify_over_decode"] == pytest.approx(r["verify_ms_min"] / r["decode_ms_min"], rel=0.01)
     assert r["cpu_verify_over_decode"] > 0 and r["decode_ms_min"] > 0
+    # Per VM call: the cache's attention once per layer (2) in a decode step and in a verify pass.
+    ops = {o["operator"]: o for o in r["operators"]}
+    attention = ops["vm.builtin.attention_kv_cache_attention_with_fused_qkv"]
+    assert attention["decode_calls"] == attention["verify_calls"] == 2
+    assert sum(o["verify_ms"] for o in r["operators"]) > 0
     proc = run_cli("bench", str(tiny_host_artifact), "--verify-rows", "3", "--prompt-tokens", "0")
     assert proc.returncode != 0 and "need at least 1" in proc.stderr
 

@@ -31,6 +31,12 @@ def bench(
             "default 30) and print the ratio, what a speculative round of N - 1 drafts costs in steps.",
         ),
     ] = 0,
+    operators: Annotated[
+        bool,
+        typer.Option(
+            "--operators", help="With --verify-rows: each VM call's CPU time in a decode step and a verify pass."
+        ),
+    ] = False,
     as_json: JsonOpt = False,
     unsigned: AllowUnsignedOpt = False,
 ) -> None:
@@ -38,10 +44,16 @@ def bench(
     from edgert.profile import bench_generator, bench_verify
 
     if verify_rows:
-        result = bench_verify(artifact, verify_rows, repeats if repeats != 5 else 30, threads, prompt_tokens)
+        result = bench_verify(artifact, verify_rows, repeats if repeats != 5 else 30, threads, prompt_tokens, operators)
         if as_json:
             print(json.dumps(result, indent=2))
             return
+        if operators:
+            table = Table("operator", "decode ms", "verify ms", "calls (decode / verify)")
+            for row in result["operators"][:20]:
+                calls = f"{row['decode_calls']:g} / {row['verify_calls']:g}"
+                table.add_row(row["operator"], f"{row['decode_ms']:.3f}", f"{row['verify_ms']:.3f}", calls)
+            out.print(table)
         out.print(
             f"verify of {verify_rows} tokens {result['verify_ms_min']} ms, decode step {result['decode_ms_min']} ms "
             f"(minimums of {result['rounds']} rounds): {result['verify_over_decode']} decode steps "

@@ -35,9 +35,9 @@ def compile(
         str | None,
         typer.Option(
             "--activations",
-            help="GGUF models: f32 (default), int8 (activations quantized to int8, integer dot products with "
-            "the q4/q8 weights; x86 AVX2 or AVX-512 VNNI, aarch64 dotprod or i8mm) or auto (int8 on AVX-512 "
-            "VNNI CPUs, f32 elsewhere).",
+            help="GGUF models: auto (default: int8 on AVX-512 VNNI CPUs, f32 elsewhere), f32, or int8 "
+            "(activations quantized to int8, integer dot products with the q4/q8 weights; x86 AVX2 or "
+            "AVX-512 VNNI, aarch64 dotprod or i8mm).",
         ),
     ] = None,
     audio_ctx: Annotated[

@@ -94,7 +94,12 @@ def _bench(path: str | Path, prompt_tokens: int, gen_tokens: int, repeats: int, 
 
 
 def bench_verify(
-    path: str | Path, rows: int = 5, rounds: int = 30, threads: int | None = None, prompt_tokens: int = 64
+    path: str | Path,
+    rows: int = 5,
+    rounds: int = 30,
+    threads: int | None = None,
+    prompt_tokens: int = 64,
+    operators: bool = False,
 ) -> dict[str, Any]:
     """What a verify pass over ``rows`` tokens costs in decode steps (issue 20's goal: <= 1.5 for 5).
 
@@ -103,6 +108,7 @@ def bench_verify(
     a loaded machine slows both alike; the ratio is that of the minimums (the medians beside it).
     With one thread the CPU time of the process is timed too (``cpu_*``): it leaves out the time
     another process held the core, so on a busy machine it is the steadier figure.
+    ``operators``: also each VM call's time per decode step and per verify pass (`operator_cpu_times`).
     """
     from edgert.errors import EdgertError
     from edgert.families.registry import load
@@ -134,6 +140,7 @@ def bench_verify(
         cpu_verify.append(time.process_time() - c)
         model.rollback(rows)
     decode, verify, cpu_decode, cpu_verify = decode[2:], verify[2:], cpu_decode[2:], cpu_verify[2:]
+    ops = {"operators": operator_cpu_times(model, drafts, rounds)} if operators else {}
     cpu = {}
     if model.session.threads == 1:
         cpu = {
@@ -153,4 +160,62 @@ def bench_verify(
         "verify_over_decode": round(min(verify) / min(decode), 3),
         "verify_over_decode_median": round(statistics.median(verify) / statistics.median(decode), 3),
         **cpu,
+        **ops,
     }
+
+
+def operator_cpu_times(model: Any, drafts: list[int], rounds: int) -> list[dict[str, Any]]:
+    """Per VM call (kernel or builtin): thread CPU ms per decode step of ``drafts[0]`` and per verify
+    pass over ``drafts``, at the model's cache position (both rolled back), largest verify share first.
+
+    The Relax VM's instrument (`VirtualMachine.set_instrument`) brackets every call; thread CPU time
+    leaves out the time other processes held the core. With several worker threads the kernels'
+    parallel parts are not counted: time with one thread (``-t 1``). The totals include the
+    instrument's own cost per call (about a microsecond), so builtins called often look larger.
+    """
+    totals: dict[str, dict[str, list[float]]] = {"decode": {}, "verify": {}}
+    started: list[tuple[str, float]] = []
+    current: list[str | None] = [None]
+
+    def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
+        if current[0] is None:
+            return 0
+        if before:
+            started.append((symbol, time.thread_time()))
+        elif started:
+            name, t0 = started.pop()
+            entry = totals[current[0]].setdefault(name, [0.0, 0])
+            entry[0] += time.thread_time() - t0
+            entry[1] += 1
+        return 0
+
+    model.session.vm.set_instrument(instrument)
+    try:
+        for _ in range(rounds):
+            current[0] = "decode"
+            model.step(drafts[:1])
+            current[0] = None
+            model.rollback(1)
+            current[0] = "verify"
+            model.step(drafts, all_logits=True)
+            current[0] = None
+            model.rollback(len(drafts))
+    finally:
+        current[0] = None
+        model.session.vm.set_instrument(lambda *args: 0)
+    names = set(totals["decode"]) | set(totals["verify"])
+
+    def per_round(kind: str, name: str, i: int) -> float:
+        return totals[kind].get(name, [0.0, 0])[i] / rounds
+
+    rows = [
+        {
+            "operator": name,
+            "decode_ms": round(per_round("decode", name, 0) * 1e3, 4),
+            "verify_ms": round(per_round("verify", name, 0) * 1e3, 4),
+            "decode_calls": round(per_round("decode", name, 1), 2),
+            "verify_calls": round(per_round("verify", name, 1), 2),
+        }
+        for name in names
+    ]
+    return sorted(rows, key=lambda r: -r["verify_ms"])

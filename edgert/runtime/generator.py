@@ -158,7 +158,12 @@ class Generator:
         self.context_length = context_length or limit
         self.prefill_chunk = int(kv["prefill_chunk_size"])
         self.cache = PagedKVCache(
-            self.session, self.context_length, self.prefill_chunk, int(kv["page_size"]), kv.get("local")
+            self.session,
+            self.context_length,
+            self.prefill_chunk,
+            int(kv["page_size"]),
+            kv.get("local"),
+            rows=int(kv.get("verify_rows", 1)),
         )
         self.cached_ids: list[int] = []
         self.vocab_size = int(manifest["model"]["vocab_size"])
@@ -198,23 +203,30 @@ class Generator:
                 parts.append(self.step(rest[:n], all_logits))
                 rest = rest[n:]
             return np.concatenate(parts) if all_logits else parts[-1]
-        if all_logits:
-            entry = "verify"
+        rows = all_logits and 1 < len(ids) <= self.cache.rows  # a verify pass as decode rows: decode's logits
+        if rows:  # 5 rows (4 drafts) have an entry with static shapes where the artifact has one
+            entry = "verify_rows_5" if len(ids) == 5 and self.session.has_entry("verify_rows_5") else "batch_decode"
+            self.cache.begin_rows(len(ids))
         else:
-            entry = "decode" if len(ids) == 1 else "prefill"
-        self.cache.begin(len(ids))
-        tokens = self.session.tensor(np.asarray([ids], dtype=np.int32))
+            entry = "verify" if all_logits else "decode" if len(ids) == 1 else "prefill"
+            self.cache.begin(len(ids))
+        tokens = self.session.tensor(np.asarray([ids], dtype=np.int32).reshape((-1, 1) if rows else (1, -1)))
         if self.cache.local is None:
             logits, self.cache.obj = self.session(entry, tokens, self.cache.obj)
         else:  # a second cache for the sliding-window layers
             logits = self.session(entry, tokens, *self.cache.objs)[0]
         self.cache.end(len(ids))
         self.cached_ids.extend(ids)
-        out = to_numpy(logits)[0]
+        out = to_numpy(logits)[:, 0] if rows else to_numpy(logits)[0]
         return out if all_logits else out[-1]
 
-    def prefill(self, ids: Sequence[int]) -> np.ndarray:
-        """Bring the cache to ``ids``, reusing the longest cached prefix; logits after the last."""
+    def prefill(self, ids: Sequence[int], like_decode: bool = False) -> np.ndarray:
+        """Bring the cache to ``ids``, reusing the longest cached prefix; logits after the last.
+
+        ``like_decode``: a few missing tokens (up to `PagedKVCache.rows`) go in as decode rows, so
+        the cache holds what decode steps would have written (a drafting model catching up with
+        the tokens its target accepted: `speculative.ModelDrafter`).
+        """
         common = 0
         for a, b in zip(self.cached_ids, ids, strict=False):
             if a != b:
@@ -225,6 +237,10 @@ class Generator:
         if not self.cache.rollback(len(self.cached_ids) - common):
             common = 0  # the sliding cache could not go back that far: it was emptied
         del self.cached_ids[common:]
+        if like_decode and 1 < len(ids) - common <= self.cache.rows:
+            logits = self.step(ids[common:], all_logits=True)[-1]
+            self.stats.cached_tokens = common
+            return logits
         logits = None
         for start in range(common, len(ids), self.prefill_chunk):
             logits = self.step(ids[start : start + self.prefill_chunk])

@@ -143,6 +143,7 @@ class PagedKVCache:
         page_size: int = 16,
         local: dict[str, Any] | None = None,
         free_window: bool = False,
+        rows: int = 1,
     ):
         self._shape = shape = tvm_runtime.shape
         get = tvm_runtime.global_func
@@ -153,8 +154,11 @@ class PagedKVCache:
         self._add = get("vm.builtin.kv_state_add_sequence")
         self._available = get("vm.builtin.attention_kv_cache_get_num_available_pages")
         self.max_length = max_length
+        # A verify pass of up to ``rows`` tokens may run as decode rows (`begin_rows`); the cache
+        # then takes that many batch entries.
+        self.rows = rows if local is None else 1
         self.obj = session.vm["create_kv_cache"](
-            shape([1]),
+            shape([self.rows]),
             shape([max_length]),
             shape([prefill_chunk]),
             shape([page_size]),
@@ -195,6 +199,18 @@ class PagedKVCache:
         """Announce that the next forward pass appends ``num_tokens`` tokens."""
         for obj in self.objs:
             self._begin(obj, self._shape([self._SEQ]), self._shape([num_tokens]))
+
+    def begin_rows(self, num_tokens: int) -> None:
+        """Announce ``num_tokens`` (<= `rows`) consecutive tokens of the sequence as rows of a decode step.
+
+        Each row is a batch entry of the same sequence, so the cache runs its decode kernel and each
+        row attends to the prefix and the rows before it as a decode step would, bit for bit
+        (`edgert.compiler.passes.attention.rows_append`). Only artifacts whose manifest states
+        ``kv_cache.verify_rows`` have the kernels for it.
+        """
+        if not 1 <= num_tokens <= self.rows:
+            raise ValueError(f"{num_tokens} rows do not fit the cache's {self.rows}")
+        self._begin(self.obj, self._shape([self._SEQ] * num_tokens), self._shape([1] * num_tokens))
 
     def end(self, num_tokens: int) -> None:
         """Close the forward pass started by `begin`."""

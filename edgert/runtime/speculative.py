@@ -131,7 +131,7 @@ class ModelDrafter:
     def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray]]:
         """Draft ``k`` tokens after ``context``; the draft cache catches up by its longest common prefix."""
         history = list(context)
-        lg = self.draft.prefill(history)
+        lg = self.draft.prefill(history, like_decode=True)  # the accepted tokens as decode would add them
         drafts: list[int] = []
         logits: list[np.ndarray] = []
         for j in range(k):

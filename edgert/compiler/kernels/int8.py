@@ -61,6 +61,25 @@ def dot_isa(features: set[str] | list[str]) -> str | None:
     return None
 
 
+@T.macro
+def round_group(x, xq, xd, xsi, amax, i, g):
+    """Row ``i``'s group ``g`` of ``x`` rounded to int8 on one scale (its largest magnitude / 127), as
+    llama.cpp's Q8 activation blocks: codes ``xq``, scale ``xd``, the integer sum of the codes ``xsi``."""
+    amax[0] = T.float32(0)
+    for t in range(GROUP):
+        amax[0] = T.max(amax[0], T.fabs(x[i, g * GROUP + t]))
+    xd[i, g] = amax[0] / T.float32(127)
+    xsi[i, g] = 0
+    for t in range(GROUP):
+        xq[i, g * GROUP + t] = T.Cast(
+            "int8",
+            T.round(
+                x[i, g * GROUP + t] * T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+            ),
+        )
+        xsi[i, g] = xsi[i, g] + T.Cast("int32", xq[i, g * GROUP + t])
+
+
 @functools.cache
 def int8_quant_matmul(k: int, n: int, block: int, kind: str, isa: str) -> tirx.PrimFunc:
     """``y[m, n] = sum_k x[m, k] * W[n, k]``, W in the dot layout above, activations rounded to int8."""
@@ -152,23 +171,11 @@ def int8_quant_matmul(k: int, n: int, block: int, kind: str, isa: str) -> tirx.P
         xq = T.alloc_buffer((m, k), "int8")
         xd = T.alloc_buffer((m, ng), "float32")
         xs = T.alloc_buffer((m, ng), "float32")
+        xsi = T.alloc_buffer((m, ng), "int32")
         amax = T.alloc_buffer((1,), "float32", scope="local")
         for i, g in T.grid(m, ng):
-            amax[0] = T.float32(0)
-            for t in range(GROUP):
-                amax[0] = T.max(amax[0], T.fabs(x[i, g * GROUP + t]))
-            xd[i, g] = amax[0] / T.float32(127)
-            xs[i, g] = T.float32(0)
-            for t in range(GROUP):
-                xq[i, g * GROUP + t] = T.Cast(
-                    "int8",
-                    T.round(
-                        x[i, g * GROUP + t]
-                        * T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
-                    ),
-                )
-                xs[i, g] = xs[i, g] + T.Cast("float32", xq[i, g * GROUP + t])
-            xs[i, g] = xs[i, g] * xd[i, g]
+            round_group(x, xq, xd, xsi, amax, i, g)
+            xs[i, g] = T.Cast("float32", xsi[i, g]) * xd[i, g]
         for jo in T.parallel(nb):
             acc = T.alloc_buffer((block,), "float32", scope="local")
             isum = T.alloc_buffer((block,), "int32", scope="local")
@@ -388,40 +395,15 @@ def multirow_quant_matmul(k: int, n: int, block: int, kind: str, isa: str = "avx
         xq2 = T.alloc_buffer((m, k) if two else (1, 1), "int8")
         xd2 = T.alloc_buffer((m, ng) if two else (1, 1), "float32")
         xsi2 = T.alloc_buffer((m, ng) if two else (1, 1), "int32")
+        rest = T.alloc_buffer((m, k) if two else (1, 1), "float32")
         amax = T.alloc_buffer((1,), "float32", scope="local")
         for i, g in T.grid(m, ng):
-            amax[0] = T.float32(0)
-            for t in range(GROUP):
-                amax[0] = T.max(amax[0], T.fabs(x[i, g * GROUP + t]))
-            xd[i, g] = amax[0] / T.float32(127)
-            xsi[i, g] = 0
-            for t in range(GROUP):
-                xq[i, g * GROUP + t] = T.Cast(
-                    "int8",
-                    T.round(
-                        x[i, g * GROUP + t]
-                        * T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
-                    ),
-                )
-                xsi[i, g] = xsi[i, g] + T.Cast("int32", xq[i, g * GROUP + t])
+            round_group(x, xq, xd, xsi, amax, i, g)
             xs[i, g] = T.Cast("float32", xsi[i, g]) * xd[i, g]
             if two:  # the second part: the remainder x - xd * xq rounded to int8 on its own scale
-                amax[0] = T.float32(0)
                 for t in range(GROUP):
-                    amax[0] = T.max(
-                        amax[0], T.fabs(x[i, g * GROUP + t] - T.Cast("float32", xq[i, g * GROUP + t]) * xd[i, g])
-                    )
-                xd2[i, g] = amax[0] / T.float32(127)
-                xsi2[i, g] = 0
-                for t in range(GROUP):
-                    xq2[i, g * GROUP + t] = T.Cast(
-                        "int8",
-                        T.round(
-                            (x[i, g * GROUP + t] - T.Cast("float32", xq[i, g * GROUP + t]) * xd[i, g])
-                            * T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
-                        ),
-                    )
-                    xsi2[i, g] = xsi2[i, g] + T.Cast("int32", xq2[i, g * GROUP + t])
+                    rest[i, g * GROUP + t] = x[i, g * GROUP + t] - T.Cast("float32", xq[i, g * GROUP + t]) * xd[i, g]
+                round_group(rest, xq2, xd2, xsi2, amax, i, g)
         if m == 1:
             tiles(qw, sc, mn, y, m, xq, xd, xs, xsi, xq2, xd2, xsi2, 1, *shape(1))
         elif m == 2:

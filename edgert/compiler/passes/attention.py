@@ -14,6 +14,11 @@ and an online softmax, 16 of a SmolLM2 verify pass's 46 ms over 5 tokens at 64 t
 (loaded machine), and ``batch_prefill_ragged_kv`` (the new tokens among themselves) likewise.
 `paged_prefill_attention` and `ragged_prefill_attention` compute them as the decode kernel does,
 one (token, head) pair per task, with the causal mask cutting each token's row of scores.
+
+A verify pass of up to a page of tokens no longer takes that path on the host: it runs as decode
+rows of one sequence (`rows_append`, then `paged_decode_attention` with each row masked to its
+position), so that each row's logits are a decode step's bit for bit; the prefill kernels serve
+prompts, scoring and longer chunks.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from tvm.script import tirx as T
 DECODE_KERNEL = "batch_decode_paged_kv_cpu"  # the name of TIRPagedKVCache's CPU decode kernel in the module
 PREFILL_KERNEL = "batch_prefill_paged_kv_cpu"  # its CPU prefill kernel over the pages (no sliding window)
 RAGGED_KERNEL = "batch_prefill_ragged_kv"  # its CPU prefill kernel of new tokens among themselves
+APPEND_KERNEL = "tir_kv_cache_transpose_append"  # its copy of new keys and values into the pages
 ROPE_KERNEL = "fused_rope"  # its split of the fused q/k/v projection, with RoPE on q and k
 LANES = 16
 
@@ -68,51 +74,72 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
         page_indptr = T.match_buffer(page_indptr_handle, (batch + 1,), "int32", elem_offset=indptr_offset)
         page_values = T.match_buffer(page_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
         last_page_len = T.match_buffer(length_info_handle, (batch,), "int32", elem_offset=length_offset)
-        T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
-        T.match_buffer(q_rope_position_handle, (batch,), "int32", elem_offset=q_rope_offset)
+        k_rope_pos_offset = T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
+        q_rope_position = T.match_buffer(q_rope_position_handle, (batch,), "int32", elem_offset=q_rope_offset)
         output = T.match_buffer(output_handle, (batch, h_qo, d), "float32")
         lse = T.match_buffer(lse_handle, (batch, h_qo), "float32")
         # edgert's caches apply RoPE before storing k (RopeMode.NORMAL), so rotary_mode is 0 here.
         assert rotary_mode == 0, "edgert's decode attention expects RoPE applied before the cache"
-        for b in range(batch):
+        for b in range(batch):  # rows of one sequence: move the keys and values `rows_append` parked
             first: T.let[T.int32] = page_indptr[b]
             n_pages: T.let[T.int32] = page_indptr[b + 1] - first
-            length: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
-            for h in T.parallel(h_qo):
-                scores = T.alloc_buffer((length,), "float32")
-                qs = T.alloc_buffer((d,), "float32", scope="local")
-                part = T.alloc_buffer((lanes,), "float32", scope="local")
-                out = T.alloc_buffer((d,), "float32", scope="local")
-                stat = T.alloc_buffer((2,), "float32", scope="local")  # running max, sum of exps
-                kv = h // group
-                for i in T.vectorized(d):
-                    qs[i] = q[b, h, i] * sm_scale * T.float32(log2e)
-                stat[0] = T.float32(-3.0e38)
-                for r in range(length):
-                    page = page_values[first + r // page_size]
-                    slot = r % page_size
+            full: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+            back: T.let[T.int32] = full - 1 - (q_rope_position[b] - k_rope_pos_offset[b])  # rows after b's
+            if back > 0 and back > (full - 1) % page_size:
+                for j, i in T.grid(h_kv, d):
+                    for kv_part in range(2):
+                        pages[
+                            page_values[first + (full - 1 - back) // page_size],
+                            kv_part,
+                            j,
+                            (full - 1 - back) % page_size,
+                            i,
+                        ] = pages[
+                            page_values[first + n_pages - 1], kv_part, j, (full - 1) % page_size - back + page_size, i
+                        ]
+        for bh in T.parallel(batch * h_qo):  # (row, head) pairs: a verify pass's rows share the threads
+            b: T.let[T.int32] = bh // h_qo
+            h: T.let[T.int32] = bh % h_qo
+            first: T.let[T.int32] = page_indptr[b]
+            n_pages: T.let[T.int32] = page_indptr[b + 1] - first
+            full: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+            # A query sees the positions up to its own: all of them in a decode step; in a verify pass
+            # run as rows of one sequence (`rows_append`), each row the prefix and the rows before it.
+            length: T.let[T.int32] = T.max(T.min(full, q_rope_position[b] - k_rope_pos_offset[b] + 1), 0)
+            scores = T.alloc_buffer((nnz_pages * page_size,), "float32")  # a bound known outside the loop
+            qs = T.alloc_buffer((d,), "float32", scope="local")
+            part = T.alloc_buffer((lanes,), "float32", scope="local")
+            out = T.alloc_buffer((d,), "float32", scope="local")
+            stat = T.alloc_buffer((2,), "float32", scope="local")  # running max, sum of exps
+            kv = h // group
+            for i in T.vectorized(d):
+                qs[i] = q[b, h, i] * sm_scale * T.float32(log2e)
+            stat[0] = T.float32(-3.0e38)
+            for r in range(length):
+                page = page_values[first + r // page_size]
+                slot = r % page_size
+                for v in T.vectorized(lanes):
+                    part[v] = T.float32(0)
+                for c in range(d // lanes):
                     for v in T.vectorized(lanes):
-                        part[v] = T.float32(0)
-                    for c in range(d // lanes):
-                        for v in T.vectorized(lanes):
-                            part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
-                    scores[r] = T.float32(0)
-                    for v in range(lanes):
-                        scores[r] = scores[r] + part[v]
-                    stat[0] = T.max(stat[0], scores[r])
-                stat[1] = T.float32(0)
+                        part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
+                scores[r] = T.float32(0)
+                for v in range(lanes):
+                    scores[r] = scores[r] + part[v]
+                stat[0] = T.max(stat[0], scores[r])
+            stat[1] = T.float32(0)
+            for i in T.vectorized(d):
+                out[i] = T.float32(0)
+            for r in range(length):
+                page = page_values[first + r // page_size]
+                slot = r % page_size
+                p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
+                stat[1] = stat[1] + p
                 for i in T.vectorized(d):
-                    out[i] = T.float32(0)
-                for r in range(length):
-                    page = page_values[first + r // page_size]
-                    slot = r % page_size
-                    p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
-                    stat[1] = stat[1] + p
-                    for i in T.vectorized(d):
-                        out[i] = out[i] + p * pages[page, 1, kv, slot, i]
-                for i in T.vectorized(d):  # an empty sequence gives zeros, as TVM's kernel does
-                    output[b, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
-                lse[b, h] = stat[0] + T.log2(T.max(stat[1], T.float32(1e-30)))
+                    out[i] = out[i] + p * pages[page, 1, kv, slot, i]
+            for i in T.vectorized(d):  # an empty sequence gives zeros, as TVM's kernel does
+                output[b, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
+            lse[b, h] = stat[0] + T.log2(T.max(stat[1], T.float32(1e-30)))
 
     return decode.with_attr("global_symbol", "edgert_paged_decode_attention")
 
@@ -366,6 +393,48 @@ def fused_rope(theta: float, head_dim: int, num_q_heads: int, num_kv_heads: int)
     return rope.with_attr("global_symbol", "edgert_fused_rope")
 
 
+def rows_append(num_kv_heads: int, head_dim: int, page_size: int = 16) -> tirx.PrimFunc:
+    """TIRPagedKVCache's ``tir_kv_cache_transpose_append``: new keys and values into their page slots.
+
+    A verify pass can run as a decode step whose rows are one sequence's consecutive tokens (the
+    cache is told the sequence id once per row, `PagedKVCache.begin_rows`), so each row's attention
+    is a decode row's, bit for bit. The cache then gives all n rows the slot of the last one; row
+    n - 1 - k belongs k positions before it. Where that is on the same page it is written there,
+    else to the page's k-th slot from the end, past the sequence (n <= page_size), and
+    `paged_decode_attention` moves it to the page before. Distinct slots (every other step) are
+    written as TVM's kernel writes them.
+    """
+    h_kv, d = num_kv_heads, head_dim
+
+    @T.prim_func
+    def append(pages_handle: T.handle, k_handle: T.handle, v_handle: T.handle, position_map_handle: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        ntoken = T.int64()
+        num_pages = T.int64()
+        pages_offset = T.int64()
+        map_offset = T.int32()
+        pages = T.match_buffer(pages_handle, (num_pages, 2, h_kv, page_size, d), "float32", elem_offset=pages_offset)
+        k = T.match_buffer(k_handle, (ntoken, h_kv, d), "float32")
+        v = T.match_buffer(v_handle, (ntoken, h_kv, d), "float32")
+        position_map = T.match_buffer(position_map_handle, (ntoken,), "int32", elem_offset=map_offset)
+        for t in range(ntoken):
+            later = T.alloc_buffer((1,), "int32", scope="local")  # rows after t given the same slot
+            later[0] = 0
+            for j in range(1, page_size):
+                if t + j < ntoken:
+                    if position_map[t + j] == position_map[t]:
+                        later[0] = later[0] + 1
+            slot: T.let[T.int32] = position_map[t]
+            if slot != -1:
+                page: T.let[T.int32] = slot // page_size
+                at: T.let[T.int32] = (slot % page_size - later[0] + page_size) % page_size
+                for h, i in T.grid(h_kv, d):
+                    pages[page, 0, h, at, i] = k[t, h, i]
+                    pages[page, 1, h, at, i] = v[t, h, i]
+
+    return append.with_attr("global_symbol", "edgert_rows_append")
+
+
 def use_fast_decode_attention(
     mod: IRModule, num_kv_heads: int, num_qo_heads: int, head_dim: int, rope_theta: float | None = None
 ) -> IRModule:
@@ -387,6 +456,10 @@ def use_fast_decode_attention(
     if RAGGED_KERNEL in names:
         mod[names[RAGGED_KERNEL]] = ragged_prefill_attention(num_kv_heads, num_qo_heads, head_dim).with_attr(
             "global_symbol", RAGGED_KERNEL
+        )
+    if APPEND_KERNEL in names:
+        mod[names[APPEND_KERNEL]] = rows_append(num_kv_heads, head_dim).with_attr(
+            "global_symbol", names[APPEND_KERNEL].name_hint
         )
     if rope_theta is not None and ROPE_KERNEL in names and head_dim % 2 == 0:
         mod[names[ROPE_KERNEL]] = fused_rope(rope_theta, head_dim, num_qo_heads, num_kv_heads).with_attr(

@@ -67,10 +67,12 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
         gguf_model, cfg, tokenizer_json, tokenizer_fields = read_source(source, req.parsed, config_cls, loader)
         context = min(req.option("context_length", 2048), cfg.context_length)
         chunk = min(req.option("prefill_chunk_size", 256), context)
-        # f32 by default: with int8 activations the verify pass's tiny float differences from decode
-        # (its attention merges two softmax parts) flip int8 roundings, and greedy speculative
-        # output left plain decoding's at a near-tie (tests/test_speculative.py, 1 of 10 prompts).
-        activations = req.option("activations", "f32")
+        # int8 on AVX-512 VNNI by default (auto): a verify pass runs as decode rows, so its logits
+        # are decode's bit for bit and speculative decoding stays lossless (tests/test_verify_rows.py).
+        # A model with a second (sliding-window) cache verifies through the prefill kernels, whose
+        # last-bit differences int8 rounding would amplify: f32 there.
+        rows_verify = not hasattr(model_cls, "manifest_kv_cache")
+        activations = req.option("activations", "auto" if rows_verify else "f32")
         if job.on_gpu and activations not in ("f32", "auto"):
             raise EdgertError(f"--activations {activations}: GPU builds take f32 activations only")
         int8_isa = None if job.on_gpu else _int8_isa(activations, job.record)
@@ -128,6 +130,10 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
                     write_tensors(fh, tables)
 
         progress("writing artifact", None)
+        entries = net.manifest_entry_points() if hasattr(net, "manifest_entry_points") else entry_points(cfg, evictable)
+        # The CPU kernels run a verify pass of up to a page of tokens as decode rows of one sequence
+        # (`PagedKVCache.begin_rows`): each row's logits are a decode step's, bit for bit.
+        verify_rows = {} if job.on_gpu or not rows_verify or "batch_decode" not in entries else {"verify_rows": 16}
         result = job.finish(
             {
                 name: stage / name
@@ -136,9 +142,7 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
             },
             source={"file": source.name, "tensor_types": sorted(set(gguf_model.tensor_types.values()))},
             model=cfg.to_dict(),
-            entry_points=(
-                net.manifest_entry_points() if hasattr(net, "manifest_entry_points") else entry_points(cfg, evictable)
-            ),
+            entry_points=entries,
             kv_cache={
                 "kind": "paged",
                 "page_size": 16,
@@ -151,6 +155,7 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
                 "num_heads": cfg.num_heads,
                 "rope": "before-cache" if evictable else "in-cache",
                 "evictable": evictable,
+                **verify_rows,
                 **(net.manifest_kv_cache() if hasattr(net, "manifest_kv_cache") else {}),
             },
             weights={
@@ -177,8 +182,9 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
 def _int8_isa(activations: str, record: dict[str, Any]) -> str | None:
     """The dot-product instruction set for ``activations`` int8 on the target (None for f32).
 
-    ``auto`` takes int8 on AVX-512 VNNI only: there the multi-row kernel makes one token 1.7x and
-    five tokens (a verify pass) 2.8x faster than the float kernels (`tools/bench_kernels.py`).
+    ``auto`` (the default) takes int8 on AVX-512 VNNI only: there the multi-row kernel makes one
+    token 1.7x and five tokens (a verify pass) 2.8x faster than the float kernels
+    (`tools/bench_kernels.py`); elsewhere the q8 head is slower with int8 activations.
     """
     from edgert.compiler.kernels.int8 import dot_isa
 
@@ -245,6 +251,10 @@ def entry_points(cfg: Any, evictable: bool = False) -> dict[str, Any]:
         "batch_decode": {
             "inputs": [{**ids, "shape": ["batch_size", 1]}, cache],
             "outputs": [{**logits, "shape": ["batch_size", 1, cfg.vocab_size]}, cache],
+        },
+        "verify_rows_5": {
+            "inputs": [{**ids, "shape": [5, 1]}, cache],
+            "outputs": [{**logits, "shape": [5, 1, cfg.vocab_size]}, cache],
         },
         **_layer_entry_points(cfg),
         "create_kv_cache": create_kv_cache_entry(cache),

@@ -32,6 +32,8 @@ from edgert.runtime.exits import range_spans
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM"]
 
+VERIFY_ROWS = 5  # the rows of the static verify entry (`verify_rows_5`)
+
 
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention; q, k and v come from one fused projection."""
@@ -162,6 +164,10 @@ class LlamaForCausalLM(nn.Module):
         """
         return self._logits(self._stack(self._embed(input_ids), cache)), cache
 
+    def verify_rows_5(self, input_ids: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """`batch_decode` of 5 consecutive tokens of one sequence (a verify pass as decode rows)."""
+        return self.batch_decode(input_ids, cache)
+
     # -- a KV budget: true positions in, rotated queries out ---------------------------------
     def _stack_at(self, h: Tensor, cache: PagedKVCache, positions: Tensor, last: bool) -> tuple[Tensor, Tensor]:
         """The stack at explicit ``positions``; also each layer's queries [layers, rows, heads, head_dim]
@@ -280,6 +286,9 @@ class LlamaForCausalLM(nn.Module):
             "verify": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
             "decode": {"input_ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "$": packed},
             "batch_decode": {"input_ids": nn.spec.Tensor(["batch_size", 1], "int32"), "cache": cache, "$": packed},
+            # batch_decode at a verify pass's usual 5 rows (4 drafts), with static shapes: no shape
+            # computations at run time (`Generator.step`).
+            "verify_rows_5": {"input_ids": nn.spec.Tensor([VERIFY_ROWS, 1], "int32"), "cache": cache, "$": packed},
             "embed": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "$": packed},
             "head": {"h": hidden, "$": packed},
             **{

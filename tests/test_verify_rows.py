@@ -1,0 +1,93 @@
+"""A verify pass's logits equal decode steps' bit for bit (it runs as decode rows of one sequence).
+
+`Generator.step(ids, all_logits=True)` over up to a page of tokens runs the ``batch_decode``
+entry with the sequence named once per row (`PagedKVCache.begin_rows`): the cache appends
+before attention and runs its decode kernel, each row masked to its own position. With int8
+activations (the default on AVX-512 VNNI) every matmul is integer-exact per row, so each row's
+logits are those of a decode step of the same token at the same position; this is what keeps
+speculative decoding lossless with int8 rounding. Float kernels take other paths for several
+rows than for one (shared weight loads), so there the rows agree to float rounding only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# (cached tokens, verified tokens): inside a page, ending on a boundary, crossing one, 16 rows.
+CASES = [(3, 5), (11, 5), (14, 9), (33, 16)]
+
+
+def _rows_against_steps(model, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """For each case: the verify pass's logits and those of decode steps, plus one step after each."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for cached, rows in CASES:
+        ids = [int(t) for t in rng.integers(5, model.vocab_size, cached + rows)]
+        model.reset()
+        model.prefill(ids[:cached])
+        verified = model.step(ids[cached:], all_logits=True)
+        after_verify = model.step([42])  # the cache holds what decode steps would have written
+        model.reset()
+        model.prefill(ids[:cached])
+        stepped = np.stack([model.step([t]) for t in ids[cached:]])
+        after_steps = model.step([42])
+        pairs.append((np.vstack([verified, after_verify]), np.vstack([stepped, after_steps])))
+    return pairs
+
+
+def _check(model, seed: int) -> None:
+    """Rows equal steps: bit for bit with int8 activations, to float rounding with f32 ones."""
+    assert model.cache.rows == 16 and model.artifact.manifest["kv_cache"]["verify_rows"] == 16
+    exact = model.artifact.manifest["weights"]["activations"] == "int8"
+    for verified, stepped in _rows_against_steps(model, seed):
+        assert verified.shape == stepped.shape
+        if exact:
+            np.testing.assert_array_equal(verified, stepped)
+        else:  # f32 activations (a CPU without VNNI): the float multi-row kernels round differently
+            np.testing.assert_allclose(verified, stepped, atol=1e-4)
+
+
+def test_tiny_verify_rows_equal_decode_steps(tiny_host_default_artifact: Path, tiny_host_artifact: Path) -> None:
+    """The tiny Llama with the default activations (int8 on VNNI): bit for bit; with f32: to rounding."""
+    from edgert.artifact.reader import open_artifact
+    from edgert.runtime.generator import Generator
+
+    _check(Generator(open_artifact(tiny_host_default_artifact)), 1)
+    _check(Generator(open_artifact(tiny_host_artifact)), 1)
+
+
+@pytest.fixture(scope="module")
+def smollm_default(smollm_default_artifact: Path):
+    import edgert
+
+    return edgert.load(smollm_default_artifact)
+
+
+@pytest.mark.slow
+def test_smollm_verify_rows_equal_decode_steps(smollm_default) -> None:
+    """SmolLM2 with the default activations (int8 on an AVX-512 VNNI CPU)."""
+    _check(smollm_default, 2)
+
+
+@pytest.mark.slow
+def test_int8_speculation_gives_plain_decodings_tokens(smollm_default, smollm_default_artifact: Path) -> None:
+    """With int8 activations, greedy self-speculation and a second copy of the model drafting give
+    plain decoding's tokens, and the copy's drafts are all accepted (its cache catches up through
+    decode rows too). Before verify ran as decode rows, int8 rounding of verify's last-bit
+    differences left plain decoding's tokens (1 of 10 prompts of test_speculative.py)."""
+    import edgert
+    from edgert.runtime.speculative import ModelDrafter, SelfDrafter, SpeculativeDecoder
+
+    model = smollm_default
+    n = int(model.artifact.manifest["model"]["num_layers"])
+    prompts = ["The three primary colors are", "def fibonacci(n):"]
+    plain = {p: [t.id for t in model.generate(p, max_tokens=32)] for p in prompts}
+    selfspec = SpeculativeDecoder(model, SelfDrafter(model, [i for i in range(n) if i not in (5, 26)]), k=4)
+    for p in prompts:
+        assert [t.id for t in selfspec.generate(p, max_tokens=32)] == plain[p], p
+    twin = SpeculativeDecoder(model, ModelDrafter(edgert.load(smollm_default_artifact), model), k=3)
+    assert [t.id for t in twin.generate(prompts[0], max_tokens=32)] == plain[prompts[0]]
+    assert twin.stats.acceptance_rate == 1.0
