@@ -241,8 +241,9 @@ def graph_feeds(model: Any, shapes: dict[str, list[int]] | None = None, seed: in
 
 def graph_operator_times(model: Any, feeds: dict[str, np.ndarray], calls: int = 10) -> list[dict[str, Any]]:
     """Time every call the Relax VM makes (each kernel, each allocation) over ``calls`` runs of the
-    graph, as `operator_times` does for decode steps; per run and longest first."""
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    graph, as `operator_times` does for decode steps: each kernel's median time per run (on a shared
+    machine one preempted run would dominate a mean), longest first."""
+    per_run: list[dict[str, list[float]]] = []
     started: list[tuple[str, float]] = []
 
     def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
@@ -250,7 +251,7 @@ def graph_operator_times(model: Any, feeds: dict[str, np.ndarray], calls: int = 
             started.append((symbol, time.perf_counter()))
         elif started:
             name, t0 = started.pop()
-            entry = totals[name]
+            entry = per_run[-1].setdefault(name, [0.0, 0])
             entry[0] += time.perf_counter() - t0
             entry[1] += 1
         return 0
@@ -259,18 +260,21 @@ def graph_operator_times(model: Any, feeds: dict[str, np.ndarray], calls: int = 
     model.session.vm.set_instrument(instrument)
     try:
         for _ in range(calls):
+            per_run.append({})
             model(feeds)
     finally:
         model.session.vm.set_instrument(lambda *_: 0)
-    total = sum(v[0] for v in totals.values()) or 1.0
+    names = {name: entry[1] for run in per_run for name, entry in run.items()}
+    medians = {name: float(np.median([run.get(name, [0.0])[0] for run in per_run])) for name in names}
+    total = sum(medians.values()) or 1.0
     rows = [
         {
             "operator": name,
-            "calls_per_run": round(n / calls, 2),
-            "ms_per_run": round(s / calls * 1e3, 4),
-            "share": round(s / total, 4),
+            "calls_per_run": names[name],
+            "ms_per_run": round(medians[name] * 1e3, 4),
+            "share": round(medians[name] / total, 4),
         }
-        for name, (s, n) in totals.items()
+        for name in names
     ]
     return sorted(rows, key=lambda r: -r["ms_per_run"])
 
@@ -298,7 +302,7 @@ def profile_graph(
         "runs": runs,
         "call_ms": percentiles_ms(calls),
         "call_run_ms": [round(s * 1e3, 4) for s in calls],
-        "operators": graph_operator_times(model, feeds, min(runs, 10)) if operators else [],
+        "operators": graph_operator_times(model, feeds, min(runs, 100)) if operators else [],
     }
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return result
