@@ -110,6 +110,25 @@ def test_cli_compile_and_run_with_npz(graphs, tmp_path):
     assert proc.returncode == 2 and "'nope', which is not an input" in proc.stderr
 
 
+def test_cli_profile_of_a_graph_gives_its_kernel_table(graphs, tmp_path):
+    import json
+
+    art = _compile(graphs["dense"], tmp_path / "dense.edgert")
+    report = tmp_path / "p.html"
+    proc = run_cli("profile", str(art), "--input-shape", "x=2,5,37", "--runs", "4", "--report", str(report))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(report.with_suffix(".json").read_text())
+    assert result["kind"] == "graph" and result["inputs"] == {"x": {"shape": [2, 5, 37], "dtype": "float32"}}
+    assert len(result["call_run_ms"]) == 4 and result["call_ms"]["min"] > 0
+    kernels = [op for op in result["operators"] if not op["operator"].startswith("vm.builtin")]
+    assert kernels, result["operators"]  # the graph's compiled kernels, each timed
+    assert abs(sum(op["share"] for op in result["operators"]) - 1) < 0.01
+    assert kernels[0]["operator"][:56] in proc.stderr and "ms/run" in proc.stderr  # the table, names cut to 56
+    assert "Kernels (per call)" in report.read_text()
+    proc = run_cli("profile", str(art), "--input-shape", "y=2,5,37", "--report", str(report))
+    assert proc.returncode == 2 and "--input-shape names y, which the graph does not take" in proc.stderr
+
+
 def silero_model(name: str = "silero_vad_openvino_16k.onnx") -> Path:
     """An ONNX model file shipped by the `silero-vad` package."""
     from edgert.paths import package_file

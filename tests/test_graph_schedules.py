@@ -160,3 +160,38 @@ def test_elementwise_rule_vectorizes_odd_rows_of_a_transpose():
     assert "T.vectorized(T.int64(12))" in script or "T.vectorized(T.int64(36))" in script
     want = x.transpose(1, 0, 2)
     np.testing.assert_array_equal(_run(sch, target, [x], want.shape), want)
+
+
+def test_requantization_epilogue_rounds_in_vectors():
+    """A matmul whose epilogue requantizes (scale, round half to even, saturate: what follows every
+    int8 conv): the rounding vectorized with the tile, no gather or scatter, values as numpy's."""
+    from edgert.compiler.schedules import schedule_rules
+    from edgert.compiler.schedules.rules import Matmul
+
+    schedule_rules()  # what every graph build calls first
+    rng = np.random.default_rng(4)
+    x = rng.integers(-20, 20, (576, 27)).astype(np.float32)  # integers: the sums are exact
+    w = rng.integers(-20, 20, (27, 16)).astype(np.float32)
+    scale = relax.const(np.float32(0.37))
+
+    def requantize(a: object, b: object) -> object:
+        r = relax.op.round(relax.op.multiply(relax.op.matmul(a, b), scale))
+        return relax.op.clip(r, 0, 255)
+
+    bb = relax.BlockBuilder()
+    params = [relax.Var(f"x{i}", relax.TensorType(a.shape, "float32")) for i, a in enumerate((x, w))]
+    with bb.function("main", params):
+        with bb.dataflow():
+            out = bb.emit_output(requantize(*params))
+        bb.emit_func_output(out)
+    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps()]
+    mod = tvm.transform.Sequential([*passes, relax.transform.FuseTIR()])(bb.get())
+    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]  # one fused kernel
+    func = func.with_attr("global_symbol", "main")
+    target = _host()
+    sch = Matmul().apply(func, target, False)
+    lib = tvm.tirx.build(sch.mod, target=target)
+    asm = lib.inspect_source("asm")
+    assert "scatter" not in asm and "gather" not in asm
+    want = np.clip(np.rint((x @ w) * np.float32(0.37)), 0, 255)
+    np.testing.assert_array_equal(_run(sch, target, [x, w], want.shape), want)

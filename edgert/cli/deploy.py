@@ -33,12 +33,18 @@ def profile(
     artifact: ArtifactArg,
     device: Annotated[str, typer.Option("--device", "-d", help="Device URI (see `edgert run --help`).")] = "local",
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="Prompt (default: the model's).")] = None,
-    runs: Annotated[int, typer.Option("--runs", "-r", help="Prefill + decode runs.")] = 3,
+    runs: Annotated[
+        int | None, typer.Option("--runs", "-r", help="Prefill + decode runs (default 3); graph calls (default 20).")
+    ] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Decode steps per run.")] = 32,
     report: Annotated[Path, typer.Option("--report", help="HTML report to write (.json and .csv beside it).")] = Path(
         "profile.html"
     ),
     threads: ThreadsOpt = None,
+    input_shape: Annotated[
+        list[str] | None,
+        typer.Option("--input-shape", help="A graph: an input's size for its symbolic dims, NAME=1,128 (repeatable)."),
+    ] = None,
     tracker: Annotated[
         str | None, typer.Option("--tracker", help="HOST:PORT of a TVM RPC tracker: profile a fleet of devices.")
     ] = None,
@@ -57,12 +63,24 @@ def profile(
     With --tracker and --key: lease the devices, profile them in parallel and write one fleet report."""
     from edgert.deploy.profiling import profile_on_device
 
-    options = {"prompt": prompt, "runs": runs, "max_tokens": max_tokens, "threads": threads}
+    options: dict = {"prompt": prompt, "runs": runs, "max_tokens": max_tokens, "threads": threads}
+    if input_shape:
+        from edgert.families.graph.build import parse_input_shapes
+
+        options["input_shapes"] = parse_input_shapes(input_shape)
     if tracker is not None or key is not None:
         _fleet(artifact, tracker, key, devices, secret, report, {**options, "call_timeout": call_timeout})
         return
     paths = profile_on_device(artifact, device, report, **options)
     result = json.loads(paths["json"].read_text())
+    if result.get("kind") == "graph":
+        from edgert.profile.report import graph_summary
+
+        err.print(f"{escape(result['title'])}: load {result['load_seconds']:.2f} s", highlight=False, soft_wrap=True)
+        for line in graph_summary(result):
+            err.print(escape(line), highlight=False, soft_wrap=True)
+        err.print(f"[green]wrote[/] {paths['html']}, {paths['json'].name}, {paths['csv'].name}", highlight=False)
+        return
     d, pre = result["decode_ms"], result["prefill_ms"]
     err.print(
         f"{escape(result['title'])}: load {result['load_seconds']:.2f} s, prefill p50 {pre['p50']:.1f} ms, "

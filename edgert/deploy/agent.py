@@ -346,17 +346,25 @@ class Agent:
         """Measure load, prefill, per-token decode, per-operator times and peak memory; keep a copy."""
         import json
 
-        from edgert.profile.measure import profile_generator
+        from edgert.profile.measure import profile_generator, profile_graph
 
         self._loaded = None  # load afresh: the load time is part of the profile
         model = self._model(header)
-        result = profile_generator(
-            model,
-            prompt=header.get("prompt"),
-            runs=int(header.get("runs", 3)),
-            max_tokens=int(header.get("max_tokens", 32)),
-            operators=bool(header.get("operators", True)),
-        )
+        if model.artifact.family == "graph":  # no prompt: timed calls on inputs made from its specs
+            result = profile_graph(
+                model,
+                runs=int(header.get("runs", 20)),
+                input_shapes=header.get("input_shapes"),
+                operators=bool(header.get("operators", True)),
+            )
+        else:
+            result = profile_generator(
+                model,
+                prompt=header.get("prompt"),
+                runs=int(header.get("runs", 3)),
+                max_tokens=int(header.get("max_tokens", 32)),
+                operators=bool(header.get("operators", True)),
+            )
         result["load_seconds"] = round(self._load_seconds, 4)
         result["device"] = {"name": self.name, "arch": host_arch(), "emulated": self.emulated, "cpus": os.cpu_count()}
         saved = self.inside(RESULTS) / f"profile-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.json"

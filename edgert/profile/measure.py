@@ -205,3 +205,104 @@ def profile_generator(
         result["gpu"] = gpu_profile(model, ids)
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return result
+
+
+def graph_feeds(model: Any, shapes: dict[str, list[int]] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Inputs for a graph model from its manifest specs: seeded normal values for float inputs, ones for
+    integer ones (token ids and masks alike stay in range). A symbolic dimension takes its size from
+    ``shapes`` (NAME -> dims, as `edgert compile --input-shape`) or else 1."""
+    from edgert.errors import EdgertError
+
+    shapes = dict(shapes or {})
+    unknown = sorted(set(shapes) - {spec["name"] for spec in model.inputs})
+    if unknown:
+        names = ", ".join(spec["name"] for spec in model.inputs)
+        raise EdgertError(f"--input-shape names {', '.join(unknown)}, which the graph does not take (it takes {names})")
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for spec in model.inputs:
+        want = spec["shape"]
+        given = shapes.get(spec["name"])
+        if given is not None and len(given) != len(want):
+            raise EdgertError(
+                f"--input-shape {spec['name']} has rank {len(given)}; the graph takes rank {len(want)} {want}"
+            )
+        dims = [
+            int(g) if given is not None else (d if isinstance(d, int) else 1)
+            for g, d in zip(given or want, want, strict=True)
+        ]
+        dtype = np.dtype(spec["dtype"])
+        if dtype.kind == "f":
+            feeds[spec["name"]] = rng.standard_normal(dims).astype(dtype)
+        else:
+            feeds[spec["name"]] = np.ones(dims, dtype)
+    return feeds
+
+
+def graph_operator_times(model: Any, feeds: dict[str, np.ndarray], calls: int = 10) -> list[dict[str, Any]]:
+    """Time every call the Relax VM makes (each kernel, each allocation) over ``calls`` runs of the
+    graph, as `operator_times` does for decode steps: each kernel's median time per run (on a shared
+    machine one preempted run would dominate a mean), longest first."""
+    per_run: list[dict[str, list[float]]] = []
+    started: list[tuple[str, float]] = []
+
+    def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
+        if before:
+            started.append((symbol, time.perf_counter()))
+        elif started:
+            name, t0 = started.pop()
+            entry = per_run[-1].setdefault(name, [0.0, 0])
+            entry[0] += time.perf_counter() - t0
+            entry[1] += 1
+        return 0
+
+    model(feeds)  # warm: the first call allocates the VM's storage
+    model.session.vm.set_instrument(instrument)
+    try:
+        for _ in range(calls):
+            per_run.append({})
+            model(feeds)
+    finally:
+        model.session.vm.set_instrument(lambda *_: 0)
+    names = {name: entry[1] for run in per_run for name, entry in run.items()}
+    medians = {name: float(np.median([run.get(name, [0.0])[0] for run in per_run])) for name in names}
+    total = sum(medians.values()) or 1.0
+    rows = [
+        {
+            "operator": name,
+            "calls_per_run": names[name],
+            "ms_per_run": round(medians[name] * 1e3, 4),
+            "share": round(medians[name] / total, 4),
+        }
+        for name in names
+    ]
+    return sorted(rows, key=lambda r: -r["ms_per_run"])
+
+
+def profile_graph(
+    model: Any, runs: int = 20, input_shapes: dict[str, list[int]] | None = None, operators: bool = True
+) -> dict[str, Any]:
+    """Run a graph artifact ``runs`` times on seeded inputs (`graph_feeds`); time every call and each kernel."""
+    if runs < 1:
+        raise ValueError("profile needs at least 1 run")
+    feeds = graph_feeds(model, input_shapes)
+    model(feeds)  # warm-up: first-call allocations are not the graph's latency
+    calls: list[float] = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        model(feeds)
+        calls.append(time.perf_counter() - t)
+    result: dict[str, Any] = {
+        "kind": "graph",
+        "artifact": model.artifact.path.name,
+        "model": model.artifact.manifest.get("name"),
+        "target": model.artifact.target,
+        "threads": model.session.threads,
+        "inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()},
+        "runs": runs,
+        "call_ms": percentiles_ms(calls),
+        "call_run_ms": [round(s * 1e3, 4) for s in calls],
+        "operators": graph_operator_times(model, feeds, min(runs, 100)) if operators else [],
+    }
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return result

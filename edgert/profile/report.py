@@ -71,6 +71,8 @@ def write_report(result: dict[str, Any], report: Path) -> dict[str, Path]:
     if result.get("gpu"):
         paths["gpu_kernels"] = Path(f"{stem}.gpu_kernels.png")
     paths["json"].write_text(json.dumps(result, indent=1))
+    if result.get("kind") == "graph":
+        return _write_graph_report(result, paths, plt)
     with paths["csv"].open("w", newline="") as fh:
         out = csv.writer(fh)
         out.writerow(["kind", "run", "step_or_operator", "ms", "calls_per_token"])
@@ -126,6 +128,91 @@ def write_report(result: dict[str, Any], report: Path) -> dict[str, Path]:
         plt.close(fig)
 
     paths["html"].write_text(_html(result, paths))
+    return paths
+
+
+def graph_summary(result: dict[str, Any], top: int = 12) -> list[str]:
+    """A graph profile as text lines: call latency, then its kernels by time per run with their share."""
+    c = result["call_ms"]
+    shapes = ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in result["inputs"].items())
+    lines = [
+        f"{result['runs']} calls on {shapes}, {result['threads']} threads: p50 {c['p50']} ms, p90 {c['p90']} ms, "
+        f"min {c['min']} ms",
+        f"{'kernel':56} {'calls':>6} {'ms/run':>9} {'share':>7}",
+    ]
+    for op in result["operators"][:top]:
+        lines.append(
+            f"{op['operator'][:56]:56} {op['calls_per_run']:6g} {op['ms_per_run']:9.4f} {op['share'] * 100:6.1f}%"
+        )
+    if len(result["operators"]) > top:
+        rest = result["operators"][top:]
+        lines.append(f"... {len(rest)} more, {sum(op['share'] for op in rest) * 100:.1f}% of the time")
+    return lines
+
+
+def _write_graph_report(result: dict[str, Any], paths: dict[str, Path], plt: Any) -> dict[str, Path]:
+    """A graph artifact's report: call latencies (timeline, histogram) and its kernels, no decode."""
+    with paths["csv"].open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["kind", "run", "call_or_operator", "ms", "calls_per_run"])
+        out.writerows(["call", i, "", ms, ""] for i, ms in enumerate(result["call_run_ms"]))
+        for op in result["operators"]:
+            out.writerow(["operator", "", op["operator"], op["ms_per_run"], op["calls_per_run"]])
+    device = f"{result['device']['name']} via {result['link']['kind']}"
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.plot(range(1, len(result["call_run_ms"]) + 1), result["call_run_ms"], marker=".")
+    ax.set(xlabel="call", ylabel="latency (ms)", title=f"Graph call latency: {device}")
+    fig.tight_layout()
+    fig.savefig(paths["timeline"], dpi=90)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(result["call_run_ms"], bins=min(30, max(5, len(result["call_run_ms"]) // 3)))
+    ax.set(xlabel="call latency (ms)", ylabel="calls", title="Call latency histogram")
+    fig.tight_layout()
+    fig.savefig(paths["histogram"], dpi=90)
+    plt.close(fig)
+    top = result["operators"][:15][::-1]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(top) + 1.2))
+    ax.barh([op["operator"][:48] for op in top], [op["ms_per_run"] for op in top])
+    ax.set(xlabel="ms per call", title="Top kernels (Relax VM instrument)")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(paths["operators"], dpi=90)
+    plt.close(fig)
+    e, t, c = html.escape, result["target"], result["call_ms"]
+    rows = [
+        ("device", f"{result['device']['name']} ({result['device']['arch']}, {result['device']['cpus']} CPUs)"),
+        ("target", f"{t['name']}: {t['arch']} cpu={t['cpu']} flags={','.join(t['cpu_flags'])}"),
+        ("link", f"{result['link']['kind']} ({result['link']['uri']})"),
+        ("artifact", result["artifact"]),
+        ("threads", str(result["threads"])),
+        ("inputs", ", ".join(f"{k} {v['dtype']}{v['shape']}" for k, v in result["inputs"].items())),
+        ("load time", f"{result['load_seconds']:.3f} s"),
+        ("call", f"p50 {c['p50']} ms, p90 {c['p90']} ms, p99 {c['p99']} ms, min {c['min']} ms, {result['runs']} calls"),
+        ("peak memory (max RSS)", f"{result['peak_rss_mb']} MB"),
+    ]
+    table = "\n".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows)
+    ops = "\n".join(
+        f"<tr><td>{e(o['operator'])}</td><td>{o['ms_per_run']}</td><td>{o['calls_per_run']}</td>"
+        f"<td>{o['share'] * 100:.1f}%</td></tr>"
+        for o in result["operators"]
+    )
+    data = " ".join(f'<a href="{e(paths[k].name)}">{e(paths[k].name)}</a>' for k in ("json", "csv"))
+    img = "\n".join(f'<p><img src="{e(paths[k].name)}" alt="{k}"></p>' for k in ("timeline", "histogram", "operators"))
+    paths["html"].write_text(f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{e(result["title"])}</title>
+<style>body{{font-family:sans-serif;margin:2em}} th{{text-align:left;padding-right:1em}} td{{padding-right:1em}}</style>
+</head><body>
+<h1>{e(result["title"])}</h1>
+<table>{table}</table>
+<h2>Plots</h2>
+{img}
+<h2>Kernels (per call)</h2>
+<table><tr><th>kernel</th><th>ms/call</th><th>calls</th><th>share</th></tr>
+{ops}</table>
+<p>Data: {data}</p>
+</body></html>
+""")
     return paths
 
 

@@ -47,4 +47,7 @@ class _Guarded:
 
 def schedule_rules() -> list[Any]:
     """edgert's rules in the order they are tried."""
+    from edgert.compiler.schedules.fastmath import vectorizable_nearbyint
+
+    vectorizable_nearbyint()  # before any rule's vectorize: TVM checks it when it lowers the loops
     return [_Guarded(r) for r in (Matmul(), Pool(), RowWise(), Elementwise(rows=True), Fallback())]

@@ -43,6 +43,17 @@ def has_vnni(target: Any) -> bool:
     return {"avx512vnni", "avx512bw", "avx512f"} <= set(llvm_get_cpu_features(target))
 
 
+# Below this many multiply-adds an integer kernel runs on one thread: waking a worker costs more
+# than it saves, and on a busy machine the worker often runs after the caller, on its core. Four
+# times the float rules' `MIN_PARALLEL_MACS`: one vpdpbusd does 64 where an FMA does 16.
+MIN_PARALLEL_INT8_MACS = 1 << 24
+
+
+def _loop_kind(macs: int) -> Any:
+    """``T.parallel`` for a kernel of ``macs`` multiply-adds worth splitting over threads, else ``T.serial``."""
+    return T.parallel if macs >= MIN_PARALLEL_INT8_MACS else T.serial
+
+
 def row_tile(m: int) -> int:
     """Rows per register tile: all of them up to 12, else the tile of 6..12 rows wasting the fewest."""
     if m <= 12:
@@ -71,6 +82,7 @@ def u8s8_gemm(m: int, k: int, n: int, block: int) -> tirx.PrimFunc:
     nt = -(-m // rows)
     nbytes = LANES * 4
     byte_args = codegen.llvm_version_major() >= 22  # LLVM 22 types the byte operands <64 x i8>
+    tiles = _loop_kind(m * k * n)
 
     def dot(acc: Any, x: Any, w: Any) -> Any:
         if not byte_args:
@@ -87,7 +99,7 @@ def u8s8_gemm(m: int, k: int, n: int, block: int) -> tirx.PrimFunc:
         y: T.Buffer((m, n), "int32"),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        for t in T.parallel(nb * nt):
+        for t in tiles(nb * nt):
             jo = t // nt
             it = t % nt
             acc = T.alloc_buffer((rows, cw, LANES), "int32", scope="local")
@@ -231,6 +243,7 @@ def u8s8_conv(
     nt = -(-m // rows)
     nbytes = LANES * 4
     byte_args = codegen.llvm_version_major() >= 22
+    tiles = _loop_kind(m * k4 * 4 * n)
 
     def dot(acc: Any, x: Any, w: Any) -> Any:
         if not byte_args:
@@ -247,7 +260,7 @@ def u8s8_conv(
         y: T.Buffer((1, oh, ow, n), "int32"),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        for t in T.parallel(nb * nt):
+        for t in tiles(nb * nt):
             jo = t // nt
             it = t % nt
             acc = T.alloc_buffer((rows, cw, LANES), "int32", scope="local")

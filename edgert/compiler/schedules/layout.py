@@ -69,21 +69,6 @@ def _scalar(expr: Any) -> np.ndarray | None:
     return value.reshape(()) if value.size == 1 else None
 
 
-_MAGIC = np.float32(1.5 * 2**23)  # x + M - M rounds x to an integer, half to even, for |x| < 2^22
-
-
-def _round_even(x: relax.Expr) -> relax.Expr:
-    """``round(x)`` half to even, as onnxruntime's requantization (MLAS) computes it: ``x + M - M``.
-
-    TVM lowers ``round`` to a libm ``nearbyintf`` call per element (not vectorized): the
-    requantization epilogue of each int8 conv took 3x the conv. Values beyond 2^22 are clamped
-    first; a quantized result saturates long before.
-    """
-    big = relax.const(np.float32(2**22))
-    clamped = relax.op.minimum(relax.op.maximum(x, relax.op.negative(big)), big)
-    return relax.op.subtract(relax.op.add(clamped, relax.const(_MAGIC)), relax.const(_MAGIC))
-
-
 @relax.expr_functor.mutator
 class _ScalarQDQ(relax.PyExprMutator):
     """``quantize``/``dequantize`` by a constant scalar scale and zero point as the elementwise ops

@@ -34,8 +34,8 @@ from tvm.target.codegen import llvm_get_cpu_features
 # vectors of weights and one broadcast input: AVX2's and NEON's 16 (or more) registers.
 ROWS = 4
 # Below this many iterations a parallel loop costs more in thread wake-ups than it saves.
-MIN_PARALLEL_WORK = 4096
-MIN_PARALLEL_MACS = 1 << 20
+MIN_PARALLEL_WORK = 1 << 16
+MIN_PARALLEL_MACS = 1 << 22
 
 
 def _work(sch: s_tir.Schedule, block: Any) -> int:
