@@ -114,10 +114,11 @@ def test_cli_profile_of_a_graph_gives_its_kernel_table(graphs, tmp_path):
     import json
 
     art = _compile(graphs["dense"], tmp_path / "dense.edgert")
-    report = tmp_path / "p.html"
+    report = tmp_path / "dense.x2.html"  # a name with two dots keeps both in its JSON and CSV
     proc = run_cli("profile", str(art), "--input-shape", "x=2,5,37", "--runs", "4", "--report", str(report))
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(report.with_suffix(".json").read_text())
+    assert (tmp_path / "dense.x2.csv").exists()
+    result = json.loads((tmp_path / "dense.x2.json").read_text())
     assert result["kind"] == "graph" and result["inputs"] == {"x": {"shape": [2, 5, 37], "dtype": "float32"}}
     assert len(result["call_run_ms"]) == 4 and result["call_ms"]["min"] > 0
     kernels = [op for op in result["operators"] if not op["operator"].startswith("vm.builtin")]

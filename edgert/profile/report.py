@@ -62,8 +62,8 @@ def write_report(result: dict[str, Any], report: Path) -> dict[str, Path]:
     stem = report.with_suffix("")
     paths = {
         "html": report,
-        "json": stem.with_suffix(".json"),
-        "csv": stem.with_suffix(".csv"),
+        "json": Path(f"{stem}.json"),
+        "csv": Path(f"{stem}.csv"),
         "timeline": Path(f"{stem}.timeline.png"),
         "histogram": Path(f"{stem}.histogram.png"),
         "operators": Path(f"{stem}.operators.png"),
@@ -339,7 +339,7 @@ def write_fleet_report(
 
     summary = fleet_summary(results)
     stem = report.with_suffix("")
-    paths = {"html": report, "json": stem.with_suffix(".json"), "csv": stem.with_suffix(".csv")}
+    paths = {"html": report, "json": Path(f"{stem}.json"), "csv": Path(f"{stem}.csv")}
     emulated = any(r["device"].get("emulated") for r in results)
     model = results[0]["model"] if results else about["artifact"]
     title = (
