@@ -233,6 +233,43 @@ def rss_mib(pid: int) -> float:
     raise ValueError(f"no VmRSS for process {pid}")
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of process ``pid``'s threads by name: ``main`` is the first
+    thread (uvicorn's event loop), the others by their OS name (the engine names its scheduler
+    ``edgert-sched``; TVM's pool workers take the name of the thread that started them)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        name = "main" if int(task.name) == pid else comm
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def scheduler_phases(url: str, api_key: str | None = None) -> dict[str, float]:
+    """An edgert server's scheduler seconds by phase (/metrics' edgert_scheduler_seconds_total)."""
+    base = check_loopback(url)
+    conn = http.client.HTTPConnection(base.hostname, base.port, timeout=10)
+    try:
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        text = conn.getresponse().read().decode(errors="replace")
+    except OSError:
+        return {}
+    finally:
+        conn.close()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("edgert_scheduler_seconds_total{"):
+            phase = line.split('phase="', 1)[1].split('"', 1)[0]
+            out[phase] = out.get(phase, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def measured_run(
     url: str, model: str, pid: int, warmup: int, clients: int, requests: int, max_seconds: float, **kw: Any
 ) -> dict[str, Any]:
@@ -240,11 +277,20 @@ def measured_run(
     if warmup:
         run_load(url, model, clients, warmup, max_seconds, seed=99, **kw)
     warm = rss_mib(pid)
+    cpu0, phases0, own0 = thread_cpu(pid), scheduler_phases(url, kw.get("api_key")), os.times()
     summary = run_load(url, model, clients, requests, max_seconds, **kw).summary()
     after = rss_mib(pid)
+    cpu1, phases1, own1 = thread_cpu(pid), scheduler_phases(url, kw.get("api_key")), os.times()
     summary.update(
         rss_warm_mib=round(warm, 1), rss_after_mib=round(after, 1), rss_growth_pct=round(100 * (after / warm - 1), 2)
     )
+    # Where the run's time went: the server's threads, the scheduler's phases, and this tool's
+    # own clients (they share the machine's cores with the server).
+    summary["cpu_seconds"] = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items() if v - cpu0.get(k, 0.0) > 0}
+    summary["cpu_seconds"]["load-test clients"] = round(
+        (own1.user + own1.system) - (own0.user + own0.system), 2
+    )
+    summary["scheduler_seconds"] = {k: round(v - phases0.get(k, 0.0), 3) for k, v in phases1.items()}
     return summary
 
 
@@ -336,6 +382,10 @@ def print_table(rows: dict[str, dict[str, Any]]) -> None:
     print(f"{'server':<12}" + "".join(f"{k:>19}" for k in keys))
     for name, s in rows.items():
         print(f"{name:<12}" + "".join(f"{s.get(k, '-')!s:>19}" for k in keys))
+    for name, s in rows.items():
+        for key in ("cpu_seconds", "scheduler_seconds"):
+            if s.get(key):
+                print(f"{name} {key.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in s[key].items()))
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ Events go to each request's ``sink`` from the scheduler thread: ``("text", str)`
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import threading
 import time
@@ -52,6 +53,18 @@ def piece(n: int, chunk: int) -> int:
     if n <= 0:
         return 0
     return chunk if n >= chunk else 1 << (n.bit_length() - 1)
+
+
+PHASES = ("wait", "admit", "prefill", "decode", "sample", "detokenize", "send")
+
+
+def name_thread(name: str) -> None:
+    """Give the calling thread an OS-visible name (/proc/PID/task/TID/comm, top -H), when Linux allows."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 class QueueFullError(EdgertError):
@@ -144,6 +157,9 @@ class Counters:
     ttft_buckets: dict[float, int] = field(
         default_factory=lambda: dict.fromkeys((0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0), 0)
     )
+    # Where the scheduler thread's time goes (perf_counter sums, a few calls per step): waiting for
+    # work, admitting, prefill passes, decode passes, sampling, detokenizing, handing text over.
+    phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
 
 class LLMEngine:
@@ -312,7 +328,14 @@ class LLMEngine:
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size) + 1
 
+    def _tick(self, phase: str, since: float) -> float:
+        """Add the time since ``since`` to ``phase``; the time now (the next phase's start)."""
+        now = time.perf_counter()
+        self.counters.phase_seconds[phase] += now - since
+        return now
+
     def _run(self) -> None:
+        name_thread("edgert-sched")
         try:
             self.session = Session(self.artifact, self._threads)
             self.cache = BatchKVCache(self.session, self.max_batch, self.kv_tokens, self.prefill_chunk, self.page_size)
@@ -322,14 +345,17 @@ class LLMEngine:
             return
         self._ready.set()
         while True:
+            t = time.perf_counter()
             with self._cond:
                 while not self._stopping and self._clear_request is None and not self._work_ready():
                     self._cond.wait()
+                t = self._tick("wait", t)
                 if self._stopping:
                     break
                 clear, self._clear_request = self._clear_request, None
                 self._reap_cancelled()
                 admitted = self._admit()
+            self._tick("admit", t)
             if clear is not None:
                 while self._evict_one():
                     pass
@@ -482,6 +508,7 @@ class LLMEngine:
             s += len(chunk)
         assert logits is not None
         req.stats.prefill_seconds = time.perf_counter() - t0
+        self.counters.phase_seconds["prefill"] += req.stats.prefill_seconds
         c = self.counters
         c.prompt_tokens += len(req.prompt)
         c.prefill_tokens += len(req.prompt) - matched
@@ -514,7 +541,7 @@ class LLMEngine:
             for r in rows:
                 self._fail(r, f"decode failed: {type(exc).__name__}: {exc}")
             return
-        now = time.perf_counter()
+        now = self._tick("decode", t0)
         with self._cond:
             self._rate.append((now, len(rows)))
         self.counters.decode_steps += 1
@@ -528,9 +555,12 @@ class LLMEngine:
     def _accept(self, req: Request, logits: np.ndarray) -> None:
         """Sample the next token from ``logits``, send its text, and finish the request when it ends."""
         assert req.sampler is not None and req.emitter is not None
+        t = time.perf_counter()
         token = req.sampler(logits, req.emitter.history)
+        t = self._tick("sample", t)
         for _ in req.emitter.emit([token]):
             self.counters.generated_tokens += 1
+        t = self._tick("detokenize", t)
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
             self._observe_ttft(req.first_token_at - req.submitted)
@@ -541,6 +571,7 @@ class LLMEngine:
             self._finish(req)
         else:
             req.next_token = token
+        self._tick("send", t)
 
     def _send_text(self, req: Request) -> None:
         """Send new text, cut at a stop string; a tail that may begin a stop string waits."""

@@ -53,6 +53,10 @@ def render_metrics(models: dict[str, Any], counts: Counter) -> str:
         family(f"edgert_{key}_total", "counter", help_)
         for name, e in engines.items():
             lines.append(f"edgert_{key}_total{_labels(model=name)} {getattr(e.counters, key)}")
+    family("edgert_scheduler_seconds_total", "counter", "The scheduler thread's time by phase.")
+    for name, e in engines.items():
+        for phase, seconds in e.counters.phase_seconds.items():
+            lines.append(f"edgert_scheduler_seconds_total{_labels(model=name, phase=phase)} {seconds:.6f}")
     family("edgert_time_to_first_token_seconds", "histogram", "Time from a request's arrival to its first token.")
     for name, e in engines.items():
         c = e.counters
