@@ -11,13 +11,17 @@ N cached tokens: prompts of any length are taken, and a sequence about to exceed
 its least-attended entries (TOVA, `edgert.runtime.kv_budget`); it then runs the ``*_at`` entry
 points at its true positions.
 
-Events go to each request's ``sink`` from the scheduler thread: ``("text", str)`` pieces, then
-``("done", finish_reason)`` or ``("error", message)``.
+Events go to each request's ``sink``: ``("text", str)`` pieces, then ``("done", finish_reason)``
+or ``("error", message)``. They are collected over a scheduler step and handed over once per step:
+called on the scheduler thread, or, for requests submitted with a ``dispatch`` (an event loop's
+``call_soon_threadsafe``), in one callback per loop and step, so an event loop wakes once per
+step instead of once per token and request.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import itertools
 import threading
 import time
@@ -39,6 +43,7 @@ from edgert.runtime.tvm_runtime import global_func, shape, to_numpy
 from edgert.serve.prefix_cache import PrefixCache
 
 Sink = Callable[[tuple[str, Any]], None]
+Dispatch = Callable[[Callable[[], None]], Any]
 FINISH_REASONS = {"stop_token": "stop", "stop_string": "stop", "max_tokens": "length", "context_full": "length"}
 
 
@@ -67,6 +72,19 @@ def name_thread(name: str) -> None:
         pass
 
 
+def _deliver(items: list[tuple[Sink, tuple[str, Any]]]) -> None:
+    for sink, event in items:
+        sink(event)
+
+
+def _view(value: Any) -> np.ndarray:
+    """A numpy view of a TVM tensor, valid until the VM's next call (no copy of the logits)."""
+    try:
+        return np.from_dlpack(value)
+    except (TypeError, RuntimeError, BufferError):
+        return to_numpy(value)
+
+
 class QueueFullError(EdgertError):
     """The request queue is full: try again later."""
 
@@ -80,6 +98,7 @@ class Request:
     sampling: SamplingParams
     stop: list[str]
     sink: Sink
+    dispatch: Dispatch | None = None  # runs a callable on the sink's thread (None: the scheduler's)
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     seq_id: int = -1
@@ -215,6 +234,7 @@ class LLMEngine:
         self.counters = Counters()
         self._rate: deque[tuple[float, int]] = deque()  # (time, tokens) of recent decode steps
         self._pending: deque[Request] = deque()
+        self._outbox: dict[Dispatch | None, list[tuple[Sink, tuple[str, Any]]]] = {}
         self._active: list[Request] = []
         self._cond = threading.Condition()
         self._stopping = False
@@ -255,8 +275,12 @@ class LLMEngine:
         max_tokens: int = 256,
         sampling: SamplingParams | None = None,
         stop: Sequence[str] = (),
+        dispatch: Dispatch | None = None,
     ) -> Request:
-        """Queue a generation; `QueueFullError` when the queue is full, ValueError/ContextLengthError for bad input."""
+        """Queue a generation; `QueueFullError` when the queue is full, ValueError/ContextLengthError for bad input.
+
+        ``dispatch`` (e.g. ``loop.call_soon_threadsafe``): ``sink`` is called through it, once per step.
+        """
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         if not prompt:
@@ -266,7 +290,7 @@ class LLMEngine:
                 f"the prompt has {len(prompt)} tokens but the context holds {self.context_length} "
                 "(with room for at least one generated token)"
             )
-        req = Request(list(prompt), max_tokens, sampling or SamplingParams(), [s for s in stop if s], sink)
+        req = Request(list(prompt), max_tokens, sampling or SamplingParams(), [s for s in stop if s], sink, dispatch)
         held = self.context_length if self.budget is None else self.budget.tokens
         req.reserved_pages = self._pages_for(min(len(prompt) + max_tokens, held))
         with self._cond:
@@ -364,8 +388,26 @@ class LLMEngine:
                 self._guarded(self._start, req)
             if self._active:
                 self._decode_step()
+            self._flush()
         for req in [*self._pending, *self._active]:
-            req.sink(("error", "the server is shutting down"))
+            self._emit(req, ("error", "the server is shutting down"))
+        self._flush()
+
+    def _emit(self, req: Request, event: tuple[str, Any]) -> None:
+        self._outbox.setdefault(req.dispatch, []).append((req.sink, event))
+
+    def _flush(self) -> None:
+        """Hand the step's events over: one callback per dispatch (event loop), in order."""
+        if not self._outbox:
+            return
+        t = time.perf_counter()
+        outbox, self._outbox = self._outbox, {}
+        for dispatch, items in outbox.items():
+            if dispatch is None:
+                _deliver(items)
+            else:
+                dispatch(functools.partial(_deliver, items))
+        self._tick("send", t)
 
     def _work_ready(self) -> bool:
         if any(r.cancelled for r in self._active) or any(r.cancelled for r in self._pending):
@@ -396,7 +438,8 @@ class LLMEngine:
                 if self._active or admitted:
                     break  # wait for running requests to give pages back
                 self._pending.popleft()
-                req.sink(
+                self._emit(
+                    req,
                     (
                         "error",
                         f"the request needs {req.reserved_pages} KV pages; the server has {self.cache.total_pages}",
@@ -424,15 +467,16 @@ class LLMEngine:
     def _fail(self, req: Request, message: str) -> None:
         if req in self._active:
             self._release(req, keep_prefix=False)
-        req.sink(("error", message))
+        self._emit(req, ("error", message))
 
-    def _forward(self, entry: str, seq_ids: list[int], ids: np.ndarray) -> np.ndarray:
-        """One pass of ``entry`` over ``ids`` [rows, n] appended to ``seq_ids``; logits as numpy."""
+    def _forward(self, entry: str, seq_ids: list[int], ids: np.ndarray, lengths: list[int] | None = None) -> np.ndarray:
+        """One pass of ``entry`` over ``ids`` [rows, n] appended to ``seq_ids``; logits as a numpy view
+        (valid until the next pass). ``lengths``: each sequence's share of a [1, n] prefill."""
         assert self.session is not None and self.cache is not None
-        self.cache.begin(seq_ids, [ids.shape[1]] * len(seq_ids))
+        self.cache.begin(seq_ids, lengths or [ids.shape[1]] * len(seq_ids))
         logits, self.cache.obj = self.session(entry, self.session.tensor(ids), self.cache.obj)
         self.cache.end()
-        return to_numpy(logits)
+        return _view(logits)
 
     def _forward_at(self, entry: str, seq_ids: list[int], ids: np.ndarray, positions: list[int]) -> np.ndarray:
         """``_forward`` through a ``*_at`` entry at true ``positions`` (one per id); keeps each row's queries."""
@@ -515,7 +559,7 @@ class LLMEngine:
         c.prefix_hit_tokens += matched
         req.sampler = Sampler(req.sampling)
         req.emitter = TokenEmitter(self.tokenizer, req.prompt, req.stats, req.max_tokens, req.stop)
-        self._accept(req, logits)
+        self._accept(req, self._sample(req, logits))
 
     def _decode_step(self) -> None:
         """Every active sequence's pending token in one batched pass (or row by row without ``batch_decode``)."""
@@ -535,7 +579,7 @@ class LLMEngine:
                 logits = self._forward("batch_decode", [r.seq_id for r in rows], ids)[:, 0]
             else:
                 logits = np.stack(
-                    [self._forward("decode", [r.seq_id], ids[i : i + 1])[0, 0] for i, r in enumerate(rows)]
+                    [self._forward("decode", [r.seq_id], ids[i : i + 1])[0, 0].copy() for i, r in enumerate(rows)]
                 )
         except Exception as exc:
             for r in rows:
@@ -546,18 +590,31 @@ class LLMEngine:
             self._rate.append((now, len(rows)))
         self.counters.decode_steps += 1
         self.counters.decode_rows += len(rows)
-        for r, row in zip(rows, logits, strict=True):
+        # Greedy rows without a repetition penalty (the common case) take one argmax over the
+        # batch's logits at once; the others go through their sampler row by row.
+        plain = [i for i, r in enumerate(rows) if r.sampling.greedy and r.sampling.repetition_penalty == 1.0]
+        tokens: dict[int, int] = {}
+        if plain:
+            picked = (logits if len(plain) == len(rows) else logits[plain]).argmax(axis=1)
+            tokens = dict(zip(plain, picked.tolist(), strict=True))
+        self._tick("sample", now)
+        for i, r in enumerate(rows):
             r.kv_tokens.append(r.next_token)
             r.position += 1
             r.stats.decode_step_seconds.append(now - t0)
-            self._guarded(lambda q, x=row: self._accept(q, x), r)
+            self._guarded(lambda q, i=i: self._accept(q, tokens[i] if i in tokens else self._sample(q, logits[i])), r)
 
-    def _accept(self, req: Request, logits: np.ndarray) -> None:
-        """Sample the next token from ``logits``, send its text, and finish the request when it ends."""
+    def _sample(self, req: Request, logits: np.ndarray) -> int:
         assert req.sampler is not None and req.emitter is not None
         t = time.perf_counter()
         token = req.sampler(logits, req.emitter.history)
-        t = self._tick("sample", t)
+        self._tick("sample", t)
+        return token
+
+    def _accept(self, req: Request, token: int) -> None:
+        """Take ``token`` as ``req``'s next one: send its text, and finish the request when it ends."""
+        assert req.emitter is not None
+        t = time.perf_counter()
         for _ in req.emitter.emit([token]):
             self.counters.generated_tokens += 1
         t = self._tick("detokenize", t)
@@ -587,7 +644,7 @@ class LLMEngine:
                         end = min(end, len(text) - k)
                         break
         if end > req.sent:
-            req.sink(("text", text[req.sent : end]))
+            self._emit(req, ("text", text[req.sent : end]))
             req.sent = end
 
     def _observe_ttft(self, seconds: float) -> None:
@@ -601,7 +658,7 @@ class LLMEngine:
     def _finish(self, req: Request) -> None:
         self._release(req, keep_prefix=True)
         self.counters.finished += 1
-        req.sink(("done", FINISH_REASONS.get(req.stats.stop_reason, "stop")))
+        self._emit(req, ("done", FINISH_REASONS.get(req.stats.stop_reason, "stop")))
 
     def _release(self, req: Request, keep_prefix: bool) -> None:
         """Take ``req`` out of the batch; its sequence becomes a cached prefix (whole pages) or is removed."""
