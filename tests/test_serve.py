@@ -276,3 +276,45 @@ def test_transcriptions_answer_the_openai_client_and_refuse_bad_audio(whisper_sh
         assert "uploaded file" in bad.value.body["message"]
     finally:
         srv.stop()
+
+
+def test_requests_admitted_together_share_prefill_passes_and_match_one_by_one(tiny_host_artifact: Path) -> None:
+    from edgert.artifact import open_artifact
+    from edgert.runtime.sampling import SamplingParams
+    from edgert.serve.engine import LLMEngine
+
+    engine = LLMEngine(open_artifact(tiny_host_artifact), max_batch=4, prefix_cache_tokens=0, paused=True)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (5, 23, 40)]
+
+    def submit(prompt: list[int]) -> tuple[list[tuple[str, Any]], threading.Event]:
+        events: list[tuple[str, Any]] = []
+        done = threading.Event()
+
+        def sink(event: tuple[str, Any]) -> None:
+            events.append(event)
+            if event[0] != "text":
+                done.set()
+
+        engine.submit(prompt, sink, max_tokens=8, sampling=SamplingParams(temperature=0))
+        return events, done
+
+    try:
+        together = [submit(p) for p in prompts]
+        engine.resume()  # all three are admitted in one step
+        for _, done in together:
+            assert done.wait(60)
+        passes = engine.counters.prefill_passes
+        alone = []
+        for p in prompts:
+            events, done = submit(p)
+            assert done.wait(60)
+            alone.append(events)
+        assert [e for e, _ in together] == alone
+        assert all(e[-1] == ("done", "length") for e in alone)
+        # 4 + 22 + 40 tokens in two passes (64 + 2), the last prompt tokens of the first two
+        # in the next decode step; one by one: 4 + 1, 16 + 4 + 2 + 1, 32 + 8 (eight passes).
+        assert passes == 2 and engine.counters.prefill_passes - passes == 8
+        assert engine.snapshot()["kv_pages_in_use"] == 0
+    finally:
+        engine.close()

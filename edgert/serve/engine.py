@@ -170,6 +170,7 @@ class Counters:
     prefix_hit_tokens: int = 0
     generated_tokens: int = 0
     decode_steps: int = 0
+    prefill_passes: int = 0
     decode_rows: int = 0  # sum of batch sizes over decode steps
     ttft_sum: float = 0.0
     ttft_count: int = 0
@@ -189,6 +190,7 @@ class LLMEngine:
     for each batch row); ``prefix_cache_tokens``: tokens of finished prompts kept for reuse
     (0: none). ``paused`` loads the model but admits nothing until `resume`. ``kv_budget``: at most
     this many cached tokens per sequence (TOVA eviction; needs an ``--evictable-kv`` artifact).
+    ``warm``: bring the process to its steady memory before serving (`_warm_up`).
     """
 
     def __init__(
@@ -201,6 +203,7 @@ class LLMEngine:
         prefix_cache_tokens: int | None = None,
         paused: bool = False,
         kv_budget: int | None = None,
+        warm: bool = True,
     ):
         manifest = artifact.manifest
         kv = manifest["kv_cache"]
@@ -245,6 +248,7 @@ class LLMEngine:
         self.session: Session | None = None
         self.cache: BatchKVCache | None = None
         self._threads = threads
+        self.warm = warm
         # The model is loaded on the scheduler thread: TVM's thread pool belongs to the thread
         # that configures it, and every call runs there.
         self._thread = threading.Thread(target=self._run, name="edgert-scheduler", daemon=True)
@@ -363,6 +367,8 @@ class LLMEngine:
         try:
             self.session = Session(self.artifact, self._threads)
             self.cache = BatchKVCache(self.session, self.max_batch, self.kv_tokens, self.prefill_chunk, self.page_size)
+            if self.warm:
+                self._warm_up()
         except BaseException as exc:
             self._load_error = exc
             self._ready.set()
@@ -384,8 +390,8 @@ class LLMEngine:
                 while self._evict_one():
                     pass
                 clear.set()
-            for req in admitted:
-                self._guarded(self._start, req)
+            if admitted:
+                self._start(admitted)
             if self._active:
                 self._decode_step()
             self._flush()
@@ -408,6 +414,51 @@ class LLMEngine:
             else:
                 dispatch(functools.partial(_deliver, items))
         self._tick("send", t)
+
+    def _warm_up(self) -> None:
+        """Reach the memory a long run would reach, before the first request.
+
+        Left alone, a server's RSS grows for a long while: the KV pool's pages become resident
+        the first time a sequence writes them (TVM hands freed pages out again first, so only
+        a new high-water mark of tokens in flight or prefixes kept touches new ones), and TVM's
+        pooled allocator keeps buffers for each new shape a pass runs (batch sizes, prefill
+        pieces). Here every page is written once: a sequence of half a page is forked until the
+        pool is full (a fork inside a page copies that page, in every layer: a memory copy, no
+        model pass), and each shape the scheduler runs (`piece` sizes, 1..max_batch decode rows)
+        runs once. llama.cpp likewise clears its whole KV buffer at start-up.
+        """
+        assert self.session is not None and self.cache is not None
+        cache = self.cache
+        half = max(self.page_size // 2, 1)
+        root = next(self._ids)
+        cache.add(root)
+        self._forward("prefill", [root], np.zeros((1, half), dtype=np.int32))
+        forks: list[int] = []
+        while cache.total_pages - cache.pages_in_use > 0:
+            forks.append(next(self._ids))
+            cache.fork(root, forks[-1], half)
+        for seq in (root, *forks):
+            cache.remove(seq)
+        if self.budget is not None:  # its entries take true positions; their shapes warm up in use
+            return
+        size = 1
+        while True:
+            seq = next(self._ids)
+            cache.add(seq)
+            self._forward("prefill", [seq], np.zeros((1, size), dtype=np.int32))
+            cache.remove(seq)
+            if size >= self.prefill_chunk:
+                break
+            size = min(size * 2, self.prefill_chunk)
+        rows = [next(self._ids) for _ in range(self.max_batch if self.batched else 1)]
+        for seq in rows:
+            cache.add(seq)
+            self._forward("prefill", [seq], np.zeros((1, 1), dtype=np.int32))
+        for n in range(1, len(rows) + 1):
+            entry = "batch_decode" if self.batched else "decode"
+            self._forward(entry, rows[:n], np.zeros((n, 1), dtype=np.int32))
+        for seq in rows:
+            cache.remove(seq)
 
     def _work_ready(self) -> bool:
         if any(r.cancelled for r in self._active) or any(r.cancelled for r in self._pending):
@@ -525,8 +576,8 @@ class LLMEngine:
         assert logits is not None
         return logits[0, -1]
 
-    def _start(self, req: Request) -> None:
-        """Prefill a new request (from its longest cached prefix) and emit its first token."""
+    def _setup(self, req: Request) -> None:
+        """Give a new request its sequence (forked from its longest cached prefix), stats, sampler, emitter."""
         assert self.cache is not None
         req.seq_id = next(self._ids)
         entry, matched = self.prefix_cache.lookup(req.prompt) if self.prefix_cache.max_tokens else (None, 0)
@@ -539,27 +590,76 @@ class LLMEngine:
         req.kv_tokens = list(req.prompt[:matched])
         req.position = matched
         req.stats = GenerationStats(prompt_tokens=len(req.prompt), cached_tokens=matched)
-        t0 = time.perf_counter()
-        logits = None
-        if self.budget is not None:
-            logits = self._prefill_budget(req, matched)
-        s = matched if self.budget is None else len(req.prompt)
-        while s < len(req.prompt):
-            chunk = req.prompt[s : s + piece(len(req.prompt) - s, self.prefill_chunk)]
-            logits = self._forward("prefill", [req.seq_id], np.asarray([chunk], dtype=np.int32))[0, -1]
-            req.kv_tokens.extend(chunk)
-            req.position += len(chunk)
-            s += len(chunk)
-        assert logits is not None
-        req.stats.prefill_seconds = time.perf_counter() - t0
-        self.counters.phase_seconds["prefill"] += req.stats.prefill_seconds
         c = self.counters
         c.prompt_tokens += len(req.prompt)
         c.prefill_tokens += len(req.prompt) - matched
         c.prefix_hit_tokens += matched
         req.sampler = Sampler(req.sampling)
         req.emitter = TokenEmitter(self.tokenizer, req.prompt, req.stats, req.max_tokens, req.stop)
-        self._accept(req, self._sample(req, logits))
+
+    def _start(self, reqs: list[Request]) -> None:
+        """Prefill requests admitted together and emit their first tokens (or queue them for the next step)."""
+        ready: list[Request] = []
+        for req in reqs:
+            self._guarded(self._setup, req)
+            if req.seq_id >= 0:
+                ready.append(req)
+        if not ready:
+            return
+        t0 = time.perf_counter()
+        if self.budget is not None:
+            for req in ready:
+                self._guarded(lambda r: self._accept(r, self._sample(r, self._prefill_budget(r, r.position))), req)
+        else:
+            try:
+                self._prefill_together(ready)
+            except Exception as exc:
+                for req in ready:
+                    self._fail(req, f"prefill failed: {type(exc).__name__}: {exc}")
+        seconds = time.perf_counter() - t0
+        self.counters.phase_seconds["prefill"] += seconds
+        for req in ready:
+            req.stats.prefill_seconds = seconds
+
+    def _prefill_together(self, reqs: list[Request]) -> None:
+        """The prompts of ``reqs`` in as few passes as their tokens need: one pass takes pieces of
+        several sequences (TVM's cache begins a forward over many sequences, each its own length).
+
+        The ``prefill`` entry returns the logits of a pass's last token only: the last request's
+        first token comes from them; every other request holds its last prompt token back and
+        runs it in the next decode step, beside the running sequences (a row of that pass).
+        """
+        last = reqs[-1]
+        todo: deque[tuple[Request, list[int]]] = deque()
+        for req in reqs:
+            stop = len(req.prompt) if req is last else len(req.prompt) - 1
+            if req is not last:
+                req.next_token = req.prompt[-1]
+            if stop > req.position:
+                todo.append((req, req.prompt[req.position : stop]))
+        total = sum(len(ids) for _, ids in todo)
+        logits = None
+        while total:
+            size = piece(total, self.prefill_chunk)  # a pass of a bounded shape (see `piece`)
+            seq_ids: list[int] = []
+            lengths: list[int] = []
+            ids: list[int] = []
+            while len(ids) < size:
+                req, rest = todo.popleft()
+                take = rest[: size - len(ids)]
+                if len(take) < len(rest):
+                    todo.appendleft((req, rest[len(take) :]))
+                seq_ids.append(req.seq_id)
+                lengths.append(len(take))
+                ids.extend(take)
+                req.kv_tokens.extend(take)
+                req.position += len(take)
+            logits = self._forward("prefill", seq_ids, np.asarray([ids], dtype=np.int32), lengths)
+            self.counters.prefill_passes += 1
+            total -= size
+        assert logits is not None  # the last request has at least one token to run (see PrefixCache.lookup)
+        row = logits[0, -1]
+        self._guarded(lambda r: self._accept(r, self._sample(r, row)), last)
 
     def _decode_step(self) -> None:
         """Every active sequence's pending token in one batched pass (or row by row without ``batch_decode``)."""

@@ -44,6 +44,7 @@ def render_metrics(models: dict[str, Any], counts: Counter) -> str:
         ("prefill_tokens", "Prompt tokens run through the model (the rest came from the prefix cache)."),
         ("prefix_hit_tokens", "Prompt tokens served from the prefix cache."),
         ("decode_steps", "Batched decode passes."),
+        ("prefill_passes", "Prefill passes (one may take the prompts of several requests)."),
         ("decode_rows", "Sequences decoded, summed over passes (over decode_steps: the mean batch)."),
         ("finished", "Requests that ran to their end."),
         ("cancelled", "Requests dropped because their client went away."),
