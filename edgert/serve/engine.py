@@ -349,6 +349,7 @@ class LLMEngine:
                 "kv_pages_in_use": self.cache.pages_in_use if self.cache else 0,
                 "prefix_cache_entries": len(self.prefix_cache),
                 "prefix_cache_tokens": self.prefix_cache.tokens,
+                "prefix_cache_pages": self.prefix_cache.pages(),
                 "tokens_per_second": recent / span if self._rate else 0.0,
             }
 
@@ -494,7 +495,7 @@ class LLMEngine:
                     (
                         "error",
                         f"the request needs {req.reserved_pages} KV pages; the server has {self.cache.total_pages}",
-                    )
+                    ),
                 )
                 continue
             admitted.append(self._pending.popleft())

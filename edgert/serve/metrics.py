@@ -33,6 +33,7 @@ def render_metrics(models: dict[str, Any], counts: Counter) -> str:
         ("kv_pages_total", "gauge", "KV cache pages in all."),
         ("prefix_cache_entries", "gauge", "Cached prompt prefixes."),
         ("prefix_cache_tokens", "gauge", "Tokens of KV held by cached prefixes."),
+        ("prefix_cache_pages", "gauge", "KV pages held by cached prefixes (shared pages counted per prefix)."),
         ("tokens_per_second", "gauge", "Generated tokens per second over the last 10 s."),
     ):
         family(f"edgert_{key}", kind, help_)
