@@ -757,6 +757,7 @@ class LLMEngine:
                 c.ttft_buckets[bound] += 1
 
     def _finish(self, req: Request) -> None:
+        req.stats.decode_seconds = sum(req.stats.decode_step_seconds)
         self._release(req, keep_prefix=True)
         self.counters.finished += 1
         self._emit(req, ("done", FINISH_REASONS.get(req.stats.stop_reason, "stop")))
