@@ -318,3 +318,27 @@ def test_requests_admitted_together_share_prefill_passes_and_match_one_by_one(ti
         assert engine.snapshot()["kv_pages_in_use"] == 0
     finally:
         engine.close()
+
+
+@pytest.mark.slow
+def test_smollm_server_memory_stays_at_its_start_up_level(smollm_artifact: Path) -> None:
+    from edgert.serve.models import load_models
+
+    named = smollm_artifact.with_name("smol.edgert")
+    if not named.exists():
+        named.symlink_to(smollm_artifact.name)
+    srv = Server(load_models([named], max_batch=4))
+    try:
+        tool = load_tool("load_test")
+        mix = tool.Mix(words=(40, 120), max_tokens=(16,))
+        tool.run_load(srv.url, "smol", clients=4, requests=4, max_seconds=120, seed=99, mix=mix)  # warm-up
+        warm = tool.rss_mib(os.getpid())  # the server runs in this process
+        report = tool.run_load(srv.url, "smol", clients=4, requests=8, max_seconds=120, mix=mix)
+        summary = report.summary()
+        assert summary["requests"] == 8 and summary["errors"] == 0, report.errors
+        # Finished prompts fill the prefix cache and new lengths reach new KV pages: without the
+        # start-up warm-up this run grew RSS by 10-30 %.
+        assert summary["prefix_cache_pages"] > 0 and summary["kv_pages_leaked"] == 0
+        assert tool.rss_mib(os.getpid()) <= 1.05 * warm
+    finally:
+        srv.stop()
