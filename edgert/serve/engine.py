@@ -410,10 +410,13 @@ class LLMEngine:
         t = time.perf_counter()
         outbox, self._outbox = self._outbox, {}
         for dispatch, items in outbox.items():
-            if dispatch is None:
-                _deliver(items)
-            else:
-                dispatch(functools.partial(_deliver, items))
+            try:
+                if dispatch is None:
+                    _deliver(items)
+                else:
+                    dispatch(functools.partial(_deliver, items))
+            except Exception:  # a closed event loop or a broken sink: nobody is left to tell
+                pass
         self._tick("send", t)
 
     def _warm_up(self) -> None:
