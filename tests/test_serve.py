@@ -287,7 +287,13 @@ def test_requests_admitted_together_share_prefill_passes_and_match_one_by_one(ti
     rng = np.random.default_rng(7)
     prompts = [rng.integers(0, 1000, n).tolist() for n in (5, 23, 40)]
 
-    def submit(prompt: list[int]) -> tuple[list[tuple[str, Any]], threading.Event]:
+    calls: list[int] = []
+
+    def dispatch(fn: Any) -> None:  # an event loop's call_soon_threadsafe, counted
+        calls.append(1)
+        fn()
+
+    def submit(prompt: list[int], via: Any = None) -> tuple[list[tuple[str, Any]], threading.Event]:
         events: list[tuple[str, Any]] = []
         done = threading.Event()
 
@@ -296,15 +302,18 @@ def test_requests_admitted_together_share_prefill_passes_and_match_one_by_one(ti
             if event[0] != "text":
                 done.set()
 
-        engine.submit(prompt, sink, max_tokens=8, sampling=SamplingParams(temperature=0))
+        engine.submit(prompt, sink, max_tokens=8, sampling=SamplingParams(temperature=0), dispatch=via)
         return events, done
 
     try:
-        together = [submit(p) for p in prompts]
+        steps = engine.counters.decode_steps
+        together = [submit(p, dispatch) for p in prompts]
         engine.resume()  # all three are admitted in one step
         for _, done in together:
             assert done.wait(60)
         passes = engine.counters.prefill_passes
+        # The three requests' events reach their loop in one callback per step.
+        assert len(calls) <= engine.counters.decode_steps - steps + 1 < sum(len(e) for e, _ in together)
         alone = []
         for p in prompts:
             events, done = submit(p)
