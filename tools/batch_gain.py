@@ -25,7 +25,9 @@ def batch_cost(artifact: Path, rows: int, steps: int, threads: int | None, conte
     if not gen.session.has_entry("batch_decode"):
         raise SystemExit(f"error: {artifact} has no batch_decode entry point (compiled before it); compile it again")
     kv = gen.session.artifact.manifest["kv_cache"]
-    cache = BatchKVCache(gen.session, rows, rows * (context + 2 * steps + 32), kv["prefill_chunk_size"], kv["page_size"])
+    cache = BatchKVCache(
+        gen.session, rows, rows * (context + 2 * steps + 32), kv["prefill_chunk_size"], kv["page_size"]
+    )
     seqs = list(range(1, rows + 1))
     prompt = np.arange(100, 100 + context, dtype=np.int32)[None]
     for s in seqs:
