@@ -393,6 +393,7 @@ class LLMEngine:
                 clear.set()
             if admitted:
                 self._start(admitted)
+                self._flush()  # first tokens go out before the decode step, not after it
             if self._active:
                 self._decode_step()
             self._flush()
