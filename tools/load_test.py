@@ -23,6 +23,7 @@ import ipaddress
 import json
 import os
 import random
+import shlex
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -361,9 +363,9 @@ def wait_ready(port: int, proc: subprocess.Popen, seconds: float = 300.0) -> Non
     raise SystemExit(f"error: no answer on port {port} within {seconds:.0f} s")
 
 
-def start_edgert(artifact: Path, threads: int | None) -> tuple[subprocess.Popen, int]:
+def start_edgert(artifact: Path, threads: int | None, extra: Sequence[str] = ()) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    cmd = [sys.executable, "-m", "edgert.cli", "serve", str(artifact), "--port", str(port)]
+    cmd = [sys.executable, "-m", "edgert.cli", "serve", str(artifact), "--port", str(port), *extra]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = spawn(cmd, "edgert")
@@ -445,6 +447,7 @@ def main() -> None:
     where.add_argument("--url", help="a running server (loopback only), e.g. http://127.0.0.1:8080")
     where.add_argument("--serve", type=Path, help="start `edgert serve ARTIFACT` on a free port for the run")
     parser.add_argument("--model", help="model name (default: the artifact's stem with --serve)")
+    parser.add_argument("--serve-args", default="", help="more `edgert serve` options: --serve-args='--no-warm-up'")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=40, help="requests in all (at most 2000)")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="stop sending after this (at most 1800)")
@@ -484,7 +487,7 @@ def main() -> None:
     procs: list[subprocess.Popen] = []
     try:
         if args.serve:
-            proc, port = start_edgert(args.serve, args.threads)
+            proc, port = start_edgert(args.serve, args.threads, shlex.split(args.serve_args))
             procs.append(proc)
             url = f"http://127.0.0.1:{port}"
             rows["edgert"] = measured_run(
