@@ -168,3 +168,24 @@ def test_a_budget_needs_an_evictable_artifact(tiny_host_artifact: Path) -> None:
 
     with pytest.raises(EdgertError, match="--evictable-kv"):
         LLMEngine(open_artifact(tiny_host_artifact), kv_budget=64)
+
+
+def test_run_with_a_kv_budget_takes_a_prompt_longer_than_the_context(
+    tiny_evictable: Path, engines: dict[str, Any]
+) -> None:
+    import json
+
+    from conftest import run_cli
+
+    budget = engines["budget"]
+    text = " ".join(f"w{i}" for i in range(budget.context_length))
+    ids = budget.encode(prompt=text)
+    assert len(ids) > budget.context_length
+    proc = run_cli("run", str(tiny_evictable), "--kv-budget", "48", "--raw", "-p", text, "-n", "6", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    expected, _ = _generate(budget, ids, 6)
+    assert out["text"] == expected and out["evicted_tokens"] >= (len(ids) - 48) // 16
+    assert out["stats"]["prompt_tokens"] == len(ids)
+    refused = run_cli("run", str(tiny_evictable), "--raw", "-p", text, "-n", "6")
+    assert refused.returncode != 0 and "context" in refused.stderr and "Traceback" not in refused.stderr

@@ -276,3 +276,78 @@ def test_transcriptions_answer_the_openai_client_and_refuse_bad_audio(whisper_sh
         assert "uploaded file" in bad.value.body["message"]
     finally:
         srv.stop()
+
+
+def test_requests_admitted_together_share_prefill_passes_and_match_one_by_one(tiny_host_artifact: Path) -> None:
+    from edgert.artifact import open_artifact
+    from edgert.runtime.sampling import SamplingParams
+    from edgert.serve.engine import LLMEngine
+
+    engine = LLMEngine(open_artifact(tiny_host_artifact), max_batch=4, prefix_cache_tokens=0, paused=True)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (5, 23, 40)]
+
+    calls: list[int] = []
+
+    def dispatch(fn: Any) -> None:  # an event loop's call_soon_threadsafe, counted
+        calls.append(1)
+        fn()
+
+    def submit(prompt: list[int], via: Any = None) -> tuple[list[tuple[str, Any]], threading.Event]:
+        events: list[tuple[str, Any]] = []
+        done = threading.Event()
+
+        def sink(event: tuple[str, Any]) -> None:
+            events.append(event)
+            if event[0] != "text":
+                done.set()
+
+        engine.submit(prompt, sink, max_tokens=8, sampling=SamplingParams(temperature=0), dispatch=via)
+        return events, done
+
+    try:
+        steps = engine.counters.decode_steps
+        together = [submit(p, dispatch) for p in prompts]
+        engine.resume()  # all three are admitted in one step
+        for _, done in together:
+            assert done.wait(60)
+        passes = engine.counters.prefill_passes
+        # The three requests' events reach their loop in one callback per step.
+        assert len(calls) <= engine.counters.decode_steps - steps + 1 < sum(len(e) for e, _ in together)
+        alone = []
+        for p in prompts:
+            events, done = submit(p)
+            assert done.wait(60)
+            alone.append(events)
+        assert [e for e, _ in together] == alone
+        assert all(e[-1] == ("done", "length") for e in alone)
+        # 4 + 22 + 40 tokens in two passes (64 + 2), the last prompt tokens of the first two
+        # in the next decode step; one by one: 4 + 1, 16 + 4 + 2 + 1, 32 + 8 (eight passes).
+        assert passes == 2 and engine.counters.prefill_passes - passes == 8
+        assert engine.snapshot()["kv_pages_in_use"] == 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
+def test_smollm_server_memory_stays_at_its_start_up_level(smollm_artifact: Path) -> None:
+    from edgert.serve.models import load_models
+
+    named = smollm_artifact.with_name("smol.edgert")
+    if not named.exists():
+        named.symlink_to(smollm_artifact.name)
+    srv = Server(load_models([named], max_batch=4))
+    try:
+        tool = load_tool("load_test")
+        mix = tool.Mix(words=(40, 120), max_tokens=(16,))
+        tool.run_load(srv.url, "smol", clients=4, requests=4, max_seconds=120, seed=99, mix=mix)  # warm-up
+        warm = tool.rss_mib(os.getpid())  # the server runs in this process
+        report = tool.run_load(srv.url, "smol", clients=4, requests=8, max_seconds=120, mix=mix)
+        summary = report.summary()
+        assert summary["requests"] == 8 and summary["errors"] == 0, report.errors
+        # Finished prompts fill the prefix cache and new lengths reach new KV pages: without the
+        # start-up warm-up this run grew RSS by 10-30 %.
+        assert summary["prefix_cache_pages"] > 0 and summary["kv_pages_leaked"] == 0
+        assert tool.rss_mib(os.getpid()) <= 1.05 * warm
+    finally:
+        srv.stop()

@@ -23,6 +23,7 @@ import ipaddress
 import json
 import os
 import random
+import shlex
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ class Result:
     ttft: float | None = None
     seconds: float = 0.0
     error: str = ""
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -107,16 +110,34 @@ def _prompt(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
+@dataclass
+class Mix:
+    """The requests' shapes: prompt lengths in words and reply lengths in tokens, drawn at random;
+    ``system``: a chat system prompt every chat request starts with."""
+
+    words: tuple[int, ...] = (8, 40, 120)
+    max_tokens: tuple[int, ...] = (16, 48)
+    system: str = ""
+
+
 def one_request(
-    base: urllib.parse.SplitResult, model: str, kind: str, rng: random.Random, api_key: str | None, timeout: float
+    base: urllib.parse.SplitResult,
+    model: str,
+    kind: str,
+    rng: random.Random,
+    api_key: str | None,
+    timeout: float,
+    mix: Mix | None = None,
 ) -> Result:
     """Send one request of ``kind`` (chat-stream, completion-stream, completion) and time it."""
-    words = rng.choice((8, 40, 120))
-    max_tokens = rng.choice((16, 48))
+    mix = mix or Mix()
+    words = rng.choice(mix.words)
+    max_tokens = rng.choice(mix.max_tokens)
     body: dict[str, Any] = {"model": model, "max_tokens": max_tokens, "temperature": 0}
     if kind == "chat-stream":
         path = "/v1/chat/completions"
-        body["messages"] = [{"role": "user", "content": _prompt(rng, words)}]
+        system = [{"role": "system", "content": mix.system}] if mix.system else []
+        body["messages"] = [*system, {"role": "user", "content": _prompt(rng, words)}]
     else:
         path = "/v1/completions"
         body["prompt"] = _prompt(rng, words)
@@ -139,7 +160,7 @@ def one_request(
             data = json.loads(resp.read())
             tokens = int((data.get("usage") or {}).get("completion_tokens", 0))
             return Result(kind, 200, tokens, None, time.perf_counter() - t0)
-        ttft, chunks, usage_tokens = None, 0, None
+        ttft, chunks, usage_tokens, prompt_tokens = None, 0, None, 0
         for raw in resp:
             line = raw.decode().strip()
             if not line.startswith("data:"):
@@ -152,13 +173,15 @@ def one_request(
                 return Result(kind, 200, chunks, ttft, time.perf_counter() - t0, error=str(obj["error"])[:200])
             if obj.get("usage"):
                 usage_tokens = int(obj["usage"].get("completion_tokens", 0))
+                prompt_tokens = int(obj["usage"].get("prompt_tokens", 0))
             for c in obj.get("choices") or []:
                 piece = (c.get("delta") or {}).get("content") if "delta" in c else c.get("text")
                 if piece:
                     chunks += 1
                     if ttft is None:
                         ttft = time.perf_counter() - t0
-        return Result(kind, 200, usage_tokens if usage_tokens is not None else chunks, ttft, time.perf_counter() - t0)
+        tokens = usage_tokens if usage_tokens is not None else chunks
+        return Result(kind, 200, tokens, ttft, time.perf_counter() - t0, prompt_tokens=prompt_tokens)
     except (OSError, ValueError, http.client.HTTPException) as exc:
         return Result(kind, 0, seconds=time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
     finally:
@@ -174,6 +197,7 @@ def run_load(
     api_key: str | None = None,
     seed: int = 0,
     timeout: float = 120.0,
+    mix: Mix | None = None,
 ) -> Report:
     """``clients`` threads send ``requests`` requests in all (fewer if ``max_seconds`` runs out)."""
     base = check_loopback(url)
@@ -191,7 +215,7 @@ def run_load(
                     return
                 n = issued[0]
                 issued[0] += 1
-            result = one_request(base, model, kinds[n % len(kinds)], rng, api_key, timeout)
+            result = one_request(base, model, kinds[n % len(kinds)], rng, api_key, timeout, mix)
             with lock:
                 report.results.append(result)
 
@@ -204,6 +228,27 @@ def run_load(
     report.wall_seconds = time.perf_counter() - t0
     report.after = server_gauges(base, api_key)
     return report
+
+
+def repeated_prefix_ttft(url: str, model: str, words: int, api_key: str | None = None) -> dict[str, Any]:
+    """Time to first token of two streamed chats with the same ``words``-word system prompt (new
+    to the server) and different questions: the second may reuse the first's prompt KV."""
+    base = check_loopback(url)
+    system = _prompt(random.Random(os.urandom(8)), words)
+    mix = Mix(words=(6,), max_tokens=(4,), system=system)
+    got = []
+    for question in (1, 2):  # the same system prompt, then a different question
+        r = one_request(base, model, "chat-stream", random.Random(question), api_key, 300.0, mix)
+        if r.status != 200 or r.error or r.ttft is None:
+            raise SystemExit(f"error: the repeated-prefix request failed: {r.status} {r.error}")
+        got.append(r)
+    first, second = got
+    return {
+        "prefix_prompt_tokens": first.prompt_tokens,
+        "ttft_first_ms": round(first.ttft * 1000, 1),
+        "ttft_second_ms": round(second.ttft * 1000, 1),
+        "ttft_ratio": round(first.ttft / second.ttft, 2),
+    }
 
 
 def server_gauges(base: urllib.parse.SplitResult, api_key: str | None) -> dict[str, float]:
@@ -219,9 +264,13 @@ def server_gauges(base: urllib.parse.SplitResult, api_key: str | None) -> dict[s
         conn.close()
     out: dict[str, float] = {}
     for line in text.splitlines():
-        for name in ("edgert_kv_pages_in_use", "edgert_active_sequences", "edgert_prefix_cache_tokens"):
+        for name in ("edgert_kv_pages_in_use", "edgert_active_sequences", "edgert_prefix_cache_pages"):
             if line.startswith(name + "{"):
                 out[name.removeprefix("edgert_")] = float(line.rsplit(" ", 1)[1])
+    if "kv_pages_in_use" in out and out.get("active_sequences") == 0:
+        # Idle, only cached prefixes may hold pages (their count is an upper bound: forked
+        # prefixes share pages); more in use means a sequence was never freed.
+        out["kv_pages_leaked"] = max(0.0, out["kv_pages_in_use"] - out.get("prefix_cache_pages", 0.0))
     return out
 
 
@@ -233,6 +282,43 @@ def rss_mib(pid: int) -> float:
     raise ValueError(f"no VmRSS for process {pid}")
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of process ``pid``'s threads by name: ``main`` is the first
+    thread (uvicorn's event loop), the others by their OS name (the engine names its scheduler
+    ``edgert-sched``; TVM's pool workers take the name of the thread that started them)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        name = "main" if int(task.name) == pid else comm
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def scheduler_phases(url: str, api_key: str | None = None) -> dict[str, float]:
+    """An edgert server's scheduler seconds by phase (/metrics' edgert_scheduler_seconds_total)."""
+    base = check_loopback(url)
+    conn = http.client.HTTPConnection(base.hostname, base.port, timeout=10)
+    try:
+        conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+        text = conn.getresponse().read().decode(errors="replace")
+    except OSError:
+        return {}
+    finally:
+        conn.close()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("edgert_scheduler_seconds_total{"):
+            phase = line.split('phase="', 1)[1].split('"', 1)[0]
+            out[phase] = out.get(phase, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def measured_run(
     url: str, model: str, pid: int, warmup: int, clients: int, requests: int, max_seconds: float, **kw: Any
 ) -> dict[str, Any]:
@@ -240,11 +326,18 @@ def measured_run(
     if warmup:
         run_load(url, model, clients, warmup, max_seconds, seed=99, **kw)
     warm = rss_mib(pid)
+    cpu0, phases0, own0 = thread_cpu(pid), scheduler_phases(url, kw.get("api_key")), os.times()
     summary = run_load(url, model, clients, requests, max_seconds, **kw).summary()
     after = rss_mib(pid)
+    cpu1, phases1, own1 = thread_cpu(pid), scheduler_phases(url, kw.get("api_key")), os.times()
     summary.update(
         rss_warm_mib=round(warm, 1), rss_after_mib=round(after, 1), rss_growth_pct=round(100 * (after / warm - 1), 2)
     )
+    # Where the run's time went: the server's threads, the scheduler's phases, and this tool's
+    # own clients (they share the machine's cores with the server).
+    summary["cpu_seconds"] = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items() if v - cpu0.get(k, 0.0) > 0}
+    summary["cpu_seconds"]["load-test clients"] = round((own1.user + own1.system) - (own0.user + own0.system), 2)
+    summary["scheduler_seconds"] = {k: round(v - phases0.get(k, 0.0), 3) for k, v in phases1.items()}
     return summary
 
 
@@ -270,9 +363,9 @@ def wait_ready(port: int, proc: subprocess.Popen, seconds: float = 300.0) -> Non
     raise SystemExit(f"error: no answer on port {port} within {seconds:.0f} s")
 
 
-def start_edgert(artifact: Path, threads: int | None) -> tuple[subprocess.Popen, int]:
+def start_edgert(artifact: Path, threads: int | None, extra: Sequence[str] = ()) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    cmd = [sys.executable, "-m", "edgert.cli", "serve", str(artifact), "--port", str(port)]
+    cmd = [sys.executable, "-m", "edgert.cli", "serve", str(artifact), "--port", str(port), *extra]
     if threads:
         cmd += ["--threads", str(threads)]
     proc = spawn(cmd, "edgert")
@@ -328,6 +421,7 @@ def print_table(rows: dict[str, dict[str, Any]]) -> None:
         "ttft_p50_ms",
         "ttft_p99_ms",
         "kv_pages_in_use",
+        "kv_pages_leaked",
         "active_sequences",
         "rss_warm_mib",
         "rss_after_mib",
@@ -336,6 +430,15 @@ def print_table(rows: dict[str, dict[str, Any]]) -> None:
     print(f"{'server':<12}" + "".join(f"{k:>19}" for k in keys))
     for name, s in rows.items():
         print(f"{name:<12}" + "".join(f"{s.get(k, '-')!s:>19}" for k in keys))
+    for name, s in rows.items():
+        for key in ("cpu_seconds", "scheduler_seconds"):
+            if s.get(key):
+                print(f"{name} {key.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in s[key].items()))
+        if "ttft_first_ms" in s:
+            print(
+                f"{name} repeated {s['prefix_prompt_tokens']}-token prompt: first token after "
+                f"{s['ttft_first_ms']} ms, then {s['ttft_second_ms']} ms ({s['ttft_ratio']}x)"
+            )
 
 
 def main() -> None:
@@ -344,6 +447,7 @@ def main() -> None:
     where.add_argument("--url", help="a running server (loopback only), e.g. http://127.0.0.1:8080")
     where.add_argument("--serve", type=Path, help="start `edgert serve ARTIFACT` on a free port for the run")
     parser.add_argument("--model", help="model name (default: the artifact's stem with --serve)")
+    parser.add_argument("--serve-args", default="", help="more `edgert serve` options: --serve-args='--no-warm-up'")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=40, help="requests in all (at most 2000)")
     parser.add_argument("--max-seconds", type=float, default=120.0, help="stop sending after this (at most 1800)")
@@ -353,8 +457,26 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, help="the GGUF for --peer llama-cpp")
     parser.add_argument("--context", type=int, default=2048, help="context for --peer llama-cpp")
     parser.add_argument("--warmup", type=int, default=8, help="warm-up requests before a started server's run")
+    parser.add_argument("--words", default="8,40,120", help="prompt lengths in words, drawn at random")
+    parser.add_argument("--max-tokens", default="16,48", help="reply lengths in tokens, drawn at random")
+    parser.add_argument("--system-prompt", type=int, default=0, help="WORDS of system prompt shared by every chat")
+    parser.add_argument(
+        "--prefix-ttft",
+        type=int,
+        default=0,
+        metavar="WORDS",
+        help="after the run, time the first token of two chats sharing a new WORDS-word system prompt",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
+    try:
+        mix = Mix(
+            tuple(int(w) for w in args.words.split(",")),
+            tuple(int(t) for t in args.max_tokens.split(",")),
+            _prompt(random.Random(5), args.system_prompt) if args.system_prompt else "",
+        )
+    except ValueError:
+        parser.error("--words and --max-tokens take comma-separated integers, e.g. 8,40,120")
     requests, max_seconds = min(args.requests, 2000), min(args.max_seconds, 1800.0)
     model = args.model or (args.serve.name.removesuffix(".edgert") if args.serve else None)
     if not model:
@@ -365,17 +487,26 @@ def main() -> None:
     procs: list[subprocess.Popen] = []
     try:
         if args.serve:
-            proc, port = start_edgert(args.serve, args.threads)
+            proc, port = start_edgert(args.serve, args.threads, shlex.split(args.serve_args))
             procs.append(proc)
             url = f"http://127.0.0.1:{port}"
-            rows["edgert"] = measured_run(url, model, proc.pid, args.warmup, args.clients, requests, max_seconds)
+            rows["edgert"] = measured_run(
+                url, model, proc.pid, args.warmup, args.clients, requests, max_seconds, mix=mix
+            )
         else:
-            rows["edgert"] = run_load(args.url, model, args.clients, requests, max_seconds, args.api_key).summary()
+            url = args.url
+            rows["edgert"] = run_load(url, model, args.clients, requests, max_seconds, args.api_key, mix=mix).summary()
+        if args.prefix_ttft:
+            rows["edgert"].update(repeated_prefix_ttft(url, model, args.prefix_ttft, args.api_key))
         if args.peer:
             proc, port = start_llama_cpp(args.gguf, args.threads, model, args.context)
             procs.append(proc)
             peer = f"http://127.0.0.1:{port}"
-            rows["llama.cpp"] = measured_run(peer, model, proc.pid, args.warmup, args.clients, requests, max_seconds)
+            rows["llama.cpp"] = measured_run(
+                peer, model, proc.pid, args.warmup, args.clients, requests, max_seconds, mix=mix
+            )
+            if args.prefix_ttft:
+                rows["llama.cpp"].update(repeated_prefix_ttft(peer, model, args.prefix_ttft))
     finally:
         for proc in procs:
             proc.terminate()

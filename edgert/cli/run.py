@@ -23,6 +23,15 @@ from edgert.cli.common import (
 )
 from edgert.errors import EdgertError
 
+KVBudgetOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--kv-budget",
+        help="Keep at most N tokens of KV, evicting the least-attended entries (TOVA) instead of stopping "
+        "at the context; needs an artifact compiled with --evictable-kv.",
+    ),
+]
+
 
 def run(
     artifact: ArtifactArg,
@@ -66,6 +75,7 @@ def run(
             "point, stored only where it is faster than the full model.",
         ),
     ] = None,
+    kv_budget: KVBudgetOpt = None,
     unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Generate text from a prompt (LLM artifacts), or run a graph artifact on --inputs into -o."""
@@ -85,6 +95,11 @@ def run(
         raise EdgertError("--speculative and --exit are separate modes; pick one")
     if device is not None and (speculative or exit_policy):
         raise EdgertError("--speculative and --exit run locally only (not over --device yet)")
+    if kv_budget is not None:
+        if device is not None or speculative or exit_policy:
+            raise EdgertError("--kv-budget runs locally, without --speculative or --exit")
+        _run_budgeted(artifact, kv_budget, threads, prompt, raw, max_tokens, params, stop or [], as_json)
+        return
     if device is not None:
         _run_on_device(
             artifact,
@@ -133,6 +148,47 @@ def run(
     note = getattr(getattr(runner, "drafter", None), "note", "")
     if note:
         err.print(f"[dim]{note}[/]")
+
+
+def _run_budgeted(
+    artifact: Path,
+    kv_budget: int,
+    threads: int | None,
+    prompt: str | None,
+    raw: bool,
+    max_tokens: int,
+    params: Any,
+    stop: list[str],
+    as_json: bool,
+) -> None:
+    """`run --kv-budget`: one generation through the serving engine, which evicts (TOVA)."""
+    from edgert.serve.local import BudgetedModel
+
+    model = BudgetedModel(artifact, kv_budget, threads)
+    try:
+        manifest = model.engine.artifact.manifest
+        text = prompt if prompt is not None else manifest.get("defaults", {}).get("prompt", "Hello!")
+        ids = model.encode(text, chat=not raw and model.engine.tokenizer.has_chat_template)
+        pieces = []
+        for piece in model.stream(ids, max_tokens, params, stop):
+            pieces.append(piece)
+            if not as_json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        stats = model.stats
+        if as_json:
+            out = {"prompt": text, "text": "".join(pieces), "stats": stats.to_dict()}
+            print(json.dumps({**out, "evicted_tokens": model.evicted_tokens}))
+            return
+        print()
+        err.print(
+            f"[dim]{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated at "
+            f"{stats.decode_tokens_per_second:.1f} tok/s; {model.evicted_tokens} KV entries evicted "
+            f"(budget {kv_budget}; stop: {stats.stop_reason})[/]",
+            soft_wrap=True,
+        )
+    finally:
+        model.close()
 
 
 def _where(session: Any) -> str:
@@ -209,6 +265,7 @@ def chat(
             "chats; prompt tokens past the first window run one at a time).",
         ),
     ] = False,
+    kv_budget: KVBudgetOpt = None,
     unsigned: AllowUnsignedOpt = False,
 ) -> None:
     """Talk with the model; the conversation's KV cache is kept between turns (/reset, /exit)."""
@@ -220,6 +277,9 @@ def chat(
         from edgert.runtime.session import check_threads
 
         check_threads(threads)
+    if kv_budget is not None:
+        _chat_budgeted(artifact, kv_budget, threads, system, max_tokens, params)
+        return
     model = load(artifact, threads=threads, context_length=context)
     if free_window:
         if not hasattr(model, "use_free_window"):
@@ -253,3 +313,39 @@ def chat(
             f"[dim]{s.prompt_tokens - s.cached_tokens} new prompt tokens ({s.cached_tokens} cached), "
             f"{s.generated_tokens} generated at {s.decode_tokens_per_second:.1f} tok/s[/]"
         )
+
+
+def _chat_budgeted(
+    artifact: Path, kv_budget: int, threads: int | None, system: str | None, max_tokens: int, params: Any
+) -> None:
+    """`chat --kv-budget`: each turn holds at most ``kv_budget`` KV entries (TOVA), never a full context."""
+    from edgert.serve.local import BudgetedChat, BudgetedModel
+
+    model = BudgetedModel(artifact, kv_budget, threads)
+    try:
+        session = BudgetedChat(model, system)
+        err.print(f"[dim]{model.engine.artifact.manifest['name']} — /reset starts over, /exit or Ctrl-D quits[/]")
+        while True:
+            try:
+                line = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return
+            if line.strip() in ("/exit", "/quit"):
+                return
+            if line.strip() == "/reset":
+                session = BudgetedChat(model, system)
+                continue
+            if not line.strip():
+                continue
+            for piece in session.send(line, max_tokens, params):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            s = model.stats
+            print()
+            err.print(
+                f"[dim]{s.prompt_tokens - s.cached_tokens} new prompt tokens ({s.cached_tokens} cached), "
+                f"{s.generated_tokens} generated; {model.evicted_tokens} KV entries evicted so far[/]"
+            )
+    finally:
+        model.close()

@@ -53,6 +53,13 @@ def serve(
             "instead of refusing long prompts; needs an artifact compiled with --evictable-kv.",
         ),
     ] = None,
+    warm_up: Annotated[
+        bool,
+        typer.Option(
+            "--warm-up/--no-warm-up",
+            help="Write the whole KV pool and run each pass shape once at start, so memory stays at its start level.",
+        ),
+    ] = True,
     threads: ThreadsOpt = None,
     unsigned: AllowUnsignedOpt = False,
 ) -> None:
@@ -76,6 +83,7 @@ def serve(
         kv_tokens=kv_tokens,
         prefix_cache_tokens=prefix_cache,
         kv_budget=kv_budget,
+        warm=warm_up,
     )
     note(f"serving {', '.join(f'{m.name} ({m.kind})' for m in models.values())} on http://{host}:{port}/v1")
     uvicorn.run(create_app(models, api_key), host=host, port=port, log_level="warning")

@@ -9,7 +9,7 @@ import hmac
 import json
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +26,7 @@ from edgert.serve.metrics import render_metrics
 from edgert.serve.models import Served, encode_vector
 
 RETRY_AFTER_SECONDS = 1
+_MARK = "\x00text\x00"  # stands for a chunk's text in its JSON template
 
 
 class APIError(Exception):
@@ -186,12 +187,16 @@ def create_app(models: dict[str, Served], api_key: str | None = None) -> Starlet
             raise APIError(400, str(exc)) from None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-
-        def sink(event: tuple[str, Any]) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
         try:
-            req = engine.submit(ids, sink, max_tokens=max_tokens, sampling=sampling, stop=stop)
+            # The engine calls put_nowait on this loop, all of a step's events in one callback.
+            req = engine.submit(
+                ids,
+                events.put_nowait,
+                max_tokens=max_tokens,
+                sampling=sampling,
+                stop=stop,
+                dispatch=loop.call_soon_threadsafe,
+            )
         except QueueFullError as exc:
             raise APIError(
                 429, str(exc), "rate_limit_error", "queue_full", headers={"Retry-After": str(RETRY_AFTER_SECONDS)}
@@ -242,6 +247,12 @@ def create_app(models: dict[str, Served], api_key: str | None = None) -> Starlet
                 }
                 return f"data: {json.dumps(obj)}\n\n"
 
+            # A text chunk is the same JSON but for its text: the rest is encoded once.
+            head, tail = chunk(_MARK, None).split(json.dumps(_MARK))
+
+            def text_chunk(text: str) -> str:
+                return head + json.dumps(text) + tail
+
             async def stream() -> AsyncIterator[str]:
                 try:
                     if chat:
@@ -255,11 +266,21 @@ def create_app(models: dict[str, Served], api_key: str | None = None) -> Starlet
                             ],
                         }
                         yield f"data: {json.dumps(first)}\n\n"
+                    pending: deque[tuple[str, Any]] = deque()
                     while True:
-                        event, value = await events.get()
-                        if event == "text":
-                            yield chunk(value, None)
-                        elif event == "done":
+                        if not pending:
+                            pending.append(await events.get())
+                            while not events.empty():
+                                pending.append(events.get_nowait())
+                        # Text that piled up while this response waited goes out as one chunk.
+                        texts = []
+                        while pending and pending[0][0] == "text":
+                            texts.append(pending.popleft()[1])
+                        if texts:
+                            yield text_chunk("".join(texts))
+                            continue
+                        event, value = pending.popleft()
+                        if event == "done":
                             yield chunk(None if chat else "", value)
                             if include_usage:
                                 obj = {

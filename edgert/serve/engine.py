@@ -11,12 +11,17 @@ N cached tokens: prompts of any length are taken, and a sequence about to exceed
 its least-attended entries (TOVA, `edgert.runtime.kv_budget`); it then runs the ``*_at`` entry
 points at its true positions.
 
-Events go to each request's ``sink`` from the scheduler thread: ``("text", str)`` pieces, then
-``("done", finish_reason)`` or ``("error", message)``.
+Events go to each request's ``sink``: ``("text", str)`` pieces, then ``("done", finish_reason)``
+or ``("error", message)``. They are collected over a scheduler step and handed over once per step:
+called on the scheduler thread, or, for requests submitted with a ``dispatch`` (an event loop's
+``call_soon_threadsafe``), in one callback per loop and step, so an event loop wakes once per
+step instead of once per token and request.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
 import threading
 import time
@@ -38,6 +43,7 @@ from edgert.runtime.tvm_runtime import global_func, shape, to_numpy
 from edgert.serve.prefix_cache import PrefixCache
 
 Sink = Callable[[tuple[str, Any]], None]
+Dispatch = Callable[[Callable[[], None]], Any]
 FINISH_REASONS = {"stop_token": "stop", "stop_string": "stop", "max_tokens": "length", "context_full": "length"}
 
 
@@ -54,6 +60,31 @@ def piece(n: int, chunk: int) -> int:
     return chunk if n >= chunk else 1 << (n.bit_length() - 1)
 
 
+PHASES = ("wait", "admit", "prefill", "decode", "sample", "detokenize", "send")
+
+
+def name_thread(name: str) -> None:
+    """Give the calling thread an OS-visible name (/proc/PID/task/TID/comm, top -H), when Linux allows."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
+
+
+def _deliver(items: list[tuple[Sink, tuple[str, Any]]]) -> None:
+    for sink, event in items:
+        sink(event)
+
+
+def _view(value: Any) -> np.ndarray:
+    """A numpy view of a TVM tensor, valid until the VM's next call (no copy of the logits)."""
+    try:
+        return np.from_dlpack(value)
+    except (TypeError, RuntimeError, BufferError):
+        return to_numpy(value)
+
+
 class QueueFullError(EdgertError):
     """The request queue is full: try again later."""
 
@@ -67,6 +98,7 @@ class Request:
     sampling: SamplingParams
     stop: list[str]
     sink: Sink
+    dispatch: Dispatch | None = None  # runs a callable on the sink's thread (None: the scheduler's)
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     seq_id: int = -1
@@ -138,12 +170,16 @@ class Counters:
     prefix_hit_tokens: int = 0
     generated_tokens: int = 0
     decode_steps: int = 0
+    prefill_passes: int = 0
     decode_rows: int = 0  # sum of batch sizes over decode steps
     ttft_sum: float = 0.0
     ttft_count: int = 0
     ttft_buckets: dict[float, int] = field(
         default_factory=lambda: dict.fromkeys((0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0), 0)
     )
+    # Where the scheduler thread's time goes (perf_counter sums, a few calls per step): waiting for
+    # work, admitting, prefill passes, decode passes, sampling, detokenizing, handing text over.
+    phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
 
 
 class LLMEngine:
@@ -154,6 +190,7 @@ class LLMEngine:
     for each batch row); ``prefix_cache_tokens``: tokens of finished prompts kept for reuse
     (0: none). ``paused`` loads the model but admits nothing until `resume`. ``kv_budget``: at most
     this many cached tokens per sequence (TOVA eviction; needs an ``--evictable-kv`` artifact).
+    ``warm``: bring the process to its steady memory before serving (`_warm_up`).
     """
 
     def __init__(
@@ -166,6 +203,7 @@ class LLMEngine:
         prefix_cache_tokens: int | None = None,
         paused: bool = False,
         kv_budget: int | None = None,
+        warm: bool = True,
     ):
         manifest = artifact.manifest
         kv = manifest["kv_cache"]
@@ -199,6 +237,7 @@ class LLMEngine:
         self.counters = Counters()
         self._rate: deque[tuple[float, int]] = deque()  # (time, tokens) of recent decode steps
         self._pending: deque[Request] = deque()
+        self._outbox: dict[Dispatch | None, list[tuple[Sink, tuple[str, Any]]]] = {}
         self._active: list[Request] = []
         self._cond = threading.Condition()
         self._stopping = False
@@ -209,6 +248,7 @@ class LLMEngine:
         self.session: Session | None = None
         self.cache: BatchKVCache | None = None
         self._threads = threads
+        self.warm = warm
         # The model is loaded on the scheduler thread: TVM's thread pool belongs to the thread
         # that configures it, and every call runs there.
         self._thread = threading.Thread(target=self._run, name="edgert-scheduler", daemon=True)
@@ -239,8 +279,12 @@ class LLMEngine:
         max_tokens: int = 256,
         sampling: SamplingParams | None = None,
         stop: Sequence[str] = (),
+        dispatch: Dispatch | None = None,
     ) -> Request:
-        """Queue a generation; `QueueFullError` when the queue is full, ValueError/ContextLengthError for bad input."""
+        """Queue a generation; `QueueFullError` when the queue is full, ValueError/ContextLengthError for bad input.
+
+        ``dispatch`` (e.g. ``loop.call_soon_threadsafe``): ``sink`` is called through it, once per step.
+        """
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         if not prompt:
@@ -250,7 +294,7 @@ class LLMEngine:
                 f"the prompt has {len(prompt)} tokens but the context holds {self.context_length} "
                 "(with room for at least one generated token)"
             )
-        req = Request(list(prompt), max_tokens, sampling or SamplingParams(), [s for s in stop if s], sink)
+        req = Request(list(prompt), max_tokens, sampling or SamplingParams(), [s for s in stop if s], sink, dispatch)
         held = self.context_length if self.budget is None else self.budget.tokens
         req.reserved_pages = self._pages_for(min(len(prompt) + max_tokens, held))
         with self._cond:
@@ -305,6 +349,7 @@ class LLMEngine:
                 "kv_pages_in_use": self.cache.pages_in_use if self.cache else 0,
                 "prefix_cache_entries": len(self.prefix_cache),
                 "prefix_cache_tokens": self.prefix_cache.tokens,
+                "prefix_cache_pages": self.prefix_cache.pages(),
                 "tokens_per_second": recent / span if self._rate else 0.0,
             }
 
@@ -312,34 +357,113 @@ class LLMEngine:
     def _pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size) + 1
 
+    def _tick(self, phase: str, since: float) -> float:
+        """Add the time since ``since`` to ``phase``; the time now (the next phase's start)."""
+        now = time.perf_counter()
+        self.counters.phase_seconds[phase] += now - since
+        return now
+
     def _run(self) -> None:
+        name_thread("edgert-sched")
         try:
             self.session = Session(self.artifact, self._threads)
             self.cache = BatchKVCache(self.session, self.max_batch, self.kv_tokens, self.prefill_chunk, self.page_size)
+            if self.warm:
+                self._warm_up()
         except BaseException as exc:
             self._load_error = exc
             self._ready.set()
             return
         self._ready.set()
         while True:
+            t = time.perf_counter()
             with self._cond:
                 while not self._stopping and self._clear_request is None and not self._work_ready():
                     self._cond.wait()
+                t = self._tick("wait", t)
                 if self._stopping:
                     break
                 clear, self._clear_request = self._clear_request, None
                 self._reap_cancelled()
                 admitted = self._admit()
+            self._tick("admit", t)
             if clear is not None:
                 while self._evict_one():
                     pass
                 clear.set()
-            for req in admitted:
-                self._guarded(self._start, req)
+            if admitted:
+                self._start(admitted)
+                self._flush()  # first tokens go out before the decode step, not after it
             if self._active:
                 self._decode_step()
+            self._flush()
         for req in [*self._pending, *self._active]:
-            req.sink(("error", "the server is shutting down"))
+            self._emit(req, ("error", "the server is shutting down"))
+        self._flush()
+
+    def _emit(self, req: Request, event: tuple[str, Any]) -> None:
+        self._outbox.setdefault(req.dispatch, []).append((req.sink, event))
+
+    def _flush(self) -> None:
+        """Hand the step's events over: one callback per dispatch (event loop), in order."""
+        if not self._outbox:
+            return
+        t = time.perf_counter()
+        outbox, self._outbox = self._outbox, {}
+        for dispatch, items in outbox.items():
+            try:
+                if dispatch is None:
+                    _deliver(items)
+                else:
+                    dispatch(functools.partial(_deliver, items))
+            except Exception:  # a closed event loop or a broken sink: nobody is left to tell
+                pass
+        self._tick("send", t)
+
+    def _warm_up(self) -> None:
+        """Reach the memory a long run would reach, before the first request.
+
+        Left alone, a server's RSS grows for a long while: the KV pool's pages become resident
+        the first time a sequence writes them (TVM hands freed pages out again first, so only
+        a new high-water mark of tokens in flight or prefixes kept touches new ones), and TVM's
+        pooled allocator keeps buffers for each new shape a pass runs (batch sizes, prefill
+        pieces). Here every page is written once: a sequence of half a page is forked until the
+        pool is full (a fork inside a page copies that page, in every layer: a memory copy, no
+        model pass), and each shape the scheduler runs (`piece` sizes, 1..max_batch decode rows)
+        runs once. llama.cpp likewise clears its whole KV buffer at start-up.
+        """
+        assert self.session is not None and self.cache is not None
+        cache = self.cache
+        half = max(self.page_size // 2, 1)
+        root = next(self._ids)
+        cache.add(root)
+        self._forward("prefill", [root], np.zeros((1, half), dtype=np.int32))
+        forks: list[int] = []
+        while cache.total_pages - cache.pages_in_use > 0:
+            forks.append(next(self._ids))
+            cache.fork(root, forks[-1], half)
+        for seq in (root, *forks):
+            cache.remove(seq)
+        if self.budget is not None:  # its entries take true positions; their shapes warm up in use
+            return
+        size = 1
+        while True:
+            seq = next(self._ids)
+            cache.add(seq)
+            self._forward("prefill", [seq], np.zeros((1, size), dtype=np.int32))
+            cache.remove(seq)
+            if size >= self.prefill_chunk:
+                break
+            size = min(size * 2, self.prefill_chunk)
+        rows = [next(self._ids) for _ in range(self.max_batch if self.batched else 1)]
+        for seq in rows:
+            cache.add(seq)
+            self._forward("prefill", [seq], np.zeros((1, 1), dtype=np.int32))
+        for n in range(1, len(rows) + 1):
+            entry = "batch_decode" if self.batched else "decode"
+            self._forward(entry, rows[:n], np.zeros((n, 1), dtype=np.int32))
+        for seq in rows:
+            cache.remove(seq)
 
     def _work_ready(self) -> bool:
         if any(r.cancelled for r in self._active) or any(r.cancelled for r in self._pending):
@@ -370,11 +494,12 @@ class LLMEngine:
                 if self._active or admitted:
                     break  # wait for running requests to give pages back
                 self._pending.popleft()
-                req.sink(
+                self._emit(
+                    req,
                     (
                         "error",
                         f"the request needs {req.reserved_pages} KV pages; the server has {self.cache.total_pages}",
-                    )
+                    ),
                 )
                 continue
             admitted.append(self._pending.popleft())
@@ -398,15 +523,16 @@ class LLMEngine:
     def _fail(self, req: Request, message: str) -> None:
         if req in self._active:
             self._release(req, keep_prefix=False)
-        req.sink(("error", message))
+        self._emit(req, ("error", message))
 
-    def _forward(self, entry: str, seq_ids: list[int], ids: np.ndarray) -> np.ndarray:
-        """One pass of ``entry`` over ``ids`` [rows, n] appended to ``seq_ids``; logits as numpy."""
+    def _forward(self, entry: str, seq_ids: list[int], ids: np.ndarray, lengths: list[int] | None = None) -> np.ndarray:
+        """One pass of ``entry`` over ``ids`` [rows, n] appended to ``seq_ids``; logits as a numpy view
+        (valid until the next pass). ``lengths``: each sequence's share of a [1, n] prefill."""
         assert self.session is not None and self.cache is not None
-        self.cache.begin(seq_ids, [ids.shape[1]] * len(seq_ids))
+        self.cache.begin(seq_ids, lengths or [ids.shape[1]] * len(seq_ids))
         logits, self.cache.obj = self.session(entry, self.session.tensor(ids), self.cache.obj)
         self.cache.end()
-        return to_numpy(logits)
+        return _view(logits)
 
     def _forward_at(self, entry: str, seq_ids: list[int], ids: np.ndarray, positions: list[int]) -> np.ndarray:
         """``_forward`` through a ``*_at`` entry at true ``positions`` (one per id); keeps each row's queries."""
@@ -455,8 +581,8 @@ class LLMEngine:
         assert logits is not None
         return logits[0, -1]
 
-    def _start(self, req: Request) -> None:
-        """Prefill a new request (from its longest cached prefix) and emit its first token."""
+    def _setup(self, req: Request) -> None:
+        """Give a new request its sequence (forked from its longest cached prefix), stats, sampler, emitter."""
         assert self.cache is not None
         req.seq_id = next(self._ids)
         entry, matched = self.prefix_cache.lookup(req.prompt) if self.prefix_cache.max_tokens else (None, 0)
@@ -469,26 +595,76 @@ class LLMEngine:
         req.kv_tokens = list(req.prompt[:matched])
         req.position = matched
         req.stats = GenerationStats(prompt_tokens=len(req.prompt), cached_tokens=matched)
-        t0 = time.perf_counter()
-        logits = None
-        if self.budget is not None:
-            logits = self._prefill_budget(req, matched)
-        s = matched if self.budget is None else len(req.prompt)
-        while s < len(req.prompt):
-            chunk = req.prompt[s : s + piece(len(req.prompt) - s, self.prefill_chunk)]
-            logits = self._forward("prefill", [req.seq_id], np.asarray([chunk], dtype=np.int32))[0, -1]
-            req.kv_tokens.extend(chunk)
-            req.position += len(chunk)
-            s += len(chunk)
-        assert logits is not None
-        req.stats.prefill_seconds = time.perf_counter() - t0
         c = self.counters
         c.prompt_tokens += len(req.prompt)
         c.prefill_tokens += len(req.prompt) - matched
         c.prefix_hit_tokens += matched
         req.sampler = Sampler(req.sampling)
         req.emitter = TokenEmitter(self.tokenizer, req.prompt, req.stats, req.max_tokens, req.stop)
-        self._accept(req, logits)
+
+    def _start(self, reqs: list[Request]) -> None:
+        """Prefill requests admitted together and emit their first tokens (or queue them for the next step)."""
+        ready: list[Request] = []
+        for req in reqs:
+            self._guarded(self._setup, req)
+            if req.seq_id >= 0:
+                ready.append(req)
+        if not ready:
+            return
+        t0 = time.perf_counter()
+        if self.budget is not None:
+            for req in ready:
+                self._guarded(lambda r: self._accept(r, self._sample(r, self._prefill_budget(r, r.position))), req)
+        else:
+            try:
+                self._prefill_together(ready)
+            except Exception as exc:
+                for req in ready:
+                    self._fail(req, f"prefill failed: {type(exc).__name__}: {exc}")
+        seconds = time.perf_counter() - t0
+        self.counters.phase_seconds["prefill"] += seconds
+        for req in ready:
+            req.stats.prefill_seconds = seconds
+
+    def _prefill_together(self, reqs: list[Request]) -> None:
+        """The prompts of ``reqs`` in as few passes as their tokens need: one pass takes pieces of
+        several sequences (TVM's cache begins a forward over many sequences, each its own length).
+
+        The ``prefill`` entry returns the logits of a pass's last token only: the last request's
+        first token comes from them; every other request holds its last prompt token back and
+        runs it in the next decode step, beside the running sequences (a row of that pass).
+        """
+        last = reqs[-1]
+        todo: deque[tuple[Request, list[int]]] = deque()
+        for req in reqs:
+            stop = len(req.prompt) if req is last else len(req.prompt) - 1
+            if req is not last:
+                req.next_token = req.prompt[-1]
+            if stop > req.position:
+                todo.append((req, req.prompt[req.position : stop]))
+        total = sum(len(ids) for _, ids in todo)
+        logits = None
+        while total:
+            size = piece(total, self.prefill_chunk)  # a pass of a bounded shape (see `piece`)
+            seq_ids: list[int] = []
+            lengths: list[int] = []
+            ids: list[int] = []
+            while len(ids) < size:
+                req, rest = todo.popleft()
+                take = rest[: size - len(ids)]
+                if len(take) < len(rest):
+                    todo.appendleft((req, rest[len(take) :]))
+                seq_ids.append(req.seq_id)
+                lengths.append(len(take))
+                ids.extend(take)
+                req.kv_tokens.extend(take)
+                req.position += len(take)
+            logits = self._forward("prefill", seq_ids, np.asarray([ids], dtype=np.int32), lengths)
+            self.counters.prefill_passes += 1
+            total -= size
+        assert logits is not None  # the last request has at least one token to run (see PrefixCache.lookup)
+        row = logits[0, -1]
+        self._guarded(lambda r: self._accept(r, self._sample(r, row)), last)
 
     def _decode_step(self) -> None:
         """Every active sequence's pending token in one batched pass (or row by row without ``batch_decode``)."""
@@ -508,29 +684,45 @@ class LLMEngine:
                 logits = self._forward("batch_decode", [r.seq_id for r in rows], ids)[:, 0]
             else:
                 logits = np.stack(
-                    [self._forward("decode", [r.seq_id], ids[i : i + 1])[0, 0] for i, r in enumerate(rows)]
+                    [self._forward("decode", [r.seq_id], ids[i : i + 1])[0, 0].copy() for i, r in enumerate(rows)]
                 )
         except Exception as exc:
             for r in rows:
                 self._fail(r, f"decode failed: {type(exc).__name__}: {exc}")
             return
-        now = time.perf_counter()
+        now = self._tick("decode", t0)
         with self._cond:
             self._rate.append((now, len(rows)))
         self.counters.decode_steps += 1
         self.counters.decode_rows += len(rows)
-        for r, row in zip(rows, logits, strict=True):
+        # Greedy rows without a repetition penalty (the common case) take one argmax over the
+        # batch's logits at once; the others go through their sampler row by row.
+        plain = [i for i, r in enumerate(rows) if r.sampling.greedy and r.sampling.repetition_penalty == 1.0]
+        tokens: dict[int, int] = {}
+        if plain:
+            picked = (logits if len(plain) == len(rows) else logits[plain]).argmax(axis=1)
+            tokens = dict(zip(plain, picked.tolist(), strict=True))
+        self._tick("sample", now)
+        for i, r in enumerate(rows):
             r.kv_tokens.append(r.next_token)
             r.position += 1
             r.stats.decode_step_seconds.append(now - t0)
-            self._guarded(lambda q, x=row: self._accept(q, x), r)
+            self._guarded(lambda q, i=i: self._accept(q, tokens[i] if i in tokens else self._sample(q, logits[i])), r)
 
-    def _accept(self, req: Request, logits: np.ndarray) -> None:
-        """Sample the next token from ``logits``, send its text, and finish the request when it ends."""
+    def _sample(self, req: Request, logits: np.ndarray) -> int:
         assert req.sampler is not None and req.emitter is not None
+        t = time.perf_counter()
         token = req.sampler(logits, req.emitter.history)
+        self._tick("sample", t)
+        return token
+
+    def _accept(self, req: Request, token: int) -> None:
+        """Take ``token`` as ``req``'s next one: send its text, and finish the request when it ends."""
+        assert req.emitter is not None
+        t = time.perf_counter()
         for _ in req.emitter.emit([token]):
             self.counters.generated_tokens += 1
+        t = self._tick("detokenize", t)
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
             self._observe_ttft(req.first_token_at - req.submitted)
@@ -541,6 +733,7 @@ class LLMEngine:
             self._finish(req)
         else:
             req.next_token = token
+        self._tick("send", t)
 
     def _send_text(self, req: Request) -> None:
         """Send new text, cut at a stop string; a tail that may begin a stop string waits."""
@@ -556,7 +749,7 @@ class LLMEngine:
                         end = min(end, len(text) - k)
                         break
         if end > req.sent:
-            req.sink(("text", text[req.sent : end]))
+            self._emit(req, ("text", text[req.sent : end]))
             req.sent = end
 
     def _observe_ttft(self, seconds: float) -> None:
@@ -568,9 +761,10 @@ class LLMEngine:
                 c.ttft_buckets[bound] += 1
 
     def _finish(self, req: Request) -> None:
+        req.stats.decode_seconds = sum(req.stats.decode_step_seconds)
         self._release(req, keep_prefix=True)
         self.counters.finished += 1
-        req.sink(("done", FINISH_REASONS.get(req.stats.stop_reason, "stop")))
+        self._emit(req, ("done", FINISH_REASONS.get(req.stats.stop_reason, "stop")))
 
     def _release(self, req: Request, keep_prefix: bool) -> None:
         """Take ``req`` out of the batch; its sequence becomes a cached prefix (whole pages) or is removed."""

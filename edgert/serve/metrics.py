@@ -33,6 +33,7 @@ def render_metrics(models: dict[str, Any], counts: Counter) -> str:
         ("kv_pages_total", "gauge", "KV cache pages in all."),
         ("prefix_cache_entries", "gauge", "Cached prompt prefixes."),
         ("prefix_cache_tokens", "gauge", "Tokens of KV held by cached prefixes."),
+        ("prefix_cache_pages", "gauge", "KV pages held by cached prefixes (shared pages counted per prefix)."),
         ("tokens_per_second", "gauge", "Generated tokens per second over the last 10 s."),
     ):
         family(f"edgert_{key}", kind, help_)
@@ -44,6 +45,7 @@ def render_metrics(models: dict[str, Any], counts: Counter) -> str:
         ("prefill_tokens", "Prompt tokens run through the model (the rest came from the prefix cache)."),
         ("prefix_hit_tokens", "Prompt tokens served from the prefix cache."),
         ("decode_steps", "Batched decode passes."),
+        ("prefill_passes", "Prefill passes (one may take the prompts of several requests)."),
         ("decode_rows", "Sequences decoded, summed over passes (over decode_steps: the mean batch)."),
         ("finished", "Requests that ran to their end."),
         ("cancelled", "Requests dropped because their client went away."),
@@ -53,6 +55,10 @@ def render_metrics(models: dict[str, Any], counts: Counter) -> str:
         family(f"edgert_{key}_total", "counter", help_)
         for name, e in engines.items():
             lines.append(f"edgert_{key}_total{_labels(model=name)} {getattr(e.counters, key)}")
+    family("edgert_scheduler_seconds_total", "counter", "The scheduler thread's time by phase.")
+    for name, e in engines.items():
+        for phase, seconds in e.counters.phase_seconds.items():
+            lines.append(f"edgert_scheduler_seconds_total{_labels(model=name, phase=phase)} {seconds:.6f}")
     family("edgert_time_to_first_token_seconds", "histogram", "Time from a request's arrival to its first token.")
     for name, e in engines.items():
         c = e.counters
