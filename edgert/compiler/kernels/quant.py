@@ -137,6 +137,10 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
     per_line = 64 // code_bytes  # codes per cache line
     lines = max(1, unroll * block * code_bytes // 64)  # cache lines of codes one step reads
     ahead = max(1, PREFETCH_BYTES // (block * code_bytes))  # code rows ahead
+    scale_bytes = 4 if sdt == "float32" else 2
+    s_line = 64 // scale_bytes
+    scale_lines = max(1, block * scale_bytes // 64)
+    ahead_g = max(1, ahead // per_g)  # groups ahead
 
     def partial_sum(part, ji):  # the CHAINS partial sums, added pairwise
         terms = [part[u, ji] for u in range(CHAINS)]
@@ -214,6 +218,24 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
                         for u in T.unroll(CHAINS):
                             for ji in T.vectorized(block):
                                 part[u, ji] = T.float32(0)
+                        # The scale (and min) rows of the group `ahead` rows on, as the codes below.
+                        for line in T.unroll(scale_lines):
+                            T.evaluate(
+                                T.call_intrin(
+                                    "void", "tirx.prefetch", T.address_of(sc[jo, g + ahead_g, line * s_line]), 0, 3, 1
+                                )
+                            )
+                            if has_min:
+                                T.evaluate(
+                                    T.call_intrin(
+                                        "void",
+                                        "tirx.prefetch",
+                                        T.address_of(mn[jo, g + ahead_g, line * s_line]),
+                                        0,
+                                        3,
+                                        1,
+                                    )
+                                )
                         # Row t of the group goes to partial sum t % CHAINS: independent FMA chains.
                         for kk in range(per_g // unroll):
                             # Prefetch (read, keep in all levels, data) the lines `ahead` rows on: the
