@@ -23,7 +23,7 @@ SMALL_M = 8  # quant_matmul's shared-code path serves 2..SMALL_M rows (speculati
 # the scales (and mins) as many rows ahead (Gemma 3 270M decode per CPU second on the 2-core
 # znver5, loaded, codes only: 0 B 88, 1 KiB 85, 4 KiB 96, 8 KiB 98, 16 KiB 95 tok/s; with the
 # scales 112 against 101), and the partial sums per group (independent FMA chains: +13-17 % on
-# matrices in cache, even in decode). docs/gemma3.md has the decode step per kernel.
+# matrices in cache, no change measured in decode). docs/gemma3.md has the decode step per kernel.
 PREFETCH_BYTES = 8192
 CHAINS = 2
 VECTOR = 8  # columns per register in the shared-code path: one AVX2 register, two NEON registers
