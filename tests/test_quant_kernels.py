@@ -176,6 +176,22 @@ def test_quant_matmul_matches_numpy(kernels, kind: str, n: int, k: int) -> None:
         np.testing.assert_allclose(y.numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max(), err_msg=f"m={m}")
 
 
+def test_one_token_path_prefetches_codes_and_scales() -> None:
+    """The one-row GEMV issues software prefetches for its code and scale streams (x86 ``prefetcht0``,
+    aarch64 ``prfm``): decode is bound by how fast the weights arrive. Each step of the code loop has
+    one, and each group one per scale row, so a q4s32 kernel (a min too) has more than a q8 one."""
+    import tvm
+    from tvm.target import codegen
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    counts = {}
+    for kind in ("q8", "q4s32"):
+        func = quant_matmul(64, 64, 32, kind).with_attr("global_symbol", f"f_{kind}")
+        asm = tvm.compile(tvm.IRModule({f"f_{kind}": func}), target=target).mod.inspect_source("asm")
+        counts[kind] = sum(asm.count(op) for op in ("prefetcht0", "prfm"))
+    assert counts["q8"] >= 2 and counts["q4s32"] > counts["q8"], counts
+
+
 def test_pack_quantized_layout() -> None:
     """Nibble s of word kk in column tile t holds the code of row 8 kk + s, column t * B + j."""
     q = quantize_rows(np.random.default_rng(3).standard_normal((40, 64)).astype(np.float32), "q4")
