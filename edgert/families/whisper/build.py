@@ -18,6 +18,9 @@ MAX_BEAMS = 8
 # Projections that run over the encoder's frames (1500 in a full window): the many-row GEMM kernel
 # (the decoder keeps GEMVs).
 ENCODER_GEMMS = r"conv\d\.matmul|encoder_layers\.\d+\.\w+|decoder_layers\.\d+\.cross_kv"
+# The decoder's projections and tied head, over one token or a few (a speculative verify pass, beams):
+# kernels that read each weight once for up to `decoder_rows` rows.
+DECODER_ROWS = r"decoder_layers\.\d+\.(self_qkv|self_out|cross_q|cross_out|fc1|fc2)|lm_head"
 
 
 def compile_whisper(
@@ -72,7 +75,7 @@ def compile_whisper(
             clip_embeddings(net)
         else:
             repack = apply_cpu_layout(net, weight_dtype)
-            apply_seq2seq_kernels(net, gemm=ENCODER_GEMMS)
+            apply_seq2seq_kernels(net, gemm=ENCODER_GEMMS, rows=DECODER_ROWS)
         with job.tvm_target:
             mod, named_params = net.export_tvm(spec=net.get_default_spec(npu_encoder=npu_spec is not None))
 

@@ -184,7 +184,7 @@ class DecoderLayer(nn.Module):
         self.cross_kv = HeadsProjection(d, cfg.num_heads, cfg.head_dim, parts=2, transposed=0)
         self.cross_out = Projection(d, d)
         self.ffn_norm = nn.LayerNorm(d, eps=1e-5)
-        self.fc1 = Projection(d, cfg.ffn_dim)
+        self.fc1 = Projection(d, cfg.ffn_dim, activation="gelu")  # GELU fused into the CPU kernel's write-back
         self.fc2 = Projection(cfg.ffn_dim, d)
         self.attend = Attend(cfg.num_heads, cfg.audio_ctx, cfg.head_dim)
 
@@ -203,7 +203,7 @@ class DecoderLayer(nn.Module):
         q = _heads_first(self.cross_q(self.cross_norm(x)), b * s, cfg.num_heads, cfg.head_dim)
         a = self.attend.cross(q, cross, layer_id)
         x = x + self.cross_out(op.reshape(op.permute_dims(a, [1, 0, 2]), (b, s, d)))
-        return x + self.fc2(op.gelu(self.fc1(self.ffn_norm(x))))
+        return x + self.fc2(self.fc1(self.ffn_norm(x)))
 
 
 class WhisperModel(EncoderDecoder):
