@@ -186,7 +186,8 @@ def _entry_points(cfg: Any, cross: list[int]) -> dict[str, Any]:
 
 
 def _layer_entry_points(cfg: Any, kv: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
-    """``embed``, ``layer_<i>``, ``kv_fill_<i>`` and ``head``: the decoder in pieces (drafting, early exit)."""
+    """``embed``, ``layer_<i>``, ``kv_fill_<i>`` and ``head``: the decoder in pieces (drafting, early exit);
+    ``verify``: the whole decoder's logits of every token (lookup drafting's verify pass in one call)."""
     ids = {"dtype": "int32", "shape": [1, "seq_len"]}
     hidden = {"name": "h", "dtype": "float32", "shape": [1, "seq_len", cfg.d_model]}
     attn = {"name": "attention", "dtype": "float32", "shape": [1, "seq_len", cfg.num_heads, cfg.head_dim]}
@@ -196,6 +197,10 @@ def _layer_entry_points(cfg: Any, kv: dict[str, Any], cache: dict[str, Any]) -> 
             "inputs": [hidden],
             "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "seq_len", cfg.vocab_size]}],
         },
+    }
+    entries["verify"] = {
+        "inputs": [{"name": "input_ids", **ids}, {"name": "positions", **ids}, kv, cache],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "seq_len", cfg.vocab_size]}, cache],
     }
     for i in range(cfg.decoder_layers):
         entries[f"layer_{i}"] = {"inputs": [hidden, kv, cache], "outputs": [hidden, cache]}

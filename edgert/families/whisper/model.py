@@ -269,6 +269,13 @@ class WhisperModel(EncoderDecoder):
         """Decoder layer ``layer_id`` on hidden states [1, s, d], writing its self-attention KV entries."""
         return self.decoder_layers[layer_id](h, cross_kv, cache, layer_id), cache
 
+    def verify(
+        self, input_ids: Tensor, positions: Tensor, cross_kv: Tensor, cache: PagedKVCache
+    ) -> tuple[Tensor, PagedKVCache]:
+        """Logits of every token [1, s, vocab] of one sequence: a speculative verify pass in one call
+        (``embed``, the ``layer_<i>`` and ``head`` one by one cost a VM call and its allocations each)."""
+        return self._logits(self._hidden(input_ids, positions, cross_kv, cache)), cache
+
     def kv_fill(self, layer_id: int, h: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         """Copy-forward (CALM): write layer ``layer_id``'s self-attention KV from ``h`` without the rest of it."""
         return self.decoder_layers[layer_id].self_attention(h, cache, layer_id), cache
@@ -304,6 +311,7 @@ class WhisperModel(EncoderDecoder):
             **first,
             **self.decoder_spec(cross),
             "embed": {"input_ids": ids, "positions": ids, "$": packed},
+            "verify": {"input_ids": ids, "positions": ids, "cross_kv": cross, "cache": cache, "$": packed},
             "head": {"h": hidden, "$": packed},
             **{
                 f"layer_{i}": {"h": hidden, "cross_kv": cross, "cache": cache, "$": packed}
