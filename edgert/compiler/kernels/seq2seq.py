@@ -270,6 +270,7 @@ def attention_kernel(
     layer: int = 0,
     block: int = 0,
     frames: bool = False,
+    clamp: bool = False,
 ) -> tirx.PrimFunc:
     """``o[h, i] = softmax(scale · q[h, i] · kt[h]) · v[h]`` for q [heads, n, d], kt [heads, d, m], v [heads, m, d].
 
@@ -278,9 +279,14 @@ def attention_kernel(
     (slicing them out first would copy 2 x heads x m x d floats per layer and decoder step).
     With ``frames``, q, kt and v are one `HeadsProjection` output [3 * heads, m * d] (self-attention
     of all m frames) and o is written [m, heads * d], ready for the output projection.
+    With ``clamp`` (the decoder's few rows: a verify pass, beams), any n > 1 rows go through tiles
+    of ``rows * block`` rows, the last one filled up with copies of row n - 1 (not stored), so up to
+    that many rows share one pass over the keys and values; one row keeps its own one-row tile.
     """
 
-    def query(qb: Any, h: Any, i: Any, dd: Any) -> Any:
+    def query(qb: Any, h: Any, i: Any, dd: Any, n: Any = None) -> Any:
+        if clamp:  # rows past the last one repeat it
+            i = tirx.min(tirx.Cast("int64", i), n - 1)
         return qb[h, i * d + dd] if frames else qb[h, i, dd]
 
     if frames:
@@ -317,7 +323,7 @@ def attention_kernel(
     tile_rows = sub_rows * (block or ATTN_BLOCK)
 
     @T.macro
-    def tile(q, kt, v, o, h, i0, rows, sub):
+    def tile(q, kt, v, o, h, i0, rows, sub, nq):
         # `rows` query rows share one pass over the head's keys and values (read from memory once
         # per tile instead of once per `sub` rows); `sub` rows at a time stay in registers.
         s = T.alloc_buffer((rows, m), "float32", scope="local")
@@ -332,7 +338,7 @@ def attention_kernel(
                 for dd in range(d):
                     for r in T.unroll(sub):
                         for mi in T.vectorized(kv):
-                            qi = query(q, h, i0 + sb * sub + r, dd)
+                            qi = query(q, h, i0 + sb * sub + r, dd, nq)
                             part[r, mi] = part[r, mi] + qi * key(kt, h, dd, mo * kv + mi)
                 for r in T.unroll(sub):
                     for mi in T.vectorized(kv):
@@ -341,7 +347,7 @@ def attention_kernel(
             for j in range(m - full):
                 red[r, 0] = T.float32(0)
                 for dd in range(d):
-                    red[r, 0] = red[r, 0] + query(q, h, i0 + r, dd) * key(kt, h, dd, full + j)
+                    red[r, 0] = red[r, 0] + query(q, h, i0 + r, dd, nq) * key(kt, h, dd, full + j)
                 s[r, full + j] = red[r, 0] * T.float32(scale_f)
         for r in range(rows):
             for mi in T.vectorized(kv):
@@ -376,11 +382,16 @@ def attention_kernel(
                         for di in T.vectorized(dv):
                             acc[r, di] = acc[r, di] + s[sb * sub + r, j] * val(v, h, j, dq * dv + di)
                 for r in T.unroll(sub):
-                    for di in T.vectorized(dv):
-                        if frames:
-                            o[i0 + sb * sub + r, h * d + dq * dv + di] = acc[r, di] / red[sb * sub + r, 1]
-                        else:
-                            o[h, i0 + sb * sub + r, dq * dv + di] = acc[r, di] / red[sb * sub + r, 1]
+                    if clamp:
+                        if T.Cast("int64", i0 + sb * sub + r) < nq:
+                            for di in T.vectorized(dv):
+                                o[h, i0 + sb * sub + r, dq * dv + di] = acc[r, di] / red[sb * sub + r, 1]
+                    else:
+                        for di in T.vectorized(dv):
+                            if frames:
+                                o[i0 + sb * sub + r, h * d + dq * dv + di] = acc[r, di] / red[sb * sub + r, 1]
+                            else:
+                                o[h, i0 + sb * sub + r, dq * dv + di] = acc[r, di] / red[sb * sub + r, 1]
 
     @T.prim_func
     def attention(
@@ -393,15 +404,24 @@ def attention_kernel(
         n = T.int64()
         q = T.match_buffer(q_h, (3 * heads, n * d) if frames else (heads, n, d), "float32")
         o = T.match_buffer(o_h, (n, heads * d) if frames else (heads, n, d), "float32")
-        for p in T.parallel(heads * (n // tile_rows)):
-            tile(q, kt, v, o, p % heads, p // heads * tile_rows, tile_rows, sub_rows)
-        for p in T.parallel(heads * (n % tile_rows // sub_rows)):
-            tile(q, kt, v, o, p % heads, n // tile_rows * tile_rows + p // heads * sub_rows, sub_rows, sub_rows)
-        for p in T.parallel(heads * (n % sub_rows)):
-            tile(q, kt, v, o, p % heads, n // sub_rows * sub_rows + p // heads, 1, 1)
+        if clamp:
+            if n == 1:
+                for p in T.parallel(heads):
+                    tile(q, kt, v, o, p, 0, 1, 1, n)
+            else:
+                for p in T.parallel(heads * ((n + tile_rows - 1) // tile_rows)):
+                    tile(q, kt, v, o, p % heads, p // heads * tile_rows, tile_rows, sub_rows, n)
+        else:
+            for p in T.parallel(heads * (n // tile_rows)):
+                tile(q, kt, v, o, p % heads, p // heads * tile_rows, tile_rows, sub_rows, n)
+            for p in T.parallel(heads * (n % tile_rows // sub_rows)):
+                tile(q, kt, v, o, p % heads, n // tile_rows * tile_rows + p // heads * sub_rows, sub_rows, sub_rows, n)
+            for p in T.parallel(heads * (n % sub_rows)):
+                tile(q, kt, v, o, p % heads, n // sub_rows * sub_rows + p // heads, 1, 1, n)
 
     name = f"attention_h{heads}_m{m}_d{d}_l{lanes}" + (f"_cross{layer}of{cross_layers}" if cross_layers else "")
     name += "_frames" if frames else ""
+    name += f"_clamp{tile_rows}" if clamp else ""
     return attention.with_attr("global_symbol", name)
 
 
@@ -418,8 +438,19 @@ class KernelAttention(nn.Module):
     def cross(self, q: Tensor, cross: Tensor, layer: int) -> Tensor:
         """Attend over layer ``layer`` of a cross-attention cache [layers * 2, heads, keys * head_dim] in place."""
         layers = int(cross.shape[0]) // 2
+        lanes = vector_lanes()
+        # The decoder's rows (a verify pass of up to 7 tokens, beams) share one pass over the window.
         kernel = attention_kernel(
-            self.heads, self.keys, self.head_dim, self.scale, vector_lanes(), cross_layers=layers, layer=layer
+            self.heads,
+            self.keys,
+            self.head_dim,
+            self.scale,
+            lanes,
+            2 * decoder_rows(lanes),
+            layers,
+            layer,
+            1,
+            clamp=True,
         )
         return op.tensor_ir_op(kernel, "attention", [q, cross, cross], Tensor.placeholder(q.shape, "float32"))
 
