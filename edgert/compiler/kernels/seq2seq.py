@@ -177,17 +177,17 @@ def decoder_rows(lanes: int) -> int:
     32 registers, 2 x 4 of AVX2's or NEON's 16. Measured on the 51,904 x 384 f16 head at 7 rows
     (znver5, one thread, loaded): 4 x 4 vectors 2.0 ms, 8 x 2 4.6, 4 x 2 2.8, 8 x 1 3.1, the
     4-row `packed_matmul` 2.2: a wide tile shares each row's broadcast of x among more FMAs."""
-    return 4 if lanes >= 16 else 2
+    return 4 if lanes >= 16 else 2  # `rows_kernel` writes out the remainder tiles of these two
 
 
 @functools.cache
 def rows_kernel(k: int, n: int, block: int, weight_dtype: str, lanes: int, activation: str | None, bias: bool):
     """``y[m, n] = act(sum_k x[m, k] * w[n // block, k, n % block] (+ b[n]))`` for the decoder's few rows.
 
-    One token (m = 1, plain decoding) streams each weight vector once into one accumulator. More
-    (a speculative verify pass, beams, a prompt) go through `decoder_rows` rows at a time: each
-    weight vector is loaded and widened once and FMA'd into every row's accumulator, so up to that
-    many rows cost one pass over the weights; rows past m repeat the last one and are not stored.
+    Rows go through tiles of `decoder_rows` rows and one tile of the remaining m % rows (one token,
+    plain decoding: a tile of one): each weight vector is loaded and widened once per tile and FMA'd
+    into every row's accumulator. Every row sums over k in the same order whatever its tile, so a
+    verify pass gives each token the logits a one-token step gives it.
     """
     cols = min(4 * lanes, block)
     subs, nb, rt = block // cols, n // block, decoder_rows(lanes)
@@ -196,42 +196,41 @@ def rows_kernel(k: int, n: int, block: int, weight_dtype: str, lanes: int, activ
         return _activate(v, activation)
 
     @T.macro
+    def tile(x, w, b, y, acc, wv, jo, p, r0, nr):
+        # Rows r0 .. r0 + nr - 1 (nr static) over one column slice: each weight vector is widened once.
+        for ii in T.unroll(nr):
+            for ji in T.vectorized(cols):
+                acc[ii, ji] = T.float32(0)
+        for kk in range(k):
+            # Into registers first: LLVM does not merge the rows' loads and converts of the same vector.
+            for ji in T.vectorized(cols):
+                wv[ji] = T.Cast("float32", w[jo, kk, p % subs * cols + ji])
+            for ii in T.unroll(nr):
+                for ji in T.vectorized(cols):
+                    acc[ii, ji] = acc[ii, ji] + x[r0 + ii, kk] * wv[ji]
+        for ii in T.unroll(nr):
+            for ji in T.vectorized(cols):
+                if bias:
+                    y[r0 + ii, p * cols + ji] = act(acc[ii, ji] + b[p * cols + ji])
+                else:
+                    y[r0 + ii, p * cols + ji] = act(acc[ii, ji])
+
+    @T.macro
     def body(x, w, b, y, m):
         for p in T.parallel(nb * subs):
             acc = T.alloc_buffer((rt, cols), "float32", scope="local")
             wv = T.alloc_buffer((cols,), "float32", scope="local")
             jo = p // subs
-            c0 = p * cols  # == jo * block + (p % subs) * cols
-            if m == 1:
-                for ji in T.vectorized(cols):
-                    acc[0, ji] = T.float32(0)
-                for kk in range(k):
-                    for ji in T.vectorized(cols):
-                        acc[0, ji] = acc[0, ji] + x[0, kk] * T.Cast("float32", w[jo, kk, p % subs * cols + ji])
-                for ji in T.vectorized(cols):
-                    if bias:
-                        y[0, c0 + ji] = act(acc[0, ji] + b[c0 + ji])
-                    else:
-                        y[0, c0 + ji] = act(acc[0, ji])
-            else:
-                for t in range((m + rt - 1) // rt):
-                    for ii in T.unroll(rt):
-                        for ji in T.vectorized(cols):
-                            acc[ii, ji] = T.float32(0)
-                    for kk in range(k):
-                        # Widened once into registers: LLVM does not merge the rows' loads and converts.
-                        for ji in T.vectorized(cols):
-                            wv[ji] = T.Cast("float32", w[jo, kk, p % subs * cols + ji])
-                        for ii in T.unroll(rt):
-                            for ji in T.vectorized(cols):
-                                acc[ii, ji] = acc[ii, ji] + x[T.min(t * rt + ii, m - 1), kk] * wv[ji]
-                    for ii in T.unroll(rt):
-                        if t * rt + ii < m:
-                            for ji in T.vectorized(cols):
-                                if bias:
-                                    y[t * rt + ii, c0 + ji] = act(acc[ii, ji] + b[c0 + ji])
-                                else:
-                                    y[t * rt + ii, c0 + ji] = act(acc[ii, ji])
+            for t in range(m // rt):
+                tile(x, w, b, y, acc, wv, jo, p, t * rt, rt)
+            # The last m % rt rows in a tile of their own size (no padding rows: the FMAs are the cost).
+            if m % rt == 1:
+                tile(x, w, b, y, acc, wv, jo, p, m // rt * rt, 1)
+            if rt == 4:
+                if m % rt == 2:
+                    tile(x, w, b, y, acc, wv, jo, p, m // rt * rt, 2)
+                if m % rt == 3:
+                    tile(x, w, b, y, acc, wv, jo, p, m // rt * rt, 3)
 
     if bias:
 
