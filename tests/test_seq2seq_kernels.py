@@ -141,3 +141,54 @@ def test_plain_heads_projection_and_frame_attention_match_numpy() -> None:
     p = np.exp(s - s.max(-1, keepdims=True))
     expect = ((p / p.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(frames, heads * d)
     np.testing.assert_allclose(out, expect, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_decoder_rows_kernel_on_awkward_row_counts(build, lanes: int) -> None:
+    """`rows_kernel` (the decoder's projections and head) against numpy on 1, 2, 3, 5, 7, 9 and 16 rows,
+    with bias and GELU and without bias; each row's result does not depend on how many rows came along."""
+    rng = np.random.default_rng(lanes)
+    k, n, block = 96, 192, 64
+    w = (rng.standard_normal((n, k)) * 0.1).astype(np.float16)
+    b = rng.standard_normal(n).astype(np.float32)
+    packed = tvm.runtime.tensor(w.reshape(n // block, block, k).transpose(0, 2, 1).copy())
+    with_bias = build(sk.rows_kernel(k, n, block, "float16", lanes, "gelu", True))
+    plain = build(sk.rows_kernel(k, n, block, "float16", lanes, None, False))
+    x_all = rng.standard_normal((16, k)).astype(np.float32)
+    first_rows = []
+    for m in (1, 2, 3, 5, 7, 9, 16):
+        x = x_all[:m]
+        expect = x @ w.astype(np.float32).T
+        y = tvm.runtime.empty((m, n), "float32", tvm.cpu())
+        with_bias(tvm.runtime.tensor(x), packed, tvm.runtime.tensor(b), y)
+        np.testing.assert_allclose(y.numpy(), _gelu(expect + b), rtol=1e-5, atol=1e-5)
+        plain(tvm.runtime.tensor(x), packed, y)
+        np.testing.assert_allclose(y.numpy(), expect, rtol=1e-5, atol=1e-5)
+        first_rows.append(y.numpy()[0])
+    # A verify pass must give the first token the logits a one-token step gives it (lossless drafting).
+    assert all(np.array_equal(r, first_rows[0]) for r in first_rows)
+
+
+def test_clamped_cross_attention_matches_the_row_tiles(build) -> None:
+    """The decoder's clamped cross-attention (tiles filled up with copies of the last row) gives the
+    unclamped kernel's output bit for bit, and numpy's within float32 rounding, on 1, 2, 7 and 9 rows."""
+    rng = np.random.default_rng(0)
+    layers, heads, keys, d, layer = 2, 2, 100, 64, 1
+    cross = tvm.runtime.tensor(rng.standard_normal((2 * layers, heads, keys * d)).astype(np.float32))
+    kernels = [
+        build(sk.attention_kernel(heads, keys, d, 0.125, 16, 8 if clamp else 0, layers, layer, 1, clamp=clamp))
+        for clamp in (False, True)
+    ]
+    c = cross.numpy()
+    kt, v = c[2 * layer].reshape(heads, d, keys), c[2 * layer + 1].reshape(heads, keys, d)
+    for rows in (1, 2, 7, 9):
+        q = rng.standard_normal((heads, rows, d)).astype(np.float32)
+        outs = []
+        for kernel in kernels:
+            o = tvm.runtime.empty((heads, rows, d), "float32", tvm.cpu())
+            kernel(tvm.runtime.tensor(q), cross, cross, o)
+            outs.append(o.numpy())
+        s = np.einsum("hnd,hdm->hnm", q, kt) * 0.125
+        p = np.exp(s - s.max(-1, keepdims=True))
+        np.testing.assert_allclose(outs[1], (p / p.sum(-1, keepdims=True)) @ v, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(outs[1], outs[0])

@@ -110,6 +110,35 @@ def test_lookup_transcript_identical(whisper_artifact: Path, transcriber, tmp_pa
     assert stats.accepted - accepted >= len(earlier.tokens) // 2  # the shorter piece's words were drafted
 
 
+def test_verify_entry_gives_the_layer_by_layer_logits(transcriber) -> None:
+    """The ``verify`` entry point (the whole decoder in one call) gives the logits the ``embed``,
+    ``layer_<i>`` and ``head`` entries give one by one, on a verify pass of 7 tokens, and its first
+    row is a plain one-token step's."""
+    import numpy as np
+
+    from edgert.runtime.seq2seq_speculative import DecoderLayers
+
+    model = transcriber.model
+    layers = DecoderLayers(model)
+    assert layers._verify is not None
+    cross = transcriber.encode(transcriber.features(read_wav(beckett_wav()).samples[:48000]))
+    prompt = [transcriber.config["sot"], transcriber.config["no_timestamps"]]
+    tokens = [440, 2068, 7586, 21831, 18045, 625, 262]
+    model.cache.reset()
+    seq = model.cache.add()
+    model.prefill(seq, prompt, cross)
+    one = model.step([seq], tokens[:1], cross)[0]
+    model.cache.popn(seq, 1)
+    fused = layers.forward(seq, tokens, cross, range(layers.num_layers))
+    model.cache.popn(seq, len(tokens))
+    layers._verify = None  # the layer-by-layer path
+    split = layers.forward(seq, tokens, cross, range(layers.num_layers))
+    assert fused.shape == split.shape == (len(tokens), model.vocab_size)
+    np.testing.assert_allclose(fused, split, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(fused[0], one, rtol=1e-5, atol=1e-4)
+    assert fused.argmax(-1).tolist() == split.argmax(-1).tolist()
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

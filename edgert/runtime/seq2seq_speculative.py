@@ -34,6 +34,7 @@ from edgert.runtime.speculative import (
     parse_draft_options,
     parse_layer_set,
 )
+from edgert.runtime.tvm_runtime import to_numpy
 
 
 class DecoderLayers(LayerEntries):
@@ -44,6 +45,9 @@ class DecoderLayers(LayerEntries):
             model.session, model.cache, load_adapters(model.session), "decoder layer", "speculative decoding"
         )
         self.model = model
+        # Artifacts compiled before the ``verify`` entry point run a full pass layer by layer.
+        verify = "verify" in model.artifact.manifest["entry_points"]
+        self._verify = model.session.vm["verify"] if verify else None
 
     def embed(self, seq: int, tokens: Sequence[int]) -> Any:
         """Hidden states [1, n, d] of ``tokens`` at ``seq``'s next positions (inside an open forward pass)."""
@@ -65,6 +69,15 @@ class DecoderLayers(LayerEntries):
     def forward(self, seq: int, tokens: Sequence[int], cross: Any, layers: Sequence[int]) -> np.ndarray:
         """Append ``tokens`` to ``seq`` through ``layers`` only; logits [len(tokens), vocab]."""
         m = self.model
+        if self._verify is not None and list(layers) == list(range(self.num_layers)):
+            tensor = m.session.tensor
+            ids = tensor(np.array([list(tokens)], np.int32))
+            pos = tensor(m._positions([seq], len(tokens)))
+            m.cache.begin([seq], [len(tokens)])
+            m.session.pool.refresh()  # the entry is called directly, as `Seq2Seq.step` does
+            out, self.cache.obj = self._verify(ids, pos, cross, self.cache.obj, self._params)
+            m.cache.end()
+            return to_numpy(out)[0]
         h = self.embed(seq, tokens)
         m.cache.begin([seq], [len(tokens)])
         logits = self.head(self.run(h, cross, layers))

@@ -18,6 +18,9 @@ MAX_BEAMS = 8
 # Projections that run over the encoder's frames (1500 in a full window): the many-row GEMM kernel
 # (the decoder keeps GEMVs).
 ENCODER_GEMMS = r"conv\d\.matmul|encoder_layers\.\d+\.\w+|decoder_layers\.\d+\.cross_kv"
+# The decoder's projections and tied head, over one token or a few (a speculative verify pass, beams):
+# kernels that read each weight once for up to `decoder_rows` rows.
+DECODER_ROWS = r"decoder_layers\.\d+\.(self_qkv|self_out|cross_q|cross_out|fc1|fc2)|lm_head"
 
 
 def compile_whisper(
@@ -72,7 +75,7 @@ def compile_whisper(
             clip_embeddings(net)
         else:
             repack = apply_cpu_layout(net, weight_dtype)
-            apply_seq2seq_kernels(net, gemm=ENCODER_GEMMS)
+            apply_seq2seq_kernels(net, gemm=ENCODER_GEMMS, rows=DECODER_ROWS)
         with job.tvm_target:
             mod, named_params = net.export_tvm(spec=net.get_default_spec(npu_encoder=npu_spec is not None))
 
@@ -183,7 +186,8 @@ def _entry_points(cfg: Any, cross: list[int]) -> dict[str, Any]:
 
 
 def _layer_entry_points(cfg: Any, kv: dict[str, Any], cache: dict[str, Any]) -> dict[str, Any]:
-    """``embed``, ``layer_<i>``, ``kv_fill_<i>`` and ``head``: the decoder in pieces (drafting, early exit)."""
+    """``embed``, ``layer_<i>``, ``kv_fill_<i>`` and ``head``: the decoder in pieces (drafting, early exit);
+    ``verify``: the whole decoder's logits of every token (lookup drafting's verify pass in one call)."""
     ids = {"dtype": "int32", "shape": [1, "seq_len"]}
     hidden = {"name": "h", "dtype": "float32", "shape": [1, "seq_len", cfg.d_model]}
     attn = {"name": "attention", "dtype": "float32", "shape": [1, "seq_len", cfg.num_heads, cfg.head_dim]}
@@ -193,6 +197,10 @@ def _layer_entry_points(cfg: Any, kv: dict[str, Any], cache: dict[str, Any]) -> 
             "inputs": [hidden],
             "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "seq_len", cfg.vocab_size]}],
         },
+    }
+    entries["verify"] = {
+        "inputs": [{"name": "input_ids", **ids}, {"name": "positions", **ids}, kv, cache],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "seq_len", cfg.vocab_size]}, cache],
     }
     for i in range(cfg.decoder_layers):
         entries[f"layer_{i}"] = {"inputs": [hidden, kv, cache], "outputs": [hidden, cache]}

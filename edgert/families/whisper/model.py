@@ -184,7 +184,7 @@ class DecoderLayer(nn.Module):
         self.cross_kv = HeadsProjection(d, cfg.num_heads, cfg.head_dim, parts=2, transposed=0)
         self.cross_out = Projection(d, d)
         self.ffn_norm = nn.LayerNorm(d, eps=1e-5)
-        self.fc1 = Projection(d, cfg.ffn_dim)
+        self.fc1 = Projection(d, cfg.ffn_dim, activation="gelu")  # GELU fused into the CPU kernel's write-back
         self.fc2 = Projection(cfg.ffn_dim, d)
         self.attend = Attend(cfg.num_heads, cfg.audio_ctx, cfg.head_dim)
 
@@ -203,7 +203,7 @@ class DecoderLayer(nn.Module):
         q = _heads_first(self.cross_q(self.cross_norm(x)), b * s, cfg.num_heads, cfg.head_dim)
         a = self.attend.cross(q, cross, layer_id)
         x = x + self.cross_out(op.reshape(op.permute_dims(a, [1, 0, 2]), (b, s, d)))
-        return x + self.fc2(op.gelu(self.fc1(self.ffn_norm(x))))
+        return x + self.fc2(self.fc1(self.ffn_norm(x)))
 
 
 class WhisperModel(EncoderDecoder):
@@ -269,6 +269,13 @@ class WhisperModel(EncoderDecoder):
         """Decoder layer ``layer_id`` on hidden states [1, s, d], writing its self-attention KV entries."""
         return self.decoder_layers[layer_id](h, cross_kv, cache, layer_id), cache
 
+    def verify(
+        self, input_ids: Tensor, positions: Tensor, cross_kv: Tensor, cache: PagedKVCache
+    ) -> tuple[Tensor, PagedKVCache]:
+        """Logits of every token [1, s, vocab] of one sequence: a speculative verify pass in one call
+        (``embed``, the ``layer_<i>`` and ``head`` one by one cost a VM call and its allocations each)."""
+        return self._logits(self._hidden(input_ids, positions, cross_kv, cache)), cache
+
     def kv_fill(self, layer_id: int, h: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         """Copy-forward (CALM): write layer ``layer_id``'s self-attention KV from ``h`` without the rest of it."""
         return self.decoder_layers[layer_id].self_attention(h, cache, layer_id), cache
@@ -304,6 +311,7 @@ class WhisperModel(EncoderDecoder):
             **first,
             **self.decoder_spec(cross),
             "embed": {"input_ids": ids, "positions": ids, "$": packed},
+            "verify": {"input_ids": ids, "positions": ids, "cross_kv": cross, "cache": cache, "$": packed},
             "head": {"h": hidden, "$": packed},
             **{
                 f"layer_{i}": {"h": hidden, "cross_kv": cross, "cache": cache, "$": packed}
