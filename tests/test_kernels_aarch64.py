@@ -123,7 +123,8 @@ def board_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         last = np.array([n - (p - 1) * PAGE for n, p in zip(ATTENTION_LENGTHS, n_pages, strict=True)], np.int32)
         q = rng.standard_normal((len(ATTENTION_LENGTHS), 6, d)).astype(np.float32)
         zeros = np.zeros(len(ATTENTION_LENGTHS), np.int32)
-        arrays = {"q": q, "pages": pages, "indptr": indptr, "order": order, "last": last, "z0": zeros, "z1": zeros}
+        own = np.array(ATTENTION_LENGTHS, np.int32) - 1  # each query's position, the last cached token (a decode step)
+        arrays = {"q": q, "pages": pages, "indptr": indptr, "order": order, "last": last, "z0": zeros, "pos": own}
         for key, value in arrays.items():
             inputs[f"{name}/{key}"] = value
         scale = d**-0.5
