@@ -27,7 +27,7 @@ def _write(tmp: Path, busy: tuple[int, int, int], idle: tuple[int, int, int], ow
     # The command name may hold spaces and parentheses: fields are counted after the last ')'.
     fields = ["S"] + ["0"] * 10 + [str(own), "0"] + ["0"] * 30
     (tmp / "self").write_text("1234 (python (x) y) " + " ".join(fields))
-    return th.sample([0, 1], tmp / "stat", tmp / "self")
+    return th.sample([0, 1], tmp / "stat", tmp / "self", pressure=tmp / "no-pressure")
 
 
 def test_free_cores_leave_out_other_processes_and_count_this_one_as_free(tmp_path: Path) -> None:
@@ -52,7 +52,7 @@ def test_a_neighbour_that_wants_a_core_counts_as_busy_even_when_it_got_less(tmp_
     stat = STAT.format(a=0, b=0, c=0, ia=0, ib=0, ic=0) + "procs_running 3\n"
     (tmp_path / "stat").write_text(stat)
     (tmp_path / "self").write_text("1234 (python) " + " ".join(["S"] + ["0"] * 40))
-    before = th.sample([0, 1], tmp_path / "stat", tmp_path / "self", tmp_path / "task")
+    before = th.sample([0, 1], tmp_path / "stat", tmp_path / "self", tmp_path / "task", tmp_path / "no-pressure")
     assert before is not None and before.others_running == 2
     # Over the interval the others took only 0.5 CPU (this process held the cores), but two of their
     # threads were runnable at both samples: no CPU is free.
@@ -61,6 +61,23 @@ def test_a_neighbour_that_wants_a_core_counts_as_busy_even_when_it_got_less(tmp_
     assert th.threads_for(th.free_cpus(before, after, 2), 2) == 1
     quiet = th.CpuSample(busy=after.busy + 10, total=after.total + 200, own=after.own + 10, others_running=0)
     assert th.free_cpus(after, quiet, 2) == pytest.approx(2.0)  # a neighbour seen once is a flicker
+
+
+def test_cpu_pressure_takes_a_core_that_the_time_and_the_run_queue_missed(tmp_path: Path) -> None:
+    pressure = tmp_path / "pressure"
+    pressure.write_text("some avg10=0.00 avg60=0.00 avg300=0.00 total=1000000\nfull avg10=0.00 total=0\n")
+    assert th._stall_us(pressure) == 1_000_000
+    assert th._stall_us(tmp_path / "missing") is None
+    hz = os.sysconf("SC_CLK_TCK")
+    # One second on 2 CPUs, the others' time and run queue say nothing: 2 free, unless tasks waited.
+    quiet = th.CpuSample(busy=0, total=2 * hz, own=0, stall_us=1_020_000)
+    crowded = th.CpuSample(busy=0, total=2 * hz, own=0, stall_us=1_490_000)
+    start = th.CpuSample(busy=0, total=0, own=0, stall_us=1_000_000)
+    assert th.free_cpus(start, quiet, 2) == pytest.approx(2.0)
+    assert th.free_cpus(start, crowded, 2) == pytest.approx(1.0)  # waited 0.49 s of 1 s: one core taken
+    assert th.threads_for(th.free_cpus(start, crowded, 2), 2) == 1
+    unknown = th.CpuSample(busy=0, total=2 * hz, own=0)  # no /proc/pressure: the other signals alone
+    assert th.free_cpus(start, unknown, 2) == pytest.approx(2.0)
 
 
 def test_a_real_busy_process_is_seen_as_wanting_a_core() -> None:
