@@ -194,6 +194,7 @@ def _run_worker(engine: str, path: Path, ids_file: Path, args: Any, threads: int
     ]
     # edgert runs as on a device: the TVM runtime library only, not the compiler.
     env = {**os.environ, **({"TVM_USE_RUNTIME_LIB": "1"} if engine == "edgert" else {})}
+    env.pop("TVM_NUM_THREADS", None)  # the thread count is the argument above (0: edgert's default)
     if engine == "llama_cpp" and args.llama_cpp_path is not None:
         env["PYTHONPATH"] = os.pathsep.join([str(args.llama_cpp_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
@@ -223,13 +224,18 @@ def memory_bandwidth_gbs(threads: int, mbytes: int = 256, repeats: int = 5) -> f
                 for v in T.vectorized(lanes):
                     out[c, v] = out[c, v] + a[c * per + i * lanes + v]
 
-    os.environ["TVM_NUM_THREADS"] = str(threads)
+    saved = os.environ.get("TVM_NUM_THREADS")
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # sizes this process's pool; given back below
     target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": threads})
     f = tvm.compile(tvm.IRModule({"stream_sum": stream_sum}), target=target)["stream_sum"]
     a = tvm.runtime.tensor(np.ones(n, np.float32))
     out = tvm.runtime.tensor(np.zeros((chunks, lanes), np.float32))
     f(a, out)
     best = min(_timed(lambda: f(a, out)) for _ in range(repeats))
+    if saved is None:  # left set, it would fix the thread count of every later worker (the busy rows')
+        os.environ.pop("TVM_NUM_THREADS")
+    else:
+        os.environ["TVM_NUM_THREADS"] = saved
     return n * 4 / best / 1e9
 
 
