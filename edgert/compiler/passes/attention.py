@@ -37,12 +37,52 @@ ROPE_KERNEL = "fused_rope"  # its split of the fused q/k/v projection, with RoPE
 LANES = 16
 
 
+def _paged_rows(d: int, lanes: int, page_size: int) -> Any:
+    """The two passes of one (query, head) over rows ``lo`` .. ``hi`` - 1 of a sequence's pages: each
+    score ``qs·k`` into ``scores`` and their maximum into ``stat[0]``, then ``out = sum exp2(score -
+    max) v`` and the sum of the exps into ``stat[1]``. Row r lives at position r before ``sink`` and
+    at r - sink + start after it (TVM's sliding-window layout; ``sink = hi``, ``start = 0``: row r
+    at position r). Every paged kernel below runs it, so their rows sum in one order."""
+
+    @T.macro
+    def rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, part, out, stat):
+        stat[0] = T.float32(-3.0e38)
+        for r in range(lo, hi):
+            pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
+            page = page_values[first + pos // page_size]
+            slot = pos % page_size
+            for v in T.vectorized(lanes):
+                part[v] = T.float32(0)
+            for c in range(d // lanes):
+                for v in T.vectorized(lanes):
+                    part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
+            scores[r] = T.float32(0)
+            for v in range(lanes):
+                scores[r] = scores[r] + part[v]
+            stat[0] = T.max(stat[0], scores[r])
+        stat[1] = T.float32(0)
+        for i in T.vectorized(d):
+            out[i] = T.float32(0)
+        for r in range(lo, hi):
+            pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
+            page = page_values[first + pos // page_size]
+            slot = pos % page_size
+            p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
+            stat[1] = stat[1] + p
+            for i in T.vectorized(d):
+                out[i] = out[i] + p * pages[page, 1, kv, slot, i]
+
+    return rows
+
+
 def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, page_size: int = 16) -> tirx.PrimFunc:
     """``output[b, h] = softmax(q·K^T * sm_scale) V`` over sequence b's pages; also its log2-sum-exp."""
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
     log2e = math.log2(math.e)
+
+    softmax_rows = _paged_rows(d, lanes, page_size)
 
     @T.prim_func
     def decode(
@@ -114,29 +154,7 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
             kv = h // group
             for i in T.vectorized(d):
                 qs[i] = q[b, h, i] * sm_scale * T.float32(log2e)
-            stat[0] = T.float32(-3.0e38)
-            for r in range(length):
-                page = page_values[first + r // page_size]
-                slot = r % page_size
-                for v in T.vectorized(lanes):
-                    part[v] = T.float32(0)
-                for c in range(d // lanes):
-                    for v in T.vectorized(lanes):
-                        part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
-                scores[r] = T.float32(0)
-                for v in range(lanes):
-                    scores[r] = scores[r] + part[v]
-                stat[0] = T.max(stat[0], scores[r])
-            stat[1] = T.float32(0)
-            for i in T.vectorized(d):
-                out[i] = T.float32(0)
-            for r in range(length):
-                page = page_values[first + r // page_size]
-                slot = r % page_size
-                p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
-                stat[1] = stat[1] + p
-                for i in T.vectorized(d):
-                    out[i] = out[i] + p * pages[page, 1, kv, slot, i]
+            softmax_rows(pages, page_values, first, kv, 0, length, length, 0, qs, scores, part, out, stat)
             for i in T.vectorized(d):  # an empty sequence gives zeros, as TVM's kernel does
                 output[b, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
             lse[b, h] = stat[0] + T.log2(T.max(stat[1], T.float32(1e-30)))
@@ -152,6 +170,8 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
     log2e = math.log2(math.e)
+
+    softmax_rows = _paged_rows(d, lanes, page_size)
 
     @T.prim_func
     def prefill(
@@ -213,29 +233,7 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
                 kv = h // group
                 for i in T.vectorized(d):
                     qs[i] = q[q0 + t, h, i] * sm_scale * T.float32(log2e)
-                stat[0] = T.float32(-3.0e38)
-                for r in range(length):
-                    page = page_values[first + r // page_size]
-                    slot = r % page_size
-                    for v in T.vectorized(lanes):
-                        part[v] = T.float32(0)
-                    for c in range(d // lanes):
-                        for v in T.vectorized(lanes):
-                            part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
-                    scores[r] = T.float32(0)
-                    for v in range(lanes):
-                        scores[r] = scores[r] + part[v]
-                    stat[0] = T.max(stat[0], scores[r])
-                stat[1] = T.float32(0)
-                for i in T.vectorized(d):
-                    out[i] = T.float32(0)
-                for r in range(length):
-                    page = page_values[first + r // page_size]
-                    slot = r % page_size
-                    p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
-                    stat[1] = stat[1] + p
-                    for i in T.vectorized(d):
-                        out[i] = out[i] + p * pages[page, 1, kv, slot, i]
+                softmax_rows(pages, page_values, first, kv, 0, length, length, 0, qs, scores, part, out, stat)
                 for i in T.vectorized(d):  # no visible token: zeros, and a log-sum-exp merging to nothing
                     output[q0 + t, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
                 lse[q0 + t, h] = T.if_then_else(
@@ -500,6 +498,8 @@ def paged_prefill_window_attention(
     log2e = math.log2(math.e)
     slides = 1 if window > 0 else 0
 
+    softmax_rows = _paged_rows(d, lanes, page_size)
+
     @T.prim_func
     def prefill(
         q_handle: T.handle,
@@ -562,31 +562,7 @@ def paged_prefill_window_attention(
                 kv = h // group
                 for i in T.vectorized(d):
                     qs[i] = q[q0 + t, h, i] * sm_scale * T.float32(log2e)
-                stat[0] = T.float32(-3.0e38)
-                for r in range(lo, hi):
-                    pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
-                    page = page_values[first + pos // page_size]
-                    slot = pos % page_size
-                    for v in T.vectorized(lanes):
-                        part[v] = T.float32(0)
-                    for c in range(d // lanes):
-                        for v in T.vectorized(lanes):
-                            part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
-                    scores[r] = T.float32(0)
-                    for v in range(lanes):
-                        scores[r] = scores[r] + part[v]
-                    stat[0] = T.max(stat[0], scores[r])
-                stat[1] = T.float32(0)
-                for i in T.vectorized(d):
-                    out[i] = T.float32(0)
-                for r in range(lo, hi):
-                    pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
-                    page = page_values[first + pos // page_size]
-                    slot = pos % page_size
-                    p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
-                    stat[1] = stat[1] + p
-                    for i in T.vectorized(d):
-                        out[i] = out[i] + p * pages[page, 1, kv, slot, i]
+                softmax_rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, part, out, stat)
                 for i in T.vectorized(d):  # no visible row: zeros, and a log-sum-exp merging to nothing
                     output[q0 + t, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
                 lse[q0 + t, h] = T.if_then_else(
@@ -605,6 +581,8 @@ def paged_decode_window_attention(
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
     log2e = math.log2(math.e)
+
+    softmax_rows = _paged_rows(d, lanes, page_size)
 
     @T.prim_func
     def decode(
@@ -655,31 +633,7 @@ def paged_decode_window_attention(
                 kv = h // group
                 for i in T.vectorized(d):
                     qs[i] = q[b, h, i] * sm_scale * T.float32(log2e)
-                stat[0] = T.float32(-3.0e38)
-                for r in range(length):
-                    pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
-                    page = page_values[first + pos // page_size]
-                    slot = pos % page_size
-                    for v in T.vectorized(lanes):
-                        part[v] = T.float32(0)
-                    for c in range(d // lanes):
-                        for v in T.vectorized(lanes):
-                            part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
-                    scores[r] = T.float32(0)
-                    for v in range(lanes):
-                        scores[r] = scores[r] + part[v]
-                    stat[0] = T.max(stat[0], scores[r])
-                stat[1] = T.float32(0)
-                for i in T.vectorized(d):
-                    out[i] = T.float32(0)
-                for r in range(length):
-                    pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
-                    page = page_values[first + pos // page_size]
-                    slot = pos % page_size
-                    p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
-                    stat[1] = stat[1] + p
-                    for i in T.vectorized(d):
-                        out[i] = out[i] + p * pages[page, 1, kv, slot, i]
+                softmax_rows(pages, page_values, first, kv, 0, length, sink, start, qs, scores, part, out, stat)
                 for i in T.vectorized(d):  # an empty sequence gives zeros, as TVM's kernel does
                     output[b, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
                 lse[b, h] = stat[0] + T.log2(T.max(stat[1], T.float32(1e-30)))
