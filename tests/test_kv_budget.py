@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -189,3 +190,9 @@ def test_run_with_a_kv_budget_takes_a_prompt_longer_than_the_context(
     assert out["stats"]["prompt_tokens"] == len(ids)
     refused = run_cli("run", str(tiny_evictable), "--raw", "-p", text, "-n", "6")
     assert refused.returncode != 0 and "context" in refused.stderr and "Traceback" not in refused.stderr
+    # chat: a turn longer than the context is taken, evicting; /reset starts a new conversation
+    turns = f"{text}\n/reset\nw1 w2\n/exit\n"
+    chat = run_cli("chat", str(tiny_evictable), "--kv-budget", "48", "--max-tokens", "4", input=turns)
+    assert chat.returncode == 0, chat.stderr
+    evicted = [int(n) for n in re.findall(r"(\d+) KV entries evicted", chat.stderr)]
+    assert len(evicted) == 2 and evicted[0] >= (len(ids) - 48) // 16, chat.stderr

@@ -285,8 +285,29 @@ def chat(
         if not hasattr(model, "use_free_window"):
             raise typer.BadParameter("--free-window-kv is for language models", param_hint="--free-window-kv")
         model.use_free_window()
-    session = model.chat(system)
-    err.print(f"[dim]{model.artifact.manifest['name']} — /reset starts over, /exit or Ctrl-D quits[/]")
+
+    def turn(session: Any, line: str) -> str | None:
+        try:
+            for tok in session.send(line, max_tokens=max_tokens, sampling=params):
+                sys.stdout.write(tok.text)
+                sys.stdout.flush()
+        except ContextLengthError as exc:
+            err.print(f"[red]{exc}[/] — /reset to start a new conversation")
+            return None
+        s = model.stats
+        return (
+            f"[dim]{s.prompt_tokens - s.cached_tokens} new prompt tokens ({s.cached_tokens} cached), "
+            f"{s.generated_tokens} generated at {s.decode_tokens_per_second:.1f} tok/s[/]"
+        )
+
+    _repl(model.artifact.manifest["name"], lambda: model.chat(system), turn)
+
+
+def _repl(name: str, new_session: Any, turn: Any) -> None:
+    """The chat loop: a line in, ``turn(session, line)`` streams the reply and gives its summary line;
+    /reset takes a new session, /exit, /quit and Ctrl-D end it."""
+    session = new_session()
+    err.print(f"[dim]{name} — /reset starts over, /exit or Ctrl-D quits[/]")
     while True:
         try:
             line = input("> ")
@@ -296,23 +317,13 @@ def chat(
         if line.strip() in ("/exit", "/quit"):
             return
         if line.strip() == "/reset":
-            session = model.chat(system)
+            session = new_session()
             continue
-        if not line.strip():
-            continue
-        try:
-            for tok in session.send(line, max_tokens=max_tokens, sampling=params):
-                sys.stdout.write(tok.text)
-                sys.stdout.flush()
-        except ContextLengthError as exc:
-            err.print(f"[red]{exc}[/] — /reset to start a new conversation")
-            continue
-        s = model.stats
-        print()
-        err.print(
-            f"[dim]{s.prompt_tokens - s.cached_tokens} new prompt tokens ({s.cached_tokens} cached), "
-            f"{s.generated_tokens} generated at {s.decode_tokens_per_second:.1f} tok/s[/]"
-        )
+        if line.strip():
+            summary = turn(session, line)
+            if summary is not None:
+                print()
+                err.print(summary)
 
 
 def _chat_budgeted(
@@ -323,29 +334,17 @@ def _chat_budgeted(
 
     model = BudgetedModel(artifact, kv_budget, threads)
     try:
-        session = BudgetedChat(model, system)
-        err.print(f"[dim]{model.engine.artifact.manifest['name']} — /reset starts over, /exit or Ctrl-D quits[/]")
-        while True:
-            try:
-                line = input("> ")
-            except (EOFError, KeyboardInterrupt):
-                print()
-                return
-            if line.strip() in ("/exit", "/quit"):
-                return
-            if line.strip() == "/reset":
-                session = BudgetedChat(model, system)
-                continue
-            if not line.strip():
-                continue
+
+        def turn(session: Any, line: str) -> str:
             for piece in session.send(line, max_tokens, params):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             s = model.stats
-            print()
-            err.print(
+            return (
                 f"[dim]{s.prompt_tokens - s.cached_tokens} new prompt tokens ({s.cached_tokens} cached), "
                 f"{s.generated_tokens} generated; {model.evicted_tokens} KV entries evicted so far[/]"
             )
+
+        _repl(model.engine.artifact.manifest["name"], lambda: BudgetedChat(model, system), turn)
     finally:
         model.close()
