@@ -61,6 +61,22 @@ def dot_isa(features: set[str] | list[str]) -> str | None:
     return None
 
 
+@functools.cache
+def _llvm_major() -> int:
+    from tvm.target import codegen
+
+    return codegen.llvm_version_major()
+
+
+def vpdpbusd(acc: Any, u8: Any, s8: Any, lanes: int) -> Any:
+    """``acc`` (``lanes`` int32) plus, in each lane, four products of unsigned ``u8`` by signed ``s8``
+    bytes: AVX-512 VNNI's ``vpdpbusd`` (16 lanes: 512 bits; 8: 256)."""
+    if _llvm_major() < 22:  # LLVM 22 declares the byte operands <4 * lanes x i8>, older releases <lanes x i32>
+        u8, s8 = T.reinterpret(f"int32x{lanes}", u8), T.reinterpret(f"int32x{lanes}", s8)
+    name = T.llvm_lookup_intrinsic_id(f"llvm.x86.avx512.vpdpbusd.{lanes * 32}")
+    return T.call_llvm_pure_intrin(name, acc, u8, s8, dtype=f"int32x{lanes}")
+
+
 @T.macro
 def round_group(x, xq, xd, xsi, amax, i, g):
     """Row ``i``'s group ``g`` of ``x`` rounded to int8 on one scale (its largest magnitude / 127), as
@@ -219,8 +235,6 @@ def int8_quant_matmul(k: int, n: int, block: int, kind: str, isa: str) -> tirx.P
 def multirow_quant_matmul(k: int, n: int, block: int, kind: str, isa: str = "avx512vnni") -> tirx.PrimFunc:
     """``y[m, n] = sum_k x[m, k] * W[n, k]`` with int8 activations, each unpacked weight register
     reused by a tile of rows (W in the dot layout of `int8_quant_matmul`)."""
-    from tvm.target import codegen
-
     if k % GROUP:
         raise ValueError(f"quantized weights need K divisible by {GROUP}, got {k}")
     if isa not in ("avx512vnni", "dotprod"):
@@ -235,8 +249,6 @@ def multirow_quant_matmul(k: int, n: int, block: int, kind: str, isa: str = "avx
     cols = (16 if block % 16 == 0 else 8) if vnni else 4  # int32 lanes (output columns) per register
     nbytes, chunks = cols * 4, block // cols
     per_g = GROUP // 8 if q4 else GROUP // 4
-    # LLVM 22 declares the VNNI byte operands as <64 x i8>; older releases as <16 x i32>.
-    byte_args = codegen.llvm_version_major() >= 22
 
     def xbcast(xq, row, k0):  # 4 activation bytes broadcast to every 32-bit lane
         word = T.reinterpret("int32", xq.vload([row, k0], "int8x4"))
@@ -244,10 +256,7 @@ def multirow_quant_matmul(k: int, n: int, block: int, kind: str, isa: str = "avx
 
     def dot(acc, w, x):  # acc (int32 lanes) + four byte products per lane; w unsigned on x86
         if vnni:
-            name = f"llvm.x86.avx512.vpdpbusd.{cols * 32}"
-            if not byte_args:
-                w, x = T.reinterpret(f"int32x{cols}", w), T.reinterpret(f"int32x{cols}", x)
-            return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(name), acc, w, x, dtype=f"int32x{cols}")
+            return vpdpbusd(acc, w, x, cols)
         return T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
             acc,

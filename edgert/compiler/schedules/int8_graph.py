@@ -31,6 +31,8 @@ from tvm import relax, tirx
 from tvm.ir import GenericConst
 from tvm.script import tirx as T
 
+from edgert.compiler.kernels.int8 import vpdpbusd
+
 LANES = 16  # int32 lanes of one zmm register
 
 
@@ -73,22 +75,13 @@ def pack_weight(w: np.ndarray, block: int) -> np.ndarray:
 def u8s8_gemm(m: int, k: int, n: int, block: int) -> tirx.PrimFunc:
     """``y[m, n] = sum_k x[m, k] * W[k, n] - zp[0] * colsum[n]``: x uint8, W int8 packed by
     `pack_weight`, y int32."""
-    from tvm.target import codegen
-
     if k % 4 or block % LANES:
         raise ValueError(f"u8s8_gemm needs K divisible by 4 and a block of whole vectors, got K={k}, B={block}")
     nb, full, cw = -(-n // block), n // block, block // LANES
     rows = row_tile(m)
     nt = -(-m // rows)
     nbytes = LANES * 4
-    byte_args = codegen.llvm_version_major() >= 22  # LLVM 22 types the byte operands <64 x i8>
     tiles = _loop_kind(m * k * n)
-
-    def dot(acc: Any, x: Any, w: Any) -> Any:
-        if not byte_args:
-            x, w = T.reinterpret(f"int32x{LANES}", x), T.reinterpret(f"int32x{LANES}", w)
-        name = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
-        return T.call_llvm_pure_intrin(name, acc, x, w, dtype=f"int32x{LANES}")
 
     @T.prim_func
     def gemm(
@@ -114,8 +107,8 @@ def u8s8_gemm(m: int, k: int, n: int, block: int) -> tirx.PrimFunc:
                     word = T.reinterpret("int32", x.vload([row, kk * 4], "uint8x4"))
                     xb = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
                     for ci in T.unroll(cw):
-                        acc[r, ci, T.ramp(0, 1, LANES)] = dot(
-                            acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)]
+                        acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
+                            acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES
                         )
             for r, ci in T.grid(rows, cw):
                 if it * rows + r < m:
@@ -233,8 +226,6 @@ def u8s8_conv(
     taps and channels of xp[pos(p, tap), c] * W[tap, c, co] - zp * colsum[co]``, ``xp`` the uint8
     input already padded (with the zero point) and its channels padded to ``cp`` (a multiple of 4).
     1-D convs take a unit height."""
-    from tvm.target import codegen
-
     (hp, wp), (oh, ow), (kh, kw), (sh, sw), (dh, dw) = inp, out, taps, strides, dilation
     m, c4 = oh * ow, cp // 4
     k4 = kh * kw * c4
@@ -242,14 +233,7 @@ def u8s8_conv(
     rows = row_tile(m)
     nt = -(-m // rows)
     nbytes = LANES * 4
-    byte_args = codegen.llvm_version_major() >= 22
     tiles = _loop_kind(m * k4 * 4 * n)
-
-    def dot(acc: Any, x: Any, w: Any) -> Any:
-        if not byte_args:
-            x, w = T.reinterpret(f"int32x{LANES}", x), T.reinterpret(f"int32x{LANES}", w)
-        name = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
-        return T.call_llvm_pure_intrin(name, acc, x, w, dtype=f"int32x{LANES}")
 
     @T.prim_func
     def conv(
@@ -279,8 +263,8 @@ def u8s8_conv(
                     )
                     xb = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
                     for ci in T.unroll(cw):
-                        acc[r, ci, T.ramp(0, 1, LANES)] = dot(
-                            acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)]
+                        acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
+                            acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES
                         )
             for r, ci in T.grid(rows, cw):
                 if it * rows + r < m:
