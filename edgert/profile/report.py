@@ -104,14 +104,7 @@ def write_report(result: dict[str, Any], report: Path) -> dict[str, Path]:
     fig.savefig(paths["histogram"], dpi=90)
     plt.close(fig)
 
-    top = result["operators"][:15][::-1]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(top) + 1.2))
-    ax.barh([op["operator"][:48] for op in top], [op["ms_per_token"] for op in top])
-    ax.set(xlabel="ms per token (decode)", title="Top operators (Relax VM instrument)")
-    ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(paths["operators"], dpi=90)
-    plt.close(fig)
+    _top_operators_plot(plt, result["operators"], "ms_per_token", "ms per token (decode)", "operators", paths)
 
     if "gpu_kernels" in paths:
         gpu = result["gpu"]
@@ -150,6 +143,20 @@ def graph_summary(result: dict[str, Any], top: int = 12) -> list[str]:
     return lines
 
 
+def _top_operators_plot(
+    plt: Any, operators: list[dict[str, Any]], key: str, xlabel: str, what: str, paths: dict[str, Path]
+) -> None:
+    """The 15 costliest operators by ``key`` as horizontal bars, into ``paths["operators"]``."""
+    top = operators[:15][::-1]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(top) + 1.2))
+    ax.barh([op["operator"][:48] for op in top], [op[key] for op in top])
+    ax.set(xlabel=xlabel, title=f"Top {what} (Relax VM instrument)")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(paths["operators"], dpi=90)
+    plt.close(fig)
+
+
 def _write_graph_report(result: dict[str, Any], paths: dict[str, Path], plt: Any) -> dict[str, Path]:
     """A graph artifact's report: call latencies (timeline, histogram) and its kernels, no decode."""
     with paths["csv"].open("w", newline="") as fh:
@@ -171,14 +178,7 @@ def _write_graph_report(result: dict[str, Any], paths: dict[str, Path], plt: Any
     fig.tight_layout()
     fig.savefig(paths["histogram"], dpi=90)
     plt.close(fig)
-    top = result["operators"][:15][::-1]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(top) + 1.2))
-    ax.barh([op["operator"][:48] for op in top], [op["ms_per_run"] for op in top])
-    ax.set(xlabel="ms per call", title="Top kernels (Relax VM instrument)")
-    ax.tick_params(axis="y", labelsize=7)
-    fig.tight_layout()
-    fig.savefig(paths["operators"], dpi=90)
-    plt.close(fig)
+    _top_operators_plot(plt, result["operators"], "ms_per_run", "ms per call", "kernels", paths)
     e, t, c = html.escape, result["target"], result["call_ms"]
     rows = [
         ("device", f"{result['device']['name']} ({result['device']['arch']}, {result['device']['cpus']} CPUs)"),
