@@ -91,9 +91,9 @@ def _packed_te(n: int, block: int, quant: str, k_len: int) -> Any:
 
 @relax.expr_functor.mutator
 class _PackDense(relax.PyExprMutator):
-    def __init__(self, mod: Any, block: int, quant: str, vnni: bool = False):
+    def __init__(self, mod: Any, block: int, quant: str, int8_isa: str | None = None):
         super().__init__(mod)
-        self.mod_, self.block, self.quant, self.vnni = mod, block, quant, vnni
+        self.mod_, self.block, self.quant, self.int8_isa = mod, block, quant, int8_isa
         self.matmul = tvm_op("relax.matmul")
         self.conv1d = tvm_op("relax.nn.conv1d")
         self.take = tvm_op("relax.take")
@@ -109,11 +109,11 @@ class _PackDense(relax.PyExprMutator):
         if isinstance(call.op, tvm.ir.Op) and call.op.name.startswith("relax.nn.conv"):
             from edgert.compiler.schedules.conv import rewrite_conv
 
-            if self.vnni:
+            if self.int8_isa:
                 from edgert.compiler.schedules.int8_graph import rewrite_int_conv
 
                 # A conv of int8 values (QLinearConv, QDQ Conv) by int8 weights: integer dot products.
-                integer = rewrite_int_conv(self.builder_, call, self.lookup_binding)
+                integer = rewrite_int_conv(self.builder_, call, self.lookup_binding, self.int8_isa)
                 if integer is not None:
                     return integer
 
@@ -125,11 +125,11 @@ class _PackDense(relax.PyExprMutator):
             return self._conv1d(call)
         if call.op != self.matmul or len(call.args) != 2:
             return call
-        if self.vnni and str(call.attrs.out_dtype) == "int32":
+        if self.int8_isa and str(call.attrs.out_dtype) == "int32":
             from edgert.compiler.schedules.int8_graph import rewrite_int_matmul
 
             # MatMulInteger by an int8 weight (onnxruntime's dynamic quantizer): integer dot products.
-            integer = rewrite_int_matmul(self.builder_, call, self.lookup_binding)
+            integer = rewrite_int_matmul(self.builder_, call, self.lookup_binding, self.int8_isa)
             if integer is not None:
                 return integer
         x, w = call.args
@@ -227,9 +227,9 @@ def pack_dense_weights(mod: Any, target: Any, quant: str = "f32") -> tuple[Any, 
     Returns the module and, when weights were rounded, the largest relative RMS error over
     the rewritten weights (the weight-side accuracy cost).
     """
-    from edgert.compiler.schedules.int8_graph import has_vnni
+    from edgert.compiler.schedules.int8_graph import int8_isa
 
-    rewriter = _PackDense(mod, block_for(target), quant, has_vnni(target))
+    rewriter = _PackDense(mod, block_for(target), quant, int8_isa(target))
     # Transposes a conv now reads through are left unused.
     mod = relax.transform.DeadCodeElimination()(rewriter.transform())
     if not rewriter.errors:

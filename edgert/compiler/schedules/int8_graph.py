@@ -165,10 +165,10 @@ def _constant(expr: Any, lookup: Any, depth: int = 4) -> np.ndarray | None:
     return None
 
 
-def rewrite_int_matmul(bb: Any, call: relax.Call, lookup: Any) -> relax.Expr | None:
+def rewrite_int_matmul(bb: Any, call: relax.Call, lookup: Any, isa: str = "avx512vnni") -> relax.Expr | None:
     """``matmul(astype(xq, int32) [- zp], W, out_dtype=int32)`` with xq uint8, W an int32 constant
-    of int8 values and zp a scalar: the VNNI kernel above, or None where the pattern does not hold
-    (the caller keeps the call)."""
+    of int8 values and zp a scalar: the VNNI kernel above (or `portable_conv` for ``isa`` dotprod
+    or avx2), or None where the pattern does not hold (the caller keeps the call)."""
     if len(call.args) != 2 or str(call.attrs.out_dtype) != "int32":
         return None
     a, w = call.args
@@ -195,6 +195,8 @@ def rewrite_int_matmul(bb: Any, call: relax.Call, lookup: Any) -> relax.Expr | N
     m = int(np.prod(shape[:-1]))
     if shape[-1] != k or m == 0:
         return None
+    if isa != "avx512vnni":
+        return _portable_matmul(bb, isa, xq, shape, weight, zp)
     block = 2 * LANES if n % (2 * LANES) == 0 or n > 2 * LANES else LANES
     packed = pack_weight(weight.astype(np.int8), block)
     colsum = np.zeros(packed.shape[0] * block, np.int32)
@@ -337,7 +339,7 @@ def _is_value(expr: Any, value: float) -> bool:
     return isinstance(expr, GenericConst) and expr.value.numpy().size == 1 and float(expr.value.numpy()) == value
 
 
-def rewrite_int_conv(bb: Any, call: relax.Call, lookup: Any) -> relax.Expr | None:
+def rewrite_int_conv(bb: Any, call: relax.Call, lookup: Any, isa: str = "avx512vnni") -> relax.Expr | None:
     """A channels-last conv (groups 1, static shapes) of ``q - zp`` (``q`` uint8 values) by a
     constant weight of int8 values: `u8s8_conv` over the input padded with the zero point, the
     int32 result cast to float32 (exact below 2^24, as the float conv it replaces); None where
@@ -415,6 +417,13 @@ def rewrite_int_conv(bb: Any, call: relax.Call, lookup: Any) -> relax.Expr | Non
         return te.compute([1, hp, wp_, cp], value, name="conv_pad_u8")
 
     xp = bb.emit(bb.call_te(pad, bb.emit(q)))
+    if isa != "avx512vnni":  # aarch64 sdot, AVX2 vpmaddwd
+        func = portable_conv(isa, (hp, wp_), tuple(out_sp), tuple(taps), tuple(strides), tuple(dilation), cp, co)
+        zp_const = relax.const(np.array([zp], np.int32))
+        y = bb.emit(_portable_call(bb, func, xp, wk, isa, zp_const, [1, *out_sp, co]))
+        if nsp == 1:
+            y = bb.emit(relax.op.reshape(y, [1, out_sp[1], co]))
+        return relax.op.astype(y, "float32")
     func = u8s8_conv((hp, wp_), tuple(out_sp), tuple(taps), tuple(strides), tuple(dilation), cp, co, block)
     gv = bb.add_func(func, func.attrs["global_symbol"])
     y = relax.call_tir(
@@ -426,3 +435,173 @@ def rewrite_int_conv(bb: Any, call: relax.Call, lookup: Any) -> relax.Expr | Non
     if nsp == 1:
         y = bb.emit(relax.op.reshape(y, [1, out_sp[1], co]))
     return relax.op.astype(y, "float32")
+
+
+# -- aarch64 dotprod and AVX2 -----------------------------------------------------------------
+# The same kernel on CPUs without VNNI, chosen by `int8_isa` as the LLM's `dot_isa` chooses:
+#
+# - aarch64 ``sdot``: four signed x signed byte products per int32 lane (4 lanes). onnxruntime's
+#   activations are uint8, so each byte has its sign bit flipped (``x ^ 0x80 = x - 128`` as int8)
+#   and the 128 comes back through the column sums: ``sum x W - zp colsum = sum (x - 128) W -
+#   (zp - 128) colsum``. Weight layout as VNNI's, ``int8 [N/B, K/4, B, 4]``.
+# - AVX2: ``vpmaddubsw`` (u8 x s8) saturates its 16-bit pair sums (2 x 255 x 127 > 32767), so
+#   onnxruntime's bytes would not come out; ``vpmaddwd`` multiplies 16-bit pairs into int32 lanes
+#   exactly (16 products per instruction, twice ``vpmulld``'s 8). The weight, ``int8 [N/B, K/2,
+#   B, 2]``, is widened to int16 as it is loaded (``vpmovsxbw``: half the bytes of an int16 copy,
+#   and artifacts store no int16), and two activation bytes make one 32-bit word.
+#
+# A GEMM is the conv below over a [1, 1, m, k] input with one tap.
+
+PORTABLE_ISAS = ("dotprod", "avx2")
+# Below this many multiply-adds a kernel runs on one thread (the float rules' `MIN_PARALLEL_MACS`:
+# these instructions do 16 products each, as a 512-bit FMA does).
+MIN_PARALLEL_PORTABLE_MACS = 1 << 22
+
+
+def int8_isa(target: Any) -> str | None:
+    """The integer instruction set the graph's int8 kernels use on ``target``: ``avx512vnni``,
+    ``dotprod`` (also on i8mm cores, which have it), ``avx2``, or None (the float path)."""
+    from tvm.target.codegen import llvm_get_cpu_features
+
+    from edgert.compiler.kernels.int8 import dot_isa
+
+    if target.kind.name != "llvm":
+        return None
+    isa = dot_isa(set(llvm_get_cpu_features(target)))
+    return "dotprod" if isa == "i8mm" else isa
+
+
+def _portable_shape(isa: str, n: int) -> tuple[int, int, int, int]:
+    """(int32 lanes per register, bytes of K per lane, column block, most rows per tile) for ``isa``."""
+    lanes, unit, registers = (4, 4, 32) if isa == "dotprod" else (8, 2, 16)
+    block = 4 * lanes if n > 2 * lanes else 2 * lanes if n > lanes else lanes
+    cw = block // lanes
+    # The rows' accumulators, the weight registers of one K step and the activation broadcast.
+    rows = max(1, min(8, (registers - cw - 1) // cw))
+    return lanes, unit, block, rows
+
+
+def pack_portable(w: np.ndarray, isa: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """int8 [K, N] (K a multiple of 4) -> (packed weight, column sums padded to the block, block)."""
+    k, n = w.shape
+    _, unit, block, _ = _portable_shape(isa, n)
+    pad = -n % block
+    wp = np.pad(w, ((0, 0), (0, pad))) if pad else w
+    packed = np.ascontiguousarray(wp.reshape(k // unit, unit, -1, block).transpose(2, 0, 3, 1).astype(np.int8))
+    colsum = np.zeros(packed.shape[0] * block, np.int32)
+    colsum[:n] = w.sum(axis=0, dtype=np.int64).astype(np.int32)
+    return packed, colsum, block
+
+
+@functools.cache
+def portable_conv(
+    isa: str,
+    inp: tuple[int, ...],
+    out: tuple[int, ...],
+    taps: tuple[int, ...],
+    strides: tuple[int, ...],
+    dilation: tuple[int, ...],
+    cp: int,
+    n: int,
+) -> tirx.PrimFunc:
+    """`u8s8_conv` for ``dotprod`` or ``avx2`` (weights packed by `pack_portable`): ``y[p, co] =
+    sum over taps and channels of xp[pos(p, tap), c] * W[tap, c, co] - zp * colsum[co]``."""
+    if isa not in PORTABLE_ISAS:
+        raise ValueError(f"portable_conv takes {' or '.join(PORTABLE_ISAS)}, not '{isa}'")
+    (hp, wp), (oh, ow), (kh, kw), (sh, sw), (dh, dw) = inp, out, taps, strides, dilation
+    lanes, unit, block, max_rows = _portable_shape(isa, n)
+    if cp % unit:
+        raise ValueError(f"portable_conv needs channels in multiples of {unit}, got {cp}")
+    m, cu = oh * ow, cp // unit
+    nb, full, cw = -(-n // block), n // block, block // lanes
+    rows = m if m <= max_rows else min(range(max_rows, max(1, max_rows // 2) - 1, -1), key=lambda r: -(-m // r) * r)
+    nt = -(-m // rows)
+    nbytes = lanes * 4
+    wdt, wlanes = ("int8", nbytes) if isa == "dotprod" else ("int16", lanes * 2)
+    offset = 128 if isa == "dotprod" else 0  # sdot's signed activations: x - 128, returned via colsum
+    tiles = T.parallel if m * kh * kw * cp * n >= MIN_PARALLEL_PORTABLE_MACS else T.serial
+
+    def word(x: Any, p: Any, ty: Any, tx: Any, cc: Any) -> Any:
+        """The ``unit`` activation bytes of one K step as an int32 (sign-flipped for sdot)."""
+        row, col = p // ow * sh + ty * dh, p % ow * sw + tx * dw
+        if isa == "dotprod":
+            return T.reinterpret("int32", x.vload([0, row, col, cc * 4], "uint8x4")) ^ T.int32(-2139062144)
+        lo = T.Cast("int32", x[0, row, col, cc * 2])
+        return lo | (T.Cast("int32", x[0, row, col, cc * 2 + 1]) << 16)
+
+    def dot(acc: Any, w: Any, xw: Any) -> Any:
+        if isa == "dotprod":
+            xb = T.reinterpret("int8x16", T.broadcast(xw, 4))
+            return T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), acc, w, xb, dtype="int32x4"
+            )
+        xb = T.reinterpret("int16x16", T.broadcast(xw, 8))
+        return acc + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), w, xb, dtype="int32x8"
+        )
+
+    @T.prim_func
+    def conv(
+        x: T.Buffer((1, hp, wp, cp), "uint8"),
+        wpk: T.Buffer((nb, kh * kw * cu, block, unit), "int8"),
+        colsum: T.Buffer((nb * block,), "int32"),
+        zp: T.Buffer((1,), "int32"),
+        y: T.Buffer((1, oh, ow, n), "int32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for t in tiles(nb * nt):
+            jo = t // nt
+            it = t % nt
+            acc = T.alloc_buffer((rows, cw, lanes), "int32", scope="local")
+            wv = T.alloc_buffer((cw, wlanes), wdt, scope="local")
+            for r, ci in T.grid(rows, cw):
+                acc[r, ci, T.ramp(0, 1, lanes)] = T.broadcast(T.int32(0), lanes)
+            for ty, tx, cc in T.grid(kh, kw, cu):
+                for ci in T.unroll(cw):
+                    wv[ci, T.ramp(0, 1, wlanes)] = T.Cast(
+                        f"{wdt}x{wlanes}", wpk.vload([jo, (ty * kw + tx) * cu + cc, ci * lanes, 0], f"int8x{wlanes}")
+                    )
+                for r in T.unroll(rows):
+                    xw = word(x, T.min(it * rows + r, m - 1), ty, tx, cc)  # rows past m repeat the last
+                    for ci in T.unroll(cw):
+                        acc[r, ci, T.ramp(0, 1, lanes)] = dot(
+                            acc[r, ci, T.ramp(0, 1, lanes)], wv[ci, T.ramp(0, 1, wlanes)], xw
+                        )
+            for r, ci in T.grid(rows, cw):
+                if it * rows + r < m:
+                    if jo < full:
+                        for v in T.vectorized(lanes):
+                            y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * lanes + v] = (
+                                acc[r, ci, v] - (zp[0] - offset) * colsum[jo * block + ci * lanes + v]
+                            )
+                    else:
+                        for v in range(lanes):
+                            if jo * block + ci * lanes + v < n:
+                                y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * lanes + v] = (
+                                    acc[r, ci, v] - (zp[0] - offset) * colsum[jo * block + ci * lanes + v]
+                                )
+
+    name = f"u8s8_{isa}_conv_{hp}x{wp}x{cp}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_n{n}"
+    return conv.with_attr("global_symbol", name)
+
+
+def _portable_call(
+    bb: Any, func: tirx.PrimFunc, xp: relax.Expr, wk: np.ndarray, isa: str, zp: relax.Expr, out: list[int]
+) -> relax.Expr:
+    """``call_tir`` of a `portable_conv` on the uint8 input ``xp`` by the int8 weight ``wk`` [K, N]."""
+    packed, colsum, _ = pack_portable(wk, isa)
+    gv = bb.add_func(func, func.attrs["global_symbol"])
+    return relax.call_tir(gv, [xp, relax.const(packed), relax.const(colsum), zp], out_ty=relax.TensorType(out, "int32"))
+
+
+def _portable_matmul(
+    bb: Any, isa: str, xq: relax.Expr, shape: list[int], weight: np.ndarray, zp: relax.Expr
+) -> relax.Expr:
+    """`rewrite_int_matmul`'s integer GEMM on ``isa``: a one-tap `portable_conv` over [1, 1, m, k]."""
+    k, n = weight.shape
+    m = int(np.prod(shape[:-1]))
+    func = portable_conv(isa, (1, m), (1, m), (1, 1), (1, 1), (1, 1), k, n)
+    func = func.with_attr("global_symbol", f"u8s8_{isa}_gemm_m{m}_k{k}_n{n}")
+    x4 = bb.emit(relax.op.reshape(xq, [1, 1, m, k]))
+    y = bb.emit(_portable_call(bb, func, x4, weight.astype(np.int8), isa, bb.emit(zp), [1, 1, m, n]))
+    return relax.op.reshape(y, [*shape[:-1], n])
