@@ -254,6 +254,37 @@ def test_integer_layers_match_onnxruntime_exactly(tmp_path):
         np.testing.assert_array_equal(got[key], want, err_msg=key)
 
 
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="an x86-64 build runs on x86-64 hosts only")
+def test_integer_layers_on_avx2_match_onnxruntime_exactly(tmp_path):
+    """x86-64-v3 (AVX2, no VNNI): the same integer layers on the vpmaddwd kernels, onnxruntime's bytes
+    (13 rows: row tiles of 5 with a remainder; 12, 24 and 40 columns: partial 16-column tiles)."""
+    import edgert
+    from edgert.compiler.schedules.int8_graph import int8_isa
+    from edgert.compiler.target import resolve
+    from edgert.families.graph.lower import optimize
+    from edgert.frontend.onnx_graph import import_onnx
+    from edgert.targets import load_target
+
+    path = tmp_path / "layers.onnx"
+    onnx.save(_integer_layers_graph(), str(path))
+    target, _ = resolve(load_target("x86-64-v3"), threads=2)
+    assert int8_isa(target) == "avx2"
+    mod, _, _ = optimize(import_onnx(path)[0], target, "f32")
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    assert len([n for n in names if "u8s8_avx2_gemm" in n]) == 3
+    assert len([n for n in names if "u8s8_avx2_conv" in n]) == 1
+    edgert.compile(str(path), target="x86-64-v3", output=tmp_path / "l.edgert")
+    rng = np.random.default_rng(6)
+    feeds = {
+        "x": rng.standard_normal((1, 13, 20)).astype(np.float32),
+        "x2": rng.standard_normal((13, 20)).astype(np.float32),
+    }
+    got = edgert.load(tmp_path / "l.edgert")(feeds)
+    for key, want in _reference(path, feeds).items():
+        assert got[key].dtype == want.dtype, key
+        np.testing.assert_array_equal(got[key], want, err_msg=key)
+
+
 def test_unsupported_contrib_operator_is_named(tmp_path):
     from edgert.errors import UnsupportedModelError
     from edgert.frontend.onnx_graph import import_onnx

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -173,10 +174,28 @@ def board_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         edgert.compile(str(onnx_files[name]), target="rpi5", output=folder / f"{name}.edgert")
         graphs.append({"name": name, "artifact": f"{name}.edgert", "feeds": {key: f"{name}/{key}" for key in feeds}})
 
+    # onnxruntime's integer layers (dynamic MatMulInteger, QDQ MatMul, Gemm and Conv): the sdot kernels.
+    import onnx
+    from test_graph_conv import _integer_layers_graph
+
+    onnx.save(_integer_layers_graph(), str(folder / "int8.onnx"))
+    sess = ort.InferenceSession(str(folder / "int8.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {
+        "x": rng.standard_normal((1, 13, 20)).astype(np.float32),
+        "x2": rng.standard_normal((13, 20)).astype(np.float32),
+    }
+    inputs.update({f"int8/{key}": value for key, value in feeds.items()})
+    refs.update({f"int8/{o.name}": v for o, v in zip(sess.get_outputs(), sess.run(None, feeds), strict=True)})
+    edgert.compile(str(folder / "int8.onnx"), target="rpi5", output=folder / "int8.edgert")
+    graphs.append({"name": "int8", "artifact": "int8.edgert", "feeds": {key: f"int8/{key}" for key in feeds}})
+    with zipfile.ZipFile(folder / "int8.edgert") as zf:
+        (folder / "int8.so").write_bytes(zf.read("model.so"))
+
     np.savez(folder / "inputs.npz", **inputs)
     (folder / "plan.json").write_text(json.dumps({"library": "kernels.so", "kernels": kernels, "graphs": graphs}))
     outputs = run_plan(folder, rootfs, spec.cpu)
-    return {"outputs": outputs, "refs": refs, "asm": _disassemble(folder / "kernels.so")}
+    asm = _disassemble(folder / "kernels.so")
+    return {"outputs": outputs, "refs": refs, "asm": asm, "int8_asm": _disassemble(folder / "int8.so")}
 
 
 def run_plan(folder: Path, rootfs: Path, cpu: str) -> dict[str, np.ndarray]:
@@ -239,6 +258,17 @@ def test_decode_attention_matches_numpy_on_aarch64(board_run: dict, head_dim: in
     name = f"attention_d{head_dim}"
     np.testing.assert_allclose(board_run["outputs"][f"{name}/0"], board_run["refs"][f"{name}/0"], atol=2e-5)
     np.testing.assert_allclose(board_run["outputs"][f"{name}/1"], board_run["refs"][f"{name}/1"], atol=2e-4)
+
+
+def test_int8_graph_matches_onnxruntime_bytes_on_aarch64(board_run: dict) -> None:
+    """MatMulInteger and the QDQ layers on the graph's sdot kernels: onnxruntime's integers and bytes."""
+    assert "sdot\tv" in board_run["int8_asm"]
+    keys = [k for k in board_run["refs"] if k.startswith("int8/")]
+    assert len(keys) == 5
+    for key in keys:
+        want, got = board_run["refs"][key], board_run["outputs"][key]
+        assert got.dtype == want.dtype, key
+        np.testing.assert_array_equal(got, want, err_msg=key)
 
 
 @pytest.mark.parametrize("case", GRAPHS + CODEC_KERNELS)

@@ -474,7 +474,8 @@ def int8_isa(target: Any) -> str | None:
 def _portable_shape(isa: str, n: int) -> tuple[int, int, int, int]:
     """(int32 lanes per register, bytes of K per lane, column block, most rows per tile) for ``isa``."""
     lanes, unit, registers = (4, 4, 32) if isa == "dotprod" else (8, 2, 16)
-    block = 4 * lanes if n > 2 * lanes else 2 * lanes if n > lanes else lanes
+    # 16 columns: 4 NEON or 2 ymm registers a K step, leaving room for 6 rows of accumulators.
+    block = 16 if n > 8 else max(lanes, -(-n // lanes) * lanes)
     cw = block // lanes
     # The rows' accumulators, the weight registers of one K step and the activation broadcast.
     rows = max(1, min(8, (registers - cw - 1) // cw))
