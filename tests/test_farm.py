@@ -138,3 +138,41 @@ def test_a_killed_and_a_hung_device_are_named_and_the_third_finishes(
         for proc in agents.values():
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_fleet_profile_of_a_graph_artifact(tracker: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph artifact (no decode step) in a fleet profile: the summary and the CLI give its call times."""
+    from conftest import load_tool
+
+    import edgert
+
+    graph = load_tool("make_tiny_onnx").write(tmp_path / "onnx", ["dense"])["dense"]
+    artifact = tmp_path / "dense.edgert"
+    edgert.compile(str(graph), output=artifact)
+    secret = new_secret()
+    monkeypatch.setenv(ENV, secret.hex())
+    key = "graphfleet"
+    argv = [sys.executable, "-m", "edgert.deploy.agent", "--root", str(tmp_path / "agent"), "--host", "127.0.0.1"]
+    argv += ["--rpc-port", "0", "--tracker", tracker, "--key", key, "--name", "local graph"]
+    argv += ["--secret-file", str(write_agent_copy(secret, tmp_path / "agent.secret"))]
+    with (tmp_path / "agent.log").open("wb") as log:
+        agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    try:
+        _wait_for(tracker, key, free=1)
+        report = tmp_path / "fleet.html"
+        args = ["--tracker", tracker, "--key", key, "--runs", "5", "--report", str(report)]
+        proc = run_cli("profile", str(artifact), *args)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert re.search(r"local graph: call p50 [0-9.]+ ms, p90 [0-9.]+ ms", proc.stderr), proc.stderr
+        doc = json.loads(report.with_suffix(".json").read_text())
+        assert doc["failures"] == [] and [d["kind"] for d in doc["devices"]] == ["graph"]
+        assert set(doc["summary"]) == {"call_ms", "load_seconds", "peak_rss_mb"}
+        (row,) = doc["summary"]["call_ms"]["devices"]
+        assert row["device"] == "local graph" and 0 < row["median"] <= row["p90"]
+        assert row["median"] == doc["devices"][0]["call_ms"]["p50"]
+        assert Path(f"{report.with_suffix('')}.call_ms.png").stat().st_size > 1000
+        assert "graph call" in report.read_text()
+    finally:
+        os.kill(agent.pid, signal.SIGKILL)
+        agent.wait()

@@ -114,15 +114,19 @@ def _fleet(
 
     paths = fleet_profile(artifact, tracker, key, report, devices=count, secret=secret, log=log, **options)
     doc = json.loads(paths["json"].read_text())
-    for row in doc["summary"]["decode_ms"]["devices"]:
+    # A language model's headline is its decode step, a graph's (no decode) its call.
+    metric, what, per = (
+        ("decode_ms", "decode", " per token") if "decode_ms" in doc["summary"] else ("call_ms", "call", "")
+    )
+    for row in doc["summary"][metric]["devices"]:
         err.print(
-            f"{escape(row['device'])}: decode p50 {row['median']:.2f} ms, p90 {row['p90']:.2f} ms per token",
+            f"{escape(row['device'])}: {what} p50 {row['median']:.2f} ms, p90 {row['p90']:.2f} ms{per}",
             highlight=False,
         )
-    spread = doc["summary"]["decode_ms"]["spread"]
+    spread = doc["summary"][metric]["spread"]
     if spread["max_over_min"] is not None:
         err.print(
-            f"spread of decode medians across devices: max/min {spread['max_over_min']}, cv {spread['cv']}",
+            f"spread of {what} medians across devices: max/min {spread['max_over_min']}, cv {spread['cv']}",
             highlight=False,
         )
     for failure in doc["failures"]:

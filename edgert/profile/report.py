@@ -287,10 +287,12 @@ launches, {gpu["kernel_ms"]} ms of kernel time in {gpu["wall_ms"]} ms wall time.
 
 # -- fleet ----------------------------------------------------------------------------------------
 
-# (metric, label, unit, how to read its median and p90 from one device's profile)
+# (metric, label, unit): a language model's profile has the decode and prefill times, a graph's its
+# call times; a metric goes into the summary where every device's profile has it.
 FLEET_METRICS: tuple[tuple[str, str, str], ...] = (
     ("decode_ms", "decode per token", "ms"),
     ("prefill_ms", "prefill", "ms"),
+    ("call_ms", "graph call", "ms"),
     ("load_seconds", "load", "s"),
     ("peak_rss_mb", "peak memory (max RSS)", "MB"),
 )
@@ -310,6 +312,8 @@ def fleet_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     for metric, label, unit in FLEET_METRICS:
+        if results and any(metric not in r for r in results):
+            continue
         rows = []
         for r in results:
             median, p90 = _median_p90(r, metric)
