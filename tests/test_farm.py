@@ -140,39 +140,32 @@ def test_a_killed_and_a_hung_device_are_named_and_the_third_finishes(
             proc.wait()
 
 
-def test_fleet_profile_of_a_graph_artifact(tracker: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A graph artifact (no decode step) in a fleet profile: the summary and the CLI give its call times."""
+def test_fleet_report_of_a_graph_artifact(tmp_path: Path) -> None:
+    """A graph artifact's profiles (no decode step) in a fleet report: the summary and the headlines take
+    its call times. (Leasing and deploying are the same for every artifact: the tests above.)"""
     from conftest import load_tool
 
     import edgert
+    from edgert.profile.measure import profile_graph
+    from edgert.profile.report import fleet_headlines, write_fleet_report
 
     graph = load_tool("make_tiny_onnx").write(tmp_path / "onnx", ["dense"])["dense"]
-    artifact = tmp_path / "dense.edgert"
-    edgert.compile(str(graph), output=artifact)
-    secret = new_secret()
-    monkeypatch.setenv(ENV, secret.hex())
-    key = "graphfleet"
-    argv = [sys.executable, "-m", "edgert.deploy.agent", "--root", str(tmp_path / "agent"), "--host", "127.0.0.1"]
-    argv += ["--rpc-port", "0", "--tracker", tracker, "--key", key, "--name", "local graph"]
-    argv += ["--secret-file", str(write_agent_copy(secret, tmp_path / "agent.secret"))]
-    with (tmp_path / "agent.log").open("wb") as log:
-        agent = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    try:
-        _wait_for(tracker, key, free=1)
-        report = tmp_path / "fleet.html"
-        args = ["--tracker", tracker, "--key", key, "--runs", "5", "--report", str(report)]
-        proc = run_cli("profile", str(artifact), *args)
-        assert proc.returncode == 0, proc.stderr
-        assert "Traceback" not in proc.stderr
-        assert re.search(r"local graph: call p50 [0-9.]+ ms, p90 [0-9.]+ ms", proc.stderr), proc.stderr
-        doc = json.loads(report.with_suffix(".json").read_text())
-        assert doc["failures"] == [] and [d["kind"] for d in doc["devices"]] == ["graph"]
-        assert set(doc["summary"]) == {"call_ms", "load_seconds", "peak_rss_mb"}
-        (row,) = doc["summary"]["call_ms"]["devices"]
-        assert row["device"] == "local graph" and 0 < row["median"] <= row["p90"]
-        assert row["median"] == doc["devices"][0]["call_ms"]["p50"]
-        assert Path(f"{report.with_suffix('')}.call_ms.png").stat().st_size > 1000
-        assert "graph call" in report.read_text()
-    finally:
-        os.kill(agent.pid, signal.SIGKILL)
-        agent.wait()
+    edgert.compile(str(graph), output=tmp_path / "dense.edgert")
+    results = []
+    for who in ("board a", "board b"):  # what `farm._profile_one` returns per device, from the agent's profile
+        result = profile_graph(edgert.load(tmp_path / "dense.edgert"), runs=5, operators=False)
+        result |= {"load_seconds": 0.1, "device": {"name": who, "emulated": False}, "link": {"uri": f"rpc://{who}"}}
+        results.append(result)
+    failed = [{"device": "board c", "lease": "rpc://c", "error": "refused", "kind": "DeviceError"}]
+    paths = write_fleet_report(
+        results, failed, tmp_path / "fleet.html", {"tracker": "t:1", "key": "k", "artifact": "dense.edgert"}
+    )
+    doc = json.loads(paths["json"].read_text())
+    assert set(doc["summary"]) == {"call_ms", "load_seconds", "peak_rss_mb"}
+    rows = doc["summary"]["call_ms"]["devices"]
+    assert [r["median"] for r in rows] == [r["call_ms"]["p50"] for r in results]
+    assert all(0 < r["median"] <= r["p90"] for r in rows)
+    assert paths["call_ms"].stat().st_size > 1000 and "graph call" in paths["html"].read_text()
+    lines = fleet_headlines(doc)
+    assert re.fullmatch(r"board a: call p50 [0-9.]+ ms, p90 [0-9.]+ ms", lines[0]), lines
+    assert lines[2].startswith("spread of call medians across devices: max/min ")

@@ -114,21 +114,10 @@ def _fleet(
 
     paths = fleet_profile(artifact, tracker, key, report, devices=count, secret=secret, log=log, **options)
     doc = json.loads(paths["json"].read_text())
-    # A language model's headline is its decode step, a graph's (no decode) its call.
-    metric, what, per = (
-        ("decode_ms", "decode", " per token") if "decode_ms" in doc["summary"] else ("call_ms", "call", "")
-    )
-    for row in doc["summary"][metric]["devices"]:
-        err.print(
-            f"{escape(row['device'])}: {what} p50 {row['median']:.2f} ms, p90 {row['p90']:.2f} ms{per}",
-            highlight=False,
-        )
-    spread = doc["summary"][metric]["spread"]
-    if spread["max_over_min"] is not None:
-        err.print(
-            f"spread of {what} medians across devices: max/min {spread['max_over_min']}, cv {spread['cv']}",
-            highlight=False,
-        )
+    from edgert.profile.report import fleet_headlines
+
+    for line in fleet_headlines(doc):
+        err.print(escape(line), highlight=False)
     for failure in doc["failures"]:
         err.print(f"[red]failed[/] {escape(failure['device'])}: {escape(failure['error'])}", highlight=False)
     err.print(f"[green]wrote[/] {paths['html']}, {paths['json'].name}, {paths['csv'].name}", highlight=False)

@@ -331,6 +331,21 @@ def fleet_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def fleet_headlines(doc: dict[str, Any]) -> list[str]:
+    """A fleet report's headline per device and the spread: a language model's decode step, a
+    graph's (no decode) call."""
+    summary = doc["summary"]
+    metric, what, per = ("decode_ms", "decode", " per token") if "decode_ms" in summary else ("call_ms", "call", "")
+    lines = [
+        f"{row['device']}: {what} p50 {row['median']:.2f} ms, p90 {row['p90']:.2f} ms{per}"
+        for row in summary[metric]["devices"]
+    ]
+    spread = summary[metric]["spread"]
+    if spread["max_over_min"] is not None:
+        lines.append(f"spread of {what} medians across devices: max/min {spread['max_over_min']}, cv {spread['cv']}")
+    return lines
+
+
 def write_fleet_report(
     results: list[dict[str, Any]], failures: list[dict[str, Any]], report: Path, about: dict[str, Any]
 ) -> dict[str, Path]:
