@@ -379,8 +379,11 @@ def _import_onnx(path: str | Path, input_shapes: dict[str, list[int]] | None = N
     model = read_onnx(path)
     if input_shapes:
         fix_input_shapes(model, input_shapes)
+    from edgert.frontend.onnx_contrib import expand_contrib, needs_contrib
     from edgert.frontend.onnx_quant import expand_quantized, integer_qdq, needs_expansion
 
+    if needs_contrib(model):  # onnxruntime's fused transformer operators (QAttention: MatMulInteger)
+        model = expand_contrib(model)
     # Before folding: folding would turn the int8 weights' DequantizeLinear into float weights.
     model = fold_constants(integer_qdq(model))
     if any(n.op_type == "LSTM" for n in model.graph.node):
