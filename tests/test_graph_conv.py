@@ -289,16 +289,16 @@ def test_unsupported_contrib_operator_is_named(tmp_path):
     from edgert.errors import UnsupportedModelError
     from edgert.frontend.onnx_graph import import_onnx
 
-    node = helper.make_node("DynamicQuantizeLSTM", ["x"], ["y"], name="lstm0", domain="com.microsoft")
+    node = helper.make_node("QLinearLeakyRelu", ["x"], ["y"], name="lrelu0", domain="com.microsoft")
     graph = helper.make_graph(
         [node], "g", [helper.make_tensor_value_info("x", F32, [1, 2])], [helper.make_tensor_value_info("y", F32, None)]
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     )
-    onnx.save(model, str(tmp_path / "lstm.onnx"))
-    with pytest.raises(UnsupportedModelError, match=r"com\.microsoft\.DynamicQuantizeLSTM \(nodes: lstm0\)"):
-        import_onnx(tmp_path / "lstm.onnx")
+    onnx.save(model, str(tmp_path / "lrelu.onnx"))
+    with pytest.raises(UnsupportedModelError, match=r"com\.microsoft\.QLinearLeakyRelu \(nodes: lrelu0\)"):
+        import_onnx(tmp_path / "lrelu.onnx")
 
 
 @pytest.mark.parametrize("entry", ["audio_cnn", "convnet.qop", "convnet", "mobilenet", "conformer"])

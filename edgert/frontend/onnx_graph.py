@@ -107,16 +107,29 @@ def check_graph(model: Any, source: str = "model") -> None:
             raise ModelFileError(f"{source}: graph output '{out.name}' is not computed by any node")
 
 
+def _is_lstm(node: Any) -> bool:
+    """An ONNX LSTM, or onnxruntime's DynamicQuantizeLSTM (its dynamic quantizer's int8 LSTM)."""
+    if node.domain == "com.microsoft":
+        return node.op_type == "DynamicQuantizeLSTM"
+    return node.op_type == "LSTM"
+
+
 def expand_lstm(model: Any) -> Any:
     """Rewrite each forward `LSTM` node (default activations, no peepholes) into primitive nodes.
 
     The recurrence is unrolled over the time steps, so the sequence length must be static; for
     streaming models such as silero-vad it is 1 per call. Gates follow ONNX's order i, o, f, c.
+
+    onnxruntime's ``DynamicQuantizeLSTM`` (int8 W [1, I, 4H] and R [1, H, 4H], already transposed,
+    with scales) takes its integer path: the input of every step quantized at once to uint8
+    (``DynamicQuantizeLinear``: one scale over the whole sequence, as onnxruntime's one GEMM for
+    all steps), each step's hidden state on its own, ``MatMulInteger`` by the int8 weights, then
+    ``float(acc) * (x_scale * w_scale)``.
     """
     graph = model.graph
     new_nodes, new_inits = [], []
     for node in graph.node:
-        if node.op_type != "LSTM":
+        if not _is_lstm(node):
             new_nodes.append(node)
             continue
         nodes, inits = _expand_one_lstm(model, node)
@@ -139,7 +152,15 @@ def _expand_one_lstm(model: Any, node: Any) -> tuple[list[Any], list[Any]]:
         raise UnsupportedModelError(f"LSTM node {where}: custom activations, clip, input_forget are not supported")
     if attrs.get("layout", 0) != 0:
         raise UnsupportedModelError(f"LSTM node {where}: layout=1 is not supported")
-    x_name, w_name, r_name, b_name, seq_lens, h0, c0, peep = [*node.input, *[""] * 8][:8]
+    x_name, w_name, r_name, b_name, seq_lens, h0, c0, peep, ws, wz, rs, rz = [*node.input, *[""] * 12][:12]
+    quantized = node.op_type == "DynamicQuantizeLSTM"
+    if quantized:
+        if not (ws and rs):
+            raise UnsupportedModelError(f"DynamicQuantizeLSTM node {where}: W_scale and R_scale are required")
+        for zp in (wz, rz):  # onnxruntime's kernel reads one zero point; its quantizer writes zeros
+            value = _init_array(model, zp) if zp else np.zeros(1)
+            if value is None or np.any(value):
+                raise UnsupportedModelError(f"DynamicQuantizeLSTM node {where}: nonzero weight zero points")
     if not w_name or not r_name:
         raise UnsupportedModelError(f"LSTM node {where}: weights W and R are required")
     if seq_lens or peep:
@@ -171,12 +192,21 @@ def _expand_one_lstm(model: Any, node: Any) -> tuple[list[Any], list[Any]]:
 
     # W, R and B may be computed (silero-vad builds them with Concat); they are folded later
     # when constant. W [1, 4H, I] -> [I, 4H]; B [1, 8H] -> Wb + Rb.
-    nodes += [
-        axis_node("Squeeze", w_name, p + "W", 0),
-        helper.make_node("Transpose", [p + "W"], [p + "Wt"], perm=[1, 0]),
-        axis_node("Squeeze", r_name, p + "R", 0),
-        helper.make_node("Transpose", [p + "R"], [p + "Rt"], perm=[1, 0]),
-    ]
+    if quantized:  # int8 [1, I, 4H] and [1, H, 4H]; scales [1] or [1, 4H] -> [1] or [4H]
+        inits.append(numpy_helper.from_array(np.array([-1], np.int64), p + "flat"))
+        nodes += [
+            axis_node("Squeeze", w_name, p + "Wt", 0),
+            axis_node("Squeeze", r_name, p + "Rt", 0),
+            helper.make_node("Reshape", [ws, p + "flat"], [p + "ws"]),
+            helper.make_node("Reshape", [rs, p + "flat"], [p + "rs"]),
+        ]
+    else:
+        nodes += [
+            axis_node("Squeeze", w_name, p + "W", 0),
+            helper.make_node("Transpose", [p + "W"], [p + "Wt"], perm=[1, 0]),
+            axis_node("Squeeze", r_name, p + "R", 0),
+            helper.make_node("Transpose", [p + "R"], [p + "Rt"], perm=[1, 0]),
+        ]
     if b_name:
         nodes += [
             axis_node("Squeeze", b_name, p + "Bs", 0),
@@ -196,6 +226,25 @@ def _expand_one_lstm(model: Any, node: Any) -> tuple[list[Any], list[Any]]:
         return p + tag + "zero"
 
     h, c = state(h0, "h"), state(c0, "c")
+
+    def int_matmul(x: str, w: str, w_scale: str, out: str) -> None:
+        """``x @ w`` as onnxruntime's quantized LSTM GEMM: x quantized on its own range, w int8."""
+        nodes.extend(
+            [
+                helper.make_node("DynamicQuantizeLinear", [x], [out + "q", out + "qs", out + "qz"]),
+                helper.make_node("MatMulInteger", [out + "q", w, out + "qz"], [out + "acc"]),
+                helper.make_node("Cast", [out + "acc"], [out + "accf"], to=1),
+                helper.make_node("Mul", [out + "qs", w_scale], [out + "sc"]),
+                helper.make_node("Mul", [out + "accf", out + "sc"], [out]),
+            ]
+        )
+
+    if quantized:  # every step's input projection at once: one activation scale, as onnxruntime
+        inits.append(numpy_helper.from_array(np.array([-1, _lstm_input_size(model, w_name)], np.int64), p + "rows"))
+        inits.append(numpy_helper.from_array(np.array([steps, -1, 4 * hidden], np.int64), p + "xwshape"))
+        nodes.append(helper.make_node("Reshape", [x_name, p + "rows"], [p + "x2"]))
+        int_matmul(p + "x2", p + "Wt", p + "ws", p + "xw2")
+        nodes.append(helper.make_node("Reshape", [p + "xw2", p + "xwshape"], [p + "xw"]))
     gates = ["i", "o", "f", "c"]
     ys = []
     for t in range(steps):
@@ -205,10 +254,16 @@ def _expand_one_lstm(model: Any, node: Any) -> tuple[list[Any], list[Any]]:
             if opset >= 18
             else helper.make_node("Split", [q + "g"], [q + g for g in gates], axis=-1)
         )
+        if quantized:
+            nodes.append(helper.make_node("Gather", [p + "xw", q + "idx"], [q + "xw"], axis=0))
+            int_matmul(h, p + "Rt", p + "rs", q + "hr")
+        else:
+            nodes += [
+                helper.make_node("Gather", [x_name, q + "idx"], [q + "x"], axis=0),
+                helper.make_node("MatMul", [q + "x", p + "Wt"], [q + "xw"]),
+                helper.make_node("MatMul", [h, p + "Rt"], [q + "hr"]),
+            ]
         nodes += [
-            helper.make_node("Gather", [x_name, q + "idx"], [q + "x"], axis=0),
-            helper.make_node("MatMul", [q + "x", p + "Wt"], [q + "xw"]),
-            helper.make_node("MatMul", [h, p + "Rt"], [q + "hr"]),
             helper.make_node("Add", [q + "xw", q + "hr"], [q + "s"]),
             helper.make_node("Add", [q + "s", p + "B"], [q + "g"]),
             split,
@@ -295,6 +350,21 @@ def _opset(model: Any) -> int:
         if op.domain in ("", "ai.onnx"):
             return int(op.version)
     return 1
+
+
+def _init_array(model: Any, name: str) -> np.ndarray | None:
+    """The value of initializer ``name``, or None."""
+    from onnx import numpy_helper
+
+    return next((numpy_helper.to_array(i) for i in model.graph.initializer if i.name == name), None)
+
+
+def _lstm_input_size(model: Any, w_name: str) -> int:
+    """I of a DynamicQuantizeLSTM's constant W [1, I, 4H]."""
+    dims = next((list(i.dims) for i in model.graph.initializer if i.name == w_name), None)
+    if dims is None or len(dims) != 3:
+        raise UnsupportedModelError(f"DynamicQuantizeLSTM: its weight {w_name} must be a constant [1, I, 4H]")
+    return int(dims[1])
 
 
 def _static_steps(model: Any, name: str) -> int | None:
@@ -386,7 +456,7 @@ def _import_onnx(path: str | Path, input_shapes: dict[str, list[int]] | None = N
         model = expand_contrib(model)
     # Before folding: folding would turn the int8 weights' DequantizeLinear into float weights.
     model = fold_constants(integer_qdq(model))
-    if any(n.op_type == "LSTM" for n in model.graph.node):
+    if any(_is_lstm(n) for n in model.graph.node):
         model = fold_constants(expand_lstm(model))
     if needs_expansion(model):
         model = fold_constants(expand_quantized(model))
