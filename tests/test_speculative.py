@@ -248,6 +248,8 @@ def test_the_policy_verifies_only_drafts_that_pay() -> None:
     assert policy.ready and policy.choose(sure, 15) >= 12
     assert policy.choose(unsure, 15) == 0  # 1.15 tokens for 1.2 steps: a plain step pays more
     assert policy.choose(sure, 4) == 4  # never more than k
+    policy.time(9, 0.045)  # 9 rows timed at 4.5 steps: more rows are assumed to cost at least that
+    assert policy.cost(12) == pytest.approx(4.5) and policy.cost(4) == pytest.approx(1.6)
     # Timed: 9 rows and more cost 4.5 steps, 8 rows 2 steps: the policy stops at 8 rows.
     for rows in range(2, 17):
         policy.time(rows, 0.010 * (1 + 0.14 * (rows - 1) if rows <= 8 else 4.5))

@@ -303,11 +303,14 @@ class DraftPolicy:
         return (kept + self.prior_weight * prior_acceptance(key)) / (tried + self.prior_weight)
 
     def cost(self, rows: int) -> float:
-        """A pass over ``rows`` rows in decode steps (timed, else the prior)."""
+        """A pass over ``rows`` rows in decode steps (timed, else the prior, and never below what
+        fewer rows were timed at: more rows do not cost less)."""
         plain, timed = self.times.get(1), self.times.get(rows)
         if rows > 1 and plain and timed:
             return max(min(timed) / min(plain), 1.0)
-        return 1.0 + self.prior_slope * (rows - 1)
+        below = [min(t) for n, t in self.times.items() if 1 < n < rows and t]
+        floor = max(below) / min(plain) if below and plain else 1.0
+        return max(1.0 + self.prior_slope * (rows - 1), floor)
 
     @property
     def ready(self) -> bool:
