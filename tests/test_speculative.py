@@ -407,3 +407,25 @@ def test_lookup_and_recycle_on_smollm2_grounded_prompts(smollm) -> None:
         assert 0 < accepted < drafted, spec
         if spec == "lookup":
             assert accepted / drafted > 0.1  # copies of the input: far above chance (1 in 49,152)
+
+
+def test_replaying_drafts_against_plain_output_counts_what_the_policy_would_run() -> None:
+    """`tools/replay_drafts.py`: a draft is kept where it equals plain decoding's next token; every
+    emitted token is counted once, passes at the table's cost."""
+    from conftest import load_tool
+
+    replay = load_tool("replay_drafts").replay
+    costs = {n: 1.0 + 0.2 * (n - 1) for n in range(2, 17)}
+    prompt = [7, *range(100, 140)]
+    copy = [*range(100, 140)]  # the answer repeats the prompt: long drafts, nearly all kept
+    policy = DraftPolicy(16)
+    policy.time(1, 1.0)
+    got = replay(prompt, copy, costs, "policy", 15, policy)
+    assert got["tokens"] == len(copy) - 1  # the tokens after the first, each once
+    assert 0 <= got["accepted"] + got["verifies"] + got["plain"] - got["tokens"] <= 1  # the last pass may overrun
+    assert got["verifies"] > 0 and got["tokens"] / got["steps"] > 2.0
+    # Nothing in the context to copy: plain steps only, whatever the mode.
+    fresh = [*range(500, 520)]
+    for mode in ("policy", "every-k"):
+        got = replay(prompt, fresh, costs, mode, 6, policy)
+        assert got["verifies"] == 0 and got["plain"] == got["tokens"] == len(fresh) - 1

@@ -83,22 +83,30 @@ def run(args: Any) -> list[Row]:
     )
 
 
-def verify_costs(model: Any, prompt: str, max_rows: int, rounds: int = 7) -> dict[int, float]:
+def verify_costs(model: Any, prompt: str, max_rows: int, rounds: int = 9) -> dict[int, float]:
     """A verify pass over n rows in decode steps, n = 2..``max_rows``: after the prompt's prefill, a
-    decode step and each pass at the same cache position, in alternation, the fastest of ``rounds``
-    each (the fastest, so that moments another process held the core do not count)."""
+    decode step and then the pass at the same cache position, each pair timed back to back, the
+    median of ``rounds`` pairs' ratios (a pair meets the same load, so the ratio holds up on a busy
+    machine better than either time)."""
     ids = model.encode_prompt(prompt, chat=True)
     model.reset()
     model.prefill(ids)
     drafts = (ids * (max_rows // len(ids) + 1))[:max_rows]
-    best = {n: float("inf") for n in range(1, max_rows + 1)}
+    ratios: dict[int, list[float]] = {n: [] for n in range(2, max_rows + 1)}
+
+    def timed(n: int) -> float:
+        t = time.perf_counter()
+        model.step(drafts[:n], all_logits=n > 1)
+        seconds = time.perf_counter() - t
+        model.rollback(n)
+        return seconds
+
+    timed(max_rows)  # warm-up
     for _ in range(rounds):
-        for n in best:
-            t = time.perf_counter()
-            model.step(drafts[:n], all_logits=n > 1)
-            best[n] = min(best[n], time.perf_counter() - t)
-            model.rollback(n)
-    return {n: best[n] / best[1] for n in best if n > 1}
+        for n in ratios:
+            step = timed(1)
+            ratios[n].append(timed(n) / step)
+    return {n: statistics.median(r) for n, r in ratios.items()}
 
 
 def llm_rows(args: Any) -> list[Row]:
@@ -106,7 +114,7 @@ def llm_rows(args: Any) -> list[Row]:
     decoding as the baseline.
 
     Besides the timed ratio (a loaded machine moves it), ``modelled`` is the ratio with each pass
-    costed by `verify_costs` (the fastest of several, so steady under load): tokens over plain
+    costed by `verify_costs` (pairs of a step and a pass timed back to back): tokens over plain
     steps plus the passes' cost in decode steps. Per task of the suite, where the time went:
     rounds, drafts kept, tokens per verify pass, passes that kept nothing, plain steps.
     """
