@@ -258,6 +258,12 @@ def test_the_policy_verifies_only_drafts_that_pay() -> None:
     # A slow pass (the core was taken) does not count: the fastest of the last ones does.
     policy.time(8, 0.5)
     assert policy.cost(8) == pytest.approx(1.98)
+    # A row count timed only when the core was taken costs no more than more rows were timed at.
+    unlucky = DraftPolicy(max_rows=16)
+    unlucky.time(1, 0.010)
+    unlucky.time(5, 0.040)
+    unlucky.time(8, 0.020)
+    assert unlucky.cost(5) == pytest.approx(2.0) and unlucky.cost(6) == pytest.approx(2.0)
     # Drafts of a key that keep failing lose the policy's trust; kept ones gain it.
     key = ("lookup", 3, True)
     start = policy.acceptance(key)

@@ -303,14 +303,19 @@ class DraftPolicy:
         return (kept + self.prior_weight * prior_acceptance(key)) / (tried + self.prior_weight)
 
     def cost(self, rows: int) -> float:
-        """A pass over ``rows`` rows in decode steps (timed, else the prior, and never below what
-        fewer rows were timed at: more rows do not cost less)."""
-        plain, timed = self.times.get(1), self.times.get(rows)
-        if rows > 1 and plain and timed:
-            return max(min(timed) / min(plain), 1.0)
-        below = [min(t) for n, t in self.times.items() if 1 < n < rows and t]
-        floor = max(below) / min(plain) if below and plain else 1.0
-        return max(1.0 + self.prior_slope * (rows - 1), floor)
+        """A pass over ``rows`` rows in decode steps: timed, else the prior but never below what
+        fewer rows were timed at; and never above what more rows were timed at (more rows do not
+        cost less, so one unlucky pass of a few rows does not rule them out for good)."""
+        plain = self.times.get(1)
+        if rows <= 1 or not plain:
+            return 1.0 + self.prior_slope * max(rows - 1, 0)
+        step = min(plain)
+        timed = {n: min(t) / step for n, t in self.times.items() if n > 1 and t}
+        if rows in timed:
+            own = timed[rows]
+        else:
+            own = max([1.0 + self.prior_slope * (rows - 1)] + [c for n, c in timed.items() if n < rows])
+        return max(min([own] + [c for n, c in timed.items() if n > rows]), 1.0)
 
     @property
     def ready(self) -> bool:
