@@ -58,6 +58,7 @@ def replay(
         while kept < length and full[t + 1 + kept] == drafts[kept]:
             kept += 1
         policy.record(found.keys[:length], kept)
+        policy.time(length + 1, costs[length + 1])  # as the decoder times its passes (steps of 1.0 s)
         counts["verifies"] += 1
         counts["wasted"] += kept == 0
         counts["drafted"] += length
