@@ -460,7 +460,7 @@ def _run_model(args: Any) -> list[Row]:
         roofline=f"{bound:.0f} tok/s ({per_token / 1e6:.1f} MB/token at {bandwidth:.1f} GB/s)",
         # The spread: the fraction at the median bandwidth of the probe's passes (the machine's load).
         of_roofline=f"{ours['decode'] / bound:.2f} ({ours['decode'] * per_token / (probe['median_gbs'] * 1e9):.2f})",
-        bytes_per_token={k: round(v / 1e6, 1) for k, v in reads.items()},
+        bytes_per_token=reads,
         bandwidth_gbs={k: probe[k] for k in ("best_gbs", "median_gbs", "worst_gbs")},
         runs=ours["decode_runs"],
         peer_runs=theirs["decode_runs"],
