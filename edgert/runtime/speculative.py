@@ -3,13 +3,14 @@
 A drafter proposes k tokens: `SelfDrafter` runs a subset of the model's own layers (a
 layer-skipping sub-model, or the first layers and an exit head) over the same KV cache;
 `ModelDrafter` runs a second, smaller build of the model (a Q4 build drafting for the f32
-one); `LookupDrafter` copies what followed the last n-gram's earlier occurrence in the context
-(prompt lookup) and `RecycleDrafter` follows an adjacency table of the tokens the model itself
-ranked first after each token in earlier steps (Token Recycling): those two cost nothing to
-draft, and `SpeculativeDecoder` stops drafting with them for a while whenever its rounds yield
-fewer tokens per second than plain steps, so they are not slower than plain decoding by more
-than the probing costs. The full model then scores the pending token and the k drafts in one ``verify`` pass;
-the agreeing prefix is kept and the rest rolled back (``popn``). Greedy output is the full
+one); `LookupDrafter` copies what followed the longest earlier match of the context's suffix
+(prompt lookup) and `RecycleDrafter` follows, where lookup finds nothing, an adjacency table of
+the tokens the model itself ranked first after each token in earlier steps (Token Recycling):
+those two cost nothing to draft, but a verify pass does, so `DraftPolicy` verifies only as many
+of their drafts as are expected to pay (acceptance learnt per match length, pass costs timed)
+and takes a plain step otherwise. The full model then scores the pending token and the k
+drafts in one ``verify`` pass; the agreeing prefix is kept and the rest rolled back (``popn``).
+Greedy output is the full
 model's token for token; with sampling the standard rule (accept draft d with probability
 min(1, p(d)/q(d)), else resample from max(0, p - q)) keeps the full model's distribution; a
 deterministic draft (lookup, recycle) has q = 1 on its token, so it is kept with probability p(d)
