@@ -43,6 +43,12 @@ def test_llm_section_measures_both_engines(tmp_path: Path) -> None:
             assert row["peer"] > 0 and row["peer_name"] == "llama.cpp" and row["ratio"] > 0, metric
     assert len(rows["decode"]["extra"]["runs"]) == 2
     assert "tok/s" in rows["decode"]["extra"]["roofline"] and "GB/s" in rows["decode"]["extra"]["roofline"]
+    # The roofline's parts: the bytes a token reads (weights, and the keys and values so far) and the
+    # bandwidth with its spread, best first.
+    reads, bandwidth = rows["decode"]["extra"]["bytes_per_token"], rows["decode"]["extra"]["bandwidth_gbs"]
+    assert reads["weights"] > 0 and reads["kv"] > 0 and reads["total"] == reads["weights"] + reads["kv"]
+    assert bandwidth["best_gbs"] >= bandwidth["median_gbs"] >= bandwidth["worst_gbs"] > 0
+    assert float(rows["decode"]["extra"]["of_roofline"].split()[0]) > 0
     assert rows["RSS while decoding (total)"]["extra"]["weights_plus_kv_mib"] > 0
     growth = rows["RSS while decoding (growth over the runtime's baseline)"]
     assert 0 < growth["edgert"] < rows["RSS while decoding (total)"]["edgert"]
@@ -51,3 +57,18 @@ def test_llm_section_measures_both_engines(tmp_path: Path) -> None:
         rows[f"load: {p}"]["edgert"] for p in ("import of the runtime", "model load", "first prefill and token")
     )
     assert parts == pytest.approx(rows["load to first token (total)"]["edgert"], rel=1e-6)
+
+
+def test_roofline_alternates_the_bandwidth_probe_and_decode_runs(tiny_host_artifact: Path) -> None:
+    """`llm.py roofline`: per round a burst of bandwidth passes and a decode run; the fraction is the
+    decode's bytes per second over the bandwidth, per round, with its spread."""
+    load_tool("replay_drafts")  # puts tools/ on the path, as the tools do for `peers`
+    from peers import llm
+
+    r = llm.roofline(tiny_host_artifact, 1, prompt_tokens=8, gen=4, rounds=2)
+    reads = r["bytes_per_token"]
+    assert reads["total"] == reads["weights"] + reads["kv"] and reads["kv"] > 0
+    assert r["buffer_mib"] >= 512  # far above any last-level cache here
+    assert r["fraction"]["min"] <= r["fraction"]["median"] <= r["fraction"]["max"]
+    best = r["decode_tps"]["best"] * reads["total"] / (r["bandwidth_gbs"]["best"] * 1e9)
+    assert r["fraction_of_bests"] == pytest.approx(best, rel=0.02)

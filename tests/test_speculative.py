@@ -12,7 +12,9 @@ from edgert.errors import EdgertError
 from edgert.runtime.layers import LayerStack
 from edgert.runtime.sampling import Sampler, SamplingParams
 from edgert.runtime.speculative import (
+    Candidate,
     DraftGate,
+    DraftPolicy,
     LookupDrafter,
     ModelDrafter,
     RecycleDrafter,
@@ -193,12 +195,29 @@ def tiny(tiny_host_artifact):
 
 def test_lookup_drafts_what_followed_the_latest_match_of_the_last_ngram() -> None:
     pick = lambda lg, h: 0  # noqa: E731 (never called: lookup drafts from the context alone)
-    drafter = LookupDrafter(ngram=3)
+    drafter = LookupDrafter(ngram=2)
     ctx = [5, 6, 7, 1, 2, 9, 5, 6, 7, 3, 4, 8, 8, 5, 6, 7]
-    assert drafter.propose(ctx, 3, pick) == ([3, 4, 8], [None] * 3)  # the latest 3-gram match
-    assert drafter.propose([1, 2, 3, 9, 2, 3], 4, pick)[0] == [9, 2, 3]  # a 2-gram, its continuation cut short
+    assert drafter.propose(ctx, 3, pick) == ([3, 4, 8], [None] * 3)  # the latest of two 3-token matches
+    # A 2-gram whose continuation reaches the end of the context: the copy goes on copying itself.
+    assert drafter.propose([1, 2, 3, 9, 2, 3], 4, pick)[0] == [9, 2, 3, 9]
+    assert LookupDrafter(ngram=3).propose([1, 2, 3, 9, 2, 3], 4, pick) == ([], [])  # shorter than ngram
     assert drafter.propose([1, 2, 3, 4], 4, pick) == ([], [])  # no earlier occurrence: no draft
-    assert drafter.propose([4, 4, 4, 4, 4], 2, pick)[0] == [4, 4]  # a run: the match with a full continuation
+    assert drafter.propose([4, 4, 4, 4, 4], 2, pick)[0] == [4, 4]  # a run copies itself
+
+
+def test_lookup_copies_after_the_longest_match_and_says_how_long() -> None:
+    drafter = LookupDrafter(ngram=1)
+    # The context ends "8 2 3": "8 2 3" occurs at the start, the later "9 2 3" matches 2 tokens only,
+    # so the copy follows the earlier, longer match.
+    ctx = [8, 2, 3, 5, 6, 9, 2, 3, 7, 1, 8, 2, 3]
+    assert drafter.match(ctx) == (3, 3, True)
+    found = drafter.candidate(ctx, 3)
+    assert found is not None and found.tokens == [5, 6, 9]
+    # Draft j extends the match to 3 + j tokens: the key the policy keeps its counts under.
+    assert [key[1] for key in found.keys] == [3, 4, 5]
+    # Two earlier "4"s followed by different tokens: the match is not unique.
+    assert drafter.match([4, 1, 4, 2, 4]) == (3, 1, False)
+    assert LookupDrafter(ngram=2).match([4, 1, 4, 2, 4]) is None  # shorter than the shortest match to copy after
 
 
 def test_recycle_follows_the_models_first_choice_after_each_token() -> None:
@@ -210,21 +229,70 @@ def test_recycle_follows_the_models_first_choice_after_each_token() -> None:
     assert drafter.propose([0, 3], 5, None) == ([4, 5, 1], [None] * 3)  # stops where the table has nothing
     drafter.observe([5], np.eye(6)[3])  # newer logits replace the old choice: after 5 comes 3
     assert drafter.propose([3], 4, None)[0] == [4, 5, 3, 4]
+    # With lookup in front (the default from the CLI): a copy from the context where there is one.
+    both = RecycleDrafter(vocab_size=6, lookup=LookupDrafter())
+    both.table[:] = drafter.table
+    assert both.propose([3, 0, 1, 3], 2, None)[0] == [0, 1]  # "3" occurred before, followed by 0 1
+    found = both.candidate([2, 3], 3)  # no earlier 3: the table's chain, keyed as such
+    assert found is not None and found.tokens == [4, 5, 3] and found.keys[0][0] == "table"
+
+
+def test_the_policy_verifies_only_drafts_that_pay() -> None:
+    """`DraftPolicy`: drafts expected to yield more tokens per decode step than a plain step."""
+    policy = DraftPolicy(max_rows=16)
+    assert not policy.ready  # no plain step timed: costs have nothing to be measured against
+    policy.time(1, 0.010)
+    sure = Candidate(list(range(15)), [("lookup", 12, True)] * 15)  # a long match: 0.97 a draft
+    unsure = Candidate([1, 2], [("lookup", 1, False)] * 2)  # one ambiguous token: 0.15
+    # Untimed row counts cost the prior 1 + 0.2 (n - 1) steps: a long copy takes nearly every row.
+    assert policy.ready and policy.choose(sure, 15) >= 12
+    assert policy.choose(unsure, 15) == 0  # 1.15 tokens for 1.2 steps: a plain step pays more
+    assert policy.choose(sure, 4) == 4  # never more than k
+    policy.time(9, 0.045)  # 9 rows timed at 4.5 steps: more rows are assumed to cost at least that
+    assert policy.cost(12) == pytest.approx(4.5) and policy.cost(4) == pytest.approx(1.6)
+    # Timed: 9 rows and more cost 4.5 steps, 8 rows 2 steps: the policy stops at 8 rows.
+    for rows in range(2, 17):
+        policy.time(rows, 0.010 * (1 + 0.14 * (rows - 1) if rows <= 8 else 4.5))
+    assert policy.choose(sure, 15) == 7
+    assert policy.cost(8) == pytest.approx(1.98)
+    # A slow pass (the core was taken) does not count: the fastest of the last ones does.
+    policy.time(8, 0.5)
+    assert policy.cost(8) == pytest.approx(1.98)
+    # A row count timed only when the core was taken costs no more than more rows were timed at.
+    unlucky = DraftPolicy(max_rows=16)
+    unlucky.time(1, 0.010)
+    unlucky.time(5, 0.040)
+    unlucky.time(8, 0.020)
+    assert unlucky.cost(5) == pytest.approx(2.0) and unlucky.cost(6) == pytest.approx(2.0)
+    # Drafts of a key that keep failing lose the policy's trust; kept ones gain it.
+    key = ("lookup", 3, True)
+    start = policy.acceptance(key)
+    for _ in range(40):
+        policy.record([key, ("lookup", 4, True)], 0)
+    assert policy.acceptance(key) < start / 2 and policy.choose(Candidate([1], [key]), 15) == 0
+    assert ("lookup", 4, True) not in policy.counts  # never tried: its draft came after a rejection
+    for _ in range(200):
+        policy.record([key], 1)
+    assert policy.acceptance(key) > start
 
 
 def test_greedy_lookup_and_recycle_output_is_plain_decoding(tiny) -> None:
     references = {p: [t.id for t in tiny.generate(p, max_tokens=24)] for p in PROMPTS}
-    for spec in ("lookup:k=5", "recycle:k=4", "lookup:k=3,ngram=1"):
+    for spec in ("lookup:k=5", "recycle:k=4", "lookup:k=3,ngram=2", "lookup"):
         drafter, k = parse_speculative(spec, tiny, lambda _p: tiny)
-        # Without the gate every chance to draft is taken, so both the accept and reject paths run.
-        decoder = SpeculativeDecoder(tiny, drafter, k, gate=False)
+        # Without the policy every chance to draft is taken, so both the accept and reject paths run.
+        decoder = SpeculativeDecoder(tiny, drafter, k, policy=False)
+        # The default: the policy picks the rounds and their length (up to 16 rows), the speed only.
+        policy = SpeculativeDecoder(tiny, drafter, k)
+        assert policy.policy is not None and decoder.policy is None
         drafted = accepted = 0
         for prompt, ref in references.items():
             assert [t.id for t in decoder.generate(prompt, max_tokens=24)] == ref, (spec, prompt)
             drafted, accepted = drafted + decoder.stats.drafted, accepted + decoder.stats.accepted
+            assert [t.id for t in policy.generate(prompt, max_tokens=24)] == ref, (spec, prompt)
         assert 0 < accepted < drafted, spec
-        gated = SpeculativeDecoder(tiny, drafter, k)  # the default: the gate changes the speed only
-        assert gated.gate and [t.id for t in gated.generate(PROMPTS[2], max_tokens=24)] == references[PROMPTS[2]]
+        gated = SpeculativeDecoder(tiny, drafter, k, gate=True, policy=False)  # the gate changes the speed only
+        assert [t.id for t in gated.generate(PROMPTS[2], max_tokens=24)] == references[PROMPTS[2]]
 
 
 def test_a_deterministic_draft_keeps_the_full_models_distribution() -> None:
@@ -249,6 +317,18 @@ def test_a_deterministic_draft_keeps_the_full_models_distribution() -> None:
     np.testing.assert_allclose(np.bincount(first, minlength=4) / len(first), p, atol=0.02)
     assert abs(decoder.stats.acceptance_rate - p[1]) < 0.03
 
+    class Offered(Fixed):  # offers candidates, so the policy decides (it learns p(1) and keeps drafting)
+        def candidate(self, history, limit):
+            return Candidate([1] * limit, [("lookup", 12, True)] * limit)
+
+    decoder = SpeculativeDecoder(Full(), Offered(), k=1)  # type: ignore[arg-type]
+    assert decoder.policy is not None
+    decoder.policy.time(1, 0.01)
+    decoder.policy.time(2, 0.001)  # a pass costs no more than a step: always worth a draft
+    first = [decoder._round([0], 1, sampler, params)[0] for _ in range(8000)]
+    np.testing.assert_allclose(np.bincount(first, minlength=4) / len(first), p, atol=0.02)
+    assert decoder.stats.plain_steps == 0 and abs(decoder.stats.acceptance_rate - p[1]) < 0.03
+
 
 def test_the_gate_pauses_drafting_while_rounds_are_slower_than_plain_steps() -> None:
     gate = DraftGate(pause=2, probe=5)
@@ -268,9 +348,10 @@ def test_the_gate_pauses_drafting_while_rounds_are_slower_than_plain_steps() -> 
 
 def test_lookup_and_recycle_options_are_checked(tiny) -> None:
     drafter, k = parse_speculative("lookup", tiny, lambda _p: tiny)
-    assert isinstance(drafter, LookupDrafter) and k == 6 and drafter.ngram == 3
+    assert isinstance(drafter, LookupDrafter) and k == 15 and drafter.ngram == 1
     drafter, k = parse_speculative("recycle:k=3", tiny, lambda _p: tiny)
     assert isinstance(drafter, RecycleDrafter) and k == 3 and "tree" in drafter.note
+    assert isinstance(drafter.lookup, LookupDrafter)  # lookup first, the table where it misses
     for spec, words in [("lookup:ngram=0", "ngram must be"), ("recycle:skip=3", "unknown option"), ("look", "lookup")]:
         with pytest.raises(EdgertError, match=words):
             parse_speculative(spec, tiny, lambda _p: tiny)
@@ -320,11 +401,37 @@ def test_lookup_and_recycle_on_smollm2_grounded_prompts(smollm) -> None:
     references = [[t.id for t in smollm.generate(p, max_tokens=48, chat=True)] for p in prompts]
     for spec in ("lookup", "recycle"):
         drafter, k = parse_speculative(spec, smollm, lambda _p: smollm)
-        decoder = SpeculativeDecoder(smollm, drafter, k, gate=False)
+        decoder = SpeculativeDecoder(smollm, drafter, k, policy=False)
+        # The policy's rounds, up to 16 rows a pass (recycle: lookup and the table both).
+        chosen = SpeculativeDecoder(smollm, drafter, k) if spec == "recycle" else None
         drafted = accepted = 0
         for prompt, ref in zip(prompts, references, strict=True):
             assert [t.id for t in decoder.generate(prompt, max_tokens=48, chat=True)] == ref, (spec, prompt)
             drafted, accepted = drafted + decoder.stats.drafted, accepted + decoder.stats.accepted
+            if chosen is not None:
+                assert [t.id for t in chosen.generate(prompt, max_tokens=48, chat=True)] == ref, (spec, prompt)
         assert 0 < accepted < drafted, spec
         if spec == "lookup":
             assert accepted / drafted > 0.1  # copies of the input: far above chance (1 in 49,152)
+
+
+def test_replaying_drafts_against_plain_output_counts_what_the_policy_would_run() -> None:
+    """`tools/replay_drafts.py`: a draft is kept where it equals plain decoding's next token; every
+    emitted token is counted once, passes at the table's cost."""
+    from conftest import load_tool
+
+    replay = load_tool("replay_drafts").replay
+    costs = {n: 1.0 + 0.2 * (n - 1) for n in range(2, 17)}
+    prompt = [7, *range(100, 140)]
+    copy = [*range(100, 140)]  # the answer repeats the prompt: long drafts, nearly all kept
+    policy = DraftPolicy(16)
+    policy.time(1, 1.0)
+    got = replay(prompt, copy, costs, "policy", 15, policy)
+    assert got["tokens"] == len(copy) - 1  # the tokens after the first, each once
+    assert 0 <= got["accepted"] + got["verifies"] + got["plain"] - got["tokens"] <= 1  # the last pass may overrun
+    assert got["verifies"] > 0 and got["tokens"] / got["steps"] > 2.0
+    # Nothing in the context to copy: plain steps only, whatever the mode.
+    fresh = [*range(500, 520)]
+    for mode in ("policy", "every-k"):
+        got = replay(prompt, fresh, costs, mode, 6, policy)
+        assert got["verifies"] == 0 and got["plain"] == got["tokens"] == len(fresh) - 1

@@ -61,8 +61,9 @@ def run(
         str | None,
         typer.Option(
             "--speculative",
-            help="Lossless speculative decoding: lookup[:k=6,ngram=3] (copies n-gram continuations from the "
-            "context), recycle[:k=4] (the model's own earlier top choices), self:k=4 (layer-skipping draft; "
+            help="Lossless speculative decoding: lookup[:k=15,ngram=1] (copies what followed the longest earlier "
+            "match in the context; each pass verifies only the drafts expected to pay), recycle[:k=15] (lookup, "
+            "else the model's own earlier top choices), self:k=4 (layer-skipping draft; "
             ",skip=3-9 or ,exit=16) or model:DRAFT.edgert:k=4 (a smaller build drafts). Off by default.",
         ),
     ] = None,

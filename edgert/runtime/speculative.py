@@ -3,13 +3,14 @@
 A drafter proposes k tokens: `SelfDrafter` runs a subset of the model's own layers (a
 layer-skipping sub-model, or the first layers and an exit head) over the same KV cache;
 `ModelDrafter` runs a second, smaller build of the model (a Q4 build drafting for the f32
-one); `LookupDrafter` copies what followed the last n-gram's earlier occurrence in the context
-(prompt lookup) and `RecycleDrafter` follows an adjacency table of the tokens the model itself
-ranked first after each token in earlier steps (Token Recycling): those two cost nothing to
-draft, and `SpeculativeDecoder` stops drafting with them for a while whenever its rounds yield
-fewer tokens per second than plain steps, so they are not slower than plain decoding by more
-than the probing costs. The full model then scores the pending token and the k drafts in one ``verify`` pass;
-the agreeing prefix is kept and the rest rolled back (``popn``). Greedy output is the full
+one); `LookupDrafter` copies what followed the longest earlier match of the context's suffix
+(prompt lookup) and `RecycleDrafter` follows, where lookup finds nothing, an adjacency table of
+the tokens the model itself ranked first after each token in earlier steps (Token Recycling):
+those two cost nothing to draft, but a verify pass does, so `DraftPolicy` verifies only as many
+of their drafts as are expected to pay (acceptance learnt per match length, pass costs timed)
+and takes a plain step otherwise. The full model then scores the pending token and the k
+drafts in one ``verify`` pass; the agreeing prefix is kept and the rest rolled back (``popn``).
+Greedy output is the full
 model's token for token; with sampling the standard rule (accept draft d with probability
 min(1, p(d)/q(d)), else resample from max(0, p - q)) keeps the full model's distribution; a
 deterministic draft (lookup, recycle) has q = 1 on its token, so it is kept with probability p(d)
@@ -19,8 +20,9 @@ and a rejection resamples from p without d.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,10 @@ class DraftStats:
     drafted: int = 0
     accepted: int = 0
     plain_steps: int = 0  # decode steps without a draft (nothing to propose, or drafting paused)
+    wasted: int = 0  # verify passes that kept no draft
+    verify_seconds: float = 0.0  # time in verify passes
+    plain_seconds: float = 0.0  # time in plain steps
+    passes: dict[int, int] = field(default_factory=dict)  # verify passes by row count (drafts + 1)
 
     @property
     def acceptance_rate(self) -> float:
@@ -52,6 +58,8 @@ class DraftStats:
         self.rounds += 1
         self.drafted += drafted
         self.accepted += accepted
+        self.wasted += accepted == 0
+        self.passes[drafted + 1] = self.passes.get(drafted + 1, 0) + 1
 
     def to_dict(self) -> dict[str, float | int]:
         """Plain dict for JSON output."""
@@ -61,6 +69,10 @@ class DraftStats:
             "accepted": self.accepted,
             "acceptance_rate": round(self.acceptance_rate, 4),
             "plain_steps": self.plain_steps,
+            "wasted_verifies": self.wasted,
+            "verify_seconds": round(self.verify_seconds, 4),
+            "plain_seconds": round(self.plain_seconds, 4),
+            "passes": dict(sorted(self.passes.items())),
         }
 
 
@@ -144,35 +156,72 @@ class ModelDrafter:
         return drafts, logits
 
 
+@dataclass
+class Candidate:
+    """What a cheap drafter could copy: up to ``tokens`` (longest first); ``keys[j]`` names the
+    acceptance statistic of draft j (`DraftPolicy`), e.g. the match length it would extend."""
+
+    tokens: list[int]
+    keys: list[tuple[Any, ...]]
+
+
 class LookupDrafter:
-    """Prompt lookup: the tokens that followed the latest earlier occurrence of the context's last
-    n-gram (``ngram`` tokens, else shorter, down to one). Drafts nothing where nothing matches."""
+    """Prompt lookup: what followed the latest earlier occurrence of the context's longest
+    suffix that occurs earlier (at least ``ngram`` tokens, up to ``max_match``).
+
+    `candidate` gives the whole continuation with, per token, the match it would extend (a
+    longer match is likelier to hold: SmolLM2 on the grounded suite keeps about 0.3 of the
+    drafts after a 1-token match and 0.97 after 12 tokens), so `DraftPolicy` decides how many
+    rows to verify; `propose` drafts ``k`` of them outright.
+    """
 
     note = ""
 
-    def __init__(self, ngram: int = 3):
-        self.ngram = ngram
+    def __init__(self, ngram: int = 1, max_match: int = 64):
+        self.ngram, self.max_match = ngram, max_match
+
+    def match(self, context: Sequence[int]) -> tuple[int, int, bool] | None:
+        """(start of the continuation, match length, whether every occurrence of that length is
+        followed by the same token), or None where the suffix (``ngram`` tokens) occurs nowhere earlier."""
+        ctx = np.asarray(context, dtype=np.int64)
+        size = len(ctx)
+        if size < 2:
+            return None
+        ends = np.flatnonzero(ctx[:-1] == ctx[-1])  # where an earlier occurrence of the suffix ends
+        n = 1
+        while ends.size and n < self.max_match:
+            longer = ends[ends >= n]
+            longer = longer[ctx[longer - n] == ctx[size - 1 - n]]
+            if not longer.size:
+                break
+            ends, n = longer, n + 1
+        if not ends.size or n < self.ngram:
+            return None
+        return int(ends[-1]) + 1, n, bool((ctx[ends + 1] == ctx[ends[-1] + 1]).all())
+
+    def candidate(self, context: Sequence[int], limit: int = 16) -> Candidate | None:
+        """The continuation of the longest match (up to ``limit`` tokens), or None."""
+        found = self.match(context)
+        if found is None:
+            return None
+        start, n, unique = found
+        tokens = [int(t) for t in context[start : start + limit]]
+        while len(tokens) < limit:  # the copy reached the end of the context: it goes on copying itself (a loop)
+            tokens.append(tokens[len(tokens) - (len(context) - start)])
+        # Draft j, if the ones before it hold, extends the match to n + j tokens.
+        return Candidate(tokens, [("lookup", min(n + j, 12), unique or n + j >= 4) for j in range(len(tokens))])
 
     def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray | None]]:
         """Up to ``k`` tokens copied from the context (deterministic drafts: no logits)."""
-        ctx = np.asarray(context, dtype=np.int64)
-        size = len(ctx)
-        for n in range(min(self.ngram, size - 1), 0, -1):
-            # Windows of n tokens that start before the tail does, compared with the tail.
-            windows = np.lib.stride_tricks.sliding_window_view(ctx[: size - 1], n)
-            starts = np.flatnonzero((windows == ctx[size - n :]).all(axis=1))
-            if starts.size:
-                # The latest match whose continuation has k tokens, else the latest of all.
-                full = starts[starts + n + k <= size]
-                start = int(full[-1] if full.size else starts[-1]) + n
-                drafts = [int(t) for t in ctx[start : start + k]]
-                return drafts, [None] * len(drafts)
-        return [], []
+        found = self.candidate(context, k)
+        drafts = found.tokens if found is not None else []
+        return drafts, [None] * len(drafts)
 
 
 class RecycleDrafter:
     """Token Recycling: a table of the token the full model ranked first after each token, filled
-    from the logits of every step and verify pass (kept across generations), drafts a chain.
+    from the logits of every step and verify pass (kept across generations), drafts a chain
+    where prompt lookup (`LookupDrafter`, tried first: a copy of the input holds longer) finds nothing.
 
     The method drafts a tree of each token's top candidates and verifies it with a tree
     attention mask; the builds have a chain ``verify`` only (no tree-verify entry), so the best
@@ -181,23 +230,121 @@ class RecycleDrafter:
 
     note = "recycle: the build has no tree-verify entry, so the best chain is drafted"
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, lookup: LookupDrafter | None = None):
         self.table = np.full(vocab_size, -1, dtype=np.int64)
+        self.lookup = lookup
 
     def observe(self, tokens: Sequence[int], logits: np.ndarray) -> None:
         """Record the full model's first choice after each of ``tokens`` (``logits``: [len, vocab])."""
         self.table[np.asarray(tokens)] = np.argmax(logits.reshape(len(tokens), -1), axis=-1)
 
-    def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray | None]]:
-        """Follow the table from the last token for up to ``k`` tokens (deterministic drafts)."""
+    def chain(self, token: int, k: int) -> list[int]:
+        """Follow the table from ``token`` for up to ``k`` tokens."""
         drafts: list[int] = []
-        token = int(context[-1])
         for _ in range(k):
             token = int(self.table[token])
             if token < 0:
                 break
             drafts.append(token)
+        return drafts
+
+    def candidate(self, context: Sequence[int], limit: int = 16) -> Candidate | None:
+        """The lookup continuation where there is one, else the table's chain (or None)."""
+        found = self.lookup.candidate(context, limit) if self.lookup is not None else None
+        if found is not None:
+            return found
+        tokens = self.chain(int(context[-1]), limit)
+        return Candidate(tokens, [("table", min(j, 3)) for j in range(len(tokens))]) if tokens else None
+
+    def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray | None]]:
+        """Up to ``k`` tokens: the lookup continuation, else the table's chain (deterministic drafts)."""
+        found = self.candidate(context, k)
+        drafts = found.tokens if found is not None else []
         return drafts, [None] * len(drafts)
+
+
+# How often the full model keeps a draft, before this decoder has seen any: SmolLM2 on the project's
+# grounded and open suites (tools/peers/speculative.py), by the length of the lookup match the draft
+# extends and whether every earlier occurrence of the match went on alike; table chains by position.
+PRIOR_ACCEPTANCE = {1: 0.3, 2: 0.55, 3: 0.62, 4: 0.75, 5: 0.85}
+
+
+def prior_acceptance(key: tuple[Any, ...]) -> float:
+    """The acceptance `DraftPolicy` assumes for a key it has no counts for."""
+    if key[0] == "table":
+        return 0.3
+    _, n, unique = key
+    a = PRIOR_ACCEPTANCE.get(n, 0.88 if n < 12 else 0.97)
+    return a if unique else a / 2
+
+
+class DraftPolicy:
+    """How many drafts to verify, so that each verify pays: the expected tokens a pass over L + 1
+    rows yields over what it costs in decode steps, against 1 for a plain step.
+
+    A draft j is kept, when the ones before it were, with the acceptance of its key (counts of
+    earlier rounds, starting from `prior_acceptance` weighted as ``prior_weight`` rounds); a pass
+    yields 1 + sum_j prod_{i<=j} a_i tokens. What a pass over n rows costs is timed here: the
+    fastest of the last few passes of n rows over the fastest of the last few plain steps (the
+    fastest, so a pass that lost its core to another process does not count against n). Row counts
+    not timed yet are assumed to cost ``1 + prior_slope * (n - 1)`` steps, so the policy tries
+    them and then keeps to what pays (the multi-row kernels cost steps, not a line: today 5 rows
+    1.9 steps and 9 rows 4.4 on SmolLM2's int8 build).
+    """
+
+    def __init__(self, max_rows: int, prior_weight: float = 8.0, prior_slope: float = 0.2, window: int = 8):
+        self.max_rows, self.prior_weight, self.prior_slope = max_rows, prior_weight, prior_slope
+        self.counts: dict[tuple[Any, ...], list[float]] = {}  # key -> [drafts tried, kept]
+        self.times: dict[int, deque[float]] = {}  # rows -> seconds of the last passes
+        self.window = window
+
+    def acceptance(self, key: tuple[Any, ...]) -> float:
+        """The chance a draft of this key is kept (when the drafts before it were)."""
+        tried, kept = self.counts.get(key, (0.0, 0.0))
+        return (kept + self.prior_weight * prior_acceptance(key)) / (tried + self.prior_weight)
+
+    def cost(self, rows: int) -> float:
+        """A pass over ``rows`` rows in decode steps: timed, else the prior but never below what
+        fewer rows were timed at; and never above what more rows were timed at (more rows do not
+        cost less, so one unlucky pass of a few rows does not rule them out for good)."""
+        plain = self.times.get(1)
+        if rows <= 1 or not plain:
+            return 1.0 + self.prior_slope * max(rows - 1, 0)
+        step = min(plain)
+        timed = {n: min(t) / step for n, t in self.times.items() if n > 1 and t}
+        if rows in timed:
+            own = timed[rows]
+        else:
+            own = max([1.0 + self.prior_slope * (rows - 1)] + [c for n, c in timed.items() if n < rows])
+        return max(min([own] + [c for n, c in timed.items() if n > rows]), 1.0)
+
+    @property
+    def ready(self) -> bool:
+        """False until a plain step has been timed (costs are measured against it)."""
+        return bool(self.times.get(1))
+
+    def choose(self, candidate: Candidate, k: int) -> int:
+        """How many of the candidate's drafts to verify (0: a plain step pays more)."""
+        best, length = 1.0, 0
+        expected = kept = 1.0
+        for j in range(min(k, len(candidate.tokens), self.max_rows - 1)):
+            kept *= self.acceptance(candidate.keys[j])
+            expected += kept
+            gain = expected / self.cost(j + 2)
+            if gain > best:
+                best, length = gain, j + 1
+        return length
+
+    def record(self, keys: Sequence[tuple[Any, ...]], accepted: int) -> None:
+        """Count a round: the drafts of ``keys`` were tried in order, the first ``accepted`` kept."""
+        for j, key in enumerate(keys[: accepted + 1]):
+            counts = self.counts.setdefault(key, [0.0, 0.0])
+            counts[0] += 1
+            counts[1] += j < accepted
+
+    def time(self, rows: int, seconds: float) -> None:
+        """Record how long a pass over ``rows`` rows (1: a plain step) took."""
+        self.times.setdefault(rows, deque(maxlen=self.window)).append(seconds)
 
 
 def default_skip(num_layers: int) -> list[int]:
@@ -205,14 +352,17 @@ def default_skip(num_layers: int) -> list[int]:
     return list(range(num_layers // 4 + 1, num_layers - num_layers // 4, 2))
 
 
-DEFAULT_K = {"self": 4, "model": 4, "lookup": 6, "recycle": 4}
+# lookup and recycle: the most drafts a pass may take (a verify pass runs up to 16 decode rows);
+# `DraftPolicy` picks how many of them each round verifies.
+DEFAULT_K = {"self": 4, "model": 4, "lookup": 15, "recycle": 15}
 OPTIONS = {"self": {"k", "skip", "exit"}, "model": {"k"}, "lookup": {"k", "ngram"}, "recycle": {"k"}}
 SPEC_FORMS = "self:k=N[,skip=...|,exit=N], model:PATH[:k=N], lookup[:k=N,ngram=N] or recycle[:k=N]"
 
 
 def parse_speculative(spec: str, model: Generator, load_draft: Callable[[str], Generator]) -> tuple[object, int]:
     """A drafter and k from ``self:k=4``, ``self:k=4,skip=3-9,12``, ``self:k=3,exit=16``,
-    ``model:PATH:k=4``, ``lookup:k=6,ngram=3`` or ``recycle:k=4``.
+    ``model:PATH:k=4``, ``lookup:k=15,ngram=1`` or ``recycle:k=15`` (for these two ``k`` bounds the
+    drafts of a pass and ``ngram`` is the shortest match to copy after; `DraftPolicy` decides the rest).
 
     Without ``skip`` or ``exit``, ``self`` uses the skip set stored by `edgert calibrate`,
     else `default_skip`.
@@ -234,12 +384,12 @@ def parse_speculative(spec: str, model: Generator, load_draft: Callable[[str], G
     if kind == "model":
         return ModelDrafter(load_draft(path), model), k
     if kind == "lookup":
-        ngram = _int(options.get("ngram", "3"), spec)
+        ngram = _int(options.get("ngram", "1"), spec)
         if not 1 <= ngram <= 8:
             raise EdgertError(f"--speculative '{spec}': ngram must be in 1..8")
         return LookupDrafter(ngram), k
     if kind == "recycle":
-        return RecycleDrafter(model.vocab_size), k
+        return RecycleDrafter(model.vocab_size, LookupDrafter()), k
     num_layers = int(model.artifact.manifest["model"]["num_layers"])
     if "exit" in options:
         depth = _int(options["exit"], spec)
@@ -332,16 +482,24 @@ class DraftGate:
 class SpeculativeDecoder:
     """Generates with a drafter and the full model as verifier; same interface as `Generator.generate`.
 
-    ``gate`` (default: on for the drafters that cost nothing, lookup and recycle) pauses drafting
-    while rounds are slower than plain steps (`DraftGate`); it changes the speed, never the tokens.
+    A drafter that offers candidates (lookup, recycle: `candidate`) drafts through a `DraftPolicy`
+    (``policy``, on by default for them): each round verifies only as many drafts as are expected
+    to pay, and takes a plain step where none would; what it learns carries over between
+    generations. ``gate`` (off by default) pauses drafting while rounds are slower than plain steps
+    (`DraftGate`). Both change the speed, never the tokens.
     """
 
-    def __init__(self, model: Generator, drafter: Any, k: int = 4, gate: bool | None = None):
+    def __init__(
+        self, model: Generator, drafter: Any, k: int = 4, gate: bool | None = None, policy: bool | None = None
+    ):
         self.model, self.drafter, self.k = model, drafter, k
         self.stats = SpeculativeStats()
-        self.gate = isinstance(drafter, LookupDrafter | RecycleDrafter) if gate is None else gate
-        # One gate for every generation: what it learnt about rounds and plain steps carries over.
+        cheap = hasattr(drafter, "candidate")
+        self.gate = bool(gate)
+        # One gate and one policy for every generation: what they learnt carries over.
         self._gate = DraftGate() if self.gate else None
+        rows = getattr(getattr(model, "cache", None), "rows", 1)
+        self.policy = DraftPolicy(rows if rows > 1 else k + 1) if (cheap if policy is None else policy) else None
         self._observe = getattr(drafter, "observe", None)
         self._drafted = False  # whether the last step drafted (for the gate)
 
@@ -388,22 +546,43 @@ class SpeculativeDecoder:
 
     def _plain(self, history: list[int], sampler: Sampler) -> int:
         """One decode step of the full model, no draft."""
+        t = time.perf_counter()
         logits = self.model.step([history[-1]])
+        seconds = time.perf_counter() - t
+        if self.policy is not None:
+            self.policy.time(1, seconds)
         if self._observe is not None:
             self._observe(history[-1:], logits)
         self.stats.plain_steps += 1
+        self.stats.plain_seconds += seconds
         return sampler(logits, history)
 
+    def _drafts(self, history: list[int], k: int, sampler: Sampler) -> tuple[list[int], list[Any], list[Any]]:
+        """The drafts of this round, their logits (None: deterministic) and their policy keys."""
+        policy = self.policy
+        if policy is None:
+            drafts, draft_logits = self.drafter.propose(history, k, sampler)
+            return drafts[:k], draft_logits[:k], []
+        if not policy.ready:  # plain steps are what a pass's cost is measured against
+            return [], [], []
+        found = self.drafter.candidate(history, min(k, policy.max_rows - 1))
+        length = policy.choose(found, k) if found is not None else 0
+        if not length:
+            return [], [], []
+        return found.tokens[:length], [None] * length, found.keys[:length]
+
     def _round(self, history: list[int], k: int, sampler: Sampler, params: SamplingParams) -> list[int]:
-        """Draft k tokens, verify them in one pass; the tokens to emit (accepted drafts + one from the full model)."""
+        """Draft up to k tokens, verify them in one pass; the tokens to emit (kept drafts + one from the full model)."""
         m, stats = self.model, self.stats
-        drafts, draft_logits = self.drafter.propose(history, k, sampler)
-        drafts, draft_logits = drafts[:k], draft_logits[:k]
-        if not drafts:  # nothing to propose: a plain step
+        drafts, draft_logits, keys = self._drafts(history, k, sampler)
+        if not drafts:  # nothing worth verifying: a plain step
             return [self._plain(history, sampler)]
         self._drafted = True
         k = len(drafts)
+        t = time.perf_counter()
         full = m.step([history[-1], *drafts], all_logits=True)
+        seconds = time.perf_counter() - t
+        stats.verify_seconds += seconds
         if self._observe is not None:
             self._observe([history[-1], *drafts], full)
         out: list[int] = []
@@ -432,6 +611,9 @@ class SpeculativeDecoder:
             out.append(sampler(full[k], history + drafts))
         accepted = len(out) - 1
         stats.count_round(k, accepted)
+        if self.policy is not None:
+            self.policy.record(keys, accepted)
+            self.policy.time(k + 1, seconds)
         m.rollback(k - accepted)  # the cache holds the pending token and k drafts; keep the accepted ones
         return out
 

@@ -9,8 +9,10 @@ plus the KV cache: as the process total, and as the growth over the runtime's ow
 (the process with the runtime imported, before the model loads). Both engines get the same
 token ids and the same context length. The compile time and artifact size of edgert stand
 beside the GGUF's size. The decode row
-carries the roofline bound: the weight bytes each token reads over the memory bandwidth
-measured here with the same threads (a parallel streaming sum, compiled with TVM).
+carries the roofline bound: the bytes each token reads (the weights, and the keys and values of
+the positions so far) over the read bandwidth measured here with the same threads (a parallel
+sum over a buffer far above the last-level cache, compiled with TVM; the best of 30 passes, the
+median beside it as the spread), and the decode's fraction of it.
 
 With ``--background N``, both engines run again beside N busy processes (`edgert.profile.background`)
 and the contended decode row stands beside the quiet one: edgert with its default threads (they
@@ -18,6 +20,7 @@ follow the free cores), llama.cpp with ``--threads``, as each is used out of the
 
     python tools/bench_peers.py --only llm --threads 2
     python tools/bench_peers.py --only llm --threads 2 --background 1
+    python tools/peers/llm.py roofline ARTIFACT [THREADS [ROUNDS]]   (decode against the roofline alone)
     python tools/peers/llm.py worker edgert ARTIFACT ...   (internal: one engine's run)
 """
 
@@ -203,40 +206,92 @@ def _run_worker(engine: str, path: Path, ids_file: Path, args: Any, threads: int
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def memory_bandwidth_gbs(threads: int, mbytes: int = 256, repeats: int = 5) -> float:
-    """Bytes per second streamed from memory by a parallel, vectorized sum over ``threads`` threads."""
-    import numpy as np
-    import tvm
-    from tvm.script import tirx as T
-    from tvm.target import codegen
+def _l3_bytes() -> int:
+    """The largest CPU cache of this machine (sysfs), 32 MiB where it cannot be read."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip().upper()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=32 * 2**20)
 
-    n = mbytes * 1024 * 1024 // 4
-    chunks, lanes = 64 * threads, 16
-    per = n // chunks
 
-    @T.prim_func
-    def stream_sum(a: T.Buffer((n,), "float32"), out: T.Buffer((chunks, lanes), "float32")):
-        T.func_attr({"global_symbol": "stream_sum", "tirx.noalias": True})
-        for c in T.parallel(chunks):
-            for v in T.vectorized(lanes):
-                out[c, v] = T.float32(0)
-            for i in range(per // lanes):
+class BandwidthProbe:
+    """Read bandwidth of this machine with ``threads`` threads (TVM's pool, as the decode uses it):
+    a parallel sum over a buffer of ``mbytes`` MiB (default: 16x the last-level cache, at least
+    512), each thread with 8 independent vector accumulators so the loads, not the adds' latency,
+    set the pace (one accumulator read about half as fast)."""
+
+    def __init__(self, threads: int, mbytes: int | None = None):
+        import numpy as np
+        import tvm
+        from tvm.script import tirx as T
+        from tvm.target import codegen
+
+        mbytes = mbytes or max(512, 16 * _l3_bytes() // 2**20)
+        lanes, accs = 16, 8
+        chunks = 64 * threads
+        per = (mbytes * 2**20 // 4) // (chunks * lanes * accs) * (lanes * accs)  # floats per chunk
+        n = per * chunks
+
+        @T.prim_func
+        def stream_sum(a: T.Buffer((n,), "float32"), out: T.Buffer((chunks, lanes), "float32")):
+            T.func_attr({"global_symbol": "stream_sum", "tirx.noalias": True})
+            for c in T.parallel(chunks):
+                acc = T.alloc_buffer((accs, lanes), "float32", scope="local")
+                for u in T.unroll(accs):
+                    for v in T.vectorized(lanes):
+                        acc[u, v] = T.float32(0)
+                for i in range(per // (lanes * accs)):
+                    for u in T.unroll(accs):
+                        for v in T.vectorized(lanes):
+                            acc[u, v] = acc[u, v] + a[c * per + (i * accs + u) * lanes + v]
                 for v in T.vectorized(lanes):
-                    out[c, v] = out[c, v] + a[c * per + i * lanes + v]
+                    out[c, v] = T.float32(0)
+                for u in range(accs):
+                    for v in T.vectorized(lanes):
+                        out[c, v] = out[c, v] + acc[u, v]
 
-    saved = os.environ.get("TVM_NUM_THREADS")
-    os.environ["TVM_NUM_THREADS"] = str(threads)  # sizes this process's pool; given back below
-    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": threads})
-    f = tvm.compile(tvm.IRModule({"stream_sum": stream_sum}), target=target)["stream_sum"]
-    a = tvm.runtime.tensor(np.ones(n, np.float32))
-    out = tvm.runtime.tensor(np.zeros((chunks, lanes), np.float32))
-    f(a, out)
-    best = min(_timed(lambda: f(a, out)) for _ in range(repeats))
-    if saved is None:  # left set, it would fix the thread count of every later worker (the busy rows')
-        os.environ.pop("TVM_NUM_THREADS")
-    else:
-        os.environ["TVM_NUM_THREADS"] = saved
-    return n * 4 / best / 1e9
+        saved = os.environ.get("TVM_NUM_THREADS")
+        os.environ["TVM_NUM_THREADS"] = str(threads)  # sizes this process's pool; given back below
+        try:
+            target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": threads})
+            self._f = tvm.compile(tvm.IRModule({"stream_sum": stream_sum}), target=target)["stream_sum"]
+            self._a = tvm.runtime.tensor(np.ones(n, np.float32))
+            self._out = tvm.runtime.tensor(np.zeros((chunks, lanes), np.float32))
+            self._f(self._a, self._out)  # pages in, pool started
+        finally:
+            if saved is None:  # left set, it would fix the thread count of every later worker (the busy rows')
+                os.environ.pop("TVM_NUM_THREADS")
+            else:
+                os.environ["TVM_NUM_THREADS"] = saved
+        if abs(float(self._out.numpy().sum()) - n) > n * 1e-3:  # the kernel read every element once
+            raise RuntimeError("the bandwidth kernel summed the wrong count")
+        self.bytes, self.threads = n * 4, threads
+
+    def rates(self, repeats: int) -> list[float]:
+        """GB/s of ``repeats`` passes, in order."""
+        return [self.bytes / _timed(lambda: self._f(self._a, self._out)) / 1e9 for _ in range(repeats)]
+
+
+def memory_bandwidth(threads: int, mbytes: int | None = None, repeats: int = 30) -> dict[str, float]:
+    """The best of ``repeats`` passes of `BandwidthProbe` in GB/s, with the median and the worst as its
+    spread (another process on a core shows there)."""
+    probe = BandwidthProbe(threads, mbytes)
+    rates = sorted(probe.rates(repeats))
+    return {
+        "best_gbs": round(rates[-1], 2),
+        "median_gbs": round(statistics.median(rates), 2),
+        "worst_gbs": round(rates[0], 2),
+        "buffer_mib": probe.bytes // 2**20,
+        "threads": threads,
+        "repeats": repeats,
+    }
+
+
+def memory_bandwidth_gbs(threads: int, mbytes: int | None = None, repeats: int = 30) -> float:
+    """The best read bandwidth of `memory_bandwidth`, GB/s."""
+    return memory_bandwidth(threads, mbytes, repeats)["best_gbs"]
 
 
 def _timed(fn: Any) -> float:
@@ -261,6 +316,67 @@ def _kv_bytes(artifact: Path, context: int) -> int:
 
     kv = open_artifact(artifact).manifest["kv_cache"]
     return 2 * context * kv["num_layers"] * kv["num_kv_heads"] * kv["head_dim"] * 4  # float32 K and V
+
+
+def token_bytes(artifact: Path, prompt_tokens: int, gen: int) -> dict[str, int]:
+    """What a decode step reads, on average over a run of ``gen`` steps after ``prompt_tokens``: every
+    weight but a gathered (untied) embedding table, and the keys and values of the positions so far."""
+    weights, _ = _weight_bytes_per_token(artifact)
+    kv = _kv_bytes(artifact, prompt_tokens + (gen - 1) // 2)
+    return {"weights": weights, "kv": kv, "total": weights + kv}
+
+
+def roofline(artifact: Path, threads: int, prompt_tokens: int = 128, gen: int = 64, rounds: int = 7) -> dict[str, Any]:
+    """Decode speed against the roofline (the bytes a token reads over the measured read bandwidth),
+    in one process with the same threads: each round a burst of bandwidth passes (their best) and a
+    greedy decode run, in alternation, so that another process's load meets both alike. The
+    fraction per round, its median and spread, and the best decode over the best bandwidth."""
+    import numpy as np
+
+    import edgert
+    from edgert.profile.bench import BENCH_TEXT
+
+    probe = BandwidthProbe(threads)
+    model = edgert.load(artifact, threads=threads)
+    base = model.tokenizer.encode(BENCH_TEXT)
+    ids = (base * (prompt_tokens // len(base) + 1))[:prompt_tokens]
+    reads = token_bytes(artifact, prompt_tokens, gen)
+    bandwidth, decode, fractions = [], [], []
+    for _ in range(rounds + 1):  # the first round warms up, dropped
+        bw = max(probe.rates(5))
+        model.reset()
+        logits = model.prefill(ids)
+        t = time.perf_counter()
+        for _ in range(gen):
+            logits = model.step([int(np.argmax(logits))])
+        tps = gen / (time.perf_counter() - t)
+        bandwidth.append(bw)
+        decode.append(tps)
+        fractions.append(tps * reads["total"] / (bw * 1e9))
+    bandwidth, decode, fractions = bandwidth[1:], decode[1:], fractions[1:]
+    return {
+        "artifact": str(artifact),
+        "threads": threads,
+        "buffer_mib": probe.bytes // 2**20,
+        "bytes_per_token": reads,
+        "bandwidth_gbs": {
+            "best": round(max(bandwidth), 1),
+            "median": round(statistics.median(bandwidth), 1),
+            "worst": round(min(bandwidth), 1),
+        },
+        "decode_tps": {
+            "best": round(max(decode), 1),
+            "median": round(statistics.median(decode), 1),
+            "worst": round(min(decode), 1),
+        },
+        "fraction": {
+            "median": round(statistics.median(fractions), 3),
+            "min": round(min(fractions), 3),
+            "max": round(max(fractions), 3),
+        },
+        "fraction_of_bests": round(max(decode) * reads["total"] / (max(bandwidth) * 1e9), 3),
+        "rounds": rounds,
+    }
 
 
 def run(args: Any) -> list[Row]:
@@ -324,8 +440,11 @@ def _run_model(args: Any) -> list[Row]:
                     busy[engine] = _run_worker(engine, path, ids_file, args, threads)
                 busy[engine]["background_cpu_s"] = bg.cpu_seconds
 
-        bandwidth = memory_bandwidth_gbs(args.threads)
-        per_token, total = _weight_bytes_per_token(artifact)
+        probe = memory_bandwidth(args.threads)
+        bandwidth = probe["best_gbs"]
+        _, total = _weight_bytes_per_token(artifact)
+        reads = token_bytes(artifact, args.llm_prompt_tokens, args.llm_gen_tokens)
+        per_token = reads["total"]
         bound = bandwidth * 1e9 / per_token
         kv = _kv_bytes(artifact, args.llm_context)
         size = sum(f["size"] for f in art.manifest["files"].values())
@@ -339,6 +458,10 @@ def _run_model(args: Any) -> list[Row]:
         ours["decode"],
         theirs["decode"],
         roofline=f"{bound:.0f} tok/s ({per_token / 1e6:.1f} MB/token at {bandwidth:.1f} GB/s)",
+        # The spread: the fraction at the median bandwidth of the probe's passes (the machine's load).
+        of_roofline=f"{ours['decode'] / bound:.2f} ({ours['decode'] * per_token / (probe['median_gbs'] * 1e9):.2f})",
+        bytes_per_token=reads,
+        bandwidth_gbs={k: probe[k] for k in ("best_gbs", "median_gbs", "worst_gbs")},
         runs=ours["decode_runs"],
         peer_runs=theirs["decode_runs"],
         edgert_isa=" ".join(art.manifest["target"].get("cpu_flags", [])) or art.manifest["target"]["cpu"],
@@ -437,5 +560,9 @@ def _worker_main(argv: list[str]) -> int:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "worker":
         sys.exit(_worker_main(sys.argv[2:]))
+    if len(sys.argv) > 2 and sys.argv[1] == "roofline":  # roofline ARTIFACT [THREADS [ROUNDS]]
+        threads, rounds = [int(x) for x in sys.argv[3:5]] + [os.cpu_count() or 1, 7][len(sys.argv[3:5]) :]
+        print(json.dumps(roofline(Path(sys.argv[2]), threads, rounds=rounds), indent=1))
+        sys.exit(0)
     print(__doc__)
     sys.exit(2)

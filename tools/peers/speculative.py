@@ -21,6 +21,8 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +52,14 @@ def add_arguments(group: Any) -> None:
     speculative_whisper.add_arguments(group)
 
 
+def load_cases(path: Path) -> list[dict[str, Any]]:
+    """The cases of a suite file (one JSON object with a "prompt", and a "task", per line)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def load_suite(path: Path) -> list[str]:
-    """The prompts of a suite file (one JSON object with a "prompt" per line)."""
-    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+    """The prompts of a suite file."""
+    return [case["prompt"] for case in load_cases(path)]
 
 
 def decode_suite(runner: Any, prompts: list[str], tokens: int) -> tuple[list[list[int]], float, dict[str, int]]:
@@ -76,8 +83,41 @@ def run(args: Any) -> list[Row]:
     )
 
 
+def verify_costs(model: Any, prompt: str, max_rows: int, rounds: int = 9) -> dict[int, float]:
+    """A verify pass over n rows in decode steps, n = 2..``max_rows``: after the prompt's prefill, a
+    decode step and then the pass at the same cache position, each pair timed back to back, the
+    median of ``rounds`` pairs' ratios (a pair meets the same load, so the ratio holds up on a busy
+    machine better than either time)."""
+    ids = model.encode_prompt(prompt, chat=True)
+    model.reset()
+    model.prefill(ids)
+    drafts = (ids * (max_rows // len(ids) + 1))[:max_rows]
+    ratios: dict[int, list[float]] = {n: [] for n in range(2, max_rows + 1)}
+
+    def timed(n: int) -> float:
+        t = time.perf_counter()
+        model.step(drafts[:n], all_logits=n > 1)
+        seconds = time.perf_counter() - t
+        model.rollback(n)
+        return seconds
+
+    timed(max_rows)  # warm-up
+    for _ in range(rounds):
+        for n in ratios:
+            step = timed(1)
+            ratios[n].append(timed(n) / step)
+    return {n: statistics.median(r) for n, r in ratios.items()}
+
+
 def llm_rows(args: Any) -> list[Row]:
-    """Plain decoding and each mode, runs interleaved, on each suite; rows with plain decoding as the baseline."""
+    """Plain decoding and each mode, interleaved prompt by prompt, on each suite; rows with plain
+    decoding as the baseline.
+
+    Besides the timed ratio (a loaded machine moves it), ``modelled`` is the ratio with each pass
+    costed by `verify_costs` (pairs of a step and a pass timed back to back): tokens over plain
+    steps plus the passes' cost in decode steps. Per task of the suite, where the time went:
+    rounds, drafts kept, tokens per verify pass, passes that kept nothing, plain steps.
+    """
     import edgert
     from edgert.runtime.speculative import SpeculativeDecoder, parse_speculative
 
@@ -89,43 +129,85 @@ def llm_rows(args: Any) -> list[Row]:
         folder = Path(tempfile.mkdtemp(prefix="edgert-spec-"))
         art = compile_model("smollm2-135m", output=folder / "smollm2.edgert", threads=args.threads).path
     model = edgert.load(art, threads=args.threads)
+    specs = list(filter(None, args.spec_modes.split(",")))
     rows = []
+    costs = None
     for suite, path in SUITES.items():
-        prompts = load_suite(path)[: args.spec_prompts or None]
-        specs = list(filter(None, args.spec_modes.split(",")))
+        cases = load_cases(path)[: args.spec_prompts or None]
+        if costs is None:
+            costs = verify_costs(model, cases[0]["prompt"], max(model.cache.rows, 2))
         decoders = {}
         for spec in specs:
             drafter, k = parse_speculative(spec, model, lambda p: edgert.load(p, threads=args.threads))
             decoders[spec] = SpeculativeDecoder(model, drafter, k)
-        plain, by_spec = [], {spec: [] for spec in specs}
-        for _ in range(args.repeats):  # interleaved: a change in the machine's load meets every mode alike
-            plain.append(decode_suite(model, prompts, args.spec_tokens))
-            for spec, decoder in decoders.items():
-                by_spec[spec].append(decode_suite(decoder, prompts, args.spec_tokens))
-        reference, base = plain[0][0], statistics.median(r[1] for r in plain)
+        runners = {BASE: model, **decoders}
+        outs: dict[str, list[list[list[int]]]] = {name: [] for name in runners}
+        speed: dict[str, list[float]] = {name: [] for name in runners}
+        counts: dict[str, dict[str, Counter]] = {name: {} for name in runners}
+        for _ in range(args.repeats):
+            # Prompt by prompt, every mode in turn: a change in the machine's load meets them alike.
+            per = {name: ([], 0.0, 0) for name in runners}
+            for case in cases:
+                for name, runner in runners.items():
+                    # From an empty cache, as a first run: a prompt found whole in the cache has its
+                    # last token computed again by a decode step, whose int8 numerics differ a little
+                    # from the prefill's, and the text may then differ too.
+                    model.reset()
+                    ids = [t.id for t in runner.generate(case["prompt"], max_tokens=args.spec_tokens, chat=True)]
+                    got, seconds, tokens = per[name]
+                    per[name] = ([*got, ids], seconds + runner.stats.decode_seconds, tokens + max(len(ids) - 1, 0))
+                    if runner is not model and len(outs[name]) == 0:  # the first repeat's counts
+                        tally = counts[name].setdefault(case.get("task", suite), Counter())
+                        st = runner.stats
+                        tally.update(
+                            tokens=max(len(ids) - 1, 0),
+                            rounds=st.rounds,
+                            drafted=st.drafted,
+                            accepted=st.accepted,
+                            wasted=st.wasted,
+                            plain=st.plain_steps,
+                        )
+                        tally.update({f"rows{n}": c for n, c in st.passes.items()})
+            for name, (got, seconds, tokens) in per.items():
+                outs[name].append(got)
+                speed[name].append(tokens / seconds if seconds else 0.0)
+        reference, base = outs[BASE][0], statistics.median(speed[BASE])
         for spec, decoder in decoders.items():
-            runs, k = by_spec[spec], decoder.k
-            counts = runs[0][2]
-            acceptance = counts["accepted"] / counts["drafted"] if counts["drafted"] else 0.0
+            total = sum(counts[spec].values(), Counter())
             rows.append(
                 Row(
                     NAME,
-                    f"{spec} on {suite} ({len(prompts)} prompts, {args.spec_tokens} tokens)",
+                    f"{spec} on {suite} ({len(cases)} prompts, {args.spec_tokens} tokens)",
                     "decode",
                     "tok/s",
-                    statistics.median(r[1] for r in runs),
+                    statistics.median(speed[spec]),
                     base,
                     BASE,
                     extra={
-                        "identical": all(r[0] == reference for r in runs),
-                        "acceptance": round(acceptance, 3),
-                        "tokens_per_verify": round((counts["accepted"] + counts["rounds"]) / counts["rounds"], 2)
-                        if counts["rounds"]
-                        else 0.0,
-                        "k": k,
+                        "identical": all(r == reference for r in outs[spec]),
+                        **draft_summary(total, costs),
+                        "runs": [round(v, 1) for v in speed[spec]],
+                        "plain_runs": [round(v, 1) for v in speed[BASE]],
+                        "by_task": {task: draft_summary(c, costs) for task, c in counts[spec].items()},
+                        "verify_costs": {n: round(c, 2) for n, c in costs.items()},
+                        "k": decoder.k,
                     },
                 )
             )
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
     return rows
+
+
+def draft_summary(c: Counter, costs: dict[int, float]) -> dict[str, Any]:
+    """Acceptance, tokens per verify pass, wasted passes, plain steps and the modelled speedup of
+    one mode's counts (``costs``: a pass over n rows in decode steps)."""
+    steps = c["plain"] + sum(costs.get(n, n) * c[f"rows{n}"] for n in range(2, 17))
+    return {
+        "acceptance": round(c["accepted"] / c["drafted"], 3) if c["drafted"] else 0.0,
+        "tokens_per_verify": round((c["accepted"] + c["rounds"]) / c["rounds"], 2) if c["rounds"] else 0.0,
+        "verifies": c["rounds"],
+        "wasted_verifies": c["wasted"],
+        "plain_steps": c["plain"],
+        "modelled": round(c["tokens"] / steps, 3) if steps else 0.0,
+    }

@@ -1,0 +1,133 @@
+"""Lookup drafting replayed against plain greedy decoding: steady figures on a loaded machine.
+
+Greedy speculative decoding emits plain decoding's tokens, so a draft is kept exactly where it
+equals the next plain token: given each prompt's plain output, the rounds `DraftPolicy` would
+run, the drafts they keep and the plain steps between them follow without the model. Each pass
+is costed from a table of decode steps per row count, so the speedup does not move with the
+machine's load. Tables: ``measured`` (`peers.speculative.verify_costs`: the median ratio of a
+pass to a decode step timed back to back; or ``--costs 2=1.16,3=1.22,...`` taken elsewhere),
+and ``five-at-1.5`` (the same table with every pass's extra cost scaled so 5 rows cost 1.5
+steps: issue 20 part 1's target). Modes: ``policy`` (`DraftPolicy`, as `--speculative lookup`
+runs), ``every-k`` (the continuation up to k = 6 at every chance: drafting before the policy).
+Recycle needs the model's logits and is not replayed.
+
+    python tools/replay_drafts.py smollm2.edgert [--tokens 64] [--threads 2] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
+
+from peers.speculative import SUITES, load_cases, verify_costs  # noqa: E402
+
+from edgert.runtime.speculative import DraftPolicy, LookupDrafter  # noqa: E402
+
+
+def replay(
+    prompt: list[int], plain: list[int], costs: dict[int, float], mode: str, k: int, policy: DraftPolicy
+) -> dict:
+    """Rounds over one prompt: the counts, and the decode steps they cost (``costs``: rows -> steps)."""
+    drafter = LookupDrafter()
+    full = prompt + plain
+    t = len(prompt)  # full[t] is the pending token (emitted); the cache holds full[:t]
+    counts = {"tokens": 0, "verifies": 0, "wasted": 0, "plain": 0, "drafted": 0, "accepted": 0, "steps": 0.0}
+    while t < len(full) - 1:
+        left = len(full) - 1 - t  # tokens still to come after the pending one
+        found = drafter.candidate(full[: t + 1], min(k, policy.max_rows - 1))
+        if found is None:
+            length = 0
+        elif mode == "policy":
+            length = min(policy.choose(found, k), left)
+        else:
+            length = min(len(found.tokens), k, left)
+        if not length:
+            counts["plain"] += 1
+            counts["tokens"] += 1
+            counts["steps"] += 1.0
+            t += 1
+            continue
+        drafts = found.tokens[:length]
+        kept = 0
+        while kept < length and full[t + 1 + kept] == drafts[kept]:
+            kept += 1
+        policy.record(found.keys[:length], kept)
+        policy.time(length + 1, costs[length + 1])  # as the decoder times its passes (steps of 1.0 s)
+        counts["verifies"] += 1
+        counts["wasted"] += kept == 0
+        counts["drafted"] += length
+        counts["accepted"] += kept
+        counts["tokens"] += min(kept + 1, left)  # the run ends at the last plain token, as max_tokens ends it
+        counts["steps"] += costs[length + 1]
+        t += kept + 1
+    return counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Plain outputs of both suites, then every mode against every cost table."""
+    import edgert
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--k", type=int, default=15)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--costs", help="a table of decode steps per row count, 2=1.16,3=1.22,... (else measured)")
+    args = parser.parse_args(argv)
+    model = edgert.load(args.artifact, threads=args.threads)
+    suites = {name: load_cases(path) for name, path in SUITES.items()}
+    rows = max(model.cache.rows, 2)
+    if args.costs:
+        measured = {int(n): float(c) for n, c in (part.split("=") for part in args.costs.split(","))}
+        if sorted(measured) != list(range(2, rows + 1)):
+            raise SystemExit(f"--costs needs every row count from 2 to {rows}")
+    else:
+        measured = verify_costs(model, suites["grounded"][0]["prompt"], rows)
+    scale = 0.5 / (measured[5] - 1.0)
+    tables = {"measured": measured, "five-at-1.5": {n: 1.0 + (c - 1.0) * scale for n, c in measured.items()}}
+    outputs = {}
+    for name, cases in suites.items():
+        outputs[name] = []
+        for case in cases:
+            model.reset()  # from an empty cache, as every mode's run
+            ids = model.encode_prompt(case["prompt"], chat=True)
+            outputs[name].append((ids, [t.id for t in model.generate(ids, max_tokens=args.tokens)]))
+    report: dict[str, Any] = {
+        "tokens": args.tokens,
+        "costs": {t: {n: round(c, 2) for n, c in table.items()} for t, table in tables.items()},
+    }
+    for table, costs in tables.items():
+        for mode, k in (("policy", args.k), ("every-k", 6)):
+            for name in suites:
+                policy = DraftPolicy(rows)  # one per suite and mode: it learns across the suite's prompts
+                policy.time(1, 1.0)
+                for n, c in costs.items():
+                    policy.time(n, c)
+                total: dict[str, float] = {}
+                for prompt, plain in outputs[name]:
+                    for key, value in replay(prompt, plain, costs, mode, k, policy).items():
+                        total[key] = total.get(key, 0) + value
+                result = {
+                    "speedup": round(total["tokens"] / total["steps"], 3),
+                    "acceptance": round(total["accepted"] / total["drafted"], 3) if total["drafted"] else 0.0,
+                    "tokens_per_verify": round((total["accepted"] + total["verifies"]) / total["verifies"], 2)
+                    if total["verifies"]
+                    else 0.0,
+                    **{key: int(total[key]) for key in ("verifies", "wasted", "plain", "tokens")},
+                }
+                report[f"{table} / {mode} (k={k}) / {name}"] = result
+                print(f"{table:12} {mode:8} k={k:<2} {name:8} {json.dumps(result)}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
