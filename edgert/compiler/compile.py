@@ -146,16 +146,17 @@ class Build:
         """`tvm.compile` with `relax_pipeline`, timed as ``compile``; fills `kernels`."""
         import tvm
 
-        from edgert.compiler.passes.pipeline import relax_pipeline
+        from edgert.compiler.passes.pipeline import relax_pipeline, tir_pipeline
 
         if self.on_gpu:
             from edgert.compiler.gpu import gpu_pipeline
 
-            pipeline = gpu_pipeline(self.tvm_target)
+            pipeline, tir = gpu_pipeline(self.tvm_target), "default"
         else:
             pipeline = relax_pipeline(self.tvm_target, static_min_elements, self.kernels)
+            tir = tir_pipeline()  # scratch tiles on the stack, not in TVM's workspace pool
         with self.timed("compile"):
-            return tvm.compile(mod, target=self.tvm_target, relax_pipeline=pipeline)
+            return tvm.compile(mod, target=self.tvm_target, relax_pipeline=pipeline, tir_pipeline=tir)
 
     def staging(self) -> Any:
         """A temporary folder beside the output for the members (a context manager giving its path)."""
@@ -198,7 +199,10 @@ def cached_library(folder: str | Path, mod: Any, target: Any, cc: str | None) ->
     import tvm
     from tvm_ffi import structural_hash
 
-    key = f"{structural_hash(mod)}|{target}|{cc}|{tvm.__version__}|{__version__}"
+    from edgert.compiler.passes.pipeline import TIR_PIPELINE_VERSION
+
+    # The pipeline's version: a library built before a change of the TIR lowering is not reused.
+    key = f"{structural_hash(mod)}|{target}|{cc}|{tvm.__version__}|{__version__}|{TIR_PIPELINE_VERSION}"
     Path(folder).mkdir(parents=True, exist_ok=True)
     return Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.so"
 
