@@ -142,8 +142,13 @@ class Build:
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
 
-    def compile(self, mod: Any, static_min_elements: int | None = None) -> Any:
-        """`tvm.compile` with `relax_pipeline`, timed as ``compile``; fills `kernels`."""
+    def compile(self, mod: Any, static_min_elements: int | None = None, stack_scratch: bool = False) -> Any:
+        """`tvm.compile` with `relax_pipeline`, timed as ``compile``; fills `kernels`.
+
+        ``stack_scratch``: lower the kernels' ``local`` tiles to the stack (`passes.pipeline.tir_pipeline`),
+        for builds whose kernels were checked to stay inside their tiles: a write past one, which
+        TVM's workspace pool absorbs in its 4 KiB pages, overwrites the stack frame instead.
+        """
         import tvm
 
         from edgert.compiler.passes.pipeline import relax_pipeline, tir_pipeline
@@ -154,7 +159,7 @@ class Build:
             pipeline, tir = gpu_pipeline(self.tvm_target), "default"
         else:
             pipeline = relax_pipeline(self.tvm_target, static_min_elements, self.kernels)
-            tir = tir_pipeline()  # scratch tiles on the stack, not in TVM's workspace pool
+            tir = tir_pipeline() if stack_scratch else "default"
         with self.timed("compile"):
             return tvm.compile(mod, target=self.tvm_target, relax_pipeline=pipeline, tir_pipeline=tir)
 

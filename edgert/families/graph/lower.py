@@ -69,11 +69,11 @@ def build_module(
     """Legalize, schedule (edgert's rules, or a tuning database when one is given) and compile."""
     import tvm
 
-    from edgert.compiler.passes.pipeline import graph_pipeline, tir_pipeline
+    from edgert.compiler.passes.pipeline import graph_pipeline
 
     if tvm_target.kind.name == "opencl":
         from edgert.compiler.gpu import gpu_pipeline
 
         return tvm.compile(mod, target=tvm_target, relax_pipeline=gpu_pipeline(tvm_target))
     pipeline = graph_pipeline(tvm_target, tuning_db, stats, report)
-    return tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline, tir_pipeline=tir_pipeline())
+    return tvm.compile(mod, target=tvm_target, relax_pipeline=pipeline)
