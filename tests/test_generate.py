@@ -136,6 +136,22 @@ def test_score_matches_prefill(smollm: Generator) -> None:
 
 
 @pytest.mark.slow
+def test_one_token_steps_read_each_new_token(smollm: Generator) -> None:
+    """Decode steps refill one input tensor: each step must see its own token, as a prefill of the
+    whole sequence does."""
+    ids = smollm.encode_prompt(QUESTION, chat=True)
+    smollm.reset()
+    logits = smollm.prefill(ids)
+    steps = [4, 300, 1000]  # not the greedy tokens: a stale input would go unnoticed less often
+    for token in steps:
+        logits = smollm.step([token])
+    smollm.reset()
+    np.testing.assert_allclose(smollm.prefill([*ids, *steps]), logits, atol=1e-3, rtol=0)
+    smollm.reset()
+    assert not np.allclose(smollm.prefill([*ids, 4, 4, 4]), logits, atol=1e-3)
+
+
+@pytest.mark.slow
 def test_chat_reuses_the_cache_and_matches_a_fresh_run(smollm: Generator) -> None:
     smollm.reset()
     session = smollm.chat()

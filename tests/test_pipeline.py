@@ -82,3 +82,52 @@ def test_only_big_fixed_shape_kernels_are_spread_over_threads(rows, threaded: bo
     kernels = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
     assert kernels
     assert any("T.parallel" in f.script() for f in kernels) is threaded
+
+
+def _scratch_kernel() -> tvm.tirx.PrimFunc:
+    from tvm.script import tirx as T
+
+    @T.prim_func
+    def scratch(x: T.Buffer((64, 16), "float32"), y: T.Buffer((64,), "float32")):
+        T.func_attr({"global_symbol": "scratch", "tirx.noalias": True})
+        for i in T.parallel(64):
+            acc = T.alloc_buffer((16,), "float32", scope="local")  # a per-iteration tile, as the q4 matmuls'
+            for j in range(16):
+                acc[j] = x[i, j] * T.float32(2)
+            y[i] = acc[0] + acc[15]
+
+    return scratch
+
+
+def test_local_scratch_stays_on_the_stack() -> None:
+    """TVM's own lowering takes a workspace from its pool for a ``local`` tile on every parallel
+    iteration; edgert's TIR pipeline keeps it on the stack, with the same results."""
+    import numpy as np
+
+    from edgert.compiler.passes.pipeline import tir_pipeline
+
+    target = tvm.target.Target({"kind": "llvm", "num-cores": 2})
+    mod = tvm.IRModule({"scratch": _scratch_kernel()})
+    x = np.random.default_rng(0).standard_normal((64, 16)).astype("float32")
+    for pipeline, pooled in (("default", True), (tir_pipeline(), False)):
+        lib = tvm.tirx.build(mod, target=target, pipeline=pipeline)
+        assert ("@__TVMBackendAllocWorkspace" in lib.inspect_source("ll")) is pooled
+        y = tvm.runtime.tensor(np.zeros(64, "float32"))
+        lib["scratch"](tvm.runtime.tensor(x), y)
+        np.testing.assert_array_equal(y.numpy(), x[:, 0] * 2 + x[:, 15] * 2)
+
+
+def test_stack_scratch_keeps_to_its_budget() -> None:
+    """Past the per-kernel stack budget a tile goes back to TVM's workspace pool."""
+    import tvm_ffi
+
+    from edgert.compiler.passes.pipeline import stack_scratch
+
+    marked: list[bool] = []
+    for limit in (64, 63):  # the 16-float tile: 64 bytes
+        out = stack_scratch(limit)(tvm.IRModule({"scratch": _scratch_kernel()}))
+        tvm_ffi.structural_map(
+            out["scratch"],
+            [(tvm.tirx.AllocBuffer, lambda op: marked.append(bool(op.annotations.get("disable_lower_builtin"))) or op)],
+        )
+    assert marked == [True, False]

@@ -142,20 +142,26 @@ class Build:
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t
 
-    def compile(self, mod: Any, static_min_elements: int | None = None) -> Any:
-        """`tvm.compile` with `relax_pipeline`, timed as ``compile``; fills `kernels`."""
+    def compile(self, mod: Any, static_min_elements: int | None = None, stack_scratch: bool = False) -> Any:
+        """`tvm.compile` with `relax_pipeline`, timed as ``compile``; fills `kernels`.
+
+        ``stack_scratch``: lower the kernels' ``local`` tiles to the stack (`passes.pipeline.tir_pipeline`),
+        for builds whose kernels were checked to stay inside their tiles: a write past one, which
+        TVM's workspace pool absorbs in its 4 KiB pages, overwrites the stack frame instead.
+        """
         import tvm
 
-        from edgert.compiler.passes.pipeline import relax_pipeline
+        from edgert.compiler.passes.pipeline import relax_pipeline, tir_pipeline
 
         if self.on_gpu:
             from edgert.compiler.gpu import gpu_pipeline
 
-            pipeline = gpu_pipeline(self.tvm_target)
+            pipeline, tir = gpu_pipeline(self.tvm_target), "default"
         else:
             pipeline = relax_pipeline(self.tvm_target, static_min_elements, self.kernels)
+            tir = tir_pipeline() if stack_scratch else "default"
         with self.timed("compile"):
-            return tvm.compile(mod, target=self.tvm_target, relax_pipeline=pipeline)
+            return tvm.compile(mod, target=self.tvm_target, relax_pipeline=pipeline, tir_pipeline=tir)
 
     def staging(self) -> Any:
         """A temporary folder beside the output for the members (a context manager giving its path)."""
@@ -198,7 +204,10 @@ def cached_library(folder: str | Path, mod: Any, target: Any, cc: str | None) ->
     import tvm
     from tvm_ffi import structural_hash
 
-    key = f"{structural_hash(mod)}|{target}|{cc}|{tvm.__version__}|{__version__}"
+    from edgert.compiler.passes.pipeline import TIR_PIPELINE_VERSION
+
+    # The pipeline's version: a library built before a change of the TIR lowering is not reused.
+    key = f"{structural_hash(mod)}|{target}|{cc}|{tvm.__version__}|{__version__}|{TIR_PIPELINE_VERSION}"
     Path(folder).mkdir(parents=True, exist_ok=True)
     return Path(folder) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.so"
 

@@ -171,7 +171,9 @@ def operator_cpu_times(model: Any, drafts: list[int], rounds: int) -> list[dict[
     The Relax VM's instrument (`VirtualMachine.set_instrument`) brackets every call; thread CPU time
     leaves out the time other processes held the core. With several worker threads the kernels'
     parallel parts are not counted: time with one thread (``-t 1``). The totals include the
-    instrument's own cost per call (about a microsecond), so builtins called often look larger.
+    instrument's own cost per call (~1.4 µs: two Python callbacks and clock reads), so builtins
+    called often look far larger: SmolLM2's 1,712 builtins a step booked 2.4 ms where perf puts the
+    whole VM side at ~0.2 ms (docs/performance.md, vmcall). Compare kernels with kernels.
     """
     totals: dict[str, dict[str, list[float]]] = {"decode": {}, "verify": {}}
     started: list[tuple[str, float]] = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -18,7 +19,7 @@ from edgert.errors import ArtifactError, ContextLengthError, EdgertError
 from edgert.runtime.sampling import Sampler, SamplingParams
 from edgert.runtime.session import PagedKVCache, Session
 from edgert.runtime.tokenizer import TextTokenizer, tokenizer_from_artifact
-from edgert.runtime.tvm_runtime import to_numpy
+from edgert.runtime.tvm_runtime import copy_into, to_numpy
 
 
 @dataclass
@@ -166,6 +167,7 @@ class Generator:
             rows=int(kv.get("verify_rows", 1)),
         )
         self.cached_ids: list[int] = []
+        self._one_token: Any = None  # the input tensor of one-token steps (`_tokens`)
         self.vocab_size = int(manifest["model"]["vocab_size"])
         self.stats = GenerationStats()
         if free_window:
@@ -210,7 +212,7 @@ class Generator:
         else:
             entry = "verify" if all_logits else "decode" if len(ids) == 1 else "prefill"
             self.cache.begin(len(ids))
-        tokens = self.session.tensor(np.asarray([ids], dtype=np.int32).reshape((-1, 1) if rows else (1, -1)))
+        tokens = self._tokens(ids, rows)
         if self.cache.local is None:
             logits, self.cache.obj = self.session(entry, tokens, self.cache.obj)
         else:  # a second cache for the sliding-window layers
@@ -219,6 +221,19 @@ class Generator:
         self.cached_ids.extend(ids)
         out = to_numpy(logits)[:, 0] if rows else to_numpy(logits)[0]
         return out if all_logits else out[-1]
+
+    def _tokens(self, ids: Sequence[int], rows: bool) -> Any:
+        """``ids`` as the entry's int32 input: [n, 1] for decode rows, else [1, n]. A one-token step on
+        the CPU refills one tensor kept for it (the VM reads its inputs during the call only): a
+        fresh TVM allocation cost more than the rest of the Python around a step."""
+        array = np.asarray([ids], dtype=np.int32).reshape((-1, 1) if rows else (1, -1))
+        if len(ids) != 1 or self.session.on_gpu:
+            return self.session.tensor(array)
+        if self._one_token is None:
+            self._one_token = self.session.tensor(array)
+        else:
+            copy_into(self._one_token, array)
+        return self._one_token
 
     def prefill(self, ids: Sequence[int], like_decode: bool = False) -> np.ndarray:
         """Bring the cache to ``ids``, reusing the longest cached prefix; logits after the last.

@@ -186,6 +186,7 @@ class PagedKVCache:
                 )
         self.objs: tuple[Any, ...] = (self.obj,) if self.local is None else (self.obj, self.local)
         self._free_pages = [int(self._available(o)) for o in self.objs]
+        self._one_token = (shape([self._SEQ]), shape([1]))  # a decode step's arguments, made once
         self._add_sequence()
         self.length = 0
 
@@ -197,8 +198,9 @@ class PagedKVCache:
 
     def begin(self, num_tokens: int) -> None:
         """Announce that the next forward pass appends ``num_tokens`` tokens."""
+        args = self._one_token if num_tokens == 1 else (self._shape([self._SEQ]), self._shape([num_tokens]))
         for obj in self.objs:
-            self._begin(obj, self._shape([self._SEQ]), self._shape([num_tokens]))
+            self._begin(obj, *args)
 
     def begin_rows(self, num_tokens: int) -> None:
         """Announce ``num_tokens`` (<= `rows`) consecutive tokens of the sequence as rows of a decode step.

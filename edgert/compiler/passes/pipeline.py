@@ -175,6 +175,74 @@ def _big_and_static(func: Any, min_elements: int = STATIC_MIN_ELEMENTS) -> bool:
     return most >= min_elements
 
 
+# Stack for scratch tiles, per kernel: far below the smallest thread stack edgert runs on (Android's
+# 1 MiB for TVM's pool workers; Linux gives 8 MiB), whatever LLVM hoists to one frame.
+STACK_SCRATCH_BYTES = 1 << 16
+TIR_PIPELINE = "edgert-cpu"  # `tvm.tirx.build` takes its pipeline by registered name only
+TIR_PIPELINE_VERSION = 1  # part of `cached_library`'s key: raise it when the TIR lowering changes
+
+
+def stack_scratch(limit: int = STACK_SCRATCH_BYTES) -> Any:
+    """A module pass keeping constant-size ``local`` buffers on the stack, up to ``limit`` bytes per kernel.
+
+    Why: TVM 0.27's ``LowerTVMBuiltin`` puts only *global* buffers under 1 KiB on the stack; every
+    other allocation, ``local`` scratch included, becomes a ``TVMBackendAllocWorkspace`` /
+    ``TVMBackendFreeWorkspace`` pair, run wherever the buffer is declared: in a parallel loop's
+    body, once per iteration. The q4/q8 matmuls declare five such tiles per column block (a
+    SmolLM2 decode step: ~30,000 pairs, 12 % of its CPU time in the workspace pool's linear
+    searches, `docs/performance.md`). Marked ``disable_lower_builtin``, the buffer stays an LLVM
+    ``alloca`` at the entry of the function (or parallel body) holding it: the same memory,
+    allocated for free. Runs after the TIR lowering made every buffer an ``AllocBuffer``, before
+    ``LowerTVMBuiltin``.
+    """
+    import tvm
+    import tvm_ffi
+
+    left = [limit]  # bytes still free in the kernel being rewritten
+
+    def _on_stack(op: Any) -> Any:
+        buf = op.buffer
+        if buf.scope() != "local" or op.annotations.get("disable_lower_builtin"):
+            return op
+        size = tvm_ffi.dtype(str(buf.dtype)).itemsize  # vector lanes included
+        for dim in buf.shape:
+            if not isinstance(dim, tvm.tirx.IntImm):
+                return op
+            size *= int(dim)
+        if not 0 < size <= left[0]:
+            return op
+        left[0] -= size
+        return tvm.tirx.AllocBuffer(buf, {**op.annotations, "disable_lower_builtin": tvm.tirx.IntImm("int32", 1)})
+
+    @tvm.transform.module_pass(opt_level=0, name="edgert.StackScratch")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, tvm.tirx.PrimFunc):
+                left[0] = limit
+                new = tvm_ffi.structural_map(func, [(tvm.tirx.AllocBuffer, _on_stack)])
+                if not new.same_as(func):
+                    mod[gv] = new
+        return mod
+
+    return _pass
+
+
+def tir_pipeline() -> str:
+    """The name of TVM's default CPU TIR pipeline with :func:`stack_scratch` before its host
+    finalization (registered on first use), for ``tvm.compile(..., tir_pipeline=...)``."""
+    import tvm
+    from tvm.tirx import compilation_pipeline as tir
+
+    if TIR_PIPELINE not in tir.PIPELINE_MAP:
+
+        def _factory() -> tuple[Any, Any, Any]:
+            lower, finalize_host, finalize_device = tir.get_tir_pipeline("s_tir")
+            return lower, lambda: tvm.transform.Sequential([stack_scratch(), finalize_host()]), finalize_device
+
+        tir.register_tir_pipeline(TIR_PIPELINE, _factory)
+    return TIR_PIPELINE
+
+
 def unrestricted_kernels(mod: Any) -> list[str]:
     """Names of the TIR functions of a module that lack ``tirx.noalias``."""
     import tvm

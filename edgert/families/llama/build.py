@@ -108,7 +108,9 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
     cached = cached_library(library_cache, mod, job.tvm_target, job.spec.cc) if library_cache else None
     if cached is None or not cached.is_file():
         progress("compiling with TVM", None)
-        executable = job.compile(mod)
+        # Scratch tiles on the stack where the kernels were checked for it (the int8/q4 matmuls,
+        # the decode attention); not yet Gemma's windowed cache kernels.
+        executable = job.compile(mod, stack_scratch=not hasattr(net, "cache_windows"))
 
     with job.staging() as stage_dir:
         stage = Path(stage_dir)
