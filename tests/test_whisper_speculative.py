@@ -139,6 +139,35 @@ def test_verify_entry_gives_the_layer_by_layer_logits(transcriber) -> None:
     assert fused.argmax(-1).tolist() == split.argmax(-1).tolist()
 
 
+@pytest.mark.parametrize(("prompt_len", "rows"), [(2, 2), (11, 5), (13, 9), (40, 16)])
+def test_verify_rows_are_decode_steps_bit_for_bit(transcriber, prompt_len: int, rows: int) -> None:
+    """A verify pass runs as decode rows of one sequence (`DecoderLayers.begin`): each row's logits
+    are the plain decode step's at that position exactly, across page boundaries (pages of 16), and
+    the step after the pass sees the cache a plain decode would have left. Bit equality is what makes
+    lookup drafting lossless without a tie-break: a verify row can never pick another token."""
+    import numpy as np
+
+    from edgert.runtime.seq2seq_speculative import DecoderLayers
+
+    model = transcriber.model
+    layers = DecoderLayers(model)
+    assert layers.rows >= 16  # the host build states the row kernels (`kv_cache.verify_rows`)
+    cross = transcriber.encode(transcriber.features(read_wav(beckett_wav()).samples[:48000]))
+    rng = np.random.default_rng(prompt_len)
+    prompt = [transcriber.config["sot"], *(int(t) for t in rng.integers(200, 20000, prompt_len - 1))]
+    tokens = [int(t) for t in rng.integers(200, 20000, rows)]
+    model.cache.reset()
+    seq = model.cache.add()
+    model.prefill(seq, prompt, cross)
+    steps = np.stack([model.step([seq], [t], cross)[0] for t in tokens])
+    after = model.step([seq], [262], cross)[0]
+    model.cache.popn(seq, rows + 1)
+    fused = layers.forward(seq, tokens, cross, range(layers.num_layers))
+    assert model.cache.lengths[seq] == prompt_len + rows
+    np.testing.assert_array_equal(fused, steps)
+    np.testing.assert_array_equal(model.step([seq], [262], cross)[0], after)
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

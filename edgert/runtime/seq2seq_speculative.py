@@ -48,6 +48,17 @@ class DecoderLayers(LayerEntries):
         # Artifacts compiled before the ``verify`` entry point run a full pass layer by layer.
         verify = "verify" in model.artifact.manifest["entry_points"]
         self._verify = model.session.vm["verify"] if verify else None
+        # Artifacts with the row kernels run a pass of up to this many tokens as decode rows of one
+        # sequence (the cache told the sequence once per token): each row attends as a decode step does.
+        self.rows = int(model.artifact.manifest["kv_cache"].get("verify_rows", 0))
+
+    def begin(self, seq: int, n: int) -> None:
+        """Open a forward pass appending ``n`` tokens to ``seq``: as decode rows where the artifact can."""
+        cache = self.model.cache
+        if 1 < n <= self.rows:
+            cache.begin([seq] * n, [1] * n)
+        else:
+            cache.begin([seq], [n])
 
     def embed(self, seq: int, tokens: Sequence[int]) -> Any:
         """Hidden states [1, n, d] of ``tokens`` at ``seq``'s next positions (inside an open forward pass)."""
@@ -73,13 +84,13 @@ class DecoderLayers(LayerEntries):
             tensor = m.session.tensor
             ids = tensor(np.array([list(tokens)], np.int32))
             pos = tensor(m._positions([seq], len(tokens)))
-            m.cache.begin([seq], [len(tokens)])
+            self.begin(seq, len(tokens))
             m.session.pool.refresh()  # the entry is called directly, as `Seq2Seq.step` does
             out, self.cache.obj = self._verify(ids, pos, cross, self.cache.obj, self._params)
             m.cache.end()
             return to_numpy(out)[0]
         h = self.embed(seq, tokens)
-        m.cache.begin([seq], [len(tokens)])
+        self.begin(seq, len(tokens))
         logits = self.head(self.run(h, cross, layers))
         m.cache.end()
         return logits
