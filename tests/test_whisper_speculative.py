@@ -104,10 +104,11 @@ def test_lookup_transcript_identical(whisper_artifact: Path, transcriber, tmp_pa
     earlier, _ = fast.decode_window(fast.encode(fast.features(beckett[:80000])), timestamps=False)
     cross = fast.encode(fast.features(beckett[:128000]))
     want, _ = transcriber.decode_window(cross, timestamps=False)
-    accepted = stats.accepted
+    accepted, prefills = stats.accepted, fast.model.calls["prefill"]
     got, _ = fast.decode_window(cross, timestamps=False, reference=earlier.tokens)
     assert got.tokens == want.tokens and len(want.tokens) > len(earlier.tokens) > 5
     assert stats.accepted - accepted >= len(earlier.tokens) // 2  # the shorter piece's words were drafted
+    assert fast.model.calls["prefill"] == prefills  # the short prompt's pass verified the first drafts
 
 
 def test_verify_entry_gives_the_layer_by_layer_logits(transcriber) -> None:
@@ -165,6 +166,31 @@ def test_verify_rows_are_decode_steps_bit_for_bit(transcriber, prompt_len: int, 
     fused = layers.forward(seq, tokens, cross, range(layers.num_layers))
     assert model.cache.lengths[seq] == prompt_len + rows
     np.testing.assert_array_equal(fused, steps)
+    np.testing.assert_array_equal(model.step([seq], [262], cross)[0], after)
+
+
+@pytest.mark.parametrize("prompt_len", [2, 9])
+def test_prompt_as_rows_is_the_prefill_bit_for_bit(transcriber, prompt_len: int) -> None:
+    """Lookup drafting verifies its first drafts in the prompt's own pass (`LookupSeq2Seq._start`):
+    from an empty cache, a short prompt run as decode rows gives the prefill's logits at its last
+    position exactly and leaves the cache the prefill leaves (the next step's logits are equal)."""
+    import numpy as np
+
+    from edgert.runtime.seq2seq_speculative import DecoderLayers
+
+    model = transcriber.model
+    layers = DecoderLayers(model)
+    cross = transcriber.encode(transcriber.features(read_wav(beckett_wav()).samples[:48000]))
+    rng = np.random.default_rng(prompt_len)
+    prompt = [transcriber.config["sot"], *(int(t) for t in rng.integers(200, 20000, prompt_len - 1))]
+    model.cache.reset()
+    seq = model.cache.add()
+    plain = model.prefill(seq, prompt, cross)
+    after = model.step([seq], [262], cross)[0]
+    model.cache.reset()
+    seq = model.cache.add()
+    rows = layers.forward(seq, prompt, cross, range(layers.num_layers))
+    np.testing.assert_array_equal(rows[-1], plain)
     np.testing.assert_array_equal(model.step([seq], [262], cross)[0], after)
 
 

@@ -104,6 +104,12 @@ class GreedyVariant:
     def _advance(self, cross: Any, max_new: int, processors: Sequence[LogitsProcessor]) -> Advance:
         raise NotImplementedError
 
+    def _start(
+        self, cross: Any, prompt: Sequence[int], max_new: int, processors: Sequence[LogitsProcessor]
+    ) -> Callable[[int], np.ndarray] | None:
+        """The prompt's pass for `Seq2Seq.greedy` (``start``); None: its plain prefill."""
+        return None
+
     def greedy(
         self,
         cross: Any,
@@ -115,7 +121,8 @@ class GreedyVariant:
     ) -> Hypothesis:
         """`Seq2Seq.greedy`'s loop and result (same arguments), each step taken by this decoder."""
         advance = self._advance(cross, max_new, processors)
-        return self.model.greedy(cross, prompt, eos, max_new, processors, on_first_logits, advance)
+        start = self._start(cross, prompt, max_new, processors)
+        return self.model.greedy(cross, prompt, eos, max_new, processors, on_first_logits, advance, start)
 
 
 class SelfSpeculativeDecoder(GreedyVariant):
@@ -176,14 +183,30 @@ def verify(
     the decoder itself would have picked greedily and pops the rest from ``seq``. Returns the logits
     of the accepted drafts' steps and of the step after them (what `Seq2Seq.greedy`'s advance returns)."""
     full = layers.forward(seq, [token, *drafts], cross, list(range(layers.num_layers)))
+    return accept(layers, seq, full, drafts, step, tokens, processors, stats)
+
+
+def accept(
+    layers: DecoderLayers,
+    seq: int,
+    rows: np.ndarray,
+    drafts: list[int],
+    step: int,
+    tokens: list[int],
+    processors: Sequence[LogitsProcessor],
+    stats: DraftStats,
+) -> np.ndarray:
+    """Of a pass whose last ``len(drafts)`` tokens were ``drafts`` and whose ``rows`` are the logits of
+    steps ``step``.. (the row before each draft, and one more), keep the drafts greedy decoding picks,
+    pop the rest from ``seq`` and return the rows of the kept drafts' steps and the step after them."""
     accepted = 0
     for i, d in enumerate(drafts):
-        if _pick(full[i], step + i, tokens + drafts[:i], processors)[0] != d:
+        if _pick(rows[i], step + i, tokens + drafts[:i], processors)[0] != d:
             break
         accepted += 1
     stats.count_round(len(drafts), accepted)
     layers.model.cache.popn(seq, len(drafts) - accepted)
-    return full[: accepted + 1]
+    return rows[: accepted + 1]
 
 
 def lookup_drafts(
@@ -278,6 +301,26 @@ class LookupSeq2Seq(GreedyVariant):
         self._prompt = list(prompt)
         self._reference = [*self._prompt[-self.ngram :], *reference] if reference else []
         return super().greedy(cross, prompt, eos, max_new, processors, on_first_logits)
+
+    def _start(
+        self, cross: Any, prompt: Sequence[int], max_new: int, processors: Sequence[LogitsProcessor]
+    ) -> Callable[[int], np.ndarray] | None:
+        """A short prompt and the drafts after it in one pass (as decode rows): the first round costs no
+        pass of its own. From an empty cache those rows' logits are the prefill's bit for bit
+        (`tests/test_whisper_speculative.py`), so the tokens stay plain greedy decoding's."""
+        m, layers = self.model, self.layers
+        k = min(self.k, m.max_length - len(prompt) - 1, max_new - 1, layers.rows - len(prompt))
+        if not self._reference or k < 1 or (self.gate is not None and not self.gate.draft_now()):
+            return None
+        drafts, _ = lookup_drafts(self._reference, self._prompt, k, self.ngram, self.wildcard_from, self.special_from)
+        if not drafts:
+            return None
+
+        def start(seq: int) -> np.ndarray:
+            full = layers.forward(seq, [*prompt, *drafts], cross, list(range(layers.num_layers)))
+            return accept(layers, seq, full[len(prompt) - 1 :], drafts, 0, [], processors, self.stats)
+
+        return start
 
     def _advance(self, cross: Any, max_new: int, processors: Sequence[LogitsProcessor]) -> Advance:
         """Rounds for `Seq2Seq.greedy`: look k tokens up, verify them in one full-decoder pass."""
