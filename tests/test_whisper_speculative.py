@@ -194,6 +194,22 @@ def test_prompt_as_rows_is_the_prefill_bit_for_bit(transcriber, prompt_len: int)
     np.testing.assert_array_equal(model.step([seq], [262], cross)[0], after)
 
 
+def test_long_form_reference_is_what_the_next_window_hears_again(transcriber) -> None:
+    """Long-form lookup drafts from the previous window's tokens after its last finished segment (the
+    next window starts at that segment's end, `_split`'s seek) and from nothing when the next window
+    starts after the previous one."""
+    tb = transcriber.config["timestamp_begin"]
+    cut = [tb, 440, 2068, 13, tb + 50, tb + 50, 7586, 21831]  # the last segment unfinished
+    pieces, seek = transcriber._split(cut, 0.0, 3000, 0)
+    assert transcriber._unfinished(cut) == [tb + 50, 7586, 21831]
+    assert seek == 50 * 2  # the tail starts where the next window does (2 mel frames per timestamp step)
+    assert [p[2] for p in pieces][-1] == [tb, 440, 2068, 13, tb + 50]
+    finished = [tb, 440, 2068, 13, tb + 50]  # ends on a single timestamp: the next window starts after it
+    assert transcriber._unfinished(finished) == []
+    assert transcriber._split(finished, 0.0, 3000, 0)[1] == 3000
+    assert transcriber._unfinished([440, 2068, 13]) == []  # no timestamps: the next window starts after it
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

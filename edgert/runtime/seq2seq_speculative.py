@@ -262,8 +262,10 @@ class LookupSeq2Seq(GreedyVariant):
     audio), laid out after the prompt's last tokens so that the first step can draft too, and the
     prompt and tokens decoded so far. The output is `Seq2Seq.greedy`'s.
 
-    A `DraftGate` (``gate``) pauses drafting while rounds yield fewer tokens per second than plain
-    steps (reference text the audio no longer says); it changes the speed, never the tokens.
+    A short prompt (streaming's two tokens) and its first drafts go through one pass (`_start`), so
+    the first round costs no pass of its own (``prompt_rounds`` counts them). A `DraftGate` (``gate``)
+    pauses drafting while rounds yield fewer tokens per second than plain steps (reference text the
+    audio no longer says); it changes the speed, never the tokens.
     """
 
     def __init__(
@@ -283,6 +285,7 @@ class LookupSeq2Seq(GreedyVariant):
         self.model, self.k, self.ngram = model, k, ngram
         self.wildcard_from, self.special_from = wildcard_from, special_from
         self.stats = DraftStats()
+        self.prompt_rounds = 0  # rounds verified in the prompt's pass (counted in ``stats`` too)
         self.gate = DraftGate() if gate else None  # one gate for every window: what it learnt carries over
         self._prompt: list[int] = []
         self._reference: list[int] = []
@@ -317,6 +320,7 @@ class LookupSeq2Seq(GreedyVariant):
             return None
 
         def start(seq: int) -> np.ndarray:
+            self.prompt_rounds += 1
             full = layers.forward(seq, [*prompt, *drafts], cross, list(range(layers.num_layers)))
             return accept(layers, seq, full[len(prompt) - 1 :], drafts, 0, [], processors, self.stats)
 
@@ -330,7 +334,9 @@ class LookupSeq2Seq(GreedyVariant):
             # The cache holds everything but ``token``; a round appends it and its drafts.
             k = min(self.k, m.max_length - m.cache.lengths[seq] - 1, max_new - 1 - step)
             drafts: list[int] = []
-            t = time.perf_counter()
+            # The gate compares this thread's CPU time (the decoder runs on it, at one thread wholly): on a
+            # busy machine wall-clock steps vary with other processes' turns and paused drafting that paid.
+            t = time.thread_time()
             if k >= 1 and (gate is None or gate.draft_now()):
                 context = self._prompt + tokens
                 drafts, _ = lookup_drafts(
@@ -342,7 +348,7 @@ class LookupSeq2Seq(GreedyVariant):
                 rows = m.step([seq], [token], cross)
                 self.stats.plain_steps += 1
             if gate is not None:
-                gate.record(bool(drafts), time.perf_counter() - t, len(rows))
+                gate.record(bool(drafts), time.thread_time() - t, len(rows))
             return rows
 
         return advance

@@ -131,6 +131,7 @@ def whisper_rows(args: Any) -> list[Row]:
         for case, run in cases.items():
             for timed in modes.values():
                 timed.tr.speculative.stats = DraftStats()
+                timed.tr.speculative.prompt_rounds = 0
             plain_runs: list[tuple[list[list[int]], float, float]] = []
             runs: dict[str, list[tuple[list[list[int]], float, float]]] = {spec: [] for spec in specs}
             for _ in range(args.repeats):  # interleaved: a change in the machine's load meets every mode alike
@@ -158,7 +159,12 @@ def whisper_rows(args: Any) -> list[Row]:
                             "tokens_per_verify": round((stats.accepted + stats.rounds) / stats.rounds, 2)
                             if stats.rounds
                             else 0.0,
-                            "passes_per_token": round((stats.rounds + stats.plain_steps) / steps, 3),
+                            # a round verified in the prompt's own pass (lookup) is no pass after it
+                            "passes_per_token": round(
+                                (stats.rounds - getattr(timed.tr.speculative, "prompt_rounds", 0) + stats.plain_steps)
+                                / steps,
+                                3,
+                            ),
                             # Steps per second of the decoding thread's CPU time (with --threads 1 the
                             # decoder runs on it): the time other processes held the core left out.
                             "cpu_ratio": round(statistics.median(r[2] for r in runs[spec]) / base_cpu, 3),
