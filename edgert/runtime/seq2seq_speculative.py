@@ -25,7 +25,7 @@ import numpy as np
 from edgert.errors import EdgertError
 from edgert.runtime.exits import ExitPolicy, exit_pass
 from edgert.runtime.layers import LayerEntries, load_adapters
-from edgert.runtime.seq2seq import Advance, Hypothesis, LogitsProcessor, Seq2Seq, apply_processors, best_token
+from edgert.runtime.seq2seq import Advance, Hypothesis, LogitsProcessor, Seq2Seq, apply_processors
 from edgert.runtime.speculative import (
     OPTIONS,
     DraftGate,
@@ -139,9 +139,7 @@ class SelfSpeculativeDecoder(GreedyVariant):
         self.model, self.draft_layers, self.k = model, list(draft_layers), k
         self.stats = DraftStats()
 
-    def _pick(
-        self, logits: np.ndarray, step: int, tokens: list[int], processors: Sequence[LogitsProcessor]
-    ) -> tuple[int, float]:
+    def _pick(self, logits: np.ndarray, step: int, tokens: list[int], processors: Sequence[LogitsProcessor]) -> int:
         return _pick(logits, step, tokens, processors)
 
     def _advance(self, cross: Any, max_new: int, processors: Sequence[LogitsProcessor]) -> Advance:
@@ -156,16 +154,17 @@ class SelfSpeculativeDecoder(GreedyVariant):
             drafts: list[int] = []
             for _ in range(k):
                 lg = self.layers.forward(seq, [(tokens + drafts)[-1]], cross, self.draft_layers)[0]
-                drafts.append(self._pick(lg, step + len(drafts), tokens + drafts, processors)[0])
+                drafts.append(self._pick(lg, step + len(drafts), tokens + drafts, processors))
             m.cache.popn(seq, k)
             return verify(self.layers, seq, token, drafts, cross, step, tokens, processors, self.stats)
 
         return advance
 
 
-def _pick(logits: np.ndarray, step: int, tokens: list[int], processors: Sequence[LogitsProcessor]) -> tuple[int, float]:
-    """The greedy token of ``logits`` at ``step`` after ``tokens``, as `Seq2Seq.greedy` takes it."""
-    return best_token(apply_processors(processors, step, logits.copy(), tokens))
+def _pick(logits: np.ndarray, step: int, tokens: list[int], processors: Sequence[LogitsProcessor]) -> int:
+    """The greedy token of ``logits`` at ``step`` after ``tokens``, as `Seq2Seq.greedy` takes it
+    (`best_token`'s argmax, without the log-probability: a sum of exps over the vocabulary per row)."""
+    return int(np.argmax(apply_processors(processors, step, logits.copy(), tokens)))
 
 
 def verify(
@@ -201,7 +200,7 @@ def accept(
     pop the rest from ``seq`` and return the rows of the kept drafts' steps and the step after them."""
     accepted = 0
     for i, d in enumerate(drafts):
-        if _pick(rows[i], step + i, tokens + drafts[:i], processors)[0] != d:
+        if _pick(rows[i], step + i, tokens + drafts[:i], processors) != d:
             break
         accepted += 1
     stats.count_round(len(drafts), accepted)
