@@ -104,10 +104,11 @@ def test_lookup_transcript_identical(whisper_artifact: Path, transcriber, tmp_pa
     earlier, _ = fast.decode_window(fast.encode(fast.features(beckett[:80000])), timestamps=False)
     cross = fast.encode(fast.features(beckett[:128000]))
     want, _ = transcriber.decode_window(cross, timestamps=False)
-    accepted = stats.accepted
+    accepted, prefills = stats.accepted, fast.model.calls["prefill"]
     got, _ = fast.decode_window(cross, timestamps=False, reference=earlier.tokens)
     assert got.tokens == want.tokens and len(want.tokens) > len(earlier.tokens) > 5
     assert stats.accepted - accepted >= len(earlier.tokens) // 2  # the shorter piece's words were drafted
+    assert fast.model.calls["prefill"] == prefills  # the short prompt's pass verified the first drafts
 
 
 def test_verify_entry_gives_the_layer_by_layer_logits(transcriber) -> None:
@@ -137,6 +138,76 @@ def test_verify_entry_gives_the_layer_by_layer_logits(transcriber) -> None:
     np.testing.assert_allclose(fused, split, rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(fused[0], one, rtol=1e-5, atol=1e-4)
     assert fused.argmax(-1).tolist() == split.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize(("prompt_len", "rows"), [(2, 2), (11, 5), (13, 9), (40, 16)])
+def test_verify_rows_are_decode_steps_bit_for_bit(transcriber, prompt_len: int, rows: int) -> None:
+    """A verify pass runs as decode rows of one sequence (`DecoderLayers.begin`): each row's logits
+    are the plain decode step's at that position exactly, across page boundaries (pages of 16), and
+    the step after the pass sees the cache a plain decode would have left. Bit equality is what makes
+    lookup drafting lossless without a tie-break: a verify row can never pick another token."""
+    import numpy as np
+
+    from edgert.runtime.seq2seq_speculative import DecoderLayers
+
+    model = transcriber.model
+    layers = DecoderLayers(model)
+    assert layers.rows >= 16  # the host build states the row kernels (`kv_cache.verify_rows`)
+    cross = transcriber.encode(transcriber.features(read_wav(beckett_wav()).samples[:48000]))
+    rng = np.random.default_rng(prompt_len)
+    prompt = [transcriber.config["sot"], *(int(t) for t in rng.integers(200, 20000, prompt_len - 1))]
+    tokens = [int(t) for t in rng.integers(200, 20000, rows)]
+    model.cache.reset()
+    seq = model.cache.add()
+    model.prefill(seq, prompt, cross)
+    steps = np.stack([model.step([seq], [t], cross)[0] for t in tokens])
+    after = model.step([seq], [262], cross)[0]
+    model.cache.popn(seq, rows + 1)
+    fused = layers.forward(seq, tokens, cross, range(layers.num_layers))
+    assert model.cache.lengths[seq] == prompt_len + rows
+    np.testing.assert_array_equal(fused, steps)
+    np.testing.assert_array_equal(model.step([seq], [262], cross)[0], after)
+
+
+@pytest.mark.parametrize("prompt_len", [2, 9])
+def test_prompt_as_rows_is_the_prefill_bit_for_bit(transcriber, prompt_len: int) -> None:
+    """Lookup drafting verifies its first drafts in the prompt's own pass (`LookupSeq2Seq._start`):
+    from an empty cache, a short prompt run as decode rows gives the prefill's logits at its last
+    position exactly and leaves the cache the prefill leaves (the next step's logits are equal)."""
+    import numpy as np
+
+    from edgert.runtime.seq2seq_speculative import DecoderLayers
+
+    model = transcriber.model
+    layers = DecoderLayers(model)
+    cross = transcriber.encode(transcriber.features(read_wav(beckett_wav()).samples[:48000]))
+    rng = np.random.default_rng(prompt_len)
+    prompt = [transcriber.config["sot"], *(int(t) for t in rng.integers(200, 20000, prompt_len - 1))]
+    model.cache.reset()
+    seq = model.cache.add()
+    plain = model.prefill(seq, prompt, cross)
+    after = model.step([seq], [262], cross)[0]
+    model.cache.reset()
+    seq = model.cache.add()
+    rows = layers.forward(seq, prompt, cross, range(layers.num_layers))
+    np.testing.assert_array_equal(rows[-1], plain)
+    np.testing.assert_array_equal(model.step([seq], [262], cross)[0], after)
+
+
+def test_long_form_reference_is_what_the_next_window_hears_again(transcriber) -> None:
+    """Long-form lookup drafts from the previous window's tokens after its last finished segment (the
+    next window starts at that segment's end, `_split`'s seek) and from nothing when the next window
+    starts after the previous one."""
+    tb = transcriber.config["timestamp_begin"]
+    cut = [tb, 440, 2068, 13, tb + 50, tb + 50, 7586, 21831]  # the last segment unfinished
+    pieces, seek = transcriber._split(cut, 0.0, 3000, 0)
+    assert transcriber._unfinished(cut) == [tb + 50, 7586, 21831]
+    assert seek == 50 * 2  # the tail starts where the next window does (2 mel frames per timestamp step)
+    assert [p[2] for p in pieces][-1] == [tb, 440, 2068, 13, tb + 50]
+    finished = [tb, 440, 2068, 13, tb + 50]  # ends on a single timestamp: the next window starts after it
+    assert transcriber._unfinished(finished) == []
+    assert transcriber._split(finished, 0.0, 3000, 0)[1] == 3000
+    assert transcriber._unfinished([440, 2068, 13]) == []  # no timestamps: the next window starts after it
 
 
 @pytest.mark.parametrize(

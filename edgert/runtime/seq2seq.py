@@ -216,6 +216,7 @@ class Seq2Seq:
         processors: Sequence[LogitsProcessor] = (),
         on_first_logits: Callable[[np.ndarray], None] | None = None,
         advance: Advance | None = None,
+        start: Callable[[int], np.ndarray] | None = None,
     ) -> Hypothesis:
         """Most likely token at each step until ``eos`` or ``max_new`` tokens.
 
@@ -223,11 +224,13 @@ class Seq2Seq:
         logits [n, vocab] of steps ``step``..``step + n - 1`` (default: one full decoder `step`, n = 1).
         Early exit passes one that runs fewer layers; self-speculative decoding one that drafts and
         verifies, returning a row for each accepted draft and one more (their tokens may already
-        be in the cache, so the length limit counts from the prompt).
+        be in the cache, so the length limit counts from the prompt). ``start(seq)`` feeds the prompt to
+        the new sequence and returns the logits of steps 0..n-1 (default: `prefill`, n = 1; lookup
+        drafting verifies its first drafts in the prompt's pass).
         """
         self.cache.reset()
         seq = self.cache.add()
-        rows = self.prefill(seq, prompt, cross)[None]
+        rows = start(seq) if start is not None else self.prefill(seq, prompt, cross)[None]
         if max_new < 1:
             return Hypothesis([], 0.0, 0.0)
         if on_first_logits is not None:

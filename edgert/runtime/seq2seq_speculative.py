@@ -25,7 +25,7 @@ import numpy as np
 from edgert.errors import EdgertError
 from edgert.runtime.exits import ExitPolicy, exit_pass
 from edgert.runtime.layers import LayerEntries, load_adapters
-from edgert.runtime.seq2seq import Advance, Hypothesis, LogitsProcessor, Seq2Seq, apply_processors, best_token
+from edgert.runtime.seq2seq import Advance, Hypothesis, LogitsProcessor, Seq2Seq, apply_processors
 from edgert.runtime.speculative import (
     OPTIONS,
     DraftGate,
@@ -48,6 +48,17 @@ class DecoderLayers(LayerEntries):
         # Artifacts compiled before the ``verify`` entry point run a full pass layer by layer.
         verify = "verify" in model.artifact.manifest["entry_points"]
         self._verify = model.session.vm["verify"] if verify else None
+        # Artifacts with the row kernels run a pass of up to this many tokens as decode rows of one
+        # sequence (the cache told the sequence once per token): each row attends as a decode step does.
+        self.rows = int(model.artifact.manifest["kv_cache"].get("verify_rows", 0))
+
+    def begin(self, seq: int, n: int) -> None:
+        """Open a forward pass appending ``n`` tokens to ``seq``: as decode rows where the artifact can."""
+        cache = self.model.cache
+        if 1 < n <= self.rows:
+            cache.begin([seq] * n, [1] * n)
+        else:
+            cache.begin([seq], [n])
 
     def embed(self, seq: int, tokens: Sequence[int]) -> Any:
         """Hidden states [1, n, d] of ``tokens`` at ``seq``'s next positions (inside an open forward pass)."""
@@ -73,13 +84,13 @@ class DecoderLayers(LayerEntries):
             tensor = m.session.tensor
             ids = tensor(np.array([list(tokens)], np.int32))
             pos = tensor(m._positions([seq], len(tokens)))
-            m.cache.begin([seq], [len(tokens)])
+            self.begin(seq, len(tokens))
             m.session.pool.refresh()  # the entry is called directly, as `Seq2Seq.step` does
             out, self.cache.obj = self._verify(ids, pos, cross, self.cache.obj, self._params)
             m.cache.end()
             return to_numpy(out)[0]
         h = self.embed(seq, tokens)
-        m.cache.begin([seq], [len(tokens)])
+        self.begin(seq, len(tokens))
         logits = self.head(self.run(h, cross, layers))
         m.cache.end()
         return logits
@@ -93,6 +104,12 @@ class GreedyVariant:
     def _advance(self, cross: Any, max_new: int, processors: Sequence[LogitsProcessor]) -> Advance:
         raise NotImplementedError
 
+    def _start(
+        self, cross: Any, prompt: Sequence[int], max_new: int, processors: Sequence[LogitsProcessor]
+    ) -> Callable[[int], np.ndarray] | None:
+        """The prompt's pass for `Seq2Seq.greedy` (``start``); None: its plain prefill."""
+        return None
+
     def greedy(
         self,
         cross: Any,
@@ -104,7 +121,8 @@ class GreedyVariant:
     ) -> Hypothesis:
         """`Seq2Seq.greedy`'s loop and result (same arguments), each step taken by this decoder."""
         advance = self._advance(cross, max_new, processors)
-        return self.model.greedy(cross, prompt, eos, max_new, processors, on_first_logits, advance)
+        start = self._start(cross, prompt, max_new, processors)
+        return self.model.greedy(cross, prompt, eos, max_new, processors, on_first_logits, advance, start)
 
 
 class SelfSpeculativeDecoder(GreedyVariant):
@@ -121,9 +139,7 @@ class SelfSpeculativeDecoder(GreedyVariant):
         self.model, self.draft_layers, self.k = model, list(draft_layers), k
         self.stats = DraftStats()
 
-    def _pick(
-        self, logits: np.ndarray, step: int, tokens: list[int], processors: Sequence[LogitsProcessor]
-    ) -> tuple[int, float]:
+    def _pick(self, logits: np.ndarray, step: int, tokens: list[int], processors: Sequence[LogitsProcessor]) -> int:
         return _pick(logits, step, tokens, processors)
 
     def _advance(self, cross: Any, max_new: int, processors: Sequence[LogitsProcessor]) -> Advance:
@@ -138,16 +154,17 @@ class SelfSpeculativeDecoder(GreedyVariant):
             drafts: list[int] = []
             for _ in range(k):
                 lg = self.layers.forward(seq, [(tokens + drafts)[-1]], cross, self.draft_layers)[0]
-                drafts.append(self._pick(lg, step + len(drafts), tokens + drafts, processors)[0])
+                drafts.append(self._pick(lg, step + len(drafts), tokens + drafts, processors))
             m.cache.popn(seq, k)
             return verify(self.layers, seq, token, drafts, cross, step, tokens, processors, self.stats)
 
         return advance
 
 
-def _pick(logits: np.ndarray, step: int, tokens: list[int], processors: Sequence[LogitsProcessor]) -> tuple[int, float]:
-    """The greedy token of ``logits`` at ``step`` after ``tokens``, as `Seq2Seq.greedy` takes it."""
-    return best_token(apply_processors(processors, step, logits.copy(), tokens))
+def _pick(logits: np.ndarray, step: int, tokens: list[int], processors: Sequence[LogitsProcessor]) -> int:
+    """The greedy token of ``logits`` at ``step`` after ``tokens``, as `Seq2Seq.greedy` takes it
+    (`best_token`'s argmax, without the log-probability: a sum of exps over the vocabulary per row)."""
+    return int(np.argmax(apply_processors(processors, step, logits.copy(), tokens)))
 
 
 def verify(
@@ -165,14 +182,30 @@ def verify(
     the decoder itself would have picked greedily and pops the rest from ``seq``. Returns the logits
     of the accepted drafts' steps and of the step after them (what `Seq2Seq.greedy`'s advance returns)."""
     full = layers.forward(seq, [token, *drafts], cross, list(range(layers.num_layers)))
+    return accept(layers, seq, full, drafts, step, tokens, processors, stats)
+
+
+def accept(
+    layers: DecoderLayers,
+    seq: int,
+    rows: np.ndarray,
+    drafts: list[int],
+    step: int,
+    tokens: list[int],
+    processors: Sequence[LogitsProcessor],
+    stats: DraftStats,
+) -> np.ndarray:
+    """Of a pass whose last ``len(drafts)`` tokens were ``drafts`` and whose ``rows`` are the logits of
+    steps ``step``.. (the row before each draft, and one more), keep the drafts greedy decoding picks,
+    pop the rest from ``seq`` and return the rows of the kept drafts' steps and the step after them."""
     accepted = 0
     for i, d in enumerate(drafts):
-        if _pick(full[i], step + i, tokens + drafts[:i], processors)[0] != d:
+        if _pick(rows[i], step + i, tokens + drafts[:i], processors) != d:
             break
         accepted += 1
     stats.count_round(len(drafts), accepted)
     layers.model.cache.popn(seq, len(drafts) - accepted)
-    return full[: accepted + 1]
+    return rows[: accepted + 1]
 
 
 def lookup_drafts(
@@ -228,8 +261,10 @@ class LookupSeq2Seq(GreedyVariant):
     audio), laid out after the prompt's last tokens so that the first step can draft too, and the
     prompt and tokens decoded so far. The output is `Seq2Seq.greedy`'s.
 
-    A `DraftGate` (``gate``) pauses drafting while rounds yield fewer tokens per second than plain
-    steps (reference text the audio no longer says); it changes the speed, never the tokens.
+    A short prompt (streaming's two tokens) and its first drafts go through one pass (`_start`), so
+    the first round costs no pass of its own (``prompt_rounds`` counts them). A `DraftGate` (``gate``)
+    pauses drafting while rounds yield fewer tokens per second than plain steps (reference text the
+    audio no longer says); it changes the speed, never the tokens.
     """
 
     def __init__(
@@ -249,6 +284,7 @@ class LookupSeq2Seq(GreedyVariant):
         self.model, self.k, self.ngram = model, k, ngram
         self.wildcard_from, self.special_from = wildcard_from, special_from
         self.stats = DraftStats()
+        self.prompt_rounds = 0  # rounds verified in the prompt's pass (counted in ``stats`` too)
         self.gate = DraftGate() if gate else None  # one gate for every window: what it learnt carries over
         self._prompt: list[int] = []
         self._reference: list[int] = []
@@ -268,6 +304,27 @@ class LookupSeq2Seq(GreedyVariant):
         self._reference = [*self._prompt[-self.ngram :], *reference] if reference else []
         return super().greedy(cross, prompt, eos, max_new, processors, on_first_logits)
 
+    def _start(
+        self, cross: Any, prompt: Sequence[int], max_new: int, processors: Sequence[LogitsProcessor]
+    ) -> Callable[[int], np.ndarray] | None:
+        """A short prompt and the drafts after it in one pass (as decode rows): the first round costs no
+        pass of its own. From an empty cache those rows' logits are the prefill's bit for bit
+        (`tests/test_whisper_speculative.py`), so the tokens stay plain greedy decoding's."""
+        m, layers = self.model, self.layers
+        k = min(self.k, m.max_length - len(prompt) - 1, max_new - 1, layers.rows - len(prompt))
+        if not self._reference or k < 1 or (self.gate is not None and not self.gate.draft_now()):
+            return None
+        drafts, _ = lookup_drafts(self._reference, self._prompt, k, self.ngram, self.wildcard_from, self.special_from)
+        if not drafts:
+            return None
+
+        def start(seq: int) -> np.ndarray:
+            self.prompt_rounds += 1
+            full = layers.forward(seq, [*prompt, *drafts], cross, list(range(layers.num_layers)))
+            return accept(layers, seq, full[len(prompt) - 1 :], drafts, 0, [], processors, self.stats)
+
+        return start
+
     def _advance(self, cross: Any, max_new: int, processors: Sequence[LogitsProcessor]) -> Advance:
         """Rounds for `Seq2Seq.greedy`: look k tokens up, verify them in one full-decoder pass."""
         m, gate = self.model, self.gate
@@ -276,7 +333,9 @@ class LookupSeq2Seq(GreedyVariant):
             # The cache holds everything but ``token``; a round appends it and its drafts.
             k = min(self.k, m.max_length - m.cache.lengths[seq] - 1, max_new - 1 - step)
             drafts: list[int] = []
-            t = time.perf_counter()
+            # The gate compares this thread's CPU time (the decoder runs on it, at one thread wholly): on a
+            # busy machine wall-clock steps vary with other processes' turns and paused drafting that paid.
+            t = time.thread_time()
             if k >= 1 and (gate is None or gate.draft_now()):
                 context = self._prompt + tokens
                 drafts, _ = lookup_drafts(
@@ -288,7 +347,7 @@ class LookupSeq2Seq(GreedyVariant):
                 rows = m.step([seq], [token], cross)
                 self.stats.plain_steps += 1
             if gate is not None:
-                gate.record(bool(drafts), time.perf_counter() - t, len(rows))
+                gate.record(bool(drafts), time.thread_time() - t, len(rows))
             return rows
 
         return advance

@@ -9,7 +9,9 @@ tokens and the end token) over the time spent in ``Transcriber.decode_window`` (
 prefill and the decode loop, not the features nor the encoder), summed over the audio, median
 over ``--repeats`` (plain and speculative runs interleaved). ``identical``: every decode gave plain greedy
 decoding's tokens; ``passes_per_token``: full-decoder passes (verify rounds and plain steps) per token
-after each window's prompt, which plain decoding makes one of (load changes it only through the draft gate).
+after each window's prompt, which plain decoding makes one of (load changes it only through the draft gate);
+``cpu_ratio``: the same ratio in steps per second of the decoding thread's CPU time (meaningful at
+``--threads 1``, where the decoder runs on that thread; a loaded machine's waits for a core left out).
 """
 
 from __future__ import annotations
@@ -49,20 +51,21 @@ class Timed:
     def __init__(self, transcriber: Any):
         self.tr, self.inner = transcriber, transcriber.decode_window
         self.outputs: list[list[int]] = []
-        self.seconds, self.steps = 0.0, 0
+        self.seconds, self.cpu, self.steps = 0.0, 0.0, 0
         transcriber.decode_window = self
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.thread_time()
         hyp, no_speech = self.inner(*args, **kwargs)
         self.seconds += time.perf_counter() - t
+        self.cpu += time.thread_time() - c
         self.steps += len(hyp.tokens) + 1
         self.outputs.append(hyp.tokens)
         return hyp, no_speech
 
     def reset(self) -> None:
         """Start counting afresh."""
-        self.outputs, self.seconds, self.steps = [], 0.0, 0
+        self.outputs, self.seconds, self.cpu, self.steps = [], 0.0, 0.0, 0
 
 
 def _speech(folder: Path) -> list[np.ndarray]:
@@ -85,20 +88,20 @@ def _speech(folder: Path) -> list[np.ndarray]:
     return [*audio, np.concatenate(parts * 2)]
 
 
-def _long(timed: Timed, audio: list[np.ndarray]) -> tuple[list[list[int]], float]:
+def _long(timed: Timed, audio: list[np.ndarray]) -> tuple[list[list[int]], float, float]:
     timed.reset()
     for samples in audio:
         timed.tr.transcribe(samples, beam_size=1)
-    return timed.outputs, timed.steps / timed.seconds
+    return timed.outputs, timed.steps / timed.seconds, timed.steps / timed.cpu
 
 
-def _stream(timed: Timed, vad: Any, audio: list[np.ndarray]) -> tuple[list[list[int]], float]:
+def _stream(timed: Timed, vad: Any, audio: list[np.ndarray]) -> tuple[list[list[int]], float, float]:
     from edgert.families.whisper.streaming import StreamingTranscriber, stream_file
 
     timed.reset()
     for samples in audio:
         list(stream_file(StreamingTranscriber(timed.tr, vad), samples, chunk_seconds=1.0))
-    return timed.outputs, timed.steps / timed.seconds
+    return timed.outputs, timed.steps / timed.seconds, timed.steps / timed.cpu
 
 
 def whisper_rows(args: Any) -> list[Row]:
@@ -128,13 +131,15 @@ def whisper_rows(args: Any) -> list[Row]:
         for case, run in cases.items():
             for timed in modes.values():
                 timed.tr.speculative.stats = DraftStats()
-            plain_runs: list[tuple[list[list[int]], float]] = []
-            runs: dict[str, list[tuple[list[list[int]], float]]] = {spec: [] for spec in specs}
+                timed.tr.speculative.prompt_rounds = 0
+            plain_runs: list[tuple[list[list[int]], float, float]] = []
+            runs: dict[str, list[tuple[list[list[int]], float, float]]] = {spec: [] for spec in specs}
             for _ in range(args.repeats):  # interleaved: a change in the machine's load meets every mode alike
                 plain_runs.append(run(plain))
                 for spec, timed in modes.items():
                     runs[spec].append(run(timed))
             reference, base = plain_runs[0][0], statistics.median(r[1] for r in plain_runs)
+            base_cpu = statistics.median(r[2] for r in plain_runs)
             # Decoder passes after each window's prompt: plain decoding makes one per token.
             steps = (plain.steps - len(reference)) * args.repeats
             for spec, timed in modes.items():
@@ -154,7 +159,15 @@ def whisper_rows(args: Any) -> list[Row]:
                             "tokens_per_verify": round((stats.accepted + stats.rounds) / stats.rounds, 2)
                             if stats.rounds
                             else 0.0,
-                            "passes_per_token": round((stats.rounds + stats.plain_steps) / steps, 3),
+                            # a round verified in the prompt's own pass (lookup) is no pass after it
+                            "passes_per_token": round(
+                                (stats.rounds - getattr(timed.tr.speculative, "prompt_rounds", 0) + stats.plain_steps)
+                                / steps,
+                                3,
+                            ),
+                            # Steps per second of the decoding thread's CPU time (with --threads 1 the
+                            # decoder runs on it): the time other processes held the core left out.
+                            "cpu_ratio": round(statistics.median(r[2] for r in runs[spec]) / base_cpu, 3),
                         },
                     )
                 )

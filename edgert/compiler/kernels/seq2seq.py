@@ -278,9 +278,11 @@ def attention_kernel(
     (slicing them out first would copy 2 x heads x m x d floats per layer and decoder step).
     With ``frames``, q, kt and v are one `HeadsProjection` output [3 * heads, m * d] (self-attention
     of all m frames) and o is written [m, heads * d], ready for the output projection.
-    With ``clamp`` (the decoder's few rows: a verify pass, beams), any n > 1 rows go through tiles
-    of ``rows * block`` rows, the last one filled up with copies of row n - 1 (not stored), so up to
-    that many rows share one pass over the keys and values; one row keeps its own one-row tile.
+    With ``clamp`` (the decoder's few rows: a verify pass, beams), rows go through tiles of
+    ``rows * block`` rows and the remainder through one tile of 1, 2, 4 or ``rows * block`` rows,
+    filled up with copies of row n - 1 (not stored), so up to that many rows share one pass over
+    the keys and values. Each row sums in one order whatever its tile: a row's output is the same
+    in a verify pass as in a one-token step.
     """
 
     def query(qb: Any, h: Any, i: Any, dd: Any, n: Any = None) -> Any:
@@ -318,6 +320,7 @@ def attention_kernel(
     if d % dv:
         raise ValueError(f"head width {d} is not a multiple of {dv}")
     full, scale_f = m // kv * kv, float(scale)
+    vector_tail = full < m and m >= kv  # TVMScript branches on Python bools only
     sub_rows = rows or ATTN_ROWS
     tile_rows = sub_rows * (block or ATTN_BLOCK)
 
@@ -342,12 +345,29 @@ def attention_kernel(
                 for r in T.unroll(sub):
                     for mi in T.vectorized(kv):
                         s[sb * sub + r, mo * kv + mi] = part[r, mi] * T.float32(scale_f)
-        for r in range(rows):
-            for j in range(m - full):
-                red[r, 0] = T.float32(0)
+        if vector_tail:
+            # The last m % kv keys in one more vector tile over the last kv keys (the overlap is
+            # recomputed and not stored): a scalar dot product per (row, key) is a 64-FMA latency
+            # chain, ~0.1 ms of a layer's 8-row pass over 1500 frames.
+            for sb in range(rows // sub):
+                for r in T.unroll(sub):
+                    for mi in T.vectorized(kv):
+                        part[r, mi] = T.float32(0)
                 for dd in range(d):
-                    red[r, 0] = red[r, 0] + query(q, h, i0 + r, dd, nq) * key(kt, h, dd, full + j)
-                s[r, full + j] = red[r, 0] * T.float32(scale_f)
+                    for r in T.unroll(sub):
+                        for mi in T.vectorized(kv):
+                            qi = query(q, h, i0 + sb * sub + r, dd, nq)
+                            part[r, mi] = part[r, mi] + qi * key(kt, h, dd, m - kv + mi)
+                for r in T.unroll(sub):
+                    for mi in range(m - full):
+                        s[sb * sub + r, full + mi] = part[r, kv - (m - full) + mi] * T.float32(scale_f)
+        else:
+            for r in range(rows):
+                for j in range(m - full):
+                    red[r, 0] = T.float32(0)
+                    for dd in range(d):
+                        red[r, 0] = red[r, 0] + query(q, h, i0 + r, dd, nq) * key(kt, h, dd, full + j)
+                    s[r, full + j] = red[r, 0] * T.float32(scale_f)
         for r in range(rows):
             for mi in T.vectorized(kv):
                 part[r, mi] = T.float32(-3.4e38)
@@ -404,12 +424,25 @@ def attention_kernel(
         q = T.match_buffer(q_h, (3 * heads, n * d) if frames else (heads, n, d), "float32")
         o = T.match_buffer(o_h, (n, heads * d) if frames else (heads, n, d), "float32")
         if clamp:
-            if n == 1:
+            for p in T.parallel(heads * (n // tile_rows)):
+                tile(q, kt, v, o, p % heads, p // heads * tile_rows, tile_rows, sub_rows, n)
+            # The last n % tile_rows rows in the smallest tile of 1, 2, 4 or tile_rows that holds them
+            # (copies of the last row, their FMAs wasted: a verify pass of 2 tokens in a tile of 8
+            # cost twice what it needs).
+            rest = n % tile_rows
+            base = n // tile_rows * tile_rows
+            if rest == 1:
                 for p in T.parallel(heads):
-                    tile(q, kt, v, o, p, 0, 1, 1, n)
-            else:
-                for p in T.parallel(heads * ((n + tile_rows - 1) // tile_rows)):
-                    tile(q, kt, v, o, p % heads, p // heads * tile_rows, tile_rows, sub_rows, n)
+                    tile(q, kt, v, o, p, base, 1, 1, n)
+            if rest == 2:
+                for p in T.parallel(heads):
+                    tile(q, kt, v, o, p, base, 2, 2, n)
+            if rest > 2 and rest <= 4 and tile_rows > 4:
+                for p in T.parallel(heads):
+                    tile(q, kt, v, o, p, base, 4, 4, n)
+            if rest > 4 or (rest > 2 and tile_rows <= 4):
+                for p in T.parallel(heads):
+                    tile(q, kt, v, o, p, base, tile_rows, sub_rows, n)
         else:
             for p in T.parallel(heads * (n // tile_rows)):
                 tile(q, kt, v, o, p % heads, p // heads * tile_rows, tile_rows, sub_rows, n)

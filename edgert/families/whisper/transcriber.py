@@ -285,9 +285,10 @@ class Transcriber:
             stats.encode_seconds += time.perf_counter() - t
             t = time.perf_counter()
             previous = all_tokens if condition_on_previous_text else []
-            # The previous window's tokens, its cut-off tail included (this window hears that speech again).
+            # What the previous window heard past this window's start (``--speculative lookup``'s drafts;
+            # its finished segments are in the prompt already).
             hyp, no_speech = self.decode_window(cross, previous, beam_size, reference=last_window)
-            last_window = hyp.tokens
+            last_window = []
             stats.decode_seconds += time.perf_counter() - t
             stats.windows += 1
             stats.decoder_steps += len(hyp.tokens) + 1
@@ -297,6 +298,7 @@ class Transcriber:
                     seek += size  # silence: skip the window
                     continue
             pieces, seek = self._split(hyp.tokens, offset, size, seek)
+            last_window = self._unfinished(hyp.tokens)
             for start, end, toks in pieces:
                 text = self.text_of(toks)
                 if start == end or not text.strip():
@@ -304,6 +306,20 @@ class Transcriber:
                 all_tokens.extend(toks)
                 yield Segment(round(start, 3), round(end, 3), text, toks, avg_logprob, no_speech)
         stats.total_seconds = time.perf_counter() - started
+
+    def _unfinished(self, tokens: list[int]) -> list[int]:
+        """The tokens after a window's last finished segment (its start timestamp first), which the
+        next window, starting at that segment's end, hears again; none when it starts after the window.
+
+        Aligned so, the previous window drafts what the next one says first: the whole previous
+        window laid out after the prompt drafted its own beginning there (on the bench's speech,
+        a round rejected outright per window); its finished text is in the prompt for n-gram lookup.
+        """
+        tb = self.config["timestamp_begin"]
+        if len(tokens) >= 2 and tokens[-2] < tb <= tokens[-1]:
+            return []  # `_split`: the window ended on a finished segment and the next starts after it
+        consecutive = [i for i in range(1, len(tokens)) if tokens[i] >= tb and tokens[i - 1] >= tb]
+        return list(tokens[consecutive[-1] :]) if consecutive else []
 
     def _split(
         self, tokens: list[int], offset: float, size: int, seek: int
