@@ -368,26 +368,27 @@ def attention_kernel(
                     for dd in range(d):
                         red[r, 0] = red[r, 0] + query(q, h, i0 + r, dd, nq) * key(kt, h, dd, full + j)
                     s[r, full + j] = red[r, 0] * T.float32(scale_f)
+        # one row at a time: the partials of its maximum and sum take the first of `part`'s `sub` rows
         for r in range(rows):
             for mi in T.vectorized(kv):
-                part[r, mi] = T.float32(-3.4e38)
+                part[0, mi] = T.float32(-3.4e38)
             for mo in range(m // kv):
                 for mi in T.vectorized(kv):
-                    part[r, mi] = T.max(part[r, mi], s[r, mo * kv + mi])
+                    part[0, mi] = T.max(part[0, mi], s[r, mo * kv + mi])
             red[r, 0] = T.float32(-3.4e38)
             for mi in range(kv):
-                red[r, 0] = T.max(red[r, 0], part[r, mi])
+                red[r, 0] = T.max(red[r, 0], part[0, mi])
             for j in range(m - full):
                 red[r, 0] = T.max(red[r, 0], s[r, full + j])
             for mi in T.vectorized(kv):
-                part[r, mi] = T.float32(0)
+                part[0, mi] = T.float32(0)
             for mo in range(m // kv):
                 for mi in T.vectorized(kv):
                     s[r, mo * kv + mi] = fast_exp(s[r, mo * kv + mi] - red[r, 0])
-                    part[r, mi] = part[r, mi] + s[r, mo * kv + mi]
+                    part[0, mi] = part[0, mi] + s[r, mo * kv + mi]
             red[r, 1] = T.float32(0)
             for mi in range(kv):
-                red[r, 1] = red[r, 1] + part[r, mi]
+                red[r, 1] = red[r, 1] + part[0, mi]
             for j in range(m - full):
                 s[r, full + j] = fast_exp(s[r, full + j] - red[r, 0])
                 red[r, 1] = red[r, 1] + s[r, full + j]
