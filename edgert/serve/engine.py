@@ -6,6 +6,12 @@ cache has pages for them, prefills each (forking the longest cached prefix, see 
 then runs every active sequence's next token in ONE ``batch_decode`` pass per step. A cancelled
 request (a client that went away) loses its sequence and pages before the next step.
 
+Mixed steps (artifacts with the ``prefill_rows`` entry): while a prompt waits to be prefilled,
+each step is one ragged pass over the decoding sequences' next tokens (a 1-token piece each) and
+a chunk of the waiting prompts, bounded by a token budget (``step_tokens``), as vLLM's chunked
+prefill and llama.cpp's server do: the decoding rows ride in the prefill pass (nearly free: the
+weights are read once for all of them) and are never stalled longer than one bounded pass.
+
 With a KV budget (``kv_budget``, an artifact built ``--evictable-kv``) no sequence holds more than
 N cached tokens: prompts of any length are taken, and a sequence about to exceed N first drops
 its least-attended entries (TOVA, `edgert.runtime.kv_budget`); it then runs the ``*_at`` entry
@@ -60,7 +66,8 @@ def piece(n: int, chunk: int) -> int:
     return chunk if n >= chunk else 1 << (n.bit_length() - 1)
 
 
-PHASES = ("wait", "admit", "prefill", "decode", "sample", "detokenize", "send")
+# "mixed": passes carrying both prompt tokens and decoding rows (`LLMEngine._mixed_step`).
+PHASES = ("wait", "admit", "prefill", "mixed", "decode", "sample", "detokenize", "send")
 
 
 def name_thread(name: str) -> None:
@@ -172,6 +179,7 @@ class Counters:
     decode_steps: int = 0
     prefill_passes: int = 0
     decode_rows: int = 0  # sum of batch sizes over decode steps
+    mixed_passes: int = 0  # passes with prompt tokens and decoding rows together
     ttft_sum: float = 0.0
     ttft_count: int = 0
     ttft_buckets: dict[float, int] = field(
@@ -190,7 +198,9 @@ class LLMEngine:
     for each batch row); ``prefix_cache_tokens``: tokens of finished prompts kept for reuse
     (0: none). ``paused`` loads the model but admits nothing until `resume`. ``kv_budget``: at most
     this many cached tokens per sequence (TOVA eviction; needs an ``--evictable-kv`` artifact).
-    ``warm``: bring the process to its steady memory before serving (`_warm_up`).
+    ``warm``: bring the process to its steady memory before serving (`_warm_up`). ``step_tokens``:
+    the tokens of a mixed step (decoding rows plus prompt chunk; default 64, at most the prefill
+    chunk); a step without decoding rows takes a whole prefill chunk.
     """
 
     def __init__(
@@ -204,6 +214,7 @@ class LLMEngine:
         paused: bool = False,
         kv_budget: int | None = None,
         warm: bool = True,
+        step_tokens: int | None = None,
     ):
         manifest = artifact.manifest
         kv = manifest["kv_cache"]
@@ -234,6 +245,17 @@ class LLMEngine:
         self.prefix_cache = PrefixCache(self.page_size, max(cache_tokens, 0))
         self.tokenizer = tokenizer_from_artifact(artifact)
         self.batched = "batch_decode" in manifest["entry_points"]  # artifacts built before it decode row by row
+        # Mixed prefill+decode steps need the gathering entry (older artifacts prefill first, then
+        # decode); the KV budget's ``*_at`` entries run sequence by sequence.
+        self.mixed = self.batched and "prefill_rows" in manifest["entry_points"] and self.budget is None
+        if step_tokens is not None and not max_batch < step_tokens <= self.prefill_chunk:
+            raise EdgertError(
+                f"--step-tokens {step_tokens} must exceed --max-batch ({max_batch}) and be at most the "
+                f"artifact's prefill chunk ({self.prefill_chunk})"
+            )
+        self.step_tokens = step_tokens or min(64, self.prefill_chunk)
+        if self.step_tokens <= max_batch:  # no room for a prompt beside a full batch
+            self.mixed = False
         self.counters = Counters()
         self._rate: deque[tuple[float, int]] = deque()  # (time, tokens) of recent decode steps
         self._pending: deque[Request] = deque()
@@ -395,7 +417,10 @@ class LLMEngine:
                 self._start(admitted)
                 self._flush()  # first tokens go out before the decode step, not after it
             if self._active:
-                self._decode_step()
+                if self.mixed and any(r.next_token < 0 for r in self._active):
+                    self._mixed_step()
+                else:
+                    self._decode_step()
             self._flush()
         for req in [*self._pending, *self._active]:
             self._emit(req, ("error", "the server is shutting down"))
@@ -446,15 +471,18 @@ class LLMEngine:
             cache.remove(seq)
         if self.budget is not None:  # its entries take true positions; their shapes warm up in use
             return
-        size = 1
-        while True:
-            seq = next(self._ids)
-            cache.add(seq)
-            self._forward("prefill", [seq], np.zeros((1, size), dtype=np.int32))
-            cache.remove(seq)
-            if size >= self.prefill_chunk:
-                break
-            size = min(size * 2, self.prefill_chunk)
+        if self.mixed:  # prompts run through prefill_rows only
+            self._warm_mixed()
+        else:
+            size = 1
+            while True:
+                seq = next(self._ids)
+                cache.add(seq)
+                self._forward("prefill", [seq], np.zeros((1, size), dtype=np.int32))
+                cache.remove(seq)
+                if size >= self.prefill_chunk:
+                    break
+                size = min(size * 2, self.prefill_chunk)
         rows = [next(self._ids) for _ in range(self.max_batch if self.batched else 1)]
         for seq in rows:
             cache.add(seq)
@@ -464,6 +492,20 @@ class LLMEngine:
             self._forward(entry, rows[:n], np.zeros((n, 1), dtype=np.int32))
         for seq in rows:
             cache.remove(seq)
+
+    def _warm_mixed(self) -> None:
+        """Run each shape a mixed step takes: 1..2*max_batch tokens, the powers of two and the chunk
+        (one sequence each), and 1..max_batch gathered rows."""
+        sizes = set(range(1, 2 * self.max_batch + 1)) | {self.prefill_chunk}
+        sizes |= {1 << k for k in range(self.prefill_chunk.bit_length()) if 1 << k <= self.prefill_chunk}
+        shapes = [(n, [n - 1]) for n in sorted(sizes)]
+        shapes += [(r, list(range(r))) for r in range(2, self.max_batch + 1)]
+        assert self.cache is not None
+        for n, rows in shapes:
+            seq = next(self._ids)
+            self.cache.add(seq)
+            self._forward("prefill_rows", [seq], np.zeros((1, n), dtype=np.int32), rows=rows)
+            self.cache.remove(seq)
 
     def _work_ready(self) -> bool:
         if any(r.cancelled for r in self._active) or any(r.cancelled for r in self._pending):
@@ -525,12 +567,23 @@ class LLMEngine:
             self._release(req, keep_prefix=False)
         self._emit(req, ("error", message))
 
-    def _forward(self, entry: str, seq_ids: list[int], ids: np.ndarray, lengths: list[int] | None = None) -> np.ndarray:
+    def _forward(
+        self,
+        entry: str,
+        seq_ids: list[int],
+        ids: np.ndarray,
+        lengths: list[int] | None = None,
+        rows: list[int] | None = None,
+    ) -> np.ndarray:
         """One pass of ``entry`` over ``ids`` [rows, n] appended to ``seq_ids``; logits as a numpy view
-        (valid until the next pass). ``lengths``: each sequence's share of a [1, n] prefill."""
+        (valid until the next pass). ``lengths``: each sequence's share of a [1, n] prefill; ``rows``:
+        the token indices whose logits ``prefill_rows`` returns."""
         assert self.session is not None and self.cache is not None
         self.cache.begin(seq_ids, lengths or [ids.shape[1]] * len(seq_ids))
-        logits, self.cache.obj = self.session(entry, self.session.tensor(ids), self.cache.obj)
+        args = [self.session.tensor(ids)]
+        if rows is not None:
+            args.append(self.session.tensor(np.asarray(rows, dtype=np.int32)))
+        logits, self.cache.obj = self.session(entry, *args, self.cache.obj)
         self.cache.end()
         return _view(logits)
 
@@ -609,7 +662,7 @@ class LLMEngine:
             self._guarded(self._setup, req)
             if req.seq_id >= 0:
                 ready.append(req)
-        if not ready:
+        if not ready or self.mixed:  # mixed: their prompts run in the next steps' passes (`_mixed_step`)
             return
         t0 = time.perf_counter()
         if self.budget is not None:
@@ -691,23 +744,86 @@ class LLMEngine:
                 self._fail(r, f"decode failed: {type(exc).__name__}: {exc}")
             return
         now = self._tick("decode", t0)
+        self._decoded(rows, now - t0, now)
+        self._take(rows, logits, now)
+
+    def _decoded(self, rows: list[Request], seconds: float, now: float) -> None:
+        """Count a pass that ran each of ``rows``' pending token."""
         with self._cond:
             self._rate.append((now, len(rows)))
         self.counters.decode_steps += 1
         self.counters.decode_rows += len(rows)
-        # Greedy rows without a repetition penalty (the common case) take one argmax over the
-        # batch's logits at once; the others go through their sampler row by row.
-        plain = [i for i, r in enumerate(rows) if r.sampling.greedy and r.sampling.repetition_penalty == 1.0]
-        tokens: dict[int, int] = {}
-        if plain:
-            picked = (logits if len(plain) == len(rows) else logits[plain]).argmax(axis=1)
-            tokens = dict(zip(plain, picked.tolist(), strict=True))
-        self._tick("sample", now)
-        for i, r in enumerate(rows):
+        for r in rows:
             r.kv_tokens.append(r.next_token)
             r.position += 1
-            r.stats.decode_step_seconds.append(now - t0)
+            r.stats.decode_step_seconds.append(seconds)
+
+    def _take(self, reqs: list[Request], logits: np.ndarray, now: float) -> None:
+        """Each request's next token from its row of ``logits`` [rows, vocab]: sample, send, finish."""
+        # Greedy rows without a repetition penalty (the common case) take one argmax over the
+        # batch's logits at once; the others go through their sampler row by row.
+        plain = [i for i, r in enumerate(reqs) if r.sampling.greedy and r.sampling.repetition_penalty == 1.0]
+        tokens: dict[int, int] = {}
+        if plain:
+            picked = (logits if len(plain) == len(reqs) else logits[plain]).argmax(axis=1)
+            tokens = dict(zip(plain, picked.tolist(), strict=True))
+        self._tick("sample", now)
+        for i, r in enumerate(reqs):
             self._guarded(lambda q, i=i: self._accept(q, tokens[i] if i in tokens else self._sample(q, logits[i])), r)
+
+    def _mixed_step(self) -> None:
+        """One ragged pass: every decoding sequence's pending token and the next chunk of the waiting
+        prompts (FIFO), at most ``step_tokens`` in all (a whole prefill chunk when nobody decodes).
+
+        Each sequence is a piece of its own length (a decoding one's is 1 token); ``prefill_rows``
+        returns the logits of each decoding row and of each prompt's last token when it is in the
+        pass (that request's first token). The pass has a bounded set of shapes, as `piece` says:
+        up to ``2 * max_batch`` tokens any size (the warm-up runs each), beyond that a power of two
+        or the whole chunk, which still leaves at least one prompt token beside a full batch.
+        """
+        rows = [r for r in self._active if r.next_token >= 0]
+        filling = [r for r in self._active if r.next_token < 0]
+        waiting = sum(len(r.prompt) - r.position for r in filling)
+        total = min(len(rows) + waiting, self.step_tokens if rows else self.prefill_chunk)
+        size = total if total <= 2 * self.max_batch else piece(total, self.prefill_chunk)
+        seq_ids = [r.seq_id for r in rows]
+        lengths = [1] * len(rows)
+        ids = [r.next_token for r in rows]
+        gather = list(range(len(rows)))
+        takes: list[tuple[Request, list[int]]] = []
+        firsts: list[Request] = []
+        for req in filling:
+            room = size - len(ids)
+            if room <= 0:
+                break
+            take = req.prompt[req.position : req.position + room]
+            seq_ids.append(req.seq_id)
+            lengths.append(len(take))
+            ids.extend(take)
+            takes.append((req, take))
+            if req.position + len(take) == len(req.prompt):
+                gather.append(len(ids) - 1)
+                firsts.append(req)
+        t0 = time.perf_counter()
+        try:
+            logits = self._forward(
+                "prefill_rows", seq_ids, np.asarray([ids], dtype=np.int32), lengths, gather or [len(ids) - 1]
+            )[0]
+        except Exception as exc:
+            for r in [*rows, *(q for q, _ in takes)]:
+                self._fail(r, f"prefill failed: {type(exc).__name__}: {exc}")
+            return
+        now = self._tick("mixed" if rows else "prefill", t0)
+        c = self.counters
+        c.prefill_passes += 1
+        for req, take in takes:
+            req.kv_tokens.extend(take)
+            req.position += len(take)
+            req.stats.prefill_seconds += now - t0
+        if rows:
+            c.mixed_passes += 1
+            self._decoded(rows, now - t0, now)
+        self._take([*rows, *firsts], logits, now)
 
     def _sample(self, req: Request, logits: np.ndarray) -> int:
         assert req.sampler is not None and req.emitter is not None

@@ -356,7 +356,9 @@ def _last_token(h: Tensor) -> Tensor:
 def _gather_tokens(h: Tensor, rows: Tensor) -> Tensor:
     """h[:, rows, :] (the caller passes indices inside the pass; topi's fast ``take`` would warn at each build)."""
     return op.tensor_expr_op(
-        lambda x, r: te.compute((x.shape[0], r.shape[0], x.shape[2]), lambda i, j, k: x[i, r[j], k], name="gather_tokens"),
+        lambda x, r: te.compute(
+            (x.shape[0], r.shape[0], x.shape[2]), lambda i, j, k: x[i, r[j], k], name="gather_tokens"
+        ),
         "gather_tokens",
         [h, rows],
     )
