@@ -79,6 +79,11 @@ def name_thread(name: str) -> None:
         pass
 
 
+def _split(n: int, cap: int) -> list[int]:
+    """``n`` tokens in pieces of at most ``cap``."""
+    return [min(cap, n - i) for i in range(0, n, cap)]
+
+
 def _deliver(items: list[tuple[Sink, tuple[str, Any]]]) -> None:
     for sink, event in items:
         sink(event)
@@ -123,9 +128,22 @@ class Request:
 
 
 class BatchKVCache:
-    """TVM's paged KV cache holding many sequences, by sequence id."""
+    """TVM's paged KV cache holding many sequences, by sequence id.
 
-    def __init__(self, session: Session, max_batch: int, max_tokens: int, prefill_chunk: int, page_size: int):
+    A manifest's ``local`` section (Gemma 3: the sliding-window layers keep their keys and values
+    in a cache of their own) adds that second cache, the masking kind that keeps every position;
+    each sequence lives in both under the same id and every operation applies to both (`objs`).
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        max_batch: int,
+        max_tokens: int,
+        prefill_chunk: int,
+        page_size: int,
+        local: dict[str, Any] | None = None,
+    ):
         self._begin = global_func("vm.builtin.kv_state_begin_forward")
         self._end = global_func("vm.builtin.kv_state_end_forward")
         self._add = global_func("vm.builtin.kv_state_add_sequence")
@@ -133,34 +151,52 @@ class BatchKVCache:
         self._remove = global_func("vm.builtin.kv_state_remove_sequence")
         self._popn = global_func("vm.builtin.kv_state_popn")
         self._available = global_func("vm.builtin.attention_kv_cache_get_num_available_pages")
-        self.obj = session.vm["create_kv_cache"](
-            shape([max_batch]), shape([max_tokens]), shape([prefill_chunk]), shape([page_size]), shape([0])
-        )
+        sizes = (shape([max_batch]), shape([max_tokens]), shape([prefill_chunk]), shape([page_size]), shape([0]))
+        self.objs: list[Any] = [session.vm["create_kv_cache"](*sizes)]
+        if local is not None:
+            self.objs.append(session.vm[local["create"]](*sizes))
+        # Both caches have the same pages and a sequence takes the same number in each.
         self.total_pages = int(self._available(self.obj))
 
+    @property
+    def obj(self) -> Any:
+        """The (global) cache object; the only one without a local cache."""
+        return self.objs[0]
+
+    @obj.setter
+    def obj(self, value: Any) -> None:
+        self.objs[0] = value
+
     def begin(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
-        self._begin(self.obj, shape(list(seq_ids)), shape(list(lengths)))
+        for obj in self.objs:
+            self._begin(obj, shape(list(seq_ids)), shape(list(lengths)))
 
     def end(self) -> None:
-        self._end(self.obj)
+        for obj in self.objs:
+            self._end(obj)
 
     def add(self, seq_id: int) -> None:
-        self._add(self.obj, seq_id)
+        for obj in self.objs:
+            self._add(obj, seq_id)
 
     def fork(self, parent: int, child: int, length: int) -> None:
         """``child`` starts as the first ``length`` tokens of ``parent``, sharing its pages."""
-        self._fork(self.obj, parent, child, length)
+        for obj in self.objs:
+            self._fork(obj, parent, child, length)
 
     def remove(self, seq_id: int) -> None:
-        self._remove(self.obj, seq_id)
+        for obj in self.objs:
+            self._remove(obj, seq_id)
 
     def popn(self, seq_id: int, n: int) -> None:
         if n > 0:
-            self._popn(self.obj, seq_id, n)
+            for obj in self.objs:
+                self._popn(obj, seq_id, n)
 
     @property
     def pages_in_use(self) -> int:
-        return self.total_pages - int(self._available(self.obj))
+        """Pages holding keys and values (the larger count of the two caches: a leak in either shows)."""
+        return max(self.total_pages - int(self._available(obj)) for obj in self.objs)
 
 
 @dataclass
@@ -223,11 +259,15 @@ class LLMEngine:
         self.prefill_chunk = int(kv["prefill_chunk_size"])
         self.page_size = int(kv["page_size"])
         self.vocab_size = int(manifest["model"]["vocab_size"])
-        if manifest["kv_cache"].get("local"):
+        self.local = kv.get("local")  # Gemma 3's sliding-window layers: a second cache (`BatchKVCache`)
+        if self.local and "batch_decode" not in manifest["entry_points"]:
             raise EdgertError(
-                f"{artifact.path}: this model keeps its sliding-window layers in a second KV cache, which "
-                "the server does not batch yet; use `edgert run` or `edgert chat`"
+                f"{artifact.path}: this model keeps its sliding-window layers in a second KV cache and was "
+                "compiled before the server could batch it; compile it again, or use `edgert run` or `edgert chat`"
             )
+        # The local cache's masking kernels keep a sequence's queries to their window only in pieces
+        # shorter than it (`edgert.runtime.session.PagedKVCache.chunk_limit`).
+        self.piece_cap = int(self.local["window"]) - 1 if self.local else self.prefill_chunk
         if max_batch < 1 or max_queue < 1:
             raise EdgertError(f"--max-batch and --max-queue must be at least 1 (got {max_batch}, {max_queue})")
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -242,6 +282,8 @@ class LLMEngine:
         if self.kv_tokens < self.context_length:
             raise EdgertError(f"--kv-tokens {self.kv_tokens} is less than one context ({self.context_length} tokens)")
         cache_tokens = self.context_length if prefix_cache_tokens is None else prefix_cache_tokens
+        if self.local:  # a sequence forked in the masking cache does not attend as its parent (TVM 0.27)
+            cache_tokens = 0
         self.prefix_cache = PrefixCache(self.page_size, max(cache_tokens, 0))
         self.tokenizer = tokenizer_from_artifact(artifact)
         self.batched = "batch_decode" in manifest["entry_points"]  # artifacts built before it decode row by row
@@ -256,6 +298,10 @@ class LLMEngine:
         self.step_tokens = step_tokens or min(64, self.prefill_chunk)
         if self.step_tokens <= max_batch:  # no room for a prompt beside a full batch
             self.mixed = False
+        if self.local and not self.mixed:  # its prompts are cut per sequence in mixed steps only
+            raise EdgertError(
+                f"{artifact.path}: a prefill chunk of {self.prefill_chunk} leaves no room for mixed steps"
+            )
         self.counters = Counters()
         self._rate: deque[tuple[float, int]] = deque()  # (time, tokens) of recent decode steps
         self._pending: deque[Request] = deque()
@@ -389,7 +435,9 @@ class LLMEngine:
         name_thread("edgert-sched")
         try:
             self.session = Session(self.artifact, self._threads)
-            self.cache = BatchKVCache(self.session, self.max_batch, self.kv_tokens, self.prefill_chunk, self.page_size)
+            self.cache = BatchKVCache(
+                self.session, self.max_batch, self.kv_tokens, self.prefill_chunk, self.page_size, self.local
+            )
             if self.warm:
                 self._warm_up()
         except BaseException as exc:
@@ -462,7 +510,8 @@ class LLMEngine:
         half = max(self.page_size // 2, 1)
         root = next(self._ids)
         cache.add(root)
-        self._forward("prefill", [root], np.zeros((1, half), dtype=np.int32))
+        for n in _split(half, self.piece_cap):
+            self._forward("prefill", [root], np.zeros((1, n), dtype=np.int32))
         forks: list[int] = []
         while cache.total_pages - cache.pages_in_use > 0:
             forks.append(next(self._ids))
@@ -502,10 +551,15 @@ class LLMEngine:
         shapes += [(r, list(range(r))) for r in range(2, self.max_batch + 1)]
         assert self.cache is not None
         for n, rows in shapes:
-            seq = next(self._ids)
-            self.cache.add(seq)
-            self._forward("prefill_rows", [seq], np.zeros((1, n), dtype=np.int32), rows=rows)
-            self.cache.remove(seq)
+            lengths = [1] * n if len(rows) > 1 else _split(n, self.piece_cap)  # the pieces a step may take
+            if len(lengths) > self.max_batch:  # more pieces than a step has sequences: never run
+                continue
+            seqs = [next(self._ids) for _ in lengths]
+            for seq in seqs:
+                self.cache.add(seq)
+            self._forward("prefill_rows", seqs, np.zeros((1, n), dtype=np.int32), lengths, rows)
+            for seq in seqs:
+                self.cache.remove(seq)
 
     def _work_ready(self) -> bool:
         if any(r.cancelled for r in self._active) or any(r.cancelled for r in self._pending):
@@ -583,7 +637,8 @@ class LLMEngine:
         args = [self.session.tensor(ids)]
         if rows is not None:
             args.append(self.session.tensor(np.asarray(rows, dtype=np.int32)))
-        logits, self.cache.obj = self.session(entry, *args, self.cache.obj)
+        logits, *objs = self.session(entry, *args, *self.cache.objs)
+        self.cache.objs = objs
         self.cache.end()
         return _view(logits)
 
@@ -796,7 +851,7 @@ class LLMEngine:
             room = size - len(ids)
             if room <= 0:
                 break
-            take = req.prompt[req.position : req.position + room]
+            take = req.prompt[req.position : req.position + min(room, self.piece_cap)]
             seq_ids.append(req.seq_id)
             lengths.append(len(take))
             ids.extend(take)
