@@ -236,7 +236,8 @@ class LLMEngine:
     this many cached tokens per sequence (TOVA eviction; needs an ``--evictable-kv`` artifact).
     ``warm``: bring the process to its steady memory before serving (`_warm_up`). ``step_tokens``:
     the tokens of a mixed step (decoding rows plus prompt chunk; default 64, at most the prefill
-    chunk); a step without decoding rows takes a whole prefill chunk.
+    chunk); a step without decoding rows takes a whole prefill chunk. ``mixed_steps=False``: prefill
+    passes, then a decode pass, as for artifacts without ``prefill_rows`` (an A/B of the two).
     """
 
     def __init__(
@@ -251,6 +252,7 @@ class LLMEngine:
         kv_budget: int | None = None,
         warm: bool = True,
         step_tokens: int | None = None,
+        mixed_steps: bool = True,
     ):
         manifest = artifact.manifest
         kv = manifest["kv_cache"]
@@ -289,7 +291,7 @@ class LLMEngine:
         self.batched = "batch_decode" in manifest["entry_points"]  # artifacts built before it decode row by row
         # Mixed prefill+decode steps need the gathering entry (older artifacts prefill first, then
         # decode); the KV budget's ``*_at`` entries run sequence by sequence.
-        self.mixed = self.batched and "prefill_rows" in manifest["entry_points"] and self.budget is None
+        self.mixed = mixed_steps and self.batched and "prefill_rows" in manifest["entry_points"] and self.budget is None
         if step_tokens is not None and not max_batch < step_tokens <= self.prefill_chunk:
             raise EdgertError(
                 f"--step-tokens {step_tokens} must exceed --max-batch ({max_batch}) and be at most the "
@@ -300,7 +302,8 @@ class LLMEngine:
             self.mixed = False
         if self.local and not self.mixed:  # its prompts are cut per sequence in mixed steps only
             raise EdgertError(
-                f"{artifact.path}: a prefill chunk of {self.prefill_chunk} leaves no room for mixed steps"
+                f"{artifact.path}: a model with a sliding-window cache is served in mixed steps only "
+                "(--step-tokens above --max-batch, and not --no-mixed-steps)"
             )
         self.counters = Counters()
         self._rate: deque[tuple[float, int]] = deque()  # (time, tokens) of recent decode steps
