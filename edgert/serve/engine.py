@@ -67,6 +67,7 @@ def piece(n: int, chunk: int) -> int:
 
 
 # "mixed": passes carrying both prompt tokens and decoding rows (`LLMEngine._mixed_step`).
+PAD_TO = 8  # a mixed pass beyond 2 * max_batch tokens is padded to a multiple of this (`_mixed_step`)
 PHASES = ("wait", "admit", "prefill", "mixed", "decode", "sample", "detokenize", "send")
 
 
@@ -439,7 +440,13 @@ class LLMEngine:
         try:
             self.session = Session(self.artifact, self._threads)
             self.cache = BatchKVCache(
-                self.session, self.max_batch, self.kv_tokens, self.prefill_chunk, self.page_size, self.local
+                # one sequence more than the batch: a mixed pass's padding (`_mixed_step`)
+                self.session,
+                self.max_batch + 1,
+                self.kv_tokens,
+                self.prefill_chunk,
+                self.page_size,
+                self.local,
             )
             if self.warm:
                 self._warm_up()
@@ -548,8 +555,9 @@ class LLMEngine:
     def _warm_mixed(self) -> None:
         """Run each shape a mixed step takes: 1..2*max_batch tokens, the powers of two and the chunk
         (one sequence each), and 1..max_batch gathered rows."""
-        sizes = set(range(1, 2 * self.max_batch + 1)) | {self.prefill_chunk}
+        sizes = set(range(1, 2 * self.max_batch + 1)) | {self.prefill_chunk, self.step_tokens}
         sizes |= {1 << k for k in range(self.prefill_chunk.bit_length()) if 1 << k <= self.prefill_chunk}
+        sizes |= set(range(PAD_TO, self.step_tokens + 1, PAD_TO))  # padded mixed passes
         shapes = [(n, [n - 1]) for n in sorted(sizes)]
         shapes += [(r, list(range(r))) for r in range(2, self.max_batch + 1)]
         assert self.cache is not None
@@ -835,15 +843,32 @@ class LLMEngine:
 
         Each sequence is a piece of its own length (a decoding one's is 1 token); ``prefill_rows``
         returns the logits of each decoding row and of each prompt's last token when it is in the
-        pass (that request's first token). The pass has a bounded set of shapes, as `piece` says:
-        up to ``2 * max_batch`` tokens any size (the warm-up runs each), beyond that a power of two
-        or the whole chunk, which still leaves at least one prompt token beside a full batch.
+        pass (that request's first token).
+
+        The pass has a bounded set of shapes (see `piece`; the warm-up runs each): up to
+        ``2 * max_batch`` tokens any size; beyond, without decoding rows, a power of two or the
+        whole chunk; with them, every waiting token that fits, padded up to a multiple of
+        ``PAD_TO`` by a scratch sequence removed after the pass (its tokens change nobody's
+        attention), so a short prompt beside the batch takes one pass, not one per power of two.
         """
         rows = [r for r in self._active if r.next_token >= 0]
         filling = [r for r in self._active if r.next_token < 0]
         waiting = sum(len(r.prompt) - r.position for r in filling)
         total = min(len(rows) + waiting, self.step_tokens if rows else self.prefill_chunk)
-        size = total if total <= 2 * self.max_batch else piece(total, self.prefill_chunk)
+        pad = 0
+        if total <= 2 * self.max_batch:
+            size = total
+        elif not rows:
+            size = piece(total, self.prefill_chunk)
+        else:
+            assert self.cache is not None
+            size = total
+            padded = min(-(-total // PAD_TO) * PAD_TO, self.step_tokens)
+            # The scratch takes a page that the pass's own tokens must not be short of (at most a
+            # page per sequence beyond what their tokens fill).
+            needed = 1 + len(self._active) + -(-total // self.page_size)
+            if padded > total and self.cache.total_pages - self.cache.pages_in_use >= needed:
+                pad = padded - total
         seq_ids = [r.seq_id for r in rows]
         lengths = [1] * len(rows)
         ids = [r.next_token for r in rows]
@@ -862,6 +887,14 @@ class LLMEngine:
             if req.position + len(take) == len(req.prompt):
                 gather.append(len(ids) - 1)
                 firsts.append(req)
+        scratch = -1
+        if pad:
+            assert self.cache is not None
+            scratch = next(self._ids)
+            self.cache.add(scratch)
+            seq_ids.append(scratch)
+            lengths.append(pad)
+            ids.extend([0] * pad)
         t0 = time.perf_counter()
         try:
             logits = self._forward(
@@ -871,6 +904,10 @@ class LLMEngine:
             for r in [*rows, *(q for q, _ in takes)]:
                 self._fail(r, f"prefill failed: {type(exc).__name__}: {exc}")
             return
+        finally:
+            if scratch >= 0:
+                assert self.cache is not None
+                self.cache.remove(scratch)
         now = self._tick("mixed" if rows else "prefill", t0)
         c = self.counters
         c.prefill_passes += 1
