@@ -321,12 +321,140 @@ def test_requests_admitted_together_share_prefill_passes_and_match_one_by_one(ti
             alone.append(events)
         assert [e for e, _ in together] == alone
         assert all(e[-1] == ("done", "length") for e in alone)
-        # 4 + 22 + 40 tokens in two passes (64 + 2), the last prompt tokens of the first two
-        # in the next decode step; one by one: 4 + 1, 16 + 4 + 2 + 1, 32 + 8 (eight passes).
-        assert passes == 2 and engine.counters.prefill_passes - passes == 8
+        # 5 + 23 + 40 tokens in two passes: 64 (the first two prompts end in it and sample their
+        # first tokens), then the last 4 beside those two decoding rows (a mixed pass of 6);
+        # one by one: 5, 16 + 7, 32 + 8 (five passes).
+        assert passes == 2 and engine.counters.mixed_passes == 1
+        assert engine.counters.prefill_passes - passes == 5
         assert engine.snapshot()["kv_pages_in_use"] == 0
     finally:
         engine.close()
+
+
+def test_mixed_steps_give_decoding_rows_the_text_of_one_by_one_runs(tiny_host_artifact: Path) -> None:
+    """Prompts prefilled in bounded chunks beside decoding sequences (one ragged pass per step):
+    each request's greedy text equals its run alone; the rows' logits equal a decode step's."""
+    import edgert
+    from edgert.artifact import open_artifact
+    from edgert.runtime.sampling import SamplingParams
+    from edgert.runtime.tvm_runtime import to_numpy
+    from edgert.serve.engine import BatchKVCache, LLMEngine
+
+    rng = np.random.default_rng(11)
+    # The pass's logits at the decoding rows and at the new prompt's last token, against a
+    # decode step and a prefill of each sequence alone.
+    gen = edgert.load(tiny_host_artifact)
+    cache = BatchKVCache(gen.session, 4, 1024, 64, 16)
+    old = [rng.integers(0, 1000, n).tolist() for n in (9, 30)]
+    for i, p in enumerate(old):
+        cache.add(i)
+        cache.begin([i], [len(p)])
+        _, cache.obj = gen.session("prefill", gen.session.tensor(np.asarray([p], np.int32)), cache.obj)
+        cache.end()
+    new = rng.integers(0, 1000, 21).tolist()
+    cache.add(2)
+    cache.begin([0, 1, 2], [1, 1, len(new)])
+    ids, rows = np.asarray([[5, 77, *new]], np.int32), np.asarray([0, 1, 22], np.int32)
+    logits, cache.obj = gen.session("prefill_rows", gen.session.tensor(ids), gen.session.tensor(rows), cache.obj)
+    cache.end()
+    mixed = to_numpy(logits)[0]
+    for p, t, row in zip(old, (5, 77), mixed, strict=False):
+        gen.reset()
+        gen.prefill(p)
+        np.testing.assert_allclose(row, gen.step([t]), atol=1e-4, rtol=1e-4)
+    gen.reset()
+    np.testing.assert_allclose(mixed[2], np.asarray(gen.prefill(new)).reshape(-1), atol=1e-4, rtol=1e-4)
+
+    engine = LLMEngine(
+        open_artifact(tiny_host_artifact), max_batch=4, prefix_cache_tokens=0, paused=True, step_tokens=16
+    )
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (3, 60, 100)]
+    try:
+        assert engine.mixed
+
+        def run(prompt: list[int]) -> tuple[list[tuple[str, Any]], threading.Event]:
+            events: list[tuple[str, Any]] = []
+            done = threading.Event()
+
+            def sink(event: tuple[str, Any]) -> None:
+                events.append(event)
+                if event[0] != "text":
+                    done.set()
+
+            engine.submit(prompt, sink, max_tokens=24, sampling=SamplingParams(temperature=0))
+            return events, done
+
+        together = [run(p) for p in prompts]
+        engine.resume()
+        for _, done in together:
+            assert done.wait(60)
+        # The first pass ends the two short prompts; the long one's last 35 tokens then ride with
+        # their two decoding rows in passes of at most 16 tokens.
+        assert engine.counters.mixed_passes >= 3
+        alone = []
+        for p in prompts:
+            events, done = run(p)
+            assert done.wait(60)
+            alone.append(events)
+        assert [e for e, _ in together] == alone
+        assert all(e[-1] == ("done", "length") for e in alone)
+        assert engine.snapshot()["kv_pages_in_use"] == 0
+    finally:
+        engine.close()
+
+
+def test_gemma3_is_served_with_its_two_kv_caches(tiny_gemma_host_artifact: Path) -> None:
+    """Gemma 3 keeps its sliding-window layers in a second cache: batched and mixed steps over both
+    give each request the greedy text of `edgert.load`'s one-sequence runtime; pages go back to zero."""
+    import edgert
+    from edgert.artifact import open_artifact
+    from edgert.runtime.sampling import SamplingParams
+    from edgert.serve.engine import LLMEngine
+
+    greedy = SamplingParams(temperature=0)
+    rng = np.random.default_rng(5)
+    # Longer than the window (4) and than a page (16): pieces are cut at the window, masks matter.
+    prompts = [rng.integers(0, 1000, n).tolist() for n in (6, 21, 37)]
+    gen = edgert.load(tiny_gemma_host_artifact)
+    expected = ["".join(t.text for t in gen.generate(p, max_tokens=10, sampling=greedy)) for p in prompts]
+    engine = LLMEngine(open_artifact(tiny_gemma_host_artifact), max_batch=4, paused=True)
+    try:
+
+        def run(prompt: list[int]) -> tuple[list[tuple[str, Any]], threading.Event]:
+            events: list[tuple[str, Any]] = []
+            done = threading.Event()
+
+            def sink(event: tuple[str, Any]) -> None:
+                events.append(event)
+                if event[0] != "text":
+                    done.set()
+
+            engine.submit(prompt, sink, max_tokens=10, sampling=greedy)
+            return events, done
+
+        together = [run(p) for p in prompts]
+        engine.resume()
+        for _, done in together:
+            assert done.wait(60)
+        assert engine.counters.mixed_passes >= 1
+        assert ["".join(e[1] for e in events if e[0] == "text") for events, _ in together] == expected
+        # No prefix cache (a fork in the masking cache attends wrongly): a repeated prompt runs again.
+        events, done = run(prompts[2])
+        assert done.wait(60)
+        assert engine.counters.prefix_hit_tokens == 0
+        assert "".join(e[1] for e in events if e[0] == "text") == expected[2]
+        assert wait_idle(engine)["kv_pages_in_use"] == 0
+    finally:
+        engine.close()
+
+
+def test_step_tokens_outside_the_batch_and_chunk_are_refused(tiny_host_artifact: Path) -> None:
+    from edgert.artifact import open_artifact
+    from edgert.errors import EdgertError
+    from edgert.serve.engine import LLMEngine
+
+    with pytest.raises(EdgertError, match="--step-tokens 4 must exceed --max-batch"):
+        LLMEngine(open_artifact(tiny_host_artifact), max_batch=4, step_tokens=4, warm=False)
 
 
 @pytest.mark.slow

@@ -60,6 +60,22 @@ def serve(
             help="Write the whole KV pool and run each pass shape once at start, so memory stays at its start level.",
         ),
     ] = True,
+    step_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--step-tokens",
+            help="Tokens of a step that prefills a prompt beside decoding sequences (their rows plus a "
+            "prompt chunk; default 64): smaller keeps decoding smooth, larger prefills faster.",
+        ),
+    ] = None,
+    mixed_steps: Annotated[
+        bool,
+        typer.Option(
+            "--mixed-steps/--no-mixed-steps",
+            help="Prefill a prompt in the same pass as the decoding sequences' next tokens (default), "
+            "or in passes of its own before them.",
+        ),
+    ] = True,
     threads: ThreadsOpt = None,
     unsigned: AllowUnsignedOpt = False,
 ) -> None:
@@ -84,6 +100,8 @@ def serve(
         prefix_cache_tokens=prefix_cache,
         kv_budget=kv_budget,
         warm=warm_up,
+        step_tokens=step_tokens,
+        mixed_steps=mixed_steps,
     )
     note(f"serving {', '.join(f'{m.name} ({m.kind})' for m in models.values())} on http://{host}:{port}/v1")
     uvicorn.run(create_app(models, api_key), host=host, port=port, log_level="warning")

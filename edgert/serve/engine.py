@@ -6,6 +6,12 @@ cache has pages for them, prefills each (forking the longest cached prefix, see 
 then runs every active sequence's next token in ONE ``batch_decode`` pass per step. A cancelled
 request (a client that went away) loses its sequence and pages before the next step.
 
+Mixed steps (artifacts with the ``prefill_rows`` entry): while a prompt waits to be prefilled,
+each step is one ragged pass over the decoding sequences' next tokens (a 1-token piece each) and
+a chunk of the waiting prompts, bounded by a token budget (``step_tokens``), as vLLM's chunked
+prefill and llama.cpp's server do: the decoding rows ride in the prefill pass (nearly free: the
+weights are read once for all of them) and are never stalled longer than one bounded pass.
+
 With a KV budget (``kv_budget``, an artifact built ``--evictable-kv``) no sequence holds more than
 N cached tokens: prompts of any length are taken, and a sequence about to exceed N first drops
 its least-attended entries (TOVA, `edgert.runtime.kv_budget`); it then runs the ``*_at`` entry
@@ -60,7 +66,9 @@ def piece(n: int, chunk: int) -> int:
     return chunk if n >= chunk else 1 << (n.bit_length() - 1)
 
 
-PHASES = ("wait", "admit", "prefill", "decode", "sample", "detokenize", "send")
+# "mixed": passes carrying both prompt tokens and decoding rows (`LLMEngine._mixed_step`).
+PAD_TO = 8  # a mixed pass beyond 2 * max_batch tokens is padded to a multiple of this (`_mixed_step`)
+PHASES = ("wait", "admit", "prefill", "mixed", "decode", "sample", "detokenize", "send")
 
 
 def name_thread(name: str) -> None:
@@ -70,6 +78,11 @@ def name_thread(name: str) -> None:
         libc.prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
     except (OSError, AttributeError):
         pass
+
+
+def _split(n: int, cap: int) -> list[int]:
+    """``n`` tokens in pieces of at most ``cap``."""
+    return [min(cap, n - i) for i in range(0, n, cap)]
 
 
 def _deliver(items: list[tuple[Sink, tuple[str, Any]]]) -> None:
@@ -116,9 +129,22 @@ class Request:
 
 
 class BatchKVCache:
-    """TVM's paged KV cache holding many sequences, by sequence id."""
+    """TVM's paged KV cache holding many sequences, by sequence id.
 
-    def __init__(self, session: Session, max_batch: int, max_tokens: int, prefill_chunk: int, page_size: int):
+    A manifest's ``local`` section (Gemma 3: the sliding-window layers keep their keys and values
+    in a cache of their own) adds that second cache, the masking kind that keeps every position;
+    each sequence lives in both under the same id and every operation applies to both (`objs`).
+    """
+
+    def __init__(
+        self,
+        session: Session,
+        max_batch: int,
+        max_tokens: int,
+        prefill_chunk: int,
+        page_size: int,
+        local: dict[str, Any] | None = None,
+    ):
         self._begin = global_func("vm.builtin.kv_state_begin_forward")
         self._end = global_func("vm.builtin.kv_state_end_forward")
         self._add = global_func("vm.builtin.kv_state_add_sequence")
@@ -126,34 +152,52 @@ class BatchKVCache:
         self._remove = global_func("vm.builtin.kv_state_remove_sequence")
         self._popn = global_func("vm.builtin.kv_state_popn")
         self._available = global_func("vm.builtin.attention_kv_cache_get_num_available_pages")
-        self.obj = session.vm["create_kv_cache"](
-            shape([max_batch]), shape([max_tokens]), shape([prefill_chunk]), shape([page_size]), shape([0])
-        )
+        sizes = (shape([max_batch]), shape([max_tokens]), shape([prefill_chunk]), shape([page_size]), shape([0]))
+        self.objs: list[Any] = [session.vm["create_kv_cache"](*sizes)]
+        if local is not None:
+            self.objs.append(session.vm[local["create"]](*sizes))
+        # Both caches have the same pages and a sequence takes the same number in each.
         self.total_pages = int(self._available(self.obj))
 
+    @property
+    def obj(self) -> Any:
+        """The (global) cache object; the only one without a local cache."""
+        return self.objs[0]
+
+    @obj.setter
+    def obj(self, value: Any) -> None:
+        self.objs[0] = value
+
     def begin(self, seq_ids: Sequence[int], lengths: Sequence[int]) -> None:
-        self._begin(self.obj, shape(list(seq_ids)), shape(list(lengths)))
+        for obj in self.objs:
+            self._begin(obj, shape(list(seq_ids)), shape(list(lengths)))
 
     def end(self) -> None:
-        self._end(self.obj)
+        for obj in self.objs:
+            self._end(obj)
 
     def add(self, seq_id: int) -> None:
-        self._add(self.obj, seq_id)
+        for obj in self.objs:
+            self._add(obj, seq_id)
 
     def fork(self, parent: int, child: int, length: int) -> None:
         """``child`` starts as the first ``length`` tokens of ``parent``, sharing its pages."""
-        self._fork(self.obj, parent, child, length)
+        for obj in self.objs:
+            self._fork(obj, parent, child, length)
 
     def remove(self, seq_id: int) -> None:
-        self._remove(self.obj, seq_id)
+        for obj in self.objs:
+            self._remove(obj, seq_id)
 
     def popn(self, seq_id: int, n: int) -> None:
         if n > 0:
-            self._popn(self.obj, seq_id, n)
+            for obj in self.objs:
+                self._popn(obj, seq_id, n)
 
     @property
     def pages_in_use(self) -> int:
-        return self.total_pages - int(self._available(self.obj))
+        """Pages holding keys and values (the larger count of the two caches: a leak in either shows)."""
+        return max(self.total_pages - int(self._available(obj)) for obj in self.objs)
 
 
 @dataclass
@@ -172,6 +216,7 @@ class Counters:
     decode_steps: int = 0
     prefill_passes: int = 0
     decode_rows: int = 0  # sum of batch sizes over decode steps
+    mixed_passes: int = 0  # passes with prompt tokens and decoding rows together
     ttft_sum: float = 0.0
     ttft_count: int = 0
     ttft_buckets: dict[float, int] = field(
@@ -190,7 +235,10 @@ class LLMEngine:
     for each batch row); ``prefix_cache_tokens``: tokens of finished prompts kept for reuse
     (0: none). ``paused`` loads the model but admits nothing until `resume`. ``kv_budget``: at most
     this many cached tokens per sequence (TOVA eviction; needs an ``--evictable-kv`` artifact).
-    ``warm``: bring the process to its steady memory before serving (`_warm_up`).
+    ``warm``: bring the process to its steady memory before serving (`_warm_up`). ``step_tokens``:
+    the tokens of a mixed step (decoding rows plus prompt chunk; default 64, at most the prefill
+    chunk); a step without decoding rows takes a whole prefill chunk. ``mixed_steps=False``: prefill
+    passes, then a decode pass, as for artifacts without ``prefill_rows`` (an A/B of the two).
     """
 
     def __init__(
@@ -204,6 +252,8 @@ class LLMEngine:
         paused: bool = False,
         kv_budget: int | None = None,
         warm: bool = True,
+        step_tokens: int | None = None,
+        mixed_steps: bool = True,
     ):
         manifest = artifact.manifest
         kv = manifest["kv_cache"]
@@ -212,11 +262,15 @@ class LLMEngine:
         self.prefill_chunk = int(kv["prefill_chunk_size"])
         self.page_size = int(kv["page_size"])
         self.vocab_size = int(manifest["model"]["vocab_size"])
-        if manifest["kv_cache"].get("local"):
+        self.local = kv.get("local")  # Gemma 3's sliding-window layers: a second cache (`BatchKVCache`)
+        if self.local and "batch_decode" not in manifest["entry_points"]:
             raise EdgertError(
-                f"{artifact.path}: this model keeps its sliding-window layers in a second KV cache, which "
-                "the server does not batch yet; use `edgert run` or `edgert chat`"
+                f"{artifact.path}: this model keeps its sliding-window layers in a second KV cache and was "
+                "compiled before the server could batch it; compile it again, or use `edgert run` or `edgert chat`"
             )
+        # The local cache's masking kernels keep a sequence's queries to their window only in pieces
+        # shorter than it (`edgert.runtime.session.PagedKVCache.chunk_limit`).
+        self.piece_cap = int(self.local["window"]) - 1 if self.local else self.prefill_chunk
         if max_batch < 1 or max_queue < 1:
             raise EdgertError(f"--max-batch and --max-queue must be at least 1 (got {max_batch}, {max_queue})")
         self.max_batch, self.max_queue = max_batch, max_queue
@@ -231,9 +285,27 @@ class LLMEngine:
         if self.kv_tokens < self.context_length:
             raise EdgertError(f"--kv-tokens {self.kv_tokens} is less than one context ({self.context_length} tokens)")
         cache_tokens = self.context_length if prefix_cache_tokens is None else prefix_cache_tokens
+        if self.local:  # a sequence forked in the masking cache does not attend as its parent (TVM 0.27)
+            cache_tokens = 0
         self.prefix_cache = PrefixCache(self.page_size, max(cache_tokens, 0))
         self.tokenizer = tokenizer_from_artifact(artifact)
         self.batched = "batch_decode" in manifest["entry_points"]  # artifacts built before it decode row by row
+        # Mixed prefill+decode steps need the gathering entry (older artifacts prefill first, then
+        # decode); the KV budget's ``*_at`` entries run sequence by sequence.
+        self.mixed = mixed_steps and self.batched and "prefill_rows" in manifest["entry_points"] and self.budget is None
+        if step_tokens is not None and not max_batch < step_tokens <= self.prefill_chunk:
+            raise EdgertError(
+                f"--step-tokens {step_tokens} must exceed --max-batch ({max_batch}) and be at most the "
+                f"artifact's prefill chunk ({self.prefill_chunk})"
+            )
+        self.step_tokens = step_tokens or min(64, self.prefill_chunk)
+        if self.step_tokens <= max_batch:  # no room for a prompt beside a full batch
+            self.mixed = False
+        if self.local and not self.mixed:  # its prompts are cut per sequence in mixed steps only
+            raise EdgertError(
+                f"{artifact.path}: a model with a sliding-window cache is served in mixed steps only "
+                "(--step-tokens above --max-batch, and not --no-mixed-steps)"
+            )
         self.counters = Counters()
         self._rate: deque[tuple[float, int]] = deque()  # (time, tokens) of recent decode steps
         self._pending: deque[Request] = deque()
@@ -367,7 +439,15 @@ class LLMEngine:
         name_thread("edgert-sched")
         try:
             self.session = Session(self.artifact, self._threads)
-            self.cache = BatchKVCache(self.session, self.max_batch, self.kv_tokens, self.prefill_chunk, self.page_size)
+            self.cache = BatchKVCache(
+                # one sequence more than the batch: a mixed pass's padding (`_mixed_step`)
+                self.session,
+                self.max_batch + 1,
+                self.kv_tokens,
+                self.prefill_chunk,
+                self.page_size,
+                self.local,
+            )
             if self.warm:
                 self._warm_up()
         except BaseException as exc:
@@ -395,7 +475,10 @@ class LLMEngine:
                 self._start(admitted)
                 self._flush()  # first tokens go out before the decode step, not after it
             if self._active:
-                self._decode_step()
+                if self.mixed and any(r.next_token < 0 for r in self._active):
+                    self._mixed_step()
+                else:
+                    self._decode_step()
             self._flush()
         for req in [*self._pending, *self._active]:
             self._emit(req, ("error", "the server is shutting down"))
@@ -437,7 +520,8 @@ class LLMEngine:
         half = max(self.page_size // 2, 1)
         root = next(self._ids)
         cache.add(root)
-        self._forward("prefill", [root], np.zeros((1, half), dtype=np.int32))
+        for n in _split(half, self.piece_cap):
+            self._forward("prefill", [root], np.zeros((1, n), dtype=np.int32))
         forks: list[int] = []
         while cache.total_pages - cache.pages_in_use > 0:
             forks.append(next(self._ids))
@@ -446,15 +530,18 @@ class LLMEngine:
             cache.remove(seq)
         if self.budget is not None:  # its entries take true positions; their shapes warm up in use
             return
-        size = 1
-        while True:
-            seq = next(self._ids)
-            cache.add(seq)
-            self._forward("prefill", [seq], np.zeros((1, size), dtype=np.int32))
-            cache.remove(seq)
-            if size >= self.prefill_chunk:
-                break
-            size = min(size * 2, self.prefill_chunk)
+        if self.mixed:  # prompts run through prefill_rows only
+            self._warm_mixed()
+        else:
+            size = 1
+            while True:
+                seq = next(self._ids)
+                cache.add(seq)
+                self._forward("prefill", [seq], np.zeros((1, size), dtype=np.int32))
+                cache.remove(seq)
+                if size >= self.prefill_chunk:
+                    break
+                size = min(size * 2, self.prefill_chunk)
         rows = [next(self._ids) for _ in range(self.max_batch if self.batched else 1)]
         for seq in rows:
             cache.add(seq)
@@ -464,6 +551,26 @@ class LLMEngine:
             self._forward(entry, rows[:n], np.zeros((n, 1), dtype=np.int32))
         for seq in rows:
             cache.remove(seq)
+
+    def _warm_mixed(self) -> None:
+        """Run each shape a mixed step takes: 1..2*max_batch tokens, the powers of two and the chunk
+        (one sequence each), and 1..max_batch gathered rows."""
+        sizes = set(range(1, 2 * self.max_batch + 1)) | {self.prefill_chunk, self.step_tokens}
+        sizes |= {1 << k for k in range(self.prefill_chunk.bit_length()) if 1 << k <= self.prefill_chunk}
+        sizes |= set(range(PAD_TO, self.step_tokens + 1, PAD_TO))  # padded mixed passes
+        shapes = [(n, [n - 1]) for n in sorted(sizes)]
+        shapes += [(r, list(range(r))) for r in range(2, self.max_batch + 1)]
+        assert self.cache is not None
+        for n, rows in shapes:
+            lengths = [1] * n if len(rows) > 1 else _split(n, self.piece_cap)  # the pieces a step may take
+            if len(lengths) > self.max_batch:  # more pieces than a step has sequences: never run
+                continue
+            seqs = [next(self._ids) for _ in lengths]
+            for seq in seqs:
+                self.cache.add(seq)
+            self._forward("prefill_rows", seqs, np.zeros((1, n), dtype=np.int32), lengths, rows)
+            for seq in seqs:
+                self.cache.remove(seq)
 
     def _work_ready(self) -> bool:
         if any(r.cancelled for r in self._active) or any(r.cancelled for r in self._pending):
@@ -525,12 +632,24 @@ class LLMEngine:
             self._release(req, keep_prefix=False)
         self._emit(req, ("error", message))
 
-    def _forward(self, entry: str, seq_ids: list[int], ids: np.ndarray, lengths: list[int] | None = None) -> np.ndarray:
+    def _forward(
+        self,
+        entry: str,
+        seq_ids: list[int],
+        ids: np.ndarray,
+        lengths: list[int] | None = None,
+        rows: list[int] | None = None,
+    ) -> np.ndarray:
         """One pass of ``entry`` over ``ids`` [rows, n] appended to ``seq_ids``; logits as a numpy view
-        (valid until the next pass). ``lengths``: each sequence's share of a [1, n] prefill."""
+        (valid until the next pass). ``lengths``: each sequence's share of a [1, n] prefill; ``rows``:
+        the token indices whose logits ``prefill_rows`` returns."""
         assert self.session is not None and self.cache is not None
         self.cache.begin(seq_ids, lengths or [ids.shape[1]] * len(seq_ids))
-        logits, self.cache.obj = self.session(entry, self.session.tensor(ids), self.cache.obj)
+        args = [self.session.tensor(ids)]
+        if rows is not None:
+            args.append(self.session.tensor(np.asarray(rows, dtype=np.int32)))
+        logits, *objs = self.session(entry, *args, *self.cache.objs)
+        self.cache.objs = objs
         self.cache.end()
         return _view(logits)
 
@@ -609,7 +728,7 @@ class LLMEngine:
             self._guarded(self._setup, req)
             if req.seq_id >= 0:
                 ready.append(req)
-        if not ready:
+        if not ready or self.mixed:  # mixed: their prompts run in the next steps' passes (`_mixed_step`)
             return
         t0 = time.perf_counter()
         if self.budget is not None:
@@ -691,23 +810,115 @@ class LLMEngine:
                 self._fail(r, f"decode failed: {type(exc).__name__}: {exc}")
             return
         now = self._tick("decode", t0)
+        self._decoded(rows, now - t0, now)
+        self._take(rows, logits, now)
+
+    def _decoded(self, rows: list[Request], seconds: float, now: float) -> None:
+        """Count a pass that ran each of ``rows``' pending token."""
         with self._cond:
             self._rate.append((now, len(rows)))
         self.counters.decode_steps += 1
         self.counters.decode_rows += len(rows)
-        # Greedy rows without a repetition penalty (the common case) take one argmax over the
-        # batch's logits at once; the others go through their sampler row by row.
-        plain = [i for i, r in enumerate(rows) if r.sampling.greedy and r.sampling.repetition_penalty == 1.0]
-        tokens: dict[int, int] = {}
-        if plain:
-            picked = (logits if len(plain) == len(rows) else logits[plain]).argmax(axis=1)
-            tokens = dict(zip(plain, picked.tolist(), strict=True))
-        self._tick("sample", now)
-        for i, r in enumerate(rows):
+        for r in rows:
             r.kv_tokens.append(r.next_token)
             r.position += 1
-            r.stats.decode_step_seconds.append(now - t0)
+            r.stats.decode_step_seconds.append(seconds)
+
+    def _take(self, reqs: list[Request], logits: np.ndarray, now: float) -> None:
+        """Each request's next token from its row of ``logits`` [rows, vocab]: sample, send, finish."""
+        # Greedy rows without a repetition penalty (the common case) take one argmax over the
+        # batch's logits at once; the others go through their sampler row by row.
+        plain = [i for i, r in enumerate(reqs) if r.sampling.greedy and r.sampling.repetition_penalty == 1.0]
+        tokens: dict[int, int] = {}
+        if plain:
+            picked = (logits if len(plain) == len(reqs) else logits[plain]).argmax(axis=1)
+            tokens = dict(zip(plain, picked.tolist(), strict=True))
+        self._tick("sample", now)
+        for i, r in enumerate(reqs):
             self._guarded(lambda q, i=i: self._accept(q, tokens[i] if i in tokens else self._sample(q, logits[i])), r)
+
+    def _mixed_step(self) -> None:
+        """One ragged pass: every decoding sequence's pending token and the next chunk of the waiting
+        prompts (FIFO), at most ``step_tokens`` in all (a whole prefill chunk when nobody decodes).
+
+        Each sequence is a piece of its own length (a decoding one's is 1 token); ``prefill_rows``
+        returns the logits of each decoding row and of each prompt's last token when it is in the
+        pass (that request's first token).
+
+        The pass has a bounded set of shapes (see `piece`; the warm-up runs each): up to
+        ``2 * max_batch`` tokens any size; beyond, without decoding rows, a power of two or the
+        whole chunk; with them, every waiting token that fits, padded up to a multiple of
+        ``PAD_TO`` by a scratch sequence removed after the pass (its tokens change nobody's
+        attention), so a short prompt beside the batch takes one pass, not one per power of two.
+        """
+        rows = [r for r in self._active if r.next_token >= 0]
+        filling = [r for r in self._active if r.next_token < 0]
+        waiting = sum(len(r.prompt) - r.position for r in filling)
+        total = min(len(rows) + waiting, self.step_tokens if rows else self.prefill_chunk)
+        pad = 0
+        if total <= 2 * self.max_batch:
+            size = total
+        elif not rows:
+            size = piece(total, self.prefill_chunk)
+        else:
+            assert self.cache is not None
+            size = total
+            padded = min(-(-total // PAD_TO) * PAD_TO, self.step_tokens)
+            # The scratch takes a page that the pass's own tokens must not be short of (at most a
+            # page per sequence beyond what their tokens fill).
+            needed = 1 + len(self._active) + -(-total // self.page_size)
+            if padded > total and self.cache.total_pages - self.cache.pages_in_use >= needed:
+                pad = padded - total
+        seq_ids = [r.seq_id for r in rows]
+        lengths = [1] * len(rows)
+        ids = [r.next_token for r in rows]
+        gather = list(range(len(rows)))
+        takes: list[tuple[Request, list[int]]] = []
+        firsts: list[Request] = []
+        for req in filling:
+            room = size - len(ids)
+            if room <= 0:
+                break
+            take = req.prompt[req.position : req.position + min(room, self.piece_cap)]
+            seq_ids.append(req.seq_id)
+            lengths.append(len(take))
+            ids.extend(take)
+            takes.append((req, take))
+            if req.position + len(take) == len(req.prompt):
+                gather.append(len(ids) - 1)
+                firsts.append(req)
+        scratch = -1
+        if pad:
+            assert self.cache is not None
+            scratch = next(self._ids)
+            self.cache.add(scratch)
+            seq_ids.append(scratch)
+            lengths.append(pad)
+            ids.extend([0] * pad)
+        t0 = time.perf_counter()
+        try:
+            logits = self._forward(
+                "prefill_rows", seq_ids, np.asarray([ids], dtype=np.int32), lengths, gather or [len(ids) - 1]
+            )[0]
+        except Exception as exc:
+            for r in [*rows, *(q for q, _ in takes)]:
+                self._fail(r, f"prefill failed: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            if scratch >= 0:
+                assert self.cache is not None
+                self.cache.remove(scratch)
+        now = self._tick("mixed" if rows else "prefill", t0)
+        c = self.counters
+        c.prefill_passes += 1
+        for req, take in takes:
+            req.kv_tokens.extend(take)
+            req.position += len(take)
+            req.stats.prefill_seconds += now - t0
+        if rows:
+            c.mixed_passes += 1
+            self._decoded(rows, now - t0, now)
+        self._take([*rows, *firsts], logits, now)
 
     def _sample(self, req: Request, logits: np.ndarray) -> int:
         assert req.sampler is not None and req.emitter is not None

@@ -16,7 +16,7 @@ from edgert.artifact import open_artifact
 from edgert.errors import ArtifactError, EdgertError, UnsupportedModelError
 from edgert.serve.engine import LLMEngine
 
-KINDS = {"llama": "completion", "whisper": "transcription", "graph": "embedding"}
+KINDS = {"llama": "completion", "gemma3": "completion", "whisper": "transcription", "graph": "embedding"}
 
 
 class OneThread:

@@ -30,7 +30,7 @@ from tvm.relax.frontend.nn.llm.kv_cache import PagedKVCache, RopeMode
 from edgert.compiler.compile import create_kv_cache_entry
 from edgert.errors import ModelFileError, UnsupportedModelError
 from edgert.families.llama.build import _layer_entry_points
-from edgert.families.llama.model import LlamaForCausalLM, _last_token
+from edgert.families.llama.model import LlamaForCausalLM, _gather_tokens, _last_token
 from edgert.families.shared.kv_cache import paged_kv_cache
 from edgert.families.shared.rope import rope
 
@@ -251,6 +251,20 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         """One new token: logits [1, 1, vocab]."""
         return self._logits(self._two_cache_stack(self._embed(input_ids), cache, local_cache)), cache, local_cache
 
+    # A server's batch (`edgert.serve.engine`): each sequence in both caches under the same id.
+    def batch_decode(  # type: ignore[override]
+        self, input_ids: Tensor, cache: PagedKVCache, local_cache: PagedKVCache
+    ) -> tuple[Tensor, PagedKVCache, PagedKVCache]:
+        """One new token for each of ``batch`` sequences: ids [batch, 1] -> logits [batch, 1, vocab]."""
+        return self.decode(input_ids, cache, local_cache)
+
+    def prefill_rows(  # type: ignore[override]
+        self, input_ids: Tensor, rows: Tensor, cache: PagedKVCache, local_cache: PagedKVCache
+    ) -> tuple[Tensor, PagedKVCache, PagedKVCache]:
+        """A ragged pass over several sequences; the logits at token indices ``rows`` [1, r, vocab]."""
+        h = self._two_cache_stack(self._embed(input_ids), cache, local_cache)
+        return self._logits(_gather_tokens(h, rows)), cache, local_cache
+
     # Layer-range entry points (early exit, self-speculative drafting), over both caches.
     def layer(  # type: ignore[override]
         self, layer_id: int, h: Tensor, cache: PagedKVCache, local_cache: PagedKVCache
@@ -354,6 +368,19 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
             "prefill": {"input_ids": ids, "cache": cache, "local_cache": cache, "$": packed},
             "verify": {"input_ids": ids, "cache": cache, "local_cache": cache, "$": packed},
             "decode": {"input_ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "local_cache": cache, "$": packed},
+            "batch_decode": {
+                "input_ids": nn.spec.Tensor(["batch_size", 1], "int32"),
+                "cache": cache,
+                "local_cache": cache,
+                "$": packed,
+            },
+            "prefill_rows": {
+                "input_ids": ids,
+                "rows": nn.spec.Tensor(["num_rows"], "int32"),
+                "cache": cache,
+                "local_cache": cache,
+                "$": packed,
+            },
             "embed": {"input_ids": ids, "$": packed},
             "head": {"h": hidden, "$": packed},
             **{
@@ -368,7 +395,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         return nn.spec.ModuleSpec.from_raw(spec, self)
 
     def manifest_entry_points(self) -> dict[str, Any]:
-        """The manifest's entry points (no batch_decode: a server's batch takes one cache)."""
+        """The manifest's entry points; each takes and returns both caches."""
         cache = {"name": "cache", "type": "PagedKVCache"}
         local = {"name": "local_cache", "type": "PagedKVCache"}
         ids = {"name": "input_ids", "dtype": "int32"}
@@ -392,6 +419,19 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
             "decode": {
                 "inputs": [{**ids, "shape": [1, 1]}, cache, local],
                 "outputs": [{**logits, "shape": [1, 1, vocab]}, cache, local],
+            },
+            "batch_decode": {  # a server's batch, one row per sequence
+                "inputs": [{**ids, "shape": ["batch_size", 1]}, cache, local],
+                "outputs": [{**logits, "shape": ["batch_size", 1, vocab]}, cache, local],
+            },
+            "prefill_rows": {  # a server's mixed step: a ragged pass, the logits at ``rows``
+                "inputs": [
+                    {**ids, "shape": [1, "seq_len"]},
+                    {"name": "rows", "dtype": "int32", "shape": ["num_rows"]},
+                    cache,
+                    local,
+                ],
+                "outputs": [{**logits, "shape": [1, "num_rows", vocab]}, cache, local],
             },
             **layers,
             "create_kv_cache": create_kv_cache_entry(cache),

@@ -242,6 +242,14 @@ def entry_points(cfg: Any, evictable: bool = False) -> dict[str, Any]:
             "inputs": [{**ids, "shape": [1, "seq_len"]}, cache],
             "outputs": [{**logits, "shape": [1, 1, cfg.vocab_size]}, cache],
         },
+        "prefill_rows": {  # a ragged pass over several sequences; the logits at ``rows`` (a server's mixed step)
+            "inputs": [
+                {**ids, "shape": [1, "seq_len"]},
+                {"name": "rows", "dtype": "int32", "shape": ["num_rows"]},
+                cache,
+            ],
+            "outputs": [{**logits, "shape": [1, "num_rows", cfg.vocab_size]}, cache],
+        },
         "verify": {
             "inputs": [{**ids, "shape": [1, "seq_len"]}, cache],
             "outputs": [{**logits, "shape": [1, "seq_len", cfg.vocab_size]}, cache],

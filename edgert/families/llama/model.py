@@ -147,6 +147,17 @@ class LlamaForCausalLM(nn.Module):
         h = self._stack(self._embed(input_ids), cache)
         return self._logits(_last_token(h)), cache
 
+    def prefill_rows(self, input_ids: Tensor, rows: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """A ragged pass (several sequences, each its own length, laid end to end in ``input_ids``
+        [1, s]); the logits at token indices ``rows`` [r] -> [1, r, vocab].
+
+        A server's mixed step: each decoding sequence's next token (a 1-token piece) beside a
+        prompt's chunk, every sequence's last token gathered. The gather comes before the final
+        norm and the LM head, so the head (the largest matrix) runs on r rows, not s.
+        """
+        h = self._stack(self._embed(input_ids), cache)
+        return self._logits(_gather_tokens(h, rows)), cache
+
     def verify(self, input_ids: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         """Like prefill, but the logits of every token [1, s, vocab] (scoring, speculation)."""
         return self._logits(self._stack(self._embed(input_ids), cache)), cache
@@ -283,6 +294,12 @@ class LlamaForCausalLM(nn.Module):
             object.__setattr__(self, f"kv_fill_{a}_{b}", functools.partial(self.kv_fill_range, a, b))
         spec = {
             "prefill": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
+            "prefill_rows": {
+                "input_ids": nn.spec.Tensor([1, "seq_len"], "int32"),
+                "rows": nn.spec.Tensor(["num_rows"], "int32"),
+                "cache": cache,
+                "$": packed,
+            },
             "verify": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
             "decode": {"input_ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "$": packed},
             "batch_decode": {"input_ids": nn.spec.Tensor(["batch_size", 1], "int32"), "cache": cache, "$": packed},
@@ -333,4 +350,15 @@ def _last_token(h: Tensor) -> Tensor:
         lambda x: te.compute((x.shape[0], 1, x.shape[2]), lambda i, _, k: x[i, x.shape[1] - 1, k], name="last_token"),
         "last_token",
         [h],
+    )
+
+
+def _gather_tokens(h: Tensor, rows: Tensor) -> Tensor:
+    """h[:, rows, :] (the caller passes indices inside the pass; topi's fast ``take`` would warn at each build)."""
+    return op.tensor_expr_op(
+        lambda x, r: te.compute(
+            (x.shape[0], r.shape[0], x.shape[2]), lambda i, j, k: x[i, r[j], k], name="gather_tokens"
+        ),
+        "gather_tokens",
+        [h, rows],
     )
