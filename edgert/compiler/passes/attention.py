@@ -29,12 +29,25 @@ from typing import Any
 from tvm import IRModule, tirx
 from tvm.script import tirx as T
 
+from edgert.compiler.kernels.fastmath import fast_exp2
+
 DECODE_KERNEL = "batch_decode_paged_kv_cpu"  # the name of TIRPagedKVCache's CPU decode kernel in the module
 PREFILL_KERNEL = "batch_prefill_paged_kv_cpu"  # its CPU prefill kernel over the pages (no sliding window)
 RAGGED_KERNEL = "batch_prefill_ragged_kv"  # its CPU prefill kernel of new tokens among themselves
 APPEND_KERNEL = "tir_kv_cache_transpose_append"  # its copy of new keys and values into the pages
 ROPE_KERNEL = "fused_rope"  # its split of the fused q/k/v projection, with RoPE on q and k
 LANES = 16
+EXP_LANES = 16  # rows whose exps `_paged_rows` takes in one vector
+
+
+def _lane_sum(part: Any, lanes: int) -> Any:
+    """The sum of ``part[0 .. lanes - 1]`` as a tree of halves (lane v plus lane v + lanes / 2, ...):
+    four dependent adds for 16 lanes where a running sum took sixteen."""
+    vals = [part[v] for v in range(lanes)]
+    while len(vals) > 1:
+        half = len(vals) // 2
+        vals = [vals[v] + vals[v + half] for v in range(half)] + vals[2 * half :]
+    return vals[0]
 
 
 def _paged_rows(d: int, lanes: int, page_size: int) -> Any:
@@ -42,7 +55,12 @@ def _paged_rows(d: int, lanes: int, page_size: int) -> Any:
     score ``qs·k`` into ``scores`` and their maximum into ``stat[0]``, then ``out = sum exp2(score -
     max) v`` and the sum of the exps into ``stat[1]``. Row r lives at position r before ``sink`` and
     at r - sink + start after it (TVM's sliding-window layout; ``sink = hi``, ``start = 0``: row r
-    at position r). Every paged kernel below runs it, so their rows sum in one order."""
+    at position r). Every paged kernel below runs it, so their rows sum in one order.
+
+    The exps are taken 16 rows at a time with `fast_exp` (``T.exp2`` called ``exp2f`` once per row,
+    the largest part of a verify row's attention), the rest of the rows one by one with the same
+    arithmetic; a row's result depends on its own ``lo`` and ``hi`` only, so a verify row is
+    still its decode step bit for bit."""
 
     @T.macro
     def rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, part, out, stat):
@@ -56,10 +74,13 @@ def _paged_rows(d: int, lanes: int, page_size: int) -> Any:
             for c in range(d // lanes):
                 for v in T.vectorized(lanes):
                     part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
-            scores[r] = T.float32(0)
-            for v in range(lanes):
-                scores[r] = scores[r] + part[v]
+            scores[r] = _lane_sum(part, lanes)
             stat[0] = T.max(stat[0], scores[r])
+        for ro in range((hi - lo) // EXP_LANES):
+            for v in T.vectorized(EXP_LANES):
+                scores[lo + ro * EXP_LANES + v] = fast_exp2(scores[lo + ro * EXP_LANES + v] - stat[0])
+        for r in range(lo + (hi - lo) // EXP_LANES * EXP_LANES, hi):
+            scores[r] = fast_exp2(scores[r] - stat[0])
         stat[1] = T.float32(0)
         for i in T.vectorized(d):
             out[i] = T.float32(0)
@@ -67,10 +88,9 @@ def _paged_rows(d: int, lanes: int, page_size: int) -> Any:
             pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
             page = page_values[first + pos // page_size]
             slot = pos % page_size
-            p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
-            stat[1] = stat[1] + p
+            stat[1] = stat[1] + scores[r]
             for i in T.vectorized(d):
-                out[i] = out[i] + p * pages[page, 1, kv, slot, i]
+                out[i] = out[i] + scores[r] * pages[page, 1, kv, slot, i]
 
     return rows
 

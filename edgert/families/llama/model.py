@@ -86,7 +86,10 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+        gate_up = self.gate_up_proj(x)
+        if getattr(self.down_proj, "takes_swiglu", False):  # silu(gate) * up in the kernel's quantization
+            return self.down_proj.swiglu(gate_up)
+        gate, up = op.split(gate_up, 2, axis=-1)
         return self.down_proj(op.silu(gate) * up)
 
 
