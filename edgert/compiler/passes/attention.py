@@ -40,13 +40,13 @@ LANES = 16
 EXP_LANES = 16  # rows whose exps `_paged_rows` takes in one vector
 
 
-def _lane_sum(part: Any, lanes: int) -> Any:
-    """The sum of ``part[0 .. lanes - 1]`` as a tree of halves (lane v plus lane v + lanes / 2, ...):
-    four dependent adds for 16 lanes where a running sum took sixteen."""
+def _lane_sum(part: Any, lanes: int, op: Any = None) -> Any:
+    """The sum (or ``op``) of ``part[0 .. lanes - 1]`` as a tree of halves (lane v with lane v + lanes
+    / 2, ...): four dependent adds for 16 lanes where a running sum took sixteen."""
     vals = [part[v] for v in range(lanes)]
     while len(vals) > 1:
         half = len(vals) // 2
-        vals = [vals[v] + vals[v + half] for v in range(half)] + vals[2 * half :]
+        vals = [op(vals[v], vals[v + half]) if op else vals[v] + vals[v + half] for v in range(half)] + vals[2 * half :]
     return vals[0]
 
 
@@ -57,14 +57,22 @@ def _paged_rows(d: int, lanes: int, page_size: int) -> Any:
     at r - sink + start after it (TVM's sliding-window layout; ``sink = hi``, ``start = 0``: row r
     at position r). Every paged kernel below runs it, so their rows sum in one order.
 
-    The exps are taken 16 rows at a time with `fast_exp` (``T.exp2`` called ``exp2f`` once per row,
-    the largest part of a verify row's attention), the rest of the rows one by one with the same
-    arithmetic; a row's result depends on its own ``lo`` and ``hi`` only, so a verify row is
-    still its decode step bit for bit."""
+    No value is carried from one row to the next through memory at every row (the local buffers
+    live in the thread's workspace, where LLVM keeps them, and each row waited on the last one's
+    store): the maximum is taken 16 rows at a time after the scores, the exps 16 at a time with
+    `fast_exp2` (``T.exp2`` called ``exp2f`` once per row), and ``out`` gathers 4 rows a step.
+    The rows past the last whole chunk go one by one with the same arithmetic; a row's result
+    depends on its own ``lo`` and ``hi`` only, so a verify row is still its decode step bit for bit.
+    """
+    vl = EXP_LANES
+
+    def value(pages: Any, page_values: Any, first: Any, kv: Any, sink: Any, start: Any, r: Any, i: Any) -> Any:
+        pos = T.if_then_else(r < sink, r, r - sink + start)
+        return pages[page_values[first + pos // page_size], 1, kv, pos % page_size, i]
 
     @T.macro
     def rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, part, out, stat):
-        stat[0] = T.float32(-3.0e38)
+        vec = T.alloc_buffer((vl,), "float32", scope="local")
         for r in range(lo, hi):
             pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
             page = page_values[first + pos // page_size]
@@ -75,22 +83,40 @@ def _paged_rows(d: int, lanes: int, page_size: int) -> Any:
                 for v in T.vectorized(lanes):
                     part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
             scores[r] = _lane_sum(part, lanes)
+        for v in T.vectorized(vl):
+            vec[v] = T.float32(-3.0e38)
+        for ro in range((hi - lo) // vl):
+            for v in T.vectorized(vl):
+                vec[v] = T.max(vec[v], scores[lo + ro * vl + v])
+        stat[0] = _lane_sum(vec, vl, T.max)
+        for r in range(lo + (hi - lo) // vl * vl, hi):
             stat[0] = T.max(stat[0], scores[r])
-        for ro in range((hi - lo) // EXP_LANES):
-            for v in T.vectorized(EXP_LANES):
-                scores[lo + ro * EXP_LANES + v] = fast_exp2(scores[lo + ro * EXP_LANES + v] - stat[0])
-        for r in range(lo + (hi - lo) // EXP_LANES * EXP_LANES, hi):
+        for ro in range((hi - lo) // vl):
+            for v in T.vectorized(vl):
+                scores[lo + ro * vl + v] = fast_exp2(scores[lo + ro * vl + v] - stat[0])
+        for r in range(lo + (hi - lo) // vl * vl, hi):
             scores[r] = fast_exp2(scores[r] - stat[0])
         stat[1] = T.float32(0)
         for i in T.vectorized(d):
             out[i] = T.float32(0)
-        for r in range(lo, hi):
-            pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
-            page = page_values[first + pos // page_size]
-            slot = pos % page_size
+        for ro in range((hi - lo) // 4):
+            r0: T.let[T.int32] = lo + ro * 4
+            stat[1] = stat[1] + ((scores[r0] + scores[r0 + 1]) + (scores[r0 + 2] + scores[r0 + 3]))
+            for i in T.vectorized(d):
+                out[i] = out[i] + (
+                    (
+                        scores[r0] * value(pages, page_values, first, kv, sink, start, r0, i)
+                        + scores[r0 + 1] * value(pages, page_values, first, kv, sink, start, r0 + 1, i)
+                    )
+                    + (
+                        scores[r0 + 2] * value(pages, page_values, first, kv, sink, start, r0 + 2, i)
+                        + scores[r0 + 3] * value(pages, page_values, first, kv, sink, start, r0 + 3, i)
+                    )
+                )
+        for r in range(lo + (hi - lo) // 4 * 4, hi):
             stat[1] = stat[1] + scores[r]
             for i in T.vectorized(d):
-                out[i] = out[i] + scores[r] * pages[page, 1, kv, slot, i]
+                out[i] = out[i] + scores[r] * value(pages, page_values, first, kv, sink, start, r, i)
 
     return rows
 
