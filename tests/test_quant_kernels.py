@@ -427,7 +427,7 @@ SWIGLU_SHAPES = [("q4", 37, 64), ("q8", 20, 96)]
 
 @pytest.fixture(scope="module")
 def swiglu_kernels():
-    """`multirow_quant_matmul` with ``prologue="swiglu"`` for SWIGLU_SHAPES (znver4), and a vector kernel
+    """`multirow_quant_matmul` with the swiglu and rmsnorm prologues for SWIGLU_SHAPES (znver4), and a vector kernel
     of `fast_exp` / `fast_exp2`; whether this host runs them."""
     import tvm
     from tvm.script import tirx as T
@@ -446,10 +446,11 @@ def swiglu_kernels():
 
     target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "num-cores": 2})
     funcs = {
-        f"{kind}_{n}_{k}": multirow_quant_matmul(k, n, quant_block(n), kind, "avx512vnni", "swiglu").with_attr(
-            "global_symbol", f"{kind}_{n}_{k}"
-        )
+        f"{prologue}_{kind}_{n}_{k}": multirow_quant_matmul(
+            k, n, quant_block(n), kind, "avx512vnni", prologue, 1e-5
+        ).with_attr("global_symbol", f"{prologue}_{kind}_{n}_{k}")
         for kind, n, k in SWIGLU_SHAPES
+        for prologue in ("swiglu", "rmsnorm")
     }
     funcs["exps"] = exps.with_attr("global_symbol", "exps")
     lib = tvm.tirx.build(tvm.IRModule(funcs), target=target)
@@ -494,7 +495,38 @@ def test_swiglu_prologue_matches_numpy(swiglu_kernels, kind: str, n: int, k: int
         gate, up = x[:, :k].astype(np.float64), x[:, k:].astype(np.float64)
         act = (gate / (1 + np.exp(-gate)) * up).astype(np.float32)
         y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
-        lib[f"{kind}_{n}_{k}"](tvm.runtime.tensor(x), *weights, y)
+        lib[f"swiglu_{kind}_{n}_{k}"](tvm.runtime.tensor(x), *weights, y)
         want = (int8_activation_reference if kind == "q4" else int8x2_activation_reference)(act, w)
         err = np.abs(y.numpy() - want) / np.abs(want).max(axis=1, keepdims=True)
+        assert err.max() < (1e-5 if kind == "q4" else 3e-5), f"m={m}: {err.max()}"
+
+
+@pytest.mark.parametrize(("kind", "n", "k"), SWIGLU_SHAPES)
+def test_rmsnorm_prologue_matches_numpy(swiglu_kernels, kind: str, n: int, k: int) -> None:
+    """A projection with the RMSNorm before it taken in its quantization equals the product of the
+    int8-rounded norm (numpy's, in float64) with the weights, on every static row tile; a row of
+    zeros gives zeros (eps keeps the scale finite)."""
+    import tvm
+
+    from edgert.compiler.layout import pack_quantized_dot
+
+    lib, runs_here = swiglu_kernels
+    if not runs_here:
+        pytest.skip("this host has no AVX-512 VNNI to run the kernels on")
+    rng = np.random.default_rng(n + k + 1)
+    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
+    weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
+    w = q.dequantize()
+    gamma = rng.uniform(0.2, 3.0, k).astype(np.float32)
+    for m in (1, 2, 3, 5, 9, 16):
+        x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 50, (m, 1))).astype(np.float32)
+        x[-1] = 0
+        x64 = x.astype(np.float64)
+        act = (x64 / np.sqrt((x64**2).mean(axis=1, keepdims=True) + 1e-5) * gamma).astype(np.float32)
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        lib[f"rmsnorm_{kind}_{n}_{k}"](tvm.runtime.tensor(x), tvm.runtime.tensor(gamma), *weights, y)
+        want = (int8_activation_reference if kind == "q4" else int8x2_activation_reference)(act, w)
+        assert not y.numpy()[-1].any()
+        scale = np.maximum(np.abs(want).max(axis=1, keepdims=True), 1e-30)
+        err = np.abs(y.numpy() - want) / scale
         assert err.max() < (1e-5 if kind == "q4" else 3e-5), f"m={m}: {err.max()}"

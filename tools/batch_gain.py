@@ -1,8 +1,9 @@
 """What batching can give a server: the cost of an N-row ``batch_decode`` pass in one-row passes.
 
 One-row and N-row passes alternate step by step over the same cached sequences, so a busy
-machine slows both alike; the medians' ratio is the figure (N rows / its cost in steps = the
-most N concurrent clients can gain over one from decoding together).
+machine slows both alike (with ``--threads 1`` they are CPU times); the medians' ratio is the
+figure (N rows / its cost in steps = the most N concurrent clients can gain over one from
+decoding together).
 
   python tools/batch_gain.py smol.edgert [smol-int8.edgert ...] --rows 4 --steps 150 --threads 2
 """
@@ -36,21 +37,31 @@ def batch_cost(artifact: Path, rows: int, steps: int, threads: int | None, conte
         _, cache.obj = gen.session("prefill", gen.session.tensor(prompt), cache.obj)
         cache.end()
 
+    # One thread: the process's CPU time, which leaves out the time another process held the core
+    # (on a busy machine the steadier figure, as `edgert bench --verify-rows` reports it).
+    clock = time.process_time if gen.session.threads == 1 else time.perf_counter
+
     def step(ids: list[int]) -> float:
         cache.begin(ids, [1] * len(ids))
-        t = time.perf_counter()
+        t = clock()
         tokens = gen.session.tensor(np.full((len(ids), 1), 7, np.int32))
         logits, cache.obj = gen.session("batch_decode", tokens, cache.obj)
         np.from_dlpack(logits).argmax(axis=-1)
         cache.end()
-        return time.perf_counter() - t
+        return clock() - t
 
     one, many = [], []
     for _ in range(steps):
         one.append(step(seqs[:1]))
         many.append(step(seqs))
     o, m = float(np.median(one)), float(np.median(many))
-    return {"one_row_ms": o * 1000, "rows_ms": m * 1000, "steps": m / o, "gain": rows * o / m}
+    return {
+        "one_row_ms": o * 1000,
+        "rows_ms": m * 1000,
+        "steps": m / o,
+        "gain": rows * o / m,
+        "cpu": clock is time.process_time,
+    }
 
 
 def main() -> None:
@@ -63,7 +74,8 @@ def main() -> None:
     for art in args.artifacts:
         r = batch_cost(art, args.rows, args.steps, args.threads)
         print(
-            f"{art.name}: 1 row {r['one_row_ms']:.2f} ms, {args.rows} rows {r['rows_ms']:.2f} ms "
+            f"{art.name}: 1 row {r['one_row_ms']:.2f} ms, {args.rows} rows {r['rows_ms']:.2f} ms"
+            f"{' (CPU time)' if r['cpu'] else ''} "
             f"= {r['steps']:.2f} one-row steps; batching gain at most {r['gain']:.2f}x"
         )
 

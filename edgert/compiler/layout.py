@@ -168,6 +168,36 @@ class QuantLinear(nn.Module):
         )
         return op.reshape(y, (*lead, self.out_features))
 
+    @property
+    def takes_rmsnorm(self) -> bool:
+        """Whether `rmsnorm` normalizes its input in the kernel (the multi-row VNNI kernel's prologue)."""
+        return self.isa == "avx512vnni"
+
+    def rmsnorm(self, x: Tensor, norm: nn.RMSNorm) -> Tensor:
+        """``forward(norm(x))`` for a bias-free RMSNorm over the last axis, the norm taken as the
+        kernel quantizes its rows: no norm kernel, no normalized copy of x."""
+        *lead, k = x.shape
+        rows = 1
+        for d in lead:
+            rows = rows * d
+        kernel = multirow_quant_matmul(
+            self.in_features,
+            self.out_features,
+            self.block,
+            self.kind,
+            self.isa,
+            "rmsnorm",
+            float(norm.epsilon),
+            norm.weight.dtype,
+        )
+        y = op.tensor_ir_op(
+            kernel,
+            "quant_matmul_rmsnorm",
+            [op.reshape(x, (rows, k)), norm.weight, *self._params()],
+            Tensor.placeholder((rows, self.out_features), "float32"),
+        )
+        return op.reshape(y, (*lead, self.out_features))
+
     def gather(self, ids: Tensor) -> Tensor:
         """Rows ``ids`` of the weight matrix, dequantized to float32 (an embedding lookup)."""
         block, k, n, q4, group = self.block, self.in_features, self.out_features, self.kind == "q4", self.group

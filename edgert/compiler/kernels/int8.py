@@ -78,6 +78,14 @@ def vpdpbusd(acc: Any, u8: Any, s8: Any, lanes: int) -> Any:
     return T.call_llvm_pure_intrin(name, acc, u8, s8, dtype=f"int32x{lanes}")
 
 
+def lane_sum(part: Any) -> Any:
+    """The sum of a 16-lane buffer as a tree of halves (lane v plus lane v + 8, ...)."""
+    vals = [part[v] for v in range(16)]
+    while len(vals) > 1:
+        vals = [vals[v] + vals[v + len(vals) // 2] for v in range(len(vals) // 2)]
+    return vals[0]
+
+
 @T.macro
 def round_group(x, xq, xd, xsi, amax, i, g):
     """Row ``i``'s group ``g`` of ``x`` rounded to int8 on one scale (its largest magnitude / 127), as
@@ -240,7 +248,14 @@ def int8_quant_matmul(k: int, n: int, block: int, kind: str, isa: str) -> tirx.P
 
 @functools.cache
 def multirow_quant_matmul(
-    k: int, n: int, block: int, kind: str, isa: str = "avx512vnni", prologue: str = ""
+    k: int,
+    n: int,
+    block: int,
+    kind: str,
+    isa: str = "avx512vnni",
+    prologue: str = "",
+    eps: float = 1e-5,
+    gamma_dtype: str = "float32",
 ) -> tirx.PrimFunc:
     """``y[m, n] = sum_k x[m, k] * W[n, k]`` with int8 activations, each unpacked weight register
     reused by a tile of rows (W in the dot layout of `int8_quant_matmul`).
@@ -248,10 +263,13 @@ def multirow_quant_matmul(
     ``prologue="swiglu"``: x is ``[m, 2 k]``, a SwiGLU's gate and up projections side by side, and
     the kernel multiplies ``silu(gate) * up`` as it quantizes its rows (the down projection
     of a Llama MLP: one kernel and one ``[m, 2 k]`` pass over memory instead of two).
+    ``prologue="rmsnorm"``: the kernel takes a second input, ``gamma [k]`` (``gamma_dtype``), and
+    multiplies ``RMSNorm(x) = x / sqrt(mean(x^2) + eps) * gamma`` instead of x (the projection after
+    a pre-norm: the norm's kernel and its output go).
     """
-    if prologue not in ("", "swiglu"):
-        raise ValueError(f"unknown prologue '{prologue}' (swiglu)")
-    swiglu = prologue == "swiglu"
+    if prologue not in ("", "swiglu", "rmsnorm"):
+        raise ValueError(f"unknown prologue '{prologue}' (swiglu, rmsnorm)")
+    swiglu, rmsnorm = prologue == "swiglu", prologue == "rmsnorm"
     if k % GROUP:
         raise ValueError(f"quantized weights need K divisible by {GROUP}, got {k}")
     if isa not in ("avx512vnni", "dotprod"):
@@ -427,7 +445,7 @@ def multirow_quant_matmul(
             xo[i, g] = xo[i, g] * T.int32(-128)
 
     @T.macro
-    def body(x, qw, sc, mn, y, m):
+    def body(x, qw, sc, mn, y, m, gamma):
         # Activations to int8 per group of 32, as `int8_quant_matmul` rounds them; xs is a group's
         # float sum (the q4 min term), xo -128 times its integer sum (the q8 offset). The buffers
         # have room for m rounded up to 16 rows, so that the tiles address row it * R + r without
@@ -454,6 +472,20 @@ def multirow_quant_matmul(
                         / (T.float32(1.0) + fast_exp(T.float32(0.0) - x[i, to * 16 + v]))
                     )
             quantize(act, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, m)
+        elif rmsnorm:  # x / rms(x) * gamma; the squares summed in 16 lanes, then the lanes in a tree
+            act = T.alloc_buffer((m, k), "float32")
+            sq = T.alloc_buffer((16,), "float32", scope="local")
+            for i in range(m):
+                for v in T.vectorized(16):
+                    sq[v] = T.float32(0)
+                for to in range(k // 16):
+                    for v in T.vectorized(16):
+                        sq[v] = sq[v] + x[i, to * 16 + v] * x[i, to * 16 + v]
+                amax[0] = T.float32(1) / T.sqrt(lane_sum(sq) / T.float32(k) + T.float32(eps))
+                for to in range(k // 16):
+                    for v in T.vectorized(16):
+                        act[i, to * 16 + v] = x[i, to * 16 + v] * amax[0] * T.Cast("float32", gamma[to * 16 + v])
+            quantize(act, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, m)
         else:
             quantize(x, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, m)
         if m == 1:
@@ -469,8 +501,15 @@ def multirow_quant_matmul(
         else:
             tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, 16, *shape(16))
 
+    @T.macro
+    def body_plain(x, qw, sc, mn, y, m):
+        body(x, qw, sc, mn, y, m, x)
+
     symbol = f"multirow_quant_matmul{'_' + prologue if prologue else ''}_{kind}_{isa}_k{k}_n{n}_b{block}"
-    return _entry(body, k, n, (nb, kq, block, 4), code_dtype, (nb, ng, block), q4, symbol, 2 * k if swiglu else k)
+    codes, scales = (nb, kq, block, 4), (nb, ng, block)
+    if rmsnorm:
+        return _entry_gamma(body, k, n, codes, code_dtype, scales, q4, symbol, gamma_dtype)
+    return _entry(body_plain, k, n, codes, code_dtype, scales, q4, symbol, 2 * k if swiglu else k)
 
 
 # -- aarch64 i8mm: two rows by two columns per instruction -----------------------------------
@@ -612,5 +651,42 @@ def _entry(
         x = T.match_buffer(x_h, (m, kx), "float32")
         y = T.match_buffer(y_h, (m, n), "float32")
         body(x, qw, sc, sc, y, m)
+
+    return (matmul_q4 if q4 else matmul_q8).with_attr("global_symbol", symbol)
+
+
+def _entry_gamma(
+    body: Any, k: int, n: int, codes: tuple, code_dtype: str, scales: tuple, q4: bool, symbol: str, gamma_dtype: str
+) -> tirx.PrimFunc:
+    """`_entry` with a second input after x, ``gamma [k]`` (the RMSNorm prologue's weight)."""
+
+    @T.prim_func
+    def matmul_q4(
+        x_h: T.handle,
+        gamma: T.Buffer((k,), gamma_dtype),
+        qw: T.Buffer(codes, code_dtype),
+        sc: T.Buffer(scales, "float16"),
+        mn: T.Buffer(scales, "float16"),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        body(x, qw, sc, mn, y, m, gamma)
+
+    @T.prim_func
+    def matmul_q8(
+        x_h: T.handle,
+        gamma: T.Buffer((k,), gamma_dtype),
+        qw: T.Buffer(codes, code_dtype),
+        sc: T.Buffer(scales, "float16"),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        body(x, qw, sc, sc, y, m, gamma)
 
     return (matmul_q4 if q4 else matmul_q8).with_attr("global_symbol", symbol)
