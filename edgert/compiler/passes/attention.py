@@ -55,7 +55,9 @@ def _paged_rows(d: int, lanes: int, page_size: int) -> Any:
     score ``qs·k`` into ``scores`` and their maximum into ``stat[0]``, then ``out = sum exp2(score -
     max) v`` and the sum of the exps into ``stat[1]``. Row r lives at position r before ``sink`` and
     at r - sink + start after it (TVM's sliding-window layout; ``sink = hi``, ``start = 0``: row r
-    at position r). Every paged kernel below runs it, so their rows sum in one order.
+    at position r). Every paged kernel below runs it, and the ragged one `_softmax_rows` with
+    keys and values read from its arrays, so their rows sum in one order (a prompt's keys and
+    values are those decode rows would write).
 
     No value is carried from one row to the next through memory at every row (the local buffers
     live in the thread's workspace, where LLVM keeps them, and each row waited on the last one's
@@ -64,24 +66,39 @@ def _paged_rows(d: int, lanes: int, page_size: int) -> Any:
     The rows past the last whole chunk go one by one with the same arithmetic; a row's result
     depends on its own ``lo`` and ``hi`` only, so a verify row is still its decode step bit for bit.
     """
-    vl = EXP_LANES
+
+    def at(page_values: Any, first: Any, sink: Any, start: Any, r: Any) -> tuple[Any, Any]:
+        pos = T.if_then_else(r < sink, r, r - sink + start)
+        return page_values[first + pos // page_size], pos % page_size
+
+    def key(pages: Any, page_values: Any, first: Any, kv: Any, sink: Any, start: Any, r: Any, i: Any) -> Any:
+        page, slot = at(page_values, first, sink, start, r)
+        return pages[page, 0, kv, slot, i]
 
     def value(pages: Any, page_values: Any, first: Any, kv: Any, sink: Any, start: Any, r: Any, i: Any) -> Any:
-        pos = T.if_then_else(r < sink, r, r - sink + start)
-        return pages[page_values[first + pos // page_size], 1, kv, pos % page_size, i]
+        page, slot = at(page_values, first, sink, start, r)
+        return pages[page, 1, kv, slot, i]
+
+    return _softmax_rows(d, lanes, key, value)
+
+
+def _softmax_rows(d: int, lanes: int, key: Any, value: Any) -> Any:
+    """`_paged_rows` with row r's key and value element i read by ``key(a, b, first, kv, sink, start,
+    r, i)`` and ``value(...)``: the paged kernels pass the pages and the page table as ``a``, ``b``;
+    the ragged one its key and value arrays."""
+    vl = EXP_LANES
 
     @T.macro
     def rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, part, out, stat):
         vec = T.alloc_buffer((vl,), "float32", scope="local")
         for r in range(lo, hi):
-            pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
-            page = page_values[first + pos // page_size]
-            slot = pos % page_size
             for v in T.vectorized(lanes):
                 part[v] = T.float32(0)
             for c in range(d // lanes):
                 for v in T.vectorized(lanes):
-                    part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
+                    part[v] = part[v] + qs[c * lanes + v] * key(
+                        pages, page_values, first, kv, sink, start, r, c * lanes + v
+                    )
             scores[r] = _lane_sum(part, lanes)
         for v in T.vectorized(vl):
             vec[v] = T.float32(-3.0e38)
@@ -298,6 +315,14 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     lanes = LANES if d % LANES == 0 else 1
     log2e = math.log2(math.e)
 
+    def key(k: Any, v: Any, k0: Any, kv: Any, sink: Any, start: Any, r: Any, i: Any) -> Any:
+        return k[k0 + r, kv, i]
+
+    def value(k: Any, v: Any, k0: Any, kv: Any, sink: Any, start: Any, r: Any, i: Any) -> Any:
+        return v[k0 + r, kv, i]
+
+    softmax_rows = _softmax_rows(d, lanes, key, value)
+
     @T.prim_func
     def ragged(
         q_handle: T.handle,
@@ -352,25 +377,7 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
                 kv = h // group
                 for i in T.vectorized(d):
                     qs[i] = q[q0 + t, h, i] * sm_scale * T.float32(log2e)
-                stat[0] = T.float32(-3.0e38)
-                for r in range(length):
-                    for x in T.vectorized(lanes):
-                        part[x] = T.float32(0)
-                    for c in range(d // lanes):
-                        for x in T.vectorized(lanes):
-                            part[x] = part[x] + qs[c * lanes + x] * k[k0 + r, kv, c * lanes + x]
-                    scores[r] = T.float32(0)
-                    for x in range(lanes):
-                        scores[r] = scores[r] + part[x]
-                    stat[0] = T.max(stat[0], scores[r])
-                stat[1] = T.float32(0)
-                for i in T.vectorized(d):
-                    out[i] = T.float32(0)
-                for r in range(length):
-                    p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
-                    stat[1] = stat[1] + p
-                    for i in T.vectorized(d):
-                        out[i] = out[i] + p * v[k0 + r, kv, i]
+                softmax_rows(k, v, k0, kv, 0, length, length, 0, qs, scores, part, out, stat)
                 for i in T.vectorized(d):
                     output[q0 + t, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
                 lse[q0 + t, h] = T.if_then_else(
