@@ -79,14 +79,6 @@ def vpdpbusd(acc: Any, u8: Any, s8: Any, lanes: int) -> Any:
     return T.call_llvm_pure_intrin(name, acc, u8, s8, dtype=f"int32x{lanes}")
 
 
-def lane_sum(part: Any) -> Any:
-    """The sum of a 16-lane buffer as a tree of halves (lane v plus lane v + 8, ...)."""
-    vals = [part[v] for v in range(16)]
-    while len(vals) > 1:
-        vals = [vals[v] + vals[v + len(vals) // 2] for v in range(len(vals) // 2)]
-    return vals[0]
-
-
 @T.macro
 def round_group(x, xq, xd, xsi, amax, i, g):
     """Row ``i``'s group ``g`` of ``x`` rounded to int8 on one scale (its largest magnitude / 127), as
@@ -473,16 +465,16 @@ def multirow_quant_matmul(
                         / (T.float32(1.0) + fast_exp(T.float32(0.0) - x[i, to * 16 + v]))
                     )
             quantize(act, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, m)
-        elif rmsnorm:  # x / rms(x) * gamma; the squares summed in 16 lanes, then the lanes in a tree
+        elif rmsnorm:  # x * rsqrt(mean(x^2) + eps) * gamma, in the order and rounding of TVM's
+            # `topi.nn.rms_norm` (the squares summed one by one), so that the int8 activations are
+            # those of the unfused graph: a 16-lane sum changed SmolLM2's greedy continuations
+            # (llama.cpp's Q4_1 file, first 16 tokens: 3 of 8 prompts matched instead of 5)
             act = T.alloc_buffer((m, k), "float32")
-            sq = T.alloc_buffer((16,), "float32", scope="local")
             for i in range(m):
-                for v in T.vectorized(16):
-                    sq[v] = T.float32(0)
-                for to in range(k // 16):
-                    for v in T.vectorized(16):
-                        sq[v] = sq[v] + x[i, to * 16 + v] * x[i, to * 16 + v]
-                amax[0] = T.float32(1) / T.sqrt(lane_sum(sq) / T.float32(k) + T.float32(eps))
+                amax[0] = T.float32(0)
+                for t in range(k):
+                    amax[0] = amax[0] + x[i, t] * x[i, t]
+                amax[0] = T.rsqrt(amax[0] / T.float32(k) + T.float32(eps))
                 for to in range(k // 16):
                     for v in T.vectorized(16):
                         act[i, to * 16 + v] = x[i, to * 16 + v] * amax[0] * T.Cast("float32", gamma[to * 16 + v])
