@@ -80,13 +80,6 @@ def vpdpbusd(acc: Any, u8: Any, s8: Any, lanes: int) -> Any:
 
 
 @T.macro
-def round_group(x, xq, xd, xsi, amax, i, g):
-    """Row ``i``'s group ``g`` of ``x`` rounded to int8 on one scale (its largest magnitude / 127), as
-    llama.cpp's Q8 activation blocks: codes ``xq``, scale ``xd``, the integer sum of the codes ``xsi``."""
-    round_row_group(x, xq, xd, xsi, amax, i, i, g)
-
-
-@T.macro
 def round_row_group(x, xq, xd, xsi, amax, src, i, g):
     """`round_group` of ``x``'s row ``src`` into row ``i`` of ``xq``, ``xd``, ``xsi``."""
     amax[0] = T.float32(0)
@@ -102,6 +95,13 @@ def round_row_group(x, xq, xd, xsi, amax, src, i, g):
             ),
         )
         xsi[i, g] = xsi[i, g] + T.Cast("int32", xq[i, g * GROUP + t])
+
+
+@T.macro
+def round_group(x, xq, xd, xsi, amax, i, g):
+    """Row ``i``'s group ``g`` of ``x`` rounded to int8 on one scale (its largest magnitude / 127), as
+    llama.cpp's Q8 activation blocks: codes ``xq``, scale ``xd``, the integer sum of the codes ``xsi``."""
+    round_row_group(x, xq, xd, xsi, amax, i, i, g)
 
 
 @functools.cache
