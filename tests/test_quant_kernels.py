@@ -419,3 +419,114 @@ def test_vnni_multirow_matmul_matches_numpy(vnni_kernels, kind: str, n: int, k: 
             exact = x.astype(np.float64) @ w.astype(np.float64).T
             one_part = int8_activation_reference(x, w)
             assert np.abs(want - exact).max() < 0.02 * np.abs(one_part - exact).max()
+
+
+# SwiGLU prologue: (kind, N, K) with the down projection's x = [gate | up] of width 2 K.
+SWIGLU_SHAPES = [("q4", 37, 64), ("q8", 20, 96)]
+
+
+@pytest.fixture(scope="module")
+def swiglu_kernels():
+    """`multirow_quant_matmul` with the swiglu and rmsnorm prologues for SWIGLU_SHAPES (znver4), and a vector kernel
+    of `fast_exp` / `fast_exp2`; whether this host runs them."""
+    import tvm
+    from tvm.script import tirx as T
+    from tvm.target import codegen
+
+    from edgert.compiler.kernels.fastmath import fast_exp, fast_exp2
+    from edgert.compiler.kernels.int8 import multirow_quant_matmul
+
+    @T.prim_func
+    def exps(x: T.Buffer((4096,), "float32"), e: T.Buffer((4096,), "float32"), e2: T.Buffer((4096,), "float32")):
+        T.func_attr({"tirx.noalias": True})
+        for o in range(256):
+            for v in T.vectorized(16):
+                e[o * 16 + v] = fast_exp(x[o * 16 + v])
+                e2[o * 16 + v] = fast_exp2(x[o * 16 + v])
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4", "num-cores": 2})
+    funcs = {
+        f"{prologue}_{kind}_{n}_{k}": multirow_quant_matmul(
+            k, n, quant_block(n), kind, "avx512vnni", prologue, 1e-5
+        ).with_attr("global_symbol", f"{prologue}_{kind}_{n}_{k}")
+        for kind, n, k in SWIGLU_SHAPES
+        for prologue in ("swiglu", "rmsnorm")
+    }
+    funcs["exps"] = exps.with_attr("global_symbol", "exps")
+    lib = tvm.tirx.build(tvm.IRModule(funcs), target=target)
+    host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    return lib, "avx512vnni" in codegen.llvm_get_cpu_features(host)
+
+
+def test_fast_exp_matches_numpy(swiglu_kernels) -> None:
+    """The vectorized exp and exp2 are within a few float32 ulp of numpy's over the range they take."""
+    import tvm
+
+    lib, runs_here = swiglu_kernels
+    if not runs_here:
+        pytest.skip("this host has no AVX-512 to run the znver4 kernels on")
+    x = np.linspace(-87.0, 88.0, 4096, dtype=np.float32)
+    e, e2 = tvm.runtime.tensor(np.zeros(4096, np.float32)), tvm.runtime.tensor(np.zeros(4096, np.float32))
+    lib["exps"](tvm.runtime.tensor(x), e, e2)
+    ulp = np.finfo(np.float32).eps
+    assert np.abs(e.numpy() / np.exp(x.astype(np.float64)) - 1).max() < 4 * ulp
+    assert np.abs(e2.numpy() / np.exp2(x.astype(np.float64)) - 1).max() < 4 * ulp
+
+
+@pytest.mark.parametrize(("kind", "n", "k"), SWIGLU_SHAPES)
+def test_swiglu_prologue_matches_numpy(swiglu_kernels, kind: str, n: int, k: int) -> None:
+    """The down projection with ``silu(gate) * up`` formed in its quantization equals the product of
+    the int8-rounded SwiGLU activation (numpy's, in float64) with the weights, on every static row
+    tile, rows of gates from -100 to 100 (exp's clamps)."""
+    import tvm
+
+    from edgert.compiler.layout import pack_quantized_dot
+
+    lib, runs_here = swiglu_kernels
+    if not runs_here:
+        pytest.skip("this host has no AVX-512 VNNI to run the kernels on")
+    rng = np.random.default_rng(n + k)
+    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
+    weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
+    w = q.dequantize()
+    for m in (1, 2, 3, 5, 9, 16):
+        x = (rng.standard_normal((m, 2 * k)) * 3).astype(np.float32)
+        x[0, :4] = [-100.0, 100.0, -30.0, 30.0]
+        gate, up = x[:, :k].astype(np.float64), x[:, k:].astype(np.float64)
+        act = (gate / (1 + np.exp(-gate)) * up).astype(np.float32)
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        lib[f"swiglu_{kind}_{n}_{k}"](tvm.runtime.tensor(x), *weights, y)
+        want = (int8_activation_reference if kind == "q4" else int8x2_activation_reference)(act, w)
+        err = np.abs(y.numpy() - want) / np.abs(want).max(axis=1, keepdims=True)
+        assert err.max() < (1e-5 if kind == "q4" else 3e-5), f"m={m}: {err.max()}"
+
+
+@pytest.mark.parametrize(("kind", "n", "k"), SWIGLU_SHAPES)
+def test_rmsnorm_prologue_matches_numpy(swiglu_kernels, kind: str, n: int, k: int) -> None:
+    """A projection with the RMSNorm before it taken in its quantization equals the product of the
+    int8-rounded norm (numpy's, in float64) with the weights, on every static row tile; a row of
+    zeros gives zeros (eps keeps the scale finite)."""
+    import tvm
+
+    from edgert.compiler.layout import pack_quantized_dot
+
+    lib, runs_here = swiglu_kernels
+    if not runs_here:
+        pytest.skip("this host has no AVX-512 VNNI to run the kernels on")
+    rng = np.random.default_rng(n + k + 1)
+    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
+    weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
+    w = q.dequantize()
+    gamma = rng.uniform(0.2, 3.0, k).astype(np.float32)
+    for m in (1, 2, 3, 5, 9, 16):
+        x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 50, (m, 1))).astype(np.float32)
+        x[-1] = 0
+        x64 = x.astype(np.float64)
+        act = (x64 / np.sqrt((x64**2).mean(axis=1, keepdims=True) + 1e-5) * gamma).astype(np.float32)
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        lib[f"rmsnorm_{kind}_{n}_{k}"](tvm.runtime.tensor(x), tvm.runtime.tensor(gamma), *weights, y)
+        want = (int8_activation_reference if kind == "q4" else int8x2_activation_reference)(act, w)
+        assert not y.numpy()[-1].any()
+        scale = np.maximum(np.abs(want).max(axis=1, keepdims=True), 1e-30)
+        err = np.abs(y.numpy() - want) / scale
+        assert err.max() < (1e-5 if kind == "q4" else 3e-5), f"m={m}: {err.max()}"

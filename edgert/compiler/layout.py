@@ -17,7 +17,7 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from edgert.compiler.kernels.int8 import i8mm_quant_matmul, int8_quant_matmul
+from edgert.compiler.kernels.int8 import i8mm_quant_matmul, int8_quant_matmul, multirow_quant_matmul
 from edgert.compiler.kernels.quant import packed_matmul, pick_block, quant_block, quant_matmul
 from edgert.frontend.quantized import QuantizedRows, is_quantized, parse_kind
 
@@ -142,6 +142,58 @@ class QuantLinear(nn.Module):
             kernel,
             "quant_matmul",
             [op.reshape(x, (rows, k)), *self._params()],
+            Tensor.placeholder((rows, self.out_features), "float32"),
+        )
+        return op.reshape(y, (*lead, self.out_features))
+
+    @property
+    def takes_swiglu(self) -> bool:
+        """Whether `swiglu` computes ``silu(gate) * up`` in the kernel (the multi-row VNNI kernel's prologue)."""
+        return self.isa == "avx512vnni"
+
+    def swiglu(self, gate_up: Tensor) -> Tensor:
+        """``forward(silu(gate) * up)`` of ``gate_up = [gate | up]`` (last axis ``2 K``), with the
+        SwiGLU product formed as the kernel quantizes its rows: no separate kernel, no ``[.., K]``
+        intermediate."""
+        *lead, k2 = gate_up.shape
+        rows = 1
+        for d in lead:
+            rows = rows * d
+        kernel = multirow_quant_matmul(self.in_features, self.out_features, self.block, self.kind, self.isa, "swiglu")
+        y = op.tensor_ir_op(
+            kernel,
+            "quant_matmul_swiglu",
+            [op.reshape(gate_up, (rows, k2)), *self._params()],
+            Tensor.placeholder((rows, self.out_features), "float32"),
+        )
+        return op.reshape(y, (*lead, self.out_features))
+
+    @property
+    def takes_rmsnorm(self) -> bool:
+        """Whether `rmsnorm` normalizes its input in the kernel (the multi-row VNNI kernel's prologue)."""
+        return self.isa == "avx512vnni"
+
+    def rmsnorm(self, x: Tensor, norm: nn.RMSNorm) -> Tensor:
+        """``forward(norm(x))`` for a bias-free RMSNorm over the last axis, the norm taken as the
+        kernel quantizes its rows: no norm kernel, no normalized copy of x."""
+        *lead, k = x.shape
+        rows = 1
+        for d in lead:
+            rows = rows * d
+        kernel = multirow_quant_matmul(
+            self.in_features,
+            self.out_features,
+            self.block,
+            self.kind,
+            self.isa,
+            "rmsnorm",
+            float(norm.epsilon),
+            norm.weight.dtype,
+        )
+        y = op.tensor_ir_op(
+            kernel,
+            "quant_matmul_rmsnorm",
+            [op.reshape(x, (rows, k)), norm.weight, *self._params()],
             Tensor.placeholder((rows, self.out_features), "float32"),
         )
         return op.reshape(y, (*lead, self.out_features))

@@ -33,13 +33,15 @@ from typing import Any
 from tvm import tirx
 from tvm.script import tirx as T
 
+from edgert.compiler.kernels.fastmath import fast_exp
 from edgert.compiler.kernels.quant import GROUP
 
 ISAS = ("avx2", "avx512vnni", "dotprod")
 # Static row tiles of `multirow_quant_matmul`: m rows take the smallest tile >= m (16: in a loop),
-# rows past m repeat the last row and are not written. Every tile costs LLVM time per kernel
-# shape, so not every m gets its own.
-ROW_TILES = (1, 2, 3, 5, 8, 16)
+# rows past m are computed from unset activations and not written. Every tile costs LLVM time per
+# kernel shape, so not every m gets its own: 4 is a server's batch of 4 clients (in the tile of 5
+# it paid a fifth row), 5 a verify pass over 4 drafts.
+ROW_TILES = (1, 2, 3, 4, 5, 8, 16)
 
 
 def dot_isa(features: set[str] | list[str]) -> str | None:
@@ -78,22 +80,28 @@ def vpdpbusd(acc: Any, u8: Any, s8: Any, lanes: int) -> Any:
 
 
 @T.macro
-def round_group(x, xq, xd, xsi, amax, i, g):
-    """Row ``i``'s group ``g`` of ``x`` rounded to int8 on one scale (its largest magnitude / 127), as
-    llama.cpp's Q8 activation blocks: codes ``xq``, scale ``xd``, the integer sum of the codes ``xsi``."""
+def round_row_group(x, xq, xd, xsi, amax, src, i, g):
+    """`round_group` of ``x``'s row ``src`` into row ``i`` of ``xq``, ``xd``, ``xsi``."""
     amax[0] = T.float32(0)
     for t in range(GROUP):
-        amax[0] = T.max(amax[0], T.fabs(x[i, g * GROUP + t]))
+        amax[0] = T.max(amax[0], T.fabs(x[src, g * GROUP + t]))
     xd[i, g] = amax[0] / T.float32(127)
     xsi[i, g] = 0
     for t in range(GROUP):
         xq[i, g * GROUP + t] = T.Cast(
             "int8",
             T.round(
-                x[i, g * GROUP + t] * T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+                x[src, g * GROUP + t] * T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
             ),
         )
         xsi[i, g] = xsi[i, g] + T.Cast("int32", xq[i, g * GROUP + t])
+
+
+@T.macro
+def round_group(x, xq, xd, xsi, amax, i, g):
+    """Row ``i``'s group ``g`` of ``x`` rounded to int8 on one scale (its largest magnitude / 127), as
+    llama.cpp's Q8 activation blocks: codes ``xq``, scale ``xd``, the integer sum of the codes ``xsi``."""
+    round_row_group(x, xq, xd, xsi, amax, i, i, g)
 
 
 @functools.cache
@@ -232,9 +240,29 @@ def int8_quant_matmul(k: int, n: int, block: int, kind: str, isa: str) -> tirx.P
 
 
 @functools.cache
-def multirow_quant_matmul(k: int, n: int, block: int, kind: str, isa: str = "avx512vnni") -> tirx.PrimFunc:
+def multirow_quant_matmul(
+    k: int,
+    n: int,
+    block: int,
+    kind: str,
+    isa: str = "avx512vnni",
+    prologue: str = "",
+    eps: float = 1e-5,
+    gamma_dtype: str = "float32",
+) -> tirx.PrimFunc:
     """``y[m, n] = sum_k x[m, k] * W[n, k]`` with int8 activations, each unpacked weight register
-    reused by a tile of rows (W in the dot layout of `int8_quant_matmul`)."""
+    reused by a tile of rows (W in the dot layout of `int8_quant_matmul`).
+
+    ``prologue="swiglu"``: x is ``[m, 2 k]``, a SwiGLU's gate and up projections side by side, and
+    the kernel multiplies ``silu(gate) * up`` as it quantizes its rows (the down projection
+    of a Llama MLP: one kernel and one ``[m, 2 k]`` pass over memory instead of two).
+    ``prologue="rmsnorm"``: the kernel takes a second input, ``gamma [k]`` (``gamma_dtype``), and
+    multiplies ``RMSNorm(x) = x / sqrt(mean(x^2) + eps) * gamma`` instead of x (the projection after
+    a pre-norm: the norm's kernel and its output go).
+    """
+    if prologue not in ("", "swiglu", "rmsnorm"):
+        raise ValueError(f"unknown prologue '{prologue}' (swiglu, rmsnorm)")
+    swiglu, rmsnorm = prologue == "swiglu", prologue == "rmsnorm"
     if k % GROUP:
         raise ValueError(f"quantized weights need K divisible by {GROUP}, got {k}")
     if isa not in ("avx512vnni", "dotprod"):
@@ -281,14 +309,20 @@ def multirow_quant_matmul(k: int, n: int, block: int, kind: str, isa: str = "avx
         # ``vpdpbusd`` chains, while the accumulators fit the registers; the alternatives measured
         # within noise or slower (16 rows with two chunks side by side: 30 % slower, spilling).
         # Registers: 32 (zmm or NEON q); the accumulators and unpacked codes get at most 28.
+        # A ``vpdpbusd`` waits several cycles for its accumulator, so the instruction rate grows
+        # with the independent chains up to about 20 (on znver5 12 chains reach 3.1 G/s a core,
+        # 24 4.4 G/s). Two-part q8 tiles leave their float accumulators (used once a group) out
+        # of the count: 5 rows then take both chunks, 20 chains instead of 10 (the LM head over
+        # 5 rows 1.9 instead of 2.2 ms, loaded, one thread).
         na = 2 if rows <= 3 or two else 1
+        facc = 0 if two else 1
         wide = chunks
-        while wide > 1 and (rows * wide * (na + 1) + 2 * wide > 28 or chunks % wide):
+        while wide > 1 and (rows * wide * (na + facc) + 2 * wide > 28 or chunks % wide):
             wide -= 1
         return wide, na
 
     @T.macro
-    def tiles(qw, sc, mn, y, m, xq, xd, xs, xsi, xq2, xd2, xsi2, rows: T.int32, cw: T.int32, na: T.int32):
+    def tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, rows: T.int32, cw: T.int32, na: T.int32):
         for jo in T.parallel(nb):
             acc = T.alloc_buffer((rows, cw, cols), "float32", scope="local")
             isum = T.alloc_buffer((rows, cw, na, cols), "int32", scope="local")
@@ -300,19 +334,14 @@ def multirow_quant_matmul(k: int, n: int, block: int, kind: str, isa: str = "avx
                     for r, ci in T.grid(rows, cw):
                         acc[r, ci, T.ramp(0, 1, cols)] = T.broadcast(T.float32(0), cols)
                     for g in range(ng):
-                        for r, ci, a in T.grid(rows, cw, na):
-                            if q4 or not vnni:
-                                isum[r, ci, a, T.ramp(0, 1, cols)] = T.broadcast(T.int32(0), cols)
-                            else:  # takes the +128 of the q8 codes back out, for each activation part
-                                isum[r, ci, a, T.ramp(0, 1, cols)] = T.broadcast(
-                                    T.if_then_else(
-                                        a == 0,
-                                        xsi[T.min(it * rows + T.Cast("int64", r), m - 1), g],
-                                        xsi2[T.min(it * rows + T.Cast("int64", r), m - 1), g],
-                                    )
-                                    * T.int32(-128),
-                                    cols,
-                                )
+                        for r in T.unroll(rows):
+                            for ci in T.unroll(cw):
+                                if q4 or not vnni:
+                                    for a in T.unroll(na):
+                                        isum[r, ci, a, T.ramp(0, 1, cols)] = T.broadcast(T.int32(0), cols)
+                                else:  # takes the +128 of the q8 codes back out, for each activation part
+                                    isum[r, ci, 0, T.ramp(0, 1, cols)] = T.broadcast(xo[it * rows + r, g], cols)
+                                    isum[r, ci, 1, T.ramp(0, 1, cols)] = T.broadcast(xo2[it * rows + r, g], cols)
                         for kk in T.unroll(per_g):
                             for ci in T.unroll(cw):
                                 c = co * cw + ci
@@ -334,7 +363,7 @@ def multirow_quant_matmul(k: int, n: int, block: int, kind: str, isa: str = "avx
                                         [jo, g * per_g + kk, c * cols, 0], f"int8x{nbytes}"
                                     )
                             for r in T.unroll(rows):
-                                row = T.min(it * rows + T.Cast("int64", r), m - 1)
+                                row = it * rows + r
                                 for ci in T.unroll(cw):
                                     if q4:
                                         isum[r, ci, 0, T.ramp(0, 1, cols)] = dot(
@@ -369,7 +398,7 @@ def multirow_quant_matmul(k: int, n: int, block: int, kind: str, isa: str = "avx
                                 d[v] = T.Cast("float32", sc[jo, g, (co * cw + ci) * cols + v])
                                 lo[v] = T.Cast("float32", mn[jo, g, (co * cw + ci) * cols + v]) if q4 else T.float32(0)
                             for r in T.unroll(rows):
-                                row = T.min(it * rows + T.Cast("int64", r), m - 1)
+                                row = it * rows + r
                                 for v in T.vectorized(cols):
                                     if two:
                                         acc[r, ci, v] = (
@@ -393,41 +422,89 @@ def multirow_quant_matmul(k: int, n: int, block: int, kind: str, isa: str = "avx
                                     if jo * block + (co * cw + ci) * cols + v < n:
                                         y[it * rows + r, jo * block + (co * cw + ci) * cols + v] = acc[r, ci, v]
 
+    def padded(m: Any) -> Any:  # rows of the activation buffers: m rounded up to the largest tile
+        return (m + 15) // 16 * 16
+
     @T.macro
-    def body(x, qw, sc, mn, y, m):
-        # Activations to int8 per group of 32, as `int8_quant_matmul` rounds them; xsi is the
-        # integer sum of a group (the q8 offset), xs its float value (the q4 min term).
-        xq = T.alloc_buffer((m, k), "int8")
-        xd = T.alloc_buffer((m, ng), "float32")
-        xs = T.alloc_buffer((m, ng), "float32")
-        xsi = T.alloc_buffer((m, ng), "int32")
-        xq2 = T.alloc_buffer((m, k) if two else (1, 1), "int8")
-        xd2 = T.alloc_buffer((m, ng) if two else (1, 1), "float32")
-        xsi2 = T.alloc_buffer((m, ng) if two else (1, 1), "int32")
-        rest = T.alloc_buffer((m, k) if two else (1, 1), "float32")
-        amax = T.alloc_buffer((1,), "float32", scope="local")
+    def quantize(x, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, m):
         for i, g in T.grid(m, ng):
-            round_group(x, xq, xd, xsi, amax, i, g)
-            xs[i, g] = T.Cast("float32", xsi[i, g]) * xd[i, g]
+            round_row_group(x, xq, xd, xo, amax, i, i, g)
+            xs[i, g] = T.Cast("float32", xo[i, g]) * xd[i, g]
             if two:  # the second part: the remainder x - xd * xq rounded to int8 on its own scale
                 for t in range(GROUP):
-                    rest[i, g * GROUP + t] = x[i, g * GROUP + t] - T.Cast("float32", xq[i, g * GROUP + t]) * xd[i, g]
-                round_group(rest, xq2, xd2, xsi2, amax, i, g)
-        if m == 1:
-            tiles(qw, sc, mn, y, m, xq, xd, xs, xsi, xq2, xd2, xsi2, 1, *shape(1))
-        elif m == 2:
-            tiles(qw, sc, mn, y, m, xq, xd, xs, xsi, xq2, xd2, xsi2, 2, *shape(2))
-        elif m == 3:
-            tiles(qw, sc, mn, y, m, xq, xd, xs, xsi, xq2, xd2, xsi2, 3, *shape(3))
-        elif m <= 5:
-            tiles(qw, sc, mn, y, m, xq, xd, xs, xsi, xq2, xd2, xsi2, 5, *shape(5))
-        elif m <= 8:
-            tiles(qw, sc, mn, y, m, xq, xd, xs, xsi, xq2, xd2, xsi2, 8, *shape(8))
-        else:
-            tiles(qw, sc, mn, y, m, xq, xd, xs, xsi, xq2, xd2, xsi2, 16, *shape(16))
+                    rest[0, g * GROUP + t] = x[i, g * GROUP + t] - T.Cast("float32", xq[i, g * GROUP + t]) * xd[i, g]
+                round_row_group(rest, xq2, xd2, xo2, amax, 0, i, g)
+                xo2[i, g] = xo2[i, g] * T.int32(-128)
+            xo[i, g] = xo[i, g] * T.int32(-128)
 
-    symbol = f"multirow_quant_matmul_{kind}_{isa}_k{k}_n{n}_b{block}"
-    return _entry(body, k, n, (nb, kq, block, 4), code_dtype, (nb, ng, block), q4, symbol)
+    @T.macro
+    def body(x, qw, sc, mn, y, m, gamma):
+        # Activations to int8 per group of 32, as `int8_quant_matmul` rounds them; xs is a group's
+        # float sum (the q4 min term), xo -128 times its integer sum (the q8 offset). The buffers
+        # have room for m rounded up to 16 rows, so that the tiles address row it * R + r without
+        # clamping it: every row of a tile is then one base register plus a constant (clamped, the
+        # ten rows of a two-part tile of 5 each took a register, and the rest were reloaded from
+        # the stack before every ``vpdpbusd``). The rows past m are left unset: their sums are
+        # never written out.
+        xq = T.alloc_buffer((padded(m), k), "int8")
+        xd = T.alloc_buffer((padded(m), ng), "float32")
+        xs = T.alloc_buffer((padded(m), ng), "float32")
+        xo = T.alloc_buffer((padded(m), ng), "int32")
+        xq2 = T.alloc_buffer((padded(m), k) if two else (1, 1), "int8")
+        xd2 = T.alloc_buffer((padded(m), ng) if two else (1, 1), "float32")
+        xo2 = T.alloc_buffer((padded(m), ng) if two else (1, 1), "int32")
+        rest = T.alloc_buffer((1, k) if two else (1, 1), "float32")
+        amax = T.alloc_buffer((1,), "float32", scope="local")
+        if swiglu:  # silu(gate) * up, 16 lanes at a time: silu(g) = g / (1 + exp(-g))
+            act = T.alloc_buffer((m, k), "float32")
+            for i, to in T.grid(m, k // 16):
+                for v in T.vectorized(16):
+                    act[i, to * 16 + v] = (
+                        x[i, to * 16 + v]
+                        * x[i, k + to * 16 + v]
+                        / (T.float32(1.0) + fast_exp(T.float32(0.0) - x[i, to * 16 + v]))
+                    )
+            quantize(act, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, m)
+        elif rmsnorm:  # x * rsqrt(mean(x^2) + eps) * gamma, in the order and rounding of TVM's
+            # `topi.nn.rms_norm` (the squares summed one by one), so that the int8 activations are
+            # those of the unfused graph: a 16-lane sum changed SmolLM2's greedy continuations
+            # (llama.cpp's Q4_1 file, first 16 tokens: 3 of 8 prompts matched instead of 5)
+            act = T.alloc_buffer((m, k), "float32")
+            for i in range(m):
+                amax[0] = T.float32(0)
+                for t in range(k):
+                    amax[0] = amax[0] + x[i, t] * x[i, t]
+                amax[0] = T.rsqrt(amax[0] / T.float32(k) + T.float32(eps))
+                for to in range(k // 16):
+                    for v in T.vectorized(16):
+                        act[i, to * 16 + v] = x[i, to * 16 + v] * amax[0] * T.Cast("float32", gamma[to * 16 + v])
+            quantize(act, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, m)
+        else:
+            quantize(x, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, m)
+        if m == 1:
+            tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, 1, *shape(1))
+        elif m == 2:
+            tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, 2, *shape(2))
+        elif m == 3:
+            tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, 3, *shape(3))
+        elif m == 4:
+            tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, 4, *shape(4))
+        elif m == 5:
+            tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, 5, *shape(5))
+        elif m <= 8:
+            tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, 8, *shape(8))
+        else:
+            tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, 16, *shape(16))
+
+    @T.macro
+    def body_plain(x, qw, sc, mn, y, m):
+        body(x, qw, sc, mn, y, m, x)
+
+    symbol = f"multirow_quant_matmul{'_' + prologue if prologue else ''}_{kind}_{isa}_k{k}_n{n}_b{block}"
+    codes, scales = (nb, kq, block, 4), (nb, ng, block)
+    if rmsnorm:
+        return _entry_gamma(body, k, n, codes, code_dtype, scales, q4, symbol, gamma_dtype)
+    return _entry(body_plain, k, n, codes, code_dtype, scales, q4, symbol, 2 * k if swiglu else k)
 
 
 # -- aarch64 i8mm: two rows by two columns per instruction -----------------------------------
@@ -533,10 +610,20 @@ def i8mm_quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
 
 
 def _entry(
-    body: Any, k: int, n: int, codes: tuple, code_dtype: str, scales: tuple, q4: bool, symbol: str
+    body: Any,
+    k: int,
+    n: int,
+    codes: tuple,
+    code_dtype: str,
+    scales: tuple,
+    q4: bool,
+    symbol: str,
+    kx: int | None = None,
 ) -> tirx.PrimFunc:
-    """The kernel function around a ``body(x, qw, sc, mn, y, m)`` macro: x ``[m, k]`` and y ``[m, n]``
-    float32 with m free, the codes, the f16 scales and (q4) the f16 mins."""
+    """The kernel function around a ``body(x, qw, sc, mn, y, m)`` macro: x ``[m, kx]`` (kx = k
+    unless a prologue combines wider rows) and y ``[m, n]`` float32 with m free, the codes, the f16
+    scales and (q4) the f16 mins."""
+    kx = k if kx is None else kx
 
     @T.prim_func
     def matmul_q4(
@@ -548,7 +635,7 @@ def _entry(
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         m = T.int64()
-        x = T.match_buffer(x_h, (m, k), "float32")
+        x = T.match_buffer(x_h, (m, kx), "float32")
         y = T.match_buffer(y_h, (m, n), "float32")
         body(x, qw, sc, mn, y, m)
 
@@ -556,8 +643,45 @@ def _entry(
     def matmul_q8(x_h: T.handle, qw: T.Buffer(codes, code_dtype), sc: T.Buffer(scales, "float16"), y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         m = T.int64()
-        x = T.match_buffer(x_h, (m, k), "float32")
+        x = T.match_buffer(x_h, (m, kx), "float32")
         y = T.match_buffer(y_h, (m, n), "float32")
         body(x, qw, sc, sc, y, m)
+
+    return (matmul_q4 if q4 else matmul_q8).with_attr("global_symbol", symbol)
+
+
+def _entry_gamma(
+    body: Any, k: int, n: int, codes: tuple, code_dtype: str, scales: tuple, q4: bool, symbol: str, gamma_dtype: str
+) -> tirx.PrimFunc:
+    """`_entry` with a second input after x, ``gamma [k]`` (the RMSNorm prologue's weight)."""
+
+    @T.prim_func
+    def matmul_q4(
+        x_h: T.handle,
+        gamma: T.Buffer((k,), gamma_dtype),
+        qw: T.Buffer(codes, code_dtype),
+        sc: T.Buffer(scales, "float16"),
+        mn: T.Buffer(scales, "float16"),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        body(x, qw, sc, mn, y, m, gamma)
+
+    @T.prim_func
+    def matmul_q8(
+        x_h: T.handle,
+        gamma: T.Buffer((k,), gamma_dtype),
+        qw: T.Buffer(codes, code_dtype),
+        sc: T.Buffer(scales, "float16"),
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        body(x, qw, sc, sc, y, m, gamma)
 
     return (matmul_q4 if q4 else matmul_q8).with_attr("global_symbol", symbol)

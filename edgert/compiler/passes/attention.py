@@ -29,12 +29,25 @@ from typing import Any
 from tvm import IRModule, tirx
 from tvm.script import tirx as T
 
+from edgert.compiler.kernels.fastmath import fast_exp2
+
 DECODE_KERNEL = "batch_decode_paged_kv_cpu"  # the name of TIRPagedKVCache's CPU decode kernel in the module
 PREFILL_KERNEL = "batch_prefill_paged_kv_cpu"  # its CPU prefill kernel over the pages (no sliding window)
 RAGGED_KERNEL = "batch_prefill_ragged_kv"  # its CPU prefill kernel of new tokens among themselves
 APPEND_KERNEL = "tir_kv_cache_transpose_append"  # its copy of new keys and values into the pages
 ROPE_KERNEL = "fused_rope"  # its split of the fused q/k/v projection, with RoPE on q and k
 LANES = 16
+EXP_LANES = 16  # rows whose exps `_paged_rows` takes in one vector
+
+
+def _lane_sum(part: Any, lanes: int, op: Any = None) -> Any:
+    """The sum (or ``op``) of ``part[0 .. lanes - 1]`` as a tree of halves (lane v with lane v + lanes
+    / 2, ...): four dependent adds for 16 lanes where a running sum took sixteen."""
+    vals = [part[v] for v in range(lanes)]
+    while len(vals) > 1:
+        half = len(vals) // 2
+        vals = [op(vals[v], vals[v + half]) if op else vals[v] + vals[v + half] for v in range(half)] + vals[2 * half :]
+    return vals[0]
 
 
 def _paged_rows(d: int, lanes: int, page_size: int) -> Any:
@@ -42,35 +55,85 @@ def _paged_rows(d: int, lanes: int, page_size: int) -> Any:
     score ``qs·k`` into ``scores`` and their maximum into ``stat[0]``, then ``out = sum exp2(score -
     max) v`` and the sum of the exps into ``stat[1]``. Row r lives at position r before ``sink`` and
     at r - sink + start after it (TVM's sliding-window layout; ``sink = hi``, ``start = 0``: row r
-    at position r). Every paged kernel below runs it, so their rows sum in one order."""
+    at position r). Every paged kernel below runs it, and the ragged one `_softmax_rows` with
+    keys and values read from its arrays, so their rows sum in one order (a prompt's keys and
+    values are those decode rows would write).
+
+    No value is carried from one row to the next through memory at every row (the local buffers
+    live in the thread's workspace, where LLVM keeps them, and each row waited on the last one's
+    store): the maximum is taken 16 rows at a time after the scores, the exps 16 at a time with
+    `fast_exp2` (``T.exp2`` called ``exp2f`` once per row), and ``out`` gathers 4 rows a step.
+    The rows past the last whole chunk go one by one with the same arithmetic; a row's result
+    depends on its own ``lo`` and ``hi`` only, so a verify row is still its decode step bit for bit.
+    """
+
+    def at(page_values: Any, first: Any, sink: Any, start: Any, r: Any) -> tuple[Any, Any]:
+        pos = T.if_then_else(r < sink, r, r - sink + start)
+        return page_values[first + pos // page_size], pos % page_size
+
+    def key(pages: Any, page_values: Any, first: Any, kv: Any, sink: Any, start: Any, r: Any, i: Any) -> Any:
+        page, slot = at(page_values, first, sink, start, r)
+        return pages[page, 0, kv, slot, i]
+
+    def value(pages: Any, page_values: Any, first: Any, kv: Any, sink: Any, start: Any, r: Any, i: Any) -> Any:
+        page, slot = at(page_values, first, sink, start, r)
+        return pages[page, 1, kv, slot, i]
+
+    return _softmax_rows(d, lanes, key, value)
+
+
+def _softmax_rows(d: int, lanes: int, key: Any, value: Any) -> Any:
+    """`_paged_rows` with row r's key and value element i read by ``key(a, b, first, kv, sink, start,
+    r, i)`` and ``value(...)``: the paged kernels pass the pages and the page table as ``a``, ``b``;
+    the ragged one its key and value arrays."""
+    vl = EXP_LANES
 
     @T.macro
     def rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, part, out, stat):
-        stat[0] = T.float32(-3.0e38)
+        vec = T.alloc_buffer((vl,), "float32", scope="local")
         for r in range(lo, hi):
-            pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
-            page = page_values[first + pos // page_size]
-            slot = pos % page_size
             for v in T.vectorized(lanes):
                 part[v] = T.float32(0)
             for c in range(d // lanes):
                 for v in T.vectorized(lanes):
-                    part[v] = part[v] + qs[c * lanes + v] * pages[page, 0, kv, slot, c * lanes + v]
-            scores[r] = T.float32(0)
-            for v in range(lanes):
-                scores[r] = scores[r] + part[v]
+                    part[v] = part[v] + qs[c * lanes + v] * key(
+                        pages, page_values, first, kv, sink, start, r, c * lanes + v
+                    )
+            scores[r] = _lane_sum(part, lanes)
+        for v in T.vectorized(vl):
+            vec[v] = T.float32(-3.0e38)
+        for ro in range((hi - lo) // vl):
+            for v in T.vectorized(vl):
+                vec[v] = T.max(vec[v], scores[lo + ro * vl + v])
+        stat[0] = _lane_sum(vec, vl, T.max)
+        for r in range(lo + (hi - lo) // vl * vl, hi):
             stat[0] = T.max(stat[0], scores[r])
+        for ro in range((hi - lo) // vl):
+            for v in T.vectorized(vl):
+                scores[lo + ro * vl + v] = fast_exp2(scores[lo + ro * vl + v] - stat[0])
+        for r in range(lo + (hi - lo) // vl * vl, hi):
+            scores[r] = fast_exp2(scores[r] - stat[0])
         stat[1] = T.float32(0)
         for i in T.vectorized(d):
             out[i] = T.float32(0)
-        for r in range(lo, hi):
-            pos: T.let[T.int32] = T.if_then_else(r < sink, r, r - sink + start)
-            page = page_values[first + pos // page_size]
-            slot = pos % page_size
-            p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
-            stat[1] = stat[1] + p
+        for ro in range((hi - lo) // 4):
+            r0: T.let[T.int32] = lo + ro * 4
+            stat[1] = stat[1] + ((scores[r0] + scores[r0 + 1]) + (scores[r0 + 2] + scores[r0 + 3]))
             for i in T.vectorized(d):
-                out[i] = out[i] + p * pages[page, 1, kv, slot, i]
+                out[i] = out[i] + (
+                    (
+                        scores[r0] * value(pages, page_values, first, kv, sink, start, r0, i)
+                        + scores[r0 + 1] * value(pages, page_values, first, kv, sink, start, r0 + 1, i)
+                    )
+                    + (
+                        scores[r0 + 2] * value(pages, page_values, first, kv, sink, start, r0 + 2, i)
+                        + scores[r0 + 3] * value(pages, page_values, first, kv, sink, start, r0 + 3, i)
+                    )
+                )
+        for r in range(lo + (hi - lo) // 4 * 4, hi):
+            stat[1] = stat[1] + scores[r]
+            for i in T.vectorized(d):
+                out[i] = out[i] + scores[r] * value(pages, page_values, first, kv, sink, start, r, i)
 
     return rows
 
@@ -252,6 +315,14 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     lanes = LANES if d % LANES == 0 else 1
     log2e = math.log2(math.e)
 
+    def key(k: Any, v: Any, k0: Any, kv: Any, sink: Any, start: Any, r: Any, i: Any) -> Any:
+        return k[k0 + r, kv, i]
+
+    def value(k: Any, v: Any, k0: Any, kv: Any, sink: Any, start: Any, r: Any, i: Any) -> Any:
+        return v[k0 + r, kv, i]
+
+    softmax_rows = _softmax_rows(d, lanes, key, value)
+
     @T.prim_func
     def ragged(
         q_handle: T.handle,
@@ -306,25 +377,7 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
                 kv = h // group
                 for i in T.vectorized(d):
                     qs[i] = q[q0 + t, h, i] * sm_scale * T.float32(log2e)
-                stat[0] = T.float32(-3.0e38)
-                for r in range(length):
-                    for x in T.vectorized(lanes):
-                        part[x] = T.float32(0)
-                    for c in range(d // lanes):
-                        for x in T.vectorized(lanes):
-                            part[x] = part[x] + qs[c * lanes + x] * k[k0 + r, kv, c * lanes + x]
-                    scores[r] = T.float32(0)
-                    for x in range(lanes):
-                        scores[r] = scores[r] + part[x]
-                    stat[0] = T.max(stat[0], scores[r])
-                stat[1] = T.float32(0)
-                for i in T.vectorized(d):
-                    out[i] = T.float32(0)
-                for r in range(length):
-                    p: T.let[T.float32] = T.exp2(scores[r] - stat[0])
-                    stat[1] = stat[1] + p
-                    for i in T.vectorized(d):
-                        out[i] = out[i] + p * v[k0 + r, kv, i]
+                softmax_rows(k, v, k0, kv, 0, length, length, 0, qs, scores, part, out, stat)
                 for i in T.vectorized(d):
                     output[q0 + t, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
                 lse[q0 + t, h] = T.if_then_else(

@@ -35,6 +35,13 @@ __all__ = ["LlamaConfig", "LlamaForCausalLM"]
 VERIFY_ROWS = 5  # the rows of the static verify entry (`verify_rows_5`)
 
 
+def normed(linear: nn.Module, norm: nn.RMSNorm, x: Tensor) -> Tensor:
+    """``linear(norm(x))``, with the norm in the matmul's quantization where the kernel takes it."""
+    if getattr(linear, "takes_rmsnorm", False) and norm.bias is None and norm.axes in (-1, [-1]):
+        return linear.rmsnorm(x, norm)
+    return linear(norm(x))
+
+
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention; q, k and v come from one fused projection."""
 
@@ -50,15 +57,22 @@ class LlamaAttention(nn.Module):
         return self.attn_out_q(x, cache, layer_id)[0]
 
     def attn_out_q(
-        self, x: Tensor, cache: PagedKVCache, layer_id: int, positions: Tensor | None = None
+        self,
+        x: Tensor,
+        cache: PagedKVCache,
+        layer_id: int,
+        positions: Tensor | None = None,
+        norm: nn.RMSNorm | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Attention output and, with RoPE outside the cache, the rotated queries [b, s, heads, head_dim].
 
         ``positions`` [b*s]: each token's position (default: the cache's, its sequence length).
+        ``norm``: the block's input norm, applied to x first (in the projection's kernel where it can).
         """
         b, s, _ = x.shape
         h, kv = self.num_heads, self.num_kv_heads
-        qkv = op.reshape(self.qkv_proj(x), (b, s, h + 2 * kv, self.head_dim))
+        qkv = self.qkv_proj(x) if norm is None else normed(self.qkv_proj, norm, x)
+        qkv = op.reshape(qkv, (b, s, h + 2 * kv, self.head_dim))
         q = None
         if self.rope_outside:
             q, k, v = op.split(qkv, [h, h + kv], axis=2)
@@ -71,10 +85,15 @@ class LlamaAttention(nn.Module):
         return self.forward_q(x, cache, layer_id, positions)[0]
 
     def forward_q(
-        self, x: Tensor, cache: PagedKVCache, layer_id: int, positions: Tensor | None = None
+        self,
+        x: Tensor,
+        cache: PagedKVCache,
+        layer_id: int,
+        positions: Tensor | None = None,
+        norm: nn.RMSNorm | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         b, s, _ = x.shape
-        out, q = self.attn_out_q(x, cache, layer_id, positions)
+        out, q = self.attn_out_q(x, cache, layer_id, positions, norm)
         return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim))), q
 
 
@@ -85,8 +104,12 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = op.split(self.gate_up_proj(x), 2, axis=-1)
+    def forward(self, x: Tensor, norm: nn.RMSNorm | None = None) -> Tensor:
+        """The MLP of x, or of ``norm(x)`` (the norm in the gate/up projection's kernel where it can)."""
+        gate_up = self.gate_up_proj(x) if norm is None else normed(self.gate_up_proj, norm, x)
+        if getattr(self.down_proj, "takes_swiglu", False):  # silu(gate) * up in the kernel's quantization
+            return self.down_proj.swiglu(gate_up)
+        gate, up = op.split(gate_up, 2, axis=-1)
         return self.down_proj(op.silu(gate) * up)
 
 
@@ -106,9 +129,9 @@ class LlamaLayer(nn.Module):
         self, h: Tensor, cache: PagedKVCache, layer_id: int, positions: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """The block, and its rotated queries when RoPE is outside the cache (else None)."""
-        attn, q = self.attn.forward_q(self.input_norm(h), cache, layer_id, positions)
+        attn, q = self.attn.forward_q(h, cache, layer_id, positions, self.input_norm)
         h = h + attn
-        return h + self.mlp(self.post_attention_norm(h)), q
+        return h + self.mlp(h, self.post_attention_norm), q
 
 
 class LlamaForCausalLM(nn.Module):
@@ -132,7 +155,7 @@ class LlamaForCausalLM(nn.Module):
         return h
 
     def _logits(self, h: Tensor) -> Tensor:
-        logits = self.lm_head(self.norm(h))
+        logits = normed(self.lm_head, self.norm, h)
         return logits if logits.dtype == "float32" else logits.astype("float32")
 
     def embed(self, input_ids: Tensor) -> Tensor:
@@ -229,7 +252,7 @@ class LlamaForCausalLM(nn.Module):
         layer); the attention output comes back so that it is not optimized away.
         """
         block = self.layers[layer_id]
-        return block.attn.attn_out(block.input_norm(h), cache, layer_id), cache
+        return block.attn.attn_out_q(h, cache, layer_id, norm=block.input_norm)[0], cache
 
     def layer_range(self, start: int, end: int, h: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
         """Layers ``start``..``end - 1`` in one call (one VM call per span between exit points)."""
