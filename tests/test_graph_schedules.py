@@ -195,3 +195,34 @@ def test_requantization_epilogue_rounds_in_vectors():
     assert "scatter" not in asm and "gather" not in asm
     want = np.clip(np.rint((x @ w) * np.float32(0.37)), 0, 255)
     np.testing.assert_array_equal(_run(sch, target, [x, w], want.shape), want)
+
+
+@pytest.mark.parametrize(
+    "kind, shape", [("max", (40, 2048)), ("min", (40, 2048)), ("sum", (40, 2048)), ("max", (3, 64))]
+)
+def test_full_reduction_rule_vectorizes_and_splits_over_threads(kind, shape):
+    """A whole tensor reduced to one value (DynamicQuantizeLinear's range) in vector partials,
+    in chunks over threads where it is large; min and max exact, a sum reassociated."""
+    from edgert.compiler.schedules.rules import MIN_PARALLEL_WORK, FullReduction
+
+    x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    func = _kernel(lambda v: getattr(relax.op, kind)(v), shape)
+    target = _host()
+    sch = FullReduction().apply(func, target, False)
+    assert sch is not None
+    script = _loops(sch)
+    assert "T.vectorized(" in script
+    assert ("T.parallel(" in script) == (x.size >= MIN_PARALLEL_WORK)
+    got = _run(sch, target, [x], ())
+    want = getattr(np, kind)(x)
+    if kind == "sum":
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    else:
+        assert got == want
+
+
+def test_full_reduction_rule_leaves_row_reductions():
+    from edgert.compiler.schedules.rules import FullReduction
+
+    func = _kernel(lambda v: relax.op.max(v, axis=[1]), (40, 2048))
+    assert FullReduction().apply(func, _host(), False) is None
