@@ -56,6 +56,21 @@ def _loop_kind(macs: int) -> Any:
     return T.parallel if macs >= MIN_PARALLEL_INT8_MACS else T.serial
 
 
+# At most this many parallel iterations per kernel, each a serial run of tiles. Register tiles
+# of 1 KiB or more (8 rows x 2 vectors of int32) are not stack arrays in TVM's lowering but
+# workspace allocations; inside a parallel loop's body that is a call to allocate and free per
+# iteration, so one per tile cost 1.6x (34x34x32 -> 64 conv, one thread: 64.6 us, 40.7 in 16 chunks, 36 serial).
+MAX_CHUNKS = 16
+
+
+def chunks(tiles: int, parallel: bool) -> int:
+    """Parallel iterations for ``tiles`` register tiles: 1 on one thread, else the largest divisor
+    of ``tiles`` up to `MAX_CHUNKS` (the accumulators are allocated once per iteration)."""
+    if not parallel:
+        return 1
+    return max(d for d in range(1, min(tiles, MAX_CHUNKS) + 1) if tiles % d == 0)
+
+
 def row_tile(m: int) -> int:
     """Rows per register tile: all of them up to 12, else the tile of 6..12 rows wasting the fewest."""
     if m <= 12:
@@ -82,6 +97,8 @@ def u8s8_gemm(m: int, k: int, n: int, block: int) -> tirx.PrimFunc:
     nt = -(-m // rows)
     nbytes = LANES * 4
     tiles = _loop_kind(m * k * n)
+    nc = chunks(nb * nt, tiles is T.parallel)
+    per = nb * nt // nc
 
     @T.prim_func
     def gemm(
@@ -92,37 +109,39 @@ def u8s8_gemm(m: int, k: int, n: int, block: int) -> tirx.PrimFunc:
         y: T.Buffer((m, n), "int32"),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        for t in tiles(nb * nt):
-            jo = t // nt
-            it = t % nt
+        for c in tiles(nc):
             acc = T.alloc_buffer((rows, cw, LANES), "int32", scope="local")
             wv = T.alloc_buffer((cw, nbytes), "int8", scope="local")
-            for r, ci in T.grid(rows, cw):
-                acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
-            for kk in range(k // 4):
-                for ci in T.unroll(cw):
-                    wv[ci, T.ramp(0, 1, nbytes)] = wp.vload([jo, kk, ci * LANES, 0], f"int8x{nbytes}")
-                for r in T.unroll(rows):
-                    row = T.min(it * rows + r, m - 1)  # rows past m repeat the last one, unwritten
-                    word = T.reinterpret("int32", x.vload([row, kk * 4], "uint8x4"))
-                    xb = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
+            for tt in range(per):
+                t = c * per + tt
+                jo = t // nt
+                it = t % nt
+                for r, ci in T.grid(rows, cw):
+                    acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                for kk in range(k // 4):
                     for ci in T.unroll(cw):
-                        acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
-                            acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES
-                        )
-            for r, ci in T.grid(rows, cw):
-                if it * rows + r < m:
-                    if jo < full:
-                        for v in T.vectorized(LANES):
-                            y[it * rows + r, jo * block + ci * LANES + v] = (
-                                acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                        wv[ci, T.ramp(0, 1, nbytes)] = wp.vload([jo, kk, ci * LANES, 0], f"int8x{nbytes}")
+                    for r in T.unroll(rows):
+                        row = T.min(it * rows + r, m - 1)  # rows past m repeat the last one, unwritten
+                        word = T.reinterpret("int32", x.vload([row, kk * 4], "uint8x4"))
+                        xb = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
+                        for ci in T.unroll(cw):
+                            acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
+                                acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES
                             )
-                    else:
-                        for v in range(LANES):
-                            if jo * block + ci * LANES + v < n:
+                for r, ci in T.grid(rows, cw):
+                    if it * rows + r < m:
+                        if jo < full:
+                            for v in T.vectorized(LANES):
                                 y[it * rows + r, jo * block + ci * LANES + v] = (
                                     acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
                                 )
+                        else:
+                            for v in range(LANES):
+                                if jo * block + ci * LANES + v < n:
+                                    y[it * rows + r, jo * block + ci * LANES + v] = (
+                                        acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                                    )
 
     return gemm.with_attr("global_symbol", f"u8s8_gemm_m{m}_k{k}_n{n}_b{block}")
 
@@ -234,6 +253,8 @@ def u8s8_conv(
     nt = -(-m // rows)
     nbytes = LANES * 4
     tiles = _loop_kind(m * k4 * 4 * n)
+    nc = chunks(nb * nt, tiles is T.parallel)
+    per = nb * nt // nc
 
     @T.prim_func
     def conv(
@@ -244,41 +265,43 @@ def u8s8_conv(
         y: T.Buffer((1, oh, ow, n), "int32"),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        for t in tiles(nb * nt):
-            jo = t // nt
-            it = t % nt
+        for c in tiles(nc):
             acc = T.alloc_buffer((rows, cw, LANES), "int32", scope="local")
             wv = T.alloc_buffer((cw, nbytes), "int8", scope="local")
-            for r, ci in T.grid(rows, cw):
-                acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
-            for ty, tx, cc in T.grid(kh, kw, c4):
-                for ci in T.unroll(cw):
-                    wv[ci, T.ramp(0, 1, nbytes)] = wpk.vload(
-                        [jo, (ty * kw + tx) * c4 + cc, ci * LANES, 0], f"int8x{nbytes}"
-                    )
-                for r in T.unroll(rows):
-                    p = T.min(it * rows + r, m - 1)  # positions past m repeat the last one, unwritten
-                    word = T.reinterpret(
-                        "int32", x.vload([0, p // ow * sh + ty * dh, p % ow * sw + tx * dw, cc * 4], "uint8x4")
-                    )
-                    xb = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
+            for tt in range(per):
+                t = c * per + tt
+                jo = t // nt
+                it = t % nt
+                for r, ci in T.grid(rows, cw):
+                    acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                for ty, tx, cc in T.grid(kh, kw, c4):
                     for ci in T.unroll(cw):
-                        acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
-                            acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES
+                        wv[ci, T.ramp(0, 1, nbytes)] = wpk.vload(
+                            [jo, (ty * kw + tx) * c4 + cc, ci * LANES, 0], f"int8x{nbytes}"
                         )
-            for r, ci in T.grid(rows, cw):
-                if it * rows + r < m:
-                    if jo < full:
-                        for v in T.vectorized(LANES):
-                            y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v] = (
-                                acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                    for r in T.unroll(rows):
+                        p = T.min(it * rows + r, m - 1)  # positions past m repeat the last one, unwritten
+                        word = T.reinterpret(
+                            "int32", x.vload([0, p // ow * sh + ty * dh, p % ow * sw + tx * dw, cc * 4], "uint8x4")
+                        )
+                        xb = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
+                        for ci in T.unroll(cw):
+                            acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
+                                acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES
                             )
-                    else:
-                        for v in range(LANES):
-                            if jo * block + ci * LANES + v < n:
+                for r, ci in T.grid(rows, cw):
+                    if it * rows + r < m:
+                        if jo < full:
+                            for v in T.vectorized(LANES):
                                 y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v] = (
                                     acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
                                 )
+                        else:
+                            for v in range(LANES):
+                                if jo * block + ci * LANES + v < n:
+                                    y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v] = (
+                                        acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                                    )
 
     name = f"u8s8_conv_{hp}x{wp}x{cp}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_n{n}"
     return conv.with_attr("global_symbol", name)
