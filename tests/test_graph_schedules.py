@@ -226,3 +226,23 @@ def test_full_reduction_rule_leaves_row_reductions():
 
     func = _kernel(lambda v: relax.op.max(v, axis=[1]), (40, 2048))
     assert FullReduction().apply(func, _host(), False) is None
+
+
+def test_matmul_rule_runs_parallel_tiles_in_chunks():
+    """Above `MIN_PARALLEL_MACS` the tiles go over threads in at most `MAX_CHUNKS` parallel
+    iterations (the accumulators allocated once per chunk, not per tile); results unchanged."""
+    import re
+
+    from edgert.compiler.schedules.rules import MAX_CHUNKS, MIN_PARALLEL_MACS, Matmul
+
+    m, k, n = 1024, 288, 64
+    assert m * k * n >= MIN_PARALLEL_MACS
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    target = _host()
+    sch = Matmul().apply(_kernel(relax.op.matmul, a.shape, b.shape), target, False)
+    assert sch is not None
+    extents = [int(e) for e in re.findall(r"T\.parallel\(T\.int64\((\d+)\)\)", _loops(sch))]
+    assert len(extents) == 1 and 1 < extents[0] <= MAX_CHUNKS
+    np.testing.assert_allclose(_run(sch, target, [a, b], (m, n)), a @ b, rtol=1e-4, atol=1e-4)

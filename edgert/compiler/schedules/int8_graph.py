@@ -32,6 +32,7 @@ from tvm.ir import GenericConst
 from tvm.script import tirx as T
 
 from edgert.compiler.kernels.int8 import vpdpbusd
+from edgert.compiler.schedules.rules import chunks
 
 LANES = 16  # int32 lanes of one zmm register
 
@@ -54,21 +55,6 @@ MIN_PARALLEL_INT8_MACS = 1 << 24
 def _loop_kind(macs: int) -> Any:
     """``T.parallel`` for a kernel of ``macs`` multiply-adds worth splitting over threads, else ``T.serial``."""
     return T.parallel if macs >= MIN_PARALLEL_INT8_MACS else T.serial
-
-
-# At most this many parallel iterations per kernel, each a serial run of tiles. Register tiles
-# of 1 KiB or more (8 rows x 2 vectors of int32) are not stack arrays in TVM's lowering but
-# workspace allocations; inside a parallel loop's body that is a call to allocate and free per
-# iteration, so one per tile cost 1.6x (34x34x32 -> 64 conv, one thread: 64.6 us, 40.7 in 16 chunks, 36 serial).
-MAX_CHUNKS = 16
-
-
-def chunks(tiles: int, parallel: bool) -> int:
-    """Parallel iterations for ``tiles`` register tiles: 1 on one thread, else the largest divisor
-    of ``tiles`` up to `MAX_CHUNKS` (the accumulators are allocated once per iteration)."""
-    if not parallel:
-        return 1
-    return max(d for d in range(1, min(tiles, MAX_CHUNKS) + 1) if tiles % d == 0)
 
 
 def row_tile(m: int) -> int:
