@@ -330,3 +330,30 @@ def test_parallel_integer_kernels_match_numpy_exactly():
             tap = wc[(ty * 3 + tx) * c : (ty * 3 + tx + 1) * c].astype(np.int64)
             want += (xp[0, ty : ty + 32, tx : tx + 32].astype(np.int64) - 7) @ tap
     np.testing.assert_array_equal(got[0], want)
+
+
+def test_winograd_convs_match_onnxruntime(tmp_path):
+    """3x3 stride-1 convs (plain and dilated) take Winograd F(4x4, 3x3): the input transform, 36
+    matmuls and the output transform; outputs within 1e-4 of onnxruntime's direct convs."""
+    import edgert
+    from edgert.compiler.target import resolve
+    from edgert.families.graph.lower import optimize
+    from edgert.frontend.onnx_graph import import_onnx
+    from edgert.targets import load_target
+
+    cases = [
+        ("Conv", {"pads": [1, 1, 1, 1]}, (32, 16, 3, 3), "Relu"),
+        ("Conv", {"dilations": [2, 2], "pads": [2, 2, 2, 2]}, (16, 16, 3, 3), "Tanh"),
+    ]
+    path = tmp_path / "wino.onnx"
+    onnx.save(_conv_graph(2, cases, 16, [32, 32]), str(path))
+    target, _ = resolve(load_target("host"), threads=2)
+    mod, _, _ = optimize(import_onnx(path)[0], target, "f32")
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    assert sorted(n for n in names if n.startswith("wino_in")) == ["wino_in_34x34x16_d1", "wino_in_36x36x16_d2"]
+    assert len([n for n in names if n.startswith("wino_out")]) == 2
+    edgert.compile(str(path), output=tmp_path / "w.edgert")
+    x = np.random.default_rng(6).standard_normal((1, 16, 32, 32)).astype(np.float32)
+    got = edgert.load(tmp_path / "w.edgert")(x=x)
+    for key, want in _reference(path, {"x": x}).items():
+        np.testing.assert_allclose(got[key], want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()), err_msg=key)

@@ -29,6 +29,8 @@ import numpy as np
 from tvm import relax, te, tirx
 from tvm.ir import GenericConst
 
+from edgert.compiler.schedules import winograd
+
 
 def _ints(values: Any) -> list[int]:
     return [int(v) for v in values]
@@ -303,6 +305,13 @@ def _channels_last(bb: Any, call: relax.Call, lanes: int, lookup: Any = None) ->
         # (and its call and buffer) cost more than the border test.
         return _direct_channels_last(bb, x, weight, strides, dilation, out_sp, groups, lanes, False, pads)
     xp = _pad_input(bb, x, pads, first=1)
+    if (
+        nsp == 2
+        and groups == 1
+        and int(x_ty.shape.values[0]) == 1
+        and winograd.fits(weight.shape, strides, dilation, out_sp, lanes)
+    ):
+        return winograd.conv(bb, xp, weight, dilation[0], out_sp, lanes)
     return _direct_channels_last(bb, xp, weight, strides, dilation, out_sp, groups, lanes)
 
 
