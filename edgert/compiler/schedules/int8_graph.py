@@ -99,18 +99,18 @@ def u8s8_gemm(m: int, k: int, n: int, block: int) -> tirx.PrimFunc:
             acc = T.alloc_buffer((rows, cw, LANES), "int32", scope="local")
             wv = T.alloc_buffer((cw, nbytes), "int8", scope="local")
             for tt in range(per):
-                t = c * per + tt
-                jo = t // nt
-                it = t % nt
+                t: T.let = c * per + tt
+                jo: T.let = t // nt
+                it: T.let = t % nt
                 for r, ci in T.grid(rows, cw):
                     acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
                 for kk in range(k // 4):
                     for ci in T.unroll(cw):
                         wv[ci, T.ramp(0, 1, nbytes)] = wp.vload([jo, kk, ci * LANES, 0], f"int8x{nbytes}")
                     for r in T.unroll(rows):
-                        row = T.min(it * rows + r, m - 1)  # rows past m repeat the last one, unwritten
-                        word = T.reinterpret("int32", x.vload([row, kk * 4], "uint8x4"))
-                        xb = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
+                        row: T.let = T.min(it * rows + r, m - 1)  # rows past m repeat the last one, unwritten
+                        word: T.let = T.reinterpret("int32", x.vload([row, kk * 4], "uint8x4"))
+                        xb: T.let = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
                         for ci in T.unroll(cw):
                             acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
                                 acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES
@@ -255,9 +255,9 @@ def u8s8_conv(
             acc = T.alloc_buffer((rows, cw, LANES), "int32", scope="local")
             wv = T.alloc_buffer((cw, nbytes), "int8", scope="local")
             for tt in range(per):
-                t = c * per + tt
-                jo = t // nt
-                it = t % nt
+                t: T.let = c * per + tt
+                jo: T.let = t // nt
+                it: T.let = t % nt
                 for r, ci in T.grid(rows, cw):
                     acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
                 for ty, tx, cc in T.grid(kh, kw, c4):
@@ -266,11 +266,11 @@ def u8s8_conv(
                             [jo, (ty * kw + tx) * c4 + cc, ci * LANES, 0], f"int8x{nbytes}"
                         )
                     for r in T.unroll(rows):
-                        p = T.min(it * rows + r, m - 1)  # positions past m repeat the last one, unwritten
-                        word = T.reinterpret(
+                        p: T.let = T.min(it * rows + r, m - 1)  # positions past m repeat the last one, unwritten
+                        word: T.let = T.reinterpret(
                             "int32", x.vload([0, p // ow * sh + ty * dh, p % ow * sw + tx * dw, cc * 4], "uint8x4")
                         )
-                        xb = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
+                        xb: T.let = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
                         for ci in T.unroll(cw):
                             acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
                                 acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES

@@ -55,6 +55,9 @@ AT = [
 # Below this many multiply-adds (direct) a conv keeps the direct kernel: three kernels and two
 # buffers cost more than the products they save.
 MIN_MACS = 1 << 21
+# A transform goes over threads from this many tile x channel-vector iterations (about 300 vector
+# instructions each).
+MIN_PARALLEL_VECTORS = 64
 
 
 def matmul_rows(nt: int, c: int, co: int) -> int:
@@ -103,9 +106,9 @@ def _tile_origin(d: int, ty: int, tx: int) -> list[str]:
     output (the same coordinates): sub-grid ``ph`` of the ``d x d`` interleaved ones, then the
     tile's row and column in it."""
     return [
-        f"ph = t // {ty * tx}",
-        f"r0 = ph // {d} + {d * M} * (t % {ty * tx} // {tx})",
-        f"c0 = ph % {d} + {d * M} * (t % {tx})",
+        f"ph: T.let = t // {ty * tx}",
+        f"r0: T.let = ph // {d} + {d * M} * (t % {ty * tx} // {tx})",
+        f"c0: T.let = ph % {d} + {d * M} * (t % {tx})",
     ]
 
 
@@ -121,13 +124,13 @@ def input_transform(hp: int, wp: int, c: int, d: int, ty: int, tx: int, rows: in
     tile count (rows past it are zeros)."""
     nt = d * d * ty * tx
     inner = [
-        f'x{i}{j} = x.vload([0, r0 + {i * d}, c0 + {j * d}, ch], "float32xVEC")'
+        f'x{i}{j}: T.let = x.vload([0, r0 + {i * d}, c0 + {j * d}, ch], "float32xVEC")'
         for i in range(ALPHA)
         for j in range(ALPHA)
     ]
     # Rows first: w[i][b] = sum_j BT[b][j] x[i][j], then V[a][b] = sum_i BT[a][i] w[i][b].
     for i in range(ALPHA):
-        inner += [f"w{i}{b} = " + _combination(BT[b], [f"x{i}{j}" for j in range(ALPHA)]) for b in range(ALPHA)]
+        inner += [f"w{i}{b}: T.let = " + _combination(BT[b], [f"x{i}{j}" for j in range(ALPHA)]) for b in range(ALPHA)]
     inner += [
         f"v[{a * ALPHA + b}, t, T.ramp(ch, 1, VEC)] = " + _combination(BT[a], [f"w{i}{b}" for i in range(ALPHA)])
         for a in range(ALPHA)
@@ -157,9 +160,11 @@ def output_transform(oh: int, ow: int, co: int, d: int, rows: int, lanes: int) -
     """``Y[0, tile rows, tile cols, co] = (A^T M_t A)`` for the matmuls' result M [36, rows, co]."""
     ty, tx = oh // (M * d), ow // (M * d)
     nt = d * d * ty * tx
-    inner = [f'm{a}{b} = m.vload([{a * ALPHA + b}, t, ch], "float32xVEC")' for a in range(ALPHA) for b in range(ALPHA)]
+    inner = [
+        f'm{a}{b}: T.let = m.vload([{a * ALPHA + b}, t, ch], "float32xVEC")' for a in range(ALPHA) for b in range(ALPHA)
+    ]
     for u in range(M):
-        inner += [f"s{u}{b} = " + _combination(AT[u], [f"m{a}{b}" for a in range(ALPHA)]) for b in range(ALPHA)]
+        inner += [f"s{u}{b}: T.let = " + _combination(AT[u], [f"m{a}{b}" for a in range(ALPHA)]) for b in range(ALPHA)]
     inner += [
         f"y[0, r0 + {u * d}, c0 + {v * d}, T.ramp(ch, 1, VEC)] = "
         + _combination(AT[v], [f"s{u}{b}" for b in range(ALPHA)])
@@ -175,20 +180,22 @@ def output_transform(oh: int, ow: int, co: int, d: int, rows: int, lanes: int) -
 
 
 def _kernel(name: str, params: list[str], nt: int, c: int, lanes: int, body: list[str], inner: list[str]) -> str:
-    """A TVMScript kernel: tiles, channel vectors of
-    ``lanes``, then the straight-line ``inner`` statements on vectors (let-bound vector values,
-    no vectorized loop: TVM's vectorizer wrote only the last lane of a let inside one)."""
+    """A TVMScript kernel: tiles (over threads when there are enough), channel vectors of
+    ``lanes``, then the straight-line ``inner`` statements on whole vectors (``vload``, ramps).
+
+    Values are bound with ``T.let``: a plain ``x = ...`` in TVMScript is a one-element local
+    buffer, which inside a parallel loop's body LowerTVMBuiltin turns into a workspace
+    allocation per value and iteration (convnet's input transform: 101 against 4.6 us, one
+    thread); in a vectorized loop only its last lane was written."""
     lines = [
         "@T.prim_func(s_tir=True)",
         f"def {name}({', '.join(params)}):",
         '    T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})',
         '    with T.sblock("root"):',  # Relax's op-pattern analysis expects a root block
-        # One thread: in a parallel loop's body the same code ran 10x slower (7.9 -> 101 us for
-        # convnet's input transform at one thread; not explained). The matmuls between go over threads.
-        f"        for t in T.serial({nt}):",
+        f"        for t in {'T.parallel' if nt * c // lanes >= MIN_PARALLEL_VECTORS else 'T.serial'}({nt}):",
         *(" " * 12 + s for s in body),
         f"            for cv in range({c // lanes}):",
-        f"                ch = cv * {lanes}",
+        f"                ch: T.let = cv * {lanes}",
         *(" " * 16 + s for s in inner),
     ]
     return "\n".join(lines).replace("VEC", str(lanes)) + "\n"
