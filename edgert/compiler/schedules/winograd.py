@@ -55,6 +55,10 @@ AT = [
 # Below this many multiply-adds (direct) a conv keeps the direct kernel: three kernels and two
 # buffers cost more than the products they save.
 MIN_MACS = 1 << 21
+# The transformed input and the matmuls' result (36 values per tile and channel) stay below this:
+# measured only on the zoo's small images (at most 0.6 MB); larger maps keep the direct kernel
+# rather than stream several times their size through memory untiled.
+MAX_TRANSFORMED_BYTES = 8 << 20
 # A transform goes over threads from this many tile x channel-vector iterations (about 300 vector
 # instructions each).
 MIN_PARALLEL_VECTORS = 64
@@ -83,6 +87,7 @@ def fits(weight_shape: tuple[int, ...], strides: list[int], dilation: list[int],
         and ci % lanes == 0
         and co % lanes == 0
         and out_sp[0] * out_sp[1] * ci * co * R * R >= MIN_MACS
+        and ALPHA * ALPHA * (out_sp[0] // M) * (out_sp[1] // M) * max(ci, co) * 4 <= MAX_TRANSFORMED_BYTES
     )
 
 
