@@ -41,6 +41,12 @@ def _pad_input(bb: Any, x: relax.Expr, pads: list[tuple[int, int]], first: int =
     (``first`` 2 for NC(H)W, 1 for channels-last)."""
     if not any(a or b for a, b in pads):
         return x
+    rank = len(x.ty.shape.values) if x.ty.shape is not None else 0
+    if first == 1 and rank == len(pads) + 2:
+        # Relax's own pad: FuseOps fuses the elementwise producers (a bias and ReLU after a
+        # Winograd conv) into it, where the call_tir of a TE pad stayed a kernel of its own.
+        widths = [0, 0] + [v for pair in pads for v in pair] + [0, 0]
+        return bb.emit(relax.op.nn.pad(x, widths))
 
     def pad(data: te.Tensor) -> te.Tensor:
         shape = list(data.shape)
