@@ -409,21 +409,14 @@ def rewrite_int_conv(bb: Any, call: relax.Call, lookup: Any) -> relax.Expr | Non
     colsum[:co] = wk.astype(np.int64).sum(axis=0).astype(np.int32)
     hp, wp_ = spatial[0] + before[0] + after[0], spatial[1] + before[1] + after[1]
 
-    def pad(data: Any) -> Any:
-        from tvm import te
-
-        def value(b: Any, i: Any, j: Any, c: Any) -> Any:
-            ii, jj = i - before[0], j - before[1]
-            inside = tirx.all(ii >= 0, ii < spatial[0], jj >= 0, jj < spatial[1], c < ci)
-            src = (b, tirx.max(tirx.min(jj, spatial[1] - 1), 0), tirx.max(tirx.min(c, ci - 1), 0))
-            if nsp == 2:
-                src = (b, tirx.max(tirx.min(ii, spatial[0] - 1), 0), *src[1:])
-            # Channels past ci meet zero weights; the border takes the zero point (a real zero).
-            return tirx.if_then_else(inside, data[src], tirx.const(zp, "uint8"))
-
-        return te.compute([1, hp, wp_, cp], value, name="conv_pad_u8")
-
-    xp = bb.emit(bb.call_te(pad, bb.emit(q)))
+    # Relax's own pad (borders and channels past ci take the zero point, a real zero; those
+    # channels meet zero weights): FuseOps fuses the previous layer's requantization into it,
+    # where the call_tir of a TE pad stayed a kernel of its own.
+    qe = bb.emit(q)
+    if nsp == 1:
+        qe = bb.emit(relax.op.reshape(qe, [1, 1, spatial[1], ci]))
+    widths = [0, 0, before[0], after[0], before[1], after[1], 0, cp - ci]
+    xp = bb.emit(relax.op.nn.pad(qe, widths, pad_value=float(zp)))
     func = u8s8_conv((hp, wp_), tuple(out_sp), tuple(taps), tuple(strides), tuple(dilation), cp, co, block)
     gv = bb.add_func(func, func.attrs["global_symbol"])
     y = relax.call_tir(
