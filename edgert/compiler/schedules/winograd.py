@@ -60,8 +60,9 @@ MIN_MACS = 1 << 21
 # rather than stream several times their size through memory untiled.
 MAX_TRANSFORMED_BYTES = 8 << 20
 # A transform goes over threads from this many tile x channel-vector iterations (about 300 vector
-# instructions each).
-MIN_PARALLEL_VECTORS = 64
+# instructions each, ~50 us on one thread). convnet's (128-256, 3-8 us) ran faster on the calling
+# thread: 0.148 against 0.157 ms for the model at 2 threads (each engine alone, loaded).
+MIN_PARALLEL_VECTORS = 1024
 
 
 def matmul_rows(nt: int, c: int, co: int) -> int:
