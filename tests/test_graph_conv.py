@@ -316,3 +316,75 @@ def test_zoo_models_match_onnxruntime(tmp_path, entry):
     got = edgert.load(tmp_path / "z.edgert")(feeds)["output"]
     want = _reference(path, feeds)["output"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(want).max())))
+
+
+def test_parallel_integer_kernels_match_numpy_exactly():
+    """The VNNI GEMM and conv at sizes that run over threads (tiles in chunks, each chunk's
+    accumulators allocated once): exact int32 results against numpy's int64 arithmetic."""
+    import tvm
+
+    from edgert.compiler.schedules import int8_graph as ig
+    from edgert.compiler.target import resolve
+    from edgert.targets import load_target
+
+    target, _ = resolve(load_target("host"), threads=2)
+    if not ig.has_vnni(target):
+        pytest.skip("the host has no AVX-512 VNNI: the integer graph kernels are not built for it")
+    rng = np.random.default_rng(9)
+    zp = np.array([7], np.int32)
+
+    def run(func: Any, *arrays: np.ndarray) -> np.ndarray:
+        assert "T.parallel(" in func.script()
+        lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)
+        args = [tvm.runtime.tensor(a) for a in arrays]
+        lib(*args)
+        return args[-1].numpy()
+
+    m, k, n = 48, 512, 768
+    assert m * k * n >= ig.MIN_PARALLEL_INT8_MACS
+    x = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    colsum = w.astype(np.int64).sum(0).astype(np.int32)
+    got = run(ig.u8s8_gemm(m, k, n, 32), x, ig.pack_weight(w, 32), colsum, zp, np.zeros((m, n), np.int32))
+    np.testing.assert_array_equal(got, (x.astype(np.int64) - 7) @ w.astype(np.int64))
+
+    # convnet's second conv: 32x32 positions, 3x3 taps over 32 channels (input padded to 34x34), 64 out.
+    c, co = 32, 64
+    xp = rng.integers(0, 256, (1, 34, 34, c), dtype=np.uint8)
+    wc = rng.integers(-128, 128, (9 * c, co), dtype=np.int8)
+    colsum = wc.astype(np.int64).sum(0).astype(np.int32)
+    func = ig.u8s8_conv((34, 34), (32, 32), (3, 3), (1, 1), (1, 1), c, co, 32)
+    got = run(func, xp, ig.pack_weight(wc, 32), colsum, zp, np.zeros((1, 32, 32, co), np.int32))
+    want = np.zeros((32, 32, co), np.int64)
+    for ty in range(3):
+        for tx in range(3):
+            tap = wc[(ty * 3 + tx) * c : (ty * 3 + tx + 1) * c].astype(np.int64)
+            want += (xp[0, ty : ty + 32, tx : tx + 32].astype(np.int64) - 7) @ tap
+    np.testing.assert_array_equal(got[0], want)
+
+
+def test_winograd_convs_match_onnxruntime(tmp_path):
+    """3x3 stride-1 convs (plain and dilated) take Winograd F(4x4, 3x3): the input transform, 36
+    matmuls and the output transform; outputs within 1e-4 of onnxruntime's direct convs."""
+    import edgert
+    from edgert.compiler.target import resolve
+    from edgert.families.graph.lower import optimize
+    from edgert.frontend.onnx_graph import import_onnx
+    from edgert.targets import load_target
+
+    cases = [
+        ("Conv", {"pads": [1, 1, 1, 1]}, (32, 16, 3, 3), "Relu"),
+        ("Conv", {"dilations": [2, 2], "pads": [2, 2, 2, 2]}, (16, 16, 3, 3), "Tanh"),
+    ]
+    path = tmp_path / "wino.onnx"
+    onnx.save(_conv_graph(2, cases, 16, [32, 32]), str(path))
+    target, _ = resolve(load_target("host"), threads=2)
+    mod, _, _ = optimize(import_onnx(path)[0], target, "f32")
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    assert sorted(n for n in names if n.startswith("wino_in")) == ["wino_in_34x34x16_d1", "wino_in_36x36x16_d2"]
+    assert len([n for n in names if n.startswith("wino_out")]) == 2
+    edgert.compile(str(path), output=tmp_path / "w.edgert")
+    x = np.random.default_rng(6).standard_normal((1, 16, 32, 32)).astype(np.float32)
+    got = edgert.load(tmp_path / "w.edgert")(x=x)
+    for key, want in _reference(path, {"x": x}).items():
+        np.testing.assert_allclose(got[key], want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()), err_msg=key)

@@ -195,3 +195,54 @@ def test_requantization_epilogue_rounds_in_vectors():
     assert "scatter" not in asm and "gather" not in asm
     want = np.clip(np.rint((x @ w) * np.float32(0.37)), 0, 255)
     np.testing.assert_array_equal(_run(sch, target, [x, w], want.shape), want)
+
+
+@pytest.mark.parametrize(
+    "kind, shape", [("max", (40, 2048)), ("min", (40, 2048)), ("sum", (40, 2048)), ("max", (3, 64))]
+)
+def test_full_reduction_rule_vectorizes_and_splits_over_threads(kind, shape):
+    """A whole tensor reduced to one value (DynamicQuantizeLinear's range) in vector partials,
+    in chunks over threads where it is large; min and max exact, a sum reassociated."""
+    from edgert.compiler.schedules.rules import MIN_PARALLEL_WORK, FullReduction
+
+    x = np.random.default_rng(7).standard_normal(shape).astype(np.float32)
+    func = _kernel(lambda v: getattr(relax.op, kind)(v), shape)
+    target = _host()
+    sch = FullReduction().apply(func, target, False)
+    assert sch is not None
+    script = _loops(sch)
+    assert "T.vectorized(" in script
+    assert ("T.parallel(" in script) == (x.size >= MIN_PARALLEL_WORK)
+    got = _run(sch, target, [x], ())
+    want = getattr(np, kind)(x)
+    if kind == "sum":
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    else:
+        assert got == want
+
+
+def test_full_reduction_rule_leaves_row_reductions():
+    from edgert.compiler.schedules.rules import FullReduction
+
+    func = _kernel(lambda v: relax.op.max(v, axis=[1]), (40, 2048))
+    assert FullReduction().apply(func, _host(), False) is None
+
+
+def test_matmul_rule_runs_parallel_tiles_in_chunks():
+    """Above `MIN_PARALLEL_MACS` the tiles go over threads in at most `MAX_CHUNKS` parallel
+    iterations (the accumulators allocated once per chunk, not per tile); results unchanged."""
+    import re
+
+    from edgert.compiler.schedules.rules import MAX_CHUNKS, MIN_PARALLEL_MACS, Matmul
+
+    m, k, n = 1024, 288, 64
+    assert m * k * n >= MIN_PARALLEL_MACS
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    target = _host()
+    sch = Matmul().apply(_kernel(relax.op.matmul, a.shape, b.shape), target, False)
+    assert sch is not None
+    extents = [int(e) for e in re.findall(r"T\.parallel\(T\.int64\((\d+)\)\)", _loops(sch))]
+    assert len(extents) == 1 and 1 < extents[0] <= MAX_CHUNKS
+    np.testing.assert_allclose(_run(sch, target, [a, b], (m, n)), a @ b, rtol=1e-4, atol=1e-4)

@@ -7,6 +7,12 @@ BEFORE_DIR and AFTER_DIR hold ``NAME.edgert`` for the zoo's entries (built by tw
 ``edgert compile``). Each engine runs once in turn, ``--repeats`` times; the minimum and median
 of each are printed and written as JSON. On a shared machine the minimum is the steadier figure:
 a neighbour's burst lands on one engine's run, not on one engine.
+
+``--block K`` runs each engine K+1 times in a row and times the last K. At 2 threads the engines
+of one process share the cores with each other's spinning workers (onnxruntime's after each run,
+TVM's yields): interleaved run by run, edgert's 2-thread minimums were no better than its 1-thread
+ones in a quiet minute where onnxruntime's scaled 1.9x. Blocks lessen that; separate processes
+(``bench_peers.py``) avoid it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help="zoo entries (default: all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--block", type=int, default=1, help="timed runs per engine in a row (after one untimed)")
     parser.add_argument("--json", type=Path, default=Path("graph_ab.json"))
     args = parser.parse_args()
     index = json.loads((args.zoo / "zoo.json").read_text())
@@ -47,11 +54,14 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in engines}
         for run in engines.values():  # warm-up
             run(feeds)
-        for _ in range(args.repeats):
+        for _ in range(max(1, args.repeats // args.block)):
             for key, run in engines.items():
-                t = time.perf_counter()
-                run(feeds)
-                times[key].append(time.perf_counter() - t)
+                if args.block > 1:
+                    run(feeds)  # the previous engine's threads stop spinning meanwhile
+                for _ in range(args.block):
+                    t = time.perf_counter()
+                    run(feeds)
+                    times[key].append(time.perf_counter() - t)
         row = {k: {"min_ms": min(v) * 1e3, "median_ms": float(np.median(v)) * 1e3} for k, v in times.items()}
         results[name] = row
         cells = "  ".join(f"{k} {r['min_ms']:.4g} ({r['median_ms']:.4g})" for k, r in row.items())

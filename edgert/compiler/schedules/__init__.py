@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from edgert.compiler.schedules.rules import Elementwise, Fallback, Matmul, Pool, RowWise
+from edgert.compiler.schedules.rules import Elementwise, Fallback, FullReduction, Matmul, Pool, RowWise
 
 log = logging.getLogger(__name__)
 
@@ -50,4 +50,4 @@ def schedule_rules() -> list[Any]:
     from edgert.compiler.schedules.fastmath import vectorizable_nearbyint
 
     vectorizable_nearbyint()  # before any rule's vectorize: TVM checks it when it lowers the loops
-    return [_Guarded(r) for r in (Matmul(), Pool(), RowWise(), Elementwise(rows=True), Fallback())]
+    return [_Guarded(r) for r in (Matmul(), Pool(), RowWise(), Elementwise(rows=True), FullReduction(), Fallback())]

@@ -29,6 +29,8 @@ import numpy as np
 from tvm import relax, te, tirx
 from tvm.ir import GenericConst
 
+from edgert.compiler.schedules import winograd
+
 
 def _ints(values: Any) -> list[int]:
     return [int(v) for v in values]
@@ -39,6 +41,12 @@ def _pad_input(bb: Any, x: relax.Expr, pads: list[tuple[int, int]], first: int =
     (``first`` 2 for NC(H)W, 1 for channels-last)."""
     if not any(a or b for a, b in pads):
         return x
+    rank = len(x.ty.shape.values) if x.ty.shape is not None else 0
+    if first == 1 and rank == len(pads) + 2:
+        # Relax's own pad: FuseOps fuses the elementwise producers (a bias and ReLU after a
+        # Winograd conv) into it, where the call_tir of a TE pad stayed a kernel of its own.
+        widths = [0, 0] + [v for pair in pads for v in pair] + [0, 0]
+        return bb.emit(relax.op.nn.pad(x, widths))
 
     def pad(data: te.Tensor) -> te.Tensor:
         shape = list(data.shape)
@@ -303,6 +311,13 @@ def _channels_last(bb: Any, call: relax.Call, lanes: int, lookup: Any = None) ->
         # (and its call and buffer) cost more than the border test.
         return _direct_channels_last(bb, x, weight, strides, dilation, out_sp, groups, lanes, False, pads)
     xp = _pad_input(bb, x, pads, first=1)
+    if (
+        nsp == 2
+        and groups == 1
+        and int(x_ty.shape.values[0]) == 1
+        and winograd.fits(weight.shape, strides, dilation, out_sp, lanes)
+    ):
+        return winograd.conv(bb, xp, weight, dilation[0], out_sp, lanes)
     return _direct_channels_last(bb, xp, weight, strides, dilation, out_sp, groups, lanes)
 
 

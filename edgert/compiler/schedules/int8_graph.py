@@ -32,6 +32,7 @@ from tvm.ir import GenericConst
 from tvm.script import tirx as T
 
 from edgert.compiler.kernels.int8 import vpdpbusd
+from edgert.compiler.schedules.rules import chunks
 
 LANES = 16  # int32 lanes of one zmm register
 
@@ -82,6 +83,8 @@ def u8s8_gemm(m: int, k: int, n: int, block: int) -> tirx.PrimFunc:
     nt = -(-m // rows)
     nbytes = LANES * 4
     tiles = _loop_kind(m * k * n)
+    nc = chunks(nb * nt, tiles is T.parallel)
+    per = nb * nt // nc
 
     @T.prim_func
     def gemm(
@@ -92,37 +95,39 @@ def u8s8_gemm(m: int, k: int, n: int, block: int) -> tirx.PrimFunc:
         y: T.Buffer((m, n), "int32"),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        for t in tiles(nb * nt):
-            jo = t // nt
-            it = t % nt
+        for c in tiles(nc):
             acc = T.alloc_buffer((rows, cw, LANES), "int32", scope="local")
             wv = T.alloc_buffer((cw, nbytes), "int8", scope="local")
-            for r, ci in T.grid(rows, cw):
-                acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
-            for kk in range(k // 4):
-                for ci in T.unroll(cw):
-                    wv[ci, T.ramp(0, 1, nbytes)] = wp.vload([jo, kk, ci * LANES, 0], f"int8x{nbytes}")
-                for r in T.unroll(rows):
-                    row = T.min(it * rows + r, m - 1)  # rows past m repeat the last one, unwritten
-                    word = T.reinterpret("int32", x.vload([row, kk * 4], "uint8x4"))
-                    xb = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
+            for tt in range(per):
+                t: T.let = c * per + tt
+                jo: T.let = t // nt
+                it: T.let = t % nt
+                for r, ci in T.grid(rows, cw):
+                    acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                for kk in range(k // 4):
                     for ci in T.unroll(cw):
-                        acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
-                            acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES
-                        )
-            for r, ci in T.grid(rows, cw):
-                if it * rows + r < m:
-                    if jo < full:
-                        for v in T.vectorized(LANES):
-                            y[it * rows + r, jo * block + ci * LANES + v] = (
-                                acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                        wv[ci, T.ramp(0, 1, nbytes)] = wp.vload([jo, kk, ci * LANES, 0], f"int8x{nbytes}")
+                    for r in T.unroll(rows):
+                        row: T.let = T.min(it * rows + r, m - 1)  # rows past m repeat the last one, unwritten
+                        word: T.let = T.reinterpret("int32", x.vload([row, kk * 4], "uint8x4"))
+                        xb: T.let = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
+                        for ci in T.unroll(cw):
+                            acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
+                                acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES
                             )
-                    else:
-                        for v in range(LANES):
-                            if jo * block + ci * LANES + v < n:
+                for r, ci in T.grid(rows, cw):
+                    if it * rows + r < m:
+                        if jo < full:
+                            for v in T.vectorized(LANES):
                                 y[it * rows + r, jo * block + ci * LANES + v] = (
                                     acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
                                 )
+                        else:
+                            for v in range(LANES):
+                                if jo * block + ci * LANES + v < n:
+                                    y[it * rows + r, jo * block + ci * LANES + v] = (
+                                        acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                                    )
 
     return gemm.with_attr("global_symbol", f"u8s8_gemm_m{m}_k{k}_n{n}_b{block}")
 
@@ -236,6 +241,8 @@ def u8s8_conv(
     nt = -(-m // rows)
     nbytes = LANES * 4
     tiles = _loop_kind(m * k4 * 4 * n)
+    nc = chunks(nb * nt, tiles is T.parallel)
+    per = nb * nt // nc
 
     @T.prim_func
     def conv(
@@ -246,41 +253,43 @@ def u8s8_conv(
         y: T.Buffer((1, oh, ow, n), "int32"),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        for t in tiles(nb * nt):
-            jo = t // nt
-            it = t % nt
+        for c in tiles(nc):
             acc = T.alloc_buffer((rows, cw, LANES), "int32", scope="local")
             wv = T.alloc_buffer((cw, nbytes), "int8", scope="local")
-            for r, ci in T.grid(rows, cw):
-                acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
-            for ty, tx, cc in T.grid(kh, kw, c4):
-                for ci in T.unroll(cw):
-                    wv[ci, T.ramp(0, 1, nbytes)] = wpk.vload(
-                        [jo, (ty * kw + tx) * c4 + cc, ci * LANES, 0], f"int8x{nbytes}"
-                    )
-                for r in T.unroll(rows):
-                    p = T.min(it * rows + r, m - 1)  # positions past m repeat the last one, unwritten
-                    word = T.reinterpret(
-                        "int32", x.vload([0, p // ow * sh + ty * dh, p % ow * sw + tx * dw, cc * 4], "uint8x4")
-                    )
-                    xb = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
+            for tt in range(per):
+                t: T.let = c * per + tt
+                jo: T.let = t // nt
+                it: T.let = t % nt
+                for r, ci in T.grid(rows, cw):
+                    acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                for ty, tx, cc in T.grid(kh, kw, c4):
                     for ci in T.unroll(cw):
-                        acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
-                            acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES
+                        wv[ci, T.ramp(0, 1, nbytes)] = wpk.vload(
+                            [jo, (ty * kw + tx) * c4 + cc, ci * LANES, 0], f"int8x{nbytes}"
                         )
-            for r, ci in T.grid(rows, cw):
-                if it * rows + r < m:
-                    if jo < full:
-                        for v in T.vectorized(LANES):
-                            y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v] = (
-                                acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                    for r in T.unroll(rows):
+                        p: T.let = T.min(it * rows + r, m - 1)  # positions past m repeat the last one, unwritten
+                        word: T.let = T.reinterpret(
+                            "int32", x.vload([0, p // ow * sh + ty * dh, p % ow * sw + tx * dw, cc * 4], "uint8x4")
+                        )
+                        xb: T.let = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
+                        for ci in T.unroll(cw):
+                            acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
+                                acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES
                             )
-                    else:
-                        for v in range(LANES):
-                            if jo * block + ci * LANES + v < n:
+                for r, ci in T.grid(rows, cw):
+                    if it * rows + r < m:
+                        if jo < full:
+                            for v in T.vectorized(LANES):
                                 y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v] = (
                                     acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
                                 )
+                        else:
+                            for v in range(LANES):
+                                if jo * block + ci * LANES + v < n:
+                                    y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v] = (
+                                        acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                                    )
 
     name = f"u8s8_conv_{hp}x{wp}x{cp}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_n{n}"
     return conv.with_attr("global_symbol", name)
@@ -402,21 +411,14 @@ def rewrite_int_conv(bb: Any, call: relax.Call, lookup: Any, isa: str = "avx512v
     colsum[:co] = wk.astype(np.int64).sum(axis=0).astype(np.int32)
     hp, wp_ = spatial[0] + before[0] + after[0], spatial[1] + before[1] + after[1]
 
-    def pad(data: Any) -> Any:
-        from tvm import te
-
-        def value(b: Any, i: Any, j: Any, c: Any) -> Any:
-            ii, jj = i - before[0], j - before[1]
-            inside = tirx.all(ii >= 0, ii < spatial[0], jj >= 0, jj < spatial[1], c < ci)
-            src = (b, tirx.max(tirx.min(jj, spatial[1] - 1), 0), tirx.max(tirx.min(c, ci - 1), 0))
-            if nsp == 2:
-                src = (b, tirx.max(tirx.min(ii, spatial[0] - 1), 0), *src[1:])
-            # Channels past ci meet zero weights; the border takes the zero point (a real zero).
-            return tirx.if_then_else(inside, data[src], tirx.const(zp, "uint8"))
-
-        return te.compute([1, hp, wp_, cp], value, name="conv_pad_u8")
-
-    xp = bb.emit(bb.call_te(pad, bb.emit(q)))
+    # Relax's own pad (borders and channels past ci take the zero point, a real zero; those
+    # channels meet zero weights): FuseOps fuses the previous layer's requantization into it,
+    # where the call_tir of a TE pad stayed a kernel of its own.
+    qe = bb.emit(q)
+    if nsp == 1:
+        qe = bb.emit(relax.op.reshape(qe, [1, 1, spatial[1], ci]))
+    widths = [0, 0, before[0], after[0], before[1], after[1], 0, cp - ci]
+    xp = bb.emit(relax.op.nn.pad(qe, widths, pad_value=float(zp)))
     if isa != "avx512vnni":  # aarch64 sdot, AVX2 vpmaddwd
         func = portable_conv(isa, (hp, wp_), tuple(out_sp), tuple(taps), tuple(strides), tuple(dilation), cp, co)
         zp_const = relax.const(np.array([zp], np.int32))
