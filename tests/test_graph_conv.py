@@ -153,6 +153,21 @@ def test_int8_operators_match_onnxruntime(tmp_path):
     np.testing.assert_allclose(got["dqmm"], want["dqmm"], rtol=1e-5, atol=1e-5)
 
 
+def _assert_onnxruntime_bytes(path: Path, artifact: Path, seed: int) -> None:
+    """The integer-layers artifact's outputs equal onnxruntime's on ``path``, byte for byte."""
+    import edgert
+
+    rng = np.random.default_rng(seed)
+    feeds = {
+        "x": rng.standard_normal((1, 13, 20)).astype(np.float32),
+        "x2": rng.standard_normal((13, 20)).astype(np.float32),
+    }
+    got = edgert.load(artifact)(feeds)
+    for key, want in _reference(path, feeds).items():
+        assert got[key].dtype == want.dtype, key
+        np.testing.assert_array_equal(got[key], want, err_msg=key)
+
+
 def _integer_layers_graph() -> onnx.ModelProto:
     """The integer layers of onnxruntime's quantizers on float inputs [1, 13, 20] and [13, 20]: dynamic
     (DynamicQuantizeLinear + MatMulInteger, 40 columns: a partial column tile), QDQ MatMul
@@ -243,15 +258,7 @@ def test_integer_layers_match_onnxruntime_exactly(tmp_path):
     assert len([n for n in names if "u8s8_gemm" in n]) == (3 if vnni else 0)
     assert len([n for n in names if "u8s8_conv" in n]) == (1 if vnni else 0)
     edgert.compile(str(path), output=tmp_path / "l.edgert")
-    rng = np.random.default_rng(4)
-    feeds = {
-        "x": rng.standard_normal((1, 13, 20)).astype(np.float32),
-        "x2": rng.standard_normal((13, 20)).astype(np.float32),
-    }
-    got = edgert.load(tmp_path / "l.edgert")(feeds)
-    for key, want in _reference(path, feeds).items():
-        assert got[key].dtype == want.dtype, key
-        np.testing.assert_array_equal(got[key], want, err_msg=key)
+    _assert_onnxruntime_bytes(path, tmp_path / "l.edgert", seed=4)
 
 
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="an x86-64 build runs on x86-64 hosts only")
@@ -274,15 +281,7 @@ def test_integer_layers_on_avx2_match_onnxruntime_exactly(tmp_path):
     assert len([n for n in names if "u8s8_avx2_gemm" in n]) == 3
     assert len([n for n in names if "u8s8_avx2_conv" in n]) == 1
     edgert.compile(str(path), target="x86-64-v3", output=tmp_path / "l.edgert")
-    rng = np.random.default_rng(6)
-    feeds = {
-        "x": rng.standard_normal((1, 13, 20)).astype(np.float32),
-        "x2": rng.standard_normal((13, 20)).astype(np.float32),
-    }
-    got = edgert.load(tmp_path / "l.edgert")(feeds)
-    for key, want in _reference(path, feeds).items():
-        assert got[key].dtype == want.dtype, key
-        np.testing.assert_array_equal(got[key], want, err_msg=key)
+    _assert_onnxruntime_bytes(path, tmp_path / "l.edgert", seed=6)
 
 
 def test_unsupported_contrib_operator_is_named(tmp_path):

@@ -89,6 +89,20 @@ def wait_idle(engine: Any, seconds: float = 10.0) -> dict[str, Any]:
         time.sleep(0.02)
 
 
+def submit_collect(engine: Any, prompt: list[int], **options: Any) -> tuple[list[tuple[str, Any]], threading.Event]:
+    """Submit ``prompt`` to ``engine``; its events as they come, and an event set when it ends."""
+    events: list[tuple[str, Any]] = []
+    done = threading.Event()
+
+    def sink(event: tuple[str, Any]) -> None:
+        events.append(event)
+        if event[0] != "text":
+            done.set()
+
+    engine.submit(prompt, sink, **options)
+    return events, done
+
+
 def test_openai_client_chat_completions_and_models(server: Server, tiny_host_artifact: Path) -> None:
     import edgert
 
@@ -294,16 +308,7 @@ def test_requests_admitted_together_share_prefill_passes_and_match_one_by_one(ti
         fn()
 
     def submit(prompt: list[int], via: Any = None) -> tuple[list[tuple[str, Any]], threading.Event]:
-        events: list[tuple[str, Any]] = []
-        done = threading.Event()
-
-        def sink(event: tuple[str, Any]) -> None:
-            events.append(event)
-            if event[0] != "text":
-                done.set()
-
-        engine.submit(prompt, sink, max_tokens=8, sampling=SamplingParams(temperature=0), dispatch=via)
-        return events, done
+        return submit_collect(engine, prompt, max_tokens=8, sampling=SamplingParams(temperature=0), dispatch=via)
 
     try:
         steps = engine.counters.decode_steps
@@ -373,16 +378,7 @@ def test_mixed_steps_give_decoding_rows_the_text_of_one_by_one_runs(tiny_host_ar
         assert engine.mixed
 
         def run(prompt: list[int]) -> tuple[list[tuple[str, Any]], threading.Event]:
-            events: list[tuple[str, Any]] = []
-            done = threading.Event()
-
-            def sink(event: tuple[str, Any]) -> None:
-                events.append(event)
-                if event[0] != "text":
-                    done.set()
-
-            engine.submit(prompt, sink, max_tokens=24, sampling=SamplingParams(temperature=0))
-            return events, done
+            return submit_collect(engine, prompt, max_tokens=24, sampling=SamplingParams(temperature=0))
 
         together = [run(p) for p in prompts]
         engine.resume()
@@ -421,16 +417,7 @@ def test_gemma3_is_served_with_its_two_kv_caches(tiny_gemma_host_artifact: Path)
     try:
 
         def run(prompt: list[int]) -> tuple[list[tuple[str, Any]], threading.Event]:
-            events: list[tuple[str, Any]] = []
-            done = threading.Event()
-
-            def sink(event: tuple[str, Any]) -> None:
-                events.append(event)
-                if event[0] != "text":
-                    done.set()
-
-            engine.submit(prompt, sink, max_tokens=10, sampling=greedy)
-            return events, done
+            return submit_collect(engine, prompt, max_tokens=10, sampling=greedy)
 
         together = [run(p) for p in prompts]
         engine.resume()

@@ -105,21 +105,27 @@ def _is_cpu(target: Target) -> bool:
     return target.kind.name == "llvm"
 
 
+def _one_reduction(func: Any, target: Target) -> tuple[s_tir.Schedule, list[Any], Any] | None:
+    """A CPU kernel's schedule, its normalized blocks and its one reduction block; None otherwise."""
+    if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if not infos:
+        return None
+    reductions = [b for b in infos if not b.is_injective()]
+    return (sch, infos, reductions[0]) if len(reductions) == 1 else None
+
+
 class Matmul(ScheduleRule):
     """Tiled, vectorized, parallel matmul with the epilogue fused into each tile's write-back."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         """Schedule ``func`` if its one reduction block is a matmul; None otherwise."""
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+        found = _one_reduction(func, target)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if not infos:
-            return None
-        reductions = [b for b in infos if not b.is_injective()]
-        if len(reductions) != 1:
-            return None
-        mm = reductions[0]
+        sch, infos, mm = found
         kinds = mm.dom_kind()
         spatial = kinds.rstrip("R")
         # Several reduction axes only for convs (taps and channels as loops of their own: no
@@ -547,16 +553,10 @@ class FullReduction(ScheduleRule):
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
         """Schedule ``func`` if its one reduction block reduces every axis of a static input."""
-        if not isinstance(func, tirx.PrimFunc) or not _is_cpu(target):
+        found = _one_reduction(func, target)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if not infos:
-            return None
-        reductions = [b for b in infos if not b.is_injective()]
-        if len(reductions) != 1:
-            return None
-        red = reductions[0]
+        sch, infos, red = found
         kinds = red.dom_kind()
         spatial = len(kinds) - len(kinds.lstrip("S"))
         loops = sch.get_loops(red.block_rv)
