@@ -62,7 +62,9 @@ def test_the_wheel_compiles_and_runs_a_tiny_model(wheel_venv: Path, tmp_path: Pa
 
 
 RECIPE_RUNS = [
-    ("smollm2-135m", ["run", "--prompt", "What is the capital of France?", "--max-tokens", "8", "--json"]),
+    # Not the chat question "What is the capital of France?": its first token is a near tie ("L" and
+    # "The" within 0.1 logit; llama.cpp itself starts "L'Étoile"), so int8 rounding decides the answer.
+    ("smollm2-135m", ["run", "--prompt", "The capital of France is", "--raw", "--max-tokens", "4", "--json"]),
     ("codec-speech16k", ["codec", "roundtrip"]),
     ("whisper-tiny.en", ["transcribe"]),
     ("gemma3-270m", ["run", "--prompt", "Paris is", "--raw", "--max-tokens", "4", "--json"]),
