@@ -44,8 +44,10 @@ MIN_PARALLEL_MACS = 1 << 22
 # workspace allocation, which StorageRewrite hoists out of serial loops but not out of a
 # parallel loop's body: one allocate/free call per tile. Integer conv 34x34x32 -> 64, one
 # thread: 64.6 us a tile per iteration, 40.7 in 16 chunks, 36 serial (37.4 once its scalars
-# were `T.let` bindings, not local buffers: see `winograd._kernel`).
-MAX_CHUNKS = 16
+# were `T.let` bindings, not local buffers: see `winograd._kernel`). The chunks are the largest
+# divisor of the tiles up to this bound: at 16, a layer of 17 or 34 tiles got 1 or 2 chunks and a
+# second thread nothing to do (encoder_320 at 2 threads 2.14 ms, as at one; 64: 1.51 ms).
+MAX_CHUNKS = 64
 
 
 def chunks(tiles: int, parallel: bool) -> int:
