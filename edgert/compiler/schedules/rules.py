@@ -50,12 +50,12 @@ MIN_PARALLEL_MACS = 1 << 22
 MAX_CHUNKS = 64
 
 
-def chunks(tiles: int, parallel: bool) -> int:
+def chunks(tiles: int, parallel: bool, most: int = MAX_CHUNKS) -> int:
     """Parallel iterations for ``tiles`` register tiles: 1 on one thread, else the largest divisor
-    of ``tiles`` up to `MAX_CHUNKS` (the accumulators are allocated once per iteration)."""
+    of ``tiles`` up to ``most`` (the accumulators are allocated once per iteration)."""
     if not parallel:
         return 1
-    return max(d for d in range(1, min(tiles, MAX_CHUNKS) + 1) if tiles % d == 0)
+    return max(d for d in range(1, min(tiles, most) + 1) if tiles % d == 0)
 
 
 def _work(sch: s_tir.Schedule, block: Any) -> int:
