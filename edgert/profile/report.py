@@ -191,28 +191,13 @@ def _write_graph_report(result: dict[str, Any], paths: dict[str, Path], plt: Any
         ("call", f"p50 {c['p50']} ms, p90 {c['p90']} ms, p99 {c['p99']} ms, min {c['min']} ms, {result['runs']} calls"),
         ("peak memory (max RSS)", f"{result['peak_rss_mb']} MB"),
     ]
-    table = "\n".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows)
     ops = "\n".join(
         f"<tr><td>{e(o['operator'])}</td><td>{o['ms_per_run']}</td><td>{o['calls_per_run']}</td>"
         f"<td>{o['share'] * 100:.1f}%</td></tr>"
         for o in result["operators"]
     )
-    data = " ".join(f'<a href="{e(paths[k].name)}">{e(paths[k].name)}</a>' for k in ("json", "csv"))
-    img = "\n".join(f'<p><img src="{e(paths[k].name)}" alt="{k}"></p>' for k in ("timeline", "histogram", "operators"))
-    paths["html"].write_text(f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{e(result["title"])}</title>
-<style>body{{font-family:sans-serif;margin:2em}} th{{text-align:left;padding-right:1em}} td{{padding-right:1em}}</style>
-</head><body>
-<h1>{e(result["title"])}</h1>
-<table>{table}</table>
-<h2>Plots</h2>
-{img}
-<h2>Kernels (per call)</h2>
-<table><tr><th>kernel</th><th>ms/call</th><th>calls</th><th>share</th></tr>
-{ops}</table>
-<p>Data: {data}</p>
-</body></html>
-""")
+    columns = ("kernel", "ms/call", "calls", "share")
+    paths["html"].write_text(_html_page(result["title"], rows, paths, "Kernels (per call)", columns, ops))
     return paths
 
 
@@ -235,28 +220,45 @@ def _html(result: dict[str, Any], paths: dict[str, Path]) -> str:
         ("decode tokens/s (p50)", str(result["decode_tokens_per_second"])),
         ("peak memory (max RSS)", f"{result['peak_rss_mb']} MB"),
     ]
-    table = "\n".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows)
     ops = "\n".join(
         f"<tr><td>{e(o['operator'])}</td><td>{o['ms_per_token']}</td><td>{o['calls_per_token']}</td>"
         f"<td>{o['share'] * 100:.1f}%</td></tr>"
         for o in result["operators"][:30]
     )
+    columns = ("operator", "ms/token", "calls/token", "share")
+    gpu = _gpu_html(result.get("gpu")) + "\n"
+    return _html_page(result["title"], rows, paths, "Operators (decode, per token)", columns, ops, gpu)
+
+
+def _html_page(
+    title: str,
+    rows: list[tuple[str, str]],
+    paths: dict[str, Path],
+    heading: str,
+    columns: tuple[str, ...],
+    ops: str,
+    extra: str = "",
+) -> str:
+    """A profile report's page: the facts table, the plots written beside it, the operator table,
+    ``extra`` sections, and links to the data files."""
+    e = html.escape
+    table = "\n".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in rows)
     data = " ".join(f'<a href="{e(paths[k].name)}">{e(paths[k].name)}</a>' for k in ("json", "csv"))
     plots = ("timeline", "histogram", "operators", "gpu_kernels")
     img = "\n".join(f'<p><img src="{e(paths[k].name)}" alt="{k}"></p>' for k in plots if k in paths)
+    header = "".join(f"<th>{c}</th>" for c in columns)
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{e(result["title"])}</title>
+<html><head><meta charset="utf-8"><title>{e(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} th{{text-align:left;padding-right:1em}} td{{padding-right:1em}}</style>
 </head><body>
-<h1>{e(result["title"])}</h1>
+<h1>{e(title)}</h1>
 <table>{table}</table>
 <h2>Plots</h2>
 {img}
-<h2>Operators (decode, per token)</h2>
-<table><tr><th>operator</th><th>ms/token</th><th>calls/token</th><th>share</th></tr>
+<h2>{heading}</h2>
+<table><tr>{header}</tr>
 {ops}</table>
-{_gpu_html(result.get("gpu"))}
-<p>Data: {data}</p>
+{extra}<p>Data: {data}</p>
 </body></html>
 """
 
