@@ -301,7 +301,9 @@ def thread_cpu(pid: int) -> dict[str, float]:
 
 
 def scheduler_phases(url: str, api_key: str | None = None) -> dict[str, float]:
-    """An edgert server's scheduler seconds by phase (/metrics' edgert_scheduler_seconds_total)."""
+    """An edgert server's scheduler seconds by phase (/metrics' edgert_scheduler_seconds_total) and its
+    model passes by kind and decoding rows (``passes decode/4``, ``pass-seconds decode/4``,
+    ``pass-tokens decode/4``: edgert_model_pass*_total)."""
     base = check_loopback(url)
     conn = http.client.HTTPConnection(base.hostname, base.port, timeout=10)
     try:
@@ -316,7 +318,20 @@ def scheduler_phases(url: str, api_key: str | None = None) -> dict[str, float]:
         if line.startswith("edgert_scheduler_seconds_total{"):
             phase = line.split('phase="', 1)[1].split('"', 1)[0]
             out[phase] = out.get(phase, 0.0) + float(line.rsplit(" ", 1)[1])
+        for metric, prefix in PASS_METRICS.items():
+            if line.startswith(metric + "{"):
+                kind = line.split('kind="', 1)[1].split('"', 1)[0]
+                rows = line.split('rows="', 1)[1].split('"', 1)[0]
+                key = f"{prefix} {kind}/{rows}"
+                out[key] = out.get(key, 0.0) + float(line.rsplit(" ", 1)[1])
     return out
+
+
+PASS_METRICS = {
+    "edgert_model_passes_total": "passes",
+    "edgert_model_pass_seconds_total": "pass-seconds",
+    "edgert_model_pass_tokens_total": "pass-tokens",
+}
 
 
 def measured_run(
@@ -337,7 +352,18 @@ def measured_run(
     # own clients (they share the machine's cores with the server).
     summary["cpu_seconds"] = {k: round(v - cpu0.get(k, 0.0), 2) for k, v in cpu1.items() if v - cpu0.get(k, 0.0) > 0}
     summary["cpu_seconds"]["load-test clients"] = round((own1.user + own1.system) - (own0.user + own0.system), 2)
-    summary["scheduler_seconds"] = {k: round(v - phases0.get(k, 0.0), 3) for k, v in phases1.items()}
+    delta = {k: v - phases0.get(k, 0.0) for k, v in phases1.items()}
+    summary["scheduler_seconds"] = {k: round(v, 3) for k, v in delta.items() if " " not in k}
+    # Model passes by kind and decoding rows: count, seconds, tokens (padding included).
+    summary["passes"] = {
+        k.split(" ", 1)[1]: [
+            round(v),
+            round(delta.get("pass-seconds " + k.split(" ", 1)[1], 0.0), 3),
+            round(delta.get("pass-tokens " + k.split(" ", 1)[1], 0.0)),
+        ]
+        for k, v in sorted(delta.items())
+        if k.startswith("passes ") and v > 0
+    }
     return summary
 
 
@@ -434,6 +460,11 @@ def print_table(rows: dict[str, dict[str, Any]]) -> None:
         for key in ("cpu_seconds", "scheduler_seconds"):
             if s.get(key):
                 print(f"{name} {key.replace('_', ' ')}: " + ", ".join(f"{k} {v}" for k, v in s[key].items()))
+        if s.get("passes"):
+            print(
+                f"{name} model passes (kind/rows: passes, seconds, tokens): "
+                + ", ".join(f"{k} {n} {sec} s {tok}" for k, (n, sec, tok) in s["passes"].items())
+            )
         if "ttft_first_ms" in s:
             print(
                 f"{name} repeated {s['prefix_prompt_tokens']}-token prompt: first token after "

@@ -225,6 +225,16 @@ class Counters:
     # Where the scheduler thread's time goes (perf_counter sums, a few calls per step): waiting for
     # work, admitting, prefill passes, decode passes, sampling, detokenizing, handing text over.
     phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    # Model passes by kind and decoding rows ("decode/4", "mixed/3", "prefill/0"): [passes, seconds,
+    # tokens], to tell where a run's pass time went (a 4-row pass against 1-row ones, prompt tokens).
+    passes: dict[str, list[float]] = field(default_factory=dict)
+
+    def count_pass(self, kind: str, rows: int, seconds: float, tokens: int) -> None:
+        """Count one model pass of ``kind`` with ``rows`` decoding rows and ``tokens`` tokens in all."""
+        entry = self.passes.setdefault(f"{kind}/{rows}", [0, 0.0, 0])
+        entry[0] += 1
+        entry[1] += seconds
+        entry[2] += tokens
 
 
 class LLMEngine:
@@ -778,7 +788,9 @@ class LLMEngine:
                 ids.extend(take)
                 req.kv_tokens.extend(take)
                 req.position += len(take)
+            t = time.perf_counter()
             logits = self._forward("prefill", seq_ids, np.asarray([ids], dtype=np.int32), lengths)
+            self.counters.count_pass("prefill", 0, time.perf_counter() - t, len(ids))
             self.counters.prefill_passes += 1
             total -= size
         assert logits is not None  # the last request has at least one token to run (see PrefixCache.lookup)
@@ -810,6 +822,7 @@ class LLMEngine:
                 self._fail(r, f"decode failed: {type(exc).__name__}: {exc}")
             return
         now = self._tick("decode", t0)
+        self.counters.count_pass("decode", len(rows), now - t0, len(rows))
         self._decoded(rows, now - t0, now)
         self._take(rows, logits, now)
 
@@ -910,6 +923,7 @@ class LLMEngine:
                 self.cache.remove(scratch)
         now = self._tick("mixed" if rows else "prefill", t0)
         c = self.counters
+        c.count_pass("mixed" if rows else "prefill", len(rows), now - t0, len(ids))
         c.prefill_passes += 1
         for req, take in takes:
             req.kv_tokens.extend(take)
