@@ -245,10 +245,51 @@ def test_prefix_cache_evicts_least_recently_used_under_its_bound() -> None:
     cache.add(2, [1, 2, 3, 4, 9, 9, 9, 9])
     entry, n = cache.lookup([1, 2, 3, 4, 5, 6, 7, 8, 0])
     assert entry is not None and entry.seq_id == 1 and n == 8
-    assert cache.lookup([1, 2, 3, 4, 5, 6, 7, 8])[1] == 4  # one token is always left to prefill
+    assert cache.lookup([1, 2, 3, 4, 5, 6, 7, 8])[1] == 7  # one token is always left to prefill
     assert cache.over_bound()
     assert cache.pop_oldest().seq_id == 2  # 1 was used last
     assert not cache.over_bound() and cache.lookup([1, 2, 3, 4, 9, 9, 9, 9, 0])[0].seq_id == 1
+
+
+def test_prefix_match_goes_on_inside_the_next_page() -> None:
+    from edgert.serve.prefix_cache import PrefixCache
+
+    cache = PrefixCache(page_size=4, max_tokens=64)
+    cache.add(1, [1, 2, 3, 4, 5, 6, 7, 8])
+    cache.add(2, [1, 2, 3, 4, 5, 6, 9, 9])
+    cache.add(3, [7, 7, 7, 7])
+    entry, n = cache.lookup([1, 2, 3, 4, 5, 6, 9, 0, 0])
+    assert entry is not None and entry.seq_id == 2 and n == 7  # one block, then 3 tokens of the next
+    assert cache.lookup([7, 7, 1, 1])[1] == 2  # inside the first page
+    assert cache.lookup([1, 2, 3, 4, 5, 6, 7])[1] == 6  # one token is always left to prefill
+    assert cache.lookup([2, 2, 2])[0] is None
+
+
+def test_a_prefix_reused_inside_a_page_gives_the_text_of_a_fresh_run(tiny_host_artifact: Path) -> None:
+    """A prompt sharing 21 tokens (a page and 5) with an earlier one forks it inside a page (TVM
+    copies that page): the greedy reply is the one-sequence runtime's."""
+    import edgert
+    from edgert.artifact import open_artifact
+    from edgert.runtime.sampling import SamplingParams
+    from edgert.serve.engine import LLMEngine
+
+    greedy = SamplingParams(temperature=0)
+    rng = np.random.default_rng(11)
+    first = rng.integers(0, 1000, 40).tolist()
+    second = first[:21] + rng.integers(1000, 2000, 12).tolist()
+    gen = edgert.load(tiny_host_artifact)
+    expected = "".join(t.text for t in gen.generate(second, max_tokens=8, sampling=greedy))
+    engine = LLMEngine(open_artifact(tiny_host_artifact), max_batch=2)
+    try:
+        for prompt in (first, second):
+            events, done = submit_collect(engine, prompt, max_tokens=8, sampling=greedy)
+            assert done.wait(60)
+        assert engine.counters.prefix_hit_tokens == 21
+        assert "".join(e[1] for e in events if e[0] == "text") == expected
+        idle = wait_idle(engine)  # only the two cached prefixes hold pages (sharing their first)
+        assert idle["kv_pages_in_use"] == idle["prefix_cache_pages"] - 1 == 3
+    finally:
+        engine.close()
 
 
 def test_pages_in_use_return_to_zero_after_a_short_load_test(server: Server) -> None:

@@ -4,14 +4,17 @@ Each entry is a sequence of the paged KV cache kept after its request ended, cut
 pages. A prompt's blocks of ``page_size`` tokens are hashed as a chain (block i's key covers
 blocks 0..i), so one dict lookup per block finds the entries sharing that many leading blocks;
 the server forks the longest match (TVM's ``fork_sequence`` shares those pages, no copy) and
-prefills only the rest. Entries are evicted least recently used first, under a token bound.
+prefills only the rest. The match then goes on token by token into the next page of the entries
+sharing those blocks (a fork inside a page copies that one page, a memory copy per layer): a
+chat template's system part of 24 tokens, or a shared first word, no longer stops at 16.
+Entries are evicted least recently used first, under a token bound.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,15 +54,28 @@ class PrefixCache:
         return len(self.entries)
 
     def lookup(self, prompt: Sequence[int]) -> tuple[Entry | None, int]:
-        """The entry sharing the most whole leading blocks with ``prompt`` and how many tokens it
-        shares; at least one prompt token is left to prefill (its logits start the reply)."""
+        """The entry sharing the longest prefix with ``prompt`` and how many tokens it shares: whole
+        leading blocks by key, then token by token into the next block; at least one prompt token
+        is left to prefill (its logits start the reply)."""
         best: Entry | None = None
         matched = 0
-        for i, key in enumerate(block_keys(prompt[: len(prompt) - 1], self.page_size)):
+        limit = len(prompt) - 1
+        sharing: Iterable[int] = self.entries.keys()  # entries sharing the blocks matched so far
+        for i, key in enumerate(block_keys(prompt[:limit], self.page_size)):
             ids = self._index.get(key)
             if not ids:
                 break
-            best, matched = self.entries[next(iter(ids))], (i + 1) * self.page_size
+            best, matched, sharing = self.entries[next(iter(ids))], (i + 1) * self.page_size, ids
+        # The rest of a page: an entry holding the next block may share some of its tokens.
+        base, stop = matched, min(limit, matched + self.page_size - 1)
+        for seq_id in sharing:
+            tokens = self.entries[seq_id].tokens
+            n = base
+            end = min(stop, len(tokens))
+            while n < end and tokens[n] == prompt[n]:
+                n += 1
+            if n > matched:
+                best, matched = self.entries[seq_id], n
         if best is not None:
             self.entries.move_to_end(best.seq_id)
         return best, matched
