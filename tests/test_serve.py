@@ -16,7 +16,7 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
-from conftest import load_tool, run_cli
+from conftest import load_tool, run_cli, shared_build
 
 
 class Server:
@@ -466,12 +466,61 @@ def test_gemma3_is_served_with_its_two_kv_caches(tiny_gemma_host_artifact: Path)
             assert done.wait(60)
         assert engine.counters.mixed_passes >= 1
         assert ["".join(e[1] for e in events if e[0] == "text") for events, _ in together] == expected
-        # No prefix cache (a fork in the masking cache attends wrongly): a repeated prompt runs again.
+        # A repeated prompt that runs past the window (4) reuses only its first page's tokens but
+        # one, copied into a sequence of its own (a fork further on attends wrongly past the window).
         events, done = run(prompts[2])
         assert done.wait(60)
-        assert engine.counters.prefix_hit_tokens == 0
+        assert engine.counters.prefix_hit_tokens == 15
         assert "".join(e[1] for e in events if e[0] == "text") == expected[2]
-        assert wait_idle(engine)["kv_pages_in_use"] == 0
+        assert wait_idle(engine)["kv_pages_in_use"] > 0  # the cached prefixes'
+        engine.clear_prefix_cache()
+        assert engine.snapshot()["kv_pages_in_use"] == 0  # in both caches
+    finally:
+        engine.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_window24_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Gemma 3 with a window of 24 (longer than a page of 16), compiled for this machine."""
+
+    def build(folder: Path) -> None:
+        load_tool("make_tiny_gguf").write_tiny_gemma3(folder / "g.gguf", sliding_window=24)
+        proc = run_cli("compile", str(folder / "g.gguf"), "--target", "host", "-o", str(folder / "g.edgert"))
+        assert proc.returncode == 0, proc.stderr
+
+    return shared_build(tmp_path_factory, "tiny-gemma-window24", build) / "g.edgert"
+
+
+@pytest.mark.slow
+def test_gemma3_reuses_a_prefix_while_the_request_stays_inside_its_window(
+    tiny_gemma_window24_artifact: Path,
+) -> None:
+    """A Gemma 3 request whose prompt and reply fit the sliding window (24) forks a cached prefix
+    past the first page and gets the one-sequence runtime's greedy text; one that runs past the
+    window reuses 15 tokens (a copy of the first page) and gets it too."""
+    import edgert
+    from edgert.artifact import open_artifact
+    from edgert.runtime.sampling import SamplingParams
+    from edgert.serve.engine import LLMEngine
+
+    greedy = SamplingParams(temperature=0)
+    rng = np.random.default_rng(13)
+    first = rng.integers(0, 1000, 20).tolist()
+    inside = first[:18] + rng.integers(1000, 2000, 2).tolist()  # 20 + 4 tokens: inside the window
+    past = first[:18] + rng.integers(1000, 2000, 12).tolist()  # 30 + 4: past it
+    gen = edgert.load(tiny_gemma_window24_artifact)
+    expected = ["".join(t.text for t in gen.generate(p, max_tokens=4, sampling=greedy)) for p in (inside, past)]
+    engine = LLMEngine(open_artifact(tiny_gemma_window24_artifact), max_batch=2)
+    try:
+        got, hits = [], []
+        for prompt in (first, inside, past):
+            before = engine.counters.prefix_hit_tokens
+            events, done = submit_collect(engine, prompt, max_tokens=4, sampling=greedy)
+            assert done.wait(60)
+            got.append("".join(e[1] for e in events if e[0] == "text"))
+            hits.append(engine.counters.prefix_hit_tokens - before)
+        assert hits == [0, 16, 15]  # the first request's 23 tokens keep one page
+        assert got[1:] == expected
     finally:
         engine.close()
 

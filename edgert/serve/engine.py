@@ -295,8 +295,6 @@ class LLMEngine:
         if self.kv_tokens < self.context_length:
             raise EdgertError(f"--kv-tokens {self.kv_tokens} is less than one context ({self.context_length} tokens)")
         cache_tokens = self.context_length if prefix_cache_tokens is None else prefix_cache_tokens
-        if self.local:  # a sequence forked in the masking cache does not attend as its parent (TVM 0.27)
-            cache_tokens = 0
         self.prefix_cache = PrefixCache(self.page_size, max(cache_tokens, 0))
         self.tokenizer = tokenizer_from_artifact(artifact)
         self.batched = "batch_decode" in manifest["entry_points"]  # artifacts built before it decode row by row
@@ -717,6 +715,12 @@ class LLMEngine:
         entry, matched = self.prefix_cache.lookup(req.prompt) if self.prefix_cache.max_tokens else (None, 0)
         if self.budget is not None and matched > self.budget.keep:  # no queries yet to evict by
             entry, matched = None, 0
+        if self.local and matched >= self.page_size and len(req.prompt) + req.max_tokens > self.local["window"]:
+            # TVM attends to a forked sequence block by block and measures a sliding window from
+            # the end of each block, not from the query: exact while every position of the
+            # sequence is inside the window, wrong past it (docs/serving.md, Gemma 3). A fork
+            # inside the first page is a copy, a sequence of its own: exact at any length.
+            matched = self.page_size - 1
         if entry is not None:
             self.cache.fork(entry.seq_id, req.seq_id, matched)
         else:
