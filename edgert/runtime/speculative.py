@@ -273,6 +273,8 @@ class RecycleDrafter:
 
         Repeated argmaxes with the winners masked: a 49,152-wide argpartition cost 0.09 ms a row."""
         rows = logits.reshape(len(tokens), -1)
+        if not rows.flags.writeable:
+            rows = rows.copy()
         index = np.arange(len(tokens))
         top = np.empty((len(tokens), self.width), dtype=np.int64)
         saved = []
