@@ -819,7 +819,9 @@ class SpeculativeDecoder:
         while node > 0:
             path.append(node - 1)
             node = parents[node]
+        t = time.perf_counter()
         m.accept_tree(ids, parents, leaf)
+        seconds += time.perf_counter() - t  # the commit is part of a tree pass's cost (a chain's popn is not)
         stats.count_round(len(tree), len(out) - 1)
         stats.trees += 1
         if self.policy is not None:
