@@ -207,8 +207,8 @@ class Generator:
                 rest = rest[n:]
             return np.concatenate(parts) if all_logits else parts[-1]
         rows = all_logits and 1 < len(ids) <= self.cache.rows  # a verify pass as decode rows: decode's logits
-        if rows:  # 5 rows (4 drafts) have an entry with static shapes where the artifact has one
-            entry = "verify_rows_5" if len(ids) == 5 and self.session.has_entry("verify_rows_5") else "batch_decode"
+        if rows:
+            entry = self._rows_entry(len(ids))
             self.cache.begin_rows(len(ids))
         else:
             entry = "verify" if all_logits else "decode" if len(ids) == 1 else "prefill"
@@ -235,8 +235,15 @@ class Generator:
                 f"a tree of {len(ids)} token ids in the vocabulary and as many parents, not {len(parents)}"
             )
         self.cache.begin_tree(parents)
-        logits, self.cache.obj = self.session("verify", self._tokens(ids, False), self.cache.obj)
-        return to_numpy(logits)[0]
+        # The rows' entries (decode-shaped, static where the artifact has one): the cache's tree tells
+        # attention what each row sees, and the matmuls are the verify rows' (same logits, less time).
+        logits, self.cache.obj = self.session(self._rows_entry(len(ids)), self._tokens(ids, True), self.cache.obj)
+        return to_numpy(logits)[:, 0]
+
+    def _rows_entry(self, n: int) -> str:
+        """The entry that runs ``n`` decode rows: 5 rows (4 drafts) have one with static shapes where
+        the artifact has it."""
+        return "verify_rows_5" if n == 5 and self.session.has_entry("verify_rows_5") else "batch_decode"
 
     def accept_tree(self, ids: Sequence[int], parents: Sequence[int], leaf: int) -> None:
         """Keep the path from the root of the last `step_tree` to node ``leaf`` in the cache."""
