@@ -373,8 +373,7 @@ class DraftPolicy:
         self.max_rows, self.prior_weight, self.prior_slope = max_rows, prior_weight, prior_slope
         self.max_tree = max_tree  # the most nodes of a tree pass (0: the build verifies chains only)
         self.counts: dict[tuple[Any, ...], list[float]] = {}  # key -> [drafts tried, kept]
-        self.times: dict[int, deque[float]] = {}  # rows -> seconds of the last passes
-        self.tree_times: dict[int, deque[float]] = {}  # nodes -> seconds of the last tree passes
+        self.times: dict[int, deque[float]] = {}  # rows -> seconds of the last passes (chains and trees)
         self.window = window
 
     def acceptance(self, key: tuple[Any, ...]) -> float:
@@ -382,19 +381,16 @@ class DraftPolicy:
         tried, kept = self.counts.get(key, (0.0, 0.0))
         return (kept + self.prior_weight * prior_acceptance(key)) / (tried + self.prior_weight)
 
-    def cost(self, rows: int, tree: bool = False) -> float:
-        """A pass over ``rows`` rows (``tree``: a tree pass of that many nodes) in decode steps: timed,
-        else the prior (a tree pass: the chain's cost) but never below what fewer rows were timed at;
-        and never above what more rows were timed at (more rows do not cost less, so one unlucky
-        pass of a few rows does not rule them out for good)."""
+    def cost(self, rows: int) -> float:
+        """A pass over ``rows`` rows in decode steps (a tree of that many nodes runs the same entries):
+        timed, else the prior but never below what fewer rows were timed at; and never above what
+        more rows were timed at (more rows do not cost less, so one unlucky pass of a few rows does
+        not rule them out for good)."""
         plain = self.times.get(1)
         if rows <= 1 or not plain:
             return 1.0 + self.prior_slope * max(rows - 1, 0)
         step = min(plain)
-        times = self.tree_times if tree else self.times
-        timed = {n: min(t) / step for n, t in times.items() if n > 1 and t}
-        if tree and rows not in timed:
-            timed[rows] = self.cost(rows)
+        timed = {n: min(t) / step for n, t in self.times.items() if n > 1 and t}
         if rows in timed:
             own = timed[rows]
         else:
@@ -429,13 +425,9 @@ class DraftPolicy:
             chance.append(self.acceptance(key) * (chance[parent] if parent >= 0 else 1.0))
         order = sorted(range(len(tree)), key=lambda i: (-chance[i], i))[: min(k, self.max_tree - 1)]
         best, length, expected = 1.0, 0, 1.0
-        children: dict[int, int] = {}
-        chain = True
         for j, node in enumerate(order):
             expected += chance[node]
-            children[tree.parents[node]] = children.get(tree.parents[node], 0) + 1
-            chain = chain and children[tree.parents[node]] == 1
-            gain = expected / self.cost(j + 2, tree=not chain)
+            gain = expected / self.cost(j + 2)
             if gain > best:
                 best, length = gain, j + 1
         return tree.subtree(order[:length])
@@ -457,10 +449,9 @@ class DraftPolicy:
             counts[0] += 1
             counts[1] += j < accepted
 
-    def time(self, rows: int, seconds: float, tree: bool = False) -> None:
-        """Record how long a pass over ``rows`` rows (1: a plain step; ``tree``: a tree pass) took."""
-        times = self.tree_times if tree else self.times
-        times.setdefault(rows, deque(maxlen=self.window)).append(seconds)
+    def time(self, rows: int, seconds: float) -> None:
+        """Record how long a pass over ``rows`` rows (1: a plain step) took."""
+        self.times.setdefault(rows, deque(maxlen=self.window)).append(seconds)
 
 
 def default_skip(num_layers: int) -> list[int]:
@@ -826,7 +817,7 @@ class SpeculativeDecoder:
         stats.trees += 1
         if self.policy is not None:
             self.policy.record_tree(tree, path[::-1])
-            self.policy.time(len(ids), seconds, tree=True)
+            self.policy.time(len(ids), seconds)
         return out
 
 
