@@ -213,6 +213,39 @@ class LookupDrafter:
         # Draft j, if the ones before it hold, extends the match to n + j tokens.
         return Candidate(tokens, [("lookup", min(n + j, 12), unique or n + j >= 4) for j in range(len(tokens))])
 
+    def branches(self, context: Sequence[int], exclude: set[int], count: int = 2, depth: int = 3) -> list[Candidate]:
+        """Other copies: what followed the other earlier occurrences of the context's suffix (longest
+        matches first, the latest first among equals), one per next token not in ``exclude``, up to
+        ``count``, each ``depth`` tokens long; keyed by the length of their match."""
+        ctx = np.asarray(context, dtype=np.int64)
+        size = len(ctx)
+        if size < 2:
+            return []
+        ends = np.flatnonzero(ctx[:-1] == ctx[-1])
+        levels = []  # (match length, where its occurrences end)
+        n = 1
+        while ends.size:
+            levels.append((n, ends))
+            if n >= self.max_match:
+                break
+            longer = ends[ends >= n]
+            ends, n = longer[ctx[longer - n] == ctx[size - 1 - n]], n + 1
+        out: list[Candidate] = []
+        seen = set(exclude)
+        for n, ends in reversed(levels):
+            for end in ends[::-1]:
+                token = int(ctx[end + 1])
+                if token in seen:
+                    continue
+                seen.add(token)
+                tokens = [int(t) for t in ctx[end + 1 : end + 1 + depth]]
+                out.append(
+                    Candidate(tokens, [("branch", min(n, 4))] + [("branch-next", j) for j in range(1, len(tokens))])
+                )
+                if len(out) == count:
+                    return out
+        return out
+
     def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray | None]]:
         """Up to ``k`` tokens copied from the context (deterministic drafts: no logits)."""
         found = self.candidate(context, k)
@@ -256,10 +289,10 @@ class RecycleDrafter:
     prompt lookup (`LookupDrafter`, tried first: a copy of the input holds longer) finds nothing.
 
     `tree` grows a draft tree: the main branch (lookup's copy, else the table's first choices) and,
-    below the pending token and each main node, the table's other choices, each followed by its own
-    first choices; `DraftPolicy.choose_tree` keeps the nodes that pay and the build verifies them in
-    one pass with a tree attention mask (`Generator.step_tree`). A build without that entry (or
-    ``width`` 1) verifies the main branch only, as a chain.
+    below the pending token and each main node, the context's other copies and the table's other
+    choices, each followed by its own first choices; `DraftPolicy.choose_tree` keeps the nodes that
+    pay and the build verifies them in one pass with a tree attention mask (`Generator.step_tree`).
+    A build without that entry (or ``width`` 1) verifies the main branch only, as a chain.
     """
 
     note = ""
@@ -306,9 +339,11 @@ class RecycleDrafter:
         return Candidate(tokens, [("table", min(j, 3)) for j in range(len(tokens))]) if tokens else None
 
     def tree(self, context: Sequence[int], limit: int = 16) -> DraftTree | None:
-        """The candidate tree: the main branch (`candidate`, up to ``limit``) first, then the table's
-        other choices below the pending token and each main node (keyed by their rank), each followed
-        by up to ``depth`` first choices. None where there is nothing to draft."""
+        """The candidate tree: the main branch (`candidate`, up to ``limit``) first; then below the
+        pending token and each main node, lookup's other copies (`LookupDrafter.branches`: what
+        followed other occurrences of the suffix, for the first three places) and the table's other
+        choices (keyed by their rank), each followed by up to ``depth`` first choices. None where
+        there is nothing to draft."""
         found = self.candidate(context, limit)
         if found is None:  # no main branch: nothing to copy and the table knows nothing after the pending token
             return None
@@ -316,8 +351,16 @@ class RecycleDrafter:
         tree = DraftTree(list(main), [i - 1 for i in range(len(main))], list(found.keys))
         for at in range(-1, len(main) - 1):
             before = int(context[-1]) if at < 0 else main[at]
+            offered = {main[at + 1]}
+            if self.lookup is not None and at < 2:  # other copies from the context, as if the drafts before held
+                for branch in self.lookup.branches([*context, *main[: at + 1]], offered):
+                    offered.add(branch.tokens[0])
+                    for j, (token, key) in enumerate(zip(branch.tokens, branch.keys, strict=True)):
+                        tree.tokens.append(token)
+                        tree.parents.append(at if j == 0 else len(tree.tokens) - 2)
+                        tree.keys.append(key)
             for rank, alt in enumerate(int(t) for t in self.table[before]):
-                if alt < 0 or alt == main[at + 1]:
+                if alt < 0 or alt in offered:
                     continue
                 tree.tokens.append(alt)
                 tree.parents.append(at)
@@ -339,7 +382,7 @@ class RecycleDrafter:
 # grounded and open suites (tools/peers/speculative.py), by the length of the lookup match the draft
 # extends and whether every earlier occurrence of the match went on alike; table chains by position.
 PRIOR_ACCEPTANCE = {1: 0.3, 2: 0.55, 3: 0.62, 4: 0.75, 5: 0.85}
-ALT_PRIOR = {0: 0.2, 1: 0.1, 2: 0.05}
+ALT_PRIOR = {0: 0.15, 1: 0.06, 2: 0.05}  # SmolLM2, breadth-first trees: 0.03-0.19, 0.02-0.06, 0.03-0.08
 
 
 def prior_acceptance(key: tuple[Any, ...]) -> float:
@@ -348,6 +391,10 @@ def prior_acceptance(key: tuple[Any, ...]) -> float:
         return 0.3
     if key[0] == "alt":  # the table's choice of that rank where the main branch has another token
         return ALT_PRIOR.get(key[1], 0.05)
+    if key[0] == "branch":  # another earlier occurrence's next token, by the length of its match
+        return 0.1 if key[1] == 1 else 0.3  # SmolLM2, breadth-first trees on both suites: 0.07-0.13, 0.33-0.5
+    if key[0] == "branch-next":  # the copy goes on after a kept branch token
+        return 0.5
     _, n, unique = key
     a = PRIOR_ACCEPTANCE.get(n, 0.88 if n < 12 else 0.97)
     return a if unique else a / 2
