@@ -221,6 +221,31 @@ def test_lookup_copies_after_the_longest_match_and_says_how_long() -> None:
     assert LookupDrafter(ngram=2).match([4, 1, 4, 2, 4]) is None  # shorter than the shortest match to copy after
 
 
+def test_lookup_offers_the_other_copies_and_the_policy_takes_a_branch_when_rows_are_cheap() -> None:
+    """`LookupDrafter.branches`: what followed the other occurrences of the suffix (longest match
+    first, latest first), one per next token; `DraftPolicy.choose_tree` keeps a branch only where
+    its row pays."""
+    drafter = LookupDrafter()
+    # "3 5" occurred once (then 8); "5" alone also at position 4 (then 6): 8 is the main copy.
+    ctx = [3, 5, 8, 0, 5, 6, 3, 5]
+    assert drafter.candidate(ctx, 2).tokens == [8, 0]
+    (other,) = drafter.branches(ctx, {8})
+    assert other.tokens == [6, 3, 5] and other.keys[0] == ("branch", 1)
+    assert drafter.branches([1, 2], set()) == []  # nothing occurred before
+    tree = DraftTree([8, 0, 6], [-1, 0, -1], [("lookup", 12, True), ("lookup", 12, True), ("branch", 2)])
+    policy = DraftPolicy(16, max_tree=16)
+    policy.time(1, 1.0)
+    for rows in (2, 3, 4):
+        policy.time(rows, 1.0)  # rows free up to 4: the branch (0.3) is worth its row
+    chosen = policy.choose_tree(tree, 15)
+    assert chosen.tokens == [8, 0, 6] and chosen.parents == [-1, 0, -1] and not chosen.is_chain
+    dear = DraftPolicy(16, max_tree=16)
+    for rows, steps in ((1, 1.0), (2, 1.0), (3, 1.0), (4, 1.6)):  # a fourth row costs 0.6 steps
+        dear.time(rows, steps)
+    chosen = dear.choose_tree(tree, 15)  # the two sure drafts only, a chain
+    assert chosen.tokens == [8, 0] and chosen.is_chain
+
+
 def test_recycle_follows_the_models_first_choice_after_each_token() -> None:
     drafter = RecycleDrafter(vocab_size=6)
     assert drafter.propose([3], 4, None)[0] == []  # nothing seen yet
