@@ -10,11 +10,13 @@ those two cost nothing to draft, but a verify pass does, so `DraftPolicy` verifi
 of their drafts as are expected to pay (acceptance learnt per match length, pass costs timed)
 and takes a plain step otherwise. The full model then scores the pending token and the k
 drafts in one ``verify`` pass; the agreeing prefix is kept and the rest rolled back (``popn``).
-Greedy output is the full
-model's token for token; with sampling the standard rule (accept draft d with probability
-min(1, p(d)/q(d)), else resample from max(0, p - q)) keeps the full model's distribution; a
-deterministic draft (lookup, recycle) has q = 1 on its token, so it is kept with probability p(d)
-and a rejection resamples from p without d.
+Recycle drafts a token tree where the build verifies trees (`DraftTree`, `Generator.step_tree`):
+lookup's copy first, the table's and the context's other choices as branches, the longest path
+the full model agrees with kept. Greedy output is the full model's token for token; with
+sampling the standard rule (accept draft d with probability min(1, p(d)/q(d)), else resample from
+max(0, p - q)) keeps the full model's distribution; a deterministic draft (lookup, recycle) has
+q = 1 on its token, so it is kept with probability p(d) and a rejection resamples from p without
+d (in a tree, sibling after sibling).
 """
 
 from __future__ import annotations
