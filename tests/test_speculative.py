@@ -15,6 +15,7 @@ from edgert.runtime.speculative import (
     Candidate,
     DraftGate,
     DraftPolicy,
+    DraftTree,
     LookupDrafter,
     ModelDrafter,
     RecycleDrafter,
@@ -220,6 +221,31 @@ def test_lookup_copies_after_the_longest_match_and_says_how_long() -> None:
     assert LookupDrafter(ngram=2).match([4, 1, 4, 2, 4]) is None  # shorter than the shortest match to copy after
 
 
+def test_lookup_offers_the_other_copies_and_the_policy_takes_a_branch_when_rows_are_cheap() -> None:
+    """`LookupDrafter.branches`: what followed the other occurrences of the suffix (longest match
+    first, latest first), one per next token; `DraftPolicy.choose_tree` keeps a branch only where
+    its row pays."""
+    drafter = LookupDrafter()
+    # "3 5" occurred once (then 8); "5" alone also at position 4 (then 6): 8 is the main copy.
+    ctx = [3, 5, 8, 0, 5, 6, 3, 5]
+    assert drafter.candidate(ctx, 2).tokens == [8, 0]
+    (other,) = drafter.branches(ctx, {8})
+    assert other.tokens == [6, 3, 5] and other.keys[0] == ("branch", 1)
+    assert drafter.branches([1, 2], set()) == []  # nothing occurred before
+    tree = DraftTree([8, 0, 6], [-1, 0, -1], [("lookup", 12, True), ("lookup", 12, True), ("branch", 2)])
+    policy = DraftPolicy(16, max_tree=16)
+    policy.time(1, 1.0)
+    for rows in (2, 3, 4):
+        policy.time(rows, 1.0)  # rows free up to 4: the branch (0.3) is worth its row
+    chosen = policy.choose_tree(tree, 15)
+    assert chosen.tokens == [8, 0, 6] and chosen.parents == [-1, 0, -1] and not chosen.is_chain
+    dear = DraftPolicy(16, max_tree=16)
+    for rows, steps in ((1, 1.0), (2, 1.0), (3, 1.0), (4, 1.6)):  # a fourth row costs 0.6 steps
+        dear.time(rows, steps)
+    chosen = dear.choose_tree(tree, 15)  # the two sure drafts only, a chain
+    assert chosen.tokens == [8, 0] and chosen.is_chain
+
+
 def test_recycle_follows_the_models_first_choice_after_each_token() -> None:
     drafter = RecycleDrafter(vocab_size=6)
     assert drafter.propose([3], 4, None)[0] == []  # nothing seen yet
@@ -278,7 +304,8 @@ def test_the_policy_verifies_only_drafts_that_pay() -> None:
 
 def test_greedy_lookup_and_recycle_output_is_plain_decoding(tiny) -> None:
     references = {p: [t.id for t in tiny.generate(p, max_tokens=24)] for p in PROMPTS}
-    for spec in ("lookup:k=5", "recycle:k=4", "lookup:k=3,ngram=2", "lookup"):
+    trees = 0
+    for spec in ("lookup:k=5", "recycle:k=4", "lookup:k=3,ngram=2", "lookup", "recycle:k=6,tree=0"):
         drafter, k = parse_speculative(spec, tiny, lambda _p: tiny)
         # Without the policy every chance to draft is taken, so both the accept and reject paths run.
         decoder = SpeculativeDecoder(tiny, drafter, k, policy=False)
@@ -289,10 +316,14 @@ def test_greedy_lookup_and_recycle_output_is_plain_decoding(tiny) -> None:
         for prompt, ref in references.items():
             assert [t.id for t in decoder.generate(prompt, max_tokens=24)] == ref, (spec, prompt)
             drafted, accepted = drafted + decoder.stats.drafted, accepted + decoder.stats.accepted
+            trees += decoder.stats.trees
             assert [t.id for t in policy.generate(prompt, max_tokens=24)] == ref, (spec, prompt)
         assert 0 < accepted < drafted, spec
+        # recycle verifies token trees (breadth first without the policy); tree=0 and lookup, chains
+        assert (decoder.tree > 0) == spec.startswith("recycle:k=4"), spec
         gated = SpeculativeDecoder(tiny, drafter, k, gate=True, policy=False)  # the gate changes the speed only
         assert [t.id for t in gated.generate(PROMPTS[2], max_tokens=24)] == references[PROMPTS[2]]
+    assert trees > 0
 
 
 def test_a_deterministic_draft_keeps_the_full_models_distribution() -> None:
@@ -330,6 +361,49 @@ def test_a_deterministic_draft_keeps_the_full_models_distribution() -> None:
     assert decoder.stats.plain_steps == 0 and abs(decoder.stats.acceptance_rate - p[1]) < 0.03
 
 
+def test_a_draft_tree_keeps_the_full_models_distribution() -> None:
+    """A tree walked with sampling: the children of a kept node are tried in turn, each kept with its
+    probability under what the siblings before it left (p without their tokens), else the token is
+    drawn from that rest; every emitted token, first and second, follows the full model's p."""
+    p = np.array([0.4, 0.3, 0.2, 0.1])
+
+    class Cache:
+        tree, rows = 16, 16
+
+    class Full:
+        cache = Cache()
+
+        def __init__(self) -> None:
+            self.kept: list[int] = []
+
+        def step_tree(self, ids: list[int], parents: list[int]) -> np.ndarray:
+            return np.tile(np.log(p), (len(ids), 1))
+
+        def accept_tree(self, ids: list[int], parents: list[int], leaf: int) -> None:
+            self.kept.append(leaf)
+
+    class Tree:  # below the pending token: 1, then 2 (a sibling), then 0 (below the 1)
+        width = 3
+
+        def tree(self, history, limit):
+            return DraftTree([1, 2, 0], [-1, -1, 0], [("alt", 0), ("alt", 1), ("table", 1)])
+
+    full = Full()
+    decoder = SpeculativeDecoder(full, Tree(), k=3, policy=False)  # type: ignore[arg-type]
+    assert decoder.tree == 16
+    params = SamplingParams(temperature=1.0, seed=2)
+    sampler = Sampler(params)
+    rounds = [decoder._round([0], 3, sampler, params) for _ in range(12000)]
+    first = np.bincount([r[0] for r in rounds], minlength=4) / len(rounds)
+    np.testing.assert_allclose(first, p, atol=0.02)
+    # After a kept 1, its child 0 was tried: the next token still follows p.
+    second = [r[1] for r in rounds if r[0] == 1]
+    np.testing.assert_allclose(np.bincount(second, minlength=4) / len(second), p, atol=0.03)
+    # The cache keeps the path walked: node 1 (the draft 1) or 3 (its child) after a kept 1, else the root.
+    assert {leaf for r, leaf in zip(rounds, full.kept, strict=True) if r[0] != 1 and r[0] != 2} == {0}
+    assert decoder.stats.trees == len(rounds) and decoder.stats.accepted > 0
+
+
 def test_the_gate_pauses_drafting_while_rounds_are_slower_than_plain_steps() -> None:
     gate = DraftGate(pause=2, probe=5)
     assert not gate.draft_now()  # no plain step timed yet
@@ -350,9 +424,12 @@ def test_lookup_and_recycle_options_are_checked(tiny) -> None:
     drafter, k = parse_speculative("lookup", tiny, lambda _p: tiny)
     assert isinstance(drafter, LookupDrafter) and k == 15 and drafter.ngram == 1
     drafter, k = parse_speculative("recycle:k=3", tiny, lambda _p: tiny)
-    assert isinstance(drafter, RecycleDrafter) and k == 3 and "tree" in drafter.note
+    # The build verifies token trees (kv_cache.verify_tree): the table keeps 3 choices, no note to print.
+    assert isinstance(drafter, RecycleDrafter) and k == 3 and drafter.width == 3 and not drafter.note
     assert isinstance(drafter.lookup, LookupDrafter)  # lookup first, the table where it misses
-    for spec, words in [("lookup:ngram=0", "ngram must be"), ("recycle:skip=3", "unknown option"), ("look", "lookup")]:
+    assert parse_speculative("recycle:tree=0", tiny, lambda _p: tiny)[0].width == 1  # chains only
+    bad = [("lookup:ngram=0", "ngram must be"), ("recycle:skip=3", "unknown option"), ("look", "lookup")]
+    for spec, words in [*bad, ("recycle:tree=2", "tree must be")]:
         with pytest.raises(EdgertError, match=words):
             parse_speculative(spec, tiny, lambda _p: tiny)
 
@@ -366,8 +443,10 @@ def test_cli_runs_lookup_decoding(tiny_host_artifact, tiny) -> None:
     result = json.loads(proc.stdout)
     assert result["tokens"] == [t.id for t in tiny.generate(prompt, max_tokens=16)]
     assert result["stats"]["drafted"] + result["stats"]["plain_steps"] > 0
-    proc = run_cli("run", str(tiny_host_artifact), "-p", prompt, "--raw", "-n", "8", "--speculative", "recycle")
-    assert proc.returncode == 0 and "best chain" in " ".join(proc.stderr.split()), proc.stderr
+    args = ("run", str(tiny_host_artifact), "-p", prompt, "--raw", "-n", "8", "--json", "--speculative", "recycle")
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tokens"] == result["tokens"][:8]
 
 
 @pytest.mark.slow

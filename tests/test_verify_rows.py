@@ -59,6 +59,59 @@ def test_tiny_verify_rows_equal_decode_steps(tiny_host_default_artifact: Path, t
     _check(Generator(open_artifact(tiny_host_artifact)), 1)
 
 
+def _path(node: int, parents: list[int]) -> list[int]:
+    path = []
+    while node >= 0:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]
+
+
+# (cached tokens, parents, accepted leaf): two branches below the root, one that is a deep side
+# branch crossing a page boundary, a root whose children all fail, the 16 nodes of the largest tree.
+TREES = [
+    (13, [-1, 0, 0, 1, 2, 3], 4),
+    (14, [-1, 0, 1, 2, 0, 4, 5, 1], 6),
+    (1, [-1, 0, 0], 0),
+    (31, [-1, 0, 0, 0, 1, 2, 3, 4, 7, 1, 9, 10, 11, 12, 13, 14], 15),
+]
+
+
+def test_a_tree_pass_gives_each_node_its_paths_decode_step(tiny_host_default_artifact: Path) -> None:
+    """`Generator.step_tree`: node i attends to the prefix and its ancestors at the position of its
+    depth, so its logits are those of decode steps along its path, bit for bit with int8 activations;
+    `accept_tree` leaves the cache as those steps would (the next step agrees too)."""
+    from edgert.artifact.reader import open_artifact
+    from edgert.runtime.generator import Generator
+
+    model = Generator(open_artifact(tiny_host_default_artifact))
+    assert model.cache.tree == 16 and model.artifact.manifest["kv_cache"]["verify_tree"] == 16
+    exact = model.artifact.manifest["weights"]["activations"] == "int8"
+    rng = np.random.default_rng(3)
+    for cached, parents, leaf in TREES:
+        prefix = [int(t) for t in rng.integers(5, model.vocab_size, cached)]
+        ids = [int(t) for t in rng.integers(5, model.vocab_size, len(parents))]
+        model.reset()
+        model.prefill(prefix)
+        tree = model.step_tree(ids, parents)
+        model.accept_tree(ids, parents, leaf)
+        kept = list(model.cached_ids)
+        after = model.step([42])
+        for node in range(len(parents)):
+            model.reset()
+            model.prefill(prefix)
+            steps = [model.step([ids[j]]) for j in _path(node, parents)]
+            if exact:
+                np.testing.assert_array_equal(tree[node], steps[-1])
+            else:  # f32 activations (a CPU without VNNI): the multi-row kernels round differently
+                np.testing.assert_allclose(tree[node], steps[-1], atol=1e-4)
+            if node == leaf:  # the kept path's keys and values are where those steps put theirs
+                assert model.cached_ids == kept and model.cache.length == cached + len(steps)
+                np.testing.assert_allclose(model.step([42]), after, rtol=0, atol=0 if exact else 1e-4)
+    with pytest.raises(ValueError, match="not a rooted tree"):
+        model.step_tree([5, 6, 7], [-1, 2, 0])
+
+
 @pytest.fixture(scope="module")
 def smollm_default(smollm_default_artifact: Path):
     import edgert

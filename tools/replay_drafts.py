@@ -9,7 +9,10 @@ pass to a decode step timed back to back; or ``--costs 2=1.16,3=1.22,...`` taken
 and ``five-at-1.5`` (the same table with every pass's extra cost scaled so 5 rows cost 1.5
 steps: issue 20 part 1's target). Modes: ``policy`` (`DraftPolicy`, as `--speculative lookup`
 runs), ``every-k`` (the continuation up to k = 6 at every chance: drafting before the policy).
-Recycle needs the model's logits and is not replayed.
+Recycle (``recycle`` and ``recycle-tree``: chains, or token trees chosen by `DraftPolicy.choose_tree`)
+replays its table from the model's logits along plain decoding (`Generator.score` of prompt and
+output): the table learns what the kept rows' logits say, not what the rejected branches' rows
+would have added (the decoder sees those too), so it is a little poorer than the real one.
 
     python tools/replay_drafts.py smollm2.edgert [--tokens 64] [--threads 2] [--json out.json]
 """
@@ -22,12 +25,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
 
 from peers.speculative import SUITES, load_cases, verify_costs  # noqa: E402
 
-from edgert.runtime.speculative import DraftPolicy, LookupDrafter  # noqa: E402
+from edgert.runtime.speculative import DraftPolicy, DraftTree, LookupDrafter, RecycleDrafter  # noqa: E402
 
 
 def replay(
@@ -69,6 +74,65 @@ def replay(
     return counts
 
 
+def replay_recycle(
+    prompt: list[int],
+    plain: list[int],
+    top: np.ndarray,
+    costs: dict[int, float],
+    k: int,
+    policy: DraftPolicy,
+    drafter: RecycleDrafter,
+    tree: bool,
+) -> dict:
+    """`replay` for recycle: ``top[i]`` are the model's first choices after ``(prompt + plain)[i]`` (the
+    table learns the rows a round keeps); with ``tree`` the policy's token trees, else its chains."""
+    full = prompt + plain
+    t = len(prompt)
+    drafter.table[full[t - 1]] = top[t - 1]  # the prompt's last row, as the decoder's prefill
+    counts = {"tokens": 0, "verifies": 0, "wasted": 0, "plain": 0, "drafted": 0, "accepted": 0, "steps": 0.0}
+    counts["trees"] = 0
+    while t < len(full) - 1:
+        left = len(full) - 1 - t
+        limit = min(k, policy.max_rows - 1, left)
+        if tree:
+            found = drafter.tree(full[: t + 1], limit)
+            chosen = policy.choose_tree(found, limit) if found is not None else DraftTree([], [], [])
+        else:
+            cand = drafter.candidate(full[: t + 1], limit)
+            length = policy.choose(cand, limit) if cand is not None else 0
+            chosen = DraftTree([], [], [])
+            if length:
+                chosen = DraftTree(cand.tokens[:length], list(range(-1, length - 1)), cand.keys[:length])
+        if not chosen:
+            drafter.table[full[t]] = top[t]
+            counts["plain"] += 1
+            counts["tokens"] += 1
+            counts["steps"] += 1.0
+            t += 1
+            continue
+        node, path = -1, []
+        while True:  # greedy: the child whose token plain decoding emitted next
+            target = full[t + 1 + len(path)] if t + 1 + len(path) < len(full) else -1
+            nxt = next((c for c, p in enumerate(chosen.parents) if p == node and chosen.tokens[c] == target), None)
+            if nxt is None:
+                break
+            path.append(nxt)
+            node = nxt
+        kept = len(path)
+        drafter.table[np.asarray(full[t : t + kept + 1])] = top[t : t + kept + 1]
+        policy.record_tree(chosen, path)
+        policy.time(len(chosen) + 1, costs[len(chosen) + 1])
+        counts["verifies"] += 1
+        counts["trees"] += not chosen.is_chain
+        counts["wasted"] += kept == 0
+        counts["drafted"] += len(chosen)
+        counts["accepted"] += kept
+        counts["tokens"] += min(kept + 1, left)
+        counts["steps"] += costs[len(chosen) + 1]
+        t += kept + 1
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     """Plain outputs of both suites, then every mode against every cost table."""
     import edgert
@@ -92,27 +156,37 @@ def main(argv: list[str] | None = None) -> int:
         measured = verify_costs(model, suites["grounded"][0]["prompt"], rows)
     scale = 0.5 / (measured[5] - 1.0)
     tables = {"measured": measured, "five-at-1.5": {n: 1.0 + (c - 1.0) * scale for n, c in measured.items()}}
-    outputs = {}
+    outputs, scores = {}, {}
     for name, cases in suites.items():
-        outputs[name] = []
+        outputs[name], scores[name] = [], []
         for case in cases:
             model.reset()  # from an empty cache, as every mode's run
             ids = model.encode_prompt(case["prompt"], chat=True)
             outputs[name].append((ids, [t.id for t in model.generate(ids, max_tokens=args.tokens)]))
+            logits = model.score(ids + outputs[name][-1][1])
+            part = np.argpartition(logits, -3, axis=-1)[:, -3:]  # the first 3 choices of each row, best first
+            order = np.argsort(-np.take_along_axis(logits, part, axis=-1), axis=-1)
+            scores[name].append(np.take_along_axis(part, order, axis=-1))
     report: dict[str, Any] = {
         "tokens": args.tokens,
         "costs": {t: {n: round(c, 2) for n, c in table.items()} for t, table in tables.items()},
     }
     for table, costs in tables.items():
-        for mode, k in (("policy", args.k), ("every-k", 6)):
+        for mode, k in (("policy", args.k), ("every-k", 6), ("recycle", args.k), ("recycle-tree", args.k)):
             for name in suites:
-                policy = DraftPolicy(rows)  # one per suite and mode: it learns across the suite's prompts
+                # One policy (and table) per suite and mode: they learn across the suite's prompts.
+                policy = DraftPolicy(rows, max_tree=model.cache.tree)
+                drafter = RecycleDrafter(model.vocab_size, LookupDrafter())
                 policy.time(1, 1.0)
                 for n, c in costs.items():
                     policy.time(n, c)
                 total: dict[str, float] = {}
-                for prompt, plain in outputs[name]:
-                    for key, value in replay(prompt, plain, costs, mode, k, policy).items():
+                for (prompt, plain), top in zip(outputs[name], scores[name], strict=True):
+                    if mode.startswith("recycle"):
+                        got = replay_recycle(prompt, plain, top, costs, k, policy, drafter, mode == "recycle-tree")
+                    else:
+                        got = replay(prompt, plain, costs, mode, k, policy)
+                    for key, value in got.items():
                         total[key] = total.get(key, 0) + value
                 result = {
                     "speedup": round(total["tokens"] / total["steps"], 3),
@@ -120,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                     "tokens_per_verify": round((total["accepted"] + total["verifies"]) / total["verifies"], 2)
                     if total["verifies"]
                     else 0.0,
-                    **{key: int(total[key]) for key in ("verifies", "wasted", "plain", "tokens")},
+                    **{key: int(total.get(key, 0)) for key in ("verifies", "wasted", "plain", "tokens", "trees")},
                 }
                 report[f"{table} / {mode} (k={k}) / {name}"] = result
                 print(f"{table:12} {mode:8} k={k:<2} {name:8} {json.dumps(result)}")

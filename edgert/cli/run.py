@@ -62,9 +62,10 @@ def run(
         typer.Option(
             "--speculative",
             help="Lossless speculative decoding: lookup[:k=15,ngram=1] (copies what followed the longest earlier "
-            "match in the context; each pass verifies only the drafts expected to pay), recycle[:k=15] (lookup, "
-            "else the model's own earlier top choices), self:k=4 (layer-skipping draft; "
-            ",skip=3-9 or ,exit=16) or model:DRAFT.edgert:k=4 (a smaller build drafts). Off by default.",
+            "match in the context; each pass verifies only the drafts expected to pay), recycle[:k=15,tree=1] (lookup, "
+            "else the model's own earlier top choices, verified as a token tree; tree=0: a chain), "
+            "self:k=4 (layer-skipping draft; ,skip=3-9 or ,exit=16) or model:DRAFT.edgert:k=4 "
+            "(a smaller build drafts). Off by default.",
         ),
     ] = None,
     exit_policy: Annotated[

@@ -165,6 +165,7 @@ class Generator:
             int(kv["page_size"]),
             kv.get("local"),
             rows=int(kv.get("verify_rows", 1)),
+            tree=int(kv.get("verify_tree", 0)),
         )
         self.cached_ids: list[int] = []
         self._one_token: Any = None  # the input tensor of one-token steps (`_tokens`)
@@ -206,8 +207,8 @@ class Generator:
                 rest = rest[n:]
             return np.concatenate(parts) if all_logits else parts[-1]
         rows = all_logits and 1 < len(ids) <= self.cache.rows  # a verify pass as decode rows: decode's logits
-        if rows:  # 5 rows (4 drafts) have an entry with static shapes where the artifact has one
-            entry = "verify_rows_5" if len(ids) == 5 and self.session.has_entry("verify_rows_5") else "batch_decode"
+        if rows:
+            entry = self._rows_entry(len(ids))
             self.cache.begin_rows(len(ids))
         else:
             entry = "verify" if all_logits else "decode" if len(ids) == 1 else "prefill"
@@ -221,6 +222,37 @@ class Generator:
         self.cached_ids.extend(ids)
         out = to_numpy(logits)[:, 0] if rows else to_numpy(logits)[0]
         return out if all_logits else out[-1]
+
+    def step_tree(self, ids: Sequence[int], parents: Sequence[int]) -> np.ndarray:
+        """Logits [n, vocab] of a token tree appended after the cache (``ids[0]`` the root, ``parents[i]``
+        node i's parent): row i is the decode step's at the end of node i's path, bit for bit
+        (`PagedKVCache.begin_tree`). `accept_tree` keeps one path."""
+        total = self.cache.length + len(ids)
+        if total > self.context_length:
+            raise ContextLengthError(f"{total} tokens do not fit the context of {self.context_length}")
+        if len(ids) != len(parents) or not all(0 <= t < self.vocab_size for t in ids):
+            raise ValueError(
+                f"a tree of {len(ids)} token ids in the vocabulary and as many parents, not {len(parents)}"
+            )
+        self.cache.begin_tree(parents)
+        # The rows' entries (decode-shaped, static where the artifact has one): the cache's tree tells
+        # attention what each row sees, and the matmuls are the verify rows' (same logits, less time).
+        logits, self.cache.obj = self.session(self._rows_entry(len(ids)), self._tokens(ids, True), self.cache.obj)
+        return to_numpy(logits)[:, 0]
+
+    def _rows_entry(self, n: int) -> str:
+        """The entry that runs ``n`` decode rows: 5 rows (4 drafts) have one with static shapes where
+        the artifact has it."""
+        return "verify_rows_5" if n == 5 and self.session.has_entry("verify_rows_5") else "batch_decode"
+
+    def accept_tree(self, ids: Sequence[int], parents: Sequence[int], leaf: int) -> None:
+        """Keep the path from the root of the last `step_tree` to node ``leaf`` in the cache."""
+        self.cache.end_tree(parents, leaf)
+        path = []
+        while leaf >= 0:
+            path.append(ids[leaf])
+            leaf = parents[leaf]
+        self.cached_ids.extend(reversed(path))
 
     def _tokens(self, ids: Sequence[int], rows: bool) -> Any:
         """``ids`` as the entry's int32 input: [n, 1] for decode rows, else [1, n]. A one-token step on

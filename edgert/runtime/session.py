@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -144,6 +145,7 @@ class PagedKVCache:
         local: dict[str, Any] | None = None,
         free_window: bool = False,
         rows: int = 1,
+        tree: int = 0,
     ):
         self._shape = shape = tvm_runtime.shape
         get = tvm_runtime.global_func
@@ -153,10 +155,13 @@ class PagedKVCache:
         self._clear = get("vm.builtin.kv_state_clear")
         self._add = get("vm.builtin.kv_state_add_sequence")
         self._available = get("vm.builtin.attention_kv_cache_get_num_available_pages")
+        self._commit = get("vm.builtin.attention_kv_cache_commit_accepted_token_tree_nodes")
         self.max_length = max_length
         # A verify pass of up to ``rows`` tokens may run as decode rows (`begin_rows`); the cache
         # then takes that many batch entries.
         self.rows = rows if local is None else 1
+        # A token tree of up to ``tree`` nodes may verify in one pass (`begin_tree`); 0: none.
+        self.tree = tree if local is None else 0
         self.obj = session.vm["create_kv_cache"](
             shape([self.rows]),
             shape([max_length]),
@@ -213,6 +218,47 @@ class PagedKVCache:
         if not 1 <= num_tokens <= self.rows:
             raise ValueError(f"{num_tokens} rows do not fit the cache's {self.rows}")
         self._begin(self.obj, self._shape([self._SEQ] * num_tokens), self._shape([1] * num_tokens))
+
+    def begin_tree(self, parents: Sequence[int]) -> None:
+        """Announce a token tree (``parents[i]`` < i, node 0 the root at the next position) for a
+        ``verify`` pass: node i gets the position of its depth and attends to the prefix and its
+        ancestors (`edgert.compiler.passes.attention.paged_tree_attention`), so its logits are the
+        decode step's at the end of its path, bit for bit. Close it with `end_tree`.
+
+        TVM's cache runs that kernel only while the sequence holds a tree not yet committed (it then
+        appends before attention; a fresh tree takes a ragged kernel and merges two softmaxes, which
+        rounds otherwise): the last cached token is popped and reserved again as a one-node tree (its
+        keys and values stay in their slot: a pop frees no data and the same slot comes back) and the
+        nodes hang below it.
+        """
+        if not 1 <= len(parents) <= self.tree or self.length < 1:
+            raise ValueError(f"a tree of {len(parents)} nodes does not fit the cache's {self.tree} (or it is empty)")
+        if parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents) if i):
+            raise ValueError(f"tree parents {list(parents)} are not a rooted tree in topological order")
+        seq = self._shape([self._SEQ])
+        self._popn(self.obj, self._SEQ, 1)
+        self._begin(self.obj, seq, self._shape([1]), self._shape([-1]))
+        self._end(self.obj)
+        self._begin(self.obj, seq, self._shape([len(parents)]), self._shape([p + 1 for p in parents]))
+
+    def end_tree(self, parents: Sequence[int], leaf: int) -> None:
+        """Close a tree pass keeping the path from the root to node ``leaf``: its keys and values move
+        to consecutive positions (TVM's compact copy) and the other nodes are dropped.
+
+        TVM's commit copies by the slots of the last forward pass, which here followed the one-node
+        tree; so the pass's nodes are dropped (the data stays), reserved again as a tree of their own
+        (no kernel runs) and that tree is committed.
+        """
+        seq = self._shape([self._SEQ])
+        self._end(self.obj)
+        self._commit(self.obj, seq, self._shape([-1]))  # drops the pass's nodes, closes the open tree
+        self._begin(self.obj, seq, self._shape([len(parents)]), self._shape(list(parents)))
+        self._end(self.obj)
+        self._commit(self.obj, seq, self._shape([leaf]))
+        depth, node = 0, leaf
+        while node > 0:
+            depth, node = depth + 1, parents[node]
+        self.length += depth + 1
 
     def end(self, num_tokens: int) -> None:
         """Close the forward pass started by `begin`."""

@@ -10,11 +10,13 @@ those two cost nothing to draft, but a verify pass does, so `DraftPolicy` verifi
 of their drafts as are expected to pay (acceptance learnt per match length, pass costs timed)
 and takes a plain step otherwise. The full model then scores the pending token and the k
 drafts in one ``verify`` pass; the agreeing prefix is kept and the rest rolled back (``popn``).
-Greedy output is the full
-model's token for token; with sampling the standard rule (accept draft d with probability
-min(1, p(d)/q(d)), else resample from max(0, p - q)) keeps the full model's distribution; a
-deterministic draft (lookup, recycle) has q = 1 on its token, so it is kept with probability p(d)
-and a rejection resamples from p without d.
+Recycle drafts a token tree where the build verifies trees (`DraftTree`, `Generator.step_tree`):
+lookup's copy first, the table's and the context's other choices as branches, the longest path
+the full model agrees with kept. Greedy output is the full model's token for token; with
+sampling the standard rule (accept draft d with probability min(1, p(d)/q(d)), else resample from
+max(0, p - q)) keeps the full model's distribution; a deterministic draft (lookup, recycle) has
+q = 1 on its token, so it is kept with probability p(d) and a rejection resamples from p without
+d (in a tree, sibling after sibling).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class DraftStats:
     verify_seconds: float = 0.0  # time in verify passes
     plain_seconds: float = 0.0  # time in plain steps
     passes: dict[int, int] = field(default_factory=dict)  # verify passes by row count (drafts + 1)
+    trees: int = 0  # of those, passes over a token tree (the rest verified a chain)
 
     @property
     def acceptance_rate(self) -> float:
@@ -73,6 +76,7 @@ class DraftStats:
             "verify_seconds": round(self.verify_seconds, 4),
             "plain_seconds": round(self.plain_seconds, 4),
             "passes": dict(sorted(self.passes.items())),
+            "tree_passes": self.trees,
         }
 
 
@@ -211,6 +215,39 @@ class LookupDrafter:
         # Draft j, if the ones before it hold, extends the match to n + j tokens.
         return Candidate(tokens, [("lookup", min(n + j, 12), unique or n + j >= 4) for j in range(len(tokens))])
 
+    def branches(self, context: Sequence[int], exclude: set[int], count: int = 2, depth: int = 3) -> list[Candidate]:
+        """Other copies: what followed the other earlier occurrences of the context's suffix (longest
+        matches first, the latest first among equals), one per next token not in ``exclude``, up to
+        ``count``, each ``depth`` tokens long; keyed by the length of their match."""
+        ctx = np.asarray(context, dtype=np.int64)
+        size = len(ctx)
+        if size < 2:
+            return []
+        ends = np.flatnonzero(ctx[:-1] == ctx[-1])
+        levels = []  # (match length, where its occurrences end)
+        n = 1
+        while ends.size:
+            levels.append((n, ends))
+            if n >= self.max_match:
+                break
+            longer = ends[ends >= n]
+            ends, n = longer[ctx[longer - n] == ctx[size - 1 - n]], n + 1
+        out: list[Candidate] = []
+        seen = set(exclude)
+        for n, ends in reversed(levels):
+            for end in ends[::-1]:
+                token = int(ctx[end + 1])
+                if token in seen:
+                    continue
+                seen.add(token)
+                tokens = [int(t) for t in ctx[end + 1 : end + 1 + depth]]
+                out.append(
+                    Candidate(tokens, [("branch", min(n, 4))] + [("branch-next", j) for j in range(1, len(tokens))])
+                )
+                if len(out) == count:
+                    return out
+        return out
+
     def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray | None]]:
         """Up to ``k`` tokens copied from the context (deterministic drafts: no logits)."""
         found = self.candidate(context, k)
@@ -218,31 +255,78 @@ class LookupDrafter:
         return drafts, [None] * len(drafts)
 
 
-class RecycleDrafter:
-    """Token Recycling: a table of the token the full model ranked first after each token, filled
-    from the logits of every step and verify pass (kept across generations), drafts a chain
-    where prompt lookup (`LookupDrafter`, tried first: a copy of the input holds longer) finds nothing.
+@dataclass
+class DraftTree:
+    """Drafts as a tree below the pending token: node i is ``tokens[i]``, a child of node ``parents[i]``
+    (-1: of the pending token), ``keys[i]`` its acceptance statistic (`DraftPolicy`). Parents come
+    before their children; the main branch (lookup's copy or the table's chain) comes first, so when
+    it holds its keys and values are already where the cache keeps them."""
 
-    The method drafts a tree of each token's top candidates and verifies it with a tree
-    attention mask; the builds have a chain ``verify`` only (no tree-verify entry), so the best
-    chain is drafted (the table keeps the first candidate), and `note` says so.
+    tokens: list[int]
+    parents: list[int]
+    keys: list[tuple[Any, ...]]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def is_chain(self) -> bool:
+        """True when every node is the child of the one before (a chain verifies as decode rows)."""
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
+    def subtree(self, nodes: Sequence[int]) -> DraftTree:
+        """The tree of ``nodes`` (indices closed under parents), in their order."""
+        where = {n: i for i, n in enumerate(sorted(nodes))}
+        picked = sorted(nodes)
+        return DraftTree(
+            [self.tokens[n] for n in picked],
+            [where[self.parents[n]] if self.parents[n] >= 0 else -1 for n in picked],
+            [self.keys[n] for n in picked],
+        )
+
+
+class RecycleDrafter:
+    """Token Recycling: a table of the ``width`` tokens the full model ranked first after each token,
+    filled from the logits of every step and verify pass (kept across generations), drafts where
+    prompt lookup (`LookupDrafter`, tried first: a copy of the input holds longer) finds nothing.
+
+    `tree` grows a draft tree: the main branch (lookup's copy, else the table's first choices) and,
+    below the pending token and each main node, the context's other copies and the table's other
+    choices, each followed by its own first choices; `DraftPolicy.choose_tree` keeps the nodes that
+    pay and the build verifies them in one pass with a tree attention mask (`Generator.step_tree`).
+    A build without that entry (or ``width`` 1) verifies the main branch only, as a chain.
     """
 
-    note = "recycle: the build has no tree-verify entry, so the best chain is drafted"
+    note = ""
 
-    def __init__(self, vocab_size: int, lookup: LookupDrafter | None = None):
-        self.table = np.full(vocab_size, -1, dtype=np.int64)
-        self.lookup = lookup
+    def __init__(self, vocab_size: int, lookup: LookupDrafter | None = None, width: int = 3, depth: int = 2):
+        self.table = np.full((vocab_size, width), -1, dtype=np.int64)
+        self.lookup, self.width, self.depth = lookup, width, depth
 
     def observe(self, tokens: Sequence[int], logits: np.ndarray) -> None:
-        """Record the full model's first choice after each of ``tokens`` (``logits``: [len, vocab])."""
-        self.table[np.asarray(tokens)] = np.argmax(logits.reshape(len(tokens), -1), axis=-1)
+        """Record the full model's first ``width`` choices after each of ``tokens`` (``logits``: [len, vocab]).
+
+        Repeated argmaxes with the winners masked: a 49,152-wide argpartition cost 0.09 ms a row."""
+        rows = logits.reshape(len(tokens), -1)
+        if not rows.flags.writeable:
+            rows = rows.copy()
+        index = np.arange(len(tokens))
+        top = np.empty((len(tokens), self.width), dtype=np.int64)
+        saved = []
+        for r in range(self.width):
+            top[:, r] = np.argmax(rows, axis=-1)
+            if r + 1 < self.width:
+                saved.append(rows[index, top[:, r]].copy())
+                rows[index, top[:, r]] = -np.inf
+        for r, values in enumerate(saved):  # the caller's logits as they were
+            rows[index, top[:, r]] = values
+        self.table[np.asarray(tokens)] = top
 
     def chain(self, token: int, k: int) -> list[int]:
-        """Follow the table from ``token`` for up to ``k`` tokens."""
+        """Follow the table's first choices from ``token`` for up to ``k`` tokens."""
         drafts: list[int] = []
         for _ in range(k):
-            token = int(self.table[token])
+            token = int(self.table[token, 0])
             if token < 0:
                 break
             drafts.append(token)
@@ -256,6 +340,39 @@ class RecycleDrafter:
         tokens = self.chain(int(context[-1]), limit)
         return Candidate(tokens, [("table", min(j, 3)) for j in range(len(tokens))]) if tokens else None
 
+    def tree(self, context: Sequence[int], limit: int = 16) -> DraftTree | None:
+        """The candidate tree: the main branch (`candidate`, up to ``limit``) first; then below the
+        pending token and each main node, lookup's other copies (`LookupDrafter.branches`: what
+        followed other occurrences of the suffix, for the first three places) and the table's other
+        choices (keyed by their rank), each followed by up to ``depth`` first choices. None where
+        there is nothing to draft."""
+        found = self.candidate(context, limit)
+        if found is None:  # no main branch: nothing to copy and the table knows nothing after the pending token
+            return None
+        main = found.tokens
+        tree = DraftTree(list(main), [i - 1 for i in range(len(main))], list(found.keys))
+        for at in range(-1, len(main) - 1):
+            before = int(context[-1]) if at < 0 else main[at]
+            offered = {main[at + 1]}
+            if self.lookup is not None and at < 2:  # other copies from the context, as if the drafts before held
+                for branch in self.lookup.branches([*context, *main[: at + 1]], offered):
+                    offered.add(branch.tokens[0])
+                    for j, (token, key) in enumerate(zip(branch.tokens, branch.keys, strict=True)):
+                        tree.tokens.append(token)
+                        tree.parents.append(at if j == 0 else len(tree.tokens) - 2)
+                        tree.keys.append(key)
+            for rank, alt in enumerate(int(t) for t in self.table[before]):
+                if alt < 0 or alt in offered:
+                    continue
+                tree.tokens.append(alt)
+                tree.parents.append(at)
+                tree.keys.append(("alt", rank))
+                for j, token in enumerate(self.chain(alt, self.depth)):
+                    tree.tokens.append(token)
+                    tree.parents.append(len(tree.tokens) - 2)
+                    tree.keys.append(("table", min(j + 1, 3)))
+        return tree
+
     def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray | None]]:
         """Up to ``k`` tokens: the lookup continuation, else the table's chain (deterministic drafts)."""
         found = self.candidate(context, k)
@@ -267,12 +384,19 @@ class RecycleDrafter:
 # grounded and open suites (tools/peers/speculative.py), by the length of the lookup match the draft
 # extends and whether every earlier occurrence of the match went on alike; table chains by position.
 PRIOR_ACCEPTANCE = {1: 0.3, 2: 0.55, 3: 0.62, 4: 0.75, 5: 0.85}
+ALT_PRIOR = {0: 0.15, 1: 0.06, 2: 0.05}  # SmolLM2, breadth-first trees: 0.03-0.19, 0.02-0.06, 0.03-0.08
 
 
 def prior_acceptance(key: tuple[Any, ...]) -> float:
     """The acceptance `DraftPolicy` assumes for a key it has no counts for."""
     if key[0] == "table":
         return 0.3
+    if key[0] == "alt":  # the table's choice of that rank where the main branch has another token
+        return ALT_PRIOR.get(key[1], 0.05)
+    if key[0] == "branch":  # another earlier occurrence's next token, by the length of its match
+        return 0.1 if key[1] == 1 else 0.3  # SmolLM2, breadth-first trees on both suites: 0.07-0.13, 0.33-0.5
+    if key[0] == "branch-next":  # the copy goes on after a kept branch token
+        return 0.5
     _, n, unique = key
     a = PRIOR_ACCEPTANCE.get(n, 0.88 if n < 12 else 0.97)
     return a if unique else a / 2
@@ -292,10 +416,13 @@ class DraftPolicy:
     1.9 steps and 9 rows 4.4 on SmolLM2's int8 build).
     """
 
-    def __init__(self, max_rows: int, prior_weight: float = 8.0, prior_slope: float = 0.2, window: int = 8):
+    def __init__(
+        self, max_rows: int, prior_weight: float = 8.0, prior_slope: float = 0.2, window: int = 8, max_tree: int = 0
+    ):
         self.max_rows, self.prior_weight, self.prior_slope = max_rows, prior_weight, prior_slope
+        self.max_tree = max_tree  # the most nodes of a tree pass (0: the build verifies chains only)
         self.counts: dict[tuple[Any, ...], list[float]] = {}  # key -> [drafts tried, kept]
-        self.times: dict[int, deque[float]] = {}  # rows -> seconds of the last passes
+        self.times: dict[int, deque[float]] = {}  # rows -> seconds of the last passes (chains and trees)
         self.window = window
 
     def acceptance(self, key: tuple[Any, ...]) -> float:
@@ -304,9 +431,10 @@ class DraftPolicy:
         return (kept + self.prior_weight * prior_acceptance(key)) / (tried + self.prior_weight)
 
     def cost(self, rows: int) -> float:
-        """A pass over ``rows`` rows in decode steps: timed, else the prior but never below what
-        fewer rows were timed at; and never above what more rows were timed at (more rows do not
-        cost less, so one unlucky pass of a few rows does not rule them out for good)."""
+        """A pass over ``rows`` rows in decode steps (a tree of that many nodes runs the same entries):
+        timed, else the prior but never below what fewer rows were timed at; and never above what
+        more rows were timed at (more rows do not cost less, so one unlucky pass of a few rows does
+        not rule them out for good)."""
         plain = self.times.get(1)
         if rows <= 1 or not plain:
             return 1.0 + self.prior_slope * max(rows - 1, 0)
@@ -335,6 +463,34 @@ class DraftPolicy:
                 best, length = gain, j + 1
         return length
 
+    def choose_tree(self, tree: DraftTree, k: int) -> DraftTree:
+        """The nodes of ``tree`` worth verifying (up to ``k`` and the build's tree size), as a tree:
+        node i is kept, when its parent was, with the acceptance of its key, so a pass yields 1 +
+        the sum over its nodes of their paths' chances; nodes join likeliest first (a parent is never
+        less likely than its child), and the count that yields most per decode step of the pass wins.
+        Empty: a plain step pays more."""
+        chance: list[float] = []
+        for key, parent in zip(tree.keys, tree.parents, strict=True):
+            chance.append(self.acceptance(key) * (chance[parent] if parent >= 0 else 1.0))
+        order = sorted(range(len(tree)), key=lambda i: (-chance[i], i))[: min(k, self.max_tree - 1)]
+        best, length, expected = 1.0, 0, 1.0
+        for j, node in enumerate(order):
+            expected += chance[node]
+            gain = expected / self.cost(j + 2)
+            if gain > best:
+                best, length = gain, j + 1
+        return tree.subtree(order[:length])
+
+    def record_tree(self, tree: DraftTree, path: Sequence[int]) -> None:
+        """Count a tree round: every node whose parent was kept was tried; those on ``path`` (the kept
+        nodes, root first) were kept."""
+        kept = set(path)
+        for node, (key, parent) in enumerate(zip(tree.keys, tree.parents, strict=True)):
+            if parent < 0 or parent in kept:
+                counts = self.counts.setdefault(key, [0.0, 0.0])
+                counts[0] += 1
+                counts[1] += node in kept
+
     def record(self, keys: Sequence[tuple[Any, ...]], accepted: int) -> None:
         """Count a round: the drafts of ``keys`` were tried in order, the first ``accepted`` kept."""
         for j, key in enumerate(keys[: accepted + 1]):
@@ -355,14 +511,15 @@ def default_skip(num_layers: int) -> list[int]:
 # lookup and recycle: the most drafts a pass may take (a verify pass runs up to 16 decode rows);
 # `DraftPolicy` picks how many of them each round verifies.
 DEFAULT_K = {"self": 4, "model": 4, "lookup": 15, "recycle": 15}
-OPTIONS = {"self": {"k", "skip", "exit"}, "model": {"k"}, "lookup": {"k", "ngram"}, "recycle": {"k"}}
-SPEC_FORMS = "self:k=N[,skip=...|,exit=N], model:PATH[:k=N], lookup[:k=N,ngram=N] or recycle[:k=N]"
+OPTIONS = {"self": {"k", "skip", "exit"}, "model": {"k"}, "lookup": {"k", "ngram"}, "recycle": {"k", "tree"}}
+SPEC_FORMS = "self:k=N[,skip=...|,exit=N], model:PATH[:k=N], lookup[:k=N,ngram=N] or recycle[:k=N,tree=0|1]"
 
 
 def parse_speculative(spec: str, model: Generator, load_draft: Callable[[str], Generator]) -> tuple[object, int]:
     """A drafter and k from ``self:k=4``, ``self:k=4,skip=3-9,12``, ``self:k=3,exit=16``,
-    ``model:PATH:k=4``, ``lookup:k=15,ngram=1`` or ``recycle:k=15`` (for these two ``k`` bounds the
-    drafts of a pass and ``ngram`` is the shortest match to copy after; `DraftPolicy` decides the rest).
+    ``model:PATH:k=4``, ``lookup:k=15,ngram=1`` or ``recycle:k=15,tree=1`` (for these two ``k`` bounds the
+    drafts of a pass, ``ngram`` is the shortest match to copy after and ``tree=0`` drafts chains only;
+    `DraftPolicy` decides the rest).
 
     Without ``skip`` or ``exit``, ``self`` uses the skip set stored by `edgert calibrate`,
     else `default_skip`.
@@ -389,7 +546,15 @@ def parse_speculative(spec: str, model: Generator, load_draft: Callable[[str], G
             raise EdgertError(f"--speculative '{spec}': ngram must be in 1..8")
         return LookupDrafter(ngram), k
     if kind == "recycle":
-        return RecycleDrafter(model.vocab_size, LookupDrafter()), k
+        tree = options.get("tree", "1")
+        if tree not in ("0", "1"):
+            raise EdgertError(f"--speculative '{spec}': tree must be 0 (chains) or 1 (token trees)")
+        drafter = RecycleDrafter(model.vocab_size, LookupDrafter(), width=3 if tree == "1" else 1)
+        if tree == "1" and getattr(getattr(model, "cache", None), "tree", 0) <= 1:
+            drafter.note = (
+                "recycle: the build has no tree-verify entry (compile it again), so the best chain is drafted"
+            )
+        return drafter, k
     num_layers = int(model.artifact.manifest["model"]["num_layers"])
     if "exit" in options:
         depth = _int(options["exit"], spec)
@@ -499,7 +664,11 @@ class SpeculativeDecoder:
         # One gate and one policy for every generation: what they learnt carries over.
         self._gate = DraftGate() if self.gate else None
         rows = getattr(getattr(model, "cache", None), "rows", 1)
-        self.policy = DraftPolicy(rows if rows > 1 else k + 1) if (cheap if policy is None else policy) else None
+        # Token trees where the drafter grows them and the build verifies them (`Generator.step_tree`).
+        nodes = getattr(getattr(model, "cache", None), "tree", 0)
+        self.tree = nodes if hasattr(drafter, "tree") and getattr(drafter, "width", 1) > 1 and nodes > 1 else 0
+        use_policy = cheap if policy is None else policy
+        self.policy = DraftPolicy(rows if rows > 1 else k + 1, max_tree=self.tree) if use_policy else None
         self._observe = getattr(drafter, "observe", None)
         self._drafted = False  # whether the last step drafted (for the gate)
 
@@ -571,10 +740,33 @@ class SpeculativeDecoder:
             return [], [], []
         return found.tokens[:length], [None] * length, found.keys[:length]
 
+    def _tree_drafts(self, history: list[int], k: int) -> DraftTree:
+        """This round's draft tree (empty: a plain step): the policy's choice of the drafter's tree, or
+        without a policy its k shallowest nodes."""
+        policy, none = self.policy, DraftTree([], [], [])
+        if policy is not None and not policy.ready:
+            return none
+        limit = min(k, self.tree - 1, getattr(self.model.cache, "rows", 1) - 1)
+        found = self.drafter.tree(history, limit)
+        if found is None:
+            return none
+        if policy is None:  # breadth first: every branch below the pending token gets its chance
+            depth: list[int] = []
+            for parent in found.parents:
+                depth.append(depth[parent] + 1 if parent >= 0 else 0)
+            return found.subtree(sorted(range(len(found)), key=lambda i: (depth[i], i))[:limit])
+        return policy.choose_tree(found, limit)
+
     def _round(self, history: list[int], k: int, sampler: Sampler, params: SamplingParams) -> list[int]:
         """Draft up to k tokens, verify them in one pass; the tokens to emit (kept drafts + one from the full model)."""
         m, stats = self.model, self.stats
-        drafts, draft_logits, keys = self._drafts(history, k, sampler)
+        if self.tree:
+            tree = self._tree_drafts(history, k)
+            if not tree.is_chain:
+                return self._tree_round(history, tree, sampler, params)
+            drafts, draft_logits, keys = tree.tokens, [None] * len(tree), tree.keys  # a chain: decode rows
+        else:
+            drafts, draft_logits, keys = self._drafts(history, k, sampler)
         if not drafts:  # nothing worth verifying: a plain step
             return [self._plain(history, sampler)]
         self._drafted = True
@@ -615,6 +807,66 @@ class SpeculativeDecoder:
             self.policy.record(keys, accepted)
             self.policy.time(k + 1, seconds)
         m.rollback(k - accepted)  # the cache holds the pending token and k drafts; keep the accepted ones
+        return out
+
+    def _tree_round(self, history: list[int], tree: DraftTree, sampler: Sampler, params: SamplingParams) -> list[int]:
+        """Verify a draft tree in one pass and walk it: from the pending token, the child whose token the
+        full model picks (greedy), or with sampling each child in turn kept with probability p(d) and
+        else removed from p (the accept/resample rule for deterministic drafts, one sibling after
+        another), until no child is kept; the tokens to emit."""
+        m, stats = self.model, self.stats
+        self._drafted = True
+        ids = [history[-1], *tree.tokens]
+        parents = [-1, *[p + 1 for p in tree.parents]]
+        t = time.perf_counter()
+        full = m.step_tree(ids, parents)
+        seconds = time.perf_counter() - t
+        stats.verify_seconds += seconds
+        if self._observe is not None:
+            self._observe(ids, full)
+        children: dict[int, list[int]] = {}
+        for node, parent in enumerate(parents[1:], 1):
+            children.setdefault(parent, []).append(node)
+        node, out, seen = 0, [], list(history)
+        while True:
+            kids = children.get(node, [])
+            chosen = None
+            if params.greedy:
+                target = sampler(full[node], seen)
+                chosen = next((c for c in kids if ids[c] == target), None)
+            elif kids:
+                p = token_probabilities(full[node], params, seen)
+                for c in kids:
+                    if sampler.rng.random() < p[ids[c]]:
+                        chosen = c
+                        break
+                    p = p.copy()
+                    p[ids[c]] = 0.0  # the residual max(p - q, 0) of a draft with q = 1 at its token
+                    total = p.sum()
+                    p = p / total if total > 0 else token_probabilities(full[node], params, seen)
+                if chosen is None:
+                    target = int(sampler.rng.choice(p.size, p=p))
+            else:  # a leaf kept: the pass also gives the next token
+                target = sampler(full[node], seen)
+            if chosen is None:
+                out.append(target)
+                break
+            out.append(ids[chosen])
+            seen.append(ids[chosen])
+            node = chosen
+        path = []
+        leaf = node
+        while node > 0:
+            path.append(node - 1)
+            node = parents[node]
+        t = time.perf_counter()
+        m.accept_tree(ids, parents, leaf)
+        seconds += time.perf_counter() - t  # the commit is part of a tree pass's cost (a chain's popn is not)
+        stats.count_round(len(tree), len(out) - 1)
+        stats.trees += 1
+        if self.policy is not None:
+            self.policy.record_tree(tree, path[::-1])
+            self.policy.time(len(ids), seconds)
         return out
 
 

@@ -166,6 +166,7 @@ def llm_rows(args: Any) -> list[Row]:
                             accepted=st.accepted,
                             wasted=st.wasted,
                             plain=st.plain_steps,
+                            trees=st.trees,
                         )
                         tally.update({f"rows{n}": c for n, c in st.passes.items()})
             for name, (got, seconds, tokens) in per.items():
@@ -209,5 +210,6 @@ def draft_summary(c: Counter, costs: dict[int, float]) -> dict[str, Any]:
         "verifies": c["rounds"],
         "wasted_verifies": c["wasted"],
         "plain_steps": c["plain"],
+        "tree_passes": c["trees"],  # verifies over a token tree (costed as a chain of as many rows)
         "modelled": round(c["tokens"] / steps, 3) if steps else 0.0,
     }

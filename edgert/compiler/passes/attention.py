@@ -486,6 +486,127 @@ def rows_append(num_kv_heads: int, head_dim: int, page_size: int = 16) -> tirx.P
     return append.with_attr("global_symbol", "edgert_rows_append")
 
 
+# The kernel TIRPagedKVCache calls for a tree pass over the pages. TVM 0.27's CPU cache lists its two
+# tree kernels in the other order than its C++ reads them (argument 20 is the pages' one), so the
+# cache calls the ragged kernel (``batch_tree_attn``) with the paged kernel's 16 arguments; that is
+# the one replaced. (The other is never reached: edgert's tree passes append before attention.)
+TREE_KERNEL = "batch_tree_attn"
+MAX_TREE = 256  # TVM's kTreeAttnMaxTreeSize: the most nodes of a token tree
+
+
+def paged_tree_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, page_size: int = 16) -> tirx.PrimFunc:
+    """TIRPagedKVCache's tree pass over the pages (``tree_attn_paged_kv_cpu``), as decode steps of each
+    node's path: node a of a token tree attends to the prefix and then its ancestors and itself, in
+    that order, through the same `_softmax_rows` as `paged_decode_attention`, so each node's output is
+    the decode step's at the end of its path bit for bit.
+
+    TVM's kernel visits the tree's rows in their slot order with a mask and an online softmax (and
+    its ragged variant merges a second softmax in): another summation order, so the accepted path's
+    logits would differ from decode's in the last bits and greedy output could drift. The cache runs
+    this kernel when it appends before attention (`PagedKVCache.begin_tree`); ``tree_order`` holds each
+    node's DFS interval [first, second): j is an ancestor of a (or a) iff first_j <= first_a < second_j,
+    and parents come before children, so ancestors are met in depth order.
+    """
+    h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
+    group = h_qo // h_kv
+    lanes = LANES if d % LANES == 0 else 1
+    log2e = math.log2(math.e)
+
+    def key(pages: Any, page_values: Any, first: Any, kv: Any, sink: Any, path: Any, r: Any, i: Any) -> Any:
+        pos = T.if_then_else(r < sink, r, sink + path[T.max(r - sink, 0)])  # prefix rows, then the path's slots
+        return pages[page_values[first + pos // page_size], 0, kv, pos % page_size, i]
+
+    def value(pages: Any, page_values: Any, first: Any, kv: Any, sink: Any, path: Any, r: Any, i: Any) -> Any:
+        pos = T.if_then_else(r < sink, r, sink + path[T.max(r - sink, 0)])
+        return pages[page_values[first + pos // page_size], 1, kv, pos % page_size, i]
+
+    softmax_rows = _softmax_rows(d, lanes, key, value)
+
+    @T.prim_func
+    def tree(
+        q_handle: T.handle,
+        q_indptr_handle: T.handle,
+        pages_handle: T.handle,
+        page_indptr_handle: T.handle,
+        page_values_handle: T.handle,
+        length_info_handle: T.handle,
+        k_rope_pos_offset_handle: T.handle,
+        q_rope_position_handle: T.handle,
+        output_handle: T.handle,
+        lse_handle: T.handle,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+        tree_order_indptr_handle: T.handle,
+        tree_order_handle: T.handle,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        tree_total = T.int32()
+        q_indptr_offset = T.int32()
+        indptr_offset = T.int32()
+        values_offset = T.int32()
+        k_rope_offset = T.int32()
+        q_rope_offset = T.int32()
+        length_offset = T.int32()
+        order_indptr_offset = T.int32()
+        order_offset = T.int32()
+        q = T.match_buffer(q_handle, (total_len, h_qo, d), "float32")
+        q_indptr = T.match_buffer(q_indptr_handle, (batch + 1,), "int32", elem_offset=q_indptr_offset)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d), "float32")
+        page_indptr = T.match_buffer(page_indptr_handle, (batch + 1,), "int32", elem_offset=indptr_offset)
+        page_values = T.match_buffer(page_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
+        last_page_len = T.match_buffer(length_info_handle, (batch,), "int32", elem_offset=length_offset)
+        T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
+        T.match_buffer(q_rope_position_handle, (total_len,), "int32", elem_offset=q_rope_offset)
+        output = T.match_buffer(output_handle, (total_len, h_qo, d), "float32")
+        lse = T.match_buffer(lse_handle, (total_len, h_qo), "float32")
+        order_indptr = T.match_buffer(tree_order_indptr_handle, (batch + 1,), "int32", elem_offset=order_indptr_offset)
+        order = T.match_buffer(tree_order_handle, (tree_total, 2), "int32", elem_offset=order_offset)
+        assert rotary_mode == 0, "edgert's tree attention expects RoPE applied before the cache"
+        for th in T.parallel(total_len * h_qo):  # (node, head) pairs
+            t: T.let[T.int32] = th // h_qo
+            h: T.let[T.int32] = th % h_qo
+            which = T.alloc_buffer((1,), "int32", scope="local")  # the tree (batch entry) of node t
+            which[0] = 0
+            for bb in range(batch):
+                if q_indptr[bb] <= t:
+                    which[0] = bb
+            b: T.let[T.int32] = which[0]
+            first: T.let[T.int32] = page_indptr[b]
+            n_pages: T.let[T.int32] = page_indptr[b + 1] - first
+            full: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+            tree_len: T.let[T.int32] = order_indptr[b + 1] - order_indptr[b]
+            prefix: T.let[T.int32] = full - tree_len
+            node: T.let[T.int32] = order_indptr[b] + t - q_indptr[b] + tree_len - (q_indptr[b + 1] - q_indptr[b])
+            path = T.alloc_buffer((MAX_TREE,), "int32", scope="local")  # the node's ancestors and itself
+            count = T.alloc_buffer((1,), "int32", scope="local")
+            count[0] = 0
+            for j in range(tree_len):
+                if order[order_indptr[b] + j, 0] <= order[node, 0] and order[node, 0] < order[order_indptr[b] + j, 1]:
+                    path[count[0]] = j
+                    count[0] = count[0] + 1
+            length: T.let[T.int32] = prefix + count[0]
+            scores = T.alloc_buffer((nnz_pages * page_size,), "float32")
+            qs = T.alloc_buffer((d,), "float32", scope="local")
+            part = T.alloc_buffer((lanes,), "float32", scope="local")
+            out = T.alloc_buffer((d,), "float32", scope="local")
+            stat = T.alloc_buffer((2,), "float32", scope="local")
+            kv = h // group
+            for i in T.vectorized(d):
+                qs[i] = q[t, h, i] * sm_scale * T.float32(log2e)
+            softmax_rows(pages, page_values, first, kv, 0, length, prefix, path, qs, scores, part, out, stat)
+            for i in T.vectorized(d):
+                output[t, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
+            lse[t, h] = stat[0] + T.log2(T.max(stat[1], T.float32(1e-30)))
+
+    return tree.with_attr("global_symbol", "edgert_paged_tree_attention")
+
+
 def use_fast_decode_attention(
     mod: IRModule, num_kv_heads: int, num_qo_heads: int, head_dim: int, rope_theta: float | None = None
 ) -> IRModule:
@@ -511,6 +632,10 @@ def use_fast_decode_attention(
     if APPEND_KERNEL in names:
         mod[names[APPEND_KERNEL]] = rows_append(num_kv_heads, head_dim).with_attr(
             "global_symbol", names[APPEND_KERNEL].name_hint
+        )
+    if TREE_KERNEL in names:
+        mod[names[TREE_KERNEL]] = paged_tree_attention(num_kv_heads, num_qo_heads, head_dim).with_attr(
+            "global_symbol", names[TREE_KERNEL].name_hint
         )
     if rope_theta is not None and ROPE_KERNEL in names and head_dim % 2 == 0:
         mod[names[ROPE_KERNEL]] = fused_rope(rope_theta, head_dim, num_qo_heads, num_kv_heads).with_attr(

@@ -134,8 +134,11 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
         progress("writing artifact", None)
         entries = net.manifest_entry_points() if hasattr(net, "manifest_entry_points") else entry_points(cfg, evictable)
         # The CPU kernels run a verify pass of up to a page of tokens as decode rows of one sequence
-        # (`PagedKVCache.begin_rows`): each row's logits are a decode step's, bit for bit.
-        verify_rows = {} if job.on_gpu or not rows_verify or "batch_decode" not in entries else {"verify_rows": 16}
+        # (`PagedKVCache.begin_rows`): each row's logits are a decode step's, bit for bit; and a token
+        # tree of up to 16 nodes as a ``verify`` pass, each node as the decode step of its path
+        # (`PagedKVCache.begin_tree`, `compiler.passes.attention.paged_tree_attention`).
+        cpu_rows = not job.on_gpu and rows_verify and "batch_decode" in entries
+        verify_rows = {"verify_rows": 16, "verify_tree": 16} if cpu_rows else {}
         result = job.finish(
             {
                 name: stage / name
