@@ -168,6 +168,7 @@ class Generator:
         )
         self.cached_ids: list[int] = []
         self._one_token: Any = None  # the input tensor of one-token steps (`_tokens`)
+        self._row_entries = self._static_row_entries()
         self.vocab_size = int(manifest["model"]["vocab_size"])
         self.stats = GenerationStats()
         if free_window:
@@ -186,6 +187,24 @@ class Generator:
             self.session, self.context_length, self.prefill_chunk, int(kv["page_size"]), kv["local"], True
         )
         self.cached_ids.clear()
+
+    def _static_row_entries(self) -> frozenset[int]:
+        """Row counts with a static verify entry (``verify_rows_<n>``): the manifest's
+        ``kv_cache.verify_row_entries``; a build from before the field has at most ``verify_rows_5``."""
+        listed = self.artifact.manifest["kv_cache"].get("verify_row_entries", [5])
+        try:
+            counts = {int(n) for n in listed}
+        except (TypeError, ValueError):
+            raise ArtifactError(
+                f"{self.artifact.path}: kv_cache.verify_row_entries is not a list of row counts: {listed!r}"
+            ) from None
+        return frozenset(n for n in counts if self.session.has_entry(f"verify_rows_{n}"))
+
+    def verify_row_entries(self) -> tuple[int, ...]:
+        """The verify pass sizes (tokens) that run through an entry with static shapes, ascending;
+        other sizes up to `PagedKVCache.rows` take the dynamic ``batch_decode`` (a drafting policy
+        may prefer these sizes; it measures their costs either way)."""
+        return tuple(sorted(self._row_entries))
 
     # -- the step function -------------------------------------------------------------
     def step(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
@@ -206,8 +225,8 @@ class Generator:
                 rest = rest[n:]
             return np.concatenate(parts) if all_logits else parts[-1]
         rows = all_logits and 1 < len(ids) <= self.cache.rows  # a verify pass as decode rows: decode's logits
-        if rows:  # 5 rows (4 drafts) have an entry with static shapes where the artifact has one
-            entry = "verify_rows_5" if len(ids) == 5 and self.session.has_entry("verify_rows_5") else "batch_decode"
+        if rows:  # the entry with static shapes for this many rows where the artifact has one
+            entry = f"verify_rows_{len(ids)}" if len(ids) in self._row_entries else "batch_decode"
             self.cache.begin_rows(len(ids))
         else:
             entry = "verify" if all_logits else "decode" if len(ids) == 1 else "prefill"
