@@ -96,6 +96,9 @@ def round_row_group(x, xq, xd, xsi, amax, src, i, g):
         xsi[i, g] = xsi[i, g] + T.Cast("int32", xq[i, g * GROUP + t])
 
 
+assert GROUP == 32, "round_row_group_lanes takes a group as two halves of 16 lanes"
+
+
 def _lane_tree(value: Any, lanes: int, op: Any) -> Any:
     """``op`` over ``value(0) .. value(lanes - 1)`` as a tree of halves."""
     vals = [value(v) for v in range(lanes)]
@@ -477,8 +480,8 @@ def multirow_quant_matmul(
         # have room for m rounded up to 16 rows, so that the tiles address row it * R + r without
         # clamping it: every row of a tile is then one base register plus a constant (clamped, the
         # ten rows of a two-part tile of 5 each took a register, and the rest were reloaded from
-        # the stack before every ``vpdpbusd``). The rows past m are left unset: their sums are
-        # never written out.
+        # the stack before every ``vpdpbusd``). The tiles cover exactly m rows; the rows past m
+        # are left unset.
         xq = T.alloc_buffer((padded(m), k), "int8")
         xd = T.alloc_buffer((padded(m), ng), "float32")
         xs = T.alloc_buffer((padded(m), ng), "float32")
