@@ -249,12 +249,14 @@ def test_quant_kernels_cross_compile_to_neon(tmp_path) -> None:
 
 
 def int8_activation_reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """``x @ w.T`` in float64 with x rounded as the int8 kernels round it: per group of 32, scale max|x|/127."""
+    """``x @ w.T`` in float64 with x rounded as the int8 kernels round it: per group of 32, scale max|x|/127,
+    the codes rounded from float32 products as the kernels form them (a product that float64 puts a
+    hair from a half rounded the other way: one code in 3,168, row 27 of 33 rows)."""
     m, k = x.shape
-    g = x.reshape(m, k // 32, 32).astype(np.float64)
+    g = x.reshape(m, k // 32, 32).astype(np.float32)
     amax = np.abs(g).max(-1, keepdims=True)
-    scale = np.where(amax > 0, 127 / np.where(amax > 0, amax, 1), 0)
-    rounded = np.round(g * scale) * (amax / 127)
+    scale = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, np.float32(1)), np.float32(0))
+    rounded = np.round(g * scale).astype(np.float64) * (amax.astype(np.float64) / 127)
     return rounded.reshape(m, k) @ w.astype(np.float64).T
 
 
@@ -361,8 +363,9 @@ def test_int8_activations_need_a_dot_product_instruction_set() -> None:
 # (kind, N, K): N = 1000 and 37 not multiples of the 32-column tile nor of a 16-lane register,
 # N = 20 one tile of 16 columns, K = 96 three groups (not a multiple of the 64-byte register), K = 32 one.
 VNNI_SHAPES = [("q4", 1000, 96), ("q4", 20, 32), ("q8", 37, 64)]
-# Every static row tile (1, 2, 3, 5, 8, 16) below, at and past its size, and two passes of 16.
-VNNI_ROWS = (1, 2, 3, 4, 5, 8, 9, 16, 17, 33)
+# Every row tile (1..5) alone and after tiles of 5 (6 = 5 + 1, ..., 9 = 5 + 4), up to a verify pass of
+# 16 and past it.
+VNNI_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 16, 17, 33)
 
 
 @pytest.fixture(scope="module")
@@ -389,8 +392,9 @@ def vnni_kernels():
 @pytest.mark.parametrize(("kind", "n", "k"), VNNI_SHAPES)
 def test_vnni_multirow_matmul_matches_numpy(vnni_kernels, kind: str, n: int, k: int) -> None:
     """Every row count gives the product with int8-rounded activations (q8: in two int8 parts) to
-    float32 rounding: rows of one static tile share each unpacked code register, rows past m are
-    not written."""
+    float32 rounding, and each row exactly what it gives alone (a verify pass's rows are decode
+    steps bit for bit, whichever tiles the row count takes): rows of one static tile share each
+    unpacked code register."""
     import tvm
 
     from edgert.compiler.layout import pack_quantized_dot
@@ -411,6 +415,10 @@ def test_vnni_multirow_matmul_matches_numpy(vnni_kernels, kind: str, n: int, k: 
             x[0, :32] = 0  # an all-zero group: activation scale 0
         y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
         lib[f"{kind}_{n}_{k}"](tvm.runtime.tensor(x), *weights, y)
+        for i in (0, m // 2, m - 1):
+            alone = tvm.runtime.tensor(np.full((1, n), np.nan, np.float32))
+            lib[f"{kind}_{n}_{k}"](tvm.runtime.tensor(x[i : i + 1]), *weights, alone)
+            np.testing.assert_array_equal(y.numpy()[i], alone.numpy()[0], err_msg=f"m={m}, row {i}")
         want = (int8_activation_reference if kind == "q4" else int8x2_activation_reference)(x, w)
         err = np.abs(y.numpy() - want) / np.abs(want).max(axis=1, keepdims=True)  # per row's own scale
         # q8: the kernel forms the remainder in float32, so now and then one of its codes rounds the other way
@@ -489,7 +497,7 @@ def test_swiglu_prologue_matches_numpy(swiglu_kernels, kind: str, n: int, k: int
     q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
     weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
     w = q.dequantize()
-    for m in (1, 2, 3, 5, 9, 16):
+    for m in (1, 2, 3, 5, 6, 7, 9, 13, 16):
         x = (rng.standard_normal((m, 2 * k)) * 3).astype(np.float32)
         x[0, :4] = [-100.0, 100.0, -30.0, 30.0]
         gate, up = x[:, :k].astype(np.float64), x[:, k:].astype(np.float64)
@@ -518,7 +526,7 @@ def test_rmsnorm_prologue_matches_numpy(swiglu_kernels, kind: str, n: int, k: in
     weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
     w = q.dequantize()
     gamma = rng.uniform(0.2, 3.0, k).astype(np.float32)
-    for m in (1, 2, 3, 5, 9, 16):
+    for m in (1, 2, 3, 5, 6, 7, 9, 13, 16):
         x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 50, (m, 1))).astype(np.float32)
         x[-1] = 0
         x64 = x.astype(np.float64)

@@ -16,15 +16,33 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# (cached tokens, verified tokens): inside a page, ending on a boundary, crossing one, 16 rows.
-CASES = [(3, 5), (11, 5), (14, 9), (33, 16)]
+# (cached tokens, verified tokens): inside a page, ending on a boundary, crossing one, 8 and 16 rows.
+CASES = [(3, 5), (11, 5), (14, 9), (20, 8), (33, 16)]
 
 
-def _rows_against_steps(model, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+class _Entries:
+    """A session that records the entry points called, and hides the static ``verify_rows_<n>`` ones
+    when ``dynamic`` (so the pass takes ``batch_decode``)."""
+
+    def __init__(self, session, dynamic: bool = False):
+        self._session, self.dynamic, self.called = session, dynamic, []
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
+
+    def has_entry(self, name: str) -> bool:
+        return not (self.dynamic and name.startswith("verify_rows_")) and self._session.has_entry(name)
+
+    def __call__(self, entry: str, *args):
+        self.called.append(entry)
+        return self._session(entry, *args)
+
+
+def _rows_against_steps(model, seed: int, cases=CASES) -> list[tuple[np.ndarray, np.ndarray]]:
     """For each case: the verify pass's logits and those of decode steps, plus one step after each."""
-    rng = np.random.default_rng(seed)
     pairs = []
-    for cached, rows in CASES:
+    for cached, rows in cases:
+        rng = np.random.default_rng([seed, cached, rows])  # a case's tokens do not depend on the others
         ids = [int(t) for t in rng.integers(5, model.vocab_size, cached + rows)]
         model.reset()
         model.prefill(ids[:cached])
@@ -39,10 +57,32 @@ def _rows_against_steps(model, seed: int) -> list[tuple[np.ndarray, np.ndarray]]
 
 
 def _check(model, seed: int) -> None:
-    """Rows equal steps: bit for bit with int8 activations, to float rounding with f32 ones."""
+    """Rows equal steps: bit for bit with int8 activations, to float rounding with f32 ones; passes of
+    5, 8 and 16 rows run their static entries (``verify_rows_<n>``), 9 rows ``batch_decode``, which
+    gives the static entries' logits where they are hidden."""
     assert model.cache.rows == 16 and model.artifact.manifest["kv_cache"]["verify_rows"] == 16
+    assert model.verify_row_entries() == (5, 8, 16)
     exact = model.artifact.manifest["weights"]["activations"] == "int8"
-    for verified, stepped in _rows_against_steps(model, seed):
+    session = model.session
+    try:
+        model.session = spy = _Entries(session)
+        pairs = _rows_against_steps(model, seed)
+        static = [e for e in spy.called if e.startswith("verify_rows_")]
+        assert static == ["verify_rows_5", "verify_rows_5", "verify_rows_8", "verify_rows_16"]
+        assert spy.called.count("batch_decode") == 1  # the pass of 9 rows
+        model.session = spy = _Entries(session, dynamic=True)
+        model._row_entries = model._static_row_entries()  # read at load: as a build without the entries
+        dynamic = _rows_against_steps(model, seed, CASES[-2:])
+        assert "batch_decode" in spy.called and not any(e.startswith("verify_rows_") for e in spy.called)
+    finally:
+        model.session = session
+        model._row_entries = model._static_row_entries()
+    for (verified, _), (verified_dynamic, _) in zip(pairs[-2:], dynamic, strict=True):
+        if exact:
+            np.testing.assert_array_equal(verified_dynamic, verified)
+        else:  # static shapes may give the float kernels another schedule
+            np.testing.assert_allclose(verified_dynamic, verified, atol=1e-4)
+    for verified, stepped in pairs:
         assert verified.shape == stepped.shape
         if exact:
             np.testing.assert_array_equal(verified, stepped)

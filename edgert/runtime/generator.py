@@ -169,6 +169,7 @@ class Generator:
         )
         self.cached_ids: list[int] = []
         self._one_token: Any = None  # the input tensor of one-token steps (`_tokens`)
+        self._row_entries = self._static_row_entries()
         self.vocab_size = int(manifest["model"]["vocab_size"])
         self.stats = GenerationStats()
         if free_window:
@@ -187,6 +188,24 @@ class Generator:
             self.session, self.context_length, self.prefill_chunk, int(kv["page_size"]), kv["local"], True
         )
         self.cached_ids.clear()
+
+    def _static_row_entries(self) -> frozenset[int]:
+        """Row counts with a static verify entry (``verify_rows_<n>``): the manifest's
+        ``kv_cache.verify_row_entries``; a build from before the field has at most ``verify_rows_5``."""
+        listed = self.artifact.manifest["kv_cache"].get("verify_row_entries", [5])
+        try:
+            counts = {int(n) for n in listed}
+        except (TypeError, ValueError):
+            raise ArtifactError(
+                f"{self.artifact.path}: kv_cache.verify_row_entries is not a list of row counts: {listed!r}"
+            ) from None
+        return frozenset(n for n in counts if self.session.has_entry(f"verify_rows_{n}"))
+
+    def verify_row_entries(self) -> tuple[int, ...]:
+        """The verify pass sizes (tokens) that run through an entry with static shapes, ascending;
+        other sizes up to `PagedKVCache.rows` take the dynamic ``batch_decode`` (a drafting policy
+        may prefer these sizes; it measures their costs either way)."""
+        return tuple(sorted(self._row_entries))
 
     # -- the step function -------------------------------------------------------------
     def step(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
@@ -241,9 +260,9 @@ class Generator:
         return to_numpy(logits)[:, 0]
 
     def _rows_entry(self, n: int) -> str:
-        """The entry that runs ``n`` decode rows: 5 rows (4 drafts) have one with static shapes where
-        the artifact has it."""
-        return "verify_rows_5" if n == 5 and self.session.has_entry("verify_rows_5") else "batch_decode"
+        """The entry that runs ``n`` decode rows (a chain or a tree): the one with static shapes for
+        this many rows where the artifact has it (`verify_row_entries`), else ``batch_decode``."""
+        return f"verify_rows_{n}" if n in self._row_entries else "batch_decode"
 
     def accept_tree(self, ids: Sequence[int], parents: Sequence[int], leaf: int) -> None:
         """Keep the path from the root of the last `step_tree` to node ``leaf`` in the cache."""

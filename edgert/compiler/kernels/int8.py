@@ -37,11 +37,10 @@ from edgert.compiler.kernels.fastmath import fast_exp
 from edgert.compiler.kernels.quant import GROUP
 
 ISAS = ("avx2", "avx512vnni", "dotprod")
-# Static row tiles of `multirow_quant_matmul`: m rows take the smallest tile >= m (16: in a loop),
-# rows past m are computed from unset activations and not written. Every tile costs LLVM time per
-# kernel shape, so not every m gets its own: 4 is a server's batch of 4 clients (in the tile of 5
-# it paid a fifth row), 5 a verify pass over 4 drafts.
-ROW_TILES = (1, 2, 3, 4, 5, 8, 16)
+# Static row tiles of `multirow_quant_matmul`: m rows go as m // 5 tiles of 5 and the rest in a
+# tile of its size, so no row is computed for nothing. Every tile costs LLVM time per kernel shape:
+# 4 is a server's batch of 4 clients, 5 a verify pass over 4 drafts.
+ROW_TILES = (1, 2, 3, 4, 5)
 
 
 def dot_isa(features: set[str] | list[str]) -> str | None:
@@ -95,6 +94,39 @@ def round_row_group(x, xq, xd, xsi, amax, src, i, g):
             ),
         )
         xsi[i, g] = xsi[i, g] + T.Cast("int32", xq[i, g * GROUP + t])
+
+
+assert GROUP == 32, "round_row_group_lanes takes a group as two halves of 16 lanes"
+
+
+def _lane_tree(value: Any, lanes: int, op: Any) -> Any:
+    """``op`` over ``value(0) .. value(lanes - 1)`` as a tree of halves."""
+    vals = [value(v) for v in range(lanes)]
+    while len(vals) > 1:
+        vals = [op(vals[v], vals[v + len(vals) // 2]) for v in range(len(vals) // 2)]
+    return vals[0]
+
+
+@T.macro
+def round_row_group_lanes(x, xq, xd, xsi, amax, lanes, ilanes, src, i, g):
+    """`round_row_group` 16 lanes at a time: the largest magnitude and the sum of the codes, exact in any
+    order, are taken over lanes and then across them; the codes are the same products rounded. (One
+    element at a time, its chain of 32 maxima and the serial rounding cost about 0.2 us a row of 576,
+    on one thread before the matmul: a step's 121 matmuls paid it for every row of a verify pass.)"""
+    for v in T.vectorized(16):
+        lanes[v] = T.max(T.fabs(x[src, g * GROUP + v]), T.fabs(x[src, g * GROUP + 16 + v]))
+    amax[0] = _lane_tree(lambda v: lanes[v], 16, T.max)
+    xd[i, g] = amax[0] / T.float32(127)
+    for t in T.vectorized(GROUP):
+        xq[i, g * GROUP + t] = T.Cast(
+            "int8",
+            T.round(
+                x[src, g * GROUP + t] * T.if_then_else(amax[0] > T.float32(0), T.float32(127) / amax[0], T.float32(0))
+            ),
+        )
+    for v in T.vectorized(16):
+        ilanes[v] = T.Cast("int32", xq[i, g * GROUP + v]) + T.Cast("int32", xq[i, g * GROUP + 16 + v])
+    xsi[i, g] = _lane_tree(lambda v: ilanes[v], 16, lambda a, b: a + b)
 
 
 @T.macro
@@ -233,7 +265,7 @@ def int8_quant_matmul(k: int, n: int, block: int, kind: str, isa: str) -> tirx.P
 # 16-column register of codes is loaded and unpacked once per K step and multiplied into every
 # row's int32 accumulator; the float scale (and the q4 min) is applied once per group of 32.
 # With 16 columns per chunk the R int32 and R float accumulators plus the unpacked codes fit
-# the 32 zmm registers up to R = 8 (R = 16 keeps its float accumulators in L1).
+# the 32 zmm registers up to R = 8; more rows go in several tiles (`ROW_TILES`).
 # ``vpdpbusd`` multiplies unsigned by signed bytes: q4 codes (0..15) are the unsigned operand
 # as they are; q8 codes get +128 (a xor of the sign bit) and the accumulator starts at
 # -128 * (the sum of the group's int8 activations), which takes the offset back out exactly.
@@ -322,14 +354,16 @@ def multirow_quant_matmul(
         return wide, na
 
     @T.macro
-    def tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, rows: T.int32, cw: T.int32, na: T.int32):
-        for jo in T.parallel(nb):
+    def tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, jo, first, count, rows: T.int32, cw, na):
+        # ``count`` tiles of ``rows`` rows from row ``first``, in column tile ``jo``.
+        if count > 0:
             acc = T.alloc_buffer((rows, cw, cols), "float32", scope="local")
             isum = T.alloc_buffer((rows, cw, na, cols), "int32", scope="local")
             wv = T.alloc_buffer((cw, 2, nbytes), wdt, scope="local")
             d = T.alloc_buffer((cols,), "float32", scope="local")
             lo = T.alloc_buffer((cols,), "float32", scope="local")
-            for it in range((m + rows - 1) // rows):
+            for it in range(count):
+                top = first + it * rows  # the tile's first row
                 for co in range(chunks // cw):
                     for r, ci in T.grid(rows, cw):
                         acc[r, ci, T.ramp(0, 1, cols)] = T.broadcast(T.float32(0), cols)
@@ -340,8 +374,8 @@ def multirow_quant_matmul(
                                     for a in T.unroll(na):
                                         isum[r, ci, a, T.ramp(0, 1, cols)] = T.broadcast(T.int32(0), cols)
                                 else:  # takes the +128 of the q8 codes back out, for each activation part
-                                    isum[r, ci, 0, T.ramp(0, 1, cols)] = T.broadcast(xo[it * rows + r, g], cols)
-                                    isum[r, ci, 1, T.ramp(0, 1, cols)] = T.broadcast(xo2[it * rows + r, g], cols)
+                                    isum[r, ci, 0, T.ramp(0, 1, cols)] = T.broadcast(xo[top + r, g], cols)
+                                    isum[r, ci, 1, T.ramp(0, 1, cols)] = T.broadcast(xo2[top + r, g], cols)
                         for kk in T.unroll(per_g):
                             for ci in T.unroll(cw):
                                 c = co * cw + ci
@@ -363,7 +397,7 @@ def multirow_quant_matmul(
                                         [jo, g * per_g + kk, c * cols, 0], f"int8x{nbytes}"
                                     )
                             for r in T.unroll(rows):
-                                row = it * rows + r
+                                row = top + r
                                 for ci in T.unroll(cw):
                                     if q4:
                                         isum[r, ci, 0, T.ramp(0, 1, cols)] = dot(
@@ -398,7 +432,7 @@ def multirow_quant_matmul(
                                 d[v] = T.Cast("float32", sc[jo, g, (co * cw + ci) * cols + v])
                                 lo[v] = T.Cast("float32", mn[jo, g, (co * cw + ci) * cols + v]) if q4 else T.float32(0)
                             for r in T.unroll(rows):
-                                row = it * rows + r
+                                row = top + r
                                 for v in T.vectorized(cols):
                                     if two:
                                         acc[r, ci, v] = (
@@ -413,27 +447,29 @@ def multirow_quant_matmul(
                                     if q4:
                                         acc[r, ci, v] = acc[r, ci, v] + xs[row, g] * lo[v]
                     for r, ci in T.grid(rows, cw):
-                        if it * rows + T.Cast("int64", r) < m:
+                        if top + T.Cast("int64", r) < m:
                             if jo < full:
                                 for v in T.vectorized(cols):
-                                    y[it * rows + r, jo * block + (co * cw + ci) * cols + v] = acc[r, ci, v]
+                                    y[top + r, jo * block + (co * cw + ci) * cols + v] = acc[r, ci, v]
                             else:
                                 for v in range(cols):
                                     if jo * block + (co * cw + ci) * cols + v < n:
-                                        y[it * rows + r, jo * block + (co * cw + ci) * cols + v] = acc[r, ci, v]
+                                        y[top + r, jo * block + (co * cw + ci) * cols + v] = acc[r, ci, v]
 
     def padded(m: Any) -> Any:  # rows of the activation buffers: m rounded up to the largest tile
         return (m + 15) // 16 * 16
 
     @T.macro
     def quantize(x, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, m):
+        lanes = T.alloc_buffer((16,), "float32", scope="local")
+        ilanes = T.alloc_buffer((16,), "int32", scope="local")
         for i, g in T.grid(m, ng):
-            round_row_group(x, xq, xd, xo, amax, i, i, g)
+            round_row_group_lanes(x, xq, xd, xo, amax, lanes, ilanes, i, i, g)
             xs[i, g] = T.Cast("float32", xo[i, g]) * xd[i, g]
             if two:  # the second part: the remainder x - xd * xq rounded to int8 on its own scale
-                for t in range(GROUP):
+                for t in T.vectorized(GROUP):
                     rest[0, g * GROUP + t] = x[i, g * GROUP + t] - T.Cast("float32", xq[i, g * GROUP + t]) * xd[i, g]
-                round_row_group(rest, xq2, xd2, xo2, amax, 0, i, g)
+                round_row_group_lanes(rest, xq2, xd2, xo2, amax, lanes, ilanes, 0, i, g)
                 xo2[i, g] = xo2[i, g] * T.int32(-128)
             xo[i, g] = xo[i, g] * T.int32(-128)
 
@@ -444,8 +480,8 @@ def multirow_quant_matmul(
         # have room for m rounded up to 16 rows, so that the tiles address row it * R + r without
         # clamping it: every row of a tile is then one base register plus a constant (clamped, the
         # ten rows of a two-part tile of 5 each took a register, and the rest were reloaded from
-        # the stack before every ``vpdpbusd``). The rows past m are left unset: their sums are
-        # never written out.
+        # the stack before every ``vpdpbusd``). The tiles cover exactly m rows; the rows past m
+        # are left unset.
         xq = T.alloc_buffer((padded(m), k), "int8")
         xd = T.alloc_buffer((padded(m), ng), "float32")
         xs = T.alloc_buffer((padded(m), ng), "float32")
@@ -469,32 +505,41 @@ def multirow_quant_matmul(
             # `topi.nn.rms_norm` (the squares summed one by one), so that the int8 activations are
             # those of the unfused graph: a 16-lane sum changed SmolLM2's greedy continuations
             # (llama.cpp's Q4_1 file, first 16 tokens: 3 of 8 prompts matched instead of 5)
+            # Four rows' sums advance side by side (each still one by one, in its own order): a chain
+            # of k dependent additions per row cost as much as the rest of the prologue.
             act = T.alloc_buffer((m, k), "float32")
-            for i in range(m):
-                amax[0] = T.float32(0)
+            sq = T.alloc_buffer((4,), "float32", scope="local")
+            for ib in range((m + 3) // 4):
+                for r in T.unroll(4):
+                    sq[r] = T.float32(0)
                 for t in range(k):
-                    amax[0] = amax[0] + x[i, t] * x[i, t]
-                amax[0] = T.rsqrt(amax[0] / T.float32(k) + T.float32(eps))
-                for to in range(k // 16):
-                    for v in T.vectorized(16):
-                        act[i, to * 16 + v] = x[i, to * 16 + v] * amax[0] * T.Cast("float32", gamma[to * 16 + v])
+                    for r in T.unroll(4):  # rows past m repeat the last one, and are not used
+                        sq[r] = sq[r] + x[T.min(ib * 4 + r, m - 1), t] * x[T.min(ib * 4 + r, m - 1), t]
+                for r in range(4):
+                    if ib * 4 + r < m:
+                        amax[0] = T.rsqrt(sq[r] / T.float32(k) + T.float32(eps))
+                        for to in range(k // 16):
+                            for v in T.vectorized(16):
+                                act[ib * 4 + r, to * 16 + v] = (
+                                    x[ib * 4 + r, to * 16 + v] * amax[0] * T.Cast("float32", gamma[to * 16 + v])
+                                )
             quantize(act, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, m)
         else:
             quantize(x, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, m)
-        if m == 1:
-            tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, 1, *shape(1))
-        elif m == 2:
-            tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, 2, *shape(2))
-        elif m == 3:
-            tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, 3, *shape(3))
-        elif m == 4:
-            tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, 4, *shape(4))
-        elif m == 5:
-            tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, 5, *shape(5))
-        elif m <= 8:
-            tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, 8, *shape(8))
-        else:
-            tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, 16, *shape(16))
+        # Every row in a tile of its own count (`ROW_TILES`), none computed for nothing: tiles of 5,
+        # then the rest (1..4 rows) in a tile of its size. The tiles of one column tile follow each
+        # other, so its codes come from memory once and from L1 after that. (Tiles of 8 (one chunk
+        # of columns at a time) and 16 (spilling) cost more per row than tiles of 5: 8 rows 7.9 ->
+        # 6.0 ms, 12 rows 9.7 -> 8.0, a step's matmuls on a layer's worth of weights each, loaded.)
+        tail = m % 5
+        after = m - tail  # the first row after the tiles of 5
+        for jo in T.parallel(nb):
+            acts = (xq, xd, xs, xo, xq2, xd2, xo2)
+            tiles(qw, sc, mn, y, m, *acts, jo, 0, m // 5, 5, *shape(5))
+            tiles(qw, sc, mn, y, m, *acts, jo, after, T.Cast("int64", tail == 4), 4, *shape(4))
+            tiles(qw, sc, mn, y, m, *acts, jo, after, T.Cast("int64", tail == 3), 3, *shape(3))
+            tiles(qw, sc, mn, y, m, *acts, jo, after, T.Cast("int64", tail == 2), 2, *shape(2))
+            tiles(qw, sc, mn, y, m, *acts, jo, after, T.Cast("int64", tail == 1), 1, *shape(1))
 
     @T.macro
     def body_plain(x, qw, sc, mn, y, m):

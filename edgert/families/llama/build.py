@@ -23,6 +23,7 @@ from edgert.compiler.layout import apply_cpu_layout
 from edgert.compiler.passes.attention import use_fast_cache_attention, use_fast_decode_attention
 from edgert.compiler.quantize import QUANT_MODES, choose_storage, storage_kind
 from edgert.errors import EdgertError
+from edgert.families.llama.model import VERIFY_ROW_ENTRIES
 from edgert.runtime.exits import range_spans
 from edgert.runtime.piece_bpe import compact_tables
 
@@ -139,6 +140,8 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
         # (`PagedKVCache.begin_tree`, `compiler.passes.attention.paged_tree_attention`).
         cpu_rows = not job.on_gpu and rows_verify and "batch_decode" in entries
         verify_rows = {"verify_rows": 16, "verify_tree": 16} if cpu_rows else {}
+        if verify_rows:  # the row counts with a static entry (`Generator.verify_row_entries`)
+            verify_rows["verify_row_entries"] = [n for n in VERIFY_ROW_ENTRIES if f"verify_rows_{n}" in entries]
         result = job.finish(
             {
                 name: stage / name
@@ -265,9 +268,12 @@ def entry_points(cfg: Any, evictable: bool = False) -> dict[str, Any]:
             "inputs": [{**ids, "shape": ["batch_size", 1]}, cache],
             "outputs": [{**logits, "shape": ["batch_size", 1, cfg.vocab_size]}, cache],
         },
-        "verify_rows_5": {
-            "inputs": [{**ids, "shape": [5, 1]}, cache],
-            "outputs": [{**logits, "shape": [5, 1, cfg.vocab_size]}, cache],
+        **{
+            f"verify_rows_{n}": {
+                "inputs": [{**ids, "shape": [n, 1]}, cache],
+                "outputs": [{**logits, "shape": [n, 1, cfg.vocab_size]}, cache],
+            }
+            for n in VERIFY_ROW_ENTRIES
         },
         **_layer_entry_points(cfg),
         "create_kv_cache": create_kv_cache_entry(cache),

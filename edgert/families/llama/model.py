@@ -32,7 +32,12 @@ from edgert.runtime.exits import range_spans
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM"]
 
-VERIFY_ROWS = 5  # the rows of the static verify entry (`verify_rows_5`)
+# Row counts with a static verify entry (``verify_rows_<n>``, `batch_decode` with static shapes: no
+# shape computations at run time, `Generator.step`); other counts up to ``kv_cache.verify_rows``
+# run `batch_decode`. Few: each entry compiles its own static-shape kernels (all of 2..16: SmolLM2's
+# build 12 -> 39 s), and the dynamic pass measured within 0.03 decode steps of the static one
+# (SmolLM2, 5, 8 and 16 rows, 1 and 2 threads, loaded).
+VERIFY_ROW_ENTRIES = (5, 8, 16)
 
 
 def normed(linear: nn.Module, norm: nn.RMSNorm, x: Tensor) -> Tensor:
@@ -198,8 +203,9 @@ class LlamaForCausalLM(nn.Module):
         """
         return self._logits(self._stack(self._embed(input_ids), cache)), cache
 
-    def verify_rows_5(self, input_ids: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
-        """`batch_decode` of 5 consecutive tokens of one sequence (a verify pass as decode rows)."""
+    def verify_rows(self, input_ids: Tensor, cache: PagedKVCache) -> tuple[Tensor, PagedKVCache]:
+        """`batch_decode` of consecutive tokens of one sequence (a verify pass as decode rows), exported
+        once per count of `VERIFY_ROW_ENTRIES` as ``verify_rows_<n>`` with static shapes."""
         return self.batch_decode(input_ids, cache)
 
     # -- a KV budget: true positions in, rotated queries out ---------------------------------
@@ -315,6 +321,8 @@ class LlamaForCausalLM(nn.Module):
             object.__setattr__(self, f"layers_{a}_{b}", functools.partial(self.layer_range, a, b))
         for a, b in fill_spans:
             object.__setattr__(self, f"kv_fill_{a}_{b}", functools.partial(self.kv_fill_range, a, b))
+        for n in VERIFY_ROW_ENTRIES:
+            object.__setattr__(self, f"verify_rows_{n}", self.verify_rows)
         spec = {
             "prefill": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
             "prefill_rows": {
@@ -326,9 +334,12 @@ class LlamaForCausalLM(nn.Module):
             "verify": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "cache": cache, "$": packed},
             "decode": {"input_ids": nn.spec.Tensor([1, 1], "int32"), "cache": cache, "$": packed},
             "batch_decode": {"input_ids": nn.spec.Tensor(["batch_size", 1], "int32"), "cache": cache, "$": packed},
-            # batch_decode at a verify pass's usual 5 rows (4 drafts), with static shapes: no shape
-            # computations at run time (`Generator.step`).
-            "verify_rows_5": {"input_ids": nn.spec.Tensor([VERIFY_ROWS, 1], "int32"), "cache": cache, "$": packed},
+            # batch_decode at each verify pass's row count, with static shapes: no shape computations
+            # at run time (`Generator.step`).
+            **{
+                f"verify_rows_{n}": {"input_ids": nn.spec.Tensor([n, 1], "int32"), "cache": cache, "$": packed}
+                for n in VERIFY_ROW_ENTRIES
+            },
             "embed": {"input_ids": nn.spec.Tensor([1, "seq_len"], "int32"), "$": packed},
             "head": {"h": hidden, "$": packed},
             **{

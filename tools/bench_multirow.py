@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""The multi-row int8 kernels (`kernels.int8.multirow_quant_matmul`) of one SmolLM2 step, by row count,
+against another version of ``kernels/int8.py``; outputs asserted equal bit for bit.
+
+    git show main:edgert/compiler/kernels/int8.py > /tmp/int8_main.py
+    TVM_NUM_THREADS=1 python tools/bench_multirow.py --against /tmp/int8_main.py --rows 1 5 8 16
+
+Each kernel of a step (q/k/v and gate/up with the RMSNorm prologue, down with SwiGLU's, the output
+projection, the q8 LM head with RMSNorm) gets one copy of its weights per layer, cycled, so that
+they come from memory as in a step; ``--prologue`` times 32-column kernels instead (what the
+activation prologue costs per call). With one thread the figure is the thread's CPU time (another
+process holding the core does not count). Prints a step's matmul milliseconds per row count and
+its ratio to one row's, per version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# name, kind, K, N, prologue, calls per step (SmolLM2-135M: 30 layers)
+STEP = [
+    ("qkv", "q4", 576, 960, "rmsnorm", 30),
+    ("gate_up", "q4", 576, 3072, "rmsnorm", 30),
+    ("down", "q4", 1536, 576, "swiglu", 30),
+    ("o", "q4", 576, 576, "", 30),
+    ("head", "q8", 576, 49152, "rmsnorm", 1),
+]
+
+
+def _load(path: Path, tag: str):
+    spec = importlib.util.spec_from_file_location(tag, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tvm
+    from tvm.target import codegen
+
+    from edgert.compiler.passes.pipeline import tir_pipeline
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", type=Path, action="append", default=[], help="another int8.py (repeatable)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 5, 8, 16])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--prologue", action="store_true", help="32 columns: the prologue's cost")
+    args = parser.parse_args(argv)
+    here = Path(__file__).resolve().parent.parent / "edgert/compiler/kernels/int8.py"
+    versions = [here, *args.against]
+    shapes = [(n, kind, k, 32 if args.prologue else cols, pro, per) for n, kind, k, cols, pro, per in STEP]
+    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    libs = []
+    for vi, path in enumerate(versions):
+        mod = _load(path, f"int8_v{vi}")
+        funcs = {
+            f"{name}_{vi}": mod.multirow_quant_matmul(k, n, 32, kind, "avx512vnni", pro).with_attr(
+                "global_symbol", f"{name}_{vi}"
+            )
+            for name, kind, k, n, pro, _ in shapes
+        }
+        libs.append(tvm.compile(tvm.IRModule(funcs), target=target, tir_pipeline=tir_pipeline()).jit())
+    rng = np.random.default_rng(0)
+    weights: dict[str, list] = {}
+    res: dict[tuple, list[float]] = {}
+    for _ in range(args.rounds):
+        for m in args.rows:
+            for name, kind, k, n, pro, per in shapes:
+                x = [tvm.runtime.tensor(rng.standard_normal((m, 2 * k if pro == "swiglu" else k)).astype("float32"))]
+                if pro == "rmsnorm":
+                    x.append(tvm.runtime.tensor(rng.uniform(0.5, 2, k).astype("float32")))
+                nb, ng, kq = -(-n // 32), k // 32, k // 8 if kind == "q4" else k // 4
+                if name not in weights:
+                    copies = []
+                    for _ in range(1 if args.prologue else per):
+                        codes = rng.integers(0, 255, (nb, kq, 32, 4)).astype("uint8" if kind == "q4" else "int8")
+                        scales = [(rng.standard_normal((nb, ng, 32)) * 0.01).astype("float16")]
+                        copies.append([tvm.runtime.tensor(a) for a in [codes, *scales * (2 if kind == "q4" else 1)]])
+                    weights[name] = copies
+                copies = weights[name]
+                outs = []
+                for vi, lib in enumerate(libs):
+                    f = lib[f"{name}_{vi}"]
+                    y = tvm.runtime.tensor(np.zeros((m, n), "float32"))
+                    f(*x, *copies[0], y)
+                    calls = max(len(copies) * 2, 200 if args.prologue else 4)
+                    clock = time.thread_time if tvm.runtime.num_threads() == 1 else time.perf_counter
+                    t = clock()
+                    for i in range(calls):
+                        f(*x, *copies[i % len(copies)], y)
+                    res.setdefault((vi, m, name), []).append((clock() - t) / calls)
+                    outs.append(y.numpy())
+                for o in outs[1:]:
+                    np.testing.assert_array_equal(o, outs[0], err_msg=f"{name}, {m} rows")
+    for vi, path in enumerate(versions):
+        one = None
+        for m in args.rows:
+            step = sum(min(res[(vi, m, name)]) * per for name, *_, per in shapes)
+            one = one or step
+            parts = ", ".join(f"{name} {min(res[(vi, m, name)]) * 1e6:.1f}" for name, *_ in shapes)
+            print(f"{path}: {m:3d} rows {step * 1e3:.3f} ms = {step / one:.2f} x one row | us: {parts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
