@@ -55,3 +55,14 @@ def test_the_longest_continuation_wins_then_the_latest() -> None:
     assert drafts([1, 2, 3, 4, 5, 1, 2, 6], [SOT, 1, 2], k=3) == ([3, 4, 5], 2)
     # Both continuations full length: the later one, from the tokens so far.
     assert drafts([1, 2, 3, 4], [SOT, 1, 2, 5, 6, 1, 2], k=2) == ([5, 6], 2)
+
+
+def test_after_a_timestamp_only_the_reference_drafts_in_full() -> None:
+    # A segment boundary ". <|t|> <|t|>" matched in the tokens so far: any sentence start follows one,
+    # so the draft is its first token only ...
+    context = [SOT, TS, 1, 2, 13, TS + 80, TS + 80, 1, 5, 13, TS + 150, TS + 150]
+    assert drafts([], context) == ([1], 3)
+    # ... while the reference, what the window hears again, drafts in full after its start timestamp.
+    assert drafts([SOT, TS, 7, 8, 9, 10], [SOT, TS + 3]) == ([7, 8, 9, 10], 2)
+    # Text after the boundary drafts in full again.
+    assert drafts([], [*context, 1]) == ([5, 13], 3)

@@ -226,27 +226,39 @@ def lookup_drafts(
     on (the timestamps) match each other. No draft runs past the end of ``reference``. A single
     token (n = 1) matches in ``reference`` only: in the tokens decoded so far and the prompt (the
     previous text) its next token was right for 1 of 46 drafts on long-form speech, in the previous
-    hypothesis of the same audio for 45 of 67. Returns the draft and n (0: nothing matched).
+    hypothesis of the same audio for 45 of 67. After a timestamp (a segment boundary) a match in the
+    prompt or the tokens so far drafts one token: its n-gram (". <|t|> <|t|>") holds one word and
+    matches every sentence start; on the bench's long-form speech those drafts kept the first
+    word ("The") or nothing, never more (`tools/whisper_draft_replay.py`: 1.25x -> 1.31x). The
+    reference's aligned head (what the next window hears again, after its start timestamp) drafts
+    in full. Returns the draft and n (0: nothing matched).
     """
-    corpus = np.asarray([*reference, -1, *context], np.int64)  # -1: no n-gram or draft spans the join
-    keys = corpus if wildcard_from is None else np.where(corpus >= wildcard_from, wildcard_from, corpus)
+    tokens = [*reference, -1, *context]  # -1: no n-gram or draft spans the join
+    corpus = np.asarray(tokens, np.int64)
+    keys = corpus if wildcard_from is None else np.minimum(corpus, wildcard_from)
     stop = np.iinfo(np.int64).max if special_from is None else special_from
     size = len(keys)
+    boundary = wildcard_from is not None and bool(context) and context[-1] >= wildcard_from
+    # Where the tail's last token occurs before it: every n-gram match ends at one of these (narrowed
+    # one token back per n; a window over the whole corpus per n cost ~3x as much on short corpora).
+    ends = np.flatnonzero(keys[: size - 1] == keys[size - 1])
     for n in range(min(ngram, len(context)), 0, -1):
-        # Windows of n tokens that start before the tail does, compared with the tail.
-        windows = np.lib.stride_tricks.sliding_window_view(keys[: size - 1], n)
-        starts = np.flatnonzero((windows == keys[size - n :]).all(axis=1))
+        found = ends[ends >= n - 1]
+        for j in range(1, n):
+            found = found[keys[found - j] == keys[size - 1 - j]]
+        starts = found - (n - 1)
         if n == 1:  # a lone token recurs too often in running text: only the reference's say what follows
             starts = starts[starts < len(reference)]
         if not starts.size:
             continue
         best: list[int] = []
-        for start in starts[::-1]:
+        for start in starts[::-1].tolist():
             draft: list[int] = []
-            for t in corpus[start + n : start + n + k]:
+            length = 1 if boundary and start >= len(reference) else k
+            for t in tokens[start + n : start + n + length]:
                 if t < 0 or t >= stop:
                     break
-                draft.append(int(t))
+                draft.append(t)
             if len(draft) > len(best):
                 best = draft
                 if len(best) == k:
@@ -311,7 +323,12 @@ class LookupSeq2Seq(GreedyVariant):
         pass of its own. From an empty cache those rows' logits are the prefill's bit for bit
         (`tests/test_whisper_speculative.py`), so the tokens stay plain greedy decoding's."""
         m, layers = self.model, self.layers
-        k = min(self.k, m.max_length - len(prompt) - 1, max_new - 1, layers.rows - len(prompt))
+        # No more rows than a round's pass (k drafts and the pending token): the build's row tiles are
+        # sized for it (7 on AVX-512), and an 8th row costs a tile of its own (0.2 decode steps; the
+        # replay of the bench's streaming decodes: 1.43x -> 1.45x with k = 6).
+        k = min(
+            self.k, m.max_length - len(prompt) - 1, max_new - 1, layers.rows - len(prompt), self.k + 1 - len(prompt)
+        )
         if not self._reference or k < 1 or (self.gate is not None and not self.gate.draft_now()):
             return None
         drafts, _ = lookup_drafts(self._reference, self._prompt, k, self.ngram, self.wildcard_from, self.special_from)
