@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4, help="also a batch of N sequences (0: none)")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=30, help="calls per timing")
+    parser.add_argument("--tile-tasks", type=int, help="this version's TILE_TASKS (default: its own)")
     args = parser.parse_args(argv)
     here = Path(__file__).resolve().parent.parent / "edgert/compiler/passes/attention.py"
     versions = [here, *args.against]
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     funcs = []
     for i, path in enumerate(versions):
         module = _load(path, f"attention_v{i}")
+        if i == 0 and args.tile_tasks is not None:
+            module.TILE_TASKS = args.tile_tasks
         mod = tvm.IRModule({"f": module.paged_decode_attention(H_KV, H_QO, D, PAGE).with_attr("global_symbol", "f")})
         funcs.append(tvm.compile(mod, target=target)["f"])
     cases = [(c, r, 1) for c in args.contexts for r in args.rows]

@@ -38,9 +38,10 @@ APPEND_KERNEL = "tir_kv_cache_transpose_append"  # its copy of new keys and valu
 ROPE_KERNEL = "fused_rope"  # its split of the fused q/k/v projection, with RoPE on q and k
 LANES = 16
 EXP_LANES = 16  # rows whose exps `_paged_rows` takes in one vector
-# Fewer (row, KV head) tasks than this run as (row, head) tasks instead: a decode step of a model with
-# 3 KV heads would otherwise give one of 2 threads twice the other's work.
-TILE_TASKS = 4
+# Fewer (row, KV head) tasks than this run as (row, head) tasks instead (a decode step of a model with one
+# KV head would be one task). With 3 KV heads on 2 threads the tiles still win: a (key, head) pair costs
+# 3.4 ns in a tile of 3 heads and 5.8 alone (SmolLM2, 864 keys, tools/bench_attention.py).
+TILE_TASKS = 2
 
 
 def _lane_sum(part: Any, lanes: int, op: Any = None) -> Any:
@@ -85,6 +86,42 @@ def _paged_rows(d: int, lanes: int, page_size: int, g: int = 1) -> Any:
     return _softmax_rows(d, lanes, key, value, g)
 
 
+def _lane_sums_16() -> Any:
+    """``scores[at + r] = _lane_sum(pb[base + 16 r .. base + 16 r + 15])`` for 16 rows r, as vector adds of
+    shuffled rows: the tree's step of width w adds, for every row, lane v and lane v + w (v < w) as
+    `_lane_sum` does, two rows per vector at w = 8, four at 4, eight at 2, sixteen at 1, so each sum
+    is the same adds of the same values (15 adds and their shuffles for 16 rows, not 16 reductions)."""
+    n = LANES
+    s1x = [v for v in range(8)] + [16 + v for v in range(8)]  # rows r, s: lanes 0..7 of each
+    s2x = [8 * m + v for m in range(4) for v in range(4)]  # four rows' 8 lanes: their first 4
+    s3x = [4 * m + v for m in range(8) for v in range(2)]
+    s4x = [2 * m for m in range(16)]
+    s1y, s2y, s3y, s4y = [x + 8 for x in s1x], [x + 4 for x in s2x], [x + 2 for x in s3x], [x + 1 for x in s4x]
+
+    @T.macro
+    def lane_sums(pb, base, scores, at):
+        a = T.alloc_buffer((8 * n,), "float32", scope="local")
+        b = T.alloc_buffer((4 * n,), "float32", scope="local")
+        c = T.alloc_buffer((2 * n,), "float32", scope="local")
+        for p in T.unroll(8):
+            a[T.Ramp(p * n, 1, n)] = T.Shuffle(
+                [pb[T.Ramp(base + 2 * p * n, 1, n)], pb[T.Ramp(base + (2 * p + 1) * n, 1, n)]], s1x
+            ) + T.Shuffle([pb[T.Ramp(base + 2 * p * n, 1, n)], pb[T.Ramp(base + (2 * p + 1) * n, 1, n)]], s1y)
+        for p in T.unroll(4):
+            b[T.Ramp(p * n, 1, n)] = T.Shuffle([a[T.Ramp(2 * p * n, 1, n)], a[T.Ramp((2 * p + 1) * n, 1, n)]], s2x) + (
+                T.Shuffle([a[T.Ramp(2 * p * n, 1, n)], a[T.Ramp((2 * p + 1) * n, 1, n)]], s2y)
+            )
+        for p in T.unroll(2):
+            c[T.Ramp(p * n, 1, n)] = T.Shuffle([b[T.Ramp(2 * p * n, 1, n)], b[T.Ramp((2 * p + 1) * n, 1, n)]], s3x) + (
+                T.Shuffle([b[T.Ramp(2 * p * n, 1, n)], b[T.Ramp((2 * p + 1) * n, 1, n)]], s3y)
+            )
+        scores[T.Ramp(at, 1, n)] = T.Shuffle([c[T.Ramp(0, 1, n)], c[T.Ramp(n, 1, n)]], s4x) + T.Shuffle(
+            [c[T.Ramp(0, 1, n)], c[T.Ramp(n, 1, n)]], s4y
+        )
+
+    return lane_sums
+
+
 def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
     """`_paged_rows` with row r's key and value element i read by ``key(a, b, first, kv, sink, start,
     r, i)`` and ``value(...)``: the paged kernels pass the pages and the page table as ``a``, ``b``;
@@ -97,13 +134,31 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
     """
     vl = EXP_LANES
     chunks = d // lanes
+    blocks = lanes == LANES
+    lane_sums = _lane_sums_16()
 
     @T.macro
     def rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, span, part, out, stat):
         vec = T.alloc_buffer((vl,), "float32", scope="local")
         kbuf = T.alloc_buffer((d,), "float32", scope="local")
         vbuf = T.alloc_buffer((4 * d,), "float32", scope="local")
-        for r in range(lo, hi):
+        pb = T.alloc_buffer((g * LANES * LANES,), "float32", scope="local")  # query j, row rr: its 16 partial sums
+        if blocks:  # 16 rows at a time: each query's 16 partial sums, then their lane sums together
+            for rb in range((hi - lo) // LANES):
+                for rr in T.unroll(LANES):
+                    for i in T.vectorized(d):
+                        kbuf[i] = key(pages, page_values, first, kv, sink, start, lo + rb * LANES + rr, i)
+                    for j in T.unroll(g):
+                        for v in T.vectorized(LANES):
+                            pb[(j * LANES + rr) * LANES + v] = T.float32(0)
+                        for c in T.unroll(chunks):
+                            for v in T.vectorized(LANES):
+                                pb[(j * LANES + rr) * LANES + v] = (
+                                    pb[(j * LANES + rr) * LANES + v] + qs[j * d + c * LANES + v] * kbuf[c * LANES + v]
+                                )
+                for j in T.unroll(g):
+                    lane_sums(pb, j * LANES * LANES, scores, j * span + lo + rb * LANES)
+        for r in range(lo + T.if_then_else(blocks, (hi - lo) // LANES * LANES, 0), hi):
             for i in T.vectorized(d):
                 kbuf[i] = key(pages, page_values, first, kv, sink, start, r, i)
             for j in T.unroll(g):
