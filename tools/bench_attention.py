@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     import tvm
     from tvm.target import codegen
 
+    from edgert.compiler.passes.pipeline import tir_pipeline
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", type=Path, action="append", default=[], help="another attention.py")
     parser.add_argument("--contexts", type=int, nargs="+", default=[64, 256, 864])
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if i == 0 and args.tile_tasks is not None:
             module.TILE_TASKS = args.tile_tasks
         mod = tvm.IRModule({"f": module.paged_decode_attention(H_KV, H_QO, D, PAGE).with_attr("global_symbol", "f")})
-        funcs.append(tvm.compile(mod, target=target)["f"])
+        funcs.append(tvm.compile(mod, target=target, tir_pipeline=tir_pipeline())["f"])  # as a build does
     cases = [(c, r, 1) for c in args.contexts for r in args.rows]
     cases += [(c, 1, args.batch) for c in args.contexts if args.batch > 1]
     rng = np.random.default_rng(0)

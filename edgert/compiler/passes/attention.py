@@ -38,10 +38,12 @@ APPEND_KERNEL = "tir_kv_cache_transpose_append"  # its copy of new keys and valu
 ROPE_KERNEL = "fused_rope"  # its split of the fused q/k/v projection, with RoPE on q and k
 LANES = 16
 EXP_LANES = 16  # rows whose exps `_paged_rows` takes in one vector
-# Fewer (row, KV head) tasks than this run as (row, head) tasks instead (a decode step of a model with one
-# KV head would be one task). With 3 KV heads on 2 threads the tiles still win: a (key, head) pair costs
-# 3.4 ns in a tile of 3 heads and 5.8 alone (SmolLM2, 864 keys, tools/bench_attention.py).
-TILE_TASKS = 2
+# Fewer (row, KV head) tasks than this run as (row, head) tasks, with the same sums. Alone the kernel
+# favours tiles even for a SmolLM2 decode step (3 KV heads: 3.9 against 6.1 us at 128 keys, one thread,
+# tools/bench_attention.py), but in the model that step's attention call took 0.68 ms against 0.51
+# (`edgert bench --verify-rows 5 --operators -t 1`, loaded, 2026-12-05): 3 tasks leave one of 2 threads
+# idle, so decode keeps its 9 head tasks and rows (5 x 3 tasks and more) take the tiles.
+TILE_TASKS = 4
 
 
 def _lane_sum(part: Any, lanes: int, op: Any = None) -> Any:
