@@ -159,41 +159,44 @@ def test_rows_equal_decode_steps(kernels, prefix: int, rows: int) -> None:
         np.testing.assert_allclose(together[i], _reference(q[i], k, v, 0.125)[0], atol=2e-5)
 
 
-@pytest.mark.parametrize("length", [45, 16, 5])
+@pytest.mark.parametrize("length", [47, 20, 8])
 def test_head_tasks_equal_kv_head_tiles(kernels, length: int) -> None:
-    """One sequence with one KV head runs as one task per query head (too few KV-head tasks for the
-    threads); four sequences run as KV-head tiles of 4 query heads. Both give the same bits, and the
-    numpy reference's values: 16-row blocks of lane sums, the rows after them, and no block."""
+    """With one KV head, a decode step runs one task per query head; 4 rows of one sequence run as
+    KV-head tiles of 4 query heads. Row i equals the decode step at its position bit for bit, and the
+    numpy reference: 16-row blocks of lane sums, the rows after them, and no block."""
     import tvm
 
     rng = np.random.default_rng(length)
     pages = rng.standard_normal((6, 2, 1, PAGE, 64)).astype(np.float32)
     n = -(-length // PAGE)
     order = rng.permutation(6)[:n].astype(np.int32)
-    q = rng.standard_normal((1, 4, 64)).astype(np.float32)
+    q = rng.standard_normal((4, 4, 64)).astype(np.float32)
 
-    def run(batch: int) -> np.ndarray:
+    def run(q_rows: np.ndarray, seen: int, positions: list[int]) -> np.ndarray:
+        """The kernel over ``len(positions)`` entries of the sequence's first ``seen`` tokens."""
+        batch, used = len(positions), -(-seen // PAGE)
         out = tvm.runtime.tensor(np.full((batch, 4, 64), np.nan, np.float32))
         lse = tvm.runtime.tensor(np.full((batch, 4), np.nan, np.float32))
         aux = [
-            np.repeat(q, batch, axis=0),
+            q_rows,
             pages,
-            np.arange(batch + 1, dtype=np.int32) * n,
-            np.tile(order, batch),
-            np.full(batch, length - (n - 1) * PAGE, np.int32),
+            np.arange(batch + 1, dtype=np.int32) * used,
+            np.tile(order[:used], batch),
+            np.full(batch, seen - (used - 1) * PAGE, np.int32),
             np.zeros(batch, np.int32),
-            np.full(batch, length - 1, np.int32),
+            np.array(positions, np.int32),
         ]
-        kernels["mqa_64"](*[tvm.runtime.tensor(a) for a in aux], out, lse, 0, 1.0, 1e4, 0.125)
+        kernels["mqa_64"](*[tvm.runtime.tensor(x) for x in aux], out, lse, 0, 1.0, 1e4, 0.125)
         return out.numpy()
 
-    alone, tiled = run(1), run(4)
-    for b in range(4):
-        np.testing.assert_array_equal(tiled[b], alone[0])
-    slots = [(order[r // PAGE], r % PAGE) for r in range(length)]
-    k = np.stack([pages[pg, 0, :, sl] for pg, sl in slots])
-    v = np.stack([pages[pg, 1, :, sl] for pg, sl in slots])
-    np.testing.assert_allclose(alone[0], _reference(q[0], k, v, 0.125)[0], atol=2e-5)
+    tiled = run(q, length, [length - 4 + i for i in range(4)])
+    for i in range(4):
+        seen = length - 3 + i
+        np.testing.assert_array_equal(tiled[i], run(q[i : i + 1], seen, [seen - 1])[0], err_msg=f"row {i}")
+        slots = [(order[r // PAGE], r % PAGE) for r in range(seen)]
+        k = np.stack([pages[pg, 0, :, sl] for pg, sl in slots])
+        v = np.stack([pages[pg, 1, :, sl] for pg, sl in slots])
+        np.testing.assert_allclose(tiled[i], _reference(q[i], k, v, 0.125)[0], atol=2e-5)
 
 
 def test_compiled_llama_uses_this_kernel() -> None:

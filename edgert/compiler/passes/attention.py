@@ -41,8 +41,7 @@ EXP_LANES = 16  # rows whose exps `_paged_rows` takes in one vector
 # Fewer (row, KV head) tasks than this run as (row, head) tasks, with the same sums. Alone the kernel
 # favours tiles even for a SmolLM2 decode step (3 KV heads: 3.9 against 6.1 us at 128 keys, one thread,
 # tools/bench_attention.py), but in the model that step's attention call took 0.68 ms against 0.51
-# (`edgert bench --verify-rows 5 --operators -t 1`, loaded, 2026-12-05): 3 tasks leave one of 2 threads
-# idle, so decode keeps its 9 head tasks and rows (5 x 3 tasks and more) take the tiles.
+# (`edgert bench --verify-rows 5 --operators -t 1`, loaded, 2026-12-05).
 TILE_TASKS = 4
 
 
@@ -299,7 +298,13 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
                         ] = pages[
                             page_values[first + n_pages - 1], kv_part, j, (full - 1) % page_size - back + page_size, i
                         ]
-        if batch * h_kv >= TILE_TASKS:  # (row, KV head) tasks: the KV head's query heads share its loads
+        # Rows of one sequence (entry 0 sits before its sequence's end) share their keys and values: they go
+        # as (row, KV head) tiles, the KV head's query heads sharing its loads. Separate sequences (a
+        # server's batch) and decode steps keep (row, head) tasks: tiles of cold pages cost more in the
+        # model (`tools/batch_gain.py`, 4 rows: 1.75 one-row steps against 1.51, loaded).
+        n0: T.let[T.int32] = page_indptr[1] - page_indptr[0]
+        full0: T.let[T.int32] = T.if_then_else(n0 > 0, (n0 - 1) * page_size + last_page_len[0], 0)
+        if batch * h_kv >= TILE_TASKS and q_rope_position[0] - k_rope_pos_offset[0] < full0 - 1:
             for bk in T.parallel(batch * h_kv):
                 b: T.let[T.int32] = bk // h_kv
                 first: T.let[T.int32] = page_indptr[b]
