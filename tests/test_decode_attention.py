@@ -56,6 +56,7 @@ def kernels():
     funcs = {
         f"attn_{d}": paged_decode_attention(2, 6, d, PAGE).with_attr("global_symbol", f"attn_{d}") for d in (64, 48)
     }
+    funcs["mqa_64"] = paged_decode_attention(1, 4, 64, PAGE).with_attr("global_symbol", "mqa_64")
     funcs["prefill_64"] = paged_prefill_attention(2, 6, 64, PAGE).with_attr("global_symbol", "prefill_64")
     funcs["append_64"] = rows_append(2, 64, PAGE).with_attr("global_symbol", "append_64")
     funcs["ragged_48"] = ragged_prefill_attention(2, 6, 48).with_attr("global_symbol", "ragged_48")
@@ -156,6 +157,46 @@ def test_rows_equal_decode_steps(kernels, prefix: int, rows: int) -> None:
         k = np.stack([b[p, 0, :, s] for p, s in held[: prefix + i + 1]])
         v = np.stack([b[p, 1, :, s] for p, s in held[: prefix + i + 1]])
         np.testing.assert_allclose(together[i], _reference(q[i], k, v, 0.125)[0], atol=2e-5)
+
+
+@pytest.mark.parametrize("length", [47, 20, 8])
+def test_head_tasks_equal_kv_head_tiles(kernels, length: int) -> None:
+    """With one KV head, a decode step runs one task per query head; 4 rows of one sequence run as
+    KV-head tiles of 4 query heads. Row i equals the decode step at its position bit for bit, and the
+    numpy reference: 16-row blocks of lane sums, the rows after them, and no block."""
+    import tvm
+
+    rng = np.random.default_rng(length)
+    pages = rng.standard_normal((6, 2, 1, PAGE, 64)).astype(np.float32)
+    n = -(-length // PAGE)
+    order = rng.permutation(6)[:n].astype(np.int32)
+    q = rng.standard_normal((4, 4, 64)).astype(np.float32)
+
+    def run(q_rows: np.ndarray, seen: int, positions: list[int]) -> np.ndarray:
+        """The kernel over ``len(positions)`` entries of the sequence's first ``seen`` tokens."""
+        batch, used = len(positions), -(-seen // PAGE)
+        out = tvm.runtime.tensor(np.full((batch, 4, 64), np.nan, np.float32))
+        lse = tvm.runtime.tensor(np.full((batch, 4), np.nan, np.float32))
+        aux = [
+            q_rows,
+            pages,
+            np.arange(batch + 1, dtype=np.int32) * used,
+            np.tile(order[:used], batch),
+            np.full(batch, seen - (used - 1) * PAGE, np.int32),
+            np.zeros(batch, np.int32),
+            np.array(positions, np.int32),
+        ]
+        kernels["mqa_64"](*[tvm.runtime.tensor(x) for x in aux], out, lse, 0, 1.0, 1e4, 0.125)
+        return out.numpy()
+
+    tiled = run(q, length, [length - 4 + i for i in range(4)])
+    for i in range(4):
+        seen = length - 3 + i
+        np.testing.assert_array_equal(tiled[i], run(q[i : i + 1], seen, [seen - 1])[0], err_msg=f"row {i}")
+        slots = [(order[r // PAGE], r % PAGE) for r in range(seen)]
+        k = np.stack([pages[pg, 0, :, sl] for pg, sl in slots])
+        v = np.stack([pages[pg, 1, :, sl] for pg, sl in slots])
+        np.testing.assert_allclose(tiled[i], _reference(q[i], k, v, 0.125)[0], atol=2e-5)
 
 
 def test_compiled_llama_uses_this_kernel() -> None:

@@ -38,6 +38,11 @@ APPEND_KERNEL = "tir_kv_cache_transpose_append"  # its copy of new keys and valu
 ROPE_KERNEL = "fused_rope"  # its split of the fused q/k/v projection, with RoPE on q and k
 LANES = 16
 EXP_LANES = 16  # rows whose exps `_paged_rows` takes in one vector
+# Fewer (row, KV head) tasks than this run as (row, head) tasks, with the same sums. Alone the kernel
+# favours tiles even for a SmolLM2 decode step (3 KV heads: 3.9 against 6.1 us at 128 keys, one thread,
+# tools/bench_attention.py), but in the model that step's attention call took 0.68 ms against 0.51
+# (`edgert bench --verify-rows 5 --operators -t 1`, loaded, 2026-12-05).
+TILE_TASKS = 4
 
 
 def _lane_sum(part: Any, lanes: int, op: Any = None) -> Any:
@@ -50,7 +55,7 @@ def _lane_sum(part: Any, lanes: int, op: Any = None) -> Any:
     return vals[0]
 
 
-def _paged_rows(d: int, lanes: int, page_size: int) -> Any:
+def _paged_rows(d: int, lanes: int, page_size: int, g: int = 1) -> Any:
     """The two passes of one (query, head) over rows ``lo`` .. ``hi`` - 1 of a sequence's pages: each
     score ``qs·k`` into ``scores`` and their maximum into ``stat[0]``, then ``out = sum exp2(score -
     max) v`` and the sum of the exps into ``stat[1]``. Row r lives at position r before ``sink`` and
@@ -79,63 +84,157 @@ def _paged_rows(d: int, lanes: int, page_size: int) -> Any:
         page, slot = at(page_values, first, sink, start, r)
         return pages[page, 1, kv, slot, i]
 
-    return _softmax_rows(d, lanes, key, value)
+    return _softmax_rows(d, lanes, key, value, g)
 
 
-def _softmax_rows(d: int, lanes: int, key: Any, value: Any) -> Any:
-    """`_paged_rows` with row r's key and value element i read by ``key(a, b, first, kv, sink, start,
-    r, i)`` and ``value(...)``: the paged kernels pass the pages and the page table as ``a``, ``b``;
-    the ragged one its key and value arrays."""
-    vl = EXP_LANES
+def _lane_sums_16() -> Any:
+    """``scores[at + r] = _lane_sum(pb[base + 16 r .. base + 16 r + 15])`` for 16 rows r, as vector adds of
+    shuffled rows: the tree's step of width w adds, for every row, lane v and lane v + w (v < w) as
+    `_lane_sum` does, two rows per vector at w = 8, four at 4, eight at 2, sixteen at 1, so each sum
+    is the same adds of the same values (15 adds and their shuffles for 16 rows, not 16 reductions)."""
+    n = LANES
+    s1x = [v for v in range(8)] + [16 + v for v in range(8)]  # rows r, s: lanes 0..7 of each
+    s2x = [8 * m + v for m in range(4) for v in range(4)]  # four rows' 8 lanes: their first 4
+    s3x = [4 * m + v for m in range(8) for v in range(2)]
+    s4x = [2 * m for m in range(16)]
+    s1y, s2y, s3y, s4y = [x + 8 for x in s1x], [x + 4 for x in s2x], [x + 2 for x in s3x], [x + 1 for x in s4x]
 
     @T.macro
-    def rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, part, out, stat):
+    def lane_sums(pb, base, scores, at):
+        a = T.alloc_buffer((8 * n,), "float32", scope="local")
+        b = T.alloc_buffer((4 * n,), "float32", scope="local")
+        c = T.alloc_buffer((2 * n,), "float32", scope="local")
+        for p in T.unroll(8):
+            a[T.Ramp(p * n, 1, n)] = T.Shuffle(
+                [pb[T.Ramp(base + 2 * p * n, 1, n)], pb[T.Ramp(base + (2 * p + 1) * n, 1, n)]], s1x
+            ) + T.Shuffle([pb[T.Ramp(base + 2 * p * n, 1, n)], pb[T.Ramp(base + (2 * p + 1) * n, 1, n)]], s1y)
+        for p in T.unroll(4):
+            b[T.Ramp(p * n, 1, n)] = T.Shuffle([a[T.Ramp(2 * p * n, 1, n)], a[T.Ramp((2 * p + 1) * n, 1, n)]], s2x) + (
+                T.Shuffle([a[T.Ramp(2 * p * n, 1, n)], a[T.Ramp((2 * p + 1) * n, 1, n)]], s2y)
+            )
+        for p in T.unroll(2):
+            c[T.Ramp(p * n, 1, n)] = T.Shuffle([b[T.Ramp(2 * p * n, 1, n)], b[T.Ramp((2 * p + 1) * n, 1, n)]], s3x) + (
+                T.Shuffle([b[T.Ramp(2 * p * n, 1, n)], b[T.Ramp((2 * p + 1) * n, 1, n)]], s3y)
+            )
+        scores[T.Ramp(at, 1, n)] = T.Shuffle([c[T.Ramp(0, 1, n)], c[T.Ramp(n, 1, n)]], s4x) + T.Shuffle(
+            [c[T.Ramp(0, 1, n)], c[T.Ramp(n, 1, n)]], s4y
+        )
+
+    return lane_sums
+
+
+def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
+    """`_paged_rows` with row r's key and value element i read by ``key(a, b, first, kv, sink, start,
+    r, i)`` and ``value(...)``: the paged kernels pass the pages and the page table as ``a``, ``b``;
+    the ragged one its key and value arrays.
+
+    ``g`` queries (the query heads of one KV head) go through the rows together: each key and value
+    vector is loaded once into ``kbuf`` / ``vbuf`` and used by all of them, while each query keeps its
+    own sums in the one-query order (``qs``, ``part``, ``out``, ``stat`` and ``scores`` hold query j's
+    at ``j * d``, ``j * lanes``, ``j * d``, ``2 * j`` and ``j * span``), so its bits are those of ``g = 1``.
+    """
+    vl = EXP_LANES
+    chunks = d // lanes
+    blocks = lanes == LANES
+    lane_sums = _lane_sums_16()
+
+    @T.macro
+    def rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, span, part, out, stat):
         vec = T.alloc_buffer((vl,), "float32", scope="local")
-        for r in range(lo, hi):
-            for v in T.vectorized(lanes):
-                part[v] = T.float32(0)
-            for c in range(d // lanes):
+        kbuf = T.alloc_buffer((d,), "float32", scope="local")
+        vbuf = T.alloc_buffer((4 * d,), "float32", scope="local")
+        pb = T.alloc_buffer((g * LANES * LANES,), "float32", scope="local")  # query j, row rr: its 16 partial sums
+        if blocks:  # 16 rows at a time: each query's 16 partial sums, then their lane sums together
+            for rb in range((hi - lo) // LANES):
+                for rr in T.unroll(LANES):
+                    for i in T.vectorized(d):
+                        kbuf[i] = key(pages, page_values, first, kv, sink, start, lo + rb * LANES + rr, i)
+                    for j in T.unroll(g):
+                        for v in T.vectorized(LANES):
+                            pb[(j * LANES + rr) * LANES + v] = T.float32(0)
+                        for c in T.unroll(chunks):
+                            for v in T.vectorized(LANES):
+                                pb[(j * LANES + rr) * LANES + v] = (
+                                    pb[(j * LANES + rr) * LANES + v] + qs[j * d + c * LANES + v] * kbuf[c * LANES + v]
+                                )
+                for j in T.unroll(g):
+                    lane_sums(pb, j * LANES * LANES, scores, j * span + lo + rb * LANES)
+        for r in range(lo + T.if_then_else(blocks, (hi - lo) // LANES * LANES, 0), hi):
+            for i in T.vectorized(d):
+                kbuf[i] = key(pages, page_values, first, kv, sink, start, r, i)
+            for j in T.unroll(g):
                 for v in T.vectorized(lanes):
-                    part[v] = part[v] + qs[c * lanes + v] * key(
-                        pages, page_values, first, kv, sink, start, r, c * lanes + v
-                    )
-            scores[r] = _lane_sum(part, lanes)
-        for v in T.vectorized(vl):
-            vec[v] = T.float32(-3.0e38)
-        for ro in range((hi - lo) // vl):
+                    part[j * lanes + v] = T.float32(0)
+                for c in T.unroll(chunks):
+                    for v in T.vectorized(lanes):
+                        part[j * lanes + v] = part[j * lanes + v] + qs[j * d + c * lanes + v] * kbuf[c * lanes + v]
+                scores[j * span + r] = _lane_sum([part[j * lanes + v] for v in range(lanes)], lanes)
+        for j in T.unroll(g):
             for v in T.vectorized(vl):
-                vec[v] = T.max(vec[v], scores[lo + ro * vl + v])
-        stat[0] = _lane_sum(vec, vl, T.max)
-        for r in range(lo + (hi - lo) // vl * vl, hi):
-            stat[0] = T.max(stat[0], scores[r])
-        for ro in range((hi - lo) // vl):
-            for v in T.vectorized(vl):
-                scores[lo + ro * vl + v] = fast_exp2(scores[lo + ro * vl + v] - stat[0])
-        for r in range(lo + (hi - lo) // vl * vl, hi):
-            scores[r] = fast_exp2(scores[r] - stat[0])
-        stat[1] = T.float32(0)
-        for i in T.vectorized(d):
-            out[i] = T.float32(0)
+                vec[v] = T.float32(-3.0e38)
+            for ro in range((hi - lo) // vl):
+                for v in T.vectorized(vl):
+                    vec[v] = T.max(vec[v], scores[j * span + lo + ro * vl + v])
+            stat[2 * j] = _lane_sum(vec, vl, T.max)
+            for r in range(lo + (hi - lo) // vl * vl, hi):
+                stat[2 * j] = T.max(stat[2 * j], scores[j * span + r])
+            for ro in range((hi - lo) // vl):
+                for v in T.vectorized(vl):
+                    scores[j * span + lo + ro * vl + v] = fast_exp2(scores[j * span + lo + ro * vl + v] - stat[2 * j])
+            for r in range(lo + (hi - lo) // vl * vl, hi):
+                scores[j * span + r] = fast_exp2(scores[j * span + r] - stat[2 * j])
+            stat[2 * j + 1] = T.float32(0)
+            for i in T.vectorized(d):
+                out[j * d + i] = T.float32(0)
         for ro in range((hi - lo) // 4):
             r0: T.let[T.int32] = lo + ro * 4
-            stat[1] = stat[1] + ((scores[r0] + scores[r0 + 1]) + (scores[r0 + 2] + scores[r0 + 3]))
-            for i in T.vectorized(d):
-                out[i] = out[i] + (
-                    (
-                        scores[r0] * value(pages, page_values, first, kv, sink, start, r0, i)
-                        + scores[r0 + 1] * value(pages, page_values, first, kv, sink, start, r0 + 1, i)
+            for u in T.unroll(4):
+                for i in T.vectorized(d):
+                    vbuf[u * d + i] = value(pages, page_values, first, kv, sink, start, r0 + u, i)
+            for j in T.unroll(g):
+                s: T.let[T.int32] = j * span + r0
+                stat[2 * j + 1] = stat[2 * j + 1] + ((scores[s] + scores[s + 1]) + (scores[s + 2] + scores[s + 3]))
+                for i in T.vectorized(d):
+                    out[j * d + i] = out[j * d + i] + (
+                        (scores[s] * vbuf[i] + scores[s + 1] * vbuf[d + i])
+                        + (scores[s + 2] * vbuf[2 * d + i] + scores[s + 3] * vbuf[3 * d + i])
                     )
-                    + (
-                        scores[r0 + 2] * value(pages, page_values, first, kv, sink, start, r0 + 2, i)
-                        + scores[r0 + 3] * value(pages, page_values, first, kv, sink, start, r0 + 3, i)
-                    )
-                )
         for r in range(lo + (hi - lo) // 4 * 4, hi):
-            stat[1] = stat[1] + scores[r]
             for i in T.vectorized(d):
-                out[i] = out[i] + scores[r] * value(pages, page_values, first, kv, sink, start, r, i)
+                vbuf[i] = value(pages, page_values, first, kv, sink, start, r, i)
+            for j in T.unroll(g):
+                stat[2 * j + 1] = stat[2 * j + 1] + scores[j * span + r]
+                for i in T.vectorized(d):
+                    out[j * d + i] = out[j * d + i] + scores[j * span + r] * vbuf[i]
 
     return rows
+
+
+def _head_task(d: int, lanes: int, g: int, softmax_rows: Any) -> Any:
+    """The per-task prologue and epilogue every kernel here puts around `_softmax_rows`: queries
+    ``q[t, h0 .. h0 + g - 1]`` scaled by ``sm_scale * log2(e)``, their outputs normalized into
+    ``output[t, h0 ..]`` and their log2-sum-exps into ``lse[t, h0 ..]`` (``empty`` where no row is visible)."""
+    log2e = math.log2(math.e)
+
+    @T.macro
+    def task(q, t, h0, output, lse, pages, page_values, first, kv, lo, hi, sink, start, span, sm_scale, empty):
+        scores = T.alloc_buffer((g * span,), "float32")
+        qs = T.alloc_buffer((g * d,), "float32", scope="local")
+        part = T.alloc_buffer((g * lanes,), "float32", scope="local")
+        out = T.alloc_buffer((g * d,), "float32", scope="local")
+        stat = T.alloc_buffer((2 * g,), "float32", scope="local")  # per query: max, sum of exps
+        for j in T.unroll(g):
+            for i in T.vectorized(d):
+                qs[j * d + i] = q[t, h0 + j, i] * sm_scale * T.float32(log2e)
+        softmax_rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, span, part, out, stat)
+        for j in T.unroll(g):
+            for i in T.vectorized(d):  # no visible row: zeros, as TVM's kernels give
+                output[t, h0 + j, i] = out[j * d + i] / T.max(stat[2 * j + 1], T.float32(1e-30))
+            lse[t, h0 + j] = T.if_then_else(
+                hi > lo, stat[2 * j] + T.log2(T.max(stat[2 * j + 1], T.float32(1e-30))), empty
+            )
+
+    return task
 
 
 def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, page_size: int = 16) -> tirx.PrimFunc:
@@ -143,9 +242,8 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
-    log2e = math.log2(math.e)
-
-    softmax_rows = _paged_rows(d, lanes, page_size)
+    tiled = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group))
+    single = _head_task(d, lanes, 1, _paged_rows(d, lanes, page_size))
 
     @T.prim_func
     def decode(
@@ -200,27 +298,64 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
                         ] = pages[
                             page_values[first + n_pages - 1], kv_part, j, (full - 1) % page_size - back + page_size, i
                         ]
-        for bh in T.parallel(batch * h_qo):  # (row, head) pairs: a verify pass's rows share the threads
-            b: T.let[T.int32] = bh // h_qo
-            h: T.let[T.int32] = bh % h_qo
-            first: T.let[T.int32] = page_indptr[b]
-            n_pages: T.let[T.int32] = page_indptr[b + 1] - first
-            full: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
-            # A query sees the positions up to its own: all of them in a decode step; in a verify pass
-            # run as rows of one sequence (`rows_append`), each row the prefix and the rows before it.
-            length: T.let[T.int32] = T.max(T.min(full, q_rope_position[b] - k_rope_pos_offset[b] + 1), 0)
-            scores = T.alloc_buffer((nnz_pages * page_size,), "float32")  # a bound known outside the loop
-            qs = T.alloc_buffer((d,), "float32", scope="local")
-            part = T.alloc_buffer((lanes,), "float32", scope="local")
-            out = T.alloc_buffer((d,), "float32", scope="local")
-            stat = T.alloc_buffer((2,), "float32", scope="local")  # running max, sum of exps
-            kv = h // group
-            for i in T.vectorized(d):
-                qs[i] = q[b, h, i] * sm_scale * T.float32(log2e)
-            softmax_rows(pages, page_values, first, kv, 0, length, length, 0, qs, scores, part, out, stat)
-            for i in T.vectorized(d):  # an empty sequence gives zeros, as TVM's kernel does
-                output[b, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
-            lse[b, h] = stat[0] + T.log2(T.max(stat[1], T.float32(1e-30)))
+        # Rows of one sequence (entry 0 sits before its sequence's end) share their keys and values: they go
+        # as (row, KV head) tiles, the KV head's query heads sharing its loads. Separate sequences (a
+        # server's batch) and decode steps keep (row, head) tasks: tiles of cold pages cost more in the
+        # model (`tools/batch_gain.py`, 4 rows: 1.75 one-row steps against 1.51, loaded).
+        n0: T.let[T.int32] = page_indptr[1] - page_indptr[0]
+        full0: T.let[T.int32] = T.if_then_else(n0 > 0, (n0 - 1) * page_size + last_page_len[0], 0)
+        if batch * h_kv >= TILE_TASKS and q_rope_position[0] - k_rope_pos_offset[0] < full0 - 1:
+            for bk in T.parallel(batch * h_kv):
+                b: T.let[T.int32] = bk // h_kv
+                first: T.let[T.int32] = page_indptr[b]
+                n_pages: T.let[T.int32] = page_indptr[b + 1] - first
+                full: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+                # A query sees the positions up to its own: all of them in a decode step; in a verify pass
+                # run as rows of one sequence (`rows_append`), each row the prefix and the rows before it.
+                length: T.let[T.int32] = T.max(T.min(full, q_rope_position[b] - k_rope_pos_offset[b] + 1), 0)
+                tiled(
+                    q,
+                    b,
+                    bk % h_kv * group,
+                    output,
+                    lse,
+                    pages,
+                    page_values,
+                    first,
+                    bk % h_kv,
+                    0,
+                    length,
+                    length,
+                    0,
+                    nnz_pages * page_size,
+                    sm_scale,
+                    T.float32(-3.0e38),
+                )
+        else:  # too few tasks for the threads: (row, head) ones, with the same sums
+            for bh in T.parallel(batch * h_qo):
+                b: T.let[T.int32] = bh // h_qo
+                first: T.let[T.int32] = page_indptr[b]
+                n_pages: T.let[T.int32] = page_indptr[b + 1] - first
+                full: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+                length: T.let[T.int32] = T.max(T.min(full, q_rope_position[b] - k_rope_pos_offset[b] + 1), 0)
+                single(
+                    q,
+                    b,
+                    bh % h_qo,
+                    output,
+                    lse,
+                    pages,
+                    page_values,
+                    first,
+                    bh % h_qo // group,
+                    0,
+                    length,
+                    length,
+                    0,
+                    nnz_pages * page_size,
+                    sm_scale,
+                    T.float32(-3.0e38),
+                )
 
     return decode.with_attr("global_symbol", "edgert_paged_decode_attention")
 
@@ -232,9 +367,7 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
-    log2e = math.log2(math.e)
-
-    softmax_rows = _paged_rows(d, lanes, page_size)
+    task = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group))
 
     @T.prim_func
     def prefill(
@@ -282,25 +415,29 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
             kv_len: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
             q0: T.let[T.int32] = q_indptr[b]
             qo_len: T.let[T.int32] = q_indptr[b + 1] - q0
-            for th in T.parallel(qo_len * h_qo):
-                t: T.let[T.int32] = th // h_qo
-                h: T.let[T.int32] = th % h_qo
+            for tk in T.parallel(qo_len * h_kv):  # (token, KV head) pairs: its query heads share the loads
+                t: T.let[T.int32] = tk // h_kv
                 length: T.let[T.int32] = T.if_then_else(
                     causal > 0, T.max(T.min(kv_len - qo_len + t + 1, kv_len), 0), kv_len
                 )
-                scores = T.alloc_buffer((kv_len,), "float32")
-                qs = T.alloc_buffer((d,), "float32", scope="local")
-                part = T.alloc_buffer((lanes,), "float32", scope="local")
-                out = T.alloc_buffer((d,), "float32", scope="local")
-                stat = T.alloc_buffer((2,), "float32", scope="local")  # max, sum of exps
-                kv = h // group
-                for i in T.vectorized(d):
-                    qs[i] = q[q0 + t, h, i] * sm_scale * T.float32(log2e)
-                softmax_rows(pages, page_values, first, kv, 0, length, length, 0, qs, scores, part, out, stat)
-                for i in T.vectorized(d):  # no visible token: zeros, and a log-sum-exp merging to nothing
-                    output[q0 + t, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
-                lse[q0 + t, h] = T.if_then_else(
-                    length > 0, stat[0] + T.log2(T.max(stat[1], T.float32(1e-30))), T.float32(-5e4)
+                # no visible token: zeros, and a log-sum-exp merging to nothing
+                task(
+                    q,
+                    q0 + t,
+                    tk % h_kv * group,
+                    output,
+                    lse,
+                    pages,
+                    page_values,
+                    first,
+                    tk % h_kv,
+                    0,
+                    length,
+                    length,
+                    0,
+                    kv_len,
+                    sm_scale,
+                    T.float32(-5e4),
                 )
 
     return prefill.with_attr("global_symbol", "edgert_paged_prefill_attention")
@@ -313,7 +450,6 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
-    log2e = math.log2(math.e)
 
     def key(k: Any, v: Any, k0: Any, kv: Any, sink: Any, start: Any, r: Any, i: Any) -> Any:
         return k[k0 + r, kv, i]
@@ -321,7 +457,7 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     def value(k: Any, v: Any, k0: Any, kv: Any, sink: Any, start: Any, r: Any, i: Any) -> Any:
         return v[k0 + r, kv, i]
 
-    softmax_rows = _softmax_rows(d, lanes, key, value)
+    task = _head_task(d, lanes, group, _softmax_rows(d, lanes, key, value, group))
 
     @T.prim_func
     def ragged(
@@ -363,25 +499,28 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
             qo_len: T.let[T.int32] = q_indptr[b + 1] - q0
             k0: T.let[T.int32] = kv_indptr[b]
             kv_len: T.let[T.int32] = kv_indptr[b + 1] - k0
-            for th in T.parallel(qo_len * h_qo):
-                t: T.let[T.int32] = th // h_qo
-                h: T.let[T.int32] = th % h_qo
+            for tk in T.parallel(qo_len * h_kv):  # (token, KV head) pairs: its query heads share the loads
+                t: T.let[T.int32] = tk // h_kv
                 length: T.let[T.int32] = T.if_then_else(
                     causal > 0, T.max(T.min(kv_len - qo_len + t + 1, kv_len), 0), kv_len
                 )
-                scores = T.alloc_buffer((kv_len,), "float32")
-                qs = T.alloc_buffer((d,), "float32", scope="local")
-                part = T.alloc_buffer((lanes,), "float32", scope="local")
-                out = T.alloc_buffer((d,), "float32", scope="local")
-                stat = T.alloc_buffer((2,), "float32", scope="local")  # max, sum of exps
-                kv = h // group
-                for i in T.vectorized(d):
-                    qs[i] = q[q0 + t, h, i] * sm_scale * T.float32(log2e)
-                softmax_rows(k, v, k0, kv, 0, length, length, 0, qs, scores, part, out, stat)
-                for i in T.vectorized(d):
-                    output[q0 + t, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
-                lse[q0 + t, h] = T.if_then_else(
-                    length > 0, stat[0] + T.log2(T.max(stat[1], T.float32(1e-30))), T.float32(-5e4)
+                task(
+                    q,
+                    q0 + t,
+                    tk % h_kv * group,
+                    output,
+                    lse,
+                    k,
+                    v,
+                    k0,
+                    tk % h_kv,
+                    0,
+                    length,
+                    length,
+                    0,
+                    kv_len,
+                    sm_scale,
+                    T.float32(-5e4),
                 )
 
     return ragged.with_attr("global_symbol", "edgert_ragged_prefill_attention")
@@ -510,7 +649,6 @@ def paged_tree_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, pa
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
-    log2e = math.log2(math.e)
 
     def key(pages: Any, page_values: Any, first: Any, kv: Any, sink: Any, path: Any, r: Any, i: Any) -> Any:
         pos = T.if_then_else(r < sink, r, sink + path[T.max(r - sink, 0)])  # prefix rows, then the path's slots
@@ -520,7 +658,7 @@ def paged_tree_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, pa
         pos = T.if_then_else(r < sink, r, sink + path[T.max(r - sink, 0)])
         return pages[page_values[first + pos // page_size], 1, kv, pos % page_size, i]
 
-    softmax_rows = _softmax_rows(d, lanes, key, value)
+    task = _head_task(d, lanes, group, _softmax_rows(d, lanes, key, value, group))
 
     @T.prim_func
     def tree(
@@ -568,9 +706,8 @@ def paged_tree_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, pa
         order_indptr = T.match_buffer(tree_order_indptr_handle, (batch + 1,), "int32", elem_offset=order_indptr_offset)
         order = T.match_buffer(tree_order_handle, (tree_total, 2), "int32", elem_offset=order_offset)
         assert rotary_mode == 0, "edgert's tree attention expects RoPE applied before the cache"
-        for th in T.parallel(total_len * h_qo):  # (node, head) pairs
-            t: T.let[T.int32] = th // h_qo
-            h: T.let[T.int32] = th % h_qo
+        for tk in T.parallel(total_len * h_kv):  # (node, KV head) pairs: its query heads share the loads
+            t: T.let[T.int32] = tk // h_kv
             which = T.alloc_buffer((1,), "int32", scope="local")  # the tree (batch entry) of node t
             which[0] = 0
             for bb in range(batch):
@@ -591,18 +728,24 @@ def paged_tree_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, pa
                     path[count[0]] = j
                     count[0] = count[0] + 1
             length: T.let[T.int32] = prefix + count[0]
-            scores = T.alloc_buffer((nnz_pages * page_size,), "float32")
-            qs = T.alloc_buffer((d,), "float32", scope="local")
-            part = T.alloc_buffer((lanes,), "float32", scope="local")
-            out = T.alloc_buffer((d,), "float32", scope="local")
-            stat = T.alloc_buffer((2,), "float32", scope="local")
-            kv = h // group
-            for i in T.vectorized(d):
-                qs[i] = q[t, h, i] * sm_scale * T.float32(log2e)
-            softmax_rows(pages, page_values, first, kv, 0, length, prefix, path, qs, scores, part, out, stat)
-            for i in T.vectorized(d):
-                output[t, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
-            lse[t, h] = stat[0] + T.log2(T.max(stat[1], T.float32(1e-30)))
+            task(
+                q,
+                t,
+                tk % h_kv * group,
+                output,
+                lse,
+                pages,
+                page_values,
+                first,
+                tk % h_kv,
+                0,
+                length,
+                prefix,
+                path,
+                nnz_pages * page_size,
+                sm_scale,
+                T.float32(-3.0e38),
+            )
 
     return tree.with_attr("global_symbol", "edgert_paged_tree_attention")
 
@@ -673,10 +816,8 @@ def paged_prefill_window_attention(
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
-    log2e = math.log2(math.e)
     slides = 1 if window > 0 else 0
-
-    softmax_rows = _paged_rows(d, lanes, page_size)
+    task = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group))
 
     @T.prim_func
     def prefill(
@@ -725,26 +866,30 @@ def paged_prefill_window_attention(
             start: T.let[T.int32] = length_info[1, b]
             q0: T.let[T.int32] = q_indptr[b]
             qo_len: T.let[T.int32] = q_indptr[b + 1] - q0
-            for th in T.parallel(qo_len * h_qo):
-                t: T.let[T.int32] = th // h_qo
-                h: T.let[T.int32] = th % h_qo
+            for tk in T.parallel(qo_len * h_kv):  # (token, KV head) pairs: its query heads share the loads
+                t: T.let[T.int32] = tk // h_kv
                 lo: T.let[T.int32] = T.if_then_else(causal * slides > 0, T.max(kv_len - T.max(window - t - 1, 0), 0), 0)
                 hi: T.let[T.int32] = T.if_then_else(
                     causal * (1 - slides) > 0, T.max(T.min(kv_len - qo_len + t + 1, kv_len), 0), kv_len
                 )
-                scores = T.alloc_buffer((kv_len,), "float32")
-                qs = T.alloc_buffer((d,), "float32", scope="local")
-                part = T.alloc_buffer((lanes,), "float32", scope="local")
-                out = T.alloc_buffer((d,), "float32", scope="local")
-                stat = T.alloc_buffer((2,), "float32", scope="local")  # max, sum of exps
-                kv = h // group
-                for i in T.vectorized(d):
-                    qs[i] = q[q0 + t, h, i] * sm_scale * T.float32(log2e)
-                softmax_rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, part, out, stat)
-                for i in T.vectorized(d):  # no visible row: zeros, and a log-sum-exp merging to nothing
-                    output[q0 + t, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
-                lse[q0 + t, h] = T.if_then_else(
-                    hi > lo, stat[0] + T.log2(T.max(stat[1], T.float32(1e-30))), T.float32(-5e4)
+                # no visible row: zeros, and a log-sum-exp merging to nothing
+                task(
+                    q,
+                    q0 + t,
+                    tk % h_kv * group,
+                    output,
+                    lse,
+                    pages,
+                    page_values,
+                    first,
+                    tk % h_kv,
+                    lo,
+                    hi,
+                    sink,
+                    start,
+                    kv_len,
+                    sm_scale,
+                    T.float32(-5e4),
                 )
 
     return prefill.with_attr("global_symbol", "edgert_paged_prefill_window_attention")
@@ -758,9 +903,9 @@ def paged_decode_window_attention(
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
-    log2e = math.log2(math.e)
-
-    softmax_rows = _paged_rows(d, lanes, page_size)
+    g = group if h_kv >= TILE_TASKS else 1  # a step is one sequence: enough tasks for the threads
+    units = h_qo // g
+    task = _head_task(d, lanes, g, _paged_rows(d, lanes, page_size, g))
 
     @T.prim_func
     def decode(
@@ -802,19 +947,25 @@ def paged_decode_window_attention(
             length: T.let[T.int32] = _window_rows(length_info, b, page_size, page_indptr[b + 1] - first)
             sink: T.let[T.int32] = length_info[2, b]
             start: T.let[T.int32] = length_info[1, b]
-            for h in T.parallel(h_qo):
-                scores = T.alloc_buffer((length,), "float32")
-                qs = T.alloc_buffer((d,), "float32", scope="local")
-                part = T.alloc_buffer((lanes,), "float32", scope="local")
-                out = T.alloc_buffer((d,), "float32", scope="local")
-                stat = T.alloc_buffer((2,), "float32", scope="local")  # running max, sum of exps
-                kv = h // group
-                for i in T.vectorized(d):
-                    qs[i] = q[b, h, i] * sm_scale * T.float32(log2e)
-                softmax_rows(pages, page_values, first, kv, 0, length, sink, start, qs, scores, part, out, stat)
-                for i in T.vectorized(d):  # an empty sequence gives zeros, as TVM's kernel does
-                    output[b, h, i] = out[i] / T.max(stat[1], T.float32(1e-30))
-                lse[b, h] = stat[0] + T.log2(T.max(stat[1], T.float32(1e-30)))
+            for u in T.parallel(units):  # KV heads with their query heads, or with few KV heads single heads
+                task(
+                    q,
+                    b,
+                    u * g,
+                    output,
+                    lse,
+                    pages,
+                    page_values,
+                    first,
+                    u * g // group,
+                    0,
+                    length,
+                    sink,
+                    start,
+                    length,
+                    sm_scale,
+                    T.float32(-3.0e38),
+                )
 
     return decode.with_attr("global_symbol", "edgert_paged_decode_window_attention")
 
