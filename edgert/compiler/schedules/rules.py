@@ -40,13 +40,16 @@ ROWS = 4
 # higher (1 << 16 elements, 1 << 22 multiply-adds), which left every kernel of a small graph on one
 # thread (mobilenet 96x96: its largest conv is 1.2M multiply-adds, 9 us) and onnxruntime 1.2-1.3x
 # ahead at 2 threads.
-MIN_PARALLEL_WORK = 1 << 14  # elements of a map or a whole-tensor reduction
+# Maps stay at 65,536 elements: a parallel pad (34x34x32, convnet.qdq) ran 2x slower on one thread
+# than the serial loop (1.9 -> 3.7 us: the split loop's index arithmetic), a loss a second thread
+# barely wins back.
+MIN_PARALLEL_WORK = 1 << 16  # elements of a map or a whole-tensor reduction
 MIN_PARALLEL_ROWS = 1 << 12  # elements of a row-wise kernel (softmax, layer norm: exp and divides)
-MIN_PARALLEL_MACS = 1 << 18  # multiply-adds of a matmul or convolution (~2 us on one core)
+MIN_PARALLEL_MACS = 1 << 19  # multiply-adds of a matmul or convolution (~4 us on one core)
 # Each parallel chunk of a matmul gets at least this many multiply-adds: a chunk's tile loop costs
 # an accumulator allocation and a trip through the pool's task split, which at 1.2M MACs in 48
 # chunks made the kernel slower at two threads than at one (9.2 -> 12.6 us).
-CHUNK_MACS = 1 << 16
+CHUNK_MACS = 1 << 17
 
 
 # At most this many parallel iterations per kernel, each a serial run of register tiles. A tile
