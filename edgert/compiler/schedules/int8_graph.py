@@ -52,7 +52,7 @@ def has_vnni(target: Any) -> bool:
 
 # Below this many multiply-adds an integer kernel runs on one thread: a parallel region costs
 # more than it saves. Four times the float rules' `MIN_PARALLEL_MACS` (one vpdpbusd does 64 where
-# an FMA does 16): ~2 us of work. At 1 << 24 the twelve 40x512x512 GEMMs of encoder_512's
+# an FMA does 16): ~4 us of work. At 1 << 24 the twelve 40x512x512 GEMMs of encoder_512's
 # attention (10.5M, 20 us each) stayed on one thread.
 MIN_PARALLEL_INT8_MACS = 1 << 21
 # Each parallel chunk gets at least this many multiply-adds (the float rules' `CHUNK_MACS`, x4).

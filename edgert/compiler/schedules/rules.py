@@ -35,11 +35,13 @@ from tvm.target.codegen import llvm_get_cpu_features
 # vectors of weights and one broadcast input: AVX2's and NEON's 16 (or more) registers.
 ROWS = 4
 # Below these a parallel loop costs more than it saves. A parallel region of TVM's pool costs
-# ~1-2 us with its workers spinning (2 threads, znver5: 64 KiB add, 1.2 us serial, 3.7 parallel),
-# so a kernel of a few microseconds already gains from a second thread; the thresholds were 16x
-# higher (1 << 16 elements, 1 << 22 multiply-adds), which left every kernel of a small graph on one
-# thread (mobilenet 96x96: its largest conv is 1.2M multiply-adds, 9 us) and onnxruntime 1.2-1.3x
-# ahead at 2 threads.
+# ~2.4 us with its workers spinning (2 threads, znver5: 64 KiB add, 1.4 us serial, 3.8 parallel),
+# so a kernel of ~5 us or more gains from a second thread that has a core of its own. At 1 << 22
+# multiply-adds (and 1 << 16 elements for row-wise kernels) every kernel of a small graph ran on
+# one thread (mobilenet 96x96: its largest conv is 1.2M multiply-adds, 9 us), onnxruntime 1.2-1.3x
+# ahead at 2 threads. Where the second core is busy and 2 threads are forced, these small regions
+# wait for the worker and the graph is slower than serial (docs/graph-zoo.md); the runtime's
+# default thread count runs one thread there.
 # Maps stay at 65,536 elements: a parallel pad (34x34x32, convnet.qdq) ran 2x slower on one thread
 # than the serial loop (1.9 -> 3.7 us: the split loop's index arithmetic), a loss a second thread
 # barely wins back.
