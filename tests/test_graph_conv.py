@@ -339,13 +339,14 @@ def test_parallel_integer_kernels_match_numpy_exactly():
         lib(*args)
         return args[-1].numpy()
 
-    m, k, n = 48, 512, 768
-    assert m * k * n >= ig.MIN_PARALLEL_INT8_MACS
-    x = rng.integers(0, 256, (m, k), dtype=np.uint8)
-    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
-    colsum = w.astype(np.int64).sum(0).astype(np.int32)
-    got = run(ig.u8s8_gemm(m, k, n, 32), x, ig.pack_weight(w, 32), colsum, zp, np.zeros((m, n), np.int32))
-    np.testing.assert_array_equal(got, (x.astype(np.int64) - 7) @ w.astype(np.int64))
+    # encoder_512's attention projections (40x512x512, ~20 us on one core) go parallel too.
+    for m, k, n in ((48, 512, 768), (40, 512, 512)):
+        assert m * k * n >= ig.MIN_PARALLEL_INT8_MACS
+        x = rng.integers(0, 256, (m, k), dtype=np.uint8)
+        w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+        colsum = w.astype(np.int64).sum(0).astype(np.int32)
+        got = run(ig.u8s8_gemm(m, k, n, 32), x, ig.pack_weight(w, 32), colsum, zp, np.zeros((m, n), np.int32))
+        np.testing.assert_array_equal(got, (x.astype(np.int64) - 7) @ w.astype(np.int64))
 
     # convnet's second conv: 32x32 positions, 3x3 taps over 32 channels (input padded to 34x34), 64 out.
     c, co = 32, 64

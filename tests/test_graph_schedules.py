@@ -246,3 +246,26 @@ def test_matmul_rule_runs_parallel_tiles_in_chunks():
     extents = [int(e) for e in re.findall(r"T\.parallel\(T\.int64\((\d+)\)\)", _loops(sch))]
     assert len(extents) == 1 and 1 < extents[0] <= MAX_CHUNKS
     np.testing.assert_allclose(_run(sch, target, [a, b], (m, n)), a @ b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m, k, n", [(576, 32, 64), (144, 64, 64), (64, 16, 16)])
+def test_matmul_rule_splits_small_kernels_in_few_chunks(m, k, n):
+    """A kernel of a few microseconds (mobilenet's 1x1 convs as matmuls: 576x32 @ 32x64 is 1.2M
+    multiply-adds) goes over threads from `MIN_PARALLEL_MACS`, in chunks of `CHUNK_MACS` or more
+    (many small chunks made it slower at two threads than at one); below, one serial loop."""
+    import re
+
+    from edgert.compiler.schedules.rules import CHUNK_MACS, MIN_PARALLEL_MACS, Matmul
+
+    rng = np.random.default_rng(5)
+    a = rng.standard_normal((m, k)).astype(np.float32)
+    b = rng.standard_normal((k, n)).astype(np.float32)
+    target = _host()
+    sch = Matmul().apply(_kernel(relax.op.matmul, a.shape, b.shape), target, False)
+    assert sch is not None
+    extents = [int(e) for e in re.findall(r"T\.parallel\(T\.int64\((\d+)\)\)", _loops(sch))]
+    if m * k * n >= MIN_PARALLEL_MACS:
+        assert len(extents) == 1 and 2 <= extents[0] <= max(2, m * k * n // CHUNK_MACS)
+    else:
+        assert extents == []
+    np.testing.assert_allclose(_run(sch, target, [a, b], (m, n)), a @ b, rtol=1e-4, atol=1e-4)

@@ -29,6 +29,17 @@ class GraphInterface:
         return [o["name"] for o in self.outputs]
 
     def _check(self, spec: dict[str, Any], value: Any, sizes: dict[str, int]) -> np.ndarray:
+        # The common call (a contiguous array of the input's fixed shape and dtype) returns at once:
+        # the full check cost ~1 us an input, a few percent of a 0.05 ms graph.
+        fixed = self._fixed(spec)
+        if (
+            fixed is not None
+            and type(value) is np.ndarray
+            and value.shape == fixed[0]
+            and value.dtype == fixed[1]
+            and value.flags.c_contiguous
+        ):
+            return value
         name, want = spec["name"], spec["shape"]
         arr = np.ascontiguousarray(np.asarray(value, dtype=spec["dtype"]))
         if arr.ndim != len(want):
@@ -43,8 +54,23 @@ class GraphInterface:
                 )
         return arr
 
+    def _fixed(self, spec: dict[str, Any]) -> tuple[tuple[int, ...], np.dtype] | None:
+        """The input's shape and dtype when every dimension is fixed (None when one is symbolic), cached."""
+        cache: dict[str, Any] = self.__dict__.setdefault("_fixed_specs", {})
+        key = spec["name"]
+        if key not in cache:
+            shape = spec["shape"]
+            static = all(isinstance(d, int) for d in shape)
+            cache[key] = (tuple(shape), np.dtype(spec["dtype"])) if static else None
+        return cache[key]
+
     def _given(self, inputs: Mapping[str, Any] | None, named: dict[str, Any]) -> dict[str, Any]:
         """The arrays by name, refusing unknown and missing inputs."""
+        names = self.__dict__.get("_name_set")
+        if names is None:
+            names = self.__dict__["_name_set"] = frozenset(self.input_names)
+        if not named and type(inputs) is dict and inputs.keys() == names:
+            return inputs  # exactly the graph's inputs: nothing to merge or refuse
         given = {**(inputs or {}), **named}
         unknown = sorted(set(given) - set(self.input_names))
         if unknown:

@@ -50,15 +50,23 @@ def has_vnni(target: Any) -> bool:
     return {"avx512vnni", "avx512bw", "avx512f"} <= set(llvm_get_cpu_features(target))
 
 
-# Below this many multiply-adds an integer kernel runs on one thread: waking a worker costs more
-# than it saves, and on a busy machine the worker often runs after the caller, on its core. Four
-# times the float rules' `MIN_PARALLEL_MACS`: one vpdpbusd does 64 where an FMA does 16.
-MIN_PARALLEL_INT8_MACS = 1 << 24
+# Below this many multiply-adds an integer kernel runs on one thread: a parallel region costs
+# more than it saves. Four times the float rules' `MIN_PARALLEL_MACS` (one vpdpbusd does 64 where
+# an FMA does 16): ~4 us of work. At 1 << 24 the twelve 40x512x512 GEMMs of encoder_512's
+# attention (10.5M, 20 us each) stayed on one thread.
+MIN_PARALLEL_INT8_MACS = 1 << 21
+# Each parallel chunk gets at least this many multiply-adds (the float rules' `CHUNK_MACS`, x4).
+INT8_CHUNK_MACS = 1 << 19
 
 
 def _loop_kind(macs: int) -> Any:
     """``T.parallel`` for a kernel of ``macs`` multiply-adds worth splitting over threads, else ``T.serial``."""
     return T.parallel if macs >= MIN_PARALLEL_INT8_MACS else T.serial
+
+
+def _chunks(tiles: int, loop: Any, macs: int) -> int:
+    """Parallel iterations for ``tiles`` register tiles of a kernel of ``macs`` multiply-adds."""
+    return chunks(tiles, loop is T.parallel, max(2, min(INT8_CHUNKS, macs // INT8_CHUNK_MACS)))
 
 
 def row_tile(m: int) -> int:
@@ -87,7 +95,7 @@ def u8s8_gemm(m: int, k: int, n: int, block: int) -> tirx.PrimFunc:
     nt = -(-m // rows)
     nbytes = LANES * 4
     tiles = _loop_kind(m * k * n)
-    nc = chunks(nb * nt, tiles is T.parallel, INT8_CHUNKS)
+    nc = _chunks(nb * nt, tiles, m * k * n)
     per = nb * nt // nc
 
     @T.prim_func
@@ -245,7 +253,7 @@ def u8s8_conv(
     nt = -(-m // rows)
     nbytes = LANES * 4
     tiles = _loop_kind(m * k4 * 4 * n)
-    nc = chunks(nb * nt, tiles is T.parallel, INT8_CHUNKS)
+    nc = _chunks(nb * nt, tiles, m * k4 * 4 * n)
     per = nb * nt // nc
 
     @T.prim_func

@@ -34,9 +34,24 @@ from tvm.target.codegen import llvm_get_cpu_features
 # The register tile: ROWS rows x (up to) 3 vectors of columns = 12 accumulators, plus the 3
 # vectors of weights and one broadcast input: AVX2's and NEON's 16 (or more) registers.
 ROWS = 4
-# Below this many iterations a parallel loop costs more in thread wake-ups than it saves.
-MIN_PARALLEL_WORK = 1 << 16
-MIN_PARALLEL_MACS = 1 << 22
+# Below these a parallel loop costs more than it saves. A parallel region of TVM's pool costs
+# ~2.4 us with its workers spinning (2 threads, znver5: 64 KiB add, 1.4 us serial, 3.8 parallel),
+# so a kernel of ~5 us or more gains from a second thread that has a core of its own. At 1 << 22
+# multiply-adds (and 1 << 16 elements for row-wise kernels) every kernel of a small graph ran on
+# one thread (mobilenet 96x96: its largest conv is 1.2M multiply-adds, 9 us), onnxruntime 1.2-1.3x
+# ahead at 2 threads. Where the second core is busy and 2 threads are forced, these small regions
+# wait for the worker and the graph is slower than serial (docs/graph-zoo.md); the runtime's
+# default thread count runs one thread there.
+# Maps stay at 65,536 elements: a parallel pad (34x34x32, convnet.qdq) ran 2x slower on one thread
+# than the serial loop (1.9 -> 3.7 us: the split loop's index arithmetic), a loss a second thread
+# barely wins back.
+MIN_PARALLEL_WORK = 1 << 16  # elements of a map or a whole-tensor reduction
+MIN_PARALLEL_ROWS = 1 << 12  # elements of a row-wise kernel (softmax, layer norm: exp and divides)
+MIN_PARALLEL_MACS = 1 << 19  # multiply-adds of a matmul or convolution (~4 us on one core)
+# Each parallel chunk of a matmul gets at least this many multiply-adds: a chunk's tile loop costs
+# an accumulator allocation and a trip through the pool's task split, which at 1.2M MACs in 48
+# chunks made the kernel slower at two threads than at one (9.2 -> 12.6 us).
+CHUNK_MACS = 1 << 17
 
 
 # At most this many parallel iterations per kernel, each a serial run of register tiles. A tile
@@ -179,7 +194,8 @@ class Matmul(ScheduleRule):
         outer = sch.fuse(*batch, jo, io)
         if _work(sch, mm.block_rv) >= MIN_PARALLEL_MACS:
             tiles = _extent(sch, outer)
-            nc = chunks(tiles, True) if tiles is not None else None
+            most = max(2, min(MAX_CHUNKS, _work(sch, mm.block_rv) // CHUNK_MACS))
+            nc = chunks(tiles, True, most) if tiles is not None else None
             if nc is not None and nc < tiles:
                 # Chunks of tiles over threads: the accumulators are allocated once per chunk.
                 chunk, outer = sch.split(outer, factors=[nc, None])
@@ -304,7 +320,7 @@ class RowWise(ScheduleRule):
         last = infos[-1].block_rv
         loops = sch.get_loops(last)
         rows = sch.fuse(*loops[:leading]) if leading > 1 else loops[0]
-        if _work(sch, last) >= MIN_PARALLEL_WORK:
+        if _work(sch, last) >= MIN_PARALLEL_ROWS:
             sch.parallel(rows)
         _vectorize_inner(sch, last, lanes)
         remaining = []
