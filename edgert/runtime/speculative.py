@@ -183,11 +183,34 @@ class LookupDrafter:
 
     def __init__(self, ngram: int = 1, max_match: int = 64):
         self.ngram, self.max_match = ngram, max_match
+        self._source: list[int] | None = None  # the list `array` converted last, and its copy
+        self._copy = np.empty(0, dtype=np.int64)
+        self._copied = 0
 
-    def match(self, context: Sequence[int]) -> tuple[int, int, bool] | None:
+    def array(self, context: Sequence[int]) -> np.ndarray:
+        """``context`` as int64 ids. The decoder's history is one list that only grows, so the ids
+        converted for the last call are kept and only the new ones appended (converting a few hundred
+        ids from a list costs more than the match). A list changed elsewhere is converted afresh
+        where its ends show it; a missed change could only spoil drafts, which the verifier checks."""
+        n, have = len(context), self._copied
+        kept = context is self._source and 0 < have <= n
+        if not kept or self._copy[have - 1] != context[have - 1] or self._copy[0] != context[0]:
+            if not isinstance(context, list):
+                return np.asarray(context, dtype=np.int64)
+            self._source, have = context, 0
+        if n > self._copy.size:
+            grown = np.empty(max(2 * n, 1024), dtype=np.int64)
+            grown[:have] = self._copy[:have]
+            self._copy = grown
+        if n > have:
+            self._copy[have:n] = context[have:]
+        self._copied = n
+        return self._copy[:n]
+
+    def match(self, context: Sequence[int] | np.ndarray) -> tuple[int, int, bool] | None:
         """(start of the continuation, match length, whether every occurrence of that length is
         followed by the same token), or None where the suffix (``ngram`` tokens) occurs nowhere earlier."""
-        ctx = np.asarray(context, dtype=np.int64)
+        ctx = context if isinstance(context, np.ndarray) else self.array(context)
         size = len(ctx)
         if size < 2:
             return None
@@ -209,17 +232,20 @@ class LookupDrafter:
         if found is None:
             return None
         start, n, unique = found
-        tokens = [int(t) for t in context[start : start + limit]]
+        tokens = context[start : start + limit]
+        tokens = tokens.tolist() if isinstance(tokens, np.ndarray) else [int(t) for t in tokens]
         while len(tokens) < limit:  # the copy reached the end of the context: it goes on copying itself (a loop)
             tokens.append(tokens[len(tokens) - (len(context) - start)])
         # Draft j, if the ones before it hold, extends the match to n + j tokens.
         return Candidate(tokens, [("lookup", min(n + j, 12), unique or n + j >= 4) for j in range(len(tokens))])
 
-    def branches(self, context: Sequence[int], exclude: set[int], count: int = 2, depth: int = 3) -> list[Candidate]:
+    def branches(
+        self, context: Sequence[int] | np.ndarray, exclude: set[int], count: int = 2, depth: int = 3
+    ) -> list[Candidate]:
         """Other copies: what followed the other earlier occurrences of the context's suffix (longest
         matches first, the latest first among equals), one per next token not in ``exclude``, up to
         ``count``, each ``depth`` tokens long; keyed by the length of their match."""
-        ctx = np.asarray(context, dtype=np.int64)
+        ctx = context if isinstance(context, np.ndarray) else np.asarray(context, dtype=np.int64)
         size = len(ctx)
         if size < 2:
             return []
@@ -240,7 +266,7 @@ class LookupDrafter:
                 if token in seen:
                     continue
                 seen.add(token)
-                tokens = [int(t) for t in ctx[end + 1 : end + 1 + depth]]
+                tokens = ctx[end + 1 : end + 1 + depth].tolist()
                 out.append(
                     Candidate(tokens, [("branch", min(n, 4))] + [("branch-next", j) for j in range(1, len(tokens))])
                 )
@@ -303,24 +329,30 @@ class RecycleDrafter:
         self.table = np.full((vocab_size, width), -1, dtype=np.int64)
         self.lookup, self.width, self.depth = lookup, width, depth
 
-    def observe(self, tokens: Sequence[int], logits: np.ndarray) -> None:
+    def observe(
+        self, tokens: Sequence[int], logits: np.ndarray, first: np.ndarray | None = None, scratch: bool = False
+    ) -> None:
         """Record the full model's first ``width`` choices after each of ``tokens`` (``logits``: [len, vocab]).
 
-        Repeated argmaxes with the winners masked: a 49,152-wide argpartition cost 0.09 ms a row."""
-        rows = logits.reshape(len(tokens), -1)
+        Repeated argmaxes with the winners masked: a 49,152-wide argpartition cost 0.09 ms a row.
+        ``first``: the rows' argmaxes where the caller has them already; ``scratch``: the caller is done
+        with ``logits``, so the masked winners are not put back."""
+        n = len(tokens)
+        rows = logits.reshape(n, -1)
         if not rows.flags.writeable:
-            rows = rows.copy()
-        index = np.arange(len(tokens))
-        top = np.empty((len(tokens), self.width), dtype=np.int64)
+            rows, scratch = rows.copy(), True
+        index = np.arange(n)
+        top = np.empty((n, self.width), dtype=np.int64)
         saved = []
         for r in range(self.width):
-            top[:, r] = np.argmax(rows, axis=-1)
+            top[:, r] = first if r == 0 and first is not None else np.argmax(rows, axis=-1)
             if r + 1 < self.width:
-                saved.append(rows[index, top[:, r]].copy())
+                if not scratch:
+                    saved.append(rows[index, top[:, r]].copy())
                 rows[index, top[:, r]] = -np.inf
         for r, values in enumerate(saved):  # the caller's logits as they were
             rows[index, top[:, r]] = values
-        self.table[np.asarray(tokens)] = top
+        self.table[tokens] = top
 
     def chain(self, token: int, k: int) -> list[int]:
         """Follow the table's first choices from ``token`` for up to ``k`` tokens."""
@@ -351,11 +383,13 @@ class RecycleDrafter:
             return None
         main = found.tokens
         tree = DraftTree(list(main), [i - 1 for i in range(len(main))], list(found.keys))
+        ctx = self.lookup.array(context) if self.lookup is not None else None
         for at in range(-1, len(main) - 1):
             before = int(context[-1]) if at < 0 else main[at]
             offered = {main[at + 1]}
-            if self.lookup is not None and at < 2:  # other copies from the context, as if the drafts before held
-                for branch in self.lookup.branches([*context, *main[: at + 1]], offered):
+            if ctx is not None and at < 2:  # other copies from the context, as if the drafts before held
+                extended = np.concatenate((ctx, np.asarray(main[: at + 1], dtype=np.int64))) if at >= 0 else ctx
+                for branch in self.lookup.branches(extended, offered):
                     offered.add(branch.tokens[0])
                     for j, (token, key) in enumerate(zip(branch.tokens, branch.keys, strict=True)):
                         tree.tokens.append(token)
@@ -424,6 +458,7 @@ class DraftPolicy:
         self.counts: dict[tuple[Any, ...], list[float]] = {}  # key -> [drafts tried, kept]
         self.times: dict[int, deque[float]] = {}  # rows -> seconds of the last passes (chains and trees)
         self.window = window
+        self._costs: dict[int, float] = {}  # `cost` per row count since the last `time` (a round asks up to 16 times)
 
     def acceptance(self, key: tuple[Any, ...]) -> float:
         """The chance a draft of this key is kept (when the drafts before it were)."""
@@ -435,6 +470,12 @@ class DraftPolicy:
         timed, else the prior but never below what fewer rows were timed at; and never above what
         more rows were timed at (more rows do not cost less, so one unlucky pass of a few rows does
         not rule them out for good)."""
+        known = self._costs.get(rows)
+        if known is None:
+            known = self._costs[rows] = self._cost(rows)
+        return known
+
+    def _cost(self, rows: int) -> float:
         plain = self.times.get(1)
         if rows <= 1 or not plain:
             return 1.0 + self.prior_slope * max(rows - 1, 0)
@@ -501,6 +542,7 @@ class DraftPolicy:
     def time(self, rows: int, seconds: float) -> None:
         """Record how long a pass over ``rows`` rows (1: a plain step) took."""
         self.times.setdefault(rows, deque(maxlen=self.window)).append(seconds)
+        self._costs.clear()
 
 
 def default_skip(num_layers: int) -> list[int]:
@@ -716,15 +758,23 @@ class SpeculativeDecoder:
     def _plain(self, history: list[int], sampler: Sampler) -> int:
         """One decode step of the full model, no draft."""
         t = time.perf_counter()
-        logits = self.model.step([history[-1]])
+        logits = self.model.step([history[-1]], view=True)
         seconds = time.perf_counter() - t
         if self.policy is not None:
             self.policy.time(1, seconds)
-        if self._observe is not None:
-            self._observe(history[-1:], logits)
         self.stats.plain_steps += 1
         self.stats.plain_seconds += seconds
-        return sampler(logits, history)
+        token = sampler(logits, history)
+        if self._observe is not None:  # after sampling: the table may mask the logits in place
+            fast = self._fast(sampler)
+            self._observe(history[-1:], logits, np.array([token]) if fast else None, True)
+        return token
+
+    @staticmethod
+    def _fast(sampler: Sampler) -> bool:
+        """Greedy without a repetition penalty: every row's token is its argmax, taken in one call."""
+        params = sampler.params
+        return params.greedy and params.repetition_penalty == 1.0
 
     def _drafts(self, history: list[int], k: int, sampler: Sampler) -> tuple[list[int], list[Any], list[Any]]:
         """The drafts of this round, their logits (None: deterministic) and their policy keys."""
@@ -772,13 +822,19 @@ class SpeculativeDecoder:
         self._drafted = True
         k = len(drafts)
         t = time.perf_counter()
-        full = m.step([history[-1], *drafts], all_logits=True)
+        full = m.step([history[-1], *drafts], all_logits=True, view=True)
         seconds = time.perf_counter() - t
         stats.verify_seconds += seconds
-        if self._observe is not None:
-            self._observe([history[-1], *drafts], full)
         out: list[int] = []
-        for i, d in enumerate(drafts):
+        best = None
+        if self._fast(sampler):  # the rows' argmaxes in one call; the walk compares lists
+            best = np.argmax(full, axis=-1)
+            targets = best.tolist()
+            accepted = 0
+            while accepted < k and targets[accepted] == drafts[accepted]:
+                accepted += 1
+            out = [*drafts[:accepted], targets[accepted]]
+        for i, d in enumerate(drafts if best is None else ()):
             seen = history + drafts[:i]
             if params.greedy:
                 target = sampler(full[i], seen)
@@ -800,7 +856,10 @@ class SpeculativeDecoder:
                     break
             out.append(d)
         else:  # every draft agreed: the verify pass also gives the next token
-            out.append(sampler(full[k], history + drafts))
+            if best is None:
+                out.append(sampler(full[k], history + drafts))
+        if self._observe is not None:  # after the walk: the table may mask the logits in place
+            self._observe([history[-1], *drafts], full, best, True)
         accepted = len(out) - 1
         stats.count_round(k, accepted)
         if self.policy is not None:
@@ -819,19 +878,23 @@ class SpeculativeDecoder:
         ids = [history[-1], *tree.tokens]
         parents = [-1, *[p + 1 for p in tree.parents]]
         t = time.perf_counter()
-        full = m.step_tree(ids, parents)
+        full = m.step_tree(ids, parents, view=True)
         seconds = time.perf_counter() - t
         stats.verify_seconds += seconds
-        if self._observe is not None:
-            self._observe(ids, full)
         children: dict[int, list[int]] = {}
         for node, parent in enumerate(parents[1:], 1):
             children.setdefault(parent, []).append(node)
-        node, out, seen = 0, [], list(history)
+        best = np.argmax(full, axis=-1) if self._fast(sampler) else None
+        targets = best.tolist() if best is not None else []
+        node, out = 0, []
+        seen = list(history) if best is None else history  # only the slow paths read (and extend) it
         while True:
             kids = children.get(node, [])
             chosen = None
-            if params.greedy:
+            if best is not None:
+                target = targets[node]
+                chosen = next((c for c in kids if ids[c] == target), None)
+            elif params.greedy:
                 target = sampler(full[node], seen)
                 chosen = next((c for c in kids if ids[c] == target), None)
             elif kids:
@@ -852,8 +915,11 @@ class SpeculativeDecoder:
                 out.append(target)
                 break
             out.append(ids[chosen])
-            seen.append(ids[chosen])
+            if best is None:
+                seen.append(ids[chosen])
             node = chosen
+        if self._observe is not None:  # after the walk: the table may mask the logits in place
+            self._observe(ids, full, best, True)
         path = []
         leaf = node
         while node > 0:

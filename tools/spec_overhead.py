@@ -1,0 +1,199 @@
+"""Where a speculative round's time goes outside the model's entry calls, beside plain decoding's step.
+
+Wraps the pieces of `SpeculativeDecoder` and `Generator.generate` with ``time.perf_counter_ns`` and
+``time.thread_time_ns`` (the main thread's CPU time: steadier than wall time on a loaded machine,
+and the Python around a pass runs on that thread alone) and runs plain decoding and each mode on
+the grounded suite, alternated prompt by prompt. Per mode: microseconds per emitted token of the
+entry calls (the VM, wall; its CPU spreads over the worker threads), logits to numpy, drafting and
+the policy, the recycle table's top-3 (`observe`), the sampler/accept walk, the cache's KV rollback
+or tree commit, the tokenizer (emit), and the rest of the loop.
+
+    python tools/spec_overhead.py smol.edgert [--threads 2] [--prompts 10] [--modes lookup,recycle]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
+
+from peers.speculative import SUITES, load_cases  # noqa: E402
+
+PARTS = (
+    "entry",
+    "to_numpy",
+    "tokens in",
+    "kv begin/end",
+    "draft+policy",
+    "observe",
+    "sampler+walk",
+    "kv rollback/commit",
+    "emit",
+    "other",
+)
+
+
+class Clock:
+    """Wall and main-thread CPU nanoseconds per part; nested parts are subtracted from their caller."""
+
+    def __init__(self) -> None:
+        self.wall: dict[str, int] = defaultdict(int)
+        self.cpu: dict[str, int] = defaultdict(int)
+        self.stack: list[list[int]] = []  # per open part: [wall of children, cpu of children]
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self.stack.append([0, 0])
+            w, c = time.perf_counter_ns(), time.thread_time_ns()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                dw, dc = time.perf_counter_ns() - w, time.thread_time_ns() - c
+                child = self.stack.pop()
+                self.wall[name] += dw - child[0]
+                self.cpu[name] += dc - child[1]
+                if self.stack:
+                    self.stack[-1][0] += dw
+                    self.stack[-1][1] += dc
+
+        return timed
+
+
+class TimedSession:
+    """The session with its entry calls timed."""
+
+    def __init__(self, session: Any, call: Callable[..., Any]):
+        self._session, self._call = session, call
+
+    def __call__(self, *args: Any) -> Any:
+        return self._call(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Plain decoding and each mode on the grounded suite; a table of microseconds per token."""
+    import edgert
+    from edgert.runtime import generator, sampling, speculative
+    from edgert.runtime.speculative import SpeculativeDecoder, parse_speculative
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("artifact", type=Path)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=10)
+    parser.add_argument("--suite", default="grounded", choices=sorted(SUITES))
+    parser.add_argument("--modes", default="lookup,recycle")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    model = edgert.load(args.artifact, threads=args.threads)
+    clocks = {name: Clock() for name in ["plain", *args.modes.split(",")]}
+    prefill = Clock()  # what begin_generation does (outside the decode time) goes here
+    current: list[Clock] = [clocks["plain"]]
+
+    def routed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        wrapped = {id(clock): clock.wrap(name, fn) for clock in [*clocks.values(), prefill]}
+
+        def call(*a: Any, **k: Any) -> Any:
+            return wrapped[id(current[0])](*a, **k)
+
+        return call
+
+    # Patch the module-level helpers and classes the loops call (this process only).
+    generator.to_numpy = routed("to_numpy", generator.to_numpy)
+    sampling.Sampler.__call__ = routed("sampler+walk", sampling.Sampler.__call__)
+    speculative.token_probabilities = routed("sampler+walk", speculative.token_probabilities)
+    generator.TokenEmitter.emit = _timed_generator(routed, "emit", generator.TokenEmitter.emit)
+    session = model.session
+    model.session = TimedSession(session, routed("entry", session.__call__))
+    begin = model.begin_generation
+
+    def begin_generation(*a: Any, **k: Any) -> Any:
+        was, current[0] = current[0], prefill
+        try:
+            return begin(*a, **k)
+        finally:
+            current[0] = was
+
+    model.begin_generation = begin_generation
+    model.rollback = routed("kv rollback/commit", model.rollback)
+    model.accept_tree = routed("kv rollback/commit", model.accept_tree)
+    model._tokens = routed("tokens in", model._tokens)
+    for name in ("begin", "begin_rows", "begin_tree", "end"):
+        setattr(model.cache, name, routed("kv begin/end", getattr(model.cache, name)))
+    decoders = {}
+    for spec in clocks:
+        if spec == "plain":
+            continue
+        drafter, k = parse_speculative(spec, model, lambda p: edgert.load(p, threads=args.threads))
+        dec = SpeculativeDecoder(model, drafter, k)
+        dec._drafts = routed("draft+policy", dec._drafts)
+        dec._tree_drafts = routed("draft+policy", dec._tree_drafts)
+        if dec._observe is not None:
+            dec._observe = routed("observe", dec._observe)
+        decoders[spec] = dec
+    tokens = {label: 0 for label in clocks}
+    decode = {label: 0.0 for label in clocks}
+    cases = load_cases(SUITES[args.suite])[: args.prompts]
+    for case in cases:
+        for label, clock in clocks.items():
+            current[0] = clock
+            runner = model if label == "plain" else decoders[label]
+            model.reset()
+            ids = [t.id for t in runner.generate(case["prompt"], max_tokens=args.tokens, chat=True)]
+            tokens[label] += max(len(ids) - 1, 0)
+            decode[label] += runner.stats.decode_seconds
+    model.session = session
+    report: dict[str, Any] = {}
+    print(f"{'us per token (wall / cpu)':28}" + "".join(f"{label:>20}" for label in clocks))
+    for part in PARTS:
+        cells = []
+        for label, clock in clocks.items():
+            n = max(tokens[label], 1)
+            if part == "other":
+                wall = decode[label] * 1e9 - sum(clock.wall.values())
+                cpu = None
+            else:
+                wall, cpu = clock.wall.get(part, 0), clock.cpu.get(part, 0)
+            cells.append((wall / n / 1e3, None if cpu is None else cpu / n / 1e3))
+            report.setdefault(part, {})[label] = cells[-1]
+        print(f"{part:28}" + "".join(f"{w:>11.1f} / {'-' if c is None else f'{c:.1f}':>6}" for w, c in cells))
+    print(f"{'decode, us per token':28}" + "".join(f"{decode[x] * 1e6 / max(tokens[x], 1):>20.1f}" for x in clocks))
+    per = {x: decode[x] / max(tokens[x], 1) for x in clocks}
+    print(f"{'speedup (timed)':28}" + "".join(f"{per['plain'] / per[x]:>20.3f}" for x in clocks))
+    for label, dec in decoders.items():
+        st = dec.stats
+        passes = dict(sorted(st.passes.items()))
+        print(f"{label}: last prompt rounds {st.rounds}, plain {st.plain_steps}, passes {passes}")
+    if args.json:
+        args.json.write_text(json.dumps({"tokens": tokens, "decode_seconds": decode, "parts": report}, indent=1) + "\n")
+    return 0
+
+
+def _timed_generator(routed: Callable[..., Any], name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A generator method timed step by step (the time spent producing each item, not the caller's)."""
+    step = routed(name, lambda it: next(it))
+
+    def gen(*args: Any, **kwargs: Any) -> Any:
+        it = fn(*args, **kwargs)
+        while True:
+            try:
+                item = step(it)
+            except StopIteration:
+                return
+            yield item
+
+    return gen
+
+
+if __name__ == "__main__":
+    sys.exit(main())
