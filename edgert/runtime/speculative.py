@@ -211,20 +211,40 @@ class LookupDrafter:
         """(start of the continuation, match length, whether every occurrence of that length is
         followed by the same token), or None where the suffix (``ngram`` tokens) occurs nowhere earlier."""
         ctx = context if isinstance(context, np.ndarray) else self.array(context)
+        levels = self._levels(ctx)
+        if not levels or levels[-1][0] < self.ngram:
+            return None
+        n, ends = levels[-1]
+        return int(ends[-1]) + 1, n, bool((ctx[ends + 1] == ctx[ends[-1] + 1]).all())
+
+    def _levels(self, ctx: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(n, where the earlier occurrences of the context's last n tokens end) for n = 1, 2, ... while
+        there are any (up to ``max_match``); where one occurrence is left, the levels it alone holds
+        collapse into the longest (one comparison of two slices instead of a few numpy calls a token:
+        a copy of the input matches for dozens of tokens)."""
         size = len(ctx)
         if size < 2:
-            return None
-        ends = np.flatnonzero(ctx[:-1] == ctx[-1])  # where an earlier occurrence of the suffix ends
+            return []
+        ends = np.flatnonzero(ctx[:-1] == ctx[-1])
+        levels = []
         n = 1
-        while ends.size and n < self.max_match:
-            longer = ends[ends >= n]
-            longer = longer[ctx[longer - n] == ctx[size - 1 - n]]
-            if not longer.size:
+        while ends.size:
+            if ends.size == 1 and n < self.max_match:
+                end = int(ends[0])
+                more = min(self.max_match - n, end - n + 1)  # comparisons left before either runs out
+                if more > 0:
+                    mine = ctx[end - n - more + 1 : end - n + 1][::-1]  # ctx[end - n], ctx[end - n - 1], ...
+                    last = ctx[size - n - more : size - n][::-1]  # ctx[size - 1 - n], ...
+                    differ = np.flatnonzero(mine != last)
+                    n += int(differ[0]) if differ.size else more
+                levels.append((n, ends))
                 break
-            ends, n = longer, n + 1
-        if not ends.size or n < self.ngram:
-            return None
-        return int(ends[-1]) + 1, n, bool((ctx[ends + 1] == ctx[ends[-1] + 1]).all())
+            levels.append((n, ends))
+            if n >= self.max_match:
+                break
+            longer = ends[ends >= n]
+            ends, n = longer[ctx[longer - n] == ctx[size - 1 - n]], n + 1
+        return levels
 
     def candidate(self, context: Sequence[int], limit: int = 16) -> Candidate | None:
         """The continuation of the longest match (up to ``limit`` tokens), or None."""
@@ -246,23 +266,15 @@ class LookupDrafter:
         matches first, the latest first among equals), one per next token not in ``exclude``, up to
         ``count``, each ``depth`` tokens long; keyed by the length of their match."""
         ctx = context if isinstance(context, np.ndarray) else np.asarray(context, dtype=np.int64)
-        size = len(ctx)
-        if size < 2:
-            return []
-        ends = np.flatnonzero(ctx[:-1] == ctx[-1])
-        levels = []  # (match length, where its occurrences end)
-        n = 1
-        while ends.size:
-            levels.append((n, ends))
-            if n >= self.max_match:
-                break
-            longer = ends[ends >= n]
-            ends, n = longer[ctx[longer - n] == ctx[size - 1 - n]], n + 1
         out: list[Candidate] = []
         seen = set(exclude)
-        for n, ends in reversed(levels):
-            for end in ends[::-1]:
-                token = int(ctx[end + 1])
+        looked = 0  # occurrences of the longer matches, all looked at (a shorter match's include them)
+        for n, ends in reversed(self._levels(ctx)):
+            if ends.size == looked:
+                continue
+            looked = ends.size
+            latest = ends[::-1]
+            for end, token in zip(latest.tolist(), ctx[latest + 1].tolist(), strict=True):
                 if token in seen:
                     continue
                 seen.add(token)
@@ -382,30 +394,43 @@ class RecycleDrafter:
         if found is None:  # no main branch: nothing to copy and the table knows nothing after the pending token
             return None
         main = found.tokens
-        tree = DraftTree(list(main), [i - 1 for i in range(len(main))], list(found.keys))
-        ctx = self.lookup.array(context) if self.lookup is not None else None
-        for at in range(-1, len(main) - 1):
-            before = int(context[-1]) if at < 0 else main[at]
+        tokens, parents, keys = list(main), list(range(-1, len(main) - 1)), list(found.keys)
+        lookup = self.lookup
+        ctx = lookup.array(context) if lookup is not None else None
+        # The table's rows after every place of the main branch and their alternatives' chains, a few
+        # numpy calls for the whole tree (a row or a chain link at a time cost more than the rest).
+        table, width = self.table, self.width
+        alts = table[[int(context[-1]), *main[:-1]]]
+        links, level = [], alts.reshape(-1)
+        for _ in range(self.depth):  # the first choice after each, -1 past the table's end
+            level = np.where(level >= 0, table[np.maximum(level, 0), 0], -1)
+            links.append(level.tolist())
+        second = [("table", min(j + 1, 3)) for j in range(self.depth)]
+        for at, row in enumerate(alts.tolist(), -1):
             offered = {main[at + 1]}
             if ctx is not None and at < 2:  # other copies from the context, as if the drafts before held
                 extended = np.concatenate((ctx, np.asarray(main[: at + 1], dtype=np.int64))) if at >= 0 else ctx
-                for branch in self.lookup.branches(extended, offered):
+                for branch in lookup.branches(extended, offered):  # type: ignore[union-attr]
                     offered.add(branch.tokens[0])
                     for j, (token, key) in enumerate(zip(branch.tokens, branch.keys, strict=True)):
-                        tree.tokens.append(token)
-                        tree.parents.append(at if j == 0 else len(tree.tokens) - 2)
-                        tree.keys.append(key)
-            for rank, alt in enumerate(int(t) for t in self.table[before]):
+                        tokens.append(token)
+                        parents.append(at if j == 0 else len(tokens) - 2)
+                        keys.append(key)
+            for rank, alt in enumerate(row):
                 if alt < 0 or alt in offered:
                     continue
-                tree.tokens.append(alt)
-                tree.parents.append(at)
-                tree.keys.append(("alt", rank))
-                for j, token in enumerate(self.chain(alt, self.depth)):
-                    tree.tokens.append(token)
-                    tree.parents.append(len(tree.tokens) - 2)
-                    tree.keys.append(("table", min(j + 1, 3)))
-        return tree
+                tokens.append(alt)
+                parents.append(at)
+                keys.append(("alt", rank))
+                flat = (at + 1) * width + rank
+                for j, link in enumerate(links):
+                    token = link[flat]
+                    if token < 0:
+                        break
+                    tokens.append(token)
+                    parents.append(len(tokens) - 2)
+                    keys.append(second[j])
+        return DraftTree(tokens, parents, keys)
 
     def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray | None]]:
         """Up to ``k`` tokens: the lookup continuation, else the table's chain (deterministic drafts)."""
@@ -458,34 +483,53 @@ class DraftPolicy:
         self.counts: dict[tuple[Any, ...], list[float]] = {}  # key -> [drafts tried, kept]
         self.times: dict[int, deque[float]] = {}  # rows -> seconds of the last passes (chains and trees)
         self.window = window
-        self._costs: dict[int, float] = {}  # `cost` per row count since the last `time` (a round asks up to 16 times)
+        # What a round asks for many times (a tree of a hundred nodes, up to 16 row counts), kept until
+        # `time` or `record` changes it: Python between passes runs with cold caches on this machine.
+        self._costs: list[float] = []  # `cost` by row count
+        self._accepted: dict[tuple[Any, ...], float] = {}  # `acceptance` by key
 
     def acceptance(self, key: tuple[Any, ...]) -> float:
         """The chance a draft of this key is kept (when the drafts before it were)."""
-        tried, kept = self.counts.get(key, (0.0, 0.0))
-        return (kept + self.prior_weight * prior_acceptance(key)) / (tried + self.prior_weight)
+        known = self._accepted.get(key)
+        if known is None:
+            tried, kept = self.counts.get(key, (0.0, 0.0))
+            known = self._accepted[key] = (kept + self.prior_weight * prior_acceptance(key)) / (
+                tried + self.prior_weight
+            )
+        return known
 
     def cost(self, rows: int) -> float:
         """A pass over ``rows`` rows in decode steps (a tree of that many nodes runs the same entries):
         timed, else the prior but never below what fewer rows were timed at; and never above what
         more rows were timed at (more rows do not cost less, so one unlucky pass of a few rows does
         not rule them out for good)."""
-        known = self._costs.get(rows)
-        if known is None:
-            known = self._costs[rows] = self._cost(rows)
-        return known
+        if rows >= len(self._costs):
+            self._costs = self._cost_table(max(rows, self.max_rows, self.max_tree, 16))
+        return self._costs[rows]
 
-    def _cost(self, rows: int) -> float:
+    def _cost_table(self, upto: int) -> list[float]:
+        """`cost` of 0..``upto`` rows, from one look at the timings."""
+        slope = self.prior_slope
+        prior = [1.0 + slope * max(rows - 1, 0) for rows in range(upto + 1)]
         plain = self.times.get(1)
-        if rows <= 1 or not plain:
-            return 1.0 + self.prior_slope * max(rows - 1, 0)
+        if not plain:
+            return prior
         step = min(plain)
         timed = {n: min(t) / step for n, t in self.times.items() if n > 1 and t}
-        if rows in timed:
-            own = timed[rows]
-        else:
-            own = max([1.0 + self.prior_slope * (rows - 1)] + [c for n, c in timed.items() if n < rows])
-        return max(min([own] + [c for n, c in timed.items() if n > rows]), 1.0)
+        size = max(upto, *timed) + 1 if timed else upto + 1
+        below, run = [], -np.inf  # the most that fewer rows were timed at
+        for n in range(size):
+            below.append(run)
+            run = max(run, timed.get(n, -np.inf))
+        above, run = [np.inf] * size, np.inf  # the least that more rows were timed at
+        for n in range(size - 1, -1, -1):
+            above[n] = run
+            run = min(run, timed.get(n, np.inf))
+        table = prior[:2]
+        for rows in range(2, upto + 1):
+            own = timed[rows] if rows in timed else max(prior[rows], below[rows])
+            table.append(max(min(own, above[rows]), 1.0))
+        return table
 
     @property
     def ready(self) -> bool:
@@ -511,13 +555,18 @@ class DraftPolicy:
         less likely than its child), and the count that yields most per decode step of the pass wins.
         Empty: a plain step pays more."""
         chance: list[float] = []
+        acceptance = self.acceptance
         for key, parent in zip(tree.keys, tree.parents, strict=True):
-            chance.append(self.acceptance(key) * (chance[parent] if parent >= 0 else 1.0))
-        order = sorted(range(len(tree)), key=lambda i: (-chance[i], i))[: min(k, self.max_tree - 1)]
+            chance.append(acceptance(key) * (chance[parent] if parent >= 0 else 1.0))
+        limit = min(k, self.max_tree - 1)
+        # Likeliest first, the earlier node among equals (a stable sort of the negated chances).
+        order = np.argsort(-np.asarray(chance), kind="stable")[: max(limit, 0)].tolist()
         best, length, expected = 1.0, 0, 1.0
+        self.cost(len(order) + 1)  # the table, once
+        costs = self._costs
         for j, node in enumerate(order):
             expected += chance[node]
-            gain = expected / self.cost(j + 2)
+            gain = expected / costs[j + 2]
             if gain > best:
                 best, length = gain, j + 1
         return tree.subtree(order[:length])
@@ -531,6 +580,7 @@ class DraftPolicy:
                 counts = self.counts.setdefault(key, [0.0, 0.0])
                 counts[0] += 1
                 counts[1] += node in kept
+                self._accepted.pop(key, None)
 
     def record(self, keys: Sequence[tuple[Any, ...]], accepted: int) -> None:
         """Count a round: the drafts of ``keys`` were tried in order, the first ``accepted`` kept."""
@@ -538,11 +588,12 @@ class DraftPolicy:
             counts = self.counts.setdefault(key, [0.0, 0.0])
             counts[0] += 1
             counts[1] += j < accepted
+            self._accepted.pop(key, None)
 
     def time(self, rows: int, seconds: float) -> None:
         """Record how long a pass over ``rows`` rows (1: a plain step) took."""
         self.times.setdefault(rows, deque(maxlen=self.window)).append(seconds)
-        self._costs.clear()
+        self._costs = []
 
 
 def default_skip(num_layers: int) -> list[int]:
