@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
 
@@ -33,6 +35,9 @@ PARTS = (
     "tokens in",
     "kv begin/end",
     "draft+policy",
+    "  lookup match",
+    "  tree build",
+    "  policy choice",
     "observe",
     "sampler+walk",
     "kv rollback/commit",
@@ -68,13 +73,21 @@ class Clock:
 
 
 class TimedSession:
-    """The session with its entry calls timed."""
+    """The session with its entry calls timed; ``passes`` keeps each decode pass's process CPU time and
+    wall time by (clock, rows): the pass costs the decoder meets, against what the replay assumes."""
 
-    def __init__(self, session: Any, call: Callable[..., Any]):
-        self._session, self._call = session, call
+    def __init__(self, session: Any, call: Callable[..., Any], clock: Callable[[], Any]):
+        self._session, self._call, self._clock = session, call, clock
+        self.passes: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
 
-    def __call__(self, *args: Any) -> Any:
-        return self._call(*args)
+    def __call__(self, entry: str, *args: Any) -> Any:
+        if entry == "prefill":
+            return self._call(entry, *args)
+        rows = 1 if entry == "decode" else int(args[0].shape[0])
+        w, c = time.perf_counter_ns(), time.process_time_ns()
+        out = self._call(entry, *args)
+        self.passes[(id(self._clock()), rows)].append((time.perf_counter_ns() - w, time.process_time_ns() - c))
+        return out
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._session, name)
@@ -94,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", default="grounded", choices=sorted(SUITES))
     parser.add_argument("--modes", default="lookup,recycle")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--neighbours", action="store_true", help="only: a pass's cost after a decode step vs after another pass"
+    )
     args = parser.parse_args(argv)
     model = edgert.load(args.artifact, threads=args.threads)
+    if args.neighbours:
+        return neighbours(model, load_cases(SUITES[args.suite])[0]["prompt"])
     clocks = {name: Clock() for name in ["plain", *args.modes.split(",")]}
     prefill = Clock()  # what begin_generation does (outside the decode time) goes here
     current: list[Clock] = [clocks["plain"]]
@@ -114,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     speculative.token_probabilities = routed("sampler+walk", speculative.token_probabilities)
     generator.TokenEmitter.emit = _timed_generator(routed, "emit", generator.TokenEmitter.emit)
     session = model.session
-    model.session = TimedSession(session, routed("entry", session.__call__))
+    timed = model.session = TimedSession(session, routed("entry", session.__call__), lambda: current[0])
     begin = model.begin_generation
 
     def begin_generation(*a: Any, **k: Any) -> Any:
@@ -138,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
         dec = SpeculativeDecoder(model, drafter, k)
         dec._drafts = routed("draft+policy", dec._drafts)
         dec._tree_drafts = routed("draft+policy", dec._tree_drafts)
+        lookup = getattr(drafter, "lookup", drafter)
+        if hasattr(lookup, "match"):
+            lookup.match = routed("  lookup match", lookup.match)
+        if hasattr(drafter, "tree"):
+            drafter.tree = routed("  tree build", drafter.tree)
+        if dec.policy is not None:
+            dec.policy.choose = routed("  policy choice", dec.policy.choose)
+            dec.policy.choose_tree = routed("  policy choice", dec.policy.choose_tree)
         if dec._observe is not None:
             dec._observe = routed("observe", dec._observe)
         decoders[spec] = dec
@@ -174,8 +200,90 @@ def main(argv: list[str] | None = None) -> int:
         st = dec.stats
         passes = dict(sorted(st.passes.items()))
         print(f"{label}: last prompt rounds {st.rounds}, plain {st.plain_steps}, passes {passes}")
+    # A pass over n rows in decode steps, as the decoder met them: its median process CPU time over the
+    # median plain step's (the plain decoding run's, and the decoder's own plain steps').
+    print(
+        "pass costs met (median process CPU of a pass / of a plain decoding step; "
+        "in brackets / the mode's own plain steps)"
+    )
+    base = [c for _, c in timed.passes.get((id(clocks["plain"]), 1), [])]
+    step = float(np.median(base)) if base else float("nan")
+    met: dict[str, dict[int, list[float]]] = {}
+    for label, clock in clocks.items():
+        if label == "plain":
+            continue
+        own = [c for _, c in timed.passes.get((id(clock), 1), [])]
+        own_step = float(np.median(own)) if own else float("nan")
+        cells = []
+        for rows in range(2, 17):
+            got = [c for _, c in timed.passes.get((id(clock), rows), [])]
+            if got:
+                m = float(np.median(got))
+                met.setdefault(label, {})[rows] = [round(m / step, 2), round(m / own_step, 2), len(got)]
+                cells.append(f"{rows}: {m / step:.2f} ({m / own_step:.2f}, n={len(got)})")
+        print(f"  {label}: plain step {own_step / step:.2f}; " + ", ".join(cells))
+    report["pass_costs"] = met
     if args.json:
         args.json.write_text(json.dumps({"tokens": tokens, "decode_seconds": decode, "parts": report}, indent=1) + "\n")
+    return 0
+
+
+def neighbours(model: Any, prompt: str, rounds: int = 25) -> int:
+    """What the replay's cost table assumes (`peers.speculative.verify_costs`: a pass timed right after
+    a decode step, both after the prompt) against the order the decoder runs them in: a decode step or
+    a pass of n rows right after a decode step, after a pass of 5 rows (a static entry) and after a
+    pass of 4 (the dynamic ``batch_decode``), each followed by its rollback as a round's; medians
+    of wall and process CPU time (the workers' share included), alternated round by round."""
+    ids = model.encode_prompt(prompt, chat=True)
+    model.reset()
+    model.prefill(ids)
+    fill = (ids * 4)[:16]
+
+    def run(n: int) -> tuple[int, int]:
+        w, c = time.perf_counter_ns(), time.process_time_ns()
+        model.step(fill[:n], all_logits=n > 1, view=True)
+        w, c = time.perf_counter_ns() - w, time.process_time_ns() - c
+        model.rollback(n)
+        return w, c
+
+    def tree(n: int) -> tuple[int, int]:  # two branches below the root, as recycle's trees: commit the root
+        parents = [-1, 0, *range(1, n - 2), 0][:n]
+        w, c = time.perf_counter_ns(), time.process_time_ns()
+        model.step_tree(fill[:n], parents, view=True)
+        model.accept_tree(fill[:n], parents, 0)
+        w, c = time.perf_counter_ns() - w, time.process_time_ns() - c
+        model.rollback(1)
+        return w, c
+
+    cases = [(before, n) for n in (1, 4, 5, 8) for before in (1, 5, 4, 3)]
+    got: dict[tuple[int, int], list[tuple[int, int]]] = {case: [] for case in cases}
+    trees: dict[int, list[tuple[int, int]]] = {n: [] for n in (3, 4, 5, 8)}
+    for n in (1, 4, 5, 8):
+        run(n)  # warm-up
+        tree(n)
+    for _ in range(rounds):
+        for before, n in cases:
+            run(before)
+            got[(before, n)].append(run(n))
+        for n in trees:
+            run(1)
+            trees[n].append(tree(n))
+    step = float(np.median([c for _, c in got[(1, 1)]]))
+    wstep = float(np.median([w for w, _ in got[(1, 1)]]))
+    print("a pass of n rows (decode steps: after a decode step = 1; CPU / wall) after ...")
+    for n in (1, 4, 5, 8):
+        cells = []
+        for before in (1, 5, 4, 3):
+            c = float(np.median([c for _, c in got[(before, n)]])) / step
+            w = float(np.median([w for w, _ in got[(before, n)]])) / wstep
+            cells.append(f"after {before} row{'s' if before > 1 else ''}: {c:.2f} / {w:.2f}")
+        print(f"  n={n}: " + ", ".join(cells))
+    cells = []
+    for n, times in trees.items():
+        c = float(np.median([c for _, c in times])) / step
+        w = float(np.median([w for w, _ in times])) / wstep
+        cells.append(f"{n} nodes {c:.2f} / {w:.2f}")
+    print("a tree pass with its commit, after a decode step: " + ", ".join(cells))
     return 0
 
 
