@@ -277,6 +277,9 @@ def test_the_recycle_table_from_argmaxes_given_and_scratch_logits_is_the_same() 
     np.testing.assert_array_equal(given.table, plain.table)
     order = np.argsort(-before, axis=-1, kind="stable")[:, :3]
     np.testing.assert_array_equal(plain.table[[9, 17, 250]], order[[1, 3, 4]])
+    one = RecycleDrafter(vocab_size=300)  # a plain step's single row, as the decoder passes it
+    one.observe([250], before[4].copy(), np.array([int(np.argmax(before[4]))]), scratch=True)
+    np.testing.assert_array_equal(one.table[250], order[4])
 
 
 def test_lookup_reuses_the_converted_history_only_while_it_grows() -> None:

@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         decoders[spec] = dec
     tokens = {label: 0 for label in clocks}
     decode = {label: 0.0 for label in clocks}
+    loops = {label: 0 for label in clocks}  # decoder iterations: plain steps and verify passes
     cases = load_cases(SUITES[args.suite])[: args.prompts]
     for case in cases:
         for label, clock in clocks.items():
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             ids = [t.id for t in runner.generate(case["prompt"], max_tokens=args.tokens, chat=True)]
             tokens[label] += max(len(ids) - 1, 0)
             decode[label] += runner.stats.decode_seconds
+            st = runner.stats
+            loops[label] += max(len(ids) - 1, 0) if label == "plain" else st.rounds + st.plain_steps
     model.session = session
     report: dict[str, Any] = {}
     print(f"{'us per token (wall / cpu)':28}" + "".join(f"{label:>20}" for label in clocks))
@@ -223,6 +226,18 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(f"{rows}: {m / step:.2f} ({m / own_step:.2f}, n={len(got)})")
         print(f"  {label}: plain step {own_step / step:.2f}; " + ", ".join(cells))
     report["pass_costs"] = met
+    # What `tools/replay_drafts.py --overhead` takes: the main thread's CPU outside the passes' steps
+    # (entry, input, cache begin/end: what the cost table times), per plain-decoding step, per decoder
+    # iteration (emit excluded) and per emitted token (emit), in microseconds.
+    inside = {"entry", "to_numpy", "tokens in", "kv begin/end", "emit"}
+    plain_us = sum(c for part, c in clocks["plain"].cpu.items() if part not in inside) / max(loops["plain"], 1) / 1e3
+    emit_us = {x: clocks[x].cpu.get("emit", 0) / max(tokens[x], 1) / 1e3 for x in clocks}
+    print(f"outside the passes (CPU us): plain decoding {plain_us:.1f} a step + emit {emit_us['plain']:.1f} a token")
+    for label in decoders:
+        own = sum(c for part, c in clocks[label].cpu.items() if part not in inside) / max(loops[label], 1) / 1e3
+        report.setdefault("outside_us", {})[label] = {"iteration": own, "token": emit_us[label], "loops": loops[label]}
+        print(f"  {label}: {own:.1f} an iteration + emit {emit_us[label]:.1f} a token")
+    report.setdefault("outside_us", {})["plain"] = {"iteration": plain_us, "token": emit_us["plain"]}
     if args.json:
         args.json.write_text(json.dumps({"tokens": tokens, "decode_seconds": decode, "parts": report}, indent=1) + "\n")
     return 0

@@ -353,6 +353,14 @@ class RecycleDrafter:
         rows = logits.reshape(n, -1)
         if not rows.flags.writeable:
             rows, scratch = rows.copy(), True
+        if n == 1 and scratch:  # a plain step's row: scalar masks, no index arrays (half the numpy calls)
+            row, picked = rows[0], []
+            for r in range(self.width):
+                best = int(first[0]) if r == 0 and first is not None else int(row.argmax())
+                picked.append(best)
+                row[best] = -np.inf
+            self.table[tokens[0]] = picked
+            return
         index = np.arange(n)
         top = np.empty((n, self.width), dtype=np.int64)
         saved = []
