@@ -98,7 +98,7 @@ def replay_recycle(
         left = len(full) - 1 - t
         limit = min(k, policy.max_rows - 1, left)
         if tree:
-            found = drafter.tree(full[: t + 1], limit)
+            found = drafter.tree(full[: t + 1], limit, policy.acceptance)
             chosen = policy.choose_tree(found, limit) if found is not None else DraftTree([], [], [])
         else:
             cand = drafter.candidate(full[: t + 1], limit)

@@ -392,23 +392,43 @@ class RecycleDrafter:
         tokens = self.chain(int(context[-1]), limit)
         return Candidate(tokens, [("table", min(j, 3)) for j in range(len(tokens))]) if tokens else None
 
-    def tree(self, context: Sequence[int], limit: int = 16) -> DraftTree | None:
+    def tree(
+        self, context: Sequence[int], limit: int = 16, accept: Callable[[tuple[Any, ...]], float] | None = None
+    ) -> DraftTree | None:
         """The candidate tree: the main branch (`candidate`, up to ``limit``) first; then below the
         pending token and each main node, lookup's other copies (`LookupDrafter.branches`: what
         followed other occurrences of the suffix, for the first three places) and the table's other
         choices (keyed by their rank), each followed by up to ``depth`` first choices. None where
-        there is nothing to draft."""
+        there is nothing to draft.
+
+        ``accept`` (`DraftPolicy.acceptance`): the tree stops before the place from which no node could
+        be among the ``limit`` likeliest (`DraftPolicy.choose_tree` keeps no other): where the main
+        branch holds ``limit`` nodes at least as likely as the place's likeliest other choice could
+        be. The nodes before are the same, so the policy's choice is too; a long copy then costs no
+        branches at all (building them was most of a round's drafting time)."""
         found = self.candidate(context, limit)
         if found is None:  # no main branch: nothing to copy and the table knows nothing after the pending token
             return None
         main = found.tokens
         tokens, parents, keys = list(main), list(range(-1, len(main) - 1)), list(found.keys)
+        places = len(main)  # the places below which other choices go: the pending token and main[:-1]
+        if accept is not None and len(main) >= limit > 0:
+            chance, along = [], 1.0  # the main nodes' chances, as `DraftPolicy.choose_tree` computes them
+            for key in found.keys:
+                along = accept(key) * along
+                chance.append(along)
+            first = [("alt", rank) for rank in range(self.width)] + [("branch", n) for n in range(1, 5)]
+            best = max(accept(key) for key in first)  # no other choice below a place is likelier than this
+            floor = chance[limit - 1]
+            places = next((i for i in range(places) if floor >= best * (chance[i - 1] if i else 1.0)), places)
+            if not places:
+                return DraftTree(tokens, parents, keys)
         lookup = self.lookup
         ctx = lookup.array(context) if lookup is not None else None
         # The table's rows after every place of the main branch and their alternatives' chains, a few
         # numpy calls for the whole tree (a row or a chain link at a time cost more than the rest).
         table, width = self.table, self.width
-        alts = table[[int(context[-1]), *main[:-1]]]
+        alts = table[[int(context[-1]), *main[:-1]][:places]]
         links, level = [], alts.reshape(-1)
         for _ in range(self.depth):  # the first choice after each, -1 past the table's end
             level = np.where(level >= 0, table[np.maximum(level, 0), 0], -1)
@@ -856,7 +876,7 @@ class SpeculativeDecoder:
         if policy is not None and not policy.ready:
             return none
         limit = min(k, self.tree - 1, getattr(self.model.cache, "rows", 1) - 1)
-        found = self.drafter.tree(history, limit)
+        found = self.drafter.tree(history, limit, policy.acceptance if policy is not None else None)
         if found is None:
             return none
         if policy is None:  # breadth first: every branch below the pending token gets its chance
