@@ -253,7 +253,7 @@ class Generator:
             logits = self.session(entry, tokens, *self.cache.objs)[0]
         self.cache.end(len(ids))
         self.cached_ids.extend(ids)
-        out = _host(logits, view)
+        out = _host(logits, view and not self.session.on_gpu)
         out = out[:, 0] if rows else out[0]
         return out if all_logits else out[-1]
 
@@ -272,7 +272,7 @@ class Generator:
         # The rows' entries (decode-shaped, static where the artifact has one): the cache's tree tells
         # attention what each row sees, and the matmuls are the verify rows' (same logits, less time).
         logits, self.cache.obj = self.session(self._rows_entry(len(ids)), self._tokens(ids, True), self.cache.obj)
-        return _host(logits, view)[:, 0]
+        return _host(logits, view and not self.session.on_gpu)[:, 0]
 
     def _rows_entry(self, n: int) -> str:
         """The entry that runs ``n`` decode rows (a chain or a tree): the one with static shapes for

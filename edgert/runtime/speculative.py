@@ -876,7 +876,12 @@ class SpeculativeDecoder:
         if policy is not None and not policy.ready:
             return none
         limit = min(k, self.tree - 1, getattr(self.model.cache, "rows", 1) - 1)
-        found = self.drafter.tree(history, limit, policy.acceptance if policy is not None else None)
+        # With a policy the tree leaves out what the policy could not keep (`RecycleDrafter.tree`).
+        found = (
+            self.drafter.tree(history, limit)
+            if policy is None
+            else self.drafter.tree(history, limit, policy.acceptance)
+        )
         if found is None:
             return none
         if policy is None:  # breadth first: every branch below the pending token gets its chance
