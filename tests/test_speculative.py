@@ -163,7 +163,7 @@ def test_the_accept_resample_rule_keeps_the_full_models_distribution() -> None:
     q = np.array([0.1, 0.2, 0.3, 0.4])  # a poor draft
 
     class Full:  # the verifier: the same distribution at every position
-        def step(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
+        def step(self, ids: list[int], all_logits: bool = False, view: bool = False) -> np.ndarray:
             return np.tile(np.log(p), (len(ids), 1))
 
         def rollback(self, n: int) -> None:
@@ -263,6 +263,72 @@ def test_recycle_follows_the_models_first_choice_after_each_token() -> None:
     assert found is not None and found.tokens == [4, 5, 3] and found.keys[0][0] == "table"
 
 
+def test_the_recycle_table_from_argmaxes_given_and_scratch_logits_is_the_same() -> None:
+    """`RecycleDrafter.observe` with the rows' argmaxes passed in and logits it may overwrite (what the
+    decoder does after its accept walk) fills the same table; without ``scratch`` the logits stay."""
+    rng = np.random.default_rng(7)
+    logits = rng.standard_normal((5, 300)).astype(np.float32)
+    tokens = [4, 9, 4, 17, 250]  # a token twice: the later row wins, as one fancy assignment does
+    plain, given = RecycleDrafter(vocab_size=300), RecycleDrafter(vocab_size=300)
+    before = logits.copy()
+    plain.observe(tokens, logits)
+    np.testing.assert_array_equal(logits, before)
+    given.observe(tokens, logits, np.argmax(logits, axis=-1), scratch=True)
+    np.testing.assert_array_equal(given.table, plain.table)
+    order = np.argsort(-before, axis=-1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(plain.table[[9, 17, 250]], order[[1, 3, 4]])
+    one = RecycleDrafter(vocab_size=300)  # a plain step's single row, as the decoder passes it
+    one.observe([250], before[4].copy(), np.array([int(np.argmax(before[4]))]), scratch=True)
+    np.testing.assert_array_equal(one.table[250], order[4])
+
+
+def test_a_tree_stops_where_no_other_choice_could_be_kept_and_the_choice_is_the_same() -> None:
+    """`RecycleDrafter.tree` with the policy's acceptances leaves out the places below which no node
+    could be among the likeliest ``limit``; `DraftPolicy.choose_tree` picks the same nodes from it."""
+    rng = np.random.default_rng(4)
+    drafter = RecycleDrafter(vocab_size=50, lookup=LookupDrafter())
+    drafter.table[:] = rng.integers(0, 50, (50, 3))
+    context = rng.integers(0, 50, 60).tolist()
+    context += context[10:40]  # a long copy: its drafts are likely
+    policy = DraftPolicy(16, max_tree=16)
+    policy.time(1, 1.0)
+    for rows in range(2, 17):
+        policy.time(rows, 1.0 + 0.05 * rows)
+    smaller = 0
+    for sure in (0.5, 0.9, 0.99):  # how often long copies held so far
+        for key in [("lookup", n, True) for n in range(1, 13)]:
+            policy.counts[key] = [1000.0, 1000.0 * sure]
+        policy._accepted.clear()
+        for limit in (4, 8, 15):
+            full, cut = drafter.tree(context, limit), drafter.tree(context, limit, policy.acceptance)
+            assert full is not None and cut is not None
+            assert cut.tokens == full.tokens[: len(cut)] and cut.parents == full.parents[: len(cut)]
+            a, b = policy.choose_tree(full, limit), policy.choose_tree(cut, limit)
+            assert (a.tokens, a.parents, a.keys) == (b.tokens, b.parents, b.keys)
+            smaller += len(cut) < len(full)
+    assert smaller >= 3  # sure copies leave the other choices out
+
+
+def test_lookup_reuses_the_converted_history_only_while_it_grows() -> None:
+    """`LookupDrafter.array` appends what the history gained since the last call; a list changed in
+    place, or another list, is converted afresh, so its matches equal a fresh drafter's."""
+    rng = np.random.default_rng(3)
+    history = rng.integers(0, 12, 40).tolist()
+    kept, fresh = LookupDrafter(), LookupDrafter()
+    for _ in range(30):
+        history.extend(rng.integers(0, 12, 3).tolist())
+        assert kept.match(history) == fresh.match(list(history))
+        np.testing.assert_array_equal(kept.array(history), history)
+    history[0] = 99  # changed where the copy starts
+    np.testing.assert_array_equal(kept.array(history), history)
+    del history[-5:]  # shrunk
+    history[-1] = 98
+    np.testing.assert_array_equal(kept.array(history), history)
+    other = history[:20]
+    np.testing.assert_array_equal(kept.array(other), other)
+    np.testing.assert_array_equal(kept.array((1, 2, 3)), [1, 2, 3])
+
+
 def test_the_policy_verifies_only_drafts_that_pay() -> None:
     """`DraftPolicy`: drafts expected to yield more tokens per decode step than a plain step."""
     policy = DraftPolicy(max_rows=16)
@@ -331,7 +397,7 @@ def test_a_deterministic_draft_keeps_the_full_models_distribution() -> None:
     p = np.array([0.5, 0.3, 0.15, 0.05])
 
     class Full:
-        def step(self, ids: list[int], all_logits: bool = False) -> np.ndarray:
+        def step(self, ids: list[int], all_logits: bool = False, view: bool = False) -> np.ndarray:
             return np.tile(np.log(p), (len(ids), 1))
 
         def rollback(self, n: int) -> None:
@@ -376,7 +442,7 @@ def test_a_draft_tree_keeps_the_full_models_distribution() -> None:
         def __init__(self) -> None:
             self.kept: list[int] = []
 
-        def step_tree(self, ids: list[int], parents: list[int]) -> np.ndarray:
+        def step_tree(self, ids: list[int], parents: list[int], view: bool = False) -> np.ndarray:
             return np.tile(np.log(p), (len(ids), 1))
 
         def accept_tree(self, ids: list[int], parents: list[int], leaf: int) -> None:

@@ -4,8 +4,11 @@ Greedy speculative decoding emits plain decoding's tokens, so a draft is kept ex
 equals the next plain token: given each prompt's plain output, the rounds `DraftPolicy` would
 run, the drafts they keep and the plain steps between them follow without the model. Each pass
 is costed from a table of decode steps per row count, so the speedup does not move with the
-machine's load. Tables: ``measured`` (`peers.speculative.verify_costs`: the median ratio of a
-pass to a decode step timed back to back; or ``--costs 2=1.16,3=1.22,...`` taken elsewhere),
+machine's load. ``--overhead`` adds what the passes leave out (the decoder's drafting, policy,
+table and walk per iteration, plain decoding's sampling per step, emitting per token:
+`tools/spec_overhead.py`) as ``with_overhead``, the speedup a timed run can reach. Tables:
+``measured`` (`peers.speculative.verify_costs`: the median ratio of a pass to a decode step timed
+back to back; or ``--costs 2=1.16,3=1.22,...`` taken elsewhere),
 and ``five-at-1.5`` (the same table with every pass's extra cost scaled so 5 rows cost 1.5
 steps: issue 20 part 1's target). Modes: ``policy`` (`DraftPolicy`, as `--speculative lookup`
 runs), ``every-k`` (the continuation up to k = 6 at every chance: drafting before the policy).
@@ -95,7 +98,7 @@ def replay_recycle(
         left = len(full) - 1 - t
         limit = min(k, policy.max_rows - 1, left)
         if tree:
-            found = drafter.tree(full[: t + 1], limit)
+            found = drafter.tree(full[: t + 1], limit, policy.acceptance)
             chosen = policy.choose_tree(found, limit) if found is not None else DraftTree([], [], [])
         else:
             cand = drafter.candidate(full[: t + 1], limit)
@@ -144,7 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=15)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--costs", help="a table of decode steps per row count, 2=1.16,3=1.22,... (else measured)")
+    parser.add_argument(
+        "--overhead",
+        help="the time outside the passes, microseconds (tools/spec_overhead.py): step=2440,plain=60,token=25,"
+        "lookup=90,recycle=190: a decode step, plain decoding's own per step, emitting a token, and a decoder "
+        "iteration (plain step or pass) of each drafter; adds `with_overhead`, the speedup they leave",
+    )
     args = parser.parse_args(argv)
+    overhead = {}
+    if args.overhead:
+        try:
+            overhead = {key: float(value) for key, value in (part.split("=") for part in args.overhead.split(","))}
+        except ValueError:
+            raise SystemExit(f"--overhead {args.overhead!r}: not key=microseconds,...") from None
+        missing = {"step", "plain", "token", "lookup", "recycle"} - set(overhead)
+        if missing:
+            raise SystemExit(f"--overhead needs {', '.join(sorted(missing))}")
     model = edgert.load(args.artifact, threads=args.threads)
     suites = {name: load_cases(path) for name, path in SUITES.items()}
     rows = max(model.cache.rows, 2)
@@ -196,6 +214,16 @@ def main(argv: list[str] | None = None) -> int:
                     else 0.0,
                     **{key: int(total.get(key, 0)) for key in ("verifies", "wasted", "plain", "tokens", "trees")},
                 }
+                if overhead:  # plain decoding and the decoder, each with its own time outside the passes
+                    o = overhead
+                    loop = o["recycle" if mode.startswith("recycle") else "lookup"]
+                    plain_time = total["tokens"] * (o["step"] + o["plain"] + o["token"])
+                    spec_time = (
+                        total["steps"] * o["step"]
+                        + (total["verifies"] + total["plain"]) * loop
+                        + total["tokens"] * o["token"]
+                    )
+                    result["with_overhead"] = round(plain_time / spec_time, 3)
                 report[f"{table} / {mode} (k={k}) / {name}"] = result
                 print(f"{table:12} {mode:8} k={k:<2} {name:8} {json.dumps(result)}")
     if args.json:

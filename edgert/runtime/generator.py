@@ -117,6 +117,16 @@ class TokenEmitter:
                 return
 
 
+def _host(logits: Any, view: bool) -> np.ndarray:
+    """An entry's logits on the host: a copy, or with ``view`` the output buffer itself (CPU)."""
+    if view:
+        try:
+            return np.from_dlpack(logits)
+        except (TypeError, RuntimeError, BufferError):  # a device tensor: copy it over
+            pass
+    return to_numpy(logits)
+
+
 def _language_model_sections(artifact: Artifact) -> tuple[dict, int]:
     """The manifest's ``kv_cache`` section and context length, checked (a hand-made or damaged
     manifest gets a one-line error instead of a KeyError deep in the loader)."""
@@ -168,7 +178,7 @@ class Generator:
             tree=int(kv.get("verify_tree", 0)),
         )
         self.cached_ids: list[int] = []
-        self._one_token: Any = None  # the input tensor of one-token steps (`_tokens`)
+        self._inputs: dict[tuple[int, int], tuple[Any, np.ndarray | None]] = {}  # shape -> input tensor (`_tokens`)
         self._row_entries = self._static_row_entries()
         self.vocab_size = int(manifest["model"]["vocab_size"])
         self.stats = GenerationStats()
@@ -208,8 +218,12 @@ class Generator:
         return tuple(sorted(self._row_entries))
 
     # -- the step function -------------------------------------------------------------
-    def step(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        """Append ``ids`` to the cache; logits of the last token [vocab] (or of every one [n, vocab])."""
+    def step(self, ids: Sequence[int], all_logits: bool = False, view: bool = False) -> np.ndarray:
+        """Append ``ids`` to the cache; logits of the last token [vocab] (or of every one [n, vocab]).
+
+        ``view``: the logits are the VM's output buffer itself, valid until the next model call (no
+        copy: the decoding loops read them before their next step; a copy of 16 rows cost more
+        than the accept walk, and one row's about as much as sampling it)."""
         bad = [t for t in ids if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.vocab_size - 1})")
@@ -222,7 +236,7 @@ class Generator:
             parts, rest = [], list(ids)
             while rest:
                 n = self.cache.chunk_limit() or len(rest)
-                parts.append(self.step(rest[:n], all_logits))
+                parts.append(self.step(rest[:n], all_logits, view and not all_logits))
                 rest = rest[n:]
             return np.concatenate(parts) if all_logits else parts[-1]
         rows = all_logits and 1 < len(ids) <= self.cache.rows  # a verify pass as decode rows: decode's logits
@@ -239,13 +253,14 @@ class Generator:
             logits = self.session(entry, tokens, *self.cache.objs)[0]
         self.cache.end(len(ids))
         self.cached_ids.extend(ids)
-        out = to_numpy(logits)[:, 0] if rows else to_numpy(logits)[0]
+        out = _host(logits, view and not self.session.on_gpu)
+        out = out[:, 0] if rows else out[0]
         return out if all_logits else out[-1]
 
-    def step_tree(self, ids: Sequence[int], parents: Sequence[int]) -> np.ndarray:
+    def step_tree(self, ids: Sequence[int], parents: Sequence[int], view: bool = False) -> np.ndarray:
         """Logits [n, vocab] of a token tree appended after the cache (``ids[0]`` the root, ``parents[i]``
         node i's parent): row i is the decode step's at the end of node i's path, bit for bit
-        (`PagedKVCache.begin_tree`). `accept_tree` keeps one path."""
+        (`PagedKVCache.begin_tree`). `accept_tree` keeps one path. ``view`` as in `step`."""
         total = self.cache.length + len(ids)
         if total > self.context_length:
             raise ContextLengthError(f"{total} tokens do not fit the context of {self.context_length}")
@@ -257,7 +272,7 @@ class Generator:
         # The rows' entries (decode-shaped, static where the artifact has one): the cache's tree tells
         # attention what each row sees, and the matmuls are the verify rows' (same logits, less time).
         logits, self.cache.obj = self.session(self._rows_entry(len(ids)), self._tokens(ids, True), self.cache.obj)
-        return to_numpy(logits)[:, 0]
+        return _host(logits, view and not self.session.on_gpu)[:, 0]
 
     def _rows_entry(self, n: int) -> str:
         """The entry that runs ``n`` decode rows (a chain or a tree): the one with static shapes for
@@ -274,17 +289,27 @@ class Generator:
         self.cached_ids.extend(reversed(path))
 
     def _tokens(self, ids: Sequence[int], rows: bool) -> Any:
-        """``ids`` as the entry's int32 input: [n, 1] for decode rows, else [1, n]. A one-token step on
-        the CPU refills one tensor kept for it (the VM reads its inputs during the call only): a
-        fresh TVM allocation cost more than the rest of the Python around a step."""
-        array = np.asarray([ids], dtype=np.int32).reshape((-1, 1) if rows else (1, -1))
-        if len(ids) != 1 or self.session.on_gpu:
-            return self.session.tensor(array)
-        if self._one_token is None:
-            self._one_token = self.session.tensor(array)
+        """``ids`` as the entry's int32 input: [n, 1] for decode rows, else [1, n]. A one-token step or
+        a pass of decode rows on the CPU refills a tensor kept for its shape, written through a numpy
+        view of it (the VM reads its inputs during the call only): a fresh TVM allocation, or a
+        copy through ctypes, cost more than the rest of the Python around a step."""
+        shape = (len(ids), 1) if rows else (1, len(ids))
+        if self.session.on_gpu or (len(ids) != 1 and not rows):
+            return self.session.tensor(np.asarray(ids, dtype=np.int32).reshape(shape))
+        kept = self._inputs.get(shape)
+        if kept is None:
+            tensor = self.session.tensor(np.zeros(shape, dtype=np.int32))
+            try:
+                writer = np.from_dlpack(tensor).reshape(-1)  # a view: the tensor's memory
+            except (TypeError, RuntimeError, BufferError):
+                writer = None
+            kept = self._inputs[shape] = (tensor, writer if writer is not None and writer.flags.writeable else None)
+        tensor, writer = kept
+        if writer is not None:
+            writer[:] = ids
         else:
-            copy_into(self._one_token, array)
-        return self._one_token
+            copy_into(tensor, np.asarray(ids, dtype=np.int32).reshape(shape))
+        return tensor
 
     def prefill(self, ids: Sequence[int], like_decode: bool = False) -> np.ndarray:
         """Bring the cache to ``ids``, reusing the longest cached prefix; logits after the last.
@@ -397,7 +422,7 @@ class Generator:
                 stats.stop_reason = "context_full"
                 break
             t = time.perf_counter()
-            logits = self.step([token]) if decode_step is None else decode_step(token)
+            logits = self.step([token], view=True) if decode_step is None else decode_step(token)
             stats.decode_step_seconds.append(time.perf_counter() - t)
         stats.decode_seconds = time.perf_counter() - t_decode
 

@@ -183,25 +183,68 @@ class LookupDrafter:
 
     def __init__(self, ngram: int = 1, max_match: int = 64):
         self.ngram, self.max_match = ngram, max_match
+        self._source: list[int] | None = None  # the list `array` converted last, and its copy
+        self._copy = np.empty(0, dtype=np.int64)
+        self._copied = 0
 
-    def match(self, context: Sequence[int]) -> tuple[int, int, bool] | None:
+    def array(self, context: Sequence[int]) -> np.ndarray:
+        """``context`` as int64 ids. The decoder's history is one list that only grows, so the ids
+        converted for the last call are kept and only the new ones appended (converting a few hundred
+        ids from a list costs more than the match). A list changed elsewhere is converted afresh
+        where its ends show it; a missed change could only spoil drafts, which the verifier checks."""
+        n, have = len(context), self._copied
+        kept = context is self._source and 0 < have <= n
+        if not kept or self._copy[have - 1] != context[have - 1] or self._copy[0] != context[0]:
+            if not isinstance(context, list):
+                return np.asarray(context, dtype=np.int64)
+            self._source, have = context, 0
+        if n > self._copy.size:
+            grown = np.empty(max(2 * n, 1024), dtype=np.int64)
+            grown[:have] = self._copy[:have]
+            self._copy = grown
+        if n > have:
+            self._copy[have:n] = context[have:]
+        self._copied = n
+        return self._copy[:n]
+
+    def match(self, context: Sequence[int] | np.ndarray) -> tuple[int, int, bool] | None:
         """(start of the continuation, match length, whether every occurrence of that length is
         followed by the same token), or None where the suffix (``ngram`` tokens) occurs nowhere earlier."""
-        ctx = np.asarray(context, dtype=np.int64)
+        ctx = context if isinstance(context, np.ndarray) else self.array(context)
+        levels = self._levels(ctx)
+        if not levels or levels[-1][0] < self.ngram:
+            return None
+        n, ends = levels[-1]
+        return int(ends[-1]) + 1, n, bool((ctx[ends + 1] == ctx[ends[-1] + 1]).all())
+
+    def _levels(self, ctx: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """(n, where the earlier occurrences of the context's last n tokens end) for n = 1, 2, ... while
+        there are any (up to ``max_match``); where one occurrence is left, the levels it alone holds
+        collapse into the longest (one comparison of two slices instead of a few numpy calls a token:
+        a copy of the input matches for dozens of tokens)."""
         size = len(ctx)
         if size < 2:
-            return None
-        ends = np.flatnonzero(ctx[:-1] == ctx[-1])  # where an earlier occurrence of the suffix ends
+            return []
+        ends = np.flatnonzero(ctx[:-1] == ctx[-1])
+        levels = []
         n = 1
-        while ends.size and n < self.max_match:
-            longer = ends[ends >= n]
-            longer = longer[ctx[longer - n] == ctx[size - 1 - n]]
-            if not longer.size:
+        while ends.size:
+            if ends.size == 1 and n < self.max_match:
+                end = int(ends[0])
+                more = min(self.max_match - n, end - n + 1)  # comparisons left before either runs out
+                if more > 0:
+                    mine = ctx[end - n - more + 1 : end - n + 1][::-1]  # ctx[end - n], ctx[end - n - 1], ...
+                    last = ctx[size - n - more : size - n][::-1]  # ctx[size - 1 - n], ...
+                    differ = np.flatnonzero(mine != last)
+                    n += int(differ[0]) if differ.size else more
+                levels.append((n, ends))
                 break
-            ends, n = longer, n + 1
-        if not ends.size or n < self.ngram:
-            return None
-        return int(ends[-1]) + 1, n, bool((ctx[ends + 1] == ctx[ends[-1] + 1]).all())
+            levels.append((n, ends))
+            if n >= self.max_match:
+                break
+            longer = ends[ends >= n]
+            ends, n = longer[ctx[longer - n] == ctx[size - 1 - n]], n + 1
+        return levels
 
     def candidate(self, context: Sequence[int], limit: int = 16) -> Candidate | None:
         """The continuation of the longest match (up to ``limit`` tokens), or None."""
@@ -209,38 +252,33 @@ class LookupDrafter:
         if found is None:
             return None
         start, n, unique = found
-        tokens = [int(t) for t in context[start : start + limit]]
+        tokens = context[start : start + limit]
+        tokens = tokens.tolist() if isinstance(tokens, np.ndarray) else [int(t) for t in tokens]
         while len(tokens) < limit:  # the copy reached the end of the context: it goes on copying itself (a loop)
             tokens.append(tokens[len(tokens) - (len(context) - start)])
         # Draft j, if the ones before it hold, extends the match to n + j tokens.
         return Candidate(tokens, [("lookup", min(n + j, 12), unique or n + j >= 4) for j in range(len(tokens))])
 
-    def branches(self, context: Sequence[int], exclude: set[int], count: int = 2, depth: int = 3) -> list[Candidate]:
+    def branches(
+        self, context: Sequence[int] | np.ndarray, exclude: set[int], count: int = 2, depth: int = 3
+    ) -> list[Candidate]:
         """Other copies: what followed the other earlier occurrences of the context's suffix (longest
         matches first, the latest first among equals), one per next token not in ``exclude``, up to
         ``count``, each ``depth`` tokens long; keyed by the length of their match."""
-        ctx = np.asarray(context, dtype=np.int64)
-        size = len(ctx)
-        if size < 2:
-            return []
-        ends = np.flatnonzero(ctx[:-1] == ctx[-1])
-        levels = []  # (match length, where its occurrences end)
-        n = 1
-        while ends.size:
-            levels.append((n, ends))
-            if n >= self.max_match:
-                break
-            longer = ends[ends >= n]
-            ends, n = longer[ctx[longer - n] == ctx[size - 1 - n]], n + 1
+        ctx = context if isinstance(context, np.ndarray) else np.asarray(context, dtype=np.int64)
         out: list[Candidate] = []
         seen = set(exclude)
-        for n, ends in reversed(levels):
-            for end in ends[::-1]:
-                token = int(ctx[end + 1])
+        looked = 0  # occurrences of the longer matches, all looked at (a shorter match's include them)
+        for n, ends in reversed(self._levels(ctx)):
+            if ends.size == looked:
+                continue
+            looked = ends.size
+            latest = ends[::-1]
+            for end, token in zip(latest.tolist(), ctx[latest + 1].tolist(), strict=True):
                 if token in seen:
                     continue
                 seen.add(token)
-                tokens = [int(t) for t in ctx[end + 1 : end + 1 + depth]]
+                tokens = ctx[end + 1 : end + 1 + depth].tolist()
                 out.append(
                     Candidate(tokens, [("branch", min(n, 4))] + [("branch-next", j) for j in range(1, len(tokens))])
                 )
@@ -303,24 +341,38 @@ class RecycleDrafter:
         self.table = np.full((vocab_size, width), -1, dtype=np.int64)
         self.lookup, self.width, self.depth = lookup, width, depth
 
-    def observe(self, tokens: Sequence[int], logits: np.ndarray) -> None:
+    def observe(
+        self, tokens: Sequence[int], logits: np.ndarray, first: np.ndarray | None = None, scratch: bool = False
+    ) -> None:
         """Record the full model's first ``width`` choices after each of ``tokens`` (``logits``: [len, vocab]).
 
-        Repeated argmaxes with the winners masked: a 49,152-wide argpartition cost 0.09 ms a row."""
-        rows = logits.reshape(len(tokens), -1)
+        Repeated argmaxes with the winners masked: a 49,152-wide argpartition cost 0.09 ms a row.
+        ``first``: the rows' argmaxes where the caller has them already; ``scratch``: the caller is done
+        with ``logits``, so the masked winners are not put back."""
+        n = len(tokens)
+        rows = logits.reshape(n, -1)
         if not rows.flags.writeable:
-            rows = rows.copy()
-        index = np.arange(len(tokens))
-        top = np.empty((len(tokens), self.width), dtype=np.int64)
+            rows, scratch = rows.copy(), True
+        if n == 1 and scratch:  # a plain step's row: scalar masks, no index arrays (half the numpy calls)
+            row, picked = rows[0], []
+            for r in range(self.width):
+                best = int(first[0]) if r == 0 and first is not None else int(row.argmax())
+                picked.append(best)
+                row[best] = -np.inf
+            self.table[tokens[0]] = picked
+            return
+        index = np.arange(n)
+        top = np.empty((n, self.width), dtype=np.int64)
         saved = []
         for r in range(self.width):
-            top[:, r] = np.argmax(rows, axis=-1)
+            top[:, r] = first if r == 0 and first is not None else np.argmax(rows, axis=-1)
             if r + 1 < self.width:
-                saved.append(rows[index, top[:, r]].copy())
+                if not scratch:
+                    saved.append(rows[index, top[:, r]].copy())
                 rows[index, top[:, r]] = -np.inf
         for r, values in enumerate(saved):  # the caller's logits as they were
             rows[index, top[:, r]] = values
-        self.table[np.asarray(tokens)] = top
+        self.table[tokens] = top
 
     def chain(self, token: int, k: int) -> list[int]:
         """Follow the table's first choices from ``token`` for up to ``k`` tokens."""
@@ -340,38 +392,73 @@ class RecycleDrafter:
         tokens = self.chain(int(context[-1]), limit)
         return Candidate(tokens, [("table", min(j, 3)) for j in range(len(tokens))]) if tokens else None
 
-    def tree(self, context: Sequence[int], limit: int = 16) -> DraftTree | None:
+    def tree(
+        self, context: Sequence[int], limit: int = 16, accept: Callable[[tuple[Any, ...]], float] | None = None
+    ) -> DraftTree | None:
         """The candidate tree: the main branch (`candidate`, up to ``limit``) first; then below the
         pending token and each main node, lookup's other copies (`LookupDrafter.branches`: what
         followed other occurrences of the suffix, for the first three places) and the table's other
         choices (keyed by their rank), each followed by up to ``depth`` first choices. None where
-        there is nothing to draft."""
+        there is nothing to draft.
+
+        ``accept`` (`DraftPolicy.acceptance`): the tree stops before the place from which no node could
+        be among the ``limit`` likeliest (`DraftPolicy.choose_tree` keeps no other): where the main
+        branch holds ``limit`` nodes at least as likely as the place's likeliest other choice could
+        be. The nodes before are the same, so the policy's choice is too; a long copy then costs no
+        branches at all (building them was most of a round's drafting time)."""
         found = self.candidate(context, limit)
         if found is None:  # no main branch: nothing to copy and the table knows nothing after the pending token
             return None
         main = found.tokens
-        tree = DraftTree(list(main), [i - 1 for i in range(len(main))], list(found.keys))
-        for at in range(-1, len(main) - 1):
-            before = int(context[-1]) if at < 0 else main[at]
+        tokens, parents, keys = list(main), list(range(-1, len(main) - 1)), list(found.keys)
+        places = len(main)  # the places below which other choices go: the pending token and main[:-1]
+        if accept is not None and len(main) >= limit > 0:
+            chance, along = [], 1.0  # the main nodes' chances, as `DraftPolicy.choose_tree` computes them
+            for key in found.keys:
+                along = accept(key) * along
+                chance.append(along)
+            first = [("alt", rank) for rank in range(self.width)] + [("branch", n) for n in range(1, 5)]
+            best = max(accept(key) for key in first)  # no other choice below a place is likelier than this
+            floor = chance[limit - 1]
+            places = next((i for i in range(places) if floor >= best * (chance[i - 1] if i else 1.0)), places)
+            if not places:
+                return DraftTree(tokens, parents, keys)
+        lookup = self.lookup
+        ctx = lookup.array(context) if lookup is not None else None
+        # The table's rows after every place of the main branch and their alternatives' chains, a few
+        # numpy calls for the whole tree (a row or a chain link at a time cost more than the rest).
+        table, width = self.table, self.width
+        alts = table[[int(context[-1]), *main[:-1]][:places]]
+        links, level = [], alts.reshape(-1)
+        for _ in range(self.depth):  # the first choice after each, -1 past the table's end
+            level = np.where(level >= 0, table[np.maximum(level, 0), 0], -1)
+            links.append(level.tolist())
+        second = [("table", min(j + 1, 3)) for j in range(self.depth)]
+        for at, row in enumerate(alts.tolist(), -1):
             offered = {main[at + 1]}
-            if self.lookup is not None and at < 2:  # other copies from the context, as if the drafts before held
-                for branch in self.lookup.branches([*context, *main[: at + 1]], offered):
+            if ctx is not None and at < 2:  # other copies from the context, as if the drafts before held
+                extended = np.concatenate((ctx, np.asarray(main[: at + 1], dtype=np.int64))) if at >= 0 else ctx
+                for branch in lookup.branches(extended, offered):  # type: ignore[union-attr]
                     offered.add(branch.tokens[0])
                     for j, (token, key) in enumerate(zip(branch.tokens, branch.keys, strict=True)):
-                        tree.tokens.append(token)
-                        tree.parents.append(at if j == 0 else len(tree.tokens) - 2)
-                        tree.keys.append(key)
-            for rank, alt in enumerate(int(t) for t in self.table[before]):
+                        tokens.append(token)
+                        parents.append(at if j == 0 else len(tokens) - 2)
+                        keys.append(key)
+            for rank, alt in enumerate(row):
                 if alt < 0 or alt in offered:
                     continue
-                tree.tokens.append(alt)
-                tree.parents.append(at)
-                tree.keys.append(("alt", rank))
-                for j, token in enumerate(self.chain(alt, self.depth)):
-                    tree.tokens.append(token)
-                    tree.parents.append(len(tree.tokens) - 2)
-                    tree.keys.append(("table", min(j + 1, 3)))
-        return tree
+                tokens.append(alt)
+                parents.append(at)
+                keys.append(("alt", rank))
+                flat = (at + 1) * width + rank
+                for j, link in enumerate(links):
+                    token = link[flat]
+                    if token < 0:
+                        break
+                    tokens.append(token)
+                    parents.append(len(tokens) - 2)
+                    keys.append(second[j])
+        return DraftTree(tokens, parents, keys)
 
     def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray | None]]:
         """Up to ``k`` tokens: the lookup continuation, else the table's chain (deterministic drafts)."""
@@ -424,27 +511,53 @@ class DraftPolicy:
         self.counts: dict[tuple[Any, ...], list[float]] = {}  # key -> [drafts tried, kept]
         self.times: dict[int, deque[float]] = {}  # rows -> seconds of the last passes (chains and trees)
         self.window = window
+        # What a round asks for many times (a tree of a hundred nodes, up to 16 row counts), kept until
+        # `time` or `record` changes it: Python between passes runs with cold caches on this machine.
+        self._costs: list[float] = []  # `cost` by row count
+        self._accepted: dict[tuple[Any, ...], float] = {}  # `acceptance` by key
 
     def acceptance(self, key: tuple[Any, ...]) -> float:
         """The chance a draft of this key is kept (when the drafts before it were)."""
-        tried, kept = self.counts.get(key, (0.0, 0.0))
-        return (kept + self.prior_weight * prior_acceptance(key)) / (tried + self.prior_weight)
+        known = self._accepted.get(key)
+        if known is None:
+            tried, kept = self.counts.get(key, (0.0, 0.0))
+            known = self._accepted[key] = (kept + self.prior_weight * prior_acceptance(key)) / (
+                tried + self.prior_weight
+            )
+        return known
 
     def cost(self, rows: int) -> float:
         """A pass over ``rows`` rows in decode steps (a tree of that many nodes runs the same entries):
         timed, else the prior but never below what fewer rows were timed at; and never above what
         more rows were timed at (more rows do not cost less, so one unlucky pass of a few rows does
         not rule them out for good)."""
+        if rows >= len(self._costs):
+            self._costs = self._cost_table(max(rows, self.max_rows, self.max_tree, 16))
+        return self._costs[rows]
+
+    def _cost_table(self, upto: int) -> list[float]:
+        """`cost` of 0..``upto`` rows, from one look at the timings."""
+        slope = self.prior_slope
+        prior = [1.0 + slope * max(rows - 1, 0) for rows in range(upto + 1)]
         plain = self.times.get(1)
-        if rows <= 1 or not plain:
-            return 1.0 + self.prior_slope * max(rows - 1, 0)
+        if not plain:
+            return prior
         step = min(plain)
         timed = {n: min(t) / step for n, t in self.times.items() if n > 1 and t}
-        if rows in timed:
-            own = timed[rows]
-        else:
-            own = max([1.0 + self.prior_slope * (rows - 1)] + [c for n, c in timed.items() if n < rows])
-        return max(min([own] + [c for n, c in timed.items() if n > rows]), 1.0)
+        size = max(upto, *timed) + 1 if timed else upto + 1
+        below, run = [], -np.inf  # the most that fewer rows were timed at
+        for n in range(size):
+            below.append(run)
+            run = max(run, timed.get(n, -np.inf))
+        above, run = [np.inf] * size, np.inf  # the least that more rows were timed at
+        for n in range(size - 1, -1, -1):
+            above[n] = run
+            run = min(run, timed.get(n, np.inf))
+        table = prior[:2]
+        for rows in range(2, upto + 1):
+            own = timed[rows] if rows in timed else max(prior[rows], below[rows])
+            table.append(max(min(own, above[rows]), 1.0))
+        return table
 
     @property
     def ready(self) -> bool:
@@ -470,13 +583,18 @@ class DraftPolicy:
         less likely than its child), and the count that yields most per decode step of the pass wins.
         Empty: a plain step pays more."""
         chance: list[float] = []
+        acceptance = self.acceptance
         for key, parent in zip(tree.keys, tree.parents, strict=True):
-            chance.append(self.acceptance(key) * (chance[parent] if parent >= 0 else 1.0))
-        order = sorted(range(len(tree)), key=lambda i: (-chance[i], i))[: min(k, self.max_tree - 1)]
+            chance.append(acceptance(key) * (chance[parent] if parent >= 0 else 1.0))
+        limit = min(k, self.max_tree - 1)
+        # Likeliest first, the earlier node among equals (a stable sort of the negated chances).
+        order = np.argsort(-np.asarray(chance), kind="stable")[: max(limit, 0)].tolist()
         best, length, expected = 1.0, 0, 1.0
+        self.cost(len(order) + 1)  # the table, once
+        costs = self._costs
         for j, node in enumerate(order):
             expected += chance[node]
-            gain = expected / self.cost(j + 2)
+            gain = expected / costs[j + 2]
             if gain > best:
                 best, length = gain, j + 1
         return tree.subtree(order[:length])
@@ -490,6 +608,7 @@ class DraftPolicy:
                 counts = self.counts.setdefault(key, [0.0, 0.0])
                 counts[0] += 1
                 counts[1] += node in kept
+                self._accepted.pop(key, None)
 
     def record(self, keys: Sequence[tuple[Any, ...]], accepted: int) -> None:
         """Count a round: the drafts of ``keys`` were tried in order, the first ``accepted`` kept."""
@@ -497,10 +616,12 @@ class DraftPolicy:
             counts = self.counts.setdefault(key, [0.0, 0.0])
             counts[0] += 1
             counts[1] += j < accepted
+            self._accepted.pop(key, None)
 
     def time(self, rows: int, seconds: float) -> None:
         """Record how long a pass over ``rows`` rows (1: a plain step) took."""
         self.times.setdefault(rows, deque(maxlen=self.window)).append(seconds)
+        self._costs = []
 
 
 def default_skip(num_layers: int) -> list[int]:
@@ -716,15 +837,23 @@ class SpeculativeDecoder:
     def _plain(self, history: list[int], sampler: Sampler) -> int:
         """One decode step of the full model, no draft."""
         t = time.perf_counter()
-        logits = self.model.step([history[-1]])
+        logits = self.model.step([history[-1]], view=True)
         seconds = time.perf_counter() - t
         if self.policy is not None:
             self.policy.time(1, seconds)
-        if self._observe is not None:
-            self._observe(history[-1:], logits)
         self.stats.plain_steps += 1
         self.stats.plain_seconds += seconds
-        return sampler(logits, history)
+        token = sampler(logits, history)
+        if self._observe is not None:  # after sampling: the table may mask the logits in place
+            fast = self._fast(sampler)
+            self._observe(history[-1:], logits, np.array([token]) if fast else None, True)
+        return token
+
+    @staticmethod
+    def _fast(sampler: Sampler) -> bool:
+        """Greedy without a repetition penalty: every row's token is its argmax, taken in one call."""
+        params = sampler.params
+        return params.greedy and params.repetition_penalty == 1.0
 
     def _drafts(self, history: list[int], k: int, sampler: Sampler) -> tuple[list[int], list[Any], list[Any]]:
         """The drafts of this round, their logits (None: deterministic) and their policy keys."""
@@ -747,7 +876,12 @@ class SpeculativeDecoder:
         if policy is not None and not policy.ready:
             return none
         limit = min(k, self.tree - 1, getattr(self.model.cache, "rows", 1) - 1)
-        found = self.drafter.tree(history, limit)
+        # With a policy the tree leaves out what the policy could not keep (`RecycleDrafter.tree`).
+        found = (
+            self.drafter.tree(history, limit)
+            if policy is None
+            else self.drafter.tree(history, limit, policy.acceptance)
+        )
         if found is None:
             return none
         if policy is None:  # breadth first: every branch below the pending token gets its chance
@@ -772,13 +906,19 @@ class SpeculativeDecoder:
         self._drafted = True
         k = len(drafts)
         t = time.perf_counter()
-        full = m.step([history[-1], *drafts], all_logits=True)
+        full = m.step([history[-1], *drafts], all_logits=True, view=True)
         seconds = time.perf_counter() - t
         stats.verify_seconds += seconds
-        if self._observe is not None:
-            self._observe([history[-1], *drafts], full)
         out: list[int] = []
-        for i, d in enumerate(drafts):
+        best = None
+        if self._fast(sampler):  # the rows' argmaxes in one call; the walk compares lists
+            best = np.argmax(full, axis=-1)
+            targets = best.tolist()
+            accepted = 0
+            while accepted < k and targets[accepted] == drafts[accepted]:
+                accepted += 1
+            out = [*drafts[:accepted], targets[accepted]]
+        for i, d in enumerate(drafts if best is None else ()):
             seen = history + drafts[:i]
             if params.greedy:
                 target = sampler(full[i], seen)
@@ -800,7 +940,10 @@ class SpeculativeDecoder:
                     break
             out.append(d)
         else:  # every draft agreed: the verify pass also gives the next token
-            out.append(sampler(full[k], history + drafts))
+            if best is None:
+                out.append(sampler(full[k], history + drafts))
+        if self._observe is not None:  # after the walk: the table may mask the logits in place
+            self._observe([history[-1], *drafts], full, best, True)
         accepted = len(out) - 1
         stats.count_round(k, accepted)
         if self.policy is not None:
@@ -819,19 +962,23 @@ class SpeculativeDecoder:
         ids = [history[-1], *tree.tokens]
         parents = [-1, *[p + 1 for p in tree.parents]]
         t = time.perf_counter()
-        full = m.step_tree(ids, parents)
+        full = m.step_tree(ids, parents, view=True)
         seconds = time.perf_counter() - t
         stats.verify_seconds += seconds
-        if self._observe is not None:
-            self._observe(ids, full)
         children: dict[int, list[int]] = {}
         for node, parent in enumerate(parents[1:], 1):
             children.setdefault(parent, []).append(node)
-        node, out, seen = 0, [], list(history)
+        best = np.argmax(full, axis=-1) if self._fast(sampler) else None
+        targets = best.tolist() if best is not None else []
+        node, out = 0, []
+        seen = list(history) if best is None else history  # only the slow paths read (and extend) it
         while True:
             kids = children.get(node, [])
             chosen = None
-            if params.greedy:
+            if best is not None:
+                target = targets[node]
+                chosen = next((c for c in kids if ids[c] == target), None)
+            elif params.greedy:
                 target = sampler(full[node], seen)
                 chosen = next((c for c in kids if ids[c] == target), None)
             elif kids:
@@ -852,8 +999,11 @@ class SpeculativeDecoder:
                 out.append(target)
                 break
             out.append(ids[chosen])
-            seen.append(ids[chosen])
+            if best is None:
+                seen.append(ids[chosen])
             node = chosen
+        if self._observe is not None:  # after the walk: the table may mask the logits in place
+            self._observe(ids, full, best, True)
         path = []
         leaf = node
         while node > 0:
