@@ -19,6 +19,7 @@ from collections.abc import Callable
 import numpy as np
 
 from edgert.artifact.reader import open_artifact
+from edgert.profile.bench import VMCallTimes
 from edgert.runtime.seq2seq import Seq2Seq
 from edgert.runtime.seq2seq_speculative import DecoderLayers
 
@@ -62,28 +63,13 @@ def costs(path: str, rows: list[int], pairs: int = 30) -> None:
 def operators(path: str, n: int, rounds: int = 30) -> None:
     """Print per VM call the thread CPU ms of a step and of an n-row pass, largest pass share first."""
     model, once = _setup(path)
-    totals: dict[str, dict[str, float]] = {"step": {}, "pass": {}}
-    started: list[tuple[str, float]] = []
-    current: list[str | None] = [None]
-
-    def instrument(func: object, symbol: str, before: bool, ret: object, *args: object) -> int:
-        if current[0] is None:
-            return 0
-        if before:
-            started.append((symbol, time.thread_time()))
-        elif started:
-            name, t0 = started.pop()
-            kind = totals[current[0]]
-            kind[name] = kind.get(name, 0.0) + time.thread_time() - t0
-        return 0
-
-    model.session.vm.set_instrument(instrument)
-    for _ in range(rounds):
-        for kind, rows in (("step", 0), ("pass", n)):
-            current[0] = kind
-            once(rows)
-            current[0] = None
-    model.session.vm.set_instrument(lambda *args: 0)
+    calls = VMCallTimes()
+    with calls.attached(model.session.vm):
+        for _ in range(rounds):
+            for kind, rows in (("step", 0), ("pass", n)):
+                with calls.booking(kind):
+                    once(rows)
+    totals = {kind: {name: t[0] for name, t in calls.totals.get(kind, {}).items()} for kind in ("step", "pass")}
     names = sorted(set(totals["step"]) | set(totals["pass"]), key=lambda s: -totals["pass"].get(s, 0.0))
     print(f"{'VM call':60s} {'step':>8s} {f'{n} rows':>8s}  (thread CPU ms, mean of {rounds})")
     for name in names:

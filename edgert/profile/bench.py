@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,6 +166,50 @@ def bench_verify(
     }
 
 
+class VMCallTimes:
+    """Thread CPU seconds and calls per VM call (kernel or builtin), booked under a label.
+
+    The Relax VM's instrument (`VirtualMachine.set_instrument`) brackets every call while attached;
+    calls outside a `booking` are not counted. ``totals[label][name] = [seconds, calls]``.
+    """
+
+    def __init__(self) -> None:
+        self.totals: dict[str, dict[str, list[float]]] = {}
+        self._label: str | None = None
+        self._started: list[tuple[str, float]] = []
+
+    def _instrument(self, func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
+        if self._label is None:
+            return 0
+        if before:
+            self._started.append((symbol, time.thread_time()))
+        elif self._started:
+            name, t0 = self._started.pop()
+            entry = self.totals.setdefault(self._label, {}).setdefault(name, [0.0, 0])
+            entry[0] += time.thread_time() - t0
+            entry[1] += 1
+        return 0
+
+    @contextlib.contextmanager
+    def attached(self, vm: Any) -> Iterator[VMCallTimes]:
+        """Instrument ``vm`` for the block (a no-op instrument again after it)."""
+        vm.set_instrument(self._instrument)
+        try:
+            yield self
+        finally:
+            self._label = None
+            vm.set_instrument(lambda *args: 0)
+
+    @contextlib.contextmanager
+    def booking(self, label: str) -> Iterator[None]:
+        """Book the calls made in the block under ``label``."""
+        self._label = label
+        try:
+            yield
+        finally:
+            self._label = None
+
+
 def operator_cpu_times(model: Any, drafts: list[int], rounds: int) -> list[dict[str, Any]]:
     """Per VM call (kernel or builtin): thread CPU ms per decode step of ``drafts[0]`` and per verify
     pass over ``drafts``, at the model's cache position (both rolled back), largest verify share first.
@@ -175,36 +221,16 @@ def operator_cpu_times(model: Any, drafts: list[int], rounds: int) -> list[dict[
     called often look far larger: SmolLM2's 1,712 builtins a step booked 2.4 ms where perf puts the
     whole VM side at ~0.2 ms (docs/performance.md, vmcall). Compare kernels with kernels.
     """
-    totals: dict[str, dict[str, list[float]]] = {"decode": {}, "verify": {}}
-    started: list[tuple[str, float]] = []
-    current: list[str | None] = [None]
-
-    def instrument(func: Any, symbol: str, before: bool, ret: Any, *args: Any) -> int:
-        if current[0] is None:
-            return 0
-        if before:
-            started.append((symbol, time.thread_time()))
-        elif started:
-            name, t0 = started.pop()
-            entry = totals[current[0]].setdefault(name, [0.0, 0])
-            entry[0] += time.thread_time() - t0
-            entry[1] += 1
-        return 0
-
-    model.session.vm.set_instrument(instrument)
-    try:
+    calls = VMCallTimes()
+    with calls.attached(model.session.vm):
         for _ in range(rounds):
-            current[0] = "decode"
-            model.step(drafts[:1])
-            current[0] = None
+            with calls.booking("decode"):
+                model.step(drafts[:1])
             model.rollback(1)
-            current[0] = "verify"
-            model.step(drafts, all_logits=True)
-            current[0] = None
+            with calls.booking("verify"):
+                model.step(drafts, all_logits=True)
             model.rollback(len(drafts))
-    finally:
-        current[0] = None
-        model.session.vm.set_instrument(lambda *args: 0)
+    totals = {kind: calls.totals.get(kind, {}) for kind in ("decode", "verify")}
     names = set(totals["decode"]) | set(totals["verify"])
 
     def per_round(kind: str, name: str, i: int) -> float:
