@@ -186,6 +186,10 @@ class LookupDrafter:
         self._source: list[int] | None = None  # the list `array` converted last, and its copy
         self._copy = np.empty(0, dtype=np.int64)
         self._copied = 0
+        self._index_source: list[int] | None = None  # the list `_indexed` indexed last, and its index
+        self._index: dict[int, list[int]] = {}
+        self._indexed_n = 0
+        self._index_ends: tuple[int, int] = (0, 0)
 
     def array(self, context: Sequence[int]) -> np.ndarray:
         """``context`` as int64 ids. The decoder's history is one list that only grows, so the ids
@@ -207,43 +211,67 @@ class LookupDrafter:
         self._copied = n
         return self._copy[:n]
 
+    def _indexed(self, context: Sequence[int] | np.ndarray) -> tuple[list[int], dict[int, list[int]]]:
+        """``context`` as a list of ints and where each id occurs in it (ascending). The decoder's history
+        is one list that only grows, so its index is kept and only the new ids are added: a round then
+        looks up its suffix's occurrences instead of scanning the history (plain ints: the sets are small,
+        and numpy calls on tiny arrays cost more than the work between passes, caches cold). A list
+        changed elsewhere is indexed afresh where its ends show it; a missed change could only spoil
+        drafts, which the verifier checks."""
+        if not isinstance(context, list):
+            seq = context.tolist() if isinstance(context, np.ndarray) else [int(t) for t in context]
+            return seq, _positions(seq, {}, 0)
+        n, have = len(context), self._indexed_n
+        if not (
+            context is self._index_source
+            and 0 < have <= n
+            and context[have - 1] == self._index_ends[1]
+            and context[0] == self._index_ends[0]
+        ):
+            self._index_source, self._index, have = context, {}, 0
+        if n > have:
+            _positions(context, self._index, have)
+            self._indexed_n, self._index_ends = n, (context[0], context[n - 1])
+        return context, self._index
+
     def match(self, context: Sequence[int] | np.ndarray) -> tuple[int, int, bool] | None:
         """(start of the continuation, match length, whether every occurrence of that length is
         followed by the same token), or None where the suffix (``ngram`` tokens) occurs nowhere earlier."""
-        ctx = context if isinstance(context, np.ndarray) else self.array(context)
-        levels = self._levels(ctx)
+        seq, index = self._indexed(context)
+        levels = self._levels(seq, index.get(seq[-1], ()) if seq else ())
         if not levels or levels[-1][0] < self.ngram:
             return None
         n, ends = levels[-1]
-        return int(ends[-1]) + 1, n, bool((ctx[ends + 1] == ctx[ends[-1] + 1]).all())
+        follow = seq[ends[-1] + 1]
+        return ends[-1] + 1, n, all(seq[e + 1] == follow for e in ends)
 
-    def _levels(self, ctx: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """(n, where the earlier occurrences of the context's last n tokens end) for n = 1, 2, ... while
-        there are any (up to ``max_match``); where one occurrence is left, the levels it alone holds
-        collapse into the longest (one comparison of two slices instead of a few numpy calls a token:
-        a copy of the input matches for dozens of tokens)."""
-        size = len(ctx)
+    def _levels(self, seq: Sequence[int], where: Sequence[int]) -> list[tuple[int, list[int]]]:
+        """(n, where the earlier occurrences of the sequence's last n tokens end) for n = 1, 2, ... while
+        there are any (up to ``max_match``); ``where``: the positions of its last token (the last
+        position itself may be among them). Where one occurrence is left, the levels it alone holds
+        collapse into the longest (a copy of the input matches for dozens of tokens)."""
+        size = len(seq)
         if size < 2:
             return []
-        ends = np.flatnonzero(ctx[:-1] == ctx[-1])
-        levels = []
+        last = size - 1
+        ends = [e for e in where if e < last] if where and where[-1] >= last else list(where)
+        levels: list[tuple[int, list[int]]] = []
         n = 1
-        while ends.size:
-            if ends.size == 1 and n < self.max_match:
-                end = int(ends[0])
+        while ends:
+            if len(ends) == 1 and n < self.max_match:
+                end = ends[0]
                 more = min(self.max_match - n, end - n + 1)  # comparisons left before either runs out
-                if more > 0:
-                    mine = ctx[end - n - more + 1 : end - n + 1][::-1]  # ctx[end - n], ctx[end - n - 1], ...
-                    last = ctx[size - n - more : size - n][::-1]  # ctx[size - 1 - n], ...
-                    differ = np.flatnonzero(mine != last)
-                    n += int(differ[0]) if differ.size else more
+                j = 0
+                while j < more and seq[end - n - j] == seq[last - n - j]:
+                    j += 1
+                n += j
                 levels.append((n, ends))
                 break
             levels.append((n, ends))
             if n >= self.max_match:
                 break
-            longer = ends[ends >= n]
-            ends, n = longer[ctx[longer - n] == ctx[size - 1 - n]], n + 1
+            want = seq[last - n]
+            ends, n = [e for e in ends if e >= n and seq[e - n] == want], n + 1
         return levels
 
     def candidate(self, context: Sequence[int], limit: int = 16) -> Candidate | None:
@@ -265,20 +293,26 @@ class LookupDrafter:
         """Other copies: what followed the other earlier occurrences of the context's suffix (longest
         matches first, the latest first among equals), one per next token not in ``exclude``, up to
         ``count``, each ``depth`` tokens long; keyed by the length of their match."""
-        ctx = context if isinstance(context, np.ndarray) else np.asarray(context, dtype=np.int64)
+        seq, index = self._indexed(context)
+        return self._branches(seq, index.get(seq[-1], ()) if seq else (), exclude, count, depth)
+
+    def _branches(
+        self, seq: Sequence[int], where: Sequence[int], exclude: set[int], count: int = 2, depth: int = 3
+    ) -> list[Candidate]:
+        """`branches` of ``seq`` whose last token occurs at ``where``."""
         out: list[Candidate] = []
         seen = set(exclude)
         looked = 0  # occurrences of the longer matches, all looked at (a shorter match's include them)
-        for n, ends in reversed(self._levels(ctx)):
-            if ends.size == looked:
+        for n, ends in reversed(self._levels(seq, where)):
+            if len(ends) == looked:
                 continue
-            looked = ends.size
-            latest = ends[::-1]
-            for end, token in zip(latest.tolist(), ctx[latest + 1].tolist(), strict=True):
+            looked = len(ends)
+            for end in reversed(ends):
+                token = seq[end + 1]
                 if token in seen:
                     continue
                 seen.add(token)
-                tokens = ctx[end + 1 : end + 1 + depth].tolist()
+                tokens = [int(t) for t in seq[end + 1 : end + 1 + depth]]
                 out.append(
                     Candidate(tokens, [("branch", min(n, 4))] + [("branch-next", j) for j in range(1, len(tokens))])
                 )
@@ -286,11 +320,36 @@ class LookupDrafter:
                     return out
         return out
 
+    def extended_branches(
+        self, context: list[int], tail: Sequence[int], exclude: set[int], count: int = 2, depth: int = 3
+    ) -> list[Candidate]:
+        """`branches` of ``context + tail`` (as if the drafts ``tail`` held), from the context's index."""
+        if not tail:
+            return self.branches(context, exclude, count, depth)
+        seq, index = self._indexed(context)
+        last = tail[-1]
+        where = list(index.get(last, ()))
+        base = len(seq)
+        where += [base + j for j, t in enumerate(tail) if t == last]
+        return self._branches(seq + list(tail), where, exclude, count, depth)
+
     def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray | None]]:
         """Up to ``k`` tokens copied from the context (deterministic drafts: no logits)."""
         found = self.candidate(context, k)
         drafts = found.tokens if found is not None else []
         return drafts, [None] * len(drafts)
+
+
+def _positions(seq: Sequence[int], index: dict[int, list[int]], start: int) -> dict[int, list[int]]:
+    """Add where ``seq[start:]``'s ids occur to ``index`` (id -> ascending positions)."""
+    for i in range(start, len(seq)):
+        t = seq[i]
+        at = index.get(t)
+        if at is None:
+            index[t] = [i]
+        else:
+            at.append(i)
+    return index
 
 
 @dataclass
@@ -424,7 +483,7 @@ class RecycleDrafter:
             if not places:
                 return DraftTree(tokens, parents, keys)
         lookup = self.lookup
-        ctx = lookup.array(context) if lookup is not None else None
+        history = context if isinstance(context, list) else [int(t) for t in context]
         # The table's rows after every place of the main branch and their alternatives' chains, a few
         # numpy calls for the whole tree (a row or a chain link at a time cost more than the rest).
         table, width = self.table, self.width
@@ -436,9 +495,8 @@ class RecycleDrafter:
         second = [("table", min(j + 1, 3)) for j in range(self.depth)]
         for at, row in enumerate(alts.tolist(), -1):
             offered = {main[at + 1]}
-            if ctx is not None and at < 2:  # other copies from the context, as if the drafts before held
-                extended = np.concatenate((ctx, np.asarray(main[: at + 1], dtype=np.int64))) if at >= 0 else ctx
-                for branch in lookup.branches(extended, offered):  # type: ignore[union-attr]
+            if lookup is not None and at < 2:  # other copies from the context, as if the drafts before held
+                for branch in lookup.extended_branches(history, main[: at + 1], offered):
                     offered.add(branch.tokens[0])
                     for j, (token, key) in enumerate(zip(branch.tokens, branch.keys, strict=True)):
                         tokens.append(token)
