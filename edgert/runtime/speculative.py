@@ -21,6 +21,7 @@ d (in a tree, sibling after sibling).
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -397,7 +398,10 @@ class RecycleDrafter:
     note = ""
 
     def __init__(self, vocab_size: int, lookup: LookupDrafter | None = None, width: int = 3, depth: int = 2):
-        self.table = np.full((vocab_size, width), -1, dtype=np.int64)
+        # One row past the vocabulary, all -1: indexing with -1 ("nothing known") lands there, so a
+        # chain through the table is one fancy index a level, no masks.
+        self._table = np.full((vocab_size + 1, width), -1, dtype=np.int64)
+        self.table = self._table[:vocab_size]  # a view: what `observe` writes and callers read
         self.lookup, self.width, self.depth = lookup, width, depth
 
     def observe(
@@ -486,11 +490,11 @@ class RecycleDrafter:
         history = context if isinstance(context, list) else [int(t) for t in context]
         # The table's rows after every place of the main branch and their alternatives' chains, a few
         # numpy calls for the whole tree (a row or a chain link at a time cost more than the rest).
-        table, width = self.table, self.width
+        table, width = self._table, self.width
         alts = table[[int(context[-1]), *main[:-1]][:places]]
         links, level = [], alts.reshape(-1)
-        for _ in range(self.depth):  # the first choice after each, -1 past the table's end
-            level = np.where(level >= 0, table[np.maximum(level, 0), 0], -1)
+        for _ in range(self.depth):  # the first choice after each, -1 past the table's end (the -1 row)
+            level = table[level, 0]
             links.append(level.tolist())
         second = [("table", min(j + 1, 3)) for j in range(self.depth)]
         for at, row in enumerate(alts.tolist(), -1):
@@ -517,6 +521,79 @@ class RecycleDrafter:
                     parents.append(len(tokens) - 2)
                     keys.append(second[j])
         return DraftTree(tokens, parents, keys)
+
+    def best_tree(self, context: Sequence[int], limit: int, policy: DraftPolicy) -> DraftTree | None:
+        """``policy.choose_tree(self.tree(context, limit, policy.acceptance), limit)`` node for node, built
+        with only the nodes that can be chosen: nodes join in the tree's order, and one with ``limit``
+        nodes before it at least as likely (they rank first: likeliest first, the earlier among equals)
+        is left out with what would hang below it (a child is never likelier than its parent). The
+        chances are computed once, for both. None where there is nothing to draft."""
+        found = self.candidate(context, limit)
+        if found is None:
+            return None
+        accept = policy.acceptance
+        main = found.tokens
+        tokens, parents, keys = list(main), list(range(-1, len(main) - 1)), list(found.keys)
+        chance, along = [], 1.0
+        for key in keys:
+            along = accept(key) * along
+            chance.append(along)
+        top = chance[:limit]  # the ``limit`` likeliest chances so far (a min-heap once full)
+        heapq.heapify(top)
+        full = len(top) >= limit
+        first = [("alt", rank) for rank in range(self.width)] + [("branch", n) for n in range(1, 5)]
+        best = max(accept(key) for key in first)  # no other choice below a place is likelier than this
+        places = len(main)
+        if full:  # the places below which something could still be chosen (as `tree` stops)
+            places = next((i for i in range(places) if top[0] >= best * (chance[i - 1] if i else 1.0)), places)
+        lookup, width = self.lookup, self.width
+        history = context if isinstance(context, list) else [int(t) for t in context]
+        table = self._table
+        alts = table[[int(context[-1]), *main[:-1]][:places]] if places else None
+        links, level = [], alts.reshape(-1) if alts is not None else None
+        for _ in range(self.depth if places else 0):
+            level = table[level, 0]
+            links.append(level.tolist())
+        second = [("table", min(j + 1, 3)) for j in range(self.depth)]
+
+        def add(token: int, parent: int, key: tuple[Any, ...]) -> bool:
+            """Join a node unless ``limit`` nodes before it are at least as likely."""
+            nonlocal full
+            c = accept(key) * (chance[parent] if parent >= 0 else 1.0)
+            if full and c <= top[0]:
+                return False
+            tokens.append(token)
+            parents.append(parent)
+            keys.append(key)
+            chance.append(c)
+            if full:
+                heapq.heapreplace(top, c)
+            else:
+                heapq.heappush(top, c)
+                full = len(top) >= limit
+            return True
+
+        for at, row in enumerate(alts.tolist() if alts is not None else (), -1):
+            if full and top[0] >= best * (chance[at] if at >= 0 else 1.0):
+                break  # nothing below this place or the later ones could be chosen
+            offered = {main[at + 1]}
+            if lookup is not None and at < 2:
+                for branch in lookup.extended_branches(history, main[: at + 1], offered):
+                    offered.add(branch.tokens[0])
+                    parent = at
+                    for token, key in zip(branch.tokens, branch.keys, strict=True):
+                        if not add(token, parent, key):
+                            break
+                        parent = len(tokens) - 1
+            for rank, alt in enumerate(row):
+                if alt < 0 or alt in offered or not add(alt, at, ("alt", rank)):
+                    continue
+                flat = (at + 1) * width + rank
+                for j, link in enumerate(links):
+                    token = link[flat]
+                    if token < 0 or not add(token, len(tokens) - 1, second[j]):
+                        break
+        return policy.choose_nodes(DraftTree(tokens, parents, keys), chance, limit)
 
     def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray | None]]:
         """Up to ``k`` tokens: the lookup continuation, else the table's chain (deterministic drafts)."""
@@ -644,9 +721,13 @@ class DraftPolicy:
         acceptance = self.acceptance
         for key, parent in zip(tree.keys, tree.parents, strict=True):
             chance.append(acceptance(key) * (chance[parent] if parent >= 0 else 1.0))
+        return self.choose_nodes(tree, chance, k)
+
+    def choose_nodes(self, tree: DraftTree, chance: Sequence[float], k: int) -> DraftTree:
+        """`choose_tree` with the nodes' chances given."""
         limit = min(k, self.max_tree - 1)
         # Likeliest first, the earlier node among equals (a stable sort of the negated chances).
-        order = np.argsort(-np.asarray(chance), kind="stable")[: max(limit, 0)].tolist()
+        order = sorted(range(len(chance)), key=lambda i: -chance[i])[: max(limit, 0)]
         best, length, expected = 1.0, 0, 1.0
         self.cost(len(order) + 1)  # the table, once
         costs = self._costs
@@ -934,15 +1015,12 @@ class SpeculativeDecoder:
         if policy is not None and not policy.ready:
             return none
         limit = min(k, self.tree - 1, getattr(self.model.cache, "rows", 1) - 1)
-        # With a policy the tree leaves out what the policy could not keep (`RecycleDrafter.tree`).
-        found = (
-            self.drafter.tree(history, limit)
-            if policy is None
-            else self.drafter.tree(history, limit, policy.acceptance)
-        )
+        if policy is not None and limit > 0:  # only the nodes the policy could keep are built
+            return self.drafter.best_tree(history, limit, policy) or none
+        found = self.drafter.tree(history, limit)
         if found is None:
             return none
-        if policy is None:  # breadth first: every branch below the pending token gets its chance
+        if policy is None or limit <= 0:  # breadth first: every branch below the pending token gets its chance
             depth: list[int] = []
             for parent in found.parents:
                 depth.append(depth[parent] + 1 if parent >= 0 else 0)
