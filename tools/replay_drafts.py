@@ -46,9 +46,11 @@ def replay(
     full = prompt + plain
     t = len(prompt)  # full[t] is the pending token (emitted); the cache holds full[:t]
     counts = {"tokens": 0, "verifies": 0, "wasted": 0, "plain": 0, "drafted": 0, "accepted": 0, "steps": 0.0}
+    seen: list[int] = []  # full[: t + 1], one growing list (lookup indexes it once, as the decoder's history)
     while t < len(full) - 1:
         left = len(full) - 1 - t  # tokens still to come after the pending one
-        found = drafter.candidate(full[: t + 1], min(k, policy.max_rows - 1))
+        seen.extend(full[len(seen) : t + 1])
+        found = drafter.candidate(seen, min(k, policy.max_rows - 1))
         if found is None:
             length = 0
         elif mode == "policy":
@@ -94,14 +96,16 @@ def replay_recycle(
     drafter.table[full[t - 1]] = top[t - 1]  # the prompt's last row, as the decoder's prefill
     counts = {"tokens": 0, "verifies": 0, "wasted": 0, "plain": 0, "drafted": 0, "accepted": 0, "steps": 0.0}
     counts["trees"] = 0
+    seen: list[int] = []  # full[: t + 1], one list that grows (as the decoder's history: lookup indexes it once)
     while t < len(full) - 1:
         left = len(full) - 1 - t
         limit = min(k, policy.max_rows - 1, left)
-        if tree:
-            found = drafter.tree(full[: t + 1], limit, policy.acceptance)
-            chosen = policy.choose_tree(found, limit) if found is not None else DraftTree([], [], [])
+        seen.extend(full[len(seen) : t + 1])
+        if tree:  # as the decoder: `best_tree` is `choose_tree` of the policy's tree, node for node
+            chosen = drafter.best_tree(seen, limit, policy) if limit > 0 else None
+            chosen = chosen or DraftTree([], [], [])
         else:
-            cand = drafter.candidate(full[: t + 1], limit)
+            cand = drafter.candidate(seen, limit)
             length = policy.choose(cand, limit) if cand is not None else 0
             chosen = DraftTree([], [], [])
             if length:

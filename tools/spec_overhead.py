@@ -38,6 +38,7 @@ PARTS = (
     "  lookup match",
     "  tree build",
     "  policy choice",
+    "  tree+choice",
     "observe",
     "sampler+walk",
     "kv rollback/commit",
@@ -161,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             lookup.match = routed("  lookup match", lookup.match)
         if hasattr(drafter, "tree"):
             drafter.tree = routed("  tree build", drafter.tree)
+        if hasattr(drafter, "best_tree"):  # builds only what the policy could choose, and chooses
+            drafter.best_tree = routed("  tree+choice", drafter.best_tree)
         if dec.policy is not None:
             dec.policy.choose = routed("  policy choice", dec.policy.choose)
             dec.policy.choose_tree = routed("  policy choice", dec.policy.choose_tree)

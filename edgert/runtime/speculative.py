@@ -285,8 +285,14 @@ class LookupDrafter:
         tokens = tokens.tolist() if isinstance(tokens, np.ndarray) else [int(t) for t in tokens]
         while len(tokens) < limit:  # the copy reached the end of the context: it goes on copying itself (a loop)
             tokens.append(tokens[len(tokens) - (len(context) - start)])
-        # Draft j, if the ones before it hold, extends the match to n + j tokens.
-        return Candidate(tokens, [("lookup", min(n + j, 12), unique or n + j >= 4) for j in range(len(tokens))])
+        # Draft j, if the ones before it hold, extends the match to n + j tokens (the keys of a match
+        # length are the same every round: built once, shared, never changed).
+        keys = _LOOKUP_KEYS.get((n, unique, len(tokens)))
+        if keys is None:
+            keys = [("lookup", min(n + j, 12), unique or n + j >= 4) for j in range(len(tokens))]
+            if len(_LOOKUP_KEYS) < 4096:
+                _LOOKUP_KEYS[n, unique, len(tokens)] = keys
+        return Candidate(tokens, keys)
 
     def branches(
         self, context: Sequence[int] | np.ndarray, exclude: set[int], count: int = 2, depth: int = 3
@@ -339,6 +345,9 @@ class LookupDrafter:
         found = self.candidate(context, k)
         drafts = found.tokens if found is not None else []
         return drafts, [None] * len(drafts)
+
+
+_LOOKUP_KEYS: dict[tuple[int, bool, int], list[tuple[Any, ...]]] = {}  # `LookupDrafter.candidate`'s keys
 
 
 def _positions(seq: Sequence[int], index: dict[int, list[int]], start: int) -> dict[int, list[int]]:
@@ -703,10 +712,16 @@ class DraftPolicy:
         """How many of the candidate's drafts to verify (0: a plain step pays more)."""
         best, length = 1.0, 0
         expected = kept = 1.0
-        for j in range(min(k, len(candidate.tokens), self.max_rows - 1)):
-            kept *= self.acceptance(candidate.keys[j])
+        n = min(k, len(candidate.tokens), self.max_rows - 1)
+        if n <= 0:
+            return 0
+        self.cost(n + 1)  # the table, once
+        costs, known, acceptance = self._costs, self._accepted, self.acceptance
+        for j, key in enumerate(candidate.keys[:n]):
+            a = known.get(key)
+            kept *= acceptance(key) if a is None else a
             expected += kept
-            gain = expected / self.cost(j + 2)
+            gain = expected / costs[j + 2]
             if gain > best:
                 best, length = gain, j + 1
         return length
@@ -1047,14 +1062,22 @@ class SpeculativeDecoder:
         stats.verify_seconds += seconds
         out: list[int] = []
         best = None
-        if self._fast(sampler):  # the rows' argmaxes in one call; the walk compares lists
+        fast = self._fast(sampler)
+        if fast and self._observe is not None:  # the rows' argmaxes in one call (the table takes them too)
             best = np.argmax(full, axis=-1)
             targets = best.tolist()
             accepted = 0
             while accepted < k and targets[accepted] == drafts[accepted]:
                 accepted += 1
             out = [*drafts[:accepted], targets[accepted]]
-        for i, d in enumerate(drafts if best is None else ()):
+        elif fast:  # row by row up to the first disagreement: the rows after it are never read
+            accepted = 0
+            target = int(full[0].argmax())
+            while accepted < k and target == drafts[accepted]:
+                accepted += 1
+                target = int(full[accepted].argmax())
+            out = [*drafts[:accepted], target]
+        for i, d in enumerate(drafts if not fast else ()):
             seen = history + drafts[:i]
             if params.greedy:
                 target = sampler(full[i], seen)
@@ -1076,7 +1099,7 @@ class SpeculativeDecoder:
                     break
             out.append(d)
         else:  # every draft agreed: the verify pass also gives the next token
-            if best is None:
+            if not fast:
                 out.append(sampler(full[k], history + drafts))
         if self._observe is not None:  # after the walk: the table may mask the logits in place
             self._observe([history[-1], *drafts], full, best, True)
