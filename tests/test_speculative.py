@@ -580,3 +580,73 @@ def test_replaying_drafts_against_plain_output_counts_what_the_policy_would_run(
     for mode in ("policy", "every-k"):
         got = replay(prompt, fresh, costs, mode, 6, policy)
         assert got["verifies"] == 0 and got["plain"] == got["tokens"] == len(fresh) - 1
+
+
+def _longest_match(ctx: list[int], max_match: int, ngram: int = 1) -> tuple[int, int, bool] | None:
+    """`LookupDrafter.match` by brute force: every earlier position's backward match with the suffix."""
+    last = len(ctx) - 1
+    lengths = {}
+    for end in range(last):
+        n = 0
+        while n < max_match and end - n >= 0 and ctx[end - n] == ctx[last - n]:
+            n += 1
+        if n:
+            lengths[end] = n
+    if not lengths or max(lengths.values()) < ngram:
+        return None
+    n = max(lengths.values())
+    ends = [end for end, length in lengths.items() if length == n]
+    return ends[-1] + 1, n, len({ctx[end + 1] for end in ends}) == 1
+
+
+def test_the_incremental_lookup_index_matches_a_brute_force_search() -> None:
+    """`LookupDrafter` keeps a position index of the growing history (updated by the new tokens only);
+    its matches equal a search of every earlier position, while the list grows and after it changes."""
+    rng = np.random.default_rng(11)
+    for max_match, ngram in ((64, 1), (4, 1), (64, 2)):
+        drafter = LookupDrafter(ngram=ngram, max_match=max_match)
+        history = rng.integers(0, 9, 5).tolist()
+        for step in range(120):
+            if step % 3 == 0 and len(history) > 12:  # copies of earlier text: long matches
+                at = int(rng.integers(0, len(history) - 8))
+                history.extend(history[at : at + int(rng.integers(1, 8))])
+            history.append(int(rng.integers(0, 9)))
+            assert drafter.match(history) == _longest_match(history, max_match, ngram)
+            if step == 60:
+                history[0], history[-1] = 99, 98  # changed where its ends show it: indexed afresh
+                assert drafter.match(history) == _longest_match(history, max_match, ngram)
+
+
+def test_the_pruned_tree_gives_the_policys_choice_of_the_whole_tree() -> None:
+    """`RecycleDrafter.best_tree` builds only the nodes that could be among the likeliest; what it
+    returns is `DraftPolicy.choose_tree` of the whole tree, node for node, whatever the counts say."""
+    rng = np.random.default_rng(5)
+    keys = [("lookup", n, u) for n in range(1, 13) for u in (True, False)]
+    keys += [("alt", r) for r in range(3)] + [("branch", n) for n in range(1, 5)]
+    keys += [("table", j) for j in range(1, 4)] + [("branch-next", j) for j in range(1, 3)]
+    trees = 0
+    for _trial in range(12):
+        vocab = int(rng.integers(5, 40))
+        drafter = RecycleDrafter(vocab_size=vocab, lookup=LookupDrafter())
+        drafter.table[:] = rng.integers(-1, vocab, (vocab, 3))
+        policy = DraftPolicy(16, max_tree=16)
+        policy.time(1, 1.0)
+        for rows in range(2, 17):
+            policy.time(rows, 1.0 + float(rng.uniform(0.02, 0.3)) * rows)
+        for key in keys:
+            if rng.random() < 0.7:
+                tried = float(rng.integers(1, 50))
+                policy.counts[key] = [tried, float(rng.integers(0, int(tried) + 1))]
+        history = rng.integers(0, vocab, 40).tolist()
+        history += history[5:25]
+        for _ in range(6):
+            history.append(int(rng.integers(0, vocab)))
+            for limit in (1, 4, 15):
+                whole = drafter.tree(history, limit)
+                best = drafter.best_tree(history, limit, policy)
+                assert (whole is None) == (best is None)
+                if whole is not None:
+                    chosen = policy.choose_tree(whole, limit)
+                    assert (best.tokens, best.parents, best.keys) == (chosen.tokens, chosen.parents, chosen.keys)
+                    trees += len(chosen) > 1 and not chosen.is_chain
+    assert trees  # some choices were trees, not only chains
