@@ -774,8 +774,13 @@ class DraftPolicy:
 
     def time(self, rows: int, seconds: float) -> None:
         """Record how long a pass over ``rows`` rows (1: a plain step) took."""
-        self.times.setdefault(rows, deque(maxlen=self.window)).append(seconds)
-        self._costs = []
+        times = self.times.get(rows)
+        if times is None:
+            times = self.times[rows] = deque(maxlen=self.window)
+        fastest = min(times) if times else None
+        times.append(seconds)
+        if fastest is None or min(times) != fastest:  # the costs read the fastest of each row count only
+            self._costs = []
 
 
 def default_skip(num_layers: int) -> list[int]:
