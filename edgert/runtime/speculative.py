@@ -338,7 +338,15 @@ class LookupDrafter:
         where = list(index.get(last, ()))
         base = len(seq)
         where += [base + j for j, t in enumerate(tail) if t == last]
-        return self._branches(seq + list(tail), where, exclude, count, depth)
+        if seq is not context:
+            return self._branches(seq + list(tail), where, exclude, count, depth)
+        # The tail appended to the context for the search and taken off again: a copy of the history
+        # each time cost more than the search (the index is not touched meanwhile).
+        context.extend(tail)
+        try:
+            return self._branches(context, where, exclude, count, depth)
+        finally:
+            del context[base:]
 
     def propose(self, context: Sequence[int], k: int, pick: Pick) -> tuple[list[int], list[np.ndarray | None]]:
         """Up to ``k`` tokens copied from the context (deterministic drafts: no logits)."""
@@ -411,6 +419,9 @@ class RecycleDrafter:
         # chain through the table is one fancy index a level, no masks.
         self._table = np.full((vocab_size + 1, width), -1, dtype=np.int64)
         self.table = self._table[:vocab_size]  # a view: what `observe` writes and callers read
+        # The same memory read one entry at a time as plain ints (a numpy scalar index costs 5x more):
+        # drafting reads a few dozen entries a round.
+        self._entries = memoryview(self._table)
         self.lookup, self.width, self.depth = lookup, width, depth
 
     def observe(
@@ -449,8 +460,9 @@ class RecycleDrafter:
     def chain(self, token: int, k: int) -> list[int]:
         """Follow the table's first choices from ``token`` for up to ``k`` tokens."""
         drafts: list[int] = []
+        entries = self._entries
         for _ in range(k):
-            token = int(self.table[token, 0])
+            token = entries[token, 0]
             if token < 0:
                 break
             drafts.append(token)
@@ -555,14 +567,9 @@ class RecycleDrafter:
         places = len(main)
         if full:  # the places below which something could still be chosen (as `tree` stops)
             places = next((i for i in range(places) if top[0] >= best * (chance[i - 1] if i else 1.0)), places)
-        lookup, width = self.lookup, self.width
+        lookup, ranks = self.lookup, range(self.width)
         history = context if isinstance(context, list) else [int(t) for t in context]
-        table = self._table
-        alts = table[[int(context[-1]), *main[:-1]][:places]] if places else None
-        links, level = [], alts.reshape(-1) if alts is not None else None
-        for _ in range(self.depth if places else 0):
-            level = table[level, 0]
-            links.append(level.tolist())
+        entries = self._entries  # the table's rows and chains, read entry by entry as places are reached
         second = [("table", min(j + 1, 3)) for j in range(self.depth)]
 
         def add(token: int, parent: int, key: tuple[Any, ...]) -> bool:
@@ -582,9 +589,10 @@ class RecycleDrafter:
                 full = len(top) >= limit
             return True
 
-        for at, row in enumerate(alts.tolist() if alts is not None else (), -1):
+        for at in range(-1, places - 1):
             if full and top[0] >= best * (chance[at] if at >= 0 else 1.0):
                 break  # nothing below this place or the later ones could be chosen
+            after = int(context[-1]) if at < 0 else main[at]
             offered = {main[at + 1]}
             if lookup is not None and at < 2:
                 for branch in lookup.extended_branches(history, main[: at + 1], offered):
@@ -594,13 +602,14 @@ class RecycleDrafter:
                         if not add(token, parent, key):
                             break
                         parent = len(tokens) - 1
-            for rank, alt in enumerate(row):
+            for rank in ranks:
+                alt = entries[after, rank]
                 if alt < 0 or alt in offered or not add(alt, at, ("alt", rank)):
                     continue
-                flat = (at + 1) * width + rank
-                for j, link in enumerate(links):
-                    token = link[flat]
-                    if token < 0 or not add(token, len(tokens) - 1, second[j]):
+                token = alt
+                for key in second:  # the first choices after it, up to ``depth``
+                    token = entries[token, 0]
+                    if token < 0 or not add(token, len(tokens) - 1, key):
                         break
         return policy.choose_nodes(DraftTree(tokens, parents, keys), chance, limit)
 
