@@ -409,6 +409,7 @@ class RecycleDrafter:
     below the pending token and each main node, the context's other copies and the table's other
     choices, each followed by its own first choices; `DraftPolicy.choose_tree` keeps the nodes that
     pay and the build verifies them in one pass with a tree attention mask (`Generator.step_tree`).
+    The decoder calls `best_tree`, which builds only the nodes that choice could keep.
     A build without that entry (or ``width`` 1) verifies the main branch only, as a chain.
     """
 
