@@ -124,6 +124,35 @@ def test_openai_client_chat_completions_and_models(server: Server, tiny_host_art
     assert done.usage.prompt_tokens == len(gen.tokenizer.encode("Once upon a time"))
 
 
+def test_metrics_are_prometheus_text_that_counts_the_requests_and_passes(server: Server) -> None:
+    """/metrics: every sample line parses, and the counters agree with a request made here."""
+    import re
+
+    client = server.client()
+    client.completions.create(model="tiny", prompt="Count this", max_tokens=6, temperature=0)
+    wait_idle(engine_of(server))
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("GET", "/metrics")
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    conn.close()
+    assert resp.status == 200
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or not line:
+            continue
+        m = re.fullmatch(r'([a-z_]+(?:\{[a-z_]+="[^"]*"(?:,[a-z_]+="[^"]*")*\})?) (-?[0-9.e+-]+|\+Inf)', line)
+        assert m, f"not a Prometheus sample: {line!r}"
+        samples[m.group(1)] = float(m.group(2))
+    assert samples['edgert_requests_total{path="/v1/completions",status="200"}'] >= 1
+    generated = samples['edgert_generated_tokens_total{model="tiny"}']
+    assert generated >= 6
+    passes = {k: v for k, v in samples.items() if k.startswith("edgert_model_passes_total{")}
+    tokens = sum(v for k, v in samples.items() if k.startswith("edgert_model_pass_tokens_total{"))
+    assert passes and sum(passes.values()) > 0 and tokens >= generated
+    assert samples['edgert_kv_pages_in_use{model="tiny"}'] >= 0
+
+
 def test_api_key_is_required_and_open_hosts_need_one(tiny_host_artifact: Path, server: Server) -> None:
     from starlette.testclient import TestClient
 

@@ -59,21 +59,19 @@ def render_metrics(models: dict[str, Any], counts: Counter) -> str:
     for name, e in engines.items():
         for phase, seconds in e.counters.phase_seconds.items():
             lines.append(f"edgert_scheduler_seconds_total{_labels(model=name, phase=phase)} {seconds:.6f}")
-    family("edgert_model_passes_total", "counter", "Model passes by kind and decoding rows in the pass.")
-    for name, e in engines.items():
-        for key, (n, _, _) in sorted(e.counters.passes.items()):
-            kind, rows = key.split("/")
-            lines.append(f"edgert_model_passes_total{_labels(model=name, kind=kind, rows=rows)} {n:g}")
-    family("edgert_model_pass_seconds_total", "counter", "Seconds in model passes by kind and decoding rows.")
-    for name, e in engines.items():
-        for key, (_, seconds, _) in sorted(e.counters.passes.items()):
-            kind, rows = key.split("/")
-            lines.append(f"edgert_model_pass_seconds_total{_labels(model=name, kind=kind, rows=rows)} {seconds:.6f}")
-    family("edgert_model_pass_tokens_total", "counter", "Tokens run in model passes by kind and decoding rows.")
-    for name, e in engines.items():
-        for key, (_, _, tokens) in sorted(e.counters.passes.items()):
-            kind, rows = key.split("/")
-            lines.append(f"edgert_model_pass_tokens_total{_labels(model=name, kind=kind, rows=rows)} {tokens:g}")
+    for i, (metric, help_, fmt) in enumerate(
+        (
+            ("passes", "Model passes by kind and decoding rows in the pass.", "g"),
+            ("pass_seconds", "Seconds in model passes by kind and decoding rows.", ".6f"),
+            ("pass_tokens", "Tokens run in model passes by kind and decoding rows.", "g"),
+        )
+    ):  # each pass counter holds (passes, seconds, tokens)
+        family(f"edgert_model_{metric}_total", "counter", help_)
+        for name, e in engines.items():
+            for key, values in sorted(e.counters.passes.items()):
+                kind, rows = key.split("/")
+                labels = _labels(model=name, kind=kind, rows=rows)
+                lines.append(f"edgert_model_{metric}_total{labels} {values[i]:{fmt}}")
     family("edgert_time_to_first_token_seconds", "histogram", "Time from a request's arrival to its first token.")
     for name, e in engines.items():
         c = e.counters
