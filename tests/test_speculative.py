@@ -282,51 +282,23 @@ def test_the_recycle_table_from_argmaxes_given_and_scratch_logits_is_the_same() 
     np.testing.assert_array_equal(one.table[250], order[4])
 
 
-def test_a_tree_stops_where_no_other_choice_could_be_kept_and_the_choice_is_the_same() -> None:
-    """`RecycleDrafter.tree` with the policy's acceptances leaves out the places below which no node
-    could be among the likeliest ``limit``; `DraftPolicy.choose_tree` picks the same nodes from it."""
-    rng = np.random.default_rng(4)
-    drafter = RecycleDrafter(vocab_size=50, lookup=LookupDrafter())
-    drafter.table[:] = rng.integers(0, 50, (50, 3))
-    context = rng.integers(0, 50, 60).tolist()
-    context += context[10:40]  # a long copy: its drafts are likely
-    policy = DraftPolicy(16, max_tree=16)
-    policy.time(1, 1.0)
-    for rows in range(2, 17):
-        policy.time(rows, 1.0 + 0.05 * rows)
-    smaller = 0
-    for sure in (0.5, 0.9, 0.99):  # how often long copies held so far
-        for key in [("lookup", n, True) for n in range(1, 13)]:
-            policy.counts[key] = [1000.0, 1000.0 * sure]
-        policy._accepted.clear()
-        for limit in (4, 8, 15):
-            full, cut = drafter.tree(context, limit), drafter.tree(context, limit, policy.acceptance)
-            assert full is not None and cut is not None
-            assert cut.tokens == full.tokens[: len(cut)] and cut.parents == full.parents[: len(cut)]
-            a, b = policy.choose_tree(full, limit), policy.choose_tree(cut, limit)
-            assert (a.tokens, a.parents, a.keys) == (b.tokens, b.parents, b.keys)
-            smaller += len(cut) < len(full)
-    assert smaller >= 3  # sure copies leave the other choices out
-
-
-def test_lookup_reuses_the_converted_history_only_while_it_grows() -> None:
-    """`LookupDrafter.array` appends what the history gained since the last call; a list changed in
-    place, or another list, is converted afresh, so its matches equal a fresh drafter's."""
+def test_lookup_reuses_its_index_only_while_the_history_grows() -> None:
+    """`LookupDrafter` adds to its index what the history gained since the last call; a list changed in
+    place, shrunk, another list or a tuple is indexed afresh, so its matches equal a fresh drafter's."""
     rng = np.random.default_rng(3)
     history = rng.integers(0, 12, 40).tolist()
-    kept, fresh = LookupDrafter(), LookupDrafter()
+    kept = LookupDrafter()
     for _ in range(30):
         history.extend(rng.integers(0, 12, 3).tolist())
-        assert kept.match(history) == fresh.match(list(history))
-        np.testing.assert_array_equal(kept.array(history), history)
-    history[0] = 99  # changed where the copy starts
-    np.testing.assert_array_equal(kept.array(history), history)
+        assert kept.match(history) == LookupDrafter().match(list(history))
+    history[0] = 99  # changed where the index starts
+    assert kept.match(history) == LookupDrafter().match(list(history))
     del history[-5:]  # shrunk
     history[-1] = 98
-    np.testing.assert_array_equal(kept.array(history), history)
+    assert kept.match(history) == LookupDrafter().match(list(history))
     other = history[:20]
-    np.testing.assert_array_equal(kept.array(other), other)
-    np.testing.assert_array_equal(kept.array((1, 2, 3)), [1, 2, 3])
+    assert kept.match(other) == LookupDrafter().match(list(other))
+    assert kept.match((1, 2, 1)) == LookupDrafter().match([1, 2, 1]) == (1, 1, True)
 
 
 def test_the_policy_verifies_only_drafts_that_pay() -> None:

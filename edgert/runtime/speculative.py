@@ -184,33 +184,10 @@ class LookupDrafter:
 
     def __init__(self, ngram: int = 1, max_match: int = 64):
         self.ngram, self.max_match = ngram, max_match
-        self._source: list[int] | None = None  # the list `array` converted last, and its copy
-        self._copy = np.empty(0, dtype=np.int64)
-        self._copied = 0
         self._index_source: list[int] | None = None  # the list `_indexed` indexed last, and its index
         self._index: dict[int, list[int]] = {}
         self._indexed_n = 0
         self._index_ends: tuple[int, int] = (0, 0)
-
-    def array(self, context: Sequence[int]) -> np.ndarray:
-        """``context`` as int64 ids. The decoder's history is one list that only grows, so the ids
-        converted for the last call are kept and only the new ones appended (converting a few hundred
-        ids from a list costs more than the match). A list changed elsewhere is converted afresh
-        where its ends show it; a missed change could only spoil drafts, which the verifier checks."""
-        n, have = len(context), self._copied
-        kept = context is self._source and 0 < have <= n
-        if not kept or self._copy[have - 1] != context[have - 1] or self._copy[0] != context[0]:
-            if not isinstance(context, list):
-                return np.asarray(context, dtype=np.int64)
-            self._source, have = context, 0
-        if n > self._copy.size:
-            grown = np.empty(max(2 * n, 1024), dtype=np.int64)
-            grown[:have] = self._copy[:have]
-            self._copy = grown
-        if n > have:
-            self._copy[have:n] = context[have:]
-        self._copied = n
-        return self._copy[:n]
 
     def _indexed(self, context: Sequence[int] | np.ndarray) -> tuple[list[int], dict[int, list[int]]]:
         """``context`` as a list of ints and where each id occurs in it (ascending). The decoder's history
@@ -477,43 +454,24 @@ class RecycleDrafter:
         tokens = self.chain(int(context[-1]), limit)
         return Candidate(tokens, [("table", min(j, 3)) for j in range(len(tokens))]) if tokens else None
 
-    def tree(
-        self, context: Sequence[int], limit: int = 16, accept: Callable[[tuple[Any, ...]], float] | None = None
-    ) -> DraftTree | None:
+    def tree(self, context: Sequence[int], limit: int = 16) -> DraftTree | None:
         """The candidate tree: the main branch (`candidate`, up to ``limit``) first; then below the
         pending token and each main node, lookup's other copies (`LookupDrafter.branches`: what
         followed other occurrences of the suffix, for the first three places) and the table's other
         choices (keyed by their rank), each followed by up to ``depth`` first choices. None where
-        there is nothing to draft.
-
-        ``accept`` (`DraftPolicy.acceptance`): the tree stops before the place from which no node could
-        be among the ``limit`` likeliest (`DraftPolicy.choose_tree` keeps no other): where the main
-        branch holds ``limit`` nodes at least as likely as the place's likeliest other choice could
-        be. The nodes before are the same, so the policy's choice is too; a long copy then costs no
-        branches at all (building them was most of a round's drafting time)."""
+        there is nothing to draft. The decoder builds only the nodes a policy could keep (`best_tree`).
+        """
         found = self.candidate(context, limit)
         if found is None:  # no main branch: nothing to copy and the table knows nothing after the pending token
             return None
         main = found.tokens
         tokens, parents, keys = list(main), list(range(-1, len(main) - 1)), list(found.keys)
-        places = len(main)  # the places below which other choices go: the pending token and main[:-1]
-        if accept is not None and len(main) >= limit > 0:
-            chance, along = [], 1.0  # the main nodes' chances, as `DraftPolicy.choose_tree` computes them
-            for key in found.keys:
-                along = accept(key) * along
-                chance.append(along)
-            first = [("alt", rank) for rank in range(self.width)] + [("branch", n) for n in range(1, 5)]
-            best = max(accept(key) for key in first)  # no other choice below a place is likelier than this
-            floor = chance[limit - 1]
-            places = next((i for i in range(places) if floor >= best * (chance[i - 1] if i else 1.0)), places)
-            if not places:
-                return DraftTree(tokens, parents, keys)
         lookup = self.lookup
         history = context if isinstance(context, list) else [int(t) for t in context]
         # The table's rows after every place of the main branch and their alternatives' chains, a few
         # numpy calls for the whole tree (a row or a chain link at a time cost more than the rest).
         table, width = self._table, self.width
-        alts = table[[int(context[-1]), *main[:-1]][:places]]
+        alts = table[[int(context[-1]), *main[:-1]]]  # below the pending token and main[:-1]
         links, level = [], alts.reshape(-1)
         for _ in range(self.depth):  # the first choice after each, -1 past the table's end (the -1 row)
             level = table[level, 0]
@@ -1050,12 +1008,11 @@ class SpeculativeDecoder:
         found = self.drafter.tree(history, limit)
         if found is None:
             return none
-        if policy is None or limit <= 0:  # breadth first: every branch below the pending token gets its chance
-            depth: list[int] = []
-            for parent in found.parents:
-                depth.append(depth[parent] + 1 if parent >= 0 else 0)
-            return found.subtree(sorted(range(len(found)), key=lambda i: (depth[i], i))[:limit])
-        return policy.choose_tree(found, limit)
+        # Without a policy, breadth first: every branch below the pending token gets its chance.
+        depth: list[int] = []
+        for parent in found.parents:
+            depth.append(depth[parent] + 1 if parent >= 0 else 0)
+        return found.subtree(sorted(range(len(found)), key=lambda i: (depth[i], i))[:limit])
 
     def _round(self, history: list[int], k: int, sampler: Sampler, params: SamplingParams) -> list[int]:
         """Draft up to k tokens, verify them in one pass; the tokens to emit (kept drafts + one from the full model)."""
