@@ -19,7 +19,7 @@ from edgert.errors import ArtifactError, ContextLengthError, EdgertError
 from edgert.runtime.sampling import Sampler, SamplingParams
 from edgert.runtime.session import PagedKVCache, Session
 from edgert.runtime.tokenizer import TextTokenizer, tokenizer_from_artifact
-from edgert.runtime.tvm_runtime import copy_into, to_numpy
+from edgert.runtime.tvm_runtime import copy_into, to_numpy, to_numpy_view
 
 
 @dataclass
@@ -115,16 +115,6 @@ class TokenEmitter:
             if stats.generated_tokens >= self.max_tokens:
                 stats.stop_reason = "max_tokens"
                 return
-
-
-def _host(logits: Any, view: bool) -> np.ndarray:
-    """An entry's logits on the host: a copy, or with ``view`` the output buffer itself (CPU)."""
-    if view:
-        try:
-            return np.from_dlpack(logits)
-        except (TypeError, RuntimeError, BufferError):  # a device tensor: copy it over
-            pass
-    return to_numpy(logits)
 
 
 def _language_model_sections(artifact: Artifact) -> tuple[dict, int]:
@@ -253,7 +243,8 @@ class Generator:
             logits = self.session(entry, tokens, *self.cache.objs)[0]
         self.cache.end(len(ids))
         self.cached_ids.extend(ids)
-        out = _host(logits, view and not self.session.on_gpu)
+        # ``view``: the output buffer itself on the CPU (`to_numpy_view`), else a copy.
+        out = (to_numpy_view if view and not self.session.on_gpu else to_numpy)(logits)
         out = out[:, 0] if rows else out[0]
         return out if all_logits else out[-1]
 
@@ -272,7 +263,7 @@ class Generator:
         # The rows' entries (decode-shaped, static where the artifact has one): the cache's tree tells
         # attention what each row sees, and the matmuls are the verify rows' (same logits, less time).
         logits, self.cache.obj = self.session(self._rows_entry(len(ids)), self._tokens(ids, True), self.cache.obj)
-        return _host(logits, view and not self.session.on_gpu)[:, 0]
+        return (to_numpy_view if view and not self.session.on_gpu else to_numpy)(logits)[:, 0]
 
     def _rows_entry(self, n: int) -> str:
         """The entry that runs ``n`` decode rows (a chain or a tree): the one with static shapes for

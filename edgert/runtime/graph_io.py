@@ -3,13 +3,16 @@ inputs and outputs of the manifest's ``main`` entry, and the checks of the array
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from edgert.errors import EdgertError
-from edgert.runtime.tvm_runtime import to_numpy
+from edgert.runtime.tvm_runtime import to_numpy_view
+
+__all__ = ["GraphInterface", "to_numpy_view"]
 
 
 class GraphInterface:
@@ -31,7 +34,7 @@ class GraphInterface:
     def _check(self, spec: dict[str, Any], value: Any, sizes: dict[str, int]) -> np.ndarray:
         # The common call (a contiguous array of the input's fixed shape and dtype) returns at once:
         # the full check cost ~1 us an input, a few percent of a 0.05 ms graph.
-        fixed = self._fixed(spec)
+        fixed = self._fixed_specs.get(spec["name"])
         if (
             fixed is not None
             and type(value) is np.ndarray
@@ -54,22 +57,23 @@ class GraphInterface:
                 )
         return arr
 
-    def _fixed(self, spec: dict[str, Any]) -> tuple[tuple[int, ...], np.dtype] | None:
-        """The input's shape and dtype when every dimension is fixed (None when one is symbolic), cached."""
-        cache: dict[str, Any] = self.__dict__.setdefault("_fixed_specs", {})
-        key = spec["name"]
-        if key not in cache:
-            shape = spec["shape"]
-            static = all(isinstance(d, int) for d in shape)
-            cache[key] = (tuple(shape), np.dtype(spec["dtype"])) if static else None
-        return cache[key]
+    @functools.cached_property
+    def _fixed_specs(self) -> dict[str, tuple[tuple[int, ...], np.dtype] | None]:
+        """Each input's shape and dtype when every dimension is fixed (None when one is symbolic)."""
+        return {
+            spec["name"]: (tuple(spec["shape"]), np.dtype(spec["dtype"]))
+            if all(isinstance(d, int) for d in spec["shape"])
+            else None
+            for spec in self.inputs
+        }
+
+    @functools.cached_property
+    def _name_set(self) -> frozenset[str]:
+        return frozenset(self.input_names)
 
     def _given(self, inputs: Mapping[str, Any] | None, named: dict[str, Any]) -> dict[str, Any]:
         """The arrays by name, refusing unknown and missing inputs."""
-        names = self.__dict__.get("_name_set")
-        if names is None:
-            names = self.__dict__["_name_set"] = frozenset(self.input_names)
-        if not named and type(inputs) is dict and inputs.keys() == names:
+        if not named and type(inputs) is dict and inputs.keys() == self._name_set:
             return inputs  # exactly the graph's inputs: nothing to merge or refuse
         given = {**(inputs or {}), **named}
         unknown = sorted(set(given) - set(self.input_names))
@@ -79,11 +83,3 @@ class GraphInterface:
         if missing:
             raise EdgertError(f"missing input(s) {', '.join(missing)}; the graph takes {', '.join(self.input_names)}")
         return given
-
-
-def to_numpy_view(value: Any) -> np.ndarray:
-    """A VM output as numpy without a copy (the VM hands each call fresh output tensors)."""
-    try:
-        return np.from_dlpack(value)
-    except (TypeError, RuntimeError, BufferError):
-        return to_numpy(value)

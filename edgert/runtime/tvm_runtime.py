@@ -133,6 +133,15 @@ def to_numpy(value: Any) -> np.ndarray:
         return out
 
 
+def to_numpy_view(value: Any) -> np.ndarray:
+    """A VM output as numpy without a copy (valid until the VM writes that buffer again); a copy where
+    DLPack does not take it (a device tensor, a dtype numpy's import refuses)."""
+    try:
+        return np.from_dlpack(value)
+    except (TypeError, RuntimeError, BufferError):
+        return to_numpy(value)
+
+
 class VirtualMachine:
     """The Relax VM of a compiled module, with pooled memory (the calls `tvm.runtime.vm` makes).
 
