@@ -364,8 +364,11 @@ def test_int8_activations_need_a_dot_product_instruction_set() -> None:
 # N = 20 one tile of 16 columns, K = 96 three groups (not a multiple of the 64-byte register), K = 32 one.
 VNNI_SHAPES = [("q4", 1000, 96), ("q4", 20, 32), ("q8", 37, 64)]
 # Every row tile (1..5) alone and after tiles of 5 (6 = 5 + 1, ..., 9 = 5 + 4), up to a verify pass of
-# 16 and past it.
-VNNI_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 16, 17, 33)
+# 15, and prompt chunks (`PROMPT_ROWS` = 16 on: the prologue on every thread, 4 rows a task) of every
+# remainder of 4 and of 5.
+VNNI_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 15, 16, 17, 33, 63, 64, 100, 128)
+# The prologue kernels' row counts: every tile, and prompt chunks on both sides of `PROMPT_ROWS`.
+PROLOGUE_ROWS = (1, 2, 3, 5, 6, 7, 9, 13, 15, 16, 17, 63, 64, 100, 128)
 
 
 @pytest.fixture(scope="module")
@@ -481,6 +484,19 @@ def test_fast_exp_matches_numpy(swiglu_kernels) -> None:
     assert np.abs(e2.numpy() / np.exp2(x.astype(np.float64)) - 1).max() < 4 * ulp
 
 
+def _rows_as_alone(kernel, x: np.ndarray, extra: list, weights: list, y: np.ndarray) -> None:
+    """The first, a middle and the last row of ``y`` (a kernel's output for every row of ``x``) equal each
+    row run alone, bit for bit: a prompt chunk's prologue (on every thread) forms the activations of
+    the serial one that decode steps and verify passes take."""
+    import tvm
+
+    m, n = y.shape
+    for i in sorted({0, m // 2, m - 1}):
+        alone = tvm.runtime.tensor(np.full((1, n), np.nan, np.float32))
+        kernel(tvm.runtime.tensor(x[i : i + 1]), *extra, *weights, alone)
+        np.testing.assert_array_equal(y[i], alone.numpy()[0], err_msg=f"m={m}, row {i}")
+
+
 @pytest.mark.parametrize(("kind", "n", "k"), SWIGLU_SHAPES)
 def test_swiglu_prologue_matches_numpy(swiglu_kernels, kind: str, n: int, k: int) -> None:
     """The down projection with ``silu(gate) * up`` formed in its quantization equals the product of
@@ -497,13 +513,14 @@ def test_swiglu_prologue_matches_numpy(swiglu_kernels, kind: str, n: int, k: int
     q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
     weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
     w = q.dequantize()
-    for m in (1, 2, 3, 5, 6, 7, 9, 13, 16):
+    for m in PROLOGUE_ROWS:
         x = (rng.standard_normal((m, 2 * k)) * 3).astype(np.float32)
         x[0, :4] = [-100.0, 100.0, -30.0, 30.0]
         gate, up = x[:, :k].astype(np.float64), x[:, k:].astype(np.float64)
         act = (gate / (1 + np.exp(-gate)) * up).astype(np.float32)
         y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
         lib[f"swiglu_{kind}_{n}_{k}"](tvm.runtime.tensor(x), *weights, y)
+        _rows_as_alone(lib[f"swiglu_{kind}_{n}_{k}"], x, [], weights, y.numpy())
         want = (int8_activation_reference if kind == "q4" else int8x2_activation_reference)(act, w)
         err = np.abs(y.numpy() - want) / np.abs(want).max(axis=1, keepdims=True)
         assert err.max() < (1e-5 if kind == "q4" else 3e-5), f"m={m}: {err.max()}"
@@ -526,13 +543,14 @@ def test_rmsnorm_prologue_matches_numpy(swiglu_kernels, kind: str, n: int, k: in
     weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
     w = q.dequantize()
     gamma = rng.uniform(0.2, 3.0, k).astype(np.float32)
-    for m in (1, 2, 3, 5, 6, 7, 9, 13, 16):
+    for m in PROLOGUE_ROWS:
         x = (rng.standard_normal((m, k)) * rng.uniform(0.01, 50, (m, 1))).astype(np.float32)
         x[-1] = 0
         x64 = x.astype(np.float64)
         act = (x64 / np.sqrt((x64**2).mean(axis=1, keepdims=True) + 1e-5) * gamma).astype(np.float32)
         y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
         lib[f"rmsnorm_{kind}_{n}_{k}"](tvm.runtime.tensor(x), tvm.runtime.tensor(gamma), *weights, y)
+        _rows_as_alone(lib[f"rmsnorm_{kind}_{n}_{k}"], x, [tvm.runtime.tensor(gamma)], weights, y.numpy())
         want = (int8_activation_reference if kind == "q4" else int8x2_activation_reference)(act, w)
         assert not y.numpy()[-1].any()
         scale = np.maximum(np.abs(want).max(axis=1, keepdims=True), 1e-30)

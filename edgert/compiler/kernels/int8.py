@@ -41,6 +41,10 @@ ISAS = ("avx2", "avx512vnni", "dotprod")
 # tile of its size, so no row is computed for nothing. Every tile costs LLVM time per kernel shape:
 # 4 is a server's batch of 4 clients, 5 a verify pass over 4 drafts.
 ROW_TILES = (1, 2, 3, 4, 5)
+# From PROMPT_ROWS rows on (a prompt chunk) `multirow_quant_matmul` forms and rounds its activations
+# on every thread instead of one; fewer rows keep the serial prologue (a thread launch costs more
+# than it shares).
+PROMPT_ROWS = 16
 
 
 def dot_isa(features: set[str] | list[str]) -> str | None:
@@ -338,8 +342,8 @@ def multirow_quant_matmul(
         # (column chunks side by side, int32 accumulators per row and chunk). Few rows take every
         # chunk of the tile at once, so each activation broadcast serves all of them, and one row
         # two accumulators (low and high nibbles, or even and odd K steps) for more independent
-        # ``vpdpbusd`` chains, while the accumulators fit the registers; the alternatives measured
-        # within noise or slower (16 rows with two chunks side by side: 30 % slower, spilling).
+        # ``vpdpbusd`` chains, while the accumulators fit the registers (`ROW_TILES` goes up to 5
+        # rows; wider tiles spilled: see `body`).
         # Registers: 32 (zmm or NEON q); the accumulators and unpacked codes get at most 28.
         # A ``vpdpbusd`` waits several cycles for its accumulator, so the instruction rate grows
         # with the independent chains up to about 20 (on znver5 12 chains reach 3.1 G/s a core,
@@ -354,7 +358,7 @@ def multirow_quant_matmul(
         return wide, na
 
     @T.macro
-    def tiles(qw, sc, mn, y, m, xq, xd, xs, xo, xq2, xd2, xo2, jo, first, count, rows: T.int32, cw, na):
+    def tiles(qw, sc, mn, y, xq, xd, xs, xo, xq2, xd2, xo2, jo, first, count, rows: T.int32, cw, na):
         # ``count`` tiles of ``rows`` rows from row ``first``, in column tile ``jo``.
         if count > 0:
             acc = T.alloc_buffer((rows, cw, cols), "float32", scope="local")
@@ -446,24 +450,22 @@ def multirow_quant_matmul(
                                         )
                                     if q4:
                                         acc[r, ci, v] = acc[r, ci, v] + xs[row, g] * lo[v]
-                    for r, ci in T.grid(rows, cw):
-                        if top + T.Cast("int64", r) < m:
-                            if jo < full:
-                                for v in T.vectorized(cols):
+                    for r, ci in T.grid(rows, cw):  # the tiles cover exactly m rows: no row guard
+                        if jo < full:
+                            for v in T.vectorized(cols):
+                                y[top + r, jo * block + (co * cw + ci) * cols + v] = acc[r, ci, v]
+                        else:
+                            for v in range(cols):
+                                if jo * block + (co * cw + ci) * cols + v < n:
                                     y[top + r, jo * block + (co * cw + ci) * cols + v] = acc[r, ci, v]
-                            else:
-                                for v in range(cols):
-                                    if jo * block + (co * cw + ci) * cols + v < n:
-                                        y[top + r, jo * block + (co * cw + ci) * cols + v] = acc[r, ci, v]
-
-    def padded(m: Any) -> Any:  # rows of the activation buffers: m rounded up to the largest tile
-        return (m + 15) // 16 * 16
 
     @T.macro
-    def quantize(x, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, m):
+    def quantize(x, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, first, count):
+        # rows first .. first + count - 1 of x
         lanes = T.alloc_buffer((16,), "float32", scope="local")
         ilanes = T.alloc_buffer((16,), "int32", scope="local")
-        for i, g in T.grid(m, ng):
+        for ii, g in T.grid(count, ng):
+            i = first + ii
             round_row_group_lanes(x, xq, xd, xo, amax, lanes, ilanes, i, i, g)
             xs[i, g] = T.Cast("float32", xo[i, g]) * xd[i, g]
             if two:  # the second part: the remainder x - xd * xq rounded to int8 on its own scale
@@ -474,58 +476,75 @@ def multirow_quant_matmul(
             xo[i, g] = xo[i, g] * T.int32(-128)
 
     @T.macro
+    def swiglu_rows(x, act, first, count):  # silu(gate) * up, 16 lanes at a time: silu(g) = g / (1 + exp(-g))
+        for ii, to in T.grid(count, k // 16):
+            for v in T.vectorized(16):
+                act[first + ii, to * 16 + v] = (
+                    x[first + ii, to * 16 + v]
+                    * x[first + ii, k + to * 16 + v]
+                    / (T.float32(1.0) + fast_exp(T.float32(0.0) - x[first + ii, to * 16 + v]))
+                )
+
+    @T.macro
+    def rmsnorm_rows(x, gamma, act, sq, amax, m, ib):
+        # x * rsqrt(mean(x^2) + eps) * gamma for rows 4 ib .. 4 ib + 3, in the order and rounding of
+        # TVM's `topi.nn.rms_norm` (the squares summed one by one), so that the int8 activations are
+        # those of the unfused graph: a 16-lane sum changed SmolLM2's greedy continuations
+        # (llama.cpp's Q4_1 file, first 16 tokens: 3 of 8 prompts matched instead of 5)
+        # Four rows' sums advance side by side (each still one by one, in its own order): a chain
+        # of k dependent additions per row cost as much as the rest of the prologue.
+        for r in T.unroll(4):
+            sq[r] = T.float32(0)
+        for t in range(k):
+            for r in T.unroll(4):  # rows past m repeat the last one, and are not used
+                sq[r] = sq[r] + x[T.min(ib * 4 + r, m - 1), t] * x[T.min(ib * 4 + r, m - 1), t]
+        for r in range(4):
+            if ib * 4 + r < m:
+                amax[0] = T.rsqrt(sq[r] / T.float32(k) + T.float32(eps))
+                for to in range(k // 16):
+                    for v in T.vectorized(16):
+                        act[ib * 4 + r, to * 16 + v] = (
+                            x[ib * 4 + r, to * 16 + v] * amax[0] * T.Cast("float32", gamma[to * 16 + v])
+                        )
+
+    @T.macro
     def body(x, qw, sc, mn, y, m, gamma):
         # Activations to int8 per group of 32, as `int8_quant_matmul` rounds them; xs is a group's
-        # float sum (the q4 min term), xo -128 times its integer sum (the q8 offset). The buffers
-        # have room for m rounded up to 16 rows, so that the tiles address row it * R + r without
-        # clamping it: every row of a tile is then one base register plus a constant (clamped, the
-        # ten rows of a two-part tile of 5 each took a register, and the rest were reloaded from
-        # the stack before every ``vpdpbusd``). The tiles cover exactly m rows; the rows past m
-        # are left unset.
-        xq = T.alloc_buffer((padded(m), k), "int8")
-        xd = T.alloc_buffer((padded(m), ng), "float32")
-        xs = T.alloc_buffer((padded(m), ng), "float32")
-        xo = T.alloc_buffer((padded(m), ng), "int32")
-        xq2 = T.alloc_buffer((padded(m), k) if two else (1, 1), "int8")
-        xd2 = T.alloc_buffer((padded(m), ng) if two else (1, 1), "float32")
-        xo2 = T.alloc_buffer((padded(m), ng) if two else (1, 1), "int32")
-        rest = T.alloc_buffer((1, k) if two else (1, 1), "float32")
-        amax = T.alloc_buffer((1,), "float32", scope="local")
-        if swiglu:  # silu(gate) * up, 16 lanes at a time: silu(g) = g / (1 + exp(-g))
-            act = T.alloc_buffer((m, k), "float32")
-            for i, to in T.grid(m, k // 16):
-                for v in T.vectorized(16):
-                    act[i, to * 16 + v] = (
-                        x[i, to * 16 + v]
-                        * x[i, k + to * 16 + v]
-                        / (T.float32(1.0) + fast_exp(T.float32(0.0) - x[i, to * 16 + v]))
-                    )
-            quantize(act, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, m)
-        elif rmsnorm:  # x * rsqrt(mean(x^2) + eps) * gamma, in the order and rounding of TVM's
-            # `topi.nn.rms_norm` (the squares summed one by one), so that the int8 activations are
-            # those of the unfused graph: a 16-lane sum changed SmolLM2's greedy continuations
-            # (llama.cpp's Q4_1 file, first 16 tokens: 3 of 8 prompts matched instead of 5)
-            # Four rows' sums advance side by side (each still one by one, in its own order): a chain
-            # of k dependent additions per row cost as much as the rest of the prologue.
-            act = T.alloc_buffer((m, k), "float32")
-            sq = T.alloc_buffer((4,), "float32", scope="local")
-            for ib in range((m + 3) // 4):
-                for r in T.unroll(4):
-                    sq[r] = T.float32(0)
-                for t in range(k):
-                    for r in T.unroll(4):  # rows past m repeat the last one, and are not used
-                        sq[r] = sq[r] + x[T.min(ib * 4 + r, m - 1), t] * x[T.min(ib * 4 + r, m - 1), t]
-                for r in range(4):
-                    if ib * 4 + r < m:
-                        amax[0] = T.rsqrt(sq[r] / T.float32(k) + T.float32(eps))
-                        for to in range(k // 16):
-                            for v in T.vectorized(16):
-                                act[ib * 4 + r, to * 16 + v] = (
-                                    x[ib * 4 + r, to * 16 + v] * amax[0] * T.Cast("float32", gamma[to * 16 + v])
-                                )
-            quantize(act, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, m)
+        # float sum (the q4 min term), xo -128 times its integer sum (the q8 offset).
+        xq = T.alloc_buffer((m, k), "int8")
+        xd = T.alloc_buffer((m, ng), "float32")
+        xs = T.alloc_buffer((m, ng), "float32")
+        xo = T.alloc_buffer((m, ng), "int32")
+        xq2 = T.alloc_buffer((m, k) if two else (1, 1), "int8")
+        xd2 = T.alloc_buffer((m, ng) if two else (1, 1), "float32")
+        xo2 = T.alloc_buffer((m, ng) if two else (1, 1), "int32")
+        act = T.alloc_buffer((m, k) if swiglu or rmsnorm else (1, 1), "float32")
+        src = act if swiglu or rmsnorm else x  # the rows that are quantized
+        acts = (xq, xd, xs, xo, xq2, xd2, xo2)
+        if m >= PROMPT_ROWS:
+            # A prompt chunk: the prologue and the rounding run on every thread, 4 rows a task (one
+            # thread took them all before the matmul: 5.3 ms of a 128-row step's 45 at one thread,
+            # which two threads did not share). Each row's values are those of the serial loop.
+            for ib in T.parallel((m + 3) // 4):
+                rest = T.alloc_buffer((1, k) if two else (1, 1), "float32", scope="local")
+                amax = T.alloc_buffer((1,), "float32", scope="local")
+                sq = T.alloc_buffer((4,), "float32", scope="local")
+                count = T.min(4, m - ib * 4)
+                if swiglu:
+                    swiglu_rows(x, act, ib * 4, count)
+                elif rmsnorm:
+                    rmsnorm_rows(x, gamma, act, sq, amax, m, ib)
+                quantize(src, *acts, rest, amax, ib * 4, count)
         else:
-            quantize(x, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, m)
+            rest = T.alloc_buffer((1, k) if two else (1, 1), "float32")
+            amax = T.alloc_buffer((1,), "float32", scope="local")
+            if swiglu:
+                swiglu_rows(x, act, 0, m)
+            elif rmsnorm:
+                sq = T.alloc_buffer((4,), "float32", scope="local")
+                for ib in range((m + 3) // 4):
+                    rmsnorm_rows(x, gamma, act, sq, amax, m, ib)
+            quantize(src, *acts, rest, amax, 0, m)
         # Every row in a tile of its own count (`ROW_TILES`), none computed for nothing: tiles of 5,
         # then the rest (1..4 rows) in a tile of its size. The tiles of one column tile follow each
         # other, so its codes come from memory once and from L1 after that. (Tiles of 8 (one chunk
@@ -534,12 +553,11 @@ def multirow_quant_matmul(
         tail = m % 5
         after = m - tail  # the first row after the tiles of 5
         for jo in T.parallel(nb):
-            acts = (xq, xd, xs, xo, xq2, xd2, xo2)
-            tiles(qw, sc, mn, y, m, *acts, jo, 0, m // 5, 5, *shape(5))
-            tiles(qw, sc, mn, y, m, *acts, jo, after, T.Cast("int64", tail == 4), 4, *shape(4))
-            tiles(qw, sc, mn, y, m, *acts, jo, after, T.Cast("int64", tail == 3), 3, *shape(3))
-            tiles(qw, sc, mn, y, m, *acts, jo, after, T.Cast("int64", tail == 2), 2, *shape(2))
-            tiles(qw, sc, mn, y, m, *acts, jo, after, T.Cast("int64", tail == 1), 1, *shape(1))
+            tiles(qw, sc, mn, y, *acts, jo, 0, m // 5, 5, *shape(5))
+            tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 4), 4, *shape(4))
+            tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 3), 3, *shape(3))
+            tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 2), 2, *shape(2))
+            tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 1), 1, *shape(1))
 
     @T.macro
     def body_plain(x, qw, sc, mn, y, m):
