@@ -10,7 +10,7 @@ projection, the q8 LM head with RMSNorm) gets one copy of its weights per layer,
 they come from memory as in a step; ``--prologue`` times 32-column kernels instead (what the
 activation prologue costs per call). With one thread the figure is the thread's CPU time (another
 process holding the core does not count). Prints a step's matmul milliseconds per row count and
-its ratio to one row's, per version.
+its ratio to one row's, per version, and each kernel's rate in ``vpdpbusd`` a second.
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ STEP = [
     ("o", "q4", 576, 576, "", 30),
     ("head", "q8", 576, 49152, "rmsnorm", 1),
 ]
+
+
+def _dots(kind: str, k: int, n: int) -> int:
+    """``vpdpbusd`` instructions a row of a K x N matmul takes: 64 byte products each, twice for q8
+    (its activation in two int8 parts). The rate against one core's (a C loop of the kernel's shape
+    reached about 5 G/s on znver5) says how far the kernel is from the instruction's throughput."""
+    return k * n // 64 * (2 if kind == "q8" else 1)
 
 
 def _load(path: Path, tag: str):
@@ -107,7 +114,12 @@ def main(argv: list[str] | None = None) -> int:
             step = sum(min(res[(vi, m, name)]) * per for name, *_, per in shapes)
             one = one or step
             parts = ", ".join(f"{name} {min(res[(vi, m, name)]) * 1e6:.1f}" for name, *_ in shapes)
-            print(f"{path}: {m:3d} rows {step * 1e3:.3f} ms = {step / one:.2f} x one row | us: {parts}")
+            rates = ", ".join(
+                f"{name} {m * _dots(kind, k, n) / min(res[(vi, m, name)]) * 1e-9:.1f}"
+                for name, kind, k, n, *_ in shapes
+            )
+            rates = "" if args.prologue else f" | G vpdpbusd/s: {rates}"
+            print(f"{path}: {m:3d} rows {step * 1e3:.3f} ms = {step / one:.2f} x one row | us: {parts}{rates}")
     return 0
 
 

@@ -42,8 +42,14 @@ ISAS = ("avx2", "avx512vnni", "dotprod")
 # 4 is a server's batch of 4 clients, 5 a verify pass over 4 drafts.
 ROW_TILES = (1, 2, 3, 4, 5)
 # From PROMPT_ROWS rows on (a prompt chunk) `multirow_quant_matmul` forms and rounds its activations
-# on every thread instead of one; fewer rows keep the serial prologue (a thread launch costs more
-# than it shares).
+# on every thread instead of one; fewer rows (decode, verify passes, a server's batches) keep the
+# serial prologue, bit for bit the code they had. The matmul of a chunk stays the tiles of 5: a
+# GEMM path that unpacks a column tile's codes once into a u8 panel and runs row tiles of 4..14
+# over it measured no faster (1 thread, 128 rows: 57.6..85 ms against 57.7; with int32 sums
+# running over K instead of restarting per group, 63.8..76), since the unpacking is not what
+# costs: 128 rows run at 5.0..5.6 G ``vpdpbusd``/s (`tools/bench_multirow.py`), what a C loop
+# of the same shape reaches on znver5, and the per-group float work (convert, scale, two FMAs
+# per row and 16 columns for 8 ``vpdpbusd``) shares their ports (docs/performance.md, prefill).
 PROMPT_ROWS = 16
 
 
