@@ -578,6 +578,13 @@ def test_the_replays_hindsight_and_oracle_bound_the_policys_rounds() -> None:
         if hindsight in ("exact", "both"):
             assert got["overrun_steps"] == 0.0
         assert got["no_draft"] >= 9  # the fresh tail's tokens have nothing to copy (its first has no match)
+    # `--features`: every place with a draft counted once by match length; the copy's long matches hold.
+    full = prompt + output
+    top = np.array([[t, 0, 0] for t in full[1:]] + [[0, 0, 0]])  # the model's first choice: the next token
+    found = tool.first_draft_features([(prompt, output)], [top], [[0.95] * len(full)])
+    places = sum(1 for t in range(len(prompt), len(full) - 1) if LookupDrafter().match(full[: t + 1]) is not None)
+    assert sum(c for c, _ in found["match"].values()) == places
+    assert found["match"]["6u"][1] > 0.8
 
 
 def _longest_match(ctx: list[int], max_match: int, ngram: int = 1) -> tuple[int, int, bool] | None:

@@ -20,7 +20,7 @@ replays its table from the model's logits along plain decoding (`Generator.score
 output): the table learns what the kept rows' logits say, not what the rejected branches' rows
 would have added (the decoder sees those too), so it is a little poorer than the real one.
 
-    python tools/replay_drafts.py smollm2.edgert [--tokens 64] [--threads 2] [--analyse] [--json out.json]
+    python tools/replay_drafts.py smollm2.edgert [--tokens 64] [--threads 2] [--analyse] [--features] [--json out.json]
 """
 
 from __future__ import annotations
@@ -197,6 +197,52 @@ def replay_recycle(
     return counts
 
 
+def first_draft_features(
+    outputs: list[tuple[list[int], list[int]]], tops: list[np.ndarray], probs: list[list[float]]
+) -> dict[str, dict[str, list[float]]]:
+    """At every place where lookup has a draft: how often its first draft is plain decoding's next token
+    ([places, fraction]), by the match's length (``u``: every earlier occurrence went on alike) and, for
+    matches of 1-2 tokens (where a pass that keeps nothing is likeliest), by ``top1`` (the model's
+    probability of the pending token), ``table`` (the recycle table's first choice after the pending
+    token, learnt along the output, equals the draft / differs / is unknown) and ``predicted`` (the
+    last place's draft was the pending token)."""
+    groups: dict[str, dict[str, list[int]]] = {"match": {}, "top1": {}, "table": {}, "predicted": {}}
+
+    def count(feature: str, bucket: str, held: bool) -> None:
+        tally = groups[feature].setdefault(bucket, [0, 0])
+        tally[0] += 1
+        tally[1] += held
+
+    for (prompt, plain), top, prob in zip(outputs, tops, probs, strict=True):
+        full = prompt + plain
+        drafter, seen, table, before = LookupDrafter(), [], {}, None
+        for t in range(len(prompt), len(full) - 1):
+            table[full[t - 1]] = int(top[t - 1][0])
+            seen.extend(full[len(seen) : t + 1])
+            found, match = drafter.candidate(seen, 1), drafter.match(seen)
+            predicted, before = before == full[t], (found.tokens[0] if found is not None else None)
+            if found is None or match is None:
+                continue
+            n, unique = match[1], match[2]
+            held = found.tokens[0] == full[t + 1]
+            count("match", f"{min(n, 6)}{'u' if unique else ''}", held)
+            if n > 2:
+                continue
+            p = prob[t - 1]
+            count("top1", f"{n}: " + ("<0.5" if p < 0.5 else "0.5-0.9" if p < 0.9 else ">=0.9"), held)
+            first = table.get(full[t])
+            count(
+                "table",
+                f"{n}: " + ("unknown" if first is None else "agrees" if first == found.tokens[0] else "differs"),
+                held,
+            )
+            count("predicted", f"{n}: {'yes' if predicted else 'no'}", held)
+    return {
+        feature: {bucket: [c[0], round(c[1] / c[0], 2)] for bucket, c in sorted(buckets.items())}
+        for feature, buckets in groups.items()
+    }
+
+
 def analyse(
     outputs: list[tuple[list[int], list[int]]], costs: dict[int, float], rows: int, k: int, total: dict[str, float]
 ) -> dict[str, Any]:
@@ -244,6 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         "passes over just the drafts that hold, both) and the best any rounds over its drafts could do",
     )
     parser.add_argument(
+        "--features",
+        action="store_true",
+        help="how often lookup's first draft holds, by match length and, for matches of 1-2 tokens, by what "
+        "a policy could also know: the model's top-1 probability of the pending token, whether the recycle "
+        "table's first choice agrees, whether lookup had predicted the pending token",
+    )
+    parser.add_argument(
         "--overhead",
         help="the time outside the passes, microseconds (tools/spec_overhead.py): step=2440,plain=60,token=25,"
         "lookup=90,recycle=190: a decode step, plain decoding's own per step, emitting a token, and a decoder "
@@ -272,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     for target in args.five_at:  # every pass's extra cost scaled so 5 rows cost ``target`` steps
         scale = (target - 1.0) / (measured[5] - 1.0)
         tables[f"five-at-{target:g}"] = {n: 1.0 + (c - 1.0) * scale for n, c in measured.items()}
-    outputs, scores = {}, {}
+    outputs, scores, probs = {}, {}, {}
     for name, cases in suites.items():
         outputs[name], scores[name] = [], []
         for case in cases:
@@ -283,10 +336,19 @@ def main(argv: list[str] | None = None) -> int:
             part = np.argpartition(logits, -3, axis=-1)[:, -3:]  # the first 3 choices of each row, best first
             order = np.argsort(-np.take_along_axis(logits, part, axis=-1), axis=-1)
             scores[name].append(np.take_along_axis(part, order, axis=-1))
+            if args.features:  # each row's top-1 probability (how sure the model was of the next token)
+                top = logits.max(axis=-1, keepdims=True)
+                probs.setdefault(name, []).append((1.0 / np.exp(logits - top).sum(axis=-1)).tolist())
     report: dict[str, Any] = {
         "tokens": args.tokens,
         "costs": {t: {n: round(c, 2) for n, c in table.items()} for t, table in tables.items()},
     }
+    if args.features:
+        for name in suites:
+            found = first_draft_features(outputs[name], scores[name], probs[name])
+            report[f"features / {name}"] = found
+            for feature, buckets in found.items():
+                print(f"features {name:8} {feature:10} {json.dumps(buckets)}")
     for table, costs in tables.items():
         for mode, k in (("policy", args.k), ("every-k", 6), ("recycle", args.k), ("recycle-tree", args.k)):
             for name in suites:
