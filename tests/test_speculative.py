@@ -554,6 +554,39 @@ def test_replaying_drafts_against_plain_output_counts_what_the_policy_would_run(
         assert got["verifies"] == 0 and got["plain"] == got["tokens"] == len(fresh) - 1
 
 
+def test_the_replays_hindsight_and_oracle_bound_the_policys_rounds() -> None:
+    """`tools/replay_drafts.py --analyse`: with hindsight no pass keeps nothing (``veto``) or runs past
+    the kept drafts (``exact``); the oracle's steps are at most any replay's and at least the tokens
+    over the best tokens-per-step a pass could give."""
+    from conftest import load_tool
+
+    tool = load_tool("replay_drafts")
+    costs = {n: 1.0 + 0.2 * (n - 1) for n in range(2, 17)}
+    prompt = [7, *range(100, 160)]
+    # A copy of the input with edits (a word changed, one left out, one added) and a fresh tail.
+    output = [*range(100, 115), 900, *range(116, 130), *range(131, 150), 901, *range(150, 160), *range(600, 610)]
+    tokens = len(output) - 1
+    oracle = tool.oracle_steps(prompt, output, costs, 15)
+    assert tokens / max(n / c for n, c in costs.items()) <= oracle < tokens
+    for hindsight in ("", "veto", "exact", "both"):
+        policy = DraftPolicy(16)
+        policy.time(1, 1.0)
+        got = tool.replay(prompt, output, costs, "policy", 15, policy, hindsight)
+        assert got["tokens"] == tokens and got["steps"] >= oracle - 1e-9, hindsight
+        if hindsight in ("veto", "both"):
+            assert got["wasted"] == 0 and got["wasted_steps"] == 0.0
+        if hindsight in ("exact", "both"):
+            assert got["overrun_steps"] == 0.0
+        assert got["no_draft"] >= 9  # the fresh tail's tokens have nothing to copy (its first has no match)
+    # `--features`: every place with a draft counted once by match length; the copy's long matches hold.
+    full = prompt + output
+    top = np.array([[t, 0, 0] for t in full[1:]] + [[0, 0, 0]])  # the model's first choice: the next token
+    found = tool.first_draft_features([(prompt, output)], [top], [[0.95] * len(full)])
+    places = sum(1 for t in range(len(prompt), len(full) - 1) if LookupDrafter().match(full[: t + 1]) is not None)
+    assert sum(c for c, _ in found["match"].values()) == places
+    assert found["match"]["6u"][1] > 0.8
+
+
 def _longest_match(ctx: list[int], max_match: int, ngram: int = 1) -> tuple[int, int, bool] | None:
     """`LookupDrafter.match` by brute force: every earlier position's backward match with the suffix."""
     last = len(ctx) - 1
