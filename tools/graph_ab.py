@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers.graph import _engine, _zoo_feeds
+from peers.graph import SETTLE_S, _engine, _zoo_feeds
 
 
 def main() -> None:
@@ -42,6 +42,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=40)
     parser.add_argument("--block", type=int, default=1, help="timed runs per engine in a row (after one untimed)")
+    parser.add_argument(
+        "--settle",
+        type=float,
+        default=SETTLE_S,
+        help="seconds of pause before each engine's block (the previous engine's workers stop spinning)",
+    )
     parser.add_argument("--json", type=Path, default=Path("graph_ab.json"))
     args = parser.parse_args()
     index = json.loads((args.zoo / "zoo.json").read_text())
@@ -61,6 +67,7 @@ def main() -> None:
         for r in range(max(1, args.repeats // args.block)):
             for key in order if r % 2 == 0 else order[::-1]:
                 run = engines[key]
+                time.sleep(args.settle)
                 if args.block > 1:
                     run(feeds)  # the previous engine's threads stop spinning meanwhile
                 block = []
