@@ -392,7 +392,7 @@ def test_winograd_convs_match_onnxruntime(tmp_path):
 
 def _dwpw_graph(c: int, size: list[int]) -> onnx.ModelProto:
     """Three MobileNet-style blocks on one input: depthwise 3x3 (stride 1, then 2) -> bias ->
-    activation -> 1x1 conv (40 outputs: no whole column tile; then 32), and a third whose
+    activation -> 1x1 conv (64 outputs; then 40: no whole column tile), and a third whose
     depthwise output is also a graph output (two uses: it stays two kernels)."""
     rng = np.random.default_rng(11)
     nodes, inits, outputs = [], [], []
@@ -402,7 +402,7 @@ def _dwpw_graph(c: int, size: list[int]) -> onnx.ModelProto:
         return name
 
     lo, hi = const("lo", ()), const("hi", ())
-    blocks = [(1, 40, "Clip", "Relu"), (2, 32, "Relu", None), (1, 24, "Relu", None)]
+    blocks = [(1, 64, "Clip", "Relu"), (2, 40, "Relu", None), (1, 24, "Relu", None)]
     for i, (stride, cout, act, last) in enumerate(blocks):
         dw = [f"d{i}", const(f"wd{i}", (c, 1, 3, 3)), const(f"bd{i}", (c,))]
         pads = {"pads": [1, 1, 1, 1], "strides": [stride, stride], "group": c, "kernel_shape": [3, 3]}
@@ -426,21 +426,35 @@ def _dwpw_graph(c: int, size: list[int]) -> onnx.ModelProto:
 
 def test_depthwise_pointwise_fused_matches_onnxruntime(tmp_path):
     """A depthwise conv, its bias and activation and the 1x1 conv after it are one kernel
-    (`schedules.dwpw`), where the depthwise result has no other use; outputs within 1e-4 of
-    onnxruntime's at 1 and 2 threads, with odd feature-map sizes and a strided block."""
+    (`schedules.dwpw`), where the depthwise result has no other use; the first block (1.1M
+    multiply-adds) goes over threads in an even number of chunks, the strided one stays serial;
+    outputs within 1e-4 of onnxruntime's at 1 and 2 threads, odd feature-map sizes included."""
+    import re
+
+    from tvm import relax
+
     import edgert
+    from edgert.compiler.schedules.dwpw import DepthwisePointwise
     from edgert.compiler.target import resolve
     from edgert.families.graph.lower import optimize
     from edgert.frontend.onnx_graph import import_onnx
     from edgert.targets import load_target
 
-    c, size = 24, [13, 11]
+    c, size = 32, [24, 19]
     path = tmp_path / "dwpw.onnx"
     onnx.save(_dwpw_graph(c, size), str(path))
     target, _ = resolve(load_target("host"), threads=2)
     mod, _, _ = optimize(import_onnx(path)[0], target, "f32")
     names = [gv.name_hint for gv in mod.get_global_vars()]
     assert len([n for n in names if n.startswith("conv_dwpw")]) == 2  # the third block keeps its two kernels
+    with target:
+        fused = relax.transform.FuseTIR()(relax.transform.FuseOps()(relax.transform.LegalizeOps()(mod)))
+    chunks = []
+    for gv, func in fused.functions_items():
+        if "conv_dwpw" in gv.name_hint:
+            script = DepthwisePointwise().apply(func, target, False).mod["main"].script()
+            chunks += [int(n) for n in re.findall(r"T\.parallel\(T\.int64\((\d+)\)\)", script)] or [1]
+    assert sorted(chunks)[0] == 1 and sorted(chunks)[1] % 2 == 0  # the strided block serial, the other even
     result = edgert.compile(str(path), output=tmp_path / "d.edgert")
     assert not [k for k in result.manifest.get("kernels", {}).get("fallback", []) if "conv" in k]
     x = np.random.default_rng(4).standard_normal((1, c, *size)).astype(np.float32)

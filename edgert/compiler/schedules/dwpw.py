@@ -298,7 +298,7 @@ class DepthwisePointwise(ScheduleRule):
         io = sch.fuse(b0, r, qo)
         sch.reorder(io, jo, k, qi, ji)
         macs = height * width * channels * (cols + DW_TAPS)
-        tiles = height * (width // rows)
+        tiles = height * -(-width // rows)
         if macs >= MIN_PARALLEL_MACS and tiles > 1:
             most = max(2, min(rules.MAX_CHUNKS, macs // rules.CHUNK_MACS))
             nc = rules.even_chunks(tiles, most)
