@@ -1,12 +1,12 @@
 """A depthwise conv and the pointwise (1x1) conv that reads it as one kernel (MobileNet's block).
 
 A 96x96 MobileNet runs in ~50 us: its five depthwise convs were serial kernels of 2-3 us (too
-small for a parallel region of TVM's pool, ~2.4 us) and their outputs round trips through memory
+small for a parallel region of TVM's pool, ~2.4 us), and their outputs made a round trip through memory
 between two kernels. Here ``dw -> elementwise chain (bias, ReLU6, requantization) -> 1x1 conv``
 becomes one `call_te`:
 
-    a[p, c] = chain(sum_t x[pos(p, t), c] * Wd[t, c])          (an injective block: taps unrolled)
-    y[p, j] = sum_c a[p, c] * Wp[j // B, c, j % B]              (the packed 1x1 conv)
+    a[r, q, c] = chain(sum_t x[pos(r, q, t), c] * Wd[t, c])    (an injective block: taps unrolled)
+    y[r, q, j] = sum_c a[r, q, c] * Wp[j // B, c, j % B]        (the packed 1x1 conv)
 
 which `DepthwisePointwise` schedules as the `Matmul` rule does the conv (positions as rows,
 channels as vector columns) with the depthwise values of each row tile computed under the tile's
@@ -207,8 +207,7 @@ def fused_call(bb: Any, x: Any, dw: dict, chain: list, pw: dict, lanes: int) -> 
     tensors = [relax.const(np.ascontiguousarray(v, np.float32)) for _, v, _ in chain if v is not None and v.ndim]
 
     def conv_dwpw(data: te.Tensor, wt: te.Tensor, wp: te.Tensor, *per_channel: te.Tensor) -> te.Tensor:
-        def dw_value(b: Any, p: Any, ch: Any) -> Any:
-            r, q = p // ow, p % ow
+        def dw_value(b: Any, r: Any, q: Any, ch: Any) -> Any:
             total = None
             for i in range(kh):
                 for j in range(kw):
@@ -226,11 +225,11 @@ def fused_call(bb: Any, x: Any, dw: dict, chain: list, pw: dict, lanes: int) -> 
                 total = _BINARY[op](other, total) if const_left else _BINARY[op](total, other)
             return total
 
-        act = te.compute([n, oh * ow, c], dw_value, name="dwpw_depthwise")
+        act = te.compute([n, oh, ow, c], dw_value, name="dwpw_depthwise")
         k = te.reduce_axis((0, c), "c")
         return te.compute(
             [n, oh, ow, width],
-            lambda b, r, q, j: te.sum(act[b, r * ow + q, k] * wp[j // block, k, j % block], axis=k),
+            lambda b, r, q, j: te.sum(act[b, r, q, k] * wp[j // block, k, j % block], axis=k),
             name=NAME,
         )
 
@@ -290,8 +289,8 @@ class DepthwisePointwise(ScheduleRule):
         height, width = rules._extent(sch, r), rules._extent(sch, q)
         cols, channels = rules._extent(sch, j), rules._extent(sch, k)
         col_tile = rules._column_tile(cols, lanes)
-        # Row tiles inside one output row: the depthwise values a tile reads are then one
-        # contiguous run of positions (a tile across two rows made TVM compute a bounding box).
+        # Row tiles inside one output row: the depthwise values a tile reads are then a box TVM
+        # computes exactly (a tile across two rows made it compute whole rows).
         rows = rules._row_tile(width, col_tile, lanes)
         qo, qi = sch.split(q, factors=[None, rows])
         jo, ji = sch.split(j, factors=[None, col_tile])
