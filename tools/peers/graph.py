@@ -32,10 +32,11 @@ NAME = "graph"
 HELP = "ONNX graphs (MiniLM encoder, silero-vad) against onnxruntime, a TFLite graph against LiteRT"
 ROOT = Path(__file__).resolve().parents[2]
 VAD_ONNX = "silero_vad_openvino_16k.onnx"
-# Pause before each engine's block in the alternated zoo runs: onnxruntime's workers spin after a
-# run (TVM's yield), and a block started while the other engine's workers still spin shares the
-# cores with them.
-SETTLE_S = 0.005
+# Pause before each engine's block in the alternated zoo runs, so that the other engine's workers
+# have gone quiet. With 5 ms, edgert's 2-thread block right after onnxruntime's stalled in about
+# half the rounds (block medians of 1-4 ms against 0.065; mobilenet, loaded); with 20 or 50 ms in
+# none. Both engines get the pause, and an untimed call after it.
+SETTLE_S = 0.05
 
 
 def add_arguments(parser: Any) -> None:
