@@ -300,7 +300,7 @@ def test_unsupported_contrib_operator_is_named(tmp_path):
         import_onnx(tmp_path / "lrelu.onnx")
 
 
-@pytest.mark.parametrize("entry", ["audio_cnn", "convnet.qop", "convnet", "mobilenet", "conformer"])
+@pytest.mark.parametrize("entry", ["audio_cnn", "convnet.qop", "convnet", "mobilenet", "mobilenet.qdq", "conformer"])
 def test_zoo_models_match_onnxruntime(tmp_path, entry):
     """Small configs of the zoo: the float models (channels-last convs, pools, depthwise convs, a
     conformer block) and an int8 operator-form conv-net."""
@@ -388,3 +388,78 @@ def test_winograd_convs_match_onnxruntime(tmp_path):
     got = edgert.load(tmp_path / "w.edgert")(x=x)
     for key, want in _reference(path, {"x": x}).items():
         np.testing.assert_allclose(got[key], want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()), err_msg=key)
+
+
+def _dwpw_graph(c: int, size: list[int]) -> onnx.ModelProto:
+    """Three MobileNet-style blocks on one input: depthwise 3x3 (stride 1, then 2) -> bias ->
+    activation -> 1x1 conv (64 outputs; then 40: no whole column tile), and a third whose
+    depthwise output is also a graph output (two uses: it stays two kernels)."""
+    rng = np.random.default_rng(11)
+    nodes, inits, outputs = [], [], []
+
+    def const(name: str, shape: tuple[int, ...]) -> str:
+        inits.append(numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name))
+        return name
+
+    lo, hi = const("lo", ()), const("hi", ())
+    blocks = [(1, 64, "Clip", "Relu"), (2, 40, "Relu", None), (1, 24, "Relu", None)]
+    for i, (stride, cout, act, last) in enumerate(blocks):
+        dw = [f"d{i}", const(f"wd{i}", (c, 1, 3, 3)), const(f"bd{i}", (c,))]
+        pads = {"pads": [1, 1, 1, 1], "strides": [stride, stride], "group": c, "kernel_shape": [3, 3]}
+        nodes.append(helper.make_node("Conv", ["x", *dw[1:]], [dw[0]], **pads))
+        nodes.append(helper.make_node(act, [dw[0], lo, hi] if act == "Clip" else [dw[0]], [f"a{i}"]))
+        pw = [const(f"wp{i}", (cout, c, 1, 1)), const(f"bp{i}", (cout,))]
+        nodes.append(helper.make_node("Conv", [f"a{i}", *pw], [f"p{i}" if last else f"y{i}"], kernel_shape=[1, 1]))
+        if last:
+            nodes.append(helper.make_node(last, [f"p{i}"], [f"y{i}"]))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", F32, None))
+    outputs.append(helper.make_tensor_value_info("a2", F32, None))
+    inits[0] = numpy_helper.from_array(np.array(0.0, np.float32), "lo")
+    inits[1] = numpy_helper.from_array(np.array(6.0, np.float32), "hi")
+    x = helper.make_tensor_value_info("x", F32, [1, c, *size])
+    model = helper.make_model(
+        helper.make_graph(nodes, "dwpw", [x], outputs, inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 8
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def test_depthwise_pointwise_fused_matches_onnxruntime(tmp_path):
+    """A depthwise conv, its bias and activation and the 1x1 conv after it are one kernel
+    (`schedules.dwpw`), where the depthwise result has no other use; the first block (1.1M
+    multiply-adds) goes over threads in an even number of chunks, the strided one stays serial;
+    outputs within 1e-4 of onnxruntime's at 1 and 2 threads, odd feature-map sizes included."""
+    import re
+
+    from tvm import relax
+
+    import edgert
+    from edgert.compiler.schedules.dwpw import DepthwisePointwise
+    from edgert.compiler.target import resolve
+    from edgert.families.graph.lower import optimize
+    from edgert.frontend.onnx_graph import import_onnx
+    from edgert.targets import load_target
+
+    c, size = 32, [24, 19]
+    path = tmp_path / "dwpw.onnx"
+    onnx.save(_dwpw_graph(c, size), str(path))
+    target, _ = resolve(load_target("host"), threads=2)
+    mod, _, _ = optimize(import_onnx(path)[0], target, "f32")
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    assert len([n for n in names if n.startswith("conv_dwpw")]) == 2  # the third block keeps its two kernels
+    with target:
+        fused = relax.transform.FuseTIR()(relax.transform.FuseOps()(relax.transform.LegalizeOps()(mod)))
+    chunks = []
+    for gv, func in fused.functions_items():
+        if "conv_dwpw" in gv.name_hint:
+            script = DepthwisePointwise().apply(func, target, False).mod["main"].script()
+            chunks += [int(n) for n in re.findall(r"T\.parallel\(T\.int64\((\d+)\)\)", script)] or [1]
+    assert sorted(chunks)[0] == 1 and sorted(chunks)[1] % 2 == 0  # the strided block serial, the other even
+    result = edgert.compile(str(path), output=tmp_path / "d.edgert")
+    assert not [k for k in result.manifest.get("kernels", {}).get("fallback", []) if "conv" in k]
+    x = np.random.default_rng(4).standard_normal((1, c, *size)).astype(np.float32)
+    want = _reference(path, {"x": x})
+    for threads in (1, 2):
+        got = edgert.load(tmp_path / "d.edgert", threads=threads)(x=x)
+        for key, value in want.items():
+            np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-4, err_msg=f"{key} t{threads}")

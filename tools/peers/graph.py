@@ -5,6 +5,12 @@ length, a transformer-sized feed-forward block as TFLite (written by tools/make_
 silero-vad on one 512-sample chunk, and silero-vad streaming a whole recording with its state
 carried. Each engine runs in its own child process (so peak RSS is its own); latency is
 the median of ``--repeats`` timed calls after one warm-up.
+
+The zoo (``--zoo``) runs both engines' processes side by side and alternates them: rounds of
+``--zoo-block`` calls each (one untimed first, so the other engine's spinning workers have
+stopped), the order swapped every round. A change of the machine's mode (on a 2-vCPU guest the
+second core comes and goes minute by minute) then lands on both engines, and each model's ratio
+is the median of the rounds' paired ratios, with its quartiles.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,11 @@ NAME = "graph"
 HELP = "ONNX graphs (MiniLM encoder, silero-vad) against onnxruntime, a TFLite graph against LiteRT"
 ROOT = Path(__file__).resolve().parents[2]
 VAD_ONNX = "silero_vad_openvino_16k.onnx"
+# Pause before each engine's block in the alternated zoo runs, so that the other engine's workers
+# have gone quiet. With 5 ms, edgert's 2-thread block right after onnxruntime's stalled in about
+# half the rounds (block medians of 1-4 ms against 0.065; mobilenet, loaded); with 20 or 50 ms in
+# none. Both engines get the pause, and an untimed call after it.
+SETTLE_S = 0.05
 
 
 def add_arguments(parser: Any) -> None:
@@ -40,6 +52,12 @@ def add_arguments(parser: Any) -> None:
     )
     parser.add_argument(
         "--zoo-only", action="append", default=None, help="with --zoo: only these entries (NAME[.FORM])"
+    )
+    parser.add_argument(
+        "--zoo-block",
+        type=int,
+        default=5,
+        help="with --zoo: timed calls per engine per round (--repeats rounds, engines alternated)",
     )
 
 
@@ -129,6 +147,99 @@ def measure(kind: str, path: Path, threads: int, repeats: int, job: str, data: d
     return result
 
 
+def _server(kind: str, path: str, threads: int, data: dict[str, Any], conn: Any) -> None:
+    """A child that loads one engine and then times blocks of calls on request.
+
+    Requests: an int K (one untimed call, then K timed: their durations in seconds come back) or
+    None (the last output and peak RSS come back, and the child ends).
+    """
+    try:
+        t = time.perf_counter()
+        run = _engine(kind, path, threads)
+        load_s = time.perf_counter() - t
+        out = run(data)
+        conn.send({"load_s": load_s})
+        while (block := conn.recv()) is not None:
+            time.sleep(SETTLE_S)
+            out = run(data)  # untimed: the other engine's workers stop spinning meanwhile
+            times = []
+            for _ in range(block):
+                t = time.perf_counter()
+                out = run(data)
+                times.append(time.perf_counter() - t)
+            conn.send(times)
+        conn.send({"rss_mb": _rss_mb(), "out": out})
+    except Exception as exc:  # reported as a row note by the parent
+        conn.send({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def measure_paired(
+    engines: dict[str, tuple[str, Path]], threads: int, rounds: int, block: int, data: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Two (or more) engines, each in its own child process, alternated in rounds of ``block`` calls.
+
+    ``engines`` maps a key to (kind, path). Round ``r`` runs them in turn, the order reversed on odd
+    rounds, so that a slow minute of the machine falls on all of them. Returns per key the
+    ``median_s`` of all its timed calls, ``load_s``, ``rss_mb``, ``out`` and ``rounds_s``: the
+    median of each round's block (for paired ratios).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    procs, conns = {}, {}
+    try:
+        for key, (kind, path) in engines.items():
+            parent, child = ctx.Pipe(duplex=True)
+            procs[key] = ctx.Process(target=_server, args=(kind, str(path), threads, data, child))
+            procs[key].start()
+            conns[key] = parent
+        results: dict[str, dict[str, Any]] = {}
+        for key, conn in conns.items():
+            first = conn.recv()
+            if "error" in first:
+                raise RuntimeError(f"{engines[key][0]}: {first['error']}")
+            results[key] = {**first, "times": [], "rounds_s": []}
+        order = list(engines)
+        for r in range(rounds):
+            for key in order if r % 2 == 0 else order[::-1]:
+                conns[key].send(block)
+                times = conns[key].recv()
+                if isinstance(times, dict):
+                    raise RuntimeError(f"{engines[key][0]}: {times['error']}")
+                results[key]["times"] += times
+                results[key]["rounds_s"].append(float(np.median(times)))
+        for key, conn in conns.items():
+            conn.send(None)
+            last = conn.recv()
+            if "error" in last:
+                raise RuntimeError(f"{engines[key][0]}: {last['error']}")
+            results[key].update(last, median_s=float(np.median(results[key].pop("times"))))
+        return results
+    finally:
+        for proc in procs.values():
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+
+def paired_ratio(ours: list[float], peer: list[float]) -> tuple[float, float, float]:
+    """Median and quartiles of the rounds' ratios ``ours[r] / peer[r]``."""
+    ratios = np.asarray(ours) / np.asarray(peer)
+    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+    return float(med), float(q1), float(q3)
+
+
+@dataclass
+class PairedRow(Row):
+    """A latency row whose ratio is the median of paired per-round ratios (``paired``: edgert /
+    peer, so the ``ratio`` column, peer / edgert as in every row, is its inverse)."""
+
+    paired: float | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        """The peer's latency over edgert's, from the paired median (above 1: edgert ahead)."""
+        return None if not self.paired else 1.0 / self.paired
+
+
 def _compile(onnx_path: Path, out: Path, threads: int, quant: str, shapes: dict[str, list[int]]) -> tuple[float, int]:
     sys.path.insert(0, str(ROOT))
     import edgert
@@ -192,15 +303,19 @@ def _zoo_feeds(entry: dict[str, Any]) -> dict[str, np.ndarray]:
 def run_zoo(args: Any) -> list[Row]:
     """Every model of a zoo folder (tools/make_graph_zoo.py) at 1 and 2 threads, and the geometric means.
 
+    Both engines run side by side, alternated (`measure_paired`): ``--repeats`` rounds of
+    ``--zoo-block`` calls each. A latency row holds each engine's median over all its calls; its
+    ratio is the median of the rounds' paired ratios (``paired``, edgert / onnxruntime, with the
+    quartiles ``q1``-``q3`` in the note); the geometric-mean rows are those of the paired ratios.
     Outputs are compared with onnxruntime's on the same file: ``max_abs_diff`` and, relative to the
     largest output value, ``rel``. A model edgert refuses or fails on gets a row saying why.
     """
     import json
 
     index = json.loads((args.zoo / "zoo.json").read_text())
-    repeats = max(5, args.repeats)
+    rounds, block = max(5, args.repeats), max(1, getattr(args, "zoo_block", 5))
     rows: list[Row] = []
-    ratios: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    ratios: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="edgert-peers-zoo-") as tmp:
         for name, entry in index.items():
             if args.zoo_only and name not in args.zoo_only:
@@ -215,27 +330,48 @@ def run_zoo(args: Any) -> list[Row]:
                 continue
             rows.append(Row(NAME, name, "compile", "s", compile_s, None, "-", False, {"MB": f"{size / 1e6:.2f}"}))
             for threads in (1, 2):
+                engines = {"edgert": ("edgert", art), "onnxruntime": ("onnxruntime", src)}
                 try:
-                    ours = measure("edgert", art, threads, repeats, "once", feeds)
+                    res = measure_paired(engines, threads, rounds, block, feeds)
                 except RuntimeError as exc:
                     rows.append(
                         Row(NAME, name, f"latency t{threads}", "ms", None, None, "-", False, {"error": str(exc)[:120]})
                     )
                     continue
-                peer = measure("onnxruntime", src, threads, repeats, "once", feeds)
+                ours, peer = res["edgert"], res["onnxruntime"]
                 got, want = ours["out"]["output"], peer["out"]["output"]
                 diff = float(np.abs(got.astype(np.float64) - want).max())
                 rel = diff / max(float(np.abs(want).max()), 1e-30)
-                note = {"max_abs_diff": f"{diff:.2e}", "rel": f"{rel:.1e}"}
+                med, q1, q3 = paired_ratio(ours["rounds_s"], peer["rounds_s"])
+                note = {
+                    "paired": f"{med:.3f}",
+                    "q1-q3": f"{q1:.3f}-{q3:.3f}",
+                    "max_abs_diff": f"{diff:.2e}",
+                    "rel": f"{rel:.1e}",
+                }
                 e_ms, p_ms = ours["median_s"] * 1e3, peer["median_s"] * 1e3
-                rows.append(Row(NAME, name, f"latency t{threads}", "ms", e_ms, p_ms, "onnxruntime", False, note))
+                rows.append(
+                    PairedRow(NAME, name, f"latency t{threads}", "ms", e_ms, p_ms, "onnxruntime", False, note, med)
+                )
                 kind = "int8" if "." in name else "float"
-                ratios.setdefault((kind, threads), []).append((e_ms, p_ms))
-    for (kind, threads), pairs in sorted(ratios.items()):
-        e = float(np.exp(np.mean(np.log([a for a, _ in pairs]))))
-        p = float(np.exp(np.mean(np.log([b for _, b in pairs]))))
+                ratios.setdefault((kind, threads), []).append((e_ms, p_ms, med))
+    for (kind, threads), triples in sorted(ratios.items()):
+        e = float(np.exp(np.mean(np.log([a for a, _, _ in triples]))))
+        p = float(np.exp(np.mean(np.log([b for _, b, _ in triples]))))
+        paired = float(np.exp(np.mean(np.log([c for _, _, c in triples]))))
         rows.append(
-            Row(NAME, f"geomean {kind} ({len(pairs)})", f"latency t{threads}", "ms", e, p, "onnxruntime", False)
+            PairedRow(
+                NAME,
+                f"geomean {kind} ({len(triples)})",
+                f"latency t{threads}",
+                "ms",
+                e,
+                p,
+                "onnxruntime",
+                False,
+                {"paired": f"{paired:.3f}"},
+                paired,
+            )
         )
     try:
         load = os.getloadavg()

@@ -5,22 +5,26 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from edgert.compiler.schedules.dwpw import DepthwisePointwise
 from edgert.compiler.schedules.rules import Elementwise, Fallback, FullReduction, Matmul, Pool, RowWise
 
 log = logging.getLogger(__name__)
 
 
 def rewrite_graph(mod: Any, target: Any, quant: str = "f32") -> tuple[Any, float | None]:
-    """Graph-level rewrites before legalization: convolutions channels-last, sigmoids through tanh
-    (for its fast form), matmul weights packed (and quantized per ``quant``).
+    """Graph-level rewrites before legalization: convolutions channels-last, a depthwise conv and the
+    1x1 conv after it as one kernel (`dwpw`), sigmoids through tanh (for its fast form), matmul
+    weights packed (and quantized per ``quant``).
 
     Returns the module and the relative RMS error the quantization put on the weights (None for f32).
     """
     from edgert.compiler.schedules.dense import pack_dense_weights
+    from edgert.compiler.schedules.dwpw import fuse_depthwise_pointwise
     from edgert.compiler.schedules.fastmath import sigmoid_as_tanh
     from edgert.compiler.schedules.layout import channels_last
 
-    return pack_dense_weights(sigmoid_as_tanh(channels_last(mod)), target, quant)
+    mod = fuse_depthwise_pointwise(channels_last(mod), target)
+    return pack_dense_weights(sigmoid_as_tanh(mod), target, quant)
 
 
 class _Guarded:
@@ -50,4 +54,5 @@ def schedule_rules() -> list[Any]:
     from edgert.compiler.schedules.fastmath import vectorizable_nearbyint
 
     vectorizable_nearbyint()  # before any rule's vectorize: TVM checks it when it lowers the loops
-    return [_Guarded(r) for r in (Matmul(), Pool(), RowWise(), Elementwise(rows=True), FullReduction(), Fallback())]
+    rules = (DepthwisePointwise(), Matmul(), Pool(), RowWise(), Elementwise(rows=True), FullReduction(), Fallback())
+    return [_Guarded(r) for r in rules]

@@ -73,6 +73,15 @@ def chunks(tiles: int, parallel: bool, most: int = MAX_CHUNKS) -> int:
     return max(d for d in range(1, min(tiles, most) + 1) if tiles % d == 0)
 
 
+def even_chunks(tiles: int, most: int) -> int:
+    """`chunks` for a kernel of a few microseconds: the largest even divisor of ``tiles`` up to
+    ``most`` where there is one at least half the largest divisor. TVM splits a parallel loop
+    evenly over the workers, so 9 chunks on 2 threads keep one busy for 5 and the other for 4."""
+    best = chunks(tiles, True, most)
+    even = [d for d in range(2, min(tiles, most) + 1, 2) if tiles % d == 0]
+    return even[-1] if even and 2 * even[-1] >= best else best
+
+
 def _work(sch: s_tir.Schedule, block: Any) -> int:
     """Iterations of the loops around ``block`` (symbolic extents count as large)."""
     total = 1

@@ -1,0 +1,37 @@
+"""The peer benchmark's zoo section: both engines alternated, ratios paired per round.
+
+Speed is not asserted (the figures come from tools/bench_peers.py runs); the test checks that each
+latency row has both engines' medians and a paired ratio inside its quartiles, that the printed
+ratio is its inverse, and that the outputs agree.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import load_tool, run_tool
+
+pytestmark = [pytest.mark.slow, pytest.mark.reference]
+
+
+def test_zoo_section_pairs_the_engines_rounds(tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    zoo = tmp_path / "zoo"
+    load_tool("make_graph_zoo").write(zoo, only=["mobilenet"], small=True, int8=False)
+    out = tmp_path / "rows.json"
+    proc = run_tool(
+        "bench_peers", "--only", "graph", "--zoo", str(zoo), "--repeats", "5", "--zoo-block", "2", "--json", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {(r["case"], r["metric"]): r for r in json.loads(out.read_text())}
+    for case in ("mobilenet", "geomean float (1)"):
+        for threads in (1, 2):
+            row = rows[(case, f"latency t{threads}")]
+            assert row["edgert"] > 0 and row["peer"] > 0 and row["peer_name"] == "onnxruntime"
+            assert row["paired"] > 0 and row["ratio"] == pytest.approx(1.0 / row["paired"])
+            if case == "mobilenet":
+                q1, q3 = (float(v) for v in row["extra"]["q1-q3"].split("-"))
+                assert q1 <= row["paired"] <= q3
+                assert float(row["extra"]["max_abs_diff"]) < 1e-4
