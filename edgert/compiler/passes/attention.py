@@ -43,6 +43,7 @@ EXP_LANES = 16  # rows whose exps `_paged_rows` takes in one vector
 # tools/bench_attention.py), but in the model that step's attention call took 0.68 ms against 0.51
 # (`edgert bench --verify-rows 5 --operators -t 1`, loaded, 2026-12-05).
 TILE_TASKS = 4
+AHEAD = 32  # rows a key pass prefetches ahead: two pages of 16
 
 
 def _lane_sum(part: Any, lanes: int, op: Any = None) -> Any:
@@ -55,7 +56,7 @@ def _lane_sum(part: Any, lanes: int, op: Any = None) -> Any:
     return vals[0]
 
 
-def _paged_rows(d: int, lanes: int, page_size: int, g: int = 1) -> Any:
+def _paged_rows(d: int, lanes: int, page_size: int, g: int = 1, window: bool = True) -> Any:
     """The two passes of one (query, head) over rows ``lo`` .. ``hi`` - 1 of a sequence's pages: each
     score ``qs·k`` into ``scores`` and their maximum into ``stat[0]``, then ``out = sum exp2(score -
     max) v`` and the sum of the exps into ``stat[1]``. Row r lives at position r before ``sink`` and
@@ -73,7 +74,9 @@ def _paged_rows(d: int, lanes: int, page_size: int, g: int = 1) -> Any:
     """
 
     def at(page_values: Any, first: Any, sink: Any, start: Any, r: Any) -> tuple[Any, Any]:
-        pos = T.if_then_else(r < sink, r, r - sink + start)
+        # Without a window row r is at position r: the compiler then sees a block of 16 rows from 0 as
+        # one page (one table read, no per-row select and gather of page numbers).
+        pos = T.if_then_else(r < sink, r, r - sink + start) if window else r
         return page_values[first + pos // page_size], pos % page_size
 
     def key(pages: Any, page_values: Any, first: Any, kv: Any, sink: Any, start: Any, r: Any, i: Any) -> Any:
@@ -139,14 +142,45 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
     lane_sums = _lane_sums_16()
 
     @T.macro
+    def fetch(pages, page_values, first, kv, sink, start, r, hi):
+        """Prefetch row ``r + AHEAD``'s key and value (clamped to the last row): pages are 4 KiB
+        blocks in no order, so the hardware prefetcher starts over at every page and a cold pass
+        (the model's weights evict the cache between steps) waits on memory row by row."""
+        ra: T.let[T.int32] = T.min(r, hi - 1)
+        for line in T.unroll(d * 4 // 64):
+            T.evaluate(
+                T.call_intrin(
+                    "void",
+                    "tirx.prefetch",
+                    T.address_of(key(pages, page_values, first, kv, sink, start, ra, line * 16)),
+                    0,
+                    3,
+                    1,
+                )
+            )
+            T.evaluate(
+                T.call_intrin(
+                    "void",
+                    "tirx.prefetch",
+                    T.address_of(value(pages, page_values, first, kv, sink, start, ra, line * 16)),
+                    0,
+                    3,
+                    1,
+                )
+            )
+
+    @T.macro
     def rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, span, part, out, stat):
         vec = T.alloc_buffer((vl,), "float32", scope="local")
         kbuf = T.alloc_buffer((d,), "float32", scope="local")
         vbuf = T.alloc_buffer((4 * d,), "float32", scope="local")
         pb = T.alloc_buffer((g * LANES * LANES,), "float32", scope="local")  # query j, row rr: its 16 partial sums
+        for r in range(lo, T.min(lo + AHEAD, hi)):  # the first rows, which the loops' prefetches do not reach
+            fetch(pages, page_values, first, kv, sink, start, r, hi)
         if blocks:  # 16 rows at a time: each query's 16 partial sums, then their lane sums together
             for rb in range((hi - lo) // LANES):
                 for rr in T.unroll(LANES):
+                    fetch(pages, page_values, first, kv, sink, start, lo + rb * LANES + rr + AHEAD, hi)
                     for i in T.vectorized(d):
                         kbuf[i] = key(pages, page_values, first, kv, sink, start, lo + rb * LANES + rr, i)
                     for j in T.unroll(g):
@@ -160,6 +194,7 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
                 for j in T.unroll(g):
                     lane_sums(pb, j * LANES * LANES, scores, j * span + lo + rb * LANES)
         for r in range(lo + T.if_then_else(blocks, (hi - lo) // LANES * LANES, 0), hi):
+            fetch(pages, page_values, first, kv, sink, start, r + AHEAD, hi)
             for i in T.vectorized(d):
                 kbuf[i] = key(pages, page_values, first, kv, sink, start, r, i)
             for j in T.unroll(g):
@@ -242,8 +277,8 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
-    tiled = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group))
-    single = _head_task(d, lanes, 1, _paged_rows(d, lanes, page_size))
+    tiled = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group, window=False))
+    single = _head_task(d, lanes, 1, _paged_rows(d, lanes, page_size, window=False))
 
     @T.prim_func
     def decode(
@@ -367,7 +402,7 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
-    task = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group))
+    task = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group, window=False))
 
     @T.prim_func
     def prefill(
