@@ -435,7 +435,7 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
     tiled = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group, window=False))
-    shared = _rows_tile(d, page_size, group, ROWS_PER_TASK) if lanes == LANES else None
+    shared = _rows_tile(d, page_size, group, ROWS_PER_TASK if lanes == LANES else 1)
     single = _head_task(d, lanes, 1, _paged_rows(d, lanes, page_size, window=False))
 
     @T.prim_func
@@ -499,7 +499,16 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
         full0: T.let[T.int32] = T.if_then_else(n0 > 0, (n0 - 1) * page_size + last_page_len[0], 0)
         blocks: T.let[T.int32] = (batch + ROWS_PER_TASK - 1) // ROWS_PER_TASK
         per_block: T.let[T.int32] = (batch + blocks - 1) // blocks  # rows a task: as even as they go
-        if shared is not None and batch > 1 and q_rope_position[0] - k_rope_pos_offset[0] < full0 - 1:
+        # The path through memory: as nested conditions, the else branches' negations made
+        # CompactBufferAllocation take a minute over the tasks' buffers; a load is opaque to it.
+        path = T.alloc_buffer((1,), "int32", scope="local")
+        path[0] = 0  # separate sequences or a decode step: (row, head) tasks
+        if q_rope_position[0] - k_rope_pos_offset[0] < full0 - 1:  # rows of one sequence
+            if batch > 1 and lanes == LANES:
+                path[0] = 2
+            elif batch * h_kv >= TILE_TASKS:
+                path[0] = 1
+        if path[0] == 2:
             # KV head-major, so that a thread's consecutive tasks share a KV head's pages
             for kb in T.parallel(h_kv * blocks):
                 b0: T.let[T.int32] = kb % blocks * per_block
@@ -523,7 +532,7 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
                     nnz_pages * page_size,
                     sm_scale,
                 )
-        elif batch * h_kv >= TILE_TASKS and q_rope_position[0] - k_rope_pos_offset[0] < full0 - 1:
+        elif path[0] == 1:
             for bk in T.parallel(batch * h_kv):
                 b: T.let[T.int32] = bk // h_kv
                 first: T.let[T.int32] = page_indptr[b]
