@@ -18,7 +18,12 @@ one (token, head) pair per task, with the causal mask cutting each token's row o
 A verify pass of up to a page of tokens no longer takes that path on the host: it runs as decode
 rows of one sequence (`rows_append`, then `paged_decode_attention` with each row masked to its
 position), so that each row's logits are a decode step's bit for bit; the prefill kernels serve
-prompts, scoring and longer chunks.
+prompts, scoring and longer chunks. Those rows go as tasks of up to 8 rows per KV head
+(`_rows_tile`), which read each page they all see once for all their queries.
+
+In the model the pages are cold (the weights stream through the caches between steps): the passes
+prefetch each row's key and value 32 rows ahead, since pages are 4 KiB blocks in no order and the
+hardware prefetcher starts over at each.
 """
 
 from __future__ import annotations
@@ -41,7 +46,9 @@ EXP_LANES = 16  # rows whose exps `_paged_rows` takes in one vector
 # Fewer (row, KV head) tasks than this run as (row, head) tasks, with the same sums. Alone the kernel
 # favours tiles even for a SmolLM2 decode step (3 KV heads: 3.9 against 6.1 us at 128 keys, one thread,
 # tools/bench_attention.py), but in the model that step's attention call took 0.68 ms against 0.51
-# (`edgert bench --verify-rows 5 --operators -t 1`, loaded, 2026-12-05).
+# (`edgert bench --verify-rows 5 --operators -t 1`, loaded, 2026-12-05). The benchmark ran on hot
+# pages; in the model the weights (96 MB a step) evict them, and on cold pages (`--cold`) tiles
+# gain nothing: the pass waits on memory, and 3 tasks leave one of 2 threads half idle.
 TILE_TASKS = 4
 SERIAL_ROPE = 4  # tokens `fused_rope` splits on the calling thread rather than in a pool launch
 ROWS_PER_TASK = 8  # rows of one sequence that `_rows_tile` takes in one task (each with its KV head's queries)
@@ -492,9 +499,11 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
                             page_values[first + n_pages - 1], kv_part, j, (full - 1) % page_size - back + page_size, i
                         ]
         # Rows of one sequence (entry 0 sits before its sequence's end) share their keys and values: they go
-        # as (row, KV head) tiles, the KV head's query heads sharing its loads. Separate sequences (a
-        # server's batch) and decode steps keep (row, head) tasks: tiles of cold pages cost more in the
-        # model (`tools/batch_gain.py`, 4 rows: 1.75 one-row steps against 1.51, loaded).
+        # as (KV head, up to ROWS_PER_TASK rows) tasks of `_rows_tile` (head sizes of whole 16-lane
+        # vectors; else (row, KV head) tiles). Separate sequences (a server's batch) and decode steps
+        # keep (row, head) tasks: their pages are cold in the model, where a pass is memory-bound and
+        # sharing loads gains nothing (`tools/bench_attention.py --cold`, 4 sequences of 256 tokens at
+        # 2 threads: 35.6 us as (sequence, KV head) tasks against 32.6, loaded, 2026-12-05).
         n0: T.let[T.int32] = page_indptr[1] - page_indptr[0]
         full0: T.let[T.int32] = T.if_then_else(n0 > 0, (n0 - 1) * page_size + last_page_len[0], 0)
         blocks: T.let[T.int32] = (batch + ROWS_PER_TASK - 1) // ROWS_PER_TASK
