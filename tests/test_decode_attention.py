@@ -92,7 +92,10 @@ def test_decode_attention_matches_numpy(kernels, head_dim: int) -> None:
         np.testing.assert_allclose(lse.numpy()[b], ref_lse, atol=2e-4)
 
 
-@pytest.mark.parametrize(("prefix", "rows"), [(3, 5), (13, 5), (30, 9), (16, 16)])
+# Rows of one sequence run as (KV head, up to 8 rows) tasks sharing the pages all rows see: none
+# (3, 5), one block (30, 9: two tasks), a last row ending a page (47, 2), several blocks (70, 3),
+# two tasks of 6 over 6 blocks (100, 12).
+@pytest.mark.parametrize(("prefix", "rows"), [(3, 5), (13, 5), (30, 9), (16, 16), (47, 2), (70, 3), (100, 12)])
 def test_rows_equal_decode_steps(kernels, prefix: int, rows: int) -> None:
     """``rows`` tokens after ``prefix`` cached ones, appended as rows of one decode step (every row
     given the last row's slot, as TVM's cache does) and attended to, equal ``rows`` decode steps

@@ -5,7 +5,10 @@ machine slows both alike (with ``--threads 1`` they are CPU times); the medians'
 figure (N rows / its cost in steps = the most N concurrent clients can gain over one from
 decoding together).
 
-  python tools/batch_gain.py smol.edgert [smol-int8.edgert ...] --rows 4 --steps 150 --threads 2
+  python tools/batch_gain.py smol.edgert [smol-int8.edgert ...] --rows 4 --steps 150 --threads 2 [--context 256]
+
+Each sequence holds ``--context`` tokens before the first pass (64 by default), and a token more after
+each pass it is in: attention, per sequence, grows with the context while the weights' cost does not.
 
 ``--mixed N`` also alternates, in the same loop, a prefill pass of N prompt tokens (a new
 sequence each time) and a server's mixed pass: the same N tokens with the N decoding rows beside
@@ -44,11 +47,14 @@ def batch_cost(
     )
     seqs = list(range(1, rows + 1))
     prompt = np.arange(100, 100 + context, dtype=np.int32)[None]
+    chunk = kv["prefill_chunk_size"]
     for s in seqs:
         cache.add(s)
-        cache.begin([s], [context])
-        _, cache.obj = gen.session("prefill", gen.session.tensor(prompt), cache.obj)
-        cache.end()
+        for at in range(0, context, chunk):  # a long context in the build's prefill chunks
+            part = prompt[:, at : at + chunk]
+            cache.begin([s], [part.shape[1]])
+            _, cache.obj = gen.session("prefill", gen.session.tensor(part), cache.obj)
+            cache.end()
 
     # One thread: the process's CPU time, which leaves out the time another process held the core
     # (on a busy machine the steadier figure, as `edgert bench --verify-rows` reports it).
@@ -100,14 +106,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--context", type=int, default=64, help="tokens each sequence holds before the passes")
     parser.add_argument(
         "--mixed", type=int, default=0, metavar="N", help="also time N prompt tokens with and without the rows"
     )
     args = parser.parse_args()
     for art in args.artifacts:
-        r = batch_cost(art, args.rows, args.steps, args.threads, mixed=args.mixed)
+        r = batch_cost(art, args.rows, args.steps, args.threads, context=args.context, mixed=args.mixed)
         print(
-            f"{art.name}: 1 row {r['one_row_ms']:.2f} ms, {args.rows} rows {r['rows_ms']:.2f} ms"
+            f"{art.name} ({args.context} tokens of context): 1 row {r['one_row_ms']:.2f} ms,"
+            f" {args.rows} rows {r['rows_ms']:.2f} ms"
             f"{' (CPU time)' if r['cpu'] else ''} "
             f"= {r['steps']:.2f} one-row steps; batching gain at most {r['gain']:.2f}x"
         )

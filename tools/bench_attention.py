@@ -70,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--calls", type=int, default=30, help="calls per timing")
     parser.add_argument("--tile-tasks", type=int, help="this version's TILE_TASKS (default: its own)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="time this thread's CPU time (with TVM_NUM_THREADS=1: steadier when loaded)"
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="read 64 MiB between calls (timed one by one, after a call on a copy of the pages: warm code), "
+        "as a model's weights evict its pages between steps",
+    )
     args = parser.parse_args(argv)
     here = Path(__file__).resolve().parent.parent / "edgert/compiler/passes/attention.py"
     versions = [here, *args.against]
@@ -84,9 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     cases = [(c, r, 1) for c in args.contexts for r in args.rows]
     cases += [(c, 1, args.batch) for c in args.contexts if args.batch > 1]
     rng = np.random.default_rng(0)
+    clock = time.thread_time if args.cpu else time.perf_counter
+    flush = np.ones(16 << 20, np.float32) if args.cold else None  # 64 MiB, twice the L3
     table: dict[tuple[int, int, int], list[float]] = {}
     for context, rows, batch in cases:
-        arrays = [tvm.runtime.tensor(a) for a in _case(rng, context, rows, batch)]
+        case = _case(rng, context, rows, batch)
+        arrays = [tvm.runtime.tensor(a) for a in case]
+        warm = [tvm.runtime.tensor(a) for a in case] if args.cold else []  # the same call on other pages
         n = arrays[0].shape[0]
         outs = [
             (
@@ -98,10 +111,20 @@ def main(argv: list[str] | None = None) -> int:
         times: list[list[float]] = [[] for _ in versions]
         for _ in range(args.rounds):
             for v, f in enumerate(funcs):
-                t0 = time.perf_counter()
+                if args.cold:  # each call after the flush: the median of its calls
+                    one = []
+                    for _ in range(args.calls):
+                        flush.sum()
+                        f(*warm, *outs[v], 0, 1.0, 1e4, 0.125)  # code, workspace and table warm; pages cold
+                        t0 = clock()
+                        f(*arrays, *outs[v], 0, 1.0, 1e4, 0.125)
+                        one.append(clock() - t0)
+                    times[v].append(float(np.median(one)) * 1e6)
+                    continue
+                t0 = clock()
                 for _ in range(args.calls):
                     f(*arrays, *outs[v], 0, 1.0, 1e4, 0.125)
-                times[v].append((time.perf_counter() - t0) / args.calls * 1e6)
+                times[v].append((clock() - t0) / args.calls * 1e6)
         for v in range(1, len(versions)):
             for a, b in zip(outs[0], outs[v], strict=True):
                 np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=f"version {v} differs")

@@ -18,7 +18,12 @@ one (token, head) pair per task, with the causal mask cutting each token's row o
 A verify pass of up to a page of tokens no longer takes that path on the host: it runs as decode
 rows of one sequence (`rows_append`, then `paged_decode_attention` with each row masked to its
 position), so that each row's logits are a decode step's bit for bit; the prefill kernels serve
-prompts, scoring and longer chunks.
+prompts, scoring and longer chunks. Those rows go as tasks of up to 8 rows per KV head
+(`_rows_tile`), which read each page they all see once for all their queries.
+
+In the model the pages are cold (the weights stream through the caches between steps): the passes
+prefetch each row's key and value 32 rows ahead, since pages are 4 KiB blocks in no order and the
+hardware prefetcher starts over at each.
 """
 
 from __future__ import annotations
@@ -41,8 +46,13 @@ EXP_LANES = 16  # rows whose exps `_paged_rows` takes in one vector
 # Fewer (row, KV head) tasks than this run as (row, head) tasks, with the same sums. Alone the kernel
 # favours tiles even for a SmolLM2 decode step (3 KV heads: 3.9 against 6.1 us at 128 keys, one thread,
 # tools/bench_attention.py), but in the model that step's attention call took 0.68 ms against 0.51
-# (`edgert bench --verify-rows 5 --operators -t 1`, loaded, 2026-12-05).
+# (`edgert bench --verify-rows 5 --operators -t 1`, loaded, 2026-12-05). The benchmark ran on hot
+# pages; in the model the weights (96 MB a step) evict them, and on cold pages (`--cold`) tiles
+# gain nothing: the pass waits on memory, and 3 tasks leave one of 2 threads half idle.
 TILE_TASKS = 4
+SERIAL_ROPE = 4  # tokens `fused_rope` splits on the calling thread rather than in a pool launch
+ROWS_PER_TASK = 8  # rows of one sequence that `_rows_tile` takes in one task (each with its KV head's queries)
+AHEAD = 32  # rows a key pass prefetches ahead: two pages of 16
 
 
 def _lane_sum(part: Any, lanes: int, op: Any = None) -> Any:
@@ -55,7 +65,7 @@ def _lane_sum(part: Any, lanes: int, op: Any = None) -> Any:
     return vals[0]
 
 
-def _paged_rows(d: int, lanes: int, page_size: int, g: int = 1) -> Any:
+def _paged_rows(d: int, lanes: int, page_size: int, g: int = 1, window: bool = True) -> Any:
     """The two passes of one (query, head) over rows ``lo`` .. ``hi`` - 1 of a sequence's pages: each
     score ``qs·k`` into ``scores`` and their maximum into ``stat[0]``, then ``out = sum exp2(score -
     max) v`` and the sum of the exps into ``stat[1]``. Row r lives at position r before ``sink`` and
@@ -73,7 +83,9 @@ def _paged_rows(d: int, lanes: int, page_size: int, g: int = 1) -> Any:
     """
 
     def at(page_values: Any, first: Any, sink: Any, start: Any, r: Any) -> tuple[Any, Any]:
-        pos = T.if_then_else(r < sink, r, r - sink + start)
+        # Without a window row r is at position r: the compiler then sees a block of 16 rows from 0 as
+        # one page (one table read, no per-row select and gather of page numbers).
+        pos = T.if_then_else(r < sink, r, r - sink + start) if window else r
         return page_values[first + pos // page_size], pos % page_size
 
     def key(pages: Any, page_values: Any, first: Any, kv: Any, sink: Any, start: Any, r: Any, i: Any) -> Any:
@@ -139,14 +151,45 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
     lane_sums = _lane_sums_16()
 
     @T.macro
+    def fetch(pages, page_values, first, kv, sink, start, r, hi):
+        """Prefetch row ``r + AHEAD``'s key and value (clamped to the last row): pages are 4 KiB
+        blocks in no order, so the hardware prefetcher starts over at every page and a cold pass
+        (the model's weights evict the cache between steps) waits on memory row by row."""
+        ra: T.let[T.int32] = T.min(r, hi - 1)
+        for line in T.unroll(d * 4 // 64):
+            T.evaluate(
+                T.call_intrin(
+                    "void",
+                    "tirx.prefetch",
+                    T.address_of(key(pages, page_values, first, kv, sink, start, ra, line * 16)),
+                    0,
+                    3,
+                    1,
+                )
+            )
+            T.evaluate(
+                T.call_intrin(
+                    "void",
+                    "tirx.prefetch",
+                    T.address_of(value(pages, page_values, first, kv, sink, start, ra, line * 16)),
+                    0,
+                    3,
+                    1,
+                )
+            )
+
+    @T.macro
     def rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, span, part, out, stat):
         vec = T.alloc_buffer((vl,), "float32", scope="local")
         kbuf = T.alloc_buffer((d,), "float32", scope="local")
         vbuf = T.alloc_buffer((4 * d,), "float32", scope="local")
         pb = T.alloc_buffer((g * LANES * LANES,), "float32", scope="local")  # query j, row rr: its 16 partial sums
+        for r in range(lo, T.min(lo + AHEAD, hi)):  # the first rows, which the loops' prefetches do not reach
+            fetch(pages, page_values, first, kv, sink, start, r, hi)
         if blocks:  # 16 rows at a time: each query's 16 partial sums, then their lane sums together
             for rb in range((hi - lo) // LANES):
                 for rr in T.unroll(LANES):
+                    fetch(pages, page_values, first, kv, sink, start, lo + rb * LANES + rr + AHEAD, hi)
                     for i in T.vectorized(d):
                         kbuf[i] = key(pages, page_values, first, kv, sink, start, lo + rb * LANES + rr, i)
                     for j in T.unroll(g):
@@ -160,6 +203,7 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
                 for j in T.unroll(g):
                     lane_sums(pb, j * LANES * LANES, scores, j * span + lo + rb * LANES)
         for r in range(lo + T.if_then_else(blocks, (hi - lo) // LANES * LANES, 0), hi):
+            fetch(pages, page_values, first, kv, sink, start, r + AHEAD, hi)
             for i in T.vectorized(d):
                 kbuf[i] = key(pages, page_values, first, kv, sink, start, r, i)
             for j in T.unroll(g):
@@ -237,13 +281,169 @@ def _head_task(d: int, lanes: int, g: int, softmax_rows: Any) -> Any:
     return task
 
 
+def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
+    """One task for up to ``most`` rows of one sequence (a verify pass run as decode rows) and one KV
+    head: its ``n`` rows x ``g`` query heads, whose keys and values are one set of pages, each row
+    seeing a prefix of them (``lens``, each row's length).
+
+    Each page of the rows all of them see (``common``: whole 16-row blocks, hence whole groups of 4)
+    is read once for all the queries (its keys from L1 after the first query), instead of once per
+    row (the row tiles of `_paged_rows` read all the pages for each row: at 5 rows most of a verify
+    pass's attention). Each query's sums are `_paged_rows`' for its row, in the same order, with the
+    same expressions: blocks of 16 scores from 0 and the rows after the last block one by one, the
+    maximum, the exps in vectors of 16 from 0, then groups of 4 values from 0 and the last rows one by
+    one; so every row is its decode step bit for bit."""
+    log2e = math.log2(math.e)
+    lane_sums = _lane_sums_16()
+    chunks = d // LANES
+    nq = most * g
+
+    def key(pages: Any, page: Any, kv: Any, slot: Any, i: Any) -> Any:
+        return pages[page, 0, kv, slot, i]
+
+    @T.macro
+    def task(q, b0, n, kv, lens, output, lse, pages, page_values, first, span, sm_scale):
+        scores = T.alloc_buffer((nq * span,), "float32")
+        qs = T.alloc_buffer((nq * d,), "float32", scope="local")
+        out = T.alloc_buffer((nq * d,), "float32", scope="local")
+        stat = T.alloc_buffer((2 * nq,), "float32", scope="local")  # per query: max, sum of exps
+        pb = T.alloc_buffer((LANES * LANES,), "float32", scope="local")
+        part = T.alloc_buffer((LANES,), "float32", scope="local")
+        kbuf = T.alloc_buffer((d,), "float32", scope="local")
+        vbuf = T.alloc_buffer((4 * d,), "float32", scope="local")
+        vec = T.alloc_buffer((EXP_LANES,), "float32", scope="local")
+        low = T.alloc_buffer((2,), "int32", scope="local")  # the fewest and the most rows a query sees
+        low[0] = lens[0]
+        low[1] = lens[0]
+        for u in range(1, n):
+            low[0] = T.min(low[0], lens[u])
+            low[1] = T.max(low[1], lens[u])
+        common: T.let[T.int32] = low[0] // LANES * LANES  # rows every query sees, in whole blocks
+        for u in range(n * g):
+            for i in T.vectorized(d):
+                qs[u * d + i] = q[b0 + u // g, kv * g + u % g, i] * sm_scale * T.float32(log2e)
+        # Scores of the common blocks: a page's keys once from memory, then from L1 for each query.
+        for rb in range(common // LANES):
+            page: T.let[T.int32] = page_values[first + rb]
+            for rr in T.unroll(LANES):  # the rows AHEAD on, keys and values (see `_paged_rows`)
+                ra: T.let[T.int32] = T.min(rb * LANES + rr + AHEAD, low[1] - 1)
+                for line in T.unroll(d * 4 // 64):
+                    for part_kv in T.unroll(2):
+                        T.evaluate(
+                            T.call_intrin(
+                                "void",
+                                "tirx.prefetch",
+                                T.address_of(
+                                    pages[page_values[first + ra // page_size], part_kv, kv, ra % page_size, line * 16]
+                                ),
+                                0,
+                                3,
+                                1,
+                            )
+                        )
+            for u in range(n * g):
+                for rr in T.unroll(LANES):
+                    for v in T.vectorized(LANES):
+                        pb[rr * LANES + v] = T.float32(0)
+                    for c in T.unroll(chunks):
+                        for v in T.vectorized(LANES):
+                            pb[rr * LANES + v] = pb[rr * LANES + v] + qs[u * d + c * LANES + v] * key(
+                                pages, page, kv, rr, c * LANES + v
+                            )
+                lane_sums(pb, 0, scores, u * span + rb * LANES)
+        for u in range(n * g):
+            hi: T.let[T.int32] = lens[u // g]
+            for rb in range(common // LANES, hi // LANES):  # this row's further blocks, as `_paged_rows`
+                for rr in T.unroll(LANES):
+                    for i in T.vectorized(d):
+                        kbuf[i] = key(pages, page_values[first + rb], kv, rr, i)
+                    for v in T.vectorized(LANES):
+                        pb[rr * LANES + v] = T.float32(0)
+                    for c in T.unroll(chunks):
+                        for v in T.vectorized(LANES):
+                            pb[rr * LANES + v] = pb[rr * LANES + v] + qs[u * d + c * LANES + v] * kbuf[c * LANES + v]
+                lane_sums(pb, 0, scores, u * span + rb * LANES)
+            for r in range(hi // LANES * LANES, hi):
+                for i in T.vectorized(d):
+                    kbuf[i] = key(pages, page_values[first + r // page_size], kv, r % page_size, i)
+                for v in T.vectorized(LANES):
+                    part[v] = T.float32(0)
+                for c in T.unroll(chunks):
+                    for v in T.vectorized(LANES):
+                        part[v] = part[v] + qs[u * d + c * LANES + v] * kbuf[c * LANES + v]
+                scores[u * span + r] = _lane_sum([part[v] for v in range(LANES)], LANES)
+            for v in T.vectorized(EXP_LANES):
+                vec[v] = T.float32(-3.0e38)
+            for ro in range(hi // EXP_LANES):
+                for v in T.vectorized(EXP_LANES):
+                    vec[v] = T.max(vec[v], scores[u * span + ro * EXP_LANES + v])
+            stat[2 * u] = _lane_sum(vec, EXP_LANES, T.max)
+            for r in range(hi // EXP_LANES * EXP_LANES, hi):
+                stat[2 * u] = T.max(stat[2 * u], scores[u * span + r])
+            for ro in range(hi // EXP_LANES):
+                for v in T.vectorized(EXP_LANES):
+                    scores[u * span + ro * EXP_LANES + v] = fast_exp2(
+                        scores[u * span + ro * EXP_LANES + v] - stat[2 * u]
+                    )
+            for r in range(hi // EXP_LANES * EXP_LANES, hi):
+                scores[u * span + r] = fast_exp2(scores[u * span + r] - stat[2 * u])
+            stat[2 * u + 1] = T.float32(0)
+            for i in T.vectorized(d):
+                out[u * d + i] = T.float32(0)
+        # Values of the common rows, 4 at a time, once for all the queries.
+        for ro in range(common // 4):
+            r0: T.let[T.int32] = ro * 4
+            page: T.let[T.int32] = page_values[first + r0 // page_size]
+            for w in T.unroll(4):
+                for i in T.vectorized(d):
+                    vbuf[w * d + i] = pages[page, 1, kv, r0 % page_size + w, i]
+            for u in range(n * g):
+                s: T.let[T.int32] = u * span + r0
+                stat[2 * u + 1] = stat[2 * u + 1] + ((scores[s] + scores[s + 1]) + (scores[s + 2] + scores[s + 3]))
+                for i in T.vectorized(d):
+                    out[u * d + i] = out[u * d + i] + (
+                        (scores[s] * vbuf[i] + scores[s + 1] * vbuf[d + i])
+                        + (scores[s + 2] * vbuf[2 * d + i] + scores[s + 3] * vbuf[3 * d + i])
+                    )
+        for u in range(n * g):
+            hi: T.let[T.int32] = lens[u // g]
+            for ro in range(common // 4, hi // 4):
+                r0: T.let[T.int32] = ro * 4
+                for w in T.unroll(4):
+                    for i in T.vectorized(d):
+                        vbuf[w * d + i] = pages[
+                            page_values[first + (r0 + w) // page_size], 1, kv, (r0 + w) % page_size, i
+                        ]
+                s: T.let[T.int32] = u * span + r0
+                stat[2 * u + 1] = stat[2 * u + 1] + ((scores[s] + scores[s + 1]) + (scores[s + 2] + scores[s + 3]))
+                for i in T.vectorized(d):
+                    out[u * d + i] = out[u * d + i] + (
+                        (scores[s] * vbuf[i] + scores[s + 1] * vbuf[d + i])
+                        + (scores[s + 2] * vbuf[2 * d + i] + scores[s + 3] * vbuf[3 * d + i])
+                    )
+            for r in range(hi // 4 * 4, hi):
+                for i in T.vectorized(d):
+                    vbuf[i] = pages[page_values[first + r // page_size], 1, kv, r % page_size, i]
+                stat[2 * u + 1] = stat[2 * u + 1] + scores[u * span + r]
+                for i in T.vectorized(d):
+                    out[u * d + i] = out[u * d + i] + scores[u * span + r] * vbuf[i]
+            for i in T.vectorized(d):  # no visible row: zeros, as TVM's kernels give
+                output[b0 + u // g, kv * g + u % g, i] = out[u * d + i] / T.max(stat[2 * u + 1], T.float32(1e-30))
+            lse[b0 + u // g, kv * g + u % g] = T.if_then_else(
+                hi > 0, stat[2 * u] + T.log2(T.max(stat[2 * u + 1], T.float32(1e-30))), T.float32(-3.0e38)
+            )
+
+    return task
+
+
 def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, page_size: int = 16) -> tirx.PrimFunc:
     """``output[b, h] = softmax(q·K^T * sm_scale) V`` over sequence b's pages; also its log2-sum-exp."""
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
-    tiled = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group))
-    single = _head_task(d, lanes, 1, _paged_rows(d, lanes, page_size))
+    tiled = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group, window=False))
+    shared = _rows_tile(d, page_size, group, ROWS_PER_TASK if lanes == LANES else 1)
+    single = _head_task(d, lanes, 1, _paged_rows(d, lanes, page_size, window=False))
 
     @T.prim_func
     def decode(
@@ -299,12 +499,49 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
                             page_values[first + n_pages - 1], kv_part, j, (full - 1) % page_size - back + page_size, i
                         ]
         # Rows of one sequence (entry 0 sits before its sequence's end) share their keys and values: they go
-        # as (row, KV head) tiles, the KV head's query heads sharing its loads. Separate sequences (a
-        # server's batch) and decode steps keep (row, head) tasks: tiles of cold pages cost more in the
-        # model (`tools/batch_gain.py`, 4 rows: 1.75 one-row steps against 1.51, loaded).
+        # as (KV head, up to ROWS_PER_TASK rows) tasks of `_rows_tile` (head sizes of whole 16-lane
+        # vectors; else (row, KV head) tiles). Separate sequences (a server's batch) and decode steps
+        # keep (row, head) tasks: their pages are cold in the model, where a pass is memory-bound and
+        # sharing loads gains nothing (`tools/bench_attention.py --cold`, 4 sequences of 256 tokens at
+        # 2 threads: 35.6 us as (sequence, KV head) tasks against 32.6, loaded, 2026-12-05).
         n0: T.let[T.int32] = page_indptr[1] - page_indptr[0]
         full0: T.let[T.int32] = T.if_then_else(n0 > 0, (n0 - 1) * page_size + last_page_len[0], 0)
-        if batch * h_kv >= TILE_TASKS and q_rope_position[0] - k_rope_pos_offset[0] < full0 - 1:
+        blocks: T.let[T.int32] = (batch + ROWS_PER_TASK - 1) // ROWS_PER_TASK
+        per_block: T.let[T.int32] = (batch + blocks - 1) // blocks  # rows a task: as even as they go
+        # The path through memory: as nested conditions, the else branches' negations made
+        # CompactBufferAllocation take a minute over the tasks' buffers; a load is opaque to it.
+        path = T.alloc_buffer((1,), "int32", scope="local")
+        path[0] = 0  # separate sequences or a decode step: (row, head) tasks
+        if q_rope_position[0] - k_rope_pos_offset[0] < full0 - 1:  # rows of one sequence
+            if batch > 1 and lanes == LANES:
+                path[0] = 2
+            elif batch * h_kv >= TILE_TASKS:
+                path[0] = 1
+        if path[0] == 2:
+            # KV head-major, so that a thread's consecutive tasks share a KV head's pages
+            for kb in T.parallel(h_kv * blocks):
+                b0: T.let[T.int32] = kb % blocks * per_block
+                n: T.let[T.int32] = T.min(per_block, batch - b0)
+                lens = T.alloc_buffer((ROWS_PER_TASK,), "int32", scope="local")
+                for u in range(n):
+                    nu: T.let[T.int32] = page_indptr[b0 + u + 1] - page_indptr[b0 + u]
+                    fu: T.let[T.int32] = T.if_then_else(nu > 0, (nu - 1) * page_size + last_page_len[b0 + u], 0)
+                    lens[u] = T.max(T.min(fu, q_rope_position[b0 + u] - k_rope_pos_offset[b0 + u] + 1), 0)
+                shared(
+                    q,
+                    b0,
+                    n,
+                    kb // blocks,
+                    lens,
+                    output,
+                    lse,
+                    pages,
+                    page_values,
+                    page_indptr[b0],
+                    nnz_pages * page_size,
+                    sm_scale,
+                )
+        elif path[0] == 1:
             for bk in T.parallel(batch * h_kv):
                 b: T.let[T.int32] = bk // h_kv
                 first: T.let[T.int32] = page_indptr[b]
@@ -367,7 +604,7 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
-    task = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group))
+    task = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group, window=False))
 
     @T.prim_func
     def prefill(
@@ -536,6 +773,34 @@ def fused_rope(theta: float, head_dim: int, num_q_heads: int, num_kv_heads: int)
     """
     fused, half, d = num_q_heads + 2 * num_kv_heads, head_dim // 2, head_dim
 
+    @T.macro
+    def token(qkv, position_map, q, k, v, apply_rope, s):
+        cs = T.alloc_buffer((half,), "float32", scope="local")
+        sn = T.alloc_buffer((half,), "float32", scope="local")
+        for i in range(half):
+            if apply_rope > 0:  # TVM's angle: position / theta ** ((2 i % d) / d)
+                cs[i] = T.cos(
+                    T.Cast("float32", position_map[s])
+                    / T.pow(T.float32(theta), T.Cast("float32", i * 2) / T.float32(d))
+                )
+                sn[i] = T.sin(
+                    T.Cast("float32", position_map[s])
+                    / T.pow(T.float32(theta), T.Cast("float32", i * 2) / T.float32(d))
+                )
+            else:
+                cs[i] = T.float32(1)
+                sn[i] = T.float32(0)
+        for h in range(num_q_heads + num_kv_heads):
+            for j in T.vectorized(half):
+                if h < num_q_heads:
+                    q[s, h, j] = cs[j] * qkv[s, h, j] - sn[j] * qkv[s, h, j + half]
+                    q[s, h, j + half] = cs[j] * qkv[s, h, j + half] + sn[j] * qkv[s, h, j]
+                else:
+                    k[s, h - num_q_heads, j] = cs[j] * qkv[s, h, j] - sn[j] * qkv[s, h, j + half]
+                    k[s, h - num_q_heads, j + half] = cs[j] * qkv[s, h, j + half] + sn[j] * qkv[s, h, j]
+        for h, j in T.grid(num_kv_heads, d):
+            v[s, h, j] = qkv[s, num_q_heads + num_kv_heads + h, j]
+
     @T.prim_func
     def rope(
         qkv_handle: T.handle,
@@ -553,32 +818,14 @@ def fused_rope(theta: float, head_dim: int, num_q_heads: int, num_kv_heads: int)
         q = T.match_buffer(q_handle, (seq_len, num_q_heads, d), "float32")
         k = T.match_buffer(k_handle, (seq_len, num_kv_heads, d), "float32")
         v = T.match_buffer(v_handle, (seq_len, num_kv_heads, d), "float32")
-        for s in T.parallel(seq_len):
-            cs = T.alloc_buffer((half,), "float32", scope="local")
-            sn = T.alloc_buffer((half,), "float32", scope="local")
-            for i in range(half):
-                if apply_rope > 0:  # TVM's angle: position / theta ** ((2 i % d) / d)
-                    cs[i] = T.cos(
-                        T.Cast("float32", position_map[s])
-                        / T.pow(T.float32(theta), T.Cast("float32", i * 2) / T.float32(d))
-                    )
-                    sn[i] = T.sin(
-                        T.Cast("float32", position_map[s])
-                        / T.pow(T.float32(theta), T.Cast("float32", i * 2) / T.float32(d))
-                    )
-                else:
-                    cs[i] = T.float32(1)
-                    sn[i] = T.float32(0)
-            for h in range(num_q_heads + num_kv_heads):
-                for j in T.vectorized(half):
-                    if h < num_q_heads:
-                        q[s, h, j] = cs[j] * qkv[s, h, j] - sn[j] * qkv[s, h, j + half]
-                        q[s, h, j + half] = cs[j] * qkv[s, h, j + half] + sn[j] * qkv[s, h, j]
-                    else:
-                        k[s, h - num_q_heads, j] = cs[j] * qkv[s, h, j] - sn[j] * qkv[s, h, j + half]
-                        k[s, h - num_q_heads, j + half] = cs[j] * qkv[s, h, j + half] + sn[j] * qkv[s, h, j]
-            for h, j in T.grid(num_kv_heads, d):
-                v[s, h, j] = qkv[s, num_q_heads + num_kv_heads + h, j]
+        # A decode step's token alone: a pool launch (~1.5 us at 2 threads, 30 a step) costs more than
+        # the work (~0.4 us a token), so up to SERIAL_ROPE tokens run on the calling thread.
+        if seq_len <= SERIAL_ROPE:
+            for s in range(seq_len):
+                token(qkv, position_map, q, k, v, apply_rope, s)
+        else:
+            for s in T.parallel(seq_len):
+                token(qkv, position_map, q, k, v, apply_rope, s)
 
     return rope.with_attr("global_symbol", "edgert_fused_rope")
 
