@@ -487,6 +487,25 @@ def test_cli_runs_lookup_decoding(tiny_host_artifact, tiny) -> None:
     assert json.loads(proc.stdout)["tokens"] == result["tokens"][:8]
 
 
+def test_bench_times_a_verify_pass_at_several_contexts(tiny_host_artifact) -> None:
+    """`bench_verify(contexts=...)`: the same alternated rounds at each cache length, shortest first,
+    the main figures those of ``prompt_tokens``; a length past the model's context is refused."""
+    from edgert.profile import bench_verify
+
+    r = bench_verify(tiny_host_artifact, rows=3, rounds=3, threads=1, prompt_tokens=16, contexts=(40, 8, 16))
+    assert [c["prompt_tokens"] for c in r["by_context"]] == [8, 16, 40]
+    at = {c["prompt_tokens"]: c for c in r["by_context"]}
+    for key in ("decode_ms_min", "verify_ms_min", "verify_over_decode", "verify_over_decode_median"):
+        assert r[key] == at[16][key]
+    for c in r["by_context"]:
+        assert c["verify_over_decode"] == pytest.approx(c["verify_ms_min"] / c["decode_ms_min"], rel=0.01)
+        assert c["decode_ms_min"] <= c["decode_ms_median"]
+        assert c["verify_over_decode_paired"] > 0
+    assert "by_context" not in bench_verify(tiny_host_artifact, rows=2, rounds=1, threads=1, prompt_tokens=8)
+    with pytest.raises(EdgertError, match="exceed the context"):
+        bench_verify(tiny_host_artifact, rows=3, rounds=1, threads=1, prompt_tokens=8, contexts=(10**6,))
+
+
 @pytest.mark.slow
 def test_bench_times_a_verify_pass_in_decode_steps(tiny_host_artifact) -> None:
     """`edgert bench --verify-rows`: both entries timed at the same cache position, the ratio of the

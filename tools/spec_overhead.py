@@ -9,6 +9,7 @@ the policy, the recycle table's top-3 (`observe`), the sampler/accept walk, the 
 or tree commit, the tokenizer (emit), and the rest of the loop.
 
     python tools/spec_overhead.py smol.edgert [--threads 2] [--prompts 10] [--modes lookup,recycle]
+    python tools/spec_overhead.py smol.edgert --threads 2 --as-met 300   # a 5-row pass as met vs the bench
 """
 
 from __future__ import annotations
@@ -111,10 +112,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--neighbours", action="store_true", help="only: a pass's cost after a decode step vs after another pass"
     )
+    parser.add_argument(
+        "--as-met",
+        type=float,
+        metavar="SECONDS",
+        help="only: for SECONDS, a 5-row pass in decode steps as lookup meets it vs the bench's at the same context",
+    )
     args = parser.parse_args(argv)
     model = edgert.load(args.artifact, threads=args.threads)
     if args.neighbours:
         return neighbours(model, load_cases(SUITES[args.suite])[0]["prompt"])
+    if args.as_met:
+        cases = load_cases(SUITES[args.suite])[: args.prompts]
+        return as_met(model, [c["prompt"] for c in cases], args.tokens, args.as_met, args.json)
     clocks = {name: Clock() for name in ["plain", *args.modes.split(",")]}
     prefill = Clock()  # what begin_generation does (outside the decode time) goes here
     current: list[Clock] = [clocks["plain"]]
@@ -243,6 +253,80 @@ def main(argv: list[str] | None = None) -> int:
     report.setdefault("outside_us", {})["plain"] = {"iteration": plain_us, "token": emit_us["plain"]}
     if args.json:
         args.json.write_text(json.dumps({"tokens": tokens, "decode_seconds": decode, "parts": report}, indent=1) + "\n")
+    return 0
+
+
+def as_met(model: Any, prompts: list[str], tokens: int, seconds: float, out: Path | None = None) -> int:
+    """A 5-row pass in decode steps three ways, prompt by prompt in one process until ``seconds``
+    pass: as lookup's decoder meets it (the median of its 5-row passes over the median of its plain
+    steps, wall), as the bench times it at the same cache length (10 step/pass pairs, both rolled
+    back) and as ``edgert bench --verify-rows 5`` does (the bench text at 128 tokens). Each prompt
+    is tagged with the CPU time other processes took meanwhile (`threads.sample`), so quiet prompts
+    can be told from loaded ones; the machine's state moves all three alike within a prompt."""
+    from edgert.profile.bench import BENCH_TEXT
+    from edgert.runtime.speculative import SpeculativeDecoder, parse_speculative
+    from edgert.runtime.threads import allowed_cpus, sample
+
+    step, calls = model.step, []
+
+    def logged(ids: Any, all_logits: bool = False, view: bool = False) -> Any:
+        t = time.perf_counter()
+        length = model.cache.length
+        logits = step(ids, all_logits, view)
+        calls.append((len(ids), time.perf_counter() - t, length))
+        return logits
+
+    def pairs(ids: list[int], at: int) -> float:
+        model.reset()
+        model.prefill(ids[:at])
+        one, five = [], []
+        for _ in range(10):
+            for n, got in ((1, one), (5, five)):
+                t = time.perf_counter()
+                step(ids[at : at + n], all_logits=n > 1, view=True)
+                got.append(time.perf_counter() - t)
+                model.rollback(n)
+        return float(np.median(five) / np.median(one))
+
+    drafter, k = parse_speculative("lookup", model, lambda p: None)
+    decoder = SpeculativeDecoder(model, drafter, k)
+    text = model.tokenizer.encode(BENCH_TEXT) * (140 // len(model.tokenizer.encode(BENCH_TEXT)) + 1)
+    cpus, rows, end = allowed_cpus(), [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        for prompt in prompts:
+            before = sample(cpus)
+            calls.clear()
+            model.step = logged
+            model.reset()
+            got = [t.id for t in decoder.generate(prompt, max_tokens=tokens, chat=True)]
+            model.step = step
+            plain = [s for n, s, _ in calls[1:] if n == 1]
+            five = [(s, at) for n, s, at in calls[1:] if n == 5]
+            if len(plain) < 3 or len(five) < 2:
+                continue
+            at = int(np.median([a for _, a in five]))
+            ids = (model.encode_prompt(prompt, chat=True) + got) * 2
+            row = {
+                "context": at,
+                "decoder": float(np.median([s for s, _ in five]) / np.median(plain)),
+                "bench_at_context": pairs(ids, at),
+                "bench_cli": pairs(text, 128),
+            }
+            after = sample(cpus)
+            if before is not None and after is not None and after.total > before.total:
+                wall = (after.total - before.total) / len(cpus)
+                row["others_cpus"] = (after.busy - before.busy - (after.own - before.own)) / wall
+            rows.append(row)
+    print("        prompts context decoder  bench at context  bench (cli, 128)")
+    for label, keep in (("quiet", lambda r: r.get("others_cpus", 1) < 0.15), ("all", lambda r: True)):
+        sel = [r for r in rows if keep(r)]
+        if sel:
+            med = {key: float(np.median([r[key] for r in sel])) for key in ("context", "decoder", "bench_at_context")}
+            cli = float(np.median([r["bench_cli"] for r in sel]))
+            line = f"{label:6} {len(sel):4d} {med['context']:8.0f} {med['decoder']:8.2f}"
+            print(f"{line} {med['bench_at_context']:17.2f} {cli:17.2f}")
+    if out:
+        out.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
 
 
