@@ -135,6 +135,23 @@ def _lane_sums_16() -> Any:
     return lane_sums
 
 
+def _value_sums4(d: int) -> Any:
+    """Query ``q``'s exp sum and output advanced by four rows: scores ``s .. s + 3`` and their values in
+    ``vbuf``, added in one order (pairs, then the pairs' sums). Every kernel here sums its values
+    through this one macro, so that a verify row's output is its decode step's bit for bit."""
+
+    @T.macro
+    def add4(out, stat, scores, vbuf, q, s):
+        stat[2 * q + 1] = stat[2 * q + 1] + ((scores[s] + scores[s + 1]) + (scores[s + 2] + scores[s + 3]))
+        for i in T.vectorized(d):
+            out[q * d + i] = out[q * d + i] + (
+                (scores[s] * vbuf[i] + scores[s + 1] * vbuf[d + i])
+                + (scores[s + 2] * vbuf[2 * d + i] + scores[s + 3] * vbuf[3 * d + i])
+            )
+
+    return add4
+
+
 def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
     """`_paged_rows` with row r's key and value element i read by ``key(a, b, first, kv, sink, start,
     r, i)`` and ``value(...)``: the paged kernels pass the pages and the page table as ``a``, ``b``;
@@ -149,6 +166,7 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
     chunks = d // lanes
     blocks = lanes == LANES
     lane_sums = _lane_sums_16()
+    add4 = _value_sums4(d)
 
     @T.macro
     def fetch(pages, page_values, first, kv, sink, start, r, hi):
@@ -237,12 +255,7 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
                     vbuf[u * d + i] = value(pages, page_values, first, kv, sink, start, r0 + u, i)
             for j in T.unroll(g):
                 s: T.let[T.int32] = j * span + r0
-                stat[2 * j + 1] = stat[2 * j + 1] + ((scores[s] + scores[s + 1]) + (scores[s + 2] + scores[s + 3]))
-                for i in T.vectorized(d):
-                    out[j * d + i] = out[j * d + i] + (
-                        (scores[s] * vbuf[i] + scores[s + 1] * vbuf[d + i])
-                        + (scores[s + 2] * vbuf[2 * d + i] + scores[s + 3] * vbuf[3 * d + i])
-                    )
+                add4(out, stat, scores, vbuf, j, s)
         for r in range(lo + (hi - lo) // 4 * 4, hi):
             for i in T.vectorized(d):
                 vbuf[i] = value(pages, page_values, first, kv, sink, start, r, i)
@@ -295,6 +308,7 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
     one; so every row is its decode step bit for bit."""
     log2e = math.log2(math.e)
     lane_sums = _lane_sums_16()
+    add4 = _value_sums4(d)
     chunks = d // LANES
     nq = most * g
 
@@ -399,12 +413,7 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
                     vbuf[w * d + i] = pages[page, 1, kv, r0 % page_size + w, i]
             for u in range(n * g):
                 s: T.let[T.int32] = u * span + r0
-                stat[2 * u + 1] = stat[2 * u + 1] + ((scores[s] + scores[s + 1]) + (scores[s + 2] + scores[s + 3]))
-                for i in T.vectorized(d):
-                    out[u * d + i] = out[u * d + i] + (
-                        (scores[s] * vbuf[i] + scores[s + 1] * vbuf[d + i])
-                        + (scores[s + 2] * vbuf[2 * d + i] + scores[s + 3] * vbuf[3 * d + i])
-                    )
+                add4(out, stat, scores, vbuf, u, s)
         for u in range(n * g):
             hi: T.let[T.int32] = lens[u // g]
             for ro in range(common // 4, hi // 4):
@@ -415,12 +424,7 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
                             page_values[first + (r0 + w) // page_size], 1, kv, (r0 + w) % page_size, i
                         ]
                 s: T.let[T.int32] = u * span + r0
-                stat[2 * u + 1] = stat[2 * u + 1] + ((scores[s] + scores[s + 1]) + (scores[s + 2] + scores[s + 3]))
-                for i in T.vectorized(d):
-                    out[u * d + i] = out[u * d + i] + (
-                        (scores[s] * vbuf[i] + scores[s + 1] * vbuf[d + i])
-                        + (scores[s + 2] * vbuf[2 * d + i] + scores[s + 3] * vbuf[3 * d + i])
-                    )
+                add4(out, stat, scores, vbuf, u, s)
             for r in range(hi // 4 * 4, hi):
                 for i in T.vectorized(d):
                     vbuf[i] = pages[page_values[first + r // page_size], 1, kv, r % page_size, i]
