@@ -7,8 +7,14 @@ work evenly over the workers, so one worker waiting for a core that another proc
 stalls every kernel of the step (measured on 2 cores with one busy process: 137.6 -> 1.7
 tokens/s). Here, unless the user says otherwise:
 
-- workers are not pinned (``TVM_BIND_THREADS=0``); on a big.LITTLE CPU they may move among
-  the big cores (TVM's "share all cores" mode over the fastest CPUs) instead of one each;
+- each worker is pinned to a core of its own, the calling thread is not (TVM's "big" mode, with
+  the caller's affinity given back); on a big.LITTLE CPU the workers share the big cores (TVM's
+  "share all cores" mode over the fastest CPUs) instead of one each. Unpinned, a worker that had
+  slept through ~50 ms without calls was woken onto the calling thread's core and stayed there for
+  several calls: an encoder_320 call at 2 threads took 2.03 ms after a 50 ms pause against 1.33
+  back to back, and 1.33 either way pinned (docs/graph-zoo.md). A pinned worker on a core another
+  process keeps busy costs no more than an unpinned one (SmolLM2, 2 threads forced beside one busy
+  process: 267 against 247-271 tokens/s), and by default the count drops to one thread there;
 - a worker spins ``SPIN_COUNT`` yields before it sleeps (TVM reads the variable once, when
   its first worker starts, so it is set before the first pool exists);
 - the count is the CPUs this process may use minus what other processes keep busy, sampled
@@ -202,10 +208,10 @@ class AdaptiveThreads:
         big = big_cpus(self.cpus)
         self.bind = _user_env("TVM_BIND_THREADS")
         if self.bind is None:
-            # On a big.LITTLE CPU the workers share the big cores (not one each); elsewhere TVM's
-            # binding is off (the "share all" mode sets affinities, so it needs binding on).
+            # On a big.LITTLE CPU the workers share the big cores (not one each); elsewhere each
+            # worker gets a core of its own (both need TVM's binding on; see the module's note).
             self.share = big if len(big) < len(self.cpus) and self.limit <= len(big) else []
-            _set_env("TVM_BIND_THREADS", "1" if self.share else "0")
+            _set_env("TVM_BIND_THREADS", "1")
         else:
             self.share = []
         self.threads = self.limit
