@@ -35,3 +35,19 @@ def test_zoo_section_pairs_the_engines_rounds(tmp_path: Path) -> None:
                 q1, q3 = (float(v) for v in row["extra"]["q1-q3"].split("-"))
                 assert q1 <= row["paired"] <= q3
                 assert float(row["extra"]["max_abs_diff"]) < 1e-4
+
+
+def test_a_benchmark_child_that_dies_is_an_error_not_a_wait() -> None:
+    import multiprocessing
+    import os
+
+    load_tool("replay_drafts")  # puts tools/ on the path, as the tools do for `peers`
+    from peers.graph import _answer
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, _child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=os._exit, args=(3,))  # ends before it answers
+    proc.start()
+    with pytest.raises(RuntimeError, match=r"onnxruntime: .*ended without an answer \(exit code 3\)"):
+        _answer(parent, proc, "onnxruntime")
+    proc.join()

@@ -134,13 +134,22 @@ def _child(kind: str, path: str, threads: int, repeats: int, job: str, data: dic
         conn.send({"error": f"{type(exc).__name__}: {exc}"})
 
 
+def _answer(conn: Any, proc: Any, kind: str) -> Any:
+    """The child's next message; a RuntimeError naming the engine if the child ended without one
+    (killed, out of memory, a failed start), instead of waiting on the pipe forever."""
+    while not conn.poll(1.0):
+        if not proc.is_alive():
+            raise RuntimeError(f"{kind}: the benchmark process ended without an answer (exit code {proc.exitcode})")
+    return conn.recv()
+
+
 def measure(kind: str, path: Path, threads: int, repeats: int, job: str, data: dict[str, Any]) -> dict[str, Any]:
     """Run one engine in a fresh child process and return its timings, peak RSS and outputs."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(kind, str(path), threads, repeats, job, data, child))
     proc.start()
-    result = parent.recv()
+    result = _answer(parent, proc, kind)
     proc.join()
     if "error" in result:
         raise RuntimeError(f"{kind}: {result['error']}")
@@ -193,7 +202,7 @@ def measure_paired(
             conns[key] = parent
         results: dict[str, dict[str, Any]] = {}
         for key, conn in conns.items():
-            first = conn.recv()
+            first = _answer(conn, procs[key], engines[key][0])
             if "error" in first:
                 raise RuntimeError(f"{engines[key][0]}: {first['error']}")
             results[key] = {**first, "times": [], "rounds_s": []}
@@ -201,14 +210,14 @@ def measure_paired(
         for r in range(rounds):
             for key in order if r % 2 == 0 else order[::-1]:
                 conns[key].send(block)
-                times = conns[key].recv()
+                times = _answer(conns[key], procs[key], engines[key][0])
                 if isinstance(times, dict):
                     raise RuntimeError(f"{engines[key][0]}: {times['error']}")
                 results[key]["times"] += times
                 results[key]["rounds_s"].append(float(np.median(times)))
         for key, conn in conns.items():
             conn.send(None)
-            last = conn.recv()
+            last = _answer(conn, procs[key], engines[key][0])
             if "error" in last:
                 raise RuntimeError(f"{engines[key][0]}: {last['error']}")
             results[key].update(last, median_s=float(np.median(results[key].pop("times"))))
