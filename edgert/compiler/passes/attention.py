@@ -135,10 +135,38 @@ def _lane_sums_16() -> Any:
     return lane_sums
 
 
-def _value_sums4(d: int) -> Any:
-    """Query ``q``'s exp sum and output advanced by four rows: scores ``s .. s + 3`` and their values in
-    ``vbuf``, added in one order (pairs, then the pairs' sums). Every kernel here sums its values
-    through this one macro, so that a verify row's output is its decode step's bit for bit."""
+def _prefetch(value: Any) -> Any:
+    """A prefetch of the cache line holding ``value`` (a buffer element) for reading, kept in every level."""
+    return T.call_intrin("void", "tirx.prefetch", T.address_of(value), 0, 3, 1)
+
+
+def _softmax_parts(d: int) -> tuple[Any, Any, Any]:
+    """The steps of a query's softmax that every kernel here shares, so that a verify row's output is
+    its decode step's bit for bit: ``exps`` (query ``q``'s maximum over its scores ``base + lo`` ..
+    ``base + hi - 1`` into ``stat[2 q]``, 16 at a time and then the rest, the scores replaced by
+    their exps, its exp sum and output cleared), ``add4`` (the exp sum and output advanced by four
+    rows: scores ``s .. s + 3`` and their values in ``vbuf``, added as pairs, then the pairs' sums)
+    and ``add1`` (the same for one row)."""
+    vl = EXP_LANES
+
+    @T.macro
+    def exps(scores, vec, stat, out, q, base, lo, hi):
+        for v in T.vectorized(vl):
+            vec[v] = T.float32(-3.0e38)
+        for ro in range((hi - lo) // vl):
+            for v in T.vectorized(vl):
+                vec[v] = T.max(vec[v], scores[base + lo + ro * vl + v])
+        stat[2 * q] = _lane_sum(vec, vl, T.max)
+        for r in range(lo + (hi - lo) // vl * vl, hi):
+            stat[2 * q] = T.max(stat[2 * q], scores[base + r])
+        for ro in range((hi - lo) // vl):
+            for v in T.vectorized(vl):
+                scores[base + lo + ro * vl + v] = fast_exp2(scores[base + lo + ro * vl + v] - stat[2 * q])
+        for r in range(lo + (hi - lo) // vl * vl, hi):
+            scores[base + r] = fast_exp2(scores[base + r] - stat[2 * q])
+        stat[2 * q + 1] = T.float32(0)
+        for i in T.vectorized(d):
+            out[q * d + i] = T.float32(0)
 
     @T.macro
     def add4(out, stat, scores, vbuf, q, s):
@@ -149,7 +177,13 @@ def _value_sums4(d: int) -> Any:
                 + (scores[s + 2] * vbuf[2 * d + i] + scores[s + 3] * vbuf[3 * d + i])
             )
 
-    return add4
+    @T.macro
+    def add1(out, stat, scores, vbuf, q, s):
+        stat[2 * q + 1] = stat[2 * q + 1] + scores[s]
+        for i in T.vectorized(d):
+            out[q * d + i] = out[q * d + i] + scores[s] * vbuf[i]
+
+    return exps, add4, add1
 
 
 def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
@@ -166,7 +200,7 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
     chunks = d // lanes
     blocks = lanes == LANES
     lane_sums = _lane_sums_16()
-    add4 = _value_sums4(d)
+    exps, add4, add1 = _softmax_parts(d)
 
     @T.macro
     def fetch(pages, page_values, first, kv, sink, start, r, hi):
@@ -175,26 +209,8 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
         (the model's weights evict the cache between steps) waits on memory row by row."""
         ra: T.let[T.int32] = T.min(r, hi - 1)
         for line in T.unroll(d * 4 // 64):
-            T.evaluate(
-                T.call_intrin(
-                    "void",
-                    "tirx.prefetch",
-                    T.address_of(key(pages, page_values, first, kv, sink, start, ra, line * 16)),
-                    0,
-                    3,
-                    1,
-                )
-            )
-            T.evaluate(
-                T.call_intrin(
-                    "void",
-                    "tirx.prefetch",
-                    T.address_of(value(pages, page_values, first, kv, sink, start, ra, line * 16)),
-                    0,
-                    3,
-                    1,
-                )
-            )
+            T.evaluate(_prefetch(key(pages, page_values, first, kv, sink, start, ra, line * 16)))
+            T.evaluate(_prefetch(value(pages, page_values, first, kv, sink, start, ra, line * 16)))
 
     @T.macro
     def rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, span, part, out, stat):
@@ -232,22 +248,7 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
                         part[j * lanes + v] = part[j * lanes + v] + qs[j * d + c * lanes + v] * kbuf[c * lanes + v]
                 scores[j * span + r] = _lane_sum([part[j * lanes + v] for v in range(lanes)], lanes)
         for j in T.unroll(g):
-            for v in T.vectorized(vl):
-                vec[v] = T.float32(-3.0e38)
-            for ro in range((hi - lo) // vl):
-                for v in T.vectorized(vl):
-                    vec[v] = T.max(vec[v], scores[j * span + lo + ro * vl + v])
-            stat[2 * j] = _lane_sum(vec, vl, T.max)
-            for r in range(lo + (hi - lo) // vl * vl, hi):
-                stat[2 * j] = T.max(stat[2 * j], scores[j * span + r])
-            for ro in range((hi - lo) // vl):
-                for v in T.vectorized(vl):
-                    scores[j * span + lo + ro * vl + v] = fast_exp2(scores[j * span + lo + ro * vl + v] - stat[2 * j])
-            for r in range(lo + (hi - lo) // vl * vl, hi):
-                scores[j * span + r] = fast_exp2(scores[j * span + r] - stat[2 * j])
-            stat[2 * j + 1] = T.float32(0)
-            for i in T.vectorized(d):
-                out[j * d + i] = T.float32(0)
+            exps(scores, vec, stat, out, j, j * span, lo, hi)
         for ro in range((hi - lo) // 4):
             r0: T.let[T.int32] = lo + ro * 4
             for u in T.unroll(4):
@@ -260,9 +261,7 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
             for i in T.vectorized(d):
                 vbuf[i] = value(pages, page_values, first, kv, sink, start, r, i)
             for j in T.unroll(g):
-                stat[2 * j + 1] = stat[2 * j + 1] + scores[j * span + r]
-                for i in T.vectorized(d):
-                    out[j * d + i] = out[j * d + i] + scores[j * span + r] * vbuf[i]
+                add1(out, stat, scores, vbuf, j, j * span + r)
 
     return rows
 
@@ -308,7 +307,7 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
     one; so every row is its decode step bit for bit."""
     log2e = math.log2(math.e)
     lane_sums = _lane_sums_16()
-    add4 = _value_sums4(d)
+    exps, add4, add1 = _softmax_parts(d)
     chunks = d // LANES
     nq = most * g
 
@@ -341,20 +340,10 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
             page: T.let[T.int32] = page_values[first + rb]
             for rr in T.unroll(LANES):  # the rows AHEAD on, keys and values (see `_paged_rows`)
                 ra: T.let[T.int32] = T.min(rb * LANES + rr + AHEAD, low[1] - 1)
+                at: T.let[T.int32] = page_values[first + ra // page_size]
                 for line in T.unroll(d * 4 // 64):
                     for part_kv in T.unroll(2):
-                        T.evaluate(
-                            T.call_intrin(
-                                "void",
-                                "tirx.prefetch",
-                                T.address_of(
-                                    pages[page_values[first + ra // page_size], part_kv, kv, ra % page_size, line * 16]
-                                ),
-                                0,
-                                3,
-                                1,
-                            )
-                        )
+                        T.evaluate(_prefetch(pages[at, part_kv, kv, ra % page_size, line * 16]))
             for u in range(n * g):
                 for rr in T.unroll(LANES):
                     for v in T.vectorized(LANES):
@@ -386,24 +375,7 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
                     for v in T.vectorized(LANES):
                         part[v] = part[v] + qs[u * d + c * LANES + v] * kbuf[c * LANES + v]
                 scores[u * span + r] = _lane_sum([part[v] for v in range(LANES)], LANES)
-            for v in T.vectorized(EXP_LANES):
-                vec[v] = T.float32(-3.0e38)
-            for ro in range(hi // EXP_LANES):
-                for v in T.vectorized(EXP_LANES):
-                    vec[v] = T.max(vec[v], scores[u * span + ro * EXP_LANES + v])
-            stat[2 * u] = _lane_sum(vec, EXP_LANES, T.max)
-            for r in range(hi // EXP_LANES * EXP_LANES, hi):
-                stat[2 * u] = T.max(stat[2 * u], scores[u * span + r])
-            for ro in range(hi // EXP_LANES):
-                for v in T.vectorized(EXP_LANES):
-                    scores[u * span + ro * EXP_LANES + v] = fast_exp2(
-                        scores[u * span + ro * EXP_LANES + v] - stat[2 * u]
-                    )
-            for r in range(hi // EXP_LANES * EXP_LANES, hi):
-                scores[u * span + r] = fast_exp2(scores[u * span + r] - stat[2 * u])
-            stat[2 * u + 1] = T.float32(0)
-            for i in T.vectorized(d):
-                out[u * d + i] = T.float32(0)
+            exps(scores, vec, stat, out, u, u * span, 0, hi)
         # Values of the common rows, 4 at a time, once for all the queries.
         for ro in range(common // 4):
             r0: T.let[T.int32] = ro * 4
@@ -428,9 +400,7 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
             for r in range(hi // 4 * 4, hi):
                 for i in T.vectorized(d):
                     vbuf[i] = pages[page_values[first + r // page_size], 1, kv, r % page_size, i]
-                stat[2 * u + 1] = stat[2 * u + 1] + scores[u * span + r]
-                for i in T.vectorized(d):
-                    out[u * d + i] = out[u * d + i] + scores[u * span + r] * vbuf[i]
+                add1(out, stat, scores, vbuf, u, u * span + r)
             for i in T.vectorized(d):  # no visible row: zeros, as TVM's kernels give
                 output[b0 + u // g, kv * g + u % g, i] = out[u * d + i] / T.max(stat[2 * u + 1], T.float32(1e-30))
             lse[b0 + u // g, kv * g + u % g] = T.if_then_else(
