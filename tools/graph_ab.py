@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers.graph import SETTLE_S, _engine, _zoo_feeds
+from peers.graph import SETTLE_S, _engine, _zoo_feeds, paired_ratio
 
 
 def main() -> None:
@@ -81,8 +81,8 @@ def main() -> None:
             k: {"min_ms": min(v) * 1e3, "median_ms": float(np.median(v)) * 1e3} for k, v in times.items()
         }
         for label, num, den in (("after/before", "after", "before"), ("after/onnxruntime", "after", "onnxruntime")):
-            q1, med, q3 = np.percentile(np.asarray(rounds[num]) / np.asarray(rounds[den]), [25, 50, 75])
-            row[label] = {"paired": float(med), "q1": float(q1), "q3": float(q3)}
+            med, q1, q3 = paired_ratio(rounds[num], rounds[den])
+            row[label] = {"paired": med, "q1": q1, "q3": q3}
         results[name] = row
         cells = "  ".join(f"{k} {r['min_ms']:.4g} ({r['median_ms']:.4g})" for k, r in row.items() if "min_ms" in r)
         pairs = "  ".join(f"{k} {r['paired']:.3f}" for k, r in row.items() if "paired" in r)
