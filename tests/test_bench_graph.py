@@ -33,7 +33,8 @@ def test_zoo_section_pairs_the_engines_rounds(tmp_path: Path) -> None:
             assert row["paired"] > 0 and row["ratio"] == pytest.approx(1.0 / row["paired"])
             if case == "mobilenet":
                 q1, q3 = (float(v) for v in row["extra"]["q1-q3"].split("-"))
-                assert q1 <= row["paired"] <= q3
+                # the note's quartiles are written to 3 decimals: compare the median written alike
+                assert q1 <= round(row["paired"], 3) <= q3
                 assert float(row["extra"]["max_abs_diff"]) < 1e-4
 
 
