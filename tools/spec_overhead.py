@@ -262,7 +262,9 @@ def as_met(model: Any, prompts: list[str], tokens: int, seconds: float, out: Pat
     steps, wall), as the bench times it at the same cache length (10 step/pass pairs, both rolled
     back) and as ``edgert bench --verify-rows 5`` does (the bench text at 128 tokens). Each prompt
     is tagged with the CPU time other processes took meanwhile (`threads.sample`), so quiet prompts
-    can be told from loaded ones; the machine's state moves all three alike within a prompt."""
+    can be told from loaded ones; the machine's state moves all three alike within a prompt.
+    Each is also taken in process CPU time (``*_cpu``): at one thread the pass's own work, with the
+    time another process held the core left out (at two, the workers' spinning is billed too)."""
     from edgert.profile.bench import BENCH_TEXT
     from edgert.runtime.speculative import SpeculativeDecoder, parse_speculative
     from edgert.runtime.threads import allowed_cpus, sample
@@ -270,23 +272,24 @@ def as_met(model: Any, prompts: list[str], tokens: int, seconds: float, out: Pat
     step, calls = model.step, []
 
     def logged(ids: Any, all_logits: bool = False, view: bool = False) -> Any:
-        t = time.perf_counter()
         length = model.cache.length
+        t, c = time.perf_counter(), time.process_time()
         logits = step(ids, all_logits, view)
-        calls.append((len(ids), time.perf_counter() - t, length))
+        calls.append((len(ids), time.perf_counter() - t, length, time.process_time() - c))
         return logits
 
-    def pairs(ids: list[int], at: int) -> float:
+    def pairs(ids: list[int], at: int) -> tuple[float, float]:
+        """10 step/pass pairs at cache length ``at``: the pass in steps, wall and process CPU."""
         model.reset()
         model.prefill(ids[:at])
         one, five = [], []
         for _ in range(10):
             for n, got in ((1, one), (5, five)):
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 step(ids[at : at + n], all_logits=n > 1, view=True)
-                got.append(time.perf_counter() - t)
+                got.append((time.perf_counter() - t, time.process_time() - c))
                 model.rollback(n)
-        return float(np.median(five) / np.median(one))
+        return _ratio(five, one, 0), _ratio(five, one, 1)
 
     drafter, k = parse_speculative("lookup", model, lambda p: None)
     decoder = SpeculativeDecoder(model, drafter, k)
@@ -300,34 +303,45 @@ def as_met(model: Any, prompts: list[str], tokens: int, seconds: float, out: Pat
             model.reset()
             got = [t.id for t in decoder.generate(prompt, max_tokens=tokens, chat=True)]
             model.step = step
-            plain = [s for n, s, _ in calls[1:] if n == 1]
-            five = [(s, at) for n, s, at in calls[1:] if n == 5]
+            plain = [(s, c) for n, s, _, c in calls[1:] if n == 1]
+            five = [(s, c) for n, s, _, c in calls[1:] if n == 5]
             if len(plain) < 3 or len(five) < 2:
                 continue
-            at = int(np.median([a for _, a in five]))
+            at = int(np.median([a for n, _, a, _ in calls[1:] if n == 5]))
             ids = (model.encode_prompt(prompt, chat=True) + got) * 2
+            (bench, bench_cpu), (cli, cli_cpu) = pairs(ids, at), pairs(text, 128)
             row = {
                 "context": at,
-                "decoder": float(np.median([s for s, _ in five]) / np.median(plain)),
-                "bench_at_context": pairs(ids, at),
-                "bench_cli": pairs(text, 128),
+                "decoder": _ratio(five, plain, 0),
+                "bench_at_context": bench,
+                "bench_cli": cli,
+                "decoder_cpu": _ratio(five, plain, 1),
+                "bench_at_context_cpu": bench_cpu,
+                "bench_cli_cpu": cli_cpu,
             }
             after = sample(cpus)
             if before is not None and after is not None and after.total > before.total:
                 wall = (after.total - before.total) / len(cpus)
                 row["others_cpus"] = (after.busy - before.busy - (after.own - before.own)) / wall
             rows.append(row)
-    print("        prompts context decoder  bench at context  bench (cli, 128)")
+    print("        prompts context decoder  bench at context  bench (cli, 128)   [process CPU: the same three]")
+    keys = ("context", "decoder", "bench_at_context", "bench_cli")
+    keys += tuple(f"{key}_cpu" for key in keys[1:])
     for label, keep in (("quiet", lambda r: r.get("others_cpus", 1) < 0.15), ("all", lambda r: True)):
         sel = [r for r in rows if keep(r)]
         if sel:
-            med = {key: float(np.median([r[key] for r in sel])) for key in ("context", "decoder", "bench_at_context")}
-            cli = float(np.median([r["bench_cli"] for r in sel]))
+            med = {key: float(np.median([r[key] for r in sel])) for key in keys}
             line = f"{label:6} {len(sel):4d} {med['context']:8.0f} {med['decoder']:8.2f}"
-            print(f"{line} {med['bench_at_context']:17.2f} {cli:17.2f}")
+            cpu = f"[{med['decoder_cpu']:.2f} {med['bench_at_context_cpu']:.2f} {med['bench_cli_cpu']:.2f}]"
+            print(f"{line} {med['bench_at_context']:17.2f} {med['bench_cli']:17.2f}   {cpu}")
     if out:
         out.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
+
+
+def _ratio(passes: list[tuple[float, float]], steps: list[tuple[float, float]], i: int) -> float:
+    """The median of field ``i`` (0: wall, 1: process CPU) of ``passes`` over that of ``steps``."""
+    return float(np.median([p[i] for p in passes]) / np.median([s[i] for s in steps]))
 
 
 def neighbours(model: Any, prompt: str, rounds: int = 25) -> int:
