@@ -113,7 +113,10 @@ def llm_rows(args: Any) -> list[Row]:
     """Plain decoding and each mode, interleaved prompt by prompt, on each suite; rows with plain
     decoding as the baseline.
 
-    Besides the timed ratio (a loaded machine moves it), ``modelled`` is the ratio with each pass
+    Besides the timed ratio (a loaded machine moves it), ``paired_ratio`` is the median and quartiles
+    of each repeat's own ratio (a repeat runs plain decoding and the mode prompt by prompt in one
+    period, so a load that changes between repeats moves both alike: the ratio of the medians pairs
+    one repeat's plain decoding with another's mode), and ``modelled`` is the ratio with each pass
     costed by `verify_costs` (pairs of a step and a pass timed back to back): tokens over plain
     steps plus the passes' cost in decode steps. Per task of the suite, where the time went:
     rounds, drafts kept, tokens per verify pass, passes that kept nothing, plain steps.
@@ -187,6 +190,7 @@ def llm_rows(args: Any) -> list[Row]:
                     extra={
                         "identical": all(r == reference for r in outs[spec]),
                         **draft_summary(total, costs),
+                        "paired_ratio": [round(v, 3) for v in paired_ratio(speed[spec], speed[BASE])],
                         "runs": [round(v, 1) for v in speed[spec]],
                         "plain_runs": [round(v, 1) for v in speed[BASE]],
                         "by_task": {task: draft_summary(c, costs) for task, c in counts[spec].items()},
@@ -198,6 +202,15 @@ def llm_rows(args: Any) -> list[Row]:
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
     return rows
+
+
+def paired_ratio(ours: list[float], base: list[float]) -> tuple[float, float, float]:
+    """First quartile, median and third quartile of the repeats' ratios ``ours[r] / base[r]``."""
+    ratios = [a / b if b else 0.0 for a, b in zip(ours, base, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return q1, med, q3
 
 
 def draft_summary(c: Counter, costs: dict[int, float]) -> dict[str, Any]:
