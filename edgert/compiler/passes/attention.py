@@ -52,6 +52,7 @@ EXP_LANES = 16  # rows whose exps `_paged_rows` takes in one vector
 TILE_TASKS = 4
 SERIAL_ROPE = 4  # tokens `fused_rope` splits on the calling thread rather than in a pool launch
 ROWS_PER_TASK = 8  # rows of one sequence that `_rows_tile` takes in one task (each with its KV head's queries)
+PREFILL_ROWS = 16  # query rows of one sequence that a prefill task (`_prefill_tile`) takes, with its KV head's queries
 AHEAD = 32  # rows a key pass prefetches ahead: two pages of 16
 
 
@@ -410,6 +411,125 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
     return task
 
 
+def _prefill_tile(d: int, g: int, most: int, key: Any, value: Any) -> Any:
+    """One prefill task: up to ``most`` query rows of one sequence (prompt tokens ``t0`` .. ``t0 + n - 1``)
+    with the ``g`` query heads of KV head ``kv``, over that sequence's keys and values: row t sees the
+    first ``hi(t)`` of them (causal: all but the last ``qo_len - 1 - t``; else all ``kv_len``).
+
+    The scores go key block by key block (16 rows): a block's keys come from memory once and from L1 for
+    each of the tile's queries, and the last, partial block of a query is computed whole (rows at and
+    past its end are masked before the maximum and give exps of 0), so no score is summed row by row
+    (a causal row of a prompt ends inside a block: in the per-(token, head) kernel those last rows'
+    one-at-a-time sums were most of its time). The values go 4 rows at a time, once for all the
+    queries that see them; rows past the tile's last are read as zeros (their exps are 0, and a page's
+    unwritten slots may hold anything). ``key(a, b, first, last, kv, r, i)`` and ``value(...)`` read row
+    ``r`` (``last``: the sequence's last row, where an array ends) of the pages (``a``: pages, ``b``:
+    page table) or of the new keys and values (``a``, ``b``: their arrays). A query's scores are those
+    of `_paged_rows` (lane sums in the same tree); its exps are summed in groups of 4 from row 0 to the
+    end of its last group, so its output agrees with the per-(token, head) kernel's to float rounding,
+    not bit for bit."""
+    log2e = math.log2(math.e)
+    lane_sums = _lane_sums_16()
+    _, add4, _ = _softmax_parts(d)
+    chunks = d // LANES
+    nq = most * g
+
+    @T.macro
+    def task(q, q0, t0, n, qo_len, kv, kv_len, causal, output, lse, a, b, first, span, sm_scale, empty):
+        scores = T.alloc_buffer((nq * span,), "float32")
+        qs = T.alloc_buffer((nq * d,), "float32", scope="local")
+        out = T.alloc_buffer((nq * d,), "float32", scope="local")
+        stat = T.alloc_buffer((2 * nq,), "float32", scope="local")  # per query: max, sum of exps
+        pb = T.alloc_buffer((LANES * LANES,), "float32", scope="local")
+        vbuf = T.alloc_buffer((4 * d,), "float32", scope="local")
+        vec = T.alloc_buffer((LANES,), "float32", scope="local")
+        last: T.let[T.int32] = T.max(kv_len - 1, 0)
+        # rows the tile's last query sees: the most any of its queries does
+        top: T.let[T.int32] = T.if_then_else(causal > 0, T.max(T.min(kv_len - qo_len + t0 + n, kv_len), 0), kv_len)
+        for u in range(n * g):
+            for i in T.vectorized(d):
+                qs[u * d + i] = q[q0 + t0 + u // g, kv * g + u % g, i] * sm_scale * T.float32(log2e)
+        for rb in range((top + LANES - 1) // LANES):
+            for u in range(n * g):
+                hi: T.let[T.int32] = T.if_then_else(
+                    causal > 0, T.max(T.min(kv_len - qo_len + t0 + u // g + 1, kv_len), 0), kv_len
+                )
+                if rb * LANES < hi:
+                    for rr in T.unroll(LANES):
+                        for v in T.vectorized(LANES):
+                            pb[rr * LANES + v] = T.float32(0)
+                        for c in T.unroll(chunks):
+                            for v in T.vectorized(LANES):
+                                pb[rr * LANES + v] = pb[rr * LANES + v] + qs[u * d + c * LANES + v] * key(
+                                    a, b, first, last, kv, rb * LANES + rr, c * LANES + v
+                                )
+                    lane_sums(pb, 0, scores, u * span + rb * LANES)
+        for u in range(n * g):
+            hi: T.let[T.int32] = T.if_then_else(
+                causal > 0, T.max(T.min(kv_len - qo_len + t0 + u // g + 1, kv_len), 0), kv_len
+            )
+            for v in T.vectorized(LANES):
+                vec[v] = T.float32(-3.0e38)
+            for rb in range((hi + LANES - 1) // LANES):
+                for v in T.vectorized(LANES):
+                    vec[v] = T.max(
+                        vec[v],
+                        T.if_then_else(rb * LANES + v < hi, scores[u * span + rb * LANES + v], T.float32(-3.0e38)),
+                    )
+            stat[2 * u] = _lane_sum(vec, LANES, T.max)
+            for rb in range((hi + LANES - 1) // LANES):
+                for v in T.vectorized(LANES):
+                    scores[u * span + rb * LANES + v] = T.if_then_else(
+                        rb * LANES + v < hi, fast_exp2(scores[u * span + rb * LANES + v] - stat[2 * u]), T.float32(0)
+                    )
+            stat[2 * u + 1] = T.float32(0)
+            for i in T.vectorized(d):
+                out[u * d + i] = T.float32(0)
+        for ro in range((top + 3) // 4):
+            r0: T.let[T.int32] = ro * 4
+            for w in T.unroll(4):
+                for i in T.vectorized(d):
+                    vbuf[w * d + i] = T.if_then_else(
+                        r0 + w < top, value(a, b, first, last, kv, r0 + w, i), T.float32(0)
+                    )
+            for u in range(n * g):
+                hi: T.let[T.int32] = T.if_then_else(
+                    causal > 0, T.max(T.min(kv_len - qo_len + t0 + u // g + 1, kv_len), 0), kv_len
+                )
+                if r0 < hi:
+                    add4(out, stat, scores, vbuf, u, u * span + r0)
+        for u in range(n * g):
+            hi: T.let[T.int32] = T.if_then_else(
+                causal > 0, T.max(T.min(kv_len - qo_len + t0 + u // g + 1, kv_len), 0), kv_len
+            )
+            for i in T.vectorized(d):  # no visible row: zeros, as TVM's kernels give
+                output[q0 + t0 + u // g, kv * g + u % g, i] = out[u * d + i] / T.max(stat[2 * u + 1], T.float32(1e-30))
+            lse[q0 + t0 + u // g, kv * g + u % g] = T.if_then_else(
+                hi > 0, stat[2 * u] + T.log2(T.max(stat[2 * u + 1], T.float32(1e-30))), empty
+            )
+
+    return task
+
+
+def _find_tile(most: int) -> Any:
+    """``where`` = (sequence, its tile) of prefill task ``j`` of ``total``, tiles of ``most`` query rows
+    numbered through the sequences in order. Tasks take tiles in a zigzag (0, total - 1, 1, total - 2,
+    ...): TVM's parallel loop gives each thread a contiguous range of tasks, and a causal prompt's later
+    tiles see more keys, so each half of the range holds as many short tiles as long ones."""
+
+    @T.macro
+    def find(q_indptr, batch, total, j, where):
+        where[0] = 0
+        where[1] = T.if_then_else(j % 2 == 0, j // 2, total - 1 - j // 2)
+        for bb in range(batch):
+            nt: T.let[T.int32] = (q_indptr[bb + 1] - q_indptr[bb] + most - 1) // most
+            if where[0] == bb and where[1] >= nt:
+                where[0] = bb + 1
+                where[1] = where[1] - nt
+
+    return find
+
+
 def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, page_size: int = 16) -> tirx.PrimFunc:
     """``output[b, h] = softmax(q·K^T * sm_scale) V`` over sequence b's pages; also its log2-sum-exp."""
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
@@ -571,6 +691,187 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
     return decode.with_attr("global_symbol", "edgert_paged_decode_attention")
 
 
+def _paged_prefill_tiled(h_kv: int, h_qo: int, d: int, page_size: int) -> tirx.PrimFunc:
+    """`paged_prefill_attention` as (tile of `PREFILL_ROWS` query rows, KV head) tasks of `_prefill_tile`
+    over all the sequences in one parallel loop (head sizes of whole 16-lane vectors, pages of 16)."""
+    group = h_qo // h_kv
+    most = PREFILL_ROWS
+
+    def key(pages: Any, page_values: Any, first: Any, last: Any, kv: Any, r: Any, i: Any) -> Any:
+        # a partial last block reads the last page's unwritten slots: masked, not clamped, so that a
+        # block of 16 rows stays one page (one table read)
+        return pages[page_values[first + r // page_size], 0, kv, r % page_size, i]
+
+    def value(pages: Any, page_values: Any, first: Any, last: Any, kv: Any, r: Any, i: Any) -> Any:
+        return pages[page_values[first + r // page_size], 1, kv, r % page_size, i]
+
+    tile = _prefill_tile(d, group, most, key, value)
+    find = _find_tile(most)
+
+    @T.prim_func
+    def prefill(
+        q_handle: T.handle,
+        q_indptr_handle: T.handle,
+        pages_handle: T.handle,
+        page_indptr_handle: T.handle,
+        page_values_handle: T.handle,
+        length_info_handle: T.handle,
+        k_rope_pos_offset_handle: T.handle,
+        q_rope_position_handle: T.handle,
+        output_handle: T.handle,
+        lse_handle: T.handle,
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch = T.int32()
+        total_len = T.int32()
+        nnz_pages = T.int32()
+        max_num_pages = T.int32()
+        q_indptr_offset = T.int32()
+        indptr_offset = T.int32()
+        values_offset = T.int32()
+        k_rope_offset = T.int32()
+        q_rope_offset = T.int32()
+        length_offset = T.int32()
+        q = T.match_buffer(q_handle, (total_len, h_qo, d), "float32")
+        q_indptr = T.match_buffer(q_indptr_handle, (batch + 1,), "int32", elem_offset=q_indptr_offset)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d), "float32")
+        page_indptr = T.match_buffer(page_indptr_handle, (batch + 1,), "int32", elem_offset=indptr_offset)
+        page_values = T.match_buffer(page_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
+        last_page_len = T.match_buffer(length_info_handle, (batch,), "int32", elem_offset=length_offset)
+        T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
+        T.match_buffer(q_rope_position_handle, (total_len,), "int32", elem_offset=q_rope_offset)
+        output = T.match_buffer(output_handle, (total_len, h_qo, d), "float32")
+        lse = T.match_buffer(lse_handle, (total_len, h_qo), "float32")
+        assert rotary_mode == 0, "edgert's prefill attention expects RoPE applied before the cache"
+        tiles = T.alloc_buffer((1,), "int32", scope="local")
+        tiles[0] = 0
+        for b in range(batch):
+            tiles[0] = tiles[0] + (q_indptr[b + 1] - q_indptr[b] + most - 1) // most
+        total: T.let[T.int32] = tiles[0]
+        # every sequence's tiles in one parallel loop: a mixed pass's decode rows are one-row sequences
+        for i in T.parallel(total * h_kv):
+            where = T.alloc_buffer((2,), "int32", scope="local")
+            find(q_indptr, batch, total, i // h_kv, where)
+            b: T.let[T.int32] = where[0]
+            t0: T.let[T.int32] = where[1] * most
+            first: T.let[T.int32] = page_indptr[b]
+            n_pages: T.let[T.int32] = page_indptr[b + 1] - first
+            kv_len: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
+            q0: T.let[T.int32] = q_indptr[b]
+            qo_len: T.let[T.int32] = q_indptr[b + 1] - q0
+            tile(
+                q,
+                q0,
+                t0,
+                T.min(most, qo_len - t0),
+                qo_len,
+                i % h_kv,
+                kv_len,
+                causal,
+                output,
+                lse,
+                pages,
+                page_values,
+                first,
+                T.max(nnz_pages * page_size, LANES),  # a bound on any sequence's rows in whole blocks
+                sm_scale,
+                T.float32(-5e4),  # no visible token: zeros, and a log-sum-exp merging to nothing
+            )
+
+    return prefill.with_attr("global_symbol", "edgert_paged_prefill_attention")
+
+
+def _ragged_prefill_tiled(h_kv: int, h_qo: int, d: int) -> tirx.PrimFunc:
+    """`ragged_prefill_attention` as (tile of `PREFILL_ROWS` query rows, KV head) tasks of `_prefill_tile`
+    over all the sequences in one parallel loop (head sizes of whole 16-lane vectors)."""
+    group = h_qo // h_kv
+    most = PREFILL_ROWS
+
+    def key(k: Any, v: Any, k0: Any, last: Any, kv: Any, r: Any, i: Any) -> Any:
+        return k[k0 + T.min(r, last), kv, i]  # a partial last block: the last row again (masked)
+
+    def value(k: Any, v: Any, k0: Any, last: Any, kv: Any, r: Any, i: Any) -> Any:
+        return v[k0 + T.min(r, last), kv, i]
+
+    tile = _prefill_tile(d, group, most, key, value)
+    find = _find_tile(most)
+
+    @T.prim_func
+    def ragged(
+        q_handle: T.handle,
+        q_indptr_handle: T.handle,
+        k_handle: T.handle,
+        v_handle: T.handle,
+        kv_indptr_handle: T.handle,
+        q_rope_position_handle: T.handle,
+        k_rope_pos_offset_handle: T.handle,
+        output_handle: T.handle,
+        lse_handle: T.handle,
+        causal: T.int32,
+        rotary_mode: T.int32,
+        rope_scale: T.float32,
+        rope_theta: T.float32,
+        sm_scale: T.float32,
+    ):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        batch = T.int32()
+        qo_total = T.int32()
+        kv_total = T.int32()
+        q_indptr_offset = T.int32()
+        kv_indptr_offset = T.int32()
+        q_rope_offset = T.int32()
+        k_rope_offset = T.int32()
+        q = T.match_buffer(q_handle, (qo_total, h_qo, d), "float32")
+        q_indptr = T.match_buffer(q_indptr_handle, (batch + 1,), "int32", elem_offset=q_indptr_offset)
+        k = T.match_buffer(k_handle, (kv_total, h_kv, d), "float32")
+        v = T.match_buffer(v_handle, (kv_total, h_kv, d), "float32")
+        kv_indptr = T.match_buffer(kv_indptr_handle, (batch + 1,), "int32", elem_offset=kv_indptr_offset)
+        T.match_buffer(q_rope_position_handle, (qo_total,), "int32", elem_offset=q_rope_offset)
+        T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
+        output = T.match_buffer(output_handle, (qo_total, h_qo, d), "float32")
+        lse = T.match_buffer(lse_handle, (qo_total, h_qo), "float32")
+        assert rotary_mode == 0, "edgert's ragged attention expects RoPE applied before the cache"
+        tiles = T.alloc_buffer((1,), "int32", scope="local")
+        tiles[0] = 0
+        for b in range(batch):
+            tiles[0] = tiles[0] + (q_indptr[b + 1] - q_indptr[b] + most - 1) // most
+        total: T.let[T.int32] = tiles[0]
+        for i in T.parallel(total * h_kv):
+            where = T.alloc_buffer((2,), "int32", scope="local")
+            find(q_indptr, batch, total, i // h_kv, where)
+            b: T.let[T.int32] = where[0]
+            t0: T.let[T.int32] = where[1] * most
+            k0: T.let[T.int32] = kv_indptr[b]
+            kv_len: T.let[T.int32] = kv_indptr[b + 1] - k0
+            q0: T.let[T.int32] = q_indptr[b]
+            qo_len: T.let[T.int32] = q_indptr[b + 1] - q0
+            tile(
+                q,
+                q0,
+                t0,
+                T.min(most, qo_len - t0),
+                qo_len,
+                i % h_kv,
+                kv_len,
+                causal,
+                output,
+                lse,
+                k,
+                v,
+                k0,
+                T.max((kv_total + LANES - 1) // LANES * LANES, LANES),  # (the scores' size: not a task's own)
+                sm_scale,
+                T.float32(-5e4),
+            )
+
+    return ragged.with_attr("global_symbol", "edgert_ragged_prefill_attention")
+
+
 def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, page_size: int = 16) -> tirx.PrimFunc:
     """``output[t, h] = softmax(q·K^T * sm_scale) V`` for every new token t of a sequence over its pages,
     causal (token t of n new ones sees all but the last n - 1 - t cached tokens) when ``causal``;
@@ -578,6 +879,8 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
+    if lanes == LANES and page_size == LANES:
+        return _paged_prefill_tiled(h_kv, h_qo, d, page_size)
     task = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group, window=False))
 
     @T.prim_func
@@ -661,6 +964,8 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
+    if lanes == LANES:
+        return _ragged_prefill_tiled(h_kv, h_qo, d)
 
     def key(k: Any, v: Any, k0: Any, kv: Any, sink: Any, start: Any, r: Any, i: Any) -> Any:
         return k[k0 + r, kv, i]
