@@ -53,6 +53,7 @@ TILE_TASKS = 4
 SERIAL_ROPE = 4  # tokens `fused_rope` splits on the calling thread rather than in a pool launch
 ROWS_PER_TASK = 8  # rows of one sequence that `_rows_tile` takes in one task (each with its KV head's queries)
 PREFILL_ROWS = 16  # query rows of one sequence that a prefill task (`_prefill_tile`) takes, with its KV head's queries
+QK_QUERIES = 8  # queries whose scores against 16 keys `_prefill_tile` sums at once (8 vector registers)
 AHEAD = 32  # rows a key pass prefetches ahead: two pages of 16
 
 
@@ -416,97 +417,109 @@ def _prefill_tile(d: int, g: int, most: int, key: Any, value: Any) -> Any:
     with the ``g`` query heads of KV head ``kv``, over that sequence's keys and values: row t sees the
     first ``hi(t)`` of them (causal: all but the last ``qo_len - 1 - t``; else all ``kv_len``).
 
-    The scores go key block by key block (16 rows): a block's keys come from memory once and from L1 for
-    each of the tile's queries, and the last, partial block of a query is computed whole (rows at and
-    past its end are masked before the maximum and give exps of 0), so no score is summed row by row
-    (a causal row of a prompt ends inside a block: in the per-(token, head) kernel those last rows'
-    one-at-a-time sums were most of its time). The values go 4 rows at a time, once for all the
-    queries that see them; rows past the tile's last are read as zeros (their exps are 0, and a page's
-    unwritten slots may hold anything). ``key(a, b, first, last, kv, r, i)`` and ``value(...)`` read row
-    ``r`` (``last``: the sequence's last row, where an array ends) of the pages (``a``: pages, ``b``:
-    page table) or of the new keys and values (``a``, ``b``: their arrays). A query's scores are those
-    of `_paged_rows` (lane sums in the same tree); its exps are summed in groups of 4 from row 0 to the
-    end of its last group, so its output agrees with the per-(token, head) kernel's to float rounding,
-    not bit for bit."""
+    A prompt's rows are many queries over the same keys, so the task works as a small matrix product,
+    not as the decode kernels' row-by-row dot products (whose lane sums and row-at-a-time tails cost
+    a prompt row 3-4x its multiply-adds): each block of 16 keys is read once and transposed into
+    ``kt`` (lane r: key row r), and the scores of `QK_QUERIES` queries x 16 keys are sums over the head
+    dimension of a query element times a row of ``kt``, in registers; a query's last, partial block is
+    computed whole and masked before the maximum (exps of 0). Then per row, its ``g`` queries' outputs
+    (``g`` x ``d`` lanes, in registers) gather each value row once. ``key(a, b, first, last, kv, r, i)``
+    and ``value(...)`` read row ``r`` (``last``: the sequence's last row, where an array ends) of the
+    pages (``a``: pages, ``b``: page table) or of the new keys and values (``a``, ``b``: their arrays);
+    a key row past ``last`` is read (and masked) only inside its page, or clamped. The sums' order
+    differs from the decode kernels': outputs agree with them to float rounding, not bit for bit."""
     log2e = math.log2(math.e)
-    lane_sums = _lane_sums_16()
-    _, add4, _ = _softmax_parts(d)
-    chunks = d // LANES
-    nq = most * g
+    nq = (most * g + QK_QUERIES - 1) // QK_QUERIES * QK_QUERIES  # queries, padded to whole groups
 
     @T.macro
     def task(q, q0, t0, n, qo_len, kv, kv_len, causal, output, lse, a, b, first, span, sm_scale, empty):
         scores = T.alloc_buffer((nq * span,), "float32")
         qs = T.alloc_buffer((nq * d,), "float32", scope="local")
-        out = T.alloc_buffer((nq * d,), "float32", scope="local")
-        stat = T.alloc_buffer((2 * nq,), "float32", scope="local")  # per query: max, sum of exps
-        pb = T.alloc_buffer((LANES * LANES,), "float32", scope="local")
-        vbuf = T.alloc_buffer((4 * d,), "float32", scope="local")
+        kt = T.alloc_buffer((d * LANES,), "float32", scope="local")
+        acc = T.alloc_buffer((QK_QUERIES * LANES,), "float32", scope="local")
+        oacc = T.alloc_buffer((g * d,), "float32", scope="local")
         vec = T.alloc_buffer((LANES,), "float32", scope="local")
+        stat = T.alloc_buffer((2 * nq,), "float32", scope="local")  # per query: max, sum of exps
         last: T.let[T.int32] = T.max(kv_len - 1, 0)
         # rows the tile's last query sees: the most any of its queries does
         top: T.let[T.int32] = T.if_then_else(causal > 0, T.max(T.min(kv_len - qo_len + t0 + n, kv_len), 0), kv_len)
-        for u in range(n * g):
+        for u in range(nq):
             for i in T.vectorized(d):
-                qs[u * d + i] = q[q0 + t0 + u // g, kv * g + u % g, i] * sm_scale * T.float32(log2e)
+                qs[u * d + i] = T.if_then_else(
+                    u < n * g, q[q0 + t0 + T.min(u, n * g - 1) // g, kv * g + u % g, i], T.float32(0)
+                ) * (sm_scale * T.float32(log2e))
         for rb in range((top + LANES - 1) // LANES):
-            for u in range(n * g):
-                hi: T.let[T.int32] = T.if_then_else(
-                    causal > 0, T.max(T.min(kv_len - qo_len + t0 + u // g + 1, kv_len), 0), kv_len
+            for i in range(d):  # the block's keys, transposed
+                for r in T.vectorized(LANES):
+                    kt[i * LANES + r] = key(a, b, first, last, kv, rb * LANES + r, i)
+            for ug in range((n * g + QK_QUERIES - 1) // QK_QUERIES):
+                u_end: T.let[T.int32] = T.min(ug * QK_QUERIES + QK_QUERIES, n * g) - 1
+                hi_end: T.let[T.int32] = T.if_then_else(
+                    causal > 0, T.max(T.min(kv_len - qo_len + t0 + u_end // g + 1, kv_len), 0), kv_len
                 )
-                if rb * LANES < hi:
-                    for rr in T.unroll(LANES):
+                if rb * LANES < hi_end:  # some query of the group sees this block
+                    for j in T.unroll(QK_QUERIES):
                         for v in T.vectorized(LANES):
-                            pb[rr * LANES + v] = T.float32(0)
-                        for c in T.unroll(chunks):
+                            acc[j * LANES + v] = T.float32(0)
+                    for i in range(d):
+                        for j in T.unroll(QK_QUERIES):
                             for v in T.vectorized(LANES):
-                                pb[rr * LANES + v] = pb[rr * LANES + v] + qs[u * d + c * LANES + v] * key(
-                                    a, b, first, last, kv, rb * LANES + rr, c * LANES + v
+                                acc[j * LANES + v] = (
+                                    acc[j * LANES + v] + qs[(ug * QK_QUERIES + j) * d + i] * kt[i * LANES + v]
                                 )
-                    lane_sums(pb, 0, scores, u * span + rb * LANES)
-        for u in range(n * g):
+                    for j in T.unroll(QK_QUERIES):
+                        for v in T.vectorized(LANES):
+                            scores[(ug * QK_QUERIES + j) * span + rb * LANES + v] = acc[j * LANES + v]
+        for t in range(n):
             hi: T.let[T.int32] = T.if_then_else(
-                causal > 0, T.max(T.min(kv_len - qo_len + t0 + u // g + 1, kv_len), 0), kv_len
+                causal > 0, T.max(T.min(kv_len - qo_len + t0 + t + 1, kv_len), 0), kv_len
             )
-            for v in T.vectorized(LANES):
-                vec[v] = T.float32(-3.0e38)
-            for rb in range((hi + LANES - 1) // LANES):
+            for j in range(g):
+                u: T.let[T.int32] = t * g + j
                 for v in T.vectorized(LANES):
-                    vec[v] = T.max(
-                        vec[v],
-                        T.if_then_else(rb * LANES + v < hi, scores[u * span + rb * LANES + v], T.float32(-3.0e38)),
-                    )
-            stat[2 * u] = _lane_sum(vec, LANES, T.max)
-            for rb in range((hi + LANES - 1) // LANES):
+                    vec[v] = T.float32(-3.0e38)
+                for rb in range((hi + LANES - 1) // LANES):
+                    for v in T.vectorized(LANES):
+                        vec[v] = T.max(
+                            vec[v],
+                            T.if_then_else(rb * LANES + v < hi, scores[u * span + rb * LANES + v], T.float32(-3.0e38)),
+                        )
+                stat[2 * u] = _lane_sum(vec, LANES, T.max)
+                for rb in range((hi + LANES - 1) // LANES):
+                    for v in T.vectorized(LANES):
+                        scores[u * span + rb * LANES + v] = T.if_then_else(
+                            rb * LANES + v < hi,
+                            fast_exp2(scores[u * span + rb * LANES + v] - stat[2 * u]),
+                            T.float32(0),
+                        )
+                # summed in a loop of its own: read back right after its store, an exp vector (stored as
+                # two halves) waited on the store at every block
                 for v in T.vectorized(LANES):
-                    scores[u * span + rb * LANES + v] = T.if_then_else(
-                        rb * LANES + v < hi, fast_exp2(scores[u * span + rb * LANES + v] - stat[2 * u]), T.float32(0)
-                    )
-            stat[2 * u + 1] = T.float32(0)
-            for i in T.vectorized(d):
-                out[u * d + i] = T.float32(0)
-        for ro in range((top + 3) // 4):
-            r0: T.let[T.int32] = ro * 4
-            for w in T.unroll(4):
+                    vec[v] = T.float32(0)
+                for rb in range((hi + LANES - 1) // LANES):
+                    for v in T.vectorized(LANES):
+                        vec[v] = vec[v] + scores[u * span + rb * LANES + v]
+                stat[2 * u + 1] = _lane_sum(vec, LANES)
+            # the row's g outputs over its visible values, each value row loaded once for them
+            for j in T.unroll(g):
                 for i in T.vectorized(d):
-                    vbuf[w * d + i] = T.if_then_else(
-                        r0 + w < top, value(a, b, first, last, kv, r0 + w, i), T.float32(0)
+                    oacc[j * d + i] = T.float32(0)
+            for r in range(hi):
+                for j in T.unroll(g):
+                    for i in T.vectorized(d):
+                        oacc[j * d + i] = oacc[j * d + i] + scores[(t * g + j) * span + r] * value(
+                            a, b, first, last, kv, r, i
+                        )
+            for j in T.unroll(g):
+                for i in T.vectorized(d):  # no visible row: zeros, as TVM's kernels give
+                    output[q0 + t0 + t, kv * g + j, i] = oacc[j * d + i] / T.max(
+                        stat[2 * (t * g + j) + 1], T.float32(1e-30)
                     )
-            for u in range(n * g):
-                hi: T.let[T.int32] = T.if_then_else(
-                    causal > 0, T.max(T.min(kv_len - qo_len + t0 + u // g + 1, kv_len), 0), kv_len
+                lse[q0 + t0 + t, kv * g + j] = T.if_then_else(
+                    hi > 0,
+                    stat[2 * (t * g + j)] + T.log2(T.max(stat[2 * (t * g + j) + 1], T.float32(1e-30))),
+                    empty,
                 )
-                if r0 < hi:
-                    add4(out, stat, scores, vbuf, u, u * span + r0)
-        for u in range(n * g):
-            hi: T.let[T.int32] = T.if_then_else(
-                causal > 0, T.max(T.min(kv_len - qo_len + t0 + u // g + 1, kv_len), 0), kv_len
-            )
-            for i in T.vectorized(d):  # no visible row: zeros, as TVM's kernels give
-                output[q0 + t0 + u // g, kv * g + u % g, i] = out[u * d + i] / T.max(stat[2 * u + 1], T.float32(1e-30))
-            lse[q0 + t0 + u // g, kv * g + u % g] = T.if_then_else(
-                hi > 0, stat[2 * u] + T.log2(T.max(stat[2 * u + 1], T.float32(1e-30))), empty
-            )
 
     return task
 
@@ -748,11 +761,16 @@ def _paged_prefill_tiled(h_kv: int, h_qo: int, d: int, page_size: int) -> tirx.P
         output = T.match_buffer(output_handle, (total_len, h_qo, d), "float32")
         lse = T.match_buffer(lse_handle, (total_len, h_qo), "float32")
         assert rotary_mode == 0, "edgert's prefill attention expects RoPE applied before the cache"
-        tiles = T.alloc_buffer((1,), "int32", scope="local")
+        tiles = T.alloc_buffer((2,), "int32", scope="local")  # tiles of all sequences; most pages of one
         tiles[0] = 0
+        tiles[1] = 1
         for b in range(batch):
             tiles[0] = tiles[0] + (q_indptr[b + 1] - q_indptr[b] + most - 1) // most
+            tiles[1] = T.max(tiles[1], page_indptr[b + 1] - page_indptr[b])
         total: T.let[T.int32] = tiles[0]
+        # the scores' row: the longest sequence's pages (the table's whole length, nnz_pages, may be the
+        # cache's capacity: a workspace of megabytes per task)
+        span: T.let[T.int32] = tiles[1] * page_size
         # every sequence's tiles in one parallel loop: a mixed pass's decode rows are one-row sequences
         for i in T.parallel(total * h_kv):
             where = T.alloc_buffer((2,), "int32", scope="local")
@@ -778,7 +796,7 @@ def _paged_prefill_tiled(h_kv: int, h_qo: int, d: int, page_size: int) -> tirx.P
                 pages,
                 page_values,
                 first,
-                T.max(nnz_pages * page_size, LANES),  # a bound on any sequence's rows in whole blocks
+                span,
                 sm_scale,
                 T.float32(-5e4),  # no visible token: zeros, and a log-sum-exp merging to nothing
             )
