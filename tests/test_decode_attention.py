@@ -236,8 +236,8 @@ def test_compiled_llama_uses_this_kernel() -> None:
 def test_prefill_attention_matches_numpy(kernels, causal: int) -> None:
     """New tokens (1, 5, 3, 2, 37) over sequences of 1, 17, 21, 45 and 70 cached tokens (the new ones
     among them, as the cache stores them before attending): token t of n sees all but the last
-    n - 1 - t tokens when causal, all of them when not. 37 new tokens are three tiles of query rows
-    (16, 16, 5), each ending inside a page."""
+    n - 1 - t tokens when causal, all of them when not; 37 new tokens are a prompt chunk whose causal
+    rows end at every slot of three pages."""
     import tvm
 
     rng = np.random.default_rng(7 + causal)
@@ -266,8 +266,9 @@ def test_prefill_attention_matches_numpy(kernels, causal: int) -> None:
 @pytest.mark.parametrize("causal", [1, 0])
 def test_ragged_attention_matches_numpy(kernels, causal: int, head_dim: int) -> None:
     """New tokens (1, 5, 3, 40, 17) among new keys (1, 5, 4, 40, 19: more than its queries for the third
-    and last sequence): token t of n sees the first kv_len - n + 1 + t keys when causal. Head size 64
-    runs as tiles of 16 query rows (40 = 16 + 16 + 8, the last block of keys partial); 48, per token."""
+    and last sequence): token t of n sees the first kv_len - n + 1 + t keys when causal. Head size 64 is
+    SmolLM2's (whole 16-row blocks of keys and their tails, 40 rows: a prompt chunk); 48 is not a multiple
+    of the vector width."""
     import tvm
 
     rng = np.random.default_rng(11 + causal + head_dim)
