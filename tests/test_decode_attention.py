@@ -60,6 +60,7 @@ def kernels():
     funcs["prefill_64"] = paged_prefill_attention(2, 6, 64, PAGE).with_attr("global_symbol", "prefill_64")
     funcs["append_64"] = rows_append(2, 64, PAGE).with_attr("global_symbol", "append_64")
     funcs["ragged_48"] = ragged_prefill_attention(2, 6, 48).with_attr("global_symbol", "ragged_48")
+    funcs["ragged_64"] = ragged_prefill_attention(2, 6, 64).with_attr("global_symbol", "ragged_64")
     return tvm.compile(tvm.IRModule(funcs), target=target)
 
 
@@ -233,13 +234,14 @@ def test_compiled_llama_uses_this_kernel() -> None:
 
 @pytest.mark.parametrize("causal", [1, 0])
 def test_prefill_attention_matches_numpy(kernels, causal: int) -> None:
-    """New tokens (1, 5, 3, 2) over sequences of 1, 17, 21 and 45 cached tokens (the new ones
+    """New tokens (1, 5, 3, 2, 37) over sequences of 1, 17, 21, 45 and 70 cached tokens (the new ones
     among them, as the cache stores them before attending): token t of n sees all but the last
-    n - 1 - t tokens when causal, all of them when not."""
+    n - 1 - t tokens when causal, all of them when not; 37 new tokens are a prompt chunk whose causal
+    rows end at every slot of three pages."""
     import tvm
 
     rng = np.random.default_rng(7 + causal)
-    lengths, new = [1, 17, 21, 45], [1, 5, 3, 2]
+    lengths, new = [1, 17, 21, 45, 70], [1, 5, 3, 2, 37]
     pages, indptr, order, last = _pages(rng, lengths, 64)
     q_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
     q = rng.standard_normal((sum(new), 6, 64)).astype(np.float32)
@@ -260,28 +262,32 @@ def test_prefill_attention_matches_numpy(kernels, causal: int) -> None:
             np.testing.assert_allclose(lse.numpy()[row], ref_lse, atol=2e-4)
 
 
+@pytest.mark.parametrize("head_dim", [48, 64])
 @pytest.mark.parametrize("causal", [1, 0])
-def test_ragged_attention_matches_numpy(kernels, causal: int) -> None:
-    """New tokens (1, 5, 3) among new keys (1, 5, 4: one more than its queries for the last sequence),
-    head size 48: token t of n sees the first kv_len - n + 1 + t keys when causal."""
+def test_ragged_attention_matches_numpy(kernels, causal: int, head_dim: int) -> None:
+    """New tokens (1, 5, 3, 40, 17) among new keys (1, 5, 4, 40, 19: more than its queries for the third
+    and last sequence): token t of n sees the first kv_len - n + 1 + t keys when causal. Head size 64 is
+    SmolLM2's (whole 16-row blocks of keys and their tails, 40 rows: a prompt chunk); 48 is not a multiple
+    of the vector width."""
     import tvm
 
-    rng = np.random.default_rng(11 + causal)
-    new, keys = [1, 5, 3], [1, 5, 4]
+    rng = np.random.default_rng(11 + causal + head_dim)
+    new, keys = [1, 5, 3, 40, 17], [1, 5, 4, 40, 19]
+    d = head_dim
     q_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
     kv_indptr = np.concatenate([[0], np.cumsum(keys)]).astype(np.int32)
-    q = rng.standard_normal((sum(new), 6, 48)).astype(np.float32)
-    k = rng.standard_normal((sum(keys), 2, 48)).astype(np.float32)
-    v = rng.standard_normal((sum(keys), 2, 48)).astype(np.float32)
+    q = rng.standard_normal((sum(new), 6, d)).astype(np.float32)
+    k = rng.standard_normal((sum(keys), 2, d)).astype(np.float32)
+    v = rng.standard_normal((sum(keys), 2, d)).astype(np.float32)
     out = tvm.runtime.tensor(np.full(q.shape, np.nan, np.float32))
     lse = tvm.runtime.tensor(np.full(q.shape[:2], np.nan, np.float32))
     args = [q, q_indptr, k, v, kv_indptr, np.zeros(sum(new), np.int32), np.zeros(len(new), np.int32)]
-    kernels["ragged_48"](*[tvm.runtime.tensor(a) for a in args], out, lse, causal, 0, 1.0, 1e4, 48**-0.5)
+    kernels[f"ragged_{d}"](*[tvm.runtime.tensor(a) for a in args], out, lse, causal, 0, 1.0, 1e4, d**-0.5)
     for b in range(len(new)):
         ks, vs = k[kv_indptr[b] : kv_indptr[b + 1]], v[kv_indptr[b] : kv_indptr[b + 1]]
         for t in range(new[b]):
             seen = keys[b] - new[b] + 1 + t if causal else keys[b]
-            ref_out, ref_lse = _reference(q[q_indptr[b] + t], ks[:seen], vs[:seen], 48**-0.5)
+            ref_out, ref_lse = _reference(q[q_indptr[b] + t], ks[:seen], vs[:seen], d**-0.5)
             row = q_indptr[b] + t
             np.testing.assert_allclose(out.numpy()[row], ref_out, atol=2e-5, err_msg=f"sequence {b}, new token {t}")
             np.testing.assert_allclose(lse.numpy()[row], ref_lse, atol=2e-4)

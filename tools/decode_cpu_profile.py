@@ -1,6 +1,9 @@
 """CPU time per Relax VM call of an LLM artifact's decode steps (all threads of the process).
 
-    python tools/decode_cpu_profile.py g.edgert [--steps 24] [--threads 2]
+    python tools/decode_cpu_profile.py g.edgert [--steps 24] [--threads 2] [--prefill 128]
+
+With ``--prefill N`` the calls of N-token prompt passes instead (a fresh sequence each time, N <= the
+build's prefill chunk), per pass.
 
 As `edgert.profile.measure.operator_times`, but each call's process CPU time is taken beside its
 wall time: on a shared machine a parallel kernel's wall time counts the waits for a core, its CPU
@@ -26,6 +29,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--top", type=int, default=16)
+    parser.add_argument("--prefill", type=int, default=0, help="profile prompt passes of this many tokens")
     args = parser.parse_args()
 
     import edgert
@@ -55,7 +59,13 @@ def main() -> None:
     wall0, cpu0 = time.perf_counter(), time.process_time()
     active[0] = True
     for _ in range(args.steps):
-        logits = model.step([int(np.argmax(logits))])
+        if args.prefill:
+            active[0] = False
+            model.reset()
+            active[0] = True
+            logits = model.step(ids[: args.prefill])
+        else:
+            logits = model.step([int(np.argmax(logits))])
     active[0] = False
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     n = args.steps
