@@ -1,5 +1,6 @@
-"""TVM's CPU thread pool set up to survive a busy device: no pinning, bounded spinning, and a
-thread count that follows the cores other processes leave free.
+"""TVM's CPU thread pool set up to survive a busy device: workers pinned one core each, the calling
+thread kept off their cores during a call, bounded spinning, and a thread count that follows the cores
+other processes leave free.
 
 A phone always runs other work. TVM's defaults assume a quiet machine: each worker is pinned
 to one core and spins (300,000 yields) at every barrier, and each parallel kernel splits its
@@ -8,7 +9,9 @@ stalls every kernel of the step (measured on 2 cores with one busy process: 137.
 tokens/s). Here, unless the user says otherwise:
 
 - each worker is pinned to a core of its own, the calling thread is not (TVM's "big" mode, with
-  the caller's affinity given back); on a big.LITTLE CPU the workers share the big cores (TVM's
+  the caller's affinity given back); a call that finds the calling thread on a worker's core moves
+  it to a core no worker holds for the call's duration (`AdaptiveThreads.run`; left free, caller
+  and worker took turns on one core); on a big.LITTLE CPU the workers share the big cores (TVM's
   "share all cores" mode over the fastest CPUs) instead of one each. Unpinned, a worker that had
   slept through ~50 ms without calls was woken onto the calling thread's core and stayed there for
   several calls: an encoder_320 call at 2 threads took 2.03 ms after a 50 ms pause against 1.33
