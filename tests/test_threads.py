@@ -1,4 +1,5 @@
-"""The thread pool on a busy device: counting free cores, no pinning, bounded spinning, `--background`."""
+"""The thread pool on a busy device: counting free cores, pinned workers, the calling thread's core, bounded
+spinning, `--background`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -143,3 +145,74 @@ def test_bench_background_runs_busy_processes_and_ends_them(tiny_host_artifact) 
         assert not Path(f"/proc/{pid}").exists()
     proc = run_cli("bench", str(tiny_host_artifact), "--background", "-1")
     assert proc.returncode != 0 and "--background" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_pinned_cpus_are_the_cores_other_threads_are_pinned_to_alone(tmp_path: Path) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    ready, done = threading.Event(), threading.Event()
+    tid: list[int] = []
+
+    def pinned() -> None:
+        os.sched_setaffinity(0, {cpus[-1]})
+        tid.append(threading.get_native_id())
+        ready.set()
+        done.wait(10)
+
+    worker = threading.Thread(target=pinned)
+    worker.start()
+    try:
+        assert ready.wait(10)
+        # A task folder with this thread (all CPUs) and the pinned one, as /proc/self/task lists them.
+        for t in (threading.get_native_id(), tid[0]):
+            (tmp_path / str(t)).mkdir()
+        assert th.pinned_cpus(tasks=tmp_path) == {cpus[-1]}
+        assert th.pinned_cpus(exclude=tid[0], tasks=tmp_path) == set()
+        assert cpus[-1] in th.pinned_cpus()  # the real list
+    finally:
+        done.set()
+        worker.join()
+    assert th.pinned_cpus(tasks=tmp_path / "missing") == set()
+
+
+_CALLER = """
+import json, os
+from edgert.runtime import threads as th
+cpus = sorted(os.sched_getaffinity(0))
+pool = th.AdaptiveThreads(2)
+out = {"home": sorted(pool._home or []), "held": sorted(pool._held)}
+probe = lambda: (sorted(os.sched_getaffinity(0)), th._getcpu())
+if pool._home:
+    worker = min(pool._held)
+    os.sched_setaffinity(0, {worker}); os.sched_setaffinity(0, cpus)  # on the worker's core, free to move
+    out["on_worker"] = pool.run(probe)
+    out["after"] = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {worker})  # the application's own narrowing is left as it is
+    out["narrowed"] = pool.run(probe)
+    os.sched_setaffinity(0, cpus)
+out["one"] = th.AdaptiveThreads(1)._home
+print(json.dumps(out))
+"""
+
+
+def _caller(env: dict[str, str]) -> dict:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("TVM_") or k == "TVM_USE_RUNTIME_LIB"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CALLER], capture_output=True, text=True, env={**base, **env}, cwd=ROOT, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or th._getcpu is None, reason="needs 2 CPUs and sched_getcpu")
+def test_a_call_moves_the_calling_thread_off_the_pinned_workers_core_and_gives_its_affinity_back() -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    got = _caller({})
+    assert got["held"] and len(got["home"]) == 1 and got["home"][0] not in got["held"]
+    affinity, cpu = got["on_worker"]
+    assert affinity == got["home"] and cpu == got["home"][0]  # during the call: its own core only
+    assert got["after"] == cpus  # given back
+    assert got["narrowed"][0] == [min(got["held"])]  # not moved against the application's own mask
+    assert got["one"] is None  # one thread: no worker to keep apart from
+    # Workers not pinned (the user's TVM_BIND_THREADS=0): the caller is left free.
+    assert _caller({"TVM_BIND_THREADS": "0"})["home"] == []

@@ -50,8 +50,8 @@ class GraphModel(GraphInterface):
         given = self._given(inputs, named)
         sizes: dict[str, int] = {}
         args = [self._input(i, self._check(spec, given[spec["name"]], sizes)) for i, spec in enumerate(self.inputs)]
-        self.session.pool.refresh()  # the entry is called directly, not through Session.__call__
-        result = self._main(*args, *self.session.params)
+        # The entry is called directly, not through Session.__call__ (which would look it up again).
+        result = self.session.pool.run(self._main, *args, *self.session.params)
         values = [result] if len(self.outputs) == 1 else list(result)
         out = {spec["name"]: to_numpy_view(v) for spec, v in zip(self.outputs, values, strict=True)}
         # An output that is an input or a weight (graphs may return them as they are) would alias

@@ -201,8 +201,8 @@ class Seq2Seq:
             tvm_runtime.copy_into(inputs[0], ids)
             tvm_runtime.copy_into(inputs[1], pos)
         self.cache.begin(seqs, [1] * len(seqs))
-        self.session.pool.refresh()  # the entry is called directly, not through Session.__call__
-        logits, self.cache.obj = self._decode(*inputs, cross, self.cache.obj, self._params)
+        # The entry is called directly, not through Session.__call__ (the weights come with it here).
+        logits, self.cache.obj = self.session.pool.run(self._decode, *inputs, cross, self.cache.obj, self._params)
         self.cache.end()
         self.calls["decode"] += 1
         return to_numpy(logits)[:, 0]

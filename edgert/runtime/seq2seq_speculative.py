@@ -85,8 +85,8 @@ class DecoderLayers(LayerEntries):
             ids = tensor(np.array([list(tokens)], np.int32))
             pos = tensor(m._positions([seq], len(tokens)))
             self.begin(seq, len(tokens))
-            m.session.pool.refresh()  # the entry is called directly, as `Seq2Seq.step` does
-            out, self.cache.obj = self._verify(ids, pos, cross, self.cache.obj, self._params)
+            # The entry is called directly, as `Seq2Seq.step` does.
+            out, self.cache.obj = m.session.pool.run(self._verify, ids, pos, cross, self.cache.obj, self._params)
             m.cache.end()
             return to_numpy(out)[0]
         h = self.embed(seq, tokens)

@@ -116,8 +116,7 @@ class Session:
 
     def __call__(self, entry: str, *args: Any) -> Any:
         """Call entry point ``entry`` with ``args`` and the weights."""
-        self.pool.refresh()
-        return self.vm[entry](*args, self.params)
+        return self.pool.run(self.vm[entry], *args, self.params)
 
     def has_entry(self, entry: str) -> bool:
         """True if the module exports ``entry``."""

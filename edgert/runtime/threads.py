@@ -1,5 +1,6 @@
-"""TVM's CPU thread pool set up to survive a busy device: no pinning, bounded spinning, and a
-thread count that follows the cores other processes leave free.
+"""TVM's CPU thread pool set up to survive a busy device: workers pinned one core each, the calling
+thread kept off their cores during a call, bounded spinning, and a thread count that follows the cores
+other processes leave free.
 
 A phone always runs other work. TVM's defaults assume a quiet machine: each worker is pinned
 to one core and spins (300,000 yields) at every barrier, and each parallel kernel splits its
@@ -8,7 +9,9 @@ stalls every kernel of the step (measured on 2 cores with one busy process: 137.
 tokens/s). Here, unless the user says otherwise:
 
 - each worker is pinned to a core of its own, the calling thread is not (TVM's "big" mode, with
-  the caller's affinity given back); on a big.LITTLE CPU the workers share the big cores (TVM's
+  the caller's affinity given back); a call that finds the calling thread on a worker's core moves
+  it to a core no worker holds for the call's duration (`AdaptiveThreads.run`; left free, caller
+  and worker took turns on one core); on a big.LITTLE CPU the workers share the big cores (TVM's
   "share all cores" mode over the fastest CPUs) instead of one each. Unpinned, a worker that had
   slept through ~50 ms without calls was woken onto the calling thread's core and stayed there for
   several calls: an encoder_320 call at 2 threads took 2.03 ms after a 50 ms pause against 1.33
@@ -29,11 +32,14 @@ tokens/s). Here, unless the user says otherwise:
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 from edgert.errors import EdgertError
 from edgert.runtime import tvm_runtime
@@ -50,6 +56,21 @@ STALL_SHARE = 0.2
 # TVM's affinity modes (threading_backend.h).
 MODE_BIG = 1
 MODE_SHARE_ALL = -3
+
+T = TypeVar("T")
+
+
+def _libc_getcpu() -> Callable[[], int] | None:
+    """glibc's / bionic's ``sched_getcpu`` (the CPU the calling thread runs on), None where absent."""
+    try:
+        fn = ctypes.CDLL(None).sched_getcpu
+    except (OSError, AttributeError, TypeError):  # TypeError: no process-wide handle (Windows)
+        return None
+    fn.restype, fn.argtypes = ctypes.c_int, []
+    return fn
+
+
+_getcpu = _libc_getcpu()
 
 _written: dict[str, str] = {}  # the variables edgert set itself (told apart from the user's)
 
@@ -70,6 +91,34 @@ def allowed_cpus() -> list[int]:
     if hasattr(os, "sched_getaffinity"):
         return sorted(os.sched_getaffinity(0))
     return list(range(os.cpu_count() or 1))
+
+
+def _binding_on() -> bool:
+    """TVM pins its workers unless ``TVM_BIND_THREADS`` is set to something other than 1."""
+    value = os.environ.get("TVM_BIND_THREADS")
+    try:
+        return value is None or int(value) == 1
+    except ValueError:
+        return False
+
+
+def pinned_cpus(exclude: int | None = None, tasks: Path = Path("/proc/self/task")) -> set[int]:
+    """The CPUs to which some thread of this process (other than ``exclude``) is pinned alone."""
+    held: set[int] = set()
+    try:
+        tids = [int(t.name) for t in tasks.iterdir() if t.name.isdigit()]
+    except OSError:
+        return held
+    for tid in tids:
+        if tid == exclude:
+            continue
+        try:
+            mask = os.sched_getaffinity(tid)
+        except OSError:
+            continue  # the thread ended meanwhile
+        if len(mask) == 1:
+            held |= mask
+    return held
 
 
 def big_cpus(cpus: list[int], root: Path = Path("/sys/devices/system/cpu")) -> list[int]:
@@ -218,6 +267,8 @@ class AdaptiveThreads:
         self._last: CpuSample | None = None
         self._at = 0.0
         self._thread: int | None = None
+        self._home: set[int] | None = None  # the calling thread's core during a call (None: left free)
+        self._held: set[int] = set()  # the cores pinned workers hold
         if not self.forced:
             first = sample(self.cpus)
             if first is not None:
@@ -245,6 +296,44 @@ class AdaptiveThreads:
         if saved is not None:
             os.sched_setaffinity(0, saved)
         self._thread = threading.get_ident()
+        self._home = self._home_cpu()
+
+    def _home_cpu(self) -> set[int] | None:
+        """A core for the calling thread while a call runs: one that no pinned worker holds.
+
+        Only with more than one thread, the workers pinned one core each (binding on, not the shared
+        big cores) and a core left over; else None (the caller stays free).
+        """
+        if self.threads < 2 or self.share or not _binding_on() or not hasattr(os, "sched_setaffinity"):
+            return None
+        held = self._held = pinned_cpus(exclude=threading.get_native_id())
+        big = big_cpus(self.cpus)
+        free = [c for c in big + [c for c in self.cpus if c not in big] if c not in held]
+        return {free[0]} if free and held else None
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Call ``fn(*args)`` (a TVM function that may launch parallel kernels) after `refresh`; a calling
+        thread found on a pinned worker's core is moved to a core of its own for the call (its
+        affinity restored after).
+
+        Left free, the caller often ran on the pinned worker's core, and the two took turns on one
+        core (mobilenet at 2 threads: 0.087 ms there against 0.066 on the other core). Moving it
+        costs two system calls (~4 us on a 2-core VM, as much as 5% of a 0.07 ms graph), so it is
+        done only when the caller sits on a worker's core (``sched_getcpu``, ~0.3 us); restored, it
+        stays on its new core until the scheduler moves it again.
+        """
+        self.refresh()
+        home = self._home
+        if home is None or (_getcpu is not None and _getcpu() not in self._held):
+            return fn(*args)
+        saved = os.sched_getaffinity(0)
+        if not home <= saved:  # the application narrowed this thread to other cores: leave it
+            return fn(*args)
+        os.sched_setaffinity(0, home)
+        try:
+            return fn(*args)
+        finally:
+            os.sched_setaffinity(0, saved)
 
     def refresh(self) -> None:
         """Before a call: follow the free cores (about once a second) and configure a new calling thread."""
