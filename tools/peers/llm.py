@@ -216,11 +216,15 @@ def _l3_bytes() -> int:
     return max(sizes, default=32 * 2**20)
 
 
+MAX_PROBE_MIB = 2048  # the bandwidth probe's buffer: 4x even a 480 MiB cache, and memory to spare
+
+
 class BandwidthProbe:
     """Read bandwidth of this machine with ``threads`` threads (TVM's pool, as the decode uses it):
     a parallel sum over a buffer of ``mbytes`` MiB (default: 16x the last-level cache, at least
-    512), each thread with 8 independent vector accumulators so the loads, not the adds' latency,
-    set the pace (one accumulator read about half as fast)."""
+    512 and at most `MAX_PROBE_MIB`: a server CPU's 480 MiB L3 asked for 7.5 GiB, and its numpy
+    copy took a 2-core VM's memory), each thread with 8 independent vector accumulators so the
+    loads, not the adds' latency, set the pace (one accumulator read about half as fast)."""
 
     def __init__(self, threads: int, mbytes: int | None = None):
         import numpy as np
@@ -228,7 +232,7 @@ class BandwidthProbe:
         from tvm.script import tirx as T
         from tvm.target import codegen
 
-        mbytes = mbytes or max(512, 16 * _l3_bytes() // 2**20)
+        mbytes = mbytes or max(512, min(MAX_PROBE_MIB, 16 * _l3_bytes() // 2**20))
         lanes, accs = 16, 8
         chunks = 64 * threads
         per = (mbytes * 2**20 // 4) // (chunks * lanes * accs) * (lanes * accs)  # floats per chunk
