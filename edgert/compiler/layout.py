@@ -17,7 +17,7 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from edgert.compiler.kernels.int8 import i8mm_quant_matmul, int8_quant_matmul, multirow_quant_matmul
+from edgert.compiler.kernels.int8 import i8mm_quant_matmul, int8_quant_matmul, multirow_quant_matmul, vnni_layout
 from edgert.compiler.kernels.quant import packed_matmul, pick_block, quant_block, quant_matmul
 from edgert.frontend.quantized import QuantizedRows, is_quantized, parse_kind
 
@@ -149,7 +149,7 @@ class QuantLinear(nn.Module):
     @property
     def takes_swiglu(self) -> bool:
         """Whether `swiglu` computes ``silu(gate) * up`` in the kernel (the multi-row VNNI kernel's prologue)."""
-        return self.isa == "avx512vnni"
+        return vnni_layout(self.isa)
 
     def swiglu(self, gate_up: Tensor) -> Tensor:
         """``forward(silu(gate) * up)`` of ``gate_up = [gate | up]`` (last axis ``2 K``), with the
@@ -171,7 +171,7 @@ class QuantLinear(nn.Module):
     @property
     def takes_rmsnorm(self) -> bool:
         """Whether `rmsnorm` normalizes its input in the kernel (the multi-row VNNI kernel's prologue)."""
-        return self.isa == "avx512vnni"
+        return vnni_layout(self.isa)
 
     def rmsnorm(self, x: Tensor, norm: nn.RMSNorm) -> Tensor:
         """``forward(norm(x))`` for a bias-free RMSNorm over the last axis, the norm taken as the
