@@ -102,8 +102,8 @@ class QuantLinear(nn.Module):
     `parse_kind`), dequantized in the kernel."""
 
     def __init__(self, in_features: int, out_features: int, storage: str, isa: str | None = None):
-        # isa (avx2, avx512vnni, dotprod, i8mm): the int8-activation kernels of kernels_int8 and their weight layout
-        # (plain q4/q8 only).
+        # isa (avx2, avx512vnni, amx, dotprod, i8mm): the int8-activation kernels of kernels_int8 and their
+        # weight layout (plain q4/q8 only).
         self.fmt = parse_kind(storage)
         kind = self.fmt.base
         self.storage, self.group = storage, self.fmt.group
@@ -336,7 +336,7 @@ def apply_cpu_layout(
 
     ``storage`` names the kind (q4, q8, f16, f32) of each matrix by its weight name (``default``
     for the others), or is one kind for every matrix; ``tied`` = (embedding, head) makes the
-    embedding read the head's table. ``int8_isa`` (avx2, avx512vnni, dotprod, i8mm) gives q4/q8 matrices the
+    embedding read the head's table. ``int8_isa`` (avx2, avx512vnni, amx, dotprod, i8mm) gives q4/q8 matrices the
     int8-activation kernels of `kernels_int8` instead of the float ones (on AVX2 q4 only).
     """
     if isinstance(storage, str):
