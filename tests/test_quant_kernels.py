@@ -620,7 +620,7 @@ def test_amx_tiles_give_the_vnni_tiles_results(amx_kernels, kind: str, n: int, k
         np.testing.assert_array_equal(out["amx"], out["avx512vnni"], err_msg=f"m={m}")
 
 
-def test_amx_flags_come_from_cpuinfo_and_enable_the_tiles(tmp_path) -> None:
+def test_amx_flags_come_from_cpuinfo(tmp_path) -> None:
     """/proc/cpuinfo's amx_tile / amx_int8 are checked flags in LLVM's spelling, so an artifact built with
     tiles refuses a CPU without them; the host target adds them to LLVM's CPU (a virtual machine may
     name an older model than its features)."""
@@ -638,7 +638,7 @@ def test_amx_flags_come_from_cpuinfo_and_enable_the_tiles(tmp_path) -> None:
     assert (set(AMX_FLAGS) <= set(host["cpu_flags"])) == (set(AMX_FLAGS) <= host_cpu_flags())
     record = {"name": "host", "arch": "x86_64", "cpu": "sapphirerapids", "cpu_flags": list(AMX_FLAGS)}
     if set(AMX_FLAGS) <= host_cpu_flags():
-        check_target(record, tmp_path)  # permission granted (or a TargetError naming the kernel's refusal)
+        check_target(record, tmp_path)
     else:
         with pytest.raises(TargetError, match="amx-int8, amx-tile"):
             check_target(record, tmp_path)

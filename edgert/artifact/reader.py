@@ -34,7 +34,7 @@ from edgert.artifact.signing import SIGNATURE, SignatureStatus, check_signature,
 from edgert.artifact.tensorfile import read_tensors
 from edgert.errors import ArtifactError, TargetError, brief
 from edgert.paths import cache_dir
-from edgert.targets import enable_amx, host_arch, host_cpu_flags
+from edgert.targets import host_arch, host_cpu_flags
 
 # Files changed this recently are hashed on every open and never remembered: a write within
 # the same timestamp tick as the check would leave the stamp unchanged (git's "racy clean").
@@ -190,8 +190,6 @@ def check_target(target: dict[str, Any], where: Path) -> None:
             f"{where} was compiled for CPU '{target.get('cpu')}' and needs CPU features this "
             f"machine lacks: {', '.join(missing)}. Compile it again with --target host here."
         )
-    if "amx-tile" in target.get("cpu_flags", []):
-        enable_amx()
 
 
 def open_artifact(
