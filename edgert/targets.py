@@ -7,6 +7,7 @@ Only the standard library is used here, so the runtime stays light.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import struct
@@ -19,10 +20,18 @@ from edgert.errors import TargetError
 from edgert.paths import TARGETS_DIR
 
 # CPU flags that change which instructions compiled code may use; a runtime checks them.
-X86_CHECKED_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni")
+AMX_FLAGS = ("amx-tile", "amx-int8")
+X86_CHECKED_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", *AMX_FLAGS)
 ARM_CHECKED_FLAGS = ("neon", "dotprod", "i8mm", "fullfp16", "sve")
 # Linux /proc/cpuinfo spells some flags differently from LLVM.
-_CPUINFO_ALIASES = {"avx512_vnni": "avx512vnni", "asimd": "neon", "asimddp": "dotprod", "fphp": "fullfp16"}
+_CPUINFO_ALIASES = {
+    "avx512_vnni": "avx512vnni",
+    "amx_tile": "amx-tile",
+    "amx_int8": "amx-int8",
+    "asimd": "neon",
+    "asimddp": "dotprod",
+    "fphp": "fullfp16",
+}
 # aarch64 features as the kernel hands them to every process (auxv AT_HWCAP=16 / AT_HWCAP2=26):
 # (auxv key, bit). Read there rather than from /proc/cpuinfo, which an emulator (qemu-user)
 # passes through from the host machine unchanged.
@@ -102,6 +111,27 @@ def host_cpu_flags() -> set[str]:
     if host_arch() == "aarch64":
         flags.add("neon")
     return flags
+
+
+_ARCH_PRCTL = 158  # x86-64 syscall number
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+
+
+@functools.cache
+def enable_amx() -> None:
+    """Ask Linux for this process's permission to use AMX tiles (needed once, before the first tile
+    instruction of any thread, or that instruction kills the process with SIGILL)."""
+    import ctypes
+
+    if host_arch() != "x86_64" or platform.system() != "Linux":
+        raise TargetError("AMX kernels run on x86-64 Linux only")
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+        raise TargetError(
+            f"this Linux kernel refuses AMX tiles to the process (arch_prctl: {os.strerror(ctypes.get_errno())}); "
+            "compile the model again with --target host here"
+        )
 
 
 def _aarch64_hwcaps() -> set[str] | None:

@@ -353,6 +353,9 @@ def test_int8_activations_need_a_dot_product_instruction_set() -> None:
     # auto: int8 on VNNI only (AVX2's float q8 head was faster; other CPUs not measured)
     assert _int8_isa("auto", znver5) == "avx512vnni" and _int8_isa("auto", host) is None
     assert _int8_isa("auto", rpi4) is None and _int8_isa("auto", rpi5) is None
+    # AMX tiles where the CPU has them, on the VNNI layout; the graph kernels (no tiles) take VNNI there
+    spr = {**znver5, "cpu": "rocketlake", "cpu_flags": [*znver5["cpu_flags"], "amx-int8", "amx-tile"]}
+    assert _int8_isa("auto", spr) == "amx" and _int8_isa("int8", spr) == "amx"
     with pytest.raises(EdgertError, match=r"target 'rpi4' \(cortex-a72\) has neon"):
         _int8_isa("int8", rpi4)
     with pytest.raises(EdgertError, match="'int4' is not one of f32, int8, auto"):
@@ -556,3 +559,86 @@ def test_rmsnorm_prologue_matches_numpy(swiglu_kernels, kind: str, n: int, k: in
         scale = np.maximum(np.abs(want).max(axis=1, keepdims=True), 1e-30)
         err = np.abs(y.numpy() - want) / scale
         assert err.max() < (1e-5 if kind == "q4" else 3e-5), f"m={m}: {err.max()}"
+
+
+# -- AMX tiles (kernels.int8.multirow_quant_matmul with isa="amx") ---------------------------------
+AMX_SHAPES = [("q8", 37, 64), ("q8", 1000, 96), ("q8", 20, 32), ("q4", 1000, 96)]
+
+
+@pytest.fixture(scope="module")
+def amx_kernels():
+    """VNNI and AMX builds of AMX_SHAPES for a CPU with AMX-INT8 (sapphirerapids), and whether this host runs them."""
+    import tvm
+
+    from edgert.compiler.kernels.int8 import multirow_quant_matmul
+    from edgert.targets import AMX_FLAGS, enable_amx, host_cpu_flags
+
+    target = tvm.target.Target(
+        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids", "num-cores": 2}
+    )
+    funcs = {
+        f"{isa}_{kind}_{n}_{k}": multirow_quant_matmul(k, n, quant_block(n), kind, isa).with_attr(
+            "global_symbol", f"{isa}_{kind}_{n}_{k}"
+        )
+        for kind, n, k in AMX_SHAPES
+        for isa in ("avx512vnni", "amx")
+    }
+    lib = tvm.compile(tvm.IRModule(funcs), target=target)
+    runs_here = {"avx512vnni", "avx512bw", *AMX_FLAGS} <= host_cpu_flags()
+    if runs_here:
+        enable_amx()
+    return lib, runs_here
+
+
+@pytest.mark.parametrize(("kind", "n", "k"), AMX_SHAPES)
+def test_amx_tiles_give_the_vnni_tiles_results(amx_kernels, kind: str, n: int, k: int) -> None:
+    """q8 rows through AMX tiles (two rows on; full row tiles of 16 and a shorter last one) equal the
+    VNNI kernel's bit for bit, so a verify pass's rows stay its decode steps; q4 keeps the VNNI tiles."""
+    import tvm
+
+    from edgert.compiler.layout import pack_quantized_dot
+
+    lib, runs_here = amx_kernels
+    asm = lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
+    assert "tdpbssd" in asm and "ldtilecfg" in asm and "tdpbsud" not in asm
+    if not runs_here:
+        pytest.skip("this host has no AMX-INT8 to run the tiles on (compiled and checked only)")
+    rng = np.random.default_rng(n + k + 7)
+    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
+    weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
+    for m in VNNI_ROWS:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        x[-1] *= 100
+        if k > 32:
+            x[0, :32] = 0
+        out = {}
+        for isa in ("avx512vnni", "amx"):
+            y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+            lib[f"{isa}_{kind}_{n}_{k}"](tvm.runtime.tensor(x), *weights, y)
+            out[isa] = y.numpy()
+        assert not np.isnan(out["amx"]).any()
+        np.testing.assert_array_equal(out["amx"], out["avx512vnni"], err_msg=f"m={m}")
+
+
+def test_amx_flags_come_from_cpuinfo(tmp_path) -> None:
+    """/proc/cpuinfo's amx_tile / amx_int8 are checked flags in LLVM's spelling, so an artifact built with
+    tiles refuses a CPU without them; the host target adds them to LLVM's CPU (a virtual machine may
+    name an older model than its features)."""
+    from edgert.artifact.reader import check_target
+    from edgert.errors import TargetError
+    from edgert.targets import AMX_FLAGS, X86_CHECKED_FLAGS, host_arch, host_cpu_flags
+
+    assert set(AMX_FLAGS) <= set(X86_CHECKED_FLAGS)
+    if host_arch() != "x86_64":
+        pytest.skip("x86-64 flags")
+    from edgert.compiler.target import resolve
+    from edgert.targets import load_target
+
+    _, host = resolve(load_target("host"))
+    assert (set(AMX_FLAGS) <= set(host["cpu_flags"])) == (set(AMX_FLAGS) <= host_cpu_flags())
+    record = {"name": "host", "arch": "x86_64", "cpu": "sapphirerapids", "cpu_flags": list(AMX_FLAGS)}
+    if set(AMX_FLAGS) <= host_cpu_flags():
+        check_target(record, tmp_path)
+    else:
+        with pytest.raises(TargetError, match="amx-int8, amx-tile"):
+            check_target(record, tmp_path)

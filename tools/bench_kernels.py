@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if isa is None:
         print("error: this CPU has neither AVX2 nor dotprod", file=sys.stderr)
         return 2
-    variants = {"float": None, "int8": isa, **({"avx2": "avx2"} if isa == "avx512vnni" else {})}
+    variants = {"float": None, "int8": isa, **({"avx2": "avx2"} if isa in ("avx512vnni", "amx") else {})}
     funcs = {}
     for kind, n, k in SHAPES:
         b = quant_block(n)

@@ -17,7 +17,7 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from edgert.compiler.kernels.int8 import i8mm_quant_matmul, int8_quant_matmul, multirow_quant_matmul
+from edgert.compiler.kernels.int8 import i8mm_quant_matmul, int8_quant_matmul, multirow_quant_matmul, vnni_layout
 from edgert.compiler.kernels.quant import packed_matmul, pick_block, quant_block, quant_matmul
 from edgert.frontend.quantized import QuantizedRows, is_quantized, parse_kind
 
@@ -102,8 +102,8 @@ class QuantLinear(nn.Module):
     `parse_kind`), dequantized in the kernel."""
 
     def __init__(self, in_features: int, out_features: int, storage: str, isa: str | None = None):
-        # isa (avx2, avx512vnni, dotprod, i8mm): the int8-activation kernels of kernels_int8 and their weight layout
-        # (plain q4/q8 only).
+        # isa (avx2, avx512vnni, amx, dotprod, i8mm): the int8-activation kernels of kernels_int8 and their
+        # weight layout (plain q4/q8 only).
         self.fmt = parse_kind(storage)
         kind = self.fmt.base
         self.storage, self.group = storage, self.fmt.group
@@ -149,7 +149,7 @@ class QuantLinear(nn.Module):
     @property
     def takes_swiglu(self) -> bool:
         """Whether `swiglu` computes ``silu(gate) * up`` in the kernel (the multi-row VNNI kernel's prologue)."""
-        return self.isa == "avx512vnni"
+        return vnni_layout(self.isa)
 
     def swiglu(self, gate_up: Tensor) -> Tensor:
         """``forward(silu(gate) * up)`` of ``gate_up = [gate | up]`` (last axis ``2 K``), with the
@@ -171,7 +171,7 @@ class QuantLinear(nn.Module):
     @property
     def takes_rmsnorm(self) -> bool:
         """Whether `rmsnorm` normalizes its input in the kernel (the multi-row VNNI kernel's prologue)."""
-        return self.isa == "avx512vnni"
+        return vnni_layout(self.isa)
 
     def rmsnorm(self, x: Tensor, norm: nn.RMSNorm) -> Tensor:
         """``forward(norm(x))`` for a bias-free RMSNorm over the last axis, the norm taken as the
@@ -336,7 +336,7 @@ def apply_cpu_layout(
 
     ``storage`` names the kind (q4, q8, f16, f32) of each matrix by its weight name (``default``
     for the others), or is one kind for every matrix; ``tied`` = (embedding, head) makes the
-    embedding read the head's table. ``int8_isa`` (avx2, avx512vnni, dotprod, i8mm) gives q4/q8 matrices the
+    embedding read the head's table. ``int8_isa`` (avx2, avx512vnni, amx, dotprod, i8mm) gives q4/q8 matrices the
     int8-activation kernels of `kernels_int8` instead of the float ones (on AVX2 q4 only).
     """
     if isinstance(storage, str):

@@ -7,7 +7,15 @@ import shutil
 from typing import Any
 
 from edgert.errors import TargetError
-from edgert.targets import ARM_CHECKED_FLAGS, X86_CHECKED_FLAGS, TargetSpec, host_arch
+from edgert.targets import (
+    AMX_FLAGS,
+    ARM_CHECKED_FLAGS,
+    X86_CHECKED_FLAGS,
+    TargetSpec,
+    enable_amx,
+    host_arch,
+    host_cpu_flags,
+)
 
 
 def resolve(spec: TargetSpec, threads: int | None = None, host_code: bool = False) -> tuple[Any, dict[str, Any]]:
@@ -29,7 +37,9 @@ def resolve(spec: TargetSpec, threads: int | None = None, host_code: bool = Fals
         arch = host_arch()
         triple = f"{arch}-linux-gnu" if platform.system() == "Linux" else f"{arch}-unknown-unknown"
         cpu = codegen.llvm_get_system_cpu()  # TVM refuses -mcpu=native; name the CPU instead
-        mattr: list[str] = []
+        # LLVM names a CPU by its model number, and a virtual machine may report an older model than
+        # the features it passes through (AMX on a "rocketlake"): AMX is added from /proc/cpuinfo.
+        mattr = [f"+{f}" for f in AMX_FLAGS] if set(AMX_FLAGS) <= host_cpu_flags() else []
     else:
         arch, triple, cpu, mattr = spec.arch, spec.triple, spec.cpu, list(spec.features)
     config: dict[str, Any] = {
@@ -46,6 +56,8 @@ def resolve(spec: TargetSpec, threads: int | None = None, host_code: bool = Fals
     except Exception as exc:  # LLVM rejects unknown CPUs and features with assorted errors
         raise TargetError(f"target '{spec.name}': LLVM does not accept cpu '{cpu}' / {mattr}: {exc}") from exc
     checked = X86_CHECKED_FLAGS if arch == "x86_64" else ARM_CHECKED_FLAGS
+    if spec.is_host and set(AMX_FLAGS) <= features:
+        enable_amx()  # kernels built here may run in this process (tuning, calibration, tests)
     record = {
         "name": spec.name,
         "description": spec.description,

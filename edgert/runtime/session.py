@@ -13,6 +13,7 @@ from edgert.artifact.tensorfile import ALIGNMENT
 from edgert.errors import EdgertError
 from edgert.runtime import tvm_runtime
 from edgert.runtime.threads import AdaptiveThreads
+from edgert.targets import AMX_FLAGS, enable_amx
 
 
 def configure_threads(threads: int | None, default: int | None = None) -> int:
@@ -68,6 +69,8 @@ class Session:
         self.artifact = artifact
         self.device_kind = check_device_kind(artifact, device_kind)
         self.pool = AdaptiveThreads(threads, artifact.target.get("threads"))
+        if set(AMX_FLAGS) <= set(artifact.target.get("cpu_flags", [])):
+            enable_amx()  # before any thread runs a tile instruction (they would die of SIGILL)
         if self.device_kind == "gpu":
             from edgert.runtime import opencl
 

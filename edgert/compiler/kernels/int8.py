@@ -36,7 +36,7 @@ from tvm.script import tirx as T
 from edgert.compiler.kernels.fastmath import fast_exp
 from edgert.compiler.kernels.quant import GROUP
 
-ISAS = ("avx2", "avx512vnni", "dotprod")
+ISAS = ("avx2", "avx512vnni", "amx", "dotprod")
 # Static row tiles of `multirow_quant_matmul`: m rows go as m // 5 tiles of 5 and the rest in a
 # tile of its size, so no row is computed for nothing. Every tile costs LLVM time per kernel shape:
 # 4 is a server's batch of 4 clients, 5 a verify pass over 4 drafts.
@@ -51,14 +51,41 @@ ROW_TILES = (1, 2, 3, 4, 5)
 # of the same shape reaches on znver5, and the per-group float work (convert, scale, two FMAs
 # per row and 16 columns for 8 ``vpdpbusd``) shares their ports (docs/performance.md, prefill).
 PROMPT_ROWS = 16
+# From AMX_ROWS rows on, a CPU with AMX-INT8 (``isa="amx"``: the VNNI layout and kernels, and tiles)
+# multiplies q8 matrices with ``tdpbssd`` instead of ``vpdpbusd`` (`amx_tiles`): SmolLM2's q8 LM head
+# over 5 rows 2.25 against 3.61 ms, one thread. q4 matrices keep the VNNI tiles at every row count:
+# their codes must first be unpacked to bytes in memory for the tiles, and a group's 32 K values
+# fill half a tile row, so each group's int32 sums go out through memory to be scaled: tiles for q4
+# measured slower at 5 rows (the 30 gate/up matmuls 3.85 against 3.22 ms a pass) and at 128 (a prompt's
+# matmuls 88.5 against 76.4 ms), even pipelined a group deep and with the codes prefetched.
+AMX_ROWS = 2
+# Groups of codes the AMX tiles prefetch ahead of the one they multiply (the weights stream from
+# memory; without it the head's tile loads waited for them).
+AMX_AHEAD = 4
+
+
+def vnni_layout(isa: str | None) -> bool:
+    """Whether ``isa`` takes the AVX-512 VNNI kernels and weight layout (``amx`` adds tiles to them)."""
+    return isa in ("avx512vnni", "amx")
+
+
+def _prefetch(value: Any) -> Any:
+    """A prefetch of the cache line holding ``value`` (a buffer element) for reading, kept in every level."""
+    return T.evaluate(T.call_intrin("void", "tirx.prefetch", T.address_of(value), 0, 3, 1))
+
+
+def _amx(name: str, *args: Any) -> Any:
+    """An AMX instruction (``llvm.x86.<name>``; tile operands are tile numbers, immediates)."""
+    return T.evaluate(T.call_llvm_intrin("void", T.llvm_lookup_intrinsic_id(f"llvm.x86.{name}"), *args))
 
 
 def dot_isa(features: set[str] | list[str]) -> str | None:
-    """The integer dot-product instruction set a CPU offers (``avx512vnni``, ``avx2``, ``dotprod``,
-    ``i8mm``), or None.
+    """The integer dot-product instruction set a CPU offers (``amx``, ``avx512vnni``, ``avx2``,
+    ``dotprod``, ``i8mm``), or None.
 
     ``i8mm`` (aarch64 ``smmla``, `i8mm_quant_matmul`) is preferred where present, and on x86
-    AVX-512 VNNI (``vpdpbusd``: four byte products summed into each int32 lane, 16 lanes).
+    AVX-512 VNNI (``vpdpbusd``: four byte products summed into each int32 lane, 16 lanes), with
+    AMX-INT8 tiles for several rows where the CPU has them (``amx``).
     """
     features = set(features)
     if "i8mm" in features:
@@ -66,7 +93,7 @@ def dot_isa(features: set[str] | list[str]) -> str | None:
     if "dotprod" in features:
         return "dotprod"
     if {"avx512vnni", "avx512bw", "avx512f"} <= features:
-        return "avx512vnni"
+        return "amx" if {"amx-tile", "amx-int8"} <= features else "avx512vnni"
     if "avx2" in features:
         return "avx2"
     return None
@@ -155,7 +182,7 @@ def int8_quant_matmul(k: int, n: int, block: int, kind: str, isa: str) -> tirx.P
         raise ValueError(f"unknown dot-product instruction set '{isa}' ({', '.join(ISAS)})")
     if block % 8:
         raise ValueError(f"the column tile must be a multiple of 8, got {block}")
-    if isa == "avx512vnni":
+    if vnni_layout(isa):
         return multirow_quant_matmul(k, n, block, kind, isa)
     nb, full, ng = -(-n // block), n // block, k // GROUP
     q4 = kind == "q4"
@@ -307,15 +334,16 @@ def multirow_quant_matmul(
     swiglu, rmsnorm = prologue == "swiglu", prologue == "rmsnorm"
     if k % GROUP:
         raise ValueError(f"quantized weights need K divisible by {GROUP}, got {k}")
-    if isa not in ("avx512vnni", "dotprod"):
-        raise ValueError(f"the multi-row kernel takes avx512vnni or dotprod, not '{isa}'")
+    if isa not in ("avx512vnni", "amx", "dotprod"):
+        raise ValueError(f"the multi-row kernel takes avx512vnni, amx or dotprod, not '{isa}'")
     if block % 8:
         raise ValueError(f"the column tile must be a multiple of 8, got {block}")
     nb, full, ng = -(-n // block), n // block, k // GROUP
     q4 = kind == "q4"
     kq = k // 8 if q4 else k // 4
     code_dtype = "uint8" if q4 else "int8"
-    vnni = isa == "avx512vnni"
+    vnni = vnni_layout(isa)
+    amx = isa == "amx" and not q4 and block in (16, 32)  # one or two 16-column tiles of sums per column tile
     cols = (16 if block % 16 == 0 else 8) if vnni else 4  # int32 lanes (output columns) per register
     nbytes, chunks = cols * 4, block // cols
     per_g = GROUP // 8 if q4 else GROUP // 4
@@ -465,6 +493,107 @@ def multirow_quant_matmul(
                                 if jo * block + (co * cw + ci) * cols + v < n:
                                     y[top + r, jo * block + (co * cw + ci) * cols + v] = acc[r, ci, v]
 
+    # -- AMX (q8): the same integer group sums from tiles -------------------------------------
+    # A tile of up to 16 rows x 32 int8 activations (one group) times a tile of 8 x 64 bytes (the
+    # group's 32 codes of 16 columns, 4 consecutive K values a column: the VNNI layout as stored)
+    # into 16 x 16 int32 sums (``tdpbssd``: signed by signed, so no +128 offset). Each group's sums go
+    # through memory into the float epilogue of `tiles` (the same expressions: the outputs are the
+    # VNNI tiles' bit for bit). Tiles: 0 = activations, 1 + c = codes of column chunk c, 3 + c = sums,
+    # 5 + c = the sums of the activation's second part.
+    amx_span = max(1, min(8, nb // 16))  # column tiles a task takes (16 tasks or more)
+
+    @T.macro
+    def amx_configure(cfg, rows):
+        # (``ldtilecfg`` costs about as much as a group's products: once a task, again for a last,
+        # shorter row tile)
+        for b in range(64):
+            cfg[b] = T.uint8(0)
+        cfg[0] = T.uint8(1)  # palette 1; bytes 16 + 2 t: a row's bytes of tile t, 48 + t: its rows
+        cfg[16] = T.uint8(32)
+        cfg[48] = T.Cast("uint8", rows)
+        for c in range(chunks):
+            cfg[16 + 2 * (1 + c)] = T.uint8(64)
+            cfg[48 + 1 + c] = T.uint8(8)
+            for part in range(2 if two else 1):
+                cfg[16 + 2 * (3 + 2 * part + c)] = T.uint8(64)
+                cfg[48 + 3 + 2 * part + c] = T.Cast("uint8", rows)
+        _amx("ldtilecfg", T.address_of(cfg[0]))
+        cfg[63] = T.Cast("uint8", rows)  # a reserved byte: the rows configured, for `amx_tiles`
+
+    @T.macro
+    def amx_dot(xsrc, sums, half, part, top, g):
+        # rows top.. of group g of xsrc times the codes in tiles 1.., the sums to sums[half, part]
+        # (the chunks' products side by side, then their stores: a store waits for its product)
+        _amx("tileloadd64", T.uint8(0), T.address_of(xsrc[top, g * GROUP]), T.int64(k))
+        for c in T.unroll(chunks):
+            _amx("tilezero", T.uint8(3 + 2 * part + c))
+        for c in T.unroll(chunks):
+            _amx("tdpbssd", T.uint8(3 + 2 * part + c), T.uint8(0), T.uint8(1 + c))
+        for c in T.unroll(chunks):
+            _amx("tilestored64", T.uint8(3 + 2 * part + c), T.address_of(sums[half, part, c, 0, 0]), T.int64(64))
+
+    @T.macro
+    def amx_group(qw, xq, xq2, sums, jo, rt, top, g):
+        # group g's codes into tiles 1.. (the first row tile prefetches ahead) and its sums out
+        if rt == 0:  # the codes AMX_AHEAD groups on (into the next column tile's at the end)
+            for kk, c in T.grid(per_g, chunks):
+                if g + AMX_AHEAD < ng:
+                    _prefetch(qw[jo, (g + AMX_AHEAD) * per_g + kk, c * 16, 0])
+                elif jo + 1 < nb:
+                    _prefetch(qw[jo + 1, (g + AMX_AHEAD - ng) * per_g + kk, c * 16, 0])
+        for c in T.unroll(chunks):
+            _amx("tileloadd64", T.uint8(1 + c), T.address_of(qw[jo, g * per_g, c * 16, 0]), T.int64(4 * block))
+        amx_dot(xq, sums, g % 2, 0, top, g)
+        if two:
+            amx_dot(xq2, sums, g % 2, 1, top, g)
+
+    @T.macro
+    def amx_epilogue(sc, xd, xd2, sums, acc, d, jo, top, rows, g):
+        # group g's sums (stored a group earlier) scaled into the float accumulators, as `tiles` does
+        for c in T.unroll(chunks):
+            for v in T.vectorized(16):
+                d[v] = T.Cast("float32", sc[jo, g, c * 16 + v])
+            for r in range(rows):
+                for v in T.vectorized(16):
+                    if two:
+                        acc[r, c, v] = (
+                            acc[r, c, v]
+                            + T.Cast("float32", sums[g % 2, 0, c, r, v]) * (d[v] * xd[top + r, g])
+                            + T.Cast("float32", sums[g % 2, 1, c, r, v]) * (d[v] * xd2[top + r, g])
+                        )
+                    else:
+                        acc[r, c, v] = acc[r, c, v] + T.Cast("float32", sums[g % 2, 0, c, r, v]) * (
+                            d[v] * xd[top + r, g]
+                        )
+
+    @T.macro
+    def amx_tiles(qw, sc, y, xq, xd, xq2, xd2, cfg, jo, m):
+        # Two halves: a group's sums are read back a group after the tiles stored them, so the loads
+        # do not wait for the tile stores (no forwarding from them) while the next group's tiles run.
+        sums = T.alloc_buffer((2, 2 if two else 1, chunks, 16, 16), "int32", scope="local")
+        acc = T.alloc_buffer((16, chunks, 16), "float32", scope="local")
+        d = T.alloc_buffer((16,), "float32", scope="local")
+        for rt in range((m + 15) // 16):
+            top = rt * 16
+            rows = T.min(T.int64(16), m - top)
+            if T.Cast("int64", cfg[63]) != rows:
+                amx_configure(cfg, rows)
+            for r, ci in T.grid(16, chunks):
+                acc[r, ci, T.ramp(0, 1, 16)] = T.broadcast(T.float32(0), 16)
+            amx_group(qw, xq, xq2, sums, jo, rt, top, 0)
+            for g in range(1, ng):
+                amx_group(qw, xq, xq2, sums, jo, rt, top, g)
+                amx_epilogue(sc, xd, xd2, sums, acc, d, jo, top, rows, g - 1)
+            amx_epilogue(sc, xd, xd2, sums, acc, d, jo, top, rows, ng - 1)
+            for r, c in T.grid(rows, chunks):
+                if jo < full:
+                    for v in T.vectorized(16):
+                        y[top + r, jo * block + c * 16 + v] = acc[r, c, v]
+                else:
+                    for v in range(16):
+                        if jo * block + c * 16 + v < n:
+                            y[top + r, jo * block + c * 16 + v] = acc[r, c, v]
+
     @T.macro
     def quantize(x, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, first, count):
         # rows first .. first + count - 1 of x
@@ -558,12 +687,22 @@ def multirow_quant_matmul(
         # 6.0 ms, 12 rows 9.7 -> 8.0, a step's matmuls on a layer's worth of weights each, loaded.)
         tail = m % 5
         after = m - tail  # the first row after the tiles of 5
-        for jo in T.parallel(nb):
-            tiles(qw, sc, mn, y, *acts, jo, 0, m // 5, 5, *shape(5))
-            tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 4), 4, *shape(4))
-            tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 3), 3, *shape(3))
-            tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 2), 2, *shape(2))
-            tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 1), 1, *shape(1))
+        if amx and m >= AMX_ROWS:
+            # A task takes `amx_span` column tiles, so that its tile configuration serves several.
+            for jp in T.parallel(-(-nb // amx_span)):
+                cfg = T.alloc_buffer((64,), "uint8", scope="local")
+                cfg[63] = T.uint8(0)  # nothing configured yet
+                for jj in range(amx_span):
+                    if jp * amx_span + jj < nb:
+                        amx_tiles(qw, sc, y, xq, xd, xq2, xd2, cfg, jp * amx_span + jj, m)
+                _amx("tilerelease")
+        else:
+            for jo in T.parallel(nb):
+                tiles(qw, sc, mn, y, *acts, jo, 0, m // 5, 5, *shape(5))
+                tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 4), 4, *shape(4))
+                tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 3), 3, *shape(3))
+                tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 2), 2, *shape(2))
+                tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 1), 1, *shape(1))
 
     @T.macro
     def body_plain(x, qw, sc, mn, y, m):

@@ -482,7 +482,8 @@ def int8_isa(target: Any) -> str | None:
     if target.kind.name != "llvm":
         return None
     isa = dot_isa(set(llvm_get_cpu_features(target)))
-    return "dotprod" if isa == "i8mm" else isa
+    # The graph kernels have no AMX tiles: their VNNI ones run there.
+    return {"i8mm": "dotprod", "amx": "avx512vnni"}.get(isa, isa) if isa else None
 
 
 def _portable_shape(isa: str, n: int) -> tuple[int, int, int, int]:

@@ -194,7 +194,7 @@ def _int8_isa(activations: str, record: dict[str, Any]) -> str | None:
     token 1.7x and five tokens (a verify pass) 2.8x faster than the float kernels
     (`tools/bench_kernels.py`); elsewhere the q8 head is slower with int8 activations.
     """
-    from edgert.compiler.kernels.int8 import dot_isa
+    from edgert.compiler.kernels.int8 import dot_isa, vnni_layout
 
     if activations not in ("f32", "int8", "auto"):
         raise EdgertError(f"--activations '{activations}' is not one of f32, int8, auto")
@@ -202,7 +202,7 @@ def _int8_isa(activations: str, record: dict[str, Any]) -> str | None:
         return None
     isa = dot_isa(record["cpu_flags"])
     if activations == "auto":
-        return isa if isa == "avx512vnni" else None
+        return isa if vnni_layout(isa) else None
     if isa is None:
         raise EdgertError(
             f"--activations int8 needs integer dot products (x86 AVX2, aarch64 dotprod or i8mm); target "
