@@ -29,6 +29,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 H_QO, H_KV, D, PAGE = 9, 3, 64, 16
 
 
+def _outputs(n: int, count: int) -> list[tuple]:
+    """``count`` pairs of output tensors (attention [n, heads, dim], log-sum-exp [n, heads]) for n queries."""
+    import tvm
+
+    return [
+        (tvm.runtime.tensor(np.zeros((n, H_QO, D), np.float32)), tvm.runtime.tensor(np.zeros((n, H_QO), np.float32)))
+        for _ in range(count)
+    ]
+
+
 def _load(path: Path, tag: str):
     spec = importlib.util.spec_from_file_location(tag, path)
     assert spec is not None and spec.loader is not None
@@ -100,14 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         case = _case(rng, context, rows, batch)
         arrays = [tvm.runtime.tensor(a) for a in case]
         warm = [tvm.runtime.tensor(a) for a in case] if args.cold else []  # the same call on other pages
-        n = arrays[0].shape[0]
-        outs = [
-            (
-                tvm.runtime.tensor(np.zeros((n, H_QO, D), np.float32)),
-                tvm.runtime.tensor(np.zeros((n, H_QO), np.float32)),
-            )
-            for _ in versions
-        ]
+        outs = _outputs(arrays[0].shape[0], len(versions))
         times: list[list[float]] = [[] for _ in versions]
         for _ in range(args.rounds):
             for v, f in enumerate(funcs):

@@ -16,12 +16,12 @@ its ratio to one row's, per version, and each kernel's rate in ``vpdpbusd`` a se
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_attention import _load  # tools/ is this script's folder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -40,14 +40,6 @@ def _dots(kind: str, k: int, n: int) -> int:
     (its activation in two int8 parts). The rate against one core's (a C loop of the kernel's shape
     reached about 5 G/s on znver5) says how far the kernel is from the instruction's throughput."""
     return k * n // 64 * (2 if kind == "q8" else 1)
-
-
-def _load(path: Path, tag: str):
-    spec = importlib.util.spec_from_file_location(tag, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,21 +17,13 @@ allocation per parallel task, which can make a slower kernel look faster.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import time
 from pathlib import Path
 
 import numpy as np
+from bench_attention import _load, _outputs  # tools/ is this script's folder
 
 H_QO, H_KV, D, PAGE = 9, 3, 64, 16
-
-
-def _load(path: Path, tag: str):
-    spec = importlib.util.spec_from_file_location(tag, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _ragged(rng: np.random.Generator, n: int) -> list[np.ndarray]:
@@ -92,14 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'case':<36}" + "".join(f"{n:>22}" for n in names) + "   (us/call, median; max |output - this|)")
     for label, kind, arrays, causal in cases:
         tensors = [tvm.runtime.tensor(a) for a in arrays]
-        n = arrays[0].shape[0]
-        outs = [
-            (
-                tvm.runtime.tensor(np.zeros((n, H_QO, D), np.float32)),
-                tvm.runtime.tensor(np.zeros((n, H_QO), np.float32)),
-            )
-            for _ in versions
-        ]
+        outs = _outputs(arrays[0].shape[0], len(versions))
         times: list[list[float]] = [[] for _ in versions]
         for _ in range(args.rounds):
             for v, lib in enumerate(libs):
