@@ -153,6 +153,62 @@ def test_int8_operators_match_onnxruntime(tmp_path):
     np.testing.assert_allclose(got["dqmm"], want["dqmm"], rtol=1e-5, atol=1e-5)
 
 
+# (scale, zero point, output type): an int8 step, a uint8 one, a subnormal and a huge scale.
+QUANTIZE_CASES = [
+    (0.0123, 0, TensorProto.INT8),
+    (0.37, 128, TensorProto.UINT8),
+    (3e-39, -5, TensorProto.INT8),
+    (2.5e30, 7, TensorProto.UINT8),
+]
+
+
+def _boundary_values(scale: float, rng: np.random.Generator) -> np.ndarray:
+    """Values at the quantizer's rounding boundaries ``(k + 0.5) * scale`` (float32), one float32
+    step either side of them, multiples of ``scale``, wide random values and infinities."""
+    s = np.float32(scale)
+    k = np.arange(-140, 140, dtype=np.float64)
+    edge = ((k + 0.5) * np.float64(s)).astype(np.float32)
+    wide = rng.standard_normal(200).astype(np.float32) * s * 300
+    steps = [np.nextafter(edge, np.float32(np.inf)), np.nextafter(edge, np.float32(-np.inf))]
+    multiples = (k * np.float64(s)).astype(np.float32)
+    return np.concatenate([edge, *steps, multiples, wide, [np.inf, -np.inf]]).astype(np.float32)
+
+
+def test_quantize_linear_matches_onnxruntime_bytes_at_rounding_boundaries(tmp_path):
+    """QuantizeLinear inside the graph (its ``x / scale`` computed without a division, see
+    layout._divided): onnxruntime's bytes at every rounding boundary, subnormal and huge scales
+    included. A float32 multiplication by the reciprocal was one step off on 136 of q0's 1322."""
+    import edgert
+
+    nodes, inits, inputs, outputs, feeds = [], [], [], [], {}
+    rng = np.random.default_rng(5)
+    for i, (scale, zp, kind) in enumerate(QUANTIZE_CASES):
+        x = _boundary_values(scale, rng)
+        feeds[f"x{i}"] = x[None]
+        inputs.append(helper.make_tensor_value_info(f"x{i}", F32, [1, x.size]))
+        zp_type = np.int8 if kind == TensorProto.INT8 else np.uint8
+        inits += [
+            numpy_helper.from_array(np.array(scale, np.float32), f"s{i}"),
+            numpy_helper.from_array(np.array(zp, zp_type), f"z{i}"),
+        ]
+        # Neg: a quantize of a computed value (one of a graph input stays onnx's own lowering).
+        nodes += [
+            helper.make_node("Neg", [f"x{i}"], [f"n{i}"]),
+            helper.make_node("QuantizeLinear", [f"n{i}", f"s{i}", f"z{i}"], [f"q{i}"]),
+        ]
+        outputs.append(helper.make_tensor_value_info(f"q{i}", kind, None))
+    graph = helper.make_graph(nodes, "quantize", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "quantize.onnx"
+    onnx.save(model, str(path))
+    edgert.compile(str(path), output=tmp_path / "q.edgert")
+    got = edgert.load(tmp_path / "q.edgert")(feeds)
+    for key, want in _reference(path, feeds).items():
+        assert got[key].dtype == want.dtype, key
+        np.testing.assert_array_equal(got[key], want, err_msg=key)
+
+
 def _assert_onnxruntime_bytes(path: Path, artifact: Path, seed: int) -> None:
     """The integer-layers artifact's outputs equal onnxruntime's on ``path``, byte for byte."""
     import edgert

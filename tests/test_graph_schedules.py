@@ -162,6 +162,41 @@ def test_elementwise_rule_vectorizes_odd_rows_of_a_transpose():
     np.testing.assert_array_equal(_run(sch, target, [x], want.shape), want)
 
 
+def _chain(steps: int, shape: tuple[int, ...]) -> object:
+    """One fused kernel of ``steps`` multiply-adds then a rounding, over ``shape``."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType(shape, "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = x
+            for i in range(steps):
+                y = relax.op.add(relax.op.multiply(y, relax.const(1.0 + i / 64)), relax.const(0.25))
+            out = bb.emit_output(relax.op.round(y))
+        bb.emit_func_output(out)
+    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FuseOps()]
+    mod = tvm.transform.Sequential([*passes, relax.transform.FuseTIR()])(bb.get())
+    (func,) = [f for _, f in mod.functions_items() if isinstance(f, tvm.tirx.PrimFunc)]
+    return func.with_attr("global_symbol", "main")
+
+
+@pytest.mark.parametrize("steps, shape, wide", [(20, (40, 256), True), (3, (40, 256), False), (20, (40, 144), False)])
+def test_elementwise_rule_widens_long_chains_whose_rows_it_divides(steps, shape, wide):
+    """A map of many dependent operations runs MAP_VECTORS vectors per iteration (interleaved
+    chains); a short map, or rows the wide vector does not divide (a split's), one vector."""
+    from edgert.compiler.schedules.rules import MAP_VECTORS, Elementwise, _lanes
+
+    target = _host()
+    lanes = _lanes(target)
+    sch = Elementwise().apply(_chain(steps, shape), target, False)
+    width = lanes * MAP_VECTORS if wide else lanes
+    assert f"T.vectorized({width})" in _loops(sch) or f"T.vectorized(T.int64({width}))" in _loops(sch)
+    x = np.random.default_rng(5).standard_normal(shape).astype(np.float32)
+    want = x
+    for i in range(steps):
+        want = want * np.float32(1.0 + i / 64) + np.float32(0.25)
+    np.testing.assert_array_equal(_run(sch, target, [x], shape), np.rint(want))
+
+
 def test_requantization_epilogue_rounds_in_vectors():
     """A matmul whose epilogue requantizes (scale, round half to even, saturate: what follows every
     int8 conv): the rounding vectorized with the tile, no gather or scatter, values as numpy's."""
