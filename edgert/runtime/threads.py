@@ -254,7 +254,7 @@ class AdaptiveThreads:
         _set_env("TVM_NUM_THREADS", str(self.limit))
         if _user_env("TVM_THREAD_POOL_SPIN_COUNT") is None:
             _set_env("TVM_THREAD_POOL_SPIN_COUNT", str(SPIN_COUNT))
-        big = big_cpus(self.cpus)
+        big = self.big = big_cpus(self.cpus)  # read once: `_home_cpu` orders the free cores by it
         self.bind = _user_env("TVM_BIND_THREADS")
         if self.bind is None:
             # On a big.LITTLE CPU the workers share the big cores (not one each); elsewhere each
@@ -307,7 +307,7 @@ class AdaptiveThreads:
         if self.threads < 2 or self.share or not _binding_on() or not hasattr(os, "sched_setaffinity"):
             return None
         held = self._held = pinned_cpus(exclude=threading.get_native_id())
-        big = big_cpus(self.cpus)
+        big = self.big
         free = [c for c in big + [c for c in self.cpus if c not in big] if c not in held]
         return {free[0]} if free and held else None
 

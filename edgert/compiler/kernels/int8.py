@@ -34,6 +34,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from edgert.compiler.kernels.fastmath import fast_exp
+from edgert.compiler.kernels.intrin import prefetch
 from edgert.compiler.kernels.quant import GROUP
 
 ISAS = ("avx2", "avx512vnni", "amx", "dotprod")
@@ -67,11 +68,6 @@ AMX_AHEAD = 4
 def vnni_layout(isa: str | None) -> bool:
     """Whether ``isa`` takes the AVX-512 VNNI kernels and weight layout (``amx`` adds tiles to them)."""
     return isa in ("avx512vnni", "amx")
-
-
-def _prefetch(value: Any) -> Any:
-    """A prefetch of the cache line holding ``value`` (a buffer element) for reading, kept in every level."""
-    return T.evaluate(T.call_intrin("void", "tirx.prefetch", T.address_of(value), 0, 3, 1))
 
 
 def _amx(name: str, *args: Any) -> Any:
@@ -538,9 +534,9 @@ def multirow_quant_matmul(
         if rt == 0:  # the codes AMX_AHEAD groups on (into the next column tile's at the end)
             for kk, c in T.grid(per_g, chunks):
                 if g + AMX_AHEAD < ng:
-                    _prefetch(qw[jo, (g + AMX_AHEAD) * per_g + kk, c * 16, 0])
+                    T.evaluate(prefetch(qw[jo, (g + AMX_AHEAD) * per_g + kk, c * 16, 0]))
                 elif jo + 1 < nb:
-                    _prefetch(qw[jo + 1, (g + AMX_AHEAD - ng) * per_g + kk, c * 16, 0])
+                    T.evaluate(prefetch(qw[jo + 1, (g + AMX_AHEAD - ng) * per_g + kk, c * 16, 0]))
         for c in T.unroll(chunks):
             _amx("tileloadd64", T.uint8(1 + c), T.address_of(qw[jo, g * per_g, c * 16, 0]), T.int64(4 * block))
         amx_dot(xq, sums, g % 2, 0, top, g)

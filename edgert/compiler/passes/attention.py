@@ -35,6 +35,7 @@ from tvm import IRModule, tirx
 from tvm.script import tirx as T
 
 from edgert.compiler.kernels.fastmath import fast_exp2
+from edgert.compiler.kernels.intrin import prefetch
 
 DECODE_KERNEL = "batch_decode_paged_kv_cpu"  # the name of TIRPagedKVCache's CPU decode kernel in the module
 PREFILL_KERNEL = "batch_prefill_paged_kv_cpu"  # its CPU prefill kernel over the pages (no sliding window)
@@ -135,11 +136,6 @@ def _lane_sums_16() -> Any:
     return lane_sums
 
 
-def _prefetch(value: Any) -> Any:
-    """A prefetch of the cache line holding ``value`` (a buffer element) for reading, kept in every level."""
-    return T.call_intrin("void", "tirx.prefetch", T.address_of(value), 0, 3, 1)
-
-
 def _softmax_parts(d: int) -> tuple[Any, Any, Any]:
     """The steps of a query's softmax that every kernel here shares, so that a verify row's output is
     its decode step's bit for bit: ``exps`` (query ``q``'s maximum over its scores ``base + lo`` ..
@@ -209,8 +205,8 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
         (the model's weights evict the cache between steps) waits on memory row by row."""
         ra: T.let[T.int32] = T.min(r, hi - 1)
         for line in T.unroll(d * 4 // 64):
-            T.evaluate(_prefetch(key(pages, page_values, first, kv, sink, start, ra, line * 16)))
-            T.evaluate(_prefetch(value(pages, page_values, first, kv, sink, start, ra, line * 16)))
+            T.evaluate(prefetch(key(pages, page_values, first, kv, sink, start, ra, line * 16)))
+            T.evaluate(prefetch(value(pages, page_values, first, kv, sink, start, ra, line * 16)))
 
     @T.macro
     def rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, span, part, out, stat):
@@ -343,7 +339,7 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
                 at: T.let[T.int32] = page_values[first + ra // page_size]
                 for line in T.unroll(d * 4 // 64):
                     for part_kv in T.unroll(2):
-                        T.evaluate(_prefetch(pages[at, part_kv, kv, ra % page_size, line * 16]))
+                        T.evaluate(prefetch(pages[at, part_kv, kv, ra % page_size, line * 16]))
             for u in range(n * g):
                 for rr in T.unroll(LANES):
                     for v in T.vectorized(LANES):
