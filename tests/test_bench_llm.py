@@ -75,14 +75,14 @@ def test_roofline_alternates_the_bandwidth_probe_and_decode_runs(tiny_host_artif
 
 
 def test_speculative_paired_ratio_pairs_each_repeat_with_its_own_plain_run() -> None:
-    """`peers.speculative.paired_ratio`: the quartiles of the repeats' own ratios, not the ratio of
-    the medians (which pairs one repeat's plain decoding with another's mode)."""
+    """`peers.paired_ratio` (the speculative and graph benches'): the quartiles of the repeats' own ratios,
+    not the ratio of the medians (which pairs one repeat's plain decoding with another's mode)."""
     load_tool("replay_drafts")  # puts tools/ on the path, as the tools do for `peers`
-    from peers.speculative import paired_ratio
+    from peers import paired_ratio
 
     ours, base = [200.0, 110.0, 90.0], [100.0, 100.0, 90.0]  # ratios 2.0, 1.1, 1.0
-    q1, med, q3 = paired_ratio(ours, base)
+    med, q1, q3 = paired_ratio(ours, base)
     assert med == pytest.approx(1.1)
     assert q1 == pytest.approx(1.05) and q3 == pytest.approx(1.55)
-    assert paired_ratio([150.0, 100.0, 100.0], [100.0, 300.0, 50.0])[1] == pytest.approx(1.5)  # medians' ratio: 1.0
+    assert paired_ratio([150.0, 100.0, 100.0], [100.0, 300.0, 50.0])[0] == pytest.approx(1.5)  # medians' ratio: 1.0
     assert paired_ratio([3.0], [2.0]) == (1.5, 1.5, 1.5)

@@ -29,7 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from peers.graph import SETTLE_S, _engine, _zoo_feeds, paired_ratio
+from peers import paired_ratio
+from peers.graph import SETTLE_S, _engine, _zoo_feeds
 
 
 def main() -> None:

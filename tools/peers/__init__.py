@@ -7,8 +7,20 @@ runs edgert and its peer on the same model, inputs and thread count, in this pro
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+
+def paired_ratio(ours: list[float], base: list[float]) -> tuple[float, float, float]:
+    """Median, first and third quartile of the rounds' own ratios ``ours[r] / base[r]``: a round runs
+    both in one period, so a load that changes between rounds moves both alike (the ratio of the
+    medians pairs one round's figure with another's)."""
+    ratios = [a / b if b else 0.0 for a, b in zip(ours, base, strict=True)]
+    if len(ratios) < 2:
+        return ratios[0], ratios[0], ratios[0]
+    q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return med, q1, q3
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from peers import Row
+from peers import Row, paired_ratio
 
 NAME = "graph"
 HELP = "ONNX graphs (MiniLM encoder, silero-vad) against onnxruntime, a TFLite graph against LiteRT"
@@ -227,13 +227,6 @@ def measure_paired(
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
-
-
-def paired_ratio(ours: list[float], peer: list[float]) -> tuple[float, float, float]:
-    """Median and quartiles of the rounds' ratios ``ours[r] / peer[r]``."""
-    ratios = np.asarray(ours) / np.asarray(peer)
-    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
-    return float(med), float(q1), float(q3)
 
 
 @dataclass

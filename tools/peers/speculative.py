@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if __package__ in (None, ""):
     sys.path[:0] = [str(ROOT / "tools"), str(ROOT)]
 
-from peers import Row, speculative_whisper  # noqa: E402
+from peers import Row, paired_ratio, speculative_whisper  # noqa: E402
 
 NAME = "speculative"
 HELP = "SmolLM2 and Whisper: lookup and recycle drafting vs plain decoding (--speculative)"
@@ -190,7 +190,7 @@ def llm_rows(args: Any) -> list[Row]:
                     extra={
                         "identical": all(r == reference for r in outs[spec]),
                         **draft_summary(total, costs),
-                        "paired_ratio": [round(v, 3) for v in paired_ratio(speed[spec], speed[BASE])],
+                        "paired_ratio": _quartiles(speed[spec], speed[BASE]),
                         "runs": [round(v, 1) for v in speed[spec]],
                         "plain_runs": [round(v, 1) for v in speed[BASE]],
                         "by_task": {task: draft_summary(c, costs) for task, c in counts[spec].items()},
@@ -204,13 +204,10 @@ def llm_rows(args: Any) -> list[Row]:
     return rows
 
 
-def paired_ratio(ours: list[float], base: list[float]) -> tuple[float, float, float]:
-    """First quartile, median and third quartile of the repeats' ratios ``ours[r] / base[r]``."""
-    ratios = [a / b if b else 0.0 for a, b in zip(ours, base, strict=True)]
-    if len(ratios) < 2:
-        return ratios[0], ratios[0], ratios[0]
-    q1, med, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-    return q1, med, q3
+def _quartiles(ours: list[float], base: list[float]) -> list[float]:
+    """`paired_ratio` as [first quartile, median, third quartile], rounded, for a row's JSON."""
+    med, q1, q3 = paired_ratio(ours, base)
+    return [round(q1, 3), round(med, 3), round(q3, 3)]
 
 
 def draft_summary(c: Counter, costs: dict[int, float]) -> dict[str, Any]:
