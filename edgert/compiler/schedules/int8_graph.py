@@ -31,7 +31,7 @@ from tvm import relax, tirx
 from tvm.ir import GenericConst
 from tvm.script import tirx as T
 
-from edgert.compiler.kernels.int8 import vpdpbusd
+from edgert.compiler.kernels.int8 import _amx, vpdpbusd
 from edgert.compiler.schedules.rules import chunks
 
 # The integer kernels keep 16 parallel chunks at most: each chunk allocates its 1 KiB accumulator
@@ -144,6 +144,112 @@ def u8s8_gemm(m: int, k: int, n: int, block: int) -> tirx.PrimFunc:
     return gemm.with_attr("global_symbol", f"u8s8_gemm_m{m}_k{k}_n{n}_b{block}")
 
 
+# -- AMX-INT8 tiles ---------------------------------------------------------------------------
+# A CPU with AMX-INT8 (Sapphire Rapids on) multiplies tiles: ``tdpbusd`` adds a 16-row x 64-byte
+# uint8 tile of activations times a 16 x 64-byte int8 tile of weights (64 K values of 16 columns,
+# four consecutive K a column: `pack_weight`'s layout with a block of 16, each column tile's K
+# contiguous) into 16 x 16 int32 sums: 16384 products an instruction, 256 times a ``vpdpbusd``'s.
+# The graph's scales are per tensor, so each output's integer sum runs over all of K inside the
+# tiles and leaves them once, where the LLM's per-group q8 sums go out every 32 K values. Tiles:
+# 0-2 = up to three row tiles of activations (a block of 48 rows), 3 = the weights, 4-6 = the
+# three row tiles' sums. The zero point enters as the sums' starting value, ``-zp * colsum`` loaded
+# with a row stride of 0 (one row for every row), and the sums go straight to ``y``.
+AMX_K = 64  # K values a tile multiplies (64 bytes a row): AMX takes K in multiples of it
+AMX_BLOCK = 48  # rows a block of three row tiles covers
+# From this many rows on, a target with AMX-INT8 takes the tiles (fewer rows: the VNNI tiles).
+AMX_GRAPH_ROWS = 8
+# Below this many multiply-adds an AMX GEMM runs on one thread: the tiles do in ~1 us what a
+# ``vpdpbusd`` kernel does in 10, and a parallel region costs a few.
+MIN_PARALLEL_AMX_MACS = 1 << 24
+
+
+@functools.cache
+def u8s8_amx_gemm(m: int, k: int, n: int) -> tirx.PrimFunc:
+    """`u8s8_gemm` on AMX tiles: ``y[m, n] = sum_k x[m, k] * W[k, n] - zp[0] * colsum[n]``, x uint8,
+    W int8 packed by ``pack_weight(W, 16)``, y int32; K a multiple of `AMX_K`."""
+    if k % AMX_K:
+        raise ValueError(f"u8s8_amx_gemm needs K divisible by {AMX_K}, got {k}")
+    nb, full = -(-n // 16), n // 16
+    nfull, rest = divmod(m, AMX_BLOCK)  # blocks of three row tiles, and the rows after them
+    ks = k // AMX_K
+    loop = T.parallel if m * k * n >= MIN_PARALLEL_AMX_MACS else T.serial
+    nc = chunks(nb, loop is T.parallel, INT8_CHUNKS)
+    per = nb // nc
+
+    @T.macro
+    def configure(cfg, tiles, count):
+        # ``tiles`` row tiles (a Python int) over ``count`` rows, each 16 but the last. Palette 1;
+        # bytes 16 + 2 t: a row's bytes of tile t, 48 + t: its rows.
+        for b in range(64):
+            cfg[b] = T.uint8(0)
+        cfg[0] = T.uint8(1)
+        cfg[16 + 2 * 3] = T.uint8(64)
+        cfg[48 + 3] = T.uint8(16)
+        for t in T.unroll(tiles):
+            cfg[16 + 2 * t] = T.uint8(64)
+            cfg[48 + t] = T.Cast("uint8", T.min(16, count - 16 * t))
+            cfg[16 + 2 * (4 + t)] = T.uint8(64)
+            cfg[48 + 4 + t] = T.Cast("uint8", T.min(16, count - 16 * t))
+        _amx("ldtilecfg", T.address_of(cfg[0]))
+
+    @T.macro
+    def block(x, wp, y, bias, part, top, jo, tiles, count):
+        # rows top .. top + count - 1 of column tile jo, in ``tiles`` row tiles
+        for t in T.unroll(tiles):
+            _amx("tileloadd64", T.uint8(4 + t), T.address_of(bias[0]), T.int64(0))
+        for s in range(ks):
+            _amx("tileloadd64", T.uint8(3), T.address_of(wp[jo, s * 16, 0, 0]), T.int64(64))
+            for t in T.unroll(tiles):
+                _amx("tileloadd64", T.uint8(t), T.address_of(x[top + 16 * t, s * AMX_K]), T.int64(k))
+            for t in T.unroll(tiles):
+                _amx("tdpbusd", T.uint8(4 + t), T.uint8(t), T.uint8(3))
+        if jo < full:
+            for t in T.unroll(tiles):
+                _amx("tilestored64", T.uint8(4 + t), T.address_of(y[top + 16 * t, jo * 16]), T.int64(4 * n))
+        else:  # the last, partial column tile: through a buffer
+            for t in T.unroll(tiles):
+                _amx("tilestored64", T.uint8(4 + t), T.address_of(part[16 * t, 0]), T.int64(64))
+            for r, v in T.grid(count, 16):
+                # read outside the guard: a read under it let TVM shrink the buffer to the columns
+                # written (8 of 16 a row), a row stride the tile store did not know
+                value: T.let = part[r, v]
+                if jo * 16 + v < n:
+                    y[top + r, jo * 16 + v] = value
+
+    @T.macro
+    def column(colsum, zp, bias, jo):
+        for v in T.vectorized(16):
+            bias[v] = T.int32(0) - zp[0] * colsum[jo * 16 + v]
+
+    @T.prim_func
+    def gemm(
+        x: T.Buffer((m, k), "uint8"),
+        wp: T.Buffer((nb, k // 4, 16, 4), "int8"),
+        colsum: T.Buffer((nb * 16,), "int32"),
+        zp: T.Buffer((1,), "int32"),
+        y: T.Buffer((m, n), "int32"),
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        for c in loop(nc):
+            cfg = T.alloc_buffer((64,), "uint8", scope="local")
+            bias = T.alloc_buffer((16,), "int32", scope="local")
+            part = T.alloc_buffer((AMX_BLOCK, 16), "int32", scope="local")
+            if nfull > 0:
+                configure(cfg, 3, AMX_BLOCK)
+                for b in range(nfull):
+                    for jj in range(per):
+                        column(colsum, zp, bias, c * per + jj)
+                        block(x, wp, y, bias, part, b * AMX_BLOCK, c * per + jj, 3, AMX_BLOCK)
+            if rest > 0:
+                configure(cfg, -(-rest // 16), rest)
+                for jj in range(per):
+                    column(colsum, zp, bias, c * per + jj)
+                    block(x, wp, y, bias, part, nfull * AMX_BLOCK, c * per + jj, -(-rest // 16), rest)
+            _amx("tilerelease")
+
+    return gemm.with_attr("global_symbol", f"u8s8_amx_gemm_m{m}_k{k}_n{n}")
+
+
 def tvm_op(name: str) -> Any:
     """The Relax operator registered as ``name``."""
     return tvm.ir.Op.get(name)
@@ -184,8 +290,9 @@ def _constant(expr: Any, lookup: Any, depth: int = 4) -> np.ndarray | None:
 
 def rewrite_int_matmul(bb: Any, call: relax.Call, lookup: Any, isa: str = "avx512vnni") -> relax.Expr | None:
     """``matmul(astype(xq, int32) [- zp], W, out_dtype=int32)`` with xq uint8, W an int32 constant
-    of int8 values and zp a scalar: the VNNI kernel above (or `portable_conv` for ``isa`` dotprod
-    or avx2), or None where the pattern does not hold (the caller keeps the call)."""
+    of int8 values and zp a scalar: the VNNI kernel above (`u8s8_amx_gemm` for ``isa`` amx where
+    its shape fits, `portable_conv` for dotprod or avx2), or None where the pattern does not hold
+    (the caller keeps the call)."""
     if len(call.args) != 2 or str(call.attrs.out_dtype) != "int32":
         return None
     a, w = call.args
@@ -212,14 +319,26 @@ def rewrite_int_matmul(bb: Any, call: relax.Call, lookup: Any, isa: str = "avx51
     m = int(np.prod(shape[:-1]))
     if shape[-1] != k or m == 0:
         return None
-    if isa != "avx512vnni":
+    if isa not in ("avx512vnni", "amx"):
         return _portable_matmul(bb, isa, xq, shape, weight, zp)
+    x2 = xq if len(shape) == 2 else bb.emit(relax.op.reshape(xq, [m, k]))
+    colsums = weight.sum(axis=0, dtype=np.int64).astype(np.int32)
+    if isa == "amx" and k % AMX_K == 0 and m >= AMX_GRAPH_ROWS:
+        packed = pack_weight(weight.astype(np.int8), 16)
+        colsum = np.zeros(packed.shape[0] * 16, np.int32)
+        colsum[:n] = colsums
+        gv = bb.add_func(u8s8_amx_gemm(m, k, n), f"u8s8_amx_gemm_m{m}_k{k}_n{n}")
+        y = relax.call_tir(
+            gv,
+            [x2, relax.const(packed), relax.const(colsum), bb.emit(zp)],
+            out_ty=relax.TensorType([m, n], "int32"),
+        )
+        return y if len(shape) == 2 else relax.op.reshape(bb.emit(y), [*shape[:-1], n])
     block = 2 * LANES if n % (2 * LANES) == 0 or n > 2 * LANES else LANES
     packed = pack_weight(weight.astype(np.int8), block)
     colsum = np.zeros(packed.shape[0] * block, np.int32)
-    colsum[:n] = weight.sum(axis=0, dtype=np.int64).astype(np.int32)
+    colsum[:n] = colsums
     gv = bb.add_func(u8s8_gemm(m, k, n, block), f"u8s8_gemm_m{m}_k{k}_n{n}")
-    x2 = xq if len(shape) == 2 else bb.emit(relax.op.reshape(xq, [m, k]))
     y = relax.call_tir(
         gv,
         [x2, relax.const(packed), relax.const(colsum), bb.emit(zp)],
@@ -431,7 +550,7 @@ def rewrite_int_conv(bb: Any, call: relax.Call, lookup: Any, isa: str = "avx512v
         qe = bb.emit(relax.op.reshape(qe, [1, 1, spatial[1], ci]))
     widths = [0, 0, before[0], after[0], before[1], after[1], 0, cp - ci]
     xp = bb.emit(relax.op.nn.pad(qe, widths, pad_value=float(zp)))
-    if isa != "avx512vnni":  # aarch64 sdot, AVX2 vpmaddwd
+    if isa not in ("avx512vnni", "amx"):  # aarch64 sdot, AVX2 vpmaddwd (AMX: the VNNI conv)
         func = portable_conv(isa, (hp, wp_), tuple(out_sp), tuple(taps), tuple(strides), tuple(dilation), cp, co)
         zp_const = relax.const(np.array([zp], np.int32))
         y = bb.emit(_portable_call(bb, func, xp, wk, isa, zp_const, [1, *out_sp, co]))
@@ -473,8 +592,10 @@ MIN_PARALLEL_PORTABLE_MACS = 1 << 22
 
 
 def int8_isa(target: Any) -> str | None:
-    """The integer instruction set the graph's int8 kernels use on ``target``: ``avx512vnni``,
-    ``dotprod`` (also on i8mm cores, which have it), ``avx2``, or None (the float path)."""
+    """The integer instruction set the graph's int8 kernels use on ``target``: ``amx`` (AMX-INT8
+    tiles for GEMMs of `AMX_GRAPH_ROWS` rows or more and K a multiple of `AMX_K`, the VNNI kernels
+    for the rest), ``avx512vnni``, ``dotprod`` (also on i8mm cores, which have it), ``avx2``, or
+    None (the float path)."""
     from tvm.target.codegen import llvm_get_cpu_features
 
     from edgert.compiler.kernels.int8 import dot_isa
@@ -482,8 +603,7 @@ def int8_isa(target: Any) -> str | None:
     if target.kind.name != "llvm":
         return None
     isa = dot_isa(set(llvm_get_cpu_features(target)))
-    # The graph kernels have no AMX tiles: their VNNI ones run there.
-    return {"i8mm": "dotprod", "amx": "avx512vnni"}.get(isa, isa) if isa else None
+    return {"i8mm": "dotprod"}.get(isa, isa) if isa else None
 
 
 def _portable_shape(isa: str, n: int) -> tuple[int, int, int, int]:
