@@ -519,3 +519,143 @@ def test_depthwise_pointwise_fused_matches_onnxruntime(tmp_path):
         got = edgert.load(tmp_path / "d.edgert", threads=threads)(x=x)
         for key, value in want.items():
             np.testing.assert_allclose(got[key], value, rtol=1e-4, atol=1e-4, err_msg=f"{key} t{threads}")
+
+
+# -- AMX-INT8 tiles (int8_graph.u8s8_amx_gemm) ------------------------------------------------------
+# (rows, K, columns): the fewest rows the tiles take; a partial row and column tile; two full blocks
+# of 48 rows and a 4-row tail over an odd number of K steps; one full block; a GEMM over threads.
+AMX_GEMMS = [(8, 64, 16), (37, 128, 40), (100, 192, 200), (48, 64, 24), (40, 512, 1024)]
+
+
+@pytest.fixture(scope="module")
+def amx_gemms():
+    """AMX and VNNI builds of AMX_GEMMS for a CPU with AMX-INT8 (sapphirerapids), and whether this host runs them."""
+    import tvm
+
+    from edgert.compiler.schedules import int8_graph as ig
+    from edgert.targets import AMX_FLAGS, enable_amx, host_arch, host_cpu_flags
+
+    target = tvm.target.Target(
+        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids", "num-cores": 2}
+    )
+    funcs = {}
+    for m, k, n in AMX_GEMMS:
+        funcs[f"amx_{m}_{k}_{n}"] = ig.u8s8_amx_gemm(m, k, n).with_attr("global_symbol", f"amx_{m}_{k}_{n}")
+        funcs[f"vnni_{m}_{k}_{n}"] = ig.u8s8_gemm(m, k, n, 32).with_attr("global_symbol", f"vnni_{m}_{k}_{n}")
+    lib = tvm.compile(tvm.IRModule(funcs), target=target)
+    runs_here = host_arch() == "x86_64" and {"avx512vnni", "avx512bw", *AMX_FLAGS} <= host_cpu_flags()
+    if runs_here:
+        enable_amx()
+    return lib, runs_here
+
+
+@pytest.mark.parametrize(("m", "k", "n"), AMX_GEMMS)
+def test_amx_gemm_matches_numpy_exactly(amx_gemms, m: int, k: int, n: int) -> None:
+    """The tiles' int32 results equal numpy's int64 arithmetic (and the VNNI kernel's) on shapes that
+    leave partial row and column tiles, with the zero point through the column sums."""
+    import tvm
+
+    from edgert.compiler.schedules import int8_graph as ig
+
+    lib, runs_here = amx_gemms
+    asm = lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
+    assert "tdpbusd" in asm and "ldtilecfg" in asm and "tilerelease" in asm
+    assert ("T.parallel(" in ig.u8s8_amx_gemm(m, k, n).script()) == (m * k * n >= ig.MIN_PARALLEL_AMX_MACS)
+    if not runs_here:
+        pytest.skip("this host has no AMX-INT8 to run the tiles on (compiled and checked only)")
+    rng = np.random.default_rng(m * k + n)
+    x = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    w = rng.integers(-128, 128, (k, n), dtype=np.int8)
+    x[0], w[:, 0] = 255, -128  # the largest sums
+    zp = np.array([rng.integers(0, 256)], np.int32)
+    want = (x.astype(np.int64) - zp[0]) @ w.astype(np.int64)
+    out = {}
+    for kind, block in (("amx", 16), ("vnni", 32)):
+        packed = ig.pack_weight(w, block)
+        colsum = np.zeros(packed.shape[0] * block, np.int32)
+        colsum[:n] = w.astype(np.int64).sum(0)
+        args = [tvm.runtime.tensor(a) for a in (x, packed, colsum, zp, np.full((m, n), -7, np.int32))]
+        lib[f"{kind}_{m}_{k}_{n}"](*args)
+        out[kind] = args[-1].numpy()
+    np.testing.assert_array_equal(out["amx"], want)
+    np.testing.assert_array_equal(out["vnni"], want)
+
+
+def test_amx_gemm_refuses_a_partial_k_step() -> None:
+    from edgert.compiler.schedules import int8_graph as ig
+
+    with pytest.raises(ValueError, match="K divisible by 64"):
+        ig.u8s8_amx_gemm(16, 96, 16)
+
+
+def test_integer_gemms_on_tiles_match_onnxruntime_exactly(tmp_path):
+    """MatMulInteger (37 rows x 128 -> 40: partial row and column tiles) and a QDQ MatMul (4 rows x
+    192 -> 24, below the tiles' rows; 37 x 192 -> 24 on them): on AMX tiles where the host has
+    AMX-INT8 and the VNNI kernel otherwise, onnxruntime's bytes either way."""
+    import edgert
+    from edgert.compiler.schedules.int8_graph import AMX_GRAPH_ROWS, int8_isa
+    from edgert.compiler.target import resolve
+    from edgert.families.graph.lower import optimize
+    from edgert.frontend.onnx_graph import import_onnx
+    from edgert.targets import load_target
+
+    rng = np.random.default_rng(31)
+    i8 = lambda *shape: numpy_helper.from_array(rng.integers(-128, 128, shape).astype(np.int8))  # noqa: E731
+    inits = [i8(128, 40), i8(192, 24)]
+    inits[0].name, inits[1].name = "w", "wm"
+    inits += [
+        numpy_helper.from_array(np.float32(0.011), "xs"),
+        numpy_helper.from_array(np.uint8(140), "xz"),
+        numpy_helper.from_array((rng.random(24) * 0.004 + 0.001).astype(np.float32), "ws"),
+        numpy_helper.from_array(np.zeros(24, np.int8), "wz"),
+        numpy_helper.from_array(np.float32(0.05), "ys"),
+        numpy_helper.from_array(np.uint8(120), "yz"),
+    ]
+    node = helper.make_node
+    nodes = [
+        node("DynamicQuantizeLinear", ["x"], ["dq", "dqs", "dqz"]),
+        node("MatMulInteger", ["dq", "w", "dqz"], ["imm"]),
+        node("DequantizeLinear", ["wm", "ws", "wz"], ["wmd"], axis=1),
+    ]
+    for name in "ab":
+        nodes += [
+            node("QuantizeLinear", [f"x{name}", "xs", "xz"], [f"xq{name}"]),
+            node("DequantizeLinear", [f"xq{name}", "xs", "xz"], [f"xd{name}"]),
+            node("MatMul", [f"xd{name}", "wmd"], [f"mm{name}"]),
+            node("QuantizeLinear", [f"mm{name}", "ys", "yz"], [f"q{name}"]),
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "integer_gemms",
+        [
+            helper.make_tensor_value_info("x", F32, [1, 37, 128]),
+            helper.make_tensor_value_info("xa", F32, [37, 192]),
+            helper.make_tensor_value_info("xb", F32, [4, 192]),
+        ],
+        [helper.make_tensor_value_info("imm", TensorProto.INT32, None)]
+        + [helper.make_tensor_value_info(f"q{n}", TensorProto.UINT8, None) for n in "ab"],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "gemms.onnx"
+    onnx.save(model, str(path))
+    target, _ = resolve(load_target("host"), threads=2)
+    isa = int8_isa(target)
+    if isa not in ("amx", "avx512vnni"):
+        pytest.skip(f"the host's integer kernels are {isa}, not AVX-512 VNNI or AMX")
+    mod, _, _ = optimize(import_onnx(path)[0], target, "f32")
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    assert 4 < AMX_GRAPH_ROWS <= 37
+    assert len([n for n in names if "u8s8_amx_gemm" in n]) == (2 if isa == "amx" else 0)
+    assert len([n for n in names if "u8s8_gemm" in n]) == (1 if isa == "amx" else 3)
+    edgert.compile(str(path), output=tmp_path / "g.edgert")
+    feeds = {
+        "x": rng.standard_normal((1, 37, 128)).astype(np.float32),
+        "xa": rng.standard_normal((37, 192)).astype(np.float32),
+        "xb": rng.standard_normal((4, 192)).astype(np.float32),
+    }
+    got = edgert.load(tmp_path / "g.edgert")(feeds)
+    for key, want in _reference(path, feeds).items():
+        assert got[key].dtype == want.dtype, key
+        np.testing.assert_array_equal(got[key], want, err_msg=key)
