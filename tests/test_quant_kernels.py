@@ -353,7 +353,7 @@ def test_int8_activations_need_a_dot_product_instruction_set() -> None:
     # auto: int8 on VNNI only (AVX2's float q8 head was faster; other CPUs not measured)
     assert _int8_isa("auto", znver5) == "avx512vnni" and _int8_isa("auto", host) is None
     assert _int8_isa("auto", rpi4) is None and _int8_isa("auto", rpi5) is None
-    # AMX tiles where the CPU has them, on the VNNI layout; the graph kernels (no tiles) take VNNI there
+    # AMX tiles where the CPU has them, on the VNNI layout
     spr = {**znver5, "cpu": "rocketlake", "cpu_flags": [*znver5["cpu_flags"], "amx-int8", "amx-tile"]}
     assert _int8_isa("auto", spr) == "amx" and _int8_isa("int8", spr) == "amx"
     with pytest.raises(EdgertError, match=r"target 'rpi4' \(cortex-a72\) has neon"):
