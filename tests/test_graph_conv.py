@@ -524,7 +524,7 @@ def test_depthwise_pointwise_fused_matches_onnxruntime(tmp_path):
 # -- AMX-INT8 tiles (int8_graph.u8s8_amx_gemm) ------------------------------------------------------
 # (rows, K, columns): the fewest rows the tiles take; a partial row and column tile; two full blocks
 # of 48 rows and a 4-row tail over an odd number of K steps; one full block; a GEMM over threads.
-AMX_GEMMS = [(8, 64, 16), (37, 128, 40), (100, 192, 200), (48, 64, 24), (40, 512, 1024)]
+AMX_GEMMS = [(2, 64, 16), (37, 128, 40), (100, 192, 200), (48, 64, 24), (40, 512, 1024)]
 
 
 @pytest.fixture(scope="module")
@@ -589,7 +589,7 @@ def test_amx_gemm_refuses_a_partial_k_step() -> None:
 
 
 def test_integer_gemms_on_tiles_match_onnxruntime_exactly(tmp_path):
-    """MatMulInteger (37 rows x 128 -> 40: partial row and column tiles) and a QDQ MatMul (4 rows x
+    """MatMulInteger (37 rows x 128 -> 40: partial row and column tiles) and a QDQ MatMul (1 row x
     192 -> 24, below the tiles' rows; 37 x 192 -> 24 on them): on AMX tiles where the host has
     AMX-INT8 and the VNNI kernel otherwise, onnxruntime's bytes either way."""
     import edgert
@@ -630,7 +630,7 @@ def test_integer_gemms_on_tiles_match_onnxruntime_exactly(tmp_path):
         [
             helper.make_tensor_value_info("x", F32, [1, 37, 128]),
             helper.make_tensor_value_info("xa", F32, [37, 192]),
-            helper.make_tensor_value_info("xb", F32, [4, 192]),
+            helper.make_tensor_value_info("xb", F32, [1, 192]),
         ],
         [helper.make_tensor_value_info("imm", TensorProto.INT32, None)]
         + [helper.make_tensor_value_info(f"q{n}", TensorProto.UINT8, None) for n in "ab"],
@@ -646,14 +646,14 @@ def test_integer_gemms_on_tiles_match_onnxruntime_exactly(tmp_path):
         pytest.skip(f"the host's integer kernels are {isa}, not AVX-512 VNNI or AMX")
     mod, _, _ = optimize(import_onnx(path)[0], target, "f32")
     names = [gv.name_hint for gv in mod.get_global_vars()]
-    assert 4 < AMX_GRAPH_ROWS <= 37
+    assert 1 < AMX_GRAPH_ROWS <= 37
     assert len([n for n in names if "u8s8_amx_gemm" in n]) == (2 if isa == "amx" else 0)
     assert len([n for n in names if "u8s8_gemm" in n]) == (1 if isa == "amx" else 3)
     edgert.compile(str(path), output=tmp_path / "g.edgert")
     feeds = {
         "x": rng.standard_normal((1, 37, 128)).astype(np.float32),
         "xa": rng.standard_normal((37, 192)).astype(np.float32),
-        "xb": rng.standard_normal((4, 192)).astype(np.float32),
+        "xb": rng.standard_normal((1, 192)).astype(np.float32),
     }
     got = edgert.load(tmp_path / "g.edgert")(feeds)
     for key, want in _reference(path, feeds).items():

@@ -158,8 +158,9 @@ def u8s8_gemm(m: int, k: int, n: int, block: int) -> tirx.PrimFunc:
 # with a row stride of 0 (one row for every row), and the sums go straight to ``y``.
 AMX_K = 64  # K values a tile multiplies (64 bytes a row): AMX takes K in multiples of it
 AMX_BLOCK = 48  # rows a block of three row tiles covers
-# From this many rows on, a target with AMX-INT8 takes the tiles (fewer rows: the VNNI tiles).
-AMX_GRAPH_ROWS = 8
+# From this many rows on, a target with AMX-INT8 takes the tiles (one row: the VNNI tiles). One thread,
+# loaded, x512 -> 512: 1 row 2.5 us on tiles, 2.4 VNNI; 2 rows 2.6 / 3.0; 4 rows 2.6 / 3.9.
+AMX_GRAPH_ROWS = 2
 # Below this many multiply-adds an AMX GEMM runs on one thread (8x `MIN_PARALLEL_INT8_MACS`): the
 # tiles took 7.7 us for encoder_512's 40x512x512 where ``vpdpbusd`` took 33 (one thread, loaded,
 # 2-core Intel Xeon), and a parallel region costs a few.
