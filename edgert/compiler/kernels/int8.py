@@ -65,6 +65,12 @@ AMX_ROWS = 2
 AMX_AHEAD = 4
 
 
+def q4_bytes(isa: str | None) -> bool:
+    """Whether ``isa`` stores q4 codes one a byte (``uint8 [N/B, K/4, B, 4]``, q8's layout with codes
+    0..15) instead of two: AMX tiles load a group's codes as they load q8's (see AMX_ROWS)."""
+    return isa == "amx"
+
+
 def vnni_layout(isa: str | None) -> bool:
     """Whether ``isa`` takes the AVX-512 VNNI kernels and weight layout (``amx`` adds tiles to them)."""
     return isa in ("avx512vnni", "amx")
@@ -336,13 +342,14 @@ def multirow_quant_matmul(
         raise ValueError(f"the column tile must be a multiple of 8, got {block}")
     nb, full, ng = -(-n // block), n // block, k // GROUP
     q4 = kind == "q4"
-    kq = k // 8 if q4 else k // 4
+    nib = q4 and not q4_bytes(isa)  # q4 codes two a byte (else one a byte, as q8's)
+    kq = k // 8 if nib else k // 4
     code_dtype = "uint8" if q4 else "int8"
     vnni = vnni_layout(isa)
-    amx = isa == "amx" and not q4 and block in (16, 32)  # one or two 16-column tiles of sums per column tile
+    amx = isa == "amx" and block in (16, 32)  # one or two 16-column tiles of sums per column tile
     cols = (16 if block % 16 == 0 else 8) if vnni else 4  # int32 lanes (output columns) per register
     nbytes, chunks = cols * 4, block // cols
-    per_g = GROUP // 8 if q4 else GROUP // 4
+    per_g = GROUP // 8 if nib else GROUP // 4
 
     def xbcast(xq, row, k0):  # 4 activation bytes broadcast to every 32-bit lane
         word = T.reinterpret("int32", xq.vload([row, k0], "int8x4"))
@@ -413,13 +420,17 @@ def multirow_quant_matmul(
                         for kk in T.unroll(per_g):
                             for ci in T.unroll(cw):
                                 c = co * cw + ci
-                                if q4:
+                                if nib:
                                     v = qw.vload([jo, g * per_g + kk, c * cols, 0], f"uint8x{nbytes}")
                                     wv[ci, 0, T.ramp(0, 1, nbytes)] = T.reinterpret(
                                         f"{wdt}x{nbytes}", v & T.broadcast(T.uint8(15), nbytes)
                                     )
                                     wv[ci, 1, T.ramp(0, 1, nbytes)] = T.reinterpret(
                                         f"{wdt}x{nbytes}", v >> T.broadcast(T.uint8(4), nbytes)
+                                    )
+                                elif q4:  # codes 0..15 a byte: the unsigned operand as they are
+                                    wv[ci, 0, T.ramp(0, 1, nbytes)] = qw.vload(
+                                        [jo, g * per_g + kk, c * cols, 0], f"uint8x{nbytes}"
                                     )
                                 elif vnni:
                                     v = qw.vload([jo, g * per_g + kk, c * cols, 0], f"int8x{nbytes}")
@@ -433,7 +444,7 @@ def multirow_quant_matmul(
                             for r in T.unroll(rows):
                                 row = top + r
                                 for ci in T.unroll(cw):
-                                    if q4:
+                                    if nib:
                                         isum[r, ci, 0, T.ramp(0, 1, cols)] = dot(
                                             isum[r, ci, 0, T.ramp(0, 1, cols)],
                                             wv[ci, 0, T.ramp(0, 1, nbytes)],
@@ -544,11 +555,12 @@ def multirow_quant_matmul(
             amx_dot(xq2, sums, g % 2, 1, top, g)
 
     @T.macro
-    def amx_epilogue(sc, xd, xd2, sums, acc, d, jo, top, rows, g):
+    def amx_epilogue(sc, mn, xd, xs, xd2, sums, acc, d, lo, jo, top, rows, g):
         # group g's sums (stored a group earlier) scaled into the float accumulators, as `tiles` does
         for c in T.unroll(chunks):
             for v in T.vectorized(16):
                 d[v] = T.Cast("float32", sc[jo, g, c * 16 + v])
+                lo[v] = T.Cast("float32", mn[jo, g, c * 16 + v]) if q4 else T.float32(0)
             for r in range(rows):
                 for v in T.vectorized(16):
                     if two:
@@ -561,14 +573,17 @@ def multirow_quant_matmul(
                         acc[r, c, v] = acc[r, c, v] + T.Cast("float32", sums[g % 2, 0, c, r, v]) * (
                             d[v] * xd[top + r, g]
                         )
+                    if q4:
+                        acc[r, c, v] = acc[r, c, v] + xs[top + r, g] * lo[v]
 
     @T.macro
-    def amx_tiles(qw, sc, y, xq, xd, xq2, xd2, cfg, jo, m):
+    def amx_tiles(qw, sc, mn, y, xq, xd, xs, xq2, xd2, cfg, jo, m):
         # Two halves: a group's sums are read back a group after the tiles stored them, so the loads
         # do not wait for the tile stores (no forwarding from them) while the next group's tiles run.
         sums = T.alloc_buffer((2, 2 if two else 1, chunks, 16, 16), "int32", scope="local")
         acc = T.alloc_buffer((16, chunks, 16), "float32", scope="local")
         d = T.alloc_buffer((16,), "float32", scope="local")
+        lo = T.alloc_buffer((16,), "float32", scope="local")
         for rt in range((m + 15) // 16):
             top = rt * 16
             rows = T.min(T.int64(16), m - top)
@@ -579,8 +594,8 @@ def multirow_quant_matmul(
             amx_group(qw, xq, xq2, sums, jo, rt, top, 0)
             for g in range(1, ng):
                 amx_group(qw, xq, xq2, sums, jo, rt, top, g)
-                amx_epilogue(sc, xd, xd2, sums, acc, d, jo, top, rows, g - 1)
-            amx_epilogue(sc, xd, xd2, sums, acc, d, jo, top, rows, ng - 1)
+                amx_epilogue(sc, mn, xd, xs, xd2, sums, acc, d, lo, jo, top, rows, g - 1)
+            amx_epilogue(sc, mn, xd, xs, xd2, sums, acc, d, lo, jo, top, rows, ng - 1)
             for r, c in T.grid(rows, chunks):
                 if jo < full:
                     for v in T.vectorized(16):
@@ -690,7 +705,7 @@ def multirow_quant_matmul(
                 cfg[63] = T.uint8(0)  # nothing configured yet
                 for jj in range(amx_span):
                     if jp * amx_span + jj < nb:
-                        amx_tiles(qw, sc, y, xq, xd, xq2, xd2, cfg, jp * amx_span + jj, m)
+                        amx_tiles(qw, sc, mn, y, xq, xd, xs, xq2, xd2, cfg, jp * amx_span + jj, m)
                 _amx("tilerelease")
         else:
             for jo in T.parallel(nb):
