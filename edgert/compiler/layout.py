@@ -17,13 +17,7 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import Tensor, op
 
-from edgert.compiler.kernels.int8 import (
-    i8mm_quant_matmul,
-    int8_quant_matmul,
-    multirow_quant_matmul,
-    q4_bytes,
-    vnni_layout,
-)
+from edgert.compiler.kernels.int8 import i8mm_quant_matmul, int8_quant_matmul, multirow_quant_matmul, vnni_layout
 from edgert.compiler.kernels.quant import packed_matmul, pick_block, quant_block, quant_matmul
 from edgert.frontend.quantized import QuantizedRows, is_quantized, parse_kind
 
@@ -119,8 +113,8 @@ class QuantLinear(nn.Module):
         if isa == "i8mm":
             shape = (nb, in_features // (16 if kind == "q4" else 8), self.block, 8)
             self.qweight = nn.Parameter(shape, "uint8" if kind == "q4" else "int8")
-        elif isa is not None:  # q4 two codes a byte, but one where the AMX tiles load them (`q4_bytes`)
-            shape = (nb, in_features // (8 if kind == "q4" and not q4_bytes(isa) else 4), self.block, 4)
+        elif isa is not None:
+            shape = (nb, in_features // (8 if kind == "q4" else 4), self.block, 4)
             self.qweight = nn.Parameter(shape, "uint8" if kind == "q4" else "int8")
         elif kind == "q4":
             self.qweight = nn.Parameter((nb, in_features // 8, self.block), "uint32")
@@ -209,25 +203,23 @@ class QuantLinear(nn.Module):
         block, k, n, q4, group = self.block, self.in_features, self.out_features, self.kind == "q4", self.group
         # Byte layouts (`_pack_runs`): runs of 4 (avx2, dotprod) or 8 (i8mm) rows of a column.
         run = 0 if self.isa is None else 8 if self.isa == "i8mm" else 4
-        nibbles = q4 and run and not q4_bytes(self.isa)  # else q4 codes one a byte, as q8's
 
         def rows(flat: te.Tensor, qw: te.Tensor, sc: te.Tensor, *mn: te.Tensor) -> te.Tensor:
             def value(i: Any, c: Any) -> Any:
                 # Out-of-range ids are clipped so a bad id cannot read outside the table (the runtime also checks).
                 r = tirx.max(tirx.min(flat[i].astype("int64"), n - 1), 0)
                 t, j, g = r // block, r % block, c // group
-                if nibbles:  # byte c % run of the column's run bytes; the high nibble holds the next run
+                if q4 and run:  # byte c % run of the column's run bytes; the high nibble holds the next run
                     byte = qw[t, c // (2 * run), j, c % run]
                     shift = (4 * ((c % (2 * run)) // run)).astype("uint8")
                     code = ((byte >> shift) & tirx.const(15, "uint8")).astype("float32")
                     return code * sc[t, g, j].astype("float32") + mn[0][t, g, j].astype("float32")
-                if q4 and not run:
+                if q4:
                     word = qw[t, c // 8, j]
                     code = ((word >> (4 * (c % 8)).astype("uint32")) & tirx.const(15, "uint32")).astype("float32")
                     return code * sc[t, g, j].astype("float32") + mn[0][t, g, j].astype("float32")
                 if run:
-                    value = qw[t, c // run, j, c % run].astype("float32") * sc[t, g, j].astype("float32")
-                    return value + mn[0][t, g, j].astype("float32") if q4 else value
+                    return qw[t, c // run, j, c % run].astype("float32") * sc[t, g, j].astype("float32")
                 value = qw[t, c, j].astype("float32") * sc[t, g, j].astype("float32")
                 return value + mn[0][t, g, j].astype("float32") if mn else value
 
@@ -306,9 +298,7 @@ def _layout_for(
     if is_quantized(kind):
         module = QuantLinear(in_features, out_features, kind, isa)
         names = [f"{name}.{p}" for p in ("qweight", "scale", "min")[: 3 if module.fmt.has_min else 2]]
-        pack = {None: pack_quantized, "i8mm": pack_quantized_mmla, "amx": pack_quantized_bytes}.get(
-            isa, pack_quantized_dot
-        )
+        pack = {None: pack_quantized, "i8mm": pack_quantized_mmla}.get(isa, pack_quantized_dot)
         return module, lambda w, b=module.block: dict(zip(names, pack(w, b), strict=True))
     dtype = WEIGHT_DTYPES[kind]
     block = pick_block(out_features)
@@ -400,12 +390,7 @@ def pack_quantized_dot(q: QuantizedRows, block: int) -> tuple[np.ndarray, ...]:
     return _pack_runs(q, block, 4)
 
 
-def pack_quantized_bytes(q: QuantizedRows, block: int) -> tuple[np.ndarray, ...]:
-    """`pack_quantized_dot` with q4 codes one a byte (``uint8``, 0..15: q8's layout, for the AMX tiles)."""
-    return _pack_runs(q, block, 4, q4_nibbles=False)
-
-
-def _pack_runs(q: QuantizedRows, block: int, run: int, q4_nibbles: bool = True) -> tuple[np.ndarray, ...]:
+def _pack_runs(q: QuantizedRows, block: int, run: int) -> tuple[np.ndarray, ...]:
     """``run`` consecutive rows of a column in ``run`` adjacent bytes, columns in tiles of ``block``.
 
     q4 packs two runs per byte: rows ``2 run kk + t`` in the low nibble, ``2 run kk + run + t`` in the
@@ -413,10 +398,6 @@ def _pack_runs(q: QuantizedRows, block: int, run: int, q4_nibbles: bool = True) 
     tile is zero-padded when ``block`` does not divide N.
     """
     n, k = q.shape
-    if q.kind == "q4" and not q4_nibbles:
-        assert q.min is not None
-        codes = q.codes.astype(np.uint8).reshape(n, k // run, run)
-        return _column_tiles(codes, block), _column_tiles(q.scale, block), _column_tiles(q.min, block)
     if q.kind == "q4":
         c = q.codes.reshape(n, k // (2 * run), 2, run).astype(np.uint8)
         assert q.min is not None

@@ -55,20 +55,23 @@ PROMPT_ROWS = 16
 # From AMX_ROWS rows on, a CPU with AMX-INT8 (``isa="amx"``: the VNNI layout and kernels, and tiles)
 # multiplies q8 matrices with ``tdpbssd`` instead of ``vpdpbusd`` (`amx_tiles`): SmolLM2's q8 LM head
 # over 5 rows 2.25 against 3.61 ms, one thread. q4 matrices keep the VNNI tiles at every row count:
-# their codes must first be unpacked to bytes in memory for the tiles, and a group's 32 K values
-# fill half a tile row, so each group's int32 sums go out through memory to be scaled: tiles for q4
-# measured slower at 5 rows (the 30 gate/up matmuls 3.85 against 3.22 ms a pass) and at 128 (a prompt's
-# matmuls 88.5 against 76.4 ms), even pipelined a group deep and with the codes prefetched.
+# a group's 32 K values fill half a tile row, so each group's int32 sums go out through memory to be
+# scaled (and the min term added), as much work as the 8 ``vpdpbusd`` a row and 16 columns it saves.
+# Tried twice. Codes unpacked to bytes in memory in the kernel: slower at 5 rows (the 30 gate/up
+# matmuls 3.85 against 3.22 ms a pass) and at 128 (a prompt's matmuls 88.5 against 76.4 ms), even
+# pipelined a group deep and with the codes prefetched. Codes stored one a byte at compile time
+# (q8's layout with codes 0..15, ``tdpbssd``, bit for bit the VNNI kernel's outputs; commit ceac93c,
+# its `tools/bench_q4_bytes.py`): slower at every row count on the 2-core Xeon with AMX (2026-12-06,
+# loaded A/B, one thread), since a step streams its q4 codes from L3 at about 10 GB/s a core and
+# bytes are twice the traffic. A step's 120 q4 matmuls (codes from L3): 1 row (VNNI tiles on bytes)
+# 10.6 against 6.3 ms, 5 rows 11.0 against 7.5, 128 rows 89.8 against 79.5; with the codes in L2,
+# 5 rows still 4.5 against 3.1 ms. SmolLM2 end to end (`edgert bench`, 10 rounds alternated): decode
+# 0.65x the tokens/s, the 5-row verify pass 1.31x the CPU ms, a 128-token prompt 0.89x the tokens/s
+# (two threads: 0.68-0.75x, 1.20x, 0.70-0.85x); the artifact 157 MB against 103, peak RSS 256 MB against 205.
 AMX_ROWS = 2
 # Groups of codes the AMX tiles prefetch ahead of the one they multiply (the weights stream from
 # memory; without it the head's tile loads waited for them).
 AMX_AHEAD = 4
-
-
-def q4_bytes(isa: str | None) -> bool:
-    """Whether ``isa`` stores q4 codes one a byte (``uint8 [N/B, K/4, B, 4]``, q8's layout with codes
-    0..15) instead of two: AMX tiles load a group's codes as they load q8's (see AMX_ROWS)."""
-    return isa == "amx"
 
 
 def vnni_layout(isa: str | None) -> bool:
@@ -342,14 +345,13 @@ def multirow_quant_matmul(
         raise ValueError(f"the column tile must be a multiple of 8, got {block}")
     nb, full, ng = -(-n // block), n // block, k // GROUP
     q4 = kind == "q4"
-    nib = q4 and not q4_bytes(isa)  # q4 codes two a byte (else one a byte, as q8's)
-    kq = k // 8 if nib else k // 4
+    kq = k // 8 if q4 else k // 4
     code_dtype = "uint8" if q4 else "int8"
     vnni = vnni_layout(isa)
-    amx = isa == "amx" and block in (16, 32)  # one or two 16-column tiles of sums per column tile
+    amx = isa == "amx" and not q4 and block in (16, 32)  # one or two 16-column tiles of sums per column tile
     cols = (16 if block % 16 == 0 else 8) if vnni else 4  # int32 lanes (output columns) per register
     nbytes, chunks = cols * 4, block // cols
-    per_g = GROUP // 8 if nib else GROUP // 4
+    per_g = GROUP // 8 if q4 else GROUP // 4
 
     def xbcast(xq, row, k0):  # 4 activation bytes broadcast to every 32-bit lane
         word = T.reinterpret("int32", xq.vload([row, k0], "int8x4"))
@@ -420,17 +422,13 @@ def multirow_quant_matmul(
                         for kk in T.unroll(per_g):
                             for ci in T.unroll(cw):
                                 c = co * cw + ci
-                                if nib:
+                                if q4:
                                     v = qw.vload([jo, g * per_g + kk, c * cols, 0], f"uint8x{nbytes}")
                                     wv[ci, 0, T.ramp(0, 1, nbytes)] = T.reinterpret(
                                         f"{wdt}x{nbytes}", v & T.broadcast(T.uint8(15), nbytes)
                                     )
                                     wv[ci, 1, T.ramp(0, 1, nbytes)] = T.reinterpret(
                                         f"{wdt}x{nbytes}", v >> T.broadcast(T.uint8(4), nbytes)
-                                    )
-                                elif q4:  # codes 0..15 a byte: the unsigned operand as they are
-                                    wv[ci, 0, T.ramp(0, 1, nbytes)] = qw.vload(
-                                        [jo, g * per_g + kk, c * cols, 0], f"uint8x{nbytes}"
                                     )
                                 elif vnni:
                                     v = qw.vload([jo, g * per_g + kk, c * cols, 0], f"int8x{nbytes}")
@@ -444,7 +442,7 @@ def multirow_quant_matmul(
                             for r in T.unroll(rows):
                                 row = top + r
                                 for ci in T.unroll(cw):
-                                    if nib:
+                                    if q4:
                                         isum[r, ci, 0, T.ramp(0, 1, cols)] = dot(
                                             isum[r, ci, 0, T.ramp(0, 1, cols)],
                                             wv[ci, 0, T.ramp(0, 1, nbytes)],
@@ -555,12 +553,11 @@ def multirow_quant_matmul(
             amx_dot(xq2, sums, g % 2, 1, top, g)
 
     @T.macro
-    def amx_epilogue(sc, mn, xd, xs, xd2, sums, acc, d, lo, jo, top, rows, g):
+    def amx_epilogue(sc, xd, xd2, sums, acc, d, jo, top, rows, g):
         # group g's sums (stored a group earlier) scaled into the float accumulators, as `tiles` does
         for c in T.unroll(chunks):
             for v in T.vectorized(16):
                 d[v] = T.Cast("float32", sc[jo, g, c * 16 + v])
-                lo[v] = T.Cast("float32", mn[jo, g, c * 16 + v]) if q4 else T.float32(0)
             for r in range(rows):
                 for v in T.vectorized(16):
                     if two:
@@ -573,17 +570,14 @@ def multirow_quant_matmul(
                         acc[r, c, v] = acc[r, c, v] + T.Cast("float32", sums[g % 2, 0, c, r, v]) * (
                             d[v] * xd[top + r, g]
                         )
-                    if q4:
-                        acc[r, c, v] = acc[r, c, v] + xs[top + r, g] * lo[v]
 
     @T.macro
-    def amx_tiles(qw, sc, mn, y, xq, xd, xs, xq2, xd2, cfg, jo, m):
+    def amx_tiles(qw, sc, y, xq, xd, xq2, xd2, cfg, jo, m):
         # Two halves: a group's sums are read back a group after the tiles stored them, so the loads
         # do not wait for the tile stores (no forwarding from them) while the next group's tiles run.
         sums = T.alloc_buffer((2, 2 if two else 1, chunks, 16, 16), "int32", scope="local")
         acc = T.alloc_buffer((16, chunks, 16), "float32", scope="local")
         d = T.alloc_buffer((16,), "float32", scope="local")
-        lo = T.alloc_buffer((16,), "float32", scope="local")
         for rt in range((m + 15) // 16):
             top = rt * 16
             rows = T.min(T.int64(16), m - top)
@@ -594,8 +588,8 @@ def multirow_quant_matmul(
             amx_group(qw, xq, xq2, sums, jo, rt, top, 0)
             for g in range(1, ng):
                 amx_group(qw, xq, xq2, sums, jo, rt, top, g)
-                amx_epilogue(sc, mn, xd, xs, xd2, sums, acc, d, lo, jo, top, rows, g - 1)
-            amx_epilogue(sc, mn, xd, xs, xd2, sums, acc, d, lo, jo, top, rows, ng - 1)
+                amx_epilogue(sc, xd, xd2, sums, acc, d, jo, top, rows, g - 1)
+            amx_epilogue(sc, xd, xd2, sums, acc, d, jo, top, rows, ng - 1)
             for r, c in T.grid(rows, chunks):
                 if jo < full:
                     for v in T.vectorized(16):
@@ -705,7 +699,7 @@ def multirow_quant_matmul(
                 cfg[63] = T.uint8(0)  # nothing configured yet
                 for jj in range(amx_span):
                     if jp * amx_span + jj < nb:
-                        amx_tiles(qw, sc, mn, y, xq, xd, xs, xq2, xd2, cfg, jp * amx_span + jj, m)
+                        amx_tiles(qw, sc, y, xq, xd, xq2, xd2, cfg, jp * amx_span + jj, m)
                 _amx("tilerelease")
         else:
             for jo in T.parallel(nb):
