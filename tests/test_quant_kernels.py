@@ -593,9 +593,8 @@ def amx_kernels():
 @pytest.mark.parametrize(("kind", "n", "k"), AMX_SHAPES)
 def test_amx_tiles_give_the_vnni_tiles_results(amx_kernels, kind: str, n: int, k: int) -> None:
     """q8 rows through AMX tiles (two rows on; full row tiles of 16 and a shorter last one) equal the
-    VNNI kernel's bit for bit, so a verify pass's rows stay its decode steps; so do q4 rows, which take
-    the tiles from AMX_Q4_ROWS rows on (full tiles of 16 on unpacked codes, the rest the VNNI tiles;
-    a 16-column tile (n = 20) keeps the VNNI tiles), and both match numpy's product."""
+    VNNI kernel's bit for bit, so a verify pass's rows stay its decode steps; q4 keeps the VNNI tiles
+    (the same outputs at every row count, prompt chunks included), and matches numpy's product."""
     import tvm
 
     from edgert.compiler.layout import pack_quantized_dot
@@ -608,7 +607,7 @@ def test_amx_tiles_give_the_vnni_tiles_results(amx_kernels, kind: str, n: int, k
     rng = np.random.default_rng(n + k + 7)
     q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
     weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
-    # q4: rows past AMX_Q4_ROWS's full tiles of 16 in VNNI tiles of every size (80 + 1, 7: 5 + 2, 17: 16 + 1)
+    # q4: prompt chunks of awkward sizes too (tiles of 5 and a rest of 1 or 2)
     for m in VNNI_ROWS + ((80, 81, 87, 97) if kind == "q4" else ()):
         x = rng.standard_normal((m, k)).astype(np.float32)
         x[-1] *= 100

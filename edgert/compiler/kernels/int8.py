@@ -54,10 +54,10 @@ ROW_TILES = (1, 2, 3, 4, 5)
 PROMPT_ROWS = 16
 # From AMX_ROWS rows on, a CPU with AMX-INT8 (``isa="amx"``: the VNNI layout and kernels, and tiles)
 # multiplies q8 matrices with ``tdpbssd`` instead of ``vpdpbusd`` (`amx_tiles`): SmolLM2's q8 LM head
-# over 5 rows 2.25 against 3.61 ms, one thread. q4 matrices keep the VNNI tiles below AMX_Q4_ROWS rows:
+# over 5 rows 2.25 against 3.61 ms, one thread. q4 matrices keep the VNNI tiles at every row count:
 # a group's 32 K values fill half a tile row, so each group's int32 sums go out through memory to be
 # scaled (and the min term added), as much work as the 8 ``vpdpbusd`` a row and 16 columns it saves.
-# Tried twice. Codes unpacked to bytes in memory in the kernel: slower at 5 rows (the 30 gate/up
+# Tried three times. Codes unpacked to bytes in memory in the kernel: slower at 5 rows (the 30 gate/up
 # matmuls 3.85 against 3.22 ms a pass) and at 128 (a prompt's matmuls 88.5 against 76.4 ms), even
 # pipelined a group deep and with the codes prefetched. Codes stored one a byte at compile time
 # (q8's layout with codes 0..15, ``tdpbssd``, bit for bit the VNNI kernel's outputs; commit ceac93c,
@@ -68,14 +68,15 @@ PROMPT_ROWS = 16
 # 5 rows still 4.5 against 3.1 ms. SmolLM2 end to end (`edgert bench`, 10 rounds alternated): decode
 # 0.65x the tokens/s, the 5-row verify pass 1.31x the CPU ms, a 128-token prompt 0.89x the tokens/s
 # (two threads: 0.68-0.75x, 1.20x, 0.70-0.85x); the artifact 157 MB against 103, peak RSS 256 MB against 205.
+# Third, for prompt chunks only (commit 0ff0c78): the codes kept two a byte and unpacked once per
+# column tile into a byte panel that every full tile of 16 rows multiplies, one 16-column chunk at a
+# time so that its float accumulators stay in registers (bit for bit again). The 120 q4 matmuls gain
+# from about 80 rows (there, `tools/bench_multirow.py --isa amx --against` the int8.py before; loaded
+# A/B: 128 rows 0.91x the time at one thread, 0.89x and 0.99x at two; 256 rows 0.91x; 64 rows
+# 0.97..1.02x; 16 rows 1.12x), and a 128-token prompt took 0.92..0.96x the time at one thread but
+# 1.01..1.07x at two (six runs of 16..40 alternated rounds, 128 and 256 tokens, load average 6..8):
+# not the default, since the goals are measured at two threads.
 AMX_ROWS = 2
-# From AMX_Q4_ROWS rows on (a prompt chunk) q4 matrices do take the tiles (`amx_q4_rows`): each column
-# tile's codes are unpacked once into a byte panel that every full tile of 16 rows multiplies, one
-# 16-column chunk at a time so that its float accumulators stay in registers through the group
-# epilogue. A step's 120 q4 matmuls (2026-12-06, loaded A/B, codes from L3): 128 rows 0.91x the
-# VNNI tiles' time (one thread) and 0.89x (two), 256 rows 0.91x, 96 rows 0.93x, 64 rows 0.97..1.02x,
-# 37 rows 1.06x, 16 rows 1.12x (the unpacking and the tile set-up paid for too few rows).
-AMX_Q4_ROWS = 80
 # Groups of codes the AMX tiles prefetch ahead of the one they multiply (the weights stream from
 # memory; without it the head's tile loads waited for them).
 AMX_AHEAD = 4
@@ -356,7 +357,6 @@ def multirow_quant_matmul(
     code_dtype = "uint8" if q4 else "int8"
     vnni = vnni_layout(isa)
     amx = isa == "amx" and not q4 and block in (16, 32)  # one or two 16-column tiles of sums per column tile
-    amx4 = isa == "amx" and q4 and block in (16, 32)  # q4 prompt chunks: full row tiles of 16 (AMX_Q4_ROWS)
     cols = (16 if block % 16 == 0 else 8) if vnni else 4  # int32 lanes (output columns) per register
     nbytes, chunks = cols * 4, block // cols
     per_g = GROUP // 8 if q4 else GROUP // 4
@@ -607,57 +607,6 @@ def multirow_quant_matmul(
                         if jo * block + c * 16 + v < n:
                             y[top + r, jo * block + c * 16 + v] = acc[r, c, v]
 
-    # -- AMX (q4 prompt chunks): a column tile's codes unpacked once, 16 rows a tile --------------
-    # From AMX_Q4_ROWS rows on, a column tile's q4 codes are unpacked into a byte panel (q8's layout,
-    # codes 0..15) that every full tile of 16 rows multiplies with ``tdpbssd``; the rows past the last
-    # full tile take the VNNI tiles. One 16-column chunk at a time, so that its 16 x 16 float
-    # accumulators stay in registers through the group epilogue (the same expressions as `tiles`:
-    # the outputs are the VNNI tiles' bit for bit).
-
-    @T.macro
-    def amx_q4_unpack(qw, panel, p, jo):
-        for kk, c in T.grid(k // 8, chunks):
-            v = qw.vload([jo, kk, c * 16, 0], "uint8x64")
-            panel[p, 2 * kk, T.ramp(c * 64, 1, 64)] = v & T.broadcast(T.uint8(15), 64)
-            panel[p, 2 * kk + 1, T.ramp(c * 64, 1, 64)] = v >> T.broadcast(T.uint8(4), 64)
-
-    @T.macro
-    def amx_q4_rows(panel, p, sc, mn, y, xq, xd, xs, jo, top):
-        # rows top .. top + 15 of column tile jo; a group's sums are scaled a group after the tiles
-        # stored them (see `amx_tiles`)
-        sums = T.alloc_buffer((2, 16, 16), "int32", scope="local")
-        acc = T.alloc_buffer((16, 16), "float32", scope="local")
-        d = T.alloc_buffer((16,), "float32", scope="local")
-        lo = T.alloc_buffer((16,), "float32", scope="local")
-        for c in T.unroll(chunks):
-            for r in T.unroll(16):
-                acc[r, T.ramp(0, 1, 16)] = T.broadcast(T.float32(0), 16)
-            for g in range(ng + 1):
-                if g < ng:
-                    _amx("tileloadd64", T.uint8(1 + c), T.address_of(panel[p, g * 8, c * 64]), T.int64(4 * block))
-                    _amx("tileloadd64", T.uint8(0), T.address_of(xq[top, g * GROUP]), T.int64(k))
-                    _amx("tilezero", T.uint8(3 + c))
-                    _amx("tdpbssd", T.uint8(3 + c), T.uint8(0), T.uint8(1 + c))
-                    _amx("tilestored64", T.uint8(3 + c), T.address_of(sums[g % 2, 0, 0]), T.int64(64))
-                if g > 0:
-                    for v in T.vectorized(16):
-                        d[v] = T.Cast("float32", sc[jo, g - 1, c * 16 + v])
-                        lo[v] = T.Cast("float32", mn[jo, g - 1, c * 16 + v])
-                    for r in T.unroll(16):
-                        for v in T.vectorized(16):
-                            acc[r, v] = acc[r, v] + T.Cast("float32", sums[(g - 1) % 2, r, v]) * (
-                                d[v] * xd[top + r, g - 1]
-                            )
-                            acc[r, v] = acc[r, v] + xs[top + r, g - 1] * lo[v]
-            for r in T.unroll(16):
-                if jo < full:
-                    for v in T.vectorized(16):
-                        y[top + r, jo * block + c * 16 + v] = acc[r, v]
-                else:
-                    for v in range(16):
-                        if jo * block + c * 16 + v < n:
-                            y[top + r, jo * block + c * 16 + v] = acc[r, v]
-
     @T.macro
     def quantize(x, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, first, count):
         # rows first .. first + count - 1 of x
@@ -759,27 +708,6 @@ def multirow_quant_matmul(
                 for jj in range(amx_span):
                     if jp * amx_span + jj < nb:
                         amx_tiles(qw, sc, y, xq, xd, xq2, xd2, cfg, jp * amx_span + jj, m)
-                _amx("tilerelease")
-        elif amx4 and m >= AMX_Q4_ROWS:
-            base = m // 16 * 16  # the rows past the full tiles of 16 take the VNNI tiles
-            rest5 = (m - base) // 5 * 5
-            tail4 = m - base - rest5
-            # each task's panel of unpacked codes (from the workspace: too large for a stack frame)
-            panel = T.alloc_buffer((-(-nb // amx_span), k // 4, block * 4), "uint8")  # [K/4, B, 4] a task
-            for jp in T.parallel(-(-nb // amx_span)):
-                cfg = T.alloc_buffer((64,), "uint8", scope="local")
-                amx_configure(cfg, 16)
-                for jj in range(amx_span):
-                    if jp * amx_span + jj < nb:
-                        amx_q4_unpack(qw, panel, jp, jp * amx_span + jj)
-                        for rt in range(m // 16):
-                            amx_q4_rows(panel, jp, sc, mn, y, xq, xd, xs, jp * amx_span + jj, rt * 16)
-                        jo = jp * amx_span + jj
-                        tiles(qw, sc, mn, y, *acts, jo, base, (m - base) // 5, 5, *shape(5))
-                        tiles(qw, sc, mn, y, *acts, jo, base + rest5, T.Cast("int64", tail4 == 4), 4, *shape(4))
-                        tiles(qw, sc, mn, y, *acts, jo, base + rest5, T.Cast("int64", tail4 == 3), 3, *shape(3))
-                        tiles(qw, sc, mn, y, *acts, jo, base + rest5, T.Cast("int64", tail4 == 2), 2, *shape(2))
-                        tiles(qw, sc, mn, y, *acts, jo, base + rest5, T.Cast("int64", tail4 == 1), 1, *shape(1))
                 _amx("tilerelease")
         else:
             for jo in T.parallel(nb):
