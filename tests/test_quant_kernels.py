@@ -562,7 +562,7 @@ def test_rmsnorm_prologue_matches_numpy(swiglu_kernels, kind: str, n: int, k: in
 
 
 # -- AMX tiles (kernels.int8.multirow_quant_matmul with isa="amx") ---------------------------------
-AMX_SHAPES = [("q8", 37, 64), ("q8", 1000, 96), ("q8", 20, 32), ("q4", 1000, 96)]
+AMX_SHAPES = [("q8", 37, 64), ("q8", 1000, 96), ("q8", 20, 32), ("q4", 1000, 96), ("q4", 48, 576), ("q4", 20, 64)]
 
 
 @pytest.fixture(scope="module")
@@ -593,7 +593,8 @@ def amx_kernels():
 @pytest.mark.parametrize(("kind", "n", "k"), AMX_SHAPES)
 def test_amx_tiles_give_the_vnni_tiles_results(amx_kernels, kind: str, n: int, k: int) -> None:
     """q8 rows through AMX tiles (two rows on; full row tiles of 16 and a shorter last one) equal the
-    VNNI kernel's bit for bit, so a verify pass's rows stay its decode steps; q4 keeps the VNNI tiles."""
+    VNNI kernel's bit for bit, so a verify pass's rows stay its decode steps; q4 keeps the VNNI tiles
+    (the same outputs at every row count, prompt chunks included), and matches numpy's product."""
     import tvm
 
     from edgert.compiler.layout import pack_quantized_dot
@@ -606,7 +607,8 @@ def test_amx_tiles_give_the_vnni_tiles_results(amx_kernels, kind: str, n: int, k
     rng = np.random.default_rng(n + k + 7)
     q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
     weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
-    for m in VNNI_ROWS:
+    # q4: prompt chunks of awkward sizes too (tiles of 5 and a rest of 1 or 2)
+    for m in VNNI_ROWS + ((80, 81, 87, 97) if kind == "q4" else ()):
         x = rng.standard_normal((m, k)).astype(np.float32)
         x[-1] *= 100
         if k > 32:
@@ -618,6 +620,10 @@ def test_amx_tiles_give_the_vnni_tiles_results(amx_kernels, kind: str, n: int, k
             out[isa] = y.numpy()
         assert not np.isnan(out["amx"]).any()
         np.testing.assert_array_equal(out["amx"], out["avx512vnni"], err_msg=f"m={m}")
+        if kind == "q4":
+            want = int8_activation_reference(x, q.dequantize())
+            err = np.abs(out["amx"] - want) / np.maximum(np.abs(want).max(axis=1, keepdims=True), 1e-30)
+            assert err.max() < 1e-5, f"m={m}: {err.max()}"
 
 
 def test_amx_flags_come_from_cpuinfo(tmp_path) -> None:

@@ -4,6 +4,10 @@ against another version of ``kernels/int8.py``; outputs asserted equal bit for b
 
     git show main:edgert/compiler/kernels/int8.py > /tmp/int8_main.py
     TVM_NUM_THREADS=1 python tools/bench_multirow.py --against /tmp/int8_main.py --rows 1 5 8 16
+    TVM_NUM_THREADS=1 python tools/bench_multirow.py --isa amx --against /tmp/int8_main.py --rows 16 64 128
+
+``--isa amx`` (a CPU with AMX-INT8) builds the kernels with their tiles (both versions' weights in the
+VNNI layout, which ``amx`` shares).
 
 Each kernel of a step (q/k/v and gate/up with the RMSNorm prologue, down with SwiGLU's, the output
 projection, the q8 LM head with RMSNorm) gets one copy of its weights per layer, cycled, so that
@@ -53,16 +57,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 5, 8, 16])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--prologue", action="store_true", help="32 columns: the prologue's cost")
+    parser.add_argument("--isa", choices=("avx512vnni", "amx"), default="avx512vnni")
     args = parser.parse_args(argv)
     here = Path(__file__).resolve().parent.parent / "edgert/compiler/kernels/int8.py"
     versions = [here, *args.against]
     shapes = [(n, kind, k, 32 if args.prologue else cols, pro, per) for n, kind, k, cols, pro, per in STEP]
-    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    target = {"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()}
+    if args.isa == "amx":  # LLVM may name a virtual machine's CPU by an older model (see targets.py)
+        from edgert.targets import enable_amx
+
+        target["mattr"] = ["+amx-tile", "+amx-int8"]
+        enable_amx()
+    target = tvm.target.Target(target)
     libs = []
     for vi, path in enumerate(versions):
         mod = _load(path, f"int8_v{vi}")
         funcs = {
-            f"{name}_{vi}": mod.multirow_quant_matmul(k, n, 32, kind, "avx512vnni", pro).with_attr(
+            f"{name}_{vi}": mod.multirow_quant_matmul(k, n, 32, kind, args.isa, pro).with_attr(
                 "global_symbol", f"{name}_{vi}"
             )
             for name, kind, k, n, pro, _ in shapes

@@ -55,10 +55,27 @@ PROMPT_ROWS = 16
 # From AMX_ROWS rows on, a CPU with AMX-INT8 (``isa="amx"``: the VNNI layout and kernels, and tiles)
 # multiplies q8 matrices with ``tdpbssd`` instead of ``vpdpbusd`` (`amx_tiles`): SmolLM2's q8 LM head
 # over 5 rows 2.25 against 3.61 ms, one thread. q4 matrices keep the VNNI tiles at every row count:
-# their codes must first be unpacked to bytes in memory for the tiles, and a group's 32 K values
-# fill half a tile row, so each group's int32 sums go out through memory to be scaled: tiles for q4
-# measured slower at 5 rows (the 30 gate/up matmuls 3.85 against 3.22 ms a pass) and at 128 (a prompt's
-# matmuls 88.5 against 76.4 ms), even pipelined a group deep and with the codes prefetched.
+# a group's 32 K values fill half a tile row, so each group's int32 sums go out through memory to be
+# scaled (and the min term added), as much work as the 8 ``vpdpbusd`` a row and 16 columns it saves.
+# Tried three times. Codes unpacked to bytes in memory in the kernel: slower at 5 rows (the 30 gate/up
+# matmuls 3.85 against 3.22 ms a pass) and at 128 (a prompt's matmuls 88.5 against 76.4 ms), even
+# pipelined a group deep and with the codes prefetched. Codes stored one a byte at compile time
+# (q8's layout with codes 0..15, ``tdpbssd``, bit for bit the VNNI kernel's outputs; commit ceac93c,
+# its `tools/bench_q4_bytes.py`): slower at every row count on the 2-core Xeon with AMX (2026-12-06,
+# loaded A/B, one thread), since a step streams its q4 codes from L3 at about 10 GB/s a core and
+# bytes are twice the traffic. A step's 120 q4 matmuls (codes from L3): 1 row (VNNI tiles on bytes)
+# 10.6 against 6.3 ms, 5 rows 11.0 against 7.5, 128 rows 89.8 against 79.5; with the codes in L2,
+# 5 rows still 4.5 against 3.1 ms. SmolLM2 end to end (`edgert bench`, 10 rounds alternated): decode
+# 0.65x the tokens/s, the 5-row verify pass 1.31x the CPU ms, a 128-token prompt 0.89x the tokens/s
+# (two threads: 0.68-0.75x, 1.20x, 0.70-0.85x); the artifact 157 MB against 103, peak RSS 256 MB against 205.
+# Third, for prompt chunks only (commit 0ff0c78): the codes kept two a byte and unpacked once per
+# column tile into a byte panel that every full tile of 16 rows multiplies, one 16-column chunk at a
+# time so that its float accumulators stay in registers (bit for bit again). The 120 q4 matmuls gain
+# from about 80 rows (there, `tools/bench_multirow.py --isa amx --against` the int8.py before; loaded
+# A/B: 128 rows 0.91x the time at one thread, 0.89x and 0.99x at two; 256 rows 0.91x; 64 rows
+# 0.97..1.02x; 16 rows 1.12x), and a 128-token prompt took 0.92..0.96x the time at one thread but
+# 1.01..1.07x at two (six runs of 16..40 alternated rounds, 128 and 256 tokens, load average 6..8):
+# not the default, since the goals are measured at two threads.
 AMX_ROWS = 2
 # Groups of codes the AMX tiles prefetch ahead of the one they multiply (the weights stream from
 # memory; without it the head's tile loads waited for them).
