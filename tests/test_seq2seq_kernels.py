@@ -294,6 +294,25 @@ def test_encoder_projection_takes_the_tiles_where_they_fit() -> None:
     )
     assert bf16.has_amx_bf16(amx)
 
+    from tvm.relax.frontend import nn
+
+    from edgert.compiler.layout import PackedLinear
+
+    class Net(nn.Module):
+        def __init__(self, k: int) -> None:
+            self.proj = sk.GemmProjection(PackedLinear(k, 128, 64, "float16"), nn.Parameter((128,), "float32"), "gelu")
+
+        def forward(self, x: nn.Tensor) -> nn.Tensor:
+            return self.proj(x)
+
+    def kernels(target: tvm.target.Target, k: int) -> set[str]:
+        with target:
+            mod, _ = Net(k).export_tvm(spec={"forward": {"x": nn.spec.Tensor(("m", k), "float32")}})
+        return {gv.name_hint.split("_")[0] for gv in mod.functions if gv.name_hint != "forward"}
+
+    assert kernels(amx, 64) == {"amxbf16", "bf16"}  # the split, then the tiles
+    assert kernels(amx, 240) == kernels(avx512, 64) == {"gemm"}
+
 
 def test_host_target_names_amx_bf16_where_the_cpu_has_it() -> None:
     from edgert.targets import AMX_BF16_FLAG, AMX_FLAGS, X86_CHECKED_FLAGS, host_arch, host_cpu_flags
