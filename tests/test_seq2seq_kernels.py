@@ -112,6 +112,22 @@ def test_attention_over_all_frames_from_the_heads_layout(build) -> None:
     np.testing.assert_allclose(o.numpy(), expect, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("frames", [37, 150])
+def test_frame_attention_tiles_of_more_rows_give_the_same_bits(build, frames: int) -> None:
+    """`ATTN_BLOCK_L2` (48 rows a pass over the keys where L2 is 2 MB) changes which rows share a pass,
+    not how any row sums: the output is the 24-row tiles' bit for bit (150 = 3 x 48 + 6 rows)."""
+    rng = np.random.default_rng(2)
+    heads, d = 2, 64
+    t = tvm.runtime.tensor(rng.standard_normal((3 * heads, frames * d)).astype(np.float32))
+    outs = []
+    for block in (sk.ATTN_BLOCK, sk.ATTN_BLOCK_L2):
+        o = tvm.runtime.empty((frames, heads * d), "float32", tvm.cpu())
+        build(sk.attention_kernel(heads, frames, d, 0.125, 16, block=block, frames=True))(t, t, t, o)
+        outs.append(o.numpy())
+    assert sk.ATTN_BLOCK_L2 > sk.ATTN_BLOCK
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def test_plain_heads_projection_and_frame_attention_match_numpy() -> None:
     """The family's plain-op definitions the kernels above stand in for (used where nothing is swapped)."""
     from tvm.relax.frontend import nn

@@ -36,6 +36,11 @@ GEMM_ROWS = 6  # 6 rows x 2 vectors = 12 accumulators + 2 weight vectors + 1 bro
 GEMM_CHUNK = 8  # row tiles per parallel work item (48 rows)
 ATTN_ROWS = 6  # query rows sharing each loaded key vector: 6 x 2 vectors = 12 accumulators
 ATTN_BLOCK = 4  # groups of ATTN_ROWS rows sharing one pass over a head's keys and values (1.4x at 1500 keys)
+# The same where the CPU has AMX tiles (Intel's server cores: 2 MB of L2 each): 48 rows' scores (288 KB
+# at 1500 frames) beside a head's keys and values (768 KB). Whisper's encoder self-attention, one
+# thread, thread CPU time: 44.1 -> 38.0 ms a layer (24 -> 48 rows; 60 and 96 rows 36.6-36.9, within the
+# noise), the same outputs bit for bit (each row sums in the same order).
+ATTN_BLOCK_L2 = 8
 
 # erf(x) ≈ x·P(x²)/Q(x²) on [-4, 4] (the float32 rational approximation Eigen and TVM's fast_erf use).
 _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
@@ -505,7 +510,10 @@ class KernelAttention(nn.Module):
 
     def frames(self, qkv: Tensor) -> Tensor:
         """Self-attention over all frames from a `HeadsProjection` of q, k, v -> [frames, heads * head_dim]."""
-        kernel = attention_kernel(self.heads, self.keys, self.head_dim, self.scale, vector_lanes(), frames=True)
+        block = ATTN_BLOCK_L2 if bf16.has_amx_bf16() else ATTN_BLOCK
+        kernel = attention_kernel(
+            self.heads, self.keys, self.head_dim, self.scale, vector_lanes(), block=block, frames=True
+        )
         out = Tensor.placeholder((self.keys, self.heads * self.head_dim), "float32")
         return op.tensor_ir_op(kernel, "attention", [qkv, qkv, qkv], out)
 
