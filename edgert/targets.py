@@ -21,13 +21,19 @@ from edgert.paths import TARGETS_DIR
 
 # CPU flags that change which instructions compiled code may use; a runtime checks them.
 AMX_FLAGS = ("amx-tile", "amx-int8")
-X86_CHECKED_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", *AMX_FLAGS)
+# AMX's bfloat16 tiles (float matmuls split in bfloat16 parts: `edgert.compiler.kernels.bf16`); the same
+# permission as the int8 tiles.
+AMX_BF16_FLAG = "amx-bf16"
+X86_CHECKED_FLAGS = (
+    "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512vnni", *AMX_FLAGS, AMX_BF16_FLAG
+)  # fmt: skip
 ARM_CHECKED_FLAGS = ("neon", "dotprod", "i8mm", "fullfp16", "sve")
 # Linux /proc/cpuinfo spells some flags differently from LLVM.
 _CPUINFO_ALIASES = {
     "avx512_vnni": "avx512vnni",
     "amx_tile": "amx-tile",
     "amx_int8": "amx-int8",
+    "amx_bf16": "amx-bf16",
     "asimd": "neon",
     "asimddp": "dotprod",
     "fphp": "fullfp16",

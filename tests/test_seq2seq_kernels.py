@@ -112,6 +112,22 @@ def test_attention_over_all_frames_from_the_heads_layout(build) -> None:
     np.testing.assert_allclose(o.numpy(), expect, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("frames", [37, 150])
+def test_frame_attention_tiles_of_more_rows_give_the_same_bits(build, frames: int) -> None:
+    """`ATTN_BLOCK_L2` (48 rows a pass over the keys where L2 is 2 MB) changes which rows share a pass,
+    not how any row sums: the output is the 24-row tiles' bit for bit (150 = 3 x 48 + 6 rows)."""
+    rng = np.random.default_rng(2)
+    heads, d = 2, 64
+    t = tvm.runtime.tensor(rng.standard_normal((3 * heads, frames * d)).astype(np.float32))
+    outs = []
+    for block in (sk.ATTN_BLOCK, sk.ATTN_BLOCK_L2):
+        o = tvm.runtime.empty((frames, heads * d), "float32", tvm.cpu())
+        build(sk.attention_kernel(heads, frames, d, 0.125, 16, block=block, frames=True))(t, t, t, o)
+        outs.append(o.numpy())
+    assert sk.ATTN_BLOCK_L2 > sk.ATTN_BLOCK
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
 def test_plain_heads_projection_and_frame_attention_match_numpy() -> None:
     """The family's plain-op definitions the kernels above stand in for (used where nothing is swapped)."""
     from tvm.relax.frontend import nn
@@ -202,3 +218,124 @@ def test_clamped_cross_attention_matches_the_row_tiles(build, keys: int) -> None
         np.testing.assert_array_equal(outs[1], outs[0])
         alone = np.concatenate([run(kernels[1], q[:, i : i + 1]) for i in range(rows)], axis=1)
         np.testing.assert_array_equal(outs[1], alone)
+
+
+# -- AMX-BF16 tiles (the encoder's GEMMs where the CPU has them) ---------------------------------------
+
+
+def _bf16_nearest(x: np.ndarray) -> np.ndarray:
+    """float32 -> the nearest bfloat16 (ties to even), as float32 (numpy has no bfloat16)."""
+    u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16).astype(np.uint32).view(np.float32)
+
+
+def test_bf16_split_is_the_nearest_bfloat16_and_its_remainder(build) -> None:
+    """hi is x rounded to bfloat16, lo the remainder rounded again: hi + lo within 2^-17 of x (no tiles needed)."""
+    from edgert.compiler.kernels import bf16
+
+    rng = np.random.default_rng(3)
+    m, k = 5, 64
+    x = (rng.standard_normal((m, k)) * np.exp(rng.uniform(-20, 20, (m, k)))).astype(np.float32)
+    xs = tvm.runtime.empty((2, m, k), "uint16", tvm.cpu())
+    build(bf16.split_kernel(k, 16))(tvm.runtime.tensor(x), xs)
+    parts = (xs.numpy().astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(parts[0], _bf16_nearest(x))
+    np.testing.assert_array_equal(parts[1], _bf16_nearest(x - parts[0]))
+    assert np.all(np.abs(parts[0].astype(np.float64) + parts[1] - x) <= np.abs(x) * 2.0**-17)
+
+
+def test_task_span_takes_whole_blocks_in_an_even_count_of_tasks() -> None:
+    from edgert.compiler.kernels.bf16 import task_span
+
+    for blocks, span in ((24, 4), (18, 3), (12, 3), (6, 3), (4, 2), (9, 3), (5, 1)):
+        assert task_span(blocks) == span, blocks
+        assert blocks % task_span(blocks) == 0
+
+
+def _amx_bf16_build():
+    from edgert.compiler.kernels import bf16
+
+    target, _ = resolve(load_target("host"), 2)
+    if not bf16.has_amx_bf16(target):
+        pytest.skip("this CPU has no AMX-BF16 tiles")
+    return lambda func: tvm.compile(tvm.IRModule({"main": func}), target=target)["main"]
+
+
+@pytest.mark.parametrize("heads", [None, (2, 32, 1)])
+def test_amx_bf16_gemm_keeps_float32_accuracy(heads: tuple[int, int, int] | None) -> None:
+    """Rows past the last whole tile (37 = 2 x 16 + 5), bias, GELU and the heads layout as `gemm_kernel`;
+    the split products within a few float32 roundings of float64 (one bfloat16 product would be 2^-9 off)."""
+    from edgert.compiler.kernels import bf16
+
+    build = _amx_bf16_build()
+    rng = np.random.default_rng(7)
+    m, k, block = 37, 96, 64
+    n = 3 * 2 * 32 if heads else 128
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = (rng.standard_normal((n, k)) * 0.1).astype(np.float16)
+    b = rng.standard_normal(n).astype(np.float32)
+    packed = w.reshape(n // block, block, k).transpose(0, 2, 1).copy()
+    exact = x.astype(np.float64) @ w.astype(np.float64).T + b
+    split = build(bf16.split_kernel(k, 16))
+    xs = tvm.runtime.empty((2, m, k), "uint16", tvm.cpu())
+    split(tvm.runtime.tensor(x), xs)
+    for activation in (None, "gelu") if heads is None else (None,):
+        ref = _gelu(exact) if activation else exact
+        shape = (n // 32, m * 32) if heads else (m, n)
+        y, y32 = (tvm.runtime.empty(shape, "float32", tvm.cpu()) for _ in range(2))
+        args = (tvm.runtime.tensor(packed), tvm.runtime.tensor(b))
+        build(bf16.amx_gemm_kernel(k, n, block, "float16", 16, activation, heads))(xs, *args, y)
+        build(sk.gemm_kernel(k, n, block, "float16", 16, activation, heads))(tvm.runtime.tensor(x), *args, y32)
+        if heads:  # the float32 kernel's layout is checked against numpy above
+            np.testing.assert_allclose(y.numpy(), y32.numpy(), rtol=1e-4, atol=1e-4)
+            continue
+        err, err32 = np.abs(y.numpy() - ref).max(), np.abs(y32.numpy() - ref).max()
+        assert err < 1e-4 and err < 20 * max(err32, 1e-7), (err, err32)
+
+
+def test_encoder_projection_takes_the_tiles_where_they_fit() -> None:
+    """`GemmProjection` builds the AMX kernel for K in whole tile rows under an AMX-BF16 target, the float32
+    kernel otherwise (Whisper's first convolution, K = 240)."""
+    from edgert.compiler.kernels import bf16
+
+    assert bf16.fits(384, 1536, 64, "float16") and bf16.fits(1152, 384, 64, "float32")
+    assert not bf16.fits(240, 384, 64, "float16")  # 80 mels x 3 taps
+    assert not bf16.fits(384, 1536, 8, "float16")
+    with pytest.raises(ValueError, match="AMX-BF16 GEMM needs"):
+        bf16.amx_gemm_kernel(240, 384, 64, "float16", 16, None)
+    avx512 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"})
+    assert not bf16.has_amx_bf16(avx512)
+    amx = tvm.target.Target(
+        {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "sapphirerapids", "mattr": ["+amx-tile", "+amx-bf16"]}
+    )
+    assert bf16.has_amx_bf16(amx)
+
+    from tvm.relax.frontend import nn
+
+    from edgert.compiler.layout import PackedLinear
+
+    class Net(nn.Module):
+        def __init__(self, k: int) -> None:
+            self.proj = sk.GemmProjection(PackedLinear(k, 128, 64, "float16"), nn.Parameter((128,), "float32"), "gelu")
+
+        def forward(self, x: nn.Tensor) -> nn.Tensor:
+            return self.proj(x)
+
+    def kernels(target: tvm.target.Target, k: int) -> set[str]:
+        with target:
+            mod, _ = Net(k).export_tvm(spec={"forward": {"x": nn.spec.Tensor(("m", k), "float32")}})
+        return {gv.name_hint.split("_")[0] for gv in mod.functions if gv.name_hint != "forward"}
+
+    assert kernels(amx, 64) == {"amxbf16", "bf16"}  # the split, then the tiles
+    assert kernels(amx, 240) == kernels(avx512, 64) == {"gemm"}
+
+
+def test_host_target_names_amx_bf16_where_the_cpu_has_it() -> None:
+    from edgert.targets import AMX_BF16_FLAG, AMX_FLAGS, X86_CHECKED_FLAGS, host_arch, host_cpu_flags
+
+    assert AMX_BF16_FLAG in X86_CHECKED_FLAGS
+    if host_arch() != "x86_64":
+        pytest.skip("x86-64 only")
+    _, record = resolve(load_target("host"), 2)
+    host = host_cpu_flags()
+    assert (AMX_BF16_FLAG in record["cpu_flags"]) == ({AMX_BF16_FLAG, *AMX_FLAGS} <= host)

@@ -8,6 +8,7 @@ from typing import Any
 
 from edgert.errors import TargetError
 from edgert.targets import (
+    AMX_BF16_FLAG,
     AMX_FLAGS,
     ARM_CHECKED_FLAGS,
     X86_CHECKED_FLAGS,
@@ -39,7 +40,9 @@ def resolve(spec: TargetSpec, threads: int | None = None, host_code: bool = Fals
         cpu = codegen.llvm_get_system_cpu()  # TVM refuses -mcpu=native; name the CPU instead
         # LLVM names a CPU by its model number, and a virtual machine may report an older model than
         # the features it passes through (AMX on a "rocketlake"): AMX is added from /proc/cpuinfo.
-        mattr = [f"+{f}" for f in AMX_FLAGS] if set(AMX_FLAGS) <= host_cpu_flags() else []
+        host = host_cpu_flags()
+        amx = [*AMX_FLAGS, AMX_BF16_FLAG] if AMX_BF16_FLAG in host else list(AMX_FLAGS)
+        mattr = [f"+{f}" for f in amx] if set(AMX_FLAGS) <= host else []
     else:
         arch, triple, cpu, mattr = spec.arch, spec.triple, spec.cpu, list(spec.features)
     config: dict[str, Any] = {
