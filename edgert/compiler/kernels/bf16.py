@@ -27,6 +27,8 @@ from tvm import tirx
 from tvm.script import tirx as T
 from tvm.target import Target
 
+from edgert.compiler.kernels.fastmath import activate
+
 TILE = 16  # rows of an A tile and of a C tile, columns of a C tile (float32: 64 bytes)
 KSTEP = 32  # bfloat16 K values in an A tile row (64 bytes)
 AMX_BF16 = "amx-bf16"
@@ -120,8 +122,6 @@ def amx_gemm_kernel(
     each) and runs every row tile over them; their weights, widened once, stay in L2 (2 x 2 x K x B
     bytes a block), a row tile's activations in L1 from the first block to the last.
     """
-    from edgert.compiler.kernels.seq2seq import _activate
-
     if not fits(k, n, block, weight_dtype):
         raise ValueError(f"AMX-BF16 GEMM needs K % {KSTEP} == 0 and whole 16-column tiles: k={k} n={n} block={block}")
     cw = min(4, block // TILE)  # column tiles a pass keeps in tiles 0..cw-1
@@ -134,7 +134,7 @@ def amx_gemm_kernel(
     span = task_span(nb)
 
     def act(v: Any) -> Any:
-        return _activate(v, activation)
+        return activate(v, activation)
 
     @T.macro
     def configure(cfg, rows):

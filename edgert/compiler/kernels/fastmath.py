@@ -2,14 +2,22 @@
 
 ``T.exp`` and ``T.exp2`` become calls of ``expf`` / ``exp2f``, one per lane even in a vectorized
 loop; these build the result from a polynomial and the exponent bits instead, as SLEEF and
-TVM's ``topi.fast_exp`` do.
+TVM's ``topi.fast_exp`` do. ``fast_erf`` is a rational polynomial, and ``activate`` the GEMM
+epilogues' activation built on it (the float GEMMs of `seq2seq` and `bf16`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from tvm import tirx
 from tvm.script import tirx as T
+
+# erf(x) ≈ x·P(x²)/Q(x²) on [-4, 4] (the float32 rational approximation Eigen and TVM's fast_erf use).
+_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)  # fmt: skip
+_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+          -1.42647390514189e-02)  # fmt: skip
 
 
 def _scaled_exp(r: Any, n: Any) -> Any:
@@ -36,3 +44,30 @@ def fast_exp2(x: Any) -> Any:
     x = T.max(T.min(x, T.float32(127.0)), T.float32(-126.0))
     n = T.floor(x + T.float32(0.5))
     return _scaled_exp((x - n) * T.float32(0.6931471805599453), n)
+
+
+def _f32(v: float) -> Any:
+    return tirx.const(v, "float32")
+
+
+def _horner(x: Any, coeffs: tuple[float, ...]) -> Any:
+    acc = _f32(coeffs[0])
+    for c in coeffs[1:]:
+        acc = acc * x + _f32(c)
+    return acc
+
+
+def fast_erf(v: Any) -> Any:
+    """erf as a rational polynomial in float32 (max error ~1e-7), vectorizable."""
+    x = tirx.max(tirx.min(v, _f32(4.0)), _f32(-4.0))
+    x2 = x * x
+    return x * _horner(x2, _ERF_P) / _horner(x2, _ERF_Q)
+
+
+def activate(v: Any, activation: str | None) -> Any:
+    """``v`` through a GEMM epilogue's activation: None, or "gelu" (erf form, `fast_erf`)."""
+    if activation is None:
+        return v
+    if activation == "gelu":
+        return _f32(0.5) * v * (_f32(1.0) + fast_erf(v * _f32(0.7071067811865476)))
+    raise ValueError(f"unknown activation '{activation}'")

@@ -31,6 +31,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from edgert.compiler.kernels import bf16
+from edgert.compiler.kernels.fastmath import _f32, _horner, activate
 
 GEMM_ROWS = 6  # 6 rows x 2 vectors = 12 accumulators + 2 weight vectors + 1 broadcast: AVX2's 16 registers
 GEMM_CHUNK = 8  # row tiles per parallel work item (48 rows)
@@ -42,11 +43,6 @@ ATTN_BLOCK = 4  # groups of ATTN_ROWS rows sharing one pass over a head's keys a
 # noise), the same outputs bit for bit (each row sums in the same order).
 ATTN_BLOCK_L2 = 8
 
-# erf(x) ≈ x·P(x²)/Q(x²) on [-4, 4] (the float32 rational approximation Eigen and TVM's fast_erf use).
-_ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
-          -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)  # fmt: skip
-_ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
-          -1.42647390514189e-02)  # fmt: skip
 # exp(x) = 2^n · e^f, n = round(x / ln 2), e^f by a degree-7 polynomial (Cephes' expf coefficients).
 _EXP_P = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
 
@@ -61,24 +57,6 @@ def vector_lanes(target: Target | None = None) -> int:
     return _lanes(target)
 
 
-def _f32(v: float) -> Any:
-    return tirx.const(v, "float32")
-
-
-def _horner(x: Any, coeffs: tuple[float, ...]) -> Any:
-    acc = _f32(coeffs[0])
-    for c in coeffs[1:]:
-        acc = acc * x + _f32(c)
-    return acc
-
-
-def fast_erf(v: Any) -> Any:
-    """erf as a rational polynomial in float32 (max error ~1e-7), vectorizable."""
-    x = tirx.max(tirx.min(v, _f32(4.0)), _f32(-4.0))
-    x2 = x * x
-    return x * _horner(x2, _ERF_P) / _horner(x2, _ERF_Q)
-
-
 def fast_exp(v: Any) -> Any:
     """exp in float32 (relative error ~2e-7) from its exponent and a polynomial; vectorizable."""
     x = tirx.max(tirx.min(v, _f32(88.3762626647950)), _f32(-88.3762626647949))
@@ -87,14 +65,6 @@ def fast_exp(v: Any) -> Any:
     y = _horner(f, _EXP_P) * f * f + f + _f32(1.0)
     scale = tirx.reinterpret("float32", tirx.shift_left(tirx.Cast("int32", n + _f32(127.0)), tirx.const(23, "int32")))
     return y * scale
-
-
-def _activate(v: Any, activation: str | None) -> Any:
-    if activation is None:
-        return v
-    if activation == "gelu":
-        return _f32(0.5) * v * (_f32(1.0) + fast_erf(v * _f32(0.7071067811865476)))
-    raise ValueError(f"unknown activation '{activation}'")
 
 
 @functools.cache
@@ -123,7 +93,7 @@ def gemm_kernel(
     y_rows = n // hd
 
     def act(v: Any) -> Any:
-        return _activate(v, activation)
+        return activate(v, activation)
 
     @T.macro
     def store(y, m, row, c0, acc, r, b):
@@ -209,7 +179,7 @@ def rows_kernel(k: int, n: int, block: int, weight_dtype: str, lanes: int, activ
     subs, nb, rt = block // cols, n // block, decoder_rows(lanes)
 
     def act(v: Any) -> Any:
-        return _activate(v, activation)
+        return activate(v, activation)
 
     @T.macro
     def tile(x, w, b, y, acc, wv, jo, p, r0, nr):
