@@ -28,6 +28,7 @@ from tvm.script import tirx as T
 from tvm.target import Target
 
 from edgert.compiler.kernels.fastmath import activate
+from edgert.compiler.kernels.intrin import amx
 
 TILE = 16  # rows of an A tile and of a C tile, columns of a C tile (float32: 64 bytes)
 KSTEP = 32  # bfloat16 K values in an A tile row (64 bytes)
@@ -66,11 +67,6 @@ def task_span(blocks: int) -> int:
             if blocks % span == 0 and (not even or blocks // span % 2 == 0):
                 return span
     return 1
-
-
-def _amx(name: str, *args: Any) -> Any:
-    """An AMX instruction (``llvm.x86.<name>``; tile operands are tile numbers, immediates)."""
-    return T.evaluate(T.call_llvm_intrin("void", T.llvm_lookup_intrinsic_id(f"llvm.x86.{name}"), *args))
 
 
 def _bf16_bits(v: Any) -> Any:
@@ -148,7 +144,7 @@ def amx_gemm_kernel(
             cfg[48 + t] = T.Cast("uint8", rows)
         cfg[48 + 6] = T.uint8(TILE)
         cfg[48 + 7] = T.uint8(TILE)
-        _amx("ldtilecfg", T.address_of(cfg[0]))
+        amx("ldtilecfg", T.address_of(cfg[0]))
 
     @T.macro
     def widen(w, wb, jo, sb):
@@ -166,18 +162,18 @@ def amx_gemm_kernel(
     def products(xs, wb, sums, top, sb, cp):
         # One row tile (from row `top`) times column tiles cp * cw .. + cw - 1 into tiles 0..cw-1.
         for c in T.unroll(cw):
-            _amx("tilezero", T.uint8(c))
+            amx("tilezero", T.uint8(c))
         for s in range(ksteps):
-            _amx("tileloadd64", T.uint8(4), T.address_of(xs[0, top, s * KSTEP]), T.int64(2 * k))
-            _amx("tileloadd64", T.uint8(5), T.address_of(xs[1, top, s * KSTEP]), T.int64(2 * k))
+            amx("tileloadd64", T.uint8(4), T.address_of(xs[0, top, s * KSTEP]), T.int64(2 * k))
+            amx("tileloadd64", T.uint8(5), T.address_of(xs[1, top, s * KSTEP]), T.int64(2 * k))
             for c in T.unroll(cw):
-                _amx("tileloadd64", T.uint8(6), T.address_of(wb[sb, 0, cp * cw + c, s * TILE, 0, 0]), T.int64(4 * TILE))
-                _amx("tileloadd64", T.uint8(7), T.address_of(wb[sb, 1, cp * cw + c, s * TILE, 0, 0]), T.int64(4 * TILE))
-                _amx("tdpbf16ps", T.uint8(c), T.uint8(4), T.uint8(6))
-                _amx("tdpbf16ps", T.uint8(c), T.uint8(5), T.uint8(6))
-                _amx("tdpbf16ps", T.uint8(c), T.uint8(4), T.uint8(7))
+                amx("tileloadd64", T.uint8(6), T.address_of(wb[sb, 0, cp * cw + c, s * TILE, 0, 0]), T.int64(4 * TILE))
+                amx("tileloadd64", T.uint8(7), T.address_of(wb[sb, 1, cp * cw + c, s * TILE, 0, 0]), T.int64(4 * TILE))
+                amx("tdpbf16ps", T.uint8(c), T.uint8(4), T.uint8(6))
+                amx("tdpbf16ps", T.uint8(c), T.uint8(5), T.uint8(6))
+                amx("tdpbf16ps", T.uint8(c), T.uint8(4), T.uint8(7))
         for c in T.unroll(cw):
-            _amx("tilestored64", T.uint8(c), T.address_of(sums[c, 0, 0]), T.int64(4 * TILE))
+            amx("tilestored64", T.uint8(c), T.address_of(sums[c, 0, 0]), T.int64(4 * TILE))
 
     @T.macro
     def write(y, b, sums, m, top, rows, c0, c):
@@ -236,7 +232,7 @@ def amx_gemm_kernel(
                                 (task * span + sb) * block + (cp * cw + c) * TILE,
                                 c,
                             )
-            _amx("tilerelease")
+            amx("tilerelease")
 
     name = f"amxbf16_k{k}_n{n}_b{block}_{weight_dtype}" + (f"_{activation}" if activation else "")
     name += f"_heads{nh}x{hd}t{tpart}" if heads else ""

@@ -34,7 +34,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from edgert.compiler.kernels.fastmath import fast_exp
-from edgert.compiler.kernels.intrin import prefetch
+from edgert.compiler.kernels.intrin import amx, prefetch
 from edgert.compiler.kernels.quant import GROUP
 
 ISAS = ("avx2", "avx512vnni", "amx", "dotprod")
@@ -85,11 +85,6 @@ AMX_AHEAD = 4
 def vnni_layout(isa: str | None) -> bool:
     """Whether ``isa`` takes the AVX-512 VNNI kernels and weight layout (``amx`` adds tiles to them)."""
     return isa in ("avx512vnni", "amx")
-
-
-def _amx(name: str, *args: Any) -> Any:
-    """An AMX instruction (``llvm.x86.<name>``; tile operands are tile numbers, immediates)."""
-    return T.evaluate(T.call_llvm_intrin("void", T.llvm_lookup_intrinsic_id(f"llvm.x86.{name}"), *args))
 
 
 def dot_isa(features: set[str] | list[str]) -> str | None:
@@ -356,7 +351,7 @@ def multirow_quant_matmul(
     kq = k // 8 if q4 else k // 4
     code_dtype = "uint8" if q4 else "int8"
     vnni = vnni_layout(isa)
-    amx = isa == "amx" and not q4 and block in (16, 32)  # one or two 16-column tiles of sums per column tile
+    on_amx = isa == "amx" and not q4 and block in (16, 32)  # one or two 16-column tiles of sums per column tile
     cols = (16 if block % 16 == 0 else 8) if vnni else 4  # int32 lanes (output columns) per register
     nbytes, chunks = cols * 4, block // cols
     per_g = GROUP // 8 if q4 else GROUP // 4
@@ -530,20 +525,20 @@ def multirow_quant_matmul(
             for part in range(2 if two else 1):
                 cfg[16 + 2 * (3 + 2 * part + c)] = T.uint8(64)
                 cfg[48 + 3 + 2 * part + c] = T.Cast("uint8", rows)
-        _amx("ldtilecfg", T.address_of(cfg[0]))
+        amx("ldtilecfg", T.address_of(cfg[0]))
         cfg[63] = T.Cast("uint8", rows)  # a reserved byte: the rows configured, for `amx_tiles`
 
     @T.macro
     def amx_dot(xsrc, sums, half, part, top, g):
         # rows top.. of group g of xsrc times the codes in tiles 1.., the sums to sums[half, part]
         # (the chunks' products side by side, then their stores: a store waits for its product)
-        _amx("tileloadd64", T.uint8(0), T.address_of(xsrc[top, g * GROUP]), T.int64(k))
+        amx("tileloadd64", T.uint8(0), T.address_of(xsrc[top, g * GROUP]), T.int64(k))
         for c in T.unroll(chunks):
-            _amx("tilezero", T.uint8(3 + 2 * part + c))
+            amx("tilezero", T.uint8(3 + 2 * part + c))
         for c in T.unroll(chunks):
-            _amx("tdpbssd", T.uint8(3 + 2 * part + c), T.uint8(0), T.uint8(1 + c))
+            amx("tdpbssd", T.uint8(3 + 2 * part + c), T.uint8(0), T.uint8(1 + c))
         for c in T.unroll(chunks):
-            _amx("tilestored64", T.uint8(3 + 2 * part + c), T.address_of(sums[half, part, c, 0, 0]), T.int64(64))
+            amx("tilestored64", T.uint8(3 + 2 * part + c), T.address_of(sums[half, part, c, 0, 0]), T.int64(64))
 
     @T.macro
     def amx_group(qw, xq, xq2, sums, jo, rt, top, g):
@@ -555,7 +550,7 @@ def multirow_quant_matmul(
                 elif jo + 1 < nb:
                     T.evaluate(prefetch(qw[jo + 1, (g + AMX_AHEAD - ng) * per_g + kk, c * 16, 0]))
         for c in T.unroll(chunks):
-            _amx("tileloadd64", T.uint8(1 + c), T.address_of(qw[jo, g * per_g, c * 16, 0]), T.int64(4 * block))
+            amx("tileloadd64", T.uint8(1 + c), T.address_of(qw[jo, g * per_g, c * 16, 0]), T.int64(4 * block))
         amx_dot(xq, sums, g % 2, 0, top, g)
         if two:
             amx_dot(xq2, sums, g % 2, 1, top, g)
@@ -700,7 +695,7 @@ def multirow_quant_matmul(
         # 6.0 ms, 12 rows 9.7 -> 8.0, a step's matmuls on a layer's worth of weights each, loaded.)
         tail = m % 5
         after = m - tail  # the first row after the tiles of 5
-        if amx and m >= AMX_ROWS:
+        if on_amx and m >= AMX_ROWS:
             # A task takes `amx_span` column tiles, so that its tile configuration serves several.
             for jp in T.parallel(-(-nb // amx_span)):
                 cfg = T.alloc_buffer((64,), "uint8", scope="local")
@@ -708,7 +703,7 @@ def multirow_quant_matmul(
                 for jj in range(amx_span):
                     if jp * amx_span + jj < nb:
                         amx_tiles(qw, sc, y, xq, xd, xq2, xd2, cfg, jp * amx_span + jj, m)
-                _amx("tilerelease")
+                amx("tilerelease")
         else:
             for jo in T.parallel(nb):
                 tiles(qw, sc, mn, y, *acts, jo, 0, m // 5, 5, *shape(5))

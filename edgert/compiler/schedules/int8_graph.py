@@ -33,7 +33,8 @@ from tvm import relax, tirx
 from tvm.ir import GenericConst
 from tvm.script import tirx as T
 
-from edgert.compiler.kernels.int8 import _amx, vpdpbusd
+from edgert.compiler.kernels.int8 import vpdpbusd
+from edgert.compiler.kernels.intrin import amx
 from edgert.compiler.schedules.rules import chunks
 
 # The integer kernels keep 16 parallel chunks at most: each chunk allocates its 1 KiB accumulator
@@ -194,25 +195,25 @@ def u8s8_amx_gemm(m: int, k: int, n: int) -> tirx.PrimFunc:
             cfg[48 + t] = T.Cast("uint8", T.min(16, count - 16 * t))
             cfg[16 + 2 * (4 + t)] = T.uint8(64)
             cfg[48 + 4 + t] = T.Cast("uint8", T.min(16, count - 16 * t))
-        _amx("ldtilecfg", T.address_of(cfg[0]))
+        amx("ldtilecfg", T.address_of(cfg[0]))
 
     @T.macro
     def block(x, wp, y, bias, part, top, jo, tiles, count):
         # rows top .. top + count - 1 of column tile jo, in ``tiles`` row tiles
         for t in T.unroll(tiles):
-            _amx("tileloadd64", T.uint8(4 + t), T.address_of(bias[0]), T.int64(0))
+            amx("tileloadd64", T.uint8(4 + t), T.address_of(bias[0]), T.int64(0))
         for s in range(ks):
-            _amx("tileloadd64", T.uint8(3), T.address_of(wp[jo, s * 16, 0, 0]), T.int64(64))
+            amx("tileloadd64", T.uint8(3), T.address_of(wp[jo, s * 16, 0, 0]), T.int64(64))
             for t in T.unroll(tiles):
-                _amx("tileloadd64", T.uint8(t), T.address_of(x[top + 16 * t, s * AMX_K]), T.int64(k))
+                amx("tileloadd64", T.uint8(t), T.address_of(x[top + 16 * t, s * AMX_K]), T.int64(k))
             for t in T.unroll(tiles):
-                _amx("tdpbusd", T.uint8(4 + t), T.uint8(t), T.uint8(3))
+                amx("tdpbusd", T.uint8(4 + t), T.uint8(t), T.uint8(3))
         if jo < full:
             for t in T.unroll(tiles):
-                _amx("tilestored64", T.uint8(4 + t), T.address_of(y[top + 16 * t, jo * 16]), T.int64(4 * n))
+                amx("tilestored64", T.uint8(4 + t), T.address_of(y[top + 16 * t, jo * 16]), T.int64(4 * n))
         else:  # the last, partial column tile: through a buffer
             for t in T.unroll(tiles):
-                _amx("tilestored64", T.uint8(4 + t), T.address_of(part[16 * t, 0]), T.int64(64))
+                amx("tilestored64", T.uint8(4 + t), T.address_of(part[16 * t, 0]), T.int64(64))
             for r, v in T.grid(count, 16):
                 # read outside the guard: a read under it let TVM shrink the buffer to the columns
                 # written (8 of 16 a row), a row stride the tile store did not know
@@ -249,7 +250,7 @@ def u8s8_amx_gemm(m: int, k: int, n: int) -> tirx.PrimFunc:
                 for jj in range(per):
                     column(colsum, zp, bias, c * per + jj)
                     block(x, wp, y, bias, part, nfull * AMX_BLOCK, c * per + jj, -(-rest // 16), rest)
-            _amx("tilerelease")
+            amx("tilerelease")
 
     return gemm.with_attr("global_symbol", f"u8s8_amx_gemm_m{m}_k{k}_n{n}")
 
