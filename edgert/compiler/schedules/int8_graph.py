@@ -326,26 +326,17 @@ def rewrite_int_matmul(bb: Any, call: relax.Call, lookup: Any, isa: str = "avx51
         return None
     if isa not in ("avx512vnni", "amx"):
         return _portable_matmul(bb, isa, xq, shape, weight, zp)
-    x2 = xq if len(shape) == 2 else bb.emit(relax.op.reshape(xq, [m, k]))
-    colsums = weight.sum(axis=0, dtype=np.int64).astype(np.int32)
     if isa == "amx" and k % AMX_K == 0 and m >= AMX_GRAPH_ROWS:
-        packed = pack_weight(weight.astype(np.int8), 16)
-        colsum = np.zeros(packed.shape[0] * 16, np.int32)
-        colsum[:n] = colsums
-        gv = bb.add_func(u8s8_amx_gemm(m, k, n), f"u8s8_amx_gemm_m{m}_k{k}_n{n}")
-        y = relax.call_tir(
-            gv,
-            [x2, relax.const(packed), relax.const(colsum), bb.emit(zp)],
-            out_ty=relax.TensorType([m, n], "int32"),
-        )
-        return y if len(shape) == 2 else relax.op.reshape(bb.emit(y), [*shape[:-1], n])
-    block = 2 * LANES if n % (2 * LANES) == 0 or n > 2 * LANES else LANES
+        block, func, name = 16, u8s8_amx_gemm(m, k, n), f"u8s8_amx_gemm_m{m}_k{k}_n{n}"
+    else:
+        block = 2 * LANES if n % (2 * LANES) == 0 or n > 2 * LANES else LANES
+        func, name = u8s8_gemm(m, k, n, block), f"u8s8_gemm_m{m}_k{k}_n{n}"
     packed = pack_weight(weight.astype(np.int8), block)
     colsum = np.zeros(packed.shape[0] * block, np.int32)
-    colsum[:n] = colsums
-    gv = bb.add_func(u8s8_gemm(m, k, n, block), f"u8s8_gemm_m{m}_k{k}_n{n}")
+    colsum[:n] = weight.sum(axis=0, dtype=np.int64).astype(np.int32)
+    x2 = xq if len(shape) == 2 else bb.emit(relax.op.reshape(xq, [m, k]))
     y = relax.call_tir(
-        gv,
+        bb.add_func(func, name),
         [x2, relax.const(packed), relax.const(colsum), bb.emit(zp)],
         out_ty=relax.TensorType([m, n], "int32"),
     )
