@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -235,6 +235,9 @@ class PairedRow(Row):
     peer, so the ``ratio`` column, peer / edgert as in every row, is its inverse)."""
 
     paired: float | None = None
+    # Each round's block medians in ms, [edgert, peer]; edgert ran first in the even rounds (JSON
+    # only: a bimodal ratio can be split by round and order afterwards).
+    rounds: list[list[float]] = field(default_factory=list)
 
     @property
     def ratio(self) -> float | None:
@@ -345,15 +348,23 @@ def run_zoo(args: Any) -> list[Row]:
                 diff = float(np.abs(got.astype(np.float64) - want).max())
                 rel = diff / max(float(np.abs(want).max()), 1e-30)
                 med, q1, q3 = paired_ratio(ours["rounds_s"], peer["rounds_s"])
+                # The paired median of the rounds in which edgert ran first, and second: the quiet
+                # runs' wide quartiles at two threads (mobilenet.qdq 0.74-1.13) could be the order.
+                first = paired_ratio(ours["rounds_s"][::2], peer["rounds_s"][::2])[0]
+                second = paired_ratio(ours["rounds_s"][1::2], peer["rounds_s"][1::2])[0]
                 note = {
                     "paired": f"{med:.3f}",
                     "q1-q3": f"{q1:.3f}-{q3:.3f}",
+                    "first/second": f"{first:.3f}/{second:.3f}",
                     "max_abs_diff": f"{diff:.2e}",
                     "rel": f"{rel:.1e}",
                 }
                 e_ms, p_ms = ours["median_s"] * 1e3, peer["median_s"] * 1e3
+                by_round = [[a * 1e3, b * 1e3] for a, b in zip(ours["rounds_s"], peer["rounds_s"], strict=True)]
                 rows.append(
-                    PairedRow(NAME, name, f"latency t{threads}", "ms", e_ms, p_ms, "onnxruntime", False, note, med)
+                    PairedRow(
+                        NAME, name, f"latency t{threads}", "ms", e_ms, p_ms, "onnxruntime", False, note, med, by_round
+                    )
                 )
                 kind = "int8" if "." in name else "float"
                 ratios.setdefault((kind, threads), []).append((e_ms, p_ms, med))
