@@ -36,6 +36,13 @@ def test_zoo_section_pairs_the_engines_rounds(tmp_path: Path) -> None:
                 # the note's quartiles are written to 3 decimals: compare the median written alike
                 assert q1 <= round(row["paired"], 3) <= q3
                 assert float(row["extra"]["max_abs_diff"]) < 1e-4
+                # every round's block medians are kept, and the order split is of those rounds
+                rounds = row["rounds"]
+                assert len(rounds) == 5 and all(a > 0 and b > 0 for a, b in rounds)
+                ratios = [a / b for a, b in rounds]
+                first, second = (float(v) for v in row["extra"]["first/second"].split("/"))
+                assert min(ratios[::2]) - 1e-3 <= first <= max(ratios[::2]) + 1e-3
+                assert min(ratios[1::2]) - 1e-3 <= second <= max(ratios[1::2]) + 1e-3
 
 
 def test_a_benchmark_child_that_dies_is_an_error_not_a_wait() -> None:
