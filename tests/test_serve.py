@@ -337,6 +337,17 @@ def test_pages_in_use_return_to_zero_after_a_short_load_test(server: Server) -> 
     assert tool.rss_mib(os.getpid()) <= 1.05 * warm
 
 
+def test_load_test_scaling_sends_the_same_requests_with_one_client_and_with_several(server: Server) -> None:
+    tool = load_tool("load_test")
+    result = tool.scaling_run(server.url, "tiny", warmup=0, clients=3, requests=6, max_seconds=60, rounds=2)
+    # Request n depends on n alone: greedy replies to the same requests have the same lengths,
+    # whether one client sent them or three.
+    one, many = result["generated_tokens"]
+    assert one == many and one[0] > 0
+    assert len(result["ratios"]) == 2 and result["median_ratio"] > 0
+    assert wait_idle(engine_of(server))["active_sequences"] == 0
+
+
 @pytest.mark.slow
 def test_transcriptions_answer_the_openai_client_and_refuse_bad_audio(whisper_short_artifact: Path) -> None:
     from test_whisper import beckett_wav

@@ -5,9 +5,12 @@ prompts and replies of mixed lengths; the table gives throughput, time to first 
 streamed requests) and errors, and for an edgert server the KV pages still in use afterwards.
 A server this tool starts (``--serve``, ``--peer``) first gets a warm-up round (``--warmup``
 requests); its resident memory (VmRSS of /proc/PID/status) after the warm-up and after the run
-is in the table, with the growth in percent.
+is in the table, with the growth in percent. Request n's kind, prompt and reply length depend on n
+alone, so runs with different client counts send the same requests; ``--scaling R`` runs them with
+1 client and with ``--clients``, alternated R times, and prints the ratio of their tokens/s.
 
   python tools/load_test.py --serve smollm2.edgert --clients 4 --requests 40
+  python tools/load_test.py --serve smollm2.edgert --clients 4 --requests 40 --scaling 3
   python tools/load_test.py --url http://127.0.0.1:8080 --model smollm2
   python tools/load_test.py --serve smollm2.edgert --peer llama-cpp --gguf SmolLM2.gguf --threads 2
 
@@ -25,6 +28,7 @@ import os
 import random
 import shlex
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -208,13 +212,15 @@ def run_load(
     deadline = time.perf_counter() + max_seconds
 
     def client(i: int) -> None:
-        rng = random.Random(seed * 1000 + i)
         while True:
             with lock:
                 if issued[0] >= requests or time.perf_counter() > deadline:
                     return
                 n = issued[0]
                 issued[0] += 1
+            # Request n's kind, prompt and reply length depend on n alone, not on which client sends
+            # it: runs with 1 and with N clients send the same requests, so their tokens/s compare.
+            rng = random.Random(seed * 1_000_003 + n)
             result = one_request(base, model, kinds[n % len(kinds)], rng, api_key, timeout, mix)
             with lock:
                 report.results.append(result)
@@ -367,6 +373,36 @@ def measured_run(
     return summary
 
 
+def scaling_run(
+    url: str, model: str, warmup: int, clients: int, requests: int, max_seconds: float, rounds: int, **kw: Any
+) -> dict[str, Any]:
+    """The same ``requests`` requests sent by 1 client and by ``clients`` clients, alternated for
+    ``rounds`` rounds (the order swapped every other round, so a slow spell of the machine falls on
+    both); per round the ratio of their tokens/s, and the median of those ratios."""
+    if warmup:
+        run_load(url, model, clients, warmup, max_seconds, seed=99, **kw)
+    runs: dict[int, list[dict[str, Any]]] = {1: [], clients: []}
+    for r in range(rounds):
+        for n in (1, clients) if r % 2 == 0 else (clients, 1):
+            summary = run_load(url, model, n, requests, max_seconds, **kw).summary()
+            if summary["requests"] < requests or summary["errors"]:
+                raise SystemExit(
+                    f"error: the {n}-client run sent {summary['requests']} of {requests} requests with "
+                    f"{summary['errors']} errors (raise --max-seconds?); its tokens/s would not compare"
+                )
+            runs[n].append(summary)
+    ratios = [m["tokens_per_second"] / o["tokens_per_second"] for o, m in zip(runs[1], runs[clients], strict=True)]
+    return {
+        "clients": clients,
+        "requests": requests,
+        "one_client_tokens_per_second": [o["tokens_per_second"] for o in runs[1]],
+        "clients_tokens_per_second": [m["tokens_per_second"] for m in runs[clients]],
+        "generated_tokens": [[o["generated_tokens"] for o in runs[1]], [m["generated_tokens"] for m in runs[clients]]],
+        "ratios": [round(x, 3) for x in ratios],
+        "median_ratio": round(statistics.median(ratios), 3),
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -498,6 +534,14 @@ def main() -> None:
         metavar="WORDS",
         help="after the run, time the first token of two chats sharing a new WORDS-word system prompt",
     )
+    parser.add_argument(
+        "--scaling",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead: send the same --requests with 1 client and with --clients clients, alternated for "
+        "ROUNDS rounds, and print the ratio of their tokens/s",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args()
     try:
@@ -516,6 +560,8 @@ def main() -> None:
         parser.error("--peer llama-cpp needs --gguf")
     rows: dict[str, dict[str, Any]] = {}
     procs: list[subprocess.Popen] = []
+    if args.scaling:
+        return scaling_main(args, model, requests, max_seconds, mix)
     try:
         if args.serve:
             proc, port = start_edgert(args.serve, args.threads, shlex.split(args.serve_args))
@@ -549,6 +595,44 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
     else:
         print_table(rows)
+
+
+def scaling_main(args: argparse.Namespace, model: str, requests: int, max_seconds: float, mix: Mix) -> None:
+    """``--scaling``: `scaling_run` on edgert's server (and llama.cpp's with ``--peer``), one table."""
+    out: dict[str, dict[str, Any]] = {}
+    procs: list[subprocess.Popen] = []
+
+    def measure(url: str, api_key: str | None) -> dict[str, Any]:
+        clients, rounds = args.clients, args.scaling
+        return scaling_run(url, model, args.warmup, clients, requests, max_seconds, rounds, api_key=api_key, mix=mix)
+
+    try:
+        if args.serve:
+            proc, port = start_edgert(args.serve, args.threads, shlex.split(args.serve_args))
+            procs.append(proc)
+            out["edgert"] = measure(f"http://127.0.0.1:{port}", args.api_key)
+        else:
+            out["edgert"] = measure(args.url, args.api_key)
+        if args.peer:
+            proc, port = start_llama_cpp(args.gguf, args.threads, model, args.context)
+            procs.append(proc)
+            out["llama.cpp"] = measure(f"http://127.0.0.1:{port}", None)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    for name, s in out.items():
+        print(
+            f"{name}: the same {s['requests']} requests, 1 client {s['one_client_tokens_per_second']} tok/s, "
+            f"{s['clients']} clients {s['clients_tokens_per_second']} tok/s; per round {s['ratios']}; "
+            f"median {s['median_ratio']}x"
+        )
 
 
 if __name__ == "__main__":
