@@ -29,6 +29,7 @@ REAL_MODEL_FIXTURES = {
     "smollm_rpi5_artifact",
     "speech_artifact",
     "gemma_artifact",
+    "gemma_library_cache",
 }
 
 
@@ -170,13 +171,21 @@ def gemma_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def gemma_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Gemma 3 270M compiled for the host with the recipe's options, through the CLI."""
+    """Gemma 3 270M compiled for the host with the recipe's options, through the CLI; its library is
+    kept in `gemma_library_cache` for the wheel's compile of the same model (tests/test_install.py)."""
 
     def build(folder: Path) -> None:
-        proc = run_cli("compile", "gemma3-270m", "--target", "host", "-o", str(folder / "gemma3.edgert"))
+        out, libraries = folder / "gemma3.edgert", folder / "libraries"
+        proc = run_cli("compile", "gemma3-270m", "--target", "host", "--library-cache", str(libraries), "-o", str(out))
         assert proc.returncode == 0, proc.stderr
 
     return shared_build(tmp_path_factory, "gemma3", build) / "gemma3.edgert"
+
+
+@pytest.fixture(scope="session")
+def gemma_library_cache(gemma_artifact: Path) -> Path:
+    """The library cache (`--library-cache`) holding the one library `gemma_artifact` compiled."""
+    return gemma_artifact.parent / "libraries"
 
 
 @pytest.fixture(scope="session")

@@ -64,6 +64,15 @@ def compile(
             "(needed by `edgert serve --kv-budget`).",
         ),
     ] = False,
+    library_cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--library-cache",
+            help="GGUF language models: a folder that keeps compiled libraries by the module's structural "
+            "hash; a build of an identical module (same model code, target and versions) reuses its "
+            "library instead of running TVM again.",
+        ),
+    ] = None,
     calibrate: Annotated[
         Path | None,
         typer.Option(
@@ -92,6 +101,7 @@ def compile(
             audio_ctx=audio_ctx,
             chunk_ms=chunk_ms,
             calibrate=calibrate,
+            library_cache=library_cache,
             evictable_kv=evictable_kv or None,
         )
     size = sum(f["size"] for f in result.manifest["files"].values())
