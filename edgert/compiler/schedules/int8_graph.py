@@ -24,6 +24,7 @@ same integer results.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -355,11 +356,17 @@ def u8s8_conv(
     cp: int,
     n: int,
     block: int,
+    requant: tuple[float, float, float, str] | None = None,
 ) -> tirx.PrimFunc:
     """A channels-last conv (groups 1) as `u8s8_gemm` over output positions: ``y[p, co] = sum over
     taps and channels of xp[pos(p, tap), c] * W[tap, c, co] - zp * colsum[co]``, ``xp`` the uint8
     input already padded (with the zero point) and its channels padded to ``cp`` (a multiple of 4).
-    1-D convs take a unit height."""
+    1-D convs take a unit height.
+
+    With ``requant = (zero point, low, high, dtype)`` the kernel takes two more float32 inputs per
+    output channel, ``bias`` and ``mult``, and writes ``dtype`` (uint8 or int8) values
+    ``max(min(round((float(y) + bias) * mult) + zero point, high), low)``: the graph's
+    requantization in its own float32 operations and order (see `fuse_requantize`)."""
     (hp, wp), (oh, ow), (kh, kw), (sh, sw), (dh, dw) = inp, out, taps, strides, dilation
     m, c4 = oh * ow, cp // 4
     k4 = kh * kw * c4
@@ -371,13 +378,79 @@ def u8s8_conv(
     nc = _chunks(nb * nt, tiles, m * k4 * 4 * n)
     per = nb * nt // nc
 
+    @T.macro
+    def accumulate(x, wpk, acc, wv, jo, it):
+        for r, ci in T.grid(rows, cw):
+            acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+        for ty, tx, cc in T.grid(kh, kw, c4):
+            for ci in T.unroll(cw):
+                wv[ci, T.ramp(0, 1, nbytes)] = wpk.vload(
+                    [jo, (ty * kw + tx) * c4 + cc, ci * LANES, 0], f"int8x{nbytes}"
+                )
+            for r in T.unroll(rows):
+                p: T.let = T.min(it * rows + r, m - 1)  # positions past m repeat the last one, unwritten
+                word: T.let = T.reinterpret(
+                    "int32", x.vload([0, p // ow * sh + ty * dh, p % ow * sw + tx * dw, cc * 4], "uint8x4")
+                )
+                xb: T.let = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
+                for ci in T.unroll(cw):
+                    acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
+                        acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES
+                    )
+
+    name = f"u8s8_conv_{hp}x{wp}x{cp}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_n{n}"
+    if requant is None:
+
+        @T.prim_func
+        def conv(
+            x: T.Buffer((1, hp, wp, cp), "uint8"),
+            wpk: T.Buffer((nb, k4, block, 4), "int8"),
+            colsum: T.Buffer((nb * block,), "int32"),
+            zp: T.Buffer((1,), "int32"),
+            y: T.Buffer((1, oh, ow, n), "int32"),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for c in tiles(nc):
+                acc = T.alloc_buffer((rows, cw, LANES), "int32", scope="local")
+                wv = T.alloc_buffer((cw, nbytes), "int8", scope="local")
+                for tt in range(per):
+                    t: T.let = c * per + tt
+                    jo: T.let = t // nt
+                    it: T.let = t % nt
+                    accumulate(x, wpk, acc, wv, jo, it)
+                    for r, ci in T.grid(rows, cw):
+                        if it * rows + r < m:
+                            if jo < full:
+                                for v in T.vectorized(LANES):
+                                    y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v] = (
+                                        acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                                    )
+                            else:
+                                for v in range(LANES):
+                                    if jo * block + ci * LANES + v < n:
+                                        y[
+                                            0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v
+                                        ] = acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+
+        return conv.with_attr("global_symbol", name)
+
+    zpo, low, high, odt = requant
+
+    def requantized(value: Any, bias: Any, mult: Any) -> Any:
+        # the graph's ops in its order: astype, + bias, * mult, round, + zero point, min, max, cast
+        scaled = tirx.round((tirx.Cast("float32", value) + bias) * mult) + tirx.const(zpo, "float32")
+        clamped = tirx.max(tirx.min(scaled, tirx.const(high, "float32")), tirx.const(low, "float32"))
+        return tirx.Cast(odt, clamped)
+
     @T.prim_func
-    def conv(
+    def fused(
         x: T.Buffer((1, hp, wp, cp), "uint8"),
         wpk: T.Buffer((nb, k4, block, 4), "int8"),
         colsum: T.Buffer((nb * block,), "int32"),
         zp: T.Buffer((1,), "int32"),
-        y: T.Buffer((1, oh, ow, n), "int32"),
+        bias: T.Buffer((nb * block,), "float32"),
+        mult: T.Buffer((nb * block,), "float32"),
+        y: T.Buffer((1, oh, ow, n), odt),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
         for c in tiles(nc):
@@ -387,39 +460,27 @@ def u8s8_conv(
                 t: T.let = c * per + tt
                 jo: T.let = t // nt
                 it: T.let = t % nt
-                for r, ci in T.grid(rows, cw):
-                    acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
-                for ty, tx, cc in T.grid(kh, kw, c4):
-                    for ci in T.unroll(cw):
-                        wv[ci, T.ramp(0, 1, nbytes)] = wpk.vload(
-                            [jo, (ty * kw + tx) * c4 + cc, ci * LANES, 0], f"int8x{nbytes}"
-                        )
-                    for r in T.unroll(rows):
-                        p: T.let = T.min(it * rows + r, m - 1)  # positions past m repeat the last one, unwritten
-                        word: T.let = T.reinterpret(
-                            "int32", x.vload([0, p // ow * sh + ty * dh, p % ow * sw + tx * dw, cc * 4], "uint8x4")
-                        )
-                        xb: T.let = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
-                        for ci in T.unroll(cw):
-                            acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
-                                acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES
-                            )
+                accumulate(x, wpk, acc, wv, jo, it)
                 for r, ci in T.grid(rows, cw):
                     if it * rows + r < m:
                         if jo < full:
                             for v in T.vectorized(LANES):
                                 y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v] = (
-                                    acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                                    requantized(
+                                        acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v],
+                                        bias[jo * block + ci * LANES + v],
+                                        mult[jo * block + ci * LANES + v],
+                                    )
                                 )
                         else:
                             for v in range(LANES):
                                 if jo * block + ci * LANES + v < n:
-                                    y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v] = (
-                                        acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                                    col: T.let = jo * block + ci * LANES + v
+                                    y[0, (it * rows + r) // ow, (it * rows + r) % ow, col] = requantized(
+                                        acc[r, ci, v] - zp[0] * colsum[col], bias[col], mult[col]
                                     )
 
-    name = f"u8s8_conv_{hp}x{wp}x{cp}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_n{n}"
-    return conv.with_attr("global_symbol", name)
+    return fused.with_attr("global_symbol", f"{name}_q{odt[0]}")
 
 
 # The integer conv's int32 result leaves the requantization to a separate elementwise kernel (TVM
@@ -452,6 +513,8 @@ def _quantized_source(x: relax.Expr, lookup: Any) -> tuple[relax.Expr, int] | No
         inner = lookup(q) if isinstance(q, relax.Var) else None
         if not isinstance(inner, relax.Call):
             return None
+        if inner.op == tvm_op("relax.astype") and _dtype(inner.args[0]) == "uint8":  # a fused conv's bytes
+            return inner.args[0], int(zp_value)
     # maximum(minimum(round(..) + c, 255), 0): layout._ScalarQDQ's quantize to uint8
     if inner.op != tvm_op("relax.maximum") or not _is_value(inner.args[1], 0.0):
         return None
@@ -475,11 +538,14 @@ def _is_value(expr: Any, value: float) -> bool:
     return isinstance(expr, GenericConst) and expr.value.numpy().size == 1 and float(expr.value.numpy()) == value
 
 
-def rewrite_int_conv(bb: Any, call: relax.Call, lookup: Any, isa: str = "avx512vnni") -> relax.Expr | None:
+def rewrite_int_conv(
+    bb: Any, call: relax.Call, lookup: Any, isa: str = "avx512vnni", fusable: dict | None = None
+) -> relax.Expr | None:
     """A channels-last conv (groups 1, static shapes) of ``q - zp`` (``q`` uint8 values) by a
     constant weight of int8 values: `u8s8_conv` over the input padded with the zero point, the
     int32 result cast to float32 (exact below 2^24, as the float conv it replaces); None where
-    the pattern does not hold."""
+    the pattern does not hold. ``fusable`` (where given) records the VNNI conv's int32 result for
+    `fuse_requantize`."""
     name = call.op.name
     if name not in ("relax.nn.conv1d", "relax.nn.conv2d"):
         return None
@@ -561,9 +627,123 @@ def rewrite_int_conv(bb: Any, call: relax.Call, lookup: Any, isa: str = "avx512v
         out_ty=relax.TensorType([1, *out_sp, co], "int32"),
     )
     y = bb.emit(y)
+    if fusable is not None:
+        fusable[y] = _ConvCall(
+            ((hp, wp_), tuple(out_sp), tuple(taps), tuple(strides), tuple(dilation), cp, co, block),
+            [xp, relax.const(packed), relax.const(colsum), relax.const(np.array([zp], np.int32))],
+            [1, *out_sp, co],
+        )
     if nsp == 1:
         y = bb.emit(relax.op.reshape(y, [1, out_sp[1], co]))
     return relax.op.astype(y, "float32")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConvCall:
+    """A `u8s8_conv` call as `rewrite_int_conv` emitted it: its shape arguments, inputs, output shape."""
+
+    shape: tuple
+    args: list
+    out: list[int]
+
+
+def _per_channel(expr: Any, co: int, width: int) -> np.ndarray | None:
+    """A float32 constant that varies along the last axis only (or is a scalar), as ``width`` values
+    (the ``co`` channels, then zeros for the padded block), or None."""
+    if not isinstance(expr, GenericConst) or str(expr.value.dtype) != "float32":
+        return None
+    value = expr.value.numpy()
+    if value.size == 1:
+        flat = np.full(co, value.reshape(()), np.float32)
+    elif value.shape[-1] == co and value.size == co:
+        flat = value.reshape(co)
+    else:
+        return None
+    out = np.zeros(width, np.float32)
+    out[:co] = flat
+    return out
+
+
+def fuse_requantize(bb: Any, call: relax.Call, lookup: Any, fusable: dict) -> relax.Expr | None:
+    """``maximum(minimum(round((astype(y, float32) [+ bias]) * mult) + zp, high), low)`` of a VNNI
+    conv's int32 result ``y`` (recorded in ``fusable`` by `rewrite_int_conv`), the requantization
+    QLinearConv and QDQ convs import as, with bias and mult per output channel and low..high within
+    uint8 or int8: the conv writing those bytes itself (`u8s8_conv` with ``requant``), read back as
+    float32 (exact: small integers), or None where the pattern does not hold. The int32 tensor and
+    the separate requantization kernel go (its consumers' casts back to the bytes fold away)."""
+
+    def bound(expr: Any, op: str) -> relax.Call | None:
+        value = lookup(expr) if isinstance(expr, relax.Var) else expr
+        return value if isinstance(value, relax.Call) and value.op == tvm_op(op) else None
+
+    if call.op != tvm_op("relax.maximum") or not _is_scalar(call.args[1]):
+        return None
+    low = float(call.args[1].value.numpy().reshape(()))
+    lower = bound(call.args[0], "relax.minimum")
+    if lower is None or not _is_scalar(lower.args[1]):
+        return None
+    high = float(lower.args[1].value.numpy().reshape(()))
+    shifted = bound(lower.args[0], "relax.add")
+    if shifted is None or not _is_scalar(shifted.args[1]):
+        return None
+    zpo = float(shifted.args[1].value.numpy().reshape(()))
+    rounded = bound(shifted.args[0], "relax.round")
+    scaled = None if rounded is None else bound(rounded.args[0], "relax.multiply")
+    if scaled is None:
+        return None
+    biased = bound(scaled.args[0], "relax.add")
+    cast = bound(biased.args[0] if biased is not None else scaled.args[0], "relax.astype")
+    if cast is None or str(cast.attrs.dtype) != "float32":
+        return None
+    y = cast.args[0]
+    reshaped = bound(y, "relax.reshape")
+    if reshaped is not None:  # a 1-D conv's unit height dropped
+        y = reshaped.args[0]
+    conv = fusable.get(y)
+    if conv is None:
+        return None
+    if 0 <= low and high <= 255:
+        odt = "uint8"
+    elif -128 <= low and high <= 127:
+        odt = "int8"
+    else:
+        return None
+    if any(v != int(v) for v in (low, high, zpo)):
+        return None
+    co, width = conv.out[-1], conv.args[2].value.numpy().size
+    bias = np.zeros(width, np.float32) if biased is None else _per_channel(biased.args[1], co, width)
+    mult = _per_channel(scaled.args[1], co, width)
+    if bias is None or mult is None:
+        return None
+    func = u8s8_conv(*conv.shape, requant=(zpo, low, high, odt))
+    gv = bb.add_func(func, func.attrs["global_symbol"])
+    q = bb.emit(
+        relax.call_tir(
+            gv,
+            [*conv.args, relax.const(bias), relax.const(mult)],
+            out_ty=relax.TensorType(conv.out, odt),
+        )
+    )
+    if reshaped is not None:
+        q = bb.emit(relax.op.reshape(q, _static_shape(reshaped)))
+    return relax.op.astype(q, "float32")
+
+
+def narrowed(call: relax.Call, lookup: Any) -> relax.Expr | None:
+    """``astype(astype(q, float32), dtype)`` with ``q`` already of ``dtype`` (uint8 or int8, which
+    float32 holds exactly): ``q``; None otherwise."""
+    if call.op != tvm_op("relax.astype") or str(call.attrs.dtype) not in ("uint8", "int8"):
+        return None
+    inner = lookup(call.args[0]) if isinstance(call.args[0], relax.Var) else call.args[0]
+    if not (isinstance(inner, relax.Call) and inner.op == tvm_op("relax.astype")):
+        return None
+    if str(inner.attrs.dtype) != "float32" or _dtype(inner.args[0]) != str(call.attrs.dtype):
+        return None
+    return inner.args[0]
+
+
+def _is_scalar(expr: Any) -> bool:
+    return isinstance(expr, GenericConst) and expr.value.numpy().size == 1 and str(expr.value.dtype) == "float32"
 
 
 # -- aarch64 dotprod and AVX2 -----------------------------------------------------------------
