@@ -357,6 +357,7 @@ def u8s8_conv(
     n: int,
     block: int,
     requant: tuple[float, float, float, str] | None = None,
+    border: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0),
 ) -> tirx.PrimFunc:
     """A channels-last conv (groups 1) as `u8s8_gemm` over output positions: ``y[p, co] = sum over
     taps and channels of xp[pos(p, tap), c] * W[tap, c, co] - zp * colsum[co]``, ``xp`` the uint8
@@ -366,7 +367,9 @@ def u8s8_conv(
     With ``requant = (zero point, low, high, dtype)`` the kernel takes two more float32 inputs per
     output channel, ``bias`` and ``mult``, and writes ``dtype`` (uint8 or int8) values
     ``max(min(round((float(y) + bias) * mult) + zero point, high), low)``: the graph's
-    requantization in its own float32 operations and order (see `fuse_requantize`)."""
+    requantization in its own float32 operations and order (see `fuse_requantize`). ``border = (top,
+    bottom, left, right, value)`` (with ``requant``) writes those into a ``y`` that large, the next
+    conv's padded input: the output at offset (top, left), the border set to ``value``."""
     (hp, wp), (oh, ow), (kh, kw), (sh, sw), (dh, dw) = inp, out, taps, strides, dilation
     m, c4 = oh * ow, cp // 4
     k4 = kh * kw * c4
@@ -435,6 +438,8 @@ def u8s8_conv(
         return conv.with_attr("global_symbol", name)
 
     zpo, low, high, odt = requant
+    pt, pb, pl, pr, fill = border
+    yh, yw = oh + pt + pb, ow + pl + pr
 
     def requantized(value: Any, bias: Any, mult: Any) -> Any:
         # the graph's ops in its order: astype, + bias, * mult, round, + zero point, min, max, cast
@@ -450,9 +455,16 @@ def u8s8_conv(
         zp: T.Buffer((1,), "int32"),
         bias: T.Buffer((nb * block,), "float32"),
         mult: T.Buffer((nb * block,), "float32"),
-        y: T.Buffer((1, oh, ow, n), odt),
+        y: T.Buffer((1, yh, yw, n), odt),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        # the border (the next conv's padding; none without one): rows above and below, then columns
+        for h, w in T.grid(pt + pb, yw):
+            for v in T.vectorized(n):
+                y[0, T.Select(h < pt, h, h + oh), w, v] = T.Cast(odt, fill)
+        for h, w in T.grid(oh, pl + pr):
+            for v in T.vectorized(n):
+                y[0, pt + h, T.Select(w < pl, w, w + ow), v] = T.Cast(odt, fill)
         for c in tiles(nc):
             acc = T.alloc_buffer((rows, cw, LANES), "int32", scope="local")
             wv = T.alloc_buffer((cw, nbytes), "int8", scope="local")
@@ -465,22 +477,26 @@ def u8s8_conv(
                     if it * rows + r < m:
                         if jo < full:
                             for v in T.vectorized(LANES):
-                                y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v] = (
-                                    requantized(
-                                        acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v],
-                                        bias[jo * block + ci * LANES + v],
-                                        mult[jo * block + ci * LANES + v],
-                                    )
+                                y[
+                                    0,
+                                    (it * rows + r) // ow + pt,
+                                    (it * rows + r) % ow + pl,
+                                    jo * block + ci * LANES + v,
+                                ] = requantized(
+                                    acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v],
+                                    bias[jo * block + ci * LANES + v],
+                                    mult[jo * block + ci * LANES + v],
                                 )
                         else:
                             for v in range(LANES):
                                 if jo * block + ci * LANES + v < n:
                                     col: T.let = jo * block + ci * LANES + v
-                                    y[0, (it * rows + r) // ow, (it * rows + r) % ow, col] = requantized(
+                                    y[0, (it * rows + r) // ow + pt, (it * rows + r) % ow + pl, col] = requantized(
                                         acc[r, ci, v] - zp[0] * colsum[col], bias[col], mult[col]
                                     )
 
-    return fused.with_attr("global_symbol", f"{name}_q{odt[0]}")
+    padded = f"_p{pt}x{pb}x{pl}x{pr}" if any(border[:4]) else ""
+    return fused.with_attr("global_symbol", f"{name}_q{odt[0]}{padded}")
 
 
 # The integer conv's int32 result leaves the requantization to a separate elementwise kernel (TVM
@@ -607,11 +623,13 @@ def rewrite_int_conv(
     # Relax's own pad (borders and channels past ci take the zero point, a real zero; those
     # channels meet zero weights): FuseOps fuses the previous layer's requantization into it,
     # where the call_tir of a TE pad stayed a kernel of its own.
-    qe = bb.emit(q)
-    if nsp == 1:
-        qe = bb.emit(relax.op.reshape(qe, [1, 1, spatial[1], ci]))
     widths = [0, 0, before[0], after[0], before[1], after[1], 0, cp - ci]
-    xp = bb.emit(relax.op.nn.pad(qe, widths, pad_value=float(zp)))
+    xp = _padded_by_producer(bb, q, fusable, [1, *spatial, ci], tuple(widths[2:6]), zp) if cp == ci else None
+    if xp is None:
+        qe = bb.emit(q)
+        if nsp == 1:
+            qe = bb.emit(relax.op.reshape(qe, [1, 1, spatial[1], ci]))
+        xp = bb.emit(relax.op.nn.pad(qe, widths, pad_value=float(zp)))
     if isa not in ("avx512vnni", "amx"):  # aarch64 sdot, AVX2 vpmaddwd (AMX: the VNNI conv)
         func = portable_conv(isa, (hp, wp_), tuple(out_sp), tuple(taps), tuple(strides), tuple(dilation), cp, co)
         zp_const = relax.const(np.array([zp], np.int32))
@@ -638,6 +656,23 @@ def rewrite_int_conv(
     return relax.op.astype(y, "float32")
 
 
+def _padded_by_producer(
+    bb: Any, q: Any, fusable: dict | None, shape: list[int], pads: tuple[int, ...], zp: int
+) -> relax.Expr | None:
+    """The uint8 ``q`` padded by ``pads`` (top, bottom, left, right) with ``zp``, written by the fused
+    conv that produces ``q`` (`fuse_requantize`) into the larger tensor itself, where ``q`` is one
+    (with ``shape``); else None. The unpadded call stays only where something else reads it."""
+    conv = fusable.get(q) if fusable is not None and isinstance(q, relax.Var) else None
+    if conv is None or conv.requant is None or conv.requant[3] != "uint8" or conv.out != shape:
+        return None
+    if not any(pads) or min(pads) < 0:
+        return None
+    func = u8s8_conv(*conv.shape, requant=conv.requant, border=(*pads, zp))
+    gv = bb.add_func(func, func.attrs["global_symbol"])
+    out = [1, shape[1] + pads[0] + pads[1], shape[2] + pads[2] + pads[3], shape[3]]
+    return bb.emit(relax.call_tir(gv, conv.args, out_ty=relax.TensorType(out, "uint8")))
+
+
 @dataclasses.dataclass(frozen=True)
 class _ConvCall:
     """A `u8s8_conv` call as `rewrite_int_conv` emitted it: its shape arguments, inputs, output shape."""
@@ -645,6 +680,7 @@ class _ConvCall:
     shape: tuple
     args: list
     out: list[int]
+    requant: tuple | None = None  # `u8s8_conv`'s requant: a fused conv's bytes (args then hold bias and mult)
 
 
 def _per_channel(expr: Any, co: int, width: int) -> np.ndarray | None:
@@ -717,13 +753,9 @@ def fuse_requantize(bb: Any, call: relax.Call, lookup: Any, fusable: dict) -> re
         return None
     func = u8s8_conv(*conv.shape, requant=(zpo, low, high, odt))
     gv = bb.add_func(func, func.attrs["global_symbol"])
-    q = bb.emit(
-        relax.call_tir(
-            gv,
-            [*conv.args, relax.const(bias), relax.const(mult)],
-            out_ty=relax.TensorType(conv.out, odt),
-        )
-    )
+    args = [*conv.args, relax.const(bias), relax.const(mult)]
+    q = bb.emit(relax.call_tir(gv, args, out_ty=relax.TensorType(conv.out, odt)))
+    fusable[q] = _ConvCall(conv.shape, args, conv.out, (zpo, low, high, odt))
     if reshaped is not None:
         q = bb.emit(relax.op.reshape(q, _static_shape(reshaped)))
     return relax.op.astype(q, "float32")
