@@ -312,7 +312,10 @@ def test_integer_layers_match_onnxruntime_exactly(tmp_path):
     # Integer matmuls by a constant weight: the dynamic one, the QDQ MatMul and the Gemm; the
     # 11-tap conv on the integer conv kernel, the 3-tap one (39 products) on the float conv.
     assert len([n for n in names if "u8s8_gemm" in n]) == (3 if vnni else 0)
-    assert len([n for n in names if "u8s8_conv" in n]) == (1 if vnni else 0)
+    convs = [n for n in names if "u8s8_conv" in n]
+    assert len(convs) == (1 if vnni else 0)
+    # the conv's requantization (the QuantizeLinear after it) in the conv: uint8 out, no int32 conv left
+    assert all(n.endswith("_qu") for n in convs)
     edgert.compile(str(path), output=tmp_path / "l.edgert")
     _assert_onnxruntime_bytes(path, tmp_path / "l.edgert", seed=4)
 
@@ -417,6 +420,39 @@ def test_parallel_integer_kernels_match_numpy_exactly():
             tap = wc[(ty * 3 + tx) * c : (ty * 3 + tx + 1) * c].astype(np.int64)
             want += (xp[0, ty : ty + 32, tx : tx + 32].astype(np.int64) - 7) @ tap
     np.testing.assert_array_equal(got[0], want)
+
+    # The same conv with the requantization in its write-back (fuse_requantize), into a padded
+    # output: numpy's float32 ops in the graph's order. Scales of 2^-9..2^-12 put many sums on a
+    # half (round half to even); the border takes the fill value.
+    bias = rng.integers(-300, 300, co).astype(np.float32)
+    mult = (2.0 ** -rng.integers(9, 13, co)).astype(np.float32)
+    scaled = np.round((want.astype(np.int32).astype(np.float32) + bias) * mult)
+    for zpo, low, high, dtype, border in (
+        (128.0, 0.0, 255.0, "uint8", (1, 2, 0, 1, 9)),
+        (-3.0, -128.0, 127.0, "int8", None),
+    ):
+        func = ig.u8s8_conv(
+            (34, 34),
+            (32, 32),
+            (3, 3),
+            (1, 1),
+            (1, 1),
+            c,
+            co,
+            32,
+            requant=(zpo, low, high, dtype),
+            border=border or (0, 0, 0, 0, 0),
+        )
+        top, bottom, left, right, fill = border or (0, 0, 0, 0, 0)
+        out = np.zeros((1, 32 + top + bottom, 32 + left + right, co), dtype)
+        got = run(func, xp, ig.pack_weight(wc, 32), colsum, zp, bias, mult, out)[0]
+        q = np.maximum(np.minimum(scaled + np.float32(zpo), np.float32(high)), np.float32(low)).astype(dtype)
+        np.testing.assert_array_equal(got[top : top + 32, left : left + 32], q)
+        inner = np.zeros(got.shape[:2], bool)
+        inner[top : top + 32, left : left + 32] = True
+        assert np.all(got[~inner] == fill)
+    ties = (want.astype(np.float32) + bias) * mult
+    assert np.count_nonzero(ties == np.floor(ties) + 0.5) > 20  # half-way cases were among them (68)
 
 
 def test_winograd_convs_match_onnxruntime(tmp_path):
