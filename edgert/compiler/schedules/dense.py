@@ -108,12 +108,15 @@ class _PackDense(relax.PyExprMutator):
             axis = None if call.attrs.axis is None else int(call.attrs.axis)
             return relax.op.take(call.args[0], call.args[1], axis, mode="clip")
         if self.int_convs and isinstance(call.op, tvm.ir.Op):
-            from edgert.compiler.schedules.int8_graph import fuse_requantize, narrowed
+            from edgert.compiler.schedules.int8_graph import fuse_requantize, narrowed, pool_quantized
 
-            # An integer conv's requantization into the conv's write-back, and the bytes' cast back.
+            # An integer conv's requantization into the conv's write-back, the bytes' cast back, and
+            # a max pool of their dequantized values on the bytes.
             fused = fuse_requantize(self.builder_, call, self.lookup_binding, self.int_convs)
             if fused is None:
                 fused = narrowed(call, self.lookup_binding)
+            if fused is None:
+                fused = pool_quantized(self.builder_, call, self.lookup_binding)
             if fused is not None:
                 return fused
         if isinstance(call.op, tvm.ir.Op) and call.op.name.startswith("relax.nn.conv"):

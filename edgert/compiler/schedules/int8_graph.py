@@ -761,6 +761,34 @@ def fuse_requantize(bb: Any, call: relax.Call, lookup: Any, fusable: dict) -> re
     return relax.op.astype(q, "float32")
 
 
+def pool_quantized(bb: Any, call: relax.Call, lookup: Any) -> relax.Expr | None:
+    """``max_pool2d((astype(q, float32) [- zp]) * s)`` with ``q`` uint8 or int8 and ``s > 0`` (QDQ's
+    dequantize before a pool): the pool on the bytes, dequantized after. The same floats: the
+    dequantization is monotone (exact subtraction, rounded multiplication by a positive scale), so
+    it commutes with max. A quarter of the bytes in, and the dequantization fuses into the next
+    requantization. None where the pattern does not hold (padding or ceil mode: left as it was)."""
+
+    def bound(expr: Any, op: str) -> relax.Call | None:
+        value = lookup(expr) if isinstance(expr, relax.Var) else expr
+        return value if isinstance(value, relax.Call) and value.op == tvm_op(op) else None
+
+    if call.op != tvm_op("relax.nn.max_pool2d") or any(int(p) for p in call.attrs.padding) or call.attrs.ceil_mode:
+        return None
+    scaled = bound(call.args[0], "relax.multiply")
+    if scaled is None or not _is_scalar(scaled.args[1]) or not float(scaled.args[1].value.numpy()) > 0:
+        return None
+    shifted = bound(scaled.args[0], "relax.subtract")
+    if shifted is not None and not _is_scalar(shifted.args[1]):
+        return None
+    cast = bound(shifted.args[0] if shifted is not None else scaled.args[0], "relax.astype")
+    if cast is None or str(cast.attrs.dtype) != "float32" or _dtype(cast.args[0]) not in ("uint8", "int8"):
+        return None
+    pooled: relax.Expr = relax.op.astype(bb.emit(relax.Call(call.op, [cast.args[0]], call.attrs)), "float32")
+    if shifted is not None:
+        pooled = relax.op.subtract(bb.emit(pooled), shifted.args[1])
+    return relax.op.multiply(bb.emit(pooled), scaled.args[1])
+
+
 def narrowed(call: relax.Call, lookup: Any) -> relax.Expr | None:
     """``astype(astype(q, float32), dtype)`` with ``q`` already of ``dtype`` (uint8 or int8, which
     float32 holds exactly): ``q``; None otherwise."""
