@@ -499,9 +499,10 @@ def u8s8_conv(
     return fused.with_attr("global_symbol", f"{name}_q{odt[0]}{padded}")
 
 
-# The integer conv's int32 result leaves the requantization to a separate elementwise kernel (TVM
-# fuses no epilogue into a call_tir) that reads the per-channel parameters by gathers; a float
-# conv of the same integers fuses it. With few products per output the float conv wins (MobileNet's
+# TVM fuses no epilogue into a call_tir: the integer conv's requantization is written into the
+# conv by `fuse_requantize` where the graph's pattern holds, else a separate elementwise kernel
+# follows the int32 result; a float conv of the same integers fuses it. The float conv is kept
+# below this many products per output: with few of them it won (MobileNet's
 # 1x1 convs, 16-64 input channels: 0.075 -> 0.16 ms for the model); 3x3 convs over 32-64 channels
 # (288-576 products) won (convnet.qdq 0.31 -> 0.19 ms). Loaded measurements, one thread.
 MIN_CONV_REDUCTION = 128
