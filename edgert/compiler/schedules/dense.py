@@ -98,7 +98,7 @@ class _PackDense(relax.PyExprMutator):
         self.conv1d = tvm_op("relax.nn.conv1d")
         self.take = tvm_op("relax.take")
         self.errors: list[tuple[np.ndarray, np.ndarray]] = []
-        self.int_convs: dict = {}  # VNNI convs' int32 results, for their requantization's fusion
+        self.int_convs: dict = {}  # VNNI convs' outputs (int32, or fused bytes): what follows them fuses
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)

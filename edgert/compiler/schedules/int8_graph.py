@@ -709,9 +709,7 @@ def fuse_requantize(bb: Any, call: relax.Call, lookup: Any, fusable: dict) -> re
     float32 (exact: small integers), or None where the pattern does not hold. The int32 tensor and
     the separate requantization kernel go (its consumers' casts back to the bytes fold away)."""
 
-    def bound(expr: Any, op: str) -> relax.Call | None:
-        value = lookup(expr) if isinstance(expr, relax.Var) else expr
-        return value if isinstance(value, relax.Call) and value.op == tvm_op(op) else None
+    bound = functools.partial(_bound, lookup=lookup)
 
     if call.op != tvm_op("relax.maximum") or not _is_scalar(call.args[1]):
         return None
@@ -769,9 +767,7 @@ def pool_quantized(bb: Any, call: relax.Call, lookup: Any) -> relax.Expr | None:
     it commutes with max. A quarter of the bytes in, and the dequantization fuses into the next
     requantization. None where the pattern does not hold (padding or ceil mode: left as it was)."""
 
-    def bound(expr: Any, op: str) -> relax.Call | None:
-        value = lookup(expr) if isinstance(expr, relax.Var) else expr
-        return value if isinstance(value, relax.Call) and value.op == tvm_op(op) else None
+    bound = functools.partial(_bound, lookup=lookup)
 
     if call.op != tvm_op("relax.nn.max_pool2d") or any(int(p) for p in call.attrs.padding) or call.attrs.ceil_mode:
         return None
@@ -801,6 +797,12 @@ def narrowed(call: relax.Call, lookup: Any) -> relax.Expr | None:
     if str(inner.attrs.dtype) != "float32" or _dtype(inner.args[0]) != str(call.attrs.dtype):
         return None
     return inner.args[0]
+
+
+def _bound(expr: Any, op: str, lookup: Any) -> relax.Call | None:
+    """The call of ``op`` that ``expr`` is (or is bound to), else None."""
+    value = lookup(expr) if isinstance(expr, relax.Var) else expr
+    return value if isinstance(value, relax.Call) and value.op == tvm_op(op) else None
 
 
 def _is_scalar(expr: Any) -> bool:
