@@ -312,7 +312,10 @@ def test_integer_layers_match_onnxruntime_exactly(tmp_path):
     # Integer matmuls by a constant weight: the dynamic one, the QDQ MatMul and the Gemm; the
     # 11-tap conv on the integer conv kernel, the 3-tap one (39 products) on the float conv.
     assert len([n for n in names if "u8s8_gemm" in n]) == (3 if vnni else 0)
-    assert len([n for n in names if "u8s8_conv" in n]) == (1 if vnni else 0)
+    convs = [n for n in names if "u8s8_conv" in n]
+    assert len(convs) == (1 if vnni else 0)
+    # the conv's requantization (the QuantizeLinear after it) in the conv: uint8 out, no int32 conv left
+    assert all(n.endswith("_qu") for n in convs)
     edgert.compile(str(path), output=tmp_path / "l.edgert")
     _assert_onnxruntime_bytes(path, tmp_path / "l.edgert", seed=4)
 
@@ -356,10 +359,79 @@ def test_unsupported_contrib_operator_is_named(tmp_path):
         import_onnx(tmp_path / "lrelu.onnx")
 
 
-@pytest.mark.parametrize("entry", ["audio_cnn", "convnet.qop", "convnet", "mobilenet", "mobilenet.qdq", "conformer"])
+def test_qdq_conv_chain_fuses_requantization_pad_and_pool(tmp_path):
+    """QDQ Conv -> Conv -> MaxPool as onnxruntime's static quantizer writes them: the first conv
+    writes the second's zero-point-padded input, the second its requantized bytes, the max pool of
+    their dequantized values runs on the bytes; onnxruntime's bytes."""
+    import edgert
+    from edgert.compiler.schedules.int8_graph import has_vnni
+    from edgert.compiler.target import resolve
+    from edgert.families.graph.lower import optimize
+    from edgert.frontend.onnx_graph import import_onnx
+    from edgert.targets import load_target
+
+    rng = np.random.default_rng(31)
+    c = 16
+
+    def init(name: str, value: Any) -> onnx.TensorProto:
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    inits = [init("xs", np.float32(0.02)), init("xz", np.uint8(120)), init("ys", np.float32(0.05))]
+    inits += [init("yz", np.uint8(0)), init("zs", np.float32(0.04)), init("zz", np.uint8(0))]
+    node = helper.make_node
+    nodes = [node("QuantizeLinear", ["x", "xs", "xz"], ["xq"]), node("DequantizeLinear", ["xq", "xs", "xz"], ["h0"])]
+    for i, (scale, zero) in enumerate((("ys", "yz"), ("zs", "zz"))):
+        ws = (rng.random(c) * 0.004 + 0.001).astype(np.float32)
+        inits += [init(f"w{i}", rng.integers(-128, 128, (c, c, 3, 3)).astype(np.int8)), init(f"ws{i}", ws)]
+        inits += [init(f"wz{i}", np.zeros(c, np.int8)), init(f"b{i}", rng.integers(-2000, 2000, c).astype(np.int32))]
+        inits += [init(f"bs{i}", (0.02 if i == 0 else 0.05) * ws)]
+        nodes += [
+            node("DequantizeLinear", [f"w{i}", f"ws{i}", f"wz{i}"], [f"wd{i}"], axis=0),
+            node("DequantizeLinear", [f"b{i}", f"bs{i}"], [f"bd{i}"], axis=0),
+            node("Conv", [f"h{i}", f"wd{i}", f"bd{i}"], [f"conv{i}"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+            # no Relu node: the quantizer folds it into the zero point 0 (the clamp at 0)
+            node("QuantizeLinear", [f"conv{i}", scale, zero], [f"q{i}"]),
+            node("DequantizeLinear", [f"q{i}", scale, zero], [f"h{i + 1}"]),
+        ]
+    nodes += [
+        node("MaxPool", ["h2"], ["pool"], kernel_shape=[2, 2], strides=[2, 2]),
+        node("QuantizeLinear", ["pool", "zs", "zz"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "qdq_chain",
+        [helper.make_tensor_value_info("x", F32, [1, c, 12, 12])],
+        [helper.make_tensor_value_info("out", TensorProto.UINT8, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "chain.onnx"
+    onnx.save(model, str(path))
+
+    target, _ = resolve(load_target("host"), threads=2)
+    if not has_vnni(target):
+        pytest.skip("the host has no AVX-512 VNNI: the integer convs are float convs here")
+    mod, _, _ = optimize(import_onnx(path)[0], target, "f32")
+    convs = sorted(gv.name_hint for gv in mod.get_global_vars() if "u8s8_conv" in gv.name_hint)
+    assert convs == ["u8s8_conv_14x14x16_3x3_s1x1_d1x1_n16_qu", "u8s8_conv_14x14x16_3x3_s1x1_d1x1_n16_qu_p1x1x1x1"]
+    pools = [line for line in mod["main"].script(show_meta=False).splitlines() if "max_pool2d" in line]
+    assert len(pools) == 1 and 'dtype="uint8"' in pools[0]
+    edgert.compile(str(path), output=tmp_path / "chain.edgert")
+    runner = edgert.load(tmp_path / "chain.edgert")
+    for seed in range(3):
+        feeds = {"x": np.random.default_rng(seed).standard_normal((1, c, 12, 12)).astype(np.float32)}
+        got = runner(feeds)["out"]
+        assert len(np.unique(got)) > 10  # not a saturated or all-zero output
+        np.testing.assert_array_equal(got, _reference(path, feeds)["out"])
+
+
+@pytest.mark.parametrize(
+    "entry", ["audio_cnn", "convnet.qop", "convnet.qdq", "convnet", "mobilenet", "mobilenet.qdq", "conformer"]
+)
 def test_zoo_models_match_onnxruntime(tmp_path, entry):
     """Small configs of the zoo: the float models (channels-last convs, pools, depthwise convs, a
-    conformer block) and an int8 operator-form conv-net."""
+    conformer block) and the int8 conv-nets (operator form, QDQ)."""
     import edgert
 
     zoo = load_tool("make_graph_zoo")
@@ -417,6 +489,39 @@ def test_parallel_integer_kernels_match_numpy_exactly():
             tap = wc[(ty * 3 + tx) * c : (ty * 3 + tx + 1) * c].astype(np.int64)
             want += (xp[0, ty : ty + 32, tx : tx + 32].astype(np.int64) - 7) @ tap
     np.testing.assert_array_equal(got[0], want)
+
+    # The same conv with the requantization in its write-back (fuse_requantize), into a padded
+    # output: numpy's float32 ops in the graph's order. Scales of 2^-9..2^-12 put many sums on a
+    # half (round half to even); the border takes the fill value.
+    bias = rng.integers(-300, 300, co).astype(np.float32)
+    mult = (2.0 ** -rng.integers(9, 13, co)).astype(np.float32)
+    scaled = np.round((want.astype(np.int32).astype(np.float32) + bias) * mult)
+    for zpo, low, high, dtype, border in (
+        (128.0, 0.0, 255.0, "uint8", (1, 2, 0, 1, 9)),
+        (-3.0, -128.0, 127.0, "int8", None),
+    ):
+        func = ig.u8s8_conv(
+            (34, 34),
+            (32, 32),
+            (3, 3),
+            (1, 1),
+            (1, 1),
+            c,
+            co,
+            32,
+            requant=(zpo, low, high, dtype),
+            border=border or (0, 0, 0, 0, 0),
+        )
+        top, bottom, left, right, fill = border or (0, 0, 0, 0, 0)
+        out = np.zeros((1, 32 + top + bottom, 32 + left + right, co), dtype)
+        got = run(func, xp, ig.pack_weight(wc, 32), colsum, zp, bias, mult, out)[0]
+        q = np.maximum(np.minimum(scaled + np.float32(zpo), np.float32(high)), np.float32(low)).astype(dtype)
+        np.testing.assert_array_equal(got[top : top + 32, left : left + 32], q)
+        inner = np.zeros(got.shape[:2], bool)
+        inner[top : top + 32, left : left + 32] = True
+        assert np.all(got[~inner] == fill)
+    ties = (want.astype(np.float32) + bias) * mult
+    assert np.count_nonzero(ties == np.floor(ties) + 0.5) > 20  # half-way cases were among them (68)
 
 
 def test_winograd_convs_match_onnxruntime(tmp_path):

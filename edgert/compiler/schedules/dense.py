@@ -98,6 +98,7 @@ class _PackDense(relax.PyExprMutator):
         self.conv1d = tvm_op("relax.nn.conv1d")
         self.take = tvm_op("relax.take")
         self.errors: list[tuple[np.ndarray, np.ndarray]] = []
+        self.int_convs: dict = {}  # VNNI convs' outputs (int32, or fused bytes): what follows them fuses
 
     def visit_call_(self, call: relax.Call) -> relax.Expr:
         call = self.visit_expr_post_order(call)
@@ -106,6 +107,18 @@ class _PackDense(relax.PyExprMutator):
             # id; "clip" stays inside the table, as the LLM runtime's embedding does.
             axis = None if call.attrs.axis is None else int(call.attrs.axis)
             return relax.op.take(call.args[0], call.args[1], axis, mode="clip")
+        if self.int_convs and isinstance(call.op, tvm.ir.Op):
+            from edgert.compiler.schedules.int8_graph import fuse_requantize, narrowed, pool_quantized
+
+            # An integer conv's requantization into the conv's write-back, the bytes' cast back, and
+            # a max pool of their dequantized values on the bytes.
+            fused = fuse_requantize(self.builder_, call, self.lookup_binding, self.int_convs)
+            if fused is None:
+                fused = narrowed(call, self.lookup_binding)
+            if fused is None:
+                fused = pool_quantized(self.builder_, call, self.lookup_binding)
+            if fused is not None:
+                return fused
         if isinstance(call.op, tvm.ir.Op) and call.op.name.startswith("relax.nn.conv"):
             from edgert.compiler.schedules.conv import rewrite_conv
 
@@ -113,7 +126,7 @@ class _PackDense(relax.PyExprMutator):
                 from edgert.compiler.schedules.int8_graph import rewrite_int_conv
 
                 # A conv of int8 values (QLinearConv, QDQ Conv) by int8 weights: integer dot products.
-                integer = rewrite_int_conv(self.builder_, call, self.lookup_binding, self.int8_isa)
+                integer = rewrite_int_conv(self.builder_, call, self.lookup_binding, self.int8_isa, self.int_convs)
                 if integer is not None:
                     return integer
 
@@ -232,6 +245,19 @@ def pack_dense_weights(mod: Any, target: Any, quant: str = "f32") -> tuple[Any, 
     rewriter = _PackDense(mod, block_for(target), quant, int8_isa(target))
     # Transposes a conv now reads through are left unused.
     mod = relax.transform.DeadCodeElimination()(rewriter.transform())
+    if rewriter.int_convs:
+        # So are the int32 convs whose requantization took their place (DCE keeps any PrimFunc: each
+        # carries a global symbol).
+        called = {
+            gv.name_hint
+            for f in mod.functions.values()
+            if isinstance(f, relax.Function)
+            for gv in relax.analysis.all_global_vars(f)
+        }
+        mod = mod.clone()
+        for gv, f in list(mod.functions_items()):
+            if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith("u8s8_conv") and gv.name_hint not in called:
+                del mod[gv]
     if not rewriter.errors:
         return mod, None
     rel = [float(np.sqrt(np.mean((a - b) ** 2)) / (np.sqrt(np.mean(a**2)) or 1.0)) for a, b in rewriter.errors]

@@ -24,6 +24,7 @@ same integer results.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -355,11 +356,20 @@ def u8s8_conv(
     cp: int,
     n: int,
     block: int,
+    requant: tuple[float, float, float, str] | None = None,
+    border: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0),
 ) -> tirx.PrimFunc:
     """A channels-last conv (groups 1) as `u8s8_gemm` over output positions: ``y[p, co] = sum over
     taps and channels of xp[pos(p, tap), c] * W[tap, c, co] - zp * colsum[co]``, ``xp`` the uint8
     input already padded (with the zero point) and its channels padded to ``cp`` (a multiple of 4).
-    1-D convs take a unit height."""
+    1-D convs take a unit height.
+
+    With ``requant = (zero point, low, high, dtype)`` the kernel takes two more float32 inputs per
+    output channel, ``bias`` and ``mult``, and writes ``dtype`` (uint8 or int8) values
+    ``max(min(round((float(y) + bias) * mult) + zero point, high), low)``: the graph's
+    requantization in its own float32 operations and order (see `fuse_requantize`). ``border = (top,
+    bottom, left, right, value)`` (with ``requant``) writes those into a ``y`` that large, the next
+    conv's padded input: the output at offset (top, left), the border set to ``value``."""
     (hp, wp), (oh, ow), (kh, kw), (sh, sw), (dh, dw) = inp, out, taps, strides, dilation
     m, c4 = oh * ow, cp // 4
     k4 = kh * kw * c4
@@ -371,15 +381,90 @@ def u8s8_conv(
     nc = _chunks(nb * nt, tiles, m * k4 * 4 * n)
     per = nb * nt // nc
 
+    @T.macro
+    def accumulate(x, wpk, acc, wv, jo, it):
+        for r, ci in T.grid(rows, cw):
+            acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+        for ty, tx, cc in T.grid(kh, kw, c4):
+            for ci in T.unroll(cw):
+                wv[ci, T.ramp(0, 1, nbytes)] = wpk.vload(
+                    [jo, (ty * kw + tx) * c4 + cc, ci * LANES, 0], f"int8x{nbytes}"
+                )
+            for r in T.unroll(rows):
+                p: T.let = T.min(it * rows + r, m - 1)  # positions past m repeat the last one, unwritten
+                word: T.let = T.reinterpret(
+                    "int32", x.vload([0, p // ow * sh + ty * dh, p % ow * sw + tx * dw, cc * 4], "uint8x4")
+                )
+                xb: T.let = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
+                for ci in T.unroll(cw):
+                    acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
+                        acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES
+                    )
+
+    name = f"u8s8_conv_{hp}x{wp}x{cp}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_n{n}"
+    if requant is None:
+
+        @T.prim_func
+        def conv(
+            x: T.Buffer((1, hp, wp, cp), "uint8"),
+            wpk: T.Buffer((nb, k4, block, 4), "int8"),
+            colsum: T.Buffer((nb * block,), "int32"),
+            zp: T.Buffer((1,), "int32"),
+            y: T.Buffer((1, oh, ow, n), "int32"),
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            for c in tiles(nc):
+                acc = T.alloc_buffer((rows, cw, LANES), "int32", scope="local")
+                wv = T.alloc_buffer((cw, nbytes), "int8", scope="local")
+                for tt in range(per):
+                    t: T.let = c * per + tt
+                    jo: T.let = t // nt
+                    it: T.let = t % nt
+                    accumulate(x, wpk, acc, wv, jo, it)
+                    for r, ci in T.grid(rows, cw):
+                        if it * rows + r < m:
+                            if jo < full:
+                                for v in T.vectorized(LANES):
+                                    y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v] = (
+                                        acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                                    )
+                            else:
+                                for v in range(LANES):
+                                    if jo * block + ci * LANES + v < n:
+                                        y[
+                                            0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v
+                                        ] = acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+
+        return conv.with_attr("global_symbol", name)
+
+    zpo, low, high, odt = requant
+    pt, pb, pl, pr, fill = border
+    yh, yw = oh + pt + pb, ow + pl + pr
+
+    def requantized(value: Any, bias: Any, mult: Any) -> Any:
+        # the graph's ops in its order: astype, + bias, * mult, round, + zero point, min, max, cast
+        scaled = tirx.round((tirx.Cast("float32", value) + bias) * mult) + tirx.const(zpo, "float32")
+        clamped = tirx.max(tirx.min(scaled, tirx.const(high, "float32")), tirx.const(low, "float32"))
+        return tirx.Cast(odt, clamped)
+
     @T.prim_func
-    def conv(
+    def fused(
         x: T.Buffer((1, hp, wp, cp), "uint8"),
         wpk: T.Buffer((nb, k4, block, 4), "int8"),
         colsum: T.Buffer((nb * block,), "int32"),
         zp: T.Buffer((1,), "int32"),
-        y: T.Buffer((1, oh, ow, n), "int32"),
+        bias: T.Buffer((nb * block,), "float32"),
+        mult: T.Buffer((nb * block,), "float32"),
+        y: T.Buffer((1, yh, yw, n), odt),
     ):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        # the border (the next conv's padding; none without one): rows above and below, then columns
+        for h, w in T.grid(pt + pb, yw):
+            for v in T.vectorized(n):
+                y[0, T.Select(h < pt, h, h + oh), w, v] = T.Cast(odt, fill)
+        for h, w in T.grid(oh, pl + pr):
+            for v in T.vectorized(n):
+                y[0, pt + h, T.Select(w < pl, w, w + ow), v] = T.Cast(odt, fill)
         for c in tiles(nc):
             acc = T.alloc_buffer((rows, cw, LANES), "int32", scope="local")
             wv = T.alloc_buffer((cw, nbytes), "int8", scope="local")
@@ -387,44 +472,37 @@ def u8s8_conv(
                 t: T.let = c * per + tt
                 jo: T.let = t // nt
                 it: T.let = t % nt
-                for r, ci in T.grid(rows, cw):
-                    acc[r, ci, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
-                for ty, tx, cc in T.grid(kh, kw, c4):
-                    for ci in T.unroll(cw):
-                        wv[ci, T.ramp(0, 1, nbytes)] = wpk.vload(
-                            [jo, (ty * kw + tx) * c4 + cc, ci * LANES, 0], f"int8x{nbytes}"
-                        )
-                    for r in T.unroll(rows):
-                        p: T.let = T.min(it * rows + r, m - 1)  # positions past m repeat the last one, unwritten
-                        word: T.let = T.reinterpret(
-                            "int32", x.vload([0, p // ow * sh + ty * dh, p % ow * sw + tx * dw, cc * 4], "uint8x4")
-                        )
-                        xb: T.let = T.reinterpret(f"uint8x{nbytes}", T.broadcast(word, LANES))
-                        for ci in T.unroll(cw):
-                            acc[r, ci, T.ramp(0, 1, LANES)] = vpdpbusd(
-                                acc[r, ci, T.ramp(0, 1, LANES)], xb, wv[ci, T.ramp(0, 1, nbytes)], LANES
-                            )
+                accumulate(x, wpk, acc, wv, jo, it)
                 for r, ci in T.grid(rows, cw):
                     if it * rows + r < m:
                         if jo < full:
                             for v in T.vectorized(LANES):
-                                y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v] = (
-                                    acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                                y[
+                                    0,
+                                    (it * rows + r) // ow + pt,
+                                    (it * rows + r) % ow + pl,
+                                    jo * block + ci * LANES + v,
+                                ] = requantized(
+                                    acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v],
+                                    bias[jo * block + ci * LANES + v],
+                                    mult[jo * block + ci * LANES + v],
                                 )
                         else:
                             for v in range(LANES):
                                 if jo * block + ci * LANES + v < n:
-                                    y[0, (it * rows + r) // ow, (it * rows + r) % ow, jo * block + ci * LANES + v] = (
-                                        acc[r, ci, v] - zp[0] * colsum[jo * block + ci * LANES + v]
+                                    col: T.let = jo * block + ci * LANES + v
+                                    y[0, (it * rows + r) // ow + pt, (it * rows + r) % ow + pl, col] = requantized(
+                                        acc[r, ci, v] - zp[0] * colsum[col], bias[col], mult[col]
                                     )
 
-    name = f"u8s8_conv_{hp}x{wp}x{cp}_{kh}x{kw}_s{sh}x{sw}_d{dh}x{dw}_n{n}"
-    return conv.with_attr("global_symbol", name)
+    padded = f"_p{pt}x{pb}x{pl}x{pr}" if any(border[:4]) else ""
+    return fused.with_attr("global_symbol", f"{name}_q{odt[0]}{padded}")
 
 
-# The integer conv's int32 result leaves the requantization to a separate elementwise kernel (TVM
-# fuses no epilogue into a call_tir) that reads the per-channel parameters by gathers; a float
-# conv of the same integers fuses it. With few products per output the float conv wins (MobileNet's
+# TVM fuses no epilogue into a call_tir: the integer conv's requantization is written into the
+# conv by `fuse_requantize` where the graph's pattern holds, else a separate elementwise kernel
+# follows the int32 result; a float conv of the same integers fuses it. The float conv is kept
+# below this many products per output: with few of them it won (MobileNet's
 # 1x1 convs, 16-64 input channels: 0.075 -> 0.16 ms for the model); 3x3 convs over 32-64 channels
 # (288-576 products) won (convnet.qdq 0.31 -> 0.19 ms). Loaded measurements, one thread.
 MIN_CONV_REDUCTION = 128
@@ -452,6 +530,8 @@ def _quantized_source(x: relax.Expr, lookup: Any) -> tuple[relax.Expr, int] | No
         inner = lookup(q) if isinstance(q, relax.Var) else None
         if not isinstance(inner, relax.Call):
             return None
+        if inner.op == tvm_op("relax.astype") and _dtype(inner.args[0]) == "uint8":  # a fused conv's bytes
+            return inner.args[0], int(zp_value)
     # maximum(minimum(round(..) + c, 255), 0): layout._ScalarQDQ's quantize to uint8
     if inner.op != tvm_op("relax.maximum") or not _is_value(inner.args[1], 0.0):
         return None
@@ -475,11 +555,14 @@ def _is_value(expr: Any, value: float) -> bool:
     return isinstance(expr, GenericConst) and expr.value.numpy().size == 1 and float(expr.value.numpy()) == value
 
 
-def rewrite_int_conv(bb: Any, call: relax.Call, lookup: Any, isa: str = "avx512vnni") -> relax.Expr | None:
+def rewrite_int_conv(
+    bb: Any, call: relax.Call, lookup: Any, isa: str = "avx512vnni", fusable: dict | None = None
+) -> relax.Expr | None:
     """A channels-last conv (groups 1, static shapes) of ``q - zp`` (``q`` uint8 values) by a
     constant weight of int8 values: `u8s8_conv` over the input padded with the zero point, the
     int32 result cast to float32 (exact below 2^24, as the float conv it replaces); None where
-    the pattern does not hold."""
+    the pattern does not hold. ``fusable`` (where given) records the VNNI conv's int32 result for
+    `fuse_requantize`."""
     name = call.op.name
     if name not in ("relax.nn.conv1d", "relax.nn.conv2d"):
         return None
@@ -541,11 +624,13 @@ def rewrite_int_conv(bb: Any, call: relax.Call, lookup: Any, isa: str = "avx512v
     # Relax's own pad (borders and channels past ci take the zero point, a real zero; those
     # channels meet zero weights): FuseOps fuses the previous layer's requantization into it,
     # where the call_tir of a TE pad stayed a kernel of its own.
-    qe = bb.emit(q)
-    if nsp == 1:
-        qe = bb.emit(relax.op.reshape(qe, [1, 1, spatial[1], ci]))
     widths = [0, 0, before[0], after[0], before[1], after[1], 0, cp - ci]
-    xp = bb.emit(relax.op.nn.pad(qe, widths, pad_value=float(zp)))
+    xp = _padded_by_producer(bb, q, fusable, [1, *spatial, ci], tuple(widths[2:6]), zp) if cp == ci else None
+    if xp is None:
+        qe = bb.emit(q)
+        if nsp == 1:
+            qe = bb.emit(relax.op.reshape(qe, [1, 1, spatial[1], ci]))
+        xp = bb.emit(relax.op.nn.pad(qe, widths, pad_value=float(zp)))
     if isa not in ("avx512vnni", "amx"):  # aarch64 sdot, AVX2 vpmaddwd (AMX: the VNNI conv)
         func = portable_conv(isa, (hp, wp_), tuple(out_sp), tuple(taps), tuple(strides), tuple(dilation), cp, co)
         zp_const = relax.const(np.array([zp], np.int32))
@@ -561,9 +646,167 @@ def rewrite_int_conv(bb: Any, call: relax.Call, lookup: Any, isa: str = "avx512v
         out_ty=relax.TensorType([1, *out_sp, co], "int32"),
     )
     y = bb.emit(y)
+    if fusable is not None:
+        fusable[y] = _ConvCall(
+            ((hp, wp_), tuple(out_sp), tuple(taps), tuple(strides), tuple(dilation), cp, co, block),
+            [xp, relax.const(packed), relax.const(colsum), relax.const(np.array([zp], np.int32))],
+            [1, *out_sp, co],
+        )
     if nsp == 1:
         y = bb.emit(relax.op.reshape(y, [1, out_sp[1], co]))
     return relax.op.astype(y, "float32")
+
+
+def _padded_by_producer(
+    bb: Any, q: Any, fusable: dict | None, shape: list[int], pads: tuple[int, ...], zp: int
+) -> relax.Expr | None:
+    """The uint8 ``q`` padded by ``pads`` (top, bottom, left, right) with ``zp``, written by the fused
+    conv that produces ``q`` (`fuse_requantize`) into the larger tensor itself, where ``q`` is one
+    (with ``shape``); else None. The unpadded call stays only where something else reads it."""
+    conv = fusable.get(q) if fusable is not None and isinstance(q, relax.Var) else None
+    if conv is None or conv.requant is None or conv.requant[3] != "uint8" or conv.out != shape:
+        return None
+    if not any(pads) or min(pads) < 0:
+        return None
+    func = u8s8_conv(*conv.shape, requant=conv.requant, border=(*pads, zp))
+    gv = bb.add_func(func, func.attrs["global_symbol"])
+    out = [1, shape[1] + pads[0] + pads[1], shape[2] + pads[2] + pads[3], shape[3]]
+    return bb.emit(relax.call_tir(gv, conv.args, out_ty=relax.TensorType(out, "uint8")))
+
+
+@dataclasses.dataclass(frozen=True)
+class _ConvCall:
+    """A `u8s8_conv` call as `rewrite_int_conv` emitted it: its shape arguments, inputs, output shape."""
+
+    shape: tuple
+    args: list
+    out: list[int]
+    requant: tuple | None = None  # `u8s8_conv`'s requant: a fused conv's bytes (args then hold bias and mult)
+
+
+def _per_channel(expr: Any, co: int, width: int) -> np.ndarray | None:
+    """A float32 constant that varies along the last axis only (or is a scalar), as ``width`` values
+    (the ``co`` channels, then zeros for the padded block), or None."""
+    if not isinstance(expr, GenericConst) or str(expr.value.dtype) != "float32":
+        return None
+    value = expr.value.numpy()
+    if value.size == 1:
+        flat = np.full(co, value.reshape(()), np.float32)
+    elif value.shape[-1] == co and value.size == co:
+        flat = value.reshape(co)
+    else:
+        return None
+    out = np.zeros(width, np.float32)
+    out[:co] = flat
+    return out
+
+
+def fuse_requantize(bb: Any, call: relax.Call, lookup: Any, fusable: dict) -> relax.Expr | None:
+    """``maximum(minimum(round((astype(y, float32) [+ bias]) * mult) + zp, high), low)`` of a VNNI
+    conv's int32 result ``y`` (recorded in ``fusable`` by `rewrite_int_conv`), the requantization
+    QLinearConv and QDQ convs import as, with bias and mult per output channel and low..high within
+    uint8 or int8: the conv writing those bytes itself (`u8s8_conv` with ``requant``), read back as
+    float32 (exact: small integers), or None where the pattern does not hold. The int32 tensor and
+    the separate requantization kernel go (its consumers' casts back to the bytes fold away)."""
+
+    bound = functools.partial(_bound, lookup=lookup)
+
+    if call.op != tvm_op("relax.maximum") or not _is_scalar(call.args[1]):
+        return None
+    low = float(call.args[1].value.numpy().reshape(()))
+    lower = bound(call.args[0], "relax.minimum")
+    if lower is None or not _is_scalar(lower.args[1]):
+        return None
+    high = float(lower.args[1].value.numpy().reshape(()))
+    shifted = bound(lower.args[0], "relax.add")
+    if shifted is None or not _is_scalar(shifted.args[1]):
+        return None
+    zpo = float(shifted.args[1].value.numpy().reshape(()))
+    rounded = bound(shifted.args[0], "relax.round")
+    scaled = None if rounded is None else bound(rounded.args[0], "relax.multiply")
+    if scaled is None:
+        return None
+    biased = bound(scaled.args[0], "relax.add")
+    cast = bound(biased.args[0] if biased is not None else scaled.args[0], "relax.astype")
+    if cast is None or str(cast.attrs.dtype) != "float32":
+        return None
+    y = cast.args[0]
+    reshaped = bound(y, "relax.reshape")
+    if reshaped is not None:  # a 1-D conv's unit height dropped
+        y = reshaped.args[0]
+    conv = fusable.get(y)
+    if conv is None:
+        return None
+    if 0 <= low and high <= 255:
+        odt = "uint8"
+    elif -128 <= low and high <= 127:
+        odt = "int8"
+    else:
+        return None
+    if any(v != int(v) for v in (low, high, zpo)):
+        return None
+    co, width = conv.out[-1], conv.args[2].value.numpy().size
+    bias = np.zeros(width, np.float32) if biased is None else _per_channel(biased.args[1], co, width)
+    mult = _per_channel(scaled.args[1], co, width)
+    if bias is None or mult is None:
+        return None
+    func = u8s8_conv(*conv.shape, requant=(zpo, low, high, odt))
+    gv = bb.add_func(func, func.attrs["global_symbol"])
+    args = [*conv.args, relax.const(bias), relax.const(mult)]
+    q = bb.emit(relax.call_tir(gv, args, out_ty=relax.TensorType(conv.out, odt)))
+    fusable[q] = _ConvCall(conv.shape, args, conv.out, (zpo, low, high, odt))
+    if reshaped is not None:
+        q = bb.emit(relax.op.reshape(q, _static_shape(reshaped)))
+    return relax.op.astype(q, "float32")
+
+
+def pool_quantized(bb: Any, call: relax.Call, lookup: Any) -> relax.Expr | None:
+    """``max_pool2d((astype(q, float32) [- zp]) * s)`` with ``q`` uint8 or int8 and ``s > 0`` (QDQ's
+    dequantize before a pool): the pool on the bytes, dequantized after. The same floats: the
+    dequantization is monotone (exact subtraction, rounded multiplication by a positive scale), so
+    it commutes with max. A quarter of the bytes in, and the dequantization fuses into the next
+    requantization. None where the pattern does not hold (padding or ceil mode: left as it was)."""
+
+    bound = functools.partial(_bound, lookup=lookup)
+
+    if call.op != tvm_op("relax.nn.max_pool2d") or any(int(p) for p in call.attrs.padding) or call.attrs.ceil_mode:
+        return None
+    scaled = bound(call.args[0], "relax.multiply")
+    if scaled is None or not _is_scalar(scaled.args[1]) or not float(scaled.args[1].value.numpy()) > 0:
+        return None
+    shifted = bound(scaled.args[0], "relax.subtract")
+    if shifted is not None and not _is_scalar(shifted.args[1]):
+        return None
+    cast = bound(shifted.args[0] if shifted is not None else scaled.args[0], "relax.astype")
+    if cast is None or str(cast.attrs.dtype) != "float32" or _dtype(cast.args[0]) not in ("uint8", "int8"):
+        return None
+    pooled: relax.Expr = relax.op.astype(bb.emit(relax.Call(call.op, [cast.args[0]], call.attrs)), "float32")
+    if shifted is not None:
+        pooled = relax.op.subtract(bb.emit(pooled), shifted.args[1])
+    return relax.op.multiply(bb.emit(pooled), scaled.args[1])
+
+
+def narrowed(call: relax.Call, lookup: Any) -> relax.Expr | None:
+    """``astype(astype(q, float32), dtype)`` with ``q`` already of ``dtype`` (uint8 or int8, which
+    float32 holds exactly): ``q``; None otherwise."""
+    if call.op != tvm_op("relax.astype") or str(call.attrs.dtype) not in ("uint8", "int8"):
+        return None
+    inner = lookup(call.args[0]) if isinstance(call.args[0], relax.Var) else call.args[0]
+    if not (isinstance(inner, relax.Call) and inner.op == tvm_op("relax.astype")):
+        return None
+    if str(inner.attrs.dtype) != "float32" or _dtype(inner.args[0]) != str(call.attrs.dtype):
+        return None
+    return inner.args[0]
+
+
+def _bound(expr: Any, op: str, lookup: Any) -> relax.Call | None:
+    """The call of ``op`` that ``expr`` is (or is bound to), else None."""
+    value = lookup(expr) if isinstance(expr, relax.Var) else expr
+    return value if isinstance(value, relax.Call) and value.op == tvm_op(op) else None
+
+
+def _is_scalar(expr: Any) -> bool:
+    return isinstance(expr, GenericConst) and expr.value.numpy().size == 1 and str(expr.value.dtype) == "float32"
 
 
 # -- aarch64 dotprod and AVX2 -----------------------------------------------------------------
