@@ -49,13 +49,24 @@ def relax_pipeline(target: Any, static_min_elements: int | None = None, report: 
 
 def cpu_pipeline(target: Any, scheduling: list[Any], report: dict[str, Any] | None = None) -> Any:
     """TVM's CPU Relax pipeline with the ``scheduling`` passes between legalization and lowering,
-    then :func:`record_kernels` (into ``report``, when given) and :func:`restrict_kernels`."""
+    then :func:`record_kernels` (into ``report``, when given) and :func:`restrict_kernels`.
+
+    First TVM's ``RemoveRedundantReshape`` (a reshape of a reshape becomes one reshape; a reshape
+    to the shape it has, none). Why: ``FuseOps`` makes a run of two or three reshapes one kernel,
+    and ``RewriteDataflowReshape`` turns only a kernel of a single reshape back into a free
+    ``vm.builtin.reshape``; the rest stay copies. A Llama layer reshapes its q/k/v, its attention
+    output and its gate/up rows that way (views in the model's code): 90 copy kernels per SmolLM2
+    decode step or multi-row pass, each a VM call and an allocation (docs/performance.md).
+    """
+    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     return within_target(
         target,
         "edgert.CpuPipeline",
         lambda: [
+            # Before fusion: a chain of reshapes fused on its own is a copy kernel (below).
+            relax.transform.RemoveRedundantReshape(),
             *cpu.library_dispatch_passes(target),
             *cpu.legalize_passes(target),
             *scheduling,
@@ -179,7 +190,7 @@ def _big_and_static(func: Any, min_elements: int = STATIC_MIN_ELEMENTS) -> bool:
 # 1 MiB for TVM's pool workers; Linux gives 8 MiB), whatever LLVM hoists to one frame.
 STACK_SCRATCH_BYTES = 1 << 16
 TIR_PIPELINE = "edgert-cpu"  # `tvm.tirx.build` takes its pipeline by registered name only
-TIR_PIPELINE_VERSION = 1  # part of `cached_library`'s key: raise it when the TIR lowering changes
+TIR_PIPELINE_VERSION = 2  # part of `cached_library`'s key: raise it when the lowering changes (2: reshapes)
 
 
 def stack_scratch(limit: int = STACK_SCRATCH_BYTES) -> Any:

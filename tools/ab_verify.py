@@ -1,0 +1,74 @@
+"""A/B of LLM artifacts in one process: a decode step and a verify pass of N rows, alternated.
+
+    python tools/ab_verify.py A.edgert B.edgert [--rows 5] [--rounds 40] [--threads 1]
+
+Each artifact holds the same 64-token prompt; every round times, artifact by artifact (order
+reversed every other round), one decode step and one verify pass over ``--rows`` tokens at that
+position, each rolled back (as `edgert bench --verify-rows` does for one artifact). With one
+thread the figures are this process's CPU time, which another process holding the core does not
+disturb; with more, wall-clock time. Printed: per artifact, the minimum and median of each and the
+verify pass in decode steps; then each artifact against the first (minimums, medians, and the
+median of the per-round ratios, ``paired``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("artifacts", nargs="+")
+    parser.add_argument("--rows", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+
+    from edgert.families.registry import load
+    from edgert.profile.bench import BENCH_TEXT
+
+    rows, context = args.rows, 64
+    clock = time.process_time if args.threads == 1 else time.perf_counter
+    models = [load(p, threads=args.threads) for p in args.artifacts]
+    base = models[0].tokenizer.encode(BENCH_TEXT)
+    prompt = (base * ((context + rows) // len(base) + 1))[: context + rows]
+    drafts = prompt[context:]
+    for model in models:
+        model.reset()
+        model.prefill(prompt[:context])
+    times = {p: ([], []) for p in args.artifacts}  # decode, verify: seconds per round
+    for r in range(args.rounds + 2):  # two warm-up rounds, dropped
+        order = list(zip(args.artifacts, models, strict=True))
+        for path, model in order if r % 2 == 0 else order[::-1]:
+            t = clock()
+            model.step(drafts[:1], view=True)
+            decode = clock() - t
+            model.rollback(1)
+            t = clock()
+            model.step(drafts, all_logits=True, view=True)
+            verify = clock() - t
+            model.rollback(rows)
+            if r >= 2:
+                times[path][0].append(decode)
+                times[path][1].append(verify)
+    first = args.artifacts[0]
+    for path in args.artifacts:
+        d, v = (np.array(x) * 1e3 for x in times[path])
+        print(
+            f"{path}: decode ms min {d.min():.3f} median {np.median(d):.3f}; verify({rows}) ms min {v.min():.3f} "
+            f"median {np.median(v):.3f}; verify/decode min {v.min() / d.min():.3f} paired {np.median(v / d):.3f}"
+        )
+        if path != first:
+            for i, name in enumerate(("decode", f"verify({rows})")):
+                a, b = np.array(times[first][i]), np.array(times[path][i])
+                print(
+                    f"  {name} against {first}: min {b.min() / a.min():.3f} median "
+                    f"{np.median(b) / np.median(a):.3f} paired {np.median(b / a):.3f}"
+                )
+
+
+if __name__ == "__main__":
+    main()
