@@ -435,6 +435,16 @@ def start_edgert(artifact: Path, threads: int | None, extra: Sequence[str] = ())
     return proc, port
 
 
+def stop_all(procs: Sequence[subprocess.Popen]) -> None:
+    """Stop the servers this tool started (killed after 20 s without exiting)."""
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def spawn(cmd: list[str], name: str) -> subprocess.Popen:
     """Start a server with its output in a log file (a pipe nobody reads would block it once full)."""
     log = Path(tempfile.mkdtemp(prefix="load_test-")) / f"{name}.log"
@@ -585,12 +595,7 @@ def main() -> None:
             if args.prefix_ttft:
                 rows["llama.cpp"].update(repeated_prefix_ttft(peer, model, args.prefix_ttft))
     finally:
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
@@ -618,12 +623,7 @@ def scaling_main(args: argparse.Namespace, model: str, requests: int, max_second
             procs.append(proc)
             out["llama.cpp"] = measure(f"http://127.0.0.1:{port}", None)
     finally:
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_all(procs)
     if args.json:
         print(json.dumps(out, indent=2))
         return
