@@ -30,6 +30,7 @@ REAL_MODEL_FIXTURES = {
     "speech_artifact",
     "gemma_artifact",
     "gemma_library_cache",
+    "smollm_library_cache",
 }
 
 
@@ -144,13 +145,21 @@ def smollm_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def smollm_default_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M compiled for the host with the default options (int8 activations on AVX-512 VNNI)."""
+    """SmolLM2-135M compiled for the host with the default options (int8 activations on AVX-512 VNNI);
+    its library is kept in `smollm_library_cache` for the wheel's compile of the same model."""
 
     def build(folder: Path) -> None:
-        proc = run_cli("compile", "smollm2-135m", "--target", "host", "-o", str(folder / "smollm2.edgert"))
+        out, libraries = folder / "smollm2.edgert", folder / "libraries"
+        proc = run_cli("compile", "smollm2-135m", "--target", "host", "--library-cache", str(libraries), "-o", str(out))
         assert proc.returncode == 0, proc.stderr
 
     return shared_build(tmp_path_factory, "smollm2-default", build) / "smollm2.edgert"
+
+
+@pytest.fixture(scope="session")
+def smollm_library_cache(smollm_default_artifact: Path) -> Path:
+    """The library cache (`--library-cache`) holding the one library `smollm_default_artifact` compiled."""
+    return smollm_default_artifact.parent / "libraries"
 
 
 @pytest.fixture(scope="session")

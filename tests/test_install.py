@@ -71,6 +71,10 @@ RECIPE_RUNS = [
 ]
 
 
+# Recipes whose wheel compile reuses a library the checkout built (the fixture that holds it).
+LIBRARY_CACHES = {"smollm2-135m": "smollm_library_cache", "gemma3-270m": "gemma_library_cache"}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("recipe", "command"), RECIPE_RUNS)
 def test_every_installed_recipe_compiles_and_runs_in_the_wheel(
@@ -83,12 +87,13 @@ def test_every_installed_recipe_compiles_and_runs_in_the_wheel(
     out = tmp_path / f"{recipe}.edgert"
     argv = [edgert, "compile", recipe, "-o", str(out)]
     libraries = None
-    if recipe == "gemma3-270m":
-        # Gemma's TVM build is the suite's longest (~2 min): the wheel reuses the library the checkout
-        # compiled for `gemma_artifact`, keyed by the module's structural hash with the target and the
-        # TVM and edgert versions. The wheel still reads the chunk packages, builds the whole module,
-        # packs the weights and runs the artifact; its own TVM build runs for the other recipes.
-        libraries = request.getfixturevalue("gemma_library_cache")
+    if recipe in LIBRARY_CACHES:
+        # The LLMs' TVM builds are the suite's longest (1.5-2.5 min each): the wheel reuses the library
+        # the checkout compiled for the same recipe and options, keyed by the module's structural hash
+        # with the target and the TVM and edgert versions. The wheel still reads the model's packages,
+        # builds the whole module, packs the weights and runs the artifact; its own TVM build runs for
+        # the other recipes.
+        libraries = request.getfixturevalue(LIBRARY_CACHES[recipe])
         argv += ["--library-cache", str(libraries)]
     proc = _run(argv, tmp_path, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
