@@ -14,7 +14,6 @@ median of the per-round ratios, ``paired``).
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
@@ -28,10 +27,10 @@ def main() -> None:
     args = parser.parse_args()
 
     from edgert.families.registry import load
-    from edgert.profile.bench import BENCH_TEXT
+    from edgert.profile.bench import BENCH_TEXT, step_and_pass
 
     rows, context = args.rows, 64
-    clock = time.process_time if args.threads == 1 else time.perf_counter
+    cpu = args.threads == 1  # one thread: the process's CPU time, steadier on a busy machine
     models = [load(p, threads=args.threads) for p in args.artifacts]
     base = models[0].tokenizer.encode(BENCH_TEXT)
     prompt = (base * ((context + rows) // len(base) + 1))[: context + rows]
@@ -43,17 +42,10 @@ def main() -> None:
     for r in range(args.rounds + 2):  # two warm-up rounds, dropped
         order = list(zip(args.artifacts, models, strict=True))
         for path, model in order if r % 2 == 0 else order[::-1]:
-            t = clock()
-            model.step(drafts[:1], view=True)
-            decode = clock() - t
-            model.rollback(1)
-            t = clock()
-            model.step(drafts, all_logits=True, view=True)
-            verify = clock() - t
-            model.rollback(rows)
+            decode, verify, cpu_decode, cpu_verify = step_and_pass(model, drafts)
             if r >= 2:
-                times[path][0].append(decode)
-                times[path][1].append(verify)
+                times[path][0].append(cpu_decode if cpu else decode)
+                times[path][1].append(cpu_verify if cpu else verify)
     first = args.artifacts[0]
     for path in args.artifacts:
         d, v = (np.array(x) * 1e3 for x in times[path])

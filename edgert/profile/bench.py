@@ -95,6 +95,21 @@ def _bench(path: str | Path, prompt_tokens: int, gen_tokens: int, repeats: int, 
     }
 
 
+def step_and_pass(model: Any, drafts: Sequence[int]) -> tuple[float, float, float, float]:
+    """One decode step of ``drafts[0]`` and one verify pass over ``drafts`` at the model's cache
+    position, both rolled back, reading the logits in place: (step, pass) wall seconds, then (step,
+    pass) process CPU seconds."""
+    t, c = time.perf_counter(), time.process_time()
+    model.step(drafts[:1], view=True)
+    decode, cpu_decode = time.perf_counter() - t, time.process_time() - c
+    model.rollback(1)
+    t, c = time.perf_counter(), time.process_time()
+    model.step(drafts, all_logits=True, view=True)
+    verify, cpu_verify = time.perf_counter() - t, time.process_time() - c
+    model.rollback(len(drafts))
+    return decode, verify, cpu_decode, cpu_verify
+
+
 def bench_verify(
     path: str | Path,
     rows: int = 5,
@@ -137,18 +152,8 @@ def bench_verify(
     timed: dict[int, tuple[list[float], ...]] = {n: ([], [], [], []) for n in lengths}
 
     def pair(n: int) -> None:
-        decode, verify, cpu_decode, cpu_verify = timed[n]
-        drafts = prompt[n : n + rows]
-        t, c = time.perf_counter(), time.process_time()
-        model.step(drafts[:1], view=True)
-        decode.append(time.perf_counter() - t)
-        cpu_decode.append(time.process_time() - c)
-        model.rollback(1)
-        t, c = time.perf_counter(), time.process_time()
-        model.step(drafts, all_logits=True, view=True)
-        verify.append(time.perf_counter() - t)
-        cpu_verify.append(time.process_time() - c)
-        model.rollback(rows)
+        for times, value in zip(timed[n], step_and_pass(model, prompt[n : n + rows]), strict=True):
+            times.append(value)
 
     for _ in range(rounds + 2):  # two warm-up rounds, dropped
         for n in lengths:  # shortest first: the cache grows by a prefill of the difference
