@@ -27,12 +27,13 @@ extern "C" {
 #endif
 typedef struct { void* sync_handle; int32_t num_task; } Env;
 typedef struct { int32_t counts[256]; int32_t num_task; int32_t fail_task; int32_t by_workers;
-                 pthread_t caller; } Record;
+                 pthread_t caller; int32_t spin; } Record;
 int record_task(int task, Env* env, void* data) {
   Record* r = (Record*)data;
   __atomic_fetch_add(&r->counts[task], 1, __ATOMIC_RELAXED);
   __atomic_store_n(&r->num_task, env->num_task, __ATOMIC_RELAXED);
   if (!pthread_equal(pthread_self(), r->caller)) __atomic_fetch_add(&r->by_workers, 1, __ATOMIC_RELAXED);
+  for (volatile int32_t i = 0; i < r->spin; ++i) {}
   return task == r->fail_task ? -1 : 0;
 }
 void set_caller(void* data) { ((Record*)data)->caller = pthread_self(); }
@@ -49,6 +50,7 @@ class Record(ctypes.Structure):
         ("fail_task", ctypes.c_int32),
         ("by_workers", ctypes.c_int32),
         ("caller", ctypes.c_ulong),
+        ("spin", ctypes.c_int32),
     ]
 
 
@@ -109,6 +111,33 @@ def test_a_failed_task_fails_the_launch_and_the_next_launch_is_clean(launch):
     assert codes == [-1] * 50 and list(record.counts[:8]) == [50] * 8
     record, codes = _run(launch, 8, 50)
     assert codes == [0] * 50
+
+
+def test_launches_from_two_threads_at_once_each_run_every_task_once(launch):
+    """The pool serves one launch at a time; a launch that finds it busy runs its tasks in its own thread."""
+    import threading
+
+    launch.edgert_pool_threads(2)
+    results: list[list[int]] = []
+
+    def one() -> None:
+        # After each launch returns, every task of it has run (none still in flight, none lost).
+        record = Record()
+        record.fail_task, record.spin = -1, 3000  # tasks of a few microseconds: the launches overlap
+        launch.set_caller(ctypes.byref(record))
+        fn = ctypes.cast(launch.record_task, ctypes.c_void_p)
+        short = []
+        for i in range(1000):
+            code = launch.edgert_parallel_launch(fn, ctypes.byref(record), 8)
+            short += [i] if code != 0 or list(record.counts[:8]) != [i + 1] * 8 else []
+        results.append(short)
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [[], []]
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or not hasattr(os, "SCHED_IDLE"), reason="needs 2 CPUs")

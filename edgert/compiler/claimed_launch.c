@@ -58,6 +58,7 @@ static int started;     /* workers running */
 static pthread_t workers[EDGERT_MAX_WORKERS];
 static int spin_count = 2000;
 static int tasks_per_thread = 4;
+static int launching; /* a launch is in flight (the pool serves one at a time) */
 static __thread int in_task;
 static pthread_mutex_t start_lock = PTHREAD_MUTEX_INITIALIZER;
 
@@ -148,7 +149,9 @@ void edgert_pool_config(int spins, int per_thread) {
 int edgert_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
   int n = threads;
   if (num_task <= 0) num_task = n <= 1 ? 1 : n * tasks_per_thread;
-  if (n <= 1 || in_task || num_task == 1) { /* one thread, or nested in a task: in order, here */
+  /* One thread, nested in a task, or another thread's launch in flight (TVM keeps a pool per
+   * calling thread; this one is the library's): the tasks in order, here. */
+  if (n <= 1 || in_task || num_task == 1 || __atomic_exchange_n(&launching, 1, __ATOMIC_ACQUIRE)) {
     TVMParallelGroupEnv env = {NULL, num_task};
     for (int i = 0; i < num_task; ++i)
       if (flambda(i, &env, cdata) != 0) return -1;
@@ -166,7 +169,9 @@ int edgert_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task
     syscall(SYS_futex, &wake, FUTEX_WAKE_PRIVATE, EDGERT_MAX_WORKERS, NULL, NULL, 0);
   run_claimed();
   while (LOAD(&job_done) < num_task) cpu_relax(); /* only tasks a worker holds are left */
-  return LOAD(&job_error) ? -1 : 0;
+  int error = LOAD(&job_error);
+  __atomic_store_n(&launching, 0, __ATOMIC_RELEASE);
+  return error ? -1 : 0;
 }
 
 #ifdef __cplusplus

@@ -261,6 +261,7 @@ class ClaimedLaunch:
         """Switch the loaded ``library``'s kernels to its claimed launch; None where it has none (built
         before it, or not found among the loaded libraries: TVM's pool stays)."""
         try:
+            # The handle is never closed: the library stays mapped while its workers live.
             lib = ctypes.CDLL(str(library), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
             slot = ctypes.c_void_p.in_dll(lib, "__TVMBackendParallelLaunch")
             launch = ctypes.cast(lib.edgert_parallel_launch, ctypes.c_void_p).value
