@@ -12,7 +12,7 @@ from edgert.artifact.reader import Artifact
 from edgert.artifact.tensorfile import ALIGNMENT
 from edgert.errors import EdgertError
 from edgert.runtime import tvm_runtime
-from edgert.runtime.threads import AdaptiveThreads
+from edgert.runtime.threads import AdaptiveThreads, ClaimedLaunch
 from edgert.targets import AMX_FLAGS, enable_amx
 
 
@@ -77,8 +77,13 @@ class Session:
             self.vm = opencl.virtual_machine(artifact.library_file())
             self.device = tvm_runtime.ffi().device("opencl", 0)
         else:
-            self.vm = tvm_runtime.VirtualMachine(artifact.library_file())
+            library = artifact.library_file()
+            self.vm = tvm_runtime.VirtualMachine(library)
             self.device = tvm_runtime.cpu()
+            # The library's own parallel launch, where it has one (graphs): robust to a late worker.
+            launch = ClaimedLaunch.attach(library)
+            if launch is not None:
+                self.pool.attach(launch)
         # A private (copy-on-write) mapping: DLPack exports only writable arrays, and the
         # kernels never write their weights, so the pages stay shared with the file cache.
         arrays = artifact.weights(copy_on_write=True)

@@ -53,6 +53,9 @@ SAMPLE_SECONDS = 0.05  # the first sample, at load
 # are one too many. Measured on 2 cores, Gemma 3 decode: 0.02 alone at 2 threads, 0.00 at 1 thread
 # beside a busy process, 0.49 at 2 threads beside it (23.9 against 122 tokens/s at 1 thread).
 STALL_SHARE = 0.2
+# Tasks per thread of a claimed launch (`ClaimedLaunch`): a late worker leaves its share to the others
+# in pieces of this size (convnet at 2 threads, loaded: 1, 2, 4 gave medians of 0.323, 0.321, 0.333 ms).
+TASKS_PER_THREAD = 4
 # TVM's affinity modes (threading_backend.h).
 MODE_BIG = 1
 MODE_SHARE_ALL = -3
@@ -235,6 +238,50 @@ def threads_for(free: float, limit: int) -> int:
     return max(1, min(limit, int(free + 0.4)))
 
 
+class ClaimedLaunch:
+    """A library's own parallel launch (``edgert_parallel_launch``, compiled in by the compiler from
+    ``claimed_launch.c``): tasks claimed as threads arrive, so a worker without a core costs the tasks
+    it took, not the kernel. `attach` switches the library's kernels to it.
+
+    TVM's pool hands each thread one task and waits for all: mobilenet at 2 threads beside one busy
+    process took 12-24 ms a call against 0.14 (docs/graph-zoo.md).
+    """
+
+    def __init__(self, lib: ctypes.CDLL):
+        self.lib = lib
+        self.lib.edgert_pool_threads.argtypes = [ctypes.c_int]
+        self.lib.edgert_pool_pin.argtypes = [ctypes.c_int, ctypes.c_int]
+        self.lib.edgert_pool_config.argtypes = [ctypes.c_int, ctypes.c_int]
+        self.lib.edgert_pool_config(SPIN_COUNT, TASKS_PER_THREAD)
+        self.threads = 1
+        self.cpus: list[int] = []
+
+    @classmethod
+    def attach(cls, library: str | Path) -> ClaimedLaunch | None:
+        """Switch the loaded ``library``'s kernels to its claimed launch; None where it has none (built
+        before it, or not found among the loaded libraries: TVM's pool stays)."""
+        try:
+            # The handle is never closed: the library stays mapped while its workers live.
+            lib = ctypes.CDLL(str(library), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            slot = ctypes.c_void_p.in_dll(lib, "__TVMBackendParallelLaunch")
+            launch = ctypes.cast(lib.edgert_parallel_launch, ctypes.c_void_p).value
+        except (OSError, ValueError, AttributeError):
+            return None
+        claimed = cls(lib)
+        slot.value = launch
+        return claimed
+
+    def configure(self, threads: int, cpus: list[int]) -> None:
+        """Use ``threads`` threads a launch (the caller one of them), worker i pinned to ``cpus[i]``
+        where given (else free)."""
+        if threads != self.threads:
+            self.threads = int(self.lib.edgert_pool_threads(threads))
+        if cpus != self.cpus:
+            for i in range(self.threads - 1):
+                self.lib.edgert_pool_pin(i, cpus[i] if i < len(cpus) else -1)
+            self.cpus = list(cpus)
+
+
 class AdaptiveThreads:
     """The thread pool's configuration: fixed when forced, else following the free cores."""
 
@@ -269,6 +316,7 @@ class AdaptiveThreads:
         self._thread: int | None = None
         self._home: set[int] | None = None  # the calling thread's core during a call (None: left free)
         self._held: set[int] = set()  # the cores pinned workers hold
+        self.launches: list[ClaimedLaunch] = []  # libraries whose kernels launch through their own pool
         if not self.forced:
             first = sample(self.cpus)
             if first is not None:
@@ -296,7 +344,28 @@ class AdaptiveThreads:
         if saved is not None:
             os.sched_setaffinity(0, saved)
         self._thread = threading.get_ident()
+        for launch in self.launches:
+            launch.configure(self.threads, self._worker_cpus())
         self._home = self._home_cpu()
+
+    def attach(self, launch: ClaimedLaunch) -> None:
+        """Run ``launch``'s workers as this pool's: the same count, on the cores TVM's workers hold."""
+        self.launches.append(launch)
+        launch.configure(self.threads, self._worker_cpus())
+        self._home = self._home_cpu()
+
+    def _worker_cpus(self) -> list[int]:
+        """The cores for the workers of a claimed launch (binding on, one core each; else none: free):
+        those TVM's workers are pinned to, or where they are not (yet) found, the last cores of the
+        allowed ones (the caller's is the first free one, `_home_cpu`)."""
+        workers = self.threads - 1
+        if workers < 1 or self.share or not _binding_on():
+            return []
+        held = sorted(pinned_cpus(exclude=threading.get_native_id()))
+        if len(held) >= workers:
+            return held[:workers]
+        order = self.big + [c for c in self.cpus if c not in self.big]
+        return order[-workers:] if len(order) > workers else []
 
     def _home_cpu(self) -> set[int] | None:
         """A core for the calling thread while a call runs: one that no pinned worker holds.

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgert.compiler.compile import Build, BuildRequest
+from edgert.compiler.launch import export_with_claimed_launch
 from edgert.errors import EdgertError, ModelFileError
 from edgert.families.graph.lower import build_module, import_graph, optimize
 
@@ -80,7 +81,7 @@ def compile_graph(
     with job.staging() as stage_dir:
         stage = Path(stage_dir)
         with job.timed("link"):
-            executable.export_library(str(stage / "model.so"), fcompile=job.fcompile)
+            export_with_claimed_launch(executable, stage / "model.so", job.fcompile)
         with (stage / "weights.safetensors").open("wb") as fh:
             write_tensors(fh, dict(zip(order, arrays, strict=True)), {"format": "edgert"})
         progress("writing artifact", None)
