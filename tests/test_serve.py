@@ -348,6 +348,40 @@ def test_load_test_scaling_sends_the_same_requests_with_one_client_and_with_seve
     assert wait_idle(engine_of(server))["active_sequences"] == 0
 
 
+def test_the_trace_has_a_line_per_step_with_the_passes_metrics_count(tiny_host_artifact: Path, tmp_path: Path) -> None:
+    """``trace=FILE``: each step's passes, the Python around them and the event loop's CPU; the passes
+    in the file are the ones /metrics counts, and tools/serve_timeline.py sums them the same way."""
+    from edgert.artifact import open_artifact
+    from edgert.runtime.sampling import SamplingParams
+    from edgert.serve.engine import LLMEngine
+
+    trace = tmp_path / "trace.jsonl"
+    engine = LLMEngine(open_artifact(tiny_host_artifact), max_batch=4, paused=True, step_tokens=16, trace=str(trace))
+    rng = np.random.default_rng(5)
+    try:
+        runs = [
+            submit_collect(engine, rng.integers(0, 1000, n).tolist(), max_tokens=12, sampling=SamplingParams())
+            for n in (3, 40, 70)
+        ]
+        t0 = time.perf_counter()
+        engine.resume()
+        for _, done in runs:
+            assert done.wait(60)
+        wait_idle(engine)
+        t1 = time.perf_counter()
+        counted = {k: (int(n), t) for k, (n, _, t) in engine.counters.passes.items()}
+    finally:
+        engine.close()
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert steps and all(t0 - 1 < s["t"] < t1 for s in steps)  # the caller's perf_counter clock
+    assert all(s["py"] >= 0 and s["loop_cpu"] >= 0 and s["cpu"] >= 0 for s in steps)
+    summary = load_tool("serve_timeline").summarize(steps)
+    assert {k: (n, t) for k, (n, _, t, _) in summary["passes"].items()} == counted
+    assert "mixed/2" in counted or "mixed/1" in counted  # the long prompts rode beside decoding rows
+    # The first step's wait began while the engine was paused; the rest of each step is inside the run.
+    assert summary["pass_seconds"] <= summary["wall"] - summary["wait"] <= t1 - t0
+
+
 @pytest.mark.slow
 def test_transcriptions_answer_the_openai_client_and_refuse_bad_audio(whisper_short_artifact: Path) -> None:
     from test_whisper import beckett_wav
