@@ -381,6 +381,21 @@ def test_the_trace_has_a_line_per_step_with_the_passes_metrics_count(tiny_host_a
     # The first step's wait began while the engine was paused; the rest of each step is inside the run.
     assert summary["pass_seconds"] <= summary["wall"] - summary["wait"] <= t1 - t0
 
+    # tools/pass_cost.py runs each of the trace's pass shapes again and prices the run with them.
+    pass_cost = load_tool("pass_cost")
+    counts = pass_cost.shapes_of(steps)
+    assert sum(counts.values()) == sum(n for n, _ in counted.values())
+    shapes = [*counts, *(("decode", k, k) for k in range(1, 5) if ("decode", k, k) not in counts)]
+    cost = pass_cost.time_shapes(tiny_host_artifact, shapes, threads=1, rounds=1, context=16)
+    assert set(cost) == set(shapes) and all(v > 0 for v in cost.values())
+    m = pass_cost.model(counts, cost, batch=4)
+    assert m["seconds"] == pytest.approx(sum(n * cost[s] for s, n in counts.items()))
+    decode_rows = sum(n * r for (k, r, _), n in counts.items() if k == "decode")
+    others = sum(n * cost[s] for s, n in counts.items() if s[0] != "decode")
+    assert m["full_batches"] == pytest.approx(others + decode_rows / 4 * cost[("decode", 4, 4)])
+    riding = sum(n * cost[("decode", r, r)] for (k, r, _), n in counts.items() if k == "mixed")
+    assert m["prompts_free"] == pytest.approx(m["seconds"] - others + riding)
+
 
 @pytest.mark.slow
 def test_transcriptions_answer_the_openai_client_and_refuse_bad_audio(whisper_short_artifact: Path) -> None:
