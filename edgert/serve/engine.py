@@ -129,7 +129,6 @@ class StepTrace:
         self._begin()
 
     def _begin(self) -> None:
-        self._start = time.perf_counter()
         self._loop = _thread_cpu_ns(self._loop_tid)
         self._cpu = time.process_time()
         self.passes = []
@@ -138,24 +137,22 @@ class StepTrace:
         """Record one model pass of the current step."""
         self.passes.append([kind, rows, tokens, pad, round(seconds, 6)])
 
-    def step_done(self, wait: float, admit: float) -> None:
-        """Write the step that began at the last `step_done` (or the trace's start) and begin the next."""
+    def step_done(self, start: float, wait: float, admit: float) -> None:
+        """Write the step that began at ``start`` (``perf_counter``) and begin the next one."""
         now = time.perf_counter()
-        if self.passes or wait < now - self._start:  # a step that only waited is not written
-            in_passes = sum(p[4] for p in self.passes)
-            line = {
-                "t": round(self._start, 6),
-                "wait": round(wait, 6),
-                "admit": round(admit, 6),
-                "passes": self.passes,
-                "py": round(now - self._start - wait - admit - in_passes, 6),
-                "loop_cpu": round((_thread_cpu_ns(self._loop_tid) - self._loop) / 1e9, 6),
-                "cpu": round(time.process_time() - self._cpu, 6),
-            }
-            self._fh.write(json.dumps(line) + "\n")
-            self._lines += 1
-            if self._lines % 256 == 0:
-                self._fh.flush()
+        line = {
+            "t": round(start, 6),
+            "wait": round(wait, 6),
+            "admit": round(admit, 6),
+            "passes": self.passes,
+            "py": round(now - start - wait - admit - sum(p[4] for p in self.passes), 6),
+            "loop_cpu": round((_thread_cpu_ns(self._loop_tid) - self._loop) / 1e9, 6),
+            "cpu": round(time.process_time() - self._cpu, 6),
+        }
+        self._fh.write(json.dumps(line) + "\n")
+        self._lines += 1
+        if self._lines % 256 == 0:
+            self._fh.flush()
         self._begin()
 
     def flush(self) -> None:
@@ -566,7 +563,7 @@ class LLMEngine:
                     self._decode_step()
             self._flush()
             if self.trace is not None:
-                self.trace.step_done(t - t_wait, t_admit - t)
+                self.trace.step_done(t_wait, t - t_wait, t_admit - t)
         for req in [*self._pending, *self._active]:
             self._emit(req, ("error", "the server is shutting down"))
         self._flush()
