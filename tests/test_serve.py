@@ -348,6 +348,56 @@ def test_load_test_scaling_sends_the_same_requests_with_one_client_and_with_seve
     assert wait_idle(engine_of(server))["active_sequences"] == 0
 
 
+def test_the_trace_has_a_line_per_step_with_the_passes_metrics_count(tiny_host_artifact: Path, tmp_path: Path) -> None:
+    """``trace=FILE``: each step's passes, the Python around them and the event loop's CPU; the passes
+    in the file are the ones /metrics counts, and tools/serve_timeline.py sums them the same way."""
+    from edgert.artifact import open_artifact
+    from edgert.runtime.sampling import SamplingParams
+    from edgert.serve.engine import LLMEngine
+
+    trace = tmp_path / "trace.jsonl"
+    made = time.perf_counter()
+    engine = LLMEngine(open_artifact(tiny_host_artifact), max_batch=4, paused=True, step_tokens=16, trace=str(trace))
+    rng = np.random.default_rng(5)
+    try:
+        runs = [
+            submit_collect(engine, rng.integers(0, 1000, n).tolist(), max_tokens=12, sampling=SamplingParams())
+            for n in (3, 40, 70)
+        ]
+        t0 = time.perf_counter()
+        engine.resume()
+        for _, done in runs:
+            assert done.wait(60)
+        wait_idle(engine)
+        counted = {k: (int(n), t) for k, (n, _, t) in engine.counters.passes.items()}
+    finally:
+        engine.close()
+    t1 = time.perf_counter()  # the scheduler has ended: every step is written
+    steps = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert steps and all(made < s["t"] < t1 for s in steps)  # the caller's perf_counter clock
+    assert all(s["py"] >= 0 and s["loop_cpu"] >= 0 and s["cpu"] >= 0 for s in steps)
+    summary = load_tool("serve_timeline").summarize(steps)
+    assert {k: (n, t) for k, (n, _, t, _) in summary["passes"].items()} == counted
+    assert "mixed/2" in counted or "mixed/1" in counted  # the long prompts rode beside decoding rows
+    # The first step's wait began while the engine was paused; the rest of each step is inside the run.
+    assert summary["pass_seconds"] <= summary["wall"] - summary["wait"] <= t1 - t0
+
+    # tools/pass_cost.py runs each of the trace's pass shapes again and prices the run with them.
+    pass_cost = load_tool("pass_cost")
+    counts = pass_cost.shapes_of(steps)
+    assert sum(counts.values()) == sum(n for n, _ in counted.values())
+    shapes = [*counts, *(("decode", k, k) for k in range(1, 5) if ("decode", k, k) not in counts)]
+    cost = pass_cost.time_shapes(tiny_host_artifact, shapes, threads=1, rounds=1, context=16)
+    assert set(cost) == set(shapes) and all(v > 0 for v in cost.values())
+    m = pass_cost.model(counts, cost, batch=4)
+    assert m["seconds"] == pytest.approx(sum(n * cost[s] for s, n in counts.items()))
+    decode_rows = sum(n * r for (k, r, _), n in counts.items() if k == "decode")
+    others = sum(n * cost[s] for s, n in counts.items() if s[0] != "decode")
+    assert m["full_batches"] == pytest.approx(others + decode_rows / 4 * cost[("decode", 4, 4)])
+    riding = sum(n * cost[("decode", r, r)] for (k, r, _), n in counts.items() if k == "mixed")
+    assert m["prompts_free"] == pytest.approx(m["seconds"] - others + riding)
+
+
 @pytest.mark.slow
 def test_transcriptions_answer_the_openai_client_and_refuse_bad_audio(whisper_short_artifact: Path) -> None:
     from test_whisper import beckett_wav

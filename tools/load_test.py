@@ -62,6 +62,7 @@ class Report:
 
     results: list[Result] = field(default_factory=list)
     wall_seconds: float = 0.0
+    started: float = 0.0  # time.perf_counter() at the start (CLOCK_MONOTONIC: a server's trace has the same clock)
     after: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -93,6 +94,7 @@ class Report:
             "tokens_per_second": round(self.tokens / self.wall_seconds, 2) if self.wall_seconds else 0.0,
             "ttft_p50_ms": None if p50 is None else round(p50 * 1000, 1),
             "ttft_p99_ms": None if p99 is None else round(p99 * 1000, 1),
+            "window": [round(self.started, 6), round(self.started + self.wall_seconds, 6)],
             **self.after,
         }
 
@@ -225,7 +227,7 @@ def run_load(
             with lock:
                 report.results.append(result)
 
-    t0 = time.perf_counter()
+    t0 = report.started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
@@ -398,6 +400,7 @@ def scaling_run(
         "one_client_tokens_per_second": [o["tokens_per_second"] for o in runs[1]],
         "clients_tokens_per_second": [m["tokens_per_second"] for m in runs[clients]],
         "generated_tokens": [[o["generated_tokens"] for o in runs[1]], [m["generated_tokens"] for m in runs[clients]]],
+        "windows": [[o["window"] for o in runs[1]], [m["window"] for m in runs[clients]]],
         "ratios": [round(x, 3) for x in ratios],
         "median_ratio": round(statistics.median(ratios), 3),
     }

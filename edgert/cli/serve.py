@@ -76,6 +76,14 @@ def serve(
             "or in passes of its own before them.",
         ),
     ] = True,
+    trace: Annotated[
+        Path | None,
+        typer.Option(
+            "--trace",
+            help="Append the scheduler's timeline to FILE, a JSON line per step: its model passes (kind, rows, "
+            "tokens, seconds), the Python around them and the event loop's CPU (tools/serve_timeline.py reads it).",
+        ),
+    ] = None,
     threads: ThreadsOpt = None,
     unsigned: AllowUnsignedOpt = False,
 ) -> None:
@@ -102,6 +110,7 @@ def serve(
         warm=warm_up,
         step_tokens=step_tokens,
         mixed_steps=mixed_steps,
+        **({"trace": str(trace)} if trace else {}),
     )
     note(f"serving {', '.join(f'{m.name} ({m.kind})' for m in models.values())} on http://{host}:{port}/v1")
     uvicorn.run(create_app(models, api_key), host=host, port=port, log_level="warning")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
+import json
 import threading
 import time
 from collections import deque
@@ -96,6 +97,71 @@ def _view(value: Any) -> np.ndarray:
         return np.from_dlpack(value)
     except (TypeError, RuntimeError, BufferError):
         return to_numpy(value)
+
+
+def _thread_cpu_ns(tid: int) -> int:
+    """Nanoseconds thread ``tid`` of this process has run on a CPU (/proc's schedstat; 0 where absent)."""
+    try:
+        with open(f"/proc/self/task/{tid}/schedstat") as fh:
+            return int(fh.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class StepTrace:
+    """The scheduler's timeline, one JSON line per step (``edgert serve --trace FILE``).
+
+    A step's line: ``t`` (the step's start, ``time.perf_counter()``: CLOCK_MONOTONIC on Linux, the
+    clock of other processes' ``perf_counter`` too, so a load test's run times select its steps), ``wait``/``admit``
+    (seconds), ``passes`` ([kind, decoding rows, tokens, padding tokens, seconds] each: a step has
+    one, or several prefill passes without mixed steps), ``py`` (the step's seconds outside model
+    passes and waiting: admitting, sampling, detokenizing, handing events over), ``loop_cpu`` (CPU
+    seconds of the event-loop thread, the process's main thread, during the step: it runs on the
+    same cores as TVM's workers) and ``cpu`` (the whole process's CPU seconds in the step). Lines
+    are buffered and written when the scheduler goes idle or every 256 steps.
+    """
+
+    def __init__(self, path: str):
+        self._fh = open(path, "a", buffering=1 << 16)  # open for the engine's lifetime
+        self._loop_tid = threading.main_thread().native_id or 0
+        self._lines = 0
+        self.passes: list[list[Any]] = []
+        self._begin()
+
+    def _begin(self) -> None:
+        self._loop = _thread_cpu_ns(self._loop_tid)
+        self._cpu = time.process_time()
+        self.passes = []
+
+    def pass_done(self, kind: str, rows: int, tokens: int, pad: int, seconds: float) -> None:
+        """Record one model pass of the current step."""
+        self.passes.append([kind, rows, tokens, pad, round(seconds, 6)])
+
+    def step_done(self, start: float, wait: float, admit: float) -> None:
+        """Write the step that began at ``start`` (``perf_counter``) and begin the next one."""
+        now = time.perf_counter()
+        line = {
+            "t": round(start, 6),
+            "wait": round(wait, 6),
+            "admit": round(admit, 6),
+            "passes": self.passes,
+            "py": round(now - start - wait - admit - sum(p[4] for p in self.passes), 6),
+            "loop_cpu": round((_thread_cpu_ns(self._loop_tid) - self._loop) / 1e9, 6),
+            "cpu": round(time.process_time() - self._cpu, 6),
+        }
+        self._fh.write(json.dumps(line) + "\n")
+        self._lines += 1
+        if self._lines % 256 == 0:
+            self._fh.flush()
+        self._begin()
+
+    def flush(self) -> None:
+        """Write the buffered lines (the scheduler calls this before it waits for work)."""
+        self._fh.flush()
+
+    def close(self) -> None:
+        """Write what is buffered and close the file."""
+        self._fh.close()
 
 
 class QueueFullError(EdgertError):
@@ -249,6 +315,7 @@ class LLMEngine:
     the tokens of a mixed step (decoding rows plus prompt chunk; default 64, at most the prefill
     chunk); a step without decoding rows takes a whole prefill chunk. ``mixed_steps=False``: prefill
     passes, then a decode pass, as for artifacts without ``prefill_rows`` (an A/B of the two).
+    ``trace``: a file to append the scheduler's timeline to, a JSON line per step (`StepTrace`).
     """
 
     def __init__(
@@ -264,6 +331,7 @@ class LLMEngine:
         warm: bool = True,
         step_tokens: int | None = None,
         mixed_steps: bool = True,
+        trace: str | None = None,
     ):
         manifest = artifact.manifest
         kv = manifest["kv_cache"]
@@ -329,6 +397,8 @@ class LLMEngine:
         self.cache: BatchKVCache | None = None
         self._threads = threads
         self.warm = warm
+        self._trace_path = trace
+        self.trace: StepTrace | None = None
         # The model is loaded on the scheduler thread: TVM's thread pool belongs to the thread
         # that configures it, and every call runs there.
         self._thread = threading.Thread(target=self._run, name="edgert-scheduler", daemon=True)
@@ -462,11 +532,15 @@ class LLMEngine:
             self._load_error = exc
             self._ready.set()
             return
+        if self._trace_path:
+            self.trace = StepTrace(self._trace_path)
         self._ready.set()
         while True:
-            t = time.perf_counter()
+            t = t_wait = time.perf_counter()
             with self._cond:
                 while not self._stopping and self._clear_request is None and not self._work_ready():
+                    if self.trace is not None:
+                        self.trace.flush()
                     self._cond.wait()
                 t = self._tick("wait", t)
                 if self._stopping:
@@ -474,7 +548,7 @@ class LLMEngine:
                 clear, self._clear_request = self._clear_request, None
                 self._reap_cancelled()
                 admitted = self._admit()
-            self._tick("admit", t)
+            t_admit = self._tick("admit", t)
             if clear is not None:
                 while self._evict_one():
                     pass
@@ -488,9 +562,13 @@ class LLMEngine:
                 else:
                     self._decode_step()
             self._flush()
+            if self.trace is not None:
+                self.trace.step_done(t_wait, t - t_wait, t_admit - t)
         for req in [*self._pending, *self._active]:
             self._emit(req, ("error", "the server is shutting down"))
         self._flush()
+        if self.trace is not None:
+            self.trace.close()
 
     def _emit(self, req: Request, event: tuple[str, Any]) -> None:
         self._outbox.setdefault(req.dispatch, []).append((req.sink, event))
@@ -794,7 +872,7 @@ class LLMEngine:
                 req.position += len(take)
             t = time.perf_counter()
             logits = self._forward("prefill", seq_ids, np.asarray([ids], dtype=np.int32), lengths)
-            self.counters.count_pass("prefill", 0, time.perf_counter() - t, len(ids))
+            self._count_pass("prefill", 0, time.perf_counter() - t, len(ids))
             self.counters.prefill_passes += 1
             total -= size
         assert logits is not None  # the last request has at least one token to run (see PrefixCache.lookup)
@@ -826,7 +904,7 @@ class LLMEngine:
                 self._fail(r, f"decode failed: {type(exc).__name__}: {exc}")
             return
         now = self._tick("decode", t0)
-        self.counters.count_pass("decode", len(rows), now - t0, len(rows))
+        self._count_pass("decode", len(rows), now - t0, len(rows))
         self._decoded(rows, now - t0, now)
         self._take(rows, logits, now)
 
@@ -927,7 +1005,7 @@ class LLMEngine:
                 self.cache.remove(scratch)
         now = self._tick("mixed" if rows else "prefill", t0)
         c = self.counters
-        c.count_pass("mixed" if rows else "prefill", len(rows), now - t0, len(ids))
+        self._count_pass("mixed" if rows else "prefill", len(rows), now - t0, len(ids), pad)
         c.prefill_passes += 1
         for req, take in takes:
             req.kv_tokens.extend(take)
@@ -937,6 +1015,12 @@ class LLMEngine:
             c.mixed_passes += 1
             self._decoded(rows, now - t0, now)
         self._take([*rows, *firsts], logits, now)
+
+    def _count_pass(self, kind: str, rows: int, seconds: float, tokens: int, pad: int = 0) -> None:
+        """Count a model pass (/metrics) and put it on the step's trace line."""
+        self.counters.count_pass(kind, rows, seconds, tokens)
+        if self.trace is not None:
+            self.trace.pass_done(kind, rows, tokens, pad, seconds)
 
     def _sample(self, req: Request, logits: np.ndarray) -> int:
         assert req.sampler is not None and req.emitter is not None
