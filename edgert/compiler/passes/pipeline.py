@@ -51,12 +51,13 @@ def cpu_pipeline(target: Any, scheduling: list[Any], report: dict[str, Any] | No
     """TVM's CPU Relax pipeline with the ``scheduling`` passes between legalization and lowering,
     then :func:`record_kernels` (into ``report``, when given) and :func:`restrict_kernels`.
 
-    First TVM's ``RemoveRedundantReshape`` (:func:`remove_redundant_reshape`: a reshape of a reshape becomes one reshape; a reshape
-    to the shape it has, none). Why: ``FuseOps`` makes a run of two or three reshapes one kernel,
-    and ``RewriteDataflowReshape`` turns only a kernel of a single reshape back into a free
-    ``vm.builtin.reshape``; the rest stay copies. A Llama layer reshapes its q/k/v, its attention
-    output and its gate/up rows that way (views in the model's code): 90 copy kernels per SmolLM2
-    decode step or multi-row pass, each a VM call and an allocation (docs/performance.md).
+    First TVM's ``RemoveRedundantReshape`` (:func:`remove_redundant_reshape`: a reshape of a
+    reshape becomes one reshape; a reshape to the shape it has, none). Why: ``FuseOps`` makes a
+    run of two or three reshapes one kernel, and ``RewriteDataflowReshape`` turns only a kernel of
+    a single reshape back into a free ``vm.builtin.reshape``; the rest stay copies. A Llama layer
+    reshapes its q/k/v, its attention output and its gate/up rows that way (views in the model's
+    code): 90 copy kernels per SmolLM2 decode step or multi-row pass, each a VM call and an
+    allocation (docs/performance.md).
     """
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
