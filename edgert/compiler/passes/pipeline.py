@@ -51,14 +51,14 @@ def cpu_pipeline(target: Any, scheduling: list[Any], report: dict[str, Any] | No
     """TVM's CPU Relax pipeline with the ``scheduling`` passes between legalization and lowering,
     then :func:`record_kernels` (into ``report``, when given) and :func:`restrict_kernels`.
 
-    First TVM's ``RemoveRedundantReshape`` (a reshape of a reshape becomes one reshape; a reshape
-    to the shape it has, none). Why: ``FuseOps`` makes a run of two or three reshapes one kernel,
-    and ``RewriteDataflowReshape`` turns only a kernel of a single reshape back into a free
-    ``vm.builtin.reshape``; the rest stay copies. A Llama layer reshapes its q/k/v, its attention
-    output and its gate/up rows that way (views in the model's code): 90 copy kernels per SmolLM2
-    decode step or multi-row pass, each a VM call and an allocation (docs/performance.md).
+    First TVM's ``RemoveRedundantReshape`` (:func:`remove_redundant_reshape`: a reshape of a
+    reshape becomes one reshape; a reshape to the shape it has, none). Why: ``FuseOps`` makes a
+    run of two or three reshapes one kernel, and ``RewriteDataflowReshape`` turns only a kernel of
+    a single reshape back into a free ``vm.builtin.reshape``; the rest stay copies. A Llama layer
+    reshapes its q/k/v, its attention output and its gate/up rows that way (views in the model's
+    code): 90 copy kernels per SmolLM2 decode step or multi-row pass, each a VM call and an
+    allocation (docs/performance.md).
     """
-    from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu
 
     return within_target(
@@ -66,7 +66,7 @@ def cpu_pipeline(target: Any, scheduling: list[Any], report: dict[str, Any] | No
         "edgert.CpuPipeline",
         lambda: [
             # Before fusion: a chain of reshapes fused on its own is a copy kernel (below).
-            relax.transform.RemoveRedundantReshape(),
+            remove_redundant_reshape(),
             *cpu.library_dispatch_passes(target),
             *cpu.legalize_passes(target),
             *scheduling,
@@ -76,6 +76,43 @@ def cpu_pipeline(target: Any, scheduling: list[Any], report: dict[str, Any] | No
             restrict_kernels(),
         ],
     )
+
+
+def remove_redundant_reshape() -> Any:
+    """TVM's ``RemoveRedundantReshape``, run on each Relax function without its unused bindings.
+
+    Why: the pass's rewriter cleans up after every round of rewrites (``CanonicalizeBindings``,
+    ``EliminateCommonSubexpr``, ``RemoveAllUnused``, until nothing changes), and the CSE hashes
+    each ``packed_params[i]`` with the struct info of the whole parameter tuple (423 tensors in
+    SmolLM2): 0.4-0.9 s per entry point, about 60 s of a SmolLM2 build over its 78 entry points.
+    A per-layer entry point (``layer_i``, ``kv_fill_i``) unpacks every parameter and uses a
+    dozen; without the others the same pass takes 0.03-0.08 s. The result is the same function:
+    where the pass rewrites, its own ``RemoveAllUnused`` drops those bindings too; where it does
+    not, the function is kept as it was (with its unused bindings, as TVM's pass leaves it).
+    """
+    import tvm
+    from tvm import relax
+    from tvm_ffi import structural_equal
+
+    @tvm.transform.module_pass(opt_level=0, name="edgert.RemoveRedundantReshape")
+    def _pass(mod: Any, _ctx: Any) -> Any:
+        inner = relax.transform.RemoveRedundantReshape()
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, relax.Function):
+                continue
+            lean = relax.analysis.remove_all_unused(func)
+            out = inner(tvm.IRModule({gv: lean}))[gv]
+            if not structural_equal(out, lean):  # nothing rewritten: the function as it came
+                updates[gv] = out
+        if not updates:
+            return mod
+        mod = mod.clone()  # the caller's module stays as it was
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _pass
 
 
 def within_target(target: Any, name: str, passes: Any) -> Any:
