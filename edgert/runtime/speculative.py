@@ -238,7 +238,7 @@ class LookupDrafter:
         how many of its tokens the history took since (checked on the history itself, so plain steps
         and passes alike count). An output that copies from its input goes through it in order, so of
         several earlier occurrences of a short match, the one at or after this place is likelier to
-        continue than the latest (SmolLM2, grounded suite, replayed: 1.348x -> 1.367x)."""
+        continue than the latest (SmolLM2, grounded suite, replayed: lookup 1.348x -> 1.374x)."""
         last = self._last
         if last is None or context is not self._index_source:
             return None
