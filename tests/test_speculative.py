@@ -221,6 +221,30 @@ def test_lookup_copies_after_the_longest_match_and_says_how_long() -> None:
     assert LookupDrafter(ngram=2).match([4, 1, 4, 2, 4]) is None  # shorter than the shortest match to copy after
 
 
+def test_lookup_resumes_the_copy_it_was_following_among_equal_matches() -> None:
+    """Of several occurrences of the longest match, `LookupDrafter.candidate` takes the first at or after
+    where the copy that held last goes on (an output goes through its input in order), not the latest;
+    ``match`` takes that place as ``near``; another history starts without one."""
+    ctx = [8, 9, 1, 4, 3, 9, 1, 6, 8]
+    assert LookupDrafter().match([*ctx, 9, 77, 1]) == (7, 1, False)  # latest "1": 6 follows
+    assert LookupDrafter().match([*ctx, 9, 77, 1], near=3) == (3, 1, False)  # the first at or after 3
+    drafter = LookupDrafter()
+    history = list(ctx)
+    for token, first in ((9, 9), (77, 1)):  # the output copies "8 9", then writes 77 where the copy has 1
+        found = drafter.candidate(history, 2)
+        assert found is not None and found.tokens[0] == first
+        history.append(token)
+    assert drafter.candidate(history, 2) is None  # 77 occurs nowhere earlier
+    history.append(1)
+    assert history == [*ctx, 9, 77, 1]
+    found = drafter.candidate(history, 2)
+    assert found is not None and found.tokens == [4, 3]  # the copy of "8 9 1" resumes, not "9 1 6"
+    assert LookupDrafter().candidate(list(history), 2).tokens == [6, 8]  # a fresh drafter: the latest
+    # Nothing taken since: the place stays; a new list (another generation) forgets it.
+    assert drafter.candidate(history, 2).tokens == [4, 3]
+    assert drafter.candidate(list(history), 2).tokens == [6, 8]
+
+
 def test_lookup_offers_the_other_copies_and_the_policy_takes_a_branch_when_rows_are_cheap() -> None:
     """`LookupDrafter.branches`: what followed the other occurrences of the suffix (longest match
     first, latest first), one per next token; `DraftPolicy.choose_tree` keeps a branch only where

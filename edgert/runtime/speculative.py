@@ -188,6 +188,10 @@ class LookupDrafter:
         self._index: dict[int, list[int]] = {}
         self._indexed_n = 0
         self._index_ends: tuple[int, int] = (0, 0)
+        # Where the copies come from (`candidate`): the history's length and the copy's start at the last
+        # candidate, and the place the copy that held last would go on from (None: none held yet).
+        self._last: tuple[int, int] | None = None
+        self._near: int | None = None
 
     def _indexed(self, context: Sequence[int] | np.ndarray) -> tuple[list[int], dict[int, list[int]]]:
         """``context`` as a list of ints and where each id occurs in it (ascending). The decoder's history
@@ -207,21 +211,46 @@ class LookupDrafter:
             and context[0] == self._index_ends[0]
         ):
             self._index_source, self._index, have = context, {}, 0
+            self._last = self._near = None  # another history: its copies start afresh
         if n > have:
             _positions(context, self._index, have)
             self._indexed_n, self._index_ends = n, (context[0], context[n - 1])
         return context, self._index
 
-    def match(self, context: Sequence[int] | np.ndarray) -> tuple[int, int, bool] | None:
+    def match(self, context: Sequence[int] | np.ndarray, near: int | None = None) -> tuple[int, int, bool] | None:
         """(start of the continuation, match length, whether every occurrence of that length is
-        followed by the same token), or None where the suffix (``ngram`` tokens) occurs nowhere earlier."""
+        followed by the same token), or None where the suffix (``ngram`` tokens) occurs nowhere earlier.
+        Of several occurrences of the longest match, the latest; with ``near``, the first whose
+        continuation starts at or after ``near`` (where there is one)."""
         seq, index = self._indexed(context)
         levels = self._levels(seq, index.get(seq[-1], ()) if seq else ())
         if not levels or levels[-1][0] < self.ngram:
             return None
         n, ends = levels[-1]
-        follow = seq[ends[-1] + 1]
-        return ends[-1] + 1, n, all(seq[e + 1] == follow for e in ends)
+        end = ends[-1]
+        if near is not None and len(ends) > 1:
+            end = next((e for e in ends if e + 1 >= near), end)
+        follow = seq[end + 1]
+        return end + 1, n, all(seq[e + 1] == follow for e in ends)
+
+    def _follow(self, context: Sequence[int] | np.ndarray) -> int | None:
+        """Where the source of the copy that held last goes on: the last candidate's start moved on by
+        how many of its tokens the history took since (checked on the history itself, so plain steps
+        and passes alike count). An output that copies from its input goes through it in order, so of
+        several earlier occurrences of a short match, the one at or after this place is likelier to
+        continue than the latest (SmolLM2, grounded suite, replayed: lookup 1.348x -> 1.374x)."""
+        last = self._last
+        if last is None or context is not self._index_source:
+            return None
+        size, start = last
+        n = len(context)
+        if n > size:
+            took = 0
+            while size + took < n and context[size + took] == context[start + took]:
+                took += 1
+            if took:
+                self._near = start + took
+        return self._near
 
     def _levels(self, seq: Sequence[int], where: Sequence[int]) -> list[tuple[int, list[int]]]:
         """(n, where the earlier occurrences of the sequence's last n tokens end) for n = 1, 2, ... while
@@ -254,10 +283,12 @@ class LookupDrafter:
 
     def candidate(self, context: Sequence[int], limit: int = 16) -> Candidate | None:
         """The continuation of the longest match (up to ``limit`` tokens), or None."""
-        found = self.match(context)
+        found = self.match(context, self._follow(context))
         if found is None:
             return None
         start, n, unique = found
+        if context is self._index_source:
+            self._last = (len(context), start)
         tokens = context[start : start + limit]
         tokens = tokens.tolist() if isinstance(tokens, np.ndarray) else [int(t) for t in tokens]
         while len(tokens) < limit:  # the copy reached the end of the context: it goes on copying itself (a loop)
