@@ -47,14 +47,13 @@ _UNARY = {
 NAME = "conv_dwpw"
 # Taps a depthwise conv is counted with in the kernel's work (3x3: the schedule does not see them).
 DW_TAPS = 9
-# A fused kernel goes over threads from this many multiply-adds (twice the `Matmul` rule's
-# `MIN_PARALLEL_MACS`, ~9 us on one core): MobileNet 96x96 at 2 threads, its 5 fused kernels
-# parallel from 2^19 against the 2 largest from 2^20, alternated in one process for 7 minutes
-# while other processes ran (onnxruntime's 2-thread run 0.072 ms in most rounds, 0.100 in the
-# rest): 0.0698 against 0.0640 ms, and 0.0698 against 0.0655. A parallel region costs ~2.4 us
-# where the second core is free and more where it is not; the smaller kernels (5-7 us) gained
-# less than that.
-MIN_PARALLEL_MACS = 1 << 20
+# A fused kernel goes over threads from this many multiply-adds (~2 us on one core). With TVM's pool
+# (a parallel region ~2.4 us where the second core is free) the threshold was 2^20: MobileNet 96x96's
+# kernels of 5-7 us gained less than the region cost. Graphs now launch through their own claimed
+# launch (claimed_launch.c), whose region costs less, and at 2^18 all five of MobileNet's fused
+# kernels go parallel: alternated in one process at 2 threads (docs/graph-zoo.md, zoo12) the call
+# took 0.96x the time it took with the 2^20 threshold.
+MIN_PARALLEL_MACS = 1 << 18
 
 
 def _static(expr: Any) -> list[int] | None:
