@@ -364,16 +364,14 @@ def _speechlike(n: int, rate: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_tiny_encodec_on_opencl_matches_the_cpu_build(tmp_path: Path, opencl_device: str) -> None:
+def test_tiny_encodec_on_opencl_matches_the_cpu_build(
+    tiny_encodec: Path, tiny_encodec_artifact: Path, tmp_path: Path, opencl_device: str
+) -> None:
     """Two LSTM layers (the GPU's one-work-group recurrence), reflect padding, streamed chunks."""
     import edgert
 
-    pytest.importorskip("transformers")
-    ref = load_tool("make_codec_reference")
-    folder = tmp_path / "tiny-encodec"
-    ref.save(ref.build("tiny", seed=0), folder)
-    gpu = edgert.load(_compile(folder, "host-opencl", tmp_path / "g.edgert"))
-    cpu = edgert.load(_compile(folder, "host", tmp_path / "c.edgert"))
+    gpu = edgert.load(_compile(tiny_encodec, "host-opencl", tmp_path / "g.edgert"))
+    cpu = edgert.load(tiny_encodec_artifact)  # the same CLI build of the same reference: once per run (conftest)
     assert gpu.session.on_gpu
     audio = _speechlike(320 * 60, 24000, seed=20)
     for step in (1920, 1000):  # whole 80 ms chunks (fixed-shape entries), then odd pushes (symbolic ones)
