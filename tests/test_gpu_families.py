@@ -463,12 +463,13 @@ def test_tiny_mimi_on_opencl_matches_the_cpu_build(
 
 
 @pytest.mark.slow
-def test_tiny_marian_on_opencl_matches_the_cpu_build(tmp_path: Path, opencl_device: str) -> None:
+def test_tiny_marian_on_opencl_matches_the_cpu_build(
+    tiny_marian: Path, tiny_marian_artifact: Path, tmp_path: Path, opencl_device: str
+) -> None:
     from edgert.families.marian.translator import Translator
 
-    folder = load_tool("make_tiny_marian").make(tmp_path / "tiny-marian", seed=0, eos_bias=1.5)
-    gpu = Translator(_compile(folder, "host-opencl", tmp_path / "g.edgert"))
-    cpu = Translator(_compile(folder, "host", tmp_path / "c.edgert"))
+    gpu = Translator(_compile(tiny_marian, "host-opencl", tmp_path / "g.edgert"))
+    cpu = Translator(tiny_marian_artifact)  # the same CLI build of the same model: once per run (conftest)
     rng = np.random.default_rng(1)
     for beams in (1, 4):
         for _ in range(3):
