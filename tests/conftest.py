@@ -382,6 +382,53 @@ def tiny_mimi(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_encodec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny EnCodec-architecture reference (reflect padding, two LSTM layers), seeded."""
+    pytest.importorskip("transformers", reason="the codec reference needs transformers and torch (test extras)")
+
+    def build(part: Path) -> None:
+        ref = load_tool("make_codec_reference")
+        ref.save(ref.build("tiny", seed=0), part / "tiny-encodec")
+
+    return shared_build(tmp_path_factory, "encodec", build) / "tiny-encodec"
+
+
+@pytest.fixture(scope="session")
+def tiny_encodec_artifact(tiny_encodec: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny EnCodec compiled for the host by `edgert compile`: `test_codec`'s subject and the OpenCL
+    build's reference in `test_gpu_families` (about 17 s of compile, once per run)."""
+
+    def build(folder: Path) -> None:
+        proc = run_cli("compile", str(tiny_encodec), "--target", "host", "-o", str(folder / "tiny-encodec.edgert"))
+        assert proc.returncode == 0, proc.stderr
+
+    return shared_build(tmp_path_factory, "encodec-art", build) / "tiny-encodec.edgert"
+
+
+@pytest.fixture(scope="session")
+def tiny_marian(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Marian (tools/make_tiny_marian.py, seeded); the raised end-token bias makes some
+    sequences end early, so finished beams are exercised."""
+
+    def build(part: Path) -> None:
+        load_tool("make_tiny_marian").make(part / "tiny-marian", seed=0, eos_bias=1.5)
+
+    return shared_build(tmp_path_factory, "marian", build) / "tiny-marian"
+
+
+@pytest.fixture(scope="session")
+def tiny_marian_artifact(tiny_marian: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Marian compiled for the host by `edgert compile`: `test_marian`'s subject and the OpenCL
+    build's reference in `test_gpu_families`, once per run."""
+
+    def build(folder: Path) -> None:
+        proc = run_cli("compile", str(tiny_marian), "-o", str(folder / "tiny-marian.edgert"))
+        assert proc.returncode == 0, proc.stderr
+
+    return shared_build(tmp_path_factory, "marian-art", build) / "tiny-marian.edgert"
+
+
+@pytest.fixture(scope="session")
 def mimi_codec(tiny_mimi: Path, tmp_path_factory: pytest.TempPathFactory):
     """The tiny reference compiled for the host by `edgert compile`, and loaded."""
     from edgert.families.codec.stream import load_codec

@@ -15,23 +15,11 @@ torch = pytest.importorskip("torch", reason="the codec reference needs torch (te
 
 
 @pytest.fixture(scope="session")
-def tiny_encodec(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny EnCodec-architecture reference (reflect padding, two LSTM layers), seeded."""
-    folder = tmp_path_factory.mktemp("codec") / "tiny-encodec"
-    ref = load_tool("make_codec_reference")
-    ref.save(ref.build("tiny", seed=0), folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_codec(tiny_encodec: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The tiny reference compiled for the host and loaded."""
+def tiny_codec(tiny_encodec_artifact: Path):
+    """The tiny reference (conftest's `tiny_encodec`) compiled for the host and loaded."""
     from edgert.families.codec.stream import load_codec
-    from edgert.families.compile import compile_model
 
-    out = tmp_path_factory.mktemp("codec-art") / "tiny.edgert"
-    compile_model(str(tiny_encodec), target="host", output=out)
-    return load_codec(out)
+    return load_codec(tiny_encodec_artifact)
 
 
 def _torch_model(folder: Path):

@@ -364,16 +364,14 @@ def _speechlike(n: int, rate: int, seed: int = 0) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_tiny_encodec_on_opencl_matches_the_cpu_build(tmp_path: Path, opencl_device: str) -> None:
+def test_tiny_encodec_on_opencl_matches_the_cpu_build(
+    tiny_encodec: Path, tiny_encodec_artifact: Path, tmp_path: Path, opencl_device: str
+) -> None:
     """Two LSTM layers (the GPU's one-work-group recurrence), reflect padding, streamed chunks."""
     import edgert
 
-    pytest.importorskip("transformers")
-    ref = load_tool("make_codec_reference")
-    folder = tmp_path / "tiny-encodec"
-    ref.save(ref.build("tiny", seed=0), folder)
-    gpu = edgert.load(_compile(folder, "host-opencl", tmp_path / "g.edgert"))
-    cpu = edgert.load(_compile(folder, "host", tmp_path / "c.edgert"))
+    gpu = edgert.load(_compile(tiny_encodec, "host-opencl", tmp_path / "g.edgert"))
+    cpu = edgert.load(tiny_encodec_artifact)  # the same CLI build of the same reference: once per run (conftest)
     assert gpu.session.on_gpu
     audio = _speechlike(320 * 60, 24000, seed=20)
     for step in (1920, 1000):  # whole 80 ms chunks (fixed-shape entries), then odd pushes (symbolic ones)
@@ -465,12 +463,13 @@ def test_tiny_mimi_on_opencl_matches_the_cpu_build(
 
 
 @pytest.mark.slow
-def test_tiny_marian_on_opencl_matches_the_cpu_build(tmp_path: Path, opencl_device: str) -> None:
+def test_tiny_marian_on_opencl_matches_the_cpu_build(
+    tiny_marian: Path, tiny_marian_artifact: Path, tmp_path: Path, opencl_device: str
+) -> None:
     from edgert.families.marian.translator import Translator
 
-    folder = load_tool("make_tiny_marian").make(tmp_path / "tiny-marian", seed=0, eos_bias=1.5)
-    gpu = Translator(_compile(folder, "host-opencl", tmp_path / "g.edgert"))
-    cpu = Translator(_compile(folder, "host", tmp_path / "c.edgert"))
+    gpu = Translator(_compile(tiny_marian, "host-opencl", tmp_path / "g.edgert"))
+    cpu = Translator(tiny_marian_artifact)  # the same CLI build of the same model: once per run (conftest)
     rng = np.random.default_rng(1)
     for beams in (1, 4):
         for _ in range(3):

@@ -10,26 +10,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_tool, run_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
 
 
 @pytest.fixture(scope="module")
-def marian_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def marian_dir(request: pytest.FixtureRequest) -> Path:
+    """conftest's `tiny_marian` (built once per run), skipped without transformers before it is built."""
     pytest.importorskip("transformers")
-    # The raised end-token bias makes some sequences end early, so finished beams are exercised.
-    return load_tool("make_tiny_marian").make(tmp_path_factory.mktemp("marian") / "tiny-marian", seed=0, eos_bias=1.5)
+    return request.getfixturevalue("tiny_marian")
 
 
 @pytest.fixture(scope="module")
-def translator(marian_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def translator(marian_dir: Path, request: pytest.FixtureRequest):
     from edgert.families.marian.translator import Translator
 
-    out = tmp_path_factory.mktemp("artifacts") / "tiny-marian.edgert"
-    proc = run_cli("compile", str(marian_dir), "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
-    return Translator(out)
+    return Translator(request.getfixturevalue("tiny_marian_artifact"))
 
 
 @pytest.mark.parametrize("beams", [1, 4])

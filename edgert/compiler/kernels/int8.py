@@ -840,20 +840,25 @@ def _entry(
     unless a prologue combines wider rows) and y ``[m, n]`` float32 with m free, the codes, the f16
     scales and (q4) the f16 mins."""
     kx = k if kx is None else kx
+    # Only the variant asked for is parsed: `T.prim_func` parses (and expands the body macro) at
+    # definition, about 0.4-0.8 s a kernel, a few seconds of every LLM build's export.
+    if q4:
 
-    @T.prim_func
-    def matmul_q4(
-        x_h: T.handle,
-        qw: T.Buffer(codes, code_dtype),
-        sc: T.Buffer(scales, "float16"),
-        mn: T.Buffer(scales, "float16"),
-        y_h: T.handle,
-    ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        m = T.int64()
-        x = T.match_buffer(x_h, (m, kx), "float32")
-        y = T.match_buffer(y_h, (m, n), "float32")
-        body(x, qw, sc, mn, y, m)
+        @T.prim_func
+        def matmul_q4(
+            x_h: T.handle,
+            qw: T.Buffer(codes, code_dtype),
+            sc: T.Buffer(scales, "float16"),
+            mn: T.Buffer(scales, "float16"),
+            y_h: T.handle,
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, kx), "float32")
+            y = T.match_buffer(y_h, (m, n), "float32")
+            body(x, qw, sc, mn, y, m)
+
+        return matmul_q4.with_attr("global_symbol", symbol)
 
     @T.prim_func
     def matmul_q8(x_h: T.handle, qw: T.Buffer(codes, code_dtype), sc: T.Buffer(scales, "float16"), y_h: T.handle):
@@ -863,28 +868,31 @@ def _entry(
         y = T.match_buffer(y_h, (m, n), "float32")
         body(x, qw, sc, sc, y, m)
 
-    return (matmul_q4 if q4 else matmul_q8).with_attr("global_symbol", symbol)
+    return matmul_q8.with_attr("global_symbol", symbol)
 
 
 def _entry_gamma(
     body: Any, k: int, n: int, codes: tuple, code_dtype: str, scales: tuple, q4: bool, symbol: str, gamma_dtype: str
 ) -> tirx.PrimFunc:
     """`_entry` with a second input after x, ``gamma [k]`` (the RMSNorm prologue's weight)."""
+    if q4:  # only the variant asked for is parsed, as in `_entry`
 
-    @T.prim_func
-    def matmul_q4(
-        x_h: T.handle,
-        gamma: T.Buffer((k,), gamma_dtype),
-        qw: T.Buffer(codes, code_dtype),
-        sc: T.Buffer(scales, "float16"),
-        mn: T.Buffer(scales, "float16"),
-        y_h: T.handle,
-    ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        m = T.int64()
-        x = T.match_buffer(x_h, (m, k), "float32")
-        y = T.match_buffer(y_h, (m, n), "float32")
-        body(x, qw, sc, mn, y, m, gamma)
+        @T.prim_func
+        def matmul_q4(
+            x_h: T.handle,
+            gamma: T.Buffer((k,), gamma_dtype),
+            qw: T.Buffer(codes, code_dtype),
+            sc: T.Buffer(scales, "float16"),
+            mn: T.Buffer(scales, "float16"),
+            y_h: T.handle,
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), "float32")
+            y = T.match_buffer(y_h, (m, n), "float32")
+            body(x, qw, sc, mn, y, m, gamma)
+
+        return matmul_q4.with_attr("global_symbol", symbol)
 
     @T.prim_func
     def matmul_q8(
@@ -900,4 +908,4 @@ def _entry_gamma(
         y = T.match_buffer(y_h, (m, n), "float32")
         body(x, qw, sc, sc, y, m, gamma)
 
-    return (matmul_q4 if q4 else matmul_q8).with_attr("global_symbol", symbol)
+    return matmul_q8.with_attr("global_symbol", symbol)

@@ -307,19 +307,25 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
                         if jo * block + ji < n:
                             y[m // mt * mt + i, jo * block + ji] = acc[0, ji]
 
-    @T.prim_func
-    def matmul_q4(
-        x_h: T.handle,
-        qw: T.Buffer((nb, kq, block), code_dtype),
-        sc: T.Buffer((nb, ng, block), sdt),
-        mn: T.Buffer((nb, ng, block), sdt),
-        y_h: T.handle,
-    ):
-        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
-        m = T.int64()
-        x = T.match_buffer(x_h, (m, k), "float32")
-        y = T.match_buffer(y_h, (m, n), "float32")
-        body(x, qw, sc, mn, y, m)
+    symbol = f"quant_matmul_{kind}_k{k}_n{n}_b{block}"
+    # With or without a min buffer; only that variant is parsed (`T.prim_func` parses at definition).
+    if has_min:
+
+        @T.prim_func
+        def matmul_q4(
+            x_h: T.handle,
+            qw: T.Buffer((nb, kq, block), code_dtype),
+            sc: T.Buffer((nb, ng, block), sdt),
+            mn: T.Buffer((nb, ng, block), sdt),
+            y_h: T.handle,
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, k), "float32")
+            y = T.match_buffer(y_h, (m, n), "float32")
+            body(x, qw, sc, mn, y, m)
+
+        return matmul_q4.with_attr("global_symbol", symbol)
 
     @T.prim_func
     def matmul_q8(
@@ -334,5 +340,4 @@ def quant_matmul(k: int, n: int, block: int, kind: str) -> tirx.PrimFunc:
         y = T.match_buffer(y_h, (m, n), "float32")
         body(x, qw, sc, sc, y, m)
 
-    matmul = matmul_q4 if has_min else matmul_q8  # with or without a min buffer
-    return matmul.with_attr("global_symbol", f"quant_matmul_{kind}_k{k}_n{n}_b{block}")
+    return matmul_q8.with_attr("global_symbol", symbol)
