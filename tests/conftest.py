@@ -90,6 +90,16 @@ def shared_build(tmp_path_factory: pytest.TempPathFactory, name: str, build: Cal
     return build_once(base / "shared" / name, build)
 
 
+def shared_cli_build(tmp_path_factory: pytest.TempPathFactory, name: str, filename: str, *args: str) -> Path:
+    """``edgert compile ARGS -o FILENAME`` into the shared folder ``name`` (`shared_build`): the artifact."""
+
+    def build(folder: Path) -> None:
+        proc = run_cli("compile", *args, "-o", str(folder / filename))
+        assert proc.returncode == 0, proc.stderr
+
+    return shared_build(tmp_path_factory, name, build) / filename
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """A test that uses a real-model fixture without the ``slow`` marker fails before the compile, saying so."""
     used = REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ()))
@@ -222,13 +232,8 @@ def transcriber(whisper_artifact: Path):
 @pytest.fixture(scope="session")
 def whisper_short_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Whisper tiny.en for the host with a 6 s encoder window (`--audio-ctx 300`), as the board test builds it."""
-
-    def build(folder: Path) -> None:
-        out = folder / "whisper-tiny.en-ctx300.edgert"
-        proc = run_cli("compile", "whisper-tiny.en", "--target", "host", "--audio-ctx", "300", "-o", str(out))
-        assert proc.returncode == 0, proc.stderr
-
-    return shared_build(tmp_path_factory, "whisper-ctx300", build) / "whisper-tiny.en-ctx300.edgert"
+    args = ("whisper-tiny.en", "--target", "host", "--audio-ctx", "300")
+    return shared_cli_build(tmp_path_factory, "whisper-ctx300", "whisper-tiny.en-ctx300.edgert", *args)
 
 
 @pytest.fixture(scope="session")
@@ -289,12 +294,8 @@ def _compile_tiny(
 ) -> Path:
     """The tiny Llama for ``target``; float activations unless said (the builds compare with each other)."""
     name = name or f"tiny-{target}.edgert"
-
-    def build(folder: Path) -> None:
-        proc = run_cli("compile", str(gguf), "--target", target, "--activations", activations, "-o", str(folder / name))
-        assert proc.returncode == 0, proc.stderr
-
-    return shared_build(tmp_path_factory, f"tiny-{target}-{activations}", build) / name
+    args = (str(gguf), "--target", target, "--activations", activations)
+    return shared_cli_build(tmp_path_factory, f"tiny-{target}-{activations}", name, *args)
 
 
 @pytest.fixture(scope="session")
@@ -327,12 +328,7 @@ def tiny_gemma_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _compile_tiny_gemma(gguf: Path, target: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     name = f"tiny-gemma3-{target}.edgert"
-
-    def build(folder: Path) -> None:
-        proc = run_cli("compile", str(gguf), "--target", target, "-o", str(folder / name))
-        assert proc.returncode == 0, proc.stderr
-
-    return shared_build(tmp_path_factory, f"tiny-gemma-{target}", build) / name
+    return shared_cli_build(tmp_path_factory, f"tiny-gemma-{target}", name, str(gguf), "--target", target)
 
 
 @pytest.fixture(scope="session")
@@ -351,22 +347,14 @@ def tiny_rpi5_artifact(tiny_gguf_file: Path, tmp_path_factory: pytest.TempPathFa
 def smollm_rpi5_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2-135M cross-compiled for a Raspberry Pi 5 through the CLI, once per run."""
 
-    def build(folder: Path) -> None:
-        proc = run_cli("compile", "smollm2-135m", "--target", "rpi5", "-o", str(folder / "smollm2-rpi5.edgert"))
-        assert proc.returncode == 0, proc.stderr
-
-    return shared_build(tmp_path_factory, "smollm2-rpi5", build) / "smollm2-rpi5.edgert"
+    return shared_cli_build(tmp_path_factory, "smollm2-rpi5", "smollm2-rpi5.edgert", "smollm2-135m", "--target", "rpi5")
 
 
 @pytest.fixture(scope="session")
 def speech_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's speech codec (models/codec-speech16k) compiled for the host through the CLI."""
 
-    def build(folder: Path) -> None:
-        proc = run_cli("compile", "codec-speech16k", "--target", "host", "-o", str(folder / "speech.edgert"))
-        assert proc.returncode == 0, proc.stderr
-
-    return shared_build(tmp_path_factory, "codec-speech", build) / "speech.edgert"
+    return shared_cli_build(tmp_path_factory, "codec-speech", "speech.edgert", "codec-speech16k", "--target", "host")
 
 
 @pytest.fixture(scope="session")
@@ -397,12 +385,9 @@ def tiny_encodec(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_encodec_artifact(tiny_encodec: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny EnCodec compiled for the host by `edgert compile`: `test_codec`'s subject and the OpenCL
     build's reference in `test_gpu_families` (about 17 s of compile, once per run)."""
-
-    def build(folder: Path) -> None:
-        proc = run_cli("compile", str(tiny_encodec), "--target", "host", "-o", str(folder / "tiny-encodec.edgert"))
-        assert proc.returncode == 0, proc.stderr
-
-    return shared_build(tmp_path_factory, "encodec-art", build) / "tiny-encodec.edgert"
+    return shared_cli_build(
+        tmp_path_factory, "encodec-art", "tiny-encodec.edgert", str(tiny_encodec), "--target", "host"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -421,11 +406,7 @@ def tiny_marian_artifact(tiny_marian: Path, tmp_path_factory: pytest.TempPathFac
     """The tiny Marian compiled for the host by `edgert compile`: `test_marian`'s subject and the OpenCL
     build's reference in `test_gpu_families`, once per run."""
 
-    def build(folder: Path) -> None:
-        proc = run_cli("compile", str(tiny_marian), "-o", str(folder / "tiny-marian.edgert"))
-        assert proc.returncode == 0, proc.stderr
-
-    return shared_build(tmp_path_factory, "marian-art", build) / "tiny-marian.edgert"
+    return shared_cli_build(tmp_path_factory, "marian-art", "tiny-marian.edgert", str(tiny_marian))
 
 
 @pytest.fixture(scope="session")
@@ -433,8 +414,6 @@ def mimi_codec(tiny_mimi: Path, tmp_path_factory: pytest.TempPathFactory):
     """The tiny reference compiled for the host by `edgert compile`, and loaded."""
     from edgert.families.codec.stream import load_codec
 
-    def build(folder: Path) -> None:
-        proc = run_cli("compile", str(tiny_mimi), "--target", "host", "-o", str(folder / "tiny-mimi.edgert"))
-        assert proc.returncode == 0, proc.stderr
-
-    return load_codec(shared_build(tmp_path_factory, "mimi-art", build) / "tiny-mimi.edgert")
+    return load_codec(
+        shared_cli_build(tmp_path_factory, "mimi-art", "tiny-mimi.edgert", str(tiny_mimi), "--target", "host")
+    )
