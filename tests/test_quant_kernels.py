@@ -466,6 +466,16 @@ def swiglu_kernels():
         for kind, n, k in SWIGLU_SHAPES
         for prologue in ("swiglu", "rmsnorm")
     }
+    for kind, n, k in SWIGLU_SHAPES:  # the residual epilogue, and the kernels it goes with without it
+        for prologue in ("", "swiglu"):
+            name = f"{prologue}_{kind}_{n}_{k}"
+            funcs[f"res{name}"] = multirow_quant_matmul(
+                k, n, quant_block(n), kind, "avx512vnni", prologue, residual=True
+            ).with_attr("global_symbol", f"res{name}")
+            if not prologue:
+                funcs[name] = multirow_quant_matmul(k, n, quant_block(n), kind, "avx512vnni").with_attr(
+                    "global_symbol", name
+                )
     funcs["exps"] = exps.with_attr("global_symbol", "exps")
     lib = tvm.tirx.build(tvm.IRModule(funcs), target=target)
     host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
@@ -530,6 +540,36 @@ def test_swiglu_prologue_matches_numpy(swiglu_kernels, kind: str, n: int, k: int
 
 
 @pytest.mark.parametrize(("kind", "n", "k"), SWIGLU_SHAPES)
+@pytest.mark.parametrize("prologue", ["", "swiglu"])
+def test_residual_epilogue_adds_the_rows_bit_for_bit(swiglu_kernels, prologue: str, kind: str, n: int, k: int) -> None:
+    """With ``residual=True`` the kernel writes ``res + x W^T`` equal bit for bit to its output without the
+    epilogue plus ``res`` (one float32 add, as the separate add kernel it replaces), on every static row
+    tile and a prompt chunk; ``res`` itself is left as it was."""
+    import tvm
+
+    from edgert.compiler.layout import pack_quantized_dot
+
+    lib, runs_here = swiglu_kernels
+    if not runs_here:
+        pytest.skip("this host has no AVX-512 VNNI to run the kernels on")
+    rng = np.random.default_rng(n + k + 3)
+    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
+    weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
+    name = f"{prologue}_{kind}_{n}_{k}"
+    for m in (1, 2, 3, 4, 5, 6, 9, 16, 17):
+        x = (rng.standard_normal((m, 2 * k if prologue else k)) * 3).astype(np.float32)
+        res = (rng.standard_normal((m, n)) * rng.uniform(0.1, 100, (m, 1))).astype(np.float32)
+        plain = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        lib[name](tvm.runtime.tensor(x), *weights, plain)
+        res_t = tvm.runtime.tensor(res)
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        lib[f"res{name}"](tvm.runtime.tensor(x), *weights, res_t, y)
+        np.testing.assert_array_equal(y.numpy(), res + plain.numpy(), err_msg=f"m={m}")
+        np.testing.assert_array_equal(res_t.numpy(), res)
+        assert not np.array_equal(y.numpy(), plain.numpy())
+
+
+@pytest.mark.parametrize(("kind", "n", "k"), SWIGLU_SHAPES)
 def test_rmsnorm_prologue_matches_numpy(swiglu_kernels, kind: str, n: int, k: int) -> None:
     """A projection with the RMSNorm before it taken in its quantization equals the product of the
     int8-rounded norm (numpy's, in float64) with the weights, on every static row tile; a row of
@@ -583,6 +623,10 @@ def amx_kernels():
         for kind, n, k in AMX_SHAPES
         for isa in ("avx512vnni", "amx")
     }
+    for kind, n, k in AMX_SHAPES:  # the residual epilogue on the tiles' write-back too
+        funcs[f"amx_res_{kind}_{n}_{k}"] = multirow_quant_matmul(
+            k, n, quant_block(n), kind, "amx", residual=True
+        ).with_attr("global_symbol", f"amx_res_{kind}_{n}_{k}")
     lib = tvm.compile(tvm.IRModule(funcs), target=target)
     runs_here = {"avx512vnni", "avx512bw", *AMX_FLAGS} <= host_cpu_flags()
     if runs_here:
@@ -594,7 +638,8 @@ def amx_kernels():
 def test_amx_tiles_give_the_vnni_tiles_results(amx_kernels, kind: str, n: int, k: int) -> None:
     """q8 rows through AMX tiles (two rows on; full row tiles of 16 and a shorter last one) equal the
     VNNI kernel's bit for bit, so a verify pass's rows stay its decode steps; q4 keeps the VNNI tiles
-    (the same outputs at every row count, prompt chunks included), and matches numpy's product."""
+    (the same outputs at every row count, prompt chunks included), and matches numpy's product. With
+    the residual epilogue the tiles write ``res`` plus those outputs."""
     import tvm
 
     from edgert.compiler.layout import pack_quantized_dot
@@ -620,6 +665,10 @@ def test_amx_tiles_give_the_vnni_tiles_results(amx_kernels, kind: str, n: int, k
             out[isa] = y.numpy()
         assert not np.isnan(out["amx"]).any()
         np.testing.assert_array_equal(out["amx"], out["avx512vnni"], err_msg=f"m={m}")
+        res = rng.standard_normal((m, n)).astype(np.float32)
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float32))
+        lib[f"amx_res_{kind}_{n}_{k}"](tvm.runtime.tensor(x), *weights, tvm.runtime.tensor(res), y)
+        np.testing.assert_array_equal(y.numpy(), res + out["amx"], err_msg=f"residual, m={m}")
         if kind == "q4":
             want = int8_activation_reference(x, q.dequantize())
             err = np.abs(out["amx"] - want) / np.maximum(np.abs(want).max(axis=1, keepdims=True), 1e-30)

@@ -151,19 +151,44 @@ class QuantLinear(nn.Module):
         """Whether `swiglu` computes ``silu(gate) * up`` in the kernel (the multi-row VNNI kernel's prologue)."""
         return vnni_layout(self.isa)
 
-    def swiglu(self, gate_up: Tensor) -> Tensor:
+    def swiglu(self, gate_up: Tensor, residual: Tensor | None = None) -> Tensor:
         """``forward(silu(gate) * up)`` of ``gate_up = [gate | up]`` (last axis ``2 K``), with the
         SwiGLU product formed as the kernel quantizes its rows: no separate kernel, no ``[.., K]``
-        intermediate."""
+        intermediate; plus ``residual`` (the shape of the output) in the kernel's write-back when given."""
         *lead, k2 = gate_up.shape
         rows = 1
         for d in lead:
             rows = rows * d
-        kernel = multirow_quant_matmul(self.in_features, self.out_features, self.block, self.kind, self.isa, "swiglu")
+        k, n, added = self.in_features, self.out_features, residual is not None
+        kernel = multirow_quant_matmul(k, n, self.block, self.kind, self.isa, "swiglu", residual=added)
+        res = [] if residual is None else [op.reshape(residual, (rows, self.out_features))]
         y = op.tensor_ir_op(
             kernel,
             "quant_matmul_swiglu",
-            [op.reshape(gate_up, (rows, k2)), *self._params()],
+            [op.reshape(gate_up, (rows, k2)), *self._params(), *res],
+            Tensor.placeholder((rows, self.out_features), "float32"),
+        )
+        return op.reshape(y, (*lead, self.out_features))
+
+    @property
+    def takes_residual(self) -> bool:
+        """Whether `add_to` and `swiglu` add a residual in the kernel's write-back (the multi-row VNNI kernel)."""
+        return vnni_layout(self.isa)
+
+    def add_to(self, residual: Tensor, x: Tensor) -> Tensor:
+        """``residual + forward(x)``, the add in the kernel's write-back: a block's residual add without
+        a kernel (and an output) of its own."""
+        *lead, k = x.shape
+        rows = 1
+        for d in lead:
+            rows = rows * d
+        kernel = multirow_quant_matmul(
+            self.in_features, self.out_features, self.block, self.kind, self.isa, residual=True
+        )
+        y = op.tensor_ir_op(
+            kernel,
+            "quant_matmul_residual",
+            [op.reshape(x, (rows, k)), *self._params(), op.reshape(residual, (rows, self.out_features))],
             Tensor.placeholder((rows, self.out_features), "float32"),
         )
         return op.reshape(y, (*lead, self.out_features))

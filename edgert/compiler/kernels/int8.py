@@ -326,6 +326,7 @@ def multirow_quant_matmul(
     prologue: str = "",
     eps: float = 1e-5,
     gamma_dtype: str = "float32",
+    residual: bool = False,
 ) -> tirx.PrimFunc:
     """``y[m, n] = sum_k x[m, k] * W[n, k]`` with int8 activations, each unpacked weight register
     reused by a tile of rows (W in the dot layout of `int8_quant_matmul`).
@@ -336,7 +337,12 @@ def multirow_quant_matmul(
     ``prologue="rmsnorm"``: the kernel takes a second input, ``gamma [k]`` (``gamma_dtype``), and
     multiplies ``RMSNorm(x) = x / sqrt(mean(x^2) + eps) * gamma`` instead of x (the projection after
     a pre-norm: the norm's kernel and its output go).
+    ``residual``: the kernel takes ``res [m, n]`` after the weights and writes ``y = res + x W^T`` (a
+    block's residual add in the output projection's write-back: without it each add was a kernel
+    of its own, 58 a SmolLM2 step, about 3 us each). Not with the rmsnorm prologue.
     """
+    if residual and prologue == "rmsnorm":
+        raise ValueError("the residual epilogue goes with the plain or swiglu kernels, not rmsnorm")
     if prologue not in ("", "swiglu", "rmsnorm"):
         raise ValueError(f"unknown prologue '{prologue}' (swiglu, rmsnorm)")
     swiglu, rmsnorm = prologue == "swiglu", prologue == "rmsnorm"
@@ -399,8 +405,11 @@ def multirow_quant_matmul(
             wide -= 1
         return wide, na
 
+    def out(res: Any, value: Any, row: Any, col: Any) -> Any:  # an output value, with the residual when taken
+        return res[row, col] + value if residual else value
+
     @T.macro
-    def tiles(qw, sc, mn, y, xq, xd, xs, xo, xq2, xd2, xo2, jo, first, count, rows: T.int32, cw, na):
+    def tiles(qw, sc, mn, y, res, xq, xd, xs, xo, xq2, xd2, xo2, jo, first, count, rows: T.int32, cw, na):
         # ``count`` tiles of ``rows`` rows from row ``first``, in column tile ``jo``.
         if count > 0:
             acc = T.alloc_buffer((rows, cw, cols), "float32", scope="local")
@@ -495,11 +504,15 @@ def multirow_quant_matmul(
                     for r, ci in T.grid(rows, cw):  # the tiles cover exactly m rows: no row guard
                         if jo < full:
                             for v in T.vectorized(cols):
-                                y[top + r, jo * block + (co * cw + ci) * cols + v] = acc[r, ci, v]
+                                y[top + r, jo * block + (co * cw + ci) * cols + v] = out(
+                                    res, acc[r, ci, v], top + r, jo * block + (co * cw + ci) * cols + v
+                                )
                         else:
                             for v in range(cols):
                                 if jo * block + (co * cw + ci) * cols + v < n:
-                                    y[top + r, jo * block + (co * cw + ci) * cols + v] = acc[r, ci, v]
+                                    y[top + r, jo * block + (co * cw + ci) * cols + v] = out(
+                                        res, acc[r, ci, v], top + r, jo * block + (co * cw + ci) * cols + v
+                                    )
 
     # -- AMX (q8): the same integer group sums from tiles -------------------------------------
     # A tile of up to 16 rows x 32 int8 activations (one group) times a tile of 8 x 64 bytes (the
@@ -575,7 +588,7 @@ def multirow_quant_matmul(
                         )
 
     @T.macro
-    def amx_tiles(qw, sc, y, xq, xd, xq2, xd2, cfg, jo, m):
+    def amx_tiles(qw, sc, y, res, xq, xd, xq2, xd2, cfg, jo, m):
         # Two halves: a group's sums are read back a group after the tiles stored them, so the loads
         # do not wait for the tile stores (no forwarding from them) while the next group's tiles run.
         sums = T.alloc_buffer((2, 2 if two else 1, chunks, 16, 16), "int32", scope="local")
@@ -596,11 +609,13 @@ def multirow_quant_matmul(
             for r, c in T.grid(rows, chunks):
                 if jo < full:
                     for v in T.vectorized(16):
-                        y[top + r, jo * block + c * 16 + v] = acc[r, c, v]
+                        y[top + r, jo * block + c * 16 + v] = out(res, acc[r, c, v], top + r, jo * block + c * 16 + v)
                 else:
                     for v in range(16):
                         if jo * block + c * 16 + v < n:
-                            y[top + r, jo * block + c * 16 + v] = acc[r, c, v]
+                            y[top + r, jo * block + c * 16 + v] = out(
+                                res, acc[r, c, v], top + r, jo * block + c * 16 + v
+                            )
 
     @T.macro
     def quantize(x, xq, xd, xs, xo, xq2, xd2, xo2, rest, amax, first, count):
@@ -651,7 +666,7 @@ def multirow_quant_matmul(
                         )
 
     @T.macro
-    def body(x, qw, sc, mn, y, m, gamma):
+    def body(x, qw, sc, mn, y, m, gamma, res):
         # Activations to int8 per group of 32, as `int8_quant_matmul` rounds them; xs is a group's
         # float sum (the q4 min term), xo -128 times its integer sum (the q8 offset).
         xq = T.alloc_buffer((m, k), "int8")
@@ -702,24 +717,35 @@ def multirow_quant_matmul(
                 cfg[63] = T.uint8(0)  # nothing configured yet
                 for jj in range(amx_span):
                     if jp * amx_span + jj < nb:
-                        amx_tiles(qw, sc, y, xq, xd, xq2, xd2, cfg, jp * amx_span + jj, m)
+                        amx_tiles(qw, sc, y, res, xq, xd, xq2, xd2, cfg, jp * amx_span + jj, m)
                 amx("tilerelease")
         else:
             for jo in T.parallel(nb):
-                tiles(qw, sc, mn, y, *acts, jo, 0, m // 5, 5, *shape(5))
-                tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 4), 4, *shape(4))
-                tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 3), 3, *shape(3))
-                tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 2), 2, *shape(2))
-                tiles(qw, sc, mn, y, *acts, jo, after, T.Cast("int64", tail == 1), 1, *shape(1))
+                tiles(qw, sc, mn, y, res, *acts, jo, 0, m // 5, 5, *shape(5))
+                tiles(qw, sc, mn, y, res, *acts, jo, after, T.Cast("int64", tail == 4), 4, *shape(4))
+                tiles(qw, sc, mn, y, res, *acts, jo, after, T.Cast("int64", tail == 3), 3, *shape(3))
+                tiles(qw, sc, mn, y, res, *acts, jo, after, T.Cast("int64", tail == 2), 2, *shape(2))
+                tiles(qw, sc, mn, y, res, *acts, jo, after, T.Cast("int64", tail == 1), 1, *shape(1))
 
     @T.macro
     def body_plain(x, qw, sc, mn, y, m):
-        body(x, qw, sc, mn, y, m, x)
+        body(x, qw, sc, mn, y, m, x, y)
 
-    symbol = f"multirow_quant_matmul{'_' + prologue if prologue else ''}_{kind}_{isa}_k{k}_n{n}_b{block}"
+    @T.macro
+    def body_gamma(x, qw, sc, mn, y, m, gamma):
+        body(x, qw, sc, mn, y, m, gamma, y)
+
+    @T.macro
+    def body_res(x, qw, sc, mn, res, y, m):
+        body(x, qw, sc, mn, y, m, x, res)
+
+    pro = "_" + prologue if prologue else ""
+    symbol = f"multirow_quant_matmul{pro}{'_res' if residual else ''}_{kind}_{isa}_k{k}_n{n}_b{block}"
     codes, scales = (nb, kq, block, 4), (nb, ng, block)
     if rmsnorm:
-        return _entry_gamma(body, k, n, codes, code_dtype, scales, q4, symbol, gamma_dtype)
+        return _entry_gamma(body_gamma, k, n, codes, code_dtype, scales, q4, symbol, gamma_dtype)
+    if residual:
+        return _entry_residual(body_res, k, n, codes, code_dtype, scales, q4, symbol, 2 * k if swiglu else k)
     return _entry(body_plain, k, n, codes, code_dtype, scales, q4, symbol, 2 * k if swiglu else k)
 
 
@@ -867,6 +893,49 @@ def _entry(
         x = T.match_buffer(x_h, (m, kx), "float32")
         y = T.match_buffer(y_h, (m, n), "float32")
         body(x, qw, sc, sc, y, m)
+
+    return matmul_q8.with_attr("global_symbol", symbol)
+
+
+def _entry_residual(
+    body: Any, k: int, n: int, codes: tuple, code_dtype: str, scales: tuple, q4: bool, symbol: str, kx: int
+) -> tirx.PrimFunc:
+    """`_entry` with ``res [m, n]`` after the weights (the residual epilogue's rows), for a
+    ``body(x, qw, sc, mn, res, y, m)`` macro."""
+    if q4:  # only the variant asked for is parsed, as in `_entry`
+
+        @T.prim_func
+        def matmul_q4(
+            x_h: T.handle,
+            qw: T.Buffer(codes, code_dtype),
+            sc: T.Buffer(scales, "float16"),
+            mn: T.Buffer(scales, "float16"),
+            res_h: T.handle,
+            y_h: T.handle,
+        ):
+            T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+            m = T.int64()
+            x = T.match_buffer(x_h, (m, kx), "float32")
+            res = T.match_buffer(res_h, (m, n), "float32")
+            y = T.match_buffer(y_h, (m, n), "float32")
+            body(x, qw, sc, mn, res, y, m)
+
+        return matmul_q4.with_attr("global_symbol", symbol)
+
+    @T.prim_func
+    def matmul_q8(
+        x_h: T.handle,
+        qw: T.Buffer(codes, code_dtype),
+        sc: T.Buffer(scales, "float16"),
+        res_h: T.handle,
+        y_h: T.handle,
+    ):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, kx), "float32")
+        res = T.match_buffer(res_h, (m, n), "float32")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        body(x, qw, sc, sc, res, y, m)
 
     return matmul_q8.with_attr("global_symbol", symbol)
 

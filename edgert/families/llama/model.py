@@ -40,6 +40,17 @@ __all__ = ["LlamaConfig", "LlamaForCausalLM"]
 VERIFY_ROW_ENTRIES = (5, 8, 16)
 
 
+def plus(residual: Tensor | None, linear: nn.Module, x: Tensor) -> Tensor:
+    """``residual + linear(x)`` (``linear(x)`` without a residual), the add in the matmul's write-back
+    where the kernel takes it: a block's two residual adds were kernels of their own (58 a SmolLM2
+    step or verify pass, ~3 us each)."""
+    if residual is None:
+        return linear(x)
+    if getattr(linear, "takes_residual", False):
+        return linear.add_to(residual, x)
+    return residual + linear(x)
+
+
 def normed(linear: nn.Module, norm: nn.RMSNorm, x: Tensor) -> Tensor:
     """``linear(norm(x))``, with the norm in the matmul's quantization where the kernel takes it."""
     if getattr(linear, "takes_rmsnorm", False) and norm.bias is None and norm.axes in (-1, [-1]):
@@ -96,10 +107,12 @@ class LlamaAttention(nn.Module):
         layer_id: int,
         positions: Tensor | None = None,
         norm: nn.RMSNorm | None = None,
+        residual: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        """The attention block's output (plus ``residual`` when given) and its rotated queries (`attn_out_q`)."""
         b, s, _ = x.shape
         out, q = self.attn_out_q(x, cache, layer_id, positions, norm)
-        return self.o_proj(op.reshape(out, (b, s, self.num_heads * self.head_dim))), q
+        return plus(residual, self.o_proj, op.reshape(out, (b, s, self.num_heads * self.head_dim))), q
 
 
 class LlamaMLP(nn.Module):
@@ -109,13 +122,17 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, norm: nn.RMSNorm | None = None) -> Tensor:
-        """The MLP of x, or of ``norm(x)`` (the norm in the gate/up projection's kernel where it can)."""
+    def forward(self, x: Tensor, norm: nn.RMSNorm | None = None, residual: Tensor | None = None) -> Tensor:
+        """The MLP of x, or of ``norm(x)`` (the norm in the gate/up projection's kernel where it can);
+        plus ``residual`` when given (in the down projection's write-back where it can)."""
         gate_up = self.gate_up_proj(x) if norm is None else normed(self.gate_up_proj, norm, x)
         if getattr(self.down_proj, "takes_swiglu", False):  # silu(gate) * up in the kernel's quantization
-            return self.down_proj.swiglu(gate_up)
+            if residual is not None and getattr(self.down_proj, "takes_residual", False):
+                return self.down_proj.swiglu(gate_up, residual)
+            down = self.down_proj.swiglu(gate_up)
+            return down if residual is None else residual + down
         gate, up = op.split(gate_up, 2, axis=-1)
-        return self.down_proj(op.silu(gate) * up)
+        return plus(residual, self.down_proj, op.silu(gate) * up)
 
 
 class LlamaLayer(nn.Module):
@@ -134,9 +151,8 @@ class LlamaLayer(nn.Module):
         self, h: Tensor, cache: PagedKVCache, layer_id: int, positions: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None]:
         """The block, and its rotated queries when RoPE is outside the cache (else None)."""
-        attn, q = self.attn.forward_q(h, cache, layer_id, positions, self.input_norm)
-        h = h + attn
-        return h + self.mlp(h, self.post_attention_norm), q
+        h, q = self.attn.forward_q(h, cache, layer_id, positions, self.input_norm, residual=h)
+        return self.mlp(h, self.post_attention_norm, residual=h), q
 
 
 class LlamaForCausalLM(nn.Module):
