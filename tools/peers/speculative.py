@@ -118,8 +118,10 @@ def llm_rows(args: Any) -> list[Row]:
     period, so a load that changes between repeats moves both alike: the ratio of the medians pairs
     one repeat's plain decoding with another's mode), and ``modelled`` is the ratio with each pass
     costed by `verify_costs` (pairs of a step and a pass timed back to back): tokens over plain
-    steps plus the passes' cost in decode steps. Per task of the suite, where the time went:
-    rounds, drafts kept, tokens per verify pass, passes that kept nothing, plain steps.
+    steps plus the passes' cost in decode steps; ``as_met`` (`as_met`) sets it against the passes and
+    steps as the decoder met them and the Python between them. Per task of the suite, where the time
+    went: rounds, drafts kept, tokens per verify pass, passes that kept nothing, plain steps. Each
+    repeat drafts with a fresh drafter (`_fresh_decoder`): the policy carries over, not the outputs.
     """
     import edgert
 
