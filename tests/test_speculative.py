@@ -388,6 +388,21 @@ def test_greedy_lookup_and_recycle_output_is_plain_decoding(tiny) -> None:
     assert trees > 0
 
 
+def test_no_round_drafts_past_the_tokens_left(tiny) -> None:
+    """A round emits its kept drafts and one token more: with n tokens left it drafts at most n - 1, and
+    the last token is a plain step's (the tiny model's text repeats, so every chance is a draft)."""
+    for max_tokens in (1, 2, 5, 11):
+        ref = [t.id for t in tiny.generate(PROMPTS[0], max_tokens=max_tokens)]
+        drafter, k = parse_speculative("lookup:k=8", tiny, lambda _p: tiny)
+        decoder = SpeculativeDecoder(tiny, drafter, k, policy=False)
+        out = [t.id for t in decoder.generate(PROMPTS[0], max_tokens=max_tokens)]
+        assert out == ref
+        st = decoder.stats
+        # every emitted token after the first came from a pass or a plain step; none were cut off
+        assert st.accepted + st.rounds + st.plain_steps == len(out) - 1, (max_tokens, st.to_dict())
+        assert max(st.passes, default=1) <= max(max_tokens - 1, 1)
+
+
 def test_a_deterministic_draft_keeps_the_full_models_distribution() -> None:
     """Lookup and recycle drafts have q = 1 on their token: kept with probability p(d), else resampled without d."""
     p = np.array([0.5, 0.3, 0.15, 0.05])

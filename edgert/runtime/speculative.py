@@ -980,7 +980,9 @@ class SpeculativeDecoder:
             if room < 0:
                 stats.stop_reason = "context_full"
                 break
-            k = min(self.k, room, max_tokens - stats.generated_tokens)
+            # A round emits its kept drafts and one token more: with n tokens left to emit, n - 1 drafts
+            # are the most that can count (the last token left is a plain step's, not a pass's).
+            k = min(self.k, room, max_tokens - stats.generated_tokens - 1)
             history = out.history
             t = time.perf_counter()
             self._drafted = False
