@@ -34,12 +34,14 @@ GGUF_MAGIC = b"GGUF"
 
 
 def open_gguf_reader(path: str | Path) -> Any:
-    """A `gguf.GGUFReader` for ``path`` that parses metadata about 2.5x faster than the stock one.
+    """A `gguf.GGUFReader` for ``path`` that parses metadata 14-19x faster than the stock one
+    (SmolLM2's GGUF 2.4 s -> 0.17 s, Gemma 3's 12.1 s -> 0.64 s) into the same fields.
 
     The stock reader slices its ``np.memmap`` once per metadata value, and every memmap slice
     runs memmap's ``__array_finalize__``: ~16 s of a loaded machine for the ~100k tokenizer
     strings of a 49k vocabulary. Here the reader sees the same mapped bytes as a plain ndarray
-    (no copy; the view keeps the mapping alive), so slices are ordinary views.
+    (no copy; the view keeps the mapping alive), so slices are ordinary views; and an array of
+    scalars or strings is cut from one view instead of element by element (`_get_field_parts`).
     """
     import gguf
 
