@@ -83,7 +83,7 @@ def reference_logits(path: Path, ids: list[int]) -> np.ndarray:
     """
     import gguf
 
-    reader = open_gguf_reader(path)  # gguf's own reader; edgert only hands it the bytes as a plain view
+    reader = open_gguf_reader(path)  # gguf's own reader (edgert parses its arrays faster: tests/test_gguf_reader.py)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
     w = {
         t.name: np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float64).reshape(

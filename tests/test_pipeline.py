@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,11 @@ from tvm import relax  # noqa: E402
 from tvm.relax.frontend import nn  # noqa: E402
 
 from edgert.compiler.layout import QuantLinear  # noqa: E402
-from edgert.compiler.passes.pipeline import relax_pipeline, unrestricted_kernels  # noqa: E402
+from edgert.compiler.passes.pipeline import (  # noqa: E402
+    _without_unpacking,
+    relax_pipeline,
+    unrestricted_kernels,
+)
 
 
 class _Linear(nn.Module):
@@ -175,3 +180,66 @@ def test_remove_redundant_reshape_is_tvms_pass() -> None:
     assert tvm_ffi.structural_equal(ours, theirs)
     assert _reshapes(ours["chain"]) < _reshapes(mod["chain"])  # the pass did rewrite something
     assert len(ours["plain"].body.blocks[0].bindings) == len(mod["plain"].body.blocks[0].bindings)
+    # Both functions took the form without their unpacking (no fallback to the plain pass):
+    assert all(_without_unpacking(mod[name], lambda f: f) is not None for name in ("chain", "plain"))
+
+
+def test_without_unpacking_puts_the_function_back_as_it_was() -> None:
+    """Taking the parameter tuple's unpacking out and putting it back, with nothing done between,
+    gives the function it was given; a function that uses the tuple past its unpacking is refused."""
+    import tvm_ffi
+
+    packed = {"param_mode": "packed", "effect_mode": "none"}
+    mod, _ = _Views().export_tvm(spec={"chain": {"x": nn.spec.Tensor([2, 12], "float32"), "$": packed}})
+    seen = []
+    func = mod["chain"]
+    back = _without_unpacking(func, lambda f: seen.append(f) or f)
+    assert tvm_ffi.structural_equal(back, func)
+    # While the transform ran, the unpacked weights were parameters and the tuple was gone:
+    assert len(seen[0].params) == len(func.params) - 1 + len(func.params[-1].ty.fields)
+    assert not any(isinstance(b.value, relax.TupleGetItem) for b in seen[0].body.blocks[0].bindings)
+
+    tuple_param = func.params[-1]
+    block = func.body.blocks[0]
+    extra = relax.DataflowBlock(
+        [*block.bindings, relax.VarBinding(relax.DataflowVar("again", tuple_param.ty), tuple_param)]
+    )
+    used_later = relax.Function(
+        func.params, relax.SeqExpr([extra], func.body.body), func.ret_ty, func.is_pure, func.attrs
+    )
+    assert _without_unpacking(used_later, lambda f: f) is None
+
+
+@pytest.mark.slow
+def test_remove_redundant_reshape_is_tvms_pass_on_the_tiny_llama(
+    tiny_gguf_file: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """On the module a Llama build compiles (the tiny Llama's: every entry point, its packed weights),
+    edgert's pass gives TVM's module, and each entry point that unpacks the weights went without them."""
+    import tvm_ffi
+
+    from edgert.compiler.compile import Build
+    from edgert.compiler.passes.pipeline import remove_redundant_reshape
+    from edgert.families.compile import compile_model
+
+    class _Captured(Exception):
+        pass
+
+    captured = []
+
+    def capture(_self, mod, *_args, **_kwargs):
+        captured.append(mod)
+        raise _Captured
+
+    monkeypatch.setattr(Build, "compile", capture)
+    with pytest.raises(_Captured):
+        compile_model(tiny_gguf_file, "host", tmp_path / "tiny.edgert")
+    mod = captured[0]
+    theirs = relax.transform.RemoveRedundantReshape()(mod)
+    ours = remove_redundant_reshape()(mod)
+    assert tvm_ffi.structural_equal(ours, theirs)
+    assert not tvm_ffi.structural_equal(ours, mod)  # there were chains to collapse
+    packed = [gv.name_hint for gv, f in mod.functions_items() if isinstance(f, relax.Function) and f.params]
+    packed = [name for name in packed if isinstance(mod[name].params[-1].ty, relax.TupleType)]
+    assert "decode" in packed and "prefill" in packed
+    assert all(_without_unpacking(mod[name], lambda f: f) is not None for name in packed)

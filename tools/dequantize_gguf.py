@@ -35,7 +35,9 @@ _WRITERS = {
 
 def dequantize_gguf(src: str | Path, dst: str | Path) -> Path:
     """Copy ``src`` to ``dst`` with all tensors as F32 and ``general.file_type`` = 0 (all F32)."""
-    reader = gguf.GGUFReader(src)
+    from edgert.frontend.gguf_reader import open_gguf_reader
+
+    reader = open_gguf_reader(src)  # gguf's reader, its metadata parsed faster (Gemma 3's vocabulary: 12 s -> 0.6 s)
     arch = str(reader.fields["general.architecture"].contents())
     writer = gguf.GGUFWriter(dst, arch=arch)
     for key, field in reader.fields.items():

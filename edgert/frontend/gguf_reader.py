@@ -34,12 +34,14 @@ GGUF_MAGIC = b"GGUF"
 
 
 def open_gguf_reader(path: str | Path) -> Any:
-    """A `gguf.GGUFReader` for ``path`` that parses metadata about 2.5x faster than the stock one.
+    """A `gguf.GGUFReader` for ``path`` that parses metadata 14-19x faster than the stock one
+    (SmolLM2's GGUF 2.4 s -> 0.17 s, Gemma 3's 12.1 s -> 0.64 s) into the same fields.
 
     The stock reader slices its ``np.memmap`` once per metadata value, and every memmap slice
     runs memmap's ``__array_finalize__``: ~16 s of a loaded machine for the ~100k tokenizer
     strings of a 49k vocabulary. Here the reader sees the same mapped bytes as a plain ndarray
-    (no copy; the view keeps the mapping alive), so slices are ordinary views.
+    (no copy; the view keeps the mapping alive), so slices are ordinary views; and an array of
+    scalars or strings is cut from one view instead of element by element (`_get_field_parts`).
     """
     import gguf
 
@@ -59,6 +61,40 @@ def open_gguf_reader(path: str | Path) -> Any:
             if int(count) < 0 or end > self._plain.shape[0]:
                 raise ValueError(f"a field at byte {offset} runs past the end of the file")
             return super()._get(offset, dtype, count, override_order)
+
+        def _get_field_parts(self, orig_offs: int, raw_type: int) -> tuple[int, list[Any], list[int], list[Any]]:
+            # The stock reader parses an array element by element, each through `_get`: ~4 s of a
+            # loaded machine for Gemma 3's 262k-token vocabulary (strings, scores, token types).
+            # An array of scalars or strings gives the same parts here, sliced from one view.
+            if self.byte_order != "I" or gguf.GGUFValueType(raw_type) != gguf.GGUFValueType.ARRAY:
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_itype = self._get(orig_offs, np.uint32)
+            alen = self._get(orig_offs + 4, np.uint64)
+            item, count = gguf.GGUFValueType(raw_itype[0]), int(alen[0])
+            offs = orig_offs + 12
+            parts: list[np.ndarray] = [raw_itype, alen]
+            nptype = self.gguf_scalar_to_np.get(item)
+            if nptype is not None:
+                values = self._get(offs, nptype, count)
+                parts += (values[i : i + 1] for i in range(count))
+                data_idxs = list(range(2, 2 + count))
+                offs += int(values.nbytes)
+            elif item == gguf.GGUFValueType.STRING:
+                data_idxs, size = [], self._plain.shape[0]
+                for _ in range(count):
+                    if offs + 8 > size:
+                        raise ValueError(f"a field at byte {offs} runs past the end of the file")
+                    length = self._plain[offs : offs + 8].view(np.uint64)
+                    end = offs + 8 + int(length[0])
+                    if end > size:
+                        raise ValueError(f"a field at byte {offs} runs past the end of the file")
+                    parts += (length, self._plain[offs + 8 : end])
+                    data_idxs.append(len(parts) - 1)
+                    offs = end
+            else:  # nested arrays: the stock reader's way
+                return super()._get_field_parts(orig_offs, raw_type)
+            types = [gguf.GGUFValueType.ARRAY] + ([item] if count else [])
+            return offs - orig_offs, parts, data_idxs, types
 
     return _PlainViewReader(path, "r")
 

@@ -79,16 +79,19 @@ def cpu_pipeline(target: Any, scheduling: list[Any], report: dict[str, Any] | No
 
 
 def remove_redundant_reshape() -> Any:
-    """TVM's ``RemoveRedundantReshape``, run on each Relax function without its unused bindings.
+    """TVM's ``RemoveRedundantReshape``, run on each Relax function without its unused bindings
+    and with its parameter tuple's unpacking taken out (:func:`_without_unpacking`).
 
     Why: the pass's rewriter cleans up after every round of rewrites (``CanonicalizeBindings``,
     ``EliminateCommonSubexpr``, ``RemoveAllUnused``, until nothing changes), and the CSE hashes
     each ``packed_params[i]`` with the struct info of the whole parameter tuple (423 tensors in
-    SmolLM2): 0.4-0.9 s per entry point, about 60 s of a SmolLM2 build over its 78 entry points.
-    A per-layer entry point (``layer_i``, ``kv_fill_i``) unpacks every parameter and uses a
-    dozen; without the others the same pass takes 0.03-0.08 s. The result is the same function:
-    where the pass rewrites, its own ``RemoveAllUnused`` drops those bindings too; where it does
-    not, the function is kept as it was (with its unused bindings, as TVM's pass leaves it).
+    SmolLM2). A per-layer entry point (``layer_i``, ``kv_fill_i``) unpacks every parameter and
+    uses a dozen: without the others the pass takes 0.03-0.08 s instead of 0.4-0.9 s. The entry
+    points that use every weight (``decode``, ``prefill``, ``verify*``: 2-3.5 s each) keep all
+    423; there the unpacking is taken out of the function while the pass runs, which it cannot
+    rewrite anyway (0.1-0.2 s). The result is the same function: where the pass rewrites, its own
+    ``RemoveAllUnused`` drops the unused bindings too; where it does not, the function is kept as
+    it was (with its unused bindings, as TVM's pass leaves it).
     """
     import tvm
     from tvm import relax
@@ -97,12 +100,18 @@ def remove_redundant_reshape() -> Any:
     @tvm.transform.module_pass(opt_level=0, name="edgert.RemoveRedundantReshape")
     def _pass(mod: Any, _ctx: Any) -> Any:
         inner = relax.transform.RemoveRedundantReshape()
+
+        def rewrite(gv: Any, func: Any) -> Any:
+            return inner(tvm.IRModule({gv: func}))[gv]
+
         updates = {}
         for gv, func in mod.functions_items():
             if not isinstance(func, relax.Function):
                 continue
             lean = relax.analysis.remove_all_unused(func)
-            out = inner(tvm.IRModule({gv: lean}))[gv]
+            out = _without_unpacking(lean, lambda f, gv=gv: rewrite(gv, f))
+            if out is None:
+                out = rewrite(gv, lean)
             if not structural_equal(out, lean):  # nothing rewritten: the function as it came
                 updates[gv] = out
         if not updates:
@@ -113,6 +122,64 @@ def remove_redundant_reshape() -> Any:
         return mod
 
     return _pass
+
+
+def _without_unpacking(func: Any, transform: Any) -> Any:
+    """``transform`` applied to ``func`` with the bindings that unpack its last parameter (a tuple)
+    taken out, then put back; None where ``func`` does not have that form.
+
+    The form: ``func``'s first block (a dataflow block) opens with ``w_i = params[i]`` bindings,
+    and the last parameter ``params`` is used nowhere else. While ``transform`` runs, each ``w_i``
+    is a parameter of its own (``relax.FunctionBindParams`` swaps the variables); afterwards the
+    bindings open the first block again, so a ``transform`` that leaves parameters alone (TVM's
+    reshape pass) gives what it gives on ``func``. Why: TVM's CSE hashes every ``params[i]``
+    with the struct info of the whole tuple, O(n^2) in the number of weights.
+    """
+    import tvm
+    from tvm import relax
+
+    if not func.params or not isinstance(func.body, relax.SeqExpr) or not func.body.blocks:
+        return None
+    tuple_param = func.params[-1]
+    first = func.body.blocks[0]
+    if not isinstance(tuple_param.ty, relax.TupleType) or not isinstance(first, relax.DataflowBlock):
+        return None
+    bindings = list(first.bindings)
+    n = 0
+    while n < len(bindings) and _unpacks(bindings[n], tuple_param):
+        n += 1
+    if n == 0:
+        return None
+    unpacking, rest = bindings[:n], bindings[n:]
+    bind = tvm.get_global_func("relax.FunctionBindParams")
+
+    def like(params: list[Any], body: Any) -> Any:
+        return relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
+
+    head = list(func.params[:-1])
+    unpacked = [b.var for b in unpacking]
+    as_params = [relax.Var(v.name, v.ty) for v in unpacked]
+    body = relax.SeqExpr([relax.DataflowBlock(rest), *func.body.blocks[1:]], func.body.body)
+    # The dataflow variables stand as parameters only to be swapped for plain ones.
+    swapped = bind(like(head + unpacked, body), dict(zip(unpacked, as_params, strict=True)))
+    inner = like(head + as_params, swapped.body)
+    if any(v.same_as(tuple_param) for v in relax.analysis.free_vars(inner)):
+        return None  # the tuple is used past its unpacking
+    out = bind(transform(inner), dict(zip(as_params, unpacked, strict=True)))
+    blocks = list(out.body.blocks)
+    if not blocks or not isinstance(blocks[0], relax.DataflowBlock):
+        return None
+    blocks[0] = relax.DataflowBlock(unpacking + list(blocks[0].bindings))
+    whole = like(list(func.params), relax.SeqExpr(blocks, out.body.body))
+    return relax.BlockBuilder().normalize(whole)
+
+
+def _unpacks(binding: Any, tuple_param: Any) -> bool:
+    """Whether ``binding`` is ``w = tuple_param[i]``."""
+    from tvm import relax
+
+    value = getattr(binding, "value", None)
+    return isinstance(value, relax.TupleGetItem) and value.tuple_value.same_as(tuple_param)
 
 
 def within_target(target: Any, name: str, passes: Any) -> Any:
