@@ -28,6 +28,18 @@ SHAPES = [("q4", 1000, 96), ("q4", 37, 64), ("q4", 20, 32), ("q4", 64, 160), ("q
 ROWS = (1, 2, 3, ROW_TILE, ROW_TILE + 1, 7, 2 * ROW_TILE + 1)
 
 
+def _packed_weights(kind: str, n: int, k: int, seed: int) -> tuple[np.random.Generator, QuantizedRows, list]:
+    """A random ``[n, k]`` weight quantized as ``kind`` and packed in the dot layout (the tensors the
+    int8 kernels take), with its quantized rows and the generator the test draws its inputs from."""
+    import tvm
+
+    from edgert.compiler.layout import pack_quantized_dot
+
+    rng = np.random.default_rng(seed)
+    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
+    return rng, q, [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
+
+
 def _gguf_blocks(x: np.ndarray, kind: str) -> np.ndarray:
     import gguf
 
@@ -303,11 +315,7 @@ def test_int8_activation_matmul_matches_numpy(int8_kernels, kind: str, n: int, k
     (to float32 rounding), off the float product by that rounding."""
     import tvm
 
-    from edgert.compiler.layout import pack_quantized_dot
-
-    rng = np.random.default_rng(n + k + 1)
-    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
-    weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
+    rng, q, weights = _packed_weights(kind, n, k, seed=n + k + 1)
     w = q.dequantize()
     for m in ROWS:
         x = rng.standard_normal((m, k)).astype(np.float32)
@@ -403,16 +411,12 @@ def test_vnni_multirow_matmul_matches_numpy(vnni_kernels, kind: str, n: int, k: 
     unpacked code register."""
     import tvm
 
-    from edgert.compiler.layout import pack_quantized_dot
-
     lib, runs_here = vnni_kernels
     if not runs_here:  # the code is still checked: VNNI instructions in the compiled kernels
         asm = lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
         assert "vpdpbusd\t%zmm" in asm
         pytest.skip("this host has no AVX-512 VNNI to run the kernels on (compiled and checked only)")
-    rng = np.random.default_rng(n + k + 2)
-    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
-    weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
+    rng, q, weights = _packed_weights(kind, n, k, seed=n + k + 2)
     w = q.dequantize()
     for m in VNNI_ROWS:
         x = rng.standard_normal((m, k)).astype(np.float32)
@@ -517,14 +521,10 @@ def test_swiglu_prologue_matches_numpy(swiglu_kernels, kind: str, n: int, k: int
     tile, rows of gates from -100 to 100 (exp's clamps)."""
     import tvm
 
-    from edgert.compiler.layout import pack_quantized_dot
-
     lib, runs_here = swiglu_kernels
     if not runs_here:
         pytest.skip("this host has no AVX-512 VNNI to run the kernels on")
-    rng = np.random.default_rng(n + k)
-    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
-    weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
+    rng, q, weights = _packed_weights(kind, n, k, seed=n + k)
     w = q.dequantize()
     for m in PROLOGUE_ROWS:
         x = (rng.standard_normal((m, 2 * k)) * 3).astype(np.float32)
@@ -547,14 +547,10 @@ def test_residual_epilogue_adds_the_rows_bit_for_bit(swiglu_kernels, prologue: s
     tile and a prompt chunk; ``res`` itself is left as it was."""
     import tvm
 
-    from edgert.compiler.layout import pack_quantized_dot
-
     lib, runs_here = swiglu_kernels
     if not runs_here:
         pytest.skip("this host has no AVX-512 VNNI to run the kernels on")
-    rng = np.random.default_rng(n + k + 3)
-    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
-    weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
+    rng, _, weights = _packed_weights(kind, n, k, seed=n + k + 3)
     name = f"{prologue}_{kind}_{n}_{k}"
     for m in (1, 2, 3, 4, 5, 6, 9, 16, 17):
         x = (rng.standard_normal((m, 2 * k if prologue else k)) * 3).astype(np.float32)
@@ -576,14 +572,10 @@ def test_rmsnorm_prologue_matches_numpy(swiglu_kernels, kind: str, n: int, k: in
     zeros gives zeros (eps keeps the scale finite)."""
     import tvm
 
-    from edgert.compiler.layout import pack_quantized_dot
-
     lib, runs_here = swiglu_kernels
     if not runs_here:
         pytest.skip("this host has no AVX-512 VNNI to run the kernels on")
-    rng = np.random.default_rng(n + k + 1)
-    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
-    weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
+    rng, q, weights = _packed_weights(kind, n, k, seed=n + k + 1)
     w = q.dequantize()
     gamma = rng.uniform(0.2, 3.0, k).astype(np.float32)
     for m in PROLOGUE_ROWS:
@@ -642,16 +634,12 @@ def test_amx_tiles_give_the_vnni_tiles_results(amx_kernels, kind: str, n: int, k
     the residual epilogue the tiles write ``res`` plus those outputs."""
     import tvm
 
-    from edgert.compiler.layout import pack_quantized_dot
-
     lib, runs_here = amx_kernels
     asm = lib.mod.imports[0].inspect_source("asm") if lib.mod.imports else lib.mod.inspect_source("asm")
     assert "tdpbssd" in asm and "ldtilecfg" in asm and "tdpbsud" not in asm
     if not runs_here:
         pytest.skip("this host has no AMX-INT8 to run the tiles on (compiled and checked only)")
-    rng = np.random.default_rng(n + k + 7)
-    q = quantize_rows(rng.standard_normal((n, k)).astype(np.float32), kind)
-    weights = [tvm.runtime.tensor(a) for a in pack_quantized_dot(q, quant_block(n))]
+    rng, q, weights = _packed_weights(kind, n, k, seed=n + k + 7)
     # q4: prompt chunks of awkward sizes too (tiles of 5 and a rest of 1 or 2)
     for m in VNNI_ROWS + ((80, 81, 87, 97) if kind == "q4" else ()):
         x = rng.standard_normal((m, k)).astype(np.float32)
