@@ -127,24 +127,33 @@ class QuantLinear(nn.Module):
     def _params(self) -> list[Tensor]:
         return [self.qweight, self.scale] + ([self.min] if self.fmt.has_min else [])
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _over_rows(
+        self, kernel: Any, name: str, x: Tensor, before: tuple = (), residual: Tensor | None = None
+    ) -> Tensor:
+        """``kernel`` over ``x``'s rows (its leading axes as one): ``x [rows, K]``, ``before``, the
+        weights, then ``residual [rows, N]`` when given; the output in ``x``'s leading shape."""
         *lead, k = x.shape
         rows = 1
         for d in lead:
             rows = rows * d
+        res = [] if residual is None else [op.reshape(residual, (rows, self.out_features))]
+        y = op.tensor_ir_op(
+            kernel,
+            name,
+            [op.reshape(x, (rows, k)), *before, *self._params(), *res],
+            Tensor.placeholder((rows, self.out_features), "float32"),
+        )
+        return op.reshape(y, (*lead, self.out_features))
+
+    def forward(self, x: Tensor) -> Tensor:
+        k = x.shape[-1]
         if self.isa == "i8mm":
             kernel = i8mm_quant_matmul(k, self.out_features, self.block, self.kind)
         elif self.isa is not None:
             kernel = int8_quant_matmul(k, self.out_features, self.block, self.kind, self.isa)
         else:
             kernel = quant_matmul(k, self.out_features, self.block, self.storage)
-        y = op.tensor_ir_op(
-            kernel,
-            "quant_matmul",
-            [op.reshape(x, (rows, k)), *self._params()],
-            Tensor.placeholder((rows, self.out_features), "float32"),
-        )
-        return op.reshape(y, (*lead, self.out_features))
+        return self._over_rows(kernel, "quant_matmul", x)
 
     @property
     def takes_swiglu(self) -> bool:
@@ -155,20 +164,9 @@ class QuantLinear(nn.Module):
         """``forward(silu(gate) * up)`` of ``gate_up = [gate | up]`` (last axis ``2 K``), with the
         SwiGLU product formed as the kernel quantizes its rows: no separate kernel, no ``[.., K]``
         intermediate; plus ``residual`` (the shape of the output) in the kernel's write-back when given."""
-        *lead, k2 = gate_up.shape
-        rows = 1
-        for d in lead:
-            rows = rows * d
         k, n, added = self.in_features, self.out_features, residual is not None
         kernel = multirow_quant_matmul(k, n, self.block, self.kind, self.isa, "swiglu", residual=added)
-        res = [] if residual is None else [op.reshape(residual, (rows, self.out_features))]
-        y = op.tensor_ir_op(
-            kernel,
-            "quant_matmul_swiglu",
-            [op.reshape(gate_up, (rows, k2)), *self._params(), *res],
-            Tensor.placeholder((rows, self.out_features), "float32"),
-        )
-        return op.reshape(y, (*lead, self.out_features))
+        return self._over_rows(kernel, "quant_matmul_swiglu", gate_up, residual=residual)
 
     @property
     def takes_residual(self) -> bool:
@@ -178,20 +176,10 @@ class QuantLinear(nn.Module):
     def add_to(self, residual: Tensor, x: Tensor) -> Tensor:
         """``residual + forward(x)``, the add in the kernel's write-back: a block's residual add without
         a kernel (and an output) of its own."""
-        *lead, k = x.shape
-        rows = 1
-        for d in lead:
-            rows = rows * d
         kernel = multirow_quant_matmul(
             self.in_features, self.out_features, self.block, self.kind, self.isa, residual=True
         )
-        y = op.tensor_ir_op(
-            kernel,
-            "quant_matmul_residual",
-            [op.reshape(x, (rows, k)), *self._params(), op.reshape(residual, (rows, self.out_features))],
-            Tensor.placeholder((rows, self.out_features), "float32"),
-        )
-        return op.reshape(y, (*lead, self.out_features))
+        return self._over_rows(kernel, "quant_matmul_residual", x, residual=residual)
 
     @property
     def takes_rmsnorm(self) -> bool:
@@ -201,10 +189,6 @@ class QuantLinear(nn.Module):
     def rmsnorm(self, x: Tensor, norm: nn.RMSNorm) -> Tensor:
         """``forward(norm(x))`` for a bias-free RMSNorm over the last axis, the norm taken as the
         kernel quantizes its rows: no norm kernel, no normalized copy of x."""
-        *lead, k = x.shape
-        rows = 1
-        for d in lead:
-            rows = rows * d
         kernel = multirow_quant_matmul(
             self.in_features,
             self.out_features,
@@ -215,13 +199,7 @@ class QuantLinear(nn.Module):
             float(norm.epsilon),
             norm.weight.dtype,
         )
-        y = op.tensor_ir_op(
-            kernel,
-            "quant_matmul_rmsnorm",
-            [op.reshape(x, (rows, k)), norm.weight, *self._params()],
-            Tensor.placeholder((rows, self.out_features), "float32"),
-        )
-        return op.reshape(y, (*lead, self.out_features))
+        return self._over_rows(kernel, "quant_matmul_rmsnorm", x, before=(norm.weight,))
 
     def gather(self, ids: Tensor) -> Tensor:
         """Rows ``ids`` of the weight matrix, dequantized to float32 (an embedding lookup)."""
