@@ -645,6 +645,36 @@ def test_the_replays_hindsight_and_oracle_bound_the_policys_rounds() -> None:
     assert found["match"]["6u"][1] > 0.8
 
 
+def test_the_replay_can_tell_the_policy_a_wrong_cost_table_or_another_ngram() -> None:
+    """`tools/replay_drafts.py --belief` / ``--ngram``: the passes are counted at their true cost whatever
+    the policy is told; told they cost far more, it takes plain steps only; a shortest match of 2 tokens
+    drafts nothing where the context repeats single tokens only."""
+    from conftest import load_tool
+
+    replay = load_tool("replay_drafts").replay
+    costs = {n: 1.0 + 0.2 * (n - 1) for n in range(2, 17)}
+    prompt = [7, *range(100, 140)]
+    copy = [*range(100, 140)]
+
+    def policy(table: dict[int, float]) -> DraftPolicy:
+        made = DraftPolicy(16)
+        made.time(1, 1.0)
+        for n, c in table.items():
+            made.time(n, c)
+        return made
+
+    right = replay(prompt, copy, costs, "policy", 15, policy(costs))
+    assert replay(prompt, copy, costs, "policy", 15, policy(costs), "", costs) == right
+    dear = {n: 3.0 * n for n in costs}  # no pass could pay at these costs
+    told = replay(prompt, copy, costs, "policy", 15, policy(dear), "", dear)
+    assert told["verifies"] == 0 and told["steps"] == told["tokens"] == len(copy) - 1
+    assert right["steps"] < told["steps"]
+    # Each prompt token once, in the output between fresh ones: matches of one token only.
+    interleaved = [t for pair in zip(range(500, 530), range(100, 130), strict=True) for t in pair]
+    assert replay(prompt, interleaved, costs, "policy", 15, policy(costs))["verifies"] > 0
+    assert replay(prompt, interleaved, costs, "policy", 15, policy(costs), "", None, 2)["verifies"] == 0
+
+
 def _longest_match(ctx: list[int], max_match: int, ngram: int = 1) -> tuple[int, int, bool] | None:
     """`LookupDrafter.match` by brute force: every earlier position's backward match with the suffix."""
     last = len(ctx) - 1

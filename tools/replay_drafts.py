@@ -13,8 +13,9 @@ and ``five-at-1.5`` (the same table with every pass's extra cost scaled so 5 row
 steps: issue 20 part 1's target; ``--five-at 1.5,1.4`` adds more). ``--analyse`` says where lookup's
 speedup goes: the policy's rounds again with hindsight (no pass that keeps nothing, passes over just
 the drafts that hold, both), the best rounds over lookup's drafts could do (`oracle_steps`), and
-the steps each loss costs. Modes: ``policy`` (`DraftPolicy`, as `--speculative lookup`
-runs), ``every-k`` (the continuation up to k = 6 at every chance: drafting before the policy).
+the steps each loss costs. ``--belief 1.3,1.6`` replays lookup's policy told a wrong cost table (what its
+timing errors cost); ``--ngram 2`` with a longer shortest match. Modes: ``policy`` (`DraftPolicy`,
+as `--speculative lookup` runs), ``every-k`` (the continuation up to k = 6 at every chance: drafting before the policy).
 Recycle (``recycle`` and ``recycle-tree``: chains, or token trees chosen by `DraftPolicy.choose_tree`)
 replays its table from the model's logits along plain decoding (`Generator.score` of prompt and
 output): the table learns what the kept rows' logits say, not what the rejected branches' rows
@@ -49,6 +50,8 @@ def replay(
     k: int,
     policy: DraftPolicy,
     hindsight: str = "",
+    belief: dict[int, float] | None = None,
+    ngram: int = 1,
 ) -> dict:
     """Rounds over one prompt: the counts, and the decode steps they cost (``costs``: rows -> steps).
 
@@ -57,8 +60,10 @@ def replay(
     verifies only the drafts a round keeps, ``both`` does both. Besides the counts: ``no_draft``
     (plain steps with nothing to copy), ``declined_kept`` (plain steps whose declined draft would have
     held), ``wasted_steps`` (what passes that kept nothing cost beyond a plain step) and
-    ``overrun_steps`` (what passes that kept something cost beyond a pass over just the kept drafts)."""
-    drafter = LookupDrafter()
+    ``overrun_steps`` (what passes that kept something cost beyond a pass over just the kept drafts).
+    ``belief``: the costs the policy is told its passes took (default ``costs``: what they cost), to see
+    what a wrong cost table loses; ``ngram``: lookup's shortest match (`LookupDrafter`)."""
+    drafter = LookupDrafter(ngram)
     full = prompt + plain
     t = len(prompt)  # full[t] is the pending token (emitted); the cache holds full[:t]
     counts = {"tokens": 0, "verifies": 0, "wasted": 0, "plain": 0, "drafted": 0, "accepted": 0, "steps": 0.0}
@@ -91,7 +96,7 @@ def replay(
         drafts = found.tokens[:length]
         kept = _kept(drafts, full, t)
         policy.record(found.keys[:length], kept)
-        policy.time(length + 1, costs[length + 1])  # as the decoder times its passes (steps of 1.0 s)
+        policy.time(length + 1, (belief or costs)[length + 1])  # as the decoder times its passes (steps of 1.0 s)
         counts["verifies"] += 1
         counts["wasted"] += kept == 0
         if kept:
@@ -265,6 +270,12 @@ def analyse(
     return found
 
 
+def scaled(costs: dict[int, float], five: float) -> dict[int, float]:
+    """``costs`` with every pass's extra cost (over one step) scaled so that 5 rows cost ``five`` steps."""
+    scale = (five - 1.0) / (costs[5] - 1.0)
+    return {n: 1.0 + (c - 1.0) * scale for n, c in costs.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Plain outputs of both suites, then every mode against every cost table."""
     import edgert
@@ -282,6 +293,19 @@ def main(argv: list[str] | None = None) -> int:
         default=[1.5],
         help="more cost tables: the measured one with every pass's extra cost scaled so 5 rows cost this many "
         "steps (comma-separated; default 1.5, issue 20 part 1's target)",
+    )
+    parser.add_argument(
+        "--belief",
+        type=lambda text: [float(v) for v in text.split(",")],
+        default=[],
+        help="lookup's policy again with a wrong cost table: its passes cost each table's steps, but it is told "
+        "the measured table scaled so 5 rows cost this many (comma-separated): what the policy's timing errors cost",
+    )
+    parser.add_argument(
+        "--ngram",
+        type=lambda text: [int(v) for v in text.split(",")],
+        default=[],
+        help="lookup's policy again with these shortest matches (comma-separated; the decoder's default is 1)",
     )
     parser.add_argument(
         "--analyse",
@@ -323,8 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         measured = verify_costs(model, suites["grounded"][0]["prompt"], rows)
     tables = {"measured": measured}
     for target in args.five_at:  # every pass's extra cost scaled so 5 rows cost ``target`` steps
-        scale = (target - 1.0) / (measured[5] - 1.0)
-        tables[f"five-at-{target:g}"] = {n: 1.0 + (c - 1.0) * scale for n, c in measured.items()}
+        tables[f"five-at-{target:g}"] = scaled(measured, target)
     outputs, scores, probs = {}, {}, {}
     for name, cases in suites.items():
         outputs[name], scores[name] = [], []
@@ -350,6 +373,24 @@ def main(argv: list[str] | None = None) -> int:
             for feature, buckets in found.items():
                 print(f"features {name:8} {feature:10} {json.dumps(buckets)}")
     for table, costs in tables.items():
+        variants = [(f"belief-5@{b:g}", scaled(measured, b), 1) for b in args.belief]
+        variants += [(f"ngram-{n}", None, n) for n in args.ngram]
+        for label, belief, ngram in variants:  # lookup's policy with a wrong cost table, or another ngram
+            for name in suites:
+                policy = DraftPolicy(rows)
+                policy.time(1, 1.0)
+                for n, c in (belief or costs).items():
+                    policy.time(n, c)
+                total = {}
+                for prompt, plain in outputs[name]:
+                    for key, value in replay(prompt, plain, costs, "policy", args.k, policy, "", belief, ngram).items():
+                        total[key] = total.get(key, 0) + value
+                result = {
+                    "speedup": round(total["tokens"] / total["steps"], 3),
+                    **{key: int(total[key]) for key in ("verifies", "wasted", "plain", "tokens")},
+                }
+                report[f"{table} / policy {label} / {name}"] = result
+                print(f"{table:12} policy {label:12} {name:8} {json.dumps(result)}")
         for mode, k in (("policy", args.k), ("every-k", 6), ("recycle", args.k), ("recycle-tree", args.k)):
             for name in suites:
                 # One policy (and table) per suite and mode: they learn across the suite's prompts.
