@@ -295,6 +295,50 @@ def test_calibration_that_does_not_fit_is_refused_naming_the_input(small_models,
         compile_npu_graph(path, "android-nnapi", {"x": cal["x"].astype(np.int64)})
 
 
+@pytest.mark.parametrize("keep", [0, 50])
+def test_range_stats_record_what_the_marker_path_records(monkeypatch, keep: int) -> None:
+    """`RangeStats.update`'s two-pass path for tensors without markers keeps the same ranges,
+    channel ranges and samples as its general path; tensors with markers or NaN take the general one."""
+    from edgert.compiler.npu.quantize import SENTINEL, RangeStats
+
+    rng = np.random.default_rng(3)
+    marked = rng.standard_normal((2, 3, 5)).astype(np.float32)
+    marked[0, 1, 2], marked[1, 0, 4] = -np.float32(SENTINEL), np.float32(3e38)
+    nan = rng.standard_normal((4, 6)).astype(np.float32)
+    nan[2, 3] = np.nan
+    tensors = [
+        rng.standard_normal((2, 7, 9)).astype(np.float32) * 5,  # per channel
+        rng.standard_normal((3, 5000)).astype(np.float32),  # too many channels: the whole tensor only
+        rng.standard_normal(40).astype(np.float32) - 3,
+        np.float32(2.5) * np.ones((1, 1), np.float32),
+        marked,
+        nan,
+        rng.standard_normal((2, 7, 9)).astype(np.float32) * 9,  # widens the first one's channels
+    ]
+
+    def record() -> list[RangeStats]:
+        by_shape: dict[tuple[int, ...], RangeStats] = {}
+        draws = np.random.default_rng(0)
+        for x in tensors:
+            by_shape.setdefault(x.shape, RangeStats()).update(x, keep, draws)
+        return list(by_shape.values())
+
+    fast = record()
+    monkeypatch.setattr(RangeStats, "_update_unmarked", lambda *_: False)
+    general = record()
+    assert len(fast) == len(general) == 6
+    for a, b, n in zip(fast, general, [2, 1, 1, 1, 1, 1], strict=True):
+        assert (a.lo, a.hi, a.neg_inf) == (b.lo, b.hi, b.neg_inf) and np.isfinite(a.lo)
+        assert (a.ch_lo is None) == (b.ch_lo is None)
+        if a.ch_lo is not None:
+            np.testing.assert_array_equal(a.ch_lo, b.ch_lo)
+            np.testing.assert_array_equal(a.ch_hi, b.ch_hi)
+        assert len(a.samples) == len(b.samples) == (n if keep else 0)
+        for sa, sb in zip(a.samples, b.samples, strict=True):
+            np.testing.assert_array_equal(sa, sb)
+    assert fast[4].neg_inf and fast[4].hi < 10  # the markers are left out of the marked tensor's range
+
+
 def test_npu_targets_describe_their_accelerator() -> None:
     from edgert.targets import load_target
 
