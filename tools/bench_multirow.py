@@ -11,10 +11,12 @@ VNNI layout, which ``amx`` shares).
 
 Each kernel of a step (q/k/v and gate/up with the RMSNorm prologue, down with SwiGLU's, the output
 projection, the q8 LM head with RMSNorm) gets one copy of its weights per layer, cycled, so that
-they come from memory as in a step; ``--prologue`` times 32-column kernels instead (what the
-activation prologue costs per call). With one thread the figure is the thread's CPU time (another
-process holding the core does not count). Prints a step's matmul milliseconds per row count and
-its ratio to one row's, per version, and each kernel's rate in ``vpdpbusd`` a second.
+they come from memory as in a step (``--cold MB``: as many copies as make MB, so that small matrices
+and the one LM head do not stay in L3 between calls, or for the next version); ``--prologue`` times
+32-column kernels instead (what the activation prologue costs per call). With one thread the figure
+is the thread's CPU time (another process holding the core does not count). Prints a step's matmul
+milliseconds per row count and its ratio to one row's, per version, and each kernel's rate in
+``vpdpbusd`` a second.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--prologue", action="store_true", help="32 columns: the prologue's cost")
     parser.add_argument("--isa", choices=("avx512vnni", "amx"), default="avx512vnni")
+    parser.add_argument(
+        "--cold", type=float, default=0, help="at least this many MB of weight copies per kernel (more than L3)"
+    )
     args = parser.parse_args(argv)
     here = Path(__file__).resolve().parent.parent / "edgert/compiler/kernels/int8.py"
     versions = [here, *args.against]
@@ -91,7 +96,10 @@ def main(argv: list[str] | None = None) -> int:
                 nb, ng, kq = -(-n // 32), k // 32, k // 8 if kind == "q4" else k // 4
                 if name not in weights:
                     copies = []
-                    for _ in range(1 if args.prologue else per):
+                    size = nb * kq * 32 * 4 + nb * ng * 32 * 2 * (2 if kind == "q4" else 1)  # bytes a copy
+                    # a step streams ~100 MB of weights: with --cold every call finds its copy out of L3
+                    count = max(per, -(-int(args.cold * 2**20) // size))
+                    for _ in range(1 if args.prologue else count):
                         codes = rng.integers(0, 255, (nb, kq, 32, 4)).astype("uint8" if kind == "q4" else "int8")
                         scales = [(rng.standard_normal((nb, ng, 32)) * 0.01).astype("float16")]
                         copies.append([tvm.runtime.tensor(a) for a in [codes, *scales * (2 if kind == "q4" else 1)]])

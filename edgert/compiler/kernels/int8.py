@@ -80,6 +80,17 @@ AMX_ROWS = 2
 # Groups of codes the AMX tiles prefetch ahead of the one they multiply (the weights stream from
 # memory; without it the head's tile loads waited for them).
 AMX_AHEAD = 4
+# Bytes of codes the VNNI tiles of `multirow_quant_matmul` prefetch ahead of the group they multiply
+# (0: none), by weight kind, with the group's scales (and mins), in the first row tile over a column
+# tile (the later ones find them in cache); only below PROMPT_ROWS rows unless TILE_PREFETCH_PROMPT.
+# A step's 120 q4 matmuls with their weights out of L3 (`tools/bench_multirow.py --cold 96`, one
+# thread, loaded, 2026-12-06): 2, 4 and 5 rows 0.80..0.89x the time, 1 row 0.87..0.91x at 2..4 KiB
+# (8 KiB less). The q8 LM head gains nothing: over 5 rows it runs ``vpdpbusd`` at the rate that 128
+# rows reach (2.4..2.7 G/s on znver4), bound by the dot products, not the stream, and its one-row
+# decode took 1.12..1.23 ms against 0.97 with 1..2 KiB prefetched. Prompt chunks (128 rows): within
+# 1 %, so left as they were.
+TILE_PREFETCH_BYTES = {"q4": 4096, "q8": 0}
+TILE_PREFETCH_PROMPT = False
 
 
 def vnni_layout(isa: str | None) -> bool:
@@ -405,12 +416,31 @@ def multirow_quant_matmul(
             wide -= 1
         return wide, na
 
+    # Groups of codes the tiles prefetch ahead (VNNI only; the aarch64 variants are not measured).
+    fetch_bytes = TILE_PREFETCH_BYTES.get(kind, 0) if vnni else 0
+    ahead = max(1, fetch_bytes // (per_g * block * 4)) if fetch_bytes else 0
+
     def out(res: Any, value: Any, row: Any, col: Any) -> Any:  # an output value, with the residual when taken
         return res[row, col] + value if residual else value
 
     @T.macro
-    def tiles(qw, sc, mn, y, res, xq, xd, xs, xo, xq2, xd2, xo2, jo, first, count, rows: T.int32, cw, na):
-        # ``count`` tiles of ``rows`` rows from row ``first``, in column tile ``jo``.
+    def fetch_ahead(qw, sc, mn, jo, co, cw, g):
+        # The codes, scales (and mins) of group g + ahead of this column chunk pass, past the end of
+        # the column tile into the next one's first groups (this thread's next, or another's).
+        if jo * ng + g + ahead < nb * ng:
+            for kk in T.unroll(per_g):
+                for ci in T.unroll(cw):
+                    T.evaluate(
+                        prefetch(qw[jo + (g + ahead) // ng, (g + ahead) % ng * per_g + kk, (co * cw + ci) * cols, 0])
+                    )
+            T.evaluate(prefetch(sc[jo + (g + ahead) // ng, (g + ahead) % ng, co * cw * cols]))
+            if q4:
+                T.evaluate(prefetch(mn[jo + (g + ahead) // ng, (g + ahead) % ng, co * cw * cols]))
+
+    @T.macro
+    def tiles(qw, sc, mn, y, res, xq, xd, xs, xo, xq2, xd2, xo2, jo, first, count, rows: T.int32, cw, na, lead):
+        # ``count`` tiles of ``rows`` rows from row ``first``, in column tile ``jo``; ``lead``: whether
+        # the tile at row 0 prefetches the weights (the weight stream meets the dot products).
         if count > 0:
             acc = T.alloc_buffer((rows, cw, cols), "float32", scope="local")
             isum = T.alloc_buffer((rows, cw, na, cols), "int32", scope="local")
@@ -423,6 +453,10 @@ def multirow_quant_matmul(
                     for r, ci in T.grid(rows, cw):
                         acc[r, ci, T.ramp(0, 1, cols)] = T.broadcast(T.float32(0), cols)
                     for g in range(ng):
+                        if ahead > 0:
+                            if lead:
+                                if top == 0:
+                                    fetch_ahead(qw, sc, mn, jo, co, cw, g)
                         for r in T.unroll(rows):
                             for ci in T.unroll(cw):
                                 if q4 or not vnni:
@@ -720,12 +754,13 @@ def multirow_quant_matmul(
                         amx_tiles(qw, sc, y, res, xq, xd, xq2, xd2, cfg, jp * amx_span + jj, m)
                 amx("tilerelease")
         else:
+            lead = T.bool(True) if TILE_PREFETCH_PROMPT else m < PROMPT_ROWS
             for jo in T.parallel(nb):
-                tiles(qw, sc, mn, y, res, *acts, jo, 0, m // 5, 5, *shape(5))
-                tiles(qw, sc, mn, y, res, *acts, jo, after, T.Cast("int64", tail == 4), 4, *shape(4))
-                tiles(qw, sc, mn, y, res, *acts, jo, after, T.Cast("int64", tail == 3), 3, *shape(3))
-                tiles(qw, sc, mn, y, res, *acts, jo, after, T.Cast("int64", tail == 2), 2, *shape(2))
-                tiles(qw, sc, mn, y, res, *acts, jo, after, T.Cast("int64", tail == 1), 1, *shape(1))
+                tiles(qw, sc, mn, y, res, *acts, jo, 0, m // 5, 5, *shape(5), lead)
+                tiles(qw, sc, mn, y, res, *acts, jo, after, T.Cast("int64", tail == 4), 4, *shape(4), lead)
+                tiles(qw, sc, mn, y, res, *acts, jo, after, T.Cast("int64", tail == 3), 3, *shape(3), lead)
+                tiles(qw, sc, mn, y, res, *acts, jo, after, T.Cast("int64", tail == 2), 2, *shape(2), lead)
+                tiles(qw, sc, mn, y, res, *acts, jo, after, T.Cast("int64", tail == 1), 1, *shape(1), lead)
 
     @T.macro
     def body_plain(x, qw, sc, mn, y, m):
