@@ -17,6 +17,7 @@ from edgert.errors import TargetError
 from edgert.targets import TargetSpec, host_arch
 
 GPUS = ("mali", "adreno", "generic")
+HOST_OPT_LEVEL = 0  # LLVM's for the host code of GPU builds (see `gpu_target`)
 log = logging.getLogger(__name__)
 
 
@@ -31,6 +32,9 @@ def gpu_target(spec: TargetSpec, threads: int | None = None) -> tuple[Any, dict[
     if spec.kind != "gpu" or spec.gpu not in GPUS:
         raise TargetError(f"target '{spec.name}' is not an OpenCL GPU target (kind = \"gpu\", gpu = one of {GPUS})")
     host, record = resolve(spec, threads, host_code=True)
+    # The host code of a GPU build is launch glue (argument checks, shape functions, kernel calls):
+    # LLVM's -O3 on it took 7-12 s of a tiny codec's build for nothing a launch would notice.
+    host = tvm.target.Target({**host.export(), "opt-level": HOST_OPT_LEVEL})
     config: dict[str, Any] = {"kind": "opencl"}
     if spec.gpu != "generic":
         config["device"] = spec.gpu
@@ -171,6 +175,9 @@ def _schedule_passes(target: Any, rules: list[Any] | None) -> list[Any]:
 
     return [
         race_free_merge_state(),
+        # `x @ W^T` as one kernel that reads W's rows (MLC-LLM's NT_matmul): legalized apart, every
+        # nn.Linear call transposed its whole weight first (Whisper's tied head: 80 MB a decode step).
+        relax.transform.FuseTransposeMatmul(),
         *gpu.library_dispatch_passes(target),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
