@@ -276,6 +276,16 @@ def scaled(costs: dict[int, float], five: float) -> dict[int, float]:
     return {n: 1.0 + (c - 1.0) * scale for n, c in costs.items()}
 
 
+def _floats(text: str) -> list[float]:
+    """A comma-separated list of numbers (``1.3,1.5``)."""
+    return [float(v) for v in text.split(",")]
+
+
+def _ints(text: str) -> list[int]:
+    """A comma-separated list of integers (``1,2``)."""
+    return [int(v) for v in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Plain outputs of both suites, then every mode against every cost table."""
     import edgert
@@ -289,21 +299,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--costs", help="a table of decode steps per row count, 2=1.16,3=1.22,... (else measured)")
     parser.add_argument(
         "--five-at",
-        type=lambda text: [float(v) for v in text.split(",")],
+        type=_floats,
         default=[1.5],
         help="more cost tables: the measured one with every pass's extra cost scaled so 5 rows cost this many "
         "steps (comma-separated; default 1.5, issue 20 part 1's target)",
     )
     parser.add_argument(
         "--belief",
-        type=lambda text: [float(v) for v in text.split(",")],
+        type=_floats,
         default=[],
         help="lookup's policy again with a wrong cost table: its passes cost each table's steps, but it is told "
         "the measured table scaled so 5 rows cost this many (comma-separated): what the policy's timing errors cost",
     )
     parser.add_argument(
         "--ngram",
-        type=lambda text: [int(v) for v in text.split(",")],
+        type=_ints,
         default=[],
         help="lookup's policy again with these shortest matches (comma-separated; the decoder's default is 1)",
     )
