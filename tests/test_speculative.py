@@ -651,17 +651,14 @@ def test_the_replay_can_tell_the_policy_a_wrong_cost_table_or_another_ngram() ->
     drafts nothing where the context repeats single tokens only."""
     from conftest import load_tool
 
-    replay = load_tool("replay_drafts").replay
+    tool = load_tool("replay_drafts")
+    replay = tool.replay
     costs = {n: 1.0 + 0.2 * (n - 1) for n in range(2, 17)}
     prompt = [7, *range(100, 140)]
     copy = [*range(100, 140)]
 
     def policy(table: dict[int, float]) -> DraftPolicy:
-        made = DraftPolicy(16)
-        made.time(1, 1.0)
-        for n, c in table.items():
-            made.time(n, c)
-        return made
+        return tool.timed_policy(16, table)
 
     right = replay(prompt, copy, costs, "policy", 15, policy(costs))
     assert replay(prompt, copy, costs, "policy", 15, policy(costs), "", costs) == right

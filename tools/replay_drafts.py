@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -257,10 +258,7 @@ def analyse(
     tokens = total["tokens"]
     found: dict[str, Any] = {"policy": round(tokens / total["steps"], 3)}
     for hindsight, label in (("veto", "no_wasted_pass"), ("exact", "no_overrun"), ("both", "neither")):
-        policy = DraftPolicy(rows)
-        policy.time(1, 1.0)
-        for n, c in costs.items():
-            policy.time(n, c)
+        policy = timed_policy(rows, costs)
         steps = sum(replay(p, o, costs, "policy", k, policy, hindsight)["steps"] for p, o in outputs)
         found[label] = round(tokens / steps, 3)
     found["oracle"] = round(tokens / sum(oracle_steps(p, o, costs, min(k, rows - 1)) for p, o in outputs), 3)
@@ -268,6 +266,15 @@ def analyse(
     found.update({key: round(total[key], 1) for key in ("wasted_steps", "overrun_steps")})
     found.update({key: int(total[key]) for key in ("tokens", "plain", "no_draft", "declined_kept", "wasted")})
     return found
+
+
+def timed_policy(rows: int, costs: dict[int, float], max_tree: int = 0) -> DraftPolicy:
+    """A fresh `DraftPolicy` that has timed a plain step at 1.0 and each pass at ``costs`` (in steps)."""
+    policy = DraftPolicy(rows, max_tree=max_tree)
+    policy.time(1, 1.0)
+    for n, c in costs.items():
+        policy.time(n, c)
+    return policy
 
 
 def scaled(costs: dict[int, float], five: float) -> dict[int, float]:
@@ -387,14 +394,10 @@ def main(argv: list[str] | None = None) -> int:
         variants += [(f"ngram-{n}", None, n) for n in args.ngram]
         for label, belief, ngram in variants:  # lookup's policy with a wrong cost table, or another ngram
             for name in suites:
-                policy = DraftPolicy(rows)
-                policy.time(1, 1.0)
-                for n, c in (belief or costs).items():
-                    policy.time(n, c)
-                total = {}
+                policy = timed_policy(rows, belief or costs)
+                total: Counter[str] = Counter()
                 for prompt, plain in outputs[name]:
-                    for key, value in replay(prompt, plain, costs, "policy", args.k, policy, "", belief, ngram).items():
-                        total[key] = total.get(key, 0) + value
+                    total.update(replay(prompt, plain, costs, "policy", args.k, policy, "", belief, ngram))
                 result = {
                     "speedup": round(total["tokens"] / total["steps"], 3),
                     **{key: int(total[key]) for key in ("verifies", "wasted", "plain", "tokens")},
@@ -404,19 +407,15 @@ def main(argv: list[str] | None = None) -> int:
         for mode, k in (("policy", args.k), ("every-k", 6), ("recycle", args.k), ("recycle-tree", args.k)):
             for name in suites:
                 # One policy (and table) per suite and mode: they learn across the suite's prompts.
-                policy = DraftPolicy(rows, max_tree=model.cache.tree)
+                policy = timed_policy(rows, costs, model.cache.tree)
                 drafter = RecycleDrafter(model.vocab_size, LookupDrafter())
-                policy.time(1, 1.0)
-                for n, c in costs.items():
-                    policy.time(n, c)
-                total: dict[str, float] = {}
+                total: Counter[str] = Counter()
                 for (prompt, plain), top in zip(outputs[name], scores[name], strict=True):
                     if mode.startswith("recycle"):
                         got = replay_recycle(prompt, plain, top, costs, k, policy, drafter, mode == "recycle-tree")
                     else:
                         got = replay(prompt, plain, costs, mode, k, policy)
-                    for key, value in got.items():
-                        total[key] = total.get(key, 0) + value
+                    total.update(got)
                 result = {
                     "speedup": round(total["tokens"] / total["steps"], 3),
                     "acceptance": round(total["accepted"] / total["drafted"], 3) if total["drafted"] else 0.0,
