@@ -550,8 +550,12 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
                     T.float32(-3.0e38),
                 )
         else:  # too few tasks for the threads: (row, head) ones, with the same sums
-            for bh in T.parallel(batch * h_qo):
-                b: T.let[T.int32] = bh // h_qo
+            # Head-major: the pool hands each thread a contiguous run of tasks, so sequence-major runs
+            # gave one thread the short sequences of a server's batch and the other the long ones
+            # (4 sequences of 30, 80, 150 and 210 tokens: one thread waited on the other).
+            for hb in T.parallel(batch * h_qo):
+                b: T.let[T.int32] = hb % batch
+                bh: T.let[T.int32] = b * h_qo + hb // batch
                 first: T.let[T.int32] = page_indptr[b]
                 n_pages: T.let[T.int32] = page_indptr[b + 1] - first
                 full: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
@@ -576,6 +580,13 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
                 )
 
     return decode.with_attr("global_symbol", "edgert_paged_decode_attention")
+
+
+def _zigzag(p: Any, n: Any) -> Any:
+    """Token ``p`` of ``n`` in the order 0, n - 1, 1, n - 2, ...: a causal token's row grows with its index,
+    and the pool hands each thread a contiguous run of tasks, so in index order the thread with the
+    later tokens did three times the other's work; in this order each pair of tasks costs the same."""
+    return T.if_then_else(p % 2 == 0, p // 2, n - 1 - p // 2)
 
 
 def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, page_size: int = 16) -> tirx.PrimFunc:
@@ -634,7 +645,7 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
             q0: T.let[T.int32] = q_indptr[b]
             qo_len: T.let[T.int32] = q_indptr[b + 1] - q0
             for tk in T.parallel(qo_len * h_kv):  # (token, KV head) pairs: its query heads share the loads
-                t: T.let[T.int32] = tk // h_kv
+                t: T.let[T.int32] = _zigzag(tk // h_kv, qo_len)
                 length: T.let[T.int32] = T.if_then_else(
                     causal > 0, T.max(T.min(kv_len - qo_len + t + 1, kv_len), 0), kv_len
                 )
@@ -718,7 +729,7 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
             k0: T.let[T.int32] = kv_indptr[b]
             kv_len: T.let[T.int32] = kv_indptr[b + 1] - k0
             for tk in T.parallel(qo_len * h_kv):  # (token, KV head) pairs: its query heads share the loads
-                t: T.let[T.int32] = tk // h_kv
+                t: T.let[T.int32] = _zigzag(tk // h_kv, qo_len)
                 length: T.let[T.int32] = T.if_then_else(
                     causal > 0, T.max(T.min(kv_len - qo_len + t + 1, kv_len), 0), kv_len
                 )
@@ -1095,7 +1106,7 @@ def paged_prefill_window_attention(
             q0: T.let[T.int32] = q_indptr[b]
             qo_len: T.let[T.int32] = q_indptr[b + 1] - q0
             for tk in T.parallel(qo_len * h_kv):  # (token, KV head) pairs: its query heads share the loads
-                t: T.let[T.int32] = tk // h_kv
+                t: T.let[T.int32] = _zigzag(tk // h_kv, qo_len)
                 lo: T.let[T.int32] = T.if_then_else(causal * slides > 0, T.max(kv_len - T.max(window - t - 1, 0), 0), 0)
                 hi: T.let[T.int32] = T.if_then_else(
                     causal * (1 - slides) > 0, T.max(T.min(kv_len - qo_len + t + 1, kv_len), 0), kv_len
