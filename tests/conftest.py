@@ -137,14 +137,15 @@ def smollm_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2-135M compiled for the host through the CLI, with float activations: the reference for
-    llama.cpp's exact arithmetic and for the other targets' builds (the default takes int8 on VNNI)."""
+    """SmolLM2-135M compiled for the host through the CLI, with float activations and a float32 KV cache:
+    the reference for llama.cpp's exact arithmetic and for the other targets' builds (the default takes
+    int8 on VNNI and a float16 cache)."""
 
     def build(folder: Path) -> None:
         out = folder / "smollm2.edgert"
         # Wide enough that the long shared path is printed on one line, as the check below reads it.
         proc = run_cli(
-            "compile", "smollm2-135m", "--target", "host", "--activations", "f32", "-o", str(out),
+            "compile", "smollm2-135m", "--target", "host", "--activations", "f32", "--kv-dtype", "f32", "-o", str(out),
             env={"COLUMNS": "1000"},
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr

@@ -324,3 +324,86 @@ def test_fused_rope_equals_tvms_kernel() -> None:
         else:
             np.testing.assert_array_equal(outs["ours"][0], qkv[:, :6])
         np.testing.assert_array_equal(outs["ours"][2], qkv[:, 8:])
+
+
+def test_float16_cache_kernels_match_numpy() -> None:
+    """The kernels of a float16 cache (`--kv-dtype f16`, the CPU default for Llama): queries, keys,
+    values and outputs in float16, the sums in float32. Each equals numpy's float64 attention over
+    the same float16 values within the output's float16 rounding: the decode kernel over 4 sequences
+    (a server's batch), the prefill kernel (causal, over cached pages) and the ragged one, and the
+    q/k/v split with RoPE equals the float32 split's rounded to float16."""
+    import tvm
+    from tvm.target import codegen
+
+    from edgert.compiler.passes.attention import fused_rope
+
+    target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu(), "num-cores": 2})
+    half = "float16"
+    funcs = {
+        "decode": paged_decode_attention(2, 6, 64, PAGE, dtype=half),
+        "prefill": paged_prefill_attention(2, 6, 64, PAGE, dtype=half),
+        "ragged": ragged_prefill_attention(2, 6, 64, dtype=half),
+        "rope": fused_rope(1e4, 64, 6, 2, dtype=half),
+        "rope32": fused_rope(1e4, 64, 6, 2),
+    }
+    lib = tvm.compile(tvm.IRModule({k: f.with_attr("global_symbol", k) for k, f in funcs.items()}), target=target)
+    rng = np.random.default_rng(16)
+    atol = 2e-3  # outputs of magnitude <= 2 in float16: steps of 2^-10
+
+    def run(name: str, args: list[np.ndarray], rows: int, *scalars: float) -> tuple[np.ndarray, np.ndarray]:
+        out = tvm.runtime.tensor(np.full((rows, 6, 64), np.nan, np.float16))
+        lse = tvm.runtime.tensor(np.full((rows, 6), np.nan, np.float32))
+        lib[name](*[tvm.runtime.tensor(a) for a in args], out, lse, *scalars)
+        return out.numpy().astype(np.float32), lse.numpy()
+
+    lengths = [1, 16, 17, 45]
+    pages, indptr, order, last = _pages(rng, lengths, 64)
+    pages = pages.astype(np.float16)
+    q = rng.standard_normal((4, 6, 64)).astype(np.float16)
+    zeros = np.zeros(4, np.int32)
+    own = np.array(lengths, np.int32) - 1
+    out, lse = run("decode", [q, pages, indptr, order, last, zeros, own], 4, 0, 1.0, 1e4, 0.125)
+    for b, n in enumerate(lengths):
+        slots = [(order[indptr[b] + r // PAGE], r % PAGE) for r in range(n)]
+        k = np.stack([pages[p, 0, :, s] for p, s in slots]).astype(np.float32)
+        v = np.stack([pages[p, 1, :, s] for p, s in slots]).astype(np.float32)
+        ref_out, ref_lse = _reference(q[b].astype(np.float32), k, v, 0.125)
+        np.testing.assert_allclose(out[b], ref_out, atol=atol, err_msg=f"decode, sequence {b}")
+        np.testing.assert_allclose(lse[b], ref_lse, atol=1e-3)
+
+    new = [1, 5, 3, 2]
+    q_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    q = rng.standard_normal((sum(new), 6, 64)).astype(np.float16)
+    args = [q, q_indptr, pages, indptr, order, last, zeros, np.zeros(sum(new), np.int32)]
+    out, _ = run("prefill", args, sum(new), 1, 0, 1.0, 1e4, 0.125)
+    for b, n in enumerate(lengths):
+        slots = [(order[indptr[b] + r // PAGE], r % PAGE) for r in range(n)]
+        k = np.stack([pages[p, 0, :, s] for p, s in slots]).astype(np.float32)
+        v = np.stack([pages[p, 1, :, s] for p, s in slots]).astype(np.float32)
+        for t in range(new[b]):
+            seen = n - (new[b] - 1 - t)
+            ref_out, _ = _reference(q[q_indptr[b] + t].astype(np.float32), k[:seen], v[:seen], 0.125)
+            np.testing.assert_allclose(out[q_indptr[b] + t], ref_out, atol=atol, err_msg=f"prefill {b}, token {t}")
+
+    new = [1, 40, 17]
+    kv_indptr = q_indptr = np.concatenate([[0], np.cumsum(new)]).astype(np.int32)
+    q = rng.standard_normal((sum(new), 6, 64)).astype(np.float16)
+    k = rng.standard_normal((sum(new), 2, 64)).astype(np.float16)
+    v = rng.standard_normal((sum(new), 2, 64)).astype(np.float16)
+    args = [q, q_indptr, k, v, kv_indptr, np.zeros(sum(new), np.int32), np.zeros(len(new), np.int32)]
+    out, _ = run("ragged", args, sum(new), 1, 0, 1.0, 1e4, 0.125)
+    for b in range(len(new)):
+        ks, vs = (x[kv_indptr[b] : kv_indptr[b + 1]].astype(np.float32) for x in (k, v))
+        for t in range(new[b]):
+            ref_out, _ = _reference(q[q_indptr[b] + t].astype(np.float32), ks[: t + 1], vs[: t + 1], 0.125)
+            np.testing.assert_allclose(out[q_indptr[b] + t], ref_out, atol=atol, err_msg=f"ragged {b}, token {t}")
+
+    qkv = rng.standard_normal((5, 10, 64)).astype(np.float16)
+    positions = tvm.runtime.tensor(np.array([1, 0, 7, 1500, 33], np.int32))
+    split = {}
+    for name, dtype, x in (("rope", np.float16, qkv), ("rope32", np.float32, qkv.astype(np.float32))):
+        bufs = [tvm.runtime.tensor(np.full((5, n, 64), np.nan, dtype)) for n in (6, 2, 2)]
+        lib[name](tvm.runtime.tensor(x), positions, *bufs, 1)
+        split[name] = [b.numpy() for b in bufs]
+    for ours, wide in zip(split["rope"], split["rope32"], strict=True):
+        np.testing.assert_array_equal(ours, wide.astype(np.float16))  # the same float32 math, rounded once

@@ -33,6 +33,10 @@ more. Measured (2026-12-05, the same figures for main's `--activations int8` bui
 default changed): exact reference 370 of 384 positions (96.4%), first 16 free tokens on 4 of 8
 prompts; Q4_1 file 366 of its 375 decided positions (97.6%), 372 of 384 (96.9%), free on 6 of 8.
 Both builds are checked (``build``); int8 ones are held to ``BOUNDS["int8"]``.
+
+The suite's f32 build keeps an f32 KV cache (``--kv-dtype f32``), as the exact reference does. The
+default build's cache is f16 (since 2026-12-06), as llama.cpp's is by default: it is held to the
+exact reference computed with an f16 KV cache.
 """
 
 from __future__ import annotations
@@ -94,15 +98,24 @@ def llama_cpp():
 
 
 @pytest.fixture(scope="module")
-def exact_reference(llama_cpp, smollm_gguf: Path, smollm, tmp_path_factory) -> list[dict]:
-    """llama.cpp in plain f32 on the dequantized copy of the GGUF."""
+def exact_references(llama_cpp, smollm_gguf: Path, smollm, tmp_path_factory) -> dict[str, list[dict]]:
+    """llama.cpp in plain f32 on the dequantized copy of the GGUF, by its KV cache's dtype: f32, and
+    f16 (llama.cpp's default, and edgert's on CPUs). Each build is held to the one of its own cache."""
     f32 = load_tool("dequantize_gguf").dequantize_gguf(
         smollm_gguf, tmp_path_factory.mktemp("gguf") / "smollm2.F32.gguf"
     )
-    try:
-        return _continuations(llama_cpp, f32, smollm, type_k=0, type_v=0)  # 0 = GGML_TYPE_F32
+    try:  # GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1
+        return {
+            "float32": _continuations(llama_cpp, f32, smollm, type_k=0, type_v=0),
+            "float16": _continuations(llama_cpp, f32, smollm, type_k=1, type_v=1),
+        }
     finally:
         f32.unlink()
+
+
+def _exact(build, references: dict[str, list[dict]]) -> list[dict]:
+    """The exact reference with the build's KV cache dtype."""
+    return references[build.artifact.manifest["kv_cache"]["dtype"]]
 
 
 @pytest.fixture(scope="module")
@@ -150,13 +163,13 @@ def _free_matches(smollm, reference: list[dict]) -> list[bool]:
     return result
 
 
-def test_exact_arithmetic_teacher_forced(build, exact_reference) -> None:
-    agree, total, _, _ = _agreement(build, exact_reference)
+def test_exact_arithmetic_teacher_forced(build, exact_references) -> None:
+    agree, total, _, _ = _agreement(build, _exact(build, exact_references))
     assert agree / total >= _bounds(build)[0], f"agreement {agree}/{total}"
 
 
-def test_exact_arithmetic_free_generation(build, exact_reference) -> None:
-    matches = _free_matches(build, exact_reference)
+def test_exact_arithmetic_free_generation(build, exact_references) -> None:
+    matches = _free_matches(build, _exact(build, exact_references))
     assert sum(matches) >= _bounds(build)[1], f"free generation matched on {sum(matches)}/8 prompts"
 
 

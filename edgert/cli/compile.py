@@ -64,6 +64,14 @@ def compile(
             "(needed by `edgert serve --kv-budget`).",
         ),
     ] = False,
+    kv_dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--kv-dtype",
+            help="Llama GGUF models: the KV cache's keys and values, auto (default: f16 on CPUs, f32 on "
+            "GPUs), f16 or f32. f16 halves the cache's memory and the bytes attention reads a step.",
+        ),
+    ] = None,
     library_cache: Annotated[
         Path | None,
         typer.Option(
@@ -103,6 +111,7 @@ def compile(
             calibrate=calibrate,
             library_cache=library_cache,
             evictable_kv=evictable_kv or None,
+            kv_dtype=kv_dtype,
         )
     size = sum(f["size"] for f in result.manifest["files"].values())
     t = result.manifest["target"]

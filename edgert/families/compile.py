@@ -25,6 +25,7 @@ _FLAGS = {
     "tuning": "--no-tuning",
     "calibrate": "--calibrate",
     "evictable_kv": "--evictable-kv",
+    "kv_dtype": "--kv-dtype",
 }
 
 

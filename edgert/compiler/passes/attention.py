@@ -57,6 +57,27 @@ ROWS_PER_TASK = 8  # rows of one sequence that `_rows_tile` takes in one task (e
 AHEAD = 32  # rows a key pass prefetches ahead: two pages of 16
 
 
+def _dtype(x: Any) -> str:
+    """An expression's dtype (a load's is its type)."""
+    dtype = getattr(x, "dtype", None)
+    return str(dtype if dtype is not None else x.ty)
+
+
+def _f32(x: Any) -> Any:
+    """A key, value or query element as float32: the sums run in float32 whatever the cache stores."""
+    return x if _dtype(x) == "float32" else T.Cast("float32", x)
+
+
+def _bytes(dtype: str) -> int:
+    """Bytes an element of ``dtype`` (the KV cache's: float32 or float16)."""
+    return 2 if dtype == "float16" else 4
+
+
+def _to(buffer: Any, x: Any) -> Any:
+    """``x`` (float32) as an element of ``buffer`` (the cache's dtype)."""
+    return x if _dtype(x) == str(buffer.dtype) else T.Cast(str(buffer.dtype), x)
+
+
 def _lane_sum(part: Any, lanes: int, op: Any = None) -> Any:
     """The sum (or ``op``) of ``part[0 .. lanes - 1]`` as a tree of halves (lane v with lane v + lanes
     / 2, ...): four dependent adds for 16 lanes where a running sum took sixteen."""
@@ -67,7 +88,7 @@ def _lane_sum(part: Any, lanes: int, op: Any = None) -> Any:
     return vals[0]
 
 
-def _paged_rows(d: int, lanes: int, page_size: int, g: int = 1, window: bool = True) -> Any:
+def _paged_rows(d: int, lanes: int, page_size: int, g: int = 1, window: bool = True, elem: int = 4) -> Any:
     """The two passes of one (query, head) over rows ``lo`` .. ``hi`` - 1 of a sequence's pages: each
     score ``qs·k`` into ``scores`` and their maximum into ``stat[0]``, then ``out = sum exp2(score -
     max) v`` and the sum of the exps into ``stat[1]``. Row r lives at position r before ``sink`` and
@@ -98,7 +119,7 @@ def _paged_rows(d: int, lanes: int, page_size: int, g: int = 1, window: bool = T
         page, slot = at(page_values, first, sink, start, r)
         return pages[page, 1, kv, slot, i]
 
-    return _softmax_rows(d, lanes, key, value, g)
+    return _softmax_rows(d, lanes, key, value, g, elem)
 
 
 def _lane_sums_16() -> Any:
@@ -183,7 +204,7 @@ def _softmax_parts(d: int) -> tuple[Any, Any, Any]:
     return exps, add4, add1
 
 
-def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
+def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1, elem: int = 4) -> Any:
     """`_paged_rows` with row r's key and value element i read by ``key(a, b, first, kv, sink, start,
     r, i)`` and ``value(...)``: the paged kernels pass the pages and the page table as ``a``, ``b``;
     the ragged one its key and value arrays.
@@ -192,6 +213,7 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
     vector is loaded once into ``kbuf`` / ``vbuf`` and used by all of them, while each query keeps its
     own sums in the one-query order (``qs``, ``part``, ``out``, ``stat`` and ``scores`` hold query j's
     at ``j * d``, ``j * lanes``, ``j * d``, ``2 * j`` and ``j * span``), so its bits are those of ``g = 1``.
+    ``elem``: bytes an element of the keys and values (4: float32, 2: float16), for the prefetches' lines.
     """
     vl = EXP_LANES
     chunks = d // lanes
@@ -205,9 +227,9 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
         blocks in no order, so the hardware prefetcher starts over at every page and a cold pass
         (the model's weights evict the cache between steps) waits on memory row by row."""
         ra: T.let[T.int32] = T.min(r, hi - 1)
-        for line in T.unroll(d * 4 // 64):
-            T.evaluate(prefetch(key(pages, page_values, first, kv, sink, start, ra, line * 16)))
-            T.evaluate(prefetch(value(pages, page_values, first, kv, sink, start, ra, line * 16)))
+        for line in T.unroll(max(d * elem // 64, 1)):
+            T.evaluate(prefetch(key(pages, page_values, first, kv, sink, start, ra, line * (64 // elem))))
+            T.evaluate(prefetch(value(pages, page_values, first, kv, sink, start, ra, line * (64 // elem))))
 
     @T.macro
     def rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, span, part, out, stat):
@@ -222,7 +244,7 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
                 for rr in T.unroll(LANES):
                     fetch(pages, page_values, first, kv, sink, start, lo + rb * LANES + rr + AHEAD, hi)
                     for i in T.vectorized(d):
-                        kbuf[i] = key(pages, page_values, first, kv, sink, start, lo + rb * LANES + rr, i)
+                        kbuf[i] = _f32(key(pages, page_values, first, kv, sink, start, lo + rb * LANES + rr, i))
                     for j in T.unroll(g):
                         for v in T.vectorized(LANES):
                             pb[(j * LANES + rr) * LANES + v] = T.float32(0)
@@ -236,7 +258,7 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
         for r in range(lo + T.if_then_else(blocks, (hi - lo) // LANES * LANES, 0), hi):
             fetch(pages, page_values, first, kv, sink, start, r + AHEAD, hi)
             for i in T.vectorized(d):
-                kbuf[i] = key(pages, page_values, first, kv, sink, start, r, i)
+                kbuf[i] = _f32(key(pages, page_values, first, kv, sink, start, r, i))
             for j in T.unroll(g):
                 for v in T.vectorized(lanes):
                     part[j * lanes + v] = T.float32(0)
@@ -250,13 +272,13 @@ def _softmax_rows(d: int, lanes: int, key: Any, value: Any, g: int = 1) -> Any:
             r0: T.let[T.int32] = lo + ro * 4
             for u in T.unroll(4):
                 for i in T.vectorized(d):
-                    vbuf[u * d + i] = value(pages, page_values, first, kv, sink, start, r0 + u, i)
+                    vbuf[u * d + i] = _f32(value(pages, page_values, first, kv, sink, start, r0 + u, i))
             for j in T.unroll(g):
                 s: T.let[T.int32] = j * span + r0
                 add4(out, stat, scores, vbuf, j, s)
         for r in range(lo + (hi - lo) // 4 * 4, hi):
             for i in T.vectorized(d):
-                vbuf[i] = value(pages, page_values, first, kv, sink, start, r, i)
+                vbuf[i] = _f32(value(pages, page_values, first, kv, sink, start, r, i))
             for j in T.unroll(g):
                 add1(out, stat, scores, vbuf, j, j * span + r)
 
@@ -278,11 +300,11 @@ def _head_task(d: int, lanes: int, g: int, softmax_rows: Any) -> Any:
         stat = T.alloc_buffer((2 * g,), "float32", scope="local")  # per query: max, sum of exps
         for j in T.unroll(g):
             for i in T.vectorized(d):
-                qs[j * d + i] = q[t, h0 + j, i] * sm_scale * T.float32(log2e)
+                qs[j * d + i] = _f32(q[t, h0 + j, i]) * sm_scale * T.float32(log2e)
         softmax_rows(pages, page_values, first, kv, lo, hi, sink, start, qs, scores, span, part, out, stat)
         for j in T.unroll(g):
             for i in T.vectorized(d):  # no visible row: zeros, as TVM's kernels give
-                output[t, h0 + j, i] = out[j * d + i] / T.max(stat[2 * j + 1], T.float32(1e-30))
+                output[t, h0 + j, i] = _to(output, out[j * d + i] / T.max(stat[2 * j + 1], T.float32(1e-30)))
             lse[t, h0 + j] = T.if_then_else(
                 hi > lo, stat[2 * j] + T.log2(T.max(stat[2 * j + 1], T.float32(1e-30))), empty
             )
@@ -290,7 +312,7 @@ def _head_task(d: int, lanes: int, g: int, softmax_rows: Any) -> Any:
     return task
 
 
-def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
+def _rows_tile(d: int, page_size: int, g: int, most: int, elem: int = 4) -> Any:
     """One task for up to ``most`` rows of one sequence (a verify pass run as decode rows) and one KV
     head: its ``n`` rows x ``g`` query heads, whose keys and values are one set of pages, each row
     seeing a prefix of them (``lens``, each row's length).
@@ -315,8 +337,8 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
     def fetch_row(pages, page_values, first, kv, part, r):
         """Prefetch row ``r``'s key (``part`` 0) or value (1): its 4 cache lines."""
         at: T.let[T.int32] = page_values[first + r // page_size]
-        for line in T.unroll(d * 4 // 64):
-            T.evaluate(prefetch(pages[at, part, kv, r % page_size, line * 16]))
+        for line in T.unroll(max(d * elem // 64, 1)):
+            T.evaluate(prefetch(pages[at, part, kv, r % page_size, line * (64 // elem)]))
 
     @T.macro
     def task(q, b0, n, kv, lens, output, lse, pages, page_values, first, span, sm_scale):
@@ -338,7 +360,7 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
         common: T.let[T.int32] = low[0] // LANES * LANES  # rows every query sees, in whole blocks
         for u in range(n * g):
             for i in T.vectorized(d):
-                qs[u * d + i] = q[b0 + u // g, kv * g + u % g, i] * sm_scale * T.float32(log2e)
+                qs[u * d + i] = _f32(q[b0 + u // g, kv * g + u % g, i]) * sm_scale * T.float32(log2e)
         # Scores of the common blocks: a page's keys once from memory, then from L1 for each query.
         for rb in range(common // LANES):
             page: T.let[T.int32] = page_values[first + rb]
@@ -350,8 +372,8 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
                         pb[rr * LANES + v] = T.float32(0)
                     for c in T.unroll(chunks):
                         for v in T.vectorized(LANES):
-                            pb[rr * LANES + v] = pb[rr * LANES + v] + qs[u * d + c * LANES + v] * key(
-                                pages, page, kv, rr, c * LANES + v
+                            pb[rr * LANES + v] = pb[rr * LANES + v] + qs[u * d + c * LANES + v] * _f32(
+                                key(pages, page, kv, rr, c * LANES + v)
                             )
                 lane_sums(pb, 0, scores, u * span + rb * LANES)
         for u in range(n * g):
@@ -359,7 +381,7 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
             for rb in range(common // LANES, hi // LANES):  # this row's further blocks, as `_paged_rows`
                 for rr in T.unroll(LANES):
                     for i in T.vectorized(d):
-                        kbuf[i] = key(pages, page_values[first + rb], kv, rr, i)
+                        kbuf[i] = _f32(key(pages, page_values[first + rb], kv, rr, i))
                     for v in T.vectorized(LANES):
                         pb[rr * LANES + v] = T.float32(0)
                     for c in T.unroll(chunks):
@@ -368,7 +390,7 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
                 lane_sums(pb, 0, scores, u * span + rb * LANES)
             for r in range(hi // LANES * LANES, hi):
                 for i in T.vectorized(d):
-                    kbuf[i] = key(pages, page_values[first + r // page_size], kv, r % page_size, i)
+                    kbuf[i] = _f32(key(pages, page_values[first + r // page_size], kv, r % page_size, i))
                 for v in T.vectorized(LANES):
                     part[v] = T.float32(0)
                 for c in T.unroll(chunks):
@@ -389,7 +411,7 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
                 fetch_row(pages, page_values, first, kv, 1, T.min(r0 + w + AHEAD, low[1] - 1))
             for w in T.unroll(4):
                 for i in T.vectorized(d):
-                    vbuf[w * d + i] = pages[page, 1, kv, r0 % page_size + w, i]
+                    vbuf[w * d + i] = _f32(pages[page, 1, kv, r0 % page_size + w, i])
             for u in range(n * g):
                 s: T.let[T.int32] = u * span + r0
                 add4(out, stat, scores, vbuf, u, s)
@@ -399,17 +421,19 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
                 r0: T.let[T.int32] = ro * 4
                 for w in T.unroll(4):
                     for i in T.vectorized(d):
-                        vbuf[w * d + i] = pages[
-                            page_values[first + (r0 + w) // page_size], 1, kv, (r0 + w) % page_size, i
-                        ]
+                        vbuf[w * d + i] = _f32(
+                            pages[page_values[first + (r0 + w) // page_size], 1, kv, (r0 + w) % page_size, i]
+                        )
                 s: T.let[T.int32] = u * span + r0
                 add4(out, stat, scores, vbuf, u, s)
             for r in range(hi // 4 * 4, hi):
                 for i in T.vectorized(d):
-                    vbuf[i] = pages[page_values[first + r // page_size], 1, kv, r % page_size, i]
+                    vbuf[i] = _f32(pages[page_values[first + r // page_size], 1, kv, r % page_size, i])
                 add1(out, stat, scores, vbuf, u, u * span + r)
             for i in T.vectorized(d):  # no visible row: zeros, as TVM's kernels give
-                output[b0 + u // g, kv * g + u % g, i] = out[u * d + i] / T.max(stat[2 * u + 1], T.float32(1e-30))
+                output[b0 + u // g, kv * g + u % g, i] = _to(
+                    output, out[u * d + i] / T.max(stat[2 * u + 1], T.float32(1e-30))
+                )
             lse[b0 + u // g, kv * g + u % g] = T.if_then_else(
                 hi > 0, stat[2 * u] + T.log2(T.max(stat[2 * u + 1], T.float32(1e-30))), T.float32(-3.0e38)
             )
@@ -417,14 +441,16 @@ def _rows_tile(d: int, page_size: int, g: int, most: int) -> Any:
     return task
 
 
-def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, page_size: int = 16) -> tirx.PrimFunc:
+def paged_decode_attention(
+    num_kv_heads: int, num_qo_heads: int, head_dim: int, page_size: int = 16, dtype: str = "float32"
+) -> tirx.PrimFunc:
     """``output[b, h] = softmax(q·K^T * sm_scale) V`` over sequence b's pages; also its log2-sum-exp."""
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
-    tiled = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group, window=False))
-    shared = _rows_tile(d, page_size, group, ROWS_PER_TASK if lanes == LANES else 1)
-    single = _head_task(d, lanes, 1, _paged_rows(d, lanes, page_size, window=False))
+    tiled = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group, window=False, elem=_bytes(dtype)))
+    shared = _rows_tile(d, page_size, group, ROWS_PER_TASK if lanes == LANES else 1, _bytes(dtype))
+    single = _head_task(d, lanes, 1, _paged_rows(d, lanes, page_size, window=False, elem=_bytes(dtype)))
 
     @T.prim_func
     def decode(
@@ -451,14 +477,14 @@ def paged_decode_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, 
         k_rope_offset = T.int32()
         q_rope_offset = T.int32()
         length_offset = T.int32()
-        q = T.match_buffer(q_handle, (batch, h_qo, d), "float32")
-        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d), "float32")
+        q = T.match_buffer(q_handle, (batch, h_qo, d), dtype)
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d), dtype)
         page_indptr = T.match_buffer(page_indptr_handle, (batch + 1,), "int32", elem_offset=indptr_offset)
         page_values = T.match_buffer(page_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
         last_page_len = T.match_buffer(length_info_handle, (batch,), "int32", elem_offset=length_offset)
         k_rope_pos_offset = T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
         q_rope_position = T.match_buffer(q_rope_position_handle, (batch,), "int32", elem_offset=q_rope_offset)
-        output = T.match_buffer(output_handle, (batch, h_qo, d), "float32")
+        output = T.match_buffer(output_handle, (batch, h_qo, d), dtype)
         lse = T.match_buffer(lse_handle, (batch, h_qo), "float32")
         # edgert's caches apply RoPE before storing k (RopeMode.NORMAL), so rotary_mode is 0 here.
         assert rotary_mode == 0, "edgert's decode attention expects RoPE applied before the cache"
@@ -589,15 +615,17 @@ def _zigzag(p: Any, n: Any) -> Any:
     return T.if_then_else(p % 2 == 0, p // 2, n - 1 - p // 2)
 
 
-def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, page_size: int = 16) -> tirx.PrimFunc:
+def paged_prefill_attention(
+    num_kv_heads: int, num_qo_heads: int, head_dim: int, page_size: int = 16, dtype: str = "float32"
+) -> tirx.PrimFunc:
     """``output[t, h] = softmax(q·K^T * sm_scale) V`` for every new token t of a sequence over its pages,
     causal (token t of n new ones sees all but the last n - 1 - t cached tokens) when ``causal``;
     also the log2-sum-exp. The signature of TIRPagedKVCache's ``batch_prefill_paged_kv_cpu``."""
     h_qo, h_kv, d = num_qo_heads, num_kv_heads, head_dim
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
-    task = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group, window=False))
-    single = _head_task(d, lanes, 1, _paged_rows(d, lanes, page_size, window=False))
+    task = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group, window=False, elem=_bytes(dtype)))
+    single = _head_task(d, lanes, 1, _paged_rows(d, lanes, page_size, window=False, elem=_bytes(dtype)))
 
     @T.prim_func
     def prefill(
@@ -628,15 +656,15 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
         k_rope_offset = T.int32()
         q_rope_offset = T.int32()
         length_offset = T.int32()
-        q = T.match_buffer(q_handle, (total_len, h_qo, d), "float32")
+        q = T.match_buffer(q_handle, (total_len, h_qo, d), dtype)
         q_indptr = T.match_buffer(q_indptr_handle, (batch + 1,), "int32", elem_offset=q_indptr_offset)
-        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d), "float32")
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d), dtype)
         page_indptr = T.match_buffer(page_indptr_handle, (batch + 1,), "int32", elem_offset=indptr_offset)
         page_values = T.match_buffer(page_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
         last_page_len = T.match_buffer(length_info_handle, (batch,), "int32", elem_offset=length_offset)
         T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
         T.match_buffer(q_rope_position_handle, (total_len,), "int32", elem_offset=q_rope_offset)
-        output = T.match_buffer(output_handle, (total_len, h_qo, d), "float32")
+        output = T.match_buffer(output_handle, (total_len, h_qo, d), dtype)
         lse = T.match_buffer(lse_handle, (total_len, h_qo), "float32")
         assert rotary_mode == 0, "edgert's prefill attention expects RoPE applied before the cache"
         # Sequences of one new token (a server's decoding rows riding in a mixed pass, each over its whole
@@ -709,7 +737,9 @@ def paged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int,
     return prefill.with_attr("global_symbol", "edgert_paged_prefill_attention")
 
 
-def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int) -> tirx.PrimFunc:
+def ragged_prefill_attention(
+    num_kv_heads: int, num_qo_heads: int, head_dim: int, dtype: str = "float32"
+) -> tirx.PrimFunc:
     """``output[t, h] = softmax(q·K^T * sm_scale) V`` of new tokens over new keys and values (not yet in
     pages), causal when ``causal``; also the log2-sum-exp. The signature of TIRPagedKVCache's
     CPU ``batch_prefill_ragged_kv``, whose scalar loops cost as much as the paged part."""
@@ -723,7 +753,7 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     def value(k: Any, v: Any, k0: Any, kv: Any, sink: Any, start: Any, r: Any, i: Any) -> Any:
         return v[k0 + r, kv, i]
 
-    task = _head_task(d, lanes, group, _softmax_rows(d, lanes, key, value, group))
+    task = _head_task(d, lanes, group, _softmax_rows(d, lanes, key, value, group, _bytes(dtype)))
 
     @T.prim_func
     def ragged(
@@ -750,14 +780,14 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
         kv_indptr_offset = T.int32()
         q_rope_offset = T.int32()
         k_rope_offset = T.int32()
-        q = T.match_buffer(q_handle, (qo_total, h_qo, d), "float32")
+        q = T.match_buffer(q_handle, (qo_total, h_qo, d), dtype)
         q_indptr = T.match_buffer(q_indptr_handle, (batch + 1,), "int32", elem_offset=q_indptr_offset)
-        k = T.match_buffer(k_handle, (kv_total, h_kv, d), "float32")
-        v = T.match_buffer(v_handle, (kv_total, h_kv, d), "float32")
+        k = T.match_buffer(k_handle, (kv_total, h_kv, d), dtype)
+        v = T.match_buffer(v_handle, (kv_total, h_kv, d), dtype)
         kv_indptr = T.match_buffer(kv_indptr_handle, (batch + 1,), "int32", elem_offset=kv_indptr_offset)
         T.match_buffer(q_rope_position_handle, (qo_total,), "int32", elem_offset=q_rope_offset)
         T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
-        output = T.match_buffer(output_handle, (qo_total, h_qo, d), "float32")
+        output = T.match_buffer(output_handle, (qo_total, h_qo, d), dtype)
         lse = T.match_buffer(lse_handle, (qo_total, h_qo), "float32")
         assert rotary_mode == 0, "edgert's ragged attention expects RoPE applied before the cache"
         for b in range(batch):
@@ -792,7 +822,9 @@ def ragged_prefill_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int
     return ragged.with_attr("global_symbol", "edgert_ragged_prefill_attention")
 
 
-def fused_rope(theta: float, head_dim: int, num_q_heads: int, num_kv_heads: int) -> tirx.PrimFunc:
+def fused_rope(
+    theta: float, head_dim: int, num_q_heads: int, num_kv_heads: int, dtype: str = "float32"
+) -> tirx.PrimFunc:
     """Split ``qkv[s, heads, d]`` into q, k, v with Llama's RoPE (rotate-half, no scaling) on q and k.
 
     TVM's ``fused_rope`` (``llama_rope_with_position_map``) computes ``theta ** (2i / d)``, a cosine and a
@@ -822,11 +854,13 @@ def fused_rope(theta: float, head_dim: int, num_q_heads: int, num_kv_heads: int)
         for h in range(num_q_heads + num_kv_heads):
             for j in T.vectorized(half):
                 if h < num_q_heads:
-                    q[s, h, j] = cs[j] * qkv[s, h, j] - sn[j] * qkv[s, h, j + half]
-                    q[s, h, j + half] = cs[j] * qkv[s, h, j + half] + sn[j] * qkv[s, h, j]
+                    q[s, h, j] = _to(q, cs[j] * _f32(qkv[s, h, j]) - sn[j] * _f32(qkv[s, h, j + half]))
+                    q[s, h, j + half] = _to(q, cs[j] * _f32(qkv[s, h, j + half]) + sn[j] * _f32(qkv[s, h, j]))
                 else:
-                    k[s, h - num_q_heads, j] = cs[j] * qkv[s, h, j] - sn[j] * qkv[s, h, j + half]
-                    k[s, h - num_q_heads, j + half] = cs[j] * qkv[s, h, j + half] + sn[j] * qkv[s, h, j]
+                    k[s, h - num_q_heads, j] = _to(k, cs[j] * _f32(qkv[s, h, j]) - sn[j] * _f32(qkv[s, h, j + half]))
+                    k[s, h - num_q_heads, j + half] = _to(
+                        k, cs[j] * _f32(qkv[s, h, j + half]) + sn[j] * _f32(qkv[s, h, j])
+                    )
         for h, j in T.grid(num_kv_heads, d):
             v[s, h, j] = qkv[s, num_q_heads + num_kv_heads + h, j]
 
@@ -842,11 +876,11 @@ def fused_rope(theta: float, head_dim: int, num_q_heads: int, num_kv_heads: int)
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
         seq_len = T.int32()
         position_offset = T.int32()
-        qkv = T.match_buffer(qkv_handle, (seq_len, fused, d), "float32")
+        qkv = T.match_buffer(qkv_handle, (seq_len, fused, d), dtype)
         position_map = T.match_buffer(position_map_handle, (seq_len,), "int32", elem_offset=position_offset)
-        q = T.match_buffer(q_handle, (seq_len, num_q_heads, d), "float32")
-        k = T.match_buffer(k_handle, (seq_len, num_kv_heads, d), "float32")
-        v = T.match_buffer(v_handle, (seq_len, num_kv_heads, d), "float32")
+        q = T.match_buffer(q_handle, (seq_len, num_q_heads, d), dtype)
+        k = T.match_buffer(k_handle, (seq_len, num_kv_heads, d), dtype)
+        v = T.match_buffer(v_handle, (seq_len, num_kv_heads, d), dtype)
         # A decode step's token alone: a pool launch (~1.5 us at 2 threads, 30 a step) costs more than
         # the work (~0.4 us a token), so up to SERIAL_ROPE tokens run on the calling thread.
         if seq_len <= SERIAL_ROPE:
@@ -859,7 +893,7 @@ def fused_rope(theta: float, head_dim: int, num_q_heads: int, num_kv_heads: int)
     return rope.with_attr("global_symbol", "edgert_fused_rope")
 
 
-def rows_append(num_kv_heads: int, head_dim: int, page_size: int = 16) -> tirx.PrimFunc:
+def rows_append(num_kv_heads: int, head_dim: int, page_size: int = 16, dtype: str = "float32") -> tirx.PrimFunc:
     """TIRPagedKVCache's ``tir_kv_cache_transpose_append``: new keys and values into their page slots.
 
     A verify pass can run as a decode step whose rows are one sequence's consecutive tokens (the
@@ -879,9 +913,9 @@ def rows_append(num_kv_heads: int, head_dim: int, page_size: int = 16) -> tirx.P
         num_pages = T.int64()
         pages_offset = T.int64()
         map_offset = T.int32()
-        pages = T.match_buffer(pages_handle, (num_pages, 2, h_kv, page_size, d), "float32", elem_offset=pages_offset)
-        k = T.match_buffer(k_handle, (ntoken, h_kv, d), "float32")
-        v = T.match_buffer(v_handle, (ntoken, h_kv, d), "float32")
+        pages = T.match_buffer(pages_handle, (num_pages, 2, h_kv, page_size, d), dtype, elem_offset=pages_offset)
+        k = T.match_buffer(k_handle, (ntoken, h_kv, d), dtype)
+        v = T.match_buffer(v_handle, (ntoken, h_kv, d), dtype)
         position_map = T.match_buffer(position_map_handle, (ntoken,), "int32", elem_offset=map_offset)
         for t in range(ntoken):
             later = T.alloc_buffer((1,), "int32", scope="local")  # rows after t given the same slot
@@ -909,7 +943,9 @@ TREE_KERNEL = "batch_tree_attn"
 MAX_TREE = 256  # TVM's kTreeAttnMaxTreeSize: the most nodes of a token tree
 
 
-def paged_tree_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, page_size: int = 16) -> tirx.PrimFunc:
+def paged_tree_attention(
+    num_kv_heads: int, num_qo_heads: int, head_dim: int, page_size: int = 16, dtype: str = "float32"
+) -> tirx.PrimFunc:
     """TIRPagedKVCache's tree pass over the pages (``tree_attn_paged_kv_cpu``), as decode steps of each
     node's path: node a of a token tree attends to the prefix and then its ancestors and itself, in
     that order, through the same `_softmax_rows` as `paged_decode_attention`, so each node's output is
@@ -934,7 +970,7 @@ def paged_tree_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, pa
         pos = T.if_then_else(r < sink, r, sink + path[T.max(r - sink, 0)])
         return pages[page_values[first + pos // page_size], 1, kv, pos % page_size, i]
 
-    task = _head_task(d, lanes, group, _softmax_rows(d, lanes, key, value, group))
+    task = _head_task(d, lanes, group, _softmax_rows(d, lanes, key, value, group, _bytes(dtype)))
 
     @T.prim_func
     def tree(
@@ -969,15 +1005,15 @@ def paged_tree_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, pa
         length_offset = T.int32()
         order_indptr_offset = T.int32()
         order_offset = T.int32()
-        q = T.match_buffer(q_handle, (total_len, h_qo, d), "float32")
+        q = T.match_buffer(q_handle, (total_len, h_qo, d), dtype)
         q_indptr = T.match_buffer(q_indptr_handle, (batch + 1,), "int32", elem_offset=q_indptr_offset)
-        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d), "float32")
+        pages = T.match_buffer(pages_handle, (max_num_pages, 2, h_kv, page_size, d), dtype)
         page_indptr = T.match_buffer(page_indptr_handle, (batch + 1,), "int32", elem_offset=indptr_offset)
         page_values = T.match_buffer(page_values_handle, (nnz_pages,), "int32", elem_offset=values_offset)
         last_page_len = T.match_buffer(length_info_handle, (batch,), "int32", elem_offset=length_offset)
         T.match_buffer(k_rope_pos_offset_handle, (batch,), "int32", elem_offset=k_rope_offset)
         T.match_buffer(q_rope_position_handle, (total_len,), "int32", elem_offset=q_rope_offset)
-        output = T.match_buffer(output_handle, (total_len, h_qo, d), "float32")
+        output = T.match_buffer(output_handle, (total_len, h_qo, d), dtype)
         lse = T.match_buffer(lse_handle, (total_len, h_qo), "float32")
         order_indptr = T.match_buffer(tree_order_indptr_handle, (batch + 1,), "int32", elem_offset=order_indptr_offset)
         order = T.match_buffer(tree_order_handle, (tree_total, 2), "int32", elem_offset=order_offset)
@@ -1027,37 +1063,43 @@ def paged_tree_attention(num_kv_heads: int, num_qo_heads: int, head_dim: int, pa
 
 
 def use_fast_decode_attention(
-    mod: IRModule, num_kv_heads: int, num_qo_heads: int, head_dim: int, rope_theta: float | None = None
+    mod: IRModule,
+    num_kv_heads: int,
+    num_qo_heads: int,
+    head_dim: int,
+    rope_theta: float | None = None,
+    dtype: str = "float32",
 ) -> IRModule:
     """``mod`` with TIRPagedKVCache's scalar CPU decode and prefill kernels (over the pages, without a
     sliding window, and among the new tokens) replaced by `paged_decode_attention`,
     `paged_prefill_attention` and `ragged_prefill_attention`; with ``rope_theta`` (the cache applies
-    Llama's RoPE, unscaled) also its q/k/v split, by `fused_rope`."""
+    Llama's RoPE, unscaled) also its q/k/v split, by `fused_rope`. ``dtype``: the cache's (of its
+    queries, keys, values and outputs; float16 keys and values still sum in float32)."""
     names = {gv.name_hint: gv for gv in mod.get_global_vars()}
     if DECODE_KERNEL not in names:
         return mod  # no CPU paged cache in this module (another target or cache kind)
     mod = IRModule(dict(mod.functions), attrs=mod.attrs)  # a copy; the caller's module stays as it was
-    mod[names[DECODE_KERNEL]] = paged_decode_attention(num_kv_heads, num_qo_heads, head_dim).with_attr(
+    mod[names[DECODE_KERNEL]] = paged_decode_attention(num_kv_heads, num_qo_heads, head_dim, dtype=dtype).with_attr(
         "global_symbol", DECODE_KERNEL
     )
     if PREFILL_KERNEL in names:
-        mod[names[PREFILL_KERNEL]] = paged_prefill_attention(num_kv_heads, num_qo_heads, head_dim).with_attr(
-            "global_symbol", PREFILL_KERNEL
-        )
+        mod[names[PREFILL_KERNEL]] = paged_prefill_attention(
+            num_kv_heads, num_qo_heads, head_dim, dtype=dtype
+        ).with_attr("global_symbol", PREFILL_KERNEL)
     if RAGGED_KERNEL in names:
-        mod[names[RAGGED_KERNEL]] = ragged_prefill_attention(num_kv_heads, num_qo_heads, head_dim).with_attr(
-            "global_symbol", RAGGED_KERNEL
-        )
+        mod[names[RAGGED_KERNEL]] = ragged_prefill_attention(
+            num_kv_heads, num_qo_heads, head_dim, dtype=dtype
+        ).with_attr("global_symbol", RAGGED_KERNEL)
     if APPEND_KERNEL in names:
-        mod[names[APPEND_KERNEL]] = rows_append(num_kv_heads, head_dim).with_attr(
+        mod[names[APPEND_KERNEL]] = rows_append(num_kv_heads, head_dim, dtype=dtype).with_attr(
             "global_symbol", names[APPEND_KERNEL].name_hint
         )
     if TREE_KERNEL in names:
-        mod[names[TREE_KERNEL]] = paged_tree_attention(num_kv_heads, num_qo_heads, head_dim).with_attr(
+        mod[names[TREE_KERNEL]] = paged_tree_attention(num_kv_heads, num_qo_heads, head_dim, dtype=dtype).with_attr(
             "global_symbol", names[TREE_KERNEL].name_hint
         )
     if rope_theta is not None and ROPE_KERNEL in names and head_dim % 2 == 0:
-        mod[names[ROPE_KERNEL]] = fused_rope(rope_theta, head_dim, num_qo_heads, num_kv_heads).with_attr(
+        mod[names[ROPE_KERNEL]] = fused_rope(rope_theta, head_dim, num_qo_heads, num_kv_heads, dtype=dtype).with_attr(
             "global_symbol", ROPE_KERNEL
         )
     return mod

@@ -40,7 +40,8 @@ def build(req: BuildRequest) -> CompileResult:
     the CPU has AVX-512 VNNI, f32 elsewhere), ``library_cache`` (a folder reusing the library of a
     structurally identical module for the same target), ``evictable_kv`` (True: RoPE before the
     cache and the ``prefill_at``/``batch_decode_at`` entry points that `edgert serve --kv-budget`
-    evicts through; see `edgert.runtime.kv_budget`).
+    evicts through; see `edgert.runtime.kv_budget`), ``kv_dtype`` (auto, f16, f32: the KV cache's
+    keys and values; auto is f16 on CPU targets, f32 on GPUs and for families with their own cache).
     """
     from edgert.families.llama import loader
     from edgert.families.llama.model import LlamaConfig, LlamaForCausalLM
@@ -92,7 +93,8 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
     progress("building Relax module", None)
     with job.timed("export"):
         evictable = bool(req.option("evictable_kv", False))
-        net = model_cls(cfg, evictable=True) if evictable else model_cls(cfg)
+        kv_dtype = _kv_dtype(req.option("kv_dtype", "auto"), family, job.on_gpu)
+        net = model_cls(cfg, evictable=evictable, kv_dtype=kv_dtype) if family == "llama" else model_cls(cfg)
         if job.on_gpu:  # rows of uint32 codes + f16 scales, dequantized inside dlight's GEMV/Matmul
             repack = apply_gpu_layout(net, storage, tied=loader.tied_weights(cfg), half=job.record["fp16"])
         else:
@@ -101,7 +103,7 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
             mod, named_params = net.export_tvm(spec=net.get_default_spec())
         if not job.on_gpu:  # a CPU kernel; the GPU keeps the paged cache's own decode kernels
             theta = cfg.rope_theta if family == "llama" else None  # Gemma applies RoPE outside the cache
-            mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, theta)
+            mod = use_fast_decode_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, theta, kv_dtype)
             if hasattr(net, "cache_windows"):  # further caches (Gemma's local layers) and their windows
                 mod = use_fast_cache_attention(mod, cfg.num_kv_heads, cfg.num_heads, cfg.head_dim, net.cache_windows())
 
@@ -156,7 +158,7 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
                 "page_size": 16,
                 "context_length": context,
                 "prefill_chunk_size": chunk,
-                "dtype": "float32",
+                "dtype": kv_dtype,
                 "num_layers": cfg.num_layers,
                 "num_kv_heads": cfg.num_kv_heads,
                 "head_dim": cfg.head_dim,
@@ -185,6 +187,20 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
         )
     progress("done", 1.0)
     return result
+
+
+def _kv_dtype(option: str, family: str, on_gpu: bool) -> str:
+    """The KV cache's dtype for ``--kv-dtype``: ``auto`` is float16 for Llama on CPUs (llama.cpp's default
+    too): half the cache's memory, and a batch of 4 sequences of ~150 tokens read 28 MB of float32 keys
+    and values a step, 1.1 ms of a 5.1 ms pass (docs/serving.md). GPU builds keep float32 (OpenCL
+    devices without cl_khr_fp16); Gemma 3 keeps it for its window caches."""
+    if option not in ("auto", "f16", "f32"):
+        raise EdgertError(f"--kv-dtype '{option}' is not one of auto, f16, f32")
+    if option == "f16" and (on_gpu or family != "llama"):
+        raise EdgertError(f"--kv-dtype f16: {'GPU builds' if on_gpu else family} keep a float32 KV cache")
+    if option == "auto":
+        option = "f32" if on_gpu or family != "llama" else "f16"
+    return {"f16": "float16", "f32": "float32"}[option]
 
 
 def _int8_isa(activations: str, record: dict[str, Any]) -> str | None:

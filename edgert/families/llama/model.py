@@ -61,8 +61,9 @@ def normed(linear: nn.Module, norm: nn.RMSNorm, x: Tensor) -> Tensor:
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention; q, k and v come from one fused projection."""
 
-    def __init__(self, cfg: LlamaConfig, rope_outside: bool = False):
+    def __init__(self, cfg: LlamaConfig, rope_outside: bool = False, kv_dtype: str = "float32"):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.kv_dtype = kv_dtype  # the cache's: q, k, v and the attention output cross it in this dtype
         self.rope_outside, self.theta = rope_outside, cfg.rope_theta
         qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
@@ -95,7 +96,11 @@ class LlamaAttention(nn.Module):
             pos = cache.get_query_positions(b * s) if positions is None else positions
             q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
             qkv = op.concat([q, k, v], dim=2)
-        return cache.attention_with_fused_qkv(layer_id, qkv, h, sm_scale=self.head_dim**-0.5), q
+        if self.kv_dtype == "float32":
+            return cache.attention_with_fused_qkv(layer_id, qkv, h, sm_scale=self.head_dim**-0.5), q
+        # TVM's cache takes q/k/v and gives the output in its pages' dtype; the sums stay float32.
+        out = cache.attention_with_fused_qkv(layer_id, qkv.astype(self.kv_dtype), h, sm_scale=self.head_dim**-0.5)
+        return out.astype("float32"), q
 
     def forward(self, x: Tensor, cache: PagedKVCache, layer_id: int, positions: Tensor | None = None) -> Tensor:
         return self.forward_q(x, cache, layer_id, positions)[0]
@@ -138,9 +143,9 @@ class LlamaMLP(nn.Module):
 class LlamaLayer(nn.Module):
     """One pre-norm transformer block."""
 
-    def __init__(self, cfg: LlamaConfig, rope_outside: bool = False):
+    def __init__(self, cfg: LlamaConfig, rope_outside: bool = False, kv_dtype: str = "float32"):
         self.input_norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
-        self.attn = LlamaAttention(cfg, rope_outside)
+        self.attn = LlamaAttention(cfg, rope_outside, kv_dtype)
         self.post_attention_norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
         self.mlp = LlamaMLP(cfg)
 
@@ -159,12 +164,14 @@ class LlamaForCausalLM(nn.Module):
     """Token embedding, the layer stack, final norm and the (tied) LM head."""
 
     evictable = False  # subclasses that build their own blocks (Gemma 3) keep the plain entry points
+    kv_dtype = "float32"
 
-    def __init__(self, cfg: LlamaConfig, evictable: bool = False):
+    def __init__(self, cfg: LlamaConfig, evictable: bool = False, kv_dtype: str = "float32"):
         self.cfg = cfg
         self.evictable = evictable  # RoPE before the cache and the ``*_at`` entry points (KV budget)
+        self.kv_dtype = kv_dtype  # the KV cache's pages: float32, or float16 (half the bytes a token)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([LlamaLayer(cfg, evictable) for _ in range(cfg.num_layers)])
+        self.layers = nn.ModuleList([LlamaLayer(cfg, evictable, kv_dtype) for _ in range(cfg.num_layers)])
         self.norm = nn.RMSNorm(cfg.hidden_size, -1, cfg.rms_norm_eps, bias=False)
         # Tied models still get their own head module: the compiler may give it a layout of
         # its own, and the loader fills it from the embedding table.
@@ -321,7 +328,7 @@ class LlamaForCausalLM(nn.Module):
     def _kv_cache_options(self) -> dict:
         """What a family changes in the cache (`paged_kv_cache`'s options: the layers it holds, RoPE):
         here RoPE applied by the cache (before us when evictable)."""
-        return {"rope_mode": RopeMode.NONE if self.evictable else RopeMode.NORMAL}
+        return {"rope_mode": RopeMode.NONE if self.evictable else RopeMode.NORMAL, "dtype": self.kv_dtype}
 
     def get_default_spec(self) -> nn.spec.ModuleSpec:
         """Entry points and their shapes, as exported to Relax."""

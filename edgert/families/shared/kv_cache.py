@@ -28,6 +28,7 @@ def paged_kv_cache(
     attn_kind: str | list[str] = "mha",
     sliding_window: int = 1024,
     symbol_suffix: str = "",
+    dtype: str = "float32",
 ) -> PagedKVCache:
     """TVM's paged KV cache with the TIR kernels of the current target (export inside ``with target:``).
 
@@ -35,7 +36,8 @@ def paged_kv_cache(
     ``sliding_window`` positions only (TVM's per-layer sliding-window kernels); it is also the
     window that TVM's prefill kernels mask each query to in a cache whose sequence slides.
     Further caches of the same module (another layer count, another kind of attention) need a
-    ``symbol_suffix`` for their kernels' names.
+    ``symbol_suffix`` for their kernels' names. ``dtype``: the pages' (and the q/k/v and output the
+    cache takes and gives).
     """
     target = Target.current()
     if target is None:
@@ -66,7 +68,7 @@ def paged_kv_cache(
             rope_ext_factors=relax.prim_value(0),
             rotary_dim=head_dim,
             enable_disaggregation=False,
-            dtype="float32",
+            dtype=dtype,
             target=target,
             layer_sliding_window_size=sliding_window,
         )
