@@ -34,9 +34,17 @@ default changed): exact reference 370 of 384 positions (96.4%), first 16 free to
 prompts; Q4_1 file 366 of its 375 decided positions (97.6%), 372 of 384 (96.9%), free on 6 of 8.
 Both builds are checked (``build``); int8 ones are held to ``BOUNDS["int8"]``.
 
-The suite's f32 build keeps an f32 KV cache (``--kv-dtype f32``), as the exact reference does. The
-default build's cache is f16 (since 2026-12-06), as llama.cpp's is by default: it is held to the
-exact reference computed with an f16 KV cache.
+Which of two near-tied tokens an int8 build picks is a coin toss of its rounding: each build of a
+changed kernel draws again. So against the exact reference an int8 build is held to where the toss
+does not reach: every teacher-forced miss and each prompt's first free-generation difference must lie
+where llama.cpp's top two logits differ by less than ``TIE`` (0.4; int8 activations move the logits by
+0.2 rms from the f32 build's). Measured 2026-12-06, the default build with an f16 KV cache (the
+default since then with int8 activations): 366 of 384 positions, its 18 misses at margins 0.03-0.30
+(61 positions lie under 0.3); first free differences on 5 prompts, at margins 0.05-0.28 (3 of 8 equal
+outright). The same build with an f32 cache: 375 of 384, 9 misses at 0.05-0.30, 6 of 8 equal outright.
+With f32 activations an f16 cache changes nothing here: 384 of 384 and 8 of 8, as with f32 (and
+llama.cpp's continuations with an f16 cache equal its f32 ones). The suite's f32 build keeps an f32
+cache (``--kv-dtype f32``).
 """
 
 from __future__ import annotations
@@ -50,11 +58,19 @@ from conftest import load_tool
 CONTINUATION = 48
 FREE_PREFIX = 16
 # (exact teacher-forced share, exact free-generation prompts, Q4_1 decided share) by activations.
-BOUNDS = {"f32": (0.98, 8, 0.98), "int8": (0.95, 4, 0.97)}
+# int8 ones: the free generations up to a tie (``TIE``), every miss of the teacher-forced run at one.
+BOUNDS = {"f32": (0.98, 8, 0.98), "int8": (0.95, 8, 0.97)}
+# int8 activations move SmolLM2's logits by 0.2 rms from f32 ones: where llama.cpp's top two logits
+# lie closer than this, which of them wins is a coin toss of the rounding (measured below).
+TIE = 0.4
 
 
 def _bounds(smollm) -> tuple[float, int, float]:
     return BOUNDS[smollm.artifact.manifest["weights"]["activations"]]
+
+
+def _int8(smollm) -> bool:
+    return smollm.artifact.manifest["weights"]["activations"] == "int8"
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.reference]
@@ -86,7 +102,15 @@ def _continuations(llama_cpp, gguf: Path, smollm, **kwargs) -> list[dict]:
         batched.reset()
         batched.eval(ids + cont[:-1])
         scores = np.asarray(batched.scores[len(ids) - 1 : len(ids) - 1 + CONTINUATION])
-        out.append({"ids": ids, "cont": cont, "decided": np.argmax(scores, axis=-1) == np.asarray(cont)})
+        top2 = np.sort(scores, axis=-1)[:, -2:]
+        out.append(
+            {
+                "ids": ids,
+                "cont": cont,
+                "decided": np.argmax(scores, axis=-1) == np.asarray(cont),
+                "margin": top2[:, 1] - top2[:, 0],  # llama.cpp's top logit over its second, per position
+            }
+        )
     del generator, batched
     return out
 
@@ -98,24 +122,15 @@ def llama_cpp():
 
 
 @pytest.fixture(scope="module")
-def exact_references(llama_cpp, smollm_gguf: Path, smollm, tmp_path_factory) -> dict[str, list[dict]]:
-    """llama.cpp in plain f32 on the dequantized copy of the GGUF, by its KV cache's dtype: f32, and
-    f16 (llama.cpp's default, and edgert's on CPUs). Each build is held to the one of its own cache."""
+def exact_reference(llama_cpp, smollm_gguf: Path, smollm, tmp_path_factory) -> list[dict]:
+    """llama.cpp in plain f32 on the dequantized copy of the GGUF."""
     f32 = load_tool("dequantize_gguf").dequantize_gguf(
         smollm_gguf, tmp_path_factory.mktemp("gguf") / "smollm2.F32.gguf"
     )
-    try:  # GGML_TYPE_F32 = 0, GGML_TYPE_F16 = 1
-        return {
-            "float32": _continuations(llama_cpp, f32, smollm, type_k=0, type_v=0),
-            "float16": _continuations(llama_cpp, f32, smollm, type_k=1, type_v=1),
-        }
+    try:
+        return _continuations(llama_cpp, f32, smollm, type_k=0, type_v=0)  # 0 = GGML_TYPE_F32
     finally:
         f32.unlink()
-
-
-def _exact(build, references: dict[str, list[dict]]) -> list[dict]:
-    """The exact reference with the build's KV cache dtype."""
-    return references[build.artifact.manifest["kv_cache"]["dtype"]]
 
 
 @pytest.fixture(scope="module")
@@ -134,24 +149,28 @@ def build(request: pytest.FixtureRequest, smollm):
     return edgert.load(request.getfixturevalue("smollm_default_artifact"))
 
 
-def _agreement(smollm, reference: list[dict]) -> tuple[int, int, int, int]:
-    """(agree, total, agree on decided, decided) of edgert's teacher-forced argmax."""
+def _agreement(smollm, reference: list[dict]) -> tuple[int, int, int, int, list[float]]:
+    """(agree, total, agree on decided, decided, llama.cpp's top-two margin at each miss) of edgert's
+    teacher-forced argmax."""
     agree = agree_decided = decided = total = 0
+    missed: list[float] = []
     for ref in reference:
         ids, cont = ref["ids"], np.asarray(ref["cont"])
         logits = smollm.score(ids + ref["cont"][:-1])
         ours = np.argmax(logits[len(ids) - 1 :], axis=-1) == cont
         assert ours.shape == (CONTINUATION,)
         agree += int(ours.sum())
+        missed += [float(m) for m in ref["margin"][~ours]]
         agree_decided += int((ours & ref["decided"]).sum())
         decided += int(ref["decided"].sum())
         total += CONTINUATION
     assert total == 8 * CONTINUATION
-    return agree, total, agree_decided, decided
+    return agree, total, agree_decided, decided, missed
 
 
-def _free_matches(smollm, reference: list[dict]) -> list[bool]:
-    """Per prompt: do edgert's first 16 greedy tokens equal llama.cpp's?"""
+def _free_matches(smollm, reference: list[dict], tie: float = 0.0) -> list[bool]:
+    """Per prompt: do edgert's first 16 greedy tokens equal llama.cpp's, up to a first difference
+    where llama.cpp's top two logits lie within ``tie`` of each other?"""
     result = []
     for ref in reference:
         smollm.reset()
@@ -159,22 +178,27 @@ def _free_matches(smollm, reference: list[dict]) -> list[bool]:
         expected = ref["cont"][:FREE_PREFIX]
         # llama.cpp keeps going after the end-of-turn token; edgert stops there.
         stop = next((i for i, t in enumerate(expected) if t in smollm.tokenizer.stop_token_ids), None)
-        result.append(ours == (expected if stop is None else expected[:stop]))
+        expected = expected if stop is None else expected[:stop]
+        pairs = enumerate(zip(ours, expected, strict=False))
+        first = next((i for i, (a, b) in pairs if a != b), min(len(ours), len(expected)))
+        result.append(ours == expected or (first < len(expected) and ref["margin"][first] < tie))
     return result
 
 
-def test_exact_arithmetic_teacher_forced(build, exact_references) -> None:
-    agree, total, _, _ = _agreement(build, _exact(build, exact_references))
+def test_exact_arithmetic_teacher_forced(build, exact_reference) -> None:
+    agree, total, _, _, missed = _agreement(build, exact_reference)
     assert agree / total >= _bounds(build)[0], f"agreement {agree}/{total}"
+    if _int8(build):  # every miss a coin toss: where llama.cpp's top two lie within int8's noise
+        assert max(missed, default=0.0) < TIE, f"a miss where llama.cpp's top two differ by {max(missed):.2f}"
 
 
-def test_exact_arithmetic_free_generation(build, exact_references) -> None:
-    matches = _free_matches(build, _exact(build, exact_references))
+def test_exact_arithmetic_free_generation(build, exact_reference) -> None:
+    matches = _free_matches(build, exact_reference, TIE if _int8(build) else 0.0)
     assert sum(matches) >= _bounds(build)[1], f"free generation matched on {sum(matches)}/8 prompts"
 
 
 def test_q4_file_teacher_forced(build, q4_reference) -> None:
-    agree, total, agree_decided, decided = _agreement(build, q4_reference)
+    agree, total, agree_decided, decided, _ = _agreement(build, q4_reference)
     assert decided >= 0.95 * total, f"llama.cpp undecided at {total - decided}/{total} positions"
     assert agree_decided / decided >= _bounds(build)[2], f"agreement on decided positions {agree_decided}/{decided}"
     assert agree / total >= 0.96, f"agreement on all positions {agree}/{total}"

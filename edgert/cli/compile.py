@@ -68,8 +68,9 @@ def compile(
         str | None,
         typer.Option(
             "--kv-dtype",
-            help="Llama GGUF models: the KV cache's keys and values, auto (default: f16 on CPUs, f32 on "
-            "GPUs), f16 or f32. f16 halves the cache's memory and the bytes attention reads a step.",
+            help="Llama GGUF models: the KV cache's keys and values, auto (default: f16 with int8 "
+            "activations, else f32), f16 or f32. f16 halves the cache's memory and the bytes attention "
+            "reads a step.",
         ),
     ] = None,
     library_cache: Annotated[

@@ -41,7 +41,7 @@ def build(req: BuildRequest) -> CompileResult:
     structurally identical module for the same target), ``evictable_kv`` (True: RoPE before the
     cache and the ``prefill_at``/``batch_decode_at`` entry points that `edgert serve --kv-budget`
     evicts through; see `edgert.runtime.kv_budget`), ``kv_dtype`` (auto, f16, f32: the KV cache's
-    keys and values; auto is f16 on CPU targets, f32 on GPUs and for families with their own cache).
+    keys and values; auto is f16 with int8 activations, else f32).
     """
     from edgert.families.llama import loader
     from edgert.families.llama.model import LlamaConfig, LlamaForCausalLM
@@ -93,7 +93,7 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
     progress("building Relax module", None)
     with job.timed("export"):
         evictable = bool(req.option("evictable_kv", False))
-        kv_dtype = _kv_dtype(req.option("kv_dtype", "auto"), family, job.on_gpu)
+        kv_dtype = _kv_dtype(req.option("kv_dtype", "auto"), family, job.on_gpu, activations)
         net = model_cls(cfg, evictable=evictable, kv_dtype=kv_dtype) if family == "llama" else model_cls(cfg)
         if job.on_gpu:  # rows of uint32 codes + f16 scales, dequantized inside dlight's GEMV/Matmul
             repack = apply_gpu_layout(net, storage, tied=loader.tied_weights(cfg), half=job.record["fp16"])
@@ -189,17 +189,19 @@ def build_decoder(req: BuildRequest, family: str, config_cls: Any, model_cls: An
     return result
 
 
-def _kv_dtype(option: str, family: str, on_gpu: bool) -> str:
-    """The KV cache's dtype for ``--kv-dtype``: ``auto`` is float16 for Llama on CPUs (llama.cpp's default
-    too): half the cache's memory, and a batch of 4 sequences of ~150 tokens read 28 MB of float32 keys
-    and values a step, 1.1 ms of a 5.1 ms pass (docs/serving.md). GPU builds keep float32 (OpenCL
-    devices without cl_khr_fp16); Gemma 3 keeps it for its window caches."""
+def _kv_dtype(option: str, family: str, on_gpu: bool, activations: str) -> str:
+    """The KV cache's dtype for ``--kv-dtype``: ``auto`` is float16 for Llama with int8 activations (the
+    default on AVX-512 VNNI; llama.cpp's cache is float16 by default too): half the cache's memory, and a
+    batch of 4 sequences of ~150 tokens read 28 MB of float32 keys and values a step, 1.1 ms of a 5.1 ms
+    pass (docs/serving.md). Float activations keep float32, the exact mode the other builds compare with
+    (a float16 key turns a 1e-7 difference between two kernels' schedules into one of 1e-3). GPU builds
+    keep float32 (OpenCL devices without cl_khr_fp16); Gemma 3 keeps it for its window caches."""
     if option not in ("auto", "f16", "f32"):
         raise EdgertError(f"--kv-dtype '{option}' is not one of auto, f16, f32")
     if option == "f16" and (on_gpu or family != "llama"):
         raise EdgertError(f"--kv-dtype f16: {'GPU builds' if on_gpu else family} keep a float32 KV cache")
     if option == "auto":
-        option = "f32" if on_gpu or family != "llama" else "f16"
+        option = "f16" if family == "llama" and not on_gpu and activations == "int8" else "f32"
     return {"f16": "float16", "f32": "float32"}[option]
 
 
