@@ -224,6 +224,13 @@ def test_a_client_that_disconnects_frees_its_sequence_and_pages(server: Server) 
     assert engine.counters.cancelled == cancelled + 1
 
 
+def test_batch_ab_times_a_pass_over_fixed_contexts(tiny_host_artifact: Path) -> None:
+    """tools/batch_ab.py: one build against itself over 3 sequences of 3, 20 and 40 tokens gives the
+    same logits in each (every pass pops its token, so both see the same contexts) and two timings."""
+    result = load_tool("batch_ab").compare(tiny_host_artifact, tiny_host_artifact, [3, 20, 40], 3, 1)
+    assert result["same_logits"] and result["a_ms"] > 0 and result["b_ms"] > 0
+
+
 def test_batched_decode_logits_equal_single_sequence_ones(tiny_host_artifact: Path) -> None:
     import edgert
     from edgert.serve.engine import BatchKVCache
