@@ -625,7 +625,6 @@ def paged_prefill_attention(
     group = h_qo // h_kv
     lanes = LANES if d % LANES == 0 else 1
     task = _head_task(d, lanes, group, _paged_rows(d, lanes, page_size, group, window=False, elem=_bytes(dtype)))
-    single = _head_task(d, lanes, 1, _paged_rows(d, lanes, page_size, window=False, elem=_bytes(dtype)))
 
     @T.prim_func
     def prefill(
@@ -667,50 +666,14 @@ def paged_prefill_attention(
         output = T.match_buffer(output_handle, (total_len, h_qo, d), dtype)
         lse = T.match_buffer(lse_handle, (total_len, h_qo), "float32")
         assert rotary_mode == 0, "edgert's prefill attention expects RoPE applied before the cache"
-        # Sequences of one new token (a server's decoding rows riding in a mixed pass, each over its whole
-        # context) go first, all in one launch as (query head, sequence) tasks, head-major like a batch's
-        # decode step; as (token, KV head) tasks each row was a launch of 3 tasks (SmolLM2) for 2 threads
-        # (3 rows of 150 tokens beside a 33-token prompt: 2.32-2.36 -> 2.20-2.23 ms of attention a pass).
-        ones = T.alloc_buffer((1,), "int32", scope="local")
-        ones[0] = 0
-        for b in range(batch):
-            if q_indptr[b + 1] - q_indptr[b] == 1:
-                ones[0] = ones[0] + 1
-        if ones[0] > 0:
-            for hb in T.parallel(batch * h_qo):
-                row: T.let[T.int32] = hb % batch
-                if q_indptr[row + 1] - q_indptr[row] == 1:
-                    row_first: T.let[T.int32] = page_indptr[row]
-                    row_pages: T.let[T.int32] = page_indptr[row + 1] - row_first
-                    seen: T.let[T.int32] = T.if_then_else(
-                        row_pages > 0, (row_pages - 1) * page_size + last_page_len[row], 0
-                    )
-                    single(
-                        q,
-                        q_indptr[row],
-                        hb // batch,
-                        output,
-                        lse,
-                        pages,
-                        page_values,
-                        row_first,
-                        hb // batch // group,
-                        0,
-                        seen,
-                        seen,
-                        0,
-                        nnz_pages * page_size,  # scratch for any row: a size the tasks' allocation can hoist
-                        sm_scale,
-                        T.float32(-5e4),
-                    )
         for b in range(batch):
             first: T.let[T.int32] = page_indptr[b]
             n_pages: T.let[T.int32] = page_indptr[b + 1] - first
             kv_len: T.let[T.int32] = T.if_then_else(n_pages > 0, (n_pages - 1) * page_size + last_page_len[b], 0)
             q0: T.let[T.int32] = q_indptr[b]
             qo_len: T.let[T.int32] = q_indptr[b + 1] - q0
-            for tk in T.parallel(T.if_then_else(qo_len > 1, qo_len * h_kv, 0)):  # (token, KV head) pairs
-                t: T.let[T.int32] = _zigzag(tk // h_kv, qo_len)  # its query heads share the loads
+            for tk in T.parallel(qo_len * h_kv):  # (token, KV head) pairs: its query heads share the loads
+                t: T.let[T.int32] = _zigzag(tk // h_kv, qo_len)
                 length: T.let[T.int32] = T.if_then_else(
                     causal > 0, T.max(T.min(kv_len - qo_len + t + 1, kv_len), 0), kv_len
                 )
