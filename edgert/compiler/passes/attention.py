@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from tvm import IRModule, tirx
+from tvm import DataType, IRModule, tirx
 from tvm.script import tirx as T
 
 from edgert.compiler.kernels.fastmath import fast_exp2
@@ -70,7 +70,7 @@ def _f32(x: Any) -> Any:
 
 def _bytes(dtype: str) -> int:
     """Bytes an element of ``dtype`` (the KV cache's: float32 or float16)."""
-    return 2 if dtype == "float16" else 4
+    return DataType(dtype).bits // 8
 
 
 def _to(buffer: Any, x: Any) -> Any:

@@ -96,9 +96,7 @@ class LlamaAttention(nn.Module):
             pos = cache.get_query_positions(b * s) if positions is None else positions
             q, k = rope(q, pos, self.theta), rope(k, pos, self.theta)
             qkv = op.concat([q, k, v], dim=2)
-        if self.kv_dtype == "float32":
-            return cache.attention_with_fused_qkv(layer_id, qkv, h, sm_scale=self.head_dim**-0.5), q
-        # TVM's cache takes q/k/v and gives the output in its pages' dtype; the sums stay float32.
+        # TVM's cache takes q/k/v and gives the output in its pages' dtype (nn's astype is a no-op at float32).
         out = cache.attention_with_fused_qkv(layer_id, qkv.astype(self.kv_dtype), h, sm_scale=self.head_dim**-0.5)
         return out.astype("float32"), q
 
@@ -164,7 +162,6 @@ class LlamaForCausalLM(nn.Module):
     """Token embedding, the layer stack, final norm and the (tied) LM head."""
 
     evictable = False  # subclasses that build their own blocks (Gemma 3) keep the plain entry points
-    kv_dtype = "float32"
 
     def __init__(self, cfg: LlamaConfig, evictable: bool = False, kv_dtype: str = "float32"):
         self.cfg = cfg
